@@ -1,0 +1,1 @@
+"""Estimators: the torch reference, the compiled backends and the public API."""
