@@ -1,0 +1,48 @@
+"""entrodrop_fast: entropy-based block pruning of LLMs (EntroDrop) with compiled estimators.
+
+The estimators (``bucket_entropy``, ``gaussian_diag_entropy``, ``gaussian_full_entropy``,
+``knn_entropy``, ``renyi_entropy``, ``cosine_importance``, ``angular_distance``) take
+``[N, D]`` or ``[B, T, D]`` tensors; ``backends()`` says which compiled backends exist.
+"""
+
+from entrodrop_fast.ops.api import (
+    BACKENDS,
+    METHODS,
+    angular_distance,
+    backends,
+    bucket_entropy,
+    cosine_importance,
+    delta_entropy,
+    entropy,
+    gaussian_diag_entropy,
+    gaussian_full_entropy,
+    knn_entropy,
+    renyi_entropy,
+    resolve_backend,
+)
+from entrodrop_fast.ops.reference import bucket_onehot_reference
+from entrodrop_fast.ops.states import CovState, EntropyMeter, MomentState, SampleStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "METHODS",
+    "CovState",
+    "EntropyMeter",
+    "MomentState",
+    "SampleStats",
+    "__version__",
+    "angular_distance",
+    "backends",
+    "bucket_entropy",
+    "bucket_onehot_reference",
+    "cosine_importance",
+    "delta_entropy",
+    "entropy",
+    "gaussian_diag_entropy",
+    "gaussian_full_entropy",
+    "knn_entropy",
+    "renyi_entropy",
+    "resolve_backend",
+]

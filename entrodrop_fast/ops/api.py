@@ -1,0 +1,373 @@
+"""Public estimator API: input checks, backend choice, and the estimators of DESIGN.md §3.
+
+Every function accepts ``[N, D]`` (one sample: returns a 0-d tensor) or ``[B, T, D]``
+(B samples of T tokens: returns ``[B]``), in float32/float16/bfloat16 (float64 is read as
+float32), contiguous or strided, as a torch tensor or anything with DLPack (numpy
+included: then the result is a numpy array). Results are float64, on the input's device.
+
+Block scoring passes ``f`` = F(X): the statistics are then of ``Y = X + F(X)``, added in
+fp32 inside the kernel, never allocated. ``mask`` (``[N]`` or ``[B, T]`` bool) excludes
+padding tokens.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from entrodrop_fast.ops import reference
+
+METHODS = ("bucket", "gaussian_diag", "gaussian_full", "knn", "renyi")
+BACKENDS = ("cpp", "triton", "torch")  # every backend name, in the order "auto" prefers
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_BACKEND_MODULES = {
+    "cpp": "entrodrop_fast.ops.cpp_backend",
+    "triton": "entrodrop_fast.ops.triton_backend",
+}
+
+
+# ---------------------------------------------------------------- backends
+
+
+class _TorchBackend:
+    """The reference as a backend: readable, fp32 inputs, fp64 accumulation."""
+
+    moments = staticmethod(reference.moments)
+    bucket = staticmethod(reference.bucket)
+    cosine = staticmethod(reference.cosine)
+    knn_kth_distance = staticmethod(reference.knn_kth_distance)
+
+    @staticmethod
+    def available():
+        return True, ""
+
+    @staticmethod
+    def devices():
+        return {"cpu", "cuda"}
+
+
+_loaded: dict[str, object] = {"torch": _TorchBackend}
+_load_errors: dict[str, str] = {}
+
+
+def _module(name: str):
+    if name in _loaded:
+        return _loaded[name]
+    if name in _load_errors:
+        return None
+    try:
+        mod = importlib.import_module(_BACKEND_MODULES[name])
+        ok, why = mod.available()
+    except Exception as exc:  # a backend must never break the package import
+        ok, why = False, f"{type(exc).__name__}: {exc}"
+    if not ok:
+        _load_errors[name] = why or "unavailable"
+        return None
+    _loaded[name] = mod
+    return mod
+
+
+def backends() -> dict:
+    """Which backends exist, on which devices, and why not where they don't."""
+    out = {}
+    for name in BACKENDS:
+        mod = _module(name)
+        if mod is None:
+            out[name] = {"available": False, "devices": [], "reason": _load_errors.get(name, "")}
+        else:
+            out[name] = {"available": True, "devices": sorted(mod.devices()), "reason": ""}
+    return out
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Name of the backend to use for tensors on ``device``; raises ValueError if impossible."""
+    dev = device.type
+    if backend == "auto":
+        forced = os.environ.get("ENTRODROP_BACKEND")
+        if forced:
+            return resolve_backend(forced, device)
+        for name in BACKENDS:
+            mod = _module(name)
+            if mod is not None and dev in mod.devices():
+                return name
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from 'auto', " + ", ".join(repr(b) for b in BACKENDS) + f" (available here: {_available_list(dev)})")
+    mod = _module(backend)
+    if mod is None:
+        hint = ""
+        if backend == "cpp":
+            from entrodrop_fast import _ext
+
+            hint = f"; {_ext.BUILD_HINT}"
+        raise ValueError(f"backend {backend!r} is not available ({_load_errors.get(backend)}){hint}; available here: {_available_list(dev)}")
+    if dev not in mod.devices():
+        raise ValueError(f"backend {backend!r} does not run on {dev} tensors; available for {dev}: {_available_list(dev)}")
+    return backend
+
+
+def _available_list(dev: str) -> str:
+    names = [n for n in BACKENDS if (m := _module(n)) is not None and dev in m.devices()]
+    return ", ".join(names) or "none"
+
+
+def _impl(backend_name: str, op: str):
+    """The backend's op, or the reference's when the backend leaves it out."""
+    fn = getattr(_loaded[backend_name], op, None)
+    return fn if fn is not None else getattr(_TorchBackend, op)
+
+
+# ---------------------------------------------------------------- input checks
+
+
+@dataclass
+class _Prepared:
+    x: torch.Tensor  # (B, T, D)
+    f: torch.Tensor | None
+    mask: torch.Tensor | None  # (B, T) bool
+    single: bool  # input was [N, D]
+    numpy_out: bool
+    backend: str
+
+
+def _to_torch(a, name: str) -> tuple[torch.Tensor, bool]:
+    if isinstance(a, torch.Tensor):
+        return a, False
+    if hasattr(a, "__dlpack__"):
+        try:
+            return torch.from_dlpack(a), True
+        except Exception as exc:
+            raise TypeError(f"{name}: could not import the array through DLPack ({exc})") from exc
+    raise TypeError(f"{name} must be a torch tensor or an array supporting DLPack, got {type(a).__name__}")
+
+
+def _check_dtype(t: torch.Tensor, name: str) -> torch.Tensor:
+    if t.dtype == torch.float64:
+        return t.float()
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16 (float64 is read as float32), got {t.dtype}")
+    return t
+
+
+def prepare(x, f=None, mask=None, *, min_tokens: int = 2, nan_policy: str = "raise", backend: str = "auto", validate: bool = True) -> _Prepared:
+    """Check the inputs and bring them to ``(B, T, D)``; see the module docstring."""
+    x, numpy_out = _to_torch(x, "x")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must be 2-D [N, D] or 3-D [B, T, D], got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)})")
+    x = _check_dtype(x, "x")
+    single = x.dim() == 2
+    if single:
+        x = x.unsqueeze(0)
+    if f is not None:
+        f, _ = _to_torch(f, "f")
+        f = _check_dtype(f, "f")
+        if single:
+            f = f.unsqueeze(0)
+        if f.shape != x.shape:
+            raise ValueError(f"f must have the shape of x {tuple(x.shape[single:])}, got {tuple(f.shape[single:])}")
+        if f.dtype != x.dtype:
+            raise ValueError(f"f must have the dtype of x ({x.dtype}), got {f.dtype}")
+        if f.device != x.device:
+            raise ValueError(f"f must be on the device of x ({x.device}), got {f.device}")
+    if mask is not None:
+        mask, _ = _to_torch(mask, "mask")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be bool, got {mask.dtype}")
+        if single:
+            mask = mask.unsqueeze(0)
+        if mask.shape != x.shape[:2]:
+            raise ValueError(f"mask must have shape {tuple(x.shape[single:2])} (the token axes of x), got {tuple(mask.shape[single:])}")
+        mask = mask.to(x.device)
+    if nan_policy not in ("raise", "omit"):
+        raise ValueError(f"nan_policy must be 'raise' or 'omit', got {nan_policy!r}")
+    if validate:
+        bad = ~torch.isfinite(x).all(-1)
+        if f is not None:
+            bad |= ~torch.isfinite(f).all(-1)
+        if mask is not None:
+            bad &= mask
+        nbad = int(bad.sum())
+        if nbad:
+            if nan_policy == "raise":
+                raise ValueError(f"input holds NaN or Inf in {nbad} token(s); pass nan_policy='omit' to skip those tokens")
+            warnings.warn(f"nan_policy='omit': skipped {nbad} token(s) holding NaN or Inf", RuntimeWarning, stacklevel=3)
+            mask = ~bad if mask is None else mask & ~bad
+        counts = mask.sum(1) if mask is not None else torch.full((x.shape[0],), x.shape[1])
+        least = int(counts.min())
+        if least < min_tokens:
+            raise ValueError(f"every sample needs at least {min_tokens} valid tokens, one has {least}")
+    name = resolve_backend(backend, x.device)
+    return _Prepared(x, f, mask, single, numpy_out, name)
+
+
+def _finish(p: _Prepared, h: torch.Tensor):
+    h = h.to(torch.float64)
+    if p.single:
+        h = h[0]
+    return h.cpu().numpy() if p.numpy_out else h
+
+
+# ---------------------------------------------------------------- estimators
+
+
+def bucket_entropy(x, f=None, *, bins: int = 20, paper_exact: bool = False, mask=None, backend="auto", nan_policy="raise", validate=True):
+    """Histogram ("bucket") entropy, the paper's estimator: sum over channels of H_d.
+
+    Per channel, ``bins`` equal-width bins over [min, max] of the sample's tokens.
+    ``paper_exact=True`` clamps probabilities at 1e-10 as the paper's code does.
+    """
+    if not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins must be a positive integer, got {bins!r}")
+    p = prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate)
+    h = _impl(p.backend, "bucket")(p.x, p.f, p.mask, bins, paper_exact)  # (B, D)
+    return _finish(p, h.to(torch.float64).sum(-1))
+
+
+def _moments(p: _Prepared) -> dict:
+    m = _impl(p.backend, "moments")(p.x, p.f, p.mask)
+    return {k: v.to(torch.float64) for k, v in m.items()}
+
+
+def gaussian_diag_entropy(x, f=None, *, var_floor: float = 1e-12, mask=None, backend="auto", nan_policy="raise", validate=True):
+    """sum_d 1/2 ln(2 pi e sigma_d^2), population variances floored at ``var_floor``.
+
+    A constant channel has variance 0 and would give -inf; it is counted with
+    variance ``var_floor`` instead (1/2 ln(2 pi e 1e-12) = -12.4 nats by default), and a
+    warning says how many channels were floored.
+    """
+    p = prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate)
+    m = _moments(p)
+    var = m["m2"] / m["count"][:, None]  # (B, D)
+    if validate:
+        nfloor = int((var < var_floor).sum())
+        if nfloor:
+            warnings.warn(f"gaussian_diag: {nfloor} channel variance(s) below var_floor={var_floor:g} were floored", RuntimeWarning, stacklevel=2)
+    h = 0.5 * torch.log((2 * math.pi * math.e) * var.clamp_min(var_floor)).sum(-1)
+    return _finish(p, h)
+
+
+def _rows(p: _Prepared, b: int) -> torch.Tensor:
+    r = p.x[b] if p.f is None else p.x[b].float() + p.f[b].float()
+    r = r.float()
+    return r if p.mask is None else r[p.mask[b]]
+
+
+def gaussian_full_entropy(x, f=None, *, ridge: float | None = None, mask=None, backend="auto", nan_policy="raise", validate=True):
+    """1/2 logdet(2 pi e Sigma) with Sigma the D x D population covariance.
+
+    The rows are centred on their exact fp64 mean before the fp64 Gram product, so the
+    large channels of LLM activations do not cancel. Sigma is singular when N <= D or
+    channels are dead: ``ridge=None`` (default) then adds ``1e-6 * trace(Sigma) / D`` to the
+    diagonal with a warning; a number uses that ridge always; ``ridge=0`` returns -inf.
+    """
+    p = prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate)
+    out = []
+    for b in range(p.x.shape[0]):
+        r = _rows(p, b)  # (N, D)
+        cov = reference.covariance(r)
+        D = cov.shape[0]
+        eye = torch.eye(D, dtype=cov.dtype, device=cov.device)
+        if ridge is None:
+            sign, logdet = torch.linalg.slogdet(cov)
+            if r.shape[0] <= D or sign <= 0 or not torch.isfinite(logdet):
+                lam = 1e-6 * float(cov.diagonal().mean()) or 1e-12
+                warnings.warn(f"gaussian_full: covariance is singular (N={r.shape[0]}, D={D}); added ridge {lam:.3g}", RuntimeWarning, stacklevel=2)
+                sign, logdet = torch.linalg.slogdet(cov + lam * eye)
+        else:
+            sign, logdet = torch.linalg.slogdet(cov + ridge * eye)
+        h = 0.5 * (D * math.log(2 * math.pi * math.e) + logdet) if sign > 0 else torch.tensor(float("-inf"), dtype=torch.float64, device=cov.device)
+        out.append(h)
+    return _finish(p, torch.stack(out))
+
+
+def knn_entropy(x, f=None, *, k: int = 25, form: str = "paper", mask=None, backend="auto", nan_policy="raise", validate=True):
+    """Kozachenko-Leonenko entropy from each token's k-th nearest other token.
+
+    ``form="paper"``: ... + ln N - ln k (the paper's code); ``form="digamma"``: the standard
+    psi(N) - psi(k). The fast paths never hold the N x N distance matrix.
+    """
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if form not in ("paper", "digamma"):
+        raise ValueError(f"knn form must be 'paper' or 'digamma', got {form!r}")
+    p = prepare(x, f, mask, min_tokens=k + 1, nan_policy=nan_policy, backend=backend, validate=validate)
+    kth = _impl(p.backend, "knn_kth_distance")
+    out = []
+    for b in range(p.x.shape[0]):
+        r = _rows(p, b)
+        radii = kth(r, k).to(torch.float64)
+        out.append(reference.knn_entropy_from_radii(radii, r.shape[0], r.shape[1], k, form))
+    return _finish(p, torch.stack(out))
+
+
+def renyi_entropy(x, f=None, *, alpha: float = 4.0, mask=None, backend="auto", nan_policy="raise", validate=True):
+    """The paper's Renyi entropy of order ``alpha`` of the Gaussian-kernel similarity matrix.
+
+    Every backend computes this one with the torch reference (it needs the median of all
+    N^2 pairwise distances).
+    """
+    if alpha == 1:
+        raise ValueError("alpha must differ from 1")
+    p = prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate)
+    out = [reference.renyi_entropy_1(_rows(p, b), alpha) for b in range(p.x.shape[0])]
+    return _finish(p, torch.stack(out))
+
+
+_ESTIMATORS = {
+    "bucket": bucket_entropy,
+    "gaussian_diag": gaussian_diag_entropy,
+    "gaussian_full": gaussian_full_entropy,
+    "knn": knn_entropy,
+    "renyi": renyi_entropy,
+}
+
+
+def entropy(x, method: str = "bucket", f=None, **opts):
+    """Entropy of x (or of x + f) by ``method``: one of :data:`METHODS`."""
+    try:
+        fn = _ESTIMATORS[method]
+    except KeyError:
+        raise ValueError(f"unknown entropy method {method!r}; choose from {', '.join(METHODS)}") from None
+    return fn(x, f, **opts)
+
+
+def delta_entropy(x, f, method: str = "bucket", **opts):
+    """Entropy increase of a block, H(X + F(X)) - H(X), per sample."""
+    return entropy(x, method, f, **opts) - entropy(x, method, None, **opts)
+
+
+# ---------------------------------------------------------------- similarity
+
+
+def cosine_importance(x, f=None, *, y=None, mask=None, backend="auto", nan_policy="raise", validate=True):
+    """LLM-Drop / ShortGPT importance: 1 - mean over tokens of cos(X_t, Y_t).
+
+    Give either ``f`` (then Y = X + f, fused) or ``y`` itself.
+    """
+    if (f is None) == (y is None):
+        raise ValueError("give exactly one of f (Y = X + f) or y")
+    p = prepare(x, f if f is not None else y, mask, min_tokens=1, nan_policy=nan_policy, backend=backend, validate=validate)
+    s, n = _impl(p.backend, "cosine")(p.x, p.f, p.mask, f is not None)
+    return _finish(p, 1.0 - s.to(torch.float64) / n.to(torch.float64))
+
+
+def angular_distance(x, y, *, mask=None, nan_policy="raise", validate=True):
+    """arccos(cos(x_last, y_last)) / pi on the last valid token of each sample (Gromov et al.)."""
+    p = prepare(x, y, mask, min_tokens=1, nan_policy=nan_policy, backend="torch", validate=validate)
+    B, T, _ = p.x.shape
+    if p.mask is None:
+        last = torch.full((B,), T - 1, device=p.x.device)
+    else:
+        last = T - 1 - p.mask.flip(1).to(torch.int8).argmax(1)  # index of the last True
+    rows = torch.arange(B, device=p.x.device)
+    a = p.x[rows, last].double()
+    c = p.f[rows, last].double()
+    cos = (a * c).sum(-1) / (a.norm(dim=-1) * c.norm(dim=-1)).clamp_min(reference.COS_EPS)
+    return _finish(p, torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi)
