@@ -1,0 +1,1 @@
+"""Subcommands of the ``entrodrop`` CLI: one module each, with ``register(subparsers)``."""

@@ -1,0 +1,52 @@
+"""``entrodrop info``: version, backends, CUDA and Triton status."""
+
+from __future__ import annotations
+
+import json
+import platform
+
+
+def collect() -> dict:
+    import torch
+
+    from entrodrop_fast import __version__, _ext, backends
+
+    info = {
+        "entrodrop_fast": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "extension": {"loaded": _ext.available(), "with_cuda": _ext.has_cuda(), "error": _ext.error()},
+        "backends": backends(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception as exc:
+        info["triton"] = f"not importable ({type(exc).__name__})"
+    return info
+
+
+def run(args) -> int:
+    info = collect()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"entrodrop_fast {info['entrodrop_fast']}  python {info['python']}  torch {info['torch']} ({info['torch_threads']} threads)")
+    print(f"CUDA: {'yes, ' + str(info['cuda_device']) if info['cuda_available'] else 'no GPU visible'}   triton: {info['triton']}")
+    ext = info["extension"]
+    print(f"extension _C: {'loaded' if ext['loaded'] else 'NOT loaded: ' + str(ext['error'])}" + (" (with CUDA kernels)" if ext["with_cuda"] else ""))
+    print("backends:")
+    for name, b in info["backends"].items():
+        state = ("devices " + ", ".join(b["devices"])) if b["available"] else f"unavailable: {b['reason']}"
+        print(f"  {name:7s} {state}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="version, available backends, CUDA/Triton status")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
