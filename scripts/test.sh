@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV=${ENTRODROP_VENV:-.venv}
-"$VENV/bin/ruff" check entrodrop_fast tests benches
+"$VENV/bin/ruff" check .
 # Run the venv's pytest (not `python -m pytest`, which would import the source tree
 # without its compiled extension instead of the installed package).
 exec "$VENV/bin/pytest" tests "$@"
