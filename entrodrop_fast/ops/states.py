@@ -231,3 +231,55 @@ class EntropyMeter:
         m = cls(d["method"], **d["opts"])
         m.stats = SampleStats.from_state_dict(d["stats"])
         return m
+
+
+def all_reduce_(state, group=None):
+    """Merge a state across all ``torch.distributed`` ranks, in place; every rank ends equal.
+
+    Works for :class:`SampleStats`, :class:`MomentState`, :class:`CovState` and
+    :class:`EntropyMeter` (gloo on CPU, NCCL on GPU). Each rank's state is gathered and
+    merged in rank order, so the result does not depend on which rank computes it.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("all_reduce_ needs an initialised torch.distributed process group")
+    world = dist.get_world_size(group)
+    parts = [None] * world
+    local = state.state_dict()
+    dist.all_gather_object(parts, _to_cpu(local), group=group)
+    kind = type(state)
+    merged = kind.from_state_dict(parts[0])
+    for d in parts[1:]:
+        merged.merge(kind.from_state_dict(d))
+    dev = _device_of(local)
+    restored = kind.from_state_dict(_to_device(merged.state_dict(), dev))
+    state.__dict__.update(restored.__dict__)
+    return state
+
+
+def _to_cpu(d):
+    if isinstance(d, torch.Tensor):
+        return d.cpu()
+    if isinstance(d, dict):
+        return {k: _to_cpu(v) for k, v in d.items()}
+    return d
+
+
+def _to_device(d, dev):
+    if isinstance(d, torch.Tensor):
+        return d.to(dev) if dev is not None else d
+    if isinstance(d, dict):
+        return {k: _to_device(v, dev) for k, v in d.items()}
+    return d
+
+
+def _device_of(d):
+    if isinstance(d, torch.Tensor):
+        return d.device
+    if isinstance(d, dict):
+        for v in d.values():
+            dev = _device_of(v)
+            if dev is not None:
+                return dev
+    return None
