@@ -1,0 +1,66 @@
+"""Distance from each row to its k-th nearest other row, tiled, never the N x N matrix.
+
+``_knn_kernel``: one program per BLOCK_M query rows keeps the KP (power of two >= k)
+smallest squared distances seen so far, sorted ascending, in registers. For each tile of
+KP candidate rows it computes exact squared differences (not |a|^2 + |b|^2 - 2ab, which
+cancels for near neighbours) in BLOCK_D chunks, sorts the tile descending and takes the
+elementwise minimum with the buffer: the lower half of a bitonic merge, i.e. the KP
+smallest of both. Memory: O(N + BLOCK_M * KP) per program.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from entrodrop_fast.ops.triton._common import cdiv, next_pow2
+
+
+@triton.jit
+def _knn_kernel(
+    x_ptr, out_ptr,  # x: [N, D]; out: [N] fp64
+    N, D, k, sxn, sxd,
+    BLOCK_M: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    rows64 = rows.to(tl.int64)
+    best = tl.full([BLOCK_M, KP], float("inf"), dtype=tl.float32)
+    for c0 in range(0, N, KP):
+        cols = c0 + tl.arange(0, KP)
+        cmask = cols < N
+        cols64 = cols.to(tl.int64)
+        d2 = tl.zeros([BLOCK_M, KP], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            dm = offs_d < D
+            offs_d64 = offs_d.to(tl.int64)
+            a = tl.load(x_ptr + rows64[:, None] * sxn + offs_d64[None, :] * sxd, mask=rmask[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            c = tl.load(x_ptr + cols64[:, None] * sxn + offs_d64[None, :] * sxd, mask=cmask[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            diff = a[:, None, :] - c[None, :, :]  # (BLOCK_M, KP, BLOCK_D)
+            d2 += tl.sum(diff * diff, axis=2)
+        bad = (rows[:, None] == cols[None, :]) | (~cmask)[None, :]
+        d2 = tl.where(bad, float("inf"), d2)
+        cand = tl.sort(d2, dim=1, descending=True)
+        best = tl.sort(tl.minimum(best, cand), dim=1)
+    slot = tl.arange(0, KP)
+    kth = tl.sum(tl.where(slot[None, :] == k - 1, best, 0.0), axis=1)
+    tl.store(out_ptr + rows64, tl.sqrt(kth.to(tl.float64)), mask=rmask)
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def knn_kth_distance(x, k: int, *, block_m: int = 16, block_d: int = 32, num_warps: int = 4) -> torch.Tensor:
+    """x: [N, D] (any strides, fp32/fp16/bf16); float64 [N]: distance to the k-th nearest other row."""
+    N, D = x.shape
+    kp = max(16, next_pow2(k))
+    block_d = min(block_d, max(16, next_pow2(D)))
+    out = torch.empty((N,), dtype=torch.float64, device=x.device)
+    _knn_kernel[(cdiv(N, block_m),)](
+        x, out, N, D, k, x.stride(0), x.stride(1),
+        BLOCK_M=block_m, KP=kp, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return out
