@@ -1,7 +1,32 @@
-// Python bindings: only m.def lines. Kernels live in *_cpu.cpp / *_cuda.cu.
+// Python bindings: only m.def lines. Kernels live in *_cpu.cpp / *_cuda.cu; their
+// arguments (pointers, shapes, strides in elements, dtype codes) are documented in
+// entrodrop.h. Every kernel releases the GIL.
 #include "entrodrop.h"
 
 namespace py = pybind11;
+
+namespace entrodrop {
+void register_cpu(py::module_& m) {
+  using py::arg;
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("moments_cpu", &moments_cpu, nogil, arg("x"), arg("f"), arg("mask"), arg("dtype"),
+        arg("shape"), arg("xstride"), arg("fstride"), arg("mstride"), arg("count"), arg("mean"),
+        arg("m2"), arg("min"), arg("max"), arg("nthreads"),
+        "Per-channel count/mean/M2/min/max of y = x (+ f) per sample ([B, T, D]).");
+  m.def("bucket_cpu", &bucket_cpu, nogil, arg("x"), arg("f"), arg("mask"), arg("dtype"),
+        arg("shape"), arg("xstride"), arg("fstride"), arg("mstride"), arg("bins"),
+        arg("paper_exact"), arg("out"), arg("nthreads"),
+        "Per-channel histogram entropy H_d (fp64 [B, D]) of y = x (+ f).");
+  m.def("cosine_cpu", &cosine_cpu, nogil, arg("x"), arg("other"), arg("mask"), arg("dtype"),
+        arg("shape"), arg("xstride"), arg("ostride"), arg("mstride"), arg("fused"),
+        arg("out_sum"), arg("out_count"), arg("nthreads"),
+        "Sum over valid tokens of cos(x_t, Y_t) and the count, fp64 [B] each.");
+  m.def("knn_select_cpu", &knn_select_cpu, nogil, arg("gram"), arg("sqn"), arg("rows"),
+        arg("n"), arg("row0"), arg("k"), arg("delta"), arg("x"), arg("dtype"), arg("xstride"),
+        arg("d"), arg("out"), arg("nthreads"),
+        "Exact distance to the k-th nearest other row, for one row block of the Gram matrix.");
+}
+}  // namespace entrodrop
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "entrodrop_fast compiled kernels (no libtorch: tensors cross as pointer/shape/strides/dtype)";

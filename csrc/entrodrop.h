@@ -1,8 +1,97 @@
 // entrodrop_fast C++ API shared by the CPU and CUDA kernels.
+//
+// Tensors cross from Python as a raw pointer (uintptr_t) + shape + strides (in elements,
+// any value >= 0) + a dtype code; outputs are allocated by the caller (torch) and passed
+// by pointer. Nothing here links against libtorch.
+//
+//   x, f, other : [B, T, D], dtype code DT_F32 / DT_F16 / DT_BF16, strides (sb, st, sd)
+//   mask        : [B, T] bool (1 byte per element), strides (mb, mt), or pointer 0 = none
+//   f / other   : pointer 0 = none
 #pragma once
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
 
 namespace entrodrop {
+
+// ----------------------------------------------------------------- dtype codes
+enum DType : int { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
+inline const char* dtype_name(int code) {
+  switch (code) {
+    case DT_F32: return "float32";
+    case DT_F16: return "float16";
+    case DT_BF16: return "bfloat16";
+    default: return "unknown";
+  }
+}
+
+// ----------------------------------------------------------------- readable boundary checks
+namespace detail {
+inline void cat_into(std::ostringstream&) {}
+template <typename T, typename... R>
+void cat_into(std::ostringstream& os, const T& v, const R&... rest) {
+  os << v;
+  cat_into(os, rest...);
+}
+template <typename... A>
+std::string cat(const A&... a) {
+  std::ostringstream os;
+  cat_into(os, a...);
+  return os.str();
+}
+inline std::string shape_str(const std::vector<int64_t>& s) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+  os << (s.size() == 1 ? ",)" : ")");
+  return os.str();
+}
+}  // namespace detail
+
+// std::invalid_argument becomes a Python ValueError through pybind11.
+#define ED_CHECK(cond, ...)                                                                \
+  do {                                                                                     \
+    if (!(cond)) throw std::invalid_argument(::entrodrop::detail::cat(__func__, ": ", __VA_ARGS__)); \
+  } while (0)
+#define ED_CHECK_DTYPE(code) \
+  ED_CHECK((code) >= 0 && (code) <= 2, #code " must be 0 (float32), 1 (float16) or 2 (bfloat16), got ", (code))
+#define ED_CHECK_NDIM(vec, n) \
+  ED_CHECK((vec).size() == (size_t)(n), #vec " must have ", (n), " entries, got ", ::entrodrop::detail::shape_str(vec))
+#define ED_CHECK_PTR(p) ED_CHECK((p) != 0, #p " must be a valid pointer, got null")
+#define ED_CHECK_NONNEG(vec)                                                             \
+  do {                                                                                   \
+    for (auto v_ : (vec)) ED_CHECK(v_ >= 0, #vec " must be >= 0, got ", ::entrodrop::detail::shape_str(vec)); \
+  } while (0)
+
+using Dims = std::vector<int64_t>;
+
+// ----------------------------------------------------------------- CPU kernels (*_cpu.cpp)
+// moments: per sample b, per channel d, over valid tokens of y = x (+ f) in fp32:
+//   count [B] f64, mean [B, D] f64, m2 [B, D] f64 (sum of squared deviations), min/max [B, D] f32.
+void moments_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
+                 const Dims& xstride, const Dims& fstride, const Dims& mstride, uintptr_t count,
+                 uintptr_t mean, uintptr_t m2, uintptr_t mn, uintptr_t mx, int nthreads);
+// bucket: per-channel histogram entropy H_d in nats, f64 [B, D] (docs/CONTRACT.md, exactly).
+void bucket_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
+                const Dims& xstride, const Dims& fstride, const Dims& mstride, int bins,
+                bool paper_exact, uintptr_t out, int nthreads);
+// cosine: sum over valid tokens of cos(x_t, Y_t) f64 [B] and the count f64 [B];
+// Y = x + other (fused) or other.
+void cosine_cpu(uintptr_t x, uintptr_t other, uintptr_t mask, int dtype, const Dims& shape,
+                const Dims& xstride, const Dims& ostride, const Dims& mstride, bool fused,
+                uintptr_t out_sum, uintptr_t out_count, int nthreads);
+// knn_select: one row block of the squared-distance expansion. gram: fp32 [R, N] contiguous,
+// gram[r, j] = x_{row0+r} . x_j; sqn: fp32 [N] squared norms; delta: a bound on the fp32
+// error of the expanded squared distances. Writes f64 [R]: the exact Euclidean distance from
+// each row to its k-th nearest other row (self excluded by index), recomputed from x [N, D].
+void knn_select_cpu(uintptr_t gram, uintptr_t sqn, int64_t R, int64_t N, int64_t row0, int k,
+                    double delta, uintptr_t x, int dtype, const Dims& xstride, int64_t D,
+                    uintptr_t out, int nthreads);
 void register_cpu(pybind11::module_& m);
 #ifdef ENTRODROP_WITH_CUDA
 void register_cuda(pybind11::module_& m);

@@ -1,0 +1,172 @@
+// Bucket (histogram) entropy per sample and channel, exactly as docs/CONTRACT.md.
+//
+// Work items are (sample, tile of W channels). A tile's valid tokens are gathered once
+// from memory into a contiguous fp32 buffer (converting fp16/bf16 and adding f in
+// registers) while min/max are tracked; binning then runs on the cached tile. Bin indices
+// are computed vectorised across channels (fp32 sub, fp32 mul, truncation, clamp; no FMA:
+// the build uses -ffp-contract=off); the counter increments are scalar but never collide
+// back to back (consecutive elements belong to different channels). Entropy uses a table
+// of -p ln p for every possible count, built once per distinct token count.
+#include <cmath>
+#include <map>
+
+#include "common_cpu.h"
+
+namespace entrodrop {
+namespace cpu {
+namespace {
+
+struct Scratch {
+  std::vector<float> tile, lo, hi, sc;
+  std::vector<int32_t> flat;
+  std::vector<uint32_t> counts;
+};
+
+template <int DT>
+ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b, int64_t T,
+                         int64_t d0, int64_t w, int bins, const double* tbl, double* out,
+                         Scratch& s, int64_t N) {
+  if (s.tile.size() < size_t(N * w)) s.tile.resize(size_t(N * w));
+  s.lo.resize(size_t(w));
+  s.hi.resize(size_t(w));
+  s.sc.resize(size_t(w));
+  s.flat.resize(size_t(w));
+  s.counts.assign(size_t(w * bins), 0u);
+  float* __restrict lo = s.lo.data();
+  float* __restrict hi = s.hi.data();
+  float* __restrict sc = s.sc.data();
+  int32_t* __restrict flat = s.flat.data();
+  uint32_t* __restrict cnt = s.counts.data();
+  float* __restrict tile = s.tile.data();
+
+  // 1. gather the valid rows of the tile, with min / max
+  int64_t r = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    if (!m(b, t)) continue;
+    float* y = tile + r * w;
+    load_y<DT>(x, f, b, t, d0, w, y);
+    if (r == 0) {
+      for (int64_t j = 0; j < w; ++j) {
+        lo[j] = y[j];
+        hi[j] = y[j];
+      }
+    } else {
+      for (int64_t j = 0; j < w; ++j) {
+        lo[j] = y[j] < lo[j] ? y[j] : lo[j];
+        hi[j] = y[j] > hi[j] ? y[j] : hi[j];
+      }
+    }
+    ++r;
+  }
+  if (r == 0) {
+    for (int64_t j = 0; j < w; ++j) out[j] = 0.0;
+    return;
+  }
+  // 2. scale = bins / (max - min) in fp32; a constant channel puts everything in bin 0
+  const float fb = float(bins);
+  for (int64_t j = 0; j < w; ++j) {
+    const float width = hi[j] - lo[j];
+    sc[j] = width == 0.0f ? 0.0f : fb / width;
+  }
+  // 3. bin and count
+  const int32_t last = bins - 1;
+  for (int64_t i = 0; i < r; ++i) {
+    const float* __restrict y = tile + i * w;
+    for (int64_t j = 0; j < w; ++j) {
+      const float u = (y[j] - lo[j]) * sc[j];
+      int32_t k = int32_t(u);
+      k = k < last ? k : last;
+      flat[j] = int32_t(j) * bins + k;
+    }
+    for (int64_t j = 0; j < w; ++j) ++cnt[flat[j]];
+  }
+  // 4. H_d = sum_j tbl[count_j]
+  for (int64_t j = 0; j < w; ++j) {
+    double h = 0.0;
+    const uint32_t* c = cnt + j * bins;
+    for (int k = 0; k < bins; ++k) h += tbl[c[k]];
+    out[j] = h;
+  }
+}
+
+#define ED_BUCKET_ARGS                                                                        \
+  const View &x, const View *f, const Mask &m, int64_t b, int64_t T, int64_t d0, int64_t w, \
+      int bins, const double *tbl, double *out, Scratch &s, int64_t N
+ED_CLONES void tile_f32(ED_BUCKET_ARGS) { tile_impl<DT_F32>(x, f, m, b, T, d0, w, bins, tbl, out, s, N); }
+ED_CLONES void tile_f16(ED_BUCKET_ARGS) { tile_impl<DT_F16>(x, f, m, b, T, d0, w, bins, tbl, out, s, N); }
+ED_CLONES void tile_bf16(ED_BUCKET_ARGS) { tile_impl<DT_BF16>(x, f, m, b, T, d0, w, bins, tbl, out, s, N); }
+#undef ED_BUCKET_ARGS
+
+// tbl[c] = -p ln p with p = c / n, fp64, as the reference computes each bin's term.
+std::vector<double> entropy_table(int64_t n, bool paper_exact) {
+  std::vector<double> t(size_t(n + 1));
+  const double dn = double(n);
+  for (int64_t c = 0; c <= n; ++c) {
+    double p = double(c) / dn;
+    if (paper_exact) p = std::max(p, 1e-10);
+    t[size_t(c)] = p > 0 ? -(p * std::log(p)) : 0.0;
+  }
+  return t;
+}
+
+}  // namespace
+}  // namespace cpu
+
+void bucket_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
+                const Dims& xstride, const Dims& fstride, const Dims& mstride, int bins,
+                bool paper_exact, uintptr_t out, int nthreads) {
+  using namespace cpu;
+  check_common(x, dtype, shape, xstride, f, fstride, mask, mstride);
+  ED_CHECK(bins >= 1, "bins must be >= 1, got ", bins);
+  ED_CHECK_PTR(out);
+  const int64_t B = shape[0], T = shape[1], D = shape[2];
+  double* o = reinterpret_cast<double*>(out);
+  if (B == 0 || D == 0) return;
+  const View xv = make_view(x, dtype, xstride);
+  View fv;
+  if (f) fv = make_view(f, dtype, fstride);
+  const View* fp = f ? &fv : nullptr;
+  const Mask mv = make_mask(mask, mstride);
+
+  // valid tokens per sample, and one entropy table per distinct count
+  std::vector<int64_t> nvalid(size_t(B), T);
+  if (mask) {
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t n = 0;
+      for (int64_t t = 0; t < T; ++t) n += mv(b, t) ? 1 : 0;
+      nvalid[size_t(b)] = n;
+    }
+  }
+  std::map<int64_t, std::vector<double>> tables;
+  for (int64_t n : nvalid)
+    if (n > 0 && !tables.count(n)) tables.emplace(n, entropy_table(n, paper_exact));
+
+  // channel tile: keep the gathered tile (N x W fp32) around 256 KiB, W a multiple of 16
+  const int64_t Nmax = *std::max_element(nvalid.begin(), nvalid.end());
+  int64_t W = 64;
+  if (Nmax > 1024) W = 32;
+  if (Nmax > 4096) W = 16;
+  W = std::min<int64_t>(W, D);
+  const int64_t ntiles = (D + W - 1) / W;
+  const int64_t items = B * ntiles;
+  const int nt = clamp_threads(nthreads, items, B * T * D, 1 << 15);
+  std::vector<Scratch> scratch{size_t(nt)};
+
+  parallel_for(items, nt, [&](int64_t it, int tid) {
+    const int64_t b = it / ntiles, d0 = (it % ntiles) * W;
+    const int64_t w = std::min(W, D - d0);
+    const int64_t N = nvalid[size_t(b)];
+    double* ob = o + b * D + d0;
+    if (N == 0) {
+      for (int64_t j = 0; j < w; ++j) ob[j] = 0.0;
+      return;
+    }
+    const double* tbl = tables.at(N).data();
+    Scratch& s = scratch[size_t(tid)];
+    if (dtype == DT_F16) tile_f16(xv, fp, mv, b, T, d0, w, bins, tbl, ob, s, N);
+    else if (dtype == DT_BF16) tile_bf16(xv, fp, mv, b, T, d0, w, bins, tbl, ob, s, N);
+    else tile_f32(xv, fp, mv, b, T, d0, w, bins, tbl, ob, s, N);
+  });
+}
+
+}  // namespace entrodrop

@@ -1,0 +1,206 @@
+// Helpers private to the CPU kernels (*_cpu.cpp): strided views, in-register fp16/bf16
+// conversion, ISA dispatch and a small std::thread fan-out (no OpenMP: torch ships its own
+// libgomp, and two OpenMP runtimes in one process fight over the cores).
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "entrodrop.h"
+
+// Runtime ISA dispatch: GCC/Clang emit one clone per target and pick at load time (ifunc).
+// The build itself targets the portable x86-64 baseline (never -march=native).
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(ENTRODROP_NO_CLONES)
+#define ED_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ED_CLONES
+#endif
+#define ED_INLINE inline __attribute__((always_inline))
+
+namespace entrodrop {
+namespace cpu {
+
+// ----------------------------------------------------------------- strided 3-D view
+struct View {
+  const uint8_t* p = nullptr;  // base pointer (bytes)
+  int dtype = DT_F32;
+  int64_t sb = 0, st = 0, sd = 0;  // strides in elements
+  int64_t esize() const { return dtype == DT_F32 ? 4 : 2; }
+  const uint8_t* row(int64_t b, int64_t t) const { return p + (b * sb + t * st) * esize(); }
+  bool dense_f32() const { return dtype == DT_F32 && sd == 1; }
+};
+
+inline View make_view(uintptr_t ptr, int dtype, const Dims& stride) {
+  View v;
+  v.p = reinterpret_cast<const uint8_t*>(ptr);
+  v.dtype = dtype;
+  v.sb = stride[0];
+  v.st = stride[1];
+  v.sd = stride[2];
+  return v;
+}
+
+struct Mask {
+  const uint8_t* p = nullptr;
+  int64_t mb = 0, mt = 0;
+  bool operator()(int64_t b, int64_t t) const { return p == nullptr || p[b * mb + t * mt] != 0; }
+};
+
+inline Mask make_mask(uintptr_t ptr, const Dims& stride) {
+  Mask m;
+  m.p = reinterpret_cast<const uint8_t*>(ptr);
+  if (m.p) {
+    m.mb = stride[0];
+    m.mt = stride[1];
+  }
+  return m;
+}
+
+// ----------------------------------------------------------------- fp16 / bf16 -> fp32
+ED_INLINE float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Branch-free IEEE half -> float (normals, subnormals, inf, NaN); vectorises.
+ED_INLINE float f16_to_f32(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  uint32_t em = h & 0x7fffu;
+  uint32_t u = em << 13;
+  float f;
+  std::memcpy(&f, &u, 4);
+  f *= 0x1p112f;  // rebias the exponent (exact; also turns half subnormals into normals)
+  uint32_t r;
+  std::memcpy(&r, &f, 4);
+  r |= (em >= 0x7c00u) ? 0x7f800000u : 0u;  // inf / NaN keep an all-ones exponent
+  r |= sign;
+  std::memcpy(&f, &r, 4);
+  return f;
+}
+
+// out[i] = float(src[i * stride]) for i < w.
+template <int DT>
+ED_INLINE void load_seg(const uint8_t* src, int64_t stride, int64_t w, float* __restrict out) {
+  if constexpr (DT == DT_F32) {
+    const float* s = reinterpret_cast<const float*>(src);
+    if (stride == 1) {
+      for (int64_t i = 0; i < w; ++i) out[i] = s[i];
+    } else {
+      for (int64_t i = 0; i < w; ++i) out[i] = s[i * stride];
+    }
+  } else {
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+    if (stride == 1) {
+      for (int64_t i = 0; i < w; ++i) out[i] = DT == DT_F16 ? f16_to_f32(s[i]) : bf16_to_f32(s[i]);
+    } else {
+      for (int64_t i = 0; i < w; ++i)
+        out[i] = DT == DT_F16 ? f16_to_f32(s[i * stride]) : bf16_to_f32(s[i * stride]);
+    }
+  }
+}
+
+// out[i] += float(src[i * stride]) (the fused x + f, added in fp32).
+template <int DT>
+ED_INLINE void add_seg(const uint8_t* src, int64_t stride, int64_t w, float* __restrict out) {
+  if constexpr (DT == DT_F32) {
+    const float* s = reinterpret_cast<const float*>(src);
+    if (stride == 1) {
+      for (int64_t i = 0; i < w; ++i) out[i] += s[i];
+    } else {
+      for (int64_t i = 0; i < w; ++i) out[i] += s[i * stride];
+    }
+  } else {
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+    if (stride == 1) {
+      for (int64_t i = 0; i < w; ++i) out[i] += DT == DT_F16 ? f16_to_f32(s[i]) : bf16_to_f32(s[i]);
+    } else {
+      for (int64_t i = 0; i < w; ++i)
+        out[i] += DT == DT_F16 ? f16_to_f32(s[i * stride]) : bf16_to_f32(s[i * stride]);
+    }
+  }
+}
+
+// y[0:w] = x[b, t, d0:d0+w] (+ f[b, t, d0:d0+w]) in fp32.
+template <int DT>
+ED_INLINE void load_y(const View& x, const View* f, int64_t b, int64_t t, int64_t d0, int64_t w,
+                      float* __restrict y) {
+  load_seg<DT>(x.row(b, t) + d0 * x.sd * x.esize(), x.sd, w, y);
+  if (f) add_seg<DT>(f->row(b, t) + d0 * f->sd * f->esize(), f->sd, w, y);
+}
+
+// ----------------------------------------------------------------- threads
+inline int clamp_threads(int nthreads, int64_t work_items, int64_t elements,
+                         int64_t min_elements_per_thread = 1 << 16) {
+  int64_t n = std::max<int64_t>(1, nthreads);
+  n = std::min<int64_t>(n, std::max<int64_t>(1, work_items));
+  n = std::min<int64_t>(n, std::max<int64_t>(1, elements / min_elements_per_thread));
+  return int(n);
+}
+
+// fn(item, tid) for item in [0, n_items), dynamically scheduled over nthreads threads
+// (the calling thread is one of them). Exceptions are re-thrown on the caller.
+template <typename Fn>
+void parallel_for(int64_t n_items, int nthreads, Fn&& fn) {
+  if (n_items <= 0) return;
+  if (nthreads <= 1 || n_items == 1) {
+    for (int64_t i = 0; i < n_items; ++i) fn(i, 0);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  std::exception_ptr err;
+  std::mutex err_mu;
+  auto worker = [&](int tid) {
+    try {
+      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n_items;) fn(i, tid);
+    } catch (...) {
+      std::lock_guard<std::mutex> g(err_mu);
+      if (!err) err = std::current_exception();
+      next.store(n_items);
+    }
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(nthreads - 1);
+  for (int t = 1; t < nthreads; ++t) pool.emplace_back(worker, t);
+  worker(0);
+  for (auto& th : pool) th.join();
+  if (err) std::rethrow_exception(err);
+}
+
+// Dispatch a templated functor on the runtime dtype code.
+template <template <int> class K, typename... A>
+auto dispatch_dtype(int dtype, A&&... a) {
+  switch (dtype) {
+    case DT_F16: return K<DT_F16>::run(std::forward<A>(a)...);
+    case DT_BF16: return K<DT_BF16>::run(std::forward<A>(a)...);
+    default: return K<DT_F32>::run(std::forward<A>(a)...);
+  }
+}
+
+inline void check_common(uintptr_t x, int dtype, const Dims& shape, const Dims& xstride,
+                         uintptr_t f, const Dims& fstride, uintptr_t mask, const Dims& mstride) {
+  ED_CHECK_PTR(x);
+  ED_CHECK_DTYPE(dtype);
+  ED_CHECK_NDIM(shape, 3);
+  ED_CHECK_NONNEG(shape);
+  ED_CHECK_NDIM(xstride, 3);
+  ED_CHECK_NONNEG(xstride);
+  if (f) {
+    ED_CHECK_NDIM(fstride, 3);
+    ED_CHECK_NONNEG(fstride);
+  }
+  if (mask) {
+    ED_CHECK_NDIM(mstride, 2);
+    ED_CHECK_NONNEG(mstride);
+  }
+}
+
+}  // namespace cpu
+}  // namespace entrodrop

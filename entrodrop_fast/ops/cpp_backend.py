@@ -1,0 +1,150 @@
+"""The ``cpp`` backend: the compiled CPU kernels of ``entrodrop_fast._C`` (see docs/CONTRACT.md).
+
+Tensors cross to C++ as ``data_ptr`` + shape + strides (in elements) + a dtype code; the
+outputs are torch tensors allocated here and filled in place. CUDA tensors are handed to
+``entrodrop_fast.ops.cuda_backend`` (same function names). The C++ kernels run on
+``torch.get_num_threads()`` std::threads and release the GIL.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from entrodrop_fast import _ext
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+# knn: rows per Gram block. The block (R x N fp32) is the only N-proportional buffer, so
+# peak extra memory is R/N of the N x N matrix (+ O(N)); R = N/16 keeps it near 6%.
+KNN_MIN_ROWS = 32
+KNN_MAX_ROWS = 512
+
+
+def available() -> tuple[bool, str]:
+    if not _ext.available():
+        return False, f"the compiled extension is not available ({_ext.error()}); {_ext.BUILD_HINT}"
+    return True, ""
+
+
+def devices() -> set[str]:
+    if not _ext.available():
+        return set()
+    return {"cpu", "cuda"} if _ext.has_cuda() else {"cpu"}
+
+
+def _cuda():
+    from entrodrop_fast.ops import cuda_backend  # lazy: written and built separately
+
+    return cuda_backend
+
+
+def _code(x: torch.Tensor) -> int:
+    try:
+        return DTYPE_CODES[x.dtype]
+    except KeyError:
+        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}") from None
+
+
+def _arg(t: torch.Tensor | None):
+    """(pointer, strides) of an optional tensor; (0, []) for None."""
+    if t is None:
+        return 0, []
+    return t.data_ptr(), list(t.stride())
+
+
+def _mask_arg(mask: torch.Tensor | None):
+    if mask is None:
+        return 0, []
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be torch.bool, got {mask.dtype}")
+    return mask.data_ptr(), list(mask.stride())
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def moments(x: torch.Tensor, f: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> dict:
+    """count [B] f64, mean/m2 [B, D] f64, min/max [B, D] f32 of Y = x (+ f); x: [B, T, D]."""
+    if x.is_cuda:
+        return _cuda().moments(x, f, mask)
+    C = _ext.require()
+    B, _, D = x.shape
+    count = torch.empty(B, dtype=torch.float64)
+    mean = torch.empty(B, D, dtype=torch.float64)
+    m2 = torch.empty(B, D, dtype=torch.float64)
+    mn = torch.empty(B, D, dtype=torch.float32)
+    mx = torch.empty(B, D, dtype=torch.float32)
+    fp, fs = _arg(f)
+    mp, ms = _mask_arg(mask)
+    C.moments_cpu(x.data_ptr(), fp, mp, _code(x), list(x.shape), list(x.stride()), fs, ms,
+                  count.data_ptr(), mean.data_ptr(), m2.data_ptr(), mn.data_ptr(), mx.data_ptr(),
+                  _threads())
+    return {"count": count, "mean": mean, "m2": m2, "min": mn, "max": mx}
+
+
+def bucket(x: torch.Tensor, f: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+           bins: int = 20, paper_exact: bool = False) -> torch.Tensor:
+    """Per-channel histogram entropy H_d, fp64 [B, D]; x: [B, T, D]."""
+    if x.is_cuda:
+        return _cuda().bucket(x, f, mask, bins, paper_exact)
+    C = _ext.require()
+    B, _, D = x.shape
+    out = torch.empty(B, D, dtype=torch.float64)
+    fp, fs = _arg(f)
+    mp, ms = _mask_arg(mask)
+    C.bucket_cpu(x.data_ptr(), fp, mp, _code(x), list(x.shape), list(x.stride()), fs, ms,
+                 int(bins), bool(paper_exact), out.data_ptr(), _threads())
+    return out
+
+
+def cosine(x: torch.Tensor, other: torch.Tensor, mask: torch.Tensor | None = None,
+           fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over valid tokens of cos(x_t, Y_t), count), fp64 [B] each; Y = x + other if fused."""
+    if x.is_cuda:
+        return _cuda().cosine(x, other, mask, fused)
+    C = _ext.require()
+    if other.dtype != x.dtype:  # the API checks this for f; a y given on its own may differ
+        x, other = x.float(), other.float()
+    B = x.shape[0]
+    s = torch.empty(B, dtype=torch.float64)
+    c = torch.empty(B, dtype=torch.float64)
+    mp, ms = _mask_arg(mask)
+    C.cosine_cpu(x.data_ptr(), other.data_ptr(), mp, _code(x), list(x.shape), list(x.stride()),
+                 list(other.stride()), ms, bool(fused), s.data_ptr(), c.data_ptr(), _threads())
+    return s, c
+
+
+def knn_kth_distance(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance from each row of x [N, D] to its k-th nearest other row, fp64 [N].
+
+    What runs where: torch.mm (BLAS) computes one block of rows of the Gram matrix
+    ``x[r0:r1] @ x.T`` at a time into a reused [R, N] fp32 buffer; C++ (``knn_select_cpu``)
+    turns the block into squared distances, finds the k-th smallest per row, and recomputes
+    the distances of the rows whose order the fp32 error could change exactly in fp64 from
+    x itself. The N x N matrix is never formed: peak extra memory is R*N*4 bytes plus O(N)
+    (plus an fp32 copy of x when x is not already fp32 with channel stride 1).
+    """
+    if x.is_cuda:
+        return _cuda().knn_kth_distance(x, k)
+    C = _ext.require()
+    N, D = x.shape
+    if not 1 <= k < N:
+        raise ValueError(f"k must be in [1, N - 1] = [1, {N - 1}], got {k}")
+    xf = x if (x.dtype == torch.float32 and x.stride(1) == 1) else x.float().contiguous()
+    sqn = torch.einsum("nd,nd->n", xf, xf)  # (N,) fp32 squared norms
+    # Error bound of the fp32 expansion |x_i|^2 + |x_j|^2 - 2 x_i.x_j: rounding of each
+    # term grows like sqrt(D) * eps * |x|^2 for blocked BLAS sums; 8x headroom on top.
+    eps = torch.finfo(torch.float32).eps
+    delta = 8.0 * (D**0.5 + 4.0) * eps * 2.0 * float(sqn.max())
+    rows = min(N, max(KNN_MIN_ROWS, min(KNN_MAX_ROWS, N // 16)))
+    gram = torch.empty(rows, N, dtype=torch.float32)  # (R, N), reused
+    out = torch.empty(N, dtype=torch.float64)
+    nt = _threads()
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        g = gram[: r1 - r0]
+        torch.mm(xf[r0:r1], xf.t(), out=g)  # (R, N)
+        C.knn_select_cpu(g.data_ptr(), sqn.data_ptr(), r1 - r0, N, r0, int(k), delta,
+                         x.data_ptr(), _code(x), list(x.stride()), D, out[r0:r1].data_ptr(), nt)
+    return out
