@@ -123,7 +123,6 @@ ARCHS: dict[str, Arch] = {
         embed="gpt_neox.embed_in",
         final_norm="gpt_neox.final_layer_norm",
         rotary="gpt_neox.rotary_emb",
-        lm_head="embed_out",
         attn="attention",
         attn_out="post_attention_dropout",
         mlp_out="post_mlp_dropout",
@@ -178,6 +177,10 @@ class Adapter:
     @property
     def sequential(self) -> bool:
         return self.residual in SEQUENTIAL_KINDS
+
+    def base(self, model: nn.Module) -> nn.Module:
+        """The decoder stack without the LM head (``model.model``): runs the layers, no logits."""
+        return get_attr(model, self.arch.layers.rsplit(".", 1)[0])
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return get_attr(model, self.arch.layers)

@@ -56,7 +56,10 @@ def parse_dtype(dtype) -> torch.dtype:
 
 
 def parse_device(device) -> torch.device:
-    dev = torch.device(device if device is not None else "cpu")
+    try:
+        dev = torch.device(device if device is not None else "cpu")
+    except RuntimeError:
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__})")

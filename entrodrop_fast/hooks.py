@@ -1,0 +1,289 @@
+"""Taps: forward hooks that hand each block's X and F(X) to the estimators during the forward.
+
+:class:`ResidualTaps` registers, for every decoder layer ``l`` (where the adapter table says
+the modules are), hooks that call a *sink* with tensors of shape ``(B, T, D)``::
+
+    sink.on_input(l, r)       # r = r_l, the residual stream entering layer l
+    sink.on_attn(li, x, f)     # attn block: X = r_l, F = the term added to the stream (Y = X + F)
+    sink.on_mlp(li, x, f)      # mlp block: X = m_l (sequential) or r_l (parallel), Y = X + F
+    sink.on_output(li, x, y)   # layer block: X = r_l, Y = r_{li+1} (the layer output, pre final norm)
+
+(see :mod:`entrodrop_fast.models.adapters` for X and Y per residual structure). The hooks
+keep references to the layer input and the mid-layer residual only until the layer's
+output hook returns (the model holds them anyway); no tensor is copied or kept after.
+The context manager always removes its hooks, whatever happens inside.
+
+:class:`BlockStatistics` is the sink of the profiler: in each hook it runs the estimators
+at once and keeps only per-sample numbers (``[B]`` tensors on the device, no host sync).
+Every residual-stream point is measured once: H(Y) of a block is H(X) of the next.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from entrodrop_fast.models.adapters import BLOCK_KINDS, Adapter, get_adapter
+
+
+def _first(t):
+    """The hidden-states tensor of a module output (tensor, or tuple whose [0] it is)."""
+    return t[0] if isinstance(t, (tuple, list)) else t
+
+
+def _hidden_arg(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class ResidualTaps:
+    """Context manager registering the taps of every decoder layer of ``model`` onto ``sink``."""
+
+    def __init__(self, model: nn.Module, sink, adapter: Adapter | None = None):
+        self.model = model
+        self.sink = sink
+        self.adapter = adapter if adapter is not None else get_adapter(model)
+        self._handles: list = []
+        self._r: dict[int, torch.Tensor] = {}
+        self._m: dict[int, torch.Tensor] = {}
+
+    # -- hook factories: each closes over the layer index
+    def _on_layer_in(self, li):
+        def hook(module, args, kwargs):
+            r = _hidden_arg(args, kwargs)
+            self._r[li] = r
+            self.sink.on_input(li, r)
+
+        return hook
+
+    def _on_attn_out(self, li):
+        def hook(module, args, output):
+            self.sink.on_attn(li, self._r[li], _first(output))
+
+        return hook
+
+    def _on_mid_in(self, li):
+        def hook(module, args, kwargs):
+            self._m[li] = _hidden_arg(args, kwargs)
+
+        return hook
+
+    def _on_mlp_out(self, li):
+        def hook(module, args, output):
+            x = self._m[li] if self.adapter.sequential else self._r[li]
+            self.sink.on_mlp(li, x, _first(output))
+
+        return hook
+
+    def _on_layer_out(self, li):
+        def hook(module, args, kwargs, output):
+            try:
+                self.sink.on_output(li, self._r[li], _first(output))
+            finally:
+                self._r.pop(li, None)
+                self._m.pop(li, None)
+
+        return hook
+
+    def __enter__(self) -> ResidualTaps:
+        ad = self.adapter
+        try:
+            for li, layer in enumerate(ad.layers(self.model)):
+                h = self._handles
+                h.append(layer.register_forward_pre_hook(self._on_layer_in(li), with_kwargs=True))
+                h.append(ad.attn_out(layer).register_forward_hook(self._on_attn_out(li)))
+                mid = ad.mid(layer)
+                if mid is not None:
+                    h.append(mid.register_forward_pre_hook(self._on_mid_in(li), with_kwargs=True))
+                h.append(ad.mlp_out(layer).register_forward_hook(self._on_mlp_out(li)))
+                h.append(layer.register_forward_hook(self._on_layer_out(li), with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._r.clear()
+        self._m.clear()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+# ---------------------------------------------------------------- the profiler's sink
+
+
+@dataclass
+class TapSettings:
+    """What BlockStatistics measures. ``entropy_opts[method]`` go to ``entropy(...)``."""
+
+    entropy_methods: tuple[str, ...] = ("bucket",)
+    cosine: bool = False
+    spans: tuple[int, ...] = ()  # angular distance between r_l and r_{l+n}, last token
+    backend: str = "auto"
+    entropy_opts: dict = field(default_factory=dict)
+
+
+class BlockStatistics:
+    """Sink of :class:`ResidualTaps` computing entropies, ΔH and similarity per block.
+
+    Per batch it collects per-sample values; :meth:`end_batch` folds them into
+    :class:`~entrodrop_fast.SampleStats` (mean, standard error over samples). Results:
+    :meth:`result`.
+    """
+
+    def __init__(self, adapter: Adapter, num_layers: int, settings: TapSettings, mask: torch.Tensor | None = None):
+        from entrodrop_fast import SampleStats  # the estimator API (ops) is imported lazily
+
+        self.adapter = adapter
+        self.L = num_layers
+        self.s = settings
+        self.mask = mask
+        self.points = adapter.points(num_layers)
+        self._pidx = {p: i for i, p in enumerate(self.points)}
+        P, L = len(self.points), num_layers
+        self.h_stats = {m: SampleStats((P,)) for m in settings.entropy_methods}
+        self.dh_stats = {(m, k): SampleStats((L,)) for m in settings.entropy_methods for k in BLOCK_KINDS}
+        self.cos_stats = {k: SampleStats((L,)) for k in BLOCK_KINDS} if settings.cosine else {}
+        self.ang_stats = {n: SampleStats((L - n + 1,)) for n in settings.spans if 1 <= n <= L}
+        self.samples = 0
+        self._reset()
+
+    def _reset(self):
+        P, L = len(self.points), self.L
+        self._h: dict[str, list] = {m: [None] * P for m in self.s.entropy_methods}
+        self._cos: dict[str, list] = {k: [None] * L for k in self.cos_stats}
+        self._last: list = [None] * (L + 1)
+
+    # -- estimators
+    def _entropy(self, point: str, x, f=None):
+        from entrodrop_fast import entropy
+
+        i = self._pidx[point]
+        for m in self.s.entropy_methods:
+            opts = self.s.entropy_opts.get(m, {})
+            self._h[m][i] = entropy(x, m, f, mask=self.mask, backend=self.s.backend, validate=False, **opts)
+
+    def _cosine(self, kind: str, li: int, x, f=None, y=None):
+        if kind in self._cos:
+            from entrodrop_fast import cosine_importance
+
+            self._cos[kind][li] = cosine_importance(x, f, y=y, mask=self.mask, backend=self.s.backend, validate=False)
+
+    def _keep_last(self, li: int, r: torch.Tensor):
+        if self.ang_stats:  # the last token only: a (B, 1, D) copy, not a view of r
+            if self.mask is None:
+                self._last[li] = r[:, -1:, :].float().clone()  # (B, 1, D)
+            else:
+                rows = torch.arange(r.shape[0], device=r.device)
+                last = r.shape[1] - 1 - self.mask.flip(1).to(torch.int8).argmax(1)
+                self._last[li] = r[rows, last].float().unsqueeze(1)  # (B, 1, D)
+
+    # -- sink protocol
+    def on_input(self, li: int, r):
+        if li == 0:
+            self._entropy("r0", r)
+            self._keep_last(0, r)
+
+    def on_attn(self, li: int, x, f):
+        self._entropy(f"m{li}" if self.adapter.sequential else f"a{li}", x, f)
+        self._cosine("attn", li, x, f)
+
+    def on_mlp(self, li: int, x, f):
+        if not self.adapter.sequential:
+            self._entropy(f"p{li}", x, f)
+        self._cosine("mlp", li, x, f)
+
+    def on_output(self, li: int, x, y):
+        self._entropy(f"r{li + 1}", y)
+        self._cosine("layer", li, x, y=y)
+        self._keep_last(li + 1, y)
+
+    # -- accumulation
+    def end_batch(self) -> None:
+        """Fold this batch's per-sample values into the running statistics."""
+        from entrodrop_fast import angular_distance
+
+        for m, hs in self._h.items():
+            missing = [self.points[i] for i, h in enumerate(hs) if h is None]
+            if missing:
+                raise RuntimeError(f"taps saw no tensor for points {missing[:6]}: the forward did not pass through every layer")
+            H = torch.stack(hs, 1)  # (B, P)
+            self.h_stats[m].update(H)
+            for k in BLOCK_KINDS:
+                xi = [self._pidx[self.adapter.block_points(k, li)[0]] for li in range(self.L)]
+                yi = [self._pidx[self.adapter.block_points(k, li)[1]] for li in range(self.L)]
+                self.dh_stats[(m, k)].update(H[:, yi] - H[:, xi])  # (B, L)
+            batch = H.shape[0]
+        for k, cs in self._cos.items():
+            self.cos_stats[k].update(torch.stack(cs, 1))  # (B, L)
+            batch = cs[0].shape[0]
+        for n, st in self.ang_stats.items():
+            d = [angular_distance(self._last[li], self._last[li + n], validate=False) for li in range(self.L - n + 1)]
+            st.update(torch.stack(d, 1))  # (B, L - n + 1)
+        if self._h or self._cos:
+            self.samples += batch
+        self._reset()
+
+    def merge(self, other: BlockStatistics) -> BlockStatistics:
+        for d, od in ((self.h_stats, other.h_stats), (self.dh_stats, other.dh_stats), (self.cos_stats, other.cos_stats), (self.ang_stats, other.ang_stats)):
+            for key, st in d.items():
+                st.merge(od[key])
+        self.samples += other.samples
+        return self
+
+    def state_dict(self) -> dict:
+        return {
+            "samples": self.samples,
+            "h": {m: s.state_dict() for m, s in self.h_stats.items()},
+            "dh": {f"{m}/{k}": s.state_dict() for (m, k), s in self.dh_stats.items()},
+            "cos": {k: s.state_dict() for k, s in self.cos_stats.items()},
+            "ang": {str(n): s.state_dict() for n, s in self.ang_stats.items()},
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        from entrodrop_fast import SampleStats
+
+        self.samples = int(d["samples"])
+        self.h_stats = {m: SampleStats.from_state_dict(s) for m, s in d["h"].items()}
+        self.dh_stats = {tuple(k.split("/")): SampleStats.from_state_dict(s) for k, s in d["dh"].items()}
+        self.cos_stats = {k: SampleStats.from_state_dict(s) for k, s in d["cos"].items()}
+        self.ang_stats = {int(n): SampleStats.from_state_dict(s) for n, s in d["ang"].items()}
+
+    def result(self) -> dict:
+        """Plain Python numbers: entropies per point, ΔH / cosine per block, angular per span."""
+
+        def plain(st):
+            r = st.result()
+            return [float(v) for v in r["mean"].cpu()], [float(v) for v in r["stderr"].cpu()]
+
+        out = {"samples": self.samples, "points": list(self.points), "entropy": {}, "delta": {}, "cosine": {}, "angular": {}}
+        for m, st in self.h_stats.items():
+            mean, se = plain(st)
+            out["entropy"][m] = {"mean": mean, "stderr": se}
+        for (m, k), st in self.dh_stats.items():
+            mean, se = plain(st)
+            out["delta"].setdefault(m, {})[k] = {"mean": mean, "stderr": se}
+        for k, st in self.cos_stats.items():
+            mean, se = plain(st)
+            out["cosine"][k] = {"mean": mean, "stderr": se}
+        for n, st in self.ang_stats.items():
+            mean, se = plain(st)
+            out["angular"][str(n)] = {"mean": mean, "stderr": se}
+        return out
+
+
+def finite_or_raise(result: dict) -> None:
+    """Raise a readable error when an entropy came out NaN (NaN/Inf activations, usually fp16 overflow)."""
+    for m, d in result["entropy"].items():
+        bad = [p for p, v in zip(result["points"], d["mean"], strict=True) if math.isnan(v)]
+        if bad:
+            raise RuntimeError(
+                f"{m}: entropy is NaN at {', '.join(bad[:6])}: the activations hold NaN or Inf "
+                "(fp16 overflow? try --dtype bf16 or fp32)"
+            )
