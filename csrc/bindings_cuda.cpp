@@ -1,0 +1,114 @@
+// register_cuda: the CUDA kernels as Python functions taking device pointers (ints), shapes,
+// strides in elements, a dtype code (0 fp32, 1 fp16, 2 bf16), the device index and the
+// caller's stream (torch.cuda.current_stream().cuda_stream). No libtorch.
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "entrodrop.h"
+#include "entrodrop_cuda.h"
+
+namespace py = pybind11;
+
+namespace entrodrop {
+namespace {
+
+using I3 = std::array<int64_t, 3>;
+using I2 = std::array<int64_t, 2>;
+
+template <typename P>
+P* ptr(uintptr_t p) {
+  return reinterpret_cast<P*>(p);
+}
+
+void check(const char* what, const char* err) {
+  if (err != nullptr) throw std::runtime_error(std::string("entrodrop CUDA ") + what + ": " + err);
+}
+
+cuda::Input make_input(uintptr_t x, uintptr_t f, uintptr_t mask, const I3& shape, const I3& sx,
+                       const I3& sf, const I2& sm, int dtype, int vec) {
+  cuda::Input in;
+  in.x = ptr<const void>(x);
+  in.f = f ? ptr<const void>(f) : nullptr;
+  in.mask = mask ? ptr<const uint8_t>(mask) : nullptr;
+  in.B = shape[0];
+  in.T = shape[1];
+  in.D = shape[2];
+  in.sxb = sx[0];
+  in.sxt = sx[1];
+  in.sxd = sx[2];
+  in.sfb = sf[0];
+  in.sft = sf[1];
+  in.sfd = sf[2];
+  in.smb = sm[0];
+  in.smt = sm[1];
+  in.dtype = dtype;
+  in.vec = vec;
+  return in;
+}
+
+}  // namespace
+
+void register_cuda(py::module_& m) {
+  m.def(
+      "cuda_moments_partial",
+      [](uintptr_t x, uintptr_t f, uintptr_t mask, I3 shape, I3 sx, I3 sf, I2 sm, int dtype,
+         int vec, int S, int64_t rows, uintptr_t pn, uintptr_t pmean, uintptr_t pm2,
+         uintptr_t pmin, uintptr_t pmax, int device, uintptr_t stream) {
+        const auto in = make_input(x, f, mask, shape, sx, sf, sm, dtype, vec);
+        check("moments_partial",
+              cuda::moments_partial(in, S, rows, ptr<float>(pn), ptr<double>(pmean),
+                                    ptr<double>(pm2), ptr<float>(pmin), ptr<float>(pmax), device,
+                                    ptr<void>(stream)));
+      },
+      "Per-split partial moments of Y = x (+ f): pn [B,S] f32, pmean/pm2 [B,S,D] f64, "
+      "pmin/pmax [B,S,D] f32");
+  m.def(
+      "cuda_moments_merge",
+      [](int64_t B, int64_t D, int S, uintptr_t pn, uintptr_t pmean, uintptr_t pm2,
+         uintptr_t pmin, uintptr_t pmax, uintptr_t count, uintptr_t mean, uintptr_t m2,
+         uintptr_t mn, uintptr_t mx, int device, uintptr_t stream) {
+        check("moments_merge",
+              cuda::moments_merge(B, D, S, ptr<const float>(pn), ptr<const double>(pmean),
+                                  ptr<const double>(pm2), ptr<const float>(pmin),
+                                  ptr<const float>(pmax), ptr<double>(count), ptr<double>(mean),
+                                  ptr<double>(m2), ptr<float>(mn), ptr<float>(mx), device,
+                                  ptr<void>(stream)));
+      },
+      "Chan-merge the split partials: count [B] f64, mean/m2 [B,D] f64, min/max [B,D] f32");
+  m.def(
+      "cuda_minmax_partial",
+      [](uintptr_t x, uintptr_t f, uintptr_t mask, I3 shape, I3 sx, I3 sf, I2 sm, int dtype,
+         int vec, int S, int64_t rows, uintptr_t pmin, uintptr_t pmax, int device,
+         uintptr_t stream) {
+        const auto in = make_input(x, f, mask, shape, sx, sf, sm, dtype, vec);
+        check("minmax_partial", cuda::minmax_partial(in, S, rows, ptr<float>(pmin),
+                                                     ptr<float>(pmax), device, ptr<void>(stream)));
+      },
+      "Per-split min/max of Y: pmin/pmax [B,S,D] f32");
+  m.def(
+      "cuda_bucket_hist",
+      [](uintptr_t x, uintptr_t f, uintptr_t mask, I3 shape, I3 sx, I3 sf, I2 sm, int dtype,
+         int vec, int S_partial, uintptr_t pmin, uintptr_t pmax, int S, int64_t rows, int bins,
+         uintptr_t hist, int device, uintptr_t stream) {
+        const auto in = make_input(x, f, mask, shape, sx, sf, sm, dtype, vec);
+        check("bucket_hist", cuda::bucket_hist(in, S_partial, ptr<const float>(pmin),
+                                               ptr<const float>(pmax), S, rows, bins,
+                                               ptr<int32_t>(hist), device, ptr<void>(stream)));
+      },
+      "Add bin counts of Y into hist [B,D,bins] int32 (zeroed by the caller)");
+  m.def(
+      "cuda_bucket_entropy",
+      [](int64_t B, int64_t D, int bins, uintptr_t hist, bool paper_exact, uintptr_t out,
+         int device, uintptr_t stream) {
+        check("bucket_entropy",
+              cuda::bucket_entropy(B, D, bins, ptr<const int32_t>(hist), paper_exact ? 1 : 0,
+                                   ptr<double>(out), device, ptr<void>(stream)));
+      },
+      "H_d (fp64 [B,D]) from hist [B,D,bins] int32");
+}
+
+}  // namespace entrodrop
