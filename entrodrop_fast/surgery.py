@@ -1,0 +1,345 @@
+"""Surgery: remove blocks from a loaded model, in place (``drop_blocks_``).
+
+A *drop plan* names blocks by 0-based decoder-layer index of the model it is applied to::
+
+    {"attn": [3, 7], "mlp": [], "layer": [12, 13]}      # or a full plan from ranking.py
+
+- ``layer``: the decoder layer leaves the ``ModuleList``; later layers move down, every
+  ``layer_idx`` attribute inside them is renumbered (so the KV cache is indexed by the
+  new position), and the config fields tied to the layer count (``num_hidden_layers``,
+  ``layer_types``, ``max_window_layers``, ``mlp_only_layers``/``decoder_sparse_step``,
+  ``per_layer_config``) are rewritten to describe the layers that remain.
+- ``attn`` / ``mlp``: the sub-block (and the norms that only it uses) is replaced by a
+  module with no weights that adds exactly 0 to the residual stream (a zero-stride view:
+  no compute, no memory). The config records the dropped sub-blocks in
+  ``config.entrodrop_pruned``; for dropped attention ``config.kv_sharing_modes`` marks the
+  layer as holding no KV cache, so ``transformers`` builds a ``DummyLayer`` for it
+  (nothing is cached, and ``get_seq_length`` skips it even when layer 0's attention is gone).
+- A layer whose attention *and* MLP are both dropped is removed as a whole layer (same
+  function: r + 0 + 0 = r).
+
+The old modules lose their last reference: their weights are freed, not zeroed.
+
+Everything between the ``# --- self-contained`` markers depends on ``torch`` only: export.py
+writes that source verbatim into the modeling file of an attn/mlp-pruned checkpoint, so the
+in-memory and the reloaded model run the very same code.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from entrodrop_fast.models.adapters import Adapter, get_adapter
+
+PRUNED_KEY = "entrodrop_pruned"  # config attribute / config.json key of the record
+
+# --- self-contained: begin
+
+
+class ZeroAttention(nn.Module):
+    """Stands in for a dropped attention: adds exactly 0 to the residual, caches nothing.
+
+    Returns ``(zeros, None)`` like a ``transformers`` attention module; the zeros are a
+    zero-stride view of one scalar (no compute, no memory).
+    """
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        x = hidden_states if hidden_states is not None else args[0]
+        return x.new_zeros(()).expand_as(x), None
+
+
+class ZeroMLP(nn.Module):
+    """Stands in for a dropped MLP / MoE block: adds exactly 0 to the residual stream."""
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        x = hidden_states if hidden_states is not None else args[0]
+        return x.new_zeros(()).expand_as(x)
+
+
+def _set_path(root, path, module):
+    parent = root
+    parts = path.split(".")
+    for part in parts[:-1]:
+        parent = getattr(parent, part)
+    setattr(parent, parts[-1], module)
+
+
+def _get_path(root, path):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def apply_subblock_drops_(model, record):
+    """Replace the attn / MLP sub-blocks listed in ``record`` by zero modules, in place.
+
+    ``record`` is ``config.entrodrop_pruned``: ``dropped_attn`` / ``dropped_mlp`` (0-based
+    indices of the model's current layers) and ``paths`` (where the layers, the sub-blocks
+    and their own norms are; norms shared by both sub-blocks are listed in ``shared_norms``
+    and only removed when both sub-blocks are gone).
+    """
+    paths = record["paths"]
+    layers = _get_path(model, paths["layers"])
+    attn, mlp = set(record.get("dropped_attn", [])), set(record.get("dropped_mlp", []))
+    for i in sorted(attn | mlp):
+        if not 0 <= i < len(layers):
+            raise ValueError(f"dropped sub-block in layer {i}, but the model has {len(layers)} layers")
+        layer = layers[i]
+        if i in attn:
+            _set_path(layer, paths["attn"], ZeroAttention())
+            for name in paths["attn_norms"]:
+                _set_path(layer, name, nn.Identity())
+        if i in mlp:
+            _set_path(layer, paths["mlp"], ZeroMLP())
+            for name in paths["mlp_norms"]:
+                _set_path(layer, name, nn.Identity())
+        if i in attn and i in mlp:
+            for name in paths.get("shared_norms", []):
+                _set_path(layer, name, nn.Identity())
+    return model
+
+
+# --- self-contained: end
+
+
+def shared_norms(adapter: Adapter) -> tuple[str, ...]:
+    """Norms read by both branches (Phi: one ``input_layernorm`` feeds attention and MLP)."""
+    if adapter.residual == "parallel" and not adapter.arch.mlp_norms:
+        return tuple(adapter.arch.attn_norms)
+    return ()
+
+
+def subblock_paths(adapter: Adapter) -> dict:
+    """Where the sub-blocks and their own norms are, as stored in ``config.entrodrop_pruned``."""
+    shared = shared_norms(adapter)
+    return {
+        "layers": adapter.arch.layers,
+        "attn": adapter.arch.attn,
+        "attn_norms": [n for n in adapter.arch.attn_norms if n not in shared],
+        "mlp": adapter.arch.mlp,
+        "mlp_norms": [n for n in adapter.arch.mlp_norms if n not in shared],
+        "shared_norms": list(shared),
+    }
+
+
+# ------------------------------------------------------------------ plans
+
+
+@dataclass
+class Drops:
+    """A normalised drop set, in the numbering of the model it applies to (0-based)."""
+
+    num_layers: int
+    layer: list[int] = field(default_factory=list)
+    attn: list[int] = field(default_factory=list)
+    mlp: list[int] = field(default_factory=list)
+
+    @property
+    def kept(self) -> list[int]:
+        gone = set(self.layer)
+        return [i for i in range(self.num_layers) if i not in gone]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.layer or self.attn or self.mlp)
+
+    def as_dict(self) -> dict:
+        return {"layer": list(self.layer), "attn": list(self.attn), "mlp": list(self.mlp)}
+
+
+def read_plan(plan) -> dict:
+    """A plan as a dict: a dict already, a JSON file path, or a :class:`Drops`."""
+    if isinstance(plan, Drops):
+        return {"drop": plan.as_dict()}
+    if isinstance(plan, (str, os.PathLike)):
+        try:
+            with open(plan) as f:
+                return json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"plan file {plan} is not valid JSON: {exc}") from None
+    if not isinstance(plan, dict):
+        raise TypeError(f"plan must be a dict, a JSON file path or Drops, got {type(plan).__name__}")
+    return plan
+
+
+def normalize_drops(plan, num_layers: int) -> Drops:
+    """Check a plan against a model of ``num_layers`` layers; merge attn+mlp of one layer into a layer drop."""
+    plan = read_plan(plan)
+    spec = plan.get("drop", plan)
+    unknown = set(spec) - {"attn", "mlp", "layer"}
+    if unknown and "drop" in plan:
+        raise ValueError(f"plan 'drop' has unknown keys {sorted(unknown)}; expected attn, mlp, layer")
+    out = {}
+    for kind in ("attn", "mlp", "layer"):
+        vals = spec.get(kind, []) or []
+        idx = []
+        for v in vals:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"plan: {kind} indices must be integers (0-based layer indices), got {v!r}")
+            if not 0 <= v < num_layers:
+                raise ValueError(f"plan: {kind} index {v} out of range for a model with {num_layers} layers (0-based: 0..{num_layers - 1})")
+            idx.append(v)
+        out[kind] = sorted(set(idx))
+    both = set(out["attn"]) & set(out["mlp"])
+    layer = sorted(set(out["layer"]) | both)
+    if len(layer) >= num_layers:
+        raise ValueError(f"plan drops all {num_layers} layers; at least one must remain")
+    gone = set(layer)
+    return Drops(
+        num_layers,
+        layer=layer,
+        attn=[i for i in out["attn"] if i not in gone],
+        mlp=[i for i in out["mlp"] if i not in gone],
+    )
+
+
+# ------------------------------------------------------------------ config
+
+
+def _num_layers_of(cfg: dict) -> int:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    raise ValueError("config has no num_hidden_layers")
+
+
+def pruned_config_dict(cfg: dict, adapter: Adapter, drops: Drops) -> dict:
+    """The config (as a ``to_dict()``/config.json dict) of the model after ``drops``.
+
+    Pure function shared by in-memory surgery and export. Layer-count fields are rewritten
+    for the layers that remain; sub-block drops (plus any recorded earlier, renumbered) go
+    to ``cfg[PRUNED_KEY]``, dropped attention to ``kv_sharing_modes``.
+    """
+    cfg = copy.deepcopy(cfg)
+    L = _num_layers_of(cfg)
+    if L != drops.num_layers:
+        raise ValueError(f"plan was normalised for {drops.num_layers} layers, config has {L}")
+    kept = drops.kept
+    new_of = {old: new for new, old in enumerate(kept)}
+    prev = cfg.get(PRUNED_KEY) or {}
+
+    if drops.layer:
+        cfg["num_hidden_layers"] = len(kept)
+        for key in {"layer_types", *adapter.arch.layer_fields} - {"max_window_layers", "mlp_only_layers", "decoder_sparse_step"}:
+            v = cfg.get(key)
+            if isinstance(v, list) and len(v) == L:
+                cfg[key] = [v[i] for i in kept]
+        mwl = cfg.get("max_window_layers")
+        if isinstance(mwl, int):
+            cfg["max_window_layers"] = sum(1 for i in kept if i < mwl)
+        if "decoder_sparse_step" in cfg or "mlp_only_layers" in cfg:
+            only = set(cfg.get("mlp_only_layers") or [])
+            step = cfg.get("decoder_sparse_step") or 1
+            experts = cfg.get("num_experts", cfg.get("num_local_experts", 0)) or 0
+            sparse = [(i not in only) and experts > 0 and (i + 1) % step == 0 for i in range(L)]
+            # the surviving pattern need not be periodic: state it layer by layer
+            cfg["decoder_sparse_step"] = 1
+            cfg["mlp_only_layers"] = [new_of[i] for i in kept if not sparse[i]]
+        plc = cfg.get("per_layer_config")
+        if isinstance(plc, dict) and plc:
+            cfg["per_layer_config"] = {str(new_of[int(k)]): v for k, v in plc.items() if int(k) in new_of}
+        kvm = cfg.get("kv_sharing_modes")
+        if isinstance(kvm, list) and len(kvm) == L:
+            cfg["kv_sharing_modes"] = [kvm[i] for i in kept]
+
+    orig = prev.get("kept_layers") or list(range(L))
+    attn = sorted({new_of[i] for i in prev.get("dropped_attn", []) if i in new_of} | {new_of[i] for i in drops.attn})
+    mlp = sorted({new_of[i] for i in prev.get("dropped_mlp", []) if i in new_of} | {new_of[i] for i in drops.mlp})
+    record = {
+        "format": 1,
+        "indexing": "0-based indices of this model's decoder layers",
+        "original_num_layers": int(prev.get("original_num_layers", L)),
+        "kept_layers": [orig[i] for i in kept],
+        "dropped_attn": attn,
+        "dropped_mlp": mlp,
+        "paths": subblock_paths(adapter),
+    }
+    if attn or mlp or prev or drops.layer:
+        cfg[PRUNED_KEY] = record
+    if attn:
+        modes = cfg.get("kv_sharing_modes")
+        n = len(kept)
+        base = list(modes) if isinstance(modes, list) and len(modes) == n else [None] * n
+        cfg["kv_sharing_modes"] = ["reuse" if i in set(attn) else base[i] for i in range(n)]
+    return cfg
+
+
+def has_subblock_drops(cfg: dict) -> bool:
+    rec = cfg.get(PRUNED_KEY) or {}
+    return bool(rec.get("dropped_attn") or rec.get("dropped_mlp"))
+
+
+# ------------------------------------------------------------------ in-memory surgery
+
+
+def _renumber_(layer: nn.Module, idx: int) -> None:
+    for mod in layer.modules():
+        if isinstance(getattr(mod, "layer_idx", None), int):
+            mod.layer_idx = idx
+
+
+def _apply_config_(config, new: dict, old: dict) -> None:
+    for key, value in new.items():
+        if key not in old or old[key] != value:
+            setattr(config, key, value)
+
+
+def drop_blocks_(model: nn.Module, plan) -> dict:
+    """Remove the blocks of ``plan`` from ``model`` in place. Returns the summary record.
+
+    ``plan``: a plan dict from :mod:`entrodrop_fast.ranking` (its ``drop`` entry is used), a
+    path to its JSON file, or a plain ``{"attn": [...], "mlp": [...], "layer": [...]}`` with
+    0-based indices of ``model``'s current decoder layers.
+    """
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    L = len(layers)
+    cfg_layers = getattr(model.config, "num_hidden_layers", L)
+    if cfg_layers != L:
+        raise ValueError(f"model has {L} decoder layers but config.num_hidden_layers = {cfg_layers}")
+    drops = normalize_drops(plan, L)
+    old_cfg = model.config.to_dict()
+    new_cfg = pruned_config_dict(old_cfg, adapter, drops)
+
+    if drops.layer:
+        kept_modules = nn.ModuleList([layers[i] for i in drops.kept])
+        _set_path(model, adapter.arch.layers, kept_modules)
+        for j, layer in enumerate(kept_modules):
+            _renumber_(layer, j)
+    if drops.attn or drops.mlp:
+        new_of = {old: new for new, old in enumerate(drops.kept)}
+        apply_subblock_drops_(
+            model,
+            {"paths": subblock_paths(adapter), "dropped_attn": [new_of[i] for i in drops.attn], "dropped_mlp": [new_of[i] for i in drops.mlp]},
+        )
+    _apply_config_(model.config, new_cfg, old_cfg)
+    return new_cfg.get(PRUNED_KEY, {})
+
+
+# ------------------------------------------------------------------ sizes
+
+
+def count_params(model: nn.Module) -> int:
+    """Distinct parameters (tied weights counted once)."""
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def kv_bytes_per_token(cfg: dict, dtype_bytes: int = 2) -> int:
+    """KV-cache bytes one token costs across all layers that keep their attention (batch 1)."""
+    L = _num_layers_of(cfg)
+    heads = cfg.get("num_attention_heads")
+    kv = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads)
+    dropped = set((cfg.get(PRUNED_KEY) or {}).get("dropped_attn", []))
+    return sum(2 * kv * head_dim * dtype_bytes for i in range(L) if i not in dropped)
