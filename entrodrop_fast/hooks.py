@@ -4,7 +4,8 @@
 the modules are), hooks that call a *sink* with tensors of shape ``(B, T, D)``::
 
     sink.on_input(l, r)       # r = r_l, the residual stream entering layer l
-    sink.on_attn(li, x, f)     # attn block: X = r_l, F = the term added to the stream (Y = X + F)
+    sink.on_attn(l, x, f)     # attn block: X = r_l, F = the term added to the stream (Y = X + F)
+    sink.on_mid(l, x, m)      # sequential kinds only: X = r_l, m = m_l = Y of attn, as the model has it
     sink.on_mlp(li, x, f)      # mlp block: X = m_l (sequential) or r_l (parallel), Y = X + F
     sink.on_output(li, x, y)   # layer block: X = r_l, Y = r_{li+1} (the layer output, pre final norm)
 
@@ -66,7 +67,8 @@ class ResidualTaps:
 
     def _on_mid_in(self, li):
         def hook(module, args, kwargs):
-            self._m[li] = _hidden_arg(args, kwargs)
+            m = self._m[li] = _hidden_arg(args, kwargs)
+            self.sink.on_mid(li, self._r[li], m)
 
         return hook
 
@@ -191,8 +193,15 @@ class BlockStatistics:
             self._keep_last(0, r)
 
     def on_attn(self, li: int, x, f):
-        self._entropy(f"m{li}" if self.adapter.sequential else f"a{li}", x, f)
-        self._cosine("attn", li, x, f)
+        if not self.adapter.sequential:  # Y = r_l + F_attn exists nowhere: fused X + F
+            self._entropy(f"a{li}", x, f)
+            self._cosine("attn", li, x, f)
+
+    def on_mid(self, li: int, x, m):
+        # m_l is materialised by the model (input of the next norm): read it, one tensor
+        # instead of the fused r_l + F_attn (two)
+        self._entropy(f"m{li}", m)
+        self._cosine("attn", li, x, y=m)
 
     def on_mlp(self, li: int, x, f):
         if not self.adapter.sequential:

@@ -14,13 +14,16 @@ class Recorder:
     """A sink that keeps copies of everything it is given (tests only)."""
 
     def __init__(self):
-        self.inputs, self.attn, self.mlp, self.out = {}, {}, {}, {}
+        self.inputs, self.attn, self.mid, self.mlp, self.out = {}, {}, {}, {}, {}
 
     def on_input(self, li, r):
         self.inputs[li] = r.clone()
 
     def on_attn(self, li, x, f):
         self.attn[li] = (x.clone(), f.clone())
+
+    def on_mid(self, li, x, m):
+        self.mid[li] = (x.clone(), m.clone())
 
     def on_mlp(self, li, x, f):
         self.mlp[li] = (x.clone(), f.clone())
@@ -94,6 +97,7 @@ def test_taps_see_x_and_f(name):
             h.remove()
     L = ad.num_layers(model)
     assert sorted(rec.out) == list(range(L))
+    assert sorted(rec.mid) == (list(range(L)) if ad.sequential else [])
     hs = out.hidden_states
     with torch.no_grad():
         for li, layer in enumerate(ad.layers(model)):
@@ -114,6 +118,8 @@ def test_taps_see_x_and_f(name):
             torch.testing.assert_close(xo, r, rtol=0, atol=0)
             torch.testing.assert_close(yo, y, rtol=1e-6, atol=1e-6)
             if ad.sequential:  # Y of attn (X + F) is X of mlp; Y of mlp is the layer output
+                torch.testing.assert_close(rec.mid[li][0], r, rtol=0, atol=0)
+                torch.testing.assert_close(rec.mid[li][1], xm, rtol=1e-6, atol=1e-6)
                 torch.testing.assert_close(xa + fa, xmt, rtol=1e-6, atol=1e-6)
                 torch.testing.assert_close(xmt + fmt, yo, rtol=1e-6, atol=1e-6)
     # the final residual r_L is the last layer's output, not output_hidden_states[-1] (normed)

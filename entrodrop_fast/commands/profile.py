@@ -1,0 +1,81 @@
+"""``entrodrop profile [MODEL]``: the entropy profile of a model's blocks (the main job).
+
+With no arguments: the built-in SmolLM2-135M-Instruct on the built-in corpus with the
+paper's defaults (128 windows x 256 tokens, seed 2024, bucket entropy, 20 bins), report in
+``./entrodrop_report``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from entrodrop_fast.data import PAPER_SAMPLES, PAPER_SEED, PAPER_SEQ_LEN
+
+
+def _spans(s: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--spans must be comma-separated integers, got {s!r}") from None
+    if not out or min(out) < 1:
+        raise ValueError(f"--spans must be positive integers, got {s!r}")
+    return out
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "profile",
+        help="entropy profile of a model's attention / MLP / layer blocks (the main job)",
+        description=__doc__,
+    )
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help="local HF directory, .gguf file or hub id (default: built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--method", "-m", action="append", default=None, help="bucket, gaussian_diag, gaussian_full, knn, renyi, cosine, angular or all; several comma-separated or repeated (default bucket); all run in one forward pass")
+    p.add_argument("--samples", type=int, default=PAPER_SAMPLES, help=f"calibration windows (default {PAPER_SAMPLES})")
+    p.add_argument("--seq-len", type=int, default=PAPER_SEQ_LEN, help=f"tokens per window (default {PAPER_SEQ_LEN})")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1, as the paper)")
+    p.add_argument("--seed", type=int, default=PAPER_SEED, help=f"sampling seed (default {PAPER_SEED})")
+    p.add_argument("--bins", type=int, default=20, help="bucket: bins per channel (default 20; the paper used 20 for Llama, 80 for Mistral)")
+    p.add_argument("--paper-exact", action="store_true", help="bucket: clamp probabilities at 1e-10 as the paper's code")
+    p.add_argument("--k", type=int, default=25, help="knn: neighbour rank k (default 25)")
+    p.add_argument("--spans", default="1,2,4,8", help="angular: layer spans n (default 1,2,4,8)")
+    p.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"], help="model dtype (default fp32)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--backend", default="auto", choices=["auto", "cpp", "triton", "torch"], help="estimator backend (default auto: the fastest available)")
+    p.add_argument("--out", default="entrodrop_report", help="report directory (default ./entrodrop_report)")
+    p.add_argument("--corpus", default=None, help="builtin (default), a .txt file, a directory of .txt, a .jsonl file or hf:NAME[:CONFIG][:SPLIT]")
+    p.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text (default text)")
+    p.add_argument("--cache-dir", default=None, help="where the built-in model is converted (default $ENTRODROP_CACHE or ~/.cache/entrodrop_fast)")
+    p.add_argument("--top", type=int, default=8, help="blocks per kind in the terminal table (default 8)")
+    p.add_argument("--no-plot", action="store_true", help="skip profile.png")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from entrodrop_fast.data import calibration_windows
+    from entrodrop_fast.models import load_model
+    from entrodrop_fast.report import build_report, ranking_table, write_report
+    from entrodrop_fast.runner import ProfileSettings, parse_methods, profile
+
+    methods = parse_methods(args.method or ["bucket"])
+    for name, v in (("--samples", args.samples), ("--seq-len", args.seq_len), ("--batch-size", args.batch_size), ("--bins", args.bins), ("--k", args.k)):
+        if v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v}")
+    settings = ProfileSettings(methods=methods, batch_size=args.batch_size, backend=args.backend, bins=args.bins, k=args.k, paper_exact=args.paper_exact, spans=_spans(args.spans))
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    t0 = time.perf_counter()
+    log(f"loading model {args.model or 'built-in SmolLM2-135M-Instruct'} ({args.dtype}, {args.device}) ...")
+    lm = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
+    t_load = time.perf_counter() - t0
+    windows, data_info = calibration_windows(lm.tokenizer, args.corpus, samples=args.samples, seq_len=args.seq_len, seed=args.seed, text_field=args.text_field)
+    log(f"calibration: {data_info['samples']} x {data_info['seq_len']} tokens from {data_info['corpus']}; methods {', '.join(methods)}")
+    result = profile(lm.model, windows, settings, progress=not args.quiet)
+    model_info = {"name": lm.source if lm.kind != "builtin" else "SmolLM2-135M-Instruct (built-in)", "source": lm.source, "path": lm.path, "kind": lm.kind}
+    settings_info = {"samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size, "seed": args.seed, "bins": args.bins, "paper_exact": args.paper_exact, "k": args.k, "spans": list(settings.spans) if "angular" in methods else [], "dtype": args.dtype, "device": args.device}
+    report = build_report(result, model_info=model_info, data_info=data_info, settings=settings_info, model=lm.model)
+    report["timing"]["load_seconds"] = t_load
+    out = write_report(report, args.out, png=not args.no_plot)
+    print(ranking_table(report, top=args.top))
+    print(f"\nprofiled {result['samples']} samples in {result['seconds']:.1f} s ({result['tokens_per_s']:.0f} tokens/s, backend {result['backend']}); report: {out}")
+    return 0

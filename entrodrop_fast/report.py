@@ -1,0 +1,272 @@
+"""The profile report: ``report.json``, ``scores.csv``, ``profile.png`` and a terminal table.
+
+Everything is written into a temporary directory beside the target and renamed into place
+at the end, so a failed run never leaves a half-written report. Layer indices are 0-based.
+
+``report.json``::
+
+    {"format": 1, "model": {...}, "data": {...}, "settings": {...}, "versions": {...},
+     "timing": {...}, "points": ["r0", "m0", "r1", ...],
+     "entropy": {method: {"mean": [...per point], "stderr": [...]}},
+     "blocks": [{"kind": "attn", "layer": 0, "x": "r0", "y": "m0",
+                 "H_x": {method: v}, "H_y": {method: v},
+                 "delta": {method: {"mean": v, "stderr": v}},
+                 "cosine": {"mean": v, "stderr": v} | null,          # 1 - mean cos(X, Y)
+                 "angular": {"1": {"mean": v, "stderr": v}, ...}}]}   # layer blocks: span l..l+n
+
+``scores.csv``: one row per block (kind, layer) with the same numbers, flat.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+from entrodrop_fast.models.adapters import BLOCK_KINDS, get_adapter
+
+FORMAT = 1
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    from entrodrop_fast import __version__, backends
+
+    return {
+        "entrodrop_fast": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "backends": {k: v["available"] for k, v in backends().items()},
+    }
+
+
+def build_report(result: dict, *, model_info: dict, data_info: dict, settings: dict, model=None) -> dict:
+    """Turn the runner's result into the report dict (see the module docstring)."""
+    adapter = get_adapter(model) if model is not None else None
+    points = result["points"]
+    pidx = {p: i for i, p in enumerate(points)}
+    L = result["num_layers"]
+    methods = list(result["entropy"])
+    blocks = []
+    for kind in BLOCK_KINDS:
+        for li in range(L):
+            if adapter is not None:
+                x, y = adapter.block_points(kind, li)
+            else:  # the point names of the result suffice
+                x, y = _points_of(kind, li, result["residual"])
+            b = {"kind": kind, "layer": li, "x": x, "y": y, "H_x": {}, "H_y": {}, "delta": {}}
+            for m in methods:
+                b["H_x"][m] = result["entropy"][m]["mean"][pidx[x]]
+                b["H_y"][m] = result["entropy"][m]["mean"][pidx[y]]
+                d = result["delta"][m][kind]
+                b["delta"][m] = {"mean": d["mean"][li], "stderr": d["stderr"][li]}
+            c = result["cosine"].get(kind)
+            b["cosine"] = {"mean": c["mean"][li], "stderr": c["stderr"][li]} if c else None
+            if kind == "layer" and result["angular"]:
+                b["angular"] = {
+                    n: {"mean": a["mean"][li], "stderr": a["stderr"][li]}
+                    for n, a in result["angular"].items()
+                    if li < len(a["mean"])
+                }
+            blocks.append(b)
+    return {
+        "format": FORMAT,
+        "model": {**model_info, "model_type": result["model_type"], "residual": result["residual"], "num_layers": L, "hidden_size": result["hidden_size"], "dtype": result["dtype"], "device": result["device"]},
+        "data": data_info,
+        "settings": {**settings, "methods": result["methods"], "backend": result["backend"]},
+        "versions": versions(),
+        "timing": {"seconds": result["seconds"], "tokens": result["tokens"], "tokens_per_s": result["tokens_per_s"], "samples": result["samples"]},
+        "points": points,
+        "entropy": result["entropy"],
+        "blocks": blocks,
+        "layer_indices": "0-based",
+    }
+
+
+def _points_of(kind: str, li: int, residual: str) -> tuple[str, str]:
+    if kind == "layer":
+        return f"r{li}", f"r{li + 1}"
+    if residual == "parallel":
+        return f"r{li}", (f"a{li}" if kind == "attn" else f"p{li}")
+    return (f"r{li}", f"m{li}") if kind == "attn" else (f"m{li}", f"r{li + 1}")
+
+
+def primary_method(report: dict) -> str | None:
+    """The method used for ranking and the picture: the first entropy method, if any."""
+    return next(iter(report["entropy"]), None)
+
+
+def ranking(report: dict, kind: str, method: str | None = None) -> list[dict]:
+    """Blocks of ``kind`` sorted by ascending score (drop first): ΔH, or the cosine importance."""
+    method = method or primary_method(report) or "cosine"
+    blocks = [b for b in report["blocks"] if b["kind"] == kind]
+    if method == "cosine":
+        return sorted((b for b in blocks if b["cosine"]), key=lambda b: b["cosine"]["mean"])
+    return sorted(blocks, key=lambda b: b["delta"][method]["mean"])
+
+
+def stage1_layers(report: dict, method: str | None = None) -> list[int]:
+    """Early layers over which the residual-stream entropy still decreases (the paper's stage 1)."""
+    method = method or primary_method(report)
+    if method is None:
+        return []
+    pts, h = report["points"], report["entropy"][method]["mean"]
+    r = [h[pts.index(f"r{i}")] for i in range(report["model"]["num_layers"] + 1)]
+    low = min(range(len(r)), key=r.__getitem__)
+    # stage 1 ends at the minimum of the stream entropy when it lies in the first half
+    return list(range(low)) if low < len(r) // 2 else []
+
+
+def _fmt(v: float, se: float | None = None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "nan"
+    s = f"{v:10.4f}"
+    if se is not None and not math.isnan(se):
+        s += f" ± {se:.4f}"
+    return s
+
+
+def ranking_table(report: dict, top: int = 8) -> str:
+    """A plain-text table: per kind, the ``top`` blocks with the lowest score."""
+    method = primary_method(report) or "cosine"
+    lines = [f"{report['model'].get('name', '?')}: {report['model']['num_layers']} layers, {report['timing']['samples']} samples, method {method} (layers 0-based; lowest first = drop first)"]
+    for kind in BLOCK_KINDS:
+        rows = ranking(report, kind, method)[:top]
+        if not rows:
+            continue
+        lines.append(f"\n  {kind:5s}  rank  layer   {'ΔH' if method != 'cosine' else '1-cos':>10s} ± stderr      H(X)        H(Y)   cosine-imp")
+        for i, b in enumerate(rows, 1):
+            if method == "cosine":
+                score, hx, hy = _fmt(b["cosine"]["mean"], b["cosine"]["stderr"]), "", ""
+            else:
+                score = _fmt(b["delta"][method]["mean"], b["delta"][method]["stderr"])
+                hx, hy = f"{b['H_x'][method]:11.3f}", f"{b['H_y'][method]:11.3f}"
+            cos = f"{b['cosine']['mean']:.4f}" if b.get("cosine") else "-"
+            lines.append(f"  {'':5s}  {i:4d}  {b['layer']:5d}  {score:>20s} {hx} {hy}   {cos}")
+    return "\n".join(lines)
+
+
+def write_csv(report: dict, path: Path) -> None:
+    methods = list(report["entropy"])
+    spans = sorted({n for b in report["blocks"] for n in (b.get("angular") or {})}, key=int)
+    header = ["kind", "layer", "x", "y"]
+    for m in methods:
+        header += [f"H_x_{m}", f"H_y_{m}", f"delta_{m}", f"delta_{m}_stderr"]
+    header += ["cosine_importance", "cosine_importance_stderr"] + [f"angular_{n}" for n in spans]
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        for b in report["blocks"]:
+            row = [b["kind"], b["layer"], b["x"], b["y"]]
+            for m in methods:
+                row += [b["H_x"][m], b["H_y"][m], b["delta"][m]["mean"], b["delta"][m]["stderr"]]
+            c = b.get("cosine")
+            row += [c["mean"] if c else "", c["stderr"] if c else ""]
+            ang = b.get("angular") or {}
+            row += [ang[n]["mean"] if n in ang else "" for n in spans]
+            w.writerow(row)
+
+
+def plot(report: dict, path: Path, mark: int = 4) -> None:
+    """profile.png: stream entropy across depth (top) and ΔH per block (bottom), lowest marked."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    method = primary_method(report)
+    L = report["model"]["num_layers"]
+    fig, axes = plt.subplots(2, 1, figsize=(10, 7.5), constrained_layout=True)
+    ax = axes[0]
+    pts = report["points"]
+    name = report["model"].get("name", "")
+    if method is not None:
+        h = report["entropy"][method]
+        pos = {"r": 0.0, "m": 0.5, "a": 0.5, "p": 0.5}
+        xs = [int(p[1:]) + pos[p[0]] for p in pts]
+        r_i = [i for i, p in enumerate(pts) if p[0] == "r"]
+        o_i = [i for i, p in enumerate(pts) if p[0] != "r"]
+        ax.errorbar([xs[i] for i in r_i], [h["mean"][i] for i in r_i], yerr=[h["stderr"][i] for i in r_i], marker="o", ms=4, lw=1.5, capsize=2, label="layer input r_l (r_L = last layer output)")
+        lbl = "mid-layer m_l = r_l + attn" if report["model"]["residual"] != "parallel" else "r_l + attn / r_l + mlp (parallel branches)"
+        ax.plot([xs[i] for i in o_i], [h["mean"][i] for i in o_i], "s", ms=3, alpha=0.7, label=lbl)
+        s1 = stage1_layers(report)
+        if s1:
+            ax.axvspan(-0.25, s1[-1] + 1, color="grey", alpha=0.15, label="entropy still decreasing (stage 1)")
+        ax.set_ylabel(f"H ({method}), nats")
+        ax.set_title(f"{name}: residual-stream entropy across depth")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no entropy method requested", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("layer (0-based)")
+    ax = axes[1]
+    width = 0.27
+    colors = {"attn": "tab:blue", "mlp": "tab:orange", "layer": "tab:green"}
+    for j, kind in enumerate(BLOCK_KINDS):
+        blocks = [b for b in report["blocks"] if b["kind"] == kind]
+        if method is not None:
+            vals = [b["delta"][method]["mean"] for b in blocks]
+            errs = [b["delta"][method]["stderr"] for b in blocks]
+        else:
+            vals = [b["cosine"]["mean"] if b["cosine"] else float("nan") for b in blocks]
+            errs = [b["cosine"]["stderr"] if b["cosine"] else 0.0 for b in blocks]
+        x = [b["layer"] + (j - 1) * width for b in blocks]
+        ax.bar(x, vals, width, yerr=errs, color=colors[kind], label=kind, capsize=1.5, error_kw={"lw": 0.6})
+        low = ranking(report, kind, method or "cosine")[:mark]
+        for b in low:
+            v = b["delta"][method]["mean"] if method else b["cosine"]["mean"]
+            ax.plot(b["layer"] + (j - 1) * width, v, marker="v", color="red", ms=6, zorder=5)
+    ax.plot([], [], "v", color="red", label=f"{mark} lowest per kind")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xlim(-0.6, L - 0.4)
+    ax.set_xlabel("layer (0-based)")
+    ax.set_ylabel(f"ΔH = H(Y) - H(X) ({method})" if method else "1 - mean cos(X, Y)")
+    ax.set_title("entropy increase per block (low = adds least = drop first)")
+    ax.legend(fontsize=8, ncol=4)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict, out_dir: str | os.PathLike, *, png: bool = True) -> Path:
+    """Write report.json, scores.csv and profile.png into ``out_dir``, atomically."""
+    out = Path(out_dir).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with (tmp / "report.json").open("w") as fh:
+            json.dump(report, fh, indent=1, allow_nan=True)
+        write_csv(report, tmp / "scores.csv")
+        if png:
+            plot(report, tmp / "profile.png")
+        (tmp / "ranking.txt").write_text(ranking_table(report, top=report["model"]["num_layers"]) + "\n")
+        if out.exists():
+            if not out.is_dir():
+                raise FileExistsError(f"{out} exists and is not a directory")
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / "report")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_report(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "report.json"
+    with p.open() as fh:
+        rep = json.load(fh)
+    if rep.get("format") != FORMAT:
+        raise ValueError(f"{p}: unsupported report format {rep.get('format')!r} (expected {FORMAT})")
+    return rep

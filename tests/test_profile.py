@@ -1,0 +1,138 @@
+"""The profiler end to end: runner, report, CLI; agreement across batch sizes and backends."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from test_models import TINY, tiny_model
+
+import entrodrop_fast as ef
+from entrodrop_fast.report import build_report, load_report, ranking, ranking_table, write_report
+from entrodrop_fast.runner import ALL_METHODS, ProfileSettings, parse_methods, profile
+
+
+def _windows(n=4, t=24, seed=0):
+    return torch.randint(3, 97, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _max_rel(a, b):
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return float(((a - b).abs() / b.abs().clamp_min(1e-3)).max())
+
+
+def test_parse_methods():
+    assert parse_methods("bucket,cosine") == ("bucket", "cosine")
+    assert parse_methods(["knn", "bucket,knn"]) == ("knn", "bucket")
+    assert parse_methods("all") == ALL_METHODS
+    with pytest.raises(ValueError, match="unknown method 'entropy'.*bucket"):
+        parse_methods("entropy")
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_every_type_profiles(name, tmp_path):
+    model = tiny_model(name, seed=3)
+    res = profile(model, _windows(3, 20), ProfileSettings(methods=("bucket", "gaussian_diag", "cosine", "angular"), batch_size=2, bins=8, spans=(1, 2)), progress=False)
+    assert res["samples"] == 3 and res["num_layers"] == 3
+    for kind in ("attn", "mlp", "layer"):
+        d = res["delta"]["bucket"][kind]["mean"]
+        assert len(d) == 3 and all(v == v for v in d)
+    rep = build_report(res, model_info={"name": name}, data_info={}, settings={}, model=model)
+    assert len(rep["blocks"]) == 9
+    out = write_report(rep, tmp_path / "rep", png=False)
+    assert (out / "report.json").is_file() and (out / "scores.csv").is_file()
+
+
+def test_batch_size_and_backends_agree():
+    model = tiny_model("llama", seed=4)
+    w = _windows(8, 40, seed=1)
+    base = profile(model, w, ProfileSettings(methods=("bucket", "cosine"), batch_size=1, backend="torch"), progress=False)
+    runs = {"bs8": profile(model, w, ProfileSettings(methods=("bucket", "cosine"), batch_size=8, backend="torch"), progress=False)}
+    if ef.backends()["cpp"]["available"]:
+        runs["cpp"] = profile(model, w, ProfileSettings(methods=("bucket", "cosine"), batch_size=3, backend="cpp"), progress=False)
+    for label, r in runs.items():
+        for kind in ("attn", "mlp", "layer"):
+            assert _max_rel(r["delta"]["bucket"][kind]["mean"], base["delta"]["bucket"][kind]["mean"]) < 1e-4, (label, kind)
+            assert _max_rel(r["cosine"][kind]["mean"], base["cosine"][kind]["mean"]) < 1e-4, (label, kind)
+        assert _max_rel(r["entropy"]["bucket"]["mean"], base["entropy"]["bucket"]["mean"]) < 1e-6
+
+
+def test_report_files_and_ranking(tmp_path):
+    model = tiny_model("qwen2", seed=5)
+    res = profile(model, _windows(4, 32), ProfileSettings(methods=("bucket", "cosine", "angular"), batch_size=2, bins=10, spans=(1, 3)), progress=False)
+    rep = build_report(res, model_info={"name": "tiny"}, data_info={"corpus": "x"}, settings={"samples": 4}, model=model)
+    out = write_report(rep, tmp_path / "r")
+    assert {p.name for p in out.iterdir()} == {"report.json", "scores.csv", "profile.png", "ranking.txt"}
+    again = load_report(out)
+    assert again["blocks"][0]["delta"]["bucket"]["mean"] == pytest.approx(rep["blocks"][0]["delta"]["bucket"]["mean"])
+    assert set(again["versions"]) >= {"torch", "transformers", "entrodrop_fast"}
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert len(rows) == 9 and "delta_bucket" in rows[0] and "angular_3" in rows[0]
+    attn = ranking(rep, "attn")
+    assert [b["delta"]["bucket"]["mean"] for b in attn] == sorted(b["delta"]["bucket"]["mean"] for b in attn)
+    layer0 = next(b for b in rep["blocks"] if b["kind"] == "layer" and b["layer"] == 0)
+    assert set(layer0["angular"]) == {"1", "3"}
+    assert "rank" in ranking_table(rep)
+    # overwriting an existing report replaces it whole
+    write_report(rep, out, png=False)
+    assert not (out / "profile.png").exists()
+
+
+def _tiny_dir(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    d = tmp_path / "tiny"
+    tiny_model("llama", seed=6).save_pretrained(d)
+    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0").save_pretrained(d)
+    g = torch.Generator().manual_seed(0)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(f"w{int(i)}" for i in torch.randint(1, 97, (600,), generator=g)))
+    return d, corpus
+
+
+def test_cli_profile(tmp_path, capsys):
+    from entrodrop_fast.cli import main
+
+    d, corpus = _tiny_dir(tmp_path)
+    out = tmp_path / "report"
+    rc = main(["profile", str(d), "--corpus", str(corpus), "--samples", "6", "--seq-len", "32", "--batch-size", "4",
+               "--method", "bucket,knn", "--method", "cosine", "--k", "5", "--bins", "12", "--out", str(out), "-q"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "attn" in text and "rank" in text
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["settings"]["methods"] == ["bucket", "knn", "cosine"] and rep["settings"]["bins"] == 12
+    assert rep["data"]["samples"] == 6 and rep["model"]["model_type"] == "llama"
+    # a corpus too small for the request fails cleanly, without a traceback
+    rc = main(["profile", str(d), "--corpus", str(corpus), "--seq-len", "5000", "--out", str(tmp_path / "r2"), "-q"])
+    assert rc == 1 and "corpus too small" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()
+    rc = main(["profile", str(tmp_path / "nope"), "--out", str(tmp_path / "r3"), "-q"])
+    assert rc == 1 and "no such model" in capsys.readouterr().err
+
+
+@pytest.mark.model
+def test_smollm2_profile_agrees_across_batch_and_backend():
+    """The built-in model: batch size 1 vs 4 and torch vs cpp give the same ΔH (1e-4 rel)."""
+    from entrodrop_fast.data import calibration_windows
+    from entrodrop_fast.models import load_model
+
+    lm = load_model()
+    w, _ = calibration_windows(lm.tokenizer, samples=4, seq_len=64)
+    backend = "cpp" if ef.backends()["cpp"]["available"] else "torch"
+    a = profile(lm.model, w, ProfileSettings(methods=("bucket",), batch_size=1, backend=backend), progress=False)
+    b = profile(lm.model, w, ProfileSettings(methods=("bucket",), batch_size=4, backend=backend), progress=False)
+    for kind in ("attn", "mlp", "layer"):
+        assert _max_rel(a["delta"]["bucket"][kind]["mean"], b["delta"]["bucket"][kind]["mean"]) < 1e-4, kind
+    if backend == "cpp":
+        t = profile(lm.model, w[:1], ProfileSettings(methods=("bucket",), batch_size=1, backend="torch"), progress=False)
+        c = profile(lm.model, w[:1], ProfileSettings(methods=("bucket",), batch_size=1, backend="cpp"), progress=False)
+        for kind in ("attn", "mlp", "layer"):
+            assert _max_rel(t["delta"]["bucket"][kind]["mean"], c["delta"]["bucket"][kind]["mean"]) < 1e-4, kind
+    h = a["entropy"]["bucket"]["mean"]
+    assert len(h) == 61 and all(v > 0 for v in h)
