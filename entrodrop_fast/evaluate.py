@@ -1,0 +1,204 @@
+"""Evaluation of dense and pruned models without downloads.
+
+- :func:`perplexity`: windowed perplexity on held-out text, with the token count.
+- :func:`zero_shot`: multiple-choice tasks built deterministically from held-out text and
+  scored by log-likelihood as lm-evaluation-harness does (``continuation``: pick the true
+  continuation of a passage among distractors cut from other passages; ``last_word``:
+  LAMBADA-style greedy prediction of a passage's next word), with a 95% interval.
+- :func:`speed`: prefill and decode tokens/s, peak memory and measured KV-cache bytes per
+  token, on the same prompts for every model.
+
+Held-out text: :func:`split_documents` keeps every ``every``-th document of a corpus out
+of calibration (the profiler samples its windows from the rest).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import resource
+import time
+
+import torch
+
+HELDOUT_EVERY = 5
+
+
+def split_documents(documents: list[str], every: int = HELDOUT_EVERY) -> tuple[list[str], list[str]]:
+    """(calibration, held-out): document i is held out when i % every == every - 1."""
+    calib = [d for i, d in enumerate(documents) if i % every != every - 1]
+    held = [d for i, d in enumerate(documents) if i % every == every - 1]
+    return calib, held
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _interval(correct: int, n: int) -> tuple[float, float]:
+    """Wilson score 95% interval of a proportion."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    z = 1.959963984540054
+    p = correct / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (centre - half, centre + half)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, documents: list[str], *, seq_len: int = 256, max_windows: int = 64, batch_size: int = 8) -> dict:
+    """exp(mean NLL) over non-overlapping windows of the concatenated documents."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for enc in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        if eos is not None:
+            ids.append(eos)
+    n_windows = min(max_windows, len(ids) // seq_len)
+    if n_windows < 1:
+        raise ValueError(f"held-out text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    windows = torch.tensor(ids[: n_windows * seq_len]).view(n_windows, seq_len)  # (W, T)
+    dev = _device(model)
+    nll, count = 0.0, 0
+    for i in range(0, n_windows, batch_size):
+        batch = windows[i : i + batch_size].to(dev)
+        logits = model(batch).logits[:, :-1].float()  # (b, T-1, V)
+        lp = torch.log_softmax(logits, -1).gather(-1, batch[:, 1:, None])[..., 0]
+        nll -= float(lp.sum())
+        count += lp.numel()
+    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": n_windows, "seq_len": seq_len}
+
+
+def _passages(tokenizer, documents: list[str], ctx_len: int, cont_len: int) -> list[list[int]]:
+    out = []
+    for enc in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+        step = ctx_len + cont_len
+        for s in range(0, len(enc) - step + 1, step):
+            out.append(enc[s : s + step])
+    return out
+
+
+@torch.no_grad()
+def _loglik(model, prefix: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(target tokens | prefix) for each row: prefix (n, P), targets (n, C)."""
+    dev = _device(model)
+    ids = torch.cat([prefix, targets], 1).to(dev)  # (n, P + C)
+    logits = model(ids).logits[:, prefix.shape[1] - 1 : -1].float()  # (n, C, V)
+    lp = torch.log_softmax(logits, -1).gather(-1, targets.to(dev)[..., None])[..., 0]
+    return lp.sum(-1).cpu(), logits.argmax(-1).cpu()
+
+
+def continuation_task(model, tokenizer, documents, *, items: int = 200, choices: int = 4, ctx_len: int = 48, cont_len: int = 16, seed: int = 1234) -> dict:
+    """Pick the true continuation among ``choices`` (the others from other passages)."""
+    passages = _passages(tokenizer, documents, ctx_len, cont_len)
+    if len(passages) < choices:
+        raise ValueError(f"held-out text gives {len(passages)} passages, need at least {choices}")
+    rng = random.Random(seed)
+    order = list(range(len(passages)))
+    rng.shuffle(order)
+    correct = n = 0
+    for idx in order[:items]:
+        ctx = torch.tensor(passages[idx][:ctx_len])
+        others = rng.sample([j for j in range(len(passages)) if j != idx], choices - 1)
+        conts = [passages[idx][ctx_len:]] + [passages[j][ctx_len:] for j in others]
+        ll, _ = _loglik(model, ctx.expand(choices, -1), torch.tensor(conts))  # choices have equal length
+        correct += int(ll.argmax() == 0)
+        n += 1
+    lo, hi = _interval(correct, n)
+    return {"task": "continuation", "accuracy": correct / n, "ci95": [lo, hi], "items": n, "choices": choices, "chance": 1 / choices}
+
+
+_WORD = re.compile(r"\s([A-Za-z]{4,})\b")
+
+
+def last_word_task(model, tokenizer, documents, *, items: int = 200, min_chars: int = 300, seed: int = 4321) -> dict:
+    """LAMBADA-style: is the next word the model's greedy prediction (every token of it)?"""
+    rng = random.Random(seed)
+    cases = []
+    for doc in documents:
+        for m in _WORD.finditer(doc, min_chars):
+            cases.append((doc[max(0, m.start() - 2000) : m.start()], " " + m.group(1)))
+    if not cases:
+        raise ValueError("held-out text has no passage long enough for the last-word task")
+    rng.shuffle(cases)
+    correct = n = 0
+    for ctx_text, word in cases[:items]:
+        ctx = tokenizer(ctx_text, add_special_tokens=False)["input_ids"][-192:]
+        tgt = tokenizer(word, add_special_tokens=False)["input_ids"]
+        _, greedy = _loglik(model, torch.tensor([ctx]), torch.tensor([tgt]))
+        correct += int(greedy[0].tolist() == tgt)
+        n += 1
+    lo, hi = _interval(correct, n)
+    return {"task": "last_word", "accuracy": correct / n, "ci95": [lo, hi], "items": n}
+
+
+def zero_shot(model, tokenizer, documents, *, items: int = 200) -> list[dict]:
+    return [continuation_task(model, tokenizer, documents, items=items), last_word_task(model, tokenizer, documents, items=items)]
+
+
+def _cache_arg(model) -> str:
+    """Name of the forward argument taking the KV cache (``cache`` in transformers >= 5.2x)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes held by a transformers cache (keys and values of every layer)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def speed(model, tokenizer, *, prompt_len: int = 128, new_tokens: int = 32, batch_size: int = 1, repeats: int = 3) -> dict:
+    """Prefill and decode throughput, KV-cache bytes per token, and peak memory."""
+    dev = _device(model)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, vocab - 1, (batch_size, prompt_len), generator=g).to(dev)  # (B, T)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    prefill = decode = float("inf")
+    kv = 0
+    arg = _cache_arg(model)
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True)
+        sync()
+        prefill = min(prefill, time.perf_counter() - t0)
+        cache, nxt = _cache_of(out), out.logits[:, -1:].argmax(-1)
+        kv = kv_cache_bytes(cache)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            o = model(nxt, use_cache=True, **{arg: cache})
+            cache, nxt = _cache_of(o), o.logits[:, -1:].argmax(-1)
+        sync()
+        decode = min(decode, time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "prefill_tokens_per_s": batch_size * prompt_len / prefill,
+        "decode_tokens_per_s": batch_size * new_tokens / decode,
+        "kv_cache_bytes_per_token": kv / (batch_size * prompt_len),
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": "cuda max allocated" if dev.type == "cuda" else "process max RSS",
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "batch_size": batch_size,
+    }
