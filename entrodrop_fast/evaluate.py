@@ -45,7 +45,7 @@ def _interval(correct: int, n: int) -> tuple[float, float]:
     den = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (centre - half, centre + half)
+    return (max(0.0, min(centre - half, p)), min(1.0, max(centre + half, p)))  # rounding at p = 0 or 1
 
 
 @torch.no_grad()
