@@ -3,8 +3,8 @@
 For CUDA tensors; ``cpp_backend`` delegates its CUDA tensors here. The extension takes raw
 device pointers, shapes, strides (in elements), a dtype code and the caller's stream, so
 everything runs on ``torch.cuda.current_stream()`` and nothing synchronises the host.
-``cosine`` and ``knn_kth_distance`` are not here: the dispatcher uses the Triton kernels or
-the torch reference for them.
+``cosine`` and ``knn_kth_distance`` have no CUDA C++ kernel: they run the Triton kernels
+when Triton works, else the torch reference.
 """
 
 from __future__ import annotations
@@ -63,11 +63,11 @@ def _args(x, f, mask):
 
 
 def _splits(x, vec: int, splits: int | None) -> tuple[int, int]:
-    """(S, rows per split): enough blocks for ~2 waves of _BLOCKS_PER_SM blocks per SM."""
+    """(S, rows per split): ~8 waves of _BLOCKS_PER_SM blocks per SM (a small tail wave)."""
     B, T, D = x.shape
     col_blocks = -(-D // (32 * vec))
     if splits is None:
-        want = 2 * _BLOCKS_PER_SM * _num_sms(x.device)
+        want = 8 * _BLOCKS_PER_SM * _num_sms(x.device)
         splits = max(1, -(-want // (B * col_blocks)))
     splits = max(1, min(int(splits), -(-T // _THREADS_ROWS), 65535))
     rows = -(-T // splits)
@@ -132,3 +132,34 @@ def entropy_from_counts(hist: torch.Tensor, paper_exact: bool = False) -> torch.
 def bucket(x, f=None, mask=None, bins: int = 20, paper_exact: bool = False, *, splits: int | None = None) -> torch.Tensor:
     """Per-channel histogram entropy H_d, fp64 [B, D], of Y = x (+ f) over valid tokens."""
     return entropy_from_counts(bucket_counts(x, f, mask, bins, splits=splits), paper_exact)
+
+
+def _triton_ready() -> bool:
+    try:
+        from entrodrop_fast.ops import triton_backend
+
+        return triton_backend.available()[0]
+    except Exception:  # a broken triton must not break the CUDA backend
+        return False
+
+
+def cosine(x, other, mask=None, fused: bool = True):
+    """No CUDA C++ kernel: the Triton kernel when Triton works, else the torch reference."""
+    if _triton_ready():
+        from entrodrop_fast.ops.triton.cosine import cosine as _cosine
+
+        return _cosine(x, other, mask, fused)
+    from entrodrop_fast.ops import reference
+
+    return reference.cosine(x, other, mask, fused)
+
+
+def knn_kth_distance(x, k: int) -> torch.Tensor:
+    """No CUDA C++ kernel: the tiled Triton kernel when Triton works, else the torch reference."""
+    if _triton_ready():
+        from entrodrop_fast.ops.triton.knn import knn_kth_distance as _knn
+
+        return _knn(x, k)
+    from entrodrop_fast.ops import reference
+
+    return reference.knn_kth_distance(x, k)
