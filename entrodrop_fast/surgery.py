@@ -105,6 +105,26 @@ def apply_subblock_drops_(model, record):
     return model
 
 
+def inherit_weight_renaming(class_name, base_class_name, model_type):
+    """Let a subclass ``class_name`` read checkpoints the way its base class does.
+
+    transformers >= 5 renames some checkpoint tensors on load (``embed_out`` -> ``lm_head``,
+    per-expert -> fused MoE weights), keyed by class name or model_type, and skips classes
+    defined outside the library unless they are registered; older versions rename nothing.
+    """
+    try:
+        from transformers import conversion_mapping as cm
+    except ImportError:
+        return
+    get = getattr(cm, "get_checkpoint_conversion_mapping", None)
+    register = getattr(cm, "register_checkpoint_conversion_mapping", None)
+    if get is None or register is None:
+        return
+    mapping = get(base_class_name) or get(model_type)
+    if mapping is not None:
+        register(class_name, mapping, overwrite=True)
+
+
 # --- self-contained: end
 
 

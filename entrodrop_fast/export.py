@@ -1,0 +1,415 @@
+"""Export a pruned checkpoint without loading the model, and load it back.
+
+:func:`export_pruned` rewrites the safetensors shards of a Hugging Face model directory
+tensor by tensor (``safe_open``, one tensor in memory at a time, bytes written as they are:
+no dtype conversion), so a 70B checkpoint needs a few GB of RAM at most. Layer tensors
+of dropped layers / sub-blocks are left out, later layers are renamed to their new index;
+a consistent ``model.safetensors.index.json``, the rewritten config (see
+:func:`entrodrop_fast.surgery.pruned_config_dict`), the generation config and the tokenizer
+files go with them. Everything is written into a temporary directory beside the output and
+renamed into place at the end: a failure leaves no output directory, and the source
+directory is only read.
+
+- Whole-layer drops only: a standard checkpoint of the original architecture with fewer
+  layers (stock ``transformers`` loads it; so do tools that read standard checkpoints).
+- attn / mlp drops: the weights are physically removed, ``config.json`` records the
+  dropped sub-blocks (``entrodrop_pruned``) and carries ``auto_map`` to a small modeling
+  file written into the directory (``modeling_entrodrop_pruned.py``: stock ``transformers``
+  + torch only), so ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``
+  loads it; :func:`load_pruned` loads it without remote code.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from entrodrop_fast import surgery
+from entrodrop_fast.models.adapters import Adapter, get_adapter
+from entrodrop_fast.surgery import (
+    PRUNED_KEY,
+    Drops,
+    has_subblock_drops,
+    normalize_drops,
+    pruned_config_dict,
+    read_plan,
+)
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+MODELING_FILE = "modeling_entrodrop_pruned.py"
+# files of the source directory never copied: weights (rewritten), config (rewritten), other
+# weight formats (would describe the unpruned model), the built-in model's cache marker
+_SKIP = {"config.json", INDEX, MODELING_FILE, "entrodrop_source.json", "pytorch_model.bin.index.json"}
+_SKIP_SUFFIX = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+_DTYPE_BYTES = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+}
+# older checkpoint names of a sub-block that transformers renames on load
+_ALIASES = {"mixtral": {"mlp": ("block_sparse_moe",)}}
+
+
+class ExportError(RuntimeError):
+    """The export could not be completed; no output directory was left behind."""
+
+
+@dataclass
+class ExportSummary:
+    out: str
+    drops: dict
+    layers_before: int
+    layers_after: int
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    kv_bytes_per_token_before: int
+    kv_bytes_per_token_after: int
+    stock_loadable: bool
+    files: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# ------------------------------------------------------------------ source checkpoint
+
+
+def _shards(src: Path) -> tuple[dict[str, str], list[str]]:
+    """(tensor name -> shard file name, shard file names in order)."""
+    if (src / INDEX).is_file():
+        try:
+            index = json.loads((src / INDEX).read_text())
+            weight_map = dict(index["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ExportError(f"{src / INDEX} is not a valid safetensors index: {exc}") from None
+        files = list(dict.fromkeys(weight_map.values()))
+        for f in files:
+            if not (src / f).is_file():
+                raise ExportError(f"shard {f} named in {src / INDEX} is missing")
+        return weight_map, files
+    if (src / SINGLE).is_file():
+        return {}, [SINGLE]
+    raise ExportError(f"{src} has no {SINGLE} or {INDEX}: not a safetensors checkpoint")
+
+
+def _open(path: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as exc:
+        raise ExportError(f"cannot read safetensors file {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _layer_patterns(adapter: Adapter) -> list[re.Pattern]:
+    full = adapter.arch.layers
+    prefixes = [full] + ([full.split(".", 1)[1]] if "." in full else [])
+    return [re.compile(rf"^(?P<pre>{re.escape(p)})\.(?P<idx>\d+)\.(?P<rest>.+)$") for p in prefixes]
+
+
+def _subblock_of(rest: str, adapter: Adapter, paths: dict) -> str | None:
+    """Which sub-block a tensor inside a layer belongs to: attn, mlp, shared, or None (unknown)."""
+    aliases = _ALIASES.get(adapter.model_type, {})
+    groups = {
+        "attn": [paths["attn"], *paths["attn_norms"], *aliases.get("attn", ())],
+        "mlp": [paths["mlp"], *paths["mlp_norms"], *aliases.get("mlp", ())],
+        "shared": list(paths.get("shared_norms", [])),
+    }
+    for group, names in groups.items():
+        if any(rest.startswith(n + ".") for n in names):
+            return group
+    return None
+
+
+def _plan_tensors(names: list[str], adapter: Adapter, drops: Drops) -> dict[str, str | None]:
+    """source name -> output name (None: left out)."""
+    pats = _layer_patterns(adapter)
+    new_of = {old: new for new, old in enumerate(drops.kept)}
+    paths = surgery.subblock_paths(adapter)
+    attn, mlp = set(drops.attn), set(drops.mlp)
+    out: dict[str, str | None] = {}
+    for name in names:
+        m = next((mm for p in pats if (mm := p.match(name))), None)
+        if m is None:
+            out[name] = name
+            continue
+        i, rest = int(m["idx"]), m["rest"]
+        if i >= drops.num_layers:
+            raise ExportError(f"tensor {name} belongs to layer {i}, but the config has {drops.num_layers} layers")
+        if i not in new_of:
+            out[name] = None
+            continue
+        if i in attn or i in mlp:
+            group = _subblock_of(rest, adapter, paths)
+            if group is None:
+                raise ExportError(
+                    f"tensor {name}: cannot tell which sub-block of layer {i} it belongs to "
+                    f"(expected a name under {paths['attn']}, {paths['mlp']} or their norms)"
+                )
+            if (group == "attn" and i in attn) or (group == "mlp" and i in mlp):
+                out[name] = None
+                continue
+        out[name] = f"{m['pre']}.{new_of[i]}.{rest}"
+    return out
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _write_shard(dst: Path, items: list[tuple[str, str, object, str]], metadata: dict | None) -> int:
+    """Write ``items`` = [(out name, src name, safe_open handle, src file)] as one safetensors file.
+
+    The header is computed from the source headers first; then each tensor is read and its
+    bytes written, one at a time. Returns the number of data bytes.
+    """
+    header: dict = {}
+    offset = 0
+    specs = []
+    for out_name, src_name, handle, src_file in items:
+        try:
+            sl = handle.get_slice(src_name)
+            dtype, shape = sl.get_dtype(), list(sl.get_shape())
+        except Exception as exc:
+            raise ExportError(f"{src_file}: cannot read the header of tensor {src_name}: {exc}") from exc
+        if dtype not in _DTYPE_BYTES:
+            raise ExportError(f"{src_file}: tensor {src_name} has dtype {dtype}, which export does not know")
+        n = _DTYPE_BYTES[dtype]
+        for s in shape:
+            n *= s
+        header[out_name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+        specs.append((out_name, src_name, handle, src_file, n))
+        offset += n
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(dst, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for out_name, src_name, handle, src_file, n in specs:
+            try:
+                t = handle.get_tensor(src_name)
+            except Exception as exc:
+                raise ExportError(f"{src_file}: cannot read tensor {src_name}: {type(exc).__name__}: {exc}") from exc
+            data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+            if data.nbytes != n:
+                raise ExportError(f"{src_file}: tensor {src_name} holds {data.nbytes} bytes, its header says {n}")
+            f.write(memoryview(data))
+            del t, data
+        f.flush()
+        os.fsync(f.fileno())
+    return offset
+
+
+def _modeling_source(base_class: str, model_type: str) -> str:
+    parts = [
+        inspect.getsource(obj)
+        for obj in (surgery.ZeroAttention, surgery.ZeroMLP, surgery._set_path, surgery._get_path, surgery.apply_subblock_drops_, surgery.inherit_weight_renaming)
+    ]
+    return (
+        '"""Written by entrodrop_fast: the original architecture with some attention / MLP sub-blocks\n'
+        "removed (listed in config.json under entrodrop_pruned). Needs torch and transformers only.\n"
+        '"""\n\n'
+        "from torch import nn\n"
+        f"from transformers import {base_class} as _Base\n\n\n"
+        + "\n\n".join(parts)
+        + f"\n\nclass EntrodropPruned{base_class}(_Base):\n"
+        "    def __init__(self, config, *args, **kwargs):\n"
+        "        super().__init__(config, *args, **kwargs)\n"
+        "        apply_subblock_drops_(self, config.entrodrop_pruned)\n\n\n"
+        f"inherit_weight_renaming(\"EntrodropPruned{base_class}\", \"{base_class}\", \"{model_type}\")\n"
+    )
+
+
+def _param_count(shapes: list[list[int]]) -> int:
+    total = 0
+    for shape in shapes:
+        n = 1
+        for s in shape:
+            n *= s
+        total += n
+    return total
+
+
+def _main_dtype_bytes(sizes: dict[str, int]) -> int:
+    return _DTYPE_BYTES[max(sizes, key=sizes.get)] if sizes else 2
+
+
+def export_pruned(src, out, plan, *, overwrite: bool = False) -> ExportSummary:
+    """Write the checkpoint in ``src`` minus the blocks of ``plan`` to the directory ``out``.
+
+    ``plan``: a plan dict / JSON path from :mod:`entrodrop_fast.ranking` or a plain
+    ``{"attn": [...], "mlp": [...], "layer": [...]}`` with 0-based layer indices of ``src``.
+    Raises :class:`ExportError` (nothing written) when the source is unreadable or the plan
+    does not fit it, ``FileExistsError`` when ``out`` exists and ``overwrite`` is false.
+    """
+    src, out = Path(src).resolve(), Path(out).resolve()
+    if not (src / "config.json").is_file():
+        raise ExportError(f"{src} has no config.json: not a Hugging Face model directory")
+    if out == src or src in out.parents or out in src.parents:
+        raise ExportError(f"output {out} must not be the source {src}, inside it, or contain it")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output {out} exists; pass overwrite=True (--overwrite) to replace it")
+    cfg = json.loads((src / "config.json").read_text())
+    adapter = get_adapter(types.SimpleNamespace(**cfg))
+    L = surgery._num_layers_of(cfg)
+    plan_d = read_plan(plan)
+    planned_for = (plan_d.get("model") or {}).get("num_layers")
+    if isinstance(planned_for, int) and planned_for != L:
+        raise ExportError(f"the plan was made for a model with {planned_for} layers; {src} has {L}")
+    try:
+        drops = normalize_drops(plan_d, L)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    new_cfg = pruned_config_dict(cfg, adapter, drops)
+    stock = not has_subblock_drops(new_cfg)
+
+    weight_map, files = _shards(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    handles = []
+    try:
+        # read every source header first: a corrupt shard fails before anything is written
+        per_file: list[tuple[str, object, list[str]]] = []
+        params_before = 0
+        dtype_sizes: dict[str, int] = {}
+        for fname in files:
+            h = _open(src / fname)
+            handles.append(h)
+            names = list(h.keys())
+            if weight_map:
+                listed = [n for n, f in weight_map.items() if f == fname]
+                missing = sorted(set(listed) - set(names))
+                if missing:
+                    raise ExportError(f"{src / fname}: tensors {missing[:3]} are listed in {INDEX} but not in the file")
+                names = listed
+            shapes = []
+            for n in names:
+                try:
+                    sl = h.get_slice(n)
+                    shape, dt = list(sl.get_shape()), sl.get_dtype()
+                except Exception as exc:
+                    raise ExportError(f"{src / fname}: cannot read the header of tensor {n}: {exc}") from exc
+                shapes.append(shape)
+                dtype_sizes[dt] = dtype_sizes.get(dt, 0) + _param_count([shape])
+            params_before += _param_count(shapes)
+            per_file.append((fname, h, names))
+        all_names = [n for _, _, names in per_file for n in names]
+        mapping = _plan_tensors(all_names, adapter, drops)
+
+        groups = []
+        for fname, h, names in per_file:
+            items = [(mapping[n], n, h, str(src / fname)) for n in names if mapping[n] is not None]
+            if items:
+                groups.append((fname, h, items))
+        out_files, new_map, total = [], {}, 0
+        for k, (fname, h, items) in enumerate(groups):
+            oname = SINGLE if not weight_map and len(groups) == 1 else f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+            total += _write_shard(tmp / oname, items, h.metadata() or {"format": "pt"})
+            out_files.append(oname)
+            new_map.update({item[0]: oname for item in items})
+        if weight_map or len(out_files) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(new_map.items()))}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+        if not stock:
+            base = (cfg.get("architectures") or [None])[0]
+            rec = new_cfg[PRUNED_KEY]
+            base = rec.get("base_architecture") or base
+            if not base:
+                raise ExportError("config.json has no 'architectures': cannot name the model class to subclass")
+            rec["base_architecture"] = base
+            new_cfg["architectures"] = [f"EntrodropPruned{base}"]
+            new_cfg["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.EntrodropPruned{base}"}
+            (tmp / MODELING_FILE).write_text(_modeling_source(base, adapter.model_type))
+        else:
+            new_cfg.pop("auto_map", None)
+            rec = new_cfg.get(PRUNED_KEY)
+            if rec and rec.get("base_architecture"):
+                new_cfg["architectures"] = [rec["base_architecture"]]
+        (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2, sort_keys=True) + "\n")
+        for p in sorted(src.iterdir()):
+            if p.is_file() and p.name not in _SKIP and not p.name.endswith(_SKIP_SUFFIX):
+                shutil.copy2(p, tmp / p.name)
+
+        # check what was written before it is moved into place
+        params_after = 0
+        for oname in out_files:
+            with _open(tmp / oname) as h:
+                params_after += _param_count([list(h.get_slice(n).get_shape()) for n in h.keys()])
+        bytes_before = sum((src / f).stat().st_size for f in files)
+        bytes_after = sum((tmp / f).stat().st_size for f in out_files)
+        handles.clear()
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        handles.clear()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    dtb = _main_dtype_bytes(dtype_sizes)
+    return ExportSummary(
+        out=str(out),
+        drops=drops.as_dict(),
+        layers_before=L,
+        layers_after=len(drops.kept),
+        params_before=params_before,
+        params_after=params_after,
+        bytes_before=bytes_before,
+        bytes_after=bytes_after,
+        kv_bytes_per_token_before=surgery.kv_bytes_per_token(cfg, dtb),
+        kv_bytes_per_token_after=surgery.kv_bytes_per_token(new_cfg, dtb),
+        stock_loadable=stock,
+        files=sorted(os.listdir(out)),
+    )
+
+
+# ------------------------------------------------------------------ loading
+
+
+def load_pruned(path, **kwargs):
+    """Load a checkpoint written by :func:`export_pruned` (or any HF causal LM directory).
+
+    Sub-block drops recorded in its config are applied to the original architecture before
+    the weights are loaded (no remote code runs). ``kwargs`` go to ``from_pretrained``
+    (``dtype=``, ``device_map=`` ...).
+    """
+    import transformers
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a model directory")
+    cfg = json.loads(cfg_file.read_text())
+    kwargs.setdefault("trust_remote_code", False)
+    if not has_subblock_drops(cfg):
+        return transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
+    base_name = cfg[PRUNED_KEY].get("base_architecture") or ""
+    base = getattr(transformers, base_name, None)
+    if base is None:
+        raise ValueError(f"{path}: base architecture {base_name!r} is not a class of transformers {transformers.__version__}")
+
+    def __init__(self, config, *args, **kw):
+        base.__init__(self, config, *args, **kw)
+        surgery.apply_subblock_drops_(self, config.entrodrop_pruned)
+
+    name = f"EntrodropPruned{base_name}"
+    cls = type(name, (base,), {"__init__": __init__, "__module__": __name__})
+    surgery.inherit_weight_renaming(name, base_name, cfg.get("model_type"))
+    return cls.from_pretrained(str(path), **kwargs).eval()
