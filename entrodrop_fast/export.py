@@ -198,7 +198,7 @@ def _write_shard(dst: Path, items: list[tuple[str, str, object, str]], metadata:
     with open(dst, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for out_name, src_name, handle, src_file, n in specs:
+        for _out_name, src_name, handle, src_file, n in specs:
             try:
                 t = handle.get_tensor(src_name)
             except Exception as exc:
@@ -315,7 +315,7 @@ def export_pruned(src, out, plan, *, overwrite: bool = False) -> ExportSummary:
             if items:
                 groups.append((fname, h, items))
         out_files, new_map, total = [], {}, 0
-        for k, (fname, h, items) in enumerate(groups):
+        for k, (_fname, h, items) in enumerate(groups):
             oname = SINGLE if not weight_map and len(groups) == 1 else f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
             total += _write_shard(tmp / oname, items, h.metadata() or {"format": "pt"})
             out_files.append(oname)
