@@ -1,0 +1,268 @@
+"""Ranking: a drop plan from a profile report (EntroDrop selection, DESIGN.md §2).
+
+One-shot selection: the candidate blocks of the chosen kind are sorted by ascending score
+(ΔH of an entropy method; the cosine importance 1 - cos for ``cosine``; for ``angular``
+the span of K consecutive layers whose ends are closest), protected layers are skipped,
+and the K lowest are dropped. Kinds: ``attn``, ``mlp``, ``layer`` or ``joint`` (attention
+and MLP sub-blocks ranked together).
+
+Protected layers (never dropped; all their blocks): by default the early layers over which
+the residual-stream entropy still decreases (the paper's stage 1, detected from the
+report by :func:`entrodrop_fast.report.stage1_layers`) and the last layer. ``protect=[...]``
+replaces the default (``[]``: protect nothing).
+
+The plan (JSON) names layers by 0-based index and says so; it keeps the scores that led
+to it. :func:`iterative_plan` drops one block at a time and re-profiles in between.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+KINDS = ("attn", "mlp", "layer", "joint")
+PLAN_FORMAT = "entrodrop-plan/1"
+INDEXING = "0-based decoder-layer indices (layer 0 is the first decoder layer)"
+
+
+def parse_count(drop, candidates: int) -> int:
+    """``8`` -> 8; ``0.25`` or ``"25%"`` -> that fraction of ``candidates`` (rounded)."""
+    if isinstance(drop, str):
+        s = drop.strip()
+        try:
+            drop = float(s[:-1]) / 100 if s.endswith("%") else (int(s) if s.isdigit() else float(s))
+        except ValueError:
+            raise ValueError(f"--drop must be a count (8), a fraction (0.25) or a percentage (25%), got {s!r}") from None
+    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or (isinstance(drop, float) and math.isnan(drop)):
+        raise ValueError(f"drop must be a count or a fraction, got {drop!r}")
+    if isinstance(drop, float) and not drop.is_integer():
+        if not 0 < drop < 1:
+            raise ValueError(f"a fractional drop must lie in (0, 1), got {drop}")
+        return max(1, round(drop * candidates))
+    k = int(drop)
+    if k < 1:
+        raise ValueError(f"drop count must be >= 1, got {k}")
+    return k
+
+
+def parse_protect(spec) -> list[int] | None:
+    """``"0,1,29"`` -> [0, 1, 29]; ``"none"`` / ``""`` -> []; None -> None (the default)."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        s = spec.strip().lower()
+        if s in ("", "none"):
+            return []
+        try:
+            return sorted({int(v) for v in s.split(",") if v.strip()})
+        except ValueError:
+            raise ValueError(f"--protect must be comma-separated 0-based layer indices (0,1,29) or 'none', got {spec!r}") from None
+    return sorted({int(v) for v in spec})
+
+
+def _entropy_method(report: dict, method: str | None) -> str | None:
+    if method in report.get("entropy", {}):
+        return method
+    return next(iter(report.get("entropy", {})), None)
+
+
+def residual_entropy(report: dict, method: str | None = None) -> dict | None:
+    """H(r_l), l = 0..L, of the residual stream entering each layer (r_L: last layer's output)."""
+    m = _entropy_method(report, method)
+    if m is None:
+        return None
+    pts, h = report["points"], report["entropy"][m]["mean"]
+    L = report["model"]["num_layers"]
+    return {"method": m, "points": [f"r{i}" for i in range(L + 1)], "values": [h[pts.index(f"r{i}")] for i in range(L + 1)]}
+
+
+def default_protected(report: dict, method: str | None = None) -> tuple[list[int], dict]:
+    """(protected layers, why): the stage-1 layers of the profile and the last layer."""
+    from entrodrop_fast.report import stage1_layers
+
+    L = report["model"]["num_layers"]
+    m = _entropy_method(report, method)
+    stage1 = stage1_layers(report, m) if m is not None else []
+    return sorted(set(stage1) | {L - 1}), {"stage1_entropy_decreasing": stage1, "last_layer": L - 1, "entropy_method": m}
+
+
+def _score(block: dict, method: str) -> tuple[float, float] | None:
+    if method == "cosine":
+        c = block.get("cosine")
+        return None if not c else (c["mean"], c["stderr"])
+    d = (block.get("delta") or {}).get(method)
+    return None if d is None else (d["mean"], d["stderr"])
+
+
+def _methods_in(report: dict) -> list[str]:
+    out = list(report.get("entropy", {}))
+    if any(b.get("cosine") for b in report["blocks"]):
+        out.append("cosine")
+    if any(b.get("angular") for b in report["blocks"]):
+        out.append("angular")
+    return out
+
+
+def make_plan(report, kind: str = "attn", drop=4, *, method: str | None = None, protect=None, report_path: str | None = None) -> dict:
+    """A drop plan from a report dict (or the path of a report directory / ``report.json``).
+
+    ``drop``: a count, or a fraction of the candidate blocks. ``method``: an entropy method
+    of the report (default: its first), ``cosine`` or ``angular`` (layers only). ``protect``:
+    0-based layers never dropped, replacing the default (stage 1 + last layer).
+    """
+    if isinstance(report, (str, os.PathLike)):
+        from entrodrop_fast.report import load_report
+
+        report_path = str(report)
+        report = load_report(report)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    L = int(report["model"]["num_layers"])
+    available = _methods_in(report)
+    method = method or _entropy_method(report, None) or ("cosine" if "cosine" in available else None)
+    if method not in available:
+        raise ValueError(f"method {method!r} is not in the report (it has: {', '.join(available) or 'nothing'}); profile with --method {method}")
+    if method == "angular" and kind != "layer":
+        raise ValueError("method angular scores spans of whole layers: use --kind layer")
+    user_protect = parse_protect(protect)
+    if user_protect is None:
+        protected, why = default_protected(report, method)
+    else:
+        bad = [i for i in user_protect if not 0 <= i < L]
+        if bad:
+            raise ValueError(f"protected layers {bad} out of range for {L} layers (0-based: 0..{L - 1})")
+        protected, why = user_protect, {"user": user_protect}
+    kinds = ("attn", "mlp") if kind == "joint" else (kind,)
+    n_candidates = L * len(kinds)
+    k = parse_count(drop, n_candidates)
+
+    ranked: list[dict] = []
+    if method == "angular":
+        spans = {}
+        for b in report["blocks"]:
+            if b["kind"] == "layer" and b.get("angular") and str(k) in b["angular"]:
+                spans[b["layer"]] = b["angular"][str(k)]
+        if not spans:
+            have = sorted({n for b in report["blocks"] if b.get("angular") for n in b["angular"]}, key=int)
+            raise ValueError(f"the report has no angular distance for spans of {k} layers (has spans {', '.join(have) or 'none'}); profile with --spans {k}")
+        for start, a in sorted(spans.items(), key=lambda kv: kv[1]["mean"]):
+            hit = [i for i in range(start, start + k) if i in set(protected)]
+            ranked.append({"kind": "span", "layer": start, "layers": list(range(start, start + k)), "score": a["mean"], "stderr": a["stderr"], "protected": bool(hit)})
+        best = next((r for r in ranked if not r["protected"]), None)
+        if best is None:
+            raise ValueError(f"every span of {k} layers touches a protected layer {protected}; pass --protect to change them")
+        best["dropped"] = True
+        chosen = {"layer": best["layers"]}
+    else:
+        for b in report["blocks"]:
+            if b["kind"] in kinds:
+                s = _score(b, method)
+                if s is None:
+                    continue
+                ranked.append({"kind": b["kind"], "layer": b["layer"], "score": s[0], "stderr": s[1], "protected": b["layer"] in set(protected)})
+        ranked.sort(key=lambda r: (math.isnan(r["score"]), r["score"]))
+        free = [r for r in ranked if not r["protected"] and not math.isnan(r["score"])]
+        if k > len(free):
+            raise ValueError(
+                f"cannot drop {k} {kind} blocks: only {len(free)} are not protected "
+                f"(protected layers {protected}); lower --drop or change --protect"
+            )
+        chosen = {"attn": [], "mlp": [], "layer": []}
+        for r in free[:k]:
+            r["dropped"] = True
+            chosen[r["kind"]].append(r["layer"])
+    for r in ranked:
+        r.setdefault("dropped", False)
+    drop_spec = {kk: sorted(v) for kk, v in chosen.items() if v}
+    return {
+        "format": PLAN_FORMAT,
+        "indexing": INDEXING,
+        "model": {key: report["model"].get(key) for key in ("name", "source", "path", "model_type", "num_layers")},
+        "report": report_path,
+        "kind": kind,
+        "method": method,
+        "k": k,
+        "requested_drop": drop if isinstance(drop, (int, float)) else str(drop),
+        "protected": protected,
+        "protected_reason": why,
+        "drop": {"attn": drop_spec.get("attn", []), "mlp": drop_spec.get("mlp", []), "layer": drop_spec.get("layer", [])},
+        "ranked": ranked,
+        "residual_entropy": residual_entropy(report, method),
+        "iterative": False,
+    }
+
+
+def save_plan(plan: dict, path) -> Path:
+    p = Path(path)
+    if p.parent and not p.parent.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(plan, indent=1) + "\n")
+    os.replace(tmp, p)
+    return p
+
+
+def plan_summary(plan: dict) -> str:
+    d = plan["drop"]
+    parts = [f"{kk} {d[kk]}" for kk in ("attn", "mlp", "layer") if d.get(kk)]
+    lines = [
+        f"drop plan ({plan['indexing']}): {plan['k']} {plan['kind']} block(s) by {plan['method']}"
+        + (" (iterative)" if plan.get("iterative") else ""),
+        f"  drop:      {'; '.join(parts) or 'nothing'}",
+        f"  protected: {plan['protected']}  ({json.dumps(plan['protected_reason'])})",
+    ]
+    shown = [r for r in plan["ranked"] if r.get("dropped")][:16]
+    for r in shown:
+        lines.append(f"    {r['kind']:5s} layer {r['layer']:3d}  score {r['score']:.5g} ± {r['stderr']:.2g}")
+    return "\n".join(lines)
+
+
+def iterative_plan(model, windows, kind: str = "attn", drop=4, *, method: str | None = None, protect=None, settings=None, progress: bool = False) -> dict:
+    """Drop one block at a time, re-profiling the pruned model in between (in memory).
+
+    ``model`` is pruned in place (a copy is not made: pass one you can spare). Returns a plan
+    in the numbering of the *original* model, like :func:`make_plan`.
+    """
+    from entrodrop_fast.models.adapters import get_adapter
+    from entrodrop_fast.report import build_report
+    from entrodrop_fast.runner import ProfileSettings, profile
+    from entrodrop_fast.surgery import drop_blocks_
+
+    if kind not in ("attn", "mlp", "layer"):
+        raise ValueError(f"iterative mode supports kinds attn, mlp, layer; got {kind!r}")
+    settings = settings or ProfileSettings()
+    L0 = get_adapter(model).num_layers(model)
+    k = parse_count(drop, L0)
+    orig = list(range(L0))  # current index -> original index
+    dropped: list[int] = []  # original indices of dropped sub-blocks
+    steps = []
+    first_plan = None
+    for _ in range(k):
+        report = build_report(profile(model, windows, settings, progress=progress), model_info={}, data_info={}, settings={}, model=model)
+        if first_plan is None:
+            # protection is decided once, on the unpruned model's profile
+            first_plan = make_plan(report, kind, 1, method=method, protect=protect)
+            protected_orig = set(first_plan["protected"])
+        cur_protect = [i for i, o in enumerate(orig) if o in protected_orig or (kind != "layer" and o in dropped)]
+        step = make_plan(report, kind, 1, method=first_plan["method"], protect=cur_protect)
+        cur = step["drop"][kind][0]
+        steps.append({"layer": orig[cur], "score": next(r["score"] for r in step["ranked"] if r.get("dropped"))})
+        drop_blocks_(model, {kind: [cur]})
+        dropped.append(orig[cur])
+        if kind == "layer":
+            del orig[cur]
+    plan = dict(first_plan)
+    plan.update(
+        {
+            "k": k,
+            "requested_drop": drop if isinstance(drop, (int, float)) else str(drop),
+            "drop": {"attn": [], "mlp": [], "layer": [], kind: sorted(dropped)},
+            "iterative": True,
+            "steps": steps,
+        }
+    )
+    for r in plan["ranked"]:
+        r["dropped"] = r["kind"] == kind and r["layer"] in set(dropped)
+    return plan

@@ -1,0 +1,136 @@
+"""Ranking: drop plans from reports (synthetic, and a real profile of a tiny model)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from test_surgery import manual_reference_logits, tiny_model
+
+from entrodrop_fast.ranking import iterative_plan, make_plan, parse_count, parse_protect, save_plan
+from entrodrop_fast.surgery import drop_blocks_
+
+L = 8
+# residual-stream entropy: falls over layers 0..1 (stage 1), then rises
+R = [10.0, 9.0, 8.5, 9.0, 9.5, 10.0, 10.4, 10.6, 11.0]
+DH = {  # per kind, per layer: ΔH of the bucket method
+    "attn": [0.5, -0.2, 0.01, 0.4, 0.03, 0.02, 0.3, 0.001],
+    "mlp": [0.3, 0.2, 0.5, 0.05, 0.6, 0.7, 0.04, 0.8],
+    "layer": [-1.0, -0.5, 0.5, 0.5, 0.5, 0.4, 0.2, 0.4],
+}
+COS = {"attn": [0.9, 0.8, 0.3, 0.1, 0.5, 0.6, 0.7, 0.05], "mlp": [0.5] * L, "layer": [0.2, 0.3, 0.1, 0.4, 0.5, 0.6, 0.7, 0.8]}
+
+
+def synthetic_report() -> dict:
+    points = []
+    for i in range(L):
+        points += [f"r{i}", f"m{i}"]
+    points.append(f"r{L}")
+    h = []
+    for i in range(L):
+        h += [R[i], R[i] + DH["attn"][i]]
+    h.append(R[L])
+    blocks = []
+    for kind in ("attn", "mlp", "layer"):
+        for i in range(L):
+            b = {"kind": kind, "layer": i, "delta": {"bucket": {"mean": DH[kind][i], "stderr": 0.01}},
+                 "cosine": {"mean": COS[kind][i], "stderr": 0.01}}
+            if kind == "layer":
+                b["angular"] = {"2": {"mean": 0.1 + 0.05 * abs(i - 4), "stderr": 0.0}} if i <= L - 2 else {}
+            blocks.append(b)
+    return {
+        "format": 1, "model": {"name": "synthetic", "model_type": "llama", "num_layers": L},
+        "points": points, "entropy": {"bucket": {"mean": h, "stderr": [0.0] * len(h)}}, "blocks": blocks,
+        "layer_indices": "0-based",
+    }
+
+
+def test_default_protection_and_attn_plan(tmp_path):
+    plan = make_plan(synthetic_report(), "attn", 3)
+    assert plan["protected"] == [0, 1, 7]  # entropy decreases over layers 0, 1; last layer
+    assert plan["protected_reason"]["stage1_entropy_decreasing"] == [0, 1]
+    assert plan["drop"] == {"attn": [2, 4, 5], "mlp": [], "layer": []}  # 0.001 (layer 7) is protected
+    assert plan["indexing"].startswith("0-based")
+    assert [r["layer"] for r in plan["ranked"] if r["dropped"]] == [2, 5, 4]
+    assert plan["residual_entropy"]["values"] == R
+    p = save_plan(plan, tmp_path / "plan.json")
+    assert json.loads(p.read_text())["drop"]["attn"] == [2, 4, 5]
+
+
+def test_kinds_methods_and_overrides():
+    rep = synthetic_report()
+    assert make_plan(rep, "mlp", 2)["drop"]["mlp"] == [3, 6]
+    assert make_plan(rep, "layer", 2)["drop"]["layer"] == [5, 6]
+    joint = make_plan(rep, "joint", 4)
+    assert joint["drop"]["attn"] == [2, 4, 5] and joint["drop"]["mlp"] == [6]
+    assert make_plan(rep, "attn", 2, protect="none")["drop"]["attn"] == [1, 7]
+    assert make_plan(rep, "attn", 2, protect=[7])["drop"]["attn"] == [1, 2]
+    assert make_plan(rep, "attn", 2, method="cosine")["drop"]["attn"] == [2, 3]
+    assert make_plan(rep, "attn", 0.25)["k"] == 2  # a quarter of 8
+    ang = make_plan(rep, "layer", 2, method="angular")
+    assert ang["drop"]["layer"] == [4, 5]
+    with pytest.raises(ValueError, match="only 5 are not protected"):
+        make_plan(rep, "attn", 6)
+    with pytest.raises(ValueError, match="not in the report"):
+        make_plan(rep, "attn", 2, method="knn")
+    with pytest.raises(ValueError, match="out of range"):
+        make_plan(rep, "attn", 2, protect="0,8")
+    with pytest.raises(ValueError, match="kind must be"):
+        make_plan(rep, "heads", 2)
+    with pytest.raises(ValueError, match="spans of 3"):
+        make_plan(rep, "layer", 3, method="angular")
+
+
+def test_parsers():
+    assert parse_count("8", 30) == 8 and parse_count(0.25, 30) == 8 and parse_count("10%", 30) == 3
+    assert parse_count(2.0, 30) == 2
+    for bad in ("0", "-1", "x", 1.5, True):
+        with pytest.raises(ValueError):
+            parse_count(bad, 30)
+    assert parse_protect("0,1, 29") == [0, 1, 29] and parse_protect("none") == [] and parse_protect(None) is None
+    with pytest.raises(ValueError, match="comma-separated"):
+        parse_protect("a,b")
+
+
+@pytest.fixture(scope="module")
+def tiny_profiled():
+    from entrodrop_fast.report import build_report
+    from entrodrop_fast.runner import ProfileSettings, profile
+
+    model = tiny_model("llama", num_hidden_layers=6)
+    windows = torch.randint(3, 97, (4, 24), generator=torch.Generator().manual_seed(0))
+    settings = ProfileSettings(methods=("bucket", "cosine"), batch_size=2, backend="torch")
+    report = build_report(profile(model, windows, settings, progress=False), model_info={"name": "tiny"}, data_info={}, settings={}, model=model)
+    return model, windows, settings, report
+
+
+def test_plan_from_real_profile_drives_surgery(tiny_profiled, tmp_path):
+    from entrodrop_fast.report import write_report
+
+    model, windows, _, report = tiny_profiled
+    out = write_report(report, tmp_path / "rep", png=False)
+    plan = make_plan(out, "attn", 2, protect=[5])
+    assert plan["report"] == str(out) and plan["model"]["num_layers"] == 6
+    scores = {r["layer"]: r["score"] for r in plan["ranked"]}
+    expected = sorted(range(5), key=lambda i: scores[i])[:2]
+    assert plan["drop"]["attn"] == sorted(expected)
+    ids = windows[:1, :10]
+    ref = manual_reference_logits(model, plan["drop"], ids)
+    pruned = copy.deepcopy(model)
+    drop_blocks_(pruned, plan)
+    with torch.no_grad():
+        assert (pruned(ids).logits - ref).abs().max().item() <= 1e-5
+
+
+def test_iterative_plan(tiny_profiled):
+    model, windows, settings, report = tiny_profiled
+    m = copy.deepcopy(model)
+    plan = iterative_plan(m, windows, "layer", 2, protect=[0], settings=settings)
+    assert plan["iterative"] and len(plan["drop"]["layer"]) == 2 and 0 not in plan["drop"]["layer"]
+    assert m.config.num_hidden_layers == 4 and len(plan["steps"]) == 2
+    one_shot = make_plan(report, "layer", 1, protect=[0])
+    assert plan["steps"][0]["layer"] == one_shot["drop"]["layer"][0]  # first step = one-shot best
+    plan = iterative_plan(copy.deepcopy(model), windows, "attn", 2, protect="none", settings=settings)
+    assert len(set(plan["drop"]["attn"])) == 2
