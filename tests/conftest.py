@@ -3,6 +3,12 @@ import os
 import pytest
 import torch
 
+# Without a GPU, Triton kernels can only run in its interpreter. It is read when the kernels
+# are defined, so it must be set before anything (the backend registry included) imports
+# triton: here, before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Deterministic, quick: tests use 1-2 threads on the 2-core CI machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
