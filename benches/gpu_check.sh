@@ -45,10 +45,10 @@ if [ "$DRY" = "0" ]; then
     tail -30 "$OUT/build.log"
     {
       echo "=== fallback: cmake in place ==="
-      timeout 240 cmake -S . -B build/gpu_check -G Ninja -DCMAKE_BUILD_TYPE=Release -DENTRODROP_CUDA=ON \
+      timeout 150 cmake -S . -B build/gpu_check -G Ninja -DCMAKE_BUILD_TYPE=Release -DENTRODROP_CUDA=ON \
         -DCMAKE_CUDA_ARCHITECTURES=90 -DPython_EXECUTABLE="$(command -v "$PY")" \
         -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" &&
-      timeout 240 cmake --build build/gpu_check &&
+      timeout 150 cmake --build build/gpu_check &&
       cp build/gpu_check/_C*.so entrodrop_fast/
     } >> "$OUT/build.log" 2>&1 || { log "BUILD FAILED"; tail -40 "$OUT/build.log"; FAILED+=(build); summary; exit 1; }
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
