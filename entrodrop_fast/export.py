@@ -48,6 +48,7 @@ from entrodrop_fast.surgery import (
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 MODELING_FILE = "modeling_entrodrop_pruned.py"
+PLAN_FILE = "entrodrop_plan.json"
 # files of the source directory never copied: weights (rewritten), config (rewritten), other
 # weight formats (would describe the unpruned model), the built-in model's cache marker
 _SKIP = {"config.json", INDEX, MODELING_FILE, "entrodrop_source.json", "pytorch_model.bin.index.json"}
@@ -247,13 +248,14 @@ def _main_dtype_bytes(sizes: dict[str, int]) -> int:
     return _DTYPE_BYTES[max(sizes, key=sizes.get)] if sizes else 2
 
 
-def export_pruned(src, out, plan, *, overwrite: bool = False) -> ExportSummary:
+def export_pruned(src, out, plan, *, overwrite: bool = False, plan_to_save: dict | None = None) -> ExportSummary:
     """Write the checkpoint in ``src`` minus the blocks of ``plan`` to the directory ``out``.
 
     ``plan``: a plan dict / JSON path from :mod:`entrodrop_fast.ranking` or a plain
     ``{"attn": [...], "mlp": [...], "layer": [...]}`` with 0-based layer indices of ``src``.
     Raises :class:`ExportError` (nothing written) when the source is unreadable or the plan
     does not fit it, ``FileExistsError`` when ``out`` exists and ``overwrite`` is false.
+    ``plan_to_save``: written as ``entrodrop_plan.json`` beside the weights (provenance).
     """
     src, out = Path(src).resolve(), Path(out).resolve()
     if not (src / "config.json").is_file():
@@ -340,8 +342,10 @@ def export_pruned(src, out, plan, *, overwrite: bool = False) -> ExportSummary:
             if rec and rec.get("base_architecture"):
                 new_cfg["architectures"] = [rec["base_architecture"]]
         (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2, sort_keys=True) + "\n")
+        if plan_to_save is not None:
+            (tmp / PLAN_FILE).write_text(json.dumps(plan_to_save, indent=1) + "\n")
         for p in sorted(src.iterdir()):
-            if p.is_file() and p.name not in _SKIP and not p.name.endswith(_SKIP_SUFFIX):
+            if p.is_file() and not (plan_to_save is not None and p.name == PLAN_FILE) and p.name not in _SKIP and not p.name.endswith(_SKIP_SUFFIX):
                 shutil.copy2(p, tmp / p.name)
 
         # check what was written before it is moved into place

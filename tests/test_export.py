@@ -174,3 +174,51 @@ def test_single_file_checkpoint_and_bytes_identical(tmp_path):
         assert torch.equal(a.get_tensor("model.layers.3.mlp.up_proj.weight"), b.get_tensor("model.layers.2.mlp.up_proj.weight"))
         assert "model.layers.3.mlp.up_proj.weight" not in b.keys()
         assert b.metadata() == a.metadata()
+
+
+# ------------------------------------------------------------------ the real model
+
+SMOL_ATTN = {"attn": [12, 21, 22, 23, 24, 25, 26, 28]}  # 8 attention sub-blocks (0-based)
+SMOL_LAYER = {"layer": [12, 14, 27, 28]}  # 4 whole layers
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from entrodrop_fast.models.loading import ModelLoadError, ensure_builtin, load_model
+
+    try:
+        src = ensure_builtin()
+    except ModelLoadError as exc:
+        pytest.skip(str(exc))
+    lm = load_model(str(src))
+    ids = lm.tokenizer("The entropy of a hidden state tells how much", return_tensors="pt").input_ids
+    return src, lm.model, ids
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("plan", [SMOL_ATTN, SMOL_LAYER], ids=["attn8", "layer4"])
+def test_smollm2_export_reload_generate(smol, plan, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src, base, ids = smol
+    out = tmp_path / ("attn8" if "attn" in plan else "layer4")
+    s = export_pruned(src, out, plan)
+    mem = copy.deepcopy(base)
+    drop_blocks_(mem, plan)
+    ref = logits(mem, ids)
+    if "layer" in plan:
+        assert s.stock_loadable and s.layers_after == 26
+        loaders = [lambda: AutoModelForCausalLM.from_pretrained(out)]
+    else:
+        assert not s.stock_loadable and s.kv_bytes_per_token_after == s.kv_bytes_per_token_before * 22 // 30
+        loaders = [lambda: load_pruned(out), lambda: AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)]
+    assert s.params_after < s.params_before and s.bytes_after < s.bytes_before
+    expected = mem.generate(ids, max_new_tokens=4, do_sample=False)
+    del mem
+    for load in loaders:
+        model = load()
+        err = max_err(logits(model, ids), ref)
+        assert err <= 1e-5, f"exported vs in-memory pruned: max |diff| {err:.3e}"
+        gen = model.generate(ids, max_new_tokens=4, do_sample=False)  # greedy, with the KV cache
+        assert torch.equal(gen, expected)
+        del model

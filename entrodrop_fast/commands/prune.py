@@ -1,0 +1,137 @@
+"""``entrodrop prune [MODEL] --out DIR``: write a smaller checkpoint without the dropped blocks.
+
+With ``--plan PLAN`` the plan's blocks are removed. Without it, ``--kind`` and ``--drop``
+choose them, from ``--report REPORT`` when given, otherwise from a profile run first
+(built-in corpus, paper defaults unless ``--samples`` / ``--seq-len`` say otherwise).
+The shards are rewritten tensor by tensor (the model is never loaded to export it); the
+source directory is only read. Whole-layer drops give a standard checkpoint; attention /
+MLP drops load with ``entrodrop_fast.load_pruned(DIR)`` or
+``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from entrodrop_fast.commands.rank import add_ranking_args
+from entrodrop_fast.data import PAPER_SAMPLES, PAPER_SEED, PAPER_SEQ_LEN
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("prune", help="remove blocks and save the smaller model (from a plan, or profile + rank first)", description=__doc__)
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help="local HF directory (safetensors), .gguf file, hub id, or nothing for the built-in SmolLM2-135M-Instruct")
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--plan", default=None, help="drop plan JSON from entrodrop rank")
+    p.add_argument("--report", default=None, help="rank from this report instead of profiling (with --kind/--drop)")
+    add_ranking_args(p)
+    p.add_argument("--samples", type=int, default=PAPER_SAMPLES, help=f"profile step: calibration windows (default {PAPER_SAMPLES})")
+    p.add_argument("--seq-len", type=int, default=PAPER_SEQ_LEN, help=f"profile step: tokens per window (default {PAPER_SEQ_LEN})")
+    p.add_argument("--batch-size", type=int, default=8, help="profile step: windows per forward (default 8; the result does not depend on it)")
+    p.add_argument("--seed", type=int, default=PAPER_SEED, help=f"profile step: sampling seed (default {PAPER_SEED})")
+    p.add_argument("--corpus", default=None, help="profile step: calibration text (default: built-in corpus)")
+    p.add_argument("--device", default="cpu", help="profile step: cpu, cuda or cuda:N")
+    p.add_argument("--cache-dir", default=None, help="where the built-in model is converted")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=run)
+
+
+def _log(*a) -> None:
+    print(*a, file=sys.stderr)
+
+
+def resolve_source(model, cache_dir=None, workdir: Path | None = None) -> Path:
+    """A local HF directory with safetensors for MODEL (converting a GGUF file into ``workdir``)."""
+    from entrodrop_fast.models.loading import (
+        BUILTIN_ALIASES,
+        ModelLoadError,
+        ensure_builtin,
+        gguf_to_model,
+    )
+
+    if model in BUILTIN_ALIASES:
+        return ensure_builtin(cache_dir)
+    p = Path(str(model)).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"{p} has no config.json: not a Hugging Face model directory")
+        return p
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        m, tok = gguf_to_model(p)
+        dst = Path(tempfile.mkdtemp(prefix="gguf-", dir=workdir))
+        m.save_pretrained(dst)
+        tok.save_pretrained(dst)
+        return dst
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{model!r} is not a local directory or .gguf file, and the hub download failed "
+            f"({type(exc).__name__}); download the model elsewhere and pass its directory"
+        ) from exc
+
+
+def profile_report(src: Path, args) -> dict:
+    from entrodrop_fast.data import calibration_windows
+    from entrodrop_fast.models import load_model
+    from entrodrop_fast.report import build_report
+    from entrodrop_fast.runner import ProfileSettings, profile
+
+    method = args.method if args.method and args.method not in ("cosine", "angular") else "bucket"
+    methods = (method, "cosine") if args.method == "cosine" else ((method, "angular") if args.method == "angular" else (method,))
+    lm = load_model(str(src), dtype="fp32", device=args.device)
+    windows, data_info = calibration_windows(lm.tokenizer, args.corpus, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    _log(f"profiling {src.name}: {data_info['samples']} x {data_info['seq_len']} tokens, method {', '.join(methods)} ...")
+    settings = ProfileSettings(methods=methods, batch_size=args.batch_size)
+    if "angular" in methods and args.drop is not None and str(args.drop).isdigit():
+        settings.spans = (int(args.drop),)
+    result = profile(lm.model, windows, settings, progress=True)
+    return build_report(result, model_info={"name": str(src), "source": str(src), "path": str(src)}, data_info=data_info, settings={"samples": args.samples, "seq_len": args.seq_len, "seed": args.seed}, model=lm.model)
+
+
+def _h(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def run(args) -> int:
+    from entrodrop_fast.export import export_pruned
+    from entrodrop_fast.ranking import make_plan, plan_summary
+    from entrodrop_fast.surgery import read_plan
+
+    out = Path(args.out).expanduser().resolve()
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"output {out} exists; pass --overwrite to replace it")
+    if args.plan and (args.kind or args.drop or args.report):
+        raise ValueError("give either --plan, or --kind/--drop (with an optional --report), not both")
+    if not args.plan and (args.kind is None or args.drop is None):
+        raise ValueError("prune needs --plan PLAN, or --kind (attn, mlp, layer, joint) and --drop N")
+    with tempfile.TemporaryDirectory(prefix=".entrodrop-prune-", dir=out.parent if out.parent.exists() else None) as work:
+        src = resolve_source(args.model, args.cache_dir, Path(work))
+        if args.plan:
+            plan = read_plan(args.plan)
+        else:
+            report = args.report if args.report is not None else profile_report(src, args)
+            plan = make_plan(report, args.kind, args.drop, method=args.method, protect=args.protect)
+            print(plan_summary(plan))
+        s = export_pruned(src, out, plan, overwrite=args.overwrite, plan_to_save=plan)
+    d = s.drops
+    dropped = "; ".join(f"{k} {d[k]}" for k in ("attn", "mlp", "layer") if d[k]) or "nothing"
+    pct = lambda a, b: f"{100 * (b - a) / a:+.1f}%" if a else ""
+    print(f"pruned {src} -> {s.out}")
+    print(f"  blocks dropped (0-based layers): {dropped}")
+    print(f"  layers:                {s.layers_before} -> {s.layers_after}")
+    print(f"  parameters:            {s.params_before:,} -> {s.params_after:,} ({pct(s.params_before, s.params_after)})")
+    print(f"  checkpoint bytes:      {_h(s.bytes_before)} -> {_h(s.bytes_after)} ({pct(s.bytes_before, s.bytes_after)})")
+    print(f"  KV cache bytes/token:  {s.kv_bytes_per_token_before:,} -> {s.kv_bytes_per_token_after:,} ({pct(s.kv_bytes_per_token_before, s.kv_bytes_per_token_after)})")
+    if s.stock_loadable:
+        print("  load: AutoModelForCausalLM.from_pretrained(DIR)  (standard checkpoint)")
+    else:
+        print("  load: entrodrop_fast.load_pruned(DIR) or AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)")
+    return 0

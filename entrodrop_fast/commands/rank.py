@@ -1,0 +1,33 @@
+"""``entrodrop rank REPORT``: a drop plan (JSON, 0-based layer indices) from a profile report."""
+
+from __future__ import annotations
+
+from entrodrop_fast.ranking import KINDS
+
+
+def add_ranking_args(p) -> None:
+    """Options shared by ``rank`` and the one-step ``prune``."""
+    p.add_argument("--kind", choices=KINDS, default=None, help="blocks to drop: attn, mlp, layer or joint (attn+mlp ranked together)")
+    p.add_argument("--drop", default=None, help="how many: a count (8), a fraction (0.25) or a percentage (25%%) of the candidate blocks")
+    p.add_argument("--method", default=None, help="score: an entropy method of the report (default: its first, e.g. bucket), cosine, or angular (layers)")
+    p.add_argument("--protect", default=None, help="0-based layers never dropped, comma-separated (0,1,29), or 'none'; default: the early layers where entropy still decreases + the last layer")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("rank", help="drop plan from a profile report (which blocks to remove)", description=__doc__)
+    p.add_argument("report", metavar="REPORT", help="report directory (from entrodrop profile) or its report.json")
+    add_ranking_args(p)
+    p.add_argument("--out", default="plan.json", help="where to write the plan (default ./plan.json)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from entrodrop_fast.ranking import make_plan, plan_summary, save_plan
+
+    if args.kind is None or args.drop is None:
+        raise ValueError("rank needs --kind (attn, mlp, layer, joint) and --drop (a count or a fraction)")
+    plan = make_plan(args.report, args.kind, args.drop, method=args.method, protect=args.protect)
+    out = save_plan(plan, args.out)
+    print(plan_summary(plan))
+    print(f"plan written to {out}")
+    return 0
