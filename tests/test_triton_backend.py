@@ -39,13 +39,13 @@ def tri():
 
 
 def make(shape, dtype, seed=0, strided=False):
-    x = llm_like(*shape, seed=seed, dtype=dtype)
+    x = llm_like(*shape, seed=seed, dtype=dtype).to(DEV)
     if strided:  # channel stride 2, samples interleaved between tokens: strides (2D, 2BD, 2)
         B, T, D = shape
-        buf = torch.zeros(T, B, 2 * D, dtype=dtype)
+        buf = torch.zeros(T, B, 2 * D, dtype=dtype, device=DEV)  # built on DEV: .to() would copy it contiguous
         buf[..., ::2] = x.transpose(0, 1)
         x = buf.transpose(0, 1)[..., ::2]
-    return x.to(DEV)
+    return x
 
 
 def make_mask(shape, seed=0):
