@@ -191,6 +191,9 @@ def read_plan(plan) -> dict:
 def normalize_drops(plan, num_layers: int) -> Drops:
     """Check a plan against a model of ``num_layers`` layers; merge attn+mlp of one layer into a layer drop."""
     plan = read_plan(plan)
+    planned_for = (plan.get("model") or {}).get("num_layers") if isinstance(plan.get("model"), dict) else None
+    if isinstance(planned_for, int) and planned_for != num_layers:
+        raise ValueError(f"the plan was made for a model with {planned_for} layers; this one has {num_layers}")
     spec = plan.get("drop", plan)
     unknown = set(spec) - {"attn", "mlp", "layer"}
     if unknown and "drop" in plan:
@@ -280,6 +283,8 @@ def pruned_config_dict(cfg: dict, adapter: Adapter, drops: Drops) -> dict:
         "dropped_mlp": mlp,
         "paths": subblock_paths(adapter),
     }
+    if prev.get("base_architecture"):
+        record["base_architecture"] = prev["base_architecture"]
     if attn or mlp or prev or drops.layer:
         cfg[PRUNED_KEY] = record
     if attn:

@@ -222,3 +222,48 @@ def test_smollm2_export_reload_generate(smol, plan, tmp_path):
         gen = model.generate(ids, max_new_tokens=4, do_sample=False)  # greedy, with the KV cache
         assert torch.equal(gen, expected)
         del model
+
+
+def test_prune_cli_with_plan_and_report(llama_src, tmp_path, capsys):
+    from entrodrop_fast.cli import main
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"drop": {"attn": [1], "layer": [2]}}))
+    out = tmp_path / "pruned"
+    assert main(["prune", str(llama_src), "--plan", str(plan), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    for needle in ("blocks dropped", "parameters:", "checkpoint bytes:", "KV cache bytes/token:", "512 -> 256", "load_pruned"):
+        assert needle in text, needle
+    assert json.loads((out / "entrodrop_plan.json").read_text())["drop"]["layer"] == [2]
+    assert max_err(logits(load_pruned(out)), manual_reference_logits(tiny_model("llama"), {"attn": [1], "layer": [2]}, IDS)) <= 1e-5
+    assert main(["prune", str(llama_src), "--plan", str(plan), "--out", str(out)]) == 1  # exists
+    assert "exists" in capsys.readouterr().err
+    assert main(["prune", str(llama_src), "--out", str(tmp_path / "x")]) == 1
+    assert "--plan" in capsys.readouterr().err
+
+
+@pytest.mark.model
+def test_prune_cli_one_step_profiles_first(smol, tmp_path, capsys):
+    from entrodrop_fast.cli import main
+
+    out = tmp_path / "one_step"
+    rc = main(["prune", "--kind", "attn", "--drop", "2", "--samples", "2", "--seq-len", "32", "--out", str(out)])
+    assert rc == 0
+    plan = json.loads((out / "entrodrop_plan.json").read_text())
+    assert len(plan["drop"]["attn"]) == 2 and plan["method"] == "bucket"
+    assert "KV cache bytes/token:  46,080 -> 43,008" in capsys.readouterr().out
+
+
+def test_prune_a_pruned_checkpoint_again(llama_src, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    export_pruned(llama_src, first, {"attn": [1], "mlp": [3]})
+    export_pruned(first, second, {"layer": [0]})  # indices of the first export's layers
+    cfg = json.loads((second / "config.json").read_text())
+    rec = cfg["entrodrop_pruned"]
+    assert rec["kept_layers"] == [1, 2, 3] and rec["dropped_attn"] == [0] and rec["dropped_mlp"] == [2]
+    assert cfg["architectures"] == ["EntrodropPrunedLlamaForCausalLM"] and rec["base_architecture"] == "LlamaForCausalLM"
+    ref = manual_reference_logits(tiny_model("llama"), {"attn": [1], "mlp": [3], "layer": [0]}, IDS)
+    assert max_err(logits(load_pruned(second)), ref) <= 1e-5
+    in_memory = load_pruned(first)
+    drop_blocks_(in_memory, {"layer": [0]})
+    assert max_err(logits(in_memory), ref) <= 1e-5

@@ -134,3 +134,21 @@ def test_iterative_plan(tiny_profiled):
     assert plan["steps"][0]["layer"] == one_shot["drop"]["layer"][0]  # first step = one-shot best
     plan = iterative_plan(copy.deepcopy(model), windows, "attn", 2, protect="none", settings=settings)
     assert len(set(plan["drop"]["attn"])) == 2
+
+
+def test_rank_cli(tmp_path, capsys):
+    from entrodrop_fast.cli import main
+
+    rep = synthetic_report()
+    rep.update({"timing": {"samples": 1}, "settings": {}, "data": {}})
+    rep_dir = tmp_path / "rep"
+    rep_dir.mkdir()
+    (rep_dir / "report.json").write_text(json.dumps(rep))
+    out = tmp_path / "plan.json"
+    assert main(["rank", str(rep_dir), "--kind", "attn", "--drop", "3", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["drop"]["attn"] == [2, 4, 5]
+    assert "0-based" in capsys.readouterr().out
+    assert main(["rank", str(rep_dir / "report.json"), "--kind", "layer", "--drop", "25%", "--protect", "none", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["drop"]["layer"] == [0, 1]
+    assert main(["rank", str(rep_dir), "--kind", "attn", "--drop", "7", "--out", str(out)]) == 1
+    assert "only 5 are not protected" in capsys.readouterr().err

@@ -182,3 +182,8 @@ def test_repeated_surgery_composes():
     with torch.no_grad():
         got = m(ids, use_cache=False).logits
     assert (got - ref).abs().max().item() <= 1e-5
+
+
+def test_plan_for_another_model_is_refused():
+    with pytest.raises(ValueError, match="made for a model with 30 layers"):
+        drop_blocks_(tiny_model("llama"), {"model": {"num_layers": 30}, "drop": {"attn": [1]}})

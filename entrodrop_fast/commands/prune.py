@@ -107,7 +107,7 @@ def run(args) -> int:
 
     out = Path(args.out).expanduser().resolve()
     if out.exists() and not args.overwrite:
-        raise FileExistsError(f"output {out} exists; pass --overwrite to replace it")
+        raise ValueError(f"output {out} exists; pass --overwrite to replace it")
     if args.plan and (args.kind or args.drop or args.report):
         raise ValueError("give either --plan, or --kind/--drop (with an optional --report), not both")
     if not args.plan and (args.kind is None or args.drop is None):
