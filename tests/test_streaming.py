@@ -1,0 +1,163 @@
+"""Streaming runner: same report as in memory, resume, disk-backed activations, faults."""
+
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+from test_models import TINY, tiny_model
+
+from entrodrop_fast.runner import ProfileSettings, profile
+from entrodrop_fast.streaming import Checkpoint, CheckpointError, profile_streaming
+
+SETTINGS = ProfileSettings(methods=("bucket", "gaussian_diag", "cosine", "angular"), batch_size=3, spans=(1, 2))
+KEYS = ("entropy", "delta", "cosine", "angular")
+
+
+def _numbers(res):
+    out = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            for k in sorted(x):
+                walk(x[k])
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, float):
+            out.append(x)
+
+    walk({k: res[k] for k in KEYS})
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def assert_same_report(a, b, rtol=1e-5):
+    na, nb = _numbers(a), _numbers(b)
+    assert na.shape == nb.shape and na.numel() > 0
+    torch.testing.assert_close(nb, na, rtol=rtol, atol=1e-9, equal_nan=True)
+
+
+def _save(model, shard="60KB"):
+    d = tempfile.mkdtemp(prefix="entrodrop-test-ckpt-")
+    model.save_pretrained(d, max_shard_size=shard)
+    return d
+
+
+def _windows(vocab=97, n=7, t=20):
+    return torch.randint(3, vocab, (n, t), generator=torch.Generator().manual_seed(0))
+
+
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
+@pytest.mark.parametrize("name", sorted(set(TINY) - set(MOE)))
+def test_streaming_equals_in_memory(name):
+    model = tiny_model(name)
+    d = _save(model)
+    w = _windows()
+    assert_same_report(profile(model, w, SETTINGS, progress=False), profile_streaming(d, w, SETTINGS, progress=False))
+
+
+def test_moe_says_it_is_not_supported():
+    d = _save(tiny_model("mixtral"))
+    with pytest.raises(NotImplementedError, match="mixture-of-experts"):
+        profile_streaming(d, _windows(), SETTINGS, progress=False)
+
+
+def test_disk_backed_activations_and_cleanup(monkeypatch):
+    model = tiny_model("llama")
+    d = _save(model)
+    w = _windows()
+    made = []
+    real = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    res = profile_streaming(d, w, SETTINGS, ram_budget_bytes=0, progress=False)
+    assert made and not os.path.exists(made[0])  # the activation files are gone
+    assert_same_report(profile(model, w, SETTINGS, progress=False), res)
+
+
+def test_resume_after_interruption(tmp_path):
+    model = tiny_model("qwen2", layers=4)
+    d = _save(model)
+    w = _windows()
+    whole = profile_streaming(d, w, SETTINGS, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        profile_streaming(d, w, SETTINGS, resume_dir=str(tmp_path), progress=False, _stop_after_layer=2)
+    assert torch.load(tmp_path / "state.pt", weights_only=False)["layers_done"] == 2
+    resumed = profile_streaming(d, w, SETTINGS, resume_dir=str(tmp_path), progress=False)
+    assert_same_report(whole, resumed, rtol=1e-12)
+    with pytest.raises(ValueError, match="other arguments"):
+        profile_streaming(d, w[:5], SETTINGS, resume_dir=str(tmp_path), progress=False)
+
+
+# ------------------------------------------------------------------ faults
+
+
+@pytest.fixture
+def ckpt_dir():
+    return _save(tiny_model("llama"))
+
+
+def _shards(d):
+    return sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
+
+
+def test_missing_shard(ckpt_dir):
+    victim = _shards(ckpt_dir)[1]
+    os.remove(os.path.join(ckpt_dir, victim))
+    with pytest.raises(CheckpointError, match=f"{victim}: shard listed in .* is missing"):
+        profile_streaming(ckpt_dir, _windows(), SETTINGS, progress=False)
+
+
+def test_tensor_missing_from_index(ckpt_dir):
+    idx = os.path.join(ckpt_dir, "model.safetensors.index.json")
+    data = json.load(open(idx))
+    key = "model.layers.1.mlp.up_proj.weight"
+    file = data["weight_map"].pop(key)
+    json.dump(data, open(idx, "w"))
+    # the shard still holds it but the index does not list it: reading by the index must not
+    # silently pick it up from elsewhere; rewrite the shard without it to make it really gone
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(ckpt_dir, file)
+    tensors = load_file(path)
+    tensors.pop(key)
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"tensor {key} .*layer 1.* is not in the checkpoint"):
+        profile_streaming(ckpt_dir, _windows(), SETTINGS, progress=False)
+
+
+def test_truncated_shard(ckpt_dir):
+    victim = os.path.join(ckpt_dir, _shards(ckpt_dir)[2])
+    size = os.path.getsize(victim)
+    with open(victim, "r+b") as fh:
+        fh.truncate(size - 100)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        Checkpoint(ckpt_dir)
+
+
+def test_corrupt_header(ckpt_dir):
+    victim = os.path.join(ckpt_dir, _shards(ckpt_dir)[0])
+    with open(victim, "r+b") as fh:
+        fh.seek(10)
+        fh.write(b"\xff\xfe garbage")
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        Checkpoint(ckpt_dir)
+
+
+def test_config_does_not_match_weights(ckpt_dir):
+    cfg_path = os.path.join(ckpt_dir, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["intermediate_size"] = 48
+    json.dump(cfg, open(cfg_path, "w"))
+    with pytest.raises(CheckpointError, match="config and weights do not match"):
+        profile_streaming(ckpt_dir, _windows(), SETTINGS, progress=False)
+
+
+def test_not_a_model_dir(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        Checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="neither"):
+        Checkpoint(tmp_path)
