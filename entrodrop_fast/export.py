@@ -4,8 +4,9 @@
 tensor by tensor: every source header is read and checked with ``safe_open`` first (a
 corrupt or truncated shard fails before anything is written), then each kept tensor's bytes
 are copied as they are (no dtype conversion) in 16 MB chunks, so memory stays flat whatever
-the checkpoint size (measured: peak RSS +17 MB over an idle process with torch imported, for SmolLM2's 513 MB). Layer tensors
-of dropped layers / sub-blocks are left out, later layers are renamed to their new index;
+the checkpoint size (measured: peak RSS +17 MB over an idle process with torch imported,
+exporting SmolLM2's 513 MB). Tensors of dropped layers / sub-blocks are left out, later
+layers are renamed to their new index;
 a consistent ``model.safetensors.index.json``, the rewritten config (see
 :func:`entrodrop_fast.surgery.pruned_config_dict`), the generation config and the tokenizer
 files go with them. Everything is written into a temporary directory beside the output and
@@ -18,7 +19,11 @@ directory is only read.
   dropped sub-blocks (``entrodrop_pruned``) and carries ``auto_map`` to a small modeling
   file written into the directory (``modeling_entrodrop_pruned.py``: stock ``transformers``
   + torch only), so ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``
-  loads it; :func:`load_pruned` loads it without remote code.
+  loads it; :func:`load_pruned` loads it without remote code. ``architectures`` names the
+  pruned class, so tools that only know standard architectures refuse it. Caveat: stock
+  ``from_pretrained(DIR)`` *without* ``trust_remote_code`` still builds the original class
+  and fills the removed weights randomly (with its MISSING-weights warning); the
+  ``model_type`` is kept so the per-architecture adapters still apply to the loaded model.
 """
 
 from __future__ import annotations
