@@ -232,7 +232,7 @@ def _num_layers_of(cfg: dict) -> int:
     raise ValueError("config has no num_hidden_layers")
 
 
-def pruned_config_dict(cfg: dict, adapter: Adapter, drops: Drops) -> dict:
+def pruned_config_dict(cfg: dict, adapter: Adapter, drops: Drops, base_architecture: str | None = None) -> dict:
     """The config (as a ``to_dict()``/config.json dict) of the model after ``drops``.
 
     Pure function shared by in-memory surgery and export. Layer-count fields are rewritten
@@ -283,8 +283,9 @@ def pruned_config_dict(cfg: dict, adapter: Adapter, drops: Drops) -> dict:
         "dropped_mlp": mlp,
         "paths": subblock_paths(adapter),
     }
-    if prev.get("base_architecture"):
-        record["base_architecture"] = prev["base_architecture"]
+    base = prev.get("base_architecture") or base_architecture or (cfg.get("architectures") or [None])[0]
+    if base:
+        record["base_architecture"] = base
     if attn or mlp or prev or drops.layer:
         cfg[PRUNED_KEY] = record
     if attn:
@@ -330,7 +331,9 @@ def drop_blocks_(model: nn.Module, plan) -> dict:
         raise ValueError(f"model has {L} decoder layers but config.num_hidden_layers = {cfg_layers}")
     drops = normalize_drops(plan, L)
     old_cfg = model.config.to_dict()
-    new_cfg = pruned_config_dict(old_cfg, adapter, drops)
+    base = type(model).__name__
+    base = base[len("EntrodropPruned"):] if base.startswith("EntrodropPruned") else base
+    new_cfg = pruned_config_dict(old_cfg, adapter, drops, base_architecture=base)
 
     if drops.layer:
         kept_modules = nn.ModuleList([layers[i] for i in drops.kept])

@@ -267,3 +267,10 @@ def test_prune_a_pruned_checkpoint_again(llama_src, tmp_path):
     in_memory = load_pruned(first)
     drop_blocks_(in_memory, {"layer": [0]})
     assert max_err(logits(in_memory), ref) <= 1e-5
+
+
+def test_save_pretrained_of_in_memory_pruned_model_loads_back(tmp_path):
+    m = tiny_model("qwen2")
+    drop_blocks_(m, {"attn": [2], "mlp": [0], "layer": [3]})
+    m.save_pretrained(tmp_path / "saved")
+    assert max_err(logits(load_pruned(tmp_path / "saved")), logits(m)) <= 1e-5
