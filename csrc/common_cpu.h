@@ -86,6 +86,49 @@ ED_INLINE float f16_to_f32(uint16_t h) {
   return f;
 }
 
+// ----------------------------------------------------------------- 16-lane vectors
+// GCC/Clang vector extensions: one zmm on AVX-512, two ymm on AVX2, four xmm on SSE2; the
+// same source serves every target_clones clone. Loads are unaligned (aligned(4)/(2)).
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef float v16f_u __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t v16h_u __attribute__((vector_size(32), aligned(2)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+ED_INLINE v16f vsplat(float a) { return v16f{} + a; }
+ED_INLINE v16f vmin(v16f a, v16f b) { return a < b ? a : b; }
+ED_INLINE v16f vmax(v16f a, v16f b) { return a > b ? a : b; }
+
+// 16 consecutive elements starting at p (channel stride 1), converted to fp32 in registers.
+template <int DT>
+ED_INLINE v16f load16(const uint8_t* p) {
+  if constexpr (DT == DT_F32) {
+    return *reinterpret_cast<const v16f_u*>(p);
+  } else {
+    const v16h h = *reinterpret_cast<const v16h_u*>(p);
+    const v16u u = __builtin_convertvector(h, v16u);
+    if constexpr (DT == DT_BF16) {
+      return reinterpret_cast<v16f>(u << 16);
+    } else {  // IEEE half, as f16_to_f32
+      const v16u sign = (u & 0x8000u) << 16;
+      const v16u em = u & 0x7fffu;
+      v16f f = reinterpret_cast<v16f>(em << 13) * vsplat(0x1p112f);
+      v16u r = reinterpret_cast<v16u>(f);
+      r |= reinterpret_cast<v16u>(em >= 0x7c00u) & 0x7f800000u;
+      r |= sign;
+      return reinterpret_cast<v16f>(r);
+    }
+  }
+}
+
+template <int DT>
+ED_INLINE float load1(const uint8_t* row, int64_t j) {
+  if constexpr (DT == DT_F32) return reinterpret_cast<const float*>(row)[j];
+  else if constexpr (DT == DT_F16) return f16_to_f32(reinterpret_cast<const uint16_t*>(row)[j]);
+  else return bf16_to_f32(reinterpret_cast<const uint16_t*>(row)[j]);
+}
+
 // out[i] = float(src[i * stride]) for i < w.
 template <int DT>
 ED_INLINE void load_seg(const uint8_t* src, int64_t stride, int64_t w, float* __restrict out) {

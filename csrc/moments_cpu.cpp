@@ -17,14 +17,13 @@ namespace cpu {
 namespace {
 
 constexpr int MW = 32;   // channels per register block
-constexpr int TC = 32;   // valid tokens per chunk
-
-template <int DT>
-ED_INLINE float ld(const uint8_t* row, int64_t j) {
-  if constexpr (DT == DT_F32) return reinterpret_cast<const float*>(row)[j];
-  else if constexpr (DT == DT_F16) return f16_to_f32(reinterpret_cast<const uint16_t*>(row)[j]);
-  else return bf16_to_f32(reinterpret_cast<const uint16_t*>(row)[j]);
-}
+#ifndef ED_MOMENTS_TC
+#define ED_MOMENTS_TC 8
+#endif
+#ifndef ED_MOMENTS_PF
+#define ED_MOMENTS_PF 0  // measured: hardware prefetch does better with 8-row chunks
+#endif
+constexpr int TC = ED_MOMENTS_TC;  // valid tokens per chunk
 
 // Running fp64 state of one work item, per channel.
 struct ItemState {
@@ -36,66 +35,122 @@ struct ItemState {
   float* hi;
 };
 
-// One chunk (nc rows) x one block of W channels starting at d0. Rows are byte pointers to
-// element d0 = 0 of each row; channel stride 1. FUSED: y = x + f.
-template <int DT, bool FUSED, int W>
-ED_INLINE void block_stats(const uint8_t* const* xr, const uint8_t* const* fr, int nc, int64_t d0,
-                           int w, bool first, ItemState& st) {
-  constexpr int L = W ? W : MW;  // W == 0: runtime width w < MW (the tail block)
-  float s[L], lo[L], hi[L], mu[L], ds[L], qs[L];
-  auto y = [&](int r, int j) -> float {
-    float v = ld<DT>(xr[r], d0 + j);
-    if constexpr (FUSED) v += ld<DT>(fr[r], d0 + j);
-    return v;
-  };
-#define ED_FOR_J for (int j = 0; j < (W ? W : w); ++j)
-  ED_FOR_J {
-    float v = y(0, j);
-    s[j] = v;
-    lo[j] = v;
-    hi[j] = v;
+// Fold one chunk's fp32 block results (chunk mean mu + ds/n, squared deviations qs) into
+// the fp64 running sums of channels [d0, d0 + w).
+ED_INLINE void fold(const float* mu, const float* ds, const float* qs, const float* lo,
+                    const float* hi, int nc, int64_t d0, int w, bool first, ItemState& st) {
+  const double n = nc, inv = 1.0 / n;
+  double* __restrict c = st.c + d0;
+  double* __restrict S = st.S + d0;
+  double* __restrict Q = st.Q + d0;
+  float* __restrict l = st.lo + d0;
+  float* __restrict h = st.hi + d0;
+  if (first) {
+    for (int j = 0; j < w; ++j) {
+      const double dsj = ds[j];
+      c[j] = double(mu[j]) + dsj * inv;
+      S[j] = 0.0;
+      Q[j] = std::max(0.0, double(qs[j]) - dsj * dsj * inv);
+      l[j] = lo[j];
+      h[j] = hi[j];
+    }
+  } else {
+    for (int j = 0; j < w; ++j) {
+      const double dsj = ds[j];
+      const double mc = double(mu[j]) + dsj * inv;
+      const double m2c = std::max(0.0, double(qs[j]) - dsj * dsj * inv);
+      const double dl = mc - c[j];
+      S[j] += n * dl;
+      Q[j] += m2c + n * dl * dl;
+      l[j] = lo[j] < l[j] ? lo[j] : l[j];
+      h[j] = hi[j] > h[j] ? hi[j] : h[j];
+    }
+  }
+}
+
+template <int DT, bool FUSED>
+ED_INLINE v16f yv(const uint8_t* xr, const uint8_t* fr, int64_t d) {
+  constexpr int ES = DT == DT_F32 ? 4 : 2;
+  v16f v = load16<DT>(xr + d * ES);
+  if constexpr (FUSED) v += load16<DT>(fr + d * ES);
+  return v;
+}
+
+// One chunk (nc rows) x one block of MW channels starting at d0, in registers. Rows are
+// byte pointers to channel 0 of each row (channel stride 1). FUSED: y = x + f.
+template <int DT, bool FUSED>
+ED_INLINE void block_vec(const uint8_t* const* xr, const uint8_t* const* fr, int nc, int64_t d0,
+                         bool first, ItemState& st) {
+  constexpr int NV = MW / 16;
+  v16f s[NV], lo[NV], hi[NV], mu[NV], ds[NV], qs[NV];
+  for (int k = 0; k < NV; ++k) {
+    const v16f v = yv<DT, FUSED>(xr[0], FUSED ? fr[0] : nullptr, d0 + 16 * k);
+    s[k] = v;
+    lo[k] = v;
+    hi[k] = v;
   }
   for (int r = 1; r < nc; ++r) {
-    ED_FOR_J {
-      float v = y(r, j);
+    for (int k = 0; k < NV; ++k) {
+      const v16f v = yv<DT, FUSED>(xr[r], FUSED ? fr[r] : nullptr, d0 + 16 * k);
+      s[k] += v;
+      lo[k] = vmin(lo[k], v);
+      hi[k] = vmax(hi[k], v);
+    }
+  }
+  const v16f inv = vsplat(1.0f / float(nc));
+  for (int k = 0; k < NV; ++k) {
+    mu[k] = s[k] * inv;
+    ds[k] = v16f{};
+    qs[k] = v16f{};
+  }
+  for (int r = 0; r < nc; ++r) {  // second pass: the block is in L1
+    for (int k = 0; k < NV; ++k) {
+      const v16f dv = yv<DT, FUSED>(xr[r], FUSED ? fr[r] : nullptr, d0 + 16 * k) - mu[k];
+      ds[k] += dv;
+      qs[k] += dv * dv;
+    }
+  }
+  alignas(64) float fmu[MW], fds[MW], fqs[MW], flo[MW], fhi[MW];
+  for (int k = 0; k < NV; ++k) {
+    std::memcpy(fmu + 16 * k, &mu[k], 64);
+    std::memcpy(fds + 16 * k, &ds[k], 64);
+    std::memcpy(fqs + 16 * k, &qs[k], 64);
+    std::memcpy(flo + 16 * k, &lo[k], 64);
+    std::memcpy(fhi + 16 * k, &hi[k], 64);
+  }
+  fold(fmu, fds, fqs, flo, fhi, nc, d0, MW, first, st);
+}
+
+// The same for a tail block of w < MW channels, scalar.
+template <int DT, bool FUSED>
+ED_INLINE void block_tail(const uint8_t* const* xr, const uint8_t* const* fr, int nc, int64_t d0,
+                          int w, bool first, ItemState& st) {
+  float s[MW], lo[MW], hi[MW], mu[MW], ds[MW], qs[MW];
+  auto y = [&](int r, int j) -> float {
+    float v = load1<DT>(xr[r], d0 + j);
+    if constexpr (FUSED) v += load1<DT>(fr[r], d0 + j);
+    return v;
+  };
+  for (int j = 0; j < w; ++j) s[j] = lo[j] = hi[j] = y(0, j);
+  for (int r = 1; r < nc; ++r)
+    for (int j = 0; j < w; ++j) {
+      const float v = y(r, j);
       s[j] += v;
       lo[j] = v < lo[j] ? v : lo[j];
       hi[j] = v > hi[j] ? v : hi[j];
     }
-  }
   const float inv = 1.0f / float(nc);
-  ED_FOR_J {
+  for (int j = 0; j < w; ++j) {
     mu[j] = s[j] * inv;
-    ds[j] = 0.f;
-    qs[j] = 0.f;
+    ds[j] = qs[j] = 0.f;
   }
-  for (int r = 0; r < nc; ++r) {
-    ED_FOR_J {
-      float dv = y(r, j) - mu[j];
+  for (int r = 0; r < nc; ++r)
+    for (int j = 0; j < w; ++j) {
+      const float dv = y(r, j) - mu[j];
       ds[j] += dv;
       qs[j] += dv * dv;
     }
-  }
-  const double n = nc;
-  ED_FOR_J {
-    const int64_t d = d0 + j;
-    const double mc = double(mu[j]) + double(ds[j]) / n;
-    const double m2c = std::max(0.0, double(qs[j]) - double(ds[j]) * double(ds[j]) / n);
-    if (first) {
-      st.c[d] = mc;
-      st.S[d] = 0.0;
-      st.Q[d] = m2c;
-      st.lo[d] = lo[j];
-      st.hi[d] = hi[j];
-    } else {
-      const double dl = mc - st.c[d];
-      st.S[d] += n * dl;
-      st.Q[d] += m2c + n * dl * dl;
-      st.lo[d] = lo[j] < st.lo[d] ? lo[j] : st.lo[d];
-      st.hi[d] = hi[j] > st.hi[d] ? hi[j] : st.hi[d];
-    }
-  }
-#undef ED_FOR_J
+  fold(mu, ds, qs, lo, hi, nc, d0, w, first, st);
 }
 
 template <int DT, bool FUSED>
@@ -103,13 +158,19 @@ ED_INLINE void chunk_stats(const uint8_t* const* xr, const uint8_t* const* fr, i
                            bool first, ItemState& st) {
   int64_t d0 = 0;
   for (; d0 + MW <= D; d0 += MW) {
-    for (int r = 0; r < nc; ++r) {  // the next block of every row is on its way
-      __builtin_prefetch(xr[r] + (d0 + 4 * MW) * (DT == DT_F32 ? 4 : 2));
-      if constexpr (FUSED) __builtin_prefetch(fr[r] + (d0 + 4 * MW) * (DT == DT_F32 ? 4 : 2));
+    // Software prefetch of every cache line of the block PF blocks ahead in every row:
+    // rows sit in different pages, where hardware stream prefetchers give up.
+    constexpr int ES = DT == DT_F32 ? 4 : 2;
+    const int64_t ahead = (d0 + ED_MOMENTS_PF * MW) * ES;
+    for (int r = 0; ED_MOMENTS_PF > 0 && r < nc; ++r) {
+      for (int l = 0; l < MW * ES; l += 64) {
+        __builtin_prefetch(xr[r] + ahead + l);
+        if constexpr (FUSED) __builtin_prefetch(fr[r] + ahead + l);
+      }
     }
-    block_stats<DT, FUSED, MW>(xr, fr, nc, d0, MW, first, st);
+    block_vec<DT, FUSED>(xr, fr, nc, d0, first, st);
   }
-  if (d0 < D) block_stats<DT, FUSED, 0>(xr, fr, nc, d0, int(D - d0), first, st);
+  if (d0 < D) block_tail<DT, FUSED>(xr, fr, nc, d0, int(D - d0), first, st);
 }
 
 // One work item: sample b, tokens [t0, t1). Fast path: channel stride 1 (any dtype, fused
