@@ -1,0 +1,169 @@
+"""Profile overhead: plain forward vs forward + taps + estimators vs the paper's approach.
+
+    python benches/bench_profile.py                      # built-in SmolLM2, 8 x 256, bs 1, CPU
+    python benches/bench_profile.py --samples 16 --batch-size 8 --device cuda --out DIR
+
+Three providers run on the same token batches, interleaved round by round (so a busy
+machine slows them alike), through the decoder stack only (no LM head), under
+``torch.inference_mode``:
+
+- ``plain``: the forward pass alone;
+- ``taps``: the forward with :class:`~entrodrop_fast.hooks.ResidualTaps` feeding
+  :class:`~entrodrop_fast.hooks.BlockStatistics` (bucket entropy of the 2L + 1 residual
+  points, each measured once; backend ``--backend``, default auto);
+- ``paper``: the paper's approach, its estimator as plain torch code inside the forward:
+  per block and per sample, H(X) and H(Y) with the one-hot histogram
+  (:func:`entrodrop_fast.bucket_onehot_reference`), Y = X + F materialised, nothing shared.
+
+Each batch runs under the three providers back to back. Reported: per provider the minimum
+and median seconds per batch, and the overhead over ``plain`` as the median of the per-batch
+ratios (robust to a machine whose load changes during the run) and as min / min. Writes bench_profile.json to ``--out`` if given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+class PaperSink:
+    """The paper's approach: H(X) and H(Y) of every block, one-hot bucket per sample, in torch."""
+
+    def __init__(self, bins: int):
+        from entrodrop_fast import bucket_onehot_reference
+
+        self.h = bucket_onehot_reference
+        self.bins = bins
+        self.values: list[torch.Tensor] = []
+
+    def _block(self, x, y):
+        for b in range(x.shape[0]):
+            self.values.append(self.h(y[b], self.bins) - self.h(x[b], self.bins))
+
+    def on_input(self, li, r):
+        pass
+
+    def on_attn(self, li, x, f):
+        self._block(x, x + f)
+
+    def on_mid(self, li, x, m):
+        pass
+
+    def on_mlp(self, li, x, f):
+        self._block(x, x + f)
+
+    def on_output(self, li, x, y):
+        self._block(x, y)
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model source (default: built-in SmolLM2-135M-Instruct)")
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--bins", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=3, help="rounds (each runs every provider over all samples)")
+    ap.add_argument("--paper-reps", type=int, default=1, help="rounds that include the (slow) paper provider")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    from entrodrop_fast.data import calibration_windows
+    from entrodrop_fast.hooks import BlockStatistics, ResidualTaps
+    from entrodrop_fast.models import get_adapter, load_model
+    from entrodrop_fast.runner import ProfileSettings, resolved_backend
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, dev = lm.model, torch.device(args.device)
+    ad = get_adapter(model)
+    L = ad.num_layers(model)
+    windows, _ = calibration_windows(lm.tokenizer, samples=args.samples, seq_len=args.seq_len)
+    backend = resolved_backend(args.backend, dev)
+    ts = ProfileSettings(methods=("bucket",), bins=args.bins, backend=backend).tap_settings()
+    ts.backend = backend
+
+    st = BlockStatistics(ad, L, ts)
+    paper_sink = PaperSink(args.bins)
+    batches = [windows[i : i + args.batch_size].to(dev) for i in range(0, args.samples, args.batch_size)]
+    base = ad.base(model)
+
+    def forward(ids, on_batch=None):
+        base(input_ids=ids, use_cache=False)
+        if on_batch is not None:
+            on_batch()
+        sync(dev)
+
+    def timed(fn, *a):
+        t = time.perf_counter()
+        fn(*a)
+        return time.perf_counter() - t
+
+    # Each batch runs under every provider back to back, so a machine whose load changes
+    # over the run slows them alike; the overhead is the median of per-batch ratios.
+    times: dict[str, list[float]] = {"plain": [], "taps": [], "paper": []}
+    ratios: dict[str, list[float]] = {"taps": [], "paper": []}
+    with torch.inference_mode():
+        forward(batches[0])  # warm-up
+        with ResidualTaps(model, st, ad):
+            forward(batches[0], st.end_batch)
+        for rnd in range(args.reps):
+            for ids in batches:
+                tp = timed(forward, ids)
+                with ResidualTaps(model, st, ad):  # registering ~5 hooks per layer: not timed
+                    tt = timed(forward, ids, st.end_batch)
+                times["plain"].append(tp)
+                times["taps"].append(tt)
+                ratios["taps"].append(tt / tp)
+                if rnd < args.paper_reps:
+                    with ResidualTaps(model, paper_sink, ad):
+                        tq = timed(forward, ids)
+                    times["paper"].append(tq)
+                    ratios["paper"].append(tq / tp)
+            print(f"round {rnd}: plain {statistics.median(times['plain']):.4f} s/batch, taps overhead {statistics.median(ratios['taps']) - 1:.1%}"
+                  + (f", paper overhead {statistics.median(ratios['paper']) - 1:.1%}" if ratios["paper"] else ""), flush=True)
+    best = {k: min(v) for k, v in times.items() if v}
+    med = {k: statistics.median(v) for k, v in times.items() if v}
+    res = {
+        "model": lm.source, "num_layers": L, "samples": args.samples, "seq_len": args.seq_len,
+        "batch_size": args.batch_size, "bins": args.bins, "backend": backend, "dtype": args.dtype,
+        "device": args.device, "threads": torch.get_num_threads(), "reps": args.reps,
+        "platform": platform.platform(), "torch": torch.__version__,
+        "seconds_per_batch_min": best, "seconds_per_batch_median": med,
+        "overhead_median_of_batch_ratios": {k: statistics.median(v) - 1 for k, v in ratios.items() if v},
+        "overhead_min_over_min": {k: best[k] / best["plain"] - 1 for k in best if k != "plain"},
+    }
+    print(f"\n{lm.source}: {L} layers, {args.samples} x {args.seq_len} tokens, batch {args.batch_size}, {args.device}, {res['threads']} threads, bucket backend {backend}")
+    print(f"{'provider':8s} {'min s/batch':>12s} {'median':>10s} {'overhead (median ratio)':>24s} {'overhead (min/min)':>19s}")
+    for k in best:
+        o1 = res["overhead_median_of_batch_ratios"].get(k, 0.0)
+        o2 = res["overhead_min_over_min"].get(k, 0.0)
+        print(f"{k:8s} {best[k]:12.4f} {med[k]:10.4f} {o1:23.1%} {o2:18.1%}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_profile.json").write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
