@@ -33,6 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--corpus", default=None, help="profile step: calibration text (default: built-in corpus)")
     p.add_argument("--device", default="cpu", help="profile step: cpu, cuda or cuda:N")
     p.add_argument("--cache-dir", default=None, help="where the built-in model is converted")
+    p.add_argument("--iterative", action="store_true", help="drop one block at a time and re-profile the pruned model in between (kinds attn, mlp, layer; slower)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run)
 
@@ -74,11 +75,10 @@ def resolve_source(model, cache_dir=None, workdir: Path | None = None) -> Path:
         ) from exc
 
 
-def profile_report(src: Path, args) -> dict:
+def _profile_inputs(src: Path, args):
     from entrodrop_fast.data import calibration_windows
     from entrodrop_fast.models import load_model
-    from entrodrop_fast.report import build_report
-    from entrodrop_fast.runner import ProfileSettings, profile
+    from entrodrop_fast.runner import ProfileSettings
 
     method = args.method if args.method and args.method not in ("cosine", "angular") else "bucket"
     methods = (method, "cosine") if args.method == "cosine" else ((method, "angular") if args.method == "angular" else (method,))
@@ -88,8 +88,25 @@ def profile_report(src: Path, args) -> dict:
     settings = ProfileSettings(methods=methods, batch_size=args.batch_size)
     if "angular" in methods and args.drop is not None and str(args.drop).isdigit():
         settings.spans = (int(args.drop),)
+    return lm, windows, data_info, settings
+
+
+def profile_report(src: Path, args) -> dict:
+    from entrodrop_fast.report import build_report
+    from entrodrop_fast.runner import profile
+
+    lm, windows, data_info, settings = _profile_inputs(src, args)
     result = profile(lm.model, windows, settings, progress=True)
     return build_report(result, model_info={"name": str(src), "source": str(src), "path": str(src)}, data_info=data_info, settings={"samples": args.samples, "seq_len": args.seq_len, "seed": args.seed}, model=lm.model)
+
+
+def iterative(src: Path, args) -> dict:
+    from entrodrop_fast.ranking import iterative_plan
+
+    lm, windows, _, settings = _profile_inputs(src, args)
+    plan = iterative_plan(lm.model, windows, args.kind, args.drop, method=args.method, protect=args.protect, settings=settings, progress=True)
+    plan["model"].update({"name": str(src), "path": str(src)})
+    return plan
 
 
 def _h(n: int) -> str:
@@ -116,6 +133,11 @@ def run(args) -> int:
         src = resolve_source(args.model, args.cache_dir, Path(work))
         if args.plan:
             plan = read_plan(args.plan)
+        elif args.iterative:
+            if args.report:
+                raise ValueError("--iterative re-profiles the model itself: drop --report")
+            plan = iterative(src, args)
+            print(plan_summary(plan))
         else:
             report = args.report if args.report is not None else profile_report(src, args)
             plan = make_plan(report, args.kind, args.drop, method=args.method, protect=args.protect)
