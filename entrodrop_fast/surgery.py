@@ -28,6 +28,7 @@ in-memory and the reloaded model run the very same code.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -316,6 +317,30 @@ def _apply_config_(config, new: dict, old: dict) -> None:
             setattr(config, key, value)
 
 
+@functools.lru_cache(maxsize=1)
+def cache_skips_dropped_attention() -> bool:
+    """Whether this transformers builds no KV-cache layer where ``kv_sharing_modes`` says "reuse"."""
+    try:
+        from transformers import DynamicCache, LlamaConfig
+
+        cfg = LlamaConfig(num_hidden_layers=2, hidden_size=8, intermediate_size=8, num_attention_heads=2, vocab_size=8)
+        cfg.kv_sharing_modes = ["reuse", None]
+        return list(getattr(DynamicCache(config=cfg), "is_dummy", [])) == [True, False]
+    except Exception:
+        return False
+
+
+def _check_cache_support() -> None:
+    if not cache_skips_dropped_attention():
+        import warnings
+
+        warnings.warn(
+            "this transformers version cannot mark a layer as holding no KV cache; dropped attention "
+            "layers leave empty cache slots, and generation is wrong if layer 0's attention is dropped",
+            stacklevel=3,
+        )
+
+
 def drop_blocks_(model: nn.Module, plan) -> dict:
     """Remove the blocks of ``plan`` from ``model`` in place. Returns the summary record.
 
@@ -340,6 +365,8 @@ def drop_blocks_(model: nn.Module, plan) -> dict:
         _set_path(model, adapter.arch.layers, kept_modules)
         for j, layer in enumerate(kept_modules):
             _renumber_(layer, j)
+    if drops.attn:
+        _check_cache_support()
     if drops.attn or drops.mlp:
         new_of = {old: new for new, old in enumerate(drops.kept)}
         apply_subblock_drops_(

@@ -187,3 +187,9 @@ def test_repeated_surgery_composes():
 def test_plan_for_another_model_is_refused():
     with pytest.raises(ValueError, match="made for a model with 30 layers"):
         drop_blocks_(tiny_model("llama"), {"model": {"num_layers": 30}, "drop": {"attn": [1]}})
+
+
+def test_this_transformers_keeps_no_cache_for_dropped_attention():
+    from entrodrop_fast.surgery import cache_skips_dropped_attention
+
+    assert cache_skips_dropped_attention()
