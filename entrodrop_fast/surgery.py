@@ -197,8 +197,8 @@ def normalize_drops(plan, num_layers: int) -> Drops:
         raise ValueError(f"the plan was made for a model with {planned_for} layers; this one has {num_layers}")
     spec = plan.get("drop", plan)
     unknown = set(spec) - {"attn", "mlp", "layer"}
-    if unknown and "drop" in plan:
-        raise ValueError(f"plan 'drop' has unknown keys {sorted(unknown)}; expected attn, mlp, layer")
+    if unknown:
+        raise ValueError(f"plan drops have unknown keys {sorted(unknown)}; expected attn, mlp, layer (or a full plan with a 'drop' entry)")
     out = {}
     for kind in ("attn", "mlp", "layer"):
         vals = spec.get(kind, []) or []

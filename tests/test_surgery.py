@@ -169,6 +169,8 @@ def test_both_subblocks_become_layer_drop_and_bad_plans():
         normalize_drops({"layer": [0, 1, 2, 3]}, 4)
     with pytest.raises(ValueError, match="integers"):
         normalize_drops({"attn": ["1"]}, 4)
+    with pytest.raises(ValueError, match="unknown keys"):
+        normalize_drops({"atn": [1]}, 4)
 
 
 def test_repeated_surgery_composes():
