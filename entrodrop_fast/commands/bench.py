@@ -1,0 +1,55 @@
+"""``entrodrop bench``: estimator throughput per backend against the x.sum() roofline."""
+
+from __future__ import annotations
+
+import json
+
+
+def _shape(s: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(v) for v in s.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"a shape is like 256x4096 or 128x256x4096, got {s!r}") from None
+    if len(dims) not in (2, 3) or min(dims) < 1:
+        raise ValueError(f"a shape has 2 or 3 positive sizes, got {s!r}")
+    return dims
+
+
+def register(sub) -> None:
+    from entrodrop_fast.bench import BACKENDS, DEFAULT_SHAPES, DTYPES, ESTIMATORS
+
+    p = sub.add_parser("bench", help="time the estimators per backend against a plain read (x.sum()) of the same tensor")
+    p.add_argument("--estimators", default=",".join(ESTIMATORS), help=f"comma-separated from {', '.join(ESTIMATORS)}")
+    p.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in DEFAULT_SHAPES), help="comma-separated, e.g. 256x4096,128x256x4096")
+    p.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated from {', '.join(DTYPES)}")
+    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated from {', '.join(BACKENDS)}")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from entrodrop_fast.bench import BACKENDS, DTYPES, ESTIMATORS, format_table, run_bench
+
+    def pick(text, allowed, what):
+        items = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in items if v not in allowed]
+        if bad:
+            raise ValueError(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)}")
+        return items
+
+    rows = run_bench(
+        estimators=pick(args.estimators, ESTIMATORS, "estimator"),
+        shapes=[_shape(s) for s in args.shapes.split(",") if s.strip()],
+        dtypes=pick(args.dtypes, tuple(DTYPES), "dtype"),
+        backends=pick(args.backends, BACKENDS, "backend"),
+        repeat=args.repeat,
+        device=args.device,
+    )
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+        print(f"wrote {args.json}")
+    return 0
