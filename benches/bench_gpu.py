@@ -92,6 +92,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "./gpu_out"))
     ap.add_argument("--reps", type=int, default=3 if DRY else 15)
+    ap.add_argument("--quick", action="store_true", help="skip the Triton block-size sweep (and Triton bucket/moments on fp32)")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -168,9 +169,23 @@ def main() -> int:
 
                 try:
                     record(shape, dtype, "bucket", "cuda counts only", timeit(lambda x=x: cb.bucket_counts(x, None, None, bins), args.reps), nbytes, 2, copy_bw)
+                    if args.quick:  # the two passes of the CUDA bucket, timed alone
+                        from entrodrop_fast import _ext
+
+                        C = _ext.require()
+                        a = cb._args(x, None, None)
+                        B_, T_, D_ = x.shape
+                        Sp, rp = cb._splits(x, a[-1], None, kind=1, waves=2)
+                        pmin = torch.empty((B_, Sp, D_), dtype=torch.float32, device=x.device)
+                        pmax = torch.empty_like(pmin)
+                        dev, st = cb._launch_ctx(x)
+                        record(shape, dtype, "minmax", f"cuda pass 1 (S={Sp})", timeit(lambda: C.cuda_minmax_partial(*a, Sp, rp, pmin.data_ptr(), pmax.data_ptr(), dev, st), args.reps), nbytes, 1, copy_bw)
+                        S2, r2 = cb._splits(x, a[-1], None, kind=2, bins=bins, waves=1, max_rows=cb._HIST_MAX_ROWS)
+                        ph = torch.empty((B_, S2, D_, bins), dtype=torch.int32, device=x.device)
+                        record(shape, dtype, "bins", f"cuda pass 2 (S={S2})", timeit(lambda: C.cuda_bucket_hist(*a, Sp, pmin.data_ptr(), pmax.data_ptr(), S2, r2, bins, ph.data_ptr(), dev, st), args.reps), nbytes, 1, copy_bw)
                 except Exception as exc:
                     log(f"cuda counts: {exc}")
-            if not isinstance(bk.get("triton"), str):
+            if not isinstance(bk.get("triton"), str) and not args.quick:
                 from entrodrop_fast.ops.triton import bucket as tb
                 from entrodrop_fast.ops.triton import moments as tm
 
@@ -202,6 +217,8 @@ def main() -> int:
         if not isinstance(mod, str):
             try:
                 record(bshape, torch.bfloat16, "bucket", name, timeit(lambda m=mod, x=x: m.bucket(x, None, None, bins, False), args.reps), nbytes, 2, copy_bw)
+                if name == "cuda":  # the same through the two-pass kernels (fused=False)
+                    record(bshape, torch.bfloat16, "bucket", "cuda two-pass", timeit(lambda m=mod, x=x: m.bucket(x, None, None, bins, False, fused=False), args.reps), nbytes, 2, copy_bw)
             except Exception as exc:
                 rows.append({"shape": list(bshape), "op": "bucket", "impl": name, "error": f"{type(exc).__name__}: {exc}"})
 

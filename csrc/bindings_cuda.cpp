@@ -93,22 +93,44 @@ void register_cuda(py::module_& m) {
       "cuda_bucket_hist",
       [](uintptr_t x, uintptr_t f, uintptr_t mask, I3 shape, I3 sx, I3 sf, I2 sm, int dtype,
          int vec, int S_partial, uintptr_t pmin, uintptr_t pmax, int S, int64_t rows, int bins,
-         uintptr_t hist, int device, uintptr_t stream) {
+         uintptr_t phist, int device, uintptr_t stream) {
         const auto in = make_input(x, f, mask, shape, sx, sf, sm, dtype, vec);
         check("bucket_hist", cuda::bucket_hist(in, S_partial, ptr<const float>(pmin),
                                                ptr<const float>(pmax), S, rows, bins,
-                                               ptr<int32_t>(hist), device, ptr<void>(stream)));
+                                               ptr<int32_t>(phist), device, ptr<void>(stream)));
       },
-      "Add bin counts of Y into hist [B,D,bins] int32 (zeroed by the caller)");
+      "Bin counts of each token split of Y into phist [B,S,D,bins] int32 (all entries written)");
   m.def(
       "cuda_bucket_entropy",
-      [](int64_t B, int64_t D, int bins, uintptr_t hist, bool paper_exact, uintptr_t out,
+      [](int64_t B, int64_t D, int bins, int S, uintptr_t phist, bool paper_exact, uintptr_t out,
          int device, uintptr_t stream) {
         check("bucket_entropy",
-              cuda::bucket_entropy(B, D, bins, ptr<const int32_t>(hist), paper_exact ? 1 : 0,
+              cuda::bucket_entropy(B, D, bins, S, ptr<const int32_t>(phist), paper_exact ? 1 : 0,
                                    ptr<double>(out), device, ptr<void>(stream)));
       },
-      "H_d (fp64 [B,D]) from hist [B,D,bins] int32");
+      "H_d (fp64 [B,D]) from phist [B,S,D,bins] int32, summed over S");
+  m.def(
+      "cuda_bucket_fused",
+      [](uintptr_t x, uintptr_t f, uintptr_t mask, I3 shape, I3 sx, I3 sf, I2 sm, int dtype,
+         int vec, int bins, bool paper_exact, uintptr_t counts, uintptr_t out, int device,
+         uintptr_t stream) {
+        const auto in = make_input(x, f, mask, shape, sx, sf, sm, dtype, vec);
+        check("bucket_fused", cuda::bucket_fused(in, bins, paper_exact ? 1 : 0,
+                                                 ptr<int32_t>(counts), ptr<double>(out), device,
+                                                 ptr<void>(stream)));
+      },
+      "One pass for T <= cuda_fused_max_rows(): counts [B,D,bins] int32 and/or H_d [B,D] fp64 "
+      "(0 for a pointer not wanted)");
+  m.def("cuda_fused_max_rows", &cuda::fused_max_rows);
+  m.def("cuda_hist_max_rows", &cuda::hist_max_rows);
+  m.def(
+      "cuda_occupancy",
+      [](int kind, int dtype, int vec, int bins, bool has_f, int device) {
+        int n = 0;
+        check("occupancy", cuda::occupancy(kind, dtype, vec, bins, has_f ? 1 : 0, device, &n));
+        return n;
+      },
+      "Resident blocks per SM: kind 0 moments, 1 min/max, 2 histogram, 3 fused");
 }
 
 }  // namespace entrodrop

@@ -18,10 +18,15 @@ struct Input {
   int64_t sfb = 0, sft = 0, sfd = 0;
   int64_t smb = 0, smt = 0;
   int dtype = kF32;
-  int vec = 1;  // 2: two channels per lane (16-bit dtypes, unit channel stride, 4-byte aligned)
+  // 1: generic path (any strides, 32 channels per block); 4 (fp32) / 8 (fp16, bf16): one
+  // 16-byte load per row and thread, 64 channels per block; needs D % vec == 0, unit channel
+  // strides, 16-byte aligned base pointers and batch/token strides divisible by vec.
+  int vec = 1;
 };
 
 // Each returns nullptr on success, else a static error string (a CUDA error or a bad argument).
+// Grid of the streaming kernels: channel tiles (32 channels for vec 1, else 64) x S token
+// splits of `rows` tokens x B samples, 256 threads per block.
 // Partials: pn [B, S] fp32; pmean/pm2 [B, S, D] fp64; pmin/pmax [B, S, D] fp32.
 const char* moments_partial(const Input& in, int S, int64_t rows, float* pn, double* pmean,
                             double* pm2, float* pmin, float* pmax, int device, void* stream);
@@ -32,12 +37,22 @@ const char* moments_merge(int64_t B, int64_t D, int S, const float* pn, const do
 // pmin/pmax [B, S, D] fp32.
 const char* minmax_partial(const Input& in, int S, int64_t rows, float* pmin, float* pmax,
                            int device, void* stream);
-// Adds per-(sample, channel) bin counts into hist [B, D, bins] int32 (zeroed by the caller).
+// Bin counts of each token split into phist [B, S, D, bins] int32; every entry is written
+// (the caller need not zero it). min/max from the S_partial partials of minmax_partial.
+// rows <= hist_max_rows() keeps the shared-memory counters (else global atomics).
 const char* bucket_hist(const Input& in, int S_partial, const float* pmin, const float* pmax, int S,
-                        int64_t rows, int bins, int32_t* hist, int device, void* stream);
-// H_d = -sum_j p_j ln p_j (fp64) from hist [B, D, bins] into out [B, D].
-const char* bucket_entropy(int64_t B, int64_t D, int bins, const int32_t* hist, int paper_exact,
-                           double* out, int device, void* stream);
+                        int64_t rows, int bins, int32_t* phist, int device, void* stream);
+// H_d = -sum_j p_j ln p_j (fp64) from phist [B, S, D, bins] (summed over S) into out [B, D].
+const char* bucket_entropy(int64_t B, int64_t D, int bins, int S, const int32_t* phist,
+                           int paper_exact, double* out, int device, void* stream);
+// Single pass for short samples: T <= fused_max_rows(), vec 4 or 8. Writes counts
+// [B, D, bins] int32 and/or the entropy out [B, D] fp64 (either pointer may be null).
+const char* bucket_fused(const Input& in, int bins, int paper_exact, int32_t* counts, double* out,
+                         int device, void* stream);
+int fused_max_rows();
+int hist_max_rows();
+// Resident blocks per SM of a kernel: kind 0 moments, 1 min/max, 2 histogram, 3 fused.
+const char* occupancy(int kind, int dtype, int vec, int bins, int has_f, int device, int* blocks_per_sm);
 
 }  // namespace cuda
 }  // namespace entrodrop

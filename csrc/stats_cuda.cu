@@ -1,18 +1,44 @@
 // CUDA kernels for the memory-bound estimators: per-channel moments (with min/max) and the
 // bucket histogram with shared-memory privatised counters. Launched on the caller's stream.
 //
-// Layout of every streaming kernel: a block is 8 warps; lane l of every warp owns channel(s)
-// (blockIdx.x * 32 + l) * VEC (+ k); blockIdx.y is a chunk ("split") of tokens, blockIdx.z the
-// sample. Warp w reads rows t0 + w*R .. + R of each group of 8*R rows, R rows at a time, all R
-// loads issued before any is used. A warp reads 32*VEC consecutive channels of a row
-// (64-128 contiguous bytes). Compiled with --fmad=false: the bucket bin index must match the
-// reference bit for bit; the moments use explicit __fmaf_rn where contraction is harmless.
+// Layout of every streaming kernel (block = 8 warps = 256 threads):
+//   - a thread owns VEC consecutive channels: VEC = 8 (16-bit dtypes) or 4 (fp32) with one
+//     16-byte load per row ("fast path": unit channel stride, 16-byte aligned rows), or VEC = 1
+//     (generic path: any strides, scalar loads);
+//   - LC = lanes along channels (8 for VEC 8, 16 for VEC 4, 32 for VEC 1), so a block covers
+//     CT = LC * VEC channels (64 on the fast path: 128-256 contiguous bytes per row) and the
+//     32 / LC = RPW lane groups of a warp read RPW different rows; RG = 8 * RPW "row groups";
+//   - blockIdx.x: channel tile, blockIdx.y: token split (rows [s*rows, (s+1)*rows)),
+//     blockIdx.z (or y): sample. Row group rg reads rows t_begin + rg + RG*i; kU of them per
+//     step, all loads issued before any is used (kU * 16 B in flight per thread).
+// Compiled with --fmad=false: the bucket bin index must match the reference bit for bit
+// (fp32 sub, fp32 mul, truncation); the moments use explicit __fmaf_rn where harmless.
+//
+// moments: per thread, chunks of kU rows are reduced two-pass in registers (chunk mean, then
+// squared deviations about it), about a per-thread shift c (the mean of its first chunk) so
+// that large offsets cost no precision, and merged into the thread's running (n, mean, M2)
+// in fp32 with Chan's formula (one division per chunk per thread, none per element). Threads
+// are merged in fp64: lanes by shuffles, warps through shared memory, splits by a second
+// small kernel. No fp64 in the streaming loop.
+//
+// bucket: two passes over x (min/max, then the bins) are unavoidable for a large sample that
+// does not fit on chip, so bucket's rate is capped at about half of x.sum()'s on one 512 MB
+// sample; the min/max pass is the moments kernel without the moments. The binning pass keeps
+// 16-bit counters packed two per 32-bit shared-memory word, [bins/2][VEC][32 lanes], so the
+// 32 lanes of a warp always hit 32 different banks; at the end the RPW row-group copies are
+// summed by shuffles into a [channel][bins] staging array and written with coalesced plain
+// stores to a per-split partial histogram [B, S, D, bins] (no global atomics; S is small,
+// about one wave of blocks). Short samples (T <= 256, fast path): one block per (sample,
+// channel tile) loads its whole tile into registers once, computes min/max, bins and the
+// entropy in one read of global memory (bucket_fused).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cfloat>
 #include <cmath>
+#include <cstdint>
+#include <type_traits>
 
 #include "entrodrop_cuda.h"
 
@@ -22,190 +48,280 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kRows = 8;  // rows per warp per step (loads in flight per thread)
-constexpr int kMinBlocks = 3;  // blocks per SM: caps registers at 85 (24 warps/SM resident, no spills)
+constexpr int kFusedRows = 256;   // max tokens per sample of the fused bucket kernel
+constexpr int kMaxRowsPerHistBlock = 65535;  // 16-bit shared-memory counters
+
+// Streaming-kernel tuning: U rows per thread per step (all loads issued before use), MINB
+// blocks per SM for __launch_bounds__ (register cap 65536 / (256 * MINB)). Reading f too
+// halves U (same bytes in flight, same registers).
+template <int VEC, bool STATS, bool HAS_F>
+struct Cfg {
+  static constexpr bool kBig = STATS && VEC == 8;  // 40 state registers + 8 per row
+  static constexpr int U = (kBig ? 6 : 4) / (HAS_F ? 2 : 1);
+  static constexpr int MINB = kBig ? 2 : 3;
+};
+
+template <int VEC>
+struct Geo {
+  static constexpr int LC = VEC == 1 ? 32 : 64 / VEC;  // lanes along channels
+  static constexpr int RPW = 32 / LC;                  // rows per warp per load
+  static constexpr int RG = kWarps * RPW;              // row groups per block
+  static constexpr int CT = LC * VEC;                  // channels per block
+};
+
+__device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
 
 template <typename T>
-__device__ __forceinline__ float half_bits_to_float(uint16_t bits);
-template <>
-__device__ __forceinline__ float half_bits_to_float<__nv_bfloat16>(uint16_t bits) {
-  return __uint_as_float(static_cast<uint32_t>(bits) << 16);
-}
-template <>
-__device__ __forceinline__ float half_bits_to_float<__half>(uint16_t bits) {
-  return __half2float(__ushort_as_half(bits));
-}
-
-// Load VEC consecutive channels starting at p as fp32.
-template <typename T, int VEC>
-__device__ __forceinline__ void load_vec(const T* __restrict__ p, float (&out)[VEC]) {
+__device__ __forceinline__ float scalar_to_float(const T* p) {
   if constexpr (sizeof(T) == 4) {
-    static_assert(VEC == 1, "fp32 is read one channel per lane");
-    out[0] = __ldg(reinterpret_cast<const float*>(p));
-  } else if constexpr (VEC == 1) {
-    out[0] = half_bits_to_float<T>(__ldg(reinterpret_cast<const unsigned short*>(p)));
+    return __ldg(reinterpret_cast<const float*>(p));
   } else {
-    static_assert(VEC == 2, "VEC is 1 or 2");
-    const uint32_t w = __ldg(reinterpret_cast<const unsigned int*>(p));
-    out[0] = half_bits_to_float<T>(static_cast<uint16_t>(w & 0xffffu));
-    out[1] = half_bits_to_float<T>(static_cast<uint16_t>(w >> 16));
-  }
-}
-
-// Load kRows rows of Y = x (+ f) for this lane's channels; bit i of the result: row i is a
-// valid token (the same for every lane of the warp).
-template <typename T, int VEC>
-__device__ __forceinline__ unsigned load_rows(const Input& in, int64_t b, int64_t d0, bool dvalid,
-                                              int64_t t0, int64_t t_end, float (&v)[kRows][VEC]) {
-  unsigned ok = 0;
-  const uint8_t* __restrict__ pm = in.mask ? in.mask + b * in.smb + t0 * in.smt : nullptr;
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    bool valid = t0 + i < t_end;
-    if (valid && pm != nullptr) valid = __ldg(pm + i * in.smt) != 0;
-    ok |= valid ? (1u << i) : 0u;
-  }
-  const T* __restrict__ px = static_cast<const T*>(in.x) + (b * in.sxb + d0 * in.sxd + t0 * in.sxt);
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    if (((ok >> i) & 1u) && dvalid) {
-      load_vec<T, VEC>(px + i * in.sxt, v[i]);
+    const unsigned short bits = __ldg(reinterpret_cast<const unsigned short*>(p));
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+      return __uint_as_float(static_cast<uint32_t>(bits) << 16);
     } else {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) v[i][k] = 0.f;
+      return __half2float(__ushort_as_half(bits));
     }
   }
-  if (in.f != nullptr && dvalid) {
-    const T* __restrict__ pf = static_cast<const T*>(in.f) + (b * in.sfb + d0 * in.sfd + t0 * in.sft);
+}
+
+// VEC consecutive channels at p as fp32 (VEC 8 / 4: one 16-byte load, p 16-byte aligned).
+template <typename T, int VEC>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, float (&o)[VEC]) {
+  if constexpr (VEC == 1) {
+    o[0] = scalar_to_float<T>(p);
+  } else if constexpr (sizeof(T) == 4) {
+    static_assert(VEC == 4, "fp32 fast path reads 4 channels");
+    const float4 q = __ldg(reinterpret_cast<const float4*>(p));
+    o[0] = q.x; o[1] = q.y; o[2] = q.z; o[3] = q.w;
+  } else {
+    static_assert(VEC == 8, "16-bit fast path reads 8 channels");
+    const uint4 q = __ldg(reinterpret_cast<const uint4*>(p));
+    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-      if ((ok >> i) & 1u) {
-        float w[VEC];
-        load_vec<T, VEC>(pf + i * in.sft, w);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) v[i][k] = __fadd_rn(v[i][k], w[k]);
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+        o[2 * i] = bf16_lo(w[i]);
+        o[2 * i + 1] = bf16_hi(w[i]);
+      } else {
+        o[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xffffu)));
+        o[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
       }
     }
   }
-  return ok;
 }
 
-// STATS: count/mean/M2 (+ min/max); !STATS: min/max only (phase 1 of bucket).
-// Per lane, the statistics are of z = y - shift (shift = mean of the first valid step), each
-// step's M2 about the step's own mean, merged into the running state with Chan's formulas;
-// M2 accumulates in fp64. The 8 warps of a block are merged in fp64 through shared memory.
-template <typename T, int VEC, bool STATS>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
-    stats_partial_kernel(Input in, int S, int64_t rows, float* __restrict__ pn,
-                         double* __restrict__ pmean, double* __restrict__ pm2,
-                         float* __restrict__ pmin, float* __restrict__ pmax) {
-  constexpr int CH = 32 * VEC;
-  const int lane = threadIdx.x, warp = threadIdx.y;
+// ok[i]: row t0 + i*STEP of sample b is a valid token for this thread (dvalid: its channels
+// exist). Rows past t_end and masked rows are not.
+template <int U, int STEP>
+__device__ __forceinline__ int rows_ok(const Input& in, int64_t b, int64_t t0, int64_t t_end,
+                                       bool dvalid, bool (&ok)[U]) {
+  int n = 0;
+#pragma unroll
+  for (int i = 0; i < U; ++i) {
+    const int64_t t = t0 + static_cast<int64_t>(i) * STEP;
+    bool v = dvalid && t < t_end;
+    if (v && in.mask != nullptr) v = __ldg(in.mask + b * in.smb + t * in.smt) != 0;
+    ok[i] = v;
+    n += v ? 1 : 0;
+  }
+  return n;
+}
+
+// v[i] = Y at row t0 + i*STEP for the thread's VEC channels starting at d (only where ok[i]);
+// every load is issued before the first add.
+template <typename T, int VEC, int U, int STEP, bool HAS_F>
+__device__ __forceinline__ void load_rows(const Input& in, int64_t b, int64_t t0, int64_t d,
+                                          const bool (&ok)[U], float (&v)[U][VEC]) {
+  const T* __restrict__ px = static_cast<const T*>(in.x) + (b * in.sxb + t0 * in.sxt + d * in.sxd);
+  if constexpr (!HAS_F) {
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      if (ok[i]) {
+        load_vec<T, VEC>(px + static_cast<int64_t>(i) * STEP * in.sxt, v[i]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) v[i][k] = 0.f;
+      }
+    }
+  } else {
+    const T* __restrict__ pf = static_cast<const T*>(in.f) + (b * in.sfb + t0 * in.sft + d * in.sfd);
+    float w[U][VEC];
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      if (ok[i]) {
+        load_vec<T, VEC>(px + static_cast<int64_t>(i) * STEP * in.sxt, v[i]);
+        load_vec<T, VEC>(pf + static_cast<int64_t>(i) * STEP * in.sft, w[i]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) { v[i][k] = 0.f; w[i][k] = 0.f; }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < U; ++i)
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) v[i][k] = __fadd_rn(v[i][k], w[i][k]);
+  }
+}
+
+// Chan's merge of (nb, mb, qb) into (na, ma, qa), fp64. The caller updates na afterwards.
+__device__ __forceinline__ void chan_merge(double na, double& ma, double& qa, double nb, double mb,
+                                           double qb) {
+  if (nb == 0.0) return;
+  if (na == 0.0) {
+    ma = mb;
+    qa = qb;
+    return;
+  }
+  const double n = na + nb;
+  const double d = mb - ma;
+  ma = ma + d * (nb / n);
+  qa = qa + qb + d * d * (na * nb / n);
+}
+
+// STATS: count/mean/M2 + min/max per (sample, split, channel); !STATS: min/max only.
+template <typename T, int VEC, bool STATS, bool HAS_F>
+__global__ void __launch_bounds__(kThreads, (Cfg<VEC, STATS, HAS_F>::MINB))
+    stream_stats_kernel(Input in, int S, int64_t rows, float* __restrict__ pn,
+                        double* __restrict__ pmean, double* __restrict__ pm2,
+                        float* __restrict__ pmin, float* __restrict__ pmax) {
+  using G = Geo<VEC>;
+  constexpr int kU = Cfg<VEC, STATS, HAS_F>::U;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int cl = lane % G::LC, rw = lane / G::LC, rg = warp * G::RPW + rw;
   const int64_t b = blockIdx.z;
   const int s = blockIdx.y;
-  const int64_t d0 = (static_cast<int64_t>(blockIdx.x) * 32 + lane) * VEC;
-  const bool dvalid = d0 < in.D;  // VEC == 2 only when D is even
+  const int64_t dt = static_cast<int64_t>(blockIdx.x) * G::CT;
+  const int64_t d0 = dt + cl * VEC;
+  const bool dvalid = d0 < in.D;  // VEC > 1 only when D % VEC == 0: all VEC channels exist
   const int64_t t_begin = static_cast<int64_t>(s) * rows;
   const int64_t t_end = min(t_begin + rows, in.T);
 
-  int n = 0;
-  float shift[VEC], mean[VEC], mn[VEC], mx[VEC];
-  double m2[VEC];
+  float n = 0.f;  // exact: at most rows / RG per thread
+  bool have_c = false;
+  float c[VEC], mz[VEC], q2[VEC], mn[VEC], mx[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    shift[k] = 0.f; mean[k] = 0.f; m2[k] = 0.0; mn[k] = INFINITY; mx[k] = -INFINITY;
+    c[k] = 0.f; mz[k] = 0.f; q2[k] = 0.f; mn[k] = INFINITY; mx[k] = -INFINITY;
   }
-  for (int64_t t0 = t_begin + warp * kRows; t0 < t_end; t0 += kWarps * kRows) {
-    float v[kRows][VEC];
-    const unsigned okm = load_rows<T, VEC>(in, b, d0, dvalid, t0, t_end, v);
-    if (okm == 0) continue;  // uniform across the warp
-    const int nb = __popc(okm);
-    bool ok[kRows];
+  for (int64_t t0 = t_begin + rg; t0 < t_end; t0 += static_cast<int64_t>(G::RG) * kU) {
+    bool ok[kU];
+    const int nbi = rows_ok<kU, G::RG>(in, b, t0, t_end, dvalid, ok);
+    float v[kU][VEC];
+    load_rows<T, VEC, kU, G::RG, HAS_F>(in, b, t0, d0, ok, v);
+    if (nbi == 0) continue;
 #pragma unroll
-    for (int i = 0; i < kRows; ++i) ok[i] = (okm >> i) & 1u;
+    for (int k = 0; k < VEC; ++k)
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) {
+      for (int i = 0; i < kU; ++i)
         if (ok[i]) { mn[k] = fminf(mn[k], v[i][k]); mx[k] = fmaxf(mx[k], v[i][k]); }
-      }
-      if constexpr (STATS) {
-        const float inv_nb = 1.f / static_cast<float>(nb);
-        if (n == 0) {
+    if constexpr (STATS) {
+      const float nb = static_cast<float>(nbi);
+      const float inv = __frcp_rn(nb);  // the chunk mean need not be exact: q is about it
+      if (!have_c) {
+        have_c = true;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
           float s0 = 0.f;
 #pragma unroll
-          for (int i = 0; i < kRows; ++i) s0 += ok[i] ? v[i][k] : 0.f;
-          shift[k] = s0 * inv_nb;
+          for (int i = 0; i < kU; ++i) s0 = __fadd_rn(s0, ok[i] ? v[i][k] : 0.f);
+          c[k] = __fmul_rn(s0, inv);
         }
-        float sz = 0.f;
+      }
+      const float nt = __fadd_rn(n, nb);
+      const float w = __fdiv_rn(nb, nt);  // weight of the chunk
+      const float nw = __fmul_rn(n, w);   // n * nb / nt
 #pragma unroll
-        for (int i = 0; i < kRows; ++i) sz += ok[i] ? v[i][k] - shift[k] : 0.f;
-        const float mb = sz * inv_nb;
+      for (int k = 0; k < VEC; ++k) {
+        // z = y - c (exact for offset channels: y and c within a factor 2), then the chunk's
+        // squared deviations about its own mean: no cancellation, whatever the offset
+        float zs = 0.f;
+#pragma unroll
+        for (int i = 0; i < kU; ++i) {
+          v[i][k] = __fsub_rn(v[i][k], c[k]);
+          zs = __fadd_rn(zs, ok[i] ? v[i][k] : 0.f);
+        }
+        const float mb = __fmul_rn(zs, inv);  // chunk mean of z
         float q = 0.f;
 #pragma unroll
-        for (int i = 0; i < kRows; ++i) {
-          const float dd = ok[i] ? (v[i][k] - shift[k]) - mb : 0.f;
+        for (int i = 0; i < kU; ++i) {
+          const float dd = ok[i] ? __fsub_rn(v[i][k], mb) : 0.f;
           q = __fmaf_rn(dd, dd, q);
         }
-        const float w = static_cast<float>(nb) / static_cast<float>(n + nb);
-        const float delta = mb - mean[k];
-        mean[k] = __fmaf_rn(delta, w, mean[k]);
-        m2[k] += static_cast<double>(q) + static_cast<double>(delta) * delta * (static_cast<double>(n) * w);
+        const float delta = __fsub_rn(mb, mz[k]);
+        mz[k] = __fmaf_rn(delta, w, mz[k]);
+        q2[k] = __fadd_rn(q2[k], __fmaf_rn(__fmul_rn(delta, delta), nw, q));
       }
+      n = nt;
     }
-    n += nb;
   }
 
-  // merge the warps: each writes its state, warp 0 combines them
-  __shared__ int s_n[kWarps];
-  __shared__ double s_mean[STATS ? kWarps : 1][CH];
-  __shared__ double s_m2[STATS ? kWarps : 1][CH];
-  __shared__ float s_mn[kWarps][CH];
-  __shared__ float s_mx[kWarps][CH];
-  if (lane == 0) s_n[warp] = n;
+  // lanes of one channel group (same cl, different rw) merge by shuffles
+  double dn = n;
+  double dm[STATS ? VEC : 1], dq[STATS ? VEC : 1];
+  if constexpr (STATS) {
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) {
-    const int c = lane * VEC + k;
-    if constexpr (STATS) {
-      s_mean[warp][c] = static_cast<double>(shift[k]) + static_cast<double>(mean[k]);
-      s_m2[warp][c] = m2[k];
+    for (int k = 0; k < VEC; ++k) {
+      dm[k] = static_cast<double>(c[k]) + static_cast<double>(mz[k]);
+      dq[k] = static_cast<double>(q2[k]);
     }
-    s_mn[warp][c] = mn[k];
-    s_mx[warp][c] = mx[k];
+  }
+#pragma unroll
+  for (int off = G::LC; off < 32; off <<= 1) {
+    const double on = __shfl_xor_sync(0xffffffffu, dn, off);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      mn[k] = fminf(mn[k], __shfl_xor_sync(0xffffffffu, mn[k], off));
+      mx[k] = fmaxf(mx[k], __shfl_xor_sync(0xffffffffu, mx[k], off));
+      if constexpr (STATS) {
+        const double om = __shfl_xor_sync(0xffffffffu, dm[k], off);
+        const double oq = __shfl_xor_sync(0xffffffffu, dq[k], off);
+        chan_merge(dn, dm[k], dq[k], on, om, oq);
+      }
+    }
+    dn += on;
+  }
+
+  // warps merge through shared memory
+  __shared__ double s_n[kWarps];
+  __shared__ double s_mean[STATS ? kWarps : 1][STATS ? G::CT : 1];
+  __shared__ double s_m2[STATS ? kWarps : 1][STATS ? G::CT : 1];
+  __shared__ float s_mn[kWarps][G::CT];
+  __shared__ float s_mx[kWarps][G::CT];
+  if (lane == 0) s_n[warp] = dn;  // lane 0's channel (the tile's first) always exists
+  if (rw == 0) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      s_mn[warp][cl * VEC + k] = mn[k];
+      s_mx[warp][cl * VEC + k] = mx[k];
+      if constexpr (STATS) {
+        s_mean[warp][cl * VEC + k] = dm[k];
+        s_m2[warp][cl * VEC + k] = dq[k];
+      }
+    }
   }
   __syncthreads();
-  if (warp != 0) return;
-  int ntot = 0;
-  for (int w = 0; w < kWarps; ++w) ntot += s_n[w];
-  const int64_t out0 = (b * S + s) * in.D;
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) {
-    const int c = lane * VEC + k;
+  if (tid < G::CT && dt + tid < in.D) {
+    const int64_t o = (b * S + s) * in.D + dt + tid;
     float a = INFINITY, z = -INFINITY;
     double N = 0.0, M = 0.0, Q = 0.0;
     for (int w = 0; w < kWarps; ++w) {
-      a = fminf(a, s_mn[w][c]);
-      z = fmaxf(z, s_mx[w][c]);
+      a = fminf(a, s_mn[w][tid]);
+      z = fmaxf(z, s_mx[w][tid]);
       if constexpr (STATS) {
-        const double nb = s_n[w];
-        if (nb == 0.0) continue;
-        const double nt = N + nb;
-        const double delta = s_mean[w][c] - M;
-        M += delta * (nb / nt);
-        Q += s_m2[w][c] + delta * delta * (N * nb / nt);
-        N = nt;
+        chan_merge(N, M, Q, s_n[w], s_mean[w][tid], s_m2[w][tid]);
+        N += s_n[w];
       }
     }
-    if (dvalid) {
-      pmin[out0 + d0 + k] = a;
-      pmax[out0 + d0 + k] = z;
-      if constexpr (STATS) {
-        pmean[out0 + d0 + k] = M;
-        pm2[out0 + d0 + k] = Q;
-      }
+    pmin[o] = a;
+    pmax[o] = z;
+    if constexpr (STATS) {
+      pmean[o] = M;
+      pm2[o] = Q;
+      if (blockIdx.x == 0 && tid == 0) pn[b * S + s] = static_cast<float>(N);
     }
   }
-  if (STATS && lane == 0 && blockIdx.x == 0) pn[b * S + s] = static_cast<float>(ntot);
 }
 
 __global__ void moments_merge_kernel(int64_t B, int64_t D, int S, const float* __restrict__ pn,
@@ -222,108 +338,288 @@ __global__ void moments_merge_kernel(int64_t B, int64_t D, int S, const float* _
   float a = INFINITY, z = -INFINITY;
   for (int s = 0; s < S; ++s) {
     const double nb = pn[b * S + s];
-    if (nb == 0.0) continue;
     const int64_t i = (b * S + s) * D + d;
-    const double nt = N + nb;
-    const double delta = pmean[i] - M;
-    M += delta * (nb / nt);
-    Q += pm2[i] + delta * delta * (N * nb / nt);
-    N = nt;
     a = fminf(a, pmin[i]);
     z = fmaxf(z, pmax[i]);
+    if (nb == 0.0) continue;
+    chan_merge(N, M, Q, nb, pmean[i], pm2[i]);
+    N += nb;
   }
   mean[b * D + d] = M;
-  m2[b * D + d] = Q;
+  m2[b * D + d] = Q > 0.0 ? Q : 0.0;
   mn[b * D + d] = a;
   mx[b * D + d] = z;
   if (d == 0) count[b] = N;
 }
 
-// Phase 2 of bucket. Counters: shared memory [bins][32*VEC] int32, bin-major with the lane as
-// the fastest index, so the 32 lanes of a warp always hit 32 different banks; flushed to
-// global memory with one atomicAdd per non-empty counter. GLOBAL: counters straight in
-// global memory (bins too many for shared memory).
-template <typename T, int VEC, bool GLOBAL>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+// The contract's bin index: fp32 sub, then fp32 mul, truncation, clamp to the last bin.
+__device__ __forceinline__ int bin_index(float y, float lo, float scale, int bins) {
+  const int j = static_cast<int>(__fmul_rn(__fsub_rn(y, lo), scale));
+  return min(max(j, 0), bins - 1);
+}
+
+__device__ __forceinline__ float bin_scale(float lo, float hi, int bins) {
+  const float width = __fsub_rn(hi, lo);
+  return width == 0.f ? 0.f : __fdiv_rn(static_cast<float>(bins), width);
+}
+
+// counters [nbp][VEC][32 lanes] (two 16-bit counts per word) -> stage [CT][sp] int32
+// (sum over the RPW row groups of a warp). Called by all threads, after a barrier.
+template <int VEC>
+__device__ __forceinline__ void stage_counts(const uint32_t* __restrict__ cnt,
+                                             int32_t* __restrict__ stage, int nbp, int bins,
+                                             int sp, int lane, int warp) {
+  using G = Geo<VEC>;
+  const int cl = lane % G::LC, rw = lane / G::LC;
+  for (int pk = warp; pk < nbp * VEC; pk += kWarps) {  // uniform per warp
+    const uint32_t w = cnt[pk * 32 + lane];
+    uint32_t lo = w & 0xffffu, hi = w >> 16;
+#pragma unroll
+    for (int off = G::LC; off < 32; off <<= 1) {
+      lo += __shfl_xor_sync(0xffffffffu, lo, off);
+      hi += __shfl_xor_sync(0xffffffffu, hi, off);
+    }
+    if (rw == 0) {
+      const int bp = pk / VEC, k = pk % VEC;
+      int32_t* row = stage + (cl * VEC + k) * sp;
+      row[2 * bp] = static_cast<int32_t>(lo);
+      if (2 * bp + 1 < bins) row[2 * bp + 1] = static_cast<int32_t>(hi);
+    }
+  }
+}
+
+// Phase 2 of bucket: bin counts of split s into phist [B, S, D, bins] (every entry written).
+// GLOBAL: counters straight in global memory (too many bins for shared memory; phist zeroed).
+template <typename T, int VEC, bool GLOBAL, bool HAS_F>
+__global__ void __launch_bounds__(kThreads, (Cfg<VEC, false, HAS_F>::MINB))
     bucket_hist_kernel(Input in, int Sp, const float* __restrict__ pmin,
-                       const float* __restrict__ pmax, int64_t rows, int bins,
-                       int32_t* __restrict__ hist) {
-  constexpr int CH = 32 * VEC;
-  extern __shared__ int32_t sh[];
-  const int lane = threadIdx.x, warp = threadIdx.y;
-  const int tid = warp * 32 + lane;
+                       const float* __restrict__ pmax, int S, int64_t rows, int bins,
+                       int32_t* __restrict__ phist) {
+  using G = Geo<VEC>;
+  constexpr int kU = Cfg<VEC, false, HAS_F>::U;
+  extern __shared__ __align__(16) uint32_t sh[];
+  const int nbp = (bins + 1) / 2, sp = bins | 1;
+  uint32_t* cnt = sh;
+  int32_t* stage = reinterpret_cast<int32_t*>(sh + nbp * VEC * 32);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int cl = lane % G::LC, rw = lane / G::LC, rg = warp * G::RPW + rw;
   const int64_t b = blockIdx.z;
-  const int64_t d0 = (static_cast<int64_t>(blockIdx.x) * 32 + lane) * VEC;
+  const int s = blockIdx.y;
+  const int64_t dt = static_cast<int64_t>(blockIdx.x) * G::CT;
+  const int64_t d0 = dt + cl * VEC;
   const bool dvalid = d0 < in.D;
   if constexpr (!GLOBAL) {
-    for (int i = tid; i < bins * CH; i += kThreads) sh[i] = 0;
+    for (int i = tid; i < nbp * VEC * 32; i += kThreads) cnt[i] = 0u;
   }
   float lo[VEC], scale[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    float a = INFINITY, z = -INFINITY;
+    float a = 0.f, z = 0.f;
     if (dvalid) {
-      for (int s = 0; s < Sp; ++s) {
-        a = fminf(a, pmin[(b * Sp + s) * in.D + d0 + k]);
-        z = fmaxf(z, pmax[(b * Sp + s) * in.D + d0 + k]);
+      a = INFINITY; z = -INFINITY;
+      for (int p = 0; p < Sp; ++p) {
+        a = fminf(a, pmin[(b * Sp + p) * in.D + d0 + k]);
+        z = fmaxf(z, pmax[(b * Sp + p) * in.D + d0 + k]);
       }
     }
-    const float width = __fsub_rn(z, a);
     lo[k] = a;
-    scale[k] = (width == 0.f || !dvalid) ? 0.f : __fdiv_rn(static_cast<float>(bins), width);
+    scale[k] = dvalid ? bin_scale(a, z, bins) : 0.f;
   }
   if constexpr (!GLOBAL) __syncthreads();
 
-  const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * rows;
+  const int64_t t_begin = static_cast<int64_t>(s) * rows;
   const int64_t t_end = min(t_begin + rows, in.T);
-  for (int64_t t0 = t_begin + warp * kRows; t0 < t_end; t0 += kWarps * kRows) {
-    float v[kRows][VEC];
-    const unsigned okm = load_rows<T, VEC>(in, b, d0, dvalid, t0, t_end, v);
-    if (!dvalid) continue;
+  int32_t* __restrict__ gh = phist + ((b * S + s) * in.D) * bins;
+  for (int64_t t0 = t_begin + rg; t0 < t_end; t0 += static_cast<int64_t>(G::RG) * kU) {
+    bool ok[kU];
+    rows_ok<kU, G::RG>(in, b, t0, t_end, dvalid, ok);
+    float v[kU][VEC];
+    load_rows<T, VEC, kU, G::RG, HAS_F>(in, b, t0, d0, ok, v);
 #pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-      if (!((okm >> i) & 1u)) continue;
+    for (int i = 0; i < kU; ++i) {
+      if (!ok[i]) continue;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        // the contract's formula: fp32 sub, then fp32 mul, truncation, clamp to the last bin
-        int j = static_cast<int>(__fmul_rn(__fsub_rn(v[i][k], lo[k]), scale[k]));
-        j = min(max(j, 0), bins - 1);
+        const int j = bin_index(v[i][k], lo[k], scale[k], bins);
         if constexpr (GLOBAL) {
-          atomicAdd(hist + (b * in.D + d0 + k) * bins + j, 1);
+          atomicAdd(gh + (d0 + k) * bins + j, 1);
         } else {
-          atomicAdd(sh + j * CH + k * 32 + lane, 1);
+          atomicAdd(cnt + ((j >> 1) * VEC + k) * 32 + lane, 1u << ((j & 1) << 4));
         }
       }
     }
   }
   if constexpr (!GLOBAL) {
     __syncthreads();
-    for (int i = tid; i < bins * CH; i += kThreads) {
-      const int c = sh[i];
-      if (c == 0) continue;
-      const int j = i / CH, r = i % CH, k = r / 32, l = r % 32;
-      const int64_t d = (static_cast<int64_t>(blockIdx.x) * 32 + l) * VEC + k;
-      atomicAdd(hist + (b * in.D + d) * bins + j, c);
+    stage_counts<VEC>(cnt, stage, nbp, bins, sp, lane, warp);
+    __syncthreads();
+    const int nch = static_cast<int>(min(static_cast<int64_t>(G::CT), in.D - dt));
+    int32_t* __restrict__ out = gh + dt * bins;  // nch * bins contiguous ints
+    for (int i = tid; i < nch * bins; i += kThreads) {
+      const int ch = i / bins, j = i - ch * bins;
+      out[i] = stage[ch * sp + j];
     }
   }
 }
 
-__global__ void bucket_entropy_kernel(int64_t B, int64_t D, int bins,
-                                      const int32_t* __restrict__ hist, int paper_exact,
-                                      double* __restrict__ out) {
-  const int64_t d = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+// One read of global memory for short samples (T <= kFusedRows, fast path): a block per
+// (channel tile, sample) holds its rows in registers, computes min/max, bins, and writes the
+// counts (counts [B, D, bins], if not null) and/or the entropy (out [B, D], if not null).
+template <typename T, int VEC, bool HAS_F>
+__global__ void __launch_bounds__(kThreads, 2)
+    bucket_fused_kernel(Input in, int bins, int paper_exact, int32_t* __restrict__ counts,
+                        double* __restrict__ out) {
+  using G = Geo<VEC>;
+  constexpr int UF = kFusedRows / G::RG;
+  extern __shared__ __align__(16) uint32_t sh[];
+  const int nbp = (bins + 1) / 2, sp = bins | 1;
+  uint32_t* cnt = sh;
+  int32_t* stage = reinterpret_cast<int32_t*>(sh + nbp * VEC * 32);
+  double* table = reinterpret_cast<double*>(stage + G::CT * sp);  // c * ln(c), c <= kFusedRows
+  float* s_mn = reinterpret_cast<float*>(table + kFusedRows + 1);  // [kWarps][CT]
+  float* s_mx = s_mn + kWarps * G::CT;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int cl = lane % G::LC, rw = lane / G::LC, rg = warp * G::RPW + rw;
   const int64_t b = blockIdx.y;
-  if (d >= D) return;
-  const int32_t* c = hist + (b * D + d) * bins;
-  int64_t n = 0;
-  for (int j = 0; j < bins; ++j) n += c[j];
+  const int64_t dt = static_cast<int64_t>(blockIdx.x) * G::CT;
+  const int64_t d0 = dt + cl * VEC;
+  const bool dvalid = d0 < in.D;
+
+  bool ok[UF];
+  rows_ok<UF, G::RG>(in, b, rg, in.T, dvalid, ok);
+  float v[UF][VEC];
+  load_rows<T, VEC, UF, G::RG, false>(in, b, rg, d0, ok, v);
+  if constexpr (HAS_F) {  // f in two halves: registers for x's rows and half of f's
+    constexpr int H = UF / 2;
+    const T* __restrict__ pf = static_cast<const T*>(in.f) + (b * in.sfb + rg * in.sft + d0 * in.sfd);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float w[H][VEC];
+#pragma unroll
+      for (int i = 0; i < H; ++i) {
+        if (ok[h * H + i]) {
+          load_vec<T, VEC>(pf + static_cast<int64_t>(h * H + i) * G::RG * in.sft, w[i]);
+        } else {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) w[i][k] = 0.f;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < H; ++i)
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) v[h * H + i][k] = __fadd_rn(v[h * H + i][k], w[i][k]);
+    }
+  }
+
+  // while the loads are in flight
+  for (int i = tid; i < nbp * VEC * 32; i += kThreads) cnt[i] = 0u;
+  if (out != nullptr) {
+    for (int i = tid; i <= kFusedRows; i += kThreads) table[i] = i == 0 ? 0.0 : i * log(static_cast<double>(i));
+  }
+
+  float mn[VEC], mx[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    mn[k] = INFINITY; mx[k] = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < UF; ++i)
+      if (ok[i]) { mn[k] = fminf(mn[k], v[i][k]); mx[k] = fmaxf(mx[k], v[i][k]); }
+#pragma unroll
+    for (int off = G::LC; off < 32; off <<= 1) {
+      mn[k] = fminf(mn[k], __shfl_xor_sync(0xffffffffu, mn[k], off));
+      mx[k] = fmaxf(mx[k], __shfl_xor_sync(0xffffffffu, mx[k], off));
+    }
+    if (rw == 0) {
+      s_mn[warp * G::CT + cl * VEC + k] = mn[k];
+      s_mx[warp * G::CT + cl * VEC + k] = mx[k];
+    }
+  }
+  __syncthreads();
+  float lo[VEC], scale[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    float a = INFINITY, z = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) {
+      a = fminf(a, s_mn[w * G::CT + cl * VEC + k]);
+      z = fmaxf(z, s_mx[w * G::CT + cl * VEC + k]);
+    }
+    lo[k] = a;
+    scale[k] = dvalid ? bin_scale(a, z, bins) : 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < UF; ++i) {
+    if (!ok[i]) continue;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const int j = bin_index(v[i][k], lo[k], scale[k], bins);
+      atomicAdd(cnt + ((j >> 1) * VEC + k) * 32 + lane, 1u << ((j & 1) << 4));
+    }
+  }
+  __syncthreads();
+  stage_counts<VEC>(cnt, stage, nbp, bins, sp, lane, warp);
+  __syncthreads();
+  const int nch = static_cast<int>(min(static_cast<int64_t>(G::CT), in.D - dt));
+  if (counts != nullptr) {
+    int32_t* __restrict__ o = counts + (b * in.D + dt) * bins;
+    for (int i = tid; i < nch * bins; i += kThreads) {
+      const int ch = i / bins, j = i - ch * bins;
+      o[i] = stage[ch * sp + j];
+    }
+  }
+  if (out != nullptr) {
+    // H = ln N - (sum_j c_j ln c_j) / N  (= -sum_j p_j ln p_j); paper_exact adds
+    // -1e-10 ln(1e-10) per empty bin (p_j = c_j / N >= 1/N > 1e-10 for the others).
+    for (int ch = warp; ch < nch; ch += kWarps) {
+      int nsum = 0, nempty = 0;
+      double sl = 0.0;
+      for (int j = lane; j < bins; j += 32) {
+        const int c = stage[ch * sp + j];
+        nsum += c;
+        nempty += c == 0 ? 1 : 0;
+        sl += table[c];
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        nsum += __shfl_xor_sync(0xffffffffu, nsum, off);
+        nempty += __shfl_xor_sync(0xffffffffu, nempty, off);
+        sl += __shfl_xor_sync(0xffffffffu, sl, off);
+      }
+      if (lane == 0) {
+        const double N = nsum > 0 ? static_cast<double>(nsum) : 1.0;
+        double h = log(N) - sl / N;
+        if (h < 0.0) h = 0.0;  // a constant channel: ln N - N ln N / N may round below 0
+        if (paper_exact) h += static_cast<double>(nempty) * (-1e-10 * log(1e-10));
+        out[b * in.D + dt + ch] = h;
+      }
+    }
+  }
+}
+
+// H_d from the split partials phist [B, S, D, bins]: one warp per (sample, channel).
+__global__ void bucket_entropy_kernel(int64_t B, int64_t D, int bins, int S,
+                                      const int32_t* __restrict__ phist, int paper_exact,
+                                      double* __restrict__ out) {
+  const int64_t gw = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (gw >= B * D) return;  // uniform per warp
+  const int64_t b = gw / D, d = gw - b * D;
+  long long n = 0;
+  for (int j = lane; j < bins; j += 32)
+    for (int s = 0; s < S; ++s) n += phist[((b * S + s) * D + d) * bins + j];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) n += __shfl_xor_sync(0xffffffffu, n, off);
+  const double N = static_cast<double>(n > 0 ? n : 1);
   double h = 0.0;
-  for (int j = 0; j < bins; ++j) {
-    double p = static_cast<double>(c[j]) / static_cast<double>(n > 0 ? n : 1);
+  for (int j = lane; j < bins; j += 32) {
+    long long c = 0;
+    for (int s = 0; s < S; ++s) c += phist[((b * S + s) * D + d) * bins + j];
+    double p = static_cast<double>(c) / N;
     if (paper_exact) p = fmax(p, 1e-10);
     if (p > 0.0) h -= p * log(p);
   }
-  out[b * D + d] = h;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) h += __shfl_xor_sync(0xffffffffu, h, off);
+  if (lane == 0) out[b * D + d] = h;
 }
 
 // ------------------------------------------------------------------ host side
@@ -344,41 +640,75 @@ const char* last_error() {
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
-const char* check_input(const Input& in, int S, int64_t rows) {
+const char* check_input(const Input& in) {
   if (in.B < 1 || in.T < 1 || in.D < 1) return "empty input";
   if (in.B > 65535) return "at most 65535 samples per call";
-  if (S < 1 || S > 65535 || rows < 1 || rows * S < in.T) return "bad token split";
-  if (in.vec == 2 && (in.dtype == kF32 || in.D % 2 != 0 || in.sxd != 1 || (in.f && in.sfd != 1)))
-    return "vec=2 needs a 16-bit dtype, an even D and unit channel strides";
-  if (in.vec != 1 && in.vec != 2) return "vec must be 1 or 2";
   if (in.dtype < kF32 || in.dtype > kBF16) return "dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16)";
+  if (in.vec != 1) {
+    const int want = in.dtype == kF32 ? 4 : 8;
+    if (in.vec != want) return "vec must be 1, 4 (fp32) or 8 (fp16/bf16)";
+    auto aligned = [&](const void* p, int64_t sb, int64_t st, int64_t sd) {
+      return reinterpret_cast<uintptr_t>(p) % 16 == 0 && sb % in.vec == 0 && st % in.vec == 0 && sd == 1;
+    };
+    if (in.D % in.vec != 0 || !aligned(in.x, in.sxb, in.sxt, in.sxd) ||
+        (in.f != nullptr && !aligned(in.f, in.sfb, in.sft, in.sfd)))
+      return "vec > 1 needs D % vec == 0, unit channel stride and 16-byte aligned rows";
+  }
   return nullptr;
 }
 
+const char* check_split(const Input& in, int S, int64_t rows) {
+  if (S < 1 || S > 65535 || rows < 1 || rows * S < in.T) return "bad token split";
+  return nullptr;
+}
+
+int channel_tile(int vec) { return vec == 1 ? Geo<1>::CT : (vec == 4 ? Geo<4>::CT : Geo<8>::CT); }
+
 dim3 stream_grid(const Input& in, int S) {
-  const int64_t lanes = (in.D + in.vec - 1) / in.vec;
-  return dim3(static_cast<unsigned>((lanes + 31) / 32), static_cast<unsigned>(S),
+  const int64_t ct = channel_tile(in.vec);
+  return dim3(static_cast<unsigned>((in.D + ct - 1) / ct), static_cast<unsigned>(S),
               static_cast<unsigned>(in.B));
+}
+
+size_t hist_smem(int bins, int vec) {
+  const size_t nbp = (bins + 1) / 2;
+  return nbp * vec * 32 * sizeof(uint32_t) +
+         static_cast<size_t>(channel_tile(vec)) * (bins | 1) * sizeof(int32_t);
+}
+
+size_t fused_smem(int bins, int vec) {
+  return hist_smem(bins, vec) + (kFusedRows + 1) * sizeof(double) +
+         2 * kWarps * channel_tile(vec) * sizeof(float);
+}
+
+int smem_optin(int device) {
+  int optin = 0;
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return optin;
 }
 
 // Runs BODY with the type T and the int VEC of the input's dtype and vector width.
 #define ENTRODROP_DISPATCH(in, ...)                                   \
   do {                                                                \
-    if ((in).dtype == kF32) {                                         \
+    if ((in).dtype == kF32 && (in).vec == 4) {                        \
+      using T = float;                                                \
+      constexpr int VEC = 4;                                          \
+      __VA_ARGS__                                                     \
+    } else if ((in).dtype == kF32) {                                  \
       using T = float;                                                \
       constexpr int VEC = 1;                                          \
       __VA_ARGS__                                                     \
-    } else if ((in).dtype == kF16 && (in).vec == 2) {                 \
+    } else if ((in).dtype == kF16 && (in).vec == 8) {                 \
       using T = __half;                                               \
-      constexpr int VEC = 2;                                          \
+      constexpr int VEC = 8;                                          \
       __VA_ARGS__                                                     \
     } else if ((in).dtype == kF16) {                                  \
       using T = __half;                                               \
       constexpr int VEC = 1;                                          \
       __VA_ARGS__                                                     \
-    } else if ((in).vec == 2) {                                       \
+    } else if ((in).vec == 8) {                                       \
       using T = __nv_bfloat16;                                        \
-      constexpr int VEC = 2;                                          \
+      constexpr int VEC = 8;                                          \
       __VA_ARGS__                                                     \
     } else {                                                          \
       using T = __nv_bfloat16;                                        \
@@ -387,25 +717,87 @@ dim3 stream_grid(const Input& in, int S) {
     }                                                                 \
   } while (0)
 
+template <typename K>
+const char* allow_smem(K kernel, size_t smem) {
+  if (smem <= 48 * 1024) return nullptr;
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+// Kernel pointers by (T, VEC, has f); templates so that `if constexpr` discards what a
+// combination does not have (no fused kernel for VEC 1).
+template <typename T, int VEC, bool STATS>
+auto stats_kernel(bool has_f) {
+  return has_f ? stream_stats_kernel<T, VEC, STATS, true> : stream_stats_kernel<T, VEC, STATS, false>;
+}
+template <typename T, int VEC, bool GLOBAL>
+auto hist_kernel(bool has_f) {
+  return has_f ? bucket_hist_kernel<T, VEC, GLOBAL, true> : bucket_hist_kernel<T, VEC, GLOBAL, false>;
+}
+
+template <typename T, int VEC>
+const char* launch_fused(const Input& in, dim3 grid, size_t smem, cudaStream_t st, int bins,
+                         int paper_exact, int32_t* counts, double* out) {
+  if constexpr (VEC == 1) {
+    return "bucket_fused needs the 16-byte fast path (vec 4 or 8)";
+  } else {
+    auto kernel = in.f != nullptr ? bucket_fused_kernel<T, VEC, true> : bucket_fused_kernel<T, VEC, false>;
+    if (const char* e = allow_smem(kernel, smem)) return e;
+    kernel<<<grid, kThreads, smem, st>>>(in, bins, paper_exact, counts, out);
+    return nullptr;
+  }
+}
+
+template <typename T, int VEC>
+const char* occupancy_of(int kind, int bins, bool has_f, int optin, int* n) {
+  cudaError_t e = cudaSuccess;
+  if (kind == 0) {
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, stats_kernel<T, VEC, true>(has_f), kThreads, 0);
+  } else if (kind == 1) {
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, stats_kernel<T, VEC, false>(has_f), kThreads, 0);
+  } else if (kind == 2) {
+    const size_t smem = hist_smem(bins, VEC);
+    if (smem > static_cast<size_t>(optin)) {  // bucket_hist uses global counters
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, hist_kernel<T, VEC, true>(has_f), kThreads, 0);
+    } else {
+      auto kernel = hist_kernel<T, VEC, false>(has_f);
+      if (const char* err = allow_smem(kernel, smem)) return err;
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, kernel, kThreads, smem);
+    }
+  } else {
+    const size_t smem = fused_smem(bins, VEC);
+    if (VEC == 1 || smem > static_cast<size_t>(optin)) {
+      *n = 0;
+    } else if constexpr (VEC > 1) {
+      auto kernel = has_f ? bucket_fused_kernel<T, VEC, true> : bucket_fused_kernel<T, VEC, false>;
+      if (const char* err = allow_smem(kernel, smem)) return err;
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, kernel, kThreads, smem);
+    }
+  }
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
 }  // namespace
 
 const char* moments_partial(const Input& in, int S, int64_t rows, float* pn, double* pmean,
                             double* pm2, float* pmin, float* pmax, int device, void* stream) {
-  if (const char* e = check_input(in, S, rows)) return e;
+  if (const char* e = check_input(in)) return e;
+  if (const char* e = check_split(in, S, rows)) return e;
   if (const char* e = prepare(device)) return e;
-  const dim3 grid = stream_grid(in, S), block(32, kWarps);
+  const dim3 grid = stream_grid(in, S);
   auto st = static_cast<cudaStream_t>(stream);
-  ENTRODROP_DISPATCH(in, stats_partial_kernel<T, VEC, true><<<grid, block, 0, st>>>(in, S, rows, pn, pmean, pm2, pmin, pmax););
+  ENTRODROP_DISPATCH(in, stats_kernel<T, VEC, true>(in.f != nullptr)<<<grid, kThreads, 0, st>>>(in, S, rows, pn, pmean, pm2, pmin, pmax););
   return last_error();
 }
 
 const char* minmax_partial(const Input& in, int S, int64_t rows, float* pmin, float* pmax,
                            int device, void* stream) {
-  if (const char* e = check_input(in, S, rows)) return e;
+  if (const char* e = check_input(in)) return e;
+  if (const char* e = check_split(in, S, rows)) return e;
   if (const char* e = prepare(device)) return e;
-  const dim3 grid = stream_grid(in, S), block(32, kWarps);
+  const dim3 grid = stream_grid(in, S);
   auto st = static_cast<cudaStream_t>(stream);
-  ENTRODROP_DISPATCH(in, stats_partial_kernel<T, VEC, false><<<grid, block, 0, st>>>(in, S, rows, nullptr, nullptr, nullptr, pmin, pmax););
+  ENTRODROP_DISPATCH(in, stats_kernel<T, VEC, false>(in.f != nullptr)<<<grid, kThreads, 0, st>>>(in, S, rows, nullptr, nullptr, nullptr, pmin, pmax););
   return last_error();
 }
 
@@ -419,42 +811,73 @@ const char* moments_merge(int64_t B, int64_t D, int S, const float* pn, const do
 }
 
 const char* bucket_hist(const Input& in, int S_partial, const float* pmin, const float* pmax, int S,
-                        int64_t rows, int bins, int32_t* hist, int device, void* stream) {
-  if (const char* e = check_input(in, S, rows)) return e;
+                        int64_t rows, int bins, int32_t* phist, int device, void* stream) {
+  if (const char* e = check_input(in)) return e;
+  if (const char* e = check_split(in, S, rows)) return e;
   if (bins < 1) return "bins must be >= 1";
   if (const char* e = prepare(device)) return e;
-  int optin = 0;
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  Input run = in;
-  size_t smem = static_cast<size_t>(bins) * 32 * run.vec * sizeof(int32_t);
-  if (smem > static_cast<size_t>(optin) && run.vec == 2) {  // halve the channels per block
-    run.vec = 1;
-    smem /= 2;
-  }
-  const bool global = smem > static_cast<size_t>(optin);
-  const dim3 grid = stream_grid(run, S), block(32, kWarps);
+  const size_t smem = hist_smem(bins, in.vec);
+  const bool global = smem > static_cast<size_t>(smem_optin(device)) || rows > kMaxRowsPerHistBlock;
+  const dim3 grid = stream_grid(in, S);
   auto st = static_cast<cudaStream_t>(stream);
-  cudaError_t attr = cudaSuccess;
-  ENTRODROP_DISPATCH(run, {
+  const char* err = nullptr;
+  if (global) {
+    const cudaError_t e = cudaMemsetAsync(phist, 0, static_cast<size_t>(in.B) * S * in.D * bins * sizeof(int32_t), st);
+    if (e != cudaSuccess) return cudaGetErrorString(e);
+  }
+  ENTRODROP_DISPATCH(in, {
     if (global) {
-      bucket_hist_kernel<T, VEC, true><<<grid, block, 0, st>>>(run, S_partial, pmin, pmax, rows, bins, hist);
+      hist_kernel<T, VEC, true>(in.f != nullptr)<<<grid, kThreads, 0, st>>>(in, S_partial, pmin, pmax, S, rows, bins, phist);
     } else {
-      auto kernel = bucket_hist_kernel<T, VEC, false>;
-      if (smem > 48 * 1024)
-        attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-      if (attr == cudaSuccess) kernel<<<grid, block, smem, st>>>(run, S_partial, pmin, pmax, rows, bins, hist);
+      auto kernel = hist_kernel<T, VEC, false>(in.f != nullptr);
+      err = allow_smem(kernel, smem);
+      if (err == nullptr) kernel<<<grid, kThreads, smem, st>>>(in, S_partial, pmin, pmax, S, rows, bins, phist);
     }
   });
-  if (attr != cudaSuccess) return cudaGetErrorString(attr);
+  if (err != nullptr) return err;
   return last_error();
 }
 
-const char* bucket_entropy(int64_t B, int64_t D, int bins, const int32_t* hist, int paper_exact,
-                           double* out, int device, void* stream) {
+const char* bucket_fused(const Input& in, int bins, int paper_exact, int32_t* counts, double* out,
+                         int device, void* stream) {
+  if (const char* e = check_input(in)) return e;
+  if (in.vec == 1) return "bucket_fused needs the 16-byte fast path (vec 4 or 8)";
+  if (in.T > kFusedRows) return "bucket_fused needs T <= 256";
+  if (bins < 1) return "bins must be >= 1";
   if (const char* e = prepare(device)) return e;
-  const dim3 grid(static_cast<unsigned>((D + 127) / 128), static_cast<unsigned>(B));
-  bucket_entropy_kernel<<<grid, 128, 0, static_cast<cudaStream_t>(stream)>>>(B, D, bins, hist, paper_exact, out);
+  const size_t smem = fused_smem(bins, in.vec);
+  if (smem > static_cast<size_t>(smem_optin(device))) return "bucket_fused: too many bins for shared memory";
+  const int64_t ct = channel_tile(in.vec);
+  const dim3 grid(static_cast<unsigned>((in.D + ct - 1) / ct), static_cast<unsigned>(in.B));
+  auto st = static_cast<cudaStream_t>(stream);
+  const char* err = nullptr;
+  ENTRODROP_DISPATCH(in, err = launch_fused<T, VEC>(in, grid, smem, st, bins, paper_exact, counts, out););
+  if (err != nullptr) return err;
   return last_error();
+}
+
+const char* bucket_entropy(int64_t B, int64_t D, int bins, int S, const int32_t* phist,
+                           int paper_exact, double* out, int device, void* stream) {
+  if (const char* e = prepare(device)) return e;
+  const int64_t warps = B * D;
+  const dim3 grid(static_cast<unsigned>((warps + 7) / 8));
+  bucket_entropy_kernel<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(B, D, bins, S, phist, paper_exact, out);
+  return last_error();
+}
+
+int fused_max_rows() { return kFusedRows; }
+int hist_max_rows() { return kMaxRowsPerHistBlock; }
+
+const char* occupancy(int kind, int dtype, int vec, int bins, int has_f, int device, int* blocks_per_sm) {
+  if (const char* e = prepare(device)) return e;
+  Input in;
+  in.dtype = dtype;
+  in.vec = vec;
+  const char* err = nullptr;
+  *blocks_per_sm = 0;
+  const int optin = smem_optin(device);
+  ENTRODROP_DISPATCH(in, err = occupancy_of<T, VEC>(kind, bins, has_f != 0, optin, blocks_per_sm););
+  return err;
 }
 
 }  // namespace cuda

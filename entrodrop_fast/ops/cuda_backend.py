@@ -14,8 +14,10 @@ import torch
 from entrodrop_fast import _ext
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_THREADS_ROWS = 64  # rows one block reads per step (8 warps x 8 rows): the split granule
-_BLOCKS_PER_SM = 3
+_FUSED_MAX_ROWS = 256  # csrc/stats_cuda.cu kFusedRows
+_FUSED_MAX_BINS = 128  # keeps the fused kernel's shared memory near 100 KB
+_HIST_MAX_ROWS = 65535  # 16-bit shared-memory counters per block
+_occ_cache: dict = {}
 
 
 def available() -> tuple[bool, str]:
@@ -37,13 +39,20 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _vec(x, f) -> int:
-    """2 channels per lane (4-byte loads) for 16-bit dtypes with unit channel stride."""
-    if x.dtype == torch.float32 or x.shape[2] % 2:
+    """Channels per thread: 8 (fp16/bf16) or 4 (fp32) with one 16-byte load per row when the
+    channel stride is 1, D % vec == 0 and every row starts 16-byte aligned; else 1 (generic)."""
+    vec = 4 if x.dtype == torch.float32 else 8
+    if x.shape[2] % vec:
         return 1
     for t in (x,) if f is None else (x, f):
-        if t.stride(2) != 1 or t.stride(0) % 2 or t.stride(1) % 2 or t.data_ptr() % 4:
+        if t.stride(2) != 1 or t.stride(0) % vec or t.stride(1) % vec or t.data_ptr() % 16:
             return 1
-    return 2
+    return vec
+
+
+def _geometry(vec: int) -> tuple[int, int]:
+    """(channels per block, row groups per block) of the streaming kernels."""
+    return {1: (32, 8), 4: (64, 16), 8: (64, 32)}[vec]
 
 
 def _args(x, f, mask):
@@ -62,16 +71,33 @@ def _args(x, f, mask):
     )
 
 
-def _splits(x, vec: int, splits: int | None) -> tuple[int, int]:
-    """(S, rows per split): ~8 waves of _BLOCKS_PER_SM blocks per SM (a small tail wave)."""
+def _occupancy(kind: int, x, vec: int, bins: int, has_f: bool, device: int) -> int:
+    key = (kind, x.dtype, vec, bins if kind >= 2 else 0, has_f, device)
+    n = _occ_cache.get(key)
+    if n is None:
+        n = max(1, int(_ext.require().cuda_occupancy(kind, _DTYPE_CODE[x.dtype], vec, int(bins), bool(has_f), device)))
+        _occ_cache[key] = n
+    return n
+
+
+def _splits(x, vec: int, splits: int | None, *, kind: int = 0, bins: int = 0, has_f: bool = False,
+            waves: int = 2, max_rows: int | None = None) -> tuple[int, int]:
+    """(S, rows per split). Default: about `waves` full waves of resident blocks (channel tiles x
+    splits x samples), so a single sample (B = 1) still fills every SM; rows rounded to whole
+    steps of the kernel (row groups x 12, a multiple of every per-thread row count)."""
     B, T, D = x.shape
-    col_blocks = -(-D // (32 * vec))
+    ct, rg = _geometry(vec)
+    gran = rg * 12
+    tiles = -(-D // ct)
     if splits is None:
-        want = 8 * _BLOCKS_PER_SM * _num_sms(x.device)
-        splits = max(1, -(-want // (B * col_blocks)))
-    splits = max(1, min(int(splits), -(-T // _THREADS_ROWS), 65535))
+        device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        slots = _occupancy(kind, x, vec, bins, has_f, device) * _num_sms(x.device)
+        splits = max(1, (waves * slots) // (B * tiles))
+    splits = max(1, min(int(splits), -(-T // gran), 65535))
     rows = -(-T // splits)
-    rows = -(-rows // _THREADS_ROWS) * _THREADS_ROWS
+    rows = -(-rows // gran) * gran
+    if max_rows is not None and rows > max_rows:
+        rows = max(gran, (max_rows // gran) * gran)
     return -(-T // rows), rows
 
 
@@ -84,7 +110,7 @@ def moments(x, f=None, mask=None, *, splits: int | None = None) -> dict:
     C = _ext.require()
     B, _, D = x.shape
     args = _args(x, f, mask)
-    S, rows = _splits(x, args[-1], splits)
+    S, rows = _splits(x, args[-1], splits, kind=0, has_f=f is not None, waves=2)
     dev = x.device
     pn = torch.empty((B, S), dtype=torch.float32, device=dev)
     pmean = torch.empty((B, S, D), dtype=torch.float64, device=dev)
@@ -104,34 +130,75 @@ def moments(x, f=None, mask=None, *, splits: int | None = None) -> dict:
     return out
 
 
-def bucket_counts(x, f=None, mask=None, bins: int = 20, *, splits: int | None = None) -> torch.Tensor:
-    """Per-(sample, channel) bin counts, int32 [B, D, bins]."""
+def _fused_ok(x, vec: int, bins: int) -> bool:
+    """Short samples on the 16-byte path: one read of x (bucket_fused)."""
+    return vec > 1 and x.shape[1] <= _FUSED_MAX_ROWS and 1 <= bins <= _FUSED_MAX_BINS
+
+
+def _partial_counts(x, f, mask, bins: int, splits: int | None, fused: bool | None):
+    """(counts, S): per-split bin counts int32 [B, S, D, bins] from the two-pass kernels, or
+    (counts [B, D, bins], 0) from the single-pass kernel."""
     C = _ext.require()
-    B, _, D = x.shape
+    B, T, D = x.shape
     args = _args(x, f, mask)
-    S, rows = _splits(x, args[-1], splits)
+    vec = args[-1]
     dev = x.device
-    pmin = torch.empty((B, S, D), dtype=torch.float32, device=dev)
-    pmax = torch.empty((B, S, D), dtype=torch.float32, device=dev)
     device, stream = _launch_ctx(x)
-    C.cuda_minmax_partial(*args, S, rows, pmin.data_ptr(), pmax.data_ptr(), device, stream)
-    hist = torch.zeros((B, D, bins), dtype=torch.int32, device=dev)
-    C.cuda_bucket_hist(*args, S, pmin.data_ptr(), pmax.data_ptr(), S, rows, int(bins), hist.data_ptr(), device, stream)
-    return hist
+    if fused is None:
+        fused = splits is None and _fused_ok(x, vec, bins)
+    if fused:
+        counts = torch.empty((B, D, bins), dtype=torch.int32, device=dev)
+        C.cuda_bucket_fused(*args, int(bins), False, counts.data_ptr(), 0, device, stream)
+        return counts, 0
+    has_f = f is not None
+    Sp, rows_p = _splits(x, vec, splits, kind=1, has_f=has_f, waves=2)
+    pmin = torch.empty((B, Sp, D), dtype=torch.float32, device=dev)
+    pmax = torch.empty((B, Sp, D), dtype=torch.float32, device=dev)
+    C.cuda_minmax_partial(*args, Sp, rows_p, pmin.data_ptr(), pmax.data_ptr(), device, stream)
+    # binning: about one wave of blocks (few splits: small partial histograms)
+    S, rows = _splits(x, vec, splits, kind=2, bins=int(bins), has_f=has_f, waves=1, max_rows=_HIST_MAX_ROWS)
+    phist = torch.empty((B, S, D, bins), dtype=torch.int32, device=dev)
+    C.cuda_bucket_hist(*args, Sp, pmin.data_ptr(), pmax.data_ptr(), S, rows, int(bins), phist.data_ptr(), device, stream)
+    return phist, S
+
+
+def bucket_counts(x, f=None, mask=None, bins: int = 20, *, splits: int | None = None, fused: bool | None = None) -> torch.Tensor:
+    """Per-(sample, channel) bin counts, int32 [B, D, bins]."""
+    counts, S = _partial_counts(x, f, mask, bins, splits, fused)
+    if S == 0:
+        return counts
+    return counts[:, 0] if S == 1 else counts.sum(dim=1, dtype=torch.int32)
 
 
 def entropy_from_counts(hist: torch.Tensor, paper_exact: bool = False) -> torch.Tensor:
+    """H_d from counts [B, D, bins] or per-split counts [B, S, D, bins] (int32, contiguous)."""
     C = _ext.require()
-    B, D, bins = hist.shape
+    phist = hist.contiguous()
+    if phist.dim() == 3:
+        B, D, bins = phist.shape
+        S = 1
+    else:
+        B, S, D, bins = phist.shape
     out = torch.empty((B, D), dtype=torch.float64, device=hist.device)
     device, stream = _launch_ctx(hist)
-    C.cuda_bucket_entropy(B, D, bins, hist.data_ptr(), bool(paper_exact), out.data_ptr(), device, stream)
+    C.cuda_bucket_entropy(B, D, bins, S, phist.data_ptr(), bool(paper_exact), out.data_ptr(), device, stream)
     return out
 
 
-def bucket(x, f=None, mask=None, bins: int = 20, paper_exact: bool = False, *, splits: int | None = None) -> torch.Tensor:
+def bucket(x, f=None, mask=None, bins: int = 20, paper_exact: bool = False, *, splits: int | None = None, fused: bool | None = None) -> torch.Tensor:
     """Per-channel histogram entropy H_d, fp64 [B, D], of Y = x (+ f) over valid tokens."""
-    return entropy_from_counts(bucket_counts(x, f, mask, bins, splits=splits), paper_exact)
+    B, T, D = x.shape
+    args = _args(x, f, mask)
+    if fused is None:
+        fused = splits is None and _fused_ok(x, args[-1], bins)
+    if fused:
+        C = _ext.require()
+        out = torch.empty((B, D), dtype=torch.float64, device=x.device)
+        device, stream = _launch_ctx(x)
+        C.cuda_bucket_fused(*args, int(bins), bool(paper_exact), 0, out.data_ptr(), device, stream)
+        return out
+    counts, _ = _partial_counts(x, f, mask, bins, splits, False)
+    return entropy_from_counts(counts, paper_exact)
 
 
 def _triton_ready() -> bool:
