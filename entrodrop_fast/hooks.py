@@ -154,6 +154,7 @@ class BlockStatistics:
         self.cos_stats = {k: SampleStats((L,)) for k in BLOCK_KINDS} if settings.cosine else {}
         self.ang_stats = {n: SampleStats((L - n + 1,)) for n in settings.spans if 1 <= n <= L}
         self.samples = 0
+        self.finite = None  # GPU: device bool, every tensor read so far was finite (no sync)
         self._reset()
 
     def _reset(self):
@@ -163,9 +164,26 @@ class BlockStatistics:
         self._last: list = [None] * (L + 1)
 
     # -- estimators
+    def _check_finite(self, point: str, t: torch.Tensor) -> None:
+        """Never hand NaN/Inf to a kernel (the API's validation is off in the hooks).
+
+        A sum is NaN/Inf when any element is (one cheap read, no temporary the size of t).
+        On CPU this is checked at once; on GPU it is folded into a device flag (no host
+        sync per hook) and checked when the result is read.
+        """
+        ok = torch.isfinite(t.sum(dtype=torch.float32))
+        if t.device.type == "cpu":
+            if not bool(ok):
+                raise RuntimeError(
+                    f"the residual stream holds NaN or Inf at {point} (fp16 overflow? try --dtype bf16 or fp32); no report"
+                )
+        else:
+            self.finite = ok if self.finite is None else self.finite & ok
+
     def _entropy(self, point: str, x, f=None):
         from entrodrop_fast import entropy
 
+        self._check_finite(point, x if f is None else f)
         i = self._pidx[point]
         for m in self.s.entropy_methods:
             opts = self.s.entropy_opts.get(m, {})
@@ -271,6 +289,10 @@ class BlockStatistics:
             r = st.result()
             return [float(v) for v in r["mean"].cpu()], [float(v) for v in r["stderr"].cpu()]
 
+        if self.finite is not None and not bool(self.finite):
+            raise RuntimeError(
+                "the residual stream holds NaN or Inf (fp16 overflow? try --dtype bf16 or fp32); no report"
+            )
         out = {"samples": self.samples, "points": list(self.points), "entropy": {}, "delta": {}, "cosine": {}, "angular": {}}
         for m, st in self.h_stats.items():
             mean, se = plain(st)

@@ -200,7 +200,7 @@ def plot(report: dict, path: Path, mark: int = 4) -> None:
         ax.plot([xs[i] for i in o_i], [h["mean"][i] for i in o_i], "s", ms=3, alpha=0.7, label=lbl)
         s1 = stage1_layers(report)
         if s1:
-            ax.axvspan(-0.25, s1[-1] + 1, color="grey", alpha=0.15, label="entropy still decreasing (stage 1)")
+            ax.axvspan(-0.25, s1[-1] + 1, color="grey", alpha=0.15, label="before the stream-entropy minimum (stage 1)")
         ax.set_ylabel(f"H ({method}), nats")
         ax.set_title(f"{name}: residual-stream entropy across depth")
         ax.legend(fontsize=8)

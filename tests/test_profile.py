@@ -136,3 +136,11 @@ def test_smollm2_profile_agrees_across_batch_and_backend():
             assert _max_rel(t["delta"]["bucket"][kind]["mean"], c["delta"]["bucket"][kind]["mean"]) < 1e-4, kind
     h = a["entropy"]["bucket"]["mean"]
     assert len(h) == 61 and all(v > 0 for v in h)
+
+
+def test_nan_activations_give_a_clear_error():
+    model = tiny_model("llama", seed=7)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        profile(model, _windows(2, 16), ProfileSettings(methods=("bucket",)), progress=False)
