@@ -5,6 +5,7 @@ The estimators (``bucket_entropy``, ``gaussian_diag_entropy``, ``gaussian_full_e
 ``[N, D]`` or ``[B, T, D]`` tensors; ``backends()`` says which compiled backends exist.
 """
 
+from entrodrop_fast.export import export_pruned, load_pruned
 from entrodrop_fast.ops.api import (
     BACKENDS,
     METHODS,
@@ -21,7 +22,9 @@ from entrodrop_fast.ops.api import (
     resolve_backend,
 )
 from entrodrop_fast.ops.reference import bucket_onehot_reference
-from entrodrop_fast.ops.states import CovState, EntropyMeter, MomentState, SampleStats
+from entrodrop_fast.ops.states import CovState, EntropyMeter, MomentState, SampleStats, all_reduce_
+from entrodrop_fast.ranking import make_plan
+from entrodrop_fast.surgery import drop_blocks_
 
 __version__ = "0.1.0"
 
@@ -33,16 +36,21 @@ __all__ = [
     "MomentState",
     "SampleStats",
     "__version__",
+    "all_reduce_",
     "angular_distance",
     "backends",
     "bucket_entropy",
     "bucket_onehot_reference",
     "cosine_importance",
     "delta_entropy",
+    "drop_blocks_",
+    "export_pruned",
     "entropy",
     "gaussian_diag_entropy",
     "gaussian_full_entropy",
     "knn_entropy",
+    "load_pruned",
+    "make_plan",
     "renyi_entropy",
     "resolve_backend",
 ]
