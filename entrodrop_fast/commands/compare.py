@@ -1,0 +1,51 @@
+"""``entrodrop compare [MODEL]``: which pruning method keeps most quality, at each K."""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(sub) -> None:
+    from entrodrop_fast.compare import BASELINES, SCORING
+
+    p = sub.add_parser("compare", help="profile once, prune with each method and K, evaluate, tabulate and plot")
+    p.add_argument("model", nargs="?", default=None, help="local HF directory, .gguf or hub id (default: built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--kind", default="attn", help="attn, mlp, layer; several comma-separated (default attn)")
+    p.add_argument("--drop", default="2,4,6,8", help="numbers of blocks to drop, comma-separated (default 2,4,6,8)")
+    p.add_argument("--methods", default="bucket,knn,gaussian_diag,cosine,random", help=f"from {', '.join(SCORING + BASELINES)} (default bucket,knn,gaussian_diag,cosine,random)")
+    p.add_argument("--calib", action="append", default=None, help="calibration corpus; give it twice to compare the rankings from two corpora")
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--eval-windows", type=int, default=32, help="perplexity windows on held-out text (default 32)")
+    p.add_argument("--items", type=int, default=100, help="items per zero-shot task (default 100)")
+    p.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
+    p.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="entrodrop_compare", help="output directory (default ./entrodrop_compare)")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from entrodrop_fast import compare as C
+    from entrodrop_fast.models import load_model
+
+    kinds = C.parse_list(args.kind, ("attn", "mlp", "layer"), "--kind")
+    methods = C.parse_list(args.methods, C.SCORING + C.BASELINES, "--methods")
+    counts = C.parse_counts(args.drop)
+    calib = args.calib or [None]
+    if len(calib) > 2:
+        raise ValueError("--calib can be given at most twice")
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    comp = C.compare(lm, kinds=kinds, counts=counts, methods=methods, corpus=calib[0], samples=args.samples, seq_len=args.seq_len, seed=args.seed, eval_windows=args.eval_windows, eval_items=args.items, speed=not args.no_speed, progress=not args.quiet, log=log)
+    if len(calib) == 2:
+        log(f"profiling again on {calib[1]} for the calibration comparison ...")
+        other = C.profile_report(lm, calib[1], samples=args.samples, seq_len=args.seq_len, seed=args.seed, methods=[m for m in methods if m != "random"], progress=not args.quiet)
+        comp["calibration_agreement"] = [C.calibration_agreement(comp["report"], other, kind, m, counts) for kind in kinds for m in methods if m != "random"]
+        comp["calibration"] = {"a": calib[0] or "builtin", "b": calib[1]}
+    out = C.write(comp, args.out)
+    print(C.markdown(comp))
+    print(f"wrote {out}/comparison.json, comparison.md, comparison.png")
+    return 0
