@@ -22,9 +22,9 @@ buffers and, after each layer, the estimator states are kept there (states writt
 atomically), and a run restarted with the same arguments continues after the last
 finished layer.
 
-Peak memory ~ 2 layers (the one computing, the one prefetched) + embedding + one
-activation batch on the device, plus the activation buffers (2 x samples x T x D x bytes)
-in RAM or on disk.
+Peak memory: on the device, the embedding while the batches are embedded, then one layer
++ one batch's activations; in RAM, the prefetched layer + the activation buffers
+(2 x samples x T x D x bytes; on disk beyond ``ram_budget_bytes``).
 """
 
 from __future__ import annotations
@@ -358,6 +358,7 @@ def profile_streaming(
                     setattr(owner, layers_attr, layers)
                 if first_layer == 0:
                     acts.cur[s0 : s0 + bs] = h.to(dtype).cpu()
+        adapter.embed(model).to_empty(device="meta")  # the embedding is not needed any more
         # 2. layer by layer under the taps
         lock = threading.Lock()
 
