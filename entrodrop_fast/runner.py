@@ -132,6 +132,9 @@ def profile(model: nn.Module, windows: torch.Tensor, settings: ProfileSettings |
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
+    from entrodrop_fast.distributed import merge_block_stats_
+
+    merge_block_stats_(stats)  # across torch.distributed ranks, when there are several
     result = stats.result()
     finite_or_raise(result)
     result.update(

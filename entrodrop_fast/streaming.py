@@ -399,6 +399,9 @@ def profile_streaming(
     stats = sinks[0]
     for s in sinks[1:]:
         stats.merge(s)
+    from entrodrop_fast.distributed import merge_block_stats_
+
+    merge_block_stats_(stats)  # across torch.distributed ranks, when there are several
     result = stats.result()
     finite_or_raise(result)
     from entrodrop_fast.runner import parse_methods

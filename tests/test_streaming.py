@@ -161,3 +161,53 @@ def test_not_a_model_dir(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="neither"):
         Checkpoint(tmp_path)
+
+
+# ------------------------------------------------------------------ CLI: streaming and torchrun
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama with a byte-level tokenizer saved beside it (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny_llama")
+    model = tiny_model("llama")
+    model.config.vocab_size = 97
+    model.save_pretrained(d, max_shard_size="60KB")
+    vocab = {chr(i): i - 30 for i in range(30, 127)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="~"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="~").save_pretrained(d)
+    return d
+
+
+def _cli_report(tiny_dir, out, *extra, torchrun=False):
+    import subprocess
+    import sys
+
+    args = [str(tiny_dir), "--samples", "6", "--seq-len", "24", "-m", "bucket,cosine", "--out", str(out), "-q", *extra]
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "entrodrop_fast", "profile", *args]
+    else:
+        cmd = [sys.executable, "-m", "entrodrop_fast", "profile", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((out / "report.json").read_text())
+
+
+def _block_numbers(report):
+    return torch.tensor([[b["delta"]["bucket"]["mean"], b["delta"]["bucket"]["stderr"], b["cosine"]["mean"]] for b in report["blocks"]], dtype=torch.float64)
+
+
+@pytest.mark.slow
+def test_cli_streaming_and_two_processes_equal_in_memory(tiny_dir, tmp_path):
+    plain = _cli_report(tiny_dir, tmp_path / "plain")
+    streamed = _cli_report(tiny_dir, tmp_path / "streamed", "--max-memory", "1KB")  # too small: streams
+    two = _cli_report(tiny_dir, tmp_path / "two", torchrun=True)
+    assert streamed["model"]["kind"] == "streaming" and plain["model"]["kind"] == "dir"
+    assert two["settings"]["processes"] == 2 and two["timing"]["samples"] == 6
+    torch.testing.assert_close(_block_numbers(streamed), _block_numbers(plain), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(_block_numbers(two), _block_numbers(plain), rtol=1e-9, atol=1e-12)

@@ -7,6 +7,7 @@ paper's defaults (128 windows x 256 tokens, seed 2024, bucket entropy, 20 bins),
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -21,6 +22,40 @@ def _spans(s: str) -> tuple[int, ...]:
     if not out or min(out) < 1:
         raise ValueError(f"--spans must be positive integers, got {s!r}")
     return out
+
+
+def parse_bytes(s: str) -> float:
+    """'8GB', '512MiB', '1.5G', '1000000' -> bytes (K, M, G, T are powers of 1024)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(s))
+    if not m:
+        raise ValueError(f"--max-memory must look like 8GB, 512MB or 1.5G, got {s!r}")
+    unit = m.group(2).upper()
+    return float(m.group(1)) * (1024 ** ("KMGT".index(unit) + 1) if unit else 1)
+
+
+def streaming_source(model, cache_dir):
+    """The safetensors directory to stream from: a local model directory, or the built-in cache."""
+    from pathlib import Path
+
+    from entrodrop_fast.models.loading import BUILTIN_ALIASES, ensure_builtin
+
+    if model in BUILTIN_ALIASES:
+        return ensure_builtin(cache_dir)
+    p = Path(str(model)).expanduser()
+    if not p.is_dir():
+        raise ValueError(f"streaming reads a local Hugging Face directory with safetensors shards; {model!r} is not one")
+    return p
+
+
+def model_bytes(model_dir, dtype: str) -> float:
+    """Bytes the model's weights take in ``dtype`` (from the checkpoint's tensor shapes)."""
+    from entrodrop_fast.streaming import Checkpoint
+
+    ck = Checkpoint(model_dir)
+    per = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
+    return sum(math.prod(s) for s in ck.shapes.values()) * per
 
 
 def register(subparsers) -> None:
@@ -46,6 +81,9 @@ def register(subparsers) -> None:
     p.add_argument("--corpus", default=None, help="builtin (default), a .txt file, a directory of .txt, a .jsonl file or hf:NAME[:CONFIG][:SPLIT]")
     p.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text (default text)")
     p.add_argument("--cache-dir", default=None, help="where the built-in model is converted (default $ENTRODROP_CACHE or ~/.cache/entrodrop_fast)")
+    p.add_argument("--streaming", action="store_true", help="run layer by layer from the checkpoint's safetensors shards (models larger than memory)")
+    p.add_argument("--max-memory", default=None, help="memory budget, e.g. 8GB: streams when the model does not fit, and keeps activations on disk beyond it")
+    p.add_argument("--resume-dir", default=None, help="streaming: keep states here after every layer; rerun with the same arguments to resume")
     p.add_argument("--top", type=int, default=8, help="blocks per kind in the terminal table (default 8)")
     p.add_argument("--no-plot", action="store_true", help="skip profile.png")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -65,15 +103,55 @@ def run(args) -> int:
     settings = ProfileSettings(methods=methods, batch_size=args.batch_size, backend=args.backend, bins=args.bins, k=args.k, paper_exact=args.paper_exact, spans=_spans(args.spans))
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     t0 = time.perf_counter()
-    log(f"loading model {args.model or 'built-in SmolLM2-135M-Instruct'} ({args.dtype}, {args.device}) ...")
-    lm = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
+    from entrodrop_fast import distributed
+    from entrodrop_fast.models.loading import parse_device, parse_dtype
+
+    distributed.init_from_env(parse_device(args.device))
+    rank, world = distributed.world()
+    if rank:
+        log = lambda *a: None  # noqa: E731
+    budget = parse_bytes(args.max_memory) if args.max_memory else None
+    stream_dir = streaming_source(args.model, args.cache_dir) if (args.streaming or budget) else None
+    if stream_dir is not None and not args.streaming:
+        need = model_bytes(stream_dir, args.dtype)
+        if need <= budget:
+            stream_dir = None
+        else:
+            log(f"the model needs {need / 2**30:.1f} GiB in {args.dtype}, more than --max-memory {args.max_memory}: streaming layer by layer")
+    log(f"loading {'tokenizer' if stream_dir else 'model'} {args.model or 'built-in SmolLM2-135M-Instruct'} ({args.dtype}, {args.device}) ...")
+    if stream_dir is not None:
+        from transformers import AutoTokenizer
+
+        from entrodrop_fast.streaming import profile_streaming
+
+        tokenizer = AutoTokenizer.from_pretrained(str(stream_dir))
+        lm = None
+    else:
+        lm = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
+        tokenizer = lm.tokenizer
     t_load = time.perf_counter() - t0
-    windows, data_info = calibration_windows(lm.tokenizer, args.corpus, samples=args.samples, seq_len=args.seq_len, seed=args.seed, text_field=args.text_field)
-    log(f"calibration: {data_info['samples']} x {data_info['seq_len']} tokens from {data_info['corpus']}; methods {', '.join(methods)}")
-    result = profile(lm.model, windows, settings, progress=not args.quiet)
-    model_info = {"name": lm.source if lm.kind != "builtin" else "SmolLM2-135M-Instruct (built-in)", "source": lm.source, "path": lm.path, "kind": lm.kind}
+    windows, data_info = calibration_windows(tokenizer, args.corpus, samples=args.samples, seq_len=args.seq_len, seed=args.seed, text_field=args.text_field)
+    log(f"calibration: {data_info['samples']} x {data_info['seq_len']} tokens from {data_info['corpus']}; methods {', '.join(methods)}" + (f"; {world} processes" if world > 1 else ""))
+    mine = distributed.shard(windows)
+    if stream_dir is not None:
+        ram = budget if budget else 8 * 2**30
+        result = profile_streaming(str(stream_dir), mine, settings, device=parse_device(args.device), dtype=parse_dtype(args.dtype), ram_budget_bytes=ram, resume_dir=args.resume_dir, progress=not args.quiet and rank == 0)
+        source = args.model or "builtin"
+        model_info = {"name": source if args.model else "SmolLM2-135M-Instruct (built-in)", "source": source, "path": str(stream_dir), "kind": "streaming"}
+    else:
+        result = profile(lm.model, mine, settings, progress=not args.quiet and rank == 0)
+        model_info = {"name": lm.source if lm.kind != "builtin" else "SmolLM2-135M-Instruct (built-in)", "source": lm.source, "path": lm.path, "kind": lm.kind}
+    result["tokens"] = int(windows.numel())
+    result["tokens_per_s"] = windows.numel() / result["seconds"] if result["seconds"] > 0 else float("nan")
+    if world > 1:
+        settings_world = {"processes": world}
+    else:
+        settings_world = {}
+    if rank:
+        return 0
     settings_info = {"samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size, "seed": args.seed, "bins": args.bins, "paper_exact": args.paper_exact, "k": args.k, "spans": list(settings.spans) if "angular" in methods else [], "dtype": args.dtype, "device": args.device}
-    report = build_report(result, model_info=model_info, data_info=data_info, settings=settings_info, model=lm.model)
+    settings_info.update(settings_world)
+    report = build_report(result, model_info=model_info, data_info=data_info, settings=settings_info, model=lm.model if lm else None)
     report["timing"]["load_seconds"] = t_load
     out = write_report(report, args.out, png=not args.no_plot)
     print(ranking_table(report, top=args.top))
