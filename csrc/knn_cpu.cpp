@@ -1,8 +1,9 @@
 // k-th nearest neighbour distance for the Kozachenko-Leonenko estimator.
 //
 // Division of labour (see entrodrop_fast/ops/cpp_backend.py): Python computes one row
-// block of the Gram matrix G = x[r0:r1] @ x.T with torch.mm (BLAS) into a reused buffer;
-// knn_select_cpu turns it into approximate squared distances a_j = |x_i|^2 + |x_j|^2 - 2 G_ij
+// block of the Gram matrix G = v[r0:r1] @ v.T of effective vectors v (x with its massive
+// channels centred; same distances) with torch.mm/addmm (BLAS) into a reused buffer;
+// knn_select_cpu turns it into approximate squared distances a_j = |v_i|^2 + |v_j|^2 - 2 G_ij
 // and finds the k-th smallest A_k (nth_element, O(N) per row). fp32 Gram distances cancel
 // badly when rows share a large component (LLM activations), so the answer is refined
 // exactly: with |a_j - t_j| <= delta (t the true squared distance), rows with
@@ -44,7 +45,34 @@ ED_INLINE double dist_impl(const uint8_t* a, const uint8_t* b, int64_t sd, int64
   for (int j = 0; j < 8; ++j) s += acc[j];
   return std::sqrt(s);
 }
-ED_CLONES double dist_f32(const uint8_t* a, const uint8_t* b, int64_t sd, int64_t D) { return dist_impl<DT_F32>(a, b, sd, D); }
+// Contiguous fp32 rows (the common case): 8 lanes of fp64 per step, two accumulators.
+typedef float v8f_u __attribute__((vector_size(32), aligned(4)));
+typedef double v8d __attribute__((vector_size(64)));
+ED_CLONES double dist_f32_dense(const float* a, const float* b, int64_t D) {
+  v8d acc0 = {}, acc1 = {};
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const v8d e0 = __builtin_convertvector(*reinterpret_cast<const v8f_u*>(a + d), v8d) -
+                   __builtin_convertvector(*reinterpret_cast<const v8f_u*>(b + d), v8d);
+    const v8d e1 = __builtin_convertvector(*reinterpret_cast<const v8f_u*>(a + d + 8), v8d) -
+                   __builtin_convertvector(*reinterpret_cast<const v8f_u*>(b + d + 8), v8d);
+    acc0 += e0 * e0;
+    acc1 += e1 * e1;
+  }
+  acc0 += acc1;
+  double s = 0;
+  for (int j = 0; j < 8; ++j) s += acc0[j];
+  for (; d < D; ++d) {
+    const double e = double(a[d]) - double(b[d]);
+    s += e * e;
+  }
+  return std::sqrt(s);
+}
+ED_CLONES double dist_f32(const uint8_t* a, const uint8_t* b, int64_t sd, int64_t D) {
+  if (sd == 1)
+    return dist_f32_dense(reinterpret_cast<const float*>(a), reinterpret_cast<const float*>(b), D);
+  return dist_impl<DT_F32>(a, b, sd, D);
+}
 ED_CLONES double dist_f16(const uint8_t* a, const uint8_t* b, int64_t sd, int64_t D) { return dist_impl<DT_F16>(a, b, sd, D); }
 ED_CLONES double dist_bf16(const uint8_t* a, const uint8_t* b, int64_t sd, int64_t D) { return dist_impl<DT_BF16>(a, b, sd, D); }
 

@@ -170,6 +170,17 @@ def test_knn_strided_and_large():
     assert_close(ref.knn_kth_distance(x, 25), cpp.knn_kth_distance(x, 25), rtol=1e-5, name="knn 2048x4096")
 
 
+@pytest.mark.parametrize("massive_only", [False, True])
+def test_knn_llm_like_wide(massive_only):
+    # D >> N with massive channels: the uncentred fp32 Gram trick errs ~1e-3 here (the
+    # previous implementation's band bound did not hold); centred heavy channels fix it.
+    x = llm_like(1024, 4096, seed=19)
+    if massive_only:  # the benchmark's input: one channel ~3000 + 50 z, the rest N(0, 1)
+        x = torch.randn(1024, 4096, generator=torch.Generator().manual_seed(20))
+        x[:, 1] = x[:, 1] * 50 + 3000.0
+    assert_close(ref.knn_kth_distance(x, 25), cpp.knn_kth_distance(x, 25), rtol=1e-5, name="knn llm wide")
+
+
 def test_knn_duplicates():
     x = torch.randn(50, 8, generator=torch.Generator().manual_seed(16))
     x[10:20] = x[0]  # eleven identical rows: their 10 nearest others are at distance 0

@@ -14,11 +14,16 @@ from entrodrop_fast import _ext
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
-# knn: rows per Gram block. The block (R x N fp32) is the only N-proportional buffer, so
-# peak extra memory is R/N of the N x N matrix (+ O(N)); R = N/12 keeps it near 8%, while
-# larger blocks mean fewer re-packs of x.T inside BLAS.
+# knn: the R x N fp32 Gram block is the only N-proportional buffer, so peak extra memory is
+# about R/N of the N x N matrix (+ O(N)); R is chosen from that budget (fewer, larger GEMMs).
+KNN_BLOCK_FRACTION = 0.08  # R = 8% of N rows (peak ~8.3% of N x N with the O(N) vectors)
 KNN_MIN_ROWS = 32
-KNN_MAX_ROWS = 512
+# Channels whose mean square exceeds KNN_HEAVY_RATIO x the median are "heavy" (LLM massive
+# activations); they leave the big GEMM and enter as a small centred [N, E] copy, together
+# with the channels of gaps shorter than KNN_MIN_RANGE (not worth a GEMM call).
+KNN_HEAVY_RATIO = 64.0
+KNN_MAX_HEAVY = 32
+KNN_MIN_RANGE = 64
 
 
 def available() -> tuple[bool, str]:
@@ -116,15 +121,46 @@ def cosine(x: torch.Tensor, other: torch.Tensor, mask: torch.Tensor | None = Non
     return s, c
 
 
+def _knn_split(xf: torch.Tensor):
+    """(ranges, U): contiguous channel ranges for the big GEMM, and the centred heavy /
+    leftover channels as a small [N, E] fp32 copy (E <= KNN_MAX_HEAVY + gaps)."""
+    N, D = xf.shape
+    step = max(1, N // 256)  # massive channels show in every row: a row sample finds them
+    ms = torch.linalg.vector_norm(xf[::step], dim=0)  # (D,)
+    order = torch.argsort(ms, descending=True)[:KNN_MAX_HEAVY]
+    thr = KNN_HEAVY_RATIO ** 0.5 * float(ms.median())
+    heavy = sorted(int(c) for c in order if float(ms[c]) > thr)
+    ranges, small = [], []
+    start = 0
+    for c in [*heavy, D]:
+        a = -(-start // 16) * 16  # GEMM ranges start on a 64-byte boundary (BLAS speed)
+        if c - a >= KNN_MIN_RANGE:
+            ranges.append((a, c))
+            small.extend(range(start, a))
+        else:
+            small.extend(range(start, c))
+        start = c + 1
+    cols = sorted(set(small) | set(heavy))
+    if not ranges:  # tiny D: everything in the small copy
+        cols = list(range(D))
+    u = xf[:, cols] if cols else xf.new_zeros(N, 0)
+    u = u - u.mean(0)  # centring makes |u_i - u_j|^2 via the Gram trick cancellation-free
+    return ranges, u.contiguous()
+
+
 def knn_kth_distance(x: torch.Tensor, k: int) -> torch.Tensor:
     """Distance from each row of x [N, D] to its k-th nearest other row, fp64 [N].
 
-    What runs where: torch.mm (BLAS) computes one block of rows of the Gram matrix
-    ``x[r0:r1] @ x.T`` at a time into a reused [R, N] fp32 buffer; C++ (``knn_select_cpu``)
-    turns the block into squared distances, finds the k-th smallest per row, and recomputes
-    the distances of the rows whose order the fp32 error could change exactly in fp64 from
-    x itself. The N x N matrix is never formed: peak extra memory is R*N*4 bytes plus O(N)
-    (plus an fp32 copy of x when x is not already fp32 with channel stride 1).
+    What runs where: torch.mm/addmm (BLAS) compute one block of rows of the Gram matrix at a
+    time into a reused [R, N] fp32 buffer, R from the memory budget (KNN_BLOCK_FRACTION);
+    C++ (``knn_select_cpu``) turns the block into squared distances, finds the k-th smallest
+    per row, and recomputes exactly (fp64, from x itself) the distances whose order the fp32
+    error could change. Precision: LLM activations have a few massive channels whose large
+    shared component makes the fp32 Gram trick cancel badly; those channels (and short gaps
+    between them) are taken out of the big GEMM and enter as a small centred copy U [N, E]
+    (distances are translation invariant), so the error scales with the ordinary channels.
+    The N x N matrix is never formed: peak extra memory is R*N*4 bytes plus O(N*E) (plus an
+    fp32 copy of x when x is not already fp32 with channel stride 1).
     """
     if x.is_cuda:
         return _cuda().knn_kth_distance(x, k)
@@ -133,20 +169,36 @@ def knn_kth_distance(x: torch.Tensor, k: int) -> torch.Tensor:
     if not 1 <= k < N:
         raise ValueError(f"k must be in [1, N - 1] = [1, {N - 1}], got {k}")
     xf = x if (x.dtype == torch.float32 and x.stride(1) == 1) else x.float().contiguous()
-    sqn = torch.einsum("nd,nd->n", xf, xf)  # (N,) fp32 squared norms
-    # Error of the fp32 expansion |x_i|^2 + |x_j|^2 - 2 x_i.x_j: each term is rounded at
-    # about eps * |x|^2 (|x_i.x_j| <= |x|^2), and blocked BLAS sums add errors of random
-    # sign; 16 eps * 2 max|x|^2 leaves ample headroom (a tighter band, fewer exact rows).
+    ranges, u = _knn_split(xf)
+    # squared norms of the effective vectors [x_ranges, u], fp32 from an fp64 accumulation
+    sqn = u.double().pow(2).sum(1)
+    for a, b in ranges:
+        sqn += torch.linalg.vector_norm(xf[:, a:b], dim=1, dtype=torch.float64).pow(2)
+    sqn = sqn.float()
+    # Error of the fp32 expansion |v_i|^2 + |v_j|^2 - 2 v_i.v_j: a dot product of D terms
+    # accumulates ~sqrt(D) roundings of size eps * |v|^2 (random sign), the norms and the
+    # combination a few more; 4 (sqrt(D) + 8) eps max|v|^2 bounds it with a wide margin
+    # (measured: <= 1/20 of delta on LLM-like data) and keeps the exact band a few rows.
     eps = torch.finfo(torch.float32).eps
-    delta = 16.0 * eps * 2.0 * float(sqn.max())
-    rows = min(N, max(KNN_MIN_ROWS, min(KNN_MAX_ROWS, N // 12)))
+    delta = 4.0 * (D ** 0.5 + 8.0) * eps * float(sqn.max())
+    rows = min(N, max(KNN_MIN_ROWS, int(KNN_BLOCK_FRACTION * N)))
     gram = torch.empty(rows, N, dtype=torch.float32)  # (R, N), reused
     out = torch.empty(N, dtype=torch.float64)
     nt = _threads()
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         g = gram[: r1 - r0]
-        torch.mm(xf[r0:r1], xf.t(), out=g)  # (R, N)
+        first = True
+        for a, b in ranges:
+            if first:
+                torch.mm(xf[r0:r1, a:b], xf[:, a:b].t(), out=g)  # (R, N)
+            else:
+                g.addmm_(xf[r0:r1, a:b], xf[:, a:b].t())
+            first = False
+        if first:
+            torch.mm(u[r0:r1], u.t(), out=g)
+        elif u.shape[1]:
+            g.addmm_(u[r0:r1], u.t())
         C.knn_select_cpu(g.data_ptr(), sqn.data_ptr(), r1 - r0, N, r0, int(k), delta,
                          x.data_ptr(), _code(x), list(x.stride()), D, out[r0:r1].data_ptr(), nt)
     return out
