@@ -119,13 +119,11 @@ def retained(q: dict, dense: dict) -> float:
 def profile_report(lm, corpus, *, samples: int, seq_len: int, seed: int, methods, batch_size: int = 8, progress: bool = True) -> dict:
     """Profile on the calibration part of ``corpus`` (held-out documents excluded)."""
     from entrodrop_fast.data import Corpus, calibration_windows, load_corpus
-    from entrodrop_fast.evaluate import split_documents
     from entrodrop_fast.report import build_report
     from entrodrop_fast.runner import ProfileSettings, profile
 
     c = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
-    calib, _ = split_documents(c.documents)
-    windows, data_info = calibration_windows(lm.tokenizer, Corpus(c.name + " (calibration part)", calib, c.meta), samples=samples, seq_len=seq_len, seed=seed)
+    windows, data_info = calibration_windows(lm.tokenizer, c, samples=samples, seq_len=seq_len, seed=seed)  # held-out part excluded
     settings = ProfileSettings(methods=tuple(methods), batch_size=batch_size)
     result = profile(lm.model, windows, settings, progress=progress)
     info = {"name": lm.source if lm.kind != "builtin" else "SmolLM2-135M-Instruct (built-in)", "source": lm.source, "path": lm.path, "kind": lm.kind}

@@ -27,6 +27,14 @@ BUILTIN_CORPUS = "builtin"
 PAPER_SAMPLES = 128
 PAPER_SEQ_LEN = 256
 PAPER_SEED = 2024
+HELDOUT_EVERY = 5  # every 5th document of a corpus is kept out of calibration, for evaluation
+
+
+def split_documents(documents: list[str], every: int = HELDOUT_EVERY) -> tuple[list[str], list[str]]:
+    """(calibration, held-out): document i is held out when i % every == every - 1."""
+    calib = [d for i, d in enumerate(documents) if i % every != every - 1]
+    held = [d for i, d in enumerate(documents) if i % every == every - 1]
+    return calib, held
 
 
 class CorpusError(ValueError):
@@ -155,12 +163,23 @@ def calibration_windows(
     seq_len: int = PAPER_SEQ_LEN,
     seed: int = PAPER_SEED,
     text_field: str = "text",
+    exclude_heldout: bool = True,
 ) -> tuple[torch.Tensor, dict]:
-    """Tokenised calibration windows ``(samples, seq_len)`` and a description for the report."""
+    """Tokenised calibration windows ``(samples, seq_len)`` and a description for the report.
+
+    With ``exclude_heldout`` (default) and at least :data:`HELDOUT_EVERY` documents, the
+    held-out documents of :func:`split_documents` are left out, so evaluation text
+    (``entrodrop eval`` / ``compare``) is never calibration text.
+    """
     c = corpus if isinstance(corpus, Corpus) else load_corpus(corpus, text_field)
     if not c.documents:
         raise CorpusError(f"corpus {c.name} has no documents")
-    docs = tokenize_documents(c.documents, tokenizer)
+    documents = c.documents
+    excluded = 0
+    if exclude_heldout and len(documents) >= HELDOUT_EVERY:
+        documents, held = split_documents(documents)
+        excluded = len(held)
+    docs = tokenize_documents(documents, tokenizer)
     windows = sample_windows(docs, samples, seq_len, seed)
     info = {
         "corpus": c.name,
@@ -170,6 +189,7 @@ def calibration_windows(
         "samples": samples,
         "seq_len": seq_len,
         "seed": seed,
+        "heldout_documents_excluded": excluded,
         **c.meta,
     }
     return windows, info

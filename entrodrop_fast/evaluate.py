@@ -22,14 +22,7 @@ import time
 
 import torch
 
-HELDOUT_EVERY = 5
-
-
-def split_documents(documents: list[str], every: int = HELDOUT_EVERY) -> tuple[list[str], list[str]]:
-    """(calibration, held-out): document i is held out when i % every == every - 1."""
-    calib = [d for i, d in enumerate(documents) if i % every != every - 1]
-    held = [d for i, d in enumerate(documents) if i % every == every - 1]
-    return calib, held
+from entrodrop_fast.data import HELDOUT_EVERY, split_documents  # noqa: F401  (re-exported)
 
 
 def _device(model) -> torch.device:

@@ -72,3 +72,18 @@ def test_windows_too_small_is_clear():
 def test_calibration_windows_builtin_paper_defaults():
     w, info = calibration_windows(CharTokenizer())
     assert w.shape == (128, 256) and info["seed"] == 2024 and info["eligible_documents"] > 0
+
+
+def test_calibration_leaves_the_heldout_documents_out():
+    from entrodrop_fast.data import Corpus, split_documents
+
+    docs = [f"doc{i} " + ("abcdefgh " * 40) for i in range(10)]
+    _, held = split_documents(docs)
+    marked = Corpus("marked", [d.replace("abcdefgh", "ZZZZZZZZ") if d in held else d for d in docs])
+    tok = CharTokenizer()
+    w, info = calibration_windows(tok, marked, samples=40, seq_len=32)
+    z = ord("Z") % 97
+    assert info["heldout_documents_excluded"] == 2
+    assert not (w == z).any()  # no window comes from a held-out document
+    w_all, info_all = calibration_windows(tok, marked, samples=40, seq_len=32, exclude_heldout=False)
+    assert info_all["heldout_documents_excluded"] == 0 and (w_all == z).any()
