@@ -240,6 +240,9 @@ def write_report(report: dict, out_dir: str | os.PathLike, *, png: bool = True) 
     out = Path(out_dir).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a report is an ordinary directory
     try:
         with (tmp / "report.json").open("w") as fh:
             json.dump(report, fh, indent=1, allow_nan=True)

@@ -144,6 +144,9 @@ def ensure_builtin(cache_dir: str | os.PathLike | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     model, tokenizer = gguf_to_model(gguf)
     tmp = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_NAME}.", dir=root))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
