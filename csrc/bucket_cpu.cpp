@@ -74,7 +74,9 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
     const float* __restrict y = tile + i * w;
     for (int64_t j = 0; j < w; ++j) {
       const float u = (y[j] - lo[j]) * sc[j];
-      int32_t k = int32_t(u);
+      // NaN/Inf never reach here through the API (it checks), but a caller passing
+      // validate=False must not get an out-of-bounds write: NaN -> bin 0, +Inf -> last.
+      int32_t k = u >= 0.0f ? (u < fb ? int32_t(u) : last) : 0;
       k = k < last ? k : last;
       flat[j] = int32_t(j) * bins + k;
     }

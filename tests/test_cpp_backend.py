@@ -226,3 +226,16 @@ def test_kernel_errors_are_readable():
         cpp.knn_kth_distance(x[0], 4)
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         cpp.bucket(x.double(), None, None, 20, False)
+
+
+def test_bucket_kernel_stays_in_bounds_on_nan_and_inf_without_validation():
+    """validate=False hands NaN/Inf straight to the kernel: the numbers are meaningless,
+    but the process must not crash or write outside its histogram."""
+    import entrodrop_fast as ef
+
+    x = torch.randn(2, 64, 40)
+    x[0, 3, 5] = float("nan")
+    x[1, 7, 9] = float("inf")
+    x[1, 8, 11] = float("-inf")
+    h = ef.bucket_entropy(x, bins=20, backend="cpp", validate=False)
+    assert h.shape == (2,)
