@@ -205,9 +205,18 @@ def _block_numbers(report):
 @pytest.mark.slow
 def test_cli_streaming_and_two_processes_equal_in_memory(tiny_dir, tmp_path):
     plain = _cli_report(tiny_dir, tmp_path / "plain")
-    streamed = _cli_report(tiny_dir, tmp_path / "streamed", "--max-memory", "1KB")  # too small: streams
+    streamed = _cli_report(tiny_dir, tmp_path / "streamed", "--max-memory", "100KB")  # the model does not fit: streams
     two = _cli_report(tiny_dir, tmp_path / "two", torchrun=True)
     assert streamed["model"]["kind"] == "streaming" and plain["model"]["kind"] == "dir"
     assert two["settings"]["processes"] == 2 and two["timing"]["samples"] == 6
     torch.testing.assert_close(_block_numbers(streamed), _block_numbers(plain), rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(_block_numbers(two), _block_numbers(plain), rtol=1e-9, atol=1e-12)
+
+
+def test_cli_max_memory_too_small_fails_early(tiny_dir, tmp_path, capsys):
+    from entrodrop_fast.cli import main
+
+    rc = main(["profile", str(tiny_dir), "--samples", "4", "--seq-len", "24", "--streaming", "--max-memory", "1KB", "--out", str(tmp_path / "r"), "-q"])
+    assert rc == 1
+    assert "--max-memory 1KB is too small" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -58,6 +58,33 @@ def model_bytes(model_dir, dtype: str) -> float:
     return sum(math.prod(s) for s in ck.shapes.values()) * per
 
 
+def streaming_peak_bytes(model_dir, dtype: str, batch_size: int, seq_len: int) -> float:
+    """Device memory a streamed profile needs at least: the embedding or one layer (whichever
+    is larger, they are never resident together) + one batch's activations and intermediates."""
+    import json
+    from pathlib import Path
+
+    from entrodrop_fast.streaming import Checkpoint
+
+    ck = Checkpoint(model_dir)
+    per = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
+    layer_sizes: dict[str, int] = {}
+    embed = 0
+    for name, shape in ck.shapes.items():
+        n = math.prod(shape) * per
+        parts = name.split(".")
+        if "layers" in parts and parts.index("layers") + 1 < len(parts) and parts[parts.index("layers") + 1].isdigit():
+            key = ".".join(parts[: parts.index("layers") + 2])
+            layer_sizes[key] = layer_sizes.get(key, 0) + n
+        elif "embed" in name:
+            embed = max(embed, n)
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    d = int(cfg.get("hidden_size", 0))
+    inter = int(cfg.get("intermediate_size", 4 * d) or 4 * d)
+    acts = batch_size * seq_len * (d + inter) * 4 * 3  # fp32-sized hidden + MLP intermediates, x3
+    return max(embed, max(layer_sizes.values(), default=0)) + acts
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "profile",
@@ -134,6 +161,10 @@ def run(args) -> int:
     log(f"calibration: {data_info['samples']} x {data_info['seq_len']} tokens from {data_info['corpus']}; methods {', '.join(methods)}" + (f"; {world} processes" if world > 1 else ""))
     mine = distributed.shard(windows)
     if stream_dir is not None:
+        if budget:
+            need = streaming_peak_bytes(stream_dir, args.dtype, args.batch_size, args.seq_len)
+            if need > budget:
+                raise ValueError(f"--max-memory {args.max_memory} is too small: streaming needs about {need / 2**30:.2f} GiB (the largest of embedding and one layer, plus one batch of {args.batch_size} x {args.seq_len} tokens); raise it or lower --batch-size / --seq-len")
         ram = budget if budget else 8 * 2**30
         result = profile_streaming(str(stream_dir), mine, settings, device=parse_device(args.device), dtype=parse_dtype(args.dtype), ram_budget_bytes=ram, resume_dir=args.resume_dir, progress=not args.quiet and rank == 0)
         source = args.model or "builtin"
