@@ -63,3 +63,31 @@ def test_spearman_and_parsing():
         C.parse_counts("0,2")
     with pytest.raises(ValueError, match="unknown"):
         C.parse_list("bucket,magic", C.SCORING + C.BASELINES, "--methods")
+
+
+def test_calibration_agreement_of_identical_and_reversed_reports(lm, corpus):
+    report = C.profile_report(lm, corpus, samples=6, seq_len=48, seed=1, methods=("bucket",), progress=False)
+    same = C.calibration_agreement(report, report, "attn", "bucket", [1, 2])
+    assert same["spearman"] == pytest.approx(1.0)
+    assert same["overlap"]["2"]["shared"] == 2
+    flipped = json.loads(json.dumps(report))
+    for b in flipped["blocks"]:
+        b["delta"]["bucket"]["mean"] = -b["delta"]["bucket"]["mean"]
+    assert C.calibration_agreement(report, flipped, "attn", "bucket", [1])["spearman"] == pytest.approx(-1.0)
+
+
+def test_lm_eval_missing_gives_a_clear_message(lm, monkeypatch):
+    import builtins
+
+    from entrodrop_fast.lm_eval_adapter import LmEvalUnavailable, run_lm_eval
+
+    real_import = builtins.__import__
+
+    def no_lm_eval(name, *a, **k):
+        if name.startswith("lm_eval"):
+            raise ImportError("No module named 'lm_eval'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_lm_eval)
+    with pytest.raises(LmEvalUnavailable, match="pip install lm-eval"):
+        run_lm_eval(lm.model, lm.tokenizer, ["piqa"])
