@@ -132,6 +132,11 @@ def profile(model: nn.Module, windows: torch.Tensor, settings: ProfileSettings |
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
+    return finish(stats, adapter, settings, backend=backend, seconds=seconds, windows=windows, device=dev, dtype=next(model.parameters()).dtype, hidden_size=int(getattr(model.config, "hidden_size", 0) or 0))
+
+
+def finish(stats: BlockStatistics, adapter: Adapter, settings: ProfileSettings, *, backend, seconds, windows, device, dtype, hidden_size, **extra) -> dict:
+    """Merge the statistics across ranks (if any) and turn them into the runner's result dict."""
     from entrodrop_fast.distributed import merge_block_stats_
 
     merge_block_stats_(stats)  # across torch.distributed ranks, when there are several
@@ -141,15 +146,16 @@ def profile(model: nn.Module, windows: torch.Tensor, settings: ProfileSettings |
         {
             "model_type": adapter.model_type,
             "residual": adapter.residual,
-            "num_layers": L,
-            "hidden_size": int(getattr(model.config, "hidden_size", 0) or 0),
+            "num_layers": stats.L,
+            "hidden_size": hidden_size,
             "methods": list(parse_methods(settings.methods)),
             "backend": backend,
             "seconds": seconds,
             "tokens": int(windows.numel()),
             "tokens_per_s": windows.numel() / seconds if seconds > 0 else float("nan"),
-            "device": str(dev),
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "device": str(device),
+            "dtype": str(dtype).replace("torch.", ""),
+            **extra,
         }
     )
     return result

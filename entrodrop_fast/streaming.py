@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from entrodrop_fast.hooks import BlockStatistics, ResidualTaps, finite_or_raise
+from entrodrop_fast.hooks import BlockStatistics, ResidualTaps
 from entrodrop_fast.models.adapters import get_adapter, get_attr
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -399,28 +399,7 @@ def profile_streaming(
     stats = sinks[0]
     for s in sinks[1:]:
         stats.merge(s)
-    from entrodrop_fast.distributed import merge_block_stats_
+    from entrodrop_fast.runner import finish
 
-    merge_block_stats_(stats)  # across torch.distributed ranks, when there are several
-    result = stats.result()
-    finite_or_raise(result)
-    from entrodrop_fast.runner import parse_methods
+    return finish(stats, adapter, settings, backend=backend, seconds=seconds, windows=windows, device=device, dtype=dtype, hidden_size=D, runner="streaming", checkpoint_bytes=ckpt.bytes)
 
-    result.update(
-        {
-            "model_type": adapter.model_type,
-            "residual": adapter.residual,
-            "num_layers": L,
-            "hidden_size": D,
-            "methods": list(parse_methods(settings.methods)),
-            "backend": backend,
-            "seconds": seconds,
-            "tokens": int(windows.numel()),
-            "tokens_per_s": windows.numel() / seconds if seconds > 0 else float("nan"),
-            "device": str(device),
-            "dtype": str(dtype).replace("torch.", ""),
-            "runner": "streaming",
-            "checkpoint_bytes": ckpt.bytes,
-        }
-    )
-    return result
