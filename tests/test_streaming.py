@@ -208,6 +208,8 @@ def test_cli_streaming_and_two_processes_equal_in_memory(tiny_dir, tmp_path):
     streamed = _cli_report(tiny_dir, tmp_path / "streamed", "--max-memory", "100KB")  # the model does not fit: streams
     two = _cli_report(tiny_dir, tmp_path / "two", torchrun=True)
     assert streamed["model"]["kind"] == "streaming" and plain["model"]["kind"] == "dir"
+    # 100 KB: one 37 KB layer + 28 KB of activations per window of 24 tokens -> batches of 2
+    assert streamed["settings"]["batch_size"] == 2 and plain["settings"]["batch_size"] == 1
     assert two["settings"]["processes"] == 2 and two["timing"]["samples"] == 6
     torch.testing.assert_close(_block_numbers(streamed), _block_numbers(plain), rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(_block_numbers(two), _block_numbers(plain), rtol=1e-9, atol=1e-12)

@@ -58,6 +58,20 @@ def model_bytes(model_dir, dtype: str) -> float:
     return sum(math.prod(s) for s in ck.shapes.values()) * per
 
 
+def _peak(stream_dir, args, batch: int) -> float:
+    """Peak bytes of the run for ``batch``: streaming, or the whole model + one batch in memory."""
+    if stream_dir is not None:
+        return streaming_peak_bytes(stream_dir, args.dtype, batch, args.seq_len)
+    from entrodrop_fast.models.loading import BUILTIN_ALIASES, ensure_builtin
+
+    src = ensure_builtin(args.cache_dir) if args.model in BUILTIN_ALIASES else args.model
+    return model_bytes(src, args.dtype) + streaming_peak_bytes(src, args.dtype, batch, args.seq_len) - _largest_part(src, args.dtype)
+
+
+def _largest_part(model_dir, dtype: str) -> float:
+    return streaming_peak_bytes(model_dir, dtype, 0, 0)
+
+
 def streaming_peak_bytes(model_dir, dtype: str, batch_size: int, seq_len: int) -> float:
     """Device memory a streamed profile needs at least: the embedding or one layer (whichever
     is larger, they are never resident together) + one batch's activations and intermediates."""
@@ -95,7 +109,7 @@ def register(subparsers) -> None:
     p.add_argument("--method", "-m", action="append", default=None, help="bucket, gaussian_diag, gaussian_full, knn, renyi, cosine, angular or all; several comma-separated or repeated (default bucket); all run in one forward pass")
     p.add_argument("--samples", type=int, default=PAPER_SAMPLES, help=f"calibration windows (default {PAPER_SAMPLES})")
     p.add_argument("--seq-len", type=int, default=PAPER_SEQ_LEN, help=f"tokens per window (default {PAPER_SEQ_LEN})")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1, as the paper)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default 1, as the paper; with --max-memory, the largest up to 8 that fits)")
     p.add_argument("--seed", type=int, default=PAPER_SEED, help=f"sampling seed (default {PAPER_SEED})")
     p.add_argument("--bins", type=int, default=20, help="bucket: bins per channel (default 20; the paper used 20 for Llama, 80 for Mistral)")
     p.add_argument("--paper-exact", action="store_true", help="bucket: clamp probabilities at 1e-10 as the paper's code")
@@ -124,10 +138,10 @@ def run(args) -> int:
     from entrodrop_fast.runner import ProfileSettings, parse_methods, profile
 
     methods = parse_methods(args.method or ["bucket"])
-    for name, v in (("--samples", args.samples), ("--seq-len", args.seq_len), ("--batch-size", args.batch_size), ("--bins", args.bins), ("--k", args.k)):
+    for name, v in (("--samples", args.samples), ("--seq-len", args.seq_len), ("--batch-size", args.batch_size or 1), ("--bins", args.bins), ("--k", args.k)):
         if v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v}")
-    settings = ProfileSettings(methods=methods, batch_size=args.batch_size, backend=args.backend, bins=args.bins, k=args.k, paper_exact=args.paper_exact, spans=_spans(args.spans))
+    settings = ProfileSettings(methods=methods, batch_size=args.batch_size or 1, backend=args.backend, bins=args.bins, k=args.k, paper_exact=args.paper_exact, spans=_spans(args.spans))
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     t0 = time.perf_counter()
     from entrodrop_fast import distributed
@@ -160,6 +174,14 @@ def run(args) -> int:
     windows, data_info = calibration_windows(tokenizer, args.corpus, samples=args.samples, seq_len=args.seq_len, seed=args.seed, text_field=args.text_field)
     log(f"calibration: {data_info['samples']} x {data_info['seq_len']} tokens from {data_info['corpus']}; methods {', '.join(methods)}" + (f"; {world} processes" if world > 1 else ""))
     mine = distributed.shard(windows)
+    if args.batch_size is None and budget:
+        # the largest batch (up to 8) whose peak fits the budget
+        fits = [b for b in range(8, 0, -1) if _peak(stream_dir, args, b) <= budget]
+        args.batch_size = fits[0] if fits else 1
+        if fits:
+            log(f"batch size {args.batch_size} (the largest up to 8 that fits --max-memory {args.max_memory})")
+    args.batch_size = args.batch_size or 1
+    settings.batch_size = args.batch_size
     if stream_dir is not None:
         if budget:
             need = streaming_peak_bytes(stream_dir, args.dtype, args.batch_size, args.seq_len)
