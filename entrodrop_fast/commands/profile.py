@@ -49,54 +49,42 @@ def streaming_source(model, cache_dir):
     return p
 
 
-def model_bytes(model_dir, dtype: str) -> float:
-    """Bytes the model's weights take in ``dtype`` (from the checkpoint's tensor shapes)."""
-    from entrodrop_fast.streaming import Checkpoint
+class MemoryPlan:
+    """What a profile of the checkpoint in ``model_dir`` needs in memory, from its tensor shapes.
 
-    ck = Checkpoint(model_dir)
-    per = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
-    return sum(math.prod(s) for s in ck.shapes.values()) * per
+    ``total``: all weights; ``resident``: the most a streamed run holds at once, the larger of
+    the embedding and one layer (they are never resident together); ``per_token``: the
+    activations of one token (fp32-sized hidden state + MLP intermediates, x3 for the
+    temporaries of a layer).
+    """
 
+    def __init__(self, model_dir, dtype: str):
+        import json
+        from pathlib import Path
 
-def _peak(stream_dir, args, batch: int) -> float:
-    """Peak bytes of the run for ``batch``: streaming, or the whole model + one batch in memory."""
-    if stream_dir is not None:
-        return streaming_peak_bytes(stream_dir, args.dtype, batch, args.seq_len)
-    from entrodrop_fast.models.loading import BUILTIN_ALIASES, ensure_builtin
+        from entrodrop_fast.streaming import Checkpoint
 
-    src = ensure_builtin(args.cache_dir) if args.model in BUILTIN_ALIASES else args.model
-    return model_bytes(src, args.dtype) + streaming_peak_bytes(src, args.dtype, batch, args.seq_len) - _largest_part(src, args.dtype)
+        per = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
+        layers: dict[str, int] = {}
+        embed = 0
+        self.total = 0
+        for name, shape in Checkpoint(model_dir).shapes.items():
+            n = math.prod(shape) * per
+            self.total += n
+            parts = name.split(".")
+            at = parts.index("layers") + 1 if "layers" in parts else len(parts)
+            if at < len(parts) and parts[at].isdigit():
+                key = ".".join(parts[: at + 1])
+                layers[key] = layers.get(key, 0) + n
+            elif "embed" in name:
+                embed = max(embed, n)
+        self.resident = max(embed, max(layers.values(), default=0))
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+        d = int(cfg.get("hidden_size", 0))
+        self.per_token = (d + int(cfg.get("intermediate_size", 4 * d) or 4 * d)) * 4 * 3
 
-
-def _largest_part(model_dir, dtype: str) -> float:
-    return streaming_peak_bytes(model_dir, dtype, 0, 0)
-
-
-def streaming_peak_bytes(model_dir, dtype: str, batch_size: int, seq_len: int) -> float:
-    """Device memory a streamed profile needs at least: the embedding or one layer (whichever
-    is larger, they are never resident together) + one batch's activations and intermediates."""
-    import json
-    from pathlib import Path
-
-    from entrodrop_fast.streaming import Checkpoint
-
-    ck = Checkpoint(model_dir)
-    per = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
-    layer_sizes: dict[str, int] = {}
-    embed = 0
-    for name, shape in ck.shapes.items():
-        n = math.prod(shape) * per
-        parts = name.split(".")
-        if "layers" in parts and parts.index("layers") + 1 < len(parts) and parts[parts.index("layers") + 1].isdigit():
-            key = ".".join(parts[: parts.index("layers") + 2])
-            layer_sizes[key] = layer_sizes.get(key, 0) + n
-        elif "embed" in name:
-            embed = max(embed, n)
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    d = int(cfg.get("hidden_size", 0))
-    inter = int(cfg.get("intermediate_size", 4 * d) or 4 * d)
-    acts = batch_size * seq_len * (d + inter) * 4 * 3  # fp32-sized hidden + MLP intermediates, x3
-    return max(embed, max(layer_sizes.values(), default=0)) + acts
+    def peak(self, streaming: bool, batch_size: int, seq_len: int) -> float:
+        return (self.resident if streaming else self.total) + batch_size * seq_len * self.per_token
 
 
 def register(subparsers) -> None:
@@ -153,12 +141,12 @@ def run(args) -> int:
         log = lambda *a: None  # noqa: E731
     budget = parse_bytes(args.max_memory) if args.max_memory else None
     stream_dir = streaming_source(args.model, args.cache_dir) if (args.streaming or budget) else None
-    if stream_dir is not None and not args.streaming:
-        need = model_bytes(stream_dir, args.dtype)
-        if need <= budget:
+    plan = MemoryPlan(stream_dir, args.dtype) if budget else None
+    if plan is not None and not args.streaming:
+        if plan.total <= budget:
             stream_dir = None
         else:
-            log(f"the model needs {need / 2**30:.1f} GiB in {args.dtype}, more than --max-memory {args.max_memory}: streaming layer by layer")
+            log(f"the model needs {plan.total / 2**30:.1f} GiB in {args.dtype}, more than --max-memory {args.max_memory}: streaming layer by layer")
     log(f"loading {'tokenizer' if stream_dir else 'model'} {args.model or 'built-in SmolLM2-135M-Instruct'} ({args.dtype}, {args.device}) ...")
     if stream_dir is not None:
         from transformers import AutoTokenizer
@@ -174,17 +162,18 @@ def run(args) -> int:
     windows, data_info = calibration_windows(tokenizer, args.corpus, samples=args.samples, seq_len=args.seq_len, seed=args.seed, text_field=args.text_field)
     log(f"calibration: {data_info['samples']} x {data_info['seq_len']} tokens from {data_info['corpus']}; methods {', '.join(methods)}" + (f"; {world} processes" if world > 1 else ""))
     mine = distributed.shard(windows)
-    if args.batch_size is None and budget:
+    streaming = stream_dir is not None
+    if args.batch_size is None and plan is not None:
         # the largest batch (up to 8) whose peak fits the budget
-        fits = [b for b in range(8, 0, -1) if _peak(stream_dir, args, b) <= budget]
-        args.batch_size = fits[0] if fits else 1
+        fits = [b for b in range(8, 0, -1) if plan.peak(streaming, b, args.seq_len) <= budget]
         if fits:
+            args.batch_size = fits[0]
             log(f"batch size {args.batch_size} (the largest up to 8 that fits --max-memory {args.max_memory})")
     args.batch_size = args.batch_size or 1
     settings.batch_size = args.batch_size
-    if stream_dir is not None:
-        if budget:
-            need = streaming_peak_bytes(stream_dir, args.dtype, args.batch_size, args.seq_len)
+    if streaming:
+        if plan is not None:
+            need = plan.peak(True, args.batch_size, args.seq_len)
             if need > budget:
                 raise ValueError(f"--max-memory {args.max_memory} is too small: streaming needs about {need / 2**30:.2f} GiB (the largest of embedding and one layer, plus one batch of {args.batch_size} x {args.seq_len} tokens); raise it or lower --batch-size / --seq-len")
         ram = budget if budget else 8 * 2**30
@@ -196,14 +185,11 @@ def run(args) -> int:
         model_info = {"name": lm.source if lm.kind != "builtin" else "SmolLM2-135M-Instruct (built-in)", "source": lm.source, "path": lm.path, "kind": lm.kind}
     result["tokens"] = int(windows.numel())
     result["tokens_per_s"] = windows.numel() / result["seconds"] if result["seconds"] > 0 else float("nan")
-    if world > 1:
-        settings_world = {"processes": world}
-    else:
-        settings_world = {}
     if rank:
         return 0
     settings_info = {"samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size, "seed": args.seed, "bins": args.bins, "paper_exact": args.paper_exact, "k": args.k, "spans": list(settings.spans) if "angular" in methods else [], "dtype": args.dtype, "device": args.device}
-    settings_info.update(settings_world)
+    if world > 1:
+        settings_info["processes"] = world
     report = build_report(result, model_info=model_info, data_info=data_info, settings=settings_info, model=lm.model if lm else None)
     report["timing"]["load_seconds"] = t_load
     out = write_report(report, args.out, png=not args.no_plot)
