@@ -47,22 +47,15 @@ def shard(windows: torch.Tensor) -> torch.Tensor:
 
 def merge_block_stats_(stats) -> None:
     """Merge a BlockStatistics across ranks in place (every rank ends with the total)."""
-    import torch.distributed as dist
+    from entrodrop_fast.ops.states import _device_of, _to_device, gather_state_dicts
 
-    from entrodrop_fast.ops.states import _to_cpu
-
-    rank, size = world()
-    if size == 1:
+    if world()[1] == 1:
         return
-    parts = [None] * size
-    dist.all_gather_object(parts, _to_cpu(stats.state_dict()))
-    device = next((s.mean.device for s in stats.h_stats.values() if s.mean is not None), torch.device("cpu"))
+    local = stats.state_dict()
+    parts = gather_state_dicts(local)
     stats.load_state_dict(parts[0])
     for d in parts[1:]:
         other = type(stats).__new__(type(stats))
         other.load_state_dict(d)
         stats.merge(other)
-    for group in (stats.h_stats, stats.dh_stats, stats.cos_stats, stats.ang_stats):
-        for s in group.values():
-            if s.mean is not None:
-                s.mean, s.m2 = s.mean.to(device), s.m2.to(device)
+    stats.load_state_dict(_to_device(stats.state_dict(), _device_of(local)))

@@ -240,14 +240,8 @@ def all_reduce_(state, group=None):
     :class:`EntropyMeter` (gloo on CPU, NCCL on GPU). Each rank's state is gathered and
     merged in rank order, so the result does not depend on which rank computes it.
     """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("all_reduce_ needs an initialised torch.distributed process group")
-    world = dist.get_world_size(group)
-    parts = [None] * world
     local = state.state_dict()
-    dist.all_gather_object(parts, _to_cpu(local), group=group)
+    parts = gather_state_dicts(local, group)
     kind = type(state)
     merged = kind.from_state_dict(parts[0])
     for d in parts[1:]:
@@ -256,6 +250,17 @@ def all_reduce_(state, group=None):
     restored = kind.from_state_dict(_to_device(merged.state_dict(), dev))
     state.__dict__.update(restored.__dict__)
     return state
+
+
+def gather_state_dicts(local: dict, group=None) -> list[dict]:
+    """Every rank's ``local`` state dict (tensors on the CPU), in rank order."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("merging across ranks needs an initialised torch.distributed process group")
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, _to_cpu(local), group=group)
+    return parts
 
 
 def _to_cpu(d):
