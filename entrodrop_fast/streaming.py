@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -236,15 +235,11 @@ def _real_buffers_(model, module: nn.Module, device) -> None:
 def _materialise(model, path: str, ckpt: Checkpoint, device, dtype) -> None:
     """Load one (non-layer) module's weights, e.g. the embedding, onto ``device``."""
     mod = get_attr(model, path)
-    expected = {f"{path}.{k}": v.shape for k, v in mod.state_dict().items() if not v.is_meta or k in _persistent(mod)}
+    expected = {f"{path}.{k}": v.shape for k, v in mod.state_dict().items()}
     ckpt.check(expected, path)
     _real_buffers_(model, mod, device)
     sd = ckpt.load(expected, device, dtype)
     mod.load_state_dict({k[len(path) + 1 :]: v for k, v in sd.items()}, assign=True)
-
-
-def _persistent(mod: nn.Module) -> set[str]:
-    return set(mod.state_dict().keys())
 
 
 def _real_rotary(model, adapter, device) -> None:
@@ -360,11 +355,8 @@ def profile_streaming(
                     acts.cur[s0 : s0 + bs] = h.to(dtype).cpu()
         adapter.embed(model).to_empty(device="meta")  # the embedding is not needed any more
         # 2. layer by layer under the taps
-        lock = threading.Lock()
-
-        def fetch(i):
-            with lock:
-                return ckpt.load(layer_keys[i], "cpu", dtype)
+        def fetch(i):  # runs on the single prefetch thread
+            return ckpt.load(layer_keys[i], "cpu", dtype)
 
         future = pool.submit(fetch, first_layer) if first_layer < L else None
         with ResidualTaps(model, dispatch, adapter), torch.inference_mode():
