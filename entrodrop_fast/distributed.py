@@ -33,6 +33,11 @@ def init_from_env(device: torch.device) -> bool:
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
+    # leave the group cleanly at exit: a process that ends with it still open can abort
+    # ("terminate called without an active exception") while gloo's threads shut down
+    import atexit
+
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return True
 
 
