@@ -21,10 +21,23 @@ void register_cpu(py::module_& m) {
         arg("shape"), arg("xstride"), arg("ostride"), arg("mstride"), arg("fused"),
         arg("out_sum"), arg("out_count"), arg("nthreads"),
         "Sum over valid tokens of cos(x_t, Y_t) and the count, fp64 [B] each.");
+  m.def("thread_pool_cpu", &thread_pool_cpu,
+        "Which threads the CPU kernels run on (torch's OpenMP team when one is loaded).");
+  m.def("knn_sqnorm_cpu", &knn_sqnorm_cpu, nogil, arg("x"), arg("n"), arg("d"), arg("ld"),
+        arg("ranges"), arg("out"), arg("nthreads"),
+        "Add the fp64 squared norms of the rows of x over column ranges to out.");
+  m.def("knn_tile_cpu", &knn_tile_cpu, nogil, arg("gram"), arg("ld"), arg("sqn"), arg("n"),
+        arg("r0"), arg("nr"), arg("c0"), arg("nc"), arg("k"), arg("delta"), arg("val"),
+        arg("idx"), arg("cnt"), arg("thr"), arg("cap"), arg("nthreads"),
+        "Offer one Gram tile's squared distances to the rows' k-nearest candidate lists.");
+  m.def("knn_finish_cpu", &knn_finish_cpu, nogil, arg("val"), arg("idx"), arg("cnt"), arg("n"),
+        arg("cap"), arg("k"), arg("delta"), arg("x"), arg("dtype"), arg("xstride"), arg("d"),
+        arg("out"), arg("nthreads"),
+        "Exact k-th distances from the candidate lists (NaN where a list overflowed).");
   m.def("knn_select_cpu", &knn_select_cpu, nogil, arg("gram"), arg("sqn"), arg("rows"),
-        arg("n"), arg("row0"), arg("k"), arg("delta"), arg("x"), arg("dtype"), arg("xstride"),
-        arg("d"), arg("out"), arg("nthreads"),
-        "Exact distance to the k-th nearest other row, for one row block of the Gram matrix.");
+        arg("n"), arg("row_index"), arg("k"), arg("delta"), arg("x"), arg("dtype"),
+        arg("xstride"), arg("d"), arg("out"), arg("nthreads"),
+        "Exact distance to the k-th nearest other row, from whole Gram rows.");
 }
 }  // namespace entrodrop
 

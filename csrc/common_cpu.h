@@ -1,6 +1,6 @@
 // Helpers private to the CPU kernels (*_cpu.cpp): strided views, in-register fp16/bf16
-// conversion, ISA dispatch and a small std::thread fan-out (no OpenMP: torch ships its own
-// libgomp, and two OpenMP runtimes in one process fight over the cores).
+// conversion, ISA dispatch and a small thread fan-out on the OpenMP team torch already runs
+// (threads_cpu.cpp), or on std::threads.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -188,8 +188,15 @@ inline int clamp_threads(int nthreads, int64_t work_items, int64_t elements,
   return int(n);
 }
 
-// fn(item, tid) for item in [0, n_items), dynamically scheduled over nthreads threads
-// (the calling thread is one of them). Exceptions are re-thrown on the caller.
+// GOMP_parallel(fn, data, num_threads, flags): the entry point `#pragma omp parallel`
+// compiles to, exported by libgomp and by the LLVM and Intel OpenMP runtimes.
+using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
+// The loaded OpenMP runtime's GOMP_parallel, or null (threads_cpu.cpp).
+GompParallel omp_parallel();
+
+// fn(item, tid) for item in [0, n_items), dynamically scheduled over at most nthreads
+// threads (the calling thread is one of them; tid < nthreads). Exceptions are re-thrown on
+// the caller.
 template <typename Fn>
 void parallel_for(int64_t n_items, int nthreads, Fn&& fn) {
   if (n_items <= 0) return;
@@ -209,11 +216,27 @@ void parallel_for(int64_t n_items, int nthreads, Fn&& fn) {
       next.store(n_items);
     }
   };
-  std::vector<std::thread> pool;
-  pool.reserve(nthreads - 1);
-  for (int t = 1; t < nthreads; ++t) pool.emplace_back(worker, t);
-  worker(0);
-  for (auto& th : pool) th.join();
+  if (GompParallel par = omp_parallel()) {
+    struct Team {
+      decltype(worker)* work;
+      std::atomic<int> joined{0};
+      int size;
+    } team{&worker, {}, nthreads};
+    // a team may come smaller than asked (nested region, thread limit): the atomic
+    // counter above spreads the items over whoever joins; nobody throws through the runtime
+    par([](void* p) {
+          auto* t = static_cast<Team*>(p);
+          const int tid = t->joined.fetch_add(1);
+          if (tid < t->size) (*t->work)(tid);
+        },
+        &team, unsigned(nthreads), 0);
+  } else {
+    std::vector<std::thread> pool;
+    pool.reserve(nthreads - 1);
+    for (int t = 1; t < nthreads; ++t) pool.emplace_back(worker, t);
+    worker(0);
+    for (auto& th : pool) th.join();
+  }
   if (err) std::rethrow_exception(err);
 }
 

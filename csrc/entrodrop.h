@@ -85,13 +85,32 @@ void bucket_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims&
 void cosine_cpu(uintptr_t x, uintptr_t other, uintptr_t mask, int dtype, const Dims& shape,
                 const Dims& xstride, const Dims& ostride, const Dims& mstride, bool fused,
                 uintptr_t out_sum, uintptr_t out_count, int nthreads);
-// knn_select: one row block of the squared-distance expansion. gram: fp32 [R, N] contiguous,
-// gram[r, j] = x_{row0+r} . x_j; sqn: fp32 [N] squared norms; delta: a bound on the fp32
-// error of the expanded squared distances. Writes f64 [R]: the exact Euclidean distance from
-// each row to its k-th nearest other row (self excluded by index), recomputed from x [N, D].
-void knn_select_cpu(uintptr_t gram, uintptr_t sqn, int64_t R, int64_t N, int64_t row0, int k,
+// knn (see knn_cpu.cpp for the method): x [N, D] with strides xstride (2), sqn fp32 [N]
+// squared norms of the effective vectors, delta a bound on the fp32 error of the expanded
+// squared distances |v_i|^2 + |v_j|^2 - 2 v_i.v_j. Outputs are exact fp64 distances from a
+// row to its k-th nearest other row (self excluded by index), recomputed from x.
+// knn_sqnorm: out f64 [N] += sum over the column ranges [(start, stop), ...] of x^2, fp64
+// accumulation; x fp32 [N, D] with row stride ld and channel stride 1.
+void knn_sqnorm_cpu(uintptr_t x, int64_t N, int64_t D, int64_t ld, const Dims& ranges,
+                    uintptr_t out, int nthreads);
+// knn_tile: one tile gram fp32 [nr, nc] (row stride ld) = v[r0:r0+nr] . v[c0:c0+nc]^T, on the
+// diagonal (r0 == c0) or above it; offers its distances to the candidate lists val fp32 /
+// idx int32 [N, cap], cnt int32 [N] (start 0), thr fp32 [N] (start +inf).
+void knn_tile_cpu(uintptr_t gram, int64_t ld, uintptr_t sqn, int64_t N, int64_t r0, int64_t nr,
+                  int64_t c0, int64_t nc, int k, double delta, uintptr_t val, uintptr_t idx,
+                  uintptr_t cnt, uintptr_t thr, int64_t cap, int nthreads);
+// knn_finish: the k-th distances f64 [N] from the lists once every tile is in; NaN for a row
+// whose list overflowed (cnt -1), to be answered by knn_select.
+void knn_finish_cpu(uintptr_t val, uintptr_t idx, uintptr_t cnt, int64_t N, int64_t cap, int k,
                     double delta, uintptr_t x, int dtype, const Dims& xstride, int64_t D,
                     uintptr_t out, int nthreads);
+// knn_select: whole rows; gram fp32 [R, N] contiguous, gram[r, j] = v_{rows[r]} . v_j,
+// rows int64 [R]; writes f64 [R].
+void knn_select_cpu(uintptr_t gram, uintptr_t sqn, int64_t R, int64_t N, uintptr_t rows, int k,
+                    double delta, uintptr_t x, int dtype, const Dims& xstride, int64_t D,
+                    uintptr_t out, int nthreads);
+// Which threads the CPU kernels run on: "openmp team of <runtime path>" or "std::thread".
+std::string thread_pool_cpu();
 void register_cpu(pybind11::module_& m);
 #ifdef ENTRODROP_WITH_CUDA
 void register_cuda(pybind11::module_& m);

@@ -6,6 +6,9 @@ fail (never skip) when the extension is not built: CI builds it.
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -187,6 +190,78 @@ def test_knn_duplicates():
     c = cpp.knn_kth_distance(x, 10)
     assert (c[[0, *range(10, 20)]] == 0).all()
     assert_close(ref.knn_kth_distance(x, 10), c, rtol=1e-5, name="knn duplicates")
+
+
+def test_knn_tiles_and_fallback():
+    # N = 300 -> three 128-row tile blocks (the last one ragged); k = 150 > the tile width,
+    # so rows cannot take their threshold from their diagonal tile alone.
+    x = llm_like(300, 40, seed=21)
+    for k in (1, 7, 150, 299):
+        out, rest = cpp._knn(x, k)
+        assert rest == 0
+        assert_close(ref.knn_kth_distance(x, k), out, rtol=1e-5, name=f"knn tiles k={k}")
+    # 80 copies of one row among 200: their candidate lists overflow (80 ties at distance
+    # ~0 > cap = 26 for k = 10) and those rows are answered from whole Gram rows.
+    x = torch.randn(200, 16, generator=torch.Generator().manual_seed(22))
+    x[100:180] = x[3]
+    out, rest = cpp._knn(x, 10)
+    assert rest >= 80
+    assert (out[[3, *range(100, 180)]] == 0).all()
+    assert_close(ref.knn_kth_distance(x, 10), out, rtol=1e-5, name="knn fallback")
+
+
+def test_knn_tile_rejects_bad_tiles():
+    C = _ext.require()
+    g, sq = torch.zeros(16), torch.zeros(8)
+    val, idx = torch.empty(8, 4), torch.empty(8, 4, dtype=torch.int32)
+    cnt, thr = torch.zeros(8, dtype=torch.int32), torch.full((8,), float("inf"))
+    ptrs = (val.data_ptr(), idx.data_ptr(), cnt.data_ptr(), thr.data_ptr())
+    with pytest.raises(ValueError, match="must be diagonal"):  # overlaps the diagonal
+        C.knn_tile_cpu(g.data_ptr(), 4, sq.data_ptr(), 8, 0, 4, 2, 4, 2, 0.0, *ptrs, 4, 1)
+    with pytest.raises(ValueError, match="must lie in"):
+        C.knn_tile_cpu(g.data_ptr(), 4, sq.data_ptr(), 8, 4, 4, 6, 4, 2, 0.0, *ptrs, 4, 1)
+    with pytest.raises(ValueError, match="k < cap"):
+        C.knn_tile_cpu(g.data_ptr(), 4, sq.data_ptr(), 8, 0, 4, 0, 4, 4, 0.0, *ptrs, 4, 1)
+
+
+def test_thread_pool_is_torchs_openmp_team():
+    # torch's CPU ops run on an OpenMP team; the kernels borrow it rather than start threads
+    # that would share the cores with its spinning idle threads (csrc/threads_cpu.cpp).
+    pool = _ext.require().thread_pool_cpu()
+    if "OpenMP" in torch.__config__.parallel_info():
+        assert pool.startswith("openmp team of ") and "omp" in pool.rsplit("/", 1)[-1]
+    else:
+        assert pool in ("std::thread",) or pool.startswith("openmp team of ")
+
+
+def test_std_threads_give_the_same_results(tmp_path):
+    # the same kernels on std::threads (ENTRODROP_THREADS=std), in a fresh process
+    x, f, mask = _data((2, 700, 300), torch.float32, seed=23)
+    torch.save((x, f, mask), tmp_path / "in.pt")
+    code = (
+        "import sys, torch\n"
+        "from entrodrop_fast import _ext\n"
+        "from entrodrop_fast.ops import cpp_backend as cpp\n"
+        "torch.set_num_threads(2)\n"
+        "x, f, mask = torch.load(sys.argv[1])\n"
+        "out = (cpp.moments(x, f, mask), cpp.bucket(x, f, mask, 20, False), cpp.knn_kth_distance(x[0], 5))\n"
+        "torch.save((_ext.require().thread_pool_cpu(), out), sys.argv[2])\n"
+    )
+    env = dict(os.environ, ENTRODROP_THREADS="std")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                   check=True, env=env)
+    pool, (mom, buck, knn) = torch.load(tmp_path / "out.pt")
+    assert pool == "std::thread"
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.equal(buck, cpp.bucket(x, f, mask, 20, False))
+        assert torch.equal(knn, cpp.knn_kth_distance(x[0], 5))
+        here = cpp.moments(x, f, mask)
+    finally:
+        torch.set_num_threads(n)
+    for key in mom:
+        assert_close(mom[key], here[key], rtol=1e-12, atol=1e-12, name=key)
 
 
 def test_outputs_fully_overwritten(nan_empty):

@@ -118,7 +118,10 @@ def test_cli_profile(tmp_path, capsys):
 
 @pytest.mark.model
 def test_smollm2_profile_agrees_across_batch_and_backend():
-    """The built-in model: batch size 1 vs 8 and torch vs cpp give the same ΔH (1e-4 rel)."""
+    """The built-in model: torch vs cpp give the same ΔH (1e-4 rel); batch size 1 vs 8 too,
+    up to the few values that fall on the other side of a bin edge: the fp32 forward itself
+    differs in the last bits with the batch shape (GEMM blocking, CPU dependent), and each
+    flip moves a channel's entropy by ~log(n)/n. Seen: 0.0067 nats on ΔH ~ 5, 8e-6 of H."""
     from entrodrop_fast.data import calibration_windows
     from entrodrop_fast.models import load_model
 
@@ -127,8 +130,11 @@ def test_smollm2_profile_agrees_across_batch_and_backend():
     backend = "cpp" if ef.backends()["cpp"]["available"] else "torch"
     a = profile(lm.model, w, ProfileSettings(methods=("bucket",), batch_size=1, backend=backend), progress=False)
     b = profile(lm.model, w, ProfileSettings(methods=("bucket",), batch_size=8, backend=backend), progress=False)
+    h_a, h_b = (torch.tensor(r["entropy"]["bucket"]["mean"], dtype=torch.float64) for r in (a, b))
+    assert float(((h_a - h_b).abs() / h_b.abs()).max()) < 5e-5
     for kind in ("attn", "mlp", "layer"):
-        assert _max_rel(a["delta"]["bucket"][kind]["mean"], b["delta"]["bucket"][kind]["mean"]) < 1e-4, kind
+        d_a, d_b = (torch.tensor(r["delta"]["bucket"][kind]["mean"], dtype=torch.float64) for r in (a, b))
+        assert float((d_a - d_b).abs().max()) < 0.03, kind  # a few bin flips, on ΔH of order 1-10
     if backend == "cpp":
         t = profile(lm.model, w[:1], ProfileSettings(methods=("bucket",), batch_size=1, backend="torch"), progress=False)
         c = profile(lm.model, w[:1], ProfileSettings(methods=("bucket",), batch_size=1, backend="cpp"), progress=False)

@@ -14,10 +14,14 @@ from entrodrop_fast import _ext
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
-# knn: the R x N fp32 Gram block is the only N-proportional buffer, so peak extra memory is
-# about R/N of the N x N matrix (+ O(N)); R is chosen from that budget (fewer, larger GEMMs).
-KNN_BLOCK_FRACTION = 0.08  # R = 8% of N rows (peak ~8.3% of N x N with the O(N) vectors)
-KNN_MIN_ROWS = 32
+# knn: the Gram matrix is computed in T x T tiles on and above the diagonal into one reused
+# buffer (T ~ KNN_TILE_FRACTION x N, so the tile is ~2.5% of N x N), and each row keeps a
+# candidate list of KNN_CAP_FACTOR x k entries (8 bytes each): peak extra memory is
+# O(T^2 + N k), ~8% of the N x N matrix at N = 2048, k = 25.
+KNN_TILE_FRACTION = 0.16
+KNN_MIN_TILE = 128
+KNN_MAX_TILE = 4096
+KNN_CAP_FACTOR = 2
 # Channels whose mean square exceeds KNN_HEAVY_RATIO x the median are "heavy" (LLM massive
 # activations); they leave the big GEMM and enter as a small centred [N, E] copy, together
 # with the channels of gaps shorter than KNN_MIN_RANGE (not worth a GEMM call).
@@ -148,32 +152,66 @@ def _knn_split(xf: torch.Tensor):
     return ranges, u.contiguous()
 
 
-def knn_kth_distance(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Distance from each row of x [N, D] to its k-th nearest other row, fp64 [N].
+def _gram_into(buf: torch.Tensor, xf: torch.Tensor, u: torch.Tensor, ranges, rows, cols) -> torch.Tensor:
+    """v[rows] . v[cols]^T into the front of the flat buffer, as a contiguous [nr, nc] view
+    (v = x on `ranges` plus the centred small copy u; rows/cols: slices or index tensors)."""
+    a_rows = xf[rows]
+    b_rows = xf[cols]
+    g = buf[: a_rows.shape[0] * b_rows.shape[0]].view(a_rows.shape[0], b_rows.shape[0])
+    first = True
+    for a, b in ranges:
+        if first:
+            torch.mm(a_rows[:, a:b], b_rows[:, a:b].t(), out=g)
+        else:
+            g.addmm_(a_rows[:, a:b], b_rows[:, a:b].t())
+        first = False
+    if first:
+        torch.mm(u[rows], u[cols].t(), out=g)
+    elif u.shape[1]:
+        g.addmm_(u[rows], u[cols].t())
+    return g
 
-    What runs where: torch.mm/addmm (BLAS) compute one block of rows of the Gram matrix at a
-    time into a reused [R, N] fp32 buffer, R from the memory budget (KNN_BLOCK_FRACTION);
-    C++ (``knn_select_cpu``) turns the block into squared distances, finds the k-th smallest
-    per row, and recomputes exactly (fp64, from x itself) the distances whose order the fp32
-    error could change. Precision: LLM activations have a few massive channels whose large
-    shared component makes the fp32 Gram trick cancel badly; those channels (and short gaps
-    between them) are taken out of the big GEMM and enter as a small centred copy U [N, E]
-    (distances are translation invariant), so the error scales with the ordinary channels.
-    The N x N matrix is never formed: peak extra memory is R*N*4 bytes plus O(N*E) (plus an
-    fp32 copy of x when x is not already fp32 with channel stride 1).
+
+def knn_tile_side(N: int) -> int:
+    t = int(KNN_TILE_FRACTION * N) // 64 * 64
+    return min(N, max(KNN_MIN_TILE, min(KNN_MAX_TILE, t)))
+
+
+def knn_kth_distance(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance from each row of x [N, D] to its k-th nearest other row, fp64 [N]."""
+    return _knn(x, k)[0]
+
+
+def _knn(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """(distances, number of rows answered by the whole-row fallback).
+
+    What runs where: torch.mm/addmm (BLAS) compute the Gram matrix in T x T tiles, only on and
+    above the diagonal (about half the work of a full N x N product), into one reused
+    buffer; C++ (``knn_tile_cpu``) turns each tile into squared distances and offers them
+    to both rows involved, each keeping a short list of candidates below a falling
+    threshold; ``knn_finish_cpu`` finds the k-th smallest per row and recomputes exactly
+    (fp64, from x itself) the distances whose order the fp32 error could change. Rows whose
+    lists overflow (many near-ties: duplicated rows) are redone from whole Gram rows
+    (``knn_select_cpu``). Precision: LLM activations have a few massive channels whose
+    large shared component makes the fp32 Gram trick cancel badly; those channels (and
+    short gaps between them) are taken out of the big GEMM and enter as a small centred
+    copy U [N, E] (distances are translation invariant), so the error scales with the
+    ordinary channels. The N x N matrix is never formed: peak extra memory is the T x T
+    tile, the N x cap lists and O(N*E) (plus an fp32 copy of x when x is not already fp32
+    with channel stride 1).
     """
     if x.is_cuda:
-        return _cuda().knn_kth_distance(x, k)
+        return _cuda().knn_kth_distance(x, k), 0
     C = _ext.require()
     N, D = x.shape
     if not 1 <= k < N:
         raise ValueError(f"k must be in [1, N - 1] = [1, {N - 1}], got {k}")
     xf = x if (x.dtype == torch.float32 and x.stride(1) == 1) else x.float().contiguous()
     ranges, u = _knn_split(xf)
+    nt = _threads()
     # squared norms of the effective vectors [x_ranges, u], fp32 from an fp64 accumulation
     sqn = u.double().pow(2).sum(1)
-    for a, b in ranges:
-        sqn += torch.linalg.vector_norm(xf[:, a:b], dim=1, dtype=torch.float64).pow(2)
+    C.knn_sqnorm_cpu(xf.data_ptr(), N, D, xf.stride(0), [c for r in ranges for c in r], sqn.data_ptr(), nt)
     sqn = sqn.float()
     # Error of the fp32 expansion |v_i|^2 + |v_j|^2 - 2 v_i.v_j: a dot product of D terms
     # accumulates ~sqrt(D) roundings of size eps * |v|^2 (random sign), the norms and the
@@ -181,24 +219,31 @@ def knn_kth_distance(x: torch.Tensor, k: int) -> torch.Tensor:
     # (measured: <= 1/20 of delta on LLM-like data) and keeps the exact band a few rows.
     eps = torch.finfo(torch.float32).eps
     delta = 4.0 * (D ** 0.5 + 8.0) * eps * float(sqn.max())
-    rows = min(N, max(KNN_MIN_ROWS, int(KNN_BLOCK_FRACTION * N)))
-    gram = torch.empty(rows, N, dtype=torch.float32)  # (R, N), reused
+    T = knn_tile_side(N)
+    # every row is first seen in its diagonal tile, which sets its threshold in one selection
+    tiles = [(r0, r0) for r0 in range(0, N, T)] + [(r0, c0) for r0 in range(0, N, T) for c0 in range(r0 + T, N, T)]
+    cap = max(KNN_CAP_FACTOR * k, k + 16)
+    buf = torch.empty(T * T, dtype=torch.float32)  # the reused tile
+    val = torch.empty(N, cap, dtype=torch.float32)
+    idx = torch.empty(N, cap, dtype=torch.int32)
+    cnt = torch.zeros(N, dtype=torch.int32)
+    thr = torch.full((N,), float("inf"), dtype=torch.float32)
+    lists = (val.data_ptr(), idx.data_ptr(), cnt.data_ptr(), thr.data_ptr())
+    for r0, c0 in tiles:
+        r1, c1 = min(N, r0 + T), min(N, c0 + T)
+        g = _gram_into(buf, xf, u, ranges, slice(r0, r1), slice(c0, c1))
+        C.knn_tile_cpu(g.data_ptr(), c1 - c0, sqn.data_ptr(), N, r0, r1 - r0, c0, c1 - c0,
+                       int(k), delta, *lists, cap, nt)
     out = torch.empty(N, dtype=torch.float64)
-    nt = _threads()
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
-        g = gram[: r1 - r0]
-        first = True
-        for a, b in ranges:
-            if first:
-                torch.mm(xf[r0:r1, a:b], xf[:, a:b].t(), out=g)  # (R, N)
-            else:
-                g.addmm_(xf[r0:r1, a:b], xf[:, a:b].t())
-            first = False
-        if first:
-            torch.mm(u[r0:r1], u.t(), out=g)
-        elif u.shape[1]:
-            g.addmm_(u[r0:r1], u.t())
-        C.knn_select_cpu(g.data_ptr(), sqn.data_ptr(), r1 - r0, N, r0, int(k), delta,
-                         x.data_ptr(), _code(x), list(x.stride()), D, out[r0:r1].data_ptr(), nt)
-    return out
+    C.knn_finish_cpu(*lists[:3], N, cap, int(k), delta, x.data_ptr(), _code(x), list(x.stride()), D,
+                     out.data_ptr(), nt)
+    rest = (cnt < int(k)).nonzero().flatten()  # overflowed lists (-1)
+    step = max(1, (T * T) // N)  # whole Gram rows in the same buffer
+    for s0 in range(0, rest.numel(), step):
+        rows = rest[s0 : s0 + step].contiguous()
+        g = _gram_into(buf, xf, u, ranges, rows, slice(None))
+        part = torch.empty(rows.numel(), dtype=torch.float64)
+        C.knn_select_cpu(g.data_ptr(), sqn.data_ptr(), rows.numel(), N, rows.data_ptr(), int(k), delta,
+                         x.data_ptr(), _code(x), list(x.stride()), D, part.data_ptr(), nt)
+        out[rows] = part
+    return out, int(rest.numel())
