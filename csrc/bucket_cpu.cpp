@@ -39,7 +39,8 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
   uint32_t* __restrict cnt = s.counts.data();
   float* __restrict tile = s.tile.data();
 
-  // 1. gather the valid rows of the tile, with min / max
+  // 1. gather the valid rows of the tile, with min / max (a copy even for dense fp32: rows
+  //    of x are a power-of-two stride apart, which would thrash the caches' sets in step 3)
   int64_t r = 0;
   for (int64_t t = 0; t < T; ++t) {
     if (!m(b, t)) continue;
@@ -82,12 +83,16 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
     }
     for (int64_t j = 0; j < w; ++j) ++cnt[flat[j]];
   }
-  // 4. H_d = sum_j tbl[count_j]
+  // 4. H_d = sum_j tbl[count_j], four partial sums (one chain of dependent adds would
+  //    cost 4 cycles a bin)
   for (int64_t j = 0; j < w; ++j) {
-    double h = 0.0;
+    double h[4] = {};
     const uint32_t* c = cnt + j * bins;
-    for (int k = 0; k < bins; ++k) h += tbl[c[k]];
-    out[j] = h;
+    int k = 0;
+    for (; k + 4 <= bins; k += 4)
+      for (int q = 0; q < 4; ++q) h[q] += tbl[c[k + q]];
+    for (; k < bins; ++k) h[0] += tbl[c[k]];
+    out[j] = (h[0] + h[1]) + (h[2] + h[3]);
   }
 }
 
@@ -152,9 +157,8 @@ void bucket_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims&
   const int64_t ntiles = (D + W - 1) / W;
   const int64_t items = B * ntiles;
   const int nt = clamp_threads(nthreads, items, B * T * D, 1 << 15);
-  std::vector<Scratch> scratch{size_t(nt)};
 
-  parallel_for(items, nt, [&](int64_t it, int tid) {
+  parallel_for(items, nt, [&](int64_t it, int) {
     const int64_t b = it / ntiles, d0 = (it % ntiles) * W;
     const int64_t w = std::min(W, D - d0);
     const int64_t N = nvalid[size_t(b)];
@@ -164,7 +168,9 @@ void bucket_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims&
       return;
     }
     const double* tbl = tables.at(N).data();
-    Scratch& s = scratch[size_t(tid)];
+    // per-thread buffers that outlive the call: the OpenMP team's threads persist, and a
+    // fresh allocation per call came back from the kernel as page faults each time
+    static thread_local Scratch s;
     if (dtype == DT_F16) tile_f16(xv, fp, mv, b, T, d0, w, bins, tbl, ob, s, N);
     else if (dtype == DT_BF16) tile_bf16(xv, fp, mv, b, T, d0, w, bins, tbl, ob, s, N);
     else tile_f32(xv, fp, mv, b, T, d0, w, bins, tbl, ob, s, N);

@@ -191,8 +191,10 @@ inline int clamp_threads(int nthreads, int64_t work_items, int64_t elements,
 // GOMP_parallel(fn, data, num_threads, flags): the entry point `#pragma omp parallel`
 // compiles to, exported by libgomp and by the LLVM and Intel OpenMP runtimes.
 using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
-// The loaded OpenMP runtime's GOMP_parallel, or null (threads_cpu.cpp).
+// The loaded OpenMP runtime's GOMP_parallel, or null (threads_cpu.cpp), and its
+// omp_get_thread_num (only called when omp_parallel() is not null).
 GompParallel omp_parallel();
+int omp_thread_num();
 
 // fn(item, tid) for item in [0, n_items), dynamically scheduled over at most nthreads
 // threads (the calling thread is one of them; tid < nthreads). Exceptions are re-thrown on
@@ -219,14 +221,15 @@ void parallel_for(int64_t n_items, int nthreads, Fn&& fn) {
   if (GompParallel par = omp_parallel()) {
     struct Team {
       decltype(worker)* work;
-      std::atomic<int> joined{0};
       int size;
-    } team{&worker, {}, nthreads};
-    // a team may come smaller than asked (nested region, thread limit): the atomic
-    // counter above spreads the items over whoever joins; nobody throws through the runtime
+    } team{&worker, nthreads};
+    // tid = the thread's number in the team, so a persistent team thread keeps the same
+    // per-thread scratch (warm in its own cache) from call to call. A team may come smaller
+    // than asked (nested region, thread limit): the atomic counter above spreads the items
+    // over whoever is there. Nothing throws through the runtime.
     par([](void* p) {
           auto* t = static_cast<Team*>(p);
-          const int tid = t->joined.fetch_add(1);
+          const int tid = omp_thread_num();
           if (tid < t->size) (*t->work)(tid);
         },
         &team, unsigned(nthreads), 0);

@@ -24,6 +24,7 @@ namespace {
 
 struct Runtime {
   GompParallel fn = nullptr;
+  int (*thread_num)() = nullptr;
   std::string path;
 };
 
@@ -38,10 +39,13 @@ int find_loaded(struct dl_phdr_info* info, size_t, void* data) {
     return 0;
   void* h = dlopen(name, RTLD_NOW | RTLD_NOLOAD);  // already loaded: only a new reference
   if (!h) return 0;
-  if (void* sym = dlsym(h, "GOMP_parallel")) {
-    rt->fn = reinterpret_cast<GompParallel>(sym);
+  void* par = dlsym(h, "GOMP_parallel");
+  void* num = dlsym(h, "omp_get_thread_num");
+  if (par && num) {
+    rt->fn = reinterpret_cast<GompParallel>(par);
+    rt->thread_num = reinterpret_cast<int (*)()>(num);
     rt->path = name;
-    return 1;  // stop at the first runtime that has it
+    return 1;  // stop at the first runtime that has them
   }
   dlclose(h);
   return 0;
@@ -61,6 +65,7 @@ const Runtime& runtime() {
 }  // namespace
 
 GompParallel omp_parallel() { return runtime().fn; }
+int omp_thread_num() { return runtime().thread_num(); }
 
 }  // namespace cpu
 
