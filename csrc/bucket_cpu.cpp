@@ -2,7 +2,8 @@
 //
 // Work items are (sample, tile of W channels). A tile's valid tokens are gathered once
 // from memory into a contiguous fp32 buffer (converting fp16/bf16 and adding f in
-// registers) while min/max are tracked; binning then runs on the cached tile. Bin indices
+// registers) while min/max are tracked; binning then runs on the cached tile (samples
+// longer than 2048 tokens read the tile twice instead, see bucket_cpu). Bin indices
 // are computed vectorised across channels (fp32 sub, fp32 mul, truncation, clamp; no FMA:
 // the build uses -ffp-contract=off); the counter increments are scalar but never collide
 // back to back (consecutive elements belong to different channels). Entropy uses a table
@@ -22,11 +23,15 @@ struct Scratch {
   std::vector<uint32_t> counts;
 };
 
-template <int DT>
+// STREAM = false: the N x w tile is gathered once and binned from cache. STREAM = true (a
+// sample too long for that): min/max in a first sweep over the tile's rows, binning in a
+// second that reads them again, one row segment of w channels at a time.
+template <int DT, bool STREAM>
 ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b, int64_t T,
                          int64_t d0, int64_t w, int bins, const double* tbl, double* out,
                          Scratch& s, int64_t N) {
-  if (s.tile.size() < size_t(N * w)) s.tile.resize(size_t(N * w));
+  const int64_t kept = STREAM ? 1 : N;
+  if (s.tile.size() < size_t(kept * w)) s.tile.resize(size_t(kept * w));
   s.lo.resize(size_t(w));
   s.hi.resize(size_t(w));
   s.sc.resize(size_t(w));
@@ -43,8 +48,9 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
   //    of x are a power-of-two stride apart, which would thrash the caches' sets in step 3)
   int64_t r = 0;
   for (int64_t t = 0; t < T; ++t) {
+    if (t + kPrefetchRows < T) prefetch_y(x, f, b, t + kPrefetchRows, d0, w);
     if (!m(b, t)) continue;
-    float* y = tile + r * w;
+    float* y = tile + (STREAM ? 0 : r * w);
     load_y<DT>(x, f, b, t, d0, w, y);
     if (r == 0) {
       for (int64_t j = 0; j < w; ++j) {
@@ -71,8 +77,13 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
   }
   // 3. bin and count
   const int32_t last = bins - 1;
-  for (int64_t i = 0; i < r; ++i) {
-    const float* __restrict y = tile + i * w;
+  for (int64_t i = 0, t = 0; i < r; ++i, ++t) {
+    const float* __restrict y = tile + (STREAM ? 0 : i * w);
+    if (STREAM) {  // the i-th valid row, read again
+      while (!m(b, t)) ++t;
+      if (t + kPrefetchRows < T) prefetch_y(x, f, b, t + kPrefetchRows, d0, w);
+      load_y<DT>(x, f, b, t, d0, w, tile);
+    }
     for (int64_t j = 0; j < w; ++j) {
       const float u = (y[j] - lo[j]) * sc[j];
       // NaN/Inf never reach here through the API (it checks), but a caller passing
@@ -98,10 +109,14 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
 
 #define ED_BUCKET_ARGS                                                                        \
   const View &x, const View *f, const Mask &m, int64_t b, int64_t T, int64_t d0, int64_t w, \
-      int bins, const double *tbl, double *out, Scratch &s, int64_t N
-ED_CLONES void tile_f32(ED_BUCKET_ARGS) { tile_impl<DT_F32>(x, f, m, b, T, d0, w, bins, tbl, out, s, N); }
-ED_CLONES void tile_f16(ED_BUCKET_ARGS) { tile_impl<DT_F16>(x, f, m, b, T, d0, w, bins, tbl, out, s, N); }
-ED_CLONES void tile_bf16(ED_BUCKET_ARGS) { tile_impl<DT_BF16>(x, f, m, b, T, d0, w, bins, tbl, out, s, N); }
+      int bins, const double *tbl, double *out, Scratch &s, int64_t N, bool stream
+#define ED_BUCKET_CALL(DT)                                                             \
+  stream ? tile_impl<DT, true>(x, f, m, b, T, d0, w, bins, tbl, out, s, N)             \
+         : tile_impl<DT, false>(x, f, m, b, T, d0, w, bins, tbl, out, s, N)
+ED_CLONES void tile_f32(ED_BUCKET_ARGS) { ED_BUCKET_CALL(DT_F32); }
+ED_CLONES void tile_f16(ED_BUCKET_ARGS) { ED_BUCKET_CALL(DT_F16); }
+ED_CLONES void tile_bf16(ED_BUCKET_ARGS) { ED_BUCKET_CALL(DT_BF16); }
+#undef ED_BUCKET_CALL
 #undef ED_BUCKET_ARGS
 
 // tbl[c] = -p ln p with p = c / n, fp64, as the reference computes each bin's term.
@@ -148,11 +163,13 @@ void bucket_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims&
   for (int64_t n : nvalid)
     if (n > 0 && !tables.count(n)) tables.emplace(n, entropy_table(n, paper_exact));
 
-  // channel tile: keep the gathered tile (N x W fp32) around 256 KiB, W a multiple of 16
+  // channel tile: keep the gathered tile (N x W fp32) within 256 KiB, W a multiple of 16;
+  // longer samples stream (two sweeps) over 256 channels: 1 KiB row segments, fetched ahead
+  // (prefetch_y); the narrow tiles that a cached tile would need read one cache line per
+  // row and page (at [32768, 4096] fp32: 327 ms with W = 16, 141 ms streaming)
   const int64_t Nmax = *std::max_element(nvalid.begin(), nvalid.end());
-  int64_t W = 64;
-  if (Nmax > 1024) W = 32;
-  if (Nmax > 4096) W = 16;
+  const bool stream = Nmax > 2048;
+  int64_t W = stream ? 256 : Nmax > 1024 ? 32 : 64;
   W = std::min<int64_t>(W, D);
   const int64_t ntiles = (D + W - 1) / W;
   const int64_t items = B * ntiles;
@@ -171,9 +188,9 @@ void bucket_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims&
     // per-thread buffers that outlive the call: the OpenMP team's threads persist, and a
     // fresh allocation per call came back from the kernel as page faults each time
     static thread_local Scratch s;
-    if (dtype == DT_F16) tile_f16(xv, fp, mv, b, T, d0, w, bins, tbl, ob, s, N);
-    else if (dtype == DT_BF16) tile_bf16(xv, fp, mv, b, T, d0, w, bins, tbl, ob, s, N);
-    else tile_f32(xv, fp, mv, b, T, d0, w, bins, tbl, ob, s, N);
+    if (dtype == DT_F16) tile_f16(xv, fp, mv, b, T, d0, w, bins, tbl, ob, s, N, stream);
+    else if (dtype == DT_BF16) tile_bf16(xv, fp, mv, b, T, d0, w, bins, tbl, ob, s, N, stream);
+    else tile_f32(xv, fp, mv, b, T, d0, w, bins, tbl, ob, s, N, stream);
   });
 }
 

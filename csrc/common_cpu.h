@@ -179,6 +179,22 @@ ED_INLINE void load_y(const View& x, const View* f, int64_t b, int64_t t, int64_
   if (f) add_seg<DT>(f->row(b, t) + d0 * f->sd * f->esize(), f->sd, w, y);
 }
 
+// Ask for row t's segment [d0, d0 + w) of x (and f) ahead of its use. Kernels that walk a
+// channel tile row by row touch a new page every row (rows of an LLM's hidden states are
+// 4-32 KiB apart), where the hardware prefetchers stop, so each row would cost a full
+// memory latency. Only for channel-contiguous rows (sd == 1).
+ED_INLINE void prefetch_y(const View& x, const View* f, int64_t b, int64_t t, int64_t d0, int64_t w) {
+  if (x.sd == 1) {
+    const uint8_t* p = x.row(b, t) + d0 * x.esize();
+    for (int64_t o = 0; o < w * x.esize(); o += 64) __builtin_prefetch(p + o);
+  }
+  if (f && f->sd == 1) {
+    const uint8_t* p = f->row(b, t) + d0 * f->esize();
+    for (int64_t o = 0; o < w * f->esize(); o += 64) __builtin_prefetch(p + o);
+  }
+}
+constexpr int64_t kPrefetchRows = 8;
+
 // ----------------------------------------------------------------- threads
 inline int clamp_threads(int nthreads, int64_t work_items, int64_t elements,
                          int64_t min_elements_per_thread = 1 << 16) {

@@ -100,6 +100,19 @@ def test_batched(dtype):
     check_cosine(x, f, mask, True, "batched")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bucket_long_samples(dtype):
+    # samples over 2048 valid tokens take the two-sweep (streaming) path of the bucket kernel,
+    # with prefetching; a ragged mask, f, 80 bins, a channel count that is not a multiple of
+    # the 256-channel tile, and a channel-strided view (no prefetch)
+    x, f, mask = _data((2, 3000, 300), dtype, seed=24)
+    mask[1, 1500:] = False  # sample 1 has fewer than 2048 valid tokens, sample 0 more
+    check_bucket(x, f, mask, 80, False, "long")
+    check_bucket(x, None, None, 20, True, "long, paper")
+    xt = x[:, :2600].transpose(1, 2).contiguous().transpose(1, 2)
+    check_bucket(xt, None, None, 20, False, "long, channel stride 2600")
+
+
 def _strided_views(dtype):
     g = torch.Generator().manual_seed(7)
     base = torch.randn(2, 150, 97, generator=g).to(dtype)
