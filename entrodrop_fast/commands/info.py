@@ -18,7 +18,8 @@ def collect() -> dict:
         "torch_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "extension": {"loaded": _ext.available(), "with_cuda": _ext.has_cuda(), "error": _ext.error()},
+        "extension": {"loaded": _ext.available(), "with_cuda": _ext.has_cuda(), "error": _ext.error(),
+                      "cpu_threads": _ext.require().thread_pool_cpu() if _ext.available() else None},
         "backends": backends(),
     }
     try:
@@ -39,6 +40,8 @@ def run(args) -> int:
     print(f"CUDA: {'yes, ' + str(info['cuda_device']) if info['cuda_available'] else 'no GPU visible'}   triton: {info['triton']}")
     ext = info["extension"]
     print(f"extension _C: {'loaded' if ext['loaded'] else 'NOT loaded: ' + str(ext['error'])}" + (" (with CUDA kernels)" if ext["with_cuda"] else ""))
+    if ext["cpu_threads"]:
+        print(f"CPU kernels run on: {ext['cpu_threads']}")
     print("backends:")
     for name, b in info["backends"].items():
         state = ("devices " + ", ".join(b["devices"])) if b["available"] else f"unavailable: {b['reason']}"
