@@ -183,7 +183,9 @@ def test_knn_strided_and_large():
     xt = x.t().contiguous().t()  # channel stride 700
     assert_close(ref.knn_kth_distance(x, 25), cpp.knn_kth_distance(xt, 25), rtol=1e-5, name="knn strided")
     x = torch.randn(2048, 4096, generator=torch.Generator().manual_seed(15))
-    assert_close(ref.knn_kth_distance(x, 25), cpp.knn_kth_distance(x, 25), rtol=1e-5, name="knn 2048x4096")
+    out, rest = cpp._knn(x, 25)  # tiled (N > KNN_WHOLE_ROWS)
+    assert rest == 0
+    assert_close(ref.knn_kth_distance(x, 25), out, rtol=1e-5, name="knn 2048x4096")
 
 
 @pytest.mark.parametrize("massive_only", [False, True])
@@ -205,9 +207,11 @@ def test_knn_duplicates():
     assert_close(ref.knn_kth_distance(x, 10), c, rtol=1e-5, name="knn duplicates")
 
 
-def test_knn_tiles_and_fallback():
-    # N = 300 -> three 128-row tile blocks (the last one ragged); k = 150 > the tile width,
-    # so rows cannot take their threshold from their diagonal tile alone.
+def test_knn_tiles_and_fallback(monkeypatch):
+    # the tiled path even for small N (by default N <= KNN_WHOLE_ROWS uses whole Gram rows;
+    # the other tests cover that): N = 300 -> three 128-row tile blocks (the last one ragged);
+    # k = 150 > the tile width, so rows cannot take their threshold from their diagonal tile
+    monkeypatch.setattr(cpp, "KNN_WHOLE_ROWS", 0)
     x = llm_like(300, 40, seed=21)
     for k in (1, 7, 150, 299):
         out, rest = cpp._knn(x, k)

@@ -22,6 +22,10 @@ KNN_TILE_FRACTION = 0.16
 KNN_MIN_TILE = 128
 KNN_MAX_TILE = 4096
 KNN_CAP_FACTOR = 2
+# Up to this many rows the whole Gram matrix (<= 1 MiB) is one block of whole rows for
+# knn_select_cpu: the tile machinery's fixed costs would dominate (N = 256, D = 576 -- a
+# profiled sample of SmolLM2 -- 1.2 ms tiled against 0.65 ms; cdist + topk 0.9 ms).
+KNN_WHOLE_ROWS = 512
 # Channels whose mean square exceeds KNN_HEAVY_RATIO x the median are "heavy" (LLM massive
 # activations); they leave the big GEMM and enter as a small centred [N, E] copy, together
 # with the channels of gaps shorter than KNN_MIN_RANGE (not worth a GEMM call).
@@ -130,10 +134,11 @@ def _knn_split(xf: torch.Tensor):
     leftover channels as a small [N, E] fp32 copy (E <= KNN_MAX_HEAVY + gaps)."""
     N, D = xf.shape
     step = max(1, N // 256)  # massive channels show in every row: a row sample finds them
-    ms = torch.linalg.vector_norm(xf[::step], dim=0)  # (D,)
-    order = torch.argsort(ms, descending=True)[:KNN_MAX_HEAVY]
-    thr = KNN_HEAVY_RATIO ** 0.5 * float(ms.median())
-    heavy = sorted(int(c) for c in order if float(ms[c]) > thr)
+    xs = xf[::step]
+    ms = xs.square().sum(0)  # (D,) squared column norms
+    top = torch.topk(ms, min(KNN_MAX_HEAVY, D))
+    thr = KNN_HEAVY_RATIO * float(ms.median())
+    heavy = sorted(top.indices[top.values > thr].tolist())
     ranges, small = [], []
     start = 0
     for c in [*heavy, D]:
@@ -196,9 +201,9 @@ def _knn(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     large shared component makes the fp32 Gram trick cancel badly; those channels (and
     short gaps between them) are taken out of the big GEMM and enter as a small centred
     copy U [N, E] (distances are translation invariant), so the error scales with the
-    ordinary channels. The N x N matrix is never formed: peak extra memory is the T x T
-    tile, the N x cap lists and O(N*E) (plus an fp32 copy of x when x is not already fp32
-    with channel stride 1).
+    ordinary channels. The N x N matrix is never formed beyond KNN_WHOLE_ROWS rows (where it
+    is at most 1 MiB): peak extra memory is the T x T tile, the N x cap lists and O(N*E)
+    (plus an fp32 copy of x when x is not already fp32 with channel stride 1).
     """
     if x.is_cuda:
         return _cuda().knn_kth_distance(x, k), 0
@@ -219,6 +224,13 @@ def _knn(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     # (measured: <= 1/20 of delta on LLM-like data) and keeps the exact band a few rows.
     eps = torch.finfo(torch.float32).eps
     delta = 4.0 * (D ** 0.5 + 8.0) * eps * float(sqn.max())
+    out = torch.empty(N, dtype=torch.float64)
+    if N <= KNN_WHOLE_ROWS:
+        rows = torch.arange(N)
+        g = _gram_into(torch.empty(N * N, dtype=torch.float32), xf, u, ranges, slice(None), slice(None))
+        C.knn_select_cpu(g.data_ptr(), sqn.data_ptr(), N, N, rows.data_ptr(), int(k), delta, x.data_ptr(),
+                         _code(x), list(x.stride()), D, out.data_ptr(), nt)
+        return out, 0
     T = knn_tile_side(N)
     # every row is first seen in its diagonal tile, which sets its threshold in one selection
     tiles = [(r0, r0) for r0 in range(0, N, T)] + [(r0, c0) for r0 in range(0, N, T) for c0 in range(r0 + T, N, T)]
@@ -234,7 +246,6 @@ def _knn(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
         g = _gram_into(buf, xf, u, ranges, slice(r0, r1), slice(c0, c1))
         C.knn_tile_cpu(g.data_ptr(), c1 - c0, sqn.data_ptr(), N, r0, r1 - r0, c0, c1 - c0,
                        int(k), delta, *lists, cap, nt)
-    out = torch.empty(N, dtype=torch.float64)
     C.knn_finish_cpu(*lists[:3], N, cap, int(k), delta, x.data_ptr(), _code(x), list(x.stride()), D,
                      out.data_ptr(), nt)
     rest = (cnt < int(k)).nonzero().flatten()  # overflowed lists (-1)
