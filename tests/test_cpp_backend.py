@@ -266,7 +266,7 @@ def test_std_threads_give_the_same_results(tmp_path):
     )
     env = dict(os.environ, ENTRODROP_THREADS="std")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-                   check=True, env=env)
+                   check=True, env=env, cwd=tmp_path)  # not the source tree: the installed package
     pool, (mom, buck, knn) = torch.load(tmp_path / "out.pt")
     assert pool == "std::thread"
     n = torch.get_num_threads()
