@@ -87,6 +87,9 @@ struct ExactDist {
   const uint8_t* base;
   int dtype;
   int64_t s0, sd, D, es;
+  ExactDist(uintptr_t x, int dt, const Dims& stride, int64_t d)
+      : base(reinterpret_cast<const uint8_t*>(x)), dtype(dt), s0(stride[0]), sd(stride[1]), D(d),
+        es(dt == DT_F32 ? 4 : 2) {}
   double operator()(int64_t i, int64_t j) const {
     const uint8_t* a = base + i * s0 * es;
     const uint8_t* b = base + j * s0 * es;
@@ -144,7 +147,6 @@ struct Candidates {
     const int64_t n = cnt[i];
     scratch.assign(v, v + n);
     std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end());
-    // round the new threshold up, so that the fp32 comparison never drops a value <= kth + 2 delta
     lower(i, scratch[size_t(k - 1)]);
     int64_t m = 0;
     for (int64_t s = 0; s < n; ++s)
@@ -173,8 +175,18 @@ struct Candidates {
 };
 
 constexpr int64_t kChunk = 64;
+
+// hit[0..n) = the t < w with a[t] <= th(t), written branch-free (hits are a few percent of
+// a chunk, at random places: a branch per element would mispredict); returns n.
+template <typename Th>
+ED_INLINE int hit_list(const float* a, int w, Th th, int* hit) {
+  int n = 0;
+  for (int t = 0; t < w; ++t) {
+    hit[n] = t;
+    n += a[t] <= th(t);
+  }
+  return n;
 }
-namespace {
 
 // Row side of a tile: rows [i0, i1) (tile-local) against all nc columns.
 ED_CLONES void tile_rows(const float* g, int64_t ld, const float* sq, int64_t r0, int64_t c0,
@@ -204,13 +216,9 @@ ED_CLONES void tile_rows(const float* g, int64_t ld, const float* sq, int64_t r0
         a[t] = (si + sq[c0 + b + t]) - 2.0f * gr[b + t];
         any |= a[t] <= th;
       }
-            if (!any) continue;
-            int hit[kChunk];
-      int nh = 0;
-      for (int t = 0; t < int(w); ++t) {  // branch-free list of the chunk's hits
-        hit[nh] = t;
-        nh += a[t] <= th;
-      }
+      if (!any) continue;
+      int hit[kChunk];
+      const int nh = hit_list(a, int(w), [&](int) { return th; }, hit);
       for (int h = 0; h < nh; ++h) {
         const int64_t gj = c0 + b + hit[h];
         if (gj != gi && a[hit[h]] <= cs.thr[gi]) cs.push(gi, a[hit[h]], gj, scratch);
@@ -237,13 +245,9 @@ ED_CLONES void tile_cols(const float* g, int64_t ld, const float* sq, int64_t r0
         a[t] = (si + sqc[t]) - 2.0f * gr[t];
         any |= a[t] <= thc[t];
       }
-            if (!any) continue;
-            int hit[kChunk];
-      int nh = 0;
-      for (int t = 0; t < int(w); ++t) {
-        hit[nh] = t;
-        nh += a[t] <= thc[t];
-      }
+      if (!any) continue;
+      int hit[kChunk];
+      const int nh = hit_list(a, int(w), [&](int t) { return thc[t]; }, hit);
       for (int h = 0; h < nh; ++h)
         if (a[hit[h]] <= thc[hit[h]]) cs.push(c0 + b + hit[h], a[hit[h]], r0 + i, scratch);
     }
@@ -308,8 +312,7 @@ void knn_select_cpu(uintptr_t gram, uintptr_t sqn, int64_t R, int64_t N, uintptr
   const float* sq = reinterpret_cast<const float*>(sqn);
   const int64_t* ri = reinterpret_cast<const int64_t*>(rows);
   for (int64_t r = 0; r < R; ++r) ED_CHECK(ri[r] >= 0 && ri[r] < N, "row index ", ri[r], " outside [0, ", N, ")");
-  const ExactDist exact{reinterpret_cast<const uint8_t*>(x), dtype, xstride[0], xstride[1], D,
-                        dtype == DT_F32 ? 4 : 2};
+  const ExactDist exact(x, dtype, xstride, D);
   double* o = reinterpret_cast<double*>(out);
   const int nt = clamp_threads(nthreads, R, R * N, 1 << 14);
   std::vector<std::vector<float>> d2s(static_cast<size_t>(nt)), sel(static_cast<size_t>(nt));
@@ -382,8 +385,7 @@ void knn_finish_cpu(uintptr_t val, uintptr_t idx, uintptr_t cnt, int64_t N, int6
   const float* v = reinterpret_cast<const float*>(val);
   const int32_t* id = reinterpret_cast<const int32_t*>(idx);
   const int32_t* c = reinterpret_cast<const int32_t*>(cnt);
-  const ExactDist exact{reinterpret_cast<const uint8_t*>(x), dtype, xstride[0], xstride[1], D,
-                        dtype == DT_F32 ? 4 : 2};
+  const ExactDist exact(x, dtype, xstride, D);
   double* o = reinterpret_cast<double*>(out);
   const int nt = clamp_threads(nthreads, N, N * cap, 1 << 12);
   std::vector<std::vector<float>> sel(static_cast<size_t>(nt));

@@ -188,6 +188,16 @@ def test_knn_strided_and_large():
     assert_close(ref.knn_kth_distance(x, 25), out, rtol=1e-5, name="knn 2048x4096")
 
 
+def test_knn_memory_stays_under_a_tenth_of_nxn():
+    # issue 3's budget, by the allocations torch sees (the tile, the candidate lists, the
+    # small copies); the N x N matrix cdist + topk would build is 16.8 MB here
+    from entrodrop_fast.bench import make_input, peak_extra_bytes
+
+    x = make_input((2048, 4096), torch.float32)[0]
+    frac = peak_extra_bytes(lambda: cpp.knn_kth_distance(x, 25)) / (2048 * 2048 * 4)
+    assert 0.02 < frac < 0.10, frac
+
+
 @pytest.mark.parametrize("massive_only", [False, True])
 def test_knn_llm_like_wide(massive_only):
     # D >> N with massive channels: the uncentred fp32 Gram trick errs ~1e-3 here (the

@@ -135,7 +135,7 @@ def _knn_split(xf: torch.Tensor):
     N, D = xf.shape
     step = max(1, N // 256)  # massive channels show in every row: a row sample finds them
     xs = xf[::step]
-    ms = xs.square().sum(0)  # (D,) squared column norms
+    ms = torch.linalg.vector_norm(xs, dim=0).square()  # (D,) squared column norms, no [n, D] temporary
     top = torch.topk(ms, min(KNN_MAX_HEAVY, D))
     thr = KNN_HEAVY_RATIO * float(ms.median())
     heavy = sorted(top.indices[top.values > thr].tolist())
