@@ -225,11 +225,21 @@ def _knn(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     eps = torch.finfo(torch.float32).eps
     delta = 4.0 * (D ** 0.5 + 8.0) * eps * float(sqn.max())
     out = torch.empty(N, dtype=torch.float64)
+
+    def whole_rows(buf: torch.Tensor, rows: torch.Tensor) -> None:
+        """out[rows] from whole Gram rows, as many at a time as the buffer holds."""
+        step = max(1, buf.numel() // N)
+        for s0 in range(0, rows.numel(), step):
+            part_rows = rows[s0 : s0 + step].contiguous()
+            every = part_rows.numel() == N  # all rows in order: a view, not a gathered copy
+            g = _gram_into(buf, xf, u, ranges, slice(None) if every else part_rows, slice(None))
+            part = torch.empty(part_rows.numel(), dtype=torch.float64)
+            C.knn_select_cpu(g.data_ptr(), sqn.data_ptr(), part_rows.numel(), N, part_rows.data_ptr(), int(k),
+                             delta, x.data_ptr(), _code(x), list(x.stride()), D, part.data_ptr(), nt)
+            out[part_rows] = part
+
     if N <= KNN_WHOLE_ROWS:
-        rows = torch.arange(N)
-        g = _gram_into(torch.empty(N * N, dtype=torch.float32), xf, u, ranges, slice(None), slice(None))
-        C.knn_select_cpu(g.data_ptr(), sqn.data_ptr(), N, N, rows.data_ptr(), int(k), delta, x.data_ptr(),
-                         _code(x), list(x.stride()), D, out.data_ptr(), nt)
+        whole_rows(torch.empty(N * N, dtype=torch.float32), torch.arange(N))
         return out, 0
     T = knn_tile_side(N)
     # every row is first seen in its diagonal tile, which sets its threshold in one selection
@@ -249,12 +259,5 @@ def _knn(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     C.knn_finish_cpu(*lists[:3], N, cap, int(k), delta, x.data_ptr(), _code(x), list(x.stride()), D,
                      out.data_ptr(), nt)
     rest = (cnt < int(k)).nonzero().flatten()  # overflowed lists (-1)
-    step = max(1, (T * T) // N)  # whole Gram rows in the same buffer
-    for s0 in range(0, rest.numel(), step):
-        rows = rest[s0 : s0 + step].contiguous()
-        g = _gram_into(buf, xf, u, ranges, rows, slice(None))
-        part = torch.empty(rows.numel(), dtype=torch.float64)
-        C.knn_select_cpu(g.data_ptr(), sqn.data_ptr(), rows.numel(), N, rows.data_ptr(), int(k), delta,
-                         x.data_ptr(), _code(x), list(x.stride()), D, part.data_ptr(), nt)
-        out[rows] = part
+    whole_rows(buf, rest)  # in the tile buffer
     return out, int(rest.numel())
