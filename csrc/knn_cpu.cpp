@@ -273,6 +273,17 @@ ED_CLONES double sqnorm_f32(const float* a, int64_t n) {
 }  // namespace
 }  // namespace cpu
 
+// The arguments knn_select_cpu and knn_finish_cpu share: x [N, D] (read for the exact
+// distances) and out (a macro, so that messages name the kernel).
+#define ED_CHECK_ROWS_ARGS()     \
+  do {                           \
+    ED_CHECK_PTR(x);             \
+    ED_CHECK_PTR(out);           \
+    ED_CHECK_DTYPE(dtype);       \
+    ED_CHECK_NDIM(xstride, 2);   \
+    ED_CHECK_NONNEG(xstride);    \
+  } while (0)
+
 void knn_sqnorm_cpu(uintptr_t x, int64_t N, int64_t D, int64_t ld, const Dims& ranges,
                     uintptr_t out, int nthreads) {
   using namespace cpu;
@@ -300,11 +311,7 @@ void knn_select_cpu(uintptr_t gram, uintptr_t sqn, int64_t R, int64_t N, uintptr
   ED_CHECK_PTR(gram);
   ED_CHECK_PTR(sqn);
   ED_CHECK_PTR(rows);
-  ED_CHECK_PTR(x);
-  ED_CHECK_PTR(out);
-  ED_CHECK_DTYPE(dtype);
-  ED_CHECK_NDIM(xstride, 2);
-  ED_CHECK_NONNEG(xstride);
+  ED_CHECK_ROWS_ARGS();
   ED_CHECK(R >= 0 && N >= 0, "rows and n must be >= 0, got ", R, " and ", N);
   ED_CHECK(k >= 1 && k < N, "k must be in [1, N - 1] = [1, ", N - 1, "], got ", k);
   ED_CHECK(delta >= 0, "delta must be >= 0, got ", delta);
@@ -375,11 +382,7 @@ void knn_finish_cpu(uintptr_t val, uintptr_t idx, uintptr_t cnt, int64_t N, int6
   ED_CHECK_PTR(val);
   ED_CHECK_PTR(idx);
   ED_CHECK_PTR(cnt);
-  ED_CHECK_PTR(x);
-  ED_CHECK_PTR(out);
-  ED_CHECK_DTYPE(dtype);
-  ED_CHECK_NDIM(xstride, 2);
-  ED_CHECK_NONNEG(xstride);
+  ED_CHECK_ROWS_ARGS();
   ED_CHECK(k >= 1 && k < N && cap > k, "need 1 <= k < min(N, cap), got k = ", k, ", N = ", N,
            ", cap = ", cap);
   const float* v = reinterpret_cast<const float*>(val);
