@@ -3,16 +3,110 @@
 Every module in :mod:`entrodrop_fast.commands` that defines ``register(subparsers)`` adds
 one subcommand; its parser sets ``func`` to a callable taking the parsed args and
 returning an exit code.
+
+Errors: argparse rejects malformed arguments (exit 2, as argparse does; the numeric flags
+use :func:`int_at_least` so ``--seq-len 1`` or ``--batch-size 0`` stop there). A run that
+fails for a reason the user can act on (see :func:`is_expected`: bad values, files that are
+missing, unreadable, corrupt, a full or read-only disk, a model that cannot be loaded)
+prints ``entrodrop CMD: error: MESSAGE`` and exits 1, without a traceback. Anything else is
+a bug in entrodrop_fast: it says so and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import json
 import pkgutil
 import sys
 
 from entrodrop_fast import __version__, commands
+
+# exception classes defined by the project (or libraries) that mean "the input or the
+# environment is wrong", not "the code is wrong"; looked up only when their module is
+# loaded (an exception of a class cannot exist before its module is imported)
+_EXPECTED_ELSEWHERE = (
+    ("safetensors", "SafetensorError"),
+    ("entrodrop_fast.models.loading", "ModelLoadError"),
+    ("entrodrop_fast.export", "ExportError"),
+    ("entrodrop_fast.streaming", "CheckpointError"),
+    ("entrodrop_fast.lm_eval_adapter", "LmEvalUnavailable"),
+    ("torch", "OutOfMemoryError"),
+)
+
+# what to do, by errno, after the OS's own words and the path
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space or write somewhere else",
+    errno.EDQUOT: "the disk quota is exhausted: free some space or write somewhere else",
+    errno.EROFS: "the file system is read-only: write somewhere else",
+    errno.EACCES: "check the permissions, or use another path",
+    errno.EPERM: "check the permissions, or use another path",
+    errno.EISDIR: "that path is a directory: give a file path",
+    errno.ENOTDIR: "a part of that path is a file, not a directory",
+    errno.ENOENT: "check the path",
+}
+
+
+def int_at_least(low: int, why: str = ""):
+    """An argparse ``type``: an integer >= ``low``; the message names the flag (argparse adds it)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            what = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise argparse.ArgumentTypeError(f"must be {what}{f' ({why})' if why else ''}, got {text!r}")
+        return value
+
+    parse.__name__ = f"int>={low}"
+    return parse
+
+
+positive_int = int_at_least(1)
+
+
+def is_expected(exc: BaseException) -> bool:
+    """True for failures the user can act on (reported in one line), False for bugs (traceback).
+
+    Expected: ValueError (bad values; includes ``json.JSONDecodeError``,
+    ``UnicodeDecodeError`` and the project's ``CorpusError``), TypeError, OSError (missing,
+    unreadable or unwritable files, a full or read-only disk), safetensors' SafetensorError,
+    the project's ModelLoadError / ExportError / CheckpointError / LmEvalUnavailable, and
+    torch's OutOfMemoryError. Everything else (AssertionError, KeyError, IndexError, a bare
+    RuntimeError, ...) is a bug and keeps its traceback.
+    """
+    if isinstance(exc, ValueError | TypeError | OSError):
+        return True
+    for module, name in _EXPECTED_ELSEWHERE:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return True
+    return False
+
+
+def error_message(exc: BaseException) -> str:
+    """One message for an expected failure: what went wrong, on which file, and what to do."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+        if exc.filename is not None:
+            text += f": {exc.filename}"
+            if exc.filename2 is not None:
+                text += f" -> {exc.filename2}"
+        hint = _OS_HINTS.get(exc.errno)
+        return f"{text} ({hint})" if hint else text
+    if isinstance(exc, json.JSONDecodeError):
+        return f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    if type(exc).__name__ == "OutOfMemoryError":
+        return f"out of memory: {text.splitlines()[0]} (lower --batch-size or --seq-len, or profile with --streaming / --max-memory)"
+    if type(exc).__module__.startswith(("safetensors", "torch")):
+        return f"{type(exc).__name__}: {text}"
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,12 +128,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
-        print(f"entrodrop {args.command}: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not is_expected(exc):
+            print(f"entrodrop {args.command}: internal error ({type(exc).__name__}), a bug in entrodrop_fast {__version__}: please report it with the traceback below", file=sys.stderr)
+            raise
+        print(f"entrodrop {args.command}: error: {error_message(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
