@@ -10,22 +10,44 @@ import torch
 
 
 def load_tensor(path: str, key: str | None = None) -> torch.Tensor:
+    """The tensor stored in ``path`` (.npy, .pt/.pth or .safetensors; ``key`` picks one of several).
+
+    A file that cannot be parsed (empty, truncated, corrupt, not the format its suffix
+    says) raises a ValueError naming the file; OSErrors (unreadable file) pass through.
+    """
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{path} is a directory; give a .npy, .pt or .safetensors file")
     if not p.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     suffix = p.suffix.lower()
-    if suffix == ".npy":
-        import numpy as np
+    if suffix not in (".npy", ".pt", ".pth", ".safetensors"):
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use .npy, .pt or .safetensors")
+    if suffix == ".npy" and key is not None:
+        raise ValueError(f"--key names a tensor inside a .pt/.safetensors file; {path} is a .npy file holding one array: drop --key")
+    if p.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes); write the tensor again")
+    try:
+        if suffix == ".npy":
+            import numpy as np
 
-        return torch.from_numpy(np.load(p, allow_pickle=False))
-    if suffix in (".pt", ".pth"):
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-        return _pick(obj, key, path)
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
+            obj = torch.from_numpy(np.load(p, allow_pickle=False))
+        elif suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return _pick(load_file(str(p)), key, path)
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .npy, .pt or .safetensors")
+            obj = load_file(str(p))
+        else:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except (OSError, MemoryError):
+        raise
+    except Exception as exc:  # the readers raise many types (EOFError, SafetensorError, UnpicklingError, RuntimeError, ValueError) for a bad file
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if len(why) > 200:  # torch's messages run on; their first sentence says it
+            why = why.split(". ")[0] + "."
+        if suffix != ".npy" and type(exc).__name__ == "UnpicklingError":
+            why += " torch.load(weights_only=True) reads only tensors and plain containers of them"
+        raise ValueError(f"{path}: cannot read it as a {suffix} tensor file; it may be truncated or corrupt ({type(exc).__name__}: {why})") from exc
+    return obj if suffix == ".npy" else _pick(obj, key, path)
 
 
 def _pick(obj, key, path) -> torch.Tensor:
@@ -38,6 +60,8 @@ def _pick(obj, key, path) -> torch.Tensor:
             key = next(iter(obj))
         if key not in obj:
             raise ValueError(f"{path} has no tensor {key!r}; it has {', '.join(list(obj)[:8])}")
+        if not isinstance(obj[key], torch.Tensor):
+            raise ValueError(f"{path}: {key!r} holds a {type(obj[key]).__name__}, not a tensor")
         return obj[key]
     raise ValueError(f"{path} holds a {type(obj).__name__}, not a tensor")
 
@@ -79,13 +103,15 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
+    from entrodrop_fast.cli import positive_int
+
     p = sub.add_parser("entropy", help="entropy estimators on a stored tensor ([N, D] or [B, T, D])")
     p.add_argument("file", help=".npy, .pt or .safetensors file")
     p.add_argument("--key", help="tensor name inside a .pt/.safetensors dict")
     p.add_argument("--method", help="comma-separated: bucket,gaussian_diag,gaussian_full,knn,renyi (default bucket,gaussian_diag,knn)")
     p.add_argument("--backend", default="auto", help="auto, cpp, triton or torch")
-    p.add_argument("--bins", type=int, default=20)
-    p.add_argument("--k", type=int, default=25)
+    p.add_argument("--bins", type=positive_int, default=20, help="bucket: bins per channel (default 20)")
+    p.add_argument("--k", type=positive_int, default=25, help="knn: neighbour rank (default 25)")
     p.add_argument("--alpha", type=float, default=4.0)
     p.add_argument("--paper-exact", action="store_true", help="clamp bucket probabilities at 1e-10 as the paper's code")
     p.add_argument("--json", action="store_true")
