@@ -17,10 +17,19 @@ captured from the model's own forward (run once per batch with the layers replac
 recorders), so they are exactly what the model would pass.
 
 Activations live in two buffers (read one, write the other) in RAM up to a budget, beyond
-it in files in a temporary directory that is removed afterwards. With ``resume_dir`` the
-buffers and, after each layer, the estimator states are kept there (states written
-atomically), and a run restarted with the same arguments continues after the last
-finished layer.
+it in files in a temporary directory that is removed afterwards. Their space is reserved
+before any work (``posix_fallocate``), so a full disk is an error with a message, never a
+SIGBUS halfway through.
+
+With ``resume_dir`` the buffers and, after each layer, the estimator states are kept there,
+and a run restarted with the same arguments continues after the last finished layer. The
+directory holds ``run.json`` (the fingerprint of the run: model files, dtype, device,
+calibration tokens, every setting), ``act_a.bin`` / ``act_b.bin`` (the buffers) and
+``state.pt`` (layers done, which buffer is current, the estimator states; written
+atomically after the finished layer's activations are on disk). A resume with other
+arguments, or from a directory with a file missing, truncated or corrupt, stops with a
+message naming what is wrong; activation files are never re-created on resume. Under
+``torchrun`` each rank keeps its files in ``rank{R}-of-{N}/`` inside ``resume_dir``.
 
 Peak memory: on the device, the embedding while the batches are embedded, then one layer
 + one batch's activations; in RAM, the prefetched layer + the activation buffers
@@ -29,10 +38,13 @@ Peak memory: on the device, the embedding while the batches are embedded, then o
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,8 +58,40 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
+RUN_NAME = "run.json"
+STATE_NAME = "state.pt"
+ACT_NAMES = ("act_a.bin", "act_b.bin")
+#: every name the runner writes in a resume directory (``state.pt.tmp`` while a state is
+#: being saved, ``rank{R}-of-{N}`` directories under torchrun)
+RESUME_NAMES = (RUN_NAME, STATE_NAME, *ACT_NAMES, STATE_NAME + ".tmp", RUN_NAME + ".tmp")
+
+
 class CheckpointError(RuntimeError):
     """The checkpoint on disk is missing, incomplete, corrupt or does not match its config."""
+
+
+class ResumeError(ValueError):
+    """The resume directory holds a run with other arguments, or is incomplete or corrupt."""
+
+
+class StorageError(OSError):
+    """A file the streaming runner needs cannot be written: full disk, read-only directory."""
+
+    def __str__(self):
+        return self.strerror or super().__str__()
+
+
+def _storage_error(exc: BaseException, path, what: str, hint: str) -> StorageError:
+    """A :class:`StorageError` saying why ``what`` could not be written at ``path``, and what to do."""
+    code = getattr(exc, "errno", None)
+    detail = getattr(exc, "strerror", None) or f"{type(exc).__name__}: {exc}"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        why = f"no space left on the device ({detail})"
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = f"the directory is read-only or not writable ({detail})"
+    else:
+        why = f"{detail}; is the disk full or read-only?"
+    return StorageError(code, f"{path}: cannot write {what}: {why}; {hint}")
 
 
 # ---------------------------------------------------------------- checkpoint reading
@@ -92,6 +136,17 @@ class Checkpoint:
                 if self.file_of.get(key) != name:
                     raise CheckpointError(f"{self.dir / name}: tensor {key} listed in {INDEX_NAME} is not in that file")
         self.bytes = sum((self.dir / n).stat().st_size for n in files)
+        self.files = files
+
+    def identity(self) -> dict:
+        """What identifies these weights without reading them: the config's content, and the
+        name, size and modification time of the index and of every shard."""
+        names = ([INDEX_NAME] if (self.dir / INDEX_NAME).is_file() else []) + list(self.files)
+        stats = [[n, st.st_size, st.st_mtime_ns] for n in names for st in [(self.dir / n).stat()]]
+        return {
+            "config": hashlib.sha256((self.dir / "config.json").read_bytes()).hexdigest(),
+            "weights": hashlib.sha256(json.dumps(stats).encode()).hexdigest(),
+        }
 
     def check(self, expected: dict[str, torch.Size], what: str) -> None:
         """Every expected tensor exists with the expected shape (else: the config does not match)."""
@@ -122,27 +177,94 @@ class Checkpoint:
 # ---------------------------------------------------------------- activation buffers
 
 
-class ActivationBuffers:
-    """Two [S, T, D] buffers, in RAM or memory-mapped files; ``cur`` is read, ``nxt`` written."""
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
-    def __init__(self, shape, dtype, *, budget_bytes: float, directory: str | None, resume: bool = False):
+
+def _reserve(path: str, nbytes: int, *, create: bool, made: list) -> None:
+    """Allocate ``nbytes`` of disk space to ``path`` (created empty, or existing and kept as is).
+
+    With the space allocated, writes through a memory map cannot fail for want of it
+    (which would be a SIGBUS, without a message, halfway through a run).
+    """
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0), 0o644)
+    if create:
+        made.append(path)
+    try:
+        if hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(fd, 0, nbytes)  # fills holes only: what is written stays
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+        if create:  # no fallocate on this system or filesystem: writing zeros allocates them
+            chunk = bytes(1 << 20)
+            left = nbytes
+            while left:
+                left -= os.write(fd, chunk[: min(left, len(chunk))])
+    finally:
+        os.close(fd)
+
+
+class ActivationBuffers:
+    """Two [S, T, D] buffers, in RAM or memory-mapped files; ``cur`` is read, ``nxt`` written.
+
+    On disk, new files get their space reserved first: a full disk raises
+    :class:`StorageError` (and the files made are removed) before any work. With
+    ``resume=True`` the existing files in ``directory`` are opened and none is ever created:
+    one missing or of another size raises :class:`ResumeError`.
+    """
+
+    def __init__(self, shape, dtype, *, budget_bytes: float, directory: str | None, resume: bool = False, hint: str = ""):
         numel = shape[0] * shape[1] * shape[2]
         self.nbytes = numel * torch.empty((), dtype=dtype).element_size()
         self.on_disk = directory is not None and (resume or 2 * self.nbytes > budget_bytes)
-        self.files = []
-        bufs = []
-        for name in ("act_a.bin", "act_b.bin"):
-            if self.on_disk:
-                path = os.path.join(directory, name)
-                if not (resume and os.path.exists(path) and os.path.getsize(path) == self.nbytes):
-                    with open(path, "wb") as fh:
-                        fh.truncate(self.nbytes)
-                self.files.append(path)
-                bufs.append(torch.from_file(path, shared=True, size=numel, dtype=dtype).view(*shape))
-            else:
-                bufs.append(torch.empty(shape, dtype=dtype))
-        self.bufs = bufs
+        self.files = [os.path.join(directory, name) for name in ACT_NAMES] if self.on_disk else []
+        if resume:
+            what = f"{shape[0]} x {shape[1]} x {shape[2]} {str(dtype).replace('torch.', '')} activations"
+            for path in self.files:
+                if not os.path.isfile(path):
+                    raise ResumeError(
+                        f"{path} is missing: the resume directory {directory} is incomplete (activations are never "
+                        "re-created on resume, the run would go on from zeros); remove it or choose another --resume-dir"
+                    )
+                size = os.path.getsize(path)
+                if size != self.nbytes:
+                    raise ResumeError(
+                        f"{path} has {size} bytes where {what} take {self.nbytes}: truncated, or not from this run; "
+                        f"the resume directory {directory} is incomplete or corrupt; remove it or choose another --resume-dir"
+                    )
+        made: list[str] = []
+        path = directory
+        try:
+            for path in self.files:
+                _reserve(path, self.nbytes, create=not resume, made=made)
+        except OSError as exc:
+            for p in made:
+                try:
+                    os.remove(p)
+                except OSError:
+                    pass
+            try:
+                free = f"{_mib(shutil.disk_usage(directory).free)} free there"
+            except OSError:
+                free = "free space unknown"
+            raise _storage_error(exc, path, f"the activation files (2 x {_mib(self.nbytes)}; {free})", hint) from None
+        if self.on_disk:
+            self.bufs = [torch.from_file(p, shared=True, size=numel, dtype=dtype).view(*shape) for p in self.files]
+        else:
+            self.bufs = [torch.empty(shape, dtype=dtype) for _ in ACT_NAMES]
         self.cur_index = 0
+
+    def flush_cur(self) -> None:
+        """Put the current buffer's file on disk (before a state pointing at it is saved)."""
+        if self.on_disk:
+            fd = os.open(self.files[self.cur_index], os.O_RDWR)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     @property
     def cur(self) -> torch.Tensor:
@@ -195,10 +317,207 @@ def _restore_pending(s: BlockStatistics, d: dict) -> None:
     s._h, s._cos, s._last = d["h"], d["cos"], d["last"]
 
 
-def _atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+# ---------------------------------------------------------------- the resume directory
+
+#: version of what a resume directory holds; a directory of another version is refused
+RESUME_FORMAT = 2
+
+# fingerprint field -> what the user changes to change it (in messages)
+_LABELS = {
+    "format": "resume format (the directory was written by another version of entrodrop_fast)",
+    "model_dir": "model directory",
+    "config": "the model's config.json",
+    "weights": "the model's weight files (names, sizes or modification times)",
+    "dtype": "--dtype",
+    "device": "--device",
+    "shape": "calibration shape (--samples x --seq-len)",
+    "windows": "calibration tokens (--samples, --seq-len, --seed, --corpus, --text-field or the tokenizer)",
+    "methods": "--method",
+    "batch_size": "--batch-size",
+    "backend": "--backend",
+    "backend_resolved": "the backend --backend resolves to",
+    "bins": "--bins",
+    "k": "--k",
+    "paper_exact": "--paper-exact",
+    "spans": "--spans",
+    "process": "torchrun rank / number of processes",
+    "versions": "library versions",
+}
+_HASHED = {"config", "weights", "windows"}  # digests: naming the field says it all
+
+
+def _fingerprint(ckpt: Checkpoint, windows: torch.Tensor, settings, *, dtype, device, backend: str, rank: int, world: int) -> dict:
+    """Everything that changes the numbers of a streamed profile, as plain JSON values."""
+    import dataclasses
+
+    import transformers
+
+    import entrodrop_fast
+    from entrodrop_fast.runner import parse_methods
+
+    ids = windows.detach().to("cpu", torch.int64).contiguous()
+    dev = device.type
+    if dev == "cuda":
+        dev += f" ({torch.cuda.get_device_name(device)})"
+    fp = {
+        "format": RESUME_FORMAT,
+        "model_dir": str(ckpt.dir.resolve()),
+        **ckpt.identity(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": dev,
+        "shape": list(ids.shape),
+        "windows": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
+        "backend_resolved": backend,
+        "process": f"rank {rank} of {world}",
+        "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, entrodrop_fast {entrodrop_fast.__version__}",
+    }
+    for f in dataclasses.fields(settings):  # every setting, present and future
+        value = getattr(settings, f.name)
+        fp[f.name if f.name not in fp else f"settings.{f.name}"] = list(parse_methods(value)) if f.name == "methods" else value
+    return json.loads(json.dumps(fp, default=repr))  # tuples -> lists, as they come back from disk
+
+
+def _compare(saved, now: dict, where: str, directory: str) -> None:
+    """Raise :class:`ResumeError` naming every field in which ``saved`` differs from ``now``."""
+    if not isinstance(saved, dict):
+        raise ResumeError(f"{where} holds no run fingerprint: the resume directory {directory} is corrupt; remove it or choose another --resume-dir")
+    if saved.get("format") != now["format"]:
+        keys = ["format"]
+    else:
+        keys = list(now) + [k for k in saved if k not in now]
+    diff = []
+    for key in keys:
+        a, b = saved.get(key, "(not recorded)"), now.get(key, "(not recorded)")
+        if a != b:
+            label = _LABELS.get(key, key)
+            diff.append(label if key in _HASHED else f"{label}: {a!r} there, {b!r} now")
+    if diff:
+        raise ResumeError(
+            f"{directory} holds a run with other arguments ({'; '.join(diff)}): rerun with that run's arguments "
+            "to resume it, or use another --resume-dir (or remove this one) to start anew"
+        )
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, write, what: str, hint: str) -> None:
+    """``write(fh)`` into ``path.tmp``, put it on disk, rename it over ``path``.
+
+    A kill at any point leaves ``path`` as it was or complete; a failure to write (full
+    disk, read-only directory) raises :class:`StorageError` and leaves ``path`` as it was.
+    """
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, (OSError, RuntimeError)):
+            raise _storage_error(exc, path, what, hint) from None
+        raise
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _atomic_save(obj, path: str, hint: str = "free space or make the directory writable") -> None:
+    _atomic_write(path, lambda fh: torch.save(obj, fh), "the resume state", hint)
+
+
+def _write_run(path: str, fingerprint: dict, hint: str) -> None:
+    text = json.dumps(fingerprint, indent=1) + "\n"
+    _atomic_write(path, lambda fh: fh.write(text.encode()), "the run fingerprint", hint)
+
+
+def _same_structure(d, ref) -> bool:
+    """``d`` has the dicts and list lengths of ``ref`` (whose lists are all None), tensors or None inside."""
+    if isinstance(ref, dict):
+        return isinstance(d, dict) and set(d) == set(ref) and all(_same_structure(d[k], ref[k]) for k in ref)
+    return isinstance(d, list) and len(d) == len(ref) and all(x is None or isinstance(x, torch.Tensor) for x in d)
+
+
+def _lock(directory: str) -> int | None:
+    """Hold an exclusive lock on ``directory`` (an open descriptor to close at the end), or refuse."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            os.close(fd)
+            raise ResumeError(f"{directory} is in use by another running profile; wait for it to end or choose another --resume-dir") from None
+        # a filesystem without locks (some network filesystems): go on without
+    return fd
+
+
+def _open_resume_dir(directory: str, fingerprint: dict, shape, dtype, sinks: list, num_layers: int):
+    """(activation buffers, first layer to run) for ``directory``: a new run, one to continue, or an error.
+
+    Files are written only for a new run (or one that never finished its first layer);
+    anything missing, truncated, unreadable or from other arguments raises
+    :class:`ResumeError`, and a directory that cannot be written :class:`StorageError`.
+    """
+    hint = f"free space or make {directory} writable and rerun, or choose another --resume-dir"
+    broken = f"the resume directory {directory} is incomplete or corrupt (a copy cut short, a full disk?); remove it or choose another --resume-dir"
+    run_path, state_path = os.path.join(directory, RUN_NAME), os.path.join(directory, STATE_NAME)
+    run_fp = None
+    if os.path.exists(run_path):
+        try:
+            run_fp = json.loads(Path(run_path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ResumeError(f"{run_path}: cannot be read ({type(exc).__name__}: {exc}); {broken}") from None
+        _compare(run_fp, fingerprint, run_path, directory)
+    if os.path.exists(state_path):
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated, garbage, not a torch file, unreadable: all the same to us
+            msg = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise ResumeError(f"{state_path}: cannot be read ({type(exc).__name__}: {msg}); {broken}") from None
+        if not isinstance(state, dict) or not {"fingerprint", "layers_done", "cur_index", "pending"} <= set(state):
+            raise ResumeError(f"{state_path}: not a resume state of this program; {broken}")
+        _compare(state["fingerprint"], fingerprint, state_path, directory)
+        done, cur = state["layers_done"], state["cur_index"]
+        if type(done) is not int or not 0 <= done <= num_layers or type(cur) is not int or cur not in (0, 1):
+            raise ResumeError(f"{state_path}: layers done {done!r} / current buffer {cur!r} out of range for {num_layers} layers; {broken}")
+        pending = state["pending"]
+        if not (isinstance(pending, list) and len(pending) == len(sinks) and all(_same_structure(d, _pending(s)) for d, s in zip(pending, sinks, strict=True))):
+            raise ResumeError(f"{state_path}: the estimator states in it do not have this run's layout; {broken}")
+        acts = ActivationBuffers(shape, dtype, budget_bytes=0, directory=directory, resume=True, hint=hint)
+        if run_fp is None:
+            _write_run(run_path, fingerprint, hint)
+        acts.cur_index = cur
+        for s, d in zip(sinks, pending, strict=True):
+            _restore_pending(s, d)
+        return acts, done
+    present = [n for n in ACT_NAMES if os.path.exists(os.path.join(directory, n))]
+    if present and run_fp is None:
+        raise ResumeError(
+            f"{directory} holds {' and '.join(present)} but neither {STATE_NAME} nor {RUN_NAME}: not a resume directory "
+            "of this program, or an incomplete one; remove it or choose another --resume-dir"
+        )
+    if present:
+        warnings.warn(f"{directory}: no {STATE_NAME} (the previous run stopped before finishing its first layer, or it was removed): starting from the first layer", stacklevel=3)
+    if run_fp is None:
+        _write_run(run_path, fingerprint, hint)  # before the activation files: they are known to be ours
+    return ActivationBuffers(shape, dtype, budget_bytes=0, directory=directory, hint=hint), 0
 
 
 # ---------------------------------------------------------------- the runner
@@ -270,7 +589,11 @@ def profile_streaming(
 ) -> dict:
     """Profile the checkpoint in ``model_dir`` on token ``windows`` (samples, T), layer by layer.
 
-    Returns the same dictionary as :func:`entrodrop_fast.runner.profile`.
+    Returns the same dictionary as :func:`entrodrop_fast.runner.profile`. With ``resume_dir``
+    the run continues where one with the same arguments stopped; other arguments, or a
+    directory with a file missing, truncated or corrupt, raise :class:`ResumeError` (a
+    ``ValueError``); a full disk or a read-only directory raises :class:`StorageError` (an
+    ``OSError``), before any work where the activation files are concerned.
     """
     import time
 
@@ -297,10 +620,6 @@ def profile_streaming(
         expected = {f"{prefix}.{k}": v.shape for k, v in layer.state_dict().items()}
         ckpt.check(expected, f"layer {i}")
         layer_keys.append(expected)
-    for path in (adapter.arch.embed, adapter.arch.final_norm):
-        _materialise(model, path, ckpt, device, dtype)
-    _real_rotary(model, adapter, device)
-
     backend = resolved_backend(settings.backend, device)
     ts = settings.tap_settings()
     ts.backend = backend
@@ -311,34 +630,41 @@ def profile_streaming(
     S, T = windows.shape
     D = int(model.config.hidden_size)
 
-    tmp_dir = None
+    tmp_dir = lock = pool = acts = None
     state_path = None
     first_layer = 0
-    if resume_dir is not None:
-        os.makedirs(resume_dir, exist_ok=True)
-        state_path = os.path.join(resume_dir, "state.pt")
-        fingerprint = {"model_dir": str(Path(model_dir).resolve()), "windows": int(windows.sum()), "shape": list(windows.shape), "settings": repr(settings)}
-        resume = os.path.exists(state_path)
-        if resume:
-            saved = torch.load(state_path, weights_only=False)
-            if saved["fingerprint"] != fingerprint:
-                raise ValueError(f"{resume_dir} holds a run with other arguments; use another --resume-dir or remove it")
-        acts = ActivationBuffers((S, T, D), dtype, budget_bytes=0, directory=resume_dir, resume=resume)
-        if resume:
-            first_layer = saved["layers_done"]
-            acts.cur_index = saved["cur_index"]
-            for s, d in zip(sinks, saved["pending"], strict=True):
-                _restore_pending(s, d)
-    else:
-        tmp_dir = tempfile.mkdtemp(prefix="entrodrop-acts-")
-        acts = ActivationBuffers((S, T, D), dtype, budget_bytes=ram_budget_bytes, directory=tmp_dir)
-
-    base = adapter.base(model)
-    layers_attr_owner, _, layers_attr = adapter.arch.layers.rpartition(".")
-    owner = get_attr(model, layers_attr_owner)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="entrodrop-prefetch")
-    t0 = time.perf_counter()
     try:
+        # 0. the activation buffers, and where a resumed run starts; before anything is loaded
+        if resume_dir is not None:
+            from entrodrop_fast import distributed
+
+            rank, world = distributed.world()
+            if world > 1:  # each rank profiles its own samples: its own files
+                resume_dir = os.path.join(resume_dir, f"rank{rank}-of-{world}")
+            hint = f"free space or make {resume_dir} writable and rerun, or choose another --resume-dir"
+            if os.path.exists(resume_dir) and not os.path.isdir(resume_dir):
+                raise ResumeError(f"--resume-dir {resume_dir} exists and is not a directory; choose another")
+            try:
+                os.makedirs(resume_dir, exist_ok=True)
+            except OSError as exc:
+                raise _storage_error(exc, resume_dir, "the resume directory", hint) from None
+            lock = _lock(resume_dir)
+            fingerprint = _fingerprint(ckpt, windows, settings, dtype=dtype, device=device, backend=backend, rank=rank, world=world)
+            acts, first_layer = _open_resume_dir(resume_dir, fingerprint, (S, T, D), dtype, sinks, L)
+            state_path = os.path.join(resume_dir, STATE_NAME)
+        else:
+            tmp_dir = tempfile.mkdtemp(prefix="entrodrop-acts-")
+            hint = f"set TMPDIR to a directory on a larger disk, use --resume-dir on one, or raise --max-memory to keep them in RAM (now {_mib(ram_budget_bytes)})"
+            acts = ActivationBuffers((S, T, D), dtype, budget_bytes=ram_budget_bytes, directory=tmp_dir, hint=hint)
+        for path in (adapter.arch.embed, adapter.arch.final_norm):
+            _materialise(model, path, ckpt, device, dtype)
+        _real_rotary(model, adapter, device)
+
+        base = adapter.base(model)
+        layers_attr_owner, _, layers_attr = adapter.arch.layers.rpartition(".")
+        owner = get_attr(model, layers_attr_owner)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="entrodrop-prefetch")
+        t0 = time.perf_counter()
         # 1. embeddings, and the keyword arguments every layer receives, per batch
         stores = [[] for _ in starts]
         with torch.inference_mode():
@@ -377,14 +703,22 @@ def profile_streaming(
                 layer.to_empty(device="meta")  # free the weights
                 acts.swap()
                 if state_path is not None:
-                    _atomic_save({"fingerprint": fingerprint, "layers_done": i + 1, "cur_index": acts.cur_index, "pending": [_pending(s) for s in sinks]}, state_path)
+                    try:
+                        acts.flush_cur()  # the activations on disk before the state that points at them
+                    except OSError as exc:
+                        raise _storage_error(exc, acts.files[acts.cur_index], "the activations", hint) from None
+                    state = {"fingerprint": fingerprint, "layers_done": i + 1, "cur_index": acts.cur_index, "pending": [_pending(s) for s in sinks]}
+                    _atomic_save(state, state_path, f"the state saved before layer {i} is kept; {hint}")
                 if _stop_after_layer is not None and i + 1 >= _stop_after_layer and i + 1 < L:
                     raise KeyboardInterrupt(f"stopped after layer {i} (test hook)")
     finally:
-        pool.shutdown(wait=True)
+        if pool is not None:
+            pool.shutdown(wait=True)
         if tmp_dir is not None:
             del acts
             shutil.rmtree(tmp_dir, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
     seconds = time.perf_counter() - t0
     for s in sinks:
         s.end_batch()
