@@ -20,8 +20,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 ENTROPY = ("bucket", "gaussian_diag", "gaussian_full", "knn", "renyi")
@@ -226,22 +224,18 @@ def plot(comp: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write(comp: dict, out_dir: str | os.PathLike, png: bool = True) -> Path:
-    """comparison.json / .md / .png into ``out_dir``, written in a temp dir and moved into place."""
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / "comparison.json").exists():
-        raise FileExistsError(f"{out} exists and is not a comparison directory; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+def write(comp: dict, out_dir: str | os.PathLike, png: bool = True, overwrite: bool = False) -> Path:
+    """comparison.json / .md / .png into ``out_dir``, written in a temp dir and moved into place.
+
+    ``out_dir`` may be new, empty or an earlier comparison; any other directory needs
+    ``overwrite`` and keeps its other files (see :mod:`entrodrop_fast.outputs`).
+    """
+    from entrodrop_fast import outputs
+
+    out = outputs.check_dir(out_dir, kind="comparison", what="comparison", overwrite=overwrite)
+    with outputs.publish_dir(out, kind="comparison", what="comparison") as tmp:
         (tmp / "comparison.json").write_text(json.dumps(comp, indent=2))
         (tmp / "comparison.md").write_text(markdown(comp))
         if png:
             plot(comp, tmp / "comparison.png")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

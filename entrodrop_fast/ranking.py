@@ -194,14 +194,23 @@ def make_plan(report, kind: str = "attn", drop=4, *, method: str | None = None, 
     }
 
 
-def save_plan(plan: dict, path) -> Path:
-    p = Path(path)
-    if p.parent and not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(plan, indent=1) + "\n")
-    os.replace(tmp, p)
-    return p
+def save_plan(plan: dict, path, *, overwrite: bool = False) -> Path:
+    """Write a drop plan as JSON, through a temporary file moved into place.
+
+    An existing file is replaced only when it is a plan (or with ``overwrite``); raises
+    :class:`~entrodrop_fast.outputs.OutputError` otherwise.
+    """
+    from entrodrop_fast import outputs
+
+    p = outputs.check_file(path, what="drop plan", recognise=plan_file_check(), overwrite=overwrite)
+    return outputs.publish_file(p, json.dumps(plan, indent=1) + "\n", what="drop plan")
+
+
+def plan_file_check():
+    """Recognises a drop plan written by :func:`save_plan` (an existing file it may replace)."""
+    from entrodrop_fast import outputs
+
+    return outputs.json_with_keys("drop", "kind", "ranked")
 
 
 def plan_summary(plan: dict) -> str:

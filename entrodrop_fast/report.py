@@ -1,7 +1,7 @@
 """The profile report: ``report.json``, ``scores.csv``, ``profile.png`` and a terminal table.
 
-Everything is written into a temporary directory beside the target and renamed into place
-at the end, so a failed run never leaves a half-written report. Layer indices are 0-based.
+Everything is written into a temporary directory beside the target and moved into place
+at the end (:mod:`entrodrop_fast.outputs`), so a failed run never leaves a half-written report. Layer indices are 0-based.
 
 ``report.json``::
 
@@ -24,8 +24,6 @@ import json
 import math
 import os
 import platform
-import shutil
-import tempfile
 from pathlib import Path
 
 from entrodrop_fast.models.adapters import BLOCK_KINDS, get_adapter
@@ -235,32 +233,23 @@ def plot(report: dict, path: Path, mark: int = 4) -> None:
     plt.close(fig)
 
 
-def write_report(report: dict, out_dir: str | os.PathLike, *, png: bool = True) -> Path:
-    """Write report.json, scores.csv and profile.png into ``out_dir``, atomically."""
-    out = Path(out_dir).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a report is an ordinary directory
-    try:
+def write_report(report: dict, out_dir: str | os.PathLike, *, png: bool = True, overwrite: bool = False) -> Path:
+    """Write report.json, scores.csv, profile.png and ranking.txt into ``out_dir``, atomically.
+
+    ``out_dir`` may be new, empty or an earlier report; any other directory needs
+    ``overwrite`` and keeps its other files (see :mod:`entrodrop_fast.outputs`).
+    Raises :class:`~entrodrop_fast.outputs.OutputError` when it cannot be used.
+    """
+    from entrodrop_fast import outputs
+
+    out = outputs.check_dir(out_dir, kind="report", what="report", overwrite=overwrite)
+    with outputs.publish_dir(out, kind="report", what="report") as tmp:
         with (tmp / "report.json").open("w") as fh:
             json.dump(report, fh, indent=1, allow_nan=True)
         write_csv(report, tmp / "scores.csv")
         if png:
             plot(report, tmp / "profile.png")
         (tmp / "ranking.txt").write_text(ranking_table(report, top=report["model"]["num_layers"]) + "\n")
-        if out.exists():
-            if not out.is_dir():
-                raise FileExistsError(f"{out} exists and is not a directory")
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "report")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from entrodrop_fast import compare as C
 from entrodrop_fast.models.loading import LoadedModel
+from entrodrop_fast.outputs import MARKER, OutputError
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_compare_rows_and_determinism(lm, corpus, tmp_path):
     strip = lambda c: [{k: v for k, v in r.items() if k != "speed"} for r in c["rows"]]
     assert strip(a) == strip(b)  # same command, same table
     out = C.write(a, tmp_path / "cmp")
-    assert {p.name for p in out.iterdir()} == {"comparison.json", "comparison.md", "comparison.png"}
+    assert {p.name for p in out.iterdir()} == {"comparison.json", "comparison.md", "comparison.png", MARKER}
     md = (out / "comparison.md").read_text()
     assert "| attn | bucket | 1 |" in md and "% of dense retained" in md
     assert json.loads((out / "comparison.json").read_text())["rows"][0]["kind"] == "attn"
@@ -49,7 +50,7 @@ def test_compare_rows_and_determinism(lm, corpus, tmp_path):
 
 def test_write_refuses_a_foreign_directory(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputError, match="did not write there"):
         C.write({"rows": [], "dense": {"perplexity": 1.0, "params": 1}, "model": {}}, tmp_path, png=False)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 

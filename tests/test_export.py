@@ -13,6 +13,7 @@ import torch
 from test_surgery import TYPES, manual_reference_logits, tiny_model
 
 from entrodrop_fast.export import ExportError, export_pruned, load_pruned
+from entrodrop_fast.outputs import OutputError
 from entrodrop_fast.surgery import drop_blocks_
 
 IDS = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(3))
@@ -147,7 +148,7 @@ def test_source_unchanged_and_overwrite_rules(llama_src, tmp_path):
     out = tmp_path / "out"
     export_pruned(llama_src, out, {"attn": [1, 2]})
     assert tree_hashes(llama_src) == before
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputError, match="holds an earlier pruned model; pass --overwrite"):
         export_pruned(llama_src, out, {"layer": [1]})
     s = export_pruned(llama_src, out, {"layer": [1]}, overwrite=True)
     assert s.stock_loadable and not (out / "modeling_entrodrop_pruned.py").exists()
@@ -238,7 +239,7 @@ def test_prune_cli_with_plan_and_report(llama_src, tmp_path, capsys):
     assert json.loads((out / "entrodrop_plan.json").read_text())["drop"]["layer"] == [2]
     assert max_err(logits(load_pruned(out)), manual_reference_logits(tiny_model("llama"), {"attn": [1], "layer": [2]}, IDS)) <= 1e-5
     assert main(["prune", str(llama_src), "--plan", str(plan), "--out", str(out)]) == 1  # exists
-    assert "exists" in capsys.readouterr().err
+    assert "holds an earlier pruned model; pass --overwrite" in capsys.readouterr().err
     assert main(["prune", str(llama_src), "--out", str(tmp_path / "x")]) == 1
     assert "--plan" in capsys.readouterr().err
 

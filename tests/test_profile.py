@@ -10,6 +10,7 @@ import torch
 from test_models import TINY, tiny_model
 
 import entrodrop_fast as ef
+from entrodrop_fast.outputs import MARKER
 from entrodrop_fast.report import build_report, load_report, ranking, ranking_table, write_report
 from entrodrop_fast.runner import ALL_METHODS, ProfileSettings, parse_methods, profile
 
@@ -64,7 +65,7 @@ def test_report_files_and_ranking(tmp_path):
     res = profile(model, _windows(4, 32), ProfileSettings(methods=("bucket", "cosine", "angular"), batch_size=2, bins=10, spans=(1, 3)), progress=False)
     rep = build_report(res, model_info={"name": "tiny"}, data_info={"corpus": "x"}, settings={"samples": 4}, model=model)
     out = write_report(rep, tmp_path / "r")
-    assert {p.name for p in out.iterdir()} == {"report.json", "scores.csv", "profile.png", "ranking.txt"}
+    assert {p.name for p in out.iterdir()} == {"report.json", "scores.csv", "profile.png", "ranking.txt", MARKER}
     again = load_report(out)
     assert again["blocks"][0]["delta"]["bucket"]["mean"] == pytest.approx(rep["blocks"][0]["delta"]["bucket"]["mean"])
     assert set(again["versions"]) >= {"torch", "transformers", "entrodrop_fast"}

@@ -22,7 +22,8 @@ def register(sub) -> None:
     p.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
     p.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="entrodrop_compare", help="output directory (default ./entrodrop_compare)")
+    p.add_argument("--out", default="entrodrop_compare", help="output directory (default ./entrodrop_compare; new, empty or an earlier comparison)")
+    p.add_argument("--overwrite", action="store_true", help="write into --out even when it holds other files (they are left untouched)")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=run)
 
@@ -37,6 +38,10 @@ def run(args) -> int:
     calib = args.calib or [None]
     if len(calib) > 2:
         raise ValueError("--calib can be given at most twice")
+    from entrodrop_fast import outputs
+
+    inputs = [*outputs.model_paths(args.model), *outputs.corpus_paths(*calib)]
+    outputs.check_dir(args.out, kind="comparison", what="comparison", inputs=inputs, overwrite=args.overwrite)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     comp = C.compare(lm, kinds=kinds, counts=counts, methods=methods, corpus=calib[0], samples=args.samples, seq_len=args.seq_len, seed=args.seed, eval_windows=args.eval_windows, eval_items=args.items, speed=not args.no_speed, progress=not args.quiet, log=log)
@@ -45,7 +50,7 @@ def run(args) -> int:
         other = C.profile_report(lm, calib[1], samples=args.samples, seq_len=args.seq_len, seed=args.seed, methods=[m for m in methods if m != "random"], progress=not args.quiet)
         comp["calibration_agreement"] = [C.calibration_agreement(comp["report"], other, kind, m, counts) for kind in kinds for m in methods if m != "random"]
         comp["calibration"] = {"a": calib[0] or "builtin", "b": calib[1]}
-    out = C.write(comp, args.out)
+    out = C.write(comp, args.out, overwrite=args.overwrite)
     print(C.markdown(comp))
     print(f"wrote {out}/comparison.json, comparison.md, comparison.png")
     return 0

@@ -17,17 +17,30 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("rank", help="drop plan from a profile report (which blocks to remove)", description=__doc__)
     p.add_argument("report", metavar="REPORT", help="report directory (from entrodrop profile) or its report.json")
     add_ranking_args(p)
-    p.add_argument("--out", default="plan.json", help="where to write the plan (default ./plan.json)")
+    p.add_argument("--out", default="plan.json", help="where to write the plan (default ./plan.json; an existing file is replaced only when it is a plan)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even when it is not a plan file")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from entrodrop_fast.ranking import make_plan, plan_summary, save_plan
+    import contextlib
+    import json
+    from pathlib import Path
+
+    from entrodrop_fast import outputs
+    from entrodrop_fast.ranking import make_plan, plan_file_check, plan_summary, save_plan
 
     if args.kind is None or args.drop is None:
         raise ValueError("rank needs --kind (attn, mlp, layer, joint) and --drop (a count or a fraction)")
+    rep = Path(args.report).expanduser()
+    rep = rep / "report.json" if rep.is_dir() else rep
+    inputs = [("report", rep)]
+    with contextlib.suppress(OSError, ValueError, AttributeError, KeyError, TypeError):  # the model and corpus the report was made from
+        info = json.loads(rep.read_text())
+        inputs += [*outputs.model_paths(info["model"].get("path") or "-"), *outputs.corpus_paths(info["data"].get("corpus"))]
+    outputs.check_file(args.out, what="drop plan", recognise=plan_file_check(), overwrite=args.overwrite, inputs=inputs)
     plan = make_plan(args.report, args.kind, args.drop, method=args.method, protect=args.protect)
-    out = save_plan(plan, args.out)
+    out = save_plan(plan, args.out, overwrite=args.overwrite)
     print(plan_summary(plan))
     print(f"plan written to {out}")
     return 0
