@@ -9,6 +9,15 @@ Corpora (:func:`load_corpus`):
 - ``hf:NAME[:CONFIG][:SPLIT]``: a Hugging Face dataset (needs the ``datasets`` package and
   the hub, or its local cache), the document in ``text_field``.
 
+A file must be UTF-8 text: an empty file, one with NUL bytes, or one where more than 1% of
+the characters are not valid UTF-8 is refused with a :class:`CorpusError` naming it (a few
+undecodable bytes become U+FFFD, with a warning).
+
+Held-out text (:func:`split_documents`): with at least :data:`HELDOUT_EVERY` documents every
+5th document is kept out of calibration for ``entrodrop eval`` / ``compare``; with fewer
+(one long ``.txt`` is a common corpus) the last fifth of each document is held out instead,
+cut at a whitespace. Calibration (:func:`calibration_windows`) excludes the held-out text.
+
 Sampling as the paper (:func:`sample_windows`): each sample is a window of ``seq_len``
 tokens at a random offset of a random document longer than the window, drawn with a
 ``random.Random(seed)`` (default 128 x 256, seed 2024).
@@ -18,6 +27,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,10 +42,40 @@ HELDOUT_EVERY = 5  # every 5th document of a corpus is kept out of calibration, 
 
 
 def split_documents(documents: list[str], every: int = HELDOUT_EVERY) -> tuple[list[str], list[str]]:
-    """(calibration, held-out): document i is held out when i % every == every - 1."""
-    calib = [d for i, d in enumerate(documents) if i % every != every - 1]
-    held = [d for i, d in enumerate(documents) if i % every == every - 1]
+    """(calibration, held-out): disjoint and deterministic.
+
+    With at least ``every`` documents, document i is held out when i % every == every - 1.
+    With fewer (say one long .txt), each document is cut in two at the first whitespace at
+    or after (every - 1) / every of its characters (within 1000 characters; else exactly
+    there): the heads are calibration text, the tails (the last ~1/every) are held out.
+    Empty pieces are left out.
+    """
+    if every < 2:
+        raise ValueError(f"every must be >= 2, got {every}")
+    if len(documents) >= every:
+        calib = [d for i, d in enumerate(documents) if i % every != every - 1]
+        held = [d for i, d in enumerate(documents) if i % every == every - 1]
+        return calib, held
+    calib, held = [], []
+    for d in documents:
+        cut = len(d) * (every - 1) // every
+        space = _SPACE.search(d, cut, cut + 1000)
+        cut = space.start() if space else cut
+        calib += [d[:cut]] if d[:cut] else []
+        held += [d[cut:]] if d[cut:].strip() else []
     return calib, held
+
+
+def describe_split(n_documents: int, every: int = HELDOUT_EVERY) -> str:
+    """In words, which text :func:`split_documents` holds out of ``n_documents`` documents."""
+    if n_documents >= every:
+        return f"every {every}th of {n_documents} documents"
+    return f"the last 1/{every} of each of {n_documents} document{'s' if n_documents != 1 else ''}"
+
+
+_SPACE = re.compile(r"\s")
+# a file is refused as not text when more than this fraction of its characters is not UTF-8
+MAX_UNDECODABLE = 0.01
 
 
 class CorpusError(ValueError):
@@ -55,22 +96,43 @@ def _builtin() -> Corpus:
     return Corpus("builtin:pydoc_data.topics", docs, {"source": "pydoc_data.topics"})
 
 
+def _read_text(path: Path, allow_empty: bool = False) -> str:
+    """The text of a corpus file; CorpusError when it is empty (unless allowed) or not UTF-8 text."""
+    data = path.read_bytes()
+    if not data.strip():
+        if allow_empty:
+            return ""
+        raise CorpusError(f"corpus file {path} is empty; give a file with text")
+    if b"\0" in data:
+        raise CorpusError(
+            f"corpus file {path} holds NUL bytes: it is binary (or UTF-16), not UTF-8 text; give a text file (convert UTF-16 to UTF-8)"
+        )
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+    if bad > MAX_UNDECODABLE * len(text):
+        raise CorpusError(
+            f"corpus file {path} is not UTF-8 text: {bad} of its {len(text)} characters cannot be decoded; give a UTF-8 text file (convert it, e.g. with iconv)"
+        )
+    if bad:
+        warnings.warn(f"corpus file {path}: {bad} bytes that are not UTF-8 were replaced by U+FFFD", stacklevel=3)
+    return text
+
+
 def _jsonl(path: Path, text_field: str) -> list[str]:
     docs = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CorpusError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or text_field not in obj:
-                keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                raise CorpusError(f"{path}:{lineno}: no field {text_field!r} (has {keys}); choose it with --text-field")
-            if not isinstance(obj[text_field], str):
-                raise CorpusError(f"{path}:{lineno}: field {text_field!r} is not a string")
-            docs.append(obj[text_field])
+    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CorpusError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict) or text_field not in obj:
+            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise CorpusError(f"{path}:{lineno}: no field {text_field!r} (has {keys}); choose it with --text-field")
+        if not isinstance(obj[text_field], str):
+            raise CorpusError(f"{path}:{lineno}: field {text_field!r} is not a string")
+        docs.append(obj[text_field])
     return docs
 
 
@@ -92,8 +154,22 @@ def _hf(spec: str, text_field: str) -> Corpus:
     return Corpus(spec, [t for t in ds[text_field] if isinstance(t, str)], {"dataset": name, "config": config, "split": split})
 
 
-def load_corpus(spec: str | None = None, text_field: str = "text") -> Corpus:
-    """The documents of a corpus (see the module docstring for what ``spec`` may be)."""
+def load_corpus(spec: str | Corpus | None = None, text_field: str = "text") -> Corpus:
+    """The documents of a corpus (see the module docstring for what ``spec`` may be).
+
+    A :class:`Corpus` is returned as it is. CorpusError when the corpus cannot be read,
+    is not text, or holds no text at all.
+    """
+    if isinstance(spec, Corpus):
+        return spec
+    c = _load(spec, text_field)
+    if not any(d.strip() for d in c.documents):
+        what = f"{len(c.documents)} documents, all empty" if c.documents else "no documents"
+        raise CorpusError(f"corpus {c.name} has no text ({what}); give a corpus with text")
+    return c
+
+
+def _load(spec, text_field: str) -> Corpus:
     if spec in (None, "", BUILTIN_CORPUS):
         return _builtin()
     spec = str(spec)
@@ -104,12 +180,12 @@ def load_corpus(spec: str | None = None, text_field: str = "text") -> Corpus:
         files = sorted(path.glob("*.txt"))
         if not files:
             raise CorpusError(f"directory {path} has no *.txt files")
-        return Corpus(str(path), [f.read_text(encoding="utf-8", errors="replace") for f in files], {"files": len(files)})
+        return Corpus(str(path), [_read_text(f, allow_empty=True) for f in files], {"files": len(files)})
     if not path.is_file():
         raise CorpusError(f"corpus not found: {spec} (expected 'builtin', a .txt/.jsonl file, a directory of .txt files or hf:NAME)")
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         return Corpus(str(path), _jsonl(path, text_field), {"text_field": text_field})
-    return Corpus(str(path), [path.read_text(encoding="utf-8", errors="replace")])
+    return Corpus(str(path), [_read_text(path)])
 
 
 def tokenize_documents(documents: list[str], tokenizer) -> list[list[int]]:
@@ -144,7 +220,7 @@ def sample_windows(
     if distinct < samples:
         raise CorpusError(
             f"corpus too small: {len(eligible)} document(s) longer than {seq_len} tokens hold only "
-            f"{distinct} distinct windows, fewer than the {samples} samples requested"
+            f"{distinct} distinct windows, fewer than the {samples} samples requested; lower --samples or --seq-len, or give more text"
         )
     rng = random.Random(seed)
     out = torch.empty(samples, seq_len, dtype=torch.long)
@@ -167,20 +243,24 @@ def calibration_windows(
 ) -> tuple[torch.Tensor, dict]:
     """Tokenised calibration windows ``(samples, seq_len)`` and a description for the report.
 
-    With ``exclude_heldout`` (default) and at least :data:`HELDOUT_EVERY` documents, the
-    held-out documents of :func:`split_documents` are left out, so evaluation text
-    (``entrodrop eval`` / ``compare``) is never calibration text.
+    With ``exclude_heldout`` (default) the held-out text of :func:`split_documents` (every
+    5th document, or the last fifth of each document of a corpus of fewer than
+    :data:`HELDOUT_EVERY`) is left out, so evaluation text (``entrodrop eval`` /
+    ``compare``) is never calibration text.
     """
-    c = corpus if isinstance(corpus, Corpus) else load_corpus(corpus, text_field)
-    if not c.documents:
-        raise CorpusError(f"corpus {c.name} has no documents")
+    c = load_corpus(corpus, text_field)
     documents = c.documents
-    excluded = 0
-    if exclude_heldout and len(documents) >= HELDOUT_EVERY:
+    excluded, heldout = 0, None
+    if exclude_heldout:
         documents, held = split_documents(documents)
-        excluded = len(held)
+        excluded = len(held) if len(c.documents) >= HELDOUT_EVERY else 0
+        heldout = describe_split(len(c.documents))
     docs = tokenize_documents(documents, tokenizer)
-    windows = sample_windows(docs, samples, seq_len, seed)
+    try:
+        windows = sample_windows(docs, samples, seq_len, seed)
+    except CorpusError as exc:
+        part = f" (calibration part: {heldout} held out for evaluation)" if heldout else ""
+        raise CorpusError(f"{c.name}{part}: {exc}") from None
     info = {
         "corpus": c.name,
         "documents": len(docs),
@@ -190,6 +270,42 @@ def calibration_windows(
         "seq_len": seq_len,
         "seed": seed,
         "heldout_documents_excluded": excluded,
+        "heldout": heldout,
         **c.meta,
     }
     return windows, info
+
+
+def heldout_documents(corpus: str | Corpus | None, tokenizer, *, seq_len: int, zero_shot: bool = True, text_field: str = "text") -> list[str]:
+    """The held-out text of a corpus (:func:`split_documents`), checked to be enough for
+    ``entrodrop eval`` / ``compare`` before any model runs: one perplexity window of
+    ``seq_len`` tokens and, with ``zero_shot``, the built-in zero-shot tasks' minimum
+    (passages for the continuation task, a long enough passage for last_word).
+    CorpusError saying what there is and what is needed otherwise.
+    """
+    from entrodrop_fast import evaluate as E
+
+    c = load_corpus(corpus, text_field)
+    _, held = split_documents(c.documents)
+    where = f"the held-out text of corpus {c.name} ({describe_split(len(c.documents))})"
+    ids = tokenize_documents(held, tokenizer) if held else []
+    eos = 1 if getattr(tokenizer, "eos_token_id", None) is not None else 0  # perplexity() appends EOS to each document
+    tokens = sum(len(d) + eos for d in ids)
+    if tokens < seq_len:
+        raise CorpusError(
+            f"{where} has {tokens} tokens in {len(held)} piece(s), fewer than one perplexity window of {seq_len}; "
+            f"give more text (about {HELDOUT_EVERY * seq_len} tokens or more) or a smaller --seq-len"
+        )
+    if zero_shot:
+        kw = E.continuation_task.__kwdefaults__
+        step, choices = kw["ctx_len"] + kw["cont_len"], kw["choices"]
+        passages = sum(len(d) // step for d in ids)
+        if passages < choices:
+            raise CorpusError(
+                f"{where} gives {passages} passage(s) of {step} tokens; the continuation task needs at least {choices} "
+                f"(about {choices * step} tokens, within documents); give more text"
+            )
+        min_chars = E.last_word_task.__kwdefaults__["min_chars"]
+        if not any(E._WORD.search(d, min_chars) for d in held):
+            raise CorpusError(f"{where} has no passage longer than {min_chars} characters followed by a word, which the last_word task needs; give more text")
+    return held
