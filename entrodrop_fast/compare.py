@@ -28,10 +28,13 @@ BASELINES = ("random",)
 
 
 def parse_list(spec: str, allowed: tuple[str, ...], what: str) -> list[str]:
-    out = [s.strip() for s in str(spec).split(",") if s.strip()]
+    """``"a,b"`` -> ["a", "b"]: each in ``allowed``, duplicates dropped, at least one."""
+    out = list(dict.fromkeys(s.strip() for s in str(spec).split(",") if s.strip()))
     bad = [s for s in out if s not in allowed]
-    if bad or not out:
-        raise ValueError(f"{what}: unknown {bad or spec!r}; choose from {', '.join(allowed)}")
+    if bad:
+        raise ValueError(f"{what}: unknown {', '.join(map(repr, bad))}; choose from {', '.join(allowed)}")
+    if not out:
+        raise ValueError(f"{what} is empty; choose from {', '.join(allowed)}")
     return out
 
 
@@ -139,7 +142,8 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
 
     c = load_corpus(corpus)
     _, held = E.split_documents(c.documents)
-    scoring = [m for m in methods if m != "random"]
+    # random alone still needs a profile: the protected layers it never draws come from it
+    scoring = [m for m in methods if m != "random"] or ["bucket"]
     log(f"profiling once with {', '.join(scoring)} ({samples} x {seq_len} tokens) ...")
     report = profile_report(lm, c, samples=samples, seq_len=seq_len, seed=seed, methods=scoring, progress=progress)
 

@@ -254,11 +254,19 @@ def write_report(report: dict, out_dir: str | os.PathLike, *, png: bool = True, 
 
 
 def load_report(path: str | os.PathLike) -> dict:
+    """A report.json (or the directory holding one); ValueError naming the file when it is unusable."""
     p = Path(path)
     if p.is_dir():
         p = p / "report.json"
-    with p.open() as fh:
-        rep = json.load(fh)
+    if not p.is_file():
+        raise FileNotFoundError(f"no report at {p}: give a report directory from entrodrop profile, or its report.json")
+    try:
+        rep = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" (line {exc.lineno}, column {exc.colno}: {exc.msg})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ValueError(f"{p} is not valid JSON{where}: truncated or corrupt; run entrodrop profile again to rewrite it") from None
+    if not isinstance(rep, dict):
+        raise ValueError(f"{p} holds a JSON {type(rep).__name__}, not a report; give the report.json written by entrodrop profile")
     if rep.get("format") != FORMAT:
         raise ValueError(f"{p}: unsupported report format {rep.get('format')!r} (expected {FORMAT})")
     return rep

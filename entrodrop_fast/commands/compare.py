@@ -6,6 +6,7 @@ import sys
 
 
 def register(sub) -> None:
+    from entrodrop_fast.cli import int_at_least, positive_int
     from entrodrop_fast.compare import BASELINES, SCORING
 
     p = sub.add_parser("compare", help="profile once, prune with each method and K, evaluate, tabulate and plot")
@@ -14,11 +15,11 @@ def register(sub) -> None:
     p.add_argument("--drop", default="2,4,6,8", help="numbers of blocks to drop, comma-separated (default 2,4,6,8)")
     p.add_argument("--methods", default="bucket,knn,gaussian_diag,cosine,random", help=f"from {', '.join(SCORING + BASELINES)} (default bucket,knn,gaussian_diag,cosine,random)")
     p.add_argument("--calib", action="append", default=None, help="calibration corpus; give it twice to compare the rankings from two corpora")
-    p.add_argument("--samples", type=int, default=128)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--samples", type=positive_int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seq-len", type=int_at_least(2, "an entropy needs at least 2 tokens"), default=256, help="tokens per calibration and perplexity window (default 256)")
     p.add_argument("--seed", type=int, default=2024)
-    p.add_argument("--eval-windows", type=int, default=32, help="perplexity windows on held-out text (default 32)")
-    p.add_argument("--items", type=int, default=100, help="items per zero-shot task (default 100)")
+    p.add_argument("--eval-windows", type=positive_int, default=32, help="perplexity windows on held-out text, at most (default 32; every 5th document, or the last fifth of each of fewer than 5)")
+    p.add_argument("--items", type=positive_int, default=100, help="items per zero-shot task, at most (default 100)")
     p.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
     p.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--device", default="cpu")
@@ -38,16 +39,25 @@ def run(args) -> int:
     calib = args.calib or [None]
     if len(calib) > 2:
         raise ValueError("--calib can be given at most twice")
+    if len(calib) == 2 and methods == ["random"]:
+        raise ValueError("two --calib corpora compare the rankings of scoring methods, and random has none; add one to --methods (e.g. bucket,random)")
     from entrodrop_fast import outputs
 
     inputs = [*outputs.model_paths(args.model), *outputs.corpus_paths(*calib)]
     outputs.check_dir(args.out, kind="comparison", what="comparison", inputs=inputs, overwrite=args.overwrite)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    from entrodrop_fast.data import calibration_windows, heldout_documents, load_corpus
+
+    corpora = [load_corpus(c) for c in calib]  # unreadable, empty or binary corpora stop the run here
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    comp = C.compare(lm, kinds=kinds, counts=counts, methods=methods, corpus=calib[0], samples=args.samples, seq_len=args.seq_len, seed=args.seed, eval_windows=args.eval_windows, eval_items=args.items, speed=not args.no_speed, progress=not args.quiet, log=log)
+    # enough text for every step, checked before the first forward pass
+    heldout_documents(corpora[0], lm.tokenizer, seq_len=args.seq_len)
+    for c in corpora:
+        calibration_windows(lm.tokenizer, c, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    comp = C.compare(lm, kinds=kinds, counts=counts, methods=methods, corpus=corpora[0], samples=args.samples, seq_len=args.seq_len, seed=args.seed, eval_windows=args.eval_windows, eval_items=args.items, speed=not args.no_speed, progress=not args.quiet, log=log)
     if len(calib) == 2:
         log(f"profiling again on {calib[1]} for the calibration comparison ...")
-        other = C.profile_report(lm, calib[1], samples=args.samples, seq_len=args.seq_len, seed=args.seed, methods=[m for m in methods if m != "random"], progress=not args.quiet)
+        other = C.profile_report(lm, corpora[1], samples=args.samples, seq_len=args.seq_len, seed=args.seed, methods=[m for m in methods if m != "random"], progress=not args.quiet)
         comp["calibration_agreement"] = [C.calibration_agreement(comp["report"], other, kind, m, counts) for kind in kinds for m in methods if m != "random"]
         comp["calibration"] = {"a": calib[0] or "builtin", "b": calib[1]}
     out = C.write(comp, args.out, overwrite=args.overwrite)

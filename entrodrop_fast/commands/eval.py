@@ -27,11 +27,11 @@ def load_any(source, dtype: str, device: str):
 
 def evaluate_model(model, tokenizer, *, corpus=None, seq_len=256, windows=32, items=100, tasks=(), speed=True) -> dict:
     from entrodrop_fast import evaluate as E
-    from entrodrop_fast.data import load_corpus
+    from entrodrop_fast.data import describe_split, heldout_documents, load_corpus
 
     c = load_corpus(corpus)
-    _, held = E.split_documents(c.documents)
-    out = {"corpus": c.name, "heldout_documents": len(held)}
+    held = heldout_documents(c, tokenizer, seq_len=seq_len)  # checked to be enough before any model runs
+    out = {"corpus": c.name, "heldout_documents": len(held), "heldout": describe_split(len(c.documents))}
     out["perplexity"] = E.perplexity(model, tokenizer, held, seq_len=seq_len, max_windows=windows)
     out["zero_shot"] = E.zero_shot(model, tokenizer, held, items=items)
     if tasks:
@@ -59,9 +59,12 @@ def _atomic_json(path: str, obj) -> None:
 
 
 def run(args) -> int:
+    from entrodrop_fast.data import load_corpus
+
+    corpus = load_corpus(args.corpus)  # an unreadable, empty or binary corpus stops the run before the model loads
     model, tok = load_any(args.model, args.dtype, args.device)
     tasks = [t for t in (args.tasks or "").split(",") if t]
-    res = evaluate_model(model, tok, corpus=args.corpus, seq_len=args.seq_len, windows=args.windows, items=args.items, tasks=tasks, speed=not args.no_speed)
+    res = evaluate_model(model, tok, corpus=corpus, seq_len=args.seq_len, windows=args.windows, items=args.items, tasks=tasks, speed=not args.no_speed)
     res["model"] = str(args.model or "builtin")
     p = res["perplexity"]
     print(f"perplexity {p['perplexity']:.3f} on {p['tokens']} held-out tokens ({p['windows']} windows of {p['seq_len']})")
@@ -81,12 +84,14 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
+    from entrodrop_fast.cli import int_at_least, positive_int
+
     p = sub.add_parser("eval", help="perplexity, zero-shot accuracy and speed of a (pruned) model")
     p.add_argument("model", nargs="?", default=None, help="model directory (pruned or not), .gguf, hub id; default: built-in SmolLM2-135M")
-    p.add_argument("--corpus", default=None, help="held-out text source (default built-in; every 5th document is held out of calibration)")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--windows", type=int, default=32, help="perplexity windows")
-    p.add_argument("--items", type=int, default=100, help="items per built-in zero-shot task")
+    p.add_argument("--corpus", default=None, help="held-out text source (default built-in): every 5th document, or with fewer than 5 documents the last fifth of each, as held out of calibration")
+    p.add_argument("--seq-len", type=int_at_least(2, "a window holds a token and its successor"), default=256, help="tokens per perplexity window (default 256)")
+    p.add_argument("--windows", type=positive_int, default=32, help="perplexity windows, at most (default 32)")
+    p.add_argument("--items", type=positive_int, default=100, help="items per built-in zero-shot task, at most (default 100)")
     p.add_argument("--tasks", default="", help="lm-evaluation-harness tasks, comma-separated (needs lm_eval and its datasets)")
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--dtype", default="fp32")

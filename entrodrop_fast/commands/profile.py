@@ -88,6 +88,8 @@ class MemoryPlan:
 
 
 def register(subparsers) -> None:
+    from entrodrop_fast.cli import int_at_least, positive_int
+
     p = subparsers.add_parser(
         "profile",
         help="entropy profile of a model's attention / MLP / layer blocks (the main job)",
@@ -95,13 +97,13 @@ def register(subparsers) -> None:
     )
     p.add_argument("model", nargs="?", default=None, metavar="MODEL", help="local HF directory, .gguf file or hub id (default: built-in SmolLM2-135M-Instruct)")
     p.add_argument("--method", "-m", action="append", default=None, help="bucket, gaussian_diag, gaussian_full, knn, renyi, cosine, angular or all; several comma-separated or repeated (default bucket); all run in one forward pass")
-    p.add_argument("--samples", type=int, default=PAPER_SAMPLES, help=f"calibration windows (default {PAPER_SAMPLES})")
-    p.add_argument("--seq-len", type=int, default=PAPER_SEQ_LEN, help=f"tokens per window (default {PAPER_SEQ_LEN})")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default 1, as the paper; with --max-memory, the largest up to 8 that fits)")
+    p.add_argument("--samples", type=positive_int, default=PAPER_SAMPLES, help=f"calibration windows (default {PAPER_SAMPLES})")
+    p.add_argument("--seq-len", type=int_at_least(2, "an entropy needs at least 2 tokens"), default=PAPER_SEQ_LEN, help=f"tokens per window (default {PAPER_SEQ_LEN})")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="windows per forward pass (default 1, as the paper; with --max-memory, the largest up to 8 that fits)")
     p.add_argument("--seed", type=int, default=PAPER_SEED, help=f"sampling seed (default {PAPER_SEED})")
-    p.add_argument("--bins", type=int, default=20, help="bucket: bins per channel (default 20; the paper used 20 for Llama, 80 for Mistral)")
+    p.add_argument("--bins", type=positive_int, default=20, help="bucket: bins per channel (default 20; the paper used 20 for Llama, 80 for Mistral)")
     p.add_argument("--paper-exact", action="store_true", help="bucket: clamp probabilities at 1e-10 as the paper's code")
-    p.add_argument("--k", type=int, default=25, help="knn: neighbour rank k (default 25)")
+    p.add_argument("--k", type=positive_int, default=25, help="knn: neighbour rank k (default 25)")
     p.add_argument("--spans", default="1,2,4,8", help="angular: layer spans n (default 1,2,4,8)")
     p.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"], help="model dtype (default fp32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -112,8 +114,8 @@ def register(subparsers) -> None:
     p.add_argument("--cache-dir", default=None, help="where the built-in model is converted (default $ENTRODROP_CACHE or ~/.cache/entrodrop_fast)")
     p.add_argument("--streaming", action="store_true", help="run layer by layer from the checkpoint's safetensors shards (models larger than memory)")
     p.add_argument("--max-memory", default=None, help="memory budget, e.g. 8GB: streams when the model does not fit, and keeps activations on disk beyond it")
-    p.add_argument("--resume-dir", default=None, help="streaming: keep states here after every layer; rerun with the same arguments to resume")
-    p.add_argument("--top", type=int, default=8, help="blocks per kind in the terminal table (default 8)")
+    p.add_argument("--resume-dir", default=None, help="keep the streaming states here after every layer; rerun with the same arguments to resume (implies --streaming)")
+    p.add_argument("--top", type=positive_int, default=8, help="blocks per kind in the terminal table (default 8)")
     p.add_argument("--no-plot", action="store_true", help="skip profile.png")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -131,6 +133,9 @@ def run(args) -> int:
             raise ValueError(f"{name} must be a positive integer, got {v}")
     settings = ProfileSettings(methods=methods, batch_size=args.batch_size or 1, backend=args.backend, bins=args.bins, k=args.k, paper_exact=args.paper_exact, spans=_spans(args.spans))
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    if args.resume_dir and not args.streaming:  # resuming exists only layer by layer: never ignore --resume-dir
+        args.streaming = True
+        log(f"--resume-dir {args.resume_dir}: streaming layer by layer (--resume-dir implies --streaming)")
     t0 = time.perf_counter()
     from entrodrop_fast import distributed
     from entrodrop_fast.models.loading import parse_device, parse_dtype
