@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from pathlib import Path
 
 
 def load_any(source, dtype: str, device: str):
-    """A dense model (see models.loading) or a checkpoint written by ``entrodrop prune``."""
+    """A model directory (dense or written by ``entrodrop prune``), .gguf, hub id or the built-in model.
+
+    The loader of every command (:func:`entrodrop_fast.models.load_model`): pruned checkpoints
+    load as the pruned model, unsupported architectures and checkpoints that do not match
+    their config are refused.
+    """
     from entrodrop_fast.models.loading import load_model
 
-    cfg = Path(str(source)) / "config.json" if source not in (None, "builtin") else None
-    if cfg is not None and cfg.is_file() and "entrodrop_pruned" in json.loads(cfg.read_text()):
-        from transformers import AutoTokenizer
-
-        from entrodrop_fast.export import load_pruned
-        from entrodrop_fast.models.loading import parse_device, parse_dtype
-
-        model = load_pruned(str(source)).to(device=parse_device(device), dtype=parse_dtype(dtype)).eval()
-        return model, AutoTokenizer.from_pretrained(str(source))
     lm = load_model(source, dtype=dtype, device=device)
     return lm.model, lm.tokenizer
 
@@ -46,19 +39,19 @@ def evaluate_model(model, tokenizer, *, corpus=None, seq_len=256, windows=32, it
     return out
 
 
-def _atomic_json(path: str, obj) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def eval_file_check():
+    """Recognises an evaluation JSON written by ``entrodrop eval --json`` (which it may replace)."""
+    from entrodrop_fast import outputs
+
+    return outputs.json_with_keys("perplexity", "zero_shot", "model")
 
 
 def run(args) -> int:
+    from entrodrop_fast import outputs
+
+    if args.json:  # checked before any work
+        outputs.check_file(args.json, what="evaluation JSON", recognise=eval_file_check(), overwrite=args.overwrite, flag="--json",
+                           inputs=[*outputs.model_paths(args.model), *outputs.corpus_paths(args.corpus)])
     from entrodrop_fast.data import load_corpus
 
     corpus = load_corpus(args.corpus)  # an unreadable, empty or binary corpus stops the run before the model loads
@@ -78,7 +71,7 @@ def run(args) -> int:
         s = res["speed"]
         print(f"prefill {s['prefill_tokens_per_s']:.1f} tok/s, decode {s['decode_tokens_per_s']:.1f} tok/s, KV cache {s['kv_cache_bytes_per_token']:.0f} B/token, peak {s['peak_memory_bytes'] / 2**20:.0f} MiB ({s['peak_memory_kind']})")
     if args.json:
-        _atomic_json(args.json, res)
+        outputs.publish_file(args.json, json.dumps(res, indent=2), what="evaluation JSON")
         print(f"wrote {args.json}")
     return 0
 
@@ -96,5 +89,6 @@ def register(sub) -> None:
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", help="write the results here (an existing file is replaced only when it is an earlier eval JSON)")
+    p.add_argument("--overwrite", action="store_true", help="replace --json even when it is not an eval JSON")
     p.set_defaults(func=run)

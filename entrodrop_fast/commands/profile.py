@@ -87,6 +87,32 @@ class MemoryPlan:
         return (self.resident if streaming else self.total) + batch_size * seq_len * self.per_token
 
 
+def resume_dir_is_ours(path) -> bool:
+    """A resume directory of ours: only the streaming runner's files (and per-rank subdirectories)."""
+    import re
+    from pathlib import Path
+
+    from entrodrop_fast.streaming import RESUME_NAMES
+
+    return all(e.name in RESUME_NAMES or (e.is_dir() and re.fullmatch(r"rank\d+-of-\d+", e.name)) for e in Path(path).iterdir())
+
+
+def check_targets(args) -> None:
+    """Refuse unusable --out / --resume-dir before any work (see entrodrop_fast.outputs)."""
+    from pathlib import Path
+
+    from entrodrop_fast import outputs
+
+    inputs = [*outputs.model_paths(args.model, args.cache_dir), *outputs.corpus_paths(args.corpus)]
+    out = outputs.check_dir(args.out, kind="report", what="report", inputs=inputs, overwrite=args.overwrite)
+    if args.resume_dir:
+        resume = Path(args.resume_dir).expanduser().resolve()
+        outputs.check_dir(resume, kind="resume", what="resume state", flag="--resume-dir", overwrite=True, inputs=[*inputs, ("report directory --out", out)])
+        if resume.is_dir() and not resume_dir_is_ours(resume):
+            shown = ", ".join(sorted(e.name for e in resume.iterdir())[:4])
+            raise outputs.OutputError(f"--resume-dir {resume} holds files that are not a resume state of entrodrop ({shown}); choose a new or empty directory")
+
+
 def register(subparsers) -> None:
     from entrodrop_fast.cli import int_at_least, positive_int
 
@@ -108,7 +134,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"], help="model dtype (default fp32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--backend", default="auto", choices=["auto", "cpp", "triton", "torch"], help="estimator backend (default auto: the fastest available)")
-    p.add_argument("--out", default="entrodrop_report", help="report directory (default ./entrodrop_report)")
+    p.add_argument("--out", default="entrodrop_report", help="report directory (default ./entrodrop_report; new, empty or an earlier report)")
+    p.add_argument("--overwrite", action="store_true", help="write the report into --out even when it holds other files (they are left untouched)")
     p.add_argument("--corpus", default=None, help="builtin (default), a .txt file, a directory of .txt, a .jsonl file or hf:NAME[:CONFIG][:SPLIT]")
     p.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text (default text)")
     p.add_argument("--cache-dir", default=None, help="where the built-in model is converted (default $ENTRODROP_CACHE or ~/.cache/entrodrop_fast)")
@@ -132,6 +159,7 @@ def run(args) -> int:
         if v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v}")
     settings = ProfileSettings(methods=methods, batch_size=args.batch_size or 1, backend=args.backend, bins=args.bins, k=args.k, paper_exact=args.paper_exact, spans=_spans(args.spans))
+    check_targets(args)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     if args.resume_dir and not args.streaming:  # resuming exists only layer by layer: never ignore --resume-dir
         args.streaming = True
@@ -197,7 +225,7 @@ def run(args) -> int:
         settings_info["processes"] = world
     report = build_report(result, model_info=model_info, data_info=data_info, settings=settings_info, model=lm.model if lm else None)
     report["timing"]["load_seconds"] = t_load
-    out = write_report(report, args.out, png=not args.no_plot)
+    out = write_report(report, args.out, png=not args.no_plot, overwrite=args.overwrite)
     print(ranking_table(report, top=args.top))
     print(f"\nprofiled {result['samples']} samples in {result['seconds']:.1f} s ({result['tokens_per_s']:.0f} tokens/s, backend {result['backend']}); report: {out}")
     return 0
