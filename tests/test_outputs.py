@@ -266,3 +266,21 @@ def test_profile_model_is_not_modified(env, tmp_path):
     before = tree(env["model"])
     assert main(["profile", str(env["model"]), "--corpus", str(env["corpus"]), "--samples", "2", "--seq-len", "16", "--out", str(tmp_path / "r"), "-q", "--no-plot"]) == 0
     assert tree(env["model"]) == before
+
+
+@pytest.mark.parametrize("where", ["foreign dir", "cwd", "foreign file"])
+def test_bench_json_never_replaces_a_foreign_file_or_directory(tmp_path, monkeypatch, capsys, where):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "results.json").write_text('{"mine": 1}')
+    monkeypatch.chdir(foreign)
+    target = {"foreign dir": str(foreign), "cwd": ".", "foreign file": str(foreign / "results.json")}[where]
+    before = tree(tmp_path)
+    bench = ["bench", "--estimators", "moments", "--shapes", "8x8", "--dtypes", "fp32", "--backends", "torch", "--repeat", "1", "--json"]
+    assert main([*bench, target]) == 1
+    err = capsys.readouterr().err
+    assert "entrodrop bench: error:" in err and ("is a directory" in err or "not written by entrodrop" in err)
+    assert tree(tmp_path) == before
+    ok = tmp_path / "bench.json"
+    assert main([*bench, str(ok)]) == 0 and main([*bench, str(ok)]) == 0  # its own file is replaced
+    assert json.loads(ok.read_text())[0]["estimator"] == "moments"

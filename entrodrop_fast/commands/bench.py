@@ -25,12 +25,25 @@ def register(sub) -> None:
     p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated from {', '.join(BACKENDS)}")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON (an existing file is replaced only when it is an earlier bench JSON)")
+    p.add_argument("--overwrite", action="store_true", help="replace --json even when it is not a bench JSON")
     p.set_defaults(func=run)
 
 
+def _is_bench_json(path) -> bool:
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(rows, list) and all(isinstance(r, dict) and "estimator" in r for r in rows)
+
+
 def run(args) -> int:
+    from entrodrop_fast import outputs
     from entrodrop_fast.bench import BACKENDS, DTYPES, ESTIMATORS, format_table, run_bench
+
+    if args.json:  # checked before the benchmark runs
+        outputs.check_file(args.json, what="bench JSON", recognise=_is_bench_json, overwrite=args.overwrite, flag="--json")
 
     def pick(text, allowed, what):
         items = [v.strip() for v in text.split(",") if v.strip()]
@@ -49,7 +62,6 @@ def run(args) -> int:
     )
     print(format_table(rows))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        outputs.publish_file(args.json, json.dumps(rows, indent=1), what="bench JSON")
         print(f"wrote {args.json}")
     return 0
