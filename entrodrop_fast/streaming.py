@@ -177,8 +177,11 @@ class Checkpoint:
 # ---------------------------------------------------------------- activation buffers
 
 
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
 
 
 def _reserve(path: str, nbytes: int, *, create: bool, made: list) -> None:
@@ -246,11 +249,13 @@ class ActivationBuffers:
                     os.remove(p)
                 except OSError:
                     pass
-            try:
-                free = f"{_mib(shutil.disk_usage(directory).free)} free there"
-            except OSError:
-                free = "free space unknown"
-            raise _storage_error(exc, path, f"the activation files (2 x {_mib(self.nbytes)}; {free})", hint) from None
+            what = f"the activation files (2 x {_size(self.nbytes)}"
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                try:
+                    what += f", {_size(shutil.disk_usage(directory).free)} free there"
+                except OSError:
+                    pass
+            raise _storage_error(exc, path, what + ")", hint) from None
         if self.on_disk:
             self.bufs = [torch.from_file(p, shared=True, size=numel, dtype=dtype).view(*shape) for p in self.files]
         else:
@@ -513,11 +518,12 @@ def _open_resume_dir(directory: str, fingerprint: dict, shape, dtype, sinks: lis
             f"{directory} holds {' and '.join(present)} but neither {STATE_NAME} nor {RUN_NAME}: not a resume directory "
             "of this program, or an incomplete one; remove it or choose another --resume-dir"
         )
-    if present:
-        warnings.warn(f"{directory}: no {STATE_NAME} (the previous run stopped before finishing its first layer, or it was removed): starting from the first layer", stacklevel=3)
     if run_fp is None:
         _write_run(run_path, fingerprint, hint)  # before the activation files: they are known to be ours
-    return ActivationBuffers(shape, dtype, budget_bytes=0, directory=directory, hint=hint), 0
+    acts = ActivationBuffers(shape, dtype, budget_bytes=0, directory=directory, hint=hint)
+    if present:
+        warnings.warn(f"{directory}: no {STATE_NAME} (the previous run stopped before finishing its first layer, or it was removed): starting from the first layer", stacklevel=3)
+    return acts, 0
 
 
 # ---------------------------------------------------------------- the runner
@@ -654,7 +660,7 @@ def profile_streaming(
             state_path = os.path.join(resume_dir, STATE_NAME)
         else:
             tmp_dir = tempfile.mkdtemp(prefix="entrodrop-acts-")
-            hint = f"set TMPDIR to a directory on a larger disk, use --resume-dir on one, or raise --max-memory to keep them in RAM (now {_mib(ram_budget_bytes)})"
+            hint = f"set TMPDIR to a directory on a larger disk, use --resume-dir on one, or raise --max-memory to keep them in RAM (now {_size(ram_budget_bytes)})"
             acts = ActivationBuffers((S, T, D), dtype, budget_bytes=ram_budget_bytes, directory=tmp_dir, hint=hint)
         for path in (adapter.arch.embed, adapter.arch.final_norm):
             _materialise(model, path, ckpt, device, dtype)

@@ -396,7 +396,7 @@ def test_full_disk_is_an_error_before_any_work(ckpt, tmp_path, monkeypatch, wher
         profile_streaming(ckpt, W, SETTINGS, progress=False, **kw)
     assert e.value.errno == errno.ENOSPC
     msg = str(e.value)
-    assert "act_a.bin: cannot write the activation files (2 x 0.0 MiB; " in msg and "no space left on the device" in msg
+    assert f"act_a.bin: cannot write the activation files (2 x {ACT_BYTES / 1024:.1f} KiB, " in msg and " free there): no space left on the device" in msg
     assert not loads  # not a tensor read: the space is reserved before any work
     if where == "resume_dir":
         assert "or choose another --resume-dir" in msg
@@ -508,3 +508,53 @@ def test_read_only_resume_dir_resume(ckpt, stopped):
         with pytest.raises(StorageError, match=rf"act_a\.bin: {READ_ONLY}"):
             _resume(ckpt, stopped)
     assert _snapshot(stopped) == before
+
+
+# ------------------------------------------------------------------ through the command line
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama with a byte-level tokenizer saved beside it (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny_llama_cli")
+    model = tiny_model("llama")
+    model.config.vocab_size = 97
+    model.save_pretrained(d, max_shard_size="60KB")
+    vocab = {chr(i): i - 30 for i in range(30, 127)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="~"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="~").save_pretrained(d)
+    return d
+
+
+def test_cli_resume_errors_are_one_line_messages(tiny_dir, tmp_path, capsys):
+    from entrodrop_fast.cli import main
+
+    d = tmp_path / "resume"
+
+    def profile(out, *extra):
+        capsys.readouterr()
+        rc = main(["profile", str(tiny_dir), "--samples", "6", "--seq-len", "24", "-m", "bucket,cosine", "--streaming", "--resume-dir", str(d), "--out", str(tmp_path / out), "--no-plot", "-q", *extra])
+        return rc, capsys.readouterr().err
+
+    assert profile("first") == (0, "")
+    rc, _ = profile("again")  # the finished run, resumed: the same report
+    assert rc == 0
+    first, again = (json.loads((tmp_path / o / "report.json").read_text())["blocks"] for o in ("first", "again"))
+    assert first == again
+    rc, err = profile("bf16", "--dtype", "bf16")
+    assert rc == 1 and "Traceback" not in err
+    assert err.startswith("entrodrop profile: error: ") and "holds a run with other arguments (--dtype: 'float32' there, 'bfloat16' now" in err
+    assert not (tmp_path / "bf16").exists()
+    with open(d / "state.pt", "r+b") as fh:
+        fh.truncate(100)
+    rc, err = profile("cut")
+    assert rc == 1 and err.startswith("entrodrop profile: error: ") and "state.pt: cannot be read" in err and "incomplete or corrupt" in err
+    (d / "state.pt").unlink()  # run.json vouches for the activation files: starts over, read-only now
+    with _read_only(d):
+        rc, err = profile("ro")
+    assert rc == 1 and "Traceback" not in err
+    assert err.startswith("entrodrop profile: error: ") and "read-only" in err
