@@ -48,7 +48,7 @@ def split_documents(documents: list[str], every: int = HELDOUT_EVERY) -> tuple[l
     With fewer (say one long .txt), each document is cut in two at the first whitespace at
     or after (every - 1) / every of its characters (within 1000 characters; else exactly
     there): the heads are calibration text, the tails (the last ~1/every) are held out.
-    Empty pieces are left out.
+    Empty (or whitespace-only) pieces are left out.
     """
     if every < 2:
         raise ValueError(f"every must be >= 2, got {every}")
@@ -61,7 +61,7 @@ def split_documents(documents: list[str], every: int = HELDOUT_EVERY) -> tuple[l
         cut = len(d) * (every - 1) // every
         space = _SPACE.search(d, cut, cut + 1000)
         cut = space.start() if space else cut
-        calib += [d[:cut]] if d[:cut] else []
+        calib += [d[:cut]] if d[:cut].strip() else []
         held += [d[cut:]] if d[cut:].strip() else []
     return calib, held
 
@@ -164,7 +164,8 @@ def load_corpus(spec: str | Corpus | None = None, text_field: str = "text") -> C
         return spec
     c = _load(spec, text_field)
     if not any(d.strip() for d in c.documents):
-        what = f"{len(c.documents)} documents, all empty" if c.documents else "no documents"
+        n = len(c.documents)
+        what = f"{n} document{'s' if n != 1 else ''}, all empty" if n else "no documents"
         raise CorpusError(f"corpus {c.name} has no text ({what}); give a corpus with text")
     return c
 
