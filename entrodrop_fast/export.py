@@ -292,14 +292,14 @@ def export_pruned(src, out, plan, *, overwrite: bool = False, plan_to_save: dict
     adapter = get_adapter(types.SimpleNamespace(**cfg))
     L = surgery._num_layers_of(cfg)
     plan_d = read_plan(plan)
-    planned_for = (plan_d.get("model") or {}).get("num_layers")
-    if isinstance(planned_for, int) and planned_for != L:
-        raise ExportError(f"the plan was made for a model with {planned_for} layers; {src} has {L}")
     try:
+        if isinstance(plan_d.get("model"), dict):  # made for this model? (type, sizes, config fingerprint)
+            surgery.warn_unchecked(surgery.check_same_model(plan_d["model"], cfg, target=str(src)), target=str(src))
         drops = normalize_drops(plan_d, L)
+        # per-layer properties written out for the kept layers, checked against a rebuild
+        new_cfg = pruned_config_dict(cfg, adapter, drops)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
-    new_cfg = pruned_config_dict(cfg, adapter, drops)
     stock = not has_subblock_drops(new_cfg)
 
     weight_map, files = _shards(src)

@@ -105,6 +105,17 @@ def _methods_in(report: dict) -> list[str]:
     return out
 
 
+def _made_for(model: dict) -> dict:
+    """The plan's ``model`` entry: where the report's model came from, and what identifies it
+    (:data:`~entrodrop_fast.surgery.IDENTITY_FIELDS`, those the report records), so that a
+    plan is only applied to the model it was made for."""
+    from entrodrop_fast.surgery import IDENTITY_FIELDS
+
+    out = {key: model.get(key) for key in ("name", "source", "path", "model_type", "num_layers")}
+    out.update({key: model[key] for key in IDENTITY_FIELDS if model.get(key) is not None})
+    return out
+
+
 def make_plan(report, kind: str = "attn", drop=4, *, method: str | None = None, protect=None, report_path: str | None = None) -> dict:
     """A drop plan from a report dict (or the path of a report directory / ``report.json``).
 
@@ -179,7 +190,7 @@ def make_plan(report, kind: str = "attn", drop=4, *, method: str | None = None, 
     return {
         "format": PLAN_FORMAT,
         "indexing": INDEXING,
-        "model": {key: report["model"].get(key) for key in ("name", "source", "path", "model_type", "num_layers")},
+        "model": _made_for(report["model"]),
         "report": report_path,
         "kind": kind,
         "method": method,
@@ -237,10 +248,11 @@ def iterative_plan(model, windows, kind: str = "attn", drop=4, *, method: str | 
     from entrodrop_fast.models.adapters import get_adapter
     from entrodrop_fast.report import build_report
     from entrodrop_fast.runner import ProfileSettings, profile
-    from entrodrop_fast.surgery import drop_blocks_
+    from entrodrop_fast.surgery import drop_blocks_, model_identity
 
     if kind not in ("attn", "mlp", "layer"):
         raise ValueError(f"iterative mode supports kinds attn, mlp, layer; got {kind!r}")
+    identity = model_identity(model.config)  # of the model before any drop
     settings = settings or ProfileSettings()
     L0 = get_adapter(model).num_layers(model)
     k = parse_count(drop, L0)
@@ -263,6 +275,7 @@ def iterative_plan(model, windows, kind: str = "attn", drop=4, *, method: str | 
         if kind == "layer":
             del orig[cur]
     plan = dict(first_plan)
+    plan["model"] = {**first_plan["model"], **identity}
     plan.update(
         {
             "k": k,

@@ -8,7 +8,14 @@ A *drop plan* names blocks by 0-based decoder-layer index of the model it is app
   ``layer_idx`` attribute inside them is renumbered (so the KV cache is indexed by the
   new position), and the config fields tied to the layer count (``num_hidden_layers``,
   ``layer_types``, ``max_window_layers``, ``mlp_only_layers``/``decoder_sparse_step``,
-  ``per_layer_config``) are rewritten to describe the layers that remain.
+  ``per_layer_config``) are rewritten to describe the layers that remain. Per-layer
+  properties the config class *derives* (``layer_types`` from a sliding-window pattern or
+  ``max_window_layers``, sparse MoE layers from ``decoder_sparse_step``, ...) are read from
+  the config as transformers builds it and stated explicitly for the kept layers; the
+  rewritten config is then rebuilt (on the meta device) and each layer compared with the
+  source layer it keeps: a layer pattern the config class cannot state is refused.
+- Plans record the model they were made for (type, sizes, config fingerprint:
+  :func:`model_identity`); one made for another model is refused (:func:`check_same_model`).
 - ``attn`` / ``mlp``: the sub-block (and the norms that only it uses) is replaced by a
   module with no weights that adds exactly 0 to the residual stream (a zero-stride view:
   no compute, no memory). The config records the dropped sub-blocks in
@@ -189,6 +196,95 @@ def read_plan(plan) -> dict:
     return plan
 
 
+# what a report's / plan's "model" entry records about the model it was made for
+IDENTITY_FIELDS = ("model_type", "num_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "config_sha256")
+# config entries that say how a model was loaded or saved, not what it is: not fingerprinted
+_NOT_IDENTITY = frozenset(
+    {"transformers_version", "dtype", "torch_dtype", "architectures", "auto_map", "use_cache", "output_attentions", "output_hidden_states", "return_dict"}
+)
+
+
+def model_identity(config) -> dict:
+    """Which model this is, as recorded in reports and plans: model type, layer count, sizes and
+    ``config_sha256``, a fingerprint of the config as transformers builds it (so a config.json
+    that leaves defaults out and the loaded model's config agree), less how it was loaded or
+    saved (dtype, architectures, ...). ``config``: a config object or a config.json dict.
+    Entries that cannot be told are left out."""
+    import hashlib
+
+    d = config if isinstance(config, dict) else config.to_dict()
+    try:
+        built = build_config(d).to_dict()
+    except ValueError:
+        built = None
+    src = built or d
+    out = {"model_type": src.get("model_type")}
+    try:
+        out["num_layers"] = _num_layers_of(src)
+    except ValueError:
+        pass
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
+        out[key] = src.get(key)
+    if built is not None:
+        kept = {k: v for k, v in built.items() if not k.startswith("_") and k not in _NOT_IDENTITY}
+        out["config_sha256"] = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def check_same_model(made_for, config, *, what: str = "the plan", target: str = "this model") -> list[str]:
+    """Refuse a plan or report made for another model than ``config`` (object or dict).
+
+    ``made_for``: the ``model`` entry of the plan / report. Every field of
+    :data:`IDENTITY_FIELDS` it records is compared with this model; ValueError naming the
+    fields that differ. Returns the fields it does not record (older reports), unchecked.
+    """
+    if not isinstance(made_for, dict):
+        return list(IDENTITY_FIELDS)
+    here = model_identity(config)
+    diffs, unchecked = [], []
+    for key in IDENTITY_FIELDS:
+        there = made_for.get(key)
+        if there is None or here.get(key) is None:
+            unchecked.append(key)
+        elif there != here[key]:
+            diffs.append(key)
+    if not diffs:
+        return unchecked
+    if "num_layers" in diffs:
+        head = f"{what} was made for a model with {made_for['num_layers']} layers; {target} has {here['num_layers']}"
+    else:
+        head = f"{what} was made for another model than {target}"
+    rest = []
+    for key in diffs:
+        if key == "num_layers":
+            continue
+        if key == "config_sha256":
+            rest.append(
+                f"config fingerprint {str(made_for[key])[:12]}... there, {here[key][:12]}... here (the configs differ "
+                + ("beyond the sizes" if len(diffs) == 1 else "too")
+                + ")"
+            )
+        else:
+            rest.append(f"{key} {made_for[key]!r} there, {here[key]!r} here")
+    msg = head + (": " + "; ".join(rest) if rest else "")
+    raise ValueError(
+        f"{msg}. Its layer indices and scores describe that model, not this one: profile this model first "
+        "(entrodrop profile MODEL --out REPORT) and rank from that report."
+    )
+
+
+def warn_unchecked(unchecked: list[str], what: str = "the plan", target: str = "this model") -> None:
+    """Say which identity fields a plan / report with a ``model`` entry did not record."""
+    if unchecked:
+        import warnings
+
+        warnings.warn(
+            f"{what} does not record the model's {', '.join(unchecked)}: not checked against {target} "
+            "(reports of older versions lack them)",
+            stacklevel=3,
+        )
+
+
 def normalize_drops(plan, num_layers: int) -> Drops:
     """Check a plan against a model of ``num_layers`` layers; merge attn+mlp of one layer into a layer drop."""
     plan = read_plan(plan)
@@ -233,6 +329,110 @@ def _num_layers_of(cfg: dict) -> int:
     raise ValueError("config has no num_hidden_layers")
 
 
+# ------------------------------------------------------------------ the config as transformers builds it
+
+# config fields holding one entry per decoder layer: sliced to the kept layers on a layer drop
+PER_LAYER_LISTS = ("layer_types", "no_rope_layers")
+# module attributes that name a layer's position, not a property of it
+_POSITION_ATTRS = frozenset({"layer_idx", "layer_id", "layer_index", "training"})
+
+
+def build_config(cfg: dict):
+    """The config object ``from_pretrained`` builds from this config.json dict: defaults
+    filled in and the per-layer fields its ``__post_init__`` derives (``layer_types`` from
+    a sliding-window pattern, ...) set. ValueError when transformers cannot build it."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = cfg.get("model_type")
+    try:
+        cls = CONFIG_MAPPING[model_type]
+    except KeyError:
+        raise ValueError(f"transformers {transformers.__version__} has no config class for model_type {model_type!r}") from None
+    d = {k: v for k, v in copy.deepcopy(cfg).items() if k != "auto_map"}
+    try:
+        return cls.from_dict(d)
+    except Exception as exc:
+        raise ValueError(
+            f"transformers {transformers.__version__} cannot build the {model_type} config from this config.json: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _simple(v) -> bool:
+    if isinstance(v, tuple):
+        return all(_simple(x) for x in v)
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+def layer_properties(cfg: dict, adapter: Adapter) -> list[dict]:
+    """What each decoder layer of a model with this config is, as transformers builds it.
+
+    One dict per layer: its entries of the per-layer config lists (``layer_types``, ...) and,
+    for every module inside the layer, its class, its scalar attributes (``sliding_window``,
+    ``is_sliding``, ``rotary_ndims``, ...; not the layer index) and its parameter shapes. The
+    model is built on the meta device: no weights are allocated. ValueError when it cannot be.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = build_config(cfg)
+    L = _num_layers_of(config.to_dict())
+    per_layer = {}
+    for key in dict.fromkeys((*PER_LAYER_LISTS, *adapter.arch.layer_fields)):
+        v = getattr(config, key, None)
+        if isinstance(v, (list, tuple)) and len(v) == L:
+            per_layer[key] = list(v)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:
+        raise ValueError(f"cannot build a {config.model_type} model from the config to read its per-layer properties: {type(exc).__name__}: {exc}") from exc
+    out = []
+    for i, layer in enumerate(_get_path(model, adapter.arch.layers)):
+        modules = {}
+        for name, mod in layer.named_modules():
+            attrs = {k: v for k, v in vars(mod).items() if not k.startswith("_") and k not in _POSITION_ATTRS and _simple(v)}
+            shapes = {n: tuple(t.shape) for n, t in (*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False))}
+            modules[name or "<layer>"] = {"class": type(mod).__name__, **attrs, **{f"shape of {n}": s for n, s in shapes.items()}}
+        out.append({"config": {k: v[i] for k, v in per_layer.items()}, "modules": modules})
+    return out
+
+
+def _first_difference(want: dict, got: dict) -> str:
+    for key in sorted(set(want["config"]) | set(got["config"])):
+        a, b = want["config"].get(key), got["config"].get(key)
+        if a != b:
+            return f"config {key} {b!r} instead of {a!r}"
+    for name in list(dict.fromkeys([*want["modules"], *got["modules"]])):
+        a, b = want["modules"].get(name), got["modules"].get(name)
+        if a is None or b is None:
+            return f"module {name} {'missing' if b is None else 'added'}"
+        for key in list(dict.fromkeys([*a, *b])):
+            if a.get(key) != b.get(key):
+                return f"{name}.{key} {b.get(key)!r} instead of {a.get(key)!r}"
+    return "no difference"
+
+
+def check_layer_properties(old_cfg: dict, new_cfg: dict, kept: list[int], adapter: Adapter) -> None:
+    """Raise ValueError unless layer ``j`` of a model built from ``new_cfg`` is what layer
+    ``kept[j]`` of one built from ``old_cfg`` is (same attention kind and window, MLP kind,
+    rope use, shapes, ...)."""
+    old, new = layer_properties(old_cfg, adapter), layer_properties(new_cfg, adapter)
+    if len(new) != len(kept):
+        raise ValueError(f"the rewritten config builds {len(new)} layers, expected {len(kept)}")
+    for j, i in enumerate(kept):
+        if old[i] != new[j]:
+            import transformers
+
+            raise ValueError(
+                f"cannot write a {old_cfg.get('model_type')} config that keeps the kept layers as they are: source layer {i} "
+                f"becomes layer {j}, and transformers {transformers.__version__} would build it with "
+                f"{_first_difference(old[i], new[j])} (the config class cannot state this layer pattern explicitly). "
+                "Nothing was changed or written; drop other layers, or attention / MLP sub-blocks instead of whole layers."
+            )
+
+
 def pruned_config_dict(cfg: dict, adapter: Adapter, drops: Drops, base_architecture: str | None = None) -> dict:
     """The config (as a ``to_dict()``/config.json dict) of the model after ``drops``.
 
@@ -240,7 +440,7 @@ def pruned_config_dict(cfg: dict, adapter: Adapter, drops: Drops, base_architect
     for the layers that remain; sub-block drops (plus any recorded earlier, renumbered) go
     to ``cfg[PRUNED_KEY]``, dropped attention to ``kv_sharing_modes``.
     """
-    cfg = copy.deepcopy(cfg)
+    source, cfg = cfg, copy.deepcopy(cfg)
     L = _num_layers_of(cfg)
     if L != drops.num_layers:
         raise ValueError(f"plan was normalised for {drops.num_layers} layers, config has {L}")
@@ -249,18 +449,25 @@ def pruned_config_dict(cfg: dict, adapter: Adapter, drops: Drops, base_architect
     prev = cfg.get(PRUNED_KEY) or {}
 
     if drops.layer:
+        # Every per-layer property of the kept layers is stated explicitly, whether config.json
+        # states it or the config class derives it (layer_types from a sliding-window pattern or
+        # max_window_layers, sparse MoE layers from decoder_sparse_step, ...): left to be derived
+        # again, it would be derived from the new positions and describe other layers.
+        built = build_config(cfg).to_dict()
         cfg["num_hidden_layers"] = len(kept)
-        for key in {"layer_types", *adapter.arch.layer_fields} - {"max_window_layers", "mlp_only_layers", "decoder_sparse_step"}:
-            v = cfg.get(key)
-            if isinstance(v, list) and len(v) == L:
+        for key in dict.fromkeys((*PER_LAYER_LISTS, *adapter.arch.layer_fields)):
+            if key in ("max_window_layers", "mlp_only_layers", "decoder_sparse_step"):
+                continue
+            v = built.get(key)
+            if isinstance(v, (list, tuple)) and len(v) == L:
                 cfg[key] = [v[i] for i in kept]
-        mwl = cfg.get("max_window_layers")
-        if isinstance(mwl, int):
+        mwl = built.get("max_window_layers")
+        if isinstance(mwl, int) and not isinstance(mwl, bool):
             cfg["max_window_layers"] = sum(1 for i in kept if i < mwl)
-        if "decoder_sparse_step" in cfg or "mlp_only_layers" in cfg:
-            only = set(cfg.get("mlp_only_layers") or [])
-            step = cfg.get("decoder_sparse_step") or 1
-            experts = cfg.get("num_experts", cfg.get("num_local_experts", 0)) or 0
+        if "decoder_sparse_step" in built or "mlp_only_layers" in built:
+            only = set(built.get("mlp_only_layers") or [])
+            step = built.get("decoder_sparse_step") or 1
+            experts = built.get("num_experts", built.get("num_local_experts", 0)) or 0
             sparse = [(i not in only) and experts > 0 and (i + 1) % step == 0 for i in range(L)]
             # the surviving pattern need not be periodic: state it layer by layer
             cfg["decoder_sparse_step"] = 1
@@ -271,6 +478,7 @@ def pruned_config_dict(cfg: dict, adapter: Adapter, drops: Drops, base_architect
         kvm = cfg.get("kv_sharing_modes")
         if isinstance(kvm, list) and len(kvm) == L:
             cfg["kv_sharing_modes"] = [kvm[i] for i in kept]
+        check_layer_properties(source, cfg, kept, adapter)
 
     orig = prev.get("kept_layers") or list(range(L))
     attn = sorted({new_of[i] for i in prev.get("dropped_attn", []) if i in new_of} | {new_of[i] for i in drops.attn})
@@ -354,6 +562,9 @@ def drop_blocks_(model: nn.Module, plan) -> dict:
     cfg_layers = getattr(model.config, "num_hidden_layers", L)
     if cfg_layers != L:
         raise ValueError(f"model has {L} decoder layers but config.num_hidden_layers = {cfg_layers}")
+    plan = read_plan(plan)
+    if isinstance(plan.get("model"), dict):
+        warn_unchecked(check_same_model(plan["model"], model.config))
     drops = normalize_drops(plan, L)
     old_cfg = model.config.to_dict()
     base = type(model).__name__

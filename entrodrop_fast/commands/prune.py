@@ -94,10 +94,26 @@ def _profile_inputs(src: Path, args):
 def profile_report(src: Path, args) -> dict:
     from entrodrop_fast.report import build_report
     from entrodrop_fast.runner import profile
+    from entrodrop_fast.surgery import model_identity
 
     lm, windows, data_info, settings = _profile_inputs(src, args)
     result = profile(lm.model, windows, settings, progress=True)
-    return build_report(result, model_info={"name": str(src), "source": str(src), "path": str(src)}, data_info=data_info, settings={"samples": args.samples, "seq_len": args.seq_len, "seed": args.seed}, model=lm.model)
+    info = {"name": str(src), "source": str(src), "path": str(src), **model_identity(lm.model.config)}
+    return build_report(result, model_info=info, data_info=data_info, settings={"samples": args.samples, "seq_len": args.seq_len, "seed": args.seed}, model=lm.model)
+
+
+def report_for(src: Path, report_path) -> dict:
+    """The --report report, refused (ValueError naming the fields) when it was made for another
+    model than ``src``: model type, layer count, sizes and config fingerprint are compared."""
+    import json
+
+    from entrodrop_fast.report import load_report
+    from entrodrop_fast.surgery import check_same_model
+
+    report = load_report(report_path)
+    cfg = json.loads((Path(src) / "config.json").read_text())
+    check_same_model(report.get("model"), cfg, what=f"report {report_path}", target=str(src))
+    return report
 
 
 def iterative(src: Path, args) -> dict:
@@ -139,8 +155,8 @@ def run(args) -> int:
             plan = iterative(src, args)
             print(plan_summary(plan))
         else:
-            report = args.report if args.report is not None else profile_report(src, args)
-            plan = make_plan(report, args.kind, args.drop, method=args.method, protect=args.protect)
+            report = report_for(src, args.report) if args.report is not None else profile_report(src, args)
+            plan = make_plan(report, args.kind, args.drop, method=args.method, protect=args.protect, report_path=args.report)
             print(plan_summary(plan))
         s = export_pruned(src, out, plan, overwrite=args.overwrite, plan_to_save=plan)
     d = s.drops
