@@ -9,7 +9,9 @@
   token, on the same prompts for every model.
 
 Held-out text: :func:`split_documents` keeps every ``every``-th document of a corpus out
-of calibration (the profiler samples its windows from the rest).
+of calibration (the profiler samples its windows from the rest); a corpus of fewer than
+``every`` documents (one long .txt) gives the last ``1/every`` of each document instead.
+:func:`entrodrop_fast.data.heldout_documents` checks it is enough before a model runs.
 """
 
 from __future__ import annotations
