@@ -31,6 +31,25 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def model_name(model) -> str:
+    """Where a model was loaded from (its class name when it was built in memory)."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return str(name) or type(model).__name__
+
+
+def check_finite(logits: torch.Tensor, model, what: str) -> None:
+    """Refuse NaN / Inf logits: every score computed from them would be a quiet wrong number."""
+    bad = ~torch.isfinite(logits)
+    if bool(bad.any()):
+        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        hint = "check the checkpoint" if dtype == "float32" else "check the checkpoint, or load the model in fp32 (--dtype fp32)"
+        raise ValueError(
+            f"model {model_name(model)} produced {int(bad.sum())} non-finite (NaN or Inf) logits of {logits.numel()} "
+            f"while computing {what}; its weights are probably broken (NaN/Inf values in the checkpoint, or an "
+            f"overflow in {dtype}): {hint}"
+        )
+
+
 def _interval(correct: int, n: int) -> tuple[float, float]:
     """Wilson score 95% interval of a proportion."""
     if n == 0:
@@ -61,6 +80,7 @@ def perplexity(model, tokenizer, documents: list[str], *, seq_len: int = 256, ma
     for i in range(0, n_windows, batch_size):
         batch = windows[i : i + batch_size].to(dev)
         logits = model(batch).logits[:, :-1].float()  # (b, T-1, V)
+        check_finite(logits, model, "perplexity")
         lp = torch.log_softmax(logits, -1).gather(-1, batch[:, 1:, None])[..., 0]
         nll -= float(lp.sum())
         count += lp.numel()
@@ -82,6 +102,7 @@ def _loglik(model, prefix: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     dev = _device(model)
     ids = torch.cat([prefix, targets], 1).to(dev)  # (n, P + C)
     logits = model(ids).logits[:, prefix.shape[1] - 1 : -1].float()  # (n, C, V)
+    check_finite(logits, model, "zero-shot log-likelihoods")
     lp = torch.log_softmax(logits, -1).gather(-1, targets.to(dev)[..., None])[..., 0]
     return lp.sum(-1).cpu(), logits.argmax(-1).cpu()
 
@@ -177,6 +198,7 @@ def speed(model, tokenizer, *, prompt_len: int = 128, new_tokens: int = 32, batc
         out = model(ids, use_cache=True)
         sync()
         prefill = min(prefill, time.perf_counter() - t0)
+        check_finite(out.logits, model, "the speed benchmark's greedy tokens")
         cache, nxt = _cache_of(out), out.logits[:, -1:].argmax(-1)
         kv = kv_cache_bytes(cache)
         sync()

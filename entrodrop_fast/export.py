@@ -258,6 +258,34 @@ def _modeling_source(base_class: str, model_type: str) -> str:
     )
 
 
+def _check_against_config(src: Path, per_file: list[tuple[str, object, list[str]]]) -> None:
+    """The source tensors are exactly those of the model its config describes (names and shapes).
+
+    Uses the same check as the loader (a ``meta`` skeleton of the config, checkpoint names
+    renamed as transformers does on load): a checkpoint missing a tensor, holding one
+    too many, or whose config sizes disagree with the weights would export a checkpoint
+    that cannot load.
+    """
+    from entrodrop_fast.models.loading import (
+        ModelLoadError,
+        checkpoint_problems,
+        mismatch_message,
+        read_config,
+    )
+
+    shapes, file_of = {}, {}
+    for fname, h, names in per_file:
+        for n in names:
+            shapes[n] = list(h.get_slice(n).get_shape())
+            file_of[n] = str(src / fname)
+    try:
+        problems = checkpoint_problems(read_config(str(src), f"the source {src}"), shapes, file_of)
+    except ModelLoadError as exc:
+        raise ExportError(str(exc)) from None
+    if problems:
+        raise ExportError(mismatch_message(src, problems) + "; nothing was exported")
+
+
 def _param_count(shapes: list[list[int]]) -> int:
     total = 0
     for shape in shapes:
@@ -333,6 +361,7 @@ def export_pruned(src, out, plan, *, overwrite: bool = False, plan_to_save: dict
             params_before += _param_count(shapes)
             per_file.append((fname, h, names))
         all_names = [n for _, _, names in per_file for n in names]
+        _check_against_config(src, per_file)
         mapping = _plan_tensors(all_names, adapter, drops)
 
         groups = []
@@ -411,12 +440,36 @@ def export_pruned(src, out, plan, *, overwrite: bool = False, plan_to_save: dict
 # ------------------------------------------------------------------ loading
 
 
+def pruned_model_class(cfg: dict):
+    """The class that builds the model of a config with sub-block drops (``cfg``: its dict).
+
+    The base architecture, with the recorded drops applied at construction (no remote code
+    runs); it reads checkpoints the way its base class does.
+    """
+    import transformers
+
+    base_name = cfg[PRUNED_KEY].get("base_architecture") or ""
+    base = getattr(transformers, base_name, None)
+    if base is None:
+        raise ValueError(f"base architecture {base_name!r} of the pruned checkpoint is not a class of transformers {transformers.__version__}")
+
+    def __init__(self, config, *args, **kw):
+        base.__init__(self, config, *args, **kw)
+        surgery.apply_subblock_drops_(self, config.entrodrop_pruned)
+
+    name = f"EntrodropPruned{base_name}"
+    cls = type(name, (base,), {"__init__": __init__, "__module__": __name__})
+    surgery.inherit_weight_renaming(name, base_name, cfg.get("model_type"))
+    return cls
+
+
 def load_pruned(path, **kwargs):
     """Load a checkpoint written by :func:`export_pruned` (or any HF causal LM directory).
 
     Sub-block drops recorded in its config are applied to the original architecture before
     the weights are loaded (no remote code runs). ``kwargs`` go to ``from_pretrained``
-    (``dtype=``, ``device_map=`` ...).
+    (``dtype=``, ``device_map=`` ...). :func:`entrodrop_fast.models.load_model` loads the same
+    directories and also refuses missing, unexpected or mismatched tensors.
     """
     import transformers
 
@@ -428,16 +481,8 @@ def load_pruned(path, **kwargs):
     kwargs.setdefault("trust_remote_code", False)
     if not has_subblock_drops(cfg):
         return transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
-    base_name = cfg[PRUNED_KEY].get("base_architecture") or ""
-    base = getattr(transformers, base_name, None)
-    if base is None:
-        raise ValueError(f"{path}: base architecture {base_name!r} is not a class of transformers {transformers.__version__}")
-
-    def __init__(self, config, *args, **kw):
-        base.__init__(self, config, *args, **kw)
-        surgery.apply_subblock_drops_(self, config.entrodrop_pruned)
-
-    name = f"EntrodropPruned{base_name}"
-    cls = type(name, (base,), {"__init__": __init__, "__module__": __name__})
-    surgery.inherit_weight_renaming(name, base_name, cfg.get("model_type"))
+    try:
+        cls = pruned_model_class(cfg)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     return cls.from_pretrained(str(path), **kwargs).eval()
