@@ -22,8 +22,12 @@ directory is only read.
   loads it; :func:`load_pruned` loads it without remote code. ``architectures`` names the
   pruned class, so tools that only know standard architectures refuse it. Caveat: stock
   ``from_pretrained(DIR)`` *without* ``trust_remote_code`` still builds the original class
-  and fills the removed weights randomly (with its MISSING-weights warning); the
-  ``model_type`` is kept so the per-architecture adapters still apply to the loaded model.
+  with random weights in place of the removed ones (it only warns about them); with
+  attention dropped its first forward with a KV cache raises ``NotImplementedError``
+  (transformers' "Dummy layer" cache), otherwise it runs on those random weights. The
+  ``model_type`` is kept so the per-architecture adapters still apply to the loaded model;
+  :func:`entrodrop_fast.models.load_model`, the loader of every command, detects such
+  directories (config key ``entrodrop_pruned``) and loads them as the pruned model.
 """
 
 from __future__ import annotations
