@@ -318,8 +318,18 @@ def _pending(s: BlockStatistics) -> dict:
     return {"h": s._h, "cos": s._cos, "last": s._last}
 
 
-def _restore_pending(s: BlockStatistics, d: dict) -> None:
-    s._h, s._cos, s._last = d["h"], d["cos"], d["last"]
+def _restore_pending(s: BlockStatistics, d: dict, device=None) -> None:
+    """Put saved per-batch values back (onto ``device``: they were on the run's device, and
+    a state is read onto the CPU first)."""
+
+    def to(x):
+        if isinstance(x, dict):
+            return {k: to(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [to(v) for v in x]
+        return x.to(device) if isinstance(x, torch.Tensor) and device is not None else x
+
+    s._h, s._cos, s._last = to(d["h"]), to(d["cos"]), to(d["last"])
 
 
 # ---------------------------------------------------------------- the resume directory
@@ -473,7 +483,7 @@ def _lock(directory: str) -> int | None:
     return fd
 
 
-def _open_resume_dir(directory: str, fingerprint: dict, shape, dtype, sinks: list, num_layers: int):
+def _open_resume_dir(directory: str, fingerprint: dict, shape, dtype, sinks: list, num_layers: int, device):
     """(activation buffers, first layer to run) for ``directory``: a new run, one to continue, or an error.
 
     Files are written only for a new run (or one that never finished its first layer);
@@ -510,7 +520,7 @@ def _open_resume_dir(directory: str, fingerprint: dict, shape, dtype, sinks: lis
             _write_run(run_path, fingerprint, hint)
         acts.cur_index = cur
         for s, d in zip(sinks, pending, strict=True):
-            _restore_pending(s, d)
+            _restore_pending(s, d, device)
         return acts, done
     present = [n for n in ACT_NAMES if os.path.exists(os.path.join(directory, n))]
     if present and run_fp is None:
@@ -656,7 +666,7 @@ def profile_streaming(
                 raise _storage_error(exc, resume_dir, "the resume directory", hint) from None
             lock = _lock(resume_dir)
             fingerprint = _fingerprint(ckpt, windows, settings, dtype=dtype, device=device, backend=backend, rank=rank, world=world)
-            acts, first_layer = _open_resume_dir(resume_dir, fingerprint, (S, T, D), dtype, sinks, L)
+            acts, first_layer = _open_resume_dir(resume_dir, fingerprint, (S, T, D), dtype, sinks, L, device)
             state_path = os.path.join(resume_dir, STATE_NAME)
         else:
             tmp_dir = tempfile.mkdtemp(prefix="entrodrop-acts-")
