@@ -156,6 +156,9 @@ def test_as_a_process_an_expected_failure_has_no_traceback_and_a_bug_has_one(tmp
         (["compare", "--seq-len", "0"], "--seq-len", "an integer >= 2"),
         (["entropy", "x.npy", "--bins", "0"], "--bins", "a positive integer"),
         (["entropy", "x.npy", "--k", "0"], "--k", "a positive integer"),
+        (["prune", "--out", "o", "--batch-size", "0"], "--batch-size", "a positive integer"),
+        (["prune", "--out", "o", "--seq-len", "1"], "--seq-len", "an integer >= 2"),
+        (["bench", "--repeat", "0"], "--repeat", "a positive integer"),
     ],
 )
 def test_numeric_flags_are_checked_before_any_work(capsys, argv, flag, want):
