@@ -17,13 +17,14 @@ def _shape(s: str) -> tuple[int, ...]:
 
 def register(sub) -> None:
     from entrodrop_fast.bench import BACKENDS, DEFAULT_SHAPES, DTYPES, ESTIMATORS
+    from entrodrop_fast.cli import positive_int
 
     p = sub.add_parser("bench", help="time the estimators per backend against a plain read (x.sum()) of the same tensor")
     p.add_argument("--estimators", default=",".join(ESTIMATORS), help=f"comma-separated from {', '.join(ESTIMATORS)}")
     p.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in DEFAULT_SHAPES), help="comma-separated, e.g. 256x4096,128x256x4096")
     p.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated from {', '.join(DTYPES)}")
     p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated from {', '.join(BACKENDS)}")
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--repeat", type=positive_int, default=5, help="timed runs per case, the median reported (default 5)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON (an existing file is replaced only when it is an earlier bench JSON)")
     p.add_argument("--overwrite", action="store_true", help="replace --json even when it is not a bench JSON")

@@ -20,15 +20,17 @@ from entrodrop_fast.data import PAPER_SAMPLES, PAPER_SEED, PAPER_SEQ_LEN
 
 
 def register(subparsers) -> None:
+    from entrodrop_fast.cli import int_at_least, positive_int
+
     p = subparsers.add_parser("prune", help="remove blocks and save the smaller model (from a plan, or profile + rank first)", description=__doc__)
     p.add_argument("model", nargs="?", default=None, metavar="MODEL", help="local HF directory (safetensors), .gguf file, hub id, or nothing for the built-in SmolLM2-135M-Instruct")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--plan", default=None, help="drop plan JSON from entrodrop rank")
     p.add_argument("--report", default=None, help="rank from this report instead of profiling (with --kind/--drop)")
     add_ranking_args(p)
-    p.add_argument("--samples", type=int, default=PAPER_SAMPLES, help=f"profile step: calibration windows (default {PAPER_SAMPLES})")
-    p.add_argument("--seq-len", type=int, default=PAPER_SEQ_LEN, help=f"profile step: tokens per window (default {PAPER_SEQ_LEN})")
-    p.add_argument("--batch-size", type=int, default=8, help="profile step: windows per forward (default 8; the result does not depend on it)")
+    p.add_argument("--samples", type=positive_int, default=PAPER_SAMPLES, help=f"profile step: calibration windows (default {PAPER_SAMPLES})")
+    p.add_argument("--seq-len", type=int_at_least(2, "an entropy needs at least 2 tokens"), default=PAPER_SEQ_LEN, help=f"profile step: tokens per window (default {PAPER_SEQ_LEN})")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="profile step: windows per forward (default 8; the result does not depend on it)")
     p.add_argument("--seed", type=int, default=PAPER_SEED, help=f"profile step: sampling seed (default {PAPER_SEED})")
     p.add_argument("--corpus", default=None, help="profile step: calibration text (default: built-in corpus)")
     p.add_argument("--device", default="cpu", help="profile step: cpu, cuda or cuda:N")
