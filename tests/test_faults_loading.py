@@ -197,6 +197,24 @@ def test_export_refuses_a_missing_tensor(llama, tmp_path):
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
+def test_pytorch_bin_checkpoint_is_checked_by_the_loading_report(tmp_path):
+    """No safetensors headers to check up front: transformers' loading report is refused instead."""
+    model = tiny_model("llama", seed=6)
+    d = tmp_path / "bin"
+    model.config.save_pretrained(d)
+    add_tokenizer(d)
+    sd = model.state_dict()
+    name = "model.layers.1.mlp.up_proj.weight"
+    sd.pop(name)
+    torch.save(sd, d / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match=rf"{name.replace('.', '[.]')} is in no file of the checkpoint \(missing\)"):
+        load_model(str(d))
+    sd[name] = torch.zeros(65, 32)
+    torch.save(sd, d / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match=rf"{name.replace('.', '[.]')} has shape \[65, 32\], the config implies \[64, 32\]"):
+        load_model(str(d))
+
+
 # ------------------------------------------------------------------ MoE: per-expert checkpoints
 
 

@@ -385,7 +385,8 @@ def _strict_from_pretrained(source: str, config, dtype: torch.dtype, where: str)
     """``from_pretrained`` that refuses missing, unexpected and mismatched tensors."""
     cls = _model_class(config)
     try:
-        model, info = cls.from_pretrained(source, config=config, dtype=dtype, output_loading_info=True)
+        # mismatched sizes are reported in ``info`` (by name) instead of raised, and refused below
+        model, info = cls.from_pretrained(source, config=config, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as exc:
         msg = str(exc).strip() or type(exc).__name__
         if "mismatch" in msg or "conversion" in msg.lower():
