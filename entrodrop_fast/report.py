@@ -27,6 +27,7 @@ import platform
 from pathlib import Path
 
 from entrodrop_fast.models.adapters import BLOCK_KINDS, get_adapter
+from entrodrop_fast.surgery import model_identity
 
 FORMAT = 1
 
@@ -50,6 +51,8 @@ def versions() -> dict:
 def build_report(result: dict, *, model_info: dict, data_info: dict, settings: dict, model=None) -> dict:
     """Turn the runner's result into the report dict (see the module docstring)."""
     adapter = get_adapter(model) if model is not None else None
+    # which model this is (type, sizes, config fingerprint): prune --report checks it
+    identity = model_identity(model.config) if model is not None else {}
     points = result["points"]
     pidx = {p: i for i, p in enumerate(points)}
     L = result["num_layers"]
@@ -78,7 +81,7 @@ def build_report(result: dict, *, model_info: dict, data_info: dict, settings: d
             blocks.append(b)
     return {
         "format": FORMAT,
-        "model": {**model_info, "model_type": result["model_type"], "residual": result["residual"], "num_layers": L, "hidden_size": result["hidden_size"], "dtype": result["dtype"], "device": result["device"]},
+        "model": {**identity, **model_info, "model_type": result["model_type"], "residual": result["residual"], "num_layers": L, "hidden_size": result["hidden_size"], "dtype": result["dtype"], "device": result["device"]},
         "data": data_info,
         "settings": {**settings, "methods": result["methods"], "backend": result["backend"]},
         "versions": versions(),

@@ -109,6 +109,10 @@ def test_cli_profile(tmp_path, capsys):
     rep = json.loads((out / "report.json").read_text())
     assert rep["settings"]["methods"] == ["bucket", "knn", "cosine"] and rep["settings"]["bins"] == 12
     assert rep["data"]["samples"] == 6 and rep["model"]["model_type"] == "llama"
+    # the model's identity, which prune --report checks against the model it prunes
+    from entrodrop_fast.surgery import model_identity
+
+    assert {k: rep["model"][k] for k in model_identity(json.loads((d / "config.json").read_text()))} == model_identity(json.loads((d / "config.json").read_text()))
     # a corpus too small for the request fails cleanly, without a traceback
     rc = main(["profile", str(d), "--corpus", str(corpus), "--seq-len", "5000", "--out", str(tmp_path / "r2"), "-q"])
     assert rc == 1 and "corpus too small" in capsys.readouterr().err

@@ -149,10 +149,14 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    import json
+    from pathlib import Path
+
     from entrodrop_fast.data import calibration_windows
     from entrodrop_fast.models import load_model
     from entrodrop_fast.report import build_report, ranking_table, write_report
     from entrodrop_fast.runner import ProfileSettings, parse_methods, profile
+    from entrodrop_fast.surgery import model_identity
 
     methods = parse_methods(args.method or ["bucket"])
     for name, v in (("--samples", args.samples), ("--seq-len", args.seq_len), ("--batch-size", args.batch_size or 1), ("--bins", args.bins), ("--k", args.k)):
@@ -212,7 +216,8 @@ def run(args) -> int:
         ram = budget if budget else 8 * 2**30
         result = profile_streaming(str(stream_dir), mine, settings, device=parse_device(args.device), dtype=parse_dtype(args.dtype), ram_budget_bytes=ram, resume_dir=args.resume_dir, progress=not args.quiet and rank == 0)
         source = args.model or "builtin"
-        model_info = {"name": source if args.model else "SmolLM2-135M-Instruct (built-in)", "source": source, "path": str(stream_dir), "kind": "streaming"}
+        model_info = {"name": source if args.model else "SmolLM2-135M-Instruct (built-in)", "source": source, "path": str(stream_dir), "kind": "streaming",
+                      **model_identity(json.loads((Path(stream_dir) / "config.json").read_text()))}
     else:
         result = profile(lm.model, mine, settings, progress=not args.quiet and rank == 0)
         model_info = {"name": lm.source if lm.kind != "builtin" else "SmolLM2-135M-Instruct (built-in)", "source": lm.source, "path": lm.path, "kind": lm.kind}
