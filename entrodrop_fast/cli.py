@@ -89,7 +89,9 @@ def is_expected(exc: BaseException) -> bool:
 
 def error_message(exc: BaseException) -> str:
     """One message for an expected failure: what went wrong, on which file, and what to do."""
-    if isinstance(exc, OSError) and exc.strerror:
+    # the project's own OSError subclasses (e.g. streaming's StorageError) carry their own
+    # message and advice; bare OSErrors get the path and a hint by errno
+    if isinstance(exc, OSError) and exc.strerror and not type(exc).__module__.startswith("entrodrop_fast"):
         text = exc.strerror
         if exc.filename is not None:
             text += f": {exc.filename}"
