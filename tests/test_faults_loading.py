@@ -167,6 +167,15 @@ def test_unexpected_tensor_is_refused_with_its_file(llama, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_leftovers_transformers_ignores_are_accepted(llama, tmp_path):
+    """Old Llama checkpoints store a rotary ``inv_freq`` buffer per layer; transformers drops it on load."""
+    model, src = llama
+    d = copy_dir(src, tmp_path / "old")
+    rewrite_tensors(d, lambda t, f: t.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(4) for i in range(4)}))
+    assert torch.equal(logits(load_model(str(d)).model), logits(model))
+    assert export_pruned(d, tmp_path / "out", {"attn": [1]}).layers_after == 4
+
+
 def test_config_sizes_that_disagree_with_the_weights(llama, tmp_path):
     _, src = llama
     d = copy_dir(src, tmp_path / "cfg")

@@ -267,7 +267,6 @@ def checkpoint_problems(config, shapes: dict, file_of: dict) -> list[str]:
     """
     import collections
     import copy
-    import re
 
     model = meta_skeleton(config)
     params = model.state_dict(keep_vars=True)
@@ -276,8 +275,6 @@ def checkpoint_problems(config, shapes: dict, file_of: dict) -> list[str]:
     for k, v in params.items():
         tied.setdefault(id(v), []).append(k)
     prefix = getattr(model, "base_model_prefix", "") or ""
-    ignore_missing = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
-    ignore_unexpected = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (
@@ -303,6 +300,7 @@ def checkpoint_problems(config, shapes: dict, file_of: dict) -> list[str]:
 
     where = lambda name: file_of.get(name, "?")  # noqa: E731
     problems: list[str] = []
+    unexpected: dict[str, str] = {}  # checkpoint name -> problem
     loaded: set[str] = set()
     groups: dict[str, tuple[object, list[str]]] = {}
     for key in sorted(shapes):
@@ -310,8 +308,7 @@ def checkpoint_problems(config, shapes: dict, file_of: dict) -> list[str]:
         if target not in expected and key in expected:
             target, pattern = key, None
         if target not in expected:
-            if not any(p.search(key) for p in ignore_unexpected):
-                problems.append(f"{where(key)}: tensor {key} {shapes[key]} is not part of the model the config describes (unexpected)")
+            unexpected[key] = f"{where(key)}: tensor {key} {shapes[key]} is not part of the model the config describes (unexpected)"
         elif pattern is None:
             loaded.add(target)
             if list(shapes[key]) != expected[target]:
@@ -343,11 +340,33 @@ def checkpoint_problems(config, shapes: dict, file_of: dict) -> list[str]:
             loaded.add(name)
             if list(t.shape) != expected[name]:
                 problems.append(f"{what} combine into {name} of shape {list(t.shape)}, the config implies {expected[name]}")
-    for names in tied.values():
-        if any(n in loaded for n in names) or all(any(p.search(n) for p in ignore_missing) for n in names):
-            continue
-        problems.append(f"tensor {names[0]} {expected[names[0]]} is in no file of the checkpoint (missing)")
+    missing = {names[0]: names for names in tied.values() if not any(n in loaded for n in names)}
+    kept_missing, kept_unexpected = _not_ignored(model, {n for names in missing.values() for n in names}, set(unexpected))
+    problems += [unexpected[k] for k in sorted(kept_unexpected)]
+    for first, names in missing.items():
+        if any(n in kept_missing for n in names):
+            problems.append(f"tensor {first} {expected[first]} is in no file of the checkpoint (missing)")
     return problems
+
+
+def _not_ignored(model, missing: set[str], unexpected: set[str]) -> tuple[set[str], set[str]]:
+    """The missing / unexpected names transformers would not ignore on load (old checkpoints carry
+    e.g. ``rotary_emb.inv_freq`` buffers; classes list names they tolerate)."""
+    import re
+    import types
+
+    adjust = getattr(model, "_adjust_missing_and_unexpected_keys", None)
+    if adjust is not None:  # transformers' own rules
+        info = types.SimpleNamespace(missing_keys=set(missing), unexpected_keys=set(unexpected))
+        try:
+            adjust(info)
+            return set(info.missing_keys), set(info.unexpected_keys)
+        except Exception:
+            pass
+    ign_missing = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
+    ign_unexpected = [*(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []), r"rotary_emb\.inv_freq", r"(^|\.)position_ids$"]
+    keep = lambda names, pats: {n for n in names if not any(re.search(p, n) for p in pats)}  # noqa: E731
+    return keep(missing, ign_missing), keep(unexpected, ign_unexpected)
 
 
 def mismatch_message(where, problems: list[str]) -> str:
