@@ -32,11 +32,11 @@ void register_cpu(py::module_& m) {
         "Offer one Gram tile's squared distances to the rows' k-nearest candidate lists.");
   m.def("knn_finish_cpu", &knn_finish_cpu, nogil, arg("val"), arg("idx"), arg("cnt"), arg("n"),
         arg("cap"), arg("k"), arg("delta"), arg("x"), arg("dtype"), arg("xstride"), arg("d"),
-        arg("out"), arg("nthreads"),
+        arg("out"), arg("nthreads"), arg("unit") = 1.0,
         "Exact k-th distances from the candidate lists (NaN where a list overflowed).");
   m.def("knn_select_cpu", &knn_select_cpu, nogil, arg("gram"), arg("sqn"), arg("rows"),
         arg("n"), arg("row_index"), arg("k"), arg("delta"), arg("x"), arg("dtype"),
-        arg("xstride"), arg("d"), arg("out"), arg("nthreads"),
+        arg("xstride"), arg("d"), arg("out"), arg("nthreads"), arg("unit") = 1.0,
         "Exact distance to the k-th nearest other row, from whole Gram rows.");
 }
 }  // namespace entrodrop

@@ -1,5 +1,10 @@
 // Bucket (histogram) entropy per sample and channel, exactly as docs/CONTRACT.md.
 //
+// A channel whose fp32 width max - min or scale bins / width is not finite (ranges past
+// 3.4e38, or below bins * 2^-128: subnormal ranges) is binned with the same formula in
+// fp64 ("wide" channels, as the reference): the vector loop leaves them in bin 0 and a
+// scalar loop over the (usually empty) list of such channels overrides their indices.
+//
 // Work items are (sample, tile of W channels). A tile's valid tokens are gathered once
 // from memory into a contiguous fp32 buffer (converting fp16/bf16 and adding f in
 // registers) while min/max are tracked; binning then runs on the cached tile (samples
@@ -19,9 +24,18 @@ namespace {
 
 struct Scratch {
   std::vector<float> tile, lo, hi, sc;
-  std::vector<int32_t> flat;
+  std::vector<int32_t> flat, wide;  // wide: the tile's channels binned in fp64
+  std::vector<double> wsc;          // their fp64 scales
   std::vector<uint32_t> counts;
 };
+
+// The contract's fp64 bin index, for a channel whose fp32 width or scale is not finite.
+ED_INLINE int32_t wide_index(float y, float lo, double scale, int bins) {
+  const double u = (double(y) - double(lo)) * scale;
+  const int32_t last = bins - 1;
+  const int32_t k = u >= 0.0 ? (u < double(bins) ? int32_t(u) : last) : 0;  // NaN -> 0
+  return k < last ? k : last;
+}
 
 // STREAM = false: the N x w tile is gathered once and binned from cache. STREAM = true (a
 // sample too long for that): min/max in a first sweep over the tile's rows, binning in a
@@ -69,12 +83,21 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
     for (int64_t j = 0; j < w; ++j) out[j] = 0.0;
     return;
   }
-  // 2. scale = bins / (max - min) in fp32; a constant channel puts everything in bin 0
+  // 2. scale = bins / (max - min) in fp32; a constant channel puts everything in bin 0;
+  //    a channel whose fp32 width or scale is not finite is binned in fp64
   const float fb = float(bins);
+  s.wide.clear();
+  s.wsc.clear();
   for (int64_t j = 0; j < w; ++j) {
     const float width = hi[j] - lo[j];
     sc[j] = width == 0.0f ? 0.0f : fb / width;
+    if (!std::isfinite(width) || !std::isfinite(sc[j])) {
+      s.wide.push_back(int32_t(j));
+      s.wsc.push_back(double(bins) / (double(hi[j]) - double(lo[j])));
+      sc[j] = 0.0f;
+    }
   }
+  const int64_t nwide = int64_t(s.wide.size());
   // 3. bin and count
   const int32_t last = bins - 1;
   for (int64_t i = 0, t = 0; i < r; ++i, ++t) {
@@ -91,6 +114,10 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
       int32_t k = u >= 0.0f ? (u < fb ? int32_t(u) : last) : 0;
       k = k < last ? k : last;
       flat[j] = int32_t(j) * bins + k;
+    }
+    for (int64_t e = 0; e < nwide; ++e) {
+      const int32_t j = s.wide[size_t(e)];
+      flat[j] = j * bins + wide_index(y[j], lo[j], s.wsc[size_t(e)], bins);
     }
     for (int64_t j = 0; j < w; ++j) ++cnt[flat[j]];
   }
@@ -139,7 +166,7 @@ void bucket_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims&
                 bool paper_exact, uintptr_t out, int nthreads) {
   using namespace cpu;
   check_common(x, dtype, shape, xstride, f, fstride, mask, mstride);
-  ED_CHECK(bins >= 1, "bins must be >= 1, got ", bins);
+  ED_CHECK(bins >= 1 && bins <= (1 << 16), "bins must be in [1, 65536], got ", bins);
   ED_CHECK_PTR(out);
   const int64_t B = shape[0], T = shape[1], D = shape[2];
   double* o = reinterpret_cast<double*>(out);
@@ -170,6 +197,8 @@ void bucket_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims&
   const int64_t Nmax = *std::max_element(nvalid.begin(), nvalid.end());
   const bool stream = Nmax > 2048;
   int64_t W = stream ? 256 : Nmax > 1024 ? 32 : 64;
+  // many bins: fewer channels per tile, so that a thread's counters stay within 4 MiB
+  W = std::min<int64_t>(W, std::max<int64_t>(16, ((int64_t(1) << 20) / bins) / 16 * 16));
   W = std::min<int64_t>(W, D);
   const int64_t ntiles = (D + W - 1) / W;
   const int64_t items = B * ntiles;

@@ -100,15 +100,16 @@ void knn_tile_cpu(uintptr_t gram, int64_t ld, uintptr_t sqn, int64_t N, int64_t 
                   int64_t c0, int64_t nc, int k, double delta, uintptr_t val, uintptr_t idx,
                   uintptr_t cnt, uintptr_t thr, int64_t cap, int nthreads);
 // knn_finish: the k-th distances f64 [N] from the lists once every tile is in; NaN for a row
-// whose list overflowed (cnt -1), to be answered by knn_select.
+// whose list overflowed (cnt -1), to be answered by knn_select. unit: the Gram tiles, norms
+// and delta are of the rows x / unit (scaled by a power of two into fp32 range; 1 if not).
 void knn_finish_cpu(uintptr_t val, uintptr_t idx, uintptr_t cnt, int64_t N, int64_t cap, int k,
                     double delta, uintptr_t x, int dtype, const Dims& xstride, int64_t D,
-                    uintptr_t out, int nthreads);
+                    uintptr_t out, int nthreads, double unit);
 // knn_select: whole rows; gram fp32 [R, N] contiguous, gram[r, j] = v_{rows[r]} . v_j,
-// rows int64 [R]; writes f64 [R].
+// rows int64 [R]; writes f64 [R]. unit as knn_finish.
 void knn_select_cpu(uintptr_t gram, uintptr_t sqn, int64_t R, int64_t N, uintptr_t rows, int k,
                     double delta, uintptr_t x, int dtype, const Dims& xstride, int64_t D,
-                    uintptr_t out, int nthreads);
+                    uintptr_t out, int nthreads, double unit);
 // Which threads the CPU kernels run on: "openmp team of <runtime path>" or "std::thread".
 std::string thread_pool_cpu();
 void register_cpu(pybind11::module_& m);

@@ -101,10 +101,12 @@ struct ExactDist {
 
 // The exact k-th distance of row i from the approximate squared distances a[0..n) of its
 // candidates j = cand(t) (every j with a_j <= A_k + 2 delta must be among them, self
-// excluded). `scratch` and `band` are per-thread buffers.
+// excluded). `scratch` and `band` are per-thread buffers. `unit`: the a_j are squared
+// distances of the rows x / unit (scaled by a power of two into fp32 range; 1 if not).
 template <typename Cand>
 double refine_kth(const float* a, int64_t n, Cand cand, int64_t i, int k, double delta,
-                  const ExactDist& exact, std::vector<float>& scratch, std::vector<double>& band) {
+                  double unit, const ExactDist& exact, std::vector<float>& scratch,
+                  std::vector<double>& band) {
   scratch.assign(a, a + n);
   std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end());
   const double ak = scratch[size_t(k - 1)];
@@ -118,7 +120,7 @@ double refine_kth(const float* a, int64_t n, Cand cand, int64_t i, int k, double
   }
   const int64_t want = k - sure;  // 1-based rank within the band
   if (want < 1 || want > int64_t(band.size()))  // cannot happen when delta bounds the error
-    return std::sqrt(std::max(0.0, ak));
+    return std::sqrt(std::max(0.0, ak)) * unit;
   std::nth_element(band.begin(), band.begin() + (want - 1), band.end());
   return band[size_t(want - 1)];
 }
@@ -282,6 +284,7 @@ ED_CLONES double sqnorm_f32(const float* a, int64_t n) {
     ED_CHECK_DTYPE(dtype);       \
     ED_CHECK_NDIM(xstride, 2);   \
     ED_CHECK_NONNEG(xstride);    \
+    ED_CHECK(unit > 0, "unit must be > 0, got ", unit); \
   } while (0)
 
 void knn_sqnorm_cpu(uintptr_t x, int64_t N, int64_t D, int64_t ld, const Dims& ranges,
@@ -306,7 +309,7 @@ void knn_sqnorm_cpu(uintptr_t x, int64_t N, int64_t D, int64_t ld, const Dims& r
 
 void knn_select_cpu(uintptr_t gram, uintptr_t sqn, int64_t R, int64_t N, uintptr_t rows, int k,
                     double delta, uintptr_t x, int dtype, const Dims& xstride, int64_t D,
-                    uintptr_t out, int nthreads) {
+                    uintptr_t out, int nthreads, double unit) {
   using namespace cpu;
   ED_CHECK_PTR(gram);
   ED_CHECK_PTR(sqn);
@@ -331,7 +334,7 @@ void knn_select_cpu(uintptr_t gram, uintptr_t sqn, int64_t R, int64_t N, uintptr
     fill_d2(G + r * N, sq, sq[i], N, d2.data());
     std::swap(d2[size_t(i)], d2[size_t(N - 1)]);  // self moved to the end and left out
     o[r] = refine_kth(d2.data(), N - 1, [&](int64_t t) { return t == i ? N - 1 : t; }, i, k,
-                      delta, exact, sel[size_t(tid)], band[size_t(tid)]);
+                      delta, unit, exact, sel[size_t(tid)], band[size_t(tid)]);
   });
 }
 
@@ -377,7 +380,7 @@ void knn_tile_cpu(uintptr_t gram, int64_t ld, uintptr_t sqn, int64_t N, int64_t 
 
 void knn_finish_cpu(uintptr_t val, uintptr_t idx, uintptr_t cnt, int64_t N, int64_t cap, int k,
                     double delta, uintptr_t x, int dtype, const Dims& xstride, int64_t D,
-                    uintptr_t out, int nthreads) {
+                    uintptr_t out, int nthreads, double unit) {
   using namespace cpu;
   ED_CHECK_PTR(val);
   ED_CHECK_PTR(idx);
@@ -400,7 +403,7 @@ void knn_finish_cpu(uintptr_t val, uintptr_t idx, uintptr_t cnt, int64_t N, int6
     }
     const int32_t* ids = id + i * cap;
     o[i] = refine_kth(v + i * cap, c[i], [&](int64_t t) { return int64_t(ids[t]); }, i, k, delta,
-                      exact, sel[size_t(tid)], band[size_t(tid)]);
+                      unit, exact, sel[size_t(tid)], band[size_t(tid)]);
   });
 }
 

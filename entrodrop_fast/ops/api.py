@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
+import operator
 import os
 import warnings
 from dataclasses import dataclass
@@ -25,6 +27,11 @@ from entrodrop_fast.ops import reference
 METHODS = ("bucket", "gaussian_diag", "gaussian_full", "knn", "renyi")
 BACKENDS = ("cpp", "triton", "torch")  # every backend name, in the order "auto" prefers
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Most bins per channel: every backend keeps bins counters per channel (the GPU kernels
+# D x bins int32 per sample: 1 GiB at D = 4096), and 2^16 bins already resolve more than
+# any sample of up to 65536 tokens can fill.
+MAX_BINS = 1 << 16
+_FP32_MAX = float(torch.finfo(torch.float32).max)
 _BACKEND_MODULES = {
     "cpp": "entrodrop_fast.ops.cpp_backend",
     "triton": "entrodrop_fast.ops.triton_backend",
@@ -139,6 +146,13 @@ def _to_torch(a, name: str) -> tuple[torch.Tensor, bool]:
     if isinstance(a, torch.Tensor):
         return a, False
     if hasattr(a, "__dlpack__"):
+        strides = getattr(a, "strides", None)  # numpy / cupy: bytes
+        if strides is not None and any(s < 0 for s in strides):
+            # torch has no negative strides, and torch.from_dlpack aborts the interpreter on
+            # them (np.flip): read a positive-stride copy instead
+            if not hasattr(a, "copy"):
+                raise TypeError(f"{name} has negative strides {tuple(strides)} and no .copy(); pass a contiguous copy")
+            a = a.copy()
         try:
             return torch.from_dlpack(a), True
         except Exception as exc:
@@ -154,8 +168,61 @@ def _check_dtype(t: torch.Tensor, name: str) -> torch.Tensor:
     return t
 
 
-def prepare(x, f=None, mask=None, *, min_tokens: int = 2, nan_policy: str = "raise", backend: str = "auto", validate: bool = True) -> _Prepared:
-    """Check the inputs and bring them to ``(B, T, D)``; see the module docstring."""
+def _token_scan(t: torch.Tensor) -> torch.Tensor:
+    """Per token (B, T): a value that is non-finite wherever the token holds NaN or Inf.
+
+    For fp32/bf16 the fp32-accumulated 2-norm, which also bounds every |element| (and
+    overflows, making a false alarm re-checked exactly, only past 1.8e19); fp16 cannot come
+    near fp32's range, so a sum serves. Both are single reads without a temporary of t's
+    size (isfinite(t).all(-1) costs ~30x more).
+    """
+    if t.dtype == torch.float16:
+        return t.sum(-1, dtype=torch.float32)
+    return torch.linalg.vector_norm(t, 2, dim=-1)
+
+
+def _nonfinite_tokens(x: torch.Tensor, f: torch.Tensor | None, add: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(bad, overflow): bool (B, T) tokens holding NaN/Inf in x or f, and (when f is added)
+    tokens where x and f are finite but Y = x + f overflows fp32 (None when impossible)."""
+    sx = _token_scan(x)
+    if f is None:
+        cand = ~torch.isfinite(sx)
+        cand_y = None
+    else:
+        sf = _token_scan(f)
+        cand = ~torch.isfinite(sx) | ~torch.isfinite(sf)
+        # |x_d + f_d| <= |x|_2 + |f|_2: only where those reach 2^126 (half of fp32's range,
+        # a margin for the norms' rounding) can the fp32 add overflow
+        big = x.dtype != torch.float16 and add
+        cand_y = cand | ((sx.double() + sf.double()) > 2.0**126) if big else None
+    check = cand if cand_y is None else cand_y
+    if not bool(check.any()):  # the usual case: one host sync, nothing more read
+        return cand, None
+    idx = check.nonzero(as_tuple=True)
+    xs = x[idx].float()  # (n, D): the suspect tokens only
+    bad_rows = ~torch.isfinite(xs).all(-1)
+    ovf_rows = None
+    if f is not None:
+        fs = f[idx].float()
+        bad_rows |= ~torch.isfinite(fs).all(-1)
+        if cand_y is not None:
+            ovf_rows = ~bad_rows & ~torch.isfinite(xs + fs).all(-1)
+    bad = torch.zeros_like(check)
+    bad[idx] = bad_rows
+    ovf = None
+    if ovf_rows is not None:
+        ovf = torch.zeros_like(check)
+        ovf[idx] = ovf_rows
+    return bad, ovf
+
+
+def prepare(x, f=None, mask=None, *, min_tokens: int = 2, nan_policy: str = "raise", backend: str = "auto", validate: bool = True,
+            f_name: str = "f", add: bool = True) -> _Prepared:
+    """Check the inputs and bring them to ``(B, T, D)``; see the module docstring.
+
+    ``f_name``: what the caller called the second tensor (``"y"`` for cosine's y), for the
+    messages; ``add``: the estimator reads Y = x + f (checked for fp32 overflow), not f alone.
+    """
     x, numpy_out = _to_torch(x, "x")
     if x.dim() not in (2, 3):
         raise ValueError(f"x must be 2-D [N, D] or 3-D [B, T, D], got shape {tuple(x.shape)}")
@@ -166,16 +233,16 @@ def prepare(x, f=None, mask=None, *, min_tokens: int = 2, nan_policy: str = "rai
     if single:
         x = x.unsqueeze(0)
     if f is not None:
-        f, _ = _to_torch(f, "f")
-        f = _check_dtype(f, "f")
+        f, _ = _to_torch(f, f_name)
+        f = _check_dtype(f, f_name)
         if single:
             f = f.unsqueeze(0)
         if f.shape != x.shape:
-            raise ValueError(f"f must have the shape of x {tuple(x.shape[single:])}, got {tuple(f.shape[single:])}")
+            raise ValueError(f"{f_name} must have the shape of x {tuple(x.shape[single:])}, got {tuple(f.shape[single:])}")
         if f.dtype != x.dtype:
-            raise ValueError(f"f must have the dtype of x ({x.dtype}), got {f.dtype}")
+            raise ValueError(f"{f_name} must have the dtype of x ({x.dtype}), got {f.dtype}")
         if f.device != x.device:
-            raise ValueError(f"f must be on the device of x ({x.device}), got {f.device}")
+            raise ValueError(f"{f_name} must be on the device of x ({x.device}), got {f.device}")
     if mask is not None:
         mask, _ = _to_torch(mask, "mask")
         if mask.dtype != torch.bool:
@@ -188,16 +255,27 @@ def prepare(x, f=None, mask=None, *, min_tokens: int = 2, nan_policy: str = "rai
     if nan_policy not in ("raise", "omit"):
         raise ValueError(f"nan_policy must be 'raise' or 'omit', got {nan_policy!r}")
     if validate:
-        bad = ~torch.isfinite(x).all(-1)
-        if f is not None:
-            bad |= ~torch.isfinite(f).all(-1)
+        bad, ovf = _nonfinite_tokens(x, f, add)
         if mask is not None:
             bad &= mask
+            if ovf is not None:
+                ovf &= mask
         nbad = int(bad.sum())
-        if nbad:
+        novf = int(ovf.sum()) if ovf is not None else 0
+        if nbad or novf:
             if nan_policy == "raise":
-                raise ValueError(f"input holds NaN or Inf in {nbad} token(s); pass nan_policy='omit' to skip those tokens")
-            warnings.warn(f"nan_policy='omit': skipped {nbad} token(s) holding NaN or Inf", RuntimeWarning, stacklevel=3)
+                if nbad:
+                    raise ValueError(f"input holds NaN or Inf in {nbad} token(s); pass nan_policy='omit' to skip those tokens")
+                raise ValueError(
+                    f"Y = X + {f_name.upper()} overflowed float32 in {novf} token(s): x and {f_name} are finite, but their sum "
+                    f"exceeds float32's range (+-3.4e38); the estimators add them in float32 ({x.dtype} input; float64 input "
+                    f"is read as float32 too, so a wider input dtype cannot help): divide x and {f_name} by a common power "
+                    "of two (entropy differences do not change), or pass nan_policy='omit' to skip those tokens"
+                )
+            what = f"({nbad} holding NaN or Inf, {novf} where Y = X + {f_name.upper()} overflowed float32)" if novf else "holding NaN or Inf"
+            warnings.warn(f"nan_policy='omit': skipped {nbad + novf} token(s) {what}", RuntimeWarning, stacklevel=3)
+            if ovf is not None:
+                bad |= ovf
             mask = ~bad if mask is None else mask & ~bad
         counts = mask.sum(1) if mask is not None else torch.full((x.shape[0],), x.shape[1])
         least = int(counts.min())
@@ -214,6 +292,38 @@ def _finish(p: _Prepared, h: torch.Tensor):
     return h.cpu().numpy() if p.numpy_out else h
 
 
+# ---------------------------------------------------------------- option checks
+
+
+def _integer(value, name: str, lo: int, hi: int | None = None, why: str = "") -> int:
+    """value as an int: any integral number (int, numpy integer, 0-d integer tensor), never
+    a bool or a float (20.5 or 20.0); ValueError outside [lo, hi]."""
+    is_bool = isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")  # numpy / torch bools too
+    if is_bool or isinstance(value, (float, complex)):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer (int, numpy integer or 0-d integer tensor), got {value!r} ({type(value).__name__})") from None
+    if v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be {rng}{why}, got {v}")
+    return v
+
+
+def _real(value, name: str, *, lo: float, lo_open: bool = False, why: str = "") -> float:
+    """value as a finite float >= lo (> lo if lo_open); TypeError for non-numbers and bools."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    try:
+        v = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    if not math.isfinite(v) or v < lo or (lo_open and v == lo):
+        raise ValueError(f"{name} must be a finite number {'>' if lo_open else '>='} {lo:g}{why}, got {v!r}")
+    return v
+
+
 # ---------------------------------------------------------------- estimators
 
 
@@ -223,8 +333,7 @@ def bucket_entropy(x, f=None, *, bins: int = 20, paper_exact: bool = False, mask
     Per channel, ``bins`` equal-width bins over [min, max] of the sample's tokens.
     ``paper_exact=True`` clamps probabilities at 1e-10 as the paper's code does.
     """
-    if not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"bins must be a positive integer, got {bins!r}")
+    bins = _integer(bins, "bins", 1, MAX_BINS, " (every backend keeps bins counters per channel, D x bins per sample on GPUs; 2**16 bins already resolve more than a sample of 65536 tokens can fill)")
     p = prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate)
     h = _impl(p.backend, "bucket")(p.x, p.f, p.mask, bins, paper_exact)  # (B, D)
     return _finish(p, h.to(torch.float64).sum(-1))
@@ -242,6 +351,7 @@ def gaussian_diag_entropy(x, f=None, *, var_floor: float = 1e-12, mask=None, bac
     variance ``var_floor`` instead (1/2 ln(2 pi e 1e-12) = -12.4 nats by default), and a
     warning says how many channels were floored.
     """
+    var_floor = _real(var_floor, "var_floor", lo=0.0, why=" (0 gives -inf for a constant channel)")
     p = prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate)
     m = _moments(p)
     var = m["m2"] / m["count"][:, None]  # (B, D)
@@ -267,6 +377,8 @@ def gaussian_full_entropy(x, f=None, *, ridge: float | None = None, mask=None, b
     channels are dead: ``ridge=None`` (default) then adds ``1e-6 * trace(Sigma) / D`` to the
     diagonal with a warning; a number uses that ridge always; ``ridge=0`` returns -inf.
     """
+    if ridge is not None:
+        ridge = _real(ridge, "ridge", lo=0.0, why=" or None (automatic)")
     p = prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate)
     out = []
     for b in range(p.x.shape[0]):
@@ -293,8 +405,7 @@ def knn_entropy(x, f=None, *, k: int = 25, form: str = "paper", mask=None, backe
     ``form="paper"``: ... + ln N - ln k (the paper's code); ``form="digamma"``: the standard
     psi(N) - psi(k). The fast paths never hold the N x N distance matrix.
     """
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = _integer(k, "k", 1)
     if form not in ("paper", "digamma"):
         raise ValueError(f"knn form must be 'paper' or 'digamma', got {form!r}")
     p = prepare(x, f, mask, min_tokens=k + 1, nan_policy=nan_policy, backend=backend, validate=validate)
@@ -313,8 +424,9 @@ def renyi_entropy(x, f=None, *, alpha: float = 4.0, mask=None, backend="auto", n
     Every backend computes this one with the torch reference (it needs the median of all
     N^2 pairwise distances).
     """
+    alpha = _real(alpha, "alpha", lo=0.0, lo_open=True, why=" other than 1")
     if alpha == 1:
-        raise ValueError("alpha must differ from 1")
+        raise ValueError("alpha must differ from 1 (the Renyi entropy of order 1 is a limit, not this formula)")
     p = prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate)
     out = [reference.renyi_entropy_1(_rows(p, b), alpha) for b in range(p.x.shape[0])]
     return _finish(p, torch.stack(out))
@@ -353,14 +465,16 @@ def cosine_importance(x, f=None, *, y=None, mask=None, backend="auto", nan_polic
     """
     if (f is None) == (y is None):
         raise ValueError("give exactly one of f (Y = X + f) or y")
-    p = prepare(x, f if f is not None else y, mask, min_tokens=1, nan_policy=nan_policy, backend=backend, validate=validate)
-    s, n = _impl(p.backend, "cosine")(p.x, p.f, p.mask, f is not None)
+    fused = f is not None
+    p = prepare(x, f if fused else y, mask, min_tokens=1, nan_policy=nan_policy, backend=backend, validate=validate,
+                f_name="f" if fused else "y", add=fused)
+    s, n = _impl(p.backend, "cosine")(p.x, p.f, p.mask, fused)
     return _finish(p, 1.0 - s.to(torch.float64) / n.to(torch.float64))
 
 
 def angular_distance(x, y, *, mask=None, nan_policy="raise", validate=True):
     """arccos(cos(x_last, y_last)) / pi on the last valid token of each sample (Gromov et al.)."""
-    p = prepare(x, y, mask, min_tokens=1, nan_policy=nan_policy, backend="torch", validate=validate)
+    p = prepare(x, y, mask, min_tokens=1, nan_policy=nan_policy, backend="torch", validate=validate, f_name="y", add=False)
     B, T, _ = p.x.shape
     if p.mask is None:
         last = torch.full((B,), T - 1, device=p.x.device)

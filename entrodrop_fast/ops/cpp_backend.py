@@ -8,6 +8,8 @@ outputs are torch tensors allocated here and filled in place. CUDA tensors are h
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from entrodrop_fast import _ext
@@ -182,12 +184,26 @@ def knn_tile_side(N: int) -> int:
     return min(N, max(KNN_MIN_TILE, min(KNN_MAX_TILE, t)))
 
 
+# The fp32 Gram product needs the effective vectors' largest squared norm `smax` in a range
+# where neither it (<= 4 smax per entry) overflows fp32 nor its products fall into
+# subnormals (absolute error D * 2^-149 against the bound delta ~ sqrt(D) eps smax).
+# Outside it the rows are scaled by a power of two (exact) and the distances scaled back.
+KNN_SMAX_RANGE = (2.0**-90, 2.0**120)
+
+
 def knn_kth_distance(x: torch.Tensor, k: int) -> torch.Tensor:
     """Distance from each row of x [N, D] to its k-th nearest other row, fp64 [N]."""
     return _knn(x, k)[0]
 
 
-def _knn(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+def _knn_scale(xf: torch.Tensor, smax: float) -> int:
+    """e such that the rows xf * 2^-e have their largest squared norm near 1 (in [1, 4) from a
+    finite smax; from max |x| when the centred copy overflowed: inf or NaN), but no |x|
+    beyond 2^120."""
+    top = math.frexp(float(torch.linalg.vector_norm(xf, float("inf"))))[1]  # max |x| < 2^top
+    e = math.floor(math.log2(smax) / 2) if math.isfinite(smax) else top
+    return max(e, top - 120)
+def _knn(x: torch.Tensor, k: int, scale_exp: int | None = None) -> tuple[torch.Tensor, int]:
     """(distances, number of rows answered by the whole-row fallback).
 
     What runs where: torch.mm/addmm (BLAS) compute the Gram matrix in T x T tiles, only on and
@@ -203,7 +219,11 @@ def _knn(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     copy U [N, E] (distances are translation invariant), so the error scales with the
     ordinary channels. The N x N matrix is never formed beyond KNN_WHOLE_ROWS rows (where it
     is at most 1 MiB): peak extra memory is the T x T tile, the N x cap lists and O(N*E)
-    (plus an fp32 copy of x when x is not already fp32 with channel stride 1).
+    (plus an fp32 copy of x when x is not already fp32 with channel stride 1 and distinct
+    rows). Rows too large or too small for an fp32 Gram product (|x|^2 past 2^120 or
+    below 2^-90) are scaled by a power of two 2^-e first (``scale_exp`` = e; exact but for
+    values 2^-126 below the largest): the Gram tiles, norms and delta are of the scaled
+    rows, the exact distances of x itself.
     """
     if x.is_cuda:
         return _cuda().knn_kth_distance(x, k), 0
@@ -211,19 +231,30 @@ def _knn(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     N, D = x.shape
     if not 1 <= k < N:
         raise ValueError(f"k must be in [1, N - 1] = [1, {N - 1}], got {k}")
-    xf = x if (x.dtype == torch.float32 and x.stride(1) == 1) else x.float().contiguous()
+    # fp32 rows with channel stride 1 and a row stride of at least D (not an expand view)
+    dense = x.dtype == torch.float32 and x.stride(1) == 1 and x.stride(0) >= D
+    xf = x if dense else x.float().contiguous()
+    unit = 1.0
+    if scale_exp is not None:
+        unit = 2.0**scale_exp
+        xf = (xf.double() / unit).float()
     ranges, u = _knn_split(xf)
     nt = _threads()
     # squared norms of the effective vectors [x_ranges, u], fp32 from an fp64 accumulation
     sqn = u.double().pow(2).sum(1)
     C.knn_sqnorm_cpu(xf.data_ptr(), N, D, xf.stride(0), [c for r in ranges for c in r], sqn.data_ptr(), nt)
+    smax = float(sqn.max())
+    # (NaN or inf: the centred copy u overflowed fp32; the API has checked x is finite)
+    if smax != 0.0 and not (KNN_SMAX_RANGE[0] <= smax <= KNN_SMAX_RANGE[1]) and scale_exp is None:
+        return _knn(x, k, _knn_scale(xf, smax))
     sqn = sqn.float()
     # Error of the fp32 expansion |v_i|^2 + |v_j|^2 - 2 v_i.v_j: a dot product of D terms
     # accumulates ~sqrt(D) roundings of size eps * |v|^2 (random sign), the norms and the
     # combination a few more; 4 (sqrt(D) + 8) eps max|v|^2 bounds it with a wide margin
     # (measured: <= 1/20 of delta on LLM-like data) and keeps the exact band a few rows.
     eps = torch.finfo(torch.float32).eps
-    delta = 4.0 * (D ** 0.5 + 8.0) * eps * float(sqn.max())
+    # (+ D subnormal roundings of 2^-149 each, immaterial unless the rows are tiny)
+    delta = 4.0 * (D ** 0.5 + 8.0) * eps * float(sqn.max()) + 4.0 * D * 2.0**-149
     out = torch.empty(N, dtype=torch.float64)
 
     def whole_rows(buf: torch.Tensor, rows: torch.Tensor) -> None:
@@ -235,7 +266,7 @@ def _knn(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
             g = _gram_into(buf, xf, u, ranges, slice(None) if every else part_rows, slice(None))
             part = torch.empty(part_rows.numel(), dtype=torch.float64)
             C.knn_select_cpu(g.data_ptr(), sqn.data_ptr(), part_rows.numel(), N, part_rows.data_ptr(), int(k),
-                             delta, x.data_ptr(), _code(x), list(x.stride()), D, part.data_ptr(), nt)
+                             delta, x.data_ptr(), _code(x), list(x.stride()), D, part.data_ptr(), nt, unit)
             out[part_rows] = part
 
     if N <= KNN_WHOLE_ROWS:
@@ -257,7 +288,7 @@ def _knn(x: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
         C.knn_tile_cpu(g.data_ptr(), c1 - c0, sqn.data_ptr(), N, r0, r1 - r0, c0, c1 - c0,
                        int(k), delta, *lists, cap, nt)
     C.knn_finish_cpu(*lists[:3], N, cap, int(k), delta, x.data_ptr(), _code(x), list(x.stride()), D,
-                     out.data_ptr(), nt)
+                     out.data_ptr(), nt, unit)
     rest = (cnt < int(k)).nonzero().flatten()  # overflowed lists (-1)
     whole_rows(buf, rest)  # in the tile buffer
     return out, int(rest.numel())

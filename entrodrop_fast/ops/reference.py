@@ -49,14 +49,29 @@ def moments(x, f=None, mask=None) -> dict:
 
 
 def bucket_bin_index(r: torch.Tensor, bins: int) -> torch.Tensor:
-    """Bin index of each value of r (N, D) fp32, per channel, exactly as docs/CONTRACT.md."""
+    """Bin index of each value of r (N, D) fp32, per channel, exactly as docs/CONTRACT.md.
+
+    fp32: width = max - min, scale = bins / width, index = trunc((y - min) * scale). Where
+    width or scale is not finite in fp32 (a range past 3.4e38, or below bins * 2^-128,
+    subnormal ranges included) the channel uses the same formula in fp64 from the fp32
+    min, max and y, where neither can overflow.
+    """
     mn = r.amin(0)
     mx = r.amax(0)
     width = mx - mn  # fp32
     const = width == 0
     scale = torch.where(const, torch.zeros_like(width), torch.tensor(float(bins), dtype=torch.float32) / torch.where(const, torch.ones_like(width), width))
-    idx = ((r - mn) * scale).to(torch.int64)  # fp32 sub, fp32 mul, truncation
-    return idx.clamp_(0, bins - 1)
+    wide = ~torch.isfinite(width) | ~torch.isfinite(scale)
+    u = (r - mn) * torch.where(wide, torch.zeros_like(scale), scale)  # fp32 sub, fp32 mul
+    if bool(wide.any()):
+        w = wide.nonzero().flatten()
+        lo = mn[w].double()
+        s64 = float(bins) / (mx[w].double() - lo)
+        u = u.double()
+        u[:, w] = (r[:, w].double() - lo) * s64  # fp64 sub, fp64 mul
+    # truncation; NaN (only without validation) to bin 0, y == max and beyond to the last bin
+    u = torch.where(u >= 0, u, torch.zeros_like(u)).clamp_max(bins - 1)
+    return u.to(torch.int64)
 
 
 def _entropy_from_counts(counts: torch.Tensor, n: float, paper_exact: bool) -> torch.Tensor:
@@ -73,13 +88,18 @@ def bucket(x, f=None, mask=None, bins: int = 20, paper_exact: bool = False) -> t
     """Per-channel histogram entropy H_d, fp64 [B, D] (sum over d gives the bucket entropy)."""
     y = _y(x, f)
     B, _, D = y.shape
+    step = max(1, (1 << 22) // bins)  # channels per chunk: counts stay within 32 MiB
     out = []
     for b in range(B):
         r = _rows(y, mask, b)  # (N, D)
         idx = bucket_bin_index(r, bins)  # (N, D)
-        counts = torch.zeros(D, bins, dtype=torch.int64, device=y.device)
-        counts.scatter_add_(1, idx.t(), torch.ones_like(idx.t()))  # (D, bins)
-        out.append(_entropy_from_counts(counts, r.shape[0], paper_exact))
+        h = []
+        for d0 in range(0, D, step):
+            part = idx[:, d0 : d0 + step].t()  # (channels, N)
+            counts = torch.zeros(part.shape[0], bins, dtype=torch.int64, device=y.device)
+            counts.scatter_add_(1, part, torch.ones_like(part))  # (channels, bins)
+            h.append(_entropy_from_counts(counts, r.shape[0], paper_exact))
+        out.append(torch.cat(h))
     return torch.stack(out)
 
 
@@ -114,10 +134,18 @@ def cosine(x, other, mask=None, fused: bool = True):
 def knn_kth_distance(x: torch.Tensor, k: int) -> torch.Tensor:
     """Distance from each row of x (N, D) to its k-th nearest other row, fp64 [N].
 
-    Materialises the N x N matrix: the readable ground truth, for small N only.
+    Materialises the N x N matrix: the readable ground truth, for small N only. Distances
+    come from exact fp64 differences while that is cheap (N^2 D <= 2^26); beyond, from the
+    fp64 Gram product of the rows centred on their mean (a large component shared by all
+    rows, as LLM activations have, then does not cancel).
     """
     r = x.double()
-    d = torch.cdist(r, r)  # (N, N)
+    N, D = r.shape
+    if N * N * D <= 1 << 26:
+        d = torch.cdist(r, r, compute_mode="donot_use_mm_for_euclid_dist")  # (N, N)
+    else:
+        r = r - r.mean(0)
+        d = torch.cdist(r, r, compute_mode="use_mm_for_euclid_dist")
     d.fill_diagonal_(float("inf"))
     return d.kthvalue(k, dim=1).values
 
