@@ -388,3 +388,18 @@ def test_evaluation_functions_refuse_non_finite_logits():
         model.lm_head.weight[5] = float("nan")
     with pytest.raises(ValueError, match="non-finite .* speed"):
         E.speed(model, Tok(), prompt_len=8, new_tokens=2, repeats=1)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_unknown_model_type_lists_the_supported_ones(tmp_path, capsys, streaming):
+    """A model_type transformers does not know: the message lists what entrodrop supports
+    instead of transformers' advice to upgrade it."""
+    from entrodrop_fast.cli import main
+
+    d = tmp_path / "unknown"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "foobar_lm", "hidden_size": 8}')
+    assert main(["profile", str(d), "--out", str(tmp_path / "rep"), "-q", *(["--streaming"] if streaming else [])]) == 1
+    err = capsys.readouterr().err
+    assert "unsupported model_type 'foobar_lm'; supported: gemma2" in err and "llama" in err
+    assert "upgrade" not in err and "Traceback" not in err and not (tmp_path / "rep").exists()

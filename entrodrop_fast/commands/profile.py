@@ -178,6 +178,10 @@ def run(args) -> int:
         log = lambda *a: None  # noqa: E731
     budget = parse_bytes(args.max_memory) if args.max_memory else None
     stream_dir = streaming_source(args.model, args.cache_dir) if (args.streaming or budget) else None
+    if stream_dir is not None:  # an architecture outside the adapter table stops here, with the list
+        from entrodrop_fast.models.loading import read_config
+
+        read_config(str(stream_dir), f"the model directory {stream_dir}")
     plan = MemoryPlan(stream_dir, args.dtype) if budget else None
     if plan is not None and not args.streaming:
         if plan.total <= budget:

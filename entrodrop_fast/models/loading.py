@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,8 +200,20 @@ _FIX = (
 
 
 def read_config(source: str, what: str):
+    """The transformers config of a model directory; an architecture outside the adapter table
+    is refused first, listing the supported ones (transformers' own message for a model_type
+    it does not know would send the user to upgrade it)."""
     from transformers import AutoConfig
 
+    cfg_file = Path(source) / "config.json"
+    if cfg_file.is_file():
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{cfg_file} cannot be read as JSON ({exc}); the model directory is incomplete or corrupt") from None
+        if not isinstance(raw, dict):
+            raise ModelLoadError(f"{cfg_file} does not hold a JSON object: not a Hugging Face config")
+        check_supported(types.SimpleNamespace(**raw), what)
     try:
         return AutoConfig.from_pretrained(source)
     except Exception as exc:
