@@ -38,12 +38,11 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from entrodrop_fast import surgery
+from entrodrop_fast import outputs, surgery
 from entrodrop_fast.models.adapters import Adapter, get_adapter
 from entrodrop_fast.surgery import (
     PRUNED_KEY,
@@ -310,7 +309,8 @@ def export_pruned(src, out, plan, *, overwrite: bool = False, plan_to_save: dict
     ``plan``: a plan dict / JSON path from :mod:`entrodrop_fast.ranking` or a plain
     ``{"attn": [...], "mlp": [...], "layer": [...]}`` with 0-based layer indices of ``src``.
     Raises :class:`ExportError` (nothing written) when the source is unreadable or the plan
-    does not fit it, ``FileExistsError`` when ``out`` exists and ``overwrite`` is false.
+    does not fit it, :class:`~entrodrop_fast.outputs.OutputError` when ``out`` holds an earlier
+    export and ``overwrite`` is false, or holds other files (see :mod:`entrodrop_fast.outputs`).
     ``plan_to_save``: written as ``entrodrop_plan.json`` beside the weights (provenance).
     """
     src, out = Path(src).resolve(), Path(out).resolve()
@@ -318,8 +318,7 @@ def export_pruned(src, out, plan, *, overwrite: bool = False, plan_to_save: dict
         raise ExportError(f"{src} has no config.json: not a Hugging Face model directory")
     if out == src or src in out.parents or out in src.parents:
         raise ExportError(f"output {out} must not be the source {src}, inside it, or contain it")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output {out} exists; pass overwrite=True (--overwrite) to replace it")
+    outputs.check_dir(out, kind="model", what="pruned model", overwrite=overwrite, replace_ours=False)
     cfg = json.loads((src / "config.json").read_text())
     adapter = get_adapter(types.SimpleNamespace(**cfg))
     L = surgery._num_layers_of(cfg)
@@ -335,8 +334,8 @@ def export_pruned(src, out, plan, *, overwrite: bool = False, plan_to_save: dict
     stock = not has_subblock_drops(new_cfg)
 
     weight_map, files = _shards(src)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    publisher = outputs.DirPublisher(out, kind="model", what="pruned model")
+    tmp = publisher.tmp
     handles = []
     try:
         # read every source header first: a corrupt shard fails before anything is written
@@ -413,16 +412,10 @@ def export_pruned(src, out, plan, *, overwrite: bool = False, plan_to_save: dict
         bytes_before = sum((src / f).stat().st_size for f in files)
         bytes_after = sum((tmp / f).stat().st_size for f in out_files)
         handles.clear()
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publisher.commit()
     except BaseException:
         handles.clear()
-        shutil.rmtree(tmp, ignore_errors=True)
+        publisher.abort()
         raise
     dtb = _main_dtype_bytes(dtype_sizes)
     return ExportSummary(

@@ -24,7 +24,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("prune", help="remove blocks and save the smaller model (from a plan, or profile + rank first)", description=__doc__)
     p.add_argument("model", nargs="?", default=None, metavar="MODEL", help="local HF directory (safetensors), .gguf file, hub id, or nothing for the built-in SmolLM2-135M-Instruct")
-    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--out", required=True, help="output directory (new or empty, unless --overwrite)")
     p.add_argument("--plan", default=None, help="drop plan JSON from entrodrop rank")
     p.add_argument("--report", default=None, help="rank from this report instead of profiling (with --kind/--drop)")
     add_ranking_args(p)
@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="profile step: cpu, cuda or cuda:N")
     p.add_argument("--cache-dir", default=None, help="where the built-in model is converted")
     p.add_argument("--iterative", action="store_true", help="drop one block at a time and re-profile the pruned model in between (kinds attn, mlp, layer; slower)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier pruned model in --out, or write into a directory holding other files (they are left untouched)")
     p.set_defaults(func=run)
 
 
@@ -136,18 +136,19 @@ def _h(n: int) -> str:
 
 
 def run(args) -> int:
+    from entrodrop_fast import outputs
     from entrodrop_fast.export import export_pruned
     from entrodrop_fast.ranking import make_plan, plan_summary
     from entrodrop_fast.surgery import read_plan
 
-    out = Path(args.out).expanduser().resolve()
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"output {out} exists; pass --overwrite to replace it")
+    inputs = [*outputs.model_paths(args.model, args.cache_dir), *outputs.corpus_paths(args.corpus),
+              ("plan", args.plan), ("report", args.report)]
+    out = outputs.check_dir(args.out, kind="model", what="pruned model", inputs=inputs, overwrite=args.overwrite, replace_ours=False)
     if args.plan and (args.kind or args.drop or args.report):
         raise ValueError("give either --plan, or --kind/--drop (with an optional --report), not both")
     if not args.plan and (args.kind is None or args.drop is None):
         raise ValueError("prune needs --plan PLAN, or --kind (attn, mlp, layer, joint) and --drop N")
-    with tempfile.TemporaryDirectory(prefix=".entrodrop-prune-", dir=out.parent if out.parent.exists() else None) as work:
+    with outputs.scratch_dir(out) as work:
         src = resolve_source(args.model, args.cache_dir, Path(work))
         if args.plan:
             plan = read_plan(args.plan)
