@@ -1,7 +1,8 @@
 // Cosine similarity between x_t and Y_t (Y = x + other when fused, else other) summed over
 // the valid tokens of each sample. Work items are runs of tokens; each thread keeps its
 // own per-sample fp64 sums, merged at the end. Dot products accumulate in 16 fp32 lanes
-// over blocks of 256 channels, folded into fp64 lanes after each block.
+// over blocks of 256 channels, folded into fp64 lanes after each block; a row whose fp32
+// products overflow (|values| past ~1e19) is redone in fp64.
 #include <cmath>
 
 #include "common_cpu.h"
@@ -57,6 +58,18 @@ ED_INLINE double cos_row(const uint8_t* xr, const uint8_t* orow, int64_t D) {
     dot += dd[j];
     sx += dx[j];
     sy += dy[j];
+  }
+  if (!std::isfinite(sx) || !std::isfinite(sy) || !std::isfinite(dot)) {
+    // an fp32 product or block sum overflowed (|x| or |Y| past ~1e19): this row in fp64
+    dot = sx = sy = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      const float xv = ld<DT>(xr, d);
+      const float ov = ld<DT>(orow, d);
+      const double y = FUSED ? double(xv + ov) : double(ov);
+      dot += double(xv) * y;
+      sx += double(xv) * double(xv);
+      sy += y * y;
+    }
   }
   const double den = std::max(std::sqrt(sx) * std::sqrt(sy), 1e-12);
   return dot / den;

@@ -358,9 +358,50 @@ __device__ __forceinline__ int bin_index(float y, float lo, float scale, int bin
   return min(max(j, 0), bins - 1);
 }
 
-__device__ __forceinline__ float bin_scale(float lo, float hi, int bins) {
+// A channel whose fp32 width hi - lo or scale bins / width is not finite (ranges past 3.4e38,
+// or below bins * 2^-128: subnormal ranges) is binned with the same formula in fp64, as the
+// reference does ("wide" channels). Their scale is set to NaN, which the fp32 bin_index turns
+// into bin 0 (cvt.rzi of NaN is 0), so the hot loops stay as they are; a second, rare pass
+// (wide_fixup) then moves each of their values from bin 0 to its fp64 bin.
+__device__ __forceinline__ float bin_scale_or_nan(float lo, float hi, int bins) {
   const float width = __fsub_rn(hi, lo);
-  return width == 0.f ? 0.f : __fdiv_rn(static_cast<float>(bins), width);
+  if (width == 0.f) return 0.f;
+  const float scale = __fdiv_rn(static_cast<float>(bins), width);
+  return isfinite(width) && isfinite(scale) ? scale : __int_as_float(0x7fffffff);
+}
+
+__device__ __forceinline__ int bin_index_wide(float y, float lo, float hi, int bins) {
+  const double scale = __ddiv_rn(static_cast<double>(bins), __dsub_rn(hi, lo));
+  const double u = __dmul_rn(__dsub_rn(y, lo), scale);
+  const int last = bins - 1;
+  const int j = u >= 0.0 ? (u < static_cast<double>(bins) ? static_cast<int>(u) : last) : 0;  // NaN -> 0
+  return min(j, last);
+}
+
+// Bit k set: channel k of the thread is wide (its scale is NaN).
+template <int VEC>
+__device__ __forceinline__ unsigned wide_bits(const float (&scale)[VEC]) {
+  unsigned w = 0u;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) w |= isnan(scale[k]) ? 1u << k : 0u;
+  return w;
+}
+
+// Move value v of wide channel k from bin 0 (where the fp32 loop counted it) to its fp64 bin:
+// in shared memory (packed 16-bit counters of this lane: -1 on bin 0's half, +1 on bin j's;
+// the same lane counted it, so no half goes below 0) or in global memory.
+template <int VEC, bool GLOBAL>
+__device__ __forceinline__ void wide_move(float v, float lo, float hi, int bins, int k, int lane,
+                                          uint32_t* cnt, int32_t* gch) {
+  const int j = bin_index_wide(v, lo, hi, bins);
+  if (j == 0) return;
+  if constexpr (GLOBAL) {
+    atomicSub(gch, 1);
+    atomicAdd(gch + j, 1);
+  } else {
+    atomicSub(cnt + k * 32 + lane, 1u);
+    atomicAdd(cnt + ((j >> 1) * VEC + k) * 32 + lane, 1u << ((j & 1) << 4));
+  }
 }
 
 // counters [nbp][VEC][32 lanes] (two 16-bit counts per word) -> stage [CT][sp] int32
@@ -423,8 +464,9 @@ __global__ void __launch_bounds__(kThreads, (Cfg<VEC, false, HAS_F>::MINB))
       }
     }
     lo[k] = a;
-    scale[k] = dvalid ? bin_scale(a, z, bins) : 0.f;
+    scale[k] = dvalid ? bin_scale_or_nan(a, z, bins) : 0.f;
   }
+  const unsigned wide = wide_bits<VEC>(scale);
   if constexpr (!GLOBAL) __syncthreads();
 
   const int64_t t_begin = static_cast<int64_t>(s) * rows;
@@ -446,6 +488,24 @@ __global__ void __launch_bounds__(kThreads, (Cfg<VEC, false, HAS_F>::MINB))
         } else {
           atomicAdd(cnt + ((j >> 1) * VEC + k) * 32 + lane, 1u << ((j & 1) << 4));
         }
+      }
+    }
+  }
+  if (__syncthreads_or(wide != 0u)) {  // rare: the wide channels' rows read again, one by one
+#pragma unroll 1
+    for (int k = 0; k < VEC; ++k) {
+      if (!((wide >> k) & 1u)) continue;
+      float a = INFINITY, z = -INFINITY;  // (lo and scale are not kept live for this)
+      for (int p = 0; p < Sp; ++p) {
+        a = fminf(a, pmin[(b * Sp + p) * in.D + d0 + k]);
+        z = fmaxf(z, pmax[(b * Sp + p) * in.D + d0 + k]);
+      }
+      for (int64_t t = t_begin + rg; t < t_end; t += G::RG) {  // this thread's rows, as above
+        if (in.mask != nullptr && __ldg(in.mask + b * in.smb + t * in.smt) == 0) continue;
+        float y = scalar_to_float<T>(static_cast<const T*>(in.x) + (b * in.sxb + t * in.sxt + (d0 + k) * in.sxd));
+        if constexpr (HAS_F)
+          y = __fadd_rn(y, scalar_to_float<T>(static_cast<const T*>(in.f) + (b * in.sfb + t * in.sft + (d0 + k) * in.sfd)));
+        wide_move<VEC, GLOBAL>(y, a, z, bins, k, lane, cnt, gh + (d0 + k) * bins);
       }
     }
   }
@@ -544,7 +604,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       z = fmaxf(z, s_mx[w * G::CT + cl * VEC + k]);
     }
     lo[k] = a;
-    scale[k] = dvalid ? bin_scale(a, z, bins) : 0.f;
+    scale[k] = dvalid ? bin_scale_or_nan(a, z, bins) : 0.f;
   }
 #pragma unroll
   for (int i = 0; i < UF; ++i) {
@@ -553,6 +613,18 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int k = 0; k < VEC; ++k) {
       const int j = bin_index(v[i][k], lo[k], scale[k], bins);
       atomicAdd(cnt + ((j >> 1) * VEC + k) * 32 + lane, 1u << ((j & 1) << 4));
+    }
+  }
+  const unsigned wide = wide_bits<VEC>(scale);
+  if (wide != 0u) {  // rare: the wide channels' values (still in registers) to their fp64 bins
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      if (!((wide >> k) & 1u)) continue;
+      float z = -INFINITY;
+      for (int w = 0; w < kWarps; ++w) z = fmaxf(z, s_mx[w * G::CT + cl * VEC + k]);
+#pragma unroll
+      for (int i = 0; i < UF; ++i)
+        if (ok[i]) wide_move<VEC, false>(v[i][k], lo[k], z, bins, k, lane, cnt, nullptr);
     }
   }
   __syncthreads();
@@ -814,7 +886,7 @@ const char* bucket_hist(const Input& in, int S_partial, const float* pmin, const
                         int64_t rows, int bins, int32_t* phist, int device, void* stream) {
   if (const char* e = check_input(in)) return e;
   if (const char* e = check_split(in, S, rows)) return e;
-  if (bins < 1) return "bins must be >= 1";
+  if (bins < 1 || bins > 65536) return "bins must be in [1, 65536]";
   if (const char* e = prepare(device)) return e;
   const size_t smem = hist_smem(bins, in.vec);
   const bool global = smem > static_cast<size_t>(smem_optin(device)) || rows > kMaxRowsPerHistBlock;
@@ -843,7 +915,7 @@ const char* bucket_fused(const Input& in, int bins, int paper_exact, int32_t* co
   if (const char* e = check_input(in)) return e;
   if (in.vec == 1) return "bucket_fused needs the 16-byte fast path (vec 4 or 8)";
   if (in.T > kFusedRows) return "bucket_fused needs T <= 256";
-  if (bins < 1) return "bins must be >= 1";
+  if (bins < 1 || bins > 65536) return "bins must be in [1, 65536]";
   if (const char* e = prepare(device)) return e;
   const size_t smem = fused_smem(bins, in.vec);
   if (smem > static_cast<size_t>(smem_optin(device))) return "bucket_fused: too many bins for shared memory";

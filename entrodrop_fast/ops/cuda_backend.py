@@ -17,6 +17,7 @@ _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _FUSED_MAX_ROWS = 256  # csrc/stats_cuda.cu kFusedRows
 _FUSED_MAX_BINS = 128  # keeps the fused kernel's shared memory near 100 KB
 _HIST_MAX_ROWS = 65535  # 16-bit shared-memory counters per block
+_PARTIAL_BYTES = 1 << 30  # per-split partial histograms [B, S, D, bins] int32: fewer splits beyond
 _occ_cache: dict = {}
 
 
@@ -157,6 +158,9 @@ def _partial_counts(x, f, mask, bins: int, splits: int | None, fused: bool | Non
     C.cuda_minmax_partial(*args, Sp, rows_p, pmin.data_ptr(), pmax.data_ptr(), device, stream)
     # binning: about one wave of blocks (few splits: small partial histograms)
     S, rows = _splits(x, vec, splits, kind=2, bins=int(bins), has_f=has_f, waves=1, max_rows=_HIST_MAX_ROWS)
+    fit = max(1, _PARTIAL_BYTES // (B * D * int(bins) * 4))  # many bins (up to 2^16): bounded memory
+    if splits is None and S > fit:
+        S, rows = _splits(x, vec, fit, kind=2, bins=int(bins), has_f=has_f, waves=1, max_rows=_HIST_MAX_ROWS)
     phist = torch.empty((B, S, D, bins), dtype=torch.int32, device=dev)
     C.cuda_bucket_hist(*args, Sp, pmin.data_ptr(), pmax.data_ptr(), S, rows, int(bins), phist.data_ptr(), device, stream)
     return phist, S

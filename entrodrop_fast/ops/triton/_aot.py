@@ -33,7 +33,7 @@ def compile_all(arch: int) -> dict:
         (bucket._bucket_hist_kernel, xin | {"pmin_ptr": f32, "pmax_ptr": f32, "hist_ptr": "*i32"}, flags | dict(BLOCK_S=16), dict(enable_fp_fusion=False)),
         (bucket._bucket_entropy_kernel, {"hist_ptr": "*i32", "out_ptr": f64}, dict(PAPER_EXACT=True, BLOCK_D=32, BLOCK_BINS=128), {}),
         (cosine._cosine_kernel, {"x_ptr": bf, "o_ptr": bf, "m_ptr": u8, "cos_ptr": f32}, dict(FUSED=True, HAS_MASK=True, BLOCK_T=16, BLOCK_D=256), {}),
-        (knn._knn_kernel, {"x_ptr": f32, "out_ptr": f64}, dict(BLOCK_M=16, KP=32, BLOCK_D=32), {}),
+        (knn._knn_kernel, {"x_ptr": f32, "out_ptr": f64, "scale_ptr": f64}, dict(BLOCK_M=16, KP=32, BLOCK_D=32), {}),
     ]
     return {fn.__name__: _compile(fn, arch, ptrs, consts, **opts).asm["ptx"] for fn, ptrs, consts, opts in jobs}
 
@@ -42,4 +42,5 @@ if __name__ == "__main__":
     for a in sys.argv[1:] or ["90"]:
         ptx = compile_all(int(a))
         assert "div.rn.f32" in ptx["_bucket_hist_kernel"], "the bin scale must be an IEEE division"
+        assert "div.rn.f64" in ptx["_bucket_hist_kernel"], "the fp64 bin scale (wide channels) must be an IEEE division"
         print(f"sm_{a}: compiled {len(ptx)} kernels: {', '.join(ptx)}")

@@ -3,7 +3,8 @@
 Three kernels, the data read twice (min/max must be known before any value is binned):
 ``_minmax_partial_kernel`` writes per-split min/max partials; ``_bucket_hist_kernel``
 reduces those partials for its channels, bins every valid value with the contract's exact
-fp32 formula (IEEE division for the scale, then a separate sub and mul, truncation) and
+fp32 formula (IEEE division for the scale, then a separate sub and mul, truncation; in fp64
+for a channel whose fp32 width or scale is not finite) and
 adds to per-(sample, channel) int32 counters with relaxed atomics (each program's
 channels are its own columns, so lanes of a warp never collide on one counter);
 ``_bucket_entropy_kernel`` turns the counts into H_d in fp64.
@@ -79,7 +80,15 @@ def _bucket_hist_kernel(
     const = width == 0.0
     fbins = tl.zeros([BLOCK_D], dtype=tl.float32) + bins
     scale = tl.where(const, 0.0, tl.math.div_rn(fbins, tl.where(const, 1.0, width)))
+    # "wide" channels: fp32 width or scale not finite (ranges past 3.4e38, or below
+    # bins * 2^-128): the same formula in fp64, as the reference (|v| < inf is False for NaN)
+    wide = dmask & ~((tl.abs(width) < float("inf")) & (tl.abs(scale) < float("inf")))
+    any_wide = tl.max(wide.to(tl.int32), axis=0)
+    scale = tl.where(wide, 0.0, scale)
     lo = tl.where(dmask, lo, 0.0)
+    lo64 = lo.to(tl.float64)
+    span64 = tl.where(wide, hi.to(tl.float64) - lo64, 1.0)
+    scale64 = (tl.zeros([BLOCK_D], dtype=tl.float64) + bins) / span64  # fp64 "/" is div.rn.f64
 
     t_begin = pid_s * rows_per_split
     t_end = tl.minimum(t_begin + rows_per_split, T)
@@ -99,6 +108,10 @@ def _bucket_hist_kernel(
         scaled = shifted * scale[None, :]  # ... then a separate fp32 mul
         idx = tl.minimum(scaled.to(tl.int32), bins - 1)  # truncation; y == max -> last bin
         idx = tl.maximum(idx, 0)
+        if any_wide > 0:  # rare
+            u = (y.to(tl.float64) - lo64[None, :]) * scale64[None, :]  # fp64 sub, then mul
+            iw = tl.where(u >= 0.0, tl.minimum(u, bins - 1.0), 0.0).to(tl.int32)  # NaN -> 0
+            idx = tl.where(wide[None, :], iw, idx)
         tl.atomic_add(hist_ptr + hrow[None, :] + idx, 1, mask=valid, sem="relaxed")
 
 

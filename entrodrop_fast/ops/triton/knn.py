@@ -19,7 +19,7 @@ from entrodrop_fast.ops.triton._common import cdiv, next_pow2
 
 @triton.jit
 def _knn_kernel(
-    x_ptr, out_ptr,  # x: [N, D]; out: [N] fp64
+    x_ptr, out_ptr, scale_ptr,  # x: [N, D]; out: [N] fp64; scale: [2] fp64 (2^-e, 2^e)
     N, D, k, sxn, sxd,
     BLOCK_M: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -27,6 +27,7 @@ def _knn_kernel(
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
+    inv = tl.load(scale_ptr).to(tl.float32)  # rows read as x * 2^-e: no fp32 overflow
     best = tl.full([BLOCK_M, KP], float("inf"), dtype=tl.float32)
     for c0 in range(0, N, KP):
         cols = c0 + tl.arange(0, KP)
@@ -37,8 +38,8 @@ def _knn_kernel(
             offs_d = d0 + tl.arange(0, BLOCK_D)
             dm = offs_d < D
             offs_d64 = offs_d.to(tl.int64)
-            a = tl.load(x_ptr + rows64[:, None] * sxn + offs_d64[None, :] * sxd, mask=rmask[:, None] & dm[None, :], other=0.0).to(tl.float32)
-            c = tl.load(x_ptr + cols64[:, None] * sxn + offs_d64[None, :] * sxd, mask=cmask[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            a = tl.load(x_ptr + rows64[:, None] * sxn + offs_d64[None, :] * sxd, mask=rmask[:, None] & dm[None, :], other=0.0).to(tl.float32) * inv
+            c = tl.load(x_ptr + cols64[:, None] * sxn + offs_d64[None, :] * sxd, mask=cmask[:, None] & dm[None, :], other=0.0).to(tl.float32) * inv
             diff = a[:, None, :] - c[None, :, :]  # (BLOCK_M, KP, BLOCK_D)
             d2 += tl.sum(diff * diff, axis=2)
         bad = (rows[:, None] == cols[None, :]) | (~cmask)[None, :]
@@ -47,7 +48,7 @@ def _knn_kernel(
         best = tl.sort(tl.minimum(best, cand), dim=1)
     slot = tl.arange(0, KP)
     kth = tl.sum(tl.where(slot[None, :] == k - 1, best, 0.0), axis=1)
-    tl.store(out_ptr + rows64, tl.sqrt(kth.to(tl.float64)), mask=rmask)
+    tl.store(out_ptr + rows64, tl.sqrt(kth.to(tl.float64)) * tl.load(scale_ptr + 1), mask=rmask)
 
 
 # ---------------------------------------------------------------- launchers
@@ -59,8 +60,14 @@ def knn_kth_distance(x, k: int, *, block_m: int = 16, block_d: int = 32, num_war
     kp = max(16, next_pow2(k))
     block_d = min(block_d, max(16, next_pow2(D)))
     out = torch.empty((N,), dtype=torch.float64, device=x.device)
+    # Squared differences of rows beyond ~1e19 (or below ~1e-19) over- (under-) flow fp32:
+    # the kernel reads the rows scaled by 2^-e, max |x| 2^-e in [0.5, 1), and scales the
+    # distances back (exact powers of two; computed on the device, no host sync)
+    e = torch.frexp(torch.linalg.vector_norm(x, float("inf")).double()).exponent.to(torch.int64)
+    e = e.clamp(-126, 128)  # 2^-e within fp32's range (subnormal x: scaled by 2^126 at most)
+    scale = (torch.stack([1023 - e, 1023 + e]) << 52).view(torch.float64)  # exactly 2^-e, 2^e
     _knn_kernel[(cdiv(N, block_m),)](
-        x, out, N, D, k, x.stride(0), x.stride(1),
+        x, out, scale, N, D, k, x.stride(0), x.stride(1),
         BLOCK_M=block_m, KP=kp, BLOCK_D=block_d, num_warps=num_warps,
     )
     return out
