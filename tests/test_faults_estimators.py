@@ -395,6 +395,17 @@ def test_var_floor_and_ridge_refused(value):
         ef.gaussian_full_entropy(x, ridge="1e-6")
 
 
+def test_streaming_states_refuse_bad_floor_and_ridge():
+    x = torch.randn(20, 3)
+    ms, cs = ef.MomentState(3).update(x), ef.CovState(3).update(x)
+    assert math.isfinite(ms.result()["gaussian_diag_entropy"].item())
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="var_floor must be a finite number >= 0"):
+            ms.result(var_floor=bad)
+        with pytest.raises(ValueError, match="ridge must be a finite number >= 0"):
+            cs.result(ridge=bad)
+
+
 def test_var_floor_zero_and_ridge_none():
     x = torch.randn(20, 3)
     x[:, 1] = 2.0

@@ -118,6 +118,7 @@ class MomentState:
         return self
 
     def result(self, var_floor: float = 1e-12) -> dict:
+        var_floor = api._real(var_floor, "var_floor", lo=0.0, why=" (0 gives -inf for a constant channel)")
         if self.count == 0:
             raise ValueError("MomentState has seen no tokens yet")
         var = self.m2 / self.count
@@ -177,6 +178,7 @@ class CovState:
         return self
 
     def result(self, ridge: float = 0.0) -> dict:
+        ridge = api._real(ridge, "ridge", lo=0.0, why=" (0 gives -inf for a singular covariance)")
         if self.count == 0:
             raise ValueError("CovState has seen no tokens yet")
         cov = self.comoment / self.count
