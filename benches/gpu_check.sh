@@ -49,9 +49,9 @@ if [ "$DRY" = "0" ]; then
         -DCMAKE_CUDA_ARCHITECTURES=90 -DPython_EXECUTABLE="$(command -v "$PY")" \
         -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" &&
       timeout 150 cmake --build build/gpu_check &&
-      cp build/gpu_check/_C*.so entrodrop_fast/
+      cp build/gpu_check/_C*.so src/entrodrop_fast/
     } >> "$OUT/build.log" 2>&1 || { log "BUILD FAILED"; tail -40 "$OUT/build.log"; FAILED+=(build); summary; exit 1; }
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
   fi
   grep -E "CUDA kernels|generate-code|sm_90" "$OUT/build.log" | head -5
   grep -q "CUDA kernels ON" "$OUT/build.log" || log "warning: the build log does not say 'CUDA kernels ON'"

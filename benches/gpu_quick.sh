@@ -28,9 +28,9 @@ if ! timeout 150 "$PY" -m pip install --no-build-isolation --no-deps -v -e . > "
       -DCMAKE_CUDA_ARCHITECTURES=90 -DPython_EXECUTABLE="$(command -v "$PY")" \
       -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" &&
     timeout 120 cmake --build build/gpu_quick &&
-    cp build/gpu_quick/_C*.so entrodrop_fast/
+    cp build/gpu_quick/_C*.so src/entrodrop_fast/
   } >> "$OUT/build.log" 2>&1 || { log "BUILD FAILED"; tail -40 "$OUT/build.log"; FAILED+=(build); summary; exit 1; }
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 fi
 grep -E "CUDA kernels" "$OUT/build.log" | head -2
 if ! "$PY" -c "from entrodrop_fast import _ext; import sys; print('cuda kernels:', _ext.has_cuda()); sys.exit(0 if _ext.has_cuda() else 1)"; then

@@ -5,6 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV=${ENTRODROP_VENV:-.venv}
 "$VENV/bin/ruff" check .
-# Run the venv's pytest (not `python -m pytest`, which would import the source tree
-# without its compiled extension instead of the installed package).
+# The package lives in src/ (not importable from the checkout root), so pytest imports the
+# installed package with its compiled extension, however it is started.
 exec "$VENV/bin/pytest" tests "$@"

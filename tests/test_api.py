@@ -178,3 +178,22 @@ def test_unknown_and_unavailable_backend():
     assert info["torch"]["available"]
     assert set(info) == set(ef.BACKENDS)
     assert ef.resolve_backend("auto", torch.device("cpu")) in ef.BACKENDS
+
+
+def test_auto_warns_once_when_the_extension_did_not_load(monkeypatch):
+    """A checkout on sys.path without the compiled extension (or a failed build): ``auto``
+    still works on the torch reference, but says so once, with the reason."""
+    import warnings
+
+    from entrodrop_fast.ops import api
+
+    monkeypatch.setattr(api, "_loaded", {"torch": api._TorchBackend})
+    monkeypatch.setattr(api, "_load_errors", {"cpp": "ImportError: no module named entrodrop_fast._C", "triton": "no GPU"})
+    monkeypatch.setattr(api, "_fallback_warned", False)
+    x = torch.randn(16, 4)
+    with pytest.warns(RuntimeWarning, match=r"compiled kernels are not available \(ImportError: no module named entrodrop_fast._C\).*torch reference"):
+        a = ef.bucket_entropy(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = ef.bucket_entropy(x)  # once per process
+    assert float(a) == float(b) == float(ef.bucket_entropy(x, backend="torch"))

@@ -101,7 +101,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         for name in BACKENDS:
             mod = _module(name)
             if mod is not None and dev in mod.devices():
+                if name == "torch":
+                    _warn_reference_fallback()
                 return name
+        _warn_reference_fallback()
         return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from 'auto', " + ", ".join(repr(b) for b in BACKENDS) + f" (available here: {_available_list(dev)})")
@@ -116,6 +119,27 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if dev not in mod.devices():
         raise ValueError(f"backend {backend!r} does not run on {dev} tensors; available for {dev}: {_available_list(dev)}")
     return backend
+
+
+_fallback_warned = False
+
+
+def _warn_reference_fallback() -> None:
+    """Once per process: ``auto`` fell back to the torch reference because the compiled
+    extension did not load (a source checkout on sys.path, a failed build, a bad .so)."""
+    global _fallback_warned
+    if _fallback_warned or "cpp" not in _load_errors:
+        return
+    _fallback_warned = True
+    from entrodrop_fast import _ext
+
+    warnings.warn(
+        f"entrodrop_fast: the compiled kernels are not available ({_load_errors['cpp']}); backend='auto' "
+        f"uses the torch reference, 25-600x slower. Package imported from {os.path.dirname(os.path.dirname(__file__))}; "
+        f"{_ext.BUILD_HINT}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _available_list(dev: str) -> str:
