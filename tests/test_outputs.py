@@ -284,3 +284,14 @@ def test_bench_json_never_replaces_a_foreign_file_or_directory(tmp_path, monkeyp
     ok = tmp_path / "bench.json"
     assert main([*bench, str(ok)]) == 0 and main([*bench, str(ok)]) == 0  # its own file is replaced
     assert json.loads(ok.read_text())[0]["estimator"] == "moments"
+
+
+def test_profile_bins_above_the_maximum_stop_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from entrodrop_fast.models import loading
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load_model", never)
+    assert main(["profile", str(tmp_path / "nomodel"), "--bins", str(2**16 + 1), "--out", str(tmp_path / "r")]) == 1
+    assert "--bins must be at most 65536" in capsys.readouterr().err

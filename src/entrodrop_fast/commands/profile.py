@@ -162,6 +162,10 @@ def run(args) -> int:
     for name, v in (("--samples", args.samples), ("--seq-len", args.seq_len), ("--batch-size", args.batch_size or 1), ("--bins", args.bins), ("--k", args.k)):
         if v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v}")
+    from entrodrop_fast.ops.api import MAX_BINS
+
+    if args.bins > MAX_BINS:  # before the model loads, not at the first estimator call
+        raise ValueError(f"--bins must be at most {MAX_BINS} (every backend keeps that many counters per channel), got {args.bins}")
     settings = ProfileSettings(methods=methods, batch_size=args.batch_size or 1, backend=args.backend, bins=args.bins, k=args.k, paper_exact=args.paper_exact, spans=_spans(args.spans))
     check_targets(args)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
