@@ -48,7 +48,7 @@ def _windows(vocab=97, n=7, t=20):
     return torch.randint(3, vocab, (n, t), generator=torch.Generator().manual_seed(0))
 
 
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")  # per-expert and fused layouts: tests/test_streaming_moe.py
 
 
 @pytest.mark.parametrize("name", sorted(set(TINY) - set(MOE)))
@@ -57,12 +57,6 @@ def test_streaming_equals_in_memory(name):
     d = _save(model)
     w = _windows()
     assert_same_report(profile(model, w, SETTINGS, progress=False), profile_streaming(d, w, SETTINGS, progress=False))
-
-
-def test_moe_says_it_is_not_supported():
-    d = _save(tiny_model("mixtral"))
-    with pytest.raises(NotImplementedError, match="mixture-of-experts"):
-        profile_streaming(d, _windows(), SETTINGS, progress=False)
 
 
 def test_disk_backed_activations_and_cleanup(monkeypatch):

@@ -11,6 +11,13 @@ real. Then, layer-outer::
         activations[s] = layer_l(activations[s])          for every batch, under the taps
         free layer l
 
+Checkpoint names become the model's tensors through transformers' own load-time rules for
+the model class (:class:`WeightPlan`): a mixture-of-experts checkpoint stored per expert
+(Mixtral's ``block_sparse_moe.experts.N.w1/w2/w3``, Qwen-MoE's ``experts.N.gate_proj/up_proj/
+down_proj``) has each layer's experts read and fused into the model's ``gate_up_proj`` /
+``down_proj`` on the prefetch thread, exactly as ``from_pretrained`` fuses them; the MLP block
+of such a layer is the whole sparse-MoE block (router, experts, shared expert).
+
 The taps and estimators are the in-memory runner's (:mod:`entrodrop_fast.hooks`), so the
 report is the same. The masks, position ids and rotary embeddings each layer receives are
 captured from the model's own forward (run once per batch with the layers replaced by
@@ -32,8 +39,9 @@ message naming what is wrong; activation files are never re-created on resume. U
 ``torchrun`` each rank keeps its files in ``rank{R}-of-{N}/`` inside ``resume_dir``.
 
 Peak memory: on the device, the embedding while the batches are embedded, then one layer
-+ one batch's activations; in RAM, the prefetched layer + the activation buffers
-(2 x samples x T x D x bytes; on disk beyond ``ram_budget_bytes``).
+(with all its experts) + one batch's activations; in RAM, the prefetched layer + the
+activation buffers (2 x samples x T x D x bytes; on disk beyond ``ram_budget_bytes``), and
+while a per-expert layer is fused, its largest fused tensor once more.
 """
 
 from __future__ import annotations
@@ -171,6 +179,207 @@ class Checkpoint:
                         out[k] = fh.get_tensor(k).to(device=device, dtype=dtype)
             except Exception as exc:
                 raise CheckpointError(f"{path}: could not read tensors {ks[:3]} ({type(exc).__name__}: {exc})") from None
+        return out
+
+
+# ---------------------------------------------------------------- checkpoint names -> model tensors
+
+
+def natural_key(name: str) -> list:
+    """Sort key for tensor names with numbers compared as numbers (``experts.10`` after
+    ``experts.9``): the order transformers collects per-expert tensors in before stacking them."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
+
+
+def _load_time_transforms(model):
+    """(renamings, converters, rename) that transformers applies to checkpoint names when it loads
+    ``model`` (its ``conversion_mapping`` for the class: e.g. Mixtral's ``block_sparse_moe`` ->
+    ``mlp`` and per-expert ``w1``/``w3`` -> fused ``gate_up_proj``). transformers before 5 renames
+    nothing (its MoE classes keep one module per expert): names map as they are."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+    except ImportError:
+
+        def rename_source_key(key, renamings, converters, base_prefix, expected):
+            if key not in expected and base_prefix and f"{base_prefix}.{key}" in expected:
+                return f"{base_prefix}.{key}", None
+            if key not in expected and base_prefix and key.startswith(base_prefix + "."):
+                return key[len(base_prefix) + 1 :], None
+            return key, None
+
+        return [], [], rename_source_key
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    return renamings, converters, rename_source_key
+
+
+class _Group:
+    """Checkpoint tensors that one transformers converter combines (e.g. every expert's ``w1`` and
+    ``w3`` of a layer into its ``gate_up_proj``)."""
+
+    def __init__(self, target: str, converter):
+        self.target = target  # the name transformers keys the group by (its first output)
+        self.converter = converter  # the prototype: copied for every conversion
+        self.sources: list[tuple[str, str]] = []  # (checkpoint name, the converter's pattern it matched)
+        self.outputs: dict[str, list[int]] = {}  # model tensor -> shape, from a conversion on meta tensors
+        self.error: str | None = None
+
+    def describe(self, ckpt) -> str:
+        keys = [k for k, _ in self.sources]
+        files = ", ".join(sorted({ckpt.file_of[k] for k in keys}))
+        if len(keys) == 1:
+            return f"tensor {keys[0]} in {files}"
+        return f"the {len(keys)} tensors {keys[0]} ... {keys[-1]} in {files}"
+
+
+class WeightPlan:
+    """How every tensor of the model is made from the checkpoint's tensors, by transformers' own rules.
+
+    Each checkpoint name goes through the renamings and conversions transformers applies in
+    ``from_pretrained`` for the model's class (:func:`_load_time_transforms`). Most names map one
+    to one, perhaps renamed; tensors stored per expert in a mixture-of-experts checkpoint
+    (Mixtral's ``block_sparse_moe.experts.N.w1/w2/w3``, Qwen-MoE's ``mlp.experts.N.gate_proj/
+    up_proj/down_proj``) are grouped per target, in expert order, and combined by the
+    converter's own operations (stack the experts, concatenate gate and up) when their layer is
+    read. A checkpoint already fused maps one to one. Every group is converted once on ``meta``
+    tensors (shapes only, no memory), so a missing expert or a config that does not match the
+    weights is found before any weight is read. Names that make no model tensor (e.g. an LM
+    head the model ties to the embedding) are ignored, as the runner never needs them.
+    """
+
+    def __init__(self, model, ckpt: Checkpoint):
+        import copy
+
+        self.ckpt = ckpt
+        self.model = model
+        expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+        self.expected = expected
+        renamings, converters, rename = _load_time_transforms(model)
+        by_pattern = {p: c for c in converters for p in c.source_patterns}
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        self.direct: dict[str, str] = {}  # model tensor -> checkpoint name
+        self.groups: dict[str, _Group] = {}  # group target -> group
+        self.made_by: dict[str, _Group] = {}  # model tensor -> the group producing it
+        for key in sorted(ckpt.shapes, key=natural_key):
+            target, pattern = rename(key, renamings, converters, prefix, expected)
+            if target not in expected and key in expected:  # as transformers: a name already right stays
+                target, pattern = key, None
+            if target not in expected:
+                continue
+            if pattern is None:
+                self.direct.setdefault(target, key)
+            else:
+                group = self.groups.get(target)
+                if group is None:
+                    group = self.groups[target] = _Group(target, by_pattern[pattern])
+                group.sources.append((key, pattern))
+        for group in self.groups.values():
+            conv = copy.deepcopy(group.converter)
+            for key, pattern in group.sources:
+                conv.add_tensor(group.target, key, pattern, lambda shape=ckpt.shapes[key]: torch.empty(shape, device="meta"))
+            try:
+                out = conv.convert(group.target, model=model, config=model.config)
+            except Exception as exc:
+                counts = {}
+                for _, p in group.sources:
+                    counts[p] = counts.get(p, 0) + 1
+                shown = ", ".join(f"{n} x {p}" for p, n in counts.items())
+                group.error = (
+                    f"{group.describe(ckpt)} ({shown}) do not combine into {group.target} {expected[group.target]} "
+                    f"({type(exc).__name__}: {exc}): a tensor of one expert is missing or has another shape"
+                )
+                self.made_by[group.target] = group
+                continue
+            for name, t in out.items():
+                t = t[0] if isinstance(t, list) else t
+                group.outputs[name] = list(t.shape)
+                if name in expected:
+                    self.made_by.setdefault(name, group)
+
+    def check(self, names, what: str) -> None:
+        """Every tensor in ``names`` (model names) can be made, with the shape the config implies."""
+        for name in names:
+            want = self.expected[name]
+            group = self.made_by.get(name)
+            if group is not None:
+                if group.error is not None:
+                    raise CheckpointError(f"{self.ckpt.dir}: {group.error} ({what}): config and weights do not match")
+                if group.outputs[name] != want:
+                    raise CheckpointError(
+                        f"{self.ckpt.dir}: {group.describe(self.ckpt)} combine into {name} of shape {group.outputs[name]}, "
+                        f"the config expects {want} ({what}): config and weights do not match"
+                    )
+                continue
+            key = self.direct.get(name)
+            if key is None:
+                raise CheckpointError(f"{self.ckpt.dir}: tensor {name} ({what}) is not in the checkpoint")
+            if self.ckpt.shapes[key] != want:
+                raise CheckpointError(
+                    f"{self.ckpt.dir / self.ckpt.file_of[key]}: tensor {key} has shape {self.ckpt.shapes[key]}, "
+                    f"the config expects {want}: config and weights do not match"
+                )
+
+    def sources(self, names) -> list[str]:
+        """The checkpoint names read to make the model tensors ``names``."""
+        out: dict[str, None] = {}
+        for name in names:
+            group = self.made_by.get(name)
+            for key in [k for k, _ in group.sources] if group is not None else [self.direct[name]]:
+                out[key] = None
+        return list(out)
+
+    def load(self, names, dtype) -> dict[str, torch.Tensor]:
+        """The model tensors ``names`` (checked before), read onto the CPU in ``dtype``.
+
+        Tensors of a group are read one at a time when its converter asks for them, and each
+        group's inputs are freed once it has made its outputs: the transient memory of fusing
+        is about one fused tensor (the largest: a layer's ``gate_up_proj``), not a layer.
+        """
+        import contextlib
+        import copy
+
+        from safetensors import safe_open
+
+        ckpt = self.ckpt
+        names = list(names)
+        plain = [n for n in names if n not in self.made_by]
+        read = ckpt.load([self.direct[n] for n in plain], "cpu", dtype) if plain else {}
+        out = {n: read[self.direct[n]] for n in plain}
+        del read
+        groups = list({id(self.made_by[n]): self.made_by[n] for n in names if n in self.made_by}.values())
+        if not groups:
+            return out
+        with contextlib.ExitStack() as stack:
+            handles: dict[str, object] = {}
+
+            def reader(key):
+                def read():
+                    name = ckpt.file_of[key]
+                    fh = handles.get(name)
+                    if fh is None:
+                        fh = handles[name] = stack.enter_context(safe_open(str(ckpt.dir / name), framework="pt", device="cpu"))
+                    return fh.get_tensor(key).to(dtype=dtype)
+
+                return read
+
+            for group in groups:
+                conv = copy.deepcopy(group.converter)
+                for key, pattern in group.sources:
+                    conv.add_tensor(group.target, key, pattern, reader(key))
+                try:
+                    made = conv.convert(group.target, model=self.model, config=self.model.config)
+                except Exception as exc:
+                    raise CheckpointError(f"{ckpt.dir}: could not read or combine {group.describe(ckpt)} ({type(exc).__name__}: {exc}); truncated or corrupt?") from None
+                for name, t in made.items():
+                    if name in names:
+                        out[name] = t[0] if isinstance(t, list) else t
+                del made
         return out
 
 
@@ -567,14 +776,14 @@ def _real_buffers_(model, module: nn.Module, device) -> None:
         model._init_weights(m)
 
 
-def _materialise(model, path: str, ckpt: Checkpoint, device, dtype) -> None:
+def _materialise(model, path: str, plan: WeightPlan, device, dtype) -> None:
     """Load one (non-layer) module's weights, e.g. the embedding, onto ``device``."""
     mod = get_attr(model, path)
-    expected = {f"{path}.{k}": v.shape for k, v in mod.state_dict().items()}
-    ckpt.check(expected, path)
+    expected = [f"{path}.{k}" for k in mod.state_dict()]
+    plan.check(expected, path)
     _real_buffers_(model, mod, device)
-    sd = ckpt.load(expected, device, dtype)
-    mod.load_state_dict({k[len(path) + 1 :]: v for k, v in sd.items()}, assign=True)
+    sd = plan.load(expected, dtype)
+    mod.load_state_dict({k[len(path) + 1 :]: v.to(device) for k, v in sd.items()}, assign=True)
 
 
 def _real_rotary(model, adapter, device) -> None:
@@ -622,19 +831,15 @@ def profile_streaming(
     ckpt = Checkpoint(model_dir)
     model = build_skeleton(model_dir, dtype)
     adapter = get_adapter(model)
-    if adapter.arch.moe:
-        raise NotImplementedError(
-            f"streaming a {adapter.model_type} checkpoint is not supported yet: mixture-of-experts checkpoints store "
-            "each expert separately while transformers fuses them at load time; profile it in memory instead"
-        )
     layers = adapter.layers(model)
     L = len(layers)
     _check(settings, windows, adapter, L)
+    plan = WeightPlan(model, ckpt)  # checkpoint names -> model tensors (per-expert MoE tensors fused)
     layer_keys = []
     for i, layer in enumerate(layers):
         prefix = f"{adapter.arch.layers}.{i}"
-        expected = {f"{prefix}.{k}": v.shape for k, v in layer.state_dict().items()}
-        ckpt.check(expected, f"layer {i}")
+        expected = [f"{prefix}.{k}" for k in layer.state_dict()]
+        plan.check(expected, f"layer {i}")
         layer_keys.append(expected)
     backend = resolved_backend(settings.backend, device)
     ts = settings.tap_settings()
@@ -673,7 +878,7 @@ def profile_streaming(
             hint = f"set TMPDIR to a directory on a larger disk, use --resume-dir on one, or raise --max-memory to keep them in RAM (now {_size(ram_budget_bytes)})"
             acts = ActivationBuffers((S, T, D), dtype, budget_bytes=ram_budget_bytes, directory=tmp_dir, hint=hint)
         for path in (adapter.arch.embed, adapter.arch.final_norm):
-            _materialise(model, path, ckpt, device, dtype)
+            _materialise(model, path, plan, device, dtype)
         _real_rotary(model, adapter, device)
 
         base = adapter.base(model)
@@ -697,8 +902,8 @@ def profile_streaming(
                     acts.cur[s0 : s0 + bs] = h.to(dtype).cpu()
         adapter.embed(model).to_empty(device="meta")  # the embedding is not needed any more
         # 2. layer by layer under the taps
-        def fetch(i):  # runs on the single prefetch thread
-            return ckpt.load(layer_keys[i], "cpu", dtype)
+        def fetch(i):  # runs on the single prefetch thread: reads layer i (and fuses its experts)
+            return plan.load(layer_keys[i], dtype)
 
         future = pool.submit(fetch, first_layer) if first_layer < L else None
         with ResidualTaps(model, dispatch, adapter), torch.inference_mode():

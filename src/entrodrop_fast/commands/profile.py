@@ -53,38 +53,54 @@ class MemoryPlan:
     """What a profile of the checkpoint in ``model_dir`` needs in memory, from its tensor shapes.
 
     ``total``: all weights; ``resident``: the most a streamed run holds at once, the larger of
-    the embedding and one layer (they are never resident together); ``per_token``: the
-    activations of one token (fp32-sized hidden state + MLP intermediates, x3 for the
-    temporaries of a layer).
+    the embedding and one layer (they are never resident together), a layer counted with every
+    tensor the model builds for it: in a mixture-of-experts model its experts (``experts``: their
+    bytes in that layer), router and shared expert, whether the checkpoint stores them per
+    expert or fused; ``fuse_extra``: for experts stored per expert, what fusing a layer holds
+    besides it (its largest fused tensor, e.g. every expert's gate and up projections, once more);
+    ``per_token``: the activations of one token (fp32-sized hidden state + MLP intermediates; in
+    an MoE layer each of the top-k experts gets a copy of the token and its intermediates; x3
+    for the temporaries of a layer).
     """
 
     def __init__(self, model_dir, dtype: str):
         import json
         from pathlib import Path
 
-        from entrodrop_fast.streaming import Checkpoint
+        from entrodrop_fast.models.adapters import get_adapter
+        from entrodrop_fast.models.loading import parse_dtype
+        from entrodrop_fast.streaming import Checkpoint, WeightPlan, build_skeleton
 
         per = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
-        layers: dict[str, int] = {}
-        embed = 0
-        self.total = 0
-        for name, shape in Checkpoint(model_dir).shapes.items():
-            n = math.prod(shape) * per
-            self.total += n
-            parts = name.split(".")
-            at = parts.index("layers") + 1 if "layers" in parts else len(parts)
-            if at < len(parts) and parts[at].isdigit():
-                key = ".".join(parts[: at + 1])
-                layers[key] = layers.get(key, 0) + n
-            elif "embed" in name:
-                embed = max(embed, n)
-        self.resident = max(embed, max(layers.values(), default=0))
+        ckpt = Checkpoint(model_dir)
+        self.total = sum(math.prod(shape) for shape in ckpt.shapes.values()) * per
+        model = build_skeleton(str(model_dir), parse_dtype(dtype))  # on meta: no memory
+        adapter = get_adapter(model)
+        weights = WeightPlan(model, ckpt)  # the model's tensors as transformers builds them from the checkpoint's
+        size = lambda name: math.prod(weights.expected[name]) * per  # noqa: E731
+        embed = sum(size(f"{adapter.arch.embed}.{k}") for k in adapter.embed(model).state_dict())
+        self.resident, self.experts, self.fuse_extra = embed, 0, 0
+        dense = False
+        for i, layer in enumerate(adapter.layers(model)):
+            names = [f"{adapter.arch.layers}.{i}.{k}" for k in layer.state_dict()]
+            self.resident = max(self.resident, sum(size(n) for n in names))
+            self.experts = max(self.experts, sum(size(n) for n in names if ".experts." in n))
+            groups = {id(g): g for n in names for g in [weights.made_by.get(n)] if g is not None}.values()
+            made = [math.prod(shape) * per for g in groups for shape in g.outputs.values()]
+            self.fuse_extra = max(self.fuse_extra, max(made, default=0))
+            dense = dense or not hasattr(adapter.mlp(layer), "experts")
         cfg = json.loads((Path(model_dir) / "config.json").read_text())
         d = int(cfg.get("hidden_size", 0))
-        self.per_token = (d + int(cfg.get("intermediate_size", 4 * d) or 4 * d)) * 4 * 3
+        inter = int(cfg.get("intermediate_size", 4 * d) or 4 * d)
+        if self.experts:  # top-k copies of each token through its experts, + the shared expert
+            k = int(cfg.get("num_experts_per_tok", 1) or 1)
+            moe = k * (d + int(cfg.get("moe_intermediate_size") or inter)) + int(cfg.get("shared_expert_intermediate_size") or 0)
+            inter = max(moe, inter) if dense else moe
+        self.per_token = (d + inter) * 4 * 3
 
     def peak(self, streaming: bool, batch_size: int, seq_len: int) -> float:
-        return (self.resident if streaming else self.total) + batch_size * seq_len * self.per_token
+        held = self.resident + self.fuse_extra if streaming else self.total
+        return held + batch_size * seq_len * self.per_token
 
 
 def resume_dir_is_ours(path) -> bool:
@@ -220,7 +236,15 @@ def run(args) -> int:
         if plan is not None:
             need = plan.peak(True, args.batch_size, args.seq_len)
             if need > budget:
-                raise ValueError(f"--max-memory {args.max_memory} is too small: streaming needs about {need / 2**30:.2f} GiB (the largest of embedding and one layer, plus one batch of {args.batch_size} x {args.seq_len} tokens); raise it or lower --batch-size / --seq-len")
+                from entrodrop_fast.streaming import _size
+
+                experts = f" with its experts ({_size(plan.experts)})" if plan.experts else ""
+                fusing = f", plus {_size(plan.fuse_extra)} to fuse a layer's per-expert tensors" if plan.fuse_extra else ""
+                raise ValueError(
+                    f"--max-memory {args.max_memory} is too small: streaming needs about {_size(need)} (the largest of "
+                    f"embedding and one layer{experts}{fusing}, plus one batch of {args.batch_size} x {args.seq_len} tokens); "
+                    "raise it or lower --batch-size / --seq-len"
+                )
         ram = budget if budget else 8 * 2**30
         result = profile_streaming(str(stream_dir), mine, settings, device=parse_device(args.device), dtype=parse_dtype(args.dtype), ram_budget_bytes=ram, resume_dir=args.resume_dir, progress=not args.quiet and rank == 0)
         source = args.model or "builtin"
