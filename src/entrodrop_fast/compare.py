@@ -127,7 +127,7 @@ def profile_report(lm, corpus, *, samples: int, seq_len: int, seed: int, methods
     windows, data_info = calibration_windows(lm.tokenizer, c, samples=samples, seq_len=seq_len, seed=seed)  # held-out part excluded
     settings = ProfileSettings(methods=tuple(methods), batch_size=batch_size)
     result = profile(lm.model, windows, settings, progress=progress)
-    info = {"name": lm.source if lm.kind != "builtin" else "SmolLM2-135M-Instruct (built-in)", "source": lm.source, "path": lm.path, "kind": lm.kind}
+    info = {"name": lm.name, "source": lm.source, "path": lm.path, "kind": lm.kind}
     return build_report(result, model_info=info, data_info=data_info, settings={"samples": samples, "seq_len": seq_len, "seed": seed, "batch_size": batch_size}, model=lm.model)
 
 

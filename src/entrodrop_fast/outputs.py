@@ -305,17 +305,13 @@ def publish_file(out, data: str | bytes, *, what: str) -> Path:
 
 def model_paths(model, cache_dir=None) -> list[tuple[str, object]]:
     """The local paths a model argument reads (nothing is loaded or converted)."""
-    from entrodrop_fast.models.loading import (
-        BUILTIN_ALIASES,
-        BUILTIN_NAME,
-        builtin_gguf_path,
-        cache_root,
-    )
+    from entrodrop_fast.models.loading import builtin_files, builtin_model, cache_root
 
-    if model in BUILTIN_ALIASES:
-        out: list[tuple[str, object]] = [("built-in model cache", (Path(cache_dir) if cache_dir else cache_root()) / BUILTIN_NAME)]
-        with contextlib.suppress(Exception):
-            out.append(("built-in model file", builtin_gguf_path()))
+    b = builtin_model(model)
+    if b is not None:
+        out: list[tuple[str, object]] = [("built-in model cache", (Path(cache_dir).expanduser() if cache_dir else cache_root()) / b.name)]
+        with contextlib.suppress(Exception):  # not installed: the load reports it
+            out += [("built-in model file" if p.is_file() else "built-in model package", p) for p in builtin_files(b)]
         return out
     p = Path(str(model)).expanduser()
     return [("model", p)] if p.exists() else []

@@ -80,7 +80,7 @@ def register(sub) -> None:
     from entrodrop_fast.cli import int_at_least, positive_int
 
     p = sub.add_parser("eval", help="perplexity, zero-shot accuracy and speed of a (pruned) model")
-    p.add_argument("model", nargs="?", default=None, help="model directory (pruned or not), .gguf, hub id; default: built-in SmolLM2-135M")
+    p.add_argument("model", nargs="?", default=None, help="model directory (pruned or not), .gguf, hub id, a built-in name (gemma3-270m); default: built-in SmolLM2-135M")
     p.add_argument("--corpus", default=None, help="held-out text source (default built-in): every 5th document, or with fewer than 5 documents the last fifth of each, as held out of calibration")
     p.add_argument("--seq-len", type=int_at_least(2, "a window holds a token and its successor"), default=256, help="tokens per perplexity window (default 256)")
     p.add_argument("--windows", type=positive_int, default=32, help="perplexity windows, at most (default 32)")

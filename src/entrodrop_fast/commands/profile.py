@@ -36,13 +36,14 @@ def parse_bytes(s: str) -> float:
 
 
 def streaming_source(model, cache_dir):
-    """The safetensors directory to stream from: a local model directory, or the built-in cache."""
+    """The safetensors directory to stream from: a local model directory, or a built-in model's cache."""
     from pathlib import Path
 
-    from entrodrop_fast.models.loading import BUILTIN_ALIASES, ensure_builtin
+    from entrodrop_fast.models.loading import builtin_model, ensure_builtin
 
-    if model in BUILTIN_ALIASES:
-        return ensure_builtin(cache_dir)
+    b = builtin_model(model)
+    if b is not None:
+        return ensure_builtin(cache_dir, b)
     p = Path(str(model)).expanduser()
     if not p.is_dir():
         raise ValueError(f"streaming reads a local Hugging Face directory with safetensors shards; {model!r} is not one")
@@ -137,7 +138,7 @@ def register(subparsers) -> None:
         help="entropy profile of a model's attention / MLP / layer blocks (the main job)",
         description=__doc__,
     )
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help="local HF directory, .gguf file or hub id (default: built-in SmolLM2-135M-Instruct)")
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help="local HF directory, .gguf file, hub id or a built-in name (gemma3-270m); default: built-in SmolLM2-135M-Instruct")
     p.add_argument("--method", "-m", action="append", default=None, help="bucket, gaussian_diag, gaussian_full, knn, renyi, cosine, angular or all; several comma-separated or repeated (default bucket); all run in one forward pass")
     p.add_argument("--samples", type=positive_int, default=PAPER_SAMPLES, help=f"calibration windows (default {PAPER_SAMPLES})")
     p.add_argument("--seq-len", type=int_at_least(2, "an entropy needs at least 2 tokens"), default=PAPER_SEQ_LEN, help=f"tokens per window (default {PAPER_SEQ_LEN})")
@@ -190,7 +191,7 @@ def run(args) -> int:
         log(f"--resume-dir {args.resume_dir}: streaming layer by layer (--resume-dir implies --streaming)")
     t0 = time.perf_counter()
     from entrodrop_fast import distributed
-    from entrodrop_fast.models.loading import parse_device, parse_dtype
+    from entrodrop_fast.models.loading import display_name, parse_device, parse_dtype
 
     distributed.init_from_env(parse_device(args.device))
     rank, world = distributed.world()
@@ -208,7 +209,7 @@ def run(args) -> int:
             stream_dir = None
         else:
             log(f"the model needs {plan.total / 2**30:.1f} GiB in {args.dtype}, more than --max-memory {args.max_memory}: streaming layer by layer")
-    log(f"loading {'tokenizer' if stream_dir else 'model'} {args.model or 'built-in SmolLM2-135M-Instruct'} ({args.dtype}, {args.device}) ...")
+    log(f"loading {'tokenizer' if stream_dir else 'model'} {display_name(args.model)} ({args.dtype}, {args.device}) ...")
     if stream_dir is not None:
         from transformers import AutoTokenizer
 
@@ -248,11 +249,11 @@ def run(args) -> int:
         ram = budget if budget else 8 * 2**30
         result = profile_streaming(str(stream_dir), mine, settings, device=parse_device(args.device), dtype=parse_dtype(args.dtype), ram_budget_bytes=ram, resume_dir=args.resume_dir, progress=not args.quiet and rank == 0)
         source = args.model or "builtin"
-        model_info = {"name": source if args.model else "SmolLM2-135M-Instruct (built-in)", "source": source, "path": str(stream_dir), "kind": "streaming",
+        model_info = {"name": display_name(args.model), "source": source, "path": str(stream_dir), "kind": "streaming",
                       **model_identity(json.loads((Path(stream_dir) / "config.json").read_text()))}
     else:
         result = profile(lm.model, mine, settings, progress=not args.quiet and rank == 0)
-        model_info = {"name": lm.source if lm.kind != "builtin" else "SmolLM2-135M-Instruct (built-in)", "source": lm.source, "path": lm.path, "kind": lm.kind}
+        model_info = {"name": lm.name, "source": lm.source, "path": lm.path, "kind": lm.kind}
     result["tokens"] = int(windows.numel())
     result["tokens_per_s"] = windows.numel() / result["seconds"] if result["seconds"] > 0 else float("nan")
     if rank:

