@@ -13,6 +13,8 @@ fi
 PY="$(cd "$VENV" && pwd)/bin/python"
 quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }  # keeps the command's status (pipefail)
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# incremental rebuilds in build/ when the checkout is writable (pip's default: a fresh temporary build directory)
+if [ -z "${SKBUILD_BUILD_DIR:-}" ] && [ -w . ]; then export SKBUILD_BUILD_DIR='build/{wheel_tag}'; fi
 if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch==2.13.0"
   quiet "$PY" -m pip install -q "torch==2.13.0"

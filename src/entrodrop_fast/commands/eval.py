@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 
 def load_any(source, dtype: str, device: str):
@@ -18,7 +19,14 @@ def load_any(source, dtype: str, device: str):
     return lm.model, lm.tokenizer
 
 
-def evaluate_model(model, tokenizer, *, corpus=None, seq_len=256, windows=32, items=100, tasks=(), speed=True) -> dict:
+def evaluate_model(model, tokenizer, *, corpus=None, seq_len=256, windows=32, items=100, tasks=(), speed=True,
+                   include_path=None, limit=None, num_fewshot=None, lm_eval_batch_size=None) -> dict:
+    """Perplexity, the built-in zero-shot tasks, lm-eval ``tasks`` (names, YAML paths, or
+    :class:`~entrodrop_fast.lm_eval_adapter.PreparedTasks`) and speed.
+
+    A failure of the lm-eval tasks raises (a subclass of ``LmEvalUnavailable``); nothing
+    half-done is returned.
+    """
     from entrodrop_fast import evaluate as E
     from entrodrop_fast.data import describe_split, heldout_documents, load_corpus
 
@@ -28,12 +36,13 @@ def evaluate_model(model, tokenizer, *, corpus=None, seq_len=256, windows=32, it
     out["perplexity"] = E.perplexity(model, tokenizer, held, seq_len=seq_len, max_windows=windows)
     out["zero_shot"] = E.zero_shot(model, tokenizer, held, items=items)
     if tasks:
-        from entrodrop_fast.lm_eval_adapter import LmEvalUnavailable, run_lm_eval
+        from entrodrop_fast import lm_eval_adapter as L
 
-        try:
-            out["zero_shot"] += run_lm_eval(model, tokenizer, list(tasks))
-        except LmEvalUnavailable as exc:
-            out["lm_eval_error"] = str(exc)
+        prepared = L.prepare_tasks(tasks, include_path=include_path)
+        batch = lm_eval_batch_size or L.DEFAULT_BATCH_SIZE
+        rows = L.run_lm_eval(model, tokenizer, prepared, batch_size=batch, limit=limit, num_fewshot=num_fewshot)
+        out["lm_eval"] = {"tasks": rows, "requested": prepared.names, "include_path": prepared.include_path,
+                          "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch}
     if speed:
         out["speed"] = E.speed(model, tokenizer)
     return out
@@ -52,21 +61,38 @@ def run(args) -> int:
     if args.json:  # checked before any work
         outputs.check_file(args.json, what="evaluation JSON", recognise=eval_file_check(), overwrite=args.overwrite, flag="--json",
                            inputs=[*outputs.model_paths(args.model), *outputs.corpus_paths(args.corpus)])
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    lm_flags = [flag for flag, value in (("--include-path", args.include_path), ("--limit", args.limit), ("--num-fewshot", args.num_fewshot),
+                                         ("--lm-eval-batch-size", args.lm_eval_batch_size)) if value is not None]
+    if lm_flags and not tasks:
+        raise ValueError(f"{', '.join(lm_flags)} only apply to lm-evaluation-harness tasks: give them with --tasks NAME[,NAME...]")
+    for d in args.include_path or []:
+        if not os.path.isdir(d):
+            raise ValueError(f"--include-path {d}: {'not a directory' if os.path.exists(d) else 'no such directory'} (give a directory of lm-eval task YAML files)")
     from entrodrop_fast.data import load_corpus
 
     corpus = load_corpus(args.corpus)  # an unreadable, empty or binary corpus stops the run before the model loads
+    prepared = None
+    if tasks:  # lm-eval installed, every task found and its data read, before the model loads
+        from entrodrop_fast.lm_eval_adapter import prepare_tasks
+
+        prepared = prepare_tasks(tasks, include_path=args.include_path)
     model, tok = load_any(args.model, args.dtype, args.device)
-    tasks = [t for t in (args.tasks or "").split(",") if t]
-    res = evaluate_model(model, tok, corpus=corpus, seq_len=args.seq_len, windows=args.windows, items=args.items, tasks=tasks, speed=not args.no_speed)
+    res = evaluate_model(model, tok, corpus=corpus, seq_len=args.seq_len, windows=args.windows, items=args.items, tasks=prepared, speed=not args.no_speed,
+                         limit=args.limit, num_fewshot=args.num_fewshot, lm_eval_batch_size=args.lm_eval_batch_size)
     res["model"] = str(args.model or "builtin")
     p = res["perplexity"]
     print(f"perplexity {p['perplexity']:.3f} on {p['tokens']} held-out tokens ({p['windows']} windows of {p['seq_len']})")
     for z in res["zero_shot"]:
-        ci = z.get("ci95")
-        extra = f"  95% CI [{ci[0]:.3f}, {ci[1]:.3f}], {z['items']} items" if ci else f"  (lm_eval, stderr {z.get('stderr')})"
-        print(f"{z['task']:14s} accuracy {z['accuracy']:.3f}{extra}")
-    if "lm_eval_error" in res:
-        print(f"lm_eval tasks skipped: {res['lm_eval_error']}")
+        ci = z["ci95"]
+        print(f"{z['task']:14s} accuracy {z['accuracy']:.3f}  95% CI [{ci[0]:.3f}, {ci[1]:.3f}], {z['items']} items")
+    if "lm_eval" in res:
+        from entrodrop_fast.lm_eval_adapter import format_row
+
+        partial = f" (--limit {args.limit}: a partial run, not for reporting)" if args.limit else ""
+        print(f"lm-evaluation-harness{partial}:")
+        for row in res["lm_eval"]["tasks"]:
+            print(f"  {format_row(row)}")
     if "speed" in res:
         s = res["speed"]
         print(f"prefill {s['prefill_tokens_per_s']:.1f} tok/s, decode {s['decode_tokens_per_s']:.1f} tok/s, KV cache {s['kv_cache_bytes_per_token']:.0f} B/token, peak {s['peak_memory_bytes'] / 2**20:.0f} MiB ({s['peak_memory_kind']})")
@@ -85,7 +111,11 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=int_at_least(2, "a window holds a token and its successor"), default=256, help="tokens per perplexity window (default 256)")
     p.add_argument("--windows", type=positive_int, default=32, help="perplexity windows, at most (default 32)")
     p.add_argument("--items", type=positive_int, default=100, help="items per built-in zero-shot task, at most (default 100)")
-    p.add_argument("--tasks", default="", help="lm-evaluation-harness tasks, comma-separated (needs lm_eval and its datasets)")
+    p.add_argument("--tasks", default="", help="lm-evaluation-harness tasks, comma-separated: registered names (built-in or from --include-path) or task YAML paths (needs: pip install 'entrodrop_fast[eval]')")
+    p.add_argument("--include-path", action="append", metavar="DIR", help="register the lm-eval task YAMLs under DIR, so --tasks can name them (repeatable)")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="lm-eval: score at most N documents per task (a quick, partial run)")
+    p.add_argument("--num-fewshot", type=int_at_least(0), default=None, metavar="N", help="lm-eval: N examples in each prompt (default: each task's own)")
+    p.add_argument("--lm-eval-batch-size", type=positive_int, default=None, metavar="N", help="lm-eval: requests per forward pass (default 8)")
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--device", default="cpu")
