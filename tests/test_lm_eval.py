@@ -200,6 +200,15 @@ def test_unknown_task_lists_the_registered_ones_and_how_to_register(task_dir):
 
 
 @needs_lm_eval
+def test_a_task_yaml_path_and_a_registered_name_load_the_same_task(task_dir):
+    by_path = L.prepare_tasks([str(task_dir / "tiny_mc.yaml")], include_path=task_dir)  # the path is not a registered name
+    by_name = L.prepare_tasks([TASK], include_path=[task_dir])
+    assert [t.task_name for t in by_path.items] == [t.task_name for t in by_name.items] == [TASK]
+    assert by_name.include_path == [str(task_dir.resolve())]
+    assert len(list(by_path.items[0].test_docs())) == len(TEST)
+
+
+@needs_lm_eval
 def test_missing_local_data_file_is_not_blamed_on_the_hub(task_dir):
     with pytest.raises(L.TaskDataError) as e:
         L.prepare_tasks(["tiny_missing_data"], include_path=task_dir)
