@@ -337,11 +337,12 @@ class WeightPlan:
     def load(self, names, dtype) -> dict[str, torch.Tensor]:
         """The model tensors ``names`` (checked before), read onto the CPU in ``dtype``.
 
-        Tensors of a group are read one at a time when its converter asks for them, and each
-        group's inputs are freed once it has made its outputs: the transient memory of fusing
-        is about one fused tensor (the largest: a layer's ``gate_up_proj``), not a layer.
+        A group's tensors are read when its converter asks for them, each through its own
+        handle, so that the pages of a per-expert tensor are let go as soon as it has been
+        stacked (safetensors maps files: one handle for the layer would keep every touched page
+        of the layer's experts mapped until the last one is freed). Fusing a layer holds its
+        largest fused tensor (``gate_up_proj``) at most once more besides the layer.
         """
-        import contextlib
         import copy
 
         from safetensors import safe_open
@@ -352,34 +353,26 @@ class WeightPlan:
         read = ckpt.load([self.direct[n] for n in plain], "cpu", dtype) if plain else {}
         out = {n: read[self.direct[n]] for n in plain}
         del read
-        groups = list({id(self.made_by[n]): self.made_by[n] for n in names if n in self.made_by}.values())
-        if not groups:
-            return out
-        with contextlib.ExitStack() as stack:
-            handles: dict[str, object] = {}
 
-            def reader(key):
-                def read():
-                    name = ckpt.file_of[key]
-                    fh = handles.get(name)
-                    if fh is None:
-                        fh = handles[name] = stack.enter_context(safe_open(str(ckpt.dir / name), framework="pt", device="cpu"))
+        def reader(key):
+            def read_one():
+                with safe_open(str(ckpt.dir / ckpt.file_of[key]), framework="pt", device="cpu") as fh:
                     return fh.get_tensor(key).to(dtype=dtype)
 
-                return read
+            return read_one
 
-            for group in groups:
-                conv = copy.deepcopy(group.converter)
-                for key, pattern in group.sources:
-                    conv.add_tensor(group.target, key, pattern, reader(key))
-                try:
-                    made = conv.convert(group.target, model=self.model, config=self.model.config)
-                except Exception as exc:
-                    raise CheckpointError(f"{ckpt.dir}: could not read or combine {group.describe(ckpt)} ({type(exc).__name__}: {exc}); truncated or corrupt?") from None
-                for name, t in made.items():
-                    if name in names:
-                        out[name] = t[0] if isinstance(t, list) else t
-                del made
+        for group in {id(self.made_by[n]): self.made_by[n] for n in names if n in self.made_by}.values():
+            conv = copy.deepcopy(group.converter)
+            for key, pattern in group.sources:
+                conv.add_tensor(group.target, key, pattern, reader(key))
+            try:
+                made = conv.convert(group.target, model=self.model, config=self.model.config)
+            except Exception as exc:
+                raise CheckpointError(f"{ckpt.dir}: could not read or combine {group.describe(ckpt)} ({type(exc).__name__}: {exc}); truncated or corrupt?") from None
+            for name, t in made.items():
+                if name in names:
+                    out[name] = t[0] if isinstance(t, list) else t
+            del made
         return out
 
 
