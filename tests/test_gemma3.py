@@ -175,6 +175,17 @@ def test_an_earlier_versions_cache_entry_is_kept_or_replaced_whole(fake):
     assert len(fake.converted) == 2 and not (path / "stray.txt").exists() and outputs.is_ours(path, "builtin-model")
 
 
+def test_a_directory_of_someone_elses_at_the_cache_path_is_never_replaced(fake, capsys):
+    own = fake.cache / "fake-tiny"
+    own.mkdir(parents=True)
+    (own / "config.json").write_text("{}")  # e.g. a model downloaded there by hand
+    with pytest.raises(ModelLoadError, match=r"fake-tiny exists and is not a conversion of the built-in model fake-tiny .* move it away, or set ENTRODROP_CACHE"):
+        ensure_builtin(fake.cache, "fake")
+    assert sorted(p.name for p in own.iterdir()) == ["config.json"] and fake.converted == []
+    (own / "config.json").unlink()  # an empty directory is taken
+    assert ensure_builtin(fake.cache, "fake") == own and len(fake.converted) == 1
+
+
 def test_a_failed_conversion_leaves_nothing_and_keeps_the_old_entry(fake, monkeypatch):
     real, fail = loading._from_dir, [True]
 

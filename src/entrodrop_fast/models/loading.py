@@ -312,6 +312,14 @@ def _cache_is_valid(final: Path, record: dict) -> bool:
         return False
 
 
+def _replaceable(final: Path) -> bool:
+    """``final`` is absent, an empty directory, or a conversion of ours (stale or damaged): never
+    a directory of someone else's that happens to be at the cache path."""
+    if not (final.exists() or final.is_symlink()):
+        return True
+    return final.is_dir() and not final.is_symlink() and (not any(final.iterdir()) or (final / _MARKER).is_file())
+
+
 _PROBE = "The capital of France is Paris, and the capital of Italy is"
 
 
@@ -358,6 +366,11 @@ def ensure_builtin(cache_dir: str | os.PathLike | None = None, model=None) -> Pa
     if _cache_is_valid(final, record):
         return final
     what = f"built-in model {b.name}"
+    if not _replaceable(final):
+        raise ModelLoadError(
+            f"{final} exists and is not a conversion of the {what} (it has no {_MARKER}); entrodrop does not replace it: "
+            "move it away, or set ENTRODROP_CACHE (or --cache-dir) to another directory"
+        )
     try:
         with outputs.scratch_dir(final) as work:
             gguf = _obtain_gguf(b, work)
@@ -369,7 +382,7 @@ def ensure_builtin(cache_dir: str | os.PathLike | None = None, model=None) -> Pa
                     pub.abort()
                     return final
                 if (final.exists() or final.is_symlink()) and not outputs.is_ours(final, _CACHE_KIND):
-                    os.replace(final, work / "stale")  # an earlier version's or a damaged entry: out of the way, removed with work
+                    os.replace(final, work / "stale")  # an earlier version's entry or a damaged one: out of the way, removed with work
                 pub.commit()
             except BaseException:
                 pub.abort()
