@@ -156,14 +156,6 @@ class Checkpoint:
             "weights": hashlib.sha256(json.dumps(stats).encode()).hexdigest(),
         }
 
-    def check(self, expected: dict[str, torch.Size], what: str) -> None:
-        """Every expected tensor exists with the expected shape (else: the config does not match)."""
-        for key, shape in expected.items():
-            if key not in self.shapes:
-                raise CheckpointError(f"{self.dir}: tensor {key} ({what}) is not in the checkpoint")
-            if list(shape) != self.shapes[key]:
-                raise CheckpointError(f"{self.dir / self.file_of[key]}: tensor {key} has shape {self.shapes[key]}, the config expects {list(shape)}: config and weights do not match")
-
     def load(self, keys, device, dtype) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
 
