@@ -137,7 +137,8 @@ def in_memory(models):
 
 def test_per_expert_layout_is_what_transformers_writes(tmp_path):
     """The hand-written per-expert layout has exactly the names and tensors of save_pretrained's
-    (transformers 5 writes MoE checkpoints per expert, as published), and fused has the model's."""
+    (transformers 5 fuses the experts in memory and writes them back per expert, as published;
+    transformers 4 keeps them per expert throughout)."""
     from safetensors.torch import load_file
 
     for name in MOE:
@@ -147,14 +148,9 @@ def test_per_expert_layout_is_what_transformers_writes(tmp_path):
         mine = per_expert_state(model)
         if model.config.tie_word_embeddings:
             mine.pop("lm_head.weight", None)
-        try:  # transformers < 5 has no fused experts: both are the model's own names
-            from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: F401
-
-            assert sorted(mine) == sorted(saved), name
-            for k in mine:
-                torch.testing.assert_close(saved[k], mine[k], rtol=0, atol=0)
-        except ImportError:
-            pass
+        assert sorted(mine) == sorted(saved), name
+        for k in mine:
+            torch.testing.assert_close(saved[k], mine[k], rtol=0, atol=0)
         assert any(re.search(r"\.experts\.3\.(w1|gate_proj)\.weight$", k) for k in mine), name
         assert not any(k.endswith("gate_up_proj") for k in mine), name
 
