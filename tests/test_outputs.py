@@ -47,7 +47,7 @@ def test_check_dir_rules(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(OutputError, match=r"did not write there \(notes.txt\).*--overwrite"):
+    with pytest.raises(OutputError, match=r"did not write there or that were changed since \(notes.txt\).*--overwrite"):
         outputs.check_dir(foreign, kind="report", what="report")
     outputs.check_dir(foreign, kind="report", what="report", overwrite=True)
     (tmp_path / "afile").write_text("x")
@@ -88,7 +88,8 @@ def test_publish_into_ours_replaces_and_into_foreign_keeps_the_rest(tmp_path):
         (tmp / "a.txt").write_text("1")
         (tmp / "old.txt").write_text("stale")
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~_umask()  # not mkdtemp's 0700
-    assert json.loads((out / MARKER).read_text()) == {"kind": "report", "files": ["a.txt", "old.txt"]}
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["kind"] == "report" and marker["files"] == ["a.txt", "old.txt"] and set(marker["stamps"]) == {"a.txt", "old.txt"}
     assert outputs.is_ours(out, "report") and not outputs.is_ours(out, "comparison")
     with outputs.publish_dir(out, kind="report", what="report") as tmp:  # ours: swapped whole
         (tmp / "a.txt").write_text("2")
@@ -295,3 +296,104 @@ def test_profile_bins_above_the_maximum_stop_before_the_model_loads(tmp_path, ca
     monkeypatch.setattr(loading, "load_model", never)
     assert main(["profile", str(tmp_path / "nomodel"), "--bins", str(2**16 + 1), "--out", str(tmp_path / "r")]) == 1
     assert "--bins must be at most 65536" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ findings of a new user
+
+
+def test_an_output_file_edited_by_hand_is_the_users(tmp_path):
+    """A report file changed since we wrote it is no longer ours: a rerun needs --overwrite,
+    and even then the edited file is not removed as stale."""
+    out = tmp_path / "rep"
+    with outputs.publish_dir(out, kind="report", what="report") as tmp:
+        (tmp / "ranking.txt").write_text("ours")
+        (tmp / "old.txt").write_text("ours too")
+    assert outputs.is_ours(out, "report")
+    with (out / "old.txt").open("a") as fh:
+        fh.write("\nmy notes")
+    with pytest.raises(OutputError, match=r"changed since \(old.txt\)"):
+        outputs.check_dir(out, kind="report", what="report")
+    with outputs.publish_dir(out, kind="report", what="report") as tmp:  # as with --overwrite
+        (tmp / "ranking.txt").write_text("new")
+    assert (out / "old.txt").read_text() == "ours too\nmy notes" and (out / "ranking.txt").read_text() == "new"
+
+
+def test_a_model_is_never_written_over_another_even_with_overwrite(env, tmp_path, capsys):
+    other = tmp_path / "other_model"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    (other / "model.safetensors").write_bytes(b"weights")
+    before = tree(other)
+    rc = main(["prune", str(env["model"]), "--plan", str(env["plan"]), "--out", str(other), "--overwrite"])
+    assert rc == 1 and "holds another model (config.json, model.safetensors)" in capsys.readouterr().err
+    assert tree(other) == before
+
+
+def test_a_second_run_that_finishes_later_does_not_replace_without_overwrite(tmp_path):
+    """Two runs with the same --out: the rules are checked again when the result is moved into
+    place, so the later prune fails instead of replacing the earlier model silently."""
+    out = tmp_path / "pruned"
+    first = outputs.DirPublisher(out, kind="model", what="pruned model", overwrite=False, replace_ours=False)
+    second = outputs.DirPublisher(out, kind="model", what="pruned model", overwrite=False, replace_ours=False)
+    (first.tmp / "config.json").write_text("first")
+    (second.tmp / "config.json").write_text("second")
+    first.commit()
+    with pytest.raises(OutputError, match="holds an earlier pruned model; pass --overwrite"):
+        second.commit()
+    assert (out / "config.json").read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
+
+
+def test_links_into_the_model_count_as_the_model(env, tmp_path, capsys):
+    """A hub snapshot's files are links into a blob store: --out naming the store is refused."""
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    snap = tmp_path / "snapshot"
+    snap.mkdir()
+    for f in env["model"].iterdir():
+        (blobs / f.name).write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(blobs / f.name)
+    before = tree(blobs)
+    rc = main(["prune", str(snap), "--plan", str(env["plan"]), "--out", str(blobs), "--overwrite"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "contains the model file" in err, err
+    rc = main(["profile", str(snap), "--corpus", str(env["corpus"]), "--samples", "2", "--seq-len", "16", "--out", str(blobs), "--overwrite", "-q"])
+    assert rc == 1 and "contains the model file" in capsys.readouterr().err
+    assert tree(blobs) == before
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_special_files_are_never_replaced(env, tmp_path, capsys, kind):
+    target = tmp_path / "special"
+    if kind == "fifo":
+        os.mkfifo(target)
+    else:
+        try:
+            os.mknod(target, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # a /dev/null of our own
+        except PermissionError:
+            pytest.skip("mknod needs root")
+    for extra in ([], ["--overwrite"]):
+        rc = main(["rank", str(env["report"]), "--kind", "attn", "--drop", "1", "--out", str(target), *extra])
+        assert rc == 1 and "is not a regular file" in capsys.readouterr().err
+    assert not target.is_file() and (stat.S_ISFIFO(target.stat().st_mode) or stat.S_ISCHR(target.stat().st_mode))
+
+
+def test_symlink_loops_and_empty_names_are_clear_errors(env, tmp_path, capsys):
+    (tmp_path / "loopA").symlink_to(tmp_path / "loopB")
+    (tmp_path / "loopB").symlink_to(tmp_path / "loopA")
+    rank = ["rank", str(env["report"]), "--kind", "attn", "--drop", "1", "--out"]
+    assert main([*rank, str(tmp_path / "loopA")]) == 1
+    err = capsys.readouterr().err
+    assert "Symlink loop" in err and "Traceback" not in err
+    for empty in ("", "   "):
+        assert main([*rank, empty]) == 1
+        assert "--out is empty" in capsys.readouterr().err
+
+
+def test_the_refusal_lists_only_what_is_not_ours(tmp_path):
+    out = tmp_path / "rep"
+    with outputs.publish_dir(out, kind="report", what="report") as tmp:
+        (tmp / "report.json").write_text("{}")
+    (out / "mine.txt").write_text("x")
+    with pytest.raises(OutputError) as e:
+        outputs.check_dir(out, kind="report", what="report")
+    assert "(mine.txt)" in str(e.value) and "report.json" not in str(e.value)

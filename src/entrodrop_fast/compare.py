@@ -38,25 +38,44 @@ def parse_list(spec: str, allowed: tuple[str, ...], what: str) -> list[str]:
     return out
 
 
-def parse_counts(spec: str) -> list[int]:
-    try:
-        out = sorted({int(s) for s in str(spec).split(",") if s.strip()})
-    except ValueError:
-        raise ValueError(f"--drop must be comma-separated counts, got {spec!r}") from None
-    if not out or out[0] < 1:
-        raise ValueError(f"--drop must be positive counts, got {spec!r}")
-    return out
+def parse_counts(spec: str) -> list:
+    """``"2,4,25%"`` -> [2, 4, "25%"]: each in a form ``rank --drop`` accepts (a count, a fraction
+    in (0, 1), a percentage; :func:`entrodrop_fast.ranking.parse_drop`), checked before any
+    profiling. Counts come back as ints, sorted, then the fractions as given; a fraction
+    becomes a count per kind when the plans are made (of that kind's candidate blocks)."""
+    from entrodrop_fast.ranking import DROP_FORMS, parse_drop
+
+    items = list(dict.fromkeys(s.strip() for s in str(spec).split(",") if s.strip()))
+    if not items:
+        raise ValueError(f"--drop names no count: give comma-separated values, each {DROP_FORMS}; got {spec!r}")
+    counts, fractions = set(), []
+    for item in items:
+        try:
+            form, v = parse_drop(item)
+        except ValueError as exc:
+            raise ValueError(f"--drop {item!r}: {exc}") from None
+        if form == "count":
+            counts.add(v)
+        else:
+            fractions.append(item)
+    return sorted(counts) + fractions
 
 
-def random_plan(report: dict, kind: str, k: int, seed: int = 0) -> dict:
-    """K blocks of ``kind`` drawn uniformly among the unprotected ones (same protection as the others)."""
-    from entrodrop_fast.ranking import default_protected
+ADVICE = "lower --drop (compare protects the default layers: those where the stream entropy still falls, and the last one)"
+
+
+def random_plan(report: dict, kind: str, k, seed: int = 0) -> dict:
+    """K blocks of ``kind`` drawn uniformly among the unprotected ones (same protection as the others).
+    ``k``: a count, or a fraction / percentage of those candidates (as in ``rank --drop``)."""
+    from entrodrop_fast.ranking import default_protected, is_dropped, parse_count
 
     L = int(report["model"]["num_layers"])
     protected, _ = default_protected(report)
-    free = [i for i in range(L) if i not in set(protected)]
+    gone = {b["layer"] for b in report["blocks"] if b["kind"] == kind and is_dropped(b)}
+    free = [i for i in range(L) if i not in set(protected) and i not in gone]
+    k = parse_count(k, len(free))
     if k > len(free):
-        raise ValueError(f"random: cannot drop {k} {kind} blocks, only {len(free)} are unprotected")
+        raise ValueError(f"random: cannot drop {k} {kind} blocks, only {len(free)} are candidates (protected layers {protected}); {ADVICE}")
     chosen = sorted(random.Random(f"{seed}-{kind}-{k}").sample(free, k))
     return {"drop": {"attn": [], "mlp": [], "layer": [], kind: chosen}, "method": "random", "kind": kind, "k": k, "protected": protected}
 
@@ -98,9 +117,10 @@ def calibration_agreement(report_a: dict, report_b: dict, kind: str, method: str
     rho = spearman(_scores(report_a, kind, method), _scores(report_b, kind, method))
     overlap = {}
     for k in counts:
-        pa = set(make_plan(report_a, kind, k, method=method)["drop"][kind])
-        pb = set(make_plan(report_b, kind, k, method=method)["drop"][kind])
-        overlap[str(k)] = {"shared": len(pa & pb), "of": k, "a": sorted(pa), "b": sorted(pb)}
+        plan_a = make_plan(report_a, kind, k, method=method, advice=ADVICE)
+        pa = set(plan_a["drop"][kind])
+        pb = set(make_plan(report_b, kind, k, method=method, advice=ADVICE)["drop"][kind])
+        overlap[str(k)] = {"shared": len(pa & pb), "of": plan_a["k"], "a": sorted(pa), "b": sorted(pb)}
     return {"kind": kind, "method": method, "spearman": rho, "overlap": overlap}
 
 
@@ -111,10 +131,23 @@ def _quality(ev: dict) -> dict:
     }
 
 
+def retained_tasks(dense: dict) -> tuple[list[str], list[str]]:
+    """(tasks '% retained' is defined over: dense accuracy > 0, tasks left out: dense accuracy 0)."""
+    tasks = [t for t in dense if t not in ("perplexity", "params", "speed")]
+    return [t for t in tasks if dense[t] > 0], [t for t in tasks if not dense[t] > 0]
+
+
 def retained(q: dict, dense: dict) -> float:
-    """Mean over the zero-shot tasks of accuracy / dense accuracy (the paper's '% retained')."""
-    tasks = [t for t in dense if t != "perplexity" and dense[t] > 0]
-    return sum(q[t] / dense[t] for t in tasks) / len(tasks) if tasks else float("nan")
+    """Mean over the zero-shot tasks of accuracy / dense accuracy (the paper's '% retained'),
+    over the tasks whose dense accuracy is > 0 (a ratio to 0 is undefined); ValueError when
+    there is none."""
+    tasks, left_out = retained_tasks(dense)
+    if not tasks:
+        raise ValueError(
+            f"'% of dense retained' is undefined: the dense model scores 0 on every zero-shot task ({', '.join(left_out) or 'none'}); "
+            "raise --items, or check the model and its tokenizer"
+        )
+    return sum(q[t] / dense[t] for t in tasks) / len(tasks)
 
 
 def profile_report(lm, corpus, *, samples: int, seq_len: int, seed: int, methods, batch_size: int = 8, progress: bool = True) -> dict:
@@ -156,10 +189,11 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
     log("evaluating the dense model ...")
     dense_ev = evaluate(lm.model, speed)
     dense_q = _quality(dense_ev)
+    retained(dense_q, dense_q)  # defined (some task with dense accuracy > 0)? before any pruning
     rows = []
     jobs = [(kind, m, k) for kind in kinds for m in methods for k in counts]
     for kind, m, k in tqdm(jobs, desc="compare", disable=not progress):
-        plan = random_plan(report, kind, k) if m == "random" else make_plan(report, kind, k, method=m)
+        plan = random_plan(report, kind, k) if m == "random" else make_plan(report, kind, k, method=m, advice=ADVICE)
         pruned = copy.deepcopy(lm.model)
         drop_blocks_(pruned, plan)
         # the pruned structure, hence the speed, depends on (kind, K), not on the method:
@@ -167,7 +201,7 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
         timed = speed and m == methods[0]
         ev = evaluate(pruned, timed)
         q = _quality(ev)
-        row = {"kind": kind, "method": m, "k": k, "dropped": plan["drop"][kind], "params": count_params(pruned), **q, "retained": retained(q, dense_q)}
+        row = {"kind": kind, "method": m, "k": plan["k"], **({"requested_drop": k} if isinstance(k, str) else {}), "dropped": plan["drop"][kind], "params": count_params(pruned), **q, "retained": retained(q, dense_q)}
         if timed:
             row["speed"] = ev["speed"]
         rows.append(row)
@@ -189,6 +223,11 @@ def markdown(comp: dict) -> str:
     lines += [head, "|" + "---|" * (5 + len(tasks) + 1)]
     for r in comp["rows"]:
         lines.append(f"| {r['kind']} | {r['method']} | {r['k']} | {','.join(map(str, r['dropped']))} | {r['perplexity']:.2f} | " + " | ".join(f"{r[t]:.3f}" for t in tasks) + f" | {100 * r['retained']:.1f} |")
+    kept, left_out = retained_tasks(d)
+    note = f"% of dense retained: mean of accuracy / dense accuracy over {', '.join(kept)}"
+    if left_out:
+        note += f"; left out (dense accuracy 0, ratio undefined): {', '.join(left_out)}"
+    lines += ["", note + "."]
     if "speed" in d:
         lines += ["", "Speed (one model per kind and K; timings vary between runs):", "", "| kind | K | prefill tok/s | decode tok/s | decode speed-up | KV-cache bytes/token |", "|---|---|---|---|---|---|"]
         ds = d["speed"]
@@ -237,7 +276,7 @@ def write(comp: dict, out_dir: str | os.PathLike, png: bool = True, overwrite: b
     from entrodrop_fast import outputs
 
     out = outputs.check_dir(out_dir, kind="comparison", what="comparison", overwrite=overwrite)
-    with outputs.publish_dir(out, kind="comparison", what="comparison") as tmp:
+    with outputs.publish_dir(out, kind="comparison", what="comparison", overwrite=overwrite) as tmp:
         (tmp / "comparison.json").write_text(json.dumps(comp, indent=2))
         (tmp / "comparison.md").write_text(markdown(comp))
         if png:

@@ -334,7 +334,7 @@ def export_pruned(src, out, plan, *, overwrite: bool = False, plan_to_save: dict
     stock = not has_subblock_drops(new_cfg)
 
     weight_map, files = _shards(src)
-    publisher = outputs.DirPublisher(out, kind="model", what="pruned model")
+    publisher = outputs.DirPublisher(out, kind="model", what="pruned model", overwrite=overwrite, replace_ours=False)
     tmp = publisher.tmp
     handles = []
     try:

@@ -38,8 +38,13 @@ class OutputError(ValueError):
     """An output target cannot be used; the message says why and what to do instead."""
 
 
-def _resolve(p) -> Path:
-    return Path(p).expanduser().resolve()
+def _resolve(p, flag: str = "path") -> Path:
+    if not str(p).strip():
+        raise OutputError(f"{flag} is empty: give a path")
+    try:
+        return Path(p).expanduser().resolve()
+    except RuntimeError as exc:  # pathlib: "Symlink loop from ..."
+        raise OutputError(f"{flag} {p}: {exc}; fix the link or give another path") from None
 
 
 def _umask() -> int:
@@ -59,20 +64,52 @@ def marker_of(directory) -> dict | None:
     return m
 
 
-def is_ours(directory, kind: str) -> bool:
-    """True when ``directory`` holds only what an earlier ``kind`` output of ours wrote there."""
+def _stamp(p: Path) -> list[int]:
+    st = p.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _unchanged(directory: Path, m: dict) -> set[str]:
+    """Names of the marker's files that are still as we wrote them (size and mtime)."""
+    stamps = m.get("stamps") or {}
+    out = set()
+    for name in m["files"]:
+        p = Path(directory) / name
+        try:
+            if p.is_file() and not p.is_symlink() and (name not in stamps or _stamp(p) == stamps[name]):
+                out.add(name)
+        except OSError:
+            pass
+    return out
+
+
+def foreign_entries(directory, kind: str) -> list[str]:
+    """What ``directory`` holds that an earlier ``kind`` output of ours did not write there, or
+    changed since (a file edited by hand is the user's now)."""
     m = marker_of(directory)
-    if m is None or m.get("kind") != kind:
-        return False
-    ours = set(m["files"]) | {MARKER}
-    return all(e.name in ours for e in Path(directory).iterdir())
+    ours = _unchanged(Path(directory), m) | {MARKER} if m is not None and m.get("kind") == kind else set()
+    return sorted(e.name for e in Path(directory).iterdir() if e.name not in ours)
+
+
+def is_ours(directory, kind: str) -> bool:
+    """True when ``directory`` holds only what an earlier ``kind`` output of ours wrote there,
+    unchanged since."""
+    m = marker_of(directory)
+    return m is not None and m.get("kind") == kind and not foreign_entries(directory, kind)
+
+
+# files that make a directory a model: a pruned model is never written over another one
+_MODEL_FILES = re.compile(r"(config\.json|.*\.safetensors|.*\.bin|.*\.gguf|.*\.safetensors\.index\.json|.*\.pt|.*\.pth)$")
 
 
 def _overlap(out: Path, inputs: Iterable[tuple[str, object]], flag: str) -> None:
     for name, p in inputs:
         if p is None:
             continue
-        q = _resolve(p)
+        try:
+            q = Path(p).expanduser().resolve()
+        except RuntimeError:  # a looping input link is reported where it is read
+            continue
         if out == q:
             rel = "is"
         elif q in out.parents:
@@ -94,6 +131,32 @@ def _check_parent(out: Path, flag: str) -> None:
         raise OutputError(f"{flag} {out}: cannot write in {parent} (permission denied or read-only); choose another path")
 
 
+def _check_existing_dir(out: Path, *, kind: str, what: str, overwrite: bool, replace_ours: bool, flag: str) -> None:
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not out.is_dir():
+        raise OutputError(f"{flag} {out} exists and is not a directory; give a directory path for the {what}")
+    if not any(out.iterdir()):
+        return
+    foreign = foreign_entries(out, kind)
+    if not foreign:
+        if not replace_ours and not overwrite:
+            raise OutputError(f"{flag} {out} holds an earlier {what}; pass --overwrite to replace it, or choose another path")
+        return
+    shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+    models = [n for n in foreign if _MODEL_FILES.fullmatch(n)]
+    if kind == "model" and models:
+        raise OutputError(
+            f"{flag} {out} holds another model ({', '.join(models[:4])}); a pruned model is never written over or beside "
+            "another one, even with --overwrite: choose a new or empty directory"
+        )
+    if not overwrite:
+        raise OutputError(
+            f"{flag} {out} already holds files entrodrop did not write there or that were changed since ({shown}); choose a "
+            f"new or empty directory, or pass --overwrite to write the {what} into it (its other files are left untouched)"
+        )
+
+
 def check_dir(path, *, kind: str, what: str, inputs: Iterable[tuple[str, object]] = (), overwrite: bool = False,
               replace_ours: bool = True, flag: str = "--out") -> Path:
     """Check a directory target before any work; returns it resolved.
@@ -101,23 +164,12 @@ def check_dir(path, *, kind: str, what: str, inputs: Iterable[tuple[str, object]
     ``kind``: the marker kind of our own outputs of this sort ("report", "comparison",
     "model"); ``inputs``: ``(name, path)`` pairs the target must not be, contain or lie in;
     ``replace_ours=False`` asks for ``overwrite`` even to replace an earlier output of ours.
+    A "model" target never holds another model's files, even with ``overwrite``.
     Raises :class:`OutputError` naming the problem and what to do.
     """
-    out = _resolve(path)
+    out = _resolve(path, flag)
     _overlap(out, inputs, flag)
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise OutputError(f"{flag} {out} exists and is not a directory; give a directory path for the {what}")
-        entries = sorted(e.name for e in out.iterdir())
-        if entries and is_ours(out, kind):
-            if not replace_ours and not overwrite:
-                raise OutputError(f"{flag} {out} holds an earlier {what}; pass --overwrite to replace it, or choose another path")
-        elif entries and not overwrite:
-            shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-            raise OutputError(
-                f"{flag} {out} already holds files entrodrop did not write there ({shown}); choose a new or empty "
-                f"directory, or pass --overwrite to write the {what} into it (its other files are left untouched)"
-            )
+    _check_existing_dir(out, kind=kind, what=what, overwrite=overwrite, replace_ours=replace_ours, flag=flag)
     _check_parent(out, flag)
     return out
 
@@ -129,8 +181,10 @@ def check_file(path, *, what: str, recognise: Callable[[Path], bool] | None = No
     An existing file is replaced only when ``recognise(path)`` says it is one of ours, or
     with ``overwrite``. Raises :class:`OutputError`.
     """
-    out = _resolve(path)
+    out = _resolve(path, flag)
     _overlap(out, inputs, flag)
+    if out.exists() and not out.is_dir() and not out.is_file():
+        raise OutputError(f"{flag} {path} is not a regular file (a device, FIFO or socket: {out}); give a file path for the {what}")
     if out.is_dir():
         raise OutputError(f"{flag} {out} is a directory; give a file path for the {what} (e.g. {out / 'out.json'})")
     if out.exists() and not overwrite and not (recognise is not None and recognise(out)):
@@ -205,8 +259,11 @@ class DirPublisher:
     :meth:`abort` (or any failure in :meth:`commit`) removes it and leaves ``out`` unchanged.
     """
 
-    def __init__(self, out, *, kind: str, what: str):
+    def __init__(self, out, *, kind: str, what: str, overwrite: bool = True, replace_ours: bool = True):
         self.out, self.kind, self.what = _resolve(out), kind, what
+        # the rules of check_dir, applied again at commit: another run may have written
+        # ``out`` meanwhile (two runs with the same --out)
+        self.overwrite, self.replace_ours = overwrite, replace_ours
         parent = self.out.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -225,7 +282,9 @@ class DirPublisher:
         try:
             (tmp / _PARTIAL).unlink()
             files = sorted(e.name for e in tmp.iterdir())
-            (tmp / MARKER).write_text(json.dumps({"kind": kind, "files": files}, indent=1) + "\n")
+            stamps = {name: _stamp(tmp / name) for name in files if (tmp / name).is_file()}
+            (tmp / MARKER).write_text(json.dumps({"kind": kind, "files": files, "stamps": stamps}, indent=1) + "\n")
+            _check_existing_dir(out, kind=kind, what=self.what, overwrite=self.overwrite, replace_ours=self.replace_ours, flag="output")
             if not out.exists() or not any(out.iterdir()):
                 os.replace(tmp, out)  # rename(2) replaces an empty directory
             elif is_ours(out, kind):
@@ -236,10 +295,13 @@ class DirPublisher:
                 shutil.rmtree(old, ignore_errors=True)
             else:  # a directory that also holds other things (allowed by overwrite): ours only
                 previous = marker_of(out)
-                stale = set(previous["files"]) - set(files) if previous and previous.get("kind") == kind else set()
+                stale = _unchanged(out, previous) - set(files) if previous and previous.get("kind") == kind else set()
                 for name in files:
-                    if (out / name).is_dir() and not (out / name).is_symlink():
-                        raise OutputError(f"{out / name} is a directory; cannot write the {self.what} file {name} over it")
+                    q = out / name
+                    if q.is_dir() and not q.is_symlink():
+                        raise OutputError(f"{q} is a directory; cannot write the {self.what} file {name} over it")
+                    if q.exists() and not q.is_file():
+                        raise OutputError(f"{q} is not a regular file (a device, FIFO or socket); cannot write the {self.what} file {name} over it")
                 for name in files:
                     os.replace(tmp / name, out / name)
                 for name in stale:
@@ -255,9 +317,9 @@ class DirPublisher:
 
 
 @contextlib.contextmanager
-def publish_dir(out, *, kind: str, what: str) -> Iterator[Path]:
+def publish_dir(out, *, kind: str, what: str, overwrite: bool = True, replace_ours: bool = True) -> Iterator[Path]:
     """:class:`DirPublisher` as a context: yields the temporary directory, commits on success."""
-    pub = DirPublisher(out, kind=kind, what=what)
+    pub = DirPublisher(out, kind=kind, what=what, overwrite=overwrite, replace_ours=replace_ours)
     try:
         yield pub.tmp
     except BaseException:
@@ -314,7 +376,20 @@ def model_paths(model, cache_dir=None) -> list[tuple[str, object]]:
             out += [("built-in model file" if p.is_file() else "built-in model package", p) for p in builtin_files(b)]
         return out
     p = Path(str(model)).expanduser()
-    return [("model", p)] if p.exists() else []
+    return _with_link_targets("model", p) if p.exists() else []
+
+
+def _with_link_targets(name: str, p: Path) -> list[tuple[str, object]]:
+    """``p`` and, for a directory, the targets of the links in it (a hub snapshot's files are
+    links into a blob store): writing over a target destroys the input as surely."""
+    out: list[tuple[str, object]] = [(name, p)]
+    if p.is_dir():
+        with contextlib.suppress(OSError):
+            for e in p.iterdir():
+                if e.is_symlink():
+                    with contextlib.suppress(OSError, RuntimeError):
+                        out.append((f"{name} file {e.name} (a link to)", e.resolve()))
+    return out
 
 
 def corpus_paths(*corpora) -> list[tuple[str, object]]:
@@ -324,5 +399,5 @@ def corpus_paths(*corpora) -> list[tuple[str, object]]:
         if c and str(c) != "builtin" and not str(c).startswith("hf:"):
             p = Path(str(c)).expanduser()
             if p.exists():
-                out.append(("corpus", p))
+                out += _with_link_targets("corpus", p)
     return out

@@ -32,6 +32,23 @@ from entrodrop_fast.surgery import model_identity
 FORMAT = 1
 
 
+def json_safe(obj):
+    """``obj`` with every NaN / infinity replaced by None, so that it is written as JSON
+    ``null`` (undefined: e.g. the stderr of one sample), never as a bare ``NaN``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def _csv_value(v):
+    """A CSV cell: undefined numbers (NaN, None) are left empty."""
+    return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
+
+
 def versions() -> dict:
     import torch
     import transformers
@@ -53,6 +70,11 @@ def build_report(result: dict, *, model_info: dict, data_info: dict, settings: d
     adapter = get_adapter(model) if model is not None else None
     # which model this is (type, sizes, config fingerprint): prune --report checks it
     identity = model_identity(model.config) if model is not None else {}
+    # sub-blocks an earlier prune removed (ZeroAttention / ZeroMLP): marked, never ranked
+    from entrodrop_fast.models.loading import pruned_record
+
+    rec = (pruned_record(model.config) if model is not None else None) or {}
+    gone = {"attn": set(rec.get("dropped_attn") or []), "mlp": set(rec.get("dropped_mlp") or [])}
     points = result["points"]
     pidx = {p: i for i, p in enumerate(points)}
     L = result["num_layers"]
@@ -65,6 +87,8 @@ def build_report(result: dict, *, model_info: dict, data_info: dict, settings: d
             else:  # the point names of the result suffice
                 x, y = _points_of(kind, li, result["residual"])
             b = {"kind": kind, "layer": li, "x": x, "y": y, "H_x": {}, "H_y": {}, "delta": {}}
+            if li in gone.get(kind, ()):
+                b["dropped"] = True
             for m in methods:
                 b["H_x"][m] = result["entropy"][m]["mean"][pidx[x]]
                 b["H_y"][m] = result["entropy"][m]["mean"][pidx[y]]
@@ -81,7 +105,7 @@ def build_report(result: dict, *, model_info: dict, data_info: dict, settings: d
             blocks.append(b)
     return {
         "format": FORMAT,
-        "model": {**identity, **model_info, "model_type": result["model_type"], "residual": result["residual"], "num_layers": L, "hidden_size": result["hidden_size"], "dtype": result["dtype"], "device": result["device"]},
+        "model": {**identity, **model_info, **({"dropped": {k: sorted(v) for k, v in gone.items() if v}} if rec else {}), "model_type": result["model_type"], "residual": result["residual"], "num_layers": L, "hidden_size": result["hidden_size"], "dtype": result["dtype"], "device": result["device"]},
         "data": data_info,
         "settings": {**settings, "methods": result["methods"], "backend": result["backend"]},
         "versions": versions(),
@@ -109,10 +133,15 @@ def primary_method(report: dict) -> str | None:
 def ranking(report: dict, kind: str, method: str | None = None) -> list[dict]:
     """Blocks of ``kind`` sorted by ascending score (drop first): ΔH, or the cosine importance."""
     method = method or primary_method(report) or "cosine"
-    blocks = [b for b in report["blocks"] if b["kind"] == kind]
+    # blocks the model no longer has are not ranked; undefined scores go last
+    blocks = [b for b in report["blocks"] if b["kind"] == kind and not b.get("dropped")]
+
+    def key(v):
+        return (v is None or math.isnan(v), 0.0 if v is None or math.isnan(v) else v)
+
     if method == "cosine":
-        return sorted((b for b in blocks if b["cosine"]), key=lambda b: b["cosine"]["mean"])
-    return sorted(blocks, key=lambda b: b["delta"][method]["mean"])
+        return sorted((b for b in blocks if b["cosine"]), key=lambda b: key(b["cosine"]["mean"]))
+    return sorted(blocks, key=lambda b: key(b["delta"][method]["mean"]))
 
 
 def stage1_layers(report: dict, method: str | None = None) -> list[int]:
@@ -131,7 +160,7 @@ def _fmt(v: float, se: float | None = None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "nan"
     s = f"{v:10.4f}"
-    if se is not None and not math.isnan(se):
+    if se is not None and not (isinstance(se, float) and math.isnan(se)):
         s += f" ± {se:.4f}"
     return s
 
@@ -139,7 +168,10 @@ def _fmt(v: float, se: float | None = None) -> str:
 def ranking_table(report: dict, top: int = 8) -> str:
     """A plain-text table: per kind, the ``top`` blocks with the lowest score."""
     method = primary_method(report) or "cosine"
-    lines = [f"{report['model'].get('name', '?')}: {report['model']['num_layers']} layers, {report['timing']['samples']} samples, method {method} (layers 0-based; lowest first = drop first)"]
+    samples = report.get("timing", {}).get("samples")
+    lines = [f"{report['model'].get('name', '?')}: {report['model']['num_layers']} layers, {samples} samples, method {method} (layers 0-based; lowest first = drop first)"]
+    if isinstance(samples, int) and samples < 2:
+        lines.append("  (no ± stderr: a standard error needs >= 2 samples; profile with --samples 2 or more)")
     for kind in BLOCK_KINDS:
         rows = ranking(report, kind, method)[:top]
         if not rows:
@@ -150,9 +182,12 @@ def ranking_table(report: dict, top: int = 8) -> str:
                 score, hx, hy = _fmt(b["cosine"]["mean"], b["cosine"]["stderr"]), "", ""
             else:
                 score = _fmt(b["delta"][method]["mean"], b["delta"][method]["stderr"])
-                hx, hy = f"{b['H_x'][method]:11.3f}", f"{b['H_y'][method]:11.3f}"
-            cos = f"{b['cosine']['mean']:.4f}" if b.get("cosine") else "-"
+                hx, hy = (f"{v:11.3f}" if isinstance(v, (int, float)) else f"{'-':>11s}" for v in (b["H_x"].get(method), b["H_y"].get(method)))
+            cos = f"{b['cosine']['mean']:.4f}" if b.get("cosine") and b["cosine"]["mean"] is not None else "-"
             lines.append(f"  {'':5s}  {i:4d}  {b['layer']:5d}  {score:>20s} {hx} {hy}   {cos}")
+        for b in report["blocks"]:
+            if b["kind"] == kind and b.get("dropped"):
+                lines.append(f"  {'':5s}  {'-':>4s}  {b['layer']:5d}  {'dropped':>20s}   (removed by an earlier prune; not ranked)")
     return "\n".join(lines)
 
 
@@ -174,7 +209,7 @@ def write_csv(report: dict, path: Path) -> None:
             row += [c["mean"] if c else "", c["stderr"] if c else ""]
             ang = b.get("angular") or {}
             row += [ang[n]["mean"] if n in ang else "" for n in spans]
-            w.writerow(row)
+            w.writerow([_csv_value(v) for v in row])  # undefined (NaN) numbers: empty cells
 
 
 def plot(report: dict, path: Path, mark: int = 4) -> None:
@@ -246,9 +281,9 @@ def write_report(report: dict, out_dir: str | os.PathLike, *, png: bool = True, 
     from entrodrop_fast import outputs
 
     out = outputs.check_dir(out_dir, kind="report", what="report", overwrite=overwrite)
-    with outputs.publish_dir(out, kind="report", what="report") as tmp:
+    with outputs.publish_dir(out, kind="report", what="report", overwrite=overwrite) as tmp:
         with (tmp / "report.json").open("w") as fh:
-            json.dump(report, fh, indent=1, allow_nan=True)
+            json.dump(json_safe(report), fh, indent=1, allow_nan=False)  # NaN -> null
         write_csv(report, tmp / "scores.csv")
         if png:
             plot(report, tmp / "profile.png")
@@ -272,4 +307,88 @@ def load_report(path: str | os.PathLike) -> dict:
         raise ValueError(f"{p} holds a JSON {type(rep).__name__}, not a report; give the report.json written by entrodrop profile")
     if rep.get("format") != FORMAT:
         raise ValueError(f"{p}: unsupported report format {rep.get('format')!r} (expected {FORMAT})")
+    check_report(rep, p)
     return rep
+
+
+def _is_num(v, *, null: bool = False) -> bool:
+    if v is None:
+        return null
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _kind_of(v) -> str:
+    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}.get(type(v), type(v).__name__)
+
+
+def check_report(rep: dict, path="the report") -> None:
+    """Check the parts of a report that ranking and the table use; ValueError naming the file
+    and the field (``blocks[3].delta``) and what it should be. A block's score may be null or
+    NaN (ranking refuses it when the block is a candidate); the stream entropy may not."""
+
+    def bad(field: str, want: str, got) -> ValueError:
+        return ValueError(f"{path}: {field} must be {want}, got {_kind_of(got)} ({got!r:.60}); run entrodrop profile again to rewrite the report")
+
+    model = rep.get("model")
+    if not isinstance(model, dict):
+        raise bad("model", "an object", model)
+    L = model.get("num_layers")
+    if not isinstance(L, int) or isinstance(L, bool) or L < 1:
+        raise bad("model.num_layers", "a positive integer", L)
+    points = rep.get("points")
+    if not isinstance(points, list) or not all(isinstance(x, str) for x in points):
+        raise bad("points", "a list of point names (r0, m0, ...)", points)
+    missing = [f"r{i}" for i in range(L + 1) if f"r{i}" not in points]
+    if missing:
+        raise ValueError(f"{path}: points lacks {', '.join(missing[:4])} of a {L}-layer model; run entrodrop profile again to rewrite the report")
+    entropy = rep.get("entropy")
+    if not isinstance(entropy, dict):
+        raise bad("entropy", "an object {method: {mean: [...], stderr: [...]}}", entropy)
+    for m, e in entropy.items():
+        if not isinstance(e, dict):
+            raise bad(f"entropy.{m}", "an object {mean: [...], stderr: [...]}", e)
+        mean, se = e.get("mean"), e.get("stderr")
+        if not isinstance(mean, list) or len(mean) != len(points):
+            raise bad(f"entropy.{m}.mean", f"a list of {len(points)} numbers (one per point)", mean)
+        for i, v in enumerate(mean):
+            if not _is_num(v) or not math.isfinite(v):
+                raise bad(f"entropy.{m}.mean[{i}] (point {points[i]})", "a finite number", v)
+        if not isinstance(se, list) or len(se) != len(points) or not all(_is_num(v, null=True) for v in se):
+            raise bad(f"entropy.{m}.stderr", f"a list of {len(points)} numbers or nulls", se)
+    blocks = rep.get("blocks")
+    if not isinstance(blocks, list):
+        raise bad("blocks", "a list of blocks", blocks)
+
+    def score(field: str, v) -> None:
+        if not isinstance(v, dict):
+            raise bad(field, "an object {mean: number, stderr: number}", v)
+        for key in ("mean", "stderr"):
+            if not _is_num(v.get(key), null=True):
+                raise bad(f"{field}.{key}", "a number (or null)", v.get(key))
+
+    for j, b in enumerate(blocks):
+        f = f"blocks[{j}]"
+        if not isinstance(b, dict):
+            raise bad(f, "an object", b)
+        if b.get("kind") not in BLOCK_KINDS:
+            raise bad(f"{f}.kind", f"one of {', '.join(BLOCK_KINDS)}", b.get("kind"))
+        li = b.get("layer")
+        if not isinstance(li, int) or isinstance(li, bool) or not 0 <= li < L:
+            raise bad(f"{f}.layer", f"a 0-based layer index (an integer 0..{L - 1})", li)
+        delta = b.get("delta", {})
+        if not isinstance(delta, dict):
+            raise bad(f"{f}.delta", "an object {method: {mean, stderr}}", delta)
+        for m, d in delta.items():
+            score(f"{f}.delta.{m}", d)
+        for key in ("H_x", "H_y"):
+            h = b.get(key, {})
+            if not isinstance(h, dict) or not all(_is_num(v, null=True) for v in h.values()):
+                raise bad(f"{f}.{key}", "an object {method: number}", h)
+        if b.get("cosine") is not None:
+            score(f"{f}.cosine", b["cosine"])
+        ang = b.get("angular")
+        if ang is not None:
+            if not isinstance(ang, dict):
+                raise bad(f"{f}.angular", "an object {span: {mean, stderr}}", ang)
+            for n, a in ang.items():
+                score(f"{f}.angular.{n}", a)
