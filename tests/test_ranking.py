@@ -68,7 +68,7 @@ def test_kinds_methods_and_overrides():
     assert make_plan(rep, "attn", 2, protect="none")["drop"]["attn"] == [1, 7]
     assert make_plan(rep, "attn", 2, protect=[7])["drop"]["attn"] == [1, 2]
     assert make_plan(rep, "attn", 2, method="cosine")["drop"]["attn"] == [2, 3]
-    assert make_plan(rep, "attn", 0.25)["k"] == 2  # a quarter of 8
+    assert make_plan(rep, "attn", 0.25)["k"] == 1  # a quarter of the 5 candidates (layers 0, 1, 7 protected), rounded
     ang = make_plan(rep, "layer", 2, method="angular")
     assert ang["drop"]["layer"] == [4, 5]
     with pytest.raises(ValueError, match="only 5 are not protected"):

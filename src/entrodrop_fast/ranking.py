@@ -27,38 +27,80 @@ PLAN_FORMAT = "entrodrop-plan/1"
 INDEXING = "0-based decoder-layer indices (layer 0 is the first decoder layer)"
 
 
-def parse_count(drop, candidates: int) -> int:
-    """``8`` -> 8; ``0.25`` or ``"25%"`` -> that fraction of ``candidates`` (rounded)."""
+DROP_FORMS = "a count (8), a fraction in (0, 1) (0.25) or a percentage (25%, 100% = every candidate)"
+
+
+def parse_drop(drop):
+    """The form of ``--drop``, checked without a report: ``("count", n)`` or ``("fraction", f)``.
+
+    ``8`` / ``"8"`` / ``8.0``: a count. ``0.25`` / ``"0.25"`` / ``"25%"``: a fraction of the
+    candidate blocks, 0 < f <= 1 (only a percentage can say 100%). ``1.0`` is refused as
+    ambiguous (one block, or all of them?): give ``1`` or ``100%``.
+    """
+    what = f"--drop must be {DROP_FORMS}"
     if isinstance(drop, str):
         s = drop.strip()
-        try:
-            drop = float(s[:-1]) / 100 if s.endswith("%") else (int(s) if s.isdigit() else float(s))
-        except ValueError:
-            raise ValueError(f"--drop must be a count (8), a fraction (0.25) or a percentage (25%), got {s!r}") from None
-    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or (isinstance(drop, float) and math.isnan(drop)):
-        raise ValueError(f"drop must be a count or a fraction, got {drop!r}")
-    if isinstance(drop, float) and not drop.is_integer():
+        if s.endswith("%"):
+            try:
+                pct = float(s[:-1])
+            except ValueError:
+                raise ValueError(f"{what}; got {drop!r}") from None
+            if math.isnan(pct) or not 0 < pct <= 100:
+                raise ValueError(f"a --drop percentage must lie in (0%, 100%], got {drop!r}")
+            return ("fraction", pct / 100)
+        if s.isdigit():
+            drop = int(s)
+        else:
+            try:
+                drop = float(s)
+            except ValueError:
+                raise ValueError(f"{what}; got {drop!r}") from None
+    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or (isinstance(drop, float) and not math.isfinite(drop)):
+        raise ValueError(f"{what}; got {drop!r}")
+    if isinstance(drop, float):
+        if drop == 1:
+            raise ValueError("--drop 1.0 is ambiguous (one block, or all of them?): give 1 for one block, or 100% for every candidate block")
+        if drop.is_integer() and drop > 1:
+            return ("count", int(drop))  # 2.0: a count (a fraction lies below 1)
         if not 0 < drop < 1:
-            raise ValueError(f"a fractional drop must lie in (0, 1), got {drop}")
-        return max(1, round(drop * candidates))
-    k = int(drop)
+            raise ValueError(f"a fractional --drop must lie in (0, 1) (or give a count, or a percentage up to 100%), got {drop}")
+        return ("fraction", drop)
+    if drop < 1:
+        raise ValueError(f"a --drop count must be >= 1, got {drop}")
+    return ("count", drop)
+
+
+def parse_count(drop, candidates: int) -> int:
+    """``8`` -> 8; ``0.25`` or ``"25%"`` -> that fraction of the ``candidates`` (the blocks that
+    may be dropped: neither protected nor dropped already), rounded to the nearest count, halves
+    up (25% of 6 -> 2, 25% of 10 -> 3); ``"100%"`` -> every candidate. A fraction that rounds to
+    0 blocks is refused. See :func:`parse_drop` for the accepted forms."""
+    form, v = parse_drop(drop)
+    if form == "count":
+        return v
+    k = math.floor(v * candidates + 0.5)
     if k < 1:
-        raise ValueError(f"drop count must be >= 1, got {k}")
+        raise ValueError(
+            f"--drop {drop} of {candidates} candidate block(s) rounds to 0 blocks; give a larger fraction or a count (>= 1)"
+        )
     return k
 
 
 def parse_protect(spec) -> list[int] | None:
-    """``"0,1,29"`` -> [0, 1, 29]; ``"none"`` / ``""`` -> []; None -> None (the default)."""
+    """``"0,1,29"`` -> [0, 1, 29]; ``"none"`` -> []; None -> None (the default); ``""`` is refused."""
     if spec is None:
         return None
     if isinstance(spec, str):
         s = spec.strip().lower()
-        if s in ("", "none"):
+        if s == "none":
             return []
         try:
-            return sorted({int(v) for v in s.split(",") if v.strip()})
+            out = sorted({int(v) for v in s.split(",") if v.strip()})
         except ValueError:
             raise ValueError(f"--protect must be comma-separated 0-based layer indices (0,1,29) or 'none', got {spec!r}") from None
+        if not out:
+            raise ValueError(f"--protect {spec!r} names no layer: give 0-based layer indices (0,1,29), or 'none' to protect nothing")
+        return out
     return sorted({int(v) for v in spec})
 
 
@@ -89,11 +131,23 @@ def default_protected(report: dict, method: str | None = None) -> tuple[list[int
 
 
 def _score(block: dict, method: str) -> tuple[float, float] | None:
+    """(mean, stderr) of ``block`` by ``method``; None when the report has no such entry.
+    A NaN / null mean comes back as NaN; a null stderr (one sample) as NaN."""
     if method == "cosine":
         c = block.get("cosine")
-        return None if not c else (c["mean"], c["stderr"])
-    d = (block.get("delta") or {}).get(method)
-    return None if d is None else (d["mean"], d["stderr"])
+        if not c:
+            return None
+    else:
+        c = (block.get("delta") or {}).get(method)
+        if c is None:
+            return None
+    mean, se = c.get("mean"), c.get("stderr")
+    return (float("nan") if mean is None else mean, float("nan") if se is None else se)
+
+
+def is_dropped(block: dict) -> bool:
+    """Whether the profiled model no longer has this block (see :func:`entrodrop_fast.report.build_report`)."""
+    return bool(block.get("dropped"))
 
 
 def _methods_in(report: dict) -> list[str]:
@@ -116,12 +170,18 @@ def _made_for(model: dict) -> dict:
     return out
 
 
-def make_plan(report, kind: str = "attn", drop=4, *, method: str | None = None, protect=None, report_path: str | None = None) -> dict:
+ADVICE = "lower --drop or change --protect"
+
+
+def make_plan(report, kind: str = "attn", drop=4, *, method: str | None = None, protect=None, report_path: str | None = None, advice: str = ADVICE) -> dict:
     """A drop plan from a report dict (or the path of a report directory / ``report.json``).
 
-    ``drop``: a count, or a fraction of the candidate blocks. ``method``: an entropy method
+    ``drop``: a count, or a fraction of the candidate blocks (those of ``kind`` neither
+    protected nor dropped already: :func:`parse_count`). ``method``: an entropy method
     of the report (default: its first), ``cosine`` or ``angular`` (layers only). ``protect``:
-    0-based layers never dropped, replacing the default (stage 1 + last layer).
+    0-based layers never dropped, replacing the default (stage 1 + last layer). ``advice``:
+    what the error of a too large ``drop`` tells the user to do. Blocks the report marks
+    ``dropped`` (the profiled model was pruned already) are neither ranked nor counted.
     """
     if isinstance(report, (str, os.PathLike)):
         from entrodrop_fast.report import load_report
@@ -131,10 +191,16 @@ def make_plan(report, kind: str = "attn", drop=4, *, method: str | None = None, 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     L = int(report["model"]["num_layers"])
+    where = f"report {report_path}" if report_path else "the report"
     available = _methods_in(report)
     method = method or _entropy_method(report, None) or ("cosine" if "cosine" in available else None)
     if method not in available:
-        raise ValueError(f"method {method!r} is not in the report (it has: {', '.join(available) or 'nothing'}); profile with --method {method}")
+        from entrodrop_fast.runner import ALL_METHODS
+
+        has = f"{where} has: {', '.join(available) or 'no method'}"
+        if method not in ALL_METHODS:
+            raise ValueError(f"unknown --method {method!r}: give one of {', '.join(ALL_METHODS)} ({has})")
+        raise ValueError(f"method {method!r} is not in {where} ({has}); rank by one of those, or profile again with --method {method}")
     if method == "angular" and kind != "layer":
         raise ValueError("method angular scores spans of whole layers: use --kind layer")
     user_protect = parse_protect(protect)
@@ -146,8 +212,21 @@ def make_plan(report, kind: str = "attn", drop=4, *, method: str | None = None, 
             raise ValueError(f"protected layers {bad} out of range for {L} layers (0-based: 0..{L - 1})")
         protected, why = user_protect, {"user": user_protect}
     kinds = ("attn", "mlp") if kind == "joint" else (kind,)
-    n_candidates = L * len(kinds)
-    k = parse_count(drop, n_candidates)
+    # blocks the profiled model no longer has (an earlier prune): not candidates, not counted
+    gone = [(b["kind"], b["layer"]) for b in report["blocks"] if b["kind"] in kinds and is_dropped(b)]
+    already = {"attn": sorted(i for kk, i in gone if kk == "attn"), "mlp": sorted(i for kk, i in gone if kk == "mlp")}
+    if method == "angular":
+        # k is a span length: a fraction counts the unprotected layers
+        k = parse_count(drop, L - len(set(protected)))
+    else:
+        n_candidates = sum(1 for b in report["blocks"] if b["kind"] in kinds and b["layer"] not in set(protected) and not is_dropped(b))
+        if n_candidates == 0:
+            raise ValueError(
+                f"no {kind} block can be dropped: of {L} layers, {sorted(set(protected))} are protected"
+                + (f" and {len(gone)} block(s) are dropped already" if gone else "")
+                + f"; {advice}"
+            )
+        k = parse_count(drop, n_candidates)
 
     ranked: list[dict] = []
     if method == "angular":
@@ -163,22 +242,32 @@ def make_plan(report, kind: str = "attn", drop=4, *, method: str | None = None, 
             ranked.append({"kind": "span", "layer": start, "layers": list(range(start, start + k)), "score": a["mean"], "stderr": a["stderr"], "protected": bool(hit)})
         best = next((r for r in ranked if not r["protected"]), None)
         if best is None:
-            raise ValueError(f"every span of {k} layers touches a protected layer {protected}; pass --protect to change them")
+            raise ValueError(f"every span of {k} layers touches a protected layer {protected}; {advice}")
         best["dropped"] = True
         chosen = {"layer": best["layers"]}
     else:
         for b in report["blocks"]:
-            if b["kind"] in kinds:
-                s = _score(b, method)
-                if s is None:
-                    continue
-                ranked.append({"kind": b["kind"], "layer": b["layer"], "score": s[0], "stderr": s[1], "protected": b["layer"] in set(protected)})
-        ranked.sort(key=lambda r: (math.isnan(r["score"]), r["score"]))
-        free = [r for r in ranked if not r["protected"] and not math.isnan(r["score"])]
+            if b["kind"] not in kinds or is_dropped(b):
+                continue
+            s = _score(b, method)
+            prot = b["layer"] in set(protected)
+            if s is None or math.isnan(s[0]):
+                if prot:
+                    continue  # never a candidate: its score does not matter
+                raise ValueError(
+                    f"{where}: the {method} score of the {b['kind']} block of layer {b['layer']} (0-based) is "
+                    + ("missing" if s is None else "NaN / null")
+                    + f"; run entrodrop profile again (with --method {method}) to rewrite the report"
+                )
+            ranked.append({"kind": b["kind"], "layer": b["layer"], "score": s[0], "stderr": s[1], "protected": prot})
+        ranked.sort(key=lambda r: r["score"])
+        free = [r for r in ranked if not r["protected"]]
         if k > len(free):
             raise ValueError(
-                f"cannot drop {k} {kind} blocks: only {len(free)} are not protected "
-                f"(protected layers {protected}); lower --drop or change --protect"
+                f"cannot drop {k} {kind} blocks: only {len(free)} are not protected" + (" or dropped already" if gone else "") + " "
+                f"(protected layers {protected}"
+                + (f"; dropped already: {'; '.join(f'{kk} {v}' for kk, v in already.items() if v)}" if gone else "")
+                + f"); {advice}"
             )
         chosen = {"attn": [], "mlp": [], "layer": []}
         for r in free[:k]:
@@ -200,6 +289,7 @@ def make_plan(report, kind: str = "attn", drop=4, *, method: str | None = None, 
         "protected_reason": why,
         "drop": {"attn": drop_spec.get("attn", []), "mlp": drop_spec.get("mlp", []), "layer": drop_spec.get("layer", [])},
         "ranked": ranked,
+        **({"already_dropped": {kk: v for kk, v in already.items() if v}} if gone else {}),
         "residual_entropy": residual_entropy(report, method),
         "iterative": False,
     }
@@ -212,9 +302,11 @@ def save_plan(plan: dict, path, *, overwrite: bool = False) -> Path:
     :class:`~entrodrop_fast.outputs.OutputError` otherwise.
     """
     from entrodrop_fast import outputs
+    from entrodrop_fast.report import json_safe
 
     p = outputs.check_file(path, what="drop plan", recognise=plan_file_check(), overwrite=overwrite)
-    return outputs.publish_file(p, json.dumps(plan, indent=1) + "\n", what="drop plan")
+    # undefined numbers (a stderr of one sample) are written as null: bare NaN is not JSON
+    return outputs.publish_file(p, json.dumps(json_safe(plan), indent=1, allow_nan=False) + "\n", what="drop plan")
 
 
 def plan_file_check():
@@ -233,9 +325,14 @@ def plan_summary(plan: dict) -> str:
         f"  drop:      {'; '.join(parts) or 'nothing'}",
         f"  protected: {plan['protected']}  ({json.dumps(plan['protected_reason'])})",
     ]
+    if plan.get("already_dropped"):
+        gone = "; ".join(f"{kk} {v}" for kk, v in plan["already_dropped"].items())
+        lines.append(f"  dropped already (not ranked): {gone}")
     shown = [r for r in plan["ranked"] if r.get("dropped")][:16]
     for r in shown:
-        lines.append(f"    {r['kind']:5s} layer {r['layer']:3d}  score {r['score']:.5g} ± {r['stderr']:.2g}")
+        se = r.get("stderr")
+        err = f" ± {se:.2g}" if isinstance(se, (int, float)) and math.isfinite(se) else " (no stderr: needs >= 2 samples)"
+        lines.append(f"    {r['kind']:5s} layer {r['layer']:3d}  score {r['score']:.5g}{err}")
     return "\n".join(lines)
 
 

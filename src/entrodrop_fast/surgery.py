@@ -231,12 +231,36 @@ def model_identity(config) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def check_same_model(made_for, config, *, what: str = "the plan", target: str = "this model") -> list[str]:
+def _warn_other_path(made_for: dict, path, what: str) -> None:
+    """Warn when ``made_for`` records another model path than ``path`` (same config identity:
+    e.g. a fine-tuned copy, which is legitimate, or another checkpoint by mistake)."""
+    from pathlib import Path
+
+    there = made_for.get("path")
+    if not isinstance(there, str) or there in ("", "-") or path is None:
+        return
+    try:
+        same = Path(there).expanduser().resolve() == Path(path).expanduser().resolve()
+    except (OSError, RuntimeError):
+        same = there == str(path)
+    if not same:
+        import warnings
+
+        warnings.warn(
+            f"{what} was made from the model at {there}, not {path}: the configs match, so it is applied, "
+            "but its scores describe the weights of that model (fine if this is a copy or fine-tune of it)",
+            stacklevel=3,
+        )
+
+
+def check_same_model(made_for, config, *, what: str = "the plan", target: str = "this model", path=None) -> list[str]:
     """Refuse a plan or report made for another model than ``config`` (object or dict).
 
     ``made_for``: the ``model`` entry of the plan / report. Every field of
     :data:`IDENTITY_FIELDS` it records is compared with this model; ValueError naming the
     fields that differ. Returns the fields it does not record (older reports), unchecked.
+    When the identity matches but the recorded model ``path`` differs from ``path`` (default:
+    ``target`` when it names an existing directory), a warning names both paths.
     """
     if not isinstance(made_for, dict):
         return list(IDENTITY_FIELDS)
@@ -249,6 +273,9 @@ def check_same_model(made_for, config, *, what: str = "the plan", target: str = 
         elif there != here[key]:
             diffs.append(key)
     if not diffs:
+        if path is None and os.path.isdir(target):
+            path = target
+        _warn_other_path(made_for, path, what)
         return unchecked
     if "num_layers" in diffs:
         head = f"{what} was made for a model with {made_for['num_layers']} layers; {target} has {here['num_layers']}"
@@ -292,12 +319,19 @@ def normalize_drops(plan, num_layers: int) -> Drops:
     if isinstance(planned_for, int) and planned_for != num_layers:
         raise ValueError(f"the plan was made for a model with {planned_for} layers; this one has {num_layers}")
     spec = plan.get("drop", plan)
+    form = '{"attn": [1, 3], "mlp": [], "layer": []} (lists of 0-based layer indices)'
+    if not isinstance(spec, dict):
+        raise ValueError(f"plan: 'drop' must be an object {form}, got {type(spec).__name__} {spec!r:.60}")
     unknown = set(spec) - {"attn", "mlp", "layer"}
     if unknown:
         raise ValueError(f"plan drops have unknown keys {sorted(unknown)}; expected attn, mlp, layer (or a full plan with a 'drop' entry)")
     out = {}
     for kind in ("attn", "mlp", "layer"):
-        vals = spec.get(kind, []) or []
+        vals = spec.get(kind)
+        if vals is None:
+            vals = []
+        if not isinstance(vals, list):
+            raise ValueError(f"plan: drop.{kind} must be a list of 0-based layer indices (e.g. [{vals!r:.20}] or []), got {type(vals).__name__} {vals!r:.60}")
         idx = []
         for v in vals:
             if isinstance(v, bool) or not isinstance(v, int):
@@ -306,6 +340,11 @@ def normalize_drops(plan, num_layers: int) -> Drops:
                 raise ValueError(f"plan: {kind} index {v} out of range for a model with {num_layers} layers (0-based: 0..{num_layers - 1})")
             idx.append(v)
         out[kind] = sorted(set(idx))
+    if not any(out.values()):
+        raise ValueError(
+            "the plan drops nothing (its attn, mlp and layer lists are empty or missing): "
+            f"name at least one block, e.g. {form}, or make a plan with entrodrop rank --kind ... --drop N"
+        )
     both = set(out["attn"]) & set(out["mlp"])
     layer = sorted(set(out["layer"]) | both)
     if len(layer) >= num_layers:
@@ -447,6 +486,13 @@ def pruned_config_dict(cfg: dict, adapter: Adapter, drops: Drops, base_architect
     kept = drops.kept
     new_of = {old: new for new, old in enumerate(kept)}
     prev = cfg.get(PRUNED_KEY) or {}
+    again = {kind: sorted(set(getattr(drops, kind)) & set(prev.get(f"dropped_{kind}") or [])) for kind in ("attn", "mlp")}
+    if any(again.values()):
+        named = "; ".join(f"{kind} {v}" for kind, v in again.items() if v)
+        raise ValueError(
+            f"the plan drops blocks this model no longer has ({named}, 0-based: removed by an earlier prune, "
+            "recorded in its config's entrodrop_pruned); rank again from a profile of this model, which skips them"
+        )
 
     if drops.layer:
         # Every per-layer property of the kept layers is stated explicitly, whether config.json

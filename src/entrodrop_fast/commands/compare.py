@@ -12,7 +12,7 @@ def register(sub) -> None:
     p = sub.add_parser("compare", help="profile once, prune with each method and K, evaluate, tabulate and plot")
     p.add_argument("model", nargs="?", default=None, help="local HF directory, .gguf, hub id or a built-in name (gemma3-270m); default: built-in SmolLM2-135M-Instruct")
     p.add_argument("--kind", default="attn", help="attn, mlp, layer; several comma-separated (default attn)")
-    p.add_argument("--drop", default="2,4,6,8", help="numbers of blocks to drop, comma-separated (default 2,4,6,8)")
+    p.add_argument("--drop", default="2,4,6,8", help="how many blocks to drop, comma-separated, each as in rank: a count (8), a fraction (0.25) or a percentage (25%%) of the candidate blocks (default 2,4,6,8)")
     p.add_argument("--methods", default="bucket,knn,gaussian_diag,cosine,random", help=f"from {', '.join(SCORING + BASELINES)} (default bucket,knn,gaussian_diag,cosine,random)")
     p.add_argument("--calib", action="append", default=None, help="calibration corpus; give it twice to compare the rankings from two corpora")
     p.add_argument("--samples", type=positive_int, default=128, help="calibration windows (default 128)")

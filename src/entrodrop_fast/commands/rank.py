@@ -8,9 +8,9 @@ from entrodrop_fast.ranking import KINDS
 def add_ranking_args(p) -> None:
     """Options shared by ``rank`` and the one-step ``prune``."""
     p.add_argument("--kind", choices=KINDS, default=None, help="blocks to drop: attn, mlp, layer or joint (attn+mlp ranked together)")
-    p.add_argument("--drop", default=None, help="how many: a count (8), a fraction (0.25) or a percentage (25%%) of the candidate blocks")
+    p.add_argument("--drop", default=None, help="how many: a count (8), a fraction in (0, 1) (0.25) or a percentage (25%%; 100%% = all) of the candidate blocks (those neither protected nor dropped already), rounded to the nearest count, halves up; 1.0 is refused as ambiguous (give 1 or 100%%)")
     p.add_argument("--method", default=None, help="score: an entropy method of the report (default: its first, e.g. bucket), cosine, or angular (layers)")
-    p.add_argument("--protect", default=None, help="0-based layers never dropped, comma-separated (0,1,29), or 'none'; default: the early layers where entropy still decreases + the last layer")
+    p.add_argument("--protect", default=None, help="0-based layers never dropped, comma-separated (0,1,29), or 'none' to protect nothing ('' is refused); default: the early layers where entropy still decreases + the last layer")
 
 
 def register(subparsers) -> None:
