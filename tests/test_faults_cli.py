@@ -333,7 +333,9 @@ def tiny_dir(tmp_path_factory):
     from transformers import PreTrainedTokenizerFast
 
     d = tmp_path_factory.mktemp("tiny_llama")
-    tiny_model("llama", layers=6).save_pretrained(d)
+    m = tiny_model("llama", layers=6)
+    m.config.max_position_embeddings = 256  # eval's zero-shot items run up to 193 tokens
+    m.save_pretrained(d)
     tok = Tokenizer(models.WordLevel(vocab={chr(i): i - 30 for i in range(30, 127)}, unk_token="~"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="~").save_pretrained(d)

@@ -114,7 +114,7 @@ def test_cli_profile(tmp_path, capsys):
 
     assert {k: rep["model"][k] for k in model_identity(json.loads((d / "config.json").read_text()))} == model_identity(json.loads((d / "config.json").read_text()))
     # a corpus too small for the request fails cleanly, without a traceback
-    rc = main(["profile", str(d), "--corpus", str(corpus), "--seq-len", "5000", "--out", str(tmp_path / "r2"), "-q"])
+    rc = main(["profile", str(d), "--corpus", str(corpus), "--seq-len", "32", "--samples", "1000", "--out", str(tmp_path / "r2"), "-q"])
     assert rc == 1 and "corpus too small" in capsys.readouterr().err
     assert not (tmp_path / "r2").exists()
     rc = main(["profile", str(tmp_path / "nope"), "--out", str(tmp_path / "r3"), "-q"])

@@ -19,6 +19,7 @@ import errno
 import importlib
 import json
 import pkgutil
+import re
 import sys
 
 from entrodrop_fast import __version__, commands
@@ -78,7 +79,7 @@ def is_expected(exc: BaseException) -> bool:
     torch's OutOfMemoryError. Everything else (AssertionError, KeyError, IndexError, a bare
     RuntimeError, ...) is a bug and keeps its traceback.
     """
-    if isinstance(exc, ValueError | TypeError | OSError):
+    if isinstance(exc, ValueError | TypeError | OSError) or _symlink_loop(exc) is not None:
         return True
     for module, name in _EXPECTED_ELSEWHERE:
         cls = getattr(sys.modules.get(module), name, None)
@@ -87,8 +88,20 @@ def is_expected(exc: BaseException) -> bool:
     return False
 
 
+def _symlink_loop(exc: BaseException) -> str | None:
+    """The path of pathlib's ``RuntimeError("Symlink loop from '...'")`` (Path.resolve), else None."""
+    if type(exc) is RuntimeError and exc.args and isinstance(exc.args[0], str):
+        m = re.fullmatch(r"Symlink loop from (['\"])(.*)\1", exc.args[0].strip())
+        if m:
+            return m.group(2)
+    return None
+
+
 def error_message(exc: BaseException) -> str:
     """One message for an expected failure: what went wrong, on which file, and what to do."""
+    loop = _symlink_loop(exc)
+    if loop is not None:
+        return f"symbolic link loop at {loop}: it leads back to itself (remove or fix the link, or give another path)"
     # the project's own OSError subclasses (e.g. streaming's StorageError) carry their own
     # message and advice; bare OSErrors get the path and a hint by errno
     if isinstance(exc, OSError) and exc.strerror and not type(exc).__module__.startswith("entrodrop_fast"):

@@ -116,6 +116,11 @@ def profile(model: nn.Module, windows: torch.Tensor, settings: ProfileSettings |
     adapter = get_adapter(model)
     L = adapter.num_layers(model)
     _check(settings, windows, adapter, L)
+    embed = model.get_input_embeddings()
+    if embed is not None and getattr(embed, "weight", None) is not None:  # an id beyond the rows: refused before the first forward
+        from entrodrop_fast.models.loading import check_token_ids
+
+        check_token_ids(windows, embed.weight.shape[0])
     dev = model_device(model)
     backend = resolved_backend(settings.backend, dev)
     ts = settings.tap_settings()

@@ -48,6 +48,26 @@ def evaluate_model(model, tokenizer, *, corpus=None, seq_len=256, windows=32, it
     return out
 
 
+#: the built-in last-word task keeps this many context tokens before the word (evaluate.last_word_task)
+LAST_WORD_CONTEXT = 192
+
+
+def position_needs(seq_len: int, speed: bool = True) -> list[tuple[int, str]]:
+    """The lengths ``entrodrop eval`` runs through the model: (tokens, what), for check_positions."""
+    import inspect
+
+    from entrodrop_fast import evaluate as E
+
+    kw = E.continuation_task.__kwdefaults__
+    spd = {k: v.default for k, v in inspect.signature(E.speed).parameters.items()}  # (decorated: its own signature)
+    needs = [(seq_len, "--seq-len"),
+             (kw["ctx_len"] + kw["cont_len"], f"a zero-shot continuation item ({kw['ctx_len']} + {kw['cont_len']} tokens)"),
+             (LAST_WORD_CONTEXT + 1, f"a zero-shot last_word item (up to {LAST_WORD_CONTEXT} context tokens and the word)")]
+    if speed:
+        needs.append((spd["prompt_len"] + spd["new_tokens"], f"the speed test ({spd['prompt_len']}-token prompt + {spd['new_tokens']} new tokens; skip it with --no-speed)"))
+    return needs
+
+
 def eval_file_check():
     """Recognises an evaluation JSON written by ``entrodrop eval --json`` (which it may replace)."""
     from entrodrop_fast import outputs
@@ -77,7 +97,19 @@ def run(args) -> int:
         from entrodrop_fast.lm_eval_adapter import prepare_tasks
 
         prepared = prepare_tasks(tasks, include_path=args.include_path)
+    from entrodrop_fast.models.loading import (
+        check_positions,
+        display_name,
+        parse_device,
+        peek_config,
+    )
+
+    parse_device(args.device)
+    needs = position_needs(args.seq_len, speed=not args.no_speed)
+    where = f"the model {display_name(args.model)}"
+    check_positions(peek_config(args.model), needs, where)  # before the model loads, when its config is at hand
     model, tok = load_any(args.model, args.dtype, args.device)
+    check_positions(model.config, needs, where)
     res = evaluate_model(model, tok, corpus=corpus, seq_len=args.seq_len, windows=args.windows, items=args.items, tasks=prepared, speed=not args.no_speed,
                          limit=args.limit, num_fewshot=args.num_fewshot, lm_eval_batch_size=args.lm_eval_batch_size)
     res["model"] = str(args.model or "builtin")

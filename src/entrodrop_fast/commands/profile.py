@@ -32,7 +32,10 @@ def parse_bytes(s: str) -> float:
     if not m:
         raise ValueError(f"--max-memory must look like 8GB, 512MB or 1.5G, got {s!r}")
     unit = m.group(2).upper()
-    return float(m.group(1)) * (1024 ** ("KMGT".index(unit) + 1) if unit else 1)
+    value = float(m.group(1)) * (1024 ** ("KMGT".index(unit) + 1) if unit else 1)
+    if value <= 0:
+        raise ValueError(f"--max-memory must be a positive size like 8GB, 512MB or 1.5G, got {s!r}")
+    return value
 
 
 def streaming_source(model, cache_dir):
@@ -130,6 +133,38 @@ def check_targets(args) -> None:
             raise outputs.OutputError(f"--resume-dir {resume} holds files that are not a resume state of entrodrop ({shown}); choose a new or empty directory")
 
 
+def check_before_loading(args, methods):
+    """What can be checked before the model loads: the corpus (read here, returned), --max-memory,
+    knn's k against --seq-len, the estimator backend on --device, and --seq-len against the
+    model's positions when its config is at hand (a local directory or a built-in model)."""
+    import os
+
+    from entrodrop_fast.data import load_corpus
+    from entrodrop_fast.models.loading import (
+        check_positions,
+        display_name,
+        parse_device,
+        peek_config,
+    )
+    from entrodrop_fast.runner import resolved_backend
+
+    if args.max_memory is not None:
+        parse_bytes(args.max_memory)
+    if "knn" in methods and args.seq_len <= args.k:
+        raise ValueError(f"knn needs more tokens per sample than k: --seq-len {args.seq_len} <= --k {args.k}; raise --seq-len or lower --k")
+    device = parse_device(args.device)
+    try:
+        resolved_backend(args.backend, device)
+    except ValueError as exc:
+        forced = os.environ.get("ENTRODROP_BACKEND")
+        if args.backend == "auto" and forced:
+            raise ValueError(f"ENTRODROP_BACKEND={forced}: {exc}") from None
+        raise ValueError(f"--backend {args.backend}: {exc}") from None
+    corpus = load_corpus(args.corpus, args.text_field)
+    check_positions(peek_config(args.model, args.cache_dir), [(args.seq_len, "--seq-len")], f"the model {display_name(args.model)}")
+    return corpus
+
+
 def register(subparsers) -> None:
     from entrodrop_fast.cli import int_at_least, positive_int
 
@@ -185,6 +220,7 @@ def run(args) -> int:
         raise ValueError(f"--bins must be at most {MAX_BINS} (every backend keeps that many counters per channel), got {args.bins}")
     settings = ProfileSettings(methods=methods, batch_size=args.batch_size or 1, backend=args.backend, bins=args.bins, k=args.k, paper_exact=args.paper_exact, spans=_spans(args.spans))
     check_targets(args)
+    corpus = check_before_loading(args, methods)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     if args.resume_dir and not args.streaming:  # resuming exists only layer by layer: never ignore --resume-dir
         args.streaming = True
@@ -197,7 +233,7 @@ def run(args) -> int:
     rank, world = distributed.world()
     if rank:
         log = lambda *a: None  # noqa: E731
-    budget = parse_bytes(args.max_memory) if args.max_memory else None
+    budget = parse_bytes(args.max_memory) if args.max_memory is not None else None
     stream_dir = streaming_source(args.model, args.cache_dir) if (args.streaming or budget) else None
     if stream_dir is not None:  # an architecture outside the adapter table stops here, with the list
         from entrodrop_fast.models.loading import read_config
@@ -211,17 +247,26 @@ def run(args) -> int:
             log(f"the model needs {plan.total / 2**30:.1f} GiB in {args.dtype}, more than --max-memory {args.max_memory}: streaming layer by layer")
     log(f"loading {'tokenizer' if stream_dir else 'model'} {display_name(args.model)} ({args.dtype}, {args.device}) ...")
     if stream_dir is not None:
-        from transformers import AutoTokenizer
-
+        from entrodrop_fast.models.loading import check_vocab, config_value, load_tokenizer
         from entrodrop_fast.streaming import profile_streaming
 
-        tokenizer = AutoTokenizer.from_pretrained(str(stream_dir))
+        tokenizer = load_tokenizer(stream_dir)
+        rows = config_value(json.loads((Path(stream_dir) / "config.json").read_text()), "vocab_size")
+        rows = rows if isinstance(rows, int) else 0
+        check_vocab(tokenizer, rows, stream_dir)
         lm = None
     else:
         lm = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
         tokenizer = lm.tokenizer
+        rows = lm.model.get_input_embeddings().weight.shape[0]
+        from entrodrop_fast.models.loading import check_positions
+
+        check_positions(lm.model.config, [(args.seq_len, "--seq-len")], f"the model {display_name(args.model)}")
     t_load = time.perf_counter() - t0
-    windows, data_info = calibration_windows(tokenizer, args.corpus, samples=args.samples, seq_len=args.seq_len, seed=args.seed, text_field=args.text_field)
+    windows, data_info = calibration_windows(tokenizer, corpus, samples=args.samples, seq_len=args.seq_len, seed=args.seed, text_field=args.text_field)
+    from entrodrop_fast.models.loading import check_token_ids
+
+    check_token_ids(windows, rows)  # before the first forward
     log(f"calibration: {data_info['samples']} x {data_info['seq_len']} tokens from {data_info['corpus']}; methods {', '.join(methods)}" + (f"; {world} processes" if world > 1 else ""))
     mine = distributed.shard(windows)
     streaming = stream_dir is not None

@@ -397,18 +397,14 @@ def ensure_builtin(cache_dir: str | os.PathLike | None = None, model=None) -> Pa
 
 
 def _from_dir(path: str, dtype: torch.dtype, device: torch.device):
-    from transformers import AutoTokenizer
-
     config = read_config(path, f"the model directory {path}")
     check_supported(config, path)
     problems = _local_checkpoint_problems(path, config)
     if problems:
         raise ModelLoadError(mismatch_message(path, problems))
     model = _strict_from_pretrained(path, config, dtype, path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as exc:
-        raise ModelLoadError(f"could not load the tokenizer in {path}: {type(exc).__name__}: {exc}") from exc
+    tokenizer = load_tokenizer(path)
+    check_vocab(tokenizer, model.get_input_embeddings().weight.shape[0], path)
     return model.to(device).eval(), tokenizer
 
 
@@ -694,7 +690,10 @@ def load_model(source=None, *, dtype="fp32", device="cpu", cache_dir=None) -> Lo
         if p.suffix.lower() != ".gguf":
             raise ModelLoadError(f"{p} is a file but not a .gguf model; pass a model directory, a .gguf file or a hub id")
         model, tok = gguf_to_model(p)
+        check_vocab(tok, model.get_input_embeddings().weight.shape[0], p)
         return LoadedModel(model.to(device=dev, dtype=dt).eval(), tok, src, str(p), "gguf")
+    if os.path.lexists(p):  # a symlink to nothing, or a loop of symlinks: a local path, never a hub id
+        raise ModelLoadError(f"no such model file or directory: {src} (a symbolic link that leads nowhere, or to itself)")
     if not _looks_like_hub_id(src):
         raise ModelLoadError(f"no such model file or directory: {src}")
     from transformers import AutoConfig, AutoTokenizer
@@ -711,4 +710,90 @@ def load_model(source=None, *, dtype="fp32", device="cpu", cache_dir=None) -> Lo
         ) from exc
     check_supported(config, f"hub model {src!r}")
     model = _strict_from_pretrained(src, config, dt, f"hub model {src!r}")
+    check_vocab(tok, model.get_input_embeddings().weight.shape[0], f"hub model {src!r}")
     return LoadedModel(model.to(dev).eval(), tok, src, src, "hub")
+
+
+# ------------------------------------------------------------------ checks before any work
+
+#: the files one of which a tokenizer directory holds (transformers' fast / slow tokenizers)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt", "tokenizer.tiktoken")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved in a local directory; ModelLoadError when it has none or it cannot be read."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if p.is_dir() and not any((p / n).is_file() for n in TOKENIZER_FILES) and not any(p.glob("*.tiktoken")):
+        raise ModelLoadError(f"no tokenizer files in {p} ({', '.join(TOKENIZER_FILES[:3])}, ...): copy the model's tokenizer there")
+    try:
+        return AutoTokenizer.from_pretrained(str(p))
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load the tokenizer in {p}: {type(exc).__name__}: {msg}") from exc
+
+
+def tokenizer_size(tokenizer) -> int | None:
+    """How many token ids the tokenizer can produce (its vocabulary with added tokens)."""
+    try:
+        return int(len(tokenizer))
+    except TypeError:
+        n = getattr(tokenizer, "vocab_size", None)
+        return int(n) if isinstance(n, int) else None
+
+
+def check_vocab(tokenizer, rows: int, where) -> None:
+    """Refuse a tokenizer that can produce ids beyond the model's ``rows`` embedding rows."""
+    n = tokenizer_size(tokenizer)
+    if n is not None and rows and n > rows:
+        raise ModelLoadError(
+            f"{where}: the tokenizer has {n} tokens but the model's embedding has {rows} rows (vocab_size {rows}): "
+            "ids beyond it cannot be embedded; use the tokenizer that belongs to this model"
+        )
+
+
+def check_token_ids(ids: torch.Tensor, rows: int, what: str = "the calibration windows") -> None:
+    """Refuse token ids outside ``0 .. rows - 1`` (before the first forward, which would fail on them)."""
+    if ids.numel() and rows:
+        hi, lo = int(ids.max()), int(ids.min())
+        if hi >= rows or lo < 0:
+            raise ValueError(
+                f"{what} hold token id {hi if hi >= rows else lo}, outside the model's vocabulary of {rows} "
+                f"(0 .. {rows - 1}); the tokenizer does not belong to this model"
+            )
+
+
+def config_value(config, name: str):
+    """A config entry (a transformers config or a plain dict), looked up in its text config too."""
+    get = (lambda c, k: c.get(k)) if isinstance(config, dict) else (lambda c, k: getattr(c, k, None))
+    value = get(config, name)
+    if value is None:
+        text = get(config, "text_config")
+        if text is not None:
+            value = get(text, name) if isinstance(text, dict) == isinstance(config, dict) else getattr(text, name, None)
+    return value
+
+
+def peek_config(source, cache_dir=None) -> dict | None:
+    """The config.json of a MODEL argument when it is at hand without loading weights (a local
+    directory, or a built-in model's cache, converting it if needed); None for GGUF / hub models."""
+    b = builtin_model(source)
+    p = ensure_builtin(cache_dir, b) if b is not None else Path(str(source)).expanduser()
+    try:
+        raw = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def check_positions(config, needs, where) -> None:
+    """Refuse lengths beyond the model's ``max_position_embeddings``; ``needs``: (tokens, what) pairs."""
+    if config is None:
+        return
+    limit = config_value(config, "max_position_embeddings")
+    if not isinstance(limit, int) or limit < 1:
+        return
+    for tokens, what in needs:
+        if tokens > limit:
+            raise ValueError(f"{what} is {tokens} tokens, beyond the {limit} positions of {where} (max_position_embeddings {limit}); use at most {limit}")

@@ -1,0 +1,228 @@
+"""Findings of a new user: each expected failure ends in one line (exit 1, no traceback) that
+says what is wrong, and is found before the model loads where it can be."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from entrodrop_fast.cli import main
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def assert_clean_error(rc: int, err: str, command: str, *needles: str) -> str:
+    assert rc == 1, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"entrodrop {command}: error: "), err
+    for n in needles:
+        assert n in last, f"{n!r} not in {last!r}"
+    return last
+
+
+def _save_tokenizer(d, n_words: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(n_words)}, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0").save_pretrained(d)
+
+
+def _model_dir(root, name="tiny", n_words=97, tokenizer=True, max_pos=256):
+    """A tiny random Llama (vocab 97, ``max_pos`` positions) with a word-level tokenizer of ``n_words``."""
+    from test_models import tiny_model
+
+    d = root / name
+    m = tiny_model("llama", seed=6)
+    m.config.max_position_embeddings = max_pos
+    m.save_pretrained(d)
+    if tokenizer:
+        _save_tokenizer(d, n_words)
+    return d
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("findings")
+
+
+@pytest.fixture(scope="module")
+def tiny(root):
+    return _model_dir(root)
+
+
+@pytest.fixture(scope="module")
+def short(root):
+    return _model_dir(root, "short", max_pos=64)
+
+
+@pytest.fixture(scope="module")
+def corpus(root):
+    g = torch.Generator().manual_seed(0)
+    f = root / "corpus.txt"
+    f.write_text(" ".join(f"w{int(i)}" for i in torch.randint(1, 97, (900,), generator=g)))
+    return f
+
+
+# ---------------------------------------------------------------- 18: tokenizer larger than the vocabulary
+
+
+@pytest.fixture(scope="module")
+def big_tok(root):
+    return _model_dir(root, "bigtok", n_words=300)
+
+
+@pytest.mark.parametrize("extra", [[], ["--streaming"]])
+def test_profile_refuses_tokenizer_larger_than_vocab(big_tok, corpus, tmp_path, capsys, extra):
+    rc, _, err = run_cli(capsys, "profile", big_tok, "--corpus", corpus, "--samples", "2", "--seq-len", "16", "--out", tmp_path / "r", "-q", *extra)
+    assert_clean_error(rc, err, "profile", "the tokenizer has 300 tokens", "embedding has 97 rows")
+    assert not (tmp_path / "r").exists()
+
+
+def test_eval_refuses_tokenizer_larger_than_vocab(big_tok, corpus, capsys):
+    rc, _, err = run_cli(capsys, "eval", big_tok, "--corpus", corpus, "--seq-len", "16", "--no-speed")
+    assert_clean_error(rc, err, "eval", "the tokenizer has 300 tokens", "embedding has 97 rows")
+
+
+def test_token_ids_checked_before_the_first_forward(tiny):
+    from test_models import tiny_model
+
+    from entrodrop_fast.models.loading import check_token_ids
+    from entrodrop_fast.runner import ProfileSettings, profile
+
+    ids = torch.randint(0, 97, (2, 8))
+    check_token_ids(ids, 97)  # in range: nothing raised
+    ids[1, 3] = 500
+    with pytest.raises(ValueError, match="token id 500, outside the model's vocabulary of 97 \\(0 .. 96\\)"):
+        check_token_ids(ids, 97)
+    with pytest.raises(ValueError, match="token id 500"):
+        profile(tiny_model("llama"), ids, ProfileSettings(), progress=False)
+
+
+# ---------------------------------------------------------------- 15: --seq-len beyond the positions
+
+
+def test_profile_refuses_seq_len_beyond_positions(short, corpus, tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "profile", short, "--corpus", corpus, "--samples", "2", "--seq-len", "65", "--out", tmp_path / "r", "-q")
+    assert_clean_error(rc, err, "profile", "--seq-len is 65 tokens", "64 positions")
+
+
+def test_eval_refuses_seq_len_and_items_beyond_positions(short, corpus, capsys):
+    rc, _, err = run_cli(capsys, "eval", short, "--corpus", corpus, "--seq-len", "100", "--no-speed")
+    assert_clean_error(rc, err, "eval", "--seq-len is 100 tokens", "64 positions")
+    rc, _, err = run_cli(capsys, "eval", short, "--corpus", corpus, "--seq-len", "32", "--no-speed")
+    assert_clean_error(rc, err, "eval", "zero-shot last_word item", "193 tokens", "64 positions")
+
+
+def test_position_needs_name_the_speed_test():
+    from entrodrop_fast.commands.eval import position_needs
+    from entrodrop_fast.models.loading import check_positions
+
+    needs = position_needs(32, speed=True)
+    assert needs[0] == (32, "--seq-len") and needs[1][0] == 64 and needs[-1][0] == 160
+    with pytest.raises(ValueError, match="the speed test .* is 160 tokens, beyond the 150 positions"):
+        check_positions({"max_position_embeddings": 150}, needs[-1:], "m")
+    check_positions({"text_config": {"max_position_embeddings": 4096}}, needs, "m")  # nested: fits, nothing raised
+    with pytest.raises(ValueError, match="beyond the 100 positions"):
+        check_positions({"text_config": {"max_position_embeddings": 100}}, needs, "m")
+
+
+# ---------------------------------------------------------------- 16: --max-memory 0
+
+
+@pytest.mark.parametrize("value", ["0", "0GB", "0.0"])
+def test_max_memory_must_be_positive(tiny, corpus, tmp_path, capsys, value):
+    rc, _, err = run_cli(capsys, "profile", tiny, "--corpus", corpus, "--max-memory", value, "--out", tmp_path / "r", "-q")
+    assert_clean_error(rc, err, "profile", "--max-memory must be a positive size", repr(value))
+
+
+# ---------------------------------------------------------------- 22: no tokenizer files
+
+
+def test_model_dir_without_tokenizer_files(root, corpus, tmp_path, capsys):
+    d = _model_dir(root, "notok", tokenizer=False)
+    for extra in ([], ["--streaming"]):
+        rc, _, err = run_cli(capsys, "profile", d, "--corpus", corpus, "--samples", "2", "--seq-len", "16", "--out", tmp_path / "r", "-q", *extra)
+        last = assert_clean_error(rc, err, "profile", f"no tokenizer files in {d}", "tokenizer.json", "copy the model's tokenizer there")
+        assert "sentencepiece" not in err and "tiktoken" not in err and last.count("\n") == 0
+
+
+# ---------------------------------------------------------------- 29: checks before the model loads
+
+
+def _no_load(monkeypatch):
+    import entrodrop_fast.models as M
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr(M, "load_model", boom)
+
+
+def test_profile_checks_before_loading(tiny, corpus, tmp_path, capsys, monkeypatch):
+    _no_load(monkeypatch)
+    out = tmp_path / "r"
+    rc, _, err = run_cli(capsys, "profile", tiny, "--corpus", tmp_path / "nope.txt", "--out", out, "-q")
+    assert_clean_error(rc, err, "profile", "corpus not found")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{oops\n')
+    rc, _, err = run_cli(capsys, "profile", tiny, "--corpus", bad, "--out", out, "-q")
+    assert_clean_error(rc, err, "profile", f"{bad}:2: not valid JSON")
+    rc, _, err = run_cli(capsys, "profile", tiny, "--corpus", corpus, "--method", "knn", "--k", "25", "--seq-len", "20", "--out", out, "-q")
+    assert_clean_error(rc, err, "profile", "knn needs more tokens per sample than k", "--seq-len 20 <= --k 25")
+    if not torch.cuda.is_available():
+        rc, _, err = run_cli(capsys, "profile", tiny, "--corpus", corpus, "--device", "cuda", "--out", out, "-q")
+        assert_clean_error(rc, err, "profile", "CUDA is not available")
+        if os.environ.get("TRITON_INTERPRET") != "1":  # the tests run Triton interpreted on the CPU
+            rc, _, err = run_cli(capsys, "profile", tiny, "--corpus", corpus, "--backend", "triton", "--out", out, "-q")
+            assert_clean_error(rc, err, "profile", "--backend triton", "not available")
+    monkeypatch.setenv("ENTRODROP_BACKEND", "bogus")
+    rc, _, err = run_cli(capsys, "profile", tiny, "--corpus", corpus, "--out", out, "-q")
+    assert_clean_error(rc, err, "profile", "ENTRODROP_BACKEND=bogus", "unknown backend 'bogus'")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- 19: symlink loops
+
+
+@pytest.fixture
+def loop(tmp_path):
+    a, b = tmp_path / "loopA", tmp_path / "loopB"
+    os.symlink(b, a)
+    os.symlink(a, b)
+    return a
+
+
+def test_symlink_loop_model_is_not_a_hub_id(loop, corpus, tmp_path, capsys):
+    from entrodrop_fast.models.loading import ModelLoadError, load_model
+
+    with pytest.raises(ModelLoadError, match="no such model file or directory"):
+        load_model(str(loop))
+    rc, _, err = run_cli(capsys, "eval", loop, "--corpus", corpus, "--no-speed")
+    assert_clean_error(rc, err, "eval", f"no such model file or directory: {loop}")
+
+
+def test_symlink_loop_runtime_error_is_expected(loop):
+    from entrodrop_fast.cli import error_message, is_expected
+
+    with pytest.raises(RuntimeError) as info:
+        loop.resolve(strict=False)
+    assert is_expected(info.value)
+    assert error_message(info.value).startswith(f"symbolic link loop at {loop}")
+    assert not is_expected(RuntimeError("something else"))
+
+
+def test_report_json_roundtrip_sanity(tiny, corpus, tmp_path, capsys):
+    """The checks leave a good run alone: a profile of the tiny model still succeeds."""
+    rc, _, err = run_cli(capsys, "profile", tiny, "--corpus", corpus, "--samples", "2", "--seq-len", "16", "--out", tmp_path / "r", "-q")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["settings"]["seq_len"] == 16
