@@ -226,3 +226,57 @@ def test_report_json_roundtrip_sanity(tiny, corpus, tmp_path, capsys):
     rc, _, err = run_cli(capsys, "profile", tiny, "--corpus", corpus, "--samples", "2", "--seq-len", "16", "--out", tmp_path / "r", "-q")
     assert rc == 0, err
     assert json.loads((tmp_path / "r" / "report.json").read_text())["settings"]["seq_len"] == 16
+
+
+# ---------------------------------------------------------------- 9 / 35 / 36: corpora
+
+
+def test_json_corpora(tmp_path):
+    from entrodrop_fast.data import CorpusError, load_corpus
+
+    lines = tmp_path / "corpus.json"  # JSON Lines named .json
+    lines.write_text('{"body": "one doc"}\n{"body": "two doc"}\n')
+    assert load_corpus(str(lines), "body").documents == ["one doc", "two doc"]
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps([{"body": "first"}, {"body": "second"}]))
+    c = load_corpus(str(array), "body")
+    assert c.documents == ["first", "second"] and c.meta["json_layout"] == "array"
+    strings = tmp_path / "strings.json"
+    strings.write_text(json.dumps(["alpha text", "beta text"]))
+    assert load_corpus(str(strings)).documents == ["alpha text", "beta text"]
+    with pytest.raises(CorpusError, match="item 1 of the array: no field 'text'"):
+        load_corpus(str(array))
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
+    with pytest.raises(CorpusError, match=f"corpus file {tok} holds a JSON object with keys \\['model', 'version'\\], not a list of documents"):
+        load_corpus(str(tok))
+    junk = tmp_path / "junk.json"
+    junk.write_text("this is { not json\n")
+    with pytest.raises(CorpusError, match=f"corpus file {junk} is neither a JSON array of documents nor JSON Lines"):
+        load_corpus(str(junk))
+
+
+def test_text_field_with_a_text_corpus_is_an_error(tmp_path, tiny, capsys):
+    from entrodrop_fast.data import CorpusError, load_corpus
+
+    txt = tmp_path / "a.txt"
+    txt.write_text("some text " * 50)
+    with pytest.raises(CorpusError, match="--text-field body applies to .jsonl / .json corpora"):
+        load_corpus(str(txt), "body")
+    assert load_corpus(str(txt)).documents  # the default field is no request
+    rc, _, err = run_cli(capsys, "profile", tiny, "--corpus", txt, "--text-field", "body", "--out", tmp_path / "r", "-q")
+    assert_clean_error(rc, err, "profile", "--text-field body applies to", "drop --text-field")
+
+
+def test_txt_suffix_in_any_case_and_jsonl_bom(tmp_path):
+    from entrodrop_fast.data import load_corpus
+
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "A.TXT").write_text("upper case suffix")
+    (d / "b.txt").write_text("lower case suffix")
+    (d / "c.md").write_text("not a text corpus file")
+    assert load_corpus(str(d)).documents == ["upper case suffix", "lower case suffix"]
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + b'{"text": "after a BOM"}\n{"text": "second"}\n')
+    assert load_corpus(str(bom)).documents == ["after a BOM", "second"]

@@ -5,7 +5,10 @@ Corpora (:func:`load_corpus`):
 - ``None`` / ``"builtin"``: the standard library's ``pydoc_data.topics`` (79 reference
   topics, ~465k characters of English prose; one topic = one document);
 - a ``.txt`` file (one document) or a directory (each ``*.txt`` in it is a document);
-- a ``.jsonl`` file: one JSON object per line, the document in ``text_field``;
+- a ``.txt`` file or a directory: the suffix in any case (``.TXT``);
+- a ``.jsonl`` file: one JSON object per line, the document in ``text_field`` (a UTF-8 BOM is ignored);
+- a ``.json`` file: a JSON array of strings or of objects (the document in ``text_field``), or
+  JSON Lines under a .json name; any other JSON (an object, e.g. a tokenizer.json) is refused;
 - ``hf:NAME[:CONFIG][:SPLIT]``: a Hugging Face dataset (needs the ``datasets`` package and
   the hub, or its local cache), the document in ``text_field``.
 
@@ -118,21 +121,56 @@ def _read_text(path: Path, allow_empty: bool = False) -> str:
     return text
 
 
+def _document(obj, text_field: str, where: str) -> str:
+    """The text of one JSON record: a string, or an object's ``text_field``."""
+    if isinstance(obj, str):
+        return obj
+    if not isinstance(obj, dict) or text_field not in obj:
+        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise CorpusError(f"{where}: no field {text_field!r} (has {keys}); choose it with --text-field")
+    if not isinstance(obj[text_field], str):
+        raise CorpusError(f"{where}: field {text_field!r} is not a string")
+    return obj[text_field]
+
+
+def _json(path: Path, text_field: str) -> tuple[list[str], str]:
+    """A ``.json`` corpus: a JSON array of documents (strings or objects with ``text_field``), or
+    JSON Lines under a .json name. Returns (documents, the layout found)."""
+    text = _read_text(path).lstrip("\ufeff")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        obj = None
+        first = next((ln for ln in text.split("\n") if ln.strip()), "")
+        try:
+            json.loads(first)
+        except json.JSONDecodeError:
+            raise CorpusError(
+                f"corpus file {path} is neither a JSON array of documents nor JSON Lines (one object per line): "
+                "give a .json array of strings or objects with a --text-field, a .jsonl file, or a .txt file"
+            ) from None
+        return _jsonl(path, text_field), "jsonl"
+    if not isinstance(obj, list):
+        what = f"a JSON object with keys {sorted(obj)[:6]}" if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
+        raise CorpusError(
+            f"corpus file {path} holds {what}, not a list of documents: a .json corpus is an array of strings or of "
+            "objects with a --text-field (or JSON Lines)"
+        )
+    return [_document(item, text_field, f"{path}: item {i} of the array") for i, item in enumerate(obj, 1)], "array"
+
+
 def _jsonl(path: Path, text_field: str) -> list[str]:
     docs = []
-    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+    for lineno, line in enumerate(_read_text(path).lstrip("\ufeff").split("\n"), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise CorpusError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict) or text_field not in obj:
-            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-            raise CorpusError(f"{path}:{lineno}: no field {text_field!r} (has {keys}); choose it with --text-field")
-        if not isinstance(obj[text_field], str):
-            raise CorpusError(f"{path}:{lineno}: field {text_field!r} is not a string")
-        docs.append(obj[text_field])
+        if not isinstance(obj, dict):  # a line of JSON Lines is a record
+            raise CorpusError(f"{path}:{lineno}: no field {text_field!r} (has {type(obj).__name__}); choose it with --text-field")
+        docs.append(_document(obj, text_field, f"{path}:{lineno}"))
     return docs
 
 
@@ -162,12 +200,28 @@ def load_corpus(spec: str | Corpus | None = None, text_field: str = "text") -> C
     """
     if isinstance(spec, Corpus):
         return spec
+    if text_field != "text" and not _has_fields(spec):
+        raise CorpusError(
+            f"--text-field {text_field} applies to .jsonl / .json corpora and hf: datasets; the corpus "
+            f"{spec or BUILTIN_CORPUS} is plain text: drop --text-field"
+        )
     c = _load(spec, text_field)
     if not any(d.strip() for d in c.documents):
         n = len(c.documents)
         what = f"{n} document{'s' if n != 1 else ''}, all empty" if n else "no documents"
         raise CorpusError(f"corpus {c.name} has no text ({what}); give a corpus with text")
     return c
+
+
+_FIELD_SUFFIXES = (".jsonl", ".ndjson", ".json")
+
+
+def _has_fields(spec) -> bool:
+    """The corpus has records with fields (--text-field applies): hf: datasets and JSON files."""
+    if spec in (None, "", BUILTIN_CORPUS):
+        return False
+    spec = str(spec)
+    return spec.startswith("hf:") or Path(spec).suffix.lower() in _FIELD_SUFFIXES
 
 
 def _load(spec, text_field: str) -> Corpus:
@@ -178,14 +232,17 @@ def _load(spec, text_field: str) -> Corpus:
         return _hf(spec, text_field)
     path = Path(spec).expanduser()
     if path.is_dir():
-        files = sorted(path.glob("*.txt"))
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() == ".txt" and f.is_file())  # .txt, .TXT, ...
         if not files:
-            raise CorpusError(f"directory {path} has no *.txt files")
+            raise CorpusError(f"directory {path} has no .txt files")
         return Corpus(str(path), [_read_text(f, allow_empty=True) for f in files], {"files": len(files)})
     if not path.is_file():
-        raise CorpusError(f"corpus not found: {spec} (expected 'builtin', a .txt/.jsonl file, a directory of .txt files or hf:NAME)")
+        raise CorpusError(f"corpus not found: {spec} (expected 'builtin', a .txt/.jsonl/.json file, a directory of .txt files or hf:NAME)")
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         return Corpus(str(path), _jsonl(path, text_field), {"text_field": text_field})
+    if path.suffix.lower() == ".json":
+        docs, layout = _json(path, text_field)
+        return Corpus(str(path), docs, {"text_field": text_field, "json_layout": layout})
     return Corpus(str(path), [_read_text(path)])
 
 
