@@ -280,3 +280,14 @@ def test_txt_suffix_in_any_case_and_jsonl_bom(tmp_path):
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + b'{"text": "after a BOM"}\n{"text": "second"}\n')
     assert load_corpus(str(bom)).documents == ["after a BOM", "second"]
+
+
+# ---------------------------------------------------------------- 21: bench device and shapes
+
+
+def test_bench_device_and_unallocatable_shape(capsys):
+    if not torch.cuda.is_available():
+        rc, _, err = run_cli(capsys, "bench", "--device", "cuda", "--repeat", "1")
+        assert_clean_error(rc, err, "bench", "device 'cuda' requested but CUDA is not available")
+    rc, _, err = run_cli(capsys, "bench", "--shapes", "1000000x1000000", "--dtypes", "fp32", "--repeat", "1")
+    assert_clean_error(rc, err, "bench", "shape 1000000x1000000 in float32 needs 3725.3 GiB (4000000000000 bytes)", "use smaller --shapes")

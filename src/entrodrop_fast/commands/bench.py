@@ -15,6 +15,34 @@ def _shape(s: str) -> tuple[int, ...]:
     return dims
 
 
+class MemoryError_(ValueError):
+    """A benchmark tensor that does not fit (reported in one line, as a bad request)."""
+
+
+def _allocatable(shape, dtype, device) -> None:
+    import math
+
+    import torch
+
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    what = "x".join(map(str, shape))
+    try:
+        if device.type == "cpu":  # malloc may promise more than there is (overcommit): compare with the RAM
+            import os
+
+            ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            if nbytes > ram:
+                raise MemoryError(f"more than the {ram / 2**30:.1f} GiB of RAM")
+        t = torch.empty(shape, dtype=dtype, device=device)
+    except (RuntimeError, MemoryError) as exc:  # torch's allocator: RuntimeError / OutOfMemoryError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MemoryError_(
+            f"shape {what} in {str(dtype).replace('torch.', '')} needs {nbytes / 2**30:.1f} GiB ({nbytes} bytes), "
+            f"which cannot be allocated on {device} ({first}); use smaller --shapes"
+        ) from None
+    del t
+
+
 def register(sub) -> None:
     from entrodrop_fast.bench import BACKENDS, DEFAULT_SHAPES, DTYPES, ESTIMATORS
     from entrodrop_fast.cli import positive_int
@@ -53,14 +81,22 @@ def run(args) -> int:
             raise ValueError(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)}")
         return items
 
-    rows = run_bench(
-        estimators=pick(args.estimators, ESTIMATORS, "estimator"),
-        shapes=[_shape(s) for s in args.shapes.split(",") if s.strip()],
-        dtypes=pick(args.dtypes, tuple(DTYPES), "dtype"),
-        backends=pick(args.backends, BACKENDS, "backend"),
-        repeat=args.repeat,
-        device=args.device,
-    )
+    from entrodrop_fast.models.loading import parse_device
+
+    device = parse_device(args.device)  # a device torch cannot use stops here
+    estimators = pick(args.estimators, ESTIMATORS, "estimator")
+    shapes = [_shape(s) for s in args.shapes.split(",") if s.strip()]
+    dtypes = pick(args.dtypes, tuple(DTYPES), "dtype")
+    backends = pick(args.backends, BACKENDS, "backend")
+    for shape in shapes:  # every input tensor can be made, before any case runs
+        for name in dtypes:
+            _allocatable(shape, DTYPES[name], device)
+    try:
+        rows = run_bench(estimators=estimators, shapes=shapes, dtypes=dtypes, backends=backends, repeat=args.repeat, device=args.device)
+    except RuntimeError as exc:
+        if "alloc" not in str(exc).lower() and "memory" not in str(exc).lower():
+            raise
+        raise MemoryError_(f"the benchmark ran out of memory on {device} ({str(exc).strip().splitlines()[0]}); use smaller --shapes") from None
     print(format_table(rows))
     if args.json:
         outputs.publish_file(args.json, json.dumps(rows, indent=1), what="bench JSON")
