@@ -291,3 +291,25 @@ def test_bench_device_and_unallocatable_shape(capsys):
         assert_clean_error(rc, err, "bench", "device 'cuda' requested but CUDA is not available")
     rc, _, err = run_cli(capsys, "bench", "--shapes", "1000000x1000000", "--dtypes", "fp32", "--repeat", "1")
     assert_clean_error(rc, err, "bench", "shape 1000000x1000000 in float32 needs 3725.3 GiB (4000000000000 bytes)", "use smaller --shapes")
+
+
+# ---------------------------------------------------------------- 33: info lists the devices usable here
+
+
+def test_info_lists_cuda_only_with_a_gpu(capsys, monkeypatch):
+    from entrodrop_fast.commands import info as I
+
+    fake = {"cpp": {"available": True, "devices": ["cpu", "cuda"], "reason": ""},
+            "torch": {"available": True, "devices": ["cpu", "cuda"], "reason": ""}}
+    real = I.collect
+
+    def collect():
+        monkeypatch.setattr("entrodrop_fast.backends", lambda: {k: dict(v) for k, v in fake.items()})
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        return real()
+
+    monkeypatch.setattr(I, "collect", collect)
+    rc, out, _ = run_cli(capsys, "info")
+    assert rc == 0
+    rows = [ln for ln in out.splitlines() if ln.startswith("  cpp") or ln.startswith("  torch")]
+    assert len(rows) == 2 and all("devices cpu (built with CUDA kernels; no GPU visible)" in r for r in rows), out

@@ -22,6 +22,8 @@ def collect() -> dict:
                       "cpu_threads": _ext.require().thread_pool_cpu() if _ext.available() else None},
         "backends": backends(),
     }
+    for b in info["backends"].values():  # what runs here; "devices" stays what the backend supports
+        b["usable_devices"] = [d for d in b.get("devices", []) if d != "cuda" or info["cuda_available"]]
     try:
         import triton
 
@@ -44,7 +46,12 @@ def run(args) -> int:
         print(f"CPU kernels run on: {ext['cpu_threads']}")
     print("backends:")
     for name, b in info["backends"].items():
-        state = ("devices " + ", ".join(b["devices"])) if b["available"] else f"unavailable: {b['reason']}"
+        if b["available"]:
+            state = "devices " + (", ".join(b["usable_devices"]) or "none here")
+            if "cuda" in b["devices"] and "cuda" not in b["usable_devices"]:
+                state += " (built with CUDA kernels; no GPU visible)"
+        else:
+            state = f"unavailable: {b['reason']}"
         print(f"  {name:7s} {state}")
     return 0
 
