@@ -186,8 +186,10 @@ def test_17_retained_leaves_out_zero_dense_tasks_and_says_so():
     comp = {"dense": {**dense, "params": 1e6}, "rows": [{"kind": "attn", "method": "bucket", "k": 1, "dropped": [2], "perplexity": 12.0, "a": 0.25, "b": 0.3, "retained": 0.5}]}
     md = C.markdown(comp)
     assert "left out (dense accuracy 0, ratio undefined): b" in md and "| 50.0 |" in md
-    with pytest.raises(ValueError, match="scores 0 on every zero-shot task"):
-        C.retained({"a": 0.1}, {"perplexity": 3.0, "a": 0.0})
+    none = {"perplexity": 3.0, "a": 0.0, "params": 1e6}
+    assert C.retained({"a": 0.1}, none) is None
+    md = C.markdown({"dense": none, "rows": [{"kind": "attn", "method": "cosine", "k": 1, "dropped": [0], "perplexity": 4.0, "a": 0.1, "retained": None}]})
+    assert "| 4.00 | 0.100 | - |" in md and "undefined (-): the dense model scores 0 on every zero-shot task (a)" in md
 
 
 # 20 --------------------------------------------------------------------------------------

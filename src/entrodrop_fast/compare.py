@@ -137,17 +137,26 @@ def retained_tasks(dense: dict) -> tuple[list[str], list[str]]:
     return [t for t in tasks if dense[t] > 0], [t for t in tasks if not dense[t] > 0]
 
 
-def retained(q: dict, dense: dict) -> float:
+def retained(q: dict, dense: dict) -> float | None:
     """Mean over the zero-shot tasks of accuracy / dense accuracy (the paper's '% retained'),
-    over the tasks whose dense accuracy is > 0 (a ratio to 0 is undefined); ValueError when
-    there is none."""
-    tasks, left_out = retained_tasks(dense)
-    if not tasks:
-        raise ValueError(
-            f"'% of dense retained' is undefined: the dense model scores 0 on every zero-shot task ({', '.join(left_out) or 'none'}); "
-            "raise --items, or check the model and its tokenizer"
+    over the tasks whose dense accuracy is > 0 (a ratio to 0 is undefined); None (JSON null)
+    when there is none: the table says so (:func:`retained_note`), perplexity still compares."""
+    tasks, _ = retained_tasks(dense)
+    return sum(q[t] / dense[t] for t in tasks) / len(tasks) if tasks else None
+
+
+def retained_note(dense: dict) -> str:
+    """The table note: which tasks '% of dense retained' averages over, which it leaves out."""
+    kept, left_out = retained_tasks(dense)
+    if not kept:
+        return (
+            f"% of dense retained: undefined (-): the dense model scores 0 on every zero-shot task ({', '.join(left_out) or 'none'}); "
+            "compare by perplexity, or raise --items."
         )
-    return sum(q[t] / dense[t] for t in tasks) / len(tasks)
+    note = f"% of dense retained: mean of accuracy / dense accuracy over {', '.join(kept)}"
+    if left_out:
+        note += f"; left out (dense accuracy 0, ratio undefined): {', '.join(left_out)}"
+    return note + "."
 
 
 def profile_report(lm, corpus, *, samples: int, seq_len: int, seed: int, methods, batch_size: int = 8, progress: bool = True) -> dict:
@@ -189,7 +198,8 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
     log("evaluating the dense model ...")
     dense_ev = evaluate(lm.model, speed)
     dense_q = _quality(dense_ev)
-    retained(dense_q, dense_q)  # defined (some task with dense accuracy > 0)? before any pruning
+    if retained(dense_q, dense_q) is None:
+        log(retained_note(dense_q))
     rows = []
     jobs = [(kind, m, k) for kind in kinds for m in methods for k in counts]
     for kind, m, k in tqdm(jobs, desc="compare", disable=not progress):
@@ -222,12 +232,8 @@ def markdown(comp: dict) -> str:
     head = "| kind | method | K | dropped (0-based) | perplexity | " + " | ".join(tasks) + " | % of dense retained |"
     lines += [head, "|" + "---|" * (5 + len(tasks) + 1)]
     for r in comp["rows"]:
-        lines.append(f"| {r['kind']} | {r['method']} | {r['k']} | {','.join(map(str, r['dropped']))} | {r['perplexity']:.2f} | " + " | ".join(f"{r[t]:.3f}" for t in tasks) + f" | {100 * r['retained']:.1f} |")
-    kept, left_out = retained_tasks(d)
-    note = f"% of dense retained: mean of accuracy / dense accuracy over {', '.join(kept)}"
-    if left_out:
-        note += f"; left out (dense accuracy 0, ratio undefined): {', '.join(left_out)}"
-    lines += ["", note + "."]
+        lines.append(f"| {r['kind']} | {r['method']} | {r['k']} | {','.join(map(str, r['dropped']))} | {r['perplexity']:.2f} | " + " | ".join(f"{r[t]:.3f}" for t in tasks) + (f" | {100 * r['retained']:.1f} |" if isinstance(r.get("retained"), (int, float)) and math.isfinite(r["retained"]) else " | - |"))
+    lines += ["", retained_note(d)]
     if "speed" in d:
         lines += ["", "Speed (one model per kind and K; timings vary between runs):", "", "| kind | K | prefill tok/s | decode tok/s | decode speed-up | KV-cache bytes/token |", "|---|---|---|---|---|---|"]
         ds = d["speed"]
@@ -255,7 +261,7 @@ def plot(comp: dict, path: Path) -> None:
     for ax, kind in zip(axes[0], kinds, strict=True):
         for m in sorted({r["method"] for r in comp["rows"] if r["kind"] == kind}):
             rs = sorted((r for r in comp["rows"] if r["kind"] == kind and r["method"] == m), key=lambda r: r["k"])
-            ax.plot([0] + [r["k"] for r in rs], [100.0] + [100 * r["retained"] for r in rs], marker="o", label=m, linestyle="--" if m == "random" else "-")
+            ax.plot([0] + [r["k"] for r in rs], [100.0] + [100 * r["retained"] if isinstance(r.get("retained"), (int, float)) else math.nan for r in rs], marker="o", label=m, linestyle="--" if m == "random" else "-")
         ax.set_title(f"{kind} blocks dropped")
         ax.set_xlabel("blocks dropped (K)")
         ax.set_ylabel("zero-shot accuracy retained (% of dense)")
@@ -277,7 +283,9 @@ def write(comp: dict, out_dir: str | os.PathLike, png: bool = True, overwrite: b
 
     out = outputs.check_dir(out_dir, kind="comparison", what="comparison", overwrite=overwrite)
     with outputs.publish_dir(out, kind="comparison", what="comparison", overwrite=overwrite) as tmp:
-        (tmp / "comparison.json").write_text(json.dumps(comp, indent=2))
+        from entrodrop_fast.report import json_safe
+
+        (tmp / "comparison.json").write_text(json.dumps(json_safe(comp), indent=2, allow_nan=False))  # NaN -> null
         (tmp / "comparison.md").write_text(markdown(comp))
         if png:
             plot(comp, tmp / "comparison.png")
