@@ -313,3 +313,41 @@ def test_info_lists_cuda_only_with_a_gpu(capsys, monkeypatch):
     assert rc == 0
     rows = [ln for ln in out.splitlines() if ln.startswith("  cpp") or ln.startswith("  torch")]
     assert len(rows) == 2 and all("devices cpu (built with CUDA kernels; no GPU visible)" in r for r in rows), out
+
+
+# ---------------------------------------------------------------- 28: the cache path
+
+
+def test_cache_path_that_is_a_file(tmp_path, capsys, monkeypatch):
+    from entrodrop_fast.models.loading import ModelLoadError, ensure_builtin
+
+    f = tmp_path / "afile"
+    f.write_text("not a directory")
+    monkeypatch.setenv("ENTRODROP_CACHE", str(f))
+    with pytest.raises(ModelLoadError, match=f"the model cache {f} \\(from ENTRODROP_CACHE\\) is not a directory"):
+        ensure_builtin()
+    with pytest.raises(ModelLoadError, match=f"\\({f} is a file\\)"):
+        ensure_builtin(f / "sub")
+    rc, _, err = run_cli(capsys, "profile", "--out", tmp_path / "r", "-q")
+    assert_clean_error(rc, err, "profile", f"the model cache {f} (from ENTRODROP_CACHE) is not a directory", "move the file away")
+
+
+def test_cache_dir_tilde_is_expanded(tmp_path, monkeypatch):
+    import argparse
+
+    from entrodrop_fast import cli
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    seen = {}
+
+    def fake_parser():
+        p = argparse.ArgumentParser()
+        sub = p.add_subparsers(dest="command")
+        q = sub.add_parser("x")
+        q.add_argument("--cache-dir")
+        q.set_defaults(func=lambda a: seen.setdefault("cache_dir", a.cache_dir) and 0)
+        return p
+
+    monkeypatch.setattr(cli, "build_parser", fake_parser)
+    assert cli.main(["x", "--cache-dir", "~/x"]) == 0
+    assert seen["cache_dir"] == str(tmp_path / "x")

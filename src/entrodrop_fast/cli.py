@@ -18,6 +18,7 @@ import argparse
 import errno
 import importlib
 import json
+import os
 import pkgutil
 import re
 import sys
@@ -141,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    for name in ("cache_dir",):  # a quoted '~/x' means the home directory, never a folder named '~'
+        if isinstance(getattr(args, name, None), str):
+            setattr(args, name, os.path.expanduser(getattr(args, name)))
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -362,6 +362,7 @@ def ensure_builtin(cache_dir: str | os.PathLike | None = None, model=None) -> Pa
     b = _resolve_builtin(model)
     record = _source_record(b)  # a missing package stops here, naming the pip command
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    check_cache_root(root, "--cache-dir" if cache_dir is not None else "ENTRODROP_CACHE" if os.environ.get("ENTRODROP_CACHE") else "the default cache")
     final = root / b.name
     if _cache_is_valid(final, record):
         return final
@@ -394,6 +395,19 @@ def ensure_builtin(cache_dir: str | os.PathLike | None = None, model=None) -> Pa
             "per parameter), or set ENTRODROP_CACHE (or --cache-dir) to a writable directory"
         ) from exc
     return final
+
+
+def check_cache_root(root: Path, source: str = "ENTRODROP_CACHE") -> None:
+    """Refuse a cache path that is (or lies under) a file: it must be a directory, or not exist yet."""
+    for p in (root, *root.parents):
+        if p.is_dir():
+            return
+        if p.exists() or p.is_symlink():
+            where = f" ({p} is a file)" if p != root else ""
+            raise ModelLoadError(
+                f"the model cache {root} (from {source}) is not a directory{where}: set ENTRODROP_CACHE or --cache-dir "
+                "to a directory (it is created if missing), or move the file away"
+            )
 
 
 def _from_dir(path: str, dtype: torch.dtype, device: torch.device):
