@@ -351,3 +351,28 @@ def test_cache_dir_tilde_is_expanded(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "build_parser", fake_parser)
     assert cli.main(["x", "--cache-dir", "~/x"]) == 0
     assert seen["cache_dir"] == str(tmp_path / "x")
+
+
+# ---------------------------------------------------------------- 32: activation dirs of killed runs
+
+
+def test_stale_activation_dirs_are_swept(tmp_path):
+    import subprocess
+    import sys
+
+    from entrodrop_fast.streaming import ACT_DIR_PREFIX, sweep_stale_activation_dirs
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f"{ACT_DIR_PREFIX}{dead}-abc123"
+    stale.mkdir()
+    (stale / "act_a.bin").write_bytes(b"\0" * 64)
+    foreign = tmp_path / f"{ACT_DIR_PREFIX}{dead}-xyz789"  # same pattern, someone else's file inside
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    live = tmp_path / f"{ACT_DIR_PREFIX}{os.getppid()}-live01"  # a running process
+    live.mkdir()
+    (live / "act_b.bin").write_bytes(b"\0")
+    other = tmp_path / "entrodrop-other-1"
+    other.mkdir()
+    assert sweep_stale_activation_dirs(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and foreign.exists() and live.exists() and other.exists()

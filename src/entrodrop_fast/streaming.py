@@ -74,6 +74,48 @@ ACT_NAMES = ("act_a.bin", "act_b.bin")
 RESUME_NAMES = (RUN_NAME, STATE_NAME, *ACT_NAMES, STATE_NAME + ".tmp", RUN_NAME + ".tmp")
 
 
+#: a run without --resume-dir keeps its activation files in TMPDIR/entrodrop-acts-PID-XXXX
+ACT_DIR_PREFIX = "entrodrop-acts-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (EPERM): alive
+        return True
+    return True
+
+
+def sweep_stale_activation_dirs(root: str | None = None) -> list[str]:
+    """Remove the activation directories of runs that were killed (their PID is gone): only
+    ``entrodrop-acts-PID-*`` directories holding nothing but our activation files. Returns them."""
+    import re
+
+    root = root or tempfile.gettempdir()
+    removed = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for e in entries:
+        m = re.fullmatch(re.escape(ACT_DIR_PREFIX) + r"(\d+)-[A-Za-z0-9_]+", e.name)
+        if not m or not e.is_dir(follow_symlinks=False) or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            names = os.listdir(e.path)
+            if any(n not in ACT_NAMES for n in names):
+                continue  # not only ours: left alone
+            for n in names:
+                os.remove(os.path.join(e.path, n))
+            os.rmdir(e.path)
+            removed.append(e.path)
+        except OSError:
+            continue
+    return removed
+
+
 class CheckpointError(RuntimeError):
     """The checkpoint on disk is missing, incomplete, corrupt or does not match its config."""
 
@@ -859,7 +901,8 @@ def profile_streaming(
             acts, first_layer = _open_resume_dir(resume_dir, fingerprint, (S, T, D), dtype, sinks, L, device)
             state_path = os.path.join(resume_dir, STATE_NAME)
         else:
-            tmp_dir = tempfile.mkdtemp(prefix="entrodrop-acts-")
+            sweep_stale_activation_dirs()
+            tmp_dir = tempfile.mkdtemp(prefix=f"{ACT_DIR_PREFIX}{os.getpid()}-")
             hint = f"set TMPDIR to a directory on a larger disk, use --resume-dir on one, or raise --max-memory to keep them in RAM (now {_size(ram_budget_bytes)})"
             acts = ActivationBuffers((S, T, D), dtype, budget_bytes=ram_budget_bytes, directory=tmp_dir, hint=hint)
         for path in (adapter.arch.embed, adapter.arch.final_norm):
