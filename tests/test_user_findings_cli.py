@@ -376,3 +376,24 @@ def test_stale_activation_dirs_are_swept(tmp_path):
     other.mkdir()
     assert sweep_stale_activation_dirs(str(tmp_path)) == [str(stale)]
     assert not stale.exists() and foreign.exists() and live.exists() and other.exists()
+
+
+# ---------------------------------------------------------------- 24: entropy messages
+
+
+def test_entropy_nan_policy_and_knn_message(tmp_path, capsys):
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal((40, 4)).astype(np.float32)
+    x[3, 1] = np.inf
+    f = tmp_path / "x.npy"
+    np.save(f, x)
+    rc, _, err = run_cli(capsys, "entropy", f, "--method", "gaussian_diag")
+    assert_clean_error(rc, err, "entropy", "gaussian_diag: ", "pass --nan-policy omit")
+    rc, out, err = run_cli(capsys, "entropy", f, "--method", "gaussian_diag", "--nan-policy", "omit", "--json")
+    assert rc == 0, err
+    assert isinstance(json.loads(out)["results"][0]["entropy"], float)
+    two = tmp_path / "two.npy"
+    np.save(two, x[:2] * 0 + 1)
+    rc, _, err = run_cli(capsys, "entropy", two, "--method", "knn")
+    assert_clean_error(rc, err, "entropy", "knn (k=25): ", "needs at least 26 valid tokens")

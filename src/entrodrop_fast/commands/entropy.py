@@ -66,14 +66,18 @@ def _pick(obj, key, path) -> torch.Tensor:
     raise ValueError(f"{path} holds a {type(obj).__name__}, not a tensor")
 
 
-def compute(x: torch.Tensor, methods, backend: str, bins: int, k: int, alpha: float, paper_exact: bool) -> list[dict]:
+def compute(x: torch.Tensor, methods, backend: str, bins: int, k: int, alpha: float, paper_exact: bool, nan_policy: str = "raise") -> list[dict]:
     from entrodrop_fast import entropy, resolve_backend
 
     opts = {"bucket": {"bins": bins, "paper_exact": paper_exact}, "knn": {"k": k}, "renyi": {"alpha": alpha}}
     rows = []
     for m in methods:
         t0 = time.perf_counter()
-        h = entropy(x, m, backend=backend, **opts.get(m, {}))
+        try:
+            h = entropy(x, m, backend=backend, nan_policy=nan_policy, **opts.get(m, {}))
+        except ValueError as exc:  # name the method (and knn's k), and the CLI's flag for nan_policy
+            text = str(exc).replace("pass nan_policy='omit'", "pass --nan-policy omit")
+            raise ValueError(f"{m}{f' (k={k})' if m == 'knn' else ''}: {text}") from None
         dt = time.perf_counter() - t0
         vals = h.reshape(-1).tolist()
         used = backend if m in ("gaussian_full", "renyi") and backend != "auto" else resolve_backend(backend, x.device)
@@ -89,7 +93,7 @@ def run(args) -> int:
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    rows = compute(x, methods, args.backend, args.bins, args.k, args.alpha, args.paper_exact)
+    rows = compute(x, methods, args.backend, args.bins, args.k, args.alpha, args.paper_exact, args.nan_policy)
     if args.json:
         print(json.dumps({"file": args.file, "shape": list(x.shape), "dtype": str(x.dtype), "results": rows}, indent=2))
         return 0
@@ -114,5 +118,6 @@ def register(sub) -> None:
     p.add_argument("--k", type=positive_int, default=25, help="knn: neighbour rank (default 25)")
     p.add_argument("--alpha", type=float, default=4.0)
     p.add_argument("--paper-exact", action="store_true", help="clamp bucket probabilities at 1e-10 as the paper's code")
+    p.add_argument("--nan-policy", default="raise", choices=["raise", "omit"], help="tokens holding NaN / Inf: raise an error (default) or omit them")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
