@@ -253,3 +253,14 @@ def test_27_valid_method_missing_from_the_report():
     with pytest.raises(ValueError, match=r"'knn' is not in the report \(the report has: bucket\).*profile again with --method knn"):
         make_plan(flat_report(4), "attn", 1, method="knn")
     assert not math.isnan(make_plan(flat_report(4), "attn", 1)["ranked"][0]["score"])
+
+
+def test_7_iterative_fraction_counts_the_candidates():
+    from entrodrop_fast.ranking import iterative_plan
+    from entrodrop_fast.runner import ProfileSettings
+
+    model = tiny_model("llama", num_hidden_layers=5)
+    windows = torch.randint(3, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    settings = ProfileSettings(methods=("bucket",), batch_size=2, backend="torch")
+    plan = iterative_plan(model, windows, "attn", "50%", protect="0,4", settings=settings)  # 3 candidates: 1.5 -> 2
+    assert plan["k"] == 2 and len(plan["drop"]["attn"]) == 2 and not set(plan["drop"]["attn"]) & {0, 4}

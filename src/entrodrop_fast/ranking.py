@@ -352,17 +352,19 @@ def iterative_plan(model, windows, kind: str = "attn", drop=4, *, method: str | 
     identity = model_identity(model.config)  # of the model before any drop
     settings = settings or ProfileSettings()
     L0 = get_adapter(model).num_layers(model)
-    k = parse_count(drop, L0)
+    parse_drop(drop)  # its form, checked before the first profile
+    k = None  # a fraction counts the candidate blocks of the unpruned model's profile
     orig = list(range(L0))  # current index -> original index
     dropped: list[int] = []  # original indices of dropped sub-blocks
     steps = []
     first_plan = None
-    for _ in range(k):
+    while k is None or len(steps) < k:
         report = build_report(profile(model, windows, settings, progress=progress), model_info={}, data_info={}, settings={}, model=model)
         if first_plan is None:
             # protection is decided once, on the unpruned model's profile
-            first_plan = make_plan(report, kind, 1, method=method, protect=protect)
+            first_plan = make_plan(report, kind, drop, method=method, protect=protect)
             protected_orig = set(first_plan["protected"])
+            k = first_plan["k"]
         cur_protect = [i for i, o in enumerate(orig) if o in protected_orig or (kind != "layer" and o in dropped)]
         step = make_plan(report, kind, 1, method=first_plan["method"], protect=cur_protect)
         cur = step["drop"][kind][0]
