@@ -397,3 +397,14 @@ def test_the_refusal_lists_only_what_is_not_ours(tmp_path):
     with pytest.raises(OutputError) as e:
         outputs.check_dir(out, kind="report", what="report")
     assert "(mine.txt)" in str(e.value) and "report.json" not in str(e.value)
+
+
+def test_per_sample_warnings_are_summarised_in_one_line(env, tmp_path, capsys):
+    """gaussian_full warns for every sample (a ridge on a singular covariance): the profile
+    prints one line with the count, not one line per sample with internal paths."""
+    rc = main(["profile", str(env["model"]), "--corpus", str(env["corpus"]), "--samples", "4", "--seq-len", "16",
+               "--method", "gaussian_full", "--out", str(tmp_path / "r"), "-q", "--no-plot"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    lines = [ln for ln in err.splitlines() if "covariance is singular" in ln]
+    assert len(lines) == 1 and "more like it" in lines[0] and ".py:" not in err, err

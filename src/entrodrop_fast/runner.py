@@ -10,7 +10,10 @@ forward runs the decoder stack only (no LM head, no KV cache) under ``torch.infe
 
 from __future__ import annotations
 
+import contextlib
+import re
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -164,3 +167,21 @@ def finish(stats: BlockStatistics, adapter: Adapter, settings: ProfileSettings, 
         }
     )
     return result
+
+
+@contextlib.contextmanager
+def grouped_warnings(emit):
+    """Collect the warnings raised inside (estimators warn once per sample: a ridge added to a
+    singular covariance, floored variances) and, at the end, ``emit`` one line per kind of
+    warning with how many times it occurred, instead of one line per sample with file paths."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            groups: dict[str, list] = {}
+            for w in caught:
+                groups.setdefault(re.sub(r"[-+]?\d[\d.e+-]*", "#", str(w.message)), []).append(w)
+            for ws in groups.values():
+                more = f" (and {len(ws) - 1} more like it)" if len(ws) > 1 else ""
+                emit(f"warning: {ws[0].message}{more}")

@@ -207,7 +207,10 @@ def run(args) -> int:
     from entrodrop_fast.data import calibration_windows
     from entrodrop_fast.models import load_model
     from entrodrop_fast.report import build_report, ranking_table, write_report
-    from entrodrop_fast.runner import ProfileSettings, parse_methods, profile
+    from entrodrop_fast.runner import ProfileSettings, grouped_warnings, parse_methods, profile
+
+    def warn(msg):  # warnings are shown with -q too
+        print(f"entrodrop profile: {msg}", file=sys.stderr)
     from entrodrop_fast.surgery import model_identity
 
     methods = parse_methods(args.method or ["bucket"])
@@ -292,12 +295,14 @@ def run(args) -> int:
                     "raise it or lower --batch-size / --seq-len"
                 )
         ram = budget if budget else 8 * 2**30
-        result = profile_streaming(str(stream_dir), mine, settings, device=parse_device(args.device), dtype=parse_dtype(args.dtype), ram_budget_bytes=ram, resume_dir=args.resume_dir, progress=not args.quiet and rank == 0)
+        with grouped_warnings(warn):
+            result = profile_streaming(str(stream_dir), mine, settings, device=parse_device(args.device), dtype=parse_dtype(args.dtype), ram_budget_bytes=ram, resume_dir=args.resume_dir, progress=not args.quiet and rank == 0)
         source = args.model or "builtin"
         model_info = {"name": display_name(args.model), "source": source, "path": str(stream_dir), "kind": "streaming",
                       **model_identity(json.loads((Path(stream_dir) / "config.json").read_text()))}
     else:
-        result = profile(lm.model, mine, settings, progress=not args.quiet and rank == 0)
+        with grouped_warnings(warn):
+            result = profile(lm.model, mine, settings, progress=not args.quiet and rank == 0)
         model_info = {"name": lm.name, "source": lm.source, "path": lm.path, "kind": lm.kind}
     result["tokens"] = int(windows.numel())
     result["tokens_per_s"] = windows.numel() / result["seconds"] if result["seconds"] > 0 else float("nan")
