@@ -408,3 +408,15 @@ def test_per_sample_warnings_are_summarised_in_one_line(env, tmp_path, capsys):
     assert rc == 0, err
     lines = [ln for ln in err.splitlines() if "covariance is singular" in ln]
     assert len(lines) == 1 and "more like it" in lines[0] and ".py:" not in err, err
+
+
+def test_quiet_profile_prints_no_progress_bar(env, tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    try:
+        rc = main(["profile", str(env["model"]), "--corpus", str(env["corpus"]), "--samples", "2", "--seq-len", "16",
+                   "--out", str(tmp_path / "r"), "-q", "--no-plot"])
+        err = capfd.readouterr().err
+        assert rc == 0 and "Loading weights" not in err and "\r" not in err, err
+    finally:
+        hf_logging.enable_progress_bar()

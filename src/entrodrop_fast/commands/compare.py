@@ -46,6 +46,10 @@ def run(args) -> int:
     inputs = [*outputs.model_paths(args.model), *outputs.corpus_paths(*calib)]
     outputs.check_dir(args.out, kind="comparison", what="comparison", inputs=inputs, overwrite=args.overwrite)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    if args.quiet:  # no progress bars, transformers' "Loading weights" included
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     from entrodrop_fast.data import calibration_windows, heldout_documents, load_corpus
 
     corpora = [load_corpus(c) for c in calib]  # unreadable, empty or binary corpora stop the run here

@@ -223,6 +223,10 @@ def run(args) -> int:
         raise ValueError(f"--bins must be at most {MAX_BINS} (every backend keeps that many counters per channel), got {args.bins}")
     settings = ProfileSettings(methods=methods, batch_size=args.batch_size or 1, backend=args.backend, bins=args.bins, k=args.k, paper_exact=args.paper_exact, spans=_spans(args.spans))
     check_targets(args)
+    if args.quiet:  # -q: no progress bars, transformers' "Loading weights" included
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     corpus = check_before_loading(args, methods)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     if args.resume_dir and not args.streaming:  # resuming exists only layer by layer: never ignore --resume-dir
