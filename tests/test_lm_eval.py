@@ -90,7 +90,7 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+                      num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # a random model whose choices differ clearly
         for name, p in model.named_parameters():
