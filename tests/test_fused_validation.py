@@ -464,3 +464,33 @@ def test_taps_ignore_masked_tokens_and_huge_finite_values():
     assert bool(torch.isfinite(st._h["bucket"][0]).all())
     want = ef.gaussian_diag_entropy(x, mask=mask, backend="cpp")  # what the estimator gives, inf here
     assert torch.equal(want, st._h["gaussian_diag"][0])
+
+
+# ------------------------------------------------------------------ the benchmark of the public calls
+
+
+def test_bench_calls_command(tmp_path, capsys):
+    import json
+
+    from entrodrop_fast.cli import main
+
+    out = tmp_path / "calls.json"
+    args = ["bench", "--calls", "--shapes", "2x8x16,9x16", "--dtypes", "fp32,bf16", "--repeat", "1", "--json", str(out)]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "| call | shape | dtype | reads | default ms | validate=False ms" in table
+    rows = json.loads(out.read_text())
+    assert {(r["estimator"], tuple(r["shape"]), r["dtype"]) for r in rows} == {
+        (c, s, d) for c in ("bucket", "gaussian_diag", "delta_bucket", "delta_gaussian_diag", "cosine") for s in ((2, 8, 16), (9, 16)) for d in ("fp32", "bf16")
+    }
+    for r in rows:
+        pair = r["estimator"] in ("delta_bucket", "delta_gaussian_diag", "cosine")
+        assert r["reads"] == ("x,f" if pair else "x") and r["mode"] == "calls"
+        n = math.prod(r["shape"]) * (4 if r["dtype"] == "fp32" else 2)
+        assert r["bytes"] == n * (2 if pair else 1)
+        assert r["default_over_novalidate"] == pytest.approx(r["default_s"] / r["novalidate_s"])
+        assert r["default_roofline_frac"] == pytest.approx(r["roofline_s"] / r["default_s"])
+        assert min(r["default_s"], r["novalidate_s"], r["roofline_s"]) > 0
+    assert main(args) == 0  # its own JSON is replaced
+    assert main(["bench", "--calls", "--estimators", "knn"]) == 1
+    assert "unknown call knn" in capsys.readouterr().err
