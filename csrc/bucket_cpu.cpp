@@ -14,6 +14,7 @@
 // back to back (consecutive elements belong to different channels). Entropy uses a table
 // of -p ln p for every possible count, built once per distinct token count.
 #include <cmath>
+#include <limits>
 #include <map>
 
 #include "common_cpu.h"
@@ -23,7 +24,7 @@ namespace cpu {
 namespace {
 
 struct Scratch {
-  std::vector<float> tile, lo, hi, sc;
+  std::vector<float> tile, lo, hi, sc, nf;  // nf: sum of (y - y), NaN iff a y is NaN/Inf
   std::vector<int32_t> flat, wide;  // wide: the tile's channels binned in fp64
   std::vector<double> wsc;          // their fp64 scales
   std::vector<uint32_t> counts;
@@ -49,17 +50,21 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
   s.lo.resize(size_t(w));
   s.hi.resize(size_t(w));
   s.sc.resize(size_t(w));
+  s.nf.resize(size_t(w));
   s.flat.resize(size_t(w));
   s.counts.assign(size_t(w * bins), 0u);
   float* __restrict lo = s.lo.data();
   float* __restrict hi = s.hi.data();
   float* __restrict sc = s.sc.data();
+  float* __restrict nf = s.nf.data();
   int32_t* __restrict flat = s.flat.data();
   uint32_t* __restrict cnt = s.counts.data();
   float* __restrict tile = s.tile.data();
 
   // 1. gather the valid rows of the tile, with min / max (a copy even for dense fp32: rows
   //    of x are a power-of-two stride apart, which would thrash the caches' sets in step 3)
+  //    and nf += y - y: 0 while every y is finite, NaN from the first NaN/Inf on (this is how
+  //    the kernel reports non-finite Y, x + f overflow included: H_d = NaN, CONTRACT.md)
   int64_t r = 0;
   for (int64_t t = 0; t < T; ++t) {
     if (t + kPrefetchRows < T) prefetch_y(x, f, b, t + kPrefetchRows, d0, w);
@@ -70,11 +75,13 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
       for (int64_t j = 0; j < w; ++j) {
         lo[j] = y[j];
         hi[j] = y[j];
+        nf[j] = y[j] - y[j];
       }
     } else {
       for (int64_t j = 0; j < w; ++j) {
         lo[j] = y[j] < lo[j] ? y[j] : lo[j];
         hi[j] = y[j] > hi[j] ? y[j] : hi[j];
+        nf[j] += y[j] - y[j];
       }
     }
     ++r;
@@ -84,11 +91,17 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
     return;
   }
   // 2. scale = bins / (max - min) in fp32; a constant channel puts everything in bin 0;
-  //    a channel whose fp32 width or scale is not finite is binned in fp64
+  //    a channel whose fp32 width or scale is not finite is binned in fp64; a channel
+  //    holding NaN/Inf is binned (harmlessly) into bin 0 and reported as H_d = NaN
   const float fb = float(bins);
   s.wide.clear();
   s.wsc.clear();
   for (int64_t j = 0; j < w; ++j) {
+    if (nf[j] != 0.0f) {
+      lo[j] = 0.0f;
+      sc[j] = 0.0f;
+      continue;
+    }
     const float width = hi[j] - lo[j];
     sc[j] = width == 0.0f ? 0.0f : fb / width;
     if (!std::isfinite(width) || !std::isfinite(sc[j])) {
@@ -109,8 +122,8 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
     }
     for (int64_t j = 0; j < w; ++j) {
       const float u = (y[j] - lo[j]) * sc[j];
-      // NaN/Inf never reach here through the API (it checks), but a caller passing
-      // validate=False must not get an out-of-bounds write: NaN -> bin 0, +Inf -> last.
+      // never out of bounds, whatever y: NaN -> bin 0, +Inf -> the last bin (only a channel
+      // reported as non-finite can hold them: its u is 0 or NaN)
       int32_t k = u >= 0.0f ? (u < fb ? int32_t(u) : last) : 0;
       k = k < last ? k : last;
       flat[j] = int32_t(j) * bins + k;
@@ -130,7 +143,7 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
     for (; k + 4 <= bins; k += 4)
       for (int q = 0; q < 4; ++q) h[q] += tbl[c[k + q]];
     for (; k < bins; ++k) h[0] += tbl[c[k]];
-    out[j] = (h[0] + h[1]) + (h[2] + h[3]);
+    out[j] = nf[j] == 0.0f ? (h[0] + h[1]) + (h[2] + h[3]) : std::numeric_limits<double>::quiet_NaN();
   }
 }
 

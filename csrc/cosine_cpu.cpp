@@ -3,7 +3,13 @@
 // own per-sample fp64 sums, merged at the end. Dot products accumulate in 16 fp32 lanes
 // over blocks of 256 channels, folded into fp64 lanes after each block; a row whose fp32
 // products overflow (|values| past ~1e19) is redone in fp64.
+//
+// Non-finite values (docs/CONTRACT.md): a token whose x or Y holds NaN/Inf (x + f
+// overflowing fp32 included) has cos = NaN, so its sample's sum is NaN. It costs nothing in
+// the hot loop: NaN/Inf make the fp32 sums non-finite, which sends the row to the fp64 redo,
+// where finite fp32 values can no longer overflow.
 #include <cmath>
+#include <limits>
 
 #include "common_cpu.h"
 
@@ -70,6 +76,8 @@ ED_INLINE double cos_row(const uint8_t* xr, const uint8_t* orow, int64_t D) {
       sx += double(xv) * double(xv);
       sy += y * y;
     }
+    if (!std::isfinite(sx) || !std::isfinite(sy) || !std::isfinite(dot))
+      return std::numeric_limits<double>::quiet_NaN();  // x or Y holds NaN or Inf
   }
   const double den = std::max(std::sqrt(sx) * std::sqrt(sy), 1e-12);
   return dot / den;

@@ -7,6 +7,13 @@
 // no cancellation however far a channel sits from zero (LLM activations have channels 1e4x
 // larger than the rest). Chunk results fold into fp64 sums relative to a per-channel shift
 // (the first chunk's mean); token ranges of one sample merge by Chan's formula in fp64.
+//
+// Non-finite values (docs/CONTRACT.md): a channel whose y holds NaN/Inf among the valid
+// tokens (x + f overflowing fp32 included) gets mean = m2 = min = max = NaN. In the hot loop
+// this costs one subtraction per chunk and lane: a chunk's fp32 sum s is finite unless a y
+// is non-finite or the sum overflows (|y| past ~4e37), so s - s (0 or NaN) accumulates a
+// per-channel "suspect" flag; the suspect channels (none, normally) are then rescanned
+// exactly, so finite values however large never count as non-finite.
 #include <cmath>
 #include <limits>
 
@@ -33,18 +40,21 @@ struct ItemState {
   double* Q;   // sum (y - c)^2
   float* lo;
   float* hi;
+  float* nf;   // sum over chunks of (s - s): NaN where a chunk's fp32 sum was not finite
 };
 
 // Fold one chunk's fp32 block results (chunk mean mu + ds/n, squared deviations qs) into
 // the fp64 running sums of channels [d0, d0 + w).
 ED_INLINE void fold(const float* mu, const float* ds, const float* qs, const float* lo,
-                    const float* hi, int nc, int64_t d0, int w, bool first, ItemState& st) {
+                    const float* hi, const float* nf, int nc, int64_t d0, int w, bool first,
+                    ItemState& st) {
   const double n = nc, inv = 1.0 / n;
   double* __restrict c = st.c + d0;
   double* __restrict S = st.S + d0;
   double* __restrict Q = st.Q + d0;
   float* __restrict l = st.lo + d0;
   float* __restrict h = st.hi + d0;
+  float* __restrict z = st.nf + d0;
   if (first) {
     for (int j = 0; j < w; ++j) {
       const double dsj = ds[j];
@@ -53,6 +63,7 @@ ED_INLINE void fold(const float* mu, const float* ds, const float* qs, const flo
       Q[j] = std::max(0.0, double(qs[j]) - dsj * dsj * inv);
       l[j] = lo[j];
       h[j] = hi[j];
+      z[j] = nf[j];
     }
   } else {
     for (int j = 0; j < w; ++j) {
@@ -64,6 +75,7 @@ ED_INLINE void fold(const float* mu, const float* ds, const float* qs, const flo
       Q[j] += m2c + n * dl * dl;
       l[j] = lo[j] < l[j] ? lo[j] : l[j];
       h[j] = hi[j] > h[j] ? hi[j] : h[j];
+      z[j] += nf[j];
     }
   }
 }
@@ -110,22 +122,24 @@ ED_INLINE void block_vec(const uint8_t* const* xr, const uint8_t* const* fr, int
       qs[k] += dv * dv;
     }
   }
-  alignas(64) float fmu[MW], fds[MW], fqs[MW], flo[MW], fhi[MW];
+  alignas(64) float fmu[MW], fds[MW], fqs[MW], flo[MW], fhi[MW], fnf[MW];
   for (int k = 0; k < NV; ++k) {
+    const v16f nf = s[k] - s[k];
+    std::memcpy(fnf + 16 * k, &nf, 64);
     std::memcpy(fmu + 16 * k, &mu[k], 64);
     std::memcpy(fds + 16 * k, &ds[k], 64);
     std::memcpy(fqs + 16 * k, &qs[k], 64);
     std::memcpy(flo + 16 * k, &lo[k], 64);
     std::memcpy(fhi + 16 * k, &hi[k], 64);
   }
-  fold(fmu, fds, fqs, flo, fhi, nc, d0, MW, first, st);
+  fold(fmu, fds, fqs, flo, fhi, fnf, nc, d0, MW, first, st);
 }
 
 // The same for a tail block of w < MW channels, scalar.
 template <int DT, bool FUSED>
 ED_INLINE void block_tail(const uint8_t* const* xr, const uint8_t* const* fr, int nc, int64_t d0,
                           int w, bool first, ItemState& st) {
-  float s[MW], lo[MW], hi[MW], mu[MW], ds[MW], qs[MW];
+  float s[MW], lo[MW], hi[MW], mu[MW], ds[MW], qs[MW], nf[MW];
   auto y = [&](int r, int j) -> float {
     float v = load1<DT>(xr[r], d0 + j);
     if constexpr (FUSED) v += load1<DT>(fr[r], d0 + j);
@@ -143,6 +157,7 @@ ED_INLINE void block_tail(const uint8_t* const* xr, const uint8_t* const* fr, in
   for (int j = 0; j < w; ++j) {
     mu[j] = s[j] * inv;
     ds[j] = qs[j] = 0.f;
+    nf[j] = s[j] - s[j];
   }
   for (int r = 0; r < nc; ++r)
     for (int j = 0; j < w; ++j) {
@@ -150,7 +165,7 @@ ED_INLINE void block_tail(const uint8_t* const* xr, const uint8_t* const* fr, in
       ds[j] += dv;
       qs[j] += dv * dv;
     }
-  fold(mu, ds, qs, lo, hi, nc, d0, w, first, st);
+  fold(mu, ds, qs, lo, hi, nf, nc, d0, w, first, st);
 }
 
 template <int DT, bool FUSED>
@@ -221,6 +236,24 @@ ED_CLONES void item_bf16(const View& x, const View* f, const Mask& m, int64_t b,
   item_impl<DT_BF16>(x, f, m, b, t0, t1, D, st, buf);
 }
 
+// y = x (+ f) at (b, t, d) in fp32, any dtype and strides (the rescan of suspect channels).
+float y_at(const View& x, const View* f, int64_t b, int64_t t, int64_t d) {
+  auto elem = [&](const View& v) -> float {
+    const uint8_t* p = v.row(b, t) + d * v.sd * v.esize();
+    uint16_t h;
+    if (v.dtype == DT_F32) {
+      float r;
+      std::memcpy(&r, p, 4);
+      return r;
+    }
+    std::memcpy(&h, p, 2);
+    return v.dtype == DT_F16 ? f16_to_f32(h) : bf16_to_f32(h);
+  };
+  float y = elem(x);
+  if (f) y += elem(*f);
+  return y;
+}
+
 }  // namespace
 }  // namespace cpu
 
@@ -253,9 +286,9 @@ void moments_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims
   P = std::max<int64_t>(1, P);
   const int64_t span = (T + P - 1) / P;
   const int64_t items = B * P;
-  // Per-item fp64 state: c, S, Q (3 * D doubles) and lo/hi (2 * D floats).
+  // Per-item fp64 state: c, S, Q (3 * D doubles) and lo/hi/nf (3 * D floats).
   std::vector<double> dstate(size_t(items * 3 * D));
-  std::vector<float> fstate(size_t(items * 2 * D));
+  std::vector<float> fstate(size_t(items * 3 * D));
   std::vector<double> nstate(size_t(items), 0.0);
   std::vector<std::vector<float>> bufs(static_cast<size_t>(nt));
 
@@ -266,8 +299,9 @@ void moments_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims
     st.c = dstate.data() + it * 3 * D;
     st.S = st.c + D;
     st.Q = st.S + D;
-    st.lo = fstate.data() + it * 2 * D;
+    st.lo = fstate.data() + it * 3 * D;
     st.hi = st.lo + D;
+    st.nf = st.hi + D;
     if (t0 < t1) {
       if (dtype == DT_F16) item_f16(xv, fp, mv, b, t0, t1, D, st, bufs[tid]);
       else if (dtype == DT_BF16) item_bf16(xv, fp, mv, b, t0, t1, D, st, bufs[tid]);
@@ -279,11 +313,39 @@ void moments_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims
   // Merge the parts of each sample (Chan, fp64) and write the outputs.
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const float inf = std::numeric_limits<float>::infinity();
+  const float fnan = std::numeric_limits<float>::quiet_NaN();
   parallel_for(B, clamp_threads(nthreads, B, B * D * P, 1 << 14), [&](int64_t b, int) {
     double n = 0;
     for (int64_t p = 0; p < P; ++p) n += nstate[b * P + p];
     o_count[b] = n;
+    // channels whose fp32 chunk sums were not finite: rescan their valid y exactly
+    std::vector<int64_t> suspect;
     for (int64_t d = 0; d < D; ++d) {
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t it = b * P + p;
+        if (nstate[it] != 0 && fstate[size_t(it * 3 * D + 2 * D + d)] != 0.0f) {
+          suspect.push_back(d);
+          break;
+        }
+      }
+    }
+    std::vector<uint8_t> bad;
+    if (!suspect.empty()) {
+      bad.assign(size_t(D), 0);
+      for (int64_t t = 0; t < T; ++t) {
+        if (!mv(b, t)) continue;
+        for (int64_t d : suspect) {
+          const float y = y_at(xv, fp, b, t, d);
+          if (!std::isfinite(y)) bad[size_t(d)] = 1;
+        }
+      }
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      if (!bad.empty() && bad[size_t(d)]) {
+        o_mean[b * D + d] = o_m2[b * D + d] = nan;
+        o_mn[b * D + d] = o_mx[b * D + d] = fnan;
+        continue;
+      }
       double na = 0, ma = 0, qa = 0;
       float lo = inf, hi = -inf;
       for (int64_t p = 0; p < P; ++p) {
@@ -294,7 +356,7 @@ void moments_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims
         const double S = c[D + d], Q = c[2 * D + d];
         const double mb = c[d] + S / nb;
         const double qb = std::max(0.0, Q - S * S / nb);
-        const float* l = fstate.data() + it * 2 * D;
+        const float* l = fstate.data() + it * 3 * D;
         lo = std::min(lo, l[d]);
         hi = std::max(hi, l[D + d]);
         if (na == 0) {

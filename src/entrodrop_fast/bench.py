@@ -11,6 +11,11 @@ Backends ("providers"):
              flattened bincount over channel-offset bin indices (bucket),
              F.cosine_similarity (cosine), torch.cdist + topk (knn)
   onehot     the paper's one-hot histogram (bucket only; reference.bucket_onehot_reference)
+
+``run_call_bench`` times what users call instead: the public API with its defaults
+(``ef.bucket_entropy(x)``: validation on, backend "auto") beside the same call with
+``validate=False``, and the roofline of reading its inputs (``x.sum()``, or ``x.sum()`` +
+``f.sum()`` for the calls that read the pair X, F), interleaved in the same run.
 """
 
 from __future__ import annotations
@@ -33,6 +38,17 @@ KNN_K = 25
 ONEHOT_MAX_BYTES = 2**30  # the one-hot tensor N*D*bins*4 bytes; beyond this it is not run
 KNN_MAX_N = 4096  # knn is O(N^2 D): larger shapes are not run
 REFERENCE_MAX_ELEMENTS = 2**28  # the fp64 reference on more elements than this is not run
+# Public calls (run_call_bench): name -> (reads the pair X, F?, call(x, f, validate, backend))
+CALLS = {
+    "bucket": (False, lambda x, f, v, be: _api().bucket_entropy(x, validate=v, backend=be)),
+    "gaussian_diag": (False, lambda x, f, v, be: _api().gaussian_diag_entropy(x, validate=v, backend=be)),
+    "delta_bucket": (True, lambda x, f, v, be: _api().delta_entropy(x, f, "bucket", validate=v, backend=be)),
+    "delta_gaussian_diag": (True, lambda x, f, v, be: _api().delta_entropy(x, f, "gaussian_diag", validate=v, backend=be)),
+    "cosine": (True, lambda x, f, v, be: _api().cosine_importance(x, f, validate=v, backend=be)),
+}
+# the profiler's taps (SmolLM2 / 4096-wide models, batch 1, 8 and 128 samples of 256 tokens)
+# and one big sample
+CALL_SHAPES = ((1, 256, 4096), (8, 256, 4096), (128, 256, 4096), (8, 256, 576), (32768, 4096))
 
 
 # ---------------------------------------------------------------- pure-torch formulations
@@ -220,6 +236,99 @@ def run_bench(
             x = f = None  # free before the next shape
             gc.collect()
     return rows
+
+
+def _api():
+    from entrodrop_fast.ops import api
+
+    return api
+
+
+def _call_fns(name: str, x: torch.Tensor, f: torch.Tensor, backend: str) -> dict:
+    """The three timed callables of one call: default, validate=False, roofline."""
+    pair, call = CALLS[name]
+    return {
+        "default": lambda: call(x, f, True, backend),
+        "novalidate": lambda: call(x, f, False, backend),
+        "roofline": (lambda: (x.sum(), f.sum())) if pair else x.sum,
+    }
+
+
+def run_call_bench(
+    calls: Iterable[str] = tuple(CALLS),
+    shapes: Iterable[tuple[int, ...]] = CALL_SHAPES,
+    dtypes: Iterable[str] = ("fp32", "bf16"),
+    repeat: int = 7,
+    device: str = "cpu",
+    backend: str = "auto",
+) -> list[dict]:
+    """Time each public call with its defaults beside ``validate=False`` and the roofline.
+
+    The three are interleaved (one of each per round, ``repeat`` rounds after a warm-up), so
+    that a load change on the machine hits all of them; the minimum of the rounds is
+    reported. One dict per (call, shape, dtype): estimator (the call), mode "calls", shape,
+    dtype, reads ("x" or "x,f"), bytes (of the inputs read once), default_s,
+    novalidate_s, roofline_s (min), their medians (*_median_s), default_over_novalidate,
+    default_roofline_frac and novalidate_roofline_frac (roofline_s / the call's time).
+    """
+    import warnings
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    rows: list[dict] = []
+    for shape in shapes:
+        shape = tuple(int(s) for s in shape)
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            x = make_input(shape, dtype, device)
+            f = make_input(shape, dtype, device, seed=1)
+            x3 = x if x.dim() == 3 else x[None]
+            for name in calls:
+                pair = CALLS[name][0]
+                fns = _call_fns(name, x, f, backend)
+                ts: dict[str, list[float]] = {k: [] for k in fns}
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # floored variances etc.
+                    for fn in fns.values():
+                        _time(fn, 0, warmup=1, sync=sync)
+                    for _ in range(repeat):
+                        for k, fn in fns.items():
+                            ts[k] += _time(fn, 1, warmup=0, sync=sync)
+                best = {k: min(v) for k, v in ts.items()}
+                rows.append({
+                    "estimator": name,
+                    "mode": "calls",
+                    "backend": backend,
+                    "shape": list(shape),
+                    "dtype": dname,
+                    "device": device,
+                    "threads": torch.get_num_threads(),
+                    "reads": "x,f" if pair else "x",
+                    "bytes": x3.numel() * x3.element_size() * (2 if pair else 1),
+                    "default_s": best["default"],
+                    "novalidate_s": best["novalidate"],
+                    "roofline_s": best["roofline"],
+                    **{f"{k}_median_s": statistics.median(v) for k, v in ts.items()},
+                    "default_over_novalidate": best["default"] / best["novalidate"],
+                    "default_roofline_frac": best["roofline"] / best["default"],
+                    "novalidate_roofline_frac": best["roofline"] / best["novalidate"],
+                })
+            x = f = x3 = None
+            gc.collect()
+    return rows
+
+
+def format_call_table(rows: list[dict]) -> str:
+    """A markdown table of run_call_bench rows."""
+    head = ("| call | shape | dtype | reads | default ms | validate=False ms | default / validate=False "
+            "| roofline ms | default % of roofline | validate=False % of roofline |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        lines.append(
+            f"| {r['estimator']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['reads']} | "
+            f"{1e3 * r['default_s']:.2f} | {1e3 * r['novalidate_s']:.2f} | {r['default_over_novalidate']:.2f}x | "
+            f"{1e3 * r['roofline_s']:.2f} | {100 * r['default_roofline_frac']:.0f}% | {100 * r['novalidate_roofline_frac']:.0f}% |"
+        )
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict]) -> str:

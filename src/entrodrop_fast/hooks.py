@@ -29,6 +29,11 @@ from torch import nn
 
 from entrodrop_fast.models.adapters import BLOCK_KINDS, Adapter, get_adapter
 
+# Entropy methods whose kernel reports NaN/Inf in Y (x + f overflowing fp32 included) through
+# its result where the backend says so (docs/CONTRACT.md): method -> the backend op it runs.
+_REPORTING_OPS = {"bucket": "bucket", "gaussian_diag": "moments"}
+_NONFINITE_MSG = "the residual stream holds NaN or Inf at {point} (fp16 overflow? try --dtype bf16 or fp32); no report"
+
 
 def _first(t):
     """The hidden-states tensor of a module output (tensor, or tuple whose [0] it is)."""
@@ -155,6 +160,7 @@ class BlockStatistics:
         self.ang_stats = {n: SampleStats((L - n + 1,)) for n in settings.spans if 1 <= n <= L}
         self.samples = 0
         self.finite = None  # GPU: device bool, every tensor read so far was finite (no sync)
+        self._reports: dict[str, bool] = {}  # device type -> the entropy results tell NaN/Inf
         self._reset()
 
     def _reset(self):
@@ -165,29 +171,67 @@ class BlockStatistics:
 
     # -- estimators
     def _check_finite(self, point: str, t: torch.Tensor) -> None:
-        """Never hand NaN/Inf to a kernel (the API's validation is off in the hooks).
+        """Never hand NaN/Inf to a kernel that does not report them (the API's validation is
+        off in the hooks).
 
         A sum is NaN/Inf when any element is (one cheap read, no temporary the size of t).
         On CPU this is checked at once; on GPU it is folded into a device flag (no host
-        sync per hook) and checked when the result is read.
+        sync per hook) and checked when the result is read. Not called where the entropy
+        results tell (:meth:`_results_report`).
         """
         ok = torch.isfinite(t.sum(dtype=torch.float32))
         if t.device.type == "cpu":
             if not bool(ok):
-                raise RuntimeError(
-                    f"the residual stream holds NaN or Inf at {point} (fp16 overflow? try --dtype bf16 or fp32); no report"
-                )
+                raise RuntimeError(_NONFINITE_MSG.format(point=point))
         else:
             self.finite = ok if self.finite is None else self.finite & ok
+
+    def _results_report(self, device: torch.device) -> bool:
+        """Whether every entropy method runs here on a kernel whose result is NaN when its
+        input holds NaN/Inf among the valid tokens (or x + f overflows fp32): the cpp
+        backend on CPU for bucket / gaussian_diag. Then the hooks need no pass of their own."""
+        key = device.type
+        if key not in self._reports:
+            from entrodrop_fast.ops import api
+
+            try:
+                name = api.resolve_backend(self.s.backend, device)
+            except ValueError:
+                name = None
+            methods = self.s.entropy_methods
+            self._reports[key] = name is not None and bool(methods) and all(
+                m in _REPORTING_OPS and api._reports_nonfinite(name, device, _REPORTING_OPS[m]) for m in methods
+            )
+        return self._reports[key]
+
+    def _confirm_nonfinite(self, point: str, x, f) -> None:
+        """A non-finite entropy from a reporting kernel: the exact check of x (and f, and
+        their fp32 sum) over the valid tokens; raises unless it finds nothing (finite values
+        the kernel's fp32 arithmetic overflowed on: the result stands, as it would have)."""
+        from entrodrop_fast.ops import api
+
+        x = api._check_dtype(x, "x")
+        f = None if f is None else api._check_dtype(f, "f")
+        bad, ovf = api._nonfinite_tokens(x, f, True)
+        if ovf is not None:
+            bad = bad | ovf
+        if self.mask is not None:
+            bad = bad & self.mask.to(bad.device)
+        if bool(bad.any()):
+            raise RuntimeError(_NONFINITE_MSG.format(point=point))
 
     def _entropy(self, point: str, x, f=None):
         from entrodrop_fast import entropy
 
-        self._check_finite(point, x if f is None else f)
+        reports = self._results_report(x.device)
+        if not reports:
+            self._check_finite(point, x if f is None else f)
         i = self._pidx[point]
         for m in self.s.entropy_methods:
             opts = self.s.entropy_opts.get(m, {})
-            self._h[m][i] = entropy(x, m, f, mask=self.mask, backend=self.s.backend, validate=False, **opts)
+            h = self._h[m][i] = entropy(x, m, f, mask=self.mask, backend=self.s.backend, validate=False, **opts)
+            if reports and not bool(torch.isfinite(h).all()):
+                self._confirm_nonfinite(point, x, f)
 
     def _cosine(self, kind: str, li: int, x, f=None, y=None):
         if kind in self._cos:

@@ -1,4 +1,8 @@
-"""``entrodrop bench``: estimator throughput per backend against the x.sum() roofline."""
+"""``entrodrop bench``: estimator throughput per backend against the x.sum() roofline.
+
+``--calls``: the public calls users make (default arguments, validation on) beside the same
+calls with ``validate=False`` and the roofline of reading their inputs.
+"""
 
 from __future__ import annotations
 
@@ -44,15 +48,32 @@ def _allocatable(shape, dtype, device) -> None:
 
 
 def register(sub) -> None:
-    from entrodrop_fast.bench import BACKENDS, DEFAULT_SHAPES, DTYPES, ESTIMATORS
+    from entrodrop_fast.bench import (
+        BACKENDS,
+        CALL_SHAPES,
+        CALLS,
+        DEFAULT_SHAPES,
+        DTYPES,
+        ESTIMATORS,
+    )
     from entrodrop_fast.cli import positive_int
 
+    def shapes(ss):
+        return ",".join("x".join(map(str, s)) for s in ss)
+
     p = sub.add_parser("bench", help="time the estimators per backend against a plain read (x.sum()) of the same tensor")
-    p.add_argument("--estimators", default=",".join(ESTIMATORS), help=f"comma-separated from {', '.join(ESTIMATORS)}")
-    p.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in DEFAULT_SHAPES), help="comma-separated, e.g. 256x4096,128x256x4096")
+    p.add_argument("--calls", action="store_true",
+                   help="time the public calls (ef.bucket_entropy(x), delta_entropy(x, f), ...: validation on) beside the same "
+                        "calls with validate=False and the roofline of reading their inputs, interleaved; the minimum of the runs")
+    p.add_argument("--estimators", default=None,
+                   help=f"comma-separated from {', '.join(ESTIMATORS)} (default all); with --calls from {', '.join(CALLS)}")
+    p.add_argument("--shapes", default=None,
+                   help=f"comma-separated, e.g. 256x4096,128x256x4096 (default {shapes(DEFAULT_SHAPES)}; with --calls {shapes(CALL_SHAPES)})")
     p.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated from {', '.join(DTYPES)}")
-    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated from {', '.join(BACKENDS)}")
-    p.add_argument("--repeat", type=positive_int, default=5, help="timed runs per case, the median reported (default 5)")
+    p.add_argument("--backends", default=None,
+                   help=f"comma-separated from {', '.join(BACKENDS)} (default all); with --calls one API backend, auto (default), cpp, triton or torch")
+    p.add_argument("--repeat", type=positive_int, default=None,
+                   help="timed runs per case, the median reported (default 5); with --calls rounds, the minimum reported (default 7)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON (an existing file is replaced only when it is an earlier bench JSON)")
     p.add_argument("--overwrite", action="store_true", help="replace --json even when it is not a bench JSON")
@@ -69,7 +90,19 @@ def _is_bench_json(path) -> bool:
 
 def run(args) -> int:
     from entrodrop_fast import outputs
-    from entrodrop_fast.bench import BACKENDS, DTYPES, ESTIMATORS, format_table, run_bench
+    from entrodrop_fast.bench import (
+        BACKENDS,
+        CALL_SHAPES,
+        CALLS,
+        DEFAULT_SHAPES,
+        DTYPES,
+        ESTIMATORS,
+        format_call_table,
+        format_table,
+        run_bench,
+        run_call_bench,
+    )
+    from entrodrop_fast.ops.api import BACKENDS as API_BACKENDS
 
     if args.json:  # checked before the benchmark runs
         outputs.check_file(args.json, what="bench JSON", recognise=_is_bench_json, overwrite=args.overwrite, flag="--json")
@@ -84,20 +117,32 @@ def run(args) -> int:
     from entrodrop_fast.models.loading import parse_device
 
     device = parse_device(args.device)  # a device torch cannot use stops here
-    estimators = pick(args.estimators, ESTIMATORS, "estimator")
-    shapes = [_shape(s) for s in args.shapes.split(",") if s.strip()]
     dtypes = pick(args.dtypes, tuple(DTYPES), "dtype")
-    backends = pick(args.backends, BACKENDS, "backend")
+    shapes = [_shape(s) for s in (args.shapes or ",".join("x".join(map(str, s)) for s in (CALL_SHAPES if args.calls else DEFAULT_SHAPES))).split(",") if s.strip()]
     for shape in shapes:  # every input tensor can be made, before any case runs
         for name in dtypes:
             _allocatable(shape, DTYPES[name], device)
     try:
-        rows = run_bench(estimators=estimators, shapes=shapes, dtypes=dtypes, backends=backends, repeat=args.repeat, device=args.device)
+        if args.calls:
+            backend = pick(args.backends or "auto", ("auto", *API_BACKENDS), "backend")
+            if len(backend) != 1:
+                raise ValueError(f"--calls times one API backend at a time, got {', '.join(backend)}")
+            rows = run_call_bench(
+                calls=pick(args.estimators or ",".join(CALLS), tuple(CALLS), "call"),
+                shapes=shapes, dtypes=dtypes, repeat=args.repeat or 7, device=args.device, backend=backend[0],
+            )
+            print(format_call_table(rows))
+        else:
+            rows = run_bench(
+                estimators=pick(args.estimators or ",".join(ESTIMATORS), ESTIMATORS, "estimator"),
+                shapes=shapes, dtypes=dtypes, backends=pick(args.backends or ",".join(BACKENDS), BACKENDS, "backend"),
+                repeat=args.repeat or 5, device=args.device,
+            )
+            print(format_table(rows))
     except RuntimeError as exc:
         if "alloc" not in str(exc).lower() and "memory" not in str(exc).lower():
             raise
         raise MemoryError_(f"the benchmark ran out of memory on {device} ({str(exc).strip().splitlines()[0]}); use smaller --shapes") from None
-    print(format_table(rows))
     if args.json:
         outputs.publish_file(args.json, json.dumps(rows, indent=1), what="bench JSON")
         print(f"wrote {args.json}")

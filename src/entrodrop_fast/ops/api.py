@@ -153,6 +153,16 @@ def _impl(backend_name: str, op: str):
     return fn if fn is not None else getattr(_TorchBackend, op)
 
 
+def _reports_nonfinite(backend_name: str, device: torch.device, op: str) -> bool:
+    """Whether the backend's ``op`` kernel reports NaN/Inf in Y among the valid tokens through
+    its outputs on this device (docs/CONTRACT.md, "Non-finite values"): the backend module
+    declares it as ``REPORTS_NONFINITE = {device type: ops}``."""
+    mod = _loaded.get(backend_name)
+    if mod is None or getattr(mod, op, None) is None:  # left out: the reference runs it
+        return False
+    return op in getattr(mod, "REPORTS_NONFINITE", {}).get(device.type, ())
+
+
 # ---------------------------------------------------------------- input checks
 
 
@@ -164,6 +174,10 @@ class _Prepared:
     single: bool  # input was [N, D]
     numpy_out: bool
     backend: str
+    # validation left to the kernel's report: the caller checks the kernel's outputs and,
+    # when they show a non-finite value, calls _recheck (the exact path)
+    deferred: bool = False
+    omitted: bool = False  # nan_policy="omit" took tokens out of the mask
 
 
 def _to_torch(a, name: str) -> tuple[torch.Tensor, bool]:
@@ -240,12 +254,62 @@ def _nonfinite_tokens(x: torch.Tensor, f: torch.Tensor | None, add: bool) -> tup
     return bad, ovf
 
 
+def _validate(x, f, mask, *, min_tokens: int, nan_policy: str, f_name: str, add: bool, stacklevel: int = 4) -> tuple[torch.Tensor | None, bool]:
+    """The exact check: (mask, omitted). Raises on NaN/Inf or an fp32 overflow of Y = x + f
+    among the valid tokens (or, with nan_policy="omit", warns and takes those tokens out of
+    the mask), then on fewer than ``min_tokens`` valid tokens in a sample. Called by
+    :func:`prepare` (whose caller is an estimator) or :func:`_recheck` (called by an
+    estimator): the warning points at the estimator's caller either way (``stacklevel``
+    counts from here)."""
+    bad, ovf = _nonfinite_tokens(x, f, add)
+    if mask is not None:
+        bad &= mask
+        if ovf is not None:
+            ovf &= mask
+    nbad = int(bad.sum())
+    novf = int(ovf.sum()) if ovf is not None else 0
+    omitted = False
+    if nbad or novf:
+        if nan_policy == "raise":
+            if nbad:
+                raise ValueError(f"input holds NaN or Inf in {nbad} token(s); pass nan_policy='omit' to skip those tokens")
+            raise ValueError(
+                f"Y = X + {f_name.upper()} overflowed float32 in {novf} token(s): x and {f_name} are finite, but their sum "
+                f"exceeds float32's range (+-3.4e38); the estimators add them in float32 ({x.dtype} input; float64 input "
+                f"is read as float32 too, so a wider input dtype cannot help): divide x and {f_name} by a common power "
+                "of two (entropy differences do not change), or pass nan_policy='omit' to skip those tokens"
+            )
+        what = f"({nbad} holding NaN or Inf, {novf} where Y = X + {f_name.upper()} overflowed float32)" if novf else "holding NaN or Inf"
+        warnings.warn(f"nan_policy='omit': skipped {nbad + novf} token(s) {what}", RuntimeWarning, stacklevel=stacklevel)
+        if ovf is not None:
+            bad |= ovf
+        mask = ~bad if mask is None else mask & ~bad
+        omitted = True
+    _check_min_tokens(x, mask, min_tokens)
+    return mask, omitted
+
+
+def _least_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> int:
+    counts = mask.sum(1) if mask is not None else torch.full((x.shape[0],), x.shape[1])
+    return int(counts.min())
+
+
+def _check_min_tokens(x: torch.Tensor, mask: torch.Tensor | None, min_tokens: int) -> None:
+    least = _least_tokens(x, mask)
+    if least < min_tokens:
+        raise ValueError(f"every sample needs at least {min_tokens} valid tokens, one has {least}")
+
+
 def prepare(x, f=None, mask=None, *, min_tokens: int = 2, nan_policy: str = "raise", backend: str = "auto", validate: bool = True,
-            f_name: str = "f", add: bool = True) -> _Prepared:
+            f_name: str = "f", add: bool = True, op: str | None = None) -> _Prepared:
     """Check the inputs and bring them to ``(B, T, D)``; see the module docstring.
 
     ``f_name``: what the caller called the second tensor (``"y"`` for cosine's y), for the
     messages; ``add``: the estimator reads Y = x + f (checked for fp32 overflow), not f alone.
+    ``op``: the backend op that will read x (and f): where its kernel reports non-finite
+    values itself (:func:`_reports_nonfinite`), the separate NaN/Inf pass is skipped
+    (``deferred``) and the caller, after the kernel, calls :func:`_recheck` when its outputs
+    show a non-finite value; the results and errors are those of the exact check either way.
     """
     x, numpy_out = _to_torch(x, "x")
     if x.dim() not in (2, 3):
@@ -278,35 +342,36 @@ def prepare(x, f=None, mask=None, *, min_tokens: int = 2, nan_policy: str = "rai
         mask = mask.to(x.device)
     if nan_policy not in ("raise", "omit"):
         raise ValueError(f"nan_policy must be 'raise' or 'omit', got {nan_policy!r}")
-    if validate:
-        bad, ovf = _nonfinite_tokens(x, f, add)
-        if mask is not None:
-            bad &= mask
-            if ovf is not None:
-                ovf &= mask
-        nbad = int(bad.sum())
-        novf = int(ovf.sum()) if ovf is not None else 0
-        if nbad or novf:
-            if nan_policy == "raise":
-                if nbad:
-                    raise ValueError(f"input holds NaN or Inf in {nbad} token(s); pass nan_policy='omit' to skip those tokens")
-                raise ValueError(
-                    f"Y = X + {f_name.upper()} overflowed float32 in {novf} token(s): x and {f_name} are finite, but their sum "
-                    f"exceeds float32's range (+-3.4e38); the estimators add them in float32 ({x.dtype} input; float64 input "
-                    f"is read as float32 too, so a wider input dtype cannot help): divide x and {f_name} by a common power "
-                    "of two (entropy differences do not change), or pass nan_policy='omit' to skip those tokens"
-                )
-            what = f"({nbad} holding NaN or Inf, {novf} where Y = X + {f_name.upper()} overflowed float32)" if novf else "holding NaN or Inf"
-            warnings.warn(f"nan_policy='omit': skipped {nbad + novf} token(s) {what}", RuntimeWarning, stacklevel=3)
-            if ovf is not None:
-                bad |= ovf
-            mask = ~bad if mask is None else mask & ~bad
-        counts = mask.sum(1) if mask is not None else torch.full((x.shape[0],), x.shape[1])
-        least = int(counts.min())
-        if least < min_tokens:
-            raise ValueError(f"every sample needs at least {min_tokens} valid tokens, one has {least}")
-    name = resolve_backend(backend, x.device)
-    return _Prepared(x, f, mask, single, numpy_out, name)
+    name = None
+    deferred = omitted = False
+    if validate and op is not None:
+        try:
+            name = resolve_backend(backend, x.device)
+        except ValueError:
+            name = None  # raised again below, after the checks, as without op
+        # too few tokens: the exact check, whose NaN error (if any) comes first
+        deferred = name is not None and _reports_nonfinite(name, x.device, op) and _least_tokens(x, mask) >= min_tokens
+    if validate and not deferred:
+        mask, omitted = _validate(x, f, mask, min_tokens=min_tokens, nan_policy=nan_policy, f_name=f_name, add=add)
+    if name is None:
+        name = resolve_backend(backend, x.device)
+    return _Prepared(x, f, mask, single, numpy_out, name, deferred, omitted)
+
+
+def _recheck(p: _Prepared, *, min_tokens: int = 2, nan_policy: str = "raise", f_name: str = "f", add: bool = True,
+             stacklevel: int = 4) -> _Prepared:
+    """A deferred ``p`` whose kernel outputs showed a non-finite value: the exact check of
+    :func:`prepare` (same errors, same warning), returning ``p`` with the omitted tokens out
+    of its mask (``omitted``: the caller runs the kernel again) or ``p`` as it was (a false
+    alarm: finite values the kernel's fp32 arithmetic overflowed on; its result stands)."""
+    mask, omitted = _validate(p.x, p.f, p.mask, min_tokens=min_tokens, nan_policy=nan_policy, f_name=f_name, add=add,
+                              stacklevel=stacklevel)
+    return _Prepared(p.x, p.f, mask, p.single, p.numpy_out, p.backend, False, omitted)
+
+
+def _all_finite(*ts: torch.Tensor) -> bool:
+    """Whether every element of the (small: [B] or [B, D]) kernel outputs is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in ts)
 
 
 def _finish(p: _Prepared, h: torch.Tensor):
@@ -358,14 +423,29 @@ def bucket_entropy(x, f=None, *, bins: int = 20, paper_exact: bool = False, mask
     ``paper_exact=True`` clamps probabilities at 1e-10 as the paper's code does.
     """
     bins = _integer(bins, "bins", 1, MAX_BINS, " (every backend keeps bins counters per channel, D x bins per sample on GPUs; 2**16 bins already resolve more than a sample of 65536 tokens can fill)")
-    p = prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate)
-    h = _impl(p.backend, "bucket")(p.x, p.f, p.mask, bins, paper_exact)  # (B, D)
-    return _finish(p, h.to(torch.float64).sum(-1))
+    p = prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate, op="bucket")
+    h = _impl(p.backend, "bucket")(p.x, p.f, p.mask, bins, paper_exact).to(torch.float64).sum(-1)  # (B,)
+    if p.deferred and not _all_finite(h):  # the kernel saw NaN/Inf: H_d = NaN
+        p = _recheck(p, nan_policy=nan_policy)
+        if p.omitted:
+            h = _impl(p.backend, "bucket")(p.x, p.f, p.mask, bins, paper_exact).to(torch.float64).sum(-1)
+    return _finish(p, h)
 
 
 def _moments(p: _Prepared) -> dict:
     m = _impl(p.backend, "moments")(p.x, p.f, p.mask)
     return {k: v.to(torch.float64) for k, v in m.items()}
+
+
+def _checked_moments(p: _Prepared, *, min_tokens: int, nan_policy: str, stacklevel: int = 5) -> tuple[_Prepared, dict]:
+    """_moments, and for a deferred p the exact check when the kernel reported a non-finite
+    value (mean / m2 NaN; also mean past fp32 from finite values, re-checked as such)."""
+    m = _moments(p)
+    if p.deferred and not _all_finite(m["mean"], m["m2"]):
+        p = _recheck(p, min_tokens=min_tokens, nan_policy=nan_policy, stacklevel=stacklevel)
+        if p.omitted:
+            m = _moments(p)
+    return p, m
 
 
 def gaussian_diag_entropy(x, f=None, *, var_floor: float = 1e-12, mask=None, backend="auto", nan_policy="raise", validate=True):
@@ -376,8 +456,8 @@ def gaussian_diag_entropy(x, f=None, *, var_floor: float = 1e-12, mask=None, bac
     warning says how many channels were floored.
     """
     var_floor = _real(var_floor, "var_floor", lo=0.0, why=" (0 gives -inf for a constant channel)")
-    p = prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate)
-    m = _moments(p)
+    p = prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate, op="moments")
+    p, m = _checked_moments(p, min_tokens=2, nan_policy=nan_policy)
     var = m["m2"] / m["count"][:, None]  # (B, D)
     if validate:
         nfloor = int((var < var_floor).sum())
@@ -490,9 +570,13 @@ def cosine_importance(x, f=None, *, y=None, mask=None, backend="auto", nan_polic
     if (f is None) == (y is None):
         raise ValueError("give exactly one of f (Y = X + f) or y")
     fused = f is not None
-    p = prepare(x, f if fused else y, mask, min_tokens=1, nan_policy=nan_policy, backend=backend, validate=validate,
-                f_name="f" if fused else "y", add=fused)
+    names = {"f_name": "f" if fused else "y", "add": fused}
+    p = prepare(x, f if fused else y, mask, min_tokens=1, nan_policy=nan_policy, backend=backend, validate=validate, op="cosine", **names)
     s, n = _impl(p.backend, "cosine")(p.x, p.f, p.mask, fused)
+    if p.deferred and not _all_finite(s):  # a token's x or Y held NaN/Inf: its cos is NaN
+        p = _recheck(p, min_tokens=1, nan_policy=nan_policy, **names)
+        if p.omitted:
+            s, n = _impl(p.backend, "cosine")(p.x, p.f, p.mask, fused)
     return _finish(p, 1.0 - s.to(torch.float64) / n.to(torch.float64))
 
 

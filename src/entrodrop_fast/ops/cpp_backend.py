@@ -16,6 +16,11 @@ from entrodrop_fast import _ext
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
+# Kernels that report NaN/Inf in Y = x (+ f) among the valid tokens through their outputs
+# (docs/CONTRACT.md, "Non-finite values"), per device type: the API then skips its separate
+# validation pass and checks the outputs instead. CUDA: none yet (their kernels are unchanged).
+REPORTS_NONFINITE = {"cpu": frozenset({"moments", "bucket", "cosine"})}
+
 # knn: the Gram matrix is computed in T x T tiles on and above the diagonal into one reused
 # buffer (T ~ KNN_TILE_FRACTION x N, so the tile is ~2.5% of N x N), and each row keeps a
 # candidate list of KNN_CAP_FACTOR x k entries (8 bytes each): peak extra memory is

@@ -128,7 +128,8 @@ def cosine(x, other, mask=None, fused: bool = True):
     if mask is None:
         return cos.sum(-1), torch.full(cos.shape[:1], float(cos.shape[1]), dtype=torch.float64, device=x.device)
     m = mask.to(torch.float64)
-    return (cos * m).sum(-1), m.sum(-1)
+    # where, not a product: a masked-out token may hold NaN (nan_policy="omit" masks them)
+    return torch.where(mask, cos, torch.zeros_like(cos)).sum(-1), m.sum(-1)
 
 
 def knn_kth_distance(x: torch.Tensor, k: int) -> torch.Tensor:

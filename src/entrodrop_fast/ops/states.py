@@ -93,10 +93,12 @@ class MomentState:
         self.mean = self.m2 = self.min = self.max = None
 
     def update(self, x, f=None, *, mask=None, backend="auto", nan_policy="raise") -> MomentState:
-        p = api.prepare(x, f, mask, min_tokens=1, nan_policy=nan_policy, backend=backend)
+        p = api.prepare(x, f, mask, min_tokens=1, nan_policy=nan_policy, backend=backend, op="moments")
         if p.x.shape[-1] != self.dim:
+            if p.deferred:  # NaN/Inf are reported first, as when prepare checked them
+                api._recheck(p, min_tokens=1, nan_policy=nan_policy)
             raise ValueError(f"MomentState expects {self.dim} channels, got {p.x.shape[-1]}")
-        m = api._moments(p)
+        p, m = api._checked_moments(p, min_tokens=1, nan_policy=nan_policy)
         for b in range(p.x.shape[0]):  # merge the per-sample moments one by one
             self._merge_parts(float(m["count"][b]), m["mean"][b], m["m2"][b], m["min"][b], m["max"][b])
         return self
