@@ -186,31 +186,45 @@ ED_INLINE void select_impl(const float* A, int64_t lda, int64_t n, int64_t i0, i
   const F av = ak < 0 ? -ak : ak;
   const F pad = twodelta * (1.0f + 0x1p-20f) + av * 0x1p-20f;
   const F lo = ak - pad, hi = ak + pad;
-  I cnt = I{};
+  // per lane: how many below the band, how many in it, and the first and last j in it
+  I cnt = I{}, nb = I{}, first = I{} + int32_t(n), last = I{} - 1;
   for (int64_t j = 0; j < n; ++j) {
     const F x = *reinterpret_cast<const FU*>(A + j * lda + i0);
-    cnt -= x < lo;
-    const I in = (x >= lo) & (x <= hi);
-    int any = 0;
-    for (int l = 0; l < W; ++l) any |= in[l];
-    if (any)
-      for (int l = 0; l < W; ++l)
-        if (in[l]) band.push_back(j * W + l);
+    const I below = x < lo;  // (only < comparisons: GCC 12 scalarises a vector >= of floats)
+    cnt -= below;
+    const I in = ~(below | (hi < x));
+    nb -= in;
+    const I jj = I{} + int32_t(j);
+    first = in & (jj < first) ? jj : first;
+    last = in ? jj : last;
   }
   for (int l = 0; l < W; ++l) {
     kth[l] = ak[l];
     sure[l] = cnt[l];
+    if (nb[l] == 0) continue;  // the usual case: no value within 2 delta of the k-th
+    band.push_back(int64_t(first[l]) * W + l);
+    if (nb[l] == 1) continue;
+    for (int64_t j = first[l] + 1; j < last[l]; ++j) {
+      const float a = A[j * lda + i0 + l];
+      if (a >= lo[l] && a <= hi[l]) band.push_back(j * W + l);
+    }
+    band.push_back(int64_t(last[l]) * W + l);
   }
 }
 
+// KC = k up to 32 (k = 25 is the paper's), the next multiple of 4 up to kMaxNet.
 template <int W>
 ED_INLINE void select_dispatch(const float* A, int64_t lda, int64_t n, int64_t i0, int k,
                                float twodelta, float* kth, int32_t* sure, std::vector<int64_t>& band) {
-  switch ((k + 3) / 4) {
+  const int kc = k <= 32 ? k : (k + 3) / 4 * 4;
+  switch (kc) {
 #define ED_CASE(q) \
-  case q: return select_impl<W, 4 * q>(A, lda, n, i0, k, twodelta, kth, sure, band);
+  case q: return select_impl<W, q>(A, lda, n, i0, k, twodelta, kth, sure, band);
     ED_CASE(1) ED_CASE(2) ED_CASE(3) ED_CASE(4) ED_CASE(5) ED_CASE(6) ED_CASE(7) ED_CASE(8)
     ED_CASE(9) ED_CASE(10) ED_CASE(11) ED_CASE(12) ED_CASE(13) ED_CASE(14) ED_CASE(15) ED_CASE(16)
+    ED_CASE(17) ED_CASE(18) ED_CASE(19) ED_CASE(20) ED_CASE(21) ED_CASE(22) ED_CASE(23) ED_CASE(24)
+    ED_CASE(25) ED_CASE(26) ED_CASE(27) ED_CASE(28) ED_CASE(29) ED_CASE(30) ED_CASE(31) ED_CASE(32)
+    ED_CASE(36) ED_CASE(40) ED_CASE(44) ED_CASE(48) ED_CASE(52) ED_CASE(56) ED_CASE(60) ED_CASE(64)
 #undef ED_CASE
     default: return;  // k > kMaxNet: not called
   }
@@ -461,10 +475,15 @@ void setup(Sample& sp, const Mask& mv, Workspace& ws, Scratch& sc) {
 }
 
 void pack(const Sample& sp, int64_t r0, int64_t r1, Scratch& sc) {
+  const bool in_place = sp.exact_rows().dense;  // fp32 rows with channel stride 1: no copy
   sc.y.resize(size_t(2 * sp.D));
   for (int64_t i = r0; i < r1; ++i) {
-    load_row_any(sp, sp.rows[i], sc.y.data());
-    pack_row(sc.y.data(), sp.mu, sp.D, sp.Dp, sp.scale, sp.V + i * sp.Dp, sp.s[i], sp.s64[i]);
+    const float* y = reinterpret_cast<const float*>(sp.x->row(sp.b, sp.rows[i]));
+    if (!in_place) {
+      load_row_any(sp, sp.rows[i], sc.y.data());
+      y = sc.y.data();
+    }
+    pack_row(y, sp.mu, sp.D, sp.Dp, sp.scale, sp.V + i * sp.Dp, sp.s[i], sp.s64[i]);
   }
 }
 
@@ -555,12 +574,12 @@ void select(const Sample& sp, int64_t g, Scratch& sc) {
   int32_t sure[16];
   sc.band.clear();
   isa().select(sp.A, sp.Np, sp.n, i0, sp.k, twodelta, kth, sure, sc.band);
-  // band entries are j * W + lane, in increasing j: split them by lane
+  // band entries are j * W + lane, grouped by lane (in increasing lane order)
   std::vector<int64_t>& mine = sc.mine;
+  size_t e = 0;
   for (int l = 0; l < W && i0 + l < sp.n; ++l) {
     mine.clear();
-    for (int64_t e : sc.band)
-      if (e % W == l) mine.push_back(e / W);
+    for (; e < sc.band.size() && sc.band[e] % W == l; ++e) mine.push_back(sc.band[e] / W);
     sp.out[sp.rows[i0 + l]] = finish_row(sp, i0 + l, kth[l], sure[l], mine.data(), int64_t(mine.size()), sc);
   }
 }
