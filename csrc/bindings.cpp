@@ -22,7 +22,13 @@ void register_cpu(py::module_& m) {
         arg("out_sum"), arg("out_count"), arg("nthreads"),
         "Sum over valid tokens of cos(x_t, Y_t) and the count, fp64 [B] each.");
   m.def("thread_pool_cpu", &thread_pool_cpu,
-        "Which threads the CPU kernels run on (torch's OpenMP team when one is loaded).");
+        "Which threads the CPU kernels run on (the pool, or ENTRODROP_THREADS=omp / std).");
+  m.def("knn_fused_cpu", &knn_fused_cpu, nogil, arg("x"), arg("f"), arg("mask"), arg("dtype"),
+        arg("shape"), arg("xstride"), arg("fstride"), arg("mstride"), arg("k"), arg("out"),
+        arg("count"), arg("logsum"), arg("nthreads"),
+        "k-th nearest-neighbour radii of every sample of up to 512 valid tokens, in one call.");
+  m.def("knn_isa_cpu", &knn_isa_cpu,
+        "Which instruction set knn_fused_cpu's kernels use (ENTRODROP_ISA caps it).");
   m.def("knn_sqnorm_cpu", &knn_sqnorm_cpu, nogil, arg("x"), arg("n"), arg("d"), arg("ld"),
         arg("ranges"), arg("out"), arg("nthreads"),
         "Add the fp64 squared norms of the rows of x over column ranges to out.");

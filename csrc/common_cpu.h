@@ -1,6 +1,5 @@
 // Helpers private to the CPU kernels (*_cpu.cpp): strided views, in-register fp16/bf16
-// conversion, ISA dispatch and a small thread fan-out on the OpenMP team torch already runs
-// (threads_cpu.cpp), or on std::threads.
+// conversion, ISA dispatch and a thread fan-out (parallel_for, on the pool of threads_cpu.cpp).
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -204,17 +203,16 @@ inline int clamp_threads(int nthreads, int64_t work_items, int64_t elements,
   return int(n);
 }
 
-// GOMP_parallel(fn, data, num_threads, flags): the entry point `#pragma omp parallel`
-// compiles to, exported by libgomp and by the LLVM and Intel OpenMP runtimes.
-using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
-// The loaded OpenMP runtime's GOMP_parallel, or null (threads_cpu.cpp), and its
-// omp_get_thread_num (only called when omp_parallel() is not null).
-GompParallel omp_parallel();
-int omp_thread_num();
+// fn(ctx, item, tid) for item in [0, n_items) on at most nthreads threads, the caller
+// included (tid 0; every tid < nthreads); returns when every item is done. Lives in
+// threads_cpu.cpp (a pool that never waits for a thread that has not started; or torch's
+// OpenMP team, or std::threads: ENTRODROP_THREADS=omp / std).
+using ItemFn = void (*)(void* ctx, int64_t item, int tid);
+void run_parallel(int64_t n_items, int nthreads, ItemFn fn, void* ctx);
 
 // fn(item, tid) for item in [0, n_items), dynamically scheduled over at most nthreads
 // threads (the calling thread is one of them; tid < nthreads). Exceptions are re-thrown on
-// the caller.
+// the caller (the items not started yet are skipped).
 template <typename Fn>
 void parallel_for(int64_t n_items, int nthreads, Fn&& fn) {
   if (n_items <= 0) return;
@@ -222,41 +220,28 @@ void parallel_for(int64_t n_items, int nthreads, Fn&& fn) {
     for (int64_t i = 0; i < n_items; ++i) fn(i, 0);
     return;
   }
-  std::atomic<int64_t> next{0};
-  std::exception_ptr err;
-  std::mutex err_mu;
-  auto worker = [&](int tid) {
-    try {
-      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n_items;) fn(i, tid);
-    } catch (...) {
-      std::lock_guard<std::mutex> g(err_mu);
-      if (!err) err = std::current_exception();
-      next.store(n_items);
-    }
-  };
-  if (GompParallel par = omp_parallel()) {
-    struct Team {
-      decltype(worker)* work;
-      int size;
-    } team{&worker, nthreads};
-    // tid = the thread's number in the team, so a persistent team thread keeps the same
-    // per-thread scratch (warm in its own cache) from call to call. A team may come smaller
-    // than asked (nested region, thread limit): the atomic counter above spreads the items
-    // over whoever is there. Nothing throws through the runtime.
-    par([](void* p) {
-          auto* t = static_cast<Team*>(p);
-          const int tid = omp_thread_num();
-          if (tid < t->size) (*t->work)(tid);
-        },
-        &team, unsigned(nthreads), 0);
-  } else {
-    std::vector<std::thread> pool;
-    pool.reserve(nthreads - 1);
-    for (int t = 1; t < nthreads; ++t) pool.emplace_back(worker, t);
-    worker(0);
-    for (auto& th : pool) th.join();
-  }
-  if (err) std::rethrow_exception(err);
+  struct Ctx {
+    Fn* fn;
+    std::atomic<bool> stop{false};
+    std::exception_ptr err;
+    std::mutex mu;
+  } ctx;
+  ctx.fn = &fn;
+  run_parallel(
+      n_items, nthreads,
+      [](void* p, int64_t i, int tid) {
+        auto* c = static_cast<Ctx*>(p);
+        if (c->stop.load(std::memory_order_relaxed)) return;
+        try {
+          (*c->fn)(i, tid);
+        } catch (...) {
+          std::lock_guard<std::mutex> g(c->mu);
+          if (!c->err) c->err = std::current_exception();
+          c->stop.store(true, std::memory_order_relaxed);
+        }
+      },
+      &ctx);
+  if (ctx.err) std::rethrow_exception(ctx.err);
 }
 
 // Dispatch a templated functor on the runtime dtype code.

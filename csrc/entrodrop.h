@@ -110,7 +110,18 @@ void knn_finish_cpu(uintptr_t val, uintptr_t idx, uintptr_t cnt, int64_t N, int6
 void knn_select_cpu(uintptr_t gram, uintptr_t sqn, int64_t R, int64_t N, uintptr_t rows, int k,
                     double delta, uintptr_t x, int dtype, const Dims& xstride, int64_t D,
                     uintptr_t out, int nthreads, double unit);
-// Which threads the CPU kernels run on: "openmp team of <runtime path>" or "std::thread".
+// knn_fused: every sample of y = x (+ f) [B, T, D] (mask [B, T] or 0) with at most 512 valid
+// tokens, in one call (knn_fused_cpu.cpp): out f64 [B, T] = distance from each valid token to
+// its k-th nearest other valid token (NaN at masked tokens), count f64 [B] = valid tokens,
+// logsum f64 [B] = sum over valid tokens of ln(r + 1e-10). Samples with more valid tokens
+// are skipped (out NaN, logsum NaN, count set); returns how many. Raises when a sample has
+// <= k valid tokens.
+int64_t knn_fused_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
+                      const Dims& xstride, const Dims& fstride, const Dims& mstride, int k,
+                      uintptr_t out, uintptr_t count, uintptr_t logsum, int nthreads);
+// Which copy of knn_fused's kernels runs here: "x86-64-v4", "x86-64-v3" or "baseline".
+std::string knn_isa_cpu();
+// Which threads the CPU kernels run on: "pool", "openmp team of <runtime path>" or "std::thread".
 std::string thread_pool_cpu();
 void register_cpu(pybind11::module_& m);
 #ifdef ENTRODROP_WITH_CUDA

@@ -251,18 +251,11 @@ def test_knn_tile_rejects_bad_tiles():
         C.knn_tile_cpu(g.data_ptr(), 4, sq.data_ptr(), 8, 0, 4, 0, 4, 4, 0.0, *ptrs, 4, 1)
 
 
-def test_thread_pool_is_torchs_openmp_team():
-    # torch's CPU ops run on an OpenMP team; the kernels borrow it rather than start threads
-    # that would share the cores with its spinning idle threads (csrc/threads_cpu.cpp).
-    pool = _ext.require().thread_pool_cpu()
-    if "OpenMP" in torch.__config__.parallel_info():
-        assert pool.startswith("openmp team of ") and "omp" in pool.rsplit("/", 1)[-1]
-    else:
-        assert pool in ("std::thread",) or pool.startswith("openmp team of ")
-
-
-def test_std_threads_give_the_same_results(tmp_path):
-    # the same kernels on std::threads (ENTRODROP_THREADS=std), in a fresh process
+@pytest.mark.parametrize("mode", ["std", "omp"])
+def test_other_thread_modes_give_the_same_results(tmp_path, mode):
+    # the kernels run on a pool of their own (csrc/threads_cpu.cpp); ENTRODROP_THREADS=std
+    # starts std::threads per call, =omp borrows torch's OpenMP team: same numbers, in a
+    # fresh process
     x, f, mask = _data((2, 700, 300), torch.float32, seed=23)
     torch.save((x, f, mask), tmp_path / "in.pt")
     code = (
@@ -271,19 +264,26 @@ def test_std_threads_give_the_same_results(tmp_path):
         "from entrodrop_fast.ops import cpp_backend as cpp\n"
         "torch.set_num_threads(2)\n"
         "x, f, mask = torch.load(sys.argv[1])\n"
-        "out = (cpp.moments(x, f, mask), cpp.bucket(x, f, mask, 20, False), cpp.knn_kth_distance(x[0], 5))\n"
+        "out = (cpp.moments(x, f, mask), cpp.bucket(x, f, mask, 20, False), cpp.knn_kth_distance(x[0], 5),\n"
+        "       cpp.knn_radii(x[:, :400], f[:, :400], mask[:, :400], 5)[0])\n"
         "torch.save((_ext.require().thread_pool_cpu(), out), sys.argv[2])\n"
     )
-    env = dict(os.environ, ENTRODROP_THREADS="std")
+    env = dict(os.environ, ENTRODROP_THREADS=mode)
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
                    check=True, env=env, cwd=tmp_path)  # not the source tree: the installed package
-    pool, (mom, buck, knn) = torch.load(tmp_path / "out.pt")
-    assert pool == "std::thread"
+    pool, (mom, buck, knn, fused) = torch.load(tmp_path / "out.pt")
+    if mode == "std":
+        assert pool == "std::thread"
+    elif "OpenMP" in torch.__config__.parallel_info():
+        assert pool.startswith("openmp team of ") and "omp" in pool.rsplit("/", 1)[-1]
+    else:  # no OpenMP runtime loaded: the pool
+        assert pool == "pool"
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         assert torch.equal(buck, cpp.bucket(x, f, mask, 20, False))
         assert torch.equal(knn, cpp.knn_kth_distance(x[0], 5))
+        assert torch.equal(fused.nan_to_num(-1.0), cpp.knn_radii(x[:, :400], f[:, :400], mask[:, :400], 5)[0].nan_to_num(-1.0))
         here = cpp.moments(x, f, mask)
     finally:
         torch.set_num_threads(n)

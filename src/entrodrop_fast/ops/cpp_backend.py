@@ -3,7 +3,7 @@
 Tensors cross to C++ as ``data_ptr`` + shape + strides (in elements) + a dtype code; the
 outputs are torch tensors allocated here and filled in place. CUDA tensors are handed to
 ``entrodrop_fast.ops.cuda_backend`` (same function names). The C++ kernels run on
-``torch.get_num_threads()`` std::threads and release the GIL.
+``torch.get_num_threads()`` threads of their own pool (csrc/threads_cpu.cpp) and release the GIL.
 """
 
 from __future__ import annotations
@@ -29,9 +29,13 @@ KNN_TILE_FRACTION = 0.16
 KNN_MIN_TILE = 128
 KNN_MAX_TILE = 4096
 KNN_CAP_FACTOR = 2
-# Up to this many rows the whole Gram matrix (<= 1 MiB) is one block of whole rows for
-# knn_select_cpu: the tile machinery's fixed costs would dominate (N = 256, D = 576 -- a
-# profiled sample of SmolLM2 -- 1.2 ms tiled against 0.65 ms; cdist + topk 0.9 ms).
+# Samples of up to this many valid tokens (an LLM calibration window: 256 in the paper) are
+# done entirely in C++ by knn_fused_cpu, the whole batch in one call: its own Gram
+# micro-kernel on the centred rows, the N x N fp32 matrix (<= 1 MiB), a sorting network per
+# 16 rows, the same exact fp64 band (csrc/knn_fused_cpu.cpp). Must equal kFusedMaxN there.
+KNN_FUSED_MAX_N = 512
+# _knn (larger samples): up to this many rows the whole Gram matrix is one block of whole
+# rows for knn_select_cpu (the tile machinery's fixed costs would dominate).
 KNN_WHOLE_ROWS = 512
 # Channels whose mean square exceeds KNN_HEAVY_RATIO x the median are "heavy" (LLM massive
 # activations); they leave the big GEMM and enter as a small centred [N, E] copy, together
@@ -198,7 +202,48 @@ KNN_SMAX_RANGE = (2.0**-90, 2.0**120)
 
 def knn_kth_distance(x: torch.Tensor, k: int) -> torch.Tensor:
     """Distance from each row of x [N, D] to its k-th nearest other row, fp64 [N]."""
+    if not x.is_cuda and x.shape[0] <= KNN_FUSED_MAX_N:
+        N = x.shape[0]
+        if not 1 <= k < N:
+            raise ValueError(f"k must be in [1, N - 1] = [1, {N - 1}], got {k}")
+        return knn_radii(x.unsqueeze(0), None, None, k)[0][0]
     return _knn(x, k)[0]
+
+
+def knn_radii(x: torch.Tensor, f: torch.Tensor | None, mask: torch.Tensor | None, k: int):
+    """(radii fp64 [B, T], count fp64 [B], logsum fp64 [B]) of y = x (+ f) [B, T, D] on CPU:
+    the distance from each valid token to its k-th nearest other valid token (NaN at masked
+    tokens), the number of valid tokens, and the sum over them of ln(r + 1e-10) -- all the
+    Kozachenko-Leonenko estimator needs. Samples of up to KNN_FUSED_MAX_N valid tokens run in
+    one C++ call (no torch op); larger ones take the tiled path (_knn), one by one."""
+    C = _ext.require()
+    B, T, D = x.shape
+    radii = torch.empty(B, T, dtype=torch.float64)
+    count = torch.empty(B, dtype=torch.float64)
+    logsum = torch.empty(B, dtype=torch.float64)
+    fp, fs = _arg(f)
+    mp, ms = _mask_arg(mask)
+    skipped = C.knn_fused_cpu(x.data_ptr(), fp, mp, _code(x), [B, T, D], list(x.stride()), fs, ms, int(k),
+                              radii.data_ptr(), count.data_ptr(), logsum.data_ptr(), _threads())
+    if skipped:
+        for b in range(B):
+            if count[b] <= KNN_FUSED_MAX_N:
+                continue
+            rows = x[b] if f is None else x[b].float() + f[b].float()
+            keep = None if mask is None else mask[b]
+            r = _knn(rows if keep is None else rows[keep], k)[0]
+            if keep is None:
+                radii[b] = r
+            else:
+                radii[b, keep] = r
+            logsum[b] = torch.log(r + 1e-10).sum()
+    return radii, count, logsum
+
+
+def knn_terms(x: torch.Tensor, f: torch.Tensor | None, mask: torch.Tensor | None, k: int):
+    """(count, logsum) fp64 [B] of knn_radii, for the estimator (CPU tensors only)."""
+    _, count, logsum = knn_radii(x, f, mask, k)
+    return count, logsum
 
 
 def _knn_scale(xf: torch.Tensor, smax: float) -> int:

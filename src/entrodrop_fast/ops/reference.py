@@ -195,6 +195,19 @@ def knn_entropy_from_radii(radii: torch.Tensor, n: int, d: int, k: int, form: st
     return d * torch.log(radii + PAPER_EPS).mean() + log_ball + tail
 
 
+def knn_entropy_from_logsum(logsum: torch.Tensor, n: torch.Tensor, d: int, k: int, form: str = "paper") -> torch.Tensor:
+    """knn_entropy_from_radii for a batch, from each sample's sum of ln(r + 1e-10) and number
+    of radii n (fp64 [B] each)."""
+    log_ball = (d / 2) * math.log(math.pi) - math.lgamma(d / 2 + 1)
+    if form == "paper":
+        tail = torch.log(n) - math.log(k)
+    elif form == "digamma":
+        tail = torch.special.digamma(n) - torch.special.digamma(torch.tensor(float(k), dtype=torch.float64))
+    else:
+        raise ValueError(f"knn form must be 'paper' or 'digamma', got {form!r}")
+    return d * (logsum / n) + log_ball + tail
+
+
 def knn_entropy_1(r: torch.Tensor, k: int = 25, form: str = "paper") -> torch.Tensor:
     return knn_entropy_from_radii(knn_kth_distance(r, k), r.shape[0], r.shape[1], k, form)
 

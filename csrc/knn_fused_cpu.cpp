@@ -1,0 +1,694 @@
+// knn for samples of up to kFusedMaxN valid tokens (an LLM calibration window: 256 tokens in
+// the paper), the whole batch in one call: no torch op, no BLAS, one pool job per batch (or
+// three per sample when there are fewer samples than threads).
+//
+// Per sample, over its valid rows y = x (+ f) in fp32 (mask applied):
+//  1. a centre mu: the fp64 mean of up to 32 rows spread over the sample. Distances do not
+//     depend on it; it only has to take away the large component LLM activations share
+//     (massive channels), which would make the fp32 Gram trick cancel. v = fp32(y - mu),
+//     zero-padded to a multiple of 16 channels, scaled by a power of two when its largest
+//     squared norm leaves [2^-90, 2^120] (exact; the distances are scaled back).
+//  2. the Gram matrix of v on and above the diagonal, in 32 x 32 tiles (our own 4-row
+//     micro-kernel, AVX-512 / AVX2 / baseline chosen at run time; half the work of a full
+//     product), turned at once into approximate squared distances
+//     a_ij = |v_i|^2 + |v_j|^2 - 2 v_i.v_j, written to both halves of an N x N fp32 matrix
+//     (at most 1 MiB), +inf on the diagonal.
+//  3. per group of 16 (8) rows, one lane per row: a branch-free insertion network keeps the
+//     KC >= k smallest a_ij of every row (k <= 64; beyond, nth_element per row), then a
+//     second pass counts the values surely among the k nearest (a < A_k - 2 delta) and lists
+//     the band [A_k - 2 delta, A_k + 2 delta], whose distances are recomputed exactly in
+//     fp64 from y (usually none or a few): the k-th distance is the (k - sure)-th smallest of
+//     them. delta bounds the fp32 error of a_ij as in the tiled path (knn_cpu.cpp).
+// Outputs: the radii per token (NaN at masked tokens), and per sample the number of valid
+// tokens and sum of ln(r + 1e-10) (the paper's estimator needs only that). Samples with more
+// than kFusedMaxN valid tokens are left to the tiled path (radii NaN, count set, sum NaN).
+//
+// This file is compiled with -ffp-contract=fast (CMakeLists.txt): the micro-kernel needs
+// fused multiply-adds, and nothing here relies on bit-exact rounding (delta bounds the
+// error of either rounding).
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+
+#include "common_cpu.h"
+
+namespace entrodrop {
+namespace cpu {
+namespace {
+
+constexpr int64_t kFusedMaxN = 512;
+constexpr int64_t kTile = 32;    // Gram tile side; Np (rows, padded) is a multiple of it
+constexpr int64_t kPanel = 1024;  // channels per pass over a tile (its rows stay in L2)
+constexpr int kMaxNet = 64;      // the largest k for the insertion network
+constexpr int kCentreRows = 32;  // rows averaged for the centre mu
+constexpr double kSmaxLo = 0x1p-90, kSmaxHi = 0x1p120;  // as KNN_SMAX_RANGE (cpp_backend.py)
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v8f_u __attribute__((vector_size(32), aligned(4)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef double v8d __attribute__((vector_size(64)));
+typedef double v8d_u __attribute__((vector_size(64), aligned(8)));
+
+template <int W>
+struct Vt;
+template <>
+struct Vt<16> {
+  using F = v16f;
+  using FU = v16f_u;
+  using I = v16i;
+};
+template <>
+struct Vt<8> {
+  using F = v8f;
+  using FU = v8f_u;
+  using I = v8i;
+};
+
+#if defined(__clang__)
+#define ED_SHUF16(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#define ED_SHUF8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define ED_SHUF16(a, b, ...) __builtin_shuffle(a, b, v16i{__VA_ARGS__})
+#define ED_SHUF8(a, b, ...) __builtin_shuffle(a, b, v8i{__VA_ARGS__})
+#endif
+
+// The lane sums of 16 (8) vectors, as one vector: out[m] = sum of r[m]'s lanes (a transpose
+// tree: 15 adds and 30 shuffles instead of 16 separate horizontal sums).
+ED_INLINE v16f lane_sums(const v16f* r) {
+  v16f u[8], w[4], z[2];
+  for (int p = 0; p < 8; ++p)
+    u[p] = ED_SHUF16(r[2 * p], r[2 * p + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           ED_SHUF16(r[2 * p], r[2 * p + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int p = 0; p < 4; ++p)
+    w[p] = ED_SHUF16(u[2 * p], u[2 * p + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           ED_SHUF16(u[2 * p], u[2 * p + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int p = 0; p < 2; ++p)
+    z[p] = ED_SHUF16(w[2 * p], w[2 * p + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           ED_SHUF16(w[2 * p], w[2 * p + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return ED_SHUF16(z[0], z[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         ED_SHUF16(z[0], z[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+ED_INLINE v8f lane_sums(const v8f* r) {
+  v8f u[4], w[2];
+  for (int p = 0; p < 4; ++p)
+    u[p] = ED_SHUF8(r[2 * p], r[2 * p + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           ED_SHUF8(r[2 * p], r[2 * p + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int p = 0; p < 2; ++p)
+    w[p] = ED_SHUF8(u[2 * p], u[2 * p + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
+           ED_SHUF8(u[2 * p], u[2 * p + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+  return ED_SHUF8(w[0], w[1], 0, 2, 4, 6, 8, 10, 12, 14) + ED_SHUF8(w[0], w[1], 1, 3, 5, 7, 9, 11, 13, 15);
+}
+
+// Dot products of 4 rows a (row stride ld) with NR = W / 4 rows b over dd channels (a
+// multiple of 16): out[i * NR + j] = a_i . b_j. One W-lane accumulator per pair.
+template <int W>
+ED_INLINE typename Vt<W>::F micro(const float* a, const float* b, int64_t ld, int64_t dd) {
+  using F = typename Vt<W>::F;
+  using FU = typename Vt<W>::FU;
+  constexpr int NR = W / 4;
+  F acc[W] = {};
+  for (int64_t d = 0; d < dd; d += W) {
+    const F a0 = *reinterpret_cast<const FU*>(a + d);
+    const F a1 = *reinterpret_cast<const FU*>(a + ld + d);
+    const F a2 = *reinterpret_cast<const FU*>(a + 2 * ld + d);
+    const F a3 = *reinterpret_cast<const FU*>(a + 3 * ld + d);
+    for (int j = 0; j < NR; ++j) {
+      const F bj = *reinterpret_cast<const FU*>(b + j * ld + d);
+      acc[j] += a0 * bj;
+      acc[NR + j] += a1 * bj;
+      acc[2 * NR + j] += a2 * bj;
+      acc[3 * NR + j] += a3 * bj;
+    }
+  }
+  return lane_sums(acc);
+}
+
+// Tile rows [i0, i0 + kTile) x columns [j0, j0 + kTile) (j0 >= i0) of the Gram matrix of V
+// [Np, ld] over Dp channels, turned into a_ij and written to A[i][j] and A[j][i].
+template <int W>
+ED_INLINE void gram_tile_impl(const float* V, int64_t ld, int64_t Dp, const float* s, int64_t i0,
+                              int64_t j0, float* A, int64_t lda) {
+  constexpr int NR = W / 4;
+  float G[kTile * kTile];
+  const bool diag = i0 == j0;
+  for (int64_t d0 = 0; d0 < Dp; d0 += kPanel) {
+    const int64_t dd = std::min(kPanel, Dp - d0);
+    for (int64_t ib = 0; ib < kTile; ib += 4)
+      for (int64_t jb = diag ? ib : 0; jb < kTile; jb += NR) {
+        const auto r = micro<W>(V + (i0 + ib) * ld + d0, V + (j0 + jb) * ld + d0, ld, dd);
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < NR; ++j) {
+            float& g = G[(ib + i) * kTile + jb + j];
+            g = d0 == 0 ? r[i * NR + j] : g + r[i * NR + j];
+          }
+      }
+  }
+  for (int64_t i = 0; i < kTile; ++i) {
+    const int64_t gi = i0 + i;
+    const float si = s[gi];
+    for (int64_t j = diag ? i : 0; j < kTile; ++j) {
+      const int64_t gj = j0 + j;
+      const float a = gi == gj ? kInf : (si + s[gj]) - 2.0f * G[i * kTile + j];
+      A[gi * lda + gj] = a;
+      A[gj * lda + gi] = a;
+    }
+  }
+}
+
+// Rows [i0, i0 + W) of A (one lane each; A is symmetric, so row i's values are column i):
+// kth[l] = the k-th smallest of a_{i0+l, j} over j < n (KC >= k of them kept, sorted, by a
+// branch-free insertion network); then sure[l] = #{j: a < kth - 2 delta} and `band` gets
+// (l, j) for every a in [kth - 2 delta, kth + 2 delta].
+template <int W, int KC>
+ED_INLINE void select_impl(const float* A, int64_t lda, int64_t n, int64_t i0, int k, float twodelta,
+                           float* kth, int32_t* sure, std::vector<int64_t>& band) {
+  using F = typename Vt<W>::F;
+  using FU = typename Vt<W>::FU;
+  using I = typename Vt<W>::I;
+  F L[KC];
+  for (int t = 0; t < KC; ++t) L[t] = F{} + kInf;
+  for (int64_t j = 0; j < n; ++j) {
+    F x = *reinterpret_cast<const FU*>(A + j * lda + i0);
+#pragma GCC unroll 64
+    for (int t = 0; t < KC; ++t) {
+      const F lo = L[t] < x ? L[t] : x;
+      x = L[t] < x ? x : L[t];
+      L[t] = lo;
+    }
+  }
+  F ak = L[0];
+  for (int t = 1; t < KC; ++t)
+    if (t == k - 1) ak = L[t];
+  // the band's ends rounded outwards (fp32 arithmetic: a margin of 2^-20 relative)
+  const F av = ak < 0 ? -ak : ak;
+  const F pad = twodelta * (1.0f + 0x1p-20f) + av * 0x1p-20f;
+  const F lo = ak - pad, hi = ak + pad;
+  // per lane: how many below the band, how many in it, and the first and last j in it
+  I cnt = I{}, nb = I{}, first = I{} + int32_t(n), last = I{} - 1;
+  for (int64_t j = 0; j < n; ++j) {
+    const F x = *reinterpret_cast<const FU*>(A + j * lda + i0);
+    const I below = x < lo;  // (only < comparisons: GCC 12 scalarises a vector >= of floats)
+    cnt -= below;
+    const I in = ~(below | (hi < x));
+    nb -= in;
+    const I jj = I{} + int32_t(j);
+    first = in & (jj < first) ? jj : first;
+    last = in ? jj : last;
+  }
+  for (int l = 0; l < W; ++l) {
+    kth[l] = ak[l];
+    sure[l] = cnt[l];
+    if (nb[l] == 0) continue;  // the usual case: no value within 2 delta of the k-th
+    band.push_back(int64_t(first[l]) * W + l);
+    if (nb[l] == 1) continue;
+    for (int64_t j = first[l] + 1; j < last[l]; ++j) {
+      const float a = A[j * lda + i0 + l];
+      if (a >= lo[l] && a <= hi[l]) band.push_back(j * W + l);
+    }
+    band.push_back(int64_t(last[l]) * W + l);
+  }
+}
+
+// KC = k up to 32 (k = 25 is the paper's), the next multiple of 4 up to kMaxNet.
+template <int W>
+ED_INLINE void select_dispatch(const float* A, int64_t lda, int64_t n, int64_t i0, int k,
+                               float twodelta, float* kth, int32_t* sure, std::vector<int64_t>& band) {
+  const int kc = k <= 32 ? k : (k + 3) / 4 * 4;
+  switch (kc) {
+#define ED_CASE(q) \
+  case q: return select_impl<W, q>(A, lda, n, i0, k, twodelta, kth, sure, band);
+    ED_CASE(1) ED_CASE(2) ED_CASE(3) ED_CASE(4) ED_CASE(5) ED_CASE(6) ED_CASE(7) ED_CASE(8)
+    ED_CASE(9) ED_CASE(10) ED_CASE(11) ED_CASE(12) ED_CASE(13) ED_CASE(14) ED_CASE(15) ED_CASE(16)
+    ED_CASE(17) ED_CASE(18) ED_CASE(19) ED_CASE(20) ED_CASE(21) ED_CASE(22) ED_CASE(23) ED_CASE(24)
+    ED_CASE(25) ED_CASE(26) ED_CASE(27) ED_CASE(28) ED_CASE(29) ED_CASE(30) ED_CASE(31) ED_CASE(32)
+    ED_CASE(36) ED_CASE(40) ED_CASE(44) ED_CASE(48) ED_CASE(52) ED_CASE(56) ED_CASE(60) ED_CASE(64)
+#undef ED_CASE
+    default: return;  // k > kMaxNet: not called
+  }
+}
+
+// One compiled copy per instruction set, chosen once at run time.
+#define ED_GRAM_ARGS const float *V, int64_t ld, int64_t Dp, const float *s, int64_t i0, int64_t j0, float *A, int64_t lda
+#define ED_SEL_ARGS                                                                          \
+  const float *A, int64_t lda, int64_t n, int64_t i0, int k, float twodelta, float *kth, int32_t *sure, \
+      std::vector<int64_t> &band
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(ENTRODROP_NO_CLONES)
+#define ED_HAVE_X86_LEVELS 1
+__attribute__((target("arch=x86-64-v4"))) void gram_tile_v4(ED_GRAM_ARGS) { gram_tile_impl<16>(V, ld, Dp, s, i0, j0, A, lda); }
+__attribute__((target("arch=x86-64-v3"))) void gram_tile_v3(ED_GRAM_ARGS) { gram_tile_impl<8>(V, ld, Dp, s, i0, j0, A, lda); }
+__attribute__((target("arch=x86-64-v4"))) void select_v4(ED_SEL_ARGS) { select_dispatch<16>(A, lda, n, i0, k, twodelta, kth, sure, band); }
+__attribute__((target("arch=x86-64-v3"))) void select_v3(ED_SEL_ARGS) { select_dispatch<8>(A, lda, n, i0, k, twodelta, kth, sure, band); }
+#endif
+void gram_tile_base(ED_GRAM_ARGS) { gram_tile_impl<8>(V, ld, Dp, s, i0, j0, A, lda); }
+void select_base(ED_SEL_ARGS) { select_dispatch<8>(A, lda, n, i0, k, twodelta, kth, sure, band); }
+
+struct Isa {
+  void (*gram)(ED_GRAM_ARGS) = gram_tile_base;
+  void (*select)(ED_SEL_ARGS) = select_base;
+  int width = 8;  // rows per select group
+  const char* name = "baseline";
+};
+
+// The best the CPU runs, or less when ENTRODROP_ISA says so ("x86-64-v3" or "baseline": for
+// tests of the other copies).
+const Isa& isa() {
+  static const Isa is = [] {
+    Isa r;
+#ifdef ED_HAVE_X86_LEVELS
+    const char* cap = std::getenv("ENTRODROP_ISA");
+    const int most = cap && std::strcmp(cap, "baseline") == 0 ? 1 : cap && std::strcmp(cap, "x86-64-v3") == 0 ? 3 : 4;
+    __builtin_cpu_init();
+    const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("bmi2");
+    const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                    __builtin_cpu_supports("avx512cd");
+    if (v4 && most >= 4) {
+      r.gram = gram_tile_v4;
+      r.select = select_v4;
+      r.width = 16;
+      r.name = "x86-64-v4";
+    } else if (v3 && most >= 3) {
+      r.gram = gram_tile_v3;
+      r.select = select_v3;
+      r.name = "x86-64-v3";
+    }
+#endif
+    return r;
+  }();
+  return is;
+}
+
+// ----------------------------------------------------------------- exact distances
+// sum of (a_d - b_d)^2 over w fp32 values, fp64, in a fixed order (16 lanes, then the rest),
+// whatever the layout the values came from.
+ED_CLONES void sqdiff_acc(const float* a, const float* b, int64_t w, v8d& acc0, v8d& acc1, double& tail) {
+  int64_t d = 0;
+  for (; d + 16 <= w; d += 16) {
+    const v8d e0 = __builtin_convertvector(*reinterpret_cast<const v8f_u*>(a + d), v8d) -
+                   __builtin_convertvector(*reinterpret_cast<const v8f_u*>(b + d), v8d);
+    const v8d e1 = __builtin_convertvector(*reinterpret_cast<const v8f_u*>(a + d + 8), v8d) -
+                   __builtin_convertvector(*reinterpret_cast<const v8f_u*>(b + d + 8), v8d);
+    acc0 += e0 * e0;
+    acc1 += e1 * e1;
+  }
+  for (; d < w; ++d) {
+    const double e = double(a[d]) - double(b[d]);
+    tail += e * e;
+  }
+}
+
+struct Rows {
+  const View* x;
+  const View* f;
+  int64_t b, D;
+  bool dense;  // fp32, channel stride 1, no f: rows are read in place
+};
+
+constexpr int64_t kChunk = 256;  // a multiple of 16: remainders only in the last chunk
+
+template <int DT>
+double exact_dist_t(const Rows& r, int64_t ta, int64_t tb, float* ya, float* yb) {
+  v8d acc0 = {}, acc1 = {};
+  double tail = 0;
+  for (int64_t d0 = 0; d0 < r.D; d0 += kChunk) {
+    const int64_t w = std::min(kChunk, r.D - d0);
+    if (DT == DT_F32 && r.dense) {
+      sqdiff_acc(reinterpret_cast<const float*>(r.x->row(r.b, ta)) + d0,
+                 reinterpret_cast<const float*>(r.x->row(r.b, tb)) + d0, w, acc0, acc1, tail);
+    } else {
+      load_y<DT>(*r.x, r.f, r.b, ta, d0, w, ya);
+      load_y<DT>(*r.x, r.f, r.b, tb, d0, w, yb);
+      sqdiff_acc(ya, yb, w, acc0, acc1, tail);
+    }
+  }
+  acc0 += acc1;
+  double s = 0;
+  for (int j = 0; j < 8; ++j) s += acc0[j];
+  return std::sqrt(s + tail);
+}
+
+double exact_dist(int dtype, const Rows& r, int64_t ta, int64_t tb, float* ya, float* yb) {
+  if (dtype == DT_F16) return exact_dist_t<DT_F16>(r, ta, tb, ya, yb);
+  if (dtype == DT_BF16) return exact_dist_t<DT_BF16>(r, ta, tb, ya, yb);
+  return exact_dist_t<DT_F32>(r, ta, tb, ya, yb);
+}
+
+// ----------------------------------------------------------------- packing
+// v = fp32((y - mu) * scale) into V (ld >= D, zero padded), s = |v|^2 (fp32 from fp64),
+// s64 = |y - mu|^2 in fp64 (finite even when v overflows fp32).
+ED_CLONES void pack_row(const float* y, const double* mu, int64_t D, int64_t ld, double scale,
+                        float* v, float& s, double& s64) {
+  v8d q0 = {}, q1 = {}, e0s = {}, e1s = {};
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const v8d e0 = __builtin_convertvector(*reinterpret_cast<const v8f_u*>(y + d), v8d) -
+                   *reinterpret_cast<const v8d_u*>(mu + d);
+    const v8d e1 = __builtin_convertvector(*reinterpret_cast<const v8f_u*>(y + d + 8), v8d) -
+                   *reinterpret_cast<const v8d_u*>(mu + d + 8);
+    const v8f f0 = __builtin_convertvector(e0 * scale, v8f);
+    const v8f f1 = __builtin_convertvector(e1 * scale, v8f);
+    *reinterpret_cast<v8f_u*>(v + d) = f0;
+    *reinterpret_cast<v8f_u*>(v + d + 8) = f1;
+    const v8d g0 = __builtin_convertvector(f0, v8d), g1 = __builtin_convertvector(f1, v8d);
+    q0 += g0 * g0;
+    q1 += g1 * g1;
+    e0s += e0 * e0;
+    e1s += e1 * e1;
+  }
+  q0 += q1;
+  e0s += e1s;
+  double qs = 0, es = 0;
+  for (int j = 0; j < 8; ++j) {
+    qs += q0[j];
+    es += e0s[j];
+  }
+  for (; d < D; ++d) {
+    const double e = double(y[d]) - mu[d];
+    const float fv = float(e * scale);
+    v[d] = fv;
+    qs += double(fv) * double(fv);
+    es += e * e;
+  }
+  for (; d < ld; ++d) v[d] = 0.0f;
+  s = float(qs);
+  s64 = es;
+}
+
+// ----------------------------------------------------------------- per-sample work
+template <typename T>
+struct Buf {
+  std::unique_ptr<T[]> p;
+  size_t cap = 0;
+  T* get(size_t n) {
+    if (n > cap) {
+      p.reset(new T[n]);
+      cap = n;
+    }
+    return p.get();
+  }
+};
+
+// A thread's buffers, kept between calls (a fresh allocation per call would come back as
+// page faults every time).
+struct Workspace {
+  Buf<float> V, A, s;
+  Buf<double> s64, mu;
+  Buf<int64_t> rows;
+};
+Workspace& local_workspace() {
+  static thread_local Workspace ws;
+  return ws;
+}
+
+struct Scratch {
+  std::vector<float> y;  // a row in fp32 (pack), two rows (exact distances)
+  std::vector<int64_t> band;
+  std::vector<double> dist;
+  std::vector<float> row;
+  std::vector<int64_t> mine;
+};
+Scratch& local_scratch() {
+  static thread_local Scratch sc;
+  return sc;
+}
+
+struct Sample {
+  const View* x;
+  const View* f;
+  int dtype;
+  int64_t b, T, D, n, Np, Dp;
+  int k;
+  int64_t* rows;  // token index of each valid row
+  double* mu;
+  float *V, *A, *s;
+  double* s64;
+  double scale = 1.0, unit = 1.0, delta = 0.0;
+  double* out;  // radii of sample b: out[t], t < T
+
+  Rows exact_rows() const {
+    return Rows{x, f, b, D, dtype == DT_F32 && f == nullptr && x->sd == 1};
+  }
+};
+
+template <int DT>
+void load_row(const Sample& sp, int64_t t, float* y) {
+  load_y<DT>(*sp.x, sp.f, sp.b, t, 0, sp.D, y);
+}
+void load_row_any(const Sample& sp, int64_t t, float* y) {
+  if (sp.dtype == DT_F16) load_row<DT_F16>(sp, t, y);
+  else if (sp.dtype == DT_BF16) load_row<DT_BF16>(sp, t, y);
+  else load_row<DT_F32>(sp, t, y);
+}
+
+// Step 1 (serial): the valid rows' indices and the centre.
+void setup(Sample& sp, const Mask& mv, Workspace& ws, Scratch& sc) {
+  sp.Np = (sp.n + kTile - 1) / kTile * kTile;
+  sp.Dp = (sp.D + 15) / 16 * 16;
+  sp.rows = ws.rows.get(size_t(sp.n));
+  sp.mu = ws.mu.get(size_t(sp.D));
+  sp.V = ws.V.get(size_t(sp.Np * sp.Dp));
+  sp.A = ws.A.get(size_t(sp.Np * sp.Np));
+  sp.s = ws.s.get(size_t(sp.Np));
+  sp.s64 = ws.s64.get(size_t(sp.Np));
+  int64_t m = 0;
+  for (int64_t t = 0; t < sp.T; ++t)
+    if (mv(sp.b, t)) sp.rows[m++] = t;
+  for (int64_t t = 0; t < sp.T; ++t)
+    if (!mv(sp.b, t)) sp.out[t] = std::numeric_limits<double>::quiet_NaN();
+  // padding rows: v = 0, s = 0 (their a_ij are never read for j >= n)
+  for (int64_t i = sp.n; i < sp.Np; ++i) {
+    std::fill(sp.V + i * sp.Dp, sp.V + (i + 1) * sp.Dp, 0.0f);
+    sp.s[i] = 0.0f;
+  }
+  const int64_t c = std::min<int64_t>(sp.n, kCentreRows);
+  sc.y.resize(size_t(2 * sp.D));
+  std::fill(sp.mu, sp.mu + sp.D, 0.0);
+  for (int64_t r = 0; r < c; ++r) {
+    load_row_any(sp, sp.rows[r * sp.n / c], sc.y.data());
+    for (int64_t d = 0; d < sp.D; ++d) sp.mu[d] += sc.y[size_t(d)];
+  }
+  for (int64_t d = 0; d < sp.D; ++d) sp.mu[d] /= double(c);
+}
+
+void pack(const Sample& sp, int64_t r0, int64_t r1, Scratch& sc) {
+  const bool in_place = sp.exact_rows().dense;  // fp32 rows with channel stride 1: no copy
+  sc.y.resize(size_t(2 * sp.D));
+  for (int64_t i = r0; i < r1; ++i) {
+    const float* y = reinterpret_cast<const float*>(sp.x->row(sp.b, sp.rows[i]));
+    if (!in_place) {
+      load_row_any(sp, sp.rows[i], sc.y.data());
+      y = sc.y.data();
+    }
+    pack_row(y, sp.mu, sp.D, sp.Dp, sp.scale, sp.V + i * sp.Dp, sp.s[i], sp.s64[i]);
+  }
+}
+
+// Between packing and the Gram tiles (serial): the scale (repacking when the squared norms
+// leave fp32's comfortable range) and delta. Returns true when the rows must be packed again.
+bool check_scale(Sample& sp) {
+  double smax64 = 0;
+  for (int64_t i = 0; i < sp.n; ++i) smax64 = std::max(smax64, sp.s64[i]);
+  if (sp.scale == 1.0 && smax64 > 0 && std::isfinite(smax64) && (smax64 < kSmaxLo || smax64 > kSmaxHi)) {
+    const int e = int(std::floor(std::log2(smax64) / 2));
+    sp.scale = std::ldexp(1.0, -e);
+    sp.unit = std::ldexp(1.0, e);
+    return true;
+  }
+  float smax = 0;
+  for (int64_t i = 0; i < sp.n; ++i) smax = std::max(smax, sp.s[i]);
+  // as knn_cpu.cpp / cpp_backend._knn: 4 (sqrt(D) + 8) eps max|v|^2, plus D subnormal
+  // roundings; the centring's own rounding (|v - (y - mu)| <= eps/2 |y - mu| per channel)
+  // adds at most 4 eps max|v|^2, inside the + 8.
+  const double eps = std::numeric_limits<float>::epsilon();
+  sp.delta = 4.0 * (std::sqrt(double(sp.D)) + 8.0) * eps * double(smax) + 4.0 * double(sp.D) * 0x1p-149;
+  return false;
+}
+
+int64_t n_tiles(const Sample& sp) {
+  const int64_t t = sp.Np / kTile;
+  return t * (t + 1) / 2;
+}
+
+void gram(const Sample& sp, int64_t item) {
+  // item -> (ti, tj), tj >= ti, row-major over the upper triangle
+  const int64_t t = sp.Np / kTile;
+  int64_t ti = 0, left = item;
+  while (left >= t - ti) {
+    left -= t - ti;
+    ++ti;
+  }
+  const int64_t tj = ti + left;
+  isa().gram(sp.V, sp.Dp, sp.Dp, sp.s, ti * kTile, tj * kTile, sp.A, sp.Np);
+}
+
+// The radius of row i from its candidates' approximate values a (j = cand[t]), given the
+// k-th smallest ak and the number of values surely below the band.
+double finish_row(const Sample& sp, int64_t i, float ak, int64_t sure, const int64_t* cand, int64_t nc,
+                  Scratch& sc) {
+  const Rows rr = sp.exact_rows();
+  sc.dist.clear();
+  sc.y.resize(size_t(2 * sp.D));
+  for (int64_t c = 0; c < nc; ++c) {
+    const double d = exact_dist(sp.dtype, rr, sp.rows[i], sp.rows[cand[c]], sc.y.data(), sc.y.data() + sp.D);
+    sc.dist.push_back(d == d ? d : std::numeric_limits<double>::infinity());  // NaN input: stay ordered
+  }
+  const int64_t want = sp.k - sure;  // 1-based rank within the band
+  if (want < 1 || want > int64_t(sc.dist.size()))  // cannot happen when delta bounds the error
+    return std::sqrt(std::max(0.0, double(ak))) * sp.unit;
+  std::nth_element(sc.dist.begin(), sc.dist.begin() + (want - 1), sc.dist.end());
+  return sc.dist[size_t(want - 1)];
+}
+
+int64_t n_groups(const Sample& sp) {
+  return sp.k <= kMaxNet ? (sp.n + isa().width - 1) / isa().width : sp.n;
+}
+
+void select(const Sample& sp, int64_t g, Scratch& sc) {
+  const float twodelta = float(2 * sp.delta);
+  if (sp.k > kMaxNet) {  // one row, nth_element
+    const int64_t i = g;
+    const float* a = sp.A + i * sp.Np;
+    sc.row.assign(a, a + sp.n);
+    for (auto& v : sc.row)
+      if (v != v) v = kInf;
+    std::nth_element(sc.row.begin(), sc.row.begin() + (sp.k - 1), sc.row.end());
+    const float ak = sc.row[size_t(sp.k - 1)];
+    const float pad = twodelta * (1.0f + 0x1p-20f) + std::fabs(ak) * 0x1p-20f;
+    const float lo = ak - pad, hi = ak + pad;
+    int64_t sure = 0;
+    sc.band.clear();
+    for (int64_t j = 0; j < sp.n; ++j) {
+      sure += a[j] < lo;
+      if (a[j] >= lo && a[j] <= hi) sc.band.push_back(j);
+    }
+    sp.out[sp.rows[i]] = finish_row(sp, i, ak, sure, sc.band.data(), int64_t(sc.band.size()), sc);
+    return;
+  }
+  const int W = isa().width;
+  const int64_t i0 = g * W;
+  float kth[16];
+  int32_t sure[16];
+  sc.band.clear();
+  isa().select(sp.A, sp.Np, sp.n, i0, sp.k, twodelta, kth, sure, sc.band);
+  // band entries are j * W + lane, grouped by lane (in increasing lane order)
+  std::vector<int64_t>& mine = sc.mine;
+  size_t e = 0;
+  for (int l = 0; l < W && i0 + l < sp.n; ++l) {
+    mine.clear();
+    for (; e < sc.band.size() && sc.band[e] % W == l; ++e) mine.push_back(sc.band[e] / W);
+    sp.out[sp.rows[i0 + l]] = finish_row(sp, i0 + l, kth[l], sure[l], mine.data(), int64_t(mine.size()), sc);
+  }
+}
+
+double log_sum(const Sample& sp) {
+  double acc = 0;
+  for (int64_t i = 0; i < sp.n; ++i) acc += std::log(sp.out[sp.rows[i]] + 1e-10);
+  return acc;
+}
+
+// Items per pool job for packing: blocks of rows.
+constexpr int64_t kPackRows = 16;
+
+}  // namespace
+}  // namespace cpu
+
+int64_t knn_fused_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
+                      const Dims& xstride, const Dims& fstride, const Dims& mstride, int k,
+                      uintptr_t out, uintptr_t out_count, uintptr_t out_logsum, int nthreads) {
+  using namespace cpu;
+  check_common(x, dtype, shape, xstride, f, fstride, mask, mstride);
+  ED_CHECK_PTR(out);
+  ED_CHECK_PTR(out_count);
+  ED_CHECK_PTR(out_logsum);
+  ED_CHECK(k >= 1, "k must be >= 1, got ", k);
+  const int64_t B = shape[0], T = shape[1], D = shape[2];
+  ED_CHECK(D >= 1, "need at least one channel, got D = ", D);
+  const View xv = make_view(x, dtype, xstride);
+  View fv;
+  if (f) fv = make_view(f, dtype, fstride);
+  const View* fp = f ? &fv : nullptr;
+  const Mask mv = make_mask(mask, mstride);
+  double* o = reinterpret_cast<double*>(out);
+  double* ocnt = reinterpret_cast<double*>(out_count);
+  double* olog = reinterpret_cast<double*>(out_logsum);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+
+  std::vector<int64_t> nvalid(static_cast<size_t>(B));
+  std::vector<int64_t> todo;
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t n = 0;
+    for (int64_t t = 0; t < T; ++t) n += mv(b, t);
+    nvalid[size_t(b)] = n;
+    ocnt[b] = double(n);
+    olog[b] = nan;
+    ED_CHECK(k < n, "k must be in [1, N - 1] = [1, ", n - 1, "], got ", k, " (sample ", b, " has ", n,
+             " valid tokens)");
+    if (n <= kFusedMaxN) todo.push_back(b);
+    else
+      for (int64_t t = 0; t < T; ++t) o[b * T + t] = nan;
+  }
+  const int64_t skipped = B - int64_t(todo.size());
+  if (todo.empty()) return skipped;
+  auto make = [&](int64_t b) {
+    Sample sp{};
+    sp.x = &xv;
+    sp.f = fp;
+    sp.dtype = dtype;
+    sp.b = b;
+    sp.T = T;
+    sp.D = D;
+    sp.n = nvalid[size_t(b)];
+    sp.k = k;
+    sp.out = o + b * T;
+    return sp;
+  };
+  const int64_t nb = int64_t(todo.size());
+  // work per sample ~ n^2 D / 2 multiply-adds: below ~2^21 of it in all, one thread
+  int64_t work = 0;
+  for (int64_t b : todo) work += nvalid[size_t(b)] * nvalid[size_t(b)] * D / 2;
+  const int nt = clamp_threads(nthreads, work, work, int64_t(1) << 21);
+
+  if (nb >= 2 * int64_t(nt) || nt == 1) {
+    // whole samples per item: no waiting inside a sample
+    parallel_for(nb, nt, [&](int64_t it, int) {
+      Sample sp = make(todo[size_t(it)]);
+      Workspace& ws = local_workspace();
+      Scratch& sc = local_scratch();
+      setup(sp, mv, ws, sc);
+      pack(sp, 0, sp.n, sc);
+      if (check_scale(sp)) {
+        pack(sp, 0, sp.n, sc);
+        check_scale(sp);
+      }
+      for (int64_t t = 0, nt2 = n_tiles(sp); t < nt2; ++t) gram(sp, t);
+      for (int64_t g = 0, ng = n_groups(sp); g < ng; ++g) select(sp, g, sc);
+      olog[sp.b] = log_sum(sp);
+    });
+    return skipped;
+  }
+  // fewer samples than threads: each sample's steps in parallel, one after the other
+  Workspace& ws = local_workspace();
+  for (int64_t b : todo) {
+    Sample sp = make(b);
+    setup(sp, mv, ws, local_scratch());
+    const int64_t pitems = (sp.n + kPackRows - 1) / kPackRows;
+    for (int pass = 0; pass < 2; ++pass) {
+      parallel_for(pitems, nt, [&](int64_t it, int) {
+        pack(sp, it * kPackRows, std::min(sp.n, (it + 1) * kPackRows), local_scratch());
+      });
+      if (!check_scale(sp)) break;
+    }
+    parallel_for(n_tiles(sp), nt, [&](int64_t it, int) { gram(sp, it); });
+    parallel_for(n_groups(sp), nt, [&](int64_t g, int) { select(sp, g, local_scratch()); });
+    olog[b] = log_sum(sp);
+  }
+  return skipped;
+}
+
+std::string knn_isa_cpu() { return cpu::isa().name; }
+
+}  // namespace entrodrop
