@@ -397,3 +397,13 @@ def test_entropy_nan_policy_and_knn_message(tmp_path, capsys):
     np.save(two, x[:2] * 0 + 1)
     rc, _, err = run_cli(capsys, "entropy", two, "--method", "knn")
     assert_clean_error(rc, err, "entropy", "knn (k=25): ", "needs at least 26 valid tokens")
+
+
+@pytest.mark.parametrize("name", ["gemma3_270m", "gemma3", "smollm-135m"])
+def test_near_miss_of_a_builtin_name_suggests_it(tmp_path, capsys, name):
+    """A misspelt built-in name is not sent to the (unreachable) hub: the message suggests the name."""
+    from entrodrop_fast.cli import main
+
+    assert main(["profile", name, "--out", str(tmp_path / "r"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "did you mean" in err and "hub" not in err.lower() and "Traceback" not in err, err

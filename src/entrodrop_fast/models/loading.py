@@ -710,6 +710,16 @@ def load_model(source=None, *, dtype="fp32", device="cpu", cache_dir=None) -> Lo
         raise ModelLoadError(f"no such model file or directory: {src} (a symbolic link that leads nowhere, or to itself)")
     if not _looks_like_hub_id(src):
         raise ModelLoadError(f"no such model file or directory: {src}")
+    if "/" not in src:  # a near miss of a built-in name is not a hub id (hub ids are org/name)
+        import difflib
+
+        names = [n for b in BUILTIN_MODELS for n in b.names if n not in ("builtin", "default")]
+        close = difflib.get_close_matches(src.lower(), names, n=1, cutoff=0.6)
+        if close:
+            raise ModelLoadError(
+                f"no model {src!r}: not a local directory or file, and not a built-in name; did you mean {close[0]!r}? "
+                f"(built-in: {', '.join(b.name for b in BUILTIN_MODELS)})"
+            )
     from transformers import AutoConfig, AutoTokenizer
 
     try:
