@@ -301,7 +301,7 @@ def _check_min_tokens(x: torch.Tensor, mask: torch.Tensor | None, min_tokens: in
 
 
 def prepare(x, f=None, mask=None, *, min_tokens: int = 2, nan_policy: str = "raise", backend: str = "auto", validate: bool = True,
-            f_name: str = "f", add: bool = True, op: str | None = None) -> _Prepared:
+            f_name: str = "f", add: bool = True, op: str | None = None, defer_only: bool = False) -> _Prepared | None:
     """Check the inputs and bring them to ``(B, T, D)``; see the module docstring.
 
     ``f_name``: what the caller called the second tensor (``"y"`` for cosine's y), for the
@@ -310,6 +310,7 @@ def prepare(x, f=None, mask=None, *, min_tokens: int = 2, nan_policy: str = "rai
     values itself (:func:`_reports_nonfinite`), the separate NaN/Inf pass is skipped
     (``deferred``) and the caller, after the kernel, calls :func:`_recheck` when its outputs
     show a non-finite value; the results and errors are those of the exact check either way.
+    ``defer_only``: return None instead of validating when the check cannot be deferred.
     """
     x, numpy_out = _to_torch(x, "x")
     if x.dim() not in (2, 3):
@@ -352,6 +353,8 @@ def prepare(x, f=None, mask=None, *, min_tokens: int = 2, nan_policy: str = "rai
         # too few tokens: the exact check, whose NaN error (if any) comes first
         deferred = name is not None and _reports_nonfinite(name, x.device, op) and _least_tokens(x, mask) >= min_tokens
     if validate and not deferred:
+        if defer_only:
+            return None
         mask, omitted = _validate(x, f, mask, min_tokens=min_tokens, nan_policy=nan_policy, f_name=f_name, add=add)
     if name is None:
         name = resolve_backend(backend, x.device)
@@ -555,8 +558,74 @@ def entropy(x, method: str = "bucket", f=None, **opts):
 
 
 def delta_entropy(x, f, method: str = "bucket", **opts):
-    """Entropy increase of a block, H(X + F(X)) - H(X), per sample."""
+    """Entropy increase of a block, H(X + F(X)) - H(X), per sample.
+
+    bucket and gaussian_diag on a backend with a pair kernel (cpp, CPU) read x and f once for
+    both entropies; the result, errors and warnings are those of the two calls.
+    """
+    if method in _PAIR_OPTS and f is not None:
+        out = _paired_delta(x, f, method, opts)
+        if out is not None:
+            return out
     return entropy(x, method, f, **opts) - entropy(x, method, None, **opts)
+
+
+# method -> (its keyword options, the backend op with a pair kernel)
+_PAIR_OPTS = {
+    "bucket": ({"bins", "paper_exact", "mask", "backend", "nan_policy", "validate"}, "bucket"),
+    "gaussian_diag": ({"var_floor", "mask", "backend", "nan_policy", "validate"}, "moments"),
+}
+
+
+def _pair_kernel(backend: str, device: torch.device, op: str):
+    """The backend's pair kernel of ``op`` for this device (``PAIRS`` in the module), or None."""
+    mod = _loaded.get(backend)
+    if mod is None or op not in getattr(mod, "PAIRS", {}).get(device.type, ()):
+        return None
+    return getattr(mod, f"{op}_pair", None)
+
+
+def _paired_delta(x, f, method: str, opts: dict):
+    """delta_entropy from one pair kernel call, or None where the two calls must run: no pair
+    kernel, an option the estimator would refuse, bad input (the two calls then raise, or
+    omit and warn, exactly as they do), or a non-finite output (the same)."""
+    names, op = _PAIR_OPTS[method]
+    if not set(opts) <= names:
+        return None  # the estimator raises its TypeError
+    validate = opts.get("validate", True)
+    nan_policy = opts.get("nan_policy", "raise")
+    try:
+        if method == "bucket":
+            bins = _integer(opts.get("bins", 20), "bins", 1, MAX_BINS)
+        else:
+            var_floor = _real(opts.get("var_floor", 1e-12), "var_floor", lo=0.0)
+        xt, _ = _to_torch(x, "x")
+        kernel = _pair_kernel(resolve_backend(opts.get("backend", "auto"), xt.device), xt.device, op)
+    except (TypeError, ValueError):
+        return None  # the estimator raises it, with its own message
+    if kernel is None:
+        return None
+    p = prepare(x, f, opts.get("mask"), nan_policy=nan_policy, backend=opts.get("backend", "auto"), validate=validate, op=op,
+                defer_only=True)
+    if p is None:  # (too few tokens: the two calls raise)
+        return None
+    if method == "bucket":
+        hy, hx = (h.to(torch.float64).sum(-1) for h in kernel(p.x, p.f, p.mask, bins, opts.get("paper_exact", False)))
+        if p.deferred and not _all_finite(hy, hx):
+            return None
+        return _finish(p, hy) - _finish(p, hx)
+    my, mx = kernel(p.x, p.f, p.mask)
+    if p.deferred and not _all_finite(my["mean"], my["m2"], mx["mean"], mx["m2"]):
+        return None
+    hs = []
+    for m in (my, mx):  # as gaussian_diag_entropy: Y's floor warning first, then x's
+        var = m["m2"] / m["count"][:, None]
+        if validate:
+            nfloor = int((var < var_floor).sum())
+            if nfloor:
+                warnings.warn(f"gaussian_diag: {nfloor} channel variance(s) below var_floor={var_floor:g} were floored", RuntimeWarning, stacklevel=3)
+        hs.append(0.5 * torch.log((2 * math.pi * math.e) * var.clamp_min(var_floor)).sum(-1))
+    return _finish(p, hs[0]) - _finish(p, hs[1])
 
 
 # ---------------------------------------------------------------- similarity
