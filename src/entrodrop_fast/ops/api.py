@@ -290,8 +290,7 @@ def _validate(x, f, mask, *, min_tokens: int, nan_policy: str, f_name: str, add:
 
 
 def _least_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> int:
-    counts = mask.sum(1) if mask is not None else torch.full((x.shape[0],), x.shape[1])
-    return int(counts.min())
+    return int(mask.sum(1).min()) if mask is not None else x.shape[1]
 
 
 def _check_min_tokens(x: torch.Tensor, mask: torch.Tensor | None, min_tokens: int) -> None:
@@ -373,8 +372,13 @@ def _recheck(p: _Prepared, *, min_tokens: int = 2, nan_policy: str = "raise", f_
 
 
 def _all_finite(*ts: torch.Tensor) -> bool:
-    """Whether every element of the (small: [B] or [B, D]) kernel outputs is finite."""
-    return all(bool(torch.isfinite(t).all()) for t in ts)
+    """Whether every element of the (small: [B] or [B, D]) kernel outputs is finite: their
+    sum is (NaN and Inf propagate; the fp64 sums of entropies and moments cannot overflow:
+    |mean| < 3.5e38, m2 < 5e77 N per channel). One reduction each, one host sync."""
+    total = ts[0].sum()
+    for t in ts[1:]:
+        total = total + t.sum()
+    return math.isfinite(float(total))
 
 
 def _finish(p: _Prepared, h: torch.Tensor):
@@ -442,9 +446,10 @@ def _moments(p: _Prepared) -> dict:
 
 def _checked_moments(p: _Prepared, *, min_tokens: int, nan_policy: str, stacklevel: int = 5) -> tuple[_Prepared, dict]:
     """_moments, and for a deferred p the exact check when the kernel reported a non-finite
-    value (mean / m2 NaN; also mean past fp32 from finite values, re-checked as such)."""
+    value (m2 = NaN for such a channel; a non-finite m2 from finite values, past fp32 in the
+    kernel's arithmetic, is re-checked as such)."""
     m = _moments(p)
-    if p.deferred and not _all_finite(m["mean"], m["m2"]):
+    if p.deferred and not _all_finite(m["m2"]):
         p = _recheck(p, min_tokens=min_tokens, nan_policy=nan_policy, stacklevel=stacklevel)
         if p.omitted:
             m = _moments(p)
@@ -460,14 +465,29 @@ def gaussian_diag_entropy(x, f=None, *, var_floor: float = 1e-12, mask=None, bac
     """
     var_floor = _real(var_floor, "var_floor", lo=0.0, why=" (0 gives -inf for a constant channel)")
     p = prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate, op="moments")
-    p, m = _checked_moments(p, min_tokens=2, nan_policy=nan_policy)
+    m = _moments(p)
     var = m["m2"] / m["count"][:, None]  # (B, D)
     if validate:
-        nfloor = int((var < var_floor).sum())
-        if nfloor:
-            warnings.warn(f"gaussian_diag: {nfloor} channel variance(s) below var_floor={var_floor:g} were floored", RuntimeWarning, stacklevel=2)
+        # one reduction for both checks: NaN where the kernel reported NaN/Inf (m2 = NaN)
+        low = float(var.amin())
+        if p.deferred and math.isnan(low):
+            p = _recheck(p, nan_policy=nan_policy)
+            if p.omitted:
+                m = _moments(p)
+                var = m["m2"] / m["count"][:, None]
+                low = float(var.amin())
+        _warn_floored(var, low, var_floor)
     h = 0.5 * torch.log((2 * math.pi * math.e) * var.clamp_min(var_floor)).sum(-1)
     return _finish(p, h)
+
+
+def _warn_floored(var: torch.Tensor, low: float, var_floor: float) -> None:
+    """The warning of gaussian_diag_entropy, for the variances var whose minimum is low
+    (NaN where a variance is NaN: then counted among the others as well)."""
+    if math.isnan(low) or low < var_floor:
+        nfloor = int((var < var_floor).sum())
+        if nfloor:
+            warnings.warn(f"gaussian_diag: {nfloor} channel variance(s) below var_floor={var_floor:g} were floored", RuntimeWarning, stacklevel=3)
 
 
 def _rows(p: _Prepared, b: int) -> torch.Tensor:
@@ -614,17 +634,15 @@ def _paired_delta(x, f, method: str, opts: dict):
         if p.deferred and not _all_finite(hy, hx):
             return None
         return _finish(p, hy) - _finish(p, hx)
-    my, mx = kernel(p.x, p.f, p.mask)
-    if p.deferred and not _all_finite(my["mean"], my["m2"], mx["mean"], mx["m2"]):
-        return None
-    hs = []
-    for m in (my, mx):  # as gaussian_diag_entropy: Y's floor warning first, then x's
-        var = m["m2"] / m["count"][:, None]
-        if validate:
-            nfloor = int((var < var_floor).sum())
-            if nfloor:
-                warnings.warn(f"gaussian_diag: {nfloor} channel variance(s) below var_floor={var_floor:g} were floored", RuntimeWarning, stacklevel=3)
-        hs.append(0.5 * torch.log((2 * math.pi * math.e) * var.clamp_min(var_floor)).sum(-1))
+    ms = kernel(p.x, p.f, p.mask)
+    var = [m["m2"] / m["count"][:, None] for m in ms]
+    if validate:
+        low = [float(v.amin()) for v in var]
+        if p.deferred and any(math.isnan(v) for v in low):
+            return None
+        for v, lo in zip(var, low, strict=True):  # as gaussian_diag_entropy: Y's warning first, then x's
+            _warn_floored(v, lo, var_floor)
+    hs = [0.5 * torch.log((2 * math.pi * math.e) * v.clamp_min(var_floor)).sum(-1) for v in var]
     return _finish(p, hs[0]) - _finish(p, hs[1])
 
 
