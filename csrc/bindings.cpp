@@ -17,6 +17,15 @@ void register_cpu(py::module_& m) {
         arg("shape"), arg("xstride"), arg("fstride"), arg("mstride"), arg("bins"),
         arg("paper_exact"), arg("out"), arg("nthreads"),
         "Per-channel histogram entropy H_d (fp64 [B, D]) of y = x (+ f).");
+  m.def("moments_pair_cpu", &moments_pair_cpu, nogil, arg("x"), arg("f"), arg("mask"),
+        arg("dtype"), arg("shape"), arg("xstride"), arg("fstride"), arg("mstride"), arg("count"),
+        arg("mean_y"), arg("m2_y"), arg("min_y"), arg("max_y"), arg("mean_x"), arg("m2_x"),
+        arg("min_x"), arg("max_x"), arg("nthreads"),
+        "moments_cpu of y = x + f and of x, from one read of x and f.");
+  m.def("bucket_pair_cpu", &bucket_pair_cpu, nogil, arg("x"), arg("f"), arg("mask"), arg("dtype"),
+        arg("shape"), arg("xstride"), arg("fstride"), arg("mstride"), arg("bins"),
+        arg("paper_exact"), arg("out_y"), arg("out_x"), arg("nthreads"),
+        "bucket_cpu of y = x + f and of x, from one read of x and f.");
   m.def("cosine_cpu", &cosine_cpu, nogil, arg("x"), arg("other"), arg("mask"), arg("dtype"),
         arg("shape"), arg("xstride"), arg("ostride"), arg("mstride"), arg("fused"),
         arg("out_sum"), arg("out_count"), arg("nthreads"),

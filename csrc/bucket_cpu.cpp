@@ -7,28 +7,163 @@
 //
 // Work items are (sample, tile of W channels). A tile's valid tokens are gathered once
 // from memory into a contiguous fp32 buffer (converting fp16/bf16 and adding f in
-// registers) while min/max are tracked; binning then runs on the cached tile (samples
-// longer than 2048 tokens read the tile twice instead, see bucket_cpu). Bin indices
-// are computed vectorised across channels (fp32 sub, fp32 mul, truncation, clamp; no FMA:
-// the build uses -ffp-contract=off); the counter increments are scalar but never collide
-// back to back (consecutive elements belong to different channels). Entropy uses a table
-// of -p ln p for every possible count, built once per distinct token count.
+// registers) while min/max are tracked -- in registers, 64 channels at a time, where the
+// channels are contiguous; binning then runs on the cached tile (samples longer than 2048
+// tokens read the tile twice instead, see bucket_cpu). Bin indices are computed vectorised
+// across channels (fp32 sub, fp32 mul, clamp, truncation; no FMA: the build uses
+// -ffp-contract=off). Counting, up to 255 bins ("byte planes"): a row's indices of 64
+// channels are 64 bytes v, and for each bin k, acc_k -= (v == k) counts 32 or 64 channels
+// at once in byte lanes (blocks of at most 255 rows, so no lane wraps; then added to 32-bit
+// counts). More bins: scalar increments (they never collide back to back: consecutive
+// elements belong to different channels). Entropy uses a table of -p ln p for every
+// possible count, built once per distinct token count.
+//
+// Non-finite values (docs/CONTRACT.md): the gather accumulates y - y per channel (0 while
+// every y is finite, NaN from the first NaN/Inf on, x + f overflowing fp32 included); such a
+// channel is binned harmlessly into bin 0 and reported as H_d = NaN.
+//
+// bucket_pair_cpu: the entropies of Y = x + f and of x itself from one read of x and f
+// (two "streams" through the same tile machinery), for delta_entropy.
 #include <cmath>
 #include <limits>
 #include <map>
 
 #include "common_cpu.h"
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace entrodrop {
 namespace cpu {
 namespace {
 
-struct Scratch {
+constexpr int kMaxPlaneBins = 255;   // bin indices in a byte
+constexpr int kGroup = 64;           // channels per byte-plane row
+constexpr int64_t kBlockRows = 255;  // rows per counting block: a byte lane counts at most 255
+constexpr int64_t kAhead = 16;       // rows fetched ahead (into L2) while gathering
+
+// One histogram stream of a tile (Y, or x for the pair kernel).
+struct Stream {
   std::vector<float> tile, lo, hi, sc, nf;  // nf: sum of (y - y), NaN iff a y is NaN/Inf
-  std::vector<int32_t> flat, wide;  // wide: the tile's channels binned in fp64
-  std::vector<double> wsc;          // their fp64 scales
+  std::vector<int32_t> flat, wide;          // wide: the tile's channels binned in fp64
+  std::vector<double> wsc;                  // their fp64 scales
   std::vector<uint32_t> counts;
+  std::vector<uint8_t> idx;  // byte planes: a block of rows of bin indices
 };
+struct Scratch {
+  Stream s[2];
+};
+
+// ----------------------------------------------------------------- byte-plane counting
+typedef uint8_t v64b __attribute__((vector_size(64)));
+typedef uint8_t v64b_u __attribute__((vector_size(64), aligned(1)));
+typedef uint8_t v32b __attribute__((vector_size(32)));
+typedef uint8_t v16b __attribute__((vector_size(16)));
+
+// cnt[(k0 + q) * cld + l] += #{r < rows : idx[r * ld + l] == k0 + q} for q < KB, l < 64.
+template <int KB>
+ED_INLINE void count_planes(const uint8_t* idx, int64_t rows, int64_t ld, int k0, uint32_t* cnt,
+                            int64_t cld) {
+  v64b acc[KB];
+  for (int q = 0; q < KB; ++q) acc[q] = v64b{};
+  for (int64_t r = 0; r < rows; ++r) {
+    const v64b v = *reinterpret_cast<const v64b_u*>(idx + r * ld);
+    for (int q = 0; q < KB; ++q) acc[q] -= reinterpret_cast<v64b>(v == uint8_t(k0 + q));
+  }
+  for (int q = 0; q < KB; ++q) {
+    uint32_t* __restrict c = cnt + int64_t(k0 + q) * cld;
+    for (int l = 0; l < kGroup; ++l) c[l] += acc[q][l];
+  }
+}
+
+#if defined(__x86_64__)
+alignas(32) const uint8_t kBinConst[8][32] = {
+#define ED_ROW(q) {q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q}
+    ED_ROW(0), ED_ROW(1), ED_ROW(2), ED_ROW(3), ED_ROW(4), ED_ROW(5), ED_ROW(6), ED_ROW(7)
+#undef ED_ROW
+};
+// The same with AVX2 (VEX) compares, 32 channels at a time, 8 bins per sweep: their
+// accumulators fit the 16 registers, and a compare yields a vector (AVX-512's compare into
+// a mask register, then a masked add, measured 1.3x slower per element on Zen 4).
+__attribute__((target("avx2"))) void count_planes_avx2(const uint8_t* idx, int64_t rows, int64_t ld,
+                                                        int k0, uint32_t* cnt, int64_t cld) {
+  for (int h = 0; h < 2; ++h) {
+    __m256i acc[8];
+    for (int q = 0; q < 8; ++q) acc[q] = _mm256_setzero_si256();
+    const __m256i base = _mm256_set1_epi8(char(k0));
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m256i v = _mm256_sub_epi8(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + r * ld + 32 * h)), base);
+#pragma GCC unroll 8
+      for (int q = 0; q < 8; ++q)
+        acc[q] = _mm256_sub_epi8(
+            acc[q], _mm256_cmpeq_epi8(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(kBinConst[q]))));
+    }
+    alignas(32) uint8_t tmp[32];
+    for (int q = 0; q < 8; ++q) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), acc[q]);
+      uint32_t* __restrict c = cnt + int64_t(k0 + q) * cld + 32 * h;
+      for (int l = 0; l < 32; ++l) c[l] += tmp[l];
+    }
+  }
+}
+#endif
+
+// All bins of one 64-channel group, 8 at a time (bins rounded up to 8: cnt has the rows,
+// and bins >= `bins` count nothing, no index reaches them).
+ED_INLINE void count_group(const uint8_t* idx, int64_t rows, int64_t ld, int bins, uint32_t* cnt,
+                           int64_t cld, bool avx2) {
+  for (int k0 = 0; k0 < bins; k0 += 8) {
+#if defined(__x86_64__)
+    if (avx2) {
+      count_planes_avx2(idx, rows, ld, k0, cnt, cld);
+      continue;
+    }
+#endif
+    (void)avx2;
+    count_planes<8>(idx, rows, ld, k0, cnt, cld);
+  }
+}
+
+// out[j] = bin index of y[j] (j < w) by the contract's fp32 formula, as bytes, 16 channels
+// at a time: min(max(u, 0), last) then truncation equals the scalar expression of the
+// tail (max(u, 0) is 0 for NaN; for u in [last, bins) int(u) = last anyway).
+ED_INLINE void row_bins(const float* __restrict y, const float* __restrict lo,
+                        const float* __restrict sc, int64_t w, int bins, uint8_t* __restrict out) {
+  const float fb = float(bins);
+  const int32_t last = bins - 1;
+  const v16f zero = v16f{}, lastf = vsplat(float(last));
+  auto bins16 = [&](int64_t j) -> v16b {
+    const v16f u = (*reinterpret_cast<const v16f_u*>(y + j) - *reinterpret_cast<const v16f_u*>(lo + j)) *
+                   *reinterpret_cast<const v16f_u*>(sc + j);
+    v16f c = u > zero ? u : zero;
+    c = c < lastf ? c : lastf;
+    return __builtin_convertvector(__builtin_convertvector(c, v16i), v16b);
+  };
+  int64_t j = 0;
+  for (; j + 64 <= w; j += 64) {  // one 64-byte store (narrowing stores are slow on Zen 4)
+    const v32b a = __builtin_shufflevector(bins16(j), bins16(j + 16), 0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
+                                           10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,
+                                           24, 25, 26, 27, 28, 29, 30, 31);
+    const v32b c = __builtin_shufflevector(bins16(j + 32), bins16(j + 48), 0, 1, 2, 3, 4, 5, 6, 7,
+                                           8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
+                                           22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
+    const v64b k = __builtin_shufflevector(
+        a, c, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,
+        24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46,
+        47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63);
+    std::memcpy(out + j, &k, 64);
+  }
+  for (; j + 16 <= w; j += 16) {
+    const v16b kb = bins16(j);
+    std::memcpy(out + j, &kb, 16);
+  }
+  for (; j < w; ++j) {
+    const float u = (y[j] - lo[j]) * sc[j];
+    const int32_t k = u >= 0.0f ? (u < fb ? int32_t(u) : last) : 0;
+    out[j] = uint8_t(k < last ? k : last);
+  }
+}
 
 // The contract's fp64 bin index, for a channel whose fp32 width or scale is not finite.
 ED_INLINE int32_t wide_index(float y, float lo, double scale, int bins) {
@@ -38,88 +173,90 @@ ED_INLINE int32_t wide_index(float y, float lo, double scale, int bins) {
   return k < last ? k : last;
 }
 
-// STREAM = false: the N x w tile is gathered once and binned from cache. STREAM = true (a
-// sample too long for that): min/max in a first sweep over the tile's rows, binning in a
-// second that reads them again, one row segment of w channels at a time.
-template <int DT, bool STREAM>
-ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b, int64_t T,
-                         int64_t d0, int64_t w, int bins, const double* tbl, double* out,
-                         Scratch& s, int64_t N) {
-  const int64_t kept = STREAM ? 1 : N;
-  if (s.tile.size() < size_t(kept * w)) s.tile.resize(size_t(kept * w));
-  s.lo.resize(size_t(w));
-  s.hi.resize(size_t(w));
-  s.sc.resize(size_t(w));
-  s.nf.resize(size_t(w));
-  s.flat.resize(size_t(w));
-  s.counts.assign(size_t(w * bins), 0u);
-  float* __restrict lo = s.lo.data();
-  float* __restrict hi = s.hi.data();
-  float* __restrict sc = s.sc.data();
-  float* __restrict nf = s.nf.data();
-  int32_t* __restrict flat = s.flat.data();
-  uint32_t* __restrict cnt = s.counts.data();
-  float* __restrict tile = s.tile.data();
+// Fetch row t's segment [d0, d0 + w) of x (and f) into L2 ahead of its use: rows of hidden
+// states are 4-32 KiB apart, where the hardware prefetchers stop. (Into L2, not L1: with
+// 16 rows in flight, L1's miss buffers would fill and stall the loads.)
+ED_INLINE void fetch_ahead(const View& x, const View* f, int64_t b, int64_t t, int64_t d0, int64_t w) {
+  if (x.sd == 1) {
+    const uint8_t* p = x.row(b, t) + d0 * x.esize();
+    for (int64_t o = 0; o < w * x.esize(); o += 64) __builtin_prefetch(p + o, 0, 1);
+  }
+  if (f && f->sd == 1) {
+    const uint8_t* p = f->row(b, t) + d0 * f->esize();
+    for (int64_t o = 0; o < w * f->esize(); o += 64) __builtin_prefetch(p + o, 0, 1);
+  }
+}
 
-  // 1. gather the valid rows of the tile, with min / max (a copy even for dense fp32: rows
-  //    of x are a power-of-two stride apart, which would thrash the caches' sets in step 3)
-  //    and nf += y - y: 0 while every y is finite, NaN from the first NaN/Inf on (this is how
-  //    the kernel reports non-finite Y, x + f overflow included: H_d = NaN, CONTRACT.md)
-  int64_t r = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    if (t + kPrefetchRows < T) prefetch_y(x, f, b, t + kPrefetchRows, d0, w);
-    if (!m(b, t)) continue;
-    float* y = tile + (STREAM ? 0 : r * w);
-    load_y<DT>(x, f, b, t, d0, w, y);
-    if (r == 0) {
-      for (int64_t j = 0; j < w; ++j) {
-        lo[j] = y[j];
-        hi[j] = y[j];
-        nf[j] = y[j] - y[j];
-      }
-    } else {
-      for (int64_t j = 0; j < w; ++j) {
-        lo[j] = y[j] < lo[j] ? y[j] : lo[j];
-        hi[j] = y[j] > hi[j] ? y[j] : hi[j];
-        nf[j] += y[j] - y[j];
-      }
-    }
-    ++r;
+// Row t's segment of stream 0 (Y = x (+ f)) into y0 and, for the pair, of stream 1 (x)
+// into y1, both fp32.
+template <int DT, int NS>
+ED_INLINE void load_rows(const View& x, const View* f, int64_t b, int64_t t, int64_t d0, int64_t w,
+                         float* y0, float* y1) {
+  if constexpr (NS == 2) {
+    load_seg<DT>(x.row(b, t) + d0 * x.sd * x.esize(), x.sd, w, y1);
+    for (int64_t j = 0; j < w; ++j) y0[j] = y1[j];
+    add_seg<DT>(f->row(b, t) + d0 * f->sd * f->esize(), f->sd, w, y0);
+  } else {
+    (void)y1;
+    load_y<DT>(x, f, b, t, d0, w, y0);
   }
-  if (r == 0) {
-    for (int64_t j = 0; j < w; ++j) out[j] = 0.0;
-    return;
-  }
-  // 2. scale = bins / (max - min) in fp32; a constant channel puts everything in bin 0;
-  //    a channel whose fp32 width or scale is not finite is binned in fp64; a channel
-  //    holding NaN/Inf is binned (harmlessly) into bin 0 and reported as H_d = NaN
+}
+
+// Steps 2-4 for one stream: scales, bin indices, counts, H_d (NaN for a channel holding
+// NaN/Inf). STREAM: the rows are read again (both streams of the pair in one sweep: `other`
+// is stream 1, binned along; its entropies go to out2).
+template <int DT, bool STREAM, bool PLANES, int NS>
+ED_INLINE void bin_tile(const View& x, const View* f, const Mask& m, int64_t b, int64_t T,
+                        int64_t d0, int64_t w, int bins, const double* tbl, double* const* outs,
+                        Scratch& s, int64_t r, bool avx2) {
+  const int64_t wp = (w + kGroup - 1) / kGroup * kGroup;  // planes: w rounded up to groups
   const float fb = float(bins);
-  s.wide.clear();
-  s.wsc.clear();
-  for (int64_t j = 0; j < w; ++j) {
-    if (nf[j] != 0.0f) {
-      lo[j] = 0.0f;
-      sc[j] = 0.0f;
-      continue;
+  const int32_t last = bins - 1;
+  // 2. scale = bins / (max - min) in fp32; a constant channel puts everything in bin 0; a
+  //    channel whose fp32 width or scale is not finite is binned in fp64; a channel holding
+  //    NaN/Inf is binned (harmlessly) into bin 0 and reported as H_d = NaN
+  for (int q = 0; q < NS; ++q) {
+    Stream& z = s.s[q];
+    z.sc.resize(size_t(w));
+    z.flat.resize(size_t(w));
+    if (PLANES) {
+      z.counts.assign(size_t((bins + 7) / 8 * 8 * wp), 0u);  // [bin][channel], bins rounded up
+      if (z.idx.size() < size_t(kBlockRows * wp)) z.idx.resize(size_t(kBlockRows * wp));
+      for (int64_t i = 0; i < kBlockRows; ++i)  // the lanes past w count in bin 0, unread
+        for (int64_t j = w; j < wp; ++j) z.idx[size_t(i * wp + j)] = 0;
+    } else {
+      z.counts.assign(size_t(w * bins), 0u);  // [channel][bin]
     }
-    const float width = hi[j] - lo[j];
-    sc[j] = width == 0.0f ? 0.0f : fb / width;
-    if (!std::isfinite(width) || !std::isfinite(sc[j])) {
-      s.wide.push_back(int32_t(j));
-      s.wsc.push_back(double(bins) / (double(hi[j]) - double(lo[j])));
-      sc[j] = 0.0f;
+    z.wide.clear();
+    z.wsc.clear();
+    for (int64_t j = 0; j < w; ++j) {
+      if (z.nf[size_t(j)] != 0.0f) {
+        z.lo[size_t(j)] = 0.0f;
+        z.sc[size_t(j)] = 0.0f;
+        continue;
+      }
+      const float width = z.hi[size_t(j)] - z.lo[size_t(j)];
+      float sc = width == 0.0f ? 0.0f : fb / width;
+      if (!std::isfinite(width) || !std::isfinite(sc)) {
+        z.wide.push_back(int32_t(j));
+        z.wsc.push_back(double(bins) / (double(z.hi[size_t(j)]) - double(z.lo[size_t(j)])));
+        sc = 0.0f;
+      }
+      z.sc[size_t(j)] = sc;
     }
   }
-  const int64_t nwide = int64_t(s.wide.size());
   // 3. bin and count
-  const int32_t last = bins - 1;
-  for (int64_t i = 0, t = 0; i < r; ++i, ++t) {
-    const float* __restrict y = tile + (STREAM ? 0 : i * w);
-    if (STREAM) {  // the i-th valid row, read again
-      while (!m(b, t)) ++t;
-      if (t + kPrefetchRows < T) prefetch_y(x, f, b, t + kPrefetchRows, d0, w);
-      load_y<DT>(x, f, b, t, d0, w, tile);
+  auto bin_row = [&](Stream& z, const float* __restrict y, uint8_t* __restrict row) {
+    row_bins(y, z.lo.data(), z.sc.data(), w, bins, row);
+    for (size_t e = 0; e < z.wide.size(); ++e) {
+      const int32_t j = z.wide[e];
+      row[j] = uint8_t(wide_index(y[j], z.lo[size_t(j)], z.wsc[e], bins));
     }
+  };
+  auto count_row = [&](Stream& z, const float* __restrict y) {
+    const float* __restrict lo = z.lo.data();
+    const float* __restrict sc = z.sc.data();
+    int32_t* __restrict flat = z.flat.data();
     for (int64_t j = 0; j < w; ++j) {
       const float u = (y[j] - lo[j]) * sc[j];
       // never out of bounds, whatever y: NaN -> bin 0, +Inf -> the last bin (only a channel
@@ -128,35 +265,175 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
       k = k < last ? k : last;
       flat[j] = int32_t(j) * bins + k;
     }
-    for (int64_t e = 0; e < nwide; ++e) {
-      const int32_t j = s.wide[size_t(e)];
-      flat[j] = j * bins + wide_index(y[j], lo[j], s.wsc[size_t(e)], bins);
+    for (size_t e = 0; e < z.wide.size(); ++e) {
+      const int32_t j = z.wide[e];
+      flat[j] = j * bins + wide_index(y[j], lo[j], z.wsc[e], bins);
     }
+    uint32_t* __restrict cnt = z.counts.data();
     for (int64_t j = 0; j < w; ++j) ++cnt[flat[j]];
+  };
+  int64_t t = 0;
+  const int64_t block = PLANES ? kBlockRows : r;  // scalar counts: one block
+  for (int64_t i0 = 0; i0 < r; i0 += block) {
+    const int64_t rows = std::min(block, r - i0);
+    for (int64_t i = 0; i < rows; ++i, ++t) {
+      const float* y[2] = {s.s[0].tile.data() + (STREAM ? 0 : (i0 + i) * w),
+                           s.s[NS - 1].tile.data() + (STREAM ? 0 : (i0 + i) * w)};
+      if (STREAM) {  // the (i0 + i)-th valid row, read again
+        while (!m(b, t)) ++t;
+        if (t + kAhead < T) fetch_ahead(x, f, b, t + kAhead, d0, w);
+        load_rows<DT, NS>(x, f, b, t, d0, w, s.s[0].tile.data(), s.s[NS - 1].tile.data());
+      }
+      for (int q = 0; q < NS; ++q) {
+        if (PLANES) bin_row(s.s[q], y[q], s.s[q].idx.data() + i * wp);
+        else count_row(s.s[q], y[q]);
+      }
+    }
+    if (PLANES)
+      for (int q = 0; q < NS; ++q)
+        for (int64_t g = 0; g < wp; g += kGroup)
+          count_group(s.s[q].idx.data() + g, rows, wp, bins, s.s[q].counts.data() + g, wp, avx2);
   }
   // 4. H_d = sum_j tbl[count_j], four partial sums (one chain of dependent adds would
   //    cost 4 cycles a bin)
-  for (int64_t j = 0; j < w; ++j) {
-    double h[4] = {};
-    const uint32_t* c = cnt + j * bins;
-    int k = 0;
-    for (; k + 4 <= bins; k += 4)
-      for (int q = 0; q < 4; ++q) h[q] += tbl[c[k + q]];
-    for (; k < bins; ++k) h[0] += tbl[c[k]];
-    out[j] = nf[j] == 0.0f ? (h[0] + h[1]) + (h[2] + h[3]) : std::numeric_limits<double>::quiet_NaN();
+  const int64_t cj = PLANES ? 1 : bins, ck = PLANES ? wp : 1;  // count (j, k): cnt[j cj + k ck]
+  for (int q = 0; q < NS; ++q) {
+    const Stream& z = s.s[q];
+    for (int64_t j = 0; j < w; ++j) {
+      double h[4] = {};
+      const uint32_t* c = z.counts.data() + j * cj;
+      int k = 0;
+      for (; k + 4 <= bins; k += 4)
+        for (int e = 0; e < 4; ++e) h[e] += tbl[c[(k + e) * ck]];
+      for (; k < bins; ++k) h[0] += tbl[c[k * ck]];
+      outs[q][j] = z.nf[size_t(j)] == 0.0f ? (h[0] + h[1]) + (h[2] + h[3])
+                                           : std::numeric_limits<double>::quiet_NaN();
+    }
   }
+}
+
+// One tile. STREAM = false: the N x w tile is gathered once and binned from cache. STREAM =
+// true (a sample too long for that): min/max in a first sweep over the tile's rows, binning
+// in a second that reads them again, one row segment of w channels at a time. PLANES:
+// counting by byte planes (bins <= 255), else by scalar increments. NS = 2: the pair kernel
+// (stream 0: Y = x + f, stream 1: x).
+template <int DT, bool STREAM, bool PLANES, int NS>
+ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b, int64_t T,
+                         int64_t d0, int64_t w, int bins, const double* tbl, double* const* outs,
+                         Scratch& s, int64_t N, bool avx2) {
+  const int64_t kept = STREAM ? 1 : N;
+  for (int q = 0; q < NS; ++q) {
+    Stream& z = s.s[q];
+    if (z.tile.size() < size_t(kept * w)) z.tile.resize(size_t(kept * w));
+    z.lo.resize(size_t(w));
+    z.hi.resize(size_t(w));
+    z.nf.resize(size_t(w));
+  }
+  // 1. gather the valid rows of the tile, with min / max and nf (a copy even for dense
+  //    fp32: rows of x are a power-of-two stride apart, which would thrash the caches' sets
+  //    in step 3). Contiguous channels, cached: 64-channel strips, rows inner, min / max /
+  //    nf in registers; otherwise (and for the channels left) row segments.
+  int64_t r = 0;
+  int64_t jv = 0;  // channels [0, jv) gathered by strips
+  if (!STREAM && x.sd == 1 && (!f || f->sd == 1)) {
+    constexpr int64_t ES = DT == DT_F32 ? 4 : 2;
+    for (; jv + kGroup <= w; jv += kGroup) {
+      v16f vlo[NS][4], vhi[NS][4], vnf[NS][4];
+      int64_t i = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        if (t + kAhead < T) fetch_ahead(x, f, b, t + kAhead, d0 + jv, kGroup);
+        if (!m(b, t)) continue;
+        const uint8_t* xr = x.row(b, t) + (d0 + jv) * ES;
+        const uint8_t* fr = f ? f->row(b, t) + (d0 + jv) * ES : nullptr;
+        for (int k = 0; k < 4; ++k) {
+          v16f v[NS];
+          v[NS - 1] = load16<DT>(xr + 16 * k * ES);
+          if (fr) v[0] = v[NS - 1] + load16<DT>(fr + 16 * k * ES);
+          for (int q = 0; q < NS; ++q) {
+            std::memcpy(s.s[q].tile.data() + i * w + jv + 16 * k, &v[q], 64);
+            if (i == 0) {
+              vlo[q][k] = vhi[q][k] = v[q];
+              vnf[q][k] = v[q] - v[q];
+            } else {
+              vlo[q][k] = vmin(vlo[q][k], v[q]);
+              vhi[q][k] = vmax(vhi[q][k], v[q]);
+              vnf[q][k] += v[q] - v[q];
+            }
+          }
+        }
+        ++i;
+      }
+      r = i;
+      if (r > 0)
+        for (int q = 0; q < NS; ++q)
+          for (int k = 0; k < 4; ++k) {
+            std::memcpy(s.s[q].lo.data() + jv + 16 * k, &vlo[q][k], 64);
+            std::memcpy(s.s[q].hi.data() + jv + 16 * k, &vhi[q][k], 64);
+            std::memcpy(s.s[q].nf.data() + jv + 16 * k, &vnf[q][k], 64);
+          }
+    }
+  }
+  if (jv < w) {  // row segments [jv, w), min / max in memory
+    const int64_t wr = w - jv;
+    r = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      if (t + kAhead < T) fetch_ahead(x, f, b, t + kAhead, d0 + jv, wr);
+      if (!m(b, t)) continue;
+      const int64_t off = STREAM ? 0 : r * w + jv;
+      load_rows<DT, NS>(x, f, b, t, d0 + jv, wr, s.s[0].tile.data() + off, s.s[NS - 1].tile.data() + off);
+      for (int q = 0; q < NS; ++q) {
+        const float* __restrict y = s.s[q].tile.data() + off;
+        float* __restrict lo = s.s[q].lo.data() + jv;
+        float* __restrict hi = s.s[q].hi.data() + jv;
+        float* __restrict nf = s.s[q].nf.data() + jv;
+        if (r == 0) {
+          for (int64_t j = 0; j < wr; ++j) {
+            lo[j] = y[j];
+            hi[j] = y[j];
+            nf[j] = y[j] - y[j];
+          }
+        } else {
+          for (int64_t j = 0; j < wr; ++j) {
+            lo[j] = y[j] < lo[j] ? y[j] : lo[j];
+            hi[j] = y[j] > hi[j] ? y[j] : hi[j];
+            nf[j] += y[j] - y[j];
+          }
+        }
+      }
+      ++r;
+    }
+  }
+  if (r == 0) {
+    for (int q = 0; q < NS; ++q)
+      for (int64_t j = 0; j < w; ++j) outs[q][j] = 0.0;
+    return;
+  }
+  bin_tile<DT, STREAM, PLANES, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, r, avx2);
 }
 
 #define ED_BUCKET_ARGS                                                                        \
   const View &x, const View *f, const Mask &m, int64_t b, int64_t T, int64_t d0, int64_t w, \
-      int bins, const double *tbl, double *out, Scratch &s, int64_t N, bool stream
-#define ED_BUCKET_CALL(DT)                                                             \
-  stream ? tile_impl<DT, true>(x, f, m, b, T, d0, w, bins, tbl, out, s, N)             \
-         : tile_impl<DT, false>(x, f, m, b, T, d0, w, bins, tbl, out, s, N)
-ED_CLONES void tile_f32(ED_BUCKET_ARGS) { ED_BUCKET_CALL(DT_F32); }
-ED_CLONES void tile_f16(ED_BUCKET_ARGS) { ED_BUCKET_CALL(DT_F16); }
-ED_CLONES void tile_bf16(ED_BUCKET_ARGS) { ED_BUCKET_CALL(DT_BF16); }
+      int bins, const double *tbl, double *const *outs, Scratch &s, int64_t N, bool stream,   \
+      bool pair, bool avx2
+#define ED_BUCKET_NS(DT, NS)                                                                          \
+  if (bins <= kMaxPlaneBins) {                                                                        \
+    if (stream) tile_impl<DT, true, true, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2);   \
+    else tile_impl<DT, false, true, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2);         \
+  } else {                                                                                            \
+    if (stream) tile_impl<DT, true, false, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2);  \
+    else tile_impl<DT, false, false, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2);        \
+  }
+#define ED_BUCKET_CALL(DT) \
+  if (pair) {              \
+    ED_BUCKET_NS(DT, 2)    \
+  } else {                 \
+    ED_BUCKET_NS(DT, 1)    \
+  }
+ED_CLONES void tile_f32(ED_BUCKET_ARGS) { ED_BUCKET_CALL(DT_F32) }
+ED_CLONES void tile_f16(ED_BUCKET_ARGS) { ED_BUCKET_CALL(DT_F16) }
+ED_CLONES void tile_bf16(ED_BUCKET_ARGS) { ED_BUCKET_CALL(DT_BF16) }
 #undef ED_BUCKET_CALL
+#undef ED_BUCKET_NS
 #undef ED_BUCKET_ARGS
 
 // tbl[c] = -p ln p with p = c / n, fp64, as the reference computes each bin's term.
@@ -171,18 +448,17 @@ std::vector<double> entropy_table(int64_t n, bool paper_exact) {
   return t;
 }
 
-}  // namespace
-}  // namespace cpu
-
-void bucket_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
+// out (and out2 for the pair) [B, D]: H_d of Y = x (+ f), and of x.
+void bucket_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
                 const Dims& xstride, const Dims& fstride, const Dims& mstride, int bins,
-                bool paper_exact, uintptr_t out, int nthreads) {
-  using namespace cpu;
+                bool paper_exact, uintptr_t out, uintptr_t out2, int nthreads) {
   check_common(x, dtype, shape, xstride, f, fstride, mask, mstride);
   ED_CHECK(bins >= 1 && bins <= (1 << 16), "bins must be in [1, 65536], got ", bins);
   ED_CHECK_PTR(out);
+  const bool pair = out2 != 0;
   const int64_t B = shape[0], T = shape[1], D = shape[2];
   double* o = reinterpret_cast<double*>(out);
+  double* o2 = reinterpret_cast<double*>(out2);
   if (B == 0 || D == 0) return;
   const View xv = make_view(x, dtype, xstride);
   View fv;
@@ -203,37 +479,63 @@ void bucket_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims&
   for (int64_t n : nvalid)
     if (n > 0 && !tables.count(n)) tables.emplace(n, entropy_table(n, paper_exact));
 
-  // channel tile: keep the gathered tile (N x W fp32) within 256 KiB, W a multiple of 16;
-  // longer samples stream (two sweeps) over 256 channels: 1 KiB row segments, fetched ahead
-  // (prefetch_y); the narrow tiles that a cached tile would need read one cache line per
-  // row and page (at [32768, 4096] fp32: 327 ms with W = 16, 141 ms streaming)
+  // channel tile: 64 channels (byte planes count 64 at once) while the gathered tile fits
+  // 512 KiB (up to 2048 tokens; 32 channels for the scalar count beyond 1024 tokens); longer
+  // samples stream (two sweeps) over 256 channels: 1 KiB row segments, fetched ahead; the
+  // narrow tiles that a cached tile would need read one cache line per row and page (at
+  // [32768, 4096] fp32: 327 ms with W = 16, 141 ms streaming)
   const int64_t Nmax = *std::max_element(nvalid.begin(), nvalid.end());
   const bool stream = Nmax > 2048;
-  int64_t W = stream ? 256 : Nmax > 1024 ? 32 : 64;
+  int64_t W = stream ? 256 : (Nmax > 1024 && bins > kMaxPlaneBins) ? 32 : 64;
   // many bins: fewer channels per tile, so that a thread's counters stay within 4 MiB
   W = std::min<int64_t>(W, std::max<int64_t>(16, ((int64_t(1) << 20) / bins) / 16 * 16));
   W = std::min<int64_t>(W, D);
   const int64_t ntiles = (D + W - 1) / W;
   const int64_t items = B * ntiles;
-  const int nt = clamp_threads(nthreads, items, B * T * D, 1 << 15);
+  const int nt = clamp_threads(nthreads, items, B * T * D * (pair ? 2 : 1), 1 << 15);
+#if defined(__x86_64__)
+  const bool avx2 = __builtin_cpu_supports("avx2");
+#else
+  const bool avx2 = false;
+#endif
 
   parallel_for(items, nt, [&](int64_t it, int) {
     const int64_t b = it / ntiles, d0 = (it % ntiles) * W;
     const int64_t w = std::min(W, D - d0);
     const int64_t N = nvalid[size_t(b)];
-    double* ob = o + b * D + d0;
+    double* outs[2] = {o + b * D + d0, pair ? o2 + b * D + d0 : nullptr};
     if (N == 0) {
-      for (int64_t j = 0; j < w; ++j) ob[j] = 0.0;
+      for (int q = 0; q < (pair ? 2 : 1); ++q)
+        for (int64_t j = 0; j < w; ++j) outs[q][j] = 0.0;
       return;
     }
     const double* tbl = tables.at(N).data();
     // per-thread buffers that outlive the call: the OpenMP team's threads persist, and a
     // fresh allocation per call came back from the kernel as page faults each time
     static thread_local Scratch s;
-    if (dtype == DT_F16) tile_f16(xv, fp, mv, b, T, d0, w, bins, tbl, ob, s, N, stream);
-    else if (dtype == DT_BF16) tile_bf16(xv, fp, mv, b, T, d0, w, bins, tbl, ob, s, N, stream);
-    else tile_f32(xv, fp, mv, b, T, d0, w, bins, tbl, ob, s, N, stream);
+    if (dtype == DT_F16) tile_f16(xv, fp, mv, b, T, d0, w, bins, tbl, outs, s, N, stream, pair, avx2);
+    else if (dtype == DT_BF16) tile_bf16(xv, fp, mv, b, T, d0, w, bins, tbl, outs, s, N, stream, pair, avx2);
+    else tile_f32(xv, fp, mv, b, T, d0, w, bins, tbl, outs, s, N, stream, pair, avx2);
   });
+}
+
+}  // namespace
+}  // namespace cpu
+
+void bucket_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
+                const Dims& xstride, const Dims& fstride, const Dims& mstride, int bins,
+                bool paper_exact, uintptr_t out, int nthreads) {
+  cpu::bucket_run(x, f, mask, dtype, shape, xstride, fstride, mstride, bins, paper_exact, out, 0,
+                  nthreads);
+}
+
+void bucket_pair_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
+                     const Dims& xstride, const Dims& fstride, const Dims& mstride, int bins,
+                     bool paper_exact, uintptr_t out_y, uintptr_t out_x, int nthreads) {
+  ED_CHECK_PTR(f);
+  ED_CHECK_PTR(out_x);
+  cpu::bucket_run(x, f, mask, dtype, shape, xstride, fstride, mstride, bins, paper_exact, out_y,
+                  out_x, nthreads);
 }
 
 }  // namespace entrodrop

@@ -80,6 +80,16 @@ void moments_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims
 void bucket_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
                 const Dims& xstride, const Dims& fstride, const Dims& mstride, int bins,
                 bool paper_exact, uintptr_t out, int nthreads);
+// The pairs (delta_entropy): both of Y = x + f (out_y / *_y) and of x alone (out_x / *_x),
+// from one read of x and f; f is required.
+void moments_pair_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
+                      const Dims& xstride, const Dims& fstride, const Dims& mstride,
+                      uintptr_t count, uintptr_t mean_y, uintptr_t m2_y, uintptr_t mn_y,
+                      uintptr_t mx_y, uintptr_t mean_x, uintptr_t m2_x, uintptr_t mn_x,
+                      uintptr_t mx_x, int nthreads);
+void bucket_pair_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
+                     const Dims& xstride, const Dims& fstride, const Dims& mstride, int bins,
+                     bool paper_exact, uintptr_t out_y, uintptr_t out_x, int nthreads);
 // cosine: sum over valid tokens of cos(x_t, Y_t) f64 [B] and the count f64 [B];
 // Y = x + other (fused) or other.
 void cosine_cpu(uintptr_t x, uintptr_t other, uintptr_t mask, int dtype, const Dims& shape,

@@ -8,6 +8,9 @@
 // larger than the rest). Chunk results fold into fp64 sums relative to a per-channel shift
 // (the first chunk's mean); token ranges of one sample merge by Chan's formula in fp64.
 //
+// moments_pair_cpu: the moments of Y = x + f and of x itself from one read of x and f (x's
+// blocks are computed right after y's, from L1), for delta_entropy.
+//
 // Non-finite values (docs/CONTRACT.md): a channel whose y holds NaN/Inf among the valid
 // tokens (x + f overflowing fp32 included) gets mean = m2 = min = max = NaN. In the hot loop
 // this costs one subtraction per chunk and lane: a chunk's fp32 sum s is finite unless a y
@@ -45,9 +48,22 @@ struct ItemState {
 
 // Fold one chunk's fp32 block results (chunk mean mu + ds/n, squared deviations qs) into
 // the fp64 running sums of channels [d0, d0 + w).
-ED_INLINE void fold(const float* mu, const float* ds, const float* qs, const float* lo,
-                    const float* hi, const float* nf, int nc, int64_t d0, int w, bool first,
-                    ItemState& st) {
+// (Written with explicit 8-lane vectors: the auto-vectoriser leaves this mixed fp32/fp64
+// loop scalar, and it then costs more than the chunk itself; same arithmetic lane by lane.)
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v8f_u __attribute__((vector_size(32), aligned(4)));
+typedef double v8d __attribute__((vector_size(64)));
+typedef double v8d_u __attribute__((vector_size(64), aligned(8)));
+ED_INLINE v8f ld8f(const float* p) { return *reinterpret_cast<const v8f_u*>(p); }
+ED_INLINE v8d ld8d(const double* p) { return *reinterpret_cast<const v8d_u*>(p); }
+ED_INLINE void st8f(float* p, v8f v) { *reinterpret_cast<v8f_u*>(p) = v; }
+ED_INLINE void st8d(double* p, v8d v) { *reinterpret_cast<v8d_u*>(p) = v; }
+ED_INLINE v8d cvt8(v8f v) { return __builtin_convertvector(v, v8d); }
+
+ED_INLINE void fold(const float* __restrict mu, const float* __restrict ds,
+                    const float* __restrict qs, const float* __restrict lo,
+                    const float* __restrict hi, const float* __restrict nf, int nc, int64_t d0,
+                    int w, bool first, ItemState& st) {
   const double n = nc, inv = 1.0 / n;
   double* __restrict c = st.c + d0;
   double* __restrict S = st.S + d0;
@@ -55,8 +71,20 @@ ED_INLINE void fold(const float* mu, const float* ds, const float* qs, const flo
   float* __restrict l = st.lo + d0;
   float* __restrict h = st.hi + d0;
   float* __restrict z = st.nf + d0;
+  const v8d vn = v8d{} + n, vinv = v8d{} + inv, zero = v8d{};
+  int j0 = 0;
   if (first) {
-    for (int j = 0; j < w; ++j) {
+    for (; j0 + 8 <= w; j0 += 8) {
+      const v8d dsj = cvt8(ld8f(ds + j0));
+      st8d(c + j0, cvt8(ld8f(mu + j0)) + dsj * vinv);
+      st8d(S + j0, zero);
+      const v8d q = cvt8(ld8f(qs + j0)) - dsj * dsj * vinv;
+      st8d(Q + j0, q > zero ? q : zero);  // = std::max(0.0, q), NaN -> 0
+      st8f(l + j0, ld8f(lo + j0));
+      st8f(h + j0, ld8f(hi + j0));
+      st8f(z + j0, ld8f(nf + j0));
+    }
+    for (int j = j0; j < w; ++j) {
       const double dsj = ds[j];
       c[j] = double(mu[j]) + dsj * inv;
       S[j] = 0.0;
@@ -66,7 +94,20 @@ ED_INLINE void fold(const float* mu, const float* ds, const float* qs, const flo
       z[j] = nf[j];
     }
   } else {
-    for (int j = 0; j < w; ++j) {
+    for (; j0 + 8 <= w; j0 += 8) {
+      const v8d dsj = cvt8(ld8f(ds + j0));
+      const v8d mc = cvt8(ld8f(mu + j0)) + dsj * vinv;
+      const v8d q = cvt8(ld8f(qs + j0)) - dsj * dsj * vinv;
+      const v8d m2c = q > zero ? q : zero;
+      const v8d dl = mc - ld8d(c + j0);
+      st8d(S + j0, ld8d(S + j0) + vn * dl);
+      st8d(Q + j0, ld8d(Q + j0) + (m2c + vn * dl * dl));
+      const v8f a = ld8f(lo + j0), la = ld8f(l + j0), bb = ld8f(hi + j0), hb = ld8f(h + j0);
+      st8f(l + j0, a < la ? a : la);
+      st8f(h + j0, bb > hb ? bb : hb);
+      st8f(z + j0, ld8f(z + j0) + ld8f(nf + j0));
+    }
+    for (int j = j0; j < w; ++j) {
       const double dsj = ds[j];
       const double mc = double(mu[j]) + dsj * inv;
       const double m2c = std::max(0.0, double(qs[j]) - dsj * dsj * inv);
@@ -95,6 +136,33 @@ ED_INLINE void block_vec(const uint8_t* const* xr, const uint8_t* const* fr, int
                          bool first, ItemState& st) {
   constexpr int NV = MW / 16;
   v16f s[NV], lo[NV], hi[NV], mu[NV], ds[NV], qs[NV];
+  if (nc == TC) {  // a full chunk: its TC x MW values stay in registers for both passes
+    v16f y[TC][NV];
+#pragma GCC unroll 16
+    for (int r = 0; r < TC; ++r)
+#pragma GCC unroll 4
+      for (int k = 0; k < NV; ++k) y[r][k] = yv<DT, FUSED>(xr[r], FUSED ? fr[r] : nullptr, d0 + 16 * k);
+    for (int k = 0; k < NV; ++k) s[k] = lo[k] = hi[k] = y[0][k];
+#pragma GCC unroll 16
+    for (int r = 1; r < TC; ++r)
+      for (int k = 0; k < NV; ++k) {
+        s[k] += y[r][k];
+        lo[k] = vmin(lo[k], y[r][k]);
+        hi[k] = vmax(hi[k], y[r][k]);
+      }
+    const v16f inv = vsplat(1.0f / float(TC));
+    for (int k = 0; k < NV; ++k) {
+      mu[k] = s[k] * inv;
+      ds[k] = qs[k] = v16f{};
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < TC; ++r)
+      for (int k = 0; k < NV; ++k) {
+        const v16f dv = y[r][k] - mu[k];
+        ds[k] += dv;
+        qs[k] += dv * dv;
+      }
+  } else {
   for (int k = 0; k < NV; ++k) {
     const v16f v = yv<DT, FUSED>(xr[0], FUSED ? fr[0] : nullptr, d0 + 16 * k);
     s[k] = v;
@@ -121,6 +189,7 @@ ED_INLINE void block_vec(const uint8_t* const* xr, const uint8_t* const* fr, int
       ds[k] += dv;
       qs[k] += dv * dv;
     }
+  }
   }
   alignas(64) float fmu[MW], fds[MW], fqs[MW], flo[MW], fhi[MW], fnf[MW];
   for (int k = 0; k < NV; ++k) {
@@ -168,9 +237,11 @@ ED_INLINE void block_tail(const uint8_t* const* xr, const uint8_t* const* fr, in
   fold(mu, ds, qs, lo, hi, nf, nc, d0, w, first, st);
 }
 
+// st: stats of y = x (+ f); st2 (the pair kernel, FUSED): of x as well, each block right
+// after y's (x's block is then in L1).
 template <int DT, bool FUSED>
 ED_INLINE void chunk_stats(const uint8_t* const* xr, const uint8_t* const* fr, int nc, int64_t D,
-                           bool first, ItemState& st) {
+                           bool first, ItemState& st, ItemState* st2 = nullptr) {
   int64_t d0 = 0;
   for (; d0 + MW <= D; d0 += MW) {
     // Software prefetch of every cache line of the block PF blocks ahead in every row:
@@ -184,18 +255,24 @@ ED_INLINE void chunk_stats(const uint8_t* const* xr, const uint8_t* const* fr, i
       }
     }
     block_vec<DT, FUSED>(xr, fr, nc, d0, first, st);
+    if (FUSED && st2) block_vec<DT, false>(xr, nullptr, nc, d0, first, *st2);
   }
-  if (d0 < D) block_tail<DT, FUSED>(xr, fr, nc, d0, int(D - d0), first, st);
+  if (d0 < D) {
+    block_tail<DT, FUSED>(xr, fr, nc, d0, int(D - d0), first, st);
+    if (FUSED && st2) block_tail<DT, false>(xr, nullptr, nc, d0, int(D - d0), first, *st2);
+  }
 }
 
 // One work item: sample b, tokens [t0, t1). Fast path: channel stride 1 (any dtype, fused
-// or not) reads the tensor in place; otherwise rows are gathered into an fp32 buffer.
+// or not) reads the tensor in place; otherwise rows are gathered into an fp32 buffer (x
+// rows, and y = x + f rows, for the pair). st2: the pair kernel's stats of x.
 template <int DT>
 ED_INLINE void item_impl(const View& x, const View* f, const Mask& m, int64_t b, int64_t t0,
-                         int64_t t1, int64_t D, ItemState& st, std::vector<float>& buf) {
+                         int64_t t1, int64_t D, ItemState& st, ItemState* st2, std::vector<float>& buf) {
   const bool direct = x.sd == 1 && (!f || f->sd == 1);
   const uint8_t* xr[TC];
   const uint8_t* fr[TC];
+  const uint8_t* gr[TC];  // gathered x rows of the pair
   bool first = true;
   int64_t t = t0;
   while (t < t1) {
@@ -206,34 +283,48 @@ ED_INLINE void item_impl(const View& x, const View* f, const Mask& m, int64_t b,
         xr[nc] = x.row(b, t);
         fr[nc] = f ? f->row(b, t) : nullptr;
       } else {
-        if (buf.size() < size_t(TC * D)) buf.resize(size_t(TC * D));
+        if (buf.size() < size_t(2 * TC * D)) buf.resize(size_t(2 * TC * D));
         float* y = buf.data() + int64_t(nc) * D;
-        load_y<DT>(x, f, b, t, 0, D, y);
+        if (st2) {
+          float* xs = y + TC * D;
+          load_seg<DT>(x.row(b, t), x.sd, D, xs);
+          for (int64_t j = 0; j < D; ++j) y[j] = xs[j];
+          add_seg<DT>(f->row(b, t), f->sd, D, y);
+          gr[nc] = reinterpret_cast<const uint8_t*>(xs);
+        } else {
+          load_y<DT>(x, f, b, t, 0, D, y);
+        }
         xr[nc] = reinterpret_cast<const uint8_t*>(y);
       }
       ++nc;
     }
     if (nc == 0) continue;
-    if (!direct) chunk_stats<DT_F32, false>(xr, fr, nc, D, first, st);
-    else if (f) chunk_stats<DT, true>(xr, fr, nc, D, first, st);
-    else chunk_stats<DT, false>(xr, fr, nc, D, first, st);
+    if (!direct) {
+      chunk_stats<DT_F32, false>(xr, fr, nc, D, first, st);
+      if (st2) chunk_stats<DT_F32, false>(gr, fr, nc, D, first, *st2);
+    } else if (f) {
+      chunk_stats<DT, true>(xr, fr, nc, D, first, st, st2);
+    } else {
+      chunk_stats<DT, false>(xr, fr, nc, D, first, st);
+    }
     st.n += nc;
+    if (st2) st2->n += nc;
     first = false;
   }
 }
 
 // Non-template entry points so target_clones applies (one clone per ISA).
 ED_CLONES void item_f32(const View& x, const View* f, const Mask& m, int64_t b, int64_t t0,
-                        int64_t t1, int64_t D, ItemState& st, std::vector<float>& buf) {
-  item_impl<DT_F32>(x, f, m, b, t0, t1, D, st, buf);
+                        int64_t t1, int64_t D, ItemState& st, ItemState* st2, std::vector<float>& buf) {
+  item_impl<DT_F32>(x, f, m, b, t0, t1, D, st, st2, buf);
 }
 ED_CLONES void item_f16(const View& x, const View* f, const Mask& m, int64_t b, int64_t t0,
-                        int64_t t1, int64_t D, ItemState& st, std::vector<float>& buf) {
-  item_impl<DT_F16>(x, f, m, b, t0, t1, D, st, buf);
+                        int64_t t1, int64_t D, ItemState& st, ItemState* st2, std::vector<float>& buf) {
+  item_impl<DT_F16>(x, f, m, b, t0, t1, D, st, st2, buf);
 }
 ED_CLONES void item_bf16(const View& x, const View* f, const Mask& m, int64_t b, int64_t t0,
-                         int64_t t1, int64_t D, ItemState& st, std::vector<float>& buf) {
-  item_impl<DT_BF16>(x, f, m, b, t0, t1, D, st, buf);
+                         int64_t t1, int64_t D, ItemState& st, ItemState* st2, std::vector<float>& buf) {
+  item_impl<DT_BF16>(x, f, m, b, t0, t1, D, st, st2, buf);
 }
 
 // y = x (+ f) at (b, t, d) in fp32, any dtype and strides (the rescan of suspect channels).
@@ -254,25 +345,20 @@ float y_at(const View& x, const View* f, int64_t b, int64_t t, int64_t d) {
   return y;
 }
 
-}  // namespace
-}  // namespace cpu
+struct MomentOut {
+  double* mean;
+  double* m2;
+  float* mn;
+  float* mx;
+};
 
-void moments_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
-                 const Dims& xstride, const Dims& fstride, const Dims& mstride, uintptr_t count,
-                 uintptr_t mean, uintptr_t m2, uintptr_t mn, uintptr_t mx, int nthreads) {
-  using namespace cpu;
+// The outputs of y = x (+ f) into o[0] and, for the pair (o[1].mean != null), of x into o[1].
+void moments_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
+                 const Dims& xstride, const Dims& fstride, const Dims& mstride, double* o_count,
+                 const MomentOut* o, int nthreads) {
   check_common(x, dtype, shape, xstride, f, fstride, mask, mstride);
-  ED_CHECK_PTR(count);
-  ED_CHECK_PTR(mean);
-  ED_CHECK_PTR(m2);
-  ED_CHECK_PTR(mn);
-  ED_CHECK_PTR(mx);
+  const int NS = o[1].mean ? 2 : 1;
   const int64_t B = shape[0], T = shape[1], D = shape[2];
-  double* o_count = reinterpret_cast<double*>(count);
-  double* o_mean = reinterpret_cast<double*>(mean);
-  double* o_m2 = reinterpret_cast<double*>(m2);
-  float* o_mn = reinterpret_cast<float*>(mn);
-  float* o_mx = reinterpret_cast<float*>(mx);
   if (B == 0) return;
   const View xv = make_view(x, dtype, xstride);
   View fv;
@@ -286,26 +372,32 @@ void moments_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims
   P = std::max<int64_t>(1, P);
   const int64_t span = (T + P - 1) / P;
   const int64_t items = B * P;
-  // Per-item fp64 state: c, S, Q (3 * D doubles) and lo/hi/nf (3 * D floats).
-  std::vector<double> dstate(size_t(items * 3 * D));
-  std::vector<float> fstate(size_t(items * 3 * D));
+  // Per-item and stream fp64 state: c, S, Q (3 * D doubles) and lo/hi/nf (3 * D floats);
+  // item it, stream q at index (q * items + it).
+  std::vector<double> dstate(size_t(NS * items * 3 * D));
+  std::vector<float> fstate(size_t(NS * items * 3 * D));
   std::vector<double> nstate(size_t(items), 0.0);
   std::vector<std::vector<float>> bufs(static_cast<size_t>(nt));
+  auto state = [&](int q, int64_t it) {
+    ItemState st;
+    st.c = dstate.data() + (q * items + it) * 3 * D;
+    st.S = st.c + D;
+    st.Q = st.S + D;
+    st.lo = fstate.data() + (q * items + it) * 3 * D;
+    st.hi = st.lo + D;
+    st.nf = st.hi + D;
+    return st;
+  };
 
   parallel_for(items, nt, [&](int64_t it, int tid) {
     const int64_t b = it / P, p = it % P;
     const int64_t t0 = p * span, t1 = std::min(T, t0 + span);
-    ItemState st;
-    st.c = dstate.data() + it * 3 * D;
-    st.S = st.c + D;
-    st.Q = st.S + D;
-    st.lo = fstate.data() + it * 3 * D;
-    st.hi = st.lo + D;
-    st.nf = st.hi + D;
+    ItemState st = state(0, it), st2 = state(NS - 1, it);
+    ItemState* s2 = NS == 2 ? &st2 : nullptr;
     if (t0 < t1) {
-      if (dtype == DT_F16) item_f16(xv, fp, mv, b, t0, t1, D, st, bufs[tid]);
-      else if (dtype == DT_BF16) item_bf16(xv, fp, mv, b, t0, t1, D, st, bufs[tid]);
-      else item_f32(xv, fp, mv, b, t0, t1, D, st, bufs[tid]);
+      if (dtype == DT_F16) item_f16(xv, fp, mv, b, t0, t1, D, st, s2, bufs[tid]);
+      else if (dtype == DT_BF16) item_bf16(xv, fp, mv, b, t0, t1, D, st, s2, bufs[tid]);
+      else item_f32(xv, fp, mv, b, t0, t1, D, st, s2, bufs[tid]);
     }
     nstate[it] = st.n;
   });
@@ -314,68 +406,104 @@ void moments_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const float inf = std::numeric_limits<float>::infinity();
   const float fnan = std::numeric_limits<float>::quiet_NaN();
-  parallel_for(B, clamp_threads(nthreads, B, B * D * P, 1 << 14), [&](int64_t b, int) {
+  parallel_for(B, clamp_threads(nthreads, B, NS * B * D * P, 1 << 14), [&](int64_t b, int) {
     double n = 0;
     for (int64_t p = 0; p < P; ++p) n += nstate[b * P + p];
     o_count[b] = n;
-    // channels whose fp32 chunk sums were not finite: rescan their valid y exactly
-    std::vector<int64_t> suspect;
-    for (int64_t d = 0; d < D; ++d) {
-      for (int64_t p = 0; p < P; ++p) {
-        const int64_t it = b * P + p;
-        if (nstate[it] != 0 && fstate[size_t(it * 3 * D + 2 * D + d)] != 0.0f) {
-          suspect.push_back(d);
-          break;
+    for (int q = 0; q < NS; ++q) {
+      const MomentOut& out = o[q];
+      const View* fq = q == 0 ? fp : nullptr;  // stream 1 of the pair: x alone
+      // channels whose fp32 chunk sums were not finite: rescan their valid y exactly
+      std::vector<int64_t> suspect;
+      for (int64_t d = 0; d < D; ++d) {
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t it = b * P + p;
+          if (nstate[it] != 0 && state(q, it).nf[d] != 0.0f) {
+            suspect.push_back(d);
+            break;
+          }
         }
       }
-    }
-    std::vector<uint8_t> bad;
-    if (!suspect.empty()) {
-      bad.assign(size_t(D), 0);
-      for (int64_t t = 0; t < T; ++t) {
-        if (!mv(b, t)) continue;
-        for (int64_t d : suspect) {
-          const float y = y_at(xv, fp, b, t, d);
-          if (!std::isfinite(y)) bad[size_t(d)] = 1;
+      std::vector<uint8_t> bad;
+      if (!suspect.empty()) {
+        bad.assign(size_t(D), 0);
+        for (int64_t t = 0; t < T; ++t) {
+          if (!mv(b, t)) continue;
+          for (int64_t d : suspect) {
+            const float y = y_at(xv, fq, b, t, d);
+            if (!std::isfinite(y)) bad[size_t(d)] = 1;
+          }
         }
       }
-    }
-    for (int64_t d = 0; d < D; ++d) {
-      if (!bad.empty() && bad[size_t(d)]) {
-        o_mean[b * D + d] = o_m2[b * D + d] = nan;
-        o_mn[b * D + d] = o_mx[b * D + d] = fnan;
-        continue;
-      }
-      double na = 0, ma = 0, qa = 0;
-      float lo = inf, hi = -inf;
-      for (int64_t p = 0; p < P; ++p) {
-        const int64_t it = b * P + p;
-        const double nb = nstate[it];
-        if (nb == 0) continue;
-        const double* c = dstate.data() + it * 3 * D;
-        const double S = c[D + d], Q = c[2 * D + d];
-        const double mb = c[d] + S / nb;
-        const double qb = std::max(0.0, Q - S * S / nb);
-        const float* l = fstate.data() + it * 3 * D;
-        lo = std::min(lo, l[d]);
-        hi = std::max(hi, l[D + d]);
-        if (na == 0) {
-          na = nb;
-          ma = mb;
-          qa = qb;
-        } else {
-          const double nn = na + nb, dl = mb - ma;
-          ma += dl * (nb / nn);
-          qa += qb + dl * dl * (na * nb / nn);
-          na = nn;
+      for (int64_t d = 0; d < D; ++d) {
+        if (!bad.empty() && bad[size_t(d)]) {
+          out.mean[b * D + d] = out.m2[b * D + d] = nan;
+          out.mn[b * D + d] = out.mx[b * D + d] = fnan;
+          continue;
         }
+        double na = 0, ma = 0, qa = 0;
+        float lo = inf, hi = -inf;
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t it = b * P + p;
+          const double nb = nstate[it];
+          if (nb == 0) continue;
+          const ItemState st = state(q, it);
+          const double S = st.S[d], Q = st.Q[d];
+          const double mb = st.c[d] + S / nb;
+          const double qb = std::max(0.0, Q - S * S / nb);
+          lo = std::min(lo, st.lo[d]);
+          hi = std::max(hi, st.hi[d]);
+          if (na == 0) {
+            na = nb;
+            ma = mb;
+            qa = qb;
+          } else {
+            const double nn = na + nb, dl = mb - ma;
+            ma += dl * (nb / nn);
+            qa += qb + dl * dl * (na * nb / nn);
+            na = nn;
+          }
+        }
+        out.mean[b * D + d] = na > 0 ? ma : nan;
+        out.m2[b * D + d] = na > 0 ? qa : nan;
+        out.mn[b * D + d] = lo;
+        out.mx[b * D + d] = hi;
       }
-      o_mean[b * D + d] = na > 0 ? ma : nan;
-      o_m2[b * D + d] = na > 0 ? qa : nan;
-      o_mn[b * D + d] = lo;
-      o_mx[b * D + d] = hi;
     }
   });
+}
+
+}  // namespace
+}  // namespace cpu
+
+void moments_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
+                 const Dims& xstride, const Dims& fstride, const Dims& mstride, uintptr_t count,
+                 uintptr_t mean, uintptr_t m2, uintptr_t mn, uintptr_t mx, int nthreads) {
+  ED_CHECK_PTR(count);
+  ED_CHECK_PTR(mean);
+  ED_CHECK_PTR(m2);
+  ED_CHECK_PTR(mn);
+  ED_CHECK_PTR(mx);
+  const cpu::MomentOut o[2] = {{reinterpret_cast<double*>(mean), reinterpret_cast<double*>(m2),
+                                reinterpret_cast<float*>(mn), reinterpret_cast<float*>(mx)},
+                               {nullptr, nullptr, nullptr, nullptr}};
+  cpu::moments_run(x, f, mask, dtype, shape, xstride, fstride, mstride,
+                   reinterpret_cast<double*>(count), o, nthreads);
+}
+
+void moments_pair_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
+                      const Dims& xstride, const Dims& fstride, const Dims& mstride,
+                      uintptr_t count, uintptr_t mean_y, uintptr_t m2_y, uintptr_t mn_y,
+                      uintptr_t mx_y, uintptr_t mean_x, uintptr_t m2_x, uintptr_t mn_x,
+                      uintptr_t mx_x, int nthreads) {
+  ED_CHECK_PTR(f);
+  for (uintptr_t p : {count, mean_y, m2_y, mn_y, mx_y, mean_x, m2_x, mn_x, mx_x}) ED_CHECK_PTR(p);
+  const cpu::MomentOut o[2] = {{reinterpret_cast<double*>(mean_y), reinterpret_cast<double*>(m2_y),
+                                reinterpret_cast<float*>(mn_y), reinterpret_cast<float*>(mx_y)},
+                               {reinterpret_cast<double*>(mean_x), reinterpret_cast<double*>(m2_x),
+                                reinterpret_cast<float*>(mn_x), reinterpret_cast<float*>(mx_x)}};
+  cpu::moments_run(x, f, mask, dtype, shape, xstride, fstride, mstride,
+                   reinterpret_cast<double*>(count), o, nthreads);
 }
 
 }  // namespace entrodrop

@@ -494,3 +494,69 @@ def test_bench_calls_command(tmp_path, capsys):
     assert main(args) == 0  # its own JSON is replaced
     assert main(["bench", "--calls", "--estimators", "knn"]) == 1
     assert "unknown call knn" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ byte-plane counting, pair kernels
+
+
+@pytest.mark.parametrize("T", [70, 300, 2100], ids=["cached", "two-blocks", "streamed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bucket_counting_paths_equal_reference(dtype, T):
+    # byte planes up to 255 bins (blocks of 255 rows), scalar counts beyond; 130 channels:
+    # two 64-channel strips and a tail of 2 in the last tile
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, T, 130, generator=g)
+    x[:, :, 3] = 1.5  # a constant channel
+    x = x.to(dtype)
+    mask = torch.rand(2, T, generator=g) > 0.1
+    for bins in (1, 2, 7, 8, 9, 20, 64, 255, 256, 1000):
+        for m in (None, mask):
+            assert_close(R.bucket(x, None, m, bins), cpp.bucket(x, None, m, bins, False), 1e-12, 1e-12, name=f"bins={bins}")
+
+
+@pytest.mark.parametrize("case", ["clean", "nan_x", "overflow", "masked"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pair_kernels_equal_the_single_kernels(dtype, case):
+    for T in (60, 2100):
+        x, f, mask = data(dtype, case, B=3, T=T, D=41)
+        views = {"contiguous": (x, f), "transposed": (x.transpose(1, 2).contiguous().transpose(1, 2), f[:, :, :]),
+                 "sliced": (x[:, ::2, 1:], f[:, 1::2, 1:])}
+        for name, (xv, fv) in views.items():
+            for m in (None, mask[:, : xv.shape[1]]):
+                for bins in (20, 300):
+                    hy, hx = cpp.bucket_pair(xv, fv, m, bins, False)
+                    assert same(hy, cpp.bucket(xv, fv, m, bins, False)) and same(hx, cpp.bucket(xv, None, m, bins, False)), f"{name} bucket"
+                my, mx = cpp.moments_pair(xv, fv, m)
+                for got, want in ((my, cpp.moments(xv, fv, m)), (mx, cpp.moments(xv, None, m))):
+                    for k in want:
+                        assert same(got[k].double(), want[k].double()), f"{name} moments {k}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_delta_entropy_reads_the_pair_once(dtype, monkeypatch):
+    x, f, mask = data(dtype, "clean")
+    calls = []
+    for op in ("bucket", "moments"):
+        real = getattr(cpp, f"{op}_pair")
+        monkeypatch.setattr(cpp, f"{op}_pair", lambda *a, _r=real, **k: calls.append(1) or _r(*a, **k))
+    for method in ("bucket", "gaussian_diag"):
+        got = ef.delta_entropy(x, f, method, mask=mask, backend="cpp")
+        want = ef.entropy(x, method, f, mask=mask, backend="cpp") - ef.entropy(x, method, mask=mask, backend="cpp")
+        assert torch.equal(got, want), method
+        assert_close(ef.delta_entropy(x, f, method, mask=mask, backend="torch"), got, 1e-5, 1e-6, name=method)
+    assert len(calls) == 2
+    with pytest.raises(TypeError, match="bucket_entropy.. got an unexpected keyword argument 'k'"):
+        ef.delta_entropy(x, f, "bucket", k=3)
+    xd, fd = x.clone(), f.clone()
+    xd[..., :3] = 1.0  # 3 dead channels in x, 2 of them in Y
+    fd[..., 1:3] = 0.0
+    got = outcome("delta_gaussian_diag", xd, fd)
+    saved = cpp.PAIRS
+    cpp.PAIRS = {}
+    try:
+        want = outcome("delta_gaussian_diag", xd, fd)
+    finally:
+        cpp.PAIRS = saved
+    assert got[2] == want[2] == ["gaussian_diag: 6 channel variance(s) below var_floor=1e-12 were floored",
+                                 "gaussian_diag: 9 channel variance(s) below var_floor=1e-12 were floored"]
+    assert torch.equal(got[0], want[0])

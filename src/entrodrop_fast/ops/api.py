@@ -290,8 +290,7 @@ def _validate(x, f, mask, *, min_tokens: int, nan_policy: str, f_name: str, add:
 
 
 def _least_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> int:
-    counts = mask.sum(1) if mask is not None else torch.full((x.shape[0],), x.shape[1])
-    return int(counts.min())
+    return int(mask.sum(1).min()) if mask is not None else x.shape[1]
 
 
 def _check_min_tokens(x: torch.Tensor, mask: torch.Tensor | None, min_tokens: int) -> None:
@@ -301,7 +300,7 @@ def _check_min_tokens(x: torch.Tensor, mask: torch.Tensor | None, min_tokens: in
 
 
 def prepare(x, f=None, mask=None, *, min_tokens: int = 2, nan_policy: str = "raise", backend: str = "auto", validate: bool = True,
-            f_name: str = "f", add: bool = True, op: str | None = None) -> _Prepared:
+            f_name: str = "f", add: bool = True, op: str | None = None, defer_only: bool = False) -> _Prepared | None:
     """Check the inputs and bring them to ``(B, T, D)``; see the module docstring.
 
     ``f_name``: what the caller called the second tensor (``"y"`` for cosine's y), for the
@@ -310,6 +309,7 @@ def prepare(x, f=None, mask=None, *, min_tokens: int = 2, nan_policy: str = "rai
     values itself (:func:`_reports_nonfinite`), the separate NaN/Inf pass is skipped
     (``deferred``) and the caller, after the kernel, calls :func:`_recheck` when its outputs
     show a non-finite value; the results and errors are those of the exact check either way.
+    ``defer_only``: return None instead of validating when the check cannot be deferred.
     """
     x, numpy_out = _to_torch(x, "x")
     if x.dim() not in (2, 3):
@@ -352,6 +352,8 @@ def prepare(x, f=None, mask=None, *, min_tokens: int = 2, nan_policy: str = "rai
         # too few tokens: the exact check, whose NaN error (if any) comes first
         deferred = name is not None and _reports_nonfinite(name, x.device, op) and _least_tokens(x, mask) >= min_tokens
     if validate and not deferred:
+        if defer_only:
+            return None
         mask, omitted = _validate(x, f, mask, min_tokens=min_tokens, nan_policy=nan_policy, f_name=f_name, add=add)
     if name is None:
         name = resolve_backend(backend, x.device)
@@ -370,8 +372,13 @@ def _recheck(p: _Prepared, *, min_tokens: int = 2, nan_policy: str = "raise", f_
 
 
 def _all_finite(*ts: torch.Tensor) -> bool:
-    """Whether every element of the (small: [B] or [B, D]) kernel outputs is finite."""
-    return all(bool(torch.isfinite(t).all()) for t in ts)
+    """Whether every element of the (small: [B] or [B, D]) kernel outputs is finite: their
+    sum is (NaN and Inf propagate; the fp64 sums of entropies and moments cannot overflow:
+    |mean| < 3.5e38, m2 < 5e77 N per channel). One reduction each, one host sync."""
+    total = ts[0].sum()
+    for t in ts[1:]:
+        total = total + t.sum()
+    return math.isfinite(float(total))
 
 
 def _finish(p: _Prepared, h: torch.Tensor):
@@ -439,9 +446,10 @@ def _moments(p: _Prepared) -> dict:
 
 def _checked_moments(p: _Prepared, *, min_tokens: int, nan_policy: str, stacklevel: int = 5) -> tuple[_Prepared, dict]:
     """_moments, and for a deferred p the exact check when the kernel reported a non-finite
-    value (mean / m2 NaN; also mean past fp32 from finite values, re-checked as such)."""
+    value (m2 = NaN for such a channel; a non-finite m2 from finite values, past fp32 in the
+    kernel's arithmetic, is re-checked as such)."""
     m = _moments(p)
-    if p.deferred and not _all_finite(m["mean"], m["m2"]):
+    if p.deferred and not _all_finite(m["m2"]):
         p = _recheck(p, min_tokens=min_tokens, nan_policy=nan_policy, stacklevel=stacklevel)
         if p.omitted:
             m = _moments(p)
@@ -457,14 +465,29 @@ def gaussian_diag_entropy(x, f=None, *, var_floor: float = 1e-12, mask=None, bac
     """
     var_floor = _real(var_floor, "var_floor", lo=0.0, why=" (0 gives -inf for a constant channel)")
     p = prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate, op="moments")
-    p, m = _checked_moments(p, min_tokens=2, nan_policy=nan_policy)
+    m = _moments(p)
     var = m["m2"] / m["count"][:, None]  # (B, D)
     if validate:
-        nfloor = int((var < var_floor).sum())
-        if nfloor:
-            warnings.warn(f"gaussian_diag: {nfloor} channel variance(s) below var_floor={var_floor:g} were floored", RuntimeWarning, stacklevel=2)
+        # one reduction for both checks: NaN where the kernel reported NaN/Inf (m2 = NaN)
+        low = float(var.amin())
+        if p.deferred and math.isnan(low):
+            p = _recheck(p, nan_policy=nan_policy)
+            if p.omitted:
+                m = _moments(p)
+                var = m["m2"] / m["count"][:, None]
+                low = float(var.amin())
+        _warn_floored(var, low, var_floor)
     h = 0.5 * torch.log((2 * math.pi * math.e) * var.clamp_min(var_floor)).sum(-1)
     return _finish(p, h)
+
+
+def _warn_floored(var: torch.Tensor, low: float, var_floor: float) -> None:
+    """The warning of gaussian_diag_entropy, for the variances var whose minimum is low
+    (NaN where a variance is NaN: then counted among the others as well)."""
+    if math.isnan(low) or low < var_floor:
+        nfloor = int((var < var_floor).sum())
+        if nfloor:
+            warnings.warn(f"gaussian_diag: {nfloor} channel variance(s) below var_floor={var_floor:g} were floored", RuntimeWarning, stacklevel=3)
 
 
 def _rows(p: _Prepared, b: int) -> torch.Tensor:
@@ -559,8 +582,72 @@ def entropy(x, method: str = "bucket", f=None, **opts):
 
 
 def delta_entropy(x, f, method: str = "bucket", **opts):
-    """Entropy increase of a block, H(X + F(X)) - H(X), per sample."""
+    """Entropy increase of a block, H(X + F(X)) - H(X), per sample.
+
+    bucket and gaussian_diag on a backend with a pair kernel (cpp, CPU) read x and f once for
+    both entropies; the result, errors and warnings are those of the two calls.
+    """
+    if method in _PAIR_OPTS and f is not None:
+        out = _paired_delta(x, f, method, opts)
+        if out is not None:
+            return out
     return entropy(x, method, f, **opts) - entropy(x, method, None, **opts)
+
+
+# method -> (its keyword options, the backend op with a pair kernel)
+_PAIR_OPTS = {
+    "bucket": ({"bins", "paper_exact", "mask", "backend", "nan_policy", "validate"}, "bucket"),
+    "gaussian_diag": ({"var_floor", "mask", "backend", "nan_policy", "validate"}, "moments"),
+}
+
+
+def _pair_kernel(backend: str, device: torch.device, op: str):
+    """The backend's pair kernel of ``op`` for this device (``PAIRS`` in the module), or None."""
+    mod = _loaded.get(backend)
+    if mod is None or op not in getattr(mod, "PAIRS", {}).get(device.type, ()):
+        return None
+    return getattr(mod, f"{op}_pair", None)
+
+
+def _paired_delta(x, f, method: str, opts: dict):
+    """delta_entropy from one pair kernel call, or None where the two calls must run: no pair
+    kernel, an option the estimator would refuse, bad input (the two calls then raise, or
+    omit and warn, exactly as they do), or a non-finite output (the same)."""
+    names, op = _PAIR_OPTS[method]
+    if not set(opts) <= names:
+        return None  # the estimator raises its TypeError
+    validate = opts.get("validate", True)
+    nan_policy = opts.get("nan_policy", "raise")
+    try:
+        if method == "bucket":
+            bins = _integer(opts.get("bins", 20), "bins", 1, MAX_BINS)
+        else:
+            var_floor = _real(opts.get("var_floor", 1e-12), "var_floor", lo=0.0)
+        xt, _ = _to_torch(x, "x")
+        kernel = _pair_kernel(resolve_backend(opts.get("backend", "auto"), xt.device), xt.device, op)
+    except (TypeError, ValueError):
+        return None  # the estimator raises it, with its own message
+    if kernel is None:
+        return None
+    p = prepare(x, f, opts.get("mask"), nan_policy=nan_policy, backend=opts.get("backend", "auto"), validate=validate, op=op,
+                defer_only=True)
+    if p is None:  # (too few tokens: the two calls raise)
+        return None
+    if method == "bucket":
+        hy, hx = (h.to(torch.float64).sum(-1) for h in kernel(p.x, p.f, p.mask, bins, opts.get("paper_exact", False)))
+        if p.deferred and not _all_finite(hy, hx):
+            return None
+        return _finish(p, hy) - _finish(p, hx)
+    ms = kernel(p.x, p.f, p.mask)
+    var = [m["m2"] / m["count"][:, None] for m in ms]
+    if validate:
+        low = [float(v.amin()) for v in var]
+        if p.deferred and any(math.isnan(v) for v in low):
+            return None
+        for v, lo in zip(var, low, strict=True):  # as gaussian_diag_entropy: Y's warning first, then x's
+            _warn_floored(v, lo, var_floor)
+    hs = [0.5 * torch.log((2 * math.pi * math.e) * v.clamp_min(var_floor)).sum(-1) for v in var]
+    return _finish(p, hs[0]) - _finish(p, hs[1])
 
 
 # ---------------------------------------------------------------- similarity

@@ -20,6 +20,9 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # (docs/CONTRACT.md, "Non-finite values"), per device type: the API then skips its separate
 # validation pass and checks the outputs instead. CUDA: none yet (their kernels are unchanged).
 REPORTS_NONFINITE = {"cpu": frozenset({"moments", "bucket", "cosine"})}
+# Ops with a pair kernel (<op>_pair: the op of Y = x + f and of x from one read of x and f,
+# for delta_entropy), per device type.
+PAIRS = {"cpu": frozenset({"moments", "bucket"})}
 
 # knn: the Gram matrix is computed in T x T tiles on and above the diagonal into one reused
 # buffer (T ~ KNN_TILE_FRACTION x N, so the tile is ~2.5% of N x N), and each row keeps a
@@ -106,6 +109,35 @@ def moments(x: torch.Tensor, f: torch.Tensor | None = None, mask: torch.Tensor |
                   count.data_ptr(), mean.data_ptr(), m2.data_ptr(), mn.data_ptr(), mx.data_ptr(),
                   _threads())
     return {"count": count, "mean": mean, "m2": m2, "min": mn, "max": mx}
+
+
+def moments_pair(x: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """(moments of Y = x + f, moments of x) from one read of x and f; CPU tensors."""
+    C = _ext.require()
+    B, _, D = x.shape
+    count = torch.empty(B, dtype=torch.float64)
+    outs = []
+    for _ in range(2):
+        outs.append({"count": count, "mean": torch.empty(B, D, dtype=torch.float64), "m2": torch.empty(B, D, dtype=torch.float64),
+                     "min": torch.empty(B, D, dtype=torch.float32), "max": torch.empty(B, D, dtype=torch.float32)})
+    mp, ms = _mask_arg(mask)
+    ptrs = [o[k].data_ptr() for o in outs for k in ("mean", "m2", "min", "max")]
+    C.moments_pair_cpu(x.data_ptr(), f.data_ptr(), mp, _code(x), list(x.shape), list(x.stride()), list(f.stride()), ms,
+                       count.data_ptr(), *ptrs, _threads())
+    return outs[0], outs[1]
+
+
+def bucket_pair(x: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None = None, bins: int = 20,
+                paper_exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H_d of Y = x + f, H_d of x), fp64 [B, D] each, from one read of x and f; CPU tensors."""
+    C = _ext.require()
+    B, _, D = x.shape
+    hy = torch.empty(B, D, dtype=torch.float64)
+    hx = torch.empty(B, D, dtype=torch.float64)
+    mp, ms = _mask_arg(mask)
+    C.bucket_pair_cpu(x.data_ptr(), f.data_ptr(), mp, _code(x), list(x.shape), list(x.stride()), list(f.stride()), ms,
+                      int(bins), bool(paper_exact), hy.data_ptr(), hx.data_ptr(), _threads())
+    return hy, hx
 
 
 def bucket(x: torch.Tensor, f: torch.Tensor | None = None, mask: torch.Tensor | None = None,
