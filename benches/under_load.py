@@ -1,7 +1,7 @@
 """The estimators idle and with one core busy, in one run: how much a call slows down when
 another process takes a core.
 
-    python benches/under_load.py [--rounds R] [--reps N] [--json PATH]
+    python benches/under_load.py [--rounds R] [--reps N] [--json PATH] [--quiet-wait]
 
 Cases are the profiler's calls (``validate=False``, as its hooks pass; f = F(X) fused where
 the profiler fuses it) at SmolLM2's shape, one sample of 256 tokens x 576 channels (the
@@ -10,14 +10,15 @@ comparison, the paper's own knn formulation (``torch.cdist`` + ``topk``, fp32). 
 phase starts one spinning process (``python -c "while True: pass"``) and stops it after;
 idle and busy phases alternate ``R`` times and every case runs ``N`` times per phase,
 interleaved with the others, so both phases see the same machine. Reported per case:
-median and min seconds idle and busy, and busy / idle of the medians.
+median and min seconds idle and busy, and busy / idle of the medians. ``--quiet-wait``
+(a shared machine) starts each pass over the cases only when no process but this one and
+its spinner has been runnable for 0.3 s.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -31,17 +32,36 @@ import entrodrop_fast as ef
 from entrodrop_fast import _ext
 from entrodrop_fast.bench import make_input
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from knn_vs_cdist import paper_knn_entropy  # noqa: E402
 
-def paper_knn(x: torch.Tensor, k: int = 25) -> torch.Tensor:
-    """The paper's knn entropy (Llama scoring): cdist + topk(k + 1) in fp32, per sample."""
-    out = []
-    for r in x.float():
-        n, d = r.shape
-        dist = torch.cdist(r, r)
-        rad = dist.topk(k + 1, dim=1, largest=False).values[:, -1]
-        h = d * torch.log(rad + 1e-10).mean() + d / 2 * math.log(math.pi) - math.lgamma(d / 2 + 1) + math.log(n) - math.log(k)
-        out.append(h)
-    return torch.stack(out)
+
+def others_runnable(ignore: set[int]) -> int:
+    """Processes other than this one and `ignore` in state R (Linux /proc)."""
+    n = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid() or int(pid) in ignore:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                n += fh.read().rsplit(")", 1)[1].split()[0] == "R"
+        except OSError:
+            pass
+    return n
+
+
+def wait_quiet(ignore: set[int], hold: float = 0.3, timeout: float = 300.0) -> bool:
+    end, since = time.time() + timeout, None
+    while time.time() < end:
+        if others_runnable(ignore) == 0:
+            since = since or time.time()
+            if time.time() - since >= hold:
+                return True
+        else:
+            since = None
+        time.sleep(0.05)
+    print("warning: the machine never went quiet for 0.3 s; timing anyway", file=sys.stderr)
+    return False
 
 
 def cases() -> dict:
@@ -55,8 +75,8 @@ def cases() -> dict:
         "knn 1x256x576": lambda: ef.knn_entropy(x1, k=25, **opts),
         "knn 8x256x576": lambda: ef.knn_entropy(x8, k=25, **opts),
         "knn 1x256x4096": lambda: ef.knn_entropy(w, k=25, **opts),
-        "paper knn 1x256x576": lambda: paper_knn(x1),
-        "paper knn 8x256x576": lambda: paper_knn(x8),
+        "paper knn 1x256x576": lambda: paper_knn_entropy(x1),
+        "paper knn 8x256x576": lambda: paper_knn_entropy(x8),
         "bucket 1x256x576": lambda: ef.bucket_entropy(x1, f1, bins=20, **opts),
         "bucket 8x256x576": lambda: ef.bucket_entropy(x8, f8, bins=20, **opts),
         "moments 1x256x576": lambda: ef.gaussian_diag_entropy(x1, f1, **opts),
@@ -66,26 +86,28 @@ def cases() -> dict:
     }
 
 
-def phase(fns: dict, reps: int, times: dict) -> None:
+def phase(fns: dict, reps: int, times: dict, quiet: bool, ignore: set[int]) -> None:
     for _ in range(reps):
+        if quiet:
+            wait_quiet(ignore)
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
 
 
-def main(rounds: int, reps: int, json_path: str | None) -> dict:
+def main(rounds: int, reps: int, json_path: str | None, quiet: bool = False) -> dict:
     fns = cases()
     for fn in fns.values():  # warm up: thread pools, allocator, first-call costs
         fn()
     idle = {n: [] for n in fns}
     busy = {n: [] for n in fns}
     for _ in range(rounds):
-        phase(fns, reps, idle)
+        phase(fns, reps, idle, quiet, set())
         spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         try:
             time.sleep(0.3)  # let it start spinning
-            phase(fns, reps, busy)
+            phase(fns, reps, busy, quiet, {spinner.pid})
         finally:
             spinner.kill()
             spinner.wait()
@@ -102,7 +124,7 @@ def main(rounds: int, reps: int, json_path: str | None) -> dict:
         "rounds": rounds, "reps_per_phase": reps, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "thread_pool": _ext.require().thread_pool_cpu() if _ext.available() else None,
         "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-        "busy_load": "one process running `while True: pass`",
+        "busy_load": "one process running `while True: pass`", "quiet_wait": quiet,
         "cases": rows,
     }
     if json_path:
@@ -117,5 +139,6 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=3, help="idle/busy phase pairs")
     ap.add_argument("--reps", type=int, default=10, help="runs of every case per phase")
     ap.add_argument("--json", default=None, help="also write the figures as JSON")
+    ap.add_argument("--quiet-wait", action="store_true", help="time only while no other process is runnable")
     a = ap.parse_args()
-    main(a.rounds, a.reps, a.json)
+    main(a.rounds, a.reps, a.json, a.quiet_wait)

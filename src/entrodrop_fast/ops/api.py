@@ -477,8 +477,18 @@ def gaussian_diag_entropy(x, f=None, *, var_floor: float = 1e-12, mask=None, bac
                 var = m["m2"] / m["count"][:, None]
                 low = float(var.amin())
         _warn_floored(var, low, var_floor)
-    h = 0.5 * torch.log((2 * math.pi * math.e) * var.clamp_min(var_floor)).sum(-1)
-    return _finish(p, h)
+    return _finish(p, _half_log_sum((2 * math.pi * math.e) * var.clamp_min(var_floor)))
+
+
+def _half_log_sum(v: torch.Tensor) -> torch.Tensor:
+    """0.5 * sum over the last axis of ln(v), fp64. On CPU in numpy: torch.log of a few hundred
+    values or more may enter torch's OpenMP team (MKL), which stalls for a whole time slice
+    (4-12 ms, against microseconds) when another process holds a core."""
+    if v.device.type == "cpu":
+        import numpy as np
+
+        return torch.from_numpy(0.5 * np.log(v.numpy()).sum(-1))
+    return 0.5 * torch.log(v).sum(-1)
 
 
 def _warn_floored(var: torch.Tensor, low: float, var_floor: float) -> None:

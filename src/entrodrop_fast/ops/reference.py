@@ -197,15 +197,21 @@ def knn_entropy_from_radii(radii: torch.Tensor, n: int, d: int, k: int, form: st
 
 def knn_entropy_from_logsum(logsum: torch.Tensor, n: torch.Tensor, d: int, k: int, form: str = "paper") -> torch.Tensor:
     """knn_entropy_from_radii for a batch, from each sample's sum of ln(r + 1e-10) and number
-    of radii n (fp64 [B] each)."""
+    of radii n (fp64 [B] each, on the CPU): fp64 [B].
+
+    A few numbers, computed in Python floats: an elementwise torch op (torch.log) may enter
+    torch's OpenMP team, which stalls for a whole time slice when another process holds a core.
+    """
     log_ball = (d / 2) * math.log(math.pi) - math.lgamma(d / 2 + 1)
+    sums, counts = logsum.tolist(), n.tolist()
     if form == "paper":
-        tail = torch.log(n) - math.log(k)
+        tails = [math.log(m) - math.log(k) for m in counts]
     elif form == "digamma":
-        tail = torch.special.digamma(n) - torch.special.digamma(torch.tensor(float(k), dtype=torch.float64))
+        psi = torch.special.digamma(torch.tensor([*counts, float(k)], dtype=torch.float64)).tolist()
+        tails = [g - psi[-1] for g in psi[:-1]]
     else:
         raise ValueError(f"knn form must be 'paper' or 'digamma', got {form!r}")
-    return d * (logsum / n) + log_ball + tail
+    return torch.tensor([d * (s / m) + log_ball + t for s, m, t in zip(sums, counts, tails, strict=True)], dtype=torch.float64)
 
 
 def knn_entropy_1(r: torch.Tensor, k: int = 25, form: str = "paper") -> torch.Tensor:
