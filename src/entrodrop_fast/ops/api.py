@@ -656,7 +656,7 @@ def _paired_delta(x, f, method: str, opts: dict):
             return None
         for v, lo in zip(var, low, strict=True):  # as gaussian_diag_entropy: Y's warning first, then x's
             _warn_floored(v, lo, var_floor)
-    hs = [0.5 * torch.log((2 * math.pi * math.e) * v.clamp_min(var_floor)).sum(-1) for v in var]
+    hs = [_half_log_sum((2 * math.pi * math.e) * v.clamp_min(var_floor)) for v in var]
     return _finish(p, hs[0]) - _finish(p, hs[1])
 
 
