@@ -2,6 +2,8 @@
 
     python benches/bench_profile.py                      # built-in SmolLM2, 8 x 256, bs 1, CPU
     python benches/bench_profile.py --samples 16 --batch-size 8 --device cuda --out DIR
+    python benches/bench_profile.py --methods bucket,gaussian_diag,knn,cosine --paper-reps 0
+    python benches/bench_profile.py --random-llama 8 --dtype bf16 --device cuda --batch-size 8   # 8B-shaped
 
 Three providers run on the same token batches, interleaved round by round (so a busy
 machine slows them alike), through the decoder stack only (no LM head), under
@@ -9,8 +11,9 @@ machine slows them alike), through the decoder stack only (no LM head), under
 
 - ``plain``: the forward pass alone;
 - ``taps``: the forward with :class:`~entrodrop_fast.hooks.ResidualTaps` feeding
-  :class:`~entrodrop_fast.hooks.BlockStatistics` (bucket entropy of the 2L + 1 residual
-  points, each measured once; backend ``--backend``, default auto);
+  :class:`~entrodrop_fast.hooks.BlockStatistics` (``--methods``, default bucket: the
+  entropy of the 2L + 1 residual points, each measured once, and cosine per block when
+  asked; backend ``--backend``, default auto);
 - ``paper``: the paper's approach, its estimator as plain torch code inside the forward:
   per block and per sample, H(X) and H(Y) with the one-hot histogram
   (:func:`entrodrop_fast.bucket_onehot_reference`), Y = X + F materialised, nothing shared.
@@ -66,6 +69,20 @@ class PaperSink:
         self._block(x, y)
 
 
+def random_llama(layers: int, dtype: str, device: torch.device, shape: str = "4096,14336,32,8"):
+    """A randomly initialised Llama of ``layers`` layers; ``shape`` = hidden,mlp,heads,kv_heads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, mlp, heads, kv = (int(v) for v in shape.split(","))
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_attention_heads=heads, num_key_value_heads=kv,
+                      num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dt)
+    return model.eval()
+
+
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -74,6 +91,13 @@ def sync(dev: torch.device) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model source (default: built-in SmolLM2-135M-Instruct)")
+    ap.add_argument("--methods", default="bucket",
+                    help="what the taps measure, comma-separated as for `entrodrop profile --method` "
+                         "(default bucket; e.g. bucket,gaussian_diag,knn,cosine)")
+    ap.add_argument("--random-llama", type=int, default=0, metavar="LAYERS",
+                    help="instead of --model: a random Llama of LAYERS decoder layers, random token ids")
+    ap.add_argument("--llama-shape", default="4096,14336,32,8", metavar="HIDDEN,MLP,HEADS,KV_HEADS",
+                    help="its layer shape (default Llama-3.1-8B's: 4096,14336,32,8)")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=1)
@@ -94,13 +118,20 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    model, dev = lm.model, torch.device(args.device)
+    dev = torch.device(args.device)
+    if args.random_llama:
+        model, source = random_llama(args.random_llama, args.dtype, dev, args.llama_shape), f"random llama {args.llama_shape} x {args.random_llama} layers"
+        gen = torch.Generator().manual_seed(0)
+        windows = torch.randint(0, model.config.vocab_size, (args.samples, args.seq_len), generator=gen)
+    else:
+        lm = load_model(args.model, dtype=args.dtype, device=args.device)
+        model, source = lm.model, lm.source
+        windows, _ = calibration_windows(lm.tokenizer, samples=args.samples, seq_len=args.seq_len)
     ad = get_adapter(model)
     L = ad.num_layers(model)
-    windows, _ = calibration_windows(lm.tokenizer, samples=args.samples, seq_len=args.seq_len)
     backend = resolved_backend(args.backend, dev)
-    ts = ProfileSettings(methods=("bucket",), bins=args.bins, backend=backend).tap_settings()
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    ts = ProfileSettings(methods=methods, bins=args.bins, backend=backend).tap_settings()
     ts.backend = backend
 
     st = BlockStatistics(ad, L, ts)
@@ -152,7 +183,7 @@ def main(argv=None) -> int:
     best = {k: min(v) for k, v in times.items() if v}
     med = {k: statistics.median(v) for k, v in times.items() if v}
     res = {
-        "model": lm.source, "num_layers": L, "samples": args.samples, "seq_len": args.seq_len,
+        "model": source, "methods": list(methods), "num_layers": L, "samples": args.samples, "seq_len": args.seq_len,
         "batch_size": args.batch_size, "bins": args.bins, "backend": backend, "dtype": args.dtype,
         "device": args.device, "threads": torch.get_num_threads(), "reps": args.reps,
         "platform": platform.platform(), "torch": torch.__version__,
@@ -161,7 +192,8 @@ def main(argv=None) -> int:
         "overhead_min_over_min": {k: best[k] / best["plain"] - 1 for k in best if k != "plain"},
         "overhead_cpu_time_median_ratio": {k: statistics.median(v) - 1 for k, v in cpu_ratios.items() if v},
     }
-    print(f"\n{lm.source}: {L} layers, {args.samples} x {args.seq_len} tokens, batch {args.batch_size}, {args.device}, {res['threads']} threads, bucket backend {backend}")
+    print(f"\n{source}: {L} layers, {args.samples} x {args.seq_len} tokens, batch {args.batch_size}, {args.device}, "
+          f"{res['threads']} threads, taps {','.join(methods)} on backend {backend}")
     print(f"{'provider':8s} {'min s/batch':>12s} {'median':>10s} {'overhead (median ratio)':>24s} {'(min/min)':>10s} {'(CPU time)':>11s}")
     for k in best:
         o1 = res["overhead_median_of_batch_ratios"].get(k, 0.0)

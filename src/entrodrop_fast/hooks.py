@@ -230,8 +230,14 @@ class BlockStatistics:
         for m in self.s.entropy_methods:
             opts = self.s.entropy_opts.get(m, {})
             h = self._h[m][i] = entropy(x, m, f, mask=self.mask, backend=self.s.backend, validate=False, **opts)
-            if reports and not bool(torch.isfinite(h).all()):
-                self._confirm_nonfinite(point, x, f)
+            if not reports:
+                continue
+            if h.device.type == "cpu":
+                if not bool(torch.isfinite(h).all()):
+                    self._confirm_nonfinite(point, x, f)
+            else:  # no host sync per hook: a device flag, read once by result()
+                ok = torch.isfinite(h).all()
+                self.finite = ok if self.finite is None else self.finite & ok
 
     def _cosine(self, kind: str, li: int, x, f=None, y=None):
         if kind in self._cos:
