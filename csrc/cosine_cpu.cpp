@@ -9,6 +9,7 @@
 // the hot loop: NaN/Inf make the fp32 sums non-finite, which sends the row to the fp64 redo,
 // where finite fp32 values can no longer overflow.
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "common_cpu.h"
@@ -30,21 +31,27 @@ ED_INLINE float ld(const uint8_t* row, int64_t j) {
 // cos of one token; rows have channel stride 1.
 template <int DT, bool FUSED>
 ED_INLINE double cos_row(const uint8_t* xr, const uint8_t* orow, int64_t D) {
+  constexpr int64_t kES = DT == DT_F32 ? 4 : 2;  // bytes per element
   double dd[LN] = {}, dx[LN] = {}, dy[LN] = {};
   for (int64_t c0 = 0; c0 < D; c0 += CB) {
     const int64_t c1 = std::min(D, c0 + CB);
-    float a[LN] = {}, nx[LN] = {}, ny[LN] = {};
+    // explicit 16-lane vectors: left to itself GCC turns the unfused loop (y given) into a
+    // permute-heavy SLP form 4-10x slower than the fused one; lane j sums the same products
+    // in the same order as a scalar loop over j would
+    v16f va{}, vnx{}, vny{};
     int64_t d = c0;
     for (; d + LN <= c1; d += LN) {
-      for (int j = 0; j < LN; ++j) {
-        const float xv = ld<DT>(xr, d + j);
-        const float ov = ld<DT>(orow, d + j);
-        const float yv = FUSED ? xv + ov : ov;
-        a[j] += xv * yv;
-        nx[j] += xv * xv;
-        ny[j] += yv * yv;
-      }
+      const v16f xv = load16<DT>(xr + d * kES);
+      const v16f ov = load16<DT>(orow + d * kES);
+      const v16f yv = FUSED ? xv + ov : ov;
+      va += xv * yv;
+      vnx += xv * xv;
+      vny += yv * yv;
     }
+    float a[LN], nx[LN], ny[LN];
+    std::memcpy(a, &va, sizeof a);
+    std::memcpy(nx, &vnx, sizeof nx);
+    std::memcpy(ny, &vny, sizeof ny);
     for (int j = 0; d + j < c1; ++j) {
       const float xv = ld<DT>(xr, d + j);
       const float ov = ld<DT>(orow, d + j);
