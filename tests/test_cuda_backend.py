@@ -191,3 +191,34 @@ def test_big_bf16(name):
     assert torch.equal(counts_fn(name)(x, None, None, 80).long(), ref)
     del ref
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,D,k", [(26, 5, 25), (257, 577, 25), (2048, 64, 25), (700, 4096, 7)])
+def test_cuda_knn_tiled(dtype, N, D, k):
+    """cuda_backend.knn_kth_distance (tiled cuBLAS GEMMs + exact fp64 band) to 1e-9."""
+    mod = backend("cuda")
+    x = llm_like(N, D, seed=N, dtype=dtype)
+    r = x.double()
+    want = torch.cdist(r, r, compute_mode="donot_use_mm_for_euclid_dist").fill_diagonal_(float("inf")).kthvalue(k, 1).values
+    assert_close(want, mod.knn_kth_distance(x.cuda(), k), 1e-9)
+    assert_close(want, mod.knn_kth_distance(x.cuda()[:, :].t().contiguous().t(), k), 1e-9)  # column-major
+    dup = x[: N // 4].repeat(4, 1)
+    rd = dup.double()
+    want = torch.cdist(rd, rd, compute_mode="donot_use_mm_for_euclid_dist").fill_diagonal_(float("inf")).kthvalue(min(k, dup.shape[0] - 1), 1).values
+    assert_close(want, mod.knn_kth_distance(dup.cuda(), min(k, dup.shape[0] - 1)), 1e-9)
+
+
+def test_cuda_knn_tf32_allowed():
+    """With TF32 GEMMs allowed the band widens; the radii stay exact."""
+    mod = backend("cuda")
+    x = llm_like(1000, 1024, seed=3, dtype=torch.bfloat16)
+    r = x.double()
+    want = torch.cdist(r, r, compute_mode="donot_use_mm_for_euclid_dist").fill_diagonal_(float("inf")).kthvalue(25, 1).values
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        got = mod.knn_kth_distance(x.cuda(), 25)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert_close(want, got, 1e-9)
