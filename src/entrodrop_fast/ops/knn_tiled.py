@@ -114,16 +114,29 @@ def knn_kth_distance_tiled(x: torch.Tensor, k: int, *, row_block: int | None = N
 
     # centre (fp64 mean) and scale by 2^-e so that max |v| is in [0.5, 1)
     mu = x.sum(0, dtype=torch.float64) / N  # (D,)
-    top = torch.zeros((), dtype=torch.float64, device=dev)
-    for r0 in range(0, N, R):
-        top = torch.maximum(top, (x[r0 : r0 + R].double() - mu).abs().amax())
-    top = float(top)  # one host sync: the scale and the error bound are host numbers
+    # one row block (N <= R, e.g. [2048, 4096]): the centred rows once, fp64 [N, D] (the size
+    # of one tile's worth of rows); else recomputed per block
+    whole = x.double() - mu if R >= N else None
+    if whole is not None:
+        top = whole.abs().amax()
+    else:
+        top = torch.zeros((), dtype=torch.float64, device=dev)
+        for r0 in range(0, N, R):
+            top = torch.maximum(top, (x[r0 : r0 + R].double() - mu).abs().amax())
+    top = float(top)  # a host sync: the scale and the error bound are host numbers
     e = math.frexp(top)[1] if top > 0 and math.isfinite(top) else 0
     scale = math.ldexp(1.0, -e)
+    v_all = None
+    if whole is not None:
+        v_all = (whole * scale).float()  # (N, D)
+        del whole
+
+    def eff(a: int, b: int) -> torch.Tensor:
+        return v_all[a:b] if v_all is not None else _effective(x[a:b], mu, scale)
+
     sqn = torch.empty(N, dtype=torch.float32, device=dev)  # |v_i|^2 (fp64 sum, rounded)
     for r0 in range(0, N, R):
-        v = _effective(x[r0 : r0 + R], mu, scale)
-        sqn[r0 : r0 + R] = v.double().square().sum(1).float()
+        sqn[r0 : r0 + R] = eff(r0, r0 + R).double().square().sum(1).float()
     smax = float(sqn.max())
     # error of the fp32 expansion (as csrc/knn_cpu.cpp): ~sqrt(D) roundings of eps |v|^2 in
     # the dot product plus a few in the norms and the combination, with a wide margin, plus
@@ -136,7 +149,7 @@ def knn_kth_distance_tiled(x: torch.Tensor, k: int, *, row_block: int | None = N
     inf = float("inf")
     for r0 in range(0, N, R):
         r1 = min(N, r0 + R)
-        vr = _effective(x[r0:r1], mu, scale)  # (R, D)
+        vr = eff(r0, r1)  # (R, D)
         buf = torch.empty(r1 - r0, m + C, dtype=torch.float32, device=dev)  # [running m | tile]
         ibuf = torch.empty(r1 - r0, m + C, dtype=torch.int64, device=dev)
         buf[:, :m] = inf
@@ -144,7 +157,7 @@ def knn_kth_distance_tiled(x: torch.Tensor, k: int, *, row_block: int | None = N
         for c0 in range(0, N, C):
             c1 = min(N, c0 + C)
             w = c1 - c0
-            vc = vr if (c0, c1) == (r0, r1) else _effective(x[c0:c1], mu, scale)  # (C, D)
+            vc = vr if (c0, c1) == (r0, r1) else eff(c0, c1)  # (C, D)
             g = torch.mm(vr, vc.t())  # (R, C) fp32
             a = buf[:, m : m + w]
             torch.add(sqn[r0:r1, None], sqn[None, c0:c1], out=a)
