@@ -105,6 +105,36 @@ def _knn(n: int, d: int, dname: str, dev: torch.device, rounds: int) -> dict:
     }
 
 
+def _fused_kernels(shapes, dev: torch.device, rounds: int) -> list[dict]:
+    """cuda_backend's two single-read bucket kernels (FUSED_KERNEL "registers" / "tile") on the
+    profiler's shapes, bf16, X alone and with F, beside x.sum() (+ f.sum())."""
+    from entrodrop_fast.ops import cuda_backend as cb
+
+    rows = []
+    saved = cb.FUSED_KERNEL
+    try:
+        for shape in shapes:
+            x = torch.randn(shape, device=dev).to(torch.bfloat16)
+            f = torch.randn(shape, device=dev).to(torch.bfloat16)
+            for with_f in (False, True):
+                ff = f if with_f else None
+
+                def run(kind, ff=ff, x=x):
+                    cb.FUSED_KERNEL = kind
+                    return cb.bucket(x, ff, None, 20, False)
+
+                fns = {"registers": lambda: run("registers"), "tile": lambda: run("tile"),
+                       "roofline": (lambda x=x, f=f: (x.sum(), f.sum())) if with_f else x.sum}
+                t = _interleaved(fns, dev, rounds)
+                nbytes = x.numel() * x.element_size() * (2 if with_f else 1)
+                rows.append({"shape": list(shape), "dtype": "bf16", "reads": "x,f" if with_f else "x", "bytes": nbytes,
+                             **{f"{k}_s": v[0] for k, v in t.items()},
+                             **{f"{k}_GBps": nbytes / v[0] / 1e9 for k, v in t.items()}})
+    finally:
+        cb.FUSED_KERNEL = saved
+    return rows
+
+
 def micro(out: Path, device: str, dry: bool) -> dict:
     dev = torch.device(device)
     rounds = 3 if dry else 20
@@ -114,6 +144,8 @@ def micro(out: Path, device: str, dry: bool) -> dict:
     res["copy"] = _copy((512, 256) if dry else (32768, 8192), dev, rounds)
     n, d = (120, 16) if dry else (2048, 4096)
     res["knn"] = [_knn(n, d, dname, dev, max(3, rounds // 4)) for dname in ("fp32", "bf16")]
+    if dev.type == "cuda":
+        res["fused_bucket"] = _fused_kernels([(1, 256, 4096), (8, 256, 4096), (128, 256, 4096), (8, 256, 576)], dev, rounds)
     out.mkdir(parents=True, exist_ok=True)
     (out / "micro.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
@@ -164,7 +196,8 @@ def report(out: Path) -> dict:
                 "overhead_min_over_min": (d.get("overhead_min_over_min") or {}).get("taps"),
             }
     skipped = sorted(p.name for p in out.glob("SKIPPED_*"))
-    res = {"copy": micro_res.get("copy"), "knn": micro_res.get("knn", []), "calls": table_calls, "profiles": profiles,
+    res = {"copy": micro_res.get("copy"), "knn": micro_res.get("knn", []), "fused_bucket": micro_res.get("fused_bucket", []),
+           "calls": table_calls, "profiles": profiles,
            "skipped": [(out / s).read_text().strip() for s in skipped], "device": micro_res.get("device"),
            "gpu": micro_res.get("gpu"), "dry_run": micro_res.get("dry_run")}
     (out / "hotpaths.json").write_text(json.dumps(res, indent=1))
@@ -196,6 +229,13 @@ def _markdown(res: dict) -> str:
         for r in res["knn"]:
             lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {ms(r['tiled_s'])} | {ms(r['cdist_topk_s'])} | "
                          f"{r['speedup_vs_cdist_topk']:.2f}x | {r['tiled_max_rel_err']:.1e} | {r['cdist_topk_max_rel_err']:.1e} |")
+        lines.append("")
+    if res.get("fused_bucket"):
+        lines += ["| single-read bucket kernel | reads | registers ms | tile ms | roofline ms | registers GB/s | tile GB/s |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in res["fused_bucket"]:
+            lines.append(f"| {'x'.join(map(str, r['shape']))} {r['dtype']} | {r['reads']} | {ms(r['registers_s'])} | {ms(r['tile_s'])} | "
+                         f"{ms(r['roofline_s'])} | {r['registers_GBps']:.0f} | {r['tile_GBps']:.0f} |")
         lines.append("")
     if res.get("profiles"):
         lines += ["| tap overhead | model | methods | batch | plain s/batch | taps overhead (median ratio) | (min/min) |",

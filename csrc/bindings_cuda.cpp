@@ -202,6 +202,17 @@ void register_cuda(py::module_& m) {
                                                            device, ptr<void>(stream)));
       },
       "cuda_bucket_fused of Y = x + f and of x in one launch");
+  m.def(
+      "cuda_bucket_tile",
+      [](uintptr_t x, uintptr_t f, uintptr_t mask, I3 shape, I3 sx, I3 sf, I2 sm, int dtype,
+         int vec, int bins, bool paper_exact, uintptr_t counts, uintptr_t out, int device,
+         uintptr_t stream) {
+        const auto in = make_input(x, f, mask, shape, sx, sf, sm, dtype, vec);
+        check("bucket_tile", cuda::bucket_tile(in, bins, paper_exact ? 1 : 0, ptr<int32_t>(counts),
+                                               ptr<double>(out), device, ptr<void>(stream)));
+      },
+      "cuda_bucket_fused by the shared-memory tile design (owner thread per channel and row part, "
+      "no atomics, <= 64 registers); same arguments and outputs");
   m.def("cuda_fused_max_rows", &cuda::fused_max_rows);
   m.def("cuda_hist_max_rows", &cuda::hist_max_rows);
   m.def(

@@ -87,6 +87,11 @@ const char* bucket_hist_pair(const Input& in, int bins, const HistHalf& y, const
                              int device, void* stream);
 const char* bucket_fused_pair(const Input& in, int bins, int paper_exact, const FusedHalf& y,
                               const FusedHalf& x, int device, void* stream);
+// The same single read (T <= fused_max_rows(), vec 4 or 8) by the occupancy design: a
+// 32-channel tile of Y staged in shared memory, one owner thread per (channel, eighth of the
+// rows) with private 8-bit counters, no atomics, <= 64 registers. Same outputs as bucket_fused.
+const char* bucket_tile(const Input& in, int bins, int paper_exact, int32_t* counts, double* out,
+                        int device, void* stream);
 int fused_max_rows();
 int hist_max_rows();
 // Resident blocks per SM of a kernel: kind 0 moments, 1 min/max, 2 histogram, 3 fused.

@@ -29,6 +29,12 @@ _FUSED_MAX_BINS = 128  # keeps the fused kernel's shared memory near 100 KB
 _HIST_MAX_ROWS = 65535  # 16-bit shared-memory counters per block
 _PARTIAL_BYTES = 1 << 30  # per-split partial histograms [B, S, D, bins] int32: fewer splits beyond
 _occ_cache: dict = {}
+# Single-read bucket kernel for short samples: "registers" (bucket_fused: the rows in registers,
+# 106-128 registers per thread, 25% occupancy; measured on an H200) or "tile" (bucket_tile: the
+# sample's tile in shared memory, owner thread per channel and row part, no atomics, 43-62
+# registers; compiled, not yet measured). Same outputs bit for bit (tests/test_cuda_backend.py);
+# benches/gpu_hotpaths.sh times both, to pick the default from.
+FUSED_KERNEL = "registers"
 
 
 def available() -> tuple[bool, str]:
@@ -182,6 +188,13 @@ def _fused_ok(x, vec: int, bins: int) -> bool:
     return vec > 1 and x.shape[1] <= _FUSED_MAX_ROWS and 1 <= bins <= _FUSED_MAX_BINS
 
 
+def _fused_kernel(C):
+    """The extension's single-read bucket launcher chosen by FUSED_KERNEL."""
+    if FUSED_KERNEL not in ("registers", "tile"):
+        raise ValueError(f"cuda_backend.FUSED_KERNEL must be 'registers' or 'tile', got {FUSED_KERNEL!r}")
+    return C.cuda_bucket_tile if FUSED_KERNEL == "tile" else C.cuda_bucket_fused
+
+
 def _partial_counts(x, f, mask, bins: int, splits: int | None, fused: bool | None):
     """(counts, S): per-split bin counts int32 [B, S, D, bins] from the two-pass kernels, or
     (counts [B, D, bins], 0) from the single-pass kernel."""
@@ -195,7 +208,7 @@ def _partial_counts(x, f, mask, bins: int, splits: int | None, fused: bool | Non
         fused = splits is None and _fused_ok(x, vec, bins)
     if fused:
         counts = torch.empty((B, D, bins), dtype=torch.int32, device=dev)
-        C.cuda_bucket_fused(*args, int(bins), False, counts.data_ptr(), 0, device, stream)
+        _fused_kernel(C)(*args, int(bins), False, counts.data_ptr(), 0, device, stream)
         return counts, 0
     mm, hist = _hist_plan(x, f is not None, vec, bins, splits)
     Sp, rows_p, pmin, pmax = mm
@@ -281,7 +294,7 @@ def bucket(x, f=None, mask=None, bins: int = 20, paper_exact: bool = False, *, s
         C = _ext.require()
         out = torch.empty((B, D), dtype=torch.float64, device=x.device)
         device, stream = _launch_ctx(x)
-        C.cuda_bucket_fused(*args, int(bins), bool(paper_exact), 0, out.data_ptr(), device, stream)
+        _fused_kernel(C)(*args, int(bins), bool(paper_exact), 0, out.data_ptr(), device, stream)
         return out
     counts, _ = _partial_counts(x, f, mask, bins, splits, False)
     return entropy_from_counts(counts, paper_exact)
