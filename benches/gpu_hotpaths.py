@@ -11,7 +11,8 @@
   shapes);
 - knn radii: ``cuda_backend.knn_kth_distance`` (tiled GEMMs + exact fp64 band,
   ops/knn_tiled.py) against ``torch.cdist`` + ``topk(k + 1)`` (the paper's formulation) on
-  [2048, 4096] fp32 and bf16, k = 25, and its precision against exact fp64 distances.
+  [2048, 4096] and [256, 4096] (one profiler sample) fp32 and bf16, k = 25, and its precision
+  against exact fp64 distances.
 
 ``report`` reads DIR/{micro.json, calls.json, profile_*/bench_profile.json} and writes
 DIR/hotpaths.json and DIR/hotpaths.md (one markdown table per part, the targets beside).
@@ -142,8 +143,8 @@ def micro(out: Path, device: str, dry: bool) -> dict:
     if dev.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name(dev)
     res["copy"] = _copy((512, 256) if dry else (32768, 8192), dev, rounds)
-    n, d = (120, 16) if dry else (2048, 4096)
-    res["knn"] = [_knn(n, d, dname, dev, max(3, rounds // 4)) for dname in ("fp32", "bf16")]
+    knn_shapes = [(120, 16)] if dry else [(2048, 4096), (256, 4096)]  # and one profiler sample (k = 25, Llama)
+    res["knn"] = [_knn(n, d, dname, dev, max(3, rounds // 4)) for n, d in knn_shapes for dname in ("fp32", "bf16")]
     if dev.type == "cuda":
         res["fused_bucket"] = _fused_kernels([(1, 256, 4096), (8, 256, 4096), (128, 256, 4096), (8, 256, 576)], dev, rounds)
     out.mkdir(parents=True, exist_ok=True)
