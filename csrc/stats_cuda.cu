@@ -413,6 +413,7 @@ __global__ void moments_merge_kernel(int64_t B, int64_t D, int S, const float* _
     chan_merge(N, M, Q, nb, pmean[i], pm2[i]);
     N += nb;
   }
+  Q = Q > 0.0 ? Q : 0.0;  // (as before: rounding below 0, or NaN from fp32 overflow on finite values)
   if (nonfinite_range(a, z)) {  // the contract's report: NaN for every statistic of the channel
     const double qn = __longlong_as_double(0x7ff8000000000000LL);
     M = qn;
@@ -420,7 +421,7 @@ __global__ void moments_merge_kernel(int64_t B, int64_t D, int S, const float* _
     a = z = __int_as_float(0x7fffffff);
   }
   mean[b * D + d] = M;
-  m2[b * D + d] = Q > 0.0 || Q != Q ? Q : 0.0;
+  m2[b * D + d] = Q;
   mn[b * D + d] = a;
   mx[b * D + d] = z;
   if (d == 0) count[b] = N;
