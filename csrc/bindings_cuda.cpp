@@ -121,6 +121,98 @@ void register_cuda(py::module_& m) {
       },
       "One pass for T <= cuda_fused_max_rows(): counts [B,D,bins] int32 and/or H_d [B,D] fp64 "
       "(0 for a pointer not wanted)");
+  // Pair launches: the statistics of Y = x + f and of x in one launch (f required); each
+  // half's arguments are those of its single launch.
+  auto stats_half = [](int S, int64_t rows, uintptr_t pn, uintptr_t pmean, uintptr_t pm2,
+                       uintptr_t pmin, uintptr_t pmax) {
+    cuda::StatsHalf h;
+    h.S = S;
+    h.rows = rows;
+    h.pn = ptr<float>(pn);
+    h.pmean = ptr<double>(pmean);
+    h.pm2 = ptr<double>(pm2);
+    h.pmin = ptr<float>(pmin);
+    h.pmax = ptr<float>(pmax);
+    return h;
+  };
+  m.def(
+      "cuda_moments_pair_partial",
+      [stats_half](uintptr_t x, uintptr_t f, uintptr_t mask, I3 shape, I3 sx, I3 sf, I2 sm,
+                   int dtype, int vec, int Sy, int64_t rows_y, uintptr_t pn_y, uintptr_t pmean_y,
+                   uintptr_t pm2_y, uintptr_t pmin_y, uintptr_t pmax_y, int Sx, int64_t rows_x,
+                   uintptr_t pn_x, uintptr_t pmean_x, uintptr_t pm2_x, uintptr_t pmin_x,
+                   uintptr_t pmax_x, int device, uintptr_t stream) {
+        const auto in = make_input(x, f, mask, shape, sx, sf, sm, dtype, vec);
+        check("moments_pair_partial",
+              cuda::moments_pair_partial(
+                  in, stats_half(Sy, rows_y, pn_y, pmean_y, pm2_y, pmin_y, pmax_y),
+                  stats_half(Sx, rows_x, pn_x, pmean_x, pm2_x, pmin_x, pmax_x), device,
+                  ptr<void>(stream)));
+      },
+      "cuda_moments_partial of Y = x + f (first half of the arguments) and of x (second) in "
+      "one launch");
+  m.def(
+      "cuda_minmax_pair_partial",
+      [stats_half](uintptr_t x, uintptr_t f, uintptr_t mask, I3 shape, I3 sx, I3 sf, I2 sm,
+                   int dtype, int vec, int Sy, int64_t rows_y, uintptr_t pmin_y, uintptr_t pmax_y,
+                   int Sx, int64_t rows_x, uintptr_t pmin_x, uintptr_t pmax_x, int device,
+                   uintptr_t stream) {
+        const auto in = make_input(x, f, mask, shape, sx, sf, sm, dtype, vec);
+        check("minmax_pair_partial",
+              cuda::minmax_pair_partial(in, stats_half(Sy, rows_y, 0, 0, 0, pmin_y, pmax_y),
+                                        stats_half(Sx, rows_x, 0, 0, 0, pmin_x, pmax_x), device,
+                                        ptr<void>(stream)));
+      },
+      "cuda_minmax_partial of Y = x + f and of x in one launch");
+  m.def(
+      "cuda_bucket_hist_pair",
+      [](uintptr_t x, uintptr_t f, uintptr_t mask, I3 shape, I3 sx, I3 sf, I2 sm, int dtype,
+         int vec, int bins, int Sp_y, uintptr_t pmin_y, uintptr_t pmax_y, int Sy, int64_t rows_y,
+         uintptr_t phist_y, int Sp_x, uintptr_t pmin_x, uintptr_t pmax_x, int Sx, int64_t rows_x,
+         uintptr_t phist_x, int device, uintptr_t stream) {
+        const auto in = make_input(x, f, mask, shape, sx, sf, sm, dtype, vec);
+        cuda::HistHalf y, xh;
+        y.Sp = Sp_y;
+        y.pmin = ptr<const float>(pmin_y);
+        y.pmax = ptr<const float>(pmax_y);
+        y.S = Sy;
+        y.rows = rows_y;
+        y.phist = ptr<int32_t>(phist_y);
+        xh.Sp = Sp_x;
+        xh.pmin = ptr<const float>(pmin_x);
+        xh.pmax = ptr<const float>(pmax_x);
+        xh.S = Sx;
+        xh.rows = rows_x;
+        xh.phist = ptr<int32_t>(phist_x);
+        check("bucket_hist_pair", cuda::bucket_hist_pair(in, bins, y, xh, device, ptr<void>(stream)));
+      },
+      "cuda_bucket_hist of Y = x + f and of x in one launch");
+  m.def(
+      "cuda_bucket_fused_pair",
+      [](uintptr_t x, uintptr_t f, uintptr_t mask, I3 shape, I3 sx, I3 sf, I2 sm, int dtype,
+         int vec, int bins, bool paper_exact, uintptr_t counts_y, uintptr_t out_y,
+         uintptr_t counts_x, uintptr_t out_x, int device, uintptr_t stream) {
+        const auto in = make_input(x, f, mask, shape, sx, sf, sm, dtype, vec);
+        cuda::FusedHalf y, xh;
+        y.counts = ptr<int32_t>(counts_y);
+        y.out = ptr<double>(out_y);
+        xh.counts = ptr<int32_t>(counts_x);
+        xh.out = ptr<double>(out_x);
+        check("bucket_fused_pair", cuda::bucket_fused_pair(in, bins, paper_exact ? 1 : 0, y, xh,
+                                                           device, ptr<void>(stream)));
+      },
+      "cuda_bucket_fused of Y = x + f and of x in one launch");
+  m.def(
+      "cuda_bucket_tile",
+      [](uintptr_t x, uintptr_t f, uintptr_t mask, I3 shape, I3 sx, I3 sf, I2 sm, int dtype,
+         int vec, int bins, bool paper_exact, uintptr_t counts, uintptr_t out, int device,
+         uintptr_t stream) {
+        const auto in = make_input(x, f, mask, shape, sx, sf, sm, dtype, vec);
+        check("bucket_tile", cuda::bucket_tile(in, bins, paper_exact ? 1 : 0, ptr<int32_t>(counts),
+                                               ptr<double>(out), device, ptr<void>(stream)));
+      },
+      "cuda_bucket_fused by the shared-memory tile design (owner thread per channel and row part, "
+      "no atomics, <= 64 registers); same arguments and outputs");
   m.def("cuda_fused_max_rows", &cuda::fused_max_rows);
   m.def("cuda_hist_max_rows", &cuda::hist_max_rows);
   m.def(

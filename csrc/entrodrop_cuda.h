@@ -25,6 +25,11 @@ struct Input {
 };
 
 // Each returns nullptr on success, else a static error string (a CUDA error or a bad argument).
+// Non-finite values (docs/CONTRACT.md): the kernels detect NaN/Inf in Y among the valid tokens
+// in the pass that reads them (their min/max propagate NaN) and report it per (sample,
+// channel): moments_merge writes mean = m2 = min = max = NaN; bucket_hist / bucket_fused write
+// the channel's counts as -1 in bin 0 and 0 elsewhere (per split), and bucket_entropy /
+// bucket_fused write H_d = NaN for a channel with a negative count.
 // Grid of the streaming kernels: channel tiles (32 channels for vec 1, else 64) x S token
 // splits of `rows` tokens x B samples, 256 threads per block.
 // Partials: pn [B, S] fp32; pmean/pm2 [B, S, D] fp64; pmin/pmax [B, S, D] fp32.
@@ -49,6 +54,44 @@ const char* bucket_entropy(int64_t B, int64_t D, int bins, int S, const int32_t*
 // [B, D, bins] int32 and/or the entropy out [B, D] fp64 (either pointer may be null).
 const char* bucket_fused(const Input& in, int bins, int paper_exact, int32_t* counts, double* out,
                          int device, void* stream);
+// Pair launches (delta_entropy): the statistics of Y = x + f (half "y") and of x (half "x")
+// in one launch; `in` has f. Each half takes the arguments of its single launch and writes
+// exactly what that launch writes (same code and splits: bit for bit); the two blocks of a
+// channel tile are adjacent in launch order, so x is read from HBM about once.
+struct StatsHalf {
+  int S = 1;
+  int64_t rows = 1;
+  float* pn = nullptr;  // moments only
+  double* pmean = nullptr;
+  double* pm2 = nullptr;
+  float* pmin = nullptr;
+  float* pmax = nullptr;
+};
+struct HistHalf {
+  int Sp = 1;  // min/max partials of minmax_pair_partial
+  const float* pmin = nullptr;
+  const float* pmax = nullptr;
+  int S = 1;
+  int64_t rows = 1;
+  int32_t* phist = nullptr;
+};
+struct FusedHalf {
+  int32_t* counts = nullptr;
+  double* out = nullptr;
+};
+const char* moments_pair_partial(const Input& in, const StatsHalf& y, const StatsHalf& x,
+                                 int device, void* stream);
+const char* minmax_pair_partial(const Input& in, const StatsHalf& y, const StatsHalf& x,
+                                int device, void* stream);
+const char* bucket_hist_pair(const Input& in, int bins, const HistHalf& y, const HistHalf& x,
+                             int device, void* stream);
+const char* bucket_fused_pair(const Input& in, int bins, int paper_exact, const FusedHalf& y,
+                              const FusedHalf& x, int device, void* stream);
+// The same single read (T <= fused_max_rows(), vec 4 or 8) by the occupancy design: a
+// 32-channel tile of Y staged in shared memory, one owner thread per (channel, eighth of the
+// rows) with private 8-bit counters, no atomics, <= 64 registers. Same outputs as bucket_fused.
+const char* bucket_tile(const Input& in, int bins, int paper_exact, int32_t* counts, double* out,
+                        int device, void* stream);
 int fused_max_rows();
 int hist_max_rows();
 // Resident blocks per SM of a kernel: kind 0 moments, 1 min/max, 2 histogram, 3 fused.

@@ -31,6 +31,11 @@
 // about one wave of blocks). Short samples (T <= 256, fast path): one block per (sample,
 // channel tile) loads its whole tile into registers once, computes min/max, bins and the
 // entropy in one read of global memory (bucket_fused).
+//
+// Non-finite values: every min/max here propagates NaN (PTX min.NaN / max.NaN), so a
+// channel's min or max is NaN or infinite exactly when one of its valid values of Y was NaN
+// or Inf (x + f overflowing fp32 included); the merge kernels turn that into the contract's
+// report (moments: NaN statistics; bucket: counts -1 in bin 0, H_d = NaN), no extra pass.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -71,6 +76,35 @@ struct Geo {
 
 __device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+
+// NaN-propagating min / max (PTX min.NaN / max.NaN, sm_80+): one NaN among the values makes
+// the result NaN, and an Inf makes min or max infinite, so every kernel's min/max carries its
+// non-finite report (docs/CONTRACT.md "Non-finite values") at no cost in the loops.
+__device__ __forceinline__ float fmin_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return isnan(a) || isnan(b) ? __int_as_float(0x7fffffff) : fminf(a, b);
+#endif
+}
+__device__ __forceinline__ float fmax_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return isnan(a) || isnan(b) ? __int_as_float(0x7fffffff) : fmaxf(a, b);
+#endif
+}
+
+// The (NaN-propagating) min and max of a channel's valid values tell whether one of them was
+// NaN or +-Inf (finite values cannot make them infinite); an empty channel (no valid token:
+// min = +Inf, max = -Inf) is not such a channel.
+__device__ __forceinline__ bool nonfinite_range(float lo, float hi) {
+  return !(isfinite(lo) && isfinite(hi)) && !(lo == INFINITY && hi == -INFINITY);
+}
 
 template <typename T>
 __device__ __forceinline__ float scalar_to_float(const T* p) {
@@ -181,18 +215,20 @@ __device__ __forceinline__ void chan_merge(double na, double& ma, double& qa, do
 }
 
 // STATS: count/mean/M2 + min/max per (sample, split, channel); !STATS: min/max only.
+// (The body of the kernels below: block (channel tile `tile`, split s, sample b).)
 template <typename T, int VEC, bool STATS, bool HAS_F>
-__global__ void __launch_bounds__(kThreads, (Cfg<VEC, STATS, HAS_F>::MINB))
-    stream_stats_kernel(Input in, int S, int64_t rows, float* __restrict__ pn,
-                        double* __restrict__ pmean, double* __restrict__ pm2,
-                        float* __restrict__ pmin, float* __restrict__ pmax) {
+__device__ __forceinline__ void stream_stats_body(const Input& in, int S, int64_t rows,
+                                                  float* __restrict__ pn,
+                                                  double* __restrict__ pmean,
+                                                  double* __restrict__ pm2,
+                                                  float* __restrict__ pmin,
+                                                  float* __restrict__ pmax, unsigned tile, int s,
+                                                  int64_t b) {
   using G = Geo<VEC>;
   constexpr int kU = Cfg<VEC, STATS, HAS_F>::U;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int cl = lane % G::LC, rw = lane / G::LC, rg = warp * G::RPW + rw;
-  const int64_t b = blockIdx.z;
-  const int s = blockIdx.y;
-  const int64_t dt = static_cast<int64_t>(blockIdx.x) * G::CT;
+  const int64_t dt = static_cast<int64_t>(tile) * G::CT;
   const int64_t d0 = dt + cl * VEC;
   const bool dvalid = d0 < in.D;  // VEC > 1 only when D % VEC == 0: all VEC channels exist
   const int64_t t_begin = static_cast<int64_t>(s) * rows;
@@ -215,7 +251,7 @@ __global__ void __launch_bounds__(kThreads, (Cfg<VEC, STATS, HAS_F>::MINB))
     for (int k = 0; k < VEC; ++k)
 #pragma unroll
       for (int i = 0; i < kU; ++i)
-        if (ok[i]) { mn[k] = fminf(mn[k], v[i][k]); mx[k] = fmaxf(mx[k], v[i][k]); }
+        if (ok[i]) { mn[k] = fmin_nan(mn[k], v[i][k]); mx[k] = fmax_nan(mx[k], v[i][k]); }
     if constexpr (STATS) {
       const float nb = static_cast<float>(nbi);
       const float inv = __frcp_rn(nb);  // the chunk mean need not be exact: q is about it
@@ -272,8 +308,8 @@ __global__ void __launch_bounds__(kThreads, (Cfg<VEC, STATS, HAS_F>::MINB))
     const double on = __shfl_xor_sync(0xffffffffu, dn, off);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      mn[k] = fminf(mn[k], __shfl_xor_sync(0xffffffffu, mn[k], off));
-      mx[k] = fmaxf(mx[k], __shfl_xor_sync(0xffffffffu, mx[k], off));
+      mn[k] = fmin_nan(mn[k], __shfl_xor_sync(0xffffffffu, mn[k], off));
+      mx[k] = fmax_nan(mx[k], __shfl_xor_sync(0xffffffffu, mx[k], off));
       if constexpr (STATS) {
         const double om = __shfl_xor_sync(0xffffffffu, dm[k], off);
         const double oq = __shfl_xor_sync(0xffffffffu, dq[k], off);
@@ -307,8 +343,8 @@ __global__ void __launch_bounds__(kThreads, (Cfg<VEC, STATS, HAS_F>::MINB))
     float a = INFINITY, z = -INFINITY;
     double N = 0.0, M = 0.0, Q = 0.0;
     for (int w = 0; w < kWarps; ++w) {
-      a = fminf(a, s_mn[w][tid]);
-      z = fmaxf(z, s_mx[w][tid]);
+      a = fmin_nan(a, s_mn[w][tid]);
+      z = fmax_nan(z, s_mx[w][tid]);
       if constexpr (STATS) {
         chan_merge(N, M, Q, s_n[w], s_mean[w][tid], s_m2[w][tid]);
         N += s_n[w];
@@ -319,8 +355,40 @@ __global__ void __launch_bounds__(kThreads, (Cfg<VEC, STATS, HAS_F>::MINB))
     if constexpr (STATS) {
       pmean[o] = M;
       pm2[o] = Q;
-      if (blockIdx.x == 0 && tid == 0) pn[b * S + s] = static_cast<float>(N);
+      if (tile == 0 && tid == 0) pn[b * S + s] = static_cast<float>(N);
     }
+  }
+}
+
+template <typename T, int VEC, bool STATS, bool HAS_F>
+__global__ void __launch_bounds__(kThreads, (Cfg<VEC, STATS, HAS_F>::MINB))
+    stream_stats_kernel(Input in, int S, int64_t rows, float* __restrict__ pn,
+                        double* __restrict__ pmean, double* __restrict__ pm2,
+                        float* __restrict__ pmin, float* __restrict__ pmax) {
+  stream_stats_body<T, VEC, STATS, HAS_F>(in, S, rows, pn, pmean, pm2, pmin, pmax, blockIdx.x,
+                                          blockIdx.y, blockIdx.z);
+}
+
+// Pair launch (delta_entropy): blockIdx.x = 2 * tile + half, half 0 the statistics of
+// Y = x + f, half 1 those of x, each by the very code (and splits) of its single launch, so
+// the outputs are the single launches' bit for bit. The two blocks of a tile are adjacent in
+// launch order and stream the same rows of x together: x comes from HBM once, the second
+// read from L2. MINB does not depend on HAS_F: the same register cap as the single kernels.
+template <typename T, int VEC, bool STATS>
+__global__ void __launch_bounds__(kThreads, (Cfg<VEC, STATS, true>::MINB))
+    stream_stats_pair_kernel(Input in, StatsHalf y, StatsHalf x) {
+  static_assert(Cfg<VEC, STATS, true>::MINB == Cfg<VEC, STATS, false>::MINB, "same register cap");
+  const unsigned tile = blockIdx.x >> 1;
+  const int s = static_cast<int>(blockIdx.y);
+  if ((blockIdx.x & 1u) == 0u) {
+    if (s < y.S)
+      stream_stats_body<T, VEC, STATS, true>(in, y.S, y.rows, y.pn, y.pmean, y.pm2, y.pmin,
+                                             y.pmax, tile, s, blockIdx.z);
+  } else if (s < x.S) {
+    Input ix = in;
+    ix.f = nullptr;
+    stream_stats_body<T, VEC, STATS, false>(ix, x.S, x.rows, x.pn, x.pmean, x.pm2, x.pmin,
+                                            x.pmax, tile, s, blockIdx.z);
   }
 }
 
@@ -339,14 +407,21 @@ __global__ void moments_merge_kernel(int64_t B, int64_t D, int S, const float* _
   for (int s = 0; s < S; ++s) {
     const double nb = pn[b * S + s];
     const int64_t i = (b * S + s) * D + d;
-    a = fminf(a, pmin[i]);
-    z = fmaxf(z, pmax[i]);
+    a = fmin_nan(a, pmin[i]);
+    z = fmax_nan(z, pmax[i]);
     if (nb == 0.0) continue;
     chan_merge(N, M, Q, nb, pmean[i], pm2[i]);
     N += nb;
   }
+  Q = Q > 0.0 ? Q : 0.0;  // (as before: rounding below 0, or NaN from fp32 overflow on finite values)
+  if (nonfinite_range(a, z)) {  // the contract's report: NaN for every statistic of the channel
+    const double qn = __longlong_as_double(0x7ff8000000000000LL);
+    M = qn;
+    Q = qn;
+    a = z = __int_as_float(0x7fffffff);
+  }
   mean[b * D + d] = M;
-  m2[b * D + d] = Q > 0.0 ? Q : 0.0;
+  m2[b * D + d] = Q;
   mn[b * D + d] = a;
   mx[b * D + d] = z;
   if (d == 0) count[b] = N;
@@ -432,10 +507,12 @@ __device__ __forceinline__ void stage_counts(const uint32_t* __restrict__ cnt,
 // Phase 2 of bucket: bin counts of split s into phist [B, S, D, bins] (every entry written).
 // GLOBAL: counters straight in global memory (too many bins for shared memory; phist zeroed).
 template <typename T, int VEC, bool GLOBAL, bool HAS_F>
-__global__ void __launch_bounds__(kThreads, (Cfg<VEC, false, HAS_F>::MINB))
-    bucket_hist_kernel(Input in, int Sp, const float* __restrict__ pmin,
-                       const float* __restrict__ pmax, int S, int64_t rows, int bins,
-                       int32_t* __restrict__ phist) {
+__device__ __forceinline__ void bucket_hist_body(const Input& in, int Sp,
+                                                 const float* __restrict__ pmin,
+                                                 const float* __restrict__ pmax, int S,
+                                                 int64_t rows, int bins,
+                                                 int32_t* __restrict__ phist, unsigned tile,
+                                                 int s, int64_t b) {
   using G = Geo<VEC>;
   constexpr int kU = Cfg<VEC, false, HAS_F>::U;
   extern __shared__ __align__(16) uint32_t sh[];
@@ -444,9 +521,7 @@ __global__ void __launch_bounds__(kThreads, (Cfg<VEC, false, HAS_F>::MINB))
   int32_t* stage = reinterpret_cast<int32_t*>(sh + nbp * VEC * 32);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int cl = lane % G::LC, rw = lane / G::LC, rg = warp * G::RPW + rw;
-  const int64_t b = blockIdx.z;
-  const int s = blockIdx.y;
-  const int64_t dt = static_cast<int64_t>(blockIdx.x) * G::CT;
+  const int64_t dt = static_cast<int64_t>(tile) * G::CT;
   const int64_t d0 = dt + cl * VEC;
   const bool dvalid = d0 < in.D;
   if constexpr (!GLOBAL) {
@@ -459,12 +534,13 @@ __global__ void __launch_bounds__(kThreads, (Cfg<VEC, false, HAS_F>::MINB))
     if (dvalid) {
       a = INFINITY; z = -INFINITY;
       for (int p = 0; p < Sp; ++p) {
-        a = fminf(a, pmin[(b * Sp + p) * in.D + d0 + k]);
-        z = fmaxf(z, pmax[(b * Sp + p) * in.D + d0 + k]);
+        a = fmin_nan(a, pmin[(b * Sp + p) * in.D + d0 + k]);
+        z = fmax_nan(z, pmax[(b * Sp + p) * in.D + d0 + k]);
       }
     }
     lo[k] = a;
-    scale[k] = dvalid ? bin_scale_or_nan(a, z, bins) : 0.f;
+    // a channel with a non-finite value: everything to bin 0 (its counts are replaced below)
+    scale[k] = dvalid && !nonfinite_range(a, z) ? bin_scale_or_nan(a, z, bins) : 0.f;
   }
   const unsigned wide = wide_bits<VEC>(scale);
   if constexpr (!GLOBAL) __syncthreads();
@@ -497,8 +573,8 @@ __global__ void __launch_bounds__(kThreads, (Cfg<VEC, false, HAS_F>::MINB))
       if (!((wide >> k) & 1u)) continue;
       float a = INFINITY, z = -INFINITY;  // (lo and scale are not kept live for this)
       for (int p = 0; p < Sp; ++p) {
-        a = fminf(a, pmin[(b * Sp + p) * in.D + d0 + k]);
-        z = fmaxf(z, pmax[(b * Sp + p) * in.D + d0 + k]);
+        a = fmin_nan(a, pmin[(b * Sp + p) * in.D + d0 + k]);
+        z = fmax_nan(z, pmax[(b * Sp + p) * in.D + d0 + k]);
       }
       for (int64_t t = t_begin + rg; t < t_end; t += G::RG) {  // this thread's rows, as above
         if (in.mask != nullptr && __ldg(in.mask + b * in.smb + t * in.smt) == 0) continue;
@@ -520,15 +596,103 @@ __global__ void __launch_bounds__(kThreads, (Cfg<VEC, false, HAS_F>::MINB))
       out[i] = stage[ch * sp + j];
     }
   }
+  // the report of a channel with a non-finite value: bin 0 = -1, the others 0, in this split's
+  // counts (bucket_entropy turns a negative count into H_d = NaN); min/max read again rather
+  // than kept in a register through the loop
+  unsigned bad = 0u;
+  if (rw == 0 && dvalid) {
+#pragma unroll 1
+    for (int k = 0; k < VEC; ++k) {
+      float a = INFINITY, z = -INFINITY;
+      for (int p = 0; p < Sp; ++p) {
+        a = fmin_nan(a, pmin[(b * Sp + p) * in.D + d0 + k]);
+        z = fmax_nan(z, pmax[(b * Sp + p) * in.D + d0 + k]);
+      }
+      bad |= nonfinite_range(a, z) ? 1u << k : 0u;
+    }
+  }
+  if (__syncthreads_or(bad != 0u) && rw == 0) {
+#pragma unroll 1
+    for (int k = 0; k < VEC; ++k) {
+      if (!((bad >> k) & 1u)) continue;
+      int32_t* __restrict__ h = gh + (d0 + k) * bins;
+      for (int j = 0; j < bins; ++j) h[j] = j == 0 ? -1 : 0;
+    }
+  }
+}
+
+template <typename T, int VEC, bool GLOBAL, bool HAS_F>
+__global__ void __launch_bounds__(kThreads, (Cfg<VEC, false, HAS_F>::MINB))
+    bucket_hist_kernel(Input in, int Sp, const float* __restrict__ pmin,
+                       const float* __restrict__ pmax, int S, int64_t rows, int bins,
+                       int32_t* __restrict__ phist) {
+  bucket_hist_body<T, VEC, GLOBAL, HAS_F>(in, Sp, pmin, pmax, S, rows, bins, phist, blockIdx.x,
+                                          blockIdx.y, blockIdx.z);
+}
+
+// Pair launch: as stream_stats_pair_kernel (half 0: Y = x + f, half 1: x; same shared memory).
+template <typename T, int VEC, bool GLOBAL>
+__global__ void __launch_bounds__(kThreads, (Cfg<VEC, false, true>::MINB))
+    bucket_hist_pair_kernel(Input in, int bins, HistHalf y, HistHalf x) {
+  static_assert(Cfg<VEC, false, true>::MINB == Cfg<VEC, false, false>::MINB, "same register cap");
+  const unsigned tile = blockIdx.x >> 1;
+  const int s = static_cast<int>(blockIdx.y);
+  if ((blockIdx.x & 1u) == 0u) {
+    if (s < y.S)
+      bucket_hist_body<T, VEC, GLOBAL, true>(in, y.Sp, y.pmin, y.pmax, y.S, y.rows, bins, y.phist,
+                                             tile, s, blockIdx.z);
+  } else if (s < x.S) {
+    Input ix = in;
+    ix.f = nullptr;
+    bucket_hist_body<T, VEC, GLOBAL, false>(ix, x.Sp, x.pmin, x.pmax, x.S, x.rows, bins, x.phist,
+                                            tile, s, blockIdx.z);
+  }
+}
+
+// H_d of the block's nch channels from their counts stage[ch * sp + j] into o[ch], one warp per
+// channel, with table[c] = c ln c: H = ln N - (sum_j c_j ln c_j) / N (= -sum_j p_j ln p_j);
+// paper_exact adds -1e-10 ln(1e-10) per empty bin (p_j = c_j / N >= 1/N > 1e-10 for the
+// others); a negative count (a channel holding a non-finite value) gives NaN.
+__device__ __forceinline__ void write_entropy(const int32_t* __restrict__ stage, int sp, int bins,
+                                              const double* __restrict__ table, int nch,
+                                              int paper_exact, double* __restrict__ o, int lane,
+                                              int warp) {
+  for (int ch = warp; ch < nch; ch += kWarps) {
+    int nsum = 0, nempty = 0;
+    bool neg = false;
+    double sl = 0.0;
+    for (int j = lane; j < bins; j += 32) {
+      const int c = stage[ch * sp + j];
+      nsum += c;
+      nempty += c == 0 ? 1 : 0;
+      neg |= c < 0;
+      sl += table[c < 0 ? 0 : c];
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      nsum += __shfl_xor_sync(0xffffffffu, nsum, off);
+      nempty += __shfl_xor_sync(0xffffffffu, nempty, off);
+      sl += __shfl_xor_sync(0xffffffffu, sl, off);
+    }
+    neg = __any_sync(0xffffffffu, neg);
+    if (lane == 0) {
+      const double N = nsum > 0 ? static_cast<double>(nsum) : 1.0;
+      double h = log(N) - sl / N;
+      if (h < 0.0) h = 0.0;  // a constant channel: ln N - N ln N / N may round below 0
+      if (paper_exact) h += static_cast<double>(nempty) * (-1e-10 * log(1e-10));
+      o[ch] = neg ? __longlong_as_double(0x7ff8000000000000LL) : h;
+    }
+  }
 }
 
 // One read of global memory for short samples (T <= kFusedRows, fast path): a block per
 // (channel tile, sample) holds its rows in registers, computes min/max, bins, and writes the
 // counts (counts [B, D, bins], if not null) and/or the entropy (out [B, D], if not null).
 template <typename T, int VEC, bool HAS_F>
-__global__ void __launch_bounds__(kThreads, 2)
-    bucket_fused_kernel(Input in, int bins, int paper_exact, int32_t* __restrict__ counts,
-                        double* __restrict__ out) {
+__device__ __forceinline__ void bucket_fused_body(const Input& in, int bins, int paper_exact,
+                                                  int32_t* __restrict__ counts,
+                                                  double* __restrict__ out, unsigned tile,
+                                                  int64_t b) {
   using G = Geo<VEC>;
   constexpr int UF = kFusedRows / G::RG;
   extern __shared__ __align__(16) uint32_t sh[];
@@ -540,8 +704,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   float* s_mx = s_mn + kWarps * G::CT;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int cl = lane % G::LC, rw = lane / G::LC, rg = warp * G::RPW + rw;
-  const int64_t b = blockIdx.y;
-  const int64_t dt = static_cast<int64_t>(blockIdx.x) * G::CT;
+  const int64_t dt = static_cast<int64_t>(tile) * G::CT;
   const int64_t d0 = dt + cl * VEC;
   const bool dvalid = d0 < in.D;
 
@@ -583,11 +746,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     mn[k] = INFINITY; mx[k] = -INFINITY;
 #pragma unroll
     for (int i = 0; i < UF; ++i)
-      if (ok[i]) { mn[k] = fminf(mn[k], v[i][k]); mx[k] = fmaxf(mx[k], v[i][k]); }
+      if (ok[i]) { mn[k] = fmin_nan(mn[k], v[i][k]); mx[k] = fmax_nan(mx[k], v[i][k]); }
 #pragma unroll
     for (int off = G::LC; off < 32; off <<= 1) {
-      mn[k] = fminf(mn[k], __shfl_xor_sync(0xffffffffu, mn[k], off));
-      mx[k] = fmaxf(mx[k], __shfl_xor_sync(0xffffffffu, mx[k], off));
+      mn[k] = fmin_nan(mn[k], __shfl_xor_sync(0xffffffffu, mn[k], off));
+      mx[k] = fmax_nan(mx[k], __shfl_xor_sync(0xffffffffu, mx[k], off));
     }
     if (rw == 0) {
       s_mn[warp * G::CT + cl * VEC + k] = mn[k];
@@ -600,11 +763,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int k = 0; k < VEC; ++k) {
     float a = INFINITY, z = -INFINITY;
     for (int w = 0; w < kWarps; ++w) {
-      a = fminf(a, s_mn[w * G::CT + cl * VEC + k]);
-      z = fmaxf(z, s_mx[w * G::CT + cl * VEC + k]);
+      a = fmin_nan(a, s_mn[w * G::CT + cl * VEC + k]);
+      z = fmax_nan(z, s_mx[w * G::CT + cl * VEC + k]);
     }
     lo[k] = a;
-    scale[k] = dvalid ? bin_scale_or_nan(a, z, bins) : 0.f;
+    scale[k] = dvalid && !nonfinite_range(a, z) ? bin_scale_or_nan(a, z, bins) : 0.f;  // bad: bin 0
   }
 #pragma unroll
   for (int i = 0; i < UF; ++i) {
@@ -621,15 +784,36 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int k = 0; k < VEC; ++k) {
       if (!((wide >> k) & 1u)) continue;
       float z = -INFINITY;
-      for (int w = 0; w < kWarps; ++w) z = fmaxf(z, s_mx[w * G::CT + cl * VEC + k]);
+      for (int w = 0; w < kWarps; ++w) z = fmax_nan(z, s_mx[w * G::CT + cl * VEC + k]);
 #pragma unroll
       for (int i = 0; i < UF; ++i)
         if (ok[i]) wide_move<VEC, false>(v[i][k], lo[k], z, bins, k, lane, cnt, nullptr);
     }
   }
   __syncthreads();
+  // channels with a non-finite value (bits; min/max from shared memory again, no register
+  // kept live through the loops for it): counts bin 0 = -1, the others 0, and H_d = NaN below
+  unsigned bad = 0u;
+  if (rw == 0 && dvalid) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      float a = INFINITY, z = -INFINITY;
+      for (int w = 0; w < kWarps; ++w) {
+        a = fmin_nan(a, s_mn[w * G::CT + cl * VEC + k]);
+        z = fmax_nan(z, s_mx[w * G::CT + cl * VEC + k]);
+      }
+      bad |= nonfinite_range(a, z) ? 1u << k : 0u;
+    }
+  }
   stage_counts<VEC>(cnt, stage, nbp, bins, sp, lane, warp);
-  __syncthreads();
+  if (__syncthreads_or(bad != 0u)) {  // rare
+#pragma unroll 1
+    for (int k = 0; k < VEC; ++k) {
+      if (!((bad >> k) & 1u)) continue;
+      for (int j = 0; j < bins; ++j) stage[(cl * VEC + k) * sp + j] = j == 0 ? -1 : 0;
+    }
+    __syncthreads();
+  }
   const int nch = static_cast<int>(min(static_cast<int64_t>(G::CT), in.D - dt));
   if (counts != nullptr) {
     int32_t* __restrict__ o = counts + (b * in.D + dt) * bins;
@@ -639,32 +823,202 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
   if (out != nullptr) {
-    // H = ln N - (sum_j c_j ln c_j) / N  (= -sum_j p_j ln p_j); paper_exact adds
-    // -1e-10 ln(1e-10) per empty bin (p_j = c_j / N >= 1/N > 1e-10 for the others).
-    for (int ch = warp; ch < nch; ch += kWarps) {
-      int nsum = 0, nempty = 0;
-      double sl = 0.0;
-      for (int j = lane; j < bins; j += 32) {
-        const int c = stage[ch * sp + j];
-        nsum += c;
-        nempty += c == 0 ? 1 : 0;
-        sl += table[c];
+    write_entropy(stage, sp, bins, table, nch, paper_exact, out + b * in.D + dt, lane, warp);
+  }
+}
+
+template <typename T, int VEC, bool HAS_F>
+__global__ void __launch_bounds__(kThreads, 2)
+    bucket_fused_kernel(Input in, int bins, int paper_exact, int32_t* __restrict__ counts,
+                        double* __restrict__ out) {
+  bucket_fused_body<T, VEC, HAS_F>(in, bins, paper_exact, counts, out, blockIdx.x, blockIdx.y);
+}
+
+// Pair launch: blockIdx.x = 2 * tile + half (0: Y = x + f, 1: x), as stream_stats_pair_kernel.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads, 2)
+    bucket_fused_pair_kernel(Input in, int bins, int paper_exact, FusedHalf y, FusedHalf x) {
+  const unsigned tile = blockIdx.x >> 1;
+  if ((blockIdx.x & 1u) == 0u) {
+    bucket_fused_body<T, VEC, true>(in, bins, paper_exact, y.counts, y.out, tile, blockIdx.y);
+  } else {
+    Input ix = in;
+    ix.f = nullptr;
+    bucket_fused_body<T, VEC, false>(ix, bins, paper_exact, x.counts, x.out, tile, blockIdx.y);
+  }
+}
+
+// bucket_tile: the occupancy design of the single read for short samples (T <= kFusedRows,
+// 16-byte rows), an alternative to bucket_fused (which holds the rows in registers: 106-128
+// registers, 25% occupancy, latency-bound). A block per (32-channel tile, sample) stages the
+// sample's tile of Y in shared memory (fp32 [kFusedRows][32]: 32 KB), then every thread owns
+// one channel (lane) and an eighth of the rows (warp) and counts them into its own 8-bit
+// counters in shared memory (at most 32 rows each): no atomics; thread t's counters of bins
+// 4q..4q+3 are the 32-bit word q * 256 + t, so a warp's 32 lanes hit 32 different banks
+// whatever their bins. <= 64 registers (4 blocks per SM by registers; shared memory ~45 KB at
+// 20 bins: 5 blocks per SM, 62% occupancy, against 25% for bucket_fused).
+constexpr int kTileCh = 32;
+
+// Shared memory of bucket_tile (host and device agree through this function).
+struct TileSmem {
+  size_t ys, table, mn, mx, flag, stage, cnt, valid, total;
+  __host__ __device__ static TileSmem of(int bins) {
+    TileSmem m{};
+    m.ys = 0;                                                          // float [kFusedRows][kTileCh]
+    m.table = m.ys + sizeof(float) * kFusedRows * kTileCh;             // double [kFusedRows + 1]
+    m.mn = m.table + sizeof(double) * (kFusedRows + 1);                // float [kWarps][kTileCh]
+    m.mx = m.mn + sizeof(float) * kWarps * kTileCh;                    // float [kWarps][kTileCh]
+    m.flag = m.mx + sizeof(float) * kWarps * kTileCh;                  // int [kTileCh]: 1 bad channel
+    m.stage = m.flag + sizeof(int) * kTileCh;                          // int32 [kTileCh][bins | 1]
+    m.cnt = m.stage + sizeof(int32_t) * kTileCh * static_cast<size_t>(bins | 1);  // uint8, tile_counter
+    m.valid = m.cnt + static_cast<size_t>((bins + 3) / 4) * 4 * kThreads;  // uint8 [kFusedRows]
+    m.total = m.valid + kFusedRows;
+    return m;
+  }
+};
+
+// Byte offset of thread t's 8-bit counter of bin j: the word (j / 4) * kThreads + t.
+__device__ __forceinline__ int tile_counter(int j, int t) { return (((j >> 2) * kThreads + t) << 2) + (j & 3); }
+
+template <typename T, int VEC, bool HAS_F>
+__global__ void __launch_bounds__(kThreads, 4)
+    bucket_tile_kernel(Input in, int bins, int paper_exact, int32_t* __restrict__ counts,
+                       double* __restrict__ out) {
+  constexpr int LT = kTileCh / VEC;     // threads per row in the load phase (4 or 8)
+  constexpr int RP = kThreads / LT;     // rows per load pass (64 or 32)
+  constexpr int U = HAS_F ? 2 : 4;      // rows per thread in flight
+  constexpr int RW = kFusedRows / kWarps;  // rows per warp in the counting phase (32)
+  extern __shared__ __align__(16) unsigned char smem[];
+  const TileSmem L = TileSmem::of(bins);
+  float* ys = reinterpret_cast<float*>(smem + L.ys);
+  double* table = reinterpret_cast<double*>(smem + L.table);
+  float* s_mn = reinterpret_cast<float*>(smem + L.mn);
+  float* s_mx = reinterpret_cast<float*>(smem + L.mx);
+  int* s_flag = reinterpret_cast<int*>(smem + L.flag);
+  int32_t* stage = reinterpret_cast<int32_t*>(smem + L.stage);
+  uint8_t* cnt = reinterpret_cast<uint8_t*>(smem + L.cnt);
+  uint8_t* valid = reinterpret_cast<uint8_t*>(smem + L.valid);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t b = blockIdx.y;
+  const int64_t dt = static_cast<int64_t>(blockIdx.x) * kTileCh;
+  const int sp = bins | 1;
+
+  // 1. the tile of Y into shared memory (16-byte loads, U rows in flight per thread)
+  {
+    const int cg = tid % LT, r0 = tid / LT;
+    const int64_t d0 = dt + cg * VEC;
+    const bool dvalid = d0 < in.D;  // D % VEC == 0 on this path: all VEC channels exist
+    for (int t0 = r0; t0 < kFusedRows; t0 += RP * U) {
+      bool ok[U];
+      float v[U][VEC];
+#pragma unroll
+      for (int i = 0; i < U; ++i) {
+        const int t = t0 + i * RP;
+        bool valid_row = t < in.T;
+        if (valid_row && in.mask != nullptr) valid_row = __ldg(in.mask + b * in.smb + t * in.smt) != 0;
+        if (cg == 0 && t < kFusedRows) valid[t] = valid_row ? 1 : 0;
+        ok[i] = valid_row && dvalid;
       }
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) {
-        nsum += __shfl_xor_sync(0xffffffffu, nsum, off);
-        nempty += __shfl_xor_sync(0xffffffffu, nempty, off);
-        sl += __shfl_xor_sync(0xffffffffu, sl, off);
+      for (int i = 0; i < U; ++i) {
+        const int64_t t = t0 + i * RP;
+        if (ok[i]) {
+          load_vec<T, VEC>(static_cast<const T*>(in.x) + (b * in.sxb + t * in.sxt + d0 * in.sxd), v[i]);
+        } else {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) v[i][k] = 0.f;
+        }
       }
-      if (lane == 0) {
-        const double N = nsum > 0 ? static_cast<double>(nsum) : 1.0;
-        double h = log(N) - sl / N;
-        if (h < 0.0) h = 0.0;  // a constant channel: ln N - N ln N / N may round below 0
-        if (paper_exact) h += static_cast<double>(nempty) * (-1e-10 * log(1e-10));
-        out[b * in.D + dt + ch] = h;
+      if constexpr (HAS_F) {
+        float w[U][VEC];
+#pragma unroll
+        for (int i = 0; i < U; ++i) {
+          const int64_t t = t0 + i * RP;
+          if (ok[i]) {
+            load_vec<T, VEC>(static_cast<const T*>(in.f) + (b * in.sfb + t * in.sft + d0 * in.sfd), w[i]);
+          } else {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) w[i][k] = 0.f;
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < U; ++i)
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) v[i][k] = __fadd_rn(v[i][k], w[i][k]);
+      }
+#pragma unroll
+      for (int i = 0; i < U; ++i) {
+        const int t = t0 + i * RP;
+        if (t < kFusedRows) {
+          float4* row = reinterpret_cast<float4*>(ys + t * kTileCh + cg * VEC);
+#pragma unroll
+          for (int h = 0; h < VEC / 4; ++h) row[h] = make_float4(v[i][4 * h], v[i][4 * h + 1], v[i][4 * h + 2], v[i][4 * h + 3]);
+        }
       }
     }
   }
+  if (out != nullptr) {
+    for (int i = tid; i <= kFusedRows; i += kThreads) table[i] = i == 0 ? 0.0 : i * log(static_cast<double>(i));
+  }
+  for (int i = tid; i < (bins + 3) / 4 * kThreads; i += kThreads) reinterpret_cast<uint32_t*>(cnt)[i] = 0u;
+  __syncthreads();
+
+  // 2. thread (warp w, lane c) owns channel c on rows [w * RW, (w + 1) * RW): min/max, then bins
+  const int c = lane;
+  const bool cvalid = dt + c < in.D;
+  const int rbeg = warp * RW;
+  {
+    float mn = INFINITY, mx = -INFINITY;
+    for (int t = rbeg; t < rbeg + RW; ++t) {
+      if (valid[t]) {
+        const float y = ys[t * kTileCh + c];
+        mn = fmin_nan(mn, y);
+        mx = fmax_nan(mx, y);
+      }
+    }
+    s_mn[warp * kTileCh + c] = mn;
+    s_mx[warp * kTileCh + c] = mx;
+  }
+  __syncthreads();
+  float lo = INFINITY, hi = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    lo = fmin_nan(lo, s_mn[w * kTileCh + c]);
+    hi = fmax_nan(hi, s_mx[w * kTileCh + c]);
+  }
+  const bool bad = cvalid && nonfinite_range(lo, hi);
+  if (warp == 0) s_flag[c] = bad ? 1 : 0;
+  const float scale = cvalid && !bad ? bin_scale_or_nan(lo, hi, bins) : 0.f;  // bad: bin 0
+  const bool wide = isnan(scale);
+  if (cvalid) {
+    for (int t = rbeg; t < rbeg + RW; ++t) {
+      if (!valid[t]) continue;
+      const float y = ys[t * kTileCh + c];
+      const int j = wide ? bin_index_wide(y, lo, hi, bins) : bin_index(y, lo, scale, bins);
+      uint8_t* q = cnt + tile_counter(j, tid);
+      *q = static_cast<uint8_t>(*q + 1);
+    }
+  }
+  __syncthreads();
+
+  // 3. the 8 row parts of each channel summed into stage [kTileCh][sp]; reports; outputs
+  const int nch = static_cast<int>(min(static_cast<int64_t>(kTileCh), in.D - dt));
+  for (int i = tid; i < nch * bins; i += kThreads) {
+    const int ch = i / bins, j = i - ch * bins;
+    int sum = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += cnt[tile_counter(j, w * 32 + ch)];
+    stage[ch * sp + j] = s_flag[ch] ? (j == 0 ? -1 : 0) : sum;
+  }
+  __syncthreads();
+  if (counts != nullptr) {
+    int32_t* __restrict__ o = counts + (b * in.D + dt) * bins;
+    for (int i = tid; i < nch * bins; i += kThreads) {
+      const int ch = i / bins, j = i - ch * bins;
+      o[i] = stage[ch * sp + j];
+    }
+  }
+  if (out != nullptr) write_entropy(stage, sp, bins, table, nch, paper_exact, out + b * in.D + dt, lane, warp);
 }
 
 // H_d from the split partials phist [B, S, D, bins]: one warp per (sample, channel).
@@ -676,10 +1030,19 @@ __global__ void bucket_entropy_kernel(int64_t B, int64_t D, int bins, int S,
   if (gw >= B * D) return;  // uniform per warp
   const int64_t b = gw / D, d = gw - b * D;
   long long n = 0;
+  bool neg = false;  // a negative count: the channel held a non-finite value (H_d = NaN)
   for (int j = lane; j < bins; j += 32)
-    for (int s = 0; s < S; ++s) n += phist[((b * S + s) * D + d) * bins + j];
+    for (int s = 0; s < S; ++s) {
+      const int32_t c = phist[((b * S + s) * D + d) * bins + j];
+      n += c;
+      neg |= c < 0;
+    }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) n += __shfl_xor_sync(0xffffffffu, n, off);
+  if (__any_sync(0xffffffffu, neg)) {
+    if (lane == 0) out[b * D + d] = __longlong_as_double(0x7ff8000000000000LL);
+    return;
+  }
   const double N = static_cast<double>(n > 0 ? n : 1);
   double h = 0.0;
   for (int j = lane; j < bins; j += 32) {
@@ -934,6 +1297,143 @@ const char* bucket_entropy(int64_t B, int64_t D, int bins, int S, const int32_t*
   const int64_t warps = B * D;
   const dim3 grid(static_cast<unsigned>((warps + 7) / 8));
   bucket_entropy_kernel<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(B, D, bins, S, phist, paper_exact, out);
+  return last_error();
+}
+
+namespace {
+
+const char* check_pair(const Input& in, const StatsHalf& y, const StatsHalf& x) {
+  if (in.f == nullptr) return "a pair launch needs f";
+  if (const char* e = check_input(in)) return e;
+  if (const char* e = check_split(in, y.S, y.rows)) return e;
+  return check_split(in, x.S, x.rows);
+}
+
+dim3 pair_grid(const Input& in, int Sy, int Sx) {
+  const int64_t ct = channel_tile(in.vec);
+  return dim3(static_cast<unsigned>(2 * ((in.D + ct - 1) / ct)), static_cast<unsigned>(Sy > Sx ? Sy : Sx),
+              static_cast<unsigned>(in.B));
+}
+
+}  // namespace
+
+const char* moments_pair_partial(const Input& in, const StatsHalf& y, const StatsHalf& x,
+                                 int device, void* stream) {
+  if (const char* e = check_pair(in, y, x)) return e;
+  if (const char* e = prepare(device)) return e;
+  const dim3 grid = pair_grid(in, y.S, x.S);
+  auto st = static_cast<cudaStream_t>(stream);
+  ENTRODROP_DISPATCH(in, stream_stats_pair_kernel<T, VEC, true><<<grid, kThreads, 0, st>>>(in, y, x););
+  return last_error();
+}
+
+const char* minmax_pair_partial(const Input& in, const StatsHalf& y, const StatsHalf& x,
+                                int device, void* stream) {
+  if (const char* e = check_pair(in, y, x)) return e;
+  if (const char* e = prepare(device)) return e;
+  const dim3 grid = pair_grid(in, y.S, x.S);
+  auto st = static_cast<cudaStream_t>(stream);
+  ENTRODROP_DISPATCH(in, stream_stats_pair_kernel<T, VEC, false><<<grid, kThreads, 0, st>>>(in, y, x););
+  return last_error();
+}
+
+const char* bucket_hist_pair(const Input& in, int bins, const HistHalf& y, const HistHalf& x,
+                             int device, void* stream) {
+  if (in.f == nullptr) return "a pair launch needs f";
+  if (const char* e = check_input(in)) return e;
+  if (const char* e = check_split(in, y.S, y.rows)) return e;
+  if (const char* e = check_split(in, x.S, x.rows)) return e;
+  if (bins < 1 || bins > 65536) return "bins must be in [1, 65536]";
+  if (const char* e = prepare(device)) return e;
+  const size_t smem = hist_smem(bins, in.vec);
+  const int64_t rows = y.rows > x.rows ? y.rows : x.rows;
+  const bool global = smem > static_cast<size_t>(smem_optin(device)) || rows > kMaxRowsPerHistBlock;
+  const dim3 grid = pair_grid(in, y.S, x.S);
+  auto st = static_cast<cudaStream_t>(stream);
+  if (global) {
+    for (const HistHalf* h : {&y, &x}) {
+      const size_t n = static_cast<size_t>(in.B) * h->S * in.D * bins * sizeof(int32_t);
+      const cudaError_t e = cudaMemsetAsync(h->phist, 0, n, st);
+      if (e != cudaSuccess) return cudaGetErrorString(e);
+    }
+  }
+  const char* err = nullptr;
+  ENTRODROP_DISPATCH(in, {
+    if (global) {
+      bucket_hist_pair_kernel<T, VEC, true><<<grid, kThreads, 0, st>>>(in, bins, y, x);
+    } else {
+      auto kernel = bucket_hist_pair_kernel<T, VEC, false>;
+      err = allow_smem(kernel, smem);
+      if (err == nullptr) kernel<<<grid, kThreads, smem, st>>>(in, bins, y, x);
+    }
+  });
+  if (err != nullptr) return err;
+  return last_error();
+}
+
+namespace {
+template <typename T, int VEC>
+const char* launch_fused_pair(const Input& in, dim3 grid, size_t smem, cudaStream_t st, int bins,
+                              int paper_exact, const FusedHalf& y, const FusedHalf& x) {
+  if constexpr (VEC == 1) {
+    return "bucket_fused needs the 16-byte fast path (vec 4 or 8)";
+  } else {
+    auto kernel = bucket_fused_pair_kernel<T, VEC>;
+    if (const char* e = allow_smem(kernel, smem)) return e;
+    kernel<<<grid, kThreads, smem, st>>>(in, bins, paper_exact, y, x);
+    return nullptr;
+  }
+}
+}  // namespace
+
+const char* bucket_fused_pair(const Input& in, int bins, int paper_exact, const FusedHalf& y,
+                              const FusedHalf& x, int device, void* stream) {
+  if (in.f == nullptr) return "a pair launch needs f";
+  if (const char* e = check_input(in)) return e;
+  if (in.vec == 1) return "bucket_fused needs the 16-byte fast path (vec 4 or 8)";
+  if (in.T > kFusedRows) return "bucket_fused needs T <= 256";
+  if (bins < 1 || bins > 65536) return "bins must be in [1, 65536]";
+  if (const char* e = prepare(device)) return e;
+  const size_t smem = fused_smem(bins, in.vec);
+  if (smem > static_cast<size_t>(smem_optin(device))) return "bucket_fused: too many bins for shared memory";
+  const int64_t ct = channel_tile(in.vec);
+  const dim3 grid(static_cast<unsigned>(2 * ((in.D + ct - 1) / ct)), static_cast<unsigned>(in.B));
+  auto st = static_cast<cudaStream_t>(stream);
+  const char* err = nullptr;
+  ENTRODROP_DISPATCH(in, err = launch_fused_pair<T, VEC>(in, grid, smem, st, bins, paper_exact, y, x););
+  if (err != nullptr) return err;
+  return last_error();
+}
+
+namespace {
+template <typename T, int VEC>
+const char* launch_tile(const Input& in, dim3 grid, size_t smem, cudaStream_t st, int bins,
+                        int paper_exact, int32_t* counts, double* out) {
+  if constexpr (VEC == 1) {
+    return "bucket_tile needs the 16-byte fast path (vec 4 or 8)";
+  } else {
+    auto kernel = in.f != nullptr ? bucket_tile_kernel<T, VEC, true> : bucket_tile_kernel<T, VEC, false>;
+    if (const char* e = allow_smem(kernel, smem)) return e;
+    kernel<<<grid, kThreads, smem, st>>>(in, bins, paper_exact, counts, out);
+    return nullptr;
+  }
+}
+}  // namespace
+
+const char* bucket_tile(const Input& in, int bins, int paper_exact, int32_t* counts, double* out,
+                        int device, void* stream) {
+  if (const char* e = check_input(in)) return e;
+  if (in.vec == 1) return "bucket_tile needs the 16-byte fast path (vec 4 or 8)";
+  if (in.T > kFusedRows) return "bucket_tile needs T <= 256";
+  if (bins < 1 || bins > 65536) return "bins must be in [1, 65536]";
+  if (const char* e = prepare(device)) return e;
+  const size_t smem = TileSmem::of(bins).total;
+  if (smem > static_cast<size_t>(smem_optin(device))) return "bucket_tile: too many bins for shared memory";
+  const dim3 grid(static_cast<unsigned>((in.D + kTileCh - 1) / kTileCh), static_cast<unsigned>(in.B));
+  auto st = static_cast<cudaStream_t>(stream);
+  const char* err = nullptr;
+  ENTRODROP_DISPATCH(in, err = launch_tile<T, VEC>(in, grid, smem, st, bins, paper_exact, counts, out););
+  if (err != nullptr) return err;
   return last_error();
 }
 

@@ -153,11 +153,21 @@ def _impl(backend_name: str, op: str):
     return fn if fn is not None else getattr(_TorchBackend, op)
 
 
+def _kernel_module(backend_name: str, device: torch.device):
+    """The module whose kernels run ``backend_name``'s ops on this device: the backend's own,
+    except that ``cpp`` hands CUDA tensors to ``cuda_backend`` (same function names), whose
+    ``REPORTS_NONFINITE`` / ``PAIRS`` then count."""
+    mod = _loaded.get(backend_name)
+    if mod is not None and backend_name == "cpp" and device.type == "cuda":
+        return importlib.import_module("entrodrop_fast.ops.cuda_backend")
+    return mod
+
+
 def _reports_nonfinite(backend_name: str, device: torch.device, op: str) -> bool:
     """Whether the backend's ``op`` kernel reports NaN/Inf in Y among the valid tokens through
     its outputs on this device (docs/CONTRACT.md, "Non-finite values"): the backend module
     declares it as ``REPORTS_NONFINITE = {device type: ops}``."""
-    mod = _loaded.get(backend_name)
+    mod = _kernel_module(backend_name, device)
     if mod is None or getattr(mod, op, None) is None:  # left out: the reference runs it
         return False
     return op in getattr(mod, "REPORTS_NONFINITE", {}).get(device.type, ())
@@ -613,7 +623,7 @@ _PAIR_OPTS = {
 
 def _pair_kernel(backend: str, device: torch.device, op: str):
     """The backend's pair kernel of ``op`` for this device (``PAIRS`` in the module), or None."""
-    mod = _loaded.get(backend)
+    mod = _kernel_module(backend, device)
     if mod is None or op not in getattr(mod, "PAIRS", {}).get(device.type, ()):
         return None
     return getattr(mod, f"{op}_pair", None)

@@ -3,8 +3,10 @@
 For CUDA tensors; ``cpp_backend`` delegates its CUDA tensors here. The extension takes raw
 device pointers, shapes, strides (in elements), a dtype code and the caller's stream, so
 everything runs on ``torch.cuda.current_stream()`` and nothing synchronises the host.
-``cosine`` and ``knn_kth_distance`` have no CUDA C++ kernel: they run the Triton kernels
-when Triton works, else the torch reference.
+``cosine`` has no CUDA C++ kernel: it runs the Triton kernel when Triton works, else the
+torch reference. ``knn_kth_distance`` is the tiled GEMM + exact fp64 band of
+``ops/knn_tiled.py`` (cuBLAS tiles; the Triton ``_knn_kernel`` was 28x slower than
+cdist + topk on an H200).
 """
 
 from __future__ import annotations
@@ -14,11 +16,25 @@ import torch
 from entrodrop_fast import _ext
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# Kernels that report NaN/Inf in Y = x (+ f) among the valid tokens through their outputs
+# (docs/CONTRACT.md, "Non-finite values"; their min/max propagate NaN): the API then skips its
+# separate pass over x (and f) on CUDA tensors and checks the small outputs instead. The cpp
+# backend hands its CUDA tensors here, and api._kernel_module reads these for it.
+REPORTS_NONFINITE = {"cuda": frozenset({"moments", "bucket"})}
+# Ops with a pair kernel (<op>_pair: the op of Y = x + f and of x in one launch, x read from
+# HBM about once; each output bit for bit the single op's), for delta_entropy.
+PAIRS = {"cuda": frozenset({"moments", "bucket"})}
 _FUSED_MAX_ROWS = 256  # csrc/stats_cuda.cu kFusedRows
 _FUSED_MAX_BINS = 128  # keeps the fused kernel's shared memory near 100 KB
 _HIST_MAX_ROWS = 65535  # 16-bit shared-memory counters per block
 _PARTIAL_BYTES = 1 << 30  # per-split partial histograms [B, S, D, bins] int32: fewer splits beyond
 _occ_cache: dict = {}
+# Single-read bucket kernel for short samples: "registers" (bucket_fused: the rows in registers,
+# 106-128 registers per thread, 25% occupancy; measured on an H200) or "tile" (bucket_tile: the
+# sample's tile in shared memory, owner thread per channel and row part, no atomics, 43-62
+# registers; compiled, not yet measured). Same outputs bit for bit (tests/test_cuda_backend.py);
+# benches/gpu_hotpaths.sh times both, to pick the default from.
+FUSED_KERNEL = "registers"
 
 
 def available() -> tuple[bool, str]:
@@ -106,20 +122,24 @@ def _launch_ctx(x):
     return x.device.index if x.device.index is not None else torch.cuda.current_device(), torch.cuda.current_stream(x.device).cuda_stream
 
 
-def moments(x, f=None, mask=None, *, splits: int | None = None) -> dict:
-    """count [B] fp64, mean/m2 [B, D] fp64, min/max [B, D] fp32 of Y = x (+ f) over valid tokens."""
-    C = _ext.require()
+def _moment_partials(x, has_f: bool, vec: int, splits: int | None):
+    """(S, rows, pn, pmean, pm2, pmin, pmax): the splits and partial buffers of moments."""
     B, _, D = x.shape
-    args = _args(x, f, mask)
-    S, rows = _splits(x, args[-1], splits, kind=0, has_f=f is not None, waves=2)
+    S, rows = _splits(x, vec, splits, kind=0, has_f=has_f, waves=2)
     dev = x.device
     pn = torch.empty((B, S), dtype=torch.float32, device=dev)
     pmean = torch.empty((B, S, D), dtype=torch.float64, device=dev)
     pm2 = torch.empty((B, S, D), dtype=torch.float64, device=dev)
     pmin = torch.empty((B, S, D), dtype=torch.float32, device=dev)
     pmax = torch.empty((B, S, D), dtype=torch.float32, device=dev)
-    device, stream = _launch_ctx(x)
-    C.cuda_moments_partial(*args, S, rows, pn.data_ptr(), pmean.data_ptr(), pm2.data_ptr(), pmin.data_ptr(), pmax.data_ptr(), device, stream)
+    return S, rows, pn, pmean, pm2, pmin, pmax
+
+
+def _moments_merge(x, part) -> dict:
+    C = _ext.require()
+    B, _, D = x.shape
+    S, _, pn, pmean, pm2, pmin, pmax = part
+    dev = x.device
     out = {
         "count": torch.empty((B,), dtype=torch.float64, device=dev),
         "mean": torch.empty((B, D), dtype=torch.float64, device=dev),
@@ -127,13 +147,52 @@ def moments(x, f=None, mask=None, *, splits: int | None = None) -> dict:
         "min": torch.empty((B, D), dtype=torch.float32, device=dev),
         "max": torch.empty((B, D), dtype=torch.float32, device=dev),
     }
+    device, stream = _launch_ctx(x)
     C.cuda_moments_merge(B, D, S, pn.data_ptr(), pmean.data_ptr(), pm2.data_ptr(), pmin.data_ptr(), pmax.data_ptr(), *(out[k].data_ptr() for k in ("count", "mean", "m2", "min", "max")), device, stream)
     return out
+
+
+def _ptrs(part):
+    S, rows, *bufs = part
+    return (S, rows, *(t.data_ptr() for t in bufs))
+
+
+def moments_pair(x, f, mask=None) -> tuple[dict, dict]:
+    """(moments of Y = x + f, moments of x), each exactly what :func:`moments` returns, from
+    one launch (the blocks of Y and of x for a channel tile run side by side: x is read from
+    HBM about once). x, f: CUDA [B, T, D] of one dtype."""
+    vec = _vec(x, f)
+    if vec != _vec(x, None):  # the single launches would differ in layout: run them
+        return moments(x, f, mask), moments(x, None, mask)
+    C = _ext.require()
+    args = _args(x, f, mask)
+    py, px = _moment_partials(x, True, vec, None), _moment_partials(x, False, vec, None)
+    device, stream = _launch_ctx(x)
+    C.cuda_moments_pair_partial(*args, *_ptrs(py), *_ptrs(px), device, stream)
+    return _moments_merge(x, py), _moments_merge(x, px)
+
+
+def moments(x, f=None, mask=None, *, splits: int | None = None) -> dict:
+    """count [B] fp64, mean/m2 [B, D] fp64, min/max [B, D] fp32 of Y = x (+ f) over valid tokens;
+    mean = m2 = min = max = NaN for a (sample, channel) whose Y holds NaN/Inf."""
+    C = _ext.require()
+    args = _args(x, f, mask)
+    part = _moment_partials(x, f is not None, args[-1], splits)
+    device, stream = _launch_ctx(x)
+    C.cuda_moments_partial(*args, *_ptrs(part), device, stream)
+    return _moments_merge(x, part)
 
 
 def _fused_ok(x, vec: int, bins: int) -> bool:
     """Short samples on the 16-byte path: one read of x (bucket_fused)."""
     return vec > 1 and x.shape[1] <= _FUSED_MAX_ROWS and 1 <= bins <= _FUSED_MAX_BINS
+
+
+def _fused_kernel(C):
+    """The extension's single-read bucket launcher chosen by FUSED_KERNEL."""
+    if FUSED_KERNEL not in ("registers", "tile"):
+        raise ValueError(f"cuda_backend.FUSED_KERNEL must be 'registers' or 'tile', got {FUSED_KERNEL!r}")
+    return C.cuda_bucket_tile if FUSED_KERNEL == "tile" else C.cuda_bucket_fused
 
 
 def _partial_counts(x, f, mask, bins: int, splits: int | None, fused: bool | None):
@@ -149,25 +208,60 @@ def _partial_counts(x, f, mask, bins: int, splits: int | None, fused: bool | Non
         fused = splits is None and _fused_ok(x, vec, bins)
     if fused:
         counts = torch.empty((B, D, bins), dtype=torch.int32, device=dev)
-        C.cuda_bucket_fused(*args, int(bins), False, counts.data_ptr(), 0, device, stream)
+        _fused_kernel(C)(*args, int(bins), False, counts.data_ptr(), 0, device, stream)
         return counts, 0
-    has_f = f is not None
+    mm, hist = _hist_plan(x, f is not None, vec, bins, splits)
+    Sp, rows_p, pmin, pmax = mm
+    C.cuda_minmax_partial(*args, Sp, rows_p, pmin.data_ptr(), pmax.data_ptr(), device, stream)
+    S, rows, phist = hist
+    C.cuda_bucket_hist(*args, Sp, pmin.data_ptr(), pmax.data_ptr(), S, rows, int(bins), phist.data_ptr(), device, stream)
+    return phist, S
+
+
+def _hist_plan(x, has_f: bool, vec: int, bins: int, splits: int | None):
+    """((Sp, rows, pmin, pmax), (S, rows, phist)): the splits and buffers of bucket's two
+    passes (min/max, then the bins)."""
+    B, _, D = x.shape
+    dev = x.device
     Sp, rows_p = _splits(x, vec, splits, kind=1, has_f=has_f, waves=2)
     pmin = torch.empty((B, Sp, D), dtype=torch.float32, device=dev)
     pmax = torch.empty((B, Sp, D), dtype=torch.float32, device=dev)
-    C.cuda_minmax_partial(*args, Sp, rows_p, pmin.data_ptr(), pmax.data_ptr(), device, stream)
     # binning: about one wave of blocks (few splits: small partial histograms)
     S, rows = _splits(x, vec, splits, kind=2, bins=int(bins), has_f=has_f, waves=1, max_rows=_HIST_MAX_ROWS)
     fit = max(1, _PARTIAL_BYTES // (B * D * int(bins) * 4))  # many bins (up to 2^16): bounded memory
     if splits is None and S > fit:
         S, rows = _splits(x, vec, fit, kind=2, bins=int(bins), has_f=has_f, waves=1, max_rows=_HIST_MAX_ROWS)
     phist = torch.empty((B, S, D, bins), dtype=torch.int32, device=dev)
-    C.cuda_bucket_hist(*args, Sp, pmin.data_ptr(), pmax.data_ptr(), S, rows, int(bins), phist.data_ptr(), device, stream)
-    return phist, S
+    return (Sp, rows_p, pmin, pmax), (S, rows, phist)
+
+
+def bucket_pair(x, f, mask=None, bins: int = 20, paper_exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H_d of Y = x + f, H_d of x), fp64 [B, D] each, each exactly what :func:`bucket`
+    returns, from one launch per pass (the blocks of Y and of x for a channel tile run side by
+    side: x is read from HBM about once). x, f: CUDA [B, T, D] of one dtype."""
+    vec = _vec(x, f)
+    if vec != _vec(x, None):  # the single launches would differ in layout: run them
+        return bucket(x, f, mask, bins, paper_exact), bucket(x, None, mask, bins, paper_exact)
+    C = _ext.require()
+    B, _, D = x.shape
+    args = _args(x, f, mask)
+    device, stream = _launch_ctx(x)
+    if _fused_ok(x, vec, bins):
+        hy = torch.empty((B, D), dtype=torch.float64, device=x.device)
+        hx = torch.empty((B, D), dtype=torch.float64, device=x.device)
+        C.cuda_bucket_fused_pair(*args, int(bins), bool(paper_exact), 0, hy.data_ptr(), 0, hx.data_ptr(), device, stream)
+        return hy, hx
+    (Spy, rpy, miny, maxy), (Sy, ry, phy) = _hist_plan(x, True, vec, bins, None)
+    (Spx, rpx, minx, maxx), (Sx, rx, phx) = _hist_plan(x, False, vec, bins, None)
+    C.cuda_minmax_pair_partial(*args, Spy, rpy, miny.data_ptr(), maxy.data_ptr(), Spx, rpx, minx.data_ptr(), maxx.data_ptr(), device, stream)
+    C.cuda_bucket_hist_pair(*args, int(bins), Spy, miny.data_ptr(), maxy.data_ptr(), Sy, ry, phy.data_ptr(),
+                            Spx, minx.data_ptr(), maxx.data_ptr(), Sx, rx, phx.data_ptr(), device, stream)
+    return entropy_from_counts(phy, paper_exact), entropy_from_counts(phx, paper_exact)
 
 
 def bucket_counts(x, f=None, mask=None, bins: int = 20, *, splits: int | None = None, fused: bool | None = None) -> torch.Tensor:
-    """Per-(sample, channel) bin counts, int32 [B, D, bins]."""
+    """Per-(sample, channel) bin counts, int32 [B, D, bins]. A channel whose Y holds NaN/Inf
+    among the valid tokens has negative counts in bin 0 and 0 elsewhere (the kernels' report)."""
     counts, S = _partial_counts(x, f, mask, bins, splits, fused)
     if S == 0:
         return counts
@@ -190,7 +284,8 @@ def entropy_from_counts(hist: torch.Tensor, paper_exact: bool = False) -> torch.
 
 
 def bucket(x, f=None, mask=None, bins: int = 20, paper_exact: bool = False, *, splits: int | None = None, fused: bool | None = None) -> torch.Tensor:
-    """Per-channel histogram entropy H_d, fp64 [B, D], of Y = x (+ f) over valid tokens."""
+    """Per-channel histogram entropy H_d, fp64 [B, D], of Y = x (+ f) over valid tokens;
+    NaN for a (sample, channel) whose Y holds NaN/Inf."""
     B, T, D = x.shape
     args = _args(x, f, mask)
     if fused is None:
@@ -199,7 +294,7 @@ def bucket(x, f=None, mask=None, bins: int = 20, paper_exact: bool = False, *, s
         C = _ext.require()
         out = torch.empty((B, D), dtype=torch.float64, device=x.device)
         device, stream = _launch_ctx(x)
-        C.cuda_bucket_fused(*args, int(bins), bool(paper_exact), 0, out.data_ptr(), device, stream)
+        _fused_kernel(C)(*args, int(bins), bool(paper_exact), 0, out.data_ptr(), device, stream)
         return out
     counts, _ = _partial_counts(x, f, mask, bins, splits, False)
     return entropy_from_counts(counts, paper_exact)
@@ -226,11 +321,9 @@ def cosine(x, other, mask=None, fused: bool = True):
 
 
 def knn_kth_distance(x, k: int) -> torch.Tensor:
-    """No CUDA C++ kernel: the tiled Triton kernel when Triton works, else the torch reference."""
-    if _triton_ready():
-        from entrodrop_fast.ops.triton.knn import knn_kth_distance as _knn
+    """Distance from each row of x [N, D] to its k-th nearest other row, fp64 [N]: tiled
+    fp32 GEMMs (torch.mm), a running k-smallest per row and the exact fp64 band
+    (ops/knn_tiled.py); never the N x N matrix."""
+    from entrodrop_fast.ops.knn_tiled import knn_kth_distance as _knn
 
-        return _knn(x, k)
-    from entrodrop_fast.ops import reference
-
-    return reference.knn_kth_distance(x, k)
+    return _knn(x, k)
