@@ -96,7 +96,7 @@ else
   CALL_SHAPES="2x32x64,96x40"
   CALL_ARGS=(--repeat 2 --estimators bucket,gaussian_diag,delta_bucket)
   MICRO_ARGS=(--device cpu --dry-run)
-  PROFILE_ARGS=(--random-llama 2 --llama-shape 64,128,4,2 --dtype fp32 --device cpu --batch-size 2 --samples 2 --seq-len 16
+  PROFILE_ARGS=(--random-llama 2 --llama-shape 64,128,4,2 --dtype fp32 --device cpu --batch-size 2 --samples 2 --seq-len 32
                 --reps 1 --paper-reps 0)
   STEP=60
 fi
