@@ -31,10 +31,17 @@ import torch
 import triton
 import triton.language as tl
 
-from entrodrop_fast.ops.triton._common import cdiv, f_arg, mask_arg, next_pow2, num_sms, token_splits
+from entrodrop_fast.ops.triton._common import (
+    cdiv,
+    f_arg,
+    mask_arg,
+    next_pow2,
+    num_sms,
+    token_splits,
+)
+from entrodrop_fast.ops.triton._tiles import load_raw, widen
 
 FUSED_MAX_BINS = 32  # eight packed words of four 8-bit counters
-_FLUSH = 255  # tiles between unpacks: an 8-bit counter gains at most 1 per tile
 
 
 # ---------------------------------------------------------------- shared device helpers
@@ -196,10 +203,18 @@ def _bucket_fused_kernel(
     mnx = tl.full([BLOCK_T, BLOCK_D], float("inf"), dtype=tl.float32)
     mxx = tl.full([BLOCK_T, BLOCK_D], float("-inf"), dtype=tl.float32)
     zx = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    # (from HBM: two tiles ahead in flight, see _tiles.py)
+    xr, fr, tmask = load_raw(x_ptr, f_ptr, m_ptr, b, rows, rows < T1, offs_d64, dmask,
+                             sxb, sxt, sxd, sfb, sft, sfd, smb, smt, HAS_F, HAS_MASK)
+    xr_n, fr_n, tmask_n = load_raw(x_ptr, f_ptr, m_ptr, b, BLOCK_T + rows, BLOCK_T + rows < T1, offs_d64, dmask,
+                                   sxb, sxt, sxd, sfb, sft, sfd, smb, smt, HAS_F, HAS_MASK)
     for t0 in range(0, T1, BLOCK_T):
-        offs_t = t0 + rows
-        xv, y, valid = _load_tile(x_ptr, f_ptr, m_ptr, b, offs_t, offs_t < T, offs_d64, dmask,
-                                  sxb, sxt, sxd, sfb, sft, sfd, smb, smt, HAS_F, HAS_MASK)
+        nxt = t0 + 2 * BLOCK_T + rows
+        xr_nn, fr_nn, tmask_nn = load_raw(x_ptr, f_ptr, m_ptr, b, nxt, nxt < T1, offs_d64, dmask,
+                                          sxb, sxt, sxd, sfb, sft, sfd, smb, smt, HAS_F, HAS_MASK)
+        xv, y, valid = widen(xr, fr, tmask, dmask, HAS_F)
+        xr, fr, tmask = xr_n, fr_n, tmask_n
+        xr_n, fr_n, tmask_n = xr_nn, fr_nn, tmask_nn
         mn = tl.minimum(mn, tl.where(valid, y, float("inf")))
         mx = tl.maximum(mx, tl.where(valid, y, float("-inf")))
         z += y * 0.0
@@ -220,7 +235,7 @@ def _bucket_fused_kernel(
     if not WIDE:
         T2 = tl.where(real_wide, 0, T)
         tl.store(flag, real_wide.to(tl.int32))
-    done = T2 > 0  # this launch writes the block's outputs
+    done = dmask & ((tl.zeros_like(offs_d) + T2) > 0)  # this launch writes the block's outputs
 
     # pass 2: counts, in registers
     jj = tl.arange(0, BLOCK_BINS)[None, :]
@@ -244,10 +259,14 @@ def _bucket_fused_kernel(
         e6 = tl.zeros_like(a0)
         e7 = tl.zeros_like(a0)
         c_end = tl.minimum(c0 + BLOCK_T * 255, T2)
+        xr, fr, tmask = load_raw(x_ptr, f_ptr, m_ptr, b, c0 + rows, c0 + rows < c_end, offs_d64, dmask,
+                                 sxb, sxt, sxd, sfb, sft, sfd, smb, smt, HAS_F, HAS_MASK)
         for t0 in range(c0, c_end, BLOCK_T):
-            offs_t = t0 + rows
-            xv, y, valid = _load_tile(x_ptr, f_ptr, m_ptr, b, offs_t, offs_t < c_end, offs_d64, dmask,
-                                      sxb, sxt, sxd, sfb, sft, sfd, smb, smt, HAS_F, HAS_MASK)
+            nxt = t0 + BLOCK_T + rows
+            xr_n, fr_n, tmask_n = load_raw(x_ptr, f_ptr, m_ptr, b, nxt, nxt < c_end, offs_d64, dmask,
+                                           sxb, sxt, sxd, sfb, sft, sfd, smb, smt, HAS_F, HAS_MASK)
+            xv, y, valid = widen(xr, fr, tmask, dmask, HAS_F)  # (from L2, just read: one tile ahead)
+            xr, fr, tmask = xr_n, fr_n, tmask_n
             idx = _bin_index(y, lo, sc, wide, any_wide, bins, WIDE)
             a0, a1, a2, a3, a4, a5, a6, a7 = _count(a0, a1, a2, a3, a4, a5, a6, a7, idx, valid, NW)
             if PAIR:
@@ -259,10 +278,10 @@ def _bucket_fused_kernel(
 
     m = dmask[:, None] & (jj < bins)
     h = _entropy_rows(cnt, m, PAPER_EXACT)
-    tl.store(hy_ptr + b * D + offs_d64, tl.where(bad, float("nan"), h), mask=dmask & done)
+    tl.store(hy_ptr + b * D + offs_d64, tl.where(bad, float("nan"), h), mask=done)
     if PAIR:
         hx = _entropy_rows(cntx, m, PAPER_EXACT)
-        tl.store(hx_ptr + b * D + offs_d64, tl.where(badx, float("nan"), hx), mask=dmask & done)
+        tl.store(hx_ptr + b * D + offs_d64, tl.where(badx, float("nan"), hx), mask=done)
 
 
 # ---------------------------------------------------------------- split path
@@ -385,10 +404,12 @@ def _bucket_entropy_kernel(
 # ---------------------------------------------------------------- launchers
 
 
-def _use_fused(B: int, D: int, bins: int, block_d: int, device: torch.device) -> bool:
-    """The fused kernel when it has bins it can pack and programs enough to fill the GPU
-    (one per sample and channel block); else the split path (one long sample, many bins)."""
-    return bins <= FUSED_MAX_BINS and B * cdiv(D, block_d) >= num_sms(device)
+def _use_fused(B: int, T: int, D: int, bins: int, block_d: int, device: torch.device) -> bool:
+    """The fused kernel when it has bins it can pack and either programs enough to fill the
+    GPU (one per sample and channel block) or short samples (a program's two passes over
+    <= 1024 tokens are short even when few programs run: [1, 256, 4096], [8, 256, 576]);
+    else the split path (one long sample, many bins)."""
+    return bins <= FUSED_MAX_BINS and (B * cdiv(D, block_d) >= num_sms(device) or T <= 1024)
 
 
 def _fused(x, f, mask, bins, paper_exact, pair, *, block_t, block_d, num_warps):
@@ -469,11 +490,15 @@ def entropy_from_counts(hist: torch.Tensor, paper_exact: bool = False, pmin: tor
 
 def _bucket(x, f, mask, bins, paper_exact, pair, *, fused: bool | None = None, block_t: int | None = None,
             block_d: int | None = None, num_warps: int | None = None, **split_config):
-    B, _, D = x.shape
+    B, T, D = x.shape
     if fused is None:
-        fused = _use_fused(B, D, bins, block_d or 64, x.device)
+        fused = _use_fused(B, T, D, bins, block_d or 64, x.device)
     if fused:
-        return _fused(x, f, mask, bins, paper_exact, pair, block_t=block_t or 32, block_d=block_d or 64, num_warps=num_warps or 8)
+        # 256 threads, [32, 64] tiles: 8 channels x 1 token per thread, 16-byte bf16 loads,
+        # 5 x 8 packed counters for 20 bins; 128 registers on sm_90 (ptxas), 2 programs per SM.
+        # The pair counts X and Y: [16, 64] tiles keep it at 183 registers without spills.
+        bt = block_t or (16 if pair else 32)
+        return _fused(x, f, mask, bins, paper_exact, pair, block_t=bt, block_d=block_d or 64, num_warps=num_warps or 8)
     cfg = {k: v for k, v in dict(block_t=block_t, block_d=block_d, num_warps=num_warps).items() if v is not None}
     hist, pmin = _split_counts(x, f, mask, bins, pair, **cfg, **split_config)
     hs = tuple(entropy_from_counts(hist[i], paper_exact, pmin[i]) for i in range(hist.shape[0]))

@@ -2,7 +2,8 @@
 
 Two kernels: ``_moments_partial_kernel`` reads a [rows_per_split, BLOCK_D] slab of one
 sample per program, tile by tile, and keeps a Welford state per tile slot (elementwise in
-registers: no cross-thread reduction inside the loop); the slots are merged once, in fp64
+registers: no cross-thread reduction inside the loop; around the slot's first value, so
+the deviations stay small in fp32); the slots are merged once, in fp64
 (Chan). ``_moments_merge_kernel`` merges the per-split partials in fp64 and writes the
 final results. NaN/Inf in Y among the valid tokens is reported in the same pass (a running
 ``y * 0`` sum, NaN exactly then): mean = m2 = min = max = NaN for that (sample, channel).
@@ -16,23 +17,29 @@ import triton
 import triton.language as tl
 
 from entrodrop_fast.ops.triton._common import cdiv, f_arg, mask_arg, next_pow2, token_splits
+from entrodrop_fast.ops.triton._tiles import load_raw, widen
 
 
 @triton.jit
-def _welford(mean, m2, v, valid, rn):
-    """One value per tile slot into the slot's running (mean, M2); rn: 1 / the slot row's count."""
-    delta = v - mean
+def _welford(shift, mean, m2, v, valid, first, rn):
+    """One value per tile slot into the slot's running (mean, M2) of v - shift, where shift
+    is the slot's first valid value (``first``: this tile's value is it): the deviations
+    then stay small and fp32 keeps 1e-5 even for a channel of mean 10 and spread 1e-3.
+    rn: 1 / the slot row's count."""
+    shift = tl.where(first, v, shift)
+    z = v - shift
+    delta = z - mean
     mean = tl.where(valid, mean + delta * rn[:, None], mean)
-    m2 = tl.where(valid, m2 + delta * (v - mean), m2)
-    return mean, m2
+    m2 = tl.where(valid, m2 + delta * (z - mean), m2)
+    return shift, mean, m2
 
 
 @triton.jit
-def _store_partial(n_row, mean, m2, mn, mx, z, out, dmask, pn_ptr, pmean_ptr, pm2_ptr, pmin_ptr, pmax_ptr):
+def _store_partial(n_row, shift, mean, m2, mn, mx, z, out, dmask, pn_ptr, pmean_ptr, pm2_ptr, pmin_ptr, pmax_ptr):
     """Merge the slots (Chan, fp64) and store this split's state; NaN where reported."""
     n_row = n_row.to(tl.float64)
     n = tl.sum(n_row, axis=0)
-    mean64 = mean.to(tl.float64)
+    mean64 = shift.to(tl.float64) + mean.to(tl.float64)
     mu = tl.sum(n_row[:, None] * mean64, axis=0) / tl.maximum(n, 1.0)  # 0 for an empty split
     dev = mean64 - mu[None, :]
     m2c = tl.sum(m2.to(tl.float64) + n_row[:, None] * dev * dev, axis=0)
@@ -66,6 +73,8 @@ def _moments_partial_kernel(
     # elementwise in registers, no cross-thread reduction in the loop; the slots are merged
     # once at the end (Chan, fp64). No cancellation even for channels 1e4x larger than the rest.
     n_row = tl.zeros([BLOCK_T], dtype=tl.float32)
+    shift = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    shiftx = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     mean = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     mn = tl.full([BLOCK_T, BLOCK_D], float("inf"), dtype=tl.float32)
@@ -76,34 +85,37 @@ def _moments_partial_kernel(
     mnx = tl.full([BLOCK_T, BLOCK_D], float("inf"), dtype=tl.float32)
     mxx = tl.full([BLOCK_T, BLOCK_D], float("-inf"), dtype=tl.float32)
     zx = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    rows = tl.arange(0, BLOCK_T)
+    # two tiles ahead in flight (see _tiles.py)
+    xr, fr, tmask = load_raw(x_ptr, f_ptr, m_ptr, b, t_begin + rows, t_begin + rows < t_end, offs_d64, dmask,
+                             sxb, sxt, sxd, sfb, sft, sfd, smb, smt, HAS_F, HAS_MASK)
+    nxt = t_begin + BLOCK_T + rows
+    xr_n, fr_n, tmask_n = load_raw(x_ptr, f_ptr, m_ptr, b, nxt, nxt < t_end, offs_d64, dmask,
+                                   sxb, sxt, sxd, sfb, sft, sfd, smb, smt, HAS_F, HAS_MASK)
     for t0 in range(t_begin, t_end, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        tmask = offs_t < t_end
-        offs_t64 = offs_t.to(tl.int64)
-        if HAS_MASK:
-            keep = tl.load(m_ptr + b * smb + offs_t64 * smt, mask=tmask, other=0)
-            tmask = tmask & (keep != 0)
-        valid = tmask[:, None] & dmask[None, :]
-        xv = tl.load(x_ptr + b * sxb + offs_t64[:, None] * sxt + offs_d64[None, :] * sxd, mask=valid, other=0.0).to(tl.float32)
-        y = xv
-        if HAS_F:
-            y = xv + tl.load(f_ptr + b * sfb + offs_t64[:, None] * sft + offs_d64[None, :] * sfd, mask=valid, other=0.0).to(tl.float32)
+        nxt = t0 + 2 * BLOCK_T + rows
+        xr_nn, fr_nn, tmask_nn = load_raw(x_ptr, f_ptr, m_ptr, b, nxt, nxt < t_end, offs_d64, dmask,
+                                          sxb, sxt, sxd, sfb, sft, sfd, smb, smt, HAS_F, HAS_MASK)
+        xv, y, valid = widen(xr, fr, tmask, dmask, HAS_F)
+        first = valid & (n_row == 0.0)[:, None]
         n_row += tmask.to(tl.float32)
         rn = 1.0 / tl.maximum(n_row, 1.0)
-        mean, m2 = _welford(mean, m2, y, valid, rn)
+        shift, mean, m2 = _welford(shift, mean, m2, y, valid, first, rn)
         mn = tl.minimum(mn, tl.where(valid, y, float("inf")))
         mx = tl.maximum(mx, tl.where(valid, y, float("-inf")))
         z += y * 0.0
         if PAIR:
-            meanx, m2x = _welford(meanx, m2x, xv, valid, rn)
+            shiftx, meanx, m2x = _welford(shiftx, meanx, m2x, xv, valid, first, rn)
             mnx = tl.minimum(mnx, tl.where(valid, xv, float("inf")))
             mxx = tl.maximum(mxx, tl.where(valid, xv, float("-inf")))
             zx += xv * 0.0
+        xr, fr, tmask = xr_n, fr_n, tmask_n
+        xr_n, fr_n, tmask_n = xr_nn, fr_nn, tmask_nn
 
     out = (b * S + pid_s) * D + offs_d64
-    n = _store_partial(n_row, mean, m2, mn, mx, z, out, dmask, pn_ptr, pmean_ptr, pm2_ptr, pmin_ptr, pmax_ptr)
+    n = _store_partial(n_row, shift, mean, m2, mn, mx, z, out, dmask, pn_ptr, pmean_ptr, pm2_ptr, pmin_ptr, pmax_ptr)
     if PAIR:
-        _store_partial(n_row, meanx, m2x, mnx, mxx, zx, out + B * S * D, dmask, pn_ptr, pmean_ptr, pm2_ptr, pmin_ptr, pmax_ptr)
+        _store_partial(n_row, shiftx, meanx, m2x, mnx, mxx, zx, out + B * S * D, dmask, pn_ptr, pmean_ptr, pm2_ptr, pmin_ptr, pmax_ptr)
     # every channel block stores the same count (a benign duplicate write)
     tl.store(pn_ptr + b * S + pid_s, n.to(tl.float32))
 
