@@ -28,7 +28,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from entrodrop_fast.ops.triton import bucket, moments  # noqa: E402
+from entrodrop_fast.ops.triton import bucket_fused, moments  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 ISSUE = 132 * 4 * 32 * 1.98e9  # thread instructions per second, H200
@@ -63,8 +63,8 @@ def main() -> None:
     hy = {"hy_ptr": "*fp64", "hx_ptr": "*fp64", "wide_ptr": "*i32"}
     mom = dict.fromkeys(["pn_ptr", "pmin_ptr", "pmax_ptr"], "*fp32") | dict.fromkeys(["pmean_ptr", "pm2_ptr"], "*fp64")
     jobs = [
-        ("bucket fused, x", bucket._bucket_fused_kernel, XIN | hy, dict(HAS_F=False, HAS_MASK=False, PAIR=False, PAPER_EXACT=False, NW=5, BLOCK_T=32, BLOCK_D=64, BLOCK_BINS=32, WIDE=False), 8, dict(enable_fp_fusion=False)),
-        ("bucket fused, pair", bucket._bucket_fused_kernel, XIN | hy, dict(HAS_F=True, HAS_MASK=False, PAIR=True, PAPER_EXACT=False, NW=5, BLOCK_T=16, BLOCK_D=64, BLOCK_BINS=32, WIDE=False), 8, dict(enable_fp_fusion=False)),
+        ("bucket fused, x", bucket_fused._bucket_fused_kernel, XIN | hy, dict(HAS_F=False, HAS_MASK=False, PAIR=False, PAPER_EXACT=False, NW=5, BLOCK_T=32, BLOCK_D=64, BLOCK_BINS=32, WIDE=False), 8, dict(enable_fp_fusion=False)),
+        ("bucket fused, pair", bucket_fused._bucket_fused_kernel, XIN | hy, dict(HAS_F=True, HAS_MASK=False, PAIR=True, PAPER_EXACT=False, NW=5, BLOCK_T=16, BLOCK_D=64, BLOCK_BINS=32, WIDE=False), 8, dict(enable_fp_fusion=False)),
         ("moments, x", moments._moments_partial_kernel, XIN | mom, dict(HAS_F=False, HAS_MASK=False, PAIR=False, BLOCK_T=32, BLOCK_D=64), 8, {}),
         ("moments, pair", moments._moments_partial_kernel, XIN | mom, dict(HAS_F=True, HAS_MASK=False, PAIR=True, BLOCK_T=32, BLOCK_D=64), 8, {}),
     ]

@@ -13,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from entrodrop_fast.ops.triton import bucket, cosine, knn, moments
+from entrodrop_fast.ops.triton import bucket, bucket_fused, cosine, knn, moments
 
 
 def _compile(fn, arch: int, ptrs: dict, consts: dict, **opts):
@@ -31,8 +31,8 @@ def compile_all(arch: int) -> dict:
     jobs = [
         (moments._moments_partial_kernel, xin | dict.fromkeys(["pn_ptr", "pmin_ptr", "pmax_ptr"], f32) | dict.fromkeys(["pmean_ptr", "pm2_ptr"], f64), pair | dict(BLOCK_D=64), {}),
         (moments._moments_merge_kernel, dict.fromkeys(["pn_ptr", "pmin_ptr", "pmax_ptr", "min_ptr", "max_ptr"], f32) | dict.fromkeys(["pmean_ptr", "pm2_ptr", "count_ptr", "mean_ptr", "m2_ptr"], f64), dict(BLOCK_S=16, BLOCK_D=128), {}),
-        (bucket._bucket_fused_kernel, xin | {"hy_ptr": f64, "hx_ptr": f64, "wide_ptr": "*i32"}, pair | dict(PAPER_EXACT=False, NW=5, BLOCK_D=64, BLOCK_BINS=32, WIDE=False), nofuse),
-        (bucket._bucket_fused_kernel, xin | {"hy_ptr": f64, "hx_ptr": f64, "wide_ptr": "*i32"}, flags | dict(PAIR=False, PAPER_EXACT=True, NW=8, BLOCK_D=64, BLOCK_BINS=32, WIDE=True), nofuse),
+        (bucket_fused._bucket_fused_kernel, xin | {"hy_ptr": f64, "hx_ptr": f64, "wide_ptr": "*i32"}, pair | dict(PAPER_EXACT=False, NW=5, BLOCK_D=64, BLOCK_BINS=32, WIDE=False), nofuse),
+        (bucket_fused._bucket_fused_kernel, xin | {"hy_ptr": f64, "hx_ptr": f64, "wide_ptr": "*i32"}, flags | dict(PAIR=False, PAPER_EXACT=True, NW=8, BLOCK_D=64, BLOCK_BINS=32, WIDE=True), nofuse),
         (bucket._minmax_partial_kernel, xin | {"pmin_ptr": f32, "pmax_ptr": f32}, pair, {}),
         (bucket._bucket_hist_kernel, xin | {"pmin_ptr": f32, "pmax_ptr": f32, "hist_ptr": "*i32"}, pair | dict(BLOCK_S=16), nofuse),
         (bucket._bucket_entropy_kernel, {"hist_ptr": "*i32", "pmin_ptr": f32, "out_ptr": f64}, dict(PAPER_EXACT=True, BLOCK_D=32, BLOCK_BINS=128, BLOCK_S=16), {}),
