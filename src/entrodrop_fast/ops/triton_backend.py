@@ -15,6 +15,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Kernels that report NaN/Inf in Y = x (+ f) among the valid tokens through their outputs
+# (docs/CONTRACT.md, "Non-finite values"), per device type: the API then skips its separate
+# validation pass and checks the outputs instead. Under the interpreter the same kernels run
+# on CPU tensors.
+_OPS = frozenset({"moments", "bucket", "cosine"})
+REPORTS_NONFINITE = {"cuda": _OPS} | ({"cpu": _OPS} if _interpreting() else {})
+# Ops with a pair kernel (<op>_pair: the op of Y = x + f and of x from one read of x and f,
+# for delta_entropy), per device type.
+_PAIR_OPS = frozenset({"moments", "bucket"})
+PAIRS = {"cuda": _PAIR_OPS} | ({"cpu": _PAIR_OPS} if _interpreting() else {})
+
+
 def available() -> tuple[bool, str]:
     try:
         import triton  # noqa: F401
@@ -37,10 +49,24 @@ def moments(x, f=None, mask=None) -> dict:
     return _moments(x, f, mask)
 
 
+def moments_pair(x, f, mask=None) -> tuple[dict, dict]:
+    """(moments of Y = x + f, moments of x) from one read of x and f."""
+    from entrodrop_fast.ops.triton.moments import moments_pair as _pair
+
+    return _pair(x, f, mask)
+
+
 def bucket(x, f=None, mask=None, bins: int = 20, paper_exact: bool = False) -> torch.Tensor:
     from entrodrop_fast.ops.triton.bucket import bucket as _bucket
 
     return _bucket(x, f, mask, bins, paper_exact)
+
+
+def bucket_pair(x, f, mask=None, bins: int = 20, paper_exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H_d of Y = x + f, H_d of x), fp64 [B, D] each, from one read of x and f per pass."""
+    from entrodrop_fast.ops.triton.bucket import bucket_pair as _pair
+
+    return _pair(x, f, mask, bins, paper_exact)
 
 
 def cosine(x, other, mask=None, fused: bool = True):

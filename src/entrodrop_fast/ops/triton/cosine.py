@@ -3,6 +3,9 @@
 ``_cosine_kernel``: one program per [BLOCK_T] tokens of one sample, looping over the
 channels in BLOCK_D chunks and accumulating x.y, |x|^2 and |y|^2 in fp32; it writes
 cos per token (0 for masked or padded tokens). The per-sample sum is taken in fp64.
+A token whose x or Y (x + f added in fp32, or y) holds NaN/Inf gets cos = NaN (found in
+the same pass: a running ``x * 0 + y * 0``), so the sample's sum is NaN when a valid
+token has one (docs/CONTRACT.md, "Non-finite values").
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def _cosine_kernel(
     dot = tl.zeros([BLOCK_T], dtype=tl.float32)
     nx = tl.zeros([BLOCK_T], dtype=tl.float32)
     ny = tl.zeros([BLOCK_T], dtype=tl.float32)
+    z = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)  # sum of x * 0 + y * 0: 0, or NaN
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         offs_d64 = offs_d.to(tl.int64)
@@ -43,7 +47,9 @@ def _cosine_kernel(
         dot += tl.sum(xv * yv, axis=1)
         nx += tl.sum(xv * xv, axis=1)
         ny += tl.sum(yv * yv, axis=1)
+        z += xv * 0.0 + yv * 0.0
     cos = dot / tl.maximum(tl.sqrt(nx) * tl.sqrt(ny), 1e-12)
+    cos = tl.where(tl.sum(z, axis=1) != 0.0, float("nan"), cos)  # the report: x or Y not finite
     keep = tmask
     if HAS_MASK:
         keep = keep & (tl.load(m_ptr + b * smb + offs_t64 * smt, mask=tmask, other=0) != 0)
