@@ -77,14 +77,30 @@ def perplexity(model, tokenizer, documents: list[str], *, seq_len: int = 256, ma
     windows = torch.tensor(ids[: n_windows * seq_len]).view(n_windows, seq_len)  # (W, T)
     dev = _device(model)
     nll, count = 0.0, 0
+    per_window: list[float] = []
     for i in range(0, n_windows, batch_size):
         batch = windows[i : i + batch_size].to(dev)
         logits = model(batch).logits[:, :-1].float()  # (b, T-1, V)
         check_finite(logits, model, "perplexity")
-        lp = torch.log_softmax(logits, -1).gather(-1, batch[:, 1:, None])[..., 0]
+        lp = torch.log_softmax(logits, -1).gather(-1, batch[:, 1:, None])[..., 0]  # (b, T-1)
         nll -= float(lp.sum())
         count += lp.numel()
-    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": n_windows, "seq_len": seq_len}
+        per_window += [-float(v) for v in lp.double().mean(1)]
+    lo, hi = _mean_interval(per_window)
+    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": n_windows, "seq_len": seq_len,
+            "window_nll": per_window, "ci95": [math.exp(lo), math.exp(hi)]}
+
+
+def _mean_interval(values: list[float]) -> tuple[float, float]:
+    """95% normal interval of the mean of ``values`` (mean ± 1.96 standard errors; the mean
+    itself twice for fewer than 2 values). Used for the per-window NLL: perplexity's interval
+    is exp of it (windows of equal length, so their mean NLL is the overall NLL)."""
+    n = len(values)
+    m = sum(values) / n if n else float("nan")
+    if n < 2:
+        return (m, m)
+    se = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
+    return (m - 1.959963984540054 * se, m + 1.959963984540054 * se)
 
 
 def _passages(tokenizer, documents: list[str], ctx_len: int, cont_len: int) -> list[list[int]]:
@@ -116,15 +132,17 @@ def continuation_task(model, tokenizer, documents, *, items: int = 200, choices:
     order = list(range(len(passages)))
     rng.shuffle(order)
     correct = n = 0
+    per_item: list[int] = []
     for idx in order[:items]:
         ctx = torch.tensor(passages[idx][:ctx_len])
         others = rng.sample([j for j in range(len(passages)) if j != idx], choices - 1)
         conts = [passages[idx][ctx_len:]] + [passages[j][ctx_len:] for j in others]
         ll, _ = _loglik(model, ctx.expand(choices, -1), torch.tensor(conts))  # choices have equal length
-        correct += int(ll.argmax() == 0)
+        per_item.append(int(ll.argmax() == 0))
+        correct += per_item[-1]
         n += 1
     lo, hi = _interval(correct, n)
-    return {"task": "continuation", "accuracy": correct / n, "ci95": [lo, hi], "items": n, "choices": choices, "chance": 1 / choices}
+    return {"task": "continuation", "accuracy": correct / n, "ci95": [lo, hi], "items": n, "choices": choices, "chance": 1 / choices, "correct": per_item}
 
 
 _WORD = re.compile(r"\s([A-Za-z]{4,})\b")
@@ -141,14 +159,16 @@ def last_word_task(model, tokenizer, documents, *, items: int = 200, min_chars: 
         raise ValueError("held-out text has no passage long enough for the last-word task")
     rng.shuffle(cases)
     correct = n = 0
+    per_item: list[int] = []
     for ctx_text, word in cases[:items]:
         ctx = tokenizer(ctx_text, add_special_tokens=False)["input_ids"][-192:]
         tgt = tokenizer(word, add_special_tokens=False)["input_ids"]
         _, greedy = _loglik(model, torch.tensor([ctx]), torch.tensor([tgt]))
-        correct += int(greedy[0].tolist() == tgt)
+        per_item.append(int(greedy[0].tolist() == tgt))
+        correct += per_item[-1]
         n += 1
     lo, hi = _interval(correct, n)
-    return {"task": "last_word", "accuracy": correct / n, "ci95": [lo, hi], "items": n}
+    return {"task": "last_word", "accuracy": correct / n, "ci95": [lo, hi], "items": n, "correct": per_item}
 
 
 def zero_shot(model, tokenizer, documents, *, items: int = 200) -> list[dict]:
