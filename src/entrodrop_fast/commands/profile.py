@@ -214,7 +214,7 @@ def register(subparsers) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "cpp", "triton", "torch"], help="estimator backend (default auto: the fastest available)")
     p.add_argument("--out", default="entrodrop_report", help="report directory (default ./entrodrop_report; new, empty or an earlier report)")
     p.add_argument("--overwrite", action="store_true", help="write the report into --out even when it holds other files (they are left untouched)")
-    p.add_argument("--corpus", default=None, help="builtin (default), a .txt file, a directory of .txt, a .jsonl file or hf:NAME[:CONFIG][:SPLIT]")
+    p.add_argument("--corpus", default=None, help="builtin (default), stdlib-docs (docstrings of the standard library), a .txt file, a directory of .txt, a .jsonl file or hf:NAME[:CONFIG][:SPLIT]")
     p.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text (default text)")
     p.add_argument("--cache-dir", default=None, help="where the built-in model is converted (default $ENTRODROP_CACHE or ~/.cache/entrodrop_fast)")
     p.add_argument("--streaming", action="store_true", help="run layer by layer from the checkpoint's safetensors shards (models larger than memory)")
