@@ -282,7 +282,8 @@ def paired_tests(rows: list[dict], evaluations: dict, kinds, *, against: str = "
 
 
 def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cosine", "random"), corpus=None, samples: int = 128, seq_len: int = 256, seed: int = 2024, eval_windows: int = 32, eval_items: int = 100, speed: bool = True, progress: bool = True, log=print,
-            protect_rule: str = "shared", stage1_method: str | None = None, random_seeds=(0, 1, 2), iterative=(), iterative_samples: int | None = None, bins: int = 20, k: int = 25, batch_size: int = 8) -> dict:
+            protect_rule: str = "shared", stage1_method: str | None = None, random_seeds=(0, 1, 2), iterative=(), iterative_samples: int | None = None, bins: int = 20, k: int = 25, batch_size: int = 8,
+            report: dict | None = None, eval_cache: dict | None = None) -> dict:
     """Profile once, prune each (method, K), evaluate; returns the comparison dict.
 
     ``methods``: entropy estimators (:data:`entrodrop_fast.runner.ENTROPY_METHODS`), ``cosine``
@@ -296,6 +297,10 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
     ``iterative_samples`` windows), rows with ``setting="iterative"``. Evaluations are cached
     by drop set: methods that pick the same blocks are evaluated once. Rows carry 95%
     intervals; ``paired`` holds the tests of the best entropy method against cosine.
+    ``report``: a profile of this model and corpus made with these settings (by an earlier
+    call: ``result["report"]``), used instead of profiling again; ``eval_cache``: a dict
+    shared between calls on the same model and evaluation settings (drop-set key ->
+    evaluation), so a second protection rule re-evaluates only the drop sets that changed.
     """
     from tqdm.auto import tqdm
 
@@ -325,9 +330,17 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
     spans = tuple(int_counts) if "angular" in methods else None
     if "angular" in methods and not spans:
         raise ValueError("angular scores spans of K whole layers: give integer --drop counts")
-    log(f"profiling once with {', '.join(scoring)} ({samples} x {seq_len} tokens) ...")
     windows_box: list = []
-    report = profile_report(lm, c, samples=samples, seq_len=seq_len, seed=seed, methods=scoring, progress=progress, bins=bins, k=k, spans=spans, batch_size=batch_size, windows_out=windows_box)
+    if report is None:
+        log(f"profiling once with {', '.join(scoring)} ({samples} x {seq_len} tokens) ...")
+        report = profile_report(lm, c, samples=samples, seq_len=seq_len, seed=seed, methods=scoring, progress=progress, bins=bins, k=k, spans=spans, batch_size=batch_size, windows_out=windows_box)
+    else:
+        from entrodrop_fast.data import calibration_windows
+
+        missing = [m for m in scoring if m not in report.get("entropy", {}) and m != "cosine" and m != "angular"]
+        if missing:
+            raise ValueError(f"the given report has no {', '.join(missing)} profile; profile with those methods")
+        windows_box.append(calibration_windows(lm.tokenizer, c, samples=samples, seq_len=seq_len, seed=seed)[0])
 
     def protection(method: str):
         if protect_rule == "per-method":
@@ -335,7 +348,7 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
             return protected_by_rule(report, "per-method", method=m)
         return protected_by_rule(report, protect_rule, stage1_method=stage1_method)
 
-    evaluations: dict[str, dict] = {}
+    evaluations: dict[str, dict] = {} if eval_cache is None else eval_cache
 
     def evaluate(model, key: str) -> dict:
         if key not in evaluations:
@@ -404,10 +417,12 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
             pruned = copy.deepcopy(lm.model)
             drop_blocks_(pruned, plan)
         ev = evaluate(pruned, key)
+        if pruned is not None:
+            ev.setdefault("params", count_params(pruned))
         q = _quality(ev)
         row = {**head, "k": plan["k"], **({"requested_drop": plan.get("requested_drop")} if isinstance(plan.get("requested_drop"), str) else {}),
                "dropped": plan["drop"][head["kind"]], "eval_key": key, "cached": cached,
-               "params": count_params(pruned) if pruned is not None else next(r["params"] for r in rows if r["eval_key"] == key),
+               "params": ev["params"],
                **q, "ci95": _intervals(ev), "retained": retained(q, dense_q)}
         # the pruned structure, hence the speed, depends on (kind, K), not on the method
         if speed and (head["kind"], plan["k"]) not in timed:
@@ -415,7 +430,7 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
             timed.add((head["kind"], plan["k"]))
         rows.append(row)
         del pruned
-    log(f"{len(rows)} rows, {len(evaluations) - 1} distinct pruned models evaluated")
+    log(f"{len(rows)} rows, {len({r['eval_key'] for r in rows})} distinct pruned models ({sum(not r['cached'] for r in rows)} evaluated in this call)")
     return {
         "model": report["model"],
         "data": {"calibration": report["data"], "heldout_documents": len(held), "eval_windows": eval_windows, "eval_items": eval_items, "seq_len": seq_len},
@@ -424,7 +439,7 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
         "dense": {**dense_q, "ci95": _intervals(dense_ev), "params": count_params(lm.model), **({"speed": dense_speed} if speed else {})},
         "rows": rows,
         "paired": paired_tests(rows, evaluations, kinds),
-        "evaluations": {key: {"window_nll": e["window_nll"], "correct": e["correct"]} for key, e in evaluations.items()},
+        "evaluations": {key: {"window_nll": e["window_nll"], "correct": e["correct"]} for key, e in evaluations.items() if key == dense_key or key in {r["eval_key"] for r in rows}},
         "report": report,
     }
 

@@ -112,35 +112,61 @@ def _passages(tokenizer, documents: list[str], ctx_len: int, cont_len: int) -> l
     return out
 
 
+def _keeps_logits(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do): the
+    LM head then runs on the last positions only, the ones a score reads (a 262k vocabulary
+    head costs more than Gemma-3-270M's decoder per token)."""
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @torch.no_grad()
 def _loglik(model, prefix: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum of log p(target tokens | prefix) for each row: prefix (n, P), targets (n, C)."""
     dev = _device(model)
     ids = torch.cat([prefix, targets], 1).to(dev)  # (n, P + C)
-    logits = model(ids).logits[:, prefix.shape[1] - 1 : -1].float()  # (n, C, V)
+    C = targets.shape[1]
+    if _keeps_logits(model):
+        logits = model(ids, logits_to_keep=C + 1).logits[:, :-1].float()  # (n, C, V): positions P-1 .. P+C-2
+    else:
+        logits = model(ids).logits[:, prefix.shape[1] - 1 : -1].float()  # (n, C, V)
     check_finite(logits, model, "zero-shot log-likelihoods")
     lp = torch.log_softmax(logits, -1).gather(-1, targets.to(dev)[..., None])[..., 0]
     return lp.sum(-1).cpu(), logits.argmax(-1).cpu()
 
 
-def continuation_task(model, tokenizer, documents, *, items: int = 200, choices: int = 4, ctx_len: int = 48, cont_len: int = 16, seed: int = 1234) -> dict:
-    """Pick the true continuation among ``choices`` (the others from other passages)."""
+def continuation_task(model, tokenizer, documents, *, items: int = 200, choices: int = 4, ctx_len: int = 48, cont_len: int = 16, seed: int = 1234, item_batch: int = 8) -> dict:
+    """Pick the true continuation among ``choices`` (the others from other passages).
+    ``item_batch`` items (x ``choices`` rows of equal length) go through one forward pass."""
     passages = _passages(tokenizer, documents, ctx_len, cont_len)
     if len(passages) < choices:
         raise ValueError(f"held-out text gives {len(passages)} passages, need at least {choices}")
     rng = random.Random(seed)
     order = list(range(len(passages)))
     rng.shuffle(order)
-    correct = n = 0
     per_item: list[int] = []
+    batch: list[tuple[list[int], list[list[int]]]] = []  # (context, choices), the true one first
+
+    def score(batch):
+        ctx = torch.tensor([c for c, conts in batch for _ in conts])  # (items * choices, ctx_len)
+        ll, _ = _loglik(model, ctx, torch.tensor([t for _, conts in batch for t in conts]))  # equal lengths
+        for row in ll.view(len(batch), choices):
+            per_item.append(int(row.argmax() == 0))
+
     for idx in order[:items]:
-        ctx = torch.tensor(passages[idx][:ctx_len])
         others = rng.sample([j for j in range(len(passages)) if j != idx], choices - 1)
-        conts = [passages[idx][ctx_len:]] + [passages[j][ctx_len:] for j in others]
-        ll, _ = _loglik(model, ctx.expand(choices, -1), torch.tensor(conts))  # choices have equal length
-        per_item.append(int(ll.argmax() == 0))
-        correct += per_item[-1]
-        n += 1
+        batch.append((passages[idx][:ctx_len], [passages[idx][ctx_len:]] + [passages[j][ctx_len:] for j in others]))
+        if len(batch) == item_batch:
+            score(batch)
+            batch = []
+    if batch:
+        score(batch)
+    n = len(per_item)
+    correct = sum(per_item)
     lo, hi = _interval(correct, n)
     return {"task": "continuation", "accuracy": correct / n, "ci95": [lo, hi], "items": n, "choices": choices, "chance": 1 / choices, "correct": per_item}
 

@@ -1,0 +1,197 @@
+"""The paper's claims on the two built-in real models: one command for the whole study (issue 14).
+
+    python benches/paper_compare.py --out DIR            # the full study: SmolLM2-135M and Gemma-3-270M
+    python benches/paper_compare.py --quick --out DIR    # the plumbing on SmolLM2, a few minutes
+
+Per model:
+1. one profile (every method in one pass) on the built-in corpus's calibration part;
+2. ``compare`` under two protection rules, the same for every method: ``shared`` (stage 1
+   detected once from the bucket stream entropy, plus the last layer) and ``paper``
+   (layers 0, 1 and the last); methods bucket (the paper's), knn (k = 25, paper form: what
+   the paper's code runs on Llama), gaussian_diag, renyi, the robust bucket variants
+   (bucket_q, bucket_nosink, bucket_tokennorm), cosine (LLM-Drop), block_influence
+   (ShortGPT, layers), angular (PruneMe spans, layers), random (3 seeds); iterative
+   re-scoring for knn and cosine; attention and whole-layer drops; evaluation cached by
+   drop set and shared between the two rules;
+3. the same profile on a second corpus (``stdlib-docs``): Spearman correlation of every
+   method's block scores and overlap of the K dropped;
+4. the massive-activation diagnosis of the residual stream, with its figure.
+
+Writes into --out: ``study.json`` (everything, with timings), ``study.md`` (all tables),
+and per model ``MODEL/comparison_{shared,paper}.{json,md,png}``, ``MODEL/massive.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ENTROPY = ["bucket", "knn", "gaussian_diag", "renyi", "bucket_q", "bucket_nosink", "bucket_tokennorm"]
+SIMILARITY = ["cosine", "block_influence", "angular"]
+
+# the full grid: chosen to fit about 2 h for both models on the shared 2-core CPU (see
+# estimate() and the README); every number is a parameter of the command
+FULL = {
+    "models": ["smollm2", "gemma3-270m"],
+    "kinds": ["attn", "layer"],
+    "counts": {"smollm2": [2, 4, 6, 8, 10], "gemma3-270m": [1, 2, 4, 6]},  # K up to about a third of the layers (30, 18)
+    "methods": ENTROPY + SIMILARITY + ["random"],
+    "random_seeds": 3,
+    "iterative": ["knn", "cosine"],
+    "iterative_samples": 16,
+    "samples": 128,
+    "seq_len": 256,
+    "eval_windows": 64,  # 64 x 256 = 16k held-out tokens
+    "items": 200,  # per zero-shot task
+    "rules": ["shared", "paper"],
+    "second_corpus": "stdlib-docs",
+    "massive_windows": 16,
+}
+QUICK = {
+    **FULL,
+    "models": ["smollm2"],
+    "counts": {"smollm2": [2, 4], "gemma3-270m": [2]},
+    "methods": ["bucket", "knn", "bucket_q", "cosine", "block_influence", "angular", "random"],
+    "random_seeds": 2,
+    "iterative": ["cosine"],
+    "iterative_samples": 4,
+    "samples": 16,
+    "eval_windows": 4,
+    "items": 20,
+    "massive_windows": 4,
+}
+
+
+def log(*a) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, file=sys.stderr, flush=True)
+
+
+def run_model(name: str, grid: dict, out: Path, *, device: str, dtype: str, progress: bool) -> dict:
+    from entrodrop_fast import compare as C
+    from entrodrop_fast import massive as M
+    from entrodrop_fast.data import calibration_windows, load_corpus
+    from entrodrop_fast.models import load_model
+
+    t0 = time.perf_counter()
+    lm = load_model(name, dtype=dtype, device=device)
+    timing = {"load_s": time.perf_counter() - t0}
+    corpus = load_corpus(None)
+    counts = grid["counts"][name]
+    cache: dict = {}
+    results = {}
+    report = None
+    for rule in grid["rules"]:
+        t = time.perf_counter()
+        log(f"{name}: compare, protection rule {rule}")
+        comp = C.compare(lm, kinds=tuple(grid["kinds"]), counts=tuple(counts), methods=tuple(grid["methods"]), corpus=corpus, samples=grid["samples"], seq_len=grid["seq_len"],
+                         seed=2024, eval_windows=grid["eval_windows"], eval_items=grid["items"], speed=False, progress=progress, log=lambda *a: log(name, *a),
+                         protect_rule=rule, stage1_method="bucket", random_seeds=tuple(range(grid["random_seeds"])), iterative=tuple(grid["iterative"]),
+                         iterative_samples=grid["iterative_samples"], report=report, eval_cache=cache)
+        report = comp["report"]  # one profile for both rules
+        timing[f"compare_{rule}_s"] = time.perf_counter() - t
+        results[rule] = comp
+    # calibration robustness: the same methods' rankings from a second corpus
+    t = time.perf_counter()
+    log(f"{name}: profile on {grid['second_corpus']} for the calibration comparison")
+    agreement = C.corpus_agreement(lm, results[grid["rules"][0]], grid["second_corpus"], kinds=grid["kinds"], methods=grid["methods"], counts=counts, samples=grid["samples"],
+                                   seq_len=grid["seq_len"], seed=2024, progress=progress)
+    for comp in results.values():
+        comp["calibration_agreement"] = agreement
+        comp["calibration"] = {"a": "builtin", "b": grid["second_corpus"]}
+    timing["calibration_s"] = time.perf_counter() - t
+    # massive activations
+    t = time.perf_counter()
+    log(f"{name}: massive-activation diagnosis")
+    windows, _ = calibration_windows(lm.tokenizer, corpus, samples=grid["massive_windows"], seq_len=grid["seq_len"], seed=2024)
+    diag = M.diagnose(lm.model, lm.tokenizer, windows, top=3, bins=20)
+    timing["massive_s"] = time.perf_counter() - t
+    d = out / name
+    d.mkdir(parents=True, exist_ok=True)
+    from entrodrop_fast.report import json_safe
+
+    for rule, comp in results.items():
+        (d / f"comparison_{rule}.json").write_text(json.dumps(json_safe(comp), indent=1, allow_nan=False))
+        (d / f"comparison_{rule}.md").write_text(C.markdown(comp))
+        C.plot(comp, d / f"comparison_{rule}.png")
+    (d / "massive.json").write_text(json.dumps(json_safe(diag), indent=1, allow_nan=False))
+    (d / "massive.md").write_text(M.markdown(diag))
+    M.plot(diag, d / "massive.png", title=f"{name}: massive activations and the bucket histogram range")
+    evaluated = len(cache) - 1
+    rows = sum(len(c["rows"]) for c in results.values())
+    timing["total_s"] = time.perf_counter() - t0
+    timing["evaluations"] = evaluated
+    timing["rows"] = rows
+    timing["seconds_per_evaluation"] = (timing[f"compare_{grid['rules'][0]}_s"] + sum(timing[f"compare_{r}_s"] for r in grid["rules"][1:])) / max(1, evaluated + 1)
+    log(f"{name}: {rows} rows from {evaluated} distinct pruned models in {timing['total_s']:.0f} s")
+    return {"model": name, "timing": timing, "comparisons": {r: {k: v for k, v in c.items() if k not in ("report", "evaluations")} for r, c in results.items()}, "massive": diag}
+
+
+def summary_md(study: dict) -> str:
+    from entrodrop_fast import compare as C
+    from entrodrop_fast import massive as M
+
+    lines = [f"# EntroDrop study ({'quick' if study['quick'] else 'full'})", "", f"Command: `{study['command']}`", "",
+             f"Wall time {study['wall_s'] / 60:.1f} min on {study['device']} ({study['dtype']}).", ""]
+    for m in study["models"]:
+        lines += [f"## {m['model']}", "", "Timing: " + ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in m["timing"].items()), ""]
+        for rule, comp in m["comparisons"].items():
+            lines += [f"### protection rule: {rule}", "", C.markdown(comp)]
+        lines += ["### massive activations", "", M.markdown(m["massive"])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output directory (new or empty, or --overwrite)")
+    ap.add_argument("--quick", action="store_true", help="the plumbing only: SmolLM2, K = 2, 4, few methods, items and windows (a few minutes)")
+    ap.add_argument("--models", default=None, help="comma-separated built-in names (default: smollm2,gemma3-270m; --quick: smollm2)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype (default fp32)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the files of an earlier study in --out")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    import torch
+
+    grid = dict(QUICK if args.quick else FULL)
+    if args.models:
+        grid["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+        bad = [m for m in grid["models"] if m not in grid["counts"]]
+        if bad:
+            print(f"paper_compare: error: unknown model(s) {bad}; choose from {', '.join(grid['counts'])}", file=sys.stderr)
+            return 1
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        if not args.overwrite:
+            print(f"paper_compare: error: {out} is not empty; choose a new directory or add --overwrite", file=sys.stderr)
+            return 1
+        for p in out.iterdir():  # only what a study writes
+            if p.is_dir() and p.name in grid["counts"]:
+                shutil.rmtree(p)
+            elif p.name in ("study.json", "study.md"):
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    study = {"quick": args.quick, "command": " ".join(["python benches/paper_compare.py", *(argv if argv is not None else sys.argv[1:])]), "device": device, "dtype": args.dtype,
+             "threads": torch.get_num_threads(), "grid": grid, "models": []}
+    for name in grid["models"]:
+        study["models"].append(run_model(name, grid, out, device=device, dtype=args.dtype, progress=not args.quiet))
+    study["wall_s"] = time.perf_counter() - t0
+    from entrodrop_fast.report import json_safe
+
+    (out / "study.json").write_text(json.dumps(json_safe(study), indent=1, allow_nan=False))
+    (out / "study.md").write_text(summary_md(study))
+    log(f"study done in {study['wall_s'] / 60:.1f} min: {out}/study.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
