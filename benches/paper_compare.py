@@ -51,19 +51,58 @@ FULL = {
     "second_corpus": "stdlib-docs",
     "massive_windows": 16,
 }
+# what fits about 2 h for both models on the quiet 2-core CPU at 700 tokens/s (--estimate):
+# the statistical power of the full grid (200 items per task, 16k perplexity tokens), fewer
+# cells: one protection rule, K = two values, the paper's estimators, one robust variant, cosine
+# (= block influence on layers), one random seed, no iterative re-scoring
+CPU2H = {
+    **FULL,
+    "counts": {"smollm2": [2, 6], "gemma3-270m": [2, 4]},
+    "methods": ["bucket", "knn", "bucket_q", "cosine", "block_influence", "random"],
+    "random_seeds": 1,
+    "iterative": [],
+    "rules": ["shared"],
+}
 QUICK = {
     **FULL,
     "models": ["smollm2"],
-    "counts": {"smollm2": [2, 4], "gemma3-270m": [2]},
+    "counts": {"smollm2": [2], "gemma3-270m": [2]},
     "methods": ["bucket", "knn", "bucket_q", "cosine", "block_influence", "angular", "random"],
     "random_seeds": 2,
     "iterative": ["cosine"],
     "iterative_samples": 4,
-    "samples": 16,
-    "eval_windows": 4,
-    "items": 20,
-    "massive_windows": 4,
+    "samples": 8,
+    "eval_windows": 2,
+    "items": 10,
+    "massive_windows": 2,
 }
+
+
+def estimate(grid: dict, layers: dict | None = None) -> dict:
+    """Forward-pass tokens the grid costs per model, an upper bound (every plan evaluated:
+    the cache only lowers it). Evaluation: perplexity windows, 4 choices x 64 tokens per
+    continuation item, ~194 tokens per last_word item; profiles: calibration tokens x 1.5
+    (the estimators' share, measured ~1/3 of a profile here), iterative re-profiles included."""
+    layers = layers or {"smollm2": 30, "gemma3-270m": 18}
+    T = grid["seq_len"]
+    per_eval = grid["eval_windows"] * T + grid["items"] * (4 * 64 + 194)
+    out = {}
+    for m in grid["models"]:
+        ks = grid["counts"][m]
+        plans = 0
+        for kind in grid["kinds"]:
+            for meth in grid["methods"]:
+                if meth in ("block_influence", "angular") and kind != "layer":
+                    continue
+                if meth == "block_influence" and "cosine" in grid["methods"]:
+                    continue  # the same drop sets as cosine: cached
+                plans += len(ks) * (grid["random_seeds"] if meth == "random" else 1)
+            plans += len(grid["iterative"]) * len(ks)
+        plans *= len(grid["rules"])
+        iter_tokens = sum(max(ks) * grid["iterative_samples"] * T for _ in grid["kinds"] for _ in grid["iterative"])
+        profile_tokens = 1.5 * (2 * grid["samples"] * T + iter_tokens + grid["massive_windows"] * T)  # two corpora
+        out[m] = {"evaluations_at_most": plans + 1, "tokens_per_evaluation": per_eval, "tokens": (plans + 1) * per_eval + profile_tokens, "layers": layers[m]}
+    return out
 
 
 def log(*a) -> None:
@@ -134,7 +173,7 @@ def summary_md(study: dict) -> str:
     from entrodrop_fast import compare as C
     from entrodrop_fast import massive as M
 
-    lines = [f"# EntroDrop study ({'quick' if study['quick'] else 'full'})", "", f"Command: `{study['command']}`", "",
+    lines = [f"# EntroDrop study (grid {study.get('grid_name', 'full')})", "", f"Command: `{study['command']}`", "",
              f"Wall time {study['wall_s'] / 60:.1f} min on {study['device']} ({study['dtype']}).", ""]
     for m in study["models"]:
         lines += [f"## {m['model']}", "", "Timing: " + ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in m["timing"].items()), ""]
@@ -147,22 +186,34 @@ def summary_md(study: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output directory (new or empty, or --overwrite)")
-    ap.add_argument("--quick", action="store_true", help="the plumbing only: SmolLM2, K = 2, 4, few methods, items and windows (a few minutes)")
+    ap.add_argument("--grid", default=None, choices=["full", "cpu2h"], help="full: the issue's whole grid (about 15-21 h on the 2-core CPU, minutes on a GPU); cpu2h: the cells that fit about 2 h there (default: full on CUDA, cpu2h on CPU)")
+    ap.add_argument("--quick", action="store_true", help="the plumbing only: SmolLM2, K = 2, few methods, items and windows (a few minutes on a quiet machine)")
     ap.add_argument("--models", default=None, help="comma-separated built-in names (default: smollm2,gemma3-270m; --quick: smollm2)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype (default fp32)")
     ap.add_argument("--overwrite", action="store_true", help="replace the files of an earlier study in --out")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--estimate", action="store_true", help="print the grid's forward-pass tokens and the time at --tokens-per-s, run nothing")
+    ap.add_argument("--tokens-per-s", type=float, default=700.0, help="throughput for --estimate (default 700: SmolLM2 fp32 on the quiet 2-core CPU)")
     args = ap.parse_args(argv)
     import torch
 
-    grid = dict(QUICK if args.quick else FULL)
+    cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
+    grid = dict(QUICK if args.quick else {"full": FULL, "cpu2h": CPU2H}[args.grid or ("full" if cuda else "cpu2h")])
     if args.models:
         grid["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
         bad = [m for m in grid["models"] if m not in grid["counts"]]
         if bad:
             print(f"paper_compare: error: unknown model(s) {bad}; choose from {', '.join(grid['counts'])}", file=sys.stderr)
             return 1
+    if args.estimate:
+        est = estimate(grid)
+        for m, e in est.items():
+            print(f"{m}: at most {e['evaluations_at_most']} evaluations x {e['tokens_per_evaluation']} tokens; {e['tokens'] / 1e6:.1f} M tokens in all; "
+                  f"{e['tokens'] / args.tokens_per_s / 3600:.1f} h at {args.tokens_per_s:.0f} tokens/s")
+        total = sum(e["tokens"] for e in est.values())
+        print(f"total: {total / 1e6:.1f} M tokens, {total / args.tokens_per_s / 3600:.1f} h at {args.tokens_per_s:.0f} tokens/s (Gemma-3-270M runs at roughly SmolLM2's rate per token: its 262k head runs on the perplexity windows only)")
+        return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out).expanduser()
     if out.exists() and any(out.iterdir()):
@@ -180,7 +231,7 @@ def main(argv=None) -> int:
 
         hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
-    study = {"quick": args.quick, "command": " ".join(["python benches/paper_compare.py", *(argv if argv is not None else sys.argv[1:])]), "device": device, "dtype": args.dtype,
+    study = {"quick": args.quick, "grid_name": "quick" if args.quick else (args.grid or ("full" if cuda else "cpu2h")), "command": " ".join(["python benches/paper_compare.py", *(argv if argv is not None else sys.argv[1:])]), "device": device, "dtype": args.dtype,
              "threads": torch.get_num_threads(), "grid": grid, "models": []}
     for name in grid["models"]:
         study["models"].append(run_model(name, grid, out, device=device, dtype=args.dtype, progress=not args.quiet))
