@@ -78,16 +78,22 @@ QUICK = {
 }
 
 
-def estimate(grid: dict, layers: dict | None = None) -> dict:
-    """Forward-pass tokens the grid costs per model, an upper bound (every plan evaluated:
-    the cache only lowers it). Evaluation: perplexity windows, 4 choices x 64 tokens per
-    continuation item, ~194 tokens per last_word item; profiles: calibration tokens x 1.5
-    (the estimators' share, measured ~1/3 of a profile here), iterative re-profiles included."""
-    layers = layers or {"smollm2": 30, "gemma3-270m": 18}
+# forward tokens/s on the 2-core CPU, fp32, from the CPU time of one 1-thread forward of 2 x 256
+# tokens (x 2 cores) measured here on 2026-11-30 (the wall clock was useless: load 12):
+# "head" = the LM head on every position (perplexity), "kept" = on the scored positions only
+RATES = {"smollm2": {"head": 480.0, "kept": 656.0}, "gemma3-270m": {"head": 250.0, "kept": 580.0}}
+
+
+def estimate(grid: dict, scale: float = 1.0) -> dict:
+    """Seconds the grid costs per model on the 2-core CPU (:data:`RATES` x ``scale``), an upper
+    bound: every plan evaluated (the cache only lowers it). An evaluation is the perplexity
+    windows (LM head everywhere) + per zero-shot item 48 + 4 x 16 tokens (continuation, shared
+    context) and ~194 (last_word); profiles (two corpora, iterative re-profiles, the diagnosis)
+    count their tokens at half the kept rate (the estimators' share)."""
     T = grid["seq_len"]
-    per_eval = grid["eval_windows"] * T + grid["items"] * (4 * 64 + 194)
     out = {}
     for m in grid["models"]:
+        r = {k: v * scale for k, v in RATES[m].items()}
         ks = grid["counts"][m]
         plans = 0
         for kind in grid["kinds"]:
@@ -99,9 +105,13 @@ def estimate(grid: dict, layers: dict | None = None) -> dict:
                 plans += len(ks) * (grid["random_seeds"] if meth == "random" else 1)
             plans += len(grid["iterative"]) * len(ks)
         plans *= len(grid["rules"])
+        ppl_tokens = grid["eval_windows"] * T
+        zs_tokens = grid["items"] * (48 + 4 * 16 + 194)
+        per_eval = ppl_tokens / r["head"] + zs_tokens / r["kept"]
         iter_tokens = sum(max(ks) * grid["iterative_samples"] * T for _ in grid["kinds"] for _ in grid["iterative"])
-        profile_tokens = 1.5 * (2 * grid["samples"] * T + iter_tokens + grid["massive_windows"] * T)  # two corpora
-        out[m] = {"evaluations_at_most": plans + 1, "tokens_per_evaluation": per_eval, "tokens": (plans + 1) * per_eval + profile_tokens, "layers": layers[m]}
+        profile_tokens = 2 * grid["samples"] * T + iter_tokens + grid["massive_windows"] * T
+        seconds = (plans + 1) * per_eval + profile_tokens / (0.5 * r["kept"])
+        out[m] = {"evaluations_at_most": plans + 1, "seconds_per_evaluation": per_eval, "profile_tokens": profile_tokens, "seconds": seconds}
     return out
 
 
@@ -194,7 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace the files of an earlier study in --out")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--estimate", action="store_true", help="print the grid's forward-pass tokens and the time at --tokens-per-s, run nothing")
-    ap.add_argument("--tokens-per-s", type=float, default=700.0, help="throughput for --estimate (default 700: SmolLM2 fp32 on the quiet 2-core CPU)")
+    ap.add_argument("--rate-scale", type=float, default=1.0, help="--estimate: throughput relative to the 2-core CPU measured here (e.g. 4 for 8 such cores)")
     args = ap.parse_args(argv)
     import torch
 
@@ -207,12 +217,10 @@ def main(argv=None) -> int:
             print(f"paper_compare: error: unknown model(s) {bad}; choose from {', '.join(grid['counts'])}", file=sys.stderr)
             return 1
     if args.estimate:
-        est = estimate(grid)
+        est = estimate(grid, args.rate_scale)
         for m, e in est.items():
-            print(f"{m}: at most {e['evaluations_at_most']} evaluations x {e['tokens_per_evaluation']} tokens; {e['tokens'] / 1e6:.1f} M tokens in all; "
-                  f"{e['tokens'] / args.tokens_per_s / 3600:.1f} h at {args.tokens_per_s:.0f} tokens/s")
-        total = sum(e["tokens"] for e in est.values())
-        print(f"total: {total / 1e6:.1f} M tokens, {total / args.tokens_per_s / 3600:.1f} h at {args.tokens_per_s:.0f} tokens/s (Gemma-3-270M runs at roughly SmolLM2's rate per token: its 262k head runs on the perplexity windows only)")
+            print(f"{m}: at most {e['evaluations_at_most']} evaluations x {e['seconds_per_evaluation']:.0f} s + profiles ({e['profile_tokens']} tokens): {e['seconds'] / 3600:.2f} h")
+        print(f"total: {sum(e['seconds'] for e in est.values()) / 3600:.2f} h on the quiet 2-core CPU (x {args.rate_scale:g})")
         return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out).expanduser()
