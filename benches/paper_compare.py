@@ -66,14 +66,14 @@ CPU2H = {
 QUICK = {
     **FULL,
     "models": ["smollm2"],
+    "kinds": ["layer"],  # whole layers: where the paper's bucket failed
     "counts": {"smollm2": [2], "gemma3-270m": [2]},
     "methods": ["bucket", "knn", "bucket_q", "cosine", "block_influence", "angular", "random"],
-    "random_seeds": 2,
-    "iterative": ["cosine"],
-    "iterative_samples": 4,
+    "random_seeds": 1,
+    "iterative": [],
     "samples": 8,
     "eval_windows": 2,
-    "items": 10,
+    "items": 8,
     "massive_windows": 2,
 }
 
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output directory (new or empty, or --overwrite)")
     ap.add_argument("--grid", default=None, choices=["full", "cpu2h"], help="full: the issue's whole grid (about 15-21 h on the 2-core CPU, minutes on a GPU); cpu2h: the cells that fit about 2 h there (default: full on CUDA, cpu2h on CPU)")
-    ap.add_argument("--quick", action="store_true", help="the plumbing only: SmolLM2, K = 2, few methods, items and windows (a few minutes on a quiet machine)")
+    ap.add_argument("--quick", action="store_true", help="the plumbing only: SmolLM2, whole layers, K = 2, 7 methods, both rules, 8 items, 2 perplexity windows (a few minutes on a quiet machine)")
     ap.add_argument("--models", default=None, help="comma-separated built-in names (default: smollm2,gemma3-270m; --quick: smollm2)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype (default fp32)")

@@ -197,3 +197,18 @@ def test_compare_cli_rejects_bad_protocol_options(capsys):
     assert "contradicts" in capsys.readouterr().err
     assert main(["compare", "--methods", "angular", "--kind", "layer", "--drop", "25%", "--out", "/nonexistent/x"]) == 1
     assert "integer --drop" in capsys.readouterr().err
+
+
+def test_second_rule_reuses_the_report_and_the_evaluations(lm, corpus):
+    kw = dict(kinds=("layer",), counts=(1,), methods=("bucket", "cosine"), corpus=corpus, samples=6, seq_len=48, eval_windows=2, eval_items=4, speed=False, progress=False, log=lambda *a: None)
+    cache: dict = {}
+    a = C.compare(lm, protect_rule="shared", eval_cache=cache, **kw)
+    n = len(cache)
+    b = C.compare(lm, protect_rule="paper", report=a["report"], eval_cache=cache, **kw)
+    assert b["report"] is a["report"]  # no second profile
+    fresh = {r["eval_key"] for r in b["rows"]} - {r["eval_key"] for r in a["rows"]}
+    assert len(cache) == n + len(fresh)  # only the drop sets the new rule changed were evaluated
+    assert all(r["cached"] for r in b["rows"] if r["eval_key"] not in fresh)
+    assert set(b["evaluations"]) == {C.drop_key({})} | {r["eval_key"] for r in b["rows"]}
+    with pytest.raises(ValueError, match="no knn profile"):
+        C.compare(lm, protect_rule="paper", report=a["report"], **{**kw, "methods": ("knn",)})
