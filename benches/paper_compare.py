@@ -203,11 +203,17 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype (default fp32)")
     ap.add_argument("--overwrite", action="store_true", help="replace the files of an earlier study in --out")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's; on a machine shared with other jobs 1 thread was 2x faster than 2 here: OpenMP threads spin-wait)")
     ap.add_argument("--estimate", action="store_true", help="print the grid's forward-pass tokens and the time at --tokens-per-s, run nothing")
     ap.add_argument("--rate-scale", type=float, default=1.0, help="--estimate: throughput relative to the 2-core CPU measured here (e.g. 4 for 8 such cores)")
     args = ap.parse_args(argv)
     import torch
 
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"paper_compare: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 1
+        torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
     grid = dict(QUICK if args.quick else {"full": FULL, "cpu2h": CPU2H}[args.grid or ("full" if cuda else "cpu2h")])
     if args.models:
