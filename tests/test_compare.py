@@ -33,7 +33,7 @@ def _run(lm, corpus):
 
 def test_compare_rows_and_determinism(lm, corpus, tmp_path):
     a = _run(lm, corpus)
-    assert len(a["rows"]) == 2 * 2 * 2
+    assert len(a["rows"]) == 2 * 2 * (1 + 3)  # bucket, and random with 3 seeds
     for r in a["rows"]:
         assert len(r["dropped"]) == r["k"]
         assert r["params"] < a["dense"]["params"]
@@ -92,3 +92,123 @@ def test_lm_eval_missing_gives_a_clear_message(lm, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
     with pytest.raises(LmEvalUnavailable, match=r"not installed: pip install 'entrodrop_fast\[eval\]'"):
         run_lm_eval(lm.model, lm.tokenizer, ["piqa"])
+
+
+# ---- the fair protocol (issue 14) ------------------------------------------------------------
+
+
+def test_entropy_methods_match_the_runner():
+    from entrodrop_fast.runner import ENTROPY_METHODS
+
+    assert C.ENTROPY == ENTROPY_METHODS
+
+
+def test_protocol_one_rule_for_all_methods_cache_and_paired_tests(lm, corpus):
+    comp = C.compare(lm, kinds=("attn", "layer"), counts=(1, 2), methods=("bucket", "knn", "cosine", "block_influence", "angular", "random"), corpus=corpus, samples=6, seq_len=48, eval_windows=3, eval_items=6,
+                     speed=False, progress=False, log=lambda *a: None, protect_rule="paper", iterative=("knn",), iterative_samples=4, k=5)
+    rows = comp["rows"]
+    assert {tuple(r["protected"]) for r in rows} == {(0, 1, 4)}  # one rule, every method, random included
+    assert not any(set(r["dropped"]) & {0, 1, 4} for r in rows)
+    assert {r["method"] for r in rows if r["kind"] == "attn"} == {"bucket", "knn", "cosine", "random"}  # BI / angular: layers only
+    assert {"block_influence", "angular"} <= {r["method"] for r in rows if r["kind"] == "layer"}
+    bi = [r for r in rows if r["method"] == "block_influence"]
+    cos = [r for r in rows if r["method"] == "cosine" and r["kind"] == "layer"]
+    assert [r["dropped"] for r in bi] == [r["dropped"] for r in cos]  # ShortGPT's BI is cosine on layers
+    ang = [r for r in rows if r["method"] == "angular"]
+    assert all(r["dropped"] == list(range(r["dropped"][0], r["dropped"][0] + r["k"])) for r in ang)  # spans
+    assert sorted(r["seed"] for r in rows if r["method"] == "random" and r["kind"] == "attn" and r["k"] == 1) == [0, 1, 2]
+    it = [r for r in rows if r.get("setting") == "iterative"]
+    assert {(r["kind"], r["k"]) for r in it} == {("attn", 1), ("attn", 2), ("layer", 1), ("layer", 2)}
+    for kind in ("attn", "layer"):  # K = 1 of the iterative order is K = 2's first step
+        one, two = (next(r for r in it if r["kind"] == kind and r["k"] == k) for k in (1, 2))
+        assert set(one["dropped"]) < set(two["dropped"])
+    # evaluations are cached by drop set: identical drop sets, identical numbers, one evaluation
+    keys = {r["eval_key"] for r in rows}
+    assert len(comp["evaluations"]) == len(keys) + 1  # + dense
+    assert sum(r["cached"] for r in rows) == len(rows) - len(keys)
+    for r in rows:
+        twin = next(s for s in rows if s["eval_key"] == r["eval_key"])
+        assert (r["perplexity"], r["continuation"]) == (twin["perplexity"], twin["continuation"])
+        lo, hi = r["ci95"]["perplexity"]
+        assert lo <= r["perplexity"] <= hi
+    # the paired tests: best entropy method vs cosine at each K, on the same items
+    assert {(t["kind"], t["k"]) for t in comp["paired"]} == {("attn", 1), ("attn", 2), ("layer", 1), ("layer", 2)}
+    for t in comp["paired"]:
+        assert t["a"] in ("bucket", "knn") and t["b"] == "cosine"
+        assert t["mcnemar"]["n"] == 12 and 0 <= t["mcnemar"]["p"] <= 1
+        assert t["nll_diff"]["n"] == 3
+        if t["same_blocks"]:
+            assert t["nll_diff"]["mean"] == 0 and t["mcnemar"]["p"] == 1
+    md = C.markdown(comp)
+    assert "Paired tests" in md and "McNemar" in md and "Random baseline over seeds" in md and "knn (iterative)" in md
+    assert "layers 0, 1 and the last, fixed" in md
+
+
+def test_shared_rule_detects_stage1_once(lm, corpus):
+    comp = C.compare(lm, kinds=("attn",), counts=(1,), methods=("knn", "cosine", "random"), corpus=corpus, samples=6, seq_len=48, eval_windows=2, eval_items=4,
+                     speed=False, progress=False, log=lambda *a: None, protect_rule="shared", stage1_method="bucket", random_seeds=(5,), k=5)
+    from entrodrop_fast.ranking import protected_by_rule
+
+    want = protected_by_rule(comp["report"], "shared", stage1_method="bucket")[0]
+    assert "bucket" in comp["report"]["entropy"]  # profiled for the protection although not compared
+    assert all(r["protected"] == want for r in comp["rows"])
+    assert comp["protocol"]["stage1_method"] == "bucket"
+
+
+def test_compare_bad_protocol_input():
+    with pytest.raises(ValueError, match="protect rule"):
+        C.compare(None, protect_rule="fair")
+    with pytest.raises(ValueError, match="iterative"):
+        C.compare(None, methods=("bucket",), iterative=("cosine",))
+
+
+def test_paired_statistics_closed_forms():
+    from entrodrop_fast.paired import binom_two_sided, mcnemar_exact, paired_mean_diff
+
+    # 2 * P(X <= 1), X ~ Bin(10, 1/2) = 2 * 11 / 1024
+    assert binom_two_sided(1, 10) == pytest.approx(22 / 1024)
+    assert binom_two_sided(9, 10) == pytest.approx(22 / 1024)
+    assert binom_two_sided(5, 10) == 1.0 and binom_two_sided(0, 0) == 1.0
+    a = [1] * 8 + [0] * 2 + [1] * 5
+    b = [0] * 8 + [1] * 2 + [1] * 5
+    t = mcnemar_exact(a, b)
+    assert (t["a_only"], t["b_only"], t["n"]) == (8, 2, 15)
+    assert t["p"] == pytest.approx(2 * (1 + 10 + 45) / 1024)
+    assert t["diff"] == pytest.approx(6 / 15)
+    d = paired_mean_diff([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    assert d["mean"] == 2.0 and d["ci95"][0] == pytest.approx(2 - 1.959963984540054 * (1 / 3**0.5))
+    with pytest.raises(ValueError, match="same items"):
+        mcnemar_exact([1], [1, 0])
+    with pytest.raises(ValueError, match="0 or 1"):
+        mcnemar_exact([2], [1])
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for k, n in ((0, 7), (3, 17), (40, 100), (250, 600)):
+        assert binom_two_sided(k, n) == pytest.approx(scipy_stats.binomtest(k, n, 0.5).pvalue, rel=1e-9)
+
+
+def test_compare_cli_rejects_bad_protocol_options(capsys):
+    from entrodrop_fast.cli import main
+
+    assert main(["compare", "--methods", "bucket", "--iterative", "cosine", "--out", "/nonexistent/x"]) == 1
+    assert "--iterative: unknown 'cosine'" in capsys.readouterr().err
+    assert main(["compare", "--stage1-method", "cosine", "--out", "/nonexistent/x"]) == 1
+    assert "--stage1-method must be an entropy method" in capsys.readouterr().err
+    assert main(["compare", "--preset", "paper", "--protect-rule", "shared", "--out", "/nonexistent/x"]) == 1
+    assert "contradicts" in capsys.readouterr().err
+    assert main(["compare", "--methods", "angular", "--kind", "layer", "--drop", "25%", "--out", "/nonexistent/x"]) == 1
+    assert "integer --drop" in capsys.readouterr().err
+
+
+def test_second_rule_reuses_the_report_and_the_evaluations(lm, corpus):
+    kw = dict(kinds=("layer",), counts=(1,), methods=("bucket", "cosine"), corpus=corpus, samples=6, seq_len=48, eval_windows=2, eval_items=4, speed=False, progress=False, log=lambda *a: None)
+    cache: dict = {}
+    a = C.compare(lm, protect_rule="shared", eval_cache=cache, **kw)
+    n = len(cache)
+    b = C.compare(lm, protect_rule="paper", report=a["report"], eval_cache=cache, **kw)
+    assert b["report"] is a["report"]  # no second profile
+    fresh = {r["eval_key"] for r in b["rows"]} - {r["eval_key"] for r in a["rows"]}
+    assert len(cache) == n + len(fresh)  # only the drop sets the new rule changed were evaluated
+    assert all(r["cached"] for r in b["rows"] if r["eval_key"] not in fresh)
+    assert set(b["evaluations"]) == {C.drop_key({})} | {r["eval_key"] for r in b["rows"]}
+    with pytest.raises(ValueError, match="no knn profile"):
+        C.compare(lm, protect_rule="paper", report=a["report"], **{**kw, "methods": ("knn",)})

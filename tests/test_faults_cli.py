@@ -384,7 +384,7 @@ def test_compare_random_alone_on_one_long_txt(tiny_dir, long_txt, tmp_path, caps
                             "--samples", "4", "--seq-len", "32", "--eval-windows", "1", "--items", "2", "--no-speed", "--out", out, "-q")
     assert rc == 0, err
     comp = json.loads((out / "comparison.json").read_text())
-    assert [(r["method"], r["k"]) for r in comp["rows"]] == [("random", 1)]
+    assert [(r["method"], r["k"], r["seed"]) for r in comp["rows"]] == [("random", 1, s) for s in range(3)]  # --random-seeds 3 (default)
     assert comp["report"]["settings"]["methods"] == ["bucket"]  # profiled for the protected layers
 
 

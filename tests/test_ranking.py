@@ -152,3 +152,78 @@ def test_rank_cli(tmp_path, capsys):
     assert json.loads(out.read_text())["drop"]["layer"] == [0, 1]
     assert main(["rank", str(rep_dir), "--kind", "attn", "--drop", "7", "--out", str(out)]) == 1
     assert "only 5 are not protected" in capsys.readouterr().err
+
+
+# ---- protection rules and the paper preset (issue 14) ----------------------------------------
+
+
+def _two_method_report() -> dict:
+    """The synthetic report plus a knn profile whose stream entropy never falls (no stage 1)."""
+    rep = synthetic_report()
+    rising = [float(i) for i in range(len(rep["points"]))]
+    rep["entropy"]["knn"] = {"mean": rising, "stderr": [0.0] * len(rising)}
+    for b in rep["blocks"]:
+        b["delta"]["knn"] = {"mean": float(b["layer"]) / 10, "stderr": 0.01}  # layer 0 lowest
+    return rep
+
+
+def test_protect_rules_shared_paper_and_per_method():
+    from entrodrop_fast.ranking import protected_by_rule
+
+    rep = _two_method_report()
+    assert protected_by_rule(rep, "shared", stage1_method="bucket")[0] == [0, 1, 7]
+    assert protected_by_rule(rep, "shared", stage1_method="knn")[0] == [7]  # knn sees no stage 1
+    assert protected_by_rule(rep, "paper")[0] == [0, 1, 7]
+    assert protected_by_rule(rep, "per-method", method="knn")[0] == [7]
+    assert protected_by_rule(rep, "per-method", method="bucket")[0] == [0, 1, 7]
+    with pytest.raises(ValueError, match="no 'renyi' entropy profile"):
+        protected_by_rule(rep, "shared", stage1_method="renyi")
+    with pytest.raises(ValueError, match="unknown protect rule"):
+        protected_by_rule(rep, "fair")
+    # the same rule for two methods: knn may no longer drop layer 0, it did by its own profile
+    assert make_plan(rep, "attn", 2, method="knn")["drop"]["attn"] == [0, 1]
+    shared = make_plan(rep, "attn", 2, method="knn", protect_rule="shared", stage1_method="bucket")
+    assert shared["drop"]["attn"] == [2, 3] and shared["protected_reason"]["rule"] == "shared"
+
+
+def test_paper_preset_plan_uses_knn_and_fixed_protection():
+    from entrodrop_fast.presets import paper_preset, paper_protected
+
+    rep = _two_method_report()
+    plan = make_plan(rep, "attn", 2, preset="paper")
+    assert plan["method"] == "knn" and plan["protected"] == [0, 1, 7]
+    assert plan["drop"]["attn"] == [2, 3]
+    assert make_plan(rep, "attn", 2, preset="paper", protect="none")["drop"]["attn"] == [0, 1]  # --protect wins
+    assert make_plan(rep, "attn", 1, preset="paper", method="bucket")["method"] == "bucket"
+    # a report profiled with the preset applies its rule without being told
+    rep["settings"] = {"preset": "paper"}
+    rep["entropy"] = {"knn": rep["entropy"]["knn"]}
+    assert make_plan(rep, "attn", 2)["protected"] == [0, 1, 7]
+    mistral = paper_preset("mistral", 32, "cuda")
+    assert (mistral["method"], mistral["bins"], mistral["dtype"], mistral["protect"]) == ("bucket", 80, "fp16", [0, 1, 31])
+    llama = paper_preset("llama", 30, "cpu")
+    assert (llama["method"], llama["k"], llama["form"], llama["batch_size"], llama["dtype"]) == ("knn", 25, "paper", 1, "fp32")
+    assert paper_protected(1) == [0] and paper_protected(2) == [0, 1]
+    with pytest.raises(ValueError, match="unknown --preset"):
+        make_plan(rep, "attn", 1, preset="fast")
+
+
+def test_block_influence_is_cosine_on_layers():
+    rep = synthetic_report()
+    bi = make_plan(rep, "layer", 2, method="block_influence", protect="none")
+    cos = make_plan(rep, "layer", 2, method="cosine", protect="none")
+    assert bi["drop"] == cos["drop"] == {"attn": [], "mlp": [], "layer": [0, 2]}
+    with pytest.raises(ValueError, match="whole layers"):
+        make_plan(rep, "attn", 2, method="block_influence")
+
+
+def test_rank_cli_preset_paper(tmp_path, capsys):
+    from entrodrop_fast.cli import main
+
+    rep = _two_method_report()
+    (tmp_path / "report.json").write_text(json.dumps(rep))
+    assert main(["rank", str(tmp_path), "--kind", "attn", "--drop", "2", "--preset", "paper", "--out", str(tmp_path / "plan.json")]) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["method"] == "knn" and plan["protected"] == [0, 1, 7]
+    with pytest.raises(SystemExit):
+        main(["rank", str(tmp_path), "--kind", "attn", "--drop", "2", "--preset", "fast"])

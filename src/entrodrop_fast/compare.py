@@ -22,8 +22,10 @@ import os
 import random
 from pathlib import Path
 
-ENTROPY = ("bucket", "gaussian_diag", "gaussian_full", "knn", "renyi")
-SCORING = (*ENTROPY, "cosine")
+# = entrodrop_fast.runner.ENTROPY_METHODS (tested), spelled out so the CLI parser needs no torch
+ENTROPY = ("bucket", "gaussian_diag", "gaussian_full", "knn", "renyi", "bucket_q", "bucket_nosink", "bucket_tokennorm")
+
+SCORING = (*ENTROPY, "cosine", "block_influence", "angular")
 BASELINES = ("random",)
 
 
@@ -64,13 +66,15 @@ def parse_counts(spec: str) -> list:
 ADVICE = "lower --drop (compare protects the default layers: those where the stream entropy still falls, and the last one)"
 
 
-def random_plan(report: dict, kind: str, k, seed: int = 0) -> dict:
-    """K blocks of ``kind`` drawn uniformly among the unprotected ones (same protection as the others).
-    ``k``: a count, or a fraction / percentage of those candidates (as in ``rank --drop``)."""
+def random_plan(report: dict, kind: str, k, seed: int = 0, protected: list[int] | None = None) -> dict:
+    """K blocks of ``kind`` drawn uniformly among the unprotected ones (same protection as the others:
+    ``protected``, default the report's default rule). ``k``: a count, or a fraction /
+    percentage of those candidates (as in ``rank --drop``)."""
     from entrodrop_fast.ranking import default_protected, is_dropped, parse_count
 
     L = int(report["model"]["num_layers"])
-    protected, _ = default_protected(report)
+    if protected is None:
+        protected, _ = default_protected(report)
     gone = {b["layer"] for b in report["blocks"] if b["kind"] == kind and is_dropped(b)}
     free = [i for i in range(L) if i not in set(protected) and i not in gone]
     k = parse_count(k, len(free))
@@ -106,22 +110,50 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 def _scores(report: dict, kind: str, method: str) -> list[float]:
     blocks = sorted((b for b in report["blocks"] if b["kind"] == kind), key=lambda b: b["layer"])
-    if method == "cosine":
+    if method in ("cosine", "block_influence"):
         return [b["cosine"]["mean"] for b in blocks]
     return [b["delta"][method]["mean"] for b in blocks]
 
 
-def calibration_agreement(report_a: dict, report_b: dict, kind: str, method: str, counts: list[int]) -> dict:
+def calibration_agreement(report_a: dict, report_b: dict, kind: str, method: str, counts: list[int], protect=(None, None)) -> dict:
+    """Spearman correlation of the per-block scores of ``method`` (all blocks of ``kind``) in
+    two reports, and the overlap of the K blocks each would drop. ``protect``: the protected
+    layers used with each report (None: the report's default rule)."""
     from entrodrop_fast.ranking import make_plan
 
     rho = spearman(_scores(report_a, kind, method), _scores(report_b, kind, method))
     overlap = {}
     for k in counts:
-        plan_a = make_plan(report_a, kind, k, method=method, advice=ADVICE)
+        plan_a = make_plan(report_a, kind, k, method=method, advice=ADVICE, protect=protect[0])
         pa = set(plan_a["drop"][kind])
-        pb = set(make_plan(report_b, kind, k, method=method, advice=ADVICE)["drop"][kind])
+        pb = set(make_plan(report_b, kind, k, method=method, advice=ADVICE, protect=protect[1])["drop"][kind])
         overlap[str(k)] = {"shared": len(pa & pb), "of": plan_a["k"], "a": sorted(pa), "b": sorted(pb)}
     return {"kind": kind, "method": method, "spearman": rho, "overlap": overlap}
+
+
+def corpus_agreement(lm, comp: dict, corpus_b, *, kinds, methods, counts, samples: int, seq_len: int, seed: int, bins: int = 20, k: int = 25, batch_size: int = 8, progress: bool = False) -> list[dict]:
+    """Profile again on ``corpus_b`` and compare each scoring method's ranking with the one in
+    ``comp["report"]`` (:func:`calibration_agreement`; block_influence on layers only; angular
+    and random have no per-block ranking). Protection: the comparison's rule, on each report."""
+    from entrodrop_fast.ranking import protected_by_rule
+
+    proto = comp.get("protocol") or {}
+    scoring = _scoring_methods([m for m in methods if m != "angular"])
+    s1 = proto.get("stage1_method")
+    if s1 and s1 not in scoring:
+        scoring.insert(0, s1)
+    other = profile_report(lm, corpus_b, samples=samples, seq_len=seq_len, seed=seed, methods=scoring, progress=progress, bins=bins, k=k, batch_size=batch_size)
+    rule = proto.get("protect_rule", "per-method")
+    out = []
+    for kind in kinds:
+        for m in methods:
+            if m in ("random", "angular") or (m == "block_influence" and kind != "layer"):
+                continue
+            pm = "cosine" if m == "block_influence" else m
+            pa = protected_by_rule(comp["report"], rule, method=pm, stage1_method=s1)[0] if rule != "per-method" else None
+            pb = protected_by_rule(other, rule, method=pm, stage1_method=s1)[0] if rule != "per-method" else None
+            out.append(calibration_agreement(comp["report"], other, kind, pm, [c for c in counts if isinstance(c, int)], protect=(pa, pb)) | {"method": m})
+    return out
 
 
 def _quality(ev: dict) -> dict:
@@ -131,10 +163,20 @@ def _quality(ev: dict) -> dict:
     }
 
 
+def _intervals(ev: dict) -> dict:
+    """95% intervals of an evaluation: perplexity (from the per-window NLL), each task (Wilson)."""
+    out = {"perplexity": ev["perplexity"].get("ci95")}
+    out.update({z["task"]: z.get("ci95") for z in ev["zero_shot"]})
+    return out
+
+
 def retained_tasks(dense: dict) -> tuple[list[str], list[str]]:
     """(tasks '% retained' is defined over: dense accuracy > 0, tasks left out: dense accuracy 0)."""
-    tasks = [t for t in dense if t not in ("perplexity", "params", "speed")]
+    tasks = [t for t in dense if t not in NOT_TASKS]
     return [t for t in tasks if dense[t] > 0], [t for t in tasks if not dense[t] > 0]
+
+
+NOT_TASKS = ("perplexity", "params", "speed", "ci95")
 
 
 def retained(q: dict, dense: dict) -> float | None:
@@ -159,81 +201,316 @@ def retained_note(dense: dict) -> str:
     return note + "."
 
 
-def profile_report(lm, corpus, *, samples: int, seq_len: int, seed: int, methods, batch_size: int = 8, progress: bool = True) -> dict:
-    """Profile on the calibration part of ``corpus`` (held-out documents excluded)."""
+def profile_report(lm, corpus, *, samples: int, seq_len: int, seed: int, methods, batch_size: int = 8, progress: bool = True, bins: int = 20, k: int = 25, spans=None, windows_out: list | None = None) -> dict:
+    """Profile on the calibration part of ``corpus`` (held-out documents excluded).
+    ``windows_out``: a list that receives the calibration windows (for iterative re-scoring)."""
     from entrodrop_fast.data import Corpus, calibration_windows, load_corpus
     from entrodrop_fast.report import build_report
-    from entrodrop_fast.runner import ProfileSettings, profile
+    from entrodrop_fast.runner import DEFAULT_SPANS, ProfileSettings, profile
 
     c = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
     windows, data_info = calibration_windows(lm.tokenizer, c, samples=samples, seq_len=seq_len, seed=seed)  # held-out part excluded
-    settings = ProfileSettings(methods=tuple(methods), batch_size=batch_size)
+    if windows_out is not None:
+        windows_out.append(windows)
+    settings = ProfileSettings(methods=tuple(methods), batch_size=batch_size, bins=bins, k=k, spans=tuple(spans) if spans else DEFAULT_SPANS)
     result = profile(lm.model, windows, settings, progress=progress)
     info = {"name": lm.name, "source": lm.source, "path": lm.path, "kind": lm.kind}
-    return build_report(result, model_info=info, data_info=data_info, settings={"samples": samples, "seq_len": seq_len, "seed": seed, "batch_size": batch_size}, model=lm.model)
+    return build_report(result, model_info=info, data_info=data_info, settings={"samples": samples, "seq_len": seq_len, "seed": seed, "batch_size": batch_size, "bins": bins, "k": k}, model=lm.model)
 
 
-def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cosine", "random"), corpus=None, samples: int = 128, seq_len: int = 256, seed: int = 2024, eval_windows: int = 32, eval_items: int = 100, speed: bool = True, progress: bool = True, log=print) -> dict:
-    """Profile once, prune each (method, K), evaluate; returns the comparison dict."""
+def drop_key(drop: dict) -> str:
+    """A canonical key of a drop set (the cache of evaluations): 'attn:3,5|layer:' style."""
+    return "|".join(f"{kind}:{','.join(map(str, sorted(drop.get(kind) or [])))}" for kind in ("attn", "mlp", "layer"))
+
+
+def _scoring_methods(methods) -> list[str]:
+    """The methods a profile must run for ``methods`` (block_influence is cosine on layers)."""
+    out = []
+    for m in methods:
+        m = {"block_influence": "cosine", "random": None}.get(m, m)
+        if m is not None and m not in out:
+            out.append(m)
+    return out
+
+
+def best_entropy_method(rows: list[dict], kind: str) -> str | None:
+    """The entropy method whose one-shot rows of ``kind`` keep most quality: the highest mean
+    '% retained' over K (ties, or no retained: the lowest mean log-perplexity). None without any."""
+    from entrodrop_fast.runner import ENTROPY_METHODS
+
+    cands = {}
+    for r in rows:
+        if r["kind"] == kind and r["method"] in ENTROPY_METHODS and r.get("setting", "one-shot") == "one-shot":
+            cands.setdefault(r["method"], []).append(r)
+    if not cands:
+        return None
+
+    def key(m):
+        rs = cands[m]
+        ret = [r["retained"] for r in rs if isinstance(r.get("retained"), (int, float))]
+        lp = sum(math.log(r["perplexity"]) for r in rs) / len(rs)
+        return (-(sum(ret) / len(ret)) if ret else 0.0, lp)
+
+    return min(sorted(cands), key=key)
+
+
+def paired_tests(rows: list[dict], evaluations: dict, kinds, *, against: str = "cosine") -> list[dict]:
+    """At each (kind, K): the best entropy method (:func:`best_entropy_method`) against
+    ``against`` on the same items: exact McNemar on the zero-shot items of every task pooled,
+    and the paired per-window NLL difference (best - against) with its 95% interval."""
+    from entrodrop_fast.paired import mcnemar_exact, paired_mean_diff
+
+    out = []
+    for kind in kinds:
+        best = best_entropy_method(rows, kind)
+        if best is None:
+            continue
+        one = lambda m, kk, kind=kind: next((r for r in rows if r["kind"] == kind and r["method"] == m and r["k"] == kk and r.get("setting", "one-shot") == "one-shot"), None)  # noqa: E731
+        for k in sorted({r["k"] for r in rows if r["kind"] == kind and r["method"] == best}):
+            a, b = one(best, k), one(against, k)
+            if a is None or b is None:
+                continue
+            ea, eb = evaluations[a["eval_key"]], evaluations[b["eval_key"]]
+            tasks = [t for t in ea["correct"] if t in eb["correct"]]
+            ia = [v for t in tasks for v in ea["correct"][t]]
+            ib = [v for t in tasks for v in eb["correct"][t]]
+            test = {"kind": kind, "k": k, "a": best, "b": against, "same_blocks": a["eval_key"] == b["eval_key"], "tasks": tasks}
+            test["mcnemar"] = mcnemar_exact(ia, ib) if ia else None
+            test["nll_diff"] = paired_mean_diff(ea["window_nll"], eb["window_nll"])
+            out.append(test)
+    return out
+
+
+def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cosine", "random"), corpus=None, samples: int = 128, seq_len: int = 256, seed: int = 2024, eval_windows: int = 32, eval_items: int = 100, speed: bool = True, progress: bool = True, log=print,
+            protect_rule: str = "shared", stage1_method: str | None = None, random_seeds=(0, 1, 2), iterative=(), iterative_samples: int | None = None, bins: int = 20, k: int = 25, batch_size: int = 8,
+            report: dict | None = None, eval_cache: dict | None = None) -> dict:
+    """Profile once, prune each (method, K), evaluate; returns the comparison dict.
+
+    ``methods``: entropy estimators (:data:`entrodrop_fast.runner.ENTROPY_METHODS`), ``cosine``
+    (LLM-Drop), ``block_influence`` (ShortGPT: cosine on whole layers; layer rows only),
+    ``angular`` (PruneMe: the best span of K consecutive layers; layer rows, integer K only),
+    ``random`` (one row per seed of ``random_seeds``). ``protect_rule`` (the same for every
+    method, :func:`entrodrop_fast.ranking.protected_by_rule`): ``"shared"`` (stage 1 from the
+    stream entropy of ``stage1_method``, default the first entropy method, + the last layer),
+    ``"paper"`` (layers 0, 1 and the last) or ``"per-method"`` (each method's own profile).
+    ``iterative``: methods also run with iterative re-scoring (drop one, re-profile on
+    ``iterative_samples`` windows), rows with ``setting="iterative"``. Evaluations are cached
+    by drop set: methods that pick the same blocks are evaluated once. Rows carry 95%
+    intervals; ``paired`` holds the tests of the best entropy method against cosine.
+    ``report``: a profile of this model and corpus made with these settings (by an earlier
+    call: ``result["report"]``), used instead of profiling again; ``eval_cache``: a dict
+    shared between calls on the same model and evaluation settings (drop-set key ->
+    evaluation), so a second protection rule re-evaluates only the drop sets that changed.
+    """
     from tqdm.auto import tqdm
 
     from entrodrop_fast import evaluate as E
     from entrodrop_fast.data import load_corpus
-    from entrodrop_fast.ranking import make_plan
+    from entrodrop_fast.ranking import PROTECT_RULES, iterative_plan, make_plan, protected_by_rule
+    from entrodrop_fast.runner import ENTROPY_METHODS, ProfileSettings
     from entrodrop_fast.surgery import count_params, drop_blocks_
 
+    if protect_rule not in PROTECT_RULES:
+        raise ValueError(f"protect rule must be one of {', '.join(PROTECT_RULES)}, got {protect_rule!r}")
+    for m in iterative:
+        if m not in methods or m in ("random", "angular"):
+            raise ValueError(f"iterative re-scoring of {m!r}: give a scoring method that is also in methods (not random / angular)")
+    if "random" in methods and not random_seeds:
+        raise ValueError("random needs at least one seed")
     c = load_corpus(corpus)
     _, held = E.split_documents(c.documents)
-    # random alone still needs a profile: the protected layers it never draws come from it
-    scoring = [m for m in methods if m != "random"] or ["bucket"]
-    log(f"profiling once with {', '.join(scoring)} ({samples} x {seq_len} tokens) ...")
-    report = profile_report(lm, c, samples=samples, seq_len=seq_len, seed=seed, methods=scoring, progress=progress)
+    ent = [m for m in methods if m in ENTROPY_METHODS]
+    stage1_method = stage1_method or (ent[0] if ent else "bucket")
+    if stage1_method not in ENTROPY_METHODS:
+        raise ValueError(f"stage1 method must be an entropy method ({', '.join(ENTROPY_METHODS)}), got {stage1_method!r}")
+    scoring = _scoring_methods(methods)
+    if stage1_method not in scoring:
+        scoring.insert(0, stage1_method)  # the shared protection's profile
+    int_counts = [kk for kk in counts if isinstance(kk, int)]
+    spans = tuple(int_counts) if "angular" in methods else None
+    if "angular" in methods and not spans:
+        raise ValueError("angular scores spans of K whole layers: give integer --drop counts")
+    windows_box: list = []
+    if report is None:
+        log(f"profiling once with {', '.join(scoring)} ({samples} x {seq_len} tokens) ...")
+        report = profile_report(lm, c, samples=samples, seq_len=seq_len, seed=seed, methods=scoring, progress=progress, bins=bins, k=k, spans=spans, batch_size=batch_size, windows_out=windows_box)
+    else:
+        from entrodrop_fast.data import calibration_windows
 
-    def evaluate(model, timed: bool) -> dict:
-        ev = {"perplexity": E.perplexity(model, lm.tokenizer, held, seq_len=seq_len, max_windows=eval_windows), "zero_shot": E.zero_shot(model, lm.tokenizer, held, items=eval_items)}
-        if timed:
-            ev["speed"] = E.speed(model, lm.tokenizer, prompt_len=128, new_tokens=16, repeats=2)
-        return ev
+        missing = [m for m in scoring if m not in report.get("entropy", {}) and m != "cosine" and m != "angular"]
+        if missing:
+            raise ValueError(f"the given report has no {', '.join(missing)} profile; profile with those methods")
+        windows_box.append(calibration_windows(lm.tokenizer, c, samples=samples, seq_len=seq_len, seed=seed)[0])
+
+    def protection(method: str):
+        if protect_rule == "per-method":
+            m = {"block_influence": "cosine", "random": None, "angular": None}.get(method, method)
+            return protected_by_rule(report, "per-method", method=m)
+        return protected_by_rule(report, protect_rule, stage1_method=stage1_method)
+
+    evaluations: dict[str, dict] = {} if eval_cache is None else eval_cache
+
+    def evaluate(model, key: str) -> dict:
+        if key not in evaluations:
+            ppl = E.perplexity(model, lm.tokenizer, held, seq_len=seq_len, max_windows=eval_windows)
+            zs = E.zero_shot(model, lm.tokenizer, held, items=eval_items)
+            evaluations[key] = {"perplexity": ppl, "zero_shot": zs, "window_nll": ppl["window_nll"], "correct": {z["task"]: z["correct"] for z in zs}}
+        return evaluations[key]
 
     log("evaluating the dense model ...")
-    dense_ev = evaluate(lm.model, speed)
+    dense_key = drop_key({})
+    dense_ev = evaluate(lm.model, dense_key)
     dense_q = _quality(dense_ev)
+    dense_speed = E.speed(lm.model, lm.tokenizer, prompt_len=128, new_tokens=16, repeats=2) if speed else None
     if retained(dense_q, dense_q) is None:
         log(retained_note(dense_q))
+
+    # every plan first (cheap), then one evaluation per distinct drop set
+    plans: list[tuple[dict, dict]] = []  # (row head, plan)
+    skipped = []
+    for kind in kinds:
+        for m in methods:
+            if m in ("block_influence", "angular") and kind != "layer":
+                skipped.append(f"{m} on {kind} (it scores whole layers)")
+                continue
+            prot, why = protection(m)
+            for kk in counts:
+                if m == "angular" and not isinstance(kk, int):
+                    skipped.append(f"angular at --drop {kk} (a span length must be a count)")
+                    continue
+                if m == "random":
+                    for s in random_seeds:
+                        plan = random_plan(report, kind, kk, seed=s, protected=prot)
+                        plans.append(({"kind": kind, "method": "random", "setting": "one-shot", "seed": s, "protected": prot}, plan))
+                    continue
+                plan = make_plan(report, kind, kk, method=m, protect=prot, advice=ADVICE)
+                head = {"kind": kind, "method": m, "setting": "one-shot", "protected": prot, "protect_reason": why}
+                if m == "angular":
+                    plan["k"] = len(plan["drop"]["layer"])
+                plans.append((head, plan))
+        for m in iterative:
+            if m == "block_influence" and kind != "layer":
+                continue
+            if not int_counts:
+                skipped.append(f"iterative {m} (needs integer counts)")
+                continue
+            prot, why = protection(m)
+            kmax = max(int_counts)
+            log(f"iterative re-scoring: {m}, {kind}, up to K = {kmax} ...")
+            settings = ProfileSettings(methods=tuple(_scoring_methods([m])), batch_size=batch_size, bins=bins, k=k)
+            wins = windows_box[0][: iterative_samples or samples]
+            it = iterative_plan(copy.deepcopy(lm.model), wins, kind, kmax, method=m, protect=prot, settings=settings)
+            order = [st["layer"] for st in it["steps"]]
+            for kk in int_counts:
+                plan = {"drop": {"attn": [], "mlp": [], "layer": [], kind: sorted(order[:kk])}, "k": kk, "kind": kind}
+                plans.append(({"kind": kind, "method": m, "setting": "iterative", "protected": prot, "protect_reason": why, "steps": it["steps"][:kk]}, plan))
+    for note in dict.fromkeys(skipped):
+        log(f"skipped: {note}")
+
     rows = []
-    jobs = [(kind, m, k) for kind in kinds for m in methods for k in counts]
-    for kind, m, k in tqdm(jobs, desc="compare", disable=not progress):
-        plan = random_plan(report, kind, k) if m == "random" else make_plan(report, kind, k, method=m, advice=ADVICE)
-        pruned = copy.deepcopy(lm.model)
-        drop_blocks_(pruned, plan)
-        # the pruned structure, hence the speed, depends on (kind, K), not on the method:
-        # time the first method's model of each (kind, K) only
-        timed = speed and m == methods[0]
-        ev = evaluate(pruned, timed)
+    timed: set = set()
+    for head, plan in tqdm(plans, desc="compare", disable=not progress):
+        key = drop_key(plan["drop"])
+        cached = key in evaluations
+        pruned = None
+        if not cached or (speed and (head["kind"], plan["k"]) not in timed):
+            pruned = copy.deepcopy(lm.model)
+            drop_blocks_(pruned, plan)
+        ev = evaluate(pruned, key)
+        if pruned is not None:
+            ev.setdefault("params", count_params(pruned))
         q = _quality(ev)
-        row = {"kind": kind, "method": m, "k": plan["k"], **({"requested_drop": k} if isinstance(k, str) else {}), "dropped": plan["drop"][kind], "params": count_params(pruned), **q, "retained": retained(q, dense_q)}
-        if timed:
-            row["speed"] = ev["speed"]
+        row = {**head, "k": plan["k"], **({"requested_drop": plan.get("requested_drop")} if isinstance(plan.get("requested_drop"), str) else {}),
+               "dropped": plan["drop"][head["kind"]], "eval_key": key, "cached": cached,
+               "params": ev["params"],
+               **q, "ci95": _intervals(ev), "retained": retained(q, dense_q)}
+        # the pruned structure, hence the speed, depends on (kind, K), not on the method
+        if speed and (head["kind"], plan["k"]) not in timed:
+            row["speed"] = E.speed(pruned, lm.tokenizer, prompt_len=128, new_tokens=16, repeats=2)
+            timed.add((head["kind"], plan["k"]))
         rows.append(row)
         del pruned
+    log(f"{len(rows)} rows, {len({r['eval_key'] for r in rows})} distinct pruned models ({sum(not r['cached'] for r in rows)} evaluated in this call)")
     return {
         "model": report["model"],
         "data": {"calibration": report["data"], "heldout_documents": len(held), "eval_windows": eval_windows, "eval_items": eval_items, "seq_len": seq_len},
-        "dense": {**dense_q, "params": count_params(lm.model), **({"speed": dense_ev["speed"]} if speed else {})},
+        "protocol": {"protect_rule": protect_rule, "stage1_method": stage1_method if protect_rule == "shared" else None, "random_seeds": list(random_seeds) if "random" in methods else [],
+                     "iterative": list(iterative), "iterative_samples": (iterative_samples or samples) if iterative else None, "bins": bins, "k": k, "skipped": list(dict.fromkeys(skipped))},
+        "dense": {**dense_q, "ci95": _intervals(dense_ev), "params": count_params(lm.model), **({"speed": dense_speed} if speed else {})},
         "rows": rows,
+        "paired": paired_tests(rows, evaluations, kinds),
+        "evaluations": {key: {"window_nll": e["window_nll"], "correct": e["correct"]} for key, e in evaluations.items() if key == dense_key or key in {r["eval_key"] for r in rows}},
         "report": report,
     }
 
 
+def _ci(v, ci, fmt: str) -> str:
+    if not isinstance(v, (int, float)) or not math.isfinite(v):
+        return "-"
+    s = format(v, fmt)
+    if ci and all(isinstance(x, (int, float)) and math.isfinite(x) for x in ci):
+        s += f" [{format(ci[0], fmt)}, {format(ci[1], fmt)}]"
+    return s
+
+
+def _ppl_fmt(v) -> str:
+    return ".3g" if isinstance(v, (int, float)) and v >= 1000 else ".2f"
+
+
+def random_summary(rows: list[dict]) -> list[dict]:
+    """Per (kind, K): the mean and spread (min, max, standard deviation) over the random seeds."""
+    out = []
+    groups: dict = {}
+    for r in rows:
+        if r["method"] == "random":
+            groups.setdefault((r["kind"], r["k"]), []).append(r)
+    for (kind, k), rs in groups.items():
+        def stat(vals):
+            vals = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
+            if not vals:
+                return None
+            m = sum(vals) / len(vals)
+            sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+            return {"mean": m, "sd": sd, "min": min(vals), "max": max(vals)}
+
+        out.append({"kind": kind, "k": k, "seeds": len(rs), "perplexity": stat([r["perplexity"] for r in rs]), "retained": stat([r.get("retained") for r in rs])})
+    return out
+
+
 def markdown(comp: dict) -> str:
     d = comp["dense"]
-    tasks = [t for t in d if t not in ("perplexity", "params", "speed")]
-    lines = [f"Dense: perplexity {d['perplexity']:.2f}, " + ", ".join(f"{t} {d[t]:.3f}" for t in tasks) + f", {d['params'] / 1e6:.1f} M parameters.", ""]
-    head = "| kind | method | K | dropped (0-based) | perplexity | " + " | ".join(tasks) + " | % of dense retained |"
+    tasks = [t for t in d if t not in NOT_TASKS]
+    dci = d.get("ci95") or {}
+    lines = [f"Dense: perplexity {_ci(d['perplexity'], dci.get('perplexity'), '.2f')}, " + ", ".join(f"{t} {_ci(d[t], dci.get(t), '.3f')}" for t in tasks) + f", {d['params'] / 1e6:.1f} M parameters.", ""]
+    proto = comp.get("protocol")
+    if proto:
+        rule = {"shared": f"shared: stage 1 detected once from the {proto.get('stage1_method')} stream entropy, plus the last layer, for every method",
+                "paper": "paper: layers 0, 1 and the last, fixed, for every method",
+                "per-method": "per method: stage 1 from each method's own profile (cosine/random: the first entropy method's), plus the last layer"}[proto["protect_rule"]]
+        lines += [f"Protection: {rule}. Intervals: 95% (perplexity: from the per-window NLL; accuracy: Wilson).", ""]
+    head = "| kind | method | K | dropped (0-based) | perplexity [95%] | " + " | ".join(f"{t} [95%]" for t in tasks) + " | % of dense retained |"
     lines += [head, "|" + "---|" * (5 + len(tasks) + 1)]
     for r in comp["rows"]:
-        lines.append(f"| {r['kind']} | {r['method']} | {r['k']} | {','.join(map(str, r['dropped']))} | {r['perplexity']:.2f} | " + " | ".join(f"{r[t]:.3f}" for t in tasks) + (f" | {100 * r['retained']:.1f} |" if isinstance(r.get("retained"), (int, float)) and math.isfinite(r["retained"]) else " | - |"))
+        ci = r.get("ci95") or {}
+        name = r["method"] + (" (iterative)" if r.get("setting") == "iterative" else "") + (f" seed {r['seed']}" if r["method"] == "random" and "seed" in r else "")
+        lines.append(f"| {r['kind']} | {name} | {r['k']} | {','.join(map(str, r['dropped']))} | {_ci(r['perplexity'], ci.get('perplexity'), _ppl_fmt(r['perplexity']))} | " + " | ".join(_ci(r[t], ci.get(t), ".3f") for t in tasks) + (f" | {100 * r['retained']:.1f} |" if isinstance(r.get("retained"), (int, float)) and math.isfinite(r["retained"]) else " | - |"))
     lines += ["", retained_note(d)]
+    rs = random_summary(comp["rows"])
+    if rs and any(s["seeds"] > 1 for s in rs):
+        lines += ["", "Random baseline over seeds (mean ± sd [min, max]):", "", "| kind | K | seeds | perplexity | % retained |", "|---|---|---|---|---|"]
+        for s in rs:
+            p, t = s["perplexity"], s["retained"]
+            ps = f"{p['mean']:.2f} ± {p['sd']:.2f} [{p['min']:.2f}, {p['max']:.2f}]" if p else "-"
+            ts = f"{100 * t['mean']:.1f} ± {100 * t['sd']:.1f} [{100 * t['min']:.1f}, {100 * t['max']:.1f}]" if t else "-"
+            lines.append(f"| {s['kind']} | {s['k']} | {s['seeds']} | {ps} | {ts} |")
+    if comp.get("paired"):
+        lines += ["", "Paired tests on the same items (best entropy method vs cosine): exact McNemar on the zero-shot items of all tasks pooled; per-window NLL difference (negative: the entropy method's model predicts the held-out text better):", "",
+                  "| kind | K | entropy method | vs | right only A / only B | accuracy diff | McNemar p | ΔNLL (A − B) [95%] |", "|---|---|---|---|---|---|---|---|"]
+        for t in comp["paired"]:
+            mc, nd = t.get("mcnemar"), t["nll_diff"]
+            same = " (same blocks)" if t.get("same_blocks") else ""
+            mcs = f"{mc['a_only']} / {mc['b_only']} | {mc['diff']:+.3f} | {mc['p']:.3g}" if mc else "- | - | -"
+            lines.append(f"| {t['kind']} | {t['k']} | {t['a']}{same} | {t['b']} | {mcs} | {nd['mean']:+.4f} [{nd['ci95'][0]:+.4f}, {nd['ci95'][1]:+.4f}] |")
     if "speed" in d:
         lines += ["", "Speed (one model per kind and K; timings vary between runs):", "", "| kind | K | prefill tok/s | decode tok/s | decode speed-up | KV-cache bytes/token |", "|---|---|---|---|---|---|"]
         ds = d["speed"]
@@ -243,7 +520,8 @@ def markdown(comp: dict) -> str:
                 s = r["speed"]
                 lines.append(f"| {r['kind']} | {r['k']} | {s['prefill_tokens_per_s']:.0f} | {s['decode_tokens_per_s']:.1f} | {s['decode_tokens_per_s'] / ds['decode_tokens_per_s']:.2f} | {s['kv_cache_bytes_per_token']:.0f} |")
     if comp.get("calibration_agreement"):
-        lines += ["", "Calibration robustness:", ""]
+        cal = comp.get("calibration") or {}
+        lines += ["", f"Calibration robustness ({cal.get('a', 'a')} vs {cal.get('b', 'b')}):", ""]
         for a in comp["calibration_agreement"]:
             ov = ", ".join(f"K={k}: {v['shared']}/{v['of']}" for k, v in a["overlap"].items())
             lines.append(f"- {a['kind']} / {a['method']}: Spearman {a['spearman']:.3f}; overlap of the dropped blocks {ov}")
@@ -251,22 +529,46 @@ def markdown(comp: dict) -> str:
 
 
 def plot(comp: dict, path: Path) -> None:
+    """Per kind: % retained and perplexity against K for every method (random: mean over seeds
+    with its min-max band; entropy/cosine: 95% interval bars on perplexity)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     kinds = sorted({r["kind"] for r in comp["rows"]})
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
-    for ax, kind in zip(axes[0], kinds, strict=True):
-        for m in sorted({r["method"] for r in comp["rows"] if r["kind"] == kind}):
-            rs = sorted((r for r in comp["rows"] if r["kind"] == kind and r["method"] == m), key=lambda r: r["k"])
-            ax.plot([0] + [r["k"] for r in rs], [100.0] + [100 * r["retained"] if isinstance(r.get("retained"), (int, float)) else math.nan for r in rs], marker="o", label=m, linestyle="--" if m == "random" else "-")
-        ax.set_title(f"{kind} blocks dropped")
-        ax.set_xlabel("blocks dropped (K)")
-        ax.set_ylabel("zero-shot accuracy retained (% of dense)")
-        ax.grid(alpha=0.3)
-        ax.legend()
+    fig, axes = plt.subplots(2, max(1, len(kinds)), figsize=(5.5 * max(1, len(kinds)), 8), squeeze=False)
+    num = lambda v: v if isinstance(v, (int, float)) and math.isfinite(v) else math.nan  # noqa: E731
+    for col, kind in enumerate(kinds):
+        ax_r, ax_p = axes[0][col], axes[1][col]
+        labels = sorted({(r["method"], r.get("setting", "one-shot")) for r in comp["rows"] if r["kind"] == kind})
+        for m, setting in labels:
+            rs = [r for r in comp["rows"] if r["kind"] == kind and r["method"] == m and r.get("setting", "one-shot") == setting]
+            ks = sorted({r["k"] for r in rs})
+            label = m + (" (iter.)" if setting == "iterative" else "")
+            style = "--" if m == "random" else (":" if setting == "iterative" else "-")
+            ret = [[num(r.get("retained")) * 100 for r in rs if r["k"] == k] for k in ks]
+            ppl = [[num(r["perplexity"]) for r in rs if r["k"] == k] for k in ks]
+            mean = lambda vs: sum(vs) / len(vs)  # noqa: E731
+            line = ax_r.plot([0, *ks], [100.0] + [mean(v) for v in ret], marker="o", label=label, linestyle=style)[0]
+            ax_p.plot(ks, [mean(v) for v in ppl], marker="o", label=label, linestyle=style, color=line.get_color())
+            if m == "random" and any(len(v) > 1 for v in ret):
+                ax_r.fill_between(ks, [min(v) for v in ret], [max(v) for v in ret], alpha=0.15, color=line.get_color())
+                ax_p.fill_between(ks, [min(v) for v in ppl], [max(v) for v in ppl], alpha=0.15, color=line.get_color())
+            elif m != "random":
+                cis = [next((r.get("ci95") or {}).get("perplexity") for r in rs if r["k"] == k) for k in ks]
+                if all(c for c in cis):
+                    ys = [mean(v) for v in ppl]
+                    ax_p.errorbar(ks, ys, yerr=[[max(0.0, y - c[0]) for y, c in zip(ys, cis, strict=True)], [max(0.0, c[1] - y) for y, c in zip(ys, cis, strict=True)]], fmt="none", ecolor=line.get_color(), alpha=0.5)
+        ax_r.set_title(f"{kind} blocks dropped")
+        ax_r.set_xlabel("blocks dropped (K)")
+        ax_r.set_ylabel("zero-shot accuracy retained (% of dense)")
+        ax_p.set_xlabel("blocks dropped (K)")
+        ax_p.set_ylabel("perplexity (held-out; log scale)")
+        ax_p.set_yscale("log")
+        for ax in (ax_r, ax_p):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     fig.suptitle(f"{comp['model'].get('name', '')}: quality kept by each pruning method")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -4,6 +4,10 @@ Corpora (:func:`load_corpus`):
 
 - ``None`` / ``"builtin"``: the standard library's ``pydoc_data.topics`` (79 reference
   topics, ~465k characters of English prose; one topic = one document);
+- ``"stdlib-docs"``: the docstrings of the standard library's public modules, read from
+  their sources with ``ast`` (one module = one document, at most 2000 characters each,
+  465k in all; deterministic for a Python version): a second corpus with nothing in common
+  with the first, for calibration-robustness checks;
 - a ``.txt`` file (one document) or a directory (each ``*.txt`` in it is a document);
 - a ``.txt`` file or a directory: the suffix in any case (``.TXT``);
 - a ``.jsonl`` file: one JSON object per line, the document in ``text_field`` (a UTF-8 BOM is ignored);
@@ -97,6 +101,85 @@ def _builtin() -> Corpus:
 
     docs = [topics[k] for k in sorted(topics)]
     return Corpus("builtin:pydoc_data.topics", docs, {"source": "pydoc_data.topics"})
+
+
+# ---- second built-in corpus: docstrings of the standard library (issue 14) -------------------
+STDLIB_DOCS = "stdlib-docs"
+STDLIB_DOCS_MODULE_CHARS = 2000  # at most this much of each module (cut at a paragraph end)
+STDLIB_DOCS_CHARS = 465_000  # in all: the size of the built-in corpus
+STDLIB_DOCS_MIN_CHARS = 500  # modules with less docstring text are left out
+_STDLIB_SKIP = frozenset({"test", "tests", "idlelib", "turtledemo", "site-packages", "dist-packages", "lib2to3", "ensurepip", "encodings", "pydoc_data"})
+
+
+def _module_docstrings(path: Path) -> str:
+    """The docstrings of a module file (module, classes, functions, methods; in source order,
+    duplicates once), read with ``ast``: nothing is imported or run."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return ""
+    docs = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            d = ast.get_docstring(node)
+            if d and d.strip():
+                docs.append(d.strip())
+    return "\n\n".join(dict.fromkeys(docs))
+
+
+def _stdlib_docs() -> Corpus:
+    """A fresh copy of the (cached) stdlib-docs corpus: see :func:`_stdlib_docs_build`."""
+    docs, meta = _stdlib_docs_cached()
+    return Corpus("builtin:stdlib-docs", list(docs), dict(meta))
+
+
+def _stdlib_docs_cached() -> tuple[tuple[str, ...], dict]:
+    global _STDLIB_CACHE
+    if _STDLIB_CACHE is None:
+        c = _stdlib_docs_build()
+        _STDLIB_CACHE = (tuple(c.documents), c.meta)
+    return _STDLIB_CACHE
+
+
+_STDLIB_CACHE = None
+
+
+def _stdlib_docs_build() -> Corpus:
+    """The docstrings of the standard library's public modules: one document per module file
+    (sorted by path; packages' private and test modules left out), each cut to
+    :data:`STDLIB_DOCS_MODULE_CHARS` at a paragraph end, modules with fewer than
+    :data:`STDLIB_DOCS_MIN_CHARS` characters skipped, the total capped at
+    :data:`STDLIB_DOCS_CHARS`. Deterministic for a given Python version (the report records
+    it and the text's sha256); read from the source files, never imported."""
+    import hashlib
+    import platform
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(
+        f for f in root.rglob("*.py")
+        if not any(p in _STDLIB_SKIP or (p.startswith("_") and p != "__init__.py") for p in f.relative_to(root).parts)
+    )
+    docs, names, total = [], [], 0
+    for f in files:
+        text = _module_docstrings(f)
+        if len(text) < STDLIB_DOCS_MIN_CHARS:
+            continue
+        if len(text) > STDLIB_DOCS_MODULE_CHARS:
+            cut = text.rfind("\n\n", 0, STDLIB_DOCS_MODULE_CHARS)
+            text = text[: cut if cut > STDLIB_DOCS_MODULE_CHARS // 2 else STDLIB_DOCS_MODULE_CHARS]
+        if total + len(text) > STDLIB_DOCS_CHARS:
+            break
+        docs.append(text)
+        names.append(str(f.relative_to(root)))
+        total += len(text)
+    if not docs:
+        raise CorpusError(f"stdlib-docs: no module with docstrings under {root} (a standard library without sources?)")
+    digest = hashlib.sha256("\0".join(docs).encode()).hexdigest()
+    return Corpus("builtin:stdlib-docs", docs, {"source": "docstrings of the standard library's modules", "python": platform.python_version(), "modules": len(docs), "characters": total, "sha256": digest})
+# ---- end of stdlib-docs --------------------------------------------------------------------------
 
 
 def _read_text(path: Path, allow_empty: bool = False) -> str:
@@ -227,6 +310,8 @@ def _has_fields(spec) -> bool:
 def _load(spec, text_field: str) -> Corpus:
     if spec in (None, "", BUILTIN_CORPUS):
         return _builtin()
+    if spec == STDLIB_DOCS:
+        return _stdlib_docs()
     spec = str(spec)
     if spec.startswith("hf:"):
         return _hf(spec, text_field)

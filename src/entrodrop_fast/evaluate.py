@@ -77,14 +77,30 @@ def perplexity(model, tokenizer, documents: list[str], *, seq_len: int = 256, ma
     windows = torch.tensor(ids[: n_windows * seq_len]).view(n_windows, seq_len)  # (W, T)
     dev = _device(model)
     nll, count = 0.0, 0
+    per_window: list[float] = []
     for i in range(0, n_windows, batch_size):
         batch = windows[i : i + batch_size].to(dev)
         logits = model(batch).logits[:, :-1].float()  # (b, T-1, V)
         check_finite(logits, model, "perplexity")
-        lp = torch.log_softmax(logits, -1).gather(-1, batch[:, 1:, None])[..., 0]
+        lp = torch.log_softmax(logits, -1).gather(-1, batch[:, 1:, None])[..., 0]  # (b, T-1)
         nll -= float(lp.sum())
         count += lp.numel()
-    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": n_windows, "seq_len": seq_len}
+        per_window += [-float(v) for v in lp.double().mean(1)]
+    lo, hi = _mean_interval(per_window)
+    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": n_windows, "seq_len": seq_len,
+            "window_nll": per_window, "ci95": [math.exp(lo), math.exp(hi)]}
+
+
+def _mean_interval(values: list[float]) -> tuple[float, float]:
+    """95% normal interval of the mean of ``values`` (mean ± 1.96 standard errors; the mean
+    itself twice for fewer than 2 values). Used for the per-window NLL: perplexity's interval
+    is exp of it (windows of equal length, so their mean NLL is the overall NLL)."""
+    n = len(values)
+    m = sum(values) / n if n else float("nan")
+    if n < 2:
+        return (m, m)
+    se = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
+    return (m - 1.959963984540054 * se, m + 1.959963984540054 * se)
 
 
 def _passages(tokenizer, documents: list[str], ctx_len: int, cont_len: int) -> list[list[int]]:
@@ -96,35 +112,101 @@ def _passages(tokenizer, documents: list[str], ctx_len: int, cont_len: int) -> l
     return out
 
 
+def _keeps_logits(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do): the
+    LM head then runs on the last positions only, the ones a score reads (a 262k vocabulary
+    head costs more than Gemma-3-270M's decoder per token)."""
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @torch.no_grad()
 def _loglik(model, prefix: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum of log p(target tokens | prefix) for each row: prefix (n, P), targets (n, C)."""
     dev = _device(model)
     ids = torch.cat([prefix, targets], 1).to(dev)  # (n, P + C)
-    logits = model(ids).logits[:, prefix.shape[1] - 1 : -1].float()  # (n, C, V)
+    C = targets.shape[1]
+    if _keeps_logits(model):
+        logits = model(ids, logits_to_keep=C + 1).logits[:, :-1].float()  # (n, C, V): positions P-1 .. P+C-2
+    else:
+        logits = model(ids).logits[:, prefix.shape[1] - 1 : -1].float()  # (n, C, V)
     check_finite(logits, model, "zero-shot log-likelihoods")
     lp = torch.log_softmax(logits, -1).gather(-1, targets.to(dev)[..., None])[..., 0]
     return lp.sum(-1).cpu(), logits.argmax(-1).cpu()
 
 
-def continuation_task(model, tokenizer, documents, *, items: int = 200, choices: int = 4, ctx_len: int = 48, cont_len: int = 16, seed: int = 1234) -> dict:
-    """Pick the true continuation among ``choices`` (the others from other passages)."""
+def continuation_task(model, tokenizer, documents, *, items: int = 200, choices: int = 4, ctx_len: int = 48, cont_len: int = 16, seed: int = 1234, item_batch: int = 8, shared_context: bool = True) -> dict:
+    """Pick the true continuation among ``choices`` (the others from other passages).
+    ``item_batch`` items (x ``choices`` rows of equal length) go through one forward pass;
+    with ``shared_context`` (and a model that takes a KV cache) the context runs once per
+    item and its cache serves every choice (48 + 4 x 16 tokens instead of 4 x 64)."""
+    shared_context = shared_context and _cache_ok(model)
     passages = _passages(tokenizer, documents, ctx_len, cont_len)
     if len(passages) < choices:
         raise ValueError(f"held-out text gives {len(passages)} passages, need at least {choices}")
     rng = random.Random(seed)
     order = list(range(len(passages)))
     rng.shuffle(order)
-    correct = n = 0
+    per_item: list[int] = []
+    batch: list[tuple[list[int], list[list[int]]]] = []  # (context, choices), the true one first
+
+    def score(batch):
+        if shared_context:
+            ll = _loglik_shared_context(model, torch.tensor([c for c, _ in batch]), torch.tensor([conts for _, conts in batch]))  # (items, choices)
+        else:
+            ctx = torch.tensor([c for c, conts in batch for _ in conts])  # (items * choices, ctx_len)
+            ll, _ = _loglik(model, ctx, torch.tensor([t for _, conts in batch for t in conts]))  # equal lengths
+        for row in ll.view(len(batch), choices):
+            per_item.append(int(row.argmax() == 0))
+
     for idx in order[:items]:
-        ctx = torch.tensor(passages[idx][:ctx_len])
         others = rng.sample([j for j in range(len(passages)) if j != idx], choices - 1)
-        conts = [passages[idx][ctx_len:]] + [passages[j][ctx_len:] for j in others]
-        ll, _ = _loglik(model, ctx.expand(choices, -1), torch.tensor(conts))  # choices have equal length
-        correct += int(ll.argmax() == 0)
-        n += 1
+        batch.append((passages[idx][:ctx_len], [passages[idx][ctx_len:]] + [passages[j][ctx_len:] for j in others]))
+        if len(batch) == item_batch:
+            score(batch)
+            batch = []
+    if batch:
+        score(batch)
+    n = len(per_item)
+    correct = sum(per_item)
     lo, hi = _interval(correct, n)
-    return {"task": "continuation", "accuracy": correct / n, "ci95": [lo, hi], "items": n, "choices": choices, "chance": 1 / choices}
+    return {"task": "continuation", "accuracy": correct / n, "ci95": [lo, hi], "items": n, "choices": choices, "chance": 1 / choices, "correct": per_item}
+
+
+def _cache_ok(model) -> bool:
+    """Whether the shared-context path applies: a transformers causal LM taking a KV cache."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "use_cache" in params and _keeps_logits(model)
+
+
+@torch.no_grad()
+def _loglik_shared_context(model, ctx: torch.Tensor, conts: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(continuation | context) per (item, choice): ctx (n, P), conts (n, c, C)
+    -> (n, c). The context runs once with a KV cache, repeated for the c choices; the same
+    numbers as :func:`_loglik` on the concatenated rows up to floating-point reassociation."""
+    dev = _device(model)
+    n, c, C = conts.shape
+    out = model(ctx.to(dev), use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1].float()  # (n, V): predicts each continuation's first token
+    check_finite(first, model, "zero-shot log-likelihoods")
+    cache = _cache_of(out)
+    cache.batch_repeat_interleave(c)  # (n * c) rows, item-major as conts.view(n * c, C)
+    tgt = conts.reshape(n * c, C).to(dev)
+    pos = torch.arange(ctx.shape[1], ctx.shape[1] + C, device=dev).expand(n * c, C)
+    rest = model(tgt, use_cache=True, position_ids=pos, **{_cache_arg(model): cache}).logits[:, :-1].float()  # (n c, C - 1, V)
+    check_finite(rest, model, "zero-shot log-likelihoods")
+    lp_first = torch.log_softmax(first, -1).repeat_interleave(c, 0).gather(-1, tgt[:, :1])[:, 0]  # (n c,)
+    lp_rest = torch.log_softmax(rest, -1).gather(-1, tgt[:, 1:, None])[..., 0].sum(-1)  # (n c,)
+    return (lp_first + lp_rest).view(n, c).cpu()
 
 
 _WORD = re.compile(r"\s([A-Za-z]{4,})\b")
@@ -141,14 +223,16 @@ def last_word_task(model, tokenizer, documents, *, items: int = 200, min_chars: 
         raise ValueError("held-out text has no passage long enough for the last-word task")
     rng.shuffle(cases)
     correct = n = 0
+    per_item: list[int] = []
     for ctx_text, word in cases[:items]:
         ctx = tokenizer(ctx_text, add_special_tokens=False)["input_ids"][-192:]
         tgt = tokenizer(word, add_special_tokens=False)["input_ids"]
         _, greedy = _loglik(model, torch.tensor([ctx]), torch.tensor([tgt]))
-        correct += int(greedy[0].tolist() == tgt)
+        per_item.append(int(greedy[0].tolist() == tgt))
+        correct += per_item[-1]
         n += 1
     lo, hi = _interval(correct, n)
-    return {"task": "last_word", "accuracy": correct / n, "ci95": [lo, hi], "items": n}
+    return {"task": "last_word", "accuracy": correct / n, "ci95": [lo, hi], "items": n, "correct": per_item}
 
 
 def zero_shot(model, tokenizer, documents, *, items: int = 200) -> list[dict]:

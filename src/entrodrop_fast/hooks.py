@@ -35,6 +35,17 @@ _REPORTING_OPS = {"bucket": "bucket", "gaussian_diag": "moments"}
 _NONFINITE_MSG = "the residual stream holds NaN or Inf at {point} (fp16 overflow? try --dtype bf16 or fp32); no report"
 
 
+# ---- robust bucket variants (issue 14): bucket_q, bucket_nosink, bucket_tokennorm -------------
+def _robust_estimator(method: str):
+    """The estimator of a robust bucket variant (entrodrop_fast.ops.robust), None for the others."""
+    if not method.startswith("bucket_"):
+        return None
+    from entrodrop_fast.ops.robust import ROBUST_ESTIMATORS
+
+    return ROBUST_ESTIMATORS.get(method)
+# ---- end of the robust bucket variants ----------------------------------------------------------
+
+
 def _first(t):
     """The hidden-states tensor of a module output (tensor, or tuple whose [0] it is)."""
     return t[0] if isinstance(t, (tuple, list)) else t
@@ -229,7 +240,8 @@ class BlockStatistics:
         i = self._pidx[point]
         for m in self.s.entropy_methods:
             opts = self.s.entropy_opts.get(m, {})
-            h = self._h[m][i] = entropy(x, m, f, mask=self.mask, backend=self.s.backend, validate=False, **opts)
+            fn = _robust_estimator(m) or (lambda x, f, m=m, **kw: entropy(x, m, f, **kw))
+            h = self._h[m][i] = fn(x, f, mask=self.mask, backend=self.s.backend, validate=False, **opts)
             if not reports:
                 continue
             if h.device.type == "cpu":

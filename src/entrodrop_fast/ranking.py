@@ -173,13 +173,65 @@ def _made_for(model: dict) -> dict:
 ADVICE = "lower --drop or change --protect"
 
 
-def make_plan(report, kind: str = "attn", drop=4, *, method: str | None = None, protect=None, report_path: str | None = None, advice: str = ADVICE) -> dict:
+PROTECT_RULES = ("shared", "paper", "per-method")
+
+
+def protected_by_rule(report: dict, rule: str, *, method: str | None = None, stage1_method: str | None = None) -> tuple[list[int], dict]:
+    """(protected layers, why) by a named rule, the same for every scoring method:
+
+    - ``"shared"``: stage 1 detected once, from the stream entropy of ``stage1_method``
+      (default: the report's first entropy method), plus the last layer;
+    - ``"paper"``: layers 0, 1 and the last, fixed (the paper's code);
+    - ``"per-method"``: stage 1 from ``method``'s own stream entropy (cosine / random: the
+      report's first entropy method), plus the last layer (the product's default).
+    """
+    from entrodrop_fast.presets import paper_protected
+
+    L = int(report["model"]["num_layers"])
+    if rule == "paper":
+        prot = paper_protected(L)
+        return prot, {"rule": "paper", "fixed": prot}
+    if rule == "shared":
+        m = _entropy_method(report, stage1_method)
+        if stage1_method is not None and m != stage1_method:
+            raise ValueError(f"protect rule 'shared': the report has no {stage1_method!r} entropy profile to detect stage 1 from (has {', '.join(report.get('entropy', {})) or 'none'})")
+        prot, why = default_protected(report, m)
+        return prot, {"rule": "shared", **why}
+    if rule == "per-method":
+        prot, why = default_protected(report, method)
+        return prot, {"rule": "per-method", **why}
+    raise ValueError(f"unknown protect rule {rule!r}; choose from {', '.join(PROTECT_RULES)}")
+
+
+def _preset_choice(report: dict, preset: str | None, method: str | None, protect) -> tuple[str | None, list[int] | None, dict | None]:
+    """(method, protected layers, why) under ``preset`` ("paper": the method the paper's code
+    uses for the report's architecture, and layers 0, 1 and the last); unchanged without one.
+    A report profiled with ``--preset paper`` applies the paper's rule unless ``protect`` says otherwise."""
+    from entrodrop_fast.presets import check_preset, paper_preset, report_preset
+
+    preset = check_preset(preset) or report_preset(report)
+    if preset != "paper":
+        return method, None, None
+    cfg = paper_preset(report["model"].get("model_type"), int(report["model"]["num_layers"]))
+    if method is None:
+        method = cfg["method"]
+    if protect is not None:
+        return method, None, None
+    return method, cfg["protect"], {"preset": "paper", "fixed": cfg["protect"], "why": cfg["why"]}
+
+
+def make_plan(report, kind: str = "attn", drop=4, *, method: str | None = None, protect=None, report_path: str | None = None, advice: str = ADVICE, preset: str | None = None, protect_rule: str | None = None, stage1_method: str | None = None) -> dict:
     """A drop plan from a report dict (or the path of a report directory / ``report.json``).
 
     ``drop``: a count, or a fraction of the candidate blocks (those of ``kind`` neither
     protected nor dropped already: :func:`parse_count`). ``method``: an entropy method
     of the report (default: its first), ``cosine`` or ``angular`` (layers only). ``protect``:
-    0-based layers never dropped, replacing the default (stage 1 + last layer). ``advice``:
+    0-based layers never dropped, replacing the default (stage 1 + last layer).
+    ``preset="paper"`` (or a report profiled with it): the paper's method for the
+    architecture (knn; bucket for Mistral) unless ``method`` is given, and layers 0, 1 and
+    the last protected unless ``protect`` is given. ``protect_rule``: one of
+    :data:`PROTECT_RULES` (:func:`protected_by_rule`; ``stage1_method`` for "shared"),
+    used when ``protect`` is None. ``advice``:
     what the error of a too large ``drop`` tells the user to do. Blocks the report marks
     ``dropped`` (the profiled model was pruned already) are neither ranked nor counted.
     """
@@ -192,6 +244,11 @@ def make_plan(report, kind: str = "attn", drop=4, *, method: str | None = None, 
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     L = int(report["model"]["num_layers"])
     where = f"report {report_path}" if report_path else "the report"
+    method, preset_protect, preset_why = _preset_choice(report, preset, method, protect)
+    if method == "block_influence":  # ShortGPT's block influence IS cosine on whole layers
+        if kind != "layer":
+            raise ValueError("method block_influence (ShortGPT) scores whole layers: use --kind layer (cosine scores attn / mlp blocks)")
+        method = "cosine"
     available = _methods_in(report)
     method = method or _entropy_method(report, None) or ("cosine" if "cosine" in available else None)
     if method not in available:
@@ -204,7 +261,11 @@ def make_plan(report, kind: str = "attn", drop=4, *, method: str | None = None, 
     if method == "angular" and kind != "layer":
         raise ValueError("method angular scores spans of whole layers: use --kind layer")
     user_protect = parse_protect(protect)
-    if user_protect is None:
+    if user_protect is None and protect_rule is not None:
+        protected, why = protected_by_rule(report, protect_rule, method=method, stage1_method=stage1_method)
+    elif user_protect is None and preset_protect is not None:
+        protected, why = preset_protect, preset_why
+    elif user_protect is None:
         protected, why = default_protected(report, method)
     else:
         bad = [i for i in user_protect if not 0 <= i < L]
@@ -336,7 +397,7 @@ def plan_summary(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def iterative_plan(model, windows, kind: str = "attn", drop=4, *, method: str | None = None, protect=None, settings=None, progress: bool = False) -> dict:
+def iterative_plan(model, windows, kind: str = "attn", drop=4, *, method: str | None = None, protect=None, settings=None, progress: bool = False, preset: str | None = None, protect_rule: str | None = None, stage1_method: str | None = None) -> dict:
     """Drop one block at a time, re-profiling the pruned model in between (in memory).
 
     ``model`` is pruned in place (a copy is not made: pass one you can spare). Returns a plan
@@ -362,7 +423,7 @@ def iterative_plan(model, windows, kind: str = "attn", drop=4, *, method: str | 
         report = build_report(profile(model, windows, settings, progress=progress), model_info={}, data_info={}, settings={}, model=model)
         if first_plan is None:
             # protection is decided once, on the unpruned model's profile
-            first_plan = make_plan(report, kind, drop, method=method, protect=protect)
+            first_plan = make_plan(report, kind, drop, method=method, protect=protect, preset=preset, protect_rule=protect_rule, stage1_method=stage1_method)
             protected_orig = set(first_plan["protected"])
             k = first_plan["k"]
         cur_protect = [i for i, o in enumerate(orig) if o in protected_orig or (kind != "layer" and o in dropped)]

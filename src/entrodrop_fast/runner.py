@@ -22,7 +22,8 @@ from torch import nn
 from entrodrop_fast.hooks import BlockStatistics, ResidualTaps, TapSettings, finite_or_raise
 from entrodrop_fast.models.adapters import Adapter, get_adapter
 
-ENTROPY_METHODS = ("bucket", "gaussian_diag", "gaussian_full", "knn", "renyi")
+# the last three: robust bucket variants (entrodrop_fast.ops.robust; issue 14), opt-in
+ENTROPY_METHODS = ("bucket", "gaussian_diag", "gaussian_full", "knn", "renyi", "bucket_q", "bucket_nosink", "bucket_tokennorm")
 SIMILARITY_METHODS = ("cosine", "angular")
 ALL_METHODS = ENTROPY_METHODS + SIMILARITY_METHODS
 DEFAULT_SPANS = (1, 2, 4, 8)
@@ -63,6 +64,7 @@ class ProfileSettings:
         methods = parse_methods(self.methods)
         ent = tuple(m for m in methods if m in ENTROPY_METHODS)
         opts = {"bucket": {"bins": self.bins, "paper_exact": self.paper_exact}, "knn": {"k": self.k}}
+        opts.update({m: {"bins": self.bins, "paper_exact": self.paper_exact} for m in ("bucket_q", "bucket_nosink", "bucket_tokennorm")})
         return TapSettings(
             entropy_methods=ent,
             cosine="cosine" in methods,
@@ -91,7 +93,7 @@ def _check(settings: ProfileSettings, windows: torch.Tensor, adapter: Adapter, n
     T = windows.shape[1]
     if "knn" in methods and T <= settings.k:
         raise ValueError(f"knn needs more tokens per sample than k: seq_len {T} <= k {settings.k}")
-    if "bucket" in methods and settings.bins < 1:
+    if any(m.startswith("bucket") for m in methods) and settings.bins < 1:
         raise ValueError(f"bins must be >= 1, got {settings.bins}")
     if "angular" in methods and not any(1 <= n <= num_layers for n in settings.spans):
         raise ValueError(f"angular: spans {settings.spans} must include one in 1..{num_layers}")

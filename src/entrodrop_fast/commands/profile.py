@@ -165,6 +165,31 @@ def check_before_loading(args, methods):
     return corpus
 
 
+def _apply_preset(args) -> dict | None:
+    """``--preset paper``: set the estimator (knn k=25, or bucket 80 bins for Mistral), batch 1
+    and the dtype (fp16 on CUDA, fp32 on CPU) from the model's config; methods given with
+    --method are profiled too. The report records the preset, so rank / prune protect layers
+    0, 1 and the last from it. None without a preset."""
+    from entrodrop_fast.presets import check_preset, paper_preset
+
+    if check_preset(getattr(args, "preset", None)) is None:
+        return None
+    from entrodrop_fast.models.loading import peek_config
+
+    cfg = peek_config(args.model, args.cache_dir)
+    if cfg is None:
+        raise ValueError(f"--preset paper reads the architecture from the model's config.json: give a local model directory or a built-in name, not {args.model!r}")
+    p = paper_preset(cfg.get("model_type"), cfg.get("num_hidden_layers"), args.device)
+    extra = [m for spec in (args.method or []) for m in str(spec).split(",") if m.strip() and m.strip() != p["method"]]
+    args.method = [p["method"], *extra]
+    args.k, args.bins = p["k"], p["bins"]
+    args.batch_size = args.batch_size or p["batch_size"]
+    if p["dtype"] == "fp16":
+        args.dtype = "fp16"
+    print(f"entrodrop profile: --preset paper: {p['why']}", file=sys.stderr)
+    return p
+
+
 def register(subparsers) -> None:
     from entrodrop_fast.cli import int_at_least, positive_int
 
@@ -175,6 +200,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("model", nargs="?", default=None, metavar="MODEL", help="local HF directory, .gguf file, hub id or a built-in name (gemma3-270m); default: built-in SmolLM2-135M-Instruct")
     p.add_argument("--method", "-m", action="append", default=None, help="bucket, gaussian_diag, gaussian_full, knn, renyi, cosine, angular or all; several comma-separated or repeated (default bucket); all run in one forward pass")
+    p.add_argument("--preset", default=None, choices=["paper"], help="paper: what the paper's code runs for this architecture (knn k=25, or bucket 80 bins for Mistral; batch 1; fp16 on CUDA, fp32 on CPU); rank/prune then protect layers 0, 1 and the last")
     p.add_argument("--samples", type=positive_int, default=PAPER_SAMPLES, help=f"calibration windows (default {PAPER_SAMPLES})")
     p.add_argument("--seq-len", type=int_at_least(2, "an entropy needs at least 2 tokens"), default=PAPER_SEQ_LEN, help=f"tokens per window (default {PAPER_SEQ_LEN})")
     p.add_argument("--batch-size", type=positive_int, default=None, help="windows per forward pass (default 1, as the paper; with --max-memory, the largest up to 8 that fits)")
@@ -188,7 +214,7 @@ def register(subparsers) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "cpp", "triton", "torch"], help="estimator backend (default auto: the fastest available)")
     p.add_argument("--out", default="entrodrop_report", help="report directory (default ./entrodrop_report; new, empty or an earlier report)")
     p.add_argument("--overwrite", action="store_true", help="write the report into --out even when it holds other files (they are left untouched)")
-    p.add_argument("--corpus", default=None, help="builtin (default), a .txt file, a directory of .txt, a .jsonl file or hf:NAME[:CONFIG][:SPLIT]")
+    p.add_argument("--corpus", default=None, help="builtin (default), stdlib-docs (docstrings of the standard library), a .txt file, a directory of .txt, a .jsonl file or hf:NAME[:CONFIG][:SPLIT]")
     p.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text (default text)")
     p.add_argument("--cache-dir", default=None, help="where the built-in model is converted (default $ENTRODROP_CACHE or ~/.cache/entrodrop_fast)")
     p.add_argument("--streaming", action="store_true", help="run layer by layer from the checkpoint's safetensors shards (models larger than memory)")
@@ -213,6 +239,7 @@ def run(args) -> int:
         print(f"entrodrop profile: {msg}", file=sys.stderr)
     from entrodrop_fast.surgery import model_identity
 
+    preset = _apply_preset(args)  # --preset paper: method, k, bins, batch size, dtype from the architecture
     methods = parse_methods(args.method or ["bucket"])
     for name, v in (("--samples", args.samples), ("--seq-len", args.seq_len), ("--batch-size", args.batch_size or 1), ("--bins", args.bins), ("--k", args.k)):
         if v < 1:
@@ -312,7 +339,7 @@ def run(args) -> int:
     result["tokens_per_s"] = windows.numel() / result["seconds"] if result["seconds"] > 0 else float("nan")
     if rank:
         return 0
-    settings_info = {"samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size, "seed": args.seed, "bins": args.bins, "paper_exact": args.paper_exact, "k": args.k, "spans": list(settings.spans) if "angular" in methods else [], "dtype": args.dtype, "device": args.device}
+    settings_info = {**({"preset": preset["preset"], "preset_why": preset["why"]} if preset else {}), "samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size, "seed": args.seed, "bins": args.bins, "paper_exact": args.paper_exact, "k": args.k, "spans": list(settings.spans) if "angular" in methods else [], "dtype": args.dtype, "device": args.device}
     if world > 1:
         settings_info["processes"] = world
     report = build_report(result, model_info=model_info, data_info=data_info, settings=settings_info, model=lm.model if lm else None)

@@ -83,15 +83,31 @@ def _profile_inputs(src: Path, args):
     from entrodrop_fast.models import load_model
     from entrodrop_fast.runner import ProfileSettings
 
-    method = args.method if args.method and args.method not in ("cosine", "angular") else "bucket"
+    preset = _preset(src, args)  # --preset paper: the paper's estimator, batch 1, dtype
+    default = preset["method"] if preset else "bucket"
+    method = args.method if args.method and args.method not in ("cosine", "angular") else default
     methods = (method, "cosine") if args.method == "cosine" else ((method, "angular") if args.method == "angular" else (method,))
-    lm = load_model(str(src), dtype="fp32", device=args.device)
+    lm = load_model(str(src), dtype=preset["dtype"] if preset else "fp32", device=args.device)
     windows, data_info = calibration_windows(lm.tokenizer, args.corpus, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     _log(f"profiling {src.name}: {data_info['samples']} x {data_info['seq_len']} tokens, method {', '.join(methods)} ...")
     settings = ProfileSettings(methods=methods, batch_size=args.batch_size)
+    if preset:
+        settings.batch_size, settings.k, settings.bins = preset["batch_size"], preset["k"], preset["bins"]
     if "angular" in methods and args.drop is not None and str(args.drop).isdigit():
         settings.spans = (int(args.drop),)
     return lm, windows, data_info, settings
+
+
+def _preset(src: Path, args) -> dict | None:
+    """--preset paper: the paper's configuration for the model's architecture (None without)."""
+    if getattr(args, "preset", None) is None:
+        return None
+    import json
+
+    from entrodrop_fast.presets import paper_preset
+
+    cfg = json.loads((Path(src) / "config.json").read_text())
+    return paper_preset(cfg.get("model_type"), cfg.get("num_hidden_layers"), args.device)
 
 
 def profile_report(src: Path, args) -> dict:
@@ -102,7 +118,8 @@ def profile_report(src: Path, args) -> dict:
     lm, windows, data_info, settings = _profile_inputs(src, args)
     result = profile(lm.model, windows, settings, progress=True)
     info = {"name": str(src), "source": str(src), "path": str(src), **model_identity(lm.model.config)}
-    return build_report(result, model_info=info, data_info=data_info, settings={"samples": args.samples, "seq_len": args.seq_len, "seed": args.seed}, model=lm.model)
+    extra = {"preset": args.preset} if getattr(args, "preset", None) else {}
+    return build_report(result, model_info=info, data_info=data_info, settings={"samples": args.samples, "seq_len": args.seq_len, "seed": args.seed, **extra}, model=lm.model)
 
 
 def report_for(src: Path, report_path) -> dict:
@@ -123,7 +140,7 @@ def iterative(src: Path, args) -> dict:
     from entrodrop_fast.ranking import iterative_plan
 
     lm, windows, _, settings = _profile_inputs(src, args)
-    plan = iterative_plan(lm.model, windows, args.kind, args.drop, method=args.method, protect=args.protect, settings=settings, progress=True)
+    plan = iterative_plan(lm.model, windows, args.kind, args.drop, method=args.method, protect=args.protect, settings=settings, progress=True, preset=args.preset)
     plan["model"].update({"name": str(src), "path": str(src)})
     return plan
 
@@ -160,7 +177,7 @@ def run(args) -> int:
             print(plan_summary(plan))
         else:
             report = report_for(src, args.report) if args.report is not None else profile_report(src, args)
-            plan = make_plan(report, args.kind, args.drop, method=args.method, protect=args.protect, report_path=args.report)
+            plan = make_plan(report, args.kind, args.drop, method=args.method, protect=args.protect, report_path=args.report, preset=args.preset)
             print(plan_summary(plan))
         s = export_pruned(src, out, plan, overwrite=args.overwrite, plan_to_save=plan)
     d = s.drops

@@ -10,6 +10,7 @@ def add_ranking_args(p) -> None:
     p.add_argument("--kind", choices=KINDS, default=None, help="blocks to drop: attn, mlp, layer or joint (attn+mlp ranked together)")
     p.add_argument("--drop", default=None, help="how many: a count (8), a fraction in (0, 1) (0.25) or a percentage (25%%; 100%% = all) of the candidate blocks (those neither protected nor dropped already), rounded to the nearest count, halves up; 1.0 is refused as ambiguous (give 1 or 100%%)")
     p.add_argument("--method", default=None, help="score: an entropy method of the report (default: its first, e.g. bucket), cosine, or angular (layers)")
+    p.add_argument("--preset", default=None, choices=["paper"], help="paper: the paper's code's choices (knn k=25 on Llama-family reports, bucket for Mistral, unless --method; layers 0, 1 and the last protected, unless --protect)")
     p.add_argument("--protect", default=None, help="0-based layers never dropped, comma-separated (0,1,29), or 'none' to protect nothing ('' is refused); default: the early layers where entropy still decreases + the last layer")
 
 
@@ -39,7 +40,7 @@ def run(args) -> int:
         info = json.loads(rep.read_text())
         inputs += [*outputs.model_paths(info["model"].get("path") or "-"), *outputs.corpus_paths(info["data"].get("corpus"))]
     outputs.check_file(args.out, what="drop plan", recognise=plan_file_check(), overwrite=args.overwrite, inputs=inputs)
-    plan = make_plan(args.report, args.kind, args.drop, method=args.method, protect=args.protect)
+    plan = make_plan(args.report, args.kind, args.drop, method=args.method, protect=args.protect, preset=args.preset)
     out = save_plan(plan, args.out, overwrite=args.overwrite)
     print(plan_summary(plan))
     print(f"plan written to {out}")

@@ -1,0 +1,262 @@
+"""The paper's claims on the two built-in real models: one command for the whole study (issue 14).
+
+    python benches/paper_compare.py --out DIR            # the full study: SmolLM2-135M and Gemma-3-270M
+    python benches/paper_compare.py --quick --out DIR    # the plumbing on SmolLM2, a few minutes
+
+Per model:
+1. one profile (every method in one pass) on the built-in corpus's calibration part;
+2. ``compare`` under two protection rules, the same for every method: ``shared`` (stage 1
+   detected once from the bucket stream entropy, plus the last layer) and ``paper``
+   (layers 0, 1 and the last); methods bucket (the paper's), knn (k = 25, paper form: what
+   the paper's code runs on Llama), gaussian_diag, renyi, the robust bucket variants
+   (bucket_q, bucket_nosink, bucket_tokennorm), cosine (LLM-Drop), block_influence
+   (ShortGPT, layers), angular (PruneMe spans, layers), random (3 seeds); iterative
+   re-scoring for knn and cosine; attention and whole-layer drops; evaluation cached by
+   drop set and shared between the two rules;
+3. the same profile on a second corpus (``stdlib-docs``): Spearman correlation of every
+   method's block scores and overlap of the K dropped;
+4. the massive-activation diagnosis of the residual stream, with its figure.
+
+Writes into --out: ``study.json`` (everything, with timings), ``study.md`` (all tables),
+and per model ``MODEL/comparison_{shared,paper}.{json,md,png}``, ``MODEL/massive.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ENTROPY = ["bucket", "knn", "gaussian_diag", "renyi", "bucket_q", "bucket_nosink", "bucket_tokennorm"]
+SIMILARITY = ["cosine", "block_influence", "angular"]
+
+# the full grid: chosen to fit about 2 h for both models on the shared 2-core CPU (see
+# estimate() and the README); every number is a parameter of the command
+FULL = {
+    "models": ["smollm2", "gemma3-270m"],
+    "kinds": ["attn", "layer"],
+    "counts": {"smollm2": [2, 4, 6, 8, 10], "gemma3-270m": [1, 2, 4, 6]},  # K up to about a third of the layers (30, 18)
+    "methods": ENTROPY + SIMILARITY + ["random"],
+    "random_seeds": 3,
+    "iterative": ["knn", "cosine"],
+    "iterative_samples": 16,
+    "samples": 128,
+    "seq_len": 256,
+    "eval_windows": 64,  # 64 x 256 = 16k held-out tokens
+    "items": 200,  # per zero-shot task
+    "rules": ["shared", "paper"],
+    "second_corpus": "stdlib-docs",
+    "massive_windows": 16,
+}
+# what fits about 2 h for both models on the quiet 2-core CPU at 700 tokens/s (--estimate):
+# the statistical power of the full grid (200 items per task, 16k perplexity tokens), fewer
+# cells: one protection rule, K = two values, the paper's estimators, one robust variant, cosine
+# (= block influence on layers), one random seed, no iterative re-scoring
+CPU2H = {
+    **FULL,
+    "counts": {"smollm2": [2, 6], "gemma3-270m": [2, 4]},
+    "methods": ["bucket", "knn", "bucket_q", "cosine", "block_influence", "random"],
+    "random_seeds": 1,
+    "iterative": [],
+    "rules": ["shared"],
+}
+QUICK = {
+    **FULL,
+    "models": ["smollm2"],
+    "kinds": ["layer"],  # whole layers: where the paper's bucket failed
+    "counts": {"smollm2": [2], "gemma3-270m": [2]},
+    "methods": ["bucket", "knn", "bucket_q", "cosine", "block_influence", "angular", "random"],
+    "random_seeds": 1,
+    "iterative": [],
+    "samples": 8,
+    "eval_windows": 2,
+    "items": 8,
+    "massive_windows": 2,
+}
+
+
+# forward tokens/s on the 2-core CPU, fp32, from the CPU time of one 1-thread forward of 2 x 256
+# tokens (x 2 cores) measured here on 2026-11-30 (the wall clock was useless: load 12):
+# "head" = the LM head on every position (perplexity), "kept" = on the scored positions only
+RATES = {"smollm2": {"head": 480.0, "kept": 656.0}, "gemma3-270m": {"head": 250.0, "kept": 580.0}}
+
+
+def estimate(grid: dict, scale: float = 1.0) -> dict:
+    """Seconds the grid costs per model on the 2-core CPU (:data:`RATES` x ``scale``), an upper
+    bound: every plan evaluated (the cache only lowers it). An evaluation is the perplexity
+    windows (LM head everywhere) + per zero-shot item 48 + 4 x 16 tokens (continuation, shared
+    context) and ~194 (last_word); profiles (two corpora, iterative re-profiles, the diagnosis)
+    count their tokens at half the kept rate (the estimators' share)."""
+    T = grid["seq_len"]
+    out = {}
+    for m in grid["models"]:
+        r = {k: v * scale for k, v in RATES[m].items()}
+        ks = grid["counts"][m]
+        plans = 0
+        for kind in grid["kinds"]:
+            for meth in grid["methods"]:
+                if meth in ("block_influence", "angular") and kind != "layer":
+                    continue
+                if meth == "block_influence" and "cosine" in grid["methods"]:
+                    continue  # the same drop sets as cosine: cached
+                plans += len(ks) * (grid["random_seeds"] if meth == "random" else 1)
+            plans += len(grid["iterative"]) * len(ks)
+        plans *= len(grid["rules"])
+        ppl_tokens = grid["eval_windows"] * T
+        zs_tokens = grid["items"] * (48 + 4 * 16 + 194)
+        per_eval = ppl_tokens / r["head"] + zs_tokens / r["kept"]
+        iter_tokens = sum(max(ks) * grid["iterative_samples"] * T for _ in grid["kinds"] for _ in grid["iterative"])
+        profile_tokens = 2 * grid["samples"] * T + iter_tokens + grid["massive_windows"] * T
+        seconds = (plans + 1) * per_eval + profile_tokens / (0.5 * r["kept"])
+        out[m] = {"evaluations_at_most": plans + 1, "seconds_per_evaluation": per_eval, "profile_tokens": profile_tokens, "seconds": seconds}
+    return out
+
+
+def log(*a) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, file=sys.stderr, flush=True)
+
+
+def run_model(name: str, grid: dict, out: Path, *, device: str, dtype: str, progress: bool) -> dict:
+    from entrodrop_fast import compare as C
+    from entrodrop_fast import massive as M
+    from entrodrop_fast.data import calibration_windows, load_corpus
+    from entrodrop_fast.models import load_model
+
+    t0 = time.perf_counter()
+    lm = load_model(name, dtype=dtype, device=device)
+    timing = {"load_s": time.perf_counter() - t0}
+    corpus = load_corpus(None)
+    counts = grid["counts"][name]
+    cache: dict = {}
+    results = {}
+    report = None
+    for rule in grid["rules"]:
+        t = time.perf_counter()
+        log(f"{name}: compare, protection rule {rule}")
+        comp = C.compare(lm, kinds=tuple(grid["kinds"]), counts=tuple(counts), methods=tuple(grid["methods"]), corpus=corpus, samples=grid["samples"], seq_len=grid["seq_len"],
+                         seed=2024, eval_windows=grid["eval_windows"], eval_items=grid["items"], speed=False, progress=progress, log=lambda *a: log(name, *a),
+                         protect_rule=rule, stage1_method="bucket", random_seeds=tuple(range(grid["random_seeds"])), iterative=tuple(grid["iterative"]),
+                         iterative_samples=grid["iterative_samples"], report=report, eval_cache=cache)
+        report = comp["report"]  # one profile for both rules
+        timing[f"compare_{rule}_s"] = time.perf_counter() - t
+        results[rule] = comp
+    # calibration robustness: the same methods' rankings from a second corpus
+    t = time.perf_counter()
+    log(f"{name}: profile on {grid['second_corpus']} for the calibration comparison")
+    agreement = C.corpus_agreement(lm, results[grid["rules"][0]], grid["second_corpus"], kinds=grid["kinds"], methods=grid["methods"], counts=counts, samples=grid["samples"],
+                                   seq_len=grid["seq_len"], seed=2024, progress=progress)
+    for comp in results.values():
+        comp["calibration_agreement"] = agreement
+        comp["calibration"] = {"a": "builtin", "b": grid["second_corpus"]}
+    timing["calibration_s"] = time.perf_counter() - t
+    # massive activations
+    t = time.perf_counter()
+    log(f"{name}: massive-activation diagnosis")
+    windows, _ = calibration_windows(lm.tokenizer, corpus, samples=grid["massive_windows"], seq_len=grid["seq_len"], seed=2024)
+    diag = M.diagnose(lm.model, lm.tokenizer, windows, top=3, bins=20)
+    timing["massive_s"] = time.perf_counter() - t
+    d = out / name
+    d.mkdir(parents=True, exist_ok=True)
+    from entrodrop_fast.report import json_safe
+
+    for rule, comp in results.items():
+        (d / f"comparison_{rule}.json").write_text(json.dumps(json_safe(comp), indent=1, allow_nan=False))
+        (d / f"comparison_{rule}.md").write_text(C.markdown(comp))
+        C.plot(comp, d / f"comparison_{rule}.png")
+    (d / "massive.json").write_text(json.dumps(json_safe(diag), indent=1, allow_nan=False))
+    (d / "massive.md").write_text(M.markdown(diag))
+    M.plot(diag, d / "massive.png", title=f"{name}: massive activations and the bucket histogram range")
+    evaluated = len(cache) - 1
+    rows = sum(len(c["rows"]) for c in results.values())
+    timing["total_s"] = time.perf_counter() - t0
+    timing["evaluations"] = evaluated
+    timing["rows"] = rows
+    timing["seconds_per_evaluation"] = (timing[f"compare_{grid['rules'][0]}_s"] + sum(timing[f"compare_{r}_s"] for r in grid["rules"][1:])) / max(1, evaluated + 1)
+    log(f"{name}: {rows} rows from {evaluated} distinct pruned models in {timing['total_s']:.0f} s")
+    return {"model": name, "timing": timing, "comparisons": {r: {k: v for k, v in c.items() if k not in ("report", "evaluations")} for r, c in results.items()}, "massive": diag}
+
+
+def summary_md(study: dict) -> str:
+    from entrodrop_fast import compare as C
+    from entrodrop_fast import massive as M
+
+    lines = [f"# EntroDrop study (grid {study.get('grid_name', 'full')})", "", f"Command: `{study['command']}`", "",
+             f"Wall time {study['wall_s'] / 60:.1f} min on {study['device']} ({study['dtype']}).", ""]
+    for m in study["models"]:
+        lines += [f"## {m['model']}", "", "Timing: " + ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in m["timing"].items()), ""]
+        for rule, comp in m["comparisons"].items():
+            lines += [f"### protection rule: {rule}", "", C.markdown(comp)]
+        lines += ["### massive activations", "", M.markdown(m["massive"])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output directory (new or empty, or --overwrite)")
+    ap.add_argument("--grid", default=None, choices=["full", "cpu2h"], help="full: the issue's whole grid (about 15-21 h on the 2-core CPU, minutes on a GPU); cpu2h: the cells that fit about 2 h there (default: full on CUDA, cpu2h on CPU)")
+    ap.add_argument("--quick", action="store_true", help="the plumbing only: SmolLM2, whole layers, K = 2, 7 methods, both rules, 8 items, 2 perplexity windows (a few minutes on a quiet machine)")
+    ap.add_argument("--models", default=None, help="comma-separated built-in names (default: smollm2,gemma3-270m; --quick: smollm2)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype (default fp32)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the files of an earlier study in --out")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's; on a machine shared with other jobs 1 thread was 2x faster than 2 here: OpenMP threads spin-wait)")
+    ap.add_argument("--estimate", action="store_true", help="print the grid's forward-pass tokens and the time at --tokens-per-s, run nothing")
+    ap.add_argument("--rate-scale", type=float, default=1.0, help="--estimate: throughput relative to the 2-core CPU measured here (e.g. 4 for 8 such cores)")
+    args = ap.parse_args(argv)
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"paper_compare: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 1
+        torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
+    grid = dict(QUICK if args.quick else {"full": FULL, "cpu2h": CPU2H}[args.grid or ("full" if cuda else "cpu2h")])
+    if args.models:
+        grid["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+        bad = [m for m in grid["models"] if m not in grid["counts"]]
+        if bad:
+            print(f"paper_compare: error: unknown model(s) {bad}; choose from {', '.join(grid['counts'])}", file=sys.stderr)
+            return 1
+    if args.estimate:
+        est = estimate(grid, args.rate_scale)
+        for m, e in est.items():
+            print(f"{m}: at most {e['evaluations_at_most']} evaluations x {e['seconds_per_evaluation']:.0f} s + profiles ({e['profile_tokens']} tokens): {e['seconds'] / 3600:.2f} h")
+        print(f"total: {sum(e['seconds'] for e in est.values()) / 3600:.2f} h on the quiet 2-core CPU (x {args.rate_scale:g})")
+        return 0
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        if not args.overwrite:
+            print(f"paper_compare: error: {out} is not empty; choose a new directory or add --overwrite", file=sys.stderr)
+            return 1
+        for p in out.iterdir():  # only what a study writes
+            if p.is_dir() and p.name in grid["counts"]:
+                shutil.rmtree(p)
+            elif p.name in ("study.json", "study.md"):
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    study = {"quick": args.quick, "grid_name": "quick" if args.quick else (args.grid or ("full" if cuda else "cpu2h")), "command": " ".join(["python benches/paper_compare.py", *(argv if argv is not None else sys.argv[1:])]), "device": device, "dtype": args.dtype,
+             "threads": torch.get_num_threads(), "grid": grid, "models": []}
+    for name in grid["models"]:
+        study["models"].append(run_model(name, grid, out, device=device, dtype=args.dtype, progress=not args.quiet))
+    study["wall_s"] = time.perf_counter() - t0
+    from entrodrop_fast.report import json_safe
+
+    (out / "study.json").write_text(json.dumps(json_safe(study), indent=1, allow_nan=False))
+    (out / "study.md").write_text(summary_md(study))
+    log(f"study done in {study['wall_s'] / 60:.1f} min: {out}/study.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
