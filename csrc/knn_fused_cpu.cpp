@@ -22,6 +22,8 @@
 // Outputs: the radii per token (NaN at masked tokens), and per sample the number of valid
 // tokens and sum of ln(r + 1e-10) (the paper's estimator needs only that). Samples with more
 // than kFusedMaxN valid tokens are left to the tiled path (radii NaN, count set, sum NaN).
+// A sample with a NaN/Inf among its valid rows of y (x + f overflowing fp32 included) gets
+// NaN radii and a NaN sum: the packing pass, which reads every value, checks them.
 //
 // This file is compiled with -ffp-contract=fast (CMakeLists.txt): the micro-kernel needs
 // fused multiply-adds, and nothing here relies on bit-exact rounding (delta bounds the
@@ -282,6 +284,28 @@ const Isa& isa() {
   return is;
 }
 
+// 8 consecutive values of dtype DT (channel stride 1) in fp32, converted in registers.
+template <int DT>
+ED_INLINE v8f load8(const uint8_t* p) {
+  if constexpr (DT == DT_F32) {
+    return *reinterpret_cast<const v8f_u*>(p);
+  } else {
+    typedef uint16_t v8h_u __attribute__((vector_size(16), aligned(2)));
+    typedef uint32_t v8u __attribute__((vector_size(32)));
+    const v8u u = __builtin_convertvector(*reinterpret_cast<const v8h_u*>(p), v8u);
+    if constexpr (DT == DT_BF16) {
+      return reinterpret_cast<v8f>(u << 16);
+    } else {  // IEEE half, as f16_to_f32
+      const v8u sign = (u & 0x8000u) << 16;
+      const v8u em = u & 0x7fffu;
+      v8f f = reinterpret_cast<v8f>(em << 13) * (v8f{} + 0x1p112f);
+      v8u r = reinterpret_cast<v8u>(f);
+      r |= reinterpret_cast<v8u>(em >= 0x7c00u) & 0x7f800000u;
+      r |= sign;
+      return reinterpret_cast<v8f>(r);
+    }
+  }
+}
 // ----------------------------------------------------------------- exact distances
 // sum of (a_d - b_d)^2 over w fp32 values, fp64, in a fixed order (16 lanes, then the rest),
 // whatever the layout the values came from.
@@ -301,11 +325,38 @@ ED_CLONES void sqdiff_acc(const float* a, const float* b, int64_t w, v8d& acc0, 
   }
 }
 
+// sqdiff_acc reading rows of dtype DT in place (channel stride 1): the same sums in the same
+// order, without the copy to fp32 first (the copy made bf16 select cost 1.4x fp32 at
+// [256, 4096]: 934 vs 659 us; this version not yet timed on its own).
+template <int DT>
+ED_INLINE void sqdiff_acc_t(const uint8_t* a, const uint8_t* b, int64_t w, v8d& acc0, v8d& acc1, double& tail) {
+  constexpr int64_t es = DT == DT_F32 ? 4 : 2;
+  int64_t d = 0;
+  for (; d + 16 <= w; d += 16) {
+    const v8d e0 = __builtin_convertvector(load8<DT>(a + d * es), v8d) - __builtin_convertvector(load8<DT>(b + d * es), v8d);
+    const v8d e1 = __builtin_convertvector(load8<DT>(a + (d + 8) * es), v8d) -
+                   __builtin_convertvector(load8<DT>(b + (d + 8) * es), v8d);
+    acc0 += e0 * e0;
+    acc1 += e1 * e1;
+  }
+  for (; d < w; ++d) {
+    const double e = double(load1<DT>(a, d)) - double(load1<DT>(b, d));
+    tail += e * e;
+  }
+}
+ED_CLONES void sqdiff_acc_f16(const uint8_t* a, const uint8_t* b, int64_t w, v8d& acc0, v8d& acc1, double& tail) {
+  sqdiff_acc_t<DT_F16>(a, b, w, acc0, acc1, tail);
+}
+ED_CLONES void sqdiff_acc_bf16(const uint8_t* a, const uint8_t* b, int64_t w, v8d& acc0, v8d& acc1, double& tail) {
+  sqdiff_acc_t<DT_BF16>(a, b, w, acc0, acc1, tail);
+}
+
 struct Rows {
   const View* x;
   const View* f;
   int64_t b, D;
   bool dense;  // fp32, channel stride 1, no f: rows are read in place
+  bool in_place() const { return f == nullptr && x->sd == 1; }  // any dtype, read in place
 };
 
 constexpr int64_t kChunk = 256;  // a multiple of 16: remainders only in the last chunk
@@ -319,6 +370,9 @@ double exact_dist_t(const Rows& r, int64_t ta, int64_t tb, float* ya, float* yb)
     if (DT == DT_F32 && r.dense) {
       sqdiff_acc(reinterpret_cast<const float*>(r.x->row(r.b, ta)) + d0,
                  reinterpret_cast<const float*>(r.x->row(r.b, tb)) + d0, w, acc0, acc1, tail);
+    } else if (DT != DT_F32 && r.in_place()) {
+      (DT == DT_F16 ? sqdiff_acc_f16 : sqdiff_acc_bf16)(r.x->row(r.b, ta) + d0 * 2, r.x->row(r.b, tb) + d0 * 2, w,
+                                                       acc0, acc1, tail);
     } else {
       load_y<DT>(*r.x, r.f, r.b, ta, d0, w, ya);
       load_y<DT>(*r.x, r.f, r.b, tb, d0, w, yb);
@@ -378,6 +432,51 @@ ED_CLONES void pack_row(const float* y, const double* mu, int64_t D, int64_t ld,
   s64 = es;
 }
 
+// The first packing, in fp32: v = fl32(y - mu32) (mu32 = fp32(mu): any centre gives the
+// same distances; one rounding per channel, as the fp64 path's), s = |v|^2 (fp64 sum),
+// s64 = s in fp64. Faster than pack_row (no fp64 per channel but the square); one
+// thread, min of 100: [256, 576] fp32 48 -> 20 us, bf16 59 -> 32 us; [256, 4096] fp32
+// 392 -> 225 us, bf16 478 -> 234 us (the gram tiles: 374 and 3190 us). Returns false when v is not finite (y non-finite, or
+// y - mu past fp32's range): the caller then packs the row with pack_row, whose s64 tells
+// which. Rows of dtype DT read in place (channel stride 1).
+template <int DT>
+ED_INLINE bool pack_row32_t(const uint8_t* y, const float* mu32, int64_t D, int64_t ld, float* v, float& s,
+                            double& s64) {
+  constexpr int64_t es = DT == DT_F32 ? 4 : 2;
+  v8d q0 = {}, q1 = {};
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const v8f e0 = load8<DT>(y + d * es) - *reinterpret_cast<const v8f_u*>(mu32 + d);
+    const v8f e1 = load8<DT>(y + (d + 8) * es) - *reinterpret_cast<const v8f_u*>(mu32 + d + 8);
+    *reinterpret_cast<v8f_u*>(v + d) = e0;
+    *reinterpret_cast<v8f_u*>(v + d + 8) = e1;
+    const v8d g0 = __builtin_convertvector(e0, v8d), g1 = __builtin_convertvector(e1, v8d);
+    q0 += g0 * g0;
+    q1 += g1 * g1;
+  }
+  q0 += q1;
+  double qs = 0;
+  for (int j = 0; j < 8; ++j) qs += q0[j];
+  for (; d < D; ++d) {
+    const float e = load1<DT>(y, d) - mu32[d];
+    v[d] = e;
+    qs += double(e) * double(e);
+  }
+  for (; d < ld; ++d) v[d] = 0.0f;
+  s = float(qs);
+  s64 = qs;
+  return std::isfinite(qs);
+}
+ED_CLONES bool pack_row32_f32(const uint8_t* y, const float* mu32, int64_t D, int64_t ld, float* v, float& s, double& s64) {
+  return pack_row32_t<DT_F32>(y, mu32, D, ld, v, s, s64);
+}
+ED_CLONES bool pack_row32_f16(const uint8_t* y, const float* mu32, int64_t D, int64_t ld, float* v, float& s, double& s64) {
+  return pack_row32_t<DT_F16>(y, mu32, D, ld, v, s, s64);
+}
+ED_CLONES bool pack_row32_bf16(const uint8_t* y, const float* mu32, int64_t D, int64_t ld, float* v, float& s, double& s64) {
+  return pack_row32_t<DT_BF16>(y, mu32, D, ld, v, s, s64);
+}
+
 // ----------------------------------------------------------------- per-sample work
 template <typename T>
 struct Buf {
@@ -397,6 +496,7 @@ struct Buf {
 struct Workspace {
   Buf<float> V, A, s;
   Buf<double> s64, mu;
+  Buf<float> mu32;
   Buf<int64_t> rows;
 };
 Workspace& local_workspace() {
@@ -424,6 +524,7 @@ struct Sample {
   int k;
   int64_t* rows;  // token index of each valid row
   double* mu;
+  float* mu32;  // fp32(mu)
   float *V, *A, *s;
   double* s64;
   double scale = 1.0, unit = 1.0, delta = 0.0;
@@ -450,6 +551,7 @@ void setup(Sample& sp, const Mask& mv, Workspace& ws, Scratch& sc) {
   sp.Dp = (sp.D + 15) / 16 * 16;
   sp.rows = ws.rows.get(size_t(sp.n));
   sp.mu = ws.mu.get(size_t(sp.D));
+  sp.mu32 = ws.mu32.get(size_t(sp.D));
   sp.V = ws.V.get(size_t(sp.Np * sp.Dp));
   sp.A = ws.A.get(size_t(sp.Np * sp.Np));
   sp.s = ws.s.get(size_t(sp.Np));
@@ -471,32 +573,55 @@ void setup(Sample& sp, const Mask& mv, Workspace& ws, Scratch& sc) {
     load_row_any(sp, sp.rows[r * sp.n / c], sc.y.data());
     for (int64_t d = 0; d < sp.D; ++d) sp.mu[d] += sc.y[size_t(d)];
   }
-  for (int64_t d = 0; d < sp.D; ++d) sp.mu[d] /= double(c);
-}
-
-void pack(const Sample& sp, int64_t r0, int64_t r1, Scratch& sc) {
-  const bool in_place = sp.exact_rows().dense;  // fp32 rows with channel stride 1: no copy
-  sc.y.resize(size_t(2 * sp.D));
-  for (int64_t i = r0; i < r1; ++i) {
-    const float* y = reinterpret_cast<const float*>(sp.x->row(sp.b, sp.rows[i]));
-    if (!in_place) {
-      load_row_any(sp, sp.rows[i], sc.y.data());
-      y = sc.y.data();
-    }
-    pack_row(y, sp.mu, sp.D, sp.Dp, sp.scale, sp.V + i * sp.Dp, sp.s[i], sp.s64[i]);
+  for (int64_t d = 0; d < sp.D; ++d) {
+    sp.mu[d] /= double(c);
+    sp.mu32[d] = float(sp.mu[d]);
   }
 }
 
-// Between packing and the Gram tiles (serial): the scale (repacking when the squared norms
-// leave fp32's comfortable range) and delta. Returns true when the rows must be packed again.
-bool check_scale(Sample& sp) {
+void pack(const Sample& sp, int64_t r0, int64_t r1, Scratch& sc) {
+  // rows with channel stride 1 and no f: read in place (and converted) by the fp32 packing
+  const bool in_place = sp.f == nullptr && sp.x->sd == 1;
+  sc.y.resize(size_t(2 * sp.D));
+  for (int64_t i = r0; i < r1; ++i) {
+    float* v = sp.V + i * sp.Dp;
+    const uint8_t* raw = sp.x->row(sp.b, sp.rows[i]);
+    const float* y = nullptr;  // the row in fp32, once loaded
+    auto load = [&] {
+      if (y) return y;
+      if (in_place && sp.dtype == DT_F32) return y = reinterpret_cast<const float*>(raw);
+      load_row_any(sp, sp.rows[i], sc.y.data());
+      return y = sc.y.data();
+    };
+    if (sp.scale == 1.0) {  // the first packing: fp32
+      bool ok;
+      if (in_place && sp.dtype == DT_BF16) ok = pack_row32_bf16(raw, sp.mu32, sp.D, sp.Dp, v, sp.s[i], sp.s64[i]);
+      else if (in_place && sp.dtype == DT_F16) ok = pack_row32_f16(raw, sp.mu32, sp.D, sp.Dp, v, sp.s[i], sp.s64[i]);
+      else ok = pack_row32_f32(reinterpret_cast<const uint8_t*>(load()), sp.mu32, sp.D, sp.Dp, v, sp.s[i], sp.s64[i]);
+      if (ok) continue;
+    }
+    pack_row(load(), sp.mu, sp.D, sp.Dp, sp.scale, v, sp.s[i], sp.s64[i]);
+  }
+}
+
+// Between packing and the Gram tiles (serial): whether every valid row of y is finite, the
+// scale (repacking when the squared norms leave fp32's comfortable range) and delta.
+// s64[i] = |y_i - mu|^2 in fp64 is finite exactly when y_i is: |y - mu| < 2^129 per channel
+// (mu is the mean of some y rows; a non-finite mu comes from a non-finite valid row, which
+// makes every s64 NaN), so the packing pass doubles as the NaN/Inf check of
+// docs/CONTRACT.md "Non-finite values", at no extra read.
+enum class Scale { Ready, Repack, NonFinite };
+Scale check_scale(Sample& sp) {
   double smax64 = 0;
-  for (int64_t i = 0; i < sp.n; ++i) smax64 = std::max(smax64, sp.s64[i]);
-  if (sp.scale == 1.0 && smax64 > 0 && std::isfinite(smax64) && (smax64 < kSmaxLo || smax64 > kSmaxHi)) {
+  for (int64_t i = 0; i < sp.n; ++i) {
+    if (!std::isfinite(sp.s64[i])) return Scale::NonFinite;
+    smax64 = std::max(smax64, sp.s64[i]);
+  }
+  if (sp.scale == 1.0 && smax64 > 0 && (smax64 < kSmaxLo || smax64 > kSmaxHi)) {
     const int e = int(std::floor(std::log2(smax64) / 2));
     sp.scale = std::ldexp(1.0, -e);
     sp.unit = std::ldexp(1.0, e);
-    return true;
+    return Scale::Repack;
   }
   float smax = 0;
   for (int64_t i = 0; i < sp.n; ++i) smax = std::max(smax, sp.s[i]);
@@ -505,7 +630,13 @@ bool check_scale(Sample& sp) {
   // adds at most 4 eps max|v|^2, inside the + 8.
   const double eps = std::numeric_limits<float>::epsilon();
   sp.delta = 4.0 * (std::sqrt(double(sp.D)) + 8.0) * eps * double(smax) + 4.0 * double(sp.D) * 0x1p-149;
-  return false;
+  return Scale::Ready;
+}
+
+// A sample with a non-finite valid row: radii and log sum NaN (the report of CONTRACT.md).
+void mark_nonfinite(const Sample& sp, double* olog) {
+  for (int64_t i = 0; i < sp.n; ++i) sp.out[sp.rows[i]] = std::numeric_limits<double>::quiet_NaN();
+  olog[sp.b] = std::numeric_limits<double>::quiet_NaN();
 }
 
 int64_t n_tiles(const Sample& sp) {
@@ -660,10 +791,12 @@ int64_t knn_fused_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const
       Scratch& sc = local_scratch();
       setup(sp, mv, ws, sc);
       pack(sp, 0, sp.n, sc);
-      if (check_scale(sp)) {
+      Scale st = check_scale(sp);
+      if (st == Scale::Repack) {
         pack(sp, 0, sp.n, sc);
-        check_scale(sp);
+        st = check_scale(sp);
       }
+      if (st == Scale::NonFinite) return mark_nonfinite(sp, olog);
       for (int64_t t = 0, nt2 = n_tiles(sp); t < nt2; ++t) gram(sp, t);
       for (int64_t g = 0, ng = n_groups(sp); g < ng; ++g) select(sp, g, sc);
       olog[sp.b] = log_sum(sp);
@@ -676,11 +809,16 @@ int64_t knn_fused_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const
     Sample sp = make(b);
     setup(sp, mv, ws, local_scratch());
     const int64_t pitems = (sp.n + kPackRows - 1) / kPackRows;
-    for (int pass = 0; pass < 2; ++pass) {
+    Scale st = Scale::Repack;
+    for (int pass = 0; pass < 2 && st == Scale::Repack; ++pass) {
       parallel_for(pitems, nt, [&](int64_t it, int) {
         pack(sp, it * kPackRows, std::min(sp.n, (it + 1) * kPackRows), local_scratch());
       });
-      if (!check_scale(sp)) break;
+      st = check_scale(sp);
+    }
+    if (st == Scale::NonFinite) {
+      mark_nonfinite(sp, olog);
+      continue;
     }
     parallel_for(n_tiles(sp), nt, [&](int64_t it, int) { gram(sp, it); });
     parallel_for(n_groups(sp), nt, [&](int64_t g, int) { select(sp, g, local_scratch()); });

@@ -231,7 +231,13 @@ def test_bad_input_takes_the_exact_path(prepass):
         ef.bucket_entropy(x, f)
     assert len(prepass) == 1
     prepass.clear()
-    ef.knn_entropy(x[0], k=3)  # O(N^2 D) estimators keep their pre-pass
+    ef.knn_entropy(x[0], k=3)  # knn (cpp, CPU) checks in its packing pass: finite x, no pass
+    assert prepass == []
+    with pytest.raises(ValueError, match="NaN or Inf in 1 token"):
+        ef.knn_entropy(x, f, k=3)
+    assert len(prepass) == 1
+    prepass.clear()
+    ef.renyi_entropy(x[0])  # O(N^2 D) estimators without such a kernel keep their pre-pass
     assert len(prepass) == 1
 
 

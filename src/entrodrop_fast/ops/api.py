@@ -555,10 +555,14 @@ def knn_entropy(x, f=None, *, k: int = 25, form: str = "paper", mask=None, backe
     k = _integer(k, "k", 1)
     if form not in ("paper", "digamma"):
         raise ValueError(f"knn form must be 'paper' or 'digamma', got {form!r}")
-    p = prepare(x, f, mask, min_tokens=k + 1, nan_policy=nan_policy, backend=backend, validate=validate)
+    p = prepare(x, f, mask, min_tokens=k + 1, nan_policy=nan_policy, backend=backend, validate=validate, op="knn_terms")
     terms = getattr(_loaded[p.backend], "knn_terms", None)
     if terms is not None and p.x.device.type == "cpu":  # the whole batch in one call
         n, logsum = terms(p.x, p.f, p.mask, k)
+        if p.deferred and not math.isfinite(sum(logsum.tolist())):  # the kernel saw NaN/Inf
+            p = _recheck(p, min_tokens=k + 1, nan_policy=nan_policy)
+            if p.omitted:
+                n, logsum = terms(p.x, p.f, p.mask, k)
         return _finish(p, reference.knn_entropy_from_logsum(logsum, n, p.x.shape[2], k, form))
     kth = _impl(p.backend, "knn_kth_distance")
     out = []

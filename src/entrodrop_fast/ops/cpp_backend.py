@@ -19,7 +19,7 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Kernels that report NaN/Inf in Y = x (+ f) among the valid tokens through their outputs
 # (docs/CONTRACT.md, "Non-finite values"), per device type: the API then skips its separate
 # validation pass and checks the outputs instead. CUDA: none yet (their kernels are unchanged).
-REPORTS_NONFINITE = {"cpu": frozenset({"moments", "bucket", "cosine"})}
+REPORTS_NONFINITE = {"cpu": frozenset({"moments", "bucket", "cosine", "knn_terms"})}
 # Ops with a pair kernel (<op>_pair: the op of Y = x + f and of x from one read of x and f,
 # for delta_entropy), per device type.
 PAIRS = {"cpu": frozenset({"moments", "bucket"})}
@@ -247,7 +247,8 @@ def knn_radii(x: torch.Tensor, f: torch.Tensor | None, mask: torch.Tensor | None
     the distance from each valid token to its k-th nearest other valid token (NaN at masked
     tokens), the number of valid tokens, and the sum over them of ln(r + 1e-10) -- all the
     Kozachenko-Leonenko estimator needs. Samples of up to KNN_FUSED_MAX_N valid tokens run in
-    one C++ call (no torch op); larger ones take the tiled path (_knn), one by one."""
+    one C++ call (no torch op); larger ones take the tiled path (_knn), one by one. A sample
+    whose valid rows of y hold NaN/Inf gets NaN radii and logsum (REPORTS_NONFINITE)."""
     C = _ext.require()
     B, T, D = x.shape
     radii = torch.empty(B, T, dtype=torch.float64)
@@ -263,7 +264,10 @@ def knn_radii(x: torch.Tensor, f: torch.Tensor | None, mask: torch.Tensor | None
                 continue
             rows = x[b] if f is None else x[b].float() + f[b].float()
             keep = None if mask is None else mask[b]
-            r = _knn(rows if keep is None else rows[keep], k)[0]
+            rows = rows if keep is None else rows[keep]
+            if not bool(torch.isfinite(rows).all()):  # reported as the fused kernel does
+                continue  # (radii and logsum stay NaN)
+            r = _knn(rows, k)[0]
             if keep is None:
                 radii[b] = r
             else:
