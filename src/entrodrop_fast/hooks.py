@@ -31,7 +31,7 @@ from entrodrop_fast.models.adapters import BLOCK_KINDS, Adapter, get_adapter
 
 # Entropy methods whose kernel reports NaN/Inf in Y (x + f overflowing fp32 included) through
 # its result where the backend says so (docs/CONTRACT.md): method -> the backend op it runs.
-_REPORTING_OPS = {"bucket": "bucket", "gaussian_diag": "moments"}
+_REPORTING_OPS = {"bucket": "bucket", "gaussian_diag": "moments", "knn": "knn_terms"}
 _NONFINITE_MSG = "the residual stream holds NaN or Inf at {point} (fp16 overflow? try --dtype bf16 or fp32); no report"
 
 
