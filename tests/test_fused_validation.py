@@ -475,7 +475,7 @@ def test_bench_calls_command(tmp_path, capsys):
     from entrodrop_fast.cli import main
 
     out = tmp_path / "calls.json"
-    args = ["bench", "--calls", "--shapes", "2x8x16,9x16", "--dtypes", "fp32,bf16", "--repeat", "1", "--json", str(out)]
+    args = ["bench", "--calls", "--shapes", "2x8x16,9x16", "--dtypes", "fp32,bf16", "--repeat", "1", "--min-seconds", "0", "--json", str(out)]
     assert main(args) == 0
     table = capsys.readouterr().out
     assert "| call | shape | dtype | reads | default ms | validate=False ms" in table
