@@ -267,7 +267,8 @@ def run_call_bench(
     """Time each public call with its defaults beside ``validate=False`` and the roofline.
 
     The three are interleaved (one of each per round, after a warm-up), so that a load
-    change on the machine hits all of them; the minimum of the rounds is reported. Rounds:
+    change on the machine hits all of them, in an order that rotates every round (so that
+    none always runs right after another); the minimum of the rounds is reported. Rounds:
     ``repeat``, or more for fast calls, until the default call has run ``min_seconds`` in
     all (at most ``max_rounds``): on a shared machine a short call is often preempted, and
     the minimum needs rounds that were not. One dict per (call, shape, dtype): estimator
@@ -299,8 +300,13 @@ def run_call_bench(
                     for fn in fns.values():
                         _time(fn, 0, warmup=1, sync=sync)
                     rounds = 0
+                    keys = list(fns)
                     while rounds < repeat or (sum(ts["default"]) < min_seconds and rounds < max_rounds):
-                        for k, fn in fns.items():
+                        # the order rotates every round: each callable follows each other one
+                        # equally often (torch's x.sum() leaves its OpenMP threads spinning for
+                        # a while, which slows whatever runs next on a 2-core machine)
+                        for k in keys[rounds % 3:] + keys[:rounds % 3]:
+                            fn = fns[k]
                             c0 = time.process_time()
                             ts[k] += _time(fn, 1, warmup=0, sync=sync)
                             cpu[k].append(time.process_time() - c0)
