@@ -21,9 +21,12 @@
 // and where no channel of the tile is binned in fp64, binning and counting are one sweep
 // over the cached tile (bin_count_sliced: indices stay in 32-bit lanes, never stored as
 // bytes; long samples re-read blocks of 240 rows into the tile for it). Measured on the
-// EPYC (Zen 4) CPU, one thread, CPU time, [8, 256, 4096] at 20 bins: fp32 5.45 -> 3.93 ms,
-// bf16 4.83 -> 3.39 ms against byte planes with AVX2 compares (bit-sliced counting from
-// bytes: 4.33 / 3.84 ms).
+// 2-core EPYC (AVX-512) under load, one thread, min CPU time, 20 bins, byte planes with AVX2
+// compares -> bit-sliced from bytes -> this sweep: [8, 256, 4096] fp32 5.71 -> 5.46 -> 5.37
+// ms, bf16 7.49 -> 5.57 -> 5.53 ms; [1, 8192, 4096] fp32 39.7 -> 30.7 -> 30.4 ms, bf16 34.7
+// -> 27.8 -> 27.8 ms (another run: [8, 256, 4096] fp32 5.45 -> 4.33 -> 3.93 ms, bf16 4.83
+// -> 3.84 -> 3.39 ms). The gather from memory (one 64-channel strip of rows 8-16 KiB
+// apart at a time) is now most of the time.
 //
 // Non-finite values (docs/CONTRACT.md): the gather accumulates y - y per channel (0 while
 // every y is finite, NaN from the first NaN/Inf on, x + f overflowing fp32 included); such a
