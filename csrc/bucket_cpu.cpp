@@ -16,7 +16,17 @@
 // at once in byte lanes (blocks of at most 255 rows, so no lane wraps; then added to 32-bit
 // counts). More bins: scalar increments (they never collide back to back: consecutive
 // elements belong to different channels). Entropy uses a table of -p ln p for every
-// possible count, built once per distinct token count.
+// possible count, built once per distinct token count. Up to 32 bins with AVX-512 the
+// counting is bit-sliced instead (count_sliced): about 0.3 vector operations per element;
+// and where no channel of the tile is binned in fp64, binning and counting are one sweep
+// over the cached tile (bin_count_sliced: indices stay in 32-bit lanes, never stored as
+// bytes; long samples re-read blocks of 240 rows into the tile for it). Measured on the
+// 2-core EPYC (AVX-512) under load, one thread, min CPU time, 20 bins, byte planes with AVX2
+// compares -> bit-sliced from bytes -> this sweep: [8, 256, 4096] fp32 5.71 -> 5.46 -> 5.37
+// ms, bf16 7.49 -> 5.57 -> 5.53 ms; [1, 8192, 4096] fp32 39.7 -> 30.7 -> 30.4 ms, bf16 34.7
+// -> 27.8 -> 27.8 ms (another run: [8, 256, 4096] fp32 5.45 -> 4.33 -> 3.93 ms, bf16 4.83
+// -> 3.84 -> 3.39 ms). The gather from memory (one 64-channel strip of rows 8-16 KiB
+// apart at a time) is now most of the time.
 //
 // Non-finite values (docs/CONTRACT.md): the gather accumulates y - y per channel (0 while
 // every y is finite, NaN from the first NaN/Inf on, x + f overflowing fp32 included); such a
@@ -26,7 +36,9 @@
 // (two "streams" through the same tile machinery), for delta_entropy.
 #include <cmath>
 #include <limits>
+#include <cstdlib>
 #include <map>
+#include <string>
 
 #include "common_cpu.h"
 #if defined(__x86_64__)
@@ -41,6 +53,8 @@ constexpr int kMaxPlaneBins = 255;   // bin indices in a byte
 constexpr int kGroup = 64;           // channels per byte-plane row
 constexpr int64_t kBlockRows = 255;  // rows per counting block: a byte lane counts at most 255
 constexpr int64_t kAhead = 16;       // rows fetched ahead (into L2) while gathering
+constexpr int kMaxSlicedBins = 32;   // bit-sliced counting: one-hot 32-bit lanes
+constexpr int64_t kFusedRows = 240;  // bin_count_sliced's block: 15 x 16 rows, counts <= 255
 
 // One histogram stream of a tile (Y, or x for the pair kernel).
 struct Stream {
@@ -85,43 +99,181 @@ alignas(32) const uint8_t kBinConst[8][32] = {
 // The same with AVX2 (VEX) compares, 32 channels at a time, 8 bins per sweep: their
 // accumulators fit the 16 registers, and a compare yields a vector (AVX-512's compare into
 // a mask register, then a masked add, measured 1.3x slower per element on Zen 4).
+template <int KB>
 __attribute__((target("avx2"))) void count_planes_avx2(const uint8_t* idx, int64_t rows, int64_t ld,
                                                         int k0, uint32_t* cnt, int64_t cld) {
   for (int h = 0; h < 2; ++h) {
-    __m256i acc[8];
-    for (int q = 0; q < 8; ++q) acc[q] = _mm256_setzero_si256();
+    __m256i acc[KB];
+    for (int q = 0; q < KB; ++q) acc[q] = _mm256_setzero_si256();
     const __m256i base = _mm256_set1_epi8(char(k0));
     for (int64_t r = 0; r < rows; ++r) {
       const __m256i v = _mm256_sub_epi8(
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + r * ld + 32 * h)), base);
 #pragma GCC unroll 8
-      for (int q = 0; q < 8; ++q)
+      for (int q = 0; q < KB; ++q)
         acc[q] = _mm256_sub_epi8(
             acc[q], _mm256_cmpeq_epi8(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(kBinConst[q]))));
     }
     alignas(32) uint8_t tmp[32];
-    for (int q = 0; q < 8; ++q) {
+    for (int q = 0; q < KB; ++q) {
       _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), acc[q]);
       uint32_t* __restrict c = cnt + int64_t(k0 + q) * cld + 32 * h;
       for (int l = 0; l < 32; ++l) c[l] += tmp[l];
     }
   }
 }
+
+// Up to 32 bins, with AVX-512: bit-sliced counting. A row's 16 indices of a column become
+// one-hot 32-bit lanes (1 << k); Harley-Seal carry-save adders (two ternary-logic ops
+// each) sum 16 rows into "planes" of bits 1, 2, 4, 8 per (channel, bin) and a carry of
+// 16s rippled into planes 16 .. 128 (a block has at most 255 rows); the counts are read
+// out of the planes at the end of the block. About 0.3 vector operations per element,
+// against bins / 16 for the compares.
+#define ED_AVX512 __attribute__((target("avx512f,avx512bw"), always_inline)) inline
+// lanes 1 << idx[r * ld + c0 + l], l < 16
+ED_AVX512 __m512i onehot16(const uint8_t* idx, int64_t r, int64_t ld, int c0) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx + r * ld + c0));
+  return _mm512_sllv_epi32(_mm512_set1_epi32(1), _mm512_cvtepu8_epi32(b));
+}
+// carry-save adder: (high, low) = the two-bit sum of a, b, c, bit by bit
+ED_AVX512 void csa(__m512i& high, __m512i& low, __m512i a, __m512i b, __m512i c) {
+  high = _mm512_ternarylogic_epi32(a, b, c, 0xE8);  // majority
+  low = _mm512_ternarylogic_epi32(a, b, c, 0x96);   // a ^ b ^ c
+}
+// add c (one bit per lane and bin) at weight 2^from into the planes
+ED_AVX512 void ripple(__m512i* pl, __m512i c, int from) {
+  for (int p = from; p < 8; ++p) {
+    const __m512i t = _mm512_and_si512(pl[p], c);
+    pl[p] = _mm512_xor_si512(pl[p], c);
+    c = t;
+  }
+}
+#undef ED_AVX512
+__attribute__((target("avx512f,avx512bw"))) void count_sliced(const uint8_t* idx, int64_t rows,
+                                                              int64_t ld, int bins, uint32_t* cnt,
+                                                              int64_t cld) {
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int c0 = 0; c0 < kGroup; c0 += 16) {
+    __m512i pl[8];  // weights 1, 2, 4, ..., 128
+    for (int p = 0; p < 8; ++p) pl[p] = _mm512_setzero_si512();
+    int64_t r = 0;
+    for (; r + 16 <= rows; r += 16) {
+      __m512i twosA, twosB, foursA, foursB, eightsA, eightsB, sixteens;
+      csa(twosA, pl[0], pl[0], onehot16(idx, r, ld, c0), onehot16(idx, r + 1, ld, c0));
+      csa(twosB, pl[0], pl[0], onehot16(idx, r + 2, ld, c0), onehot16(idx, r + 3, ld, c0));
+      csa(foursA, pl[1], pl[1], twosA, twosB);
+      csa(twosA, pl[0], pl[0], onehot16(idx, r + 4, ld, c0), onehot16(idx, r + 5, ld, c0));
+      csa(twosB, pl[0], pl[0], onehot16(idx, r + 6, ld, c0), onehot16(idx, r + 7, ld, c0));
+      csa(foursB, pl[1], pl[1], twosA, twosB);
+      csa(eightsA, pl[2], pl[2], foursA, foursB);
+      csa(twosA, pl[0], pl[0], onehot16(idx, r + 8, ld, c0), onehot16(idx, r + 9, ld, c0));
+      csa(twosB, pl[0], pl[0], onehot16(idx, r + 10, ld, c0), onehot16(idx, r + 11, ld, c0));
+      csa(foursA, pl[1], pl[1], twosA, twosB);
+      csa(twosA, pl[0], pl[0], onehot16(idx, r + 12, ld, c0), onehot16(idx, r + 13, ld, c0));
+      csa(twosB, pl[0], pl[0], onehot16(idx, r + 14, ld, c0), onehot16(idx, r + 15, ld, c0));
+      csa(foursB, pl[1], pl[1], twosA, twosB);
+      csa(eightsB, pl[2], pl[2], foursA, foursB);
+      csa(sixteens, pl[3], pl[3], eightsA, eightsB);
+      ripple(pl, sixteens, 4);
+    }
+    for (; r < rows; ++r) ripple(pl, onehot16(idx, r, ld, c0), 0);
+    for (int k = 0; k < bins; ++k) {  // count of bin k = sum_p 2^p bit k of plane p
+      const __m128i sk = _mm_cvtsi32_si128(k);
+      __m512i v = _mm512_setzero_si512();
+      for (int p = 0; p < 8; ++p)
+        v = _mm512_add_epi32(v, _mm512_slli_epi32(_mm512_and_si512(_mm512_srl_epi32(pl[p], sk), one), p));
+      uint32_t* c = cnt + int64_t(k) * cld + c0;
+      _mm512_storeu_si512(c, _mm512_add_epi32(_mm512_loadu_si512(c), v));
+    }
+  }
+}
+
+// Binning and bit-sliced counting in one sweep over a cached fp32 tile (bins <= 32, AVX-512,
+// no channel binned in fp64): the indices of 16 channels stay in 32-bit lanes, straight
+// from the contract's fp32 formula to one-hot lanes, never narrowed to bytes, stored and
+// read back. cnt[k * cld + l] += #{i < rows : bin of tile[i * ld + c0 + l] == k}, l < 16
+// (lanes past w count in bin 0: y = lo = sc = 0 there; their counts are never read).
+// max(u, 0) then min(., last) then truncation is row_bins' expression (maxps gives its
+// second operand, 0, for NaN).
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline __m512i onehot_bins(
+    const float* y, __mmask16 lanes, __m512 lo, __m512 sc, __m512 lastf) {
+  const __m512 u = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, y), lo), sc);
+  const __m512 c = _mm512_min_ps(_mm512_max_ps(u, _mm512_setzero_ps()), lastf);
+  return _mm512_sllv_epi32(_mm512_set1_epi32(1), _mm512_cvttps_epi32(c));
+}
+__attribute__((target("avx512f,avx512bw"))) void bin_count_sliced(
+    const float* tile, int64_t rows, int64_t ld, int64_t c0, int64_t w, const float* lo,
+    const float* sc, int bins, uint32_t* cnt, int64_t cld) {
+  const __mmask16 lanes = w - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (w - c0)) - 1u);
+  const __m512 vlo = _mm512_maskz_loadu_ps(lanes, lo + c0);
+  const __m512 vsc = _mm512_maskz_loadu_ps(lanes, sc + c0);
+  const __m512 lastf = _mm512_set1_ps(float(bins - 1));
+  const __m512i one = _mm512_set1_epi32(1);
+#define onehot(i) onehot_bins(tile + (i) * ld + c0, lanes, vlo, vsc, lastf)
+  for (int64_t i0 = 0; i0 < rows; i0 += kFusedRows) {
+    const int64_t i1 = std::min(rows, i0 + kFusedRows);
+    __m512i pl[8];  // weights 1, 2, 4, ..., 128
+    for (int p = 0; p < 8; ++p) pl[p] = _mm512_setzero_si512();
+    int64_t i = i0;
+    for (; i + 16 <= i1; i += 16) {
+      __m512i twosA, twosB, foursA, foursB, eightsA, eightsB, sixteens;
+      csa(twosA, pl[0], pl[0], onehot(i), onehot(i + 1));
+      csa(twosB, pl[0], pl[0], onehot(i + 2), onehot(i + 3));
+      csa(foursA, pl[1], pl[1], twosA, twosB);
+      csa(twosA, pl[0], pl[0], onehot(i + 4), onehot(i + 5));
+      csa(twosB, pl[0], pl[0], onehot(i + 6), onehot(i + 7));
+      csa(foursB, pl[1], pl[1], twosA, twosB);
+      csa(eightsA, pl[2], pl[2], foursA, foursB);
+      csa(twosA, pl[0], pl[0], onehot(i + 8), onehot(i + 9));
+      csa(twosB, pl[0], pl[0], onehot(i + 10), onehot(i + 11));
+      csa(foursA, pl[1], pl[1], twosA, twosB);
+      csa(twosA, pl[0], pl[0], onehot(i + 12), onehot(i + 13));
+      csa(twosB, pl[0], pl[0], onehot(i + 14), onehot(i + 15));
+      csa(foursB, pl[1], pl[1], twosA, twosB);
+      csa(eightsB, pl[2], pl[2], foursA, foursB);
+      csa(sixteens, pl[3], pl[3], eightsA, eightsB);
+      ripple(pl, sixteens, 4);
+    }
+    for (; i < i1; ++i) ripple(pl, onehot(i), 0);
+    for (int k = 0; k < bins; ++k) {  // count of bin k = sum_p 2^p bit k of plane p
+      const __m128i sk = _mm_cvtsi32_si128(k);
+      __m512i v = _mm512_setzero_si512();
+      for (int p = 0; p < 8; ++p)
+        v = _mm512_add_epi32(v, _mm512_slli_epi32(_mm512_and_si512(_mm512_srl_epi32(pl[p], sk), one), p));
+      uint32_t* c = cnt + int64_t(k) * cld + c0;
+      _mm512_storeu_si512(c, _mm512_add_epi32(_mm512_loadu_si512(c), v));
+    }
+  }
+#undef onehot
+}
 #endif
 
-// All bins of one 64-channel group, 8 at a time (bins rounded up to 8: cnt has the rows,
-// and bins >= `bins` count nothing, no index reaches them).
+// All bins of one 64-channel group, 8 at a time and the last 1-4 in a sweep of 4 (bins
+// rounded up to 4: cnt has the rows, and bins >= `bins` count nothing, no index reaches
+// them).
 ED_INLINE void count_group(const uint8_t* idx, int64_t rows, int64_t ld, int bins, uint32_t* cnt,
-                           int64_t cld, bool avx2) {
-  for (int k0 = 0; k0 < bins; k0 += 8) {
+                           int64_t cld, bool avx2, bool avx512) {
+#if defined(__x86_64__)
+  if (avx512 && bins >= 8 && bins <= kMaxSlicedBins) {  // (fewer bins: the compares cost less)
+    count_sliced(idx, rows, ld, bins, cnt, cld);
+    return;
+  }
+#endif
+  (void)avx512;
+  for (int k0 = 0; k0 < bins;) {
+    const int kb = bins - k0 > 4 ? 8 : 4;
 #if defined(__x86_64__)
     if (avx2) {
-      count_planes_avx2(idx, rows, ld, k0, cnt, cld);
+      if (kb == 8) count_planes_avx2<8>(idx, rows, ld, k0, cnt, cld);
+      else count_planes_avx2<4>(idx, rows, ld, k0, cnt, cld);
+      k0 += kb;
       continue;
     }
 #endif
     (void)avx2;
-    count_planes<8>(idx, rows, ld, k0, cnt, cld);
+    if (kb == 8) count_planes<8>(idx, rows, ld, k0, cnt, cld);
+    else count_planes<4>(idx, rows, ld, k0, cnt, cld);
+    k0 += kb;
   }
 }
 
@@ -141,21 +293,13 @@ ED_INLINE void row_bins(const float* __restrict y, const float* __restrict lo,
     return __builtin_convertvector(__builtin_convertvector(c, v16i), v16b);
   };
   int64_t j = 0;
-  for (; j + 64 <= w; j += 64) {  // one 64-byte store (narrowing stores are slow on Zen 4)
-    const v32b a = __builtin_shufflevector(bins16(j), bins16(j + 16), 0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
-                                           10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,
-                                           24, 25, 26, 27, 28, 29, 30, 31);
-    const v32b c = __builtin_shufflevector(bins16(j + 32), bins16(j + 48), 0, 1, 2, 3, 4, 5, 6, 7,
-                                           8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
-                                           22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
-    const v64b k = __builtin_shufflevector(
-        a, c, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,
-        24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46,
-        47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63);
-    std::memcpy(out + j, &k, 64);
-  }
   for (; j + 16 <= w; j += 16) {
-    const v16b kb = bins16(j);
+    v16b kb = bins16(j);
+#if defined(__x86_64__)
+    // narrow in a register, then a plain store: the compiler would fuse the narrowing into a
+    // narrowing store, which Zen 4 executes slowly (~4x this whole loop)
+    __asm__("" : "+x"(kb));
+#endif
     std::memcpy(out + j, &kb, 16);
   }
   for (; j < w; ++j) {
@@ -208,7 +352,7 @@ ED_INLINE void load_rows(const View& x, const View* f, int64_t b, int64_t t, int
 template <int DT, bool STREAM, bool PLANES, int NS>
 ED_INLINE void bin_tile(const View& x, const View* f, const Mask& m, int64_t b, int64_t T,
                         int64_t d0, int64_t w, int bins, const double* tbl, double* const* outs,
-                        Scratch& s, int64_t r, bool avx2) {
+                        Scratch& s, int64_t r, bool avx2, bool avx512) {
   const int64_t wp = (w + kGroup - 1) / kGroup * kGroup;  // planes: w rounded up to groups
   const float fb = float(bins);
   const int32_t last = bins - 1;
@@ -220,7 +364,7 @@ ED_INLINE void bin_tile(const View& x, const View* f, const Mask& m, int64_t b, 
     z.sc.resize(size_t(w));
     z.flat.resize(size_t(w));
     if (PLANES) {
-      z.counts.assign(size_t((bins + 7) / 8 * 8 * wp), 0u);  // [bin][channel], bins rounded up
+      z.counts.assign(size_t((bins + 7) / 8 * 8 * wp), 0u);  // [bin][channel], bins rounded up (to 8: >= to 4)
       if (z.idx.size() < size_t(kBlockRows * wp)) z.idx.resize(size_t(kBlockRows * wp));
       for (int64_t i = 0; i < kBlockRows; ++i)  // the lanes past w count in bin 0, unread
         for (int64_t j = w; j < wp; ++j) z.idx[size_t(i * wp + j)] = 0;
@@ -273,6 +417,28 @@ ED_INLINE void bin_tile(const View& x, const View* f, const Mask& m, int64_t b, 
     for (int64_t j = 0; j < w; ++j) ++cnt[flat[j]];
   };
   int64_t t = 0;
+#if defined(__x86_64__)
+  if (PLANES && avx512 && bins <= kMaxSlicedBins) {
+    bool fused = true;
+    for (int q = 0; q < NS; ++q) fused = fused && s.s[q].wide.empty();
+    // bins and counts in one sweep over the cached tile (STREAM: over blocks of kFusedRows
+    // rows read again into the tile)
+    for (int64_t i0 = 0; fused && i0 < r; i0 += STREAM ? kFusedRows : r) {
+      const int64_t rows = STREAM ? std::min(kFusedRows, r - i0) : r;
+      if (STREAM)
+        for (int64_t i = 0; i < rows; ++i, ++t) {
+          while (!m(b, t)) ++t;
+          if (t + kAhead < T) fetch_ahead(x, f, b, t + kAhead, d0, w);
+          load_rows<DT, NS>(x, f, b, t, d0, w, s.s[0].tile.data() + i * w, s.s[NS - 1].tile.data() + i * w);
+        }
+      for (int q = 0; q < NS; ++q)
+        for (int64_t c0 = 0; c0 < w; c0 += 16)
+          bin_count_sliced(s.s[q].tile.data(), rows, w, c0, w, s.s[q].lo.data(), s.s[q].sc.data(),
+                           bins, s.s[q].counts.data(), wp);
+    }
+    if (fused) r = 0;  // nothing left to bin below
+  }
+#endif
   const int64_t block = PLANES ? kBlockRows : r;  // scalar counts: one block
   for (int64_t i0 = 0; i0 < r; i0 += block) {
     const int64_t rows = std::min(block, r - i0);
@@ -292,7 +458,7 @@ ED_INLINE void bin_tile(const View& x, const View* f, const Mask& m, int64_t b, 
     if (PLANES)
       for (int q = 0; q < NS; ++q)
         for (int64_t g = 0; g < wp; g += kGroup)
-          count_group(s.s[q].idx.data() + g, rows, wp, bins, s.s[q].counts.data() + g, wp, avx2);
+          count_group(s.s[q].idx.data() + g, rows, wp, bins, s.s[q].counts.data() + g, wp, avx2, avx512);
   }
   // 4. H_d = sum_j tbl[count_j], four partial sums (one chain of dependent adds would
   //    cost 4 cycles a bin)
@@ -320,8 +486,9 @@ ED_INLINE void bin_tile(const View& x, const View* f, const Mask& m, int64_t b, 
 template <int DT, bool STREAM, bool PLANES, int NS>
 ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b, int64_t T,
                          int64_t d0, int64_t w, int bins, const double* tbl, double* const* outs,
-                         Scratch& s, int64_t N, bool avx2) {
-  const int64_t kept = STREAM ? 1 : N;
+                         Scratch& s, int64_t N, bool avx2, bool avx512) {
+  // STREAM: one row, or a block of rows for the fused binning (bin_tile)
+  const int64_t kept = STREAM ? (PLANES && bins <= kMaxSlicedBins ? kFusedRows : 1) : N;
   for (int q = 0; q < NS; ++q) {
     Stream& z = s.s[q];
     if (z.tile.size() < size_t(kept * w)) z.tile.resize(size_t(kept * w));
@@ -338,7 +505,14 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
   if (!STREAM && x.sd == 1 && (!f || f->sd == 1)) {
     constexpr int64_t ES = DT == DT_F32 ? 4 : 2;
     for (; jv + kGroup <= w; jv += kGroup) {
+      // min / max start at +-inf (a NaN would not replace them: nf reports it) and nf at 0
       v16f vlo[NS][4], vhi[NS][4], vnf[NS][4];
+      for (int q = 0; q < NS; ++q)
+        for (int k = 0; k < 4; ++k) {
+          vlo[q][k] = vsplat(std::numeric_limits<float>::infinity());
+          vhi[q][k] = vsplat(-std::numeric_limits<float>::infinity());
+          vnf[q][k] = v16f{};
+        }
       int64_t i = 0;
       for (int64_t t = 0; t < T; ++t) {
         if (t + kAhead < T) fetch_ahead(x, f, b, t + kAhead, d0 + jv, kGroup);
@@ -351,14 +525,9 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
           if (fr) v[0] = v[NS - 1] + load16<DT>(fr + 16 * k * ES);
           for (int q = 0; q < NS; ++q) {
             std::memcpy(s.s[q].tile.data() + i * w + jv + 16 * k, &v[q], 64);
-            if (i == 0) {
-              vlo[q][k] = vhi[q][k] = v[q];
-              vnf[q][k] = v[q] - v[q];
-            } else {
-              vlo[q][k] = vmin(vlo[q][k], v[q]);
-              vhi[q][k] = vmax(vhi[q][k], v[q]);
-              vnf[q][k] += v[q] - v[q];
-            }
+            vlo[q][k] = vmin(vlo[q][k], v[q]);
+            vhi[q][k] = vmax(vhi[q][k], v[q]);
+            vnf[q][k] += v[q] - v[q];
           }
         }
         ++i;
@@ -408,20 +577,20 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
       for (int64_t j = 0; j < w; ++j) outs[q][j] = 0.0;
     return;
   }
-  bin_tile<DT, STREAM, PLANES, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, r, avx2);
+  bin_tile<DT, STREAM, PLANES, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, r, avx2, avx512);
 }
 
 #define ED_BUCKET_ARGS                                                                        \
   const View &x, const View *f, const Mask &m, int64_t b, int64_t T, int64_t d0, int64_t w, \
       int bins, const double *tbl, double *const *outs, Scratch &s, int64_t N, bool stream,   \
-      bool pair, bool avx2
+      bool pair, bool avx2, bool avx512
 #define ED_BUCKET_NS(DT, NS)                                                                          \
   if (bins <= kMaxPlaneBins) {                                                                        \
-    if (stream) tile_impl<DT, true, true, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2);   \
-    else tile_impl<DT, false, true, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2);         \
+    if (stream) tile_impl<DT, true, true, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512);   \
+    else tile_impl<DT, false, true, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512);         \
   } else {                                                                                            \
-    if (stream) tile_impl<DT, true, false, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2);  \
-    else tile_impl<DT, false, false, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2);        \
+    if (stream) tile_impl<DT, true, false, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512);  \
+    else tile_impl<DT, false, false, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512);        \
   }
 #define ED_BUCKET_CALL(DT) \
   if (pair) {              \
@@ -493,10 +662,16 @@ void bucket_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims&
   const int64_t ntiles = (D + W - 1) / W;
   const int64_t items = B * ntiles;
   const int nt = clamp_threads(nthreads, items, B * T * D * (pair ? 2 : 1), 1 << 15);
+  // counting: bit-sliced with AVX-512, byte compares with AVX2, else portable byte compares
+  // (ENTRODROP_COUNT_ISA=avx2 or =generic restricts the choice: for tests of those paths)
 #if defined(__x86_64__)
-  const bool avx2 = __builtin_cpu_supports("avx2");
+  const char* isa = std::getenv("ENTRODROP_COUNT_ISA");
+  const bool generic = isa && std::string(isa) == "generic";
+  const bool avx2 = !generic && __builtin_cpu_supports("avx2");
+  const bool avx512 = avx2 && !(isa && std::string(isa) == "avx2") && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512bw");
 #else
-  const bool avx2 = false;
+  const bool avx2 = false, avx512 = false;
 #endif
 
   parallel_for(items, nt, [&](int64_t it, int) {
@@ -513,9 +688,9 @@ void bucket_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims&
     // per-thread buffers that outlive the call: the OpenMP team's threads persist, and a
     // fresh allocation per call came back from the kernel as page faults each time
     static thread_local Scratch s;
-    if (dtype == DT_F16) tile_f16(xv, fp, mv, b, T, d0, w, bins, tbl, outs, s, N, stream, pair, avx2);
-    else if (dtype == DT_BF16) tile_bf16(xv, fp, mv, b, T, d0, w, bins, tbl, outs, s, N, stream, pair, avx2);
-    else tile_f32(xv, fp, mv, b, T, d0, w, bins, tbl, outs, s, N, stream, pair, avx2);
+    if (dtype == DT_F16) tile_f16(xv, fp, mv, b, T, d0, w, bins, tbl, outs, s, N, stream, pair, avx2, avx512);
+    else if (dtype == DT_BF16) tile_bf16(xv, fp, mv, b, T, d0, w, bins, tbl, outs, s, N, stream, pair, avx2, avx512);
+    else tile_f32(xv, fp, mv, b, T, d0, w, bins, tbl, outs, s, N, stream, pair, avx2, avx512);
   });
 }
 

@@ -109,8 +109,35 @@ def test_bucket_long_samples(dtype):
     mask[1, 1500:] = False  # sample 1 has fewer than 2048 valid tokens, sample 0 more
     check_bucket(x, f, mask, 80, False, "long")
     check_bucket(x, None, None, 20, True, "long, paper")
+    check_bucket(x, f, mask, 20, False, "long, 20 bins")  # the fused binning, blocks of 240 rows
+    hy, hx = cpp.bucket_pair(x, f, mask, 32, False)
+    assert_close(ref.bucket(x, f, mask, 32, False), hy, rtol=1e-12, atol=1e-12, name="long pair y")
+    assert_close(ref.bucket(x, None, mask, 32, False), hx, rtol=1e-12, atol=1e-12, name="long pair x")
     xt = x[:, :2600].transpose(1, 2).contiguous().transpose(1, 2)
     check_bucket(xt, None, None, 20, False, "long, channel stride 2600")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bucket_fused_binning_edges(dtype):
+    """Up to 32 bins on AVX-512 the cached tile is binned and counted in one sweep, 16
+    channels and blocks of 240 rows at a time: token counts around the block (240, 241, 480,
+    481), channel counts that leave a partial group of 16 in the last tile (577 = 9 x 64 + 1,
+    70), every bin count up to 32 and past it, the pair, a constant channel, a channel whose
+    fp32 width is not finite (its tile takes the byte-plane path) and a subnormal range."""
+    for T, D in ((240, 70), (241, 577), (480, 33), (481, 130)):
+        x, f, mask = _data((2, T, D), dtype, seed=T)
+        for bins in (1, 2, 7, 8, 16, 20, 31, 32, 33):
+            check_bucket(x, None, None, bins, False, f"T={T} D={D} bins={bins}")
+        check_bucket(x, f, mask, 20, True, f"T={T} D={D} f, mask, paper")
+        hy, hx = cpp.bucket_pair(x, f, mask, 20, False)
+        assert_close(ref.bucket(x, f, mask, 20, False), hy, rtol=1e-12, atol=1e-12, name="pair y")
+        assert_close(ref.bucket(x, None, mask, 20, False), hx, rtol=1e-12, atol=1e-12, name="pair x")
+    x, _, _ = _data((1, 300, 40), torch.float32, seed=3)
+    x[0, :, 1] = 2.5  # constant
+    x[0, :, 17] = torch.linspace(-1, 1, 300) * 3e38  # width past fp32: binned in fp64
+    x[0, :, 33] = torch.linspace(0, 1e-44, 300)  # subnormal range: scale not finite in fp32
+    check_bucket(x, None, None, 20, False, "wide channels (fp32)")
+    check_bucket(x[:, :, 34:], None, None, 20, False, "no wide channel (fp32)")
 
 
 def _strided_views(dtype):

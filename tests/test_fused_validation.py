@@ -481,7 +481,7 @@ def test_bench_calls_command(tmp_path, capsys):
     from entrodrop_fast.cli import main
 
     out = tmp_path / "calls.json"
-    args = ["bench", "--calls", "--shapes", "2x8x16,9x16", "--dtypes", "fp32,bf16", "--repeat", "1", "--json", str(out)]
+    args = ["bench", "--calls", "--shapes", "2x8x16,9x16", "--dtypes", "fp32,bf16", "--repeat", "1", "--min-seconds", "0", "--json", str(out)]
     assert main(args) == 0
     table = capsys.readouterr().out
     assert "| call | shape | dtype | reads | default ms | validate=False ms" in table
@@ -566,3 +566,31 @@ def test_delta_entropy_reads_the_pair_once(dtype, monkeypatch):
     assert got[2] == want[2] == ["gaussian_diag: 6 channel variance(s) below var_floor=1e-12 were floored",
                                  "gaussian_diag: 9 channel variance(s) below var_floor=1e-12 were floored"]
     assert torch.equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_bucket_counting_isa_paths_agree(isa, tmp_path):
+    """The counting paths other CPUs take (AVX2 byte compares, portable byte compares) give
+    the counts of the default path (run in a child process: the choice is read from the
+    environment)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, sys\n"
+        "from entrodrop_fast.ops import cpp_backend as cpp\n"
+        "g = torch.Generator().manual_seed(9)\n"
+        "x = torch.randn(2, 300, 130, generator=g).to(torch.bfloat16)\n"
+        "f = torch.randn(2, 300, 130, generator=g).to(torch.bfloat16)\n"
+        "out = [cpp.bucket(x, None, None, b, False) for b in (1, 5, 8, 20, 32, 33, 80, 255)]\n"
+        "out += list(cpp.bucket_pair(x, f, None, 20, False))\n"
+        "torch.save(out, sys.argv[1])\n"
+    )
+    import os
+
+    env = {**os.environ, "ENTRODROP_COUNT_ISA": isa}
+    for name, e in (("here", os.environ), (isa, env)):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{name}.pt")], env=e, check=True)
+    here, there = torch.load(tmp_path / "here.pt"), torch.load(tmp_path / f"{isa}.pt")
+    for a, b in zip(here, there, strict=True):
+        assert torch.equal(a, b)

@@ -261,15 +261,23 @@ def run_call_bench(
     repeat: int = 7,
     device: str = "cpu",
     backend: str = "auto",
+    min_seconds: float = 0.5,
+    max_rounds: int = 300,
 ) -> list[dict]:
     """Time each public call with its defaults beside ``validate=False`` and the roofline.
 
-    The three are interleaved (one of each per round, ``repeat`` rounds after a warm-up), so
-    that a load change on the machine hits all of them; the minimum of the rounds is
-    reported. One dict per (call, shape, dtype): estimator (the call), mode "calls", shape,
-    dtype, reads ("x" or "x,f"), bytes (of the inputs read once), default_s,
-    novalidate_s, roofline_s (min), their medians (*_median_s), default_over_novalidate,
-    default_roofline_frac and novalidate_roofline_frac (roofline_s / the call's time).
+    The three are interleaved (one of each per round, after a warm-up), so that a load
+    change on the machine hits all of them, in an order that rotates every round (so that
+    none always runs right after another); the minimum of the rounds is reported. Rounds:
+    ``repeat``, or more for fast calls, until the default call has run ``min_seconds`` in
+    all (at most ``max_rounds``): on a shared machine a short call is often preempted, and
+    the minimum needs rounds that were not. One dict per (call, shape, dtype): estimator
+    (the call), mode "calls", shape, dtype, reads ("x" or "x,f"), bytes (of the inputs read
+    once), rounds, default_s, novalidate_s, roofline_s (min), their medians (*_median_s), the
+    minimum CPU time of the process (*_cpu_s: all threads; it excludes time the process
+    waited for a core), default_over_novalidate, default_roofline_frac and
+    novalidate_roofline_frac (roofline_s / the call's time), and the same two from CPU times
+    (*_cpu).
     """
     import warnings
 
@@ -286,14 +294,25 @@ def run_call_bench(
                 pair = CALLS[name][0]
                 fns = _call_fns(name, x, f, backend)
                 ts: dict[str, list[float]] = {k: [] for k in fns}
+                cpu: dict[str, list[float]] = {k: [] for k in fns}
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)  # floored variances etc.
                     for fn in fns.values():
                         _time(fn, 0, warmup=1, sync=sync)
-                    for _ in range(repeat):
-                        for k, fn in fns.items():
+                    rounds = 0
+                    keys = list(fns)
+                    while rounds < repeat or (sum(ts["default"]) < min_seconds and rounds < max_rounds):
+                        # the order rotates every round: each callable follows each other one
+                        # equally often (torch's x.sum() leaves its OpenMP threads spinning for
+                        # a while, which slows whatever runs next on a 2-core machine)
+                        for k in keys[rounds % 3:] + keys[:rounds % 3]:
+                            fn = fns[k]
+                            c0 = time.process_time()
                             ts[k] += _time(fn, 1, warmup=0, sync=sync)
+                            cpu[k].append(time.process_time() - c0)
+                        rounds += 1
                 best = {k: min(v) for k, v in ts.items()}
+                bcpu = {k: max(min(v), 1e-9) for k, v in cpu.items()}
                 rows.append({
                     "estimator": name,
                     "mode": "calls",
@@ -304,13 +323,17 @@ def run_call_bench(
                     "threads": torch.get_num_threads(),
                     "reads": "x,f" if pair else "x",
                     "bytes": x3.numel() * x3.element_size() * (2 if pair else 1),
+                    "rounds": rounds,
                     "default_s": best["default"],
                     "novalidate_s": best["novalidate"],
                     "roofline_s": best["roofline"],
                     **{f"{k}_median_s": statistics.median(v) for k, v in ts.items()},
+                    **{f"{k}_cpu_s": v for k, v in bcpu.items()},
                     "default_over_novalidate": best["default"] / best["novalidate"],
                     "default_roofline_frac": best["roofline"] / best["default"],
                     "novalidate_roofline_frac": best["roofline"] / best["novalidate"],
+                    "default_over_novalidate_cpu": bcpu["default"] / bcpu["novalidate"],
+                    "default_roofline_frac_cpu": bcpu["roofline"] / bcpu["default"],
                 })
             x = f = x3 = None
             gc.collect()
@@ -320,13 +343,14 @@ def run_call_bench(
 def format_call_table(rows: list[dict]) -> str:
     """A markdown table of run_call_bench rows."""
     head = ("| call | shape | dtype | reads | default ms | validate=False ms | default / validate=False "
-            "| roofline ms | default % of roofline | validate=False % of roofline |")
-    lines = [head, "|" + "---|" * 10]
+            "| roofline ms | default % of roofline | validate=False % of roofline | CPU time: default / validate=False, % of roofline |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         lines.append(
             f"| {r['estimator']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['reads']} | "
             f"{1e3 * r['default_s']:.2f} | {1e3 * r['novalidate_s']:.2f} | {r['default_over_novalidate']:.2f}x | "
-            f"{1e3 * r['roofline_s']:.2f} | {100 * r['default_roofline_frac']:.0f}% | {100 * r['novalidate_roofline_frac']:.0f}% |"
+            f"{1e3 * r['roofline_s']:.2f} | {100 * r['default_roofline_frac']:.0f}% | {100 * r['novalidate_roofline_frac']:.0f}% | "
+            f"{r['default_over_novalidate_cpu']:.2f}x, {100 * r['default_roofline_frac_cpu']:.0f}% |"
         )
     return "\n".join(lines)
 

@@ -74,6 +74,9 @@ def register(sub) -> None:
                    help=f"comma-separated from {', '.join(BACKENDS)} (default all); with --calls one API backend, auto (default), cpp, triton or torch")
     p.add_argument("--repeat", type=positive_int, default=None,
                    help="timed runs per case, the median reported (default 5); with --calls rounds, the minimum reported (default 7)")
+    p.add_argument("--min-seconds", type=float, default=0.5,
+                   help="with --calls: more rounds for fast calls, until the default call has run this long in all (default 0.5; "
+                        "at most 300 rounds): the minimum then comes from a round the machine did not preempt")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON (an existing file is replaced only when it is an earlier bench JSON)")
     p.add_argument("--overwrite", action="store_true", help="replace --json even when it is not a bench JSON")
@@ -130,6 +133,7 @@ def run(args) -> int:
             rows = run_call_bench(
                 calls=pick(args.estimators or ",".join(CALLS), tuple(CALLS), "call"),
                 shapes=shapes, dtypes=dtypes, repeat=args.repeat or 7, device=args.device, backend=backend[0],
+                min_seconds=max(0.0, args.min_seconds),
             )
             print(format_call_table(rows))
         else:
