@@ -160,13 +160,34 @@ ED_INLINE void gram_tile_impl(const float* V, int64_t ld, int64_t Dp, const floa
   }
 }
 
+// 2 delta_i for row i: a bound on the fp32 error of every a_ij that can decide row i's k-th
+// neighbour, from its own squared norm s_i and its approximate k-th value ak, instead of the
+// sample's largest squared norm (one massive-activation token, |y| ~ 2e4 in mid layers of
+// SmolLM2, would otherwise widen every row's band until most distances are recomputed in
+// fp64: 6.6 ms instead of 0.35 ms for a [256, 576] sample). The error of a_ij is at most
+// c max(s_i, s_j), c = 4 (sqrt(D) + 8) eps (as delta). A row j with a_ij <= ak + 2 delta_i
+// has s_j <= S_i = ((sqrt(s_i) + sqrt(c s_i + ak + 2 delta_i)) / (1 - c))^2 (triangle
+// inequality: a_ij >= (|v_j| - |v_i|)^2, and a_ij <= its value + c s_j), so delta_i >= c S_i
+// bounds all of their errors; rows with larger s_j are farther than ak + 2 delta_i. delta_i is
+// taken as 4 c (sqrt(s_i) + sqrt(ak))^2 (+ the subnormal term), checked to be >= c S_i with a
+// margin; where it is not (or anything is not finite) the sample's twodelta stands.
+ED_INLINE float row_twodelta(float si, float ak, float c, float twodelta) {
+  const double cd = c, sig = std::sqrt(double(si)), kk = std::max(0.0, double(ak));
+  if (!(sig < 1e30) || !(kk < 1e30) || !(cd < 0.25)) return twodelta;
+  const double rt = sig + std::sqrt(kk);
+  const double d = 4.0 * cd * rt * rt + 0x1p-126;
+  const double r2 = (sig + std::sqrt(cd * double(si) + kk + 2.0 * d)) / (1.0 - cd);
+  if (cd * r2 * r2 * (1.0 + 0x1p-8) > d) return twodelta;
+  return std::min(twodelta, float(2.0 * d * (1.0 + 0x1p-20)));
+}
+
 // Rows [i0, i0 + W) of A (one lane each; A is symmetric, so row i's values are column i):
 // kth[l] = the k-th smallest of a_{i0+l, j} over j < n (KC >= k of them kept, sorted, by a
 // branch-free insertion network); then sure[l] = #{j: a < kth - 2 delta} and `band` gets
 // (l, j) for every a in [kth - 2 delta, kth + 2 delta].
 template <int W, int KC>
-ED_INLINE void select_impl(const float* A, int64_t lda, int64_t n, int64_t i0, int k, float twodelta,
-                           float* kth, int32_t* sure, std::vector<int64_t>& band) {
+ED_INLINE void select_impl(const float* A, int64_t lda, int64_t n, int64_t i0, int k, const float* s,
+                           float c, float twodelta, float* kth, int32_t* sure, std::vector<int64_t>& band) {
   using F = typename Vt<W>::F;
   using FU = typename Vt<W>::FU;
   using I = typename Vt<W>::I;
@@ -184,9 +205,14 @@ ED_INLINE void select_impl(const float* A, int64_t lda, int64_t n, int64_t i0, i
   F ak = L[0];
   for (int t = 1; t < KC; ++t)
     if (t == k - 1) ak = L[t];
+  // each row's own 2 delta (row_twodelta), at most the sample's
+  float tdl[W];
+  for (int l = 0; l < W; ++l) tdl[l] = i0 + l < n ? row_twodelta(s[i0 + l], ak[l], c, twodelta) : twodelta;
+  F td;
+  std::memcpy(&td, tdl, sizeof td);
   // the band's ends rounded outwards (fp32 arithmetic: a margin of 2^-20 relative)
   const F av = ak < 0 ? -ak : ak;
-  const F pad = twodelta * (1.0f + 0x1p-20f) + av * 0x1p-20f;
+  const F pad = td * (1.0f + 0x1p-20f) + av * 0x1p-20f;
   const F lo = ak - pad, hi = ak + pad;
   // per lane: how many below the band, how many in it, and the first and last j in it
   I cnt = I{}, nb = I{}, first = I{} + int32_t(n), last = I{} - 1;
@@ -216,12 +242,12 @@ ED_INLINE void select_impl(const float* A, int64_t lda, int64_t n, int64_t i0, i
 
 // KC = k up to 32 (k = 25 is the paper's), the next multiple of 4 up to kMaxNet.
 template <int W>
-ED_INLINE void select_dispatch(const float* A, int64_t lda, int64_t n, int64_t i0, int k,
-                               float twodelta, float* kth, int32_t* sure, std::vector<int64_t>& band) {
+ED_INLINE void select_dispatch(const float* A, int64_t lda, int64_t n, int64_t i0, int k, const float* s,
+                               float c, float twodelta, float* kth, int32_t* sure, std::vector<int64_t>& band) {
   const int kc = k <= 32 ? k : (k + 3) / 4 * 4;
   switch (kc) {
 #define ED_CASE(q) \
-  case q: return select_impl<W, q>(A, lda, n, i0, k, twodelta, kth, sure, band);
+  case q: return select_impl<W, q>(A, lda, n, i0, k, s, c, twodelta, kth, sure, band);
     ED_CASE(1) ED_CASE(2) ED_CASE(3) ED_CASE(4) ED_CASE(5) ED_CASE(6) ED_CASE(7) ED_CASE(8)
     ED_CASE(9) ED_CASE(10) ED_CASE(11) ED_CASE(12) ED_CASE(13) ED_CASE(14) ED_CASE(15) ED_CASE(16)
     ED_CASE(17) ED_CASE(18) ED_CASE(19) ED_CASE(20) ED_CASE(21) ED_CASE(22) ED_CASE(23) ED_CASE(24)
@@ -235,17 +261,18 @@ ED_INLINE void select_dispatch(const float* A, int64_t lda, int64_t n, int64_t i
 // One compiled copy per instruction set, chosen once at run time.
 #define ED_GRAM_ARGS const float *V, int64_t ld, int64_t Dp, const float *s, int64_t i0, int64_t j0, float *A, int64_t lda
 #define ED_SEL_ARGS                                                                          \
-  const float *A, int64_t lda, int64_t n, int64_t i0, int k, float twodelta, float *kth, int32_t *sure, \
+  const float *A, int64_t lda, int64_t n, int64_t i0, int k, const float *s, float c, float twodelta, \
+      float *kth, int32_t *sure, \
       std::vector<int64_t> &band
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(ENTRODROP_NO_CLONES)
 #define ED_HAVE_X86_LEVELS 1
 __attribute__((target("arch=x86-64-v4"))) void gram_tile_v4(ED_GRAM_ARGS) { gram_tile_impl<16>(V, ld, Dp, s, i0, j0, A, lda); }
 __attribute__((target("arch=x86-64-v3"))) void gram_tile_v3(ED_GRAM_ARGS) { gram_tile_impl<8>(V, ld, Dp, s, i0, j0, A, lda); }
-__attribute__((target("arch=x86-64-v4"))) void select_v4(ED_SEL_ARGS) { select_dispatch<16>(A, lda, n, i0, k, twodelta, kth, sure, band); }
-__attribute__((target("arch=x86-64-v3"))) void select_v3(ED_SEL_ARGS) { select_dispatch<8>(A, lda, n, i0, k, twodelta, kth, sure, band); }
+__attribute__((target("arch=x86-64-v4"))) void select_v4(ED_SEL_ARGS) { select_dispatch<16>(A, lda, n, i0, k, s, c, twodelta, kth, sure, band); }
+__attribute__((target("arch=x86-64-v3"))) void select_v3(ED_SEL_ARGS) { select_dispatch<8>(A, lda, n, i0, k, s, c, twodelta, kth, sure, band); }
 #endif
 void gram_tile_base(ED_GRAM_ARGS) { gram_tile_impl<8>(V, ld, Dp, s, i0, j0, A, lda); }
-void select_base(ED_SEL_ARGS) { select_dispatch<8>(A, lda, n, i0, k, twodelta, kth, sure, band); }
+void select_base(ED_SEL_ARGS) { select_dispatch<8>(A, lda, n, i0, k, s, c, twodelta, kth, sure, band); }
 
 struct Isa {
   void (*gram)(ED_GRAM_ARGS) = gram_tile_base;
@@ -527,7 +554,7 @@ struct Sample {
   float* mu32;  // fp32(mu)
   float *V, *A, *s;
   double* s64;
-  double scale = 1.0, unit = 1.0, delta = 0.0;
+  double scale = 1.0, unit = 1.0, delta = 0.0, c = 0.0;  // c: the per-pair error coefficient
   double* out;  // radii of sample b: out[t], t < T
 
   Rows exact_rows() const {
@@ -629,7 +656,8 @@ Scale check_scale(Sample& sp) {
   // roundings; the centring's own rounding (|v - (y - mu)| <= eps/2 |y - mu| per channel)
   // adds at most 4 eps max|v|^2, inside the + 8.
   const double eps = std::numeric_limits<float>::epsilon();
-  sp.delta = 4.0 * (std::sqrt(double(sp.D)) + 8.0) * eps * double(smax) + 4.0 * double(sp.D) * 0x1p-149;
+  sp.c = 4.0 * (std::sqrt(double(sp.D)) + 8.0) * eps;
+  sp.delta = sp.c * double(smax) + 4.0 * double(sp.D) * 0x1p-149;
   return Scale::Ready;
 }
 
@@ -688,7 +716,8 @@ void select(const Sample& sp, int64_t g, Scratch& sc) {
       if (v != v) v = kInf;
     std::nth_element(sc.row.begin(), sc.row.begin() + (sp.k - 1), sc.row.end());
     const float ak = sc.row[size_t(sp.k - 1)];
-    const float pad = twodelta * (1.0f + 0x1p-20f) + std::fabs(ak) * 0x1p-20f;
+    const float td = row_twodelta(sp.s[i], ak, float(sp.c), twodelta);
+    const float pad = td * (1.0f + 0x1p-20f) + std::fabs(ak) * 0x1p-20f;
     const float lo = ak - pad, hi = ak + pad;
     int64_t sure = 0;
     sc.band.clear();
@@ -704,7 +733,7 @@ void select(const Sample& sp, int64_t g, Scratch& sc) {
   float kth[16];
   int32_t sure[16];
   sc.band.clear();
-  isa().select(sp.A, sp.Np, sp.n, i0, sp.k, twodelta, kth, sure, sc.band);
+  isa().select(sp.A, sp.Np, sp.n, i0, sp.k, sp.s, float(sp.c), twodelta, kth, sure, sc.band);
   // band entries are j * W + lane, grouped by lane (in increasing lane order)
   std::vector<int64_t>& mine = sc.mine;
   size_t e = 0;
