@@ -35,3 +35,31 @@ def test_cosine_given_y_matches_reference(dtype, strided):
     want = reference.cosine(x, y, mask, False)
     torch.testing.assert_close(got[0], want[0].to(got[0].dtype), rtol=1e-5, atol=1e-6)
     assert torch.equal(got[1], want[1].to(got[1].dtype))
+
+
+def _knn_stats():
+    from test_models import tiny_model
+
+    from entrodrop_fast.hooks import BlockStatistics, TapSettings
+    from entrodrop_fast.models import get_adapter
+
+    ad = get_adapter(tiny_model("llama", seed=3))
+    return BlockStatistics(ad, 2, TapSettings(("bucket", "knn"), backend="cpp", entropy_opts={"knn": {"k": 3}}))
+
+
+def test_taps_knn_reports_nonfinite_without_own_pass(monkeypatch):
+    import entrodrop_fast as ef
+    from entrodrop_fast.hooks import BlockStatistics
+
+    def forbidden(self, point, t):
+        raise AssertionError("the taps ran their own finiteness pass")
+
+    monkeypatch.setattr(BlockStatistics, "_check_finite", forbidden)
+    x = torch.randn(2, 16, 12)
+    st = _knn_stats()
+    st.on_input(0, x)  # bucket and knn kernels both report: no pass of the taps' own
+    torch.testing.assert_close(st._h["knn"][0], ef.knn_entropy(x, k=3, backend="torch"), rtol=1e-9, atol=1e-9)
+    bad = x.clone()
+    bad[1, 5, 2] = float("inf")
+    with pytest.raises(RuntimeError, match="the residual stream holds NaN or Inf at r0"):
+        _knn_stats().on_input(0, bad)

@@ -479,15 +479,36 @@ def gaussian_diag_entropy(x, f=None, *, var_floor: float = 1e-12, mask=None, bac
     var = m["m2"] / m["count"][:, None]  # (B, D)
     if validate:
         # one reduction for both checks: NaN where the kernel reported NaN/Inf (m2 = NaN)
-        low = float(var.amin())
+        low = _amin(var)
         if p.deferred and math.isnan(low):
             p = _recheck(p, nan_policy=nan_policy)
             if p.omitted:
                 m = _moments(p)
                 var = m["m2"] / m["count"][:, None]
-                low = float(var.amin())
+                low = _amin(var)
         _warn_floored(var, low, var_floor)
-    return _finish(p, _half_log_sum((2 * math.pi * math.e) * var.clamp_min(var_floor)))
+    return _finish(p, _gaussian_half_log_sum(var, var_floor))
+
+
+def _amin(v: torch.Tensor) -> float:
+    """min(v) as a float, NaN if any is (as torch.amin); on CPU in numpy, for the reason of
+    _half_log_sum."""
+    if v.device.type == "cpu":
+        import numpy as np
+
+        return float(np.min(v.numpy()))
+    return float(v.amin())
+
+
+def _gaussian_half_log_sum(var: torch.Tensor, var_floor: float) -> torch.Tensor:
+    """sum_d 1/2 ln(2 pi e max(var_d, var_floor)), fp64 [B] from var [B, D] (on CPU in numpy:
+    the same IEEE operations as the torch ones, without torch's thread team)."""
+    if var.device.type == "cpu":
+        import numpy as np
+
+        v = np.maximum(var.numpy(), var_floor) * (2 * math.pi * math.e)
+        return torch.from_numpy(0.5 * np.log(v).sum(-1))
+    return _half_log_sum((2 * math.pi * math.e) * var.clamp_min(var_floor))
 
 
 def _half_log_sum(v: torch.Tensor) -> torch.Tensor:
@@ -665,12 +686,12 @@ def _paired_delta(x, f, method: str, opts: dict):
     ms = kernel(p.x, p.f, p.mask)
     var = [m["m2"] / m["count"][:, None] for m in ms]
     if validate:
-        low = [float(v.amin()) for v in var]
+        low = [_amin(v) for v in var]
         if p.deferred and any(math.isnan(v) for v in low):
             return None
         for v, lo in zip(var, low, strict=True):  # as gaussian_diag_entropy: Y's warning first, then x's
             _warn_floored(v, lo, var_floor)
-    hs = [_half_log_sum((2 * math.pi * math.e) * v.clamp_min(var_floor)) for v in var]
+    hs = [_gaussian_half_log_sum(v, var_floor) for v in var]
     return _finish(p, hs[0]) - _finish(p, hs[1])
 
 
