@@ -440,6 +440,24 @@ CALLS = {
 }
 
 
+def _foreign_dirs() -> tuple[str, ...]:
+    import os
+
+    import numpy
+
+    dirs = [os.path.dirname(numpy.__file__)]
+    try:
+        import triton
+
+        dirs.append(os.path.dirname(triton.__file__))
+    except ImportError:
+        pass
+    return tuple(dirs)
+
+
+_FOREIGN = _foreign_dirs()
+
+
 def _outcome(call, x, f, **kw):
     import warnings
 
@@ -449,8 +467,9 @@ def _outcome(call, x, f, **kw):
             res, err = CALLS[call](x, f, backend="triton", **kw), None
         except ValueError as e:
             res, err = None, str(e)
-    # (numpy's own warnings inside the interpreter, e.g. "All-NaN slice", are not the API's)
-    return res, err, [str(w.message) for w in rec if "site-packages" not in w.filename]
+    # (numpy's and triton's own warnings inside the interpreter, e.g. "All-NaN slice", are not
+    # the API's; the API's may point into the package, installed in site-packages)
+    return res, err, [str(w.message) for w in rec if not w.filename.startswith(_FOREIGN)]
 
 
 def _same(a, b, rtol):
