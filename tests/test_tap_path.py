@@ -69,3 +69,19 @@ def test_taps_knn_reports_nonfinite_without_own_pass(monkeypatch):
     bad[1, 5, 2] = float("inf")
     with pytest.raises(RuntimeError, match="the residual stream holds NaN or Inf at r0"):
         _knn_stats().on_input(0, bad)
+
+
+def test_delta_entropy_warnings_point_at_the_caller():
+    import warnings
+
+    import entrodrop_fast as ef
+
+    x = torch.randn(2, 16, 8)
+    f = torch.randn(2, 16, 8)
+    x[0, 3, 2] = float("nan")
+    for method in ("bucket", "gaussian_diag", "knn"):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            ef.delta_entropy(x, f, method, nan_policy="omit", **({"k": 3} if method == "knn" else {}))
+        skipped = [w for w in rec if "skipped" in str(w.message)]
+        assert skipped and all(w.filename == __file__ for w in skipped), [(w.filename, str(w.message)) for w in rec]

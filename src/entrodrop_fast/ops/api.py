@@ -636,7 +636,17 @@ def delta_entropy(x, f, method: str = "bucket", **opts):
         out = _paired_delta(x, f, method, opts)
         if out is not None:
             return out
-    return entropy(x, method, f, **opts) - entropy(x, method, None, **opts)
+    # the two calls' warnings, re-issued at the caller of delta_entropy (not inside the package)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = entropy(x, method, f, **opts) - entropy(x, method, None, **opts)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package
+    for w in caught:
+        if os.path.abspath(w.filename).startswith(here):
+            warnings.warn(w.message, w.category, stacklevel=2)
+        else:  # another library's (numpy, triton): where it was
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return out
 
 
 # method -> (its keyword options, the backend op with a pair kernel)
