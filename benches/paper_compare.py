@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -193,6 +192,18 @@ def summary_md(study: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def remove_earlier_study(out: Path, models) -> None:
+    """--overwrite: remove the files an earlier study wrote into ``out``, by name only (never a
+    directory tree, never a link, never anything else the directory holds)."""
+    ours = [out / "study.json", out / "study.md"]
+    for m in models:
+        ours += [out / m / f"{stem}.{ext}" for stem in ("comparison_shared", "comparison_paper", "massive")
+                 for ext in ("json", "md", "png")]
+    for p in ours:
+        if p.is_file() and not p.is_symlink():
+            p.unlink()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output directory (new or empty, or --overwrite)")
@@ -234,11 +245,7 @@ def main(argv=None) -> int:
         if not args.overwrite:
             print(f"paper_compare: error: {out} is not empty; choose a new directory or add --overwrite", file=sys.stderr)
             return 1
-        for p in out.iterdir():  # only what a study writes
-            if p.is_dir() and p.name in grid["counts"]:
-                shutil.rmtree(p)
-            elif p.name in ("study.json", "study.md"):
-                p.unlink()
+        remove_earlier_study(out, grid["counts"])
     out.mkdir(parents=True, exist_ok=True)
     if args.quiet:
         from transformers.utils import logging as hf_logging
