@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -114,6 +115,49 @@ def estimate(grid: dict, scale: float = 1.0) -> dict:
     return out
 
 
+class EvaluationLog(dict):
+    """The evaluation cache of one model (drop-set key -> evaluation), kept on disk as it grows:
+    every new evaluation is appended to ``path`` (one JSON line, flushed and synced), so a study
+    that is interrupted (a session's end, Ctrl-C, a power cut) and started again with
+    ``--resume`` evaluates only the drop sets it had not finished. The first line records the
+    evaluation settings; a log written with other settings is refused, never mixed in."""
+
+    def __init__(self, path: Path, settings: dict):
+        super().__init__()
+        self.path = path
+        self.settings = settings
+        if path.exists():
+            lines = path.read_text().splitlines()
+            head = json.loads(lines[0]) if lines else {}
+            if head.get("settings") != settings:
+                raise SystemExit(f"paper_compare: error: {path} was written with other evaluation settings "
+                                 f"({head.get('settings')}); use a new --out, or --overwrite to start again")
+            for line in lines[1:]:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # the line being written when the run stopped: evaluated again
+                super().__setitem__(rec["key"], rec["evaluation"])
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"settings": settings}) + "\n")
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        # NaN / inf stay as they are (Python's JSON reads them back): a broken model's perplexity
+        with self.path.open("a") as f:
+            f.write(json.dumps({"key": key, "evaluation": value}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def eval_settings(name: str, grid: dict, dtype: str) -> dict:
+    """What an evaluation's numbers depend on besides the drop set."""
+    from entrodrop_fast import __version__
+
+    return {"model": name, "dtype": dtype, "seq_len": grid["seq_len"], "eval_windows": grid["eval_windows"], "items": grid["items"], "entrodrop_fast": __version__}
+
+
 def log(*a) -> None:
     print(f"[{time.strftime('%H:%M:%S')}]", *a, file=sys.stderr, flush=True)
 
@@ -129,7 +173,9 @@ def run_model(name: str, grid: dict, out: Path, *, device: str, dtype: str, prog
     timing = {"load_s": time.perf_counter() - t0}
     corpus = load_corpus(None)
     counts = grid["counts"][name]
-    cache: dict = {}
+    cache = EvaluationLog(out / name / "evaluations.jsonl", eval_settings(name, grid, dtype))
+    if cache:
+        log(f"{name}: {len(cache)} evaluations from an earlier run of this study ({cache.path})")
     results = {}
     report = None
     for rule in grid["rules"]:
@@ -175,7 +221,12 @@ def run_model(name: str, grid: dict, out: Path, *, device: str, dtype: str, prog
     timing["rows"] = rows
     timing["seconds_per_evaluation"] = (timing[f"compare_{grid['rules'][0]}_s"] + sum(timing[f"compare_{r}_s"] for r in grid["rules"][1:])) / max(1, evaluated + 1)
     log(f"{name}: {rows} rows from {evaluated} distinct pruned models in {timing['total_s']:.0f} s")
-    return {"model": name, "timing": timing, "comparisons": {r: {k: v for k, v in c.items() if k not in ("report", "evaluations")} for r, c in results.items()}, "massive": diag}
+    result = {"model": name, "timing": timing, "comparisons": {r: {k: v for k, v in c.items() if k not in ("report", "evaluations")} for r, c in results.items()}, "massive": diag}
+    done = d / "result.json"
+    tmp = done.with_name(done.name + ".tmp")
+    tmp.write_text(json.dumps({"grid": grid, "dtype": dtype, "result": result}))
+    os.replace(tmp, done)  # a finished model: --resume skips it
+    return result
 
 
 def summary_md(study: dict) -> str:
@@ -199,6 +250,7 @@ def remove_earlier_study(out: Path, models) -> None:
     for m in models:
         ours += [out / m / f"{stem}.{ext}" for stem in ("comparison_shared", "comparison_paper", "massive")
                  for ext in ("json", "md", "png")]
+        ours += [out / m / "evaluations.jsonl", out / m / "result.json", out / m / "result.json.tmp"]
     for p in ours:
         if p.is_file() and not p.is_symlink():
             p.unlink()
@@ -213,6 +265,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype (default fp32)")
     ap.add_argument("--overwrite", action="store_true", help="replace the files of an earlier study in --out")
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted study in --out (same grid and settings): finished models and every evaluation already made are reused")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's; on a machine shared with other jobs 1 thread was 2x faster than 2 here: OpenMP threads spin-wait)")
     ap.add_argument("--estimate", action="store_true", help="print the grid's forward-pass tokens and the time at --tokens-per-s, run nothing")
@@ -241,9 +294,15 @@ def main(argv=None) -> int:
         return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out).expanduser()
-    if out.exists() and any(out.iterdir()):
+    if args.resume and args.overwrite:
+        print("paper_compare: error: --resume keeps an earlier study's work and --overwrite removes it; give one", file=sys.stderr)
+        return 1
+    if args.resume and not any((out / m / "evaluations.jsonl").is_file() for m in grid["models"]):
+        print(f"paper_compare: error: --resume: {out} holds no study to continue (no MODEL/evaluations.jsonl); drop --resume", file=sys.stderr)
+        return 1
+    if out.exists() and any(out.iterdir()) and not args.resume:
         if not args.overwrite:
-            print(f"paper_compare: error: {out} is not empty; choose a new directory or add --overwrite", file=sys.stderr)
+            print(f"paper_compare: error: {out} is not empty; choose a new directory, add --resume to continue a study there, or --overwrite", file=sys.stderr)
             return 1
         remove_earlier_study(out, grid["counts"])
     out.mkdir(parents=True, exist_ok=True)
@@ -255,6 +314,13 @@ def main(argv=None) -> int:
     study = {"quick": args.quick, "grid_name": "quick" if args.quick else (args.grid or ("full" if cuda else "cpu2h")), "command": " ".join(["python benches/paper_compare.py", *(argv if argv is not None else sys.argv[1:])]), "device": device, "dtype": args.dtype,
              "threads": torch.get_num_threads(), "grid": grid, "models": []}
     for name in grid["models"]:
+        done = out / name / "result.json"
+        if args.resume and done.is_file():
+            prev = json.loads(done.read_text())
+            if prev.get("grid") == json.loads(json.dumps(grid)) and prev.get("dtype") == args.dtype:
+                log(f"{name}: finished by an earlier run of this study ({done})")
+                study["models"].append(prev["result"])
+                continue
         study["models"].append(run_model(name, grid, out, device=device, dtype=args.dtype, progress=not args.quiet))
     study["wall_s"] = time.perf_counter() - t0
     from entrodrop_fast.report import json_safe

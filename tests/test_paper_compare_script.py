@@ -24,3 +24,41 @@ def test_overwrite_leaves_the_users_files(tmp_path):
     _module().remove_earlier_study(out, ["smollm2", "gemma3-270m"])
     assert not any(p.exists() for p in ours)
     assert all(p.read_text() == "x" for p in theirs)
+
+
+def test_evaluation_log_survives_an_interrupted_run(tmp_path):
+    mod = _module()
+    path = tmp_path / "smollm2" / "evaluations.jsonl"
+    settings = {"model": "smollm2", "items": 200}
+    log = mod.EvaluationLog(path, settings)
+    assert len(log) == 0 and path.is_file()
+    log["attn:1,2"] = {"perplexity": {"perplexity": float("inf")}, "correct": {"last_word": [1, 0]}, "params": 7}
+    log["-"] = {"perplexity": {"perplexity": 12.5}, "correct": {"last_word": [1, 1]}, "params": 9}
+    # the run stops in the middle of writing a third evaluation
+    with path.open("a") as f:
+        f.write('{"key": "layer:3", "evaluat')
+    again = mod.EvaluationLog(path, settings)
+    assert set(again) == {"attn:1,2", "-"}
+    assert again["attn:1,2"]["perplexity"]["perplexity"] == float("inf")
+    assert again["-"]["params"] == 9
+
+
+def test_evaluation_log_refuses_other_settings(tmp_path):
+    mod = _module()
+    path = tmp_path / "evaluations.jsonl"
+    mod.EvaluationLog(path, {"items": 200})["-"] = {"params": 1}
+    try:
+        mod.EvaluationLog(path, {"items": 8})
+    except SystemExit as e:
+        assert "other evaluation settings" in str(e)
+    else:
+        raise AssertionError("a log written with other settings was reused")
+    assert path.read_text().count("\n") == 2  # nothing of the earlier study was lost
+
+
+def test_resume_and_overwrite_are_refused_together(tmp_path, capsys):
+    mod = _module()
+    assert mod.main(["--out", str(tmp_path), "--resume", "--overwrite"]) == 1
+    assert "give one" in capsys.readouterr().err
+    assert mod.main(["--out", str(tmp_path / "new"), "--resume"]) == 1
+    assert "no study to continue" in capsys.readouterr().err

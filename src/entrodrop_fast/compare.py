@@ -354,7 +354,7 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
         if key not in evaluations:
             ppl = E.perplexity(model, lm.tokenizer, held, seq_len=seq_len, max_windows=eval_windows)
             zs = E.zero_shot(model, lm.tokenizer, held, items=eval_items)
-            evaluations[key] = {"perplexity": ppl, "zero_shot": zs, "window_nll": ppl["window_nll"], "correct": {z["task"]: z["correct"] for z in zs}}
+            evaluations[key] = {"perplexity": ppl, "zero_shot": zs, "window_nll": ppl["window_nll"], "correct": {z["task"]: z["correct"] for z in zs}, "params": count_params(model)}
         return evaluations[key]
 
     log("evaluating the dense model ...")
@@ -417,8 +417,6 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
             pruned = copy.deepcopy(lm.model)
             drop_blocks_(pruned, plan)
         ev = evaluate(pruned, key)
-        if pruned is not None:
-            ev.setdefault("params", count_params(pruned))
         q = _quality(ev)
         row = {**head, "k": plan["k"], **({"requested_drop": plan.get("requested_drop")} if isinstance(plan.get("requested_drop"), str) else {}),
                "dropped": plan["drop"][head["kind"]], "eval_key": key, "cached": cached,
