@@ -48,3 +48,20 @@ def test_preset_errors_are_one_line(tmp_path, capsys):
     assert "entrodrop profile: error: --preset paper reads the architecture" in err and "Traceback" not in err
     with pytest.raises(SystemExit):
         main(["profile", "--preset", "fast"])
+
+
+def test_prune_with_the_paper_preset(tiny_dir, tmp_path, capsys):
+    # prune profiles with the preset itself (knn, k = 25, batch 1) and protects layers 0, 1 and the last
+    out = tmp_path / "pruned"
+    assert main(["prune", str(tiny_dir), "--preset", "paper", "--kind", "layer", "--drop", "2", "--samples", "3", "--seq-len", "40", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "--preset paper: llama" in captured.err and "Traceback" not in captured.err
+    plan = json.loads((out / "entrodrop_plan.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 4
+    from entrodrop_fast import load_pruned
+
+    model = load_pruned(out)
+    assert len(model.model.layers) == 4
+    assert plan["method"] == "knn" and plan["protected"] == [0, 1, 5]
+    assert not set(plan["drop"]["layer"]) & {0, 1, 5}

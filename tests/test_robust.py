@@ -1,5 +1,8 @@
 """Robust bucket variants (ops/robust.py): kernel path vs the readable torch reference."""
 
+import importlib.util
+import os
+
 import pytest
 import torch
 from conftest import DTYPES, llm_like
@@ -120,3 +123,39 @@ def test_variants_profile_through_the_hooks():
     for m, fn in R.ROBUST_ESTIMATORS.items():
         want = fn(emb, bins=9).mean()
         assert res["entropy"][m]["mean"][res["points"].index("r0")] == pytest.approx(float(want), rel=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_variant_through_entropy_and_delta_entropy(case):
+    # the generic entry points dispatch the variants' names (issue 14: ef.entropy("bucket_q") raised)
+    import entrodrop_fast as ef
+
+    name, fast, _, opts = case
+    x, f = llm_like(2, 40, 24, seed=3), llm_like(2, 40, 24, seed=4)
+    assert name in ef.ROBUST_METHODS and getattr(ef, f"{name}_entropy") is fast
+    torch.testing.assert_close(ef.entropy(x, name, **opts), fast(x, **opts), rtol=0, atol=0)
+    torch.testing.assert_close(ef.delta_entropy(x, f, name, **opts), fast(x, f, **opts) - fast(x, **opts), rtol=0, atol=0)
+
+
+def test_unknown_method_lists_the_variants():
+    import entrodrop_fast as ef
+
+    with pytest.raises(ValueError, match="unknown entropy method 'bucket_z'.*bucket_q, bucket_nosink, bucket_tokennorm"):
+        ef.entropy(torch.zeros(4, 3), "bucket_z")
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_variant_on_triton_matches_reference(case):
+    # the variants call the fused bucket kernel of whichever backend is chosen; under
+    # TRITON_INTERPRET=1 (conftest) the Triton kernels run on CPU tensors, on a GPU on CUDA ones
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if not interpret and not torch.cuda.is_available():
+        pytest.skip("TRITON_INTERPRET=0 and no CUDA device")
+    dev = "cpu" if interpret else "cuda"
+    _, fast, ref, opts = case
+    x = llm_like(2, 33, 65, seed=5)
+    m = torch.rand(2, 33, generator=torch.Generator().manual_seed(1)) > 0.3
+    m[:, :2] = True
+    _close(ref(x, bins=20, mask=m, **opts), fast(x.to(dev), bins=20, mask=m.to(dev), backend="triton", **opts).cpu())

@@ -1,7 +1,9 @@
 """entrodrop_fast: entropy-based block pruning of LLMs (EntroDrop) with compiled estimators.
 
 The estimators (``bucket_entropy``, ``gaussian_diag_entropy``, ``gaussian_full_entropy``,
-``knn_entropy``, ``renyi_entropy``, ``cosine_importance``, ``angular_distance``) take
+``knn_entropy``, ``renyi_entropy``, ``cosine_importance``, ``angular_distance``, and the
+opt-in robust bucket variants ``bucket_q_entropy``, ``bucket_nosink_entropy``,
+``bucket_tokennorm_entropy``) take
 ``[N, D]`` or ``[B, T, D]`` tensors; ``backends()`` says which compiled backends exist.
 """
 
@@ -22,6 +24,7 @@ from entrodrop_fast.ops.api import (
     resolve_backend,
 )
 from entrodrop_fast.ops.reference import bucket_onehot_reference
+from entrodrop_fast.ops.robust import ROBUST_METHODS, bucket_nosink_entropy, bucket_q_entropy, bucket_tokennorm_entropy
 from entrodrop_fast.ops.states import CovState, EntropyMeter, MomentState, SampleStats, all_reduce_
 from entrodrop_fast.ranking import make_plan
 from entrodrop_fast.surgery import drop_blocks_
@@ -31,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "METHODS",
+    "ROBUST_METHODS",
     "CovState",
     "EntropyMeter",
     "MomentState",
@@ -40,7 +44,10 @@ __all__ = [
     "angular_distance",
     "backends",
     "bucket_entropy",
+    "bucket_nosink_entropy",
     "bucket_onehot_reference",
+    "bucket_q_entropy",
+    "bucket_tokennorm_entropy",
     "cosine_importance",
     "delta_entropy",
     "drop_blocks_",

@@ -107,7 +107,9 @@ def _preset(src: Path, args) -> dict | None:
     from entrodrop_fast.presets import paper_preset
 
     cfg = json.loads((Path(src) / "config.json").read_text())
-    return paper_preset(cfg.get("model_type"), cfg.get("num_hidden_layers"), args.device)
+    preset = paper_preset(cfg.get("model_type"), cfg.get("num_hidden_layers"), args.device)
+    _log(f"--preset paper: {preset['why']}")
+    return preset
 
 
 def profile_report(src: Path, args) -> dict:

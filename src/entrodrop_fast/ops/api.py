@@ -617,13 +617,25 @@ _ESTIMATORS = {
 }
 
 
+def _estimator(method: str):
+    """The estimator of ``method``: one of :data:`METHODS` (the paper's) or a robust bucket
+    variant (:data:`entrodrop_fast.ops.robust.ROBUST_METHODS`, opt-in)."""
+    fn = _ESTIMATORS.get(method)
+    if fn is None:
+        from entrodrop_fast.ops.robust import ROBUST_ESTIMATORS, ROBUST_METHODS
+
+        fn = ROBUST_ESTIMATORS.get(method)
+        if fn is None:
+            raise ValueError(f"unknown entropy method {method!r}; choose from {', '.join(METHODS + ROBUST_METHODS)}")
+    return fn
+
+
 def entropy(x, method: str = "bucket", f=None, **opts):
-    """Entropy of x (or of x + f) by ``method``: one of :data:`METHODS`."""
-    try:
-        fn = _ESTIMATORS[method]
-    except KeyError:
-        raise ValueError(f"unknown entropy method {method!r}; choose from {', '.join(METHODS)}") from None
-    return fn(x, f, **opts)
+    """Entropy of x (or of x + f) by ``method``: one of :data:`METHODS` (the paper's
+    estimators) or the robust bucket variants ``bucket_q``, ``bucket_nosink``,
+    ``bucket_tokennorm`` (:mod:`entrodrop_fast.ops.robust`). ``opts`` are the method's own
+    keyword options; shapes, dtypes, units and errors are those of the method's function."""
+    return _estimator(method)(x, f, **opts)
 
 
 def delta_entropy(x, f, method: str = "bucket", **opts):
