@@ -5,7 +5,7 @@ Run: ``pytest benches/bench_calls.py --benchmark-columns=min,median`` (add
 interleaved with it (before each round, untimed by pytest-benchmark), the same call with
 ``validate=False`` and the roofline of reading its inputs (``x.sum()``, or ``x.sum()`` + ``f.sum()`` for delta_entropy / cosine,
 which read the pair X, F); ``extra_info`` holds the ratios. ``entrodrop bench --calls``
-prints the same as one table (``entrodrop_fast.bench.run_call_bench``).
+prints the same as one table (``entrodrop_fast.ops.bench.run_call_bench``).
 """
 
 import time
@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 
-from entrodrop_fast import bench as B
+from entrodrop_fast.ops import bench as B
 
 ROUNDS = 7
 _inputs: dict = {}

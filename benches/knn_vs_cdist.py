@@ -37,8 +37,8 @@ import torch
 
 import entrodrop_fast as ef
 from entrodrop_fast import _ext
-from entrodrop_fast.bench import knn_torch_fast, make_input, peak_extra_bytes
 from entrodrop_fast.ops import cpp_backend, reference
+from entrodrop_fast.ops.bench import knn_torch_fast, make_input, peak_extra_bytes
 
 K = 25
 SMALL = [((256, 576), "fp32"), ((256, 1024), "fp32"), ((256, 2048), "fp32"), ((256, 4096), "fp32"),

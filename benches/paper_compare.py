@@ -163,10 +163,10 @@ def log(*a) -> None:
 
 
 def run_model(name: str, grid: dict, out: Path, *, device: str, dtype: str, progress: bool) -> dict:
-    from entrodrop_fast import compare as C
-    from entrodrop_fast import massive as M
     from entrodrop_fast.data import calibration_windows, load_corpus
+    from entrodrop_fast.evaluate import compare as C
     from entrodrop_fast.models import load_model
+    from entrodrop_fast.profile import massive as M
 
     t0 = time.perf_counter()
     lm = load_model(name, dtype=dtype, device=device)
@@ -205,7 +205,7 @@ def run_model(name: str, grid: dict, out: Path, *, device: str, dtype: str, prog
     timing["massive_s"] = time.perf_counter() - t
     d = out / name
     d.mkdir(parents=True, exist_ok=True)
-    from entrodrop_fast.report import json_safe
+    from entrodrop_fast.profile.report import json_safe
 
     for rule, comp in results.items():
         (d / f"comparison_{rule}.json").write_text(json.dumps(json_safe(comp), indent=1, allow_nan=False))
@@ -230,8 +230,8 @@ def run_model(name: str, grid: dict, out: Path, *, device: str, dtype: str, prog
 
 
 def summary_md(study: dict) -> str:
-    from entrodrop_fast import compare as C
-    from entrodrop_fast import massive as M
+    from entrodrop_fast.evaluate import compare as C
+    from entrodrop_fast.profile import massive as M
 
     lines = [f"# EntroDrop study (grid {study.get('grid_name', 'full')})", "", f"Command: `{study['command']}`", "",
              f"Wall time {study['wall_s'] / 60:.1f} min on {study['device']} ({study['dtype']}).", ""]
@@ -323,7 +323,7 @@ def main(argv=None) -> int:
                 continue
         study["models"].append(run_model(name, grid, out, device=device, dtype=args.dtype, progress=not args.quiet))
     study["wall_s"] = time.perf_counter() - t0
-    from entrodrop_fast.report import json_safe
+    from entrodrop_fast.profile.report import json_safe
 
     (out / "study.json").write_text(json.dumps(json_safe(study), indent=1, allow_nan=False))
     (out / "study.md").write_text(summary_md(study))

@@ -30,7 +30,7 @@ import torch
 
 import entrodrop_fast as ef
 from entrodrop_fast import _ext
-from entrodrop_fast.bench import make_input
+from entrodrop_fast.ops.bench import make_input
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from knn_vs_cdist import paper_knn_entropy  # noqa: E402

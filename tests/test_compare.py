@@ -7,7 +7,7 @@ import torch
 from test_evaluate import DOCS, CharTokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from entrodrop_fast import compare as C
+from entrodrop_fast.evaluate import compare as C
 from entrodrop_fast.models.loading import LoadedModel
 from entrodrop_fast.outputs import MARKER, OutputError
 
@@ -80,7 +80,7 @@ def test_calibration_agreement_of_identical_and_reversed_reports(lm, corpus):
 def test_lm_eval_missing_gives_a_clear_message(lm, monkeypatch):
     import builtins
 
-    from entrodrop_fast.lm_eval_adapter import LmEvalUnavailable, run_lm_eval
+    from entrodrop_fast.evaluate.lm_eval import LmEvalUnavailable, run_lm_eval
 
     real_import = builtins.__import__
 
@@ -98,7 +98,7 @@ def test_lm_eval_missing_gives_a_clear_message(lm, monkeypatch):
 
 
 def test_entropy_methods_match_the_runner():
-    from entrodrop_fast.runner import ENTROPY_METHODS
+    from entrodrop_fast.profile.inmemory import ENTROPY_METHODS
 
     assert C.ENTROPY == ENTROPY_METHODS
 
@@ -147,7 +147,7 @@ def test_protocol_one_rule_for_all_methods_cache_and_paired_tests(lm, corpus):
 def test_shared_rule_detects_stage1_once(lm, corpus):
     comp = C.compare(lm, kinds=("attn",), counts=(1,), methods=("knn", "cosine", "random"), corpus=corpus, samples=6, seq_len=48, eval_windows=2, eval_items=4,
                      speed=False, progress=False, log=lambda *a: None, protect_rule="shared", stage1_method="bucket", random_seeds=(5,), k=5)
-    from entrodrop_fast.ranking import protected_by_rule
+    from entrodrop_fast.prune.ranking import protected_by_rule
 
     want = protected_by_rule(comp["report"], "shared", stage1_method="bucket")[0]
     assert "bucket" in comp["report"]["entropy"]  # profiled for the protection although not compared
@@ -163,7 +163,7 @@ def test_compare_bad_protocol_input():
 
 
 def test_paired_statistics_closed_forms():
-    from entrodrop_fast.paired import binom_two_sided, mcnemar_exact, paired_mean_diff
+    from entrodrop_fast.evaluate.paired import binom_two_sided, mcnemar_exact, paired_mean_diff
 
     # 2 * P(X <= 1), X ~ Bin(10, 1/2) = 2 * 11 / 1024
     assert binom_two_sided(1, 10) == pytest.approx(22 / 1024)

@@ -218,7 +218,7 @@ def test_knn_strided_and_large():
 def test_knn_memory_stays_under_a_tenth_of_nxn():
     # issue 3's budget, by the allocations torch sees (the tile, the candidate lists, the
     # small copies); the N x N matrix cdist + topk would build is 16.8 MB here
-    from entrodrop_fast.bench import make_input, peak_extra_bytes
+    from entrodrop_fast.ops.bench import make_input, peak_extra_bytes
 
     x = make_input((2048, 4096), torch.float32)[0]
     frac = peak_extra_bytes(lambda: cpp.knn_kth_distance(x, 25)) / (2048 * 2048 * 4)

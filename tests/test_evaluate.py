@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from entrodrop_fast import evaluate as E
+from entrodrop_fast.evaluate import heldout as E
 
 
 class CharTokenizer:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_evaluate import DOCS, CharTokenizer, tiny  # noqa: F401  (fixture)
 
-from entrodrop_fast import evaluate as E
+from entrodrop_fast.evaluate import heldout as E
 
 
 def test_per_item_records_and_batched_items(tiny):  # noqa: F811
@@ -53,7 +53,7 @@ def test_shared_context_equals_separate_rows(tiny):  # noqa: F811
 def test_shared_context_on_a_model_with_dropped_attention(tiny):  # noqa: F811
     import copy
 
-    from entrodrop_fast.surgery import drop_blocks_
+    from entrodrop_fast.prune.surgery import drop_blocks_
 
     pruned = copy.deepcopy(tiny)
     drop_blocks_(pruned, {"attn": [1]})

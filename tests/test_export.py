@@ -12,9 +12,9 @@ import pytest
 import torch
 from test_surgery import TYPES, manual_reference_logits, tiny_model
 
-from entrodrop_fast.export import ExportError, export_pruned, load_pruned
 from entrodrop_fast.outputs import OutputError
-from entrodrop_fast.surgery import drop_blocks_
+from entrodrop_fast.prune.export import ExportError, export_pruned, load_pruned
+from entrodrop_fast.prune.surgery import drop_blocks_
 
 IDS = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(3))
 
@@ -124,7 +124,7 @@ def test_corrupt_shard_fails_cleanly(llama_src, tmp_path):
 
 
 def test_failure_while_writing_leaves_nothing(llama_src, tmp_path, monkeypatch):
-    import entrodrop_fast.export as ex
+    import entrodrop_fast.prune.export as ex
 
     calls = []
     real = ex._write_shard

@@ -74,9 +74,9 @@ def _raise_in_info(monkeypatch, exc: BaseException) -> None:
 def _expected_cases():
     from safetensors import SafetensorError
 
-    from entrodrop_fast.export import ExportError
     from entrodrop_fast.models.loading import ModelLoadError
-    from entrodrop_fast.streaming import CheckpointError
+    from entrodrop_fast.profile.layerwise import CheckpointError
+    from entrodrop_fast.prune.export import ExportError
 
     return [
         (ValueError("--drop must be positive counts, got '0'"), ["--drop must be positive counts"]),

@@ -19,13 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_surgery import tiny_model
 
-from entrodrop_fast import evaluate as E
 from entrodrop_fast.cli import main
 from entrodrop_fast.commands.eval import load_any
-from entrodrop_fast.export import ExportError, export_pruned, load_pruned
+from entrodrop_fast.evaluate import heldout as E
 from entrodrop_fast.models import ModelLoadError, load_model
-from entrodrop_fast.runner import ProfileSettings, profile
-from entrodrop_fast.surgery import drop_blocks_
+from entrodrop_fast.profile.inmemory import ProfileSettings, profile
+from entrodrop_fast.prune.export import ExportError, export_pruned, load_pruned
+from entrodrop_fast.prune.surgery import drop_blocks_
 
 INDEX = "model.safetensors.index.json"
 IDS = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(5))

@@ -12,10 +12,10 @@ import pytest
 import torch
 from test_surgery import manual_reference_logits, tiny_model
 
-from entrodrop_fast.export import ExportError, export_pruned
 from entrodrop_fast.models.adapters import get_adapter
-from entrodrop_fast.ranking import make_plan
-from entrodrop_fast.surgery import (
+from entrodrop_fast.prune.export import ExportError, export_pruned
+from entrodrop_fast.prune.ranking import make_plan
+from entrodrop_fast.prune.surgery import (
     IDENTITY_FIELDS,
     check_same_model,
     drop_blocks_,

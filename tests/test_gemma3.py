@@ -342,8 +342,8 @@ def test_gemma3_drop_two_export_reload_equal_logits(gemma, gemma_report, kind, t
     from transformers import AutoModelForCausalLM
 
     from entrodrop_fast.cli import main
-    from entrodrop_fast.export import load_pruned
-    from entrodrop_fast.surgery import drop_blocks_
+    from entrodrop_fast.prune.export import load_pruned
+    from entrodrop_fast.prune.surgery import drop_blocks_
 
     src, lm = gemma
     out = tmp_path / f"gemma-{kind}2"

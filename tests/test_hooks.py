@@ -6,8 +6,8 @@ import pytest
 import torch
 from test_models import TINY, tiny_model
 
-from entrodrop_fast.hooks import BlockStatistics, ResidualTaps, TapSettings
 from entrodrop_fast.models import get_adapter
+from entrodrop_fast.profile.taps import BlockStatistics, ResidualTaps, TapSettings
 
 
 class Recorder:

@@ -251,7 +251,7 @@ def test_eval_json_and_rank_out_replace_their_own_files_only(env, tmp_path, caps
 
 
 def test_prune_leaves_no_hidden_copy_after_a_failure(env, tmp_path, capsys, monkeypatch):
-    from entrodrop_fast import export
+    from entrodrop_fast.prune import export
 
     def boom(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -11,8 +11,14 @@ from test_models import TINY, tiny_model
 
 import entrodrop_fast as ef
 from entrodrop_fast.outputs import MARKER
-from entrodrop_fast.report import build_report, load_report, ranking, ranking_table, write_report
-from entrodrop_fast.runner import ALL_METHODS, ProfileSettings, parse_methods, profile
+from entrodrop_fast.profile.inmemory import ALL_METHODS, ProfileSettings, parse_methods, profile
+from entrodrop_fast.profile.report import (
+    build_report,
+    load_report,
+    ranking,
+    ranking_table,
+    write_report,
+)
 
 
 def _windows(n=4, t=24, seed=0):
@@ -110,7 +116,7 @@ def test_cli_profile(tmp_path, capsys):
     assert rep["settings"]["methods"] == ["bucket", "knn", "cosine"] and rep["settings"]["bins"] == 12
     assert rep["data"]["samples"] == 6 and rep["model"]["model_type"] == "llama"
     # the model's identity, which prune --report checks against the model it prunes
-    from entrodrop_fast.surgery import model_identity
+    from entrodrop_fast.prune.surgery import model_identity
 
     assert {k: rep["model"][k] for k in model_identity(json.loads((d / "config.json").read_text()))} == model_identity(json.loads((d / "config.json").read_text()))
     # a corpus too small for the request fails cleanly, without a traceback

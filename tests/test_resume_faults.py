@@ -20,9 +20,9 @@ import pytest
 import torch
 from test_models import tiny_model
 
-import entrodrop_fast.streaming as st
-from entrodrop_fast.runner import ProfileSettings
-from entrodrop_fast.streaming import ResumeError, StorageError, profile_streaming
+import entrodrop_fast.profile.layerwise as st
+from entrodrop_fast.profile.inmemory import ProfileSettings
+from entrodrop_fast.profile.layerwise import ResumeError, StorageError, profile_streaming
 
 SETTINGS = ProfileSettings(methods=("bucket", "knn", "gaussian_diag", "cosine", "angular"), batch_size=3, k=5, spans=(1, 2))
 LAYERS, STOP = 4, 2  # a 4-layer model, stopped after its second layer
@@ -126,7 +126,7 @@ def test_finished_run_rerun_gives_the_same_report(ckpt, whole, tmp_path):
 _CHILD = r"""
 import os, signal, sys
 sys.path.insert(0, {tests!r})
-import entrodrop_fast.streaming as st
+import entrodrop_fast.profile.layerwise as st
 from test_resume_faults import SETTINGS, W
 
 mode = {mode!r}
@@ -366,7 +366,7 @@ def test_resume_dir_that_is_a_file_stops(ckpt, tmp_path):
 
 
 def test_each_torchrun_rank_keeps_its_own_files(ckpt, tmp_path, monkeypatch):
-    from entrodrop_fast import distributed
+    from entrodrop_fast.profile import distributed
 
     monkeypatch.setattr(distributed, "world", lambda: (1, 2))
     d = tmp_path / "resume"

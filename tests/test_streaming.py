@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_models import TINY, tiny_model
 
-from entrodrop_fast.runner import ProfileSettings, profile
-from entrodrop_fast.streaming import Checkpoint, CheckpointError, profile_streaming
+from entrodrop_fast.profile.inmemory import ProfileSettings, profile
+from entrodrop_fast.profile.layerwise import Checkpoint, CheckpointError, profile_streaming
 
 SETTINGS = ProfileSettings(methods=("bucket", "gaussian_diag", "cosine", "angular"), batch_size=3, spans=(1, 2))
 KEYS = ("entropy", "delta", "cosine", "angular")

@@ -18,8 +18,8 @@ from test_models import _COMMON, TINY, tiny_model
 from test_resume_faults import assert_identical
 from test_streaming import SETTINGS, _windows
 
-from entrodrop_fast.runner import profile
-from entrodrop_fast.streaming import (
+from entrodrop_fast.profile.inmemory import profile
+from entrodrop_fast.profile.layerwise import (
     Checkpoint,
     CheckpointError,
     WeightPlan,
@@ -250,7 +250,7 @@ def _drop(d, key):
 def test_missing_expert_is_named_before_any_weight_is_read(tmp_path, monkeypatch):
     d = write_checkpoint(tiny_model("mixtral"), tmp_path / "ckpt", "per_expert")
     _drop(d, "model.layers.1.block_sparse_moe.experts.2.w3.weight")
-    import entrodrop_fast.streaming as st
+    import entrodrop_fast.profile.layerwise as st
 
     monkeypatch.setattr(st.Checkpoint, "load", lambda *a, **k: pytest.fail("a weight was read"))
     with pytest.raises(CheckpointError) as err:

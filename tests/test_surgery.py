@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from entrodrop_fast.models.adapters import get_adapter, supported_model_types
-from entrodrop_fast.surgery import (
+from entrodrop_fast.prune.surgery import (
     ZeroAttention,
     ZeroMLP,
     count_params,
@@ -192,6 +192,6 @@ def test_plan_for_another_model_is_refused():
 
 
 def test_this_transformers_keeps_no_cache_for_dropped_attention():
-    from entrodrop_fast.surgery import cache_skips_dropped_attention
+    from entrodrop_fast.prune.surgery import cache_skips_dropped_attention
 
     assert cache_skips_dropped_attention()

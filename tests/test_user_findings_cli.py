@@ -97,7 +97,7 @@ def test_token_ids_checked_before_the_first_forward(tiny):
     from test_models import tiny_model
 
     from entrodrop_fast.models.loading import check_token_ids
-    from entrodrop_fast.runner import ProfileSettings, profile
+    from entrodrop_fast.profile.inmemory import ProfileSettings, profile
 
     ids = torch.randint(0, 97, (2, 8))
     check_token_ids(ids, 97)  # in range: nothing raised
@@ -304,7 +304,7 @@ def test_info_lists_cuda_only_with_a_gpu(capsys, monkeypatch):
     real = I.collect
 
     def collect():
-        monkeypatch.setattr("entrodrop_fast.backends", lambda: {k: dict(v) for k, v in fake.items()})
+        monkeypatch.setattr("entrodrop_fast.ops.api.backends", lambda: {k: dict(v) for k, v in fake.items()})
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         return real()
 
@@ -360,7 +360,7 @@ def test_stale_activation_dirs_are_swept(tmp_path):
     import subprocess
     import sys
 
-    from entrodrop_fast.streaming import ACT_DIR_PREFIX, sweep_stale_activation_dirs
+    from entrodrop_fast.profile.layerwise import ACT_DIR_PREFIX, sweep_stale_activation_dirs
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     stale = tmp_path / f"{ACT_DIR_PREFIX}{dead}-abc123"

@@ -31,9 +31,9 @@ from entrodrop_fast import __version__, commands
 _EXPECTED_ELSEWHERE = (
     ("safetensors", "SafetensorError"),
     ("entrodrop_fast.models.loading", "ModelLoadError"),
-    ("entrodrop_fast.export", "ExportError"),
-    ("entrodrop_fast.streaming", "CheckpointError"),
-    ("entrodrop_fast.lm_eval_adapter", "LmEvalUnavailable"),
+    ("entrodrop_fast.prune.export", "ExportError"),
+    ("entrodrop_fast.profile.layerwise", "CheckpointError"),
+    ("entrodrop_fast.evaluate.lm_eval", "LmEvalUnavailable"),
     ("torch", "OutOfMemoryError"),
 )
 

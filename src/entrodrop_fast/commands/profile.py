@@ -73,7 +73,7 @@ class MemoryPlan:
 
         from entrodrop_fast.models.adapters import get_adapter
         from entrodrop_fast.models.loading import parse_dtype
-        from entrodrop_fast.streaming import Checkpoint, WeightPlan, build_skeleton
+        from entrodrop_fast.profile.layerwise import Checkpoint, WeightPlan, build_skeleton
 
         per = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
         ckpt = Checkpoint(model_dir)
@@ -112,7 +112,7 @@ def resume_dir_is_ours(path) -> bool:
     import re
     from pathlib import Path
 
-    from entrodrop_fast.streaming import RESUME_NAMES
+    from entrodrop_fast.profile.layerwise import RESUME_NAMES
 
     return all(e.name in RESUME_NAMES or (e.is_dir() and re.fullmatch(r"rank\d+-of-\d+", e.name)) for e in Path(path).iterdir())
 
@@ -146,7 +146,7 @@ def check_before_loading(args, methods):
         parse_device,
         peek_config,
     )
-    from entrodrop_fast.runner import resolved_backend
+    from entrodrop_fast.profile.inmemory import resolved_backend
 
     if args.max_memory is not None:
         parse_bytes(args.max_memory)
@@ -170,7 +170,7 @@ def _apply_preset(args) -> dict | None:
     and the dtype (fp16 on CUDA, fp32 on CPU) from the model's config; methods given with
     --method are profiled too. The report records the preset, so rank / prune protect layers
     0, 1 and the last from it. None without a preset."""
-    from entrodrop_fast.presets import check_preset, paper_preset
+    from entrodrop_fast.profile.presets import check_preset, paper_preset
 
     if check_preset(getattr(args, "preset", None)) is None:
         return None
@@ -232,12 +232,17 @@ def run(args) -> int:
 
     from entrodrop_fast.data import calibration_windows
     from entrodrop_fast.models import load_model
-    from entrodrop_fast.report import build_report, ranking_table, write_report
-    from entrodrop_fast.runner import ProfileSettings, grouped_warnings, parse_methods, profile
+    from entrodrop_fast.profile.inmemory import (
+        ProfileSettings,
+        grouped_warnings,
+        parse_methods,
+        profile,
+    )
+    from entrodrop_fast.profile.report import build_report, ranking_table, write_report
 
     def warn(msg):  # warnings are shown with -q too
         print(f"entrodrop profile: {msg}", file=sys.stderr)
-    from entrodrop_fast.surgery import model_identity
+    from entrodrop_fast.prune.surgery import model_identity
 
     preset = _apply_preset(args)  # --preset paper: method, k, bins, batch size, dtype from the architecture
     methods = parse_methods(args.method or ["bucket"])
@@ -260,8 +265,8 @@ def run(args) -> int:
         args.streaming = True
         log(f"--resume-dir {args.resume_dir}: streaming layer by layer (--resume-dir implies --streaming)")
     t0 = time.perf_counter()
-    from entrodrop_fast import distributed
     from entrodrop_fast.models.loading import display_name, parse_device, parse_dtype
+    from entrodrop_fast.profile import distributed
 
     distributed.init_from_env(parse_device(args.device))
     rank, world = distributed.world()
@@ -282,7 +287,7 @@ def run(args) -> int:
     log(f"loading {'tokenizer' if stream_dir else 'model'} {display_name(args.model)} ({args.dtype}, {args.device}) ...")
     if stream_dir is not None:
         from entrodrop_fast.models.loading import check_vocab, config_value, load_tokenizer
-        from entrodrop_fast.streaming import profile_streaming
+        from entrodrop_fast.profile.layerwise import profile_streaming
 
         tokenizer = load_tokenizer(stream_dir)
         rows = config_value(json.loads((Path(stream_dir) / "config.json").read_text()), "vocab_size")
@@ -316,7 +321,7 @@ def run(args) -> int:
         if plan is not None:
             need = plan.peak(True, args.batch_size, args.seq_len)
             if need > budget:
-                from entrodrop_fast.streaming import _size
+                from entrodrop_fast.profile.layerwise import _size
 
                 experts = f" with its experts ({_size(plan.experts)})" if plan.experts else ""
                 fusing = f", plus {_size(plan.fuse_extra)} to fuse a layer's per-expert tensors" if plan.fuse_extra else ""

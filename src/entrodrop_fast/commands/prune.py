@@ -81,7 +81,7 @@ def resolve_source(model, cache_dir=None, workdir: Path | None = None) -> Path:
 def _profile_inputs(src: Path, args):
     from entrodrop_fast.data import calibration_windows
     from entrodrop_fast.models import load_model
-    from entrodrop_fast.runner import ProfileSettings
+    from entrodrop_fast.profile.inmemory import ProfileSettings
 
     preset = _preset(src, args)  # --preset paper: the paper's estimator, batch 1, dtype
     default = preset["method"] if preset else "bucket"
@@ -104,7 +104,7 @@ def _preset(src: Path, args) -> dict | None:
         return None
     import json
 
-    from entrodrop_fast.presets import paper_preset
+    from entrodrop_fast.profile.presets import paper_preset
 
     cfg = json.loads((Path(src) / "config.json").read_text())
     preset = paper_preset(cfg.get("model_type"), cfg.get("num_hidden_layers"), args.device)
@@ -113,9 +113,9 @@ def _preset(src: Path, args) -> dict | None:
 
 
 def profile_report(src: Path, args) -> dict:
-    from entrodrop_fast.report import build_report
-    from entrodrop_fast.runner import profile
-    from entrodrop_fast.surgery import model_identity
+    from entrodrop_fast.profile.inmemory import profile
+    from entrodrop_fast.profile.report import build_report
+    from entrodrop_fast.prune.surgery import model_identity
 
     lm, windows, data_info, settings = _profile_inputs(src, args)
     result = profile(lm.model, windows, settings, progress=True)
@@ -129,8 +129,8 @@ def report_for(src: Path, report_path) -> dict:
     model than ``src``: model type, layer count, sizes and config fingerprint are compared."""
     import json
 
-    from entrodrop_fast.report import load_report
-    from entrodrop_fast.surgery import check_same_model
+    from entrodrop_fast.profile.report import load_report
+    from entrodrop_fast.prune.surgery import check_same_model
 
     report = load_report(report_path)
     cfg = json.loads((Path(src) / "config.json").read_text())
@@ -139,7 +139,7 @@ def report_for(src: Path, report_path) -> dict:
 
 
 def iterative(src: Path, args) -> dict:
-    from entrodrop_fast.ranking import iterative_plan
+    from entrodrop_fast.prune.ranking import iterative_plan
 
     lm, windows, _, settings = _profile_inputs(src, args)
     plan = iterative_plan(lm.model, windows, args.kind, args.drop, method=args.method, protect=args.protect, settings=settings, progress=True, preset=args.preset)
@@ -157,9 +157,9 @@ def _h(n: int) -> str:
 
 def run(args) -> int:
     from entrodrop_fast import outputs
-    from entrodrop_fast.export import export_pruned
-    from entrodrop_fast.ranking import make_plan, plan_summary
-    from entrodrop_fast.surgery import read_plan
+    from entrodrop_fast.prune.export import export_pruned
+    from entrodrop_fast.prune.ranking import make_plan, plan_summary
+    from entrodrop_fast.prune.surgery import read_plan
 
     inputs = [*outputs.model_paths(args.model, args.cache_dir), *outputs.corpus_paths(args.corpus),
               ("plan", args.plan), ("report", args.report)]

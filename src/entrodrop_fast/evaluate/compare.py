@@ -2,9 +2,9 @@
 
 :func:`compare` profiles a model once (every requested scoring method in one forward pass,
 on the calibration part of the corpus), then for each method and each K builds the drop
-plan (:func:`entrodrop_fast.ranking.make_plan`; ``random`` draws K unprotected blocks with
-a fixed seed), prunes a copy of the model in memory (:func:`entrodrop_fast.surgery.drop_blocks_`),
-and evaluates it on held-out text (:mod:`entrodrop_fast.evaluate`): perplexity and the
+plan (:func:`entrodrop_fast.prune.ranking.make_plan`; ``random`` draws K unprotected blocks with
+a fixed seed), prunes a copy of the model in memory (:func:`entrodrop_fast.prune.surgery.drop_blocks_`),
+and evaluates it on held-out text (:mod:`entrodrop_fast.evaluate.heldout`): perplexity and the
 built-in zero-shot tasks. The quality table is deterministic (same command, same table);
 speed (prefill/decode tokens/s, KV-cache bytes) is measured once per pruned model and
 reported apart, since timings vary from run to run.
@@ -22,7 +22,7 @@ import os
 import random
 from pathlib import Path
 
-# = entrodrop_fast.runner.ENTROPY_METHODS (tested), spelled out so the CLI parser needs no torch
+# = entrodrop_fast.profile.inmemory.ENTROPY_METHODS (tested), spelled out so the CLI parser needs no torch
 ENTROPY = ("bucket", "gaussian_diag", "gaussian_full", "knn", "renyi", "bucket_q", "bucket_nosink", "bucket_tokennorm")
 
 SCORING = (*ENTROPY, "cosine", "block_influence", "angular")
@@ -42,10 +42,10 @@ def parse_list(spec: str, allowed: tuple[str, ...], what: str) -> list[str]:
 
 def parse_counts(spec: str) -> list:
     """``"2,4,25%"`` -> [2, 4, "25%"]: each in a form ``rank --drop`` accepts (a count, a fraction
-    in (0, 1), a percentage; :func:`entrodrop_fast.ranking.parse_drop`), checked before any
+    in (0, 1), a percentage; :func:`entrodrop_fast.prune.ranking.parse_drop`), checked before any
     profiling. Counts come back as ints, sorted, then the fractions as given; a fraction
     becomes a count per kind when the plans are made (of that kind's candidate blocks)."""
-    from entrodrop_fast.ranking import DROP_FORMS, parse_drop
+    from entrodrop_fast.prune.ranking import DROP_FORMS, parse_drop
 
     items = list(dict.fromkeys(s.strip() for s in str(spec).split(",") if s.strip()))
     if not items:
@@ -70,7 +70,7 @@ def random_plan(report: dict, kind: str, k, seed: int = 0, protected: list[int] 
     """K blocks of ``kind`` drawn uniformly among the unprotected ones (same protection as the others:
     ``protected``, default the report's default rule). ``k``: a count, or a fraction /
     percentage of those candidates (as in ``rank --drop``)."""
-    from entrodrop_fast.ranking import default_protected, is_dropped, parse_count
+    from entrodrop_fast.prune.ranking import default_protected, is_dropped, parse_count
 
     L = int(report["model"]["num_layers"])
     if protected is None:
@@ -119,7 +119,7 @@ def calibration_agreement(report_a: dict, report_b: dict, kind: str, method: str
     """Spearman correlation of the per-block scores of ``method`` (all blocks of ``kind``) in
     two reports, and the overlap of the K blocks each would drop. ``protect``: the protected
     layers used with each report (None: the report's default rule)."""
-    from entrodrop_fast.ranking import make_plan
+    from entrodrop_fast.prune.ranking import make_plan
 
     rho = spearman(_scores(report_a, kind, method), _scores(report_b, kind, method))
     overlap = {}
@@ -135,7 +135,7 @@ def corpus_agreement(lm, comp: dict, corpus_b, *, kinds, methods, counts, sample
     """Profile again on ``corpus_b`` and compare each scoring method's ranking with the one in
     ``comp["report"]`` (:func:`calibration_agreement`; block_influence on layers only; angular
     and random have no per-block ranking). Protection: the comparison's rule, on each report."""
-    from entrodrop_fast.ranking import protected_by_rule
+    from entrodrop_fast.prune.ranking import protected_by_rule
 
     proto = comp.get("protocol") or {}
     scoring = _scoring_methods([m for m in methods if m != "angular"])
@@ -205,8 +205,8 @@ def profile_report(lm, corpus, *, samples: int, seq_len: int, seed: int, methods
     """Profile on the calibration part of ``corpus`` (held-out documents excluded).
     ``windows_out``: a list that receives the calibration windows (for iterative re-scoring)."""
     from entrodrop_fast.data import Corpus, calibration_windows, load_corpus
-    from entrodrop_fast.report import build_report
-    from entrodrop_fast.runner import DEFAULT_SPANS, ProfileSettings, profile
+    from entrodrop_fast.profile.inmemory import DEFAULT_SPANS, ProfileSettings, profile
+    from entrodrop_fast.profile.report import build_report
 
     c = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
     windows, data_info = calibration_windows(lm.tokenizer, c, samples=samples, seq_len=seq_len, seed=seed)  # held-out part excluded
@@ -236,7 +236,7 @@ def _scoring_methods(methods) -> list[str]:
 def best_entropy_method(rows: list[dict], kind: str) -> str | None:
     """The entropy method whose one-shot rows of ``kind`` keep most quality: the highest mean
     '% retained' over K (ties, or no retained: the lowest mean log-perplexity). None without any."""
-    from entrodrop_fast.runner import ENTROPY_METHODS
+    from entrodrop_fast.profile.inmemory import ENTROPY_METHODS
 
     cands = {}
     for r in rows:
@@ -258,7 +258,7 @@ def paired_tests(rows: list[dict], evaluations: dict, kinds, *, against: str = "
     """At each (kind, K): the best entropy method (:func:`best_entropy_method`) against
     ``against`` on the same items: exact McNemar on the zero-shot items of every task pooled,
     and the paired per-window NLL difference (best - against) with its 95% interval."""
-    from entrodrop_fast.paired import mcnemar_exact, paired_mean_diff
+    from entrodrop_fast.evaluate.paired import mcnemar_exact, paired_mean_diff
 
     out = []
     for kind in kinds:
@@ -286,11 +286,11 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
             report: dict | None = None, eval_cache: dict | None = None) -> dict:
     """Profile once, prune each (method, K), evaluate; returns the comparison dict.
 
-    ``methods``: entropy estimators (:data:`entrodrop_fast.runner.ENTROPY_METHODS`), ``cosine``
+    ``methods``: entropy estimators (:data:`entrodrop_fast.profile.inmemory.ENTROPY_METHODS`), ``cosine``
     (LLM-Drop), ``block_influence`` (ShortGPT: cosine on whole layers; layer rows only),
     ``angular`` (PruneMe: the best span of K consecutive layers; layer rows, integer K only),
     ``random`` (one row per seed of ``random_seeds``). ``protect_rule`` (the same for every
-    method, :func:`entrodrop_fast.ranking.protected_by_rule`): ``"shared"`` (stage 1 from the
+    method, :func:`entrodrop_fast.prune.ranking.protected_by_rule`): ``"shared"`` (stage 1 from the
     stream entropy of ``stage1_method``, default the first entropy method, + the last layer),
     ``"paper"`` (layers 0, 1 and the last) or ``"per-method"`` (each method's own profile).
     ``iterative``: methods also run with iterative re-scoring (drop one, re-profile on
@@ -304,11 +304,16 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
     """
     from tqdm.auto import tqdm
 
-    from entrodrop_fast import evaluate as E
     from entrodrop_fast.data import load_corpus
-    from entrodrop_fast.ranking import PROTECT_RULES, iterative_plan, make_plan, protected_by_rule
-    from entrodrop_fast.runner import ENTROPY_METHODS, ProfileSettings
-    from entrodrop_fast.surgery import count_params, drop_blocks_
+    from entrodrop_fast.evaluate import heldout as E
+    from entrodrop_fast.profile.inmemory import ENTROPY_METHODS, ProfileSettings
+    from entrodrop_fast.prune.ranking import (
+        PROTECT_RULES,
+        iterative_plan,
+        make_plan,
+        protected_by_rule,
+    )
+    from entrodrop_fast.prune.surgery import count_params, drop_blocks_
 
     if protect_rule not in PROTECT_RULES:
         raise ValueError(f"protect rule must be one of {', '.join(PROTECT_RULES)}, got {protect_rule!r}")
@@ -583,7 +588,7 @@ def write(comp: dict, out_dir: str | os.PathLike, png: bool = True, overwrite: b
 
     out = outputs.check_dir(out_dir, kind="comparison", what="comparison", overwrite=overwrite)
     with outputs.publish_dir(out, kind="comparison", what="comparison", overwrite=overwrite) as tmp:
-        from entrodrop_fast.report import json_safe
+        from entrodrop_fast.profile.report import json_safe
 
         (tmp / "comparison.json").write_text(json.dumps(json_safe(comp), indent=2, allow_nan=False))  # NaN -> null
         (tmp / "comparison.md").write_text(markdown(comp))

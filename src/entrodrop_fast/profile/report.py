@@ -27,7 +27,7 @@ import platform
 from pathlib import Path
 
 from entrodrop_fast.models.adapters import BLOCK_KINDS, get_adapter
-from entrodrop_fast.surgery import model_identity
+from entrodrop_fast.models.config import model_identity
 
 FORMAT = 1
 
@@ -53,7 +53,8 @@ def versions() -> dict:
     import torch
     import transformers
 
-    from entrodrop_fast import __version__, backends
+    from entrodrop_fast import __version__
+    from entrodrop_fast.ops.api import backends
 
     return {
         "entrodrop_fast": __version__,

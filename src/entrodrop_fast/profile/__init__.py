@@ -1,0 +1,13 @@
+"""Stage 1 of the pipeline: profile a model's blocks on calibration windows.
+
+- :mod:`.taps` hooks on the residual stream around each attention / MLP block and decoder
+  layer, feeding the streaming estimator states;
+- :mod:`.inmemory` runs the whole model (settings, batching, merging, the result);
+- :mod:`.layerwise` runs a checkpoint one decoder layer at a time (models larger than memory);
+- :mod:`.distributed` merges the states of several processes;
+- :mod:`.report` turns a result into the report (entropy per block, stage 1, ranking input);
+- :mod:`.massive` diagnoses massive activations of the residual stream;
+- :mod:`.presets` named configurations (``--preset paper``).
+
+Imports point one way: ``ops``, ``models``, ``data`` <- ``profile`` <- ``prune`` <- ``evaluate``.
+"""
