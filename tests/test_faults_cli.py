@@ -20,11 +20,11 @@ from entrodrop_fast.data import (
     CorpusError,
     calibration_windows,
     describe_split,
-    heldout_documents,
     load_corpus,
     sample_windows,
     split_documents,
 )
+from entrodrop_fast.evaluate.heldout import heldout_documents
 
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
 

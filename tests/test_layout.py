@@ -76,3 +76,28 @@ def test_every_top_level_entry_is_a_stage():
     # a new top-level module must be placed in the pipeline (STAGES) rather than beside it
     names = {p.name.removesuffix(".py") for p in PKG.iterdir() if (p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").is_file())) and p.name != "__init__.py"}
     assert names <= set(STAGES), f"top-level modules outside the pipeline's stages: {sorted(names - set(STAGES))}"
+
+
+def test_cli_help_lists_the_subcommands_in_pipeline_order():
+    from entrodrop_fast.cli import build_parser
+
+    text = build_parser().format_help()
+    pos = [text.index(f"\n    {name} ") for name in ("profile", "rank", "prune", "eval", "compare")]
+    assert pos == sorted(pos), text
+
+
+def test_architecture_knowledge_stays_in_the_adapter_table():
+    # what differs between model families lives in models/ (the adapter table); elsewhere code
+    # asks the adapter, never tests the model type itself
+    import re
+
+    pattern = re.compile(r"model_type\s*(==|!=|\bin\b|\bnot in\b)|\.get\(\s*(adapter\.)?model_type\b")
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG)
+        if rel.parts[0] == "models":
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line):
+                bad.append(f"{rel}:{i}: {line.strip()}")
+    assert not bad, "architecture tests outside models/ (move them into the adapter table):\n  " + "\n  ".join(bad)

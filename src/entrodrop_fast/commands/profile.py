@@ -88,11 +88,11 @@ class MemoryPlan:
         for i, layer in enumerate(adapter.layers(model)):
             names = [f"{adapter.arch.layers}.{i}.{k}" for k in layer.state_dict()]
             self.resident = max(self.resident, sum(size(n) for n in names))
-            self.experts = max(self.experts, sum(size(n) for n in names if ".experts." in n))
+            self.experts = max(self.experts, sum(size(n) for n in names if adapter.is_expert_tensor(n)))
             groups = {id(g): g for n in names for g in [weights.made_by.get(n)] if g is not None}.values()
             made = [math.prod(shape) * per for g in groups for shape in g.outputs.values()]
             self.fuse_extra = max(self.fuse_extra, max(made, default=0))
-            dense = dense or not hasattr(adapter.mlp(layer), "experts")
+            dense = dense or not hasattr(adapter.mlp(layer), adapter.arch.experts)
         cfg = json.loads((Path(model_dir) / "config.json").read_text())
         d = int(cfg.get("hidden_size", 0))
         inter = int(cfg.get("intermediate_size", 4 * d) or 4 * d)

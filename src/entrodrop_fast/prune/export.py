@@ -70,8 +70,6 @@ _DTYPE_BYTES = {
     "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
     "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
 }
-# older checkpoint names of a sub-block that transformers renames on load
-_ALIASES = {"mixtral": {"mlp": ("block_sparse_moe",)}}
 
 
 class ExportError(RuntimeError):
@@ -135,10 +133,9 @@ def _layer_patterns(adapter: Adapter) -> list[re.Pattern]:
 
 def _subblock_of(rest: str, adapter: Adapter, paths: dict) -> str | None:
     """Which sub-block a tensor inside a layer belongs to: attn, mlp, shared, or None (unknown)."""
-    aliases = _ALIASES.get(adapter.model_type, {})
     groups = {
-        "attn": [paths["attn"], *paths["attn_norms"], *aliases.get("attn", ())],
-        "mlp": [paths["mlp"], *paths["mlp_norms"], *aliases.get("mlp", ())],
+        "attn": [paths["attn"], *paths["attn_norms"], *adapter.subblock_aliases("attn")],
+        "mlp": [paths["mlp"], *paths["mlp_norms"], *adapter.subblock_aliases("mlp")],
         "shared": list(paths.get("shared_norms", [])),
     }
     for group, names in groups.items():
