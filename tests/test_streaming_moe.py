@@ -290,7 +290,7 @@ def test_config_with_other_expert_count(tmp_path, layout):
 
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])
 def test_memory_plan_counts_the_experts(tmp_path, layout):
-    from entrodrop_fast.commands.profile import MemoryPlan
+    from entrodrop_fast.profile.pipeline import MemoryPlan
 
     model = tiny_model("mixtral")
     d = write_checkpoint(model, tmp_path / "ckpt", layout)

@@ -202,20 +202,17 @@ def retained_note(dense: dict) -> str:
 
 
 def profile_report(lm, corpus, *, samples: int, seq_len: int, seed: int, methods, batch_size: int = 8, progress: bool = True, bins: int = 20, k: int = 25, spans=None, windows_out: list | None = None) -> dict:
-    """Profile on the calibration part of ``corpus`` (held-out documents excluded).
-    ``windows_out``: a list that receives the calibration windows (for iterative re-scoring)."""
-    from entrodrop_fast.data import Corpus, calibration_windows, load_corpus
-    from entrodrop_fast.profile.inmemory import DEFAULT_SPANS, ProfileSettings, profile
-    from entrodrop_fast.profile.report import build_report
+    """Profile on the calibration part of ``corpus`` (held-out documents excluded), through
+    :func:`entrodrop_fast.profile.pipeline.profile_model`. ``windows_out``: a list that
+    receives the calibration windows (for iterative re-scoring)."""
+    from entrodrop_fast.data import Corpus, load_corpus
+    from entrodrop_fast.profile.inmemory import DEFAULT_SPANS, ProfileSettings
+    from entrodrop_fast.profile.pipeline import Calibration, profile_model
 
     c = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
-    windows, data_info = calibration_windows(lm.tokenizer, c, samples=samples, seq_len=seq_len, seed=seed)  # held-out part excluded
-    if windows_out is not None:
-        windows_out.append(windows)
     settings = ProfileSettings(methods=tuple(methods), batch_size=batch_size, bins=bins, k=k, spans=tuple(spans) if spans else DEFAULT_SPANS)
-    result = profile(lm.model, windows, settings, progress=progress)
-    info = {"name": lm.name, "source": lm.source, "path": lm.path, "kind": lm.kind}
-    return build_report(result, model_info=info, data_info=data_info, settings={"samples": samples, "seq_len": seq_len, "seed": seed, "batch_size": batch_size, "bins": bins, "k": k}, model=lm.model)
+    calibration = Calibration(corpus=c, samples=samples, seq_len=seq_len, seed=seed)
+    return profile_model(lm, settings, calibration=calibration, progress=progress, windows_out=windows_out)
 
 
 def drop_key(drop: dict) -> str:

@@ -793,6 +793,49 @@ def config_value(config, name: str):
     return value
 
 
+def resolve_source(model, cache_dir=None, *, need: str = "safetensors", workdir=None) -> Path:
+    """The local Hugging Face directory (config.json + safetensors) a MODEL argument stands for:
+    the one resolver of every command that reads a checkpoint's files rather than loading it.
+
+    ``model``: None / a built-in name (its cache entry, converted once), a local directory,
+    a ``.gguf`` file (converted into a new directory under ``workdir``), or a hub id
+    (downloaded). ``need="local"``: only a built-in name or a local directory (streaming layer
+    by layer reads the shards where they are). Raises ValueError (``need="local"``) or
+    :class:`ModelLoadError` saying what was given and what to pass instead.
+    """
+    import tempfile
+
+    b = builtin_model(model)
+    if b is not None:
+        return ensure_builtin(cache_dir, b)
+    p = Path(str(model)).expanduser()
+    if need == "local":
+        if not p.is_dir():
+            raise ValueError(f"streaming reads a local Hugging Face directory with safetensors shards; {model!r} is not one")
+        return p
+    if need != "safetensors":
+        raise ValueError(f"need must be 'safetensors' or 'local', got {need!r}")
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"{p} has no config.json: not a Hugging Face model directory")
+        return p
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        m, tok = gguf_to_model(p)
+        dst = Path(tempfile.mkdtemp(prefix="gguf-", dir=workdir))
+        m.save_pretrained(dst)
+        tok.save_pretrained(dst)
+        return dst
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{model!r} is not a local directory or .gguf file, and the hub download failed "
+            f"({type(exc).__name__}); download the model elsewhere and pass its directory"
+        ) from exc
+
+
 def peek_config(source, cache_dir=None) -> dict | None:
     """The config.json of a MODEL argument when it is at hand without loading weights (a local
     directory, or a built-in model's cache, converting it if needed); None for GGUF / hub models."""
