@@ -12,6 +12,7 @@ with other spellings (the command line's ``--max-memory``) passes ``names``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -167,8 +168,9 @@ def profile_model(source=None, settings: ProfileSettings | None = None, memory: 
     seed 2024). ``batch_size_fixed=False``: the batch is the largest (up to 8) that fits
     ``memory.max_bytes``, else ``settings.batch_size``. ``preset``: the preset applied to the
     settings (:func:`entrodrop_fast.profile.presets.paper_preset`), recorded in the report.
-    ``log`` / ``warn``: callables for progress lines and grouped warnings (default silent /
-    :mod:`warnings`). ``corpus``: the corpus already read by :func:`check_inputs`.
+    ``log``: a callable for progress lines (default silent); ``warn``: a callable that receives
+    the estimators' warnings grouped, one line per kind (default: they go through
+    :mod:`warnings` as they are). ``corpus``: the corpus already read by :func:`check_inputs`.
     ``windows_out``: a list that receives the calibration windows (``[samples, seq_len]`` token
     ids; for iterative re-scoring).
 
@@ -256,7 +258,8 @@ def profile_model(source=None, settings: ProfileSettings | None = None, memory: 
         if fits:
             settings.batch_size = fits[0]
             log(f"batch size {settings.batch_size} (the largest up to 8 that fits {n['max_memory']} {label})")
-    emit = warn or (lambda msg: __import__("warnings").warn(msg, stacklevel=3))
+    # warn: the estimators' warnings grouped, one line per kind; None: left to the warnings module
+    grouped = (lambda: grouped_warnings(warn)) if warn is not None else contextlib.nullcontext
     if streaming:
         from entrodrop_fast.profile.layerwise import _size, profile_streaming
 
@@ -271,12 +274,12 @@ def profile_model(source=None, settings: ProfileSettings | None = None, memory: 
                     f"raise it or lower {n['batch_size']} / {n['seq_len']}"
                 )
         ram = budget if budget else 8 * 2**30
-        with grouped_warnings(emit):
+        with grouped():
             result = profile_streaming(str(stream_dir), mine, settings, device=parse_device(device), dtype=parse_dtype(dtype), ram_budget_bytes=ram, resume_dir=memory.resume_dir, progress=progress and rank == 0)
         model_info = {"name": display_name(source), "source": source or "builtin", "path": str(stream_dir), "kind": "streaming",
                       **model_identity(json.loads((Path(stream_dir) / "config.json").read_text()))}
     else:
-        with grouped_warnings(emit):
+        with grouped():
             result = profile(lm.model, mine, settings, progress=progress and rank == 0)
         model_info = {"name": lm.name, "source": lm.source, "path": lm.path, "kind": lm.kind}
     result["tokens"] = int(windows.numel())
