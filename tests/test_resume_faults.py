@@ -20,6 +20,7 @@ import pytest
 import torch
 from test_models import tiny_model
 
+import entrodrop_fast
 import entrodrop_fast.profile.layerwise as st
 from entrodrop_fast.profile.inmemory import ProfileSettings
 from entrodrop_fast.profile.layerwise import ResumeError, StorageError, profile_streaming
@@ -157,7 +158,7 @@ st.profile_streaming({ckpt!r}, W, SETTINGS, resume_dir={d!r}, progress=False)
 def test_sigkilled_child_then_resumed_equals_uninterrupted(ckpt, whole, tmp_path, mode):
     d = tmp_path / "resume"
     code = _CHILD.format(tests=os.path.dirname(__file__), mode=mode, stop=STOP, ckpt=ckpt, d=str(d))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(st.__file__)), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(entrodrop_fast.__file__)), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert torch.load(d / "state.pt", weights_only=True)["layers_done"] == STOP

@@ -215,6 +215,17 @@ def profile_report(lm, corpus, *, samples: int, seq_len: int, seed: int, methods
     return profile_model(lm, settings, calibration=calibration, progress=progress, windows_out=windows_out)
 
 
+def heldout_text(corpora) -> list[str]:
+    """The held-out documents of each corpus (:func:`entrodrop_fast.data.split_documents`),
+    joined in order: the evaluation text of :func:`compare`."""
+    from entrodrop_fast.data import load_corpus, split_documents
+
+    held: list[str] = []
+    for x in corpora:
+        held += split_documents(load_corpus(x).documents)[1]
+    return held
+
+
 def drop_key(drop: dict) -> str:
     """A canonical key of a drop set (the cache of evaluations): 'attn:3,5|layer:' style."""
     return "|".join(f"{kind}:{','.join(map(str, sorted(drop.get(kind) or [])))}" for kind in ("attn", "mlp", "layer"))
@@ -280,7 +291,7 @@ def paired_tests(rows: list[dict], evaluations: dict, kinds, *, against: str = "
 
 def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cosine", "random"), corpus=None, samples: int = 128, seq_len: int = 256, seed: int = 2024, eval_windows: int = 32, eval_items: int = 100, speed: bool = True, progress: bool = True, log=print,
             protect_rule: str = "shared", stage1_method: str | None = None, random_seeds=(0, 1, 2), iterative=(), iterative_samples: int | None = None, bins: int = 20, k: int = 25, batch_size: int = 8,
-            report: dict | None = None, eval_cache: dict | None = None) -> dict:
+            report: dict | None = None, eval_cache: dict | None = None, eval_corpora=None) -> dict:
     """Profile once, prune each (method, K), evaluate; returns the comparison dict.
 
     ``methods``: entropy estimators (:data:`entrodrop_fast.profile.inmemory.ENTROPY_METHODS`), ``cosine``
@@ -298,6 +309,10 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
     call: ``result["report"]``), used instead of profiling again; ``eval_cache``: a dict
     shared between calls on the same model and evaluation settings (drop-set key ->
     evaluation), so a second protection rule re-evaluates only the drop sets that changed.
+    ``eval_corpora``: corpora whose held-out parts are the evaluation text, joined in order
+    (default: ``corpus`` alone); each one's calibration part is never evaluated on, so a
+    second calibration corpus can lend its held-out fifth for more perplexity tokens and
+    zero-shot items.
     """
     from tqdm.auto import tqdm
 
@@ -320,7 +335,7 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
     if "random" in methods and not random_seeds:
         raise ValueError("random needs at least one seed")
     c = load_corpus(corpus)
-    _, held = E.split_documents(c.documents)
+    held = heldout_text(eval_corpora if eval_corpora else [c])
     ent = [m for m in methods if m in ENTROPY_METHODS]
     stage1_method = stage1_method or (ent[0] if ent else "bucket")
     if stage1_method not in ENTROPY_METHODS:
@@ -433,7 +448,8 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
     log(f"{len(rows)} rows, {len({r['eval_key'] for r in rows})} distinct pruned models ({sum(not r['cached'] for r in rows)} evaluated in this call)")
     return {
         "model": report["model"],
-        "data": {"calibration": report["data"], "heldout_documents": len(held), "eval_windows": eval_windows, "eval_items": eval_items, "seq_len": seq_len},
+        "data": {"calibration": report["data"], "heldout_documents": len(held), "eval_windows": eval_windows, "eval_items": eval_items, "seq_len": seq_len,
+                 "eval_corpora": [load_corpus(x).name for x in eval_corpora] if eval_corpora else [c.name]},
         "protocol": {"protect_rule": protect_rule, "stage1_method": stage1_method if protect_rule == "shared" else None, "random_seeds": list(random_seeds) if "random" in methods else [],
                      "iterative": list(iterative), "iterative_samples": (iterative_samples or samples) if iterative else None, "bins": bins, "k": k, "skipped": list(dict.fromkeys(skipped))},
         "dense": {**dense_q, "ci95": _intervals(dense_ev), "params": count_params(lm.model), **({"speed": dense_speed} if speed else {})},
