@@ -544,6 +544,13 @@ def markdown(comp: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _same_as_cosine(rows: list[dict], kind: str) -> bool:
+    """Whether block_influence's one-shot rows of ``kind`` dropped exactly cosine's blocks at every K."""
+    pick = lambda m: {r["k"]: r["eval_key"] for r in rows if r["kind"] == kind and r["method"] == m and r.get("setting", "one-shot") == "one-shot"}  # noqa: E731
+    bi, cos = pick("block_influence"), pick("cosine")
+    return bool(bi) and bi == cos
+
+
 def plot(comp: dict, path: Path) -> None:
     """Per kind: % retained and perplexity against K for every method (random: mean over seeds
     with its min-max band; entropy/cosine: 95% interval bars on perplexity)."""
@@ -555,18 +562,24 @@ def plot(comp: dict, path: Path) -> None:
     kinds = sorted({r["kind"] for r in comp["rows"]})
     fig, axes = plt.subplots(2, max(1, len(kinds)), figsize=(5.5 * max(1, len(kinds)), 8), squeeze=False)
     num = lambda v: v if isinstance(v, (int, float)) and math.isfinite(v) else math.nan  # noqa: E731
+    # one colour per method in every panel
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = {m: palette[i % len(palette)] for i, m in enumerate(sorted({r["method"] for r in comp["rows"]}))}
     for col, kind in enumerate(kinds):
         ax_r, ax_p = axes[0][col], axes[1][col]
         labels = sorted({(r["method"], r.get("setting", "one-shot")) for r in comp["rows"] if r["kind"] == kind})
+        same = _same_as_cosine(comp["rows"], kind)  # block_influence picked cosine's blocks: one line
         for m, setting in labels:
+            if m == "block_influence" and same:
+                continue
             rs = [r for r in comp["rows"] if r["kind"] == kind and r["method"] == m and r.get("setting", "one-shot") == setting]
             ks = sorted({r["k"] for r in rs})
-            label = m + (" (iter.)" if setting == "iterative" else "")
+            label = ("cosine = block_influence" if m == "cosine" and same else m) + (" (iter.)" if setting == "iterative" else "")
             style = "--" if m == "random" else (":" if setting == "iterative" else "-")
             ret = [[num(r.get("retained")) * 100 for r in rs if r["k"] == k] for k in ks]
             ppl = [[num(r["perplexity"]) for r in rs if r["k"] == k] for k in ks]
             mean = lambda vs: sum(vs) / len(vs)  # noqa: E731
-            line = ax_r.plot([0, *ks], [100.0] + [mean(v) for v in ret], marker="o", label=label, linestyle=style)[0]
+            line = ax_r.plot([0, *ks], [100.0] + [mean(v) for v in ret], marker="o", label=label, linestyle=style, color=colours[m])[0]
             ax_p.plot(ks, [mean(v) for v in ppl], marker="o", label=label, linestyle=style, color=line.get_color())
             if m == "random" and any(len(v) > 1 for v in ret):
                 ax_r.fill_between(ks, [min(v) for v in ret], [max(v) for v in ret], alpha=0.15, color=line.get_color())
