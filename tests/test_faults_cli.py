@@ -328,7 +328,7 @@ def test_heldout_text_checked_before_any_model_runs():
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama with a character tokenizer saved beside it (no download)."""
-    from test_models import tiny_model
+    from helpers import tiny_model
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

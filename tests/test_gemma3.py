@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_models import tiny_model
+from helpers import tiny_model
 
 from entrodrop_fast import outputs
 from entrodrop_fast.models import loading

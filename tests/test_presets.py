@@ -10,7 +10,7 @@ from entrodrop_fast.cli import main
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama with a character tokenizer saved beside it (no download)."""
-    from test_models import tiny_model
+    from helpers import tiny_model
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

@@ -44,7 +44,7 @@ def test_cosine_given_y_matches_reference(dtype, strided):
 
 
 def _knn_stats():
-    from test_models import tiny_model
+    from helpers import tiny_model
 
     from entrodrop_fast.models import get_adapter
     from entrodrop_fast.profile.taps import BlockStatistics, TapSettings

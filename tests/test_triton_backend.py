@@ -14,7 +14,7 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import DTYPES, assert_close, llm_like  # noqa: E402
+from helpers import DTYPES, assert_close, llm_like  # noqa: E402
 
 import entrodrop_fast as ef  # noqa: E402
 from entrodrop_fast.ops import api  # noqa: E402

@@ -39,7 +39,7 @@ def _save_tokenizer(d, n_words: int) -> None:
 
 def _model_dir(root, name="tiny", n_words=97, tokenizer=True, max_pos=256):
     """A tiny random Llama (vocab 97, ``max_pos`` positions) with a word-level tokenizer of ``n_words``."""
-    from test_models import tiny_model
+    from helpers import tiny_model
 
     d = root / name
     m = tiny_model("llama", seed=6)
@@ -94,7 +94,7 @@ def test_eval_refuses_tokenizer_larger_than_vocab(big_tok, corpus, capsys):
 
 
 def test_token_ids_checked_before_the_first_forward(tiny):
-    from test_models import tiny_model
+    from helpers import tiny_model
 
     from entrodrop_fast.models.loading import check_token_ids
     from entrodrop_fast.profile.inmemory import ProfileSettings, profile
