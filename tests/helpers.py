@@ -194,25 +194,26 @@ WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lim
 DOCS = [f"Document {i}: " + " ".join(WORDS[(j * 7 + i) % len(WORDS)] for j in range(150)) for i in range(10)]
 
 
-def save_char_tokenizer(path) -> None:
-    """Save beside a tiny model a tokenizer with one token per printable ASCII character
-    (ids 0-96: fits the vocabulary of 97)."""
+def char_tokenizer():
+    """A saveable tokenizer with one token per printable ASCII character, ids 0-96 (the tiny
+    models' vocabulary of 97); unknown characters become ``~``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(vocab={chr(i): i - 30 for i in range(30, 127)}, unk_token="~"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="~").save_pretrained(path)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="~")
 
 
-def save_word_tokenizer(path, n_words: int = 97) -> None:
-    """Save beside a tiny model a whitespace tokenizer of the words w0 .. w{n_words-1}."""
+def word_tokenizer(n_words: int = 97, **special_tokens):
+    """A saveable whitespace tokenizer of the words w0 .. w{n_words-1} (unknown: w0);
+    ``special_tokens`` e.g. ``eos_token="w2"``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(n_words)}, unk_token="w0"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0").save_pretrained(path)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0", **special_tokens)
 
 
 def tiny_dir_and_corpus(root):
@@ -220,7 +221,7 @@ def tiny_dir_and_corpus(root):
     words in ``root``/corpus.txt: what the CLI needs to profile, prune and evaluate."""
     d = root / "tiny"
     tiny_model("llama", seed=6).save_pretrained(d)
-    save_word_tokenizer(d)
+    word_tokenizer().save_pretrained(d)
     g = torch.Generator().manual_seed(0)
     corpus = root / "corpus.txt"
     corpus.write_text(" ".join(f"w{int(i)}" for i in torch.randint(1, 97, (600,), generator=g)))

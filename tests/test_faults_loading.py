@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import tiny_model, word_tokenizer
 from safetensors.torch import load_file, save_file
 
 from entrodrop_fast.cli import main
@@ -32,12 +32,7 @@ IDS = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(5))
 
 
 def add_tokenizer(d: Path) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0", eos_token="w2").save_pretrained(d)
+    word_tokenizer(eos_token="w2").save_pretrained(d)
     return d
 
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from helpers import TINY, tiny_model
+from helpers import TINY, tiny_model, word_tokenizer
 
 from entrodrop_fast.models import (
     ARCHS,
@@ -78,15 +78,9 @@ def test_parse_dtype_device():
 
 
 def test_load_local_dir_roundtrip(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     model = tiny_model("llama")
     model.save_pretrained(tmp_path)
-    vocab = {f"w{i}": i for i in range(97)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0").save_pretrained(tmp_path)
+    word_tokenizer().save_pretrained(tmp_path)
     lm = load_model(str(tmp_path), dtype="bf16")
     assert lm.kind == "dir" and lm.model.dtype == torch.bfloat16
     sd = model.state_dict()

@@ -18,7 +18,7 @@ import tempfile
 
 import pytest
 import torch
-from helpers import RESUME_SETTINGS, RESUME_W, assert_identical, tiny_model
+from helpers import RESUME_SETTINGS, RESUME_W, assert_identical, char_tokenizer, tiny_model
 
 import entrodrop_fast.profile.layerwise as st
 from entrodrop_fast.profile.layerwise import ResumeError, StorageError, profile_streaming
@@ -493,17 +493,12 @@ def test_read_only_resume_dir_resume(ckpt, stopped):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama with a byte-level tokenizer saved beside it (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     d = tmp_path_factory.mktemp("tiny_llama_cli")
     model = tiny_model("llama")
     model.config.vocab_size = 97
     model.save_pretrained(d, max_shard_size="60KB")
-    vocab = {chr(i): i - 30 for i in range(30, 127)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="~"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="~").save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
     return d
 
 

@@ -6,7 +6,7 @@ import tempfile
 
 import pytest
 import torch
-from helpers import STREAM_SETTINGS, TINY, stream_windows, tiny_model
+from helpers import STREAM_SETTINGS, TINY, char_tokenizer, stream_windows, tiny_model
 
 from entrodrop_fast.profile.inmemory import profile
 from entrodrop_fast.profile.layerwise import Checkpoint, CheckpointError, profile_streaming
@@ -158,17 +158,12 @@ def test_not_a_model_dir(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama with a byte-level tokenizer saved beside it (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     d = tmp_path_factory.mktemp("tiny_llama")
     model = tiny_model("llama")
     model.config.vocab_size = 97
     model.save_pretrained(d, max_shard_size="60KB")
-    vocab = {chr(i): i - 30 for i in range(30, 127)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="~"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="~").save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
     return d
 
 

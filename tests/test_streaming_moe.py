@@ -14,7 +14,7 @@ import re
 
 import pytest
 import torch
-from helpers import STREAM_SETTINGS, assert_identical, stream_windows, tiny_model
+from helpers import STREAM_SETTINGS, assert_identical, char_tokenizer, stream_windows, tiny_model
 
 from entrodrop_fast.profile.inmemory import profile
 from entrodrop_fast.profile.layerwise import (
@@ -66,8 +66,6 @@ def write_checkpoint(model, path, layout: str, shard_bytes: int = 12_000) -> str
     ``shard_bytes`` (a layer's experts spread over several files), with index, config and a
     byte-level tokenizer (no download)."""
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     os.makedirs(path, exist_ok=True)
     tensors = per_expert_state(model) if layout == "per_expert" else {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -93,9 +91,7 @@ def write_checkpoint(model, path, layout: str, shard_bytes: int = 12_000) -> str
     flush()
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh)
-    tok = Tokenizer(models.WordLevel(vocab={chr(i): i - 30 for i in range(30, 127)}, unk_token="~"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="~").save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
     return str(path)
 
 
