@@ -126,6 +126,7 @@ def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
     assert "interrupted" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_as_a_process_an_expected_failure_has_no_traceback_and_a_bug_has_one(tmp_path):
     (tmp_path / "empty.npy").write_bytes(b"")
     p = subprocess.run([sys.executable, "-m", "entrodrop_fast", "entropy", str(tmp_path / "empty.npy")], capture_output=True, text=True, timeout=300)

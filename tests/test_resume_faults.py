@@ -130,6 +130,7 @@ st.profile_streaming({ckpt!r}, RESUME_W, RESUME_SETTINGS, resume_dir={d!r}, prog
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["mid_layer", "mid_save"])
 def test_sigkilled_child_then_resumed_equals_uninterrupted(ckpt, whole, tmp_path, mode):
     d = tmp_path / "resume"

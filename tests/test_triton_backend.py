@@ -184,6 +184,7 @@ def test_knn_half():
     assert_close(ref_ops.knn_kth_distance(x.float(), 3), tri().knn_kth_distance(x, 3), 1e-5, 1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not INTERPRET, reason="compile-only check for machines without a GPU")
 def test_kernels_compile_for_gpu():
     """Every kernel compiles to sm_90 and sm_80 machine code here, without a GPU.
