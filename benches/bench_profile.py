@@ -113,6 +113,7 @@ def main(argv=None) -> int:
 
     from entrodrop_fast.data import calibration_windows
     from entrodrop_fast.models import get_adapter, load_model
+    from entrodrop_fast.ops.bench import time_calls
     from entrodrop_fast.profile.inmemory import ProfileSettings, resolved_backend
     from entrodrop_fast.profile.taps import BlockStatistics, ResidualTaps
 
@@ -146,10 +147,10 @@ def main(argv=None) -> int:
         sync(dev)
 
     def timed(fn, *a):
-        t, c = time.perf_counter(), time.process_time()
-        fn(*a)
+        c = time.process_time()
+        wall = time_calls(lambda: fn(*a), 1, warmup=0)[0]  # fn synchronizes the device itself
         cpu[0] = time.process_time() - c
-        return time.perf_counter() - t
+        return wall
 
     cpu = [0.0]  # process CPU seconds of the last timed call (CPU runs: robust to other load)
 

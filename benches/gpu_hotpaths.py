@@ -25,7 +25,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -42,17 +41,15 @@ def _sync(dev: torch.device) -> None:
 
 def _interleaved(fns: dict, dev: torch.device, rounds: int) -> dict:
     """{name: (min, median) seconds}: one call of each per round, after a warm-up call."""
+    from entrodrop_fast.ops.bench import time_calls
+
     for fn in fns.values():
         fn()
     _sync(dev)
     ts: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            _sync(dev)
-            t = time.perf_counter()
-            fn()
-            _sync(dev)
-            ts[k].append(time.perf_counter() - t)
+            ts[k] += time_calls(fn, 1, warmup=0, device=dev)
     return {k: (min(v), statistics.median(v)) for k, v in ts.items()}
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, llm_like
+from helpers import assert_close, llm_like
 
 import entrodrop_fast as ef
 from entrodrop_fast.ops import reference as R

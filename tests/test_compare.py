@@ -3,9 +3,7 @@
 import json
 
 import pytest
-import torch
-from test_evaluate import DOCS, CharTokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import DOCS, CharTokenizer, char_llama
 
 from entrodrop_fast.evaluate import compare as C
 from entrodrop_fast.models.loading import LoadedModel
@@ -14,9 +12,7 @@ from entrodrop_fast.outputs import MARKER, OutputError
 
 @pytest.fixture(scope="module")
 def lm():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    return LoadedModel(LlamaForCausalLM(cfg).eval(), CharTokenizer(), "tiny", "tiny", "dir")
+    return LoadedModel(char_llama(5), CharTokenizer(), "tiny", "tiny", "dir")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The second built-in corpus, stdlib-docs: deterministic, offline, disjoint from the first."""
 
 import pytest
-from test_evaluate import CharTokenizer
+from helpers import CharTokenizer
 
 from entrodrop_fast import data as D
 from entrodrop_fast.evaluate.heldout import heldout_documents

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DTYPES, assert_close, llm_like
+from helpers import DTYPES, assert_close, llm_like
 
 from entrodrop_fast import _ext
 from entrodrop_fast.ops import cpp_backend as cpp

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import DTYPES, assert_close, llm_like
+from helpers import DTYPES, assert_close, llm_like
 
 from entrodrop_fast.ops import reference as ref_ops
 

@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import DTYPES, assert_close
+from helpers import DTYPES, assert_close, tiny_model
 
 import entrodrop_fast as ef
 from entrodrop_fast import _ext
@@ -414,8 +414,6 @@ def test_nan_inf_stay_in_bounds(dtype, T, bins):
 
 
 def _stats(methods=("bucket",), name="llama", backend="cpp", mask=None):
-    from test_models import tiny_model
-
     from entrodrop_fast.models import get_adapter
     from entrodrop_fast.profile.taps import BlockStatistics, TapSettings
 

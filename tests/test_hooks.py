@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_models import TINY, tiny_model
+from helpers import TINY, tiny_model
 
 from entrodrop_fast.models import get_adapter
 from entrodrop_fast.profile.taps import BlockStatistics, ResidualTaps, TapSettings

@@ -101,3 +101,21 @@ def test_architecture_knowledge_stays_in_the_adapter_table():
             if pattern.search(line):
                 bad.append(f"{rel}:{i}: {line.strip()}")
     assert not bad, "architecture tests outside models/ (move them into the adapter table):\n  " + "\n  ".join(bad)
+
+
+TESTS = Path(__file__).parent
+
+
+def test_test_files_import_shared_helpers_from_helpers_only():
+    # what test files share lives in tests/helpers.py; conftest.py holds fixtures, hooks and
+    # environment setup. Lines are read as text, so the code a test runs in a child process
+    # (a string) is checked too.
+    import re
+
+    pattern = re.compile(r"^\s*(from\s+(conftest|test_\w*)\s+import\b|import\s+(conftest|test_\w*)\b)")
+    bad = []
+    for path in sorted(TESTS.glob("*.py")):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.match(line):
+                bad.append(f"{path.name}:{i}: {line.strip()}")
+    assert not bad, "test files importing conftest or a test file (import from helpers instead):\n  " + "\n  ".join(bad)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_surgery import manual_reference_logits, tiny_model
+from helpers import manual_reference_logits, tiny_model
 
 from entrodrop_fast.prune.ranking import (
     iterative_plan,
@@ -105,7 +105,7 @@ def tiny_profiled():
     from entrodrop_fast.profile.inmemory import ProfileSettings, profile
     from entrodrop_fast.profile.report import build_report
 
-    model = tiny_model("llama", num_hidden_layers=6)
+    model = tiny_model("llama", "mixed", num_hidden_layers=6)
     windows = torch.randint(3, 97, (4, 24), generator=torch.Generator().manual_seed(0))
     settings = ProfileSettings(methods=("bucket", "cosine"), batch_size=2, backend="torch")
     report = build_report(profile(model, windows, settings, progress=False), model_info={"name": "tiny"}, data_info={}, settings={}, model=model)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import DTYPES, llm_like
+from helpers import DTYPES, llm_like
 
 from entrodrop_fast import bucket_entropy
 from entrodrop_fast.ops import robust as R

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import tiny_model
 
 from entrodrop_fast import _ext
 from entrodrop_fast.ops import cpp_backend, reference
@@ -44,8 +45,6 @@ def test_cosine_given_y_matches_reference(dtype, strided):
 
 
 def _knn_stats():
-    from test_models import tiny_model
-
     from entrodrop_fast.models import get_adapter
     from entrodrop_fast.profile.taps import BlockStatistics, TapSettings
 

@@ -14,7 +14,7 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import DTYPES, assert_close, llm_like  # noqa: E402
+from helpers import DTYPES, assert_close, llm_like  # noqa: E402
 
 import entrodrop_fast as ef  # noqa: E402
 from entrodrop_fast.ops import api  # noqa: E402
@@ -184,6 +184,7 @@ def test_knn_half():
     assert_close(ref_ops.knn_kth_distance(x.float(), 3), tri().knn_kth_distance(x, 3), 1e-5, 1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not INTERPRET, reason="compile-only check for machines without a GPU")
 def test_kernels_compile_for_gpu():
     """Every kernel compiles to sm_90 and sm_80 machine code here, without a GPU.
