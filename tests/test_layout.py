@@ -42,7 +42,9 @@ def _imports(path: Path):
                 if importlib.util.find_spec(node.module) is not None and _is_module(full):
                     yield node.lineno, full
                 elif node.module == "entrodrop_fast":
-                    if a.name != "__version__":
+                    if a.name == "_C":  # the compiled extension (a module, when it is built)
+                        yield node.lineno, "entrodrop_fast._C"
+                    elif a.name != "__version__":
                         yield node.lineno, f"the package root ({a.name})"
                 else:
                     yield node.lineno, node.module
