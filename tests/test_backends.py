@@ -369,8 +369,8 @@ def test_kernels_report_exactly_the_bad_channels(be, dtype, case, nan_empty):
             assert torch.equal(s.isnan(), bad.any(1) | bad_channels(x.float(), m).any(1)), "cosine"
             s, _ = be.op("cosine")(x, ff, m, False)
             want = (bad_channels(x.float(), m) | bad_channels(ff.float(), m)).any(1)
-            if case == "overflow":  # x = y = 3e38: x.y overflows fp32 in the kernel (NaN, as it always was)
-                want[1] |= dtype != torch.float16
+            if case == "overflow" and be.name == "triton":  # x = y = 3e38: x.y overflows fp32 in the
+                want[1] |= dtype != torch.float16  # Triton kernel (NaN, as it always was; cpp's sums are wider)
             assert torch.equal(s.isnan(), want), "cosine with y"
 
 
