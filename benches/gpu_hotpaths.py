@@ -9,7 +9,7 @@
   the reference the call figures are compared with (the issue's targets: moments and bucket
   default calls >= 70% of copy bandwidth on [32768, 8192] bf16, >= 60% on the profiler's
   shapes);
-- knn radii: ``cuda_backend.knn_kth_distance`` (tiled GEMMs + exact fp64 band,
+- knn radii: the cuda backend's ``knn_kth_distance`` (tiled GEMMs + exact fp64 band,
   ops/knn_tiled.py) against ``torch.cdist`` + ``topk(k + 1)`` (the paper's formulation) on
   [2048, 4096] and [256, 4096] (one profiler sample) fp32 and bf16, k = 25, and its precision
   against exact fp64 distances.

@@ -5,7 +5,7 @@ roofline ``x.sum()`` over the same tensor, so every figure comes with a ratio me
 the same machine at the same time. Used by ``entrodrop bench`` and ``benches/``.
 
 Backends ("providers"):
-  cpp        the compiled kernels (entrodrop_fast.ops.cpp_backend; cuda_backend on GPU)
+  cpp        the compiled kernels (entrodrop_fast.ops.cpp_backend; the cuda backend on GPU)
   torch      the readable reference (entrodrop_fast.ops.reference)
   torch_fast the best pure-torch formulation: torch.var_mean + aminmax (moments), one
              flattened bincount over channel-offset bin indices (bucket),
@@ -161,17 +161,20 @@ def make_input(shape: tuple[int, ...], dtype: torch.dtype, device="cpu", seed=0)
 
 def _provider(estimator: str, backend: str, x: torch.Tensor, f: torch.Tensor, device: str):
     """A zero-argument callable running (estimator, backend) on x, or None if not applicable."""
-    if backend == "cpp":
-        from entrodrop_fast.ops import cpp_backend as cb
+    if backend == "cpp":  # (on CUDA tensors: the cuda backend, as ops/backends.py resolves "cpp")
+        from entrodrop_fast.ops.backends import kernel, resolve_backend
 
-        ok, _ = cb.available()
-        if not ok or device not in cb.devices():
+        try:
+            name = resolve_backend("cpp", torch.device(device))
+        except ValueError:
             return None
+        op = {"moments": "moments", "bucket": "bucket", "cosine": "cosine", "knn": "knn_kth_distance"}[estimator]
+        fn = kernel(name, device, op)
         return {
-            "moments": lambda: cb.moments(x, None, None),
-            "bucket": lambda: cb.bucket(x, None, None, BINS, False),
-            "cosine": lambda: cb.cosine(x, f, None, True),
-            "knn": lambda: cb.knn_kth_distance(x[0], KNN_K),
+            "moments": lambda: fn(x, None, None),
+            "bucket": lambda: fn(x, None, None, BINS, False),
+            "cosine": lambda: fn(x, f, None, True),
+            "knn": lambda: fn(x[0], KNN_K),
         }[estimator]
     if backend == "torch_fast":
         return {
