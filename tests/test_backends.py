@@ -11,9 +11,11 @@ import warnings
 
 import pytest
 import torch
-from backend_helpers import (
+from helpers import (
     BAD_CASES,
+    DTYPES,
     Backend,
+    assert_close,
     backend_params,
     bad_channels,
     bad_data,
@@ -21,13 +23,13 @@ from backend_helpers import (
     check_cosine,
     check_moments,
     data,
+    llm_like,
     make,
     make_mask,
     ref_counts,
     require,
     strided_views,
 )
-from helpers import DTYPES, assert_close, llm_like
 
 import entrodrop_fast as ef
 from entrodrop_fast import _ext

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-import backend_helpers as H
+import helpers as H
 import pytest
 import torch
 from helpers import DTYPES, assert_close, llm_like

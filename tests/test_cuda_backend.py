@@ -9,7 +9,7 @@ Skipped without a CUDA device. benches/gpu_check.sh runs this on the lent GPU ma
 import importlib.util
 import os
 
-import backend_helpers as H
+import helpers as H
 import pytest
 import torch
 from helpers import DTYPES, assert_close, llm_like

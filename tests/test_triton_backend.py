@@ -15,7 +15,7 @@ import importlib.util  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-import backend_helpers as H  # noqa: E402
+import helpers as H  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import DTYPES, assert_close, llm_like  # noqa: E402
