@@ -5,15 +5,14 @@ Run: ``pytest benches/bench_calls.py --benchmark-columns=min,median`` (add
 interleaved with it (before each round, untimed by pytest-benchmark), the same call with
 ``validate=False`` and the roofline of reading its inputs (``x.sum()``, or ``x.sum()`` + ``f.sum()`` for delta_entropy / cosine,
 which read the pair X, F); ``extra_info`` holds the ratios. ``entrodrop bench --calls``
-prints the same as one table (``entrodrop_fast.bench.run_call_bench``).
+prints the same as one table (``entrodrop_fast.ops.bench.run_call_bench``).
 """
 
-import time
 import warnings
 
 import pytest
 
-from entrodrop_fast import bench as B
+from entrodrop_fast.ops import bench as B
 
 ROUNDS = 7
 _inputs: dict = {}
@@ -42,9 +41,7 @@ def test_call(benchmark, call, shape, dtype):
         # while, which slows whatever runs next on a small machine)
         order[0].reverse()
         for k in order[0]:
-            t0 = time.perf_counter()
-            fns[k]()
-            best[k] = min(best[k], time.perf_counter() - t0)
+            best[k] = min(best[k], *B.time_calls(fns[k], 1, warmup=0))
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -8,7 +8,7 @@ reference on huge tensors, knn beyond 4096 tokens) are skipped with the reason.
 import pytest
 import torch
 
-from entrodrop_fast import bench as B
+from entrodrop_fast.ops import bench as B
 
 SHAPES = [(256, 4096), (2048, 4096), (32768, 4096), (128, 256, 4096)]
 DTYPES = ["fp32", "fp16", "bf16"]

@@ -39,26 +39,10 @@ def log(msg: str) -> None:
 
 
 def timeit(fn, reps: int, warmup: int = 2) -> float:
-    """Median seconds per call."""
-    for _ in range(warmup):
-        fn()
-    if torch.cuda.is_available() and not DRY:
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        return statistics.median(times)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    """Median seconds per call: CUDA events on a GPU, wall-clock on the CPU (dry run)."""
+    from entrodrop_fast.ops.bench import time_calls
+
+    return statistics.median(time_calls(fn, reps, warmup, cuda_events=torch.cuda.is_available() and not DRY))
 
 
 def make(shape, dtype, device):

@@ -10,8 +10,8 @@ machine slows them alike), through the decoder stack only (no LM head), under
 ``torch.inference_mode``:
 
 - ``plain``: the forward pass alone;
-- ``taps``: the forward with :class:`~entrodrop_fast.hooks.ResidualTaps` feeding
-  :class:`~entrodrop_fast.hooks.BlockStatistics` (``--methods``, default bucket: the
+- ``taps``: the forward with :class:`~entrodrop_fast.profile.taps.ResidualTaps` feeding
+  :class:`~entrodrop_fast.profile.taps.BlockStatistics` (``--methods``, default bucket: the
   entropy of the 2L + 1 residual points, each measured once, and cosine per block when
   asked; backend ``--backend``, default auto);
 - ``paper``: the paper's approach, its estimator as plain torch code inside the forward:
@@ -112,9 +112,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from entrodrop_fast.data import calibration_windows
-    from entrodrop_fast.hooks import BlockStatistics, ResidualTaps
     from entrodrop_fast.models import get_adapter, load_model
-    from entrodrop_fast.runner import ProfileSettings, resolved_backend
+    from entrodrop_fast.ops.bench import time_calls
+    from entrodrop_fast.profile.inmemory import ProfileSettings, resolved_backend
+    from entrodrop_fast.profile.taps import BlockStatistics, ResidualTaps
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -146,10 +147,10 @@ def main(argv=None) -> int:
         sync(dev)
 
     def timed(fn, *a):
-        t, c = time.perf_counter(), time.process_time()
-        fn(*a)
+        c = time.process_time()
+        wall = time_calls(lambda: fn(*a), 1, warmup=0)[0]  # fn synchronizes the device itself
         cpu[0] = time.process_time() - c
-        return time.perf_counter() - t
+        return wall
 
     cpu = [0.0]  # process CPU seconds of the last timed call (CPU runs: robust to other load)
 

@@ -68,7 +68,7 @@ def checkpoint_tensors(model_type: str, fields: dict, layout: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from entrodrop_fast.streaming import natural_key
+    from entrodrop_fast.profile.layerwise import natural_key
 
     config = AutoConfig.for_model(model_type, **fields)
     with torch.device("meta"):
@@ -143,10 +143,10 @@ HWM = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).s
 CHILD = r"""
 import json, sys, time
 import torch, transformers
-import entrodrop_fast.streaming, entrodrop_fast.cli
+import entrodrop_fast.profile.layerwise, entrodrop_fast.cli
 args, device = json.loads(sys.argv[1]), sys.argv[2]
 if args is None:  # the idle baseline: the same imports and the model's classes (built on meta), no work
-    entrodrop_fast.streaming.build_skeleton(sys.argv[4], torch.float32)
+    entrodrop_fast.profile.layerwise.build_skeleton(sys.argv[4], torch.float32)
     print("RESULT", json.dumps({"rss_bytes": HWM_EXPR}))
     sys.exit(0)
 torch.set_num_threads(int(sys.argv[3]))

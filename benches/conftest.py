@@ -5,10 +5,11 @@ Every benchmark stores in ``benchmark.extra_info`` the throughput (GB/s), the ro
 """
 
 import statistics
-import time
 
 import pytest
 import torch
+
+from entrodrop_fast.ops.bench import time_calls
 
 
 def pytest_collect_file(file_path, parent):  # collect bench_*.py like test files
@@ -22,12 +23,6 @@ def roofline():
     """roofline(x) -> seconds of the median x.sum() (a plain read of x)."""
 
     def measure(x: torch.Tensor, repeat: int = 5) -> float:
-        x.sum()
-        ts = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            x.sum()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
+        return statistics.median(time_calls(x.sum, repeat))  # after one untimed x.sum()
 
     return measure

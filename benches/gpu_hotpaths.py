@@ -9,7 +9,7 @@
   the reference the call figures are compared with (the issue's targets: moments and bucket
   default calls >= 70% of copy bandwidth on [32768, 8192] bf16, >= 60% on the profiler's
   shapes);
-- knn radii: ``cuda_backend.knn_kth_distance`` (tiled GEMMs + exact fp64 band,
+- knn radii: the cuda backend's ``knn_kth_distance`` (tiled GEMMs + exact fp64 band,
   ops/knn_tiled.py) against ``torch.cdist`` + ``topk(k + 1)`` (the paper's formulation) on
   [2048, 4096] and [256, 4096] (one profiler sample) fp32 and bf16, k = 25, and its precision
   against exact fp64 distances.
@@ -25,7 +25,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -42,17 +41,15 @@ def _sync(dev: torch.device) -> None:
 
 def _interleaved(fns: dict, dev: torch.device, rounds: int) -> dict:
     """{name: (min, median) seconds}: one call of each per round, after a warm-up call."""
+    from entrodrop_fast.ops.bench import time_calls
+
     for fn in fns.values():
         fn()
     _sync(dev)
     ts: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            _sync(dev)
-            t = time.perf_counter()
-            fn()
-            _sync(dev)
-            ts[k].append(time.perf_counter() - t)
+            ts[k] += time_calls(fn, 1, warmup=0, device=dev)
     return {k: (min(v), statistics.median(v)) for k, v in ts.items()}
 
 

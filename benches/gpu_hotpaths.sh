@@ -74,7 +74,7 @@ if [ "$DRY" = "0" ]; then
     log "BUILD FAILED: no CUDA kernels in the extension"; tail -40 "$OUT/build.log"; FAILED+=(build); summary; exit 1
   fi
   log "tests: CUDA kernels, tiled knn, dispatch -> $OUT/tests_cuda.log"
-  timeout 120 "$PY" -m pytest -q -x -m "not slow" -p no:cacheprovider tests/test_cuda_backend.py tests/test_gpu_dispatch.py \
+  timeout 120 "$PY" -m pytest -q -x -m "not slow" -p no:cacheprovider tests/test_cuda_backend.py tests/test_gpu_dispatch.py tests/test_backends.py -k "not triton" \
     > "$OUT/tests_cuda.log" 2>&1 || FAILED+=(tests_cuda)
   tail -5 "$OUT/tests_cuda.log"
   log "tests: Triton bucket / moments compiled on the GPU -> $OUT/tests_triton.log"

@@ -37,8 +37,8 @@ if ! "$PY" -c "from entrodrop_fast import _ext; import sys; print('cuda kernels:
   log "BUILD FAILED: no CUDA kernels in the extension"; FAILED+=(build); summary; exit 1
 fi
 
-log "tests: pytest -m cuda tests/test_cuda_backend.py -k 'moments or bucket' -> $OUT/tests_cuda.log"
-timeout 90 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda_backend.py -k "moments or bucket" > "$OUT/tests_cuda.log" 2>&1 || FAILED+=(tests_cuda)
+log "tests: pytest -m cuda tests/test_cuda_backend.py tests/test_backends.py -k 'moments or bucket' -> $OUT/tests_cuda.log"
+timeout 90 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda_backend.py tests/test_backends.py -k "moments or bucket" > "$OUT/tests_cuda.log" 2>&1 || FAILED+=(tests_cuda)
 grep -E "FAILED|Error|passed|failed" "$OUT/tests_cuda.log" | tail -15
 
 log "exactness of the paths the tests do not reach -> $OUT/exact.log"

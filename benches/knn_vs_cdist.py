@@ -37,8 +37,8 @@ import torch
 
 import entrodrop_fast as ef
 from entrodrop_fast import _ext
-from entrodrop_fast.bench import knn_torch_fast, make_input, peak_extra_bytes
 from entrodrop_fast.ops import cpp_backend, reference
+from entrodrop_fast.ops.bench import knn_torch_fast, make_input, peak_extra_bytes, time_calls
 
 K = 25
 SMALL = [((256, 576), "fp32"), ((256, 1024), "fp32"), ((256, 2048), "fp32"), ((256, 4096), "fp32"),
@@ -104,9 +104,7 @@ def interleaved(cases: dict, runs: int, quiet: bool) -> dict:
             if quiet and not wait_quiet():
                 print("warning: the machine never went quiet for 0.3 s; timing anyway", file=sys.stderr)
             for c, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                times[name][c].append(time.perf_counter() - t0)
+                times[name][c] += time_calls(f, 1, warmup=0)
     return times
 
 

@@ -27,8 +27,8 @@ HWM = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).s
 CHILD_IDLE = f"import torch; print({HWM})"
 CHILD_RUN = r"""
 import sys, time, torch
-from entrodrop_fast.runner import ProfileSettings
-from entrodrop_fast.streaming import profile_streaming
+from entrodrop_fast.profile.inmemory import ProfileSettings
+from entrodrop_fast.profile.layerwise import profile_streaming
 torch.set_num_threads(2)
 d, samples, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 w = torch.randint(0, 32000, (samples, seq), generator=torch.Generator().manual_seed(0))

@@ -30,7 +30,7 @@ import torch
 
 import entrodrop_fast as ef
 from entrodrop_fast import _ext
-from entrodrop_fast.bench import make_input
+from entrodrop_fast.ops.bench import make_input, time_calls
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from knn_vs_cdist import paper_knn_entropy  # noqa: E402
@@ -91,9 +91,7 @@ def phase(fns: dict, reps: int, times: dict, quiet: bool, ignore: set[int]) -> N
         if quiet:
             wait_quiet(ignore)
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name] += time_calls(fn, 1, warmup=0)
 
 
 def main(rounds: int, reps: int, json_path: str | None, quiet: bool = False) -> dict:

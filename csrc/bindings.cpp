@@ -1,6 +1,9 @@
 // Python bindings: only m.def lines. Kernels live in *_cpu.cpp / *_cuda.cu; their
 // arguments (pointers, shapes, strides in elements, dtype codes) are documented in
-// entrodrop.h. Every kernel releases the GIL.
+// entrodrop.h; bad arguments raise ValueError (entrodrop_common.h). Every kernel releases the GIL.
+// The limits Python needs are exported as module attributes (MAX_BINS, KNN_FUSED_MAX_N, ...),
+// so the Python side reads them instead of copying them.
+#include "bindings.h"
 #include "entrodrop.h"
 
 namespace py = pybind11;
@@ -63,6 +66,8 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("WITH_CUDA") = false;
 #endif
+  m.attr("MAX_BINS") = entrodrop::kMaxBins;
+  m.attr("KNN_FUSED_MAX_N") = entrodrop::kKnnFusedMaxN;
   entrodrop::register_cpu(m);
 #ifdef ENTRODROP_WITH_CUDA
   entrodrop::register_cuda(m);

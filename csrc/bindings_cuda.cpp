@@ -1,14 +1,14 @@
 // register_cuda: the CUDA kernels as Python functions taking device pointers (ints), shapes,
 // strides in elements, a dtype code (0 fp32, 1 fp16, 2 bf16), the device index and the
-// caller's stream (torch.cuda.current_stream().cuda_stream). No libtorch.
-#include <pybind11/stl.h>
-
+// caller's stream (torch.cuda.current_stream().cuda_stream). No libtorch. Bad arguments raise
+// ValueError (the launchers throw std::invalid_argument, as the CPU kernels); an error of the
+// CUDA runtime raises RuntimeError.
 #include <array>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
-#include "entrodrop.h"
+#include "bindings.h"
 #include "entrodrop_cuda.h"
 
 namespace py = pybind11;
@@ -24,6 +24,7 @@ P* ptr(uintptr_t p) {
   return reinterpret_cast<P*>(p);
 }
 
+// The launchers' CUDA runtime errors (their argument errors are thrown as ValueError).
 void check(const char* what, const char* err) {
   if (err != nullptr) throw std::runtime_error(std::string("entrodrop CUDA ") + what + ": " + err);
 }
@@ -213,8 +214,12 @@ void register_cuda(py::module_& m) {
       },
       "cuda_bucket_fused by the shared-memory tile design (owner thread per channel and row part, "
       "no atomics, <= 64 registers); same arguments and outputs");
-  m.def("cuda_fused_max_rows", &cuda::fused_max_rows);
-  m.def("cuda_hist_max_rows", &cuda::hist_max_rows);
+  m.def("cuda_fused_max_rows", &cuda::fused_max_rows,
+        "Most tokens per sample of the single-read bucket kernels (cuda_bucket_fused / _tile)");
+  m.def("cuda_hist_max_rows", &cuda::hist_max_rows,
+        "Most rows per block of cuda_bucket_hist's shared-memory (16-bit) counters");
+  m.attr("CUDA_MAX_SAMPLES") = cuda::kMaxSamples;
+  m.attr("CUDA_MAX_SPLITS") = cuda::kMaxSplits;
   m.def(
       "cuda_occupancy",
       [](int kind, int dtype, int vec, int bins, bool has_f, int device) {

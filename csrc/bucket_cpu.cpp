@@ -622,7 +622,7 @@ void bucket_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims&
                 const Dims& xstride, const Dims& fstride, const Dims& mstride, int bins,
                 bool paper_exact, uintptr_t out, uintptr_t out2, int nthreads) {
   check_common(x, dtype, shape, xstride, f, fstride, mask, mstride);
-  ED_CHECK(bins >= 1 && bins <= (1 << 16), "bins must be in [1, 65536], got ", bins);
+  ED_CHECK_BINS(bins);
   ED_CHECK_PTR(out);
   const bool pair = out2 != 0;
   const int64_t B = shape[0], T = shape[1], D = shape[2];
@@ -674,6 +674,7 @@ void bucket_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims&
   const bool avx2 = false, avx512 = false;
 #endif
 
+  const auto tile = by_dtype(dtype, tile_f32, tile_f16, tile_bf16);
   parallel_for(items, nt, [&](int64_t it, int) {
     const int64_t b = it / ntiles, d0 = (it % ntiles) * W;
     const int64_t w = std::min(W, D - d0);
@@ -688,9 +689,7 @@ void bucket_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims&
     // per-thread buffers that outlive the call: the OpenMP team's threads persist, and a
     // fresh allocation per call came back from the kernel as page faults each time
     static thread_local Scratch s;
-    if (dtype == DT_F16) tile_f16(xv, fp, mv, b, T, d0, w, bins, tbl, outs, s, N, stream, pair, avx2, avx512);
-    else if (dtype == DT_BF16) tile_bf16(xv, fp, mv, b, T, d0, w, bins, tbl, outs, s, N, stream, pair, avx2, avx512);
-    else tile_f32(xv, fp, mv, b, T, d0, w, bins, tbl, outs, s, N, stream, pair, avx2, avx512);
+    tile(xv, fp, mv, b, T, d0, w, bins, tbl, outs, s, N, stream, pair, avx2, avx512);
   });
 }
 

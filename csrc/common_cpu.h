@@ -244,16 +244,6 @@ void parallel_for(int64_t n_items, int nthreads, Fn&& fn) {
   if (ctx.err) std::rethrow_exception(ctx.err);
 }
 
-// Dispatch a templated functor on the runtime dtype code.
-template <template <int> class K, typename... A>
-auto dispatch_dtype(int dtype, A&&... a) {
-  switch (dtype) {
-    case DT_F16: return K<DT_F16>::run(std::forward<A>(a)...);
-    case DT_BF16: return K<DT_BF16>::run(std::forward<A>(a)...);
-    default: return K<DT_F32>::run(std::forward<A>(a)...);
-  }
-}
-
 inline void check_common(uintptr_t x, int dtype, const Dims& shape, const Dims& xstride,
                          uintptr_t f, const Dims& fstride, uintptr_t mask, const Dims& mstride) {
   ED_CHECK_PTR(x);

@@ -150,13 +150,12 @@ void cosine_cpu(uintptr_t x, uintptr_t other, uintptr_t mask, int dtype, const D
   const int nt = clamp_threads(nthreads, items, G * D, 1 << 15);
   std::vector<double> part(size_t(nt * 2 * B), 0.0);
   std::vector<std::vector<float>> bufs(static_cast<size_t>(nt));
+  const auto run = by_dtype(dtype, run_f32, run_f16, run_bf16);
   parallel_for(items, nt, [&](int64_t it, int tid) {
     const int64_t g0 = it * per, g1 = std::min(G, g0 + per);
     double* s = part.data() + int64_t(tid) * 2 * B;
     double* c = s + B;
-    if (dtype == DT_F16) run_f16(xv, ov, mv, fused, T, D, g0, g1, s, c, bufs[size_t(tid)]);
-    else if (dtype == DT_BF16) run_bf16(xv, ov, mv, fused, T, D, g0, g1, s, c, bufs[size_t(tid)]);
-    else run_f32(xv, ov, mv, fused, T, D, g0, g1, s, c, bufs[size_t(tid)]);
+    run(xv, ov, mv, fused, T, D, g0, g1, s, c, bufs[size_t(tid)]);
   });
   for (int tid = 0; tid < nt; ++tid)
     for (int64_t b = 0; b < B; ++b) {

@@ -1,74 +1,16 @@
-// entrodrop_fast C++ API shared by the CPU and CUDA kernels.
-//
-// Tensors cross from Python as a raw pointer (uintptr_t) + shape + strides (in elements,
-// any value >= 0) + a dtype code; outputs are allocated by the caller (torch) and passed
-// by pointer. Nothing here links against libtorch.
+// The CPU kernels' entry points (*_cpu.cpp), bound in bindings.cpp. No pybind11 here: the
+// shared boundary (dtype codes, checks, limits) is entrodrop_common.h.
 //
 //   x, f, other : [B, T, D], dtype code DT_F32 / DT_F16 / DT_BF16, strides (sb, st, sd)
 //   mask        : [B, T] bool (1 byte per element), strides (mb, mt), or pointer 0 = none
 //   f / other   : pointer 0 = none
 #pragma once
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
-
 #include <cstdint>
-#include <sstream>
-#include <stdexcept>
 #include <string>
-#include <vector>
+
+#include "entrodrop_common.h"
 
 namespace entrodrop {
-
-// ----------------------------------------------------------------- dtype codes
-enum DType : int { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
-inline const char* dtype_name(int code) {
-  switch (code) {
-    case DT_F32: return "float32";
-    case DT_F16: return "float16";
-    case DT_BF16: return "bfloat16";
-    default: return "unknown";
-  }
-}
-
-// ----------------------------------------------------------------- readable boundary checks
-namespace detail {
-inline void cat_into(std::ostringstream&) {}
-template <typename T, typename... R>
-void cat_into(std::ostringstream& os, const T& v, const R&... rest) {
-  os << v;
-  cat_into(os, rest...);
-}
-template <typename... A>
-std::string cat(const A&... a) {
-  std::ostringstream os;
-  cat_into(os, a...);
-  return os.str();
-}
-inline std::string shape_str(const std::vector<int64_t>& s) {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
-  os << (s.size() == 1 ? ",)" : ")");
-  return os.str();
-}
-}  // namespace detail
-
-// std::invalid_argument becomes a Python ValueError through pybind11.
-#define ED_CHECK(cond, ...)                                                                \
-  do {                                                                                     \
-    if (!(cond)) throw std::invalid_argument(::entrodrop::detail::cat(__func__, ": ", __VA_ARGS__)); \
-  } while (0)
-#define ED_CHECK_DTYPE(code) \
-  ED_CHECK((code) >= 0 && (code) <= 2, #code " must be 0 (float32), 1 (float16) or 2 (bfloat16), got ", (code))
-#define ED_CHECK_NDIM(vec, n) \
-  ED_CHECK((vec).size() == (size_t)(n), #vec " must have ", (n), " entries, got ", ::entrodrop::detail::shape_str(vec))
-#define ED_CHECK_PTR(p) ED_CHECK((p) != 0, #p " must be a valid pointer, got null")
-#define ED_CHECK_NONNEG(vec)                                                             \
-  do {                                                                                   \
-    for (auto v_ : (vec)) ED_CHECK(v_ >= 0, #vec " must be >= 0, got ", ::entrodrop::detail::shape_str(vec)); \
-  } while (0)
-
-using Dims = std::vector<int64_t>;
 
 // ----------------------------------------------------------------- CPU kernels (*_cpu.cpp)
 // moments: per sample b, per channel d, over valid tokens of y = x (+ f) in fp32:
@@ -126,6 +68,8 @@ void knn_select_cpu(uintptr_t gram, uintptr_t sqn, int64_t R, int64_t N, uintptr
 // logsum f64 [B] = sum over valid tokens of ln(r + 1e-10). Samples with more valid tokens
 // are skipped (out NaN, logsum NaN, count set); returns how many. Raises when a sample has
 // <= k valid tokens.
+// Most valid tokens of a sample knn_fused_cpu answers (Python: _C.KNN_FUSED_MAX_N).
+constexpr int64_t kKnnFusedMaxN = 512;
 int64_t knn_fused_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
                       const Dims& xstride, const Dims& fstride, const Dims& mstride, int k,
                       uintptr_t out, uintptr_t count, uintptr_t logsum, int nthreads);
@@ -133,8 +77,4 @@ int64_t knn_fused_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const
 std::string knn_isa_cpu();
 // Which threads the CPU kernels run on: "pool", "openmp team of <runtime path>" or "std::thread".
 std::string thread_pool_cpu();
-void register_cpu(pybind11::module_& m);
-#ifdef ENTRODROP_WITH_CUDA
-void register_cuda(pybind11::module_& m);
-#endif
 }  // namespace entrodrop

@@ -1,12 +1,24 @@
-// entrodrop_fast CUDA kernels: host launchers (no pybind11, no libtorch in here).
-// Tensors cross as raw device pointers + shape + strides (in elements) + dtype code.
+// entrodrop_fast CUDA kernels: host launchers (no pybind11, no libtorch in here), one source
+// per estimator: moments_cuda.cu, bucket_hist_cuda.cu (the two-pass histogram),
+// bucket_fused_cuda.cu and bucket_tile_cuda.cu (the single-read histograms), launch_cuda.cu
+// (occupancy); their shared device code is in cuda_common.cuh, stream_stats.cuh, bucket_common.cuh.
+// Tensors cross as raw device pointers + shape + strides (in elements) + dtype code
+// (entrodrop_common.h, shared with the CPU kernels).
 #pragma once
 #include <cstdint>
+
+#include "entrodrop_common.h"
 
 namespace entrodrop {
 namespace cuda {
 
-enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+// Limits (exported to Python as _C.CUDA_*): samples per call and token splits per launch (grid
+// dimensions), rows of the single-read bucket kernels, rows per block of the shared-memory
+// 16-bit histogram counters.
+constexpr int kMaxSamples = 65535;
+constexpr int kMaxSplits = 65535;
+constexpr int kFusedRows = 256;
+constexpr int kMaxRowsPerHistBlock = 65535;
 
 // Y = x (+ f) over tokens with mask[b, t] != 0 (mask may be null, f may be null).
 struct Input {
@@ -17,14 +29,16 @@ struct Input {
   int64_t sxb = 0, sxt = 0, sxd = 0;
   int64_t sfb = 0, sft = 0, sfd = 0;
   int64_t smb = 0, smt = 0;
-  int dtype = kF32;
+  int dtype = DT_F32;
   // 1: generic path (any strides, 32 channels per block); 4 (fp32) / 8 (fp16, bf16): one
   // 16-byte load per row and thread, 64 channels per block; needs D % vec == 0, unit channel
   // strides, 16-byte aligned base pointers and batch/token strides divisible by vec.
   int vec = 1;
 };
 
-// Each returns nullptr on success, else a static error string (a CUDA error or a bad argument).
+// Errors: a bad argument throws std::invalid_argument (ValueError in Python, as from the CPU
+// kernels); each launcher returns nullptr on success, else the CUDA runtime's error string
+// (RuntimeError in Python).
 // Non-finite values (docs/CONTRACT.md): the kernels detect NaN/Inf in Y among the valid tokens
 // in the pass that reads them (their min/max propagate NaN) and report it per (sample,
 // channel): moments_merge writes mean = m2 = min = max = NaN; bucket_hist / bucket_fused write

@@ -89,13 +89,10 @@ struct ExactDist {
   int64_t s0, sd, D, es;
   ExactDist(uintptr_t x, int dt, const Dims& stride, int64_t d)
       : base(reinterpret_cast<const uint8_t*>(x)), dtype(dt), s0(stride[0]), sd(stride[1]), D(d),
-        es(dt == DT_F32 ? 4 : 2) {}
+        es(dt == DT_F32 ? 4 : 2), dist(by_dtype(dt, dist_f32, dist_f16, dist_bf16)) {}
+  double (*dist)(const uint8_t*, const uint8_t*, int64_t, int64_t);
   double operator()(int64_t i, int64_t j) const {
-    const uint8_t* a = base + i * s0 * es;
-    const uint8_t* b = base + j * s0 * es;
-    if (dtype == DT_F16) return dist_f16(a, b, sd, D);
-    if (dtype == DT_BF16) return dist_bf16(a, b, sd, D);
-    return dist_f32(a, b, sd, D);
+    return dist(base + i * s0 * es, base + j * s0 * es, sd, D);
   }
 };
 

@@ -40,7 +40,7 @@ namespace entrodrop {
 namespace cpu {
 namespace {
 
-constexpr int64_t kFusedMaxN = 512;
+constexpr int64_t kFusedMaxN = kKnnFusedMaxN;  // entrodrop.h (exported to Python)
 constexpr int64_t kTile = 32;    // Gram tile side; Np (rows, padded) is a multiple of it
 constexpr int64_t kPanel = 1024;  // channels per pass over a tile (its rows stay in L2)
 constexpr int kMaxNet = 64;      // the largest k for the insertion network
@@ -413,9 +413,7 @@ double exact_dist_t(const Rows& r, int64_t ta, int64_t tb, float* ya, float* yb)
 }
 
 double exact_dist(int dtype, const Rows& r, int64_t ta, int64_t tb, float* ya, float* yb) {
-  if (dtype == DT_F16) return exact_dist_t<DT_F16>(r, ta, tb, ya, yb);
-  if (dtype == DT_BF16) return exact_dist_t<DT_BF16>(r, ta, tb, ya, yb);
-  return exact_dist_t<DT_F32>(r, ta, tb, ya, yb);
+  return dispatch_dtype(dtype, [&](auto dt) { return exact_dist_t<decltype(dt)::value>(r, ta, tb, ya, yb); });
 }
 
 // ----------------------------------------------------------------- packing
@@ -567,9 +565,7 @@ void load_row(const Sample& sp, int64_t t, float* y) {
   load_y<DT>(*sp.x, sp.f, sp.b, t, 0, sp.D, y);
 }
 void load_row_any(const Sample& sp, int64_t t, float* y) {
-  if (sp.dtype == DT_F16) load_row<DT_F16>(sp, t, y);
-  else if (sp.dtype == DT_BF16) load_row<DT_BF16>(sp, t, y);
-  else load_row<DT_F32>(sp, t, y);
+  dispatch_dtype(sp.dtype, [&](auto dt) { load_row<decltype(dt)::value>(sp, t, y); });
 }
 
 // Step 1 (serial): the valid rows' indices and the centre.

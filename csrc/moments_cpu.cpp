@@ -389,15 +389,14 @@ void moments_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims
     return st;
   };
 
+  const auto item = by_dtype(dtype, item_f32, item_f16, item_bf16);
   parallel_for(items, nt, [&](int64_t it, int tid) {
     const int64_t b = it / P, p = it % P;
     const int64_t t0 = p * span, t1 = std::min(T, t0 + span);
     ItemState st = state(0, it), st2 = state(NS - 1, it);
     ItemState* s2 = NS == 2 ? &st2 : nullptr;
     if (t0 < t1) {
-      if (dtype == DT_F16) item_f16(xv, fp, mv, b, t0, t1, D, st, s2, bufs[tid]);
-      else if (dtype == DT_BF16) item_bf16(xv, fp, mv, b, t0, t1, D, st, s2, bufs[tid]);
-      else item_f32(xv, fp, mv, b, t0, t1, D, st, s2, bufs[tid]);
+      item(xv, fp, mv, b, t0, t1, D, st, s2, bufs[tid]);
     }
     nstate[it] = st.n;
   });

@@ -1,3 +1,5 @@
+"""Fixtures, hooks and environment setup only; what test files share is in helpers.py."""
+
 import os
 
 import pytest
@@ -11,30 +13,6 @@ if not torch.cuda.is_available():
 
 # Deterministic, quick: tests use 1-2 threads on the 2-core CI machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def llm_like(*shape, seed=0, dtype=torch.float32, outliers=True):
-    """Random hidden states with a few channels ~1e4x larger, as in real LLMs."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g)
-    if outliers and shape[-1] >= 4:
-        x[..., 1] = x[..., 1] * 50 + 3000.0
-        x[..., shape[-1] // 2] *= 400.0
-    return x.to(dtype)
-
-
-def assert_close(ref, tri, rtol, atol=0.0, name=""):
-    """Compare a fast result (tri) with the reference (ref), reporting the worst error."""
-    ref = torch.as_tensor(ref, dtype=torch.float64).cpu()
-    tri = torch.as_tensor(tri, dtype=torch.float64).cpu()
-    assert ref.shape == tri.shape, f"{name}: shape {tuple(tri.shape)} != reference {tuple(ref.shape)}"
-    err = (ref - tri).abs()
-    tol = atol + rtol * ref.abs()
-    worst = (err - tol).argmax() if err.numel() else None
-    ok = bool((err <= tol).all()) and bool(torch.isfinite(tri).all() == torch.isfinite(ref).all())
-    assert ok, f"{name}: max abs err {err.max():.3e}, at {worst}: ref {ref.flatten()[worst]:.8g} vs {tri.flatten()[worst]:.8g} (rtol {rtol}, atol {atol})"
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, llm_like
+from helpers import assert_close, llm_like
 
 import entrodrop_fast as ef
 from entrodrop_fast.ops import reference as R
@@ -172,7 +172,10 @@ def test_constant_channels():
 
 
 def test_unknown_and_unavailable_backend():
-    with pytest.raises(ValueError, match="unknown backend 'cuda'.*available here"):
+    with pytest.raises(ValueError, match="unknown backend 'metal'.*available here"):
+        ef.bucket_entropy(torch.randn(5, 3), backend="metal")
+    # "cuda" is a backend (ops/backends.py), whose kernels take CUDA tensors only
+    with pytest.raises(ValueError, match="backend 'cuda' (is not available|does not run on cpu).*available"):
         ef.bucket_entropy(torch.randn(5, 3), backend="cuda")
     info = ef.backends()
     assert info["torch"]["available"]
@@ -185,11 +188,11 @@ def test_auto_warns_once_when_the_extension_did_not_load(monkeypatch):
     still works on the torch reference, but says so once, with the reason."""
     import warnings
 
-    from entrodrop_fast.ops import api
+    from entrodrop_fast.ops import backends, torch_backend
 
-    monkeypatch.setattr(api, "_loaded", {"torch": api._TorchBackend})
-    monkeypatch.setattr(api, "_load_errors", {"cpp": "ImportError: no module named entrodrop_fast._C", "triton": "no GPU"})
-    monkeypatch.setattr(api, "_fallback_warned", False)
+    monkeypatch.setattr(backends, "_loaded", {"torch": torch_backend})
+    monkeypatch.setattr(backends, "_load_errors", {"cpp": "ImportError: no module named entrodrop_fast._C", "triton": "no GPU", "cuda": "no GPU"})
+    monkeypatch.setattr(backends, "_fallback_warned", False)
     x = torch.randn(16, 4)
     with pytest.warns(RuntimeWarning, match=r"compiled kernels are not available \(ImportError: no module named entrodrop_fast._C\).*torch reference"):
         a = ef.bucket_entropy(x)

@@ -3,20 +3,16 @@
 import json
 
 import pytest
-import torch
-from test_evaluate import DOCS, CharTokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import DOCS, CharTokenizer, char_llama
 
-from entrodrop_fast import compare as C
+from entrodrop_fast.evaluate import compare as C
 from entrodrop_fast.models.loading import LoadedModel
 from entrodrop_fast.outputs import MARKER, OutputError
 
 
 @pytest.fixture(scope="module")
 def lm():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    return LoadedModel(LlamaForCausalLM(cfg).eval(), CharTokenizer(), "tiny", "tiny", "dir")
+    return LoadedModel(char_llama(5), CharTokenizer(), "tiny", "tiny", "dir")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +76,7 @@ def test_calibration_agreement_of_identical_and_reversed_reports(lm, corpus):
 def test_lm_eval_missing_gives_a_clear_message(lm, monkeypatch):
     import builtins
 
-    from entrodrop_fast.lm_eval_adapter import LmEvalUnavailable, run_lm_eval
+    from entrodrop_fast.evaluate.lm_eval import LmEvalUnavailable, run_lm_eval
 
     real_import = builtins.__import__
 
@@ -98,7 +94,7 @@ def test_lm_eval_missing_gives_a_clear_message(lm, monkeypatch):
 
 
 def test_entropy_methods_match_the_runner():
-    from entrodrop_fast.runner import ENTROPY_METHODS
+    from entrodrop_fast.profile.inmemory import ENTROPY_METHODS
 
     assert C.ENTROPY == ENTROPY_METHODS
 
@@ -147,7 +143,7 @@ def test_protocol_one_rule_for_all_methods_cache_and_paired_tests(lm, corpus):
 def test_shared_rule_detects_stage1_once(lm, corpus):
     comp = C.compare(lm, kinds=("attn",), counts=(1,), methods=("knn", "cosine", "random"), corpus=corpus, samples=6, seq_len=48, eval_windows=2, eval_items=4,
                      speed=False, progress=False, log=lambda *a: None, protect_rule="shared", stage1_method="bucket", random_seeds=(5,), k=5)
-    from entrodrop_fast.ranking import protected_by_rule
+    from entrodrop_fast.prune.ranking import protected_by_rule
 
     want = protected_by_rule(comp["report"], "shared", stage1_method="bucket")[0]
     assert "bucket" in comp["report"]["entropy"]  # profiled for the protection although not compared
@@ -163,7 +159,7 @@ def test_compare_bad_protocol_input():
 
 
 def test_paired_statistics_closed_forms():
-    from entrodrop_fast.paired import binom_two_sided, mcnemar_exact, paired_mean_diff
+    from entrodrop_fast.evaluate.paired import binom_two_sided, mcnemar_exact, paired_mean_diff
 
     # 2 * P(X <= 1), X ~ Bin(10, 1/2) = 2 * 11 / 1024
     assert binom_two_sided(1, 10) == pytest.approx(22 / 1024)

@@ -1,9 +1,10 @@
 """The second built-in corpus, stdlib-docs: deterministic, offline, disjoint from the first."""
 
 import pytest
-from test_evaluate import CharTokenizer
+from helpers import CharTokenizer
 
 from entrodrop_fast import data as D
+from entrodrop_fast.evaluate.heldout import heldout_documents
 
 
 def test_stdlib_docs_is_deterministic_and_sized():
@@ -35,7 +36,7 @@ def test_stdlib_docs_gives_calibration_windows_and_heldout_text():
     w2, _ = D.calibration_windows(tok, "stdlib-docs", samples=8, seq_len=64, seed=3)
     assert w.shape == (8, 64) and bool((w == w2).all())
     assert info["corpus"] == "builtin:stdlib-docs" and info["sha256"]
-    held = D.heldout_documents("stdlib-docs", tok, seq_len=64)
+    held = heldout_documents("stdlib-docs", tok, seq_len=64)
     assert held and not set(held) & set(D.split_documents(D.load_corpus("stdlib-docs").documents)[0])
 
 

@@ -1,4 +1,7 @@
-"""CUDA kernels (cuda_backend) and Triton kernels (triton_backend) against the reference, on GPU.
+"""CUDA kernels (cuda_backend) and Triton kernels (triton_backend) against the reference, on GPU:
+what only these have (sizes and kernel paths of a GPU: many bins, streams, the big input, the
+tiled knn with TF32, the pair and tile kernels). What every backend must do is in
+test_backends.py, the conformance suite (its cuda and triton cases run on the GPU too).
 
 Skipped without a CUDA device. benches/gpu_check.sh runs this on the lent GPU machine.
 """
@@ -6,19 +9,18 @@ Skipped without a CUDA device. benches/gpu_check.sh runs this on the lent GPU ma
 import importlib.util
 import os
 
+import helpers as H
 import pytest
 import torch
-from conftest import DTYPES, assert_close, llm_like
+from helpers import DTYPES, assert_close, llm_like
 
+from entrodrop_fast.ops import backends as B
 from entrodrop_fast.ops import reference as ref_ops
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-
-SHAPES = [(1, 2, 1), (1, 3, 5), (1, 257, 577), (3, 33, 65), (2, 100, 4096)]
-
 
 def _backends():
     out = [pytest.param("cuda", id="cuda")]
@@ -47,89 +49,27 @@ def counts_fn(name):
 
 
 def make(shape, dtype, seed=0, strided=False):
-    x = llm_like(*shape, seed=seed, dtype=dtype)
-    if strided:  # channel stride 2, samples interleaved between tokens
-        B, T, D = shape
-        buf = torch.zeros(T, B, 2 * D, dtype=dtype)
-        buf[..., ::2] = x.transpose(0, 1)
-        x = buf.cuda().transpose(0, 1)[..., ::2]
-        return x
-    return x.cuda()
+    return H.make(shape, dtype, "cuda", seed, strided)
 
 
 def make_mask(shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    m = torch.rand(shape[:2], generator=g) > 0.4
-    m[:, 0] = True
-    m[:, -1] = True
-    return m.cuda()
+    return H.make_mask(shape, "cuda", seed)
 
 
-def ref_counts(x, f, mask, bins):
-    y = ref_ops._y(x, f)
-    out = []
-    for b in range(y.shape[0]):
-        idx = ref_ops.bucket_bin_index(ref_ops._rows(y, mask, b), bins)
-        c = torch.zeros(y.shape[2], bins, dtype=torch.int64, device=y.device)
-        c.scatter_add_(1, idx.t(), torch.ones_like(idx.t()))
-        out.append(c)
-    return torch.stack(out)
+ref_counts = H.ref_counts
+bad_channels = H.bad_channels
+same_bits = H.same_bits
 
 
 def check_moments(ref, out, name=""):
     assert out["count"].device.type == "cuda"
-    assert_close(ref["count"], out["count"], 0, name=f"{name} count")
-    assert_close(ref["m2"], out["m2"], 1e-5, 1e-9, name=f"{name} m2")
-    assert_close(ref["min"], out["min"], 0, name=f"{name} min")
-    assert_close(ref["max"], out["max"], 0, name=f"{name} max")
-    std = (ref["m2"] / ref["count"][:, None]).sqrt().cpu()
-    err = (ref["mean"].cpu() - out["mean"].double().cpu()).abs()
-    tol = 1e-5 * ref["mean"].abs().cpu() + 1e-6 * std + 1e-30
-    assert bool((err <= tol).all()), f"{name} mean: worst excess {(err - tol).max():.3e}"
+    H.check_moments(ref, out, H.TOLS["cuda"], name)
 
 
 @pytest.mark.parametrize("name", _backends())
 def test_available(name):
     mod = backend(name)
     assert "cuda" in mod.devices()
-
-
-@pytest.mark.parametrize("name", _backends())
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_moments(name, shape, dtype):
-    mod = backend(name)
-    x, f, m = make(shape, dtype), make(shape, dtype, seed=1), make_mask(shape)
-    check_moments(ref_ops.moments(x), mod.moments(x, None, None), "x")
-    check_moments(ref_ops.moments(x, f, m), mod.moments(x, f, m), "x+f masked")
-    xs = make(shape, dtype, seed=2, strided=True)
-    check_moments(ref_ops.moments(xs, None, m), mod.moments(xs, None, m), "strided")
-
-
-@pytest.mark.parametrize("name", _backends())
-def test_moments_offset_channels(name):
-    mod = backend(name)
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 3000, 96, generator=g)
-    x[..., 3] = x[..., 3] * 1e4 + 3e5
-    x[..., 7] = x[..., 7] * 1e-3 + 10.0
-    x = x.cuda()
-    check_moments(ref_ops.moments(x), mod.moments(x, None, None), "offset")
-
-
-@pytest.mark.parametrize("name", _backends())
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bins", [1, 20, 80])
-def test_bucket_counts_exact(name, shape, dtype, bins):
-    backend(name)
-    counts = counts_fn(name)
-    x, f, m = make(shape, dtype), make(shape, dtype, seed=1), make_mask(shape)
-    x[..., 0] = 1.5  # a constant channel
-    assert torch.equal(counts(x, None, None, bins).long(), ref_counts(x, None, None, bins))
-    assert torch.equal(counts(x, f, m, bins).long(), ref_counts(x, f, m, bins))
-    xs = make(shape, dtype, seed=2, strided=True)
-    assert torch.equal(counts(xs, None, m, bins).long(), ref_counts(xs, None, m, bins))
 
 
 @pytest.mark.parametrize("name", _backends())
@@ -160,7 +100,7 @@ def test_triton_cosine_knn():
         assert_close(r[0], t[0], 1e-5, 1e-6)
         assert_close(r[1], t[1], 0)
     xk = llm_like(300, 64, seed=3, outliers=False).cuda()
-    assert_close(ref_ops.knn_kth_distance(xk, 25), mod.knn_kth_distance(xk, 25), 1e-5, 1e-6)
+    assert_close(ref_ops.knn_kth_distance(xk, 25), B.kernel("triton", "cuda", "knn_kth_distance")(xk, 25), 1e-5, 1e-6)
 
 
 def test_stream_ordering():
@@ -196,29 +136,31 @@ def test_big_bf16(name):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,D,k", [(26, 5, 25), (257, 577, 25), (2048, 64, 25), (700, 4096, 7)])
 def test_cuda_knn_tiled(dtype, N, D, k):
-    """cuda_backend.knn_kth_distance (tiled cuBLAS GEMMs + exact fp64 band) to 1e-9."""
-    mod = backend("cuda")
+    """The cuda backend's knn_kth_distance (tiled cuBLAS GEMMs + exact fp64 band) to 1e-9."""
+    backend("cuda")
+    knn = B.kernel("cuda", "cuda", "knn_kth_distance")  # (ops/backends.py: the tiled GEMM search)
     x = llm_like(N, D, seed=N, dtype=dtype)
     r = x.double()
     want = torch.cdist(r, r, compute_mode="donot_use_mm_for_euclid_dist").fill_diagonal_(float("inf")).kthvalue(k, 1).values
-    assert_close(want, mod.knn_kth_distance(x.cuda(), k), 1e-9)
-    assert_close(want, mod.knn_kth_distance(x.cuda()[:, :].t().contiguous().t(), k), 1e-9)  # column-major
+    assert_close(want, knn(x.cuda(), k), 1e-9)
+    assert_close(want, knn(x.cuda()[:, :].t().contiguous().t(), k), 1e-9)  # column-major
     dup = x[: N // 4].repeat(4, 1)
     rd = dup.double()
     want = torch.cdist(rd, rd, compute_mode="donot_use_mm_for_euclid_dist").fill_diagonal_(float("inf")).kthvalue(min(k, dup.shape[0] - 1), 1).values
-    assert_close(want, mod.knn_kth_distance(dup.cuda(), min(k, dup.shape[0] - 1)), 1e-9)
+    assert_close(want, knn(dup.cuda(), min(k, dup.shape[0] - 1)), 1e-9)
 
 
 def test_cuda_knn_tf32_allowed():
     """With TF32 GEMMs allowed the band widens; the radii stay exact."""
-    mod = backend("cuda")
+    backend("cuda")
+    knn = B.kernel("cuda", "cuda", "knn_kth_distance")  # (ops/backends.py: the tiled GEMM search)
     x = llm_like(1000, 1024, seed=3, dtype=torch.bfloat16)
     r = x.double()
     want = torch.cdist(r, r, compute_mode="donot_use_mm_for_euclid_dist").fill_diagonal_(float("inf")).kthvalue(25, 1).values
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        got = mod.knn_kth_distance(x.cuda(), 25)
+        got = knn(x.cuda(), 25)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     assert_close(want, got, 1e-9)
@@ -266,18 +208,6 @@ def bad_data(dtype, case, shape):
         x[B - 1, 5, 0] = big
         f[B - 1, 5, 0] = big
     return x.to(dtype).cuda(), f.to(dtype).cuda(), mask.cuda()
-
-
-def bad_channels(y, mask):
-    """bool [B, D]: (sample, channel) holding a non-finite y among the valid tokens."""
-    bad = ~torch.isfinite(y)
-    if mask is not None:
-        bad &= mask[:, :, None]
-    return bad.any(1)
-
-
-def same_bits(a, b):
-    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(7.0, 8.0, 9.0), b.nan_to_num(7.0, 8.0, 9.0))
 
 
 @pytest.mark.parametrize("shape", REPORT_SHAPES, ids=str)

@@ -4,31 +4,14 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import DOCS, CharTokenizer, char_llama
 
-from entrodrop_fast import evaluate as E
-
-
-class CharTokenizer:
-    """Bytes as tokens: enough for the evaluation code, no download."""
-
-    eos_token_id = 0
-
-    def __call__(self, texts, add_special_tokens=False):
-        if isinstance(texts, str):
-            return {"input_ids": [min(b, 255) + 1 for b in texts.encode()]}
-        return {"input_ids": [[min(b, 255) + 1 for b in t.encode()] for t in texts]}
+from entrodrop_fast.evaluate import heldout as E
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    return LlamaForCausalLM(cfg).eval()
-
-
-WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike".split()
-DOCS = [f"Document {i}: " + " ".join(WORDS[(j * 7 + i) % len(WORDS)] for j in range(150)) for i in range(10)]
+    return char_llama(2)
 
 
 def test_split_documents_is_disjoint_and_deterministic():

@@ -4,12 +4,17 @@ import math
 
 import pytest
 import torch
-from test_evaluate import DOCS, CharTokenizer, tiny  # noqa: F401  (fixture)
+from helpers import DOCS, CharTokenizer, char_llama, tiny_model
 
-from entrodrop_fast import evaluate as E
+from entrodrop_fast.evaluate import heldout as E
 
 
-def test_per_item_records_and_batched_items(tiny):  # noqa: F811
+@pytest.fixture(scope="module")
+def tiny():
+    return char_llama(2)
+
+
+def test_per_item_records_and_batched_items(tiny):
     tok = CharTokenizer()
     one = E.continuation_task(tiny, tok, DOCS, items=10, item_batch=1)
     many = E.continuation_task(tiny, tok, DOCS, items=10, item_batch=4)
@@ -19,7 +24,7 @@ def test_per_item_records_and_batched_items(tiny):  # noqa: F811
     assert len(lw["correct"]) == 5 and lw["accuracy"] == sum(lw["correct"]) / 5
 
 
-def test_logits_to_keep_equals_the_full_head(tiny, monkeypatch):  # noqa: F811
+def test_logits_to_keep_equals_the_full_head(tiny, monkeypatch):
     prefix = torch.randint(1, 250, (3, 20), generator=torch.Generator().manual_seed(0))
     targets = torch.randint(1, 250, (3, 5), generator=torch.Generator().manual_seed(1))
     kept, g1 = E._loglik(tiny, prefix, targets)
@@ -29,7 +34,7 @@ def test_logits_to_keep_equals_the_full_head(tiny, monkeypatch):  # noqa: F811
     assert torch.equal(g1, g2)
 
 
-def test_perplexity_interval_from_windows(tiny):  # noqa: F811
+def test_perplexity_interval_from_windows(tiny):
     ppl = E.perplexity(tiny, CharTokenizer(), DOCS, seq_len=32, max_windows=6)
     assert len(ppl["window_nll"]) == 6
     # windows of equal length: the overall NLL is the mean of the window NLLs
@@ -38,7 +43,7 @@ def test_perplexity_interval_from_windows(tiny):  # noqa: F811
     assert lo < ppl["perplexity"] < hi
 
 
-def test_shared_context_equals_separate_rows(tiny):  # noqa: F811
+def test_shared_context_equals_separate_rows(tiny):
     tok = CharTokenizer()
     shared = E.continuation_task(tiny, tok, DOCS, items=12, item_batch=5)
     plain = E.continuation_task(tiny, tok, DOCS, items=12, item_batch=5, shared_context=False)
@@ -50,10 +55,10 @@ def test_shared_context_equals_separate_rows(tiny):  # noqa: F811
     torch.testing.assert_close(a, b.view(3, 4), rtol=1e-5, atol=1e-4)
 
 
-def test_shared_context_on_a_model_with_dropped_attention(tiny):  # noqa: F811
+def test_shared_context_on_a_model_with_dropped_attention(tiny):
     import copy
 
-    from entrodrop_fast.surgery import drop_blocks_
+    from entrodrop_fast.prune.surgery import drop_blocks_
 
     pruned = copy.deepcopy(tiny)
     drop_blocks_(pruned, {"attn": [1]})
@@ -66,8 +71,6 @@ def test_shared_context_on_a_model_with_dropped_attention(tiny):  # noqa: F811
 
 @pytest.mark.parametrize("name", ["gemma3_text", "mistral", "qwen2", "gpt_neox", "phi"])
 def test_shared_context_on_other_architectures(name):
-    from test_models import tiny_model
-
     model = tiny_model(name)
     V = model.config.vocab_size
     ctx = torch.randint(1, V, (2, 20), generator=torch.Generator().manual_seed(6))

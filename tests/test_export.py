@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_surgery import TYPES, manual_reference_logits, tiny_model
+from helpers import TYPES, manual_reference_logits, tiny_model
 
-from entrodrop_fast.export import ExportError, export_pruned, load_pruned
 from entrodrop_fast.outputs import OutputError
-from entrodrop_fast.surgery import drop_blocks_
+from entrodrop_fast.prune.export import ExportError, export_pruned, load_pruned
+from entrodrop_fast.prune.surgery import drop_blocks_
 
 IDS = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(3))
 
@@ -45,7 +45,7 @@ def max_err(a, b) -> float:
 def test_export_reload_every_architecture(model_type, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    base = tiny_model(model_type)
+    base = tiny_model(model_type, "mixed")
     src = save_sharded(base, tmp_path / "src")
     assert (src / "model.safetensors.index.json").is_file()
     before = tree_hashes(src)
@@ -97,7 +97,7 @@ def _leftovers(parent: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def llama_src(tmp_path_factory):
-    return save_sharded(tiny_model("llama"), tmp_path_factory.mktemp("llama") / "src")
+    return save_sharded(tiny_model("llama", "mixed"), tmp_path_factory.mktemp("llama") / "src")
 
 
 def test_corrupt_shard_fails_cleanly(llama_src, tmp_path):
@@ -124,7 +124,7 @@ def test_corrupt_shard_fails_cleanly(llama_src, tmp_path):
 
 
 def test_failure_while_writing_leaves_nothing(llama_src, tmp_path, monkeypatch):
-    import entrodrop_fast.export as ex
+    import entrodrop_fast.prune.export as ex
 
     calls = []
     real = ex._write_shard
@@ -166,7 +166,7 @@ def test_source_unchanged_and_overwrite_rules(llama_src, tmp_path):
 def test_single_file_checkpoint_and_bytes_identical(tmp_path):
     from safetensors import safe_open
 
-    m = tiny_model("qwen2")
+    m = tiny_model("qwen2", "mixed")
     m.save_pretrained(tmp_path / "src")
     assert (tmp_path / "src" / "model.safetensors").is_file()
     export_pruned(tmp_path / "src", tmp_path / "out", {"layer": [0]})
@@ -237,7 +237,7 @@ def test_prune_cli_with_plan_and_report(llama_src, tmp_path, capsys):
     for needle in ("blocks dropped", "parameters:", "checkpoint bytes:", "KV cache bytes/token:", "512 -> 256", "load_pruned"):
         assert needle in text, needle
     assert json.loads((out / "entrodrop_plan.json").read_text())["drop"]["layer"] == [2]
-    assert max_err(logits(load_pruned(out)), manual_reference_logits(tiny_model("llama"), {"attn": [1], "layer": [2]}, IDS)) <= 1e-5
+    assert max_err(logits(load_pruned(out)), manual_reference_logits(tiny_model("llama", "mixed"), {"attn": [1], "layer": [2]}, IDS)) <= 1e-5
     assert main(["prune", str(llama_src), "--plan", str(plan), "--out", str(out)]) == 1  # exists
     assert "holds an earlier pruned model; pass --overwrite" in capsys.readouterr().err
     assert main(["prune", str(llama_src), "--out", str(tmp_path / "x")]) == 1
@@ -264,7 +264,7 @@ def test_prune_a_pruned_checkpoint_again(llama_src, tmp_path):
     rec = cfg["entrodrop_pruned"]
     assert rec["kept_layers"] == [1, 2, 3] and rec["dropped_attn"] == [0] and rec["dropped_mlp"] == [2]
     assert cfg["architectures"] == ["EntrodropPrunedLlamaForCausalLM"] and rec["base_architecture"] == "LlamaForCausalLM"
-    ref = manual_reference_logits(tiny_model("llama"), {"attn": [1], "mlp": [3], "layer": [0]}, IDS)
+    ref = manual_reference_logits(tiny_model("llama", "mixed"), {"attn": [1], "mlp": [3], "layer": [0]}, IDS)
     assert max_err(logits(load_pruned(second)), ref) <= 1e-5
     in_memory = load_pruned(first)
     drop_blocks_(in_memory, {"layer": [0]})
@@ -272,7 +272,7 @@ def test_prune_a_pruned_checkpoint_again(llama_src, tmp_path):
 
 
 def test_save_pretrained_of_in_memory_pruned_model_loads_back(tmp_path):
-    m = tiny_model("qwen2")
+    m = tiny_model("qwen2", "mixed")
     drop_blocks_(m, {"attn": [2], "mlp": [0], "layer": [3]})
     m.save_pretrained(tmp_path / "saved")
     assert max_err(logits(load_pruned(tmp_path / "saved")), logits(m)) <= 1e-5

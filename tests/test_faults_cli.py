@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import char_tokenizer, tiny_model
 from safetensors.torch import save_file
 
 from entrodrop_fast.cli import main
@@ -20,11 +21,11 @@ from entrodrop_fast.data import (
     CorpusError,
     calibration_windows,
     describe_split,
-    heldout_documents,
     load_corpus,
     sample_windows,
     split_documents,
 )
+from entrodrop_fast.evaluate.heldout import heldout_documents
 
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
 
@@ -74,9 +75,9 @@ def _raise_in_info(monkeypatch, exc: BaseException) -> None:
 def _expected_cases():
     from safetensors import SafetensorError
 
-    from entrodrop_fast.export import ExportError
     from entrodrop_fast.models.loading import ModelLoadError
-    from entrodrop_fast.streaming import CheckpointError
+    from entrodrop_fast.profile.layerwise import CheckpointError
+    from entrodrop_fast.prune.export import ExportError
 
     return [
         (ValueError("--drop must be positive counts, got '0'"), ["--drop must be positive counts"]),
@@ -125,6 +126,7 @@ def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
     assert "interrupted" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_as_a_process_an_expected_failure_has_no_traceback_and_a_bug_has_one(tmp_path):
     (tmp_path / "empty.npy").write_bytes(b"")
     p = subprocess.run([sys.executable, "-m", "entrodrop_fast", "entropy", str(tmp_path / "empty.npy")], capture_output=True, text=True, timeout=300)
@@ -328,17 +330,11 @@ def test_heldout_text_checked_before_any_model_runs():
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama with a character tokenizer saved beside it (no download)."""
-    from test_models import tiny_model
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     d = tmp_path_factory.mktemp("tiny_llama")
     m = tiny_model("llama", layers=6)
     m.config.max_position_embeddings = 256  # eval's zero-shot items run up to 193 tokens
     m.save_pretrained(d)
-    tok = Tokenizer(models.WordLevel(vocab={chr(i): i - 30 for i in range(30, 127)}, unk_token="~"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="~").save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
     return d
 
 

@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close
+from helpers import assert_close
 
 import entrodrop_fast as ef
 from entrodrop_fast.ops import cpp_backend as cpp

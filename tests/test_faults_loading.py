@@ -16,28 +16,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_model, word_tokenizer
 from safetensors.torch import load_file, save_file
-from test_surgery import tiny_model
 
-from entrodrop_fast import evaluate as E
 from entrodrop_fast.cli import main
 from entrodrop_fast.commands.eval import load_any
-from entrodrop_fast.export import ExportError, export_pruned, load_pruned
+from entrodrop_fast.evaluate import heldout as E
 from entrodrop_fast.models import ModelLoadError, load_model
-from entrodrop_fast.runner import ProfileSettings, profile
-from entrodrop_fast.surgery import drop_blocks_
+from entrodrop_fast.profile.inmemory import ProfileSettings, profile
+from entrodrop_fast.prune.export import ExportError, export_pruned, load_pruned
+from entrodrop_fast.prune.surgery import drop_blocks_
 
 INDEX = "model.safetensors.index.json"
 IDS = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(5))
 
 
 def add_tokenizer(d: Path) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0", eos_token="w2").save_pretrained(d)
+    word_tokenizer(eos_token="w2").save_pretrained(d)
     return d
 
 
@@ -80,7 +75,7 @@ def logits(model, ids=IDS):
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     """(the model, its sharded directory with a tokenizer)."""
-    m = tiny_model("llama", seed=1)
+    m = tiny_model("llama", "mixed", seed=1)
     return m, save_dir(m, tmp_path_factory.mktemp("llama") / "src")
 
 
@@ -100,7 +95,7 @@ def test_healthy_checkpoint_loads_exactly(llama):
 
 
 def test_tied_head_may_be_absent(tmp_path):
-    model = tiny_model("gemma2", seed=2)  # tie_word_embeddings: lm_head.weight is not stored
+    model = tiny_model("gemma2", "mixed", seed=2)  # tie_word_embeddings: lm_head.weight is not stored
     d = save_dir(model, tmp_path / "g")
     names = set(json.loads((d / INDEX).read_text())["weight_map"])
     assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
@@ -208,7 +203,7 @@ def test_export_refuses_a_missing_tensor(llama, tmp_path):
 
 def test_pytorch_bin_checkpoint_is_checked_by_the_loading_report(tmp_path):
     """No safetensors headers to check up front: transformers' loading report is refused instead."""
-    model = tiny_model("llama", seed=6)
+    model = tiny_model("llama", "mixed", seed=6)
     d = tmp_path / "bin"
     model.config.save_pretrained(d)
     add_tokenizer(d)
@@ -228,7 +223,7 @@ def test_pytorch_bin_checkpoint_is_checked_by_the_loading_report(tmp_path):
 
 
 def test_moe_per_expert_checkpoint_is_checked_through_the_renaming(tmp_path):
-    model = tiny_model("mixtral", seed=3)
+    model = tiny_model("mixtral", "mixed", seed=3)
     src = save_dir(model, tmp_path / "moe", shard=None)
     names = load_file(str(src / "model.safetensors")).keys()
     assert any(".block_sparse_moe.experts.0.w1." in n for n in names)  # stored per expert, fused on load
@@ -353,7 +348,7 @@ def _corpus(tmp_path: Path) -> Path:
 
 
 def test_eval_refuses_nan_weights(tmp_path, capsys):
-    model = tiny_model("llama", seed=4)
+    model = tiny_model("llama", "mixed", seed=4)
     model.config.max_position_embeddings = 256  # the built-in zero-shot items are up to 193 tokens
     with torch.no_grad():
         model.model.norm.weight[3] = float("nan")
@@ -366,7 +361,7 @@ def test_eval_refuses_nan_weights(tmp_path, capsys):
 
 
 def test_evaluation_functions_refuse_non_finite_logits():
-    model = tiny_model("llama", seed=5, vocab_size=300)
+    model = tiny_model("llama", "mixed", seed=5, vocab_size=300)
     with torch.no_grad():
         model.model.embed_tokens.weight[7] = float("inf")  # only windows holding token 7 break
 

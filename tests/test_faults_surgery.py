@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_surgery import manual_reference_logits, tiny_model
+from helpers import manual_reference_logits, tiny_model
 
-from entrodrop_fast.export import ExportError, export_pruned
 from entrodrop_fast.models.adapters import get_adapter
-from entrodrop_fast.ranking import make_plan
-from entrodrop_fast.surgery import (
+from entrodrop_fast.prune.export import ExportError, export_pruned
+from entrodrop_fast.prune.ranking import make_plan
+from entrodrop_fast.prune.surgery import (
     IDENTITY_FIELDS,
     check_same_model,
     drop_blocks_,
@@ -82,7 +82,7 @@ def test_export_states_derived_per_layer_fields(case, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model_type, overrides, omit, add, layer, want_types, want_mlp = DERIVED[case]
-    src = published_checkpoint(tiny_model(model_type, **overrides), tmp_path / "src", omit, add)
+    src = published_checkpoint(tiny_model(model_type, "mixed", **overrides), tmp_path / "src", omit, add)
     raw = json.loads((src / "config.json").read_text())
     assert not set(omit) & set(raw)
     base = AutoModelForCausalLM.from_pretrained(src).eval()
@@ -112,7 +112,7 @@ def test_export_states_derived_per_layer_fields(case, tmp_path):
 
 def test_gemma2_export_matches_the_issue_numbers(tmp_path):
     """The issue's case: 4 layers, layer 1 dropped; the exported config states [S, S, F]."""
-    src = published_checkpoint(tiny_model("gemma2"), tmp_path / "src", ["layer_types"])
+    src = published_checkpoint(tiny_model("gemma2", "mixed"), tmp_path / "src", ["layer_types"])
     export_pruned(src, tmp_path / "out", {"layer": [1]})
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["layer_types"] == [S, S, F] and cfg["num_hidden_layers"] == 3
@@ -134,11 +134,11 @@ def gemma2_pattern_fixed(monkeypatch):
 
 
 def test_inexpressible_layer_pattern_is_refused(gemma2_pattern_fixed, tmp_path):
-    src = published_checkpoint(tiny_model("gemma2"), tmp_path / "src", ["layer_types"])
+    src = published_checkpoint(tiny_model("gemma2", "mixed"), tmp_path / "src", ["layer_types"])
     with pytest.raises(ExportError, match=r"source layer 2 becomes layer 1, .* would build it with config layer_types 'full_attention' instead of 'sliding_attention'.*Nothing was changed or written"):
         export_pruned(src, tmp_path / "out", {"layer": [1]})
     assert not (tmp_path / "out").exists()
-    model = tiny_model("gemma2")
+    model = tiny_model("gemma2", "mixed")
     with pytest.raises(ValueError, match="cannot write a gemma2 config that keeps the kept layers"):
         drop_blocks_(model, {"layer": [1]})
     assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4  # untouched
@@ -180,7 +180,7 @@ def write_report(report: dict, path: Path) -> Path:
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama") / "src"
-    tiny_model("llama").save_pretrained(path)
+    tiny_model("llama", "mixed").save_pretrained(path)
     return path
 
 
@@ -212,7 +212,7 @@ def test_plan_records_the_model_it_was_made_for(llama_dir):
 
 def test_export_refuses_a_plan_of_another_hidden_size(llama_dir, tmp_path):
     """The issue's case: only the layer count used to be compared."""
-    other = model_identity(tiny_model("llama", hidden_size=64).config)
+    other = model_identity(tiny_model("llama", "mixed", hidden_size=64).config)
     plan = make_plan(synthetic_report(other), "layer", 1)
     with pytest.raises(ExportError, match=r"made for another model than .*hidden_size 64 there, 32 here.*profile this model first"):
         export_pruned(llama_dir, tmp_path / "out", plan)
@@ -252,8 +252,8 @@ def test_old_report_fields_present_agree_absent_unchecked(llama_dir, tmp_path):
 
 
 def test_in_memory_drop_refuses_a_plan_of_another_model():
-    model = tiny_model("llama")
-    other = model_identity(tiny_model("llama", intermediate_size=96).config)
+    model = tiny_model("llama", "mixed")
+    other = model_identity(tiny_model("llama", "mixed", intermediate_size=96).config)
     with pytest.raises(ValueError, match="intermediate_size 96 there, 64 here"):
         drop_blocks_(model, make_plan(synthetic_report(other), "layer", 1))
     assert len(model.model.layers) == 4
@@ -264,7 +264,7 @@ def test_in_memory_drop_refuses_a_plan_of_another_model():
 def test_prune_cli_refuses_a_report_of_another_model(llama_dir, tmp_path, capsys):
     from entrodrop_fast.cli import main
 
-    other = write_report(synthetic_report(model_identity(tiny_model("llama", hidden_size=64).config)), tmp_path / "rep_other")
+    other = write_report(synthetic_report(model_identity(tiny_model("llama", "mixed", hidden_size=64).config)), tmp_path / "rep_other")
     out = tmp_path / "pruned"
     assert main(["prune", str(llama_dir), "--report", str(other), "--kind", "layer", "--drop", "1", "--out", str(out)]) == 1
     err = capsys.readouterr().err

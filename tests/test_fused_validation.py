@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import DTYPES, assert_close
+from helpers import DTYPES, assert_close, tiny_model
 
 import entrodrop_fast as ef
 from entrodrop_fast import _ext
@@ -414,10 +414,8 @@ def test_nan_inf_stay_in_bounds(dtype, T, bins):
 
 
 def _stats(methods=("bucket",), name="llama", backend="cpp", mask=None):
-    from test_models import tiny_model
-
-    from entrodrop_fast.hooks import BlockStatistics, TapSettings
     from entrodrop_fast.models import get_adapter
+    from entrodrop_fast.profile.taps import BlockStatistics, TapSettings
 
     ad = get_adapter(tiny_model(name, seed=3))
     return BlockStatistics(ad, 2, TapSettings(tuple(methods), backend=backend), mask=mask)
@@ -425,7 +423,7 @@ def _stats(methods=("bucket",), name="llama", backend="cpp", mask=None):
 
 @pytest.mark.parametrize("methods", [("bucket",), ("gaussian_diag",), ("bucket", "gaussian_diag")])
 def test_taps_read_no_tensor_for_the_check_on_cpp(methods, monkeypatch):
-    from entrodrop_fast.hooks import BlockStatistics
+    from entrodrop_fast.profile.taps import BlockStatistics
 
     def forbidden(self, point, t):
         raise AssertionError("the taps ran their own finiteness pass")

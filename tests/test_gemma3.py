@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_models import tiny_model
+from helpers import tiny_model, word_tokenizer
 
 from entrodrop_fast import outputs
 from entrodrop_fast.models import loading
@@ -94,12 +94,7 @@ def write_packages(root: Path, chunks=(b"GGUF-fake-", b"chunk-two"), sha: str | 
 
 
 def fake_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0", eos_token="w2")
+    return word_tokenizer(eos_token="w2")
 
 
 @pytest.fixture
@@ -342,8 +337,8 @@ def test_gemma3_drop_two_export_reload_equal_logits(gemma, gemma_report, kind, t
     from transformers import AutoModelForCausalLM
 
     from entrodrop_fast.cli import main
-    from entrodrop_fast.export import load_pruned
-    from entrodrop_fast.surgery import drop_blocks_
+    from entrodrop_fast.prune.export import load_pruned
+    from entrodrop_fast.prune.surgery import drop_blocks_
 
     src, lm = gemma
     out = tmp_path / f"gemma-{kind}2"

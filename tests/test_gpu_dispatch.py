@@ -1,13 +1,14 @@
 """How the API finds the CUDA kernels' declarations (runs on CPU: nothing is launched).
 
-The cpp backend hands CUDA tensors to cuda_backend, so for CUDA tensors the API reads
-cuda_backend's REPORTS_NONFINITE and PAIRS (api._kernel_module); CPU tensors keep the cpp
-backend's own."""
+backend="cpp" on CUDA tensors is the cuda backend (ops/backends.py ALIASES), so for CUDA
+tensors the API reads cuda_backend's REPORTS_NONFINITE and PAIRS (for the ops native to it in
+the table); CPU tensors keep the cpp backend's own."""
 
 import pytest
 import torch
 
 from entrodrop_fast.ops import api, cpp_backend, cuda_backend
+from entrodrop_fast.ops import backends as B
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 
@@ -16,17 +17,20 @@ pytestmark = pytest.mark.skipif(not cpp_backend.available()[0], reason="the comp
 
 @pytest.fixture(autouse=True)
 def cpp_loaded():
-    assert api._module("cpp") is cpp_backend
+    assert B._module("cpp") is cpp_backend
 
 
 def test_cuda_tensors_read_cuda_backends_declarations():
-    assert api._kernel_module("cpp", CUDA) is cuda_backend
-    assert api._kernel_module("cpp", CPU) is cpp_backend
+    assert B._native_module("cpp", "cuda", "bucket") is cuda_backend
+    assert B._native_module("cpp", "cpu", "bucket") is cpp_backend
     assert cuda_backend.REPORTS_NONFINITE == {"cuda": frozenset({"moments", "bucket"})}
     assert api._reports_nonfinite("cpp", CUDA, "bucket") and api._reports_nonfinite("cpp", CUDA, "moments")
     assert not api._reports_nonfinite("cpp", CUDA, "cosine")  # runs on Triton or the reference
     assert api._pair_kernel("cpp", CUDA, "bucket") is cuda_backend.bucket_pair
     assert api._pair_kernel("cpp", CUDA, "moments") is cuda_backend.moments_pair
+    # the same under the backend's own name
+    assert api._reports_nonfinite("cuda", CUDA, "bucket") and not api._reports_nonfinite("cuda", CUDA, "cosine")
+    assert api._pair_kernel("cuda", CUDA, "bucket") is cuda_backend.bucket_pair
 
 
 def test_cpu_tensors_unchanged():

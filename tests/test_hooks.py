@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_models import TINY, tiny_model
+from helpers import TINY, tiny_model
 
-from entrodrop_fast.hooks import BlockStatistics, ResidualTaps, TapSettings
 from entrodrop_fast.models import get_adapter
+from entrodrop_fast.profile.taps import BlockStatistics, ResidualTaps, TapSettings
 
 
 class Recorder:

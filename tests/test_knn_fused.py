@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from conftest import DTYPES, assert_close, llm_like
+from helpers import DTYPES, assert_close, llm_like
 
 import entrodrop_fast as ef
 from entrodrop_fast import _ext

@@ -5,7 +5,7 @@ values, and tiles small enough that every row meets several row and column block
 
 import pytest
 import torch
-from conftest import DTYPES, assert_close, llm_like
+from helpers import DTYPES, assert_close, llm_like
 
 from entrodrop_fast.ops import knn_tiled as kt
 from entrodrop_fast.ops import reference as ref

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from entrodrop_fast import lm_eval_adapter as L
 from entrodrop_fast.cli import main
+from entrodrop_fast.evaluate import lm_eval as L
 
 needs_lm_eval = pytest.mark.skipif(
     find_spec("lm_eval") is None,

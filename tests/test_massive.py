@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from entrodrop_fast import massive as M
+from entrodrop_fast.profile import massive as M
 
 
 def test_range_share_closed_form():

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from helpers import TINY, tiny_model, word_tokenizer
 
 from entrodrop_fast.models import (
     ARCHS,
@@ -16,43 +17,6 @@ from entrodrop_fast.models import (
     parse_dtype,
     supported_model_types,
 )
-
-_COMMON = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=97, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-)
-# model_type -> extra config; "gpt_neox_seq" is GPT-NeoX without parallel residual
-TINY = {
-    "llama": {},
-    "mistral": {"sliding_window": 8},
-    "qwen2": {},
-    "qwen3": {"head_dim": 8},
-    "phi3": {},
-    "gemma2": {"head_dim": 8, "sliding_window": 8},
-    "gemma3_text": {"head_dim": 8, "sliding_window": 8},
-    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
-    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 32},
-    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "head_dim": 8},
-    "olmo2": {},
-    "gpt_neox": {"use_parallel_residual": True, "rotary_pct": 0.5},
-    "gpt_neox_seq": {"use_parallel_residual": False, "rotary_pct": 0.5},
-    "phi": {"partial_rotary_factor": 0.5},
-}
-
-
-def tiny_model(name: str, seed: int = 0, layers: int = 3):
-    """A tiny random causal LM of the given type, fp32, eval mode, with non-trivial norms."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    model_type = "gpt_neox" if name == "gpt_neox_seq" else name
-    cfg = AutoConfig.for_model(model_type, **{**_COMMON, "num_hidden_layers": layers, **TINY[name]})
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():  # norms start at identity: perturb them so a missed norm shows
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.add_(0.3 * torch.randn_like(p))
-    return model
 
 
 def test_table_covers_required_types():
@@ -114,15 +78,9 @@ def test_parse_dtype_device():
 
 
 def test_load_local_dir_roundtrip(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     model = tiny_model("llama")
     model.save_pretrained(tmp_path)
-    vocab = {f"w{i}": i for i in range(97)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0").save_pretrained(tmp_path)
+    word_tokenizer().save_pretrained(tmp_path)
     lm = load_model(str(tmp_path), dtype="bf16")
     assert lm.kind == "dir" and lm.model.dtype == torch.bfloat16
     sd = model.state_dict()

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import tiny_dir_and_corpus
 
 from entrodrop_fast import outputs
 from entrodrop_fast.cli import main
@@ -168,10 +169,8 @@ def _umask() -> int:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A tiny model directory with a tokenizer, a corpus, a report and a plan."""
-    from test_profile import _tiny_dir
-
     root = tmp_path_factory.mktemp("outs")
-    model, corpus = _tiny_dir(root)
+    model, corpus = tiny_dir_and_corpus(root)
     report = root / "report"
     assert main(["profile", str(model), "--corpus", str(corpus), "--samples", "4", "--seq-len", "32", "--out", str(report), "-q", "--no-plot"]) == 0
     plan = root / "plan.json"
@@ -251,7 +250,7 @@ def test_eval_json_and_rank_out_replace_their_own_files_only(env, tmp_path, caps
 
 
 def test_prune_leaves_no_hidden_copy_after_a_failure(env, tmp_path, capsys, monkeypatch):
-    from entrodrop_fast import export
+    from entrodrop_fast.prune import export
 
     def boom(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from helpers import char_tokenizer, tiny_model
 
 from entrodrop_fast.cli import main
 
@@ -10,16 +11,10 @@ from entrodrop_fast.cli import main
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama with a character tokenizer saved beside it (no download)."""
-    from test_models import tiny_model
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     d = tmp_path_factory.mktemp("tiny_llama_preset")
     m = tiny_model("llama", layers=6)
     m.save_pretrained(d)
-    tok = Tokenizer(models.WordLevel(vocab={chr(i): i - 30 for i in range(30, 127)}, unk_token="~"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="~").save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
     return d
 
 

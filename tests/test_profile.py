@@ -7,12 +7,18 @@ import json
 
 import pytest
 import torch
-from test_models import TINY, tiny_model
+from helpers import TINY, tiny_dir_and_corpus, tiny_model
 
 import entrodrop_fast as ef
 from entrodrop_fast.outputs import MARKER
-from entrodrop_fast.report import build_report, load_report, ranking, ranking_table, write_report
-from entrodrop_fast.runner import ALL_METHODS, ProfileSettings, parse_methods, profile
+from entrodrop_fast.profile.inmemory import ALL_METHODS, ProfileSettings, parse_methods, profile
+from entrodrop_fast.profile.report import (
+    build_report,
+    load_report,
+    ranking,
+    ranking_table,
+    write_report,
+)
 
 
 def _windows(n=4, t=24, seed=0):
@@ -81,25 +87,10 @@ def test_report_files_and_ranking(tmp_path):
     assert not (out / "profile.png").exists()
 
 
-def _tiny_dir(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    d = tmp_path / "tiny"
-    tiny_model("llama", seed=6).save_pretrained(d)
-    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0").save_pretrained(d)
-    g = torch.Generator().manual_seed(0)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(" ".join(f"w{int(i)}" for i in torch.randint(1, 97, (600,), generator=g)))
-    return d, corpus
-
-
 def test_cli_profile(tmp_path, capsys):
     from entrodrop_fast.cli import main
 
-    d, corpus = _tiny_dir(tmp_path)
+    d, corpus = tiny_dir_and_corpus(tmp_path)
     out = tmp_path / "report"
     rc = main(["profile", str(d), "--corpus", str(corpus), "--samples", "6", "--seq-len", "32", "--batch-size", "4",
                "--method", "bucket,knn", "--method", "cosine", "--k", "5", "--bins", "12", "--out", str(out), "-q"])
@@ -110,7 +101,7 @@ def test_cli_profile(tmp_path, capsys):
     assert rep["settings"]["methods"] == ["bucket", "knn", "cosine"] and rep["settings"]["bins"] == 12
     assert rep["data"]["samples"] == 6 and rep["model"]["model_type"] == "llama"
     # the model's identity, which prune --report checks against the model it prunes
-    from entrodrop_fast.surgery import model_identity
+    from entrodrop_fast.prune.surgery import model_identity
 
     assert {k: rep["model"][k] for k in model_identity(json.loads((d / "config.json").read_text()))} == model_identity(json.loads((d / "config.json").read_text()))
     # a corpus too small for the request fails cleanly, without a traceback

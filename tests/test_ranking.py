@@ -7,10 +7,16 @@ import json
 
 import pytest
 import torch
-from test_surgery import manual_reference_logits, tiny_model
+from helpers import manual_reference_logits, tiny_model
 
-from entrodrop_fast.ranking import iterative_plan, make_plan, parse_count, parse_protect, save_plan
-from entrodrop_fast.surgery import drop_blocks_
+from entrodrop_fast.prune.ranking import (
+    iterative_plan,
+    make_plan,
+    parse_count,
+    parse_protect,
+    save_plan,
+)
+from entrodrop_fast.prune.surgery import drop_blocks_
 
 L = 8
 # residual-stream entropy: falls over layers 0..1 (stage 1), then rises
@@ -96,10 +102,10 @@ def test_parsers():
 
 @pytest.fixture(scope="module")
 def tiny_profiled():
-    from entrodrop_fast.report import build_report
-    from entrodrop_fast.runner import ProfileSettings, profile
+    from entrodrop_fast.profile.inmemory import ProfileSettings, profile
+    from entrodrop_fast.profile.report import build_report
 
-    model = tiny_model("llama", num_hidden_layers=6)
+    model = tiny_model("llama", "mixed", num_hidden_layers=6)
     windows = torch.randint(3, 97, (4, 24), generator=torch.Generator().manual_seed(0))
     settings = ProfileSettings(methods=("bucket", "cosine"), batch_size=2, backend="torch")
     report = build_report(profile(model, windows, settings, progress=False), model_info={"name": "tiny"}, data_info={}, settings={}, model=model)
@@ -107,7 +113,7 @@ def tiny_profiled():
 
 
 def test_plan_from_real_profile_drives_surgery(tiny_profiled, tmp_path):
-    from entrodrop_fast.report import write_report
+    from entrodrop_fast.profile.report import write_report
 
     model, windows, _, report = tiny_profiled
     out = write_report(report, tmp_path / "rep", png=False)
@@ -168,7 +174,7 @@ def _two_method_report() -> dict:
 
 
 def test_protect_rules_shared_paper_and_per_method():
-    from entrodrop_fast.ranking import protected_by_rule
+    from entrodrop_fast.prune.ranking import protected_by_rule
 
     rep = _two_method_report()
     assert protected_by_rule(rep, "shared", stage1_method="bucket")[0] == [0, 1, 7]
@@ -187,7 +193,7 @@ def test_protect_rules_shared_paper_and_per_method():
 
 
 def test_paper_preset_plan_uses_knn_and_fixed_protection():
-    from entrodrop_fast.presets import paper_preset, paper_protected
+    from entrodrop_fast.profile.presets import paper_preset, paper_protected
 
     rep = _two_method_report()
     plan = make_plan(rep, "attn", 2, preset="paper")

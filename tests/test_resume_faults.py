@@ -18,36 +18,14 @@ import tempfile
 
 import pytest
 import torch
-from test_models import tiny_model
+from helpers import RESUME_SETTINGS, RESUME_W, assert_identical, char_tokenizer, tiny_model
 
-import entrodrop_fast.streaming as st
-from entrodrop_fast.runner import ProfileSettings
-from entrodrop_fast.streaming import ResumeError, StorageError, profile_streaming
+import entrodrop_fast
+import entrodrop_fast.profile.layerwise as st
+from entrodrop_fast.profile.layerwise import ResumeError, StorageError, profile_streaming
 
-SETTINGS = ProfileSettings(methods=("bucket", "knn", "gaussian_diag", "cosine", "angular"), batch_size=3, k=5, spans=(1, 2))
 LAYERS, STOP = 4, 2  # a 4-layer model, stopped after its second layer
-W = torch.randint(3, 97, (7, 20), generator=torch.Generator().manual_seed(0))
 ACT_BYTES = 7 * 20 * 32 * 4  # samples x seq_len x hidden_size x fp32
-TIMING = ("seconds", "tokens_per_s")
-
-
-def assert_identical(a, b, path="result"):
-    """``b`` equals ``a`` exactly (timings aside): same keys, same numbers bit for bit."""
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(a)} != {sorted(b)}"
-        for k in a:
-            if k not in TIMING:
-                assert_identical(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{path}: lengths differ"
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_identical(x, y, f"{path}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{path}: {m}")
-    elif isinstance(a, float):
-        assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 def _snapshot(d):
@@ -60,14 +38,14 @@ def _snapshot(d):
     return out
 
 
-def _stop(ckpt, d, windows=W, settings=SETTINGS, **kw):
+def _stop(ckpt, d, windows=RESUME_W, settings=RESUME_SETTINGS, **kw):
     """A streamed run into resume directory ``d``, stopped after layer STOP (the runner's test seam)."""
     with pytest.raises(KeyboardInterrupt):
         profile_streaming(ckpt, windows, settings, resume_dir=str(d), progress=False, _stop_after_layer=STOP, **kw)
     assert torch.load(os.path.join(d, "state.pt"), weights_only=True)["layers_done"] == STOP
 
 
-def _resume(ckpt, d, windows=W, settings=SETTINGS, **kw):
+def _resume(ckpt, d, windows=RESUME_W, settings=RESUME_SETTINGS, **kw):
     return profile_streaming(ckpt, windows, settings, resume_dir=str(d), progress=False, **kw)
 
 
@@ -81,7 +59,7 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def whole(ckpt):
     """The uninterrupted report (activations in RAM, no resume directory)."""
-    return profile_streaming(ckpt, W, SETTINGS, progress=False)
+    return profile_streaming(ckpt, RESUME_W, RESUME_SETTINGS, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +104,8 @@ def test_finished_run_rerun_gives_the_same_report(ckpt, whole, tmp_path):
 _CHILD = r"""
 import os, signal, sys
 sys.path.insert(0, {tests!r})
-import entrodrop_fast.streaming as st
-from test_resume_faults import SETTINGS, W
+import entrodrop_fast.profile.layerwise as st
+from helpers import RESUME_SETTINGS, RESUME_W
 
 mode = {mode!r}
 if mode == "mid_layer":  # SIGKILL in layer 2, after its first batch was written
@@ -149,15 +127,16 @@ else:  # "mid_save": SIGKILL once layer 2's state is written, before it replaces
                 os.kill(os.getpid(), signal.SIGKILL)
         real(src, dst)
     os.replace = replace
-st.profile_streaming({ckpt!r}, W, SETTINGS, resume_dir={d!r}, progress=False)
+st.profile_streaming({ckpt!r}, RESUME_W, RESUME_SETTINGS, resume_dir={d!r}, progress=False)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["mid_layer", "mid_save"])
 def test_sigkilled_child_then_resumed_equals_uninterrupted(ckpt, whole, tmp_path, mode):
     d = tmp_path / "resume"
     code = _CHILD.format(tests=os.path.dirname(__file__), mode=mode, stop=STOP, ckpt=ckpt, d=str(d))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(st.__file__)), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(entrodrop_fast.__file__)), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert torch.load(d / "state.pt", weights_only=True)["layers_done"] == STOP
@@ -170,17 +149,17 @@ def test_sigkilled_child_then_resumed_equals_uninterrupted(ckpt, whole, tmp_path
 
 CHANGES = {
     "dtype": (dict(dtype=torch.bfloat16), r"--dtype: 'float32' there, 'bfloat16' now"),
-    "batch_size": (dict(settings=dataclasses.replace(SETTINGS, batch_size=2)), r"--batch-size: 3 there, 2 now"),
-    "methods": (dict(settings=dataclasses.replace(SETTINGS, methods=("bucket", "cosine", "angular"))), r"--method: \['bucket', 'knn'"),
-    "bins": (dict(settings=dataclasses.replace(SETTINGS, bins=10)), r"--bins: 20 there, 10 now"),
-    "k": (dict(settings=dataclasses.replace(SETTINGS, k=6)), r"--k: 5 there, 6 now"),
-    "paper_exact": (dict(settings=dataclasses.replace(SETTINGS, paper_exact=True)), r"--paper-exact: False there, True now"),
-    "spans": (dict(settings=dataclasses.replace(SETTINGS, spans=(1, 3))), r"--spans: \[1, 2\] there, \[1, 3\] now"),
-    "backend": (dict(settings=dataclasses.replace(SETTINGS, backend="torch")), r"--backend: 'auto' there, 'torch' now"),
+    "batch_size": (dict(settings=dataclasses.replace(RESUME_SETTINGS, batch_size=2)), r"--batch-size: 3 there, 2 now"),
+    "methods": (dict(settings=dataclasses.replace(RESUME_SETTINGS, methods=("bucket", "cosine", "angular"))), r"--method: \['bucket', 'knn'"),
+    "bins": (dict(settings=dataclasses.replace(RESUME_SETTINGS, bins=10)), r"--bins: 20 there, 10 now"),
+    "k": (dict(settings=dataclasses.replace(RESUME_SETTINGS, k=6)), r"--k: 5 there, 6 now"),
+    "paper_exact": (dict(settings=dataclasses.replace(RESUME_SETTINGS, paper_exact=True)), r"--paper-exact: False there, True now"),
+    "spans": (dict(settings=dataclasses.replace(RESUME_SETTINGS, spans=(1, 3))), r"--spans: \[1, 2\] there, \[1, 3\] now"),
+    "backend": (dict(settings=dataclasses.replace(RESUME_SETTINGS, backend="torch")), r"--backend: 'auto' there, 'torch' now"),
     # same shape, same sum of token ids, other tokens (the old fingerprint summed them)
-    "tokens": (dict(windows=torch.cat([W[:1].flip(1), W[1:]])), r"calibration tokens \(--samples, --seq-len, --seed"),
-    "samples": (dict(windows=W[:5]), r"calibration shape \(--samples x --seq-len\): \[7, 20\] there, \[5, 20\] now"),
-    "seq_len": (dict(windows=W[:, :16]), r"calibration shape .*\[7, 20\] there, \[7, 16\] now"),
+    "tokens": (dict(windows=torch.cat([RESUME_W[:1].flip(1), RESUME_W[1:]])), r"calibration tokens \(--samples, --seq-len, --seed"),
+    "samples": (dict(windows=RESUME_W[:5]), r"calibration shape \(--samples x --seq-len\): \[7, 20\] there, \[5, 20\] now"),
+    "seq_len": (dict(windows=RESUME_W[:, :16]), r"calibration shape .*\[7, 20\] there, \[7, 16\] now"),
 }
 
 
@@ -188,7 +167,7 @@ CHANGES = {
 def test_resume_with_another_argument_stops(ckpt, stopped, change):
     kwargs, says = CHANGES[change]
     if change == "tokens":
-        assert int(kwargs["windows"].sum()) == int(W.sum()) and not torch.equal(kwargs["windows"], W)
+        assert int(kwargs["windows"].sum()) == int(RESUME_W.sum()) and not torch.equal(kwargs["windows"], RESUME_W)
     before = _snapshot(stopped)
     with pytest.raises(ResumeError, match=f"holds a run with other arguments .*{says}") as e:
         _resume(ckpt, stopped, **kwargs)
@@ -264,7 +243,7 @@ def test_resume_on_another_device_or_library_stops(ckpt, stopped, fields, says):
 def test_directory_of_an_older_version_stops(ckpt, stopped):
     """The fingerprint of the previous format (token-id sum, settings repr) is refused as such."""
     state = torch.load(stopped / "state.pt", weights_only=True)
-    state["fingerprint"] = {"model_dir": ckpt, "windows": int(W.sum()), "shape": [7, 20], "settings": repr(SETTINGS)}
+    state["fingerprint"] = {"model_dir": ckpt, "windows": int(RESUME_W.sum()), "shape": [7, 20], "settings": repr(RESUME_SETTINGS)}
     torch.save(state, stopped / "state.pt")
     (stopped / "run.json").unlink()
     with pytest.raises(ResumeError, match=r"other arguments \(resume format \(the directory was written by another version of entrodrop_fast\): '\(not recorded\)' there, 2 now\)"):
@@ -366,12 +345,12 @@ def test_resume_dir_that_is_a_file_stops(ckpt, tmp_path):
 
 
 def test_each_torchrun_rank_keeps_its_own_files(ckpt, tmp_path, monkeypatch):
-    from entrodrop_fast import distributed
+    from entrodrop_fast.profile import distributed
 
     monkeypatch.setattr(distributed, "world", lambda: (1, 2))
     d = tmp_path / "resume"
     with pytest.raises(KeyboardInterrupt):
-        profile_streaming(ckpt, W[1::2], SETTINGS, resume_dir=str(d), progress=False, _stop_after_layer=STOP)
+        profile_streaming(ckpt, RESUME_W[1::2], RESUME_SETTINGS, resume_dir=str(d), progress=False, _stop_after_layer=STOP)
     assert os.listdir(d) == ["rank1-of-2"]
     assert json.loads((d / "rank1-of-2" / "run.json").read_text())["process"] == "rank 1 of 2"
 
@@ -393,7 +372,7 @@ def test_full_disk_is_an_error_before_any_work(ckpt, tmp_path, monkeypatch, wher
     d = tmp_path / "resume"
     kw = {"resume_dir": str(d)} if where == "resume_dir" else {"ram_budget_bytes": 0}
     with pytest.raises(StorageError) as e:
-        profile_streaming(ckpt, W, SETTINGS, progress=False, **kw)
+        profile_streaming(ckpt, RESUME_W, RESUME_SETTINGS, progress=False, **kw)
     assert e.value.errno == errno.ENOSPC
     msg = str(e.value)
     assert f"act_a.bin: cannot write the activation files (2 x {ACT_BYTES / 1024:.1f} KiB, " in msg and " free there): no space left on the device" in msg
@@ -414,7 +393,7 @@ def test_full_disk_without_fallocate_is_still_an_error(ckpt, tmp_path, monkeypat
     monkeypatch.setattr(os, "write", lambda fd, data: _no_space() if len(data) > 1000 else real_write(fd, data))
     kw = {"resume_dir": str(tmp_path / "resume")} if where == "resume_dir" else {"ram_budget_bytes": 0}
     with pytest.raises(StorageError, match="no space left on the device"):
-        profile_streaming(ckpt, W, SETTINGS, progress=False, **kw)
+        profile_streaming(ckpt, RESUME_W, RESUME_SETTINGS, progress=False, **kw)
 
 
 def _root_mount(args, what):
@@ -516,17 +495,12 @@ def test_read_only_resume_dir_resume(ckpt, stopped):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama with a byte-level tokenizer saved beside it (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     d = tmp_path_factory.mktemp("tiny_llama_cli")
     model = tiny_model("llama")
     model.config.vocab_size = 97
     model.save_pretrained(d, max_shard_size="60KB")
-    vocab = {chr(i): i - 30 for i in range(30, 127)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="~"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="~").save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
     return d
 
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import DTYPES, llm_like
+from helpers import DTYPES, llm_like
 
 from entrodrop_fast import bucket_entropy
 from entrodrop_fast.ops import robust as R
@@ -111,7 +111,7 @@ def test_bad_options_are_clear():
 def test_variants_profile_through_the_hooks():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from entrodrop_fast.runner import ProfileSettings, profile
+    from entrodrop_fast.profile.inmemory import ProfileSettings, profile
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)

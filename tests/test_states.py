@@ -1,7 +1,7 @@
 """Streaming states: merge(update(a), update(b)) == update(a ++ b); serialisable."""
 
 import torch
-from conftest import assert_close, llm_like
+from helpers import assert_close, llm_like
 
 import entrodrop_fast as ef
 

@@ -6,12 +6,11 @@ import tempfile
 
 import pytest
 import torch
-from test_models import TINY, tiny_model
+from helpers import STREAM_SETTINGS, TINY, char_tokenizer, stream_windows, tiny_model
 
-from entrodrop_fast.runner import ProfileSettings, profile
-from entrodrop_fast.streaming import Checkpoint, CheckpointError, profile_streaming
+from entrodrop_fast.profile.inmemory import profile
+from entrodrop_fast.profile.layerwise import Checkpoint, CheckpointError, profile_streaming
 
-SETTINGS = ProfileSettings(methods=("bucket", "gaussian_diag", "cosine", "angular"), batch_size=3, spans=(1, 2))
 KEYS = ("entropy", "delta", "cosine", "angular")
 
 
@@ -44,10 +43,6 @@ def _save(model, shard="60KB"):
     return d
 
 
-def _windows(vocab=97, n=7, t=20):
-    return torch.randint(3, vocab, (n, t), generator=torch.Generator().manual_seed(0))
-
-
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe")  # per-expert and fused layouts: tests/test_streaming_moe.py
 
 
@@ -55,34 +50,34 @@ MOE = ("mixtral", "qwen2_moe", "qwen3_moe")  # per-expert and fused layouts: tes
 def test_streaming_equals_in_memory(name):
     model = tiny_model(name)
     d = _save(model)
-    w = _windows()
-    assert_same_report(profile(model, w, SETTINGS, progress=False), profile_streaming(d, w, SETTINGS, progress=False))
+    w = stream_windows()
+    assert_same_report(profile(model, w, STREAM_SETTINGS, progress=False), profile_streaming(d, w, STREAM_SETTINGS, progress=False))
 
 
 def test_disk_backed_activations_and_cleanup(monkeypatch):
     model = tiny_model("llama")
     d = _save(model)
-    w = _windows()
+    w = stream_windows()
     made = []
     real = tempfile.mkdtemp
     monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
-    res = profile_streaming(d, w, SETTINGS, ram_budget_bytes=0, progress=False)
+    res = profile_streaming(d, w, STREAM_SETTINGS, ram_budget_bytes=0, progress=False)
     assert made and not os.path.exists(made[0])  # the activation files are gone
-    assert_same_report(profile(model, w, SETTINGS, progress=False), res)
+    assert_same_report(profile(model, w, STREAM_SETTINGS, progress=False), res)
 
 
 def test_resume_after_interruption(tmp_path):
     model = tiny_model("qwen2", layers=4)
     d = _save(model)
-    w = _windows()
-    whole = profile_streaming(d, w, SETTINGS, progress=False)
+    w = stream_windows()
+    whole = profile_streaming(d, w, STREAM_SETTINGS, progress=False)
     with pytest.raises(KeyboardInterrupt):
-        profile_streaming(d, w, SETTINGS, resume_dir=str(tmp_path), progress=False, _stop_after_layer=2)
+        profile_streaming(d, w, STREAM_SETTINGS, resume_dir=str(tmp_path), progress=False, _stop_after_layer=2)
     assert torch.load(tmp_path / "state.pt", weights_only=False)["layers_done"] == 2
-    resumed = profile_streaming(d, w, SETTINGS, resume_dir=str(tmp_path), progress=False)
+    resumed = profile_streaming(d, w, STREAM_SETTINGS, resume_dir=str(tmp_path), progress=False)
     assert_same_report(whole, resumed, rtol=1e-12)
     with pytest.raises(ValueError, match="other arguments"):
-        profile_streaming(d, w[:5], SETTINGS, resume_dir=str(tmp_path), progress=False)
+        profile_streaming(d, w[:5], STREAM_SETTINGS, resume_dir=str(tmp_path), progress=False)
 
 
 # ------------------------------------------------------------------ faults
@@ -101,7 +96,7 @@ def test_missing_shard(ckpt_dir):
     victim = _shards(ckpt_dir)[1]
     os.remove(os.path.join(ckpt_dir, victim))
     with pytest.raises(CheckpointError, match=f"{victim}: shard listed in .* is missing"):
-        profile_streaming(ckpt_dir, _windows(), SETTINGS, progress=False)
+        profile_streaming(ckpt_dir, stream_windows(), STREAM_SETTINGS, progress=False)
 
 
 def test_tensor_missing_from_index(ckpt_dir):
@@ -119,7 +114,7 @@ def test_tensor_missing_from_index(ckpt_dir):
     tensors.pop(key)
     save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=f"tensor {key} .*layer 1.* is not in the checkpoint"):
-        profile_streaming(ckpt_dir, _windows(), SETTINGS, progress=False)
+        profile_streaming(ckpt_dir, stream_windows(), STREAM_SETTINGS, progress=False)
 
 
 def test_truncated_shard(ckpt_dir):
@@ -146,7 +141,7 @@ def test_config_does_not_match_weights(ckpt_dir):
     cfg["intermediate_size"] = 48
     json.dump(cfg, open(cfg_path, "w"))
     with pytest.raises(CheckpointError, match="config and weights do not match"):
-        profile_streaming(ckpt_dir, _windows(), SETTINGS, progress=False)
+        profile_streaming(ckpt_dir, stream_windows(), STREAM_SETTINGS, progress=False)
 
 
 def test_not_a_model_dir(tmp_path):
@@ -163,17 +158,12 @@ def test_not_a_model_dir(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama with a byte-level tokenizer saved beside it (no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     d = tmp_path_factory.mktemp("tiny_llama")
     model = tiny_model("llama")
     model.config.vocab_size = 97
     model.save_pretrained(d, max_shard_size="60KB")
-    vocab = {chr(i): i - 30 for i in range(30, 127)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="~"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="~").save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
     return d
 
 

@@ -14,12 +14,10 @@ import re
 
 import pytest
 import torch
-from test_models import _COMMON, TINY, tiny_model
-from test_resume_faults import assert_identical
-from test_streaming import SETTINGS, _windows
+from helpers import STREAM_SETTINGS, assert_identical, char_tokenizer, stream_windows, tiny_model
 
-from entrodrop_fast.runner import profile
-from entrodrop_fast.streaming import (
+from entrodrop_fast.profile.inmemory import profile
+from entrodrop_fast.profile.layerwise import (
     Checkpoint,
     CheckpointError,
     WeightPlan,
@@ -68,8 +66,6 @@ def write_checkpoint(model, path, layout: str, shard_bytes: int = 12_000) -> str
     ``shard_bytes`` (a layer's experts spread over several files), with index, config and a
     byte-level tokenizer (no download)."""
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     os.makedirs(path, exist_ok=True)
     tensors = per_expert_state(model) if layout == "per_expert" else {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -95,9 +91,7 @@ def write_checkpoint(model, path, layout: str, shard_bytes: int = 12_000) -> str
     flush()
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh)
-    tok = Tokenizer(models.WordLevel(vocab={chr(i): i - 30 for i in range(30, 127)}, unk_token="~"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="~").save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
     return str(path)
 
 
@@ -109,16 +103,7 @@ def moe_model(name, layers=3, **extra):
     """A tiny random MoE of type ``name``; ``extra`` overrides its config (e.g. more experts)."""
     if not extra:
         return tiny_model(name, layers=layers)
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.for_model(name, **{**_COMMON, "num_hidden_layers": layers, **TINY[name], **extra})
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.add_(0.3 * torch.randn_like(p))
-    return model
+    return tiny_model(name, seed=1, layers=layers, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +113,8 @@ def models():
 
 @pytest.fixture(scope="module")
 def in_memory(models):
-    w = _windows()
-    return {name: profile(m, w, SETTINGS, progress=False) for name, m in models.items()}
+    w = stream_windows()
+    return {name: profile(m, w, STREAM_SETTINGS, progress=False) for name, m in models.items()}
 
 
 # ------------------------------------------------------------------ the layouts
@@ -165,7 +150,7 @@ def test_streamed_equals_in_memory(name, layout, models, in_memory, tmp_path):
     keys = _layout_keys(d)
     assert any(".experts.0." in k for k in keys) == (layout == "per_expert")
     assert len(set(json.load(open(os.path.join(d, "model.safetensors.index.json")))["weight_map"].values())) > 3
-    assert_same_report(in_memory[name], profile_streaming(d, _windows(), SETTINGS, progress=False))
+    assert_same_report(in_memory[name], profile_streaming(d, stream_windows(), STREAM_SETTINGS, progress=False))
 
 
 @pytest.mark.parametrize("name", MOE)
@@ -175,8 +160,8 @@ def test_streamed_equals_transformers_load_of_the_same_directory(name, models, t
 
     d = write_checkpoint(models[name], tmp_path / "ckpt", "per_expert")
     loaded = load_model(d).model
-    w = _windows()
-    assert_same_report(profile(loaded, w, SETTINGS, progress=False), profile_streaming(d, w, SETTINGS, progress=False))
+    w = stream_windows()
+    assert_same_report(profile(loaded, w, STREAM_SETTINGS, progress=False), profile_streaming(d, w, STREAM_SETTINGS, progress=False))
 
 
 def test_twelve_experts_stay_in_order(tmp_path):
@@ -189,8 +174,8 @@ def test_twelve_experts_stay_in_order(tmp_path):
     fused = plan.load(["model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"], torch.float32)
     torch.testing.assert_close(fused["model.layers.1.mlp.experts.gate_up_proj"], model.model.layers[1].mlp.experts.gate_up_proj, rtol=0, atol=0)
     torch.testing.assert_close(fused["model.layers.1.mlp.experts.down_proj"], model.model.layers[1].mlp.experts.down_proj, rtol=0, atol=0)
-    w = _windows()
-    assert_same_report(profile(model, w, SETTINGS, progress=False), profile_streaming(d, w, SETTINGS, progress=False))
+    w = stream_windows()
+    assert_same_report(profile(model, w, STREAM_SETTINGS, progress=False), profile_streaming(d, w, STREAM_SETTINGS, progress=False))
 
 
 def test_dense_and_sparse_layers_mixed(tmp_path):
@@ -198,8 +183,8 @@ def test_dense_and_sparse_layers_mixed(tmp_path):
     model = moe_model("qwen2_moe", mlp_only_layers=[0])
     assert type(model.model.layers[0].mlp).__name__ == "Qwen2MoeMLP"
     d = write_checkpoint(model, tmp_path / "ckpt", "per_expert")
-    w = _windows()
-    assert_same_report(profile(model, w, SETTINGS, progress=False), profile_streaming(d, w, SETTINGS, progress=False))
+    w = stream_windows()
+    assert_same_report(profile(model, w, STREAM_SETTINGS, progress=False), profile_streaming(d, w, STREAM_SETTINGS, progress=False))
 
 
 def test_bf16_per_expert(tmp_path):
@@ -207,9 +192,9 @@ def test_bf16_per_expert(tmp_path):
     from entrodrop_fast.models import load_model
 
     d = write_checkpoint(tiny_model("qwen3_moe"), tmp_path / "ckpt", "per_expert")
-    w = _windows()
+    w = stream_windows()
     loaded = load_model(d, dtype="bf16").model
-    assert_same_report(profile(loaded, w, SETTINGS, progress=False), profile_streaming(d, w, SETTINGS, dtype=torch.bfloat16, progress=False))
+    assert_same_report(profile(loaded, w, STREAM_SETTINGS, progress=False), profile_streaming(d, w, STREAM_SETTINGS, dtype=torch.bfloat16, progress=False))
 
 
 # ------------------------------------------------------------------ resume
@@ -220,15 +205,15 @@ def test_bf16_per_expert(tmp_path):
 def test_resume_mid_run(name, layout, tmp_path):
     model = tiny_model(name, layers=4)
     d = write_checkpoint(model, tmp_path / "ckpt", layout)
-    w = _windows()
-    whole = profile_streaming(d, w, SETTINGS, progress=False)
+    w = stream_windows()
+    whole = profile_streaming(d, w, STREAM_SETTINGS, progress=False)
     resume = tmp_path / "resume"
     with pytest.raises(KeyboardInterrupt):
-        profile_streaming(d, w, SETTINGS, resume_dir=str(resume), ram_budget_bytes=0, progress=False, _stop_after_layer=2)
+        profile_streaming(d, w, STREAM_SETTINGS, resume_dir=str(resume), ram_budget_bytes=0, progress=False, _stop_after_layer=2)
     assert torch.load(resume / "state.pt", weights_only=True)["layers_done"] == 2
-    resumed = profile_streaming(d, w, SETTINGS, resume_dir=str(resume), progress=False)
+    resumed = profile_streaming(d, w, STREAM_SETTINGS, resume_dir=str(resume), progress=False)
     assert_identical(whole, resumed, "resumed")
-    assert_same_report(profile(model, w, SETTINGS, progress=False), resumed, "resumed")
+    assert_same_report(profile(model, w, STREAM_SETTINGS, progress=False), resumed, "resumed")
 
 
 # ------------------------------------------------------------------ faults
@@ -250,11 +235,11 @@ def _drop(d, key):
 def test_missing_expert_is_named_before_any_weight_is_read(tmp_path, monkeypatch):
     d = write_checkpoint(tiny_model("mixtral"), tmp_path / "ckpt", "per_expert")
     _drop(d, "model.layers.1.block_sparse_moe.experts.2.w3.weight")
-    import entrodrop_fast.streaming as st
+    import entrodrop_fast.profile.layerwise as st
 
     monkeypatch.setattr(st.Checkpoint, "load", lambda *a, **k: pytest.fail("a weight was read"))
     with pytest.raises(CheckpointError) as err:
-        profile_streaming(d, _windows(), SETTINGS, progress=False)
+        profile_streaming(d, stream_windows(), STREAM_SETTINGS, progress=False)
     msg = str(err.value)
     assert "model.layers.1.block_sparse_moe.experts.0.w1.weight ... model.layers.1.block_sparse_moe.experts.3.w3.weight" in msg
     assert "4 x .experts.*.w1.weight, 3 x .experts.*.w3.weight" in msg
@@ -266,7 +251,7 @@ def test_missing_router_is_named(tmp_path):
     d = write_checkpoint(tiny_model("qwen2_moe"), tmp_path / "ckpt", "per_expert")
     _drop(d, "model.layers.2.mlp.shared_expert_gate.weight")
     with pytest.raises(CheckpointError, match=r"tensor model\.layers\.2\.mlp\.shared_expert_gate\.weight \(layer 2\) is not in the checkpoint"):
-        profile_streaming(d, _windows(), SETTINGS, progress=False)
+        profile_streaming(d, stream_windows(), STREAM_SETTINGS, progress=False)
 
 
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])
@@ -278,7 +263,7 @@ def test_config_with_other_expert_count(tmp_path, layout):
     cfg[key] = 6
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
     with pytest.raises(CheckpointError, match="config and weights do not match") as err:
-        profile_streaming(d, _windows(), SETTINGS, progress=False)
+        profile_streaming(d, stream_windows(), STREAM_SETTINGS, progress=False)
     msg = str(err.value)
     assert "model.layers.0.mlp.experts.gate_up_proj" in msg and "[4, 32, 32]" in msg and "the config expects [6, 32, 32]" in msg
     if layout == "per_expert":
@@ -290,7 +275,7 @@ def test_config_with_other_expert_count(tmp_path, layout):
 
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])
 def test_memory_plan_counts_the_experts(tmp_path, layout):
-    from entrodrop_fast.commands.profile import MemoryPlan
+    from entrodrop_fast.profile.pipeline import MemoryPlan
 
     model = tiny_model("mixtral")
     d = write_checkpoint(model, tmp_path / "ckpt", layout)

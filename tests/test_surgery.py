@@ -8,9 +8,9 @@ import weakref
 
 import pytest
 import torch
+from helpers import TYPES, manual_reference_logits, tiny_model
 
-from entrodrop_fast.models.adapters import get_adapter, supported_model_types
-from entrodrop_fast.surgery import (
+from entrodrop_fast.prune.surgery import (
     ZeroAttention,
     ZeroMLP,
     count_params,
@@ -18,72 +18,6 @@ from entrodrop_fast.surgery import (
     kv_bytes_per_token,
     normalize_drops,
 )
-
-COMMON = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=97, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-)
-EXTRA = {
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
-    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, decoder_sparse_step=2, mlp_only_layers=[0]),
-    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[1]),
-    "gemma2": dict(head_dim=8, sliding_window=4),
-    "gemma3_text": dict(head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2),
-    "mistral": dict(sliding_window=4),
-    "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2),
-    "gpt_neox": dict(rotary_pct=0.5),
-}
-TYPES = supported_model_types()
-
-
-def tiny_config(model_type: str, **overrides):
-    from transformers import AutoConfig
-
-    return AutoConfig.for_model(model_type, **{**COMMON, **EXTRA.get(model_type, {}), **overrides})
-
-
-def tiny_model(model_type: str, seed: int = 0, **overrides):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.float32)
-    with torch.no_grad():  # norms start at 1 / 0: randomise them so a lost norm shows
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.3)
-    return model.eval()
-
-
-def manual_reference_logits(model, plan: dict, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of the *unpruned* model with the dropped blocks' contributions removed by hand:
-    hooks zero the term each dropped sub-block adds to the residual stream and make each
-    dropped layer return its input."""
-    ad = get_adapter(model)
-    handles = []
-
-    def zero(module, args, out):
-        if isinstance(out, tuple):
-            return (torch.zeros_like(out[0]), *out[1:])
-        return torch.zeros_like(out)
-
-    def identity(module, args, kwargs, out):
-        x = args[0] if args else kwargs["hidden_states"]
-        return (x, *out[1:]) if isinstance(out, tuple) else x
-
-    layers = ad.layers(model)
-    for i in plan.get("attn", []):
-        handles.append(ad.attn_out(layers[i]).register_forward_hook(zero))
-    for i in plan.get("mlp", []):
-        handles.append(ad.mlp_out(layers[i]).register_forward_hook(zero))
-    for i in plan.get("layer", []):
-        handles.append(layers[i].register_forward_hook(identity, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            return model(ids, use_cache=False).logits
-    finally:
-        for h in handles:
-            h.remove()
-
 
 PLANS = [
     {"attn": [0, 2]},
@@ -96,7 +30,7 @@ PLANS = [
 @pytest.mark.parametrize("model_type", TYPES)
 def test_equivalence_and_generate(model_type):
     ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(1))
-    base = tiny_model(model_type)
+    base = tiny_model(model_type, "mixed")
     for plan in PLANS:
         ref = manual_reference_logits(base, plan, ids)
         model = copy.deepcopy(base)
@@ -119,7 +53,7 @@ def test_equivalence_and_generate(model_type):
 
 
 def test_config_fields_follow_layer_drops():
-    m = tiny_model("qwen2_moe", num_hidden_layers=6, decoder_sparse_step=2, mlp_only_layers=[3], max_window_layers=3, use_sliding_window=True)
+    m = tiny_model("qwen2_moe", "mixed", num_hidden_layers=6, decoder_sparse_step=2, mlp_only_layers=[3], max_window_layers=3, use_sliding_window=True)
     sparse_before = [type(layer.mlp).__name__ for layer in m.model.layers]
     types_before = list(m.config.layer_types)
     drop_blocks_(m, {"layer": [0, 4]})
@@ -136,7 +70,7 @@ def test_config_fields_follow_layer_drops():
 
 
 def test_weights_freed_and_counts():
-    m = tiny_model("llama")
+    m = tiny_model("llama", "mixed")
     before = count_params(m)
     kv_before = kv_bytes_per_token(m.config.to_dict())
     ref_attn = weakref.ref(m.model.layers[2].self_attn.q_proj.weight)
@@ -148,14 +82,14 @@ def test_weights_freed_and_counts():
     assert isinstance(m.model.layers[1].input_layernorm, torch.nn.Identity)
     assert count_params(m) < before
     assert kv_bytes_per_token(m.config.to_dict()) == kv_before // 4 * 2  # 4 layers -> 3 with 1 attention gone
-    m2 = tiny_model("llama")
+    m2 = tiny_model("llama", "mixed")
     drop_blocks_(m2, {"mlp": [0]})
     assert isinstance(m2.model.layers[0].mlp, ZeroMLP)
     assert not list(m2.model.layers[0].mlp.parameters())
 
 
 def test_shared_norm_kept_for_phi():
-    m = tiny_model("phi")
+    m = tiny_model("phi", "mixed")
     drop_blocks_(m, {"attn": [1]})
     assert isinstance(m.model.layers[1].input_layernorm, torch.nn.LayerNorm)  # the MLP still reads it
 
@@ -175,8 +109,8 @@ def test_both_subblocks_become_layer_drop_and_bad_plans():
 
 def test_repeated_surgery_composes():
     ids = torch.randint(3, 97, (1, 8), generator=torch.Generator().manual_seed(2))
-    ref = manual_reference_logits(tiny_model("mistral"), {"attn": [3], "layer": [0, 2]}, ids)
-    m = tiny_model("mistral")
+    ref = manual_reference_logits(tiny_model("mistral", "mixed"), {"attn": [3], "layer": [0, 2]}, ids)
+    m = tiny_model("mistral", "mixed")
     drop_blocks_(m, {"attn": [3]})
     drop_blocks_(m, {"layer": [0, 2]})  # indices of the current model: original layers 0 and 2
     rec = m.config.entrodrop_pruned
@@ -188,10 +122,10 @@ def test_repeated_surgery_composes():
 
 def test_plan_for_another_model_is_refused():
     with pytest.raises(ValueError, match="made for a model with 30 layers"):
-        drop_blocks_(tiny_model("llama"), {"model": {"num_layers": 30}, "drop": {"attn": [1]}})
+        drop_blocks_(tiny_model("llama", "mixed"), {"model": {"num_layers": 30}, "drop": {"attn": [1]}})
 
 
 def test_this_transformers_keeps_no_cache_for_dropped_attention():
-    from entrodrop_fast.surgery import cache_skips_dropped_attention
+    from entrodrop_fast.prune.surgery import cache_skips_dropped_attention
 
     assert cache_skips_dropped_attention()

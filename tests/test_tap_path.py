@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import tiny_model
 
 from entrodrop_fast import _ext
 from entrodrop_fast.ops import cpp_backend, reference
@@ -44,10 +45,8 @@ def test_cosine_given_y_matches_reference(dtype, strided):
 
 
 def _knn_stats():
-    from test_models import tiny_model
-
-    from entrodrop_fast.hooks import BlockStatistics, TapSettings
     from entrodrop_fast.models import get_adapter
+    from entrodrop_fast.profile.taps import BlockStatistics, TapSettings
 
     ad = get_adapter(tiny_model("llama", seed=3))
     return BlockStatistics(ad, 2, TapSettings(("bucket", "knn"), backend="cpp", entropy_opts={"knn": {"k": 3}}))
@@ -55,7 +54,7 @@ def _knn_stats():
 
 def test_taps_knn_reports_nonfinite_without_own_pass(monkeypatch):
     import entrodrop_fast as ef
-    from entrodrop_fast.hooks import BlockStatistics
+    from entrodrop_fast.profile.taps import BlockStatistics
 
     def forbidden(self, point, t):
         raise AssertionError("the taps ran their own finiteness pass")

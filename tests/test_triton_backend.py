@@ -1,4 +1,7 @@
-"""Triton backend against the torch reference, under TRITON_INTERPRET=1 on CPU.
+"""Triton kernels against the torch reference, under TRITON_INTERPRET=1 on CPU: what only
+this backend has (kernel configurations: block sizes, splits, the fused and split bucket
+paths, the AOT compile check). What every backend must do is in test_backends.py, the
+conformance suite.
 
 On a GPU machine run with TRITON_INTERPRET=0 to test the compiled kernels on CUDA
 tensors instead (benches/gpu_check.sh does). Small odd shapes: the interpreter is slow.
@@ -12,12 +15,12 @@ import importlib.util  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
+import helpers as H  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import DTYPES, assert_close, llm_like  # noqa: E402
+from helpers import DTYPES, assert_close, llm_like  # noqa: E402
 
 import entrodrop_fast as ef  # noqa: E402
-from entrodrop_fast.ops import api  # noqa: E402
 from entrodrop_fast.ops import reference as ref_ops  # noqa: E402
 
 pytestmark = [
@@ -41,45 +44,18 @@ def tri():
 
 
 def make(shape, dtype, seed=0, strided=False):
-    x = llm_like(*shape, seed=seed, dtype=dtype).to(DEV)
-    if strided:  # channel stride 2, samples interleaved between tokens: strides (2D, 2BD, 2)
-        B, T, D = shape
-        buf = torch.zeros(T, B, 2 * D, dtype=dtype, device=DEV)  # built on DEV: .to() would copy it contiguous
-        buf[..., ::2] = x.transpose(0, 1)
-        x = buf.transpose(0, 1)[..., ::2]
-    return x
+    return H.make(shape, dtype, DEV, seed, strided)
 
 
 def make_mask(shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    m = torch.rand(shape[:2], generator=g) > 0.4
-    m[:, 0] = True
-    m[:, -1] = True
-    return m.to(DEV)
+    return H.make_mask(shape, DEV, seed)
 
 
-def ref_counts(x, f, mask, bins):
-    y = ref_ops._y(x, f)
-    out = []
-    for b in range(y.shape[0]):
-        idx = ref_ops.bucket_bin_index(ref_ops._rows(y, mask, b), bins)  # (N, D)
-        c = torch.zeros(y.shape[2], bins, dtype=torch.int64, device=y.device)
-        c.scatter_add_(1, idx.t(), torch.ones_like(idx.t()))
-        out.append(c)
-    return torch.stack(out)  # (B, D, bins)
+ref_counts = H.ref_counts
 
 
 def check_moments(ref, out, name=""):
-    assert set(out) >= {"count", "mean", "m2", "min", "max"}
-    assert_close(ref["count"], out["count"], 0, name=f"{name} count")
-    assert_close(ref["m2"], out["m2"], 1e-5, 1e-9, name=f"{name} m2")
-    assert_close(ref["min"], out["min"], 0, name=f"{name} min")
-    assert_close(ref["max"], out["max"], 0, name=f"{name} max")
-    # the mean agrees to 1e-5 relative, or to 1e-6 of the channel's spread when it is near 0
-    std = (ref["m2"] / ref["count"][:, None]).sqrt().cpu()
-    err = (ref["mean"].cpu() - out["mean"].double().cpu()).abs()
-    tol = 1e-5 * ref["mean"].abs().cpu() + 1e-6 * std + 1e-30
-    assert bool((err <= tol).all()), f"{name} mean: worst excess {(err - tol).max():.3e}"
+    H.check_moments(ref, out, H.TOLS["triton"], name)
 
 
 def test_available_and_devices():
@@ -135,15 +111,6 @@ def test_bucket_counts_exact(shape, dtype, bins):
     assert torch.equal(bucket_counts(x, f, m, bins, **SMALL).long().cpu(), ref_counts(x, f, m, bins).cpu())
 
 
-@pytest.mark.parametrize("paper_exact", [False, True])
-def test_bucket_entropy(paper_exact, nan_empty):
-    shape = (2, 41, 19)
-    x, f, m = make(shape, torch.bfloat16), make(shape, torch.bfloat16, seed=2), make_mask(shape)
-    x[0, 7, 3] = x[0, :, 3].max()  # ties at the max go to the last bin
-    for args in [(x, None, None), (x, f, m)]:
-        assert_close(ref_ops.bucket(*args, 20, paper_exact), tri().bucket(*args, 20, paper_exact), 1e-12, 1e-12, name="bucket")
-
-
 def test_bucket_strided_and_edges(nan_empty):
     shape = (2, 29, 33)
     x = make(shape, torch.float16, strided=True)
@@ -157,33 +124,7 @@ def test_bucket_strided_and_edges(nan_empty):
     assert torch.equal(bucket_counts(x, None, mm, 80, **SMALL).long().cpu(), ref_counts(x, None, mm, 80).cpu())
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("fused", [True, False])
-def test_cosine(dtype, fused, nan_empty):
-    shape = (3, 21, 70)
-    x, o, m = make(shape, dtype), make(shape, dtype, seed=4), make_mask(shape)
-    for mask in (None, m):
-        r, t = ref_ops.cosine(x, o, mask, fused), tri().cosine(x, o, mask, fused)
-        assert_close(r[0], t[0], 1e-5, 1e-6, name="cos sum")
-        assert_close(r[1], t[1], 0, name="count")
-    xs = make(shape, dtype, strided=True)
-    assert_close(ref_ops.cosine(xs, o, None, fused)[0], tri().cosine(xs, o, None, fused)[0], 1e-5, 1e-6, name="strided")
-
-
-@pytest.mark.parametrize("n,d,k", [(2, 1, 1), (3, 5, 2), (37, 19, 5), (50, 12, 25)])
-def test_knn_kth_distance(n, d, k, nan_empty):
-    x = llm_like(n, d, seed=n, outliers=False).to(DEV)
-    x[min(4, n - 1)] = x[0]  # a duplicate row: distance 0 to an *other* row counts
-    assert_close(ref_ops.knn_kth_distance(x, k), tri().knn_kth_distance(x, k), 1e-5, 1e-6, name="knn")
-    xt = x.t().contiguous().t()  # column-major
-    assert_close(ref_ops.knn_kth_distance(xt, k), tri().knn_kth_distance(xt, k), 1e-5, 1e-6, name="knn strided")
-
-
-def test_knn_half():
-    x = llm_like(33, 16, seed=9, outliers=False, dtype=torch.bfloat16).to(DEV)
-    assert_close(ref_ops.knn_kth_distance(x.float(), 3), tri().knn_kth_distance(x, 3), 1e-5, 1e-6)
-
-
+@pytest.mark.slow
 @pytest.mark.skipif(not INTERPRET, reason="compile-only check for machines without a GPU")
 def test_kernels_compile_for_gpu():
     """Every kernel compiles to sm_90 and sm_80 machine code here, without a GPU.
@@ -297,49 +238,14 @@ def test_moments_pair_is_the_two_single_calls(dtype, nan_empty):
 
 # ------------------------------------------------------------------ the kernels' NaN/Inf report
 
-NAN, INF = float("nan"), float("inf")
+NAN, INF = H.NAN, H.INF
+BAD_CASES = H.BAD_CASES
+_bad_channels = H.bad_channels
 
 
 def bad_data(dtype, case, shape=(3, 19, 21)):
     """x, f, mask with the bad values of ``case`` (token (1, 9) masked out)."""
-    g = torch.Generator().manual_seed(3)
-    B, T, D = shape
-    x = torch.randn(shape, generator=g)
-    f = 0.5 * torch.randn(shape, generator=g)
-    mask = torch.ones(B, T, dtype=torch.bool)
-    mask[1, 9] = False
-    big = 3e38 if dtype != torch.float16 else 6e4
-    if case == "nan_x":
-        x[1, 5, 7] = NAN
-    elif case == "inf_x":
-        x[0, 0, 0] = INF
-        x[2, T - 1, D - 1] = -INF
-    elif case == "nan_f":
-        f[1, 5, 7] = NAN
-    elif case == "inf_f":
-        f[2, 3, 4] = -INF
-    elif case == "inf_both":  # Inf - Inf = NaN in Y only
-        x[0, 4, 2] = INF
-        f[0, 4, 2] = -INF
-    elif case == "overflow":  # finite x and f; Y overflows fp32 (fp16: only fp16's range, no overflow)
-        x[1, 3, 2] = big
-        f[1, 3, 2] = big
-    elif case == "masked":  # bad values only in the masked-out token
-        x[1, 9, 3] = NAN
-        f[1, 9, 4] = INF
-        x[1, 9, 5] = big
-        f[1, 9, 5] = big
-    return x.to(dtype).to(DEV), f.to(dtype).to(DEV), mask.to(DEV)
-
-
-BAD_CASES = ["clean", "nan_x", "inf_x", "nan_f", "inf_f", "inf_both", "overflow", "masked"]
-
-
-def _bad_channels(y, mask):
-    bad = ~torch.isfinite(y)
-    if mask is not None:
-        bad &= mask[..., None]
-    return bad.any(1)  # (B, D)
+    return H.bad_data(dtype, case, shape, DEV)
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -425,112 +331,3 @@ def test_nan_inf_never_move_an_index_out_of_bounds(cfg):
     assert_close(ref_ops.bucket(x[1:], None, None, 7), h[1:], 1e-12, 1e-12)
     counts, _ = _split_counts(x, None, None, 7, **SMALL)
     assert bool((counts.sum(-1) == 30).all()), "a count landed outside its channel"
-
-
-# ------------------------------------------------------------------ the public API with backend="triton"
-
-
-CALLS = {
-    "bucket": lambda x, f, **kw: ef.bucket_entropy(x, f, bins=9, **kw),
-    "gaussian_diag": lambda x, f, **kw: ef.gaussian_diag_entropy(x, f, **kw),
-    "delta_bucket": lambda x, f, **kw: ef.delta_entropy(x, f, "bucket", bins=9, **kw),
-    "delta_gaussian_diag": lambda x, f, **kw: ef.delta_entropy(x, f, "gaussian_diag", **kw),
-    "cosine": lambda x, f, **kw: ef.cosine_importance(x, f, **kw),
-    "cosine_y": lambda x, f, **kw: ef.cosine_importance(x, y=f, **kw),
-}
-
-
-def _foreign_dirs() -> tuple[str, ...]:
-    import os
-
-    import numpy
-
-    dirs = [os.path.dirname(numpy.__file__)]
-    try:
-        import triton
-
-        dirs.append(os.path.dirname(triton.__file__))
-    except ImportError:
-        pass
-    return tuple(dirs)
-
-
-_FOREIGN = _foreign_dirs()
-
-
-def _outcome(call, x, f, **kw):
-    import warnings
-
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        try:
-            res, err = CALLS[call](x, f, backend="triton", **kw), None
-        except ValueError as e:
-            res, err = None, str(e)
-    # (numpy's and triton's own warnings inside the interpreter, e.g. "All-NaN slice", are not
-    # the API's; the API's may point into the package, installed in site-packages)
-    return res, err, [str(w.message) for w in rec if not w.filename.startswith(_FOREIGN)]
-
-
-def _same(a, b, rtol):
-    if a is None or b is None:
-        return a is None and b is None
-    return torch.equal(a.isnan(), b.isnan()) and bool(torch.allclose(a.nan_to_num(), b.nan_to_num(), rtol=rtol, atol=1e-9))
-
-
-@pytest.mark.parametrize("policy", ["raise", "omit"])
-@pytest.mark.parametrize("case", BAD_CASES)
-@pytest.mark.parametrize("call", sorted(CALLS))
-def test_api_same_results_errors_and_warnings_as_the_explicit_check(call, case, policy, monkeypatch):
-    """backend="triton" with the kernels' report (no pre-pass) = the same call with the
-    API's explicit NaN/Inf check first: errors, warnings, results."""
-    import entrodrop_fast.ops.triton_backend as tb
-
-    x, f, mask = bad_data(torch.bfloat16 if case != "overflow" else torch.float32, case, shape=(3, 11, 10))
-    assert "bucket" in tb.REPORTS_NONFINITE[x.device.type] and "bucket" in tb.PAIRS[x.device.type]
-    for m in (None, mask):
-        got = _outcome(call, x, f, mask=m, nan_policy=policy)
-        monkeypatch.setattr(tb, "REPORTS_NONFINITE", {})
-        want = _outcome(call, x, f, mask=m, nan_policy=policy)
-        monkeypatch.undo()
-        assert got[1] == want[1] and got[2] == want[2], (got[1:], want[1:])
-        assert _same(got[0], want[0], 1e-9 if "gaussian" in call else 1e-12), (got[0], want[0])
-        # bad among the valid tokens (fp16: 6e4 + 6e4 is finite in fp32; cosine_y adds nothing)
-        hidden = case == "clean" or (case == "masked" and m is not None)
-        y_bad = not hidden and not (case == "overflow" and call == "cosine_y")
-        if hidden:
-            assert got[1] is None and not got[2], got
-        elif y_bad and policy == "raise":
-            assert got[1] is not None and ("NaN or Inf" in got[1] or "overflowed float32" in got[1]), got
-        elif y_bad:
-            assert got[1] is None and any("skipped" in w for w in got[2]), got
-
-
-def test_api_clean_input_reads_no_prepass(monkeypatch):
-    calls = []
-    real = api._nonfinite_tokens
-    monkeypatch.setattr(api, "_nonfinite_tokens", lambda *a, **k: calls.append(1) or real(*a, **k))
-    x, f, mask = bad_data(torch.bfloat16, "clean", shape=(2, 11, 10))
-    for call in CALLS:
-        CALLS[call](x, f, backend="triton", mask=mask)
-    assert calls == [], "the default call ran the separate NaN/Inf pass"
-    x[1, 2, 3] = NAN
-    with pytest.raises(ValueError, match="NaN or Inf in 1 token"):
-        ef.bucket_entropy(x, f, backend="triton")
-    assert calls == [1], "bad input takes the exact path once"
-
-
-def test_api_omit_equals_masking_and_the_reference():
-    x, f, mask = bad_data(torch.float16, "nan_f", shape=(3, 11, 10))
-    keep = mask.clone()
-    keep[1, 5] = False
-    with pytest.warns(RuntimeWarning, match="skipped 1 token"):
-        h = ef.bucket_entropy(x, f, mask=mask, nan_policy="omit", backend="triton")
-    assert torch.equal(h, ef.bucket_entropy(x, f, mask=keep, backend="triton"))
-    assert_close(ref_ops.bucket(x, f, keep, 20).sum(-1), h, 1e-12, name="bucket")
-    with pytest.warns(RuntimeWarning, match="skipped 1 token"):
-        d = ef.delta_entropy(x, f, "gaussian_diag", mask=mask, nan_policy="omit", backend="triton")
-    # (H(x) keeps token (1, 5): its x is finite, only f held the NaN)
-    with pytest.warns(RuntimeWarning, match="skipped 1 token"):
-        want = ef.delta_entropy(x, f, "gaussian_diag", mask=mask, nan_policy="omit", backend="torch")
-    assert_close(want, d, 1e-6, 1e-9, name="delta gaussian_diag")

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from helpers import tiny_model, word_tokenizer
 
 from entrodrop_fast.cli import main
 
@@ -28,25 +29,14 @@ def assert_clean_error(rc: int, err: str, command: str, *needles: str) -> str:
     return last
 
 
-def _save_tokenizer(d, n_words: int) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(n_words)}, unk_token="w0"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0").save_pretrained(d)
-
-
 def _model_dir(root, name="tiny", n_words=97, tokenizer=True, max_pos=256):
     """A tiny random Llama (vocab 97, ``max_pos`` positions) with a word-level tokenizer of ``n_words``."""
-    from test_models import tiny_model
-
     d = root / name
     m = tiny_model("llama", seed=6)
     m.config.max_position_embeddings = max_pos
     m.save_pretrained(d)
     if tokenizer:
-        _save_tokenizer(d, n_words)
+        word_tokenizer(n_words).save_pretrained(d)
     return d
 
 
@@ -94,10 +84,8 @@ def test_eval_refuses_tokenizer_larger_than_vocab(big_tok, corpus, capsys):
 
 
 def test_token_ids_checked_before_the_first_forward(tiny):
-    from test_models import tiny_model
-
     from entrodrop_fast.models.loading import check_token_ids
-    from entrodrop_fast.runner import ProfileSettings, profile
+    from entrodrop_fast.profile.inmemory import ProfileSettings, profile
 
     ids = torch.randint(0, 97, (2, 8))
     check_token_ids(ids, 97)  # in range: nothing raised
@@ -304,7 +292,7 @@ def test_info_lists_cuda_only_with_a_gpu(capsys, monkeypatch):
     real = I.collect
 
     def collect():
-        monkeypatch.setattr("entrodrop_fast.backends", lambda: {k: dict(v) for k, v in fake.items()})
+        monkeypatch.setattr("entrodrop_fast.ops.api.backends", lambda: {k: dict(v) for k, v in fake.items()})
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         return real()
 
@@ -360,7 +348,7 @@ def test_stale_activation_dirs_are_swept(tmp_path):
     import subprocess
     import sys
 
-    from entrodrop_fast.streaming import ACT_DIR_PREFIX, sweep_stale_activation_dirs
+    from entrodrop_fast.profile.layerwise import ACT_DIR_PREFIX, sweep_stale_activation_dirs
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     stale = tmp_path / f"{ACT_DIR_PREFIX}{dead}-abc123"

@@ -9,12 +9,23 @@ import warnings
 
 import pytest
 import torch
-from test_surgery import tiny_model
+from helpers import tiny_model
 
-from entrodrop_fast import compare as C
-from entrodrop_fast.ranking import make_plan, parse_count, parse_protect, plan_summary, save_plan
-from entrodrop_fast.report import build_report, load_report, ranking_table, write_report
-from entrodrop_fast.surgery import check_same_model, drop_blocks_, model_identity, normalize_drops
+from entrodrop_fast.evaluate import compare as C
+from entrodrop_fast.profile.report import build_report, load_report, ranking_table, write_report
+from entrodrop_fast.prune.ranking import (
+    make_plan,
+    parse_count,
+    parse_protect,
+    plan_summary,
+    save_plan,
+)
+from entrodrop_fast.prune.surgery import (
+    check_same_model,
+    drop_blocks_,
+    model_identity,
+    normalize_drops,
+)
 
 
 def flat_report(L: int) -> dict:
@@ -75,9 +86,9 @@ def test_7_rank_cli_rounding_to_zero_is_an_error(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def pruned_profile():
-    from entrodrop_fast.runner import ProfileSettings, profile
+    from entrodrop_fast.profile.inmemory import ProfileSettings, profile
 
-    model = tiny_model("llama", num_hidden_layers=5)
+    model = tiny_model("llama", "mixed", num_hidden_layers=5)
     drop_blocks_(model, {"attn": [1, 2]})
     windows = torch.randint(3, 97, (2, 16), generator=torch.Generator().manual_seed(0))
     rep = build_report(profile(model, windows, ProfileSettings(methods=("bucket",), batch_size=2, backend="torch"), progress=False),
@@ -113,9 +124,9 @@ def _strict(text: str):
 
 
 def test_10_one_sample_writes_null_not_nan(tmp_path):
-    from entrodrop_fast.runner import ProfileSettings, profile
+    from entrodrop_fast.profile.inmemory import ProfileSettings, profile
 
-    model = tiny_model("llama", num_hidden_layers=3)
+    model = tiny_model("llama", "mixed", num_hidden_layers=3)
     windows = torch.randint(3, 97, (1, 16), generator=torch.Generator().manual_seed(1))
     rep = build_report(profile(model, windows, ProfileSettings(methods=("bucket",), batch_size=1, backend="torch"), progress=False),
                        model_info={"name": "one"}, data_info={}, settings={}, model=model)
@@ -153,7 +164,7 @@ def test_11_nan_score_of_a_candidate_is_an_error_naming_block_and_file(tmp_path)
 
 
 def test_13_another_model_path_with_the_same_config_warns(tmp_path):
-    cfg = tiny_model("llama", num_hidden_layers=2).config
+    cfg = tiny_model("llama", "mixed", num_hidden_layers=2).config
     here = tmp_path / "finetuned"
     here.mkdir()
     made_for = {**model_identity(cfg), "path": str(tmp_path / "base")}
@@ -256,10 +267,10 @@ def test_27_valid_method_missing_from_the_report():
 
 
 def test_7_iterative_fraction_counts_the_candidates():
-    from entrodrop_fast.ranking import iterative_plan
-    from entrodrop_fast.runner import ProfileSettings
+    from entrodrop_fast.profile.inmemory import ProfileSettings
+    from entrodrop_fast.prune.ranking import iterative_plan
 
-    model = tiny_model("llama", num_hidden_layers=5)
+    model = tiny_model("llama", "mixed", num_hidden_layers=5)
     windows = torch.randint(3, 97, (2, 16), generator=torch.Generator().manual_seed(0))
     settings = ProfileSettings(methods=("bucket",), batch_size=2, backend="torch")
     plan = iterative_plan(model, windows, "attn", "50%", protect="0,4", settings=settings)  # 3 candidates: 1.5 -> 2

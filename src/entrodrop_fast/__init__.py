@@ -7,7 +7,6 @@ opt-in robust bucket variants ``bucket_q_entropy``, ``bucket_nosink_entropy``,
 ``[N, D]`` or ``[B, T, D]`` tensors; ``backends()`` says which compiled backends exist.
 """
 
-from entrodrop_fast.export import export_pruned, load_pruned
 from entrodrop_fast.ops.api import (
     BACKENDS,
     METHODS,
@@ -24,10 +23,16 @@ from entrodrop_fast.ops.api import (
     resolve_backend,
 )
 from entrodrop_fast.ops.reference import bucket_onehot_reference
-from entrodrop_fast.ops.robust import ROBUST_METHODS, bucket_nosink_entropy, bucket_q_entropy, bucket_tokennorm_entropy
+from entrodrop_fast.ops.robust import (
+    ROBUST_METHODS,
+    bucket_nosink_entropy,
+    bucket_q_entropy,
+    bucket_tokennorm_entropy,
+)
 from entrodrop_fast.ops.states import CovState, EntropyMeter, MomentState, SampleStats, all_reduce_
-from entrodrop_fast.ranking import make_plan
-from entrodrop_fast.surgery import drop_blocks_
+from entrodrop_fast.prune.export import export_pruned, load_pruned
+from entrodrop_fast.prune.ranking import make_plan
+from entrodrop_fast.prune.surgery import drop_blocks_
 
 __version__ = "0.1.0"
 

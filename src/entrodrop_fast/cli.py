@@ -31,9 +31,9 @@ from entrodrop_fast import __version__, commands
 _EXPECTED_ELSEWHERE = (
     ("safetensors", "SafetensorError"),
     ("entrodrop_fast.models.loading", "ModelLoadError"),
-    ("entrodrop_fast.export", "ExportError"),
-    ("entrodrop_fast.streaming", "CheckpointError"),
-    ("entrodrop_fast.lm_eval_adapter", "LmEvalUnavailable"),
+    ("entrodrop_fast.prune.export", "ExportError"),
+    ("entrodrop_fast.models.checkpoint", "CheckpointError"),
+    ("entrodrop_fast.evaluate.lm_eval", "LmEvalUnavailable"),
     ("torch", "OutOfMemoryError"),
 )
 
@@ -125,12 +125,19 @@ def error_message(exc: BaseException) -> str:
     return text
 
 
+# subcommands in the order a user runs them; any other command module follows, by name
+PIPELINE_ORDER = ("profile", "rank", "prune", "eval", "compare", "entropy", "bench", "info")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="entrodrop", description="Entropy-based block pruning of LLMs (EntroDrop) with fast estimators.")
     parser.add_argument("--version", action="version", version=f"entrodrop_fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        mod = importlib.import_module(f"{commands.__name__}.{info.name}")
+    names = {info.name for info in pkgutil.iter_modules(commands.__path__)}
+    # the pipeline's order (profile -> rank -> prune -> eval -> compare), then the tools
+    order = [n for n in PIPELINE_ORDER if n in names] + sorted(names - set(PIPELINE_ORDER))
+    for name in order:
+        mod = importlib.import_module(f"{commands.__name__}.{name}")
         if hasattr(mod, "register"):
             mod.register(sub)
     return parser

@@ -48,7 +48,8 @@ def _allocatable(shape, dtype, device) -> None:
 
 
 def register(sub) -> None:
-    from entrodrop_fast.bench import (
+    from entrodrop_fast.cli import positive_int
+    from entrodrop_fast.ops.bench import (
         BACKENDS,
         CALL_SHAPES,
         CALLS,
@@ -56,7 +57,6 @@ def register(sub) -> None:
         DTYPES,
         ESTIMATORS,
     )
-    from entrodrop_fast.cli import positive_int
 
     def shapes(ss):
         return ",".join("x".join(map(str, s)) for s in ss)
@@ -93,7 +93,8 @@ def _is_bench_json(path) -> bool:
 
 def run(args) -> int:
     from entrodrop_fast import outputs
-    from entrodrop_fast.bench import (
+    from entrodrop_fast.ops.api import BACKENDS as API_BACKENDS
+    from entrodrop_fast.ops.bench import (
         BACKENDS,
         CALL_SHAPES,
         CALLS,
@@ -105,7 +106,6 @@ def run(args) -> int:
         run_bench,
         run_call_bench,
     )
-    from entrodrop_fast.ops.api import BACKENDS as API_BACKENDS
 
     if args.json:  # checked before the benchmark runs
         outputs.check_file(args.json, what="bench JSON", recognise=_is_bench_json, overwrite=args.overwrite, flag="--json")

@@ -7,7 +7,7 @@ import sys
 
 def register(sub) -> None:
     from entrodrop_fast.cli import int_at_least, positive_int
-    from entrodrop_fast.compare import BASELINES, SCORING
+    from entrodrop_fast.evaluate.compare import BASELINES, SCORING
 
     p = sub.add_parser("compare", help="profile once, prune with each method and K, evaluate, tabulate and plot")
     p.add_argument("model", nargs="?", default=None, help="local HF directory, .gguf, hub id or a built-in name (gemma3-270m); default: built-in SmolLM2-135M-Instruct")
@@ -39,7 +39,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from entrodrop_fast import compare as C
+    from entrodrop_fast.evaluate import compare as C
     from entrodrop_fast.models import load_model
 
     kinds = C.parse_list(args.kind, ("attn", "mlp", "layer"), "--kind")
@@ -66,7 +66,8 @@ def run(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    from entrodrop_fast.data import calibration_windows, heldout_documents, load_corpus
+    from entrodrop_fast.data import calibration_windows, load_corpus
+    from entrodrop_fast.evaluate.heldout import heldout_documents
 
     corpora = [load_corpus(c) for c in calib]  # unreadable, empty or binary corpora stop the run here
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -77,7 +78,7 @@ def run(args) -> int:
     bins, k, batch = args.bins, args.k, args.batch_size
     rule = args.protect_rule or "shared"
     if args.preset:
-        from entrodrop_fast.presets import paper_preset
+        from entrodrop_fast.profile.presets import paper_preset
 
         pre = paper_preset(lm.model.config.model_type, lm.model.config.num_hidden_layers, args.device)
         bins, k, batch, rule = pre["bins"], pre["k"], pre["batch_size"], "paper"

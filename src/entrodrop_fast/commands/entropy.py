@@ -67,7 +67,7 @@ def _pick(obj, key, path) -> torch.Tensor:
 
 
 def compute(x: torch.Tensor, methods, backend: str, bins: int, k: int, alpha: float, paper_exact: bool, nan_policy: str = "raise") -> list[dict]:
-    from entrodrop_fast import entropy, resolve_backend
+    from entrodrop_fast.ops.api import entropy, resolve_backend
 
     opts = {"bucket": {"bins": bins, "paper_exact": paper_exact}, "knn": {"k": k}, "renyi": {"alpha": alpha}}
     rows = []
@@ -86,7 +86,7 @@ def compute(x: torch.Tensor, methods, backend: str, bins: int, k: int, alpha: fl
 
 
 def run(args) -> int:
-    from entrodrop_fast import METHODS
+    from entrodrop_fast.ops.api import METHODS
 
     x = load_tensor(args.file, args.key)
     methods = [m.strip() for m in args.method.split(",")] if args.method else ["bucket", "gaussian_diag", "knn"]

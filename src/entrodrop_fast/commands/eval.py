@@ -19,35 +19,6 @@ def load_any(source, dtype: str, device: str):
     return lm.model, lm.tokenizer
 
 
-def evaluate_model(model, tokenizer, *, corpus=None, seq_len=256, windows=32, items=100, tasks=(), speed=True,
-                   include_path=None, limit=None, num_fewshot=None, lm_eval_batch_size=None) -> dict:
-    """Perplexity, the built-in zero-shot tasks, lm-eval ``tasks`` (names, YAML paths, or
-    :class:`~entrodrop_fast.lm_eval_adapter.PreparedTasks`) and speed.
-
-    A failure of the lm-eval tasks raises (a subclass of ``LmEvalUnavailable``); nothing
-    half-done is returned.
-    """
-    from entrodrop_fast import evaluate as E
-    from entrodrop_fast.data import describe_split, heldout_documents, load_corpus
-
-    c = load_corpus(corpus)
-    held = heldout_documents(c, tokenizer, seq_len=seq_len)  # checked to be enough before any model runs
-    out = {"corpus": c.name, "heldout_documents": len(held), "heldout": describe_split(len(c.documents))}
-    out["perplexity"] = E.perplexity(model, tokenizer, held, seq_len=seq_len, max_windows=windows)
-    out["zero_shot"] = E.zero_shot(model, tokenizer, held, items=items)
-    if tasks:
-        from entrodrop_fast import lm_eval_adapter as L
-
-        prepared = L.prepare_tasks(tasks, include_path=include_path)
-        batch = lm_eval_batch_size or L.DEFAULT_BATCH_SIZE
-        rows = L.run_lm_eval(model, tokenizer, prepared, batch_size=batch, limit=limit, num_fewshot=num_fewshot)
-        out["lm_eval"] = {"tasks": rows, "requested": prepared.names, "include_path": prepared.include_path,
-                          "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch}
-    if speed:
-        out["speed"] = E.speed(model, tokenizer)
-    return out
-
-
 #: the built-in last-word task keeps this many context tokens before the word (evaluate.last_word_task)
 LAST_WORD_CONTEXT = 192
 
@@ -56,7 +27,7 @@ def position_needs(seq_len: int, speed: bool = True) -> list[tuple[int, str]]:
     """The lengths ``entrodrop eval`` runs through the model: (tokens, what), for check_positions."""
     import inspect
 
-    from entrodrop_fast import evaluate as E
+    from entrodrop_fast.evaluate import heldout as E
 
     kw = E.continuation_task.__kwdefaults__
     spd = {k: v.default for k, v in inspect.signature(E.speed).parameters.items()}  # (decorated: its own signature)
@@ -94,7 +65,7 @@ def run(args) -> int:
     corpus = load_corpus(args.corpus)  # an unreadable, empty or binary corpus stops the run before the model loads
     prepared = None
     if tasks:  # lm-eval installed, every task found and its data read, before the model loads
-        from entrodrop_fast.lm_eval_adapter import prepare_tasks
+        from entrodrop_fast.evaluate.lm_eval import prepare_tasks
 
         prepared = prepare_tasks(tasks, include_path=args.include_path)
     from entrodrop_fast.models.loading import (
@@ -110,6 +81,8 @@ def run(args) -> int:
     check_positions(peek_config(args.model), needs, where)  # before the model loads, when its config is at hand
     model, tok = load_any(args.model, args.dtype, args.device)
     check_positions(model.config, needs, where)
+    from entrodrop_fast.evaluate.pipeline import evaluate_model
+
     res = evaluate_model(model, tok, corpus=corpus, seq_len=args.seq_len, windows=args.windows, items=args.items, tasks=prepared, speed=not args.no_speed,
                          limit=args.limit, num_fewshot=args.num_fewshot, lm_eval_batch_size=args.lm_eval_batch_size)
     res["model"] = str(args.model or "builtin")
@@ -119,7 +92,7 @@ def run(args) -> int:
         ci = z["ci95"]
         print(f"{z['task']:14s} accuracy {z['accuracy']:.3f}  95% CI [{ci[0]:.3f}, {ci[1]:.3f}], {z['items']} items")
     if "lm_eval" in res:
-        from entrodrop_fast.lm_eval_adapter import format_row
+        from entrodrop_fast.evaluate.lm_eval import format_row
 
         partial = f" (--limit {args.limit}: a partial run, not for reporting)" if args.limit else ""
         print(f"lm-evaluation-harness{partial}:")

@@ -9,7 +9,8 @@ import platform
 def collect() -> dict:
     import torch
 
-    from entrodrop_fast import __version__, _ext, backends
+    from entrodrop_fast import __version__, _ext
+    from entrodrop_fast.ops.api import backends
 
     info = {
         "entrodrop_fast": __version__,

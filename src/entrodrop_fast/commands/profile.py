@@ -7,9 +7,7 @@ paper's defaults (128 windows x 256 tokens, seed 2024, bucket entropy, 20 bins),
 
 from __future__ import annotations
 
-import math
 import sys
-import time
 
 from entrodrop_fast.data import PAPER_SAMPLES, PAPER_SEED, PAPER_SEQ_LEN
 
@@ -24,87 +22,8 @@ def _spans(s: str) -> tuple[int, ...]:
     return out
 
 
-def parse_bytes(s: str) -> float:
-    """'8GB', '512MiB', '1.5G', '1000000' -> bytes (K, M, G, T are powers of 1024)."""
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(s))
-    if not m:
-        raise ValueError(f"--max-memory must look like 8GB, 512MB or 1.5G, got {s!r}")
-    unit = m.group(2).upper()
-    value = float(m.group(1)) * (1024 ** ("KMGT".index(unit) + 1) if unit else 1)
-    if value <= 0:
-        raise ValueError(f"--max-memory must be a positive size like 8GB, 512MB or 1.5G, got {s!r}")
-    return value
-
-
-def streaming_source(model, cache_dir):
-    """The safetensors directory to stream from: a local model directory, or a built-in model's cache."""
-    from pathlib import Path
-
-    from entrodrop_fast.models.loading import builtin_model, ensure_builtin
-
-    b = builtin_model(model)
-    if b is not None:
-        return ensure_builtin(cache_dir, b)
-    p = Path(str(model)).expanduser()
-    if not p.is_dir():
-        raise ValueError(f"streaming reads a local Hugging Face directory with safetensors shards; {model!r} is not one")
-    return p
-
-
-class MemoryPlan:
-    """What a profile of the checkpoint in ``model_dir`` needs in memory, from its tensor shapes.
-
-    ``total``: all weights; ``resident``: the most a streamed run holds at once, the larger of
-    the embedding and one layer (they are never resident together), a layer counted with every
-    tensor the model builds for it: in a mixture-of-experts model its experts (``experts``: their
-    bytes in that layer), router and shared expert, whether the checkpoint stores them per
-    expert or fused; ``fuse_extra``: for experts stored per expert, what fusing a layer holds
-    besides it (its largest fused tensor, e.g. every expert's gate and up projections, once more);
-    ``per_token``: the activations of one token (fp32-sized hidden state + MLP intermediates; in
-    an MoE layer each of the top-k experts gets a copy of the token and its intermediates; x3
-    for the temporaries of a layer).
-    """
-
-    def __init__(self, model_dir, dtype: str):
-        import json
-        from pathlib import Path
-
-        from entrodrop_fast.models.adapters import get_adapter
-        from entrodrop_fast.models.loading import parse_dtype
-        from entrodrop_fast.streaming import Checkpoint, WeightPlan, build_skeleton
-
-        per = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
-        ckpt = Checkpoint(model_dir)
-        self.total = sum(math.prod(shape) for shape in ckpt.shapes.values()) * per
-        model = build_skeleton(str(model_dir), parse_dtype(dtype))  # on meta: no memory
-        adapter = get_adapter(model)
-        weights = WeightPlan(model, ckpt)  # the model's tensors as transformers builds them from the checkpoint's
-        size = lambda name: math.prod(weights.expected[name]) * per  # noqa: E731
-        embed = sum(size(f"{adapter.arch.embed}.{k}") for k in adapter.embed(model).state_dict())
-        self.resident, self.experts, self.fuse_extra = embed, 0, 0
-        dense = False
-        for i, layer in enumerate(adapter.layers(model)):
-            names = [f"{adapter.arch.layers}.{i}.{k}" for k in layer.state_dict()]
-            self.resident = max(self.resident, sum(size(n) for n in names))
-            self.experts = max(self.experts, sum(size(n) for n in names if ".experts." in n))
-            groups = {id(g): g for n in names for g in [weights.made_by.get(n)] if g is not None}.values()
-            made = [math.prod(shape) * per for g in groups for shape in g.outputs.values()]
-            self.fuse_extra = max(self.fuse_extra, max(made, default=0))
-            dense = dense or not hasattr(adapter.mlp(layer), "experts")
-        cfg = json.loads((Path(model_dir) / "config.json").read_text())
-        d = int(cfg.get("hidden_size", 0))
-        inter = int(cfg.get("intermediate_size", 4 * d) or 4 * d)
-        if self.experts:  # top-k copies of each token through its experts, + the shared expert
-            k = int(cfg.get("num_experts_per_tok", 1) or 1)
-            moe = k * (d + int(cfg.get("moe_intermediate_size") or inter)) + int(cfg.get("shared_expert_intermediate_size") or 0)
-            inter = max(moe, inter) if dense else moe
-        self.per_token = (d + inter) * 4 * 3
-
-    def peak(self, streaming: bool, batch_size: int, seq_len: int) -> float:
-        held = self.resident + self.fuse_extra if streaming else self.total
-        return held + batch_size * seq_len * self.per_token
+# how the library's errors name the settings on this command line
+CLI_NAMES = {"max_memory": "--max-memory", "seq_len": "--seq-len", "k": "--k", "batch_size": "--batch-size", "backend": "--backend", "resume_dir": "--resume-dir", "streaming": "--streaming"}
 
 
 def resume_dir_is_ours(path) -> bool:
@@ -112,7 +31,7 @@ def resume_dir_is_ours(path) -> bool:
     import re
     from pathlib import Path
 
-    from entrodrop_fast.streaming import RESUME_NAMES
+    from entrodrop_fast.profile.layerwise import RESUME_NAMES
 
     return all(e.name in RESUME_NAMES or (e.is_dir() and re.fullmatch(r"rank\d+-of-\d+", e.name)) for e in Path(path).iterdir())
 
@@ -133,44 +52,12 @@ def check_targets(args) -> None:
             raise outputs.OutputError(f"--resume-dir {resume} holds files that are not a resume state of entrodrop ({shown}); choose a new or empty directory")
 
 
-def check_before_loading(args, methods):
-    """What can be checked before the model loads: the corpus (read here, returned), --max-memory,
-    knn's k against --seq-len, the estimator backend on --device, and --seq-len against the
-    model's positions when its config is at hand (a local directory or a built-in model)."""
-    import os
-
-    from entrodrop_fast.data import load_corpus
-    from entrodrop_fast.models.loading import (
-        check_positions,
-        display_name,
-        parse_device,
-        peek_config,
-    )
-    from entrodrop_fast.runner import resolved_backend
-
-    if args.max_memory is not None:
-        parse_bytes(args.max_memory)
-    if "knn" in methods and args.seq_len <= args.k:
-        raise ValueError(f"knn needs more tokens per sample than k: --seq-len {args.seq_len} <= --k {args.k}; raise --seq-len or lower --k")
-    device = parse_device(args.device)
-    try:
-        resolved_backend(args.backend, device)
-    except ValueError as exc:
-        forced = os.environ.get("ENTRODROP_BACKEND")
-        if args.backend == "auto" and forced:
-            raise ValueError(f"ENTRODROP_BACKEND={forced}: {exc}") from None
-        raise ValueError(f"--backend {args.backend}: {exc}") from None
-    corpus = load_corpus(args.corpus, args.text_field)
-    check_positions(peek_config(args.model, args.cache_dir), [(args.seq_len, "--seq-len")], f"the model {display_name(args.model)}")
-    return corpus
-
-
 def _apply_preset(args) -> dict | None:
     """``--preset paper``: set the estimator (knn k=25, or bucket 80 bins for Mistral), batch 1
     and the dtype (fp16 on CUDA, fp32 on CPU) from the model's config; methods given with
     --method are profiled too. The report records the preset, so rank / prune protect layers
     0, 1 and the last from it. None without a preset."""
-    from entrodrop_fast.presets import check_preset, paper_preset
+    from entrodrop_fast.profile.presets import check_preset, paper_preset
 
     if check_preset(getattr(args, "preset", None)) is None:
         return None
@@ -227,17 +114,18 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import json
-    from pathlib import Path
-
-    from entrodrop_fast.data import calibration_windows
-    from entrodrop_fast.models import load_model
-    from entrodrop_fast.report import build_report, ranking_table, write_report
-    from entrodrop_fast.runner import ProfileSettings, grouped_warnings, parse_methods, profile
+    from entrodrop_fast.profile.inmemory import ProfileSettings, parse_methods
+    from entrodrop_fast.profile.pipeline import (
+        Calibration,
+        Memory,
+        check_inputs,
+        parse_bytes,
+        profile_model,
+    )
+    from entrodrop_fast.profile.report import ranking_table, write_report
 
     def warn(msg):  # warnings are shown with -q too
         print(f"entrodrop profile: {msg}", file=sys.stderr)
-    from entrodrop_fast.surgery import model_identity
 
     preset = _apply_preset(args)  # --preset paper: method, k, bins, batch size, dtype from the architecture
     methods = parse_methods(args.method or ["bucket"])
@@ -254,97 +142,17 @@ def run(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    corpus = check_before_loading(args, methods)
+    budget = parse_bytes(args.max_memory, "--max-memory") if args.max_memory is not None else None
+    calibration = Calibration(corpus=args.corpus, text_field=args.text_field, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    corpus = check_inputs(args.model, settings, calibration, device=args.device, cache_dir=args.cache_dir, names=CLI_NAMES)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
-    if args.resume_dir and not args.streaming:  # resuming exists only layer by layer: never ignore --resume-dir
-        args.streaming = True
-        log(f"--resume-dir {args.resume_dir}: streaming layer by layer (--resume-dir implies --streaming)")
-    t0 = time.perf_counter()
-    from entrodrop_fast import distributed
-    from entrodrop_fast.models.loading import display_name, parse_device, parse_dtype
-
-    distributed.init_from_env(parse_device(args.device))
-    rank, world = distributed.world()
-    if rank:
-        log = lambda *a: None  # noqa: E731
-    budget = parse_bytes(args.max_memory) if args.max_memory is not None else None
-    stream_dir = streaming_source(args.model, args.cache_dir) if (args.streaming or budget) else None
-    if stream_dir is not None:  # an architecture outside the adapter table stops here, with the list
-        from entrodrop_fast.models.loading import read_config
-
-        read_config(str(stream_dir), f"the model directory {stream_dir}")
-    plan = MemoryPlan(stream_dir, args.dtype) if budget else None
-    if plan is not None and not args.streaming:
-        if plan.total <= budget:
-            stream_dir = None
-        else:
-            log(f"the model needs {plan.total / 2**30:.1f} GiB in {args.dtype}, more than --max-memory {args.max_memory}: streaming layer by layer")
-    log(f"loading {'tokenizer' if stream_dir else 'model'} {display_name(args.model)} ({args.dtype}, {args.device}) ...")
-    if stream_dir is not None:
-        from entrodrop_fast.models.loading import check_vocab, config_value, load_tokenizer
-        from entrodrop_fast.streaming import profile_streaming
-
-        tokenizer = load_tokenizer(stream_dir)
-        rows = config_value(json.loads((Path(stream_dir) / "config.json").read_text()), "vocab_size")
-        rows = rows if isinstance(rows, int) else 0
-        check_vocab(tokenizer, rows, stream_dir)
-        lm = None
-    else:
-        lm = load_model(args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
-        tokenizer = lm.tokenizer
-        rows = lm.model.get_input_embeddings().weight.shape[0]
-        from entrodrop_fast.models.loading import check_positions
-
-        check_positions(lm.model.config, [(args.seq_len, "--seq-len")], f"the model {display_name(args.model)}")
-    t_load = time.perf_counter() - t0
-    windows, data_info = calibration_windows(tokenizer, corpus, samples=args.samples, seq_len=args.seq_len, seed=args.seed, text_field=args.text_field)
-    from entrodrop_fast.models.loading import check_token_ids
-
-    check_token_ids(windows, rows)  # before the first forward
-    log(f"calibration: {data_info['samples']} x {data_info['seq_len']} tokens from {data_info['corpus']}; methods {', '.join(methods)}" + (f"; {world} processes" if world > 1 else ""))
-    mine = distributed.shard(windows)
-    streaming = stream_dir is not None
-    if args.batch_size is None and plan is not None:
-        # the largest batch (up to 8) whose peak fits the budget
-        fits = [b for b in range(8, 0, -1) if plan.peak(streaming, b, args.seq_len) <= budget]
-        if fits:
-            args.batch_size = fits[0]
-            log(f"batch size {args.batch_size} (the largest up to 8 that fits --max-memory {args.max_memory})")
-    args.batch_size = args.batch_size or 1
-    settings.batch_size = args.batch_size
-    if streaming:
-        if plan is not None:
-            need = plan.peak(True, args.batch_size, args.seq_len)
-            if need > budget:
-                from entrodrop_fast.streaming import _size
-
-                experts = f" with its experts ({_size(plan.experts)})" if plan.experts else ""
-                fusing = f", plus {_size(plan.fuse_extra)} to fuse a layer's per-expert tensors" if plan.fuse_extra else ""
-                raise ValueError(
-                    f"--max-memory {args.max_memory} is too small: streaming needs about {_size(need)} (the largest of "
-                    f"embedding and one layer{experts}{fusing}, plus one batch of {args.batch_size} x {args.seq_len} tokens); "
-                    "raise it or lower --batch-size / --seq-len"
-                )
-        ram = budget if budget else 8 * 2**30
-        with grouped_warnings(warn):
-            result = profile_streaming(str(stream_dir), mine, settings, device=parse_device(args.device), dtype=parse_dtype(args.dtype), ram_budget_bytes=ram, resume_dir=args.resume_dir, progress=not args.quiet and rank == 0)
-        source = args.model or "builtin"
-        model_info = {"name": display_name(args.model), "source": source, "path": str(stream_dir), "kind": "streaming",
-                      **model_identity(json.loads((Path(stream_dir) / "config.json").read_text()))}
-    else:
-        with grouped_warnings(warn):
-            result = profile(lm.model, mine, settings, progress=not args.quiet and rank == 0)
-        model_info = {"name": lm.name, "source": lm.source, "path": lm.path, "kind": lm.kind}
-    result["tokens"] = int(windows.numel())
-    result["tokens_per_s"] = windows.numel() / result["seconds"] if result["seconds"] > 0 else float("nan")
-    if rank:
+    memory = Memory(max_bytes=budget, streaming=args.streaming, resume_dir=args.resume_dir, label=args.max_memory)
+    report = profile_model(args.model, settings, memory, calibration=calibration, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir, preset=preset,
+                           batch_size_fixed=args.batch_size is not None, progress=not args.quiet, log=log, warn=warn, names=CLI_NAMES, corpus=corpus)
+    if report is None:  # another rank of a distributed run: rank 0 writes the report
         return 0
-    settings_info = {**({"preset": preset["preset"], "preset_why": preset["why"]} if preset else {}), "samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size, "seed": args.seed, "bins": args.bins, "paper_exact": args.paper_exact, "k": args.k, "spans": list(settings.spans) if "angular" in methods else [], "dtype": args.dtype, "device": args.device}
-    if world > 1:
-        settings_info["processes"] = world
-    report = build_report(result, model_info=model_info, data_info=data_info, settings=settings_info, model=lm.model if lm else None)
-    report["timing"]["load_seconds"] = t_load
     out = write_report(report, args.out, png=not args.no_plot, overwrite=args.overwrite)
     print(ranking_table(report, top=args.top))
-    print(f"\nprofiled {result['samples']} samples in {result['seconds']:.1f} s ({result['tokens_per_s']:.0f} tokens/s, backend {result['backend']}); report: {out}")
+    t = report["timing"]
+    print(f"\nprofiled {t['samples']} samples in {t['seconds']:.1f} s ({t['tokens_per_s']:.0f} tokens/s, backend {report['settings']['backend']}); report: {out}")
     return 0

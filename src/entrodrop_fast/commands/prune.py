@@ -12,7 +12,6 @@ MLP drops load with ``entrodrop_fast.load_pruned(DIR)`` or
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 from entrodrop_fast.commands.rank import add_ranking_args
@@ -44,58 +43,20 @@ def _log(*a) -> None:
     print(*a, file=sys.stderr)
 
 
-def resolve_source(model, cache_dir=None, workdir: Path | None = None) -> Path:
-    """A local HF directory with safetensors for MODEL (converting a GGUF file into ``workdir``)."""
-    from entrodrop_fast.models.loading import (
-        ModelLoadError,
-        builtin_model,
-        ensure_builtin,
-        gguf_to_model,
-    )
-
-    b = builtin_model(model)
-    if b is not None:
-        return ensure_builtin(cache_dir, b)
-    p = Path(str(model)).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise ModelLoadError(f"{p} has no config.json: not a Hugging Face model directory")
-        return p
-    if p.is_file() and p.suffix.lower() == ".gguf":
-        m, tok = gguf_to_model(p)
-        dst = Path(tempfile.mkdtemp(prefix="gguf-", dir=workdir))
-        m.save_pretrained(dst)
-        tok.save_pretrained(dst)
-        return dst
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
-    except Exception as exc:
-        raise ModelLoadError(
-            f"{model!r} is not a local directory or .gguf file, and the hub download failed "
-            f"({type(exc).__name__}); download the model elsewhere and pass its directory"
-        ) from exc
-
-
-def _profile_inputs(src: Path, args):
-    from entrodrop_fast.data import calibration_windows
-    from entrodrop_fast.models import load_model
-    from entrodrop_fast.runner import ProfileSettings
+def _profile_settings(src: Path, args):
+    """(preset, ProfileSettings, dtype) of the profile step."""
+    from entrodrop_fast.profile.inmemory import ProfileSettings
 
     preset = _preset(src, args)  # --preset paper: the paper's estimator, batch 1, dtype
     default = preset["method"] if preset else "bucket"
     method = args.method if args.method and args.method not in ("cosine", "angular") else default
     methods = (method, "cosine") if args.method == "cosine" else ((method, "angular") if args.method == "angular" else (method,))
-    lm = load_model(str(src), dtype=preset["dtype"] if preset else "fp32", device=args.device)
-    windows, data_info = calibration_windows(lm.tokenizer, args.corpus, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
-    _log(f"profiling {src.name}: {data_info['samples']} x {data_info['seq_len']} tokens, method {', '.join(methods)} ...")
     settings = ProfileSettings(methods=methods, batch_size=args.batch_size)
     if preset:
         settings.batch_size, settings.k, settings.bins = preset["batch_size"], preset["k"], preset["bins"]
     if "angular" in methods and args.drop is not None and str(args.drop).isdigit():
         settings.spans = (int(args.drop),)
-    return lm, windows, data_info, settings
+    return preset, settings, preset["dtype"] if preset else "fp32"
 
 
 def _preset(src: Path, args) -> dict | None:
@@ -104,7 +65,7 @@ def _preset(src: Path, args) -> dict | None:
         return None
     import json
 
-    from entrodrop_fast.presets import paper_preset
+    from entrodrop_fast.profile.presets import paper_preset
 
     cfg = json.loads((Path(src) / "config.json").read_text())
     preset = paper_preset(cfg.get("model_type"), cfg.get("num_hidden_layers"), args.device)
@@ -112,16 +73,16 @@ def _preset(src: Path, args) -> dict | None:
     return preset
 
 
-def profile_report(src: Path, args) -> dict:
-    from entrodrop_fast.report import build_report
-    from entrodrop_fast.runner import profile
-    from entrodrop_fast.surgery import model_identity
+def profile_report(src: Path, args, windows_out: list | None = None) -> dict:
+    """The profile step: :func:`entrodrop_fast.profile.profile_model` on ``src``."""
+    from entrodrop_fast.profile.pipeline import Calibration, profile_model
 
-    lm, windows, data_info, settings = _profile_inputs(src, args)
-    result = profile(lm.model, windows, settings, progress=True)
-    info = {"name": str(src), "source": str(src), "path": str(src), **model_identity(lm.model.config)}
-    extra = {"preset": args.preset} if getattr(args, "preset", None) else {}
-    return build_report(result, model_info=info, data_info=data_info, settings={"samples": args.samples, "seq_len": args.seq_len, "seed": args.seed, **extra}, model=lm.model)
+    preset, settings, dtype = _profile_settings(src, args)
+    _log(f"profiling {src.name}: {args.samples} x {args.seq_len} tokens, method {', '.join(settings.methods)} ...")
+    calibration = Calibration(corpus=args.corpus, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    report = profile_model(str(src), settings, calibration=calibration, dtype=dtype, device=args.device, preset=preset, progress=True, warn=_log, windows_out=windows_out)
+    report["model"].update({"name": str(src), "source": str(src), "path": str(src)})
+    return report
 
 
 def report_for(src: Path, report_path) -> dict:
@@ -129,8 +90,8 @@ def report_for(src: Path, report_path) -> dict:
     model than ``src``: model type, layer count, sizes and config fingerprint are compared."""
     import json
 
-    from entrodrop_fast.report import load_report
-    from entrodrop_fast.surgery import check_same_model
+    from entrodrop_fast.profile.report import load_report
+    from entrodrop_fast.prune.surgery import check_same_model
 
     report = load_report(report_path)
     cfg = json.loads((Path(src) / "config.json").read_text())
@@ -139,9 +100,14 @@ def report_for(src: Path, report_path) -> dict:
 
 
 def iterative(src: Path, args) -> dict:
-    from entrodrop_fast.ranking import iterative_plan
+    from entrodrop_fast.data import calibration_windows
+    from entrodrop_fast.models import load_model
+    from entrodrop_fast.prune.ranking import iterative_plan
 
-    lm, windows, _, settings = _profile_inputs(src, args)
+    _, settings, dtype = _profile_settings(src, args)
+    lm = load_model(str(src), dtype=dtype, device=args.device)
+    windows, data_info = calibration_windows(lm.tokenizer, args.corpus, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    _log(f"profiling {src.name}: {data_info['samples']} x {data_info['seq_len']} tokens, method {', '.join(settings.methods)} ...")
     plan = iterative_plan(lm.model, windows, args.kind, args.drop, method=args.method, protect=args.protect, settings=settings, progress=True, preset=args.preset)
     plan["model"].update({"name": str(src), "path": str(src)})
     return plan
@@ -157,9 +123,9 @@ def _h(n: int) -> str:
 
 def run(args) -> int:
     from entrodrop_fast import outputs
-    from entrodrop_fast.export import export_pruned
-    from entrodrop_fast.ranking import make_plan, plan_summary
-    from entrodrop_fast.surgery import read_plan
+    from entrodrop_fast.prune.pipeline import prune_model
+    from entrodrop_fast.prune.ranking import make_plan, plan_summary
+    from entrodrop_fast.prune.surgery import read_plan
 
     inputs = [*outputs.model_paths(args.model, args.cache_dir), *outputs.corpus_paths(args.corpus),
               ("plan", args.plan), ("report", args.report)]
@@ -168,20 +134,19 @@ def run(args) -> int:
         raise ValueError("give either --plan, or --kind/--drop (with an optional --report), not both")
     if not args.plan and (args.kind is None or args.drop is None):
         raise ValueError("prune needs --plan PLAN, or --kind (attn, mlp, layer, joint) and --drop N")
-    with outputs.scratch_dir(out) as work:
-        src = resolve_source(args.model, args.cache_dir, Path(work))
-        if args.plan:
-            plan = read_plan(args.plan)
-        elif args.iterative:
+
+    def plan_for(src: Path) -> dict:
+        if args.iterative:
             if args.report:
                 raise ValueError("--iterative re-profiles the model itself: drop --report")
             plan = iterative(src, args)
-            print(plan_summary(plan))
         else:
             report = report_for(src, args.report) if args.report is not None else profile_report(src, args)
             plan = make_plan(report, args.kind, args.drop, method=args.method, protect=args.protect, report_path=args.report, preset=args.preset)
-            print(plan_summary(plan))
-        s = export_pruned(src, out, plan, overwrite=args.overwrite, plan_to_save=plan)
+        print(plan_summary(plan))
+        return plan
+
+    src, plan, s = prune_model(args.model, out, read_plan(args.plan) if args.plan else plan_for, cache_dir=args.cache_dir, overwrite=args.overwrite)
     d = s.drops
     dropped = "; ".join(f"{k} {d[k]}" for k in ("attn", "mlp", "layer") if d[k]) or "nothing"
     pct = lambda a, b: f"{100 * (b - a) / a:+.1f}%" if a else ""

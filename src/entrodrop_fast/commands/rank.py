@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from entrodrop_fast.ranking import KINDS
+from entrodrop_fast.prune.ranking import KINDS
 
 
 def add_ranking_args(p) -> None:
@@ -29,7 +29,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from entrodrop_fast import outputs
-    from entrodrop_fast.ranking import make_plan, plan_file_check, plan_summary, save_plan
+    from entrodrop_fast.prune.ranking import make_plan, plan_file_check, plan_summary, save_plan
 
     if args.kind is None or args.drop is None:
         raise ValueError("rank needs --kind (attn, mlp, layer, joint) and --drop (a count or a fraction)")

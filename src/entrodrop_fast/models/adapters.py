@@ -72,10 +72,20 @@ class Arch:
     # norms belonging to each sub-block (removed together with it by surgery)
     attn_norms: tuple[str, ...] = ("input_layernorm",)
     mlp_norms: tuple[str, ...] = ("post_attention_layernorm",)
-    # a module whose first input is the mid-layer residual m_l (sequential kinds only)
-    mid: str | None = "post_attention_layernorm"
+    # a module whose first input is the mid-layer residual m_l (sequential kinds only); a
+    # callable of the config where it depends on it
+    mid: str | None | Callable[[object], str | None] = "post_attention_layernorm"
     residual: str | Callable[[object], str] = "pre_norm"
     moe: bool = False
+    # older checkpoint names of a sub-block, which transformers renames on load (export maps
+    # a checkpoint's tensors to sub-blocks by name)
+    attn_aliases: tuple[str, ...] = ()
+    mlp_aliases: tuple[str, ...] = ()
+    # the module under an MoE block holding the experts (its tensors: ``....{experts}.``)
+    experts: str = "experts"
+    # which of the paper's code paths (DESIGN.md §2) scores this family: "llama" (knn, k = 25)
+    # or "mistral" (bucket, 80 bins); used by --preset paper
+    paper_family: str = "llama"
     # config fields that hold one entry per layer, or depend on the layer count
     layer_fields: tuple[str, ...] = field(default=("layer_types",))
 
@@ -101,13 +111,13 @@ def _neox_mid(config) -> str | None:
 
 ARCHS: dict[str, Arch] = {
     "llama": _PRE_NORM,
-    "mistral": _PRE_NORM,
+    "mistral": Arch(paper_family="mistral"),
     "qwen2": Arch(layer_fields=("layer_types", "max_window_layers")),
     "qwen3": Arch(layer_fields=("layer_types", "max_window_layers")),
     "phi3": Arch(attn_out="resid_attn_dropout", mlp_out="resid_mlp_dropout"),
     "gemma2": _SANDWICH,
     "gemma3_text": _SANDWICH,
-    "mixtral": Arch(moe=True),
+    "mixtral": Arch(moe=True, mlp_aliases=("block_sparse_moe",), paper_family="mistral"),
     "qwen2_moe": Arch(moe=True, layer_fields=("layer_types", "max_window_layers", "mlp_only_layers", "decoder_sparse_step")),
     "qwen3_moe": Arch(moe=True, layer_fields=("layer_types", "max_window_layers", "mlp_only_layers", "decoder_sparse_step")),
     "olmo2": Arch(
@@ -126,7 +136,7 @@ ARCHS: dict[str, Arch] = {
         attn="attention",
         attn_out="post_attention_dropout",
         mlp_out="post_mlp_dropout",
-        mid=None,  # resolved per config by Adapter.mid_path (sequential variant has one)
+        mid=_neox_mid,  # the sequential variant has one
         residual=_neox_kind,
     ),
     "phi": Arch(
@@ -168,10 +178,8 @@ class Adapter:
         kind = self.arch.residual(config) if callable(self.arch.residual) else self.arch.residual
         assert kind in RESIDUAL_KINDS, kind
         self.residual = kind
-        if model_type == "gpt_neox":
-            self.mid_path = _neox_mid(config)
-        else:
-            self.mid_path = self.arch.mid if kind in SEQUENTIAL_KINDS else None
+        mid = self.arch.mid(config) if callable(self.arch.mid) else self.arch.mid
+        self.mid_path = mid if kind in SEQUENTIAL_KINDS else None
 
     # ----------------------------------------------------------- whole model
     @property
@@ -244,19 +252,40 @@ class Adapter:
 
     def block_points(self, kind: str, layer: int) -> tuple[str, str]:
         """(X point, Y point) of block ``kind`` in layer ``layer``."""
-        if kind == "layer":
-            return f"r{layer}", f"r{layer + 1}"
-        if self.sequential:
-            if kind == "attn":
-                return f"r{layer}", f"m{layer}"
-            if kind == "mlp":
-                return f"m{layer}", f"r{layer + 1}"
-        else:
-            if kind == "attn":
-                return f"r{layer}", f"a{layer}"
-            if kind == "mlp":
-                return f"r{layer}", f"p{layer}"
-        raise ValueError(f"block kind must be 'attn', 'mlp' or 'layer', got {kind!r}")
+        return block_points(kind, layer, self.residual)
+
+    def subblock_aliases(self, block: str) -> tuple[str, ...]:
+        """Older checkpoint names of sub-block ``block`` ("attn" or "mlp")."""
+        return {"attn": self.arch.attn_aliases, "mlp": self.arch.mlp_aliases}[block]
+
+    def is_expert_tensor(self, name: str) -> bool:
+        """Whether checkpoint tensor ``name`` belongs to one MoE expert."""
+        return self.arch.moe and f".{self.arch.experts}." in name
+
+
+def block_points(kind: str, layer: int, residual: str) -> tuple[str, str]:
+    """(X point, Y point) of block ``kind`` in layer ``layer`` of a model whose residual
+    structure is ``residual`` (one of :data:`RESIDUAL_KINDS`; reports record it)."""
+    if kind == "layer":
+        return f"r{layer}", f"r{layer + 1}"
+    if residual in SEQUENTIAL_KINDS:
+        if kind == "attn":
+            return f"r{layer}", f"m{layer}"
+        if kind == "mlp":
+            return f"m{layer}", f"r{layer + 1}"
+    else:
+        if kind == "attn":
+            return f"r{layer}", f"a{layer}"
+        if kind == "mlp":
+            return f"r{layer}", f"p{layer}"
+    raise ValueError(f"block kind must be 'attn', 'mlp' or 'layer', got {kind!r}")
+
+
+def paper_family(model_type: str | None) -> str:
+    """The paper's code path for ``model_type``: "mistral" (bucket, 80 bins) or "llama" (knn,
+    k = 25; also for a type outside the table, as the paper's default class)."""
+    arch = ARCHS.get((model_type or "").lower())
+    return arch.paper_family if arch is not None else "llama"
 
 
 def get_adapter(model_or_config) -> Adapter:

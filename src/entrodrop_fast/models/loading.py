@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from entrodrop_fast.models.pruned import pruned_record  # noqa: F401  (part of this module's API)
+
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -468,14 +470,6 @@ def check_supported(config, where) -> None:
         raise ModelLoadError(f"{where}: {exc}; entrodrop_fast refuses to profile, prune or evaluate it") from None
 
 
-def pruned_record(config) -> dict | None:
-    """``config.entrodrop_pruned`` when it records attention / MLP drops (a checkpoint of ``entrodrop prune``)."""
-    rec = config.get("entrodrop_pruned") if isinstance(config, dict) else getattr(config, "entrodrop_pruned", None)
-    if isinstance(rec, dict) and (rec.get("dropped_attn") or rec.get("dropped_mlp")):
-        return rec
-    return None
-
-
 def meta_skeleton(config):
     """The model ``config`` describes, every tensor on the ``meta`` device (no memory, no init).
 
@@ -484,7 +478,7 @@ def meta_skeleton(config):
     """
     import transformers
 
-    from entrodrop_fast import surgery
+    from entrodrop_fast.models.pruned import apply_subblock_drops_
 
     rec = pruned_record(config)
     with torch.device("meta"):
@@ -498,7 +492,7 @@ def meta_skeleton(config):
                     f"transformers {transformers.__version__}"
                 )
             model = base._from_config(config)
-            surgery.apply_subblock_drops_(model, rec)
+            apply_subblock_drops_(model, rec)
     return model
 
 
@@ -510,7 +504,7 @@ def checkpoint_problems(config, shapes: dict, file_of: dict) -> list[str]:
     """What is wrong between a checkpoint's tensors and the model ``config`` describes.
 
     ``shapes``: checkpoint tensor name -> shape; ``file_of``: name -> file holding it (the
-    ``shapes`` / ``file_of`` of :class:`entrodrop_fast.streaming.Checkpoint`). Checkpoint names
+    ``shapes`` / ``file_of`` of :class:`entrodrop_fast.profile.layerwise.Checkpoint`). Checkpoint names
     go through the renaming transformers applies on load (e.g. per-expert MoE tensors fused
     into one), so both layouts are accepted. Returns one readable line per problem, naming
     the tensor and its file (empty: the checkpoint is what the config says). Tied weights
@@ -631,7 +625,7 @@ def _local_checkpoint_problems(path: str, config) -> list[str]:
     p = Path(path)
     if not ((p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()):
         return []  # other formats: checked by from_pretrained's loading report
-    from entrodrop_fast.streaming import Checkpoint, CheckpointError
+    from entrodrop_fast.models.checkpoint import Checkpoint, CheckpointError
 
     try:
         ckpt = Checkpoint(p)
@@ -646,7 +640,7 @@ def _model_class(config):
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM
-    from entrodrop_fast.export import pruned_model_class
+    from entrodrop_fast.models.pruned import pruned_model_class
 
     return pruned_model_class(config.to_dict() if hasattr(config, "to_dict") else dict(config))
 
@@ -797,6 +791,49 @@ def config_value(config, name: str):
         if text is not None:
             value = get(text, name) if isinstance(text, dict) == isinstance(config, dict) else getattr(text, name, None)
     return value
+
+
+def resolve_source(model, cache_dir=None, *, need: str = "safetensors", workdir=None) -> Path:
+    """The local Hugging Face directory (config.json + safetensors) a MODEL argument stands for:
+    the one resolver of every command that reads a checkpoint's files rather than loading it.
+
+    ``model``: None / a built-in name (its cache entry, converted once), a local directory,
+    a ``.gguf`` file (converted into a new directory under ``workdir``), or a hub id
+    (downloaded). ``need="local"``: only a built-in name or a local directory (streaming layer
+    by layer reads the shards where they are). Raises ValueError (``need="local"``) or
+    :class:`ModelLoadError` saying what was given and what to pass instead.
+    """
+    import tempfile
+
+    b = builtin_model(model)
+    if b is not None:
+        return ensure_builtin(cache_dir, b)
+    p = Path(str(model)).expanduser()
+    if need == "local":
+        if not p.is_dir():
+            raise ValueError(f"streaming reads a local Hugging Face directory with safetensors shards; {model!r} is not one")
+        return p
+    if need != "safetensors":
+        raise ValueError(f"need must be 'safetensors' or 'local', got {need!r}")
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"{p} has no config.json: not a Hugging Face model directory")
+        return p
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        m, tok = gguf_to_model(p)
+        dst = Path(tempfile.mkdtemp(prefix="gguf-", dir=workdir))
+        m.save_pretrained(dst)
+        tok.save_pretrained(dst)
+        return dst
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{model!r} is not a local directory or .gguf file, and the hub download failed "
+            f"({type(exc).__name__}); download the model elsewhere and pass its directory"
+        ) from exc
 
 
 def peek_config(source, cache_dir=None) -> dict | None:

@@ -12,7 +12,6 @@ padding tokens.
 
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
 import operator
@@ -23,154 +22,27 @@ from dataclasses import dataclass
 import torch
 
 from entrodrop_fast.ops import reference
+from entrodrop_fast.ops.backends import BACKENDS, backends, kernel, resolve_backend  # noqa: F401 (re-exported)
+from entrodrop_fast.ops.backends import pair_kernel as _pair_kernel
+from entrodrop_fast.ops.backends import reports_nonfinite as _reports_nonfinite  # noqa: F401 (hooks.py)
 
 METHODS = ("bucket", "gaussian_diag", "gaussian_full", "knn", "renyi")
-BACKENDS = ("cpp", "triton", "torch")  # every backend name, in the order "auto" prefers
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Most bins per channel: every backend keeps bins counters per channel (the GPU kernels
 # D x bins int32 per sample: 1 GiB at D = 4096), and 2^16 bins already resolve more than
-# any sample of up to 65536 tokens can fill.
+# any sample of up to 65536 tokens can fill. (Also the kernels' limit, entrodrop_fast._C.MAX_BINS:
+# the API needs it without the extension, and tests/test_backends.py checks they agree.)
 MAX_BINS = 1 << 16
 _FP32_MAX = float(torch.finfo(torch.float32).max)
-_BACKEND_MODULES = {
-    "cpp": "entrodrop_fast.ops.cpp_backend",
-    "triton": "entrodrop_fast.ops.triton_backend",
-}
 
 
 # ---------------------------------------------------------------- backends
+# Which implementation runs each op of each backend on each device: ops/backends.py.
 
 
-class _TorchBackend:
-    """The reference as a backend: readable, fp32 inputs, fp64 accumulation."""
-
-    moments = staticmethod(reference.moments)
-    bucket = staticmethod(reference.bucket)
-    cosine = staticmethod(reference.cosine)
-    knn_kth_distance = staticmethod(reference.knn_kth_distance)
-
-    @staticmethod
-    def available():
-        return True, ""
-
-    @staticmethod
-    def devices():
-        return {"cpu", "cuda"}
-
-
-_loaded: dict[str, object] = {"torch": _TorchBackend}
-_load_errors: dict[str, str] = {}
-
-
-def _module(name: str):
-    if name in _loaded:
-        return _loaded[name]
-    if name in _load_errors:
-        return None
-    try:
-        mod = importlib.import_module(_BACKEND_MODULES[name])
-        ok, why = mod.available()
-    except Exception as exc:  # a backend must never break the package import
-        ok, why = False, f"{type(exc).__name__}: {exc}"
-    if not ok:
-        _load_errors[name] = why or "unavailable"
-        return None
-    _loaded[name] = mod
-    return mod
-
-
-def backends() -> dict:
-    """Which backends exist, on which devices, and why not where they don't."""
-    out = {}
-    for name in BACKENDS:
-        mod = _module(name)
-        if mod is None:
-            out[name] = {"available": False, "devices": [], "reason": _load_errors.get(name, "")}
-        else:
-            out[name] = {"available": True, "devices": sorted(mod.devices()), "reason": ""}
-    return out
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Name of the backend to use for tensors on ``device``; raises ValueError if impossible."""
-    dev = device.type
-    if backend == "auto":
-        forced = os.environ.get("ENTRODROP_BACKEND")
-        if forced:
-            return resolve_backend(forced, device)
-        for name in BACKENDS:
-            mod = _module(name)
-            if mod is not None and dev in mod.devices():
-                if name == "torch":
-                    _warn_reference_fallback()
-                return name
-        _warn_reference_fallback()
-        return "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from 'auto', " + ", ".join(repr(b) for b in BACKENDS) + f" (available here: {_available_list(dev)})")
-    mod = _module(backend)
-    if mod is None:
-        hint = ""
-        if backend == "cpp":
-            from entrodrop_fast import _ext
-
-            hint = f"; {_ext.BUILD_HINT}"
-        raise ValueError(f"backend {backend!r} is not available ({_load_errors.get(backend)}){hint}; available here: {_available_list(dev)}")
-    if dev not in mod.devices():
-        raise ValueError(f"backend {backend!r} does not run on {dev} tensors; available for {dev}: {_available_list(dev)}")
-    return backend
-
-
-_fallback_warned = False
-
-
-def _warn_reference_fallback() -> None:
-    """Once per process: ``auto`` fell back to the torch reference because the compiled
-    extension did not load (a source checkout on sys.path, a failed build, a bad .so)."""
-    global _fallback_warned
-    if _fallback_warned or "cpp" not in _load_errors:
-        return
-    _fallback_warned = True
-    from entrodrop_fast import _ext
-
-    warnings.warn(
-        f"entrodrop_fast: the compiled kernels are not available ({_load_errors['cpp']}); backend='auto' "
-        f"uses the torch reference, 25-600x slower. Package imported from {os.path.dirname(os.path.dirname(__file__))}; "
-        f"{_ext.BUILD_HINT}",
-        RuntimeWarning,
-        stacklevel=4,
-    )
-
-
-def _available_list(dev: str) -> str:
-    names = [n for n in BACKENDS if (m := _module(n)) is not None and dev in m.devices()]
-    return ", ".join(names) or "none"
-
-
-def _impl(backend_name: str, op: str):
-    """The backend's op, or the reference's when the backend leaves it out."""
-    fn = getattr(_loaded[backend_name], op, None)
-    return fn if fn is not None else getattr(_TorchBackend, op)
-
-
-def _kernel_module(backend_name: str, device: torch.device):
-    """The module whose kernels run ``backend_name``'s ops on this device: the backend's own,
-    except that ``cpp`` hands CUDA tensors to ``cuda_backend`` (same function names), whose
-    ``REPORTS_NONFINITE`` / ``PAIRS`` then count."""
-    mod = _loaded.get(backend_name)
-    if mod is not None and backend_name == "cpp" and device.type == "cuda":
-        return importlib.import_module("entrodrop_fast.ops.cuda_backend")
-    return mod
-
-
-def _reports_nonfinite(backend_name: str, device: torch.device, op: str) -> bool:
-    """Whether the backend's ``op`` kernel reports NaN/Inf in Y among the valid tokens through
-    its outputs on this device (docs/CONTRACT.md, "Non-finite values"): the backend module
-    declares it as ``REPORTS_NONFINITE = {device type: ops}``."""
-    mod = _kernel_module(backend_name, device)
-    if mod is None or getattr(mod, op, None) is None:  # left out: the reference runs it
-        return False
-    return op in getattr(mod, "REPORTS_NONFINITE", {}).get(device.type, ())
+def _kernel(p: _Prepared, op: str):
+    """The function running ``op`` for the prepared input's backend and device (the table's)."""
+    return kernel(p.backend, p.x.device, op)
 
 
 # ---------------------------------------------------------------- input checks
@@ -441,16 +313,16 @@ def bucket_entropy(x, f=None, *, bins: int = 20, paper_exact: bool = False, mask
     """
     bins = _integer(bins, "bins", 1, MAX_BINS, " (every backend keeps bins counters per channel, D x bins per sample on GPUs; 2**16 bins already resolve more than a sample of 65536 tokens can fill)")
     p = prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate, op="bucket")
-    h = _impl(p.backend, "bucket")(p.x, p.f, p.mask, bins, paper_exact).to(torch.float64).sum(-1)  # (B,)
+    h = _kernel(p, "bucket")(p.x, p.f, p.mask, bins, paper_exact).to(torch.float64).sum(-1)  # (B,)
     if p.deferred and not _all_finite(h):  # the kernel saw NaN/Inf: H_d = NaN
         p = _recheck(p, nan_policy=nan_policy)
         if p.omitted:
-            h = _impl(p.backend, "bucket")(p.x, p.f, p.mask, bins, paper_exact).to(torch.float64).sum(-1)
+            h = _kernel(p, "bucket")(p.x, p.f, p.mask, bins, paper_exact).to(torch.float64).sum(-1)
     return _finish(p, h)
 
 
 def _moments(p: _Prepared) -> dict:
-    m = _impl(p.backend, "moments")(p.x, p.f, p.mask)
+    m = _kernel(p, "moments")(p.x, p.f, p.mask)
     return {k: v.to(torch.float64) for k, v in m.items()}
 
 
@@ -548,10 +420,11 @@ def gaussian_full_entropy(x, f=None, *, ridge: float | None = None, mask=None, b
     if ridge is not None:
         ridge = _real(ridge, "ridge", lo=0.0, why=" or None (automatic)")
     p = prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate)
+    covariance = _kernel(p, "covariance")
     out = []
     for b in range(p.x.shape[0]):
         r = _rows(p, b)  # (N, D)
-        cov = reference.covariance(r)
+        cov = covariance(r)
         D = cov.shape[0]
         eye = torch.eye(D, dtype=cov.dtype, device=cov.device)
         if ridge is None:
@@ -577,15 +450,15 @@ def knn_entropy(x, f=None, *, k: int = 25, form: str = "paper", mask=None, backe
     if form not in ("paper", "digamma"):
         raise ValueError(f"knn form must be 'paper' or 'digamma', got {form!r}")
     p = prepare(x, f, mask, min_tokens=k + 1, nan_policy=nan_policy, backend=backend, validate=validate, op="knn_terms")
-    terms = getattr(_loaded[p.backend], "knn_terms", None)
-    if terms is not None and p.x.device.type == "cpu":  # the whole batch in one call
+    terms = _kernel(p, "knn_terms")
+    if terms is not None:  # the whole batch in one call
         n, logsum = terms(p.x, p.f, p.mask, k)
         if p.deferred and not math.isfinite(sum(logsum.tolist())):  # the kernel saw NaN/Inf
             p = _recheck(p, min_tokens=k + 1, nan_policy=nan_policy)
             if p.omitted:
                 n, logsum = terms(p.x, p.f, p.mask, k)
         return _finish(p, reference.knn_entropy_from_logsum(logsum, n, p.x.shape[2], k, form))
-    kth = _impl(p.backend, "knn_kth_distance")
+    kth = _kernel(p, "knn_kth_distance")
     out = []
     for b in range(p.x.shape[0]):
         r = _rows(p, b)
@@ -598,13 +471,14 @@ def renyi_entropy(x, f=None, *, alpha: float = 4.0, mask=None, backend="auto", n
     """The paper's Renyi entropy of order ``alpha`` of the Gaussian-kernel similarity matrix.
 
     Every backend computes this one with the torch reference (it needs the median of all
-    N^2 pairwise distances).
+    N^2 pairwise distances; ops/backends.py TABLE).
     """
     alpha = _real(alpha, "alpha", lo=0.0, lo_open=True, why=" other than 1")
     if alpha == 1:
         raise ValueError("alpha must differ from 1 (the Renyi entropy of order 1 is a limit, not this formula)")
     p = prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate)
-    out = [reference.renyi_entropy_1(_rows(p, b), alpha) for b in range(p.x.shape[0])]
+    renyi = _kernel(p, "renyi")
+    out = [renyi(_rows(p, b), alpha) for b in range(p.x.shape[0])]
     return _finish(p, torch.stack(out))
 
 
@@ -668,14 +542,6 @@ _PAIR_OPTS = {
 }
 
 
-def _pair_kernel(backend: str, device: torch.device, op: str):
-    """The backend's pair kernel of ``op`` for this device (``PAIRS`` in the module), or None."""
-    mod = _kernel_module(backend, device)
-    if mod is None or op not in getattr(mod, "PAIRS", {}).get(device.type, ()):
-        return None
-    return getattr(mod, f"{op}_pair", None)
-
-
 def _paired_delta(x, f, method: str, opts: dict):
     """delta_entropy from one pair kernel call, or None where the two calls must run: no pair
     kernel, an option the estimator would refuse, bad input (the two calls then raise, or
@@ -691,21 +557,21 @@ def _paired_delta(x, f, method: str, opts: dict):
         else:
             var_floor = _real(opts.get("var_floor", 1e-12), "var_floor", lo=0.0)
         xt, _ = _to_torch(x, "x")
-        kernel = _pair_kernel(resolve_backend(opts.get("backend", "auto"), xt.device), xt.device, op)
+        pair = _pair_kernel(resolve_backend(opts.get("backend", "auto"), xt.device), xt.device, op)
     except (TypeError, ValueError):
         return None  # the estimator raises it, with its own message
-    if kernel is None:
+    if pair is None:
         return None
     p = prepare(x, f, opts.get("mask"), nan_policy=nan_policy, backend=opts.get("backend", "auto"), validate=validate, op=op,
                 defer_only=True)
     if p is None:  # (too few tokens: the two calls raise)
         return None
     if method == "bucket":
-        hy, hx = (h.to(torch.float64).sum(-1) for h in kernel(p.x, p.f, p.mask, bins, opts.get("paper_exact", False)))
+        hy, hx = (h.to(torch.float64).sum(-1) for h in pair(p.x, p.f, p.mask, bins, opts.get("paper_exact", False)))
         if p.deferred and not _all_finite(hy, hx):
             return None
         return _finish(p, hy) - _finish(p, hx)
-    ms = kernel(p.x, p.f, p.mask)
+    ms = pair(p.x, p.f, p.mask)
     var = [m["m2"] / m["count"][:, None] for m in ms]
     if validate:
         low = [_amin(v) for v in var]
@@ -730,11 +596,11 @@ def cosine_importance(x, f=None, *, y=None, mask=None, backend="auto", nan_polic
     fused = f is not None
     names = {"f_name": "f" if fused else "y", "add": fused}
     p = prepare(x, f if fused else y, mask, min_tokens=1, nan_policy=nan_policy, backend=backend, validate=validate, op="cosine", **names)
-    s, n = _impl(p.backend, "cosine")(p.x, p.f, p.mask, fused)
+    s, n = _kernel(p, "cosine")(p.x, p.f, p.mask, fused)
     if p.deferred and not _all_finite(s):  # a token's x or Y held NaN/Inf: its cos is NaN
         p = _recheck(p, min_tokens=1, nan_policy=nan_policy, **names)
         if p.omitted:
-            s, n = _impl(p.backend, "cosine")(p.x, p.f, p.mask, fused)
+            s, n = _kernel(p, "cosine")(p.x, p.f, p.mask, fused)
     return _finish(p, 1.0 - s.to(torch.float64) / n.to(torch.float64))
 
 

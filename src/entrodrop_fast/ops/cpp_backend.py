@@ -1,9 +1,10 @@
 """The ``cpp`` backend: the compiled CPU kernels of ``entrodrop_fast._C`` (see docs/CONTRACT.md).
 
 Tensors cross to C++ as ``data_ptr`` + shape + strides (in elements) + a dtype code; the
-outputs are torch tensors allocated here and filled in place. CUDA tensors are handed to
-``entrodrop_fast.ops.cuda_backend`` (same function names). The C++ kernels run on
-``torch.get_num_threads()`` threads of their own pool (csrc/threads_cpu.cpp) and release the GIL.
+outputs are torch tensors allocated here and filled in place. CPU tensors only: the CUDA
+kernels are the ``cuda`` backend (ops/cuda_backend.py; ``backend="cpp"`` on CUDA tensors is
+resolved to it in ops/backends.py). The C++ kernels run on ``torch.get_num_threads()`` threads
+of their own pool (csrc/threads_cpu.cpp) and release the GIL.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 # Kernels that report NaN/Inf in Y = x (+ f) among the valid tokens through their outputs
 # (docs/CONTRACT.md, "Non-finite values"), per device type: the API then skips its separate
-# validation pass and checks the outputs instead. CUDA: none yet (their kernels are unchanged).
+# validation pass and checks the outputs instead.
 REPORTS_NONFINITE = {"cpu": frozenset({"moments", "bucket", "cosine", "knn_terms"})}
 # Ops with a pair kernel (<op>_pair: the op of Y = x + f and of x from one read of x and f,
 # for delta_entropy), per device type.
@@ -35,8 +36,9 @@ KNN_CAP_FACTOR = 2
 # Samples of up to this many valid tokens (an LLM calibration window: 256 in the paper) are
 # done entirely in C++ by knn_fused_cpu, the whole batch in one call: its own Gram
 # micro-kernel on the centred rows, the N x N fp32 matrix (<= 1 MiB), a sorting network per
-# 16 rows, the same exact fp64 band (csrc/knn_fused_cpu.cpp). Must equal kFusedMaxN there.
-KNN_FUSED_MAX_N = 512
+# 16 rows, the same exact fp64 band (csrc/knn_fused_cpu.cpp). Read from the extension
+# (csrc/entrodrop.h kKnnFusedMaxN); None when it is not built (then this backend is unavailable).
+KNN_FUSED_MAX_N = _ext.require().KNN_FUSED_MAX_N if _ext.available() else None
 # _knn (larger samples): up to this many rows the whole Gram matrix is one block of whole
 # rows for knn_select_cpu (the tile machinery's fixed costs would dominate).
 KNN_WHOLE_ROWS = 512
@@ -55,15 +57,7 @@ def available() -> tuple[bool, str]:
 
 
 def devices() -> set[str]:
-    if not _ext.available():
-        return set()
-    return {"cpu", "cuda"} if _ext.has_cuda() else {"cpu"}
-
-
-def _cuda():
-    from entrodrop_fast.ops import cuda_backend  # lazy: written and built separately
-
-    return cuda_backend
+    return {"cpu"} if _ext.available() else set()
 
 
 def _code(x: torch.Tensor) -> int:
@@ -94,8 +88,6 @@ def _threads() -> int:
 
 def moments(x: torch.Tensor, f: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> dict:
     """count [B] f64, mean/m2 [B, D] f64, min/max [B, D] f32 of Y = x (+ f); x: [B, T, D]."""
-    if x.is_cuda:
-        return _cuda().moments(x, f, mask)
     C = _ext.require()
     B, _, D = x.shape
     count = torch.empty(B, dtype=torch.float64)
@@ -143,8 +135,6 @@ def bucket_pair(x: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None = No
 def bucket(x: torch.Tensor, f: torch.Tensor | None = None, mask: torch.Tensor | None = None,
            bins: int = 20, paper_exact: bool = False) -> torch.Tensor:
     """Per-channel histogram entropy H_d, fp64 [B, D]; x: [B, T, D]."""
-    if x.is_cuda:
-        return _cuda().bucket(x, f, mask, bins, paper_exact)
     C = _ext.require()
     B, _, D = x.shape
     out = torch.empty(B, D, dtype=torch.float64)
@@ -158,8 +148,6 @@ def bucket(x: torch.Tensor, f: torch.Tensor | None = None, mask: torch.Tensor | 
 def cosine(x: torch.Tensor, other: torch.Tensor, mask: torch.Tensor | None = None,
            fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over valid tokens of cos(x_t, Y_t), count), fp64 [B] each; Y = x + other if fused."""
-    if x.is_cuda:
-        return _cuda().cosine(x, other, mask, fused)
     C = _ext.require()
     if other.dtype != x.dtype:  # the API checks this for f; a y given on its own may differ
         x, other = x.float(), other.float()
@@ -234,7 +222,7 @@ KNN_SMAX_RANGE = (2.0**-90, 2.0**120)
 
 def knn_kth_distance(x: torch.Tensor, k: int) -> torch.Tensor:
     """Distance from each row of x [N, D] to its k-th nearest other row, fp64 [N]."""
-    if not x.is_cuda and x.shape[0] <= KNN_FUSED_MAX_N:
+    if x.shape[0] <= KNN_FUSED_MAX_N:
         N = x.shape[0]
         if not 1 <= k < N:
             raise ValueError(f"k must be in [1, N - 1] = [1, {N - 1}], got {k}")
@@ -311,8 +299,6 @@ def _knn(x: torch.Tensor, k: int, scale_exp: int | None = None) -> tuple[torch.T
     values 2^-126 below the largest): the Gram tiles, norms and delta are of the scaled
     rows, the exact distances of x itself.
     """
-    if x.is_cuda:
-        return _cuda().knn_kth_distance(x, k), 0
     C = _ext.require()
     N, D = x.shape
     if not 1 <= k < N:

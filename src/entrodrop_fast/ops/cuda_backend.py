@@ -1,11 +1,11 @@
-"""CUDA kernels of the compiled extension (csrc/stats_cuda.cu) with the backend signatures.
+"""The ``cuda`` backend: the CUDA kernels of the compiled extension (csrc/*_cuda.cu).
 
-For CUDA tensors; ``cpp_backend`` delegates its CUDA tensors here. The extension takes raw
-device pointers, shapes, strides (in elements), a dtype code and the caller's stream, so
-everything runs on ``torch.cuda.current_stream()`` and nothing synchronises the host.
-``cosine`` has no CUDA C++ kernel: it runs the Triton kernel when Triton works, else the
-torch reference. ``knn_kth_distance`` is the tiled GEMM + exact fp64 band of
-``ops/knn_tiled.py`` (cuBLAS tiles; the Triton ``_knn_kernel`` was 28x slower than
+For CUDA tensors (``backend="cpp"`` on CUDA tensors is this backend too: ops/backends.py
+ALIASES). The extension takes raw device pointers, shapes, strides (in elements), a dtype code
+and the caller's stream, so everything runs on ``torch.cuda.current_stream()`` and nothing
+synchronises the host. Only moments and bucket have CUDA C++ kernels; ops/backends.py TABLE
+sends this backend's cosine to Triton (else the torch reference) and its knn to the tiled GEMM
+search of ops/knn_tiled.py (cuBLAS tiles; the Triton ``_knn_kernel`` was 28x slower than
 cdist + topk on an H200).
 """
 
@@ -18,15 +18,19 @@ from entrodrop_fast import _ext
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Kernels that report NaN/Inf in Y = x (+ f) among the valid tokens through their outputs
 # (docs/CONTRACT.md, "Non-finite values"; their min/max propagate NaN): the API then skips its
-# separate pass over x (and f) on CUDA tensors and checks the small outputs instead. The cpp
-# backend hands its CUDA tensors here, and api._kernel_module reads these for it.
+# separate pass over x (and f) on CUDA tensors and checks the small outputs instead.
 REPORTS_NONFINITE = {"cuda": frozenset({"moments", "bucket"})}
 # Ops with a pair kernel (<op>_pair: the op of Y = x + f and of x in one launch, x read from
 # HBM about once; each output bit for bit the single op's), for delta_entropy.
 PAIRS = {"cuda": frozenset({"moments", "bucket"})}
-_FUSED_MAX_ROWS = 256  # csrc/stats_cuda.cu kFusedRows
+# The kernels' limits, read from the extension (csrc/entrodrop_cuda.h; None when it has no
+# CUDA kernels, and then this backend is unavailable): most tokens of the single-read bucket
+# kernels, most rows per block of the 16-bit shared-memory counters, most token splits.
+_C = _ext.require() if _ext.has_cuda() else None
+_FUSED_MAX_ROWS = _C.cuda_fused_max_rows() if _C is not None else None
+_HIST_MAX_ROWS = _C.cuda_hist_max_rows() if _C is not None else None
+_MAX_SPLITS = _C.CUDA_MAX_SPLITS if _C is not None else None
 _FUSED_MAX_BINS = 128  # keeps the fused kernel's shared memory near 100 KB
-_HIST_MAX_ROWS = 65535  # 16-bit shared-memory counters per block
 _PARTIAL_BYTES = 1 << 30  # per-split partial histograms [B, S, D, bins] int32: fewer splits beyond
 _occ_cache: dict = {}
 # Single-read bucket kernel for short samples: "registers" (bucket_fused: the rows in registers,
@@ -110,7 +114,7 @@ def _splits(x, vec: int, splits: int | None, *, kind: int = 0, bins: int = 0, ha
         device = x.device.index if x.device.index is not None else torch.cuda.current_device()
         slots = _occupancy(kind, x, vec, bins, has_f, device) * _num_sms(x.device)
         splits = max(1, (waves * slots) // (B * tiles))
-    splits = max(1, min(int(splits), -(-T // gran), 65535))
+    splits = max(1, min(int(splits), -(-T // gran), _MAX_SPLITS))
     rows = -(-T // splits)
     rows = -(-rows // gran) * gran
     if max_rows is not None and rows > max_rows:
@@ -298,32 +302,3 @@ def bucket(x, f=None, mask=None, bins: int = 20, paper_exact: bool = False, *, s
         return out
     counts, _ = _partial_counts(x, f, mask, bins, splits, False)
     return entropy_from_counts(counts, paper_exact)
-
-
-def _triton_ready() -> bool:
-    try:
-        from entrodrop_fast.ops import triton_backend
-
-        return triton_backend.available()[0]
-    except Exception:  # a broken triton must not break the CUDA backend
-        return False
-
-
-def cosine(x, other, mask=None, fused: bool = True):
-    """No CUDA C++ kernel: the Triton kernel when Triton works, else the torch reference."""
-    if _triton_ready():
-        from entrodrop_fast.ops.triton.cosine import cosine as _cosine
-
-        return _cosine(x, other, mask, fused)
-    from entrodrop_fast.ops import reference
-
-    return reference.cosine(x, other, mask, fused)
-
-
-def knn_kth_distance(x, k: int) -> torch.Tensor:
-    """Distance from each row of x [N, D] to its k-th nearest other row, fp64 [N]: tiled
-    fp32 GEMMs (torch.mm), a running k-smallest per row and the exact fp64 band
-    (ops/knn_tiled.py); never the N x N matrix."""
-    from entrodrop_fast.ops.knn_tiled import knn_kth_distance as _knn
-
-    return _knn(x, k)

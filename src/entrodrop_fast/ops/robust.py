@@ -4,7 +4,7 @@ The paper's bucket estimator bins each channel over the sample's [min, max]. In 
 layers of LLMs a few tokens (the first token of the window, some delimiters) carry
 "massive activations": values hundreds of times larger than the rest, which then set
 [min, max] of many channels, so nearly every other token falls into one bin and the
-entropy says little about the content (see :mod:`entrodrop_fast.massive`). The variants
+entropy says little about the content (see :mod:`entrodrop_fast.profile.massive`). The variants
 below change only what the histogram sees; the binning itself is the existing fused
 kernel (bit-identical counts across backends, docs/CONTRACT.md), called on a preprocessed
 Y = x + f (fp32) or with a mask:

@@ -1,7 +1,10 @@
-"""Triton backend (docs/CONTRACT.md): GPU kernels for CUDA tensors.
+"""The ``triton`` backend (docs/CONTRACT.md): Triton kernels (ops/triton/) for CUDA tensors.
 
 On a machine without a GPU the kernels run only under ``TRITON_INTERPRET=1`` (slow,
-for tests); then CPU tensors are accepted too.
+for tests); then CPU tensors are accepted too. moments, bucket and cosine are its own;
+ops/backends.py TABLE sends its knn to the tiled GEMM search of ops/knn_tiled.py (tensor
+cores through cuBLAS: the Triton kernel of ops/triton/knn.py measured 28x slower than
+cdist + topk on an H200).
 """
 
 from __future__ import annotations
@@ -73,12 +76,3 @@ def cosine(x, other, mask=None, fused: bool = True):
     from entrodrop_fast.ops.triton.cosine import cosine as _cosine
 
     return _cosine(x, other, mask, fused)
-
-
-def knn_kth_distance(x, k: int) -> torch.Tensor:
-    """The tiled GEMM search of :mod:`entrodrop_fast.ops.knn_tiled` (torch.mm on tiles:
-    tensor cores through cuBLAS), not a Triton kernel: the Triton one
-    (:mod:`entrodrop_fast.ops.triton.knn`) measured 28x slower than cdist + topk on an H200."""
-    from entrodrop_fast.ops.knn_tiled import knn_kth_distance as _knn
-
-    return _knn(x, k)

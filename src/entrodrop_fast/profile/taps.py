@@ -156,7 +156,9 @@ class BlockStatistics:
     """
 
     def __init__(self, adapter: Adapter, num_layers: int, settings: TapSettings, mask: torch.Tensor | None = None):
-        from entrodrop_fast import SampleStats  # the estimator API (ops) is imported lazily
+        from entrodrop_fast.ops.states import (
+            SampleStats,  # the estimator API (ops) is imported lazily
+        )
 
         self.adapter = adapter
         self.L = num_layers
@@ -232,7 +234,7 @@ class BlockStatistics:
             raise RuntimeError(_NONFINITE_MSG.format(point=point))
 
     def _entropy(self, point: str, x, f=None):
-        from entrodrop_fast import entropy
+        from entrodrop_fast.ops.api import entropy
 
         reports = self._results_report(x.device)
         if not reports:
@@ -253,7 +255,7 @@ class BlockStatistics:
 
     def _cosine(self, kind: str, li: int, x, f=None, y=None):
         if kind in self._cos:
-            from entrodrop_fast import cosine_importance
+            from entrodrop_fast.ops.api import cosine_importance
 
             self._cos[kind][li] = cosine_importance(x, f, y=y, mask=self.mask, backend=self.s.backend, validate=False)
 
@@ -296,7 +298,7 @@ class BlockStatistics:
     # -- accumulation
     def end_batch(self) -> None:
         """Fold this batch's per-sample values into the running statistics."""
-        from entrodrop_fast import angular_distance
+        from entrodrop_fast.ops.api import angular_distance
 
         for m, hs in self._h.items():
             missing = [self.points[i] for i, h in enumerate(hs) if h is None]
@@ -336,7 +338,7 @@ class BlockStatistics:
         }
 
     def load_state_dict(self, d: dict) -> None:
-        from entrodrop_fast import SampleStats
+        from entrodrop_fast.ops.states import SampleStats
 
         self.samples = int(d["samples"])
         self.h_stats = {m: SampleStats.from_state_dict(s) for m, s in d["h"].items()}

@@ -18,7 +18,7 @@ down_proj``) has each layer's experts read and fused into the model's ``gate_up_
 ``down_proj`` on the prefetch thread, exactly as ``from_pretrained`` fuses them; the MLP block
 of such a layer is the whole sparse-MoE block (router, experts, shared expert).
 
-The taps and estimators are the in-memory runner's (:mod:`entrodrop_fast.hooks`), so the
+The taps and estimators are the in-memory runner's (:mod:`entrodrop_fast.profile.taps`), so the
 report is the same. The masks, position ids and rotary embeddings each layer receives are
 captured from the model's own forward (run once per batch with the layers replaced by
 recorders), so they are exactly what the model would pass.
@@ -59,12 +59,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from entrodrop_fast.hooks import BlockStatistics, ResidualTaps
 from entrodrop_fast.models.adapters import get_adapter, get_attr
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-
+from entrodrop_fast.models.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, CheckpointError  # noqa: F401  (part of this module's API)
+from entrodrop_fast.profile.taps import BlockStatistics, ResidualTaps
 
 RUN_NAME = "run.json"
 STATE_NAME = "state.pt"
@@ -116,10 +113,6 @@ def sweep_stale_activation_dirs(root: str | None = None) -> list[str]:
     return removed
 
 
-class CheckpointError(RuntimeError):
-    """The checkpoint on disk is missing, incomplete, corrupt or does not match its config."""
-
-
 class ResumeError(ValueError):
     """The resume directory holds a run with other arguments, or is incomplete or corrupt."""
 
@@ -142,78 +135,6 @@ def _storage_error(exc: BaseException, path, what: str, hint: str) -> StorageErr
     else:
         why = f"{detail}; is the disk full or read-only?"
     return StorageError(code, f"{path}: cannot write {what}: {why}; {hint}")
-
-
-# ---------------------------------------------------------------- checkpoint reading
-
-
-class Checkpoint:
-    """The safetensors tensors of a Hugging Face model directory, read tensor by tensor."""
-
-    def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
-
-        self.dir = Path(path)
-        if not (self.dir / "config.json").is_file():
-            raise CheckpointError(f"{self.dir}: no config.json (not a Hugging Face model directory)")
-        index = self.dir / INDEX_NAME
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
-        elif (self.dir / SINGLE_NAME).is_file():
-            weight_map = None
-        else:
-            raise CheckpointError(f"{self.dir}: neither {INDEX_NAME} nor {SINGLE_NAME} found (only safetensors checkpoints stream)")
-        files = sorted(set(weight_map.values())) if weight_map else [SINGLE_NAME]
-        self.shapes: dict[str, list[int]] = {}
-        self.file_of: dict[str, str] = {}
-        for name in files:
-            f = self.dir / name
-            if not f.is_file():
-                example = next(k for k, v in weight_map.items() if v == name)
-                raise CheckpointError(f"{f}: shard listed in {INDEX_NAME} is missing (it holds e.g. {example})")
-            try:
-                with safe_open(str(f), framework="pt") as fh:
-                    for key in fh.keys():
-                        self.shapes[key] = list(fh.get_slice(key).get_shape())
-                        self.file_of[key] = name
-            except Exception as exc:
-                raise CheckpointError(f"{f}: not a readable safetensors file, truncated or corrupt? ({type(exc).__name__}: {exc})") from None
-        if weight_map:
-            for key, name in weight_map.items():
-                if self.file_of.get(key) != name:
-                    raise CheckpointError(f"{self.dir / name}: tensor {key} listed in {INDEX_NAME} is not in that file")
-        self.bytes = sum((self.dir / n).stat().st_size for n in files)
-        self.files = files
-
-    def identity(self) -> dict:
-        """What identifies these weights without reading them: the config's content, and the
-        name, size and modification time of the index and of every shard."""
-        names = ([INDEX_NAME] if (self.dir / INDEX_NAME).is_file() else []) + list(self.files)
-        stats = [[n, st.st_size, st.st_mtime_ns] for n in names for st in [(self.dir / n).stat()]]
-        return {
-            "config": hashlib.sha256((self.dir / "config.json").read_bytes()).hexdigest(),
-            "weights": hashlib.sha256(json.dumps(stats).encode()).hexdigest(),
-        }
-
-    def load(self, keys, device, dtype) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
-        out = {}
-        by_file: dict[str, list[str]] = {}
-        for k in keys:
-            by_file.setdefault(self.file_of[k], []).append(k)
-        for name, ks in by_file.items():
-            path = self.dir / name
-            try:
-                with safe_open(str(path), framework="pt", device="cpu") as fh:
-                    for k in ks:
-                        out[k] = fh.get_tensor(k).to(device=device, dtype=dtype)
-            except Exception as exc:
-                raise CheckpointError(f"{path}: could not read tensors {ks[:3]} ({type(exc).__name__}: {exc})") from None
-        return out
 
 
 # ---------------------------------------------------------------- checkpoint names -> model tensors
@@ -604,7 +525,7 @@ def _fingerprint(ckpt: Checkpoint, windows: torch.Tensor, settings, *, dtype, de
     import transformers
 
     import entrodrop_fast
-    from entrodrop_fast.runner import parse_methods
+    from entrodrop_fast.profile.inmemory import parse_methods
 
     ids = windows.detach().to("cpu", torch.int64).contiguous()
     dev = device.type
@@ -841,7 +762,7 @@ def profile_streaming(
 ) -> dict:
     """Profile the checkpoint in ``model_dir`` on token ``windows`` (samples, T), layer by layer.
 
-    Returns the same dictionary as :func:`entrodrop_fast.runner.profile`. With ``resume_dir``
+    Returns the same dictionary as :func:`entrodrop_fast.profile.inmemory.profile`. With ``resume_dir``
     the run continues where one with the same arguments stopped; other arguments, or a
     directory with a file missing, truncated or corrupt, raise :class:`ResumeError` (a
     ``ValueError``); a full disk or a read-only directory raises :class:`StorageError` (an
@@ -851,7 +772,7 @@ def profile_streaming(
 
     from tqdm.auto import tqdm
 
-    from entrodrop_fast.runner import ProfileSettings, _check, resolved_backend
+    from entrodrop_fast.profile.inmemory import ProfileSettings, _check, resolved_backend
 
     settings = settings or ProfileSettings()
     device = torch.device(device)
@@ -884,7 +805,7 @@ def profile_streaming(
     try:
         # 0. the activation buffers, and where a resumed run starts; before anything is loaded
         if resume_dir is not None:
-            from entrodrop_fast import distributed
+            from entrodrop_fast.profile import distributed
 
             rank, world = distributed.world()
             if world > 1:  # each rank profiles its own samples: its own files
@@ -974,7 +895,7 @@ def profile_streaming(
     stats = sinks[0]
     for s in sinks[1:]:
         stats.merge(s)
-    from entrodrop_fast.runner import finish
+    from entrodrop_fast.profile.inmemory import finish
 
     return finish(stats, adapter, settings, backend=backend, seconds=seconds, windows=windows, device=device, dtype=dtype, hidden_size=D, runner="streaming", checkpoint_bytes=ckpt.bytes)
 

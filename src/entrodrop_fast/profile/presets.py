@@ -19,8 +19,6 @@ read every dtype as fp32 anyway, so the only difference is the rounding of the a
 from __future__ import annotations
 
 PRESETS = ("paper",)
-# architectures the paper's code scores with its Mistral class (bucket, 80 bins)
-MISTRAL_TYPES = frozenset({"mistral", "mixtral"})
 PAPER_KNN_K = 25
 PAPER_BUCKET_BINS_MISTRAL = 80
 
@@ -40,8 +38,10 @@ def paper_preset(model_type: str | None, num_layers: int | None = None, device: 
     on CPU), ``protect_rule`` ("paper") and, when ``num_layers`` is given, ``protect``
     (layers 0, 1 and the last), plus ``why`` (one line saying which branch applied).
     """
+    from entrodrop_fast.models.adapters import paper_family
+
     mt = (model_type or "").lower()
-    mistral = mt in MISTRAL_TYPES
+    mistral = paper_family(mt) == "mistral"
     cuda = str(device).startswith("cuda")
     out = {
         "preset": "paper",

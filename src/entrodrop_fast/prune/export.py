@@ -8,7 +8,7 @@ the checkpoint size (measured: peak RSS +17 MB over an idle process with torch i
 exporting SmolLM2's 513 MB). Tensors of dropped layers / sub-blocks are left out, later
 layers are renamed to their new index;
 a consistent ``model.safetensors.index.json``, the rewritten config (see
-:func:`entrodrop_fast.surgery.pruned_config_dict`), the generation config and the tokenizer
+:func:`entrodrop_fast.prune.surgery.pruned_config_dict`), the generation config and the tokenizer
 files go with them. Everything is written into a temporary directory beside the output and
 renamed into place at the end: a failure leaves no output directory, and the source
 directory is only read.
@@ -42,9 +42,13 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from entrodrop_fast import outputs, surgery
+from entrodrop_fast import outputs
+from entrodrop_fast.models import pruned
 from entrodrop_fast.models.adapters import Adapter, get_adapter
-from entrodrop_fast.surgery import (
+from entrodrop_fast.models.checkpoint import INDEX_NAME, SINGLE_NAME
+from entrodrop_fast.models.pruned import pruned_model_class
+from entrodrop_fast.prune import surgery
+from entrodrop_fast.prune.surgery import (
     PRUNED_KEY,
     Drops,
     has_subblock_drops,
@@ -53,8 +57,8 @@ from entrodrop_fast.surgery import (
     read_plan,
 )
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
+INDEX = INDEX_NAME
+SINGLE = SINGLE_NAME
 MODELING_FILE = "modeling_entrodrop_pruned.py"
 PLAN_FILE = "entrodrop_plan.json"
 # files of the source directory never copied: weights (rewritten), config (rewritten), other
@@ -66,8 +70,6 @@ _DTYPE_BYTES = {
     "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
     "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
 }
-# older checkpoint names of a sub-block that transformers renames on load
-_ALIASES = {"mixtral": {"mlp": ("block_sparse_moe",)}}
 
 
 class ExportError(RuntimeError):
@@ -131,10 +133,9 @@ def _layer_patterns(adapter: Adapter) -> list[re.Pattern]:
 
 def _subblock_of(rest: str, adapter: Adapter, paths: dict) -> str | None:
     """Which sub-block a tensor inside a layer belongs to: attn, mlp, shared, or None (unknown)."""
-    aliases = _ALIASES.get(adapter.model_type, {})
     groups = {
-        "attn": [paths["attn"], *paths["attn_norms"], *aliases.get("attn", ())],
-        "mlp": [paths["mlp"], *paths["mlp_norms"], *aliases.get("mlp", ())],
+        "attn": [paths["attn"], *paths["attn_norms"], *adapter.subblock_aliases("attn")],
+        "mlp": [paths["mlp"], *paths["mlp_norms"], *adapter.subblock_aliases("mlp")],
         "shared": list(paths.get("shared_norms", [])),
     }
     for group, names in groups.items():
@@ -244,7 +245,7 @@ def _write_shard(dst: Path, items: list[tuple[str, str, object, str]], metadata:
 def _modeling_source(base_class: str, model_type: str) -> str:
     parts = [
         inspect.getsource(obj)
-        for obj in (surgery.ZeroAttention, surgery.ZeroMLP, surgery._set_path, surgery._get_path, surgery.apply_subblock_drops_, surgery.inherit_weight_renaming)
+        for obj in (pruned.ZeroAttention, pruned.ZeroMLP, pruned._set_path, pruned._get_path, pruned.apply_subblock_drops_, pruned.inherit_weight_renaming)
     ]
     return (
         '"""Written by entrodrop_fast: the original architecture with some attention / MLP sub-blocks\n'
@@ -306,7 +307,7 @@ def _main_dtype_bytes(sizes: dict[str, int]) -> int:
 def export_pruned(src, out, plan, *, overwrite: bool = False, plan_to_save: dict | None = None) -> ExportSummary:
     """Write the checkpoint in ``src`` minus the blocks of ``plan`` to the directory ``out``.
 
-    ``plan``: a plan dict / JSON path from :mod:`entrodrop_fast.ranking` or a plain
+    ``plan``: a plan dict / JSON path from :mod:`entrodrop_fast.prune.ranking` or a plain
     ``{"attn": [...], "mlp": [...], "layer": [...]}`` with 0-based layer indices of ``src``.
     Raises :class:`ExportError` (nothing written) when the source is unreadable or the plan
     does not fit it, :class:`~entrodrop_fast.outputs.OutputError` when ``out`` holds an earlier
@@ -435,29 +436,6 @@ def export_pruned(src, out, plan, *, overwrite: bool = False, plan_to_save: dict
 
 
 # ------------------------------------------------------------------ loading
-
-
-def pruned_model_class(cfg: dict):
-    """The class that builds the model of a config with sub-block drops (``cfg``: its dict).
-
-    The base architecture, with the recorded drops applied at construction (no remote code
-    runs); it reads checkpoints the way its base class does.
-    """
-    import transformers
-
-    base_name = cfg[PRUNED_KEY].get("base_architecture") or ""
-    base = getattr(transformers, base_name, None)
-    if base is None:
-        raise ValueError(f"base architecture {base_name!r} of the pruned checkpoint is not a class of transformers {transformers.__version__}")
-
-    def __init__(self, config, *args, **kw):
-        base.__init__(self, config, *args, **kw)
-        surgery.apply_subblock_drops_(self, config.entrodrop_pruned)
-
-    name = f"EntrodropPruned{base_name}"
-    cls = type(name, (base,), {"__init__": __init__, "__module__": __name__})
-    surgery.inherit_weight_renaming(name, base_name, cfg.get("model_type"))
-    return cls
 
 
 def load_pruned(path, **kwargs):

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from entrodrop_fast.hooks import BlockStatistics, ResidualTaps, TapSettings, finite_or_raise
 from entrodrop_fast.models.adapters import Adapter, get_adapter
+from entrodrop_fast.profile.taps import BlockStatistics, ResidualTaps, TapSettings, finite_or_raise
 
 # the last three: robust bucket variants (entrodrop_fast.ops.robust; issue 14), opt-in
 ENTROPY_METHODS = ("bucket", "gaussian_diag", "gaussian_full", "knn", "renyi", "bucket_q", "bucket_nosink", "bucket_tokennorm")
@@ -75,7 +75,7 @@ class ProfileSettings:
 
 
 def resolved_backend(backend: str, device: torch.device) -> str:
-    from entrodrop_fast import resolve_backend
+    from entrodrop_fast.ops.api import resolve_backend
 
     return resolve_backend(backend, device)
 
@@ -147,7 +147,7 @@ def profile(model: nn.Module, windows: torch.Tensor, settings: ProfileSettings |
 
 def finish(stats: BlockStatistics, adapter: Adapter, settings: ProfileSettings, *, backend, seconds, windows, device, dtype, hidden_size, **extra) -> dict:
     """Merge the statistics across ranks (if any) and turn them into the runner's result dict."""
-    from entrodrop_fast.distributed import merge_block_stats_
+    from entrodrop_fast.profile.distributed import merge_block_stats_
 
     merge_block_stats_(stats)  # across torch.distributed ranks, when there are several
     result = stats.result()

@@ -26,8 +26,8 @@ import os
 import platform
 from pathlib import Path
 
-from entrodrop_fast.models.adapters import BLOCK_KINDS, get_adapter
-from entrodrop_fast.surgery import model_identity
+from entrodrop_fast.models.adapters import BLOCK_KINDS, block_points, get_adapter
+from entrodrop_fast.models.config import model_identity
 
 FORMAT = 1
 
@@ -53,7 +53,8 @@ def versions() -> dict:
     import torch
     import transformers
 
-    from entrodrop_fast import __version__, backends
+    from entrodrop_fast import __version__
+    from entrodrop_fast.ops.api import backends
 
     return {
         "entrodrop_fast": __version__,
@@ -85,7 +86,7 @@ def build_report(result: dict, *, model_info: dict, data_info: dict, settings: d
             if adapter is not None:
                 x, y = adapter.block_points(kind, li)
             else:  # the point names of the result suffice
-                x, y = _points_of(kind, li, result["residual"])
+                x, y = block_points(kind, li, result["residual"])
             b = {"kind": kind, "layer": li, "x": x, "y": y, "H_x": {}, "H_y": {}, "delta": {}}
             if li in gone.get(kind, ()):
                 b["dropped"] = True
@@ -115,14 +116,6 @@ def build_report(result: dict, *, model_info: dict, data_info: dict, settings: d
         "blocks": blocks,
         "layer_indices": "0-based",
     }
-
-
-def _points_of(kind: str, li: int, residual: str) -> tuple[str, str]:
-    if kind == "layer":
-        return f"r{li}", f"r{li + 1}"
-    if residual == "parallel":
-        return f"r{li}", (f"a{li}" if kind == "attn" else f"p{li}")
-    return (f"r{li}", f"m{li}") if kind == "attn" else (f"m{li}", f"r{li + 1}")
 
 
 def primary_method(report: dict) -> str | None:

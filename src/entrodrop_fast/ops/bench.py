@@ -5,7 +5,7 @@ roofline ``x.sum()`` over the same tensor, so every figure comes with a ratio me
 the same machine at the same time. Used by ``entrodrop bench`` and ``benches/``.
 
 Backends ("providers"):
-  cpp        the compiled kernels (entrodrop_fast.ops.cpp_backend; cuda_backend on GPU)
+  cpp        the compiled kernels (entrodrop_fast.ops.cpp_backend; the cuda backend on GPU)
   torch      the readable reference (entrodrop_fast.ops.reference)
   torch_fast the best pure-torch formulation: torch.var_mean + aminmax (moments), one
              flattened bincount over channel-offset bin indices (bucket),
@@ -90,17 +90,46 @@ def knn_torch_fast(x: torch.Tensor, k: int = KNN_K) -> torch.Tensor:
 # ---------------------------------------------------------------- timing
 
 
-def _time(fn: Callable[[], object], repeat: int, warmup: int = 1, sync=None) -> list[float]:
+def time_calls(
+    fn: Callable[[], object],
+    repeat: int,
+    warmup: int = 1,
+    device: torch.device | str | None = None,
+    cuda_events: bool = False,
+) -> list[float]:
+    """Seconds of each of ``repeat`` calls of ``fn()``: the one timer of the benchmarks.
+
+    ``warmup`` untimed calls come first (thread pools, allocator, first-call compilation).
+    Each timed call is wall-clock time (``time.perf_counter``) around ``fn()`` alone. On a CUDA
+    ``device`` the device is synchronized before and after each call, so that the work the
+    call queued is counted in it and nothing queued earlier is; on the CPU (``device`` None or
+    a CPU device) nothing is synchronized. With ``cuda_events`` each call is timed on the GPU
+    instead, by CUDA events recorded just before and after it (the device is synchronized once
+    after the warm-up, and each call's end event is waited for). Returns one figure per call,
+    in order: callers take the median or the minimum.
+    """
     for _ in range(warmup):
         fn()
+    if cuda_events:
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(repeat):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b) / 1e3)
+        return ts
+    sync = device is not None and torch.device(device).type == "cuda"
     ts = []
     for _ in range(repeat):
         if sync:
-            sync()
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         fn()
         if sync:
-            sync()
+            torch.cuda.synchronize(device)
         ts.append(time.perf_counter() - t0)
     return ts
 
@@ -132,17 +161,20 @@ def make_input(shape: tuple[int, ...], dtype: torch.dtype, device="cpu", seed=0)
 
 def _provider(estimator: str, backend: str, x: torch.Tensor, f: torch.Tensor, device: str):
     """A zero-argument callable running (estimator, backend) on x, or None if not applicable."""
-    if backend == "cpp":
-        from entrodrop_fast.ops import cpp_backend as cb
+    if backend == "cpp":  # (on CUDA tensors: the cuda backend, as ops/backends.py resolves "cpp")
+        from entrodrop_fast.ops.backends import kernel, resolve_backend
 
-        ok, _ = cb.available()
-        if not ok or device not in cb.devices():
+        try:
+            name = resolve_backend("cpp", torch.device(device))
+        except ValueError:
             return None
+        op = {"moments": "moments", "bucket": "bucket", "cosine": "cosine", "knn": "knn_kth_distance"}[estimator]
+        fn = kernel(name, device, op)
         return {
-            "moments": lambda: cb.moments(x, None, None),
-            "bucket": lambda: cb.bucket(x, None, None, BINS, False),
-            "cosine": lambda: cb.cosine(x, f, None, True),
-            "knn": lambda: cb.knn_kth_distance(x[0], KNN_K),
+            "moments": lambda: fn(x, None, None),
+            "bucket": lambda: fn(x, None, None, BINS, False),
+            "cosine": lambda: fn(x, f, None, True),
+            "knn": lambda: fn(x[0], KNN_K),
         }[estimator]
     if backend == "torch_fast":
         return {
@@ -182,7 +214,6 @@ def run_bench(
     roofline_frac, elements_per_s, speedup_vs (backend -> ratio, filled across the group)
     and, for knn, peak_extra_bytes / nxn_bytes (CPU only).
     """
-    sync = torch.cuda.synchronize if device.startswith("cuda") else None
     rows: list[dict] = []
     for shape in shapes:
         shape = tuple(int(s) for s in shape)
@@ -201,14 +232,14 @@ def run_bench(
                         f = make_input(shape, dtype, device, seed=1)
                     nbytes = 2 * x.numel() * x.element_size()
                 if roof is None:
-                    roof = statistics.median(_time(x.sum, max(3, repeat), sync=sync))
+                    roof = statistics.median(time_calls(x.sum, max(3, repeat), device=device))
                 roof_gbps = x.numel() * x.element_size() / roof / 1e9
                 group = []
                 for be in backends:
                     fn = _provider(est, be, x, f, device)
                     if fn is None:
                         continue
-                    ts = _time(fn, repeat if be in ("cpp", "torch_fast") else max(1, min(repeat, 2)), sync=sync)
+                    ts = time_calls(fn, repeat if be in ("cpp", "torch_fast") else max(1, min(repeat, 2)), device=device)
                     med = statistics.median(ts)
                     row = {
                         "estimator": est,
@@ -281,7 +312,6 @@ def run_call_bench(
     """
     import warnings
 
-    sync = torch.cuda.synchronize if device.startswith("cuda") else None
     rows: list[dict] = []
     for shape in shapes:
         shape = tuple(int(s) for s in shape)
@@ -298,7 +328,7 @@ def run_call_bench(
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)  # floored variances etc.
                     for fn in fns.values():
-                        _time(fn, 0, warmup=1, sync=sync)
+                        time_calls(fn, 0, warmup=1, device=device)
                     rounds = 0
                     keys = list(fns)
                     while rounds < repeat or (sum(ts["default"]) < min_seconds and rounds < max_rounds):
@@ -308,7 +338,7 @@ def run_call_bench(
                         for k in keys[rounds % 3:] + keys[:rounds % 3]:
                             fn = fns[k]
                             c0 = time.process_time()
-                            ts[k] += _time(fn, 1, warmup=0, sync=sync)
+                            ts[k] += time_calls(fn, 1, warmup=0, device=device)
                             cpu[k].append(time.process_time() - c0)
                         rounds += 1
                 best = {k: min(v) for k, v in ts.items()}

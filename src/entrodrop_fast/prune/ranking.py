@@ -8,7 +8,7 @@ and MLP sub-blocks ranked together).
 
 Protected layers (never dropped; all their blocks): by default the early layers over which
 the residual-stream entropy still decreases (the paper's stage 1, detected from the
-report by :func:`entrodrop_fast.report.stage1_layers`) and the last layer. ``protect=[...]``
+report by :func:`entrodrop_fast.profile.report.stage1_layers`) and the last layer. ``protect=[...]``
 replaces the default (``[]``: protect nothing).
 
 The plan (JSON) names layers by 0-based index and says so; it keeps the scores that led
@@ -122,7 +122,7 @@ def residual_entropy(report: dict, method: str | None = None) -> dict | None:
 
 def default_protected(report: dict, method: str | None = None) -> tuple[list[int], dict]:
     """(protected layers, why): the stage-1 layers of the profile and the last layer."""
-    from entrodrop_fast.report import stage1_layers
+    from entrodrop_fast.profile.report import stage1_layers
 
     L = report["model"]["num_layers"]
     m = _entropy_method(report, method)
@@ -146,7 +146,7 @@ def _score(block: dict, method: str) -> tuple[float, float] | None:
 
 
 def is_dropped(block: dict) -> bool:
-    """Whether the profiled model no longer has this block (see :func:`entrodrop_fast.report.build_report`)."""
+    """Whether the profiled model no longer has this block (see :func:`entrodrop_fast.profile.report.build_report`)."""
     return bool(block.get("dropped"))
 
 
@@ -161,9 +161,9 @@ def _methods_in(report: dict) -> list[str]:
 
 def _made_for(model: dict) -> dict:
     """The plan's ``model`` entry: where the report's model came from, and what identifies it
-    (:data:`~entrodrop_fast.surgery.IDENTITY_FIELDS`, those the report records), so that a
+    (:data:`~entrodrop_fast.prune.surgery.IDENTITY_FIELDS`, those the report records), so that a
     plan is only applied to the model it was made for."""
-    from entrodrop_fast.surgery import IDENTITY_FIELDS
+    from entrodrop_fast.prune.surgery import IDENTITY_FIELDS
 
     out = {key: model.get(key) for key in ("name", "source", "path", "model_type", "num_layers")}
     out.update({key: model[key] for key in IDENTITY_FIELDS if model.get(key) is not None})
@@ -185,7 +185,7 @@ def protected_by_rule(report: dict, rule: str, *, method: str | None = None, sta
     - ``"per-method"``: stage 1 from ``method``'s own stream entropy (cosine / random: the
       report's first entropy method), plus the last layer (the product's default).
     """
-    from entrodrop_fast.presets import paper_protected
+    from entrodrop_fast.profile.presets import paper_protected
 
     L = int(report["model"]["num_layers"])
     if rule == "paper":
@@ -207,7 +207,7 @@ def _preset_choice(report: dict, preset: str | None, method: str | None, protect
     """(method, protected layers, why) under ``preset`` ("paper": the method the paper's code
     uses for the report's architecture, and layers 0, 1 and the last); unchanged without one.
     A report profiled with ``--preset paper`` applies the paper's rule unless ``protect`` says otherwise."""
-    from entrodrop_fast.presets import check_preset, paper_preset, report_preset
+    from entrodrop_fast.profile.presets import check_preset, paper_preset, report_preset
 
     preset = check_preset(preset) or report_preset(report)
     if preset != "paper":
@@ -236,7 +236,7 @@ def make_plan(report, kind: str = "attn", drop=4, *, method: str | None = None, 
     ``dropped`` (the profiled model was pruned already) are neither ranked nor counted.
     """
     if isinstance(report, (str, os.PathLike)):
-        from entrodrop_fast.report import load_report
+        from entrodrop_fast.profile.report import load_report
 
         report_path = str(report)
         report = load_report(report)
@@ -252,7 +252,7 @@ def make_plan(report, kind: str = "attn", drop=4, *, method: str | None = None, 
     available = _methods_in(report)
     method = method or _entropy_method(report, None) or ("cosine" if "cosine" in available else None)
     if method not in available:
-        from entrodrop_fast.runner import ALL_METHODS
+        from entrodrop_fast.profile.inmemory import ALL_METHODS
 
         has = f"{where} has: {', '.join(available) or 'no method'}"
         if method not in ALL_METHODS:
@@ -363,7 +363,7 @@ def save_plan(plan: dict, path, *, overwrite: bool = False) -> Path:
     :class:`~entrodrop_fast.outputs.OutputError` otherwise.
     """
     from entrodrop_fast import outputs
-    from entrodrop_fast.report import json_safe
+    from entrodrop_fast.profile.report import json_safe
 
     p = outputs.check_file(path, what="drop plan", recognise=plan_file_check(), overwrite=overwrite)
     # undefined numbers (a stderr of one sample) are written as null: bare NaN is not JSON
@@ -404,9 +404,9 @@ def iterative_plan(model, windows, kind: str = "attn", drop=4, *, method: str | 
     in the numbering of the *original* model, like :func:`make_plan`.
     """
     from entrodrop_fast.models.adapters import get_adapter
-    from entrodrop_fast.report import build_report
-    from entrodrop_fast.runner import ProfileSettings, profile
-    from entrodrop_fast.surgery import drop_blocks_, model_identity
+    from entrodrop_fast.profile.inmemory import ProfileSettings, profile
+    from entrodrop_fast.profile.report import build_report
+    from entrodrop_fast.prune.surgery import drop_blocks_, model_identity
 
     if kind not in ("attn", "mlp", "layer"):
         raise ValueError(f"iterative mode supports kinds attn, mlp, layer; got {kind!r}")

@@ -69,7 +69,7 @@ def token_class(text: str, position: int) -> str:
 
 
 class _Collector:
-    """Sink of :class:`entrodrop_fast.hooks.ResidualTaps` keeping range statistics of r_l."""
+    """Sink of :class:`entrodrop_fast.profile.taps.ResidualTaps` keeping range statistics of r_l."""
 
     def __init__(self, num_layers: int, top: int, bins: int):
         self.top, self.bins = top, bins
@@ -116,9 +116,9 @@ def diagnose(model, tokenizer, windows: torch.Tensor, *, top: int = 3, bins: int
     punctuation/space tokens, on word tokens) and ``tokens`` (the ``examples`` token strings
     most often extreme, with counts and the mean position).
     """
-    from entrodrop_fast.hooks import ResidualTaps
     from entrodrop_fast.models.adapters import get_adapter
-    from entrodrop_fast.runner import forward_batches
+    from entrodrop_fast.profile.inmemory import forward_batches
+    from entrodrop_fast.profile.taps import ResidualTaps
 
     if windows.dim() != 2 or windows.shape[1] < top + 2:
         raise ValueError(f"windows must be (samples, T) token ids with T >= top + 2, got shape {tuple(windows.shape)}")

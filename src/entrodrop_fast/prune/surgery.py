@@ -27,9 +27,9 @@ A *drop plan* names blocks by 0-based decoder-layer index of the model it is app
 
 The old modules lose their last reference: their weights are freed, not zeroed.
 
-Everything between the ``# --- self-contained`` markers depends on ``torch`` only: export.py
-writes that source verbatim into the modeling file of an attn/mlp-pruned checkpoint, so the
-in-memory and the reloaded model run the very same code.
+The zero modules and the pruned architecture are in :mod:`entrodrop_fast.models.pruned`
+(loading a pruned checkpoint needs them); the config machinery and :func:`model_identity` in
+:mod:`entrodrop_fast.models.config`.
 """
 
 from __future__ import annotations
@@ -43,97 +43,22 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from entrodrop_fast.models.adapters import Adapter, get_adapter
-
-PRUNED_KEY = "entrodrop_pruned"  # config attribute / config.json key of the record
-
-# --- self-contained: begin
-
-
-class ZeroAttention(nn.Module):
-    """Stands in for a dropped attention: adds exactly 0 to the residual, caches nothing.
-
-    Returns ``(zeros, None)`` like a ``transformers`` attention module; the zeros are a
-    zero-stride view of one scalar (no compute, no memory).
-    """
-
-    def forward(self, hidden_states=None, *args, **kwargs):
-        x = hidden_states if hidden_states is not None else args[0]
-        return x.new_zeros(()).expand_as(x), None
-
-
-class ZeroMLP(nn.Module):
-    """Stands in for a dropped MLP / MoE block: adds exactly 0 to the residual stream."""
-
-    def forward(self, hidden_states=None, *args, **kwargs):
-        x = hidden_states if hidden_states is not None else args[0]
-        return x.new_zeros(()).expand_as(x)
-
-
-def _set_path(root, path, module):
-    parent = root
-    parts = path.split(".")
-    for part in parts[:-1]:
-        parent = getattr(parent, part)
-    setattr(parent, parts[-1], module)
-
-
-def _get_path(root, path):
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def apply_subblock_drops_(model, record):
-    """Replace the attn / MLP sub-blocks listed in ``record`` by zero modules, in place.
-
-    ``record`` is ``config.entrodrop_pruned``: ``dropped_attn`` / ``dropped_mlp`` (0-based
-    indices of the model's current layers) and ``paths`` (where the layers, the sub-blocks
-    and their own norms are; norms shared by both sub-blocks are listed in ``shared_norms``
-    and only removed when both sub-blocks are gone).
-    """
-    paths = record["paths"]
-    layers = _get_path(model, paths["layers"])
-    attn, mlp = set(record.get("dropped_attn", [])), set(record.get("dropped_mlp", []))
-    for i in sorted(attn | mlp):
-        if not 0 <= i < len(layers):
-            raise ValueError(f"dropped sub-block in layer {i}, but the model has {len(layers)} layers")
-        layer = layers[i]
-        if i in attn:
-            _set_path(layer, paths["attn"], ZeroAttention())
-            for name in paths["attn_norms"]:
-                _set_path(layer, name, nn.Identity())
-        if i in mlp:
-            _set_path(layer, paths["mlp"], ZeroMLP())
-            for name in paths["mlp_norms"]:
-                _set_path(layer, name, nn.Identity())
-        if i in attn and i in mlp:
-            for name in paths.get("shared_norms", []):
-                _set_path(layer, name, nn.Identity())
-    return model
-
-
-def inherit_weight_renaming(class_name, base_class_name, model_type):
-    """Let a subclass ``class_name`` read checkpoints the way its base class does.
-
-    transformers >= 5 renames some checkpoint tensors on load (``embed_out`` -> ``lm_head``,
-    per-expert -> fused MoE weights), keyed by class name or model_type, and skips classes
-    defined outside the library unless they are registered; older versions rename nothing.
-    """
-    try:
-        from transformers import conversion_mapping as cm
-    except ImportError:
-        return
-    get = getattr(cm, "get_checkpoint_conversion_mapping", None)
-    register = getattr(cm, "register_checkpoint_conversion_mapping", None)
-    if get is None or register is None:
-        return
-    mapping = get(base_class_name) or get(model_type)
-    if mapping is not None:
-        register(class_name, mapping, overwrite=True)
-
-
-# --- self-contained: end
+from entrodrop_fast.models.config import (  # noqa: F401  (part of this module's API)
+    IDENTITY_FIELDS,
+    _num_layers_of,
+    build_config,
+    model_identity,
+)
+from entrodrop_fast.models.pruned import (  # noqa: F401  (part of this module's API)
+    PRUNED_KEY,
+    ZeroAttention,
+    ZeroMLP,
+    _get_path,
+    _set_path,
+    apply_subblock_drops_,
+    has_subblock_drops,
+    inherit_weight_renaming,
+)
 
 
 def shared_norms(adapter: Adapter) -> tuple[str, ...]:
@@ -194,41 +119,6 @@ def read_plan(plan) -> dict:
     if not isinstance(plan, dict):
         raise TypeError(f"plan must be a dict, a JSON file path or Drops, got {type(plan).__name__}")
     return plan
-
-
-# what a report's / plan's "model" entry records about the model it was made for
-IDENTITY_FIELDS = ("model_type", "num_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "config_sha256")
-# config entries that say how a model was loaded or saved, not what it is: not fingerprinted
-_NOT_IDENTITY = frozenset(
-    {"transformers_version", "dtype", "torch_dtype", "architectures", "auto_map", "use_cache", "output_attentions", "output_hidden_states", "return_dict"}
-)
-
-
-def model_identity(config) -> dict:
-    """Which model this is, as recorded in reports and plans: model type, layer count, sizes and
-    ``config_sha256``, a fingerprint of the config as transformers builds it (so a config.json
-    that leaves defaults out and the loaded model's config agree), less how it was loaded or
-    saved (dtype, architectures, ...). ``config``: a config object or a config.json dict.
-    Entries that cannot be told are left out."""
-    import hashlib
-
-    d = config if isinstance(config, dict) else config.to_dict()
-    try:
-        built = build_config(d).to_dict()
-    except ValueError:
-        built = None
-    src = built or d
-    out = {"model_type": src.get("model_type")}
-    try:
-        out["num_layers"] = _num_layers_of(src)
-    except ValueError:
-        pass
-    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
-        out[key] = src.get(key)
-    if built is not None:
-        kept = {k: v for k, v in built.items() if not k.startswith("_") and k not in _NOT_IDENTITY}
-        out["config_sha256"] = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
-    return {k: v for k, v in out.items() if v is not None}
 
 
 def _warn_other_path(made_for: dict, path, what: str) -> None:
@@ -361,41 +251,12 @@ def normalize_drops(plan, num_layers: int) -> Drops:
 # ------------------------------------------------------------------ config
 
 
-def _num_layers_of(cfg: dict) -> int:
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(cfg.get(key), int):
-            return cfg[key]
-    raise ValueError("config has no num_hidden_layers")
-
-
 # ------------------------------------------------------------------ the config as transformers builds it
 
 # config fields holding one entry per decoder layer: sliced to the kept layers on a layer drop
 PER_LAYER_LISTS = ("layer_types", "no_rope_layers")
 # module attributes that name a layer's position, not a property of it
 _POSITION_ATTRS = frozenset({"layer_idx", "layer_id", "layer_index", "training"})
-
-
-def build_config(cfg: dict):
-    """The config object ``from_pretrained`` builds from this config.json dict: defaults
-    filled in and the per-layer fields its ``__post_init__`` derives (``layer_types`` from
-    a sliding-window pattern, ...) set. ValueError when transformers cannot build it."""
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    model_type = cfg.get("model_type")
-    try:
-        cls = CONFIG_MAPPING[model_type]
-    except KeyError:
-        raise ValueError(f"transformers {transformers.__version__} has no config class for model_type {model_type!r}") from None
-    d = {k: v for k, v in copy.deepcopy(cfg).items() if k != "auto_map"}
-    try:
-        return cls.from_dict(d)
-    except Exception as exc:
-        raise ValueError(
-            f"transformers {transformers.__version__} cannot build the {model_type} config from this config.json: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
 
 
 def _simple(v) -> bool:
@@ -551,11 +412,6 @@ def pruned_config_dict(cfg: dict, adapter: Adapter, drops: Drops, base_architect
     return cfg
 
 
-def has_subblock_drops(cfg: dict) -> bool:
-    rec = cfg.get(PRUNED_KEY) or {}
-    return bool(rec.get("dropped_attn") or rec.get("dropped_mlp"))
-
-
 # ------------------------------------------------------------------ in-memory surgery
 
 
@@ -598,7 +454,7 @@ def _check_cache_support() -> None:
 def drop_blocks_(model: nn.Module, plan) -> dict:
     """Remove the blocks of ``plan`` from ``model`` in place. Returns the summary record.
 
-    ``plan``: a plan dict from :mod:`entrodrop_fast.ranking` (its ``drop`` entry is used), a
+    ``plan``: a plan dict from :mod:`entrodrop_fast.prune.ranking` (its ``drop`` entry is used), a
     path to its JSON file, or a plain ``{"attn": [...], "mlp": [...], "layer": [...]}`` with
     0-based indices of ``model``'s current decoder layers.
     """

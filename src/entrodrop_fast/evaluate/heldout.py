@@ -11,7 +11,7 @@
 Held-out text: :func:`split_documents` keeps every ``every``-th document of a corpus out
 of calibration (the profiler samples its windows from the rest); a corpus of fewer than
 ``every`` documents (one long .txt) gives the last ``1/every`` of each document instead.
-:func:`entrodrop_fast.data.heldout_documents` checks it is enough before a model runs.
+:func:`heldout_documents` checks it is enough before a model runs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,15 @@ import time
 
 import torch
 
-from entrodrop_fast.data import HELDOUT_EVERY, split_documents  # noqa: F401  (re-exported)
+from entrodrop_fast.data import (  # noqa: F401  (split_documents re-exported)
+    HELDOUT_EVERY,
+    Corpus,
+    CorpusError,
+    describe_split,
+    load_corpus,
+    split_documents,
+    tokenize_documents,
+)
 
 
 def _device(model) -> torch.device:
@@ -303,3 +311,36 @@ def speed(model, tokenizer, *, prompt_len: int = 128, new_tokens: int = 32, batc
         "new_tokens": new_tokens,
         "batch_size": batch_size,
     }
+
+
+def heldout_documents(corpus: str | Corpus | None, tokenizer, *, seq_len: int, zero_shot: bool = True, text_field: str = "text") -> list[str]:
+    """The held-out text of a corpus (:func:`split_documents`), checked to be enough for
+    ``entrodrop eval`` / ``compare`` before any model runs: one perplexity window of
+    ``seq_len`` tokens and, with ``zero_shot``, the built-in zero-shot tasks' minimum
+    (passages for the continuation task, a long enough passage for last_word).
+    CorpusError saying what there is and what is needed otherwise.
+    """
+    c = load_corpus(corpus, text_field)
+    _, held = split_documents(c.documents)
+    where = f"the held-out text of corpus {c.name} ({describe_split(len(c.documents))})"
+    ids = tokenize_documents(held, tokenizer) if held else []
+    eos = 1 if getattr(tokenizer, "eos_token_id", None) is not None else 0  # perplexity() appends EOS to each document
+    tokens = sum(len(d) + eos for d in ids)
+    if tokens < seq_len:
+        raise CorpusError(
+            f"{where} has {tokens} tokens in {len(held)} piece(s), fewer than one perplexity window of {seq_len}; "
+            f"give more text (about {HELDOUT_EVERY * seq_len} tokens or more) or a smaller --seq-len"
+        )
+    if zero_shot:
+        kw = continuation_task.__kwdefaults__
+        step, choices = kw["ctx_len"] + kw["cont_len"], kw["choices"]
+        passages = sum(len(d) // step for d in ids)
+        if passages < choices:
+            raise CorpusError(
+                f"{where} gives {passages} passage(s) of {step} tokens; the continuation task needs at least {choices} "
+                f"(about {choices * step} tokens, within documents); give more text"
+            )
+        min_chars = last_word_task.__kwdefaults__["min_chars"]
+        if not any(_WORD.search(d, min_chars) for d in held):
+            raise CorpusError(f"{where} has no passage longer than {min_chars} characters followed by a word, which the last_word task needs; give more text")
+    return held

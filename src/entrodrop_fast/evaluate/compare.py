@@ -2,9 +2,9 @@
 
 :func:`compare` profiles a model once (every requested scoring method in one forward pass,
 on the calibration part of the corpus), then for each method and each K builds the drop
-plan (:func:`entrodrop_fast.ranking.make_plan`; ``random`` draws K unprotected blocks with
-a fixed seed), prunes a copy of the model in memory (:func:`entrodrop_fast.surgery.drop_blocks_`),
-and evaluates it on held-out text (:mod:`entrodrop_fast.evaluate`): perplexity and the
+plan (:func:`entrodrop_fast.prune.ranking.make_plan`; ``random`` draws K unprotected blocks with
+a fixed seed), prunes a copy of the model in memory (:func:`entrodrop_fast.prune.surgery.drop_blocks_`),
+and evaluates it on held-out text (:mod:`entrodrop_fast.evaluate.heldout`): perplexity and the
 built-in zero-shot tasks. The quality table is deterministic (same command, same table);
 speed (prefill/decode tokens/s, KV-cache bytes) is measured once per pruned model and
 reported apart, since timings vary from run to run.
@@ -22,7 +22,7 @@ import os
 import random
 from pathlib import Path
 
-# = entrodrop_fast.runner.ENTROPY_METHODS (tested), spelled out so the CLI parser needs no torch
+# = entrodrop_fast.profile.inmemory.ENTROPY_METHODS (tested), spelled out so the CLI parser needs no torch
 ENTROPY = ("bucket", "gaussian_diag", "gaussian_full", "knn", "renyi", "bucket_q", "bucket_nosink", "bucket_tokennorm")
 
 SCORING = (*ENTROPY, "cosine", "block_influence", "angular")
@@ -42,10 +42,10 @@ def parse_list(spec: str, allowed: tuple[str, ...], what: str) -> list[str]:
 
 def parse_counts(spec: str) -> list:
     """``"2,4,25%"`` -> [2, 4, "25%"]: each in a form ``rank --drop`` accepts (a count, a fraction
-    in (0, 1), a percentage; :func:`entrodrop_fast.ranking.parse_drop`), checked before any
+    in (0, 1), a percentage; :func:`entrodrop_fast.prune.ranking.parse_drop`), checked before any
     profiling. Counts come back as ints, sorted, then the fractions as given; a fraction
     becomes a count per kind when the plans are made (of that kind's candidate blocks)."""
-    from entrodrop_fast.ranking import DROP_FORMS, parse_drop
+    from entrodrop_fast.prune.ranking import DROP_FORMS, parse_drop
 
     items = list(dict.fromkeys(s.strip() for s in str(spec).split(",") if s.strip()))
     if not items:
@@ -70,7 +70,7 @@ def random_plan(report: dict, kind: str, k, seed: int = 0, protected: list[int] 
     """K blocks of ``kind`` drawn uniformly among the unprotected ones (same protection as the others:
     ``protected``, default the report's default rule). ``k``: a count, or a fraction /
     percentage of those candidates (as in ``rank --drop``)."""
-    from entrodrop_fast.ranking import default_protected, is_dropped, parse_count
+    from entrodrop_fast.prune.ranking import default_protected, is_dropped, parse_count
 
     L = int(report["model"]["num_layers"])
     if protected is None:
@@ -119,7 +119,7 @@ def calibration_agreement(report_a: dict, report_b: dict, kind: str, method: str
     """Spearman correlation of the per-block scores of ``method`` (all blocks of ``kind``) in
     two reports, and the overlap of the K blocks each would drop. ``protect``: the protected
     layers used with each report (None: the report's default rule)."""
-    from entrodrop_fast.ranking import make_plan
+    from entrodrop_fast.prune.ranking import make_plan
 
     rho = spearman(_scores(report_a, kind, method), _scores(report_b, kind, method))
     overlap = {}
@@ -135,7 +135,7 @@ def corpus_agreement(lm, comp: dict, corpus_b, *, kinds, methods, counts, sample
     """Profile again on ``corpus_b`` and compare each scoring method's ranking with the one in
     ``comp["report"]`` (:func:`calibration_agreement`; block_influence on layers only; angular
     and random have no per-block ranking). Protection: the comparison's rule, on each report."""
-    from entrodrop_fast.ranking import protected_by_rule
+    from entrodrop_fast.prune.ranking import protected_by_rule
 
     proto = comp.get("protocol") or {}
     scoring = _scoring_methods([m for m in methods if m != "angular"])
@@ -202,20 +202,28 @@ def retained_note(dense: dict) -> str:
 
 
 def profile_report(lm, corpus, *, samples: int, seq_len: int, seed: int, methods, batch_size: int = 8, progress: bool = True, bins: int = 20, k: int = 25, spans=None, windows_out: list | None = None) -> dict:
-    """Profile on the calibration part of ``corpus`` (held-out documents excluded).
-    ``windows_out``: a list that receives the calibration windows (for iterative re-scoring)."""
-    from entrodrop_fast.data import Corpus, calibration_windows, load_corpus
-    from entrodrop_fast.report import build_report
-    from entrodrop_fast.runner import DEFAULT_SPANS, ProfileSettings, profile
+    """Profile on the calibration part of ``corpus`` (held-out documents excluded), through
+    :func:`entrodrop_fast.profile.pipeline.profile_model`. ``windows_out``: a list that
+    receives the calibration windows (for iterative re-scoring)."""
+    from entrodrop_fast.data import Corpus, load_corpus
+    from entrodrop_fast.profile.inmemory import DEFAULT_SPANS, ProfileSettings
+    from entrodrop_fast.profile.pipeline import Calibration, profile_model
 
     c = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
-    windows, data_info = calibration_windows(lm.tokenizer, c, samples=samples, seq_len=seq_len, seed=seed)  # held-out part excluded
-    if windows_out is not None:
-        windows_out.append(windows)
     settings = ProfileSettings(methods=tuple(methods), batch_size=batch_size, bins=bins, k=k, spans=tuple(spans) if spans else DEFAULT_SPANS)
-    result = profile(lm.model, windows, settings, progress=progress)
-    info = {"name": lm.name, "source": lm.source, "path": lm.path, "kind": lm.kind}
-    return build_report(result, model_info=info, data_info=data_info, settings={"samples": samples, "seq_len": seq_len, "seed": seed, "batch_size": batch_size, "bins": bins, "k": k}, model=lm.model)
+    calibration = Calibration(corpus=c, samples=samples, seq_len=seq_len, seed=seed)
+    return profile_model(lm, settings, calibration=calibration, progress=progress, windows_out=windows_out)
+
+
+def heldout_text(corpora) -> list[str]:
+    """The held-out documents of each corpus (:func:`entrodrop_fast.data.split_documents`),
+    joined in order: the evaluation text of :func:`compare`."""
+    from entrodrop_fast.data import load_corpus, split_documents
+
+    held: list[str] = []
+    for x in corpora:
+        held += split_documents(load_corpus(x).documents)[1]
+    return held
 
 
 def drop_key(drop: dict) -> str:
@@ -236,7 +244,7 @@ def _scoring_methods(methods) -> list[str]:
 def best_entropy_method(rows: list[dict], kind: str) -> str | None:
     """The entropy method whose one-shot rows of ``kind`` keep most quality: the highest mean
     '% retained' over K (ties, or no retained: the lowest mean log-perplexity). None without any."""
-    from entrodrop_fast.runner import ENTROPY_METHODS
+    from entrodrop_fast.profile.inmemory import ENTROPY_METHODS
 
     cands = {}
     for r in rows:
@@ -258,7 +266,7 @@ def paired_tests(rows: list[dict], evaluations: dict, kinds, *, against: str = "
     """At each (kind, K): the best entropy method (:func:`best_entropy_method`) against
     ``against`` on the same items: exact McNemar on the zero-shot items of every task pooled,
     and the paired per-window NLL difference (best - against) with its 95% interval."""
-    from entrodrop_fast.paired import mcnemar_exact, paired_mean_diff
+    from entrodrop_fast.evaluate.paired import mcnemar_exact, paired_mean_diff
 
     out = []
     for kind in kinds:
@@ -283,14 +291,14 @@ def paired_tests(rows: list[dict], evaluations: dict, kinds, *, against: str = "
 
 def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cosine", "random"), corpus=None, samples: int = 128, seq_len: int = 256, seed: int = 2024, eval_windows: int = 32, eval_items: int = 100, speed: bool = True, progress: bool = True, log=print,
             protect_rule: str = "shared", stage1_method: str | None = None, random_seeds=(0, 1, 2), iterative=(), iterative_samples: int | None = None, bins: int = 20, k: int = 25, batch_size: int = 8,
-            report: dict | None = None, eval_cache: dict | None = None) -> dict:
+            report: dict | None = None, eval_cache: dict | None = None, eval_corpora=None) -> dict:
     """Profile once, prune each (method, K), evaluate; returns the comparison dict.
 
-    ``methods``: entropy estimators (:data:`entrodrop_fast.runner.ENTROPY_METHODS`), ``cosine``
+    ``methods``: entropy estimators (:data:`entrodrop_fast.profile.inmemory.ENTROPY_METHODS`), ``cosine``
     (LLM-Drop), ``block_influence`` (ShortGPT: cosine on whole layers; layer rows only),
     ``angular`` (PruneMe: the best span of K consecutive layers; layer rows, integer K only),
     ``random`` (one row per seed of ``random_seeds``). ``protect_rule`` (the same for every
-    method, :func:`entrodrop_fast.ranking.protected_by_rule`): ``"shared"`` (stage 1 from the
+    method, :func:`entrodrop_fast.prune.ranking.protected_by_rule`): ``"shared"`` (stage 1 from the
     stream entropy of ``stage1_method``, default the first entropy method, + the last layer),
     ``"paper"`` (layers 0, 1 and the last) or ``"per-method"`` (each method's own profile).
     ``iterative``: methods also run with iterative re-scoring (drop one, re-profile on
@@ -301,14 +309,23 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
     call: ``result["report"]``), used instead of profiling again; ``eval_cache``: a dict
     shared between calls on the same model and evaluation settings (drop-set key ->
     evaluation), so a second protection rule re-evaluates only the drop sets that changed.
+    ``eval_corpora``: corpora whose held-out parts are the evaluation text, joined in order
+    (default: ``corpus`` alone); each one's calibration part is never evaluated on, so a
+    second calibration corpus can lend its held-out fifth for more perplexity tokens and
+    zero-shot items.
     """
     from tqdm.auto import tqdm
 
-    from entrodrop_fast import evaluate as E
     from entrodrop_fast.data import load_corpus
-    from entrodrop_fast.ranking import PROTECT_RULES, iterative_plan, make_plan, protected_by_rule
-    from entrodrop_fast.runner import ENTROPY_METHODS, ProfileSettings
-    from entrodrop_fast.surgery import count_params, drop_blocks_
+    from entrodrop_fast.evaluate import heldout as E
+    from entrodrop_fast.profile.inmemory import ENTROPY_METHODS, ProfileSettings
+    from entrodrop_fast.prune.ranking import (
+        PROTECT_RULES,
+        iterative_plan,
+        make_plan,
+        protected_by_rule,
+    )
+    from entrodrop_fast.prune.surgery import count_params, drop_blocks_
 
     if protect_rule not in PROTECT_RULES:
         raise ValueError(f"protect rule must be one of {', '.join(PROTECT_RULES)}, got {protect_rule!r}")
@@ -318,7 +335,7 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
     if "random" in methods and not random_seeds:
         raise ValueError("random needs at least one seed")
     c = load_corpus(corpus)
-    _, held = E.split_documents(c.documents)
+    held = heldout_text(eval_corpora if eval_corpora else [c])
     ent = [m for m in methods if m in ENTROPY_METHODS]
     stage1_method = stage1_method or (ent[0] if ent else "bucket")
     if stage1_method not in ENTROPY_METHODS:
@@ -431,7 +448,8 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
     log(f"{len(rows)} rows, {len({r['eval_key'] for r in rows})} distinct pruned models ({sum(not r['cached'] for r in rows)} evaluated in this call)")
     return {
         "model": report["model"],
-        "data": {"calibration": report["data"], "heldout_documents": len(held), "eval_windows": eval_windows, "eval_items": eval_items, "seq_len": seq_len},
+        "data": {"calibration": report["data"], "heldout_documents": len(held), "eval_windows": eval_windows, "eval_items": eval_items, "seq_len": seq_len,
+                 "eval_corpora": [load_corpus(x).name for x in eval_corpora] if eval_corpora else [c.name]},
         "protocol": {"protect_rule": protect_rule, "stage1_method": stage1_method if protect_rule == "shared" else None, "random_seeds": list(random_seeds) if "random" in methods else [],
                      "iterative": list(iterative), "iterative_samples": (iterative_samples or samples) if iterative else None, "bins": bins, "k": k, "skipped": list(dict.fromkeys(skipped))},
         "dense": {**dense_q, "ci95": _intervals(dense_ev), "params": count_params(lm.model), **({"speed": dense_speed} if speed else {})},
@@ -526,6 +544,13 @@ def markdown(comp: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _same_as_cosine(rows: list[dict], kind: str) -> bool:
+    """Whether block_influence's one-shot rows of ``kind`` dropped exactly cosine's blocks at every K."""
+    pick = lambda m: {r["k"]: r["eval_key"] for r in rows if r["kind"] == kind and r["method"] == m and r.get("setting", "one-shot") == "one-shot"}  # noqa: E731
+    bi, cos = pick("block_influence"), pick("cosine")
+    return bool(bi) and bi == cos
+
+
 def plot(comp: dict, path: Path) -> None:
     """Per kind: % retained and perplexity against K for every method (random: mean over seeds
     with its min-max band; entropy/cosine: 95% interval bars on perplexity)."""
@@ -537,18 +562,24 @@ def plot(comp: dict, path: Path) -> None:
     kinds = sorted({r["kind"] for r in comp["rows"]})
     fig, axes = plt.subplots(2, max(1, len(kinds)), figsize=(5.5 * max(1, len(kinds)), 8), squeeze=False)
     num = lambda v: v if isinstance(v, (int, float)) and math.isfinite(v) else math.nan  # noqa: E731
+    # one colour per method in every panel
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = {m: palette[i % len(palette)] for i, m in enumerate(sorted({r["method"] for r in comp["rows"]}))}
     for col, kind in enumerate(kinds):
         ax_r, ax_p = axes[0][col], axes[1][col]
         labels = sorted({(r["method"], r.get("setting", "one-shot")) for r in comp["rows"] if r["kind"] == kind})
+        same = _same_as_cosine(comp["rows"], kind)  # block_influence picked cosine's blocks: one line
         for m, setting in labels:
+            if m == "block_influence" and same:
+                continue
             rs = [r for r in comp["rows"] if r["kind"] == kind and r["method"] == m and r.get("setting", "one-shot") == setting]
             ks = sorted({r["k"] for r in rs})
-            label = m + (" (iter.)" if setting == "iterative" else "")
+            label = ("cosine = block_influence" if m == "cosine" and same else m) + (" (iter.)" if setting == "iterative" else "")
             style = "--" if m == "random" else (":" if setting == "iterative" else "-")
             ret = [[num(r.get("retained")) * 100 for r in rs if r["k"] == k] for k in ks]
             ppl = [[num(r["perplexity"]) for r in rs if r["k"] == k] for k in ks]
             mean = lambda vs: sum(vs) / len(vs)  # noqa: E731
-            line = ax_r.plot([0, *ks], [100.0] + [mean(v) for v in ret], marker="o", label=label, linestyle=style)[0]
+            line = ax_r.plot([0, *ks], [100.0] + [mean(v) for v in ret], marker="o", label=label, linestyle=style, color=colours[m])[0]
             ax_p.plot(ks, [mean(v) for v in ppl], marker="o", label=label, linestyle=style, color=line.get_color())
             if m == "random" and any(len(v) > 1 for v in ret):
                 ax_r.fill_between(ks, [min(v) for v in ret], [max(v) for v in ret], alpha=0.15, color=line.get_color())
@@ -583,7 +614,7 @@ def write(comp: dict, out_dir: str | os.PathLike, png: bool = True, overwrite: b
 
     out = outputs.check_dir(out_dir, kind="comparison", what="comparison", overwrite=overwrite)
     with outputs.publish_dir(out, kind="comparison", what="comparison", overwrite=overwrite) as tmp:
-        from entrodrop_fast.report import json_safe
+        from entrodrop_fast.profile.report import json_safe
 
         (tmp / "comparison.json").write_text(json.dumps(json_safe(comp), indent=2, allow_nan=False))  # NaN -> null
         (tmp / "comparison.md").write_text(markdown(comp))

@@ -1,0 +1,298 @@
+"""The profile stage in one call: model source -> calibration windows -> one tapped pass -> report.
+
+:func:`profile_model` is what ``entrodrop profile``, ``entrodrop prune`` (when it profiles
+first) and :mod:`entrodrop_fast.evaluate.compare` call; it decides between the in-memory
+runner (:mod:`.inmemory`) and the layer-by-layer one (:mod:`.layerwise`) from a memory budget,
+sizes the batch, joins a distributed run (:mod:`.distributed`) and builds the report
+(:mod:`.report`). It writes nothing: the caller publishes the report.
+
+Errors name the settings by their Python names (``max_memory``, ``seq_len``, ...); a caller
+with other spellings (the command line's ``--max-memory``) passes ``names``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from entrodrop_fast.data import PAPER_SAMPLES, PAPER_SEED, PAPER_SEQ_LEN
+from entrodrop_fast.profile.inmemory import ProfileSettings
+
+# how errors name each setting; the command line passes its flags instead
+NAMES = {"max_memory": "max_memory", "seq_len": "seq_len", "k": "k", "batch_size": "batch_size", "backend": "backend", "resume_dir": "resume_dir", "streaming": "streaming"}
+
+
+@dataclass
+class Calibration:
+    """Where the calibration windows come from: ``corpus`` (None: the built-in reference prose;
+    see :func:`entrodrop_fast.data.load_corpus`), ``samples`` windows of ``seq_len`` tokens
+    drawn with ``seed`` (the paper's 128 x 256, seed 2024), the held-out part excluded."""
+
+    corpus: object = None
+    text_field: str = "text"
+    samples: int = PAPER_SAMPLES
+    seq_len: int = PAPER_SEQ_LEN
+    seed: int = PAPER_SEED
+
+
+@dataclass
+class Memory:
+    """How much memory the profile may use. ``max_bytes``: a budget (None: no limit); the model
+    is streamed layer by layer when it does not fit, and the batch is the largest (up to 8)
+    that fits unless the settings fix it. ``streaming``: always layer by layer.
+    ``resume_dir``: keep the layer-by-layer states there after every layer (implies
+    streaming); a rerun with the same arguments resumes. ``label``: the budget as the user
+    wrote it (``"8GB"``), for messages."""
+
+    max_bytes: float | None = None
+    streaming: bool = False
+    resume_dir: str | None = None
+    label: str | None = None
+
+
+def parse_bytes(s: str, name: str = "max_memory") -> float:
+    """'8GB', '512MiB', '1.5G', '1000000' -> bytes (K, M, G, T are powers of 1024)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(s))
+    if not m:
+        raise ValueError(f"{name} must look like 8GB, 512MB or 1.5G, got {s!r}")
+    unit = m.group(2).upper()
+    value = float(m.group(1)) * (1024 ** ("KMGT".index(unit) + 1) if unit else 1)
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive size like 8GB, 512MB or 1.5G, got {s!r}")
+    return value
+
+
+class MemoryPlan:
+    """What a profile of the checkpoint in ``model_dir`` needs in memory, from its tensor shapes.
+
+    ``total``: all weights; ``resident``: the most a streamed run holds at once, the larger of
+    the embedding and one layer (they are never resident together), a layer counted with every
+    tensor the model builds for it: in a mixture-of-experts model its experts (``experts``: their
+    bytes in that layer), router and shared expert, whether the checkpoint stores them per
+    expert or fused; ``fuse_extra``: for experts stored per expert, what fusing a layer holds
+    besides it (its largest fused tensor, e.g. every expert's gate and up projections, once more);
+    ``per_token``: the activations of one token (fp32-sized hidden state + MLP intermediates; in
+    an MoE layer each of the top-k experts gets a copy of the token and its intermediates; x3
+    for the temporaries of a layer).
+    """
+
+    def __init__(self, model_dir, dtype: str):
+        from entrodrop_fast.models.adapters import get_adapter
+        from entrodrop_fast.models.checkpoint import Checkpoint
+        from entrodrop_fast.models.loading import parse_dtype
+        from entrodrop_fast.profile.layerwise import WeightPlan, build_skeleton
+
+        per = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
+        ckpt = Checkpoint(model_dir)
+        self.total = sum(math.prod(shape) for shape in ckpt.shapes.values()) * per
+        model = build_skeleton(str(model_dir), parse_dtype(dtype))  # on meta: no memory
+        adapter = get_adapter(model)
+        weights = WeightPlan(model, ckpt)  # the model's tensors as transformers builds them from the checkpoint's
+        size = lambda name: math.prod(weights.expected[name]) * per  # noqa: E731
+        embed = sum(size(f"{adapter.arch.embed}.{k}") for k in adapter.embed(model).state_dict())
+        self.resident, self.experts, self.fuse_extra = embed, 0, 0
+        dense = False
+        for i, layer in enumerate(adapter.layers(model)):
+            names = [f"{adapter.arch.layers}.{i}.{k}" for k in layer.state_dict()]
+            self.resident = max(self.resident, sum(size(n) for n in names))
+            self.experts = max(self.experts, sum(size(n) for n in names if adapter.is_expert_tensor(n)))
+            groups = {id(g): g for n in names for g in [weights.made_by.get(n)] if g is not None}.values()
+            made = [math.prod(shape) * per for g in groups for shape in g.outputs.values()]
+            self.fuse_extra = max(self.fuse_extra, max(made, default=0))
+            dense = dense or not hasattr(adapter.mlp(layer), adapter.arch.experts)
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+        d = int(cfg.get("hidden_size", 0))
+        inter = int(cfg.get("intermediate_size", 4 * d) or 4 * d)
+        if self.experts:  # top-k copies of each token through its experts, + the shared expert
+            k = int(cfg.get("num_experts_per_tok", 1) or 1)
+            moe = k * (d + int(cfg.get("moe_intermediate_size") or inter)) + int(cfg.get("shared_expert_intermediate_size") or 0)
+            inter = max(moe, inter) if dense else moe
+        self.per_token = (d + inter) * 4 * 3
+
+    def peak(self, streaming: bool, batch_size: int, seq_len: int) -> float:
+        held = self.resident + self.fuse_extra if streaming else self.total
+        return held + batch_size * seq_len * self.per_token
+
+
+def check_inputs(source, settings: ProfileSettings, calibration: Calibration, *, device: str = "cpu", cache_dir=None, names: dict | None = None):
+    """What can be checked before the model loads: the corpus (read here, returned), knn's k
+    against the window length, the estimator backend on ``device``, and the window length
+    against the model's positions when its config is at hand (a local directory or a
+    built-in model). ValueError naming the setting otherwise."""
+    import os
+
+    from entrodrop_fast.data import load_corpus
+    from entrodrop_fast.models.loading import (
+        check_positions,
+        display_name,
+        parse_device,
+        peek_config,
+    )
+    from entrodrop_fast.profile.inmemory import parse_methods, resolved_backend
+
+    n = {**NAMES, **(names or {})}
+    methods = parse_methods(settings.methods)
+    if "knn" in methods and calibration.seq_len <= settings.k:
+        raise ValueError(
+            f"knn needs more tokens per sample than k: {n['seq_len']} {calibration.seq_len} <= {n['k']} {settings.k}; "
+            f"raise {n['seq_len']} or lower {n['k']}"
+        )
+    try:
+        resolved_backend(settings.backend, parse_device(device))
+    except ValueError as exc:
+        forced = os.environ.get("ENTRODROP_BACKEND")
+        if settings.backend == "auto" and forced:
+            raise ValueError(f"ENTRODROP_BACKEND={forced}: {exc}") from None
+        raise ValueError(f"{n['backend']} {settings.backend}: {exc}") from None
+    corpus = load_corpus(calibration.corpus, calibration.text_field)
+    check_positions(peek_config(source, cache_dir), [(calibration.seq_len, n["seq_len"])], f"the model {display_name(source)}")
+    return corpus
+
+
+def profile_model(source=None, settings: ProfileSettings | None = None, memory: Memory | None = None, *, calibration: Calibration | None = None, dtype: str = "fp32",
+                  device: str = "cpu", cache_dir=None, preset: dict | None = None, batch_size_fixed: bool = True, progress: bool = True, log=None, warn=None,
+                  names: dict | None = None, corpus=None, windows_out: list | None = None) -> dict | None:
+    """Profile the blocks of a model and return its report (:func:`entrodrop_fast.profile.report.build_report`).
+
+    ``source``: what :func:`entrodrop_fast.models.load_model` accepts (None: the built-in
+    SmolLM2-135M-Instruct), or a loaded :class:`entrodrop_fast.models.LoadedModel` (then
+    ``dtype`` and ``device`` are the model's, and no memory plan applies).
+    ``settings``: the estimators and their options (:class:`ProfileSettings`; default bucket,
+    20 bins, batch 1). ``memory``: :class:`Memory` (None: in memory, no budget).
+    ``calibration``: :class:`Calibration` (default: the built-in corpus, 128 x 256 tokens,
+    seed 2024). ``batch_size_fixed=False``: the batch is the largest (up to 8) that fits
+    ``memory.max_bytes``, else ``settings.batch_size``. ``preset``: the preset applied to the
+    settings (:func:`entrodrop_fast.profile.presets.paper_preset`), recorded in the report.
+    ``log``: a callable for progress lines (default silent); ``warn``: a callable that receives
+    the estimators' warnings grouped, one line per kind (default: they go through
+    :mod:`warnings` as they are). ``corpus``: the corpus already read by :func:`check_inputs`.
+    ``windows_out``: a list that receives the calibration windows (``[samples, seq_len]`` token
+    ids; for iterative re-scoring).
+
+    Returns the report, or None on a non-zero rank of a distributed run (rank 0 holds the
+    merged report). Raises ValueError for bad settings, ModelLoadError / CheckpointError
+    for a model that cannot be loaded or streamed.
+    """
+    from entrodrop_fast.data import calibration_windows
+    from entrodrop_fast.models.config import model_identity
+    from entrodrop_fast.models.loading import (
+        LoadedModel,
+        check_positions,
+        check_token_ids,
+        check_vocab,
+        config_value,
+        display_name,
+        load_model,
+        load_tokenizer,
+        parse_device,
+        parse_dtype,
+        read_config,
+        resolve_source,
+    )
+    from entrodrop_fast.profile import distributed
+    from entrodrop_fast.profile.inmemory import grouped_warnings, parse_methods, profile
+    from entrodrop_fast.profile.report import build_report
+
+    settings = settings or ProfileSettings()
+    memory = memory or Memory()
+    calibration = calibration or Calibration()
+    n = {**NAMES, **(names or {})}
+    log = log or (lambda *a: None)
+    methods = parse_methods(settings.methods)
+    loaded = source if isinstance(source, LoadedModel) else None
+    if loaded is not None:  # the model's own dtype and device
+        import torch
+
+        first = next(loaded.model.parameters())
+        dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(first.dtype, str(first.dtype))
+        device = str(first.device)
+    if corpus is None:
+        corpus = calibration.corpus if loaded is not None else check_inputs(source, settings, calibration, device=device, cache_dir=cache_dir, names=names)
+    streaming_asked = memory.streaming or memory.resume_dir is not None
+    if memory.resume_dir and not memory.streaming:  # resuming exists only layer by layer: never ignore resume_dir
+        log(f"{n['resume_dir']} {memory.resume_dir}: streaming layer by layer ({n['resume_dir']} implies {n['streaming']})")
+    t0 = time.perf_counter()
+    distributed.init_from_env(parse_device(device))
+    rank, world = distributed.world()
+    if rank:
+        log = lambda *a: None  # noqa: E731
+    budget = memory.max_bytes
+    label = memory.label or (f"{budget:.0f} bytes" if budget else "")
+    stream_dir = None
+    if loaded is None and (streaming_asked or budget):
+        stream_dir = resolve_source(source, cache_dir, need="local")
+        read_config(str(stream_dir), f"the model directory {stream_dir}")  # an architecture outside the adapter table stops here
+    plan = MemoryPlan(stream_dir, dtype) if budget and stream_dir is not None else None
+    if plan is not None and not streaming_asked:
+        if plan.total <= budget:
+            stream_dir = None
+        else:
+            log(f"the model needs {plan.total / 2**30:.1f} GiB in {dtype}, more than {n['max_memory']} {label}: streaming layer by layer")
+    if loaded is None:
+        log(f"loading {'tokenizer' if stream_dir else 'model'} {display_name(source)} ({dtype}, {device}) ...")
+    if stream_dir is not None:
+        tokenizer = load_tokenizer(stream_dir)
+        rows = config_value(json.loads((Path(stream_dir) / "config.json").read_text()), "vocab_size")
+        rows = rows if isinstance(rows, int) else 0
+        check_vocab(tokenizer, rows, stream_dir)
+        lm = None
+    else:
+        lm = loaded or load_model(source, dtype=dtype, device=device, cache_dir=cache_dir)
+        tokenizer = lm.tokenizer
+        rows = lm.model.get_input_embeddings().weight.shape[0]
+        check_positions(lm.model.config, [(calibration.seq_len, n["seq_len"])], f"the model {lm.name}")
+    t_load = time.perf_counter() - t0
+    windows, data_info = calibration_windows(tokenizer, corpus, samples=calibration.samples, seq_len=calibration.seq_len, seed=calibration.seed, text_field=calibration.text_field)
+    check_token_ids(windows, rows)  # before the first forward
+    log(f"calibration: {data_info['samples']} x {data_info['seq_len']} tokens from {data_info['corpus']}; methods {', '.join(methods)}" + (f"; {world} processes" if world > 1 else ""))
+    mine = distributed.shard(windows)
+    streaming = stream_dir is not None
+    if not batch_size_fixed and plan is not None:
+        # the largest batch (up to 8) whose peak fits the budget
+        fits = [b for b in range(8, 0, -1) if plan.peak(streaming, b, calibration.seq_len) <= budget]
+        if fits:
+            settings.batch_size = fits[0]
+            log(f"batch size {settings.batch_size} (the largest up to 8 that fits {n['max_memory']} {label})")
+    # warn: the estimators' warnings grouped, one line per kind; None: left to the warnings module
+    grouped = (lambda: grouped_warnings(warn)) if warn is not None else contextlib.nullcontext
+    if streaming:
+        from entrodrop_fast.profile.layerwise import _size, profile_streaming
+
+        if plan is not None:
+            need = plan.peak(True, settings.batch_size, calibration.seq_len)
+            if need > budget:
+                experts = f" with its experts ({_size(plan.experts)})" if plan.experts else ""
+                fusing = f", plus {_size(plan.fuse_extra)} to fuse a layer's per-expert tensors" if plan.fuse_extra else ""
+                raise ValueError(
+                    f"{n['max_memory']} {label} is too small: streaming needs about {_size(need)} (the largest of "
+                    f"embedding and one layer{experts}{fusing}, plus one batch of {settings.batch_size} x {calibration.seq_len} tokens); "
+                    f"raise it or lower {n['batch_size']} / {n['seq_len']}"
+                )
+        ram = budget if budget else 8 * 2**30
+        with grouped():
+            result = profile_streaming(str(stream_dir), mine, settings, device=parse_device(device), dtype=parse_dtype(dtype), ram_budget_bytes=ram, resume_dir=memory.resume_dir, progress=progress and rank == 0)
+        model_info = {"name": display_name(source), "source": source or "builtin", "path": str(stream_dir), "kind": "streaming",
+                      **model_identity(json.loads((Path(stream_dir) / "config.json").read_text()))}
+    else:
+        with grouped():
+            result = profile(lm.model, mine, settings, progress=progress and rank == 0)
+        model_info = {"name": lm.name, "source": lm.source, "path": lm.path, "kind": lm.kind}
+    result["tokens"] = int(windows.numel())
+    result["tokens_per_s"] = windows.numel() / result["seconds"] if result["seconds"] > 0 else float("nan")
+    if rank:
+        return None
+    settings_info = {**({"preset": preset["preset"], "preset_why": preset["why"]} if preset else {}), "samples": calibration.samples, "seq_len": calibration.seq_len,
+                     "batch_size": settings.batch_size, "seed": calibration.seed, "bins": settings.bins, "paper_exact": settings.paper_exact, "k": settings.k,
+                     "spans": list(settings.spans) if "angular" in methods else [], "dtype": dtype, "device": device}
+    if world > 1:
+        settings_info["processes"] = world
+    report = build_report(result, model_info=model_info, data_info=data_info, settings=settings_info, model=lm.model if lm else None)
+    report["timing"]["load_seconds"] = t_load
+    if windows_out is not None:
+        windows_out.append(windows)
+    return report
