@@ -22,7 +22,10 @@ def _pair(shape, dtype):
     key = (shape, dtype)
     if key not in _inputs:
         _inputs.clear()  # keep one pair of tensors alive at a time
-        _inputs[key] = (B.make_input(shape, B.DTYPES[dtype]), B.make_input(shape, B.DTYPES[dtype], seed=1))
+        _inputs[key] = (
+            B.make_input(shape, B.DTYPES[dtype]),
+            B.make_input(shape, B.DTYPES[dtype], seed=1),
+        )
     return _inputs[key]
 
 

@@ -35,7 +35,10 @@ def test_estimator(benchmark, roofline, provider, estimator, shape, dtype):
     x = _input(shape, dtype)
     if estimator == "knn" and (x.shape[0] != 1 or x.shape[1] > B.KNN_MAX_N):
         pytest.skip("knn is O(N^2 D): run on [N <= 4096, D] only")
-    if provider in ("torch", "onehot") and shape[-2] * shape[-1] * (shape[0] if len(shape) == 3 else 1) > 2**24:
+    if (
+        provider in ("torch", "onehot")
+        and shape[-2] * shape[-1] * (shape[0] if len(shape) == 3 else 1) > 2**24
+    ):
         pytest.skip("the slow reference providers run on small shapes only")
     f = B.make_input(shape, B.DTYPES[dtype], seed=1) if estimator == "cosine" else None
     fn = B._provider(estimator, provider, x, f, "cpu")
@@ -49,6 +52,9 @@ def test_estimator(benchmark, roofline, provider, estimator, shape, dtype):
     gbps = nbytes / sec / 1e9
     roof_gbps = x.numel() * x.element_size() / roof / 1e9
     benchmark.extra_info.update(
-        gbps=gbps, roofline_gbps=roof_gbps, roofline_frac=gbps / roof_gbps,
-        elements_per_s=x.numel() / sec, threads=torch.get_num_threads(),
+        gbps=gbps,
+        roofline_gbps=roof_gbps,
+        roofline_frac=gbps / roof_gbps,
+        elements_per_s=x.numel() / sec,
+        threads=torch.get_num_threads(),
     )

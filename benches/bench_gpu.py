@@ -42,7 +42,9 @@ def timeit(fn, reps: int, warmup: int = 2) -> float:
     """Median seconds per call: CUDA events on a GPU, wall-clock on the CPU (dry run)."""
     from entrodrop_fast.ops.bench import time_calls
 
-    return statistics.median(time_calls(fn, reps, warmup, cuda_events=torch.cuda.is_available() and not DRY))
+    return statistics.median(
+        time_calls(fn, reps, warmup, cuda_events=torch.cuda.is_available() and not DRY)
+    )
 
 
 def make(shape, dtype, device):
@@ -76,7 +78,11 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "./gpu_out"))
     ap.add_argument("--reps", type=int, default=3 if DRY else 15)
-    ap.add_argument("--quick", action="store_true", help="skip the Triton block-size sweep (and Triton bucket/moments on fp32)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="skip the Triton block-size sweep (and Triton bucket/moments on fp32)",
+    )
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -112,16 +118,22 @@ def main() -> int:
     def record(shape, dtype, op, impl, seconds, nbytes, reads, copy_bw, extra=None):
         eff = nbytes / seconds
         row = {
-            "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "op": op, "impl": impl,
-            "time_us": round(seconds * 1e6, 2), "eff_GBps": round(eff / 1e9, 1),
+            "shape": list(shape),
+            "dtype": str(dtype).replace("torch.", ""),
+            "op": op,
+            "impl": impl,
+            "time_us": round(seconds * 1e6, 2),
+            "eff_GBps": round(eff / 1e9, 1),
             "frac_of_copy": round(eff / copy_bw, 3) if copy_bw else None,
             "traffic_GBps": round(reads * nbytes / seconds / 1e9, 1),
         }
         if extra:
             row.update(extra)
         rows.append(row)
-        log(f"{op:>8} {impl:<28} {row['dtype']:<9} {row['time_us']:>9.1f} us  eff {row['eff_GBps']:>7.1f} GB/s  "
-            f"{(row['frac_of_copy'] or 0) * 100:5.1f}% of copy  (traffic {row['traffic_GBps']} GB/s)")
+        log(
+            f"{op:>8} {impl:<28} {row['dtype']:<9} {row['time_us']:>9.1f} us  eff {row['eff_GBps']:>7.1f} GB/s  "
+            f"{(row['frac_of_copy'] or 0) * 100:5.1f}% of copy  (traffic {row['traffic_GBps']} GB/s)"
+        )
 
     for shape in shapes:
         for dtype in dtypes:
@@ -129,10 +141,29 @@ def main() -> int:
             nbytes = x.numel() * x.element_size()
             t_copy = timeit(lambda x=x: x.clone(), args.reps)
             copy_bw = 2 * nbytes / t_copy  # read + write
-            rows.append({"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "op": "copy", "impl": "x.clone()",
-                         "time_us": round(t_copy * 1e6, 2), "copy_GBps": round(copy_bw / 1e9, 1)})
-            log(f"    copy x.clone()                   {t_copy * 1e6:9.1f} us  {copy_bw / 1e9:.1f} GB/s (read+write)")
-            record(shape, dtype, "read", "x.sum()", timeit(lambda x=x: x.sum(), args.reps), nbytes, 1, copy_bw)
+            rows.append(
+                {
+                    "shape": list(shape),
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "op": "copy",
+                    "impl": "x.clone()",
+                    "time_us": round(t_copy * 1e6, 2),
+                    "copy_GBps": round(copy_bw / 1e9, 1),
+                }
+            )
+            log(
+                f"    copy x.clone()                   {t_copy * 1e6:9.1f} us  {copy_bw / 1e9:.1f} GB/s (read+write)"
+            )
+            record(
+                shape,
+                dtype,
+                "read",
+                "x.sum()",
+                timeit(lambda x=x: x.sum(), args.reps),
+                nbytes,
+                1,
+                copy_bw,
+            )
             for name, mod in bk.items():
                 if isinstance(mod, str):
                     continue
@@ -141,10 +172,20 @@ def main() -> int:
                     ("bucket", lambda m=mod, x=x: m.bucket(x, None, None, bins, False), 2),
                 ]:
                     try:
-                        record(shape, dtype, op, name, timeit(call, args.reps), nbytes, reads, copy_bw)
+                        record(
+                            shape, dtype, op, name, timeit(call, args.reps), nbytes, reads, copy_bw
+                        )
                     except Exception as exc:
                         traceback.print_exc()
-                        rows.append({"shape": list(shape), "dtype": str(dtype), "op": op, "impl": name, "error": f"{type(exc).__name__}: {exc}"})
+                        rows.append(
+                            {
+                                "shape": list(shape),
+                                "dtype": str(dtype),
+                                "op": op,
+                                "impl": name,
+                                "error": f"{type(exc).__name__}: {exc}",
+                            }
+                        )
             # parts of the bucket pipeline and a few Triton block configurations (bf16 only)
             if dtype != torch.bfloat16:
                 continue
@@ -152,7 +193,16 @@ def main() -> int:
                 from entrodrop_fast.ops import cuda_backend as cb
 
                 try:
-                    record(shape, dtype, "bucket", "cuda counts only", timeit(lambda x=x: cb.bucket_counts(x, None, None, bins), args.reps), nbytes, 2, copy_bw)
+                    record(
+                        shape,
+                        dtype,
+                        "bucket",
+                        "cuda counts only",
+                        timeit(lambda x=x: cb.bucket_counts(x, None, None, bins), args.reps),
+                        nbytes,
+                        2,
+                        copy_bw,
+                    )
                     if args.quick:  # the two passes of the CUDA bucket, timed alone
                         from entrodrop_fast import _ext
 
@@ -163,29 +213,97 @@ def main() -> int:
                         pmin = torch.empty((B_, Sp, D_), dtype=torch.float32, device=x.device)
                         pmax = torch.empty_like(pmin)
                         dev, st = cb._launch_ctx(x)
-                        record(shape, dtype, "minmax", f"cuda pass 1 (S={Sp})", timeit(lambda: C.cuda_minmax_partial(*a, Sp, rp, pmin.data_ptr(), pmax.data_ptr(), dev, st), args.reps), nbytes, 1, copy_bw)
-                        S2, r2 = cb._splits(x, a[-1], None, kind=2, bins=bins, waves=1, max_rows=cb._HIST_MAX_ROWS)
+                        record(
+                            shape,
+                            dtype,
+                            "minmax",
+                            f"cuda pass 1 (S={Sp})",
+                            timeit(
+                                lambda: C.cuda_minmax_partial(
+                                    *a, Sp, rp, pmin.data_ptr(), pmax.data_ptr(), dev, st
+                                ),
+                                args.reps,
+                            ),
+                            nbytes,
+                            1,
+                            copy_bw,
+                        )
+                        S2, r2 = cb._splits(
+                            x, a[-1], None, kind=2, bins=bins, waves=1, max_rows=cb._HIST_MAX_ROWS
+                        )
                         ph = torch.empty((B_, S2, D_, bins), dtype=torch.int32, device=x.device)
-                        record(shape, dtype, "bins", f"cuda pass 2 (S={S2})", timeit(lambda: C.cuda_bucket_hist(*a, Sp, pmin.data_ptr(), pmax.data_ptr(), S2, r2, bins, ph.data_ptr(), dev, st), args.reps), nbytes, 1, copy_bw)
+                        record(
+                            shape,
+                            dtype,
+                            "bins",
+                            f"cuda pass 2 (S={S2})",
+                            timeit(
+                                lambda: C.cuda_bucket_hist(
+                                    *a,
+                                    Sp,
+                                    pmin.data_ptr(),
+                                    pmax.data_ptr(),
+                                    S2,
+                                    r2,
+                                    bins,
+                                    ph.data_ptr(),
+                                    dev,
+                                    st,
+                                ),
+                                args.reps,
+                            ),
+                            nbytes,
+                            1,
+                            copy_bw,
+                        )
                 except Exception as exc:
                     log(f"cuda counts: {exc}")
             if not isinstance(bk.get("triton"), str) and not args.quick:
                 from entrodrop_fast.ops.triton import bucket as tb
                 from entrodrop_fast.ops.triton import moments as tm
 
-                configs = [dict(block_t=32, block_d=128, num_warps=4), dict(block_t=64, block_d=128, num_warps=8),
-                           dict(block_t=32, block_d=256, num_warps=8), dict(block_t=16, block_d=256, num_warps=4),
-                           dict(block_t=64, block_d=64, num_warps=4)]
+                configs = [
+                    dict(block_t=32, block_d=128, num_warps=4),
+                    dict(block_t=64, block_d=128, num_warps=8),
+                    dict(block_t=32, block_d=256, num_warps=8),
+                    dict(block_t=16, block_d=256, num_warps=4),
+                    dict(block_t=64, block_d=64, num_warps=4),
+                ]
                 if DRY:
                     configs = configs[:1]
                 for cfg in configs:
                     tag = "triton t{block_t} d{block_d} w{num_warps}".format(**cfg)
                     try:
-                        record(shape, dtype, "moments", tag, timeit(lambda c=cfg, x=x: tm.moments(x, None, None, **c), args.reps), nbytes, 1, copy_bw, {"config": cfg})
-                        record(shape, dtype, "bucket", tag, timeit(lambda c=cfg, x=x: tb.bucket(x, None, None, bins, False, **c), args.reps), nbytes, 2, copy_bw, {"config": cfg})
+                        record(
+                            shape,
+                            dtype,
+                            "moments",
+                            tag,
+                            timeit(lambda c=cfg, x=x: tm.moments(x, None, None, **c), args.reps),
+                            nbytes,
+                            1,
+                            copy_bw,
+                            {"config": cfg},
+                        )
+                        record(
+                            shape,
+                            dtype,
+                            "bucket",
+                            tag,
+                            timeit(
+                                lambda c=cfg, x=x: tb.bucket(x, None, None, bins, False, **c),
+                                args.reps,
+                            ),
+                            nbytes,
+                            2,
+                            copy_bw,
+                            {"config": cfg},
+                        )
                     except Exception as exc:
                         log(f"{tag}: {type(exc).__name__}: {exc}")
-                        rows.append({"op": "config", "impl": tag, "error": f"{type(exc).__name__}: {exc}"})
+                        rows.append(
+                            {"op": "config", "impl": tag, "error": f"{type(exc).__name__}: {exc}"}
+                        )
             del x
             if not DRY:
                 torch.cuda.empty_cache()
@@ -196,28 +314,78 @@ def main() -> int:
     nbytes = x.numel() * x.element_size()
     t_copy = timeit(lambda x=x: x.clone(), args.reps)
     copy_bw = 2 * nbytes / t_copy
-    rows.append({"shape": list(bshape), "dtype": "bfloat16", "op": "copy", "impl": "x.clone()", "time_us": round(t_copy * 1e6, 2), "copy_GBps": round(copy_bw / 1e9, 1)})
+    rows.append(
+        {
+            "shape": list(bshape),
+            "dtype": "bfloat16",
+            "op": "copy",
+            "impl": "x.clone()",
+            "time_us": round(t_copy * 1e6, 2),
+            "copy_GBps": round(copy_bw / 1e9, 1),
+        }
+    )
     for name, mod in bk.items():
         if not isinstance(mod, str):
             try:
-                record(bshape, torch.bfloat16, "bucket", name, timeit(lambda m=mod, x=x: m.bucket(x, None, None, bins, False), args.reps), nbytes, 2, copy_bw)
+                record(
+                    bshape,
+                    torch.bfloat16,
+                    "bucket",
+                    name,
+                    timeit(lambda m=mod, x=x: m.bucket(x, None, None, bins, False), args.reps),
+                    nbytes,
+                    2,
+                    copy_bw,
+                )
                 if name == "cuda":  # the same through the two-pass kernels (fused=False)
-                    record(bshape, torch.bfloat16, "bucket", "cuda two-pass", timeit(lambda m=mod, x=x: m.bucket(x, None, None, bins, False, fused=False), args.reps), nbytes, 2, copy_bw)
+                    record(
+                        bshape,
+                        torch.bfloat16,
+                        "bucket",
+                        "cuda two-pass",
+                        timeit(
+                            lambda m=mod, x=x: m.bucket(x, None, None, bins, False, fused=False),
+                            args.reps,
+                        ),
+                        nbytes,
+                        2,
+                        copy_bw,
+                    )
             except Exception as exc:
-                rows.append({"shape": list(bshape), "op": "bucket", "impl": name, "error": f"{type(exc).__name__}: {exc}"})
+                rows.append(
+                    {
+                        "shape": list(bshape),
+                        "op": "bucket",
+                        "impl": name,
+                        "error": f"{type(exc).__name__}: {exc}",
+                    }
+                )
 
     (out_dir / "bench.json").write_text(json.dumps({"info": info, "results": rows}, indent=1))
-    md = ["# entrodrop_fast GPU benchmark", "", f"{info}", "",
-          "eff = bytes of x (read once) / time; % of copy = eff / (x.clone() bytes read+written / time); "
-          "traffic = bytes the kernel really reads / time (bucket reads x twice).", "",
-          "| shape | dtype | op | impl | time (us) | eff GB/s | % of copy | traffic GB/s |", "|---|---|---|---|---|---|---|---|"]
+    md = [
+        "# entrodrop_fast GPU benchmark",
+        "",
+        f"{info}",
+        "",
+        "eff = bytes of x (read once) / time; % of copy = eff / (x.clone() bytes read+written / time); "
+        "traffic = bytes the kernel really reads / time (bucket reads x twice).",
+        "",
+        "| shape | dtype | op | impl | time (us) | eff GB/s | % of copy | traffic GB/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
-            md.append(f"| {r.get('shape', '')} | {r.get('dtype', '')} | {r['op']} | {r['impl']} | error: {r['error'][:80]} | | | |")
+            md.append(
+                f"| {r.get('shape', '')} | {r.get('dtype', '')} | {r['op']} | {r['impl']} | error: {r['error'][:80]} | | | |"
+            )
         elif r["op"] == "copy":
-            md.append(f"| {r['shape']} | {r['dtype']} | copy | x.clone() | {r['time_us']} | {r['copy_GBps']} (r+w) | 100 | |")
+            md.append(
+                f"| {r['shape']} | {r['dtype']} | copy | x.clone() | {r['time_us']} | {r['copy_GBps']} (r+w) | 100 | |"
+            )
         else:
-            md.append(f"| {r['shape']} | {r['dtype']} | {r['op']} | {r['impl']} | {r['time_us']} | {r['eff_GBps']} | {100 * r['frac_of_copy']:.1f} | {r['traffic_GBps']} |")
+            md.append(
+                f"| {r['shape']} | {r['dtype']} | {r['op']} | {r['impl']} | {r['time_us']} | {r['eff_GBps']} | {100 * r['frac_of_copy']:.1f} | {r['traffic_GBps']} |"
+            )
     (out_dir / "bench.md").write_text("\n".join(md) + "\n")
     log(f"wrote {out_dir / 'bench.json'} and {out_dir / 'bench.md'}")
     return 0

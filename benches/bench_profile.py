@@ -74,8 +74,15 @@ def random_llama(layers: int, dtype: str, device: torch.device, shape: str = "40
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden, mlp, heads, kv = (int(v) for v in shape.split(","))
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_attention_heads=heads, num_key_value_heads=kv,
-                      num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=4096)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        num_hidden_layers=layers,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    )
     torch.manual_seed(0)
     dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     with torch.device(device):
@@ -89,25 +96,47 @@ def sync(dev: torch.device) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model source (default: built-in SmolLM2-135M-Instruct)")
-    ap.add_argument("--methods", default="bucket",
-                    help="what the taps measure, comma-separated as for `entrodrop profile --method` "
-                         "(default bucket; e.g. bucket,gaussian_diag,knn,cosine)")
-    ap.add_argument("--random-llama", type=int, default=0, metavar="LAYERS",
-                    help="instead of --model: a random Llama of LAYERS decoder layers, random token ids")
-    ap.add_argument("--llama-shape", default="4096,14336,32,8", metavar="HIDDEN,MLP,HEADS,KV_HEADS",
-                    help="its layer shape (default Llama-3.1-8B's: 4096,14336,32,8)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model", default=None, help="model source (default: built-in SmolLM2-135M-Instruct)"
+    )
+    ap.add_argument(
+        "--methods",
+        default="bucket",
+        help="what the taps measure, comma-separated as for `entrodrop profile --method` "
+        "(default bucket; e.g. bucket,gaussian_diag,knn,cosine)",
+    )
+    ap.add_argument(
+        "--random-llama",
+        type=int,
+        default=0,
+        metavar="LAYERS",
+        help="instead of --model: a random Llama of LAYERS decoder layers, random token ids",
+    )
+    ap.add_argument(
+        "--llama-shape",
+        default="4096,14336,32,8",
+        metavar="HIDDEN,MLP,HEADS,KV_HEADS",
+        help="its layer shape (default Llama-3.1-8B's: 4096,14336,32,8)",
+    )
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--bins", type=int, default=20)
-    ap.add_argument("--reps", type=int, default=3, help="rounds (each runs every provider over all samples)")
-    ap.add_argument("--paper-reps", type=int, default=1, help="rounds that include the (slow) paper provider")
+    ap.add_argument(
+        "--reps", type=int, default=3, help="rounds (each runs every provider over all samples)"
+    )
+    ap.add_argument(
+        "--paper-reps", type=int, default=1, help="rounds that include the (slow) paper provider"
+    )
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch threads (default: torch's choice)"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -121,9 +150,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     if args.random_llama:
-        model, source = random_llama(args.random_llama, args.dtype, dev, args.llama_shape), f"random llama {args.llama_shape} x {args.random_llama} layers"
+        model, source = (
+            random_llama(args.random_llama, args.dtype, dev, args.llama_shape),
+            f"random llama {args.llama_shape} x {args.random_llama} layers",
+        )
         gen = torch.Generator().manual_seed(0)
-        windows = torch.randint(0, model.config.vocab_size, (args.samples, args.seq_len), generator=gen)
+        windows = torch.randint(
+            0, model.config.vocab_size, (args.samples, args.seq_len), generator=gen
+        )
     else:
         lm = load_model(args.model, dtype=args.dtype, device=args.device)
         model, source = lm.model, lm.source
@@ -137,7 +171,9 @@ def main(argv=None) -> int:
 
     st = BlockStatistics(ad, L, ts)
     paper_sink = PaperSink(args.bins)
-    batches = [windows[i : i + args.batch_size].to(dev) for i in range(0, args.samples, args.batch_size)]
+    batches = [
+        windows[i : i + args.batch_size].to(dev) for i in range(0, args.samples, args.batch_size)
+    ]
     base = ad.base(model)
 
     def forward(ids, on_batch=None):
@@ -179,23 +215,49 @@ def main(argv=None) -> int:
                     times["paper"].append(tq)
                     ratios["paper"].append(tq / tp)
                     cpu_ratios["paper"].append(cpu[0] / cp)
-            print(f"round {rnd}: plain {statistics.median(times['plain']):.4f} s/batch, taps overhead {statistics.median(ratios['taps']) - 1:.1%}"
-                  + (f", paper overhead {statistics.median(ratios['paper']) - 1:.1%}" if ratios["paper"] else ""), flush=True)
+            print(
+                f"round {rnd}: plain {statistics.median(times['plain']):.4f} s/batch, taps overhead {statistics.median(ratios['taps']) - 1:.1%}"
+                + (
+                    f", paper overhead {statistics.median(ratios['paper']) - 1:.1%}"
+                    if ratios["paper"]
+                    else ""
+                ),
+                flush=True,
+            )
     best = {k: min(v) for k, v in times.items() if v}
     med = {k: statistics.median(v) for k, v in times.items() if v}
     res = {
-        "model": source, "methods": list(methods), "num_layers": L, "samples": args.samples, "seq_len": args.seq_len,
-        "batch_size": args.batch_size, "bins": args.bins, "backend": backend, "dtype": args.dtype,
-        "device": args.device, "threads": torch.get_num_threads(), "reps": args.reps,
-        "platform": platform.platform(), "torch": torch.__version__,
-        "seconds_per_batch_min": best, "seconds_per_batch_median": med,
-        "overhead_median_of_batch_ratios": {k: statistics.median(v) - 1 for k, v in ratios.items() if v},
+        "model": source,
+        "methods": list(methods),
+        "num_layers": L,
+        "samples": args.samples,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "bins": args.bins,
+        "backend": backend,
+        "dtype": args.dtype,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "reps": args.reps,
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "seconds_per_batch_min": best,
+        "seconds_per_batch_median": med,
+        "overhead_median_of_batch_ratios": {
+            k: statistics.median(v) - 1 for k, v in ratios.items() if v
+        },
         "overhead_min_over_min": {k: best[k] / best["plain"] - 1 for k in best if k != "plain"},
-        "overhead_cpu_time_median_ratio": {k: statistics.median(v) - 1 for k, v in cpu_ratios.items() if v},
+        "overhead_cpu_time_median_ratio": {
+            k: statistics.median(v) - 1 for k, v in cpu_ratios.items() if v
+        },
     }
-    print(f"\n{source}: {L} layers, {args.samples} x {args.seq_len} tokens, batch {args.batch_size}, {args.device}, "
-          f"{res['threads']} threads, taps {','.join(methods)} on backend {backend}")
-    print(f"{'provider':8s} {'min s/batch':>12s} {'median':>10s} {'overhead (median ratio)':>24s} {'(min/min)':>10s} {'(CPU time)':>11s}")
+    print(
+        f"\n{source}: {L} layers, {args.samples} x {args.seq_len} tokens, batch {args.batch_size}, {args.device}, "
+        f"{res['threads']} threads, taps {','.join(methods)} on backend {backend}"
+    )
+    print(
+        f"{'provider':8s} {'min s/batch':>12s} {'median':>10s} {'overhead (median ratio)':>24s} {'(min/min)':>10s} {'(CPU time)':>11s}"
+    )
     for k in best:
         o1 = res["overhead_median_of_batch_ratios"].get(k, 0.0)
         o2 = res["overhead_min_over_min"].get(k, 0.0)

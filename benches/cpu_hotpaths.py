@@ -37,49 +37,126 @@ def targets(d: Path) -> list[dict]:
     out: list[dict] = []
 
     def add(what, value, ok, fmt="{:.0%}", src=""):
-        out.append({"target": what, "measured": None if value is None else fmt.format(value),
-                    "holds": None if value is None else bool(ok), "source": src})
+        out.append(
+            {
+                "target": what,
+                "measured": None if value is None else fmt.format(value),
+                "holds": None if value is None else bool(ok),
+                "source": src,
+            }
+        )
 
     rows = _rows(_load(d / "calls.json"))
     worst = max(rows, key=lambda r: r["default_over_novalidate"], default=None)
-    add("every default call <= 1.10x validate=False (worst case)",
+    add(
+        "every default call <= 1.10x validate=False (worst case)",
         None if worst is None else worst["default_over_novalidate"],
-        worst is not None and worst["default_over_novalidate"] <= 1.10, "{:.2f}x", "calls.json"
-        + ("" if worst is None else f" ({worst['estimator']} {'x'.join(map(str, worst['shape']))} {worst['dtype']})"))
+        worst is not None and worst["default_over_novalidate"] <= 1.10,
+        "{:.2f}x",
+        "calls.json"
+        + (
+            ""
+            if worst is None
+            else f" ({worst['estimator']} {'x'.join(map(str, worst['shape']))} {worst['dtype']})"
+        ),
+    )
     for name, shape, dtype, goal, what in (
-        ("gaussian_diag", (32768, 4096), "fp32", 0.80, "moments default >= 80% of x.sum() on [32768,4096] fp32"),
-        ("bucket", (128, 256, 4096), "fp32", 0.40, "bucket default >= 40% of roofline on [128,256,4096] fp32"),
-        ("bucket", (128, 256, 4096), "bf16", 0.40, "bucket default >= 40% of roofline on [128,256,4096] bf16"),
-        ("delta_bucket", (8, 256, 4096), "fp32", 0.50, "delta_entropy default >= 50% of reading X and F, [8,256,4096] fp32"),
-        ("delta_bucket", (8, 256, 4096), "bf16", 0.50, "delta_entropy default >= 50% of reading X and F, [8,256,4096] bf16"),
+        (
+            "gaussian_diag",
+            (32768, 4096),
+            "fp32",
+            0.80,
+            "moments default >= 80% of x.sum() on [32768,4096] fp32",
+        ),
+        (
+            "bucket",
+            (128, 256, 4096),
+            "fp32",
+            0.40,
+            "bucket default >= 40% of roofline on [128,256,4096] fp32",
+        ),
+        (
+            "bucket",
+            (128, 256, 4096),
+            "bf16",
+            0.40,
+            "bucket default >= 40% of roofline on [128,256,4096] bf16",
+        ),
+        (
+            "delta_bucket",
+            (8, 256, 4096),
+            "fp32",
+            0.50,
+            "delta_entropy default >= 50% of reading X and F, [8,256,4096] fp32",
+        ),
+        (
+            "delta_bucket",
+            (8, 256, 4096),
+            "bf16",
+            0.50,
+            "delta_entropy default >= 50% of reading X and F, [8,256,4096] bf16",
+        ),
     ):
         r = _call(rows, name, shape, dtype)
-        add(what, None if r is None else r["default_roofline_frac"], r is not None and r["default_roofline_frac"] >= goal,
-            src="calls.json")
+        add(
+            what,
+            None if r is None else r["default_roofline_frac"],
+            r is not None and r["default_roofline_frac"] >= goal,
+            src="calls.json",
+        )
 
     knn = _load(d / "knn.json")
     if knn is not None:
         for case, v in knn.get("small", {}).items():
             if case.startswith("256x"):
-                add(f"knn {case} >= 2x cdist + topk (medians)", v["speedup_median"], v["speedup_median"] >= 2.0,
-                    "{:.2f}x", "knn.json")
+                add(
+                    f"knn {case} >= 2x cdist + topk (medians)",
+                    v["speedup_median"],
+                    v["speedup_median"] >= 2.0,
+                    "{:.2f}x",
+                    "knn.json",
+                )
     else:
         add("knn [256, 576..4096] >= 2x cdist + topk", None, False, src="knn.json missing")
 
     load = _load(d / "under_load.json")
     if load is not None:
-        ours = {c: v for c, v in load["cases"].items() if not c.startswith("paper")}  # not the paper's torch code
+        ours = {
+            c: v for c, v in load["cases"].items() if not c.startswith("paper")
+        }  # not the paper's torch code
         case, v = max(ours.items(), key=lambda kv: kv[1]["busy_over_idle"])
-        add(f"one core busy: no estimator slower than 2.5x idle (worst: {case})", v["busy_over_idle"],
-            v["busy_over_idle"] <= 2.5, "{:.2f}x", "under_load.json")
+        add(
+            f"one core busy: no estimator slower than 2.5x idle (worst: {case})",
+            v["busy_over_idle"],
+            v["busy_over_idle"] <= 2.5,
+            "{:.2f}x",
+            "under_load.json",
+        )
     else:
-        add("one core busy: no estimator slower than 2.5x idle", None, False, src="under_load.json missing")
+        add(
+            "one core busy: no estimator slower than 2.5x idle",
+            None,
+            False,
+            src="under_load.json missing",
+        )
 
-    for sub, goal, what in (("profile_bucket", 0.05, "tap overhead on SmolLM2 <= 5% with bucket"),
-                            ("profile_all", 0.30, "tap overhead on SmolLM2 <= 30% with bucket,gaussian_diag,knn,cosine")):
+    for sub, goal, what in (
+        ("profile_bucket", 0.05, "tap overhead on SmolLM2 <= 5% with bucket"),
+        (
+            "profile_all",
+            0.30,
+            "tap overhead on SmolLM2 <= 30% with bucket,gaussian_diag,knn,cosine",
+        ),
+    ):
         p = _load(d / sub / "bench_profile.json")
         v = None if p is None else p["overhead_median_of_batch_ratios"]["taps"]
-        add(what, v, v is not None and v <= goal, "{:.1%}", f"{sub}/bench_profile.json (median of per-batch ratios)")
+        add(
+            what,
+            v,
+            v is not None and v <= goal,
+            "{:.1%}",
+            f"{sub}/bench_profile.json (median of per-batch ratios)",
+        )
     return out
 
 

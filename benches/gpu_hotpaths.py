@@ -67,8 +67,11 @@ def _copy(shape, dev: torch.device, rounds: int) -> dict:
     t = _interleaved({"copy": lambda: y.copy_(x), "sum": x.sum}, dev, rounds)
     nbytes = x.numel() * x.element_size()
     return {
-        "shape": list(shape), "dtype": "bf16", "bytes": nbytes,
-        "copy_s": t["copy"][0], "sum_s": t["sum"][0],
+        "shape": list(shape),
+        "dtype": "bf16",
+        "bytes": nbytes,
+        "copy_s": t["copy"][0],
+        "sum_s": t["sum"][0],
         "copy_GBps": 2 * nbytes / t["copy"][0] / 1e9,  # read + write
         "sum_GBps": nbytes / t["sum"][0] / 1e9,
     }
@@ -92,14 +95,21 @@ def _knn(n: int, d: int, dname: str, dev: torch.device, rounds: int) -> dict:
 
     t = _interleaved({"tiled": tiled, "cdist_topk": cdist_topk}, dev, rounds)
     r64 = x.double()
-    exact = torch.cdist(r64, r64, compute_mode="donot_use_mm_for_euclid_dist").fill_diagonal_(float("inf"))
+    exact = torch.cdist(r64, r64, compute_mode="donot_use_mm_for_euclid_dist").fill_diagonal_(
+        float("inf")
+    )
     exact = exact.kthvalue(K, dim=1).values
     return {
-        "shape": [n, d], "dtype": dname, "k": K,
-        "tiled_s": t["tiled"][0], "cdist_topk_s": t["cdist_topk"][0],
-        "tiled_median_s": t["tiled"][1], "cdist_topk_median_s": t["cdist_topk"][1],
+        "shape": [n, d],
+        "dtype": dname,
+        "k": K,
+        "tiled_s": t["tiled"][0],
+        "cdist_topk_s": t["cdist_topk"][0],
+        "tiled_median_s": t["tiled"][1],
+        "cdist_topk_median_s": t["cdist_topk"][1],
         "speedup_vs_cdist_topk": t["cdist_topk"][0] / t["tiled"][0],
-        "tiled_max_rel_err": _rel_err(tiled(), exact), "cdist_topk_max_rel_err": _rel_err(cdist_topk(), exact),
+        "tiled_max_rel_err": _rel_err(tiled(), exact),
+        "cdist_topk_max_rel_err": _rel_err(cdist_topk(), exact),
     }
 
 
@@ -121,13 +131,23 @@ def _fused_kernels(shapes, dev: torch.device, rounds: int) -> list[dict]:
                     cb.FUSED_KERNEL = kind
                     return cb.bucket(x, ff, None, 20, False)
 
-                fns = {"registers": lambda: run("registers"), "tile": lambda: run("tile"),
-                       "roofline": (lambda x=x, f=f: (x.sum(), f.sum())) if with_f else x.sum}
+                fns = {
+                    "registers": lambda: run("registers"),
+                    "tile": lambda: run("tile"),
+                    "roofline": (lambda x=x, f=f: (x.sum(), f.sum())) if with_f else x.sum,
+                }
                 t = _interleaved(fns, dev, rounds)
                 nbytes = x.numel() * x.element_size() * (2 if with_f else 1)
-                rows.append({"shape": list(shape), "dtype": "bf16", "reads": "x,f" if with_f else "x", "bytes": nbytes,
-                             **{f"{k}_s": v[0] for k, v in t.items()},
-                             **{f"{k}_GBps": nbytes / v[0] / 1e9 for k, v in t.items()}})
+                rows.append(
+                    {
+                        "shape": list(shape),
+                        "dtype": "bf16",
+                        "reads": "x,f" if with_f else "x",
+                        "bytes": nbytes,
+                        **{f"{k}_s": v[0] for k, v in t.items()},
+                        **{f"{k}_GBps": nbytes / v[0] / 1e9 for k, v in t.items()},
+                    }
+                )
     finally:
         cb.FUSED_KERNEL = saved
     return rows
@@ -140,10 +160,18 @@ def micro(out: Path, device: str, dry: bool) -> dict:
     if dev.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name(dev)
     res["copy"] = _copy((512, 256) if dry else (32768, 8192), dev, rounds)
-    knn_shapes = [(120, 16)] if dry else [(2048, 4096), (256, 4096)]  # and one profiler sample (k = 25, Llama)
-    res["knn"] = [_knn(n, d, dname, dev, max(3, rounds // 4)) for n, d in knn_shapes for dname in ("fp32", "bf16")]
+    knn_shapes = (
+        [(120, 16)] if dry else [(2048, 4096), (256, 4096)]
+    )  # and one profiler sample (k = 25, Llama)
+    res["knn"] = [
+        _knn(n, d, dname, dev, max(3, rounds // 4))
+        for n, d in knn_shapes
+        for dname in ("fp32", "bf16")
+    ]
     if dev.type == "cuda":
-        res["fused_bucket"] = _fused_kernels([(1, 256, 4096), (8, 256, 4096), (128, 256, 4096), (8, 256, 576)], dev, rounds)
+        res["fused_bucket"] = _fused_kernels(
+            [(1, 256, 4096), (8, 256, 4096), (128, 256, 4096), (8, 256, 576)], dev, rounds
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "micro.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
@@ -178,26 +206,58 @@ def report(out: Path) -> dict:
     for r in rows:
         gbps = r["bytes"] / r["default_s"] / 1e9
         frac = gbps / copy_bw if copy_bw else None
-        tgt = TARGETS.get(tuple(r["shape"])) if r["estimator"] in ("bucket", "gaussian_diag", "delta_bucket", "delta_gaussian_diag") else None
-        table_calls.append({**{k: r[k] for k in ("estimator", "shape", "dtype", "reads", "bytes", "default_s", "novalidate_s",
-                                                  "default_over_novalidate")},
-                            "default_GBps": gbps, "default_frac_of_copy": frac, "target_frac_of_copy": tgt,
-                            "meets_target": None if tgt is None or frac is None else frac >= tgt})
+        tgt = (
+            TARGETS.get(tuple(r["shape"]))
+            if r["estimator"] in ("bucket", "gaussian_diag", "delta_bucket", "delta_gaussian_diag")
+            else None
+        )
+        table_calls.append(
+            {
+                **{
+                    k: r[k]
+                    for k in (
+                        "estimator",
+                        "shape",
+                        "dtype",
+                        "reads",
+                        "bytes",
+                        "default_s",
+                        "novalidate_s",
+                        "default_over_novalidate",
+                    )
+                },
+                "default_GBps": gbps,
+                "default_frac_of_copy": frac,
+                "target_frac_of_copy": tgt,
+                "meets_target": None if tgt is None or frac is None else frac >= tgt,
+            }
+        )
     profiles = {}
     for p in sorted(out.glob("profile_*/bench_profile.json")):
         d = _load(p)
         if d:
             profiles[p.parent.name.removeprefix("profile_")] = {
-                "model": d.get("model"), "methods": d.get("methods"), "batch_size": d.get("batch_size"),
+                "model": d.get("model"),
+                "methods": d.get("methods"),
+                "batch_size": d.get("batch_size"),
                 "seconds_per_batch_min": d.get("seconds_per_batch_min"),
-                "overhead_median_of_batch_ratios": (d.get("overhead_median_of_batch_ratios") or {}).get("taps"),
+                "overhead_median_of_batch_ratios": (
+                    d.get("overhead_median_of_batch_ratios") or {}
+                ).get("taps"),
                 "overhead_min_over_min": (d.get("overhead_min_over_min") or {}).get("taps"),
             }
     skipped = sorted(p.name for p in out.glob("SKIPPED_*"))
-    res = {"copy": micro_res.get("copy"), "knn": micro_res.get("knn", []), "fused_bucket": micro_res.get("fused_bucket", []),
-           "calls": table_calls, "profiles": profiles,
-           "skipped": [(out / s).read_text().strip() for s in skipped], "device": micro_res.get("device"),
-           "gpu": micro_res.get("gpu"), "dry_run": micro_res.get("dry_run")}
+    res = {
+        "copy": micro_res.get("copy"),
+        "knn": micro_res.get("knn", []),
+        "fused_bucket": micro_res.get("fused_bucket", []),
+        "calls": table_calls,
+        "profiles": profiles,
+        "skipped": [(out / s).read_text().strip() for s in skipped],
+        "device": micro_res.get("device"),
+        "gpu": micro_res.get("gpu"),
+        "dry_run": micro_res.get("dry_run"),
+    }
     (out / "hotpaths.json").write_text(json.dumps(res, indent=1))
     (out / "hotpaths.md").write_text(_markdown(res) + "\n")
     print(_markdown(res))
@@ -206,43 +266,75 @@ def report(out: Path) -> dict:
 
 def _markdown(res: dict) -> str:
     ms = lambda s: f"{1e3 * s:.3f}"  # noqa: E731
-    lines = [f"# GPU hot paths ({res.get('gpu') or res.get('device')}{', dry run' if res.get('dry_run') else ''})", ""]
+    lines = [
+        f"# GPU hot paths ({res.get('gpu') or res.get('device')}{', dry run' if res.get('dry_run') else ''})",
+        "",
+    ]
     c = res.get("copy")
     if c:
-        lines += ["| reference | shape | ms | GB/s |", "|---|---|---|---|",
-                  f"| copy (read + write) | {'x'.join(map(str, c['shape']))} {c['dtype']} | {ms(c['copy_s'])} | {c['copy_GBps']:.0f} |",
-                  f"| x.sum() (read) | {'x'.join(map(str, c['shape']))} {c['dtype']} | {ms(c['sum_s'])} | {c['sum_GBps']:.0f} |", ""]
+        lines += [
+            "| reference | shape | ms | GB/s |",
+            "|---|---|---|---|",
+            f"| copy (read + write) | {'x'.join(map(str, c['shape']))} {c['dtype']} | {ms(c['copy_s'])} | {c['copy_GBps']:.0f} |",
+            f"| x.sum() (read) | {'x'.join(map(str, c['shape']))} {c['dtype']} | {ms(c['sum_s'])} | {c['sum_GBps']:.0f} |",
+            "",
+        ]
     if res.get("calls"):
-        lines += ["| call | shape | dtype | reads | default ms | validate=False ms | default / validate=False | default GB/s "
-                  "| % of copy | target |", "|" + "---|" * 10]
+        lines += [
+            "| call | shape | dtype | reads | default ms | validate=False ms | default / validate=False | default GB/s "
+            "| % of copy | target |",
+            "|" + "---|" * 10,
+        ]
         for r in res["calls"]:
-            frac = "" if r["default_frac_of_copy"] is None else f"{100 * r['default_frac_of_copy']:.0f}%"
-            tgt = "" if r["target_frac_of_copy"] is None else f">= {100 * r['target_frac_of_copy']:.0f}% {'ok' if r['meets_target'] else 'MISSED'}"
-            lines.append(f"| {r['estimator']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['reads']} | {ms(r['default_s'])} | "
-                         f"{ms(r['novalidate_s'])} | {r['default_over_novalidate']:.2f}x | {r['default_GBps']:.0f} | {frac} | {tgt} |")
+            frac = (
+                ""
+                if r["default_frac_of_copy"] is None
+                else f"{100 * r['default_frac_of_copy']:.0f}%"
+            )
+            tgt = (
+                ""
+                if r["target_frac_of_copy"] is None
+                else f">= {100 * r['target_frac_of_copy']:.0f}% {'ok' if r['meets_target'] else 'MISSED'}"
+            )
+            lines.append(
+                f"| {r['estimator']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['reads']} | {ms(r['default_s'])} | "
+                f"{ms(r['novalidate_s'])} | {r['default_over_novalidate']:.2f}x | {r['default_GBps']:.0f} | {frac} | {tgt} |"
+            )
         lines.append("")
     if res.get("knn"):
-        lines += ["| knn radii (k = 25) | dtype | tiled ms | cdist + topk ms | speedup | tiled max rel err | cdist + topk max rel err |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "| knn radii (k = 25) | dtype | tiled ms | cdist + topk ms | speedup | tiled max rel err | cdist + topk max rel err |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in res["knn"]:
-            lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {ms(r['tiled_s'])} | {ms(r['cdist_topk_s'])} | "
-                         f"{r['speedup_vs_cdist_topk']:.2f}x | {r['tiled_max_rel_err']:.1e} | {r['cdist_topk_max_rel_err']:.1e} |")
+            lines.append(
+                f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {ms(r['tiled_s'])} | {ms(r['cdist_topk_s'])} | "
+                f"{r['speedup_vs_cdist_topk']:.2f}x | {r['tiled_max_rel_err']:.1e} | {r['cdist_topk_max_rel_err']:.1e} |"
+            )
         lines.append("")
     if res.get("fused_bucket"):
-        lines += ["| single-read bucket kernel | reads | registers ms | tile ms | roofline ms | registers GB/s | tile GB/s |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "| single-read bucket kernel | reads | registers ms | tile ms | roofline ms | registers GB/s | tile GB/s |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in res["fused_bucket"]:
-            lines.append(f"| {'x'.join(map(str, r['shape']))} {r['dtype']} | {r['reads']} | {ms(r['registers_s'])} | {ms(r['tile_s'])} | "
-                         f"{ms(r['roofline_s'])} | {r['registers_GBps']:.0f} | {r['tile_GBps']:.0f} |")
+            lines.append(
+                f"| {'x'.join(map(str, r['shape']))} {r['dtype']} | {r['reads']} | {ms(r['registers_s'])} | {ms(r['tile_s'])} | "
+                f"{ms(r['roofline_s'])} | {r['registers_GBps']:.0f} | {r['tile_GBps']:.0f} |"
+            )
         lines.append("")
     if res.get("profiles"):
-        lines += ["| tap overhead | model | methods | batch | plain s/batch | taps overhead (median ratio) | (min/min) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "| tap overhead | model | methods | batch | plain s/batch | taps overhead (median ratio) | (min/min) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name, p in res["profiles"].items():
             plain = (p.get("seconds_per_batch_min") or {}).get("plain")
             o1, o2 = p.get("overhead_median_of_batch_ratios"), p.get("overhead_min_over_min")
-            lines.append(f"| {name} | {p['model']} | {','.join(p['methods'] or [])} | {p['batch_size']} | "
-                         f"{'' if plain is None else f'{plain:.4f}'} | {'' if o1 is None else f'{o1:.1%}'} | {'' if o2 is None else f'{o2:.1%}'} |")
+            lines.append(
+                f"| {name} | {p['model']} | {','.join(p['methods'] or [])} | {p['batch_size']} | "
+                f"{'' if plain is None else f'{plain:.4f}'} | {'' if o1 is None else f'{o1:.1%}'} | {'' if o2 is None else f'{o2:.1%}'} |"
+            )
         lines.append("")
     for s in res.get("skipped", []):
         lines.append(f"- skipped: {s}")
@@ -250,7 +342,9 @@ def _markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("part", choices=("micro", "report"))
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cuda")

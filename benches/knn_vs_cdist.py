@@ -41,9 +41,18 @@ from entrodrop_fast.ops import cpp_backend, reference
 from entrodrop_fast.ops.bench import knn_torch_fast, make_input, peak_extra_bytes, time_calls
 
 K = 25
-SMALL = [((256, 576), "fp32"), ((256, 1024), "fp32"), ((256, 2048), "fp32"), ((256, 4096), "fp32"),
-         ((256, 576), "bf16"), ((256, 1024), "bf16"), ((256, 2048), "bf16"), ((256, 4096), "bf16"),
-         ((8, 256, 576), "fp32"), ((8, 256, 576), "bf16")]
+SMALL = [
+    ((256, 576), "fp32"),
+    ((256, 1024), "fp32"),
+    ((256, 2048), "fp32"),
+    ((256, 4096), "fp32"),
+    ((256, 576), "bf16"),
+    ((256, 1024), "bf16"),
+    ((256, 2048), "bf16"),
+    ((256, 4096), "bf16"),
+    ((8, 256, 576), "fp32"),
+    ((8, 256, 576), "bf16"),
+]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -62,7 +71,13 @@ def paper_knn_entropy(x: torch.Tensor, k: int = K) -> torch.Tensor:
     for r in (x if x.dim() == 3 else x[None]).float():
         n, d = r.shape
         rad = torch.cdist(r, r).topk(k + 1, dim=1, largest=False).values[:, -1]
-        out.append(d * torch.log(rad + 1e-10).mean() + d / 2 * math.log(math.pi) - math.lgamma(d / 2 + 1) + math.log(n) - math.log(k))
+        out.append(
+            d * torch.log(rad + 1e-10).mean()
+            + d / 2 * math.log(math.pi)
+            - math.lgamma(d / 2 + 1)
+            + math.log(n)
+            - math.log(k)
+        )
     return torch.stack(out) if x.dim() == 3 else out[0]
 
 
@@ -102,7 +117,10 @@ def interleaved(cases: dict, runs: int, quiet: bool) -> dict:
     for _ in range(runs):
         for name, fns in cases.items():
             if quiet and not wait_quiet():
-                print("warning: the machine never went quiet for 0.3 s; timing anyway", file=sys.stderr)
+                print(
+                    "warning: the machine never went quiet for 0.3 s; timing anyway",
+                    file=sys.stderr,
+                )
             for c, f in fns.items():
                 times[name][c] += time_calls(f, 1, warmup=0)
     return times
@@ -115,18 +133,31 @@ def small_shapes(runs: int, quiet: bool) -> dict:
         x = x if len(shape) == 3 else x[0]
         name = f"{'x'.join(map(str, shape))} {dt}"
         inputs[name] = x
-        cases[name] = {"ef.knn_entropy": (lambda x=x: ef.knn_entropy(x, k=K)), "cdist+topk": (lambda x=x: paper_knn_entropy(x))}
+        cases[name] = {
+            "ef.knn_entropy": (lambda x=x: ef.knn_entropy(x, k=K)),
+            "cdist+topk": (lambda x=x: paper_knn_entropy(x)),
+        }
     times = interleaved(cases, runs, quiet)
     rows = {}
     for name, t in times.items():
         med = {c: statistics.median(v) for c, v in t.items()}
         mn = {c: min(v) for c, v in t.items()}
         x = inputs[name]
-        agree = float((ef.knn_entropy(x, k=K) - paper_knn_entropy(x).double()).abs().max() / paper_knn_entropy(x).double().abs().max())
-        rows[name] = {"median_seconds": med, "min_seconds": mn, "speedup_median": med["cdist+topk"] / med["ef.knn_entropy"],
-                      "speedup_min": mn["cdist+topk"] / mn["ef.knn_entropy"], "rel_diff_to_paper_fp32": agree}
-        print(f"{name:<16} ef.knn_entropy {1e3 * med['ef.knn_entropy']:8.3f} ms  cdist+topk {1e3 * med['cdist+topk']:8.3f} ms"
-              f"  -> {rows[name]['speedup_median']:.2f}x (min/min {rows[name]['speedup_min']:.2f}x)")
+        agree = float(
+            (ef.knn_entropy(x, k=K) - paper_knn_entropy(x).double()).abs().max()
+            / paper_knn_entropy(x).double().abs().max()
+        )
+        rows[name] = {
+            "median_seconds": med,
+            "min_seconds": mn,
+            "speedup_median": med["cdist+topk"] / med["ef.knn_entropy"],
+            "speedup_min": mn["cdist+topk"] / mn["ef.knn_entropy"],
+            "rel_diff_to_paper_fp32": agree,
+        }
+        print(
+            f"{name:<16} ef.knn_entropy {1e3 * med['ef.knn_entropy']:8.3f} ms  cdist+topk {1e3 * med['cdist+topk']:8.3f} ms"
+            f"  -> {rows[name]['speedup_median']:.2f}x (min/min {rows[name]['speedup_min']:.2f}x)"
+        )
     return rows
 
 
@@ -134,26 +165,55 @@ def large(runs: int, quiet: bool) -> dict:
     n = 2048
     x = make_input((n, 4096), torch.float32)[0]
     precision = {}
-    for name, xx in (("bench", x), ("llm_like", llm_like(n, 4096)), ("randn", torch.randn(n, 4096))):
+    for name, xx in (
+        ("bench", x),
+        ("llm_like", llm_like(n, 4096)),
+        ("randn", torch.randn(n, 4096)),
+    ):
         r, o = reference.knn_kth_distance(xx, K), cpp_backend.knn_kth_distance(xx, K)
         precision[name] = ((o - r).abs() / r).max().item()
         print(f"precision {name}: max rel err {precision[name]:.2e}")
     mem = peak_extra_bytes(lambda: cpp_backend.knn_kth_distance(x, K)) / (n * n * 4)
-    t = interleaved({"2048x4096": {"cdist+topk": lambda: knn_torch_fast(x, K), "cpp": lambda: cpp_backend.knn_kth_distance(x, K)}},
-                    runs, quiet)["2048x4096"]
+    t = interleaved(
+        {
+            "2048x4096": {
+                "cdist+topk": lambda: knn_torch_fast(x, K),
+                "cpp": lambda: cpp_backend.knn_kth_distance(x, K),
+            }
+        },
+        runs,
+        quiet,
+    )["2048x4096"]
     med = {c: statistics.median(v) for c, v in t.items()}
     ratio = med["cpp"] / med["cdist+topk"]
-    print(f"2048x4096: cpp {med['cpp']:.3f} s, cdist+topk {med['cdist+topk']:.3f} s -> {1 / ratio:.2f}x; "
-          f"peak extra memory {100 * mem:.1f}% of N x N")
-    return {"shape": [n, 4096], "median_seconds": med, "cpp_over_cdist_topk": ratio, "peak_extra_fraction_of_nxn": mem,
-            "max_rel_err": precision}
+    print(
+        f"2048x4096: cpp {med['cpp']:.3f} s, cdist+topk {med['cdist+topk']:.3f} s -> {1 / ratio:.2f}x; "
+        f"peak extra memory {100 * mem:.1f}% of N x N"
+    )
+    return {
+        "shape": [n, 4096],
+        "median_seconds": med,
+        "cpp_over_cdist_topk": ratio,
+        "peak_extra_fraction_of_nxn": mem,
+        "max_rel_err": precision,
+    }
 
 
-def main(runs: int = 7, json_path: str | None = None, quiet: bool = False, skip_large: bool = False) -> None:
+def main(
+    runs: int = 7, json_path: str | None = None, quiet: bool = False, skip_large: bool = False
+) -> None:
     torch.set_num_threads(2)
-    out = {"command": "python " + " ".join(sys.argv), "k": K, "runs": runs, "threads": torch.get_num_threads(),
-           "cpus": os.cpu_count(), "thread_pool": _ext.require().thread_pool_cpu(), "isa": _ext.require().knn_isa_cpu(),
-           "torch": torch.__version__, "quiet_wait": quiet}
+    out = {
+        "command": "python " + " ".join(sys.argv),
+        "k": K,
+        "runs": runs,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "thread_pool": _ext.require().thread_pool_cpu(),
+        "isa": _ext.require().knn_isa_cpu(),
+        "torch": torch.__version__,
+        "quiet_wait": quiet,
+    }
     out["small"] = small_shapes(runs, quiet)
     if not skip_large:
         out["large"] = large(runs, quiet)
@@ -167,7 +227,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="?", type=int, default=7)
     ap.add_argument("--json", default=None, help="also write the figures as JSON")
-    ap.add_argument("--quiet-wait", action="store_true", help="start each round only when no other process is runnable")
+    ap.add_argument(
+        "--quiet-wait",
+        action="store_true",
+        help="start each round only when no other process is runnable",
+    )
     ap.add_argument("--skip-large", action="store_true", help="only the 256-token shapes")
     a = ap.parse_args()
     main(a.runs, a.json, a.quiet_wait, a.skip_large)

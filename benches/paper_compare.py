@@ -30,7 +30,15 @@ import sys
 import time
 from pathlib import Path
 
-ENTROPY = ["bucket", "knn", "gaussian_diag", "renyi", "bucket_q", "bucket_nosink", "bucket_tokennorm"]
+ENTROPY = [
+    "bucket",
+    "knn",
+    "gaussian_diag",
+    "renyi",
+    "bucket_q",
+    "bucket_nosink",
+    "bucket_tokennorm",
+]
 SIMILARITY = ["cosine", "block_influence", "angular"]
 
 # the full grid: chosen to fit about 2 h for both models on the shared 2-core CPU (see
@@ -38,7 +46,10 @@ SIMILARITY = ["cosine", "block_influence", "angular"]
 FULL = {
     "models": ["smollm2", "gemma3-270m"],
     "kinds": ["attn", "layer"],
-    "counts": {"smollm2": [2, 4, 6, 8, 10], "gemma3-270m": [1, 2, 4, 6]},  # K up to about a third of the layers (30, 18)
+    "counts": {
+        "smollm2": [2, 4, 6, 8, 10],
+        "gemma3-270m": [1, 2, 4, 6],
+    },  # K up to about a third of the layers (30, 18)
     "methods": ENTROPY + SIMILARITY + ["random"],
     "random_seeds": 3,
     "iterative": ["knn", "cosine"],
@@ -112,10 +123,19 @@ def estimate(grid: dict, scale: float = 1.0) -> dict:
         ppl_tokens = grid["eval_windows"] * T
         zs_tokens = grid["items"] * (48 + 4 * 16 + 194)
         per_eval = ppl_tokens / r["head"] + zs_tokens / r["kept"]
-        iter_tokens = sum(max(ks) * grid["iterative_samples"] * T for _ in grid["kinds"] for _ in grid["iterative"])
+        iter_tokens = sum(
+            max(ks) * grid["iterative_samples"] * T
+            for _ in grid["kinds"]
+            for _ in grid["iterative"]
+        )
         profile_tokens = 2 * grid["samples"] * T + iter_tokens + grid["massive_windows"] * T
         seconds = (plans + 1) * per_eval + profile_tokens / (0.5 * r["kept"])
-        out[m] = {"evaluations_at_most": plans + 1, "seconds_per_evaluation": per_eval, "profile_tokens": profile_tokens, "seconds": seconds}
+        out[m] = {
+            "evaluations_at_most": plans + 1,
+            "seconds_per_evaluation": per_eval,
+            "profile_tokens": profile_tokens,
+            "seconds": seconds,
+        }
     return out
 
 
@@ -134,8 +154,10 @@ class EvaluationLog(dict):
             lines = path.read_text().splitlines()
             head = json.loads(lines[0]) if lines else {}
             if head.get("settings") != settings:
-                raise SystemExit(f"paper_compare: error: {path} was written with other evaluation settings "
-                                 f"({head.get('settings')}); use a new --out, or --overwrite to start again")
+                raise SystemExit(
+                    f"paper_compare: error: {path} was written with other evaluation settings "
+                    f"({head.get('settings')}); use a new --out, or --overwrite to start again"
+                )
             for line in lines[1:]:
                 try:
                     rec = json.loads(line)
@@ -159,8 +181,15 @@ def eval_settings(name: str, grid: dict, dtype: str) -> dict:
     """What an evaluation's numbers depend on besides the drop set."""
     from entrodrop_fast import __version__
 
-    return {"model": name, "dtype": dtype, "seq_len": grid["seq_len"], "eval_windows": grid["eval_windows"], "items": grid["items"],
-            "eval_corpora": list(grid.get("eval_corpora") or ["builtin"]), "entrodrop_fast": __version__}
+    return {
+        "model": name,
+        "dtype": dtype,
+        "seq_len": grid["seq_len"],
+        "eval_windows": grid["eval_windows"],
+        "items": grid["items"],
+        "eval_corpora": list(grid.get("eval_corpora") or ["builtin"]),
+        "entrodrop_fast": __version__,
+    }
 
 
 def log(*a) -> None:
@@ -186,19 +215,47 @@ def run_model(name: str, grid: dict, out: Path, *, device: str, dtype: str, prog
     for rule in grid["rules"]:
         t = time.perf_counter()
         log(f"{name}: compare, protection rule {rule}")
-        comp = C.compare(lm, kinds=tuple(grid["kinds"]), counts=tuple(counts), methods=tuple(grid["methods"]), corpus=corpus, samples=grid["samples"], seq_len=grid["seq_len"],
-                         seed=2024, eval_windows=grid["eval_windows"], eval_items=grid["items"], speed=False, progress=progress, log=lambda *a: log(name, *a),
-                         protect_rule=rule, stage1_method="bucket", random_seeds=tuple(range(grid["random_seeds"])), iterative=tuple(grid["iterative"]),
-                         iterative_samples=grid["iterative_samples"], report=report, eval_cache=cache,
-                         eval_corpora=grid.get("eval_corpora"))
+        comp = C.compare(
+            lm,
+            kinds=tuple(grid["kinds"]),
+            counts=tuple(counts),
+            methods=tuple(grid["methods"]),
+            corpus=corpus,
+            samples=grid["samples"],
+            seq_len=grid["seq_len"],
+            seed=2024,
+            eval_windows=grid["eval_windows"],
+            eval_items=grid["items"],
+            speed=False,
+            progress=progress,
+            log=lambda *a: log(name, *a),
+            protect_rule=rule,
+            stage1_method="bucket",
+            random_seeds=tuple(range(grid["random_seeds"])),
+            iterative=tuple(grid["iterative"]),
+            iterative_samples=grid["iterative_samples"],
+            report=report,
+            eval_cache=cache,
+            eval_corpora=grid.get("eval_corpora"),
+        )
         report = comp["report"]  # one profile for both rules
         timing[f"compare_{rule}_s"] = time.perf_counter() - t
         results[rule] = comp
     # calibration robustness: the same methods' rankings from a second corpus
     t = time.perf_counter()
     log(f"{name}: profile on {grid['second_corpus']} for the calibration comparison")
-    agreement = C.corpus_agreement(lm, results[grid["rules"][0]], grid["second_corpus"], kinds=grid["kinds"], methods=grid["methods"], counts=counts, samples=grid["samples"],
-                                   seq_len=grid["seq_len"], seed=2024, progress=progress)
+    agreement = C.corpus_agreement(
+        lm,
+        results[grid["rules"][0]],
+        grid["second_corpus"],
+        kinds=grid["kinds"],
+        methods=grid["methods"],
+        counts=counts,
+        samples=grid["samples"],
+        seq_len=grid["seq_len"],
+        seed=2024,
+        progress=progress,
+    )
     for comp in results.values():
         comp["calibration_agreement"] = agreement
         comp["calibration"] = {"a": "builtin", "b": grid["second_corpus"]}
@@ -206,7 +263,9 @@ def run_model(name: str, grid: dict, out: Path, *, device: str, dtype: str, prog
     # massive activations
     t = time.perf_counter()
     log(f"{name}: massive-activation diagnosis")
-    windows, _ = calibration_windows(lm.tokenizer, corpus, samples=grid["massive_windows"], seq_len=grid["seq_len"], seed=2024)
+    windows, _ = calibration_windows(
+        lm.tokenizer, corpus, samples=grid["massive_windows"], seq_len=grid["seq_len"], seed=2024
+    )
     diag = M.diagnose(lm.model, lm.tokenizer, windows, top=3, bins=20)
     timing["massive_s"] = time.perf_counter() - t
     d = out / name
@@ -214,20 +273,35 @@ def run_model(name: str, grid: dict, out: Path, *, device: str, dtype: str, prog
     from entrodrop_fast.profile.report import json_safe
 
     for rule, comp in results.items():
-        (d / f"comparison_{rule}.json").write_text(json.dumps(json_safe(comp), indent=1, allow_nan=False))
+        (d / f"comparison_{rule}.json").write_text(
+            json.dumps(json_safe(comp), indent=1, allow_nan=False)
+        )
         (d / f"comparison_{rule}.md").write_text(C.markdown(comp))
         C.plot(comp, d / f"comparison_{rule}.png")
     (d / "massive.json").write_text(json.dumps(json_safe(diag), indent=1, allow_nan=False))
     (d / "massive.md").write_text(M.markdown(diag))
-    M.plot(diag, d / "massive.png", title=f"{name}: massive activations and the bucket histogram range")
+    M.plot(
+        diag, d / "massive.png", title=f"{name}: massive activations and the bucket histogram range"
+    )
     evaluated = len(cache) - 1
     rows = sum(len(c["rows"]) for c in results.values())
     timing["total_s"] = time.perf_counter() - t0
     timing["evaluations"] = evaluated
     timing["rows"] = rows
-    timing["seconds_per_evaluation"] = (timing[f"compare_{grid['rules'][0]}_s"] + sum(timing[f"compare_{r}_s"] for r in grid["rules"][1:])) / max(1, evaluated + 1)
+    timing["seconds_per_evaluation"] = (
+        timing[f"compare_{grid['rules'][0]}_s"]
+        + sum(timing[f"compare_{r}_s"] for r in grid["rules"][1:])
+    ) / max(1, evaluated + 1)
     log(f"{name}: {rows} rows from {evaluated} distinct pruned models in {timing['total_s']:.0f} s")
-    result = {"model": name, "timing": timing, "comparisons": {r: {k: v for k, v in c.items() if k not in ("report", "evaluations")} for r, c in results.items()}, "massive": diag}
+    result = {
+        "model": name,
+        "timing": timing,
+        "comparisons": {
+            r: {k: v for k, v in c.items() if k not in ("report", "evaluations")}
+            for r, c in results.items()
+        },
+        "massive": diag,
+    }
     done = d / "result.json"
     tmp = done.with_name(done.name + ".tmp")
     tmp.write_text(json.dumps({"grid": grid, "dtype": dtype, "result": result}))
@@ -239,10 +313,25 @@ def summary_md(study: dict) -> str:
     from entrodrop_fast.evaluate import compare as C
     from entrodrop_fast.profile import massive as M
 
-    lines = [f"# EntroDrop study (grid {study.get('grid_name', 'full')})", "", f"Command: `{study['command']}`", "",
-             f"Wall time {study['wall_s'] / 60:.1f} min on {study['device']} ({study['dtype']}).", ""]
+    lines = [
+        f"# EntroDrop study (grid {study.get('grid_name', 'full')})",
+        "",
+        f"Command: `{study['command']}`",
+        "",
+        f"Wall time {study['wall_s'] / 60:.1f} min on {study['device']} ({study['dtype']}).",
+        "",
+    ]
     for m in study["models"]:
-        lines += [f"## {m['model']}", "", "Timing: " + ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in m["timing"].items()), ""]
+        lines += [
+            f"## {m['model']}",
+            "",
+            "Timing: "
+            + ", ".join(
+                f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in m["timing"].items()
+            ),
+            "",
+        ]
         for rule, comp in m["comparisons"].items():
             lines += [f"### protection rule: {rule}", "", C.markdown(comp)]
         lines += ["### massive activations", "", M.markdown(m["massive"])]
@@ -254,61 +343,130 @@ def remove_earlier_study(out: Path, models) -> None:
     directory tree, never a link, never anything else the directory holds)."""
     ours = [out / "study.json", out / "study.md"]
     for m in models:
-        ours += [out / m / f"{stem}.{ext}" for stem in ("comparison_shared", "comparison_paper", "massive")
-                 for ext in ("json", "md", "png")]
-        ours += [out / m / "evaluations.jsonl", out / m / "result.json", out / m / "result.json.tmp"]
+        ours += [
+            out / m / f"{stem}.{ext}"
+            for stem in ("comparison_shared", "comparison_paper", "massive")
+            for ext in ("json", "md", "png")
+        ]
+        ours += [
+            out / m / "evaluations.jsonl",
+            out / m / "result.json",
+            out / m / "result.json.tmp",
+        ]
     for p in ours:
         if p.is_file() and not p.is_symlink():
             p.unlink()
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", required=True, help="output directory (new or empty, or --overwrite)")
-    ap.add_argument("--grid", default=None, choices=["full", "cpu2h"], help="full: the issue's whole grid (about 15-21 h on the 2-core CPU, minutes on a GPU); cpu2h: the cells that fit about 2 h there (default: full on CUDA, cpu2h on CPU)")
-    ap.add_argument("--quick", action="store_true", help="the plumbing only: SmolLM2, whole layers, K = 2, 7 methods, both rules, 8 items, 2 perplexity windows (a few minutes on a quiet machine)")
-    ap.add_argument("--models", default=None, help="comma-separated built-in names (default: smollm2,gemma3-270m; --quick: smollm2)")
+    ap.add_argument(
+        "--grid",
+        default=None,
+        choices=["full", "cpu2h"],
+        help="full: the issue's whole grid (about 15-21 h on the 2-core CPU, minutes on a GPU); cpu2h: the cells that fit about 2 h there (default: full on CUDA, cpu2h on CPU)",
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="the plumbing only: SmolLM2, whole layers, K = 2, 7 methods, both rules, 8 items, 2 perplexity windows (a few minutes on a quiet machine)",
+    )
+    ap.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated built-in names (default: smollm2,gemma3-270m; --quick: smollm2)",
+    )
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype (default fp32)")
-    ap.add_argument("--overwrite", action="store_true", help="replace the files of an earlier study in --out")
-    ap.add_argument("--resume", action="store_true", help="continue an interrupted study in --out (same grid and settings): finished models and every evaluation already made are reused")
+    ap.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="model dtype (default fp32)",
+    )
+    ap.add_argument(
+        "--overwrite", action="store_true", help="replace the files of an earlier study in --out"
+    )
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted study in --out (same grid and settings): finished models and every evaluation already made are reused",
+    )
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default torch's; on a machine shared with other jobs 1 thread was 2x faster than 2 here: OpenMP threads spin-wait)")
-    ap.add_argument("--estimate", action="store_true", help="print the grid's forward-pass tokens and the time at --tokens-per-s, run nothing")
-    ap.add_argument("--rate-scale", type=float, default=1.0, help="--estimate: throughput relative to the 2-core CPU measured here (e.g. 4 for 8 such cores)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default torch's; on a machine shared with other jobs 1 thread was 2x faster than 2 here: OpenMP threads spin-wait)",
+    )
+    ap.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print the grid's forward-pass tokens and the time at --tokens-per-s, run nothing",
+    )
+    ap.add_argument(
+        "--rate-scale",
+        type=float,
+        default=1.0,
+        help="--estimate: throughput relative to the 2-core CPU measured here (e.g. 4 for 8 such cores)",
+    )
     args = ap.parse_args(argv)
     import torch
 
     if args.threads is not None:
         if args.threads < 1:
-            print(f"paper_compare: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            print(
+                f"paper_compare: error: --threads must be >= 1, got {args.threads}", file=sys.stderr
+            )
             return 1
         torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
-    grid = dict(QUICK if args.quick else {"full": FULL, "cpu2h": CPU2H}[args.grid or ("full" if cuda else "cpu2h")])
+    grid = dict(
+        QUICK
+        if args.quick
+        else {"full": FULL, "cpu2h": CPU2H}[args.grid or ("full" if cuda else "cpu2h")]
+    )
     if args.models:
         grid["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
         bad = [m for m in grid["models"] if m not in grid["counts"]]
         if bad:
-            print(f"paper_compare: error: unknown model(s) {bad}; choose from {', '.join(grid['counts'])}", file=sys.stderr)
+            print(
+                f"paper_compare: error: unknown model(s) {bad}; choose from {', '.join(grid['counts'])}",
+                file=sys.stderr,
+            )
             return 1
     if args.estimate:
         est = estimate(grid, args.rate_scale)
         for m, e in est.items():
-            print(f"{m}: at most {e['evaluations_at_most']} evaluations x {e['seconds_per_evaluation']:.0f} s + profiles ({e['profile_tokens']} tokens): {e['seconds'] / 3600:.2f} h")
-        print(f"total: {sum(e['seconds'] for e in est.values()) / 3600:.2f} h on the quiet 2-core CPU (x {args.rate_scale:g})")
+            print(
+                f"{m}: at most {e['evaluations_at_most']} evaluations x {e['seconds_per_evaluation']:.0f} s + profiles ({e['profile_tokens']} tokens): {e['seconds'] / 3600:.2f} h"
+            )
+        print(
+            f"total: {sum(e['seconds'] for e in est.values()) / 3600:.2f} h on the quiet 2-core CPU (x {args.rate_scale:g})"
+        )
         return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out).expanduser()
     if args.resume and args.overwrite:
-        print("paper_compare: error: --resume keeps an earlier study's work and --overwrite removes it; give one", file=sys.stderr)
+        print(
+            "paper_compare: error: --resume keeps an earlier study's work and --overwrite removes it; give one",
+            file=sys.stderr,
+        )
         return 1
     if args.resume and not any((out / m / "evaluations.jsonl").is_file() for m in grid["models"]):
-        print(f"paper_compare: error: --resume: {out} holds no study to continue (no MODEL/evaluations.jsonl); drop --resume", file=sys.stderr)
+        print(
+            f"paper_compare: error: --resume: {out} holds no study to continue (no MODEL/evaluations.jsonl); drop --resume",
+            file=sys.stderr,
+        )
         return 1
     if out.exists() and any(out.iterdir()) and not args.resume:
         if not args.overwrite:
-            print(f"paper_compare: error: {out} is not empty; choose a new directory, add --resume to continue a study there, or --overwrite", file=sys.stderr)
+            print(
+                f"paper_compare: error: {out} is not empty; choose a new directory, add --resume to continue a study there, or --overwrite",
+                file=sys.stderr,
+            )
             return 1
         remove_earlier_study(out, grid["counts"])
     out.mkdir(parents=True, exist_ok=True)
@@ -317,8 +475,18 @@ def main(argv=None) -> int:
 
         hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
-    study = {"quick": args.quick, "grid_name": "quick" if args.quick else (args.grid or ("full" if cuda else "cpu2h")), "command": " ".join(["python benches/paper_compare.py", *(argv if argv is not None else sys.argv[1:])]), "device": device, "dtype": args.dtype,
-             "threads": torch.get_num_threads(), "grid": grid, "models": []}
+    study = {
+        "quick": args.quick,
+        "grid_name": "quick" if args.quick else (args.grid or ("full" if cuda else "cpu2h")),
+        "command": " ".join(
+            ["python benches/paper_compare.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "device": device,
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "grid": grid,
+        "models": [],
+    }
     for name in grid["models"]:
         done = out / name / "result.json"
         if args.resume and done.is_file():
@@ -327,7 +495,9 @@ def main(argv=None) -> int:
                 log(f"{name}: finished by an earlier run of this study ({done})")
                 study["models"].append(prev["result"])
                 continue
-        study["models"].append(run_model(name, grid, out, device=device, dtype=args.dtype, progress=not args.quiet))
+        study["models"].append(
+            run_model(name, grid, out, device=device, dtype=args.dtype, progress=not args.quiet)
+        )
     study["wall_s"] = time.perf_counter() - t0
     from entrodrop_fast.profile.report import json_safe
 

@@ -38,13 +38,23 @@ print(HWM_EXPR, time.perf_counter() - t, res["checkpoint_bytes"])
 """.replace("HWM_EXPR", HWM)
 
 
-def write_checkpoint(path: str, layers: int, hidden: int, inter: int, vocab: int, shard_bytes: float) -> int:
+def write_checkpoint(
+    path: str, layers: int, hidden: int, inter: int, vocab: int, shard_bytes: float
+) -> int:
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
     with torch.device("meta"):
         skeleton = LlamaForCausalLM(cfg)
     cfg.save_pretrained(path)
@@ -61,7 +71,11 @@ def write_checkpoint(path: str, layers: int, hidden: int, inter: int, vocab: int
             shard, shard_size = {}, 0
 
     for name, p in skeleton.state_dict().items():
-        t = torch.ones(p.shape) if name.endswith("norm.weight") else torch.randn(p.shape, generator=g) * 0.02
+        t = (
+            torch.ones(p.shape)
+            if name.endswith("norm.weight")
+            else torch.randn(p.shape, generator=g) * 0.02
+        )
         shard[name] = t
         shard_size += t.numel() * 4
         total += t.numel() * 4
@@ -81,24 +95,50 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--dir", help="where to write the checkpoint (default: a temp dir, removed afterwards)")
+    ap.add_argument(
+        "--dir", help="where to write the checkpoint (default: a temp dir, removed afterwards)"
+    )
     ap.add_argument("--json", help="write the measured numbers here")
     args = ap.parse_args()
     path = args.dir or tempfile.mkdtemp(prefix="entrodrop-bigckpt-")
     os.makedirs(path, exist_ok=True)
     try:
         t = time.perf_counter()
-        total = write_checkpoint(path, args.layers, args.hidden, args.intermediate, args.vocab, 1 << 30)
-        print(f"checkpoint: {total / 2**30:.2f} GiB in {path} (written in {time.perf_counter() - t:.0f} s)")
-        idle = int(subprocess.run([sys.executable, "-c", CHILD_IDLE], check=True, capture_output=True, text=True).stdout.split()[-1])
-        out = subprocess.run([sys.executable, "-c", CHILD_RUN, path, str(args.samples), str(args.seq_len)], check=True, capture_output=True, text=True).stdout.split()
+        total = write_checkpoint(
+            path, args.layers, args.hidden, args.intermediate, args.vocab, 1 << 30
+        )
+        print(
+            f"checkpoint: {total / 2**30:.2f} GiB in {path} (written in {time.perf_counter() - t:.0f} s)"
+        )
+        idle = int(
+            subprocess.run(
+                [sys.executable, "-c", CHILD_IDLE], check=True, capture_output=True, text=True
+            ).stdout.split()[-1]
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD_RUN, path, str(args.samples), str(args.seq_len)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
         peak, seconds = int(out[-3]), float(out[-2])
         extra = peak - idle
-        res = {"checkpoint_bytes": total, "idle_torch_rss_bytes": idle, "streaming_peak_rss_bytes": peak,
-               "extra_bytes": extra, "extra_fraction_of_checkpoint": extra / total, "seconds": seconds,
-               "layers": args.layers, "hidden": args.hidden, "samples": args.samples, "seq_len": args.seq_len}
-        print(f"idle python+torch peak RSS {idle / 2**20:.0f} MiB; streaming profile peak RSS {peak / 2**20:.0f} MiB "
-              f"(+{extra / 2**20:.0f} MiB = {100 * extra / total:.1f}% of the checkpoint) in {seconds:.1f} s")
+        res = {
+            "checkpoint_bytes": total,
+            "idle_torch_rss_bytes": idle,
+            "streaming_peak_rss_bytes": peak,
+            "extra_bytes": extra,
+            "extra_fraction_of_checkpoint": extra / total,
+            "seconds": seconds,
+            "layers": args.layers,
+            "hidden": args.hidden,
+            "samples": args.samples,
+            "seq_len": args.seq_len,
+        }
+        print(
+            f"idle python+torch peak RSS {idle / 2**20:.0f} MiB; streaming profile peak RSS {peak / 2**20:.0f} MiB "
+            f"(+{extra / 2**20:.0f} MiB = {100 * extra / total:.1f}% of the checkpoint) in {seconds:.1f} s"
+        )
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(res, fh, indent=2)

@@ -39,15 +39,26 @@ ALIGNED = ["x_ptr", "f_ptr", "sxb", "sxt", "sfb", "sft", "D", "T"]
 def sass_report(fn, ptrs: dict, consts: dict, num_warps: int, **opts) -> dict:
     consts = dict(consts, sxd=1, sfd=1)
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in fn.arg_names}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED if n in fn.arg_names}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(opts, num_warps=num_warps))
+    attrs = {
+        (fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED if n in fn.arg_names
+    }
+    k = triton.compile(
+        ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options=dict(opts, num_warps=num_warps),
+    )
     ptxas = next((p for p in (BIN / "ptxas-blackwell", BIN / "ptxas") if p.exists()), None)
     with tempfile.TemporaryDirectory() as d:
         ptx, cubin = Path(d) / "k.ptx", Path(d) / "k.cubin"
         ptx.write_text(k.asm["ptx"])
-        r = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(cubin)], capture_output=True, text=True)
-        sass = subprocess.run([str(BIN / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
+        r = subprocess.run(
+            [str(ptxas), "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(cubin)],
+            capture_output=True,
+            text=True,
+        )
+        sass = subprocess.run(
+            [str(BIN / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True
+        ).stdout
     loops = []
     for m in re.finditer(r"/\*([0-9a-f]{4,})\*/[^\n]*?BRA (?:!?P\d, )?0x([0-9a-f]+)", sass):
         at, to = int(m.group(1), 16), int(m.group(2), 16)
@@ -55,26 +66,82 @@ def sass_report(fn, ptrs: dict, consts: dict, num_warps: int, **opts) -> dict:
             loops.append((at - to) // 16 + 1)
     regs = re.findall(r"Used (\d+) registers", r.stderr)
     spill = re.findall(r"(\d+) bytes spill stores", r.stderr)
-    return {"regs": int(regs[0]) if regs else None, "spill": int(spill[0]) if spill else None,
-            "ld128": k.asm["ptx"].count("ld.global.v4"), "loops": loops}
+    return {
+        "regs": int(regs[0]) if regs else None,
+        "spill": int(spill[0]) if spill else None,
+        "ld128": k.asm["ptx"].count("ld.global.v4"),
+        "loops": loops,
+    }
 
 
 def main() -> None:
     hy = {"hy_ptr": "*fp64", "hx_ptr": "*fp64", "wide_ptr": "*i32"}
-    mom = dict.fromkeys(["pn_ptr", "pmin_ptr", "pmax_ptr"], "*fp32") | dict.fromkeys(["pmean_ptr", "pm2_ptr"], "*fp64")
+    mom = dict.fromkeys(["pn_ptr", "pmin_ptr", "pmax_ptr"], "*fp32") | dict.fromkeys(
+        ["pmean_ptr", "pm2_ptr"], "*fp64"
+    )
     jobs = [
-        ("bucket fused, x", bucket_fused._bucket_fused_kernel, XIN | hy, dict(HAS_F=False, HAS_MASK=False, PAIR=False, PAPER_EXACT=False, NW=5, BLOCK_T=32, BLOCK_D=64, BLOCK_BINS=32, WIDE=False), 8, dict(enable_fp_fusion=False)),
-        ("bucket fused, pair", bucket_fused._bucket_fused_kernel, XIN | hy, dict(HAS_F=True, HAS_MASK=False, PAIR=True, PAPER_EXACT=False, NW=5, BLOCK_T=16, BLOCK_D=64, BLOCK_BINS=32, WIDE=False), 8, dict(enable_fp_fusion=False)),
-        ("moments, x", moments._moments_partial_kernel, XIN | mom, dict(HAS_F=False, HAS_MASK=False, PAIR=False, BLOCK_T=32, BLOCK_D=64), 8, {}),
-        ("moments, pair", moments._moments_partial_kernel, XIN | mom, dict(HAS_F=True, HAS_MASK=False, PAIR=True, BLOCK_T=32, BLOCK_D=64), 8, {}),
+        (
+            "bucket fused, x",
+            bucket_fused._bucket_fused_kernel,
+            XIN | hy,
+            dict(
+                HAS_F=False,
+                HAS_MASK=False,
+                PAIR=False,
+                PAPER_EXACT=False,
+                NW=5,
+                BLOCK_T=32,
+                BLOCK_D=64,
+                BLOCK_BINS=32,
+                WIDE=False,
+            ),
+            8,
+            dict(enable_fp_fusion=False),
+        ),
+        (
+            "bucket fused, pair",
+            bucket_fused._bucket_fused_kernel,
+            XIN | hy,
+            dict(
+                HAS_F=True,
+                HAS_MASK=False,
+                PAIR=True,
+                PAPER_EXACT=False,
+                NW=5,
+                BLOCK_T=16,
+                BLOCK_D=64,
+                BLOCK_BINS=32,
+                WIDE=False,
+            ),
+            8,
+            dict(enable_fp_fusion=False),
+        ),
+        (
+            "moments, x",
+            moments._moments_partial_kernel,
+            XIN | mom,
+            dict(HAS_F=False, HAS_MASK=False, PAIR=False, BLOCK_T=32, BLOCK_D=64),
+            8,
+            {},
+        ),
+        (
+            "moments, pair",
+            moments._moments_partial_kernel,
+            XIN | mom,
+            dict(HAS_F=True, HAS_MASK=False, PAIR=True, BLOCK_T=32, BLOCK_D=64),
+            8,
+            {},
+        ),
     ]
     for name, fn, ptrs, consts, nw, opts in jobs:
         rep = sass_report(fn, ptrs, consts, nw, **opts)
         per_thread = consts["BLOCK_T"] * consts["BLOCK_D"] // (32 * nw)
         per_el = [round(n / per_thread, 1) for n in rep["loops"]]
-        print(f"{name:20s} [{consts['BLOCK_T']}, {consts['BLOCK_D']}] x {nw} warps: {rep['regs']} registers, spill {rep['spill']} B, "
-              f"{rep['ld128']} ld.v4; loops (SASS instructions per element a thread holds): {per_el}; "
-              f"issue bound of the innermost loops: {', '.join(f'{ISSUE / max(p, 1e-9) / 1e12:.2f}e12 el/s' for p in per_el[:2])}")
+        print(
+            f"{name:20s} [{consts['BLOCK_T']}, {consts['BLOCK_D']}] x {nw} warps: {rep['regs']} registers, spill {rep['spill']} B, "
+            f"{rep['ld128']} ld.v4; loops (SASS instructions per element a thread holds): {per_el}; "
+            f"issue bound of the innermost loops: {', '.join(f'{ISSUE / max(p, 1e-9) / 1e12:.2f}e12 el/s' for p in per_el[:2])}"
+        )
 
 
 if __name__ == "__main__":

@@ -114,15 +114,27 @@ def main(rounds: int, reps: int, json_path: str | None, quiet: bool = False) -> 
     print(f"{'case':<22} {'idle ms (med/min)':>18} {'busy ms (med/min)':>18} {'busy/idle':>9}")
     for n in fns:
         mi, mb = statistics.median(idle[n]), statistics.median(busy[n])
-        rows[n] = {"idle_median_s": mi, "idle_min_s": min(idle[n]), "busy_median_s": mb, "busy_min_s": min(busy[n]),
-                   "busy_over_idle": mb / mi}
-        print(f"{n:<22} {1e3 * mi:9.3f}/{1e3 * min(idle[n]):7.3f} {1e3 * mb:9.3f}/{1e3 * min(busy[n]):7.3f} {mb / mi:9.2f}")
+        rows[n] = {
+            "idle_median_s": mi,
+            "idle_min_s": min(idle[n]),
+            "busy_median_s": mb,
+            "busy_min_s": min(busy[n]),
+            "busy_over_idle": mb / mi,
+        }
+        print(
+            f"{n:<22} {1e3 * mi:9.3f}/{1e3 * min(idle[n]):7.3f} {1e3 * mb:9.3f}/{1e3 * min(busy[n]):7.3f} {mb / mi:9.2f}"
+        )
     out = {
         "command": "python " + " ".join(sys.argv),
-        "rounds": rounds, "reps_per_phase": reps, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "rounds": rounds,
+        "reps_per_phase": reps,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
         "thread_pool": _ext.require().thread_pool_cpu() if _ext.available() else None,
-        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-        "busy_load": "one process running `while True: pass`", "quiet_wait": quiet,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "busy_load": "one process running `while True: pass`",
+        "quiet_wait": quiet,
         "cases": rows,
     }
     if json_path:
@@ -137,6 +149,8 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=3, help="idle/busy phase pairs")
     ap.add_argument("--reps", type=int, default=10, help="runs of every case per phase")
     ap.add_argument("--json", default=None, help="also write the figures as JSON")
-    ap.add_argument("--quiet-wait", action="store_true", help="time only while no other process is runnable")
+    ap.add_argument(
+        "--quiet-wait", action="store_true", help="time only while no other process is runnable"
+    )
     a = ap.parse_args()
     main(a.rounds, a.reps, a.json, a.quiet_wait)

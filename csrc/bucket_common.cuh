@@ -79,9 +79,8 @@ __device__ __forceinline__ void wide_move(float v, float lo, float hi, int bins,
 // counters [nbp][VEC][32 lanes] (two 16-bit counts per word) -> stage [CT][sp] int32
 // (sum over the RPW row groups of a warp). Called by all threads, after a barrier.
 template <int VEC>
-__device__ __forceinline__ void stage_counts(const uint32_t* __restrict__ cnt,
-                                             int32_t* __restrict__ stage, int nbp, int bins,
-                                             int sp, int lane, int warp) {
+__device__ __forceinline__ void stage_counts(const uint32_t* __restrict__ cnt, int32_t* __restrict__ stage,
+                                             int nbp, int bins, int sp, int lane, int warp) {
   using G = Geo<VEC>;
   const int cl = lane % G::LC, rw = lane / G::LC;
   for (int pk = warp; pk < nbp * VEC; pk += kWarps) {  // uniform per warp
@@ -106,9 +105,8 @@ __device__ __forceinline__ void stage_counts(const uint32_t* __restrict__ cnt,
 // paper_exact adds -1e-10 ln(1e-10) per empty bin (p_j = c_j / N >= 1/N > 1e-10 for the
 // others); a negative count (a channel holding a non-finite value) gives NaN.
 __device__ __forceinline__ void write_entropy(const int32_t* __restrict__ stage, int sp, int bins,
-                                              const double* __restrict__ table, int nch,
-                                              int paper_exact, double* __restrict__ o, int lane,
-                                              int warp) {
+                                              const double* __restrict__ table, int nch, int paper_exact,
+                                              double* __restrict__ o, int lane, int warp) {
   for (int ch = warp; ch < nch; ch += kWarps) {
     int nsum = 0, nempty = 0;
     bool neg = false;

@@ -92,23 +92,25 @@ ED_INLINE void count_planes(const uint8_t* idx, int64_t rows, int64_t ld, int k0
 
 #if defined(__x86_64__)
 alignas(32) const uint8_t kBinConst[8][32] = {
-#define ED_ROW(q) {q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q}
-    ED_ROW(0), ED_ROW(1), ED_ROW(2), ED_ROW(3), ED_ROW(4), ED_ROW(5), ED_ROW(6), ED_ROW(7)
+#define ED_ROW(q) \
+  {q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q, q}
+    ED_ROW(0), ED_ROW(1), ED_ROW(2), ED_ROW(3), ED_ROW(4),
+    ED_ROW(5), ED_ROW(6), ED_ROW(7)
 #undef ED_ROW
 };
 // The same with AVX2 (VEX) compares, 32 channels at a time, 8 bins per sweep: their
 // accumulators fit the 16 registers, and a compare yields a vector (AVX-512's compare into
 // a mask register, then a masked add, measured 1.3x slower per element on Zen 4).
 template <int KB>
-__attribute__((target("avx2"))) void count_planes_avx2(const uint8_t* idx, int64_t rows, int64_t ld,
-                                                        int k0, uint32_t* cnt, int64_t cld) {
+__attribute__((target("avx2"))) void count_planes_avx2(const uint8_t* idx, int64_t rows, int64_t ld, int k0,
+                                                       uint32_t* cnt, int64_t cld) {
   for (int h = 0; h < 2; ++h) {
     __m256i acc[KB];
     for (int q = 0; q < KB; ++q) acc[q] = _mm256_setzero_si256();
     const __m256i base = _mm256_set1_epi8(char(k0));
     for (int64_t r = 0; r < rows; ++r) {
-      const __m256i v = _mm256_sub_epi8(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + r * ld + 32 * h)), base);
+      const __m256i v =
+          _mm256_sub_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + r * ld + 32 * h)), base);
 #pragma GCC unroll 8
       for (int q = 0; q < KB; ++q)
         acc[q] = _mm256_sub_epi8(
@@ -149,9 +151,8 @@ ED_AVX512 void ripple(__m512i* pl, __m512i c, int from) {
   }
 }
 #undef ED_AVX512
-__attribute__((target("avx512f,avx512bw"))) void count_sliced(const uint8_t* idx, int64_t rows,
-                                                              int64_t ld, int bins, uint32_t* cnt,
-                                                              int64_t cld) {
+__attribute__((target("avx512f,avx512bw"))) void count_sliced(const uint8_t* idx, int64_t rows, int64_t ld,
+                                                              int bins, uint32_t* cnt, int64_t cld) {
   const __m512i one = _mm512_set1_epi32(1);
   for (int c0 = 0; c0 < kGroup; c0 += 16) {
     __m512i pl[8];  // weights 1, 2, 4, ..., 128
@@ -195,15 +196,18 @@ __attribute__((target("avx512f,avx512bw"))) void count_sliced(const uint8_t* idx
 // (lanes past w count in bin 0: y = lo = sc = 0 there; their counts are never read).
 // max(u, 0) then min(., last) then truncation is row_bins' expression (maxps gives its
 // second operand, 0, for NaN).
-__attribute__((target("avx512f,avx512bw"), always_inline)) inline __m512i onehot_bins(
-    const float* y, __mmask16 lanes, __m512 lo, __m512 sc, __m512 lastf) {
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline __m512i onehot_bins(const float* y,
+                                                                                      __mmask16 lanes,
+                                                                                      __m512 lo, __m512 sc,
+                                                                                      __m512 lastf) {
   const __m512 u = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, y), lo), sc);
   const __m512 c = _mm512_min_ps(_mm512_max_ps(u, _mm512_setzero_ps()), lastf);
   return _mm512_sllv_epi32(_mm512_set1_epi32(1), _mm512_cvttps_epi32(c));
 }
-__attribute__((target("avx512f,avx512bw"))) void bin_count_sliced(
-    const float* tile, int64_t rows, int64_t ld, int64_t c0, int64_t w, const float* lo,
-    const float* sc, int bins, uint32_t* cnt, int64_t cld) {
+__attribute__((target("avx512f,avx512bw"))) void bin_count_sliced(const float* tile, int64_t rows, int64_t ld,
+                                                                  int64_t c0, int64_t w, const float* lo,
+                                                                  const float* sc, int bins, uint32_t* cnt,
+                                                                  int64_t cld) {
   const __mmask16 lanes = w - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (w - c0)) - 1u);
   const __m512 vlo = _mm512_maskz_loadu_ps(lanes, lo + c0);
   const __m512 vsc = _mm512_maskz_loadu_ps(lanes, sc + c0);
@@ -251,8 +255,8 @@ __attribute__((target("avx512f,avx512bw"))) void bin_count_sliced(
 // All bins of one 64-channel group, 8 at a time and the last 1-4 in a sweep of 4 (bins
 // rounded up to 4: cnt has the rows, and bins >= `bins` count nothing, no index reaches
 // them).
-ED_INLINE void count_group(const uint8_t* idx, int64_t rows, int64_t ld, int bins, uint32_t* cnt,
-                           int64_t cld, bool avx2, bool avx512) {
+ED_INLINE void count_group(const uint8_t* idx, int64_t rows, int64_t ld, int bins, uint32_t* cnt, int64_t cld,
+                           bool avx2, bool avx512) {
 #if defined(__x86_64__)
   if (avx512 && bins >= 8 && bins <= kMaxSlicedBins) {  // (fewer bins: the compares cost less)
     count_sliced(idx, rows, ld, bins, cnt, cld);
@@ -264,15 +268,19 @@ ED_INLINE void count_group(const uint8_t* idx, int64_t rows, int64_t ld, int bin
     const int kb = bins - k0 > 4 ? 8 : 4;
 #if defined(__x86_64__)
     if (avx2) {
-      if (kb == 8) count_planes_avx2<8>(idx, rows, ld, k0, cnt, cld);
-      else count_planes_avx2<4>(idx, rows, ld, k0, cnt, cld);
+      if (kb == 8)
+        count_planes_avx2<8>(idx, rows, ld, k0, cnt, cld);
+      else
+        count_planes_avx2<4>(idx, rows, ld, k0, cnt, cld);
       k0 += kb;
       continue;
     }
 #endif
     (void)avx2;
-    if (kb == 8) count_planes<8>(idx, rows, ld, k0, cnt, cld);
-    else count_planes<4>(idx, rows, ld, k0, cnt, cld);
+    if (kb == 8)
+      count_planes<8>(idx, rows, ld, k0, cnt, cld);
+    else
+      count_planes<4>(idx, rows, ld, k0, cnt, cld);
     k0 += kb;
   }
 }
@@ -280,8 +288,8 @@ ED_INLINE void count_group(const uint8_t* idx, int64_t rows, int64_t ld, int bin
 // out[j] = bin index of y[j] (j < w) by the contract's fp32 formula, as bytes, 16 channels
 // at a time: min(max(u, 0), last) then truncation equals the scalar expression of the
 // tail (max(u, 0) is 0 for NaN; for u in [last, bins) int(u) = last anyway).
-ED_INLINE void row_bins(const float* __restrict y, const float* __restrict lo,
-                        const float* __restrict sc, int64_t w, int bins, uint8_t* __restrict out) {
+ED_INLINE void row_bins(const float* __restrict y, const float* __restrict lo, const float* __restrict sc,
+                        int64_t w, int bins, uint8_t* __restrict out) {
   const float fb = float(bins);
   const int32_t last = bins - 1;
   const v16f zero = v16f{}, lastf = vsplat(float(last));
@@ -334,8 +342,8 @@ ED_INLINE void fetch_ahead(const View& x, const View* f, int64_t b, int64_t t, i
 // Row t's segment of stream 0 (Y = x (+ f)) into y0 and, for the pair, of stream 1 (x)
 // into y1, both fp32.
 template <int DT, int NS>
-ED_INLINE void load_rows(const View& x, const View* f, int64_t b, int64_t t, int64_t d0, int64_t w,
-                         float* y0, float* y1) {
+ED_INLINE void load_rows(const View& x, const View* f, int64_t b, int64_t t, int64_t d0, int64_t w, float* y0,
+                         float* y1) {
   if constexpr (NS == 2) {
     load_seg<DT>(x.row(b, t) + d0 * x.sd * x.esize(), x.sd, w, y1);
     for (int64_t j = 0; j < w; ++j) y0[j] = y1[j];
@@ -350,9 +358,9 @@ ED_INLINE void load_rows(const View& x, const View* f, int64_t b, int64_t t, int
 // NaN/Inf). STREAM: the rows are read again (both streams of the pair in one sweep: `other`
 // is stream 1, binned along; its entropies go to out2).
 template <int DT, bool STREAM, bool PLANES, int NS>
-ED_INLINE void bin_tile(const View& x, const View* f, const Mask& m, int64_t b, int64_t T,
-                        int64_t d0, int64_t w, int bins, const double* tbl, double* const* outs,
-                        Scratch& s, int64_t r, bool avx2, bool avx512) {
+ED_INLINE void bin_tile(const View& x, const View* f, const Mask& m, int64_t b, int64_t T, int64_t d0,
+                        int64_t w, int bins, const double* tbl, double* const* outs, Scratch& s, int64_t r,
+                        bool avx2, bool avx512) {
   const int64_t wp = (w + kGroup - 1) / kGroup * kGroup;  // planes: w rounded up to groups
   const float fb = float(bins);
   const int32_t last = bins - 1;
@@ -364,7 +372,8 @@ ED_INLINE void bin_tile(const View& x, const View* f, const Mask& m, int64_t b, 
     z.sc.resize(size_t(w));
     z.flat.resize(size_t(w));
     if (PLANES) {
-      z.counts.assign(size_t((bins + 7) / 8 * 8 * wp), 0u);  // [bin][channel], bins rounded up (to 8: >= to 4)
+      z.counts.assign(size_t((bins + 7) / 8 * 8 * wp),
+                      0u);  // [bin][channel], bins rounded up (to 8: >= to 4)
       if (z.idx.size() < size_t(kBlockRows * wp)) z.idx.resize(size_t(kBlockRows * wp));
       for (int64_t i = 0; i < kBlockRows; ++i)  // the lanes past w count in bin 0, unread
         for (int64_t j = w; j < wp; ++j) z.idx[size_t(i * wp + j)] = 0;
@@ -433,8 +442,8 @@ ED_INLINE void bin_tile(const View& x, const View* f, const Mask& m, int64_t b, 
         }
       for (int q = 0; q < NS; ++q)
         for (int64_t c0 = 0; c0 < w; c0 += 16)
-          bin_count_sliced(s.s[q].tile.data(), rows, w, c0, w, s.s[q].lo.data(), s.s[q].sc.data(),
-                           bins, s.s[q].counts.data(), wp);
+          bin_count_sliced(s.s[q].tile.data(), rows, w, c0, w, s.s[q].lo.data(), s.s[q].sc.data(), bins,
+                           s.s[q].counts.data(), wp);
     }
     if (fused) r = 0;  // nothing left to bin below
   }
@@ -451,8 +460,10 @@ ED_INLINE void bin_tile(const View& x, const View* f, const Mask& m, int64_t b, 
         load_rows<DT, NS>(x, f, b, t, d0, w, s.s[0].tile.data(), s.s[NS - 1].tile.data());
       }
       for (int q = 0; q < NS; ++q) {
-        if (PLANES) bin_row(s.s[q], y[q], s.s[q].idx.data() + i * wp);
-        else count_row(s.s[q], y[q]);
+        if (PLANES)
+          bin_row(s.s[q], y[q], s.s[q].idx.data() + i * wp);
+        else
+          count_row(s.s[q], y[q]);
       }
     }
     if (PLANES)
@@ -472,8 +483,8 @@ ED_INLINE void bin_tile(const View& x, const View* f, const Mask& m, int64_t b, 
       for (; k + 4 <= bins; k += 4)
         for (int e = 0; e < 4; ++e) h[e] += tbl[c[(k + e) * ck]];
       for (; k < bins; ++k) h[0] += tbl[c[k * ck]];
-      outs[q][j] = z.nf[size_t(j)] == 0.0f ? (h[0] + h[1]) + (h[2] + h[3])
-                                           : std::numeric_limits<double>::quiet_NaN();
+      outs[q][j] =
+          z.nf[size_t(j)] == 0.0f ? (h[0] + h[1]) + (h[2] + h[3]) : std::numeric_limits<double>::quiet_NaN();
     }
   }
 }
@@ -484,9 +495,9 @@ ED_INLINE void bin_tile(const View& x, const View* f, const Mask& m, int64_t b, 
 // counting by byte planes (bins <= 255), else by scalar increments. NS = 2: the pair kernel
 // (stream 0: Y = x + f, stream 1: x).
 template <int DT, bool STREAM, bool PLANES, int NS>
-ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b, int64_t T,
-                         int64_t d0, int64_t w, int bins, const double* tbl, double* const* outs,
-                         Scratch& s, int64_t N, bool avx2, bool avx512) {
+ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b, int64_t T, int64_t d0,
+                         int64_t w, int bins, const double* tbl, double* const* outs, Scratch& s, int64_t N,
+                         bool avx2, bool avx512) {
   // STREAM: one row, or a block of rows for the fused binning (bin_tile)
   const int64_t kept = STREAM ? (PLANES && bins <= kMaxSlicedBins ? kFusedRows : 1) : N;
   for (int q = 0; q < NS; ++q) {
@@ -580,17 +591,21 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
   bin_tile<DT, STREAM, PLANES, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, r, avx2, avx512);
 }
 
-#define ED_BUCKET_ARGS                                                                        \
-  const View &x, const View *f, const Mask &m, int64_t b, int64_t T, int64_t d0, int64_t w, \
-      int bins, const double *tbl, double *const *outs, Scratch &s, int64_t N, bool stream,   \
-      bool pair, bool avx2, bool avx512
-#define ED_BUCKET_NS(DT, NS)                                                                          \
-  if (bins <= kMaxPlaneBins) {                                                                        \
-    if (stream) tile_impl<DT, true, true, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512);   \
-    else tile_impl<DT, false, true, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512);         \
-  } else {                                                                                            \
-    if (stream) tile_impl<DT, true, false, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512);  \
-    else tile_impl<DT, false, false, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512);        \
+#define ED_BUCKET_ARGS                                                                                  \
+  const View &x, const View *f, const Mask &m, int64_t b, int64_t T, int64_t d0, int64_t w, int bins,   \
+      const double *tbl, double *const *outs, Scratch &s, int64_t N, bool stream, bool pair, bool avx2, \
+      bool avx512
+#define ED_BUCKET_NS(DT, NS)                                                                      \
+  if (bins <= kMaxPlaneBins) {                                                                    \
+    if (stream)                                                                                   \
+      tile_impl<DT, true, true, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512);   \
+    else                                                                                          \
+      tile_impl<DT, false, true, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512);  \
+  } else {                                                                                        \
+    if (stream)                                                                                   \
+      tile_impl<DT, true, false, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512);  \
+    else                                                                                          \
+      tile_impl<DT, false, false, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512); \
   }
 #define ED_BUCKET_CALL(DT) \
   if (pair) {              \
@@ -598,9 +613,9 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
   } else {                 \
     ED_BUCKET_NS(DT, 1)    \
   }
-ED_CLONES void tile_f32(ED_BUCKET_ARGS) { ED_BUCKET_CALL(DT_F32) }
-ED_CLONES void tile_f16(ED_BUCKET_ARGS) { ED_BUCKET_CALL(DT_F16) }
-ED_CLONES void tile_bf16(ED_BUCKET_ARGS) { ED_BUCKET_CALL(DT_BF16) }
+ED_CLONES void tile_f32(ED_BUCKET_ARGS){ED_BUCKET_CALL(DT_F32)} ED_CLONES
+    void tile_f16(ED_BUCKET_ARGS){ED_BUCKET_CALL(DT_F16)} ED_CLONES
+    void tile_bf16(ED_BUCKET_ARGS){ED_BUCKET_CALL(DT_BF16)}
 #undef ED_BUCKET_CALL
 #undef ED_BUCKET_NS
 #undef ED_BUCKET_ARGS
@@ -618,9 +633,9 @@ std::vector<double> entropy_table(int64_t n, bool paper_exact) {
 }
 
 // out (and out2 for the pair) [B, D]: H_d of Y = x (+ f), and of x.
-void bucket_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
-                const Dims& xstride, const Dims& fstride, const Dims& mstride, int bins,
-                bool paper_exact, uintptr_t out, uintptr_t out2, int nthreads) {
+void bucket_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape, const Dims& xstride,
+                const Dims& fstride, const Dims& mstride, int bins, bool paper_exact, uintptr_t out,
+                uintptr_t out2, int nthreads) {
   check_common(x, dtype, shape, xstride, f, fstride, mask, mstride);
   ED_CHECK_BINS(bins);
   ED_CHECK_PTR(out);
@@ -696,11 +711,10 @@ void bucket_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims&
 }  // namespace
 }  // namespace cpu
 
-void bucket_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
-                const Dims& xstride, const Dims& fstride, const Dims& mstride, int bins,
-                bool paper_exact, uintptr_t out, int nthreads) {
-  cpu::bucket_run(x, f, mask, dtype, shape, xstride, fstride, mstride, bins, paper_exact, out, 0,
-                  nthreads);
+void bucket_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape, const Dims& xstride,
+                const Dims& fstride, const Dims& mstride, int bins, bool paper_exact, uintptr_t out,
+                int nthreads) {
+  cpu::bucket_run(x, f, mask, dtype, shape, xstride, fstride, mstride, bins, paper_exact, out, 0, nthreads);
 }
 
 void bucket_pair_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
@@ -708,8 +722,8 @@ void bucket_pair_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const 
                      bool paper_exact, uintptr_t out_y, uintptr_t out_x, int nthreads) {
   ED_CHECK_PTR(f);
   ED_CHECK_PTR(out_x);
-  cpu::bucket_run(x, f, mask, dtype, shape, xstride, fstride, mstride, bins, paper_exact, out_y,
-                  out_x, nthreads);
+  cpu::bucket_run(x, f, mask, dtype, shape, xstride, fstride, mstride, bins, paper_exact, out_y, out_x,
+                  nthreads);
 }
 
 }  // namespace entrodrop

@@ -12,16 +12,15 @@ namespace {
 // counts (counts [B, D, bins], if not null) and/or the entropy (out [B, D], if not null).
 template <typename T, int VEC, bool HAS_F>
 __device__ __forceinline__ void bucket_fused_body(const Input& in, int bins, int paper_exact,
-                                                  int32_t* __restrict__ counts,
-                                                  double* __restrict__ out, unsigned tile,
-                                                  int64_t b) {
+                                                  int32_t* __restrict__ counts, double* __restrict__ out,
+                                                  unsigned tile, int64_t b) {
   using G = Geo<VEC>;
   constexpr int UF = kFusedRows / G::RG;
   extern __shared__ __align__(16) uint32_t sh[];
   const int nbp = (bins + 1) / 2, sp = bins | 1;
   uint32_t* cnt = sh;
   int32_t* stage = reinterpret_cast<int32_t*>(sh + nbp * VEC * 32);
-  double* table = reinterpret_cast<double*>(stage + G::CT * sp);  // c * ln(c), c <= kFusedRows
+  double* table = reinterpret_cast<double*>(stage + G::CT * sp);   // c * ln(c), c <= kFusedRows
   float* s_mn = reinterpret_cast<float*>(table + kFusedRows + 1);  // [kWarps][CT]
   float* s_mx = s_mn + kWarps * G::CT;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -59,16 +58,21 @@ __device__ __forceinline__ void bucket_fused_body(const Input& in, int bins, int
   // while the loads are in flight
   for (int i = tid; i < nbp * VEC * 32; i += kThreads) cnt[i] = 0u;
   if (out != nullptr) {
-    for (int i = tid; i <= kFusedRows; i += kThreads) table[i] = i == 0 ? 0.0 : i * log(static_cast<double>(i));
+    for (int i = tid; i <= kFusedRows; i += kThreads)
+      table[i] = i == 0 ? 0.0 : i * log(static_cast<double>(i));
   }
 
   float mn[VEC], mx[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    mn[k] = INFINITY; mx[k] = -INFINITY;
+    mn[k] = INFINITY;
+    mx[k] = -INFINITY;
 #pragma unroll
     for (int i = 0; i < UF; ++i)
-      if (ok[i]) { mn[k] = fmin_nan(mn[k], v[i][k]); mx[k] = fmax_nan(mx[k], v[i][k]); }
+      if (ok[i]) {
+        mn[k] = fmin_nan(mn[k], v[i][k]);
+        mx[k] = fmax_nan(mx[k], v[i][k]);
+      }
 #pragma unroll
     for (int off = G::LC; off < 32; off <<= 1) {
       mn[k] = fmin_nan(mn[k], __shfl_xor_sync(0xffffffffu, mn[k], off));
@@ -171,8 +175,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 template <typename T, int VEC>
-const char* launch_fused(const Input& in, dim3 grid, size_t smem, cudaStream_t st, int bins,
-                         int paper_exact, int32_t* counts, double* out) {
+const char* launch_fused(const Input& in, dim3 grid, size_t smem, cudaStream_t st, int bins, int paper_exact,
+                         int32_t* counts, double* out) {
   if constexpr (VEC == 1) {
     return "bucket_fused needs the 16-byte fast path (vec 4 or 8)";
   } else {
@@ -205,13 +209,14 @@ void check_fused(const Input& in, int bins, const char* where) {
 
 }  // namespace
 
-const char* bucket_fused(const Input& in, int bins, int paper_exact, int32_t* counts, double* out,
-                         int device, void* stream) {
+const char* bucket_fused(const Input& in, int bins, int paper_exact, int32_t* counts, double* out, int device,
+                         void* stream) {
   check_input(in, "bucket_fused");
   check_fused(in, bins, "bucket_fused");
   if (const char* e = prepare(device)) return e;
   const size_t smem = fused_smem(bins, in.vec);
-  ED_CHECK_IN("bucket_fused", smem <= static_cast<size_t>(smem_optin(device)), "too many bins for shared memory (", bins, ")");
+  ED_CHECK_IN("bucket_fused", smem <= static_cast<size_t>(smem_optin(device)),
+              "too many bins for shared memory (", bins, ")");
   const int64_t ct = channel_tile(in.vec);
   const dim3 grid(static_cast<unsigned>((in.D + ct - 1) / ct), static_cast<unsigned>(in.B));
   auto st = static_cast<cudaStream_t>(stream);
@@ -228,7 +233,8 @@ const char* bucket_fused_pair(const Input& in, int bins, int paper_exact, const 
   check_fused(in, bins, "bucket_fused_pair");
   if (const char* e = prepare(device)) return e;
   const size_t smem = fused_smem(bins, in.vec);
-  ED_CHECK_IN("bucket_fused_pair", smem <= static_cast<size_t>(smem_optin(device)), "too many bins for shared memory (", bins, ")");
+  ED_CHECK_IN("bucket_fused_pair", smem <= static_cast<size_t>(smem_optin(device)),
+              "too many bins for shared memory (", bins, ")");
   const int64_t ct = channel_tile(in.vec);
   const dim3 grid(static_cast<unsigned>(2 * ((in.D + ct - 1) / ct)), static_cast<unsigned>(in.B));
   auto st = static_cast<cudaStream_t>(stream);
@@ -238,7 +244,9 @@ const char* bucket_fused_pair(const Input& in, int bins, int paper_exact, const 
   return last_error();
 }
 
-int fused_max_rows() { return kFusedRows; }
+int fused_max_rows() {
+  return kFusedRows;
+}
 
 namespace detail {
 const char* occupancy_fused(const Input& in, int bins, int optin, int* n) {

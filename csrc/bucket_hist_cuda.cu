@@ -11,12 +11,10 @@ namespace {
 // Phase 2 of bucket: bin counts of split s into phist [B, S, D, bins] (every entry written).
 // GLOBAL: counters straight in global memory (too many bins for shared memory; phist zeroed).
 template <typename T, int VEC, bool GLOBAL, bool HAS_F>
-__device__ __forceinline__ void bucket_hist_body(const Input& in, int Sp,
-                                                 const float* __restrict__ pmin,
-                                                 const float* __restrict__ pmax, int S,
-                                                 int64_t rows, int bins,
-                                                 int32_t* __restrict__ phist, unsigned tile,
-                                                 int s, int64_t b) {
+__device__ __forceinline__ void bucket_hist_body(const Input& in, int Sp, const float* __restrict__ pmin,
+                                                 const float* __restrict__ pmax, int S, int64_t rows,
+                                                 int bins, int32_t* __restrict__ phist, unsigned tile, int s,
+                                                 int64_t b) {
   using G = Geo<VEC>;
   constexpr int kU = Cfg<VEC, false, HAS_F>::U;
   extern __shared__ __align__(16) uint32_t sh[];
@@ -36,7 +34,8 @@ __device__ __forceinline__ void bucket_hist_body(const Input& in, int Sp,
   for (int k = 0; k < VEC; ++k) {
     float a = 0.f, z = 0.f;
     if (dvalid) {
-      a = INFINITY; z = -INFINITY;
+      a = INFINITY;
+      z = -INFINITY;
       for (int p = 0; p < Sp; ++p) {
         a = fmin_nan(a, pmin[(b * Sp + p) * in.D + d0 + k]);
         z = fmax_nan(z, pmax[(b * Sp + p) * in.D + d0 + k]);
@@ -82,9 +81,11 @@ __device__ __forceinline__ void bucket_hist_body(const Input& in, int Sp,
       }
       for (int64_t t = t_begin + rg; t < t_end; t += G::RG) {  // this thread's rows, as above
         if (in.mask != nullptr && __ldg(in.mask + b * in.smb + t * in.smt) == 0) continue;
-        float y = scalar_to_float<T>(static_cast<const T*>(in.x) + (b * in.sxb + t * in.sxt + (d0 + k) * in.sxd));
+        float y =
+            scalar_to_float<T>(static_cast<const T*>(in.x) + (b * in.sxb + t * in.sxt + (d0 + k) * in.sxd));
         if constexpr (HAS_F)
-          y = __fadd_rn(y, scalar_to_float<T>(static_cast<const T*>(in.f) + (b * in.sfb + t * in.sft + (d0 + k) * in.sfd)));
+          y = __fadd_rn(y, scalar_to_float<T>(static_cast<const T*>(in.f) +
+                                              (b * in.sfb + t * in.sft + (d0 + k) * in.sfd)));
         wide_move<VEC, GLOBAL>(y, a, z, bins, k, lane, cnt, gh + (d0 + k) * bins);
       }
     }
@@ -127,11 +128,10 @@ __device__ __forceinline__ void bucket_hist_body(const Input& in, int Sp,
 
 template <typename T, int VEC, bool GLOBAL, bool HAS_F>
 __global__ void __launch_bounds__(kThreads, (Cfg<VEC, false, HAS_F>::MINB))
-    bucket_hist_kernel(Input in, int Sp, const float* __restrict__ pmin,
-                       const float* __restrict__ pmax, int S, int64_t rows, int bins,
-                       int32_t* __restrict__ phist) {
-  bucket_hist_body<T, VEC, GLOBAL, HAS_F>(in, Sp, pmin, pmax, S, rows, bins, phist, blockIdx.x,
-                                          blockIdx.y, blockIdx.z);
+    bucket_hist_kernel(Input in, int Sp, const float* __restrict__ pmin, const float* __restrict__ pmax,
+                       int S, int64_t rows, int bins, int32_t* __restrict__ phist) {
+  bucket_hist_body<T, VEC, GLOBAL, HAS_F>(in, Sp, pmin, pmax, S, rows, bins, phist, blockIdx.x, blockIdx.y,
+                                          blockIdx.z);
 }
 
 // Pair launch: as stream_stats_pair_kernel (half 0: Y = x + f, half 1: x; same shared memory).
@@ -143,13 +143,13 @@ __global__ void __launch_bounds__(kThreads, (Cfg<VEC, false, true>::MINB))
   const int s = static_cast<int>(blockIdx.y);
   if ((blockIdx.x & 1u) == 0u) {
     if (s < y.S)
-      bucket_hist_body<T, VEC, GLOBAL, true>(in, y.Sp, y.pmin, y.pmax, y.S, y.rows, bins, y.phist,
-                                             tile, s, blockIdx.z);
+      bucket_hist_body<T, VEC, GLOBAL, true>(in, y.Sp, y.pmin, y.pmax, y.S, y.rows, bins, y.phist, tile, s,
+                                             blockIdx.z);
   } else if (s < x.S) {
     Input ix = in;
     ix.f = nullptr;
-    bucket_hist_body<T, VEC, GLOBAL, false>(ix, x.Sp, x.pmin, x.pmax, x.S, x.rows, bins, x.phist,
-                                            tile, s, blockIdx.z);
+    bucket_hist_body<T, VEC, GLOBAL, false>(ix, x.Sp, x.pmin, x.pmax, x.S, x.rows, bins, x.phist, tile, s,
+                                            blockIdx.z);
   }
 }
 
@@ -196,14 +196,15 @@ auto hist_kernel(bool has_f) {
 
 }  // namespace
 
-const char* minmax_partial(const Input& in, int S, int64_t rows, float* pmin, float* pmax,
-                           int device, void* stream) {
+const char* minmax_partial(const Input& in, int S, int64_t rows, float* pmin, float* pmax, int device,
+                           void* stream) {
   check_input(in, "minmax_partial");
   check_split(in, S, rows, "minmax_partial");
   if (const char* e = prepare(device)) return e;
   const dim3 grid = stream_grid(in, S);
   auto st = static_cast<cudaStream_t>(stream);
-  ENTRODROP_DISPATCH(in, stats_kernel<T, VEC, false>(in.f != nullptr)<<<grid, kThreads, 0, st>>>(in, S, rows, nullptr, nullptr, nullptr, pmin, pmax););
+  ENTRODROP_DISPATCH(in, stats_kernel<T, VEC, false>(in.f != nullptr) < < < grid, kThreads, 0,
+                     st >>> (in, S, rows, nullptr, nullptr, nullptr, pmin, pmax););
   return last_error();
 }
 
@@ -219,33 +220,37 @@ const char* bucket_hist(const Input& in, int S_partial, const float* pmin, const
   auto st = static_cast<cudaStream_t>(stream);
   const char* err = nullptr;
   if (global) {
-    const cudaError_t e = cudaMemsetAsync(phist, 0, static_cast<size_t>(in.B) * S * in.D * bins * sizeof(int32_t), st);
+    const cudaError_t e =
+        cudaMemsetAsync(phist, 0, static_cast<size_t>(in.B) * S * in.D * bins * sizeof(int32_t), st);
     if (e != cudaSuccess) return cudaGetErrorString(e);
   }
   ENTRODROP_DISPATCH(in, {
     if (global) {
-      hist_kernel<T, VEC, true>(in.f != nullptr)<<<grid, kThreads, 0, st>>>(in, S_partial, pmin, pmax, S, rows, bins, phist);
+      hist_kernel<T, VEC, true>(in.f != nullptr)<<<grid, kThreads, 0, st>>>(in, S_partial, pmin, pmax, S,
+                                                                            rows, bins, phist);
     } else {
       auto kernel = hist_kernel<T, VEC, false>(in.f != nullptr);
       err = allow_smem(kernel, smem);
-      if (err == nullptr) kernel<<<grid, kThreads, smem, st>>>(in, S_partial, pmin, pmax, S, rows, bins, phist);
+      if (err == nullptr)
+        kernel<<<grid, kThreads, smem, st>>>(in, S_partial, pmin, pmax, S, rows, bins, phist);
     }
   });
   if (err != nullptr) return err;
   return last_error();
 }
 
-const char* bucket_entropy(int64_t B, int64_t D, int bins, int S, const int32_t* phist,
-                           int paper_exact, double* out, int device, void* stream) {
+const char* bucket_entropy(int64_t B, int64_t D, int bins, int S, const int32_t* phist, int paper_exact,
+                           double* out, int device, void* stream) {
   if (const char* e = prepare(device)) return e;
   const int64_t warps = B * D;
   const dim3 grid(static_cast<unsigned>((warps + 7) / 8));
-  bucket_entropy_kernel<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(B, D, bins, S, phist, paper_exact, out);
+  bucket_entropy_kernel<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(B, D, bins, S, phist,
+                                                                             paper_exact, out);
   return last_error();
 }
 
-const char* minmax_pair_partial(const Input& in, const StatsHalf& y, const StatsHalf& x,
-                                int device, void* stream) {
+const char* minmax_pair_partial(const Input& in, const StatsHalf& y, const StatsHalf& x, int device,
+                                void* stream) {
   check_pair(in, y, x, "minmax_pair_partial");
   if (const char* e = prepare(device)) return e;
   const dim3 grid = pair_grid(in, y.S, x.S);
@@ -254,8 +259,8 @@ const char* minmax_pair_partial(const Input& in, const StatsHalf& y, const Stats
   return last_error();
 }
 
-const char* bucket_hist_pair(const Input& in, int bins, const HistHalf& y, const HistHalf& x,
-                             int device, void* stream) {
+const char* bucket_hist_pair(const Input& in, int bins, const HistHalf& y, const HistHalf& x, int device,
+                             void* stream) {
   ED_CHECK_IN("bucket_hist_pair", in.f != nullptr, "a pair launch needs f");
   check_input(in, "bucket_hist_pair");
   check_split(in, y.S, y.rows, "bucket_hist_pair");
@@ -288,7 +293,9 @@ const char* bucket_hist_pair(const Input& in, int bins, const HistHalf& y, const
   return last_error();
 }
 
-int hist_max_rows() { return kMaxRowsPerHistBlock; }
+int hist_max_rows() {
+  return kMaxRowsPerHistBlock;
+}
 
 namespace detail {
 const char* occupancy_hist(const Input& in, int bins, int optin, int* n) {
@@ -297,7 +304,8 @@ const char* occupancy_hist(const Input& in, int bins, int optin, int* n) {
   ENTRODROP_DISPATCH(in, {
     const size_t smem = hist_smem(bins, VEC);
     if (smem > static_cast<size_t>(optin)) {  // bucket_hist uses global counters
-      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, hist_kernel<T, VEC, true>(in.f != nullptr), kThreads, 0);
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, hist_kernel<T, VEC, true>(in.f != nullptr),
+                                                        kThreads, 0);
     } else {
       auto kernel = hist_kernel<T, VEC, false>(in.f != nullptr);
       err = allow_smem(kernel, smem);

@@ -22,29 +22,31 @@ struct TileSmem {
   size_t ys, table, mn, mx, flag, stage, cnt, valid, total;
   __host__ __device__ static TileSmem of(int bins) {
     TileSmem m{};
-    m.ys = 0;                                                          // float [kFusedRows][kTileCh]
-    m.table = m.ys + sizeof(float) * kFusedRows * kTileCh;             // double [kFusedRows + 1]
-    m.mn = m.table + sizeof(double) * (kFusedRows + 1);                // float [kWarps][kTileCh]
-    m.mx = m.mn + sizeof(float) * kWarps * kTileCh;                    // float [kWarps][kTileCh]
-    m.flag = m.mx + sizeof(float) * kWarps * kTileCh;                  // int [kTileCh]: 1 bad channel
-    m.stage = m.flag + sizeof(int) * kTileCh;                          // int32 [kTileCh][bins | 1]
+    m.ys = 0;                                               // float [kFusedRows][kTileCh]
+    m.table = m.ys + sizeof(float) * kFusedRows * kTileCh;  // double [kFusedRows + 1]
+    m.mn = m.table + sizeof(double) * (kFusedRows + 1);     // float [kWarps][kTileCh]
+    m.mx = m.mn + sizeof(float) * kWarps * kTileCh;         // float [kWarps][kTileCh]
+    m.flag = m.mx + sizeof(float) * kWarps * kTileCh;       // int [kTileCh]: 1 bad channel
+    m.stage = m.flag + sizeof(int) * kTileCh;               // int32 [kTileCh][bins | 1]
     m.cnt = m.stage + sizeof(int32_t) * kTileCh * static_cast<size_t>(bins | 1);  // uint8, tile_counter
-    m.valid = m.cnt + static_cast<size_t>((bins + 3) / 4) * 4 * kThreads;  // uint8 [kFusedRows]
+    m.valid = m.cnt + static_cast<size_t>((bins + 3) / 4) * 4 * kThreads;         // uint8 [kFusedRows]
     m.total = m.valid + kFusedRows;
     return m;
   }
 };
 
 // Byte offset of thread t's 8-bit counter of bin j: the word (j / 4) * kThreads + t.
-__device__ __forceinline__ int tile_counter(int j, int t) { return (((j >> 2) * kThreads + t) << 2) + (j & 3); }
+__device__ __forceinline__ int tile_counter(int j, int t) {
+  return (((j >> 2) * kThreads + t) << 2) + (j & 3);
+}
 
 template <typename T, int VEC, bool HAS_F>
 __global__ void __launch_bounds__(kThreads, 4)
     bucket_tile_kernel(Input in, int bins, int paper_exact, int32_t* __restrict__ counts,
                        double* __restrict__ out) {
-  constexpr int LT = kTileCh / VEC;     // threads per row in the load phase (4 or 8)
-  constexpr int RP = kThreads / LT;     // rows per load pass (64 or 32)
-  constexpr int U = HAS_F ? 2 : 4;      // rows per thread in flight
+  constexpr int LT = kTileCh / VEC;        // threads per row in the load phase (4 or 8)
+  constexpr int RP = kThreads / LT;        // rows per load pass (64 or 32)
+  constexpr int U = HAS_F ? 2 : 4;         // rows per thread in flight
   constexpr int RW = kFusedRows / kWarps;  // rows per warp in the counting phase (32)
   extern __shared__ __align__(16) unsigned char smem[];
   const TileSmem L = TileSmem::of(bins);
@@ -110,13 +112,15 @@ __global__ void __launch_bounds__(kThreads, 4)
         if (t < kFusedRows) {
           float4* row = reinterpret_cast<float4*>(ys + t * kTileCh + cg * VEC);
 #pragma unroll
-          for (int h = 0; h < VEC / 4; ++h) row[h] = make_float4(v[i][4 * h], v[i][4 * h + 1], v[i][4 * h + 2], v[i][4 * h + 3]);
+          for (int h = 0; h < VEC / 4; ++h)
+            row[h] = make_float4(v[i][4 * h], v[i][4 * h + 1], v[i][4 * h + 2], v[i][4 * h + 3]);
         }
       }
     }
   }
   if (out != nullptr) {
-    for (int i = tid; i <= kFusedRows; i += kThreads) table[i] = i == 0 ? 0.0 : i * log(static_cast<double>(i));
+    for (int i = tid; i <= kFusedRows; i += kThreads)
+      table[i] = i == 0 ? 0.0 : i * log(static_cast<double>(i));
   }
   for (int i = tid; i < (bins + 3) / 4 * kThreads; i += kThreads) reinterpret_cast<uint32_t*>(cnt)[i] = 0u;
   __syncthreads();
@@ -176,12 +180,13 @@ __global__ void __launch_bounds__(kThreads, 4)
       o[i] = stage[ch * sp + j];
     }
   }
-  if (out != nullptr) write_entropy(stage, sp, bins, table, nch, paper_exact, out + b * in.D + dt, lane, warp);
+  if (out != nullptr)
+    write_entropy(stage, sp, bins, table, nch, paper_exact, out + b * in.D + dt, lane, warp);
 }
 
 template <typename T, int VEC>
-const char* launch_tile(const Input& in, dim3 grid, size_t smem, cudaStream_t st, int bins,
-                        int paper_exact, int32_t* counts, double* out) {
+const char* launch_tile(const Input& in, dim3 grid, size_t smem, cudaStream_t st, int bins, int paper_exact,
+                        int32_t* counts, double* out) {
   if constexpr (VEC == 1) {
     return "bucket_tile needs the 16-byte fast path (vec 4 or 8)";
   } else {
@@ -194,15 +199,16 @@ const char* launch_tile(const Input& in, dim3 grid, size_t smem, cudaStream_t st
 
 }  // namespace
 
-const char* bucket_tile(const Input& in, int bins, int paper_exact, int32_t* counts, double* out,
-                        int device, void* stream) {
+const char* bucket_tile(const Input& in, int bins, int paper_exact, int32_t* counts, double* out, int device,
+                        void* stream) {
   check_input(in, "bucket_tile");
   ED_CHECK_IN("bucket_tile", in.vec != 1, "needs the 16-byte fast path (vec 4 or 8)");
   ED_CHECK_IN("bucket_tile", in.T <= kFusedRows, "needs T <= ", kFusedRows, ", got ", in.T);
   check_bins(bins, "bucket_tile");
   if (const char* e = prepare(device)) return e;
   const size_t smem = TileSmem::of(bins).total;
-  ED_CHECK_IN("bucket_tile", smem <= static_cast<size_t>(smem_optin(device)), "too many bins for shared memory (", bins, ")");
+  ED_CHECK_IN("bucket_tile", smem <= static_cast<size_t>(smem_optin(device)),
+              "too many bins for shared memory (", bins, ")");
   const dim3 grid(static_cast<unsigned>((in.D + kTileCh - 1) / kTileCh), static_cast<unsigned>(in.B));
   auto st = static_cast<cudaStream_t>(stream);
   const char* err = nullptr;

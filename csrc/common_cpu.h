@@ -95,9 +95,15 @@ typedef float v16f_u __attribute__((vector_size(64), aligned(4)));
 typedef uint16_t v16h_u __attribute__((vector_size(32), aligned(2)));
 typedef uint16_t v16h __attribute__((vector_size(32)));
 
-ED_INLINE v16f vsplat(float a) { return v16f{} + a; }
-ED_INLINE v16f vmin(v16f a, v16f b) { return a < b ? a : b; }
-ED_INLINE v16f vmax(v16f a, v16f b) { return a > b ? a : b; }
+ED_INLINE v16f vsplat(float a) {
+  return v16f{} + a;
+}
+ED_INLINE v16f vmin(v16f a, v16f b) {
+  return a < b ? a : b;
+}
+ED_INLINE v16f vmax(v16f a, v16f b) {
+  return a > b ? a : b;
+}
 
 // 16 consecutive elements starting at p (channel stride 1), converted to fp32 in registers.
 template <int DT>
@@ -123,9 +129,12 @@ ED_INLINE v16f load16(const uint8_t* p) {
 
 template <int DT>
 ED_INLINE float load1(const uint8_t* row, int64_t j) {
-  if constexpr (DT == DT_F32) return reinterpret_cast<const float*>(row)[j];
-  else if constexpr (DT == DT_F16) return f16_to_f32(reinterpret_cast<const uint16_t*>(row)[j]);
-  else return bf16_to_f32(reinterpret_cast<const uint16_t*>(row)[j]);
+  if constexpr (DT == DT_F32)
+    return reinterpret_cast<const float*>(row)[j];
+  else if constexpr (DT == DT_F16)
+    return f16_to_f32(reinterpret_cast<const uint16_t*>(row)[j]);
+  else
+    return bf16_to_f32(reinterpret_cast<const uint16_t*>(row)[j]);
 }
 
 // out[i] = float(src[i * stride]) for i < w.
@@ -244,8 +253,8 @@ void parallel_for(int64_t n_items, int nthreads, Fn&& fn) {
   if (ctx.err) std::rethrow_exception(ctx.err);
 }
 
-inline void check_common(uintptr_t x, int dtype, const Dims& shape, const Dims& xstride,
-                         uintptr_t f, const Dims& fstride, uintptr_t mask, const Dims& mstride) {
+inline void check_common(uintptr_t x, int dtype, const Dims& shape, const Dims& xstride, uintptr_t f,
+                         const Dims& fstride, uintptr_t mask, const Dims& mstride) {
   ED_CHECK_PTR(x);
   ED_CHECK_DTYPE(dtype);
   ED_CHECK_NDIM(shape, 3);

@@ -18,14 +18,17 @@ namespace entrodrop {
 namespace cpu {
 namespace {
 
-constexpr int LN = 16;     // fp32 lanes
-constexpr int CB = 256;    // channels per fp32 block
+constexpr int LN = 16;   // fp32 lanes
+constexpr int CB = 256;  // channels per fp32 block
 
 template <int DT>
 ED_INLINE float ld(const uint8_t* row, int64_t j) {
-  if constexpr (DT == DT_F32) return reinterpret_cast<const float*>(row)[j];
-  else if constexpr (DT == DT_F16) return f16_to_f32(reinterpret_cast<const uint16_t*>(row)[j]);
-  else return bf16_to_f32(reinterpret_cast<const uint16_t*>(row)[j]);
+  if constexpr (DT == DT_F32)
+    return reinterpret_cast<const float*>(row)[j];
+  else if constexpr (DT == DT_F16)
+    return f16_to_f32(reinterpret_cast<const uint16_t*>(row)[j]);
+  else
+    return bf16_to_f32(reinterpret_cast<const uint16_t*>(row)[j]);
 }
 
 // cos of one token; rows have channel stride 1.
@@ -91,9 +94,8 @@ ED_INLINE double cos_row(const uint8_t* xr, const uint8_t* orow, int64_t D) {
 }
 
 template <int DT>
-ED_INLINE void run_impl(const View& x, const View& o, const Mask& m, bool fused, int64_t T,
-                        int64_t D, int64_t g0, int64_t g1, double* sums, double* counts,
-                        std::vector<float>& buf) {
+ED_INLINE void run_impl(const View& x, const View& o, const Mask& m, bool fused, int64_t T, int64_t D,
+                        int64_t g0, int64_t g1, double* sums, double* counts, std::vector<float>& buf) {
   const bool direct = x.sd == 1 && o.sd == 1;
   if (!direct && buf.size() < size_t(2 * D)) buf.resize(size_t(2 * D));
   for (int64_t g = g0; g < g1; ++g) {
@@ -117,20 +119,26 @@ ED_INLINE void run_impl(const View& x, const View& o, const Mask& m, bool fused,
   }
 }
 
-#define ED_COS_ARGS                                                                         \
-  const View &x, const View &o, const Mask &m, bool fused, int64_t T, int64_t D, int64_t g0, \
-      int64_t g1, double *sums, double *counts, std::vector<float> &buf
-ED_CLONES void run_f32(ED_COS_ARGS) { run_impl<DT_F32>(x, o, m, fused, T, D, g0, g1, sums, counts, buf); }
-ED_CLONES void run_f16(ED_COS_ARGS) { run_impl<DT_F16>(x, o, m, fused, T, D, g0, g1, sums, counts, buf); }
-ED_CLONES void run_bf16(ED_COS_ARGS) { run_impl<DT_BF16>(x, o, m, fused, T, D, g0, g1, sums, counts, buf); }
+#define ED_COS_ARGS                                                                                      \
+  const View &x, const View &o, const Mask &m, bool fused, int64_t T, int64_t D, int64_t g0, int64_t g1, \
+      double *sums, double *counts, std::vector<float>&buf
+ED_CLONES void run_f32(ED_COS_ARGS) {
+  run_impl<DT_F32>(x, o, m, fused, T, D, g0, g1, sums, counts, buf);
+}
+ED_CLONES void run_f16(ED_COS_ARGS) {
+  run_impl<DT_F16>(x, o, m, fused, T, D, g0, g1, sums, counts, buf);
+}
+ED_CLONES void run_bf16(ED_COS_ARGS) {
+  run_impl<DT_BF16>(x, o, m, fused, T, D, g0, g1, sums, counts, buf);
+}
 #undef ED_COS_ARGS
 
 }  // namespace
 }  // namespace cpu
 
 void cosine_cpu(uintptr_t x, uintptr_t other, uintptr_t mask, int dtype, const Dims& shape,
-                const Dims& xstride, const Dims& ostride, const Dims& mstride, bool fused,
-                uintptr_t out_sum, uintptr_t out_count, int nthreads) {
+                const Dims& xstride, const Dims& ostride, const Dims& mstride, bool fused, uintptr_t out_sum,
+                uintptr_t out_count, int nthreads) {
   using namespace cpu;
   check_common(x, dtype, shape, xstride, other, ostride, mask, mstride);
   ED_CHECK_PTR(other);

@@ -54,8 +54,12 @@ struct Geo {
   static constexpr int CT = LC * VEC;                  // channels per block
 };
 
-__device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
-__device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+__device__ __forceinline__ float bf16_lo(uint32_t w) {
+  return __uint_as_float(w << 16);
+}
+__device__ __forceinline__ float bf16_hi(uint32_t w) {
+  return __uint_as_float(w & 0xffff0000u);
+}
 
 // NaN-propagating min / max (PTX min.NaN / max.NaN, sm_80+): one NaN among the values makes
 // the result NaN, and an Inf makes min or max infinite, so every kernel's min/max carries its
@@ -108,7 +112,10 @@ __device__ __forceinline__ void load_vec(const T* __restrict__ p, float (&o)[VEC
   } else if constexpr (sizeof(T) == 4) {
     static_assert(VEC == 4, "fp32 fast path reads 4 channels");
     const float4 q = __ldg(reinterpret_cast<const float4*>(p));
-    o[0] = q.x; o[1] = q.y; o[2] = q.z; o[3] = q.w;
+    o[0] = q.x;
+    o[1] = q.y;
+    o[2] = q.z;
+    o[3] = q.w;
   } else {
     static_assert(VEC == 8, "16-bit fast path reads 8 channels");
     const uint4 q = __ldg(reinterpret_cast<const uint4*>(p));
@@ -129,8 +136,8 @@ __device__ __forceinline__ void load_vec(const T* __restrict__ p, float (&o)[VEC
 // ok[i]: row t0 + i*STEP of sample b is a valid token for this thread (dvalid: its channels
 // exist). Rows past t_end and masked rows are not.
 template <int U, int STEP>
-__device__ __forceinline__ int rows_ok(const Input& in, int64_t b, int64_t t0, int64_t t_end,
-                                       bool dvalid, bool (&ok)[U]) {
+__device__ __forceinline__ int rows_ok(const Input& in, int64_t b, int64_t t0, int64_t t_end, bool dvalid,
+                                       bool (&ok)[U]) {
   int n = 0;
 #pragma unroll
   for (int i = 0; i < U; ++i) {
@@ -169,7 +176,10 @@ __device__ __forceinline__ void load_rows(const Input& in, int64_t b, int64_t t0
         load_vec<T, VEC>(pf + static_cast<int64_t>(i) * STEP * in.sft, w[i]);
       } else {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) { v[i][k] = 0.f; w[i][k] = 0.f; }
+        for (int k = 0; k < VEC; ++k) {
+          v[i][k] = 0.f;
+          w[i][k] = 0.f;
+        }
       }
     }
 #pragma unroll
@@ -216,7 +226,8 @@ inline const char* last_error() {
 inline void check_input(const Input& in, const char* where) {
   ED_CHECK_IN(where, in.B >= 1 && in.T >= 1 && in.D >= 1, "empty input");
   ED_CHECK_IN(where, in.B <= kMaxSamples, "at most ", kMaxSamples, " samples per call, got ", in.B);
-  ED_CHECK_IN(where, valid_dtype(in.dtype), "dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16), got ", in.dtype);
+  ED_CHECK_IN(where, valid_dtype(in.dtype), "dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16), got ",
+              in.dtype);
   if (in.vec != 1) {
     const int want = in.dtype == DT_F32 ? 4 : 8;
     ED_CHECK_IN(where, in.vec == want, "vec must be 1, 4 (fp32) or 8 (fp16/bf16), got ", in.vec);
@@ -239,7 +250,9 @@ inline void check_bins(int bins, const char* where) {
   ED_CHECK_IN(where, bins >= 1 && bins <= kMaxBins, "bins must be in [1, ", kMaxBins, "], got ", bins);
 }
 
-inline int channel_tile(int vec) { return vec == 1 ? Geo<1>::CT : (vec == 4 ? Geo<4>::CT : Geo<8>::CT); }
+inline int channel_tile(int vec) {
+  return vec == 1 ? Geo<1>::CT : (vec == 4 ? Geo<4>::CT : Geo<8>::CT);
+}
 
 inline dim3 stream_grid(const Input& in, int S) {
   const int64_t ct = channel_tile(in.vec);
@@ -292,20 +305,20 @@ void dispatch_input(const Input& in, Fn&& fn) {
 }
 
 // Runs BODY with the type T and the int VEC of the input's dtype and vector width.
-#define ENTRODROP_DISPATCH(in, ...)                                    \
-  ::entrodrop::cuda::dispatch_input((in), [&](auto layout_) {          \
-    using T = typename decltype(layout_)::type;                        \
-    constexpr int VEC = decltype(layout_)::vec;                        \
-    __VA_ARGS__                                                        \
+#define ENTRODROP_DISPATCH(in, ...)                           \
+  ::entrodrop::cuda::dispatch_input((in), [&](auto layout_) { \
+    using T = typename decltype(layout_)::type;               \
+    constexpr int VEC = decltype(layout_)::vec;               \
+    __VA_ARGS__                                               \
   })
 
 template <typename K>
 const char* allow_smem(K kernel, size_t smem) {
   if (smem <= 48 * 1024) return nullptr;
-  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  const cudaError_t e =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
-
 
 }  // namespace
 }  // namespace cuda

@@ -23,13 +23,19 @@ namespace entrodrop {
 enum DType : int { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
 inline const char* dtype_name(int code) {
   switch (code) {
-    case DT_F32: return "float32";
-    case DT_F16: return "float16";
-    case DT_BF16: return "bfloat16";
-    default: return "unknown";
+    case DT_F32:
+      return "float32";
+    case DT_F16:
+      return "float16";
+    case DT_BF16:
+      return "bfloat16";
+    default:
+      return "unknown";
   }
 }
-inline bool valid_dtype(int code) { return code >= DT_F32 && code <= DT_BF16; }
+inline bool valid_dtype(int code) {
+  return code >= DT_F32 && code <= DT_BF16;
+}
 
 // fn(std::integral_constant<int, DT>{}) for the runtime dtype code (checked beforehand: an
 // unknown code runs fp32). The one place that turns a dtype code into a compile-time constant:
@@ -37,9 +43,12 @@ inline bool valid_dtype(int code) { return code >= DT_F32 && code <= DT_BF16; }
 template <typename Fn>
 decltype(auto) dispatch_dtype(int dtype, Fn&& fn) {
   switch (dtype) {
-    case DT_F16: return std::forward<Fn>(fn)(std::integral_constant<int, DT_F16>{});
-    case DT_BF16: return std::forward<Fn>(fn)(std::integral_constant<int, DT_BF16>{});
-    default: return std::forward<Fn>(fn)(std::integral_constant<int, DT_F32>{});
+    case DT_F16:
+      return std::forward<Fn>(fn)(std::integral_constant<int, DT_F16>{});
+    case DT_BF16:
+      return std::forward<Fn>(fn)(std::integral_constant<int, DT_BF16>{});
+    default:
+      return std::forward<Fn>(fn)(std::integral_constant<int, DT_F32>{});
   }
 }
 
@@ -83,22 +92,25 @@ inline std::string shape_str(const Dims& s) {
 
 // std::invalid_argument becomes a Python ValueError through pybind11. `where` names the entry
 // point in the message (ED_CHECK uses the enclosing function's name).
-#define ED_CHECK_IN(where, cond, ...)                                                        \
-  do {                                                                                       \
+#define ED_CHECK_IN(where, cond, ...)                                                             \
+  do {                                                                                            \
     if (!(cond)) throw std::invalid_argument(::entrodrop::detail::cat(where, ": ", __VA_ARGS__)); \
   } while (0)
 #define ED_CHECK(cond, ...) ED_CHECK_IN(__func__, cond, __VA_ARGS__)
-#define ED_CHECK_DTYPE(code)                                                                   \
+#define ED_CHECK_DTYPE(code)                                                                                \
   ED_CHECK(::entrodrop::valid_dtype(code), #code " must be 0 (float32), 1 (float16) or 2 (bfloat16), got ", \
            (code))
-#define ED_CHECK_NDIM(vec, n) \
-  ED_CHECK((vec).size() == (size_t)(n), #vec " must have ", (n), " entries, got ", ::entrodrop::detail::shape_str(vec))
+#define ED_CHECK_NDIM(vec, n)                                                      \
+  ED_CHECK((vec).size() == (size_t)(n), #vec " must have ", (n), " entries, got ", \
+           ::entrodrop::detail::shape_str(vec))
 #define ED_CHECK_PTR(p) ED_CHECK((p) != 0, #p " must be a valid pointer, got null")
-#define ED_CHECK_NONNEG(vec)                                                             \
-  do {                                                                                   \
-    for (auto v_ : (vec)) ED_CHECK(v_ >= 0, #vec " must be >= 0, got ", ::entrodrop::detail::shape_str(vec)); \
+#define ED_CHECK_NONNEG(vec)                                                              \
+  do {                                                                                    \
+    for (auto v_ : (vec))                                                                 \
+      ED_CHECK(v_ >= 0, #vec " must be >= 0, got ", ::entrodrop::detail::shape_str(vec)); \
   } while (0)
-#define ED_CHECK_BINS(bins) \
-  ED_CHECK((bins) >= 1 && (bins) <= ::entrodrop::kMaxBins, "bins must be in [1, ", ::entrodrop::kMaxBins, "], got ", (bins))
+#define ED_CHECK_BINS(bins)                                                                               \
+  ED_CHECK((bins) >= 1 && (bins) <= ::entrodrop::kMaxBins, "bins must be in [1, ", ::entrodrop::kMaxBins, \
+           "], got ", (bins))
 
 }  // namespace entrodrop

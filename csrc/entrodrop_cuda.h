@@ -47,27 +47,27 @@ struct Input {
 // Grid of the streaming kernels: channel tiles (32 channels for vec 1, else 64) x S token
 // splits of `rows` tokens x B samples, 256 threads per block.
 // Partials: pn [B, S] fp32; pmean/pm2 [B, S, D] fp64; pmin/pmax [B, S, D] fp32.
-const char* moments_partial(const Input& in, int S, int64_t rows, float* pn, double* pmean,
-                            double* pm2, float* pmin, float* pmax, int device, void* stream);
+const char* moments_partial(const Input& in, int S, int64_t rows, float* pn, double* pmean, double* pm2,
+                            float* pmin, float* pmax, int device, void* stream);
 // count [B] fp64, mean/m2 [B, D] fp64, min/max [B, D] fp32.
 const char* moments_merge(int64_t B, int64_t D, int S, const float* pn, const double* pmean,
                           const double* pm2, const float* pmin, const float* pmax, double* count,
                           double* mean, double* m2, float* mn, float* mx, int device, void* stream);
 // pmin/pmax [B, S, D] fp32.
-const char* minmax_partial(const Input& in, int S, int64_t rows, float* pmin, float* pmax,
-                           int device, void* stream);
+const char* minmax_partial(const Input& in, int S, int64_t rows, float* pmin, float* pmax, int device,
+                           void* stream);
 // Bin counts of each token split into phist [B, S, D, bins] int32; every entry is written
 // (the caller need not zero it). min/max from the S_partial partials of minmax_partial.
 // rows <= hist_max_rows() keeps the shared-memory counters (else global atomics).
 const char* bucket_hist(const Input& in, int S_partial, const float* pmin, const float* pmax, int S,
                         int64_t rows, int bins, int32_t* phist, int device, void* stream);
 // H_d = -sum_j p_j ln p_j (fp64) from phist [B, S, D, bins] (summed over S) into out [B, D].
-const char* bucket_entropy(int64_t B, int64_t D, int bins, int S, const int32_t* phist,
-                           int paper_exact, double* out, int device, void* stream);
+const char* bucket_entropy(int64_t B, int64_t D, int bins, int S, const int32_t* phist, int paper_exact,
+                           double* out, int device, void* stream);
 // Single pass for short samples: T <= fused_max_rows(), vec 4 or 8. Writes counts
 // [B, D, bins] int32 and/or the entropy out [B, D] fp64 (either pointer may be null).
-const char* bucket_fused(const Input& in, int bins, int paper_exact, int32_t* counts, double* out,
-                         int device, void* stream);
+const char* bucket_fused(const Input& in, int bins, int paper_exact, int32_t* counts, double* out, int device,
+                         void* stream);
 // Pair launches (delta_entropy): the statistics of Y = x + f (half "y") and of x (half "x")
 // in one launch; `in` has f. Each half takes the arguments of its single launch and writes
 // exactly what that launch writes (same code and splits: bit for bit); the two blocks of a
@@ -93,19 +93,19 @@ struct FusedHalf {
   int32_t* counts = nullptr;
   double* out = nullptr;
 };
-const char* moments_pair_partial(const Input& in, const StatsHalf& y, const StatsHalf& x,
-                                 int device, void* stream);
-const char* minmax_pair_partial(const Input& in, const StatsHalf& y, const StatsHalf& x,
-                                int device, void* stream);
-const char* bucket_hist_pair(const Input& in, int bins, const HistHalf& y, const HistHalf& x,
-                             int device, void* stream);
+const char* moments_pair_partial(const Input& in, const StatsHalf& y, const StatsHalf& x, int device,
+                                 void* stream);
+const char* minmax_pair_partial(const Input& in, const StatsHalf& y, const StatsHalf& x, int device,
+                                void* stream);
+const char* bucket_hist_pair(const Input& in, int bins, const HistHalf& y, const HistHalf& x, int device,
+                             void* stream);
 const char* bucket_fused_pair(const Input& in, int bins, int paper_exact, const FusedHalf& y,
                               const FusedHalf& x, int device, void* stream);
 // The same single read (T <= fused_max_rows(), vec 4 or 8) by the occupancy design: a
 // 32-channel tile of Y staged in shared memory, one owner thread per (channel, eighth of the
 // rows) with private 8-bit counters, no atomics, <= 64 registers. Same outputs as bucket_fused.
-const char* bucket_tile(const Input& in, int bins, int paper_exact, int32_t* counts, double* out,
-                        int device, void* stream);
+const char* bucket_tile(const Input& in, int bins, int paper_exact, int32_t* counts, double* out, int device,
+                        void* stream);
 int fused_max_rows();
 int hist_max_rows();
 // Resident blocks per SM of a kernel: kind 0 moments, 1 min/max, 2 histogram, 3 fused.

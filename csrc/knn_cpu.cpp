@@ -34,9 +34,12 @@ ED_INLINE double dist_impl(const uint8_t* a, const uint8_t* b, int64_t sd, int64
   double acc[8] = {};
   int64_t d = 0;
   auto val = [&](const uint8_t* p, int64_t j) -> double {
-    if constexpr (DT == DT_F32) return reinterpret_cast<const float*>(p)[j * sd];
-    else if constexpr (DT == DT_F16) return f16_to_f32(reinterpret_cast<const uint16_t*>(p)[j * sd]);
-    else return bf16_to_f32(reinterpret_cast<const uint16_t*>(p)[j * sd]);
+    if constexpr (DT == DT_F32)
+      return reinterpret_cast<const float*>(p)[j * sd];
+    else if constexpr (DT == DT_F16)
+      return f16_to_f32(reinterpret_cast<const uint16_t*>(p)[j * sd]);
+    else
+      return bf16_to_f32(reinterpret_cast<const uint16_t*>(p)[j * sd]);
   };
   for (; d + 8 <= D; d += 8)
     for (int j = 0; j < 8; ++j) {
@@ -75,12 +78,15 @@ ED_CLONES double dist_f32_dense(const float* a, const float* b, int64_t D) {
   return std::sqrt(s);
 }
 ED_CLONES double dist_f32(const uint8_t* a, const uint8_t* b, int64_t sd, int64_t D) {
-  if (sd == 1)
-    return dist_f32_dense(reinterpret_cast<const float*>(a), reinterpret_cast<const float*>(b), D);
+  if (sd == 1) return dist_f32_dense(reinterpret_cast<const float*>(a), reinterpret_cast<const float*>(b), D);
   return dist_impl<DT_F32>(a, b, sd, D);
 }
-ED_CLONES double dist_f16(const uint8_t* a, const uint8_t* b, int64_t sd, int64_t D) { return dist_impl<DT_F16>(a, b, sd, D); }
-ED_CLONES double dist_bf16(const uint8_t* a, const uint8_t* b, int64_t sd, int64_t D) { return dist_impl<DT_BF16>(a, b, sd, D); }
+ED_CLONES double dist_f16(const uint8_t* a, const uint8_t* b, int64_t sd, int64_t D) {
+  return dist_impl<DT_F16>(a, b, sd, D);
+}
+ED_CLONES double dist_bf16(const uint8_t* a, const uint8_t* b, int64_t sd, int64_t D) {
+  return dist_impl<DT_BF16>(a, b, sd, D);
+}
 
 // Exact fp64 distance between rows i and j of x [N, D] (strides in elements).
 struct ExactDist {
@@ -88,8 +94,13 @@ struct ExactDist {
   int dtype;
   int64_t s0, sd, D, es;
   ExactDist(uintptr_t x, int dt, const Dims& stride, int64_t d)
-      : base(reinterpret_cast<const uint8_t*>(x)), dtype(dt), s0(stride[0]), sd(stride[1]), D(d),
-        es(dt == DT_F32 ? 4 : 2), dist(by_dtype(dt, dist_f32, dist_f16, dist_bf16)) {}
+      : base(reinterpret_cast<const uint8_t*>(x)),
+        dtype(dt),
+        s0(stride[0]),
+        sd(stride[1]),
+        D(d),
+        es(dt == DT_F32 ? 4 : 2),
+        dist(by_dtype(dt, dist_f32, dist_f16, dist_bf16)) {}
   double (*dist)(const uint8_t*, const uint8_t*, int64_t, int64_t);
   double operator()(int64_t i, int64_t j) const {
     return dist(base + i * s0 * es, base + j * s0 * es, sd, D);
@@ -101,9 +112,8 @@ struct ExactDist {
 // excluded). `scratch` and `band` are per-thread buffers. `unit`: the a_j are squared
 // distances of the rows x / unit (scaled by a power of two into fp32 range; 1 if not).
 template <typename Cand>
-double refine_kth(const float* a, int64_t n, Cand cand, int64_t i, int k, double delta,
-                  double unit, const ExactDist& exact, std::vector<float>& scratch,
-                  std::vector<double>& band) {
+double refine_kth(const float* a, int64_t n, Cand cand, int64_t i, int k, double delta, double unit,
+                  const ExactDist& exact, std::vector<float>& scratch, std::vector<double>& band) {
   scratch.assign(a, a + n);
   std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end());
   const double ak = scratch[size_t(k - 1)];
@@ -112,10 +122,12 @@ double refine_kth(const float* a, int64_t n, Cand cand, int64_t i, int k, double
   band.clear();
   for (int64_t t = 0; t < n; ++t) {
     const double v = a[t];
-    if (v < lo) ++sure;
-    else if (v <= hi) band.push_back(exact(i, cand(t)));
+    if (v < lo)
+      ++sure;
+    else if (v <= hi)
+      band.push_back(exact(i, cand(t)));
   }
-  const int64_t want = k - sure;  // 1-based rank within the band
+  const int64_t want = k - sure;                // 1-based rank within the band
   if (want < 1 || want > int64_t(band.size()))  // cannot happen when delta bounds the error
     return std::sqrt(std::max(0.0, ak)) * unit;
   std::nth_element(band.begin(), band.begin() + (want - 1), band.end());
@@ -188,9 +200,8 @@ ED_INLINE int hit_list(const float* a, int w, Th th, int* hit) {
 }
 
 // Row side of a tile: rows [i0, i1) (tile-local) against all nc columns.
-ED_CLONES void tile_rows(const float* g, int64_t ld, const float* sq, int64_t r0, int64_t c0,
-                         int64_t i0, int64_t i1, int64_t nc, Candidates& cs,
-                         std::vector<float>& scratch) {
+ED_CLONES void tile_rows(const float* g, int64_t ld, const float* sq, int64_t r0, int64_t c0, int64_t i0,
+                         int64_t i1, int64_t nc, Candidates& cs, std::vector<float>& scratch) {
   float a[kChunk];
   const bool diag = r0 == c0;
   for (int64_t i = i0; i < i1; ++i) {
@@ -228,9 +239,8 @@ ED_CLONES void tile_rows(const float* g, int64_t ld, const float* sq, int64_t r0
 
 // Column side of an off-diagonal tile: columns [j0, j1) (tile-local) against all nr rows,
 // offered to the column's own row (the transposed half of the Gram matrix).
-ED_CLONES void tile_cols(const float* g, int64_t ld, const float* sq, int64_t r0, int64_t c0,
-                         int64_t j0, int64_t j1, int64_t nr, Candidates& cs,
-                         std::vector<float>& scratch) {
+ED_CLONES void tile_cols(const float* g, int64_t ld, const float* sq, int64_t r0, int64_t c0, int64_t j0,
+                         int64_t j1, int64_t nr, Candidates& cs, std::vector<float>& scratch) {
   float a[kChunk];
   for (int64_t b = j0; b < j1; b += kChunk) {
     const int64_t w = std::min(kChunk, j1 - b);
@@ -274,26 +284,26 @@ ED_CLONES double sqnorm_f32(const float* a, int64_t n) {
 
 // The arguments knn_select_cpu and knn_finish_cpu share: x [N, D] (read for the exact
 // distances) and out (a macro, so that messages name the kernel).
-#define ED_CHECK_ROWS_ARGS()     \
-  do {                           \
-    ED_CHECK_PTR(x);             \
-    ED_CHECK_PTR(out);           \
-    ED_CHECK_DTYPE(dtype);       \
-    ED_CHECK_NDIM(xstride, 2);   \
-    ED_CHECK_NONNEG(xstride);    \
+#define ED_CHECK_ROWS_ARGS()                            \
+  do {                                                  \
+    ED_CHECK_PTR(x);                                    \
+    ED_CHECK_PTR(out);                                  \
+    ED_CHECK_DTYPE(dtype);                              \
+    ED_CHECK_NDIM(xstride, 2);                          \
+    ED_CHECK_NONNEG(xstride);                           \
     ED_CHECK(unit > 0, "unit must be > 0, got ", unit); \
   } while (0)
 
-void knn_sqnorm_cpu(uintptr_t x, int64_t N, int64_t D, int64_t ld, const Dims& ranges,
-                    uintptr_t out, int nthreads) {
+void knn_sqnorm_cpu(uintptr_t x, int64_t N, int64_t D, int64_t ld, const Dims& ranges, uintptr_t out,
+                    int nthreads) {
   using namespace cpu;
   ED_CHECK_PTR(x);
   ED_CHECK_PTR(out);
   ED_CHECK(N >= 0 && D >= 0 && ld >= D, "need N, D >= 0 and ld >= D, got ", N, ", ", D, ", ", ld);
   ED_CHECK(ranges.size() % 2 == 0, "ranges must hold (start, stop) pairs, got ", ranges.size(), " entries");
   for (size_t r = 0; r < ranges.size(); r += 2)
-    ED_CHECK(0 <= ranges[r] && ranges[r] <= ranges[r + 1] && ranges[r + 1] <= D, "range [",
-             ranges[r], ", ", ranges[r + 1], ") must lie in [0, ", D, "]");
+    ED_CHECK(0 <= ranges[r] && ranges[r] <= ranges[r + 1] && ranges[r + 1] <= D, "range [", ranges[r], ", ",
+             ranges[r + 1], ") must lie in [0, ", D, "]");
   const float* X = reinterpret_cast<const float*>(x);
   double* o = reinterpret_cast<double*>(out);
   const int nt = clamp_threads(nthreads, N, N * D);
@@ -304,9 +314,9 @@ void knn_sqnorm_cpu(uintptr_t x, int64_t N, int64_t D, int64_t ld, const Dims& r
   });
 }
 
-void knn_select_cpu(uintptr_t gram, uintptr_t sqn, int64_t R, int64_t N, uintptr_t rows, int k,
-                    double delta, uintptr_t x, int dtype, const Dims& xstride, int64_t D,
-                    uintptr_t out, int nthreads, double unit) {
+void knn_select_cpu(uintptr_t gram, uintptr_t sqn, int64_t R, int64_t N, uintptr_t rows, int k, double delta,
+                    uintptr_t x, int dtype, const Dims& xstride, int64_t D, uintptr_t out, int nthreads,
+                    double unit) {
   using namespace cpu;
   ED_CHECK_PTR(gram);
   ED_CHECK_PTR(sqn);
@@ -318,7 +328,8 @@ void knn_select_cpu(uintptr_t gram, uintptr_t sqn, int64_t R, int64_t N, uintptr
   const float* G = reinterpret_cast<const float*>(gram);
   const float* sq = reinterpret_cast<const float*>(sqn);
   const int64_t* ri = reinterpret_cast<const int64_t*>(rows);
-  for (int64_t r = 0; r < R; ++r) ED_CHECK(ri[r] >= 0 && ri[r] < N, "row index ", ri[r], " outside [0, ", N, ")");
+  for (int64_t r = 0; r < R; ++r)
+    ED_CHECK(ri[r] >= 0 && ri[r] < N, "row index ", ri[r], " outside [0, ", N, ")");
   const ExactDist exact(x, dtype, xstride, D);
   double* o = reinterpret_cast<double*>(out);
   const int nt = clamp_threads(nthreads, R, R * N, 1 << 14);
@@ -330,14 +341,15 @@ void knn_select_cpu(uintptr_t gram, uintptr_t sqn, int64_t R, int64_t N, uintptr
     d2.resize(size_t(N));
     fill_d2(G + r * N, sq, sq[i], N, d2.data());
     std::swap(d2[size_t(i)], d2[size_t(N - 1)]);  // self moved to the end and left out
-    o[r] = refine_kth(d2.data(), N - 1, [&](int64_t t) { return t == i ? N - 1 : t; }, i, k,
-                      delta, unit, exact, sel[size_t(tid)], band[size_t(tid)]);
+    o[r] = refine_kth(
+        d2.data(), N - 1, [&](int64_t t) { return t == i ? N - 1 : t; }, i, k, delta, unit, exact,
+        sel[size_t(tid)], band[size_t(tid)]);
   });
 }
 
-void knn_tile_cpu(uintptr_t gram, int64_t ld, uintptr_t sqn, int64_t N, int64_t r0, int64_t nr,
-                  int64_t c0, int64_t nc, int k, double delta, uintptr_t val, uintptr_t idx,
-                  uintptr_t cnt, uintptr_t thr, int64_t cap, int nthreads) {
+void knn_tile_cpu(uintptr_t gram, int64_t ld, uintptr_t sqn, int64_t N, int64_t r0, int64_t nr, int64_t c0,
+                  int64_t nc, int k, double delta, uintptr_t val, uintptr_t idx, uintptr_t cnt, uintptr_t thr,
+                  int64_t cap, int nthreads) {
   using namespace cpu;
   ED_CHECK_PTR(gram);
   ED_CHECK_PTR(sqn);
@@ -346,16 +358,20 @@ void knn_tile_cpu(uintptr_t gram, int64_t ld, uintptr_t sqn, int64_t N, int64_t 
   ED_CHECK_PTR(cnt);
   ED_CHECK_PTR(thr);
   ED_CHECK(N >= 0 && N < (int64_t(1) << 31), "n must be in [0, 2^31), got ", N);
-  ED_CHECK(r0 >= 0 && nr >= 0 && r0 + nr <= N && c0 >= 0 && nc >= 0 && c0 + nc <= N,
-           "tile rows [", r0, ", ", r0 + nr, ") and columns [", c0, ", ", c0 + nc,
-           ") must lie in [0, ", N, ")");
+  ED_CHECK(r0 >= 0 && nr >= 0 && r0 + nr <= N && c0 >= 0 && nc >= 0 && c0 + nc <= N, "tile rows [", r0, ", ",
+           r0 + nr, ") and columns [", c0, ", ", c0 + nc, ") must lie in [0, ", N, ")");
   ED_CHECK(r0 == c0 ? nr == nc : (r0 + nr <= c0 || c0 + nc <= r0),
            "a tile must be diagonal (r0 == c0, square) or not overlap the diagonal");
   ED_CHECK(ld >= nc, "ld must be >= nc, got ", ld, " < ", nc);
   ED_CHECK(k >= 1 && cap > k, "need 1 <= k < cap, got k = ", k, ", cap = ", cap);
   ED_CHECK(delta >= 0, "delta must be >= 0, got ", delta);
-  Candidates cs{reinterpret_cast<float*>(val), reinterpret_cast<int32_t*>(idx),
-                reinterpret_cast<int32_t*>(cnt), reinterpret_cast<float*>(thr), cap, k, delta};
+  Candidates cs{reinterpret_cast<float*>(val),
+                reinterpret_cast<int32_t*>(idx),
+                reinterpret_cast<int32_t*>(cnt),
+                reinterpret_cast<float*>(thr),
+                cap,
+                k,
+                delta};
   const float* G = reinterpret_cast<const float*>(gram);
   const float* sq = reinterpret_cast<const float*>(sqn);
   const bool diag = r0 == c0;
@@ -370,14 +386,16 @@ void knn_tile_cpu(uintptr_t gram, int64_t ld, uintptr_t sqn, int64_t N, int64_t 
     const int64_t p = rows_side ? it : it - parts;
     const int64_t n = rows_side ? nr : nc;
     const int64_t lo = n * p / parts, hi = n * (p + 1) / parts;
-    if (rows_side) tile_rows(G, ld, sq, r0, c0, lo, hi, nc, cs, scratch[size_t(tid)]);
-    else tile_cols(G, ld, sq, r0, c0, lo, hi, nr, cs, scratch[size_t(tid)]);
+    if (rows_side)
+      tile_rows(G, ld, sq, r0, c0, lo, hi, nc, cs, scratch[size_t(tid)]);
+    else
+      tile_cols(G, ld, sq, r0, c0, lo, hi, nr, cs, scratch[size_t(tid)]);
   });
 }
 
-void knn_finish_cpu(uintptr_t val, uintptr_t idx, uintptr_t cnt, int64_t N, int64_t cap, int k,
-                    double delta, uintptr_t x, int dtype, const Dims& xstride, int64_t D,
-                    uintptr_t out, int nthreads, double unit) {
+void knn_finish_cpu(uintptr_t val, uintptr_t idx, uintptr_t cnt, int64_t N, int64_t cap, int k, double delta,
+                    uintptr_t x, int dtype, const Dims& xstride, int64_t D, uintptr_t out, int nthreads,
+                    double unit) {
   using namespace cpu;
   ED_CHECK_PTR(val);
   ED_CHECK_PTR(idx);
@@ -399,8 +417,9 @@ void knn_finish_cpu(uintptr_t val, uintptr_t idx, uintptr_t cnt, int64_t N, int6
       return;
     }
     const int32_t* ids = id + i * cap;
-    o[i] = refine_kth(v + i * cap, c[i], [&](int64_t t) { return int64_t(ids[t]); }, i, k, delta,
-                      unit, exact, sel[size_t(tid)], band[size_t(tid)]);
+    o[i] = refine_kth(
+        v + i * cap, c[i], [&](int64_t t) { return int64_t(ids[t]); }, i, k, delta, unit, exact,
+        sel[size_t(tid)], band[size_t(tid)]);
   });
 }
 

@@ -41,10 +41,10 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kFusedMaxN = kKnnFusedMaxN;  // entrodrop.h (exported to Python)
-constexpr int64_t kTile = 32;    // Gram tile side; Np (rows, padded) is a multiple of it
-constexpr int64_t kPanel = 1024;  // channels per pass over a tile (its rows stay in L2)
-constexpr int kMaxNet = 64;      // the largest k for the insertion network
-constexpr int kCentreRows = 32;  // rows averaged for the centre mu
+constexpr int64_t kTile = 32;                  // Gram tile side; Np (rows, padded) is a multiple of it
+constexpr int64_t kPanel = 1024;               // channels per pass over a tile (its rows stay in L2)
+constexpr int kMaxNet = 64;                    // the largest k for the insertion network
+constexpr int kCentreRows = 32;                // rows averaged for the centre mu
 constexpr double kSmaxLo = 0x1p-90, kSmaxHi = 0x1p120;  // as KNN_SMAX_RANGE (cpp_backend.py)
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
@@ -131,8 +131,8 @@ ED_INLINE typename Vt<W>::F micro(const float* a, const float* b, int64_t ld, in
 // Tile rows [i0, i0 + kTile) x columns [j0, j0 + kTile) (j0 >= i0) of the Gram matrix of V
 // [Np, ld] over Dp channels, turned into a_ij and written to A[i][j] and A[j][i].
 template <int W>
-ED_INLINE void gram_tile_impl(const float* V, int64_t ld, int64_t Dp, const float* s, int64_t i0,
-                              int64_t j0, float* A, int64_t lda) {
+ED_INLINE void gram_tile_impl(const float* V, int64_t ld, int64_t Dp, const float* s, int64_t i0, int64_t j0,
+                              float* A, int64_t lda) {
   constexpr int NR = W / 4;
   float G[kTile * kTile];
   const bool diag = i0 == j0;
@@ -186,8 +186,8 @@ ED_INLINE float row_twodelta(float si, float ak, float c, float twodelta) {
 // branch-free insertion network); then sure[l] = #{j: a < kth - 2 delta} and `band` gets
 // (l, j) for every a in [kth - 2 delta, kth + 2 delta].
 template <int W, int KC>
-ED_INLINE void select_impl(const float* A, int64_t lda, int64_t n, int64_t i0, int k, const float* s,
-                           float c, float twodelta, float* kth, int32_t* sure, std::vector<int64_t>& band) {
+ED_INLINE void select_impl(const float* A, int64_t lda, int64_t n, int64_t i0, int k, const float* s, float c,
+                           float twodelta, float* kth, int32_t* sure, std::vector<int64_t>& band) {
   using F = typename Vt<W>::F;
   using FU = typename Vt<W>::FU;
   using I = typename Vt<W>::I;
@@ -243,8 +243,10 @@ ED_INLINE void select_impl(const float* A, int64_t lda, int64_t n, int64_t i0, i
 // KC = k up to 32 (k = 25 is the paper's), the next multiple of 4 up to kMaxNet.
 template <int W>
 ED_INLINE void select_dispatch(const float* A, int64_t lda, int64_t n, int64_t i0, int k, const float* s,
-                               float c, float twodelta, float* kth, int32_t* sure, std::vector<int64_t>& band) {
+                               float c, float twodelta, float* kth, int32_t* sure,
+                               std::vector<int64_t>& band) {
   const int kc = k <= 32 ? k : (k + 3) / 4 * 4;
+  // clang-format off
   switch (kc) {
 #define ED_CASE(q) \
   case q: return select_impl<W, q>(A, lda, n, i0, k, s, c, twodelta, kth, sure, band);
@@ -256,23 +258,36 @@ ED_INLINE void select_dispatch(const float* A, int64_t lda, int64_t n, int64_t i
 #undef ED_CASE
     default: return;  // k > kMaxNet: not called
   }
+  // clang-format on
 }
 
 // One compiled copy per instruction set, chosen once at run time.
-#define ED_GRAM_ARGS const float *V, int64_t ld, int64_t Dp, const float *s, int64_t i0, int64_t j0, float *A, int64_t lda
-#define ED_SEL_ARGS                                                                          \
+#define ED_GRAM_ARGS \
+  const float *V, int64_t ld, int64_t Dp, const float *s, int64_t i0, int64_t j0, float *A, int64_t lda
+#define ED_SEL_ARGS                                                                                   \
   const float *A, int64_t lda, int64_t n, int64_t i0, int k, const float *s, float c, float twodelta, \
-      float *kth, int32_t *sure, \
-      std::vector<int64_t> &band
+      float *kth, int32_t *sure, std::vector<int64_t>&band
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(ENTRODROP_NO_CLONES)
 #define ED_HAVE_X86_LEVELS 1
-__attribute__((target("arch=x86-64-v4"))) void gram_tile_v4(ED_GRAM_ARGS) { gram_tile_impl<16>(V, ld, Dp, s, i0, j0, A, lda); }
-__attribute__((target("arch=x86-64-v3"))) void gram_tile_v3(ED_GRAM_ARGS) { gram_tile_impl<8>(V, ld, Dp, s, i0, j0, A, lda); }
-__attribute__((target("arch=x86-64-v4"))) void select_v4(ED_SEL_ARGS) { select_dispatch<16>(A, lda, n, i0, k, s, c, twodelta, kth, sure, band); }
-__attribute__((target("arch=x86-64-v3"))) void select_v3(ED_SEL_ARGS) { select_dispatch<8>(A, lda, n, i0, k, s, c, twodelta, kth, sure, band); }
+__attribute__((target("arch=x86-64-v4"))) void gram_tile_v4(ED_GRAM_ARGS) {
+  gram_tile_impl<16>(V, ld, Dp, s, i0, j0, A, lda);
+}
+__attribute__((target("arch=x86-64-v3"))) void gram_tile_v3(ED_GRAM_ARGS) {
+  gram_tile_impl<8>(V, ld, Dp, s, i0, j0, A, lda);
+}
+__attribute__((target("arch=x86-64-v4"))) void select_v4(ED_SEL_ARGS) {
+  select_dispatch<16>(A, lda, n, i0, k, s, c, twodelta, kth, sure, band);
+}
+__attribute__((target("arch=x86-64-v3"))) void select_v3(ED_SEL_ARGS) {
+  select_dispatch<8>(A, lda, n, i0, k, s, c, twodelta, kth, sure, band);
+}
 #endif
-void gram_tile_base(ED_GRAM_ARGS) { gram_tile_impl<8>(V, ld, Dp, s, i0, j0, A, lda); }
-void select_base(ED_SEL_ARGS) { select_dispatch<8>(A, lda, n, i0, k, s, c, twodelta, kth, sure, band); }
+void gram_tile_base(ED_GRAM_ARGS) {
+  gram_tile_impl<8>(V, ld, Dp, s, i0, j0, A, lda);
+}
+void select_base(ED_SEL_ARGS) {
+  select_dispatch<8>(A, lda, n, i0, k, s, c, twodelta, kth, sure, band);
+}
 
 struct Isa {
   void (*gram)(ED_GRAM_ARGS) = gram_tile_base;
@@ -288,10 +303,12 @@ const Isa& isa() {
     Isa r;
 #ifdef ED_HAVE_X86_LEVELS
     const char* cap = std::getenv("ENTRODROP_ISA");
-    const int most = cap && std::strcmp(cap, "baseline") == 0 ? 1 : cap && std::strcmp(cap, "x86-64-v3") == 0 ? 3 : 4;
+    const int most = cap && std::strcmp(cap, "baseline") == 0    ? 1
+                     : cap && std::strcmp(cap, "x86-64-v3") == 0 ? 3
+                                                                 : 4;
     __builtin_cpu_init();
-    const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("bmi2");
+    const bool v3 =
+        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
     const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                     __builtin_cpu_supports("avx512cd");
@@ -356,11 +373,13 @@ ED_CLONES void sqdiff_acc(const float* a, const float* b, int64_t w, v8d& acc0, 
 // order, without the copy to fp32 first (the copy made bf16 select cost 1.4x fp32 at
 // [256, 4096]: 934 vs 659 us; this version not yet timed on its own).
 template <int DT>
-ED_INLINE void sqdiff_acc_t(const uint8_t* a, const uint8_t* b, int64_t w, v8d& acc0, v8d& acc1, double& tail) {
+ED_INLINE void sqdiff_acc_t(const uint8_t* a, const uint8_t* b, int64_t w, v8d& acc0, v8d& acc1,
+                            double& tail) {
   constexpr int64_t es = DT == DT_F32 ? 4 : 2;
   int64_t d = 0;
   for (; d + 16 <= w; d += 16) {
-    const v8d e0 = __builtin_convertvector(load8<DT>(a + d * es), v8d) - __builtin_convertvector(load8<DT>(b + d * es), v8d);
+    const v8d e0 = __builtin_convertvector(load8<DT>(a + d * es), v8d) -
+                   __builtin_convertvector(load8<DT>(b + d * es), v8d);
     const v8d e1 = __builtin_convertvector(load8<DT>(a + (d + 8) * es), v8d) -
                    __builtin_convertvector(load8<DT>(b + (d + 8) * es), v8d);
     acc0 += e0 * e0;
@@ -371,10 +390,12 @@ ED_INLINE void sqdiff_acc_t(const uint8_t* a, const uint8_t* b, int64_t w, v8d& 
     tail += e * e;
   }
 }
-ED_CLONES void sqdiff_acc_f16(const uint8_t* a, const uint8_t* b, int64_t w, v8d& acc0, v8d& acc1, double& tail) {
+ED_CLONES void sqdiff_acc_f16(const uint8_t* a, const uint8_t* b, int64_t w, v8d& acc0, v8d& acc1,
+                              double& tail) {
   sqdiff_acc_t<DT_F16>(a, b, w, acc0, acc1, tail);
 }
-ED_CLONES void sqdiff_acc_bf16(const uint8_t* a, const uint8_t* b, int64_t w, v8d& acc0, v8d& acc1, double& tail) {
+ED_CLONES void sqdiff_acc_bf16(const uint8_t* a, const uint8_t* b, int64_t w, v8d& acc0, v8d& acc1,
+                               double& tail) {
   sqdiff_acc_t<DT_BF16>(a, b, w, acc0, acc1, tail);
 }
 
@@ -398,8 +419,8 @@ double exact_dist_t(const Rows& r, int64_t ta, int64_t tb, float* ya, float* yb)
       sqdiff_acc(reinterpret_cast<const float*>(r.x->row(r.b, ta)) + d0,
                  reinterpret_cast<const float*>(r.x->row(r.b, tb)) + d0, w, acc0, acc1, tail);
     } else if (DT != DT_F32 && r.in_place()) {
-      (DT == DT_F16 ? sqdiff_acc_f16 : sqdiff_acc_bf16)(r.x->row(r.b, ta) + d0 * 2, r.x->row(r.b, tb) + d0 * 2, w,
-                                                       acc0, acc1, tail);
+      (DT == DT_F16 ? sqdiff_acc_f16 : sqdiff_acc_bf16)(r.x->row(r.b, ta) + d0 * 2,
+                                                        r.x->row(r.b, tb) + d0 * 2, w, acc0, acc1, tail);
     } else {
       load_y<DT>(*r.x, r.f, r.b, ta, d0, w, ya);
       load_y<DT>(*r.x, r.f, r.b, tb, d0, w, yb);
@@ -419,8 +440,8 @@ double exact_dist(int dtype, const Rows& r, int64_t ta, int64_t tb, float* ya, f
 // ----------------------------------------------------------------- packing
 // v = fp32((y - mu) * scale) into V (ld >= D, zero padded), s = |v|^2 (fp32 from fp64),
 // s64 = |y - mu|^2 in fp64 (finite even when v overflows fp32).
-ED_CLONES void pack_row(const float* y, const double* mu, int64_t D, int64_t ld, double scale,
-                        float* v, float& s, double& s64) {
+ED_CLONES void pack_row(const float* y, const double* mu, int64_t D, int64_t ld, double scale, float* v,
+                        float& s, double& s64) {
   v8d q0 = {}, q1 = {}, e0s = {}, e1s = {};
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) {
@@ -461,8 +482,8 @@ ED_CLONES void pack_row(const float* y, const double* mu, int64_t D, int64_t ld,
 // same distances; one rounding per channel, as the fp64 path's), s = |v|^2 (fp64 sum),
 // s64 = s in fp64. Faster than pack_row (no fp64 per channel but the square); one
 // thread, min of 100: [256, 576] fp32 48 -> 20 us, bf16 59 -> 32 us; [256, 4096] fp32
-// 392 -> 225 us, bf16 478 -> 234 us (the gram tiles: 374 and 3190 us). Returns false when v is not finite (y non-finite, or
-// y - mu past fp32's range): the caller then packs the row with pack_row, whose s64 tells
+// 392 -> 225 us, bf16 478 -> 234 us (the gram tiles: 374 and 3190 us). Returns false when v is not finite (y
+// non-finite, or y - mu past fp32's range): the caller then packs the row with pack_row, whose s64 tells
 // which. Rows of dtype DT read in place (channel stride 1).
 template <int DT>
 ED_INLINE bool pack_row32_t(const uint8_t* y, const float* mu32, int64_t D, int64_t ld, float* v, float& s,
@@ -492,13 +513,16 @@ ED_INLINE bool pack_row32_t(const uint8_t* y, const float* mu32, int64_t D, int6
   s64 = qs;
   return std::isfinite(qs);
 }
-ED_CLONES bool pack_row32_f32(const uint8_t* y, const float* mu32, int64_t D, int64_t ld, float* v, float& s, double& s64) {
+ED_CLONES bool pack_row32_f32(const uint8_t* y, const float* mu32, int64_t D, int64_t ld, float* v, float& s,
+                              double& s64) {
   return pack_row32_t<DT_F32>(y, mu32, D, ld, v, s, s64);
 }
-ED_CLONES bool pack_row32_f16(const uint8_t* y, const float* mu32, int64_t D, int64_t ld, float* v, float& s, double& s64) {
+ED_CLONES bool pack_row32_f16(const uint8_t* y, const float* mu32, int64_t D, int64_t ld, float* v, float& s,
+                              double& s64) {
   return pack_row32_t<DT_F16>(y, mu32, D, ld, v, s, s64);
 }
-ED_CLONES bool pack_row32_bf16(const uint8_t* y, const float* mu32, int64_t D, int64_t ld, float* v, float& s, double& s64) {
+ED_CLONES bool pack_row32_bf16(const uint8_t* y, const float* mu32, int64_t D, int64_t ld, float* v, float& s,
+                               double& s64) {
   return pack_row32_t<DT_BF16>(y, mu32, D, ld, v, s, s64);
 }
 
@@ -553,11 +577,9 @@ struct Sample {
   float *V, *A, *s;
   double* s64;
   double scale = 1.0, unit = 1.0, delta = 0.0, c = 0.0;  // c: the per-pair error coefficient
-  double* out;  // radii of sample b: out[t], t < T
+  double* out;                                           // radii of sample b: out[t], t < T
 
-  Rows exact_rows() const {
-    return Rows{x, f, b, D, dtype == DT_F32 && f == nullptr && x->sd == 1};
-  }
+  Rows exact_rows() const { return Rows{x, f, b, D, dtype == DT_F32 && f == nullptr && x->sd == 1}; }
 };
 
 template <int DT>
@@ -618,9 +640,13 @@ void pack(const Sample& sp, int64_t r0, int64_t r1, Scratch& sc) {
     };
     if (sp.scale == 1.0) {  // the first packing: fp32
       bool ok;
-      if (in_place && sp.dtype == DT_BF16) ok = pack_row32_bf16(raw, sp.mu32, sp.D, sp.Dp, v, sp.s[i], sp.s64[i]);
-      else if (in_place && sp.dtype == DT_F16) ok = pack_row32_f16(raw, sp.mu32, sp.D, sp.Dp, v, sp.s[i], sp.s64[i]);
-      else ok = pack_row32_f32(reinterpret_cast<const uint8_t*>(load()), sp.mu32, sp.D, sp.Dp, v, sp.s[i], sp.s64[i]);
+      if (in_place && sp.dtype == DT_BF16)
+        ok = pack_row32_bf16(raw, sp.mu32, sp.D, sp.Dp, v, sp.s[i], sp.s64[i]);
+      else if (in_place && sp.dtype == DT_F16)
+        ok = pack_row32_f16(raw, sp.mu32, sp.D, sp.Dp, v, sp.s[i], sp.s64[i]);
+      else
+        ok = pack_row32_f32(reinterpret_cast<const uint8_t*>(load()), sp.mu32, sp.D, sp.Dp, v, sp.s[i],
+                            sp.s64[i]);
       if (ok) continue;
     }
     pack_row(load(), sp.mu, sp.D, sp.Dp, sp.scale, v, sp.s[i], sp.s64[i]);
@@ -691,7 +717,7 @@ double finish_row(const Sample& sp, int64_t i, float ak, int64_t sure, const int
     const double d = exact_dist(sp.dtype, rr, sp.rows[i], sp.rows[cand[c]], sc.y.data(), sc.y.data() + sp.D);
     sc.dist.push_back(d == d ? d : std::numeric_limits<double>::infinity());  // NaN input: stay ordered
   }
-  const int64_t want = sp.k - sure;  // 1-based rank within the band
+  const int64_t want = sp.k - sure;                // 1-based rank within the band
   if (want < 1 || want > int64_t(sc.dist.size()))  // cannot happen when delta bounds the error
     return std::sqrt(std::max(0.0, double(ak))) * sp.unit;
   std::nth_element(sc.dist.begin(), sc.dist.begin() + (want - 1), sc.dist.end());
@@ -753,8 +779,8 @@ constexpr int64_t kPackRows = 16;
 }  // namespace cpu
 
 int64_t knn_fused_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
-                      const Dims& xstride, const Dims& fstride, const Dims& mstride, int k,
-                      uintptr_t out, uintptr_t out_count, uintptr_t out_logsum, int nthreads) {
+                      const Dims& xstride, const Dims& fstride, const Dims& mstride, int k, uintptr_t out,
+                      uintptr_t out_count, uintptr_t out_logsum, int nthreads) {
   using namespace cpu;
   check_common(x, dtype, shape, xstride, f, fstride, mask, mstride);
   ED_CHECK_PTR(out);
@@ -783,7 +809,8 @@ int64_t knn_fused_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const
     olog[b] = nan;
     ED_CHECK(k < n, "k must be in [1, N - 1] = [1, ", n - 1, "], got ", k, " (sample ", b, " has ", n,
              " valid tokens)");
-    if (n <= kFusedMaxN) todo.push_back(b);
+    if (n <= kFusedMaxN)
+      todo.push_back(b);
     else
       for (int64_t t = 0; t < T; ++t) o[b * T + t] = nan;
   }
@@ -852,6 +879,8 @@ int64_t knn_fused_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const
   return skipped;
 }
 
-std::string knn_isa_cpu() { return cpu::isa().name; }
+std::string knn_isa_cpu() {
+  return cpu::isa().name;
+}
 
 }  // namespace entrodrop

@@ -6,9 +6,11 @@ namespace entrodrop {
 namespace cuda {
 
 const char* occupancy(int kind, int dtype, int vec, int bins, int has_f, int device, int* blocks_per_sm) {
-  ED_CHECK(kind >= 0 && kind <= 3, "kind must be 0 (moments), 1 (min/max), 2 (histogram) or 3 (fused), got ", kind);
+  ED_CHECK(kind >= 0 && kind <= 3, "kind must be 0 (moments), 1 (min/max), 2 (histogram) or 3 (fused), got ",
+           kind);
   ED_CHECK_DTYPE(dtype);
-  ED_CHECK(vec == 1 || vec == (dtype == DT_F32 ? 4 : 8), "vec must be 1, 4 (fp32) or 8 (fp16/bf16), got ", vec);
+  ED_CHECK(vec == 1 || vec == (dtype == DT_F32 ? 4 : 8), "vec must be 1, 4 (fp32) or 8 (fp16/bf16), got ",
+           vec);
   if (kind >= 2) ED_CHECK_BINS(bins);
   if (const char* e = prepare(device)) return e;
   Input in;

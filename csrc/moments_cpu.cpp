@@ -26,7 +26,7 @@ namespace entrodrop {
 namespace cpu {
 namespace {
 
-constexpr int MW = 32;   // channels per register block
+constexpr int MW = 32;  // channels per register block
 #ifndef ED_MOMENTS_TC
 #define ED_MOMENTS_TC 8
 #endif
@@ -38,12 +38,12 @@ constexpr int TC = ED_MOMENTS_TC;  // valid tokens per chunk
 // Running fp64 state of one work item, per channel.
 struct ItemState {
   double n = 0;
-  double* c;   // shift (first chunk mean)
-  double* S;   // sum (y - c)
-  double* Q;   // sum (y - c)^2
+  double* c;  // shift (first chunk mean)
+  double* S;  // sum (y - c)
+  double* Q;  // sum (y - c)^2
   float* lo;
   float* hi;
-  float* nf;   // sum over chunks of (s - s): NaN where a chunk's fp32 sum was not finite
+  float* nf;  // sum over chunks of (s - s): NaN where a chunk's fp32 sum was not finite
 };
 
 // Fold one chunk's fp32 block results (chunk mean mu + ds/n, squared deviations qs) into
@@ -54,16 +54,25 @@ typedef float v8f __attribute__((vector_size(32)));
 typedef float v8f_u __attribute__((vector_size(32), aligned(4)));
 typedef double v8d __attribute__((vector_size(64)));
 typedef double v8d_u __attribute__((vector_size(64), aligned(8)));
-ED_INLINE v8f ld8f(const float* p) { return *reinterpret_cast<const v8f_u*>(p); }
-ED_INLINE v8d ld8d(const double* p) { return *reinterpret_cast<const v8d_u*>(p); }
-ED_INLINE void st8f(float* p, v8f v) { *reinterpret_cast<v8f_u*>(p) = v; }
-ED_INLINE void st8d(double* p, v8d v) { *reinterpret_cast<v8d_u*>(p) = v; }
-ED_INLINE v8d cvt8(v8f v) { return __builtin_convertvector(v, v8d); }
+ED_INLINE v8f ld8f(const float* p) {
+  return *reinterpret_cast<const v8f_u*>(p);
+}
+ED_INLINE v8d ld8d(const double* p) {
+  return *reinterpret_cast<const v8d_u*>(p);
+}
+ED_INLINE void st8f(float* p, v8f v) {
+  *reinterpret_cast<v8f_u*>(p) = v;
+}
+ED_INLINE void st8d(double* p, v8d v) {
+  *reinterpret_cast<v8d_u*>(p) = v;
+}
+ED_INLINE v8d cvt8(v8f v) {
+  return __builtin_convertvector(v, v8d);
+}
 
-ED_INLINE void fold(const float* __restrict mu, const float* __restrict ds,
-                    const float* __restrict qs, const float* __restrict lo,
-                    const float* __restrict hi, const float* __restrict nf, int nc, int64_t d0,
-                    int w, bool first, ItemState& st) {
+ED_INLINE void fold(const float* __restrict mu, const float* __restrict ds, const float* __restrict qs,
+                    const float* __restrict lo, const float* __restrict hi, const float* __restrict nf,
+                    int nc, int64_t d0, int w, bool first, ItemState& st) {
   const double n = nc, inv = 1.0 / n;
   double* __restrict c = st.c + d0;
   double* __restrict S = st.S + d0;
@@ -132,8 +141,8 @@ ED_INLINE v16f yv(const uint8_t* xr, const uint8_t* fr, int64_t d) {
 // One chunk (nc rows) x one block of MW channels starting at d0, in registers. Rows are
 // byte pointers to channel 0 of each row (channel stride 1). FUSED: y = x + f.
 template <int DT, bool FUSED>
-ED_INLINE void block_vec(const uint8_t* const* xr, const uint8_t* const* fr, int nc, int64_t d0,
-                         bool first, ItemState& st) {
+ED_INLINE void block_vec(const uint8_t* const* xr, const uint8_t* const* fr, int nc, int64_t d0, bool first,
+                         ItemState& st) {
   constexpr int NV = MW / 16;
   v16f s[NV], lo[NV], hi[NV], mu[NV], ds[NV], qs[NV];
   if (nc == TC) {  // a full chunk: its TC x MW values stay in registers for both passes
@@ -163,33 +172,33 @@ ED_INLINE void block_vec(const uint8_t* const* xr, const uint8_t* const* fr, int
         qs[k] += dv * dv;
       }
   } else {
-  for (int k = 0; k < NV; ++k) {
-    const v16f v = yv<DT, FUSED>(xr[0], FUSED ? fr[0] : nullptr, d0 + 16 * k);
-    s[k] = v;
-    lo[k] = v;
-    hi[k] = v;
-  }
-  for (int r = 1; r < nc; ++r) {
     for (int k = 0; k < NV; ++k) {
-      const v16f v = yv<DT, FUSED>(xr[r], FUSED ? fr[r] : nullptr, d0 + 16 * k);
-      s[k] += v;
-      lo[k] = vmin(lo[k], v);
-      hi[k] = vmax(hi[k], v);
+      const v16f v = yv<DT, FUSED>(xr[0], FUSED ? fr[0] : nullptr, d0 + 16 * k);
+      s[k] = v;
+      lo[k] = v;
+      hi[k] = v;
     }
-  }
-  const v16f inv = vsplat(1.0f / float(nc));
-  for (int k = 0; k < NV; ++k) {
-    mu[k] = s[k] * inv;
-    ds[k] = v16f{};
-    qs[k] = v16f{};
-  }
-  for (int r = 0; r < nc; ++r) {  // second pass: the block is in L1
+    for (int r = 1; r < nc; ++r) {
+      for (int k = 0; k < NV; ++k) {
+        const v16f v = yv<DT, FUSED>(xr[r], FUSED ? fr[r] : nullptr, d0 + 16 * k);
+        s[k] += v;
+        lo[k] = vmin(lo[k], v);
+        hi[k] = vmax(hi[k], v);
+      }
+    }
+    const v16f inv = vsplat(1.0f / float(nc));
     for (int k = 0; k < NV; ++k) {
-      const v16f dv = yv<DT, FUSED>(xr[r], FUSED ? fr[r] : nullptr, d0 + 16 * k) - mu[k];
-      ds[k] += dv;
-      qs[k] += dv * dv;
+      mu[k] = s[k] * inv;
+      ds[k] = v16f{};
+      qs[k] = v16f{};
     }
-  }
+    for (int r = 0; r < nc; ++r) {  // second pass: the block is in L1
+      for (int k = 0; k < NV; ++k) {
+        const v16f dv = yv<DT, FUSED>(xr[r], FUSED ? fr[r] : nullptr, d0 + 16 * k) - mu[k];
+        ds[k] += dv;
+        qs[k] += dv * dv;
+      }
+    }
   }
   alignas(64) float fmu[MW], fds[MW], fqs[MW], flo[MW], fhi[MW], fnf[MW];
   for (int k = 0; k < NV; ++k) {
@@ -206,8 +215,8 @@ ED_INLINE void block_vec(const uint8_t* const* xr, const uint8_t* const* fr, int
 
 // The same for a tail block of w < MW channels, scalar.
 template <int DT, bool FUSED>
-ED_INLINE void block_tail(const uint8_t* const* xr, const uint8_t* const* fr, int nc, int64_t d0,
-                          int w, bool first, ItemState& st) {
+ED_INLINE void block_tail(const uint8_t* const* xr, const uint8_t* const* fr, int nc, int64_t d0, int w,
+                          bool first, ItemState& st) {
   float s[MW], lo[MW], hi[MW], mu[MW], ds[MW], qs[MW], nf[MW];
   auto y = [&](int r, int j) -> float {
     float v = load1<DT>(xr[r], d0 + j);
@@ -240,8 +249,8 @@ ED_INLINE void block_tail(const uint8_t* const* xr, const uint8_t* const* fr, in
 // st: stats of y = x (+ f); st2 (the pair kernel, FUSED): of x as well, each block right
 // after y's (x's block is then in L1).
 template <int DT, bool FUSED>
-ED_INLINE void chunk_stats(const uint8_t* const* xr, const uint8_t* const* fr, int nc, int64_t D,
-                           bool first, ItemState& st, ItemState* st2 = nullptr) {
+ED_INLINE void chunk_stats(const uint8_t* const* xr, const uint8_t* const* fr, int nc, int64_t D, bool first,
+                           ItemState& st, ItemState* st2 = nullptr) {
   int64_t d0 = 0;
   for (; d0 + MW <= D; d0 += MW) {
     // Software prefetch of every cache line of the block PF blocks ahead in every row:
@@ -267,8 +276,8 @@ ED_INLINE void chunk_stats(const uint8_t* const* xr, const uint8_t* const* fr, i
 // or not) reads the tensor in place; otherwise rows are gathered into an fp32 buffer (x
 // rows, and y = x + f rows, for the pair). st2: the pair kernel's stats of x.
 template <int DT>
-ED_INLINE void item_impl(const View& x, const View* f, const Mask& m, int64_t b, int64_t t0,
-                         int64_t t1, int64_t D, ItemState& st, ItemState* st2, std::vector<float>& buf) {
+ED_INLINE void item_impl(const View& x, const View* f, const Mask& m, int64_t b, int64_t t0, int64_t t1,
+                         int64_t D, ItemState& st, ItemState* st2, std::vector<float>& buf) {
   const bool direct = x.sd == 1 && (!f || f->sd == 1);
   const uint8_t* xr[TC];
   const uint8_t* fr[TC];
@@ -314,16 +323,16 @@ ED_INLINE void item_impl(const View& x, const View* f, const Mask& m, int64_t b,
 }
 
 // Non-template entry points so target_clones applies (one clone per ISA).
-ED_CLONES void item_f32(const View& x, const View* f, const Mask& m, int64_t b, int64_t t0,
-                        int64_t t1, int64_t D, ItemState& st, ItemState* st2, std::vector<float>& buf) {
+ED_CLONES void item_f32(const View& x, const View* f, const Mask& m, int64_t b, int64_t t0, int64_t t1,
+                        int64_t D, ItemState& st, ItemState* st2, std::vector<float>& buf) {
   item_impl<DT_F32>(x, f, m, b, t0, t1, D, st, st2, buf);
 }
-ED_CLONES void item_f16(const View& x, const View* f, const Mask& m, int64_t b, int64_t t0,
-                        int64_t t1, int64_t D, ItemState& st, ItemState* st2, std::vector<float>& buf) {
+ED_CLONES void item_f16(const View& x, const View* f, const Mask& m, int64_t b, int64_t t0, int64_t t1,
+                        int64_t D, ItemState& st, ItemState* st2, std::vector<float>& buf) {
   item_impl<DT_F16>(x, f, m, b, t0, t1, D, st, st2, buf);
 }
-ED_CLONES void item_bf16(const View& x, const View* f, const Mask& m, int64_t b, int64_t t0,
-                         int64_t t1, int64_t D, ItemState& st, ItemState* st2, std::vector<float>& buf) {
+ED_CLONES void item_bf16(const View& x, const View* f, const Mask& m, int64_t b, int64_t t0, int64_t t1,
+                         int64_t D, ItemState& st, ItemState* st2, std::vector<float>& buf) {
   item_impl<DT_BF16>(x, f, m, b, t0, t1, D, st, st2, buf);
 }
 
@@ -353,9 +362,9 @@ struct MomentOut {
 };
 
 // The outputs of y = x (+ f) into o[0] and, for the pair (o[1].mean != null), of x into o[1].
-void moments_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
-                 const Dims& xstride, const Dims& fstride, const Dims& mstride, double* o_count,
-                 const MomentOut* o, int nthreads) {
+void moments_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape, const Dims& xstride,
+                 const Dims& fstride, const Dims& mstride, double* o_count, const MomentOut* o,
+                 int nthreads) {
   check_common(x, dtype, shape, xstride, f, fstride, mask, mstride);
   const int NS = o[1].mean ? 2 : 1;
   const int64_t B = shape[0], T = shape[1], D = shape[2];
@@ -475,9 +484,9 @@ void moments_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims
 }  // namespace
 }  // namespace cpu
 
-void moments_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
-                 const Dims& xstride, const Dims& fstride, const Dims& mstride, uintptr_t count,
-                 uintptr_t mean, uintptr_t m2, uintptr_t mn, uintptr_t mx, int nthreads) {
+void moments_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape, const Dims& xstride,
+                 const Dims& fstride, const Dims& mstride, uintptr_t count, uintptr_t mean, uintptr_t m2,
+                 uintptr_t mn, uintptr_t mx, int nthreads) {
   ED_CHECK_PTR(count);
   ED_CHECK_PTR(mean);
   ED_CHECK_PTR(m2);
@@ -486,23 +495,22 @@ void moments_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims
   const cpu::MomentOut o[2] = {{reinterpret_cast<double*>(mean), reinterpret_cast<double*>(m2),
                                 reinterpret_cast<float*>(mn), reinterpret_cast<float*>(mx)},
                                {nullptr, nullptr, nullptr, nullptr}};
-  cpu::moments_run(x, f, mask, dtype, shape, xstride, fstride, mstride,
-                   reinterpret_cast<double*>(count), o, nthreads);
+  cpu::moments_run(x, f, mask, dtype, shape, xstride, fstride, mstride, reinterpret_cast<double*>(count), o,
+                   nthreads);
 }
 
 void moments_pair_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
-                      const Dims& xstride, const Dims& fstride, const Dims& mstride,
-                      uintptr_t count, uintptr_t mean_y, uintptr_t m2_y, uintptr_t mn_y,
-                      uintptr_t mx_y, uintptr_t mean_x, uintptr_t m2_x, uintptr_t mn_x,
-                      uintptr_t mx_x, int nthreads) {
+                      const Dims& xstride, const Dims& fstride, const Dims& mstride, uintptr_t count,
+                      uintptr_t mean_y, uintptr_t m2_y, uintptr_t mn_y, uintptr_t mx_y, uintptr_t mean_x,
+                      uintptr_t m2_x, uintptr_t mn_x, uintptr_t mx_x, int nthreads) {
   ED_CHECK_PTR(f);
   for (uintptr_t p : {count, mean_y, m2_y, mn_y, mx_y, mean_x, m2_x, mn_x, mx_x}) ED_CHECK_PTR(p);
   const cpu::MomentOut o[2] = {{reinterpret_cast<double*>(mean_y), reinterpret_cast<double*>(m2_y),
                                 reinterpret_cast<float*>(mn_y), reinterpret_cast<float*>(mx_y)},
                                {reinterpret_cast<double*>(mean_x), reinterpret_cast<double*>(m2_x),
                                 reinterpret_cast<float*>(mn_x), reinterpret_cast<float*>(mx_x)}};
-  cpu::moments_run(x, f, mask, dtype, shape, xstride, fstride, mstride,
-                   reinterpret_cast<double*>(count), o, nthreads);
+  cpu::moments_run(x, f, mask, dtype, shape, xstride, fstride, mstride, reinterpret_cast<double*>(count), o,
+                   nthreads);
 }
 
 }  // namespace entrodrop

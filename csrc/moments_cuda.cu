@@ -14,12 +14,11 @@ namespace cuda {
 namespace {
 
 __global__ void moments_merge_kernel(int64_t B, int64_t D, int S, const float* __restrict__ pn,
-                                     const double* __restrict__ pmean,
-                                     const double* __restrict__ pm2,
-                                     const float* __restrict__ pmin,
-                                     const float* __restrict__ pmax, double* __restrict__ count,
-                                     double* __restrict__ mean, double* __restrict__ m2,
-                                     float* __restrict__ mn, float* __restrict__ mx) {
+                                     const double* __restrict__ pmean, const double* __restrict__ pm2,
+                                     const float* __restrict__ pmin, const float* __restrict__ pmax,
+                                     double* __restrict__ count, double* __restrict__ mean,
+                                     double* __restrict__ m2, float* __restrict__ mn,
+                                     float* __restrict__ mx) {
   const int64_t d = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t b = blockIdx.y;
   if (d >= D) return;
@@ -34,7 +33,7 @@ __global__ void moments_merge_kernel(int64_t B, int64_t D, int S, const float* _
     chan_merge(N, M, Q, nb, pmean[i], pm2[i]);
     N += nb;
   }
-  Q = Q > 0.0 ? Q : 0.0;  // (as before: rounding below 0, or NaN from fp32 overflow on finite values)
+  Q = Q > 0.0 ? Q : 0.0;        // (as before: rounding below 0, or NaN from fp32 overflow on finite values)
   if (nonfinite_range(a, z)) {  // the contract's report: NaN for every statistic of the channel
     const double qn = __longlong_as_double(0x7ff8000000000000LL);
     M = qn;
@@ -50,14 +49,15 @@ __global__ void moments_merge_kernel(int64_t B, int64_t D, int S, const float* _
 
 }  // namespace
 
-const char* moments_partial(const Input& in, int S, int64_t rows, float* pn, double* pmean,
-                            double* pm2, float* pmin, float* pmax, int device, void* stream) {
+const char* moments_partial(const Input& in, int S, int64_t rows, float* pn, double* pmean, double* pm2,
+                            float* pmin, float* pmax, int device, void* stream) {
   check_input(in, "moments_partial");
   check_split(in, S, rows, "moments_partial");
   if (const char* e = prepare(device)) return e;
   const dim3 grid = stream_grid(in, S);
   auto st = static_cast<cudaStream_t>(stream);
-  ENTRODROP_DISPATCH(in, stats_kernel<T, VEC, true>(in.f != nullptr)<<<grid, kThreads, 0, st>>>(in, S, rows, pn, pmean, pm2, pmin, pmax););
+  ENTRODROP_DISPATCH(in, stats_kernel<T, VEC, true>(in.f != nullptr) < < < grid, kThreads, 0,
+                     st >>> (in, S, rows, pn, pmean, pm2, pmin, pmax););
   return last_error();
 }
 
@@ -66,12 +66,13 @@ const char* moments_merge(int64_t B, int64_t D, int S, const float* pn, const do
                           double* mean, double* m2, float* mn, float* mx, int device, void* stream) {
   if (const char* e = prepare(device)) return e;
   const dim3 grid(static_cast<unsigned>((D + 127) / 128), static_cast<unsigned>(B));
-  moments_merge_kernel<<<grid, 128, 0, static_cast<cudaStream_t>(stream)>>>(B, D, S, pn, pmean, pm2, pmin, pmax, count, mean, m2, mn, mx);
+  moments_merge_kernel<<<grid, 128, 0, static_cast<cudaStream_t>(stream)>>>(B, D, S, pn, pmean, pm2, pmin,
+                                                                            pmax, count, mean, m2, mn, mx);
   return last_error();
 }
 
-const char* moments_pair_partial(const Input& in, const StatsHalf& y, const StatsHalf& x,
-                                 int device, void* stream) {
+const char* moments_pair_partial(const Input& in, const StatsHalf& y, const StatsHalf& x, int device,
+                                 void* stream) {
   check_pair(in, y, x, "moments_pair_partial");
   if (const char* e = prepare(device)) return e;
   const dim3 grid = pair_grid(in, y.S, x.S);
@@ -85,9 +86,11 @@ const char* occupancy_stats(const Input& in, bool stats, int* n) {
   cudaError_t e = cudaSuccess;
   ENTRODROP_DISPATCH(in, {
     if (stats) {
-      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, stats_kernel<T, VEC, true>(in.f != nullptr), kThreads, 0);
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, stats_kernel<T, VEC, true>(in.f != nullptr),
+                                                        kThreads, 0);
     } else {
-      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, stats_kernel<T, VEC, false>(in.f != nullptr), kThreads, 0);
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, stats_kernel<T, VEC, false>(in.f != nullptr),
+                                                        kThreads, 0);
     }
   });
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);

@@ -11,12 +11,9 @@ namespace {
 // (The body of the kernels below: block (channel tile `tile`, split s, sample b).)
 template <typename T, int VEC, bool STATS, bool HAS_F>
 __device__ __forceinline__ void stream_stats_body(const Input& in, int S, int64_t rows,
-                                                  float* __restrict__ pn,
-                                                  double* __restrict__ pmean,
-                                                  double* __restrict__ pm2,
-                                                  float* __restrict__ pmin,
-                                                  float* __restrict__ pmax, unsigned tile, int s,
-                                                  int64_t b) {
+                                                  float* __restrict__ pn, double* __restrict__ pmean,
+                                                  double* __restrict__ pm2, float* __restrict__ pmin,
+                                                  float* __restrict__ pmax, unsigned tile, int s, int64_t b) {
   using G = Geo<VEC>;
   constexpr int kU = Cfg<VEC, STATS, HAS_F>::U;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -32,7 +29,11 @@ __device__ __forceinline__ void stream_stats_body(const Input& in, int S, int64_
   float c[VEC], mz[VEC], q2[VEC], mn[VEC], mx[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    c[k] = 0.f; mz[k] = 0.f; q2[k] = 0.f; mn[k] = INFINITY; mx[k] = -INFINITY;
+    c[k] = 0.f;
+    mz[k] = 0.f;
+    q2[k] = 0.f;
+    mn[k] = INFINITY;
+    mx[k] = -INFINITY;
   }
   for (int64_t t0 = t_begin + rg; t0 < t_end; t0 += static_cast<int64_t>(G::RG) * kU) {
     bool ok[kU];
@@ -44,7 +45,10 @@ __device__ __forceinline__ void stream_stats_body(const Input& in, int S, int64_
     for (int k = 0; k < VEC; ++k)
 #pragma unroll
       for (int i = 0; i < kU; ++i)
-        if (ok[i]) { mn[k] = fmin_nan(mn[k], v[i][k]); mx[k] = fmax_nan(mx[k], v[i][k]); }
+        if (ok[i]) {
+          mn[k] = fmin_nan(mn[k], v[i][k]);
+          mx[k] = fmax_nan(mx[k], v[i][k]);
+        }
     if constexpr (STATS) {
       const float nb = static_cast<float>(nbi);
       const float inv = __frcp_rn(nb);  // the chunk mean need not be exact: q is about it
@@ -155,11 +159,10 @@ __device__ __forceinline__ void stream_stats_body(const Input& in, int S, int64_
 
 template <typename T, int VEC, bool STATS, bool HAS_F>
 __global__ void __launch_bounds__(kThreads, (Cfg<VEC, STATS, HAS_F>::MINB))
-    stream_stats_kernel(Input in, int S, int64_t rows, float* __restrict__ pn,
-                        double* __restrict__ pmean, double* __restrict__ pm2,
-                        float* __restrict__ pmin, float* __restrict__ pmax) {
-  stream_stats_body<T, VEC, STATS, HAS_F>(in, S, rows, pn, pmean, pm2, pmin, pmax, blockIdx.x,
-                                          blockIdx.y, blockIdx.z);
+    stream_stats_kernel(Input in, int S, int64_t rows, float* __restrict__ pn, double* __restrict__ pmean,
+                        double* __restrict__ pm2, float* __restrict__ pmin, float* __restrict__ pmax) {
+  stream_stats_body<T, VEC, STATS, HAS_F>(in, S, rows, pn, pmean, pm2, pmin, pmax, blockIdx.x, blockIdx.y,
+                                          blockIdx.z);
 }
 
 // Pair launch (delta_entropy): blockIdx.x = 2 * tile + half, half 0 the statistics of
@@ -175,13 +178,13 @@ __global__ void __launch_bounds__(kThreads, (Cfg<VEC, STATS, true>::MINB))
   const int s = static_cast<int>(blockIdx.y);
   if ((blockIdx.x & 1u) == 0u) {
     if (s < y.S)
-      stream_stats_body<T, VEC, STATS, true>(in, y.S, y.rows, y.pn, y.pmean, y.pm2, y.pmin,
-                                             y.pmax, tile, s, blockIdx.z);
+      stream_stats_body<T, VEC, STATS, true>(in, y.S, y.rows, y.pn, y.pmean, y.pm2, y.pmin, y.pmax, tile, s,
+                                             blockIdx.z);
   } else if (s < x.S) {
     Input ix = in;
     ix.f = nullptr;
-    stream_stats_body<T, VEC, STATS, false>(ix, x.S, x.rows, x.pn, x.pmean, x.pm2, x.pmin,
-                                            x.pmax, tile, s, blockIdx.z);
+    stream_stats_body<T, VEC, STATS, false>(ix, x.S, x.rows, x.pn, x.pmean, x.pm2, x.pmin, x.pmax, tile, s,
+                                            blockIdx.z);
   }
 }
 

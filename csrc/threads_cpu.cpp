@@ -93,11 +93,15 @@ const Config& config() {
 // ----------------------------------------------------------------- futex, pause
 long futex(std::atomic<uint32_t>* addr, int op, uint32_t val) {
   static_assert(sizeof(std::atomic<uint32_t>) == 4, "futex word");
-  return syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), op | FUTEX_PRIVATE_FLAG, val,
-                 nullptr, nullptr, 0);
+  return syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), op | FUTEX_PRIVATE_FLAG, val, nullptr, nullptr,
+                 0);
 }
-void futex_wait(std::atomic<uint32_t>* addr, uint32_t expected) { futex(addr, FUTEX_WAIT, expected); }
-void futex_wake(std::atomic<uint32_t>* addr, int n) { futex(addr, FUTEX_WAKE, uint32_t(n)); }
+void futex_wait(std::atomic<uint32_t>* addr, uint32_t expected) {
+  futex(addr, FUTEX_WAIT, expected);
+}
+void futex_wake(std::atomic<uint32_t>* addr, int n) {
+  futex(addr, FUTEX_WAKE, uint32_t(n));
+}
 
 ED_INLINE void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -141,8 +145,8 @@ class Pool {
   // the current job (written before its state is published, read after a state load)
   alignas(64) std::atomic<ItemFn> fn_{nullptr};
   std::atomic<void*> ctx_{nullptr};
-  std::atomic<int> width_{0};  // helpers with tid >= width stay out (per-thread scratch)
-  std::atomic<int64_t> per_{1}, total_{0};  // chunk c = items [c * per, (c + 1) * per)
+  std::atomic<int> width_{0};                  // helpers with tid >= width stay out (per-thread scratch)
+  std::atomic<int64_t> per_{1}, total_{0};     // chunk c = items [c * per, (c + 1) * per)
   alignas(64) std::atomic<uint32_t> done_{0};  // chunks finished (futex word of the caller)
   std::atomic<uint32_t> caller_waiting_{0};
   alignas(64) std::atomic<uint32_t> epoch_{0};  // futex word of sleeping helpers
@@ -220,7 +224,7 @@ bool Pool::grow(int want) {
 void Pool::run(int64_t n_items, int nthreads, ItemFn fn, void* ctx) {
   std::unique_lock<std::mutex> lk(mu_, std::try_to_lock);
   nthreads = std::min(nthreads, kMaxThreads);
-  if (!lk.owns_lock() || nthreads <= 1) {  // a job already runs (another caller thread, or
+  if (!lk.owns_lock() || nthreads <= 1) {                 // a job already runs (another caller thread, or
     for (int64_t i = 0; i < n_items; ++i) fn(ctx, i, 0);  // a kernel inside a kernel): inline
     return;
   }
@@ -304,9 +308,12 @@ void run_parallel(int64_t n_items, int nthreads, ItemFn fn, void* ctx) {
     return;
   }
   switch (config().mode) {
-    case Mode::Omp: return run_omp(n_items, nthreads, fn, ctx);
-    case Mode::Std: return run_std(n_items, nthreads, fn, ctx);
-    default: return pool().run(n_items, nthreads, fn, ctx);
+    case Mode::Omp:
+      return run_omp(n_items, nthreads, fn, ctx);
+    case Mode::Std:
+      return run_std(n_items, nthreads, fn, ctx);
+    default:
+      return pool().run(n_items, nthreads, fn, ctx);
   }
 }
 

@@ -41,12 +41,16 @@ def assert_close(ref, tri, rtol, atol=0.0, name=""):
     """Compare a fast result (tri) with the reference (ref), reporting the worst error."""
     ref = torch.as_tensor(ref, dtype=torch.float64).cpu()
     tri = torch.as_tensor(tri, dtype=torch.float64).cpu()
-    assert ref.shape == tri.shape, f"{name}: shape {tuple(tri.shape)} != reference {tuple(ref.shape)}"
+    assert ref.shape == tri.shape, (
+        f"{name}: shape {tuple(tri.shape)} != reference {tuple(ref.shape)}"
+    )
     err = (ref - tri).abs()
     tol = atol + rtol * ref.abs()
     worst = (err - tol).argmax() if err.numel() else None
     ok = bool((err <= tol).all()) and bool(torch.isfinite(tri).all() == torch.isfinite(ref).all())
-    assert ok, f"{name}: max abs err {err.max():.3e}, at {worst}: ref {ref.flatten()[worst]:.8g} vs {tri.flatten()[worst]:.8g} (rtol {rtol}, atol {atol})"
+    assert ok, (
+        f"{name}: max abs err {err.max():.3e}, at {worst}: ref {ref.flatten()[worst]:.8g} vs {tri.flatten()[worst]:.8g} (rtol {rtol}, atol {atol})"
+    )
 
 
 def assert_identical(a, b, path="result", skip=("seconds", "tokens_per_s")):
@@ -61,7 +65,9 @@ def assert_identical(a, b, path="result", skip=("seconds", "tokens_per_s")):
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_identical(x, y, f"{path}[{i}]", skip)
     elif isinstance(a, torch.Tensor):
-        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{path}: {m}")
+        torch.testing.assert_close(
+            b, a, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{path}: {m}"
+        )
     elif isinstance(a, float):
         assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"
     else:
@@ -72,8 +78,14 @@ def assert_identical(a, b, path="result", skip=("seconds", "tokens_per_s")):
 
 # what every tiny model has, whatever its architecture and variant
 TINY_COMMON = dict(
-    hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=97, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=97,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
 )
 # each architecture comes in two variants:
 #   "base":  3 layers, 64 positions, every layer alike (taps, profiling, streaming, loading)
@@ -89,29 +101,61 @@ VARIANTS = {
 TINY = {
     "llama": {"base": {}, "mixed": {}},
     "mistral": {"base": dict(sliding_window=8), "mixed": dict(sliding_window=4)},
-    "qwen2": {"base": {}, "mixed": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2)},
+    "qwen2": {
+        "base": {},
+        "mixed": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2),
+    },
     "qwen3": {"base": dict(head_dim=8), "mixed": {}},
     "phi3": {"base": {}, "mixed": {}},
-    "gemma2": {"base": dict(head_dim=8, sliding_window=8), "mixed": dict(head_dim=8, sliding_window=4)},
+    "gemma2": {
+        "base": dict(head_dim=8, sliding_window=8),
+        "mixed": dict(head_dim=8, sliding_window=4),
+    },
     "gemma3_text": {
         "base": dict(head_dim=8, sliding_window=8),
-        "mixed": dict(head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2),
+        "mixed": dict(
+            head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2
+        ),
     },
     "mixtral": {
         "base": dict(num_local_experts=4, num_experts_per_tok=2),
         "mixed": dict(num_local_experts=4, num_experts_per_tok=2),
     },
     "qwen2_moe": {
-        "base": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=32),
-        "mixed": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, decoder_sparse_step=2, mlp_only_layers=[0]),
+        "base": dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=32,
+        ),
+        "mixed": dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            decoder_sparse_step=2,
+            mlp_only_layers=[0],
+        ),
     },
     "qwen3_moe": {
         "base": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8),
-        "mixed": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[1]),
+        "mixed": dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+        ),
     },
     "olmo2": {"base": {}, "mixed": {}},
-    "gpt_neox": {"base": dict(use_parallel_residual=True, rotary_pct=0.5), "mixed": dict(rotary_pct=0.5)},
-    "gpt_neox_seq": {"base": dict(use_parallel_residual=False, rotary_pct=0.5), "mixed": dict(use_parallel_residual=False, rotary_pct=0.5)},
+    "gpt_neox": {
+        "base": dict(use_parallel_residual=True, rotary_pct=0.5),
+        "mixed": dict(rotary_pct=0.5),
+    },
+    "gpt_neox_seq": {
+        "base": dict(use_parallel_residual=False, rotary_pct=0.5),
+        "mixed": dict(use_parallel_residual=False, rotary_pct=0.5),
+    },
     "phi": {"base": dict(partial_rotary_factor=0.5), "mixed": {}},
 }
 TYPES = supported_model_types()  # the model types (TINY's names but gpt_neox_seq)
@@ -128,7 +172,15 @@ def tiny_config(name: str, variant: str = "base", layers: int | None = None, **o
     return AutoConfig.for_model(model_type, **{**fields, **overrides})
 
 
-def tiny_model(name: str, variant: str = "base", *, seed: int = 0, layers: int | None = None, perturb_norms: bool = True, **overrides):
+def tiny_model(
+    name: str,
+    variant: str = "base",
+    *,
+    seed: int = 0,
+    layers: int | None = None,
+    perturb_norms: bool = True,
+    **overrides,
+):
     """A tiny random causal LM (see TINY), fp32, eval mode, built after ``torch.manual_seed(seed)``.
 
     Norms start at identity: unless ``perturb_norms`` is False they are perturbed so that a
@@ -149,7 +201,14 @@ def tiny_model(name: str, variant: str = "base", *, seed: int = 0, layers: int |
 def char_llama(layers: int):
     """The evaluation tests' Llama: a vocabulary of 300 for CharTokenizer's byte ids, 512
     positions, no padding id, norms left at identity."""
-    return tiny_model("llama", layers=layers, vocab_size=300, max_position_embeddings=512, pad_token_id=None, perturb_norms=False)
+    return tiny_model(
+        "llama",
+        layers=layers,
+        vocab_size=300,
+        max_position_embeddings=512,
+        pad_token_id=None,
+        perturb_norms=False,
+    )
 
 
 def manual_reference_logits(model, plan: dict, ids: torch.Tensor) -> torch.Tensor:
@@ -198,7 +257,10 @@ class CharTokenizer:
 
 
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike".split()
-DOCS = [f"Document {i}: " + " ".join(WORDS[(j * 7 + i) % len(WORDS)] for j in range(150)) for i in range(10)]
+DOCS = [
+    f"Document {i}: " + " ".join(WORDS[(j * 7 + i) % len(WORDS)] for j in range(150))
+    for i in range(10)
+]
 
 
 def char_tokenizer():
@@ -244,9 +306,13 @@ def stream_windows(vocab=97, n=7, t=20):
 
 
 # the streaming tests (tests/test_streaming*.py)
-STREAM_SETTINGS = ProfileSettings(methods=("bucket", "gaussian_diag", "cosine", "angular"), batch_size=3, spans=(1, 2))
+STREAM_SETTINGS = ProfileSettings(
+    methods=("bucket", "gaussian_diag", "cosine", "angular"), batch_size=3, spans=(1, 2)
+)
 # the resume tests (tests/test_resume_faults.py, and its SIGKILLed child processes)
-RESUME_SETTINGS = ProfileSettings(methods=("bucket", "knn", "gaussian_diag", "cosine", "angular"), batch_size=3, k=5, spans=(1, 2))
+RESUME_SETTINGS = ProfileSettings(
+    methods=("bucket", "knn", "gaussian_diag", "cosine", "angular"), batch_size=3, k=5, spans=(1, 2)
+)
 RESUME_W = stream_windows()
 
 
@@ -325,10 +391,26 @@ def backend_params():
     return [
         pytest.param(Backend("torch", "cpu"), id="torch-cpu"),
         pytest.param(Backend("cpp", "cpu"), id="cpp-cpu"),
-        pytest.param(Backend("triton", triton_dev), id=f"triton-{triton_dev}",
-                     marks=[pytest.mark.triton, pytest.mark.skipif(no_triton, reason="triton missing (or TRITON_INTERPRET=0 without a GPU)")]),
-        pytest.param(Backend("cuda", "cuda"), id="cuda-cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]),
-        pytest.param(Backend("torch", "cuda"), id="torch-cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]),
+        pytest.param(
+            Backend("triton", triton_dev),
+            id=f"triton-{triton_dev}",
+            marks=[
+                pytest.mark.triton,
+                pytest.mark.skipif(
+                    no_triton, reason="triton missing (or TRITON_INTERPRET=0 without a GPU)"
+                ),
+            ],
+        ),
+        pytest.param(
+            Backend("cuda", "cuda"),
+            id="cuda-cuda",
+            marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")],
+        ),
+        pytest.param(
+            Backend("torch", "cuda"),
+            id="torch-cuda",
+            marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")],
+        ),
     ]
 
 
@@ -338,7 +420,9 @@ def require(be: Backend) -> Backend:
     if be.name == "cpp":
         assert mod is not None, B._load_errors.get("cpp")
     elif mod is None or be.dev not in mod.devices():
-        pytest.skip(f"{be.name} backend unavailable on {be.dev}: {B._load_errors.get(be.name, 'no such device')}")
+        pytest.skip(
+            f"{be.name} backend unavailable on {be.dev}: {B._load_errors.get(be.name, 'no such device')}"
+        )
     return be
 
 
@@ -382,9 +466,15 @@ def strided_views(dtype, dev="cpu"):
     base = torch.randn(2, 150, 97, generator=g).to(dtype).to(dev)
     fb = torch.randn(2, 150, 97, generator=g).to(dtype).to(dev)
     return {
-        "transposed": (base.transpose(1, 2)[:, :, :80], fb.transpose(1, 2)[:, :, :80]),  # channel stride 150
+        "transposed": (
+            base.transpose(1, 2)[:, :, :80],
+            fb.transpose(1, 2)[:, :, :80],
+        ),  # channel stride 150
         "sliced": (base[:, ::2, 1::3], fb[:, 1::2, 1::3]),
-        "batch-permuted": (base[:, :60].reshape(6, 20, 97).transpose(0, 1), fb[:, :60].reshape(6, 20, 97).transpose(0, 1)),  # [20, 6, 97]
+        "batch-permuted": (
+            base[:, :60].reshape(6, 20, 97).transpose(0, 1),
+            fb[:, :60].reshape(6, 20, 97).transpose(0, 1),
+        ),  # [20, 6, 97]
         "expanded": (base[:1, :5].expand(3, 5, 97), fb[:1, :1].expand(3, 5, 97)),  # strides 0
     }
 
@@ -427,7 +517,9 @@ def bad_data(dtype, case, shape, dev):
     elif case == "inf_both":  # Inf - Inf = NaN in Y only
         x[0, 4, 2] = INF
         f[0, 4, 2] = -INF
-    elif case == "overflow":  # finite x and f; Y overflows fp32 (fp16: only fp16's range, no overflow)
+    elif (
+        case == "overflow"
+    ):  # finite x and f; Y overflows fp32 (fp16: only fp16's range, no overflow)
         x[b1, 3, 2] = big
         f[b1, 3, 2] = big
     elif case == "masked":  # bad values only in the masked-out token
@@ -447,7 +539,9 @@ def bad_channels(y, mask):
 
 
 def same_bits(a, b):
-    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(7.0, 8.0, 9.0), b.nan_to_num(7.0, 8.0, 9.0))
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(
+        a.nan_to_num(7.0, 8.0, 9.0), b.nan_to_num(7.0, 8.0, 9.0)
+    )
 
 
 # ------------------------------------------------------------------ comparisons
@@ -483,4 +577,6 @@ def check_cosine(be: Backend, x, other, mask=None, fused=True, name=""):
     assert_close(rc, cc, 0, name=f"{name} count")
     # a sum of cosines can cancel: cpp allows atol per valid token (the mean cosine to atol)
     rtol, atol, per_token = be.tol.cosine
-    assert_close(rs, cs, rtol=rtol, atol=atol * float(rc.max()) if per_token else atol, name=f"{name} cosine")
+    assert_close(
+        rs, cs, rtol=rtol, atol=atol * float(rc.max()) if per_token else atol, name=f"{name} cosine"
+    )

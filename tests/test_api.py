@@ -8,7 +8,13 @@ from helpers import assert_close, llm_like
 import entrodrop_fast as ef
 from entrodrop_fast.ops import reference as R
 
-KW = {"bucket": {"bins": 20}, "gaussian_diag": {}, "gaussian_full": {"ridge": 1e-6}, "knn": {"k": 3}, "renyi": {}}
+KW = {
+    "bucket": {"bins": 20},
+    "gaussian_diag": {},
+    "gaussian_full": {"ridge": 1e-6},
+    "knn": {"k": 3},
+    "renyi": {},
+}
 
 
 @pytest.mark.parametrize("method", ef.METHODS)
@@ -17,7 +23,9 @@ def test_batched_equals_per_sample(method):
     h = ef.entropy(x, method, backend="torch", **KW[method])
     assert h.shape == (3,) and h.dtype == torch.float64
     for b in range(3):
-        assert_close(ef.entropy(x[b], method, backend="torch", **KW[method]), h[b], 1e-12, name=method)
+        assert_close(
+            ef.entropy(x[b], method, backend="torch", **KW[method]), h[b], 1e-12, name=method
+        )
 
 
 @pytest.mark.parametrize("method", ef.METHODS)
@@ -28,13 +36,23 @@ def test_mask_equals_dropping_tokens(method):
     mask[1, ::3] = False
     h = ef.entropy(x, method, mask=mask, backend="torch", **KW[method])
     for b in range(2):
-        assert_close(ef.entropy(x[b][mask[b]], method, backend="torch", **KW[method]), h[b], 1e-12, name=method)
+        assert_close(
+            ef.entropy(x[b][mask[b]], method, backend="torch", **KW[method]),
+            h[b],
+            1e-12,
+            name=method,
+        )
 
 
 @pytest.mark.parametrize("method", ef.METHODS)
 def test_fused_f_equals_materialised_y(method):
     x, f = llm_like(2, 25, 4, seed=3), llm_like(2, 25, 4, seed=4)
-    assert_close(ef.entropy(x + f, method, backend="torch", **KW[method]), ef.entropy(x, method, f, backend="torch", **KW[method]), 1e-6, name=method)
+    assert_close(
+        ef.entropy(x + f, method, backend="torch", **KW[method]),
+        ef.entropy(x, method, f, backend="torch", **KW[method]),
+        1e-6,
+        name=method,
+    )
 
 
 def test_numpy_and_dlpack_inputs_give_numpy():
@@ -55,7 +73,9 @@ def test_strided_input():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_reads_as_fp32(dtype):
     x = llm_like(100, 8, dtype=dtype)
-    assert_close(ef.gaussian_diag_entropy(x.float()), ef.gaussian_diag_entropy(x), 0, name=str(dtype))
+    assert_close(
+        ef.gaussian_diag_entropy(x.float()), ef.gaussian_diag_entropy(x), 0, name=str(dtype)
+    )
 
 
 def test_cosine_and_angular():
@@ -64,7 +84,9 @@ def test_cosine_and_angular():
     fused = ef.cosine_importance(x, f)
     plain = ef.cosine_importance(x, y=x + f)
     assert_close(plain, fused, 1e-6, name="cosine")
-    expect = 1 - torch.nn.functional.cosine_similarity(x.double(), (x + f).double(), dim=-1).mean(-1)
+    expect = 1 - torch.nn.functional.cosine_similarity(x.double(), (x + f).double(), dim=-1).mean(
+        -1
+    )
     assert_close(expect, fused, 1e-6, name="cosine")
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[0, 7:] = False
@@ -175,7 +197,9 @@ def test_unknown_and_unavailable_backend():
     with pytest.raises(ValueError, match="unknown backend 'metal'.*available here"):
         ef.bucket_entropy(torch.randn(5, 3), backend="metal")
     # "cuda" is a backend (ops/backends.py), whose kernels take CUDA tensors only
-    with pytest.raises(ValueError, match="backend 'cuda' (is not available|does not run on cpu).*available"):
+    with pytest.raises(
+        ValueError, match="backend 'cuda' (is not available|does not run on cpu).*available"
+    ):
         ef.bucket_entropy(torch.randn(5, 3), backend="cuda")
     info = ef.backends()
     assert info["torch"]["available"]
@@ -191,10 +215,21 @@ def test_auto_warns_once_when_the_extension_did_not_load(monkeypatch):
     from entrodrop_fast.ops import backends, torch_backend
 
     monkeypatch.setattr(backends, "_loaded", {"torch": torch_backend})
-    monkeypatch.setattr(backends, "_load_errors", {"cpp": "ImportError: no module named entrodrop_fast._C", "triton": "no GPU", "cuda": "no GPU"})
+    monkeypatch.setattr(
+        backends,
+        "_load_errors",
+        {
+            "cpp": "ImportError: no module named entrodrop_fast._C",
+            "triton": "no GPU",
+            "cuda": "no GPU",
+        },
+    )
     monkeypatch.setattr(backends, "_fallback_warned", False)
     x = torch.randn(16, 4)
-    with pytest.warns(RuntimeWarning, match=r"compiled kernels are not available \(ImportError: no module named entrodrop_fast._C\).*torch reference"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"compiled kernels are not available \(ImportError: no module named entrodrop_fast._C\).*torch reference",
+    ):
         a = ef.bucket_entropy(x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

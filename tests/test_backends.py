@@ -38,7 +38,17 @@ from entrodrop_fast.ops import backends as B
 from entrodrop_fast.ops import reference as ref_ops
 
 # [B, T, D]: one token, a single channel, odd sizes, several samples, an LLM-sized row
-SHAPES = [(1, 1, 2), (1, 2, 1), (1, 3, 5), (3, 17, 9), (1, 33, 65), (3, 33, 65), (3, 37, 70), (1, 257, 577), (2, 100, 4096)]
+SHAPES = [
+    (1, 1, 2),
+    (1, 2, 1),
+    (1, 3, 5),
+    (3, 17, 9),
+    (1, 33, 65),
+    (3, 33, 65),
+    (3, 37, 70),
+    (1, 257, 577),
+    (2, 100, 4096),
+]
 INTERPRETER_MAX = 2500  # elements per input under Triton's interpreter (slow)
 # Most elements per input by backend: the interpreter is slow, the torch backend is the
 # reference itself (plumbing only), CPU time is shared; the GPUs take every shape.
@@ -72,15 +82,29 @@ def test_table_covers_every_backend_device_and_op():
         for dev in rows:
             ops = B.TABLE[(name, dev)]
             assert set(ops) <= set(B.OPS), (name, dev)
-            assert set(B.OPS) - set(ops) <= B.OPTIONAL_OPS, f"{name} on {dev} lacks {set(B.OPS) - set(ops)}"
+            assert set(B.OPS) - set(ops) <= B.OPTIONAL_OPS, (
+                f"{name} on {dev} lacks {set(B.OPS) - set(ops)}"
+            )
             for op, impl in ops.items():
                 if impl == B.NATIVE:
-                    assert callable(getattr(mod, op, None)), f"{name}.{op} is native on {dev} but missing"
+                    assert callable(getattr(mod, op, None)), (
+                        f"{name}.{op} is native on {dev} but missing"
+                    )
                 else:
-                    assert impl and all(t in B.BACKENDS or t == "knn_tiled" for t in impl), (name, dev, op, impl)
+                    assert impl and all(t in B.BACKENDS or t == "knn_tiled" for t in impl), (
+                        name,
+                        dev,
+                        op,
+                        impl,
+                    )
             # the declarations name native ops only
-            assert set(mod.PAIRS.get(dev, ())) <= {op for op, i in ops.items() if i == B.NATIVE}, (name, dev)
-            assert set(mod.REPORTS_NONFINITE.get(dev, ())) <= {op for op, i in ops.items() if i == B.NATIVE}, (name, dev)
+            assert set(mod.PAIRS.get(dev, ())) <= {op for op, i in ops.items() if i == B.NATIVE}, (
+                name,
+                dev,
+            )
+            assert set(mod.REPORTS_NONFINITE.get(dev, ())) <= {
+                op for op, i in ops.items() if i == B.NATIVE
+            }, (name, dev)
             for op in mod.PAIRS.get(dev, ()):
                 assert callable(getattr(mod, f"{op}_pair", None)), f"{name}.{op}_pair"
     for (alias, dev), target in B.ALIASES.items():
@@ -91,7 +115,9 @@ def test_native_kernels_have_the_protocols_signatures():
     """Every native op (and pair kernel) takes the parameters of backends.Kernels, in order."""
     for (name, _dev), ops in B.TABLE.items():
         mod = B._import(name)
-        for op in [o for o, i in ops.items() if i == B.NATIVE] + [f"{o}_pair" for d in mod.PAIRS.values() for o in d]:
+        for op in [o for o, i in ops.items() if i == B.NATIVE] + [
+            f"{o}_pair" for d in mod.PAIRS.values() for o in d
+        ]:
             want = list(inspect.signature(getattr(B.Kernels, op)).parameters)[1:]  # without self
             got = list(inspect.signature(getattr(mod, op)).parameters)
             assert got[: len(want)] == want, f"{name}.{op}{got} vs Kernels.{op}{want}"
@@ -100,7 +126,9 @@ def test_native_kernels_have_the_protocols_signatures():
 def test_cuda_tensors_named_cpp_run_the_cuda_backend():
     """The old spelling: backend="cpp" on CUDA tensors is the cuda backend (one alias)."""
     assert B.ALIASES[("cpp", "cuda")] == "cuda"
-    assert B.route("cpp", "cuda", "bucket") == B.NATIVE and B.route("cpp", "cpu", "bucket") == B.NATIVE
+    assert (
+        B.route("cpp", "cuda", "bucket") == B.NATIVE and B.route("cpp", "cpu", "bucket") == B.NATIVE
+    )
     assert B.route("cpp", "cuda", "cosine") == ("triton", "torch")
     assert B.route("cpp", "cuda", "knn_kth_distance") == ("knn_tiled",)
     assert B.route("triton", "cuda", "knn_kth_distance") == ("knn_tiled",)
@@ -122,7 +150,10 @@ def test_backends_reports_native_ops_and_fallbacks():
     assert info["triton"]["ops"]["cuda"]["knn_kth_distance"].startswith("knn_tiled")
     for name in ef.BACKENDS:
         for dev, ops in info[name]["ops"].items():
-            assert ops["renyi"] in ("native", "torch") and ops["covariance"] in ("native", "torch"), (name, dev)
+            assert ops["renyi"] in ("native", "torch") and ops["covariance"] in (
+                "native",
+                "torch",
+            ), (name, dev)
 
 
 def test_extension_limits_match_python():
@@ -160,7 +191,11 @@ def test_llm_like_and_interleaved(be, shape, dtype):
     """LLM-like values (a channel at 3000 + 50 z, one x400) and the channel-stride-2 layout
     with samples interleaved between tokens, masked."""
     small_enough(be, shape)
-    x, f, m = make(shape, dtype, be.dev), make(shape, dtype, be.dev, seed=1), make_mask(shape, be.dev)
+    x, f, m = (
+        make(shape, dtype, be.dev),
+        make(shape, dtype, be.dev, seed=1),
+        make_mask(shape, be.dev),
+    )
     xs = make(shape, dtype, be.dev, seed=2, strided=True)
     tol = be.tol
     check_moments(ref_ops.moments(x), be.op("moments")(x, None, None), tol, "x")
@@ -183,9 +218,15 @@ def test_bucket_counts_exact(be, shape, dtype, bins):
     counts = be.counts()
     if counts is None:
         pytest.skip(f"{be.name} has no bin-count kernel (its H_d matches to 1e-12 instead)")
-    x, f, m = make(shape, dtype, be.dev), make(shape, dtype, be.dev, seed=1), make_mask(shape, be.dev)
+    x, f, m = (
+        make(shape, dtype, be.dev),
+        make(shape, dtype, be.dev, seed=1),
+        make_mask(shape, be.dev),
+    )
     x[..., 0] = 1.5
-    assert torch.equal(counts(x, None, None, bins).long().cpu(), ref_counts(x, None, None, bins).cpu())
+    assert torch.equal(
+        counts(x, None, None, bins).long().cpu(), ref_counts(x, None, None, bins).cpu()
+    )
     assert torch.equal(counts(x, f, m, bins).long().cpu(), ref_counts(x, f, m, bins).cpu())
     xs = make(shape, dtype, be.dev, seed=2, strided=True)
     assert torch.equal(counts(xs, None, m, bins).long().cpu(), ref_counts(xs, None, m, bins).cpu())
@@ -227,7 +268,9 @@ def test_large_offset_channels(be):
 
 def test_bucket_hand_cases(be):
     # min == max: one bin, entropy 0; value equal to max in the last bin; evenly spread values.
-    x = torch.tensor([[1.0, 2.0, 0.0], [1.0, 4.0, 1.0], [1.0, 6.0, 2.0], [1.0, 8.0, 3.0]])[None].to(be.dev)
+    x = torch.tensor([[1.0, 2.0, 0.0], [1.0, 4.0, 1.0], [1.0, 6.0, 2.0], [1.0, 8.0, 3.0]])[None].to(
+        be.dev
+    )
     h = be.op("bucket")(x, None, None, 4, False)[0]
     assert h[0].item() == 0.0
     assert h[1].item() == pytest.approx(math.log(4.0), rel=1e-15)
@@ -238,7 +281,11 @@ def test_bucket_hand_cases(be):
 
 def test_bucket_ties_at_the_max_and_one_value_at_the_max(be, nan_empty):
     shape = (2, 41, 19)
-    x, f, m = make(shape, torch.bfloat16, be.dev), make(shape, torch.bfloat16, be.dev, seed=2), make_mask(shape, be.dev)
+    x, f, m = (
+        make(shape, torch.bfloat16, be.dev),
+        make(shape, torch.bfloat16, be.dev, seed=2),
+        make_mask(shape, be.dev),
+    )
     x[0, 7, 3] = x[0, :, 3].max()  # ties at the max go to the last bin
     x[1, :, 4] = 0.0
     x[1, 3, 4] = 1.0  # one value at the max, the rest at the min
@@ -268,7 +315,10 @@ def test_fp16_sum_past_fp16_range_is_finite(be, nan_empty):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n,d,k", [(2, 1, 1), (3, 5, 2), (30, 7, 1), (37, 19, 5), (50, 12, 25), (257, 577, 25), (600, 33, 50)])
+@pytest.mark.parametrize(
+    "n,d,k",
+    [(2, 1, 1), (3, 5, 2), (30, 7, 1), (37, 19, 5), (50, 12, 25), (257, 577, 25), (600, 33, 50)],
+)
 def test_knn_kth_distance(be, dtype, n, d, k, nan_empty):
     small_enough(be, (n, d))
     rtol, atol = be.tol.knn
@@ -278,9 +328,17 @@ def test_knn_kth_distance(be, dtype, n, d, k, nan_empty):
             x[min(4, n - 1)] = x[0]  # a duplicate row: distance 0 to an *other* row counts
         c = be.op("knn_kth_distance")(x, k)
         assert c.dtype == torch.float64 and c.shape == (n,)
-        assert_close(ref_ops.knn_kth_distance(x.float(), k), c, rtol, atol, name=f"knn {n}x{d} k={k}")
+        assert_close(
+            ref_ops.knn_kth_distance(x.float(), k), c, rtol, atol, name=f"knn {n}x{d} k={k}"
+        )
         xt = x.t().contiguous().t()  # column-major
-        assert_close(ref_ops.knn_kth_distance(xt.float(), k), be.op("knn_kth_distance")(xt, k), rtol, atol, name="knn strided")
+        assert_close(
+            ref_ops.knn_kth_distance(xt.float(), k),
+            be.op("knn_kth_distance")(xt, k),
+            rtol,
+            atol,
+            name="knn strided",
+        )
 
 
 def test_knn_duplicates(be):
@@ -312,14 +370,20 @@ def test_pairs_are_the_two_single_calls(be, dtype, nan_empty):
     if not pairs:
         pytest.skip(f"{be.name} has no pair kernels on {be.dev}")
     shape = (3, 23, 37)
-    x, f, m = make(shape, dtype, be.dev, strided=True), make(shape, dtype, be.dev, seed=5), make_mask(shape, be.dev)
+    x, f, m = (
+        make(shape, dtype, be.dev, strided=True),
+        make(shape, dtype, be.dev, seed=5),
+        make_mask(shape, be.dev),
+    )
     for mask in (None, m):
         if "bucket" in pairs:
             for bins, exact in ((13, False), (20, True)):
                 hy, hx = B.pair_kernel(be.name, be.dev, "bucket")(x, f, mask, bins, exact)
                 assert torch.equal(hy, be.op("bucket")(x, f, mask, bins, exact))
                 assert torch.equal(hx, be.op("bucket")(x, None, mask, bins, exact))
-                assert_close(ref_ops.bucket(x, None, mask, bins, exact), hx, 1e-12, 1e-12, name="H(x)")
+                assert_close(
+                    ref_ops.bucket(x, None, mask, bins, exact), hx, 1e-12, 1e-12, name="H(x)"
+                )
         if "moments" in pairs:
             my, mx = B.pair_kernel(be.name, be.dev, "moments")(x, f, mask)
             ry, rx = be.op("moments")(x, f, mask), be.op("moments")(x, None, mask)
@@ -347,12 +411,22 @@ def test_kernels_report_exactly_the_bad_channels(be, dtype, case, nan_empty):
         clean = torch.where(torch.isfinite(y), y, torch.zeros_like(y))
         if "bucket" in reports:
             h = be.op("bucket")(x, ff, m, 20, False)
-            assert torch.equal(h.isnan(), bad), f"bucket: NaN at {h.isnan().nonzero().tolist()}, bad {bad.nonzero().tolist()}"
-            assert_close(ref_ops.bucket(clean, None, m, 20)[~bad], h[~bad], 1e-12, 1e-12, name="bucket, clean channels")
+            assert torch.equal(h.isnan(), bad), (
+                f"bucket: NaN at {h.isnan().nonzero().tolist()}, bad {bad.nonzero().tolist()}"
+            )
+            assert_close(
+                ref_ops.bucket(clean, None, m, 20)[~bad],
+                h[~bad],
+                1e-12,
+                1e-12,
+                name="bucket, clean channels",
+            )
             pair = B.pair_kernel(be.name, be.dev, "bucket")
             if ff is not None and pair is not None:
                 hy, hx = pair(x, ff, m, 20, False)
-                assert torch.equal(hy.isnan(), bad) and torch.equal(hx.isnan(), bad_channels(x.float(), m))
+                assert torch.equal(hy.isnan(), bad) and torch.equal(
+                    hx.isnan(), bad_channels(x.float(), m)
+                )
         if "moments" in reports:
             mo = be.op("moments")(x, ff, m)
             for k in ("mean", "m2", "min", "max"):
@@ -361,18 +435,26 @@ def test_kernels_report_exactly_the_bad_channels(be, dtype, case, nan_empty):
             assert_close(ref["count"], mo["count"], 0)
             ok = ~bad & (clean.abs().amax(1) < 1e18)
             assert_close(ref["m2"][ok], mo["m2"][ok], 1e-5, 1e-9, name="m2, clean channels")
-            assert torch.equal(ref["min"][~bad], mo["min"][~bad]) and torch.equal(ref["max"][~bad], mo["max"][~bad])
+            assert torch.equal(ref["min"][~bad], mo["min"][~bad]) and torch.equal(
+                ref["max"][~bad], mo["max"][~bad]
+            )
             pair = B.pair_kernel(be.name, be.dev, "moments")
             if ff is not None and pair is not None:
                 my, mx = pair(x, ff, m)
-                assert torch.equal(my["m2"].isnan(), bad) and torch.equal(mx["max"].isnan(), bad_channels(x.float(), m))
+                assert torch.equal(my["m2"].isnan(), bad) and torch.equal(
+                    mx["max"].isnan(), bad_channels(x.float(), m)
+                )
         if "cosine" in reports and ff is not None:
             s, _ = be.op("cosine")(x, ff, m, True)
             assert torch.equal(s.isnan(), bad.any(1) | bad_channels(x.float(), m).any(1)), "cosine"
             s, _ = be.op("cosine")(x, ff, m, False)
             want = (bad_channels(x.float(), m) | bad_channels(ff.float(), m)).any(1)
-            if case == "overflow" and be.name == "triton":  # x = y = 3e38: x.y overflows fp32 in the
-                want[1] |= dtype != torch.float16  # Triton kernel (NaN, as it always was; cpp's sums are wider)
+            if (
+                case == "overflow" and be.name == "triton"
+            ):  # x = y = 3e38: x.y overflows fp32 in the
+                want[1] |= (
+                    dtype != torch.float16
+                )  # Triton kernel (NaN, as it always was; cpp's sums are wider)
             assert torch.equal(s.isnan(), want), "cosine with y"
 
 
@@ -421,21 +503,32 @@ def _same(a, b, rtol):
     if a is None or b is None:
         return a is None and b is None
     a, b = torch.as_tensor(a), torch.as_tensor(b)
-    return torch.equal(a.isnan(), b.isnan()) and bool(torch.allclose(a.nan_to_num(), b.nan_to_num(), rtol=rtol, atol=1e-9))
+    return torch.equal(a.isnan(), b.isnan()) and bool(
+        torch.allclose(a.nan_to_num(), b.nan_to_num(), rtol=rtol, atol=1e-9)
+    )
 
 
 @pytest.mark.parametrize("policy", ["raise", "omit"])
 @pytest.mark.parametrize("case", BAD_CASES)
 @pytest.mark.parametrize("call", sorted(CALLS))
-def test_api_same_results_errors_and_warnings_as_the_explicit_check(be, call, case, policy, monkeypatch):
+def test_api_same_results_errors_and_warnings_as_the_explicit_check(
+    be, call, case, policy, monkeypatch
+):
     """The public calls with the kernels' reports (no separate NaN/Inf pass where the backend
     declares REPORTS_NONFINITE and PAIRS) = the same calls with the API's explicit check first:
     errors, warnings, results; and clean input reads no separate pass."""
     decl = be.mod.REPORTS_NONFINITE.get(be.dev, ())
     if not decl:
-        pytest.skip(f"{be.name} reports no non-finite values on {be.dev}: the explicit check always runs")
+        pytest.skip(
+            f"{be.name} reports no non-finite values on {be.dev}: the explicit check always runs"
+        )
     T = 11 if be.interpreted else 300
-    x, f, mask = bad_data(torch.bfloat16 if case != "overflow" else torch.float32, case, (3, T, 10 if be.interpreted else 64), be.dev)
+    x, f, mask = bad_data(
+        torch.bfloat16 if case != "overflow" else torch.float32,
+        case,
+        (3, T, 10 if be.interpreted else 64),
+        be.dev,
+    )
     for m in (None, mask):
         got = _outcome(be, call, x, f, mask=m, nan_policy=policy)
         monkeypatch.setattr(be.mod, "REPORTS_NONFINITE", {})  # the explicit check, as before
@@ -450,7 +543,9 @@ def test_api_same_results_errors_and_warnings_as_the_explicit_check(be, call, ca
         if hidden:
             assert got[1] is None and not got[2], got
         elif y_bad and policy == "raise":
-            assert got[1] is not None and ("NaN or Inf" in got[1] or "overflowed float32" in got[1]), got
+            assert got[1] is not None and (
+                "NaN or Inf" in got[1] or "overflowed float32" in got[1]
+            ), got
         elif y_bad:
             assert got[1] is None and any("skipped" in w for w in got[2]), got
 
@@ -465,7 +560,14 @@ def test_api_clean_input_reads_no_prepass(be, monkeypatch):
     real = api._nonfinite_tokens
     monkeypatch.setattr(api, "_nonfinite_tokens", lambda *a, **k: calls.append(1) or real(*a, **k))
     x, f, mask = bad_data(torch.bfloat16, "clean", (2, 11, 10), be.dev)
-    op = {"bucket": "bucket", "gaussian_diag": "moments", "delta_bucket": "bucket", "delta_gaussian_diag": "moments", "cosine": "cosine", "cosine_y": "cosine"}
+    op = {
+        "bucket": "bucket",
+        "gaussian_diag": "moments",
+        "delta_bucket": "bucket",
+        "delta_gaussian_diag": "moments",
+        "cosine": "cosine",
+        "cosine_y": "cosine",
+    }
     for call in CALLS:
         if op[call] in decl:
             CALLS[call](x, f, backend=be.name, mask=mask)
@@ -488,7 +590,9 @@ def test_api_omit_equals_masking_and_the_reference(be):
         d = ef.delta_entropy(x, f, "gaussian_diag", mask=mask, nan_policy="omit", backend=be.name)
     # (H(x) keeps token (1, 5): its x is finite, only f held the NaN)
     with pytest.warns(RuntimeWarning, match="skipped 1 token"):
-        want = ef.delta_entropy(x, f, "gaussian_diag", mask=mask, nan_policy="omit", backend="torch")
+        want = ef.delta_entropy(
+            x, f, "gaussian_diag", mask=mask, nan_policy="omit", backend="torch"
+        )
     assert_close(want, d, 1e-6, 1e-9, name="delta gaussian_diag")
 
 
@@ -499,6 +603,10 @@ def test_bad_arguments_raise_value_error_from_the_extension():
     x = torch.randn(1, 4, 3)
     out = torch.empty(1, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="bins must be in \\[1, 65536\\]"):
-        C.bucket_cpu(x.data_ptr(), 0, 0, 0, [1, 4, 3], [12, 3, 1], [], [], 0, False, out.data_ptr(), 1)
+        C.bucket_cpu(
+            x.data_ptr(), 0, 0, 0, [1, 4, 3], [12, 3, 1], [], [], 0, False, out.data_ptr(), 1
+        )
     with pytest.raises(ValueError, match="dtype must be 0"):
-        C.moments_cpu(x.data_ptr(), 0, 0, 5, [1, 4, 3], [12, 3, 1], [], [], *[out.data_ptr()] * 5, 1)
+        C.moments_cpu(
+            x.data_ptr(), 0, 0, 5, [1, 4, 3], [12, 3, 1], [], [], *[out.data_ptr()] * 5, 1
+        )

@@ -16,4 +16,6 @@ def test_time_calls_warms_up_then_times_each_call():
     assert len(calls) == 5 and len(ts) == 3  # two untimed calls, then one figure per timed call
     assert all(0.01 <= t < 1.0 for t in ts)
     assert time_calls(fn, 0, warmup=1) == [] and len(calls) == 6
-    assert len(time_calls(fn, 2, warmup=0, device="cpu")) == 2  # a CPU device: nothing to synchronize
+    assert (
+        len(time_calls(fn, 2, warmup=0, device="cpu")) == 2
+    )  # a CPU device: nothing to synchronize

@@ -27,7 +27,20 @@ def test_entropy_on_stored_tensor(tmp_path, capsys, suffix):
         torch.save(x, path)
     else:
         save_file({"hidden": x}, str(path))
-    assert main(["entropy", str(path), "--method", "bucket,gaussian_diag", "--json", "--backend", "torch"]) == 0
+    assert (
+        main(
+            [
+                "entropy",
+                str(path),
+                "--method",
+                "bucket,gaussian_diag",
+                "--json",
+                "--backend",
+                "torch",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     got = {r["method"]: r["entropy"] for r in out["results"]}
     import entrodrop_fast as ef

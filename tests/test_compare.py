@@ -24,7 +24,20 @@ def corpus(tmp_path_factory):
 
 
 def _run(lm, corpus):
-    return C.compare(lm, kinds=("attn", "layer"), counts=(1, 2), methods=("bucket", "random"), corpus=corpus, samples=6, seq_len=48, eval_windows=2, eval_items=6, speed=False, progress=False, log=lambda *a: None)
+    return C.compare(
+        lm,
+        kinds=("attn", "layer"),
+        counts=(1, 2),
+        methods=("bucket", "random"),
+        corpus=corpus,
+        samples=6,
+        seq_len=48,
+        eval_windows=2,
+        eval_items=6,
+        speed=False,
+        progress=False,
+        log=lambda *a: None,
+    )
 
 
 def test_compare_rows_and_determinism(lm, corpus, tmp_path):
@@ -38,7 +51,12 @@ def test_compare_rows_and_determinism(lm, corpus, tmp_path):
     strip = lambda c: [{k: v for k, v in r.items() if k != "speed"} for r in c["rows"]]
     assert strip(a) == strip(b)  # same command, same table
     out = C.write(a, tmp_path / "cmp")
-    assert {p.name for p in out.iterdir()} == {"comparison.json", "comparison.md", "comparison.png", MARKER}
+    assert {p.name for p in out.iterdir()} == {
+        "comparison.json",
+        "comparison.md",
+        "comparison.png",
+        MARKER,
+    }
     md = (out / "comparison.md").read_text()
     assert "| attn | bucket | 1 |" in md and "% of dense retained" in md
     assert json.loads((out / "comparison.json").read_text())["rows"][0]["kind"] == "attn"
@@ -47,7 +65,11 @@ def test_compare_rows_and_determinism(lm, corpus, tmp_path):
 def test_write_refuses_a_foreign_directory(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(OutputError, match="did not write there"):
-        C.write({"rows": [], "dense": {"perplexity": 1.0, "params": 1}, "model": {}}, tmp_path, png=False)
+        C.write(
+            {"rows": [], "dense": {"perplexity": 1.0, "params": 1}, "model": {}},
+            tmp_path,
+            png=False,
+        )
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
@@ -63,14 +85,18 @@ def test_spearman_and_parsing():
 
 
 def test_calibration_agreement_of_identical_and_reversed_reports(lm, corpus):
-    report = C.profile_report(lm, corpus, samples=6, seq_len=48, seed=1, methods=("bucket",), progress=False)
+    report = C.profile_report(
+        lm, corpus, samples=6, seq_len=48, seed=1, methods=("bucket",), progress=False
+    )
     same = C.calibration_agreement(report, report, "attn", "bucket", [1, 2])
     assert same["spearman"] == pytest.approx(1.0)
     assert same["overlap"]["2"]["shared"] == 2
     flipped = json.loads(json.dumps(report))
     for b in flipped["blocks"]:
         b["delta"]["bucket"]["mean"] = -b["delta"]["bucket"]["mean"]
-    assert C.calibration_agreement(report, flipped, "attn", "bucket", [1])["spearman"] == pytest.approx(-1.0)
+    assert C.calibration_agreement(report, flipped, "attn", "bucket", [1])[
+        "spearman"
+    ] == pytest.approx(-1.0)
 
 
 def test_lm_eval_missing_gives_a_clear_message(lm, monkeypatch):
@@ -86,7 +112,9 @@ def test_lm_eval_missing_gives_a_clear_message(lm, monkeypatch):
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
-    with pytest.raises(LmEvalUnavailable, match=r"not installed: pip install 'entrodrop_fast\[eval\]'"):
+    with pytest.raises(
+        LmEvalUnavailable, match=r"not installed: pip install 'entrodrop_fast\[eval\]'"
+    ):
         run_lm_eval(lm.model, lm.tokenizer, ["piqa"])
 
 
@@ -100,21 +128,55 @@ def test_entropy_methods_match_the_runner():
 
 
 def test_protocol_one_rule_for_all_methods_cache_and_paired_tests(lm, corpus):
-    comp = C.compare(lm, kinds=("attn", "layer"), counts=(1, 2), methods=("bucket", "knn", "cosine", "block_influence", "angular", "random"), corpus=corpus, samples=6, seq_len=48, eval_windows=3, eval_items=6,
-                     speed=False, progress=False, log=lambda *a: None, protect_rule="paper", iterative=("knn",), iterative_samples=4, k=5)
+    comp = C.compare(
+        lm,
+        kinds=("attn", "layer"),
+        counts=(1, 2),
+        methods=("bucket", "knn", "cosine", "block_influence", "angular", "random"),
+        corpus=corpus,
+        samples=6,
+        seq_len=48,
+        eval_windows=3,
+        eval_items=6,
+        speed=False,
+        progress=False,
+        log=lambda *a: None,
+        protect_rule="paper",
+        iterative=("knn",),
+        iterative_samples=4,
+        k=5,
+    )
     rows = comp["rows"]
-    assert {tuple(r["protected"]) for r in rows} == {(0, 1, 4)}  # one rule, every method, random included
+    assert {tuple(r["protected"]) for r in rows} == {
+        (0, 1, 4)
+    }  # one rule, every method, random included
     assert not any(set(r["dropped"]) & {0, 1, 4} for r in rows)
-    assert {r["method"] for r in rows if r["kind"] == "attn"} == {"bucket", "knn", "cosine", "random"}  # BI / angular: layers only
+    assert {r["method"] for r in rows if r["kind"] == "attn"} == {
+        "bucket",
+        "knn",
+        "cosine",
+        "random",
+    }  # BI / angular: layers only
     assert {"block_influence", "angular"} <= {r["method"] for r in rows if r["kind"] == "layer"}
     bi = [r for r in rows if r["method"] == "block_influence"]
     cos = [r for r in rows if r["method"] == "cosine" and r["kind"] == "layer"]
-    assert [r["dropped"] for r in bi] == [r["dropped"] for r in cos]  # ShortGPT's BI is cosine on layers
+    assert [r["dropped"] for r in bi] == [
+        r["dropped"] for r in cos
+    ]  # ShortGPT's BI is cosine on layers
     ang = [r for r in rows if r["method"] == "angular"]
-    assert all(r["dropped"] == list(range(r["dropped"][0], r["dropped"][0] + r["k"])) for r in ang)  # spans
-    assert sorted(r["seed"] for r in rows if r["method"] == "random" and r["kind"] == "attn" and r["k"] == 1) == [0, 1, 2]
+    assert all(
+        r["dropped"] == list(range(r["dropped"][0], r["dropped"][0] + r["k"])) for r in ang
+    )  # spans
+    assert sorted(
+        r["seed"] for r in rows if r["method"] == "random" and r["kind"] == "attn" and r["k"] == 1
+    ) == [0, 1, 2]
     it = [r for r in rows if r.get("setting") == "iterative"]
-    assert {(r["kind"], r["k"]) for r in it} == {("attn", 1), ("attn", 2), ("layer", 1), ("layer", 2)}
+    assert {(r["kind"], r["k"]) for r in it} == {
+        ("attn", 1),
+        ("attn", 2),
+        ("layer", 1),
+        ("layer", 2),
+    }
     for kind in ("attn", "layer"):  # K = 1 of the iterative order is K = 2's first step
         one, two = (next(r for r in it if r["kind"] == kind and r["k"] == k) for k in (1, 2))
         assert set(one["dropped"]) < set(two["dropped"])
@@ -128,7 +190,12 @@ def test_protocol_one_rule_for_all_methods_cache_and_paired_tests(lm, corpus):
         lo, hi = r["ci95"]["perplexity"]
         assert lo <= r["perplexity"] <= hi
     # the paired tests: best entropy method vs cosine at each K, on the same items
-    assert {(t["kind"], t["k"]) for t in comp["paired"]} == {("attn", 1), ("attn", 2), ("layer", 1), ("layer", 2)}
+    assert {(t["kind"], t["k"]) for t in comp["paired"]} == {
+        ("attn", 1),
+        ("attn", 2),
+        ("layer", 1),
+        ("layer", 2),
+    }
     for t in comp["paired"]:
         assert t["a"] in ("bucket", "knn") and t["b"] == "cosine"
         assert t["mcnemar"]["n"] == 12 and 0 <= t["mcnemar"]["p"] <= 1
@@ -136,17 +203,40 @@ def test_protocol_one_rule_for_all_methods_cache_and_paired_tests(lm, corpus):
         if t["same_blocks"]:
             assert t["nll_diff"]["mean"] == 0 and t["mcnemar"]["p"] == 1
     md = C.markdown(comp)
-    assert "Paired tests" in md and "McNemar" in md and "Random baseline over seeds" in md and "knn (iterative)" in md
+    assert (
+        "Paired tests" in md
+        and "McNemar" in md
+        and "Random baseline over seeds" in md
+        and "knn (iterative)" in md
+    )
     assert "layers 0, 1 and the last, fixed" in md
 
 
 def test_shared_rule_detects_stage1_once(lm, corpus):
-    comp = C.compare(lm, kinds=("attn",), counts=(1,), methods=("knn", "cosine", "random"), corpus=corpus, samples=6, seq_len=48, eval_windows=2, eval_items=4,
-                     speed=False, progress=False, log=lambda *a: None, protect_rule="shared", stage1_method="bucket", random_seeds=(5,), k=5)
+    comp = C.compare(
+        lm,
+        kinds=("attn",),
+        counts=(1,),
+        methods=("knn", "cosine", "random"),
+        corpus=corpus,
+        samples=6,
+        seq_len=48,
+        eval_windows=2,
+        eval_items=4,
+        speed=False,
+        progress=False,
+        log=lambda *a: None,
+        protect_rule="shared",
+        stage1_method="bucket",
+        random_seeds=(5,),
+        k=5,
+    )
     from entrodrop_fast.prune.ranking import protected_by_rule
 
     want = protected_by_rule(comp["report"], "shared", stage1_method="bucket")[0]
-    assert "bucket" in comp["report"]["entropy"]  # profiled for the protection although not compared
+    assert (
+        "bucket" in comp["report"]["entropy"]
+    )  # profiled for the protection although not compared
     assert all(r["protected"] == want for r in comp["rows"])
     assert comp["protocol"]["stage1_method"] == "bucket"
 
@@ -179,24 +269,61 @@ def test_paired_statistics_closed_forms():
         mcnemar_exact([2], [1])
     scipy_stats = pytest.importorskip("scipy.stats")
     for k, n in ((0, 7), (3, 17), (40, 100), (250, 600)):
-        assert binom_two_sided(k, n) == pytest.approx(scipy_stats.binomtest(k, n, 0.5).pvalue, rel=1e-9)
+        assert binom_two_sided(k, n) == pytest.approx(
+            scipy_stats.binomtest(k, n, 0.5).pvalue, rel=1e-9
+        )
 
 
 def test_compare_cli_rejects_bad_protocol_options(capsys):
     from entrodrop_fast.cli import main
 
-    assert main(["compare", "--methods", "bucket", "--iterative", "cosine", "--out", "/nonexistent/x"]) == 1
+    assert (
+        main(["compare", "--methods", "bucket", "--iterative", "cosine", "--out", "/nonexistent/x"])
+        == 1
+    )
     assert "--iterative: unknown 'cosine'" in capsys.readouterr().err
     assert main(["compare", "--stage1-method", "cosine", "--out", "/nonexistent/x"]) == 1
     assert "--stage1-method must be an entropy method" in capsys.readouterr().err
-    assert main(["compare", "--preset", "paper", "--protect-rule", "shared", "--out", "/nonexistent/x"]) == 1
+    assert (
+        main(
+            ["compare", "--preset", "paper", "--protect-rule", "shared", "--out", "/nonexistent/x"]
+        )
+        == 1
+    )
     assert "contradicts" in capsys.readouterr().err
-    assert main(["compare", "--methods", "angular", "--kind", "layer", "--drop", "25%", "--out", "/nonexistent/x"]) == 1
+    assert (
+        main(
+            [
+                "compare",
+                "--methods",
+                "angular",
+                "--kind",
+                "layer",
+                "--drop",
+                "25%",
+                "--out",
+                "/nonexistent/x",
+            ]
+        )
+        == 1
+    )
     assert "integer --drop" in capsys.readouterr().err
 
 
 def test_second_rule_reuses_the_report_and_the_evaluations(lm, corpus):
-    kw = dict(kinds=("layer",), counts=(1,), methods=("bucket", "cosine"), corpus=corpus, samples=6, seq_len=48, eval_windows=2, eval_items=4, speed=False, progress=False, log=lambda *a: None)
+    kw = dict(
+        kinds=("layer",),
+        counts=(1,),
+        methods=("bucket", "cosine"),
+        corpus=corpus,
+        samples=6,
+        seq_len=48,
+        eval_windows=2,
+        eval_items=4,
+        speed=False,
+        progress=False,
+        log=lambda *a: None,
+    )
     cache: dict = {}
     a = C.compare(lm, protect_rule="shared", eval_cache=cache, **kw)
     n = len(cache)

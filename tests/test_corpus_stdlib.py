@@ -13,7 +13,9 @@ def test_stdlib_docs_is_deterministic_and_sized():
     assert a.documents == b.documents and a.meta == b.meta
     assert a.meta["modules"] == len(a.documents) >= 50
     assert sum(map(len, a.documents)) == a.meta["characters"] <= D.STDLIB_DOCS_CHARS
-    assert all(D.STDLIB_DOCS_MIN_CHARS // 2 <= len(d) <= D.STDLIB_DOCS_MODULE_CHARS for d in a.documents)
+    assert all(
+        D.STDLIB_DOCS_MIN_CHARS // 2 <= len(d) <= D.STDLIB_DOCS_MODULE_CHARS for d in a.documents
+    )
     c = D.load_corpus("stdlib-docs")
     assert c.documents == a.documents and c.name == "builtin:stdlib-docs"
     c.documents.clear()  # a caller's copy: the cache is not touched
@@ -37,7 +39,9 @@ def test_stdlib_docs_gives_calibration_windows_and_heldout_text():
     assert w.shape == (8, 64) and bool((w == w2).all())
     assert info["corpus"] == "builtin:stdlib-docs" and info["sha256"]
     held = heldout_documents("stdlib-docs", tok, seq_len=64)
-    assert held and not set(held) & set(D.split_documents(D.load_corpus("stdlib-docs").documents)[0])
+    assert held and not set(held) & set(
+        D.split_documents(D.load_corpus("stdlib-docs").documents)[0]
+    )
 
 
 def test_text_field_is_refused_for_stdlib_docs():

@@ -73,7 +73,9 @@ def test_bucket_long_samples(dtype):
     check_bucket(x, f, mask, 20, False, "long, 20 bins")  # the fused binning, blocks of 240 rows
     hy, hx = cpp.bucket_pair(x, f, mask, 32, False)
     assert_close(ref.bucket(x, f, mask, 32, False), hy, rtol=1e-12, atol=1e-12, name="long pair y")
-    assert_close(ref.bucket(x, None, mask, 32, False), hx, rtol=1e-12, atol=1e-12, name="long pair x")
+    assert_close(
+        ref.bucket(x, None, mask, 32, False), hx, rtol=1e-12, atol=1e-12, name="long pair x"
+    )
     xt = x[:, :2600].transpose(1, 2).contiguous().transpose(1, 2)
     check_bucket(xt, None, None, 20, False, "long, channel stride 2600")
 
@@ -92,7 +94,9 @@ def test_bucket_fused_binning_edges(dtype):
         check_bucket(x, f, mask, 20, True, f"T={T} D={D} f, mask, paper")
         hy, hx = cpp.bucket_pair(x, f, mask, 20, False)
         assert_close(ref.bucket(x, f, mask, 20, False), hy, rtol=1e-12, atol=1e-12, name="pair y")
-        assert_close(ref.bucket(x, None, mask, 20, False), hx, rtol=1e-12, atol=1e-12, name="pair x")
+        assert_close(
+            ref.bucket(x, None, mask, 20, False), hx, rtol=1e-12, atol=1e-12, name="pair x"
+        )
     x, _, _ = _data((1, 300, 40), torch.float32, seed=3)
     x[0, :, 1] = 2.5  # constant
     x[0, :, 17] = torch.linspace(-1, 1, 300) * 3e38  # width past fp32: binned in fp64
@@ -121,7 +125,9 @@ def test_bucket_matches_onehot_paper_formulation():
 def test_knn_strided_and_large():
     x = llm_like(700, 96, seed=14)
     xt = x.t().contiguous().t()  # channel stride 700
-    assert_close(ref.knn_kth_distance(x, 25), cpp.knn_kth_distance(xt, 25), rtol=1e-5, name="knn strided")
+    assert_close(
+        ref.knn_kth_distance(x, 25), cpp.knn_kth_distance(xt, 25), rtol=1e-5, name="knn strided"
+    )
     x = torch.randn(2048, 4096, generator=torch.Generator().manual_seed(15))
     out, rest = cpp._knn(x, 25)  # tiled (N > KNN_WHOLE_ROWS)
     assert rest == 0
@@ -146,7 +152,9 @@ def test_knn_llm_like_wide(massive_only):
     if massive_only:  # the benchmark's input: one channel ~3000 + 50 z, the rest N(0, 1)
         x = torch.randn(1024, 4096, generator=torch.Generator().manual_seed(20))
         x[:, 1] = x[:, 1] * 50 + 3000.0
-    assert_close(ref.knn_kth_distance(x, 25), cpp.knn_kth_distance(x, 25), rtol=1e-5, name="knn llm wide")
+    assert_close(
+        ref.knn_kth_distance(x, 25), cpp.knn_kth_distance(x, 25), rtol=1e-5, name="knn llm wide"
+    )
 
 
 def test_knn_tiles_and_fallback(monkeypatch):
@@ -201,8 +209,12 @@ def test_other_thread_modes_give_the_same_results(tmp_path, mode):
         "torch.save((_ext.require().thread_pool_cpu(), out), sys.argv[2])\n"
     )
     env = dict(os.environ, ENTRODROP_THREADS=mode)
-    subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-                   check=True, env=env, cwd=tmp_path)  # not the source tree: the installed package
+    subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+    )  # not the source tree: the installed package
     pool, (mom, buck, knn, fused) = torch.load(tmp_path / "out.pt")
     if mode == "std":
         assert pool == "std::thread"
@@ -215,7 +227,10 @@ def test_other_thread_modes_give_the_same_results(tmp_path, mode):
         torch.set_num_threads(2)
         assert torch.equal(buck, cpp.bucket(x, f, mask, 20, False))
         assert torch.equal(knn, cpp.knn_kth_distance(x[0], 5))
-        assert torch.equal(fused.nan_to_num(-1.0), cpp.knn_radii(x[:, :400], f[:, :400], mask[:, :400], 5)[0].nan_to_num(-1.0))
+        assert torch.equal(
+            fused.nan_to_num(-1.0),
+            cpp.knn_radii(x[:, :400], f[:, :400], mask[:, :400], 5)[0].nan_to_num(-1.0),
+        )
         here = cpp.moments(x, f, mask)
     finally:
         torch.set_num_threads(n)
@@ -243,7 +258,9 @@ def test_kernel_errors_are_readable():
     x = torch.randn(1, 4, 3)
     out = torch.empty(1, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="dtype must be 0"):
-        C.bucket_cpu(x.data_ptr(), 0, 0, 7, [1, 4, 3], [12, 3, 1], [], [], 20, False, out.data_ptr(), 1)
+        C.bucket_cpu(
+            x.data_ptr(), 0, 0, 7, [1, 4, 3], [12, 3, 1], [], [], 20, False, out.data_ptr(), 1
+        )
     with pytest.raises(ValueError, match="shape must have 3 entries"):
         C.bucket_cpu(x.data_ptr(), 0, 0, 0, [4, 3], [3, 1], [], [], 20, False, out.data_ptr(), 1)
     with pytest.raises(ValueError, match="k must be in"):

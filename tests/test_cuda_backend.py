@@ -22,10 +22,21 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
+
 def _backends():
     out = [pytest.param("cuda", id="cuda")]
-    has_triton = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-    out.append(pytest.param("triton", id="triton", marks=pytest.mark.skipif(not has_triton, reason="triton missing (or TRITON_INTERPRET=1)")))
+    has_triton = importlib.util.find_spec("triton") is not None and os.environ.get(
+        "TRITON_INTERPRET", "0"
+    ) in ("", "0")
+    out.append(
+        pytest.param(
+            "triton",
+            id="triton",
+            marks=pytest.mark.skipif(
+                not has_triton, reason="triton missing (or TRITON_INTERPRET=1)"
+            ),
+        )
+    )
     return out
 
 
@@ -79,7 +90,9 @@ def test_bucket_entropy(name, paper_exact):
     shape = (3, 301, 130)
     x, f, m = make(shape, torch.bfloat16), make(shape, torch.bfloat16, seed=2), make_mask(shape)
     for args in [(x, None, None), (x, f, m)]:
-        assert_close(ref_ops.bucket(*args, 80, paper_exact), mod.bucket(*args, 80, paper_exact), 1e-12, 1e-12)
+        assert_close(
+            ref_ops.bucket(*args, 80, paper_exact), mod.bucket(*args, 80, paper_exact), 1e-12, 1e-12
+        )
 
 
 @pytest.mark.parametrize("name", _backends())
@@ -100,7 +113,12 @@ def test_triton_cosine_knn():
         assert_close(r[0], t[0], 1e-5, 1e-6)
         assert_close(r[1], t[1], 0)
     xk = llm_like(300, 64, seed=3, outliers=False).cuda()
-    assert_close(ref_ops.knn_kth_distance(xk, 25), B.kernel("triton", "cuda", "knn_kth_distance")(xk, 25), 1e-5, 1e-6)
+    assert_close(
+        ref_ops.knn_kth_distance(xk, 25),
+        B.kernel("triton", "cuda", "knn_kth_distance")(xk, 25),
+        1e-5,
+        1e-6,
+    )
 
 
 def test_stream_ordering():
@@ -141,12 +159,22 @@ def test_cuda_knn_tiled(dtype, N, D, k):
     knn = B.kernel("cuda", "cuda", "knn_kth_distance")  # (ops/backends.py: the tiled GEMM search)
     x = llm_like(N, D, seed=N, dtype=dtype)
     r = x.double()
-    want = torch.cdist(r, r, compute_mode="donot_use_mm_for_euclid_dist").fill_diagonal_(float("inf")).kthvalue(k, 1).values
+    want = (
+        torch.cdist(r, r, compute_mode="donot_use_mm_for_euclid_dist")
+        .fill_diagonal_(float("inf"))
+        .kthvalue(k, 1)
+        .values
+    )
     assert_close(want, knn(x.cuda(), k), 1e-9)
     assert_close(want, knn(x.cuda()[:, :].t().contiguous().t(), k), 1e-9)  # column-major
     dup = x[: N // 4].repeat(4, 1)
     rd = dup.double()
-    want = torch.cdist(rd, rd, compute_mode="donot_use_mm_for_euclid_dist").fill_diagonal_(float("inf")).kthvalue(min(k, dup.shape[0] - 1), 1).values
+    want = (
+        torch.cdist(rd, rd, compute_mode="donot_use_mm_for_euclid_dist")
+        .fill_diagonal_(float("inf"))
+        .kthvalue(min(k, dup.shape[0] - 1), 1)
+        .values
+    )
     assert_close(want, knn(dup.cuda(), min(k, dup.shape[0] - 1)), 1e-9)
 
 
@@ -156,7 +184,12 @@ def test_cuda_knn_tf32_allowed():
     knn = B.kernel("cuda", "cuda", "knn_kth_distance")  # (ops/backends.py: the tiled GEMM search)
     x = llm_like(1000, 1024, seed=3, dtype=torch.bfloat16)
     r = x.double()
-    want = torch.cdist(r, r, compute_mode="donot_use_mm_for_euclid_dist").fill_diagonal_(float("inf")).kthvalue(25, 1).values
+    want = (
+        torch.cdist(r, r, compute_mode="donot_use_mm_for_euclid_dist")
+        .fill_diagonal_(float("inf"))
+        .kthvalue(25, 1)
+        .values
+    )
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
@@ -222,8 +255,16 @@ def test_cuda_kernels_report_exactly_the_bad_channels(dtype, case, shape):
         clean = torch.where(torch.isfinite(y), y, torch.zeros_like(y))
         for bins in (20, 2500):  # shared-memory and global counters
             h = mod.bucket(x, ff, m, bins, False)
-            assert torch.equal(h.isnan(), bad), f"bucket {bins}: NaN at {h.isnan().nonzero().tolist()}, want {bad.nonzero().tolist()}"
-            assert_close(ref_ops.bucket(clean, None, m, bins)[~bad], h[~bad], 1e-12, 1e-12, name=f"bucket {bins}")
+            assert torch.equal(h.isnan(), bad), (
+                f"bucket {bins}: NaN at {h.isnan().nonzero().tolist()}, want {bad.nonzero().tolist()}"
+            )
+            assert_close(
+                ref_ops.bucket(clean, None, m, bins)[~bad],
+                h[~bad],
+                1e-12,
+                1e-12,
+                name=f"bucket {bins}",
+            )
             c = mod.bucket_counts(x, ff, m, bins).long()
             assert torch.equal(c[..., 0] < 0, bad), "counts: negative bin 0 marks the bad channels"
             assert torch.equal(c[~bad], ref_counts(clean, None, m, bins)[~bad])
@@ -233,7 +274,9 @@ def test_cuda_kernels_report_exactly_the_bad_channels(dtype, case, shape):
         ref = ref_ops.moments(clean, None, m)
         ok = ~bad & (clean.abs().amax(1) < 1e18)
         assert_close(ref["m2"][ok], mo["m2"][ok], 1e-5, 1e-30, name="m2")
-        assert torch.equal(ref["min"][~bad], mo["min"][~bad]) and torch.equal(ref["max"][~bad], mo["max"][~bad])
+        assert torch.equal(ref["min"][~bad], mo["min"][~bad]) and torch.equal(
+            ref["max"][~bad], mo["max"][~bad]
+        )
         assert_close(ref["count"], mo["count"], 0)
 
 
@@ -243,8 +286,13 @@ def test_cuda_kernels_report_exactly_the_bad_channels(dtype, case, shape):
 def test_cuda_pair_kernels_equal_the_single_kernels(dtype, case, shape):
     mod = backend("cuda")
     x, f, mask = bad_data(dtype, case, shape)
-    views = {"contiguous": (x, f), "sliced": (x[:, ::2, :], f[:, 1::2, :]),
-             "misaligned f": (x[:, :, 1:], f[:, :, 1:]) if shape[2] % 8 else (x, f.transpose(1, 2).contiguous().transpose(1, 2))}
+    views = {
+        "contiguous": (x, f),
+        "sliced": (x[:, ::2, :], f[:, 1::2, :]),
+        "misaligned f": (x[:, :, 1:], f[:, :, 1:])
+        if shape[2] % 8
+        else (x, f.transpose(1, 2).contiguous().transpose(1, 2)),
+    }
     for name, (xv, fv) in views.items():
         for m in (None, mask[:, : xv.shape[1]]):
             for bins in (20, 300):
@@ -283,11 +331,14 @@ def test_cuda_api_defers_validation_to_the_kernels(method, call, policy, case, m
     backend("cuda")
     x, f, mask = bad_data(torch.bfloat16, case, (3, 300, 64))
     if call == "entropy":
+
         def run():
             return ef.entropy(x, method, f, mask=mask, nan_policy=policy)
     else:
+
         def run():
             return ef.delta_entropy(x, f, method, mask=mask, nan_policy=policy)
+
     calls = []
     real = api._nonfinite_tokens
     monkeypatch.setattr(api, "_nonfinite_tokens", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -311,7 +362,11 @@ def test_bucket_tile_kernel_equals_the_register_kernel(dtype, shape, case, monke
     from entrodrop_fast.ops import cuda_backend as cb
 
     backend("cuda")
-    x, f, mask = bad_data(dtype, case, shape) if shape[1] > 9 else (make(shape, dtype), make(shape, dtype, seed=1), None)
+    x, f, mask = (
+        bad_data(dtype, case, shape)
+        if shape[1] > 9
+        else (make(shape, dtype), make(shape, dtype, seed=1), None)
+    )
     x[..., 0] = 1.5  # a constant channel
     for ff, m in ((None, None), (f, None), (f, mask)):
         for bins in (1, 20, 128):
@@ -326,4 +381,7 @@ def test_bucket_tile_kernel_equals_the_register_kernel(dtype, shape, case, monke
             y = x.float() if ff is None else x.float() + ff.float()
             bad = bad_channels(y, m)
             clean = torch.where(torch.isfinite(y), y, torch.zeros_like(y))
-            assert torch.equal(cb.bucket_counts(x, ff, m, bins).long()[~bad], ref_counts(clean, None, m, bins)[~bad])
+            assert torch.equal(
+                cb.bucket_counts(x, ff, m, bins).long()[~bad],
+                ref_counts(clean, None, m, bins)[~bad],
+            )

@@ -85,5 +85,7 @@ def test_calibration_leaves_the_heldout_documents_out():
     z = ord("Z") % 97
     assert info["heldout_documents_excluded"] == 2
     assert not (w == z).any()  # no window comes from a held-out document
-    w_all, info_all = calibration_windows(tok, marked, samples=40, seq_len=32, exclude_heldout=False)
+    w_all, info_all = calibration_windows(
+        tok, marked, samples=40, seq_len=32, exclude_heldout=False
+    )
     assert info_all["heldout_documents_excluded"] == 0 and (w_all == z).any()

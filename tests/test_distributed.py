@@ -24,13 +24,24 @@ def _worker(rank, world, port, x, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         mine = x[rank::world]  # this rank's share of the samples
-        stats, moments, meter = ef.SampleStats((2,)), ef.MomentState(x.shape[-1]), ef.EntropyMeter("bucket", bins=8)
+        stats, moments, meter = (
+            ef.SampleStats((2,)),
+            ef.MomentState(x.shape[-1]),
+            ef.EntropyMeter("bucket", bins=8),
+        )
         stats.update(torch.stack([ef.gaussian_diag_entropy(mine), ef.bucket_entropy(mine)], 1))
         moments.update(mine, backend="torch")
         meter.update(mine, backend="torch")
         for s in (stats, moments, meter):
             all_reduce_(s)
-        torch.save({"stats": stats.state_dict(), "moments": moments.state_dict(), "meter": meter.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "stats": stats.state_dict(),
+                "moments": moments.state_dict(),
+                "meter": meter.state_dict(),
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -39,7 +50,9 @@ def _worker(rank, world, port, x, out_dir):
 def test_two_ranks_equal_one_process(tmp_path):
     x = torch.randn(7, 40, 5)
     mp.spawn(_worker, args=(2, _free_port(), x, str(tmp_path)), nprocs=2, join=True)
-    one_stats = ef.SampleStats((2,)).update(torch.stack([ef.gaussian_diag_entropy(x), ef.bucket_entropy(x)], 1))
+    one_stats = ef.SampleStats((2,)).update(
+        torch.stack([ef.gaussian_diag_entropy(x), ef.bucket_entropy(x)], 1)
+    )
     one_moments = ef.MomentState(5).update(x, backend="torch")
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
@@ -51,7 +64,9 @@ def test_two_ranks_equal_one_process(tmp_path):
         torch.testing.assert_close(m["var"], one_moments.result()["var"], rtol=1e-10, atol=0)
         meter = ef.EntropyMeter.from_state_dict(got["meter"]).result()
         assert meter["n"] == 7
-        torch.testing.assert_close(meter["mean"], ef.bucket_entropy(x, bins=8).mean(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(
+            meter["mean"], ef.bucket_entropy(x, bins=8).mean(), rtol=1e-12, atol=0
+        )
 
 
 def test_all_reduce_needs_a_process_group():

@@ -18,4 +18,6 @@ def test_builtin_and_stdlib_docs_give_the_studys_evaluation_text():
     # the study (benches/paper_compare.py) evaluates on both corpora's held-out fifths
     held = heldout_text(["builtin", "stdlib-docs"])
     assert held[: len(heldout_text(["builtin"]))] == heldout_text(["builtin"])
-    assert sum(len(d) for d in held) > 3 * sum(len(d) for d in heldout_text(["builtin"]))  # 120k vs 31k characters
+    assert sum(len(d) for d in held) > 3 * sum(
+        len(d) for d in heldout_text(["builtin"])
+    )  # 120k vs 31k characters

@@ -28,7 +28,9 @@ def test_perplexity_matches_manual_nll(tiny):
         ids += tok(d)["input_ids"] + [0]
     w = torch.tensor(ids[: 3 * 64]).view(3, 64)
     with torch.no_grad():
-        loss = torch.nn.functional.cross_entropy(tiny(w).logits[:, :-1].reshape(-1, 300), w[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            tiny(w).logits[:, :-1].reshape(-1, 300), w[:, 1:].reshape(-1)
+        )
     assert r["tokens"] == 3 * 63 and r["windows"] == 3
     assert r["perplexity"] == pytest.approx(math.exp(loss.item()), rel=1e-5)
     with pytest.raises(ValueError, match="fewer than one window"):

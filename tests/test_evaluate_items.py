@@ -38,7 +38,9 @@ def test_perplexity_interval_from_windows(tiny):
     ppl = E.perplexity(tiny, CharTokenizer(), DOCS, seq_len=32, max_windows=6)
     assert len(ppl["window_nll"]) == 6
     # windows of equal length: the overall NLL is the mean of the window NLLs
-    assert math.isclose(sum(ppl["window_nll"]) / 6, ppl["nll"], rel_tol=1e-6)  # fp32 sums vs fp64 means
+    assert math.isclose(
+        sum(ppl["window_nll"]) / 6, ppl["nll"], rel_tol=1e-6
+    )  # fp32 sums vs fp64 means
     lo, hi = ppl["ci95"]
     assert lo < ppl["perplexity"] < hi
 

@@ -55,7 +55,9 @@ def test_export_reload_every_architecture(model_type, tmp_path):
     out = tmp_path / f"sub_{model_type}"
     summary = export_pruned(src, out, plan)
     assert not summary.stock_loadable and summary.layers_after == 3
-    assert summary.params_after < summary.params_before and summary.bytes_after < summary.bytes_before
+    assert (
+        summary.params_after < summary.params_before and summary.bytes_after < summary.bytes_before
+    )
     assert summary.kv_bytes_per_token_after == summary.kv_bytes_per_token_before // 4 * 2
     ref = manual_reference_logits(base, plan, IDS)
     mem = copy.deepcopy(base)
@@ -63,11 +65,20 @@ def test_export_reload_every_architecture(model_type, tmp_path):
     mem_logits = logits(mem)
     assert max_err(mem_logits, ref) <= 1e-5
     expected = mem.generate(IDS[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
-    for loaded in (load_pruned(out), AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)):
+    for loaded in (
+        load_pruned(out),
+        AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True),
+    ):
         assert type(loaded).__name__.startswith("EntrodropPruned")
         assert loaded.config.num_hidden_layers == 3
-        assert max_err(logits(loaded), mem_logits) <= 1e-5, f"{model_type}: exported != in-memory pruned"
-        n_attn = sum(1 for n, _ in loaded.named_parameters() if ".0." in n and ("attn" in n or "attention." in n))
+        assert max_err(logits(loaded), mem_logits) <= 1e-5, (
+            f"{model_type}: exported != in-memory pruned"
+        )
+        n_attn = sum(
+            1
+            for n, _ in loaded.named_parameters()
+            if ".0." in n and ("attn" in n or "attention." in n)
+        )
         assert n_attn == 0, "layer 0 still has attention weights"
         gen = loaded.generate(IDS[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
         assert torch.equal(gen, expected)
@@ -83,7 +94,13 @@ def test_export_reload_every_architecture(model_type, tmp_path):
     assert type(loaded).__name__ == type(base).__name__
     mem = copy.deepcopy(base)
     drop_blocks_(mem, plan)
-    for key in ("num_hidden_layers", "layer_types", "max_window_layers", "mlp_only_layers", "decoder_sparse_step"):
+    for key in (
+        "num_hidden_layers",
+        "layer_types",
+        "max_window_layers",
+        "mlp_only_layers",
+        "decoder_sparse_step",
+    ):
         assert getattr(loaded.config, key, None) == getattr(mem.config, key, None), key
     ref = manual_reference_logits(base, plan, IDS)
     assert max_err(logits(loaded), ref) <= 1e-5
@@ -154,7 +171,9 @@ def test_source_unchanged_and_overwrite_rules(llama_src, tmp_path):
     assert s.stock_loadable and not (out / "modeling_entrodrop_pruned.py").exists()
     assert _leftovers(tmp_path) == []
     with pytest.raises(ExportError, match="made for a model with 30 layers"):
-        export_pruned(llama_src, tmp_path / "o2", {"model": {"num_layers": 30}, "drop": {"layer": [1]}})
+        export_pruned(
+            llama_src, tmp_path / "o2", {"model": {"num_layers": 30}, "drop": {"layer": [1]}}
+        )
     with pytest.raises(ExportError, match="out of range"):
         export_pruned(llama_src, tmp_path / "o2", {"attn": [9]})
     with pytest.raises(ExportError, match="must not be the source"):
@@ -172,8 +191,14 @@ def test_single_file_checkpoint_and_bytes_identical(tmp_path):
     export_pruned(tmp_path / "src", tmp_path / "out", {"layer": [0]})
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
-    with safe_open(tmp_path / "src" / "model.safetensors", "pt") as a, safe_open(tmp_path / "out" / "model.safetensors", "pt") as b:
-        assert torch.equal(a.get_tensor("model.layers.3.mlp.up_proj.weight"), b.get_tensor("model.layers.2.mlp.up_proj.weight"))
+    with (
+        safe_open(tmp_path / "src" / "model.safetensors", "pt") as a,
+        safe_open(tmp_path / "out" / "model.safetensors", "pt") as b,
+    ):
+        assert torch.equal(
+            a.get_tensor("model.layers.3.mlp.up_proj.weight"),
+            b.get_tensor("model.layers.2.mlp.up_proj.weight"),
+        )
         assert "model.layers.3.mlp.up_proj.weight" not in b.keys()
         assert b.metadata() == a.metadata()
 
@@ -193,7 +218,9 @@ def smol():
     except ModelLoadError as exc:
         pytest.skip(str(exc))
     lm = load_model(str(src))
-    ids = lm.tokenizer("The entropy of a hidden state tells how much", return_tensors="pt").input_ids
+    ids = lm.tokenizer(
+        "The entropy of a hidden state tells how much", return_tensors="pt"
+    ).input_ids
     return src, lm.model, ids
 
 
@@ -212,8 +239,14 @@ def test_smollm2_export_reload_generate(smol, plan, tmp_path):
         assert s.stock_loadable and s.layers_after == 26
         loaders = [lambda: AutoModelForCausalLM.from_pretrained(out)]
     else:
-        assert not s.stock_loadable and s.kv_bytes_per_token_after == s.kv_bytes_per_token_before * 22 // 30
-        loaders = [lambda: load_pruned(out), lambda: AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)]
+        assert (
+            not s.stock_loadable
+            and s.kv_bytes_per_token_after == s.kv_bytes_per_token_before * 22 // 30
+        )
+        loaders = [
+            lambda: load_pruned(out),
+            lambda: AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True),
+        ]
     assert s.params_after < s.params_before and s.bytes_after < s.bytes_before
     expected = mem.generate(ids, max_new_tokens=4, do_sample=False)
     del mem
@@ -234,10 +267,23 @@ def test_prune_cli_with_plan_and_report(llama_src, tmp_path, capsys):
     out = tmp_path / "pruned"
     assert main(["prune", str(llama_src), "--plan", str(plan), "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    for needle in ("blocks dropped", "parameters:", "checkpoint bytes:", "KV cache bytes/token:", "512 -> 256", "load_pruned"):
+    for needle in (
+        "blocks dropped",
+        "parameters:",
+        "checkpoint bytes:",
+        "KV cache bytes/token:",
+        "512 -> 256",
+        "load_pruned",
+    ):
         assert needle in text, needle
     assert json.loads((out / "entrodrop_plan.json").read_text())["drop"]["layer"] == [2]
-    assert max_err(logits(load_pruned(out)), manual_reference_logits(tiny_model("llama", "mixed"), {"attn": [1], "layer": [2]}, IDS)) <= 1e-5
+    assert (
+        max_err(
+            logits(load_pruned(out)),
+            manual_reference_logits(tiny_model("llama", "mixed"), {"attn": [1], "layer": [2]}, IDS),
+        )
+        <= 1e-5
+    )
     assert main(["prune", str(llama_src), "--plan", str(plan), "--out", str(out)]) == 1  # exists
     assert "holds an earlier pruned model; pass --overwrite" in capsys.readouterr().err
     assert main(["prune", str(llama_src), "--out", str(tmp_path / "x")]) == 1
@@ -249,7 +295,21 @@ def test_prune_cli_one_step_profiles_first(smol, tmp_path, capsys):
     from entrodrop_fast.cli import main
 
     out = tmp_path / "one_step"
-    rc = main(["prune", "--kind", "attn", "--drop", "2", "--samples", "2", "--seq-len", "32", "--out", str(out)])
+    rc = main(
+        [
+            "prune",
+            "--kind",
+            "attn",
+            "--drop",
+            "2",
+            "--samples",
+            "2",
+            "--seq-len",
+            "32",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     plan = json.loads((out / "entrodrop_plan.json").read_text())
     assert len(plan["drop"]["attn"]) == 2 and plan["method"] == "bucket"
@@ -262,9 +322,16 @@ def test_prune_a_pruned_checkpoint_again(llama_src, tmp_path):
     export_pruned(first, second, {"layer": [0]})  # indices of the first export's layers
     cfg = json.loads((second / "config.json").read_text())
     rec = cfg["entrodrop_pruned"]
-    assert rec["kept_layers"] == [1, 2, 3] and rec["dropped_attn"] == [0] and rec["dropped_mlp"] == [2]
-    assert cfg["architectures"] == ["EntrodropPrunedLlamaForCausalLM"] and rec["base_architecture"] == "LlamaForCausalLM"
-    ref = manual_reference_logits(tiny_model("llama", "mixed"), {"attn": [1], "mlp": [3], "layer": [0]}, IDS)
+    assert (
+        rec["kept_layers"] == [1, 2, 3] and rec["dropped_attn"] == [0] and rec["dropped_mlp"] == [2]
+    )
+    assert (
+        cfg["architectures"] == ["EntrodropPrunedLlamaForCausalLM"]
+        and rec["base_architecture"] == "LlamaForCausalLM"
+    )
+    ref = manual_reference_logits(
+        tiny_model("llama", "mixed"), {"attn": [1], "mlp": [3], "layer": [0]}, IDS
+    )
     assert max_err(logits(load_pruned(second)), ref) <= 1e-5
     in_memory = load_pruned(first)
     drop_blocks_(in_memory, {"layer": [0]})

@@ -21,7 +21,11 @@ def _stub():
         if isinstance(node, ast.FunctionDef):
             a = node.args
             funcs[node.name] = ([p.arg for p in a.posonlyargs + a.args], bool(a.posonlyargs))
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and not node.target.id.startswith("_"):
+        elif (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and not node.target.id.startswith("_")
+        ):
             consts.add(node.target.id)
     return funcs, consts
 
@@ -60,7 +64,9 @@ def test_every_name_of_the_extension_is_in_the_stub_and_back(C):
     assert built - stub == set(), f"in _C but not in _C.pyi: {sorted(built - stub)}"
     expected = stub if C.WITH_CUDA else {n for n in stub if not n.lower().startswith("cuda_")}
     assert expected - built == set(), f"in _C.pyi but not in _C: {sorted(expected - built)}"
-    assert {n for n in built if callable(getattr(C, n))} == {n for n in built if n in funcs}, "functions vs constants"
+    assert {n for n in built if callable(getattr(C, n))} == {n for n in built if n in funcs}, (
+        "functions vs constants"
+    )
 
 
 def test_parameters_match(C):
@@ -70,7 +76,9 @@ def test_parameters_match(C):
             continue
         got = _pybind_params(getattr(C, name))
         if posonly:  # pybind11 calls unnamed parameters arg0, arg1, ...
-            assert got == [f"arg{i}" for i in range(len(params))], f"{name}: {len(got)} parameters, the stub has {len(params)}"
+            assert got == [f"arg{i}" for i in range(len(params))], (
+                f"{name}: {len(got)} parameters, the stub has {len(params)}"
+            )
         else:
             assert got == params, f"{name}: extension {got} vs stub {params}"
 

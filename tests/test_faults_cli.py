@@ -83,19 +83,60 @@ def _expected_cases():
         (ValueError("--drop must be positive counts, got '0'"), ["--drop must be positive counts"]),
         (TypeError("x must be a torch tensor"), ["x must be a torch tensor"]),
         (CorpusError("corpus file a.txt is empty; give a file with text"), ["a.txt is empty"]),
-        (FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/plan.json"), ["No such file or directory: /data/plan.json", "check the path"]),
-        (OSError(errno.ENOSPC, "No space left on device", "/out/report.json"), ["No space left on device: /out/report.json", "disk is full", "write somewhere else"]),
-        (OSError(errno.EROFS, "Read-only file system", "/ro/report"), ["Read-only file system: /ro/report", "read-only: write somewhere else"]),
-        (PermissionError(errno.EACCES, "Permission denied", "/root/x"), ["Permission denied: /root/x", "permissions"]),
-        (IsADirectoryError(errno.EISDIR, "Is a directory", "/tmp/.tmp-1.json", None, "/tmp/results"), ["/tmp/.tmp-1.json -> /tmp/results", "give a file path"]),
-        (FileExistsError("/x exists and is not a report directory; choose another --out"), ["choose another --out"]),
-        (SafetensorError("Error while deserializing header: header too large"), ["SafetensorError: Error while deserializing header"]),
-        (json.JSONDecodeError("Expecting value", '{"a": ', 6), ["invalid JSON at line 1, column 7: Expecting value"]),
-        (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), ["can't decode byte 0xff"]),
-        (ModelLoadError("no such model file or directory: m"), ["no such model file or directory: m"]),
-        (ExportError("shard model.safetensors is truncated"), ["shard model.safetensors is truncated"]),
-        (CheckpointError("tensor model.norm.weight missing from model.safetensors"), ["model.norm.weight missing"]),
-        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), ["out of memory: CUDA out of memory", "--batch-size"]),
+        (
+            FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/plan.json"),
+            ["No such file or directory: /data/plan.json", "check the path"],
+        ),
+        (
+            OSError(errno.ENOSPC, "No space left on device", "/out/report.json"),
+            ["No space left on device: /out/report.json", "disk is full", "write somewhere else"],
+        ),
+        (
+            OSError(errno.EROFS, "Read-only file system", "/ro/report"),
+            ["Read-only file system: /ro/report", "read-only: write somewhere else"],
+        ),
+        (
+            PermissionError(errno.EACCES, "Permission denied", "/root/x"),
+            ["Permission denied: /root/x", "permissions"],
+        ),
+        (
+            IsADirectoryError(
+                errno.EISDIR, "Is a directory", "/tmp/.tmp-1.json", None, "/tmp/results"
+            ),
+            ["/tmp/.tmp-1.json -> /tmp/results", "give a file path"],
+        ),
+        (
+            FileExistsError("/x exists and is not a report directory; choose another --out"),
+            ["choose another --out"],
+        ),
+        (
+            SafetensorError("Error while deserializing header: header too large"),
+            ["SafetensorError: Error while deserializing header"],
+        ),
+        (
+            json.JSONDecodeError("Expecting value", '{"a": ', 6),
+            ["invalid JSON at line 1, column 7: Expecting value"],
+        ),
+        (
+            UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
+            ["can't decode byte 0xff"],
+        ),
+        (
+            ModelLoadError("no such model file or directory: m"),
+            ["no such model file or directory: m"],
+        ),
+        (
+            ExportError("shard model.safetensors is truncated"),
+            ["shard model.safetensors is truncated"],
+        ),
+        (
+            CheckpointError("tensor model.norm.weight missing from model.safetensors"),
+            ["model.norm.weight missing"],
+        ),
+        (
+            torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+            ["out of memory: CUDA out of memory", "--batch-size"],
+        ),
     ]
 
 
@@ -110,13 +151,25 @@ def test_expected_failures_end_in_one_error_line(monkeypatch, capsys, case):
     assert len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("exc", [AssertionError("invariant"), KeyError("bucket"), IndexError("list index out of range"), RuntimeError("taps saw no tensor"), ZeroDivisionError("division by zero"), AttributeError("x")])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        AssertionError("invariant"),
+        KeyError("bucket"),
+        IndexError("list index out of range"),
+        RuntimeError("taps saw no tensor"),
+        ZeroDivisionError("division by zero"),
+        AttributeError("x"),
+    ],
+)
 def test_bugs_keep_their_traceback(monkeypatch, capsys, exc):
     _raise_in_info(monkeypatch, exc)
     with pytest.raises(type(exc)):
         main(["info"])
     err = capsys.readouterr().err
-    assert err.startswith(f"entrodrop info: internal error ({type(exc).__name__}), a bug in entrodrop_fast")
+    assert err.startswith(
+        f"entrodrop info: internal error ({type(exc).__name__}), a bug in entrodrop_fast"
+    )
     assert "please report it with the traceback" in err
 
 
@@ -129,7 +182,12 @@ def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
 @pytest.mark.slow
 def test_as_a_process_an_expected_failure_has_no_traceback_and_a_bug_has_one(tmp_path):
     (tmp_path / "empty.npy").write_bytes(b"")
-    p = subprocess.run([sys.executable, "-m", "entrodrop_fast", "entropy", str(tmp_path / "empty.npy")], capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "entrodrop_fast", "entropy", str(tmp_path / "empty.npy")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert "empty.npy is empty" in p.stderr
     bug = "import entrodrop_fast.commands.info as i, sys\ndef run(a): raise KeyError('oops')\ni.run = run\nfrom entrodrop_fast.cli import main\nsys.exit(main(['info']))"
@@ -196,17 +254,27 @@ def test_entropy_empty_truncated_and_corrupt_files(tmp_path, capsys, suffix):
     trunc = tmp_path / f"trunc{suffix}"
     trunc.write_bytes(data[: len(data) // 2])
     rc, _, err = run_cli(capsys, "entropy", trunc)
-    assert_clean_error(rc, err, "entropy", str(trunc), f"cannot read it as a {suffix} tensor file; it may be truncated or corrupt")
+    assert_clean_error(
+        rc,
+        err,
+        "entropy",
+        str(trunc),
+        f"cannot read it as a {suffix} tensor file; it may be truncated or corrupt",
+    )
     junk = tmp_path / f"junk{suffix}"
     junk.write_bytes(bytes(range(256)) * 4)
     rc, _, err = run_cli(capsys, "entropy", junk)
     assert_clean_error(rc, err, "entropy", str(junk), "truncated or corrupt")
-    assert run_cli(capsys, "entropy", good, "--backend", "torch")[0] == 0  # the intact file still reads
+    assert (
+        run_cli(capsys, "entropy", good, "--backend", "torch")[0] == 0
+    )  # the intact file still reads
 
 
 def test_entropy_directory_non_tensor_and_key_on_npy(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "entropy", tmp_path)
-    assert_clean_error(rc, err, "entropy", f"{tmp_path} is a directory; give a .npy, .pt or .safetensors file")
+    assert_clean_error(
+        rc, err, "entropy", f"{tmp_path} is a directory; give a .npy, .pt or .safetensors file"
+    )
     assert "no such file" not in err
     lst = tmp_path / "list.pt"
     torch.save({"h": [1.0, 2.0]}, lst)
@@ -232,7 +300,10 @@ def test_empty_binary_and_undecodable_corpus_files_are_refused(tmp_path):
         load_corpus(str(nul))
     junk = tmp_path / "random.txt"
     junk.write_bytes(bytes(b for b in range(128, 256)) * 20)  # no NUL, nothing decodes
-    with pytest.raises(CorpusError, match=f"corpus file {junk} is not UTF-8 text: .* cannot be decoded; give a UTF-8 text file"):
+    with pytest.raises(
+        CorpusError,
+        match=f"corpus file {junk} is not UTF-8 text: .* cannot be decoded; give a UTF-8 text file",
+    ):
         load_corpus(str(junk))
     jl = tmp_path / "bin.jsonl"
     jl.write_bytes(b"\x00\x01" * 100)
@@ -256,7 +327,9 @@ def test_a_few_undecodable_bytes_are_replaced_with_a_warning(tmp_path):
 def test_corpora_without_text(tmp_path):
     jl = tmp_path / "blank.jsonl"
     jl.write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": "  "}) + "\n")
-    with pytest.raises(CorpusError, match="has no text \\(2 documents, all empty\\); give a corpus with text"):
+    with pytest.raises(
+        CorpusError, match="has no text \\(2 documents, all empty\\); give a corpus with text"
+    ):
         load_corpus(str(jl))
     d = tmp_path / "dir"
     d.mkdir()
@@ -264,19 +337,30 @@ def test_corpora_without_text(tmp_path):
     with pytest.raises(CorpusError, match="has no text"):
         load_corpus(str(d))
     (d / "b.txt").write_bytes(b"\0" * 10)
-    with pytest.raises(CorpusError, match="b.txt holds NUL bytes"):  # the file, not just the directory
+    with pytest.raises(
+        CorpusError, match="b.txt holds NUL bytes"
+    ):  # the file, not just the directory
         load_corpus(str(d))
     (d / "b.txt").write_text("words here")
     assert load_corpus(str(d)).documents == ["", "words here"]  # an empty file among others is kept
 
 
 def test_too_small_for_the_windows_says_what_there_is_and_what_to_do():
-    with pytest.raises(CorpusError, match="no document is longer than 256 tokens \\(2 documents, longest 100 tokens\\); use a smaller --seq-len or more text"):
+    with pytest.raises(
+        CorpusError,
+        match="no document is longer than 256 tokens \\(2 documents, longest 100 tokens\\); use a smaller --seq-len or more text",
+    ):
         sample_windows([[1] * 100, [2] * 30], samples=4, seq_len=256)
-    with pytest.raises(CorpusError, match="hold only 3 distinct windows, fewer than the 10 samples requested; lower --samples or --seq-len, or give more text"):
+    with pytest.raises(
+        CorpusError,
+        match="hold only 3 distinct windows, fewer than the 10 samples requested; lower --samples or --seq-len, or give more text",
+    ):
         sample_windows([[1] * 12], samples=10, seq_len=10)
     one = Corpus("one.txt", [prose(20)])
-    with pytest.raises(CorpusError, match="one.txt \\(calibration part: the last 1/5 of each of 1 document held out for evaluation\\): corpus too small"):
+    with pytest.raises(
+        CorpusError,
+        match="one.txt \\(calibration part: the last 1/5 of each of 1 document held out for evaluation\\): corpus too small",
+    ):
         calibration_windows(CharTokenizer(), one, samples=4, seq_len=500)
 
 
@@ -288,7 +372,9 @@ def test_fewer_than_5_documents_hold_out_the_tail_of_each():
     calib, held = split_documents([text])
     assert len(calib) == len(held) == 1
     assert calib[0] + held[0] == text  # nothing lost, nothing shared
-    assert held[0][0] == " " and not calib[0].endswith(" ")  # cut at a whitespace, not inside a word
+    assert held[0][0] == " " and not calib[0].endswith(
+        " "
+    )  # cut at a whitespace, not inside a word
     assert 0.19 < len(held[0]) / len(text) < 0.21
     assert split_documents([text]) == (calib, held)  # deterministic
     three = [prose(300, s) for s in range(3)]
@@ -306,8 +392,13 @@ def test_calibration_of_one_document_leaves_its_tail_out():
     tok = CharTokenizer()
     w, info = calibration_windows(tok, Corpus("one", [text]), samples=40, seq_len=32)
     assert not (w == ord("Z") % 97).any()  # no window reaches the held-out tail
-    assert info["heldout"] == "the last 1/5 of each of 1 document" and info["heldout_documents_excluded"] == 0
-    w_all, info_all = calibration_windows(tok, Corpus("one", [text]), samples=40, seq_len=32, exclude_heldout=False)
+    assert (
+        info["heldout"] == "the last 1/5 of each of 1 document"
+        and info["heldout_documents_excluded"] == 0
+    )
+    w_all, info_all = calibration_windows(
+        tok, Corpus("one", [text]), samples=40, seq_len=32, exclude_heldout=False
+    )
     assert info_all["heldout"] is None and w_all.shape == (40, 32)
 
 
@@ -315,13 +406,27 @@ def test_heldout_text_checked_before_any_model_runs():
     tok = CharTokenizer()
     held = heldout_documents(Corpus("long.txt", [prose(2000)]), tok, seq_len=64)
     assert len(held) == 1 and len(held[0]) > 1000
-    with pytest.raises(CorpusError, match="the held-out text of corpus short.txt \\(the last 1/5 of each of 1 document\\) has \\d+ tokens in 1 piece\\(s\\), fewer than one perplexity window of 256; give more text"):
+    with pytest.raises(
+        CorpusError,
+        match="the held-out text of corpus short.txt \\(the last 1/5 of each of 1 document\\) has \\d+ tokens in 1 piece\\(s\\), fewer than one perplexity window of 256; give more text",
+    ):
         heldout_documents(Corpus("short.txt", [prose(100)]), tok, seq_len=256)
-    with pytest.raises(CorpusError, match="gives 2 passage\\(s\\) of 64 tokens; the continuation task needs at least 4"):
-        heldout_documents(Corpus("c", ["x" * 200, "y" * 800]), tok, seq_len=16)  # held out: 40 + 160 characters
-    with pytest.raises(CorpusError, match="no passage longer than 300 characters followed by a word"):
-        heldout_documents(Corpus("digits", [" ".join("12345" for _ in range(1000))]), tok, seq_len=16)
-    assert heldout_documents(Corpus("digits", [" ".join("12345" for _ in range(1000))]), tok, seq_len=16, zero_shot=False)
+    with pytest.raises(
+        CorpusError,
+        match="gives 2 passage\\(s\\) of 64 tokens; the continuation task needs at least 4",
+    ):
+        heldout_documents(
+            Corpus("c", ["x" * 200, "y" * 800]), tok, seq_len=16
+        )  # held out: 40 + 160 characters
+    with pytest.raises(
+        CorpusError, match="no passage longer than 300 characters followed by a word"
+    ):
+        heldout_documents(
+            Corpus("digits", [" ".join("12345" for _ in range(1000))]), tok, seq_len=16
+        )
+    assert heldout_documents(
+        Corpus("digits", [" ".join("12345" for _ in range(1000))]), tok, seq_len=16, zero_shot=False
+    )
 
 
 # ---------------------------------------------------------------- commands on a tiny model
@@ -347,7 +452,22 @@ def long_txt(tmp_path):
 
 def test_eval_on_one_long_txt_holds_out_its_tail(tiny_dir, long_txt, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    rc, text, err = run_cli(capsys, "eval", tiny_dir, "--corpus", long_txt, "--seq-len", "32", "--windows", "2", "--items", "3", "--no-speed", "--json", out)
+    rc, text, err = run_cli(
+        capsys,
+        "eval",
+        tiny_dir,
+        "--corpus",
+        long_txt,
+        "--seq-len",
+        "32",
+        "--windows",
+        "2",
+        "--items",
+        "3",
+        "--no-speed",
+        "--json",
+        out,
+    )
     assert rc == 0, err
     assert "perplexity" in text and "held-out tokens (2 windows of 32)" in text
     res = json.loads(out.read_text())
@@ -358,29 +478,84 @@ def test_eval_on_one_long_txt_holds_out_its_tail(tiny_dir, long_txt, tmp_path, c
 def test_eval_corpus_faults(tiny_dir, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text(prose(40))
-    rc, _, err = run_cli(capsys, "eval", tiny_dir, "--corpus", short, "--seq-len", "256", "--no-speed")
-    assert_clean_error(rc, err, "eval", "held-out text of corpus", "short.txt", "fewer than one perplexity window of 256", "give more text")
-    for name, data, needle in (("empty.txt", b"", "is empty"), ("blob.txt", b"\x7fELF\0\0\0" * 64, "holds NUL bytes")):
+    rc, _, err = run_cli(
+        capsys, "eval", tiny_dir, "--corpus", short, "--seq-len", "256", "--no-speed"
+    )
+    assert_clean_error(
+        rc,
+        err,
+        "eval",
+        "held-out text of corpus",
+        "short.txt",
+        "fewer than one perplexity window of 256",
+        "give more text",
+    )
+    for name, data, needle in (
+        ("empty.txt", b"", "is empty"),
+        ("blob.txt", b"\x7fELF\0\0\0" * 64, "holds NUL bytes"),
+    ):
         f = tmp_path / name
         f.write_bytes(data)
         rc, _, err = run_cli(capsys, "eval", tmp_path / "no-such-model", "--corpus", f)
-        assert_clean_error(rc, err, "eval", f"corpus file {f} {needle}")  # the corpus is read before the model
+        assert_clean_error(
+            rc, err, "eval", f"corpus file {f} {needle}"
+        )  # the corpus is read before the model
 
 
 def test_eval_json_naming_a_directory_is_an_error(tiny_dir, long_txt, tmp_path, capsys):
     d = tmp_path / "results"
     d.mkdir()
-    rc, _, err = run_cli(capsys, "eval", tiny_dir, "--corpus", long_txt, "--seq-len", "32", "--windows", "1", "--items", "2", "--no-speed", "--json", d)
+    rc, _, err = run_cli(
+        capsys,
+        "eval",
+        tiny_dir,
+        "--corpus",
+        long_txt,
+        "--seq-len",
+        "32",
+        "--windows",
+        "1",
+        "--items",
+        "2",
+        "--no-speed",
+        "--json",
+        d,
+    )
     assert_clean_error(rc, err, "eval", str(d))
 
 
 def test_compare_random_alone_on_one_long_txt(tiny_dir, long_txt, tmp_path, capsys):
     out = tmp_path / "cmp"
-    rc, text, err = run_cli(capsys, "compare", tiny_dir, "--calib", long_txt, "--methods", "random", "--kind", "attn", "--drop", "1",
-                            "--samples", "4", "--seq-len", "32", "--eval-windows", "1", "--items", "2", "--no-speed", "--out", out, "-q")
+    rc, text, err = run_cli(
+        capsys,
+        "compare",
+        tiny_dir,
+        "--calib",
+        long_txt,
+        "--methods",
+        "random",
+        "--kind",
+        "attn",
+        "--drop",
+        "1",
+        "--samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--eval-windows",
+        "1",
+        "--items",
+        "2",
+        "--no-speed",
+        "--out",
+        out,
+        "-q",
+    )
     assert rc == 0, err
     comp = json.loads((out / "comparison.json").read_text())
-    assert [(r["method"], r["k"], r["seed"]) for r in comp["rows"]] == [("random", 1, s) for s in range(3)]  # --random-seeds 3 (default)
+    assert [(r["method"], r["k"], r["seed"]) for r in comp["rows"]] == [
+        ("random", 1, s) for s in range(3)
+    ]  # --random-seeds 3 (default)
     assert comp["report"]["settings"]["methods"] == ["bucket"]  # profiled for the protected layers
 
 
@@ -389,28 +564,78 @@ def test_compare_argument_and_corpus_faults(tiny_dir, tmp_path, capsys):
     assert_clean_error(rc, err, "compare", "--methods: unknown 'bogus'; choose from bucket")
     rc, _, err = run_cli(capsys, "compare", tiny_dir, "--methods", " , ")
     assert_clean_error(rc, err, "compare", "--methods is empty; choose from")
-    rc, _, err = run_cli(capsys, "compare", tiny_dir, "--methods", "random", "--calib", "a.txt", "--calib", "b.txt")
+    rc, _, err = run_cli(
+        capsys, "compare", tiny_dir, "--methods", "random", "--calib", "a.txt", "--calib", "b.txt"
+    )
     assert_clean_error(rc, err, "compare", "random has none; add one to --methods")
     short = tmp_path / "short.txt"
     short.write_text(prose(100))
-    rc, _, err = run_cli(capsys, "compare", tiny_dir, "--calib", short, "--methods", "bucket", "--drop", "1", "--samples", "2", "--seq-len", "128", "--no-speed", "--out", tmp_path / "c", "-q")
+    rc, _, err = run_cli(
+        capsys,
+        "compare",
+        tiny_dir,
+        "--calib",
+        short,
+        "--methods",
+        "bucket",
+        "--drop",
+        "1",
+        "--samples",
+        "2",
+        "--seq-len",
+        "128",
+        "--no-speed",
+        "--out",
+        tmp_path / "c",
+        "-q",
+    )
     assert_clean_error(rc, err, "compare", "short.txt", "fewer than one perplexity window of 128")
     assert not (tmp_path / "c").exists()
 
 
 def test_profile_resume_dir_implies_streaming(tiny_dir, long_txt, tmp_path, capsys):
     resume = tmp_path / "resume"
-    rc, _, err = run_cli(capsys, "profile", tiny_dir, "--corpus", long_txt, "--samples", "3", "--seq-len", "16", "--resume-dir", resume, "--out", tmp_path / "rep", "--no-plot")
+    rc, _, err = run_cli(
+        capsys,
+        "profile",
+        tiny_dir,
+        "--corpus",
+        long_txt,
+        "--samples",
+        "3",
+        "--seq-len",
+        "16",
+        "--resume-dir",
+        resume,
+        "--out",
+        tmp_path / "rep",
+        "--no-plot",
+    )
     assert rc == 0, err
     assert "--resume-dir implies --streaming" in err
-    assert json.loads((tmp_path / "rep" / "report.json").read_text())["model"]["kind"] == "streaming"
+    assert (
+        json.loads((tmp_path / "rep" / "report.json").read_text())["model"]["kind"] == "streaming"
+    )
     assert any(resume.iterdir())  # the states were kept
 
 
 def test_profile_binary_corpus_names_the_file(tiny_dir, tmp_path, capsys):
     f = tmp_path / "weights.txt"
     f.write_bytes(torch.randn(1000).numpy().tobytes())
-    rc, _, err = run_cli(capsys, "profile", tiny_dir, "--corpus", f, "--samples", "2", "--seq-len", "16", "--out", tmp_path / "r", "-q")
+    rc, _, err = run_cli(
+        capsys,
+        "profile",
+        tiny_dir,
+        "--corpus",
+        f,
+        "--samples",
+        "2",
+        "--seq-len",
+        "16",
+        "--out",
+        tmp_path / "r",
+        "-q",
+    )
     assert_clean_error(rc, err, "profile", str(f), "text file")
 
 
@@ -418,8 +643,14 @@ def test_truncated_report_names_the_file(tmp_path, capsys):
     rep = tmp_path / "rep"
     rep.mkdir()
     (rep / "report.json").write_text('{"format": "entrodrop-report/1", "blocks": [')
-    rc, _, err = run_cli(capsys, "rank", rep, "--kind", "attn", "--drop", "1", "--out", tmp_path / "plan.json")
-    assert_clean_error(rc, err, "rank", str(rep / "report.json"), "not valid JSON", "run entrodrop profile again")
+    rc, _, err = run_cli(
+        capsys, "rank", rep, "--kind", "attn", "--drop", "1", "--out", tmp_path / "plan.json"
+    )
+    assert_clean_error(
+        rc, err, "rank", str(rep / "report.json"), "not valid JSON", "run entrodrop profile again"
+    )
     (rep / "report.json").write_text("[1, 2]")
-    rc, _, err = run_cli(capsys, "rank", rep, "--kind", "attn", "--drop", "1", "--out", tmp_path / "plan.json")
+    rc, _, err = run_cli(
+        capsys, "rank", rep, "--kind", "attn", "--drop", "1", "--out", tmp_path / "plan.json"
+    )
     assert_clean_error(rc, err, "rank", "holds a JSON list, not a report")

@@ -23,9 +23,17 @@ from entrodrop_fast.ops import reference as R
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 TRITON_DEV = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
-needs_triton = pytest.mark.skipif(not HAS_TRITON or TRITON_DEV is None, reason="triton missing, or no GPU and TRITON_INTERPRET=0")
+needs_triton = pytest.mark.skipif(
+    not HAS_TRITON or TRITON_DEV is None, reason="triton missing, or no GPU and TRITON_INTERPRET=0"
+)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-KW = {"bucket": {"bins": 20}, "gaussian_diag": {}, "gaussian_full": {"ridge": 1e-6}, "knn": {"k": 3}, "renyi": {}}
+KW = {
+    "bucket": {"bins": 20},
+    "gaussian_diag": {},
+    "gaussian_full": {"ridge": 1e-6},
+    "knn": {"k": 3},
+    "renyi": {},
+}
 F32_MAX = torch.finfo(torch.float32).max
 
 
@@ -64,26 +72,40 @@ def test_bucket_extreme_ranges_closed_form(bins):
     # the scale; the old fp32 formula put all of them in bin 0 (or NaN-dependent bins)
     n = 64
     x = extreme_channels(n)
-    exact = torch.tensor([min(k * bins // (n - 1), bins - 1) for k in range(n)]).bincount(minlength=bins)
+    exact = torch.tensor([min(k * bins // (n - 1), bins - 1) for k in range(n)]).bincount(
+        minlength=bins
+    )
     counts = ref_counts(x[0], bins)
     for d in (0, 1, 3):
-        assert torch.equal(counts[d], exact), f"channel {d}: {counts[d].tolist()} != {exact.tolist()}"
+        assert torch.equal(counts[d], exact), (
+            f"channel {d}: {counts[d].tolist()} != {exact.tolist()}"
+        )
     p = exact.double() / n
     h_even = float(-(p[p > 0] * p[p > 0].log()).sum())
     h = R.bucket(x, bins=bins)[0]
     for d in (0, 1, 3):
         assert h[d].item() == pytest.approx(h_even, abs=1e-12)
-    assert h[2].item() == pytest.approx(math.log(2) if bins > 1 else 0.0, abs=1e-12)  # +-3e38: two values
+    assert h[2].item() == pytest.approx(
+        math.log(2) if bins > 1 else 0.0, abs=1e-12
+    )  # +-3e38: two values
     assert h[5].item() == 0.0
 
 
 @pytest.mark.parametrize("bins", [64, 20, 7, 1])
-@pytest.mark.parametrize("T", [64, 2100], ids=["cached", "streamed"])  # > 2048 tokens: the two-sweep path
+@pytest.mark.parametrize(
+    "T", [64, 2100], ids=["cached", "streamed"]
+)  # > 2048 tokens: the two-sweep path
 def test_bucket_extreme_ranges_cpp_equals_reference(bins, T):
     x = extreme_channels(64).repeat(1, T // 64 + 1, 1)[:, :T]
     x = torch.cat([x, torch.randn(1, T, 70)], 2)  # wide channels share a tile with ordinary ones
-    assert_close(R.bucket(x, bins=bins), cpp.bucket(x, bins=bins), 1e-12, 1e-12, name=f"bins={bins}")
-    assert_close(ef.bucket_entropy(x, bins=bins, backend="torch"), ef.bucket_entropy(x, bins=bins, backend="cpp"), 1e-12)
+    assert_close(
+        R.bucket(x, bins=bins), cpp.bucket(x, bins=bins), 1e-12, 1e-12, name=f"bins={bins}"
+    )
+    assert_close(
+        ef.bucket_entropy(x, bins=bins, backend="torch"),
+        ef.bucket_entropy(x, bins=bins, backend="cpp"),
+        1e-12,
+    )
 
 
 def test_bucket_extreme_ranges_bf16_and_fused_f():
@@ -111,7 +133,9 @@ def test_bucket_extreme_ranges_with_mask():
 
 @needs_triton
 @pytest.mark.triton
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on wide channels' fp32 path
+@pytest.mark.filterwarnings(
+    "ignore::RuntimeWarning"
+)  # the interpreter's numpy on wide channels' fp32 path
 def test_bucket_extreme_ranges_triton_counts_bit_identical():
     from entrodrop_fast.ops.triton.bucket import bucket_counts
 
@@ -164,7 +188,10 @@ def overflow_pair(dtype=torch.float32):
 def test_y_overflow_raises(method, dtype):
     x, f = overflow_pair(dtype)
     assert bool(torch.isfinite(x).all() and torch.isfinite(f).all())
-    with pytest.raises(ValueError, match=r"Y = X \+ F overflowed float32 in 1 token.*bfloat16|Y = X \+ F overflowed float32 in 1 token.*float32") as e:
+    with pytest.raises(
+        ValueError,
+        match=r"Y = X \+ F overflowed float32 in 1 token.*bfloat16|Y = X \+ F overflowed float32 in 1 token.*float32",
+    ) as e:
         ef.entropy(x, method, f, **KW[method])
     assert str(dtype) in str(e.value) and "nan_policy='omit'" in str(e.value)
     with pytest.raises(ValueError, match=r"Y = X \+ F overflowed"):
@@ -213,8 +240,14 @@ def test_y_overflow_message_says_what_to_do():
     with pytest.raises(ValueError) as e:
         ef.bucket_entropy(x, f)
     msg = str(e.value)
-    for part in ("Y = X + F overflowed float32", "1 token", "torch.bfloat16", "float64 input is read as float32",
-                 "power of two", "nan_policy='omit'"):
+    for part in (
+        "Y = X + F overflowed float32",
+        "1 token",
+        "torch.bfloat16",
+        "float64 input is read as float32",
+        "power of two",
+        "nan_policy='omit'",
+    ):
         assert part in msg, f"{part!r} missing from: {msg}"
 
 
@@ -243,7 +276,9 @@ def test_knn_extreme_scales_equal_reference(scale, n):
     c, _ = cpp._knn(x, 3)
     # 1e-41 is subnormal (a few bits per value): both sides see the same fp32 values
     assert_close(r, c, 1e-12, name=f"knn radii at {scale:g}")
-    assert_close(ef.knn_entropy(x, k=3, backend="torch"), ef.knn_entropy(x, k=3, backend="cpp"), 1e-12)
+    assert_close(
+        ef.knn_entropy(x, k=3, backend="torch"), ef.knn_entropy(x, k=3, backend="cpp"), 1e-12
+    )
 
 
 def test_knn_heavy_channel_spanning_fp32():
@@ -269,7 +304,9 @@ def test_knn_extreme_scales_triton(scale):
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(40, 6, generator=g).double() * scale).float()
     got = knn_kth_distance(x.to(TRITON_DEV), 3).cpu()
-    assert_close(R.knn_kth_distance(x, 3), got, 1e-5, name=f"triton knn at {scale:g}")  # fp32 kernel
+    assert_close(
+        R.knn_kth_distance(x, 3), got, 1e-5, name=f"triton knn at {scale:g}"
+    )  # fp32 kernel
 
 
 # ------------------------------------------------------------------ strides
@@ -291,7 +328,9 @@ def test_negative_stride_numpy_equals_copy():
     assert ef.cosine_importance(a, y=fb) == ef.cosine_importance(a, y=np.ascontiguousarray(fb))
     mask = np.ones(40, dtype=bool)
     mask[::3] = False
-    assert ef.gaussian_diag_entropy(a, mask=np.flip(mask)) == ef.gaussian_diag_entropy(a, mask=np.ascontiguousarray(np.flip(mask)))
+    assert ef.gaussian_diag_entropy(a, mask=np.flip(mask)) == ef.gaussian_diag_entropy(
+        a, mask=np.ascontiguousarray(np.flip(mask))
+    )
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
@@ -300,7 +339,9 @@ def test_stride0_views_equal_materialised(backend):
     views = {
         "samples": torch.randn(1, 30, 6, generator=g).expand(3, 30, 6),  # stride 0 on B
         "channels": torch.randn(2, 30, 1, generator=g).expand(2, 30, 6),  # stride 0 on D
-        "tokens": torch.randn(2, 1, 6, generator=g).expand(2, 30, 6),  # stride 0 on T: all rows alike
+        "tokens": torch.randn(2, 1, 6, generator=g).expand(
+            2, 30, 6
+        ),  # stride 0 on T: all rows alike
         "rows": torch.randn(1, 6, generator=g).expand(30, 6),  # [N, D], row stride 0
     }
     for name, v in views.items():
@@ -310,10 +351,24 @@ def test_stride0_views_equal_materialised(backend):
             warnings.simplefilter("ignore", RuntimeWarning)  # floored / singular on degenerate data
             for meth in ef.METHODS:
                 got = ef.entropy(v, meth, backend=backend, **KW[meth])
-                assert_close(ef.entropy(m, meth, backend=backend, **KW[meth]), got, 1e-12, name=f"{name} {meth}")
-            assert_close(ef.delta_entropy(m, m, "bucket", backend=backend), ef.delta_entropy(v, v, "bucket", backend=backend), 1e-12)
+                assert_close(
+                    ef.entropy(m, meth, backend=backend, **KW[meth]),
+                    got,
+                    1e-12,
+                    name=f"{name} {meth}",
+                )
+            assert_close(
+                ef.delta_entropy(m, m, "bucket", backend=backend),
+                ef.delta_entropy(v, v, "bucket", backend=backend),
+                1e-12,
+            )
         f = torch.randn(m.shape, generator=g)
-        assert_close(ef.cosine_importance(m, f, backend=backend), ef.cosine_importance(v, f, backend=backend), 1e-12, name=f"{name} cosine")
+        assert_close(
+            ef.cosine_importance(m, f, backend=backend),
+            ef.cosine_importance(v, f, backend=backend),
+            1e-12,
+            name=f"{name} cosine",
+        )
 
 
 def test_stride0_knn_kernel_path():
@@ -336,14 +391,29 @@ def test_numpy_broadcast_view():
 # ------------------------------------------------------------------ options
 
 
-@pytest.mark.parametrize("bins", [np.int64(20), np.int32(20), torch.tensor(20), torch.tensor(20, dtype=torch.int16)])
+@pytest.mark.parametrize(
+    "bins", [np.int64(20), np.int32(20), torch.tensor(20), torch.tensor(20, dtype=torch.int16)]
+)
 def test_bins_any_integral(bins):
     x = torch.randn(50, 3)
     assert ef.bucket_entropy(x, bins=bins).item() == ef.bucket_entropy(x, bins=20).item()
     assert ef.knn_entropy(x, k=np.int64(3)).item() == ef.knn_entropy(x, k=3).item()
 
 
-@pytest.mark.parametrize("bins", [20.5, 20.0, np.float64(20), torch.tensor(20.0), True, np.True_, torch.tensor(True), "20", None])
+@pytest.mark.parametrize(
+    "bins",
+    [
+        20.5,
+        20.0,
+        np.float64(20),
+        torch.tensor(20.0),
+        True,
+        np.True_,
+        torch.tensor(True),
+        "20",
+        None,
+    ],
+)
 def test_bins_not_integral_refused(bins):
     with pytest.raises(TypeError, match="bins must be an integer"):
         ef.bucket_entropy(torch.randn(50, 3), bins=bins)
@@ -359,7 +429,9 @@ def test_bins_maximum_works_on_every_cpu_backend():
     n = 50
     x = torch.linspace(0, 1, n)[:, None].repeat(1, 3)  # evenly spaced: every value its own bin
     for backend in ("cpp", "torch"):
-        assert ef.bucket_entropy(x, bins=2**16, backend=backend).item() == pytest.approx(3 * math.log(n), abs=1e-12)
+        assert ef.bucket_entropy(x, bins=2**16, backend=backend).item() == pytest.approx(
+            3 * math.log(n), abs=1e-12
+        )
     with pytest.raises(ValueError, match=r"bins must be in \[1, 65536\]"):
         cpp.bucket(x[None], None, None, 2**16 + 1)  # the kernel checks too (no std::bad_alloc)
 
@@ -410,7 +482,9 @@ def test_streaming_states_refuse_bad_floor_and_ridge():
 def test_var_floor_zero_and_ridge_none():
     x = torch.randn(20, 3)
     x[:, 1] = 2.0
-    assert ef.gaussian_diag_entropy(x, var_floor=0.0).item() == float("-inf")  # no floor: a dead channel is -inf
+    assert ef.gaussian_diag_entropy(x, var_floor=0.0).item() == float(
+        "-inf"
+    )  # no floor: a dead channel is -inf
     with pytest.warns(RuntimeWarning, match="singular"):
         assert math.isfinite(ef.gaussian_full_entropy(x, ridge=None).item())
 

@@ -53,14 +53,22 @@ def rewrite_tensors(d: Path, mutate) -> None:
     """Rewrite the checkpoint in ``d`` after ``mutate(tensors, file_of)`` changed the dicts in place
     (new tensors go to the file named in ``file_of``, default the first shard); the index follows."""
     index = d / INDEX
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.is_file()
+        else ["model.safetensors"]
+    )
     tensors, file_of = {}, {}
     for f in files:
         for k, v in load_file(str(d / f)).items():
             tensors[k], file_of[k] = v, f
     mutate(tensors, file_of)
     for f in files:
-        save_file({k: v.contiguous() for k, v in tensors.items() if file_of.get(k, files[0]) == f}, str(d / f), metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items() if file_of.get(k, files[0]) == f},
+            str(d / f),
+            metadata={"format": "pt"},
+        )
     if index.is_file():
         meta = json.loads(index.read_text())
         meta["weight_map"] = {k: file_of.get(k, files[0]) for k in sorted(tensors)}
@@ -95,7 +103,9 @@ def test_healthy_checkpoint_loads_exactly(llama):
 
 
 def test_tied_head_may_be_absent(tmp_path):
-    model = tiny_model("gemma2", "mixed", seed=2)  # tie_word_embeddings: lm_head.weight is not stored
+    model = tiny_model(
+        "gemma2", "mixed", seed=2
+    )  # tie_word_embeddings: lm_head.weight is not stored
     d = save_dir(model, tmp_path / "g")
     names = set(json.loads((d / INDEX).read_text())["weight_map"])
     assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
@@ -130,7 +140,22 @@ def test_missing_tensor_is_refused_by_every_command(llama, tmp_path, capsys):
     # profile does not report on it, prune writes nothing
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(" ".join(f"w{i % 90 + 3}" for i in range(400)))
-    rc = main(["profile", str(d), "--corpus", str(corpus), "--samples", "2", "--seq-len", "16", "--out", str(tmp_path / "rep"), "--no-plot", "-q"])
+    rc = main(
+        [
+            "profile",
+            str(d),
+            "--corpus",
+            str(corpus),
+            "--samples",
+            "2",
+            "--seq-len",
+            "16",
+            "--out",
+            str(tmp_path / "rep"),
+            "--no-plot",
+            "-q",
+        ]
+    )
     err_text = capsys.readouterr().err
     assert rc == 1 and "entrodrop profile: error:" in err_text and name in err_text
     assert not (tmp_path / "rep" / "report.json").exists()
@@ -166,7 +191,12 @@ def test_leftovers_transformers_ignores_are_accepted(llama, tmp_path):
     """Old Llama checkpoints store a rotary ``inv_freq`` buffer per layer; transformers drops it on load."""
     model, src = llama
     d = copy_dir(src, tmp_path / "old")
-    rewrite_tensors(d, lambda t, f: t.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(4) for i in range(4)}))
+    rewrite_tensors(
+        d,
+        lambda t, f: t.update(
+            {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(4) for i in range(4)}
+        ),
+    )
     assert torch.equal(logits(load_model(str(d)).model), logits(model))
     assert export_pruned(d, tmp_path / "out", {"attn": [1]}).layers_after == 4
 
@@ -187,7 +217,9 @@ def test_config_sizes_that_disagree_with_the_weights(llama, tmp_path):
     with pytest.raises(ExportError) as err:
         export_pruned(d, tmp_path / "out", {"layer": [1]})
     msg = str(err.value)
-    assert name in msg and index[name] in msg and "[48, 32]" in msg and "nothing was exported" in msg
+    assert (
+        name in msg and index[name] in msg and "[48, 32]" in msg and "nothing was exported" in msg
+    )
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
@@ -211,11 +243,17 @@ def test_pytorch_bin_checkpoint_is_checked_by_the_loading_report(tmp_path):
     name = "model.layers.1.mlp.up_proj.weight"
     sd.pop(name)
     torch.save(sd, d / "pytorch_model.bin")
-    with pytest.raises(ModelLoadError, match=rf"{name.replace('.', '[.]')} is in no file of the checkpoint \(missing\)"):
+    with pytest.raises(
+        ModelLoadError,
+        match=rf"{name.replace('.', '[.]')} is in no file of the checkpoint \(missing\)",
+    ):
         load_model(str(d))
     sd[name] = torch.zeros(65, 32)
     torch.save(sd, d / "pytorch_model.bin")
-    with pytest.raises(ModelLoadError, match=rf"{name.replace('.', '[.]')} has shape \[65, 32\], the config implies \[64, 32\]"):
+    with pytest.raises(
+        ModelLoadError,
+        match=rf"{name.replace('.', '[.]')} has shape \[65, 32\], the config implies \[64, 32\]",
+    ):
         load_model(str(d))
 
 
@@ -226,7 +264,9 @@ def test_moe_per_expert_checkpoint_is_checked_through_the_renaming(tmp_path):
     model = tiny_model("mixtral", "mixed", seed=3)
     src = save_dir(model, tmp_path / "moe", shard=None)
     names = load_file(str(src / "model.safetensors")).keys()
-    assert any(".block_sparse_moe.experts.0.w1." in n for n in names)  # stored per expert, fused on load
+    assert any(
+        ".block_sparse_moe.experts.0.w1." in n for n in names
+    )  # stored per expert, fused on load
     lm = load_model(str(src))
     assert torch.equal(logits(lm.model), logits(model))
     export_pruned(src, tmp_path / "ok", {"mlp": [1]})  # a consistent per-expert checkpoint exports
@@ -237,7 +277,10 @@ def test_moe_per_expert_checkpoint_is_checked_through_the_renaming(tmp_path):
     with pytest.raises(ModelLoadError) as err:
         load_model(str(d))
     msg = str(err.value)
-    assert "model.layers.2.block_sparse_moe.experts." in msg and "model.layers.2.mlp.experts.gate_up_proj" in msg
+    assert (
+        "model.layers.2.block_sparse_moe.experts." in msg
+        and "model.layers.2.mlp.experts.gate_up_proj" in msg
+    )
     assert "model.safetensors" in msg
     with pytest.raises(ExportError, match=r"model\.layers\.2\.mlp\.experts\.gate_up_proj"):
         export_pruned(d, tmp_path / "out", {"attn": [1]})
@@ -247,7 +290,10 @@ def test_moe_per_expert_checkpoint_is_checked_through_the_renaming(tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["num_local_experts"] = 5  # the checkpoint holds 4
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match=r"gate_up_proj of shape \[4, 128, 32\], the config implies \[5, 128, 32\]"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"gate_up_proj of shape \[4, 128, 32\], the config implies \[5, 128, 32\]",
+    ):
         load_model(str(d))
 
 
@@ -279,7 +325,9 @@ def test_profile_of_a_pruned_directory_gives_zero_for_dropped_blocks(pruned):
     _, out, plan = pruned
     lm = load_model(str(out))
     windows = torch.randint(3, 97, (3, 20), generator=torch.Generator().manual_seed(0))
-    res = profile(lm.model, windows, ProfileSettings(methods=("bucket",), batch_size=3), progress=False)
+    res = profile(
+        lm.model, windows, ProfileSettings(methods=("bucket",), batch_size=3), progress=False
+    )
     attn = res["delta"]["bucket"]["attn"]["mean"]
     mlp = res["delta"]["bucket"]["mlp"]["mean"]
     assert [attn[i] for i in plan["attn"]] == [0.0, 0.0]
@@ -306,7 +354,9 @@ def test_stock_loading_of_an_attention_pruned_directory(pruned):
 
     mem, out, _ = pruned
     dense = AutoModelForCausalLM.from_pretrained(out)
-    assert type(dense).__name__ == "LlamaForCausalLM" and hasattr(dense.model.layers[1].self_attn, "q_proj")
+    assert type(dense).__name__ == "LlamaForCausalLM" and hasattr(
+        dense.model.layers[1].self_attn, "q_proj"
+    )
     with pytest.raises(NotImplementedError):
         dense(IDS, use_cache=True)
     remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
@@ -316,12 +366,21 @@ def test_stock_loading_of_an_attention_pruned_directory(pruned):
 # ------------------------------------------------------------------ unsupported architecture, broken weights
 
 
-def test_unsupported_architecture_is_refused_before_anything_is_built(tmp_path, monkeypatch, capsys):
+def test_unsupported_architecture_is_refused_before_anything_is_built(
+    tmp_path, monkeypatch, capsys
+):
     import transformers
     from transformers import AutoConfig
 
     d = tmp_path / "bert"
-    AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=97).save_pretrained(d)
+    AutoConfig.for_model(
+        "bert",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=97,
+    ).save_pretrained(d)
     add_tokenizer(d)
 
     def built(*a, **k):
@@ -340,8 +399,19 @@ def test_unsupported_architecture_is_refused_before_anything_is_built(tmp_path, 
 
 def _corpus(tmp_path: Path) -> Path:
     g = torch.Generator().manual_seed(1)
-    words = ["alpha", "bravo", "charlie", "delta"]  # the last_word task needs words (unknown to the tokenizer: w0)
-    docs = [" ".join(f"w{int(i)} {words[j % 4]}" for j, i in enumerate(torch.randint(3, 97, (120,), generator=g))) for _ in range(10)]
+    words = [
+        "alpha",
+        "bravo",
+        "charlie",
+        "delta",
+    ]  # the last_word task needs words (unknown to the tokenizer: w0)
+    docs = [
+        " ".join(
+            f"w{int(i)} {words[j % 4]}"
+            for j, i in enumerate(torch.randint(3, 97, (120,), generator=g))
+        )
+        for _ in range(10)
+    ]
     path = tmp_path / "corpus.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     return path
@@ -353,7 +423,21 @@ def test_eval_refuses_nan_weights(tmp_path, capsys):
     with torch.no_grad():
         model.model.norm.weight[3] = float("nan")
     d = save_dir(model, tmp_path / "nan", shard=None)
-    rc = main(["eval", str(d), "--corpus", str(_corpus(tmp_path)), "--seq-len", "16", "--windows", "2", "--items", "4", "--no-speed"])
+    rc = main(
+        [
+            "eval",
+            str(d),
+            "--corpus",
+            str(_corpus(tmp_path)),
+            "--seq-len",
+            "16",
+            "--windows",
+            "2",
+            "--items",
+            "4",
+            "--no-speed",
+        ]
+    )
     err = capsys.readouterr()
     assert rc == 1 and "perplexity nan" not in err.out
     assert "entrodrop eval: error:" in err.err and "non-finite" in err.err and str(d) in err.err
@@ -374,9 +458,14 @@ def test_evaluation_functions_refuse_non_finite_logits():
 
     docs = [" ".join(f"w{10 + (i * 5 + j) % 80}" for j in range(120)) for i in range(6)]
     assert not any(" w7 " in f" {d} " for d in docs)
-    assert E.perplexity(model, Tok(), docs, seq_len=16, max_windows=2)["perplexity"] > 0  # clean text: fine
+    assert (
+        E.perplexity(model, Tok(), docs, seq_len=16, max_windows=2)["perplexity"] > 0
+    )  # clean text: fine
     docs = [d + " w7" for d in docs]
-    with pytest.raises(ValueError, match=r"model LlamaForCausalLM produced \d+ non-finite .* perplexity; its weights are probably broken"):
+    with pytest.raises(
+        ValueError,
+        match=r"model LlamaForCausalLM produced \d+ non-finite .* perplexity; its weights are probably broken",
+    ):
         E.perplexity(model, Tok(), docs, seq_len=16, max_windows=64)
     with pytest.raises(ValueError, match="non-finite .* zero-shot"):
         E.zero_shot(model, Tok(), [" ".join(["w7"] * 300)] * 6, items=4)
@@ -395,7 +484,19 @@ def test_unknown_model_type_lists_the_supported_ones(tmp_path, capsys, streaming
     d = tmp_path / "unknown"
     d.mkdir()
     (d / "config.json").write_text('{"model_type": "foobar_lm", "hidden_size": 8}')
-    assert main(["profile", str(d), "--out", str(tmp_path / "rep"), "-q", *(["--streaming"] if streaming else [])]) == 1
+    assert (
+        main(
+            [
+                "profile",
+                str(d),
+                "--out",
+                str(tmp_path / "rep"),
+                "-q",
+                *(["--streaming"] if streaming else []),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "unsupported model_type 'foobar_lm'; supported: gemma2" in err and "llama" in err
     assert "upgrade" not in err and "Traceback" not in err and not (tmp_path / "rep").exists()

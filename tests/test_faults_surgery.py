@@ -56,22 +56,51 @@ DERIVED = {
     # sliding / full alternate from layer 0: [S, F, S, F]; dropping layer 1 must give [S, S, F]
     "gemma2": ("gemma2", {}, ["layer_types"], None, [1], [S, S, F], None),
     # pattern 6: layers 0-4 sliding, 5 full; re-derived for 5 layers it would have no full layer
-    "gemma3": ("gemma3_text", {"num_hidden_layers": 6, "layer_types": None}, ["layer_types"], {"sliding_window_pattern": 6}, [0], [S, S, S, S, F], None),
+    "gemma3": (
+        "gemma3_text",
+        {"num_hidden_layers": 6, "layer_types": None},
+        ["layer_types"],
+        {"sliding_window_pattern": 6},
+        [0],
+        [S, S, S, S, F],
+        None,
+    ),
     # max_window_layers 2: layers 0-1 full, 2-3 sliding
     "qwen2": ("qwen2", {}, ["layer_types"], None, [0, 3], [F, S], None),
-    "qwen3": ("qwen3", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}, ["layer_types"], None, [1], [F, S, S], None),
+    "qwen3": (
+        "qwen3",
+        {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+        ["layer_types"],
+        None,
+        [1],
+        [F, S, S],
+        None,
+    ),
     # decoder_sparse_step 2: layers 1, 3 sparse; num_experts left to its default (60); sliding
     # layers alternate below max_window_layers
     "qwen2_moe": (
         "qwen2_moe",
-        {"num_experts": 60, "mlp_only_layers": [], "use_sliding_window": True, "max_window_layers": 4},
+        {
+            "num_experts": 60,
+            "mlp_only_layers": [],
+            "use_sliding_window": True,
+            "max_window_layers": 4,
+        },
         ["layer_types", "num_experts", "mlp_only_layers"],
         None,
         [0],
         [F, S, F],
         ["Qwen2MoeSparseMoeBlock", "Qwen2MoeMLP", "Qwen2MoeSparseMoeBlock"],
     ),
-    "qwen3_moe": ("qwen3_moe", {"decoder_sparse_step": 2, "mlp_only_layers": []}, ["mlp_only_layers"], None, [2], None, ["Qwen3MoeMLP", "Qwen3MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock"]),
+    "qwen3_moe": (
+        "qwen3_moe",
+        {"decoder_sparse_step": 2, "mlp_only_layers": []},
+        ["mlp_only_layers"],
+        None,
+        [2],
+        None,
+        ["Qwen3MoeMLP", "Qwen3MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock"],
+    ),
     # one window for every layer: nothing per layer to restate
     "mistral": ("mistral", {}, ["layer_types"], None, [1], None, None),
 }
@@ -82,7 +111,9 @@ def test_export_states_derived_per_layer_fields(case, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model_type, overrides, omit, add, layer, want_types, want_mlp = DERIVED[case]
-    src = published_checkpoint(tiny_model(model_type, "mixed", **overrides), tmp_path / "src", omit, add)
+    src = published_checkpoint(
+        tiny_model(model_type, "mixed", **overrides), tmp_path / "src", omit, add
+    )
     raw = json.loads((src / "config.json").read_text())
     assert not set(omit) & set(raw)
     base = AutoModelForCausalLM.from_pretrained(src).eval()
@@ -97,14 +128,18 @@ def test_export_states_derived_per_layer_fields(case, tmp_path):
     assert summary.stock_loadable
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     err = (logits(loaded) - logits(mem)).abs().max().item()
-    assert err <= 1e-5, f"{case}: stock-reloaded export differs from the in-memory drop by {err:.3e}"
+    assert err <= 1e-5, (
+        f"{case}: stock-reloaded export differs from the in-memory drop by {err:.3e}"
+    )
     ad = get_adapter(base)
     before = layer_properties(base.config.to_dict(), ad)
     assert layer_properties(loaded.config.to_dict(), ad) == [before[i] for i in kept]
     assert getattr(loaded.config, "layer_types", None) == getattr(mem.config, "layer_types", None)
     if want_types is not None:
         assert loaded.config.layer_types == want_types
-        windows = [bool(getattr(layer.self_attn, "sliding_window", None)) for layer in loaded.model.layers]
+        windows = [
+            bool(getattr(layer.self_attn, "sliding_window", None)) for layer in loaded.model.layers
+        ]
         assert windows == [t == S for t in want_types]
     if want_mlp is not None:
         assert mlp_kinds(loaded) == want_mlp == mlp_kinds(mem)
@@ -135,7 +170,10 @@ def gemma2_pattern_fixed(monkeypatch):
 
 def test_inexpressible_layer_pattern_is_refused(gemma2_pattern_fixed, tmp_path):
     src = published_checkpoint(tiny_model("gemma2", "mixed"), tmp_path / "src", ["layer_types"])
-    with pytest.raises(ExportError, match=r"source layer 2 becomes layer 1, .* would build it with config layer_types 'full_attention' instead of 'sliding_attention'.*Nothing was changed or written"):
+    with pytest.raises(
+        ExportError,
+        match=r"source layer 2 becomes layer 1, .* would build it with config layer_types 'full_attention' instead of 'sliding_attention'.*Nothing was changed or written",
+    ):
         export_pruned(src, tmp_path / "out", {"layer": [1]})
     assert not (tmp_path / "out").exists()
     model = tiny_model("gemma2", "mixed")
@@ -155,7 +193,11 @@ L = 4
 def synthetic_report(model: dict) -> dict:
     """A report of a 4-layer model (entropy falls over layer 0, then rises), with ``model`` as its model entry."""
     r = [10.0, 9.0, 9.5, 10.0, 10.5]
-    dh = {"attn": [0.3, 0.05, 0.01, 0.2], "mlp": [0.4, 0.3, 0.02, 0.5], "layer": [-1.0, 0.2, 0.1, 0.4]}
+    dh = {
+        "attn": [0.3, 0.05, 0.01, 0.2],
+        "mlp": [0.4, 0.3, 0.02, 0.5],
+        "layer": [-1.0, 0.2, 0.1, 0.4],
+    }
     points, h = [], []
     for i in range(L):
         points += [f"r{i}", f"m{i}"]
@@ -163,12 +205,23 @@ def synthetic_report(model: dict) -> dict:
     points.append(f"r{L}")
     h.append(r[L])
     blocks = [
-        {"kind": k, "layer": i, "delta": {"bucket": {"mean": dh[k][i], "stderr": 0.01}}, "cosine": None}
+        {
+            "kind": k,
+            "layer": i,
+            "delta": {"bucket": {"mean": dh[k][i], "stderr": 0.01}},
+            "cosine": None,
+        }
         for k in ("attn", "mlp", "layer")
         for i in range(L)
     ]
-    return {"format": 1, "model": {"name": "synthetic", **model}, "points": points,
-            "entropy": {"bucket": {"mean": h, "stderr": [0.0] * len(h)}}, "blocks": blocks, "layer_indices": "0-based"}
+    return {
+        "format": 1,
+        "model": {"name": "synthetic", **model},
+        "points": points,
+        "entropy": {"bucket": {"mean": h, "stderr": [0.0] * len(h)}},
+        "blocks": blocks,
+        "layer_indices": "0-based",
+    }
 
 
 def write_report(report: dict, path: Path) -> Path:
@@ -189,15 +242,26 @@ def test_identity_of_config_json_and_loaded_model_agree(llama_dir, tmp_path):
 
     ident = model_identity(json.loads((llama_dir / "config.json").read_text()))
     assert set(ident) == set(IDENTITY_FIELDS)
-    assert ident["num_layers"] == 4 and ident["hidden_size"] == 32 and ident["intermediate_size"] == 64
+    assert (
+        ident["num_layers"] == 4 and ident["hidden_size"] == 32 and ident["intermediate_size"] == 64
+    )
     assert ident["num_attention_heads"] == 4 and ident["num_key_value_heads"] == 2
     # the loaded model (another dtype) and a config.json leaving defaults out: same fingerprint
-    assert model_identity(AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).config) == ident
+    assert (
+        model_identity(AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).config)
+        == ident
+    )
     cfg = json.loads((llama_dir / "config.json").read_text())
-    slim = {k: v for k, v in cfg.items() if k not in ("attention_bias", "mlp_bias", "rms_norm_eps", "use_cache", "dtype")}
+    slim = {
+        k: v
+        for k, v in cfg.items()
+        if k not in ("attention_bias", "mlp_bias", "rms_norm_eps", "use_cache", "dtype")
+    }
     assert model_identity(slim) == ident
     # same sizes, another rope base: another fingerprint
-    other = model_identity({**cfg, "rope_parameters": {"rope_type": "default", "rope_theta": 1234.0}})
+    other = model_identity(
+        {**cfg, "rope_parameters": {"rope_type": "default", "rope_theta": 1234.0}}
+    )
     assert other["hidden_size"] == 32 and other["config_sha256"] != ident["config_sha256"]
 
 
@@ -206,7 +270,9 @@ def test_plan_records_the_model_it_was_made_for(llama_dir):
     plan = make_plan(synthetic_report(ident), "layer", 1)
     for key in IDENTITY_FIELDS:
         assert plan["model"][key] == ident[key], key
-    old = make_plan(synthetic_report({"model_type": "llama", "num_layers": L, "hidden_size": 32}), "layer", 1)
+    old = make_plan(
+        synthetic_report({"model_type": "llama", "num_layers": L, "hidden_size": 32}), "layer", 1
+    )
     assert "config_sha256" not in old["model"] and old["model"]["hidden_size"] == 32
 
 
@@ -214,11 +280,16 @@ def test_export_refuses_a_plan_of_another_hidden_size(llama_dir, tmp_path):
     """The issue's case: only the layer count used to be compared."""
     other = model_identity(tiny_model("llama", "mixed", hidden_size=64).config)
     plan = make_plan(synthetic_report(other), "layer", 1)
-    with pytest.raises(ExportError, match=r"made for another model than .*hidden_size 64 there, 32 here.*profile this model first"):
+    with pytest.raises(
+        ExportError,
+        match=r"made for another model than .*hidden_size 64 there, 32 here.*profile this model first",
+    ):
         export_pruned(llama_dir, tmp_path / "out", plan)
     assert not (tmp_path / "out").exists()
     # an old plan (no fingerprint) with another hidden size: refused on what it records
-    old = make_plan(synthetic_report({"model_type": "llama", "num_layers": L, "hidden_size": 64}), "layer", 1)
+    old = make_plan(
+        synthetic_report({"model_type": "llama", "num_layers": L, "hidden_size": 64}), "layer", 1
+    )
     with pytest.raises(ExportError, match="hidden_size 64 there, 32 here"):
         export_pruned(llama_dir, tmp_path / "out", old)
     assert not (tmp_path / "out").exists()
@@ -227,11 +298,20 @@ def test_export_refuses_a_plan_of_another_hidden_size(llama_dir, tmp_path):
 def test_mismatch_messages_name_every_field(llama_dir):
     cfg = json.loads((llama_dir / "config.json").read_text())
     ident = model_identity(cfg)
-    with pytest.raises(ValueError, match=r"model_type 'mistral' there, 'llama' here; intermediate_size 128 there, 64 here"):
+    with pytest.raises(
+        ValueError,
+        match=r"model_type 'mistral' there, 'llama' here; intermediate_size 128 there, 64 here",
+    ):
         check_same_model({**ident, "model_type": "mistral", "intermediate_size": 128}, cfg)
-    with pytest.raises(ValueError, match=r"made for a model with 6 layers; this model has 4: num_attention_heads 8 there, 4 here"):
+    with pytest.raises(
+        ValueError,
+        match=r"made for a model with 6 layers; this model has 4: num_attention_heads 8 there, 4 here",
+    ):
         check_same_model({**ident, "num_layers": 6, "num_attention_heads": 8}, cfg)
-    with pytest.raises(ValueError, match=r"config fingerprint 0123456789ab\.\.\. there, .* \(the configs differ beyond the sizes\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"config fingerprint 0123456789ab\.\.\. there, .* \(the configs differ beyond the sizes\)",
+    ):
         check_same_model({**ident, "config_sha256": "0123456789abcdef"}, cfg)
     assert check_same_model(ident, cfg) == []
 
@@ -239,9 +319,17 @@ def test_mismatch_messages_name_every_field(llama_dir):
 def test_old_report_fields_present_agree_absent_unchecked(llama_dir, tmp_path):
     old = {"model_type": "llama", "num_layers": L, "hidden_size": 32}
     cfg = json.loads((llama_dir / "config.json").read_text())
-    assert check_same_model(old, cfg) == ["intermediate_size", "num_attention_heads", "num_key_value_heads", "config_sha256"]
+    assert check_same_model(old, cfg) == [
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "config_sha256",
+    ]
     plan = make_plan(synthetic_report(old), "layer", 1)
-    with pytest.warns(UserWarning, match="does not record the model's intermediate_size, num_attention_heads, num_key_value_heads, config_sha256"):
+    with pytest.warns(
+        UserWarning,
+        match="does not record the model's intermediate_size, num_attention_heads, num_key_value_heads, config_sha256",
+    ):
         s = export_pruned(llama_dir, tmp_path / "out", plan)
     assert s.layers_after == 3
     # a full plan of this model: checked, no warning
@@ -264,14 +352,58 @@ def test_in_memory_drop_refuses_a_plan_of_another_model():
 def test_prune_cli_refuses_a_report_of_another_model(llama_dir, tmp_path, capsys):
     from entrodrop_fast.cli import main
 
-    other = write_report(synthetic_report(model_identity(tiny_model("llama", "mixed", hidden_size=64).config)), tmp_path / "rep_other")
+    other = write_report(
+        synthetic_report(model_identity(tiny_model("llama", "mixed", hidden_size=64).config)),
+        tmp_path / "rep_other",
+    )
     out = tmp_path / "pruned"
-    assert main(["prune", str(llama_dir), "--report", str(other), "--kind", "layer", "--drop", "1", "--out", str(out)]) == 1
+    assert (
+        main(
+            [
+                "prune",
+                str(llama_dir),
+                "--report",
+                str(other),
+                "--kind",
+                "layer",
+                "--drop",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
-    assert f"report {other} was made for another model than {llama_dir}" in err and "hidden_size 64 there, 32 here" in err
+    assert (
+        f"report {other} was made for another model than {llama_dir}" in err
+        and "hidden_size 64 there, 32 here" in err
+    )
     assert "profile this model first" in err and not out.exists()
-    mine = write_report(synthetic_report(model_identity(json.loads((llama_dir / "config.json").read_text()))), tmp_path / "rep")
-    assert main(["prune", str(llama_dir), "--report", str(mine), "--kind", "layer", "--drop", "1", "--out", str(out)]) == 0
+    mine = write_report(
+        synthetic_report(model_identity(json.loads((llama_dir / "config.json").read_text()))),
+        tmp_path / "rep",
+    )
+    assert (
+        main(
+            [
+                "prune",
+                str(llama_dir),
+                "--report",
+                str(mine),
+                "--kind",
+                "layer",
+                "--drop",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     saved = json.loads((out / "entrodrop_plan.json").read_text())
-    assert saved["model"]["config_sha256"] == model_identity(json.loads((llama_dir / "config.json").read_text()))["config_sha256"]
+    assert (
+        saved["model"]["config_sha256"]
+        == model_identity(json.loads((llama_dir / "config.json").read_text()))["config_sha256"]
+    )
     assert saved["report"] == str(mine) and saved["drop"]["layer"] == [2]

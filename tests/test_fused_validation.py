@@ -25,7 +25,9 @@ from entrodrop_fast.ops import api
 from entrodrop_fast.ops import cpp_backend as cpp
 from entrodrop_fast.ops import reference as R
 
-pytestmark = pytest.mark.skipif(not cpp.available()[0], reason="the compiled extension is not built")
+pytestmark = pytest.mark.skipif(
+    not cpp.available()[0], reason="the compiled extension is not built"
+)
 
 NAN, INF = float("nan"), float("inf")
 
@@ -146,7 +148,12 @@ def expect_bad(call, x, f, mask) -> bool:
 
 
 def same(a, b) -> bool:
-    return a is None and b is None or torch.equal(torch.nan_to_num(a, 7.0, 8.0, 9.0), torch.nan_to_num(b, 7.0, 8.0, 9.0)) and torch.equal(a.isnan(), b.isnan())
+    return (
+        a is None
+        and b is None
+        or torch.equal(torch.nan_to_num(a, 7.0, 8.0, 9.0), torch.nan_to_num(b, 7.0, 8.0, 9.0))
+        and torch.equal(a.isnan(), b.isnan())
+    )
 
 
 # ------------------------------------------------------------------ the public calls = the explicit check
@@ -168,7 +175,9 @@ def test_same_results_errors_and_warnings_as_the_explicit_check(call, dtype, cas
         if not expect_bad(call, x, f, m):
             assert got[1] is None and not any("skipped" in w for w in got[2]), got
         elif policy == "raise":
-            assert got[1] is not None and ("NaN or Inf" in got[1] or "overflowed float32" in got[1]), got
+            assert got[1] is not None and (
+                "NaN or Inf" in got[1] or "overflowed float32" in got[1]
+            ), got
         else:
             assert got[1] is None and any("skipped" in w for w in got[2]), got
 
@@ -177,7 +186,14 @@ def test_same_results_errors_and_warnings_as_the_explicit_check(call, dtype, cas
 def test_y_overflow_only_in_x_plus_f(dtype):
     x, f, _ = data(dtype, "overflow")
     assert bool(torch.isfinite(x).all() and torch.isfinite(f).all())
-    for call in ("bucket", "gaussian_diag", "delta_bucket", "delta_gaussian_diag", "cosine", "moment_state"):
+    for call in (
+        "bucket",
+        "gaussian_diag",
+        "delta_bucket",
+        "delta_gaussian_diag",
+        "cosine",
+        "moment_state",
+    ):
         with pytest.raises(ValueError, match=r"Y = X \+ F overflowed float32 in 1 token"):
             CALLS[call](x, f, backend="cpp")
     keep = torch.ones(x.shape[:2], dtype=torch.bool)
@@ -207,7 +223,9 @@ def test_omit_equals_masking_and_the_reference(dtype):
     assert_close(R.bucket(x, f, keep, 20).sum(-1), h, 1e-12, name="bucket")
     with pytest.warns(RuntimeWarning, match="skipped 1 token"):
         g = ef.gaussian_diag_entropy(x, f, mask=mask, nan_policy="omit")
-    assert_close(ef.gaussian_diag_entropy(x, f, mask=keep, backend="torch"), g, 1e-5, name="gaussian_diag")
+    assert_close(
+        ef.gaussian_diag_entropy(x, f, mask=keep, backend="torch"), g, 1e-5, name="gaussian_diag"
+    )
     with pytest.warns(RuntimeWarning, match="skipped 1 token"):
         c = ef.cosine_importance(x, f, mask=mask, nan_policy="omit")
     assert_close(ef.cosine_importance(x, f, mask=keep, backend="torch"), c, 1e-6, name="cosine")
@@ -261,7 +279,10 @@ def test_errors_keep_their_order():
 def test_omit_leaving_too_few_tokens():
     x = torch.randn(3, 4)
     x[1:, 0] = NAN
-    with pytest.warns(RuntimeWarning, match="skipped 2 token"), pytest.raises(ValueError, match="at least 2 valid tokens, one has 1"):
+    with (
+        pytest.warns(RuntimeWarning, match="skipped 2 token"),
+        pytest.raises(ValueError, match="at least 2 valid tokens, one has 1"),
+    ):
         ef.bucket_entropy(x, nan_policy="omit")
 
 
@@ -280,12 +301,17 @@ def _views(dtype, case):
     x, f, mask = data(dtype, case, B=3, T=60, D=41)
     return {
         "contiguous": (x, f),
-        "transposed": (x.transpose(1, 2).contiguous().transpose(1, 2), f.transpose(1, 2).contiguous().transpose(1, 2)),
+        "transposed": (
+            x.transpose(1, 2).contiguous().transpose(1, 2),
+            f.transpose(1, 2).contiguous().transpose(1, 2),
+        ),
         "sliced": (x[:, ::2, 1:], f[:, 1::2, 1:]),
     }, mask
 
 
-@pytest.mark.parametrize("case", ["clean", "nan_x", "inf_x", "nan_f", "inf_f", "inf_both", "overflow", "masked"])
+@pytest.mark.parametrize(
+    "case", ["clean", "nan_x", "inf_x", "nan_f", "inf_f", "inf_both", "overflow", "masked"]
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_kernels_report_exactly_the_bad_channels(dtype, case):
     views, mask = _views(dtype, case)
@@ -297,19 +323,30 @@ def test_kernels_report_exactly_the_bad_channels(dtype, case):
             clean_y = torch.where(torch.isfinite(y), y, torch.zeros_like(y))
             h = cpp.bucket(x, ff, m, 20, False)
             assert torch.equal(h.isnan(), bad), f"{name}: bucket NaN where {bad.nonzero().tolist()}"
-            assert_close(R.bucket(clean_y, None, m, 20)[~bad], h[~bad], 1e-12, 1e-12, name=f"{name} bucket")
+            assert_close(
+                R.bucket(clean_y, None, m, 20)[~bad], h[~bad], 1e-12, 1e-12, name=f"{name} bucket"
+            )
             mo = cpp.moments(x, ff, m)
             ref = R.moments(clean_y, None, m)
             for k in ("mean", "m2", "min", "max"):
                 assert torch.equal(mo[k].isnan(), bad), f"{name}: moments {k}"
-            ok = ~bad & (clean_y.abs().amax(1) < 1e18)  # fp32 squares of 3e38 overflow: not compared
+            ok = ~bad & (
+                clean_y.abs().amax(1) < 1e18
+            )  # fp32 squares of 3e38 overflow: not compared
             assert_close(ref["m2"][ok], mo["m2"][ok], 1e-5, 1e-30, name=f"{name} m2")
-            assert torch.equal(ref["min"][~bad], mo["min"][~bad]) and torch.equal(ref["max"][~bad], mo["max"][~bad])
+            assert torch.equal(ref["min"][~bad], mo["min"][~bad]) and torch.equal(
+                ref["max"][~bad], mo["max"][~bad]
+            )
             if ff is not None:
                 s, n = cpp.cosine(x, ff, m, True)
                 bad_x = _bad_channels(x.float(), m).any(1) | bad.any(1)
                 assert torch.equal(s.isnan(), bad_x), f"{name}: cosine"
-                rs, rn = R.cosine(torch.where(torch.isfinite(x), x, 0), torch.where(torch.isfinite(ff), ff, 0), m, True)
+                rs, rn = R.cosine(
+                    torch.where(torch.isfinite(x), x, 0),
+                    torch.where(torch.isfinite(ff), ff, 0),
+                    m,
+                    True,
+                )
                 assert_close(rs[~bad_x], s[~bad_x], 1e-6, 1e-5, name=f"{name} cosine")
                 assert torch.equal(rn, n)
                 s, _ = cpp.cosine(x, ff, m, False)
@@ -365,11 +402,25 @@ def test_huge_finite_values_are_not_reported():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_validate_false_nan_gives_nan(dtype):
     x, f, mask = data(dtype, "nan_x")
-    assert torch.isnan(ef.bucket_entropy(x, f, validate=False, backend="cpp")).tolist() == [False, True, False]
-    assert torch.isnan(ef.gaussian_diag_entropy(x, f, validate=False, backend="cpp")).tolist() == [False, True, False]
-    assert torch.isnan(ef.cosine_importance(x, f, validate=False, backend="cpp")).tolist() == [False, True, False]
+    assert torch.isnan(ef.bucket_entropy(x, f, validate=False, backend="cpp")).tolist() == [
+        False,
+        True,
+        False,
+    ]
+    assert torch.isnan(ef.gaussian_diag_entropy(x, f, validate=False, backend="cpp")).tolist() == [
+        False,
+        True,
+        False,
+    ]
+    assert torch.isnan(ef.cosine_importance(x, f, validate=False, backend="cpp")).tolist() == [
+        False,
+        True,
+        False,
+    ]
     mask[1, 5] = False  # the NaN token masked out: all finite
-    assert bool(torch.isfinite(ef.bucket_entropy(x, f, mask=mask, validate=False, backend="cpp")).all())
+    assert bool(
+        torch.isfinite(ef.bucket_entropy(x, f, mask=mask, validate=False, backend="cpp")).all()
+    )
 
 
 def _guarded(n, dtype, guard=64):
@@ -398,14 +449,22 @@ def test_nan_inf_stay_in_bounds(dtype, T, bins):
     assert bool((out[B * D :] == -12345.0).all()), "bucket wrote past its output"
     h = out[: B * D].view(B, D)
     assert bool(h[0].isnan().all()) and bool(torch.isfinite(h[1]).all())
-    assert_close(R.bucket(x[1:].contiguous(), None, None, bins), h[1:], 1e-12, 1e-12, name="sample 1")
-    outs = [_guarded(B, torch.float64)] + [_guarded(B * D, torch.float64) for _ in range(2)] + [_guarded(B * D, torch.float32) for _ in range(2)]
+    assert_close(
+        R.bucket(x[1:].contiguous(), None, None, bins), h[1:], 1e-12, 1e-12, name="sample 1"
+    )
+    outs = (
+        [_guarded(B, torch.float64)]
+        + [_guarded(B * D, torch.float64) for _ in range(2)]
+        + [_guarded(B * D, torch.float32) for _ in range(2)]
+    )
     C.moments_cpu(x.data_ptr(), 0, 0, code, sh, st, [], [], *[o.data_ptr() for o in outs], 2)
     for o, n in zip(outs, [B] + [B * D] * 4, strict=True):
         assert bool((o[n:] == -12345.0).all()), "moments wrote past an output"
     assert bool(outs[2][:D].isnan().all()) and bool(torch.isfinite(outs[2][D : B * D]).all())
     s, c = _guarded(B, torch.float64), _guarded(B, torch.float64)
-    C.cosine_cpu(x.data_ptr(), x.data_ptr(), 0, code, sh, st, st, [], True, s.data_ptr(), c.data_ptr(), 2)
+    C.cosine_cpu(
+        x.data_ptr(), x.data_ptr(), 0, code, sh, st, st, [], True, s.data_ptr(), c.data_ptr(), 2
+    )
     assert bool((s[B:] == -12345.0).all()) and bool((c[B:] == -12345.0).all())
     assert math.isnan(s[0]) and math.isfinite(s[1]) and c[:B].tolist() == [T, T]
 
@@ -463,10 +522,14 @@ def test_taps_ignore_masked_tokens_and_huge_finite_values():
     st = _stats(("bucket", "gaussian_diag"), mask=mask)
     x = torch.randn(2, 16, 12)
     x[1, 3, 4] = NAN  # padding: not looked at
-    x[:, :, 7] = torch.where(torch.arange(16) % 2 == 0, 1e30, -1e30)  # finite, fp32 squares overflow
+    x[:, :, 7] = torch.where(
+        torch.arange(16) % 2 == 0, 1e30, -1e30
+    )  # finite, fp32 squares overflow
     st.on_input(0, x)
     assert bool(torch.isfinite(st._h["bucket"][0]).all())
-    want = ef.gaussian_diag_entropy(x, mask=mask, backend="cpp")  # what the estimator gives, inf here
+    want = ef.gaussian_diag_entropy(
+        x, mask=mask, backend="cpp"
+    )  # what the estimator gives, inf here
     assert torch.equal(want, st._h["gaussian_diag"][0])
 
 
@@ -479,13 +542,29 @@ def test_bench_calls_command(tmp_path, capsys):
     from entrodrop_fast.cli import main
 
     out = tmp_path / "calls.json"
-    args = ["bench", "--calls", "--shapes", "2x8x16,9x16", "--dtypes", "fp32,bf16", "--repeat", "1", "--min-seconds", "0", "--json", str(out)]
+    args = [
+        "bench",
+        "--calls",
+        "--shapes",
+        "2x8x16,9x16",
+        "--dtypes",
+        "fp32,bf16",
+        "--repeat",
+        "1",
+        "--min-seconds",
+        "0",
+        "--json",
+        str(out),
+    ]
     assert main(args) == 0
     table = capsys.readouterr().out
     assert "| call | shape | dtype | reads | default ms | validate=False ms" in table
     rows = json.loads(out.read_text())
     assert {(r["estimator"], tuple(r["shape"]), r["dtype"]) for r in rows} == {
-        (c, s, d) for c in ("bucket", "gaussian_diag", "delta_bucket", "delta_gaussian_diag", "cosine") for s in ((2, 8, 16), (9, 16)) for d in ("fp32", "bf16")
+        (c, s, d)
+        for c in ("bucket", "gaussian_diag", "delta_bucket", "delta_gaussian_diag", "cosine")
+        for s in ((2, 8, 16), (9, 16))
+        for d in ("fp32", "bf16")
     }
     for r in rows:
         pair = r["estimator"] in ("delta_bucket", "delta_gaussian_diag", "cosine")
@@ -515,7 +594,13 @@ def test_bucket_counting_paths_equal_reference(dtype, T):
     mask = torch.rand(2, T, generator=g) > 0.1
     for bins in (1, 2, 7, 8, 9, 20, 64, 255, 256, 1000):
         for m in (None, mask):
-            assert_close(R.bucket(x, None, m, bins), cpp.bucket(x, None, m, bins, False), 1e-12, 1e-12, name=f"bins={bins}")
+            assert_close(
+                R.bucket(x, None, m, bins),
+                cpp.bucket(x, None, m, bins, False),
+                1e-12,
+                1e-12,
+                name=f"bins={bins}",
+            )
 
 
 @pytest.mark.parametrize("case", ["clean", "nan_x", "overflow", "masked"])
@@ -523,13 +608,18 @@ def test_bucket_counting_paths_equal_reference(dtype, T):
 def test_pair_kernels_equal_the_single_kernels(dtype, case):
     for T in (60, 2100):
         x, f, mask = data(dtype, case, B=3, T=T, D=41)
-        views = {"contiguous": (x, f), "transposed": (x.transpose(1, 2).contiguous().transpose(1, 2), f[:, :, :]),
-                 "sliced": (x[:, ::2, 1:], f[:, 1::2, 1:])}
+        views = {
+            "contiguous": (x, f),
+            "transposed": (x.transpose(1, 2).contiguous().transpose(1, 2), f[:, :, :]),
+            "sliced": (x[:, ::2, 1:], f[:, 1::2, 1:]),
+        }
         for name, (xv, fv) in views.items():
             for m in (None, mask[:, : xv.shape[1]]):
                 for bins in (20, 300):
                     hy, hx = cpp.bucket_pair(xv, fv, m, bins, False)
-                    assert same(hy, cpp.bucket(xv, fv, m, bins, False)) and same(hx, cpp.bucket(xv, None, m, bins, False)), f"{name} bucket"
+                    assert same(hy, cpp.bucket(xv, fv, m, bins, False)) and same(
+                        hx, cpp.bucket(xv, None, m, bins, False)
+                    ), f"{name} bucket"
                 my, mx = cpp.moments_pair(xv, fv, m)
                 for got, want in ((my, cpp.moments(xv, fv, m)), (mx, cpp.moments(xv, None, m))):
                     for k in want:
@@ -542,12 +632,18 @@ def test_delta_entropy_reads_the_pair_once(dtype, monkeypatch):
     calls = []
     for op in ("bucket", "moments"):
         real = getattr(cpp, f"{op}_pair")
-        monkeypatch.setattr(cpp, f"{op}_pair", lambda *a, _r=real, **k: calls.append(1) or _r(*a, **k))
+        monkeypatch.setattr(
+            cpp, f"{op}_pair", lambda *a, _r=real, **k: calls.append(1) or _r(*a, **k)
+        )
     for method in ("bucket", "gaussian_diag"):
         got = ef.delta_entropy(x, f, method, mask=mask, backend="cpp")
-        want = ef.entropy(x, method, f, mask=mask, backend="cpp") - ef.entropy(x, method, mask=mask, backend="cpp")
+        want = ef.entropy(x, method, f, mask=mask, backend="cpp") - ef.entropy(
+            x, method, mask=mask, backend="cpp"
+        )
         assert torch.equal(got, want), method
-        assert_close(ef.delta_entropy(x, f, method, mask=mask, backend="torch"), got, 1e-5, 1e-6, name=method)
+        assert_close(
+            ef.delta_entropy(x, f, method, mask=mask, backend="torch"), got, 1e-5, 1e-6, name=method
+        )
     assert len(calls) == 2
     with pytest.raises(TypeError, match="bucket_entropy.. got an unexpected keyword argument 'k'"):
         ef.delta_entropy(x, f, "bucket", k=3)
@@ -561,8 +657,14 @@ def test_delta_entropy_reads_the_pair_once(dtype, monkeypatch):
         want = outcome("delta_gaussian_diag", xd, fd)
     finally:
         cpp.PAIRS = saved
-    assert got[2] == want[2] == ["gaussian_diag: 6 channel variance(s) below var_floor=1e-12 were floored",
-                                 "gaussian_diag: 9 channel variance(s) below var_floor=1e-12 were floored"]
+    assert (
+        got[2]
+        == want[2]
+        == [
+            "gaussian_diag: 6 channel variance(s) below var_floor=1e-12 were floored",
+            "gaussian_diag: 9 channel variance(s) below var_floor=1e-12 were floored",
+        ]
+    )
     assert torch.equal(got[0], want[0])
 
 
@@ -588,7 +690,9 @@ def test_bucket_counting_isa_paths_agree(isa, tmp_path):
 
     env = {**os.environ, "ENTRODROP_COUNT_ISA": isa}
     for name, e in (("here", os.environ), (isa, env)):
-        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{name}.pt")], env=e, check=True)
+        subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / f"{name}.pt")], env=e, check=True
+        )
     here, there = torch.load(tmp_path / "here.pt"), torch.load(tmp_path / f"{isa}.pt")
     for a, b in zip(here, there, strict=True):
         assert torch.equal(a, b)

@@ -12,7 +12,9 @@ from entrodrop_fast.ops import backends as B
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 
-pytestmark = pytest.mark.skipif(not cpp_backend.available()[0], reason="the compiled extension is not built")
+pytestmark = pytest.mark.skipif(
+    not cpp_backend.available()[0], reason="the compiled extension is not built"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -24,12 +26,16 @@ def test_cuda_tensors_read_cuda_backends_declarations():
     assert B._native_module("cpp", "cuda", "bucket") is cuda_backend
     assert B._native_module("cpp", "cpu", "bucket") is cpp_backend
     assert cuda_backend.REPORTS_NONFINITE == {"cuda": frozenset({"moments", "bucket"})}
-    assert api._reports_nonfinite("cpp", CUDA, "bucket") and api._reports_nonfinite("cpp", CUDA, "moments")
+    assert api._reports_nonfinite("cpp", CUDA, "bucket") and api._reports_nonfinite(
+        "cpp", CUDA, "moments"
+    )
     assert not api._reports_nonfinite("cpp", CUDA, "cosine")  # runs on Triton or the reference
     assert api._pair_kernel("cpp", CUDA, "bucket") is cuda_backend.bucket_pair
     assert api._pair_kernel("cpp", CUDA, "moments") is cuda_backend.moments_pair
     # the same under the backend's own name
-    assert api._reports_nonfinite("cuda", CUDA, "bucket") and not api._reports_nonfinite("cuda", CUDA, "cosine")
+    assert api._reports_nonfinite("cuda", CUDA, "bucket") and not api._reports_nonfinite(
+        "cuda", CUDA, "cosine"
+    )
     assert api._pair_kernel("cuda", CUDA, "bucket") is cuda_backend.bucket_pair
 
 

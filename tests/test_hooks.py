@@ -36,8 +36,10 @@ def _capture_layer_calls(model, ad):
     """Independent of the taps: the args/kwargs every decoder layer was called with."""
     calls, handles = {}, []
     for li, layer in enumerate(ad.layers(model)):
+
         def hook(mod, args, kwargs, li=li):
             calls[li] = (args, dict(kwargs))
+
         handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
     return calls, handles
 
@@ -123,7 +125,9 @@ def test_taps_see_x_and_f(name):
                 torch.testing.assert_close(xa + fa, xmt, rtol=1e-6, atol=1e-6)
                 torch.testing.assert_close(xmt + fmt, yo, rtol=1e-6, atol=1e-6)
     # the final residual r_L is the last layer's output, not output_hidden_states[-1] (normed)
-    torch.testing.assert_close(model.get_submodule(ad.arch.final_norm)(rec.out[L - 1][1]), hs[-1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        model.get_submodule(ad.arch.final_norm)(rec.out[L - 1][1]), hs[-1], rtol=1e-6, atol=1e-6
+    )
 
 
 def test_hooks_always_removed():
@@ -154,13 +158,24 @@ def test_statistics_match_direct_estimators():
     ad = get_adapter(model)
     ids = torch.randint(3, 97, (3, 17), generator=torch.Generator().manual_seed(1))
     rec = Recorder()
-    st = BlockStatistics(ad, 3, TapSettings(("bucket", "gaussian_diag"), cosine=True, spans=(1, 2), backend="torch", entropy_opts={"bucket": {"bins": 7}}))
+    st = BlockStatistics(
+        ad,
+        3,
+        TapSettings(
+            ("bucket", "gaussian_diag"),
+            cosine=True,
+            spans=(1, 2),
+            backend="torch",
+            entropy_opts={"bucket": {"bins": 7}},
+        ),
+    )
 
     class Both:
         def __getattr__(self, name):
             def call(*a):
                 getattr(rec, name)(*a)
                 getattr(st, name)(*a)
+
             return call
 
     with torch.no_grad(), ResidualTaps(model, Both(), ad):
@@ -169,12 +184,20 @@ def test_statistics_match_direct_estimators():
     res = st.result()
     for li in range(3):
         x, f = rec.attn[li]
-        want = ef.bucket_entropy(x + f, bins=7, backend="torch") - ef.bucket_entropy(x, bins=7, backend="torch")
-        assert res["delta"]["bucket"]["attn"]["mean"][li] == pytest.approx(float(want.mean()), rel=1e-9, abs=1e-9)
+        want = ef.bucket_entropy(x + f, bins=7, backend="torch") - ef.bucket_entropy(
+            x, bins=7, backend="torch"
+        )
+        assert res["delta"]["bucket"]["attn"]["mean"][li] == pytest.approx(
+            float(want.mean()), rel=1e-9, abs=1e-9
+        )
         xm, fm = rec.mlp[li]
         _, y = rec.out[li]
-        want = ef.gaussian_diag_entropy(y, backend="torch") - ef.gaussian_diag_entropy(xm, backend="torch")
-        assert res["delta"]["gaussian_diag"]["mlp"]["mean"][li] == pytest.approx(float(want.mean()), rel=1e-9, abs=1e-12)
+        want = ef.gaussian_diag_entropy(y, backend="torch") - ef.gaussian_diag_entropy(
+            xm, backend="torch"
+        )
+        assert res["delta"]["gaussian_diag"]["mlp"]["mean"][li] == pytest.approx(
+            float(want.mean()), rel=1e-9, abs=1e-12
+        )
         want = ef.cosine_importance(x, y=y, backend="torch")
         assert res["cosine"]["layer"]["mean"][li] == pytest.approx(float(want.mean()), rel=1e-9)
     last = [rec.inputs[0]] + [rec.out[li][1] for li in range(3)]

@@ -47,8 +47,18 @@ def check_batch(x, f, mask, k, name):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,k", [((1, 2, 3), 1), ((1, 31, 5), 30), ((1, 257, 577), 25), ((2, 100, 64), 7),
-                                     ((5, 64, 40), 25), ((9, 48, 33), 3)], ids=str)
+@pytest.mark.parametrize(
+    "shape,k",
+    [
+        ((1, 2, 3), 1),
+        ((1, 31, 5), 30),
+        ((1, 257, 577), 25),
+        ((2, 100, 64), 7),
+        ((5, 64, 40), 25),
+        ((9, 48, 33), 3),
+    ],
+    ids=str,
+)
 def test_radii_match_reference(dtype, shape, k):
     # B = 1, 2 (each sample's steps in parallel) and 5, 9 (whole samples per thread)
     x = llm_like(*shape, seed=31, dtype=dtype)
@@ -134,16 +144,26 @@ def test_entropy_batched_equals_per_sample():
         got = ef.knn_entropy(x, f, k=6, form=form, mask=mask, backend="cpp")
         want = torch.stack([ref.knn_entropy_1(rows_of(x, f, mask, b), 6, form) for b in range(4)])
         assert_close(want, got, 1e-12, name=form)
-        assert_close(ef.knn_entropy(x, f, k=6, form=form, mask=mask, backend="torch"), got, 1e-12, name=form)
+        assert_close(
+            ef.knn_entropy(x, f, k=6, form=form, mask=mask, backend="torch"), got, 1e-12, name=form
+        )
 
 
 def test_paper_formulation():
     # the paper's code: cdist + topk(k + 1) in fp32, H = D mean ln(r + 1e-10) + ... + ln N - ln k
-    x = torch.randn(256, 576, generator=torch.Generator().manual_seed(42))  # fp32 cdist cancels on massive channels
+    x = torch.randn(
+        256, 576, generator=torch.Generator().manual_seed(42)
+    )  # fp32 cdist cancels on massive channels
     d = torch.cdist(x, x)
     r = d.topk(26, dim=1, largest=False).values[:, -1].double()
     N, D = x.shape
-    paper = D * torch.log(r + 1e-10).mean() + D / 2 * math.log(math.pi) - math.lgamma(D / 2 + 1) + math.log(N) - math.log(25)
+    paper = (
+        D * torch.log(r + 1e-10).mean()
+        + D / 2 * math.log(math.pi)
+        - math.lgamma(D / 2 + 1)
+        + math.log(N)
+        - math.log(25)
+    )
     assert_close(paper, ef.knn_entropy(x, k=25), 1e-6, name="paper")  # fp32 distances there
 
 
@@ -184,14 +204,23 @@ def test_other_instruction_sets(tmp_path, isa):
         "torch.save((_ext.require().knn_isa_cpu(), out), sys.argv[2])\n"
     )
     env = dict(os.environ, ENTRODROP_ISA=isa)
-    subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-                   check=True, env=env, cwd=tmp_path)
+    subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+    )
     used, outs = torch.load(tmp_path / "out.pt")
     if sys.platform == "linux" and os.uname().machine == "x86_64":
         assert used == isa or (isa == "x86-64-v3" and used == "baseline")  # a CPU without AVX2
     for k, got in zip((1, 25, 70), outs[:3], strict=True):
         for b in range(3):
-            assert_close(ref.knn_kth_distance(rows_of(x, f, mask, b), k), got[b][mask[b]], RTOL, name=f"{isa} k={k}")
+            assert_close(
+                ref.knn_kth_distance(rows_of(x, f, mask, b), k),
+                got[b][mask[b]],
+                RTOL,
+                name=f"{isa} k={k}",
+            )
     assert_close(ref.knn_kth_distance(x[0], 25), outs[3][0], RTOL, name=f"{isa} B=1")
 
 
@@ -215,8 +244,12 @@ def test_kernels_called_from_several_python_threads():
     # the kernels release the GIL; concurrent callers share the pool (one job at a time, the
     # others run on their own thread) and get the same numbers as one caller
     x, f = llm_like(4, 256, 64, seed=47), llm_like(4, 256, 64, seed=48)
-    calls = [lambda: cpp.knn_radii(x, None, None, 9)[0], lambda: cpp.bucket(x, f, None, 20, False),
-             lambda: cpp.moments(x, f, None)["m2"], lambda: cpp.cosine(x, f, None, True)[0]]
+    calls = [
+        lambda: cpp.knn_radii(x, None, None, 9)[0],
+        lambda: cpp.bucket(x, f, None, 20, False),
+        lambda: cpp.moments(x, f, None)["m2"],
+        lambda: cpp.cosine(x, f, None, True)[0],
+    ]
     want = [c() for c in calls]
     errors, results = [], {}
 
@@ -260,7 +293,9 @@ def test_pool_works_in_a_forked_child(tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, timeout=120)
 
 
-@pytest.mark.skipif("ENTRODROP_THREADS" in os.environ, reason="thread mode chosen by the environment")
+@pytest.mark.skipif(
+    "ENTRODROP_THREADS" in os.environ, reason="thread mode chosen by the environment"
+)
 def test_thread_pool_is_our_own():
     assert _ext.require().thread_pool_cpu() == "pool"
 

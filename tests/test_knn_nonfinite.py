@@ -22,7 +22,9 @@ def rows_of(x, f, mask, b):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("where", ["x", "f", "x+f"])
-@pytest.mark.parametrize("B", [1, 4])  # one sample (its steps in parallel), whole samples per thread
+@pytest.mark.parametrize(
+    "B", [1, 4]
+)  # one sample (its steps in parallel), whole samples per thread
 def test_kernel_reports_nonfinite_per_sample(dtype, where, B):
     x = llm_like(B, 70, 33, seed=3, dtype=dtype)
     f = (0.1 * llm_like(B, 70, 33, seed=4)).to(dtype)
@@ -48,7 +50,12 @@ def test_kernel_reports_nonfinite_per_sample(dtype, where, B):
     mask[bad, 17] = False
     radii, _, logsum = cpp.knn_radii(x, f, mask, 5)
     assert math.isfinite(logsum[bad].item())
-    assert_close(ref.knn_kth_distance(rows_of(x, f, mask, bad), 5), radii[bad][mask[bad]], 1e-9, name="masked")
+    assert_close(
+        ref.knn_kth_distance(rows_of(x, f, mask, bad), 5),
+        radii[bad][mask[bad]],
+        1e-9,
+        name="masked",
+    )
 
 
 def test_kernel_reports_nonfinite_in_a_centre_row():
@@ -75,7 +82,9 @@ def test_default_call_runs_no_separate_check(monkeypatch):
     x = llm_like(3, 50, 16, seed=7)
     h = ef.knn_entropy(x, k=4)
     assert calls == []  # finite input: the kernel's report sufficed
-    assert_close(torch.stack([ef.knn_entropy(x[b], k=4, backend="torch") for b in range(3)]), h, 1e-9)
+    assert_close(
+        torch.stack([ef.knn_entropy(x[b], k=4, backend="torch") for b in range(3)]), h, 1e-9
+    )
     x[1, 2, 3] = float("nan")
     calls.clear()
     with pytest.raises(ValueError, match="NaN or Inf in 1 token"):
@@ -98,7 +107,12 @@ def test_omit_equals_masked_call(dtype):
             got = ef.knn_entropy(x, ff, k=5, nan_policy="omit")
         assert_close(ef.knn_entropy(x, ff, k=5, mask=keep), got, 0, name=f"f={ff is not None}")
         with pytest.warns(RuntimeWarning, match="skipped"):
-            assert_close(ef.knn_entropy(x, ff, k=5, nan_policy="omit", backend="torch"), got, 1e-9, name="torch backend")
+            assert_close(
+                ef.knn_entropy(x, ff, k=5, nan_policy="omit", backend="torch"),
+                got,
+                1e-9,
+                name="torch backend",
+            )
 
 
 def test_overflow_of_x_plus_f_raises_with_its_message():

@@ -29,8 +29,20 @@ def check(x, k, name, **blocks):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("N,D,k", [(2, 1, 1), (2, 3, 1), (26, 5, 25), (64, 4096, 25), (300, 1, 10), (257, 577, 25),
-                                   (513, 33, 25), (1000, 7, 3)], ids=str)
+@pytest.mark.parametrize(
+    "N,D,k",
+    [
+        (2, 1, 1),
+        (2, 3, 1),
+        (26, 5, 25),
+        (64, 4096, 25),
+        (300, 1, 10),
+        (257, 577, 25),
+        (513, 33, 25),
+        (1000, 7, 3),
+    ],
+    ids=str,
+)
 def test_matches_reference(dtype, N, D, k):
     x = llm_like(N, D, seed=N + D, dtype=dtype)
     check(x, k, f"{dtype} [{N}, {D}] k={k}")
@@ -38,8 +50,16 @@ def test_matches_reference(dtype, N, D, k):
     assert_close(ref.knn_kth_distance(x.float(), k), kt.knn_kth_distance(x, k), RTOL)
 
 
-@pytest.mark.parametrize("blocks", [{"row_block": 1, "col_block": 7}, {"row_block": 64, "col_block": 50},
-                                    {"row_block": 100, "col_block": 1000}, {"row_block": 333, "col_block": 33}], ids=str)
+@pytest.mark.parametrize(
+    "blocks",
+    [
+        {"row_block": 1, "col_block": 7},
+        {"row_block": 64, "col_block": 50},
+        {"row_block": 100, "col_block": 1000},
+        {"row_block": 333, "col_block": 33},
+    ],
+    ids=str,
+)
 def test_small_tiles(blocks):
     # rows meet the diagonal in every position of a tile, tiles are ragged at the end
     x = llm_like(333, 40, seed=3, dtype=torch.bfloat16)
@@ -81,7 +101,10 @@ def test_huge_norms_tiny_differences():
     base = torch.randn(64, generator=g) * 1e37
     x = base + torch.randn(300, 64, generator=g) * 1e31  # differences a few ulps of fp32
     check(x, 25, "1e37 offset, 1e31 spread")
-    y = torch.full((300, 64), 3.0e38) - torch.randint(0, 1000, (300, 64), generator=g).float() * 2.0**104
+    y = (
+        torch.full((300, 64), 3.0e38)
+        - torch.randint(0, 1000, (300, 64), generator=g).float() * 2.0**104
+    )
     check(y, 10, "near fp32 max")
     z = 1e4 + torch.randn(500, 300, generator=g) * 1e-3  # LLM-like shared offset, ulp-sized spread
     check(z, 25, "1e4 offset, 1e-3 spread")
@@ -114,7 +137,9 @@ def test_constant_rows_and_k_edges():
 
 def test_bad_input():
     x = torch.randn(10, 4)
-    with pytest.raises(ValueError, match=r"k must be an integer in \[1, N - 1\] = \[1, 9\], got 10"):
+    with pytest.raises(
+        ValueError, match=r"k must be an integer in \[1, N - 1\] = \[1, 9\], got 10"
+    ):
         kt.knn_kth_distance(x, 10)
     with pytest.raises(ValueError, match="k must be"):
         kt.knn_kth_distance(x, 0)

@@ -16,7 +16,20 @@ from pathlib import Path
 import entrodrop_fast
 
 PKG = Path(entrodrop_fast.__file__).parent
-STAGES = {"ops": 0, "_ext": 0, "_C": 0, "data": 1, "outputs": 1, "models": 1, "profile": 2, "prune": 3, "evaluate": 4, "commands": 5, "cli": 5, "__main__": 5}
+STAGES = {
+    "ops": 0,
+    "_ext": 0,
+    "_C": 0,
+    "data": 1,
+    "outputs": 1,
+    "models": 1,
+    "profile": 2,
+    "prune": 3,
+    "evaluate": 4,
+    "commands": 5,
+    "cli": 5,
+    "__main__": 5,
+}
 
 
 def _stage(module: str) -> int | None:
@@ -36,7 +49,12 @@ def _imports(path: Path):
             for a in node.names:
                 if a.name.startswith("entrodrop_fast"):
                     yield node.lineno, a.name
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("entrodrop_fast") and node.level == 0:
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.startswith("entrodrop_fast")
+            and node.level == 0
+        ):
             for a in node.names:
                 full = f"{node.module}.{a.name}"
                 if importlib.util.find_spec(node.module) is not None and _is_module(full):
@@ -66,7 +84,9 @@ def test_stage_packages_import_one_way():
         here = STAGES[rel.parts[0].removesuffix(".py")]
         for line, mod in _imports(path):
             if mod.startswith("the package root"):
-                bad.append(f"{rel}:{line} imports {mod[len('the package root '):]} from the package root; import it from its module")
+                bad.append(
+                    f"{rel}:{line} imports {mod[len('the package root ') :]} from the package root; import it from its module"
+                )
                 continue
             there = _stage(mod)
             if there is not None and there > here:
@@ -76,8 +96,15 @@ def test_stage_packages_import_one_way():
 
 def test_every_top_level_entry_is_a_stage():
     # a new top-level module must be placed in the pipeline (STAGES) rather than beside it
-    names = {p.name.removesuffix(".py") for p in PKG.iterdir() if (p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").is_file())) and p.name != "__init__.py"}
-    assert names <= set(STAGES), f"top-level modules outside the pipeline's stages: {sorted(names - set(STAGES))}"
+    names = {
+        p.name.removesuffix(".py")
+        for p in PKG.iterdir()
+        if (p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").is_file()))
+        and p.name != "__init__.py"
+    }
+    assert names <= set(STAGES), (
+        f"top-level modules outside the pipeline's stages: {sorted(names - set(STAGES))}"
+    )
 
 
 def test_cli_help_lists_the_subcommands_in_pipeline_order():
@@ -93,7 +120,9 @@ def test_architecture_knowledge_stays_in_the_adapter_table():
     # asks the adapter, never tests the model type itself
     import re
 
-    pattern = re.compile(r"model_type\s*(==|!=|\bin\b|\bnot in\b)|\.get\(\s*(adapter\.)?model_type\b")
+    pattern = re.compile(
+        r"model_type\s*(==|!=|\bin\b|\bnot in\b)|\.get\(\s*(adapter\.)?model_type\b"
+    )
     bad = []
     for path in sorted(PKG.rglob("*.py")):
         rel = path.relative_to(PKG)
@@ -102,7 +131,10 @@ def test_architecture_knowledge_stays_in_the_adapter_table():
         for i, line in enumerate(path.read_text().splitlines(), 1):
             if pattern.search(line):
                 bad.append(f"{rel}:{i}: {line.strip()}")
-    assert not bad, "architecture tests outside models/ (move them into the adapter table):\n  " + "\n  ".join(bad)
+    assert not bad, (
+        "architecture tests outside models/ (move them into the adapter table):\n  "
+        + "\n  ".join(bad)
+    )
 
 
 TESTS = Path(__file__).parent
@@ -114,10 +146,15 @@ def test_test_files_import_shared_helpers_from_helpers_only():
     # (a string) is checked too.
     import re
 
-    pattern = re.compile(r"^\s*(from\s+(conftest|test_\w*)\s+import\b|import\s+(conftest|test_\w*)\b)")
+    pattern = re.compile(
+        r"^\s*(from\s+(conftest|test_\w*)\s+import\b|import\s+(conftest|test_\w*)\b)"
+    )
     bad = []
     for path in sorted(TESTS.glob("*.py")):
         for i, line in enumerate(path.read_text().splitlines(), 1):
             if pattern.match(line):
                 bad.append(f"{path.name}:{i}: {line.strip()}")
-    assert not bad, "test files importing conftest or a test file (import from helpers instead):\n  " + "\n  ".join(bad)
+    assert not bad, (
+        "test files importing conftest or a test file (import from helpers instead):\n  "
+        + "\n  ".join(bad)
+    )

@@ -60,7 +60,14 @@ def test_diagnose_on_a_tiny_model_with_a_planted_massive_embedding():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         model.get_input_embeddings().weight[7] *= 1000.0  # token 7: a massive embedding
@@ -81,7 +88,23 @@ def test_diagnose_on_a_tiny_model_with_a_planted_massive_embedding():
 
 
 def test_plot_writes_a_png(tmp_path):
-    d = {"top": 3, "bins": 20, "samples": 1, "seq_len": 8, "points": [
-        {"point": f"r{i}", "share_mean": 0.1 * i, "share_half": 0.05 * i, "crowd_mean": 0.2, "norm_ratio": 3.0, "where": {"first": 0.5, "punct/space": 0.2, "word": 0.3}, "tokens": []} for i in range(3)]}
+    d = {
+        "top": 3,
+        "bins": 20,
+        "samples": 1,
+        "seq_len": 8,
+        "points": [
+            {
+                "point": f"r{i}",
+                "share_mean": 0.1 * i,
+                "share_half": 0.05 * i,
+                "crowd_mean": 0.2,
+                "norm_ratio": 3.0,
+                "where": {"first": 0.5, "punct/space": 0.2, "word": 0.3},
+                "tokens": [],
+            }
+            for i in range(3)
+        ],
+    }
     M.plot(d, tmp_path / "m.png")
     assert (tmp_path / "m.png").stat().st_size > 1000

@@ -20,7 +20,17 @@ from entrodrop_fast.models import (
 
 
 def test_table_covers_required_types():
-    for t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "mixtral", "gpt_neox", "olmo2"):
+    for t in (
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "phi3",
+        "gemma2",
+        "mixtral",
+        "gpt_neox",
+        "olmo2",
+    ):
         assert t in ARCHS
     assert set(TINY) - {"gpt_neox_seq"} == set(supported_model_types())
 
@@ -40,7 +50,13 @@ def test_adapter_accessors(name):
         for n in ad.block_module_names(kind):
             assert hasattr(layer, n), (name, n)
         ad.norms(layer, kind)
-    expected = {"gemma2": "sandwich", "gemma3_text": "sandwich", "olmo2": "post_norm", "gpt_neox": "parallel", "phi": "parallel"}
+    expected = {
+        "gemma2": "sandwich",
+        "gemma3_text": "sandwich",
+        "olmo2": "post_norm",
+        "gpt_neox": "parallel",
+        "phi": "parallel",
+    }
     assert ad.residual == expected.get(name, "pre_norm")
     assert (ad.mid(layer) is None) == (ad.residual == "parallel")
     pts = ad.points(3)

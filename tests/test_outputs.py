@@ -39,16 +39,26 @@ def test_check_dir_rules(tmp_path):
     model.mkdir()
     (model / "config.json").write_text("{}")
     ins = [("model", model)]
-    for target, rel in ((model, "is the model"), (tmp_path, "contains the model"), (model / "sub", "lies inside the model")):
+    for target, rel in (
+        (model, "is the model"),
+        (tmp_path, "contains the model"),
+        (model / "sub", "lies inside the model"),
+    ):
         with pytest.raises(OutputError, match=rel):
             outputs.check_dir(target, kind="report", what="report", inputs=ins)
-    assert outputs.check_dir(tmp_path / "new", kind="report", what="report", inputs=ins) == tmp_path / "new"
+    assert (
+        outputs.check_dir(tmp_path / "new", kind="report", what="report", inputs=ins)
+        == tmp_path / "new"
+    )
     (tmp_path / "empty").mkdir()
     outputs.check_dir(tmp_path / "empty", kind="report", what="report")
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(OutputError, match=r"did not write there or that were changed since \(notes.txt\).*--overwrite"):
+    with pytest.raises(
+        OutputError,
+        match=r"did not write there or that were changed since \(notes.txt\).*--overwrite",
+    ):
         outputs.check_dir(foreign, kind="report", what="report")
     outputs.check_dir(foreign, kind="report", what="report", overwrite=True)
     (tmp_path / "afile").write_text("x")
@@ -90,7 +100,11 @@ def test_publish_into_ours_replaces_and_into_foreign_keeps_the_rest(tmp_path):
         (tmp / "old.txt").write_text("stale")
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~_umask()  # not mkdtemp's 0700
     marker = json.loads((out / MARKER).read_text())
-    assert marker["kind"] == "report" and marker["files"] == ["a.txt", "old.txt"] and set(marker["stamps"]) == {"a.txt", "old.txt"}
+    assert (
+        marker["kind"] == "report"
+        and marker["files"] == ["a.txt", "old.txt"]
+        and set(marker["stamps"]) == {"a.txt", "old.txt"}
+    )
     assert outputs.is_ours(out, "report") and not outputs.is_ours(out, "comparison")
     with outputs.publish_dir(out, kind="report", what="report") as tmp:  # ours: swapped whole
         (tmp / "a.txt").write_text("2")
@@ -101,13 +115,20 @@ def test_publish_into_ours_replaces_and_into_foreign_keeps_the_rest(tmp_path):
     with outputs.publish_dir(out, kind="report", what="report") as tmp:  # as with --overwrite
         (tmp / "b.txt").write_text("3")
     assert (out / "user.txt").read_text() == "keep"
-    assert sorted(p.name for p in out.iterdir()) == [MARKER, "b.txt", "user.txt"]  # a.txt was ours: removed
+    assert sorted(p.name for p in out.iterdir()) == [
+        MARKER,
+        "b.txt",
+        "user.txt",
+    ]  # a.txt was ours: removed
     assert [p.name for p in tmp_path.iterdir()] == ["rep"]
 
 
 def test_failed_publish_leaves_nothing(tmp_path):
     out = tmp_path / "rep"
-    with pytest.raises(RuntimeError, match="boom"), outputs.publish_dir(out, kind="report", what="report") as tmp:
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        outputs.publish_dir(out, kind="report", what="report") as tmp,
+    ):
         (tmp / "a.txt").write_text("1")
         raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
@@ -122,7 +143,10 @@ def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", full)
     with pytest.raises(OutputError, match="no space left on the device; nothing was changed"):
         outputs.publish_file(tmp_path / "x.json", "{}", what="evaluation JSON")
-    with pytest.raises(OutputError, match="no space left"), outputs.publish_dir(tmp_path / "d", kind="report", what="report") as tmp:
+    with (
+        pytest.raises(OutputError, match="no space left"),
+        outputs.publish_dir(tmp_path / "d", kind="report", what="report") as tmp,
+    ):
         (tmp / "a").write_text("1")
     monkeypatch.setattr(os, "replace", real)
     assert list(tmp_path.iterdir()) == []
@@ -172,7 +196,25 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("outs")
     model, corpus = tiny_dir_and_corpus(root)
     report = root / "report"
-    assert main(["profile", str(model), "--corpus", str(corpus), "--samples", "4", "--seq-len", "32", "--out", str(report), "-q", "--no-plot"]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                str(model),
+                "--corpus",
+                str(corpus),
+                "--samples",
+                "4",
+                "--seq-len",
+                "32",
+                "--out",
+                str(report),
+                "-q",
+                "--no-plot",
+            ]
+        )
+        == 0
+    )
     plan = root / "plan.json"
     plan.write_text(json.dumps({"drop": {"attn": [1]}}))
     return {"model": model, "corpus": corpus, "report": report, "plan": plan, "root": root}
@@ -183,10 +225,52 @@ def _commands(e, target):
     small = ["--samples", "4", "--seq-len", "32"]
     return {
         "profile --out": ["profile", m, "--corpus", c, *small, "--out", target, "-q"],
-        "profile --resume-dir": ["profile", m, "--corpus", c, *small, "--streaming", "--resume-dir", target, "--out", str(e["root"] / "fresh_report"), "-q"],
+        "profile --resume-dir": [
+            "profile",
+            m,
+            "--corpus",
+            c,
+            *small,
+            "--streaming",
+            "--resume-dir",
+            target,
+            "--out",
+            str(e["root"] / "fresh_report"),
+            "-q",
+        ],
         "rank --out": ["rank", str(e["report"]), "--kind", "attn", "--drop", "1", "--out", target],
-        "eval --json": ["eval", m, "--corpus", c, "--windows", "1", "--items", "2", "--no-speed", "--json", target],
-        "compare --out": ["compare", m, "--calib", c, *small, "--drop", "1", "--methods", "bucket", "--items", "2", "--eval-windows", "1", "--no-speed", "--out", target, "-q"],
+        "eval --json": [
+            "eval",
+            m,
+            "--corpus",
+            c,
+            "--windows",
+            "1",
+            "--items",
+            "2",
+            "--no-speed",
+            "--json",
+            target,
+        ],
+        "compare --out": [
+            "compare",
+            m,
+            "--calib",
+            c,
+            *small,
+            "--drop",
+            "1",
+            "--methods",
+            "bucket",
+            "--items",
+            "2",
+            "--eval-windows",
+            "1",
+            "--no-speed",
+            "--out",
+            target,
+            "-q",
+        ],
         "prune --out": ["prune", m, "--plan", str(e["plan"]), "--out", target],
     }
 
@@ -194,7 +278,10 @@ def _commands(e, target):
 TARGETS = ("foreign dir", "model dir", "model parent", "cwd", "corpus", "inside model")
 
 
-@pytest.mark.parametrize("command", list(_commands({"model": "", "corpus": "", "report": "", "plan": "", "root": Path()}, "")))
+@pytest.mark.parametrize(
+    "command",
+    list(_commands({"model": "", "corpus": "", "report": "", "plan": "", "root": Path()}, "")),
+)
 @pytest.mark.parametrize("where", TARGETS)
 def test_no_command_touches_what_is_not_its_own(env, tmp_path, monkeypatch, capsys, command, where):
     foreign = tmp_path / "foreign"
@@ -214,7 +301,20 @@ def test_no_command_touches_what_is_not_its_own(env, tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert rc == 1, err
     assert f"entrodrop {command.split()[0]}: error:" in err and "Traceback" not in err
-    assert any(s in err for s in ("did not write", "is the model", "contains the ", "lies inside the model", "is the corpus", "is a directory", "exists and is not a directory", "not a resume state", "not written by entrodrop")), err
+    assert any(
+        s in err
+        for s in (
+            "did not write",
+            "is the model",
+            "contains the ",
+            "lies inside the model",
+            "is the corpus",
+            "is a directory",
+            "exists and is not a directory",
+            "not a resume state",
+            "not written by entrodrop",
+        )
+    ), err
     assert tree(env["root"]) == before_env and tree(foreign) == before_foreign
 
 
@@ -223,17 +323,34 @@ def test_overwrite_writes_only_its_own_files(env, tmp_path, monkeypatch, capsys)
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("years of work")
     monkeypatch.chdir(foreign)
-    args = ["profile", str(env["model"]), "--corpus", str(env["corpus"]), "--samples", "4", "--seq-len", "32", "-q", "--no-plot", "--out", "."]
+    args = [
+        "profile",
+        str(env["model"]),
+        "--corpus",
+        str(env["corpus"]),
+        "--samples",
+        "4",
+        "--seq-len",
+        "32",
+        "-q",
+        "--no-plot",
+        "--out",
+        ".",
+    ]
     assert main(args) == 1
     assert main([*args, "--overwrite"]) == 0
     assert (foreign / "thesis.tex").read_text() == "years of work"
-    assert {"report.json", "scores.csv", "ranking.txt", MARKER} <= {p.name for p in foreign.iterdir()}
+    assert {"report.json", "scores.csv", "ranking.txt", MARKER} <= {
+        p.name for p in foreign.iterdir()
+    }
     assert [p.name for p in tmp_path.iterdir()] == ["work"]
     # a report directory of ours is replaced without --overwrite
     rep = tmp_path / "rep"
     args[-1] = str(rep)
     assert main(args) == 0 and main(args) == 0
-    assert sorted(p.name for p in rep.iterdir()) == sorted([MARKER, "report.json", "scores.csv", "ranking.txt"])
+    assert sorted(p.name for p in rep.iterdir()) == sorted(
+        [MARKER, "report.json", "scores.csv", "ranking.txt"]
+    )
     capsys.readouterr()
 
 
@@ -244,9 +361,15 @@ def test_eval_json_and_rank_out_replace_their_own_files_only(env, tmp_path, caps
     notes = tmp_path / "notes.json"
     notes.write_text('{"mine": 1}')
     assert main([*rank[:-1], str(notes)]) == 1
-    assert "was not written by entrodrop" in capsys.readouterr().err and notes.read_text() == '{"mine": 1}'
+    assert (
+        "was not written by entrodrop" in capsys.readouterr().err
+        and notes.read_text() == '{"mine": 1}'
+    )
     assert main([*rank[:-1], str(notes), "--overwrite"]) == 0
-    assert json.loads(notes.read_text())["drop"]["attn"] and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert (
+        json.loads(notes.read_text())["drop"]["attn"]
+        and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    )
 
 
 def test_prune_leaves_no_hidden_copy_after_a_failure(env, tmp_path, capsys, monkeypatch):
@@ -256,7 +379,10 @@ def test_prune_leaves_no_hidden_copy_after_a_failure(env, tmp_path, capsys, monk
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(export, "_write_shard", boom)
-    assert main(["prune", str(env["model"]), "--plan", str(env["plan"]), "--out", str(tmp_path / "p")]) == 1
+    assert (
+        main(["prune", str(env["model"]), "--plan", str(env["plan"]), "--out", str(tmp_path / "p")])
+        == 1
+    )
     err = capsys.readouterr().err
     assert "no space left" in err.lower() and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
@@ -264,22 +390,61 @@ def test_prune_leaves_no_hidden_copy_after_a_failure(env, tmp_path, capsys, monk
 
 def test_profile_model_is_not_modified(env, tmp_path):
     before = tree(env["model"])
-    assert main(["profile", str(env["model"]), "--corpus", str(env["corpus"]), "--samples", "2", "--seq-len", "16", "--out", str(tmp_path / "r"), "-q", "--no-plot"]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                str(env["model"]),
+                "--corpus",
+                str(env["corpus"]),
+                "--samples",
+                "2",
+                "--seq-len",
+                "16",
+                "--out",
+                str(tmp_path / "r"),
+                "-q",
+                "--no-plot",
+            ]
+        )
+        == 0
+    )
     assert tree(env["model"]) == before
 
 
 @pytest.mark.parametrize("where", ["foreign dir", "cwd", "foreign file"])
-def test_bench_json_never_replaces_a_foreign_file_or_directory(tmp_path, monkeypatch, capsys, where):
+def test_bench_json_never_replaces_a_foreign_file_or_directory(
+    tmp_path, monkeypatch, capsys, where
+):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "results.json").write_text('{"mine": 1}')
     monkeypatch.chdir(foreign)
-    target = {"foreign dir": str(foreign), "cwd": ".", "foreign file": str(foreign / "results.json")}[where]
+    target = {
+        "foreign dir": str(foreign),
+        "cwd": ".",
+        "foreign file": str(foreign / "results.json"),
+    }[where]
     before = tree(tmp_path)
-    bench = ["bench", "--estimators", "moments", "--shapes", "8x8", "--dtypes", "fp32", "--backends", "torch", "--repeat", "1", "--json"]
+    bench = [
+        "bench",
+        "--estimators",
+        "moments",
+        "--shapes",
+        "8x8",
+        "--dtypes",
+        "fp32",
+        "--backends",
+        "torch",
+        "--repeat",
+        "1",
+        "--json",
+    ]
     assert main([*bench, target]) == 1
     err = capsys.readouterr().err
-    assert "entrodrop bench: error:" in err and ("is a directory" in err or "not written by entrodrop" in err)
+    assert "entrodrop bench: error:" in err and (
+        "is a directory" in err or "not written by entrodrop" in err
+    )
     assert tree(tmp_path) == before
     ok = tmp_path / "bench.json"
     assert main([*bench, str(ok)]) == 0 and main([*bench, str(ok)]) == 0  # its own file is replaced
@@ -293,7 +458,19 @@ def test_profile_bins_above_the_maximum_stop_before_the_model_loads(tmp_path, ca
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(loading, "load_model", never)
-    assert main(["profile", str(tmp_path / "nomodel"), "--bins", str(2**16 + 1), "--out", str(tmp_path / "r")]) == 1
+    assert (
+        main(
+            [
+                "profile",
+                str(tmp_path / "nomodel"),
+                "--bins",
+                str(2**16 + 1),
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 1
+    )
     assert "--bins must be at most 65536" in capsys.readouterr().err
 
 
@@ -314,7 +491,9 @@ def test_an_output_file_edited_by_hand_is_the_users(tmp_path):
         outputs.check_dir(out, kind="report", what="report")
     with outputs.publish_dir(out, kind="report", what="report") as tmp:  # as with --overwrite
         (tmp / "ranking.txt").write_text("new")
-    assert (out / "old.txt").read_text() == "ours too\nmy notes" and (out / "ranking.txt").read_text() == "new"
+    assert (out / "old.txt").read_text() == "ours too\nmy notes" and (
+        out / "ranking.txt"
+    ).read_text() == "new"
 
 
 def test_a_model_is_never_written_over_another_even_with_overwrite(env, tmp_path, capsys):
@@ -323,8 +502,13 @@ def test_a_model_is_never_written_over_another_even_with_overwrite(env, tmp_path
     (other / "config.json").write_text("{}")
     (other / "model.safetensors").write_bytes(b"weights")
     before = tree(other)
-    rc = main(["prune", str(env["model"]), "--plan", str(env["plan"]), "--out", str(other), "--overwrite"])
-    assert rc == 1 and "holds another model (config.json, model.safetensors)" in capsys.readouterr().err
+    rc = main(
+        ["prune", str(env["model"]), "--plan", str(env["plan"]), "--out", str(other), "--overwrite"]
+    )
+    assert (
+        rc == 1
+        and "holds another model (config.json, model.safetensors)" in capsys.readouterr().err
+    )
     assert tree(other) == before
 
 
@@ -332,14 +516,20 @@ def test_a_second_run_that_finishes_later_does_not_replace_without_overwrite(tmp
     """Two runs with the same --out: the rules are checked again when the result is moved into
     place, so the later prune fails instead of replacing the earlier model silently."""
     out = tmp_path / "pruned"
-    first = outputs.DirPublisher(out, kind="model", what="pruned model", overwrite=False, replace_ours=False)
-    second = outputs.DirPublisher(out, kind="model", what="pruned model", overwrite=False, replace_ours=False)
+    first = outputs.DirPublisher(
+        out, kind="model", what="pruned model", overwrite=False, replace_ours=False
+    )
+    second = outputs.DirPublisher(
+        out, kind="model", what="pruned model", overwrite=False, replace_ours=False
+    )
     (first.tmp / "config.json").write_text("first")
     (second.tmp / "config.json").write_text("second")
     first.commit()
     with pytest.raises(OutputError, match="holds an earlier pruned model; pass --overwrite"):
         second.commit()
-    assert (out / "config.json").read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
+    assert (out / "config.json").read_text() == "first" and sorted(
+        p.name for p in tmp_path.iterdir()
+    ) == ["pruned"]
 
 
 def test_links_into_the_model_count_as_the_model(env, tmp_path, capsys):
@@ -355,7 +545,22 @@ def test_links_into_the_model_count_as_the_model(env, tmp_path, capsys):
     rc = main(["prune", str(snap), "--plan", str(env["plan"]), "--out", str(blobs), "--overwrite"])
     err = capsys.readouterr().err
     assert rc == 1 and "contains the model file" in err, err
-    rc = main(["profile", str(snap), "--corpus", str(env["corpus"]), "--samples", "2", "--seq-len", "16", "--out", str(blobs), "--overwrite", "-q"])
+    rc = main(
+        [
+            "profile",
+            str(snap),
+            "--corpus",
+            str(env["corpus"]),
+            "--samples",
+            "2",
+            "--seq-len",
+            "16",
+            "--out",
+            str(blobs),
+            "--overwrite",
+            "-q",
+        ]
+    )
     assert rc == 1 and "contains the model file" in capsys.readouterr().err
     assert tree(blobs) == before
 
@@ -371,9 +576,23 @@ def test_special_files_are_never_replaced(env, tmp_path, capsys, kind):
         except PermissionError:
             pytest.skip("mknod needs root")
     for extra in ([], ["--overwrite"]):
-        rc = main(["rank", str(env["report"]), "--kind", "attn", "--drop", "1", "--out", str(target), *extra])
+        rc = main(
+            [
+                "rank",
+                str(env["report"]),
+                "--kind",
+                "attn",
+                "--drop",
+                "1",
+                "--out",
+                str(target),
+                *extra,
+            ]
+        )
         assert rc == 1 and "is not a regular file" in capsys.readouterr().err
-    assert not target.is_file() and (stat.S_ISFIFO(target.stat().st_mode) or stat.S_ISCHR(target.stat().st_mode))
+    assert not target.is_file() and (
+        stat.S_ISFIFO(target.stat().st_mode) or stat.S_ISCHR(target.stat().st_mode)
+    )
 
 
 def test_symlink_loops_and_empty_names_are_clear_errors(env, tmp_path, capsys):
@@ -401,8 +620,24 @@ def test_the_refusal_lists_only_what_is_not_ours(tmp_path):
 def test_per_sample_warnings_are_summarised_in_one_line(env, tmp_path, capsys):
     """gaussian_full warns for every sample (a ridge on a singular covariance): the profile
     prints one line with the count, not one line per sample with internal paths."""
-    rc = main(["profile", str(env["model"]), "--corpus", str(env["corpus"]), "--samples", "4", "--seq-len", "16",
-               "--method", "gaussian_full", "--out", str(tmp_path / "r"), "-q", "--no-plot"])
+    rc = main(
+        [
+            "profile",
+            str(env["model"]),
+            "--corpus",
+            str(env["corpus"]),
+            "--samples",
+            "4",
+            "--seq-len",
+            "16",
+            "--method",
+            "gaussian_full",
+            "--out",
+            str(tmp_path / "r"),
+            "-q",
+            "--no-plot",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 0, err
     lines = [ln for ln in err.splitlines() if "covariance is singular" in ln]
@@ -413,8 +648,22 @@ def test_quiet_profile_prints_no_progress_bar(env, tmp_path, capfd):
     from transformers.utils import logging as hf_logging
 
     try:
-        rc = main(["profile", str(env["model"]), "--corpus", str(env["corpus"]), "--samples", "2", "--seq-len", "16",
-                   "--out", str(tmp_path / "r"), "-q", "--no-plot"])
+        rc = main(
+            [
+                "profile",
+                str(env["model"]),
+                "--corpus",
+                str(env["corpus"]),
+                "--samples",
+                "2",
+                "--seq-len",
+                "16",
+                "--out",
+                str(tmp_path / "r"),
+                "-q",
+                "--no-plot",
+            ]
+        )
         err = capfd.readouterr().err
         assert rc == 0 and "Loading weights" not in err and "\r" not in err, err
     finally:

@@ -16,8 +16,17 @@ def _module():
 def test_overwrite_leaves_the_users_files(tmp_path):
     out = tmp_path / "study"
     (out / "smollm2").mkdir(parents=True)
-    ours = [out / "study.json", out / "study.md", out / "smollm2" / "massive.png", out / "smollm2" / "comparison_shared.json"]
-    theirs = [out / "notes.txt", out / "smollm2" / "my_analysis.ipynb", out / "gemma3-270m" / "data.bin"]
+    ours = [
+        out / "study.json",
+        out / "study.md",
+        out / "smollm2" / "massive.png",
+        out / "smollm2" / "comparison_shared.json",
+    ]
+    theirs = [
+        out / "notes.txt",
+        out / "smollm2" / "my_analysis.ipynb",
+        out / "gemma3-270m" / "data.bin",
+    ]
     for p in ours + theirs:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("x")
@@ -32,7 +41,11 @@ def test_evaluation_log_survives_an_interrupted_run(tmp_path):
     settings = {"model": "smollm2", "items": 200}
     log = mod.EvaluationLog(path, settings)
     assert len(log) == 0 and path.is_file()
-    log["attn:1,2"] = {"perplexity": {"perplexity": float("inf")}, "correct": {"last_word": [1, 0]}, "params": 7}
+    log["attn:1,2"] = {
+        "perplexity": {"perplexity": float("inf")},
+        "correct": {"last_word": [1, 0]},
+        "params": 7,
+    }
     log["-"] = {"perplexity": {"perplexity": 12.5}, "correct": {"last_word": [1, 1]}, "params": 9}
     # the run stops in the middle of writing a third evaluation
     with path.open("a") as f:

@@ -20,27 +20,95 @@ def tiny_dir(tmp_path_factory):
 
 def test_profile_and_rank_with_the_paper_preset(tiny_dir, tmp_path, capsys):
     rep = tmp_path / "rep"
-    assert main(["profile", str(tiny_dir), "--preset", "paper", "--samples", "3", "--seq-len", "40", "--out", str(rep), "--no-plot", "-q", "--method", "cosine"]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                str(tiny_dir),
+                "--preset",
+                "paper",
+                "--samples",
+                "3",
+                "--seq-len",
+                "40",
+                "--out",
+                str(rep),
+                "--no-plot",
+                "-q",
+                "--method",
+                "cosine",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "--preset paper: llama: the paper's Llama code (knn, k = 25, paper form)" in err
     report = json.loads((rep / "report.json").read_text())
     assert report["settings"]["preset"] == "paper"
     assert report["settings"]["batch_size"] == 1 and report["settings"]["k"] == 25
-    assert list(report["entropy"]) == ["knn"] and report["blocks"][0]["cosine"]  # --method adds to the preset's
-    assert main(["rank", str(rep), "--kind", "attn", "--drop", "2", "--out", str(tmp_path / "plan.json")]) == 0
+    assert (
+        list(report["entropy"]) == ["knn"] and report["blocks"][0]["cosine"]
+    )  # --method adds to the preset's
+    assert (
+        main(
+            [
+                "rank",
+                str(rep),
+                "--kind",
+                "attn",
+                "--drop",
+                "2",
+                "--out",
+                str(tmp_path / "plan.json"),
+            ]
+        )
+        == 0
+    )
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["method"] == "knn" and plan["protected"] == [0, 1, 5]  # from the report's preset
     assert plan["protected_reason"]["preset"] == "paper"
     assert not set(plan["drop"]["attn"]) & {0, 1, 5}
     # cosine ranks under the same fixed protection
-    assert main(["rank", str(rep), "--kind", "attn", "--drop", "2", "--method", "cosine", "--out", str(tmp_path / "p2.json"), "--overwrite"]) == 0
+    assert (
+        main(
+            [
+                "rank",
+                str(rep),
+                "--kind",
+                "attn",
+                "--drop",
+                "2",
+                "--method",
+                "cosine",
+                "--out",
+                str(tmp_path / "p2.json"),
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "p2.json").read_text())["protected"] == [0, 1, 5]
 
 
 def test_preset_errors_are_one_line(tmp_path, capsys):
-    assert main(["profile", str(tmp_path / "missing.gguf"), "--preset", "paper", "--out", str(tmp_path / "r")]) == 1
+    assert (
+        main(
+            [
+                "profile",
+                str(tmp_path / "missing.gguf"),
+                "--preset",
+                "paper",
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
-    assert "entrodrop profile: error: --preset paper reads the architecture" in err and "Traceback" not in err
+    assert (
+        "entrodrop profile: error: --preset paper reads the architecture" in err
+        and "Traceback" not in err
+    )
     with pytest.raises(SystemExit):
         main(["profile", "--preset", "fast"])
 
@@ -48,7 +116,27 @@ def test_preset_errors_are_one_line(tmp_path, capsys):
 def test_prune_with_the_paper_preset(tiny_dir, tmp_path, capsys):
     # prune profiles with the preset itself (knn, k = 25, batch 1) and protects layers 0, 1 and the last
     out = tmp_path / "pruned"
-    assert main(["prune", str(tiny_dir), "--preset", "paper", "--kind", "layer", "--drop", "2", "--samples", "3", "--seq-len", "40", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                str(tiny_dir),
+                "--preset",
+                "paper",
+                "--kind",
+                "layer",
+                "--drop",
+                "2",
+                "--samples",
+                "3",
+                "--seq-len",
+                "40",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "--preset paper: llama" in captured.err and "Traceback" not in captured.err
     plan = json.loads((out / "entrodrop_plan.json").read_text())

@@ -41,7 +41,17 @@ def test_parse_methods():
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_every_type_profiles(name, tmp_path):
     model = tiny_model(name, seed=3)
-    res = profile(model, _windows(3, 20), ProfileSettings(methods=("bucket", "gaussian_diag", "cosine", "angular"), batch_size=2, bins=8, spans=(1, 2)), progress=False)
+    res = profile(
+        model,
+        _windows(3, 20),
+        ProfileSettings(
+            methods=("bucket", "gaussian_diag", "cosine", "angular"),
+            batch_size=2,
+            bins=8,
+            spans=(1, 2),
+        ),
+        progress=False,
+    )
     assert res["samples"] == 3 and res["num_layers"] == 3
     for kind in ("attn", "mlp", "layer"):
         d = res["delta"]["bucket"][kind]["mean"]
@@ -55,30 +65,76 @@ def test_every_type_profiles(name, tmp_path):
 def test_batch_size_and_backends_agree():
     model = tiny_model("llama", seed=4)
     w = _windows(8, 40, seed=1)
-    base = profile(model, w, ProfileSettings(methods=("bucket", "cosine"), batch_size=1, backend="torch"), progress=False)
-    runs = {"bs8": profile(model, w, ProfileSettings(methods=("bucket", "cosine"), batch_size=8, backend="torch"), progress=False)}
+    base = profile(
+        model,
+        w,
+        ProfileSettings(methods=("bucket", "cosine"), batch_size=1, backend="torch"),
+        progress=False,
+    )
+    runs = {
+        "bs8": profile(
+            model,
+            w,
+            ProfileSettings(methods=("bucket", "cosine"), batch_size=8, backend="torch"),
+            progress=False,
+        )
+    }
     if ef.backends()["cpp"]["available"]:
-        runs["cpp"] = profile(model, w, ProfileSettings(methods=("bucket", "cosine"), batch_size=3, backend="cpp"), progress=False)
+        runs["cpp"] = profile(
+            model,
+            w,
+            ProfileSettings(methods=("bucket", "cosine"), batch_size=3, backend="cpp"),
+            progress=False,
+        )
     for label, r in runs.items():
         for kind in ("attn", "mlp", "layer"):
-            assert _max_rel(r["delta"]["bucket"][kind]["mean"], base["delta"]["bucket"][kind]["mean"]) < 1e-4, (label, kind)
-            assert _max_rel(r["cosine"][kind]["mean"], base["cosine"][kind]["mean"]) < 1e-4, (label, kind)
+            assert (
+                _max_rel(r["delta"]["bucket"][kind]["mean"], base["delta"]["bucket"][kind]["mean"])
+                < 1e-4
+            ), (label, kind)
+            assert _max_rel(r["cosine"][kind]["mean"], base["cosine"][kind]["mean"]) < 1e-4, (
+                label,
+                kind,
+            )
         assert _max_rel(r["entropy"]["bucket"]["mean"], base["entropy"]["bucket"]["mean"]) < 1e-6
 
 
 def test_report_files_and_ranking(tmp_path):
     model = tiny_model("qwen2", seed=5)
-    res = profile(model, _windows(4, 32), ProfileSettings(methods=("bucket", "cosine", "angular"), batch_size=2, bins=10, spans=(1, 3)), progress=False)
-    rep = build_report(res, model_info={"name": "tiny"}, data_info={"corpus": "x"}, settings={"samples": 4}, model=model)
+    res = profile(
+        model,
+        _windows(4, 32),
+        ProfileSettings(
+            methods=("bucket", "cosine", "angular"), batch_size=2, bins=10, spans=(1, 3)
+        ),
+        progress=False,
+    )
+    rep = build_report(
+        res,
+        model_info={"name": "tiny"},
+        data_info={"corpus": "x"},
+        settings={"samples": 4},
+        model=model,
+    )
     out = write_report(rep, tmp_path / "r")
-    assert {p.name for p in out.iterdir()} == {"report.json", "scores.csv", "profile.png", "ranking.txt", MARKER}
+    assert {p.name for p in out.iterdir()} == {
+        "report.json",
+        "scores.csv",
+        "profile.png",
+        "ranking.txt",
+        MARKER,
+    }
     again = load_report(out)
-    assert again["blocks"][0]["delta"]["bucket"]["mean"] == pytest.approx(rep["blocks"][0]["delta"]["bucket"]["mean"])
+    assert again["blocks"][0]["delta"]["bucket"]["mean"] == pytest.approx(
+        rep["blocks"][0]["delta"]["bucket"]["mean"]
+    )
     assert set(again["versions"]) >= {"torch", "transformers", "entrodrop_fast"}
     rows = list(csv.DictReader((out / "scores.csv").open()))
     assert len(rows) == 9 and "delta_bucket" in rows[0] and "angular_3" in rows[0]
     attn = ranking(rep, "attn")
-    assert [b["delta"]["bucket"]["mean"] for b in attn] == sorted(b["delta"]["bucket"]["mean"] for b in attn)
+    assert [b["delta"]["bucket"]["mean"] for b in attn] == sorted(
+        b["delta"]["bucket"]["mean"] for b in attn
+    )
     layer0 = next(b for b in rep["blocks"] if b["kind"] == "layer" and b["layer"] == 0)
     assert set(layer0["angular"]) == {"1", "3"}
     assert "rank" in ranking_table(rep)
@@ -92,20 +148,61 @@ def test_cli_profile(tmp_path, capsys):
 
     d, corpus = tiny_dir_and_corpus(tmp_path)
     out = tmp_path / "report"
-    rc = main(["profile", str(d), "--corpus", str(corpus), "--samples", "6", "--seq-len", "32", "--batch-size", "4",
-               "--method", "bucket,knn", "--method", "cosine", "--k", "5", "--bins", "12", "--out", str(out), "-q"])
+    rc = main(
+        [
+            "profile",
+            str(d),
+            "--corpus",
+            str(corpus),
+            "--samples",
+            "6",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "4",
+            "--method",
+            "bucket,knn",
+            "--method",
+            "cosine",
+            "--k",
+            "5",
+            "--bins",
+            "12",
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "attn" in text and "rank" in text
     rep = json.loads((out / "report.json").read_text())
-    assert rep["settings"]["methods"] == ["bucket", "knn", "cosine"] and rep["settings"]["bins"] == 12
+    assert (
+        rep["settings"]["methods"] == ["bucket", "knn", "cosine"] and rep["settings"]["bins"] == 12
+    )
     assert rep["data"]["samples"] == 6 and rep["model"]["model_type"] == "llama"
     # the model's identity, which prune --report checks against the model it prunes
     from entrodrop_fast.prune.surgery import model_identity
 
-    assert {k: rep["model"][k] for k in model_identity(json.loads((d / "config.json").read_text()))} == model_identity(json.loads((d / "config.json").read_text()))
+    assert {
+        k: rep["model"][k] for k in model_identity(json.loads((d / "config.json").read_text()))
+    } == model_identity(json.loads((d / "config.json").read_text()))
     # a corpus too small for the request fails cleanly, without a traceback
-    rc = main(["profile", str(d), "--corpus", str(corpus), "--seq-len", "32", "--samples", "1000", "--out", str(tmp_path / "r2"), "-q"])
+    rc = main(
+        [
+            "profile",
+            str(d),
+            "--corpus",
+            str(corpus),
+            "--seq-len",
+            "32",
+            "--samples",
+            "1000",
+            "--out",
+            str(tmp_path / "r2"),
+            "-q",
+        ]
+    )
     assert rc == 1 and "corpus too small" in capsys.readouterr().err
     assert not (tmp_path / "r2").exists()
     rc = main(["profile", str(tmp_path / "nope"), "--out", str(tmp_path / "r3"), "-q"])
@@ -124,18 +221,43 @@ def test_smollm2_profile_agrees_across_batch_and_backend():
     lm = load_model()
     w, _ = calibration_windows(lm.tokenizer, samples=8, seq_len=64)
     backend = "cpp" if ef.backends()["cpp"]["available"] else "torch"
-    a = profile(lm.model, w, ProfileSettings(methods=("bucket",), batch_size=1, backend=backend), progress=False)
-    b = profile(lm.model, w, ProfileSettings(methods=("bucket",), batch_size=8, backend=backend), progress=False)
+    a = profile(
+        lm.model,
+        w,
+        ProfileSettings(methods=("bucket",), batch_size=1, backend=backend),
+        progress=False,
+    )
+    b = profile(
+        lm.model,
+        w,
+        ProfileSettings(methods=("bucket",), batch_size=8, backend=backend),
+        progress=False,
+    )
     h_a, h_b = (torch.tensor(r["entropy"]["bucket"]["mean"], dtype=torch.float64) for r in (a, b))
     assert float(((h_a - h_b).abs() / h_b.abs()).max()) < 5e-5
     for kind in ("attn", "mlp", "layer"):
-        d_a, d_b = (torch.tensor(r["delta"]["bucket"][kind]["mean"], dtype=torch.float64) for r in (a, b))
+        d_a, d_b = (
+            torch.tensor(r["delta"]["bucket"][kind]["mean"], dtype=torch.float64) for r in (a, b)
+        )
         assert float((d_a - d_b).abs().max()) < 0.03, kind  # a few bin flips, on ΔH of order 1-10
     if backend == "cpp":
-        t = profile(lm.model, w[:1], ProfileSettings(methods=("bucket",), batch_size=1, backend="torch"), progress=False)
-        c = profile(lm.model, w[:1], ProfileSettings(methods=("bucket",), batch_size=1, backend="cpp"), progress=False)
+        t = profile(
+            lm.model,
+            w[:1],
+            ProfileSettings(methods=("bucket",), batch_size=1, backend="torch"),
+            progress=False,
+        )
+        c = profile(
+            lm.model,
+            w[:1],
+            ProfileSettings(methods=("bucket",), batch_size=1, backend="cpp"),
+            progress=False,
+        )
         for kind in ("attn", "mlp", "layer"):
-            assert _max_rel(t["delta"]["bucket"][kind]["mean"], c["delta"]["bucket"][kind]["mean"]) < 1e-4, kind
+            assert (
+                _max_rel(t["delta"]["bucket"][kind]["mean"], c["delta"]["bucket"][kind]["mean"])
+                < 1e-4
+            ), kind
     h = a["entropy"]["bucket"]["mean"]
     assert len(h) == 61 and all(v > 0 for v in h)
 

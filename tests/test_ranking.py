@@ -26,7 +26,11 @@ DH = {  # per kind, per layer: ΔH of the bucket method
     "mlp": [0.3, 0.2, 0.5, 0.05, 0.6, 0.7, 0.04, 0.8],
     "layer": [-1.0, -0.5, 0.5, 0.5, 0.5, 0.4, 0.2, 0.4],
 }
-COS = {"attn": [0.9, 0.8, 0.3, 0.1, 0.5, 0.6, 0.7, 0.05], "mlp": [0.5] * L, "layer": [0.2, 0.3, 0.1, 0.4, 0.5, 0.6, 0.7, 0.8]}
+COS = {
+    "attn": [0.9, 0.8, 0.3, 0.1, 0.5, 0.6, 0.7, 0.05],
+    "mlp": [0.5] * L,
+    "layer": [0.2, 0.3, 0.1, 0.4, 0.5, 0.6, 0.7, 0.8],
+}
 
 
 def synthetic_report() -> dict:
@@ -41,14 +45,23 @@ def synthetic_report() -> dict:
     blocks = []
     for kind in ("attn", "mlp", "layer"):
         for i in range(L):
-            b = {"kind": kind, "layer": i, "delta": {"bucket": {"mean": DH[kind][i], "stderr": 0.01}},
-                 "cosine": {"mean": COS[kind][i], "stderr": 0.01}}
+            b = {
+                "kind": kind,
+                "layer": i,
+                "delta": {"bucket": {"mean": DH[kind][i], "stderr": 0.01}},
+                "cosine": {"mean": COS[kind][i], "stderr": 0.01},
+            }
             if kind == "layer":
-                b["angular"] = {"2": {"mean": 0.1 + 0.05 * abs(i - 4), "stderr": 0.0}} if i <= L - 2 else {}
+                b["angular"] = (
+                    {"2": {"mean": 0.1 + 0.05 * abs(i - 4), "stderr": 0.0}} if i <= L - 2 else {}
+                )
             blocks.append(b)
     return {
-        "format": 1, "model": {"name": "synthetic", "model_type": "llama", "num_layers": L},
-        "points": points, "entropy": {"bucket": {"mean": h, "stderr": [0.0] * len(h)}}, "blocks": blocks,
+        "format": 1,
+        "model": {"name": "synthetic", "model_type": "llama", "num_layers": L},
+        "points": points,
+        "entropy": {"bucket": {"mean": h, "stderr": [0.0] * len(h)}},
+        "blocks": blocks,
         "layer_indices": "0-based",
     }
 
@@ -57,7 +70,11 @@ def test_default_protection_and_attn_plan(tmp_path):
     plan = make_plan(synthetic_report(), "attn", 3)
     assert plan["protected"] == [0, 1, 7]  # entropy decreases over layers 0, 1; last layer
     assert plan["protected_reason"]["stage1_entropy_decreasing"] == [0, 1]
-    assert plan["drop"] == {"attn": [2, 4, 5], "mlp": [], "layer": []}  # 0.001 (layer 7) is protected
+    assert plan["drop"] == {
+        "attn": [2, 4, 5],
+        "mlp": [],
+        "layer": [],
+    }  # 0.001 (layer 7) is protected
     assert plan["indexing"].startswith("0-based")
     assert [r["layer"] for r in plan["ranked"] if r["dropped"]] == [2, 5, 4]
     assert plan["residual_entropy"]["values"] == R
@@ -74,7 +91,9 @@ def test_kinds_methods_and_overrides():
     assert make_plan(rep, "attn", 2, protect="none")["drop"]["attn"] == [1, 7]
     assert make_plan(rep, "attn", 2, protect=[7])["drop"]["attn"] == [1, 2]
     assert make_plan(rep, "attn", 2, method="cosine")["drop"]["attn"] == [2, 3]
-    assert make_plan(rep, "attn", 0.25)["k"] == 1  # a quarter of the 5 candidates (layers 0, 1, 7 protected), rounded
+    assert (
+        make_plan(rep, "attn", 0.25)["k"] == 1
+    )  # a quarter of the 5 candidates (layers 0, 1, 7 protected), rounded
     ang = make_plan(rep, "layer", 2, method="angular")
     assert ang["drop"]["layer"] == [4, 5]
     with pytest.raises(ValueError, match="only 5 are not protected"):
@@ -95,7 +114,11 @@ def test_parsers():
     for bad in ("0", "-1", "x", 1.5, True):
         with pytest.raises(ValueError):
             parse_count(bad, 30)
-    assert parse_protect("0,1, 29") == [0, 1, 29] and parse_protect("none") == [] and parse_protect(None) is None
+    assert (
+        parse_protect("0,1, 29") == [0, 1, 29]
+        and parse_protect("none") == []
+        and parse_protect(None) is None
+    )
     with pytest.raises(ValueError, match="comma-separated"):
         parse_protect("a,b")
 
@@ -108,7 +131,13 @@ def tiny_profiled():
     model = tiny_model("llama", "mixed", num_hidden_layers=6)
     windows = torch.randint(3, 97, (4, 24), generator=torch.Generator().manual_seed(0))
     settings = ProfileSettings(methods=("bucket", "cosine"), batch_size=2, backend="torch")
-    report = build_report(profile(model, windows, settings, progress=False), model_info={"name": "tiny"}, data_info={}, settings={}, model=model)
+    report = build_report(
+        profile(model, windows, settings, progress=False),
+        model_info={"name": "tiny"},
+        data_info={},
+        settings={},
+        model=model,
+    )
     return model, windows, settings, report
 
 
@@ -138,7 +167,9 @@ def test_iterative_plan(tiny_profiled):
     assert m.config.num_hidden_layers == 4 and len(plan["steps"]) == 2
     one_shot = make_plan(report, "layer", 1, protect=[0])
     assert plan["steps"][0]["layer"] == one_shot["drop"]["layer"][0]  # first step = one-shot best
-    plan = iterative_plan(copy.deepcopy(model), windows, "attn", 2, protect="none", settings=settings)
+    plan = iterative_plan(
+        copy.deepcopy(model), windows, "attn", 2, protect="none", settings=settings
+    )
     assert len(set(plan["drop"]["attn"])) == 2
 
 
@@ -154,7 +185,23 @@ def test_rank_cli(tmp_path, capsys):
     assert main(["rank", str(rep_dir), "--kind", "attn", "--drop", "3", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["drop"]["attn"] == [2, 4, 5]
     assert "0-based" in capsys.readouterr().out
-    assert main(["rank", str(rep_dir / "report.json"), "--kind", "layer", "--drop", "25%", "--protect", "none", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "rank",
+                str(rep_dir / "report.json"),
+                "--kind",
+                "layer",
+                "--drop",
+                "25%",
+                "--protect",
+                "none",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert json.loads(out.read_text())["drop"]["layer"] == [0, 1]
     assert main(["rank", str(rep_dir), "--kind", "attn", "--drop", "7", "--out", str(out)]) == 1
     assert "only 5 are not protected" in capsys.readouterr().err
@@ -199,16 +246,30 @@ def test_paper_preset_plan_uses_knn_and_fixed_protection():
     plan = make_plan(rep, "attn", 2, preset="paper")
     assert plan["method"] == "knn" and plan["protected"] == [0, 1, 7]
     assert plan["drop"]["attn"] == [2, 3]
-    assert make_plan(rep, "attn", 2, preset="paper", protect="none")["drop"]["attn"] == [0, 1]  # --protect wins
+    assert make_plan(rep, "attn", 2, preset="paper", protect="none")["drop"]["attn"] == [
+        0,
+        1,
+    ]  # --protect wins
     assert make_plan(rep, "attn", 1, preset="paper", method="bucket")["method"] == "bucket"
     # a report profiled with the preset applies its rule without being told
     rep["settings"] = {"preset": "paper"}
     rep["entropy"] = {"knn": rep["entropy"]["knn"]}
     assert make_plan(rep, "attn", 2)["protected"] == [0, 1, 7]
     mistral = paper_preset("mistral", 32, "cuda")
-    assert (mistral["method"], mistral["bins"], mistral["dtype"], mistral["protect"]) == ("bucket", 80, "fp16", [0, 1, 31])
+    assert (mistral["method"], mistral["bins"], mistral["dtype"], mistral["protect"]) == (
+        "bucket",
+        80,
+        "fp16",
+        [0, 1, 31],
+    )
     llama = paper_preset("llama", 30, "cpu")
-    assert (llama["method"], llama["k"], llama["form"], llama["batch_size"], llama["dtype"]) == ("knn", 25, "paper", 1, "fp32")
+    assert (llama["method"], llama["k"], llama["form"], llama["batch_size"], llama["dtype"]) == (
+        "knn",
+        25,
+        "paper",
+        1,
+        "fp32",
+    )
     assert paper_protected(1) == [0] and paper_protected(2) == [0, 1]
     with pytest.raises(ValueError, match="unknown --preset"):
         make_plan(rep, "attn", 1, preset="fast")
@@ -228,7 +289,23 @@ def test_rank_cli_preset_paper(tmp_path, capsys):
 
     rep = _two_method_report()
     (tmp_path / "report.json").write_text(json.dumps(rep))
-    assert main(["rank", str(tmp_path), "--kind", "attn", "--drop", "2", "--preset", "paper", "--out", str(tmp_path / "plan.json")]) == 0
+    assert (
+        main(
+            [
+                "rank",
+                str(tmp_path),
+                "--kind",
+                "attn",
+                "--drop",
+                "2",
+                "--preset",
+                "paper",
+                "--out",
+                str(tmp_path / "plan.json"),
+            ]
+        )
+        == 0
+    )
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["method"] == "knn" and plan["protected"] == [0, 1, 7]
     with pytest.raises(SystemExit):

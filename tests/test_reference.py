@@ -41,7 +41,9 @@ def test_bucket_paper_exact_adds_clamp_for_empty_bins():
 def test_onehot_reference_equals_paper_exact_bucket():
     x = torch.randn(300, 17)
     # the paper's formulation sums probabilities in fp32, hence the 1e-6 tolerance
-    assert R.bucket_onehot_reference(x, 20).item() == pytest.approx(R.bucket(x[None], bins=20, paper_exact=True).sum().item(), rel=1e-6)
+    assert R.bucket_onehot_reference(x, 20).item() == pytest.approx(
+        R.bucket(x[None], bins=20, paper_exact=True).sum().item(), rel=1e-6
+    )
 
 
 def test_gaussian_closed_forms():
@@ -51,7 +53,9 @@ def test_gaussian_closed_forms():
     cov = A @ A.T + D * torch.eye(D, dtype=torch.float64)
     L = torch.linalg.cholesky(cov)
     z = torch.randn(200_000, D, dtype=torch.float64)
-    z = (z - z.mean(0)) @ torch.linalg.inv(torch.linalg.cholesky(z.T.cov(correction=0))).T  # whiten exactly
+    z = (z - z.mean(0)) @ torch.linalg.inv(
+        torch.linalg.cholesky(z.T.cov(correction=0))
+    ).T  # whiten exactly
     x = (z @ L.T).float()
     expected_full = 0.5 * (D * math.log(2 * math.pi * math.e) + torch.logdet(cov).item())
     assert R.gaussian_full_entropy_1(x).item() == pytest.approx(expected_full, rel=1e-5)
@@ -75,7 +79,9 @@ def test_knn_matches_closed_form_for_uniform():
     assert abs(h) < 0.05
     # and of a standard 2-D normal: ln(2 pi e)
     y = torch.randn(4000, 2, generator=g)
-    assert R.knn_entropy_1(y, k=5, form="digamma").item() == pytest.approx(math.log(2 * math.pi * math.e), abs=0.06)
+    assert R.knn_entropy_1(y, k=5, form="digamma").item() == pytest.approx(
+        math.log(2 * math.pi * math.e), abs=0.06
+    )
 
 
 def test_knn_kth_distance_small():

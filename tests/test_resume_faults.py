@@ -41,7 +41,9 @@ def _snapshot(d):
 def _stop(ckpt, d, windows=RESUME_W, settings=RESUME_SETTINGS, **kw):
     """A streamed run into resume directory ``d``, stopped after layer STOP (the runner's test seam)."""
     with pytest.raises(KeyboardInterrupt):
-        profile_streaming(ckpt, windows, settings, resume_dir=str(d), progress=False, _stop_after_layer=STOP, **kw)
+        profile_streaming(
+            ckpt, windows, settings, resume_dir=str(d), progress=False, _stop_after_layer=STOP, **kw
+        )
     assert torch.load(os.path.join(d, "state.pt"), weights_only=True)["layers_done"] == STOP
 
 
@@ -136,8 +138,19 @@ st.profile_streaming({ckpt!r}, RESUME_W, RESUME_SETTINGS, resume_dir={d!r}, prog
 def test_sigkilled_child_then_resumed_equals_uninterrupted(ckpt, whole, tmp_path, mode):
     d = tmp_path / "resume"
     code = _CHILD.format(tests=os.path.dirname(__file__), mode=mode, stop=STOP, ckpt=ckpt, d=str(d))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(entrodrop_fast.__file__)), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(
+            [
+                os.path.dirname(os.path.dirname(entrodrop_fast.__file__)),
+                os.environ.get("PYTHONPATH", ""),
+            ]
+        ),
+    }
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert torch.load(d / "state.pt", weights_only=True)["layers_done"] == STOP
     assert (d / "state.pt.tmp").exists() == (mode == "mid_save")
@@ -149,17 +162,46 @@ def test_sigkilled_child_then_resumed_equals_uninterrupted(ckpt, whole, tmp_path
 
 CHANGES = {
     "dtype": (dict(dtype=torch.bfloat16), r"--dtype: 'float32' there, 'bfloat16' now"),
-    "batch_size": (dict(settings=dataclasses.replace(RESUME_SETTINGS, batch_size=2)), r"--batch-size: 3 there, 2 now"),
-    "methods": (dict(settings=dataclasses.replace(RESUME_SETTINGS, methods=("bucket", "cosine", "angular"))), r"--method: \['bucket', 'knn'"),
-    "bins": (dict(settings=dataclasses.replace(RESUME_SETTINGS, bins=10)), r"--bins: 20 there, 10 now"),
+    "batch_size": (
+        dict(settings=dataclasses.replace(RESUME_SETTINGS, batch_size=2)),
+        r"--batch-size: 3 there, 2 now",
+    ),
+    "methods": (
+        dict(
+            settings=dataclasses.replace(RESUME_SETTINGS, methods=("bucket", "cosine", "angular"))
+        ),
+        r"--method: \['bucket', 'knn'",
+    ),
+    "bins": (
+        dict(settings=dataclasses.replace(RESUME_SETTINGS, bins=10)),
+        r"--bins: 20 there, 10 now",
+    ),
     "k": (dict(settings=dataclasses.replace(RESUME_SETTINGS, k=6)), r"--k: 5 there, 6 now"),
-    "paper_exact": (dict(settings=dataclasses.replace(RESUME_SETTINGS, paper_exact=True)), r"--paper-exact: False there, True now"),
-    "spans": (dict(settings=dataclasses.replace(RESUME_SETTINGS, spans=(1, 3))), r"--spans: \[1, 2\] there, \[1, 3\] now"),
-    "backend": (dict(settings=dataclasses.replace(RESUME_SETTINGS, backend="torch")), r"--backend: 'auto' there, 'torch' now"),
+    "paper_exact": (
+        dict(settings=dataclasses.replace(RESUME_SETTINGS, paper_exact=True)),
+        r"--paper-exact: False there, True now",
+    ),
+    "spans": (
+        dict(settings=dataclasses.replace(RESUME_SETTINGS, spans=(1, 3))),
+        r"--spans: \[1, 2\] there, \[1, 3\] now",
+    ),
+    "backend": (
+        dict(settings=dataclasses.replace(RESUME_SETTINGS, backend="torch")),
+        r"--backend: 'auto' there, 'torch' now",
+    ),
     # same shape, same sum of token ids, other tokens (the old fingerprint summed them)
-    "tokens": (dict(windows=torch.cat([RESUME_W[:1].flip(1), RESUME_W[1:]])), r"calibration tokens \(--samples, --seq-len, --seed"),
-    "samples": (dict(windows=RESUME_W[:5]), r"calibration shape \(--samples x --seq-len\): \[7, 20\] there, \[5, 20\] now"),
-    "seq_len": (dict(windows=RESUME_W[:, :16]), r"calibration shape .*\[7, 20\] there, \[7, 16\] now"),
+    "tokens": (
+        dict(windows=torch.cat([RESUME_W[:1].flip(1), RESUME_W[1:]])),
+        r"calibration tokens \(--samples, --seq-len, --seed",
+    ),
+    "samples": (
+        dict(windows=RESUME_W[:5]),
+        r"calibration shape \(--samples x --seq-len\): \[7, 20\] there, \[5, 20\] now",
+    ),
+    "seq_len": (
+        dict(windows=RESUME_W[:, :16]),
+        r"calibration shape .*\[7, 20\] there, \[7, 16\] now",
+    ),
 }
 
 
@@ -167,11 +209,15 @@ CHANGES = {
 def test_resume_with_another_argument_stops(ckpt, stopped, change):
     kwargs, says = CHANGES[change]
     if change == "tokens":
-        assert int(kwargs["windows"].sum()) == int(RESUME_W.sum()) and not torch.equal(kwargs["windows"], RESUME_W)
+        assert int(kwargs["windows"].sum()) == int(RESUME_W.sum()) and not torch.equal(
+            kwargs["windows"], RESUME_W
+        )
     before = _snapshot(stopped)
     with pytest.raises(ResumeError, match=f"holds a run with other arguments .*{says}") as e:
         _resume(ckpt, stopped, **kwargs)
-    assert "rerun with that run's arguments" in str(e.value) and "use another --resume-dir" in str(e.value)
+    assert "rerun with that run's arguments" in str(e.value) and "use another --resume-dir" in str(
+        e.value
+    )
     assert _snapshot(stopped) == before  # nothing created, nothing changed
 
 
@@ -188,17 +234,25 @@ def test_fp16_run_resumed_in_bf16_stops(ckpt, tmp_path):
 def test_resume_from_another_model_dir_stops(ckpt, stopped, tmp_path):
     other = tmp_path / "same_model_elsewhere"
     shutil.copytree(ckpt, other)  # same files, same times: only the directory differs
-    with pytest.raises(ResumeError, match=r"other arguments \(model directory: '.*ckpt.*' there, '.*same_model_elsewhere' now\)"):
+    with pytest.raises(
+        ResumeError,
+        match=r"other arguments \(model directory: '.*ckpt.*' there, '.*same_model_elsewhere' now\)",
+    ):
         _resume(str(other), stopped)
 
 
 def test_resume_after_weights_changed_stops(own_ckpt, tmp_path):
     d = tmp_path / "resume"
     _stop(own_ckpt, d)
-    shard = os.path.join(own_ckpt, sorted(f for f in os.listdir(own_ckpt) if f.endswith(".safetensors"))[1])
+    shard = os.path.join(
+        own_ckpt, sorted(f for f in os.listdir(own_ckpt) if f.endswith(".safetensors"))[1]
+    )
     st_ = os.stat(shard)
     os.utime(shard, ns=(st_.st_atime_ns, st_.st_mtime_ns + 10**9))  # rewritten in place
-    with pytest.raises(ResumeError, match=r"other arguments \(the model's weight files \(names, sizes or modification times\)\)"):
+    with pytest.raises(
+        ResumeError,
+        match=r"other arguments \(the model's weight files \(names, sizes or modification times\)\)",
+    ):
         _resume(own_ckpt, d)
 
 
@@ -226,7 +280,10 @@ def _tamper_fingerprints(d, **fields):
     "fields, says",
     [
         ({"device": "cuda (NVIDIA H200)"}, r"--device: 'cuda \(NVIDIA H200\)' there, 'cpu' now"),
-        ({"versions": "torch 0.1, transformers 0.1, entrodrop_fast 0.0.1"}, r"library versions: 'torch 0.1"),
+        (
+            {"versions": "torch 0.1, transformers 0.1, entrodrop_fast 0.0.1"},
+            r"library versions: 'torch 0.1",
+        ),
         ({"backend_resolved": "triton"}, r"the backend --backend resolves to: 'triton' there"),
     ],
     ids=["device", "versions", "resolved_backend"],
@@ -243,10 +300,18 @@ def test_resume_on_another_device_or_library_stops(ckpt, stopped, fields, says):
 def test_directory_of_an_older_version_stops(ckpt, stopped):
     """The fingerprint of the previous format (token-id sum, settings repr) is refused as such."""
     state = torch.load(stopped / "state.pt", weights_only=True)
-    state["fingerprint"] = {"model_dir": ckpt, "windows": int(RESUME_W.sum()), "shape": [7, 20], "settings": repr(RESUME_SETTINGS)}
+    state["fingerprint"] = {
+        "model_dir": ckpt,
+        "windows": int(RESUME_W.sum()),
+        "shape": [7, 20],
+        "settings": repr(RESUME_SETTINGS),
+    }
     torch.save(state, stopped / "state.pt")
     (stopped / "run.json").unlink()
-    with pytest.raises(ResumeError, match=r"other arguments \(resume format \(the directory was written by another version of entrodrop_fast\): '\(not recorded\)' there, 2 now\)"):
+    with pytest.raises(
+        ResumeError,
+        match=r"other arguments \(resume format \(the directory was written by another version of entrodrop_fast\): '\(not recorded\)' there, 2 now\)",
+    ):
         _resume(ckpt, stopped)
     assert not (stopped / "run.json").exists()
 
@@ -276,22 +341,66 @@ def _edit_state(**changes):
     return op
 
 
-BROKEN = "the resume directory .* is incomplete or corrupt.*; remove it or choose another --resume-dir"
+BROKEN = (
+    "the resume directory .* is incomplete or corrupt.*; remove it or choose another --resume-dir"
+)
 FAULTS = {
-    "act_a_missing": (lambda d: (d / "act_a.bin").unlink(), r"act_a\.bin is missing: the resume directory .* is incomplete .*activations are never re-created"),
-    "act_b_missing": (lambda d: (d / "act_b.bin").unlink(), r"act_b\.bin is missing: the resume directory .* is incomplete"),
-    "act_a_half": (_truncate("act_a.bin", lambda n: n // 2), rf"act_a\.bin has {ACT_BYTES // 2} bytes where 7 x 20 x 32 float32 activations take {ACT_BYTES}: truncated"),
-    "act_b_empty": (_truncate("act_b.bin", lambda n: 0), rf"act_b\.bin has 0 bytes where .* take {ACT_BYTES}: truncated, or not from this run; {BROKEN}"),
-    "act_a_longer": (_truncate("act_a.bin", lambda n: n + 4), rf"act_a\.bin has {ACT_BYTES + 4} bytes"),
-    "state_half": (_truncate("state.pt", lambda n: n // 2), rf"state\.pt: cannot be read \(.*\); {BROKEN}"),
-    "state_cut_short": (_truncate("state.pt", lambda n: n - 1), rf"state\.pt: cannot be read \(.*\); {BROKEN}"),
-    "state_empty": (_truncate("state.pt", lambda n: 0), rf"state\.pt: cannot be read \(.*\); {BROKEN}"),
-    "state_garbage": (_write("state.pt", bytes(range(256)) * 8), rf"state\.pt: cannot be read \(.*\); {BROKEN}"),
-    "state_foreign": (lambda d: torch.save({"weights": torch.ones(3)}, d / "state.pt"), rf"state\.pt: not a resume state of this program; {BROKEN}"),
-    "state_layers_out_of_range": (_edit_state(layers_done=LAYERS + 5), rf"state\.pt: layers done {LAYERS + 5} / current buffer . out of range for {LAYERS} layers; {BROKEN}"),
-    "state_pending_lost": (_edit_state(pending=lambda p: p[:-1]), rf"state\.pt: the estimator states in it do not have this run's layout; {BROKEN}"),
-    "run_json_cut_short": (_truncate("run.json", lambda n: n // 2), rf"run\.json: cannot be read \(JSONDecodeError: .*\); {BROKEN}"),
-    "run_json_and_state_missing": (lambda d: [(d / n).unlink() for n in ("run.json", "state.pt")], r"holds act_a\.bin and act_b\.bin but neither state\.pt nor run\.json: .*remove it or choose another --resume-dir"),
+    "act_a_missing": (
+        lambda d: (d / "act_a.bin").unlink(),
+        r"act_a\.bin is missing: the resume directory .* is incomplete .*activations are never re-created",
+    ),
+    "act_b_missing": (
+        lambda d: (d / "act_b.bin").unlink(),
+        r"act_b\.bin is missing: the resume directory .* is incomplete",
+    ),
+    "act_a_half": (
+        _truncate("act_a.bin", lambda n: n // 2),
+        rf"act_a\.bin has {ACT_BYTES // 2} bytes where 7 x 20 x 32 float32 activations take {ACT_BYTES}: truncated",
+    ),
+    "act_b_empty": (
+        _truncate("act_b.bin", lambda n: 0),
+        rf"act_b\.bin has 0 bytes where .* take {ACT_BYTES}: truncated, or not from this run; {BROKEN}",
+    ),
+    "act_a_longer": (
+        _truncate("act_a.bin", lambda n: n + 4),
+        rf"act_a\.bin has {ACT_BYTES + 4} bytes",
+    ),
+    "state_half": (
+        _truncate("state.pt", lambda n: n // 2),
+        rf"state\.pt: cannot be read \(.*\); {BROKEN}",
+    ),
+    "state_cut_short": (
+        _truncate("state.pt", lambda n: n - 1),
+        rf"state\.pt: cannot be read \(.*\); {BROKEN}",
+    ),
+    "state_empty": (
+        _truncate("state.pt", lambda n: 0),
+        rf"state\.pt: cannot be read \(.*\); {BROKEN}",
+    ),
+    "state_garbage": (
+        _write("state.pt", bytes(range(256)) * 8),
+        rf"state\.pt: cannot be read \(.*\); {BROKEN}",
+    ),
+    "state_foreign": (
+        lambda d: torch.save({"weights": torch.ones(3)}, d / "state.pt"),
+        rf"state\.pt: not a resume state of this program; {BROKEN}",
+    ),
+    "state_layers_out_of_range": (
+        _edit_state(layers_done=LAYERS + 5),
+        rf"state\.pt: layers done {LAYERS + 5} / current buffer . out of range for {LAYERS} layers; {BROKEN}",
+    ),
+    "state_pending_lost": (
+        _edit_state(pending=lambda p: p[:-1]),
+        rf"state\.pt: the estimator states in it do not have this run's layout; {BROKEN}",
+    ),
+    "run_json_cut_short": (
+        _truncate("run.json", lambda n: n // 2),
+        rf"run\.json: cannot be read \(JSONDecodeError: .*\); {BROKEN}",
+    ),
+    "run_json_and_state_missing": (
+        lambda d: [(d / n).unlink() for n in ("run.json", "state.pt")],
+        r"holds act_a\.bin and act_b\.bin but neither state\.pt nor run\.json: .*remove it or choose another --resume-dir",
+    ),
 }
 
 
@@ -330,7 +439,10 @@ def test_directory_in_use_by_another_run_stops(ckpt, stopped):
     fd = os.open(stopped, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(ResumeError, match="is in use by another running profile; wait for it to end or choose another --resume-dir"):
+        with pytest.raises(
+            ResumeError,
+            match="is in use by another running profile; wait for it to end or choose another --resume-dir",
+        ):
             _resume(ckpt, stopped)
     finally:
         os.close(fd)
@@ -350,7 +462,14 @@ def test_each_torchrun_rank_keeps_its_own_files(ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "world", lambda: (1, 2))
     d = tmp_path / "resume"
     with pytest.raises(KeyboardInterrupt):
-        profile_streaming(ckpt, RESUME_W[1::2], RESUME_SETTINGS, resume_dir=str(d), progress=False, _stop_after_layer=STOP)
+        profile_streaming(
+            ckpt,
+            RESUME_W[1::2],
+            RESUME_SETTINGS,
+            resume_dir=str(d),
+            progress=False,
+            _stop_after_layer=STOP,
+        )
     assert os.listdir(d) == ["rank1-of-2"]
     assert json.loads((d / "rank1-of-2" / "run.json").read_text())["process"] == "rank 1 of 2"
 
@@ -366,8 +485,12 @@ def _no_space(*args, **kwargs):
 def test_full_disk_is_an_error_before_any_work(ckpt, tmp_path, monkeypatch, where):
     made, loads = [], []
     real_mkdtemp, real_load = tempfile.mkdtemp, st.Checkpoint.load
-    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(real_mkdtemp(*a, **k)) or made[-1])
-    monkeypatch.setattr(st.Checkpoint, "load", lambda self, *a, **k: loads.append(a) or real_load(self, *a, **k))
+    monkeypatch.setattr(
+        tempfile, "mkdtemp", lambda *a, **k: made.append(real_mkdtemp(*a, **k)) or made[-1]
+    )
+    monkeypatch.setattr(
+        st.Checkpoint, "load", lambda self, *a, **k: loads.append(a) or real_load(self, *a, **k)
+    )
     monkeypatch.setattr(os, "posix_fallocate", _no_space)
     d = tmp_path / "resume"
     kw = {"resume_dir": str(d)} if where == "resume_dir" else {"ram_budget_bytes": 0}
@@ -375,7 +498,10 @@ def test_full_disk_is_an_error_before_any_work(ckpt, tmp_path, monkeypatch, wher
         profile_streaming(ckpt, RESUME_W, RESUME_SETTINGS, progress=False, **kw)
     assert e.value.errno == errno.ENOSPC
     msg = str(e.value)
-    assert f"act_a.bin: cannot write the activation files (2 x {ACT_BYTES / 1024:.1f} KiB, " in msg and " free there): no space left on the device" in msg
+    assert (
+        f"act_a.bin: cannot write the activation files (2 x {ACT_BYTES / 1024:.1f} KiB, " in msg
+        and " free there): no space left on the device" in msg
+    )
     assert not loads  # not a tensor read: the space is reserved before any work
     if where == "resume_dir":
         assert "or choose another --resume-dir" in msg
@@ -390,8 +516,14 @@ def test_full_disk_without_fallocate_is_still_an_error(ckpt, tmp_path, monkeypat
     """Where the system has no posix_fallocate, zeros are written instead (and fail the same way)."""
     monkeypatch.delattr(os, "posix_fallocate")
     real_write = os.write
-    monkeypatch.setattr(os, "write", lambda fd, data: _no_space() if len(data) > 1000 else real_write(fd, data))
-    kw = {"resume_dir": str(tmp_path / "resume")} if where == "resume_dir" else {"ram_budget_bytes": 0}
+    monkeypatch.setattr(
+        os, "write", lambda fd, data: _no_space() if len(data) > 1000 else real_write(fd, data)
+    )
+    kw = (
+        {"resume_dir": str(tmp_path / "resume")}
+        if where == "resume_dir"
+        else {"ram_budget_bytes": 0}
+    )
     with pytest.raises(StorageError, match="no space left on the device"):
         profile_streaming(ckpt, RESUME_W, RESUME_SETTINGS, progress=False, **kw)
 
@@ -419,7 +551,10 @@ def test_really_full_disk_is_an_error_not_sigbus(ckpt, tmp_path):
     With sparse files the writes through the memory map would have killed the process."""
     with _small_tmpfs(tmp_path / "small", "32k") as mnt:
         d = mnt / "resume"
-        with pytest.raises(StorageError, match=r"act_b\.bin: cannot write the activation files .*no space left on the device") as e:
+        with pytest.raises(
+            StorageError,
+            match=r"act_b\.bin: cannot write the activation files .*no space left on the device",
+        ) as e:
             _resume(ckpt, d)
         assert e.value.errno == errno.ENOSPC
         assert sorted(os.listdir(d)) == ["run.json"]
@@ -436,10 +571,18 @@ def test_state_save_on_full_disk_keeps_the_last_state(ckpt, whole, tmp_path, mon
 
     monkeypatch.setattr(torch, "save", save)
     d = tmp_path / "resume"
-    with pytest.raises(StorageError, match=rf"state\.pt: cannot write the resume state: no space left on the device .*; the state saved before layer {STOP} is kept; free space"):
+    with pytest.raises(
+        StorageError,
+        match=rf"state\.pt: cannot write the resume state: no space left on the device .*; the state saved before layer {STOP} is kept; free space",
+    ):
         _resume(ckpt, d)
     monkeypatch.setattr(torch, "save", real)
-    assert sorted(os.listdir(d)) == ["act_a.bin", "act_b.bin", "run.json", "state.pt"]  # no state.pt.tmp left
+    assert sorted(os.listdir(d)) == [
+        "act_a.bin",
+        "act_b.bin",
+        "run.json",
+        "state.pt",
+    ]  # no state.pt.tmp left
     assert torch.load(d / "state.pt", weights_only=True)["layers_done"] == STOP
     assert_identical(whole, _resume(ckpt, d))
 
@@ -450,7 +593,9 @@ def _read_only(path):
     if os.geteuid() == 0:
         _root_mount(["--bind", str(path), str(path)], "a read-only directory")
         try:
-            r = subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], capture_output=True, text=True)
+            r = subprocess.run(
+                ["mount", "-o", "remount,bind,ro", str(path)], capture_output=True, text=True
+            )
             if r.returncode:
                 pytest.skip(f"cannot remount read-only: {r.stderr.strip()}")
             yield path
@@ -511,23 +656,54 @@ def test_cli_resume_errors_are_one_line_messages(tiny_dir, tmp_path, capsys):
 
     def profile(out, *extra):
         capsys.readouterr()
-        rc = main(["profile", str(tiny_dir), "--samples", "6", "--seq-len", "24", "-m", "bucket,cosine", "--streaming", "--resume-dir", str(d), "--out", str(tmp_path / out), "--no-plot", "-q", *extra])
+        rc = main(
+            [
+                "profile",
+                str(tiny_dir),
+                "--samples",
+                "6",
+                "--seq-len",
+                "24",
+                "-m",
+                "bucket,cosine",
+                "--streaming",
+                "--resume-dir",
+                str(d),
+                "--out",
+                str(tmp_path / out),
+                "--no-plot",
+                "-q",
+                *extra,
+            ]
+        )
         return rc, capsys.readouterr().err
 
     assert profile("first") == (0, "")
     rc, _ = profile("again")  # the finished run, resumed: the same report
     assert rc == 0
-    first, again = (json.loads((tmp_path / o / "report.json").read_text())["blocks"] for o in ("first", "again"))
+    first, again = (
+        json.loads((tmp_path / o / "report.json").read_text())["blocks"] for o in ("first", "again")
+    )
     assert first == again
     rc, err = profile("bf16", "--dtype", "bf16")
     assert rc == 1 and "Traceback" not in err
-    assert err.startswith("entrodrop profile: error: ") and "holds a run with other arguments (--dtype: 'float32' there, 'bfloat16' now" in err
+    assert (
+        err.startswith("entrodrop profile: error: ")
+        and "holds a run with other arguments (--dtype: 'float32' there, 'bfloat16' now" in err
+    )
     assert not (tmp_path / "bf16").exists()
     with open(d / "state.pt", "r+b") as fh:
         fh.truncate(100)
     rc, err = profile("cut")
-    assert rc == 1 and err.startswith("entrodrop profile: error: ") and "state.pt: cannot be read" in err and "incomplete or corrupt" in err
-    (d / "state.pt").unlink()  # run.json vouches for the activation files: starts over, read-only now
+    assert (
+        rc == 1
+        and err.startswith("entrodrop profile: error: ")
+        and "state.pt: cannot be read" in err
+        and "incomplete or corrupt" in err
+    )
+    (
+        d / "state.pt"
+    ).unlink()  # run.json vouches for the activation files: starts over, read-only now
     with _read_only(d):
         rc, err = profile("ro")
     assert rc == 1 and "Traceback" not in err

@@ -22,7 +22,12 @@ IDS = [c[0] for c in CASES]
 
 def _close(ref, got):
     # counts are bit-identical (same fp32 bin formula); only the fp64 sum over channels may reorder
-    torch.testing.assert_close(torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(ref, dtype=torch.float64), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(
+        torch.as_tensor(got, dtype=torch.float64),
+        torch.as_tensor(ref, dtype=torch.float64),
+        rtol=1e-12,
+        atol=1e-9,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -42,7 +47,9 @@ def test_variant_dtypes_with_f_and_mask(case, dtype):
     f = llm_like(2, 41, 19, seed=4, dtype=dtype, outliers=False)
     mask = torch.rand(2, 41, generator=torch.Generator().manual_seed(1)) > 0.3
     mask[:, :3] = True
-    _close(ref(x, f, bins=7, mask=mask, **opts), fast(x, f, bins=7, mask=mask, backend="cpp", **opts))
+    _close(
+        ref(x, f, bins=7, mask=mask, **opts), fast(x, f, bins=7, mask=mask, backend="cpp", **opts)
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -85,7 +92,9 @@ def test_q_zero_is_the_paper_bucket_and_clamps_massive_tokens():
 
 def test_nosink_equals_bucket_without_the_first_token():
     x = llm_like(3, 50, 12, seed=8)
-    torch.testing.assert_close(R.bucket_nosink_entropy(x, sink=2), bucket_entropy(x[:, 2:]), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        R.bucket_nosink_entropy(x, sink=2), bucket_entropy(x[:, 2:]), rtol=1e-12, atol=0
+    )
 
 
 def test_tokennorm_is_scale_invariant_per_token():
@@ -114,15 +123,29 @@ def test_variants_profile_through_the_hooks():
     from entrodrop_fast.profile.inmemory import ProfileSettings, profile
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = LlamaForCausalLM(cfg).eval()
     windows = torch.randint(1, 64, (3, 24), generator=torch.Generator().manual_seed(0))
-    res = profile(model, windows, ProfileSettings(methods=tuple(R.ROBUST_METHODS), batch_size=2, bins=9), progress=False)
+    res = profile(
+        model,
+        windows,
+        ProfileSettings(methods=tuple(R.ROBUST_METHODS), batch_size=2, bins=9),
+        progress=False,
+    )
     # H at r0 (embeddings) by the hooks = the estimator on the embeddings themselves
     emb = model.get_input_embeddings()(windows).detach()
     for m, fn in R.ROBUST_ESTIMATORS.items():
         want = fn(emb, bins=9).mean()
-        assert res["entropy"][m]["mean"][res["points"].index("r0")] == pytest.approx(float(want), rel=1e-12)
+        assert res["entropy"][m]["mean"][res["points"].index("r0")] == pytest.approx(
+            float(want), rel=1e-12
+        )
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -134,13 +157,18 @@ def test_variant_through_entropy_and_delta_entropy(case):
     x, f = llm_like(2, 40, 24, seed=3), llm_like(2, 40, 24, seed=4)
     assert name in ef.ROBUST_METHODS and getattr(ef, f"{name}_entropy") is fast
     torch.testing.assert_close(ef.entropy(x, name, **opts), fast(x, **opts), rtol=0, atol=0)
-    torch.testing.assert_close(ef.delta_entropy(x, f, name, **opts), fast(x, f, **opts) - fast(x, **opts), rtol=0, atol=0)
+    torch.testing.assert_close(
+        ef.delta_entropy(x, f, name, **opts), fast(x, f, **opts) - fast(x, **opts), rtol=0, atol=0
+    )
 
 
 def test_unknown_method_lists_the_variants():
     import entrodrop_fast as ef
 
-    with pytest.raises(ValueError, match="unknown entropy method 'bucket_z'.*bucket_q, bucket_nosink, bucket_tokennorm"):
+    with pytest.raises(
+        ValueError,
+        match="unknown entropy method 'bucket_z'.*bucket_q, bucket_nosink, bucket_tokennorm",
+    ):
         ef.entropy(torch.zeros(4, 3), "bucket_z")
 
 
@@ -158,4 +186,7 @@ def test_variant_on_triton_matches_reference(case):
     x = llm_like(2, 33, 65, seed=5)
     m = torch.rand(2, 33, generator=torch.Generator().manual_seed(1)) > 0.3
     m[:, :2] = True
-    _close(ref(x, bins=20, mask=m, **opts), fast(x.to(dev), bins=20, mask=m.to(dev), backend="triton", **opts).cpu())
+    _close(
+        ref(x, bins=20, mask=m, **opts),
+        fast(x.to(dev), bins=20, mask=m.to(dev), backend="triton", **opts).cpu(),
+    )

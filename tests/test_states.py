@@ -48,7 +48,11 @@ def test_cov_state_merge_equals_whole():
     a.merge(b)
     flat = x.reshape(240, 5).double()
     assert_close(flat.T.cov(correction=0), a.result()["cov"], 1e-9, atol=1e-9)
-    assert_close(ef.CovState.from_state_dict(a.state_dict()).result()["gaussian_full_entropy"], a.result()["gaussian_full_entropy"], 0)
+    assert_close(
+        ef.CovState.from_state_dict(a.state_dict()).result()["gaussian_full_entropy"],
+        a.result()["gaussian_full_entropy"],
+        0,
+    )
 
 
 def test_entropy_meter():

@@ -43,7 +43,11 @@ def _save(model, shard="60KB"):
     return d
 
 
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe")  # per-expert and fused layouts: tests/test_streaming_moe.py
+MOE = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+)  # per-expert and fused layouts: tests/test_streaming_moe.py
 
 
 @pytest.mark.parametrize("name", sorted(set(TINY) - set(MOE)))
@@ -51,7 +55,10 @@ def test_streaming_equals_in_memory(name):
     model = tiny_model(name)
     d = _save(model)
     w = stream_windows()
-    assert_same_report(profile(model, w, STREAM_SETTINGS, progress=False), profile_streaming(d, w, STREAM_SETTINGS, progress=False))
+    assert_same_report(
+        profile(model, w, STREAM_SETTINGS, progress=False),
+        profile_streaming(d, w, STREAM_SETTINGS, progress=False),
+    )
 
 
 def test_disk_backed_activations_and_cleanup(monkeypatch):
@@ -72,7 +79,9 @@ def test_resume_after_interruption(tmp_path):
     w = stream_windows()
     whole = profile_streaming(d, w, STREAM_SETTINGS, progress=False)
     with pytest.raises(KeyboardInterrupt):
-        profile_streaming(d, w, STREAM_SETTINGS, resume_dir=str(tmp_path), progress=False, _stop_after_layer=2)
+        profile_streaming(
+            d, w, STREAM_SETTINGS, resume_dir=str(tmp_path), progress=False, _stop_after_layer=2
+        )
     assert torch.load(tmp_path / "state.pt", weights_only=False)["layers_done"] == 2
     resumed = profile_streaming(d, w, STREAM_SETTINGS, resume_dir=str(tmp_path), progress=False)
     assert_same_report(whole, resumed, rtol=1e-12)
@@ -171,9 +180,31 @@ def _cli_report(tiny_dir, out, *extra, torchrun=False):
     import subprocess
     import sys
 
-    args = [str(tiny_dir), "--samples", "6", "--seq-len", "24", "-m", "bucket,cosine", "--out", str(out), "-q", *extra]
+    args = [
+        str(tiny_dir),
+        "--samples",
+        "6",
+        "--seq-len",
+        "24",
+        "-m",
+        "bucket,cosine",
+        "--out",
+        str(out),
+        "-q",
+        *extra,
+    ]
     if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "entrodrop_fast", "profile", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "entrodrop_fast",
+            "profile",
+            *args,
+        ]
     else:
         cmd = [sys.executable, "-m", "entrodrop_fast", "profile", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -183,26 +214,51 @@ def _cli_report(tiny_dir, out, *extra, torchrun=False):
 
 
 def _block_numbers(report):
-    return torch.tensor([[b["delta"]["bucket"]["mean"], b["delta"]["bucket"]["stderr"], b["cosine"]["mean"]] for b in report["blocks"]], dtype=torch.float64)
+    return torch.tensor(
+        [
+            [b["delta"]["bucket"]["mean"], b["delta"]["bucket"]["stderr"], b["cosine"]["mean"]]
+            for b in report["blocks"]
+        ],
+        dtype=torch.float64,
+    )
 
 
 @pytest.mark.slow
 def test_cli_streaming_and_two_processes_equal_in_memory(tiny_dir, tmp_path):
     plain = _cli_report(tiny_dir, tmp_path / "plain")
-    streamed = _cli_report(tiny_dir, tmp_path / "streamed", "--max-memory", "100KB")  # the model does not fit: streams
+    streamed = _cli_report(
+        tiny_dir, tmp_path / "streamed", "--max-memory", "100KB"
+    )  # the model does not fit: streams
     two = _cli_report(tiny_dir, tmp_path / "two", torchrun=True)
     assert streamed["model"]["kind"] == "streaming" and plain["model"]["kind"] == "dir"
     # 100 KB: one 37 KB layer + 28 KB of activations per window of 24 tokens -> batches of 2
     assert streamed["settings"]["batch_size"] == 2 and plain["settings"]["batch_size"] == 1
     assert two["settings"]["processes"] == 2 and two["timing"]["samples"] == 6
-    torch.testing.assert_close(_block_numbers(streamed), _block_numbers(plain), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(
+        _block_numbers(streamed), _block_numbers(plain), rtol=1e-5, atol=1e-9
+    )
     torch.testing.assert_close(_block_numbers(two), _block_numbers(plain), rtol=1e-9, atol=1e-12)
 
 
 def test_cli_max_memory_too_small_fails_early(tiny_dir, tmp_path, capsys):
     from entrodrop_fast.cli import main
 
-    rc = main(["profile", str(tiny_dir), "--samples", "4", "--seq-len", "24", "--streaming", "--max-memory", "1KB", "--out", str(tmp_path / "r"), "-q"])
+    rc = main(
+        [
+            "profile",
+            str(tiny_dir),
+            "--samples",
+            "4",
+            "--seq-len",
+            "24",
+            "--streaming",
+            "--max-memory",
+            "1KB",
+            "--out",
+            str(tmp_path / "r"),
+            "-q",
+        ]
+    )
     assert rc == 1
     assert "--max-memory 1KB is too small" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

@@ -68,7 +68,11 @@ def write_checkpoint(model, path, layout: str, shard_bytes: int = 12_000) -> str
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    tensors = per_expert_state(model) if layout == "per_expert" else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tensors = (
+        per_expert_state(model)
+        if layout == "per_expert"
+        else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    )
     if model.config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     model.config.save_pretrained(path)
@@ -149,8 +153,19 @@ def test_streamed_equals_in_memory(name, layout, models, in_memory, tmp_path):
     d = write_checkpoint(models[name], tmp_path / "ckpt", layout)
     keys = _layout_keys(d)
     assert any(".experts.0." in k for k in keys) == (layout == "per_expert")
-    assert len(set(json.load(open(os.path.join(d, "model.safetensors.index.json")))["weight_map"].values())) > 3
-    assert_same_report(in_memory[name], profile_streaming(d, stream_windows(), STREAM_SETTINGS, progress=False))
+    assert (
+        len(
+            set(
+                json.load(open(os.path.join(d, "model.safetensors.index.json")))[
+                    "weight_map"
+                ].values()
+            )
+        )
+        > 3
+    )
+    assert_same_report(
+        in_memory[name], profile_streaming(d, stream_windows(), STREAM_SETTINGS, progress=False)
+    )
 
 
 @pytest.mark.parametrize("name", MOE)
@@ -161,7 +176,10 @@ def test_streamed_equals_transformers_load_of_the_same_directory(name, models, t
     d = write_checkpoint(models[name], tmp_path / "ckpt", "per_expert")
     loaded = load_model(d).model
     w = stream_windows()
-    assert_same_report(profile(loaded, w, STREAM_SETTINGS, progress=False), profile_streaming(d, w, STREAM_SETTINGS, progress=False))
+    assert_same_report(
+        profile(loaded, w, STREAM_SETTINGS, progress=False),
+        profile_streaming(d, w, STREAM_SETTINGS, progress=False),
+    )
 
 
 def test_twelve_experts_stay_in_order(tmp_path):
@@ -169,13 +187,33 @@ def test_twelve_experts_stay_in_order(tmp_path):
     model = moe_model("mixtral", layers=2, num_local_experts=12, num_experts_per_tok=3)
     d = write_checkpoint(model, tmp_path / "ckpt", "per_expert")
     plan = WeightPlan(build_skeleton(d, torch.float32), Checkpoint(d))
-    w1 = [k for k in plan.sources(["model.layers.1.mlp.experts.gate_up_proj"]) if k.endswith(".w1.weight")]
+    w1 = [
+        k
+        for k in plan.sources(["model.layers.1.mlp.experts.gate_up_proj"])
+        if k.endswith(".w1.weight")
+    ]
     assert [int(k.split(".")[-3]) for k in w1] == list(range(12))
-    fused = plan.load(["model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"], torch.float32)
-    torch.testing.assert_close(fused["model.layers.1.mlp.experts.gate_up_proj"], model.model.layers[1].mlp.experts.gate_up_proj, rtol=0, atol=0)
-    torch.testing.assert_close(fused["model.layers.1.mlp.experts.down_proj"], model.model.layers[1].mlp.experts.down_proj, rtol=0, atol=0)
+    fused = plan.load(
+        ["model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"],
+        torch.float32,
+    )
+    torch.testing.assert_close(
+        fused["model.layers.1.mlp.experts.gate_up_proj"],
+        model.model.layers[1].mlp.experts.gate_up_proj,
+        rtol=0,
+        atol=0,
+    )
+    torch.testing.assert_close(
+        fused["model.layers.1.mlp.experts.down_proj"],
+        model.model.layers[1].mlp.experts.down_proj,
+        rtol=0,
+        atol=0,
+    )
     w = stream_windows()
-    assert_same_report(profile(model, w, STREAM_SETTINGS, progress=False), profile_streaming(d, w, STREAM_SETTINGS, progress=False))
+    assert_same_report(
+        profile(model, w, STREAM_SETTINGS, progress=False),
+        profile_streaming(d, w, STREAM_SETTINGS, progress=False),
+    )
 
 
 def test_dense_and_sparse_layers_mixed(tmp_path):
@@ -184,7 +222,10 @@ def test_dense_and_sparse_layers_mixed(tmp_path):
     assert type(model.model.layers[0].mlp).__name__ == "Qwen2MoeMLP"
     d = write_checkpoint(model, tmp_path / "ckpt", "per_expert")
     w = stream_windows()
-    assert_same_report(profile(model, w, STREAM_SETTINGS, progress=False), profile_streaming(d, w, STREAM_SETTINGS, progress=False))
+    assert_same_report(
+        profile(model, w, STREAM_SETTINGS, progress=False),
+        profile_streaming(d, w, STREAM_SETTINGS, progress=False),
+    )
 
 
 def test_bf16_per_expert(tmp_path):
@@ -194,7 +235,10 @@ def test_bf16_per_expert(tmp_path):
     d = write_checkpoint(tiny_model("qwen3_moe"), tmp_path / "ckpt", "per_expert")
     w = stream_windows()
     loaded = load_model(d, dtype="bf16").model
-    assert_same_report(profile(loaded, w, STREAM_SETTINGS, progress=False), profile_streaming(d, w, STREAM_SETTINGS, dtype=torch.bfloat16, progress=False))
+    assert_same_report(
+        profile(loaded, w, STREAM_SETTINGS, progress=False),
+        profile_streaming(d, w, STREAM_SETTINGS, dtype=torch.bfloat16, progress=False),
+    )
 
 
 # ------------------------------------------------------------------ resume
@@ -209,7 +253,15 @@ def test_resume_mid_run(name, layout, tmp_path):
     whole = profile_streaming(d, w, STREAM_SETTINGS, progress=False)
     resume = tmp_path / "resume"
     with pytest.raises(KeyboardInterrupt):
-        profile_streaming(d, w, STREAM_SETTINGS, resume_dir=str(resume), ram_budget_bytes=0, progress=False, _stop_after_layer=2)
+        profile_streaming(
+            d,
+            w,
+            STREAM_SETTINGS,
+            resume_dir=str(resume),
+            ram_budget_bytes=0,
+            progress=False,
+            _stop_after_layer=2,
+        )
     assert torch.load(resume / "state.pt", weights_only=True)["layers_done"] == 2
     resumed = profile_streaming(d, w, STREAM_SETTINGS, resume_dir=str(resume), progress=False)
     assert_identical(whole, resumed, "resumed")
@@ -241,7 +293,10 @@ def test_missing_expert_is_named_before_any_weight_is_read(tmp_path, monkeypatch
     with pytest.raises(CheckpointError) as err:
         profile_streaming(d, stream_windows(), STREAM_SETTINGS, progress=False)
     msg = str(err.value)
-    assert "model.layers.1.block_sparse_moe.experts.0.w1.weight ... model.layers.1.block_sparse_moe.experts.3.w3.weight" in msg
+    assert (
+        "model.layers.1.block_sparse_moe.experts.0.w1.weight ... model.layers.1.block_sparse_moe.experts.3.w3.weight"
+        in msg
+    )
     assert "4 x .experts.*.w1.weight, 3 x .experts.*.w3.weight" in msg
     assert "do not combine into model.layers.1.mlp.experts.gate_up_proj" in msg
     assert "(layer 1)" in msg and "a tensor of one expert is missing" in msg
@@ -250,7 +305,10 @@ def test_missing_expert_is_named_before_any_weight_is_read(tmp_path, monkeypatch
 def test_missing_router_is_named(tmp_path):
     d = write_checkpoint(tiny_model("qwen2_moe"), tmp_path / "ckpt", "per_expert")
     _drop(d, "model.layers.2.mlp.shared_expert_gate.weight")
-    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.2\.mlp\.shared_expert_gate\.weight \(layer 2\) is not in the checkpoint"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor model\.layers\.2\.mlp\.shared_expert_gate\.weight \(layer 2\) is not in the checkpoint",
+    ):
         profile_streaming(d, stream_windows(), STREAM_SETTINGS, progress=False)
 
 
@@ -258,16 +316,25 @@ def test_missing_router_is_named(tmp_path):
 def test_config_with_other_expert_count(tmp_path, layout):
     d = write_checkpoint(tiny_model("qwen3_moe"), tmp_path / "ckpt", layout)
     cfg = json.load(open(os.path.join(d, "config.json")))
-    key = "num_local_experts" if "num_local_experts" in cfg else "num_experts"  # as saved: 4 experts
+    key = (
+        "num_local_experts" if "num_local_experts" in cfg else "num_experts"
+    )  # as saved: 4 experts
     assert cfg[key] == 4
     cfg[key] = 6
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
     with pytest.raises(CheckpointError, match="config and weights do not match") as err:
         profile_streaming(d, stream_windows(), STREAM_SETTINGS, progress=False)
     msg = str(err.value)
-    assert "model.layers.0.mlp.experts.gate_up_proj" in msg and "[4, 32, 32]" in msg and "the config expects [6, 32, 32]" in msg
+    assert (
+        "model.layers.0.mlp.experts.gate_up_proj" in msg
+        and "[4, 32, 32]" in msg
+        and "the config expects [6, 32, 32]" in msg
+    )
     if layout == "per_expert":
-        assert "the 8 tensors model.layers.0.mlp.experts.0.gate_proj.weight ... model.layers.0.mlp.experts.3.up_proj.weight" in msg
+        assert (
+            "the 8 tensors model.layers.0.mlp.experts.0.gate_proj.weight ... model.layers.0.mlp.experts.3.up_proj.weight"
+            in msg
+        )
 
 
 # ------------------------------------------------------------------ --max-memory
@@ -303,13 +370,17 @@ def test_cli_max_memory_streams_a_per_expert_checkpoint(moe_dir, tmp_path, capsy
     assert main(["profile", *args, "--out", str(tmp_path / "plain")]) == 0
     # the model (351 KB in fp32) does not fit 300 KB: it streams; one layer with its experts is
     # 109 KB, fusing its experts 64 KB more, a window of 16 tokens 42 KB: batches of 3
-    assert main(["profile", *args, "--out", str(tmp_path / "streamed"), "--max-memory", "300KB"]) == 0
+    assert (
+        main(["profile", *args, "--out", str(tmp_path / "streamed"), "--max-memory", "300KB"]) == 0
+    )
     plain = json.loads((tmp_path / "plain" / "report.json").read_text())
     streamed = json.loads((tmp_path / "streamed" / "report.json").read_text())
     assert plain["model"]["kind"] == "dir" and streamed["model"]["kind"] == "streaming"
     assert streamed["settings"]["batch_size"] == 3
     numbers = lambda r: [[b["delta"]["bucket"]["mean"], b["cosine"]["mean"]] for b in r["blocks"]]  # noqa: E731
-    torch.testing.assert_close(torch.tensor(numbers(streamed)), torch.tensor(numbers(plain)), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(
+        torch.tensor(numbers(streamed)), torch.tensor(numbers(plain)), rtol=1e-6, atol=1e-9
+    )
     # a budget below one layer with its experts and their fusing is refused before profiling
     rc = main(["profile", *args, "--out", str(tmp_path / "small"), "--max-memory", "100KB"])
     assert rc == 1

@@ -42,18 +42,32 @@ def test_equivalence_and_generate(model_type):
     # generate with the KV cache == without (cache indexing right after renumbering); the
     # cache holds tensors for the kept attention layers only
     prompt = ids[:1, :5]
-    out = model.generate(prompt, max_new_tokens=5, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
-    nocache = model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=False, pad_token_id=0)
+    out = model.generate(
+        prompt, max_new_tokens=5, do_sample=False, return_dict_in_generate=True, pad_token_id=0
+    )
+    nocache = model.generate(
+        prompt, max_new_tokens=5, do_sample=False, use_cache=False, pad_token_id=0
+    )
     assert torch.equal(out.sequences, nocache), f"{model_type}: cached generation differs"
     dropped_attn = set(model.config.entrodrop_pruned["dropped_attn"])
     assert dropped_attn == {0}
-    held = [i for i, layer in enumerate(out.cache.layers) if getattr(layer, "keys", None) is not None]
+    held = [
+        i for i, layer in enumerate(out.cache.layers) if getattr(layer, "keys", None) is not None
+    ]
     assert len(out.cache.layers) == model.config.num_hidden_layers == 3
     assert set(held) == {1, 2}, held
 
 
 def test_config_fields_follow_layer_drops():
-    m = tiny_model("qwen2_moe", "mixed", num_hidden_layers=6, decoder_sparse_step=2, mlp_only_layers=[3], max_window_layers=3, use_sliding_window=True)
+    m = tiny_model(
+        "qwen2_moe",
+        "mixed",
+        num_hidden_layers=6,
+        decoder_sparse_step=2,
+        mlp_only_layers=[3],
+        max_window_layers=3,
+        use_sliding_window=True,
+    )
     sparse_before = [type(layer.mlp).__name__ for layer in m.model.layers]
     types_before = list(m.config.layer_types)
     drop_blocks_(m, {"layer": [0, 4]})
@@ -65,7 +79,9 @@ def test_config_fields_follow_layer_drops():
     from transformers import AutoModelForCausalLM
 
     fresh = AutoModelForCausalLM.from_config(m.config)
-    assert [type(layer.mlp).__name__ for layer in fresh.model.layers] == [sparse_before[i] for i in kept]
+    assert [type(layer.mlp).__name__ for layer in fresh.model.layers] == [
+        sparse_before[i] for i in kept
+    ]
     assert [layer.self_attn.layer_idx for layer in m.model.layers] == [0, 1, 2, 3]
 
 
@@ -81,7 +97,9 @@ def test_weights_freed_and_counts():
     assert isinstance(m.model.layers[1].self_attn, ZeroAttention)
     assert isinstance(m.model.layers[1].input_layernorm, torch.nn.Identity)
     assert count_params(m) < before
-    assert kv_bytes_per_token(m.config.to_dict()) == kv_before // 4 * 2  # 4 layers -> 3 with 1 attention gone
+    assert (
+        kv_bytes_per_token(m.config.to_dict()) == kv_before // 4 * 2
+    )  # 4 layers -> 3 with 1 attention gone
     m2 = tiny_model("llama", "mixed")
     drop_blocks_(m2, {"mlp": [0]})
     assert isinstance(m2.model.layers[0].mlp, ZeroMLP)
@@ -91,7 +109,9 @@ def test_weights_freed_and_counts():
 def test_shared_norm_kept_for_phi():
     m = tiny_model("phi", "mixed")
     drop_blocks_(m, {"attn": [1]})
-    assert isinstance(m.model.layers[1].input_layernorm, torch.nn.LayerNorm)  # the MLP still reads it
+    assert isinstance(
+        m.model.layers[1].input_layernorm, torch.nn.LayerNorm
+    )  # the MLP still reads it
 
 
 def test_both_subblocks_become_layer_drop_and_bad_plans():
@@ -109,7 +129,9 @@ def test_both_subblocks_become_layer_drop_and_bad_plans():
 
 def test_repeated_surgery_composes():
     ids = torch.randint(3, 97, (1, 8), generator=torch.Generator().manual_seed(2))
-    ref = manual_reference_logits(tiny_model("mistral", "mixed"), {"attn": [3], "layer": [0, 2]}, ids)
+    ref = manual_reference_logits(
+        tiny_model("mistral", "mixed"), {"attn": [3], "layer": [0, 2]}, ids
+    )
     m = tiny_model("mistral", "mixed")
     drop_blocks_(m, {"attn": [3]})
     drop_blocks_(m, {"layer": [0, 2]})  # indices of the current model: original layers 0 and 2
@@ -122,7 +144,9 @@ def test_repeated_surgery_composes():
 
 def test_plan_for_another_model_is_refused():
     with pytest.raises(ValueError, match="made for a model with 30 layers"):
-        drop_blocks_(tiny_model("llama", "mixed"), {"model": {"num_layers": 30}, "drop": {"attn": [1]}})
+        drop_blocks_(
+            tiny_model("llama", "mixed"), {"model": {"num_layers": 30}, "drop": {"attn": [1]}}
+        )
 
 
 def test_this_transformers_keeps_no_cache_for_dropped_attention():

@@ -49,7 +49,9 @@ def _knn_stats():
     from entrodrop_fast.profile.taps import BlockStatistics, TapSettings
 
     ad = get_adapter(tiny_model("llama", seed=3))
-    return BlockStatistics(ad, 2, TapSettings(("bucket", "knn"), backend="cpp", entropy_opts={"knn": {"k": 3}}))
+    return BlockStatistics(
+        ad, 2, TapSettings(("bucket", "knn"), backend="cpp", entropy_opts={"knn": {"k": 3}})
+    )
 
 
 def test_taps_knn_reports_nonfinite_without_own_pass(monkeypatch):
@@ -63,7 +65,9 @@ def test_taps_knn_reports_nonfinite_without_own_pass(monkeypatch):
     x = torch.randn(2, 16, 12)
     st = _knn_stats()
     st.on_input(0, x)  # bucket and knn kernels both report: no pass of the taps' own
-    torch.testing.assert_close(st._h["knn"][0], ef.knn_entropy(x, k=3, backend="torch"), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        st._h["knn"][0], ef.knn_entropy(x, k=3, backend="torch"), rtol=1e-9, atol=1e-9
+    )
     bad = x.clone()
     bad[1, 5, 2] = float("inf")
     with pytest.raises(RuntimeError, match="the residual stream holds NaN or Inf at r0"):
@@ -81,6 +85,10 @@ def test_delta_entropy_warnings_point_at_the_caller():
     for method in ("bucket", "gaussian_diag", "knn"):
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
-            ef.delta_entropy(x, f, method, nan_policy="omit", **({"k": 3} if method == "knn" else {}))
+            ef.delta_entropy(
+                x, f, method, nan_policy="omit", **({"k": 3} if method == "knn" else {})
+            )
         skipped = [w for w in rec if "skipped" in str(w.message)]
-        assert skipped and all(w.filename == __file__ for w in skipped), [(w.filename, str(w.message)) for w in rec]
+        assert skipped and all(w.filename == __file__ for w in skipped), [
+            (w.filename, str(w.message)) for w in rec
+        ]

@@ -25,7 +25,10 @@ from entrodrop_fast.ops import reference as ref_ops  # noqa: E402
 
 pytestmark = [
     pytest.mark.triton,
-    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (pip install triton)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("triton") is None,
+        reason="triton is not installed (pip install triton)",
+    ),
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -78,10 +81,16 @@ def test_moments(shape, dtype, nan_empty):
 
 def test_moments_backend_defaults_strided(nan_empty):
     shape = (2, 37, 70)
-    x, f, m = make(shape, torch.float32, strided=True), make(shape, torch.bfloat16, seed=3), make_mask(shape, 1)
+    x, f, m = (
+        make(shape, torch.float32, strided=True),
+        make(shape, torch.bfloat16, seed=3),
+        make_mask(shape, 1),
+    )
     assert x.stride(-1) != 1
     check_moments(ref_ops.moments(x), tri().moments(x, None, None), "strided")
-    check_moments(ref_ops.moments(x, f.float(), m), tri().moments(x, f.float(), m[:, :]), "strided x+f masked")
+    check_moments(
+        ref_ops.moments(x, f.float(), m), tri().moments(x, f.float(), m[:, :]), "strided x+f masked"
+    )
     mm = torch.ones(2, 2 * shape[1], dtype=torch.bool, device=DEV)[:, ::2]  # mask with t stride 2
     mm[0, 5] = False
     check_moments(ref_ops.moments(x, None, mm), tri().moments(x, None, mm), "strided mask")
@@ -107,8 +116,13 @@ def test_bucket_counts_exact(shape, dtype, bins):
 
     x, f, m = make(shape, dtype), make(shape, dtype, seed=1), make_mask(shape)
     x[..., 0] = 1.5  # a constant channel: everything in bin 0
-    assert torch.equal(bucket_counts(x, None, None, bins, **SMALL).long().cpu(), ref_counts(x, None, None, bins).cpu())
-    assert torch.equal(bucket_counts(x, f, m, bins, **SMALL).long().cpu(), ref_counts(x, f, m, bins).cpu())
+    assert torch.equal(
+        bucket_counts(x, None, None, bins, **SMALL).long().cpu(),
+        ref_counts(x, None, None, bins).cpu(),
+    )
+    assert torch.equal(
+        bucket_counts(x, f, m, bins, **SMALL).long().cpu(), ref_counts(x, f, m, bins).cpu()
+    )
 
 
 def test_bucket_strided_and_edges(nan_empty):
@@ -118,10 +132,14 @@ def test_bucket_strided_and_edges(nan_empty):
     x[1, 3, 4] = 1.0  # one value at the max, the rest at the min
     mm = torch.ones(2, 2 * shape[1], dtype=torch.bool, device=DEV)[:, ::2]
     mm[1, 10:] = False
-    assert_close(ref_ops.bucket(x, None, mm, 80, False), tri().bucket(x, None, mm, 80, False), 1e-12, 1e-12)
+    assert_close(
+        ref_ops.bucket(x, None, mm, 80, False), tri().bucket(x, None, mm, 80, False), 1e-12, 1e-12
+    )
     from entrodrop_fast.ops.triton.bucket import bucket_counts
 
-    assert torch.equal(bucket_counts(x, None, mm, 80, **SMALL).long().cpu(), ref_counts(x, None, mm, 80).cpu())
+    assert torch.equal(
+        bucket_counts(x, None, mm, 80, **SMALL).long().cpu(), ref_counts(x, None, mm, 80).cpu()
+    )
 
 
 @pytest.mark.slow
@@ -133,12 +151,23 @@ def test_kernels_compile_for_gpu():
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    r = subprocess.run([sys.executable, "-m", "entrodrop_fast.ops.triton._aot", "90", "80"], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "entrodrop_fast.ops.triton._aot", "90", "80"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if r.returncode and ("ptxas" in r.stderr or "ImportError" in r.stderr):
         pytest.skip(f"cannot compile for a GPU here: {r.stderr.strip().splitlines()[-1]}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "sm_90: compiled" in r.stdout and "sm_80: compiled" in r.stdout, r.stdout
-    for name in ("_bucket_fused_kernel", "_bucket_fused_kernel_wide", "_moments_partial_kernel", "_cosine_kernel"):
+    for name in (
+        "_bucket_fused_kernel",
+        "_bucket_fused_kernel_wide",
+        "_moments_partial_kernel",
+        "_cosine_kernel",
+    ):
         assert name in r.stdout, name
 
 
@@ -161,8 +190,20 @@ def test_bucket_fused_path(shape, dtype, nan_empty):
     cfg = _paths()[0]
     for bins in (1, 5, 20, 32):
         for args in [(x, None, None), (x, f, m)]:
-            assert_close(ref_ops.bucket(*args, bins, False), bucket(*args, bins, False, **cfg), 1e-12, 1e-12, name=f"bins={bins}")
-    assert_close(ref_ops.bucket(x, f, None, 20, True), bucket(x, f, None, 20, True, **cfg), 1e-12, 1e-12, name="paper_exact")
+            assert_close(
+                ref_ops.bucket(*args, bins, False),
+                bucket(*args, bins, False, **cfg),
+                1e-12,
+                1e-12,
+                name=f"bins={bins}",
+            )
+    assert_close(
+        ref_ops.bucket(x, f, None, 20, True),
+        bucket(x, f, None, 20, True, **cfg),
+        1e-12,
+        1e-12,
+        name="paper_exact",
+    )
 
 
 def test_bucket_fused_strided_flush_and_ties(nan_empty):
@@ -178,7 +219,12 @@ def test_bucket_fused_strided_flush_and_ties(nan_empty):
     mm = torch.ones(2, 2 * shape[1], dtype=torch.bool, device=DEV)[:, ::2]
     mm[1, 400:] = False
     for mask in (None, mm):
-        assert_close(ref_ops.bucket(x, None, mask, 20, False), bucket(x, None, mask, 20, False, fused=True, block_t=2, block_d=16, num_warps=1), 1e-12, 1e-12)
+        assert_close(
+            ref_ops.bucket(x, None, mask, 20, False),
+            bucket(x, None, mask, 20, False, fused=True, block_t=2, block_d=16, num_warps=1),
+            1e-12,
+            1e-12,
+        )
 
 
 @pytest.mark.parametrize("cfg", _paths(), ids=["fused", "split"])
@@ -201,7 +247,9 @@ def test_bucket_wide_channels(cfg, nan_empty):
     f = torch.zeros_like(x)
     hy, hx = bucket_pair(x, f, None, 20, False, **cfg)
     assert torch.equal(hy.isnan(), ~keep) and torch.equal(hx.isnan(), ~keep)
-    assert_close(want[keep], hy[keep], 1e-12, 1e-12) and assert_close(want[keep], hx[keep], 1e-12, 1e-12)
+    assert_close(want[keep], hy[keep], 1e-12, 1e-12) and assert_close(
+        want[keep], hx[keep], 1e-12, 1e-12
+    )
 
 
 @pytest.mark.parametrize("cfg", _paths(), ids=["fused", "split"])
@@ -217,7 +265,9 @@ def test_bucket_pair_is_the_two_single_calls(cfg, dtype, nan_empty):
         assert torch.equal(hx, bucket(x, None, mask, 13, False, **cfg))
         assert_close(ref_ops.bucket(x, None, mask, 13, False), hx, 1e-12, 1e-12, name="H(x)")
     hy, hx = tri().bucket_pair(x, f, m, 20, True)  # the backend's defaults
-    assert torch.equal(hx, tri().bucket(x, None, m, 20, True)) and torch.equal(hy, tri().bucket(x, f, m, 20, True))
+    assert torch.equal(hx, tri().bucket(x, None, m, 20, True)) and torch.equal(
+        hy, tri().bucket(x, f, m, 20, True)
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -262,27 +312,43 @@ def test_kernels_report_exactly_the_bad_channels(dtype, case, nan_empty):
         clean = torch.where(torch.isfinite(y), y, torch.zeros_like(y))
         for cfg in _paths():
             h = bucket(x, ff, m, 20, False, **cfg)
-            assert torch.equal(h.isnan(), bad), f"bucket {cfg}: NaN at {h.isnan().nonzero().tolist()}, bad {bad.nonzero().tolist()}"
-            assert_close(ref_ops.bucket(clean, None, m, 20)[~bad], h[~bad], 1e-12, 1e-12, name="bucket, clean channels")
+            assert torch.equal(h.isnan(), bad), (
+                f"bucket {cfg}: NaN at {h.isnan().nonzero().tolist()}, bad {bad.nonzero().tolist()}"
+            )
+            assert_close(
+                ref_ops.bucket(clean, None, m, 20)[~bad],
+                h[~bad],
+                1e-12,
+                1e-12,
+                name="bucket, clean channels",
+            )
             if ff is not None:
                 hy, hx = bucket_pair(x, ff, m, 20, False, **cfg)
-                assert torch.equal(hy.isnan(), bad) and torch.equal(hx.isnan(), _bad_channels(x.float(), m))
+                assert torch.equal(hy.isnan(), bad) and torch.equal(
+                    hx.isnan(), _bad_channels(x.float(), m)
+                )
         mo = moments(x, ff, m, **SMALL)
         for k in ("mean", "m2", "min", "max"):
             assert torch.equal(mo[k].isnan(), bad), f"moments {k}"
         ref = ref_ops.moments(clean, None, m)
         assert_close(ref["count"], mo["count"], 0)
         assert_close(ref["m2"][~bad], mo["m2"][~bad], 1e-5, 1e-9, name="m2, clean channels")
-        assert torch.equal(ref["min"][~bad], mo["min"][~bad]) and torch.equal(ref["max"][~bad], mo["max"][~bad])
+        assert torch.equal(ref["min"][~bad], mo["min"][~bad]) and torch.equal(
+            ref["max"][~bad], mo["max"][~bad]
+        )
         if ff is not None:
             my, mx = moments_pair(x, ff, m, **SMALL)
-            assert torch.equal(my["m2"].isnan(), bad) and torch.equal(mx["max"].isnan(), _bad_channels(x.float(), m))
+            assert torch.equal(my["m2"].isnan(), bad) and torch.equal(
+                mx["max"].isnan(), _bad_channels(x.float(), m)
+            )
             s, n = cosine(x, ff, m, True)
             bad_t = bad.any(1) | _bad_channels(x.float(), m).any(1)
             assert torch.equal(s.isnan(), bad_t), "cosine"
             s, _ = cosine(x, ff, m, False)
             want = (_bad_channels(x.float(), m) | _bad_channels(ff.float(), m)).any(1)
-            if case == "overflow":  # x = y = 3e38: x.y overflows fp32 in the kernel (NaN, as it always was)
+            if (
+                case == "overflow"
+            ):  # x = y = 3e38: x.y overflows fp32 in the kernel (NaN, as it always was)
                 want[1] |= dtype != torch.float16
             assert torch.equal(s.isnan(), want), "cosine with y"
 

@@ -73,13 +73,29 @@ def big_tok(root):
 
 @pytest.mark.parametrize("extra", [[], ["--streaming"]])
 def test_profile_refuses_tokenizer_larger_than_vocab(big_tok, corpus, tmp_path, capsys, extra):
-    rc, _, err = run_cli(capsys, "profile", big_tok, "--corpus", corpus, "--samples", "2", "--seq-len", "16", "--out", tmp_path / "r", "-q", *extra)
+    rc, _, err = run_cli(
+        capsys,
+        "profile",
+        big_tok,
+        "--corpus",
+        corpus,
+        "--samples",
+        "2",
+        "--seq-len",
+        "16",
+        "--out",
+        tmp_path / "r",
+        "-q",
+        *extra,
+    )
     assert_clean_error(rc, err, "profile", "the tokenizer has 300 tokens", "embedding has 97 rows")
     assert not (tmp_path / "r").exists()
 
 
 def test_eval_refuses_tokenizer_larger_than_vocab(big_tok, corpus, capsys):
-    rc, _, err = run_cli(capsys, "eval", big_tok, "--corpus", corpus, "--seq-len", "16", "--no-speed")
+    rc, _, err = run_cli(
+        capsys, "eval", big_tok, "--corpus", corpus, "--seq-len", "16", "--no-speed"
+    )
     assert_clean_error(rc, err, "eval", "the tokenizer has 300 tokens", "embedding has 97 rows")
 
 
@@ -90,7 +106,9 @@ def test_token_ids_checked_before_the_first_forward(tiny):
     ids = torch.randint(0, 97, (2, 8))
     check_token_ids(ids, 97)  # in range: nothing raised
     ids[1, 3] = 500
-    with pytest.raises(ValueError, match="token id 500, outside the model's vocabulary of 97 \\(0 .. 96\\)"):
+    with pytest.raises(
+        ValueError, match="token id 500, outside the model's vocabulary of 97 \\(0 .. 96\\)"
+    ):
         check_token_ids(ids, 97)
     with pytest.raises(ValueError, match="token id 500"):
         profile(tiny_model("llama"), ids, ProfileSettings(), progress=False)
@@ -100,12 +118,27 @@ def test_token_ids_checked_before_the_first_forward(tiny):
 
 
 def test_profile_refuses_seq_len_beyond_positions(short, corpus, tmp_path, capsys):
-    rc, _, err = run_cli(capsys, "profile", short, "--corpus", corpus, "--samples", "2", "--seq-len", "65", "--out", tmp_path / "r", "-q")
+    rc, _, err = run_cli(
+        capsys,
+        "profile",
+        short,
+        "--corpus",
+        corpus,
+        "--samples",
+        "2",
+        "--seq-len",
+        "65",
+        "--out",
+        tmp_path / "r",
+        "-q",
+    )
     assert_clean_error(rc, err, "profile", "--seq-len is 65 tokens", "64 positions")
 
 
 def test_eval_refuses_seq_len_and_items_beyond_positions(short, corpus, capsys):
-    rc, _, err = run_cli(capsys, "eval", short, "--corpus", corpus, "--seq-len", "100", "--no-speed")
+    rc, _, err = run_cli(
+        capsys, "eval", short, "--corpus", corpus, "--seq-len", "100", "--no-speed"
+    )
     assert_clean_error(rc, err, "eval", "--seq-len is 100 tokens", "64 positions")
     rc, _, err = run_cli(capsys, "eval", short, "--corpus", corpus, "--seq-len", "32", "--no-speed")
     assert_clean_error(rc, err, "eval", "zero-shot last_word item", "193 tokens", "64 positions")
@@ -117,9 +150,13 @@ def test_position_needs_name_the_speed_test():
 
     needs = position_needs(32, speed=True)
     assert needs[0] == (32, "--seq-len") and needs[1][0] == 64 and needs[-1][0] == 160
-    with pytest.raises(ValueError, match="the speed test .* is 160 tokens, beyond the 150 positions"):
+    with pytest.raises(
+        ValueError, match="the speed test .* is 160 tokens, beyond the 150 positions"
+    ):
         check_positions({"max_position_embeddings": 150}, needs[-1:], "m")
-    check_positions({"text_config": {"max_position_embeddings": 4096}}, needs, "m")  # nested: fits, nothing raised
+    check_positions(
+        {"text_config": {"max_position_embeddings": 4096}}, needs, "m"
+    )  # nested: fits, nothing raised
     with pytest.raises(ValueError, match="beyond the 100 positions"):
         check_positions({"text_config": {"max_position_embeddings": 100}}, needs, "m")
 
@@ -129,7 +166,18 @@ def test_position_needs_name_the_speed_test():
 
 @pytest.mark.parametrize("value", ["0", "0GB", "0.0"])
 def test_max_memory_must_be_positive(tiny, corpus, tmp_path, capsys, value):
-    rc, _, err = run_cli(capsys, "profile", tiny, "--corpus", corpus, "--max-memory", value, "--out", tmp_path / "r", "-q")
+    rc, _, err = run_cli(
+        capsys,
+        "profile",
+        tiny,
+        "--corpus",
+        corpus,
+        "--max-memory",
+        value,
+        "--out",
+        tmp_path / "r",
+        "-q",
+    )
     assert_clean_error(rc, err, "profile", "--max-memory must be a positive size", repr(value))
 
 
@@ -139,8 +187,29 @@ def test_max_memory_must_be_positive(tiny, corpus, tmp_path, capsys, value):
 def test_model_dir_without_tokenizer_files(root, corpus, tmp_path, capsys):
     d = _model_dir(root, "notok", tokenizer=False)
     for extra in ([], ["--streaming"]):
-        rc, _, err = run_cli(capsys, "profile", d, "--corpus", corpus, "--samples", "2", "--seq-len", "16", "--out", tmp_path / "r", "-q", *extra)
-        last = assert_clean_error(rc, err, "profile", f"no tokenizer files in {d}", "tokenizer.json", "copy the model's tokenizer there")
+        rc, _, err = run_cli(
+            capsys,
+            "profile",
+            d,
+            "--corpus",
+            corpus,
+            "--samples",
+            "2",
+            "--seq-len",
+            "16",
+            "--out",
+            tmp_path / "r",
+            "-q",
+            *extra,
+        )
+        last = assert_clean_error(
+            rc,
+            err,
+            "profile",
+            f"no tokenizer files in {d}",
+            "tokenizer.json",
+            "copy the model's tokenizer there",
+        )
         assert "sentencepiece" not in err and "tiktoken" not in err and last.count("\n") == 0
 
 
@@ -159,19 +228,51 @@ def _no_load(monkeypatch):
 def test_profile_checks_before_loading(tiny, corpus, tmp_path, capsys, monkeypatch):
     _no_load(monkeypatch)
     out = tmp_path / "r"
-    rc, _, err = run_cli(capsys, "profile", tiny, "--corpus", tmp_path / "nope.txt", "--out", out, "-q")
+    rc, _, err = run_cli(
+        capsys, "profile", tiny, "--corpus", tmp_path / "nope.txt", "--out", out, "-q"
+    )
     assert_clean_error(rc, err, "profile", "corpus not found")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a"}\n{oops\n')
     rc, _, err = run_cli(capsys, "profile", tiny, "--corpus", bad, "--out", out, "-q")
     assert_clean_error(rc, err, "profile", f"{bad}:2: not valid JSON")
-    rc, _, err = run_cli(capsys, "profile", tiny, "--corpus", corpus, "--method", "knn", "--k", "25", "--seq-len", "20", "--out", out, "-q")
-    assert_clean_error(rc, err, "profile", "knn needs more tokens per sample than k", "--seq-len 20 <= --k 25")
+    rc, _, err = run_cli(
+        capsys,
+        "profile",
+        tiny,
+        "--corpus",
+        corpus,
+        "--method",
+        "knn",
+        "--k",
+        "25",
+        "--seq-len",
+        "20",
+        "--out",
+        out,
+        "-q",
+    )
+    assert_clean_error(
+        rc, err, "profile", "knn needs more tokens per sample than k", "--seq-len 20 <= --k 25"
+    )
     if not torch.cuda.is_available():
-        rc, _, err = run_cli(capsys, "profile", tiny, "--corpus", corpus, "--device", "cuda", "--out", out, "-q")
+        rc, _, err = run_cli(
+            capsys, "profile", tiny, "--corpus", corpus, "--device", "cuda", "--out", out, "-q"
+        )
         assert_clean_error(rc, err, "profile", "CUDA is not available")
         if os.environ.get("TRITON_INTERPRET") != "1":  # the tests run Triton interpreted on the CPU
-            rc, _, err = run_cli(capsys, "profile", tiny, "--corpus", corpus, "--backend", "triton", "--out", out, "-q")
+            rc, _, err = run_cli(
+                capsys,
+                "profile",
+                tiny,
+                "--corpus",
+                corpus,
+                "--backend",
+                "triton",
+                "--out",
+                out,
+                "-q",
+            )
             assert_clean_error(rc, err, "profile", "--backend triton", "not available")
     monkeypatch.setenv("ENTRODROP_BACKEND", "bogus")
     rc, _, err = run_cli(capsys, "profile", tiny, "--corpus", corpus, "--out", out, "-q")
@@ -211,7 +312,20 @@ def test_symlink_loop_runtime_error_is_expected(loop):
 
 def test_report_json_roundtrip_sanity(tiny, corpus, tmp_path, capsys):
     """The checks leave a good run alone: a profile of the tiny model still succeeds."""
-    rc, _, err = run_cli(capsys, "profile", tiny, "--corpus", corpus, "--samples", "2", "--seq-len", "16", "--out", tmp_path / "r", "-q")
+    rc, _, err = run_cli(
+        capsys,
+        "profile",
+        tiny,
+        "--corpus",
+        corpus,
+        "--samples",
+        "2",
+        "--seq-len",
+        "16",
+        "--out",
+        tmp_path / "r",
+        "-q",
+    )
     assert rc == 0, err
     assert json.loads((tmp_path / "r" / "report.json").read_text())["settings"]["seq_len"] == 16
 
@@ -236,11 +350,16 @@ def test_json_corpora(tmp_path):
         load_corpus(str(array))
     tok = tmp_path / "tokenizer.json"
     tok.write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
-    with pytest.raises(CorpusError, match=f"corpus file {tok} holds a JSON object with keys \\['model', 'version'\\], not a list of documents"):
+    with pytest.raises(
+        CorpusError,
+        match=f"corpus file {tok} holds a JSON object with keys \\['model', 'version'\\], not a list of documents",
+    ):
         load_corpus(str(tok))
     junk = tmp_path / "junk.json"
     junk.write_text("this is { not json\n")
-    with pytest.raises(CorpusError, match=f"corpus file {junk} is neither a JSON array of documents nor JSON Lines"):
+    with pytest.raises(
+        CorpusError, match=f"corpus file {junk} is neither a JSON array of documents nor JSON Lines"
+    ):
         load_corpus(str(junk))
 
 
@@ -252,7 +371,18 @@ def test_text_field_with_a_text_corpus_is_an_error(tmp_path, tiny, capsys):
     with pytest.raises(CorpusError, match="--text-field body applies to .jsonl / .json corpora"):
         load_corpus(str(txt), "body")
     assert load_corpus(str(txt)).documents  # the default field is no request
-    rc, _, err = run_cli(capsys, "profile", tiny, "--corpus", txt, "--text-field", "body", "--out", tmp_path / "r", "-q")
+    rc, _, err = run_cli(
+        capsys,
+        "profile",
+        tiny,
+        "--corpus",
+        txt,
+        "--text-field",
+        "body",
+        "--out",
+        tmp_path / "r",
+        "-q",
+    )
     assert_clean_error(rc, err, "profile", "--text-field body applies to", "drop --text-field")
 
 
@@ -277,8 +407,16 @@ def test_bench_device_and_unallocatable_shape(capsys):
     if not torch.cuda.is_available():
         rc, _, err = run_cli(capsys, "bench", "--device", "cuda", "--repeat", "1")
         assert_clean_error(rc, err, "bench", "device 'cuda' requested but CUDA is not available")
-    rc, _, err = run_cli(capsys, "bench", "--shapes", "1000000x1000000", "--dtypes", "fp32", "--repeat", "1")
-    assert_clean_error(rc, err, "bench", "shape 1000000x1000000 in float32 needs 3725.3 GiB (4000000000000 bytes)", "use smaller --shapes")
+    rc, _, err = run_cli(
+        capsys, "bench", "--shapes", "1000000x1000000", "--dtypes", "fp32", "--repeat", "1"
+    )
+    assert_clean_error(
+        rc,
+        err,
+        "bench",
+        "shape 1000000x1000000 in float32 needs 3725.3 GiB (4000000000000 bytes)",
+        "use smaller --shapes",
+    )
 
 
 # ---------------------------------------------------------------- 33: info lists the devices usable here
@@ -287,12 +425,16 @@ def test_bench_device_and_unallocatable_shape(capsys):
 def test_info_lists_cuda_only_with_a_gpu(capsys, monkeypatch):
     from entrodrop_fast.commands import info as I
 
-    fake = {"cpp": {"available": True, "devices": ["cpu", "cuda"], "reason": ""},
-            "torch": {"available": True, "devices": ["cpu", "cuda"], "reason": ""}}
+    fake = {
+        "cpp": {"available": True, "devices": ["cpu", "cuda"], "reason": ""},
+        "torch": {"available": True, "devices": ["cpu", "cuda"], "reason": ""},
+    }
     real = I.collect
 
     def collect():
-        monkeypatch.setattr("entrodrop_fast.ops.api.backends", lambda: {k: dict(v) for k, v in fake.items()})
+        monkeypatch.setattr(
+            "entrodrop_fast.ops.api.backends", lambda: {k: dict(v) for k, v in fake.items()}
+        )
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         return real()
 
@@ -300,7 +442,9 @@ def test_info_lists_cuda_only_with_a_gpu(capsys, monkeypatch):
     rc, out, _ = run_cli(capsys, "info")
     assert rc == 0
     rows = [ln for ln in out.splitlines() if ln.startswith("  cpp") or ln.startswith("  torch")]
-    assert len(rows) == 2 and all("devices cpu (built with CUDA kernels; no GPU visible)" in r for r in rows), out
+    assert len(rows) == 2 and all(
+        "devices cpu (built with CUDA kernels; no GPU visible)" in r for r in rows
+    ), out
 
 
 # ---------------------------------------------------------------- 28: the cache path
@@ -312,12 +456,20 @@ def test_cache_path_that_is_a_file(tmp_path, capsys, monkeypatch):
     f = tmp_path / "afile"
     f.write_text("not a directory")
     monkeypatch.setenv("ENTRODROP_CACHE", str(f))
-    with pytest.raises(ModelLoadError, match=f"the model cache {f} \\(from ENTRODROP_CACHE\\) is not a directory"):
+    with pytest.raises(
+        ModelLoadError, match=f"the model cache {f} \\(from ENTRODROP_CACHE\\) is not a directory"
+    ):
         ensure_builtin()
     with pytest.raises(ModelLoadError, match=f"\\({f} is a file\\)"):
         ensure_builtin(f / "sub")
     rc, _, err = run_cli(capsys, "profile", "--out", tmp_path / "r", "-q")
-    assert_clean_error(rc, err, "profile", f"the model cache {f} (from ENTRODROP_CACHE) is not a directory", "move the file away")
+    assert_clean_error(
+        rc,
+        err,
+        "profile",
+        f"the model cache {f} (from ENTRODROP_CACHE) is not a directory",
+        "move the file away",
+    )
 
 
 def test_cache_dir_tilde_is_expanded(tmp_path, monkeypatch):
@@ -350,11 +502,15 @@ def test_stale_activation_dirs_are_swept(tmp_path):
 
     from entrodrop_fast.profile.layerwise import ACT_DIR_PREFIX, sweep_stale_activation_dirs
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     stale = tmp_path / f"{ACT_DIR_PREFIX}{dead}-abc123"
     stale.mkdir()
     (stale / "act_a.bin").write_bytes(b"\0" * 64)
-    foreign = tmp_path / f"{ACT_DIR_PREFIX}{dead}-xyz789"  # same pattern, someone else's file inside
+    foreign = (
+        tmp_path / f"{ACT_DIR_PREFIX}{dead}-xyz789"
+    )  # same pattern, someone else's file inside
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep")
     live = tmp_path / f"{ACT_DIR_PREFIX}{os.getppid()}-live01"  # a running process
@@ -378,7 +534,9 @@ def test_entropy_nan_policy_and_knn_message(tmp_path, capsys):
     np.save(f, x)
     rc, _, err = run_cli(capsys, "entropy", f, "--method", "gaussian_diag")
     assert_clean_error(rc, err, "entropy", "gaussian_diag: ", "pass --nan-policy omit")
-    rc, out, err = run_cli(capsys, "entropy", f, "--method", "gaussian_diag", "--nan-policy", "omit", "--json")
+    rc, out, err = run_cli(
+        capsys, "entropy", f, "--method", "gaussian_diag", "--nan-policy", "omit", "--json"
+    )
     assert rc == 0, err
     assert isinstance(json.loads(out)["results"][0]["entropy"], float)
     two = tmp_path / "two.npy"

@@ -36,12 +36,25 @@ def flat_report(L: int) -> dict:
     points.append(f"r{L}")
     h = [1.0 + 0.1 * j for j in range(len(points))]
     blocks = [
-        {"kind": kind, "layer": i, "delta": {"bucket": {"mean": 0.1 * (i + 1) + (0.01 if kind == "mlp" else 0.0), "stderr": 0.01}}, "cosine": None}
+        {
+            "kind": kind,
+            "layer": i,
+            "delta": {
+                "bucket": {"mean": 0.1 * (i + 1) + (0.01 if kind == "mlp" else 0.0), "stderr": 0.01}
+            },
+            "cosine": None,
+        }
         for kind in ("attn", "mlp", "layer")
         for i in range(L)
     ]
-    return {"format": 1, "model": {"name": "flat", "model_type": "llama", "num_layers": L}, "points": points,
-            "entropy": {"bucket": {"mean": h, "stderr": [0.0] * len(h)}}, "blocks": blocks, "timing": {"samples": 4}}
+    return {
+        "format": 1,
+        "model": {"name": "flat", "model_type": "llama", "num_layers": L},
+        "points": points,
+        "entropy": {"bucket": {"mean": h, "stderr": [0.0] * len(h)}},
+        "blocks": blocks,
+        "timing": {"samples": 4},
+    }
 
 
 def _write(tmp_path, rep, name="rep") -> str:
@@ -65,7 +78,9 @@ def test_7_percentages_and_fractions_are_of_the_candidates():
     rep6 = flat_report(6)  # 5 candidates per kind
     assert make_plan(rep6, "attn", 0.8)["k"] == 4
     assert make_plan(rep6, "joint", "50%")["k"] == 5  # half of 10
-    assert parse_count("25%", 6) == 2 and parse_count("25%", 10) == 3 and parse_count(0.5, 5) == 3  # halves up
+    assert (
+        parse_count("25%", 6) == 2 and parse_count("25%", 10) == 3 and parse_count(0.5, 5) == 3
+    )  # halves up
     with pytest.raises(ValueError, match="of 5 candidate block"):
         make_plan(rep6, "attn", 0.0001)
     for bad in ("0%", "101%", "x%", "1.5"):
@@ -77,7 +92,12 @@ def test_7_rank_cli_rounding_to_zero_is_an_error(tmp_path, capsys):
     from entrodrop_fast.cli import main
 
     path = _write(tmp_path, flat_report(6))
-    assert main(["rank", path, "--kind", "attn", "--drop", "0.0001", "--out", str(tmp_path / "p.json")]) == 1
+    assert (
+        main(
+            ["rank", path, "--kind", "attn", "--drop", "0.0001", "--out", str(tmp_path / "p.json")]
+        )
+        == 1
+    )
     assert "entrodrop rank: error:" in capsys.readouterr().err
 
 
@@ -91,8 +111,18 @@ def pruned_profile():
     model = tiny_model("llama", "mixed", num_hidden_layers=5)
     drop_blocks_(model, {"attn": [1, 2]})
     windows = torch.randint(3, 97, (2, 16), generator=torch.Generator().manual_seed(0))
-    rep = build_report(profile(model, windows, ProfileSettings(methods=("bucket",), batch_size=2, backend="torch"), progress=False),
-                       model_info={"name": "pruned"}, data_info={}, settings={}, model=model)
+    rep = build_report(
+        profile(
+            model,
+            windows,
+            ProfileSettings(methods=("bucket",), batch_size=2, backend="torch"),
+            progress=False,
+        ),
+        model_info={"name": "pruned"},
+        data_info={},
+        settings={},
+        model=model,
+    )
     return model, rep
 
 
@@ -128,8 +158,18 @@ def test_10_one_sample_writes_null_not_nan(tmp_path):
 
     model = tiny_model("llama", "mixed", num_hidden_layers=3)
     windows = torch.randint(3, 97, (1, 16), generator=torch.Generator().manual_seed(1))
-    rep = build_report(profile(model, windows, ProfileSettings(methods=("bucket",), batch_size=1, backend="torch"), progress=False),
-                       model_info={"name": "one"}, data_info={}, settings={}, model=model)
+    rep = build_report(
+        profile(
+            model,
+            windows,
+            ProfileSettings(methods=("bucket",), batch_size=1, backend="torch"),
+            progress=False,
+        ),
+        model_info={"name": "one"},
+        data_info={},
+        settings={},
+        model=model,
+    )
     out = write_report(rep, tmp_path / "rep", png=False)
     data = _strict((out / "report.json").read_text())
     assert data["blocks"][0]["delta"]["bucket"]["stderr"] is None
@@ -168,18 +208,27 @@ def test_13_another_model_path_with_the_same_config_warns(tmp_path):
     here = tmp_path / "finetuned"
     here.mkdir()
     made_for = {**model_identity(cfg), "path": str(tmp_path / "base")}
-    with pytest.warns(UserWarning, match=rf"made from the model at {tmp_path / 'base'}, not {here}"):
+    with pytest.warns(
+        UserWarning, match=rf"made from the model at {tmp_path / 'base'}, not {here}"
+    ):
         assert check_same_model(made_for, cfg, target=str(here)) == []
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        check_same_model({**made_for, "path": str(here)}, cfg, target=str(here))  # same path: no warning
+        check_same_model(
+            {**made_for, "path": str(here)}, cfg, target=str(here)
+        )  # same path: no warning
 
 
 # 14 --------------------------------------------------------------------------------------
 
 
 def test_14_empty_plans_and_empty_protect_are_errors():
-    for plan in ({}, {"drop": {"attn": None}}, {"drop": {"attn": [], "mlp": [], "layer": []}}, {"attn": []}):
+    for plan in (
+        {},
+        {"drop": {"attn": None}},
+        {"drop": {"attn": [], "mlp": [], "layer": []}},
+        {"attn": []},
+    ):
         with pytest.raises(ValueError, match="the plan drops nothing"):
             normalize_drops(plan, 4)
     for spec in ("", " ", ","):
@@ -194,23 +243,58 @@ def test_14_empty_plans_and_empty_protect_are_errors():
 def test_17_retained_leaves_out_zero_dense_tasks_and_says_so():
     dense = {"perplexity": 10.0, "a": 0.5, "b": 0.0}
     assert C.retained({"perplexity": 12.0, "a": 0.25, "b": 0.3}, dense) == pytest.approx(0.5)
-    comp = {"dense": {**dense, "params": 1e6}, "rows": [{"kind": "attn", "method": "bucket", "k": 1, "dropped": [2], "perplexity": 12.0, "a": 0.25, "b": 0.3, "retained": 0.5}]}
+    comp = {
+        "dense": {**dense, "params": 1e6},
+        "rows": [
+            {
+                "kind": "attn",
+                "method": "bucket",
+                "k": 1,
+                "dropped": [2],
+                "perplexity": 12.0,
+                "a": 0.25,
+                "b": 0.3,
+                "retained": 0.5,
+            }
+        ],
+    }
     md = C.markdown(comp)
     assert "left out (dense accuracy 0, ratio undefined): b" in md and "| 50.0 |" in md
     none = {"perplexity": 3.0, "a": 0.0, "params": 1e6}
     assert C.retained({"a": 0.1}, none) is None
-    md = C.markdown({"dense": none, "rows": [{"kind": "attn", "method": "cosine", "k": 1, "dropped": [0], "perplexity": 4.0, "a": 0.1, "retained": None}]})
-    assert "| 4.00 | 0.100 | - |" in md and "undefined (-): the dense model scores 0 on every zero-shot task (a)" in md
+    md = C.markdown(
+        {
+            "dense": none,
+            "rows": [
+                {
+                    "kind": "attn",
+                    "method": "cosine",
+                    "k": 1,
+                    "dropped": [0],
+                    "perplexity": 4.0,
+                    "a": 0.1,
+                    "retained": None,
+                }
+            ],
+        }
+    )
+    assert (
+        "| 4.00 | 0.100 | - |" in md
+        and "undefined (-): the dense model scores 0 on every zero-shot task (a)" in md
+    )
 
 
 # 20 --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("field", "value", "match"), [
-    ("delta", 0.5, r"blocks\[0\]\.delta must be an object"),
-    ("layer", "1", r"blocks\[0\]\.layer must be a 0-based layer index"),
-    ("kind", "heads", r"blocks\[0\]\.kind must be one of"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("delta", 0.5, r"blocks\[0\]\.delta must be an object"),
+        ("layer", "1", r"blocks\[0\]\.layer must be a 0-based layer index"),
+        ("kind", "heads", r"blocks\[0\]\.kind must be one of"),
+    ],
+)
 def test_20_report_with_wrong_types_names_file_and_field(tmp_path, field, value, match):
     rep = flat_report(3)
     rep["blocks"][0][field] = value
@@ -261,7 +345,10 @@ def test_27_unknown_method_names_the_valid_ones_and_the_reports(method):
 
 
 def test_27_valid_method_missing_from_the_report():
-    with pytest.raises(ValueError, match=r"'knn' is not in the report \(the report has: bucket\).*profile again with --method knn"):
+    with pytest.raises(
+        ValueError,
+        match=r"'knn' is not in the report \(the report has: bucket\).*profile again with --method knn",
+    ):
         make_plan(flat_report(4), "attn", 1, method="knn")
     assert not math.isnan(make_plan(flat_report(4), "attn", 1)["ranked"][0]["score"])
 
@@ -273,5 +360,9 @@ def test_7_iterative_fraction_counts_the_candidates():
     model = tiny_model("llama", "mixed", num_hidden_layers=5)
     windows = torch.randint(3, 97, (2, 16), generator=torch.Generator().manual_seed(0))
     settings = ProfileSettings(methods=("bucket",), batch_size=2, backend="torch")
-    plan = iterative_plan(model, windows, "attn", "50%", protect="0,4", settings=settings)  # 3 candidates: 1.5 -> 2
-    assert plan["k"] == 2 and len(plan["drop"]["attn"]) == 2 and not set(plan["drop"]["attn"]) & {0, 4}
+    plan = iterative_plan(
+        model, windows, "attn", "50%", protect="0,4", settings=settings
+    )  # 3 candidates: 1.5 -> 2
+    assert (
+        plan["k"] == 2 and len(plan["drop"]["attn"]) == 2 and not set(plan["drop"]["attn"]) & {0, 4}
+    )

@@ -36,5 +36,7 @@ def error() -> str | None:
 def require():
     """Return the extension module or raise a RuntimeError saying why it is unavailable."""
     if _C is None:
-        raise RuntimeError(f"the compiled extension entrodrop_fast._C is not available ({_ERROR}); {BUILD_HINT}")
+        raise RuntimeError(
+            f"the compiled extension entrodrop_fast._C is not available ({_ERROR}); {BUILD_HINT}"
+        )
     return _C

@@ -60,7 +60,9 @@ def int_at_least(low: int, why: str = ""):
             value = None
         if value is None or value < low:
             what = "a positive integer" if low == 1 else f"an integer >= {low}"
-            raise argparse.ArgumentTypeError(f"must be {what}{f' ({why})' if why else ''}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"must be {what}{f' ({why})' if why else ''}, got {text!r}"
+            )
         return value
 
     parse.__name__ = f"int>={low}"
@@ -105,7 +107,11 @@ def error_message(exc: BaseException) -> str:
         return f"symbolic link loop at {loop}: it leads back to itself (remove or fix the link, or give another path)"
     # the project's own OSError subclasses (e.g. streaming's StorageError) carry their own
     # message and advice; bare OSErrors get the path and a hint by errno
-    if isinstance(exc, OSError) and exc.strerror and not type(exc).__module__.startswith("entrodrop_fast"):
+    if (
+        isinstance(exc, OSError)
+        and exc.strerror
+        and not type(exc).__module__.startswith("entrodrop_fast")
+    ):
         text = exc.strerror
         if exc.filename is not None:
             text += f": {exc.filename}"
@@ -130,7 +136,10 @@ PIPELINE_ORDER = ("profile", "rank", "prune", "eval", "compare", "entropy", "ben
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="entrodrop", description="Entropy-based block pruning of LLMs (EntroDrop) with fast estimators.")
+    parser = argparse.ArgumentParser(
+        prog="entrodrop",
+        description="Entropy-based block pruning of LLMs (EntroDrop) with fast estimators.",
+    )
     parser.add_argument("--version", action="version", version=f"entrodrop_fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     names = {info.name for info in pkgutil.iter_modules(commands.__path__)}
@@ -159,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         if not is_expected(exc):
-            print(f"entrodrop {args.command}: internal error ({type(exc).__name__}), a bug in entrodrop_fast {__version__}: please report it with the traceback below", file=sys.stderr)
+            print(
+                f"entrodrop {args.command}: internal error ({type(exc).__name__}), a bug in entrodrop_fast {__version__}: please report it with the traceback below",
+                file=sys.stderr,
+            )
             raise
         print(f"entrodrop {args.command}: error: {error_message(exc)}", file=sys.stderr)
         return 1

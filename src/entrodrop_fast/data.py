@@ -48,7 +48,9 @@ PAPER_SEED = 2024
 HELDOUT_EVERY = 5  # every 5th document of a corpus is kept out of calibration, for evaluation
 
 
-def split_documents(documents: list[str], every: int = HELDOUT_EVERY) -> tuple[list[str], list[str]]:
+def split_documents(
+    documents: list[str], every: int = HELDOUT_EVERY
+) -> tuple[list[str], list[str]]:
     """(calibration, held-out): disjoint and deterministic.
 
     With at least ``every`` documents, document i is held out when i % every == every - 1.
@@ -108,7 +110,20 @@ STDLIB_DOCS = "stdlib-docs"
 STDLIB_DOCS_MODULE_CHARS = 2000  # at most this much of each module (cut at a paragraph end)
 STDLIB_DOCS_CHARS = 465_000  # in all: the size of the built-in corpus
 STDLIB_DOCS_MIN_CHARS = 500  # modules with less docstring text are left out
-_STDLIB_SKIP = frozenset({"test", "tests", "idlelib", "turtledemo", "site-packages", "dist-packages", "lib2to3", "ensurepip", "encodings", "pydoc_data"})
+_STDLIB_SKIP = frozenset(
+    {
+        "test",
+        "tests",
+        "idlelib",
+        "turtledemo",
+        "site-packages",
+        "dist-packages",
+        "lib2to3",
+        "ensurepip",
+        "encodings",
+        "pydoc_data",
+    }
+)
 
 
 def _module_docstrings(path: Path) -> str:
@@ -159,8 +174,12 @@ def _stdlib_docs_build() -> Corpus:
 
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(
-        f for f in root.rglob("*.py")
-        if not any(p in _STDLIB_SKIP or (p.startswith("_") and p != "__init__.py") for p in f.relative_to(root).parts)
+        f
+        for f in root.rglob("*.py")
+        if not any(
+            p in _STDLIB_SKIP or (p.startswith("_") and p != "__init__.py")
+            for p in f.relative_to(root).parts
+        )
     )
     docs, names, total = [], [], 0
     for f in files:
@@ -176,9 +195,23 @@ def _stdlib_docs_build() -> Corpus:
         names.append(str(f.relative_to(root)))
         total += len(text)
     if not docs:
-        raise CorpusError(f"stdlib-docs: no module with docstrings under {root} (a standard library without sources?)")
+        raise CorpusError(
+            f"stdlib-docs: no module with docstrings under {root} (a standard library without sources?)"
+        )
     digest = hashlib.sha256("\0".join(docs).encode()).hexdigest()
-    return Corpus("builtin:stdlib-docs", docs, {"source": "docstrings of the standard library's modules", "python": platform.python_version(), "modules": len(docs), "characters": total, "sha256": digest})
+    return Corpus(
+        "builtin:stdlib-docs",
+        docs,
+        {
+            "source": "docstrings of the standard library's modules",
+            "python": platform.python_version(),
+            "modules": len(docs),
+            "characters": total,
+            "sha256": digest,
+        },
+    )
+
+
 # ---- end of stdlib-docs --------------------------------------------------------------------------
 
 
@@ -200,7 +233,10 @@ def _read_text(path: Path, allow_empty: bool = False) -> str:
             f"corpus file {path} is not UTF-8 text: {bad} of its {len(text)} characters cannot be decoded; give a UTF-8 text file (convert it, e.g. with iconv)"
         )
     if bad:
-        warnings.warn(f"corpus file {path}: {bad} bytes that are not UTF-8 were replaced by U+FFFD", stacklevel=3)
+        warnings.warn(
+            f"corpus file {path}: {bad} bytes that are not UTF-8 were replaced by U+FFFD",
+            stacklevel=3,
+        )
     return text
 
 
@@ -210,7 +246,9 @@ def _document(obj, text_field: str, where: str) -> str:
         return obj
     if not isinstance(obj, dict) or text_field not in obj:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise CorpusError(f"{where}: no field {text_field!r} (has {keys}); choose it with --text-field")
+        raise CorpusError(
+            f"{where}: no field {text_field!r} (has {keys}); choose it with --text-field"
+        )
     if not isinstance(obj[text_field], str):
         raise CorpusError(f"{where}: field {text_field!r} is not a string")
     return obj[text_field]
@@ -234,12 +272,19 @@ def _json(path: Path, text_field: str) -> tuple[list[str], str]:
             ) from None
         return _jsonl(path, text_field), "jsonl"
     if not isinstance(obj, list):
-        what = f"a JSON object with keys {sorted(obj)[:6]}" if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
+        what = (
+            f"a JSON object with keys {sorted(obj)[:6]}"
+            if isinstance(obj, dict)
+            else f"a JSON {type(obj).__name__}"
+        )
         raise CorpusError(
             f"corpus file {path} holds {what}, not a list of documents: a .json corpus is an array of strings or of "
             "objects with a --text-field (or JSON Lines)"
         )
-    return [_document(item, text_field, f"{path}: item {i} of the array") for i, item in enumerate(obj, 1)], "array"
+    return [
+        _document(item, text_field, f"{path}: item {i} of the array")
+        for i, item in enumerate(obj, 1)
+    ], "array"
 
 
 def _jsonl(path: Path, text_field: str) -> list[str]:
@@ -252,7 +297,9 @@ def _jsonl(path: Path, text_field: str) -> list[str]:
         except json.JSONDecodeError as exc:
             raise CorpusError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
         if not isinstance(obj, dict):  # a line of JSON Lines is a record
-            raise CorpusError(f"{path}:{lineno}: no field {text_field!r} (has {type(obj).__name__}); choose it with --text-field")
+            raise CorpusError(
+                f"{path}:{lineno}: no field {text_field!r} (has {type(obj).__name__}); choose it with --text-field"
+            )
         docs.append(_document(obj, text_field, f"{path}:{lineno}"))
     return docs
 
@@ -265,14 +312,24 @@ def _hf(spec: str, text_field: str) -> Corpus:
     try:
         import datasets  # noqa: F401
     except ImportError:
-        raise CorpusError(f"corpus {spec!r} needs the `datasets` package (pip install datasets)") from None
+        raise CorpusError(
+            f"corpus {spec!r} needs the `datasets` package (pip install datasets)"
+        ) from None
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as exc:
-        raise CorpusError(f"could not load dataset {name!r} (config {config}, split {split}): {type(exc).__name__}: {exc}") from exc
+        raise CorpusError(
+            f"could not load dataset {name!r} (config {config}, split {split}): {type(exc).__name__}: {exc}"
+        ) from exc
     if text_field not in ds.column_names:
-        raise CorpusError(f"dataset {name!r} has no column {text_field!r} (columns: {ds.column_names}); choose it with --text-field")
-    return Corpus(spec, [t for t in ds[text_field] if isinstance(t, str)], {"dataset": name, "config": config, "split": split})
+        raise CorpusError(
+            f"dataset {name!r} has no column {text_field!r} (columns: {ds.column_names}); choose it with --text-field"
+        )
+    return Corpus(
+        spec,
+        [t for t in ds[text_field] if isinstance(t, str)],
+        {"dataset": name, "config": config, "split": split},
+    )
 
 
 def load_corpus(spec: str | Corpus | None = None, text_field: str = "text") -> Corpus:
@@ -317,12 +374,18 @@ def _load(spec, text_field: str) -> Corpus:
         return _hf(spec, text_field)
     path = Path(spec).expanduser()
     if path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.suffix.lower() == ".txt" and f.is_file())  # .txt, .TXT, ...
+        files = sorted(
+            f for f in path.iterdir() if f.suffix.lower() == ".txt" and f.is_file()
+        )  # .txt, .TXT, ...
         if not files:
             raise CorpusError(f"directory {path} has no .txt files")
-        return Corpus(str(path), [_read_text(f, allow_empty=True) for f in files], {"files": len(files)})
+        return Corpus(
+            str(path), [_read_text(f, allow_empty=True) for f in files], {"files": len(files)}
+        )
     if not path.is_file():
-        raise CorpusError(f"corpus not found: {spec} (expected 'builtin', a .txt/.jsonl/.json file, a directory of .txt files or hf:NAME)")
+        raise CorpusError(
+            f"corpus not found: {spec} (expected 'builtin', a .txt/.jsonl/.json file, a directory of .txt files or hf:NAME)"
+        )
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         return Corpus(str(path), _jsonl(path, text_field), {"text_field": text_field})
     if path.suffix.lower() == ".json":
@@ -351,7 +414,9 @@ def sample_windows(
     eligible documents hold fewer than ``samples`` distinct windows.
     """
     if samples < 1 or seq_len < 2:
-        raise ValueError(f"need samples >= 1 and seq_len >= 2, got samples={samples}, seq_len={seq_len}")
+        raise ValueError(
+            f"need samples >= 1 and seq_len >= 2, got samples={samples}, seq_len={seq_len}"
+        )
     eligible = [d for d in token_docs if len(d) > seq_len]
     if not eligible:
         longest = max((len(d) for d in token_docs), default=0)
@@ -417,5 +482,3 @@ def calibration_windows(
         **c.meta,
     }
     return windows, info
-
-

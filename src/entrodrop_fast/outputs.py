@@ -76,7 +76,11 @@ def _unchanged(directory: Path, m: dict) -> set[str]:
     for name in m["files"]:
         p = Path(directory) / name
         try:
-            if p.is_file() and not p.is_symlink() and (name not in stamps or _stamp(p) == stamps[name]):
+            if (
+                p.is_file()
+                and not p.is_symlink()
+                and (name not in stamps or _stamp(p) == stamps[name])
+            ):
                 out.add(name)
         except OSError:
             pass
@@ -87,7 +91,11 @@ def foreign_entries(directory, kind: str) -> list[str]:
     """What ``directory`` holds that an earlier ``kind`` output of ours did not write there, or
     changed since (a file edited by hand is the user's now)."""
     m = marker_of(directory)
-    ours = _unchanged(Path(directory), m) | {MARKER} if m is not None and m.get("kind") == kind else set()
+    ours = (
+        _unchanged(Path(directory), m) | {MARKER}
+        if m is not None and m.get("kind") == kind
+        else set()
+    )
     return sorted(e.name for e in Path(directory).iterdir() if e.name not in ours)
 
 
@@ -99,7 +107,9 @@ def is_ours(directory, kind: str) -> bool:
 
 
 # files that make a directory a model: a pruned model is never written over another one
-_MODEL_FILES = re.compile(r"(config\.json|.*\.safetensors|.*\.bin|.*\.gguf|.*\.safetensors\.index\.json|.*\.pt|.*\.pth)$")
+_MODEL_FILES = re.compile(
+    r"(config\.json|.*\.safetensors|.*\.bin|.*\.gguf|.*\.safetensors\.index\.json|.*\.pt|.*\.pth)$"
+)
 
 
 def _overlap(out: Path, inputs: Iterable[tuple[str, object]], flag: str) -> None:
@@ -118,7 +128,9 @@ def _overlap(out: Path, inputs: Iterable[tuple[str, object]], flag: str) -> None
             rel = "contains"
         else:
             continue
-        raise OutputError(f"{flag} {out} {rel} the {name} {q}; writing there could destroy it: choose a path outside it")
+        raise OutputError(
+            f"{flag} {out} {rel} the {name} {q}; writing there could destroy it: choose a path outside it"
+        )
 
 
 def _check_parent(out: Path, flag: str) -> None:
@@ -128,20 +140,28 @@ def _check_parent(out: Path, flag: str) -> None:
     if not parent.is_dir():
         raise OutputError(f"{flag} {out}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{flag} {out}: cannot write in {parent} (permission denied or read-only); choose another path")
+        raise OutputError(
+            f"{flag} {out}: cannot write in {parent} (permission denied or read-only); choose another path"
+        )
 
 
-def _check_existing_dir(out: Path, *, kind: str, what: str, overwrite: bool, replace_ours: bool, flag: str) -> None:
+def _check_existing_dir(
+    out: Path, *, kind: str, what: str, overwrite: bool, replace_ours: bool, flag: str
+) -> None:
     if not (out.exists() or out.is_symlink()):
         return
     if not out.is_dir():
-        raise OutputError(f"{flag} {out} exists and is not a directory; give a directory path for the {what}")
+        raise OutputError(
+            f"{flag} {out} exists and is not a directory; give a directory path for the {what}"
+        )
     if not any(out.iterdir()):
         return
     foreign = foreign_entries(out, kind)
     if not foreign:
         if not replace_ours and not overwrite:
-            raise OutputError(f"{flag} {out} holds an earlier {what}; pass --overwrite to replace it, or choose another path")
+            raise OutputError(
+                f"{flag} {out} holds an earlier {what}; pass --overwrite to replace it, or choose another path"
+            )
         return
     shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
     models = [n for n in foreign if _MODEL_FILES.fullmatch(n)]
@@ -157,8 +177,16 @@ def _check_existing_dir(out: Path, *, kind: str, what: str, overwrite: bool, rep
         )
 
 
-def check_dir(path, *, kind: str, what: str, inputs: Iterable[tuple[str, object]] = (), overwrite: bool = False,
-              replace_ours: bool = True, flag: str = "--out") -> Path:
+def check_dir(
+    path,
+    *,
+    kind: str,
+    what: str,
+    inputs: Iterable[tuple[str, object]] = (),
+    overwrite: bool = False,
+    replace_ours: bool = True,
+    flag: str = "--out",
+) -> Path:
     """Check a directory target before any work; returns it resolved.
 
     ``kind``: the marker kind of our own outputs of this sort ("report", "comparison",
@@ -169,13 +197,22 @@ def check_dir(path, *, kind: str, what: str, inputs: Iterable[tuple[str, object]
     """
     out = _resolve(path, flag)
     _overlap(out, inputs, flag)
-    _check_existing_dir(out, kind=kind, what=what, overwrite=overwrite, replace_ours=replace_ours, flag=flag)
+    _check_existing_dir(
+        out, kind=kind, what=what, overwrite=overwrite, replace_ours=replace_ours, flag=flag
+    )
     _check_parent(out, flag)
     return out
 
 
-def check_file(path, *, what: str, recognise: Callable[[Path], bool] | None = None,
-               inputs: Iterable[tuple[str, object]] = (), overwrite: bool = False, flag: str = "--out") -> Path:
+def check_file(
+    path,
+    *,
+    what: str,
+    recognise: Callable[[Path], bool] | None = None,
+    inputs: Iterable[tuple[str, object]] = (),
+    overwrite: bool = False,
+    flag: str = "--out",
+) -> Path:
     """Check a file target before any work; returns it resolved.
 
     An existing file is replaced only when ``recognise(path)`` says it is one of ours, or
@@ -184,11 +221,17 @@ def check_file(path, *, what: str, recognise: Callable[[Path], bool] | None = No
     out = _resolve(path, flag)
     _overlap(out, inputs, flag)
     if out.exists() and not out.is_dir() and not out.is_file():
-        raise OutputError(f"{flag} {path} is not a regular file (a device, FIFO or socket: {out}); give a file path for the {what}")
+        raise OutputError(
+            f"{flag} {path} is not a regular file (a device, FIFO or socket: {out}); give a file path for the {what}"
+        )
     if out.is_dir():
-        raise OutputError(f"{flag} {out} is a directory; give a file path for the {what} (e.g. {out / 'out.json'})")
+        raise OutputError(
+            f"{flag} {out} is a directory; give a file path for the {what} (e.g. {out / 'out.json'})"
+        )
     if out.exists() and not overwrite and not (recognise is not None and recognise(out)):
-        raise OutputError(f"{flag} {out} exists and was not written by entrodrop; pass --overwrite to replace it, or choose another path")
+        raise OutputError(
+            f"{flag} {out} exists and was not written by entrodrop; pass --overwrite to replace it, or choose another path"
+        )
     _check_parent(out, flag)
     return out
 
@@ -259,7 +302,9 @@ class DirPublisher:
     :meth:`abort` (or any failure in :meth:`commit`) removes it and leaves ``out`` unchanged.
     """
 
-    def __init__(self, out, *, kind: str, what: str, overwrite: bool = True, replace_ours: bool = True):
+    def __init__(
+        self, out, *, kind: str, what: str, overwrite: bool = True, replace_ours: bool = True
+    ):
         self.out, self.kind, self.what = _resolve(out), kind, what
         # the rules of check_dir, applied again at commit: another run may have written
         # ``out`` meanwhile (two runs with the same --out)
@@ -268,8 +313,12 @@ class DirPublisher:
         try:
             parent.mkdir(parents=True, exist_ok=True)
             sweep_stale(parent, self.out.name)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}{_TMP_TAG}{os.getpid()}-", dir=parent))
-            os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; an output is an ordinary directory
+            self.tmp = Path(
+                tempfile.mkdtemp(prefix=f".{self.out.name}{_TMP_TAG}{os.getpid()}-", dir=parent)
+            )
+            os.chmod(
+                self.tmp, 0o777 & ~_umask()
+            )  # mkdtemp makes 0700; an output is an ordinary directory
             (self.tmp / _PARTIAL).touch()
         except OSError as exc:
             raise _written(exc, what, self.out) from exc
@@ -283,25 +332,46 @@ class DirPublisher:
             (tmp / _PARTIAL).unlink()
             files = sorted(e.name for e in tmp.iterdir())
             stamps = {name: _stamp(tmp / name) for name in files if (tmp / name).is_file()}
-            (tmp / MARKER).write_text(json.dumps({"kind": kind, "files": files, "stamps": stamps}, indent=1) + "\n")
-            _check_existing_dir(out, kind=kind, what=self.what, overwrite=self.overwrite, replace_ours=self.replace_ours, flag="output")
+            (tmp / MARKER).write_text(
+                json.dumps({"kind": kind, "files": files, "stamps": stamps}, indent=1) + "\n"
+            )
+            _check_existing_dir(
+                out,
+                kind=kind,
+                what=self.what,
+                overwrite=self.overwrite,
+                replace_ours=self.replace_ours,
+                flag="output",
+            )
             if not out.exists() or not any(out.iterdir()):
                 os.replace(tmp, out)  # rename(2) replaces an empty directory
             elif is_ours(out, kind):
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP_TAG}{os.getpid()}-old-", dir=out.parent))
+                old = Path(
+                    tempfile.mkdtemp(
+                        prefix=f".{out.name}{_TMP_TAG}{os.getpid()}-old-", dir=out.parent
+                    )
+                )
                 (old / _PARTIAL).touch()
                 os.replace(out, old / out.name)
                 os.replace(tmp, out)
                 shutil.rmtree(old, ignore_errors=True)
             else:  # a directory that also holds other things (allowed by overwrite): ours only
                 previous = marker_of(out)
-                stale = _unchanged(out, previous) - set(files) if previous and previous.get("kind") == kind else set()
+                stale = (
+                    _unchanged(out, previous) - set(files)
+                    if previous and previous.get("kind") == kind
+                    else set()
+                )
                 for name in files:
                     q = out / name
                     if q.is_dir() and not q.is_symlink():
-                        raise OutputError(f"{q} is a directory; cannot write the {self.what} file {name} over it")
+                        raise OutputError(
+                            f"{q} is a directory; cannot write the {self.what} file {name} over it"
+                        )
                     if q.exists() and not q.is_file():
-                        raise OutputError(f"{q} is not a regular file (a device, FIFO or socket); cannot write the {self.what} file {name} over it")
+                        raise OutputError(
+                            f"{q} is not a regular file (a device, FIFO or socket); cannot write the {self.what} file {name} over it"
+                        )
                 for name in files:
                     os.replace(tmp / name, out / name)
                 for name in stale:
@@ -317,7 +387,9 @@ class DirPublisher:
 
 
 @contextlib.contextmanager
-def publish_dir(out, *, kind: str, what: str, overwrite: bool = True, replace_ours: bool = True) -> Iterator[Path]:
+def publish_dir(
+    out, *, kind: str, what: str, overwrite: bool = True, replace_ours: bool = True
+) -> Iterator[Path]:
     """:class:`DirPublisher` as a context: yields the temporary directory, commits on success."""
     pub = DirPublisher(out, kind=kind, what=what, overwrite=overwrite, replace_ours=replace_ours)
     try:
@@ -371,9 +443,17 @@ def model_paths(model, cache_dir=None) -> list[tuple[str, object]]:
 
     b = builtin_model(model)
     if b is not None:
-        out: list[tuple[str, object]] = [("built-in model cache", (Path(cache_dir).expanduser() if cache_dir else cache_root()) / b.name)]
+        out: list[tuple[str, object]] = [
+            (
+                "built-in model cache",
+                (Path(cache_dir).expanduser() if cache_dir else cache_root()) / b.name,
+            )
+        ]
         with contextlib.suppress(Exception):  # not installed: the load reports it
-            out += [("built-in model file" if p.is_file() else "built-in model package", p) for p in builtin_files(b)]
+            out += [
+                ("built-in model file" if p.is_file() else "built-in model package", p)
+                for p in builtin_files(b)
+            ]
         return out
     p = Path(str(model)).expanduser()
     return _with_link_targets("model", p) if p.exists() else []

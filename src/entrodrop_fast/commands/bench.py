@@ -31,7 +31,9 @@ def _allocatable(shape, dtype, device) -> None:
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     what = "x".join(map(str, shape))
     try:
-        if device.type == "cpu":  # malloc may promise more than there is (overcommit): compare with the RAM
+        if (
+            device.type == "cpu"
+        ):  # malloc may promise more than there is (overcommit): compare with the RAM
             import os
 
             ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -61,25 +63,57 @@ def register(sub) -> None:
     def shapes(ss):
         return ",".join("x".join(map(str, s)) for s in ss)
 
-    p = sub.add_parser("bench", help="time the estimators per backend against a plain read (x.sum()) of the same tensor")
-    p.add_argument("--calls", action="store_true",
-                   help="time the public calls (ef.bucket_entropy(x), delta_entropy(x, f), ...: validation on) beside the same "
-                        "calls with validate=False and the roofline of reading their inputs, interleaved; the minimum of the runs")
-    p.add_argument("--estimators", default=None,
-                   help=f"comma-separated from {', '.join(ESTIMATORS)} (default all); with --calls from {', '.join(CALLS)}")
-    p.add_argument("--shapes", default=None,
-                   help=f"comma-separated, e.g. 256x4096,128x256x4096 (default {shapes(DEFAULT_SHAPES)}; with --calls {shapes(CALL_SHAPES)})")
-    p.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated from {', '.join(DTYPES)}")
-    p.add_argument("--backends", default=None,
-                   help=f"comma-separated from {', '.join(BACKENDS)} (default all); with --calls one API backend, auto (default), cpp, triton or torch")
-    p.add_argument("--repeat", type=positive_int, default=None,
-                   help="timed runs per case, the median reported (default 5); with --calls rounds, the minimum reported (default 7)")
-    p.add_argument("--min-seconds", type=float, default=0.5,
-                   help="with --calls: more rounds for fast calls, until the default call has run this long in all (default 0.5; "
-                        "at most 300 rounds): the minimum then comes from a round the machine did not preempt")
+    p = sub.add_parser(
+        "bench",
+        help="time the estimators per backend against a plain read (x.sum()) of the same tensor",
+    )
+    p.add_argument(
+        "--calls",
+        action="store_true",
+        help="time the public calls (ef.bucket_entropy(x), delta_entropy(x, f), ...: validation on) beside the same "
+        "calls with validate=False and the roofline of reading their inputs, interleaved; the minimum of the runs",
+    )
+    p.add_argument(
+        "--estimators",
+        default=None,
+        help=f"comma-separated from {', '.join(ESTIMATORS)} (default all); with --calls from {', '.join(CALLS)}",
+    )
+    p.add_argument(
+        "--shapes",
+        default=None,
+        help=f"comma-separated, e.g. 256x4096,128x256x4096 (default {shapes(DEFAULT_SHAPES)}; with --calls {shapes(CALL_SHAPES)})",
+    )
+    p.add_argument(
+        "--dtypes", default="fp32,bf16", help=f"comma-separated from {', '.join(DTYPES)}"
+    )
+    p.add_argument(
+        "--backends",
+        default=None,
+        help=f"comma-separated from {', '.join(BACKENDS)} (default all); with --calls one API backend, auto (default), cpp, triton or torch",
+    )
+    p.add_argument(
+        "--repeat",
+        type=positive_int,
+        default=None,
+        help="timed runs per case, the median reported (default 5); with --calls rounds, the minimum reported (default 7)",
+    )
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=0.5,
+        help="with --calls: more rounds for fast calls, until the default call has run this long in all (default 0.5; "
+        "at most 300 rounds): the minimum then comes from a round the machine did not preempt",
+    )
     p.add_argument("--device", default="cpu")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON (an existing file is replaced only when it is an earlier bench JSON)")
-    p.add_argument("--overwrite", action="store_true", help="replace --json even when it is not a bench JSON")
+    p.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="also write the results as JSON (an existing file is replaced only when it is an earlier bench JSON)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --json even when it is not a bench JSON"
+    )
     p.set_defaults(func=run)
 
 
@@ -108,7 +142,13 @@ def run(args) -> int:
     )
 
     if args.json:  # checked before the benchmark runs
-        outputs.check_file(args.json, what="bench JSON", recognise=_is_bench_json, overwrite=args.overwrite, flag="--json")
+        outputs.check_file(
+            args.json,
+            what="bench JSON",
+            recognise=_is_bench_json,
+            overwrite=args.overwrite,
+            flag="--json",
+        )
 
     def pick(text, allowed, what):
         items = [v.strip() for v in text.split(",") if v.strip()]
@@ -121,7 +161,16 @@ def run(args) -> int:
 
     device = parse_device(args.device)  # a device torch cannot use stops here
     dtypes = pick(args.dtypes, tuple(DTYPES), "dtype")
-    shapes = [_shape(s) for s in (args.shapes or ",".join("x".join(map(str, s)) for s in (CALL_SHAPES if args.calls else DEFAULT_SHAPES))).split(",") if s.strip()]
+    shapes = [
+        _shape(s)
+        for s in (
+            args.shapes
+            or ",".join(
+                "x".join(map(str, s)) for s in (CALL_SHAPES if args.calls else DEFAULT_SHAPES)
+            )
+        ).split(",")
+        if s.strip()
+    ]
     for shape in shapes:  # every input tensor can be made, before any case runs
         for name in dtypes:
             _allocatable(shape, DTYPES[name], device)
@@ -129,24 +178,35 @@ def run(args) -> int:
         if args.calls:
             backend = pick(args.backends or "auto", ("auto", *API_BACKENDS), "backend")
             if len(backend) != 1:
-                raise ValueError(f"--calls times one API backend at a time, got {', '.join(backend)}")
+                raise ValueError(
+                    f"--calls times one API backend at a time, got {', '.join(backend)}"
+                )
             rows = run_call_bench(
                 calls=pick(args.estimators or ",".join(CALLS), tuple(CALLS), "call"),
-                shapes=shapes, dtypes=dtypes, repeat=args.repeat or 7, device=args.device, backend=backend[0],
+                shapes=shapes,
+                dtypes=dtypes,
+                repeat=args.repeat or 7,
+                device=args.device,
+                backend=backend[0],
                 min_seconds=max(0.0, args.min_seconds),
             )
             print(format_call_table(rows))
         else:
             rows = run_bench(
                 estimators=pick(args.estimators or ",".join(ESTIMATORS), ESTIMATORS, "estimator"),
-                shapes=shapes, dtypes=dtypes, backends=pick(args.backends or ",".join(BACKENDS), BACKENDS, "backend"),
-                repeat=args.repeat or 5, device=args.device,
+                shapes=shapes,
+                dtypes=dtypes,
+                backends=pick(args.backends or ",".join(BACKENDS), BACKENDS, "backend"),
+                repeat=args.repeat or 5,
+                device=args.device,
             )
             print(format_table(rows))
     except RuntimeError as exc:
         if "alloc" not in str(exc).lower() and "memory" not in str(exc).lower():
             raise
-        raise MemoryError_(f"the benchmark ran out of memory on {device} ({str(exc).strip().splitlines()[0]}); use smaller --shapes") from None
+        raise MemoryError_(
+            f"the benchmark ran out of memory on {device} ({str(exc).strip().splitlines()[0]}); use smaller --shapes"
+        ) from None
     if args.json:
         outputs.publish_file(args.json, json.dumps(rows, indent=1), what="bench JSON")
         print(f"wrote {args.json}")

@@ -30,12 +30,27 @@ def position_needs(seq_len: int, speed: bool = True) -> list[tuple[int, str]]:
     from entrodrop_fast.evaluate import heldout as E
 
     kw = E.continuation_task.__kwdefaults__
-    spd = {k: v.default for k, v in inspect.signature(E.speed).parameters.items()}  # (decorated: its own signature)
-    needs = [(seq_len, "--seq-len"),
-             (kw["ctx_len"] + kw["cont_len"], f"a zero-shot continuation item ({kw['ctx_len']} + {kw['cont_len']} tokens)"),
-             (LAST_WORD_CONTEXT + 1, f"a zero-shot last_word item (up to {LAST_WORD_CONTEXT} context tokens and the word)")]
+    spd = {
+        k: v.default for k, v in inspect.signature(E.speed).parameters.items()
+    }  # (decorated: its own signature)
+    needs = [
+        (seq_len, "--seq-len"),
+        (
+            kw["ctx_len"] + kw["cont_len"],
+            f"a zero-shot continuation item ({kw['ctx_len']} + {kw['cont_len']} tokens)",
+        ),
+        (
+            LAST_WORD_CONTEXT + 1,
+            f"a zero-shot last_word item (up to {LAST_WORD_CONTEXT} context tokens and the word)",
+        ),
+    ]
     if speed:
-        needs.append((spd["prompt_len"] + spd["new_tokens"], f"the speed test ({spd['prompt_len']}-token prompt + {spd['new_tokens']} new tokens; skip it with --no-speed)"))
+        needs.append(
+            (
+                spd["prompt_len"] + spd["new_tokens"],
+                f"the speed test ({spd['prompt_len']}-token prompt + {spd['new_tokens']} new tokens; skip it with --no-speed)",
+            )
+        )
     return needs
 
 
@@ -50,19 +65,39 @@ def run(args) -> int:
     from entrodrop_fast import outputs
 
     if args.json:  # checked before any work
-        outputs.check_file(args.json, what="evaluation JSON", recognise=eval_file_check(), overwrite=args.overwrite, flag="--json",
-                           inputs=[*outputs.model_paths(args.model), *outputs.corpus_paths(args.corpus)])
+        outputs.check_file(
+            args.json,
+            what="evaluation JSON",
+            recognise=eval_file_check(),
+            overwrite=args.overwrite,
+            flag="--json",
+            inputs=[*outputs.model_paths(args.model), *outputs.corpus_paths(args.corpus)],
+        )
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
-    lm_flags = [flag for flag, value in (("--include-path", args.include_path), ("--limit", args.limit), ("--num-fewshot", args.num_fewshot),
-                                         ("--lm-eval-batch-size", args.lm_eval_batch_size)) if value is not None]
+    lm_flags = [
+        flag
+        for flag, value in (
+            ("--include-path", args.include_path),
+            ("--limit", args.limit),
+            ("--num-fewshot", args.num_fewshot),
+            ("--lm-eval-batch-size", args.lm_eval_batch_size),
+        )
+        if value is not None
+    ]
     if lm_flags and not tasks:
-        raise ValueError(f"{', '.join(lm_flags)} only apply to lm-evaluation-harness tasks: give them with --tasks NAME[,NAME...]")
+        raise ValueError(
+            f"{', '.join(lm_flags)} only apply to lm-evaluation-harness tasks: give them with --tasks NAME[,NAME...]"
+        )
     for d in args.include_path or []:
         if not os.path.isdir(d):
-            raise ValueError(f"--include-path {d}: {'not a directory' if os.path.exists(d) else 'no such directory'} (give a directory of lm-eval task YAML files)")
+            raise ValueError(
+                f"--include-path {d}: {'not a directory' if os.path.exists(d) else 'no such directory'} (give a directory of lm-eval task YAML files)"
+            )
     from entrodrop_fast.data import load_corpus
 
-    corpus = load_corpus(args.corpus)  # an unreadable, empty or binary corpus stops the run before the model loads
+    corpus = load_corpus(
+        args.corpus
+    )  # an unreadable, empty or binary corpus stops the run before the model loads
     prepared = None
     if tasks:  # lm-eval installed, every task found and its data read, before the model loads
         from entrodrop_fast.evaluate.lm_eval import prepare_tasks
@@ -78,19 +113,36 @@ def run(args) -> int:
     parse_device(args.device)
     needs = position_needs(args.seq_len, speed=not args.no_speed)
     where = f"the model {display_name(args.model)}"
-    check_positions(peek_config(args.model), needs, where)  # before the model loads, when its config is at hand
+    check_positions(
+        peek_config(args.model), needs, where
+    )  # before the model loads, when its config is at hand
     model, tok = load_any(args.model, args.dtype, args.device)
     check_positions(model.config, needs, where)
     from entrodrop_fast.evaluate.pipeline import evaluate_model
 
-    res = evaluate_model(model, tok, corpus=corpus, seq_len=args.seq_len, windows=args.windows, items=args.items, tasks=prepared, speed=not args.no_speed,
-                         limit=args.limit, num_fewshot=args.num_fewshot, lm_eval_batch_size=args.lm_eval_batch_size)
+    res = evaluate_model(
+        model,
+        tok,
+        corpus=corpus,
+        seq_len=args.seq_len,
+        windows=args.windows,
+        items=args.items,
+        tasks=prepared,
+        speed=not args.no_speed,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        lm_eval_batch_size=args.lm_eval_batch_size,
+    )
     res["model"] = str(args.model or "builtin")
     p = res["perplexity"]
-    print(f"perplexity {p['perplexity']:.3f} on {p['tokens']} held-out tokens ({p['windows']} windows of {p['seq_len']})")
+    print(
+        f"perplexity {p['perplexity']:.3f} on {p['tokens']} held-out tokens ({p['windows']} windows of {p['seq_len']})"
+    )
     for z in res["zero_shot"]:
         ci = z["ci95"]
-        print(f"{z['task']:14s} accuracy {z['accuracy']:.3f}  95% CI [{ci[0]:.3f}, {ci[1]:.3f}], {z['items']} items")
+        print(
+            f"{z['task']:14s} accuracy {z['accuracy']:.3f}  95% CI [{ci[0]:.3f}, {ci[1]:.3f}], {z['items']} items"
+        )
     if "lm_eval" in res:
         from entrodrop_fast.evaluate.lm_eval import format_row
 
@@ -100,7 +152,9 @@ def run(args) -> int:
             print(f"  {format_row(row)}")
     if "speed" in res:
         s = res["speed"]
-        print(f"prefill {s['prefill_tokens_per_s']:.1f} tok/s, decode {s['decode_tokens_per_s']:.1f} tok/s, KV cache {s['kv_cache_bytes_per_token']:.0f} B/token, peak {s['peak_memory_bytes'] / 2**20:.0f} MiB ({s['peak_memory_kind']})")
+        print(
+            f"prefill {s['prefill_tokens_per_s']:.1f} tok/s, decode {s['decode_tokens_per_s']:.1f} tok/s, KV cache {s['kv_cache_bytes_per_token']:.0f} B/token, peak {s['peak_memory_bytes'] / 2**20:.0f} MiB ({s['peak_memory_kind']})"
+        )
     if args.json:
         outputs.publish_file(args.json, json.dumps(res, indent=2), what="evaluation JSON")
         print(f"wrote {args.json}")
@@ -111,19 +165,72 @@ def register(sub) -> None:
     from entrodrop_fast.cli import int_at_least, positive_int
 
     p = sub.add_parser("eval", help="perplexity, zero-shot accuracy and speed of a (pruned) model")
-    p.add_argument("model", nargs="?", default=None, help="model directory (pruned or not), .gguf, hub id, a built-in name (gemma3-270m); default: built-in SmolLM2-135M")
-    p.add_argument("--corpus", default=None, help="held-out text source (default built-in): every 5th document, or with fewer than 5 documents the last fifth of each, as held out of calibration")
-    p.add_argument("--seq-len", type=int_at_least(2, "a window holds a token and its successor"), default=256, help="tokens per perplexity window (default 256)")
-    p.add_argument("--windows", type=positive_int, default=32, help="perplexity windows, at most (default 32)")
-    p.add_argument("--items", type=positive_int, default=100, help="items per built-in zero-shot task, at most (default 100)")
-    p.add_argument("--tasks", default="", help="lm-evaluation-harness tasks, comma-separated: registered names (built-in or from --include-path) or task YAML paths (needs: pip install 'entrodrop_fast[eval]')")
-    p.add_argument("--include-path", action="append", metavar="DIR", help="register the lm-eval task YAMLs under DIR, so --tasks can name them (repeatable)")
-    p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="lm-eval: score at most N documents per task (a quick, partial run)")
-    p.add_argument("--num-fewshot", type=int_at_least(0), default=None, metavar="N", help="lm-eval: N examples in each prompt (default: each task's own)")
-    p.add_argument("--lm-eval-batch-size", type=positive_int, default=None, metavar="N", help="lm-eval: requests per forward pass (default 8)")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="model directory (pruned or not), .gguf, hub id, a built-in name (gemma3-270m); default: built-in SmolLM2-135M",
+    )
+    p.add_argument(
+        "--corpus",
+        default=None,
+        help="held-out text source (default built-in): every 5th document, or with fewer than 5 documents the last fifth of each, as held out of calibration",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int_at_least(2, "a window holds a token and its successor"),
+        default=256,
+        help="tokens per perplexity window (default 256)",
+    )
+    p.add_argument(
+        "--windows", type=positive_int, default=32, help="perplexity windows, at most (default 32)"
+    )
+    p.add_argument(
+        "--items",
+        type=positive_int,
+        default=100,
+        help="items per built-in zero-shot task, at most (default 100)",
+    )
+    p.add_argument(
+        "--tasks",
+        default="",
+        help="lm-evaluation-harness tasks, comma-separated: registered names (built-in or from --include-path) or task YAML paths (needs: pip install 'entrodrop_fast[eval]')",
+    )
+    p.add_argument(
+        "--include-path",
+        action="append",
+        metavar="DIR",
+        help="register the lm-eval task YAMLs under DIR, so --tasks can name them (repeatable)",
+    )
+    p.add_argument(
+        "--limit",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="lm-eval: score at most N documents per task (a quick, partial run)",
+    )
+    p.add_argument(
+        "--num-fewshot",
+        type=int_at_least(0),
+        default=None,
+        metavar="N",
+        help="lm-eval: N examples in each prompt (default: each task's own)",
+    )
+    p.add_argument(
+        "--lm-eval-batch-size",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="lm-eval: requests per forward pass (default 8)",
+    )
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--json", help="write the results here (an existing file is replaced only when it is an earlier eval JSON)")
-    p.add_argument("--overwrite", action="store_true", help="replace --json even when it is not an eval JSON")
+    p.add_argument(
+        "--json",
+        help="write the results here (an existing file is replaced only when it is an earlier eval JSON)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --json even when it is not an eval JSON"
+    )
     p.set_defaults(func=run)

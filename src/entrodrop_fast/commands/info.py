@@ -19,12 +19,18 @@ def collect() -> dict:
         "torch_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "extension": {"loaded": _ext.available(), "with_cuda": _ext.has_cuda(), "error": _ext.error(),
-                      "cpu_threads": _ext.require().thread_pool_cpu() if _ext.available() else None},
+        "extension": {
+            "loaded": _ext.available(),
+            "with_cuda": _ext.has_cuda(),
+            "error": _ext.error(),
+            "cpu_threads": _ext.require().thread_pool_cpu() if _ext.available() else None,
+        },
         "backends": backends(),
     }
     for b in info["backends"].values():  # what runs here; "devices" stays what the backend supports
-        b["usable_devices"] = [d for d in b.get("devices", []) if d != "cuda" or info["cuda_available"]]
+        b["usable_devices"] = [
+            d for d in b.get("devices", []) if d != "cuda" or info["cuda_available"]
+        ]
     try:
         import triton
 
@@ -39,10 +45,17 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
-    print(f"entrodrop_fast {info['entrodrop_fast']}  python {info['python']}  torch {info['torch']} ({info['torch_threads']} threads)")
-    print(f"CUDA: {'yes, ' + str(info['cuda_device']) if info['cuda_available'] else 'no GPU visible'}   triton: {info['triton']}")
+    print(
+        f"entrodrop_fast {info['entrodrop_fast']}  python {info['python']}  torch {info['torch']} ({info['torch_threads']} threads)"
+    )
+    print(
+        f"CUDA: {'yes, ' + str(info['cuda_device']) if info['cuda_available'] else 'no GPU visible'}   triton: {info['triton']}"
+    )
     ext = info["extension"]
-    print(f"extension _C: {'loaded' if ext['loaded'] else 'NOT loaded: ' + str(ext['error'])}" + (" (with CUDA kernels)" if ext["with_cuda"] else ""))
+    print(
+        f"extension _C: {'loaded' if ext['loaded'] else 'NOT loaded: ' + str(ext['error'])}"
+        + (" (with CUDA kernels)" if ext["with_cuda"] else "")
+    )
     if ext["cpu_threads"]:
         print(f"CPU kernels run on: {ext['cpu_threads']}")
     print("backends:")

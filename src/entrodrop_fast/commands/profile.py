@@ -23,7 +23,15 @@ def _spans(s: str) -> tuple[int, ...]:
 
 
 # how the library's errors name the settings on this command line
-CLI_NAMES = {"max_memory": "--max-memory", "seq_len": "--seq-len", "k": "--k", "batch_size": "--batch-size", "backend": "--backend", "resume_dir": "--resume-dir", "streaming": "--streaming"}
+CLI_NAMES = {
+    "max_memory": "--max-memory",
+    "seq_len": "--seq-len",
+    "k": "--k",
+    "batch_size": "--batch-size",
+    "backend": "--backend",
+    "resume_dir": "--resume-dir",
+    "streaming": "--streaming",
+}
 
 
 def resume_dir_is_ours(path) -> bool:
@@ -33,7 +41,10 @@ def resume_dir_is_ours(path) -> bool:
 
     from entrodrop_fast.profile.layerwise import RESUME_NAMES
 
-    return all(e.name in RESUME_NAMES or (e.is_dir() and re.fullmatch(r"rank\d+-of-\d+", e.name)) for e in Path(path).iterdir())
+    return all(
+        e.name in RESUME_NAMES or (e.is_dir() and re.fullmatch(r"rank\d+-of-\d+", e.name))
+        for e in Path(path).iterdir()
+    )
 
 
 def check_targets(args) -> None:
@@ -43,13 +54,24 @@ def check_targets(args) -> None:
     from entrodrop_fast import outputs
 
     inputs = [*outputs.model_paths(args.model, args.cache_dir), *outputs.corpus_paths(args.corpus)]
-    out = outputs.check_dir(args.out, kind="report", what="report", inputs=inputs, overwrite=args.overwrite)
+    out = outputs.check_dir(
+        args.out, kind="report", what="report", inputs=inputs, overwrite=args.overwrite
+    )
     if args.resume_dir:
         resume = Path(args.resume_dir).expanduser().resolve()
-        outputs.check_dir(resume, kind="resume", what="resume state", flag="--resume-dir", overwrite=True, inputs=[*inputs, ("report directory --out", out)])
+        outputs.check_dir(
+            resume,
+            kind="resume",
+            what="resume state",
+            flag="--resume-dir",
+            overwrite=True,
+            inputs=[*inputs, ("report directory --out", out)],
+        )
         if resume.is_dir() and not resume_dir_is_ours(resume):
             shown = ", ".join(sorted(e.name for e in resume.iterdir())[:4])
-            raise outputs.OutputError(f"--resume-dir {resume} holds files that are not a resume state of entrodrop ({shown}); choose a new or empty directory")
+            raise outputs.OutputError(
+                f"--resume-dir {resume} holds files that are not a resume state of entrodrop ({shown}); choose a new or empty directory"
+            )
 
 
 def _apply_preset(args) -> dict | None:
@@ -65,9 +87,16 @@ def _apply_preset(args) -> dict | None:
 
     cfg = peek_config(args.model, args.cache_dir)
     if cfg is None:
-        raise ValueError(f"--preset paper reads the architecture from the model's config.json: give a local model directory or a built-in name, not {args.model!r}")
+        raise ValueError(
+            f"--preset paper reads the architecture from the model's config.json: give a local model directory or a built-in name, not {args.model!r}"
+        )
     p = paper_preset(cfg.get("model_type"), cfg.get("num_hidden_layers"), args.device)
-    extra = [m for spec in (args.method or []) for m in str(spec).split(",") if m.strip() and m.strip() != p["method"]]
+    extra = [
+        m
+        for spec in (args.method or [])
+        for m in str(spec).split(",")
+        if m.strip() and m.strip() != p["method"]
+    ]
     args.method = [p["method"], *extra]
     args.k, args.bins = p["k"], p["bins"]
     args.batch_size = args.batch_size or p["batch_size"]
@@ -85,29 +114,117 @@ def register(subparsers) -> None:
         help="entropy profile of a model's attention / MLP / layer blocks (the main job)",
         description=__doc__,
     )
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help="local HF directory, .gguf file, hub id or a built-in name (gemma3-270m); default: built-in SmolLM2-135M-Instruct")
-    p.add_argument("--method", "-m", action="append", default=None, help="bucket, gaussian_diag, gaussian_full, knn, renyi, cosine, angular or all; several comma-separated or repeated (default bucket); all run in one forward pass")
-    p.add_argument("--preset", default=None, choices=["paper"], help="paper: what the paper's code runs for this architecture (knn k=25, or bucket 80 bins for Mistral; batch 1; fp16 on CUDA, fp32 on CPU); rank/prune then protect layers 0, 1 and the last")
-    p.add_argument("--samples", type=positive_int, default=PAPER_SAMPLES, help=f"calibration windows (default {PAPER_SAMPLES})")
-    p.add_argument("--seq-len", type=int_at_least(2, "an entropy needs at least 2 tokens"), default=PAPER_SEQ_LEN, help=f"tokens per window (default {PAPER_SEQ_LEN})")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="windows per forward pass (default 1, as the paper; with --max-memory, the largest up to 8 that fits)")
-    p.add_argument("--seed", type=int, default=PAPER_SEED, help=f"sampling seed (default {PAPER_SEED})")
-    p.add_argument("--bins", type=positive_int, default=20, help="bucket: bins per channel (default 20; the paper used 20 for Llama, 80 for Mistral)")
-    p.add_argument("--paper-exact", action="store_true", help="bucket: clamp probabilities at 1e-10 as the paper's code")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="local HF directory, .gguf file, hub id or a built-in name (gemma3-270m); default: built-in SmolLM2-135M-Instruct",
+    )
+    p.add_argument(
+        "--method",
+        "-m",
+        action="append",
+        default=None,
+        help="bucket, gaussian_diag, gaussian_full, knn, renyi, cosine, angular or all; several comma-separated or repeated (default bucket); all run in one forward pass",
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        choices=["paper"],
+        help="paper: what the paper's code runs for this architecture (knn k=25, or bucket 80 bins for Mistral; batch 1; fp16 on CUDA, fp32 on CPU); rank/prune then protect layers 0, 1 and the last",
+    )
+    p.add_argument(
+        "--samples",
+        type=positive_int,
+        default=PAPER_SAMPLES,
+        help=f"calibration windows (default {PAPER_SAMPLES})",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int_at_least(2, "an entropy needs at least 2 tokens"),
+        default=PAPER_SEQ_LEN,
+        help=f"tokens per window (default {PAPER_SEQ_LEN})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="windows per forward pass (default 1, as the paper; with --max-memory, the largest up to 8 that fits)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=PAPER_SEED, help=f"sampling seed (default {PAPER_SEED})"
+    )
+    p.add_argument(
+        "--bins",
+        type=positive_int,
+        default=20,
+        help="bucket: bins per channel (default 20; the paper used 20 for Llama, 80 for Mistral)",
+    )
+    p.add_argument(
+        "--paper-exact",
+        action="store_true",
+        help="bucket: clamp probabilities at 1e-10 as the paper's code",
+    )
     p.add_argument("--k", type=positive_int, default=25, help="knn: neighbour rank k (default 25)")
     p.add_argument("--spans", default="1,2,4,8", help="angular: layer spans n (default 1,2,4,8)")
-    p.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"], help="model dtype (default fp32)")
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["bf16", "fp16", "fp32"],
+        help="model dtype (default fp32)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--backend", default="auto", choices=["auto", "cpp", "triton", "torch"], help="estimator backend (default auto: the fastest available)")
-    p.add_argument("--out", default="entrodrop_report", help="report directory (default ./entrodrop_report; new, empty or an earlier report)")
-    p.add_argument("--overwrite", action="store_true", help="write the report into --out even when it holds other files (they are left untouched)")
-    p.add_argument("--corpus", default=None, help="builtin (default), stdlib-docs (docstrings of the standard library), a .txt file, a directory of .txt, a .jsonl file or hf:NAME[:CONFIG][:SPLIT]")
-    p.add_argument("--text-field", default="text", help="JSONL / dataset field holding the text (default text)")
-    p.add_argument("--cache-dir", default=None, help="where the built-in model is converted (default $ENTRODROP_CACHE or ~/.cache/entrodrop_fast)")
-    p.add_argument("--streaming", action="store_true", help="run layer by layer from the checkpoint's safetensors shards (models larger than memory)")
-    p.add_argument("--max-memory", default=None, help="memory budget, e.g. 8GB: streams when the model does not fit, and keeps activations on disk beyond it")
-    p.add_argument("--resume-dir", default=None, help="keep the streaming states here after every layer; rerun with the same arguments to resume (implies --streaming)")
-    p.add_argument("--top", type=positive_int, default=8, help="blocks per kind in the terminal table (default 8)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "cpp", "triton", "torch"],
+        help="estimator backend (default auto: the fastest available)",
+    )
+    p.add_argument(
+        "--out",
+        default="entrodrop_report",
+        help="report directory (default ./entrodrop_report; new, empty or an earlier report)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write the report into --out even when it holds other files (they are left untouched)",
+    )
+    p.add_argument(
+        "--corpus",
+        default=None,
+        help="builtin (default), stdlib-docs (docstrings of the standard library), a .txt file, a directory of .txt, a .jsonl file or hf:NAME[:CONFIG][:SPLIT]",
+    )
+    p.add_argument(
+        "--text-field", default="text", help="JSONL / dataset field holding the text (default text)"
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where the built-in model is converted (default $ENTRODROP_CACHE or ~/.cache/entrodrop_fast)",
+    )
+    p.add_argument(
+        "--streaming",
+        action="store_true",
+        help="run layer by layer from the checkpoint's safetensors shards (models larger than memory)",
+    )
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        help="memory budget, e.g. 8GB: streams when the model does not fit, and keeps activations on disk beyond it",
+    )
+    p.add_argument(
+        "--resume-dir",
+        default=None,
+        help="keep the streaming states here after every layer; rerun with the same arguments to resume (implies --streaming)",
+    )
+    p.add_argument(
+        "--top",
+        type=positive_int,
+        default=8,
+        help="blocks per kind in the terminal table (default 8)",
+    )
     p.add_argument("--no-plot", action="store_true", help="skip profile.png")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -127,32 +244,84 @@ def run(args) -> int:
     def warn(msg):  # warnings are shown with -q too
         print(f"entrodrop profile: {msg}", file=sys.stderr)
 
-    preset = _apply_preset(args)  # --preset paper: method, k, bins, batch size, dtype from the architecture
+    preset = _apply_preset(
+        args
+    )  # --preset paper: method, k, bins, batch size, dtype from the architecture
     methods = parse_methods(args.method or ["bucket"])
-    for name, v in (("--samples", args.samples), ("--seq-len", args.seq_len), ("--batch-size", args.batch_size or 1), ("--bins", args.bins), ("--k", args.k)):
+    for name, v in (
+        ("--samples", args.samples),
+        ("--seq-len", args.seq_len),
+        ("--batch-size", args.batch_size or 1),
+        ("--bins", args.bins),
+        ("--k", args.k),
+    ):
         if v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v}")
     from entrodrop_fast.ops.api import MAX_BINS
 
     if args.bins > MAX_BINS:  # before the model loads, not at the first estimator call
-        raise ValueError(f"--bins must be at most {MAX_BINS} (every backend keeps that many counters per channel), got {args.bins}")
-    settings = ProfileSettings(methods=methods, batch_size=args.batch_size or 1, backend=args.backend, bins=args.bins, k=args.k, paper_exact=args.paper_exact, spans=_spans(args.spans))
+        raise ValueError(
+            f"--bins must be at most {MAX_BINS} (every backend keeps that many counters per channel), got {args.bins}"
+        )
+    settings = ProfileSettings(
+        methods=methods,
+        batch_size=args.batch_size or 1,
+        backend=args.backend,
+        bins=args.bins,
+        k=args.k,
+        paper_exact=args.paper_exact,
+        spans=_spans(args.spans),
+    )
     check_targets(args)
     if args.quiet:  # -q: no progress bars, transformers' "Loading weights" included
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     budget = parse_bytes(args.max_memory, "--max-memory") if args.max_memory is not None else None
-    calibration = Calibration(corpus=args.corpus, text_field=args.text_field, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
-    corpus = check_inputs(args.model, settings, calibration, device=args.device, cache_dir=args.cache_dir, names=CLI_NAMES)
+    calibration = Calibration(
+        corpus=args.corpus,
+        text_field=args.text_field,
+        samples=args.samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+    )
+    corpus = check_inputs(
+        args.model,
+        settings,
+        calibration,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        names=CLI_NAMES,
+    )
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
-    memory = Memory(max_bytes=budget, streaming=args.streaming, resume_dir=args.resume_dir, label=args.max_memory)
-    report = profile_model(args.model, settings, memory, calibration=calibration, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir, preset=preset,
-                           batch_size_fixed=args.batch_size is not None, progress=not args.quiet, log=log, warn=warn, names=CLI_NAMES, corpus=corpus)
+    memory = Memory(
+        max_bytes=budget,
+        streaming=args.streaming,
+        resume_dir=args.resume_dir,
+        label=args.max_memory,
+    )
+    report = profile_model(
+        args.model,
+        settings,
+        memory,
+        calibration=calibration,
+        dtype=args.dtype,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        preset=preset,
+        batch_size_fixed=args.batch_size is not None,
+        progress=not args.quiet,
+        log=log,
+        warn=warn,
+        names=CLI_NAMES,
+        corpus=corpus,
+    )
     if report is None:  # another rank of a distributed run: rank 0 writes the report
         return 0
     out = write_report(report, args.out, png=not args.no_plot, overwrite=args.overwrite)
     print(ranking_table(report, top=args.top))
     t = report["timing"]
-    print(f"\nprofiled {t['samples']} samples in {t['seconds']:.1f} s ({t['tokens_per_s']:.0f} tokens/s, backend {report['settings']['backend']}); report: {out}")
+    print(
+        f"\nprofiled {t['samples']} samples in {t['seconds']:.1f} s ({t['tokens_per_s']:.0f} tokens/s, backend {report['settings']['backend']}); report: {out}"
+    )
     return 0

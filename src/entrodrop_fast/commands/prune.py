@@ -21,21 +21,67 @@ from entrodrop_fast.data import PAPER_SAMPLES, PAPER_SEED, PAPER_SEQ_LEN
 def register(subparsers) -> None:
     from entrodrop_fast.cli import int_at_least, positive_int
 
-    p = subparsers.add_parser("prune", help="remove blocks and save the smaller model (from a plan, or profile + rank first)", description=__doc__)
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help="local HF directory (safetensors), .gguf file, hub id, a built-in name (gemma3-270m), or nothing for the built-in SmolLM2-135M-Instruct")
-    p.add_argument("--out", required=True, help="output directory (new or empty, unless --overwrite)")
+    p = subparsers.add_parser(
+        "prune",
+        help="remove blocks and save the smaller model (from a plan, or profile + rank first)",
+        description=__doc__,
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="local HF directory (safetensors), .gguf file, hub id, a built-in name (gemma3-270m), or nothing for the built-in SmolLM2-135M-Instruct",
+    )
+    p.add_argument(
+        "--out", required=True, help="output directory (new or empty, unless --overwrite)"
+    )
     p.add_argument("--plan", default=None, help="drop plan JSON from entrodrop rank")
-    p.add_argument("--report", default=None, help="rank from this report instead of profiling (with --kind/--drop)")
+    p.add_argument(
+        "--report",
+        default=None,
+        help="rank from this report instead of profiling (with --kind/--drop)",
+    )
     add_ranking_args(p)
-    p.add_argument("--samples", type=positive_int, default=PAPER_SAMPLES, help=f"profile step: calibration windows (default {PAPER_SAMPLES})")
-    p.add_argument("--seq-len", type=int_at_least(2, "an entropy needs at least 2 tokens"), default=PAPER_SEQ_LEN, help=f"profile step: tokens per window (default {PAPER_SEQ_LEN})")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="profile step: windows per forward (default 8; the result does not depend on it)")
-    p.add_argument("--seed", type=int, default=PAPER_SEED, help=f"profile step: sampling seed (default {PAPER_SEED})")
-    p.add_argument("--corpus", default=None, help="profile step: calibration text (default: built-in corpus)")
+    p.add_argument(
+        "--samples",
+        type=positive_int,
+        default=PAPER_SAMPLES,
+        help=f"profile step: calibration windows (default {PAPER_SAMPLES})",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int_at_least(2, "an entropy needs at least 2 tokens"),
+        default=PAPER_SEQ_LEN,
+        help=f"profile step: tokens per window (default {PAPER_SEQ_LEN})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=8,
+        help="profile step: windows per forward (default 8; the result does not depend on it)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=PAPER_SEED,
+        help=f"profile step: sampling seed (default {PAPER_SEED})",
+    )
+    p.add_argument(
+        "--corpus", default=None, help="profile step: calibration text (default: built-in corpus)"
+    )
     p.add_argument("--device", default="cpu", help="profile step: cpu, cuda or cuda:N")
     p.add_argument("--cache-dir", default=None, help="where the built-in model is converted")
-    p.add_argument("--iterative", action="store_true", help="drop one block at a time and re-profile the pruned model in between (kinds attn, mlp, layer; slower)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier pruned model in --out, or write into a directory holding other files (they are left untouched)")
+    p.add_argument(
+        "--iterative",
+        action="store_true",
+        help="drop one block at a time and re-profile the pruned model in between (kinds attn, mlp, layer; slower)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier pruned model in --out, or write into a directory holding other files (they are left untouched)",
+    )
     p.set_defaults(func=run)
 
 
@@ -50,10 +96,18 @@ def _profile_settings(src: Path, args):
     preset = _preset(src, args)  # --preset paper: the paper's estimator, batch 1, dtype
     default = preset["method"] if preset else "bucket"
     method = args.method if args.method and args.method not in ("cosine", "angular") else default
-    methods = (method, "cosine") if args.method == "cosine" else ((method, "angular") if args.method == "angular" else (method,))
+    methods = (
+        (method, "cosine")
+        if args.method == "cosine"
+        else ((method, "angular") if args.method == "angular" else (method,))
+    )
     settings = ProfileSettings(methods=methods, batch_size=args.batch_size)
     if preset:
-        settings.batch_size, settings.k, settings.bins = preset["batch_size"], preset["k"], preset["bins"]
+        settings.batch_size, settings.k, settings.bins = (
+            preset["batch_size"],
+            preset["k"],
+            preset["bins"],
+        )
     if "angular" in methods and args.drop is not None and str(args.drop).isdigit():
         settings.spans = (int(args.drop),)
     return preset, settings, preset["dtype"] if preset else "fp32"
@@ -78,9 +132,23 @@ def profile_report(src: Path, args, windows_out: list | None = None) -> dict:
     from entrodrop_fast.profile.pipeline import Calibration, profile_model
 
     preset, settings, dtype = _profile_settings(src, args)
-    _log(f"profiling {src.name}: {args.samples} x {args.seq_len} tokens, method {', '.join(settings.methods)} ...")
-    calibration = Calibration(corpus=args.corpus, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
-    report = profile_model(str(src), settings, calibration=calibration, dtype=dtype, device=args.device, preset=preset, progress=True, warn=_log, windows_out=windows_out)
+    _log(
+        f"profiling {src.name}: {args.samples} x {args.seq_len} tokens, method {', '.join(settings.methods)} ..."
+    )
+    calibration = Calibration(
+        corpus=args.corpus, samples=args.samples, seq_len=args.seq_len, seed=args.seed
+    )
+    report = profile_model(
+        str(src),
+        settings,
+        calibration=calibration,
+        dtype=dtype,
+        device=args.device,
+        preset=preset,
+        progress=True,
+        warn=_log,
+        windows_out=windows_out,
+    )
     report["model"].update({"name": str(src), "source": str(src), "path": str(src)})
     return report
 
@@ -106,9 +174,23 @@ def iterative(src: Path, args) -> dict:
 
     _, settings, dtype = _profile_settings(src, args)
     lm = load_model(str(src), dtype=dtype, device=args.device)
-    windows, data_info = calibration_windows(lm.tokenizer, args.corpus, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
-    _log(f"profiling {src.name}: {data_info['samples']} x {data_info['seq_len']} tokens, method {', '.join(settings.methods)} ...")
-    plan = iterative_plan(lm.model, windows, args.kind, args.drop, method=args.method, protect=args.protect, settings=settings, progress=True, preset=args.preset)
+    windows, data_info = calibration_windows(
+        lm.tokenizer, args.corpus, samples=args.samples, seq_len=args.seq_len, seed=args.seed
+    )
+    _log(
+        f"profiling {src.name}: {data_info['samples']} x {data_info['seq_len']} tokens, method {', '.join(settings.methods)} ..."
+    )
+    plan = iterative_plan(
+        lm.model,
+        windows,
+        args.kind,
+        args.drop,
+        method=args.method,
+        protect=args.protect,
+        settings=settings,
+        progress=True,
+        preset=args.preset,
+    )
     plan["model"].update({"name": str(src), "path": str(src)})
     return plan
 
@@ -127,13 +209,28 @@ def run(args) -> int:
     from entrodrop_fast.prune.ranking import make_plan, plan_summary
     from entrodrop_fast.prune.surgery import read_plan
 
-    inputs = [*outputs.model_paths(args.model, args.cache_dir), *outputs.corpus_paths(args.corpus),
-              ("plan", args.plan), ("report", args.report)]
-    out = outputs.check_dir(args.out, kind="model", what="pruned model", inputs=inputs, overwrite=args.overwrite, replace_ours=False)
+    inputs = [
+        *outputs.model_paths(args.model, args.cache_dir),
+        *outputs.corpus_paths(args.corpus),
+        ("plan", args.plan),
+        ("report", args.report),
+    ]
+    out = outputs.check_dir(
+        args.out,
+        kind="model",
+        what="pruned model",
+        inputs=inputs,
+        overwrite=args.overwrite,
+        replace_ours=False,
+    )
     if args.plan and (args.kind or args.drop or args.report):
-        raise ValueError("give either --plan, or --kind/--drop (with an optional --report), not both")
+        raise ValueError(
+            "give either --plan, or --kind/--drop (with an optional --report), not both"
+        )
     if not args.plan and (args.kind is None or args.drop is None):
-        raise ValueError("prune needs --plan PLAN, or --kind (attn, mlp, layer, joint) and --drop N")
+        raise ValueError(
+            "prune needs --plan PLAN, or --kind (attn, mlp, layer, joint) and --drop N"
+        )
 
     def plan_for(src: Path) -> dict:
         if args.iterative:
@@ -141,23 +238,49 @@ def run(args) -> int:
                 raise ValueError("--iterative re-profiles the model itself: drop --report")
             plan = iterative(src, args)
         else:
-            report = report_for(src, args.report) if args.report is not None else profile_report(src, args)
-            plan = make_plan(report, args.kind, args.drop, method=args.method, protect=args.protect, report_path=args.report, preset=args.preset)
+            report = (
+                report_for(src, args.report)
+                if args.report is not None
+                else profile_report(src, args)
+            )
+            plan = make_plan(
+                report,
+                args.kind,
+                args.drop,
+                method=args.method,
+                protect=args.protect,
+                report_path=args.report,
+                preset=args.preset,
+            )
         print(plan_summary(plan))
         return plan
 
-    src, plan, s = prune_model(args.model, out, read_plan(args.plan) if args.plan else plan_for, cache_dir=args.cache_dir, overwrite=args.overwrite)
+    src, plan, s = prune_model(
+        args.model,
+        out,
+        read_plan(args.plan) if args.plan else plan_for,
+        cache_dir=args.cache_dir,
+        overwrite=args.overwrite,
+    )
     d = s.drops
     dropped = "; ".join(f"{k} {d[k]}" for k in ("attn", "mlp", "layer") if d[k]) or "nothing"
     pct = lambda a, b: f"{100 * (b - a) / a:+.1f}%" if a else ""
     print(f"pruned {src} -> {s.out}")
     print(f"  blocks dropped (0-based layers): {dropped}")
     print(f"  layers:                {s.layers_before} -> {s.layers_after}")
-    print(f"  parameters:            {s.params_before:,} -> {s.params_after:,} ({pct(s.params_before, s.params_after)})")
-    print(f"  checkpoint bytes:      {_h(s.bytes_before)} -> {_h(s.bytes_after)} ({pct(s.bytes_before, s.bytes_after)})")
-    print(f"  KV cache bytes/token:  {s.kv_bytes_per_token_before:,} -> {s.kv_bytes_per_token_after:,} ({pct(s.kv_bytes_per_token_before, s.kv_bytes_per_token_after)})")
+    print(
+        f"  parameters:            {s.params_before:,} -> {s.params_after:,} ({pct(s.params_before, s.params_after)})"
+    )
+    print(
+        f"  checkpoint bytes:      {_h(s.bytes_before)} -> {_h(s.bytes_after)} ({pct(s.bytes_before, s.bytes_after)})"
+    )
+    print(
+        f"  KV cache bytes/token:  {s.kv_bytes_per_token_before:,} -> {s.kv_bytes_per_token_after:,} ({pct(s.kv_bytes_per_token_before, s.kv_bytes_per_token_after)})"
+    )
     if s.stock_loadable:
         print("  load: AutoModelForCausalLM.from_pretrained(DIR)  (standard checkpoint)")
     else:
-        print("  load: entrodrop_fast.load_pruned(DIR) or AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)")
+        print(
+            "  load: entrodrop_fast.load_pruned(DIR) or AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)"
+        )
     return 0

@@ -23,7 +23,16 @@ import random
 from pathlib import Path
 
 # = entrodrop_fast.profile.inmemory.ENTROPY_METHODS (tested), spelled out so the CLI parser needs no torch
-ENTROPY = ("bucket", "gaussian_diag", "gaussian_full", "knn", "renyi", "bucket_q", "bucket_nosink", "bucket_tokennorm")
+ENTROPY = (
+    "bucket",
+    "gaussian_diag",
+    "gaussian_full",
+    "knn",
+    "renyi",
+    "bucket_q",
+    "bucket_nosink",
+    "bucket_tokennorm",
+)
 
 SCORING = (*ENTROPY, "cosine", "block_influence", "angular")
 BASELINES = ("random",)
@@ -34,7 +43,9 @@ def parse_list(spec: str, allowed: tuple[str, ...], what: str) -> list[str]:
     out = list(dict.fromkeys(s.strip() for s in str(spec).split(",") if s.strip()))
     bad = [s for s in out if s not in allowed]
     if bad:
-        raise ValueError(f"{what}: unknown {', '.join(map(repr, bad))}; choose from {', '.join(allowed)}")
+        raise ValueError(
+            f"{what}: unknown {', '.join(map(repr, bad))}; choose from {', '.join(allowed)}"
+        )
     if not out:
         raise ValueError(f"{what} is empty; choose from {', '.join(allowed)}")
     return out
@@ -49,7 +60,9 @@ def parse_counts(spec: str) -> list:
 
     items = list(dict.fromkeys(s.strip() for s in str(spec).split(",") if s.strip()))
     if not items:
-        raise ValueError(f"--drop names no count: give comma-separated values, each {DROP_FORMS}; got {spec!r}")
+        raise ValueError(
+            f"--drop names no count: give comma-separated values, each {DROP_FORMS}; got {spec!r}"
+        )
     counts, fractions = set(), []
     for item in items:
         try:
@@ -66,7 +79,9 @@ def parse_counts(spec: str) -> list:
 ADVICE = "lower --drop (compare protects the default layers: those where the stream entropy still falls, and the last one)"
 
 
-def random_plan(report: dict, kind: str, k, seed: int = 0, protected: list[int] | None = None) -> dict:
+def random_plan(
+    report: dict, kind: str, k, seed: int = 0, protected: list[int] | None = None
+) -> dict:
     """K blocks of ``kind`` drawn uniformly among the unprotected ones (same protection as the others:
     ``protected``, default the report's default rule). ``k``: a count, or a fraction /
     percentage of those candidates (as in ``rank --drop``)."""
@@ -79,9 +94,17 @@ def random_plan(report: dict, kind: str, k, seed: int = 0, protected: list[int] 
     free = [i for i in range(L) if i not in set(protected) and i not in gone]
     k = parse_count(k, len(free))
     if k > len(free):
-        raise ValueError(f"random: cannot drop {k} {kind} blocks, only {len(free)} are candidates (protected layers {protected}); {ADVICE}")
+        raise ValueError(
+            f"random: cannot drop {k} {kind} blocks, only {len(free)} are candidates (protected layers {protected}); {ADVICE}"
+        )
     chosen = sorted(random.Random(f"{seed}-{kind}-{k}").sample(free, k))
-    return {"drop": {"attn": [], "mlp": [], "layer": [], kind: chosen}, "method": "random", "kind": kind, "k": k, "protected": protected}
+    return {
+        "drop": {"attn": [], "mlp": [], "layer": [], kind: chosen},
+        "method": "random",
+        "kind": kind,
+        "k": k,
+        "protected": protected,
+    }
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -115,7 +138,9 @@ def _scores(report: dict, kind: str, method: str) -> list[float]:
     return [b["delta"][method]["mean"] for b in blocks]
 
 
-def calibration_agreement(report_a: dict, report_b: dict, kind: str, method: str, counts: list[int], protect=(None, None)) -> dict:
+def calibration_agreement(
+    report_a: dict, report_b: dict, kind: str, method: str, counts: list[int], protect=(None, None)
+) -> dict:
     """Spearman correlation of the per-block scores of ``method`` (all blocks of ``kind``) in
     two reports, and the overlap of the K blocks each would drop. ``protect``: the protected
     layers used with each report (None: the report's default rule)."""
@@ -126,12 +151,36 @@ def calibration_agreement(report_a: dict, report_b: dict, kind: str, method: str
     for k in counts:
         plan_a = make_plan(report_a, kind, k, method=method, advice=ADVICE, protect=protect[0])
         pa = set(plan_a["drop"][kind])
-        pb = set(make_plan(report_b, kind, k, method=method, advice=ADVICE, protect=protect[1])["drop"][kind])
-        overlap[str(k)] = {"shared": len(pa & pb), "of": plan_a["k"], "a": sorted(pa), "b": sorted(pb)}
+        pb = set(
+            make_plan(report_b, kind, k, method=method, advice=ADVICE, protect=protect[1])["drop"][
+                kind
+            ]
+        )
+        overlap[str(k)] = {
+            "shared": len(pa & pb),
+            "of": plan_a["k"],
+            "a": sorted(pa),
+            "b": sorted(pb),
+        }
     return {"kind": kind, "method": method, "spearman": rho, "overlap": overlap}
 
 
-def corpus_agreement(lm, comp: dict, corpus_b, *, kinds, methods, counts, samples: int, seq_len: int, seed: int, bins: int = 20, k: int = 25, batch_size: int = 8, progress: bool = False) -> list[dict]:
+def corpus_agreement(
+    lm,
+    comp: dict,
+    corpus_b,
+    *,
+    kinds,
+    methods,
+    counts,
+    samples: int,
+    seq_len: int,
+    seed: int,
+    bins: int = 20,
+    k: int = 25,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[dict]:
     """Profile again on ``corpus_b`` and compare each scoring method's ranking with the one in
     ``comp["report"]`` (:func:`calibration_agreement`; block_influence on layers only; angular
     and random have no per-block ranking). Protection: the comparison's rule, on each report."""
@@ -142,7 +191,18 @@ def corpus_agreement(lm, comp: dict, corpus_b, *, kinds, methods, counts, sample
     s1 = proto.get("stage1_method")
     if s1 and s1 not in scoring:
         scoring.insert(0, s1)
-    other = profile_report(lm, corpus_b, samples=samples, seq_len=seq_len, seed=seed, methods=scoring, progress=progress, bins=bins, k=k, batch_size=batch_size)
+    other = profile_report(
+        lm,
+        corpus_b,
+        samples=samples,
+        seq_len=seq_len,
+        seed=seed,
+        methods=scoring,
+        progress=progress,
+        bins=bins,
+        k=k,
+        batch_size=batch_size,
+    )
     rule = proto.get("protect_rule", "per-method")
     out = []
     for kind in kinds:
@@ -150,9 +210,27 @@ def corpus_agreement(lm, comp: dict, corpus_b, *, kinds, methods, counts, sample
             if m in ("random", "angular") or (m == "block_influence" and kind != "layer"):
                 continue
             pm = "cosine" if m == "block_influence" else m
-            pa = protected_by_rule(comp["report"], rule, method=pm, stage1_method=s1)[0] if rule != "per-method" else None
-            pb = protected_by_rule(other, rule, method=pm, stage1_method=s1)[0] if rule != "per-method" else None
-            out.append(calibration_agreement(comp["report"], other, kind, pm, [c for c in counts if isinstance(c, int)], protect=(pa, pb)) | {"method": m})
+            pa = (
+                protected_by_rule(comp["report"], rule, method=pm, stage1_method=s1)[0]
+                if rule != "per-method"
+                else None
+            )
+            pb = (
+                protected_by_rule(other, rule, method=pm, stage1_method=s1)[0]
+                if rule != "per-method"
+                else None
+            )
+            out.append(
+                calibration_agreement(
+                    comp["report"],
+                    other,
+                    kind,
+                    pm,
+                    [c for c in counts if isinstance(c, int)],
+                    protect=(pa, pb),
+                )
+                | {"method": m}
+            )
     return out
 
 
@@ -201,7 +279,21 @@ def retained_note(dense: dict) -> str:
     return note + "."
 
 
-def profile_report(lm, corpus, *, samples: int, seq_len: int, seed: int, methods, batch_size: int = 8, progress: bool = True, bins: int = 20, k: int = 25, spans=None, windows_out: list | None = None) -> dict:
+def profile_report(
+    lm,
+    corpus,
+    *,
+    samples: int,
+    seq_len: int,
+    seed: int,
+    methods,
+    batch_size: int = 8,
+    progress: bool = True,
+    bins: int = 20,
+    k: int = 25,
+    spans=None,
+    windows_out: list | None = None,
+) -> dict:
     """Profile on the calibration part of ``corpus`` (held-out documents excluded), through
     :func:`entrodrop_fast.profile.pipeline.profile_model`. ``windows_out``: a list that
     receives the calibration windows (for iterative re-scoring)."""
@@ -210,9 +302,17 @@ def profile_report(lm, corpus, *, samples: int, seq_len: int, seed: int, methods
     from entrodrop_fast.profile.pipeline import Calibration, profile_model
 
     c = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
-    settings = ProfileSettings(methods=tuple(methods), batch_size=batch_size, bins=bins, k=k, spans=tuple(spans) if spans else DEFAULT_SPANS)
+    settings = ProfileSettings(
+        methods=tuple(methods),
+        batch_size=batch_size,
+        bins=bins,
+        k=k,
+        spans=tuple(spans) if spans else DEFAULT_SPANS,
+    )
     calibration = Calibration(corpus=c, samples=samples, seq_len=seq_len, seed=seed)
-    return profile_model(lm, settings, calibration=calibration, progress=progress, windows_out=windows_out)
+    return profile_model(
+        lm, settings, calibration=calibration, progress=progress, windows_out=windows_out
+    )
 
 
 def heldout_text(corpora) -> list[str]:
@@ -228,7 +328,10 @@ def heldout_text(corpora) -> list[str]:
 
 def drop_key(drop: dict) -> str:
     """A canonical key of a drop set (the cache of evaluations): 'attn:3,5|layer:' style."""
-    return "|".join(f"{kind}:{','.join(map(str, sorted(drop.get(kind) or [])))}" for kind in ("attn", "mlp", "layer"))
+    return "|".join(
+        f"{kind}:{','.join(map(str, sorted(drop.get(kind) or [])))}"
+        for kind in ("attn", "mlp", "layer")
+    )
 
 
 def _scoring_methods(methods) -> list[str]:
@@ -248,7 +351,11 @@ def best_entropy_method(rows: list[dict], kind: str) -> str | None:
 
     cands = {}
     for r in rows:
-        if r["kind"] == kind and r["method"] in ENTROPY_METHODS and r.get("setting", "one-shot") == "one-shot":
+        if (
+            r["kind"] == kind
+            and r["method"] in ENTROPY_METHODS
+            and r.get("setting", "one-shot") == "one-shot"
+        ):
             cands.setdefault(r["method"], []).append(r)
     if not cands:
         return None
@@ -262,7 +369,9 @@ def best_entropy_method(rows: list[dict], kind: str) -> str | None:
     return min(sorted(cands), key=key)
 
 
-def paired_tests(rows: list[dict], evaluations: dict, kinds, *, against: str = "cosine") -> list[dict]:
+def paired_tests(
+    rows: list[dict], evaluations: dict, kinds, *, against: str = "cosine"
+) -> list[dict]:
     """At each (kind, K): the best entropy method (:func:`best_entropy_method`) against
     ``against`` on the same items: exact McNemar on the zero-shot items of every task pooled,
     and the paired per-window NLL difference (best - against) with its 95% interval."""
@@ -273,7 +382,17 @@ def paired_tests(rows: list[dict], evaluations: dict, kinds, *, against: str = "
         best = best_entropy_method(rows, kind)
         if best is None:
             continue
-        one = lambda m, kk, kind=kind: next((r for r in rows if r["kind"] == kind and r["method"] == m and r["k"] == kk and r.get("setting", "one-shot") == "one-shot"), None)  # noqa: E731
+        one = lambda m, kk, kind=kind: next(
+            (
+                r
+                for r in rows
+                if r["kind"] == kind
+                and r["method"] == m
+                and r["k"] == kk
+                and r.get("setting", "one-shot") == "one-shot"
+            ),
+            None,
+        )  # noqa: E731
         for k in sorted({r["k"] for r in rows if r["kind"] == kind and r["method"] == best}):
             a, b = one(best, k), one(against, k)
             if a is None or b is None:
@@ -282,16 +401,47 @@ def paired_tests(rows: list[dict], evaluations: dict, kinds, *, against: str = "
             tasks = [t for t in ea["correct"] if t in eb["correct"]]
             ia = [v for t in tasks for v in ea["correct"][t]]
             ib = [v for t in tasks for v in eb["correct"][t]]
-            test = {"kind": kind, "k": k, "a": best, "b": against, "same_blocks": a["eval_key"] == b["eval_key"], "tasks": tasks}
+            test = {
+                "kind": kind,
+                "k": k,
+                "a": best,
+                "b": against,
+                "same_blocks": a["eval_key"] == b["eval_key"],
+                "tasks": tasks,
+            }
             test["mcnemar"] = mcnemar_exact(ia, ib) if ia else None
             test["nll_diff"] = paired_mean_diff(ea["window_nll"], eb["window_nll"])
             out.append(test)
     return out
 
 
-def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cosine", "random"), corpus=None, samples: int = 128, seq_len: int = 256, seed: int = 2024, eval_windows: int = 32, eval_items: int = 100, speed: bool = True, progress: bool = True, log=print,
-            protect_rule: str = "shared", stage1_method: str | None = None, random_seeds=(0, 1, 2), iterative=(), iterative_samples: int | None = None, bins: int = 20, k: int = 25, batch_size: int = 8,
-            report: dict | None = None, eval_cache: dict | None = None, eval_corpora=None) -> dict:
+def compare(
+    lm,
+    *,
+    kinds=("attn",),
+    counts=(2, 4, 6, 8),
+    methods=("bucket", "cosine", "random"),
+    corpus=None,
+    samples: int = 128,
+    seq_len: int = 256,
+    seed: int = 2024,
+    eval_windows: int = 32,
+    eval_items: int = 100,
+    speed: bool = True,
+    progress: bool = True,
+    log=print,
+    protect_rule: str = "shared",
+    stage1_method: str | None = None,
+    random_seeds=(0, 1, 2),
+    iterative=(),
+    iterative_samples: int | None = None,
+    bins: int = 20,
+    k: int = 25,
+    batch_size: int = 8,
+    report: dict | None = None,
+    eval_cache: dict | None = None,
+    eval_corpora=None,
+) -> dict:
     """Profile once, prune each (method, K), evaluate; returns the comparison dict.
 
     ``methods``: entropy estimators (:data:`entrodrop_fast.profile.inmemory.ENTROPY_METHODS`), ``cosine``
@@ -328,10 +478,14 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
     from entrodrop_fast.prune.surgery import count_params, drop_blocks_
 
     if protect_rule not in PROTECT_RULES:
-        raise ValueError(f"protect rule must be one of {', '.join(PROTECT_RULES)}, got {protect_rule!r}")
+        raise ValueError(
+            f"protect rule must be one of {', '.join(PROTECT_RULES)}, got {protect_rule!r}"
+        )
     for m in iterative:
         if m not in methods or m in ("random", "angular"):
-            raise ValueError(f"iterative re-scoring of {m!r}: give a scoring method that is also in methods (not random / angular)")
+            raise ValueError(
+                f"iterative re-scoring of {m!r}: give a scoring method that is also in methods (not random / angular)"
+            )
     if "random" in methods and not random_seeds:
         raise ValueError("random needs at least one seed")
     c = load_corpus(corpus)
@@ -339,7 +493,9 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
     ent = [m for m in methods if m in ENTROPY_METHODS]
     stage1_method = stage1_method or (ent[0] if ent else "bucket")
     if stage1_method not in ENTROPY_METHODS:
-        raise ValueError(f"stage1 method must be an entropy method ({', '.join(ENTROPY_METHODS)}), got {stage1_method!r}")
+        raise ValueError(
+            f"stage1 method must be an entropy method ({', '.join(ENTROPY_METHODS)}), got {stage1_method!r}"
+        )
     scoring = _scoring_methods(methods)
     if stage1_method not in scoring:
         scoring.insert(0, stage1_method)  # the shared protection's profile
@@ -350,14 +506,35 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
     windows_box: list = []
     if report is None:
         log(f"profiling once with {', '.join(scoring)} ({samples} x {seq_len} tokens) ...")
-        report = profile_report(lm, c, samples=samples, seq_len=seq_len, seed=seed, methods=scoring, progress=progress, bins=bins, k=k, spans=spans, batch_size=batch_size, windows_out=windows_box)
+        report = profile_report(
+            lm,
+            c,
+            samples=samples,
+            seq_len=seq_len,
+            seed=seed,
+            methods=scoring,
+            progress=progress,
+            bins=bins,
+            k=k,
+            spans=spans,
+            batch_size=batch_size,
+            windows_out=windows_box,
+        )
     else:
         from entrodrop_fast.data import calibration_windows
 
-        missing = [m for m in scoring if m not in report.get("entropy", {}) and m != "cosine" and m != "angular"]
+        missing = [
+            m
+            for m in scoring
+            if m not in report.get("entropy", {}) and m != "cosine" and m != "angular"
+        ]
         if missing:
-            raise ValueError(f"the given report has no {', '.join(missing)} profile; profile with those methods")
-        windows_box.append(calibration_windows(lm.tokenizer, c, samples=samples, seq_len=seq_len, seed=seed)[0])
+            raise ValueError(
+                f"the given report has no {', '.join(missing)} profile; profile with those methods"
+            )
+        windows_box.append(
+            calibration_windows(lm.tokenizer, c, samples=samples, seq_len=seq_len, seed=seed)[0]
+        )
 
     def protection(method: str):
         if protect_rule == "per-method":
@@ -371,14 +548,22 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
         if key not in evaluations:
             ppl = E.perplexity(model, lm.tokenizer, held, seq_len=seq_len, max_windows=eval_windows)
             zs = E.zero_shot(model, lm.tokenizer, held, items=eval_items)
-            evaluations[key] = {"perplexity": ppl, "zero_shot": zs, "window_nll": ppl["window_nll"], "correct": {z["task"]: z["correct"] for z in zs}, "params": count_params(model)}
+            evaluations[key] = {
+                "perplexity": ppl,
+                "zero_shot": zs,
+                "window_nll": ppl["window_nll"],
+                "correct": {z["task"]: z["correct"] for z in zs},
+                "params": count_params(model),
+            }
         return evaluations[key]
 
     log("evaluating the dense model ...")
     dense_key = drop_key({})
     dense_ev = evaluate(lm.model, dense_key)
     dense_q = _quality(dense_ev)
-    dense_speed = E.speed(lm.model, lm.tokenizer, prompt_len=128, new_tokens=16, repeats=2) if speed else None
+    dense_speed = (
+        E.speed(lm.model, lm.tokenizer, prompt_len=128, new_tokens=16, repeats=2) if speed else None
+    )
     if retained(dense_q, dense_q) is None:
         log(retained_note(dense_q))
 
@@ -398,10 +583,27 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
                 if m == "random":
                     for s in random_seeds:
                         plan = random_plan(report, kind, kk, seed=s, protected=prot)
-                        plans.append(({"kind": kind, "method": "random", "setting": "one-shot", "seed": s, "protected": prot}, plan))
+                        plans.append(
+                            (
+                                {
+                                    "kind": kind,
+                                    "method": "random",
+                                    "setting": "one-shot",
+                                    "seed": s,
+                                    "protected": prot,
+                                },
+                                plan,
+                            )
+                        )
                     continue
                 plan = make_plan(report, kind, kk, method=m, protect=prot, advice=ADVICE)
-                head = {"kind": kind, "method": m, "setting": "one-shot", "protected": prot, "protect_reason": why}
+                head = {
+                    "kind": kind,
+                    "method": m,
+                    "setting": "one-shot",
+                    "protected": prot,
+                    "protect_reason": why,
+                }
                 if m == "angular":
                     plan["k"] = len(plan["drop"]["layer"])
                 plans.append((head, plan))
@@ -414,13 +616,33 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
             prot, why = protection(m)
             kmax = max(int_counts)
             log(f"iterative re-scoring: {m}, {kind}, up to K = {kmax} ...")
-            settings = ProfileSettings(methods=tuple(_scoring_methods([m])), batch_size=batch_size, bins=bins, k=k)
+            settings = ProfileSettings(
+                methods=tuple(_scoring_methods([m])), batch_size=batch_size, bins=bins, k=k
+            )
             wins = windows_box[0][: iterative_samples or samples]
-            it = iterative_plan(copy.deepcopy(lm.model), wins, kind, kmax, method=m, protect=prot, settings=settings)
+            it = iterative_plan(
+                copy.deepcopy(lm.model), wins, kind, kmax, method=m, protect=prot, settings=settings
+            )
             order = [st["layer"] for st in it["steps"]]
             for kk in int_counts:
-                plan = {"drop": {"attn": [], "mlp": [], "layer": [], kind: sorted(order[:kk])}, "k": kk, "kind": kind}
-                plans.append(({"kind": kind, "method": m, "setting": "iterative", "protected": prot, "protect_reason": why, "steps": it["steps"][:kk]}, plan))
+                plan = {
+                    "drop": {"attn": [], "mlp": [], "layer": [], kind: sorted(order[:kk])},
+                    "k": kk,
+                    "kind": kind,
+                }
+                plans.append(
+                    (
+                        {
+                            "kind": kind,
+                            "method": m,
+                            "setting": "iterative",
+                            "protected": prot,
+                            "protect_reason": why,
+                            "steps": it["steps"][:kk],
+                        },
+                        plan,
+                    )
+                )
     for note in dict.fromkeys(skipped):
         log(f"skipped: {note}")
 
@@ -435,27 +657,66 @@ def compare(lm, *, kinds=("attn",), counts=(2, 4, 6, 8), methods=("bucket", "cos
             drop_blocks_(pruned, plan)
         ev = evaluate(pruned, key)
         q = _quality(ev)
-        row = {**head, "k": plan["k"], **({"requested_drop": plan.get("requested_drop")} if isinstance(plan.get("requested_drop"), str) else {}),
-               "dropped": plan["drop"][head["kind"]], "eval_key": key, "cached": cached,
-               "params": ev["params"],
-               **q, "ci95": _intervals(ev), "retained": retained(q, dense_q)}
+        row = {
+            **head,
+            "k": plan["k"],
+            **(
+                {"requested_drop": plan.get("requested_drop")}
+                if isinstance(plan.get("requested_drop"), str)
+                else {}
+            ),
+            "dropped": plan["drop"][head["kind"]],
+            "eval_key": key,
+            "cached": cached,
+            "params": ev["params"],
+            **q,
+            "ci95": _intervals(ev),
+            "retained": retained(q, dense_q),
+        }
         # the pruned structure, hence the speed, depends on (kind, K), not on the method
         if speed and (head["kind"], plan["k"]) not in timed:
             row["speed"] = E.speed(pruned, lm.tokenizer, prompt_len=128, new_tokens=16, repeats=2)
             timed.add((head["kind"], plan["k"]))
         rows.append(row)
         del pruned
-    log(f"{len(rows)} rows, {len({r['eval_key'] for r in rows})} distinct pruned models ({sum(not r['cached'] for r in rows)} evaluated in this call)")
+    log(
+        f"{len(rows)} rows, {len({r['eval_key'] for r in rows})} distinct pruned models ({sum(not r['cached'] for r in rows)} evaluated in this call)"
+    )
     return {
         "model": report["model"],
-        "data": {"calibration": report["data"], "heldout_documents": len(held), "eval_windows": eval_windows, "eval_items": eval_items, "seq_len": seq_len,
-                 "eval_corpora": [load_corpus(x).name for x in eval_corpora] if eval_corpora else [c.name]},
-        "protocol": {"protect_rule": protect_rule, "stage1_method": stage1_method if protect_rule == "shared" else None, "random_seeds": list(random_seeds) if "random" in methods else [],
-                     "iterative": list(iterative), "iterative_samples": (iterative_samples or samples) if iterative else None, "bins": bins, "k": k, "skipped": list(dict.fromkeys(skipped))},
-        "dense": {**dense_q, "ci95": _intervals(dense_ev), "params": count_params(lm.model), **({"speed": dense_speed} if speed else {})},
+        "data": {
+            "calibration": report["data"],
+            "heldout_documents": len(held),
+            "eval_windows": eval_windows,
+            "eval_items": eval_items,
+            "seq_len": seq_len,
+            "eval_corpora": [load_corpus(x).name for x in eval_corpora]
+            if eval_corpora
+            else [c.name],
+        },
+        "protocol": {
+            "protect_rule": protect_rule,
+            "stage1_method": stage1_method if protect_rule == "shared" else None,
+            "random_seeds": list(random_seeds) if "random" in methods else [],
+            "iterative": list(iterative),
+            "iterative_samples": (iterative_samples or samples) if iterative else None,
+            "bins": bins,
+            "k": k,
+            "skipped": list(dict.fromkeys(skipped)),
+        },
+        "dense": {
+            **dense_q,
+            "ci95": _intervals(dense_ev),
+            "params": count_params(lm.model),
+            **({"speed": dense_speed} if speed else {}),
+        },
         "rows": rows,
         "paired": paired_tests(rows, evaluations, kinds),
-        "evaluations": {key: {"window_nll": e["window_nll"], "correct": e["correct"]} for key, e in evaluations.items() if key == dense_key or key in {r["eval_key"] for r in rows}},
+        "evaluations": {
+            key: {"window_nll": e["window_nll"], "correct": e["correct"]}
+            for key, e in evaluations.items()
+            if key == dense_key or key in {r["eval_key"] for r in rows}
+        },
         "report": report,
     }
 
@@ -481,15 +742,28 @@ def random_summary(rows: list[dict]) -> list[dict]:
         if r["method"] == "random":
             groups.setdefault((r["kind"], r["k"]), []).append(r)
     for (kind, k), rs in groups.items():
+
         def stat(vals):
             vals = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
             if not vals:
                 return None
             m = sum(vals) / len(vals)
-            sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+            sd = (
+                math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+                if len(vals) > 1
+                else 0.0
+            )
             return {"mean": m, "sd": sd, "min": min(vals), "max": max(vals)}
 
-        out.append({"kind": kind, "k": k, "seeds": len(rs), "perplexity": stat([r["perplexity"] for r in rs]), "retained": stat([r.get("retained") for r in rs])})
+        out.append(
+            {
+                "kind": kind,
+                "k": k,
+                "seeds": len(rs),
+                "perplexity": stat([r["perplexity"] for r in rs]),
+                "retained": stat([r.get("retained") for r in rs]),
+            }
+        )
     return out
 
 
@@ -497,56 +771,119 @@ def markdown(comp: dict) -> str:
     d = comp["dense"]
     tasks = [t for t in d if t not in NOT_TASKS]
     dci = d.get("ci95") or {}
-    lines = [f"Dense: perplexity {_ci(d['perplexity'], dci.get('perplexity'), '.2f')}, " + ", ".join(f"{t} {_ci(d[t], dci.get(t), '.3f')}" for t in tasks) + f", {d['params'] / 1e6:.1f} M parameters.", ""]
+    lines = [
+        f"Dense: perplexity {_ci(d['perplexity'], dci.get('perplexity'), '.2f')}, "
+        + ", ".join(f"{t} {_ci(d[t], dci.get(t), '.3f')}" for t in tasks)
+        + f", {d['params'] / 1e6:.1f} M parameters.",
+        "",
+    ]
     proto = comp.get("protocol")
     if proto:
-        rule = {"shared": f"shared: stage 1 detected once from the {proto.get('stage1_method')} stream entropy, plus the last layer, for every method",
-                "paper": "paper: layers 0, 1 and the last, fixed, for every method",
-                "per-method": "per method: stage 1 from each method's own profile (cosine/random: the first entropy method's), plus the last layer"}[proto["protect_rule"]]
-        lines += [f"Protection: {rule}. Intervals: 95% (perplexity: from the per-window NLL; accuracy: Wilson).", ""]
-    head = "| kind | method | K | dropped (0-based) | perplexity [95%] | " + " | ".join(f"{t} [95%]" for t in tasks) + " | % of dense retained |"
+        rule = {
+            "shared": f"shared: stage 1 detected once from the {proto.get('stage1_method')} stream entropy, plus the last layer, for every method",
+            "paper": "paper: layers 0, 1 and the last, fixed, for every method",
+            "per-method": "per method: stage 1 from each method's own profile (cosine/random: the first entropy method's), plus the last layer",
+        }[proto["protect_rule"]]
+        lines += [
+            f"Protection: {rule}. Intervals: 95% (perplexity: from the per-window NLL; accuracy: Wilson).",
+            "",
+        ]
+    head = (
+        "| kind | method | K | dropped (0-based) | perplexity [95%] | "
+        + " | ".join(f"{t} [95%]" for t in tasks)
+        + " | % of dense retained |"
+    )
     lines += [head, "|" + "---|" * (5 + len(tasks) + 1)]
     for r in comp["rows"]:
         ci = r.get("ci95") or {}
-        name = r["method"] + (" (iterative)" if r.get("setting") == "iterative" else "") + (f" seed {r['seed']}" if r["method"] == "random" and "seed" in r else "")
-        lines.append(f"| {r['kind']} | {name} | {r['k']} | {','.join(map(str, r['dropped']))} | {_ci(r['perplexity'], ci.get('perplexity'), _ppl_fmt(r['perplexity']))} | " + " | ".join(_ci(r[t], ci.get(t), ".3f") for t in tasks) + (f" | {100 * r['retained']:.1f} |" if isinstance(r.get("retained"), (int, float)) and math.isfinite(r["retained"]) else " | - |"))
+        name = (
+            r["method"]
+            + (" (iterative)" if r.get("setting") == "iterative" else "")
+            + (f" seed {r['seed']}" if r["method"] == "random" and "seed" in r else "")
+        )
+        lines.append(
+            f"| {r['kind']} | {name} | {r['k']} | {','.join(map(str, r['dropped']))} | {_ci(r['perplexity'], ci.get('perplexity'), _ppl_fmt(r['perplexity']))} | "
+            + " | ".join(_ci(r[t], ci.get(t), ".3f") for t in tasks)
+            + (
+                f" | {100 * r['retained']:.1f} |"
+                if isinstance(r.get("retained"), (int, float)) and math.isfinite(r["retained"])
+                else " | - |"
+            )
+        )
     lines += ["", retained_note(d)]
     rs = random_summary(comp["rows"])
     if rs and any(s["seeds"] > 1 for s in rs):
-        lines += ["", "Random baseline over seeds (mean ± sd [min, max]):", "", "| kind | K | seeds | perplexity | % retained |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Random baseline over seeds (mean ± sd [min, max]):",
+            "",
+            "| kind | K | seeds | perplexity | % retained |",
+            "|---|---|---|---|---|",
+        ]
         for s in rs:
             p, t = s["perplexity"], s["retained"]
             ps = f"{p['mean']:.2f} ± {p['sd']:.2f} [{p['min']:.2f}, {p['max']:.2f}]" if p else "-"
-            ts = f"{100 * t['mean']:.1f} ± {100 * t['sd']:.1f} [{100 * t['min']:.1f}, {100 * t['max']:.1f}]" if t else "-"
+            ts = (
+                f"{100 * t['mean']:.1f} ± {100 * t['sd']:.1f} [{100 * t['min']:.1f}, {100 * t['max']:.1f}]"
+                if t
+                else "-"
+            )
             lines.append(f"| {s['kind']} | {s['k']} | {s['seeds']} | {ps} | {ts} |")
     if comp.get("paired"):
-        lines += ["", "Paired tests on the same items (best entropy method vs cosine): exact McNemar on the zero-shot items of all tasks pooled; per-window NLL difference (negative: the entropy method's model predicts the held-out text better):", "",
-                  "| kind | K | entropy method | vs | right only A / only B | accuracy diff | McNemar p | ΔNLL (A − B) [95%] |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Paired tests on the same items (best entropy method vs cosine): exact McNemar on the zero-shot items of all tasks pooled; per-window NLL difference (negative: the entropy method's model predicts the held-out text better):",
+            "",
+            "| kind | K | entropy method | vs | right only A / only B | accuracy diff | McNemar p | ΔNLL (A − B) [95%] |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for t in comp["paired"]:
             mc, nd = t.get("mcnemar"), t["nll_diff"]
             same = " (same blocks)" if t.get("same_blocks") else ""
-            mcs = f"{mc['a_only']} / {mc['b_only']} | {mc['diff']:+.3f} | {mc['p']:.3g}" if mc else "- | - | -"
-            lines.append(f"| {t['kind']} | {t['k']} | {t['a']}{same} | {t['b']} | {mcs} | {nd['mean']:+.4f} [{nd['ci95'][0]:+.4f}, {nd['ci95'][1]:+.4f}] |")
+            mcs = (
+                f"{mc['a_only']} / {mc['b_only']} | {mc['diff']:+.3f} | {mc['p']:.3g}"
+                if mc
+                else "- | - | -"
+            )
+            lines.append(
+                f"| {t['kind']} | {t['k']} | {t['a']}{same} | {t['b']} | {mcs} | {nd['mean']:+.4f} [{nd['ci95'][0]:+.4f}, {nd['ci95'][1]:+.4f}] |"
+            )
     if "speed" in d:
-        lines += ["", "Speed (one model per kind and K; timings vary between runs):", "", "| kind | K | prefill tok/s | decode tok/s | decode speed-up | KV-cache bytes/token |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Speed (one model per kind and K; timings vary between runs):",
+            "",
+            "| kind | K | prefill tok/s | decode tok/s | decode speed-up | KV-cache bytes/token |",
+            "|---|---|---|---|---|---|",
+        ]
         ds = d["speed"]
-        lines.append(f"| dense | 0 | {ds['prefill_tokens_per_s']:.0f} | {ds['decode_tokens_per_s']:.1f} | 1.00 | {ds['kv_cache_bytes_per_token']:.0f} |")
+        lines.append(
+            f"| dense | 0 | {ds['prefill_tokens_per_s']:.0f} | {ds['decode_tokens_per_s']:.1f} | 1.00 | {ds['kv_cache_bytes_per_token']:.0f} |"
+        )
         for r in comp["rows"]:
             if "speed" in r:
                 s = r["speed"]
-                lines.append(f"| {r['kind']} | {r['k']} | {s['prefill_tokens_per_s']:.0f} | {s['decode_tokens_per_s']:.1f} | {s['decode_tokens_per_s'] / ds['decode_tokens_per_s']:.2f} | {s['kv_cache_bytes_per_token']:.0f} |")
+                lines.append(
+                    f"| {r['kind']} | {r['k']} | {s['prefill_tokens_per_s']:.0f} | {s['decode_tokens_per_s']:.1f} | {s['decode_tokens_per_s'] / ds['decode_tokens_per_s']:.2f} | {s['kv_cache_bytes_per_token']:.0f} |"
+                )
     if comp.get("calibration_agreement"):
         cal = comp.get("calibration") or {}
         lines += ["", f"Calibration robustness ({cal.get('a', 'a')} vs {cal.get('b', 'b')}):", ""]
         for a in comp["calibration_agreement"]:
             ov = ", ".join(f"K={k}: {v['shared']}/{v['of']}" for k, v in a["overlap"].items())
-            lines.append(f"- {a['kind']} / {a['method']}: Spearman {a['spearman']:.3f}; overlap of the dropped blocks {ov}")
+            lines.append(
+                f"- {a['kind']} / {a['method']}: Spearman {a['spearman']:.3f}; overlap of the dropped blocks {ov}"
+            )
     return "\n".join(lines) + "\n"
 
 
 def _same_as_cosine(rows: list[dict], kind: str) -> bool:
     """Whether block_influence's one-shot rows of ``kind`` dropped exactly cosine's blocks at every K."""
-    pick = lambda m: {r["k"]: r["eval_key"] for r in rows if r["kind"] == kind and r["method"] == m and r.get("setting", "one-shot") == "one-shot"}  # noqa: E731
+    pick = lambda m: {
+        r["k"]: r["eval_key"]
+        for r in rows
+        if r["kind"] == kind and r["method"] == m and r.get("setting", "one-shot") == "one-shot"
+    }  # noqa: E731
     bi, cos = pick("block_influence"), pick("cosine")
     return bool(bi) and bi == cos
 
@@ -560,35 +897,91 @@ def plot(comp: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     kinds = sorted({r["kind"] for r in comp["rows"]})
-    fig, axes = plt.subplots(2, max(1, len(kinds)), figsize=(5.5 * max(1, len(kinds)), 8), squeeze=False)
+    fig, axes = plt.subplots(
+        2, max(1, len(kinds)), figsize=(5.5 * max(1, len(kinds)), 8), squeeze=False
+    )
     num = lambda v: v if isinstance(v, (int, float)) and math.isfinite(v) else math.nan  # noqa: E731
     # one colour per method in every panel
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colours = {m: palette[i % len(palette)] for i, m in enumerate(sorted({r["method"] for r in comp["rows"]}))}
+    colours = {
+        m: palette[i % len(palette)]
+        for i, m in enumerate(sorted({r["method"] for r in comp["rows"]}))
+    }
     for col, kind in enumerate(kinds):
         ax_r, ax_p = axes[0][col], axes[1][col]
-        labels = sorted({(r["method"], r.get("setting", "one-shot")) for r in comp["rows"] if r["kind"] == kind})
-        same = _same_as_cosine(comp["rows"], kind)  # block_influence picked cosine's blocks: one line
+        labels = sorted(
+            {(r["method"], r.get("setting", "one-shot")) for r in comp["rows"] if r["kind"] == kind}
+        )
+        same = _same_as_cosine(
+            comp["rows"], kind
+        )  # block_influence picked cosine's blocks: one line
         for m, setting in labels:
             if m == "block_influence" and same:
                 continue
-            rs = [r for r in comp["rows"] if r["kind"] == kind and r["method"] == m and r.get("setting", "one-shot") == setting]
+            rs = [
+                r
+                for r in comp["rows"]
+                if r["kind"] == kind
+                and r["method"] == m
+                and r.get("setting", "one-shot") == setting
+            ]
             ks = sorted({r["k"] for r in rs})
-            label = ("cosine = block_influence" if m == "cosine" and same else m) + (" (iter.)" if setting == "iterative" else "")
+            label = ("cosine = block_influence" if m == "cosine" and same else m) + (
+                " (iter.)" if setting == "iterative" else ""
+            )
             style = "--" if m == "random" else (":" if setting == "iterative" else "-")
             ret = [[num(r.get("retained")) * 100 for r in rs if r["k"] == k] for k in ks]
             ppl = [[num(r["perplexity"]) for r in rs if r["k"] == k] for k in ks]
             mean = lambda vs: sum(vs) / len(vs)  # noqa: E731
-            line = ax_r.plot([0, *ks], [100.0] + [mean(v) for v in ret], marker="o", label=label, linestyle=style, color=colours[m])[0]
-            ax_p.plot(ks, [mean(v) for v in ppl], marker="o", label=label, linestyle=style, color=line.get_color())
+            line = ax_r.plot(
+                [0, *ks],
+                [100.0] + [mean(v) for v in ret],
+                marker="o",
+                label=label,
+                linestyle=style,
+                color=colours[m],
+            )[0]
+            ax_p.plot(
+                ks,
+                [mean(v) for v in ppl],
+                marker="o",
+                label=label,
+                linestyle=style,
+                color=line.get_color(),
+            )
             if m == "random" and any(len(v) > 1 for v in ret):
-                ax_r.fill_between(ks, [min(v) for v in ret], [max(v) for v in ret], alpha=0.15, color=line.get_color())
-                ax_p.fill_between(ks, [min(v) for v in ppl], [max(v) for v in ppl], alpha=0.15, color=line.get_color())
+                ax_r.fill_between(
+                    ks,
+                    [min(v) for v in ret],
+                    [max(v) for v in ret],
+                    alpha=0.15,
+                    color=line.get_color(),
+                )
+                ax_p.fill_between(
+                    ks,
+                    [min(v) for v in ppl],
+                    [max(v) for v in ppl],
+                    alpha=0.15,
+                    color=line.get_color(),
+                )
             elif m != "random":
-                cis = [next((r.get("ci95") or {}).get("perplexity") for r in rs if r["k"] == k) for k in ks]
+                cis = [
+                    next((r.get("ci95") or {}).get("perplexity") for r in rs if r["k"] == k)
+                    for k in ks
+                ]
                 if all(c for c in cis):
                     ys = [mean(v) for v in ppl]
-                    ax_p.errorbar(ks, ys, yerr=[[max(0.0, y - c[0]) for y, c in zip(ys, cis, strict=True)], [max(0.0, c[1] - y) for y, c in zip(ys, cis, strict=True)]], fmt="none", ecolor=line.get_color(), alpha=0.5)
+                    ax_p.errorbar(
+                        ks,
+                        ys,
+                        yerr=[
+                            [max(0.0, y - c[0]) for y, c in zip(ys, cis, strict=True)],
+                            [max(0.0, c[1] - y) for y, c in zip(ys, cis, strict=True)],
+                        ],
+                        fmt="none",
+                        ecolor=line.get_color(),
+                        alpha=0.5,
+                    )
         ax_r.set_title(f"{kind} blocks dropped")
         ax_r.set_xlabel("blocks dropped (K)")
         ax_r.set_ylabel("zero-shot accuracy retained (% of dense)")
@@ -604,7 +997,9 @@ def plot(comp: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write(comp: dict, out_dir: str | os.PathLike, png: bool = True, overwrite: bool = False) -> Path:
+def write(
+    comp: dict, out_dir: str | os.PathLike, png: bool = True, overwrite: bool = False
+) -> Path:
     """comparison.json / .md / .png into ``out_dir``, written in a temp dir and moved into place.
 
     ``out_dir`` may be new, empty or an earlier comparison; any other directory needs
@@ -616,7 +1011,9 @@ def write(comp: dict, out_dir: str | os.PathLike, png: bool = True, overwrite: b
     with outputs.publish_dir(out, kind="comparison", what="comparison", overwrite=overwrite) as tmp:
         from entrodrop_fast.profile.report import json_safe
 
-        (tmp / "comparison.json").write_text(json.dumps(json_safe(comp), indent=2, allow_nan=False))  # NaN -> null
+        (tmp / "comparison.json").write_text(
+            json.dumps(json_safe(comp), indent=2, allow_nan=False)
+        )  # NaN -> null
         (tmp / "comparison.md").write_text(markdown(comp))
         if png:
             plot(comp, tmp / "comparison.png")

@@ -50,7 +50,11 @@ def check_finite(logits: torch.Tensor, model, what: str) -> None:
     bad = ~torch.isfinite(logits)
     if bool(bad.any()):
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-        hint = "check the checkpoint" if dtype == "float32" else "check the checkpoint, or load the model in fp32 (--dtype fp32)"
+        hint = (
+            "check the checkpoint"
+            if dtype == "float32"
+            else "check the checkpoint, or load the model in fp32 (--dtype fp32)"
+        )
         raise ValueError(
             f"model {model_name(model)} produced {int(bad.sum())} non-finite (NaN or Inf) logits of {logits.numel()} "
             f"while computing {what}; its weights are probably broken (NaN/Inf values in the checkpoint, or an "
@@ -67,11 +71,22 @@ def _interval(correct: int, n: int) -> tuple[float, float]:
     den = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, min(centre - half, p)), min(1.0, max(centre + half, p)))  # rounding at p = 0 or 1
+    return (
+        max(0.0, min(centre - half, p)),
+        min(1.0, max(centre + half, p)),
+    )  # rounding at p = 0 or 1
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, documents: list[str], *, seq_len: int = 256, max_windows: int = 64, batch_size: int = 8) -> dict:
+def perplexity(
+    model,
+    tokenizer,
+    documents: list[str],
+    *,
+    seq_len: int = 256,
+    max_windows: int = 64,
+    batch_size: int = 8,
+) -> dict:
     """exp(mean NLL) over non-overlapping windows of the concatenated documents."""
     eos = tokenizer.eos_token_id
     ids: list[int] = []
@@ -95,8 +110,15 @@ def perplexity(model, tokenizer, documents: list[str], *, seq_len: int = 256, ma
         count += lp.numel()
         per_window += [-float(v) for v in lp.double().mean(1)]
     lo, hi = _mean_interval(per_window)
-    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": n_windows, "seq_len": seq_len,
-            "window_nll": per_window, "ci95": [math.exp(lo), math.exp(hi)]}
+    return {
+        "perplexity": math.exp(nll / count),
+        "nll": nll / count,
+        "tokens": count,
+        "windows": n_windows,
+        "seq_len": seq_len,
+        "window_nll": per_window,
+        "ci95": [math.exp(lo), math.exp(hi)],
+    }
 
 
 def _mean_interval(values: list[float]) -> tuple[float, float]:
@@ -139,7 +161,9 @@ def _loglik(model, prefix: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     ids = torch.cat([prefix, targets], 1).to(dev)  # (n, P + C)
     C = targets.shape[1]
     if _keeps_logits(model):
-        logits = model(ids, logits_to_keep=C + 1).logits[:, :-1].float()  # (n, C, V): positions P-1 .. P+C-2
+        logits = (
+            model(ids, logits_to_keep=C + 1).logits[:, :-1].float()
+        )  # (n, C, V): positions P-1 .. P+C-2
     else:
         logits = model(ids).logits[:, prefix.shape[1] - 1 : -1].float()  # (n, C, V)
     check_finite(logits, model, "zero-shot log-likelihoods")
@@ -147,7 +171,19 @@ def _loglik(model, prefix: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return lp.sum(-1).cpu(), logits.argmax(-1).cpu()
 
 
-def continuation_task(model, tokenizer, documents, *, items: int = 200, choices: int = 4, ctx_len: int = 48, cont_len: int = 16, seed: int = 1234, item_batch: int = 8, shared_context: bool = True) -> dict:
+def continuation_task(
+    model,
+    tokenizer,
+    documents,
+    *,
+    items: int = 200,
+    choices: int = 4,
+    ctx_len: int = 48,
+    cont_len: int = 16,
+    seed: int = 1234,
+    item_batch: int = 8,
+    shared_context: bool = True,
+) -> dict:
     """Pick the true continuation among ``choices`` (the others from other passages).
     ``item_batch`` items (x ``choices`` rows of equal length) go through one forward pass;
     with ``shared_context`` (and a model that takes a KV cache) the context runs once per
@@ -164,16 +200,29 @@ def continuation_task(model, tokenizer, documents, *, items: int = 200, choices:
 
     def score(batch):
         if shared_context:
-            ll = _loglik_shared_context(model, torch.tensor([c for c, _ in batch]), torch.tensor([conts for _, conts in batch]))  # (items, choices)
+            ll = _loglik_shared_context(
+                model,
+                torch.tensor([c for c, _ in batch]),
+                torch.tensor([conts for _, conts in batch]),
+            )  # (items, choices)
         else:
-            ctx = torch.tensor([c for c, conts in batch for _ in conts])  # (items * choices, ctx_len)
-            ll, _ = _loglik(model, ctx, torch.tensor([t for _, conts in batch for t in conts]))  # equal lengths
+            ctx = torch.tensor(
+                [c for c, conts in batch for _ in conts]
+            )  # (items * choices, ctx_len)
+            ll, _ = _loglik(
+                model, ctx, torch.tensor([t for _, conts in batch for t in conts])
+            )  # equal lengths
         for row in ll.view(len(batch), choices):
             per_item.append(int(row.argmax() == 0))
 
     for idx in order[:items]:
         others = rng.sample([j for j in range(len(passages)) if j != idx], choices - 1)
-        batch.append((passages[idx][:ctx_len], [passages[idx][ctx_len:]] + [passages[j][ctx_len:] for j in others]))
+        batch.append(
+            (
+                passages[idx][:ctx_len],
+                [passages[idx][ctx_len:]] + [passages[j][ctx_len:] for j in others],
+            )
+        )
         if len(batch) == item_batch:
             score(batch)
             batch = []
@@ -182,7 +231,15 @@ def continuation_task(model, tokenizer, documents, *, items: int = 200, choices:
     n = len(per_item)
     correct = sum(per_item)
     lo, hi = _interval(correct, n)
-    return {"task": "continuation", "accuracy": correct / n, "ci95": [lo, hi], "items": n, "choices": choices, "chance": 1 / choices, "correct": per_item}
+    return {
+        "task": "continuation",
+        "accuracy": correct / n,
+        "ci95": [lo, hi],
+        "items": n,
+        "choices": choices,
+        "chance": 1 / choices,
+        "correct": per_item,
+    }
 
 
 def _cache_ok(model) -> bool:
@@ -210,9 +267,15 @@ def _loglik_shared_context(model, ctx: torch.Tensor, conts: torch.Tensor) -> tor
     cache.batch_repeat_interleave(c)  # (n * c) rows, item-major as conts.view(n * c, C)
     tgt = conts.reshape(n * c, C).to(dev)
     pos = torch.arange(ctx.shape[1], ctx.shape[1] + C, device=dev).expand(n * c, C)
-    rest = model(tgt, use_cache=True, position_ids=pos, **{_cache_arg(model): cache}).logits[:, :-1].float()  # (n c, C - 1, V)
+    rest = (
+        model(tgt, use_cache=True, position_ids=pos, **{_cache_arg(model): cache})
+        .logits[:, :-1]
+        .float()
+    )  # (n c, C - 1, V)
     check_finite(rest, model, "zero-shot log-likelihoods")
-    lp_first = torch.log_softmax(first, -1).repeat_interleave(c, 0).gather(-1, tgt[:, :1])[:, 0]  # (n c,)
+    lp_first = (
+        torch.log_softmax(first, -1).repeat_interleave(c, 0).gather(-1, tgt[:, :1])[:, 0]
+    )  # (n c,)
     lp_rest = torch.log_softmax(rest, -1).gather(-1, tgt[:, 1:, None])[..., 0].sum(-1)  # (n c,)
     return (lp_first + lp_rest).view(n, c).cpu()
 
@@ -220,7 +283,9 @@ def _loglik_shared_context(model, ctx: torch.Tensor, conts: torch.Tensor) -> tor
 _WORD = re.compile(r"\s([A-Za-z]{4,})\b")
 
 
-def last_word_task(model, tokenizer, documents, *, items: int = 200, min_chars: int = 300, seed: int = 4321) -> dict:
+def last_word_task(
+    model, tokenizer, documents, *, items: int = 200, min_chars: int = 300, seed: int = 4321
+) -> dict:
     """LAMBADA-style: is the next word the model's greedy prediction (every token of it)?"""
     rng = random.Random(seed)
     cases = []
@@ -240,11 +305,20 @@ def last_word_task(model, tokenizer, documents, *, items: int = 200, min_chars: 
         correct += per_item[-1]
         n += 1
     lo, hi = _interval(correct, n)
-    return {"task": "last_word", "accuracy": correct / n, "ci95": [lo, hi], "items": n, "correct": per_item}
+    return {
+        "task": "last_word",
+        "accuracy": correct / n,
+        "ci95": [lo, hi],
+        "items": n,
+        "correct": per_item,
+    }
 
 
 def zero_shot(model, tokenizer, documents, *, items: int = 200) -> list[dict]:
-    return [continuation_task(model, tokenizer, documents, items=items), last_word_task(model, tokenizer, documents, items=items)]
+    return [
+        continuation_task(model, tokenizer, documents, items=items),
+        last_word_task(model, tokenizer, documents, items=items),
+    ]
 
 
 def _cache_arg(model) -> str:
@@ -272,7 +346,15 @@ def kv_cache_bytes(cache) -> int:
 
 
 @torch.no_grad()
-def speed(model, tokenizer, *, prompt_len: int = 128, new_tokens: int = 32, batch_size: int = 1, repeats: int = 3) -> dict:
+def speed(
+    model,
+    tokenizer,
+    *,
+    prompt_len: int = 128,
+    new_tokens: int = 32,
+    batch_size: int = 1,
+    repeats: int = 3,
+) -> dict:
     """Prefill and decode throughput, KV-cache bytes per token, and peak memory."""
     dev = _device(model)
     vocab = model.config.vocab_size
@@ -300,7 +382,11 @@ def speed(model, tokenizer, *, prompt_len: int = 128, new_tokens: int = 32, batc
             cache, nxt = _cache_of(o), o.logits[:, -1:].argmax(-1)
         sync()
         decode = min(decode, time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = (
+        torch.cuda.max_memory_allocated(dev)
+        if dev.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     return {
         "prefill_tokens_per_s": batch_size * prompt_len / prefill,
         "decode_tokens_per_s": batch_size * new_tokens / decode,
@@ -313,7 +399,14 @@ def speed(model, tokenizer, *, prompt_len: int = 128, new_tokens: int = 32, batc
     }
 
 
-def heldout_documents(corpus: str | Corpus | None, tokenizer, *, seq_len: int, zero_shot: bool = True, text_field: str = "text") -> list[str]:
+def heldout_documents(
+    corpus: str | Corpus | None,
+    tokenizer,
+    *,
+    seq_len: int,
+    zero_shot: bool = True,
+    text_field: str = "text",
+) -> list[str]:
     """The held-out text of a corpus (:func:`split_documents`), checked to be enough for
     ``entrodrop eval`` / ``compare`` before any model runs: one perplexity window of
     ``seq_len`` tokens and, with ``zero_shot``, the built-in zero-shot tasks' minimum
@@ -324,7 +417,9 @@ def heldout_documents(corpus: str | Corpus | None, tokenizer, *, seq_len: int, z
     _, held = split_documents(c.documents)
     where = f"the held-out text of corpus {c.name} ({describe_split(len(c.documents))})"
     ids = tokenize_documents(held, tokenizer) if held else []
-    eos = 1 if getattr(tokenizer, "eos_token_id", None) is not None else 0  # perplexity() appends EOS to each document
+    eos = (
+        1 if getattr(tokenizer, "eos_token_id", None) is not None else 0
+    )  # perplexity() appends EOS to each document
     tokens = sum(len(d) + eos for d in ids)
     if tokens < seq_len:
         raise CorpusError(
@@ -342,5 +437,7 @@ def heldout_documents(corpus: str | Corpus | None, tokenizer, *, seq_len: int, z
             )
         min_chars = last_word_task.__kwdefaults__["min_chars"]
         if not any(_WORD.search(d, min_chars) for d in held):
-            raise CorpusError(f"{where} has no passage longer than {min_chars} characters followed by a word, which the last_word task needs; give more text")
+            raise CorpusError(
+                f"{where} has no passage longer than {min_chars} characters followed by a word, which the last_word task needs; give more text"
+            )
     return held

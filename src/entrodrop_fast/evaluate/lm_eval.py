@@ -92,21 +92,29 @@ def spec_name(spec) -> str:
             if isinstance(spec.get(key), str):
                 return spec[key]
         return f"a config dict without a 'task' or 'group' name (keys: {', '.join(map(str, spec)) or 'none'})"
-    return str(getattr(spec, "task_name", None) or getattr(spec, "name", None) or type(spec).__name__)
+    return str(
+        getattr(spec, "task_name", None) or getattr(spec, "name", None) or type(spec).__name__
+    )
 
 
 def _missing_dependency(exc: ImportError) -> LmEvalMissing:
-    named = getattr(exc, "name", None) or next(iter(re.findall(r"No module named '([^']+)'", str(exc))), "")
+    named = getattr(exc, "name", None) or next(
+        iter(re.findall(r"No module named '([^']+)'", str(exc))), ""
+    )
     missing = named.split(".")[0]
     if missing == "lm_eval":
-        return LmEvalMissing(f"lm-evaluation-harness is not installed: {INSTALL_HINT}; the built-in zero-shot tasks need nothing")
+        return LmEvalMissing(
+            f"lm-evaluation-harness is not installed: {INSTALL_HINT}; the built-in zero-shot tasks need nothing"
+        )
     if missing in _HF_EXTRA:
         return LmEvalMissing(
             f"lm-evaluation-harness is installed without its Hugging Face extra: the module '{missing}' is missing "
             f"(lm-eval 0.4.13 and later install torch, transformers, accelerate and peft only with lm-eval[hf]): {INSTALL_HINT}"
         )
     what = f"the module '{missing}'" if missing else str(exc)
-    return LmEvalMissing(f"lm-evaluation-harness cannot be imported: {what} is missing ({exc}): {INSTALL_HINT}")
+    return LmEvalMissing(
+        f"lm-evaluation-harness cannot be imported: {what} is missing ({exc}): {INSTALL_HINT}"
+    )
 
 
 def import_lm_eval():
@@ -125,7 +133,9 @@ def import_lm_eval():
     except InvalidVersion:
         too_old = False
     if too_old or not hasattr(TaskManager, "load"):
-        raise LmEvalMissing(f"lm-evaluation-harness {version} is installed; entrodrop needs {MIN_VERSION} or later: pip install -U 'entrodrop_fast[eval]'")
+        raise LmEvalMissing(
+            f"lm-evaluation-harness {version} is installed; entrodrop needs {MIN_VERSION} or later: pip install -U 'entrodrop_fast[eval]'"
+        )
     return lm_eval, HFLM, TaskManager
 
 
@@ -138,10 +148,18 @@ def check_include_path(include_path) -> list[str]:
     for p in paths:
         path = Path(p).expanduser()
         if not path.exists():
-            raise TaskNotFound(f"include path {p}: no such directory (it should hold lm-eval task YAML files)")
+            raise TaskNotFound(
+                f"include path {p}: no such directory (it should hold lm-eval task YAML files)"
+            )
         if not path.is_dir():
-            hint = "; give the directory holding it, or the YAML file itself as a task" if path.suffix in (".yaml", ".yml") else ""
-            raise TaskNotFound(f"include path {p} is not a directory (lm-eval registers the task YAML files found under a directory){hint}")
+            hint = (
+                "; give the directory holding it, or the YAML file itself as a task"
+                if path.suffix in (".yaml", ".yml")
+                else ""
+            )
+            raise TaskNotFound(
+                f"include path {p} is not a directory (lm-eval registers the task YAML files found under a directory){hint}"
+            )
         out.append(str(path.resolve()))
     return out
 
@@ -179,9 +197,17 @@ def _not_found_message(missing: list[str], tm, include_path: list[str]) -> str:
         if close:
             hints.append(f"did you mean {' or '.join(close)} (for {m!r})?")
     if include_path:
-        local = sorted(name for name, e in index.items() if e.yaml_path is not None and _under(e.yaml_path, include_path))
+        local = sorted(
+            name
+            for name, e in index.items()
+            if e.yaml_path is not None and _under(e.yaml_path, include_path)
+        )
         shown = ", ".join(local[:12]) + (f" and {len(local) - 12} more" if len(local) > 12 else "")
-        hints.append(f"registered from the include path: {shown}" if local else "no task was registered from the include path")
+        hints.append(
+            f"registered from the include path: {shown}"
+            if local
+            else "no task was registered from the include path"
+        )
         skipped = _skipped_yaml(include_path, index)
         if skipped:
             hints.append("lm-eval skipped " + "; ".join(skipped))
@@ -194,7 +220,9 @@ def _skipped_yaml(include_path: list[str], index) -> list[str]:
     """YAML files under the include path that registered nothing, with the reason (at most 3)."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    registered = {str(Path(e.yaml_path).resolve()) for e in index.values() if e.yaml_path is not None}
+    registered = {
+        str(Path(e.yaml_path).resolve()) for e in index.values() if e.yaml_path is not None
+    }
     out: list[str] = []
     for root in include_path:
         for p in sorted(Path(root).glob("**/*.yaml")):
@@ -202,7 +230,11 @@ def _skipped_yaml(include_path: list[str], index) -> list[str]:
                 continue
             try:
                 cfg = load_yaml(p, resolve_func=False, recursive=True)
-                why = "it has no 'task' or 'group' key" if not ({"task", "group", "class"} & set(cfg)) else "a name registered twice"
+                why = (
+                    "it has no 'task' or 'group' key"
+                    if not ({"task", "group", "class"} & set(cfg))
+                    else "a name registered twice"
+                )
             except Exception as exc:  # the reason lm-eval skipped it
                 why = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
             out.append(f"{p} ({why})")
@@ -246,7 +278,15 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-_HUB_ERRORS = {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "HfHubHTTPError", "ConnectTimeout", "ReadTimeout", "ConnectError", "Timeout"}
+_HUB_ERRORS = {
+    "LocalEntryNotFoundError",
+    "OfflineModeIsEnabled",
+    "HfHubHTTPError",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "ConnectError",
+    "Timeout",
+}
 
 
 def _is_hub_failure(e: BaseException) -> bool:
@@ -257,7 +297,9 @@ def _is_hub_failure(e: BaseException) -> bool:
     return type(e).__module__.split(".")[0] in ("requests", "urllib3", "httpx", "httpcore")
 
 
-def classify_failure(exc: BaseException, spec, *, tm=None, stage: str = "load") -> LmEvalUnavailable:
+def classify_failure(
+    exc: BaseException, spec, *, tm=None, stage: str = "load"
+) -> LmEvalUnavailable:
     """The :class:`LmEvalUnavailable` subclass and message for a failure of one task spec.
 
     ``stage``: ``"load"`` (building the task and reading its data) or ``"run"`` (evaluating).
@@ -280,8 +322,11 @@ def classify_failure(exc: BaseException, spec, *, tm=None, stage: str = "load") 
     ds = f"the dataset {dataset!r}" if isinstance(dataset, str) else "its dataset"
     if hub is not None:
         offline = "OfflineModeIsEnabled" in " ".join(f"{type(e).__name__} {e}" for e in chain)
-        why = ("which is not cached here, and HF_HUB_OFFLINE forbids fetching it" if offline
-               else "which could not be reached (no network, a proxy or a firewall?)")
+        why = (
+            "which is not cached here, and HF_HUB_OFFLINE forbids fetching it"
+            if offline
+            else "which could not be reached (no network, a proxy or a firewall?)"
+        )
         return HubUnreachable(
             f"{label} needs {ds} from the Hugging Face hub, {why} ({_short(hub)}): run it once where the hub is "
             "reachable (the dataset is then cached, and HF_HUB_OFFLINE=1 reads the cache without trying the network), "
@@ -295,11 +340,19 @@ def classify_failure(exc: BaseException, spec, *, tm=None, stage: str = "load") 
     data_error = next((e for e in chain if type(e).__module__.startswith("datasets")), None)
     if data_error is not None:
         root = chain[-1] if chain[-1] is not data_error else data_error
-        return TaskDataError(f"{label}: its data could not be read ({_short(data_error)}{'; ' + _short(root) if root is not data_error else ''}): check the data files and the task's dataset settings")
+        return TaskDataError(
+            f"{label}: its data could not be read ({_short(data_error)}{'; ' + _short(root) if root is not data_error else ''}): check the data files and the task's dataset settings"
+        )
     if stage == "run":
         return TaskRunError(f"lm-eval failed while evaluating {name} ({_short(exc)})")
-    shape = " (a task config needs a 'task' key, a group config a 'group' key)" if "config shape" in str(exc) else ""
-    return TaskConfigError(f"{label}: the task config is invalid ({_short(exc)}){shape}: fix the config (lm-eval validate --tasks ... checks it)")
+    shape = (
+        " (a task config needs a 'task' key, a group config a 'group' key)"
+        if "config shape" in str(exc)
+        else ""
+    )
+    return TaskConfigError(
+        f"{label}: the task config is invalid ({_short(exc)}){shape}: fix the config (lm-eval validate --tasks ... checks it)"
+    )
 
 
 def _top_level(loaded: dict) -> list:
@@ -324,17 +377,35 @@ def prepare_tasks(tasks, *, include_path=None) -> PreparedTasks:
         raise TaskNotFound("no lm-eval task given (an empty task name)")
     paths = check_include_path(include_path)
     tm = _task_manager(tuple(paths))
-    missing = [s for s in specs if isinstance(s, str) and s not in tm.task_index and not (_looks_like_path(s) and Path(s).expanduser().is_file())]
+    missing = [
+        s
+        for s in specs
+        if isinstance(s, str)
+        and s not in tm.task_index
+        and not (_looks_like_path(s) and Path(s).expanduser().is_file())
+    ]
     if missing:
         raise TaskNotFound(_not_found_message(missing, tm, paths))
     items: list = []
     for spec in specs:
         try:
-            loaded = tm.load([str(Path(spec).expanduser()) if isinstance(spec, str) and spec not in tm.task_index else spec])
+            loaded = tm.load(
+                [
+                    str(Path(spec).expanduser())
+                    if isinstance(spec, str) and spec not in tm.task_index
+                    else spec
+                ]
+            )
         except Exception as exc:
             raise classify_failure(exc, spec, tm=tm) from exc
         items += _top_level(loaded)
-    return PreparedTasks(specs=specs, names=[spec_name(s) for s in specs], items=items, task_manager=tm, include_path=paths)
+    return PreparedTasks(
+        specs=specs,
+        names=[spec_name(s) for s in specs],
+        items=items,
+        task_manager=tm,
+        include_path=paths,
+    )
 
 
 def _check_count(value, what: str, low: int) -> None:
@@ -342,8 +413,17 @@ def _check_count(value, what: str, low: int) -> None:
         raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
 
 
-def evaluate_tasks(model, tokenizer, tasks, *, include_path=None, batch_size: int = DEFAULT_BATCH_SIZE, limit: int | None = None,
-                   num_fewshot: int | None = None, log_samples: bool = False) -> dict:
+def evaluate_tasks(
+    model,
+    tokenizer,
+    tasks,
+    *,
+    include_path=None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    log_samples: bool = False,
+) -> dict:
     """lm-eval's own result dict (``simple_evaluate``) for ``tasks`` on ``model``.
 
     ``tasks``: a :class:`PreparedTasks` or what :func:`prepare_tasks` takes. ``limit``: at
@@ -358,8 +438,14 @@ def evaluate_tasks(model, tokenizer, tasks, *, include_path=None, batch_size: in
     prepared = prepare_tasks(tasks, include_path=include_path)
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        return lm_eval.simple_evaluate(model=lm, tasks=list(prepared.items), task_manager=prepared.task_manager,
-                                       limit=limit, num_fewshot=num_fewshot, log_samples=log_samples)
+        return lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(prepared.items),
+            task_manager=prepared.task_manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            log_samples=log_samples,
+        )
     except Exception as exc:
         if type(exc).__name__ == "OutOfMemoryError":
             raise  # the command line has its own advice for this
@@ -367,7 +453,11 @@ def evaluate_tasks(model, tokenizer, tasks, *, include_path=None, batch_size: in
 
 
 def _number(v) -> float | None:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
+    return (
+        float(v)
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        else None
+    )
 
 
 def result_rows(out: dict) -> list[dict]:
@@ -393,17 +483,41 @@ def result_rows(out: dict) -> list[dict]:
             if err is not None:
                 stderr[name] = err
         n = (out.get("n-samples") or {}).get(task, {})
-        rows.append({
-            "task": task, "source": "lm_eval", "group": task in groups, "metrics": metrics, "stderr": stderr,
-            "items": n.get("effective"), "documents": n.get("original"), "num_fewshot": (out.get("n-shot") or {}).get(task),
-        })
+        rows.append(
+            {
+                "task": task,
+                "source": "lm_eval",
+                "group": task in groups,
+                "metrics": metrics,
+                "stderr": stderr,
+                "items": n.get("effective"),
+                "documents": n.get("original"),
+                "num_fewshot": (out.get("n-shot") or {}).get(task),
+            }
+        )
     return rows
 
 
-def run_lm_eval(model, tokenizer, tasks, *, include_path=None, batch_size: int = DEFAULT_BATCH_SIZE, limit: int | None = None,
-                num_fewshot: int | None = None) -> list[dict]:
+def run_lm_eval(
+    model,
+    tokenizer,
+    tasks,
+    *,
+    include_path=None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+) -> list[dict]:
     """The metrics of each task (see :func:`result_rows`); the arguments are :func:`evaluate_tasks`'s."""
-    out = evaluate_tasks(model, tokenizer, tasks, include_path=include_path, batch_size=batch_size, limit=limit, num_fewshot=num_fewshot)
+    out = evaluate_tasks(
+        model,
+        tokenizer,
+        tasks,
+        include_path=include_path,
+        batch_size=batch_size,
+        limit=limit,
+        num_fewshot=num_fewshot,
+    )
     return result_rows(out)
 
 
@@ -421,4 +535,6 @@ def format_row(row: dict) -> str:
         extra.append(f"{row['num_fewshot']}-shot")
     if row.get("group"):
         extra.append("group")
-    return f"{row['task']}  {', '.join(parts) or 'no numeric metric'}" + (f"; {', '.join(extra)}" if extra else "")
+    return f"{row['task']}  {', '.join(parts) or 'no numeric metric'}" + (
+        f"; {', '.join(extra)}" if extra else ""
+    )

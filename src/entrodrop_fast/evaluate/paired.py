@@ -26,7 +26,10 @@ def binom_two_sided(k: int, n: int) -> float:
         return 1.0
     m = min(k, n - k)
     # log-space sum: n up to a few thousand items without overflow
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(m + 1)]
+    logs = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
+        for i in range(m + 1)
+    ]
     top = max(logs)
     tail = math.exp(top) * sum(math.exp(v - top) for v in logs)
     return min(1.0, 2.0 * tail)
@@ -41,7 +44,9 @@ def mcnemar_exact(a: list[int], b: list[int]) -> dict:
     Raises ValueError on unequal lengths, empty input, or values other than 0/1.
     """
     if len(a) != len(b):
-        raise ValueError(f"paired items: a has {len(a)} items, b has {len(b)}; they must be the same items")
+        raise ValueError(
+            f"paired items: a has {len(a)} items, b has {len(b)}; they must be the same items"
+        )
     if not a:
         raise ValueError("paired items: no items")
     for v in (*a, *b):
@@ -49,7 +54,13 @@ def mcnemar_exact(a: list[int], b: list[int]) -> dict:
             raise ValueError(f"per-item correctness must be 0 or 1, got {v!r}")
     a_only = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
     b_only = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
-    return {"n": len(a), "a_only": a_only, "b_only": b_only, "diff": (sum(map(int, a)) - sum(map(int, b))) / len(a), "p": binom_two_sided(a_only, a_only + b_only)}
+    return {
+        "n": len(a),
+        "a_only": a_only,
+        "b_only": b_only,
+        "diff": (sum(map(int, a)) - sum(map(int, b))) / len(a),
+        "p": binom_two_sided(a_only, a_only + b_only),
+    }
 
 
 def paired_mean_diff(a: list[float], b: list[float]) -> dict:
@@ -59,7 +70,9 @@ def paired_mean_diff(a: list[float], b: list[float]) -> dict:
     itself. Raises ValueError on unequal lengths or empty input.
     """
     if len(a) != len(b):
-        raise ValueError(f"paired values: a has {len(a)}, b has {len(b)}; they must be the same units")
+        raise ValueError(
+            f"paired values: a has {len(a)}, b has {len(b)}; they must be the same units"
+        )
     if not a:
         raise ValueError("paired values: none")
     d = [x - y for x, y in zip(a, b, strict=True)]

@@ -118,8 +118,14 @@ ARCHS: dict[str, Arch] = {
     "gemma2": _SANDWICH,
     "gemma3_text": _SANDWICH,
     "mixtral": Arch(moe=True, mlp_aliases=("block_sparse_moe",), paper_family="mistral"),
-    "qwen2_moe": Arch(moe=True, layer_fields=("layer_types", "max_window_layers", "mlp_only_layers", "decoder_sparse_step")),
-    "qwen3_moe": Arch(moe=True, layer_fields=("layer_types", "max_window_layers", "mlp_only_layers", "decoder_sparse_step")),
+    "qwen2_moe": Arch(
+        moe=True,
+        layer_fields=("layer_types", "max_window_layers", "mlp_only_layers", "decoder_sparse_step"),
+    ),
+    "qwen3_moe": Arch(
+        moe=True,
+        layer_fields=("layer_types", "max_window_layers", "mlp_only_layers", "decoder_sparse_step"),
+    ),
     "olmo2": Arch(
         attn_out="post_attention_layernorm",
         mlp_out="post_feedforward_layernorm",

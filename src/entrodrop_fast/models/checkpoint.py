@@ -19,7 +19,6 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
-
 class CheckpointError(RuntimeError):
     """The checkpoint on disk is missing, incomplete, corrupt or does not match its config."""
 
@@ -32,7 +31,9 @@ class Checkpoint:
 
         self.dir = Path(path)
         if not (self.dir / "config.json").is_file():
-            raise CheckpointError(f"{self.dir}: no config.json (not a Hugging Face model directory)")
+            raise CheckpointError(
+                f"{self.dir}: no config.json (not a Hugging Face model directory)"
+            )
         index = self.dir / INDEX_NAME
         if index.is_file():
             try:
@@ -42,7 +43,9 @@ class Checkpoint:
         elif (self.dir / SINGLE_NAME).is_file():
             weight_map = None
         else:
-            raise CheckpointError(f"{self.dir}: neither {INDEX_NAME} nor {SINGLE_NAME} found (only safetensors checkpoints stream)")
+            raise CheckpointError(
+                f"{self.dir}: neither {INDEX_NAME} nor {SINGLE_NAME} found (only safetensors checkpoints stream)"
+            )
         files = sorted(set(weight_map.values())) if weight_map else [SINGLE_NAME]
         self.shapes: dict[str, list[int]] = {}
         self.file_of: dict[str, str] = {}
@@ -50,18 +53,24 @@ class Checkpoint:
             f = self.dir / name
             if not f.is_file():
                 example = next(k for k, v in weight_map.items() if v == name)
-                raise CheckpointError(f"{f}: shard listed in {INDEX_NAME} is missing (it holds e.g. {example})")
+                raise CheckpointError(
+                    f"{f}: shard listed in {INDEX_NAME} is missing (it holds e.g. {example})"
+                )
             try:
                 with safe_open(str(f), framework="pt") as fh:
                     for key in fh.keys():
                         self.shapes[key] = list(fh.get_slice(key).get_shape())
                         self.file_of[key] = name
             except Exception as exc:
-                raise CheckpointError(f"{f}: not a readable safetensors file, truncated or corrupt? ({type(exc).__name__}: {exc})") from None
+                raise CheckpointError(
+                    f"{f}: not a readable safetensors file, truncated or corrupt? ({type(exc).__name__}: {exc})"
+                ) from None
         if weight_map:
             for key, name in weight_map.items():
                 if self.file_of.get(key) != name:
-                    raise CheckpointError(f"{self.dir / name}: tensor {key} listed in {INDEX_NAME} is not in that file")
+                    raise CheckpointError(
+                        f"{self.dir / name}: tensor {key} listed in {INDEX_NAME} is not in that file"
+                    )
         self.bytes = sum((self.dir / n).stat().st_size for n in files)
         self.files = files
 
@@ -89,5 +98,7 @@ class Checkpoint:
                     for k in ks:
                         out[k] = fh.get_tensor(k).to(device=device, dtype=dtype)
             except Exception as exc:
-                raise CheckpointError(f"{path}: could not read tensors {ks[:3]} ({type(exc).__name__}: {exc})") from None
+                raise CheckpointError(
+                    f"{path}: could not read tensors {ks[:3]} ({type(exc).__name__}: {exc})"
+                ) from None
         return out

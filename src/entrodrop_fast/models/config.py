@@ -24,7 +24,9 @@ def build_config(cfg: dict):
     try:
         cls = CONFIG_MAPPING[model_type]
     except KeyError:
-        raise ValueError(f"transformers {transformers.__version__} has no config class for model_type {model_type!r}") from None
+        raise ValueError(
+            f"transformers {transformers.__version__} has no config class for model_type {model_type!r}"
+        ) from None
     d = {k: v for k, v in copy.deepcopy(cfg).items() if k != "auto_map"}
     try:
         return cls.from_dict(d)
@@ -36,13 +38,30 @@ def build_config(cfg: dict):
 
 
 # what a report's / plan's "model" entry records about the model it was made for
-IDENTITY_FIELDS = ("model_type", "num_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "config_sha256")
+IDENTITY_FIELDS = (
+    "model_type",
+    "num_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "config_sha256",
+)
 
 # config entries that say how a model was loaded or saved, not what it is: not fingerprinted
 _NOT_IDENTITY = frozenset(
-    {"transformers_version", "dtype", "torch_dtype", "architectures", "auto_map", "use_cache", "output_attentions", "output_hidden_states", "return_dict"}
+    {
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "architectures",
+        "auto_map",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+    }
 )
-
 
 
 def model_identity(config) -> dict:
@@ -68,5 +87,7 @@ def model_identity(config) -> dict:
         out[key] = src.get(key)
     if built is not None:
         kept = {k: v for k, v in built.items() if not k.startswith("_") and k not in _NOT_IDENTITY}
-        out["config_sha256"] = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+        out["config_sha256"] = hashlib.sha256(
+            json.dumps(kept, sort_keys=True, default=str).encode()
+        ).hexdigest()
     return {k: v for k, v in out.items() if v is not None}

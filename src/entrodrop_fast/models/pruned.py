@@ -69,7 +69,9 @@ def apply_subblock_drops_(model, record):
     attn, mlp = set(record.get("dropped_attn", [])), set(record.get("dropped_mlp", []))
     for i in sorted(attn | mlp):
         if not 0 <= i < len(layers):
-            raise ValueError(f"dropped sub-block in layer {i}, but the model has {len(layers)} layers")
+            raise ValueError(
+                f"dropped sub-block in layer {i}, but the model has {len(layers)} layers"
+            )
         layer = layers[i]
         if i in attn:
             _set_path(layer, paths["attn"], ZeroAttention())
@@ -115,7 +117,11 @@ def has_subblock_drops(cfg: dict) -> bool:
 
 def pruned_record(config) -> dict | None:
     """``config.entrodrop_pruned`` when it records attention / MLP drops (a checkpoint of ``entrodrop prune``)."""
-    rec = config.get("entrodrop_pruned") if isinstance(config, dict) else getattr(config, "entrodrop_pruned", None)
+    rec = (
+        config.get("entrodrop_pruned")
+        if isinstance(config, dict)
+        else getattr(config, "entrodrop_pruned", None)
+    )
     if isinstance(rec, dict) and (rec.get("dropped_attn") or rec.get("dropped_mlp")):
         return rec
     return None
@@ -132,7 +138,9 @@ def pruned_model_class(cfg: dict):
     base_name = cfg[PRUNED_KEY].get("base_architecture") or ""
     base = getattr(transformers, base_name, None)
     if base is None:
-        raise ValueError(f"base architecture {base_name!r} of the pruned checkpoint is not a class of transformers {transformers.__version__}")
+        raise ValueError(
+            f"base architecture {base_name!r} of the pruned checkpoint is not a class of transformers {transformers.__version__}"
+        )
 
     def __init__(self, config, *args, **kw):
         base.__init__(self, config, *args, **kw)

@@ -71,20 +71,26 @@ def _to_torch(a, name: str) -> tuple[torch.Tensor, bool]:
             # torch has no negative strides, and torch.from_dlpack aborts the interpreter on
             # them (np.flip): read a positive-stride copy instead
             if not hasattr(a, "copy"):
-                raise TypeError(f"{name} has negative strides {tuple(strides)} and no .copy(); pass a contiguous copy")
+                raise TypeError(
+                    f"{name} has negative strides {tuple(strides)} and no .copy(); pass a contiguous copy"
+                )
             a = a.copy()
         try:
             return torch.from_dlpack(a), True
         except Exception as exc:
             raise TypeError(f"{name}: could not import the array through DLPack ({exc})") from exc
-    raise TypeError(f"{name} must be a torch tensor or an array supporting DLPack, got {type(a).__name__}")
+    raise TypeError(
+        f"{name} must be a torch tensor or an array supporting DLPack, got {type(a).__name__}"
+    )
 
 
 def _check_dtype(t: torch.Tensor, name: str) -> torch.Tensor:
     if t.dtype == torch.float64:
         return t.float()
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16 (float64 is read as float32), got {t.dtype}")
+        raise TypeError(
+            f"{name} must be float32, float16 or bfloat16 (float64 is read as float32), got {t.dtype}"
+        )
     return t
 
 
@@ -101,7 +107,9 @@ def _token_scan(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t, 2, dim=-1)
 
 
-def _nonfinite_tokens(x: torch.Tensor, f: torch.Tensor | None, add: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _nonfinite_tokens(
+    x: torch.Tensor, f: torch.Tensor | None, add: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(bad, overflow): bool (B, T) tokens holding NaN/Inf in x or f, and (when f is added)
     tokens where x and f are finite but Y = x + f overflows fp32 (None when impossible)."""
     sx = _token_scan(x)
@@ -136,7 +144,9 @@ def _nonfinite_tokens(x: torch.Tensor, f: torch.Tensor | None, add: bool) -> tup
     return bad, ovf
 
 
-def _validate(x, f, mask, *, min_tokens: int, nan_policy: str, f_name: str, add: bool, stacklevel: int = 4) -> tuple[torch.Tensor | None, bool]:
+def _validate(
+    x, f, mask, *, min_tokens: int, nan_policy: str, f_name: str, add: bool, stacklevel: int = 4
+) -> tuple[torch.Tensor | None, bool]:
     """The exact check: (mask, omitted). Raises on NaN/Inf or an fp32 overflow of Y = x + f
     among the valid tokens (or, with nan_policy="omit", warns and takes those tokens out of
     the mask), then on fewer than ``min_tokens`` valid tokens in a sample. Called by
@@ -154,15 +164,25 @@ def _validate(x, f, mask, *, min_tokens: int, nan_policy: str, f_name: str, add:
     if nbad or novf:
         if nan_policy == "raise":
             if nbad:
-                raise ValueError(f"input holds NaN or Inf in {nbad} token(s); pass nan_policy='omit' to skip those tokens")
+                raise ValueError(
+                    f"input holds NaN or Inf in {nbad} token(s); pass nan_policy='omit' to skip those tokens"
+                )
             raise ValueError(
                 f"Y = X + {f_name.upper()} overflowed float32 in {novf} token(s): x and {f_name} are finite, but their sum "
                 f"exceeds float32's range (+-3.4e38); the estimators add them in float32 ({x.dtype} input; float64 input "
                 f"is read as float32 too, so a wider input dtype cannot help): divide x and {f_name} by a common power "
                 "of two (entropy differences do not change), or pass nan_policy='omit' to skip those tokens"
             )
-        what = f"({nbad} holding NaN or Inf, {novf} where Y = X + {f_name.upper()} overflowed float32)" if novf else "holding NaN or Inf"
-        warnings.warn(f"nan_policy='omit': skipped {nbad + novf} token(s) {what}", RuntimeWarning, stacklevel=stacklevel)
+        what = (
+            f"({nbad} holding NaN or Inf, {novf} where Y = X + {f_name.upper()} overflowed float32)"
+            if novf
+            else "holding NaN or Inf"
+        )
+        warnings.warn(
+            f"nan_policy='omit': skipped {nbad + novf} token(s) {what}",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
         if ovf is not None:
             bad |= ovf
         mask = ~bad if mask is None else mask & ~bad
@@ -181,8 +201,20 @@ def _check_min_tokens(x: torch.Tensor, mask: torch.Tensor | None, min_tokens: in
         raise ValueError(f"every sample needs at least {min_tokens} valid tokens, one has {least}")
 
 
-def prepare(x, f=None, mask=None, *, min_tokens: int = 2, nan_policy: str = "raise", backend: str = "auto", validate: bool = True,
-            f_name: str = "f", add: bool = True, op: str | None = None, defer_only: bool = False) -> _Prepared | None:
+def prepare(
+    x,
+    f=None,
+    mask=None,
+    *,
+    min_tokens: int = 2,
+    nan_policy: str = "raise",
+    backend: str = "auto",
+    validate: bool = True,
+    f_name: str = "f",
+    add: bool = True,
+    op: str | None = None,
+    defer_only: bool = False,
+) -> _Prepared | None:
     """Check the inputs and bring them to ``(B, T, D)``; see the module docstring.
 
     ``f_name``: what the caller called the second tensor (``"y"`` for cosine's y), for the
@@ -208,7 +240,9 @@ def prepare(x, f=None, mask=None, *, min_tokens: int = 2, nan_policy: str = "rai
         if single:
             f = f.unsqueeze(0)
         if f.shape != x.shape:
-            raise ValueError(f"{f_name} must have the shape of x {tuple(x.shape[single:])}, got {tuple(f.shape[single:])}")
+            raise ValueError(
+                f"{f_name} must have the shape of x {tuple(x.shape[single:])}, got {tuple(f.shape[single:])}"
+            )
         if f.dtype != x.dtype:
             raise ValueError(f"{f_name} must have the dtype of x ({x.dtype}), got {f.dtype}")
         if f.device != x.device:
@@ -220,7 +254,9 @@ def prepare(x, f=None, mask=None, *, min_tokens: int = 2, nan_policy: str = "rai
         if single:
             mask = mask.unsqueeze(0)
         if mask.shape != x.shape[:2]:
-            raise ValueError(f"mask must have shape {tuple(x.shape[single:2])} (the token axes of x), got {tuple(mask.shape[single:])}")
+            raise ValueError(
+                f"mask must have shape {tuple(x.shape[single:2])} (the token axes of x), got {tuple(mask.shape[single:])}"
+            )
         mask = mask.to(x.device)
     if nan_policy not in ("raise", "omit"):
         raise ValueError(f"nan_policy must be 'raise' or 'omit', got {nan_policy!r}")
@@ -232,24 +268,45 @@ def prepare(x, f=None, mask=None, *, min_tokens: int = 2, nan_policy: str = "rai
         except ValueError:
             name = None  # raised again below, after the checks, as without op
         # too few tokens: the exact check, whose NaN error (if any) comes first
-        deferred = name is not None and _reports_nonfinite(name, x.device, op) and _least_tokens(x, mask) >= min_tokens
+        deferred = (
+            name is not None
+            and _reports_nonfinite(name, x.device, op)
+            and _least_tokens(x, mask) >= min_tokens
+        )
     if validate and not deferred:
         if defer_only:
             return None
-        mask, omitted = _validate(x, f, mask, min_tokens=min_tokens, nan_policy=nan_policy, f_name=f_name, add=add)
+        mask, omitted = _validate(
+            x, f, mask, min_tokens=min_tokens, nan_policy=nan_policy, f_name=f_name, add=add
+        )
     if name is None:
         name = resolve_backend(backend, x.device)
     return _Prepared(x, f, mask, single, numpy_out, name, deferred, omitted)
 
 
-def _recheck(p: _Prepared, *, min_tokens: int = 2, nan_policy: str = "raise", f_name: str = "f", add: bool = True,
-             stacklevel: int = 4) -> _Prepared:
+def _recheck(
+    p: _Prepared,
+    *,
+    min_tokens: int = 2,
+    nan_policy: str = "raise",
+    f_name: str = "f",
+    add: bool = True,
+    stacklevel: int = 4,
+) -> _Prepared:
     """A deferred ``p`` whose kernel outputs showed a non-finite value: the exact check of
     :func:`prepare` (same errors, same warning), returning ``p`` with the omitted tokens out
     of its mask (``omitted``: the caller runs the kernel again) or ``p`` as it was (a false
     alarm: finite values the kernel's fp32 arithmetic overflowed on; its result stands)."""
-    mask, omitted = _validate(p.x, p.f, p.mask, min_tokens=min_tokens, nan_policy=nan_policy, f_name=f_name, add=add,
-                              stacklevel=stacklevel)
+    mask, omitted = _validate(
+        p.x,
+        p.f,
+        p.mask,
+        min_tokens=min_tokens,
+        nan_policy=nan_policy,
+        f_name=f_name,
+        add=add,
+        stacklevel=stacklevel,
+    )
     return _Prepared(p.x, p.f, mask, p.single, p.numpy_out, p.backend, False, omitted)
 
 
@@ -276,13 +333,18 @@ def _finish(p: _Prepared, h: torch.Tensor):
 def _integer(value, name: str, lo: int, hi: int | None = None, why: str = "") -> int:
     """value as an int: any integral number (int, numpy integer, 0-d integer tensor), never
     a bool or a float (20.5 or 20.0); ValueError outside [lo, hi]."""
-    is_bool = isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")  # numpy / torch bools too
+    is_bool = isinstance(value, bool) or str(getattr(value, "dtype", "")) in (
+        "bool",
+        "torch.bool",
+    )  # numpy / torch bools too
     if is_bool or isinstance(value, (float, complex)):
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     try:
         v = operator.index(value)
     except TypeError:
-        raise TypeError(f"{name} must be an integer (int, numpy integer or 0-d integer tensor), got {value!r} ({type(value).__name__})") from None
+        raise TypeError(
+            f"{name} must be an integer (int, numpy integer or 0-d integer tensor), got {value!r} ({type(value).__name__})"
+        ) from None
     if v < lo or (hi is not None and v > hi):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ValueError(f"{name} must be {rng}{why}, got {v}")
@@ -298,20 +360,38 @@ def _real(value, name: str, *, lo: float, lo_open: bool = False, why: str = "") 
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"{name} must be a real number, got {value!r}") from None
     if not math.isfinite(v) or v < lo or (lo_open and v == lo):
-        raise ValueError(f"{name} must be a finite number {'>' if lo_open else '>='} {lo:g}{why}, got {v!r}")
+        raise ValueError(
+            f"{name} must be a finite number {'>' if lo_open else '>='} {lo:g}{why}, got {v!r}"
+        )
     return v
 
 
 # ---------------------------------------------------------------- estimators
 
 
-def bucket_entropy(x, f=None, *, bins: int = 20, paper_exact: bool = False, mask=None, backend="auto", nan_policy="raise", validate=True):
+def bucket_entropy(
+    x,
+    f=None,
+    *,
+    bins: int = 20,
+    paper_exact: bool = False,
+    mask=None,
+    backend="auto",
+    nan_policy="raise",
+    validate=True,
+):
     """Histogram ("bucket") entropy, the paper's estimator: sum over channels of H_d.
 
     Per channel, ``bins`` equal-width bins over [min, max] of the sample's tokens.
     ``paper_exact=True`` clamps probabilities at 1e-10 as the paper's code does.
     """
-    bins = _integer(bins, "bins", 1, MAX_BINS, " (every backend keeps bins counters per channel, D x bins per sample on GPUs; 2**16 bins already resolve more than a sample of 65536 tokens can fill)")
+    bins = _integer(
+        bins,
+        "bins",
+        1,
+        MAX_BINS,
+        " (every backend keeps bins counters per channel, D x bins per sample on GPUs; 2**16 bins already resolve more than a sample of 65536 tokens can fill)",
+    )
     p = prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate, op="bucket")
     h = _kernel(p, "bucket")(p.x, p.f, p.mask, bins, paper_exact).to(torch.float64).sum(-1)  # (B,)
     if p.deferred and not _all_finite(h):  # the kernel saw NaN/Inf: H_d = NaN
@@ -326,7 +406,9 @@ def _moments(p: _Prepared) -> dict:
     return {k: v.to(torch.float64) for k, v in m.items()}
 
 
-def _checked_moments(p: _Prepared, *, min_tokens: int, nan_policy: str, stacklevel: int = 5) -> tuple[_Prepared, dict]:
+def _checked_moments(
+    p: _Prepared, *, min_tokens: int, nan_policy: str, stacklevel: int = 5
+) -> tuple[_Prepared, dict]:
     """_moments, and for a deferred p the exact check when the kernel reported a non-finite
     value (m2 = NaN for such a channel; a non-finite m2 from finite values, past fp32 in the
     kernel's arithmetic, is re-checked as such)."""
@@ -338,7 +420,16 @@ def _checked_moments(p: _Prepared, *, min_tokens: int, nan_policy: str, stacklev
     return p, m
 
 
-def gaussian_diag_entropy(x, f=None, *, var_floor: float = 1e-12, mask=None, backend="auto", nan_policy="raise", validate=True):
+def gaussian_diag_entropy(
+    x,
+    f=None,
+    *,
+    var_floor: float = 1e-12,
+    mask=None,
+    backend="auto",
+    nan_policy="raise",
+    validate=True,
+):
     """sum_d 1/2 ln(2 pi e sigma_d^2), population variances floored at ``var_floor``.
 
     A constant channel has variance 0 and would give -inf; it is counted with
@@ -400,7 +491,11 @@ def _warn_floored(var: torch.Tensor, low: float, var_floor: float) -> None:
     if math.isnan(low) or low < var_floor:
         nfloor = int((var < var_floor).sum())
         if nfloor:
-            warnings.warn(f"gaussian_diag: {nfloor} channel variance(s) below var_floor={var_floor:g} were floored", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"gaussian_diag: {nfloor} channel variance(s) below var_floor={var_floor:g} were floored",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 def _rows(p: _Prepared, b: int) -> torch.Tensor:
@@ -409,7 +504,16 @@ def _rows(p: _Prepared, b: int) -> torch.Tensor:
     return r if p.mask is None else r[p.mask[b]]
 
 
-def gaussian_full_entropy(x, f=None, *, ridge: float | None = None, mask=None, backend="auto", nan_policy="raise", validate=True):
+def gaussian_full_entropy(
+    x,
+    f=None,
+    *,
+    ridge: float | None = None,
+    mask=None,
+    backend="auto",
+    nan_policy="raise",
+    validate=True,
+):
     """1/2 logdet(2 pi e Sigma) with Sigma the D x D population covariance.
 
     The rows are centred on their exact fp64 mean before the fp64 Gram product, so the
@@ -431,16 +535,34 @@ def gaussian_full_entropy(x, f=None, *, ridge: float | None = None, mask=None, b
             sign, logdet = torch.linalg.slogdet(cov)
             if r.shape[0] <= D or sign <= 0 or not torch.isfinite(logdet):
                 lam = 1e-6 * float(cov.diagonal().mean()) or 1e-12
-                warnings.warn(f"gaussian_full: covariance is singular (N={r.shape[0]}, D={D}); added ridge {lam:.3g}", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"gaussian_full: covariance is singular (N={r.shape[0]}, D={D}); added ridge {lam:.3g}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 sign, logdet = torch.linalg.slogdet(cov + lam * eye)
         else:
             sign, logdet = torch.linalg.slogdet(cov + ridge * eye)
-        h = 0.5 * (D * math.log(2 * math.pi * math.e) + logdet) if sign > 0 else torch.tensor(float("-inf"), dtype=torch.float64, device=cov.device)
+        h = (
+            0.5 * (D * math.log(2 * math.pi * math.e) + logdet)
+            if sign > 0
+            else torch.tensor(float("-inf"), dtype=torch.float64, device=cov.device)
+        )
         out.append(h)
     return _finish(p, torch.stack(out))
 
 
-def knn_entropy(x, f=None, *, k: int = 25, form: str = "paper", mask=None, backend="auto", nan_policy="raise", validate=True):
+def knn_entropy(
+    x,
+    f=None,
+    *,
+    k: int = 25,
+    form: str = "paper",
+    mask=None,
+    backend="auto",
+    nan_policy="raise",
+    validate=True,
+):
     """Kozachenko-Leonenko entropy from each token's k-th nearest other token.
 
     ``form="paper"``: ... + ln N - ln k (the paper's code); ``form="digamma"``: the standard
@@ -449,7 +571,16 @@ def knn_entropy(x, f=None, *, k: int = 25, form: str = "paper", mask=None, backe
     k = _integer(k, "k", 1)
     if form not in ("paper", "digamma"):
         raise ValueError(f"knn form must be 'paper' or 'digamma', got {form!r}")
-    p = prepare(x, f, mask, min_tokens=k + 1, nan_policy=nan_policy, backend=backend, validate=validate, op="knn_terms")
+    p = prepare(
+        x,
+        f,
+        mask,
+        min_tokens=k + 1,
+        nan_policy=nan_policy,
+        backend=backend,
+        validate=validate,
+        op="knn_terms",
+    )
     terms = _kernel(p, "knn_terms")
     if terms is not None:  # the whole batch in one call
         n, logsum = terms(p.x, p.f, p.mask, k)
@@ -467,7 +598,9 @@ def knn_entropy(x, f=None, *, k: int = 25, form: str = "paper", mask=None, backe
     return _finish(p, torch.stack(out))
 
 
-def renyi_entropy(x, f=None, *, alpha: float = 4.0, mask=None, backend="auto", nan_policy="raise", validate=True):
+def renyi_entropy(
+    x, f=None, *, alpha: float = 4.0, mask=None, backend="auto", nan_policy="raise", validate=True
+):
     """The paper's Renyi entropy of order ``alpha`` of the Gaussian-kernel similarity matrix.
 
     Every backend computes this one with the torch reference (it needs the median of all
@@ -475,7 +608,9 @@ def renyi_entropy(x, f=None, *, alpha: float = 4.0, mask=None, backend="auto", n
     """
     alpha = _real(alpha, "alpha", lo=0.0, lo_open=True, why=" other than 1")
     if alpha == 1:
-        raise ValueError("alpha must differ from 1 (the Renyi entropy of order 1 is a limit, not this formula)")
+        raise ValueError(
+            "alpha must differ from 1 (the Renyi entropy of order 1 is a limit, not this formula)"
+        )
     p = prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate)
     renyi = _kernel(p, "renyi")
     out = [renyi(_rows(p, b), alpha) for b in range(p.x.shape[0])]
@@ -500,7 +635,9 @@ def _estimator(method: str):
 
         fn = ROBUST_ESTIMATORS.get(method)
         if fn is None:
-            raise ValueError(f"unknown entropy method {method!r}; choose from {', '.join(METHODS + ROBUST_METHODS)}")
+            raise ValueError(
+                f"unknown entropy method {method!r}; choose from {', '.join(METHODS + ROBUST_METHODS)}"
+            )
     return fn
 
 
@@ -562,12 +699,23 @@ def _paired_delta(x, f, method: str, opts: dict):
         return None  # the estimator raises it, with its own message
     if pair is None:
         return None
-    p = prepare(x, f, opts.get("mask"), nan_policy=nan_policy, backend=opts.get("backend", "auto"), validate=validate, op=op,
-                defer_only=True)
+    p = prepare(
+        x,
+        f,
+        opts.get("mask"),
+        nan_policy=nan_policy,
+        backend=opts.get("backend", "auto"),
+        validate=validate,
+        op=op,
+        defer_only=True,
+    )
     if p is None:  # (too few tokens: the two calls raise)
         return None
     if method == "bucket":
-        hy, hx = (h.to(torch.float64).sum(-1) for h in pair(p.x, p.f, p.mask, bins, opts.get("paper_exact", False)))
+        hy, hx = (
+            h.to(torch.float64).sum(-1)
+            for h in pair(p.x, p.f, p.mask, bins, opts.get("paper_exact", False))
+        )
         if p.deferred and not _all_finite(hy, hx):
             return None
         return _finish(p, hy) - _finish(p, hx)
@@ -577,7 +725,9 @@ def _paired_delta(x, f, method: str, opts: dict):
         low = [_amin(v) for v in var]
         if p.deferred and any(math.isnan(v) for v in low):
             return None
-        for v, lo in zip(var, low, strict=True):  # as gaussian_diag_entropy: Y's warning first, then x's
+        for v, lo in zip(
+            var, low, strict=True
+        ):  # as gaussian_diag_entropy: Y's warning first, then x's
             _warn_floored(v, lo, var_floor)
     hs = [_gaussian_half_log_sum(v, var_floor) for v in var]
     return _finish(p, hs[0]) - _finish(p, hs[1])
@@ -586,7 +736,9 @@ def _paired_delta(x, f, method: str, opts: dict):
 # ---------------------------------------------------------------- similarity
 
 
-def cosine_importance(x, f=None, *, y=None, mask=None, backend="auto", nan_policy="raise", validate=True):
+def cosine_importance(
+    x, f=None, *, y=None, mask=None, backend="auto", nan_policy="raise", validate=True
+):
     """LLM-Drop / ShortGPT importance: 1 - mean over tokens of cos(X_t, Y_t).
 
     Give either ``f`` (then Y = X + f, fused) or ``y`` itself.
@@ -595,7 +747,17 @@ def cosine_importance(x, f=None, *, y=None, mask=None, backend="auto", nan_polic
         raise ValueError("give exactly one of f (Y = X + f) or y")
     fused = f is not None
     names = {"f_name": "f" if fused else "y", "add": fused}
-    p = prepare(x, f if fused else y, mask, min_tokens=1, nan_policy=nan_policy, backend=backend, validate=validate, op="cosine", **names)
+    p = prepare(
+        x,
+        f if fused else y,
+        mask,
+        min_tokens=1,
+        nan_policy=nan_policy,
+        backend=backend,
+        validate=validate,
+        op="cosine",
+        **names,
+    )
     s, n = _kernel(p, "cosine")(p.x, p.f, p.mask, fused)
     if p.deferred and not _all_finite(s):  # a token's x or Y held NaN/Inf: its cos is NaN
         p = _recheck(p, min_tokens=1, nan_policy=nan_policy, **names)
@@ -606,7 +768,17 @@ def cosine_importance(x, f=None, *, y=None, mask=None, backend="auto", nan_polic
 
 def angular_distance(x, y, *, mask=None, nan_policy="raise", validate=True):
     """arccos(cos(x_last, y_last)) / pi on the last valid token of each sample (Gromov et al.)."""
-    p = prepare(x, y, mask, min_tokens=1, nan_policy=nan_policy, backend="torch", validate=validate, f_name="y", add=False)
+    p = prepare(
+        x,
+        y,
+        mask,
+        min_tokens=1,
+        nan_policy=nan_policy,
+        backend="torch",
+        validate=validate,
+        f_name="y",
+        add=False,
+    )
     B, T, _ = p.x.shape
     if p.mask is None:
         last = torch.full((B,), T - 1, device=p.x.device)

@@ -58,8 +58,21 @@ OPTIONAL_OPS = frozenset({"knn_terms"})
 NATIVE = "native"
 _KNN_TILED = "knn_tiled"  # not a backend: the tiled GEMM knn of ops/knn_tiled.py (any device)
 _REFERENCE_ONLY = {"covariance": ("torch",), "renyi": ("torch",)}
-_TORCH = {"moments": NATIVE, "bucket": NATIVE, "cosine": NATIVE, "knn_kth_distance": NATIVE, "covariance": NATIVE, "renyi": NATIVE}
-_TRITON = {"moments": NATIVE, "bucket": NATIVE, "cosine": NATIVE, "knn_kth_distance": (_KNN_TILED,), **_REFERENCE_ONLY}
+_TORCH = {
+    "moments": NATIVE,
+    "bucket": NATIVE,
+    "cosine": NATIVE,
+    "knn_kth_distance": NATIVE,
+    "covariance": NATIVE,
+    "renyi": NATIVE,
+}
+_TRITON = {
+    "moments": NATIVE,
+    "bucket": NATIVE,
+    "cosine": NATIVE,
+    "knn_kth_distance": (_KNN_TILED,),
+    **_REFERENCE_ONLY,
+}
 
 # (backend, device type) -> op -> NATIVE, or the stand-ins tried in order
 TABLE: dict[tuple[str, str], dict[str, str | tuple[str, ...]]] = {
@@ -110,26 +123,49 @@ class BackendModule(Protocol):
 class Kernels(Protocol):
     """The signatures of the table's ops (a backend module defines those it runs natively)."""
 
-    def moments(self, x: torch.Tensor, f: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]: ...
+    def moments(
+        self, x: torch.Tensor, f: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]: ...
 
-    def bucket(self, x: torch.Tensor, f: torch.Tensor | None = None, mask: torch.Tensor | None = None, bins: int = 20,
-               paper_exact: bool = False) -> torch.Tensor: ...
+    def bucket(
+        self,
+        x: torch.Tensor,
+        f: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        bins: int = 20,
+        paper_exact: bool = False,
+    ) -> torch.Tensor: ...
 
-    def cosine(self, x: torch.Tensor, other: torch.Tensor, mask: torch.Tensor | None = None,
-               fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def cosine(
+        self,
+        x: torch.Tensor,
+        other: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        fused: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def knn_kth_distance(self, x: torch.Tensor, k: int) -> torch.Tensor: ...
 
-    def knn_terms(self, x: torch.Tensor, f: torch.Tensor | None, mask: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def knn_terms(
+        self, x: torch.Tensor, f: torch.Tensor | None, mask: torch.Tensor | None, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def covariance(self, r: torch.Tensor) -> torch.Tensor: ...
 
     def renyi(self, r: torch.Tensor, alpha: float = 4.0) -> torch.Tensor: ...
 
-    def moments_pair(self, x: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[dict, dict]: ...
+    def moments_pair(
+        self, x: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[dict, dict]: ...
 
-    def bucket_pair(self, x: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None = None, bins: int = 20,
-                    paper_exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def bucket_pair(
+        self,
+        x: torch.Tensor,
+        f: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        bins: int = 20,
+        paper_exact: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 # ---------------------------------------------------------------- loading
@@ -199,7 +235,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         _warn_reference_fallback()
         return "torch"
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from 'auto', " + ", ".join(repr(b) for b in BACKENDS) + f" (available here: {_available_list(dev)})")
+        raise ValueError(
+            f"unknown backend {backend!r}; choose from 'auto', "
+            + ", ".join(repr(b) for b in BACKENDS)
+            + f" (available here: {_available_list(dev)})"
+        )
     name = ALIASES.get((backend, dev), backend)
     said = repr(backend) if name == backend else f"{backend!r} (on {dev} tensors: {name!r})"
     mod = _module(name)
@@ -209,9 +249,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             from entrodrop_fast import _ext
 
             hint = f"; {_ext.BUILD_HINT}"
-        raise ValueError(f"backend {said} is not available ({_load_errors.get(name)}){hint}; available here: {_available_list(dev)}")
+        raise ValueError(
+            f"backend {said} is not available ({_load_errors.get(name)}){hint}; available here: {_available_list(dev)}"
+        )
     if dev not in mod.devices():
-        raise ValueError(f"backend {said} does not run on {dev} tensors; available for {dev}: {_available_list(dev)}")
+        raise ValueError(
+            f"backend {said} does not run on {dev} tensors; available for {dev}: {_available_list(dev)}"
+        )
     return name
 
 
@@ -270,7 +314,9 @@ def kernel(backend: str, device, op: str):
             return knn_tiled.knn_kth_distance
         if _runs(target, dev):
             return kernel(target, dev, op)
-    raise ValueError(f"no implementation of {op!r} for backend {name!r} on {dev} tensors: {', '.join(impl)} unavailable")
+    raise ValueError(
+        f"no implementation of {op!r} for backend {name!r} on {dev} tensors: {', '.join(impl)} unavailable"
+    )
 
 
 def _native_module(backend: str, dev: str, op: str):
@@ -313,14 +359,20 @@ def backends() -> dict:
     for name in BACKENDS:
         mod = _module(name)
         decl = mod if mod is not None else _import(name)
-        rows = {dev: {op: _describe(impl) for op, impl in ops.items()} for (b, dev), ops in TABLE.items() if b == name}
+        rows = {
+            dev: {op: _describe(impl) for op, impl in ops.items()}
+            for (b, dev), ops in TABLE.items()
+            if b == name
+        }
         info = {
             "available": mod is not None,
             "devices": sorted(mod.devices()) if mod is not None else [],
             "reason": "" if mod is not None else _load_errors.get(name, ""),
             "ops": rows,
             "pairs": {dev: sorted(getattr(decl, "PAIRS", {}).get(dev, ())) for dev in rows},
-            "reports_nonfinite": {dev: sorted(getattr(decl, "REPORTS_NONFINITE", {}).get(dev, ())) for dev in rows},
+            "reports_nonfinite": {
+                dev: sorted(getattr(decl, "REPORTS_NONFINITE", {}).get(dev, ())) for dev in rows
+            },
             "aliases": {alias: dev for (alias, dev), target in ALIASES.items() if target == name},
         }
         out[name] = info

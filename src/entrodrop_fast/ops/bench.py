@@ -41,9 +41,18 @@ REFERENCE_MAX_ELEMENTS = 2**28  # the fp64 reference on more elements than this 
 # Public calls (run_call_bench): name -> (reads the pair X, F?, call(x, f, validate, backend))
 CALLS = {
     "bucket": (False, lambda x, f, v, be: _api().bucket_entropy(x, validate=v, backend=be)),
-    "gaussian_diag": (False, lambda x, f, v, be: _api().gaussian_diag_entropy(x, validate=v, backend=be)),
-    "delta_bucket": (True, lambda x, f, v, be: _api().delta_entropy(x, f, "bucket", validate=v, backend=be)),
-    "delta_gaussian_diag": (True, lambda x, f, v, be: _api().delta_entropy(x, f, "gaussian_diag", validate=v, backend=be)),
+    "gaussian_diag": (
+        False,
+        lambda x, f, v, be: _api().gaussian_diag_entropy(x, validate=v, backend=be),
+    ),
+    "delta_bucket": (
+        True,
+        lambda x, f, v, be: _api().delta_entropy(x, f, "bucket", validate=v, backend=be),
+    ),
+    "delta_gaussian_diag": (
+        True,
+        lambda x, f, v, be: _api().delta_entropy(x, f, "gaussian_diag", validate=v, backend=be),
+    ),
     "cosine": (True, lambda x, f, v, be: _api().cosine_importance(x, f, validate=v, backend=be)),
 }
 # the profiler's taps (SmolLM2 / 4096-wide models, batch 1, 8 and 128 samples of 256 tokens)
@@ -168,7 +177,12 @@ def _provider(estimator: str, backend: str, x: torch.Tensor, f: torch.Tensor, de
             name = resolve_backend("cpp", torch.device(device))
         except ValueError:
             return None
-        op = {"moments": "moments", "bucket": "bucket", "cosine": "cosine", "knn": "knn_kth_distance"}[estimator]
+        op = {
+            "moments": "moments",
+            "bucket": "bucket",
+            "cosine": "cosine",
+            "knn": "knn_kth_distance",
+        }[estimator]
         fn = kernel(name, device, op)
         return {
             "moments": lambda: fn(x, None, None),
@@ -239,7 +253,11 @@ def run_bench(
                     fn = _provider(est, be, x, f, device)
                     if fn is None:
                         continue
-                    ts = time_calls(fn, repeat if be in ("cpp", "torch_fast") else max(1, min(repeat, 2)), device=device)
+                    ts = time_calls(
+                        fn,
+                        repeat if be in ("cpp", "torch_fast") else max(1, min(repeat, 2)),
+                        device=device,
+                    )
                     med = statistics.median(ts)
                     row = {
                         "estimator": est,
@@ -262,7 +280,9 @@ def run_bench(
                     group.append(row)
                     gc.collect()
                 for row in group:
-                    row["speedup_vs"] = {o["backend"]: o["seconds"] / row["seconds"] for o in group if o is not row}
+                    row["speedup_vs"] = {
+                        o["backend"]: o["seconds"] / row["seconds"] for o in group if o is not row
+                    }
                 rows.extend(group)
             x = f = None  # free before the next shape
             gc.collect()
@@ -331,11 +351,13 @@ def run_call_bench(
                         time_calls(fn, 0, warmup=1, device=device)
                     rounds = 0
                     keys = list(fns)
-                    while rounds < repeat or (sum(ts["default"]) < min_seconds and rounds < max_rounds):
+                    while rounds < repeat or (
+                        sum(ts["default"]) < min_seconds and rounds < max_rounds
+                    ):
                         # the order rotates every round: each callable follows each other one
                         # equally often (torch's x.sum() leaves its OpenMP threads spinning for
                         # a while, which slows whatever runs next on a 2-core machine)
-                        for k in keys[rounds % 3:] + keys[:rounds % 3]:
+                        for k in keys[rounds % 3 :] + keys[: rounds % 3]:
                             fn = fns[k]
                             c0 = time.process_time()
                             ts[k] += time_calls(fn, 1, warmup=0, device=device)
@@ -343,28 +365,30 @@ def run_call_bench(
                         rounds += 1
                 best = {k: min(v) for k, v in ts.items()}
                 bcpu = {k: max(min(v), 1e-9) for k, v in cpu.items()}
-                rows.append({
-                    "estimator": name,
-                    "mode": "calls",
-                    "backend": backend,
-                    "shape": list(shape),
-                    "dtype": dname,
-                    "device": device,
-                    "threads": torch.get_num_threads(),
-                    "reads": "x,f" if pair else "x",
-                    "bytes": x3.numel() * x3.element_size() * (2 if pair else 1),
-                    "rounds": rounds,
-                    "default_s": best["default"],
-                    "novalidate_s": best["novalidate"],
-                    "roofline_s": best["roofline"],
-                    **{f"{k}_median_s": statistics.median(v) for k, v in ts.items()},
-                    **{f"{k}_cpu_s": v for k, v in bcpu.items()},
-                    "default_over_novalidate": best["default"] / best["novalidate"],
-                    "default_roofline_frac": best["roofline"] / best["default"],
-                    "novalidate_roofline_frac": best["roofline"] / best["novalidate"],
-                    "default_over_novalidate_cpu": bcpu["default"] / bcpu["novalidate"],
-                    "default_roofline_frac_cpu": bcpu["roofline"] / bcpu["default"],
-                })
+                rows.append(
+                    {
+                        "estimator": name,
+                        "mode": "calls",
+                        "backend": backend,
+                        "shape": list(shape),
+                        "dtype": dname,
+                        "device": device,
+                        "threads": torch.get_num_threads(),
+                        "reads": "x,f" if pair else "x",
+                        "bytes": x3.numel() * x3.element_size() * (2 if pair else 1),
+                        "rounds": rounds,
+                        "default_s": best["default"],
+                        "novalidate_s": best["novalidate"],
+                        "roofline_s": best["roofline"],
+                        **{f"{k}_median_s": statistics.median(v) for k, v in ts.items()},
+                        **{f"{k}_cpu_s": v for k, v in bcpu.items()},
+                        "default_over_novalidate": best["default"] / best["novalidate"],
+                        "default_roofline_frac": best["roofline"] / best["default"],
+                        "novalidate_roofline_frac": best["roofline"] / best["novalidate"],
+                        "default_over_novalidate_cpu": bcpu["default"] / bcpu["novalidate"],
+                        "default_roofline_frac_cpu": bcpu["roofline"] / bcpu["default"],
+                    }
+                )
             x = f = x3 = None
             gc.collect()
     return rows
@@ -372,8 +396,10 @@ def run_call_bench(
 
 def format_call_table(rows: list[dict]) -> str:
     """A markdown table of run_call_bench rows."""
-    head = ("| call | shape | dtype | reads | default ms | validate=False ms | default / validate=False "
-            "| roofline ms | default % of roofline | validate=False % of roofline | CPU time: default / validate=False, % of roofline |")
+    head = (
+        "| call | shape | dtype | reads | default ms | validate=False ms | default / validate=False "
+        "| roofline ms | default % of roofline | validate=False % of roofline | CPU time: default / validate=False, % of roofline |"
+    )
     lines = [head, "|" + "---|" * 11]
     for r in rows:
         lines.append(
@@ -390,7 +416,17 @@ def format_table(rows: list[dict]) -> str:
     head = "| estimator | shape | dtype | backend | ms | GB/s | % of x.sum() | speedup of cpp |"
     lines = [head, "|" + "---|" * 8]
     for r in rows:
-        cpp = next((o for o in rows if o["backend"] == "cpp" and o["estimator"] == r["estimator"] and o["shape"] == r["shape"] and o["dtype"] == r["dtype"]), None)
+        cpp = next(
+            (
+                o
+                for o in rows
+                if o["backend"] == "cpp"
+                and o["estimator"] == r["estimator"]
+                and o["shape"] == r["shape"]
+                and o["dtype"] == r["dtype"]
+            ),
+            None,
+        )
         sp = f"{r['seconds'] / cpp['seconds']:.1f}x" if cpp and r is not cpp else ""
         extra = ""
         if "peak_extra_bytes" in r:

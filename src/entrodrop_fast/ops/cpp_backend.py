@@ -86,7 +86,9 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def moments(x: torch.Tensor, f: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> dict:
+def moments(
+    x: torch.Tensor, f: torch.Tensor | None = None, mask: torch.Tensor | None = None
+) -> dict:
     """count [B] f64, mean/m2 [B, D] f64, min/max [B, D] f32 of Y = x (+ f); x: [B, T, D]."""
     C = _ext.require()
     B, _, D = x.shape
@@ -97,56 +99,125 @@ def moments(x: torch.Tensor, f: torch.Tensor | None = None, mask: torch.Tensor |
     mx = torch.empty(B, D, dtype=torch.float32)
     fp, fs = _arg(f)
     mp, ms = _mask_arg(mask)
-    C.moments_cpu(x.data_ptr(), fp, mp, _code(x), list(x.shape), list(x.stride()), fs, ms,
-                  count.data_ptr(), mean.data_ptr(), m2.data_ptr(), mn.data_ptr(), mx.data_ptr(),
-                  _threads())
+    C.moments_cpu(
+        x.data_ptr(),
+        fp,
+        mp,
+        _code(x),
+        list(x.shape),
+        list(x.stride()),
+        fs,
+        ms,
+        count.data_ptr(),
+        mean.data_ptr(),
+        m2.data_ptr(),
+        mn.data_ptr(),
+        mx.data_ptr(),
+        _threads(),
+    )
     return {"count": count, "mean": mean, "m2": m2, "min": mn, "max": mx}
 
 
-def moments_pair(x: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[dict, dict]:
+def moments_pair(
+    x: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[dict, dict]:
     """(moments of Y = x + f, moments of x) from one read of x and f; CPU tensors."""
     C = _ext.require()
     B, _, D = x.shape
     count = torch.empty(B, dtype=torch.float64)
     outs = []
     for _ in range(2):
-        outs.append({"count": count, "mean": torch.empty(B, D, dtype=torch.float64), "m2": torch.empty(B, D, dtype=torch.float64),
-                     "min": torch.empty(B, D, dtype=torch.float32), "max": torch.empty(B, D, dtype=torch.float32)})
+        outs.append(
+            {
+                "count": count,
+                "mean": torch.empty(B, D, dtype=torch.float64),
+                "m2": torch.empty(B, D, dtype=torch.float64),
+                "min": torch.empty(B, D, dtype=torch.float32),
+                "max": torch.empty(B, D, dtype=torch.float32),
+            }
+        )
     mp, ms = _mask_arg(mask)
     ptrs = [o[k].data_ptr() for o in outs for k in ("mean", "m2", "min", "max")]
-    C.moments_pair_cpu(x.data_ptr(), f.data_ptr(), mp, _code(x), list(x.shape), list(x.stride()), list(f.stride()), ms,
-                       count.data_ptr(), *ptrs, _threads())
+    C.moments_pair_cpu(
+        x.data_ptr(),
+        f.data_ptr(),
+        mp,
+        _code(x),
+        list(x.shape),
+        list(x.stride()),
+        list(f.stride()),
+        ms,
+        count.data_ptr(),
+        *ptrs,
+        _threads(),
+    )
     return outs[0], outs[1]
 
 
-def bucket_pair(x: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None = None, bins: int = 20,
-                paper_exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def bucket_pair(
+    x: torch.Tensor,
+    f: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    bins: int = 20,
+    paper_exact: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(H_d of Y = x + f, H_d of x), fp64 [B, D] each, from one read of x and f; CPU tensors."""
     C = _ext.require()
     B, _, D = x.shape
     hy = torch.empty(B, D, dtype=torch.float64)
     hx = torch.empty(B, D, dtype=torch.float64)
     mp, ms = _mask_arg(mask)
-    C.bucket_pair_cpu(x.data_ptr(), f.data_ptr(), mp, _code(x), list(x.shape), list(x.stride()), list(f.stride()), ms,
-                      int(bins), bool(paper_exact), hy.data_ptr(), hx.data_ptr(), _threads())
+    C.bucket_pair_cpu(
+        x.data_ptr(),
+        f.data_ptr(),
+        mp,
+        _code(x),
+        list(x.shape),
+        list(x.stride()),
+        list(f.stride()),
+        ms,
+        int(bins),
+        bool(paper_exact),
+        hy.data_ptr(),
+        hx.data_ptr(),
+        _threads(),
+    )
     return hy, hx
 
 
-def bucket(x: torch.Tensor, f: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-           bins: int = 20, paper_exact: bool = False) -> torch.Tensor:
+def bucket(
+    x: torch.Tensor,
+    f: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    bins: int = 20,
+    paper_exact: bool = False,
+) -> torch.Tensor:
     """Per-channel histogram entropy H_d, fp64 [B, D]; x: [B, T, D]."""
     C = _ext.require()
     B, _, D = x.shape
     out = torch.empty(B, D, dtype=torch.float64)
     fp, fs = _arg(f)
     mp, ms = _mask_arg(mask)
-    C.bucket_cpu(x.data_ptr(), fp, mp, _code(x), list(x.shape), list(x.stride()), fs, ms,
-                 int(bins), bool(paper_exact), out.data_ptr(), _threads())
+    C.bucket_cpu(
+        x.data_ptr(),
+        fp,
+        mp,
+        _code(x),
+        list(x.shape),
+        list(x.stride()),
+        fs,
+        ms,
+        int(bins),
+        bool(paper_exact),
+        out.data_ptr(),
+        _threads(),
+    )
     return out
 
 
-def cosine(x: torch.Tensor, other: torch.Tensor, mask: torch.Tensor | None = None,
-           fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def cosine(
+    x: torch.Tensor, other: torch.Tensor, mask: torch.Tensor | None = None, fused: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over valid tokens of cos(x_t, Y_t), count), fp64 [B] each; Y = x + other if fused."""
     C = _ext.require()
     if other.dtype != x.dtype:  # the API checks this for f; a y given on its own may differ
@@ -155,8 +226,20 @@ def cosine(x: torch.Tensor, other: torch.Tensor, mask: torch.Tensor | None = Non
     s = torch.empty(B, dtype=torch.float64)
     c = torch.empty(B, dtype=torch.float64)
     mp, ms = _mask_arg(mask)
-    C.cosine_cpu(x.data_ptr(), other.data_ptr(), mp, _code(x), list(x.shape), list(x.stride()),
-                 list(other.stride()), ms, bool(fused), s.data_ptr(), c.data_ptr(), _threads())
+    C.cosine_cpu(
+        x.data_ptr(),
+        other.data_ptr(),
+        mp,
+        _code(x),
+        list(x.shape),
+        list(x.stride()),
+        list(other.stride()),
+        ms,
+        bool(fused),
+        s.data_ptr(),
+        c.data_ptr(),
+        _threads(),
+    )
     return s, c
 
 
@@ -166,7 +249,9 @@ def _knn_split(xf: torch.Tensor):
     N, D = xf.shape
     step = max(1, N // 256)  # massive channels show in every row: a row sample finds them
     xs = xf[::step]
-    ms = torch.linalg.vector_norm(xs, dim=0).square()  # (D,) squared column norms, no [n, D] temporary
+    ms = torch.linalg.vector_norm(
+        xs, dim=0
+    ).square()  # (D,) squared column norms, no [n, D] temporary
     top = torch.topk(ms, min(KNN_MAX_HEAVY, D))
     thr = KNN_HEAVY_RATIO * float(ms.median())
     heavy = sorted(top.indices[top.values > thr].tolist())
@@ -188,7 +273,9 @@ def _knn_split(xf: torch.Tensor):
     return ranges, u.contiguous()
 
 
-def _gram_into(buf: torch.Tensor, xf: torch.Tensor, u: torch.Tensor, ranges, rows, cols) -> torch.Tensor:
+def _gram_into(
+    buf: torch.Tensor, xf: torch.Tensor, u: torch.Tensor, ranges, rows, cols
+) -> torch.Tensor:
     """v[rows] . v[cols]^T into the front of the flat buffer, as a contiguous [nr, nc] view
     (v = x on `ranges` plus the centred small copy u; rows/cols: slices or index tensors)."""
     a_rows = xf[rows]
@@ -244,8 +331,21 @@ def knn_radii(x: torch.Tensor, f: torch.Tensor | None, mask: torch.Tensor | None
     logsum = torch.empty(B, dtype=torch.float64)
     fp, fs = _arg(f)
     mp, ms = _mask_arg(mask)
-    skipped = C.knn_fused_cpu(x.data_ptr(), fp, mp, _code(x), [B, T, D], list(x.stride()), fs, ms, int(k),
-                              radii.data_ptr(), count.data_ptr(), logsum.data_ptr(), _threads())
+    skipped = C.knn_fused_cpu(
+        x.data_ptr(),
+        fp,
+        mp,
+        _code(x),
+        [B, T, D],
+        list(x.stride()),
+        fs,
+        ms,
+        int(k),
+        radii.data_ptr(),
+        count.data_ptr(),
+        logsum.data_ptr(),
+        _threads(),
+    )
     if skipped:
         for b in range(B):
             if count[b] <= KNN_FUSED_MAX_N:
@@ -277,6 +377,8 @@ def _knn_scale(xf: torch.Tensor, smax: float) -> int:
     top = math.frexp(float(torch.linalg.vector_norm(xf, float("inf"))))[1]  # max |x| < 2^top
     e = math.floor(math.log2(smax) / 2) if math.isfinite(smax) else top
     return max(e, top - 120)
+
+
 def _knn(x: torch.Tensor, k: int, scale_exp: int | None = None) -> tuple[torch.Tensor, int]:
     """(distances, number of rows answered by the whole-row fallback).
 
@@ -314,7 +416,9 @@ def _knn(x: torch.Tensor, k: int, scale_exp: int | None = None) -> tuple[torch.T
     nt = _threads()
     # squared norms of the effective vectors [x_ranges, u], fp32 from an fp64 accumulation
     sqn = u.double().pow(2).sum(1)
-    C.knn_sqnorm_cpu(xf.data_ptr(), N, D, xf.stride(0), [c for r in ranges for c in r], sqn.data_ptr(), nt)
+    C.knn_sqnorm_cpu(
+        xf.data_ptr(), N, D, xf.stride(0), [c for r in ranges for c in r], sqn.data_ptr(), nt
+    )
     smax = float(sqn.max())
     # (NaN or inf: the centred copy u overflowed fp32; the API has checked x is finite)
     if smax != 0.0 and not (KNN_SMAX_RANGE[0] <= smax <= KNN_SMAX_RANGE[1]) and scale_exp is None:
@@ -326,7 +430,7 @@ def _knn(x: torch.Tensor, k: int, scale_exp: int | None = None) -> tuple[torch.T
     # (measured: <= 1/20 of delta on LLM-like data) and keeps the exact band a few rows.
     eps = torch.finfo(torch.float32).eps
     # (+ D subnormal roundings of 2^-149 each, immaterial unless the rows are tiny)
-    delta = 4.0 * (D ** 0.5 + 8.0) * eps * float(sqn.max()) + 4.0 * D * 2.0**-149
+    delta = 4.0 * (D**0.5 + 8.0) * eps * float(sqn.max()) + 4.0 * D * 2.0**-149
     out = torch.empty(N, dtype=torch.float64)
 
     def whole_rows(buf: torch.Tensor, rows: torch.Tensor) -> None:
@@ -337,8 +441,22 @@ def _knn(x: torch.Tensor, k: int, scale_exp: int | None = None) -> tuple[torch.T
             every = part_rows.numel() == N  # all rows in order: a view, not a gathered copy
             g = _gram_into(buf, xf, u, ranges, slice(None) if every else part_rows, slice(None))
             part = torch.empty(part_rows.numel(), dtype=torch.float64)
-            C.knn_select_cpu(g.data_ptr(), sqn.data_ptr(), part_rows.numel(), N, part_rows.data_ptr(), int(k),
-                             delta, x.data_ptr(), _code(x), list(x.stride()), D, part.data_ptr(), nt, unit)
+            C.knn_select_cpu(
+                g.data_ptr(),
+                sqn.data_ptr(),
+                part_rows.numel(),
+                N,
+                part_rows.data_ptr(),
+                int(k),
+                delta,
+                x.data_ptr(),
+                _code(x),
+                list(x.stride()),
+                D,
+                part.data_ptr(),
+                nt,
+                unit,
+            )
             out[part_rows] = part
 
     if N <= KNN_WHOLE_ROWS:
@@ -346,7 +464,9 @@ def _knn(x: torch.Tensor, k: int, scale_exp: int | None = None) -> tuple[torch.T
         return out, 0
     T = knn_tile_side(N)
     # every row is first seen in its diagonal tile, which sets its threshold in one selection
-    tiles = [(r0, r0) for r0 in range(0, N, T)] + [(r0, c0) for r0 in range(0, N, T) for c0 in range(r0 + T, N, T)]
+    tiles = [(r0, r0) for r0 in range(0, N, T)] + [
+        (r0, c0) for r0 in range(0, N, T) for c0 in range(r0 + T, N, T)
+    ]
     cap = max(KNN_CAP_FACTOR * k, k + 16)
     buf = torch.empty(T * T, dtype=torch.float32)  # the reused tile
     val = torch.empty(N, cap, dtype=torch.float32)
@@ -357,10 +477,35 @@ def _knn(x: torch.Tensor, k: int, scale_exp: int | None = None) -> tuple[torch.T
     for r0, c0 in tiles:
         r1, c1 = min(N, r0 + T), min(N, c0 + T)
         g = _gram_into(buf, xf, u, ranges, slice(r0, r1), slice(c0, c1))
-        C.knn_tile_cpu(g.data_ptr(), c1 - c0, sqn.data_ptr(), N, r0, r1 - r0, c0, c1 - c0,
-                       int(k), delta, *lists, cap, nt)
-    C.knn_finish_cpu(*lists[:3], N, cap, int(k), delta, x.data_ptr(), _code(x), list(x.stride()), D,
-                     out.data_ptr(), nt, unit)
+        C.knn_tile_cpu(
+            g.data_ptr(),
+            c1 - c0,
+            sqn.data_ptr(),
+            N,
+            r0,
+            r1 - r0,
+            c0,
+            c1 - c0,
+            int(k),
+            delta,
+            *lists,
+            cap,
+            nt,
+        )
+    C.knn_finish_cpu(
+        *lists[:3],
+        N,
+        cap,
+        int(k),
+        delta,
+        x.data_ptr(),
+        _code(x),
+        list(x.stride()),
+        D,
+        out.data_ptr(),
+        nt,
+        unit,
+    )
     rest = (cnt < int(k)).nonzero().flatten()  # overflowed lists (-1)
     whole_rows(buf, rest)  # in the tile buffer
     return out, int(rest.numel())

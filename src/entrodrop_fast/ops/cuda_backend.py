@@ -45,7 +45,10 @@ def available() -> tuple[bool, str]:
     if not _ext.available():
         return False, f"the compiled extension is not available ({_ext.error()}); {_ext.BUILD_HINT}"
     if not _ext.has_cuda():
-        return False, "the extension was built without CUDA kernels (no nvcc at build time, or ENTRODROP_CUDA=OFF)"
+        return (
+            False,
+            "the extension was built without CUDA kernels (no nvcc at build time, or ENTRODROP_CUDA=OFF)",
+        )
     if not torch.cuda.is_available():
         return False, "no CUDA device"
     return True, ""
@@ -96,13 +99,29 @@ def _occupancy(kind: int, x, vec: int, bins: int, has_f: bool, device: int) -> i
     key = (kind, x.dtype, vec, bins if kind >= 2 else 0, has_f, device)
     n = _occ_cache.get(key)
     if n is None:
-        n = max(1, int(_ext.require().cuda_occupancy(kind, _DTYPE_CODE[x.dtype], vec, int(bins), bool(has_f), device)))
+        n = max(
+            1,
+            int(
+                _ext.require().cuda_occupancy(
+                    kind, _DTYPE_CODE[x.dtype], vec, int(bins), bool(has_f), device
+                )
+            ),
+        )
         _occ_cache[key] = n
     return n
 
 
-def _splits(x, vec: int, splits: int | None, *, kind: int = 0, bins: int = 0, has_f: bool = False,
-            waves: int = 2, max_rows: int | None = None) -> tuple[int, int]:
+def _splits(
+    x,
+    vec: int,
+    splits: int | None,
+    *,
+    kind: int = 0,
+    bins: int = 0,
+    has_f: bool = False,
+    waves: int = 2,
+    max_rows: int | None = None,
+) -> tuple[int, int]:
     """(S, rows per split). Default: about `waves` full waves of resident blocks (channel tiles x
     splits x samples), so a single sample (B = 1) still fills every SM; rows rounded to whole
     steps of the kernel (row groups x 12, a multiple of every per-thread row count)."""
@@ -123,7 +142,10 @@ def _splits(x, vec: int, splits: int | None, *, kind: int = 0, bins: int = 0, ha
 
 
 def _launch_ctx(x):
-    return x.device.index if x.device.index is not None else torch.cuda.current_device(), torch.cuda.current_stream(x.device).cuda_stream
+    return (
+        x.device.index if x.device.index is not None else torch.cuda.current_device(),
+        torch.cuda.current_stream(x.device).cuda_stream,
+    )
 
 
 def _moment_partials(x, has_f: bool, vec: int, splits: int | None):
@@ -152,7 +174,19 @@ def _moments_merge(x, part) -> dict:
         "max": torch.empty((B, D), dtype=torch.float32, device=dev),
     }
     device, stream = _launch_ctx(x)
-    C.cuda_moments_merge(B, D, S, pn.data_ptr(), pmean.data_ptr(), pm2.data_ptr(), pmin.data_ptr(), pmax.data_ptr(), *(out[k].data_ptr() for k in ("count", "mean", "m2", "min", "max")), device, stream)
+    C.cuda_moments_merge(
+        B,
+        D,
+        S,
+        pn.data_ptr(),
+        pmean.data_ptr(),
+        pm2.data_ptr(),
+        pmin.data_ptr(),
+        pmax.data_ptr(),
+        *(out[k].data_ptr() for k in ("count", "mean", "m2", "min", "max")),
+        device,
+        stream,
+    )
     return out
 
 
@@ -195,7 +229,9 @@ def _fused_ok(x, vec: int, bins: int) -> bool:
 def _fused_kernel(C):
     """The extension's single-read bucket launcher chosen by FUSED_KERNEL."""
     if FUSED_KERNEL not in ("registers", "tile"):
-        raise ValueError(f"cuda_backend.FUSED_KERNEL must be 'registers' or 'tile', got {FUSED_KERNEL!r}")
+        raise ValueError(
+            f"cuda_backend.FUSED_KERNEL must be 'registers' or 'tile', got {FUSED_KERNEL!r}"
+        )
     return C.cuda_bucket_tile if FUSED_KERNEL == "tile" else C.cuda_bucket_fused
 
 
@@ -218,7 +254,18 @@ def _partial_counts(x, f, mask, bins: int, splits: int | None, fused: bool | Non
     Sp, rows_p, pmin, pmax = mm
     C.cuda_minmax_partial(*args, Sp, rows_p, pmin.data_ptr(), pmax.data_ptr(), device, stream)
     S, rows, phist = hist
-    C.cuda_bucket_hist(*args, Sp, pmin.data_ptr(), pmax.data_ptr(), S, rows, int(bins), phist.data_ptr(), device, stream)
+    C.cuda_bucket_hist(
+        *args,
+        Sp,
+        pmin.data_ptr(),
+        pmax.data_ptr(),
+        S,
+        rows,
+        int(bins),
+        phist.data_ptr(),
+        device,
+        stream,
+    )
     return phist, S
 
 
@@ -231,15 +278,23 @@ def _hist_plan(x, has_f: bool, vec: int, bins: int, splits: int | None):
     pmin = torch.empty((B, Sp, D), dtype=torch.float32, device=dev)
     pmax = torch.empty((B, Sp, D), dtype=torch.float32, device=dev)
     # binning: about one wave of blocks (few splits: small partial histograms)
-    S, rows = _splits(x, vec, splits, kind=2, bins=int(bins), has_f=has_f, waves=1, max_rows=_HIST_MAX_ROWS)
-    fit = max(1, _PARTIAL_BYTES // (B * D * int(bins) * 4))  # many bins (up to 2^16): bounded memory
+    S, rows = _splits(
+        x, vec, splits, kind=2, bins=int(bins), has_f=has_f, waves=1, max_rows=_HIST_MAX_ROWS
+    )
+    fit = max(
+        1, _PARTIAL_BYTES // (B * D * int(bins) * 4)
+    )  # many bins (up to 2^16): bounded memory
     if splits is None and S > fit:
-        S, rows = _splits(x, vec, fit, kind=2, bins=int(bins), has_f=has_f, waves=1, max_rows=_HIST_MAX_ROWS)
+        S, rows = _splits(
+            x, vec, fit, kind=2, bins=int(bins), has_f=has_f, waves=1, max_rows=_HIST_MAX_ROWS
+        )
     phist = torch.empty((B, S, D, bins), dtype=torch.int32, device=dev)
     return (Sp, rows_p, pmin, pmax), (S, rows, phist)
 
 
-def bucket_pair(x, f, mask=None, bins: int = 20, paper_exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def bucket_pair(
+    x, f, mask=None, bins: int = 20, paper_exact: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(H_d of Y = x + f, H_d of x), fp64 [B, D] each, each exactly what :func:`bucket`
     returns, from one launch per pass (the blocks of Y and of x for a channel tile run side by
     side: x is read from HBM about once). x, f: CUDA [B, T, D] of one dtype."""
@@ -253,17 +308,49 @@ def bucket_pair(x, f, mask=None, bins: int = 20, paper_exact: bool = False) -> t
     if _fused_ok(x, vec, bins):
         hy = torch.empty((B, D), dtype=torch.float64, device=x.device)
         hx = torch.empty((B, D), dtype=torch.float64, device=x.device)
-        C.cuda_bucket_fused_pair(*args, int(bins), bool(paper_exact), 0, hy.data_ptr(), 0, hx.data_ptr(), device, stream)
+        C.cuda_bucket_fused_pair(
+            *args, int(bins), bool(paper_exact), 0, hy.data_ptr(), 0, hx.data_ptr(), device, stream
+        )
         return hy, hx
     (Spy, rpy, miny, maxy), (Sy, ry, phy) = _hist_plan(x, True, vec, bins, None)
     (Spx, rpx, minx, maxx), (Sx, rx, phx) = _hist_plan(x, False, vec, bins, None)
-    C.cuda_minmax_pair_partial(*args, Spy, rpy, miny.data_ptr(), maxy.data_ptr(), Spx, rpx, minx.data_ptr(), maxx.data_ptr(), device, stream)
-    C.cuda_bucket_hist_pair(*args, int(bins), Spy, miny.data_ptr(), maxy.data_ptr(), Sy, ry, phy.data_ptr(),
-                            Spx, minx.data_ptr(), maxx.data_ptr(), Sx, rx, phx.data_ptr(), device, stream)
+    C.cuda_minmax_pair_partial(
+        *args,
+        Spy,
+        rpy,
+        miny.data_ptr(),
+        maxy.data_ptr(),
+        Spx,
+        rpx,
+        minx.data_ptr(),
+        maxx.data_ptr(),
+        device,
+        stream,
+    )
+    C.cuda_bucket_hist_pair(
+        *args,
+        int(bins),
+        Spy,
+        miny.data_ptr(),
+        maxy.data_ptr(),
+        Sy,
+        ry,
+        phy.data_ptr(),
+        Spx,
+        minx.data_ptr(),
+        maxx.data_ptr(),
+        Sx,
+        rx,
+        phx.data_ptr(),
+        device,
+        stream,
+    )
     return entropy_from_counts(phy, paper_exact), entropy_from_counts(phx, paper_exact)
 
 
-def bucket_counts(x, f=None, mask=None, bins: int = 20, *, splits: int | None = None, fused: bool | None = None) -> torch.Tensor:
+def bucket_counts(
+    x, f=None, mask=None, bins: int = 20, *, splits: int | None = None, fused: bool | None = None
+) -> torch.Tensor:
     """Per-(sample, channel) bin counts, int32 [B, D, bins]. A channel whose Y holds NaN/Inf
     among the valid tokens has negative counts in bin 0 and 0 elsewhere (the kernels' report)."""
     counts, S = _partial_counts(x, f, mask, bins, splits, fused)
@@ -283,11 +370,22 @@ def entropy_from_counts(hist: torch.Tensor, paper_exact: bool = False) -> torch.
         B, S, D, bins = phist.shape
     out = torch.empty((B, D), dtype=torch.float64, device=hist.device)
     device, stream = _launch_ctx(hist)
-    C.cuda_bucket_entropy(B, D, bins, S, phist.data_ptr(), bool(paper_exact), out.data_ptr(), device, stream)
+    C.cuda_bucket_entropy(
+        B, D, bins, S, phist.data_ptr(), bool(paper_exact), out.data_ptr(), device, stream
+    )
     return out
 
 
-def bucket(x, f=None, mask=None, bins: int = 20, paper_exact: bool = False, *, splits: int | None = None, fused: bool | None = None) -> torch.Tensor:
+def bucket(
+    x,
+    f=None,
+    mask=None,
+    bins: int = 20,
+    paper_exact: bool = False,
+    *,
+    splits: int | None = None,
+    fused: bool | None = None,
+) -> torch.Tensor:
     """Per-channel histogram entropy H_d, fp64 [B, D], of Y = x (+ f) over valid tokens;
     NaN for a (sample, channel) whose Y holds NaN/Inf."""
     B, T, D = x.shape

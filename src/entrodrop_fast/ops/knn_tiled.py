@@ -91,8 +91,9 @@ def _exact_rows(x: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
-def knn_kth_distance_tiled(x: torch.Tensor, k: int, *, row_block: int | None = None,
-                           col_block: int | None = None) -> tuple[torch.Tensor, int]:
+def knn_kth_distance_tiled(
+    x: torch.Tensor, k: int, *, row_block: int | None = None, col_block: int | None = None
+) -> tuple[torch.Tensor, int]:
     """(distances fp64 [N], number of rows answered by the exact whole-row fallback).
 
     See :func:`knn_kth_distance`; ``row_block`` / ``col_block`` override the tile sides.

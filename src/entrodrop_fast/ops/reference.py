@@ -60,7 +60,12 @@ def bucket_bin_index(r: torch.Tensor, bins: int) -> torch.Tensor:
     mx = r.amax(0)
     width = mx - mn  # fp32
     const = width == 0
-    scale = torch.where(const, torch.zeros_like(width), torch.tensor(float(bins), dtype=torch.float32) / torch.where(const, torch.ones_like(width), width))
+    scale = torch.where(
+        const,
+        torch.zeros_like(width),
+        torch.tensor(float(bins), dtype=torch.float32)
+        / torch.where(const, torch.ones_like(width), width),
+    )
     wide = ~torch.isfinite(width) | ~torch.isfinite(scale)
     u = (r - mn) * torch.where(wide, torch.zeros_like(scale), scale)  # fp32 sub, fp32 mul
     if bool(wide.any()):
@@ -126,7 +131,9 @@ def cosine(x, other, mask=None, fused: bool = True):
     norm = (xf.norm(dim=-1) * y.norm(dim=-1)).clamp_min(COS_EPS)
     cos = dot / norm
     if mask is None:
-        return cos.sum(-1), torch.full(cos.shape[:1], float(cos.shape[1]), dtype=torch.float64, device=x.device)
+        return cos.sum(-1), torch.full(
+            cos.shape[:1], float(cos.shape[1]), dtype=torch.float64, device=x.device
+        )
     m = mask.to(torch.float64)
     # where, not a product: a masked-out token may hold NaN (nan_policy="omit" masks them)
     return torch.where(mask, cos, torch.zeros_like(cos)).sum(-1), m.sum(-1)
@@ -183,19 +190,26 @@ def gaussian_full_entropy_1(r: torch.Tensor, ridge: float = 0.0) -> torch.Tensor
     return 0.5 * (D * math.log(2 * math.pi * math.e) + logabsdet)
 
 
-def knn_entropy_from_radii(radii: torch.Tensor, n: int, d: int, k: int, form: str = "paper") -> torch.Tensor:
+def knn_entropy_from_radii(
+    radii: torch.Tensor, n: int, d: int, k: int, form: str = "paper"
+) -> torch.Tensor:
     """Kozachenko-Leonenko from the k-th neighbour radii (fp64 [N])."""
     log_ball = (d / 2) * math.log(math.pi) - math.lgamma(d / 2 + 1)
     if form == "paper":
         tail = math.log(n) - math.log(k)
     elif form == "digamma":
-        tail = float(torch.special.digamma(torch.tensor(float(n), dtype=torch.float64)) - torch.special.digamma(torch.tensor(float(k), dtype=torch.float64)))
+        tail = float(
+            torch.special.digamma(torch.tensor(float(n), dtype=torch.float64))
+            - torch.special.digamma(torch.tensor(float(k), dtype=torch.float64))
+        )
     else:
         raise ValueError(f"knn form must be 'paper' or 'digamma', got {form!r}")
     return d * torch.log(radii + PAPER_EPS).mean() + log_ball + tail
 
 
-def knn_entropy_from_logsum(logsum: torch.Tensor, n: torch.Tensor, d: int, k: int, form: str = "paper") -> torch.Tensor:
+def knn_entropy_from_logsum(
+    logsum: torch.Tensor, n: torch.Tensor, d: int, k: int, form: str = "paper"
+) -> torch.Tensor:
     """knn_entropy_from_radii for a batch, from each sample's sum of ln(r + 1e-10) and number
     of radii n (fp64 [B] each, on the CPU): fp64 [B].
 
@@ -211,7 +225,10 @@ def knn_entropy_from_logsum(logsum: torch.Tensor, n: torch.Tensor, d: int, k: in
         tails = [g - psi[-1] for g in psi[:-1]]
     else:
         raise ValueError(f"knn form must be 'paper' or 'digamma', got {form!r}")
-    return torch.tensor([d * (s / m) + log_ball + t for s, m, t in zip(sums, counts, tails, strict=True)], dtype=torch.float64)
+    return torch.tensor(
+        [d * (s / m) + log_ball + t for s, m, t in zip(sums, counts, tails, strict=True)],
+        dtype=torch.float64,
+    )
 
 
 def knn_entropy_1(r: torch.Tensor, k: int = 25, form: str = "paper") -> torch.Tensor:

@@ -50,7 +50,9 @@ def _y(p) -> torch.Tensor:
 def _check_q(q) -> float:
     q = api._real(q, "q", lo=0.0)
     if not q < 0.5:
-        raise ValueError(f"q must lie in [0, 0.5) (the range is [quantile q, quantile 1 - q]), got {q}")
+        raise ValueError(
+            f"q must lie in [0, 0.5) (the range is [quantile q, quantile 1 - q]), got {q}"
+        )
     return q
 
 
@@ -59,7 +61,18 @@ def _ranks(n: int, q: float) -> tuple[int, int]:
     return math.floor(q * (n - 1)), math.ceil((1 - q) * (n - 1))
 
 
-def bucket_q_entropy(x, f=None, *, bins: int = 20, q: float = DEFAULT_Q, paper_exact: bool = False, mask=None, backend="auto", nan_policy="raise", validate=True):
+def bucket_q_entropy(
+    x,
+    f=None,
+    *,
+    bins: int = 20,
+    q: float = DEFAULT_Q,
+    paper_exact: bool = False,
+    mask=None,
+    backend="auto",
+    nan_policy="raise",
+    validate=True,
+):
     """Bucket entropy over a per-channel quantile range [Q_q, Q_{1-q}], values beyond clamped.
 
     ``q`` in [0, 0.5): the fraction of tokens allowed past each end (default 0.01; with 256
@@ -81,18 +94,24 @@ def bucket_q_entropy(x, f=None, *, bins: int = 20, q: float = DEFAULT_Q, paper_e
         for b in range(B):
             r = y[b][p.mask[b]]  # (N, D)
             n = r.shape[0]
-            if n == 0:  # no valid token: the kernel call below raises or returns what it does for that
+            if (
+                n == 0
+            ):  # no valid token: the kernel call below raises or returns what it does for that
                 lo[b, 0], hi[b, 0] = 0.0, 0.0
                 continue
             i, j = _ranks(n, q)
             lo[b, 0] = r.kthvalue(i + 1, dim=0).values
             hi[b, 0] = r.kthvalue(j + 1, dim=0).values
     yc = torch.minimum(torch.maximum(y, lo), hi)  # (B, T, D): the range's ends are data values
-    h = api.bucket_entropy(yc, bins=bins, paper_exact=paper_exact, mask=p.mask, backend=p.backend, validate=False)
+    h = api.bucket_entropy(
+        yc, bins=bins, paper_exact=paper_exact, mask=p.mask, backend=p.backend, validate=False
+    )
     return api._finish(p, h)
 
 
-def sink_mask(shape_bt: tuple[int, int], sink: int, mask: torch.Tensor | None, device) -> torch.Tensor:
+def sink_mask(
+    shape_bt: tuple[int, int], sink: int, mask: torch.Tensor | None, device
+) -> torch.Tensor:
     """(B, T) bool: ``mask`` (all True when None) with the first ``sink`` positions False."""
     B, T = shape_bt
     m = torch.ones(B, T, dtype=torch.bool, device=device) if mask is None else mask.clone()
@@ -100,7 +119,18 @@ def sink_mask(shape_bt: tuple[int, int], sink: int, mask: torch.Tensor | None, d
     return m
 
 
-def bucket_nosink_entropy(x, f=None, *, bins: int = 20, sink: int = DEFAULT_SINK, paper_exact: bool = False, mask=None, backend="auto", nan_policy="raise", validate=True):
+def bucket_nosink_entropy(
+    x,
+    f=None,
+    *,
+    bins: int = 20,
+    sink: int = DEFAULT_SINK,
+    paper_exact: bool = False,
+    mask=None,
+    backend="auto",
+    nan_policy="raise",
+    validate=True,
+):
     """Bucket entropy without the first ``sink`` token positions of each sample (default 1:
     the attention sink). Needs at least 2 valid tokens after them. Shapes, dtypes, options,
     errors: as :func:`~entrodrop_fast.ops.api.bucket_entropy`; returns float64 nats."""
@@ -112,24 +142,40 @@ def bucket_nosink_entropy(x, f=None, *, bins: int = 20, sink: int = DEFAULT_SINK
     m = sink_mask((B, T), sink, p.mask, p.x.device)
     if validate:
         api._check_min_tokens(p.x, m, 2)
-    h = api.bucket_entropy(p.x, p.f, bins=bins, paper_exact=paper_exact, mask=m, backend=p.backend, validate=False)
+    h = api.bucket_entropy(
+        p.x, p.f, bins=bins, paper_exact=paper_exact, mask=m, backend=p.backend, validate=False
+    )
     return api._finish(p, h)
 
 
 def token_rms_normalise(y: torch.Tensor) -> torch.Tensor:
     """y / max(sqrt(mean over channels of y^2), 1e-30), per token, fp32 (y: (..., D) fp32)."""
-    rms = y.double().square().mean(-1, keepdim=True).sqrt().clamp_min(RMS_FLOOR)  # fp64: no overflow of y^2
+    rms = (
+        y.double().square().mean(-1, keepdim=True).sqrt().clamp_min(RMS_FLOOR)
+    )  # fp64: no overflow of y^2
     return (y.double() / rms).float()
 
 
-def bucket_tokennorm_entropy(x, f=None, *, bins: int = 20, paper_exact: bool = False, mask=None, backend="auto", nan_policy="raise", validate=True):
+def bucket_tokennorm_entropy(
+    x,
+    f=None,
+    *,
+    bins: int = 20,
+    paper_exact: bool = False,
+    mask=None,
+    backend="auto",
+    nan_policy="raise",
+    validate=True,
+):
     """Bucket entropy of the tokens divided by their RMS over channels (per-token scale
     removed before binning). Shapes, dtypes, options, errors: as
     :func:`~entrodrop_fast.ops.api.bucket_entropy`; returns float64 nats."""
     bins = api._integer(bins, "bins", 1, api.MAX_BINS)
     p = api.prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate)
     yn = token_rms_normalise(_y(p))  # (B, T, D) fp32
-    h = api.bucket_entropy(yn, bins=bins, paper_exact=paper_exact, mask=p.mask, backend=p.backend, validate=False)
+    h = api.bucket_entropy(
+        yn, bins=bins, paper_exact=paper_exact, mask=p.mask, backend=p.backend, validate=False
+    )
     return api._finish(p, h)
 
 
@@ -167,7 +213,9 @@ def _out(single: bool, hs: list[float]):
     return h[0] if single else h
 
 
-def reference_bucket_q(x, f=None, *, bins: int = 20, q: float = DEFAULT_Q, paper_exact: bool = False, mask=None):
+def reference_bucket_q(
+    x, f=None, *, bins: int = 20, q: float = DEFAULT_Q, paper_exact: bool = False, mask=None
+):
     """Readable bucket_q: sort each channel, take the order statistics, clamp, bin."""
     single, rows = _reference_rows(x, f, mask)
     hs = []
@@ -179,7 +227,9 @@ def reference_bucket_q(x, f=None, *, bins: int = 20, q: float = DEFAULT_Q, paper
     return _out(single, hs)
 
 
-def reference_bucket_nosink(x, f=None, *, bins: int = 20, sink: int = DEFAULT_SINK, paper_exact: bool = False, mask=None):
+def reference_bucket_nosink(
+    x, f=None, *, bins: int = 20, sink: int = DEFAULT_SINK, paper_exact: bool = False, mask=None
+):
     """Readable bucket_nosink: the rows of positions >= sink (and valid), binned."""
     x = torch.as_tensor(x)
     T = x.shape[-2]

@@ -41,7 +41,9 @@ class SampleStats:
     def update(self, v: torch.Tensor) -> SampleStats:
         v = torch.as_tensor(v).to(torch.float64)
         if tuple(v.shape[1:]) != self.shape:
-            raise ValueError(f"values must have shape [B, {', '.join(map(str, self.shape))}], got {tuple(v.shape)}")
+            raise ValueError(
+                f"values must have shape [B, {', '.join(map(str, self.shape))}], got {tuple(v.shape)}"
+            )
         nb = v.shape[0]
         if nb == 0:
             return self
@@ -72,7 +74,13 @@ class SampleStats:
         return {"mean": self.mean, "stderr": stderr, "n": self.n}
 
     def state_dict(self) -> dict:
-        return {"kind": "SampleStats", "shape": list(self.shape), "n": self.n, "mean": self.mean, "m2": self.m2}
+        return {
+            "kind": "SampleStats",
+            "shape": list(self.shape),
+            "n": self.n,
+            "mean": self.mean,
+            "m2": self.m2,
+        }
 
     @classmethod
     def from_state_dict(cls, d: dict) -> SampleStats:
@@ -93,21 +101,31 @@ class MomentState:
         self.mean = self.m2 = self.min = self.max = None
 
     def update(self, x, f=None, *, mask=None, backend="auto", nan_policy="raise") -> MomentState:
-        p = api.prepare(x, f, mask, min_tokens=1, nan_policy=nan_policy, backend=backend, op="moments")
+        p = api.prepare(
+            x, f, mask, min_tokens=1, nan_policy=nan_policy, backend=backend, op="moments"
+        )
         if p.x.shape[-1] != self.dim:
             if p.deferred:  # NaN/Inf are reported first, as when prepare checked them
                 api._recheck(p, min_tokens=1, nan_policy=nan_policy)
             raise ValueError(f"MomentState expects {self.dim} channels, got {p.x.shape[-1]}")
         p, m = api._checked_moments(p, min_tokens=1, nan_policy=nan_policy)
         for b in range(p.x.shape[0]):  # merge the per-sample moments one by one
-            self._merge_parts(float(m["count"][b]), m["mean"][b], m["m2"][b], m["min"][b], m["max"][b])
+            self._merge_parts(
+                float(m["count"][b]), m["mean"][b], m["m2"][b], m["min"][b], m["max"][b]
+            )
         return self
 
     def _merge_parts(self, n, mean, m2, mn, mx):
         if n == 0:
             return
         if self.count == 0:
-            self.count, self.mean, self.m2, self.min, self.max = n, mean.clone(), m2.clone(), mn.clone(), mx.clone()
+            self.count, self.mean, self.m2, self.min, self.max = (
+                n,
+                mean.clone(),
+                m2.clone(),
+                mn.clone(),
+                mx.clone(),
+            )
             return
         self.count, self.mean, self.m2 = _chan(self.count, self.mean, self.m2, n, mean, m2)
         self.min = torch.minimum(self.min, mn)
@@ -120,20 +138,43 @@ class MomentState:
         return self
 
     def result(self, var_floor: float = 1e-12) -> dict:
-        var_floor = api._real(var_floor, "var_floor", lo=0.0, why=" (0 gives -inf for a constant channel)")
+        var_floor = api._real(
+            var_floor, "var_floor", lo=0.0, why=" (0 gives -inf for a constant channel)"
+        )
         if self.count == 0:
             raise ValueError("MomentState has seen no tokens yet")
         var = self.m2 / self.count
         h = 0.5 * torch.log((2 * math.pi * math.e) * var.clamp_min(var_floor)).sum()
-        return {"count": self.count, "mean": self.mean, "var": var, "min": self.min, "max": self.max, "gaussian_diag_entropy": h}
+        return {
+            "count": self.count,
+            "mean": self.mean,
+            "var": var,
+            "min": self.min,
+            "max": self.max,
+            "gaussian_diag_entropy": h,
+        }
 
     def state_dict(self) -> dict:
-        return {"kind": "MomentState", "dim": self.dim, "count": self.count, "mean": self.mean, "m2": self.m2, "min": self.min, "max": self.max}
+        return {
+            "kind": "MomentState",
+            "dim": self.dim,
+            "count": self.count,
+            "mean": self.mean,
+            "m2": self.m2,
+            "min": self.min,
+            "max": self.max,
+        }
 
     @classmethod
     def from_state_dict(cls, d: dict) -> MomentState:
         s = cls(int(d["dim"]))
-        s.count, s.mean, s.m2, s.min, s.max = float(d["count"]), d["mean"], d["m2"], d["min"], d["max"]
+        s.count, s.mean, s.m2, s.min, s.max = (
+            float(d["count"]),
+            d["mean"],
+            d["m2"],
+            d["min"],
+            d["max"],
+        )
         return s
 
 
@@ -186,11 +227,21 @@ class CovState:
         cov = self.comoment / self.count
         eye = torch.eye(self.dim, dtype=cov.dtype, device=cov.device)
         sign, logdet = torch.linalg.slogdet(cov + ridge * eye)
-        h = 0.5 * (self.dim * math.log(2 * math.pi * math.e) + logdet) if sign > 0 else torch.tensor(float("-inf"), dtype=torch.float64)
+        h = (
+            0.5 * (self.dim * math.log(2 * math.pi * math.e) + logdet)
+            if sign > 0
+            else torch.tensor(float("-inf"), dtype=torch.float64)
+        )
         return {"count": self.count, "mean": self.mean, "cov": cov, "gaussian_full_entropy": h}
 
     def state_dict(self) -> dict:
-        return {"kind": "CovState", "dim": self.dim, "count": self.count, "mean": self.mean, "comoment": self.comoment}
+        return {
+            "kind": "CovState",
+            "dim": self.dim,
+            "count": self.count,
+            "mean": self.mean,
+            "comoment": self.comoment,
+        }
 
     @classmethod
     def from_state_dict(cls, d: dict) -> CovState:
@@ -208,7 +259,9 @@ class EntropyMeter:
 
     def __init__(self, method: str = "bucket", **opts):
         if method not in api.METHODS:
-            raise ValueError(f"unknown entropy method {method!r}; choose from {', '.join(api.METHODS)}")
+            raise ValueError(
+                f"unknown entropy method {method!r}; choose from {', '.join(api.METHODS)}"
+            )
         self.method, self.opts = method, opts
         self.stats = SampleStats()
 
@@ -228,7 +281,12 @@ class EntropyMeter:
         return self.stats.result()
 
     def state_dict(self) -> dict:
-        return {"kind": "EntropyMeter", "method": self.method, "opts": dict(self.opts), "stats": self.stats.state_dict()}
+        return {
+            "kind": "EntropyMeter",
+            "method": self.method,
+            "opts": dict(self.opts),
+            "stats": self.stats.state_dict(),
+        }
 
     @classmethod
     def from_state_dict(cls, d: dict) -> EntropyMeter:
@@ -261,7 +319,9 @@ def gather_state_dicts(local: dict, group=None) -> list[dict]:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("merging across ranks needs an initialised torch.distributed process group")
+        raise RuntimeError(
+            "merging across ranks needs an initialised torch.distributed process group"
+        )
     parts = [None] * dist.get_world_size(group)
     dist.all_gather_object(parts, _to_cpu(local), group=group)
     return parts

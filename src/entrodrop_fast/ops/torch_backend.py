@@ -9,7 +9,18 @@ from __future__ import annotations
 from entrodrop_fast.ops.reference import bucket, cosine, covariance, knn_kth_distance, moments
 from entrodrop_fast.ops.reference import renyi_entropy_1 as renyi
 
-__all__ = ["PAIRS", "REPORTS_NONFINITE", "available", "bucket", "cosine", "covariance", "devices", "knn_kth_distance", "moments", "renyi"]
+__all__ = [
+    "PAIRS",
+    "REPORTS_NONFINITE",
+    "available",
+    "bucket",
+    "cosine",
+    "covariance",
+    "devices",
+    "knn_kth_distance",
+    "moments",
+    "renyi",
+]
 
 REPORTS_NONFINITE: dict[str, frozenset[str]] = {}
 PAIRS: dict[str, frozenset[str]] = {}

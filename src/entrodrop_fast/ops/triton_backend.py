@@ -65,7 +65,9 @@ def bucket(x, f=None, mask=None, bins: int = 20, paper_exact: bool = False) -> t
     return _bucket(x, f, mask, bins, paper_exact)
 
 
-def bucket_pair(x, f, mask=None, bins: int = 20, paper_exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def bucket_pair(
+    x, f, mask=None, bins: int = 20, paper_exact: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(H_d of Y = x + f, H_d of x), fp64 [B, D] each, from one read of x and f per pass."""
     from entrodrop_fast.ops.triton.bucket import bucket_pair as _pair
 

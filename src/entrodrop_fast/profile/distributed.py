@@ -27,7 +27,9 @@ def init_from_env(device: torch.device) -> bool:
     """Join the process group described by the environment (torchrun); False when single-process."""
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (
+        dist.is_available() and dist.is_initialized()
+    ):
         return dist.is_available() and dist.is_initialized()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
@@ -46,7 +48,9 @@ def shard(windows: torch.Tensor) -> torch.Tensor:
     rank, size = world()
     mine = windows[rank::size]
     if mine.shape[0] == 0:
-        raise ValueError(f"{windows.shape[0]} calibration samples cannot be shared by {size} processes")
+        raise ValueError(
+            f"{windows.shape[0]} calibration samples cannot be shared by {size} processes"
+        )
     return mine
 
 

@@ -23,7 +23,16 @@ from entrodrop_fast.models.adapters import Adapter, get_adapter
 from entrodrop_fast.profile.taps import BlockStatistics, ResidualTaps, TapSettings, finite_or_raise
 
 # the last three: robust bucket variants (entrodrop_fast.ops.robust; issue 14), opt-in
-ENTROPY_METHODS = ("bucket", "gaussian_diag", "gaussian_full", "knn", "renyi", "bucket_q", "bucket_nosink", "bucket_tokennorm")
+ENTROPY_METHODS = (
+    "bucket",
+    "gaussian_diag",
+    "gaussian_full",
+    "knn",
+    "renyi",
+    "bucket_q",
+    "bucket_nosink",
+    "bucket_tokennorm",
+)
 SIMILARITY_METHODS = ("cosine", "angular")
 ALL_METHODS = ENTROPY_METHODS + SIMILARITY_METHODS
 DEFAULT_SPANS = (1, 2, 4, 8)
@@ -42,7 +51,9 @@ def parse_methods(spec) -> tuple[str, ...]:
                 out.extend(x for x in ALL_METHODS if x not in out)
                 continue
             if m not in ALL_METHODS:
-                raise ValueError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)} (several: comma-separated)")
+                raise ValueError(
+                    f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)} (several: comma-separated)"
+                )
             if m not in out:
                 out.append(m)
     if not out:
@@ -63,8 +74,16 @@ class ProfileSettings:
     def tap_settings(self) -> TapSettings:
         methods = parse_methods(self.methods)
         ent = tuple(m for m in methods if m in ENTROPY_METHODS)
-        opts = {"bucket": {"bins": self.bins, "paper_exact": self.paper_exact}, "knn": {"k": self.k}}
-        opts.update({m: {"bins": self.bins, "paper_exact": self.paper_exact} for m in ("bucket_q", "bucket_nosink", "bucket_tokennorm")})
+        opts = {
+            "bucket": {"bins": self.bins, "paper_exact": self.paper_exact},
+            "knn": {"k": self.k},
+        }
+        opts.update(
+            {
+                m: {"bins": self.bins, "paper_exact": self.paper_exact}
+                for m in ("bucket_q", "bucket_nosink", "bucket_tokennorm")
+            }
+        )
         return TapSettings(
             entropy_methods=ent,
             cosine="cosine" in methods,
@@ -86,7 +105,9 @@ def model_device(model: nn.Module) -> torch.device:
 
 def _check(settings: ProfileSettings, windows: torch.Tensor, adapter: Adapter, num_layers: int):
     if windows.dim() != 2 or windows.shape[0] < 1:
-        raise ValueError(f"windows must be token ids (samples, seq_len), got shape {tuple(windows.shape)}")
+        raise ValueError(
+            f"windows must be token ids (samples, seq_len), got shape {tuple(windows.shape)}"
+        )
     if settings.batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {settings.batch_size}")
     methods = parse_methods(settings.methods)
@@ -99,7 +120,16 @@ def _check(settings: ProfileSettings, windows: torch.Tensor, adapter: Adapter, n
         raise ValueError(f"angular: spans {settings.spans} must include one in 1..{num_layers}")
 
 
-def forward_batches(model: nn.Module, windows: torch.Tensor, batch_size: int, *, adapter: Adapter | None = None, progress: bool = False, on_batch=None, desc: str = "profile"):
+def forward_batches(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int,
+    *,
+    adapter: Adapter | None = None,
+    progress: bool = False,
+    on_batch=None,
+    desc: str = "profile",
+):
     """Run the decoder stack over ``windows`` (samples, T) in batches; ``on_batch()`` after each."""
     from tqdm.auto import tqdm
 
@@ -108,21 +138,31 @@ def forward_batches(model: nn.Module, windows: torch.Tensor, batch_size: int, *,
     dev = model_device(model)
     n = windows.shape[0]
     with torch.inference_mode():
-        for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+        for start in tqdm(
+            range(0, n, batch_size), desc=desc, unit="batch", disable=not progress, leave=False
+        ):
             ids = windows[start : start + batch_size].to(dev)  # (b, T)
             base(input_ids=ids, use_cache=False)
             if on_batch is not None:
                 on_batch()
 
 
-def profile(model: nn.Module, windows: torch.Tensor, settings: ProfileSettings | None = None, *, progress: bool = True) -> dict:
+def profile(
+    model: nn.Module,
+    windows: torch.Tensor,
+    settings: ProfileSettings | None = None,
+    *,
+    progress: bool = True,
+) -> dict:
     """Profile ``model`` on token windows ``(samples, T)``. Returns plain numbers (see report.py)."""
     settings = settings or ProfileSettings()
     adapter = get_adapter(model)
     L = adapter.num_layers(model)
     _check(settings, windows, adapter, L)
     embed = model.get_input_embeddings()
-    if embed is not None and getattr(embed, "weight", None) is not None:  # an id beyond the rows: refused before the first forward
+    if (
+        embed is not None and getattr(embed, "weight", None) is not None
+    ):  # an id beyond the rows: refused before the first forward
         from entrodrop_fast.models.loading import check_token_ids
 
         check_token_ids(windows, embed.weight.shape[0])
@@ -136,16 +176,45 @@ def profile(model: nn.Module, windows: torch.Tensor, settings: ProfileSettings |
     t0 = time.perf_counter()
     try:
         with ResidualTaps(model, stats, adapter):
-            forward_batches(model, windows, settings.batch_size, adapter=adapter, progress=progress, on_batch=stats.end_batch)
+            forward_batches(
+                model,
+                windows,
+                settings.batch_size,
+                adapter=adapter,
+                progress=progress,
+                on_batch=stats.end_batch,
+            )
     finally:
         model.train(was_training)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
-    return finish(stats, adapter, settings, backend=backend, seconds=seconds, windows=windows, device=dev, dtype=next(model.parameters()).dtype, hidden_size=int(getattr(model.config, "hidden_size", 0) or 0))
+    return finish(
+        stats,
+        adapter,
+        settings,
+        backend=backend,
+        seconds=seconds,
+        windows=windows,
+        device=dev,
+        dtype=next(model.parameters()).dtype,
+        hidden_size=int(getattr(model.config, "hidden_size", 0) or 0),
+    )
 
 
-def finish(stats: BlockStatistics, adapter: Adapter, settings: ProfileSettings, *, backend, seconds, windows, device, dtype, hidden_size, **extra) -> dict:
+def finish(
+    stats: BlockStatistics,
+    adapter: Adapter,
+    settings: ProfileSettings,
+    *,
+    backend,
+    seconds,
+    windows,
+    device,
+    dtype,
+    hidden_size,
+    **extra,
+) -> dict:
     """Merge the statistics across ranks (if any) and turn them into the runner's result dict."""
     from entrodrop_fast.profile.distributed import merge_block_stats_
 

@@ -98,7 +98,12 @@ def sweep_stale_activation_dirs(root: str | None = None) -> list[str]:
         return removed
     for e in entries:
         m = re.fullmatch(re.escape(ACT_DIR_PREFIX) + r"(\d+)-[A-Za-z0-9_]+", e.name)
-        if not m or not e.is_dir(follow_symlinks=False) or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+        if (
+            not m
+            or not e.is_dir(follow_symlinks=False)
+            or int(m.group(1)) == os.getpid()
+            or _pid_alive(int(m.group(1)))
+        ):
             continue
         try:
             names = os.listdir(e.path)
@@ -181,8 +186,12 @@ class _Group:
     def __init__(self, target: str, converter):
         self.target = target  # the name transformers keys the group by (its first output)
         self.converter = converter  # the prototype: copied for every conversion
-        self.sources: list[tuple[str, str]] = []  # (checkpoint name, the converter's pattern it matched)
-        self.outputs: dict[str, list[int]] = {}  # model tensor -> shape, from a conversion on meta tensors
+        self.sources: list[
+            tuple[str, str]
+        ] = []  # (checkpoint name, the converter's pattern it matched)
+        self.outputs: dict[
+            str, list[int]
+        ] = {}  # model tensor -> shape, from a conversion on meta tensors
         self.error: str | None = None
 
     def describe(self, ckpt) -> str:
@@ -223,7 +232,9 @@ class WeightPlan:
         self.made_by: dict[str, _Group] = {}  # model tensor -> the group producing it
         for key in sorted(ckpt.shapes, key=natural_key):
             target, pattern = rename(key, renamings, converters, prefix, expected)
-            if target not in expected and key in expected:  # as transformers: a name already right stays
+            if (
+                target not in expected and key in expected
+            ):  # as transformers: a name already right stays
                 target, pattern = key, None
             if target not in expected:
                 continue
@@ -237,7 +248,12 @@ class WeightPlan:
         for group in self.groups.values():
             conv = copy.deepcopy(group.converter)
             for key, pattern in group.sources:
-                conv.add_tensor(group.target, key, pattern, lambda shape=ckpt.shapes[key]: torch.empty(shape, device="meta"))
+                conv.add_tensor(
+                    group.target,
+                    key,
+                    pattern,
+                    lambda shape=ckpt.shapes[key]: torch.empty(shape, device="meta"),
+                )
             try:
                 out = conv.convert(group.target, model=model, config=model.config)
             except Exception as exc:
@@ -264,7 +280,9 @@ class WeightPlan:
             group = self.made_by.get(name)
             if group is not None:
                 if group.error is not None:
-                    raise CheckpointError(f"{self.ckpt.dir}: {group.error} ({what}): config and weights do not match")
+                    raise CheckpointError(
+                        f"{self.ckpt.dir}: {group.error} ({what}): config and weights do not match"
+                    )
                 if group.outputs[name] != want:
                     raise CheckpointError(
                         f"{self.ckpt.dir}: {group.describe(self.ckpt)} combine into {name} of shape {group.outputs[name]}, "
@@ -273,7 +291,9 @@ class WeightPlan:
                 continue
             key = self.direct.get(name)
             if key is None:
-                raise CheckpointError(f"{self.ckpt.dir}: tensor {name} ({what}) is not in the checkpoint")
+                raise CheckpointError(
+                    f"{self.ckpt.dir}: tensor {name} ({what}) is not in the checkpoint"
+                )
             if self.ckpt.shapes[key] != want:
                 raise CheckpointError(
                     f"{self.ckpt.dir / self.ckpt.file_of[key]}: tensor {key} has shape {self.ckpt.shapes[key]}, "
@@ -311,19 +331,25 @@ class WeightPlan:
 
         def reader(key):
             def read_one():
-                with safe_open(str(ckpt.dir / ckpt.file_of[key]), framework="pt", device="cpu") as fh:
+                with safe_open(
+                    str(ckpt.dir / ckpt.file_of[key]), framework="pt", device="cpu"
+                ) as fh:
                     return fh.get_tensor(key).to(dtype=dtype)
 
             return read_one
 
-        for group in {id(self.made_by[n]): self.made_by[n] for n in names if n in self.made_by}.values():
+        for group in {
+            id(self.made_by[n]): self.made_by[n] for n in names if n in self.made_by
+        }.values():
             conv = copy.deepcopy(group.converter)
             for key, pattern in group.sources:
                 conv.add_tensor(group.target, key, pattern, reader(key))
             try:
                 made = conv.convert(group.target, model=self.model, config=self.model.config)
             except Exception as exc:
-                raise CheckpointError(f"{ckpt.dir}: could not read or combine {group.describe(ckpt)} ({type(exc).__name__}: {exc}); truncated or corrupt?") from None
+                raise CheckpointError(
+                    f"{ckpt.dir}: could not read or combine {group.describe(ckpt)} ({type(exc).__name__}: {exc}); truncated or corrupt?"
+                ) from None
             for name, t in made.items():
                 if name in names:
                     out[name] = t[0] if isinstance(t, list) else t
@@ -376,7 +402,16 @@ class ActivationBuffers:
     one missing or of another size raises :class:`ResumeError`.
     """
 
-    def __init__(self, shape, dtype, *, budget_bytes: float, directory: str | None, resume: bool = False, hint: str = ""):
+    def __init__(
+        self,
+        shape,
+        dtype,
+        *,
+        budget_bytes: float,
+        directory: str | None,
+        resume: bool = False,
+        hint: str = "",
+    ):
         numel = shape[0] * shape[1] * shape[2]
         self.nbytes = numel * torch.empty((), dtype=dtype).element_size()
         self.on_disk = directory is not None and (resume or 2 * self.nbytes > budget_bytes)
@@ -414,7 +449,10 @@ class ActivationBuffers:
                     pass
             raise _storage_error(exc, path, what + ")", hint) from None
         if self.on_disk:
-            self.bufs = [torch.from_file(p, shared=True, size=numel, dtype=dtype).view(*shape) for p in self.files]
+            self.bufs = [
+                torch.from_file(p, shared=True, size=numel, dtype=dtype).view(*shape)
+                for p in self.files
+            ]
         else:
             self.bufs = [torch.empty(shape, dtype=dtype) for _ in ACT_NAMES]
         self.cur_index = 0
@@ -466,7 +504,9 @@ class _Recorder(nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         if args:
-            raise RuntimeError("the streaming runner expects decoder layers to be called with keyword arguments")
+            raise RuntimeError(
+                "the streaming runner expects decoder layers to be called with keyword arguments"
+            )
         self.store.append(kwargs)
         return hidden_states
 
@@ -518,7 +558,17 @@ _LABELS = {
 _HASHED = {"config", "weights", "windows"}  # digests: naming the field says it all
 
 
-def _fingerprint(ckpt: Checkpoint, windows: torch.Tensor, settings, *, dtype, device, backend: str, rank: int, world: int) -> dict:
+def _fingerprint(
+    ckpt: Checkpoint,
+    windows: torch.Tensor,
+    settings,
+    *,
+    dtype,
+    device,
+    backend: str,
+    rank: int,
+    world: int,
+) -> dict:
     """Everything that changes the numbers of a streamed profile, as plain JSON values."""
     import dataclasses
 
@@ -545,14 +595,18 @@ def _fingerprint(ckpt: Checkpoint, windows: torch.Tensor, settings, *, dtype, de
     }
     for f in dataclasses.fields(settings):  # every setting, present and future
         value = getattr(settings, f.name)
-        fp[f.name if f.name not in fp else f"settings.{f.name}"] = list(parse_methods(value)) if f.name == "methods" else value
+        fp[f.name if f.name not in fp else f"settings.{f.name}"] = (
+            list(parse_methods(value)) if f.name == "methods" else value
+        )
     return json.loads(json.dumps(fp, default=repr))  # tuples -> lists, as they come back from disk
 
 
 def _compare(saved, now: dict, where: str, directory: str) -> None:
     """Raise :class:`ResumeError` naming every field in which ``saved`` differs from ``now``."""
     if not isinstance(saved, dict):
-        raise ResumeError(f"{where} holds no run fingerprint: the resume directory {directory} is corrupt; remove it or choose another --resume-dir")
+        raise ResumeError(
+            f"{where} holds no run fingerprint: the resume directory {directory} is corrupt; remove it or choose another --resume-dir"
+        )
     if saved.get("format") != now["format"]:
         keys = ["format"]
     else:
@@ -619,8 +673,16 @@ def _write_run(path: str, fingerprint: dict, hint: str) -> None:
 def _same_structure(d, ref) -> bool:
     """``d`` has the dicts and list lengths of ``ref`` (whose lists are all None), tensors or None inside."""
     if isinstance(ref, dict):
-        return isinstance(d, dict) and set(d) == set(ref) and all(_same_structure(d[k], ref[k]) for k in ref)
-    return isinstance(d, list) and len(d) == len(ref) and all(x is None or isinstance(x, torch.Tensor) for x in d)
+        return (
+            isinstance(d, dict)
+            and set(d) == set(ref)
+            and all(_same_structure(d[k], ref[k]) for k in ref)
+        )
+    return (
+        isinstance(d, list)
+        and len(d) == len(ref)
+        and all(x is None or isinstance(x, torch.Tensor) for x in d)
+    )
 
 
 def _lock(directory: str) -> int | None:
@@ -635,12 +697,16 @@ def _lock(directory: str) -> int | None:
     except OSError as exc:
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             os.close(fd)
-            raise ResumeError(f"{directory} is in use by another running profile; wait for it to end or choose another --resume-dir") from None
+            raise ResumeError(
+                f"{directory} is in use by another running profile; wait for it to end or choose another --resume-dir"
+            ) from None
         # a filesystem without locks (some network filesystems): go on without
     return fd
 
 
-def _open_resume_dir(directory: str, fingerprint: dict, shape, dtype, sinks: list, num_layers: int, device):
+def _open_resume_dir(
+    directory: str, fingerprint: dict, shape, dtype, sinks: list, num_layers: int, device
+):
     """(activation buffers, first layer to run) for ``directory``: a new run, one to continue, or an error.
 
     Files are written only for a new run (or one that never finished its first layer);
@@ -655,24 +721,50 @@ def _open_resume_dir(directory: str, fingerprint: dict, shape, dtype, sinks: lis
         try:
             run_fp = json.loads(Path(run_path).read_text())
         except (OSError, ValueError) as exc:
-            raise ResumeError(f"{run_path}: cannot be read ({type(exc).__name__}: {exc}); {broken}") from None
+            raise ResumeError(
+                f"{run_path}: cannot be read ({type(exc).__name__}: {exc}); {broken}"
+            ) from None
         _compare(run_fp, fingerprint, run_path, directory)
     if os.path.exists(state_path):
         try:
             state = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated, garbage, not a torch file, unreadable: all the same to us
+        except (
+            Exception
+        ) as exc:  # truncated, garbage, not a torch file, unreadable: all the same to us
             msg = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise ResumeError(f"{state_path}: cannot be read ({type(exc).__name__}: {msg}); {broken}") from None
-        if not isinstance(state, dict) or not {"fingerprint", "layers_done", "cur_index", "pending"} <= set(state):
+            raise ResumeError(
+                f"{state_path}: cannot be read ({type(exc).__name__}: {msg}); {broken}"
+            ) from None
+        if not isinstance(state, dict) or not {
+            "fingerprint",
+            "layers_done",
+            "cur_index",
+            "pending",
+        } <= set(state):
             raise ResumeError(f"{state_path}: not a resume state of this program; {broken}")
         _compare(state["fingerprint"], fingerprint, state_path, directory)
         done, cur = state["layers_done"], state["cur_index"]
-        if type(done) is not int or not 0 <= done <= num_layers or type(cur) is not int or cur not in (0, 1):
-            raise ResumeError(f"{state_path}: layers done {done!r} / current buffer {cur!r} out of range for {num_layers} layers; {broken}")
+        if (
+            type(done) is not int
+            or not 0 <= done <= num_layers
+            or type(cur) is not int
+            or cur not in (0, 1)
+        ):
+            raise ResumeError(
+                f"{state_path}: layers done {done!r} / current buffer {cur!r} out of range for {num_layers} layers; {broken}"
+            )
         pending = state["pending"]
-        if not (isinstance(pending, list) and len(pending) == len(sinks) and all(_same_structure(d, _pending(s)) for d, s in zip(pending, sinks, strict=True))):
-            raise ResumeError(f"{state_path}: the estimator states in it do not have this run's layout; {broken}")
-        acts = ActivationBuffers(shape, dtype, budget_bytes=0, directory=directory, resume=True, hint=hint)
+        if not (
+            isinstance(pending, list)
+            and len(pending) == len(sinks)
+            and all(_same_structure(d, _pending(s)) for d, s in zip(pending, sinks, strict=True))
+        ):
+            raise ResumeError(
+                f"{state_path}: the estimator states in it do not have this run's layout; {broken}"
+            )
+        acts = ActivationBuffers(
+            shape, dtype, budget_bytes=0, directory=directory, resume=True, hint=hint
+        )
         if run_fp is None:
             _write_run(run_path, fingerprint, hint)
         acts.cur_index = cur
@@ -686,10 +778,15 @@ def _open_resume_dir(directory: str, fingerprint: dict, shape, dtype, sinks: lis
             "of this program, or an incomplete one; remove it or choose another --resume-dir"
         )
     if run_fp is None:
-        _write_run(run_path, fingerprint, hint)  # before the activation files: they are known to be ours
+        _write_run(
+            run_path, fingerprint, hint
+        )  # before the activation files: they are known to be ours
     acts = ActivationBuffers(shape, dtype, budget_bytes=0, directory=directory, hint=hint)
     if present:
-        warnings.warn(f"{directory}: no {STATE_NAME} (the previous run stopped before finishing its first layer, or it was removed): starting from the first layer", stacklevel=3)
+        warnings.warn(
+            f"{directory}: no {STATE_NAME} (the previous run stopped before finishing its first layer, or it was removed): starting from the first layer",
+            stacklevel=3,
+        )
     return acts, 0
 
 
@@ -782,7 +879,9 @@ def profile_streaming(
     layers = adapter.layers(model)
     L = len(layers)
     _check(settings, windows, adapter, L)
-    plan = WeightPlan(model, ckpt)  # checkpoint names -> model tensors (per-expert MoE tensors fused)
+    plan = WeightPlan(
+        model, ckpt
+    )  # checkpoint names -> model tensors (per-expert MoE tensors fused)
     layer_keys = []
     for i, layer in enumerate(layers):
         prefix = f"{adapter.arch.layers}.{i}"
@@ -812,20 +911,35 @@ def profile_streaming(
                 resume_dir = os.path.join(resume_dir, f"rank{rank}-of-{world}")
             hint = f"free space or make {resume_dir} writable and rerun, or choose another --resume-dir"
             if os.path.exists(resume_dir) and not os.path.isdir(resume_dir):
-                raise ResumeError(f"--resume-dir {resume_dir} exists and is not a directory; choose another")
+                raise ResumeError(
+                    f"--resume-dir {resume_dir} exists and is not a directory; choose another"
+                )
             try:
                 os.makedirs(resume_dir, exist_ok=True)
             except OSError as exc:
                 raise _storage_error(exc, resume_dir, "the resume directory", hint) from None
             lock = _lock(resume_dir)
-            fingerprint = _fingerprint(ckpt, windows, settings, dtype=dtype, device=device, backend=backend, rank=rank, world=world)
-            acts, first_layer = _open_resume_dir(resume_dir, fingerprint, (S, T, D), dtype, sinks, L, device)
+            fingerprint = _fingerprint(
+                ckpt,
+                windows,
+                settings,
+                dtype=dtype,
+                device=device,
+                backend=backend,
+                rank=rank,
+                world=world,
+            )
+            acts, first_layer = _open_resume_dir(
+                resume_dir, fingerprint, (S, T, D), dtype, sinks, L, device
+            )
             state_path = os.path.join(resume_dir, STATE_NAME)
         else:
             sweep_stale_activation_dirs()
             tmp_dir = tempfile.mkdtemp(prefix=f"{ACT_DIR_PREFIX}{os.getpid()}-")
             hint = f"set TMPDIR to a directory on a larger disk, use --resume-dir on one, or raise --max-memory to keep them in RAM (now {_size(ram_budget_bytes)})"
-            acts = ActivationBuffers((S, T, D), dtype, budget_bytes=ram_budget_bytes, directory=tmp_dir, hint=hint)
+            acts = ActivationBuffers(
+                (S, T, D), dtype, budget_bytes=ram_budget_bytes, directory=tmp_dir, hint=hint
+            )
         for path in (adapter.arch.embed, adapter.arch.final_norm):
             _materialise(model, path, plan, device, dtype)
         _real_rotary(model, adapter, device)
@@ -850,6 +964,7 @@ def profile_streaming(
                 if first_layer == 0:
                     acts.cur[s0 : s0 + bs] = h.to(dtype).cpu()
         adapter.embed(model).to_empty(device="meta")  # the embedding is not needed any more
+
         # 2. layer by layer under the taps
         def fetch(i):  # runs on the single prefetch thread: reads layer i (and fuses its experts)
             return plan.load(layer_keys[i], dtype)
@@ -862,7 +977,9 @@ def profile_streaming(
                 layer = layers[i]
                 _real_buffers_(model, layer, device)
                 prefix = f"{adapter.arch.layers}.{i}."
-                layer.load_state_dict({k[len(prefix) :]: v.to(device) for k, v in weights.items()}, assign=True)
+                layer.load_state_dict(
+                    {k[len(prefix) :]: v.to(device) for k, v in weights.items()}, assign=True
+                )
                 del weights
                 for j, s0 in enumerate(starts):
                     dispatch.current = j
@@ -876,9 +993,18 @@ def profile_streaming(
                     try:
                         acts.flush_cur()  # the activations on disk before the state that points at them
                     except OSError as exc:
-                        raise _storage_error(exc, acts.files[acts.cur_index], "the activations", hint) from None
-                    state = {"fingerprint": fingerprint, "layers_done": i + 1, "cur_index": acts.cur_index, "pending": [_pending(s) for s in sinks]}
-                    _atomic_save(state, state_path, f"the state saved before layer {i} is kept; {hint}")
+                        raise _storage_error(
+                            exc, acts.files[acts.cur_index], "the activations", hint
+                        ) from None
+                    state = {
+                        "fingerprint": fingerprint,
+                        "layers_done": i + 1,
+                        "cur_index": acts.cur_index,
+                        "pending": [_pending(s) for s in sinks],
+                    }
+                    _atomic_save(
+                        state, state_path, f"the state saved before layer {i} is kept; {hint}"
+                    )
                 if _stop_after_layer is not None and i + 1 >= _stop_after_layer and i + 1 < L:
                     raise KeyboardInterrupt(f"stopped after layer {i} (test hook)")
     finally:
@@ -897,5 +1023,16 @@ def profile_streaming(
         stats.merge(s)
     from entrodrop_fast.profile.inmemory import finish
 
-    return finish(stats, adapter, settings, backend=backend, seconds=seconds, windows=windows, device=device, dtype=dtype, hidden_size=D, runner="streaming", checkpoint_bytes=ckpt.bytes)
-
+    return finish(
+        stats,
+        adapter,
+        settings,
+        backend=backend,
+        seconds=seconds,
+        windows=windows,
+        device=device,
+        dtype=dtype,
+        hidden_size=D,
+        runner="streaming",
+        checkpoint_bytes=ckpt.bytes,
+    )

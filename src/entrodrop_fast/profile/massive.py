@@ -37,7 +37,9 @@ def range_share(x: torch.Tensor, top: int = 3, bins: int = 20) -> dict:
         raise ValueError(f"x must be [T, D], got shape {tuple(x.shape)}")
     T, D = x.shape
     if not isinstance(top, int) or top < 1 or T < top + 2:
-        raise ValueError(f"need an integer top >= 1 and at least top + 2 tokens, got top={top!r} and T={T}")
+        raise ValueError(
+            f"need an integer top >= 1 and at least top + 2 tokens, got top={top!r} and T={T}"
+        )
     if not isinstance(bins, int) or bins < 1:
         raise ValueError(f"bins must be a positive integer, got {bins!r}")
     x = x.float()
@@ -49,7 +51,11 @@ def range_share(x: torch.Tensor, top: int = 3, bins: int = 20) -> dict:
     keep.scatter_(0, extreme, False)
     inner_mx = torch.where(keep, x, torch.full_like(x, -math.inf)).amax(0)
     inner_mn = torch.where(keep, x, torch.full_like(x, math.inf)).amin(0)
-    share = torch.where(width > 0, 1 - (inner_mx - inner_mn) / torch.where(width > 0, width, torch.ones_like(width)), torch.zeros_like(width))
+    share = torch.where(
+        width > 0,
+        1 - (inner_mx - inner_mn) / torch.where(width > 0, width, torch.ones_like(width)),
+        torch.zeros_like(width),
+    )
     from entrodrop_fast.ops.reference import bucket_bin_index
 
     idx = bucket_bin_index(x, bins)  # (T, D), the contract's bins
@@ -77,7 +83,9 @@ class _Collector:
         self.share = {p: [] for p in self.points}  # per sample: [D] tensors
         self.crowd = {p: [] for p in self.points}
         self.extreme = {p: [] for p in self.points}  # per sample: [top, D]
-        self.norm_ratio = {p: [] for p in self.points}  # per sample: max-token L-inf / median-token L-inf
+        self.norm_ratio = {
+            p: [] for p in self.points
+        }  # per sample: max-token L-inf / median-token L-inf
 
     def _add(self, point: str, r: torch.Tensor) -> None:
         for b in range(r.shape[0]):
@@ -105,7 +113,16 @@ class _Collector:
         self._add(f"r{li + 1}", y)
 
 
-def diagnose(model, tokenizer, windows: torch.Tensor, *, top: int = 3, bins: int = 20, batch_size: int = 8, examples: int = 8) -> dict:
+def diagnose(
+    model,
+    tokenizer,
+    windows: torch.Tensor,
+    *,
+    top: int = 3,
+    bins: int = 20,
+    batch_size: int = 8,
+    examples: int = 8,
+) -> dict:
     """Range statistics of the residual stream at every layer boundary of ``model``.
 
     ``windows``: token ids (samples, T) with T > top + 1. Returns per point r_0..r_L:
@@ -121,7 +138,9 @@ def diagnose(model, tokenizer, windows: torch.Tensor, *, top: int = 3, bins: int
     from entrodrop_fast.profile.taps import ResidualTaps
 
     if windows.dim() != 2 or windows.shape[1] < top + 2:
-        raise ValueError(f"windows must be (samples, T) token ids with T >= top + 2, got shape {tuple(windows.shape)}")
+        raise ValueError(
+            f"windows must be (samples, T) token ids with T >= top + 2, got shape {tuple(windows.shape)}"
+        )
     adapter = get_adapter(model)
     L = adapter.num_layers(model)
     sink = _Collector(L, top, bins)
@@ -139,7 +158,13 @@ def diagnose(model, tokenizer, windows: torch.Tensor, *, top: int = 3, bins: int
             vocab_text[tok] = tokenizer.decode([tok]) if hasattr(tokenizer, "decode") else str(tok)
         return vocab_text[tok]
 
-    out = {"top": top, "bins": bins, "samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "points": []}
+    out = {
+        "top": top,
+        "bins": bins,
+        "samples": int(windows.shape[0]),
+        "seq_len": int(windows.shape[1]),
+        "points": [],
+    }
     for p in sink.points:
         share = torch.stack(sink.share[p])  # (S, D)
         crowd = torch.stack(sink.crowd[p])
@@ -155,28 +180,47 @@ def diagnose(model, tokenizer, windows: torch.Tensor, *, top: int = 3, bins: int
         n = len(pos_flat)
         common = sorted(per_token.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:examples]
         ratios = sorted(sink.norm_ratio[p])
-        out["points"].append({
-            "point": p,
-            "share_mean": float(share.mean()),
-            "share_half": float((share > 0.5).float().mean()),
-            "crowd_mean": float(crowd.mean()),
-            "norm_ratio": ratios[len(ratios) // 2],
-            "where": {k: v / n for k, v in where.items()},
-            "tokens": [{"text": text(t), "id": int(t), "count": len(ps), "share": len(ps) / n, "mean_position": sum(ps) / len(ps)} for t, ps in common],
-        })
+        out["points"].append(
+            {
+                "point": p,
+                "share_mean": float(share.mean()),
+                "share_half": float((share > 0.5).float().mean()),
+                "crowd_mean": float(crowd.mean()),
+                "norm_ratio": ratios[len(ratios) // 2],
+                "where": {k: v / n for k, v in where.items()},
+                "tokens": [
+                    {
+                        "text": text(t),
+                        "id": int(t),
+                        "count": len(ps),
+                        "share": len(ps) / n,
+                        "mean_position": sum(ps) / len(ps),
+                    }
+                    for t, ps in common
+                ],
+            }
+        )
     return out
 
 
 def markdown(diag: dict) -> str:
     """A table of :func:`diagnose`'s result, one row per point of the residual stream."""
-    lines = [f"Top {diag['top']} tokens per channel, {diag['samples']} windows of {diag['seq_len']} tokens, {diag['bins']} bins.", "",
-             "| point | range set by top tokens (mean) | channels > 50% | fullest bin (mean) | max/median token L∞ | extremes at first position / punct / word | most frequent extreme tokens |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Top {diag['top']} tokens per channel, {diag['samples']} windows of {diag['seq_len']} tokens, {diag['bins']} bins.",
+        "",
+        "| point | range set by top tokens (mean) | channels > 50% | fullest bin (mean) | max/median token L∞ | extremes at first position / punct / word | most frequent extreme tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in diag["points"]:
         w = r["where"]
-        toks = ", ".join(f"{t['text']!r} ({100 * t['share']:.0f}%, pos {t['mean_position']:.0f})" for t in r["tokens"][:3])
-        lines.append(f"| {r['point']} | {100 * r['share_mean']:.1f}% | {100 * r['share_half']:.1f}% | {100 * r['crowd_mean']:.1f}% | {r['norm_ratio']:.1f} | "
-                     f"{100 * w['first']:.0f}% / {100 * w['punct/space']:.0f}% / {100 * w['word']:.0f}% | {toks} |")
+        toks = ", ".join(
+            f"{t['text']!r} ({100 * t['share']:.0f}%, pos {t['mean_position']:.0f})"
+            for t in r["tokens"][:3]
+        )
+        lines.append(
+            f"| {r['point']} | {100 * r['share_mean']:.1f}% | {100 * r['share_half']:.1f}% | {100 * r['crowd_mean']:.1f}% | {r['norm_ratio']:.1f} | "
+            f"{100 * w['first']:.0f}% / {100 * w['punct/space']:.0f}% / {100 * w['word']:.0f}% | {toks} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -191,9 +235,24 @@ def plot(diag: dict, path, title: str = "") -> None:
     pts = diag["points"]
     xs = list(range(len(pts)))
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
-    a.plot(xs, [100 * r["share_mean"] for r in pts], marker="o", label=f"range set by the top {diag['top']} tokens (mean over channels)")
-    a.plot(xs, [100 * r["share_half"] for r in pts], marker=".", label="channels where they set > 50% of it")
-    a.plot(xs, [100 * r["crowd_mean"] for r in pts], marker="s", label=f"tokens in the fullest of {diag['bins']} bins")
+    a.plot(
+        xs,
+        [100 * r["share_mean"] for r in pts],
+        marker="o",
+        label=f"range set by the top {diag['top']} tokens (mean over channels)",
+    )
+    a.plot(
+        xs,
+        [100 * r["share_half"] for r in pts],
+        marker=".",
+        label="channels where they set > 50% of it",
+    )
+    a.plot(
+        xs,
+        [100 * r["crowd_mean"] for r in pts],
+        marker="s",
+        label=f"tokens in the fullest of {diag['bins']} bins",
+    )
     a.set_xlabel("residual stream r_l (l = layers before it)")
     a.set_ylabel("%")
     a.grid(alpha=0.3)

@@ -24,7 +24,15 @@ from entrodrop_fast.data import PAPER_SAMPLES, PAPER_SEED, PAPER_SEQ_LEN
 from entrodrop_fast.profile.inmemory import ProfileSettings
 
 # how errors name each setting; the command line passes its flags instead
-NAMES = {"max_memory": "max_memory", "seq_len": "seq_len", "k": "k", "batch_size": "batch_size", "backend": "backend", "resume_dir": "resume_dir", "streaming": "streaming"}
+NAMES = {
+    "max_memory": "max_memory",
+    "seq_len": "seq_len",
+    "k": "k",
+    "batch_size": "batch_size",
+    "backend": "backend",
+    "resume_dir": "resume_dir",
+    "streaming": "streaming",
+}
 
 
 @dataclass
@@ -92,7 +100,9 @@ class MemoryPlan:
         self.total = sum(math.prod(shape) for shape in ckpt.shapes.values()) * per
         model = build_skeleton(str(model_dir), parse_dtype(dtype))  # on meta: no memory
         adapter = get_adapter(model)
-        weights = WeightPlan(model, ckpt)  # the model's tensors as transformers builds them from the checkpoint's
+        weights = WeightPlan(
+            model, ckpt
+        )  # the model's tensors as transformers builds them from the checkpoint's
         size = lambda name: math.prod(weights.expected[name]) * per  # noqa: E731
         embed = sum(size(f"{adapter.arch.embed}.{k}") for k in adapter.embed(model).state_dict())
         self.resident, self.experts, self.fuse_extra = embed, 0, 0
@@ -100,8 +110,12 @@ class MemoryPlan:
         for i, layer in enumerate(adapter.layers(model)):
             names = [f"{adapter.arch.layers}.{i}.{k}" for k in layer.state_dict()]
             self.resident = max(self.resident, sum(size(n) for n in names))
-            self.experts = max(self.experts, sum(size(n) for n in names if adapter.is_expert_tensor(n)))
-            groups = {id(g): g for n in names for g in [weights.made_by.get(n)] if g is not None}.values()
+            self.experts = max(
+                self.experts, sum(size(n) for n in names if adapter.is_expert_tensor(n))
+            )
+            groups = {
+                id(g): g for n in names for g in [weights.made_by.get(n)] if g is not None
+            }.values()
             made = [math.prod(shape) * per for g in groups for shape in g.outputs.values()]
             self.fuse_extra = max(self.fuse_extra, max(made, default=0))
             dense = dense or not hasattr(adapter.mlp(layer), adapter.arch.experts)
@@ -110,7 +124,9 @@ class MemoryPlan:
         inter = int(cfg.get("intermediate_size", 4 * d) or 4 * d)
         if self.experts:  # top-k copies of each token through its experts, + the shared expert
             k = int(cfg.get("num_experts_per_tok", 1) or 1)
-            moe = k * (d + int(cfg.get("moe_intermediate_size") or inter)) + int(cfg.get("shared_expert_intermediate_size") or 0)
+            moe = k * (d + int(cfg.get("moe_intermediate_size") or inter)) + int(
+                cfg.get("shared_expert_intermediate_size") or 0
+            )
             inter = max(moe, inter) if dense else moe
         self.per_token = (d + inter) * 4 * 3
 
@@ -119,7 +135,15 @@ class MemoryPlan:
         return held + batch_size * seq_len * self.per_token
 
 
-def check_inputs(source, settings: ProfileSettings, calibration: Calibration, *, device: str = "cpu", cache_dir=None, names: dict | None = None):
+def check_inputs(
+    source,
+    settings: ProfileSettings,
+    calibration: Calibration,
+    *,
+    device: str = "cpu",
+    cache_dir=None,
+    names: dict | None = None,
+):
     """What can be checked before the model loads: the corpus (read here, returned), knn's k
     against the window length, the estimator backend on ``device``, and the window length
     against the model's positions when its config is at hand (a local directory or a
@@ -150,13 +174,32 @@ def check_inputs(source, settings: ProfileSettings, calibration: Calibration, *,
             raise ValueError(f"ENTRODROP_BACKEND={forced}: {exc}") from None
         raise ValueError(f"{n['backend']} {settings.backend}: {exc}") from None
     corpus = load_corpus(calibration.corpus, calibration.text_field)
-    check_positions(peek_config(source, cache_dir), [(calibration.seq_len, n["seq_len"])], f"the model {display_name(source)}")
+    check_positions(
+        peek_config(source, cache_dir),
+        [(calibration.seq_len, n["seq_len"])],
+        f"the model {display_name(source)}",
+    )
     return corpus
 
 
-def profile_model(source=None, settings: ProfileSettings | None = None, memory: Memory | None = None, *, calibration: Calibration | None = None, dtype: str = "fp32",
-                  device: str = "cpu", cache_dir=None, preset: dict | None = None, batch_size_fixed: bool = True, progress: bool = True, log=None, warn=None,
-                  names: dict | None = None, corpus=None, windows_out: list | None = None) -> dict | None:
+def profile_model(
+    source=None,
+    settings: ProfileSettings | None = None,
+    memory: Memory | None = None,
+    *,
+    calibration: Calibration | None = None,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    cache_dir=None,
+    preset: dict | None = None,
+    batch_size_fixed: bool = True,
+    progress: bool = True,
+    log=None,
+    warn=None,
+    names: dict | None = None,
+    corpus=None,
+    windows_out: list | None = None,
+) -> dict | None:
     """Profile the blocks of a model and return its report (:func:`entrodrop_fast.profile.report.build_report`).
 
     ``source``: what :func:`entrodrop_fast.models.load_model` accepts (None: the built-in
@@ -209,13 +252,25 @@ def profile_model(source=None, settings: ProfileSettings | None = None, memory: 
         import torch
 
         first = next(loaded.model.parameters())
-        dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(first.dtype, str(first.dtype))
+        dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+            first.dtype, str(first.dtype)
+        )
         device = str(first.device)
     if corpus is None:
-        corpus = calibration.corpus if loaded is not None else check_inputs(source, settings, calibration, device=device, cache_dir=cache_dir, names=names)
+        corpus = (
+            calibration.corpus
+            if loaded is not None
+            else check_inputs(
+                source, settings, calibration, device=device, cache_dir=cache_dir, names=names
+            )
+        )
     streaming_asked = memory.streaming or memory.resume_dir is not None
-    if memory.resume_dir and not memory.streaming:  # resuming exists only layer by layer: never ignore resume_dir
-        log(f"{n['resume_dir']} {memory.resume_dir}: streaming layer by layer ({n['resume_dir']} implies {n['streaming']})")
+    if (
+        memory.resume_dir and not memory.streaming
+    ):  # resuming exists only layer by layer: never ignore resume_dir
+        log(
+            f"{n['resume_dir']} {memory.resume_dir}: streaming layer by layer ({n['resume_dir']} implies {n['streaming']})"
+        )
     t0 = time.perf_counter()
     distributed.init_from_env(parse_device(device))
     rank, world = distributed.world()
@@ -226,18 +281,26 @@ def profile_model(source=None, settings: ProfileSettings | None = None, memory: 
     stream_dir = None
     if loaded is None and (streaming_asked or budget):
         stream_dir = resolve_source(source, cache_dir, need="local")
-        read_config(str(stream_dir), f"the model directory {stream_dir}")  # an architecture outside the adapter table stops here
+        read_config(
+            str(stream_dir), f"the model directory {stream_dir}"
+        )  # an architecture outside the adapter table stops here
     plan = MemoryPlan(stream_dir, dtype) if budget and stream_dir is not None else None
     if plan is not None and not streaming_asked:
         if plan.total <= budget:
             stream_dir = None
         else:
-            log(f"the model needs {plan.total / 2**30:.1f} GiB in {dtype}, more than {n['max_memory']} {label}: streaming layer by layer")
+            log(
+                f"the model needs {plan.total / 2**30:.1f} GiB in {dtype}, more than {n['max_memory']} {label}: streaming layer by layer"
+            )
     if loaded is None:
-        log(f"loading {'tokenizer' if stream_dir else 'model'} {display_name(source)} ({dtype}, {device}) ...")
+        log(
+            f"loading {'tokenizer' if stream_dir else 'model'} {display_name(source)} ({dtype}, {device}) ..."
+        )
     if stream_dir is not None:
         tokenizer = load_tokenizer(stream_dir)
-        rows = config_value(json.loads((Path(stream_dir) / "config.json").read_text()), "vocab_size")
+        rows = config_value(
+            json.loads((Path(stream_dir) / "config.json").read_text()), "vocab_size"
+        )
         rows = rows if isinstance(rows, int) else 0
         check_vocab(tokenizer, rows, stream_dir)
         lm = None
@@ -245,19 +308,35 @@ def profile_model(source=None, settings: ProfileSettings | None = None, memory: 
         lm = loaded or load_model(source, dtype=dtype, device=device, cache_dir=cache_dir)
         tokenizer = lm.tokenizer
         rows = lm.model.get_input_embeddings().weight.shape[0]
-        check_positions(lm.model.config, [(calibration.seq_len, n["seq_len"])], f"the model {lm.name}")
+        check_positions(
+            lm.model.config, [(calibration.seq_len, n["seq_len"])], f"the model {lm.name}"
+        )
     t_load = time.perf_counter() - t0
-    windows, data_info = calibration_windows(tokenizer, corpus, samples=calibration.samples, seq_len=calibration.seq_len, seed=calibration.seed, text_field=calibration.text_field)
+    windows, data_info = calibration_windows(
+        tokenizer,
+        corpus,
+        samples=calibration.samples,
+        seq_len=calibration.seq_len,
+        seed=calibration.seed,
+        text_field=calibration.text_field,
+    )
     check_token_ids(windows, rows)  # before the first forward
-    log(f"calibration: {data_info['samples']} x {data_info['seq_len']} tokens from {data_info['corpus']}; methods {', '.join(methods)}" + (f"; {world} processes" if world > 1 else ""))
+    log(
+        f"calibration: {data_info['samples']} x {data_info['seq_len']} tokens from {data_info['corpus']}; methods {', '.join(methods)}"
+        + (f"; {world} processes" if world > 1 else "")
+    )
     mine = distributed.shard(windows)
     streaming = stream_dir is not None
     if not batch_size_fixed and plan is not None:
         # the largest batch (up to 8) whose peak fits the budget
-        fits = [b for b in range(8, 0, -1) if plan.peak(streaming, b, calibration.seq_len) <= budget]
+        fits = [
+            b for b in range(8, 0, -1) if plan.peak(streaming, b, calibration.seq_len) <= budget
+        ]
         if fits:
             settings.batch_size = fits[0]
-            log(f"batch size {settings.batch_size} (the largest up to 8 that fits {n['max_memory']} {label})")
+            log(
+                f"batch size {settings.batch_size} (the largest up to 8 that fits {n['max_memory']} {label})"
+            )
     # warn: the estimators' warnings grouped, one line per kind; None: left to the warnings module
     grouped = (lambda: grouped_warnings(warn)) if warn is not None else contextlib.nullcontext
     if streaming:
@@ -267,7 +346,11 @@ def profile_model(source=None, settings: ProfileSettings | None = None, memory: 
             need = plan.peak(True, settings.batch_size, calibration.seq_len)
             if need > budget:
                 experts = f" with its experts ({_size(plan.experts)})" if plan.experts else ""
-                fusing = f", plus {_size(plan.fuse_extra)} to fuse a layer's per-expert tensors" if plan.fuse_extra else ""
+                fusing = (
+                    f", plus {_size(plan.fuse_extra)} to fuse a layer's per-expert tensors"
+                    if plan.fuse_extra
+                    else ""
+                )
                 raise ValueError(
                     f"{n['max_memory']} {label} is too small: streaming needs about {_size(need)} (the largest of "
                     f"embedding and one layer{experts}{fusing}, plus one batch of {settings.batch_size} x {calibration.seq_len} tokens); "
@@ -275,23 +358,55 @@ def profile_model(source=None, settings: ProfileSettings | None = None, memory: 
                 )
         ram = budget if budget else 8 * 2**30
         with grouped():
-            result = profile_streaming(str(stream_dir), mine, settings, device=parse_device(device), dtype=parse_dtype(dtype), ram_budget_bytes=ram, resume_dir=memory.resume_dir, progress=progress and rank == 0)
-        model_info = {"name": display_name(source), "source": source or "builtin", "path": str(stream_dir), "kind": "streaming",
-                      **model_identity(json.loads((Path(stream_dir) / "config.json").read_text()))}
+            result = profile_streaming(
+                str(stream_dir),
+                mine,
+                settings,
+                device=parse_device(device),
+                dtype=parse_dtype(dtype),
+                ram_budget_bytes=ram,
+                resume_dir=memory.resume_dir,
+                progress=progress and rank == 0,
+            )
+        model_info = {
+            "name": display_name(source),
+            "source": source or "builtin",
+            "path": str(stream_dir),
+            "kind": "streaming",
+            **model_identity(json.loads((Path(stream_dir) / "config.json").read_text())),
+        }
     else:
         with grouped():
             result = profile(lm.model, mine, settings, progress=progress and rank == 0)
         model_info = {"name": lm.name, "source": lm.source, "path": lm.path, "kind": lm.kind}
     result["tokens"] = int(windows.numel())
-    result["tokens_per_s"] = windows.numel() / result["seconds"] if result["seconds"] > 0 else float("nan")
+    result["tokens_per_s"] = (
+        windows.numel() / result["seconds"] if result["seconds"] > 0 else float("nan")
+    )
     if rank:
         return None
-    settings_info = {**({"preset": preset["preset"], "preset_why": preset["why"]} if preset else {}), "samples": calibration.samples, "seq_len": calibration.seq_len,
-                     "batch_size": settings.batch_size, "seed": calibration.seed, "bins": settings.bins, "paper_exact": settings.paper_exact, "k": settings.k,
-                     "spans": list(settings.spans) if "angular" in methods else [], "dtype": dtype, "device": device}
+    settings_info = {
+        **({"preset": preset["preset"], "preset_why": preset["why"]} if preset else {}),
+        "samples": calibration.samples,
+        "seq_len": calibration.seq_len,
+        "batch_size": settings.batch_size,
+        "seed": calibration.seed,
+        "bins": settings.bins,
+        "paper_exact": settings.paper_exact,
+        "k": settings.k,
+        "spans": list(settings.spans) if "angular" in methods else [],
+        "dtype": dtype,
+        "device": device,
+    }
     if world > 1:
         settings_info["processes"] = world
-    report = build_report(result, model_info=model_info, data_info=data_info, settings=settings_info, model=lm.model if lm else None)
+    report = build_report(
+        result,
+        model_info=model_info,
+        data_info=data_info,
+        settings=settings_info,
+        model=lm.model if lm else None,
+    )
     report["timing"]["load_seconds"] = t_load
     if windows_out is not None:
         windows_out.append(windows)

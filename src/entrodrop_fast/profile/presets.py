@@ -30,7 +30,9 @@ def paper_protected(num_layers: int) -> list[int]:
     return sorted({i for i in (0, 1, num_layers - 1) if 0 <= i < num_layers})
 
 
-def paper_preset(model_type: str | None, num_layers: int | None = None, device: str = "cpu") -> dict:
+def paper_preset(
+    model_type: str | None, num_layers: int | None = None, device: str = "cpu"
+) -> dict:
     """The paper's configuration for ``model_type`` on ``device``.
 
     Returns a dict: ``method`` ("knn" or "bucket"), ``k`` (knn neighbour rank), ``bins``
@@ -53,8 +55,17 @@ def paper_preset(model_type: str | None, num_layers: int | None = None, device: 
         "dtype": "fp16" if cuda else "fp32",
         "protect_rule": "paper",
         "why": (
-            f"{mt or 'unknown type'}: " + ("the paper's Mistral code (bucket, 80 bins)" if mistral else "the paper's Llama code (knn, k = 25, paper form)")
-            + ("; fp16 model as the paper" if cuda else "; fp32 model on CPU (the paper ran fp16 on a GPU)")
+            f"{mt or 'unknown type'}: "
+            + (
+                "the paper's Mistral code (bucket, 80 bins)"
+                if mistral
+                else "the paper's Llama code (knn, k = 25, paper form)"
+            )
+            + (
+                "; fp16 model as the paper"
+                if cuda
+                else "; fp32 model on CPU (the paper ran fp16 on a GPU)"
+            )
             + "; layers 0, 1 and the last protected"
         ),
     }

@@ -66,7 +66,9 @@ def versions() -> dict:
     }
 
 
-def build_report(result: dict, *, model_info: dict, data_info: dict, settings: dict, model=None) -> dict:
+def build_report(
+    result: dict, *, model_info: dict, data_info: dict, settings: dict, model=None
+) -> dict:
     """Turn the runner's result into the report dict (see the module docstring)."""
     adapter = get_adapter(model) if model is not None else None
     # which model this is (type, sizes, config fingerprint): prune --report checks it
@@ -106,11 +108,26 @@ def build_report(result: dict, *, model_info: dict, data_info: dict, settings: d
             blocks.append(b)
     return {
         "format": FORMAT,
-        "model": {**identity, **model_info, **({"dropped": {k: sorted(v) for k, v in gone.items() if v}} if rec else {}), "model_type": result["model_type"], "residual": result["residual"], "num_layers": L, "hidden_size": result["hidden_size"], "dtype": result["dtype"], "device": result["device"]},
+        "model": {
+            **identity,
+            **model_info,
+            **({"dropped": {k: sorted(v) for k, v in gone.items() if v}} if rec else {}),
+            "model_type": result["model_type"],
+            "residual": result["residual"],
+            "num_layers": L,
+            "hidden_size": result["hidden_size"],
+            "dtype": result["dtype"],
+            "device": result["device"],
+        },
         "data": data_info,
         "settings": {**settings, "methods": result["methods"], "backend": result["backend"]},
         "versions": versions(),
-        "timing": {"seconds": result["seconds"], "tokens": result["tokens"], "tokens_per_s": result["tokens_per_s"], "samples": result["samples"]},
+        "timing": {
+            "seconds": result["seconds"],
+            "tokens": result["tokens"],
+            "tokens_per_s": result["tokens_per_s"],
+            "samples": result["samples"],
+        },
         "points": points,
         "entropy": result["entropy"],
         "blocks": blocks,
@@ -162,25 +179,40 @@ def ranking_table(report: dict, top: int = 8) -> str:
     """A plain-text table: per kind, the ``top`` blocks with the lowest score."""
     method = primary_method(report) or "cosine"
     samples = report.get("timing", {}).get("samples")
-    lines = [f"{report['model'].get('name', '?')}: {report['model']['num_layers']} layers, {samples} samples, method {method} (layers 0-based; lowest first = drop first)"]
+    lines = [
+        f"{report['model'].get('name', '?')}: {report['model']['num_layers']} layers, {samples} samples, method {method} (layers 0-based; lowest first = drop first)"
+    ]
     if isinstance(samples, int) and samples < 2:
-        lines.append("  (no ± stderr: a standard error needs >= 2 samples; profile with --samples 2 or more)")
+        lines.append(
+            "  (no ± stderr: a standard error needs >= 2 samples; profile with --samples 2 or more)"
+        )
     for kind in BLOCK_KINDS:
         rows = ranking(report, kind, method)[:top]
         if not rows:
             continue
-        lines.append(f"\n  {kind:5s}  rank  layer   {'ΔH' if method != 'cosine' else '1-cos':>10s} ± stderr      H(X)        H(Y)   cosine-imp")
+        lines.append(
+            f"\n  {kind:5s}  rank  layer   {'ΔH' if method != 'cosine' else '1-cos':>10s} ± stderr      H(X)        H(Y)   cosine-imp"
+        )
         for i, b in enumerate(rows, 1):
             if method == "cosine":
                 score, hx, hy = _fmt(b["cosine"]["mean"], b["cosine"]["stderr"]), "", ""
             else:
                 score = _fmt(b["delta"][method]["mean"], b["delta"][method]["stderr"])
-                hx, hy = (f"{v:11.3f}" if isinstance(v, (int, float)) else f"{'-':>11s}" for v in (b["H_x"].get(method), b["H_y"].get(method)))
-            cos = f"{b['cosine']['mean']:.4f}" if b.get("cosine") and b["cosine"]["mean"] is not None else "-"
+                hx, hy = (
+                    f"{v:11.3f}" if isinstance(v, (int, float)) else f"{'-':>11s}"
+                    for v in (b["H_x"].get(method), b["H_y"].get(method))
+                )
+            cos = (
+                f"{b['cosine']['mean']:.4f}"
+                if b.get("cosine") and b["cosine"]["mean"] is not None
+                else "-"
+            )
             lines.append(f"  {'':5s}  {i:4d}  {b['layer']:5d}  {score:>20s} {hx} {hy}   {cos}")
         for b in report["blocks"]:
             if b["kind"] == kind and b.get("dropped"):
-                lines.append(f"  {'':5s}  {'-':>4s}  {b['layer']:5d}  {'dropped':>20s}   (removed by an earlier prune; not ranked)")
+                lines.append(
+                    f"  {'':5s}  {'-':>4s}  {b['layer']:5d}  {'dropped':>20s}   (removed by an earlier prune; not ranked)"
+                )
     return "\n".join(lines)
 
 
@@ -224,12 +256,31 @@ def plot(report: dict, path: Path, mark: int = 4) -> None:
         xs = [int(p[1:]) + pos[p[0]] for p in pts]
         r_i = [i for i, p in enumerate(pts) if p[0] == "r"]
         o_i = [i for i, p in enumerate(pts) if p[0] != "r"]
-        ax.errorbar([xs[i] for i in r_i], [h["mean"][i] for i in r_i], yerr=[h["stderr"][i] for i in r_i], marker="o", ms=4, lw=1.5, capsize=2, label="layer input r_l (r_L = last layer output)")
-        lbl = "mid-layer m_l = r_l + attn" if report["model"]["residual"] != "parallel" else "r_l + attn / r_l + mlp (parallel branches)"
+        ax.errorbar(
+            [xs[i] for i in r_i],
+            [h["mean"][i] for i in r_i],
+            yerr=[h["stderr"][i] for i in r_i],
+            marker="o",
+            ms=4,
+            lw=1.5,
+            capsize=2,
+            label="layer input r_l (r_L = last layer output)",
+        )
+        lbl = (
+            "mid-layer m_l = r_l + attn"
+            if report["model"]["residual"] != "parallel"
+            else "r_l + attn / r_l + mlp (parallel branches)"
+        )
         ax.plot([xs[i] for i in o_i], [h["mean"][i] for i in o_i], "s", ms=3, alpha=0.7, label=lbl)
         s1 = stage1_layers(report)
         if s1:
-            ax.axvspan(-0.25, s1[-1] + 1, color="grey", alpha=0.15, label="before the stream-entropy minimum (stage 1)")
+            ax.axvspan(
+                -0.25,
+                s1[-1] + 1,
+                color="grey",
+                alpha=0.15,
+                label="before the stream-entropy minimum (stage 1)",
+            )
         ax.set_ylabel(f"H ({method}), nats")
         ax.set_title(f"{name}: residual-stream entropy across depth")
         ax.legend(fontsize=8)
@@ -248,7 +299,16 @@ def plot(report: dict, path: Path, mark: int = 4) -> None:
             vals = [b["cosine"]["mean"] if b["cosine"] else float("nan") for b in blocks]
             errs = [b["cosine"]["stderr"] if b["cosine"] else 0.0 for b in blocks]
         x = [b["layer"] + (j - 1) * width for b in blocks]
-        ax.bar(x, vals, width, yerr=errs, color=colors[kind], label=kind, capsize=1.5, error_kw={"lw": 0.6})
+        ax.bar(
+            x,
+            vals,
+            width,
+            yerr=errs,
+            color=colors[kind],
+            label=kind,
+            capsize=1.5,
+            error_kw={"lw": 0.6},
+        )
         low = ranking(report, kind, method or "cosine")[:mark]
         for b in low:
             v = b["delta"][method]["mean"] if method else b["cosine"]["mean"]
@@ -264,7 +324,9 @@ def plot(report: dict, path: Path, mark: int = 4) -> None:
     plt.close(fig)
 
 
-def write_report(report: dict, out_dir: str | os.PathLike, *, png: bool = True, overwrite: bool = False) -> Path:
+def write_report(
+    report: dict, out_dir: str | os.PathLike, *, png: bool = True, overwrite: bool = False
+) -> Path:
     """Write report.json, scores.csv, profile.png and ranking.txt into ``out_dir``, atomically.
 
     ``out_dir`` may be new, empty or an earlier report; any other directory needs
@@ -280,7 +342,9 @@ def write_report(report: dict, out_dir: str | os.PathLike, *, png: bool = True, 
         write_csv(report, tmp / "scores.csv")
         if png:
             plot(report, tmp / "profile.png")
-        (tmp / "ranking.txt").write_text(ranking_table(report, top=report["model"]["num_layers"]) + "\n")
+        (tmp / "ranking.txt").write_text(
+            ranking_table(report, top=report["model"]["num_layers"]) + "\n"
+        )
     return out
 
 
@@ -290,16 +354,28 @@ def load_report(path: str | os.PathLike) -> dict:
     if p.is_dir():
         p = p / "report.json"
     if not p.is_file():
-        raise FileNotFoundError(f"no report at {p}: give a report directory from entrodrop profile, or its report.json")
+        raise FileNotFoundError(
+            f"no report at {p}: give a report directory from entrodrop profile, or its report.json"
+        )
     try:
         rep = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        where = f" (line {exc.lineno}, column {exc.colno}: {exc.msg})" if isinstance(exc, json.JSONDecodeError) else ""
-        raise ValueError(f"{p} is not valid JSON{where}: truncated or corrupt; run entrodrop profile again to rewrite it") from None
+        where = (
+            f" (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+            if isinstance(exc, json.JSONDecodeError)
+            else ""
+        )
+        raise ValueError(
+            f"{p} is not valid JSON{where}: truncated or corrupt; run entrodrop profile again to rewrite it"
+        ) from None
     if not isinstance(rep, dict):
-        raise ValueError(f"{p} holds a JSON {type(rep).__name__}, not a report; give the report.json written by entrodrop profile")
+        raise ValueError(
+            f"{p} holds a JSON {type(rep).__name__}, not a report; give the report.json written by entrodrop profile"
+        )
     if rep.get("format") != FORMAT:
-        raise ValueError(f"{p}: unsupported report format {rep.get('format')!r} (expected {FORMAT})")
+        raise ValueError(
+            f"{p}: unsupported report format {rep.get('format')!r} (expected {FORMAT})"
+        )
     check_report(rep, p)
     return rep
 
@@ -311,7 +387,15 @@ def _is_num(v, *, null: bool = False) -> bool:
 
 
 def _kind_of(v) -> str:
-    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}.get(type(v), type(v).__name__)
+    return {
+        type(None): "null",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+    }.get(type(v), type(v).__name__)
 
 
 def check_report(rep: dict, path="the report") -> None:
@@ -320,7 +404,9 @@ def check_report(rep: dict, path="the report") -> None:
     NaN (ranking refuses it when the block is a candidate); the stream entropy may not."""
 
     def bad(field: str, want: str, got) -> ValueError:
-        return ValueError(f"{path}: {field} must be {want}, got {_kind_of(got)} ({got!r:.60}); run entrodrop profile again to rewrite the report")
+        return ValueError(
+            f"{path}: {field} must be {want}, got {_kind_of(got)} ({got!r:.60}); run entrodrop profile again to rewrite the report"
+        )
 
     model = rep.get("model")
     if not isinstance(model, dict):
@@ -333,7 +419,9 @@ def check_report(rep: dict, path="the report") -> None:
         raise bad("points", "a list of point names (r0, m0, ...)", points)
     missing = [f"r{i}" for i in range(L + 1) if f"r{i}" not in points]
     if missing:
-        raise ValueError(f"{path}: points lacks {', '.join(missing[:4])} of a {L}-layer model; run entrodrop profile again to rewrite the report")
+        raise ValueError(
+            f"{path}: points lacks {', '.join(missing[:4])} of a {L}-layer model; run entrodrop profile again to rewrite the report"
+        )
     entropy = rep.get("entropy")
     if not isinstance(entropy, dict):
         raise bad("entropy", "an object {method: {mean: [...], stderr: [...]}}", entropy)
@@ -346,7 +434,11 @@ def check_report(rep: dict, path="the report") -> None:
         for i, v in enumerate(mean):
             if not _is_num(v) or not math.isfinite(v):
                 raise bad(f"entropy.{m}.mean[{i}] (point {points[i]})", "a finite number", v)
-        if not isinstance(se, list) or len(se) != len(points) or not all(_is_num(v, null=True) for v in se):
+        if (
+            not isinstance(se, list)
+            or len(se) != len(points)
+            or not all(_is_num(v, null=True) for v in se)
+        ):
             raise bad(f"entropy.{m}.stderr", f"a list of {len(points)} numbers or nulls", se)
     blocks = rep.get("blocks")
     if not isinstance(blocks, list):

@@ -43,6 +43,8 @@ def _robust_estimator(method: str):
     from entrodrop_fast.ops.robust import ROBUST_ESTIMATORS
 
     return ROBUST_ESTIMATORS.get(method)
+
+
 # ---- end of the robust bucket variants ----------------------------------------------------------
 
 
@@ -155,7 +157,13 @@ class BlockStatistics:
     :meth:`result`.
     """
 
-    def __init__(self, adapter: Adapter, num_layers: int, settings: TapSettings, mask: torch.Tensor | None = None):
+    def __init__(
+        self,
+        adapter: Adapter,
+        num_layers: int,
+        settings: TapSettings,
+        mask: torch.Tensor | None = None,
+    ):
         from entrodrop_fast.ops.states import (
             SampleStats,  # the estimator API (ops) is imported lazily
         )
@@ -168,7 +176,9 @@ class BlockStatistics:
         self._pidx = {p: i for i, p in enumerate(self.points)}
         P, L = len(self.points), num_layers
         self.h_stats = {m: SampleStats((P,)) for m in settings.entropy_methods}
-        self.dh_stats = {(m, k): SampleStats((L,)) for m in settings.entropy_methods for k in BLOCK_KINDS}
+        self.dh_stats = {
+            (m, k): SampleStats((L,)) for m in settings.entropy_methods for k in BLOCK_KINDS
+        }
         self.cos_stats = {k: SampleStats((L,)) for k in BLOCK_KINDS} if settings.cosine else {}
         self.ang_stats = {n: SampleStats((L - n + 1,)) for n in settings.spans if 1 <= n <= L}
         self.samples = 0
@@ -212,8 +222,13 @@ class BlockStatistics:
             except ValueError:
                 name = None
             methods = self.s.entropy_methods
-            self._reports[key] = name is not None and bool(methods) and all(
-                m in _REPORTING_OPS and api._reports_nonfinite(name, device, _REPORTING_OPS[m]) for m in methods
+            self._reports[key] = (
+                name is not None
+                and bool(methods)
+                and all(
+                    m in _REPORTING_OPS and api._reports_nonfinite(name, device, _REPORTING_OPS[m])
+                    for m in methods
+                )
             )
         return self._reports[key]
 
@@ -243,7 +258,9 @@ class BlockStatistics:
         for m in self.s.entropy_methods:
             opts = self.s.entropy_opts.get(m, {})
             fn = _robust_estimator(m) or (lambda x, f, m=m, **kw: entropy(x, m, f, **kw))
-            h = self._h[m][i] = fn(x, f, mask=self.mask, backend=self.s.backend, validate=False, **opts)
+            h = self._h[m][i] = fn(
+                x, f, mask=self.mask, backend=self.s.backend, validate=False, **opts
+            )
             if not reports:
                 continue
             if h.device.type == "cpu":
@@ -257,7 +274,9 @@ class BlockStatistics:
         if kind in self._cos:
             from entrodrop_fast.ops.api import cosine_importance
 
-            self._cos[kind][li] = cosine_importance(x, f, y=y, mask=self.mask, backend=self.s.backend, validate=False)
+            self._cos[kind][li] = cosine_importance(
+                x, f, y=y, mask=self.mask, backend=self.s.backend, validate=False
+            )
 
     def _keep_last(self, li: int, r: torch.Tensor):
         if self.ang_stats:  # the last token only: a (B, 1, D) copy, not a view of r
@@ -303,7 +322,9 @@ class BlockStatistics:
         for m, hs in self._h.items():
             missing = [self.points[i] for i, h in enumerate(hs) if h is None]
             if missing:
-                raise RuntimeError(f"taps saw no tensor for points {missing[:6]}: the forward did not pass through every layer")
+                raise RuntimeError(
+                    f"taps saw no tensor for points {missing[:6]}: the forward did not pass through every layer"
+                )
             H = torch.stack(hs, 1)  # (B, P)
             self.h_stats[m].update(H)
             for k in BLOCK_KINDS:
@@ -315,14 +336,22 @@ class BlockStatistics:
             self.cos_stats[k].update(torch.stack(cs, 1))  # (B, L)
             batch = cs[0].shape[0]
         for n, st in self.ang_stats.items():
-            d = [angular_distance(self._last[li], self._last[li + n], validate=False) for li in range(self.L - n + 1)]
+            d = [
+                angular_distance(self._last[li], self._last[li + n], validate=False)
+                for li in range(self.L - n + 1)
+            ]
             st.update(torch.stack(d, 1))  # (B, L - n + 1)
         if self._h or self._cos:
             self.samples += batch
         self._reset()
 
     def merge(self, other: BlockStatistics) -> BlockStatistics:
-        for d, od in ((self.h_stats, other.h_stats), (self.dh_stats, other.dh_stats), (self.cos_stats, other.cos_stats), (self.ang_stats, other.ang_stats)):
+        for d, od in (
+            (self.h_stats, other.h_stats),
+            (self.dh_stats, other.dh_stats),
+            (self.cos_stats, other.cos_stats),
+            (self.ang_stats, other.ang_stats),
+        ):
             for key, st in d.items():
                 st.merge(od[key])
         self.samples += other.samples
@@ -342,7 +371,9 @@ class BlockStatistics:
 
         self.samples = int(d["samples"])
         self.h_stats = {m: SampleStats.from_state_dict(s) for m, s in d["h"].items()}
-        self.dh_stats = {tuple(k.split("/")): SampleStats.from_state_dict(s) for k, s in d["dh"].items()}
+        self.dh_stats = {
+            tuple(k.split("/")): SampleStats.from_state_dict(s) for k, s in d["dh"].items()
+        }
         self.cos_stats = {k: SampleStats.from_state_dict(s) for k, s in d["cos"].items()}
         self.ang_stats = {int(n): SampleStats.from_state_dict(s) for n, s in d["ang"].items()}
 
@@ -357,7 +388,14 @@ class BlockStatistics:
             raise RuntimeError(
                 "the residual stream holds NaN or Inf (fp16 overflow? try --dtype bf16 or fp32); no report"
             )
-        out = {"samples": self.samples, "points": list(self.points), "entropy": {}, "delta": {}, "cosine": {}, "angular": {}}
+        out = {
+            "samples": self.samples,
+            "points": list(self.points),
+            "entropy": {},
+            "delta": {},
+            "cosine": {},
+            "angular": {},
+        }
         for m, st in self.h_stats.items():
             mean, se = plain(st)
             out["entropy"][m] = {"mean": mean, "stderr": se}

@@ -63,12 +63,32 @@ MODELING_FILE = "modeling_entrodrop_pruned.py"
 PLAN_FILE = "entrodrop_plan.json"
 # files of the source directory never copied: weights (rewritten), config (rewritten), other
 # weight formats (would describe the unpruned model), the built-in model's cache marker
-_SKIP = {"config.json", INDEX, MODELING_FILE, "entrodrop_source.json", "pytorch_model.bin.index.json"}
+_SKIP = {
+    "config.json",
+    INDEX,
+    MODELING_FILE,
+    "entrodrop_source.json",
+    "pytorch_model.bin.index.json",
+}
 _SKIP_SUFFIX = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 _CHUNK = 16 << 20  # bytes copied at a time
 _DTYPE_BYTES = {
-    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-    "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+    "F32": 4,
+    "I32": 4,
+    "U32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "U16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
 }
 
 
@@ -122,7 +142,9 @@ def _open(path: Path):
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as exc:
-        raise ExportError(f"cannot read safetensors file {path}: {type(exc).__name__}: {exc}") from exc
+        raise ExportError(
+            f"cannot read safetensors file {path}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _layer_patterns(adapter: Adapter) -> list[re.Pattern]:
@@ -158,7 +180,9 @@ def _plan_tensors(names: list[str], adapter: Adapter, drops: Drops) -> dict[str,
             continue
         i, rest = int(m["idx"]), m["rest"]
         if i >= drops.num_layers:
-            raise ExportError(f"tensor {name} belongs to layer {i}, but the config has {drops.num_layers} layers")
+            raise ExportError(
+                f"tensor {name} belongs to layer {i}, but the config has {drops.num_layers} layers"
+            )
         if i not in new_of:
             out[name] = None
             continue
@@ -187,7 +211,9 @@ def _raw_header(path: str) -> tuple[dict, int]:
     return head, 8 + size
 
 
-def _write_shard(dst: Path, items: list[tuple[str, str, object, str]], metadata: dict | None) -> int:
+def _write_shard(
+    dst: Path, items: list[tuple[str, str, object, str]], metadata: dict | None
+) -> int:
     """Write ``items`` = [(out name, src name, safe_open handle, src file)] as one safetensors file.
 
     The header is computed from the source headers first; then each tensor is read and its
@@ -201,9 +227,13 @@ def _write_shard(dst: Path, items: list[tuple[str, str, object, str]], metadata:
             sl = handle.get_slice(src_name)
             dtype, shape = sl.get_dtype(), list(sl.get_shape())
         except Exception as exc:
-            raise ExportError(f"{src_file}: cannot read the header of tensor {src_name}: {exc}") from exc
+            raise ExportError(
+                f"{src_file}: cannot read the header of tensor {src_name}: {exc}"
+            ) from exc
         if dtype not in _DTYPE_BYTES:
-            raise ExportError(f"{src_file}: tensor {src_name} has dtype {dtype}, which export does not know")
+            raise ExportError(
+                f"{src_file}: tensor {src_name} has dtype {dtype}, which export does not know"
+            )
         n = _DTYPE_BYTES[dtype]
         for s in shape:
             n *= s
@@ -225,7 +255,9 @@ def _write_shard(dst: Path, items: list[tuple[str, str, object, str]], metadata:
             head, start = src_headers[src_file]
             entry = head.get(src_name)
             if entry is None or entry["data_offsets"][1] - entry["data_offsets"][0] != n:
-                raise ExportError(f"{src_file}: the header entry of tensor {src_name} does not match its dtype and shape")
+                raise ExportError(
+                    f"{src_file}: the header entry of tensor {src_name} does not match its dtype and shape"
+                )
             # copy the bytes as they are, in chunks: memory stays at one chunk whatever the tensor
             with open(src_file, "rb") as g:
                 g.seek(start + entry["data_offsets"][0])
@@ -234,7 +266,9 @@ def _write_shard(dst: Path, items: list[tuple[str, str, object, str]], metadata:
                     view = memoryview(buf)[: min(left, _CHUNK)]
                     got = g.readinto(view)
                     if not got:
-                        raise ExportError(f"{src_file}: tensor {src_name} is truncated ({n - left} of {n} bytes)")
+                        raise ExportError(
+                            f"{src_file}: tensor {src_name} is truncated ({n - left} of {n} bytes)"
+                        )
                     f.write(view[:got])
                     left -= got
         f.flush()
@@ -245,7 +279,14 @@ def _write_shard(dst: Path, items: list[tuple[str, str, object, str]], metadata:
 def _modeling_source(base_class: str, model_type: str) -> str:
     parts = [
         inspect.getsource(obj)
-        for obj in (pruned.ZeroAttention, pruned.ZeroMLP, pruned._set_path, pruned._get_path, pruned.apply_subblock_drops_, pruned.inherit_weight_renaming)
+        for obj in (
+            pruned.ZeroAttention,
+            pruned.ZeroMLP,
+            pruned._set_path,
+            pruned._get_path,
+            pruned.apply_subblock_drops_,
+            pruned.inherit_weight_renaming,
+        )
     ]
     return (
         '"""Written by entrodrop_fast: the original architecture with some attention / MLP sub-blocks\n'
@@ -258,7 +299,7 @@ def _modeling_source(base_class: str, model_type: str) -> str:
         "    def __init__(self, config, *args, **kwargs):\n"
         "        super().__init__(config, *args, **kwargs)\n"
         "        apply_subblock_drops_(self, config.entrodrop_pruned)\n\n\n"
-        f"inherit_weight_renaming(\"EntrodropPruned{base_class}\", \"{base_class}\", \"{model_type}\")\n"
+        f'inherit_weight_renaming("EntrodropPruned{base_class}", "{base_class}", "{model_type}")\n'
     )
 
 
@@ -304,7 +345,9 @@ def _main_dtype_bytes(sizes: dict[str, int]) -> int:
     return _DTYPE_BYTES[max(sizes, key=sizes.get)] if sizes else 2
 
 
-def export_pruned(src, out, plan, *, overwrite: bool = False, plan_to_save: dict | None = None) -> ExportSummary:
+def export_pruned(
+    src, out, plan, *, overwrite: bool = False, plan_to_save: dict | None = None
+) -> ExportSummary:
     """Write the checkpoint in ``src`` minus the blocks of ``plan`` to the directory ``out``.
 
     ``plan``: a plan dict / JSON path from :mod:`entrodrop_fast.prune.ranking` or a plain
@@ -319,14 +362,20 @@ def export_pruned(src, out, plan, *, overwrite: bool = False, plan_to_save: dict
         raise ExportError(f"{src} has no config.json: not a Hugging Face model directory")
     if out == src or src in out.parents or out in src.parents:
         raise ExportError(f"output {out} must not be the source {src}, inside it, or contain it")
-    outputs.check_dir(out, kind="model", what="pruned model", overwrite=overwrite, replace_ours=False)
+    outputs.check_dir(
+        out, kind="model", what="pruned model", overwrite=overwrite, replace_ours=False
+    )
     cfg = json.loads((src / "config.json").read_text())
     adapter = get_adapter(types.SimpleNamespace(**cfg))
     L = surgery._num_layers_of(cfg)
     plan_d = read_plan(plan)
     try:
-        if isinstance(plan_d.get("model"), dict):  # made for this model? (type, sizes, config fingerprint)
-            surgery.warn_unchecked(surgery.check_same_model(plan_d["model"], cfg, target=str(src)), target=str(src))
+        if isinstance(
+            plan_d.get("model"), dict
+        ):  # made for this model? (type, sizes, config fingerprint)
+            surgery.warn_unchecked(
+                surgery.check_same_model(plan_d["model"], cfg, target=str(src)), target=str(src)
+            )
         drops = normalize_drops(plan_d, L)
         # per-layer properties written out for the kept layers, checked against a rebuild
         new_cfg = pruned_config_dict(cfg, adapter, drops)
@@ -335,7 +384,9 @@ def export_pruned(src, out, plan, *, overwrite: bool = False, plan_to_save: dict
     stock = not has_subblock_drops(new_cfg)
 
     weight_map, files = _shards(src)
-    publisher = outputs.DirPublisher(out, kind="model", what="pruned model", overwrite=overwrite, replace_ours=False)
+    publisher = outputs.DirPublisher(
+        out, kind="model", what="pruned model", overwrite=overwrite, replace_ours=False
+    )
     tmp = publisher.tmp
     handles = []
     try:
@@ -351,7 +402,9 @@ def export_pruned(src, out, plan, *, overwrite: bool = False, plan_to_save: dict
                 listed = [n for n, f in weight_map.items() if f == fname]
                 missing = sorted(set(listed) - set(names))
                 if missing:
-                    raise ExportError(f"{src / fname}: tensors {missing[:3]} are listed in {INDEX} but not in the file")
+                    raise ExportError(
+                        f"{src / fname}: tensors {missing[:3]} are listed in {INDEX} but not in the file"
+                    )
                 names = listed
             shapes = []
             for n in names:
@@ -359,7 +412,9 @@ def export_pruned(src, out, plan, *, overwrite: bool = False, plan_to_save: dict
                     sl = h.get_slice(n)
                     shape, dt = list(sl.get_shape()), sl.get_dtype()
                 except Exception as exc:
-                    raise ExportError(f"{src / fname}: cannot read the header of tensor {n}: {exc}") from exc
+                    raise ExportError(
+                        f"{src / fname}: cannot read the header of tensor {n}: {exc}"
+                    ) from exc
                 shapes.append(shape)
                 dtype_sizes[dt] = dtype_sizes.get(dt, 0) + _param_count([shape])
             params_before += _param_count(shapes)
@@ -375,7 +430,11 @@ def export_pruned(src, out, plan, *, overwrite: bool = False, plan_to_save: dict
                 groups.append((fname, h, items))
         out_files, new_map, total = [], {}, 0
         for k, (_fname, h, items) in enumerate(groups):
-            oname = SINGLE if not weight_map and len(groups) == 1 else f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+            oname = (
+                SINGLE
+                if not weight_map and len(groups) == 1
+                else f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+            )
             total += _write_shard(tmp / oname, items, h.metadata() or {"format": "pt"})
             out_files.append(oname)
             new_map.update({item[0]: oname for item in items})
@@ -388,10 +447,14 @@ def export_pruned(src, out, plan, *, overwrite: bool = False, plan_to_save: dict
             rec = new_cfg[PRUNED_KEY]
             base = rec.get("base_architecture") or base
             if not base:
-                raise ExportError("config.json has no 'architectures': cannot name the model class to subclass")
+                raise ExportError(
+                    "config.json has no 'architectures': cannot name the model class to subclass"
+                )
             rec["base_architecture"] = base
             new_cfg["architectures"] = [f"EntrodropPruned{base}"]
-            new_cfg["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.EntrodropPruned{base}"}
+            new_cfg["auto_map"] = {
+                "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.EntrodropPruned{base}"
+            }
             (tmp / MODELING_FILE).write_text(_modeling_source(base, adapter.model_type))
         else:
             new_cfg.pop("auto_map", None)
@@ -402,7 +465,12 @@ def export_pruned(src, out, plan, *, overwrite: bool = False, plan_to_save: dict
         if plan_to_save is not None:
             (tmp / PLAN_FILE).write_text(json.dumps(plan_to_save, indent=1) + "\n")
         for p in sorted(src.iterdir()):
-            if p.is_file() and not (plan_to_save is not None and p.name == PLAN_FILE) and p.name not in _SKIP and not p.name.endswith(_SKIP_SUFFIX):
+            if (
+                p.is_file()
+                and not (plan_to_save is not None and p.name == PLAN_FILE)
+                and p.name not in _SKIP
+                and not p.name.endswith(_SKIP_SUFFIX)
+            ):
                 shutil.copy2(p, tmp / p.name)
 
         # check what was written before it is moved into place

@@ -13,7 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def prune_model(source, out, plan: dict | str | Path | Callable[[Path], dict], *, cache_dir=None, overwrite: bool = False):
+def prune_model(
+    source,
+    out,
+    plan: dict | str | Path | Callable[[Path], dict],
+    *,
+    cache_dir=None,
+    overwrite: bool = False,
+):
     """Write ``source`` without the blocks of ``plan`` into the directory ``out``.
 
     ``source``: what :func:`entrodrop_fast.models.loading.resolve_source` accepts (None: the

@@ -27,7 +27,9 @@ PLAN_FORMAT = "entrodrop-plan/1"
 INDEXING = "0-based decoder-layer indices (layer 0 is the first decoder layer)"
 
 
-DROP_FORMS = "a count (8), a fraction in (0, 1) (0.25) or a percentage (25%, 100% = every candidate)"
+DROP_FORMS = (
+    "a count (8), a fraction in (0, 1) (0.25) or a percentage (25%, 100% = every candidate)"
+)
 
 
 def parse_drop(drop):
@@ -55,15 +57,23 @@ def parse_drop(drop):
                 drop = float(s)
             except ValueError:
                 raise ValueError(f"{what}; got {drop!r}") from None
-    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or (isinstance(drop, float) and not math.isfinite(drop)):
+    if (
+        isinstance(drop, bool)
+        or not isinstance(drop, (int, float))
+        or (isinstance(drop, float) and not math.isfinite(drop))
+    ):
         raise ValueError(f"{what}; got {drop!r}")
     if isinstance(drop, float):
         if drop == 1:
-            raise ValueError("--drop 1.0 is ambiguous (one block, or all of them?): give 1 for one block, or 100% for every candidate block")
+            raise ValueError(
+                "--drop 1.0 is ambiguous (one block, or all of them?): give 1 for one block, or 100% for every candidate block"
+            )
         if drop.is_integer() and drop > 1:
             return ("count", int(drop))  # 2.0: a count (a fraction lies below 1)
         if not 0 < drop < 1:
-            raise ValueError(f"a fractional --drop must lie in (0, 1) (or give a count, or a percentage up to 100%), got {drop}")
+            raise ValueError(
+                f"a fractional --drop must lie in (0, 1) (or give a count, or a percentage up to 100%), got {drop}"
+            )
         return ("fraction", drop)
     if drop < 1:
         raise ValueError(f"a --drop count must be >= 1, got {drop}")
@@ -97,9 +107,13 @@ def parse_protect(spec) -> list[int] | None:
         try:
             out = sorted({int(v) for v in s.split(",") if v.strip()})
         except ValueError:
-            raise ValueError(f"--protect must be comma-separated 0-based layer indices (0,1,29) or 'none', got {spec!r}") from None
+            raise ValueError(
+                f"--protect must be comma-separated 0-based layer indices (0,1,29) or 'none', got {spec!r}"
+            ) from None
         if not out:
-            raise ValueError(f"--protect {spec!r} names no layer: give 0-based layer indices (0,1,29), or 'none' to protect nothing")
+            raise ValueError(
+                f"--protect {spec!r} names no layer: give 0-based layer indices (0,1,29), or 'none' to protect nothing"
+            )
         return out
     return sorted({int(v) for v in spec})
 
@@ -117,7 +131,11 @@ def residual_entropy(report: dict, method: str | None = None) -> dict | None:
         return None
     pts, h = report["points"], report["entropy"][m]["mean"]
     L = report["model"]["num_layers"]
-    return {"method": m, "points": [f"r{i}" for i in range(L + 1)], "values": [h[pts.index(f"r{i}")] for i in range(L + 1)]}
+    return {
+        "method": m,
+        "points": [f"r{i}" for i in range(L + 1)],
+        "values": [h[pts.index(f"r{i}")] for i in range(L + 1)],
+    }
 
 
 def default_protected(report: dict, method: str | None = None) -> tuple[list[int], dict]:
@@ -127,7 +145,11 @@ def default_protected(report: dict, method: str | None = None) -> tuple[list[int
     L = report["model"]["num_layers"]
     m = _entropy_method(report, method)
     stage1 = stage1_layers(report, m) if m is not None else []
-    return sorted(set(stage1) | {L - 1}), {"stage1_entropy_decreasing": stage1, "last_layer": L - 1, "entropy_method": m}
+    return sorted(set(stage1) | {L - 1}), {
+        "stage1_entropy_decreasing": stage1,
+        "last_layer": L - 1,
+        "entropy_method": m,
+    }
 
 
 def _score(block: dict, method: str) -> tuple[float, float] | None:
@@ -176,7 +198,9 @@ ADVICE = "lower --drop or change --protect"
 PROTECT_RULES = ("shared", "paper", "per-method")
 
 
-def protected_by_rule(report: dict, rule: str, *, method: str | None = None, stage1_method: str | None = None) -> tuple[list[int], dict]:
+def protected_by_rule(
+    report: dict, rule: str, *, method: str | None = None, stage1_method: str | None = None
+) -> tuple[list[int], dict]:
     """(protected layers, why) by a named rule, the same for every scoring method:
 
     - ``"shared"``: stage 1 detected once, from the stream entropy of ``stage1_method``
@@ -194,7 +218,9 @@ def protected_by_rule(report: dict, rule: str, *, method: str | None = None, sta
     if rule == "shared":
         m = _entropy_method(report, stage1_method)
         if stage1_method is not None and m != stage1_method:
-            raise ValueError(f"protect rule 'shared': the report has no {stage1_method!r} entropy profile to detect stage 1 from (has {', '.join(report.get('entropy', {})) or 'none'})")
+            raise ValueError(
+                f"protect rule 'shared': the report has no {stage1_method!r} entropy profile to detect stage 1 from (has {', '.join(report.get('entropy', {})) or 'none'})"
+            )
         prot, why = default_protected(report, m)
         return prot, {"rule": "shared", **why}
     if rule == "per-method":
@@ -203,7 +229,9 @@ def protected_by_rule(report: dict, rule: str, *, method: str | None = None, sta
     raise ValueError(f"unknown protect rule {rule!r}; choose from {', '.join(PROTECT_RULES)}")
 
 
-def _preset_choice(report: dict, preset: str | None, method: str | None, protect) -> tuple[str | None, list[int] | None, dict | None]:
+def _preset_choice(
+    report: dict, preset: str | None, method: str | None, protect
+) -> tuple[str | None, list[int] | None, dict | None]:
     """(method, protected layers, why) under ``preset`` ("paper": the method the paper's code
     uses for the report's architecture, and layers 0, 1 and the last); unchanged without one.
     A report profiled with ``--preset paper`` applies the paper's rule unless ``protect`` says otherwise."""
@@ -220,7 +248,19 @@ def _preset_choice(report: dict, preset: str | None, method: str | None, protect
     return method, cfg["protect"], {"preset": "paper", "fixed": cfg["protect"], "why": cfg["why"]}
 
 
-def make_plan(report, kind: str = "attn", drop=4, *, method: str | None = None, protect=None, report_path: str | None = None, advice: str = ADVICE, preset: str | None = None, protect_rule: str | None = None, stage1_method: str | None = None) -> dict:
+def make_plan(
+    report,
+    kind: str = "attn",
+    drop=4,
+    *,
+    method: str | None = None,
+    protect=None,
+    report_path: str | None = None,
+    advice: str = ADVICE,
+    preset: str | None = None,
+    protect_rule: str | None = None,
+    stage1_method: str | None = None,
+) -> dict:
     """A drop plan from a report dict (or the path of a report directory / ``report.json``).
 
     ``drop``: a count, or a fraction of the candidate blocks (those of ``kind`` neither
@@ -247,22 +287,32 @@ def make_plan(report, kind: str = "attn", drop=4, *, method: str | None = None, 
     method, preset_protect, preset_why = _preset_choice(report, preset, method, protect)
     if method == "block_influence":  # ShortGPT's block influence IS cosine on whole layers
         if kind != "layer":
-            raise ValueError("method block_influence (ShortGPT) scores whole layers: use --kind layer (cosine scores attn / mlp blocks)")
+            raise ValueError(
+                "method block_influence (ShortGPT) scores whole layers: use --kind layer (cosine scores attn / mlp blocks)"
+            )
         method = "cosine"
     available = _methods_in(report)
-    method = method or _entropy_method(report, None) or ("cosine" if "cosine" in available else None)
+    method = (
+        method or _entropy_method(report, None) or ("cosine" if "cosine" in available else None)
+    )
     if method not in available:
         from entrodrop_fast.profile.inmemory import ALL_METHODS
 
         has = f"{where} has: {', '.join(available) or 'no method'}"
         if method not in ALL_METHODS:
-            raise ValueError(f"unknown --method {method!r}: give one of {', '.join(ALL_METHODS)} ({has})")
-        raise ValueError(f"method {method!r} is not in {where} ({has}); rank by one of those, or profile again with --method {method}")
+            raise ValueError(
+                f"unknown --method {method!r}: give one of {', '.join(ALL_METHODS)} ({has})"
+            )
+        raise ValueError(
+            f"method {method!r} is not in {where} ({has}); rank by one of those, or profile again with --method {method}"
+        )
     if method == "angular" and kind != "layer":
         raise ValueError("method angular scores spans of whole layers: use --kind layer")
     user_protect = parse_protect(protect)
     if user_protect is None and protect_rule is not None:
-        protected, why = protected_by_rule(report, protect_rule, method=method, stage1_method=stage1_method)
+        protected, why = protected_by_rule(
+            report, protect_rule, method=method, stage1_method=stage1_method
+        )
     elif user_protect is None and preset_protect is not None:
         protected, why = preset_protect, preset_why
     elif user_protect is None:
@@ -270,17 +320,28 @@ def make_plan(report, kind: str = "attn", drop=4, *, method: str | None = None, 
     else:
         bad = [i for i in user_protect if not 0 <= i < L]
         if bad:
-            raise ValueError(f"protected layers {bad} out of range for {L} layers (0-based: 0..{L - 1})")
+            raise ValueError(
+                f"protected layers {bad} out of range for {L} layers (0-based: 0..{L - 1})"
+            )
         protected, why = user_protect, {"user": user_protect}
     kinds = ("attn", "mlp") if kind == "joint" else (kind,)
     # blocks the profiled model no longer has (an earlier prune): not candidates, not counted
-    gone = [(b["kind"], b["layer"]) for b in report["blocks"] if b["kind"] in kinds and is_dropped(b)]
-    already = {"attn": sorted(i for kk, i in gone if kk == "attn"), "mlp": sorted(i for kk, i in gone if kk == "mlp")}
+    gone = [
+        (b["kind"], b["layer"]) for b in report["blocks"] if b["kind"] in kinds and is_dropped(b)
+    ]
+    already = {
+        "attn": sorted(i for kk, i in gone if kk == "attn"),
+        "mlp": sorted(i for kk, i in gone if kk == "mlp"),
+    }
     if method == "angular":
         # k is a span length: a fraction counts the unprotected layers
         k = parse_count(drop, L - len(set(protected)))
     else:
-        n_candidates = sum(1 for b in report["blocks"] if b["kind"] in kinds and b["layer"] not in set(protected) and not is_dropped(b))
+        n_candidates = sum(
+            1
+            for b in report["blocks"]
+            if b["kind"] in kinds and b["layer"] not in set(protected) and not is_dropped(b)
+        )
         if n_candidates == 0:
             raise ValueError(
                 f"no {kind} block can be dropped: of {L} layers, {sorted(set(protected))} are protected"
@@ -296,14 +357,29 @@ def make_plan(report, kind: str = "attn", drop=4, *, method: str | None = None, 
             if b["kind"] == "layer" and b.get("angular") and str(k) in b["angular"]:
                 spans[b["layer"]] = b["angular"][str(k)]
         if not spans:
-            have = sorted({n for b in report["blocks"] if b.get("angular") for n in b["angular"]}, key=int)
-            raise ValueError(f"the report has no angular distance for spans of {k} layers (has spans {', '.join(have) or 'none'}); profile with --spans {k}")
+            have = sorted(
+                {n for b in report["blocks"] if b.get("angular") for n in b["angular"]}, key=int
+            )
+            raise ValueError(
+                f"the report has no angular distance for spans of {k} layers (has spans {', '.join(have) or 'none'}); profile with --spans {k}"
+            )
         for start, a in sorted(spans.items(), key=lambda kv: kv[1]["mean"]):
             hit = [i for i in range(start, start + k) if i in set(protected)]
-            ranked.append({"kind": "span", "layer": start, "layers": list(range(start, start + k)), "score": a["mean"], "stderr": a["stderr"], "protected": bool(hit)})
+            ranked.append(
+                {
+                    "kind": "span",
+                    "layer": start,
+                    "layers": list(range(start, start + k)),
+                    "score": a["mean"],
+                    "stderr": a["stderr"],
+                    "protected": bool(hit),
+                }
+            )
         best = next((r for r in ranked if not r["protected"]), None)
         if best is None:
-            raise ValueError(f"every span of {k} layers touches a protected layer {protected}; {advice}")
+            raise ValueError(
+                f"every span of {k} layers touches a protected layer {protected}; {advice}"
+            )
         best["dropped"] = True
         chosen = {"layer": best["layers"]}
     else:
@@ -320,14 +396,28 @@ def make_plan(report, kind: str = "attn", drop=4, *, method: str | None = None, 
                     + ("missing" if s is None else "NaN / null")
                     + f"; run entrodrop profile again (with --method {method}) to rewrite the report"
                 )
-            ranked.append({"kind": b["kind"], "layer": b["layer"], "score": s[0], "stderr": s[1], "protected": prot})
+            ranked.append(
+                {
+                    "kind": b["kind"],
+                    "layer": b["layer"],
+                    "score": s[0],
+                    "stderr": s[1],
+                    "protected": prot,
+                }
+            )
         ranked.sort(key=lambda r: r["score"])
         free = [r for r in ranked if not r["protected"]]
         if k > len(free):
             raise ValueError(
-                f"cannot drop {k} {kind} blocks: only {len(free)} are not protected" + (" or dropped already" if gone else "") + " "
+                f"cannot drop {k} {kind} blocks: only {len(free)} are not protected"
+                + (" or dropped already" if gone else "")
+                + " "
                 f"(protected layers {protected}"
-                + (f"; dropped already: {'; '.join(f'{kk} {v}' for kk, v in already.items() if v)}" if gone else "")
+                + (
+                    f"; dropped already: {'; '.join(f'{kk} {v}' for kk, v in already.items() if v)}"
+                    if gone
+                    else ""
+                )
                 + f"); {advice}"
             )
         chosen = {"attn": [], "mlp": [], "layer": []}
@@ -348,7 +438,11 @@ def make_plan(report, kind: str = "attn", drop=4, *, method: str | None = None, 
         "requested_drop": drop if isinstance(drop, (int, float)) else str(drop),
         "protected": protected,
         "protected_reason": why,
-        "drop": {"attn": drop_spec.get("attn", []), "mlp": drop_spec.get("mlp", []), "layer": drop_spec.get("layer", [])},
+        "drop": {
+            "attn": drop_spec.get("attn", []),
+            "mlp": drop_spec.get("mlp", []),
+            "layer": drop_spec.get("layer", []),
+        },
         "ranked": ranked,
         **({"already_dropped": {kk: v for kk, v in already.items() if v}} if gone else {}),
         "residual_entropy": residual_entropy(report, method),
@@ -367,7 +461,9 @@ def save_plan(plan: dict, path, *, overwrite: bool = False) -> Path:
 
     p = outputs.check_file(path, what="drop plan", recognise=plan_file_check(), overwrite=overwrite)
     # undefined numbers (a stderr of one sample) are written as null: bare NaN is not JSON
-    return outputs.publish_file(p, json.dumps(json_safe(plan), indent=1, allow_nan=False) + "\n", what="drop plan")
+    return outputs.publish_file(
+        p, json.dumps(json_safe(plan), indent=1, allow_nan=False) + "\n", what="drop plan"
+    )
 
 
 def plan_file_check():
@@ -392,12 +488,29 @@ def plan_summary(plan: dict) -> str:
     shown = [r for r in plan["ranked"] if r.get("dropped")][:16]
     for r in shown:
         se = r.get("stderr")
-        err = f" ± {se:.2g}" if isinstance(se, (int, float)) and math.isfinite(se) else " (no stderr: needs >= 2 samples)"
+        err = (
+            f" ± {se:.2g}"
+            if isinstance(se, (int, float)) and math.isfinite(se)
+            else " (no stderr: needs >= 2 samples)"
+        )
         lines.append(f"    {r['kind']:5s} layer {r['layer']:3d}  score {r['score']:.5g}{err}")
     return "\n".join(lines)
 
 
-def iterative_plan(model, windows, kind: str = "attn", drop=4, *, method: str | None = None, protect=None, settings=None, progress: bool = False, preset: str | None = None, protect_rule: str | None = None, stage1_method: str | None = None) -> dict:
+def iterative_plan(
+    model,
+    windows,
+    kind: str = "attn",
+    drop=4,
+    *,
+    method: str | None = None,
+    protect=None,
+    settings=None,
+    progress: bool = False,
+    preset: str | None = None,
+    protect_rule: str | None = None,
+    stage1_method: str | None = None,
+) -> dict:
     """Drop one block at a time, re-profiling the pruned model in between (in memory).
 
     ``model`` is pruned in place (a copy is not made: pass one you can spare). Returns a plan
@@ -420,16 +533,40 @@ def iterative_plan(model, windows, kind: str = "attn", drop=4, *, method: str | 
     steps = []
     first_plan = None
     while k is None or len(steps) < k:
-        report = build_report(profile(model, windows, settings, progress=progress), model_info={}, data_info={}, settings={}, model=model)
+        report = build_report(
+            profile(model, windows, settings, progress=progress),
+            model_info={},
+            data_info={},
+            settings={},
+            model=model,
+        )
         if first_plan is None:
             # protection is decided once, on the unpruned model's profile
-            first_plan = make_plan(report, kind, drop, method=method, protect=protect, preset=preset, protect_rule=protect_rule, stage1_method=stage1_method)
+            first_plan = make_plan(
+                report,
+                kind,
+                drop,
+                method=method,
+                protect=protect,
+                preset=preset,
+                protect_rule=protect_rule,
+                stage1_method=stage1_method,
+            )
             protected_orig = set(first_plan["protected"])
             k = first_plan["k"]
-        cur_protect = [i for i, o in enumerate(orig) if o in protected_orig or (kind != "layer" and o in dropped)]
+        cur_protect = [
+            i
+            for i, o in enumerate(orig)
+            if o in protected_orig or (kind != "layer" and o in dropped)
+        ]
         step = make_plan(report, kind, 1, method=first_plan["method"], protect=cur_protect)
         cur = step["drop"][kind][0]
-        steps.append({"layer": orig[cur], "score": next(r["score"] for r in step["ranked"] if r.get("dropped"))})
+        steps.append(
+            {
+                "layer": orig[cur],
+                "score": next(r["score"] for r in step["ranked"] if r.get("dropped")),
+            }
+        )
         drop_blocks_(model, {kind: [cur]})
         dropped.append(orig[cur])
         if kind == "layer":

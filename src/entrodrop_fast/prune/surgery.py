@@ -117,7 +117,9 @@ def read_plan(plan) -> dict:
         except json.JSONDecodeError as exc:
             raise ValueError(f"plan file {plan} is not valid JSON: {exc}") from None
     if not isinstance(plan, dict):
-        raise TypeError(f"plan must be a dict, a JSON file path or Drops, got {type(plan).__name__}")
+        raise TypeError(
+            f"plan must be a dict, a JSON file path or Drops, got {type(plan).__name__}"
+        )
     return plan
 
 
@@ -143,7 +145,9 @@ def _warn_other_path(made_for: dict, path, what: str) -> None:
         )
 
 
-def check_same_model(made_for, config, *, what: str = "the plan", target: str = "this model", path=None) -> list[str]:
+def check_same_model(
+    made_for, config, *, what: str = "the plan", target: str = "this model", path=None
+) -> list[str]:
     """Refuse a plan or report made for another model than ``config`` (object or dict).
 
     ``made_for``: the ``model`` entry of the plan / report. Every field of
@@ -190,7 +194,9 @@ def check_same_model(made_for, config, *, what: str = "the plan", target: str = 
     )
 
 
-def warn_unchecked(unchecked: list[str], what: str = "the plan", target: str = "this model") -> None:
+def warn_unchecked(
+    unchecked: list[str], what: str = "the plan", target: str = "this model"
+) -> None:
     """Say which identity fields a plan / report with a ``model`` entry did not record."""
     if unchecked:
         import warnings
@@ -205,29 +211,43 @@ def warn_unchecked(unchecked: list[str], what: str = "the plan", target: str = "
 def normalize_drops(plan, num_layers: int) -> Drops:
     """Check a plan against a model of ``num_layers`` layers; merge attn+mlp of one layer into a layer drop."""
     plan = read_plan(plan)
-    planned_for = (plan.get("model") or {}).get("num_layers") if isinstance(plan.get("model"), dict) else None
+    planned_for = (
+        (plan.get("model") or {}).get("num_layers") if isinstance(plan.get("model"), dict) else None
+    )
     if isinstance(planned_for, int) and planned_for != num_layers:
-        raise ValueError(f"the plan was made for a model with {planned_for} layers; this one has {num_layers}")
+        raise ValueError(
+            f"the plan was made for a model with {planned_for} layers; this one has {num_layers}"
+        )
     spec = plan.get("drop", plan)
     form = '{"attn": [1, 3], "mlp": [], "layer": []} (lists of 0-based layer indices)'
     if not isinstance(spec, dict):
-        raise ValueError(f"plan: 'drop' must be an object {form}, got {type(spec).__name__} {spec!r:.60}")
+        raise ValueError(
+            f"plan: 'drop' must be an object {form}, got {type(spec).__name__} {spec!r:.60}"
+        )
     unknown = set(spec) - {"attn", "mlp", "layer"}
     if unknown:
-        raise ValueError(f"plan drops have unknown keys {sorted(unknown)}; expected attn, mlp, layer (or a full plan with a 'drop' entry)")
+        raise ValueError(
+            f"plan drops have unknown keys {sorted(unknown)}; expected attn, mlp, layer (or a full plan with a 'drop' entry)"
+        )
     out = {}
     for kind in ("attn", "mlp", "layer"):
         vals = spec.get(kind)
         if vals is None:
             vals = []
         if not isinstance(vals, list):
-            raise ValueError(f"plan: drop.{kind} must be a list of 0-based layer indices (e.g. [{vals!r:.20}] or []), got {type(vals).__name__} {vals!r:.60}")
+            raise ValueError(
+                f"plan: drop.{kind} must be a list of 0-based layer indices (e.g. [{vals!r:.20}] or []), got {type(vals).__name__} {vals!r:.60}"
+            )
         idx = []
         for v in vals:
             if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"plan: {kind} indices must be integers (0-based layer indices), got {v!r}")
+                raise ValueError(
+                    f"plan: {kind} indices must be integers (0-based layer indices), got {v!r}"
+                )
             if not 0 <= v < num_layers:
-                raise ValueError(f"plan: {kind} index {v} out of range for a model with {num_layers} layers (0-based: 0..{num_layers - 1})")
+                raise ValueError(
+                    f"plan: {kind} index {v} out of range for a model with {num_layers} layers (0-based: 0..{num_layers - 1})"
+                )
             idx.append(v)
         out[kind] = sorted(set(idx))
     if not any(out.values()):
@@ -287,14 +307,30 @@ def layer_properties(cfg: dict, adapter: Adapter) -> list[dict]:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception as exc:
-        raise ValueError(f"cannot build a {config.model_type} model from the config to read its per-layer properties: {type(exc).__name__}: {exc}") from exc
+        raise ValueError(
+            f"cannot build a {config.model_type} model from the config to read its per-layer properties: {type(exc).__name__}: {exc}"
+        ) from exc
     out = []
     for i, layer in enumerate(_get_path(model, adapter.arch.layers)):
         modules = {}
         for name, mod in layer.named_modules():
-            attrs = {k: v for k, v in vars(mod).items() if not k.startswith("_") and k not in _POSITION_ATTRS and _simple(v)}
-            shapes = {n: tuple(t.shape) for n, t in (*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False))}
-            modules[name or "<layer>"] = {"class": type(mod).__name__, **attrs, **{f"shape of {n}": s for n, s in shapes.items()}}
+            attrs = {
+                k: v
+                for k, v in vars(mod).items()
+                if not k.startswith("_") and k not in _POSITION_ATTRS and _simple(v)
+            }
+            shapes = {
+                n: tuple(t.shape)
+                for n, t in (
+                    *mod.named_parameters(recurse=False),
+                    *mod.named_buffers(recurse=False),
+                )
+            }
+            modules[name or "<layer>"] = {
+                "class": type(mod).__name__,
+                **attrs,
+                **{f"shape of {n}": s for n, s in shapes.items()},
+            }
         out.append({"config": {k: v[i] for k, v in per_layer.items()}, "modules": modules})
     return out
 
@@ -333,7 +369,9 @@ def check_layer_properties(old_cfg: dict, new_cfg: dict, kept: list[int], adapte
             )
 
 
-def pruned_config_dict(cfg: dict, adapter: Adapter, drops: Drops, base_architecture: str | None = None) -> dict:
+def pruned_config_dict(
+    cfg: dict, adapter: Adapter, drops: Drops, base_architecture: str | None = None
+) -> dict:
     """The config (as a ``to_dict()``/config.json dict) of the model after ``drops``.
 
     Pure function shared by in-memory surgery and export. Layer-count fields are rewritten
@@ -347,7 +385,10 @@ def pruned_config_dict(cfg: dict, adapter: Adapter, drops: Drops, base_architect
     kept = drops.kept
     new_of = {old: new for new, old in enumerate(kept)}
     prev = cfg.get(PRUNED_KEY) or {}
-    again = {kind: sorted(set(getattr(drops, kind)) & set(prev.get(f"dropped_{kind}") or [])) for kind in ("attn", "mlp")}
+    again = {
+        kind: sorted(set(getattr(drops, kind)) & set(prev.get(f"dropped_{kind}") or []))
+        for kind in ("attn", "mlp")
+    }
     if any(again.values()):
         named = "; ".join(f"{kind} {v}" for kind, v in again.items() if v)
         raise ValueError(
@@ -381,15 +422,23 @@ def pruned_config_dict(cfg: dict, adapter: Adapter, drops: Drops, base_architect
             cfg["mlp_only_layers"] = [new_of[i] for i in kept if not sparse[i]]
         plc = cfg.get("per_layer_config")
         if isinstance(plc, dict) and plc:
-            cfg["per_layer_config"] = {str(new_of[int(k)]): v for k, v in plc.items() if int(k) in new_of}
+            cfg["per_layer_config"] = {
+                str(new_of[int(k)]): v for k, v in plc.items() if int(k) in new_of
+            }
         kvm = cfg.get("kv_sharing_modes")
         if isinstance(kvm, list) and len(kvm) == L:
             cfg["kv_sharing_modes"] = [kvm[i] for i in kept]
         check_layer_properties(source, cfg, kept, adapter)
 
     orig = prev.get("kept_layers") or list(range(L))
-    attn = sorted({new_of[i] for i in prev.get("dropped_attn", []) if i in new_of} | {new_of[i] for i in drops.attn})
-    mlp = sorted({new_of[i] for i in prev.get("dropped_mlp", []) if i in new_of} | {new_of[i] for i in drops.mlp})
+    attn = sorted(
+        {new_of[i] for i in prev.get("dropped_attn", []) if i in new_of}
+        | {new_of[i] for i in drops.attn}
+    )
+    mlp = sorted(
+        {new_of[i] for i in prev.get("dropped_mlp", []) if i in new_of}
+        | {new_of[i] for i in drops.mlp}
+    )
     record = {
         "format": 1,
         "indexing": "0-based indices of this model's decoder layers",
@@ -399,7 +448,11 @@ def pruned_config_dict(cfg: dict, adapter: Adapter, drops: Drops, base_architect
         "dropped_mlp": mlp,
         "paths": subblock_paths(adapter),
     }
-    base = prev.get("base_architecture") or base_architecture or (cfg.get("architectures") or [None])[0]
+    base = (
+        prev.get("base_architecture")
+        or base_architecture
+        or (cfg.get("architectures") or [None])[0]
+    )
     if base:
         record["base_architecture"] = base
     if attn or mlp or prev or drops.layer:
@@ -433,7 +486,13 @@ def cache_skips_dropped_attention() -> bool:
     try:
         from transformers import DynamicCache, LlamaConfig
 
-        cfg = LlamaConfig(num_hidden_layers=2, hidden_size=8, intermediate_size=8, num_attention_heads=2, vocab_size=8)
+        cfg = LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=8,
+            intermediate_size=8,
+            num_attention_heads=2,
+            vocab_size=8,
+        )
         cfg.kv_sharing_modes = ["reuse", None]
         return list(getattr(DynamicCache(config=cfg), "is_dummy", [])) == [True, False]
     except Exception:
@@ -463,14 +522,16 @@ def drop_blocks_(model: nn.Module, plan) -> dict:
     L = len(layers)
     cfg_layers = getattr(model.config, "num_hidden_layers", L)
     if cfg_layers != L:
-        raise ValueError(f"model has {L} decoder layers but config.num_hidden_layers = {cfg_layers}")
+        raise ValueError(
+            f"model has {L} decoder layers but config.num_hidden_layers = {cfg_layers}"
+        )
     plan = read_plan(plan)
     if isinstance(plan.get("model"), dict):
         warn_unchecked(check_same_model(plan["model"], model.config))
     drops = normalize_drops(plan, L)
     old_cfg = model.config.to_dict()
     base = type(model).__name__
-    base = base[len("EntrodropPruned"):] if base.startswith("EntrodropPruned") else base
+    base = base[len("EntrodropPruned") :] if base.startswith("EntrodropPruned") else base
     new_cfg = pruned_config_dict(old_cfg, adapter, drops, base_architecture=base)
 
     if drops.layer:
@@ -484,7 +545,11 @@ def drop_blocks_(model: nn.Module, plan) -> dict:
         new_of = {old: new for new, old in enumerate(drops.kept)}
         apply_subblock_drops_(
             model,
-            {"paths": subblock_paths(adapter), "dropped_attn": [new_of[i] for i in drops.attn], "dropped_mlp": [new_of[i] for i in drops.mlp]},
+            {
+                "paths": subblock_paths(adapter),
+                "dropped_attn": [new_of[i] for i in drops.attn],
+                "dropped_mlp": [new_of[i] for i in drops.mlp],
+            },
         )
     _apply_config_(model.config, new_cfg, old_cfg)
     return new_cfg.get(PRUNED_KEY, {})

@@ -36,7 +36,9 @@ def _bin_index(y, lo, sc, wide, any_wide, bins, WIDE: tl.constexpr = True):
     idx = tl.maximum(idx, 0)  # (a NaN converts to 0 on GPUs; clamped either way)
     if WIDE and any_wide > 0:  # rare
         lo64 = lo.to(tl.float64)
-        scale64 = (tl.zeros_like(lo64) + bins) / tl.where(wide, sc.to(tl.float64) - lo64, 1.0)  # fp64 "/" is div.rn.f64
+        scale64 = (tl.zeros_like(lo64) + bins) / tl.where(
+            wide, sc.to(tl.float64) - lo64, 1.0
+        )  # fp64 "/" is div.rn.f64
         u = (y.to(tl.float64) - lo64[None, :]) * scale64[None, :]  # fp64 sub, then mul
         iw = tl.where(u >= 0.0, tl.minimum(u, bins - 1.0), 0.0).to(tl.int32)  # NaN -> 0
         idx = tl.where(wide[None, :], iw, idx)

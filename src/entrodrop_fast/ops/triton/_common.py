@@ -32,7 +32,16 @@ def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def token_splits(B: int, T: int, col_blocks: int, block_t: int, device: torch.device, splits: int | None = None, per_sm: int = 16, max_splits: int = 64) -> tuple[int, int]:
+def token_splits(
+    B: int,
+    T: int,
+    col_blocks: int,
+    block_t: int,
+    device: torch.device,
+    splits: int | None = None,
+    per_sm: int = 16,
+    max_splits: int = 64,
+) -> tuple[int, int]:
     """Split the T tokens of each sample into S chunks so the grid fills the GPU.
 
     Returns (S, rows_per_split); rows_per_split is a multiple of block_t.

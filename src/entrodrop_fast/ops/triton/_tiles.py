@@ -13,8 +13,26 @@ import triton.language as tl
 
 
 @triton.jit
-def load_raw(x_ptr, f_ptr, m_ptr, b, offs_t, tmask, offs_d64, dmask, sxb, sxt, sxd, sfb, sft, sfd, smb, smt,
-             HAS_F: tl.constexpr, HAS_MASK: tl.constexpr):
+def load_raw(
+    x_ptr,
+    f_ptr,
+    m_ptr,
+    b,
+    offs_t,
+    tmask,
+    offs_d64,
+    dmask,
+    sxb,
+    sxt,
+    sxd,
+    sfb,
+    sft,
+    sfd,
+    smb,
+    smt,
+    HAS_F: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+):
     """(x, f, token mask) of one tile, x and f in their own dtype (f = x without f); 0 where
     not valid (masked-out or padded tokens are not read)."""
     offs_t64 = offs_t.to(tl.int64)
@@ -22,10 +40,16 @@ def load_raw(x_ptr, f_ptr, m_ptr, b, offs_t, tmask, offs_d64, dmask, sxb, sxt, s
         keep = tl.load(m_ptr + b * smb + offs_t64 * smt, mask=tmask, other=0)
         tmask = tmask & (keep != 0)
     valid = tmask[:, None] & dmask[None, :]
-    xr = tl.load(x_ptr + b * sxb + offs_t64[:, None] * sxt + offs_d64[None, :] * sxd, mask=valid, other=0.0)
+    xr = tl.load(
+        x_ptr + b * sxb + offs_t64[:, None] * sxt + offs_d64[None, :] * sxd, mask=valid, other=0.0
+    )
     fr = xr
     if HAS_F:
-        fr = tl.load(f_ptr + b * sfb + offs_t64[:, None] * sft + offs_d64[None, :] * sfd, mask=valid, other=0.0)
+        fr = tl.load(
+            f_ptr + b * sfb + offs_t64[:, None] * sft + offs_d64[None, :] * sfd,
+            mask=valid,
+            other=0.0,
+        )
     return xr, fr, tmask
 
 

@@ -36,11 +36,29 @@ from entrodrop_fast.ops.triton.bucket_fused import _fused, _use_fused
 
 @triton.jit
 def _minmax_partial_kernel(
-    x_ptr, f_ptr, m_ptr, pmin_ptr, pmax_ptr,  # pmin/pmax: [1 + PAIR, B, S, D] fp32, NaN where non-finite
-    B, T, D, S, rows_per_split,
-    sxb, sxt, sxd, sfb, sft, sfd, smb, smt,
-    HAS_F: tl.constexpr, HAS_MASK: tl.constexpr, PAIR: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    f_ptr,
+    m_ptr,
+    pmin_ptr,
+    pmax_ptr,  # pmin/pmax: [1 + PAIR, B, S, D] fp32, NaN where non-finite
+    B,
+    T,
+    D,
+    S,
+    rows_per_split,
+    sxb,
+    sxt,
+    sxd,
+    sfb,
+    sft,
+    sfd,
+    smb,
+    smt,
+    HAS_F: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PAIR: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -58,8 +76,26 @@ def _minmax_partial_kernel(
     zx = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for t0 in range(t_begin, t_end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
-        xr, fr, tmask = load_raw(x_ptr, f_ptr, m_ptr, b, offs_t, offs_t < t_end, offs_d64, dmask,
-                                 sxb, sxt, sxd, sfb, sft, sfd, smb, smt, HAS_F, HAS_MASK)
+        xr, fr, tmask = load_raw(
+            x_ptr,
+            f_ptr,
+            m_ptr,
+            b,
+            offs_t,
+            offs_t < t_end,
+            offs_d64,
+            dmask,
+            sxb,
+            sxt,
+            sxd,
+            sfb,
+            sft,
+            sfd,
+            smb,
+            smt,
+            HAS_F,
+            HAS_MASK,
+        )
         xv, y, valid = widen(xr, fr, tmask, dmask, HAS_F)
         mn = tl.minimum(mn, tl.where(valid, y, float("inf")))
         mx = tl.maximum(mx, tl.where(valid, y, float("-inf")))
@@ -93,11 +129,32 @@ def _sample_range(pmin_ptr, pmax_ptr, b, S, D, offs_d64, dmask, BLOCK_S: tl.cons
 
 @triton.jit
 def _bucket_hist_kernel(
-    x_ptr, f_ptr, m_ptr, pmin_ptr, pmax_ptr, hist_ptr,  # hist: [1 + PAIR, B, D, bins] int32, zeroed
-    B, T, D, S, rows_per_split, bins,
-    sxb, sxt, sxd, sfb, sft, sfd, smb, smt,
-    HAS_F: tl.constexpr, HAS_MASK: tl.constexpr, PAIR: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    x_ptr,
+    f_ptr,
+    m_ptr,
+    pmin_ptr,
+    pmax_ptr,
+    hist_ptr,  # hist: [1 + PAIR, B, D, bins] int32, zeroed
+    B,
+    T,
+    D,
+    S,
+    rows_per_split,
+    bins,
+    sxb,
+    sxt,
+    sxd,
+    sfb,
+    sft,
+    sfd,
+    smb,
+    smt,
+    HAS_F: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PAIR: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -110,7 +167,9 @@ def _bucket_hist_kernel(
     lo, sc, wide, any_wide = _bin_params(lo, hi, dmask, bins)
     lox, scx, widex, any_widex = lo, sc, wide, any_wide
     if PAIR:
-        lox, hix = _sample_range(pmin_ptr + B * S * D, pmax_ptr + B * S * D, b, S, D, offs_d64, dmask, BLOCK_S)
+        lox, hix = _sample_range(
+            pmin_ptr + B * S * D, pmax_ptr + B * S * D, b, S, D, offs_d64, dmask, BLOCK_S
+        )
         lox, scx, widex, any_widex = _bin_params(lox, hix, dmask, bins)
 
     t_begin = pid_s * rows_per_split
@@ -118,21 +177,48 @@ def _bucket_hist_kernel(
     hrow = (b * D + offs_d64) * bins  # (BLOCK_D,) start of each channel's counters
     for t0 in range(t_begin, t_end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
-        xr, fr, tmask = load_raw(x_ptr, f_ptr, m_ptr, b, offs_t, offs_t < t_end, offs_d64, dmask,
-                                 sxb, sxt, sxd, sfb, sft, sfd, smb, smt, HAS_F, HAS_MASK)
+        xr, fr, tmask = load_raw(
+            x_ptr,
+            f_ptr,
+            m_ptr,
+            b,
+            offs_t,
+            offs_t < t_end,
+            offs_d64,
+            dmask,
+            sxb,
+            sxt,
+            sxd,
+            sfb,
+            sft,
+            sfd,
+            smb,
+            smt,
+            HAS_F,
+            HAS_MASK,
+        )
         xv, y, valid = widen(xr, fr, tmask, dmask, HAS_F)
         idx = _bin_index(y, lo, sc, wide, any_wide, bins)
         tl.atomic_add(hist_ptr + hrow[None, :] + idx, 1, mask=valid, sem="relaxed")
         if PAIR:
             idx = _bin_index(xv, lox, scx, widex, any_widex, bins)
-            tl.atomic_add(hist_ptr + B * D * bins + hrow[None, :] + idx, 1, mask=valid, sem="relaxed")
+            tl.atomic_add(
+                hist_ptr + B * D * bins + hrow[None, :] + idx, 1, mask=valid, sem="relaxed"
+            )
 
 
 @triton.jit
 def _bucket_entropy_kernel(
-    hist_ptr, pmin_ptr, out_ptr,  # hist: [B, D, bins] int32; pmin: [B, S, D] fp32 (NaN: report); out: [B, D] fp64
-    D, S, bins,
-    PAPER_EXACT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_S: tl.constexpr,
+    hist_ptr,
+    pmin_ptr,
+    out_ptr,  # hist: [B, D, bins] int32; pmin: [B, S, D] fp32 (NaN: report); out: [B, D] fp64
+    D,
+    S,
+    bins,
+    PAPER_EXACT: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_BINS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -145,7 +231,11 @@ def _bucket_entropy_kernel(
     h = _entropy_rows(c, m, PAPER_EXACT)
     offs_s = tl.arange(0, BLOCK_S)
     pm = (offs_s < S)[None, :] & dmask[:, None]
-    pmin = tl.load(pmin_ptr + (b * S + offs_s.to(tl.int64))[None, :] * D + offs_d64[:, None], mask=pm, other=0.0)
+    pmin = tl.load(
+        pmin_ptr + (b * S + offs_s.to(tl.int64))[None, :] * D + offs_d64[:, None],
+        mask=pm,
+        other=0.0,
+    )
     bad = tl.max((pmin != pmin).to(tl.int32), axis=1) > 0
     tl.store(out_ptr + b * D + offs_d64, tl.where(bad, float("nan"), h), mask=dmask)
 
@@ -153,8 +243,19 @@ def _bucket_entropy_kernel(
 # ---------------------------------------------------------------- launchers
 
 
-def _split_counts(x, f=None, mask=None, bins: int = 20, pair: bool = False, *, block_t: int = 32, block_d: int = 128,
-                  splits: int | None = None, num_warps: int = 4, minmax_block_t: int | None = None):
+def _split_counts(
+    x,
+    f=None,
+    mask=None,
+    bins: int = 20,
+    pair: bool = False,
+    *,
+    block_t: int = 32,
+    block_d: int = 128,
+    splits: int | None = None,
+    num_warps: int = 4,
+    minmax_block_t: int | None = None,
+):
     """(int32 counts [1 + pair, B, D, bins], min partials [1 + pair, B, S, D], NaN where a
     split of a channel holds a non-finite value)."""
     B, T, D = x.shape
@@ -172,15 +273,44 @@ def _split_counts(x, f=None, mask=None, bins: int = 20, pair: bool = False, *, b
     pmin = torch.empty((sets, B, S, D), dtype=torch.float32, device=dev)
     pmax = torch.empty((sets, B, S, D), dtype=torch.float32, device=dev)
     _minmax_partial_kernel[(nd, S, B)](
-        x, fp, mp, pmin, pmax, B, T, D, S, rows, *strides, **flags,
-        BLOCK_T=mbt, BLOCK_D=block_d, num_warps=num_warps,
+        x,
+        fp,
+        mp,
+        pmin,
+        pmax,
+        B,
+        T,
+        D,
+        S,
+        rows,
+        *strides,
+        **flags,
+        BLOCK_T=mbt,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
     )
 
     S2, rows2 = token_splits(B, T, nd, block_t, dev, splits)
     hist = torch.zeros((sets, B, D, bins), dtype=torch.int32, device=dev)
     _bucket_hist_kernel[(nd, S2, B)](
-        x, fp, mp, pmin, pmax, hist, B, T, D, S, rows2, bins, *strides, **flags,
-        BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_S=next_pow2(S), num_warps=num_warps,
+        x,
+        fp,
+        mp,
+        pmin,
+        pmax,
+        hist,
+        B,
+        T,
+        D,
+        S,
+        rows2,
+        bins,
+        *strides,
+        **flags,
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
+        BLOCK_S=next_pow2(S),
+        num_warps=num_warps,
         enable_fp_fusion=False,
     )
     return hist, pmin
@@ -191,7 +321,9 @@ def bucket_counts(x, f=None, mask=None, bins: int = 20, **config) -> torch.Tenso
     return _split_counts(x, f, mask, bins, **config)[0][0]
 
 
-def entropy_from_counts(hist: torch.Tensor, paper_exact: bool = False, pmin: torch.Tensor | None = None) -> torch.Tensor:
+def entropy_from_counts(
+    hist: torch.Tensor, paper_exact: bool = False, pmin: torch.Tensor | None = None
+) -> torch.Tensor:
     """H_d in nats, fp64 [B, D], from int32 counts [B, D, bins]; NaN where the min partials
     pmin [B, S, D] hold a NaN (a channel with a non-finite value)."""
     B, D, bins = hist.shape
@@ -202,14 +334,35 @@ def entropy_from_counts(hist: torch.Tensor, paper_exact: bool = False, pmin: tor
     block_bins = next_pow2(bins)
     block_d = max(1, min(next_pow2(D), 4096 // block_bins))
     _bucket_entropy_kernel[(cdiv(D, block_d), B)](
-        hist, pmin, out, D, S, bins, PAPER_EXACT=bool(paper_exact), BLOCK_D=block_d, BLOCK_BINS=block_bins,
-        BLOCK_S=next_pow2(S), num_warps=4,
+        hist,
+        pmin,
+        out,
+        D,
+        S,
+        bins,
+        PAPER_EXACT=bool(paper_exact),
+        BLOCK_D=block_d,
+        BLOCK_BINS=block_bins,
+        BLOCK_S=next_pow2(S),
+        num_warps=4,
     )
     return out
 
 
-def _bucket(x, f, mask, bins, paper_exact, pair, *, fused: bool | None = None, block_t: int | None = None,
-            block_d: int | None = None, num_warps: int | None = None, **split_config):
+def _bucket(
+    x,
+    f,
+    mask,
+    bins,
+    paper_exact,
+    pair,
+    *,
+    fused: bool | None = None,
+    block_t: int | None = None,
+    block_d: int | None = None,
+    num_warps: int | None = None,
+    **split_config,
+):
     B, T, D = x.shape
     if fused is None:
         fused = _use_fused(B, T, D, bins, block_d or 64, x.device)
@@ -218,14 +371,30 @@ def _bucket(x, f, mask, bins, paper_exact, pair, *, fused: bool | None = None, b
         # 5 x 8 packed counters for 20 bins; 128 registers on sm_90 (ptxas), 2 programs per SM.
         # The pair counts X and Y: [16, 64] tiles keep it at 183 registers without spills.
         bt = block_t or (16 if pair else 32)
-        return _fused(x, f, mask, bins, paper_exact, pair, block_t=bt, block_d=block_d or 64, num_warps=num_warps or 8)
-    cfg = {k: v for k, v in dict(block_t=block_t, block_d=block_d, num_warps=num_warps).items() if v is not None}
+        return _fused(
+            x,
+            f,
+            mask,
+            bins,
+            paper_exact,
+            pair,
+            block_t=bt,
+            block_d=block_d or 64,
+            num_warps=num_warps or 8,
+        )
+    cfg = {
+        k: v
+        for k, v in dict(block_t=block_t, block_d=block_d, num_warps=num_warps).items()
+        if v is not None
+    }
     hist, pmin = _split_counts(x, f, mask, bins, pair, **cfg, **split_config)
     hs = tuple(entropy_from_counts(hist[i], paper_exact, pmin[i]) for i in range(hist.shape[0]))
     return hs if pair else hs[0]
 
 
-def bucket(x, f=None, mask=None, bins: int = 20, paper_exact: bool = False, **config) -> torch.Tensor:
+def bucket(
+    x, f=None, mask=None, bins: int = 20, paper_exact: bool = False, **config
+) -> torch.Tensor:
     """Per-channel histogram entropy H_d, fp64 [B, D], of Y = x (+ f) over valid tokens.
 
     x, f: [B, T, D] fp32/fp16/bf16, any strides; mask: [B, T] bool or None. H_d = NaN for
@@ -235,7 +404,9 @@ def bucket(x, f=None, mask=None, bins: int = 20, paper_exact: bool = False, **co
     return _bucket(x, f, mask, bins, paper_exact, False, **config)
 
 
-def bucket_pair(x, f, mask=None, bins: int = 20, paper_exact: bool = False, **config) -> tuple[torch.Tensor, torch.Tensor]:
+def bucket_pair(
+    x, f, mask=None, bins: int = 20, paper_exact: bool = False, **config
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(H_d of Y = x + f, H_d of x), fp64 [B, D] each, from one read of x and f per pass;
     each bit for bit what :func:`bucket` gives."""
     return _bucket(x, f, mask, bins, paper_exact, True, **config)

@@ -83,12 +83,31 @@ def _unpack_all(cnt, a0, a1, a2, a3, a4, a5, a6, a7, jj, NW: tl.constexpr):
 
 @triton.jit
 def _bucket_fused_kernel(
-    x_ptr, f_ptr, m_ptr, hy_ptr, hx_ptr,  # hy (Y), hx (x itself, PAIR): [B, D] fp64
+    x_ptr,
+    f_ptr,
+    m_ptr,
+    hy_ptr,
+    hx_ptr,  # hy (Y), hx (x itself, PAIR): [B, D] fp64
     wide_ptr,  # [B, programs along D] int32, zeroed: blocks left to the WIDE launch
-    T, D, bins,
-    sxb, sxt, sxd, sfb, sft, sfd, smb, smt,
-    HAS_F: tl.constexpr, HAS_MASK: tl.constexpr, PAIR: tl.constexpr, PAPER_EXACT: tl.constexpr,
-    NW: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_BINS: tl.constexpr,
+    T,
+    D,
+    bins,
+    sxb,
+    sxt,
+    sxd,
+    sfb,
+    sft,
+    sfd,
+    smb,
+    smt,
+    HAS_F: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PAIR: tl.constexpr,
+    PAPER_EXACT: tl.constexpr,
+    NW: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_BINS: tl.constexpr,
     WIDE: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
@@ -113,14 +132,68 @@ def _bucket_fused_kernel(
     mxx = tl.full([BLOCK_T, BLOCK_D], float("-inf"), dtype=tl.float32)
     zx = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     # (from HBM: two tiles ahead in flight, see _tiles.py)
-    xr, fr, tmask = load_raw(x_ptr, f_ptr, m_ptr, b, rows, rows < T1, offs_d64, dmask,
-                             sxb, sxt, sxd, sfb, sft, sfd, smb, smt, HAS_F, HAS_MASK)
-    xr_n, fr_n, tmask_n = load_raw(x_ptr, f_ptr, m_ptr, b, BLOCK_T + rows, BLOCK_T + rows < T1, offs_d64, dmask,
-                                   sxb, sxt, sxd, sfb, sft, sfd, smb, smt, HAS_F, HAS_MASK)
+    xr, fr, tmask = load_raw(
+        x_ptr,
+        f_ptr,
+        m_ptr,
+        b,
+        rows,
+        rows < T1,
+        offs_d64,
+        dmask,
+        sxb,
+        sxt,
+        sxd,
+        sfb,
+        sft,
+        sfd,
+        smb,
+        smt,
+        HAS_F,
+        HAS_MASK,
+    )
+    xr_n, fr_n, tmask_n = load_raw(
+        x_ptr,
+        f_ptr,
+        m_ptr,
+        b,
+        BLOCK_T + rows,
+        BLOCK_T + rows < T1,
+        offs_d64,
+        dmask,
+        sxb,
+        sxt,
+        sxd,
+        sfb,
+        sft,
+        sfd,
+        smb,
+        smt,
+        HAS_F,
+        HAS_MASK,
+    )
     for t0 in range(0, T1, BLOCK_T):
         nxt = t0 + 2 * BLOCK_T + rows
-        xr_nn, fr_nn, tmask_nn = load_raw(x_ptr, f_ptr, m_ptr, b, nxt, nxt < T1, offs_d64, dmask,
-                                          sxb, sxt, sxd, sfb, sft, sfd, smb, smt, HAS_F, HAS_MASK)
+        xr_nn, fr_nn, tmask_nn = load_raw(
+            x_ptr,
+            f_ptr,
+            m_ptr,
+            b,
+            nxt,
+            nxt < T1,
+            offs_d64,
+            dmask,
+            sxb,
+            sxt,
+            sxd,
+            sfb,
+            sft,
+            sfd,
+            smb,
+            smt,
+            HAS_F,
+            HAS_MASK,
+        )
         xv, y, valid = widen(xr, fr, tmask, dmask, HAS_F)
         xr, fr, tmask = xr_n, fr_n, tmask_n
         xr_n, fr_n, tmask_n = xr_nn, fr_nn, tmask_nn
@@ -137,7 +210,9 @@ def _bucket_fused_kernel(
     lox, scx, widex, any_widex = lo, sc, wide, any_wide
     if PAIR:
         badx = tl.sum(zx, axis=0) != 0.0
-        lox, scx, widex, any_widex = _bin_params(tl.min(mnx, axis=0), tl.max(mxx, axis=0), dmask, bins)
+        lox, scx, widex, any_widex = _bin_params(
+            tl.min(mnx, axis=0), tl.max(mxx, axis=0), dmask, bins
+        )
     # wide channels that are finite (NaN/Inf ones are reported, their counts do not matter)
     real_wide = tl.max(((wide & ~bad) | (widex & ~badx)).to(tl.int32), axis=0) > 0
     T2 = T1
@@ -168,19 +243,59 @@ def _bucket_fused_kernel(
         e6 = tl.zeros_like(a0)
         e7 = tl.zeros_like(a0)
         c_end = tl.minimum(c0 + BLOCK_T * 255, T2)
-        xr, fr, tmask = load_raw(x_ptr, f_ptr, m_ptr, b, c0 + rows, c0 + rows < c_end, offs_d64, dmask,
-                                 sxb, sxt, sxd, sfb, sft, sfd, smb, smt, HAS_F, HAS_MASK)
+        xr, fr, tmask = load_raw(
+            x_ptr,
+            f_ptr,
+            m_ptr,
+            b,
+            c0 + rows,
+            c0 + rows < c_end,
+            offs_d64,
+            dmask,
+            sxb,
+            sxt,
+            sxd,
+            sfb,
+            sft,
+            sfd,
+            smb,
+            smt,
+            HAS_F,
+            HAS_MASK,
+        )
         for t0 in range(c0, c_end, BLOCK_T):
             nxt = t0 + BLOCK_T + rows
-            xr_n, fr_n, tmask_n = load_raw(x_ptr, f_ptr, m_ptr, b, nxt, nxt < c_end, offs_d64, dmask,
-                                           sxb, sxt, sxd, sfb, sft, sfd, smb, smt, HAS_F, HAS_MASK)
-            xv, y, valid = widen(xr, fr, tmask, dmask, HAS_F)  # (from L2, just read: one tile ahead)
+            xr_n, fr_n, tmask_n = load_raw(
+                x_ptr,
+                f_ptr,
+                m_ptr,
+                b,
+                nxt,
+                nxt < c_end,
+                offs_d64,
+                dmask,
+                sxb,
+                sxt,
+                sxd,
+                sfb,
+                sft,
+                sfd,
+                smb,
+                smt,
+                HAS_F,
+                HAS_MASK,
+            )
+            xv, y, valid = widen(
+                xr, fr, tmask, dmask, HAS_F
+            )  # (from L2, just read: one tile ahead)
             xr, fr, tmask = xr_n, fr_n, tmask_n
             idx = _bin_index(y, lo, sc, wide, any_wide, bins, WIDE)
             a0, a1, a2, a3, a4, a5, a6, a7 = _count(a0, a1, a2, a3, a4, a5, a6, a7, idx, valid, NW)
             if PAIR:
                 idx = _bin_index(xv, lox, scx, widex, any_widex, bins, WIDE)
-                e0, e1, e2, e3, e4, e5, e6, e7 = _count(e0, e1, e2, e3, e4, e5, e6, e7, idx, valid, NW)
+                e0, e1, e2, e3, e4, e5, e6, e7 = _count(
+                    e0, e1, e2, e3, e4, e5, e6, e7, idx, valid, NW
+                )
         cnt = _unpack_all(cnt, a0, a1, a2, a3, a4, a5, a6, a7, jj, NW)
         if PAIR:
             cntx = _unpack_all(cntx, e0, e1, e2, e3, e4, e5, e6, e7, jj, NW)
@@ -216,10 +331,33 @@ def _fused(x, f, mask, bins, paper_exact, pair, *, block_t, block_d, num_warps):
     wide = torch.zeros((B, nd), dtype=torch.int32, device=x.device)
     for w in (False, True):  # the second launch redoes the blocks the first flagged (rare)
         _bucket_fused_kernel[(nd, B)](
-            x, fp, mp, hy, hx, wide, T, D, bins,
-            x.stride(0), x.stride(1), x.stride(2), sfb, sft, sfd, smb, smt,
-            HAS_F=f is not None, HAS_MASK=mask is not None, PAIR=pair, PAPER_EXACT=bool(paper_exact),
-            NW=cdiv(bins, 4), BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_BINS=max(4, next_pow2(bins)), WIDE=w,
-            num_warps=num_warps, enable_fp_fusion=False,
+            x,
+            fp,
+            mp,
+            hy,
+            hx,
+            wide,
+            T,
+            D,
+            bins,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            sfb,
+            sft,
+            sfd,
+            smb,
+            smt,
+            HAS_F=f is not None,
+            HAS_MASK=mask is not None,
+            PAIR=pair,
+            PAPER_EXACT=bool(paper_exact),
+            NW=cdiv(bins, 4),
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
+            BLOCK_BINS=max(4, next_pow2(bins)),
+            WIDE=w,
+            num_warps=num_warps,
+            enable_fp_fusion=False,
         )
     return (hy, hx) if pair else hy

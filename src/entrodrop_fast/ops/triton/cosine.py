@@ -19,11 +19,24 @@ from entrodrop_fast.ops.triton._common import cdiv, mask_arg, next_pow2
 
 @triton.jit
 def _cosine_kernel(
-    x_ptr, o_ptr, m_ptr, cos_ptr,  # cos: [B, T] fp32
-    T, D,
-    sxb, sxt, sxd, sob, sot, sod, smb, smt,
-    FUSED: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    o_ptr,
+    m_ptr,
+    cos_ptr,  # cos: [B, T] fp32
+    T,
+    D,
+    sxb,
+    sxt,
+    sxd,
+    sob,
+    sot,
+    sod,
+    smb,
+    smt,
+    FUSED: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -38,8 +51,12 @@ def _cosine_kernel(
         offs_d = d0 + tl.arange(0, BLOCK_D)
         offs_d64 = offs_d.to(tl.int64)
         m = tmask[:, None] & (offs_d < D)[None, :]
-        xv = tl.load(x_ptr + b * sxb + offs_t64[:, None] * sxt + offs_d64[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
-        ov = tl.load(o_ptr + b * sob + offs_t64[:, None] * sot + offs_d64[None, :] * sod, mask=m, other=0.0).to(tl.float32)
+        xv = tl.load(
+            x_ptr + b * sxb + offs_t64[:, None] * sxt + offs_d64[None, :] * sxd, mask=m, other=0.0
+        ).to(tl.float32)
+        ov = tl.load(
+            o_ptr + b * sob + offs_t64[:, None] * sot + offs_d64[None, :] * sod, mask=m, other=0.0
+        ).to(tl.float32)
         if FUSED:
             yv = xv + ov
         else:
@@ -59,16 +76,41 @@ def _cosine_kernel(
 # ---------------------------------------------------------------- launchers
 
 
-def cosine_per_token(x, other, mask=None, fused: bool = True, *, block_t: int = 16, block_d: int = 256, num_warps: int = 4) -> torch.Tensor:
+def cosine_per_token(
+    x,
+    other,
+    mask=None,
+    fused: bool = True,
+    *,
+    block_t: int = 16,
+    block_d: int = 256,
+    num_warps: int = 4,
+) -> torch.Tensor:
     """cos(x_t, Y_t) per token, fp32 [B, T] (0 where masked)."""
     B, T, D = x.shape
     block_d = min(block_d, next_pow2(D))
     cos = torch.empty((B, T), dtype=torch.float32, device=x.device)
     mp, smb, smt = mask_arg(x, mask)
     _cosine_kernel[(cdiv(T, block_t), B)](
-        x, other, mp, cos, T, D,
-        x.stride(0), x.stride(1), x.stride(2), other.stride(0), other.stride(1), other.stride(2), smb, smt,
-        FUSED=bool(fused), HAS_MASK=mask is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
+        x,
+        other,
+        mp,
+        cos,
+        T,
+        D,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        other.stride(0),
+        other.stride(1),
+        other.stride(2),
+        smb,
+        smt,
+        FUSED=bool(fused),
+        HAS_MASK=mask is not None,
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
     )
     return cos
 

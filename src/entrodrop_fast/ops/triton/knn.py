@@ -19,9 +19,17 @@ from entrodrop_fast.ops.triton._common import cdiv, next_pow2
 
 @triton.jit
 def _knn_kernel(
-    x_ptr, out_ptr, scale_ptr,  # x: [N, D]; out: [N] fp64; scale: [2] fp64 (2^-e, 2^e)
-    N, D, k, sxn, sxd,
-    BLOCK_M: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    out_ptr,
+    scale_ptr,  # x: [N, D]; out: [N] fp64; scale: [2] fp64 (2^-e, 2^e)
+    N,
+    D,
+    k,
+    sxn,
+    sxd,
+    BLOCK_M: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -38,8 +46,22 @@ def _knn_kernel(
             offs_d = d0 + tl.arange(0, BLOCK_D)
             dm = offs_d < D
             offs_d64 = offs_d.to(tl.int64)
-            a = tl.load(x_ptr + rows64[:, None] * sxn + offs_d64[None, :] * sxd, mask=rmask[:, None] & dm[None, :], other=0.0).to(tl.float32) * inv
-            c = tl.load(x_ptr + cols64[:, None] * sxn + offs_d64[None, :] * sxd, mask=cmask[:, None] & dm[None, :], other=0.0).to(tl.float32) * inv
+            a = (
+                tl.load(
+                    x_ptr + rows64[:, None] * sxn + offs_d64[None, :] * sxd,
+                    mask=rmask[:, None] & dm[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                * inv
+            )
+            c = (
+                tl.load(
+                    x_ptr + cols64[:, None] * sxn + offs_d64[None, :] * sxd,
+                    mask=cmask[:, None] & dm[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                * inv
+            )
             diff = a[:, None, :] - c[None, :, :]  # (BLOCK_M, KP, BLOCK_D)
             d2 += tl.sum(diff * diff, axis=2)
         bad = (rows[:, None] == cols[None, :]) | (~cmask)[None, :]
@@ -54,7 +76,9 @@ def _knn_kernel(
 # ---------------------------------------------------------------- launchers
 
 
-def knn_kth_distance(x, k: int, *, block_m: int = 16, block_d: int = 32, num_warps: int = 4) -> torch.Tensor:
+def knn_kth_distance(
+    x, k: int, *, block_m: int = 16, block_d: int = 32, num_warps: int = 4
+) -> torch.Tensor:
     """x: [N, D] (any strides, fp32/fp16/bf16); float64 [N]: distance to the k-th nearest other row."""
     N, D = x.shape
     kp = max(16, next_pow2(k))
@@ -67,7 +91,17 @@ def knn_kth_distance(x, k: int, *, block_m: int = 16, block_d: int = 32, num_war
     e = e.clamp(-126, 128)  # 2^-e within fp32's range (subnormal x: scaled by 2^126 at most)
     scale = (torch.stack([1023 - e, 1023 + e]) << 52).view(torch.float64)  # exactly 2^-e, 2^e
     _knn_kernel[(cdiv(N, block_m),)](
-        x, out, scale, N, D, k, x.stride(0), x.stride(1),
-        BLOCK_M=block_m, KP=kp, BLOCK_D=block_d, num_warps=num_warps,
+        x,
+        out,
+        scale,
+        N,
+        D,
+        k,
+        x.stride(0),
+        x.stride(1),
+        BLOCK_M=block_m,
+        KP=kp,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
     )
     return out

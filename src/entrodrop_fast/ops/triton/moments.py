@@ -35,7 +35,9 @@ def _welford(shift, mean, m2, v, valid, first, rn):
 
 
 @triton.jit
-def _store_partial(n_row, shift, mean, m2, mn, mx, z, out, dmask, pn_ptr, pmean_ptr, pm2_ptr, pmin_ptr, pmax_ptr):
+def _store_partial(
+    n_row, shift, mean, m2, mn, mx, z, out, dmask, pn_ptr, pmean_ptr, pm2_ptr, pmin_ptr, pmax_ptr
+):
     """Merge the slots (Chan, fp64) and store this split's state; NaN where reported."""
     n_row = n_row.to(tl.float64)
     n = tl.sum(n_row, axis=0)
@@ -53,12 +55,32 @@ def _store_partial(n_row, shift, mean, m2, mn, mx, z, out, dmask, pn_ptr, pmean_
 
 @triton.jit
 def _moments_partial_kernel(
-    x_ptr, f_ptr, m_ptr,
-    pn_ptr, pmean_ptr, pm2_ptr, pmin_ptr, pmax_ptr,  # pn: [B, S] fp32; pmean/pm2 [1 + PAIR, B, S, D] fp64; pmin/pmax fp32
-    B, T, D, S, rows_per_split,
-    sxb, sxt, sxd, sfb, sft, sfd, smb, smt,
-    HAS_F: tl.constexpr, HAS_MASK: tl.constexpr, PAIR: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    f_ptr,
+    m_ptr,
+    pn_ptr,
+    pmean_ptr,
+    pm2_ptr,
+    pmin_ptr,
+    pmax_ptr,  # pn: [B, S] fp32; pmean/pm2 [1 + PAIR, B, S, D] fp64; pmin/pmax fp32
+    B,
+    T,
+    D,
+    S,
+    rows_per_split,
+    sxb,
+    sxt,
+    sxd,
+    sfb,
+    sft,
+    sfd,
+    smb,
+    smt,
+    HAS_F: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PAIR: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -87,15 +109,69 @@ def _moments_partial_kernel(
     zx = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     rows = tl.arange(0, BLOCK_T)
     # two tiles ahead in flight (see _tiles.py)
-    xr, fr, tmask = load_raw(x_ptr, f_ptr, m_ptr, b, t_begin + rows, t_begin + rows < t_end, offs_d64, dmask,
-                             sxb, sxt, sxd, sfb, sft, sfd, smb, smt, HAS_F, HAS_MASK)
+    xr, fr, tmask = load_raw(
+        x_ptr,
+        f_ptr,
+        m_ptr,
+        b,
+        t_begin + rows,
+        t_begin + rows < t_end,
+        offs_d64,
+        dmask,
+        sxb,
+        sxt,
+        sxd,
+        sfb,
+        sft,
+        sfd,
+        smb,
+        smt,
+        HAS_F,
+        HAS_MASK,
+    )
     nxt = t_begin + BLOCK_T + rows
-    xr_n, fr_n, tmask_n = load_raw(x_ptr, f_ptr, m_ptr, b, nxt, nxt < t_end, offs_d64, dmask,
-                                   sxb, sxt, sxd, sfb, sft, sfd, smb, smt, HAS_F, HAS_MASK)
+    xr_n, fr_n, tmask_n = load_raw(
+        x_ptr,
+        f_ptr,
+        m_ptr,
+        b,
+        nxt,
+        nxt < t_end,
+        offs_d64,
+        dmask,
+        sxb,
+        sxt,
+        sxd,
+        sfb,
+        sft,
+        sfd,
+        smb,
+        smt,
+        HAS_F,
+        HAS_MASK,
+    )
     for t0 in range(t_begin, t_end, BLOCK_T):
         nxt = t0 + 2 * BLOCK_T + rows
-        xr_nn, fr_nn, tmask_nn = load_raw(x_ptr, f_ptr, m_ptr, b, nxt, nxt < t_end, offs_d64, dmask,
-                                          sxb, sxt, sxd, sfb, sft, sfd, smb, smt, HAS_F, HAS_MASK)
+        xr_nn, fr_nn, tmask_nn = load_raw(
+            x_ptr,
+            f_ptr,
+            m_ptr,
+            b,
+            nxt,
+            nxt < t_end,
+            offs_d64,
+            dmask,
+            sxb,
+            sxt,
+            sxd,
+            sfb,
+            sft,
+            sfd,
+            smb,
+            smt,
+            HAS_F,
+            HAS_MASK,
+        )
         xv, y, valid = widen(xr, fr, tmask, dmask, HAS_F)
         first = valid & (n_row == 0.0)[:, None]
         n_row += tmask.to(tl.float32)
@@ -113,19 +189,59 @@ def _moments_partial_kernel(
         xr_n, fr_n, tmask_n = xr_nn, fr_nn, tmask_nn
 
     out = (b * S + pid_s) * D + offs_d64
-    n = _store_partial(n_row, shift, mean, m2, mn, mx, z, out, dmask, pn_ptr, pmean_ptr, pm2_ptr, pmin_ptr, pmax_ptr)
+    n = _store_partial(
+        n_row,
+        shift,
+        mean,
+        m2,
+        mn,
+        mx,
+        z,
+        out,
+        dmask,
+        pn_ptr,
+        pmean_ptr,
+        pm2_ptr,
+        pmin_ptr,
+        pmax_ptr,
+    )
     if PAIR:
-        _store_partial(n_row, shiftx, meanx, m2x, mnx, mxx, zx, out + B * S * D, dmask, pn_ptr, pmean_ptr, pm2_ptr, pmin_ptr, pmax_ptr)
+        _store_partial(
+            n_row,
+            shiftx,
+            meanx,
+            m2x,
+            mnx,
+            mxx,
+            zx,
+            out + B * S * D,
+            dmask,
+            pn_ptr,
+            pmean_ptr,
+            pm2_ptr,
+            pmin_ptr,
+            pmax_ptr,
+        )
     # every channel block stores the same count (a benign duplicate write)
     tl.store(pn_ptr + b * S + pid_s, n.to(tl.float32))
 
 
 @triton.jit
 def _moments_merge_kernel(
-    pn_ptr, pmean_ptr, pm2_ptr, pmin_ptr, pmax_ptr,
-    count_ptr, mean_ptr, m2_ptr, min_ptr, max_ptr,  # count: [B] fp64; mean/m2 [B, D] fp64; min/max [B, D] fp32
-    D, S,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    pn_ptr,
+    pmean_ptr,
+    pm2_ptr,
+    pmin_ptr,
+    pmax_ptr,
+    count_ptr,
+    mean_ptr,
+    m2_ptr,
+    min_ptr,
+    max_ptr,  # count: [B] fp64; mean/m2 [B, D] fp64; min/max [B, D] fp32
+    D,
+    S,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -143,9 +259,13 @@ def _moments_merge_kernel(
     dev = tl.where(m, means - mean[None, :], 0.0)
     m2 = tl.sum(m2s + ns[:, None] * dev * dev, axis=0)  # Chan: sum M2_i + n_i (mean_i - mean)^2
     pmin = tl.load(pmin_ptr + idx, mask=m, other=float("inf"))
-    bad = tl.max((pmin != pmin).to(tl.int32), axis=0) > 0  # a split reported NaN/Inf (mean, m2: NaN already)
+    bad = (
+        tl.max((pmin != pmin).to(tl.int32), axis=0) > 0
+    )  # a split reported NaN/Inf (mean, m2: NaN already)
     mn = tl.where(bad, float("nan"), tl.min(pmin, axis=0))
-    mx = tl.where(bad, float("nan"), tl.max(tl.load(pmax_ptr + idx, mask=m, other=float("-inf")), axis=0))
+    mx = tl.where(
+        bad, float("nan"), tl.max(tl.load(pmax_ptr + idx, mask=m, other=float("-inf")), axis=0)
+    )
     out = b * D + offs_d
     tl.store(mean_ptr + out, mean, mask=dmask)
     tl.store(m2_ptr + out, m2, mask=dmask)
@@ -158,7 +278,17 @@ def _moments_merge_kernel(
 # ---------------------------------------------------------------- launchers
 
 
-def moments_partials(x, f=None, mask=None, pair: bool = False, *, block_t: int = 32, block_d: int = 64, splits: int | None = None, num_warps: int = 8):
+def moments_partials(
+    x,
+    f=None,
+    mask=None,
+    pair: bool = False,
+    *,
+    block_t: int = 32,
+    block_d: int = 64,
+    splits: int | None = None,
+    num_warps: int = 8,
+):
     """Per-split partial states: (pn [B, S], mean, m2 (fp64), min, max [1 + pair, B, S, D])."""
     B, T, D = x.shape
     block_d = min(block_d, next_pow2(D))
@@ -172,11 +302,33 @@ def moments_partials(x, f=None, mask=None, pair: bool = False, *, block_t: int =
     fp, (sfb, sft, sfd) = f_arg(x, f)
     mp, smb, smt = mask_arg(x, mask)
     _moments_partial_kernel[(nd, S, B)](
-        x, fp, mp, pn, pmean, pm2, pmin, pmax,
-        B, T, D, S, rows,
-        x.stride(0), x.stride(1), x.stride(2), sfb, sft, sfd, smb, smt,
-        HAS_F=f is not None, HAS_MASK=mask is not None, PAIR=pair,
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
+        x,
+        fp,
+        mp,
+        pn,
+        pmean,
+        pm2,
+        pmin,
+        pmax,
+        B,
+        T,
+        D,
+        S,
+        rows,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        sfb,
+        sft,
+        sfd,
+        smb,
+        smt,
+        HAS_F=f is not None,
+        HAS_MASK=mask is not None,
+        PAIR=pair,
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
     )
     return pn, pmean, pm2, pmin, pmax
 
@@ -192,8 +344,21 @@ def _merge(pn, pmean, pm2, pmin, pmax) -> dict:
     block_s = next_pow2(S)
     block_d = max(16, min(next_pow2(D), max(16, 2048 // block_s)))
     _moments_merge_kernel[(cdiv(D, block_d), B)](
-        pn, pmean, pm2, pmin, pmax, count, mean, m2, mn, mx, D, S,
-        BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
+        pn,
+        pmean,
+        pm2,
+        pmin,
+        pmax,
+        count,
+        mean,
+        m2,
+        mn,
+        mx,
+        D,
+        S,
+        BLOCK_S=block_s,
+        BLOCK_D=block_d,
+        num_warps=4,
     )
     return {"count": count, "mean": mean, "m2": m2, "min": mn, "max": mx}
 
