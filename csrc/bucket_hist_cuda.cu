@@ -203,8 +203,10 @@ const char* minmax_partial(const Input& in, int S, int64_t rows, float* pmin, fl
   if (const char* e = prepare(device)) return e;
   const dim3 grid = stream_grid(in, S);
   auto st = static_cast<cudaStream_t>(stream);
-  ENTRODROP_DISPATCH(in, stats_kernel<T, VEC, false>(in.f != nullptr) < < < grid, kThreads, 0,
-                     st >>> (in, S, rows, nullptr, nullptr, nullptr, pmin, pmax););
+  // clang-format breaks the launch syntax inside this macro argument:
+  // clang-format off
+  ENTRODROP_DISPATCH(in, stats_kernel<T, VEC, false>(in.f != nullptr)<<<grid, kThreads, 0, st>>>(in, S, rows, nullptr, nullptr, nullptr, pmin, pmax););
+  // clang-format on
   return last_error();
 }
 
