@@ -235,3 +235,20 @@ def test_auto_warns_once_when_the_extension_did_not_load(monkeypatch):
         warnings.simplefilter("error")
         b = ef.bucket_entropy(x)  # once per process
     assert float(a) == float(b) == float(ef.bucket_entropy(x, backend="torch"))
+
+
+def test_cuda_without_a_gpu_does_not_suggest_rebuilding(monkeypatch):
+    # the extension was built with CUDA kernels but no GPU is visible: rebuilding would not help
+    from entrodrop_fast.ops import backends
+
+    monkeypatch.setattr(
+        backends, "_loaded", {k: v for k, v in backends._loaded.items() if k != "cuda"}
+    )
+    monkeypatch.setattr(
+        backends, "_load_errors", {**backends._load_errors, "cuda": "no CUDA device"}
+    )
+    with pytest.raises(
+        ValueError, match=r"not available \(no CUDA device\); the CUDA kernels need a GPU"
+    ) as e:
+        backends.resolve_backend("cuda", torch.device("cpu"))
+    assert "pip install" not in str(e.value)

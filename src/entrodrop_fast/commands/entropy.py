@@ -165,7 +165,7 @@ def register(sub) -> None:
         "--method",
         help="comma-separated: bucket,gaussian_diag,gaussian_full,knn,renyi (default bucket,gaussian_diag,knn)",
     )
-    p.add_argument("--backend", default="auto", help="auto, cpp, triton or torch")
+    p.add_argument("--backend", default="auto", help="auto, cuda, cpp, triton or torch")
     p.add_argument(
         "--bins", type=positive_int, default=20, help="bucket: bins per channel (default 20)"
     )

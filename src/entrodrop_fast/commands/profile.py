@@ -178,8 +178,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--backend",
         default="auto",
-        choices=["auto", "cpp", "triton", "torch"],
-        help="estimator backend (default auto: the fastest available)",
+        choices=["auto", "cuda", "cpp", "triton", "torch"],
+        help="estimator backend (default auto: the fastest available; cuda: the CUDA C++ kernels, cpp: the CPU ones, also accepted for CUDA tensors)",
     )
     p.add_argument(
         "--out",

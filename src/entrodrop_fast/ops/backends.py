@@ -245,10 +245,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     mod = _module(name)
     if mod is None:
         hint = ""
-        if name in ("cpp", "cuda"):
+        why = str(_load_errors.get(name))
+        # built, but nothing to run it on: building again would not help
+        if why == "no CUDA device":
+            hint = "; the CUDA kernels need a GPU (on a CPU, backend 'cpp' or 'auto' runs the compiled CPU kernels)"
+        elif name in ("cpp", "cuda"):
             from entrodrop_fast import _ext
 
-            hint = f"; {_ext.BUILD_HINT}"
+            if _ext.BUILD_HINT not in why:
+                hint = f"; {_ext.BUILD_HINT}"
         raise ValueError(
             f"backend {said} is not available ({_load_errors.get(name)}){hint}; available here: {_available_list(dev)}"
         )
