@@ -19,6 +19,7 @@ PKG = Path(entrodrop_fast.__file__).parent
 STAGES = {
     "ops": 0,
     "_ext": 0,
+    "_names": 0,
     "_C": 0,
     "data": 1,
     "outputs": 1,

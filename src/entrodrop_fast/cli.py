@@ -24,6 +24,7 @@ import re
 import sys
 
 from entrodrop_fast import __version__, commands
+from entrodrop_fast._names import spelled
 
 # exception classes defined by the project (or libraries) that mean "the input or the
 # environment is wrong", not "the code is wrong"; looked up only when their module is
@@ -152,6 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flag_spellings(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
+    """Each option of ``command`` by its Python name (the argparse ``dest``) -> its long flag.
+
+    Library messages name settings through :func:`entrodrop_fast._names.setting`; inside a
+    command they read as these flags (``drop`` -> ``--drop``, ``resume_dir`` -> ``--resume-dir``).
+    """
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    spellings = {}
+    for action in subparsers.choices[command]._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if longs and action.dest != "help":
+            spellings[action.dest] = longs[0]
+    return spellings
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -162,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(getattr(args, name, None), str):
             setattr(args, name, os.path.expanduser(getattr(args, name)))
     try:
-        return int(args.func(args) or 0)
+        with spelled(flag_spellings(parser, args.command)):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
