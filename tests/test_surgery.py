@@ -85,6 +85,15 @@ def test_config_fields_follow_layer_drops():
     assert [layer.self_attn.layer_idx for layer in m.model.layers] == [0, 1, 2, 3]
 
 
+def test_mlp_only_layers_listing_every_layer_is_not_a_per_layer_list():
+    """mlp_only_layers names layers; with as many entries as layers it is still not one entry
+    per layer (the table's ``layer_lists``): renumbered, the kept layers compare equal."""
+    m = tiny_model("qwen2_moe", "mixed", mlp_only_layers=[0, 1, 2, 3])
+    drop_blocks_(m, {"layer": [1]})
+    assert m.config.mlp_only_layers == [0, 1, 2]
+    assert [type(layer.mlp).__name__ for layer in m.model.layers] == ["Qwen2MoeMLP"] * 3
+
+
 def test_weights_freed_and_counts():
     m = tiny_model("llama", "mixed")
     before = count_params(m)

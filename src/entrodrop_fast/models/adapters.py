@@ -42,7 +42,7 @@ branch leaves the other's input unchanged, which is what these Y's measure);
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -86,10 +86,45 @@ class Arch:
     # which of the paper's code paths (DESIGN.md §2) scores this family: "llama" (knn, k = 25)
     # or "mistral" (bucket, 80 bins); used by --preset paper
     paper_family: str = "llama"
-    # config fields that hold one entry per layer, or depend on the layer count
-    layer_fields: tuple[str, ...] = field(default=("layer_types",))
+    # how a layer drop rewrites the config (surgery reads these two):
+    # fields holding one entry per decoder layer, cut to the kept layers' entries ...
+    layer_lists: tuple[str, ...] = ("layer_types", "no_rope_layers")
+    # ... and the fields from which the config class derives per-layer properties otherwise:
+    # each callable takes the config as that class builds it (``to_dict()``) and the kept
+    # layers' indices, and returns the fields that state those properties for the kept layers
+    layer_rewrites: tuple[Callable[[dict, list[int]], dict], ...] = ()
 
 
+def _window_layers(built: dict, kept: list[int]) -> dict:
+    """Qwen's ``max_window_layers`` N: layers below N use full attention, the rest sliding
+    windows (with ``use_sliding_window``); N becomes the number of kept layers below it."""
+    n = built.get("max_window_layers")
+    if isinstance(n, int) and not isinstance(n, bool):
+        return {"max_window_layers": sum(1 for i in kept if i < n)}
+    return {}
+
+
+def _sparse_moe_layers(built: dict, kept: list[int]) -> dict:
+    """Qwen-MoE: layer ``i`` has a sparse MoE block when it is not in ``mlp_only_layers``, there
+    are experts, and ``(i + 1) % decoder_sparse_step == 0``. The kept layers' pattern need not
+    be periodic: stated layer by layer (step 1, the dense layers' new indices listed)."""
+    if "decoder_sparse_step" not in built and "mlp_only_layers" not in built:
+        return {}
+    only = set(built.get("mlp_only_layers") or [])
+    step = built.get("decoder_sparse_step") or 1
+    experts = built.get("num_experts", built.get("num_local_experts", 0)) or 0
+
+    def sparse(i: int) -> bool:
+        return (i not in only) and experts > 0 and (i + 1) % step == 0
+
+    return {
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [j for j, i in enumerate(kept) if not sparse(i)],
+    }
+
+
+_QWEN = (_window_layers,)
+_QWEN_MOE = (_window_layers, _sparse_moe_layers)
 _PRE_NORM = Arch()
 _SANDWICH = Arch(
     attn_out="post_attention_layernorm",
@@ -112,19 +147,19 @@ def _neox_mid(config) -> str | None:
 ARCHS: dict[str, Arch] = {
     "llama": _PRE_NORM,
     "mistral": Arch(paper_family="mistral"),
-    "qwen2": Arch(layer_fields=("layer_types", "max_window_layers")),
-    "qwen3": Arch(layer_fields=("layer_types", "max_window_layers")),
+    "qwen2": Arch(layer_rewrites=_QWEN),
+    "qwen3": Arch(layer_rewrites=_QWEN),
     "phi3": Arch(attn_out="resid_attn_dropout", mlp_out="resid_mlp_dropout"),
     "gemma2": _SANDWICH,
     "gemma3_text": _SANDWICH,
     "mixtral": Arch(moe=True, mlp_aliases=("block_sparse_moe",), paper_family="mistral"),
     "qwen2_moe": Arch(
         moe=True,
-        layer_fields=("layer_types", "max_window_layers", "mlp_only_layers", "decoder_sparse_step"),
+        layer_rewrites=_QWEN_MOE,
     ),
     "qwen3_moe": Arch(
         moe=True,
-        layer_fields=("layer_types", "max_window_layers", "mlp_only_layers", "decoder_sparse_step"),
+        layer_rewrites=_QWEN_MOE,
     ),
     "olmo2": Arch(
         attn_out="post_attention_layernorm",

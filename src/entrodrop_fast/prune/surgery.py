@@ -7,11 +7,11 @@ A *drop plan* names blocks by 0-based decoder-layer index of the model it is app
 - ``layer``: the decoder layer leaves the ``ModuleList``; later layers move down, every
   ``layer_idx`` attribute inside them is renumbered (so the KV cache is indexed by the
   new position), and the config fields tied to the layer count (``num_hidden_layers``,
-  ``layer_types``, ``max_window_layers``, ``mlp_only_layers``/``decoder_sparse_step``,
-  ``per_layer_config``) are rewritten to describe the layers that remain. Per-layer
-  properties the config class *derives* (``layer_types`` from a sliding-window pattern or
-  ``max_window_layers``, sparse MoE layers from ``decoder_sparse_step``, ...) are read from
-  the config as transformers builds it and stated explicitly for the kept layers; the
+  ``per_layer_config``, and the fields the architecture's entry in the adapter table names:
+  ``Arch.layer_lists`` / ``Arch.layer_rewrites``) are rewritten to describe the layers that
+  remain. Per-layer properties the config class *derives* (``layer_types`` from a
+  sliding-window pattern, ...) are read from the config as transformers builds it and
+  stated explicitly for the kept layers; the
   rewritten config is then rebuilt (on the meta device) and each layer compared with the
   source layer it keeps: a layer pattern the config class cannot state is refused.
 - Plans record the model they were made for (type, sizes, config fingerprint:
@@ -268,13 +268,8 @@ def normalize_drops(plan, num_layers: int) -> Drops:
     )
 
 
-# ------------------------------------------------------------------ config
-
-
 # ------------------------------------------------------------------ the config as transformers builds it
 
-# config fields holding one entry per decoder layer: sliced to the kept layers on a layer drop
-PER_LAYER_LISTS = ("layer_types", "no_rope_layers")
 # module attributes that name a layer's position, not a property of it
 _POSITION_ATTRS = frozenset({"layer_idx", "layer_id", "layer_index", "training"})
 
@@ -288,7 +283,7 @@ def _simple(v) -> bool:
 def layer_properties(cfg: dict, adapter: Adapter) -> list[dict]:
     """What each decoder layer of a model with this config is, as transformers builds it.
 
-    One dict per layer: its entries of the per-layer config lists (``layer_types``, ...) and,
+    One dict per layer: its entries of the per-layer config lists (``Arch.layer_lists``) and,
     for every module inside the layer, its class, its scalar attributes (``sliding_window``,
     ``is_sliding``, ``rotary_ndims``, ...; not the layer index) and its parameter shapes. The
     model is built on the meta device: no weights are allocated. ValueError when it cannot be.
@@ -299,7 +294,7 @@ def layer_properties(cfg: dict, adapter: Adapter) -> list[dict]:
     config = build_config(cfg)
     L = _num_layers_of(config.to_dict())
     per_layer = {}
-    for key in dict.fromkeys((*PER_LAYER_LISTS, *adapter.arch.layer_fields)):
+    for key in adapter.arch.layer_lists:
         v = getattr(config, key, None)
         if isinstance(v, (list, tuple)) and len(v) == L:
             per_layer[key] = list(v)
@@ -398,28 +393,17 @@ def pruned_config_dict(
 
     if drops.layer:
         # Every per-layer property of the kept layers is stated explicitly, whether config.json
-        # states it or the config class derives it (layer_types from a sliding-window pattern or
-        # max_window_layers, sparse MoE layers from decoder_sparse_step, ...): left to be derived
-        # again, it would be derived from the new positions and describe other layers.
+        # states it or the config class derives it (the architecture's table entry says from
+        # which fields): left to be derived again, it would be derived from the new positions
+        # and describe other layers.
         built = build_config(cfg).to_dict()
         cfg["num_hidden_layers"] = len(kept)
-        for key in dict.fromkeys((*PER_LAYER_LISTS, *adapter.arch.layer_fields)):
-            if key in ("max_window_layers", "mlp_only_layers", "decoder_sparse_step"):
-                continue
+        for key in adapter.arch.layer_lists:
             v = built.get(key)
             if isinstance(v, (list, tuple)) and len(v) == L:
                 cfg[key] = [v[i] for i in kept]
-        mwl = built.get("max_window_layers")
-        if isinstance(mwl, int) and not isinstance(mwl, bool):
-            cfg["max_window_layers"] = sum(1 for i in kept if i < mwl)
-        if "decoder_sparse_step" in built or "mlp_only_layers" in built:
-            only = set(built.get("mlp_only_layers") or [])
-            step = built.get("decoder_sparse_step") or 1
-            experts = built.get("num_experts", built.get("num_local_experts", 0)) or 0
-            sparse = [(i not in only) and experts > 0 and (i + 1) % step == 0 for i in range(L)]
-            # the surviving pattern need not be periodic: state it layer by layer
-            cfg["decoder_sparse_step"] = 1
-            cfg["mlp_only_layers"] = [new_of[i] for i in kept if not sparse[i]]
+        for rewrite in adapter.arch.layer_rewrites:
+            cfg.update(rewrite(built, kept))
         plc = cfg.get("per_layer_config")
         if isinstance(plc, dict) and plc:
             cfg["per_layer_config"] = {
