@@ -228,16 +228,20 @@ def continuation_task(
             batch = []
     if batch:
         score(batch)
-    n = len(per_item)
-    correct = sum(per_item)
+    return _task_result("continuation", per_item, choices=choices, chance=1 / choices)
+
+
+def _task_result(task: str, per_item: list[int], **extra) -> dict:
+    """A zero-shot task's result: accuracy over ``per_item`` (1 = right, 0 = wrong) with its
+    Wilson 95% interval, ``extra`` entries, and the items themselves (for paired tests)."""
+    n, correct = len(per_item), sum(per_item)
     lo, hi = _interval(correct, n)
     return {
-        "task": "continuation",
+        "task": task,
         "accuracy": correct / n,
         "ci95": [lo, hi],
         "items": n,
-        "choices": choices,
-        "chance": 1 / choices,
+        **extra,
         "correct": per_item,
     }
 
@@ -295,23 +299,13 @@ def last_word_task(
     if not cases:
         raise ValueError("held-out text has no passage long enough for the last-word task")
     rng.shuffle(cases)
-    correct = n = 0
     per_item: list[int] = []
     for ctx_text, word in cases[:items]:
         ctx = tokenizer(ctx_text, add_special_tokens=False)["input_ids"][-192:]
         tgt = tokenizer(word, add_special_tokens=False)["input_ids"]
         _, greedy = _loglik(model, torch.tensor([ctx]), torch.tensor([tgt]))
         per_item.append(int(greedy[0].tolist() == tgt))
-        correct += per_item[-1]
-        n += 1
-    lo, hi = _interval(correct, n)
-    return {
-        "task": "last_word",
-        "accuracy": correct / n,
-        "ci95": [lo, hi],
-        "items": n,
-        "correct": per_item,
-    }
+    return _task_result("last_word", per_item)
 
 
 def zero_shot(model, tokenizer, documents, *, items: int = 200) -> list[dict]:

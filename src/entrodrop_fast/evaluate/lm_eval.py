@@ -498,27 +498,11 @@ def result_rows(out: dict) -> list[dict]:
     return rows
 
 
-def run_lm_eval(
-    model,
-    tokenizer,
-    tasks,
-    *,
-    include_path=None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    limit: int | None = None,
-    num_fewshot: int | None = None,
-) -> list[dict]:
-    """The metrics of each task (see :func:`result_rows`); the arguments are :func:`evaluate_tasks`'s."""
-    out = evaluate_tasks(
-        model,
-        tokenizer,
-        tasks,
-        include_path=include_path,
-        batch_size=batch_size,
-        limit=limit,
-        num_fewshot=num_fewshot,
-    )
-    return result_rows(out)
+def run_lm_eval(model, tokenizer, tasks, **options: Any) -> list[dict]:
+    """The metrics of each task (see :func:`result_rows`): :func:`evaluate_tasks` with the
+    same arguments (``options``: its keyword arguments, ``include_path``, ``batch_size``,
+    ``limit``, ``num_fewshot``), its result as rows."""
+    return result_rows(evaluate_tasks(model, tokenizer, tasks, **options))
 
 
 def format_row(row: dict) -> str:
