@@ -289,7 +289,7 @@ def test_unknown_task_lists_the_registered_ones_and_how_to_register(task_dir):
         in msg
     )
     assert "broken.yaml" in msg  # the YAML that lm-eval skipped, and why
-    assert "--include-path DIR" in msg and "Hugging Face hub" not in msg
+    assert "include_path DIR" in msg and "Hugging Face hub" not in msg  # as Python names it
     with pytest.raises(L.TaskNotFound, match=r"nowhere/task\.yaml: no such file"):
         L.prepare_tasks([str(task_dir / "nowhere" / "task.yaml")], include_path=task_dir)
 
@@ -367,7 +367,7 @@ def test_hub_dataset_unreachable(task_dir, monkeypatch):
         "needs the dataset 'someone/some_dataset' from the Hugging Face hub, which could not be reached"
         in msg
     )
-    assert "HF_HUB_OFFLINE=1" in msg and "--include-path" in msg
+    assert "HF_HUB_OFFLINE=1" in msg and "include_path DIR" in msg
 
 
 def test_classify_offline_and_missing_hub_dataset():
@@ -535,6 +535,7 @@ def test_failing_tasks_exit_1_and_write_nothing(
         err.startswith("entrodrop eval: error: lm-eval task 'tiny_nope' not found")
         and not out.exists()
     )
+    assert "passing --include-path DIR" in err  # the command names its flag
     # a task that fails while it runs on the model
     from lm_eval.models.huggingface import HFLM
 

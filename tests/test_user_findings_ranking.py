@@ -11,6 +11,8 @@ import pytest
 import torch
 from helpers import tiny_model
 
+from entrodrop_fast._names import spelled
+from entrodrop_fast.cli import build_parser, flag_spellings
 from entrodrop_fast.evaluate import compare as C
 from entrodrop_fast.profile.report import build_report, load_report, ranking_table, write_report
 from entrodrop_fast.prune.ranking import (
@@ -84,8 +86,12 @@ def test_7_percentages_and_fractions_are_of_the_candidates():
     with pytest.raises(ValueError, match="of 5 candidate block"):
         make_plan(rep6, "attn", 0.0001)
     for bad in ("0%", "101%", "x%", "1.5"):
-        with pytest.raises(ValueError, match="--drop"):
+        with pytest.raises(ValueError, match="drop") as exc:
             parse_count(bad, 5)
+        assert "--" not in str(exc.value)  # called from Python: the argument's name
+        with spelled(flag_spellings(build_parser(), "rank")):
+            with pytest.raises(ValueError, match="--drop"):
+                parse_count(bad, 5)
 
 
 def test_7_rank_cli_rounding_to_zero_is_an_error(tmp_path, capsys):
@@ -319,17 +325,22 @@ def test_23_plan_with_wrong_types_names_the_field():
 
 def test_26_compare_accepts_the_drop_forms_of_rank_and_names_its_own_flags():
     assert C.parse_counts("4,2,50%,0.25") == [2, 4, "50%", "0.25"]
-    with pytest.raises(ValueError, match=r"--drop '1\.0'.*ambiguous"):
-        C.parse_counts("2,1.0")
     rep = flat_report(6)
-    assert make_plan(rep, "attn", "50%", advice=C.ADVICE)["k"] == 3
-    assert C.random_plan(rep, "attn", "100%")["k"] == 5
-    with pytest.raises(ValueError, match="lower --drop") as exc:
-        make_plan(rep, "attn", 10, advice=C.ADVICE)
-    assert "--protect" not in str(exc.value)
-    with pytest.raises(ValueError, match="lower --drop") as exc:
+    with pytest.raises(ValueError, match=r"^drop '1\.0'.*ambiguous"):  # from Python
+        C.parse_counts("2,1.0")
+    with pytest.raises(ValueError, match=r"lower drop \(compare protects"):
         C.random_plan(rep, "attn", 10)
-    assert "--protect" not in str(exc.value)
+    with spelled(flag_spellings(build_parser(), "compare")):  # as `entrodrop compare` runs it
+        with pytest.raises(ValueError, match=r"--drop '1\.0'.*ambiguous"):
+            C.parse_counts("2,1.0")
+        assert make_plan(rep, "attn", "50%", advice=C.drop_advice())["k"] == 3
+        assert C.random_plan(rep, "attn", "100%")["k"] == 5
+        with pytest.raises(ValueError, match="lower --drop") as exc:
+            make_plan(rep, "attn", 10, advice=C.drop_advice())
+        assert "--protect" not in str(exc.value)
+        with pytest.raises(ValueError, match="lower --drop") as exc:
+            C.random_plan(rep, "attn", 10)
+        assert "--protect" not in str(exc.value)
 
 
 # 27 --------------------------------------------------------------------------------------
@@ -340,14 +351,19 @@ def test_27_unknown_method_names_the_valid_ones_and_the_reports(method):
     with pytest.raises(ValueError) as exc:
         make_plan(flat_report(4), "attn", 1, method=method)
     msg = str(exc.value)
-    assert f"unknown --method {method!r}" in msg and "gaussian_diag" in msg and "has: bucket" in msg
+    assert f"unknown method {method!r}" in msg and "gaussian_diag" in msg and "has: bucket" in msg
+    assert f"method {method}" not in msg.replace(f"unknown method {method!r}", "")
+    with spelled(flag_spellings(build_parser(), "rank")), pytest.raises(ValueError) as exc:
+        make_plan(flat_report(4), "attn", 1, method=method)
+    msg = str(exc.value)
+    assert f"unknown --method {method!r}" in msg
     assert f"--method {method}" not in msg.replace(f"unknown --method {method!r}", "")
 
 
 def test_27_valid_method_missing_from_the_report():
     with pytest.raises(
         ValueError,
-        match=r"'knn' is not in the report \(the report has: bucket\).*profile again with --method knn",
+        match=r"'knn' is not in the report \(the report has: bucket\).*profile again with method knn",
     ):
         make_plan(flat_report(4), "attn", 1, method="knn")
     assert not math.isnan(make_plan(flat_report(4), "attn", 1)["ranked"][0]["score"])

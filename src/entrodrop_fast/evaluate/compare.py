@@ -21,6 +21,9 @@ import math
 import os
 import random
 from pathlib import Path
+from typing import Any
+
+from entrodrop_fast._names import setting
 
 # = entrodrop_fast.profile.inmemory.ENTROPY_METHODS (tested), spelled out so the CLI parser needs no torch
 ENTROPY = (
@@ -61,14 +64,15 @@ def parse_counts(spec: str) -> list:
     items = list(dict.fromkeys(s.strip() for s in str(spec).split(",") if s.strip()))
     if not items:
         raise ValueError(
-            f"--drop names no count: give comma-separated values, each {DROP_FORMS}; got {spec!r}"
+            f"{setting('drop')} names no count: give comma-separated values, each {DROP_FORMS}; "
+            f"got {spec!r}"
         )
     counts, fractions = set(), []
     for item in items:
         try:
             form, v = parse_drop(item)
         except ValueError as exc:
-            raise ValueError(f"--drop {item!r}: {exc}") from None
+            raise ValueError(f"{setting('drop')} {item!r}: {exc}") from None
         if form == "count":
             counts.add(v)
         else:
@@ -76,7 +80,12 @@ def parse_counts(spec: str) -> list:
     return sorted(counts) + fractions
 
 
-ADVICE = "lower --drop (compare protects the default layers: those where the stream entropy still falls, and the last one)"
+def drop_advice() -> str:
+    """What the error of a too large drop in a comparison tells the user to do."""
+    return (
+        f"lower {setting('drop')} (compare protects the default layers: those where the stream "
+        "entropy still falls, and the last one)"
+    )
 
 
 def random_plan(
@@ -95,7 +104,8 @@ def random_plan(
     k = parse_count(k, len(free))
     if k > len(free):
         raise ValueError(
-            f"random: cannot drop {k} {kind} blocks, only {len(free)} are candidates (protected layers {protected}); {ADVICE}"
+            f"random: cannot drop {k} {kind} blocks, only {len(free)} are candidates (protected "
+            f"layers {protected}); {drop_advice()}"
         )
     chosen = sorted(random.Random(f"{seed}-{kind}-{k}").sample(free, k))
     return {
@@ -149,13 +159,10 @@ def calibration_agreement(
     rho = spearman(_scores(report_a, kind, method), _scores(report_b, kind, method))
     overlap = {}
     for k in counts:
-        plan_a = make_plan(report_a, kind, k, method=method, advice=ADVICE, protect=protect[0])
-        pa = set(plan_a["drop"][kind])
-        pb = set(
-            make_plan(report_b, kind, k, method=method, advice=ADVICE, protect=protect[1])["drop"][
-                kind
-            ]
-        )
+        advice = drop_advice()
+        plan_a = make_plan(report_a, kind, k, method=method, advice=advice, protect=protect[0])
+        plan_b = make_plan(report_b, kind, k, method=method, advice=advice, protect=protect[1])
+        pa, pb = set(plan_a["drop"][kind]), set(plan_b["drop"][kind])
         overlap[str(k)] = {
             "shared": len(pa & pb),
             "of": plan_a["k"],
@@ -166,24 +173,15 @@ def calibration_agreement(
 
 
 def corpus_agreement(
-    lm,
-    comp: dict,
-    corpus_b,
-    *,
-    kinds,
-    methods,
-    counts,
-    samples: int,
-    seq_len: int,
-    seed: int,
-    bins: int = 20,
-    k: int = 25,
-    batch_size: int = 8,
-    progress: bool = False,
+    lm, comp: dict, corpus_b, *, kinds, methods, counts, **profiling: Any
 ) -> list[dict]:
     """Profile again on ``corpus_b`` and compare each scoring method's ranking with the one in
     ``comp["report"]`` (:func:`calibration_agreement`; block_influence on layers only; angular
-    and random have no per-block ranking). Protection: the comparison's rule, on each report."""
+    and random have no per-block ranking). Protection: the comparison's rule, on each report.
+
+    ``profiling``: the profile's settings as :func:`profile_report` takes them, those of the
+    comparison (``samples``, ``seq_len`` and ``seed`` required; ``bins``, ``k``,
+    ``batch_size``; ``progress``, default False)."""
     from entrodrop_fast.prune.ranking import protected_by_rule
 
     proto = comp.get("protocol") or {}
@@ -191,35 +189,21 @@ def corpus_agreement(
     s1 = proto.get("stage1_method")
     if s1 and s1 not in scoring:
         scoring.insert(0, s1)
-    other = profile_report(
-        lm,
-        corpus_b,
-        samples=samples,
-        seq_len=seq_len,
-        seed=seed,
-        methods=scoring,
-        progress=progress,
-        bins=bins,
-        k=k,
-        batch_size=batch_size,
-    )
+    other = profile_report(lm, corpus_b, methods=scoring, **{"progress": False, **profiling})
     rule = proto.get("protect_rule", "per-method")
+
+    def protected(report: dict, method: str) -> list[int] | None:
+        """The comparison's protected layers in ``report`` (None: ``method``'s own default)."""
+        if rule == "per-method":
+            return None
+        return protected_by_rule(report, rule, method=method, stage1_method=s1)[0]
+
     out = []
     for kind in kinds:
         for m in methods:
             if m in ("random", "angular") or (m == "block_influence" and kind != "layer"):
                 continue
             pm = "cosine" if m == "block_influence" else m
-            pa = (
-                protected_by_rule(comp["report"], rule, method=pm, stage1_method=s1)[0]
-                if rule != "per-method"
-                else None
-            )
-            pb = (
-                protected_by_rule(other, rule, method=pm, stage1_method=s1)[0]
-                if rule != "per-method"
-                else None
-            )
             out.append(
                 calibration_agreement(
                     comp["report"],
@@ -227,7 +211,7 @@ def corpus_agreement(
                     kind,
                     pm,
                     [c for c in counts if isinstance(c, int)],
-                    protect=(pa, pb),
+                    protect=(protected(comp["report"], pm), protected(other, pm)),
                 )
                 | {"method": m}
             )
@@ -270,8 +254,9 @@ def retained_note(dense: dict) -> str:
     kept, left_out = retained_tasks(dense)
     if not kept:
         return (
-            f"% of dense retained: undefined (-): the dense model scores 0 on every zero-shot task ({', '.join(left_out) or 'none'}); "
-            "compare by perplexity, or raise --items."
+            "% of dense retained: undefined (-): the dense model scores 0 on every zero-shot "
+            f"task ({', '.join(left_out) or 'none'}); compare by perplexity, or raise "
+            f"{setting('items', python='eval_items')}."
         )
     note = f"% of dense retained: mean of accuracy / dense accuracy over {', '.join(kept)}"
     if left_out:
@@ -415,6 +400,11 @@ def paired_tests(
     return out
 
 
+def _row_head(kind: str, method: str, setting: str = "one-shot", **extra: Any) -> dict:
+    """The first entries of a row of :func:`compare`: which blocks, by which method and setting."""
+    return {"kind": kind, "method": method, "setting": setting, **extra}
+
+
 def compare(
     lm,
     *,
@@ -502,7 +492,9 @@ def compare(
     int_counts = [kk for kk in counts if isinstance(kk, int)]
     spans = tuple(int_counts) if "angular" in methods else None
     if "angular" in methods and not spans:
-        raise ValueError("angular scores spans of K whole layers: give integer --drop counts")
+        raise ValueError(
+            f"angular scores spans of K whole layers: give integer {setting('drop')} counts"
+        )
     windows_box: list = []
     if report is None:
         log(f"profiling once with {', '.join(scoring)} ({samples} x {seq_len} tokens) ...")
@@ -578,35 +570,19 @@ def compare(
             prot, why = protection(m)
             for kk in counts:
                 if m == "angular" and not isinstance(kk, int):
-                    skipped.append(f"angular at --drop {kk} (a span length must be a count)")
+                    skipped.append(
+                        f"angular at {setting('drop')} {kk} (a span length must be a count)"
+                    )
                     continue
                 if m == "random":
                     for s in random_seeds:
                         plan = random_plan(report, kind, kk, seed=s, protected=prot)
-                        plans.append(
-                            (
-                                {
-                                    "kind": kind,
-                                    "method": "random",
-                                    "setting": "one-shot",
-                                    "seed": s,
-                                    "protected": prot,
-                                },
-                                plan,
-                            )
-                        )
+                        plans.append((_row_head(kind, "random", seed=s, protected=prot), plan))
                     continue
-                plan = make_plan(report, kind, kk, method=m, protect=prot, advice=ADVICE)
-                head = {
-                    "kind": kind,
-                    "method": m,
-                    "setting": "one-shot",
-                    "protected": prot,
-                    "protect_reason": why,
-                }
+                plan = make_plan(report, kind, kk, method=m, protect=prot, advice=drop_advice())
                 if m == "angular":
                     plan["k"] = len(plan["drop"]["layer"])
-                plans.append((head, plan))
+                plans.append((_row_head(kind, m, protected=prot, protect_reason=why), plan))
         for m in iterative:
             if m == "block_influence" and kind != "layer":
                 continue
@@ -630,19 +606,10 @@ def compare(
                     "k": kk,
                     "kind": kind,
                 }
-                plans.append(
-                    (
-                        {
-                            "kind": kind,
-                            "method": m,
-                            "setting": "iterative",
-                            "protected": prot,
-                            "protect_reason": why,
-                            "steps": it["steps"][:kk],
-                        },
-                        plan,
-                    )
+                first = _row_head(
+                    kind, m, "iterative", protected=prot, protect_reason=why, steps=it["steps"][:kk]
                 )
+                plans.append((first, plan))
     for note in dict.fromkeys(skipped):
         log(f"skipped: {note}")
 
@@ -767,6 +734,11 @@ def random_summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _table_head(title: str, columns: list[str]) -> list[str]:
+    """The lines that open a titled table of the markdown: blank, title, blank, header, rule."""
+    return ["", title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def markdown(comp: dict) -> str:
     d = comp["dense"]
     tasks = [t for t in d if t not in NOT_TASKS]
@@ -813,13 +785,10 @@ def markdown(comp: dict) -> str:
     lines += ["", retained_note(d)]
     rs = random_summary(comp["rows"])
     if rs and any(s["seeds"] > 1 for s in rs):
-        lines += [
-            "",
+        lines += _table_head(
             "Random baseline over seeds (mean ± sd [min, max]):",
-            "",
-            "| kind | K | seeds | perplexity | % retained |",
-            "|---|---|---|---|---|",
-        ]
+            ["kind", "K", "seeds", "perplexity", "% retained"],
+        )
         for s in rs:
             p, t = s["perplexity"], s["retained"]
             ps = f"{p['mean']:.2f} ± {p['sd']:.2f} [{p['min']:.2f}, {p['max']:.2f}]" if p else "-"
@@ -830,13 +799,21 @@ def markdown(comp: dict) -> str:
             )
             lines.append(f"| {s['kind']} | {s['k']} | {s['seeds']} | {ps} | {ts} |")
     if comp.get("paired"):
-        lines += [
-            "",
-            "Paired tests on the same items (best entropy method vs cosine): exact McNemar on the zero-shot items of all tasks pooled; per-window NLL difference (negative: the entropy method's model predicts the held-out text better):",
-            "",
-            "| kind | K | entropy method | vs | right only A / only B | accuracy diff | McNemar p | ΔNLL (A − B) [95%] |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
+        lines += _table_head(
+            "Paired tests on the same items (best entropy method vs cosine): exact McNemar on the "
+            "zero-shot items of all tasks pooled; per-window NLL difference (negative: the entropy "
+            "method's model predicts the held-out text better):",
+            [
+                "kind",
+                "K",
+                "entropy method",
+                "vs",
+                "right only A / only B",
+                "accuracy diff",
+                "McNemar p",
+                "ΔNLL (A − B) [95%]",
+            ],
+        )
         for t in comp["paired"]:
             mc, nd = t.get("mcnemar"), t["nll_diff"]
             same = " (same blocks)" if t.get("same_blocks") else ""
@@ -849,13 +826,17 @@ def markdown(comp: dict) -> str:
                 f"| {t['kind']} | {t['k']} | {t['a']}{same} | {t['b']} | {mcs} | {nd['mean']:+.4f} [{nd['ci95'][0]:+.4f}, {nd['ci95'][1]:+.4f}] |"
             )
     if "speed" in d:
-        lines += [
-            "",
+        lines += _table_head(
             "Speed (one model per kind and K; timings vary between runs):",
-            "",
-            "| kind | K | prefill tok/s | decode tok/s | decode speed-up | KV-cache bytes/token |",
-            "|---|---|---|---|---|---|",
-        ]
+            [
+                "kind",
+                "K",
+                "prefill tok/s",
+                "decode tok/s",
+                "decode speed-up",
+                "KV-cache bytes/token",
+            ],
+        )
         ds = d["speed"]
         lines.append(
             f"| dense | 0 | {ds['prefill_tokens_per_s']:.0f} | {ds['decode_tokens_per_s']:.1f} | 1.00 | {ds['kv_cache_bytes_per_token']:.0f} |"
@@ -915,21 +896,19 @@ def plot(comp: dict, path: Path) -> None:
         same = _same_as_cosine(
             comp["rows"], kind
         )  # block_influence picked cosine's blocks: one line
-        for m, setting in labels:
+        for m, mode in labels:
             if m == "block_influence" and same:
                 continue
             rs = [
                 r
                 for r in comp["rows"]
-                if r["kind"] == kind
-                and r["method"] == m
-                and r.get("setting", "one-shot") == setting
+                if r["kind"] == kind and r["method"] == m and r.get("setting", "one-shot") == mode
             ]
             ks = sorted({r["k"] for r in rs})
             label = ("cosine = block_influence" if m == "cosine" and same else m) + (
-                " (iter.)" if setting == "iterative" else ""
+                " (iter.)" if mode == "iterative" else ""
             )
-            style = "--" if m == "random" else (":" if setting == "iterative" else "-")
+            style = "--" if m == "random" else (":" if mode == "iterative" else "-")
             ret = [[num(r.get("retained")) * 100 for r in rs if r["k"] == k] for k in ks]
             ppl = [[num(r["perplexity"]) for r in rs if r["k"] == k] for k in ks]
             mean = lambda vs: sum(vs) / len(vs)  # noqa: E731
@@ -950,20 +929,9 @@ def plot(comp: dict, path: Path) -> None:
                 color=line.get_color(),
             )
             if m == "random" and any(len(v) > 1 for v in ret):
-                ax_r.fill_between(
-                    ks,
-                    [min(v) for v in ret],
-                    [max(v) for v in ret],
-                    alpha=0.15,
-                    color=line.get_color(),
-                )
-                ax_p.fill_between(
-                    ks,
-                    [min(v) for v in ppl],
-                    [max(v) for v in ppl],
-                    alpha=0.15,
-                    color=line.get_color(),
-                )
+                for ax, vals in ((ax_r, ret), (ax_p, ppl)):
+                    lo, hi = [min(v) for v in vals], [max(v) for v in vals]
+                    ax.fill_between(ks, lo, hi, alpha=0.15, color=line.get_color())
             elif m != "random":
                 cis = [
                     next((r.get("ci95") or {}).get("perplexity") for r in rs if r["k"] == k)

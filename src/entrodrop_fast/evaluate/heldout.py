@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from entrodrop_fast._names import setting
 from entrodrop_fast.data import (  # noqa: F401  (split_documents re-exported)
     HELDOUT_EVERY,
     Corpus,
@@ -53,7 +54,7 @@ def check_finite(logits: torch.Tensor, model, what: str) -> None:
         hint = (
             "check the checkpoint"
             if dtype == "float32"
-            else "check the checkpoint, or load the model in fp32 (--dtype fp32)"
+            else f"check the checkpoint, or load the model in fp32 ({setting('dtype')} fp32)"
         )
         raise ValueError(
             f"model {model_name(model)} produced {int(bad.sum())} non-finite (NaN or Inf) logits of {logits.numel()} "
@@ -418,7 +419,8 @@ def heldout_documents(
     if tokens < seq_len:
         raise CorpusError(
             f"{where} has {tokens} tokens in {len(held)} piece(s), fewer than one perplexity window of {seq_len}; "
-            f"give more text (about {HELDOUT_EVERY * seq_len} tokens or more) or a smaller --seq-len"
+            f"give more text (about {HELDOUT_EVERY * seq_len} tokens or more) or a smaller "
+            f"{setting('seq_len')}"
         )
     if zero_shot:
         kw = continuation_task.__kwdefaults__

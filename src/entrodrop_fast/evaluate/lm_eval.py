@@ -32,16 +32,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from entrodrop_fast._names import setting
+
 MIN_VERSION = "0.4.13"
 INSTALL_HINT = f"pip install 'entrodrop_fast[eval]' (or pip install 'lm-eval[hf]>={MIN_VERSION}')"
 DEFAULT_BATCH_SIZE = 8
 # modules that lm-eval >= 0.4.13 installs only with its [hf] extra
 _HF_EXTRA = {"torch", "transformers", "accelerate", "peft"}
-_HOW_TO_REGISTER = (
-    "a local task is registered by putting its YAML (with `task: NAME`) in a directory and passing "
-    "--include-path DIR (include_path= in Python), then asking for NAME; a task YAML's own path works too; "
-    "`lm-eval ls tasks` lists the built-in ones"
-)
+
+
+def _how_to_register() -> str:
+    return (
+        "a local task is registered by putting its YAML (with `task: NAME`) in a directory and "
+        f"passing {setting('include_path')} DIR, then asking for NAME; a task YAML's own path "
+        "works too; `lm-eval ls tasks` lists the built-in ones"
+    )
 
 
 class LmEvalUnavailable(RuntimeError):
@@ -213,7 +218,7 @@ def _not_found_message(missing: list[str], tm, include_path: list[str]) -> str:
             hints.append("lm-eval skipped " + "; ".join(skipped))
     else:
         hints.append("no include path was given")
-    return f"{text} ({'; '.join(hints)}); {_HOW_TO_REGISTER}"
+    return f"{text} ({'; '.join(hints)}); {_how_to_register()}"
 
 
 def _skipped_yaml(include_path: list[str], index) -> list[str]:
@@ -330,7 +335,8 @@ def classify_failure(
         return HubUnreachable(
             f"{label} needs {ds} from the Hugging Face hub, {why} ({_short(hub)}): run it once where the hub is "
             "reachable (the dataset is then cached, and HF_HUB_OFFLINE=1 reads the cache without trying the network), "
-            "or evaluate a local task: a YAML with `dataset_path: json` and `data_files`, registered with --include-path DIR"
+            "or evaluate a local task: a YAML with `dataset_path: json` and `data_files`, "
+            f"registered with {setting('include_path')} DIR"
         )
     if not_found is not None:
         return TaskDataError(

@@ -22,6 +22,8 @@ import math
 import os
 from pathlib import Path
 
+from entrodrop_fast._names import setting
+
 KINDS = ("attn", "mlp", "layer", "joint")
 PLAN_FORMAT = "entrodrop-plan/1"
 INDEXING = "0-based decoder-layer indices (layer 0 is the first decoder layer)"
@@ -33,13 +35,13 @@ DROP_FORMS = (
 
 
 def parse_drop(drop):
-    """The form of ``--drop``, checked without a report: ``("count", n)`` or ``("fraction", f)``.
+    """The form of ``drop`` (``rank --drop``), checked without a report: ``("count", n)`` or ``("fraction", f)``.
 
     ``8`` / ``"8"`` / ``8.0``: a count. ``0.25`` / ``"0.25"`` / ``"25%"``: a fraction of the
     candidate blocks, 0 < f <= 1 (only a percentage can say 100%). ``1.0`` is refused as
     ambiguous (one block, or all of them?): give ``1`` or ``100%``.
     """
-    what = f"--drop must be {DROP_FORMS}"
+    what = f"{setting('drop')} must be {DROP_FORMS}"
     if isinstance(drop, str):
         s = drop.strip()
         if s.endswith("%"):
@@ -48,7 +50,9 @@ def parse_drop(drop):
             except ValueError:
                 raise ValueError(f"{what}; got {drop!r}") from None
             if math.isnan(pct) or not 0 < pct <= 100:
-                raise ValueError(f"a --drop percentage must lie in (0%, 100%], got {drop!r}")
+                raise ValueError(
+                    f"a {setting('drop')} percentage must lie in (0%, 100%], got {drop!r}"
+                )
             return ("fraction", pct / 100)
         if s.isdigit():
             drop = int(s)
@@ -66,17 +70,19 @@ def parse_drop(drop):
     if isinstance(drop, float):
         if drop == 1:
             raise ValueError(
-                "--drop 1.0 is ambiguous (one block, or all of them?): give 1 for one block, or 100% for every candidate block"
+                f"{setting('drop')} 1.0 is ambiguous (one block, or all of them?): give 1 for one "
+                "block, or 100% for every candidate block"
             )
         if drop.is_integer() and drop > 1:
             return ("count", int(drop))  # 2.0: a count (a fraction lies below 1)
         if not 0 < drop < 1:
             raise ValueError(
-                f"a fractional --drop must lie in (0, 1) (or give a count, or a percentage up to 100%), got {drop}"
+                f"a fractional {setting('drop')} must lie in (0, 1) (or give a count, or a "
+                f"percentage up to 100%), got {drop}"
             )
         return ("fraction", drop)
     if drop < 1:
-        raise ValueError(f"a --drop count must be >= 1, got {drop}")
+        raise ValueError(f"a {setting('drop')} count must be >= 1, got {drop}")
     return ("count", drop)
 
 
@@ -91,7 +97,8 @@ def parse_count(drop, candidates: int) -> int:
     k = math.floor(v * candidates + 0.5)
     if k < 1:
         raise ValueError(
-            f"--drop {drop} of {candidates} candidate block(s) rounds to 0 blocks; give a larger fraction or a count (>= 1)"
+            f"{setting('drop')} {drop} of {candidates} candidate block(s) rounds to 0 blocks; "
+            "give a larger fraction or a count (>= 1)"
         )
     return k
 
@@ -108,11 +115,13 @@ def parse_protect(spec) -> list[int] | None:
             out = sorted({int(v) for v in s.split(",") if v.strip()})
         except ValueError:
             raise ValueError(
-                f"--protect must be comma-separated 0-based layer indices (0,1,29) or 'none', got {spec!r}"
+                f"{setting('protect')} must be comma-separated 0-based layer indices (0,1,29) "
+                f"or 'none', got {spec!r}"
             ) from None
         if not out:
             raise ValueError(
-                f"--protect {spec!r} names no layer: give 0-based layer indices (0,1,29), or 'none' to protect nothing"
+                f"{setting('protect')} {spec!r} names no layer: give 0-based layer indices "
+                "(0,1,29), or 'none' to protect nothing"
             )
         return out
     return sorted({int(v) for v in spec})
@@ -192,7 +201,9 @@ def _made_for(model: dict) -> dict:
     return out
 
 
-ADVICE = "lower --drop or change --protect"
+def drop_advice() -> str:
+    """What the error of a too large drop tells the user to do (:func:`make_plan`'s default)."""
+    return f"lower {setting('drop')} or change {setting('protect')}"
 
 
 PROTECT_RULES = ("shared", "paper", "per-method")
@@ -256,7 +267,7 @@ def make_plan(
     method: str | None = None,
     protect=None,
     report_path: str | None = None,
-    advice: str = ADVICE,
+    advice: str | None = None,
     preset: str | None = None,
     protect_rule: str | None = None,
     stage1_method: str | None = None,
@@ -271,10 +282,11 @@ def make_plan(
     architecture (knn; bucket for Mistral) unless ``method`` is given, and layers 0, 1 and
     the last protected unless ``protect`` is given. ``protect_rule``: one of
     :data:`PROTECT_RULES` (:func:`protected_by_rule`; ``stage1_method`` for "shared"),
-    used when ``protect`` is None. ``advice``:
-    what the error of a too large ``drop`` tells the user to do. Blocks the report marks
-    ``dropped`` (the profiled model was pruned already) are neither ranked nor counted.
+    used when ``protect`` is None. ``advice``: what the error of a too large ``drop`` tells
+    the user to do (default: :func:`drop_advice`). Blocks the report marks ``dropped`` (the
+    profiled model was pruned already) are neither ranked nor counted.
     """
+    advice = drop_advice() if advice is None else advice
     if isinstance(report, (str, os.PathLike)):
         from entrodrop_fast.profile.report import load_report
 
@@ -288,7 +300,8 @@ def make_plan(
     if method == "block_influence":  # ShortGPT's block influence IS cosine on whole layers
         if kind != "layer":
             raise ValueError(
-                "method block_influence (ShortGPT) scores whole layers: use --kind layer (cosine scores attn / mlp blocks)"
+                "method block_influence (ShortGPT) scores whole layers: use "
+                f"{setting('kind')} layer (cosine scores attn / mlp blocks)"
             )
         method = "cosine"
     available = _methods_in(report)
@@ -301,13 +314,16 @@ def make_plan(
         has = f"{where} has: {', '.join(available) or 'no method'}"
         if method not in ALL_METHODS:
             raise ValueError(
-                f"unknown --method {method!r}: give one of {', '.join(ALL_METHODS)} ({has})"
+                f"unknown {setting('method')} {method!r}: give one of {', '.join(ALL_METHODS)} ({has})"
             )
         raise ValueError(
-            f"method {method!r} is not in {where} ({has}); rank by one of those, or profile again with --method {method}"
+            f"method {method!r} is not in {where} ({has}); rank by one of those, or profile "
+            f"again with {setting('method')} {method}"
         )
     if method == "angular" and kind != "layer":
-        raise ValueError("method angular scores spans of whole layers: use --kind layer")
+        raise ValueError(
+            f"method angular scores spans of whole layers: use {setting('kind')} layer"
+        )
     user_protect = parse_protect(protect)
     if user_protect is None and protect_rule is not None:
         protected, why = protected_by_rule(
@@ -361,7 +377,9 @@ def make_plan(
                 {n for b in report["blocks"] if b.get("angular") for n in b["angular"]}, key=int
             )
             raise ValueError(
-                f"the report has no angular distance for spans of {k} layers (has spans {', '.join(have) or 'none'}); profile with --spans {k}"
+                f"the report has no angular distance for spans of {k} layers (has spans "
+                f"{', '.join(have) or 'none'}); profile with spans of {k} layers "
+                f"(entrodrop profile --spans {k})"
             )
         for start, a in sorted(spans.items(), key=lambda kv: kv[1]["mean"]):
             hit = [i for i in range(start, start + k) if i in set(protected)]
