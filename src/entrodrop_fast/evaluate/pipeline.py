@@ -7,27 +7,53 @@ tasks on the corpus's held-out documents (:mod:`.heldout`), lm-evaluation-harnes
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from entrodrop_fast.data import Corpus
+    from entrodrop_fast.evaluate.lm_eval import PreparedTasks
+
 
 def evaluate_model(
-    model,
-    tokenizer,
+    model: nn.Module,
+    tokenizer: Any,
     *,
-    corpus=None,
-    seq_len=256,
-    windows=32,
-    items=100,
-    tasks=(),
-    speed=True,
-    include_path=None,
-    limit=None,
-    num_fewshot=None,
-    lm_eval_batch_size=None,
-) -> dict:
+    corpus: str | Corpus | None = None,
+    seq_len: int = 256,
+    windows: int = 32,
+    items: int = 100,
+    tasks: str | dict | Iterable[Any] | PreparedTasks = (),
+    speed: bool = True,
+    include_path: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    lm_eval_batch_size: int | None = None,
+) -> dict[str, Any]:
     """Perplexity, the built-in zero-shot tasks, lm-eval ``tasks`` (names, YAML paths, or
     :class:`~entrodrop_fast.evaluate.lm_eval.PreparedTasks`) and speed.
 
-    A failure of the lm-eval tasks raises (a subclass of ``LmEvalUnavailable``); nothing
-    half-done is returned.
+    ``model``: a Hugging Face causal LM (dense or pruned), evaluated where its weights are;
+    ``tokenizer``: its tokenizer. ``corpus``: what :func:`entrodrop_fast.data.load_corpus`
+    takes (None: the built-in one); only its held-out documents are read. Perplexity over at
+    most ``windows`` windows of ``seq_len`` tokens; each built-in zero-shot task on at most
+    ``items`` items. ``include_path`` / ``limit`` / ``num_fewshot`` / ``lm_eval_batch_size``:
+    for the lm-eval ``tasks`` (:func:`~entrodrop_fast.evaluate.lm_eval.evaluate_tasks`;
+    batch size default ``DEFAULT_BATCH_SIZE``). ``speed``: also time prefill and decode.
+
+    Returns a JSON-ready dict: ``corpus``, ``heldout_documents`` (a count), ``heldout`` (how
+    the corpus was split), ``perplexity`` (:func:`~entrodrop_fast.evaluate.heldout.perplexity`:
+    exp of the mean NLL in nats per token, its 95% interval, the token count), ``zero_shot``
+    (one dict per task: accuracy in [0, 1], 95% interval, items), ``lm_eval`` (with
+    ``tasks``) and ``speed`` (tokens/s, KV-cache bytes per token, peak memory bytes).
+
+    Raises CorpusError when the held-out text is too short for one window or the zero-shot
+    tasks (before the model runs), ValueError when the model gives non-finite logits, and a
+    subclass of ``LmEvalUnavailable`` when the lm-eval tasks cannot run; nothing half-done is
+    returned.
     """
     from entrodrop_fast.data import describe_split, load_corpus
     from entrodrop_fast.evaluate import heldout as E

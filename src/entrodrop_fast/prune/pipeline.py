@@ -9,18 +9,23 @@ atomically, and the source is only read.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from entrodrop_fast.prune.export import ExportSummary
 
 
 def prune_model(
-    source,
-    out,
-    plan: dict | str | Path | Callable[[Path], dict],
+    source: str | os.PathLike[str] | None,
+    out: str | os.PathLike[str],
+    plan: dict[str, Any] | str | os.PathLike[str] | Callable[[Path], dict[str, Any]],
     *,
-    cache_dir=None,
+    cache_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
-):
+) -> tuple[Path, dict[str, Any], ExportSummary]:
     """Write ``source`` without the blocks of ``plan`` into the directory ``out``.
 
     ``source``: what :func:`entrodrop_fast.models.loading.resolve_source` accepts (None: the
@@ -29,11 +34,15 @@ def prune_model(
     ``plan``: a plan dict, the path of a plan JSON, or a callable that receives the local
     source directory and returns the plan (to profile the very files that are pruned).
     ``overwrite``: replace an earlier pruned model in ``out``, or write into a directory
-    holding other files (left untouched).
+    holding other files (left untouched). ``cache_dir``: where a built-in model is converted
+    and kept (None: the default cache).
 
-    Returns ``(source directory, plan, ExportSummary)``. Raises ValueError for a bad plan,
-    ModelLoadError / ExportError when the model cannot be read or written; ``out`` is then
-    as it was.
+    Returns ``(source directory, plan, ExportSummary)``: the local directory that was read
+    (for a ``.gguf`` source, its scratch conversion, removed by then), the plan as a dict (as
+    written beside the checkpoint) and what was written. Raises
+    ValueError for a bad plan, ModelLoadError / ExportError when the model cannot be read or
+    written, OutputError when ``out`` holds something else and ``overwrite`` is not set;
+    ``out`` is then as it was.
     """
     from entrodrop_fast import outputs
     from entrodrop_fast.models.loading import resolve_source

@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from entrodrop_fast._names import setting
 
@@ -260,31 +262,39 @@ def _preset_choice(
 
 
 def make_plan(
-    report,
+    report: dict[str, Any] | str | os.PathLike[str],
     kind: str = "attn",
-    drop=4,
+    drop: int | float | str = 4,
     *,
     method: str | None = None,
-    protect=None,
+    protect: str | Iterable[int] | None = None,
     report_path: str | None = None,
     advice: str | None = None,
     preset: str | None = None,
     protect_rule: str | None = None,
     stage1_method: str | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """A drop plan from a report dict (or the path of a report directory / ``report.json``).
 
-    ``drop``: a count, or a fraction of the candidate blocks (those of ``kind`` neither
-    protected nor dropped already: :func:`parse_count`). ``method``: an entropy method
-    of the report (default: its first), ``cosine`` or ``angular`` (layers only). ``protect``:
-    0-based layers never dropped, replacing the default (stage 1 + last layer).
-    ``preset="paper"`` (or a report profiled with it): the paper's method for the
-    architecture (knn; bucket for Mistral) unless ``method`` is given, and layers 0, 1 and
-    the last protected unless ``protect`` is given. ``protect_rule``: one of
-    :data:`PROTECT_RULES` (:func:`protected_by_rule`; ``stage1_method`` for "shared"),
-    used when ``protect`` is None. ``advice``: what the error of a too large ``drop`` tells
-    the user to do (default: :func:`drop_advice`). Blocks the report marks ``dropped`` (the
-    profiled model was pruned already) are neither ranked nor counted.
+    ``kind``: one of :data:`KINDS`. ``drop``: a count (``8``), or a fraction of the candidate
+    blocks (``0.25``, ``"25%"``; the candidates: the blocks of ``kind`` neither protected nor
+    dropped already; :func:`parse_count`). ``method``: an entropy method of the report
+    (default: its first), ``cosine``, ``block_influence`` or ``angular`` (layers only).
+    ``protect``: 0-based layers never dropped (a list, or ``"0,1,29"`` / ``"none"``),
+    replacing the default (stage 1 + last layer). ``preset="paper"`` (or a report profiled
+    with it): the paper's method for the architecture (knn; bucket for Mistral) unless
+    ``method`` is given, and layers 0, 1 and the last protected unless ``protect`` is given.
+    ``protect_rule``: one of :data:`PROTECT_RULES` (:func:`protected_by_rule`;
+    ``stage1_method`` for "shared"), used when ``protect`` is None. ``advice``: what the
+    error of a too large ``drop`` tells the user to do (default: :func:`drop_advice`).
+    Blocks the report marks ``dropped`` (the profiled model was pruned already) are neither
+    ranked nor counted.
+
+    Returns the plan, ready for JSON: ``drop`` (``{"attn": [...], "mlp": [...], "layer":
+    [...]}``, 0-based layer indices), ``k``, ``method``, ``protected`` and why, ``ranked``
+    (the blocks in ascending score, with their standard errors) and the ``model`` it was made
+    for. Raises ValueError for an unknown kind or method, a method or score the report lacks,
+    protected layers out of range, or more blocks than there are candidates.
     """
     advice = drop_advice() if advice is None else advice
     if isinstance(report, (str, os.PathLike)):
