@@ -363,7 +363,8 @@ def test_27_unknown_method_names_the_valid_ones_and_the_reports(method):
 def test_27_valid_method_missing_from_the_report():
     with pytest.raises(
         ValueError,
-        match=r"'knn' is not in the report \(the report has: bucket\).*profile again with method knn",
+        match=r"'knn' is not in the report \(the report has: bucket\)"
+        r".*profile again with method knn",
     ):
         make_plan(flat_report(4), "attn", 1, method="knn")
     assert not math.isnan(make_plan(flat_report(4), "attn", 1)["ranked"][0]["score"])

@@ -3,11 +3,12 @@
 :func:`compare` profiles a model once (every requested scoring method in one forward pass,
 on the calibration part of the corpus), then for each method and each K builds the drop
 plan (:func:`entrodrop_fast.prune.ranking.make_plan`; ``random`` draws K unprotected blocks with
-a fixed seed), prunes a copy of the model in memory (:func:`entrodrop_fast.prune.surgery.drop_blocks_`),
-and evaluates it on held-out text (:mod:`entrodrop_fast.evaluate.heldout`): perplexity and the
-built-in zero-shot tasks. The quality table is deterministic (same command, same table);
-speed (prefill/decode tokens/s, KV-cache bytes) is measured once per pruned model and
-reported apart, since timings vary from run to run.
+a fixed seed), prunes a copy of the model in memory
+(:func:`entrodrop_fast.prune.surgery.drop_blocks_`), and evaluates it on held-out text
+(:mod:`entrodrop_fast.evaluate.heldout`): perplexity and the built-in zero-shot tasks. The
+quality table is deterministic (same command, same table); speed (prefill/decode tokens/s,
+KV-cache bytes) is measured once per pruned model and reported apart, since timings vary
+from run to run.
 
 :func:`calibration_agreement` compares the rankings obtained from two calibration corpora
 (Spearman correlation of the block scores, overlap of the K dropped).
@@ -91,8 +92,8 @@ def drop_advice() -> str:
 def random_plan(
     report: dict, kind: str, k, seed: int = 0, protected: list[int] | None = None
 ) -> dict:
-    """K blocks of ``kind`` drawn uniformly among the unprotected ones (same protection as the others:
-    ``protected``, default the report's default rule). ``k``: a count, or a fraction /
+    """K blocks of ``kind`` drawn uniformly among the unprotected ones (same protection as the
+    others: ``protected``, default the report's default rule). ``k``: a count, or a fraction /
     percentage of those candidates (as in ``rank --drop``)."""
     from entrodrop_fast.prune.ranking import default_protected, is_dropped, parse_count
 
@@ -233,7 +234,8 @@ def _intervals(ev: dict) -> dict:
 
 
 def retained_tasks(dense: dict) -> tuple[list[str], list[str]]:
-    """(tasks '% retained' is defined over: dense accuracy > 0, tasks left out: dense accuracy 0)."""
+    """(tasks '% retained' is defined over: dense accuracy > 0, tasks left out: dense
+    accuracy 0)."""
     tasks = [t for t in dense if t not in NOT_TASKS]
     return [t for t in tasks if dense[t] > 0], [t for t in tasks if not dense[t] > 0]
 
@@ -434,8 +436,8 @@ def compare(
 ) -> dict:
     """Profile once, prune each (method, K), evaluate; returns the comparison dict.
 
-    ``methods``: entropy estimators (:data:`entrodrop_fast.profile.inmemory.ENTROPY_METHODS`), ``cosine``
-    (LLM-Drop), ``block_influence`` (ShortGPT: cosine on whole layers; layer rows only),
+    ``methods``: entropy estimators (:data:`entrodrop_fast.profile.inmemory.ENTROPY_METHODS`),
+    ``cosine`` (LLM-Drop), ``block_influence`` (ShortGPT: cosine on whole layers; layer rows only),
     ``angular`` (PruneMe: the best span of K consecutive layers; layer rows, integer K only),
     ``random`` (one row per seed of ``random_seeds``). ``protect_rule`` (the same for every
     method, :func:`entrodrop_fast.prune.ranking.protected_by_rule`): ``"shared"`` (stage 1 from the
@@ -474,7 +476,8 @@ def compare(
     for m in iterative:
         if m not in methods or m in ("random", "angular"):
             raise ValueError(
-                f"iterative re-scoring of {m!r}: give a scoring method that is also in methods (not random / angular)"
+                f"iterative re-scoring of {m!r}: give a scoring method that is also in methods "
+                "(not random / angular)"
             )
     if "random" in methods and not random_seeds:
         raise ValueError("random needs at least one seed")
@@ -484,7 +487,8 @@ def compare(
     stage1_method = stage1_method or (ent[0] if ent else "bucket")
     if stage1_method not in ENTROPY_METHODS:
         raise ValueError(
-            f"stage1 method must be an entropy method ({', '.join(ENTROPY_METHODS)}), got {stage1_method!r}"
+            f"stage1 method must be an entropy method ({', '.join(ENTROPY_METHODS)}), got "
+            f"{stage1_method!r}"
         )
     scoring = _scoring_methods(methods)
     if stage1_method not in scoring:
@@ -647,7 +651,8 @@ def compare(
         rows.append(row)
         del pruned
     log(
-        f"{len(rows)} rows, {len({r['eval_key'] for r in rows})} distinct pruned models ({sum(not r['cached'] for r in rows)} evaluated in this call)"
+        f"{len(rows)} rows, {len({r['eval_key'] for r in rows})} distinct pruned models "
+        f"({sum(not r['cached'] for r in rows)} evaluated in this call)"
     )
     return {
         "model": report["model"],
@@ -752,12 +757,15 @@ def markdown(comp: dict) -> str:
     proto = comp.get("protocol")
     if proto:
         rule = {
-            "shared": f"shared: stage 1 detected once from the {proto.get('stage1_method')} stream entropy, plus the last layer, for every method",
+            "shared": f"shared: stage 1 detected once from the {proto.get('stage1_method')} "
+            "stream entropy, plus the last layer, for every method",
             "paper": "paper: layers 0, 1 and the last, fixed, for every method",
-            "per-method": "per method: stage 1 from each method's own profile (cosine/random: the first entropy method's), plus the last layer",
+            "per-method": "per method: stage 1 from each method's own profile (cosine/random: "
+            "the first entropy method's), plus the last layer",
         }[proto["protect_rule"]]
         lines += [
-            f"Protection: {rule}. Intervals: 95% (perplexity: from the per-window NLL; accuracy: Wilson).",
+            f"Protection: {rule}. Intervals: 95% (perplexity: from the per-window NLL; accuracy: "
+            "Wilson).",
             "",
         ]
     head = (
@@ -774,7 +782,8 @@ def markdown(comp: dict) -> str:
             + (f" seed {r['seed']}" if r["method"] == "random" and "seed" in r else "")
         )
         lines.append(
-            f"| {r['kind']} | {name} | {r['k']} | {','.join(map(str, r['dropped']))} | {_ci(r['perplexity'], ci.get('perplexity'), _ppl_fmt(r['perplexity']))} | "
+            f"| {r['kind']} | {name} | {r['k']} | {','.join(map(str, r['dropped']))} | "
+            f"{_ci(r['perplexity'], ci.get('perplexity'), _ppl_fmt(r['perplexity']))} | "
             + " | ".join(_ci(r[t], ci.get(t), ".3f") for t in tasks)
             + (
                 f" | {100 * r['retained']:.1f} |"
@@ -793,7 +802,8 @@ def markdown(comp: dict) -> str:
             p, t = s["perplexity"], s["retained"]
             ps = f"{p['mean']:.2f} ± {p['sd']:.2f} [{p['min']:.2f}, {p['max']:.2f}]" if p else "-"
             ts = (
-                f"{100 * t['mean']:.1f} ± {100 * t['sd']:.1f} [{100 * t['min']:.1f}, {100 * t['max']:.1f}]"
+                f"{100 * t['mean']:.1f} ± {100 * t['sd']:.1f} [{100 * t['min']:.1f}, "
+                f"{100 * t['max']:.1f}]"
                 if t
                 else "-"
             )
@@ -823,7 +833,8 @@ def markdown(comp: dict) -> str:
                 else "- | - | -"
             )
             lines.append(
-                f"| {t['kind']} | {t['k']} | {t['a']}{same} | {t['b']} | {mcs} | {nd['mean']:+.4f} [{nd['ci95'][0]:+.4f}, {nd['ci95'][1]:+.4f}] |"
+                f"| {t['kind']} | {t['k']} | {t['a']}{same} | {t['b']} | {mcs} | {nd['mean']:+.4f} "
+                f"[{nd['ci95'][0]:+.4f}, {nd['ci95'][1]:+.4f}] |"
             )
     if "speed" in d:
         lines += _table_head(
@@ -839,13 +850,17 @@ def markdown(comp: dict) -> str:
         )
         ds = d["speed"]
         lines.append(
-            f"| dense | 0 | {ds['prefill_tokens_per_s']:.0f} | {ds['decode_tokens_per_s']:.1f} | 1.00 | {ds['kv_cache_bytes_per_token']:.0f} |"
+            f"| dense | 0 | {ds['prefill_tokens_per_s']:.0f} | {ds['decode_tokens_per_s']:.1f} | "
+            f"1.00 | {ds['kv_cache_bytes_per_token']:.0f} |"
         )
         for r in comp["rows"]:
             if "speed" in r:
                 s = r["speed"]
                 lines.append(
-                    f"| {r['kind']} | {r['k']} | {s['prefill_tokens_per_s']:.0f} | {s['decode_tokens_per_s']:.1f} | {s['decode_tokens_per_s'] / ds['decode_tokens_per_s']:.2f} | {s['kv_cache_bytes_per_token']:.0f} |"
+                    f"| {r['kind']} | {r['k']} | {s['prefill_tokens_per_s']:.0f} | "
+                    f"{s['decode_tokens_per_s']:.1f} | "
+                    f"{s['decode_tokens_per_s'] / ds['decode_tokens_per_s']:.2f} | "
+                    f"{s['kv_cache_bytes_per_token']:.0f} |"
                 )
     if comp.get("calibration_agreement"):
         cal = comp.get("calibration") or {}
@@ -853,13 +868,15 @@ def markdown(comp: dict) -> str:
         for a in comp["calibration_agreement"]:
             ov = ", ".join(f"K={k}: {v['shared']}/{v['of']}" for k, v in a["overlap"].items())
             lines.append(
-                f"- {a['kind']} / {a['method']}: Spearman {a['spearman']:.3f}; overlap of the dropped blocks {ov}"
+                f"- {a['kind']} / {a['method']}: Spearman {a['spearman']:.3f}; overlap of the "
+                f"dropped blocks {ov}"
             )
     return "\n".join(lines) + "\n"
 
 
 def _same_as_cosine(rows: list[dict], kind: str) -> bool:
-    """Whether block_influence's one-shot rows of ``kind`` dropped exactly cosine's blocks at every K."""
+    """Whether block_influence's one-shot rows of ``kind`` dropped exactly cosine's blocks at
+    every K."""
     pick = lambda m: {
         r["k"]: r["eval_key"]
         for r in rows

@@ -57,9 +57,9 @@ def check_finite(logits: torch.Tensor, model, what: str) -> None:
             else f"check the checkpoint, or load the model in fp32 ({setting('dtype')} fp32)"
         )
         raise ValueError(
-            f"model {model_name(model)} produced {int(bad.sum())} non-finite (NaN or Inf) logits of {logits.numel()} "
-            f"while computing {what}; its weights are probably broken (NaN/Inf values in the checkpoint, or an "
-            f"overflow in {dtype}): {hint}"
+            f"model {model_name(model)} produced {int(bad.sum())} non-finite (NaN or Inf) logits "
+            f"of {logits.numel()} while computing {what}; its weights are probably broken (NaN/Inf "
+            f"values in the checkpoint, or an overflow in {dtype}): {hint}"
         )
 
 
@@ -418,9 +418,9 @@ def heldout_documents(
     tokens = sum(len(d) + eos for d in ids)
     if tokens < seq_len:
         raise CorpusError(
-            f"{where} has {tokens} tokens in {len(held)} piece(s), fewer than one perplexity window of {seq_len}; "
-            f"give more text (about {HELDOUT_EVERY * seq_len} tokens or more) or a smaller "
-            f"{setting('seq_len')}"
+            f"{where} has {tokens} tokens in {len(held)} piece(s), fewer than one perplexity "
+            f"window of {seq_len}; give more text (about {HELDOUT_EVERY * seq_len} tokens or more) "
+            f"or a smaller {setting('seq_len')}"
         )
     if zero_shot:
         kw = continuation_task.__kwdefaults__
@@ -428,12 +428,14 @@ def heldout_documents(
         passages = sum(len(d) // step for d in ids)
         if passages < choices:
             raise CorpusError(
-                f"{where} gives {passages} passage(s) of {step} tokens; the continuation task needs at least {choices} "
-                f"(about {choices * step} tokens, within documents); give more text"
+                f"{where} gives {passages} passage(s) of {step} tokens; the continuation task "
+                f"needs at least {choices} (about {choices * step} tokens, within documents); give "
+                "more text"
             )
         min_chars = last_word_task.__kwdefaults__["min_chars"]
         if not any(_WORD.search(d, min_chars) for d in held):
             raise CorpusError(
-                f"{where} has no passage longer than {min_chars} characters followed by a word, which the last_word task needs; give more text"
+                f"{where} has no passage longer than {min_chars} characters followed by a word, "
+                "which the last_word task needs; give more text"
             )
     return held

@@ -66,7 +66,8 @@ class HubUnreachable(LmEvalUnavailable):
 
 
 class TaskDataError(LmEvalUnavailable):
-    """A task's data is missing or unreadable (a local data file, or a hub dataset that does not exist)."""
+    """A task's data is missing or unreadable (a local data file, or a hub dataset that does not
+    exist)."""
 
 
 class TaskConfigError(LmEvalUnavailable):
@@ -96,7 +97,8 @@ def spec_name(spec) -> str:
         for key in ("task", "group"):
             if isinstance(spec.get(key), str):
                 return spec[key]
-        return f"a config dict without a 'task' or 'group' name (keys: {', '.join(map(str, spec)) or 'none'})"
+        keys = ", ".join(map(str, spec)) or "none"
+        return f"a config dict without a 'task' or 'group' name (keys: {keys})"
     return str(
         getattr(spec, "task_name", None) or getattr(spec, "name", None) or type(spec).__name__
     )
@@ -109,12 +111,14 @@ def _missing_dependency(exc: ImportError) -> LmEvalMissing:
     missing = named.split(".")[0]
     if missing == "lm_eval":
         return LmEvalMissing(
-            f"lm-evaluation-harness is not installed: {INSTALL_HINT}; the built-in zero-shot tasks need nothing"
+            f"lm-evaluation-harness is not installed: {INSTALL_HINT}; the built-in zero-shot tasks "
+            "need nothing"
         )
     if missing in _HF_EXTRA:
         return LmEvalMissing(
-            f"lm-evaluation-harness is installed without its Hugging Face extra: the module '{missing}' is missing "
-            f"(lm-eval 0.4.13 and later install torch, transformers, accelerate and peft only with lm-eval[hf]): {INSTALL_HINT}"
+            "lm-evaluation-harness is installed without its Hugging Face extra: the module "
+            f"'{missing}' is missing (lm-eval 0.4.13 and later install torch, transformers, "
+            f"accelerate and peft only with lm-eval[hf]): {INSTALL_HINT}"
         )
     what = f"the module '{missing}'" if missing else str(exc)
     return LmEvalMissing(
@@ -139,7 +143,8 @@ def import_lm_eval():
         too_old = False
     if too_old or not hasattr(TaskManager, "load"):
         raise LmEvalMissing(
-            f"lm-evaluation-harness {version} is installed; entrodrop needs {MIN_VERSION} or later: pip install -U 'entrodrop_fast[eval]'"
+            f"lm-evaluation-harness {version} is installed; entrodrop needs {MIN_VERSION} or "
+            "later: pip install -U 'entrodrop_fast[eval]'"
         )
     return lm_eval, HFLM, TaskManager
 
@@ -163,7 +168,8 @@ def check_include_path(include_path) -> list[str]:
                 else ""
             )
             raise TaskNotFound(
-                f"include path {p} is not a directory (lm-eval registers the task YAML files found under a directory){hint}"
+                f"include path {p} is not a directory (lm-eval registers the task YAML files found "
+                f"under a directory){hint}"
             )
         out.append(str(path.resolve()))
     return out
@@ -191,7 +197,10 @@ def _looks_like_path(spec: str) -> bool:
 
 def _not_found_message(missing: list[str], tm, include_path: list[str]) -> str:
     names = ", ".join(repr(m) for m in missing)
-    text = f"lm-eval task{'s' if len(missing) > 1 else ''} {names} not found: not a registered task, group or tag name, nor an existing task YAML file"
+    text = (
+        f"lm-eval task{'s' if len(missing) > 1 else ''} {names} not found: not a registered task, "
+        "group or tag name, nor an existing task YAML file"
+    )
     index = tm.task_index
     hints = []
     for m in missing:
@@ -321,8 +330,9 @@ def classify_failure(
     hub = next((e for e in chain if _is_hub_failure(e)), None)
     if missing_file is not None and hub is None and not_found is None:
         return TaskDataError(
-            f"{label}: a data file is missing: {' '.join(str(missing_file).split())} (check dataset_path / data_files in the task "
-            f"config; relative paths are read from the current directory, {os.getcwd()}, not from the YAML's)"
+            f"{label}: a data file is missing: {' '.join(str(missing_file).split())} (check "
+            "dataset_path / data_files in the task config; relative paths are read from the "
+            f"current directory, {os.getcwd()}, not from the YAML's)"
         )
     ds = f"the dataset {dataset!r}" if isinstance(dataset, str) else "its dataset"
     if hub is not None:
@@ -333,21 +343,23 @@ def classify_failure(
             else "which could not be reached (no network, a proxy or a firewall?)"
         )
         return HubUnreachable(
-            f"{label} needs {ds} from the Hugging Face hub, {why} ({_short(hub)}): run it once where the hub is "
-            "reachable (the dataset is then cached, and HF_HUB_OFFLINE=1 reads the cache without trying the network), "
-            "or evaluate a local task: a YAML with `dataset_path: json` and `data_files`, "
-            f"registered with {setting('include_path')} DIR"
+            f"{label} needs {ds} from the Hugging Face hub, {why} ({_short(hub)}): run it once "
+            "where the hub is reachable (the dataset is then cached, and HF_HUB_OFFLINE=1 reads "
+            "the cache without trying the network), or evaluate a local task: a YAML with "
+            f"`dataset_path: json` and `data_files`, registered with {setting('include_path')} DIR"
         )
     if not_found is not None:
         return TaskDataError(
-            f"{label}: {ds} was not found ({_short(not_found)}): check dataset_path / dataset_name in the task config "
-            "(a gated hub dataset also needs a login: hf auth login)"
+            f"{label}: {ds} was not found ({_short(not_found)}): check dataset_path / dataset_name "
+            "in the task config (a gated hub dataset also needs a login: hf auth login)"
         )
     data_error = next((e for e in chain if type(e).__module__.startswith("datasets")), None)
     if data_error is not None:
         root = chain[-1] if chain[-1] is not data_error else data_error
         return TaskDataError(
-            f"{label}: its data could not be read ({_short(data_error)}{'; ' + _short(root) if root is not data_error else ''}): check the data files and the task's dataset settings"
+            f"{label}: its data could not be read "
+            f"({_short(data_error)}{'; ' + _short(root) if root is not data_error else ''}): check "
+            "the data files and the task's dataset settings"
         )
     if stage == "run":
         return TaskRunError(f"lm-eval failed while evaluating {name} ({_short(exc)})")
@@ -357,7 +369,8 @@ def classify_failure(
         else ""
     )
     return TaskConfigError(
-        f"{label}: the task config is invalid ({_short(exc)}){shape}: fix the config (lm-eval validate --tasks ... checks it)"
+        f"{label}: the task config is invalid ({_short(exc)}){shape}: fix the config (lm-eval "
+        "validate --tasks ... checks it)"
     )
 
 
@@ -371,7 +384,8 @@ def _top_level(loaded: dict) -> list:
 
 
 def prepare_tasks(tasks, *, include_path=None) -> PreparedTasks:
-    """Resolve ``tasks`` (names, YAML paths, config dicts or lm-eval Task objects) and read their data.
+    """Resolve ``tasks`` (names, YAML paths, config dicts or lm-eval Task objects) and read their
+    data.
 
     Raises a :class:`LmEvalUnavailable` subclass naming the first task that cannot run and why.
     """

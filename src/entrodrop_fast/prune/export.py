@@ -256,7 +256,8 @@ def _write_shard(
             entry = head.get(src_name)
             if entry is None or entry["data_offsets"][1] - entry["data_offsets"][0] != n:
                 raise ExportError(
-                    f"{src_file}: the header entry of tensor {src_name} does not match its dtype and shape"
+                    f"{src_file}: the header entry of tensor {src_name} does not match its dtype "
+                    "and shape"
                 )
             # copy the bytes as they are, in chunks: memory stays at one chunk whatever the tensor
             with open(src_file, "rb") as g:
@@ -289,8 +290,10 @@ def _modeling_source(base_class: str, model_type: str) -> str:
         )
     ]
     return (
-        '"""Written by entrodrop_fast: the original architecture with some attention / MLP sub-blocks\n'
-        "removed (listed in config.json under entrodrop_pruned). Needs torch and transformers only.\n"
+        '"""Written by entrodrop_fast: the original architecture with some attention / MLP '
+        "sub-blocks\n"
+        "removed (listed in config.json under entrodrop_pruned). Needs torch and transformers "
+        "only.\n"
         '"""\n\n'
         "from torch import nn\n"
         f"from transformers import {base_class} as _Base\n\n\n"
@@ -403,7 +406,8 @@ def export_pruned(
                 missing = sorted(set(listed) - set(names))
                 if missing:
                     raise ExportError(
-                        f"{src / fname}: tensors {missing[:3]} are listed in {INDEX} but not in the file"
+                        f"{src / fname}: tensors {missing[:3]} are listed in {INDEX} but not in "
+                        "the file"
                     )
                 names = listed
             shapes = []

@@ -37,7 +37,8 @@ DROP_FORMS = (
 
 
 def parse_drop(drop):
-    """The form of ``drop`` (``rank --drop``), checked without a report: ``("count", n)`` or ``("fraction", f)``.
+    """The form of ``drop`` (``rank --drop``), checked without a report: ``("count", n)`` or
+    ``("fraction", f)``.
 
     ``8`` / ``"8"`` / ``8.0``: a count. ``0.25`` / ``"0.25"`` / ``"25%"``: a fraction of the
     candidate blocks, 0 < f <= 1 (only a percentage can say 100%). ``1.0`` is refused as
@@ -106,7 +107,8 @@ def parse_count(drop, candidates: int) -> int:
 
 
 def parse_protect(spec) -> list[int] | None:
-    """``"0,1,29"`` -> [0, 1, 29]; ``"none"`` -> []; None -> None (the default); ``""`` is refused."""
+    """``"0,1,29"`` -> [0, 1, 29]; ``"none"`` -> []; None -> None (the default); ``""`` is
+    refused."""
     if spec is None:
         return None
     if isinstance(spec, str):
@@ -179,7 +181,8 @@ def _score(block: dict, method: str) -> tuple[float, float] | None:
 
 
 def is_dropped(block: dict) -> bool:
-    """Whether the profiled model no longer has this block (see :func:`entrodrop_fast.profile.report.build_report`)."""
+    """Whether the profiled model no longer has this block (see
+    :func:`entrodrop_fast.profile.report.build_report`)."""
     return bool(block.get("dropped"))
 
 
@@ -232,7 +235,8 @@ def protected_by_rule(
         m = _entropy_method(report, stage1_method)
         if stage1_method is not None and m != stage1_method:
             raise ValueError(
-                f"protect rule 'shared': the report has no {stage1_method!r} entropy profile to detect stage 1 from (has {', '.join(report.get('entropy', {})) or 'none'})"
+                f"protect rule 'shared': the report has no {stage1_method!r} entropy profile to "
+                f"detect stage 1 from (has {', '.join(report.get('entropy', {})) or 'none'})"
             )
         prot, why = default_protected(report, m)
         return prot, {"rule": "shared", **why}
@@ -247,7 +251,8 @@ def _preset_choice(
 ) -> tuple[str | None, list[int] | None, dict | None]:
     """(method, protected layers, why) under ``preset`` ("paper": the method the paper's code
     uses for the report's architecture, and layers 0, 1 and the last); unchanged without one.
-    A report profiled with ``--preset paper`` applies the paper's rule unless ``protect`` says otherwise."""
+    A report profiled with ``--preset paper`` applies the paper's rule unless ``protect`` says
+    otherwise."""
     from entrodrop_fast.profile.presets import check_preset, paper_preset, report_preset
 
     preset = check_preset(preset) or report_preset(report)
@@ -324,7 +329,8 @@ def make_plan(
         has = f"{where} has: {', '.join(available) or 'no method'}"
         if method not in ALL_METHODS:
             raise ValueError(
-                f"unknown {setting('method')} {method!r}: give one of {', '.join(ALL_METHODS)} ({has})"
+                f"unknown {setting('method')} {method!r}: give one of {', '.join(ALL_METHODS)} "
+                f"({has})"
             )
         raise ValueError(
             f"method {method!r} is not in {where} ({has}); rank by one of those, or profile "
@@ -370,7 +376,8 @@ def make_plan(
         )
         if n_candidates == 0:
             raise ValueError(
-                f"no {kind} block can be dropped: of {L} layers, {sorted(set(protected))} are protected"
+                f"no {kind} block can be dropped: of {L} layers, {sorted(set(protected))} are "
+                "protected"
                 + (f" and {len(gone)} block(s) are dropped already" if gone else "")
                 + f"; {advice}"
             )
@@ -420,9 +427,11 @@ def make_plan(
                 if prot:
                     continue  # never a candidate: its score does not matter
                 raise ValueError(
-                    f"{where}: the {method} score of the {b['kind']} block of layer {b['layer']} (0-based) is "
+                    f"{where}: the {method} score of the {b['kind']} block of layer {b['layer']} "
+                    "(0-based) is "
                     + ("missing" if s is None else "NaN / null")
-                    + f"; run entrodrop profile again (with --method {method}) to rewrite the report"
+                    + f"; run entrodrop profile again (with --method {method}) to rewrite the "
+                    "report"
                 )
             ranked.append(
                 {

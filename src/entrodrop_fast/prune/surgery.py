@@ -139,8 +139,9 @@ def _warn_other_path(made_for: dict, path, what: str) -> None:
         import warnings
 
         warnings.warn(
-            f"{what} was made from the model at {there}, not {path}: the configs match, so it is applied, "
-            "but its scores describe the weights of that model (fine if this is a copy or fine-tune of it)",
+            f"{what} was made from the model at {there}, not {path}: the configs match, so it is "
+            "applied, but its scores describe the weights of that model (fine if this is a copy "
+            "or fine-tune of it)",
             stacklevel=3,
         )
 
@@ -172,7 +173,10 @@ def check_same_model(
         _warn_other_path(made_for, path, what)
         return unchecked
     if "num_layers" in diffs:
-        head = f"{what} was made for a model with {made_for['num_layers']} layers; {target} has {here['num_layers']}"
+        head = (
+            f"{what} was made for a model with {made_for['num_layers']} layers; {target} has "
+            f"{here['num_layers']}"
+        )
     else:
         head = f"{what} was made for another model than {target}"
     rest = []
@@ -181,16 +185,15 @@ def check_same_model(
             continue
         if key == "config_sha256":
             rest.append(
-                f"config fingerprint {str(made_for[key])[:12]}... there, {here[key][:12]}... here (the configs differ "
-                + ("beyond the sizes" if len(diffs) == 1 else "too")
-                + ")"
+                f"config fingerprint {str(made_for[key])[:12]}... there, {here[key][:12]}... here "
+                "(the configs differ " + ("beyond the sizes" if len(diffs) == 1 else "too") + ")"
             )
         else:
             rest.append(f"{key} {made_for[key]!r} there, {here[key]!r} here")
     msg = head + (": " + "; ".join(rest) if rest else "")
     raise ValueError(
-        f"{msg}. Its layer indices and scores describe that model, not this one: profile this model first "
-        "(entrodrop profile MODEL --out REPORT) and rank from that report."
+        f"{msg}. Its layer indices and scores describe that model, not this one: profile this "
+        "model first (entrodrop profile MODEL --out REPORT) and rank from that report."
     )
 
 
@@ -202,14 +205,15 @@ def warn_unchecked(
         import warnings
 
         warnings.warn(
-            f"{what} does not record the model's {', '.join(unchecked)}: not checked against {target} "
-            "(reports of older versions lack them)",
+            f"{what} does not record the model's {', '.join(unchecked)}: not checked against "
+            f"{target} (reports of older versions lack them)",
             stacklevel=3,
         )
 
 
 def normalize_drops(plan, num_layers: int) -> Drops:
-    """Check a plan against a model of ``num_layers`` layers; merge attn+mlp of one layer into a layer drop."""
+    """Check a plan against a model of ``num_layers`` layers; merge attn+mlp of one layer into a
+    layer drop."""
     plan = read_plan(plan)
     planned_for = (
         (plan.get("model") or {}).get("num_layers") if isinstance(plan.get("model"), dict) else None
@@ -227,7 +231,8 @@ def normalize_drops(plan, num_layers: int) -> Drops:
     unknown = set(spec) - {"attn", "mlp", "layer"}
     if unknown:
         raise ValueError(
-            f"plan drops have unknown keys {sorted(unknown)}; expected attn, mlp, layer (or a full plan with a 'drop' entry)"
+            f"plan drops have unknown keys {sorted(unknown)}; expected attn, mlp, layer (or a full "
+            "plan with a 'drop' entry)"
         )
     out = {}
     for kind in ("attn", "mlp", "layer"):
@@ -236,7 +241,8 @@ def normalize_drops(plan, num_layers: int) -> Drops:
             vals = []
         if not isinstance(vals, list):
             raise ValueError(
-                f"plan: drop.{kind} must be a list of 0-based layer indices (e.g. [{vals!r:.20}] or []), got {type(vals).__name__} {vals!r:.60}"
+                f"plan: drop.{kind} must be a list of 0-based layer indices (e.g. [{vals!r:.20}] "
+                f"or []), got {type(vals).__name__} {vals!r:.60}"
             )
         idx = []
         for v in vals:
@@ -246,14 +252,15 @@ def normalize_drops(plan, num_layers: int) -> Drops:
                 )
             if not 0 <= v < num_layers:
                 raise ValueError(
-                    f"plan: {kind} index {v} out of range for a model with {num_layers} layers (0-based: 0..{num_layers - 1})"
+                    f"plan: {kind} index {v} out of range for a model with {num_layers} layers "
+                    f"(0-based: 0..{num_layers - 1})"
                 )
             idx.append(v)
         out[kind] = sorted(set(idx))
     if not any(out.values()):
         raise ValueError(
-            "the plan drops nothing (its attn, mlp and layer lists are empty or missing): "
-            f"name at least one block, e.g. {form}, or make a plan with entrodrop rank --kind ... --drop N"
+            "the plan drops nothing (its attn, mlp and layer lists are empty or missing): name at "
+            f"least one block, e.g. {form}, or make a plan with entrodrop rank --kind ... --drop N"
         )
     both = set(out["attn"]) & set(out["mlp"])
     layer = sorted(set(out["layer"]) | both)
@@ -268,7 +275,7 @@ def normalize_drops(plan, num_layers: int) -> Drops:
     )
 
 
-# ------------------------------------------------------------------ the config as transformers builds it
+# ----------------------------------------------------- the config as transformers builds it
 
 # module attributes that name a layer's position, not a property of it
 _POSITION_ATTRS = frozenset({"layer_idx", "layer_id", "layer_index", "training"})
@@ -303,7 +310,8 @@ def layer_properties(cfg: dict, adapter: Adapter) -> list[dict]:
             model = AutoModelForCausalLM.from_config(config)
     except Exception as exc:
         raise ValueError(
-            f"cannot build a {config.model_type} model from the config to read its per-layer properties: {type(exc).__name__}: {exc}"
+            f"cannot build a {config.model_type} model from the config to read its per-layer "
+            f"properties: {type(exc).__name__}: {exc}"
         ) from exc
     out = []
     for i, layer in enumerate(_get_path(model, adapter.arch.layers)):
@@ -357,10 +365,12 @@ def check_layer_properties(old_cfg: dict, new_cfg: dict, kept: list[int], adapte
             import transformers
 
             raise ValueError(
-                f"cannot write a {old_cfg.get('model_type')} config that keeps the kept layers as they are: source layer {i} "
-                f"becomes layer {j}, and transformers {transformers.__version__} would build it with "
-                f"{_first_difference(old[i], new[j])} (the config class cannot state this layer pattern explicitly). "
-                "Nothing was changed or written; drop other layers, or attention / MLP sub-blocks instead of whole layers."
+                f"cannot write a {old_cfg.get('model_type')} config that keeps the kept layers as "
+                f"they are: source layer {i} becomes layer {j}, and transformers "
+                f"{transformers.__version__} would build it with "
+                f"{_first_difference(old[i], new[j])} (the config class cannot state this layer "
+                "pattern explicitly). Nothing was changed or written; drop other layers, or "
+                "attention / MLP sub-blocks instead of whole layers."
             )
 
 
@@ -387,8 +397,9 @@ def pruned_config_dict(
     if any(again.values()):
         named = "; ".join(f"{kind} {v}" for kind, v in again.items() if v)
         raise ValueError(
-            f"the plan drops blocks this model no longer has ({named}, 0-based: removed by an earlier prune, "
-            "recorded in its config's entrodrop_pruned); rank again from a profile of this model, which skips them"
+            f"the plan drops blocks this model no longer has ({named}, 0-based: removed by an "
+            "earlier prune, recorded in its config's entrodrop_pruned); rank again from a profile "
+            "of this model, which skips them"
         )
 
     if drops.layer:
@@ -466,7 +477,8 @@ def _apply_config_(config, new: dict, old: dict) -> None:
 
 @functools.lru_cache(maxsize=1)
 def cache_skips_dropped_attention() -> bool:
-    """Whether this transformers builds no KV-cache layer where ``kv_sharing_modes`` says "reuse"."""
+    """Whether this transformers builds no KV-cache layer where ``kv_sharing_modes`` says
+    "reuse"."""
     try:
         from transformers import DynamicCache, LlamaConfig
 
@@ -488,8 +500,9 @@ def _check_cache_support() -> None:
         import warnings
 
         warnings.warn(
-            "this transformers version cannot mark a layer as holding no KV cache; dropped attention "
-            "layers leave empty cache slots, and generation is wrong if layer 0's attention is dropped",
+            "this transformers version cannot mark a layer as holding no KV cache; dropped "
+            "attention layers leave empty cache slots, and generation is wrong if layer 0's "
+            "attention is dropped",
             stacklevel=3,
         )
 
