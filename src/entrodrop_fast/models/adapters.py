@@ -153,14 +153,8 @@ ARCHS: dict[str, Arch] = {
     "gemma2": _SANDWICH,
     "gemma3_text": _SANDWICH,
     "mixtral": Arch(moe=True, mlp_aliases=("block_sparse_moe",), paper_family="mistral"),
-    "qwen2_moe": Arch(
-        moe=True,
-        layer_rewrites=_QWEN_MOE,
-    ),
-    "qwen3_moe": Arch(
-        moe=True,
-        layer_rewrites=_QWEN_MOE,
-    ),
+    "qwen2_moe": Arch(moe=True, layer_rewrites=_QWEN_MOE),
+    "qwen3_moe": Arch(moe=True, layer_rewrites=_QWEN_MOE),
     "olmo2": Arch(
         attn_out="post_attention_layernorm",
         mlp_out="post_feedforward_layernorm",

@@ -11,9 +11,9 @@ A *drop plan* names blocks by 0-based decoder-layer index of the model it is app
   ``Arch.layer_lists`` / ``Arch.layer_rewrites``) are rewritten to describe the layers that
   remain. Per-layer properties the config class *derives* (``layer_types`` from a
   sliding-window pattern, ...) are read from the config as transformers builds it and
-  stated explicitly for the kept layers; the
-  rewritten config is then rebuilt (on the meta device) and each layer compared with the
-  source layer it keeps: a layer pattern the config class cannot state is refused.
+  stated explicitly for the kept layers; the rewritten config is then rebuilt (on the meta
+  device) and each layer compared with the source layer it keeps: a layer pattern the
+  config class cannot state is refused.
 - Plans record the model they were made for (type, sizes, config fingerprint:
   :func:`model_identity`); one made for another model is refused (:func:`check_same_model`).
 - ``attn`` / ``mlp``: the sub-block (and the norms that only it uses) is replaced by a
