@@ -402,9 +402,10 @@ def paired_tests(
     return out
 
 
-def _row_head(kind: str, method: str, setting: str = "one-shot", **extra: Any) -> dict:
-    """The first entries of a row of :func:`compare`: which blocks, by which method and setting."""
-    return {"kind": kind, "method": method, "setting": setting, **extra}
+def _row_head(kind: str, method: str, mode: str = "one-shot", **extra: Any) -> dict:
+    """The first entries of a row of :func:`compare`: which blocks, by which method, in which
+    setting (``mode``: one-shot or iterative)."""
+    return {"kind": kind, "method": method, "setting": mode, **extra}
 
 
 def compare(
@@ -757,11 +758,15 @@ def markdown(comp: dict) -> str:
     proto = comp.get("protocol")
     if proto:
         rule = {
-            "shared": f"shared: stage 1 detected once from the {proto.get('stage1_method')} "
-            "stream entropy, plus the last layer, for every method",
+            "shared": (
+                f"shared: stage 1 detected once from the {proto.get('stage1_method')} stream "
+                "entropy, plus the last layer, for every method"
+            ),
             "paper": "paper: layers 0, 1 and the last, fixed, for every method",
-            "per-method": "per method: stage 1 from each method's own profile (cosine/random: "
-            "the first entropy method's), plus the last layer",
+            "per-method": (
+                "per method: stage 1 from each method's own profile (cosine/random: the first "
+                "entropy method's), plus the last layer"
+            ),
         }[proto["protect_rule"]]
         lines += [
             f"Protection: {rule}. Intervals: 95% (perplexity: from the per-window NLL; accuracy: "
