@@ -3,8 +3,9 @@
 Run: ``pytest benches/bench_calls.py --benchmark-columns=min,median`` (add
 ``--benchmark-json=out.json``). Each test times the default call with pytest-benchmark and,
 interleaved with it (before each round, untimed by pytest-benchmark), the same call with
-``validate=False`` and the roofline of reading its inputs (``x.sum()``, or ``x.sum()`` + ``f.sum()`` for delta_entropy / cosine,
-which read the pair X, F); ``extra_info`` holds the ratios. ``entrodrop bench --calls``
+``validate=False`` and the roofline of reading its inputs (``x.sum()``, or ``x.sum()`` +
+``f.sum()`` for delta_entropy / cosine, which read the pair X, F); ``extra_info`` holds the
+ratios. ``entrodrop bench --calls``
 prints the same as one table (``entrodrop_fast.ops.bench.run_call_bench``).
 """
 

@@ -131,8 +131,10 @@ def main() -> int:
             row.update(extra)
         rows.append(row)
         log(
-            f"{op:>8} {impl:<28} {row['dtype']:<9} {row['time_us']:>9.1f} us  eff {row['eff_GBps']:>7.1f} GB/s  "
-            f"{(row['frac_of_copy'] or 0) * 100:5.1f}% of copy  (traffic {row['traffic_GBps']} GB/s)"
+            f"{op:>8} {impl:<28} {row['dtype']:<9} {row['time_us']:>9.1f} us  "
+            f"eff {row['eff_GBps']:>7.1f} GB/s  "
+            f"{(row['frac_of_copy'] or 0) * 100:5.1f}% of copy  "
+            f"(traffic {row['traffic_GBps']} GB/s)"
         )
 
     for shape in shapes:
@@ -152,7 +154,8 @@ def main() -> int:
                 }
             )
             log(
-                f"    copy x.clone()                   {t_copy * 1e6:9.1f} us  {copy_bw / 1e9:.1f} GB/s (read+write)"
+                f"    copy x.clone()                   {t_copy * 1e6:9.1f} us  "
+                f"{copy_bw / 1e9:.1f} GB/s (read+write)"
             )
             record(
                 shape,
@@ -367,7 +370,8 @@ def main() -> int:
         "",
         f"{info}",
         "",
-        "eff = bytes of x (read once) / time; % of copy = eff / (x.clone() bytes read+written / time); "
+        "eff = bytes of x (read once) / time; "
+        "% of copy = eff / (x.clone() bytes read+written / time); "
         "traffic = bytes the kernel really reads / time (bucket reads x twice).",
         "",
         "| shape | dtype | op | impl | time (us) | eff GB/s | % of copy | traffic GB/s |",
@@ -376,15 +380,18 @@ def main() -> int:
     for r in rows:
         if "error" in r:
             md.append(
-                f"| {r.get('shape', '')} | {r.get('dtype', '')} | {r['op']} | {r['impl']} | error: {r['error'][:80]} | | | |"
+                f"| {r.get('shape', '')} | {r.get('dtype', '')} | {r['op']} | {r['impl']} "
+                f"| error: {r['error'][:80]} | | | |"
             )
         elif r["op"] == "copy":
             md.append(
-                f"| {r['shape']} | {r['dtype']} | copy | x.clone() | {r['time_us']} | {r['copy_GBps']} (r+w) | 100 | |"
+                f"| {r['shape']} | {r['dtype']} | copy | x.clone() | {r['time_us']} "
+                f"| {r['copy_GBps']} (r+w) | 100 | |"
             )
         else:
             md.append(
-                f"| {r['shape']} | {r['dtype']} | {r['op']} | {r['impl']} | {r['time_us']} | {r['eff_GBps']} | {100 * r['frac_of_copy']:.1f} | {r['traffic_GBps']} |"
+                f"| {r['shape']} | {r['dtype']} | {r['op']} | {r['impl']} | {r['time_us']} "
+                f"| {r['eff_GBps']} | {100 * r['frac_of_copy']:.1f} | {r['traffic_GBps']} |"
             )
     (out_dir / "bench.md").write_text("\n".join(md) + "\n")
     log(f"wrote {out_dir / 'bench.json'} and {out_dir / 'bench.md'}")

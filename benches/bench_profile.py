@@ -3,7 +3,8 @@
     python benches/bench_profile.py                      # built-in SmolLM2, 8 x 256, bs 1, CPU
     python benches/bench_profile.py --samples 16 --batch-size 8 --device cuda --out DIR
     python benches/bench_profile.py --methods bucket,gaussian_diag,knn,cosine --paper-reps 0
-    python benches/bench_profile.py --random-llama 8 --dtype bf16 --device cuda --batch-size 8   # 8B-shaped
+    # 8B-shaped:
+    python benches/bench_profile.py --random-llama 8 --dtype bf16 --device cuda --batch-size 8
 
 Three providers run on the same token batches, interleaved round by round (so a busy
 machine slows them alike), through the decoder stack only (no LM head), under
@@ -21,7 +22,8 @@ machine slows them alike), through the decoder stack only (no LM head), under
 Each batch runs under the three providers back to back. Reported: per provider the minimum
 and median seconds per batch, and the overhead over ``plain`` as the median of the per-batch
 ratios (robust to a machine whose load changes during the run), as min / min, and as the
-median ratio of process CPU time (on a shared CPU machine the least disturbed by others). Writes bench_profile.json to ``--out`` if given.
+median ratio of process CPU time (on a shared CPU machine the least disturbed by others).
+Writes bench_profile.json to ``--out`` if given.
 """
 
 from __future__ import annotations
@@ -216,7 +218,8 @@ def main(argv=None) -> int:
                     ratios["paper"].append(tq / tp)
                     cpu_ratios["paper"].append(cpu[0] / cp)
             print(
-                f"round {rnd}: plain {statistics.median(times['plain']):.4f} s/batch, taps overhead {statistics.median(ratios['taps']) - 1:.1%}"
+                f"round {rnd}: plain {statistics.median(times['plain']):.4f} s/batch, "
+                f"taps overhead {statistics.median(ratios['taps']) - 1:.1%}"
                 + (
                     f", paper overhead {statistics.median(ratios['paper']) - 1:.1%}"
                     if ratios["paper"]
@@ -252,11 +255,13 @@ def main(argv=None) -> int:
         },
     }
     print(
-        f"\n{source}: {L} layers, {args.samples} x {args.seq_len} tokens, batch {args.batch_size}, {args.device}, "
+        f"\n{source}: {L} layers, {args.samples} x {args.seq_len} tokens, "
+        f"batch {args.batch_size}, {args.device}, "
         f"{res['threads']} threads, taps {','.join(methods)} on backend {backend}"
     )
     print(
-        f"{'provider':8s} {'min s/batch':>12s} {'median':>10s} {'overhead (median ratio)':>24s} {'(min/min)':>10s} {'(CPU time)':>11s}"
+        f"{'provider':8s} {'min s/batch':>12s} {'median':>10s} "
+        f"{'overhead (median ratio)':>24s} {'(min/min)':>10s} {'(CPU time)':>11s}"
     )
     for k in best:
         o1 = res["overhead_median_of_batch_ratios"].get(k, 0.0)

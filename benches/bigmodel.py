@@ -4,7 +4,8 @@
 
     python benches/bigmodel.py --preset dry-run --out out/          # tiny shapes on the CPU (CI)
     python benches/bigmodel.py --preset h200 --device cuda --out out/
-    python benches/bigmodel.py --preset cpu-moe --device cpu --out out/   # peak RSS of a small Mixtral
+    # peak RSS of a small Mixtral:
+    python benches/bigmodel.py --preset cpu-moe --device cpu --out out/
 
 For each model of the preset it writes a random checkpoint tensor by tensor (never the whole
 model in memory; Mixtral-shaped ones per expert, as published, through transformers' own
@@ -12,7 +13,8 @@ reverse conversion, or fused with ``--layout fused``), a byte-level tokenizer be
 runs ``entrodrop profile`` (the CLI's own code, in a child process per run) in each mode.
 A child reports the peak memory it reached: on CUDA ``torch.cuda.max_memory_allocated``, on
 the CPU the peak resident set (VmHWM) less that of an idle child that imported the same
-libraries and built the model's classes (on ``meta``). Writes ``bigmodel.json`` and ``bigmodel.md`` into ``--out``, and prints the table.
+libraries and built the model's classes (on ``meta``). Writes ``bigmodel.json`` and
+``bigmodel.md`` into ``--out``, and prints the table.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import time
 
 GiB = 2**30
 
-# name -> (model_type, config fields); hidden sizes etc. as the real models, fewer layers where noted
+# name -> (model_type, config fields); hidden sizes etc. as the real models, fewer layers where
+# noted
 LLAMA3_8B = dict(
     hidden_size=4096,
     intermediate_size=14336,
@@ -51,7 +54,8 @@ MIXTRAL_8X7B = dict(
     tie_word_embeddings=False,
 )
 PRESETS = {
-    # Llama-3-8B layer shapes, 32 layers (16 GB bf16); Mixtral-8x7B layer shapes, 4 layers (12 GB bf16)
+    # Llama-3-8B layer shapes, 32 layers (16 GB bf16); Mixtral-8x7B layer shapes, 4 layers
+    # (12 GB bf16)
     "h200": {
         "dtype": "bf16",
         "samples": 128,
@@ -231,7 +235,8 @@ import json, sys, time
 import torch, transformers
 import entrodrop_fast.profile.layerwise, entrodrop_fast.cli
 args, device = json.loads(sys.argv[1]), sys.argv[2]
-if args is None:  # the idle baseline: the same imports and the model's classes (built on meta), no work
+# the idle baseline: the same imports and the model's classes (built on meta), no work
+if args is None:
     entrodrop_fast.profile.layerwise.build_skeleton(sys.argv[4], torch.float32)
     print("RESULT", json.dumps({"rss_bytes": HWM_EXPR}))
     sys.exit(0)
@@ -397,9 +402,9 @@ def main() -> int:
         "models": {},
     }
     try:
-        if (
-            args.preset != "dry-run"
-        ):  # first-call costs (Triton compiling its kernels into its disk cache, lazy imports) paid here
+        # first-call costs (Triton compiling its kernels into its disk cache, lazy imports) paid
+        # here
+        if args.preset != "dry-run":
             model_type, fields, _ = PRESETS["dry-run"]["models"]["llama-tiny"]
             warm = os.path.join(root, "warm-up")
             write_checkpoint(warm, model_type, fields, "fused", preset["dtype"])
@@ -418,7 +423,8 @@ def main() -> int:
                 args.threads,
             )
             print(
-                f"[warm-up] tiny model profiled on {args.device} in {time.perf_counter() - t:.1f} s",
+                f"[warm-up] tiny model profiled on {args.device} in "
+                f"{time.perf_counter() - t:.1f} s",
                 flush=True,
             )
             shutil.rmtree(warm, ignore_errors=True)
@@ -443,7 +449,8 @@ def main() -> int:
                 )
                 info["write_seconds"] = time.perf_counter() - t
                 print(
-                    f"[{key}] checkpoint {info['bytes'] / GiB:.2f} GiB, {info['shards']} shards ({info['write_seconds']:.0f} s)",
+                    f"[{key}] checkpoint {info['bytes'] / GiB:.2f} GiB, {info['shards']} shards "
+                    f"({info['write_seconds']:.0f} s)",
                     flush=True,
                 )
                 idle = run_child(None, "cpu", args.threads, ckpt)["rss_bytes"]
@@ -489,8 +496,10 @@ def main() -> int:
                     entry["runs"][mode] = res
                     peak = res.get("cuda_peak_bytes", res["rss_extra_bytes"])
                     print(
-                        f"[{key}] {mode}: {res['kind']}, batch {res['batch_size']}, {res['profile_seconds']:.1f} s profile "
-                        f"({res['seconds_per_layer']:.2f} s/layer), wall {res['wall_seconds']:.1f} s, peak {peak / GiB:.2f} GiB",
+                        f"[{key}] {mode}: {res['kind']}, batch {res['batch_size']}, "
+                        f"{res['profile_seconds']:.1f} s profile "
+                        f"({res['seconds_per_layer']:.2f} s/layer), "
+                        f"wall {res['wall_seconds']:.1f} s, peak {peak / GiB:.2f} GiB",
                         flush=True,
                     )
                     shutil.rmtree(report_dir, ignore_errors=True)
@@ -526,10 +535,12 @@ def markdown(results: dict) -> str:
     cuda = results["device"].startswith("cuda")
     peak_name = "peak GPU memory (max_memory_allocated)" if cuda else "peak RSS above idle"
     lines = [
-        f"Device {results['gpu'] or 'cpu'}, {results['dtype']}, {results['samples']} x {results['seq_len']} tokens, "
+        f"Device {results['gpu'] or 'cpu'}, {results['dtype']}, "
+        f"{results['samples']} x {results['seq_len']} tokens, "
         f"torch {results['torch']}, transformers {results['transformers']}.",
         "",
-        f"| model | checkpoint | mode | batch | profile s | s / layer | wall s | × in memory (profile / wall) | {peak_name} | formula |",
+        "| model | checkpoint | mode | batch | profile s | s / layer | wall s "
+        f"| × in memory (profile / wall) | {peak_name} | formula |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, entry in results["models"].items():
@@ -546,9 +557,11 @@ def markdown(results: dict) -> str:
                 else "—"
             )
             what = f"max_memory {entry['max_memory']}" if mode == "max_memory" else mode
+            formula = "—" if predicted is None else f"{predicted / GiB:.3f} GiB"
             lines.append(
-                f"| {key} | {size} | {what} ({r['kind']}) | {r['batch_size']} | {r['profile_seconds']:.1f} | {r['seconds_per_layer']:.3f} | "
-                f"{r['wall_seconds']:.1f} | {ratio} | {peak / GiB:.3f} GiB | {'—' if predicted is None else f'{predicted / GiB:.3f} GiB'} |"
+                f"| {key} | {size} | {what} ({r['kind']}) | {r['batch_size']} "
+                f"| {r['profile_seconds']:.1f} | {r['seconds_per_layer']:.3f} | "
+                f"{r['wall_seconds']:.1f} | {ratio} | {peak / GiB:.3f} GiB | {formula} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -264,27 +264,30 @@ def report(out: Path) -> dict:
     return res
 
 
+def _table(header: list[str], rows) -> list[str]:
+    """A markdown table: the header, its separator, one line per row of cells, a blank line."""
+    line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"  # noqa: E731
+    return [line(header), "|" + "---|" * len(header), *map(line, rows), ""]
+
+
 def _markdown(res: dict) -> str:
     ms = lambda s: f"{1e3 * s:.3f}"  # noqa: E731
-    lines = [
-        f"# GPU hot paths ({res.get('gpu') or res.get('device')}{', dry run' if res.get('dry_run') else ''})",
-        "",
-    ]
+    shape = lambda r: "x".join(map(str, r["shape"]))  # noqa: E731
+    pct = lambda v: "" if v is None else f"{v:.1%}"  # noqa: E731
+    dry = ", dry run" if res.get("dry_run") else ""
+    lines = [f"# GPU hot paths ({res.get('gpu') or res.get('device')}{dry})", ""]
     c = res.get("copy")
     if c:
-        lines += [
-            "| reference | shape | ms | GB/s |",
-            "|---|---|---|---|",
-            f"| copy (read + write) | {'x'.join(map(str, c['shape']))} {c['dtype']} | {ms(c['copy_s'])} | {c['copy_GBps']:.0f} |",
-            f"| x.sum() (read) | {'x'.join(map(str, c['shape']))} {c['dtype']} | {ms(c['sum_s'])} | {c['sum_GBps']:.0f} |",
-            "",
-        ]
+        where = f"{shape(c)} {c['dtype']}"
+        lines += _table(
+            ["reference", "shape", "ms", "GB/s"],
+            [
+                ["copy (read + write)", where, ms(c["copy_s"]), f"{c['copy_GBps']:.0f}"],
+                ["x.sum() (read)", where, ms(c["sum_s"]), f"{c['sum_GBps']:.0f}"],
+            ],
+        )
     if res.get("calls"):
-        lines += [
-            "| call | shape | dtype | reads | default ms | validate=False ms | default / validate=False | default GB/s "
-            "| % of copy | target |",
-            "|" + "---|" * 10,
-        ]
+        rows = []
         for r in res["calls"]:
             frac = (
                 ""
@@ -294,48 +297,76 @@ def _markdown(res: dict) -> str:
             tgt = (
                 ""
                 if r["target_frac_of_copy"] is None
-                else f">= {100 * r['target_frac_of_copy']:.0f}% {'ok' if r['meets_target'] else 'MISSED'}"
+                else f">= {100 * r['target_frac_of_copy']:.0f}% "
+                f"{'ok' if r['meets_target'] else 'MISSED'}"
             )
-            lines.append(
-                f"| {r['estimator']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['reads']} | {ms(r['default_s'])} | "
-                f"{ms(r['novalidate_s'])} | {r['default_over_novalidate']:.2f}x | {r['default_GBps']:.0f} | {frac} | {tgt} |"
+            rows.append(
+                [
+                    r["estimator"],
+                    shape(r),
+                    r["dtype"],
+                    str(r["reads"]),
+                    ms(r["default_s"]),
+                    ms(r["novalidate_s"]),
+                    f"{r['default_over_novalidate']:.2f}x",
+                    f"{r['default_GBps']:.0f}",
+                    frac,
+                    tgt,
+                ]
             )
-        lines.append("")
+        header = "call, shape, dtype, reads, default ms, validate=False ms, "
+        header += "default / validate=False, default GB/s, % of copy, target"
+        lines += _table(header.split(", "), rows)
     if res.get("knn"):
-        lines += [
-            "| knn radii (k = 25) | dtype | tiled ms | cdist + topk ms | speedup | tiled max rel err | cdist + topk max rel err |",
-            "|---|---|---|---|---|---|---|",
+        header = "knn radii (k = 25), dtype, tiled ms, cdist + topk ms, speedup, "
+        header += "tiled max rel err, cdist + topk max rel err"
+        rows = [
+            [
+                shape(r),
+                r["dtype"],
+                ms(r["tiled_s"]),
+                ms(r["cdist_topk_s"]),
+                f"{r['speedup_vs_cdist_topk']:.2f}x",
+                f"{r['tiled_max_rel_err']:.1e}",
+                f"{r['cdist_topk_max_rel_err']:.1e}",
+            ]
+            for r in res["knn"]
         ]
-        for r in res["knn"]:
-            lines.append(
-                f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {ms(r['tiled_s'])} | {ms(r['cdist_topk_s'])} | "
-                f"{r['speedup_vs_cdist_topk']:.2f}x | {r['tiled_max_rel_err']:.1e} | {r['cdist_topk_max_rel_err']:.1e} |"
-            )
-        lines.append("")
+        lines += _table(header.split(", "), rows)
     if res.get("fused_bucket"):
-        lines += [
-            "| single-read bucket kernel | reads | registers ms | tile ms | roofline ms | registers GB/s | tile GB/s |",
-            "|---|---|---|---|---|---|---|",
+        header = "single-read bucket kernel, reads, registers ms, tile ms, roofline ms, "
+        header += "registers GB/s, tile GB/s"
+        rows = [
+            [
+                f"{shape(r)} {r['dtype']}",
+                str(r["reads"]),
+                ms(r["registers_s"]),
+                ms(r["tile_s"]),
+                ms(r["roofline_s"]),
+                f"{r['registers_GBps']:.0f}",
+                f"{r['tile_GBps']:.0f}",
+            ]
+            for r in res["fused_bucket"]
         ]
-        for r in res["fused_bucket"]:
-            lines.append(
-                f"| {'x'.join(map(str, r['shape']))} {r['dtype']} | {r['reads']} | {ms(r['registers_s'])} | {ms(r['tile_s'])} | "
-                f"{ms(r['roofline_s'])} | {r['registers_GBps']:.0f} | {r['tile_GBps']:.0f} |"
-            )
-        lines.append("")
+        lines += _table(header.split(", "), rows)
     if res.get("profiles"):
-        lines += [
-            "| tap overhead | model | methods | batch | plain s/batch | taps overhead (median ratio) | (min/min) |",
-            "|---|---|---|---|---|---|---|",
-        ]
+        header = "tap overhead, model, methods, batch, plain s/batch, "
+        header += "taps overhead (median ratio), (min/min)"
+        rows = []
         for name, p in res["profiles"].items():
             plain = (p.get("seconds_per_batch_min") or {}).get("plain")
-            o1, o2 = p.get("overhead_median_of_batch_ratios"), p.get("overhead_min_over_min")
-            lines.append(
-                f"| {name} | {p['model']} | {','.join(p['methods'] or [])} | {p['batch_size']} | "
-                f"{'' if plain is None else f'{plain:.4f}'} | {'' if o1 is None else f'{o1:.1%}'} | {'' if o2 is None else f'{o2:.1%}'} |"
+            rows.append(
+                [
+                    name,
+                    str(p["model"]),
+                    ",".join(p["methods"] or []),
+                    str(p["batch_size"]),
+                    "" if plain is None else f"{plain:.4f}",
+                    pct(p.get("overhead_median_of_batch_ratios")),
+                    pct(p.get("overhead_min_over_min")),
+                ]
             )
-        lines.append("")
+        lines += _table(header.split(", "), rows)
     for s in res.get("skipped", []):
         lines.append(f"- skipped: {s}")
     return "\n".join(lines)

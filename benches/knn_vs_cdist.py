@@ -66,7 +66,8 @@ def llm_like(n, d, seed=1):
 
 def paper_knn_entropy(x: torch.Tensor, k: int = K) -> torch.Tensor:
     """The paper's knn entropy: per sample cdist + topk(k + 1) in fp32 (self at distance 0
-    is the first of the k + 1), H = D mean ln(r + 1e-10) + D/2 ln pi - lnGamma(D/2 + 1) + ln N - ln k."""
+    is the first of the k + 1),
+    H = D mean ln(r + 1e-10) + D/2 ln pi - lnGamma(D/2 + 1) + ln N - ln k."""
     out = []
     for r in (x if x.dim() == 3 else x[None]).float():
         n, d = r.shape
@@ -81,11 +82,12 @@ def paper_knn_entropy(x: torch.Tensor, k: int = K) -> torch.Tensor:
     return torch.stack(out) if x.dim() == 3 else out[0]
 
 
-def others_runnable() -> int:
-    """Processes other than this one in state R (Linux /proc), threads not counted."""
+def others_runnable(ignore: frozenset[int] | set[int] = frozenset()) -> int:
+    """Processes other than this one and ``ignore`` (pids) in state R (Linux /proc), threads
+    not counted."""
     n = 0
     for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
+        if not pid.isdigit() or int(pid) == os.getpid() or int(pid) in ignore:
             continue
         try:
             with open(f"/proc/{pid}/stat") as fh:
@@ -95,16 +97,21 @@ def others_runnable() -> int:
     return n
 
 
-def wait_quiet(hold: float = 0.3, timeout: float = 300.0) -> bool:
+def wait_quiet(
+    hold: float = 0.3, timeout: float = 300.0, ignore: frozenset[int] | set[int] = frozenset()
+) -> bool:
+    """Waits until no process but this one and ``ignore`` has been runnable for ``hold``
+    seconds: True, or after ``timeout`` seconds a warning on stderr and False."""
     end, since = time.time() + timeout, None
     while time.time() < end:
-        if others_runnable() == 0:
+        if others_runnable(ignore) == 0:
             since = since or time.time()
             if time.time() - since >= hold:
                 return True
         else:
             since = None
         time.sleep(0.05)
+    print("warning: the machine never went quiet for 0.3 s; timing anyway", file=sys.stderr)
     return False
 
 
@@ -116,11 +123,8 @@ def interleaved(cases: dict, runs: int, quiet: bool) -> dict:
     times = {name: {c: [] for c in fns} for name, fns in cases.items()}
     for _ in range(runs):
         for name, fns in cases.items():
-            if quiet and not wait_quiet():
-                print(
-                    "warning: the machine never went quiet for 0.3 s; timing anyway",
-                    file=sys.stderr,
-                )
+            if quiet:
+                wait_quiet()
             for c, f in fns.items():
                 times[name][c] += time_calls(f, 1, warmup=0)
     return times
@@ -155,7 +159,8 @@ def small_shapes(runs: int, quiet: bool) -> dict:
             "rel_diff_to_paper_fp32": agree,
         }
         print(
-            f"{name:<16} ef.knn_entropy {1e3 * med['ef.knn_entropy']:8.3f} ms  cdist+topk {1e3 * med['cdist+topk']:8.3f} ms"
+            f"{name:<16} ef.knn_entropy {1e3 * med['ef.knn_entropy']:8.3f} ms  "
+            f"cdist+topk {1e3 * med['cdist+topk']:8.3f} ms"
             f"  -> {rows[name]['speedup_median']:.2f}x (min/min {rows[name]['speedup_min']:.2f}x)"
         )
     return rows
@@ -187,7 +192,8 @@ def large(runs: int, quiet: bool) -> dict:
     med = {c: statistics.median(v) for c, v in t.items()}
     ratio = med["cpp"] / med["cdist+topk"]
     print(
-        f"2048x4096: cpp {med['cpp']:.3f} s, cdist+topk {med['cdist+topk']:.3f} s -> {1 / ratio:.2f}x; "
+        f"2048x4096: cpp {med['cpp']:.3f} s, cdist+topk {med['cdist+topk']:.3f} s -> "
+        f"{1 / ratio:.2f}x; "
         f"peak extra memory {100 * mem:.1f}% of N x N"
     )
     return {

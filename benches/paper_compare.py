@@ -1,7 +1,7 @@
 """The paper's claims on the two built-in real models: one command for the whole study (issue 14).
 
-    python benches/paper_compare.py --out DIR            # the full study: SmolLM2-135M and Gemma-3-270M
-    python benches/paper_compare.py --quick --out DIR    # the plumbing on SmolLM2, a few minutes
+    python benches/paper_compare.py --out DIR  # the full study: SmolLM2-135M and Gemma-3-270M
+    python benches/paper_compare.py --quick --out DIR  # the plumbing on SmolLM2, a few minutes
 
 Per model:
 1. one profile (every method in one pass) on the built-in corpus's calibration part;
@@ -367,12 +367,14 @@ def main(argv=None) -> int:
         "--grid",
         default=None,
         choices=["full", "cpu2h"],
-        help="full: the issue's whole grid (about 15-21 h on the 2-core CPU, minutes on a GPU); cpu2h: the cells that fit about 2 h there (default: full on CUDA, cpu2h on CPU)",
+        help="full: the issue's whole grid (about 15-21 h on the 2-core CPU, minutes on a GPU); "
+        "cpu2h: the cells that fit about 2 h there (default: full on CUDA, cpu2h on CPU)",
     )
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="the plumbing only: SmolLM2, whole layers, K = 2, 7 methods, both rules, 8 items, 2 perplexity windows (a few minutes on a quiet machine)",
+        help="the plumbing only: SmolLM2, whole layers, K = 2, 7 methods, both rules, 8 items, "
+        "2 perplexity windows (a few minutes on a quiet machine)",
     )
     ap.add_argument(
         "--models",
@@ -392,14 +394,16 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--resume",
         action="store_true",
-        help="continue an interrupted study in --out (same grid and settings): finished models and every evaluation already made are reused",
+        help="continue an interrupted study in --out (same grid and settings): finished models "
+        "and every evaluation already made are reused",
     )
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument(
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads (default torch's; on a machine shared with other jobs 1 thread was 2x faster than 2 here: OpenMP threads spin-wait)",
+        help="torch CPU threads (default torch's; on a machine shared with other jobs 1 thread "
+        "was 2x faster than 2 here: OpenMP threads spin-wait)",
     )
     ap.add_argument(
         "--estimate",
@@ -410,7 +414,8 @@ def main(argv=None) -> int:
         "--rate-scale",
         type=float,
         default=1.0,
-        help="--estimate: throughput relative to the 2-core CPU measured here (e.g. 4 for 8 such cores)",
+        help="--estimate: throughput relative to the 2-core CPU measured here "
+        "(e.g. 4 for 8 such cores)",
     )
     args = ap.parse_args(argv)
     import torch
@@ -433,7 +438,8 @@ def main(argv=None) -> int:
         bad = [m for m in grid["models"] if m not in grid["counts"]]
         if bad:
             print(
-                f"paper_compare: error: unknown model(s) {bad}; choose from {', '.join(grid['counts'])}",
+                f"paper_compare: error: unknown model(s) {bad}; "
+                f"choose from {', '.join(grid['counts'])}",
                 file=sys.stderr,
             )
             return 1
@@ -441,30 +447,36 @@ def main(argv=None) -> int:
         est = estimate(grid, args.rate_scale)
         for m, e in est.items():
             print(
-                f"{m}: at most {e['evaluations_at_most']} evaluations x {e['seconds_per_evaluation']:.0f} s + profiles ({e['profile_tokens']} tokens): {e['seconds'] / 3600:.2f} h"
+                f"{m}: at most {e['evaluations_at_most']} evaluations x "
+                f"{e['seconds_per_evaluation']:.0f} s + profiles ({e['profile_tokens']} tokens): "
+                f"{e['seconds'] / 3600:.2f} h"
             )
         print(
-            f"total: {sum(e['seconds'] for e in est.values()) / 3600:.2f} h on the quiet 2-core CPU (x {args.rate_scale:g})"
+            f"total: {sum(e['seconds'] for e in est.values()) / 3600:.2f} h "
+            f"on the quiet 2-core CPU (x {args.rate_scale:g})"
         )
         return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out).expanduser()
     if args.resume and args.overwrite:
         print(
-            "paper_compare: error: --resume keeps an earlier study's work and --overwrite removes it; give one",
+            "paper_compare: error: --resume keeps an earlier study's work and --overwrite "
+            "removes it; give one",
             file=sys.stderr,
         )
         return 1
     if args.resume and not any((out / m / "evaluations.jsonl").is_file() for m in grid["models"]):
         print(
-            f"paper_compare: error: --resume: {out} holds no study to continue (no MODEL/evaluations.jsonl); drop --resume",
+            f"paper_compare: error: --resume: {out} holds no study to continue "
+            "(no MODEL/evaluations.jsonl); drop --resume",
             file=sys.stderr,
         )
         return 1
     if out.exists() and any(out.iterdir()) and not args.resume:
         if not args.overwrite:
             print(
-                f"paper_compare: error: {out} is not empty; choose a new directory, add --resume to continue a study there, or --overwrite",
+                f"paper_compare: error: {out} is not empty; choose a new directory, add --resume "
+                "to continue a study there, or --overwrite",
                 file=sys.stderr,
             )
             return 1

@@ -33,7 +33,8 @@ torch.set_num_threads(2)
 d, samples, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 w = torch.randint(0, 32000, (samples, seq), generator=torch.Generator().manual_seed(0))
 t = time.perf_counter()
-res = profile_streaming(d, w, ProfileSettings(methods=("bucket",), batch_size=4), ram_budget_bytes=64 * 2**20, progress=False)
+settings = ProfileSettings(methods=("bucket",), batch_size=4)
+res = profile_streaming(d, w, settings, ram_budget_bytes=64 * 2**20, progress=False)
 print(HWM_EXPR, time.perf_counter() - t, res["checkpoint_bytes"])
 """.replace("HWM_EXPR", HWM)
 
@@ -108,7 +109,8 @@ def main() -> int:
             path, args.layers, args.hidden, args.intermediate, args.vocab, 1 << 30
         )
         print(
-            f"checkpoint: {total / 2**30:.2f} GiB in {path} (written in {time.perf_counter() - t:.0f} s)"
+            f"checkpoint: {total / 2**30:.2f} GiB in {path} "
+            f"(written in {time.perf_counter() - t:.0f} s)"
         )
         idle = int(
             subprocess.run(
@@ -136,8 +138,10 @@ def main() -> int:
             "seq_len": args.seq_len,
         }
         print(
-            f"idle python+torch peak RSS {idle / 2**20:.0f} MiB; streaming profile peak RSS {peak / 2**20:.0f} MiB "
-            f"(+{extra / 2**20:.0f} MiB = {100 * extra / total:.1f}% of the checkpoint) in {seconds:.1f} s"
+            f"idle python+torch peak RSS {idle / 2**20:.0f} MiB; "
+            f"streaming profile peak RSS {peak / 2**20:.0f} MiB "
+            f"(+{extra / 2**20:.0f} MiB = {100 * extra / total:.1f}% of the checkpoint) "
+            f"in {seconds:.1f} s"
         )
         if args.json:
             with open(args.json, "w") as fh:

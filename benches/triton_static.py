@@ -79,68 +79,44 @@ def main() -> None:
     mom = dict.fromkeys(["pn_ptr", "pmin_ptr", "pmax_ptr"], "*fp32") | dict.fromkeys(
         ["pmean_ptr", "pm2_ptr"], "*fp64"
     )
+
+    def fused(pair: bool, block_t: int) -> dict:
+        """The single-read bucket kernel's constants: x alone, or the pair (x, y = x + f)."""
+        return dict(
+            HAS_F=pair,
+            HAS_MASK=False,
+            PAIR=pair,
+            PAPER_EXACT=False,
+            NW=5,
+            BLOCK_T=block_t,
+            BLOCK_D=64,
+            BLOCK_BINS=32,
+            WIDE=False,
+        )
+
+    def partial(pair: bool) -> dict:
+        """The moments kernel's constants: x alone, or the pair."""
+        return dict(HAS_F=pair, HAS_MASK=False, PAIR=pair, BLOCK_T=32, BLOCK_D=64)
+
+    exact = dict(enable_fp_fusion=False)
+    bucket_kernel = bucket_fused._bucket_fused_kernel
+    moments_kernel = moments._moments_partial_kernel
     jobs = [
-        (
-            "bucket fused, x",
-            bucket_fused._bucket_fused_kernel,
-            XIN | hy,
-            dict(
-                HAS_F=False,
-                HAS_MASK=False,
-                PAIR=False,
-                PAPER_EXACT=False,
-                NW=5,
-                BLOCK_T=32,
-                BLOCK_D=64,
-                BLOCK_BINS=32,
-                WIDE=False,
-            ),
-            8,
-            dict(enable_fp_fusion=False),
-        ),
-        (
-            "bucket fused, pair",
-            bucket_fused._bucket_fused_kernel,
-            XIN | hy,
-            dict(
-                HAS_F=True,
-                HAS_MASK=False,
-                PAIR=True,
-                PAPER_EXACT=False,
-                NW=5,
-                BLOCK_T=16,
-                BLOCK_D=64,
-                BLOCK_BINS=32,
-                WIDE=False,
-            ),
-            8,
-            dict(enable_fp_fusion=False),
-        ),
-        (
-            "moments, x",
-            moments._moments_partial_kernel,
-            XIN | mom,
-            dict(HAS_F=False, HAS_MASK=False, PAIR=False, BLOCK_T=32, BLOCK_D=64),
-            8,
-            {},
-        ),
-        (
-            "moments, pair",
-            moments._moments_partial_kernel,
-            XIN | mom,
-            dict(HAS_F=True, HAS_MASK=False, PAIR=True, BLOCK_T=32, BLOCK_D=64),
-            8,
-            {},
-        ),
+        ("bucket fused, x", bucket_kernel, XIN | hy, fused(False, 32), 8, exact),
+        ("bucket fused, pair", bucket_kernel, XIN | hy, fused(True, 16), 8, exact),
+        ("moments, x", moments_kernel, XIN | mom, partial(False), 8, {}),
+        ("moments, pair", moments_kernel, XIN | mom, partial(True), 8, {}),
     ]
     for name, fn, ptrs, consts, nw, opts in jobs:
         rep = sass_report(fn, ptrs, consts, nw, **opts)
         per_thread = consts["BLOCK_T"] * consts["BLOCK_D"] // (32 * nw)
         per_el = [round(n / per_thread, 1) for n in rep["loops"]]
+        bound = ", ".join(f"{ISSUE / max(p, 1e-9) / 1e12:.2f}e12 el/s" for p in per_el[:2])
         print(
-            f"{name:20s} [{consts['BLOCK_T']}, {consts['BLOCK_D']}] x {nw} warps: {rep['regs']} registers, spill {rep['spill']} B, "
-            f"{rep['ld128']} ld.v4; loops (SASS instructions per element a thread holds): {per_el}; "
-            f"issue bound of the innermost loops: {', '.join(f'{ISSUE / max(p, 1e-9) / 1e12:.2f}e12 el/s' for p in per_el[:2])}"
+            f"{name:20s} [{consts['BLOCK_T']}, {consts['BLOCK_D']}] x {nw} warps: "
+            f"{rep['regs']} registers, spill {rep['spill']} B, {rep['ld128']} ld.v4; "
+            f"loops (SASS instructions per element a thread holds): {per_el}; "
+            f"issue bound of the innermost loops: {bound}"
         )
 
 

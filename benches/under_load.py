@@ -33,35 +33,7 @@ from entrodrop_fast import _ext
 from entrodrop_fast.ops.bench import make_input, time_calls
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from knn_vs_cdist import paper_knn_entropy  # noqa: E402
-
-
-def others_runnable(ignore: set[int]) -> int:
-    """Processes other than this one and `ignore` in state R (Linux /proc)."""
-    n = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid() or int(pid) in ignore:
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                n += fh.read().rsplit(")", 1)[1].split()[0] == "R"
-        except OSError:
-            pass
-    return n
-
-
-def wait_quiet(ignore: set[int], hold: float = 0.3, timeout: float = 300.0) -> bool:
-    end, since = time.time() + timeout, None
-    while time.time() < end:
-        if others_runnable(ignore) == 0:
-            since = since or time.time()
-            if time.time() - since >= hold:
-                return True
-        else:
-            since = None
-        time.sleep(0.05)
-    print("warning: the machine never went quiet for 0.3 s; timing anyway", file=sys.stderr)
-    return False
+from knn_vs_cdist import paper_knn_entropy, wait_quiet  # noqa: E402
 
 
 def cases() -> dict:
@@ -89,7 +61,7 @@ def cases() -> dict:
 def phase(fns: dict, reps: int, times: dict, quiet: bool, ignore: set[int]) -> None:
     for _ in range(reps):
         if quiet:
-            wait_quiet(ignore)
+            wait_quiet(ignore=ignore)
         for name, fn in fns.items():
             times[name] += time_calls(fn, 1, warmup=0)
 
@@ -122,7 +94,8 @@ def main(rounds: int, reps: int, json_path: str | None, quiet: bool = False) -> 
             "busy_over_idle": mb / mi,
         }
         print(
-            f"{n:<22} {1e3 * mi:9.3f}/{1e3 * min(idle[n]):7.3f} {1e3 * mb:9.3f}/{1e3 * min(busy[n]):7.3f} {mb / mi:9.2f}"
+            f"{n:<22} {1e3 * mi:9.3f}/{1e3 * min(idle[n]):7.3f} "
+            f"{1e3 * mb:9.3f}/{1e3 * min(busy[n]):7.3f} {mb / mi:9.2f}"
         )
     out = {
         "command": "python " + " ".join(sys.argv),

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+from entrodrop_fast.cli import main
 from entrodrop_fast.models.adapters import get_adapter, supported_model_types
 from entrodrop_fast.ops import backends as B
 from entrodrop_fast.ops import reference as ref_ops
@@ -49,7 +52,8 @@ def assert_close(ref, tri, rtol, atol=0.0, name=""):
     worst = (err - tol).argmax() if err.numel() else None
     ok = bool((err <= tol).all()) and bool(torch.isfinite(tri).all() == torch.isfinite(ref).all())
     assert ok, (
-        f"{name}: max abs err {err.max():.3e}, at {worst}: ref {ref.flatten()[worst]:.8g} vs {tri.flatten()[worst]:.8g} (rtol {rtol}, atol {atol})"
+        f"{name}: max abs err {err.max():.3e}, at {worst}: ref {ref.flatten()[worst]:.8g} vs "
+        f"{tri.flatten()[worst]:.8g} (rtol {rtol}, atol {atol})"
     )
 
 
@@ -211,6 +215,23 @@ def char_llama(layers: int):
     )
 
 
+def small_llama():
+    """A random 3-layer ``LlamaForCausalLM`` (vocabulary 64, hidden 32, MLP 48, 4 heads, 2 KV
+    heads), fp32, eval mode, built after ``torch.manual_seed(0)``; norms at identity."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
 def manual_reference_logits(model, plan: dict, ids: torch.Tensor) -> torch.Tensor:
     """Logits of the *unpruned* model with the dropped blocks' contributions removed by hand:
     hooks zero the term each dropped sub-block adds to the residual stream and make each
@@ -274,6 +295,19 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="~")
 
 
+def char_llama_dir(d, layers: int | None = None, max_shard_size=None, **config):
+    """``d`` holding ``tiny_model("llama", layers=layers)`` with :func:`char_tokenizer` beside it
+    (no download); ``config`` fields are set on its config after it is built (the weights stay
+    those of the tiny model), ``max_shard_size`` (e.g. ``"60KB"``) splits its safetensors."""
+    model = tiny_model("llama", layers=layers)
+    for name, value in config.items():
+        setattr(model.config, name, value)
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(d, **shards)
+    char_tokenizer().save_pretrained(d)
+    return d
+
+
 def word_tokenizer(n_words: int = 97, **special_tokens):
     """A saveable whitespace tokenizer of the words w0 .. w{n_words-1} (unknown: w0);
     ``special_tokens`` e.g. ``eos_token="w2"``."""
@@ -295,6 +329,44 @@ def tiny_dir_and_corpus(root):
     corpus = root / "corpus.txt"
     corpus.write_text(" ".join(f"w{int(i)}" for i in torch.randint(1, 97, (600,), generator=g)))
     return d, corpus
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``entrodrop ARGV...`` in this process (each argument as ``str``): (exit code, stdout,
+    stderr)."""
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def assert_clean_error(rc: int, err: str, command: str, *needles: str) -> str:
+    """Exit 1, one ``entrodrop CMD: error:`` message holding each needle, no traceback; returns
+    that message (stderr's last line: progress bars, of model loading, may come before it)."""
+    assert rc == 1, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"entrodrop {command}: error: "), err
+    for n in needles:
+        assert n in last, f"{n!r} not in {last!r}"
+    return last
+
+
+def run_child(code: str, inputs, tmp_path, **env):
+    """What ``python -c code IN OUT`` saved to OUT (``torch.save``), run with ``env`` added to the
+    environment after ``inputs`` were saved to IN; both files in ``tmp_path``, the child's
+    working directory (not the source tree: it imports the installed package)."""
+    src, out = tmp_path / "in.pt", tmp_path / "out.pt"
+    torch.save(inputs, src)
+    subprocess.run(
+        [sys.executable, "-c", code, str(src), str(out)],
+        check=True,
+        env=dict(os.environ, **env),
+        cwd=tmp_path,
+    )
+    return torch.load(out)
 
 
 # ------------------------------------------------------------------ profiling settings and windows
@@ -326,6 +398,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
 NAN, INF = float("nan"), float("inf")
+
+# the estimators' options in the API tests (ef.entropy(x, method, **ESTIMATOR_KW[method]))
+ESTIMATOR_KW = {
+    "bucket": {"bins": 20},
+    "gaussian_diag": {},
+    "gaussian_full": {"ridge": 1e-6},
+    "knn": {"k": 3},
+    "renyi": {},
+}
 
 
 @dataclass(frozen=True)
@@ -421,7 +502,8 @@ def require(be: Backend) -> Backend:
         assert mod is not None, B._load_errors.get("cpp")
     elif mod is None or be.dev not in mod.devices():
         pytest.skip(
-            f"{be.name} backend unavailable on {be.dev}: {B._load_errors.get(be.name, 'no such device')}"
+            f"{be.name} backend unavailable on {be.dev}: "
+            f"{B._load_errors.get(be.name, 'no such device')}"
         )
     return be
 
@@ -536,6 +618,28 @@ def bad_channels(y, mask):
     if mask is not None:
         bad &= mask[..., None]
     return bad.any(1)
+
+
+def bad_and_clean(x, f, mask):
+    """(bad, clean) for ``y = x + f`` (``x`` when ``f`` is None) in float32: ``bad`` as
+    :func:`bad_channels` (bool [B, D]), ``clean`` y with its non-finite values set to 0."""
+    y = x.float() if f is None else x.float() + f.float()
+    return bad_channels(y, mask), torch.where(torch.isfinite(y), y, torch.zeros_like(y))
+
+
+def check_bad_bucket(h, bad, clean, mask, name="bucket"):
+    """A bucket entropy ``h`` [B, D] of 20 bins: NaN exactly at ``bad``, elsewhere the
+    reference's entropy of ``clean`` (to 1e-12)."""
+    assert torch.equal(h.isnan(), bad), (
+        f"{name}: NaN at {h.isnan().nonzero().tolist()}, bad {bad.nonzero().tolist()}"
+    )
+    assert_close(
+        ref_ops.bucket(clean, None, mask, 20)[~bad],
+        h[~bad],
+        1e-12,
+        1e-12,
+        name="bucket, clean channels",
+    )
 
 
 def same_bits(a, b):

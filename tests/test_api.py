@@ -3,18 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from helpers import ESTIMATOR_KW as KW
 from helpers import assert_close, llm_like
 
 import entrodrop_fast as ef
 from entrodrop_fast.ops import reference as R
-
-KW = {
-    "bucket": {"bins": 20},
-    "gaussian_diag": {},
-    "gaussian_full": {"ridge": 1e-6},
-    "knn": {"k": 3},
-    "renyi": {},
-}
 
 
 @pytest.mark.parametrize("method", ef.METHODS)
@@ -228,7 +221,8 @@ def test_auto_warns_once_when_the_extension_did_not_load(monkeypatch):
     x = torch.randn(16, 4)
     with pytest.warns(
         RuntimeWarning,
-        match=r"compiled kernels are not available \(ImportError: no module named entrodrop_fast._C\).*torch reference",
+        match=r"compiled kernels are not available \(ImportError: no module named "
+        r"entrodrop_fast._C\).*torch reference",
     ):
         a = ef.bucket_entropy(x)
     with warnings.catch_warnings():

@@ -17,8 +17,10 @@ from helpers import (
     Backend,
     assert_close,
     backend_params,
+    bad_and_clean,
     bad_channels,
     bad_data,
+    check_bad_bucket,
     check_bucket,
     check_cosine,
     check_moments,
@@ -406,21 +408,9 @@ def test_kernels_report_exactly_the_bad_channels(be, dtype, case, nan_empty):
         pytest.skip(f"{be.name} reports no non-finite values on {be.dev}")
     x, f, mask = bad_data(dtype, case, (3, 19, 21), be.dev)
     for ff, m in ((None, None), (f, None), (f, mask)):
-        y = x.float() if ff is None else x.float() + ff.float()
-        bad = bad_channels(y, m)
-        clean = torch.where(torch.isfinite(y), y, torch.zeros_like(y))
+        bad, clean = bad_and_clean(x, ff, m)
         if "bucket" in reports:
-            h = be.op("bucket")(x, ff, m, 20, False)
-            assert torch.equal(h.isnan(), bad), (
-                f"bucket: NaN at {h.isnan().nonzero().tolist()}, bad {bad.nonzero().tolist()}"
-            )
-            assert_close(
-                ref_ops.bucket(clean, None, m, 20)[~bad],
-                h[~bad],
-                1e-12,
-                1e-12,
-                name="bucket, clean channels",
-            )
+            check_bad_bucket(be.op("bucket")(x, ff, m, 20, False), bad, clean, m)
             pair = B.pair_kernel(be.name, be.dev, "bucket")
             if ff is not None and pair is not None:
                 hy, hx = pair(x, ff, m, 20, False)

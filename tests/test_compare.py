@@ -23,6 +23,10 @@ def corpus(tmp_path_factory):
     return str(d)
 
 
+# a small comparison, quietly: 6 calibration windows of 48 tokens, no speed test
+QUICK = dict(samples=6, seq_len=48, speed=False, progress=False, log=lambda *a: None)
+
+
 def _run(lm, corpus):
     return C.compare(
         lm,
@@ -30,13 +34,9 @@ def _run(lm, corpus):
         counts=(1, 2),
         methods=("bucket", "random"),
         corpus=corpus,
-        samples=6,
-        seq_len=48,
         eval_windows=2,
         eval_items=6,
-        speed=False,
-        progress=False,
-        log=lambda *a: None,
+        **QUICK,
     )
 
 
@@ -134,13 +134,9 @@ def test_protocol_one_rule_for_all_methods_cache_and_paired_tests(lm, corpus):
         counts=(1, 2),
         methods=("bucket", "knn", "cosine", "block_influence", "angular", "random"),
         corpus=corpus,
-        samples=6,
-        seq_len=48,
         eval_windows=3,
         eval_items=6,
-        speed=False,
-        progress=False,
-        log=lambda *a: None,
+        **QUICK,
         protect_rule="paper",
         iterative=("knn",),
         iterative_samples=4,
@@ -219,13 +215,9 @@ def test_shared_rule_detects_stage1_once(lm, corpus):
         counts=(1,),
         methods=("knn", "cosine", "random"),
         corpus=corpus,
-        samples=6,
-        seq_len=48,
         eval_windows=2,
         eval_items=4,
-        speed=False,
-        progress=False,
-        log=lambda *a: None,
+        **QUICK,
         protect_rule="shared",
         stage1_method="bucket",
         random_seeds=(5,),
@@ -316,13 +308,9 @@ def test_second_rule_reuses_the_report_and_the_evaluations(lm, corpus):
         counts=(1,),
         methods=("bucket", "cosine"),
         corpus=corpus,
-        samples=6,
-        seq_len=48,
         eval_windows=2,
         eval_items=4,
-        speed=False,
-        progress=False,
-        log=lambda *a: None,
+        **QUICK,
     )
     cache: dict = {}
     a = C.compare(lm, protect_rule="shared", eval_cache=cache, **kw)

@@ -1,4 +1,5 @@
-"""compare's figure: one colour per method across panels; block_influence drawn once when it equals cosine."""
+"""compare's figure: one colour per method across panels; block_influence drawn once when it
+equals cosine."""
 
 from entrodrop_fast.evaluate.compare import _same_as_cosine, plot
 

@@ -8,10 +8,6 @@ the same for every dtype: bucket counts must match bit for bit, min/max exactly.
 fail (never skip) when the extension is not built: CI builds it.
 """
 
-import os
-import subprocess
-import sys
-
 import helpers as H
 import pytest
 import torch
@@ -197,25 +193,20 @@ def test_other_thread_modes_give_the_same_results(tmp_path, mode):
     # starts std::threads per call, =omp borrows torch's OpenMP team: same numbers, in a
     # fresh process
     x, f, mask = _data((2, 700, 300), torch.float32, seed=23)
-    torch.save((x, f, mask), tmp_path / "in.pt")
     code = (
         "import sys, torch\n"
         "from entrodrop_fast import _ext\n"
         "from entrodrop_fast.ops import cpp_backend as cpp\n"
         "torch.set_num_threads(2)\n"
         "x, f, mask = torch.load(sys.argv[1])\n"
-        "out = (cpp.moments(x, f, mask), cpp.bucket(x, f, mask, 20, False), cpp.knn_kth_distance(x[0], 5),\n"
+        "out = (cpp.moments(x, f, mask), cpp.bucket(x, f, mask, 20, False), "
+        "cpp.knn_kth_distance(x[0], 5),\n"
         "       cpp.knn_radii(x[:, :400], f[:, :400], mask[:, :400], 5)[0])\n"
         "torch.save((_ext.require().thread_pool_cpu(), out), sys.argv[2])\n"
     )
-    env = dict(os.environ, ENTRODROP_THREADS=mode)
-    subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-        check=True,
-        env=env,
-        cwd=tmp_path,
-    )  # not the source tree: the installed package
-    pool, (mom, buck, knn, fused) = torch.load(tmp_path / "out.pt")
+    pool, (mom, buck, knn, fused) = H.run_child(
+        code, (x, f, mask), tmp_path, ENTRODROP_THREADS=mode
+    )
     if mode == "std":
         assert pool == "std::thread"
     elif "OpenMP" in torch.__config__.parallel_info():

@@ -256,7 +256,8 @@ def test_cuda_kernels_report_exactly_the_bad_channels(dtype, case, shape):
         for bins in (20, 2500):  # shared-memory and global counters
             h = mod.bucket(x, ff, m, bins, False)
             assert torch.equal(h.isnan(), bad), (
-                f"bucket {bins}: NaN at {h.isnan().nonzero().tolist()}, want {bad.nonzero().tolist()}"
+                f"bucket {bins}: NaN at {h.isnan().nonzero().tolist()}, want "
+                f"{bad.nonzero().tolist()}"
             )
             assert_close(
                 ref_ops.bucket(clean, None, m, bins)[~bad],

@@ -1,4 +1,5 @@
-"""Per-item evaluation records (for paired tests) and the cheaper scoring paths give the same scores."""
+"""Per-item evaluation records (for paired tests) and the cheaper scoring paths give the same
+scores."""
 
 import math
 

@@ -1,4 +1,5 @@
-"""Export without loading the model: shard rewrite, reload (stock / load_pruned / remote code), faults."""
+"""Export without loading the model: shard rewrite, reload (stock / load_pruned / remote code),
+faults."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import char_tokenizer, tiny_model
+from helpers import assert_clean_error, char_llama_dir, run_cli
 from safetensors.torch import save_file
 
 from entrodrop_fast.cli import main
@@ -27,7 +27,10 @@ from entrodrop_fast.data import (
 )
 from entrodrop_fast.evaluate.heldout import heldout_documents
 
-WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
+WORDS = (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar "
+    "papa"
+).split()
 
 
 def prose(n_words: int, seed: int = 0) -> str:
@@ -42,22 +45,6 @@ class CharTokenizer:
 
     def __call__(self, docs, add_special_tokens=True):
         return {"input_ids": [[ord(c) % 97 for c in d] for d in docs]}
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
-def assert_clean_error(rc: int, err: str, command: str, *needles: str) -> None:
-    """Exit 1, one ``entrodrop CMD: error:`` message holding each needle, no traceback."""
-    assert rc == 1, err
-    assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]  # progress bars (model loading) may come before it
-    assert last.startswith(f"entrodrop {command}: error: "), err
-    for n in needles:
-        assert n in last, f"{n!r} not in {last!r}"
 
 
 # ----------------------------------------------------------------- expected vs unexpected
@@ -190,7 +177,11 @@ def test_as_a_process_an_expected_failure_has_no_traceback_and_a_bug_has_one(tmp
     )
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert "empty.npy is empty" in p.stderr
-    bug = "import entrodrop_fast.commands.info as i, sys\ndef run(a): raise KeyError('oops')\ni.run = run\nfrom entrodrop_fast.cli import main\nsys.exit(main(['info']))"
+    bug = (
+        "import entrodrop_fast.commands.info as i, sys\ndef run(a): raise "
+        "KeyError('oops')\ni.run = run\nfrom entrodrop_fast.cli import "
+        "main\nsys.exit(main(['info']))"
+    )
     p = subprocess.run([sys.executable, "-c", bug], capture_output=True, text=True, timeout=300)
     assert p.returncode == 1 and "Traceback" in p.stderr and "KeyError: 'oops'" in p.stderr
     assert "internal error (KeyError), a bug" in p.stderr
@@ -348,18 +339,21 @@ def test_corpora_without_text(tmp_path):
 def test_too_small_for_the_windows_says_what_there_is_and_what_to_do():
     with pytest.raises(
         CorpusError,
-        match="no document is longer than 256 tokens \\(2 documents, longest 100 tokens\\); use a smaller --seq-len or more text",
+        match="no document is longer than 256 tokens \\(2 documents, longest 100 tokens\\); use a "
+        "smaller --seq-len or more text",
     ):
         sample_windows([[1] * 100, [2] * 30], samples=4, seq_len=256)
     with pytest.raises(
         CorpusError,
-        match="hold only 3 distinct windows, fewer than the 10 samples requested; lower --samples or --seq-len, or give more text",
+        match="hold only 3 distinct windows, fewer than the 10 samples requested; lower --samples "
+        "or --seq-len, or give more text",
     ):
         sample_windows([[1] * 12], samples=10, seq_len=10)
     one = Corpus("one.txt", [prose(20)])
     with pytest.raises(
         CorpusError,
-        match="one.txt \\(calibration part: the last 1/5 of each of 1 document held out for evaluation\\): corpus too small",
+        match="one.txt \\(calibration part: the last 1/5 of each of 1 document held out for "
+        "evaluation\\): corpus too small",
     ):
         calibration_windows(CharTokenizer(), one, samples=4, seq_len=500)
 
@@ -408,7 +402,8 @@ def test_heldout_text_checked_before_any_model_runs():
     assert len(held) == 1 and len(held[0]) > 1000
     with pytest.raises(
         CorpusError,
-        match="the held-out text of corpus short.txt \\(the last 1/5 of each of 1 document\\) has \\d+ tokens in 1 piece\\(s\\), fewer than one perplexity window of 256; give more text",
+        match="the held-out text of corpus short.txt \\(the last 1/5 of each of 1 document\\) has "
+        "\\d+ tokens in 1 piece\\(s\\), fewer than one perplexity window of 256; give more text",
     ):
         heldout_documents(Corpus("short.txt", [prose(100)]), tok, seq_len=256)
     with pytest.raises(
@@ -435,12 +430,10 @@ def test_heldout_text_checked_before_any_model_runs():
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama with a character tokenizer saved beside it (no download)."""
-    d = tmp_path_factory.mktemp("tiny_llama")
-    m = tiny_model("llama", layers=6)
-    m.config.max_position_embeddings = 256  # eval's zero-shot items run up to 193 tokens
-    m.save_pretrained(d)
-    char_tokenizer().save_pretrained(d)
-    return d
+    # eval's zero-shot items run up to 193 tokens
+    return char_llama_dir(
+        tmp_path_factory.mktemp("tiny_llama"), layers=6, max_position_embeddings=256
+    )
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import ESTIMATOR_KW as KW
 from helpers import assert_close
 
 import entrodrop_fast as ef
@@ -27,13 +28,6 @@ needs_triton = pytest.mark.skipif(
     not HAS_TRITON or TRITON_DEV is None, reason="triton missing, or no GPU and TRITON_INTERPRET=0"
 )
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-KW = {
-    "bucket": {"bins": 20},
-    "gaussian_diag": {},
-    "gaussian_full": {"ridge": 1e-6},
-    "knn": {"k": 3},
-    "renyi": {},
-}
 F32_MAX = torch.finfo(torch.float32).max
 
 
@@ -190,7 +184,8 @@ def test_y_overflow_raises(method, dtype):
     assert bool(torch.isfinite(x).all() and torch.isfinite(f).all())
     with pytest.raises(
         ValueError,
-        match=r"Y = X \+ F overflowed float32 in 1 token.*bfloat16|Y = X \+ F overflowed float32 in 1 token.*float32",
+        match=r"Y = X \+ F overflowed float32 in 1 token.*bfloat16|Y = X \+ F overflowed float32 "
+        r"in 1 token.*float32",
     ) as e:
         ef.entropy(x, method, f, **KW[method])
     assert str(dtype) in str(e.value) and "nan_policy='omit'" in str(e.value)

@@ -51,7 +51,8 @@ def copy_dir(src: Path, dst: Path) -> Path:
 
 def rewrite_tensors(d: Path, mutate) -> None:
     """Rewrite the checkpoint in ``d`` after ``mutate(tensors, file_of)`` changed the dicts in place
-    (new tensors go to the file named in ``file_of``, default the first shard); the index follows."""
+    (new tensors go to the file named in ``file_of``, default the first shard); the index
+    follows."""
     index = d / INDEX
     files = (
         sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -122,7 +123,7 @@ def test_untied_head_missing_is_refused(llama, tmp_path):
         load_model(str(d))
 
 
-# ------------------------------------------------------------------ missing / unexpected / mismatched
+# ---------------------------------------------------------------- missing / unexpected / mismatched
 
 
 def test_missing_tensor_is_refused_by_every_command(llama, tmp_path, capsys):
@@ -188,7 +189,8 @@ def test_unexpected_tensor_is_refused_with_its_file(llama, tmp_path):
 
 
 def test_leftovers_transformers_ignores_are_accepted(llama, tmp_path):
-    """Old Llama checkpoints store a rotary ``inv_freq`` buffer per layer; transformers drops it on load."""
+    """Old Llama checkpoints store a rotary ``inv_freq`` buffer per layer; transformers drops it
+    on load."""
     model, src = llama
     d = copy_dir(src, tmp_path / "old")
     rewrite_tensors(
@@ -213,7 +215,8 @@ def test_config_sizes_that_disagree_with_the_weights(llama, tmp_path):
     msg = str(err.value)
     name = "model.layers.0.mlp.gate_proj.weight"
     assert f"{index[name]}: tensor {name} has shape [64, 32], the config implies [48, 32]" in msg
-    # the exporter refuses it before writing anything (it would export a checkpoint that cannot load)
+    # the exporter refuses it before writing anything (it would export a checkpoint that cannot
+    # load)
     with pytest.raises(ExportError) as err:
         export_pruned(d, tmp_path / "out", {"layer": [1]})
     msg = str(err.value)
@@ -297,7 +300,7 @@ def test_moe_per_expert_checkpoint_is_checked_through_the_renaming(tmp_path):
         load_model(str(d))
 
 
-# ------------------------------------------------------------------ a pruned checkpoint is never loaded as a dense one
+# ----------------------------------------------- a pruned checkpoint is never loaded as a dense one
 
 
 @pytest.fixture(scope="module")
@@ -363,7 +366,7 @@ def test_stock_loading_of_an_attention_pruned_directory(pruned):
     assert torch.equal(logits(remote), logits(mem))
 
 
-# ------------------------------------------------------------------ unsupported architecture, broken weights
+# --------------------------------------------------------- unsupported architecture, broken weights
 
 
 def test_unsupported_architecture_is_refused_before_anything_is_built(
@@ -464,7 +467,8 @@ def test_evaluation_functions_refuse_non_finite_logits():
     docs = [d + " w7" for d in docs]
     with pytest.raises(
         ValueError,
-        match=r"model LlamaForCausalLM produced \d+ non-finite .* perplexity; its weights are probably broken",
+        match=r"model LlamaForCausalLM produced \d+ non-finite .* perplexity; its weights are "
+        r"probably broken",
     ):
         E.perplexity(model, Tok(), docs, seq_len=16, max_windows=64)
     with pytest.raises(ValueError, match="non-finite .* zero-shot"):

@@ -172,7 +172,8 @@ def test_inexpressible_layer_pattern_is_refused(gemma2_pattern_fixed, tmp_path):
     src = published_checkpoint(tiny_model("gemma2", "mixed"), tmp_path / "src", ["layer_types"])
     with pytest.raises(
         ExportError,
-        match=r"source layer 2 becomes layer 1, .* would build it with config layer_types 'full_attention' instead of 'sliding_attention'.*Nothing was changed or written",
+        match=r"source layer 2 becomes layer 1, .* would build it with config layer_types "
+        r"'full_attention' instead of 'sliding_attention'.*Nothing was changed or written",
     ):
         export_pruned(src, tmp_path / "out", {"layer": [1]})
     assert not (tmp_path / "out").exists()
@@ -185,13 +186,14 @@ def test_inexpressible_layer_pattern_is_refused(gemma2_pattern_fixed, tmp_path):
     assert json.loads((tmp_path / "ok" / "config.json").read_text())["layer_types"] == [S, F]
 
 
-# ------------------------------------------------------------------ plans / reports of another model (issue 11.6)
+# ---------------------------------------------------- plans / reports of another model (issue 11.6)
 
 L = 4
 
 
 def synthetic_report(model: dict) -> dict:
-    """A report of a 4-layer model (entropy falls over layer 0, then rises), with ``model`` as its model entry."""
+    """A report of a 4-layer model (entropy falls over layer 0, then rises), with ``model`` as its
+    model entry."""
     r = [10.0, 9.0, 9.5, 10.0, 10.5]
     dh = {
         "attn": [0.3, 0.05, 0.01, 0.2],
@@ -282,7 +284,8 @@ def test_export_refuses_a_plan_of_another_hidden_size(llama_dir, tmp_path):
     plan = make_plan(synthetic_report(other), "layer", 1)
     with pytest.raises(
         ExportError,
-        match=r"made for another model than .*hidden_size 64 there, 32 here.*profile this model first",
+        match=r"made for another model than .*hidden_size 64 there, 32 here.*profile this model "
+        r"first",
     ):
         export_pruned(llama_dir, tmp_path / "out", plan)
     assert not (tmp_path / "out").exists()
@@ -305,12 +308,14 @@ def test_mismatch_messages_name_every_field(llama_dir):
         check_same_model({**ident, "model_type": "mistral", "intermediate_size": 128}, cfg)
     with pytest.raises(
         ValueError,
-        match=r"made for a model with 6 layers; this model has 4: num_attention_heads 8 there, 4 here",
+        match=r"made for a model with 6 layers; this model has 4: num_attention_heads 8 there, 4 "
+        r"here",
     ):
         check_same_model({**ident, "num_layers": 6, "num_attention_heads": 8}, cfg)
     with pytest.raises(
         ValueError,
-        match=r"config fingerprint 0123456789ab\.\.\. there, .* \(the configs differ beyond the sizes\)",
+        match=r"config fingerprint 0123456789ab\.\.\. there, .* \(the configs differ beyond the "
+        r"sizes\)",
     ):
         check_same_model({**ident, "config_sha256": "0123456789abcdef"}, cfg)
     assert check_same_model(ident, cfg) == []
@@ -328,7 +333,8 @@ def test_old_report_fields_present_agree_absent_unchecked(llama_dir, tmp_path):
     plan = make_plan(synthetic_report(old), "layer", 1)
     with pytest.warns(
         UserWarning,
-        match="does not record the model's intermediate_size, num_attention_heads, num_key_value_heads, config_sha256",
+        match="does not record the model's intermediate_size, num_attention_heads, "
+        "num_key_value_heads, config_sha256",
     ):
         s = export_pruned(llama_dir, tmp_path / "out", plan)
     assert s.layers_after == 3

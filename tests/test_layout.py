@@ -86,7 +86,8 @@ def test_stage_packages_import_one_way():
         for line, mod in _imports(path):
             if mod.startswith("the package root"):
                 bad.append(
-                    f"{rel}:{line} imports {mod[len('the package root ') :]} from the package root; import it from its module"
+                    f"{rel}:{line} imports {mod[len('the package root ') :]} from the package "
+                    "root; import it from its module"
                 )
                 continue
             there = _stage(mod)

@@ -24,7 +24,8 @@ from entrodrop_fast.evaluate import lm_eval as L
 
 needs_lm_eval = pytest.mark.skipif(
     find_spec("lm_eval") is None,
-    reason="lm-evaluation-harness is not installed (pip install 'entrodrop_fast[eval]'; the test extra installs it)",
+    reason="lm-evaluation-harness is not installed (pip install 'entrodrop_fast[eval]'; the test "
+    "extra installs it)",
 )
 
 TASK = "tiny_mc"
@@ -98,7 +99,8 @@ def words_of(rows: list[dict]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
-    """A tiny random Llama with a word-level tokenizer (dense), and its export without the attention of layers 1 and 2."""
+    """A tiny random Llama with a word-level tokenizer (dense), and its export without the
+    attention of layers 1 and 2."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -140,7 +142,8 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def lm_eval_tasks(task_dir):
-    """lm-eval's own task index of ``task_dir`` (what ``--include_path`` builds), once per module."""
+    """lm-eval's own task index of ``task_dir`` (what ``--include_path`` builds), once per
+    module."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(task_dir))
@@ -275,7 +278,7 @@ def test_limit_and_num_fewshot_match_lm_eval(model_dirs, task_dir, lm_eval_tasks
     assert "2 of 5 items, 1-shot" in L.format_row(rows[0])
 
 
-# ---------------------------------------------------------------- failures: what was wrong, what to do
+# ------------------------------------------------------------- failures: what was wrong, what to do
 
 
 @needs_lm_eval
@@ -364,8 +367,8 @@ def test_hub_dataset_unreachable(task_dir, monkeypatch):
         L.prepare_tasks(["tiny_hub"], include_path=task_dir)
     msg = str(e.value)
     assert (
-        "needs the dataset 'someone/some_dataset' from the Hugging Face hub, which could not be reached"
-        in msg
+        "needs the dataset 'someone/some_dataset' from the Hugging Face hub, which could not be "
+        "reached" in msg
     )
     assert "HF_HUB_OFFLINE=1" in msg and "include_path DIR" in msg
 
@@ -484,7 +487,8 @@ def test_too_old_lm_eval_is_refused(monkeypatch):
         (
             ["--limit", "5", "--num-fewshot", "2"],
             1,
-            "entrodrop eval: error: --limit, --num-fewshot only apply to lm-evaluation-harness tasks: give them with --tasks",
+            "entrodrop eval: error: --limit, --num-fewshot only apply to lm-evaluation-harness "
+            "tasks: give them with --tasks",
         ),
         (
             ["--tasks", "t", "--include-path", "{tmp}/nowhere"],
@@ -546,7 +550,7 @@ def test_failing_tasks_exit_1_and_write_nothing(
     assert main(["eval", str(model_dirs["dense"]), "--tasks", TASK, *common]) == 1
     err = capsys.readouterr().err
     assert (
-        "entrodrop eval: error: lm-eval failed while evaluating tiny_mc (RuntimeError: no log-likelihoods today)"
-        in err
+        "entrodrop eval: error: lm-eval failed while evaluating tiny_mc (RuntimeError: no "
+        "log-likelihoods today)" in err
     )
     assert not out.exists() and not list(tmp_path.glob(".*entrodrop-tmp*"))

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import small_llama
 
 from entrodrop_fast.profile import massive as M
 
@@ -57,18 +58,7 @@ class _Tok:
 
 
 def test_diagnose_on_a_tiny_model_with_a_planted_massive_embedding():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = small_llama()
     with torch.no_grad():
         model.get_input_embeddings().weight[7] *= 1000.0  # token 7: a massive embedding
     windows = torch.randint(8, 64, (4, 20), generator=torch.Generator().manual_seed(1))

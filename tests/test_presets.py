@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from helpers import char_tokenizer, tiny_model
+from helpers import char_llama_dir
 
 from entrodrop_fast.cli import main
 
@@ -11,11 +11,7 @@ from entrodrop_fast.cli import main
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama with a character tokenizer saved beside it (no download)."""
-    d = tmp_path_factory.mktemp("tiny_llama_preset")
-    m = tiny_model("llama", layers=6)
-    m.save_pretrained(d)
-    char_tokenizer().save_pretrained(d)
-    return d
+    return char_llama_dir(tmp_path_factory.mktemp("tiny_llama_preset"), layers=6)
 
 
 def test_profile_and_rank_with_the_paper_preset(tiny_dir, tmp_path, capsys):
@@ -114,7 +110,8 @@ def test_preset_errors_are_one_line(tmp_path, capsys):
 
 
 def test_prune_with_the_paper_preset(tiny_dir, tmp_path, capsys):
-    # prune profiles with the preset itself (knn, k = 25, batch 1) and protects layers 0, 1 and the last
+    # prune profiles with the preset itself (knn, k = 25, batch 1) and protects layers 0, 1 and
+    # the last
     out = tmp_path / "pruned"
     assert (
         main(

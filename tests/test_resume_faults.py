@@ -18,7 +18,7 @@ import tempfile
 
 import pytest
 import torch
-from helpers import RESUME_SETTINGS, RESUME_W, assert_identical, char_tokenizer, tiny_model
+from helpers import RESUME_SETTINGS, RESUME_W, assert_identical, char_llama_dir, tiny_model
 
 import entrodrop_fast
 import entrodrop_fast.profile.layerwise as st
@@ -39,7 +39,8 @@ def _snapshot(d):
 
 
 def _stop(ckpt, d, windows=RESUME_W, settings=RESUME_SETTINGS, **kw):
-    """A streamed run into resume directory ``d``, stopped after layer STOP (the runner's test seam)."""
+    """A streamed run into resume directory ``d``, stopped after layer STOP (the runner's test
+    seam)."""
     with pytest.raises(KeyboardInterrupt):
         profile_streaming(
             ckpt, windows, settings, resume_dir=str(d), progress=False, _stop_after_layer=STOP, **kw
@@ -236,7 +237,8 @@ def test_resume_from_another_model_dir_stops(ckpt, stopped, tmp_path):
     shutil.copytree(ckpt, other)  # same files, same times: only the directory differs
     with pytest.raises(
         ResumeError,
-        match=r"other arguments \(model directory: '.*ckpt.*' there, '.*same_model_elsewhere' now\)",
+        match=r"other arguments \(model directory: '.*ckpt.*' there, "
+        r"'.*same_model_elsewhere' now\)",
     ):
         _resume(str(other), stopped)
 
@@ -251,7 +253,8 @@ def test_resume_after_weights_changed_stops(own_ckpt, tmp_path):
     os.utime(shard, ns=(st_.st_atime_ns, st_.st_mtime_ns + 10**9))  # rewritten in place
     with pytest.raises(
         ResumeError,
-        match=r"other arguments \(the model's weight files \(names, sizes or modification times\)\)",
+        match=r"other arguments \(the model's weight files "
+        r"\(names, sizes or modification times\)\)",
     ):
         _resume(own_ckpt, d)
 
@@ -310,13 +313,14 @@ def test_directory_of_an_older_version_stops(ckpt, stopped):
     (stopped / "run.json").unlink()
     with pytest.raises(
         ResumeError,
-        match=r"other arguments \(resume format \(the directory was written by another version of entrodrop_fast\): '\(not recorded\)' there, 2 now\)",
+        match=r"other arguments \(resume format \(the directory was written by another version of "
+        r"entrodrop_fast\): '\(not recorded\)' there, 2 now\)",
     ):
         _resume(ckpt, stopped)
     assert not (stopped / "run.json").exists()
 
 
-# ------------------------------------------------------------------ resume files missing, truncated, corrupt
+# --------------------------------------------------------- resume files missing, truncated, corrupt
 
 
 def _truncate(name, size):
@@ -347,7 +351,8 @@ BROKEN = (
 FAULTS = {
     "act_a_missing": (
         lambda d: (d / "act_a.bin").unlink(),
-        r"act_a\.bin is missing: the resume directory .* is incomplete .*activations are never re-created",
+        r"act_a\.bin is missing: the resume directory .* is incomplete .*activations are never "
+        r"re-created",
     ),
     "act_b_missing": (
         lambda d: (d / "act_b.bin").unlink(),
@@ -355,11 +360,13 @@ FAULTS = {
     ),
     "act_a_half": (
         _truncate("act_a.bin", lambda n: n // 2),
-        rf"act_a\.bin has {ACT_BYTES // 2} bytes where 7 x 20 x 32 float32 activations take {ACT_BYTES}: truncated",
+        rf"act_a\.bin has {ACT_BYTES // 2} bytes where 7 x 20 x 32 float32 activations take "
+        rf"{ACT_BYTES}: truncated",
     ),
     "act_b_empty": (
         _truncate("act_b.bin", lambda n: 0),
-        rf"act_b\.bin has 0 bytes where .* take {ACT_BYTES}: truncated, or not from this run; {BROKEN}",
+        rf"act_b\.bin has 0 bytes where .* take {ACT_BYTES}: truncated, or not from this run; "
+        rf"{BROKEN}",
     ),
     "act_a_longer": (
         _truncate("act_a.bin", lambda n: n + 4),
@@ -387,7 +394,8 @@ FAULTS = {
     ),
     "state_layers_out_of_range": (
         _edit_state(layers_done=LAYERS + 5),
-        rf"state\.pt: layers done {LAYERS + 5} / current buffer . out of range for {LAYERS} layers; {BROKEN}",
+        rf"state\.pt: layers done {LAYERS + 5} / current buffer . out of range for {LAYERS} "
+        rf"layers; {BROKEN}",
     ),
     "state_pending_lost": (
         _edit_state(pending=lambda p: p[:-1]),
@@ -399,7 +407,8 @@ FAULTS = {
     ),
     "run_json_and_state_missing": (
         lambda d: [(d / n).unlink() for n in ("run.json", "state.pt")],
-        r"holds act_a\.bin and act_b\.bin but neither state\.pt nor run\.json: .*remove it or choose another --resume-dir",
+        r"holds act_a\.bin and act_b\.bin but neither state\.pt nor run\.json: .*remove it or "
+        r"choose another --resume-dir",
     ),
 }
 
@@ -441,7 +450,8 @@ def test_directory_in_use_by_another_run_stops(ckpt, stopped):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(
             ResumeError,
-            match="is in use by another running profile; wait for it to end or choose another --resume-dir",
+            match="is in use by another running profile; wait for it to end or choose another "
+            "--resume-dir",
         ):
             _resume(ckpt, stopped)
     finally:
@@ -513,7 +523,8 @@ def test_full_disk_is_an_error_before_any_work(ckpt, tmp_path, monkeypatch, wher
 
 @pytest.mark.parametrize("where", ["resume_dir", "temp_dir"])
 def test_full_disk_without_fallocate_is_still_an_error(ckpt, tmp_path, monkeypatch, where):
-    """Where the system has no posix_fallocate, zeros are written instead (and fail the same way)."""
+    """Where the system has no posix_fallocate, zeros are written instead (and fail the same
+    way)."""
     monkeypatch.delattr(os, "posix_fallocate")
     real_write = os.write
     monkeypatch.setattr(
@@ -573,7 +584,8 @@ def test_state_save_on_full_disk_keeps_the_last_state(ckpt, whole, tmp_path, mon
     d = tmp_path / "resume"
     with pytest.raises(
         StorageError,
-        match=rf"state\.pt: cannot write the resume state: no space left on the device .*; the state saved before layer {STOP} is kept; free space",
+        match=r"state\.pt: cannot write the resume state: no space left on the device .*; the "
+        rf"state saved before layer {STOP} is kept; free space",
     ):
         _resume(ckpt, d)
     monkeypatch.setattr(torch, "save", real)
@@ -612,7 +624,10 @@ def _read_only(path):
                 os.chmod(p, m)
 
 
-READ_ONLY = r"cannot write .*: the directory is read-only or not writable \(.*\); free space or make .* writable and rerun, or choose another --resume-dir"
+READ_ONLY = (
+    r"cannot write .*: the directory is read-only or not writable \(.*\); free space or make .* "
+    r"writable and rerun, or choose another --resume-dir"
+)
 
 
 @pytest.mark.parametrize("where", ["the_dir", "inside_it"])
@@ -640,13 +655,8 @@ def test_read_only_resume_dir_resume(ckpt, stopped):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama with a byte-level tokenizer saved beside it (no download)."""
-
     d = tmp_path_factory.mktemp("tiny_llama_cli")
-    model = tiny_model("llama")
-    model.config.vocab_size = 97
-    model.save_pretrained(d, max_shard_size="60KB")
-    char_tokenizer().save_pretrained(d)
-    return d
+    return char_llama_dir(d, max_shard_size="60KB", vocab_size=97)
 
 
 def test_cli_resume_errors_are_one_line_messages(tiny_dir, tmp_path, capsys):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from helpers import DTYPES, llm_like
+from helpers import DTYPES, llm_like, small_llama
 
 from entrodrop_fast import bucket_entropy
 from entrodrop_fast.ops import robust as R
@@ -118,20 +118,9 @@ def test_bad_options_are_clear():
 
 
 def test_variants_profile_through_the_hooks():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from entrodrop_fast.profile.inmemory import ProfileSettings, profile
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = small_llama()
     windows = torch.randint(1, 64, (3, 24), generator=torch.Generator().manual_seed(0))
     res = profile(
         model,
@@ -150,7 +139,8 @@ def test_variants_profile_through_the_hooks():
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_variant_through_entropy_and_delta_entropy(case):
-    # the generic entry points dispatch the variants' names (issue 14: ef.entropy("bucket_q") raised)
+    # the generic entry points dispatch the variants' names (issue 14: ef.entropy("bucket_q")
+    # raised)
     import entrodrop_fast as ef
 
     name, fast, _, opts = case

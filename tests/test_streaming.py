@@ -6,7 +6,7 @@ import tempfile
 
 import pytest
 import torch
-from helpers import STREAM_SETTINGS, TINY, char_tokenizer, stream_windows, tiny_model
+from helpers import STREAM_SETTINGS, TINY, char_llama_dir, stream_windows, tiny_model
 
 from entrodrop_fast.profile.inmemory import profile
 from entrodrop_fast.profile.layerwise import Checkpoint, CheckpointError, profile_streaming
@@ -167,13 +167,8 @@ def test_not_a_model_dir(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama with a byte-level tokenizer saved beside it (no download)."""
-
     d = tmp_path_factory.mktemp("tiny_llama")
-    model = tiny_model("llama")
-    model.config.vocab_size = 97
-    model.save_pretrained(d, max_shard_size="60KB")
-    char_tokenizer().save_pretrained(d)
-    return d
+    return char_llama_dir(d, max_shard_size="60KB", vocab_size=97)
 
 
 def _cli_report(tiny_dir, out, *extra, torchrun=False):

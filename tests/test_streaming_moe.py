@@ -31,7 +31,8 @@ REPORT = ("samples", "points", "num_layers", "entropy", "delta", "cosine", "angu
 
 
 def assert_same_report(a, b, what="streamed"):
-    """The statistics of ``b`` equal those of ``a`` bit for bit (runner, timings and sizes aside)."""
+    """The statistics of ``b`` equal those of ``a`` bit for bit (runner, timings and sizes
+    aside)."""
     assert_identical({k: a[k] for k in REPORT}, {k: b[k] for k in REPORT}, what)
 
 
@@ -170,7 +171,8 @@ def test_streamed_equals_in_memory(name, layout, models, in_memory, tmp_path):
 
 @pytest.mark.parametrize("name", MOE)
 def test_streamed_equals_transformers_load_of_the_same_directory(name, models, tmp_path):
-    """The in-memory profile of the directory as transformers loads it (its own fusing) is the streamed one."""
+    """The in-memory profile of the directory as transformers loads it (its own fusing) is the
+    streamed one."""
     from entrodrop_fast.models import load_model
 
     d = write_checkpoint(models[name], tmp_path / "ckpt", "per_expert")
@@ -229,7 +231,8 @@ def test_dense_and_sparse_layers_mixed(tmp_path):
 
 
 def test_bf16_per_expert(tmp_path):
-    """A bf16 run of an fp32 per-expert checkpoint: each expert is cast before fusing, as transformers does."""
+    """A bf16 run of an fp32 per-expert checkpoint: each expert is cast before fusing, as
+    transformers does."""
     from entrodrop_fast.models import load_model
 
     d = write_checkpoint(tiny_model("qwen3_moe"), tmp_path / "ckpt", "per_expert")
@@ -294,8 +297,8 @@ def test_missing_expert_is_named_before_any_weight_is_read(tmp_path, monkeypatch
         profile_streaming(d, stream_windows(), STREAM_SETTINGS, progress=False)
     msg = str(err.value)
     assert (
-        "model.layers.1.block_sparse_moe.experts.0.w1.weight ... model.layers.1.block_sparse_moe.experts.3.w3.weight"
-        in msg
+        "model.layers.1.block_sparse_moe.experts.0.w1.weight ... "
+        "model.layers.1.block_sparse_moe.experts.3.w3.weight" in msg
     )
     assert "4 x .experts.*.w1.weight, 3 x .experts.*.w3.weight" in msg
     assert "do not combine into model.layers.1.mlp.experts.gate_up_proj" in msg
@@ -307,7 +310,8 @@ def test_missing_router_is_named(tmp_path):
     _drop(d, "model.layers.2.mlp.shared_expert_gate.weight")
     with pytest.raises(
         CheckpointError,
-        match=r"tensor model\.layers\.2\.mlp\.shared_expert_gate\.weight \(layer 2\) is not in the checkpoint",
+        match=r"tensor model\.layers\.2\.mlp\.shared_expert_gate\.weight \(layer 2\) is not in the "
+        r"checkpoint",
     ):
         profile_streaming(d, stream_windows(), STREAM_SETTINGS, progress=False)
 
@@ -332,8 +336,8 @@ def test_config_with_other_expert_count(tmp_path, layout):
     )
     if layout == "per_expert":
         assert (
-            "the 8 tensors model.layers.0.mlp.experts.0.gate_proj.weight ... model.layers.0.mlp.experts.3.up_proj.weight"
-            in msg
+            "the 8 tensors model.layers.0.mlp.experts.0.gate_proj.weight ... "
+            "model.layers.0.mlp.experts.3.up_proj.weight" in msg
         )
 
 
@@ -354,7 +358,8 @@ def test_memory_plan_counts_the_experts(tmp_path, layout):
     cfg = model.config
     D, k, inter = cfg.hidden_size, cfg.num_experts_per_tok, cfg.intermediate_size
     assert plan.per_token == (D + k * (D + inter)) * 4 * 3
-    # fusing a per-expert layer in RAM holds its largest fused tensor once more (gate_up: 2/3 of the experts)
+    # fusing a per-expert layer in RAM holds its largest fused tensor once more (gate_up: 2/3 of
+    # the experts)
     assert plan.fuse_extra == (experts * 2 // 3 if layout == "per_expert" else 0)
 
 

@@ -307,21 +307,9 @@ def test_kernels_report_exactly_the_bad_channels(dtype, case, nan_empty):
 
     x, f, mask = bad_data(dtype, case)
     for ff, m in ((None, None), (f, None), (f, mask)):
-        y = x.float() if ff is None else x.float() + ff.float()
-        bad = _bad_channels(y, m)
-        clean = torch.where(torch.isfinite(y), y, torch.zeros_like(y))
+        bad, clean = H.bad_and_clean(x, ff, m)
         for cfg in _paths():
-            h = bucket(x, ff, m, 20, False, **cfg)
-            assert torch.equal(h.isnan(), bad), (
-                f"bucket {cfg}: NaN at {h.isnan().nonzero().tolist()}, bad {bad.nonzero().tolist()}"
-            )
-            assert_close(
-                ref_ops.bucket(clean, None, m, 20)[~bad],
-                h[~bad],
-                1e-12,
-                1e-12,
-                name="bucket, clean channels",
-            )
+            H.check_bad_bucket(bucket(x, ff, m, 20, False, **cfg), bad, clean, m, f"bucket {cfg}")
             if ff is not None:
                 hy, hx = bucket_pair(x, ff, m, 20, False, **cfg)
                 assert torch.equal(hy.isnan(), bad) and torch.equal(

@@ -8,29 +8,12 @@ import os
 
 import pytest
 import torch
-from helpers import tiny_model, word_tokenizer
-
-from entrodrop_fast.cli import main
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
-def assert_clean_error(rc: int, err: str, command: str, *needles: str) -> str:
-    assert rc == 1, err
-    assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith(f"entrodrop {command}: error: "), err
-    for n in needles:
-        assert n in last, f"{n!r} not in {last!r}"
-    return last
+from helpers import assert_clean_error, run_cli, tiny_model, word_tokenizer
 
 
 def _model_dir(root, name="tiny", n_words=97, tokenizer=True, max_pos=256):
-    """A tiny random Llama (vocab 97, ``max_pos`` positions) with a word-level tokenizer of ``n_words``."""
+    """A tiny random Llama (vocab 97, ``max_pos`` positions) with a word-level tokenizer of
+    ``n_words``."""
     d = root / name
     m = tiny_model("llama", seed=6)
     m.config.max_position_embeddings = max_pos
@@ -63,7 +46,7 @@ def corpus(root):
     return f
 
 
-# ---------------------------------------------------------------- 18: tokenizer larger than the vocabulary
+# --------------------------------------------------------- 18: tokenizer larger than the vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +97,7 @@ def test_token_ids_checked_before_the_first_forward(tiny):
         profile(tiny_model("llama"), ids, ProfileSettings(), progress=False)
 
 
-# ---------------------------------------------------------------- 15: --seq-len beyond the positions
+# --------------------------------------------------------------- 15: --seq-len beyond the positions
 
 
 def test_profile_refuses_seq_len_beyond_positions(short, corpus, tmp_path, capsys):
@@ -352,7 +335,8 @@ def test_json_corpora(tmp_path):
     tok.write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
     with pytest.raises(
         CorpusError,
-        match=f"corpus file {tok} holds a JSON object with keys \\['model', 'version'\\], not a list of documents",
+        match=f"corpus file {tok} holds a JSON object with keys \\['model', 'version'\\], not a "
+        "list of documents",
     ):
         load_corpus(str(tok))
     junk = tmp_path / "junk.json"
@@ -419,7 +403,7 @@ def test_bench_device_and_unallocatable_shape(capsys):
     )
 
 
-# ---------------------------------------------------------------- 33: info lists the devices usable here
+# ----------------------------------------------------------- 33: info lists the devices usable here
 
 
 def test_info_lists_cuda_only_with_a_gpu(capsys, monkeypatch):
@@ -493,7 +477,7 @@ def test_cache_dir_tilde_is_expanded(tmp_path, monkeypatch):
     assert seen["cache_dir"] == str(tmp_path / "x")
 
 
-# ---------------------------------------------------------------- 32: activation dirs of killed runs
+# --------------------------------------------------------------- 32: activation dirs of killed runs
 
 
 def test_stale_activation_dirs_are_swept(tmp_path):
@@ -547,7 +531,8 @@ def test_entropy_nan_policy_and_knn_message(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["gemma3_270m", "gemma3", "smollm-135m"])
 def test_near_miss_of_a_builtin_name_suggests_it(tmp_path, capsys, name):
-    """A misspelt built-in name is not sent to the (unreachable) hub: the message suggests the name."""
+    """A misspelt built-in name is not sent to the (unreachable) hub: the message suggests the
+    name."""
     from entrodrop_fast.cli import main
 
     assert main(["profile", name, "--out", str(tmp_path / "r"), "-q"]) == 1

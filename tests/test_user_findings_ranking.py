@@ -110,26 +110,26 @@ def test_7_rank_cli_rounding_to_zero_is_an_error(tmp_path, capsys):
 # 8 ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pruned_profile():
+def _bucket_report(model, windows, name: str) -> dict:
+    """The report of a bucket profile (torch backend, all windows in one batch) of ``model``."""
     from entrodrop_fast.profile.inmemory import ProfileSettings, profile
 
-    model = tiny_model("llama", "mixed", num_hidden_layers=5)
-    drop_blocks_(model, {"attn": [1, 2]})
-    windows = torch.randint(3, 97, (2, 16), generator=torch.Generator().manual_seed(0))
-    rep = build_report(
-        profile(
-            model,
-            windows,
-            ProfileSettings(methods=("bucket",), batch_size=2, backend="torch"),
-            progress=False,
-        ),
-        model_info={"name": "pruned"},
+    settings = ProfileSettings(methods=("bucket",), batch_size=len(windows), backend="torch")
+    return build_report(
+        profile(model, windows, settings, progress=False),
+        model_info={"name": name},
         data_info={},
         settings={},
         model=model,
     )
-    return model, rep
+
+
+@pytest.fixture(scope="module")
+def pruned_profile():
+    model = tiny_model("llama", "mixed", num_hidden_layers=5)
+    drop_blocks_(model, {"attn": [1, 2]})
+    windows = torch.randint(3, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    return model, _bucket_report(model, windows, "pruned")
 
 
 def test_8_blocks_already_dropped_are_marked_skipped_shown_and_refused(pruned_profile):
@@ -160,22 +160,9 @@ def _strict(text: str):
 
 
 def test_10_one_sample_writes_null_not_nan(tmp_path):
-    from entrodrop_fast.profile.inmemory import ProfileSettings, profile
-
     model = tiny_model("llama", "mixed", num_hidden_layers=3)
     windows = torch.randint(3, 97, (1, 16), generator=torch.Generator().manual_seed(1))
-    rep = build_report(
-        profile(
-            model,
-            windows,
-            ProfileSettings(methods=("bucket",), batch_size=1, backend="torch"),
-            progress=False,
-        ),
-        model_info={"name": "one"},
-        data_info={},
-        settings={},
-        model=model,
-    )
+    rep = _bucket_report(model, windows, "one")
     out = write_report(rep, tmp_path / "rep", png=False)
     data = _strict((out / "report.json").read_text())
     assert data["blocks"][0]["delta"]["bucket"]["stderr"] is None

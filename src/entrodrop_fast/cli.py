@@ -52,7 +52,11 @@ _OS_HINTS = {
 
 
 def int_at_least(low: int, why: str = ""):
-    """An argparse ``type``: an integer >= ``low``; the message names the flag (argparse adds it)."""
+    """An argparse ``type``: an integer >= ``low``.
+
+    The returned parser raises ``argparse.ArgumentTypeError`` (argparse adds the flag's name
+    and exits 2) for text that is not an integer or is below ``low``; ``why`` is said after.
+    """
 
     def parse(text: str) -> int:
         try:
@@ -71,6 +75,26 @@ def int_at_least(low: int, why: str = ""):
 
 
 positive_int = int_at_least(1)
+
+
+def add_model_arg(p: argparse.ArgumentParser, help: str, metavar: str | None = None) -> None:
+    """The optional ``model`` positional of a command (None when omitted: the built-in model)."""
+    p.add_argument("model", nargs="?", default=None, metavar=metavar, help=help)
+
+
+def add_preset_arg(p: argparse.ArgumentParser, help: str) -> None:
+    """``--preset paper`` (None when omitted); ``help`` says what it sets in this command."""
+    p.add_argument("--preset", default=None, choices=["paper"], help=help)
+
+
+def add_output_file_args(p: argparse.ArgumentParser, flag: str, help: str, what: str, **kw) -> None:
+    """``flag``, a file the command writes (``kw``: more of its argparse settings), and
+    ``--overwrite``, which replaces that file even when it is not ``what`` (e.g. "a plan file";
+    without it, an existing file is replaced only when the command recognises it as its own)."""
+    p.add_argument(flag, help=help, **kw)
+    p.add_argument(
+        "--overwrite", action="store_true", help=f"replace {flag} even when it is not {what}"
+    )
 
 
 def is_expected(exc: BaseException) -> bool:
@@ -93,7 +117,8 @@ def is_expected(exc: BaseException) -> bool:
 
 
 def _symlink_loop(exc: BaseException) -> str | None:
-    """The path of pathlib's ``RuntimeError("Symlink loop from '...'")`` (Path.resolve), else None."""
+    """The path of pathlib's ``RuntimeError("Symlink loop from '...'")`` (Path.resolve), else
+    None."""
     if type(exc) is RuntimeError and exc.args and isinstance(exc.args[0], str):
         m = re.fullmatch(r"Symlink loop from (['\"])(.*)\1", exc.args[0].strip())
         if m:
@@ -105,7 +130,10 @@ def error_message(exc: BaseException) -> str:
     """One message for an expected failure: what went wrong, on which file, and what to do."""
     loop = _symlink_loop(exc)
     if loop is not None:
-        return f"symbolic link loop at {loop}: it leads back to itself (remove or fix the link, or give another path)"
+        return (
+            f"symbolic link loop at {loop}: it leads back to itself "
+            "(remove or fix the link, or give another path)"
+        )
     # the project's own OSError subclasses (e.g. streaming's StorageError) carry their own
     # message and advice; bare OSErrors get the path and a hint by errno
     if (
@@ -126,7 +154,10 @@ def error_message(exc: BaseException) -> str:
     if not text:
         return type(exc).__name__
     if type(exc).__name__ == "OutOfMemoryError":
-        return f"out of memory: {text.splitlines()[0]} (lower --batch-size or --seq-len, or profile with --streaming / --max-memory)"
+        return (
+            f"out of memory: {text.splitlines()[0]} (lower --batch-size or --seq-len, "
+            "or profile with --streaming / --max-memory)"
+        )
     if type(exc).__module__.startswith(("safetensors", "torch")):
         return f"{type(exc).__name__}: {text}"
     return text
@@ -174,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    for name in ("cache_dir",):  # a quoted '~/x' means the home directory, never a folder named '~'
+    # a quoted '~/x' means the home directory, never a folder named '~'
+    for name in ("cache_dir",):
         if isinstance(getattr(args, name, None), str):
             setattr(args, name, os.path.expanduser(getattr(args, name)))
     try:
@@ -186,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if not is_expected(exc):
             print(
-                f"entrodrop {args.command}: internal error ({type(exc).__name__}), a bug in entrodrop_fast {__version__}: please report it with the traceback below",
+                f"entrodrop {args.command}: internal error ({type(exc).__name__}), a bug in "
+                f"entrodrop_fast {__version__}: please report it with the traceback below",
                 file=sys.stderr,
             )
             raise

@@ -31,9 +31,8 @@ def _allocatable(shape, dtype, device) -> None:
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     what = "x".join(map(str, shape))
     try:
-        if (
-            device.type == "cpu"
-        ):  # malloc may promise more than there is (overcommit): compare with the RAM
+        # malloc may promise more than there is (overcommit): compare with the RAM
+        if device.type == "cpu":
             import os
 
             ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -43,25 +42,21 @@ def _allocatable(shape, dtype, device) -> None:
     except (RuntimeError, MemoryError) as exc:  # torch's allocator: RuntimeError / OutOfMemoryError
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MemoryError_(
-            f"shape {what} in {str(dtype).replace('torch.', '')} needs {nbytes / 2**30:.1f} GiB ({nbytes} bytes), "
+            f"shape {what} in {str(dtype).replace('torch.', '')} needs "
+            f"{nbytes / 2**30:.1f} GiB ({nbytes} bytes), "
             f"which cannot be allocated on {device} ({first}); use smaller --shapes"
         ) from None
     del t
 
 
-def register(sub) -> None:
-    from entrodrop_fast.cli import positive_int
-    from entrodrop_fast.ops.bench import (
-        BACKENDS,
-        CALL_SHAPES,
-        CALLS,
-        DEFAULT_SHAPES,
-        DTYPES,
-        ESTIMATORS,
-    )
+def _shapes_text(shapes) -> str:
+    """Shapes as --shapes takes them: ``((256, 4096), (8, 512))`` -> ``"256x4096,8x512"``."""
+    return ",".join("x".join(map(str, s)) for s in shapes)
 
-    def shapes(ss):
-        return ",".join("x".join(map(str, s)) for s in ss)
+
+def register(sub) -> None:
+    from entrodrop_fast.cli import add_output_file_args, positive_int
+    from entrodrop_fast.ops import bench as B
 
     p = sub.add_parser(
         "bench",
@@ -70,49 +65,55 @@ def register(sub) -> None:
     p.add_argument(
         "--calls",
         action="store_true",
-        help="time the public calls (ef.bucket_entropy(x), delta_entropy(x, f), ...: validation on) beside the same "
-        "calls with validate=False and the roofline of reading their inputs, interleaved; the minimum of the runs",
+        help="time the public calls (ef.bucket_entropy(x), delta_entropy(x, f), ...: validation "
+        "on) beside the same calls with validate=False and the roofline of reading their inputs, "
+        "interleaved; the minimum of the runs",
     )
     p.add_argument(
         "--estimators",
         default=None,
-        help=f"comma-separated from {', '.join(ESTIMATORS)} (default all); with --calls from {', '.join(CALLS)}",
+        help=f"comma-separated from {', '.join(B.ESTIMATORS)} (default all); "
+        f"with --calls from {', '.join(B.CALLS)}",
     )
     p.add_argument(
         "--shapes",
         default=None,
-        help=f"comma-separated, e.g. 256x4096,128x256x4096 (default {shapes(DEFAULT_SHAPES)}; with --calls {shapes(CALL_SHAPES)})",
+        help="comma-separated, e.g. 256x4096,128x256x4096 "
+        f"(default {_shapes_text(B.DEFAULT_SHAPES)}; with --calls {_shapes_text(B.CALL_SHAPES)})",
     )
     p.add_argument(
-        "--dtypes", default="fp32,bf16", help=f"comma-separated from {', '.join(DTYPES)}"
+        "--dtypes", default="fp32,bf16", help=f"comma-separated from {', '.join(B.DTYPES)}"
     )
     p.add_argument(
         "--backends",
         default=None,
-        help=f"comma-separated from {', '.join(BACKENDS)} (default all); with --calls one API backend, auto (default), cpp, triton or torch",
+        help=f"comma-separated from {', '.join(B.BACKENDS)} (default all); with --calls one API "
+        "backend, auto (default), cpp, triton or torch",
     )
     p.add_argument(
         "--repeat",
         type=positive_int,
         default=None,
-        help="timed runs per case, the median reported (default 5); with --calls rounds, the minimum reported (default 7)",
+        help="timed runs per case, the median reported (default 5); with --calls rounds, the "
+        "minimum reported (default 7)",
     )
     p.add_argument(
         "--min-seconds",
         type=float,
         default=0.5,
-        help="with --calls: more rounds for fast calls, until the default call has run this long in all (default 0.5; "
-        "at most 300 rounds): the minimum then comes from a round the machine did not preempt",
+        help="with --calls: more rounds for fast calls, until the default call has run this long "
+        "in all (default 0.5; at most 300 rounds): the minimum then comes from a round the "
+        "machine did not preempt",
     )
     p.add_argument("--device", default="cpu")
-    p.add_argument(
+    add_output_file_args(
+        p,
         "--json",
+        "also write the results as JSON (an existing file is replaced only when it is an earlier "
+        "bench JSON)",
+        "a bench JSON",
         default=None,
         metavar="PATH",
-        help="also write the results as JSON (an existing file is replaced only when it is an earlier bench JSON)",
-    )
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace --json even when it is not a bench JSON"
     )
     p.set_defaults(func=run)
 
@@ -127,19 +128,8 @@ def _is_bench_json(path) -> bool:
 
 def run(args) -> int:
     from entrodrop_fast import outputs
+    from entrodrop_fast.ops import bench as B
     from entrodrop_fast.ops.api import BACKENDS as API_BACKENDS
-    from entrodrop_fast.ops.bench import (
-        BACKENDS,
-        CALL_SHAPES,
-        CALLS,
-        DEFAULT_SHAPES,
-        DTYPES,
-        ESTIMATORS,
-        format_call_table,
-        format_table,
-        run_bench,
-        run_call_bench,
-    )
 
     if args.json:  # checked before the benchmark runs
         outputs.check_file(
@@ -160,20 +150,12 @@ def run(args) -> int:
     from entrodrop_fast.models.loading import parse_device
 
     device = parse_device(args.device)  # a device torch cannot use stops here
-    dtypes = pick(args.dtypes, tuple(DTYPES), "dtype")
-    shapes = [
-        _shape(s)
-        for s in (
-            args.shapes
-            or ",".join(
-                "x".join(map(str, s)) for s in (CALL_SHAPES if args.calls else DEFAULT_SHAPES)
-            )
-        ).split(",")
-        if s.strip()
-    ]
+    dtypes = pick(args.dtypes, tuple(B.DTYPES), "dtype")
+    default_shapes = _shapes_text(B.CALL_SHAPES if args.calls else B.DEFAULT_SHAPES)
+    shapes = [_shape(s) for s in (args.shapes or default_shapes).split(",") if s.strip()]
     for shape in shapes:  # every input tensor can be made, before any case runs
         for name in dtypes:
-            _allocatable(shape, DTYPES[name], device)
+            _allocatable(shape, B.DTYPES[name], device)
     try:
         if args.calls:
             backend = pick(args.backends or "auto", ("auto", *API_BACKENDS), "backend")
@@ -181,8 +163,8 @@ def run(args) -> int:
                 raise ValueError(
                     f"--calls times one API backend at a time, got {', '.join(backend)}"
                 )
-            rows = run_call_bench(
-                calls=pick(args.estimators or ",".join(CALLS), tuple(CALLS), "call"),
+            rows = B.run_call_bench(
+                calls=pick(args.estimators or ",".join(B.CALLS), tuple(B.CALLS), "call"),
                 shapes=shapes,
                 dtypes=dtypes,
                 repeat=args.repeat or 7,
@@ -190,22 +172,25 @@ def run(args) -> int:
                 backend=backend[0],
                 min_seconds=max(0.0, args.min_seconds),
             )
-            print(format_call_table(rows))
+            print(B.format_call_table(rows))
         else:
-            rows = run_bench(
-                estimators=pick(args.estimators or ",".join(ESTIMATORS), ESTIMATORS, "estimator"),
+            rows = B.run_bench(
+                estimators=pick(
+                    args.estimators or ",".join(B.ESTIMATORS), B.ESTIMATORS, "estimator"
+                ),
                 shapes=shapes,
                 dtypes=dtypes,
-                backends=pick(args.backends or ",".join(BACKENDS), BACKENDS, "backend"),
+                backends=pick(args.backends or ",".join(B.BACKENDS), B.BACKENDS, "backend"),
                 repeat=args.repeat or 5,
                 device=args.device,
             )
-            print(format_table(rows))
+            print(B.format_table(rows))
     except RuntimeError as exc:
         if "alloc" not in str(exc).lower() and "memory" not in str(exc).lower():
             raise
         raise MemoryError_(
-            f"the benchmark ran out of memory on {device} ({str(exc).strip().splitlines()[0]}); use smaller --shapes"
+            f"the benchmark ran out of memory on {device} "
+            f"({str(exc).strip().splitlines()[0]}); use smaller --shapes"
         ) from None
     if args.json:
         outputs.publish_file(args.json, json.dumps(rows, indent=1), what="bench JSON")

@@ -6,17 +6,16 @@ import sys
 
 
 def register(sub) -> None:
-    from entrodrop_fast.cli import int_at_least, positive_int
+    from entrodrop_fast.cli import add_model_arg, add_preset_arg, int_at_least, positive_int
     from entrodrop_fast.evaluate.compare import BASELINES, SCORING
 
     p = sub.add_parser(
         "compare", help="profile once, prune with each method and K, evaluate, tabulate and plot"
     )
-    p.add_argument(
-        "model",
-        nargs="?",
-        default=None,
-        help="local HF directory, .gguf, hub id or a built-in name (gemma3-270m); default: built-in SmolLM2-135M-Instruct",
+    add_model_arg(
+        p,
+        "local HF directory, .gguf, hub id or a built-in name (gemma3-270m); default: built-in "
+        "SmolLM2-135M-Instruct",
     )
     p.add_argument(
         "--kind", default="attn", help="attn, mlp, layer; several comma-separated (default attn)"
@@ -24,18 +23,21 @@ def register(sub) -> None:
     p.add_argument(
         "--drop",
         default="2,4,6,8",
-        help="how many blocks to drop, comma-separated, each as in rank: a count (8), a fraction (0.25) or a percentage (25%%) of the candidate blocks (default 2,4,6,8)",
+        help="how many blocks to drop, comma-separated, each as in rank: a count (8), a fraction "
+        "(0.25) or a percentage (25%%) of the candidate blocks (default 2,4,6,8)",
     )
     p.add_argument(
         "--methods",
         default="bucket,knn,gaussian_diag,cosine,random",
-        help=f"from {', '.join(SCORING + BASELINES)} (default bucket,knn,gaussian_diag,cosine,random)",
+        help=f"from {', '.join(SCORING + BASELINES)} "
+        "(default bucket,knn,gaussian_diag,cosine,random)",
     )
     p.add_argument(
         "--calib",
         action="append",
         default=None,
-        help="calibration corpus (builtin, stdlib-docs, a file or directory); give it twice to compare the rankings from two corpora (the first is also the evaluation text)",
+        help="calibration corpus (builtin, stdlib-docs, a file or directory); give it twice to "
+        "compare the rankings from two corpora (the first is also the evaluation text)",
     )
     p.add_argument(
         "--samples", type=positive_int, default=128, help="calibration windows (default 128)"
@@ -51,7 +53,8 @@ def register(sub) -> None:
         "--eval-windows",
         type=positive_int,
         default=32,
-        help="perplexity windows on held-out text, at most (default 32; every 5th document, or the last fifth of each of fewer than 5)",
+        help="perplexity windows on held-out text, at most (default 32; every 5th document, or "
+        "the last fifth of each of fewer than 5)",
     )
     p.add_argument(
         "--items",
@@ -63,12 +66,15 @@ def register(sub) -> None:
         "--protect-rule",
         default=None,
         choices=["shared", "paper", "per-method"],
-        help="one protection for every method: shared (default: stage 1 detected once from --stage1-method's stream entropy, plus the last layer), paper (layers 0, 1 and the last, fixed), per-method (each method's own profile)",
+        help="one protection for every method: shared (default: stage 1 detected once from "
+        "--stage1-method's stream entropy, plus the last layer), paper (layers 0, 1 and the "
+        "last, fixed), per-method (each method's own profile)",
     )
     p.add_argument(
         "--stage1-method",
         default=None,
-        help="entropy method whose stream entropy detects stage 1 for --protect-rule shared (default: the first entropy method of --methods)",
+        help="entropy method whose stream entropy detects stage 1 for --protect-rule shared "
+        "(default: the first entropy method of --methods)",
     )
     p.add_argument(
         "--random-seeds",
@@ -79,7 +85,8 @@ def register(sub) -> None:
     p.add_argument(
         "--iterative",
         default="",
-        help="methods also run with iterative re-scoring (drop one, re-profile), comma-separated, e.g. knn,cosine",
+        help="methods also run with iterative re-scoring (drop one, re-profile), "
+        "comma-separated, e.g. knn,cosine",
     )
     p.add_argument(
         "--iterative-samples",
@@ -100,11 +107,10 @@ def register(sub) -> None:
         default=8,
         help="profile: windows per forward pass (default 8; the scores do not depend on it)",
     )
-    p.add_argument(
-        "--preset",
-        default=None,
-        choices=["paper"],
-        help="paper: the paper's code's settings for the architecture (knn k=25; bucket 80 bins for Mistral; batch 1) and its protection (layers 0, 1, last) for every method",
+    add_preset_arg(
+        p,
+        "paper: the paper's code's settings for the architecture (knn k=25; bucket 80 bins for "
+        "Mistral; batch 1) and its protection (layers 0, 1, last) for every method",
     )
     p.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
     p.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"])
@@ -141,11 +147,13 @@ def run(args) -> int:
     )
     if args.stage1_method is not None and args.stage1_method not in C.ENTROPY:
         raise ValueError(
-            f"--stage1-method must be an entropy method ({', '.join(C.ENTROPY)}), got {args.stage1_method!r}"
+            f"--stage1-method must be an entropy method ({', '.join(C.ENTROPY)}), "
+            f"got {args.stage1_method!r}"
         )
     if args.preset and args.protect_rule not in (None, "paper"):
         raise ValueError(
-            f"--preset paper protects layers 0, 1 and the last; it contradicts --protect-rule {args.protect_rule}"
+            "--preset paper protects layers 0, 1 and the last; it contradicts "
+            f"--protect-rule {args.protect_rule}"
         )
     if "angular" in methods and not any(isinstance(c, int) for c in counts):
         raise ValueError(
@@ -156,7 +164,8 @@ def run(args) -> int:
         raise ValueError("--calib can be given at most twice")
     if len(calib) == 2 and methods == ["random"]:
         raise ValueError(
-            "two --calib corpora compare the rankings of scoring methods, and random has none; add one to --methods (e.g. bucket,random)"
+            "two --calib corpora compare the rankings of scoring methods, and random has none; "
+            "add one to --methods (e.g. bucket,random)"
         )
     from entrodrop_fast import outputs
 
@@ -172,9 +181,8 @@ def run(args) -> int:
     from entrodrop_fast.data import calibration_windows, load_corpus
     from entrodrop_fast.evaluate.heldout import heldout_documents
 
-    corpora = [
-        load_corpus(c) for c in calib
-    ]  # unreadable, empty or binary corpora stop the run here
+    # unreadable, empty or binary corpora stop the run here
+    corpora = [load_corpus(c) for c in calib]
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     # enough text for every step, checked before the first forward pass
     heldout_documents(corpora[0], lm.tokenizer, seq_len=args.seq_len)

@@ -25,7 +25,8 @@ def load_tensor(path: str, key: str | None = None) -> torch.Tensor:
         raise ValueError(f"{path}: unsupported file type {suffix!r}; use .npy, .pt or .safetensors")
     if suffix == ".npy" and key is not None:
         raise ValueError(
-            f"--key names a tensor inside a .pt/.safetensors file; {path} is a .npy file holding one array: drop --key"
+            f"--key names a tensor inside a .pt/.safetensors file; {path} is a .npy file "
+            "holding one array: drop --key"
         )
     if p.stat().st_size == 0:
         raise ValueError(f"{path} is empty (0 bytes); write the tensor again")
@@ -42,14 +43,17 @@ def load_tensor(path: str, key: str | None = None) -> torch.Tensor:
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except (OSError, MemoryError):
         raise
-    except Exception as exc:  # the readers raise many types (EOFError, SafetensorError, UnpicklingError, RuntimeError, ValueError) for a bad file
+    except Exception as exc:
+        # the readers raise many types (EOFError, SafetensorError, UnpicklingError,
+        # RuntimeError, ValueError) for a bad file
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         if len(why) > 200:  # torch's messages run on; their first sentence says it
             why = why.split(". ")[0] + "."
         if suffix != ".npy" and type(exc).__name__ == "UnpicklingError":
             why += " torch.load(weights_only=True) reads only tensors and plain containers of them"
         raise ValueError(
-            f"{path}: cannot read it as a {suffix} tensor file; it may be truncated or corrupt ({type(exc).__name__}: {why})"
+            f"{path}: cannot read it as a {suffix} tensor file; it may be truncated or corrupt "
+            f"({type(exc).__name__}: {why})"
         ) from exc
     return obj if suffix == ".npy" else _pick(obj, key, path)
 
@@ -61,7 +65,8 @@ def _pick(obj, key, path) -> torch.Tensor:
         if key is None:
             if len(obj) != 1:
                 raise ValueError(
-                    f"{path} holds {len(obj)} tensors ({', '.join(list(obj)[:8])}); choose one with --key"
+                    f"{path} holds {len(obj)} tensors ({', '.join(list(obj)[:8])}); "
+                    "choose one with --key"
                 )
             key = next(iter(obj))
         if key not in obj:
@@ -163,7 +168,8 @@ def register(sub) -> None:
     p.add_argument("--key", help="tensor name inside a .pt/.safetensors dict")
     p.add_argument(
         "--method",
-        help="comma-separated: bucket,gaussian_diag,gaussian_full,knn,renyi (default bucket,gaussian_diag,knn)",
+        help="comma-separated: bucket,gaussian_diag,gaussian_full,knn,renyi "
+        "(default bucket,gaussian_diag,knn)",
     )
     p.add_argument("--backend", default="auto", help="auto, cuda, cpp, triton or torch")
     p.add_argument(

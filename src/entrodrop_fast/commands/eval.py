@@ -7,7 +7,8 @@ import os
 
 
 def load_any(source, dtype: str, device: str):
-    """A model directory (dense or written by ``entrodrop prune``), .gguf, hub id or the built-in model.
+    """A model directory (dense or written by ``entrodrop prune``), .gguf, hub id or the
+    built-in model: ``(model, tokenizer)``.
 
     The loader of every command (:func:`entrodrop_fast.models.load_model`): pruned checkpoints
     load as the pruned model, unsupported architectures and checkpoints that do not match
@@ -19,20 +20,21 @@ def load_any(source, dtype: str, device: str):
     return lm.model, lm.tokenizer
 
 
-#: the built-in last-word task keeps this many context tokens before the word (evaluate.last_word_task)
+#: the built-in last-word task keeps this many context tokens before the word
+#: (evaluate.last_word_task)
 LAST_WORD_CONTEXT = 192
 
 
 def position_needs(seq_len: int, speed: bool = True) -> list[tuple[int, str]]:
-    """The lengths ``entrodrop eval`` runs through the model: (tokens, what), for check_positions."""
+    """The lengths ``entrodrop eval`` runs through the model: (tokens, what), for
+    check_positions."""
     import inspect
 
     from entrodrop_fast.evaluate import heldout as E
 
     kw = E.continuation_task.__kwdefaults__
-    spd = {
-        k: v.default for k, v in inspect.signature(E.speed).parameters.items()
-    }  # (decorated: its own signature)
+    # (decorated: its own signature)
+    spd = {k: v.default for k, v in inspect.signature(E.speed).parameters.items()}
     needs = [
         (seq_len, "--seq-len"),
         (
@@ -48,7 +50,8 @@ def position_needs(seq_len: int, speed: bool = True) -> list[tuple[int, str]]:
         needs.append(
             (
                 spd["prompt_len"] + spd["new_tokens"],
-                f"the speed test ({spd['prompt_len']}-token prompt + {spd['new_tokens']} new tokens; skip it with --no-speed)",
+                f"the speed test ({spd['prompt_len']}-token prompt + {spd['new_tokens']} new "
+                "tokens; skip it with --no-speed)",
             )
         )
     return needs
@@ -86,18 +89,20 @@ def run(args) -> int:
     ]
     if lm_flags and not tasks:
         raise ValueError(
-            f"{', '.join(lm_flags)} only apply to lm-evaluation-harness tasks: give them with --tasks NAME[,NAME...]"
+            f"{', '.join(lm_flags)} only apply to lm-evaluation-harness tasks: give them with "
+            "--tasks NAME[,NAME...]"
         )
     for d in args.include_path or []:
         if not os.path.isdir(d):
             raise ValueError(
-                f"--include-path {d}: {'not a directory' if os.path.exists(d) else 'no such directory'} (give a directory of lm-eval task YAML files)"
+                f"--include-path {d}: "
+                f"{'not a directory' if os.path.exists(d) else 'no such directory'} "
+                "(give a directory of lm-eval task YAML files)"
             )
     from entrodrop_fast.data import load_corpus
 
-    corpus = load_corpus(
-        args.corpus
-    )  # an unreadable, empty or binary corpus stops the run before the model loads
+    # an unreadable, empty or binary corpus stops the run before the model loads
+    corpus = load_corpus(args.corpus)
     prepared = None
     if tasks:  # lm-eval installed, every task found and its data read, before the model loads
         from entrodrop_fast.evaluate.lm_eval import prepare_tasks
@@ -113,9 +118,8 @@ def run(args) -> int:
     parse_device(args.device)
     needs = position_needs(args.seq_len, speed=not args.no_speed)
     where = f"the model {display_name(args.model)}"
-    check_positions(
-        peek_config(args.model), needs, where
-    )  # before the model loads, when its config is at hand
+    # before the model loads, when its config is at hand
+    check_positions(peek_config(args.model), needs, where)
     model, tok = load_any(args.model, args.dtype, args.device)
     check_positions(model.config, needs, where)
     from entrodrop_fast.evaluate.pipeline import evaluate_model
@@ -136,12 +140,14 @@ def run(args) -> int:
     res["model"] = str(args.model or "builtin")
     p = res["perplexity"]
     print(
-        f"perplexity {p['perplexity']:.3f} on {p['tokens']} held-out tokens ({p['windows']} windows of {p['seq_len']})"
+        f"perplexity {p['perplexity']:.3f} on {p['tokens']} held-out tokens "
+        f"({p['windows']} windows of {p['seq_len']})"
     )
     for z in res["zero_shot"]:
         ci = z["ci95"]
         print(
-            f"{z['task']:14s} accuracy {z['accuracy']:.3f}  95% CI [{ci[0]:.3f}, {ci[1]:.3f}], {z['items']} items"
+            f"{z['task']:14s} accuracy {z['accuracy']:.3f}  95% CI [{ci[0]:.3f}, {ci[1]:.3f}], "
+            f"{z['items']} items"
         )
     if "lm_eval" in res:
         from entrodrop_fast.evaluate.lm_eval import format_row
@@ -153,7 +159,10 @@ def run(args) -> int:
     if "speed" in res:
         s = res["speed"]
         print(
-            f"prefill {s['prefill_tokens_per_s']:.1f} tok/s, decode {s['decode_tokens_per_s']:.1f} tok/s, KV cache {s['kv_cache_bytes_per_token']:.0f} B/token, peak {s['peak_memory_bytes'] / 2**20:.0f} MiB ({s['peak_memory_kind']})"
+            f"prefill {s['prefill_tokens_per_s']:.1f} tok/s, "
+            f"decode {s['decode_tokens_per_s']:.1f} tok/s, "
+            f"KV cache {s['kv_cache_bytes_per_token']:.0f} B/token, "
+            f"peak {s['peak_memory_bytes'] / 2**20:.0f} MiB ({s['peak_memory_kind']})"
         )
     if args.json:
         outputs.publish_file(args.json, json.dumps(res, indent=2), what="evaluation JSON")
@@ -162,19 +171,24 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    from entrodrop_fast.cli import int_at_least, positive_int
+    from entrodrop_fast.cli import (
+        add_model_arg,
+        add_output_file_args,
+        int_at_least,
+        positive_int,
+    )
 
     p = sub.add_parser("eval", help="perplexity, zero-shot accuracy and speed of a (pruned) model")
-    p.add_argument(
-        "model",
-        nargs="?",
-        default=None,
-        help="model directory (pruned or not), .gguf, hub id, a built-in name (gemma3-270m); default: built-in SmolLM2-135M",
+    add_model_arg(
+        p,
+        "model directory (pruned or not), .gguf, hub id, a built-in name (gemma3-270m); "
+        "default: built-in SmolLM2-135M",
     )
     p.add_argument(
         "--corpus",
         default=None,
-        help="held-out text source (default built-in): every 5th document, or with fewer than 5 documents the last fifth of each, as held out of calibration",
+        help="held-out text source (default built-in): every 5th document, or with fewer than 5 "
+        "documents the last fifth of each, as held out of calibration",
     )
     p.add_argument(
         "--seq-len",
@@ -194,7 +208,8 @@ def register(sub) -> None:
     p.add_argument(
         "--tasks",
         default="",
-        help="lm-evaluation-harness tasks, comma-separated: registered names (built-in or from --include-path) or task YAML paths (needs: pip install 'entrodrop_fast[eval]')",
+        help="lm-evaluation-harness tasks, comma-separated: registered names (built-in or from "
+        "--include-path) or task YAML paths (needs: pip install 'entrodrop_fast[eval]')",
     )
     p.add_argument(
         "--include-path",
@@ -226,11 +241,11 @@ def register(sub) -> None:
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--device", default="cpu")
-    p.add_argument(
+    add_output_file_args(
+        p,
         "--json",
-        help="write the results here (an existing file is replaced only when it is an earlier eval JSON)",
-    )
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace --json even when it is not an eval JSON"
+        "write the results here (an existing file is replaced only when it is an earlier eval "
+        "JSON)",
+        "an eval JSON",
     )
     p.set_defaults(func=run)

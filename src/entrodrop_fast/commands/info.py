@@ -46,11 +46,11 @@ def run(args) -> int:
         print(json.dumps(info, indent=2, default=str))
         return 0
     print(
-        f"entrodrop_fast {info['entrodrop_fast']}  python {info['python']}  torch {info['torch']} ({info['torch_threads']} threads)"
+        f"entrodrop_fast {info['entrodrop_fast']}  python {info['python']}  "
+        f"torch {info['torch']} ({info['torch_threads']} threads)"
     )
-    print(
-        f"CUDA: {'yes, ' + str(info['cuda_device']) if info['cuda_available'] else 'no GPU visible'}   triton: {info['triton']}"
-    )
+    cuda = "yes, " + str(info["cuda_device"]) if info["cuda_available"] else "no GPU visible"
+    print(f"CUDA: {cuda}   triton: {info['triton']}")
     ext = info["extension"]
     print(
         f"extension _C: {'loaded' if ext['loaded'] else 'NOT loaded: ' + str(ext['error'])}"

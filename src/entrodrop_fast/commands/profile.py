@@ -35,7 +35,8 @@ CLI_NAMES = {
 
 
 def resume_dir_is_ours(path) -> bool:
-    """A resume directory of ours: only the streaming runner's files (and per-rank subdirectories)."""
+    """A resume directory of ours: only the streaming runner's files (and per-rank
+    subdirectories)."""
     import re
     from pathlib import Path
 
@@ -70,7 +71,8 @@ def check_targets(args) -> None:
         if resume.is_dir() and not resume_dir_is_ours(resume):
             shown = ", ".join(sorted(e.name for e in resume.iterdir())[:4])
             raise outputs.OutputError(
-                f"--resume-dir {resume} holds files that are not a resume state of entrodrop ({shown}); choose a new or empty directory"
+                f"--resume-dir {resume} holds files that are not a resume state of entrodrop "
+                f"({shown}); choose a new or empty directory"
             )
 
 
@@ -88,7 +90,8 @@ def _apply_preset(args) -> dict | None:
     cfg = peek_config(args.model, args.cache_dir)
     if cfg is None:
         raise ValueError(
-            f"--preset paper reads the architecture from the model's config.json: give a local model directory or a built-in name, not {args.model!r}"
+            "--preset paper reads the architecture from the model's config.json: give a local "
+            f"model directory or a built-in name, not {args.model!r}"
         )
     p = paper_preset(cfg.get("model_type"), cfg.get("num_hidden_layers"), args.device)
     extra = [
@@ -106,54 +109,76 @@ def _apply_preset(args) -> dict | None:
     return p
 
 
-def register(subparsers) -> None:
+def add_calibration_args(p, *, batch_size: int | None, batch_help: str, step: str = "") -> None:
+    """--samples, --seq-len, --batch-size and --seed: the calibration options of ``profile``, and
+    of ``prune``'s profile step (``step``, e.g. ``"profile step: "``, starts each help text).
+    ``batch_size`` is --batch-size's default, ``batch_help`` its help after ``step``."""
     from entrodrop_fast.cli import int_at_least, positive_int
+
+    p.add_argument(
+        "--samples",
+        type=positive_int,
+        default=PAPER_SAMPLES,
+        help=f"{step}calibration windows (default {PAPER_SAMPLES})",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int_at_least(2, "an entropy needs at least 2 tokens"),
+        default=PAPER_SEQ_LEN,
+        help=f"{step}tokens per window (default {PAPER_SEQ_LEN})",
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=batch_size, help=f"{step}{batch_help}"
+    )
+    p.add_argument(
+        "--seed", type=int, default=PAPER_SEED, help=f"{step}sampling seed (default {PAPER_SEED})"
+    )
+
+
+def calibration_of(args):
+    """The :class:`~entrodrop_fast.profile.pipeline.Calibration` that a command's --corpus and
+    :func:`add_calibration_args` options ask for (and its --text-field, where it has one)."""
+    from entrodrop_fast.profile.pipeline import Calibration
+
+    field = {"text_field": args.text_field} if hasattr(args, "text_field") else {}
+    return Calibration(
+        corpus=args.corpus, samples=args.samples, seq_len=args.seq_len, seed=args.seed, **field
+    )
+
+
+def register(subparsers) -> None:
+    from entrodrop_fast.cli import add_model_arg, add_preset_arg, positive_int
 
     p = subparsers.add_parser(
         "profile",
         help="entropy profile of a model's attention / MLP / layer blocks (the main job)",
         description=__doc__,
     )
-    p.add_argument(
-        "model",
-        nargs="?",
-        default=None,
+    add_model_arg(
+        p,
+        "local HF directory, .gguf file, hub id or a built-in name (gemma3-270m); "
+        "default: built-in SmolLM2-135M-Instruct",
         metavar="MODEL",
-        help="local HF directory, .gguf file, hub id or a built-in name (gemma3-270m); default: built-in SmolLM2-135M-Instruct",
     )
     p.add_argument(
         "--method",
         "-m",
         action="append",
         default=None,
-        help="bucket, gaussian_diag, gaussian_full, knn, renyi, cosine, angular or all; several comma-separated or repeated (default bucket); all run in one forward pass",
+        help="bucket, gaussian_diag, gaussian_full, knn, renyi, cosine, angular or all; several "
+        "comma-separated or repeated (default bucket); all run in one forward pass",
     )
-    p.add_argument(
-        "--preset",
-        default=None,
-        choices=["paper"],
-        help="paper: what the paper's code runs for this architecture (knn k=25, or bucket 80 bins for Mistral; batch 1; fp16 on CUDA, fp32 on CPU); rank/prune then protect layers 0, 1 and the last",
+    add_preset_arg(
+        p,
+        "paper: what the paper's code runs for this architecture (knn k=25, or bucket 80 bins "
+        "for Mistral; batch 1; fp16 on CUDA, fp32 on CPU); rank/prune then protect layers 0, 1 "
+        "and the last",
     )
-    p.add_argument(
-        "--samples",
-        type=positive_int,
-        default=PAPER_SAMPLES,
-        help=f"calibration windows (default {PAPER_SAMPLES})",
-    )
-    p.add_argument(
-        "--seq-len",
-        type=int_at_least(2, "an entropy needs at least 2 tokens"),
-        default=PAPER_SEQ_LEN,
-        help=f"tokens per window (default {PAPER_SEQ_LEN})",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=None,
-        help="windows per forward pass (default 1, as the paper; with --max-memory, the largest up to 8 that fits)",
-    )
-    p.add_argument(
-        "--seed", type=int, default=PAPER_SEED, help=f"sampling seed (default {PAPER_SEED})"
+    add_calibration_args(
+        p,
+        batch_size=None,
+        batch_help="windows per forward pass (default 1, as the paper; with --max-memory, "
+        "the largest up to 8 that fits)",
     )
     p.add_argument(
         "--bins",
@@ -179,7 +204,8 @@ def register(subparsers) -> None:
         "--backend",
         default="auto",
         choices=["auto", "cuda", "cpp", "triton", "torch"],
-        help="estimator backend (default auto: the fastest available; cuda: the CUDA C++ kernels, cpp: the CPU ones, also accepted for CUDA tensors)",
+        help="estimator backend (default auto: the fastest available; cuda: the CUDA C++ "
+        "kernels, cpp: the CPU ones, also accepted for CUDA tensors)",
     )
     p.add_argument(
         "--out",
@@ -194,7 +220,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--corpus",
         default=None,
-        help="builtin (default), stdlib-docs (docstrings of the standard library), a .txt file, a directory of .txt, a .jsonl file or hf:NAME[:CONFIG][:SPLIT]",
+        help="builtin (default), stdlib-docs (docstrings of the standard library), a .txt file, "
+        "a directory of .txt, a .jsonl file or hf:NAME[:CONFIG][:SPLIT]",
     )
     p.add_argument(
         "--text-field", default="text", help="JSONL / dataset field holding the text (default text)"
@@ -202,22 +229,26 @@ def register(subparsers) -> None:
     p.add_argument(
         "--cache-dir",
         default=None,
-        help="where the built-in model is converted (default $ENTRODROP_CACHE or ~/.cache/entrodrop_fast)",
+        help="where the built-in model is converted (default $ENTRODROP_CACHE or "
+        "~/.cache/entrodrop_fast)",
     )
     p.add_argument(
         "--streaming",
         action="store_true",
-        help="run layer by layer from the checkpoint's safetensors shards (models larger than memory)",
+        help="run layer by layer from the checkpoint's safetensors shards (models larger than "
+        "memory)",
     )
     p.add_argument(
         "--max-memory",
         default=None,
-        help="memory budget, e.g. 8GB: streams when the model does not fit, and keeps activations on disk beyond it",
+        help="memory budget, e.g. 8GB: streams when the model does not fit, and keeps "
+        "activations on disk beyond it",
     )
     p.add_argument(
         "--resume-dir",
         default=None,
-        help="keep the streaming states here after every layer; rerun with the same arguments to resume (implies --streaming)",
+        help="keep the streaming states here after every layer; rerun with the same arguments "
+        "to resume (implies --streaming)",
     )
     p.add_argument(
         "--top",
@@ -233,7 +264,6 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from entrodrop_fast.profile.inmemory import ProfileSettings, parse_methods
     from entrodrop_fast.profile.pipeline import (
-        Calibration,
         Memory,
         check_inputs,
         parse_bytes,
@@ -244,9 +274,8 @@ def run(args) -> int:
     def warn(msg):  # warnings are shown with -q too
         print(f"entrodrop profile: {msg}", file=sys.stderr)
 
-    preset = _apply_preset(
-        args
-    )  # --preset paper: method, k, bins, batch size, dtype from the architecture
+    # --preset paper: method, k, bins, batch size, dtype from the architecture
+    preset = _apply_preset(args)
     methods = parse_methods(args.method or ["bucket"])
     for name, v in (
         ("--samples", args.samples),
@@ -261,7 +290,8 @@ def run(args) -> int:
 
     if args.bins > MAX_BINS:  # before the model loads, not at the first estimator call
         raise ValueError(
-            f"--bins must be at most {MAX_BINS} (every backend keeps that many counters per channel), got {args.bins}"
+            f"--bins must be at most {MAX_BINS} (every backend keeps that many counters per "
+            f"channel), got {args.bins}"
         )
     settings = ProfileSettings(
         methods=methods,
@@ -278,13 +308,7 @@ def run(args) -> int:
 
         hf_logging.disable_progress_bar()
     budget = parse_bytes(args.max_memory, "--max-memory") if args.max_memory is not None else None
-    calibration = Calibration(
-        corpus=args.corpus,
-        text_field=args.text_field,
-        samples=args.samples,
-        seq_len=args.seq_len,
-        seed=args.seed,
-    )
+    calibration = calibration_of(args)
     corpus = check_inputs(
         args.model,
         settings,
@@ -322,6 +346,8 @@ def run(args) -> int:
     print(ranking_table(report, top=args.top))
     t = report["timing"]
     print(
-        f"\nprofiled {t['samples']} samples in {t['seconds']:.1f} s ({t['tokens_per_s']:.0f} tokens/s, backend {report['settings']['backend']}); report: {out}"
+        f"\nprofiled {t['samples']} samples in {t['seconds']:.1f} s "
+        f"({t['tokens_per_s']:.0f} tokens/s, backend {report['settings']['backend']}); "
+        f"report: {out}"
     )
     return 0

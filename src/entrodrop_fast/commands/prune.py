@@ -14,24 +14,23 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from entrodrop_fast.commands.profile import add_calibration_args, calibration_of
 from entrodrop_fast.commands.rank import add_ranking_args
-from entrodrop_fast.data import PAPER_SAMPLES, PAPER_SEED, PAPER_SEQ_LEN
 
 
 def register(subparsers) -> None:
-    from entrodrop_fast.cli import int_at_least, positive_int
+    from entrodrop_fast.cli import add_model_arg
 
     p = subparsers.add_parser(
         "prune",
         help="remove blocks and save the smaller model (from a plan, or profile + rank first)",
         description=__doc__,
     )
-    p.add_argument(
-        "model",
-        nargs="?",
-        default=None,
+    add_model_arg(
+        p,
+        "local HF directory (safetensors), .gguf file, hub id, a built-in name (gemma3-270m), "
+        "or nothing for the built-in SmolLM2-135M-Instruct",
         metavar="MODEL",
-        help="local HF directory (safetensors), .gguf file, hub id, a built-in name (gemma3-270m), or nothing for the built-in SmolLM2-135M-Instruct",
     )
     p.add_argument(
         "--out", required=True, help="output directory (new or empty, unless --overwrite)"
@@ -43,29 +42,11 @@ def register(subparsers) -> None:
         help="rank from this report instead of profiling (with --kind/--drop)",
     )
     add_ranking_args(p)
-    p.add_argument(
-        "--samples",
-        type=positive_int,
-        default=PAPER_SAMPLES,
-        help=f"profile step: calibration windows (default {PAPER_SAMPLES})",
-    )
-    p.add_argument(
-        "--seq-len",
-        type=int_at_least(2, "an entropy needs at least 2 tokens"),
-        default=PAPER_SEQ_LEN,
-        help=f"profile step: tokens per window (default {PAPER_SEQ_LEN})",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=8,
-        help="profile step: windows per forward (default 8; the result does not depend on it)",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=PAPER_SEED,
-        help=f"profile step: sampling seed (default {PAPER_SEED})",
+    add_calibration_args(
+        p,
+        batch_size=8,
+        batch_help="windows per forward (default 8; the result does not depend on it)",
+        step="profile step: ",
     )
     p.add_argument(
         "--corpus", default=None, help="profile step: calibration text (default: built-in corpus)"
@@ -75,12 +56,14 @@ def register(subparsers) -> None:
     p.add_argument(
         "--iterative",
         action="store_true",
-        help="drop one block at a time and re-profile the pruned model in between (kinds attn, mlp, layer; slower)",
+        help="drop one block at a time and re-profile the pruned model in between (kinds attn, "
+        "mlp, layer; slower)",
     )
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an earlier pruned model in --out, or write into a directory holding other files (they are left untouched)",
+        help="replace an earlier pruned model in --out, or write into a directory holding other "
+        "files (they are left untouched)",
     )
     p.set_defaults(func=run)
 
@@ -129,19 +112,17 @@ def _preset(src: Path, args) -> dict | None:
 
 def profile_report(src: Path, args, windows_out: list | None = None) -> dict:
     """The profile step: :func:`entrodrop_fast.profile.profile_model` on ``src``."""
-    from entrodrop_fast.profile.pipeline import Calibration, profile_model
+    from entrodrop_fast.profile.pipeline import profile_model
 
     preset, settings, dtype = _profile_settings(src, args)
     _log(
-        f"profiling {src.name}: {args.samples} x {args.seq_len} tokens, method {', '.join(settings.methods)} ..."
-    )
-    calibration = Calibration(
-        corpus=args.corpus, samples=args.samples, seq_len=args.seq_len, seed=args.seed
+        f"profiling {src.name}: {args.samples} x {args.seq_len} tokens, "
+        f"method {', '.join(settings.methods)} ..."
     )
     report = profile_model(
         str(src),
         settings,
-        calibration=calibration,
+        calibration=calibration_of(args),
         dtype=dtype,
         device=args.device,
         preset=preset,
@@ -178,7 +159,8 @@ def iterative(src: Path, args) -> dict:
         lm.tokenizer, args.corpus, samples=args.samples, seq_len=args.seq_len, seed=args.seed
     )
     _log(
-        f"profiling {src.name}: {data_info['samples']} x {data_info['seq_len']} tokens, method {', '.join(settings.methods)} ..."
+        f"profiling {src.name}: {data_info['samples']} x {data_info['seq_len']} tokens, "
+        f"method {', '.join(settings.methods)} ..."
     )
     plan = iterative_plan(
         lm.model,
@@ -269,18 +251,20 @@ def run(args) -> int:
     print(f"  blocks dropped (0-based layers): {dropped}")
     print(f"  layers:                {s.layers_before} -> {s.layers_after}")
     print(
-        f"  parameters:            {s.params_before:,} -> {s.params_after:,} ({pct(s.params_before, s.params_after)})"
+        f"  parameters:            {s.params_before:,} -> {s.params_after:,} "
+        f"({pct(s.params_before, s.params_after)})"
     )
     print(
-        f"  checkpoint bytes:      {_h(s.bytes_before)} -> {_h(s.bytes_after)} ({pct(s.bytes_before, s.bytes_after)})"
+        f"  checkpoint bytes:      {_h(s.bytes_before)} -> {_h(s.bytes_after)} "
+        f"({pct(s.bytes_before, s.bytes_after)})"
     )
-    print(
-        f"  KV cache bytes/token:  {s.kv_bytes_per_token_before:,} -> {s.kv_bytes_per_token_after:,} ({pct(s.kv_bytes_per_token_before, s.kv_bytes_per_token_after)})"
-    )
+    kv_before, kv_after = s.kv_bytes_per_token_before, s.kv_bytes_per_token_after
+    print(f"  KV cache bytes/token:  {kv_before:,} -> {kv_after:,} ({pct(kv_before, kv_after)})")
     if s.stock_loadable:
         print("  load: AutoModelForCausalLM.from_pretrained(DIR)  (standard checkpoint)")
     else:
         print(
-            "  load: entrodrop_fast.load_pruned(DIR) or AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)"
+            "  load: entrodrop_fast.load_pruned(DIR) or "
+            "AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)"
         )
     return 0

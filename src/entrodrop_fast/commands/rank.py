@@ -7,6 +7,8 @@ from entrodrop_fast.prune.ranking import KINDS
 
 def add_ranking_args(p) -> None:
     """Options shared by ``rank`` and the one-step ``prune``."""
+    from entrodrop_fast.cli import add_preset_arg
+
     p.add_argument(
         "--kind",
         choices=KINDS,
@@ -16,27 +18,33 @@ def add_ranking_args(p) -> None:
     p.add_argument(
         "--drop",
         default=None,
-        help="how many: a count (8), a fraction in (0, 1) (0.25) or a percentage (25%%; 100%% = all) of the candidate blocks (those neither protected nor dropped already), rounded to the nearest count, halves up; 1.0 is refused as ambiguous (give 1 or 100%%)",
+        help="how many: a count (8), a fraction in (0, 1) (0.25) or a percentage (25%%; 100%% = "
+        "all) of the candidate blocks (those neither protected nor dropped already), rounded to "
+        "the nearest count, halves up; 1.0 is refused as ambiguous (give 1 or 100%%)",
     )
     p.add_argument(
         "--method",
         default=None,
-        help="score: an entropy method of the report (default: its first, e.g. bucket), cosine, or angular (layers)",
+        help="score: an entropy method of the report (default: its first, e.g. bucket), cosine, "
+        "or angular (layers)",
     )
-    p.add_argument(
-        "--preset",
-        default=None,
-        choices=["paper"],
-        help="paper: the paper's code's choices (knn k=25 on Llama-family reports, bucket for Mistral, unless --method; layers 0, 1 and the last protected, unless --protect)",
+    add_preset_arg(
+        p,
+        "paper: the paper's code's choices (knn k=25 on Llama-family reports, bucket for "
+        "Mistral, unless --method; layers 0, 1 and the last protected, unless --protect)",
     )
     p.add_argument(
         "--protect",
         default=None,
-        help="0-based layers never dropped, comma-separated (0,1,29), or 'none' to protect nothing ('' is refused); default: the early layers where entropy still decreases + the last layer",
+        help="0-based layers never dropped, comma-separated (0,1,29), or 'none' to protect "
+        "nothing ('' is refused); default: the early layers where entropy still decreases + the "
+        "last layer",
     )
 
 
 def register(subparsers) -> None:
+    from entrodrop_fast.cli import add_output_file_args
+
     p = subparsers.add_parser(
         "rank", help="drop plan from a profile report (which blocks to remove)", description=__doc__
     )
@@ -46,13 +54,13 @@ def register(subparsers) -> None:
         help="report directory (from entrodrop profile) or its report.json",
     )
     add_ranking_args(p)
-    p.add_argument(
+    add_output_file_args(
+        p,
         "--out",
+        "where to write the plan (default ./plan.json; an existing file is replaced only when "
+        "it is a plan)",
+        "a plan file",
         default="plan.json",
-        help="where to write the plan (default ./plan.json; an existing file is replaced only when it is a plan)",
-    )
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace --out even when it is not a plan file"
     )
     p.set_defaults(func=run)
 
@@ -72,9 +80,8 @@ def run(args) -> int:
     rep = Path(args.report).expanduser()
     rep = rep / "report.json" if rep.is_dir() else rep
     inputs = [("report", rep)]
-    with contextlib.suppress(
-        OSError, ValueError, AttributeError, KeyError, TypeError
-    ):  # the model and corpus the report was made from
+    # the model and corpus the report was made from
+    with contextlib.suppress(OSError, ValueError, AttributeError, KeyError, TypeError):
         info = json.loads(rep.read_text())
         inputs += [
             *outputs.model_paths(info["model"].get("path") or "-"),
