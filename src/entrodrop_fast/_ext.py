@@ -12,7 +12,7 @@ _C: ModuleType | None = None
 _ERROR: str | None = None
 
 try:  # pragma: no branch
-    from entrodrop_fast import _C as _C  # type: ignore[attr-defined,no-redef]
+    from entrodrop_fast import _C as _C
 except Exception as exc:  # ImportError, OSError (bad .so), ...
     _ERROR = f"{type(exc).__name__}: {exc}"
 
