@@ -161,10 +161,10 @@ def knn_select_cpu(
     unit: float = 1.0,
 ) -> None: ...
 
-# ------------------------------------------------------------------ CUDA kernels (csrc/*_cuda.cu), WITH_CUDA only
-# Input arguments of the streaming launches: x, f, mask (device pointers, 0 = none), shape (B, T, D),
-# sx / sf (strides, 3), sm (mask strides, 2), dtype, vec (1, or 4 / 8 on the 16-byte path); device
-# index and stream (torch.cuda.current_stream().cuda_stream) last.
+# ------------------------------------------------------------------ CUDA kernels, WITH_CUDA only
+# (csrc/*_cuda.cu). Input arguments of the streaming launches: x, f, mask (device pointers,
+# 0 = none), shape (B, T, D), sx / sf (strides, 3), sm (mask strides, 2), dtype, vec (1, or 4 / 8
+# on the 16-byte path); device index and stream (torch.cuda.current_stream().cuda_stream) last.
 CUDA_MAX_SAMPLES: int  # most samples per call
 CUDA_MAX_SPLITS: int  # most token splits per launch
 

@@ -6,11 +6,13 @@ torch backend works; :func:`require` raises an error that says why and how to bu
 
 from __future__ import annotations
 
-_C = None
+from types import ModuleType
+
+_C: ModuleType | None = None
 _ERROR: str | None = None
 
 try:  # pragma: no branch
-    from entrodrop_fast import _C as _C  # type: ignore[attr-defined,no-redef]
+    from entrodrop_fast import _C as _C
 except Exception as exc:  # ImportError, OSError (bad .so), ...
     _ERROR = f"{type(exc).__name__}: {exc}"
 
@@ -33,8 +35,9 @@ def error() -> str | None:
     return _ERROR
 
 
-def require():
-    """Return the extension module or raise a RuntimeError saying why it is unavailable."""
+def require() -> ModuleType:
+    """Return the extension module (its functions and constants: ``_C.pyi``) or raise a
+    RuntimeError saying why it is unavailable."""
     if _C is None:
         raise RuntimeError(
             f"the compiled extension entrodrop_fast._C is not available ({_ERROR}); {BUILD_HINT}"

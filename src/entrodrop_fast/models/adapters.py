@@ -205,7 +205,8 @@ class Adapter:
         model_type = getattr(config, "model_type", None)
         if model_type not in ARCHS:
             raise ValueError(
-                f"unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}"
+                f"unsupported model_type {model_type!r}; supported: "
+                f"{', '.join(supported_model_types())}"
             )
         self.config = config
         self.model_type = model_type

@@ -44,7 +44,8 @@ class Checkpoint:
             weight_map = None
         else:
             raise CheckpointError(
-                f"{self.dir}: neither {INDEX_NAME} nor {SINGLE_NAME} found (only safetensors checkpoints stream)"
+                f"{self.dir}: neither {INDEX_NAME} nor {SINGLE_NAME} found (only safetensors "
+                "checkpoints stream)"
             )
         files = sorted(set(weight_map.values())) if weight_map else [SINGLE_NAME]
         self.shapes: dict[str, list[int]] = {}
@@ -63,13 +64,15 @@ class Checkpoint:
                         self.file_of[key] = name
             except Exception as exc:
                 raise CheckpointError(
-                    f"{f}: not a readable safetensors file, truncated or corrupt? ({type(exc).__name__}: {exc})"
+                    f"{f}: not a readable safetensors file, truncated or corrupt? "
+                    f"({type(exc).__name__}: {exc})"
                 ) from None
         if weight_map:
             for key, name in weight_map.items():
                 if self.file_of.get(key) != name:
                     raise CheckpointError(
-                        f"{self.dir / name}: tensor {key} listed in {INDEX_NAME} is not in that file"
+                        f"{self.dir / name}: tensor {key} listed in {INDEX_NAME} is not in that "
+                        "file"
                     )
         self.bytes = sum((self.dir / n).stat().st_size for n in files)
         self.files = files

@@ -25,14 +25,16 @@ def build_config(cfg: dict):
         cls = CONFIG_MAPPING[model_type]
     except KeyError:
         raise ValueError(
-            f"transformers {transformers.__version__} has no config class for model_type {model_type!r}"
+            f"transformers {transformers.__version__} has no config class for model_type "
+            f"{model_type!r}"
         ) from None
     d = {k: v for k, v in copy.deepcopy(cfg).items() if k != "auto_map"}
     try:
         return cls.from_dict(d)
     except Exception as exc:
         raise ValueError(
-            f"transformers {transformers.__version__} cannot build the {model_type} config from this config.json: "
+            f"transformers {transformers.__version__} cannot build the {model_type} config from "
+            "this config.json: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
 

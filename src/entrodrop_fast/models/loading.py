@@ -21,9 +21,11 @@ import os
 import types
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from entrodrop_fast._names import setting
 from entrodrop_fast.models.pruned import pruned_record  # noqa: F401  (part of this module's API)
 
 DTYPES = {
@@ -44,7 +46,8 @@ class ModelLoadError(RuntimeError):
 class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
-    source: str  # what the user asked for ("builtin" for the default, a built-in name, a path, a hub id)
+    # what the user asked for ("builtin" for the default, a built-in name, a path, a hub id)
+    source: str
     path: str  # where it was loaded from (a directory, a GGUF file or the hub id)
     kind: str  # "builtin" | "dir" | "gguf" | "hub"
     name: str = ""  # as reports show it: "Gemma-3-270M (built-in)", else the source
@@ -255,21 +258,31 @@ def builtin_files(model=None) -> list[Path]:
         if d is None or not (d / b.gguf).is_file():
             raise _missing(b, f"the PyPI package {b.packages[0]} (file {b.gguf})")
         return [d / b.gguf]
-    dirs = [_package_dir(m) for m in (b.assembler, *b.chunk_modules)]  # in the order of b.packages
+    # in the order of b.packages
+    dirs = [_package_dir(m) for m in (_assembler_name(b), *b.chunk_modules)]
     absent = [pkg for pkg, d in zip(b.packages, dirs, strict=True) if d is None]
     if absent:
         raise _missing(
             b, f"the PyPI packages {', '.join(b.packages)} ({', '.join(absent)} not installed)"
         )
-    return dirs
+    return [d for d in dirs if d is not None]  # (all of them)
+
+
+def _assembler_name(b: BuiltinModel) -> str:
+    """The assembler package of a built-in model without ``file_module``."""
+    if b.assembler is None:
+        raise ValueError(f"the built-in model {b.name} names neither file_module nor assembler")
+    return b.assembler
 
 
 def builtin_gguf_path(model=None) -> Path:
-    """The GGUF file of a built-in model shipped as one file (the default, SmolLM2), inside its package."""
+    """The GGUF file of a built-in model shipped as one file (the default, SmolLM2), inside its
+    package."""
     b = _resolve_builtin(model)
     if b.file_module is None:
         raise ModelLoadError(
-            f"the built-in model {b.name} ships in chunks: its GGUF file is assembled when it is converted (ensure_builtin)"
+            f"the built-in model {b.name} ships in chunks: its GGUF file is assembled when it is "
+            "converted (ensure_builtin)"
         )
     return builtin_files(b)[0]
 
@@ -277,7 +290,7 @@ def builtin_gguf_path(model=None) -> Path:
 def _assembler(b: BuiltinModel):
     builtin_files(b)  # a missing package is named first
     try:
-        mod = importlib.import_module(b.assembler)
+        mod = importlib.import_module(_assembler_name(b))
         sha, assemble = str(mod.EXPECTED_SHA256), mod.assemble
     except Exception as exc:
         raise ModelLoadError(
@@ -296,7 +309,8 @@ def _source_record(b: BuiltinModel) -> dict:
 
 
 def _obtain_gguf(b: BuiltinModel, work: Path) -> Path:
-    """The GGUF file: in its package, or assembled into ``work`` (in the cache, never in site-packages) and sha256-checked."""
+    """The GGUF file: in its package, or assembled into ``work`` (in the cache, never in
+    site-packages) and sha256-checked."""
     if b.file_module is not None:
         return builtin_files(b)[0]
     sha, assemble = _assembler(b)
@@ -307,12 +321,15 @@ def _obtain_gguf(b: BuiltinModel, work: Path) -> Path:
         raise  # a full disk or an unwritable cache: reported by the caller
     except Exception as exc:
         raise ModelLoadError(
-            f"assembling {b.gguf} from the packages {', '.join(b.packages[1:])} failed ({type(exc).__name__}: {exc}): "
-            f"a chunk is missing or damaged; reinstall them with `{b.pip_command} --force-reinstall`"
+            f"assembling {b.gguf} from the packages {', '.join(b.packages[1:])} failed "
+            f"({type(exc).__name__}: {exc}): "
+            f"a chunk is missing or damaged; reinstall them with `{b.pip_command} "
+            "--force-reinstall`"
         ) from None
     if path.resolve() != target.resolve() or not path.is_file():
         raise ModelLoadError(
-            f"{b.packages[0]}'s assemble() did not write {target}; reinstall it with `{b.pip_command} --force-reinstall`"
+            f"{b.packages[0]}'s assemble() did not write {target}; reinstall it with "
+            f"`{b.pip_command} --force-reinstall`"
         )
     return path
 
@@ -377,13 +394,15 @@ def _convert_checked(gguf: Path, tmp: Path, what: str) -> dict:
     got_ids = saved_tok(_PROBE, return_tensors="pt").input_ids
     if not torch.equal(got_ids, ids):
         raise ModelLoadError(
-            f"the converted {what} tokenizes differently from its GGUF file {gguf}; this is a bug: please report it"
+            f"the converted {what} tokenizes differently from its GGUF file {gguf}; this is a bug: "
+            "please report it"
         )
     with torch.inference_mode():
         err = (saved(probe).logits - ref).abs().max().item()
     if not err <= 1e-4:
         raise ModelLoadError(
-            f"the converted {what} does not reproduce its GGUF file's logits (max |diff| {err:.3g}); this is a bug: please report it"
+            f"the converted {what} does not reproduce its GGUF file's logits (max |diff| "
+            f"{err:.3g}); this is a bug: please report it"
         )
     return {
         p.name: p.stat().st_size
@@ -409,7 +428,7 @@ def ensure_builtin(cache_dir: str | os.PathLike | None = None, model=None) -> Pa
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     check_cache_root(
         root,
-        "--cache-dir"
+        setting("cache_dir")
         if cache_dir is not None
         else "ENTRODROP_CACHE"
         if os.environ.get("ENTRODROP_CACHE")
@@ -421,8 +440,9 @@ def ensure_builtin(cache_dir: str | os.PathLike | None = None, model=None) -> Pa
     what = f"built-in model {b.name}"
     if not _replaceable(final):
         raise ModelLoadError(
-            f"{final} exists and is not a conversion of the {what} (it has no {_MARKER}); entrodrop does not replace it: "
-            "move it away, or set ENTRODROP_CACHE (or --cache-dir) to another directory"
+            f"{final} exists and is not a conversion of the {what} (it has no {_MARKER}); "
+            "entrodrop does not replace it: move it away, or set ENTRODROP_CACHE "
+            f"(or {setting('cache_dir')}) to another directory"
         )
     try:
         with outputs.scratch_dir(final) as work:
@@ -439,9 +459,9 @@ def ensure_builtin(cache_dir: str | os.PathLike | None = None, model=None) -> Pa
                 if (final.exists() or final.is_symlink()) and not outputs.is_ours(
                     final, _CACHE_KIND
                 ):
-                    os.replace(
-                        final, work / "stale"
-                    )  # an earlier version's entry or a damaged one: out of the way, removed with work
+                    # an earlier version's entry or a damaged one: out of the way, removed
+                    # with work
+                    os.replace(final, work / "stale")
                 pub.commit()
             except BaseException:
                 pub.abort()
@@ -449,22 +469,25 @@ def ensure_builtin(cache_dir: str | os.PathLike | None = None, model=None) -> Pa
     except (OSError, outputs.OutputError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ModelLoadError(
-            f"could not convert the {what} into the cache {root} ({reason}); free space there (the fp32 model takes 4 bytes "
-            "per parameter), or set ENTRODROP_CACHE (or --cache-dir) to a writable directory"
+            f"could not convert the {what} into the cache {root} ({reason}); free space there "
+            "(the fp32 model takes 4 bytes per parameter), or set ENTRODROP_CACHE "
+            f"(or {setting('cache_dir')}) to a writable directory"
         ) from exc
     return final
 
 
 def check_cache_root(root: Path, source: str = "ENTRODROP_CACHE") -> None:
-    """Refuse a cache path that is (or lies under) a file: it must be a directory, or not exist yet."""
+    """Refuse a cache path that is (or lies under) a file: it must be a directory, or not exist
+    yet."""
     for p in (root, *root.parents):
         if p.is_dir():
             return
         if p.exists() or p.is_symlink():
             where = f" ({p} is a file)" if p != root else ""
             raise ModelLoadError(
-                f"the model cache {root} (from {source}) is not a directory{where}: set ENTRODROP_CACHE or --cache-dir "
-                "to a directory (it is created if missing), or move the file away"
+                f"the model cache {root} (from {source}) is not a directory{where}: set "
+                f"ENTRODROP_CACHE or {setting('cache_dir')} to a directory (it is created if "
+                "missing), or move the file away"
             )
 
 
@@ -491,7 +514,8 @@ def _from_dir(path: str, dtype: torch.dtype, device: torch.device):
 
 _FIX = (
     "the checkpoint is incomplete or damaged, or config.json describes a different model; "
-    "nothing is filled in with random weights: re-download or re-export the checkpoint, or correct config.json"
+    "nothing is filled in with random weights: re-download or re-export the checkpoint, or "
+    "correct config.json"
 )
 
 
@@ -507,7 +531,8 @@ def read_config(source: str, what: str):
             raw = json.loads(cfg_file.read_text())
         except (OSError, ValueError) as exc:
             raise ModelLoadError(
-                f"{cfg_file} cannot be read as JSON ({exc}); the model directory is incomplete or corrupt"
+                f"{cfg_file} cannot be read as JSON ({exc}); the model directory is incomplete or "
+                "corrupt"
             ) from None
         if not isinstance(raw, dict):
             raise ModelLoadError(
@@ -523,7 +548,8 @@ def read_config(source: str, what: str):
 
 
 def check_supported(config, where) -> None:
-    """The architecture check ``profile`` relies on (the adapter table), before anything is built."""
+    """The architecture check ``profile`` relies on (the adapter table), before anything is
+    built."""
     from entrodrop_fast.models.adapters import get_adapter
 
     try:
@@ -552,7 +578,8 @@ def meta_skeleton(config):
             base = getattr(transformers, rec.get("base_architecture") or "", None)
             if base is None:
                 raise ModelLoadError(
-                    f"the pruned checkpoint's base architecture {rec.get('base_architecture')!r} is not a class of "
+                    f"the pruned checkpoint's base architecture {rec.get('base_architecture')!r} "
+                    "is not a class of "
                     f"transformers {transformers.__version__}"
                 )
             model = base._from_config(config)
@@ -568,11 +595,11 @@ def checkpoint_problems(config, shapes: dict, file_of: dict) -> list[str]:
     """What is wrong between a checkpoint's tensors and the model ``config`` describes.
 
     ``shapes``: checkpoint tensor name -> shape; ``file_of``: name -> file holding it (the
-    ``shapes`` / ``file_of`` of :class:`entrodrop_fast.profile.layerwise.Checkpoint`). Checkpoint names
-    go through the renaming transformers applies on load (e.g. per-expert MoE tensors fused
-    into one), so both layouts are accepted. Returns one readable line per problem, naming
-    the tensor and its file (empty: the checkpoint is what the config says). Tied weights
-    (an LM head tied to the embedding) may be absent.
+    ``shapes`` / ``file_of`` of :class:`entrodrop_fast.profile.layerwise.Checkpoint`).
+    Checkpoint names go through the renaming transformers applies on load (e.g. per-expert MoE
+    tensors fused into one), so both layouts are accepted. Returns one readable line per
+    problem, naming the tensor and its file (empty: the checkpoint is what the config says).
+    Tied weights (an LM head tied to the embedding) may be absent.
     """
     import collections
     import copy
@@ -611,20 +638,23 @@ def checkpoint_problems(config, shapes: dict, file_of: dict) -> list[str]:
     problems: list[str] = []
     unexpected: dict[str, str] = {}  # checkpoint name -> problem
     loaded: set[str] = set()
-    groups: dict[str, tuple[object, list[str]]] = {}
+    # fused target -> (its converter, the (checkpoint name, source pattern) pairs it takes)
+    groups: dict[str, tuple[Any, list[tuple[str, str]]]] = {}
     for key in sorted(shapes):
         target, pattern = rename_source_key(key, renamings, converters, prefix, expected)
         if target not in expected and key in expected:
             target, pattern = key, None
         if target not in expected:
             unexpected[key] = (
-                f"{where(key)}: tensor {key} {shapes[key]} is not part of the model the config describes (unexpected)"
+                f"{where(key)}: tensor {key} {shapes[key]} is not part of the model the config "
+                "describes (unexpected)"
             )
         elif pattern is None:
             loaded.add(target)
             if list(shapes[key]) != expected[target]:
                 problems.append(
-                    f"{where(key)}: tensor {key} has shape {list(shapes[key])}, the config implies {expected[target]}"
+                    f"{where(key)}: tensor {key} has shape {list(shapes[key])}, the config implies "
+                    f"{expected[target]}"
                 )
         else:
             if target not in groups:
@@ -646,7 +676,8 @@ def checkpoint_problems(config, shapes: dict, file_of: dict) -> list[str]:
                 f"{n} x {p}" for p, n in sorted(collections.Counter(p for _, p in keys).items())
             )
             problems.append(
-                f"{what} ({counts}) do not combine into {target} {expected[target]} ({type(exc).__name__}: {exc}): "
+                f"{what} ({counts}) do not combine into {target} {expected[target]} "
+                f"({type(exc).__name__}: {exc}): "
                 "a tensor of one expert is missing or has another shape"
             )
             loaded.add(target)  # reported here, not again as missing
@@ -655,13 +686,15 @@ def checkpoint_problems(config, shapes: dict, file_of: dict) -> list[str]:
             t = t[0] if isinstance(t, list) else t
             if name not in expected:
                 problems.append(
-                    f"{what} give {name}, which is not part of the model the config describes (unexpected)"
+                    f"{what} give {name}, which is not part of the model the config describes "
+                    "(unexpected)"
                 )
                 continue
             loaded.add(name)
             if list(t.shape) != expected[name]:
                 problems.append(
-                    f"{what} combine into {name} of shape {list(t.shape)}, the config implies {expected[name]}"
+                    f"{what} combine into {name} of shape {list(t.shape)}, the config implies "
+                    f"{expected[name]}"
                 )
     missing = {names[0]: names for names in tied.values() if not any(n in loaded for n in names)}
     kept_missing, kept_unexpected = _not_ignored(
@@ -703,11 +736,15 @@ def _not_ignored(model, missing: set[str], unexpected: set[str]) -> tuple[set[st
 def mismatch_message(where, problems: list[str]) -> str:
     shown = "\n  ".join(problems[:8])
     more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
-    return f"{where}: the weights do not match config.json ({len(problems)} problem{'s' * (len(problems) > 1)}):\n  {shown}{more}\n{_FIX}"
+    return (
+        f"{where}: the weights do not match config.json "
+        f"({len(problems)} problem{'s' * (len(problems) > 1)}):\n  {shown}{more}\n{_FIX}"
+    )
 
 
 def _local_checkpoint_problems(path: str, config) -> list[str]:
-    """Check a local safetensors checkpoint against its config from the headers (no weight is read)."""
+    """Check a local safetensors checkpoint against its config from the headers (no weight is
+    read)."""
     p = Path(path)
     if not ((p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()):
         return []  # other formats: checked by from_pretrained's loading report
@@ -723,7 +760,8 @@ def _local_checkpoint_problems(path: str, config) -> list[str]:
 
 
 def _model_class(config):
-    """The class ``from_pretrained`` builds: the pruned architecture for an ``entrodrop prune`` checkpoint."""
+    """The class ``from_pretrained`` builds: the pruned architecture for an ``entrodrop prune``
+    checkpoint."""
     if pruned_record(config) is None:
         from transformers import AutoModelForCausalLM
 
@@ -749,7 +787,8 @@ def _strict_from_pretrained(source: str, config, dtype: torch.dtype, where: str)
         msg = str(exc).strip() or type(exc).__name__
         if "mismatch" in msg or "conversion" in msg.lower():
             raise ModelLoadError(
-                f"{where}: the weights do not match config.json ({type(exc).__name__}: {msg}); {_FIX}"
+                f"{where}: the weights do not match config.json ({type(exc).__name__}: {msg}); "
+                f"{_FIX}"
             ) from exc
         raise ModelLoadError(
             f"could not load the model in {where}: {type(exc).__name__}: {msg}"
@@ -818,7 +857,8 @@ def load_model(source=None, *, dtype="fp32", device="cpu", cache_dir=None) -> Lo
     if p.is_file():
         if p.suffix.lower() != ".gguf":
             raise ModelLoadError(
-                f"{p} is a file but not a .gguf model; pass a model directory, a .gguf file or a hub id"
+                f"{p} is a file but not a .gguf model; pass a model directory, a .gguf file or a "
+                "hub id"
             )
         model, tok = gguf_to_model(p)
         check_vocab(tok, model.get_input_embeddings().weight.shape[0], p)
@@ -827,7 +867,8 @@ def load_model(source=None, *, dtype="fp32", device="cpu", cache_dir=None) -> Lo
         p
     ):  # a symlink to nothing, or a loop of symlinks: a local path, never a hub id
         raise ModelLoadError(
-            f"no such model file or directory: {src} (a symbolic link that leads nowhere, or to itself)"
+            f"no such model file or directory: {src} (a symbolic link that leads nowhere, or to "
+            "itself)"
         )
     if not _looks_like_hub_id(src):
         raise ModelLoadError(f"no such model file or directory: {src}")
@@ -838,7 +879,8 @@ def load_model(source=None, *, dtype="fp32", device="cpu", cache_dir=None) -> Lo
         close = difflib.get_close_matches(src.lower(), names, n=1, cutoff=0.6)
         if close:
             raise ModelLoadError(
-                f"no model {src!r}: not a local directory or file, and not a built-in name; did you mean {close[0]!r}? "
+                f"no model {src!r}: not a local directory or file, and not a built-in name; did "
+                f"you mean {close[0]!r}? "
                 f"(built-in: {', '.join(b.name for b in BUILTIN_MODELS)})"
             )
     from transformers import AutoConfig, AutoTokenizer
@@ -874,7 +916,8 @@ TOKENIZER_FILES = (
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer saved in a local directory; ModelLoadError when it has none or it cannot be read."""
+    """The tokenizer saved in a local directory; ModelLoadError when it has none or it cannot be
+    read."""
     from transformers import AutoTokenizer
 
     p = Path(path)
@@ -884,7 +927,8 @@ def load_tokenizer(path: str | os.PathLike):
         and not any(p.glob("*.tiktoken"))
     ):
         raise ModelLoadError(
-            f"no tokenizer files in {p} ({', '.join(TOKENIZER_FILES[:3])}, ...): copy the model's tokenizer there"
+            f"no tokenizer files in {p} ({', '.join(TOKENIZER_FILES[:3])}, ...): copy the model's "
+            "tokenizer there"
         )
     try:
         return AutoTokenizer.from_pretrained(str(p))
@@ -909,18 +953,21 @@ def check_vocab(tokenizer, rows: int, where) -> None:
     n = tokenizer_size(tokenizer)
     if n is not None and rows and n > rows:
         raise ModelLoadError(
-            f"{where}: the tokenizer has {n} tokens but the model's embedding has {rows} rows (vocab_size {rows}): "
+            f"{where}: the tokenizer has {n} tokens but the model's embedding has {rows} rows "
+            f"(vocab_size {rows}): "
             "ids beyond it cannot be embedded; use the tokenizer that belongs to this model"
         )
 
 
 def check_token_ids(ids: torch.Tensor, rows: int, what: str = "the calibration windows") -> None:
-    """Refuse token ids outside ``0 .. rows - 1`` (before the first forward, which would fail on them)."""
+    """Refuse token ids outside ``0 .. rows - 1`` (before the first forward, which would fail on
+    them)."""
     if ids.numel() and rows:
         hi, lo = int(ids.max()), int(ids.min())
         if hi >= rows or lo < 0:
             raise ValueError(
-                f"{what} hold token id {hi if hi >= rows else lo}, outside the model's vocabulary of {rows} "
+                f"{what} hold token id {hi if hi >= rows else lo}, outside the model's vocabulary "
+                f"of {rows} "
                 f"(0 .. {rows - 1}); the tokenizer does not belong to this model"
             )
 
@@ -961,7 +1008,8 @@ def resolve_source(model, cache_dir=None, *, need: str = "safetensors", workdir=
     if need == "local":
         if not p.is_dir():
             raise ValueError(
-                f"streaming reads a local Hugging Face directory with safetensors shards; {model!r} is not one"
+                "streaming reads a local Hugging Face directory with safetensors shards; "
+                f"{model!r} is not one"
             )
         return p
     if need != "safetensors":
@@ -1005,7 +1053,8 @@ def peek_config(source, cache_dir=None) -> dict | None:
 
 
 def check_positions(config, needs, where) -> None:
-    """Refuse lengths beyond the model's ``max_position_embeddings``; ``needs``: (tokens, what) pairs."""
+    """Refuse lengths beyond the model's ``max_position_embeddings``; ``needs``: (tokens, what)
+    pairs."""
     if config is None:
         return
     limit = config_value(config, "max_position_embeddings")
@@ -1014,5 +1063,6 @@ def check_positions(config, needs, where) -> None:
     for tokens, what in needs:
         if tokens > limit:
             raise ValueError(
-                f"{what} is {tokens} tokens, beyond the {limit} positions of {where} (max_position_embeddings {limit}); use at most {limit}"
+                f"{what} is {tokens} tokens, beyond the {limit} positions of {where} "
+                f"(max_position_embeddings {limit}); use at most {limit}"
             )

@@ -116,7 +116,8 @@ def has_subblock_drops(cfg: dict) -> bool:
 
 
 def pruned_record(config) -> dict | None:
-    """``config.entrodrop_pruned`` when it records attention / MLP drops (a checkpoint of ``entrodrop prune``)."""
+    """``config.entrodrop_pruned`` when it records attention / MLP drops (a checkpoint of
+    ``entrodrop prune``)."""
     rec = (
         config.get("entrodrop_pruned")
         if isinstance(config, dict)
@@ -139,7 +140,8 @@ def pruned_model_class(cfg: dict):
     base = getattr(transformers, base_name, None)
     if base is None:
         raise ValueError(
-            f"base architecture {base_name!r} of the pruned checkpoint is not a class of transformers {transformers.__version__}"
+            f"base architecture {base_name!r} of the pruned checkpoint is not a class of "
+            f"transformers {transformers.__version__}"
         )
 
     def __init__(self, config, *args, **kw):

@@ -8,6 +8,12 @@ included: then the result is a numpy array). Results are float64, on the input's
 Block scoring passes ``f`` = F(X): the statistics are then of ``Y = X + F(X)``, added in
 fp32 inside the kernel, never allocated. ``mask`` (``[N]`` or ``[B, T]`` bool) excludes
 padding tokens.
+
+Entropies are in nats; cosine_importance is 1 - mean cosine (in [0, 2]) and
+angular_distance a fraction of pi (in [0, 1]). Errors: TypeError for an input that is no
+array or of another dtype, and for an option of the wrong type; ValueError for a bad shape,
+device or option value, NaN/Inf in the valid tokens (``nan_policy="raise"``), too few valid
+tokens, or a backend that is not available.
 """
 
 from __future__ import annotations
@@ -17,30 +23,56 @@ import numbers
 import operator
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeAlias, cast
 
+import numpy as np
 import torch
 
 from entrodrop_fast.ops import reference
-from entrodrop_fast.ops.backends import BACKENDS, backends, kernel, resolve_backend  # noqa: F401 (re-exported)
+from entrodrop_fast.ops.backends import (  # noqa: F401 (re-exported)
+    BACKENDS,
+    backends,
+    kernel,
+    resolve_backend,
+)
 from entrodrop_fast.ops.backends import pair_kernel as _pair_kernel
-from entrodrop_fast.ops.backends import reports_nonfinite as _reports_nonfinite  # noqa: F401 (hooks.py)
+from entrodrop_fast.ops.backends import (  # noqa: F401 (hooks.py)
+    reports_nonfinite as _reports_nonfinite,
+)
 
 METHODS = ("bucket", "gaussian_diag", "gaussian_full", "knn", "renyi")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Most bins per channel: every backend keeps bins counters per channel (the GPU kernels
 # D x bins int32 per sample: 1 GiB at D = 4096), and 2^16 bins already resolve more than
-# any sample of up to 65536 tokens can fill. (Also the kernels' limit, entrodrop_fast._C.MAX_BINS:
-# the API needs it without the extension, and tests/test_backends.py checks they agree.)
+# any sample of up to 65536 tokens can fill. (Also the kernels' limit,
+# entrodrop_fast._C.MAX_BINS: the API needs it without the extension, and
+# tests/test_backends.py checks they agree.)
 MAX_BINS = 1 << 16
 _FP32_MAX = float(torch.finfo(torch.float32).max)
+
+
+class SupportsDLPack(Protocol):
+    """An array torch reads through DLPack (numpy, cupy, ...: ``__dlpack__``)."""
+
+    def __dlpack__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+#: what the estimators read (``x``, ``f``, ``y``, ``mask``): a torch tensor, or an array with
+#: DLPack (numpy included)
+Array: TypeAlias = torch.Tensor | SupportsDLPack
+#: what they return: a float64 torch tensor on the input's device (0-d for an ``[N, D]``
+#: input, ``[B]`` for ``[B, T, D]``), or the same as a numpy array when the input was not a
+#: torch tensor
+Result: TypeAlias = torch.Tensor | np.ndarray
 
 
 # ---------------------------------------------------------------- backends
 # Which implementation runs each op of each backend on each device: ops/backends.py.
 
 
-def _kernel(p: _Prepared, op: str):
+def _kernel(p: _Prepared, op: str) -> Any:
     """The function running ``op`` for the prepared input's backend and device (the table's)."""
     return kernel(p.backend, p.x.device, op)
 
@@ -62,7 +94,7 @@ class _Prepared:
     omitted: bool = False  # nan_policy="omit" took tokens out of the mask
 
 
-def _to_torch(a, name: str) -> tuple[torch.Tensor, bool]:
+def _to_torch(a: Array, name: str) -> tuple[torch.Tensor, bool]:
     if isinstance(a, torch.Tensor):
         return a, False
     if hasattr(a, "__dlpack__"):
@@ -70,11 +102,13 @@ def _to_torch(a, name: str) -> tuple[torch.Tensor, bool]:
         if strides is not None and any(s < 0 for s in strides):
             # torch has no negative strides, and torch.from_dlpack aborts the interpreter on
             # them (np.flip): read a positive-stride copy instead
-            if not hasattr(a, "copy"):
+            copy = getattr(a, "copy", None)
+            if copy is None:
                 raise TypeError(
-                    f"{name} has negative strides {tuple(strides)} and no .copy(); pass a contiguous copy"
+                    f"{name} has negative strides {tuple(strides)} and no .copy(); "
+                    "pass a contiguous copy"
                 )
-            a = a.copy()
+            a = copy()
         try:
             return torch.from_dlpack(a), True
         except Exception as exc:
@@ -89,7 +123,8 @@ def _check_dtype(t: torch.Tensor, name: str) -> torch.Tensor:
         return t.float()
     if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(
-            f"{name} must be float32, float16 or bfloat16 (float64 is read as float32), got {t.dtype}"
+            f"{name} must be float32, float16 or bfloat16 (float64 is read as float32), "
+            f"got {t.dtype}"
         )
     return t
 
@@ -145,7 +180,15 @@ def _nonfinite_tokens(
 
 
 def _validate(
-    x, f, mask, *, min_tokens: int, nan_policy: str, f_name: str, add: bool, stacklevel: int = 4
+    x: torch.Tensor,
+    f: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    *,
+    min_tokens: int,
+    nan_policy: str,
+    f_name: str,
+    add: bool,
+    stacklevel: int = 4,
 ) -> tuple[torch.Tensor | None, bool]:
     """The exact check: (mask, omitted). Raises on NaN/Inf or an fp32 overflow of Y = x + f
     among the valid tokens (or, with nan_policy="omit", warns and takes those tokens out of
@@ -165,13 +208,16 @@ def _validate(
         if nan_policy == "raise":
             if nbad:
                 raise ValueError(
-                    f"input holds NaN or Inf in {nbad} token(s); pass nan_policy='omit' to skip those tokens"
+                    f"input holds NaN or Inf in {nbad} token(s); "
+                    "pass nan_policy='omit' to skip those tokens"
                 )
             raise ValueError(
-                f"Y = X + {f_name.upper()} overflowed float32 in {novf} token(s): x and {f_name} are finite, but their sum "
-                f"exceeds float32's range (+-3.4e38); the estimators add them in float32 ({x.dtype} input; float64 input "
-                f"is read as float32 too, so a wider input dtype cannot help): divide x and {f_name} by a common power "
-                "of two (entropy differences do not change), or pass nan_policy='omit' to skip those tokens"
+                f"Y = X + {f_name.upper()} overflowed float32 in {novf} token(s): x and {f_name} "
+                "are finite, but their sum exceeds float32's range (+-3.4e38); the estimators "
+                f"add them in float32 ({x.dtype} input; float64 input is read as float32 too, so "
+                f"a wider input dtype cannot help): divide x and {f_name} by a common power of two "
+                "(entropy differences do not change), or pass nan_policy='omit' to skip those "
+                "tokens"
             )
         what = (
             f"({nbad} holding NaN or Inf, {novf} where Y = X + {f_name.upper()} overflowed float32)"
@@ -201,10 +247,14 @@ def _check_min_tokens(x: torch.Tensor, mask: torch.Tensor | None, min_tokens: in
         raise ValueError(f"every sample needs at least {min_tokens} valid tokens, one has {least}")
 
 
+class _CannotDefer(Exception):
+    """Raised by :func:`prepare` with ``defer_only`` where the check cannot be deferred."""
+
+
 def prepare(
-    x,
-    f=None,
-    mask=None,
+    x: Array,
+    f: Array | None = None,
+    mask: Array | None = None,
     *,
     min_tokens: int = 2,
     nan_policy: str = "raise",
@@ -214,7 +264,7 @@ def prepare(
     add: bool = True,
     op: str | None = None,
     defer_only: bool = False,
-) -> _Prepared | None:
+) -> _Prepared:
     """Check the inputs and bring them to ``(B, T, D)``; see the module docstring.
 
     ``f_name``: what the caller called the second tensor (``"y"`` for cosine's y), for the
@@ -223,7 +273,11 @@ def prepare(
     values itself (:func:`_reports_nonfinite`), the separate NaN/Inf pass is skipped
     (``deferred``) and the caller, after the kernel, calls :func:`_recheck` when its outputs
     show a non-finite value; the results and errors are those of the exact check either way.
-    ``defer_only``: return None instead of validating when the check cannot be deferred.
+    ``defer_only``: raise :class:`_CannotDefer` instead of validating when the check cannot be
+    deferred.
+    Raises TypeError / ValueError for inputs the estimators refuse (dtype, shape, device,
+    NaN/Inf with ``nan_policy="raise"``, fewer than ``min_tokens`` valid tokens, a backend
+    that is not available).
     """
     x, numpy_out = _to_torch(x, "x")
     if x.dim() not in (2, 3):
@@ -241,7 +295,8 @@ def prepare(
             f = f.unsqueeze(0)
         if f.shape != x.shape:
             raise ValueError(
-                f"{f_name} must have the shape of x {tuple(x.shape[single:])}, got {tuple(f.shape[single:])}"
+                f"{f_name} must have the shape of x {tuple(x.shape[single:])}, "
+                f"got {tuple(f.shape[single:])}"
             )
         if f.dtype != x.dtype:
             raise ValueError(f"{f_name} must have the dtype of x ({x.dtype}), got {f.dtype}")
@@ -255,7 +310,8 @@ def prepare(
             mask = mask.unsqueeze(0)
         if mask.shape != x.shape[:2]:
             raise ValueError(
-                f"mask must have shape {tuple(x.shape[single:2])} (the token axes of x), got {tuple(mask.shape[single:])}"
+                f"mask must have shape {tuple(x.shape[single:2])} (the token axes of x), "
+                f"got {tuple(mask.shape[single:])}"
             )
         mask = mask.to(x.device)
     if nan_policy not in ("raise", "omit"):
@@ -275,7 +331,7 @@ def prepare(
         )
     if validate and not deferred:
         if defer_only:
-            return None
+            raise _CannotDefer
         mask, omitted = _validate(
             x, f, mask, min_tokens=min_tokens, nan_policy=nan_policy, f_name=f_name, add=add
         )
@@ -320,7 +376,7 @@ def _all_finite(*ts: torch.Tensor) -> bool:
     return math.isfinite(float(total))
 
 
-def _finish(p: _Prepared, h: torch.Tensor):
+def _finish(p: _Prepared, h: torch.Tensor) -> Result:
     h = h.to(torch.float64)
     if p.single:
         h = h[0]
@@ -343,7 +399,8 @@ def _integer(value, name: str, lo: int, hi: int | None = None, why: str = "") ->
         v = operator.index(value)
     except TypeError:
         raise TypeError(
-            f"{name} must be an integer (int, numpy integer or 0-d integer tensor), got {value!r} ({type(value).__name__})"
+            f"{name} must be an integer (int, numpy integer or 0-d integer tensor), "
+            f"got {value!r} ({type(value).__name__})"
         ) from None
     if v < lo or (hi is not None and v > hi):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
@@ -370,16 +427,16 @@ def _real(value, name: str, *, lo: float, lo_open: bool = False, why: str = "") 
 
 
 def bucket_entropy(
-    x,
-    f=None,
+    x: Array,
+    f: Array | None = None,
     *,
     bins: int = 20,
     paper_exact: bool = False,
-    mask=None,
-    backend="auto",
-    nan_policy="raise",
-    validate=True,
-):
+    mask: Array | None = None,
+    backend: str = "auto",
+    nan_policy: str = "raise",
+    validate: bool = True,
+) -> Result:
     """Histogram ("bucket") entropy, the paper's estimator: sum over channels of H_d.
 
     Per channel, ``bins`` equal-width bins over [min, max] of the sample's tokens.
@@ -390,7 +447,8 @@ def bucket_entropy(
         "bins",
         1,
         MAX_BINS,
-        " (every backend keeps bins counters per channel, D x bins per sample on GPUs; 2**16 bins already resolve more than a sample of 65536 tokens can fill)",
+        " (every backend keeps bins counters per channel, D x bins per sample on GPUs; "
+        "2**16 bins already resolve more than a sample of 65536 tokens can fill)",
     )
     p = prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate, op="bucket")
     h = _kernel(p, "bucket")(p.x, p.f, p.mask, bins, paper_exact).to(torch.float64).sum(-1)  # (B,)
@@ -421,15 +479,15 @@ def _checked_moments(
 
 
 def gaussian_diag_entropy(
-    x,
-    f=None,
+    x: Array,
+    f: Array | None = None,
     *,
     var_floor: float = 1e-12,
-    mask=None,
-    backend="auto",
-    nan_policy="raise",
-    validate=True,
-):
+    mask: Array | None = None,
+    backend: str = "auto",
+    nan_policy: str = "raise",
+    validate: bool = True,
+) -> Result:
     """sum_d 1/2 ln(2 pi e sigma_d^2), population variances floored at ``var_floor``.
 
     A constant channel has variance 0 and would give -inf; it is counted with
@@ -492,7 +550,8 @@ def _warn_floored(var: torch.Tensor, low: float, var_floor: float) -> None:
         nfloor = int((var < var_floor).sum())
         if nfloor:
             warnings.warn(
-                f"gaussian_diag: {nfloor} channel variance(s) below var_floor={var_floor:g} were floored",
+                f"gaussian_diag: {nfloor} channel variance(s) below var_floor={var_floor:g} were "
+                "floored",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -505,15 +564,15 @@ def _rows(p: _Prepared, b: int) -> torch.Tensor:
 
 
 def gaussian_full_entropy(
-    x,
-    f=None,
+    x: Array,
+    f: Array | None = None,
     *,
     ridge: float | None = None,
-    mask=None,
-    backend="auto",
-    nan_policy="raise",
-    validate=True,
-):
+    mask: Array | None = None,
+    backend: str = "auto",
+    nan_policy: str = "raise",
+    validate: bool = True,
+) -> Result:
     """1/2 logdet(2 pi e Sigma) with Sigma the D x D population covariance.
 
     The rows are centred on their exact fp64 mean before the fp64 Gram product, so the
@@ -536,7 +595,8 @@ def gaussian_full_entropy(
             if r.shape[0] <= D or sign <= 0 or not torch.isfinite(logdet):
                 lam = 1e-6 * float(cov.diagonal().mean()) or 1e-12
                 warnings.warn(
-                    f"gaussian_full: covariance is singular (N={r.shape[0]}, D={D}); added ridge {lam:.3g}",
+                    f"gaussian_full: covariance is singular (N={r.shape[0]}, D={D}); added ridge "
+                    f"{lam:.3g}",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -553,16 +613,16 @@ def gaussian_full_entropy(
 
 
 def knn_entropy(
-    x,
-    f=None,
+    x: Array,
+    f: Array | None = None,
     *,
     k: int = 25,
     form: str = "paper",
-    mask=None,
-    backend="auto",
-    nan_policy="raise",
-    validate=True,
-):
+    mask: Array | None = None,
+    backend: str = "auto",
+    nan_policy: str = "raise",
+    validate: bool = True,
+) -> Result:
     """Kozachenko-Leonenko entropy from each token's k-th nearest other token.
 
     ``form="paper"``: ... + ln N - ln k (the paper's code); ``form="digamma"``: the standard
@@ -599,8 +659,15 @@ def knn_entropy(
 
 
 def renyi_entropy(
-    x, f=None, *, alpha: float = 4.0, mask=None, backend="auto", nan_policy="raise", validate=True
-):
+    x: Array,
+    f: Array | None = None,
+    *,
+    alpha: float = 4.0,
+    mask: Array | None = None,
+    backend: str = "auto",
+    nan_policy: str = "raise",
+    validate: bool = True,
+) -> Result:
     """The paper's Renyi entropy of order ``alpha`` of the Gaussian-kernel similarity matrix.
 
     Every backend computes this one with the torch reference (it needs the median of all
@@ -617,7 +684,7 @@ def renyi_entropy(
     return _finish(p, torch.stack(out))
 
 
-_ESTIMATORS = {
+_ESTIMATORS: dict[str, Callable[..., Result]] = {
     "bucket": bucket_entropy,
     "gaussian_diag": gaussian_diag_entropy,
     "gaussian_full": gaussian_full_entropy,
@@ -626,7 +693,7 @@ _ESTIMATORS = {
 }
 
 
-def _estimator(method: str):
+def _estimator(method: str) -> Callable[..., Result]:
     """The estimator of ``method``: one of :data:`METHODS` (the paper's) or a robust bucket
     variant (:data:`entrodrop_fast.ops.robust.ROBUST_METHODS`, opt-in)."""
     fn = _ESTIMATORS.get(method)
@@ -636,12 +703,13 @@ def _estimator(method: str):
         fn = ROBUST_ESTIMATORS.get(method)
         if fn is None:
             raise ValueError(
-                f"unknown entropy method {method!r}; choose from {', '.join(METHODS + ROBUST_METHODS)}"
+                f"unknown entropy method {method!r}; "
+                f"choose from {', '.join(METHODS + ROBUST_METHODS)}"
             )
     return fn
 
 
-def entropy(x, method: str = "bucket", f=None, **opts):
+def entropy(x: Array, method: str = "bucket", f: Array | None = None, **opts: Any) -> Result:
     """Entropy of x (or of x + f) by ``method``: one of :data:`METHODS` (the paper's
     estimators) or the robust bucket variants ``bucket_q``, ``bucket_nosink``,
     ``bucket_tokennorm`` (:mod:`entrodrop_fast.ops.robust`). ``opts`` are the method's own
@@ -649,7 +717,7 @@ def entropy(x, method: str = "bucket", f=None, **opts):
     return _estimator(method)(x, f, **opts)
 
 
-def delta_entropy(x, f, method: str = "bucket", **opts):
+def delta_entropy(x: Array, f: Array, method: str = "bucket", **opts: Any) -> Result:
     """Entropy increase of a block, H(X + F(X)) - H(X), per sample.
 
     bucket and gaussian_diag on a backend with a pair kernel (cpp, CPU) read x and f once for
@@ -679,7 +747,7 @@ _PAIR_OPTS = {
 }
 
 
-def _paired_delta(x, f, method: str, opts: dict):
+def _paired_delta(x: Array, f: Array, method: str, opts: dict[str, Any]) -> Result | None:
     """delta_entropy from one pair kernel call, or None where the two calls must run: no pair
     kernel, an option the estimator would refuse, bad input (the two calls then raise, or
     omit and warn, exactly as they do), or a non-finite output (the same)."""
@@ -699,17 +767,18 @@ def _paired_delta(x, f, method: str, opts: dict):
         return None  # the estimator raises it, with its own message
     if pair is None:
         return None
-    p = prepare(
-        x,
-        f,
-        opts.get("mask"),
-        nan_policy=nan_policy,
-        backend=opts.get("backend", "auto"),
-        validate=validate,
-        op=op,
-        defer_only=True,
-    )
-    if p is None:  # (too few tokens: the two calls raise)
+    try:
+        p = prepare(
+            x,
+            f,
+            opts.get("mask"),
+            nan_policy=nan_policy,
+            backend=opts.get("backend", "auto"),
+            validate=validate,
+            op=op,
+            defer_only=True,
+        )
+    except _CannotDefer:  # (too few tokens: the two calls raise)
         return None
     if method == "bucket":
         hy, hx = (
@@ -737,8 +806,15 @@ def _paired_delta(x, f, method: str, opts: dict):
 
 
 def cosine_importance(
-    x, f=None, *, y=None, mask=None, backend="auto", nan_policy="raise", validate=True
-):
+    x: Array,
+    f: Array | None = None,
+    *,
+    y: Array | None = None,
+    mask: Array | None = None,
+    backend: str = "auto",
+    nan_policy: str = "raise",
+    validate: bool = True,
+) -> Result:
     """LLM-Drop / ShortGPT importance: 1 - mean over tokens of cos(X_t, Y_t).
 
     Give either ``f`` (then Y = X + f, fused) or ``y`` itself.
@@ -746,7 +822,7 @@ def cosine_importance(
     if (f is None) == (y is None):
         raise ValueError("give exactly one of f (Y = X + f) or y")
     fused = f is not None
-    names = {"f_name": "f" if fused else "y", "add": fused}
+    f_name = "f" if fused else "y"
     p = prepare(
         x,
         f if fused else y,
@@ -756,17 +832,25 @@ def cosine_importance(
         backend=backend,
         validate=validate,
         op="cosine",
-        **names,
+        f_name=f_name,
+        add=fused,
     )
     s, n = _kernel(p, "cosine")(p.x, p.f, p.mask, fused)
     if p.deferred and not _all_finite(s):  # a token's x or Y held NaN/Inf: its cos is NaN
-        p = _recheck(p, min_tokens=1, nan_policy=nan_policy, **names)
+        p = _recheck(p, min_tokens=1, nan_policy=nan_policy, f_name=f_name, add=fused)
         if p.omitted:
             s, n = _kernel(p, "cosine")(p.x, p.f, p.mask, fused)
     return _finish(p, 1.0 - s.to(torch.float64) / n.to(torch.float64))
 
 
-def angular_distance(x, y, *, mask=None, nan_policy="raise", validate=True):
+def angular_distance(
+    x: Array,
+    y: Array,
+    *,
+    mask: Array | None = None,
+    nan_policy: str = "raise",
+    validate: bool = True,
+) -> Result:
     """arccos(cos(x_last, y_last)) / pi on the last valid token of each sample (Gromov et al.)."""
     p = prepare(
         x,
@@ -786,6 +870,6 @@ def angular_distance(x, y, *, mask=None, nan_policy="raise", validate=True):
         last = T - 1 - p.mask.flip(1).to(torch.int8).argmax(1)  # index of the last True
     rows = torch.arange(B, device=p.x.device)
     a = p.x[rows, last].double()
-    c = p.f[rows, last].double()
+    c = cast(torch.Tensor, p.f)[rows, last].double()  # p.f: y
     cos = (a * c).sum(-1) / (a.norm(dim=-1) * c.norm(dim=-1)).clamp_min(reference.COS_EPS)
     return _finish(p, torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi)

@@ -33,8 +33,8 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from collections.abc import Mapping
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, TypeAlias
 
 import torch
 
@@ -56,9 +56,11 @@ OPS = ("moments", "bucket", "cosine", "knn_kth_distance", "knn_terms", "covarian
 OPTIONAL_OPS = frozenset({"knn_terms"})
 
 NATIVE = "native"
+# a table entry: NATIVE, or the stand-ins tried in order
+Route: TypeAlias = str | tuple[str, ...]
 _KNN_TILED = "knn_tiled"  # not a backend: the tiled GEMM knn of ops/knn_tiled.py (any device)
-_REFERENCE_ONLY = {"covariance": ("torch",), "renyi": ("torch",)}
-_TORCH = {
+_REFERENCE_ONLY: dict[str, Route] = {"covariance": ("torch",), "renyi": ("torch",)}
+_TORCH: dict[str, Route] = {
     "moments": NATIVE,
     "bucket": NATIVE,
     "cosine": NATIVE,
@@ -66,7 +68,7 @@ _TORCH = {
     "covariance": NATIVE,
     "renyi": NATIVE,
 }
-_TRITON = {
+_TRITON: dict[str, Route] = {
     "moments": NATIVE,
     "bucket": NATIVE,
     "cosine": NATIVE,
@@ -75,7 +77,7 @@ _TRITON = {
 }
 
 # (backend, device type) -> op -> NATIVE, or the stand-ins tried in order
-TABLE: dict[tuple[str, str], dict[str, str | tuple[str, ...]]] = {
+TABLE: dict[tuple[str, str], dict[str, Route]] = {
     ("cuda", "cuda"): {
         "moments": NATIVE,
         "bucket": NATIVE,
@@ -171,13 +173,14 @@ class Kernels(Protocol):
 # ---------------------------------------------------------------- loading
 
 
-_imported: dict[str, object] = {}
-_loaded: dict[str, object] = {}  # name -> module, for the backends available here
+_imported: dict[str, Any] = {}  # name -> module, or None where it failed to import
+_loaded: dict[str, Any] = {}  # name -> module, for the backends available here
 _load_errors: dict[str, str] = {}  # name -> why not
 
 
-def _import(name: str):
-    """The backend module (its declarations), available here or not; None if it fails to import."""
+def _import(name: str) -> Any:
+    """The backend module (its declarations), available here or not; None if it fails to
+    import."""
     if name not in _imported:
         try:
             _imported[name] = importlib.import_module(_MODULES[name])
@@ -187,7 +190,7 @@ def _import(name: str):
     return _imported[name]
 
 
-def _module(name: str):
+def _module(name: str) -> Any:
     """The backend module when it is available here, else None (the reason in _load_errors)."""
     if name in _loaded:
         return _loaded[name]
@@ -212,14 +215,14 @@ def _runs(name: str, dev: str) -> bool:
     return mod is not None and dev in mod.devices()
 
 
-def _dev(device) -> str:
+def _dev(device: torch.device | str) -> str:
     return device if isinstance(device, str) else torch.device(device).type
 
 
 # ---------------------------------------------------------------- choosing a backend
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device | str) -> str:
     """Name of the backend to use for tensors on ``device`` (aliases resolved: "cpp" on CUDA
     tensors is "cuda"); raises ValueError if impossible."""
     dev = _dev(device)
@@ -248,18 +251,23 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         why = str(_load_errors.get(name))
         # built, but nothing to run it on: building again would not help
         if why == "no CUDA device":
-            hint = "; the CUDA kernels need a GPU (on a CPU, backend 'cpp' or 'auto' runs the compiled CPU kernels)"
+            hint = (
+                "; the CUDA kernels need a GPU (on a CPU, backend 'cpp' or 'auto' runs the "
+                "compiled CPU kernels)"
+            )
         elif name in ("cpp", "cuda"):
             from entrodrop_fast import _ext
 
             if _ext.BUILD_HINT not in why:
                 hint = f"; {_ext.BUILD_HINT}"
         raise ValueError(
-            f"backend {said} is not available ({_load_errors.get(name)}){hint}; available here: {_available_list(dev)}"
+            f"backend {said} is not available ({_load_errors.get(name)}){hint}; "
+            f"available here: {_available_list(dev)}"
         )
     if dev not in mod.devices():
         raise ValueError(
-            f"backend {said} does not run on {dev} tensors; available for {dev}: {_available_list(dev)}"
+            f"backend {said} does not run on {dev} tensors; "
+            f"available for {dev}: {_available_list(dev)}"
         )
     return name
 
@@ -277,8 +285,9 @@ def _warn_reference_fallback() -> None:
     from entrodrop_fast import _ext
 
     warnings.warn(
-        f"entrodrop_fast: the compiled kernels are not available ({_load_errors['cpp']}); backend='auto' "
-        f"uses the torch reference, 25-600x slower. Package imported from {os.path.dirname(os.path.dirname(__file__))}; "
+        f"entrodrop_fast: the compiled kernels are not available ({_load_errors['cpp']}); "
+        "backend='auto' uses the torch reference, 25-600x slower. "
+        f"Package imported from {os.path.dirname(os.path.dirname(__file__))}; "
         f"{_ext.BUILD_HINT}",
         RuntimeWarning,
         stacklevel=4,
@@ -292,7 +301,7 @@ def _available_list(dev: str) -> str:
 # ---------------------------------------------------------------- the table's answers
 
 
-def route(backend: str, device, op: str) -> str | tuple[str, ...] | None:
+def route(backend: str, device: torch.device | str, op: str) -> Route | None:
     """The table's entry for ``op`` of ``backend`` (aliases resolved) on ``device``: NATIVE,
     the stand-ins in order, or None (no such op there: only optional ops)."""
     dev = _dev(device)
@@ -300,7 +309,7 @@ def route(backend: str, device, op: str) -> str | tuple[str, ...] | None:
     return TABLE.get((name, dev), {}).get(op)
 
 
-def kernel(backend: str, device, op: str):
+def kernel(backend: str, device: torch.device | str, op: str) -> Callable[..., Any] | None:
     """The function that runs ``op`` for ``backend`` on ``device`` (the first usable
     implementation of its table entry), or None where the table has none (an optional op)."""
     dev = _dev(device)
@@ -320,11 +329,12 @@ def kernel(backend: str, device, op: str):
         if _runs(target, dev):
             return kernel(target, dev, op)
     raise ValueError(
-        f"no implementation of {op!r} for backend {name!r} on {dev} tensors: {', '.join(impl)} unavailable"
+        f"no implementation of {op!r} for backend {name!r} on {dev} tensors: "
+        f"{', '.join(impl)} unavailable"
     )
 
 
-def _native_module(backend: str, dev: str, op: str):
+def _native_module(backend: str, dev: str, op: str) -> Any:
     """The backend module when ``op`` is native to it on ``dev`` (its declarations apply)."""
     name = ALIASES.get((backend, dev), backend)
     if route(name, dev, op) != NATIVE:
@@ -332,7 +342,7 @@ def _native_module(backend: str, dev: str, op: str):
     return _import(name)
 
 
-def reports_nonfinite(backend: str, device, op: str) -> bool:
+def reports_nonfinite(backend: str, device: torch.device | str, op: str) -> bool:
     """Whether ``backend``'s ``op`` kernel reports NaN/Inf in Y among the valid tokens through
     its outputs on this device (``REPORTS_NONFINITE`` of its module; stand-ins never do)."""
     dev = _dev(device)
@@ -340,8 +350,9 @@ def reports_nonfinite(backend: str, device, op: str) -> bool:
     return mod is not None and op in getattr(mod, "REPORTS_NONFINITE", {}).get(dev, ())
 
 
-def pair_kernel(backend: str, device, op: str):
-    """``backend``'s pair kernel ``<op>_pair`` on this device (``PAIRS`` of its module), or None."""
+def pair_kernel(backend: str, device: torch.device | str, op: str) -> Callable[..., Any] | None:
+    """``backend``'s pair kernel ``<op>_pair`` on this device (``PAIRS`` of its module), or
+    None."""
     dev = _dev(device)
     mod = _native_module(backend, dev, op)
     if mod is None or op not in getattr(mod, "PAIRS", {}).get(dev, ()):
@@ -349,13 +360,13 @@ def pair_kernel(backend: str, device, op: str):
     return getattr(mod, f"{op}_pair", None)
 
 
-def _describe(impl) -> str:
+def _describe(impl: Route) -> str:
     if impl == NATIVE:
         return NATIVE
     return " or ".join(t if t != _KNN_TILED else "knn_tiled (ops/knn_tiled.py)" for t in impl)
 
 
-def backends() -> dict:
+def backends() -> dict[str, dict[str, Any]]:
     """Which backends exist, on which devices, why not where they don't, and per device what
     runs each op: ``"native"`` or the implementation it falls back to (``ops``), which ops
     have pair kernels (``pairs``) and report non-finite input themselves (``reports_nonfinite``),

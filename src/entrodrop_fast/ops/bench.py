@@ -23,7 +23,9 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from collections.abc import Callable, Iterable
+import types
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -159,7 +161,9 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int:
     return int(peak)
 
 
-def make_input(shape: tuple[int, ...], dtype: torch.dtype, device="cpu", seed=0) -> torch.Tensor:
+def make_input(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu", seed: int = 0
+) -> torch.Tensor:
     """LLM-like hidden states [B, T, D] (2-D shapes get B = 1)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     shape3 = shape if len(shape) == 3 else (1, *shape)
@@ -168,8 +172,15 @@ def make_input(shape: tuple[int, ...], dtype: torch.dtype, device="cpu", seed=0)
     return x.to(dtype=dtype, device=device)
 
 
-def _provider(estimator: str, backend: str, x: torch.Tensor, f: torch.Tensor, device: str):
-    """A zero-argument callable running (estimator, backend) on x, or None if not applicable."""
+def _provider(
+    estimator: str, backend: str, x: torch.Tensor, f: torch.Tensor | None, device: str
+) -> Callable[[], object] | None:
+    """A zero-argument callable running (estimator, backend) on x, or None if not applicable
+    (f: the second input of cosine; None for the other estimators)."""
+    if f is None:
+        if estimator == "cosine":
+            raise ValueError("the cosine benchmark reads f: pass it")
+        f = x  # not read: only cosine reads f
     if backend == "cpp":  # (on CUDA tensors: the cuda backend, as ops/backends.py resolves "cpp")
         from entrodrop_fast.ops.backends import kernel, resolve_backend
 
@@ -184,6 +195,8 @@ def _provider(estimator: str, backend: str, x: torch.Tensor, f: torch.Tensor, de
             "knn": "knn_kth_distance",
         }[estimator]
         fn = kernel(name, device, op)
+        if fn is None:  # (an optional op without a kernel: none of these)
+            return None
         return {
             "moments": lambda: fn(x, None, None),
             "bucket": lambda: fn(x, None, None, BINS, False),
@@ -213,6 +226,15 @@ def _provider(estimator: str, backend: str, x: torch.Tensor, f: torch.Tensor, de
     return None
 
 
+def _cases(
+    shapes: Iterable[tuple[int, ...]], dtypes: Iterable[str]
+) -> Iterator[tuple[tuple[int, ...], str, torch.dtype]]:
+    """(shape, dtype name, dtype) for every shape, then every dtype of it."""
+    for shape in shapes:
+        for dname in dtypes:
+            yield tuple(int(s) for s in shape), dname, DTYPES[dname]
+
+
 def run_bench(
     estimators: Iterable[str] = ESTIMATORS,
     shapes: Iterable[tuple[int, ...]] = DEFAULT_SHAPES,
@@ -229,73 +251,72 @@ def run_bench(
     and, for knn, peak_extra_bytes / nxn_bytes (CPU only).
     """
     rows: list[dict] = []
-    for shape in shapes:
-        shape = tuple(int(s) for s in shape)
-        for dname in dtypes:
-            dtype = DTYPES[dname]
-            x = make_input(shape, dtype, device)
-            f = None
-            roof = None
-            for est in estimators:
-                if est == "knn" and (x.shape[0] != 1 or x.shape[1] > KNN_MAX_N):
+    for shape, dname, dtype in _cases(shapes, dtypes):
+        x = make_input(shape, dtype, device)
+        f = None
+        roof = None
+        for est in estimators:
+            if est == "knn" and (x.shape[0] != 1 or x.shape[1] > KNN_MAX_N):
+                continue
+            if est == "bucket" or est == "moments" or est == "knn":
+                nbytes = x.numel() * x.element_size()
+            else:  # cosine reads x and f
+                if f is None:
+                    f = make_input(shape, dtype, device, seed=1)
+                nbytes = 2 * x.numel() * x.element_size()
+            if roof is None:
+                roof = statistics.median(time_calls(x.sum, max(3, repeat), device=device))
+            roof_gbps = x.numel() * x.element_size() / roof / 1e9
+            group: list[dict[str, Any]] = []
+            for be in backends:
+                fn = _provider(est, be, x, f, device)
+                if fn is None:
                     continue
-                if est == "bucket" or est == "moments" or est == "knn":
-                    nbytes = x.numel() * x.element_size()
-                else:  # cosine reads x and f
-                    if f is None:
-                        f = make_input(shape, dtype, device, seed=1)
-                    nbytes = 2 * x.numel() * x.element_size()
-                if roof is None:
-                    roof = statistics.median(time_calls(x.sum, max(3, repeat), device=device))
-                roof_gbps = x.numel() * x.element_size() / roof / 1e9
-                group = []
-                for be in backends:
-                    fn = _provider(est, be, x, f, device)
-                    if fn is None:
-                        continue
-                    ts = time_calls(
-                        fn,
-                        repeat if be in ("cpp", "torch_fast") else max(1, min(repeat, 2)),
-                        device=device,
-                    )
-                    med = statistics.median(ts)
-                    row = {
-                        "estimator": est,
-                        "backend": be,
-                        "shape": list(shape),
-                        "dtype": dname,
-                        "device": device,
-                        "threads": torch.get_num_threads(),
-                        "seconds": med,
-                        "min_seconds": min(ts),
-                        "gbps": nbytes / med / 1e9,
-                        "roofline_gbps": roof_gbps,
-                        "roofline_frac": (nbytes / med / 1e9) / roof_gbps,
-                        "elements_per_s": x.numel() / med,
-                    }
-                    if est == "knn" and device == "cpu":
-                        n = x.shape[1]
-                        row["nxn_bytes"] = n * n * 4
-                        row["peak_extra_bytes"] = peak_extra_bytes(fn)
-                    group.append(row)
-                    gc.collect()
-                for row in group:
-                    row["speedup_vs"] = {
-                        o["backend"]: o["seconds"] / row["seconds"] for o in group if o is not row
-                    }
-                rows.extend(group)
-            x = f = None  # free before the next shape
-            gc.collect()
+                ts = time_calls(
+                    fn,
+                    repeat if be in ("cpp", "torch_fast") else max(1, min(repeat, 2)),
+                    device=device,
+                )
+                med = statistics.median(ts)
+                row: dict[str, Any] = {
+                    "estimator": est,
+                    "backend": be,
+                    "shape": list(shape),
+                    "dtype": dname,
+                    "device": device,
+                    "threads": torch.get_num_threads(),
+                    "seconds": med,
+                    "min_seconds": min(ts),
+                    "gbps": nbytes / med / 1e9,
+                    "roofline_gbps": roof_gbps,
+                    "roofline_frac": (nbytes / med / 1e9) / roof_gbps,
+                    "elements_per_s": x.numel() / med,
+                }
+                if est == "knn" and device == "cpu":
+                    n = x.shape[1]
+                    row["nxn_bytes"] = n * n * 4
+                    row["peak_extra_bytes"] = peak_extra_bytes(fn)
+                group.append(row)
+                gc.collect()
+            for row in group:
+                row["speedup_vs"] = {
+                    o["backend"]: o["seconds"] / row["seconds"] for o in group if o is not row
+                }
+            rows.extend(group)
+        del x, f  # free before the next shape
+        gc.collect()
     return rows
 
 
-def _api():
+def _api() -> types.ModuleType:
     from entrodrop_fast.ops import api
 
     return api
 
 
-def _call_fns(name: str, x: torch.Tensor, f: torch.Tensor, backend: str) -> dict:
+def _call_fns(
+    name: str, x: torch.Tensor, f: torch.Tensor, backend: str
+) -> dict[str, Callable[[], object]]:
     """The three timed callables of one call: default, validate=False, roofline."""
     pair, call = CALLS[name]
     return {
@@ -333,80 +354,79 @@ def run_call_bench(
     import warnings
 
     rows: list[dict] = []
-    for shape in shapes:
-        shape = tuple(int(s) for s in shape)
-        for dname in dtypes:
-            dtype = DTYPES[dname]
-            x = make_input(shape, dtype, device)
-            f = make_input(shape, dtype, device, seed=1)
-            x3 = x if x.dim() == 3 else x[None]
-            for name in calls:
-                pair = CALLS[name][0]
-                fns = _call_fns(name, x, f, backend)
-                ts: dict[str, list[float]] = {k: [] for k in fns}
-                cpu: dict[str, list[float]] = {k: [] for k in fns}
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)  # floored variances etc.
-                    for fn in fns.values():
-                        time_calls(fn, 0, warmup=1, device=device)
-                    rounds = 0
-                    keys = list(fns)
-                    while rounds < repeat or (
-                        sum(ts["default"]) < min_seconds and rounds < max_rounds
-                    ):
-                        # the order rotates every round: each callable follows each other one
-                        # equally often (torch's x.sum() leaves its OpenMP threads spinning for
-                        # a while, which slows whatever runs next on a 2-core machine)
-                        for k in keys[rounds % 3 :] + keys[: rounds % 3]:
-                            fn = fns[k]
-                            c0 = time.process_time()
-                            ts[k] += time_calls(fn, 1, warmup=0, device=device)
-                            cpu[k].append(time.process_time() - c0)
-                        rounds += 1
-                best = {k: min(v) for k, v in ts.items()}
-                bcpu = {k: max(min(v), 1e-9) for k, v in cpu.items()}
-                rows.append(
-                    {
-                        "estimator": name,
-                        "mode": "calls",
-                        "backend": backend,
-                        "shape": list(shape),
-                        "dtype": dname,
-                        "device": device,
-                        "threads": torch.get_num_threads(),
-                        "reads": "x,f" if pair else "x",
-                        "bytes": x3.numel() * x3.element_size() * (2 if pair else 1),
-                        "rounds": rounds,
-                        "default_s": best["default"],
-                        "novalidate_s": best["novalidate"],
-                        "roofline_s": best["roofline"],
-                        **{f"{k}_median_s": statistics.median(v) for k, v in ts.items()},
-                        **{f"{k}_cpu_s": v for k, v in bcpu.items()},
-                        "default_over_novalidate": best["default"] / best["novalidate"],
-                        "default_roofline_frac": best["roofline"] / best["default"],
-                        "novalidate_roofline_frac": best["roofline"] / best["novalidate"],
-                        "default_over_novalidate_cpu": bcpu["default"] / bcpu["novalidate"],
-                        "default_roofline_frac_cpu": bcpu["roofline"] / bcpu["default"],
-                    }
-                )
-            x = f = x3 = None
-            gc.collect()
+    for shape, dname, dtype in _cases(shapes, dtypes):
+        x = make_input(shape, dtype, device)
+        f = make_input(shape, dtype, device, seed=1)
+        x3 = x if x.dim() == 3 else x[None]
+        for name in calls:
+            pair = CALLS[name][0]
+            fns = _call_fns(name, x, f, backend)
+            ts: dict[str, list[float]] = {k: [] for k in fns}
+            cpu: dict[str, list[float]] = {k: [] for k in fns}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # floored variances etc.
+                for fn in fns.values():
+                    time_calls(fn, 0, warmup=1, device=device)
+                rounds = 0
+                keys = list(fns)
+                while rounds < repeat or (sum(ts["default"]) < min_seconds and rounds < max_rounds):
+                    # the order rotates every round: each callable follows each other one
+                    # equally often (torch's x.sum() leaves its OpenMP threads spinning for
+                    # a while, which slows whatever runs next on a 2-core machine)
+                    for k in keys[rounds % 3 :] + keys[: rounds % 3]:
+                        fn = fns[k]
+                        c0 = time.process_time()
+                        ts[k] += time_calls(fn, 1, warmup=0, device=device)
+                        cpu[k].append(time.process_time() - c0)
+                    rounds += 1
+            best = {k: min(v) for k, v in ts.items()}
+            bcpu = {k: max(min(v), 1e-9) for k, v in cpu.items()}
+            rows.append(
+                {
+                    "estimator": name,
+                    "mode": "calls",
+                    "backend": backend,
+                    "shape": list(shape),
+                    "dtype": dname,
+                    "device": device,
+                    "threads": torch.get_num_threads(),
+                    "reads": "x,f" if pair else "x",
+                    "bytes": x3.numel() * x3.element_size() * (2 if pair else 1),
+                    "rounds": rounds,
+                    "default_s": best["default"],
+                    "novalidate_s": best["novalidate"],
+                    "roofline_s": best["roofline"],
+                    **{f"{k}_median_s": statistics.median(v) for k, v in ts.items()},
+                    **{f"{k}_cpu_s": v for k, v in bcpu.items()},
+                    "default_over_novalidate": best["default"] / best["novalidate"],
+                    "default_roofline_frac": best["roofline"] / best["default"],
+                    "novalidate_roofline_frac": best["roofline"] / best["novalidate"],
+                    "default_over_novalidate_cpu": bcpu["default"] / bcpu["novalidate"],
+                    "default_roofline_frac_cpu": bcpu["roofline"] / bcpu["default"],
+                }
+            )
+        del x, f, x3
+        gc.collect()
     return rows
 
 
 def format_call_table(rows: list[dict]) -> str:
     """A markdown table of run_call_bench rows."""
     head = (
-        "| call | shape | dtype | reads | default ms | validate=False ms | default / validate=False "
-        "| roofline ms | default % of roofline | validate=False % of roofline | CPU time: default / validate=False, % of roofline |"
+        "| call | shape | dtype | reads | default ms | validate=False ms "
+        "| default / validate=False | roofline ms | default % of roofline "
+        "| validate=False % of roofline | CPU time: default / validate=False, % of roofline |"
     )
     lines = [head, "|" + "---|" * 11]
     for r in rows:
         lines.append(
-            f"| {r['estimator']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['reads']} | "
-            f"{1e3 * r['default_s']:.2f} | {1e3 * r['novalidate_s']:.2f} | {r['default_over_novalidate']:.2f}x | "
-            f"{1e3 * r['roofline_s']:.2f} | {100 * r['default_roofline_frac']:.0f}% | {100 * r['novalidate_roofline_frac']:.0f}% | "
-            f"{r['default_over_novalidate_cpu']:.2f}x, {100 * r['default_roofline_frac_cpu']:.0f}% |"
+            f"| {r['estimator']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} "
+            f"| {r['reads']} | {1e3 * r['default_s']:.2f} | {1e3 * r['novalidate_s']:.2f} "
+            f"| {r['default_over_novalidate']:.2f}x | {1e3 * r['roofline_s']:.2f} "
+            f"| {100 * r['default_roofline_frac']:.0f}% "
+            f"| {100 * r['novalidate_roofline_frac']:.0f}% "
+            f"| {r['default_over_novalidate_cpu']:.2f}x, "
+            f"{100 * r['default_roofline_frac_cpu']:.0f}% |"
         )
     return "\n".join(lines)
 
@@ -430,9 +450,11 @@ def format_table(rows: list[dict]) -> str:
         sp = f"{r['seconds'] / cpp['seconds']:.1f}x" if cpp and r is not cpp else ""
         extra = ""
         if "peak_extra_bytes" in r:
-            extra = f" (peak extra mem {100 * r['peak_extra_bytes'] / r['nxn_bytes']:.1f}% of NxN)"
+            share = 100 * r["peak_extra_bytes"] / r["nxn_bytes"]
+            extra = f" (peak extra mem {share:.1f}% of NxN)"
         lines.append(
-            f"| {r['estimator']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['backend']}{extra} | "
-            f"{1e3 * r['seconds']:.2f} | {r['gbps']:.2f} | {100 * r['roofline_frac']:.0f}% | {sp} |"
+            f"| {r['estimator']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} "
+            f"| {r['backend']}{extra} | {1e3 * r['seconds']:.2f} | {r['gbps']:.2f} "
+            f"| {100 * r['roofline_frac']:.0f}% | {sp} |"
         )
     return "\n".join(lines)

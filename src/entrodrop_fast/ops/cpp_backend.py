@@ -1,4 +1,4 @@
-"""The ``cpp`` backend: the compiled CPU kernels of ``entrodrop_fast._C`` (see docs/CONTRACT.md).
+"""The ``cpp`` backend: the compiled CPU kernels of ``entrodrop_fast._C`` (docs/CONTRACT.md).
 
 Tensors cross to C++ as ``data_ptr`` + shape + strides (in elements) + a dtype code; the
 outputs are torch tensors allocated here and filled in place. CPU tensors only: the CUDA
@@ -38,7 +38,7 @@ KNN_CAP_FACTOR = 2
 # micro-kernel on the centred rows, the N x N fp32 matrix (<= 1 MiB), a sorting network per
 # 16 rows, the same exact fp64 band (csrc/knn_fused_cpu.cpp). Read from the extension
 # (csrc/entrodrop.h kKnnFusedMaxN); None when it is not built (then this backend is unavailable).
-KNN_FUSED_MAX_N = _ext.require().KNN_FUSED_MAX_N if _ext.available() else None
+KNN_FUSED_MAX_N: int | None = _ext.require().KNN_FUSED_MAX_N if _ext.available() else None
 # _knn (larger samples): up to this many rows the whole Gram matrix is one block of whole
 # rows for knn_select_cpu (the tile machinery's fixed costs would dominate).
 KNN_WHOLE_ROWS = 512
@@ -67,19 +67,35 @@ def _code(x: torch.Tensor) -> int:
         raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}") from None
 
 
-def _arg(t: torch.Tensor | None):
+def _arg(t: torch.Tensor | None) -> tuple[int, list[int]]:
     """(pointer, strides) of an optional tensor; (0, []) for None."""
     if t is None:
         return 0, []
     return t.data_ptr(), list(t.stride())
 
 
-def _mask_arg(mask: torch.Tensor | None):
+def _mask_arg(mask: torch.Tensor | None) -> tuple[int, list[int]]:
     if mask is None:
         return 0, []
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be torch.bool, got {mask.dtype}")
     return mask.data_ptr(), list(mask.stride())
+
+
+# What every streaming kernel of the extension takes first, in this order: the pointers of x,
+# f (or the other tensor; 0 for none) and mask (0 for none), x's dtype code, x's shape
+# [B, T, D], then the strides of x, f and mask (in elements; [] for an absent one).
+_Inputs = tuple[int, int, int, int, list[int], list[int], list[int], list[int]]
+
+
+def _inputs(x: torch.Tensor, f: torch.Tensor | None, mask: torch.Tensor | None) -> _Inputs:
+    """The leading arguments of a kernel call on x [B, T, D], f (or None) and mask (or None).
+
+    Raises ValueError for a mask that is not torch.bool or an x of another dtype than
+    float32 / float16 / bfloat16."""
+    fp, fs = _arg(f)
+    mp, ms = _mask_arg(mask)
+    return x.data_ptr(), fp, mp, _code(x), list(x.shape), list(x.stride()), fs, ms
 
 
 def _threads() -> int:
@@ -88,7 +104,7 @@ def _threads() -> int:
 
 def moments(
     x: torch.Tensor, f: torch.Tensor | None = None, mask: torch.Tensor | None = None
-) -> dict:
+) -> dict[str, torch.Tensor]:
     """count [B] f64, mean/m2 [B, D] f64, min/max [B, D] f32 of Y = x (+ f); x: [B, T, D]."""
     C = _ext.require()
     B, _, D = x.shape
@@ -97,17 +113,8 @@ def moments(
     m2 = torch.empty(B, D, dtype=torch.float64)
     mn = torch.empty(B, D, dtype=torch.float32)
     mx = torch.empty(B, D, dtype=torch.float32)
-    fp, fs = _arg(f)
-    mp, ms = _mask_arg(mask)
     C.moments_cpu(
-        x.data_ptr(),
-        fp,
-        mp,
-        _code(x),
-        list(x.shape),
-        list(x.stride()),
-        fs,
-        ms,
+        *_inputs(x, f, mask),
         count.data_ptr(),
         mean.data_ptr(),
         m2.data_ptr(),
@@ -120,7 +127,7 @@ def moments(
 
 def moments_pair(
     x: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None = None
-) -> tuple[dict, dict]:
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(moments of Y = x + f, moments of x) from one read of x and f; CPU tensors."""
     C = _ext.require()
     B, _, D = x.shape
@@ -136,17 +143,9 @@ def moments_pair(
                 "max": torch.empty(B, D, dtype=torch.float32),
             }
         )
-    mp, ms = _mask_arg(mask)
     ptrs = [o[k].data_ptr() for o in outs for k in ("mean", "m2", "min", "max")]
     C.moments_pair_cpu(
-        x.data_ptr(),
-        f.data_ptr(),
-        mp,
-        _code(x),
-        list(x.shape),
-        list(x.stride()),
-        list(f.stride()),
-        ms,
+        *_inputs(x, f, mask),
         count.data_ptr(),
         *ptrs,
         _threads(),
@@ -166,16 +165,8 @@ def bucket_pair(
     B, _, D = x.shape
     hy = torch.empty(B, D, dtype=torch.float64)
     hx = torch.empty(B, D, dtype=torch.float64)
-    mp, ms = _mask_arg(mask)
     C.bucket_pair_cpu(
-        x.data_ptr(),
-        f.data_ptr(),
-        mp,
-        _code(x),
-        list(x.shape),
-        list(x.stride()),
-        list(f.stride()),
-        ms,
+        *_inputs(x, f, mask),
         int(bins),
         bool(paper_exact),
         hy.data_ptr(),
@@ -196,17 +187,8 @@ def bucket(
     C = _ext.require()
     B, _, D = x.shape
     out = torch.empty(B, D, dtype=torch.float64)
-    fp, fs = _arg(f)
-    mp, ms = _mask_arg(mask)
     C.bucket_cpu(
-        x.data_ptr(),
-        fp,
-        mp,
-        _code(x),
-        list(x.shape),
-        list(x.stride()),
-        fs,
-        ms,
+        *_inputs(x, f, mask),
         int(bins),
         bool(paper_exact),
         out.data_ptr(),
@@ -225,16 +207,8 @@ def cosine(
     B = x.shape[0]
     s = torch.empty(B, dtype=torch.float64)
     c = torch.empty(B, dtype=torch.float64)
-    mp, ms = _mask_arg(mask)
     C.cosine_cpu(
-        x.data_ptr(),
-        other.data_ptr(),
-        mp,
-        _code(x),
-        list(x.shape),
-        list(x.stride()),
-        list(other.stride()),
-        ms,
+        *_inputs(x, other, mask),
         bool(fused),
         s.data_ptr(),
         c.data_ptr(),
@@ -243,7 +217,7 @@ def cosine(
     return s, c
 
 
-def _knn_split(xf: torch.Tensor):
+def _knn_split(xf: torch.Tensor) -> tuple[list[tuple[int, int]], torch.Tensor]:
     """(ranges, U): contiguous channel ranges for the big GEMM, and the centred heavy /
     leftover channels as a small [N, E] fp32 copy (E <= KNN_MAX_HEAVY + gaps)."""
     N, D = xf.shape
@@ -255,7 +229,8 @@ def _knn_split(xf: torch.Tensor):
     top = torch.topk(ms, min(KNN_MAX_HEAVY, D))
     thr = KNN_HEAVY_RATIO * float(ms.median())
     heavy = sorted(top.indices[top.values > thr].tolist())
-    ranges, small = [], []
+    ranges: list[tuple[int, int]] = []
+    small: list[int] = []
     start = 0
     for c in [*heavy, D]:
         a = -(-start // 16) * 16  # GEMM ranges start on a 64-byte boundary (BLAS speed)
@@ -309,7 +284,7 @@ KNN_SMAX_RANGE = (2.0**-90, 2.0**120)
 
 def knn_kth_distance(x: torch.Tensor, k: int) -> torch.Tensor:
     """Distance from each row of x [N, D] to its k-th nearest other row, fp64 [N]."""
-    if x.shape[0] <= KNN_FUSED_MAX_N:
+    if KNN_FUSED_MAX_N is not None and x.shape[0] <= KNN_FUSED_MAX_N:
         N = x.shape[0]
         if not 1 <= k < N:
             raise ValueError(f"k must be in [1, N - 1] = [1, {N - 1}], got {k}")
@@ -317,7 +292,9 @@ def knn_kth_distance(x: torch.Tensor, k: int) -> torch.Tensor:
     return _knn(x, k)[0]
 
 
-def knn_radii(x: torch.Tensor, f: torch.Tensor | None, mask: torch.Tensor | None, k: int):
+def knn_radii(
+    x: torch.Tensor, f: torch.Tensor | None, mask: torch.Tensor | None, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(radii fp64 [B, T], count fp64 [B], logsum fp64 [B]) of y = x (+ f) [B, T, D] on CPU:
     the distance from each valid token to its k-th nearest other valid token (NaN at masked
     tokens), the number of valid tokens, and the sum over them of ln(r + 1e-10) -- all the
@@ -329,17 +306,8 @@ def knn_radii(x: torch.Tensor, f: torch.Tensor | None, mask: torch.Tensor | None
     radii = torch.empty(B, T, dtype=torch.float64)
     count = torch.empty(B, dtype=torch.float64)
     logsum = torch.empty(B, dtype=torch.float64)
-    fp, fs = _arg(f)
-    mp, ms = _mask_arg(mask)
     skipped = C.knn_fused_cpu(
-        x.data_ptr(),
-        fp,
-        mp,
-        _code(x),
-        [B, T, D],
-        list(x.stride()),
-        fs,
-        ms,
+        *_inputs(x, f, mask),
         int(k),
         radii.data_ptr(),
         count.data_ptr(),
@@ -348,7 +316,7 @@ def knn_radii(x: torch.Tensor, f: torch.Tensor | None, mask: torch.Tensor | None
     )
     if skipped:
         for b in range(B):
-            if count[b] <= KNN_FUSED_MAX_N:
+            if KNN_FUSED_MAX_N is not None and count[b] <= KNN_FUSED_MAX_N:
                 continue
             rows = x[b] if f is None else x[b].float() + f[b].float()
             keep = None if mask is None else mask[b]
@@ -364,7 +332,9 @@ def knn_radii(x: torch.Tensor, f: torch.Tensor | None, mask: torch.Tensor | None
     return radii, count, logsum
 
 
-def knn_terms(x: torch.Tensor, f: torch.Tensor | None, mask: torch.Tensor | None, k: int):
+def knn_terms(
+    x: torch.Tensor, f: torch.Tensor | None, mask: torch.Tensor | None, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(count, logsum) fp64 [B] of knn_radii, for the estimator (CPU tensors only)."""
     _, count, logsum = knn_radii(x, f, mask, k)
     return count, logsum

@@ -47,7 +47,8 @@ def available() -> tuple[bool, str]:
     if not _ext.has_cuda():
         return (
             False,
-            "the extension was built without CUDA kernels (no nvcc at build time, or ENTRODROP_CUDA=OFF)",
+            "the extension was built without CUDA kernels "
+            "(no nvcc at build time, or ENTRODROP_CUDA=OFF)",
         )
     if not torch.cuda.is_available():
         return False, "no CUDA device"

@@ -119,12 +119,12 @@ def knn_kth_distance_tiled(
     # of one tile's worth of rows); else recomputed per block
     whole = x.double() - mu if R >= N else None
     if whole is not None:
-        top = whole.abs().amax()
+        top_t = whole.abs().amax()
     else:
-        top = torch.zeros((), dtype=torch.float64, device=dev)
+        top_t = torch.zeros((), dtype=torch.float64, device=dev)
         for r0 in range(0, N, R):
-            top = torch.maximum(top, (x[r0 : r0 + R].double() - mu).abs().amax())
-    top = float(top)  # a host sync: the scale and the error bound are host numbers
+            top_t = torch.maximum(top_t, (x[r0 : r0 + R].double() - mu).abs().amax())
+    top = float(top_t)  # a host sync: the scale and the error bound are host numbers
     e = math.frexp(top)[1] if top > 0 and math.isfinite(top) else 0
     scale = math.ldexp(1.0, -e)
     v_all = None

@@ -31,11 +31,13 @@ def _rows(y: torch.Tensor, mask: torch.Tensor | None, b: int) -> torch.Tensor:
 # ---------------------------------------------------------------- kernel-level API
 
 
-def moments(x, f=None, mask=None) -> dict:
+def moments(
+    x: torch.Tensor, f: torch.Tensor | None = None, mask: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Per sample, per channel: count [B], mean/m2 [B, D] (fp64), min/max [B, D] (fp32)."""
     y = _y(x, f)  # (B, T, D) fp32
     B, _, D = y.shape
-    out = {k: [] for k in ("count", "mean", "m2", "min", "max")}
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("count", "mean", "m2", "min", "max")}
     for b in range(B):
         r = _rows(y, mask, b)  # (N, D)
         r64 = r.double()
@@ -123,7 +125,9 @@ def bucket_onehot_reference(x: torch.Tensor, bins: int = 20) -> torch.Tensor:
     return -(p * torch.log(p)).sum().double()
 
 
-def cosine(x, other, mask=None, fused: bool = True):
+def cosine(
+    x: torch.Tensor, other: torch.Tensor, mask: torch.Tensor | None = None, fused: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over valid tokens of cos(x_t, Y_t), count), fp64 [B] each. Y = x + other if fused."""
     xf = x.double()
     y = (x.float() + other.float()).double() if fused else other.double()

@@ -30,6 +30,8 @@ raise, or are omitted with ``nan_policy="omit"``). The readable torch references
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -41,13 +43,29 @@ DEFAULT_SINK = 1
 RMS_FLOOR = 1e-30
 
 
-def _y(p) -> torch.Tensor:
+def _y(p: api._Prepared) -> torch.Tensor:
     """Y = x + f in fp32, (B, T, D), as the kernels add it."""
     y = p.x.float()
     return y if p.f is None else y + p.f.float()
 
 
-def _check_q(q) -> float:
+def _bucket(
+    p: api._Prepared,
+    y: torch.Tensor,
+    f: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    bins: int,
+    paper_exact: bool,
+) -> api.Result:
+    """The paper's bucket entropy of y (+ f) (B, T, D), already checked, on ``p``'s backend,
+    returned as the estimator that prepared ``p`` returns its result."""
+    h = api.bucket_entropy(
+        y, f, bins=bins, paper_exact=paper_exact, mask=mask, backend=p.backend, validate=False
+    )
+    return api._finish(p, cast(torch.Tensor, h))  # a torch tensor in, a torch tensor out
+
+
+def _check_q(q: float) -> float:
     q = api._real(q, "q", lo=0.0)
     if not q < 0.5:
         raise ValueError(
@@ -62,17 +80,17 @@ def _ranks(n: int, q: float) -> tuple[int, int]:
 
 
 def bucket_q_entropy(
-    x,
-    f=None,
+    x: api.Array,
+    f: api.Array | None = None,
     *,
     bins: int = 20,
     q: float = DEFAULT_Q,
     paper_exact: bool = False,
-    mask=None,
-    backend="auto",
-    nan_policy="raise",
-    validate=True,
-):
+    mask: api.Array | None = None,
+    backend: str = "auto",
+    nan_policy: str = "raise",
+    validate: bool = True,
+) -> api.Result:
     """Bucket entropy over a per-channel quantile range [Q_q, Q_{1-q}], values beyond clamped.
 
     ``q`` in [0, 0.5): the fraction of tokens allowed past each end (default 0.01; with 256
@@ -94,23 +112,19 @@ def bucket_q_entropy(
         for b in range(B):
             r = y[b][p.mask[b]]  # (N, D)
             n = r.shape[0]
-            if (
-                n == 0
-            ):  # no valid token: the kernel call below raises or returns what it does for that
+            if n == 0:
+                # no valid token: the kernel call below raises or returns what it does for that
                 lo[b, 0], hi[b, 0] = 0.0, 0.0
                 continue
             i, j = _ranks(n, q)
             lo[b, 0] = r.kthvalue(i + 1, dim=0).values
             hi[b, 0] = r.kthvalue(j + 1, dim=0).values
     yc = torch.minimum(torch.maximum(y, lo), hi)  # (B, T, D): the range's ends are data values
-    h = api.bucket_entropy(
-        yc, bins=bins, paper_exact=paper_exact, mask=p.mask, backend=p.backend, validate=False
-    )
-    return api._finish(p, h)
+    return _bucket(p, yc, None, p.mask, bins, paper_exact)
 
 
 def sink_mask(
-    shape_bt: tuple[int, int], sink: int, mask: torch.Tensor | None, device
+    shape_bt: tuple[int, int], sink: int, mask: torch.Tensor | None, device: torch.device | str
 ) -> torch.Tensor:
     """(B, T) bool: ``mask`` (all True when None) with the first ``sink`` positions False."""
     B, T = shape_bt
@@ -120,17 +134,17 @@ def sink_mask(
 
 
 def bucket_nosink_entropy(
-    x,
-    f=None,
+    x: api.Array,
+    f: api.Array | None = None,
     *,
     bins: int = 20,
     sink: int = DEFAULT_SINK,
     paper_exact: bool = False,
-    mask=None,
-    backend="auto",
-    nan_policy="raise",
-    validate=True,
-):
+    mask: api.Array | None = None,
+    backend: str = "auto",
+    nan_policy: str = "raise",
+    validate: bool = True,
+) -> api.Result:
     """Bucket entropy without the first ``sink`` token positions of each sample (default 1:
     the attention sink). Needs at least 2 valid tokens after them. Shapes, dtypes, options,
     errors: as :func:`~entrodrop_fast.ops.api.bucket_entropy`; returns float64 nats."""
@@ -142,10 +156,7 @@ def bucket_nosink_entropy(
     m = sink_mask((B, T), sink, p.mask, p.x.device)
     if validate:
         api._check_min_tokens(p.x, m, 2)
-    h = api.bucket_entropy(
-        p.x, p.f, bins=bins, paper_exact=paper_exact, mask=m, backend=p.backend, validate=False
-    )
-    return api._finish(p, h)
+    return _bucket(p, p.x, p.f, m, bins, paper_exact)
 
 
 def token_rms_normalise(y: torch.Tensor) -> torch.Tensor:
@@ -157,29 +168,26 @@ def token_rms_normalise(y: torch.Tensor) -> torch.Tensor:
 
 
 def bucket_tokennorm_entropy(
-    x,
-    f=None,
+    x: api.Array,
+    f: api.Array | None = None,
     *,
     bins: int = 20,
     paper_exact: bool = False,
-    mask=None,
-    backend="auto",
-    nan_policy="raise",
-    validate=True,
-):
+    mask: api.Array | None = None,
+    backend: str = "auto",
+    nan_policy: str = "raise",
+    validate: bool = True,
+) -> api.Result:
     """Bucket entropy of the tokens divided by their RMS over channels (per-token scale
     removed before binning). Shapes, dtypes, options, errors: as
     :func:`~entrodrop_fast.ops.api.bucket_entropy`; returns float64 nats."""
     bins = api._integer(bins, "bins", 1, api.MAX_BINS)
     p = api.prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate)
     yn = token_rms_normalise(_y(p))  # (B, T, D) fp32
-    h = api.bucket_entropy(
-        yn, bins=bins, paper_exact=paper_exact, mask=p.mask, backend=p.backend, validate=False
-    )
-    return api._finish(p, h)
+    return _bucket(p, yn, None, p.mask, bins, paper_exact)
 
 
-ROBUST_ESTIMATORS = {
+ROBUST_ESTIMATORS: dict[str, Callable[..., api.Result]] = {
     "bucket_q": bucket_q_entropy,
     "bucket_nosink": bucket_nosink_entropy,
     "bucket_tokennorm": bucket_tokennorm_entropy,
@@ -189,7 +197,9 @@ ROBUST_ESTIMATORS = {
 # ---------------------------------------------------------------- readable references
 
 
-def _reference_rows(x, f, mask):
+def _reference_rows(
+    x: torch.Tensor, f: torch.Tensor | None, mask: torch.Tensor | None
+) -> tuple[bool, list[torch.Tensor]]:
     """[(N_b, D) fp32 valid rows of Y per sample], from [N, D] / [B, T, D] inputs."""
     x = torch.as_tensor(x)
     single = x.dim() == 2
@@ -208,7 +218,7 @@ def _reference_h(r: torch.Tensor, bins: int, paper_exact: bool) -> float:
     return float(reference._entropy_from_counts(counts, r.shape[0], paper_exact).sum())
 
 
-def _out(single: bool, hs: list[float]):
+def _out(single: bool, hs: list[float]) -> torch.Tensor:
     h = torch.tensor(hs, dtype=torch.float64)
     return h[0] if single else h
 

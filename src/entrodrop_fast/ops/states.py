@@ -10,6 +10,7 @@ with ``x1 ++ x2`` (up to rounding).
 from __future__ import annotations
 
 import math
+from typing import Any, TypeVar
 
 import torch
 
@@ -32,17 +33,20 @@ class SampleStats:
     without host synchronisation; ``result()`` gives mean, standard error of the mean and n.
     """
 
-    def __init__(self, shape=()):
+    def __init__(self, shape: tuple[int, ...] | list[int] = ()):
         self.shape = tuple(shape)
         self.n = 0
-        self.mean = None
-        self.m2 = None
+        self.mean: torch.Tensor | None = None  # fp64 [*shape] once a sample is seen
+        self.m2: torch.Tensor | None = None
 
     def update(self, v: torch.Tensor) -> SampleStats:
+        """Fold in ``v`` [B, *shape] (any real dtype, read as fp64); ValueError for another
+        shape."""
         v = torch.as_tensor(v).to(torch.float64)
         if tuple(v.shape[1:]) != self.shape:
             raise ValueError(
-                f"values must have shape [B, {', '.join(map(str, self.shape))}], got {tuple(v.shape)}"
+                f"values must have shape [B, {', '.join(map(str, self.shape))}], "
+                f"got {tuple(v.shape)}"
             )
         nb = v.shape[0]
         if nb == 0:
@@ -66,14 +70,16 @@ class SampleStats:
             self._merge_parts(other.n, other.mean, other.m2)
         return self
 
-    def result(self) -> dict:
-        if self.n == 0:
+    def result(self) -> dict[str, Any]:
+        """``mean`` and ``stderr`` (fp64 [*shape]; stderr NaN for one sample) and ``n``.
+        ValueError before the first sample."""
+        if self.n == 0 or self.mean is None or self.m2 is None:
             raise ValueError("SampleStats has no samples yet")
         nan = torch.full_like(self.mean, float("nan"))
         stderr = (self.m2 / (self.n - 1) / self.n).sqrt() if self.n > 1 else nan
         return {"mean": self.mean, "stderr": stderr, "n": self.n}
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "kind": "SampleStats",
             "shape": list(self.shape),
@@ -83,7 +89,7 @@ class SampleStats:
         }
 
     @classmethod
-    def from_state_dict(cls, d: dict) -> SampleStats:
+    def from_state_dict(cls, d: dict[str, Any]) -> SampleStats:
         s = cls(d["shape"])
         s.n, s.mean, s.m2 = int(d["n"]), d["mean"], d["m2"]
         return s
@@ -98,9 +104,24 @@ class MomentState:
     def __init__(self, dim: int):
         self.dim = dim
         self.count = 0.0
-        self.mean = self.m2 = self.min = self.max = None
+        # fp64 [dim] (mean, m2) and fp32 [dim] (min, max) once a token is seen
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+        self.min: torch.Tensor | None = None
+        self.max: torch.Tensor | None = None
 
-    def update(self, x, f=None, *, mask=None, backend="auto", nan_policy="raise") -> MomentState:
+    def update(
+        self,
+        x: api.Array,
+        f: api.Array | None = None,
+        *,
+        mask: api.Array | None = None,
+        backend: str = "auto",
+        nan_policy: str = "raise",
+    ) -> MomentState:
+        """Fold in the valid tokens of x (or x + f): ``[N, D]`` or ``[B, T, D]`` with D = dim,
+        as the estimators of :mod:`entrodrop_fast.ops.api` take them (at least 1 valid token
+        per sample), with their TypeError / ValueError; ValueError for another D."""
         p = api.prepare(
             x, f, mask, min_tokens=1, nan_policy=nan_policy, backend=backend, op="moments"
         )
@@ -137,11 +158,14 @@ class MomentState:
         self._merge_parts(other.count, other.mean, other.m2, other.min, other.max)
         return self
 
-    def result(self, var_floor: float = 1e-12) -> dict:
+    def result(self, var_floor: float = 1e-12) -> dict[str, Any]:
+        """``count``, per channel ``mean``, ``var`` (population, fp64), ``min``, ``max``, and
+        ``gaussian_diag_entropy`` (0-d fp64, nats; variances floored at ``var_floor``).
+        ValueError before the first token."""
         var_floor = api._real(
             var_floor, "var_floor", lo=0.0, why=" (0 gives -inf for a constant channel)"
         )
-        if self.count == 0:
+        if self.count == 0 or self.m2 is None:
             raise ValueError("MomentState has seen no tokens yet")
         var = self.m2 / self.count
         h = 0.5 * torch.log((2 * math.pi * math.e) * var.clamp_min(var_floor)).sum()
@@ -154,7 +178,7 @@ class MomentState:
             "gaussian_diag_entropy": h,
         }
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "kind": "MomentState",
             "dim": self.dim,
@@ -166,7 +190,7 @@ class MomentState:
         }
 
     @classmethod
-    def from_state_dict(cls, d: dict) -> MomentState:
+    def from_state_dict(cls, d: dict[str, Any]) -> MomentState:
         s = cls(int(d["dim"]))
         s.count, s.mean, s.m2, s.min, s.max = (
             float(d["count"]),
@@ -188,10 +212,22 @@ class CovState:
     def __init__(self, dim: int):
         self.dim = dim
         self.count = 0.0
-        self.mean = None
-        self.comoment = None
+        # fp64 [dim] and [dim, dim] once a token is seen
+        self.mean: torch.Tensor | None = None
+        self.comoment: torch.Tensor | None = None
 
-    def update(self, x, f=None, *, mask=None, nan_policy="raise") -> CovState:
+    def update(
+        self,
+        x: api.Array,
+        f: api.Array | None = None,
+        *,
+        mask: api.Array | None = None,
+        nan_policy: str = "raise",
+    ) -> CovState:
+        """Fold in the valid tokens of x (or x + f): ``[N, D]`` or ``[B, T, D]`` with D = dim,
+        as the estimators of :mod:`entrodrop_fast.ops.api` take them (at least 1 valid token
+        per sample; the torch backend), with their TypeError / ValueError; ValueError for
+        another D."""
         p = api.prepare(x, f, mask, min_tokens=1, nan_policy=nan_policy, backend="torch")
         if p.x.shape[-1] != self.dim:
             raise ValueError(f"CovState expects {self.dim} channels, got {p.x.shape[-1]}")
@@ -220,9 +256,12 @@ class CovState:
         self._merge_parts(other.count, other.mean, other.comoment)
         return self
 
-    def result(self, ridge: float = 0.0) -> dict:
+    def result(self, ridge: float = 0.0) -> dict[str, Any]:
+        """``count``, ``mean``, ``cov`` (population, fp64 [dim, dim]) and
+        ``gaussian_full_entropy`` (0-d fp64, nats, of cov + ridge I; -inf when singular).
+        ValueError before the first token."""
         ridge = api._real(ridge, "ridge", lo=0.0, why=" (0 gives -inf for a singular covariance)")
-        if self.count == 0:
+        if self.count == 0 or self.comoment is None:
             raise ValueError("CovState has seen no tokens yet")
         cov = self.comoment / self.count
         eye = torch.eye(self.dim, dtype=cov.dtype, device=cov.device)
@@ -234,7 +273,7 @@ class CovState:
         )
         return {"count": self.count, "mean": self.mean, "cov": cov, "gaussian_full_entropy": h}
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "kind": "CovState",
             "dim": self.dim,
@@ -244,7 +283,7 @@ class CovState:
         }
 
     @classmethod
-    def from_state_dict(cls, d: dict) -> CovState:
+    def from_state_dict(cls, d: dict[str, Any]) -> CovState:
         s = cls(int(d["dim"]))
         s.count, s.mean, s.comoment = float(d["count"]), d["mean"], d["comoment"]
         return s
@@ -257,7 +296,7 @@ class EntropyMeter:
     per sample) and folds them into a :class:`SampleStats`.
     """
 
-    def __init__(self, method: str = "bucket", **opts):
+    def __init__(self, method: str = "bucket", **opts: Any):
         if method not in api.METHODS:
             raise ValueError(
                 f"unknown entropy method {method!r}; choose from {', '.join(api.METHODS)}"
@@ -265,7 +304,7 @@ class EntropyMeter:
         self.method, self.opts = method, opts
         self.stats = SampleStats()
 
-    def update(self, x, f=None, **kw) -> torch.Tensor:
+    def update(self, x: api.Array, f: api.Array | None = None, **kw: Any) -> torch.Tensor:
         h = api.entropy(x, self.method, f, **self.opts, **kw)
         h = torch.as_tensor(h)
         self.stats.update(h.reshape(-1))
@@ -277,10 +316,10 @@ class EntropyMeter:
         self.stats.merge(other.stats)
         return self
 
-    def result(self) -> dict:
+    def result(self) -> dict[str, Any]:
         return self.stats.result()
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "kind": "EntropyMeter",
             "method": self.method,
@@ -289,13 +328,16 @@ class EntropyMeter:
         }
 
     @classmethod
-    def from_state_dict(cls, d: dict) -> EntropyMeter:
+    def from_state_dict(cls, d: dict[str, Any]) -> EntropyMeter:
         m = cls(d["method"], **d["opts"])
         m.stats = SampleStats.from_state_dict(d["stats"])
         return m
 
 
-def all_reduce_(state, group=None):
+_State = TypeVar("_State", SampleStats, MomentState, CovState, EntropyMeter)
+
+
+def all_reduce_(state: _State, group: Any = None) -> _State:
     """Merge a state across all ``torch.distributed`` ranks, in place; every rank ends equal.
 
     Works for :class:`SampleStats`, :class:`MomentState`, :class:`CovState` and
@@ -314,7 +356,7 @@ def all_reduce_(state, group=None):
     return state
 
 
-def gather_state_dicts(local: dict, group=None) -> list[dict]:
+def gather_state_dicts(local: dict[str, Any], group: Any = None) -> list[dict[str, Any]]:
     """Every rank's ``local`` state dict (tensors on the CPU), in rank order."""
     import torch.distributed as dist
 
@@ -322,7 +364,7 @@ def gather_state_dicts(local: dict, group=None) -> list[dict]:
         raise RuntimeError(
             "merging across ranks needs an initialised torch.distributed process group"
         )
-    parts = [None] * dist.get_world_size(group)
+    parts: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(parts, _to_cpu(local), group=group)
     return parts
 
