@@ -20,45 +20,15 @@ import torch
 from torch import nn
 
 from entrodrop_fast.models.adapters import Adapter, get_adapter
+from entrodrop_fast.profile.methods import (  # noqa: F401  (the method names: part of this module's API)
+    ALL_METHODS,
+    ENTROPY_METHODS,
+    SIMILARITY_METHODS,
+    parse_methods,
+)
 from entrodrop_fast.profile.taps import BlockStatistics, ResidualTaps, TapSettings, finite_or_raise
 
-# the last three: robust bucket variants (entrodrop_fast.ops.robust; issue 14), opt-in
-ENTROPY_METHODS = (
-    "bucket",
-    "gaussian_diag",
-    "gaussian_full",
-    "knn",
-    "renyi",
-    "bucket_q",
-    "bucket_nosink",
-    "bucket_tokennorm",
-)
-SIMILARITY_METHODS = ("cosine", "angular")
-ALL_METHODS = ENTROPY_METHODS + SIMILARITY_METHODS
 DEFAULT_SPANS = (1, 2, 4, 8)
-
-
-def parse_methods(spec) -> tuple[str, ...]:
-    """``"bucket,cosine"`` or ``["bucket", "knn,renyi"]`` -> ("bucket", "cosine", ...), checked."""
-    items = [spec] if isinstance(spec, str) else list(spec or [])
-    out: list[str] = []
-    for item in items:
-        for m in str(item).split(","):
-            m = m.strip().lower()
-            if not m:
-                continue
-            if m == "all":
-                out.extend(x for x in ALL_METHODS if x not in out)
-                continue
-            if m not in ALL_METHODS:
-                raise ValueError(
-                    f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)} (several: comma-separated)"
-                )
-            if m not in out:
-                out.append(m)
-    if not out:
-        raise ValueError(f"no method given; choose from {', '.join(ALL_METHODS)}")
-    return tuple(out)
 
 
 @dataclass
