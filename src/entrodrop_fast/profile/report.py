@@ -413,11 +413,11 @@ def check_report(rep: dict, path="the report") -> None:
     and the field (``blocks[3].delta``) and what it should be. A block's score may be null or
     NaN (ranking refuses it when the block is a candidate); the stream entropy may not."""
 
+    rewrite = "run entrodrop profile again to rewrite the report"
+
     def bad(field: str, want: str, got) -> ValueError:
-        return ValueError(
-            f"{path}: {field} must be {want}, got {_kind_of(got)} ({got!r:.60}); run entrodrop "
-            "profile again to rewrite the report"
-        )
+        shown = f"{_kind_of(got)} ({got!r:.60})"
+        return ValueError(f"{path}: {field} must be {want}, got {shown}; {rewrite}")
 
     model = rep.get("model")
     if not isinstance(model, dict):
@@ -431,8 +431,7 @@ def check_report(rep: dict, path="the report") -> None:
     missing = [f"r{i}" for i in range(L + 1) if f"r{i}" not in points]
     if missing:
         raise ValueError(
-            f"{path}: points lacks {', '.join(missing[:4])} of a {L}-layer model; run entrodrop "
-            "profile again to rewrite the report"
+            f"{path}: points lacks {', '.join(missing[:4])} of a {L}-layer model; {rewrite}"
         )
     entropy = rep.get("entropy")
     if not isinstance(entropy, dict):
