@@ -127,6 +127,29 @@ def test_entropy_methods_match_the_runner():
     assert C.ENTROPY == ENTROPY_METHODS
 
 
+def test_method_names_need_no_torch():
+    # the method table (profile.methods), the profile package and compare's names import
+    # without torch: the package root, which loads the estimators, is stood in for
+    import os
+    import subprocess
+    import sys
+
+    import entrodrop_fast
+
+    code = (
+        "import sys, types\n"
+        "pkg = types.ModuleType('entrodrop_fast')\n"
+        f"pkg.__path__ = [{os.path.dirname(entrodrop_fast.__file__)!r}]\n"
+        "sys.modules['entrodrop_fast'] = pkg\n"
+        "import entrodrop_fast.profile, entrodrop_fast.profile.methods\n"
+        "import entrodrop_fast.evaluate.compare\n"
+        "print('torch' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "False"
+
+
 def test_protocol_one_rule_for_all_methods_cache_and_paired_tests(lm, corpus):
     comp = C.compare(
         lm,

@@ -37,7 +37,7 @@ def test_text_dir_and_jsonl(tmp_path):
     j = tmp_path / "c.jsonl"
     j.write_text(json.dumps({"body": "first"}) + "\n\n" + json.dumps({"body": "second"}) + "\n")
     assert load_corpus(str(j), text_field="body").documents == ["first", "second"]
-    with pytest.raises(CorpusError, match="no field 'text'.*--text-field"):
+    with pytest.raises(CorpusError, match="no field 'text'.*with text_field"):
         load_corpus(str(j))
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     with pytest.raises(CorpusError, match="bad.jsonl:1: not valid JSON"):

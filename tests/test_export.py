@@ -166,7 +166,7 @@ def test_source_unchanged_and_overwrite_rules(llama_src, tmp_path):
     out = tmp_path / "out"
     export_pruned(llama_src, out, {"attn": [1, 2]})
     assert tree_hashes(llama_src) == before
-    with pytest.raises(OutputError, match="holds an earlier pruned model; pass --overwrite"):
+    with pytest.raises(OutputError, match="holds an earlier pruned model; pass overwrite=True"):
         export_pruned(llama_src, out, {"layer": [1]})
     s = export_pruned(llama_src, out, {"layer": [1]}, overwrite=True)
     assert s.stock_loadable and not (out / "modeling_entrodrop_pruned.py").exists()

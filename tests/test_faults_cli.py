@@ -340,13 +340,13 @@ def test_too_small_for_the_windows_says_what_there_is_and_what_to_do():
     with pytest.raises(
         CorpusError,
         match="no document is longer than 256 tokens \\(2 documents, longest 100 tokens\\); use a "
-        "smaller --seq-len or more text",
+        "smaller seq_len or more text",
     ):
         sample_windows([[1] * 100, [2] * 30], samples=4, seq_len=256)
     with pytest.raises(
         CorpusError,
-        match="hold only 3 distinct windows, fewer than the 10 samples requested; lower --samples "
-        "or --seq-len, or give more text",
+        match="hold only 3 distinct windows, fewer than the 10 samples requested; lower samples "
+        "or seq_len, or give more text",
     ):
         sample_windows([[1] * 12], samples=10, seq_len=10)
     one = Corpus("one.txt", [prose(20)])

@@ -57,7 +57,7 @@ def test_check_dir_rules(tmp_path):
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(
         OutputError,
-        match=r"did not write there or that were changed since \(notes.txt\).*--overwrite",
+        match=r"did not write there or that were changed since \(notes.txt\).*pass overwrite=True",
     ):
         outputs.check_dir(foreign, kind="report", what="report")
     outputs.check_dir(foreign, kind="report", what="report", overwrite=True)
@@ -73,7 +73,7 @@ def test_check_file_rules(tmp_path):
         outputs.check_file(tmp_path, what="plan")
     f = tmp_path / "plan.json"
     f.write_text("not ours")
-    with pytest.raises(OutputError, match="was not written by entrodrop; pass --overwrite"):
+    with pytest.raises(OutputError, match="was not written by entrodrop; pass overwrite=True"):
         outputs.check_file(f, what="plan", recognise=outputs.json_with_keys("drop"))
     f.write_text(json.dumps({"drop": {}}))
     outputs.check_file(f, what="plan", recognise=outputs.json_with_keys("drop"))
@@ -525,7 +525,7 @@ def test_a_second_run_that_finishes_later_does_not_replace_without_overwrite(tmp
     (first.tmp / "config.json").write_text("first")
     (second.tmp / "config.json").write_text("second")
     first.commit()
-    with pytest.raises(OutputError, match="holds an earlier pruned model; pass --overwrite"):
+    with pytest.raises(OutputError, match="holds an earlier pruned model; pass overwrite=True"):
         second.commit()
     assert (out / "config.json").read_text() == "first" and sorted(
         p.name for p in tmp_path.iterdir()

@@ -271,7 +271,7 @@ def test_paper_preset_plan_uses_knn_and_fixed_protection():
         "fp32",
     )
     assert paper_protected(1) == [0] and paper_protected(2) == [0, 1]
-    with pytest.raises(ValueError, match="unknown --preset"):
+    with pytest.raises(ValueError, match="unknown preset 'fast'"):
         make_plan(rep, "attn", 1, preset="fast")
 
 

@@ -162,42 +162,42 @@ def test_sigkilled_child_then_resumed_equals_uninterrupted(ckpt, whole, tmp_path
 
 
 CHANGES = {
-    "dtype": (dict(dtype=torch.bfloat16), r"--dtype: 'float32' there, 'bfloat16' now"),
+    "dtype": (dict(dtype=torch.bfloat16), r"(?<!-)dtype: 'float32' there, 'bfloat16' now"),
     "batch_size": (
         dict(settings=dataclasses.replace(RESUME_SETTINGS, batch_size=2)),
-        r"--batch-size: 3 there, 2 now",
+        r"(?<!-)batch_size: 3 there, 2 now",
     ),
     "methods": (
         dict(
             settings=dataclasses.replace(RESUME_SETTINGS, methods=("bucket", "cosine", "angular"))
         ),
-        r"--method: \['bucket', 'knn'",
+        r"(?<!-)methods: \['bucket', 'knn'",
     ),
     "bins": (
         dict(settings=dataclasses.replace(RESUME_SETTINGS, bins=10)),
-        r"--bins: 20 there, 10 now",
+        r"(?<!-)bins: 20 there, 10 now",
     ),
-    "k": (dict(settings=dataclasses.replace(RESUME_SETTINGS, k=6)), r"--k: 5 there, 6 now"),
+    "k": (dict(settings=dataclasses.replace(RESUME_SETTINGS, k=6)), r"(?<!-)k: 5 there, 6 now"),
     "paper_exact": (
         dict(settings=dataclasses.replace(RESUME_SETTINGS, paper_exact=True)),
-        r"--paper-exact: False there, True now",
+        r"(?<!-)paper_exact: False there, True now",
     ),
     "spans": (
         dict(settings=dataclasses.replace(RESUME_SETTINGS, spans=(1, 3))),
-        r"--spans: \[1, 2\] there, \[1, 3\] now",
+        r"(?<!-)spans: \[1, 2\] there, \[1, 3\] now",
     ),
     "backend": (
         dict(settings=dataclasses.replace(RESUME_SETTINGS, backend="torch")),
-        r"--backend: 'auto' there, 'torch' now",
+        r"(?<!-)backend: 'auto' there, 'torch' now",
     ),
     # same shape, same sum of token ids, other tokens (the old fingerprint summed them)
     "tokens": (
         dict(windows=torch.cat([RESUME_W[:1].flip(1), RESUME_W[1:]])),
-        r"calibration tokens \(--samples, --seq-len, --seed",
+        r"calibration tokens \(samples, seq_len, seed",
     ),
     "samples": (
         dict(windows=RESUME_W[:5]),
-        r"calibration shape \(--samples x --seq-len\): \[7, 20\] there, \[5, 20\] now",
+        r"calibration shape \(samples x seq_len\): \[7, 20\] there, \[5, 20\] now",
     ),
     "seq_len": (
         dict(windows=RESUME_W[:, :16]),
@@ -216,7 +216,7 @@ def test_resume_with_another_argument_stops(ckpt, stopped, change):
     before = _snapshot(stopped)
     with pytest.raises(ResumeError, match=f"holds a run with other arguments .*{says}") as e:
         _resume(ckpt, stopped, **kwargs)
-    assert "rerun with that run's arguments" in str(e.value) and "use another --resume-dir" in str(
+    assert "rerun with that run's arguments" in str(e.value) and "use another resume_dir" in str(
         e.value
     )
     assert _snapshot(stopped) == before  # nothing created, nothing changed
@@ -227,7 +227,7 @@ def test_fp16_run_resumed_in_bf16_stops(ckpt, tmp_path):
     d = tmp_path / "resume"
     _stop(ckpt, d, dtype=torch.float16)
     before = _snapshot(d)
-    with pytest.raises(ResumeError, match=r"--dtype: 'float16' there, 'bfloat16' now"):
+    with pytest.raises(ResumeError, match=r"(?<!-)dtype: 'float16' there, 'bfloat16' now"):
         _resume(ckpt, d, dtype=torch.bfloat16)
     assert _snapshot(d) == before
 
@@ -282,12 +282,18 @@ def _tamper_fingerprints(d, **fields):
 @pytest.mark.parametrize(
     "fields, says",
     [
-        ({"device": "cuda (NVIDIA H200)"}, r"--device: 'cuda \(NVIDIA H200\)' there, 'cpu' now"),
+        (
+            {"device": "cuda (NVIDIA H200)"},
+            r"(?<!-)device: 'cuda \(NVIDIA H200\)' there, 'cpu' now",
+        ),
         (
             {"versions": "torch 0.1, transformers 0.1, entrodrop_fast 0.0.1"},
             r"library versions: 'torch 0.1",
         ),
-        ({"backend_resolved": "triton"}, r"the backend --backend resolves to: 'triton' there"),
+        (
+            {"backend_resolved": "triton"},
+            r"the backend settings.backend resolves to: 'triton' there",
+        ),
     ],
     ids=["device", "versions", "resolved_backend"],
 )
@@ -346,7 +352,7 @@ def _edit_state(**changes):
 
 
 BROKEN = (
-    "the resume directory .* is incomplete or corrupt.*; remove it or choose another --resume-dir"
+    "the resume directory .* is incomplete or corrupt.*; remove it or choose another resume_dir"
 )
 FAULTS = {
     "act_a_missing": (
@@ -408,7 +414,7 @@ FAULTS = {
     "run_json_and_state_missing": (
         lambda d: [(d / n).unlink() for n in ("run.json", "state.pt")],
         r"holds act_a\.bin and act_b\.bin but neither state\.pt nor run\.json: .*remove it or "
-        r"choose another --resume-dir",
+        r"choose another resume_dir",
     ),
 }
 
@@ -451,7 +457,7 @@ def test_directory_in_use_by_another_run_stops(ckpt, stopped):
         with pytest.raises(
             ResumeError,
             match="is in use by another running profile; wait for it to end or choose another "
-            "--resume-dir",
+            "resume_dir",
         ):
             _resume(ckpt, stopped)
     finally:
@@ -514,10 +520,10 @@ def test_full_disk_is_an_error_before_any_work(ckpt, tmp_path, monkeypatch, wher
     )
     assert not loads  # not a tensor read: the space is reserved before any work
     if where == "resume_dir":
-        assert "or choose another --resume-dir" in msg
+        assert "or choose another resume_dir" in msg
         assert sorted(os.listdir(d)) == ["run.json"]  # the half-made activation files are removed
     else:
-        assert "set TMPDIR to a directory on a larger disk" in msg and "raise --max-memory" in msg
+        assert "set TMPDIR to a directory on a larger disk" in msg and "raise max_memory" in msg
         assert made and not os.path.exists(made[0])
 
 
@@ -626,7 +632,7 @@ def _read_only(path):
 
 READ_ONLY = (
     r"cannot write .*: the directory is read-only or not writable \(.*\); free space or make .* "
-    r"writable and rerun, or choose another --resume-dir"
+    r"writable and rerun, or choose another resume_dir"
 )
 
 

@@ -352,7 +352,7 @@ def test_text_field_with_a_text_corpus_is_an_error(tmp_path, tiny, capsys):
 
     txt = tmp_path / "a.txt"
     txt.write_text("some text " * 50)
-    with pytest.raises(CorpusError, match="--text-field body applies to .jsonl / .json corpora"):
+    with pytest.raises(CorpusError, match="text_field body applies to .jsonl / .json corpora"):
         load_corpus(str(txt), "body")
     assert load_corpus(str(txt)).documents  # the default field is no request
     rc, _, err = run_cli(

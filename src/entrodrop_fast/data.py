@@ -10,7 +10,8 @@ Corpora (:func:`load_corpus`):
   with the first, for calibration-robustness checks;
 - a ``.txt`` file (one document) or a directory (each ``*.txt`` in it is a document);
 - a ``.txt`` file or a directory: the suffix in any case (``.TXT``);
-- a ``.jsonl`` file: one JSON object per line, the document in ``text_field`` (a UTF-8 BOM is ignored);
+- a ``.jsonl`` file: one JSON object per line, the document in ``text_field`` (a UTF-8 BOM is
+  ignored);
 - a ``.json`` file: a JSON array of strings or of objects (the document in ``text_field``), or
   JSON Lines under a .json name; any other JSON (an object, e.g. a tokenizer.json) is refused;
 - ``hf:NAME[:CONFIG][:SPLIT]``: a Hugging Face dataset (needs the ``datasets`` package and
@@ -40,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from entrodrop_fast._names import setting
 
 BUILTIN_CORPUS = "builtin"
 PAPER_SAMPLES = 128
@@ -196,7 +199,8 @@ def _stdlib_docs_build() -> Corpus:
         total += len(text)
     if not docs:
         raise CorpusError(
-            f"stdlib-docs: no module with docstrings under {root} (a standard library without sources?)"
+            f"stdlib-docs: no module with docstrings under {root} (a standard library without "
+            "sources?)"
         )
     digest = hashlib.sha256("\0".join(docs).encode()).hexdigest()
     return Corpus(
@@ -216,7 +220,8 @@ def _stdlib_docs_build() -> Corpus:
 
 
 def _read_text(path: Path, allow_empty: bool = False) -> str:
-    """The text of a corpus file; CorpusError when it is empty (unless allowed) or not UTF-8 text."""
+    """The text of a corpus file; CorpusError when it is empty (unless allowed) or not UTF-8
+    text."""
     data = path.read_bytes()
     if not data.strip():
         if allow_empty:
@@ -224,13 +229,15 @@ def _read_text(path: Path, allow_empty: bool = False) -> str:
         raise CorpusError(f"corpus file {path} is empty; give a file with text")
     if b"\0" in data:
         raise CorpusError(
-            f"corpus file {path} holds NUL bytes: it is binary (or UTF-16), not UTF-8 text; give a text file (convert UTF-16 to UTF-8)"
+            f"corpus file {path} holds NUL bytes: it is binary (or UTF-16), not UTF-8 text; "
+            "give a text file (convert UTF-16 to UTF-8)"
         )
     text = data.decode("utf-8", errors="replace")
     bad = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
     if bad > MAX_UNDECODABLE * len(text):
         raise CorpusError(
-            f"corpus file {path} is not UTF-8 text: {bad} of its {len(text)} characters cannot be decoded; give a UTF-8 text file (convert it, e.g. with iconv)"
+            f"corpus file {path} is not UTF-8 text: {bad} of its {len(text)} characters cannot "
+            "be decoded; give a UTF-8 text file (convert it, e.g. with iconv)"
         )
     if bad:
         warnings.warn(
@@ -247,7 +254,7 @@ def _document(obj, text_field: str, where: str) -> str:
     if not isinstance(obj, dict) or text_field not in obj:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise CorpusError(
-            f"{where}: no field {text_field!r} (has {keys}); choose it with --text-field"
+            f"{where}: no field {text_field!r} (has {keys}); choose it with {setting('text_field')}"
         )
     if not isinstance(obj[text_field], str):
         raise CorpusError(f"{where}: field {text_field!r} is not a string")
@@ -267,8 +274,9 @@ def _json(path: Path, text_field: str) -> tuple[list[str], str]:
             json.loads(first)
         except json.JSONDecodeError:
             raise CorpusError(
-                f"corpus file {path} is neither a JSON array of documents nor JSON Lines (one object per line): "
-                "give a .json array of strings or objects with a --text-field, a .jsonl file, or a .txt file"
+                f"corpus file {path} is neither a JSON array of documents nor JSON Lines (one "
+                "object per line): give a .json array of strings or objects with a "
+                f"{setting('text_field')}, a .jsonl file, or a .txt file"
             ) from None
         return _jsonl(path, text_field), "jsonl"
     if not isinstance(obj, list):
@@ -278,8 +286,8 @@ def _json(path: Path, text_field: str) -> tuple[list[str], str]:
             else f"a JSON {type(obj).__name__}"
         )
         raise CorpusError(
-            f"corpus file {path} holds {what}, not a list of documents: a .json corpus is an array of strings or of "
-            "objects with a --text-field (or JSON Lines)"
+            f"corpus file {path} holds {what}, not a list of documents: a .json corpus is an "
+            f"array of strings or of objects with a {setting('text_field')} (or JSON Lines)"
         )
     return [
         _document(item, text_field, f"{path}: item {i} of the array")
@@ -298,7 +306,8 @@ def _jsonl(path: Path, text_field: str) -> list[str]:
             raise CorpusError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
         if not isinstance(obj, dict):  # a line of JSON Lines is a record
             raise CorpusError(
-                f"{path}:{lineno}: no field {text_field!r} (has {type(obj).__name__}); choose it with --text-field"
+                f"{path}:{lineno}: no field {text_field!r} (has {type(obj).__name__}); choose it "
+                f"with {setting('text_field')}"
             )
         docs.append(_document(obj, text_field, f"{path}:{lineno}"))
     return docs
@@ -319,11 +328,13 @@ def _hf(spec: str, text_field: str) -> Corpus:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as exc:
         raise CorpusError(
-            f"could not load dataset {name!r} (config {config}, split {split}): {type(exc).__name__}: {exc}"
+            f"could not load dataset {name!r} (config {config}, split {split}): "
+            f"{type(exc).__name__}: {exc}"
         ) from exc
     if text_field not in ds.column_names:
         raise CorpusError(
-            f"dataset {name!r} has no column {text_field!r} (columns: {ds.column_names}); choose it with --text-field"
+            f"dataset {name!r} has no column {text_field!r} (columns: {ds.column_names}); "
+            f"choose it with {setting('text_field')}"
         )
     return Corpus(
         spec,
@@ -341,9 +352,10 @@ def load_corpus(spec: str | Corpus | None = None, text_field: str = "text") -> C
     if isinstance(spec, Corpus):
         return spec
     if text_field != "text" and not _has_fields(spec):
+        flag = setting("text_field")
         raise CorpusError(
-            f"--text-field {text_field} applies to .jsonl / .json corpora and hf: datasets; the corpus "
-            f"{spec or BUILTIN_CORPUS} is plain text: drop --text-field"
+            f"{flag} {text_field} applies to .jsonl / .json corpora and hf: datasets; the corpus "
+            f"{spec or BUILTIN_CORPUS} is plain text: drop {flag}"
         )
     c = _load(spec, text_field)
     if not any(d.strip() for d in c.documents):
@@ -357,7 +369,8 @@ _FIELD_SUFFIXES = (".jsonl", ".ndjson", ".json")
 
 
 def _has_fields(spec) -> bool:
-    """The corpus has records with fields (--text-field applies): hf: datasets and JSON files."""
+    """The corpus has records with fields (``text_field`` applies): hf: datasets and JSON
+    files."""
     if spec in (None, "", BUILTIN_CORPUS):
         return False
     spec = str(spec)
@@ -384,7 +397,8 @@ def _load(spec, text_field: str) -> Corpus:
         )
     if not path.is_file():
         raise CorpusError(
-            f"corpus not found: {spec} (expected 'builtin', a .txt/.jsonl/.json file, a directory of .txt files or hf:NAME)"
+            f"corpus not found: {spec} (expected 'builtin', a .txt/.jsonl/.json file, a directory "
+            "of .txt files or hf:NAME)"
         )
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         return Corpus(str(path), _jsonl(path, text_field), {"text_field": text_field})
@@ -422,13 +436,15 @@ def sample_windows(
         longest = max((len(d) for d in token_docs), default=0)
         raise CorpusError(
             f"corpus too small: no document is longer than {seq_len} tokens "
-            f"({len(token_docs)} documents, longest {longest} tokens); use a smaller --seq-len or more text"
+            f"({len(token_docs)} documents, longest {longest} tokens); use a smaller "
+            f"{setting('seq_len')} or more text"
         )
     distinct = sum(len(d) - seq_len + 1 for d in eligible)
     if distinct < samples:
         raise CorpusError(
             f"corpus too small: {len(eligible)} document(s) longer than {seq_len} tokens hold only "
-            f"{distinct} distinct windows, fewer than the {samples} samples requested; lower --samples or --seq-len, or give more text"
+            f"{distinct} distinct windows, fewer than the {samples} samples requested; lower "
+            f"{setting('samples')} or {setting('seq_len')}, or give more text"
         )
     rng = random.Random(seed)
     out = torch.empty(samples, seq_len, dtype=torch.long)

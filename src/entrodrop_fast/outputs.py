@@ -28,6 +28,9 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO, NoReturn
+
+from entrodrop_fast._names import setting
 
 MARKER = ".entrodrop-output.json"
 _TMP_TAG = ".entrodrop-tmp-"
@@ -129,7 +132,8 @@ def _overlap(out: Path, inputs: Iterable[tuple[str, object]], flag: str) -> None
         else:
             continue
         raise OutputError(
-            f"{flag} {out} {rel} the {name} {q}; writing there could destroy it: choose a path outside it"
+            f"{flag} {out} {rel} the {name} {q}; writing there could destroy it: "
+            "choose a path outside it"
         )
 
 
@@ -141,8 +145,14 @@ def _check_parent(out: Path, flag: str) -> None:
         raise OutputError(f"{flag} {out}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(
-            f"{flag} {out}: cannot write in {parent} (permission denied or read-only); choose another path"
+            f"{flag} {out}: cannot write in {parent} (permission denied or read-only); "
+            "choose another path"
         )
+
+
+def _overwrite() -> str:
+    """How messages name the ``overwrite`` switch (``overwrite=True``, ``--overwrite``)."""
+    return setting("overwrite", python="overwrite=True")
 
 
 def _check_existing_dir(
@@ -160,20 +170,23 @@ def _check_existing_dir(
     if not foreign:
         if not replace_ours and not overwrite:
             raise OutputError(
-                f"{flag} {out} holds an earlier {what}; pass --overwrite to replace it, or choose another path"
+                f"{flag} {out} holds an earlier {what}; pass {_overwrite()} to replace it, "
+                "or choose another path"
             )
         return
     shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
     models = [n for n in foreign if _MODEL_FILES.fullmatch(n)]
     if kind == "model" and models:
         raise OutputError(
-            f"{flag} {out} holds another model ({', '.join(models[:4])}); a pruned model is never written over or beside "
-            "another one, even with --overwrite: choose a new or empty directory"
+            f"{flag} {out} holds another model ({', '.join(models[:4])}); a pruned model is "
+            f"never written over or beside another one, even with {_overwrite()}: choose a new "
+            "or empty directory"
         )
     if not overwrite:
         raise OutputError(
-            f"{flag} {out} already holds files entrodrop did not write there or that were changed since ({shown}); choose a "
-            f"new or empty directory, or pass --overwrite to write the {what} into it (its other files are left untouched)"
+            f"{flag} {out} already holds files entrodrop did not write there or that were "
+            f"changed since ({shown}); choose a new or empty directory, or pass {_overwrite()} "
+            f"to write the {what} into it (its other files are left untouched)"
         )
 
 
@@ -185,16 +198,18 @@ def check_dir(
     inputs: Iterable[tuple[str, object]] = (),
     overwrite: bool = False,
     replace_ours: bool = True,
-    flag: str = "--out",
+    flag: str | None = None,
 ) -> Path:
     """Check a directory target before any work; returns it resolved.
 
     ``kind``: the marker kind of our own outputs of this sort ("report", "comparison",
     "model"); ``inputs``: ``(name, path)`` pairs the target must not be, contain or lie in;
     ``replace_ours=False`` asks for ``overwrite`` even to replace an earlier output of ours.
-    A "model" target never holds another model's files, even with ``overwrite``.
+    A "model" target never holds another model's files, even with ``overwrite``. ``flag``:
+    how messages name the target (default: the setting ``out``, as the caller spells it).
     Raises :class:`OutputError` naming the problem and what to do.
     """
+    flag = flag or setting("out")
     out = _resolve(path, flag)
     _overlap(out, inputs, flag)
     _check_existing_dir(
@@ -211,26 +226,31 @@ def check_file(
     recognise: Callable[[Path], bool] | None = None,
     inputs: Iterable[tuple[str, object]] = (),
     overwrite: bool = False,
-    flag: str = "--out",
+    flag: str | None = None,
 ) -> Path:
     """Check a file target before any work; returns it resolved.
 
     An existing file is replaced only when ``recognise(path)`` says it is one of ours, or
-    with ``overwrite``. Raises :class:`OutputError`.
+    with ``overwrite``. ``flag``: how messages name the target (default: the setting
+    ``out``, as the caller spells it). Raises :class:`OutputError`.
     """
+    flag = flag or setting("out")
     out = _resolve(path, flag)
     _overlap(out, inputs, flag)
     if out.exists() and not out.is_dir() and not out.is_file():
         raise OutputError(
-            f"{flag} {path} is not a regular file (a device, FIFO or socket: {out}); give a file path for the {what}"
+            f"{flag} {path} is not a regular file (a device, FIFO or socket: {out}); "
+            f"give a file path for the {what}"
         )
     if out.is_dir():
         raise OutputError(
-            f"{flag} {out} is a directory; give a file path for the {what} (e.g. {out / 'out.json'})"
+            f"{flag} {out} is a directory; give a file path for the {what} "
+            f"(e.g. {out / 'out.json'})"
         )
     if out.exists() and not overwrite and not (recognise is not None and recognise(out)):
         raise OutputError(
-            f"{flag} {out} exists and was not written by entrodrop; pass --overwrite to replace it, or choose another path"
+            f"{flag} {out} exists and was not written by entrodrop; pass {_overwrite()} to "
+            "replace it, or choose another path"
         )
     _check_parent(out, flag)
     return out
@@ -286,9 +306,9 @@ def sweep_stale(parent: Path, name: str) -> list[Path]:
     return removed
 
 
-def _written(exc: OSError, what: str, out: Path) -> OutputError:
-    reason = exc.strerror or str(exc)
-    if exc.errno == errno.ENOSPC:
+def _written(exc: BaseException, what: str, out: Path) -> OutputError:
+    reason = getattr(exc, "strerror", None) or str(exc)
+    if getattr(exc, "errno", None) == errno.ENOSPC:
         reason = "no space left on the device"
     return OutputError(f"could not write the {what} to {out}: {reason}; nothing was changed there")
 
@@ -370,7 +390,8 @@ class DirPublisher:
                         )
                     if q.exists() and not q.is_file():
                         raise OutputError(
-                            f"{q} is not a regular file (a device, FIFO or socket); cannot write the {self.what} file {name} over it"
+                            f"{q} is not a regular file (a device, FIFO or socket); "
+                            f"cannot write the {self.what} file {name} over it"
                         )
                 for name in files:
                     os.replace(tmp / name, out / name)
@@ -415,25 +436,84 @@ def scratch_dir(out) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def publish_file(out, data: str | bytes, *, what: str) -> Path:
-    """Write ``data`` to ``out`` through a temporary file beside it (checked beforehand)."""
-    out = _resolve(out)
-    tmp = None
+def _fsync_dir(directory: str | os.PathLike) -> None:
+    """Put ``directory``'s entries (a rename in it) on disk, where the system allows it."""
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        sweep_stale(out.parent, out.name)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}{_TMP_TAG}{os.getpid()}-", dir=out.parent)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
-        os.replace(tmp, out)
-        tmp = None
-    except OSError as exc:
-        raise _written(exc, what, out) from exc
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
     finally:
-        if tmp is not None:
+        os.close(fd)
+
+
+def write_atomic(
+    out: str | os.PathLike,
+    write: Callable[[BinaryIO], object],
+    *,
+    fail: Callable[[BaseException], NoReturn],
+    fail_on: tuple[type[BaseException], ...] = (OSError,),
+    tmp: str | os.PathLike | None = None,
+    durable: bool = False,
+) -> None:
+    """Write the file ``out`` all at once: ``write(fh)`` fills a temporary file beside it
+    (``fh``: binary, open for writing), which then replaces ``out`` by a rename.
+
+    A process killed at any point leaves ``out`` as it was or complete. ``tmp``: the
+    temporary's path; by default a new ``.NAME.entrodrop-tmp-PID-*`` beside ``out`` (mode
+    0666 less the umask), made after the parent directory is created and the temporaries of
+    killed runs are removed (:func:`sweep_stale`). ``durable``: the file is put on disk
+    (fsync) before the rename, and the directory after it. On a failure the temporary is
+    removed and ``out`` left as it was; an exception of a class in ``fail_on`` is passed to
+    ``fail``, which raises the error to report; any other goes on as it is.
+    """
+    made = None
+    try:
+        if tmp is None:
+            parent, name = Path(out).parent, Path(out).name
+            parent.mkdir(parents=True, exist_ok=True)
+            sweep_stale(parent, name)
+            fd, made = tempfile.mkstemp(prefix=f".{name}{_TMP_TAG}{os.getpid()}-", dir=parent)
+            fh = os.fdopen(fd, "wb")
+        else:
+            made = os.fspath(tmp)
+            fh = open(made, "wb")
+        with fh:
+            write(fh)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        if tmp is None:
+            os.chmod(made, 0o666 & ~_umask())  # mkstemp makes 0600
+        os.replace(made, os.fspath(out))
+        made = None
+    except BaseException as exc:
+        if made is not None:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                os.remove(made)
+        if isinstance(exc, fail_on):
+            fail(exc)
+        raise
+    if durable:
+        _fsync_dir(os.path.dirname(os.fspath(out)) or ".")
+
+
+def publish_file(out, data: str | bytes, *, what: str) -> Path:
+    """Write ``data`` to ``out`` through a temporary file beside it (checked beforehand).
+
+    Returns ``out`` resolved. Raises :class:`OutputError` when it cannot be written (nothing
+    is changed there then).
+    """
+    out = _resolve(out)
+
+    def fail(exc: BaseException) -> NoReturn:
+        raise _written(exc, what, out) from exc
+
+    payload = data.encode() if isinstance(data, str) else data
+    write_atomic(out, lambda fh: fh.write(payload), fail=fail)
     return out
 
 

@@ -26,17 +26,8 @@ from typing import Any
 
 from entrodrop_fast._names import setting
 
-# = entrodrop_fast.profile.inmemory.ENTROPY_METHODS (tested), spelled out so the CLI parser needs no torch
-ENTROPY = (
-    "bucket",
-    "gaussian_diag",
-    "gaussian_full",
-    "knn",
-    "renyi",
-    "bucket_q",
-    "bucket_nosink",
-    "bucket_tokennorm",
-)
+# the profile's table of method names, which needs no torch (for the CLI parser)
+from entrodrop_fast.profile.methods import ENTROPY_METHODS as ENTROPY
 
 SCORING = (*ENTROPY, "cosine", "block_influence", "angular")
 BASELINES = ("random",)

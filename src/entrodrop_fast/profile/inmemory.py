@@ -20,45 +20,15 @@ import torch
 from torch import nn
 
 from entrodrop_fast.models.adapters import Adapter, get_adapter
+from entrodrop_fast.profile.methods import (  # noqa: F401  (the method names: part of this module's API)
+    ALL_METHODS,
+    ENTROPY_METHODS,
+    SIMILARITY_METHODS,
+    parse_methods,
+)
 from entrodrop_fast.profile.taps import BlockStatistics, ResidualTaps, TapSettings, finite_or_raise
 
-# the last three: robust bucket variants (entrodrop_fast.ops.robust; issue 14), opt-in
-ENTROPY_METHODS = (
-    "bucket",
-    "gaussian_diag",
-    "gaussian_full",
-    "knn",
-    "renyi",
-    "bucket_q",
-    "bucket_nosink",
-    "bucket_tokennorm",
-)
-SIMILARITY_METHODS = ("cosine", "angular")
-ALL_METHODS = ENTROPY_METHODS + SIMILARITY_METHODS
 DEFAULT_SPANS = (1, 2, 4, 8)
-
-
-def parse_methods(spec) -> tuple[str, ...]:
-    """``"bucket,cosine"`` or ``["bucket", "knn,renyi"]`` -> ("bucket", "cosine", ...), checked."""
-    items = [spec] if isinstance(spec, str) else list(spec or [])
-    out: list[str] = []
-    for item in items:
-        for m in str(item).split(","):
-            m = m.strip().lower()
-            if not m:
-                continue
-            if m == "all":
-                out.extend(x for x in ALL_METHODS if x not in out)
-                continue
-            if m not in ALL_METHODS:
-                raise ValueError(
-                    f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)} (several: comma-separated)"
-                )
-            if m not in out:
-                out.append(m)
-    if not out:
-        raise ValueError(f"no method given; choose from {', '.join(ALL_METHODS)}")
-    return tuple(out)
 
 
 @dataclass
@@ -154,7 +124,8 @@ def profile(
     *,
     progress: bool = True,
 ) -> dict:
-    """Profile ``model`` on token windows ``(samples, T)``. Returns plain numbers (see report.py)."""
+    """Profile ``model`` on token windows ``(samples, T)``. Returns plain numbers (see
+    report.py)."""
     settings = settings or ProfileSettings()
     adapter = get_adapter(model)
     L = adapter.num_layers(model)
@@ -189,35 +160,31 @@ def profile(
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
-    return finish(
-        stats,
-        adapter,
-        settings,
-        backend=backend,
-        seconds=seconds,
-        windows=windows,
-        device=dev,
-        dtype=next(model.parameters()).dtype,
-        hidden_size=int(getattr(model.config, "hidden_size", 0) or 0),
-    )
+    dtype = next(model.parameters()).dtype
+    return finish(stats, settings, model, seconds=seconds, windows=windows, device=dev, dtype=dtype)
 
 
 def finish(
     stats: BlockStatistics,
-    adapter: Adapter,
     settings: ProfileSettings,
+    model: nn.Module,
     *,
-    backend,
-    seconds,
-    windows,
-    device,
-    dtype,
-    hidden_size,
+    seconds: float,
+    windows: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
     **extra,
 ) -> dict:
-    """Merge the statistics across ranks (if any) and turn them into the runner's result dict."""
+    """Merge the statistics across ranks (if any) and turn them into the runner's result dict.
+
+    ``stats``: the run's statistics (its adapter and resolved backend are recorded);
+    ``model``: the profiled model (its config's hidden size is recorded); ``seconds``: the
+    profile's wall time; ``windows``: the token ids (samples, T) profiled here; ``extra``:
+    further entries of the result. Raises RuntimeError when an entropy came out NaN.
+    """
     from entrodrop_fast.profile.distributed import merge_block_stats_
 
+    adapter = stats.adapter
     merge_block_stats_(stats)  # across torch.distributed ranks, when there are several
     result = stats.result()
     finite_or_raise(result)
@@ -226,9 +193,9 @@ def finish(
             "model_type": adapter.model_type,
             "residual": adapter.residual,
             "num_layers": stats.L,
-            "hidden_size": hidden_size,
+            "hidden_size": int(getattr(model.config, "hidden_size", 0) or 0),
             "methods": list(parse_methods(settings.methods)),
-            "backend": backend,
+            "backend": stats.s.backend,
             "seconds": seconds,
             "tokens": int(windows.numel()),
             "tokens_per_s": windows.numel() / seconds if seconds > 0 else float("nan"),

@@ -59,8 +59,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from entrodrop_fast import outputs
+from entrodrop_fast._names import setting
 from entrodrop_fast.models.adapters import get_adapter, get_attr
-from entrodrop_fast.models.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, CheckpointError  # noqa: F401  (part of this module's API)
+from entrodrop_fast.models.checkpoint import (  # noqa: F401  (part of this module's API)
+    INDEX_NAME,
+    SINGLE_NAME,
+    Checkpoint,
+    CheckpointError,
+)
 from entrodrop_fast.profile.taps import BlockStatistics, ResidualTaps
 
 RUN_NAME = "run.json"
@@ -71,7 +78,7 @@ ACT_NAMES = ("act_a.bin", "act_b.bin")
 RESUME_NAMES = (RUN_NAME, STATE_NAME, *ACT_NAMES, STATE_NAME + ".tmp", RUN_NAME + ".tmp")
 
 
-#: a run without --resume-dir keeps its activation files in TMPDIR/entrodrop-acts-PID-XXXX
+#: a run without ``resume_dir`` keeps its activation files in TMPDIR/entrodrop-acts-PID-XXXX
 ACT_DIR_PREFIX = "entrodrop-acts-"
 
 
@@ -87,7 +94,8 @@ def _pid_alive(pid: int) -> bool:
 
 def sweep_stale_activation_dirs(root: str | None = None) -> list[str]:
     """Remove the activation directories of runs that were killed (their PID is gone): only
-    ``entrodrop-acts-PID-*`` directories holding nothing but our activation files. Returns them."""
+    ``entrodrop-acts-PID-*`` directories holding nothing but our activation files. Returns
+    them."""
     import re
 
     root = root or tempfile.gettempdir()
@@ -122,6 +130,17 @@ class ResumeError(ValueError):
     """The resume directory holds a run with other arguments, or is incomplete or corrupt."""
 
 
+def _remove_it() -> str:
+    """What to do about a resume directory that cannot be used (the end of a message)."""
+    return f"remove it or choose another {setting('resume_dir')}"
+
+
+def _writable_hint(directory: str) -> str:
+    """What to do when ``directory``, a resume directory, cannot be written."""
+    another = setting("resume_dir")
+    return f"free space or make {directory} writable and rerun, or choose another {another}"
+
+
 class StorageError(OSError):
     """A file the streaming runner needs cannot be written: full disk, read-only directory."""
 
@@ -130,7 +149,8 @@ class StorageError(OSError):
 
 
 def _storage_error(exc: BaseException, path, what: str, hint: str) -> StorageError:
-    """A :class:`StorageError` saying why ``what`` could not be written at ``path``, and what to do."""
+    """A :class:`StorageError` saying why ``what`` could not be written at ``path``, and what to
+    do."""
     code = getattr(exc, "errno", None)
     detail = getattr(exc, "strerror", None) or f"{type(exc).__name__}: {exc}"
     if code in (errno.ENOSPC, errno.EDQUOT):
@@ -203,7 +223,8 @@ class _Group:
 
 
 class WeightPlan:
-    """How every tensor of the model is made from the checkpoint's tensors, by transformers' own rules.
+    """How every tensor of the model is made from the checkpoint's tensors, by transformers'
+    own rules.
 
     Each checkpoint name goes through the renamings and conversions transformers applies in
     ``from_pretrained`` for the model's class (:func:`_load_time_transforms`). Most names map one
@@ -262,8 +283,9 @@ class WeightPlan:
                     counts[p] = counts.get(p, 0) + 1
                 shown = ", ".join(f"{n} x {p}" for p, n in counts.items())
                 group.error = (
-                    f"{group.describe(ckpt)} ({shown}) do not combine into {group.target} {expected[group.target]} "
-                    f"({type(exc).__name__}: {exc}): a tensor of one expert is missing or has another shape"
+                    f"{group.describe(ckpt)} ({shown}) do not combine into {group.target} "
+                    f"{expected[group.target]} ({type(exc).__name__}: {exc}): a tensor of one "
+                    "expert is missing or has another shape"
                 )
                 self.made_by[group.target] = group
                 continue
@@ -274,7 +296,8 @@ class WeightPlan:
                     self.made_by.setdefault(name, group)
 
     def check(self, names, what: str) -> None:
-        """Every tensor in ``names`` (model names) can be made, with the shape the config implies."""
+        """Every tensor in ``names`` (model names) can be made, with the shape the config
+        implies."""
         for name in names:
             want = self.expected[name]
             group = self.made_by.get(name)
@@ -285,8 +308,9 @@ class WeightPlan:
                     )
                 if group.outputs[name] != want:
                     raise CheckpointError(
-                        f"{self.ckpt.dir}: {group.describe(self.ckpt)} combine into {name} of shape {group.outputs[name]}, "
-                        f"the config expects {want} ({what}): config and weights do not match"
+                        f"{self.ckpt.dir}: {group.describe(self.ckpt)} combine into {name} of "
+                        f"shape {group.outputs[name]}, the config expects {want} ({what}): "
+                        "config and weights do not match"
                     )
                 continue
             key = self.direct.get(name)
@@ -296,8 +320,9 @@ class WeightPlan:
                 )
             if self.ckpt.shapes[key] != want:
                 raise CheckpointError(
-                    f"{self.ckpt.dir / self.ckpt.file_of[key]}: tensor {key} has shape {self.ckpt.shapes[key]}, "
-                    f"the config expects {want}: config and weights do not match"
+                    f"{self.ckpt.dir / self.ckpt.file_of[key]}: tensor {key} has shape "
+                    f"{self.ckpt.shapes[key]}, the config expects {want}: config and weights do "
+                    "not match"
                 )
 
     def sources(self, names) -> list[str]:
@@ -348,7 +373,8 @@ class WeightPlan:
                 made = conv.convert(group.target, model=self.model, config=self.model.config)
             except Exception as exc:
                 raise CheckpointError(
-                    f"{ckpt.dir}: could not read or combine {group.describe(ckpt)} ({type(exc).__name__}: {exc}); truncated or corrupt?"
+                    f"{ckpt.dir}: could not read or combine {group.describe(ckpt)} "
+                    f"({type(exc).__name__}: {exc}); truncated or corrupt?"
                 ) from None
             for name, t in made.items():
                 if name in names:
@@ -417,18 +443,21 @@ class ActivationBuffers:
         self.on_disk = directory is not None and (resume or 2 * self.nbytes > budget_bytes)
         self.files = [os.path.join(directory, name) for name in ACT_NAMES] if self.on_disk else []
         if resume:
-            what = f"{shape[0]} x {shape[1]} x {shape[2]} {str(dtype).replace('torch.', '')} activations"
+            dt = str(dtype).replace("torch.", "")
+            what = f"{shape[0]} x {shape[1]} x {shape[2]} {dt} activations"
             for path in self.files:
                 if not os.path.isfile(path):
                     raise ResumeError(
-                        f"{path} is missing: the resume directory {directory} is incomplete (activations are never "
-                        "re-created on resume, the run would go on from zeros); remove it or choose another --resume-dir"
+                        f"{path} is missing: the resume directory {directory} is incomplete "
+                        "(activations are never re-created on resume, the run would go on from "
+                        f"zeros); {_remove_it()}"
                     )
                 size = os.path.getsize(path)
                 if size != self.nbytes:
                     raise ResumeError(
-                        f"{path} has {size} bytes where {what} take {self.nbytes}: truncated, or not from this run; "
-                        f"the resume directory {directory} is incomplete or corrupt; remove it or choose another --resume-dir"
+                        f"{path} has {size} bytes where {what} take {self.nbytes}: truncated, or "
+                        f"not from this run; the resume directory {directory} is incomplete or "
+                        f"corrupt; {_remove_it()}"
                     )
         made: list[str] = []
         path = directory
@@ -534,27 +563,35 @@ def _restore_pending(s: BlockStatistics, d: dict, device=None) -> None:
 #: version of what a resume directory holds; a directory of another version is refused
 RESUME_FORMAT = 2
 
-# fingerprint field -> what the user changes to change it (in messages)
+# fingerprint field -> what the user changes to change it (in messages); the fields not
+# named here or in _label are the settings of the same name
 _LABELS = {
     "format": "resume format (the directory was written by another version of entrodrop_fast)",
     "model_dir": "model directory",
     "config": "the model's config.json",
     "weights": "the model's weight files (names, sizes or modification times)",
-    "dtype": "--dtype",
-    "device": "--device",
-    "shape": "calibration shape (--samples x --seq-len)",
-    "windows": "calibration tokens (--samples, --seq-len, --seed, --corpus, --text-field or the tokenizer)",
-    "methods": "--method",
-    "batch_size": "--batch-size",
-    "backend": "--backend",
-    "backend_resolved": "the backend --backend resolves to",
-    "bins": "--bins",
-    "k": "--k",
-    "paper_exact": "--paper-exact",
-    "spans": "--spans",
     "process": "torchrun rank / number of processes",
     "versions": "library versions",
 }
+
+
+def _label(key: str) -> str:
+    """How a message names the fingerprint field ``key``: what the user changes to change it,
+    a setting named as the caller spells it (:func:`entrodrop_fast._names.setting`)."""
+    if key in _LABELS:
+        return _LABELS[key]
+    samples, seq_len = setting("samples"), setting("seq_len")
+    tokens = ", ".join([samples, seq_len, setting("seed"), setting("corpus")])
+    backend = setting("backend", python="settings.backend")
+    named = {
+        "shape": f"calibration shape ({samples} x {seq_len})",
+        "windows": f"calibration tokens ({tokens}, {setting('text_field')} or the tokenizer)",
+        "methods": setting("method", python="methods"),
+        "backend_resolved": f"the backend {backend} resolves to",
+    }
+    return named[key] if key in named else setting(key)
+
+
 _HASHED = {"config", "weights", "windows"}  # digests: naming the field says it all
 
 
@@ -591,7 +628,8 @@ def _fingerprint(
         "windows": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
         "backend_resolved": backend,
         "process": f"rank {rank} of {world}",
-        "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, entrodrop_fast {entrodrop_fast.__version__}",
+        "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"entrodrop_fast {entrodrop_fast.__version__}",
     }
     for f in dataclasses.fields(settings):  # every setting, present and future
         value = getattr(settings, f.name)
@@ -605,7 +643,8 @@ def _compare(saved, now: dict, where: str, directory: str) -> None:
     """Raise :class:`ResumeError` naming every field in which ``saved`` differs from ``now``."""
     if not isinstance(saved, dict):
         raise ResumeError(
-            f"{where} holds no run fingerprint: the resume directory {directory} is corrupt; remove it or choose another --resume-dir"
+            f"{where} holds no run fingerprint: the resume directory {directory} is corrupt; "
+            f"{_remove_it()}"
         )
     if saved.get("format") != now["format"]:
         keys = ["format"]
@@ -615,50 +654,30 @@ def _compare(saved, now: dict, where: str, directory: str) -> None:
     for key in keys:
         a, b = saved.get(key, "(not recorded)"), now.get(key, "(not recorded)")
         if a != b:
-            label = _LABELS.get(key, key)
+            label = _label(key)
             diff.append(label if key in _HASHED else f"{label}: {a!r} there, {b!r} now")
     if diff:
         raise ResumeError(
-            f"{directory} holds a run with other arguments ({'; '.join(diff)}): rerun with that run's arguments "
-            "to resume it, or use another --resume-dir (or remove this one) to start anew"
+            f"{directory} holds a run with other arguments ({'; '.join(diff)}): rerun with that "
+            f"run's arguments to resume it, or use another {setting('resume_dir')} (or remove "
+            "this one) to start anew"
         )
 
 
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: str, write, what: str, hint: str) -> None:
-    """``write(fh)`` into ``path.tmp``, put it on disk, rename it over ``path``.
+    """``write(fh)`` into ``path.tmp``, put it on disk, rename it over ``path``
+    (:func:`entrodrop_fast.outputs.write_atomic`).
 
     A kill at any point leaves ``path`` as it was or complete; a failure to write (full
     disk, read-only directory) raises :class:`StorageError` and leaves ``path`` as it was.
     """
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, (OSError, RuntimeError)):
-            raise _storage_error(exc, path, what, hint) from None
-        raise
-    _fsync_dir(os.path.dirname(path) or ".")
+
+    def fail(exc: BaseException):
+        raise _storage_error(exc, path, what, hint) from None
+
+    outputs.write_atomic(
+        path, write, tmp=path + ".tmp", durable=True, fail=fail, fail_on=(OSError, RuntimeError)
+    )
 
 
 def _atomic_save(obj, path: str, hint: str = "free space or make the directory writable") -> None:
@@ -671,7 +690,8 @@ def _write_run(path: str, fingerprint: dict, hint: str) -> None:
 
 
 def _same_structure(d, ref) -> bool:
-    """``d`` has the dicts and list lengths of ``ref`` (whose lists are all None), tensors or None inside."""
+    """``d`` has the dicts and list lengths of ``ref`` (whose lists are all None), tensors or
+    None inside."""
     if isinstance(ref, dict):
         return (
             isinstance(d, dict)
@@ -686,7 +706,8 @@ def _same_structure(d, ref) -> bool:
 
 
 def _lock(directory: str) -> int | None:
-    """Hold an exclusive lock on ``directory`` (an open descriptor to close at the end), or refuse."""
+    """Hold an exclusive lock on ``directory`` (an open descriptor to close at the end), or
+    refuse."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
@@ -698,7 +719,8 @@ def _lock(directory: str) -> int | None:
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             os.close(fd)
             raise ResumeError(
-                f"{directory} is in use by another running profile; wait for it to end or choose another --resume-dir"
+                f"{directory} is in use by another running profile; wait for it to end or "
+                f"choose another {setting('resume_dir')}"
             ) from None
         # a filesystem without locks (some network filesystems): go on without
     return fd
@@ -707,14 +729,18 @@ def _lock(directory: str) -> int | None:
 def _open_resume_dir(
     directory: str, fingerprint: dict, shape, dtype, sinks: list, num_layers: int, device
 ):
-    """(activation buffers, first layer to run) for ``directory``: a new run, one to continue, or an error.
+    """(activation buffers, first layer to run) for ``directory``: a new run, one to continue,
+    or an error.
 
     Files are written only for a new run (or one that never finished its first layer);
     anything missing, truncated, unreadable or from other arguments raises
     :class:`ResumeError`, and a directory that cannot be written :class:`StorageError`.
     """
-    hint = f"free space or make {directory} writable and rerun, or choose another --resume-dir"
-    broken = f"the resume directory {directory} is incomplete or corrupt (a copy cut short, a full disk?); remove it or choose another --resume-dir"
+    hint = _writable_hint(directory)
+    broken = (
+        f"the resume directory {directory} is incomplete or corrupt (a copy cut short, a full "
+        f"disk?); {_remove_it()}"
+    )
     run_path, state_path = os.path.join(directory, RUN_NAME), os.path.join(directory, STATE_NAME)
     run_fp = None
     if os.path.exists(run_path):
@@ -751,7 +777,8 @@ def _open_resume_dir(
             or cur not in (0, 1)
         ):
             raise ResumeError(
-                f"{state_path}: layers done {done!r} / current buffer {cur!r} out of range for {num_layers} layers; {broken}"
+                f"{state_path}: layers done {done!r} / current buffer {cur!r} out of range for "
+                f"{num_layers} layers; {broken}"
             )
         pending = state["pending"]
         if not (
@@ -774,8 +801,8 @@ def _open_resume_dir(
     present = [n for n in ACT_NAMES if os.path.exists(os.path.join(directory, n))]
     if present and run_fp is None:
         raise ResumeError(
-            f"{directory} holds {' and '.join(present)} but neither {STATE_NAME} nor {RUN_NAME}: not a resume directory "
-            "of this program, or an incomplete one; remove it or choose another --resume-dir"
+            f"{directory} holds {' and '.join(present)} but neither {STATE_NAME} nor {RUN_NAME}: "
+            f"not a resume directory of this program, or an incomplete one; {_remove_it()}"
         )
     if run_fp is None:
         _write_run(
@@ -784,7 +811,8 @@ def _open_resume_dir(
     acts = ActivationBuffers(shape, dtype, budget_bytes=0, directory=directory, hint=hint)
     if present:
         warnings.warn(
-            f"{directory}: no {STATE_NAME} (the previous run stopped before finishing its first layer, or it was removed): starting from the first layer",
+            f"{directory}: no {STATE_NAME} (the previous run stopped before finishing its "
+            "first layer, or it was removed): starting from the first layer",
             stacklevel=3,
         )
     return acts, 0
@@ -859,11 +887,12 @@ def profile_streaming(
 ) -> dict:
     """Profile the checkpoint in ``model_dir`` on token ``windows`` (samples, T), layer by layer.
 
-    Returns the same dictionary as :func:`entrodrop_fast.profile.inmemory.profile`. With ``resume_dir``
-    the run continues where one with the same arguments stopped; other arguments, or a
-    directory with a file missing, truncated or corrupt, raise :class:`ResumeError` (a
-    ``ValueError``); a full disk or a read-only directory raises :class:`StorageError` (an
-    ``OSError``), before any work where the activation files are concerned.
+    Returns the same dictionary as :func:`entrodrop_fast.profile.inmemory.profile`. With
+    ``resume_dir`` the run continues where one with the same arguments stopped; other
+    arguments, or a directory with a file missing, truncated or corrupt, raise
+    :class:`ResumeError` (a ``ValueError``); a full disk or a read-only directory raises
+    :class:`StorageError` (an ``OSError``), before any work where the activation files are
+    concerned.
     """
     import time
 
@@ -909,10 +938,11 @@ def profile_streaming(
             rank, world = distributed.world()
             if world > 1:  # each rank profiles its own samples: its own files
                 resume_dir = os.path.join(resume_dir, f"rank{rank}-of-{world}")
-            hint = f"free space or make {resume_dir} writable and rerun, or choose another --resume-dir"
+            hint = _writable_hint(resume_dir)
             if os.path.exists(resume_dir) and not os.path.isdir(resume_dir):
                 raise ResumeError(
-                    f"--resume-dir {resume_dir} exists and is not a directory; choose another"
+                    f"{setting('resume_dir')} {resume_dir} exists and is not a directory; "
+                    "choose another"
                 )
             try:
                 os.makedirs(resume_dir, exist_ok=True)
@@ -936,7 +966,11 @@ def profile_streaming(
         else:
             sweep_stale_activation_dirs()
             tmp_dir = tempfile.mkdtemp(prefix=f"{ACT_DIR_PREFIX}{os.getpid()}-")
-            hint = f"set TMPDIR to a directory on a larger disk, use --resume-dir on one, or raise --max-memory to keep them in RAM (now {_size(ram_budget_bytes)})"
+            hint = (
+                f"set TMPDIR to a directory on a larger disk, use {setting('resume_dir')} on "
+                f"one, or raise {setting('max_memory')} to keep them in RAM "
+                f"(now {_size(ram_budget_bytes)})"
+            )
             acts = ActivationBuffers(
                 (S, T, D), dtype, budget_bytes=ram_budget_bytes, directory=tmp_dir, hint=hint
             )
@@ -991,7 +1025,8 @@ def profile_streaming(
                 acts.swap()
                 if state_path is not None:
                     try:
-                        acts.flush_cur()  # the activations on disk before the state that points at them
+                        # the activations on disk before the state that points at them
+                        acts.flush_cur()
                     except OSError as exc:
                         raise _storage_error(
                             exc, acts.files[acts.cur_index], "the activations", hint
@@ -1025,14 +1060,12 @@ def profile_streaming(
 
     return finish(
         stats,
-        adapter,
         settings,
-        backend=backend,
+        model,
         seconds=seconds,
         windows=windows,
         device=device,
         dtype=dtype,
-        hidden_size=D,
         runner="streaming",
         checkpoint_bytes=ckpt.bytes,
     )

@@ -139,7 +139,8 @@ def diagnose(
 
     if windows.dim() != 2 or windows.shape[1] < top + 2:
         raise ValueError(
-            f"windows must be (samples, T) token ids with T >= top + 2, got shape {tuple(windows.shape)}"
+            "windows must be (samples, T) token ids with T >= top + 2, got shape "
+            f"{tuple(windows.shape)}"
         )
     adapter = get_adapter(model)
     L = adapter.num_layers(model)
@@ -205,11 +206,21 @@ def diagnose(
 
 def markdown(diag: dict) -> str:
     """A table of :func:`diagnose`'s result, one row per point of the residual stream."""
+    columns = (
+        "point",
+        "range set by top tokens (mean)",
+        "channels > 50%",
+        "fullest bin (mean)",
+        "max/median token L∞",
+        "extremes at first position / punct / word",
+        "most frequent extreme tokens",
+    )
     lines = [
-        f"Top {diag['top']} tokens per channel, {diag['samples']} windows of {diag['seq_len']} tokens, {diag['bins']} bins.",
+        f"Top {diag['top']} tokens per channel, {diag['samples']} windows of {diag['seq_len']} "
+        f"tokens, {diag['bins']} bins.",
         "",
-        "| point | range set by top tokens (mean) | channels > 50% | fullest bin (mean) | max/median token L∞ | extremes at first position / punct / word | most frequent extreme tokens |",
-        "|---|---|---|---|---|---|---|",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
     ]
     for r in diag["points"]:
         w = r["where"]
@@ -217,9 +228,11 @@ def markdown(diag: dict) -> str:
             f"{t['text']!r} ({100 * t['share']:.0f}%, pos {t['mean_position']:.0f})"
             for t in r["tokens"][:3]
         )
+        shares = f"{100 * r['share_mean']:.1f}% | {100 * r['share_half']:.1f}%"
+        where = f"{100 * w['first']:.0f}% / {100 * w['punct/space']:.0f}% / {100 * w['word']:.0f}%"
         lines.append(
-            f"| {r['point']} | {100 * r['share_mean']:.1f}% | {100 * r['share_half']:.1f}% | {100 * r['crowd_mean']:.1f}% | {r['norm_ratio']:.1f} | "
-            f"{100 * w['first']:.0f}% / {100 * w['punct/space']:.0f}% / {100 * w['word']:.0f}% | {toks} |"
+            f"| {r['point']} | {shares} | {100 * r['crowd_mean']:.1f}% | {r['norm_ratio']:.1f} | "
+            f"{where} | {toks} |"
         )
     return "\n".join(lines) + "\n"
 

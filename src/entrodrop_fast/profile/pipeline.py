@@ -6,8 +6,9 @@ runner (:mod:`.inmemory`) and the layer-by-layer one (:mod:`.layerwise`) from a 
 sizes the batch, joins a distributed run (:mod:`.distributed`) and builds the report
 (:mod:`.report`). It writes nothing: the caller publishes the report.
 
-Errors name the settings by their Python names (``max_memory``, ``seq_len``, ...); a caller
-with other spellings (the command line's ``--max-memory``) passes ``names``.
+Errors name the settings through :func:`entrodrop_fast._names.setting`: by their Python names
+(``max_memory``, ``seq_len``, ...), inside an ``entrodrop`` command by its flags
+(``--max-memory``); a caller with other spellings passes ``names`` (setting -> spelling).
 """
 
 from __future__ import annotations
@@ -15,24 +16,23 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from entrodrop_fast._names import setting, spelled
 from entrodrop_fast.data import PAPER_SAMPLES, PAPER_SEED, PAPER_SEQ_LEN
 from entrodrop_fast.profile.inmemory import ProfileSettings
 
-# how errors name each setting; the command line passes its flags instead
-NAMES = {
-    "max_memory": "max_memory",
-    "seq_len": "seq_len",
-    "k": "k",
-    "batch_size": "batch_size",
-    "backend": "backend",
-    "resume_dir": "resume_dir",
-    "streaming": "streaming",
-}
+if TYPE_CHECKING:
+    import torch
+
+    from entrodrop_fast.data import Corpus
+    from entrodrop_fast.models.loading import LoadedModel
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Calibration:
     see :func:`entrodrop_fast.data.load_corpus`), ``samples`` windows of ``seq_len`` tokens
     drawn with ``seed`` (the paper's 128 x 256, seed 2024), the held-out part excluded."""
 
-    corpus: object = None
+    corpus: str | Corpus | None = None
     text_field: str = "text"
     samples: int = PAPER_SAMPLES
     seq_len: int = PAPER_SEQ_LEN
@@ -63,8 +63,13 @@ class Memory:
     label: str | None = None
 
 
-def parse_bytes(s: str, name: str = "max_memory") -> float:
-    """'8GB', '512MiB', '1.5G', '1000000' -> bytes (K, M, G, T are powers of 1024)."""
+def parse_bytes(s: str, name: str | None = None) -> float:
+    """'8GB', '512MiB', '1.5G', '1000000' -> bytes (K, M, G, T are powers of 1024).
+
+    ``name``: how errors name the setting (default: ``max_memory``, as the caller spells it).
+    Raises ValueError for anything else, or a size that is not positive.
+    """
+    name = name or setting("max_memory")
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(s))
     if not m:
         raise ValueError(f"{name} must look like 8GB, 512MB or 1.5G, got {s!r}")
@@ -89,7 +94,7 @@ class MemoryPlan:
     for the temporaries of a layer).
     """
 
-    def __init__(self, model_dir, dtype: str):
+    def __init__(self, model_dir: str | os.PathLike[str], dtype: str):
         from entrodrop_fast.models.adapters import get_adapter
         from entrodrop_fast.models.checkpoint import Checkpoint
         from entrodrop_fast.models.loading import parse_dtype
@@ -136,20 +141,19 @@ class MemoryPlan:
 
 
 def check_inputs(
-    source,
+    source: str | os.PathLike[str] | None,
     settings: ProfileSettings,
     calibration: Calibration,
     *,
     device: str = "cpu",
-    cache_dir=None,
-    names: dict | None = None,
-):
+    cache_dir: str | os.PathLike[str] | None = None,
+    names: Mapping[str, str] | None = None,
+) -> Corpus:
     """What can be checked before the model loads: the corpus (read here, returned), knn's k
     against the window length, the estimator backend on ``device``, and the window length
     against the model's positions when its config is at hand (a local directory or a
-    built-in model). ValueError naming the setting otherwise."""
-    import os
-
+    built-in model). ValueError naming the setting otherwise (``names``: other spellings of
+    the settings, as for :func:`profile_model`)."""
     from entrodrop_fast.data import load_corpus
     from entrodrop_fast.models.loading import (
         check_positions,
@@ -159,48 +163,50 @@ def check_inputs(
     )
     from entrodrop_fast.profile.inmemory import parse_methods, resolved_backend
 
-    n = {**NAMES, **(names or {})}
-    methods = parse_methods(settings.methods)
-    if "knn" in methods and calibration.seq_len <= settings.k:
-        raise ValueError(
-            f"knn needs more tokens per sample than k: {n['seq_len']} {calibration.seq_len} <= {n['k']} {settings.k}; "
-            f"raise {n['seq_len']} or lower {n['k']}"
+    with spelled(names):
+        methods = parse_methods(settings.methods)
+        if "knn" in methods and calibration.seq_len <= settings.k:
+            seq_len, k = setting("seq_len"), setting("k")
+            raise ValueError(
+                f"knn needs more tokens per sample than k: {seq_len} {calibration.seq_len} <= "
+                f"{k} {settings.k}; raise {seq_len} or lower {k}"
+            )
+        try:
+            resolved_backend(settings.backend, parse_device(device))
+        except ValueError as exc:
+            forced = os.environ.get("ENTRODROP_BACKEND")
+            if settings.backend == "auto" and forced:
+                raise ValueError(f"ENTRODROP_BACKEND={forced}: {exc}") from None
+            raise ValueError(f"{setting('backend')} {settings.backend}: {exc}") from None
+        corpus = load_corpus(calibration.corpus, calibration.text_field)
+        check_positions(
+            peek_config(source, cache_dir),
+            [(calibration.seq_len, setting("seq_len"))],
+            f"the model {display_name(source)}",
         )
-    try:
-        resolved_backend(settings.backend, parse_device(device))
-    except ValueError as exc:
-        forced = os.environ.get("ENTRODROP_BACKEND")
-        if settings.backend == "auto" and forced:
-            raise ValueError(f"ENTRODROP_BACKEND={forced}: {exc}") from None
-        raise ValueError(f"{n['backend']} {settings.backend}: {exc}") from None
-    corpus = load_corpus(calibration.corpus, calibration.text_field)
-    check_positions(
-        peek_config(source, cache_dir),
-        [(calibration.seq_len, n["seq_len"])],
-        f"the model {display_name(source)}",
-    )
-    return corpus
+        return corpus
 
 
 def profile_model(
-    source=None,
+    source: str | os.PathLike[str] | LoadedModel | None = None,
     settings: ProfileSettings | None = None,
     memory: Memory | None = None,
     *,
     calibration: Calibration | None = None,
     dtype: str = "fp32",
     device: str = "cpu",
-    cache_dir=None,
-    preset: dict | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    preset: dict[str, Any] | None = None,
     batch_size_fixed: bool = True,
     progress: bool = True,
-    log=None,
-    warn=None,
-    names: dict | None = None,
-    corpus=None,
-    windows_out: list | None = None,
-) -> dict | None:
-    """Profile the blocks of a model and return its report (:func:`entrodrop_fast.profile.report.build_report`).
+    log: Callable[[str], object] | None = None,
+    warn: Callable[[str], object] | None = None,
+    names: Mapping[str, str] | None = None,
+    corpus: str | Corpus | None = None,
+    windows_out: list[torch.Tensor] | None = None,
+) -> dict[str, Any] | None:
+    """Profile the blocks of a model and return its report
+    (:func:`entrodrop_fast.profile.report.build_report`).
 
     ``source``: what :func:`entrodrop_fast.models.load_model` accepts (None: the built-in
     SmolLM2-135M-Instruct), or a loaded :class:`entrodrop_fast.models.LoadedModel` (then
@@ -215,7 +221,9 @@ def profile_model(
     the estimators' warnings grouped, one line per kind (default: they go through
     :mod:`warnings` as they are). ``corpus``: the corpus already read by :func:`check_inputs`.
     ``windows_out``: a list that receives the calibration windows (``[samples, seq_len]`` token
-    ids; for iterative re-scoring).
+    ids; for iterative re-scoring). ``names``: how messages spell the settings, setting ->
+    spelling (e.g. ``{"max_memory": "--max-memory"}``; default: their Python names, or inside
+    an ``entrodrop`` command its flags: :func:`entrodrop_fast._names.setting`).
 
     Returns the report, or None on a non-zero rank of a distributed run (rank 0 holds the
     merged report). Raises ValueError for bad settings, ModelLoadError / CheckpointError
@@ -241,173 +249,179 @@ def profile_model(
     from entrodrop_fast.profile.inmemory import grouped_warnings, parse_methods, profile
     from entrodrop_fast.profile.report import build_report
 
-    settings = settings or ProfileSettings()
-    memory = memory or Memory()
-    calibration = calibration or Calibration()
-    n = {**NAMES, **(names or {})}
-    log = log or (lambda *a: None)
-    methods = parse_methods(settings.methods)
-    loaded = source if isinstance(source, LoadedModel) else None
-    if loaded is not None:  # the model's own dtype and device
-        import torch
+    with spelled(names):
+        settings = settings or ProfileSettings()
+        memory = memory or Memory()
+        calibration = calibration or Calibration()
+        log = log or (lambda *a: None)
+        methods = parse_methods(settings.methods)
+        loaded = source if isinstance(source, LoadedModel) else None
+        if loaded is not None:  # the model's own dtype and device
+            import torch
 
-        first = next(loaded.model.parameters())
-        dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
-            first.dtype, str(first.dtype)
-        )
-        device = str(first.device)
-    if corpus is None:
-        corpus = (
-            calibration.corpus
-            if loaded is not None
-            else check_inputs(
-                source, settings, calibration, device=device, cache_dir=cache_dir, names=names
+            first = next(loaded.model.parameters())
+            dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+                first.dtype, str(first.dtype)
             )
-        )
-    streaming_asked = memory.streaming or memory.resume_dir is not None
-    if (
-        memory.resume_dir and not memory.streaming
-    ):  # resuming exists only layer by layer: never ignore resume_dir
-        log(
-            f"{n['resume_dir']} {memory.resume_dir}: streaming layer by layer ({n['resume_dir']} implies {n['streaming']})"
-        )
-    t0 = time.perf_counter()
-    distributed.init_from_env(parse_device(device))
-    rank, world = distributed.world()
-    if rank:
-        log = lambda *a: None  # noqa: E731
-    budget = memory.max_bytes
-    label = memory.label or (f"{budget:.0f} bytes" if budget else "")
-    stream_dir = None
-    if loaded is None and (streaming_asked or budget):
-        stream_dir = resolve_source(source, cache_dir, need="local")
-        read_config(
-            str(stream_dir), f"the model directory {stream_dir}"
-        )  # an architecture outside the adapter table stops here
-    plan = MemoryPlan(stream_dir, dtype) if budget and stream_dir is not None else None
-    if plan is not None and not streaming_asked:
-        if plan.total <= budget:
-            stream_dir = None
+            device = str(first.device)
+        if corpus is None:
+            if isinstance(source, LoadedModel):
+                corpus = calibration.corpus
+            else:
+                corpus = check_inputs(
+                    source, settings, calibration, device=device, cache_dir=cache_dir
+                )
+        streaming_asked = memory.streaming or memory.resume_dir is not None
+        if memory.resume_dir and not memory.streaming:
+            # resuming exists only layer by layer: never ignore resume_dir
+            resume_dir = setting("resume_dir")
+            log(
+                f"{resume_dir} {memory.resume_dir}: streaming layer by layer ({resume_dir} "
+                f"implies {setting('streaming')})"
+            )
+        t0 = time.perf_counter()
+        distributed.init_from_env(parse_device(device))
+        rank, world = distributed.world()
+        if rank:
+            log = lambda *a: None  # noqa: E731
+        budget = memory.max_bytes
+        label = memory.label or (f"{budget:.0f} bytes" if budget else "")
+        stream_dir = None
+        if loaded is None and (streaming_asked or budget):
+            stream_dir = resolve_source(source, cache_dir, need="local")
+            # an architecture outside the adapter table stops here
+            read_config(str(stream_dir), f"the model directory {stream_dir}")
+        plan = MemoryPlan(stream_dir, dtype) if budget and stream_dir is not None else None
+        if plan is not None and not streaming_asked:
+            if plan.total <= budget:
+                stream_dir = None
+            else:
+                log(
+                    f"the model needs {plan.total / 2**30:.1f} GiB in {dtype}, more than "
+                    f"{setting('max_memory')} {label}: streaming layer by layer"
+                )
+        if loaded is None:
+            what = "tokenizer" if stream_dir else "model"
+            log(f"loading {what} {display_name(source)} ({dtype}, {device}) ...")
+        if stream_dir is not None:
+            tokenizer = load_tokenizer(stream_dir)
+            rows = config_value(
+                json.loads((Path(stream_dir) / "config.json").read_text()), "vocab_size"
+            )
+            rows = rows if isinstance(rows, int) else 0
+            check_vocab(tokenizer, rows, stream_dir)
+            lm = None
         else:
-            log(
-                f"the model needs {plan.total / 2**30:.1f} GiB in {dtype}, more than {n['max_memory']} {label}: streaming layer by layer"
+            lm = loaded or load_model(source, dtype=dtype, device=device, cache_dir=cache_dir)
+            tokenizer = lm.tokenizer
+            rows = lm.model.get_input_embeddings().weight.shape[0]
+            check_positions(
+                lm.model.config,
+                [(calibration.seq_len, setting("seq_len"))],
+                f"the model {lm.name}",
             )
-    if loaded is None:
+        t_load = time.perf_counter() - t0
+        windows, data_info = calibration_windows(
+            tokenizer,
+            corpus,
+            samples=calibration.samples,
+            seq_len=calibration.seq_len,
+            seed=calibration.seed,
+            text_field=calibration.text_field,
+        )
+        check_token_ids(windows, rows)  # before the first forward
         log(
-            f"loading {'tokenizer' if stream_dir else 'model'} {display_name(source)} ({dtype}, {device}) ..."
+            f"calibration: {data_info['samples']} x {data_info['seq_len']} tokens from "
+            f"{data_info['corpus']}; methods {', '.join(methods)}"
+            + (f"; {world} processes" if world > 1 else "")
         )
-    if stream_dir is not None:
-        tokenizer = load_tokenizer(stream_dir)
-        rows = config_value(
-            json.loads((Path(stream_dir) / "config.json").read_text()), "vocab_size"
-        )
-        rows = rows if isinstance(rows, int) else 0
-        check_vocab(tokenizer, rows, stream_dir)
-        lm = None
-    else:
-        lm = loaded or load_model(source, dtype=dtype, device=device, cache_dir=cache_dir)
-        tokenizer = lm.tokenizer
-        rows = lm.model.get_input_embeddings().weight.shape[0]
-        check_positions(
-            lm.model.config, [(calibration.seq_len, n["seq_len"])], f"the model {lm.name}"
-        )
-    t_load = time.perf_counter() - t0
-    windows, data_info = calibration_windows(
-        tokenizer,
-        corpus,
-        samples=calibration.samples,
-        seq_len=calibration.seq_len,
-        seed=calibration.seed,
-        text_field=calibration.text_field,
-    )
-    check_token_ids(windows, rows)  # before the first forward
-    log(
-        f"calibration: {data_info['samples']} x {data_info['seq_len']} tokens from {data_info['corpus']}; methods {', '.join(methods)}"
-        + (f"; {world} processes" if world > 1 else "")
-    )
-    mine = distributed.shard(windows)
-    streaming = stream_dir is not None
-    if not batch_size_fixed and plan is not None:
-        # the largest batch (up to 8) whose peak fits the budget
-        fits = [
-            b for b in range(8, 0, -1) if plan.peak(streaming, b, calibration.seq_len) <= budget
-        ]
-        if fits:
-            settings.batch_size = fits[0]
-            log(
-                f"batch size {settings.batch_size} (the largest up to 8 that fits {n['max_memory']} {label})"
-            )
-    # warn: the estimators' warnings grouped, one line per kind; None: left to the warnings module
-    grouped = (lambda: grouped_warnings(warn)) if warn is not None else contextlib.nullcontext
-    if streaming:
-        from entrodrop_fast.profile.layerwise import _size, profile_streaming
+        mine = distributed.shard(windows)
+        streaming = stream_dir is not None
+        if not batch_size_fixed and plan is not None:
+            # the largest batch (up to 8) whose peak fits the budget
+            fits = [
+                b for b in range(8, 0, -1) if plan.peak(streaming, b, calibration.seq_len) <= budget
+            ]
+            if fits:
+                settings.batch_size = fits[0]
+                log(
+                    f"batch size {settings.batch_size} (the largest up to 8 that fits "
+                    f"{setting('max_memory')} {label})"
+                )
+        # warn: the estimators' warnings grouped, one line per kind; None: left to the warnings
+        # module
+        grouped = (lambda: grouped_warnings(warn)) if warn is not None else contextlib.nullcontext
+        if streaming:
+            from entrodrop_fast.profile.layerwise import _size, profile_streaming
 
-        if plan is not None:
-            need = plan.peak(True, settings.batch_size, calibration.seq_len)
-            if need > budget:
-                experts = f" with its experts ({_size(plan.experts)})" if plan.experts else ""
-                fusing = (
-                    f", plus {_size(plan.fuse_extra)} to fuse a layer's per-expert tensors"
-                    if plan.fuse_extra
-                    else ""
+            if plan is not None:
+                need = plan.peak(True, settings.batch_size, calibration.seq_len)
+                if need > budget:
+                    experts = f" with its experts ({_size(plan.experts)})" if plan.experts else ""
+                    fusing = (
+                        f", plus {_size(plan.fuse_extra)} to fuse a layer's per-expert tensors"
+                        if plan.fuse_extra
+                        else ""
+                    )
+                    batch = f"{settings.batch_size} x {calibration.seq_len} tokens"
+                    raise ValueError(
+                        f"{setting('max_memory')} {label} is too small: streaming needs about "
+                        f"{_size(need)} (the largest of embedding and one layer{experts}{fusing}, "
+                        f"plus one batch of {batch}); raise it or lower {setting('batch_size')} / "
+                        f"{setting('seq_len')}"
+                    )
+            ram = budget if budget else 8 * 2**30
+            with grouped():
+                result = profile_streaming(
+                    str(stream_dir),
+                    mine,
+                    settings,
+                    device=parse_device(device),
+                    dtype=parse_dtype(dtype),
+                    ram_budget_bytes=ram,
+                    resume_dir=memory.resume_dir,
+                    progress=progress and rank == 0,
                 )
-                raise ValueError(
-                    f"{n['max_memory']} {label} is too small: streaming needs about {_size(need)} (the largest of "
-                    f"embedding and one layer{experts}{fusing}, plus one batch of {settings.batch_size} x {calibration.seq_len} tokens); "
-                    f"raise it or lower {n['batch_size']} / {n['seq_len']}"
-                )
-        ram = budget if budget else 8 * 2**30
-        with grouped():
-            result = profile_streaming(
-                str(stream_dir),
-                mine,
-                settings,
-                device=parse_device(device),
-                dtype=parse_dtype(dtype),
-                ram_budget_bytes=ram,
-                resume_dir=memory.resume_dir,
-                progress=progress and rank == 0,
-            )
-        model_info = {
-            "name": display_name(source),
-            "source": source or "builtin",
-            "path": str(stream_dir),
-            "kind": "streaming",
-            **model_identity(json.loads((Path(stream_dir) / "config.json").read_text())),
+            model_info = {
+                "name": display_name(source),
+                "source": source or "builtin",
+                "path": str(stream_dir),
+                "kind": "streaming",
+                **model_identity(json.loads((Path(stream_dir) / "config.json").read_text())),
+            }
+        else:
+            with grouped():
+                result = profile(lm.model, mine, settings, progress=progress and rank == 0)
+            model_info = {"name": lm.name, "source": lm.source, "path": lm.path, "kind": lm.kind}
+        result["tokens"] = int(windows.numel())
+        result["tokens_per_s"] = (
+            windows.numel() / result["seconds"] if result["seconds"] > 0 else float("nan")
+        )
+        if rank:
+            return None
+        settings_info = {
+            **({"preset": preset["preset"], "preset_why": preset["why"]} if preset else {}),
+            "samples": calibration.samples,
+            "seq_len": calibration.seq_len,
+            "batch_size": settings.batch_size,
+            "seed": calibration.seed,
+            "bins": settings.bins,
+            "paper_exact": settings.paper_exact,
+            "k": settings.k,
+            "spans": list(settings.spans) if "angular" in methods else [],
+            "dtype": dtype,
+            "device": device,
         }
-    else:
-        with grouped():
-            result = profile(lm.model, mine, settings, progress=progress and rank == 0)
-        model_info = {"name": lm.name, "source": lm.source, "path": lm.path, "kind": lm.kind}
-    result["tokens"] = int(windows.numel())
-    result["tokens_per_s"] = (
-        windows.numel() / result["seconds"] if result["seconds"] > 0 else float("nan")
-    )
-    if rank:
-        return None
-    settings_info = {
-        **({"preset": preset["preset"], "preset_why": preset["why"]} if preset else {}),
-        "samples": calibration.samples,
-        "seq_len": calibration.seq_len,
-        "batch_size": settings.batch_size,
-        "seed": calibration.seed,
-        "bins": settings.bins,
-        "paper_exact": settings.paper_exact,
-        "k": settings.k,
-        "spans": list(settings.spans) if "angular" in methods else [],
-        "dtype": dtype,
-        "device": device,
-    }
-    if world > 1:
-        settings_info["processes"] = world
-    report = build_report(
-        result,
-        model_info=model_info,
-        data_info=data_info,
-        settings=settings_info,
-        model=lm.model if lm else None,
-    )
-    report["timing"]["load_seconds"] = t_load
-    if windows_out is not None:
-        windows_out.append(windows)
-    return report
+        if world > 1:
+            settings_info["processes"] = world
+        report = build_report(
+            result,
+            model_info=model_info,
+            data_info=data_info,
+            settings=settings_info,
+            model=lm.model if lm else None,
+        )
+        report["timing"]["load_seconds"] = t_load
+        if windows_out is not None:
+            windows_out.append(windows)
+        return report

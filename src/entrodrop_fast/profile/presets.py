@@ -18,6 +18,8 @@ read every dtype as fp32 anyway, so the only difference is the rounding of the a
 
 from __future__ import annotations
 
+from entrodrop_fast._names import setting
+
 PRESETS = ("paper",)
 PAPER_KNN_K = 25
 PAPER_BUCKET_BINS_MISTRAL = 80
@@ -80,7 +82,7 @@ def check_preset(name) -> str | None:
         return None
     s = str(name).strip().lower()
     if s not in PRESETS:
-        raise ValueError(f"unknown --preset {name!r}; choose from {', '.join(PRESETS)}")
+        raise ValueError(f"unknown {setting('preset')} {name!r}; choose from {', '.join(PRESETS)}")
     return s
 
 

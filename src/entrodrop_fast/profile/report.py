@@ -1,7 +1,8 @@
 """The profile report: ``report.json``, ``scores.csv``, ``profile.png`` and a terminal table.
 
 Everything is written into a temporary directory beside the target and moved into place
-at the end (:mod:`entrodrop_fast.outputs`), so a failed run never leaves a half-written report. Layer indices are 0-based.
+at the end (:mod:`entrodrop_fast.outputs`), so a failed run never leaves a half-written report.
+Layer indices are 0-based.
 
 ``report.json``::
 
@@ -26,6 +27,7 @@ import os
 import platform
 from pathlib import Path
 
+from entrodrop_fast._names import setting
 from entrodrop_fast.models.adapters import BLOCK_KINDS, block_points, get_adapter
 from entrodrop_fast.models.config import model_identity
 
@@ -180,18 +182,22 @@ def ranking_table(report: dict, top: int = 8) -> str:
     method = primary_method(report) or "cosine"
     samples = report.get("timing", {}).get("samples")
     lines = [
-        f"{report['model'].get('name', '?')}: {report['model']['num_layers']} layers, {samples} samples, method {method} (layers 0-based; lowest first = drop first)"
+        f"{report['model'].get('name', '?')}: {report['model']['num_layers']} layers, "
+        f"{samples} samples, method {method} (layers 0-based; lowest first = drop first)"
     ]
     if isinstance(samples, int) and samples < 2:
         lines.append(
-            "  (no ± stderr: a standard error needs >= 2 samples; profile with --samples 2 or more)"
+            "  (no ± stderr: a standard error needs >= 2 samples; profile with "
+            f"{setting('samples')} 2 or more)"
         )
     for kind in BLOCK_KINDS:
         rows = ranking(report, kind, method)[:top]
         if not rows:
             continue
+        score_name = "ΔH" if method != "cosine" else "1-cos"
         lines.append(
-            f"\n  {kind:5s}  rank  layer   {'ΔH' if method != 'cosine' else '1-cos':>10s} ± stderr      H(X)        H(Y)   cosine-imp"
+            f"\n  {kind:5s}  rank  layer   {score_name:>10s} ± stderr      H(X)        H(Y)   "
+            "cosine-imp"
         )
         for i, b in enumerate(rows, 1):
             if method == "cosine":
@@ -211,7 +217,8 @@ def ranking_table(report: dict, top: int = 8) -> str:
         for b in report["blocks"]:
             if b["kind"] == kind and b.get("dropped"):
                 lines.append(
-                    f"  {'':5s}  {'-':>4s}  {b['layer']:5d}  {'dropped':>20s}   (removed by an earlier prune; not ranked)"
+                    f"  {'':5s}  {'-':>4s}  {b['layer']:5d}  {'dropped':>20s}   "
+                    "(removed by an earlier prune; not ranked)"
                 )
     return "\n".join(lines)
 
@@ -349,7 +356,8 @@ def write_report(
 
 
 def load_report(path: str | os.PathLike) -> dict:
-    """A report.json (or the directory holding one); ValueError naming the file when it is unusable."""
+    """A report.json (or the directory holding one); ValueError naming the file when it is
+    unusable (FileNotFoundError when there is none)."""
     p = Path(path)
     if p.is_dir():
         p = p / "report.json"
@@ -366,11 +374,13 @@ def load_report(path: str | os.PathLike) -> dict:
             else ""
         )
         raise ValueError(
-            f"{p} is not valid JSON{where}: truncated or corrupt; run entrodrop profile again to rewrite it"
+            f"{p} is not valid JSON{where}: truncated or corrupt; run entrodrop profile again to "
+            "rewrite it"
         ) from None
     if not isinstance(rep, dict):
         raise ValueError(
-            f"{p} holds a JSON {type(rep).__name__}, not a report; give the report.json written by entrodrop profile"
+            f"{p} holds a JSON {type(rep).__name__}, not a report; give the report.json written "
+            "by entrodrop profile"
         )
     if rep.get("format") != FORMAT:
         raise ValueError(
@@ -403,10 +413,11 @@ def check_report(rep: dict, path="the report") -> None:
     and the field (``blocks[3].delta``) and what it should be. A block's score may be null or
     NaN (ranking refuses it when the block is a candidate); the stream entropy may not."""
 
+    rewrite = "run entrodrop profile again to rewrite the report"
+
     def bad(field: str, want: str, got) -> ValueError:
-        return ValueError(
-            f"{path}: {field} must be {want}, got {_kind_of(got)} ({got!r:.60}); run entrodrop profile again to rewrite the report"
-        )
+        shown = f"{_kind_of(got)} ({got!r:.60})"
+        return ValueError(f"{path}: {field} must be {want}, got {shown}; {rewrite}")
 
     model = rep.get("model")
     if not isinstance(model, dict):
@@ -420,7 +431,7 @@ def check_report(rep: dict, path="the report") -> None:
     missing = [f"r{i}" for i in range(L + 1) if f"r{i}" not in points]
     if missing:
         raise ValueError(
-            f"{path}: points lacks {', '.join(missing[:4])} of a {L}-layer model; run entrodrop profile again to rewrite the report"
+            f"{path}: points lacks {', '.join(missing[:4])} of a {L}-layer model; {rewrite}"
         )
     entropy = rep.get("entropy")
     if not isinstance(entropy, dict):

@@ -4,10 +4,10 @@
 the modules are), hooks that call a *sink* with tensors of shape ``(B, T, D)``::
 
     sink.on_input(l, r)       # r = r_l, the residual stream entering layer l
-    sink.on_attn(l, x, f)     # attn block: X = r_l, F = the term added to the stream (Y = X + F)
-    sink.on_mid(l, x, m)      # sequential kinds only: X = r_l, m = m_l = Y of attn, as the model has it
-    sink.on_mlp(li, x, f)      # mlp block: X = m_l (sequential) or r_l (parallel), Y = X + F
-    sink.on_output(li, x, y)   # layer block: X = r_l, Y = r_{li+1} (the layer output, pre final norm)
+    sink.on_attn(l, x, f)     # attn block: X = r_l, F = the term added to the stream, Y = X + F
+    sink.on_mid(l, x, m)      # sequential kinds only: X = r_l, m = m_l = Y of attn (the model's)
+    sink.on_mlp(li, x, f)     # mlp block: X = m_l (sequential) or r_l (parallel), Y = X + F
+    sink.on_output(li, x, y)  # layer block: X = r_l, Y = r_{li+1} (layer output, pre final norm)
 
 (see :mod:`entrodrop_fast.models.adapters` for X and Y per residual structure). The hooks
 keep references to the layer input and the mid-layer residual only until the layer's
@@ -27,12 +27,21 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from entrodrop_fast._names import setting
 from entrodrop_fast.models.adapters import BLOCK_KINDS, Adapter, get_adapter
 
 # Entropy methods whose kernel reports NaN/Inf in Y (x + f overflowing fp32 included) through
 # its result where the backend says so (docs/CONTRACT.md): method -> the backend op it runs.
 _REPORTING_OPS = {"bucket": "bucket", "gaussian_diag": "moments", "knn": "knn_terms"}
-_NONFINITE_MSG = "the residual stream holds NaN or Inf at {point} (fp16 overflow? try --dtype bf16 or fp32); no report"
+
+
+def _overflow_hint() -> str:
+    """The likely cause of NaN or Inf activations, and what to try (in messages)."""
+    return f"fp16 overflow? try {setting('dtype')} bf16 or fp32"
+
+
+def _nonfinite(point: str) -> str:
+    return f"the residual stream holds NaN or Inf at {point} ({_overflow_hint()}); no report"
 
 
 # ---- robust bucket variants (issue 14): bucket_q, bucket_nosink, bucket_tokennorm -------------
@@ -205,7 +214,7 @@ class BlockStatistics:
         ok = torch.isfinite(t.sum(dtype=torch.float32))
         if t.device.type == "cpu":
             if not bool(ok):
-                raise RuntimeError(_NONFINITE_MSG.format(point=point))
+                raise RuntimeError(_nonfinite(point))
         else:
             self.finite = ok if self.finite is None else self.finite & ok
 
@@ -246,7 +255,7 @@ class BlockStatistics:
         if self.mask is not None:
             bad = bad & self.mask.to(bad.device)
         if bool(bad.any()):
-            raise RuntimeError(_NONFINITE_MSG.format(point=point))
+            raise RuntimeError(_nonfinite(point))
 
     def _entropy(self, point: str, x, f=None):
         from entrodrop_fast.ops.api import entropy
@@ -323,7 +332,8 @@ class BlockStatistics:
             missing = [self.points[i] for i, h in enumerate(hs) if h is None]
             if missing:
                 raise RuntimeError(
-                    f"taps saw no tensor for points {missing[:6]}: the forward did not pass through every layer"
+                    f"taps saw no tensor for points {missing[:6]}: the forward did not pass "
+                    "through every layer"
                 )
             H = torch.stack(hs, 1)  # (B, P)
             self.h_stats[m].update(H)
@@ -386,7 +396,7 @@ class BlockStatistics:
 
         if self.finite is not None and not bool(self.finite):
             raise RuntimeError(
-                "the residual stream holds NaN or Inf (fp16 overflow? try --dtype bf16 or fp32); no report"
+                f"the residual stream holds NaN or Inf ({_overflow_hint()}); no report"
             )
         out = {
             "samples": self.samples,
@@ -412,11 +422,12 @@ class BlockStatistics:
 
 
 def finite_or_raise(result: dict) -> None:
-    """Raise a readable error when an entropy came out NaN (NaN/Inf activations, usually fp16 overflow)."""
+    """Raise a readable error (RuntimeError) when an entropy came out NaN (NaN/Inf activations,
+    usually fp16 overflow)."""
     for m, d in result["entropy"].items():
         bad = [p for p, v in zip(result["points"], d["mean"], strict=True) if math.isnan(v)]
         if bad:
             raise RuntimeError(
                 f"{m}: entropy is NaN at {', '.join(bad[:6])}: the activations hold NaN or Inf "
-                "(fp16 overflow? try --dtype bf16 or fp32)"
+                f"({_overflow_hint()})"
             )
