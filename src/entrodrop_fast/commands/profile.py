@@ -22,18 +22,6 @@ def _spans(s: str) -> tuple[int, ...]:
     return out
 
 
-# how the library's errors name the settings on this command line
-CLI_NAMES = {
-    "max_memory": "--max-memory",
-    "seq_len": "--seq-len",
-    "k": "--k",
-    "batch_size": "--batch-size",
-    "backend": "--backend",
-    "resume_dir": "--resume-dir",
-    "streaming": "--streaming",
-}
-
-
 def resume_dir_is_ours(path) -> bool:
     """A resume directory of ours: only the streaming runner's files (and per-rank
     subdirectories)."""
@@ -307,7 +295,7 @@ def run(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    budget = parse_bytes(args.max_memory, "--max-memory") if args.max_memory is not None else None
+    budget = parse_bytes(args.max_memory) if args.max_memory is not None else None
     calibration = calibration_of(args)
     corpus = check_inputs(
         args.model,
@@ -315,7 +303,6 @@ def run(args) -> int:
         calibration,
         device=args.device,
         cache_dir=args.cache_dir,
-        names=CLI_NAMES,
     )
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     memory = Memory(
@@ -337,7 +324,6 @@ def run(args) -> int:
         progress=not args.quiet,
         log=log,
         warn=warn,
-        names=CLI_NAMES,
         corpus=corpus,
     )
     if report is None:  # another rank of a distributed run: rank 0 writes the report
