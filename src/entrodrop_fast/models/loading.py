@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -591,6 +592,34 @@ def _meta(shape) -> torch.Tensor:
     return torch.empty(shape, device="meta")
 
 
+def load_time_transforms(model) -> tuple[list, list, Callable]:
+    """(renamings, converters, rename) that transformers applies to checkpoint names when it loads
+    ``model`` (its ``conversion_mapping`` for the class: e.g. Mixtral's ``block_sparse_moe`` ->
+    ``mlp`` and per-expert ``w1``/``w3`` -> fused ``gate_up_proj``). transformers before 5 renames
+    nothing (its MoE classes keep one module per expert): names map as they are."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+    except ImportError:
+
+        def rename_source_key(key, renamings, converters, base_prefix, expected):
+            if key not in expected and base_prefix and f"{base_prefix}.{key}" in expected:
+                return f"{base_prefix}.{key}", None
+            if key not in expected and base_prefix and key.startswith(base_prefix + "."):
+                return key[len(base_prefix) + 1 :], None
+            return key, None
+
+        return [], [], rename_source_key
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    return renamings, converters, rename_source_key
+
+
 def checkpoint_problems(config, shapes: dict, file_of: dict) -> list[str]:
     """What is wrong between a checkpoint's tensors and the model ``config`` describes.
 
@@ -611,27 +640,7 @@ def checkpoint_problems(config, shapes: dict, file_of: dict) -> list[str]:
     for k, v in params.items():
         tied.setdefault(id(v), []).append(k)
     prefix = getattr(model, "base_model_prefix", "") or ""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (
-            WeightConverter,
-            WeightRenaming,
-            rename_source_key,
-        )
-
-        transforms = get_model_conversion_mapping(model)
-    except ImportError:  # transformers < 5 renames nothing
-        transforms, WeightConverter, WeightRenaming = [], (), ()
-
-        def rename_source_key(key, renamings, converters, base_prefix, state):
-            if key not in state and base_prefix and f"{base_prefix}.{key}" in state:
-                return f"{base_prefix}.{key}", None
-            if key not in state and base_prefix and key.startswith(base_prefix + "."):
-                return key[len(base_prefix) + 1 :], None
-            return key, None
-
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings, converters, rename_source_key = load_time_transforms(model)
     by_pattern = {p: c for c in converters for p in c.source_patterns}
 
     where = lambda name: file_of.get(name, "?")  # noqa: E731

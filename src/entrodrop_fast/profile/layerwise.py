@@ -68,6 +68,7 @@ from entrodrop_fast.models.checkpoint import (  # noqa: F401  (part of this modu
     Checkpoint,
     CheckpointError,
 )
+from entrodrop_fast.models.loading import load_time_transforms
 from entrodrop_fast.profile.taps import BlockStatistics, ResidualTaps
 
 RUN_NAME = "run.json"
@@ -171,34 +172,6 @@ def natural_key(name: str) -> list:
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
 
 
-def _load_time_transforms(model):
-    """(renamings, converters, rename) that transformers applies to checkpoint names when it loads
-    ``model`` (its ``conversion_mapping`` for the class: e.g. Mixtral's ``block_sparse_moe`` ->
-    ``mlp`` and per-expert ``w1``/``w3`` -> fused ``gate_up_proj``). transformers before 5 renames
-    nothing (its MoE classes keep one module per expert): names map as they are."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (
-            WeightConverter,
-            WeightRenaming,
-            rename_source_key,
-        )
-    except ImportError:
-
-        def rename_source_key(key, renamings, converters, base_prefix, expected):
-            if key not in expected and base_prefix and f"{base_prefix}.{key}" in expected:
-                return f"{base_prefix}.{key}", None
-            if key not in expected and base_prefix and key.startswith(base_prefix + "."):
-                return key[len(base_prefix) + 1 :], None
-            return key, None
-
-        return [], [], rename_source_key
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    return renamings, converters, rename_source_key
-
-
 class _Group:
     """Checkpoint tensors that one transformers converter combines (e.g. every expert's ``w1`` and
     ``w3`` of a layer into its ``gate_up_proj``)."""
@@ -227,8 +200,9 @@ class WeightPlan:
     own rules.
 
     Each checkpoint name goes through the renamings and conversions transformers applies in
-    ``from_pretrained`` for the model's class (:func:`_load_time_transforms`). Most names map one
-    to one, perhaps renamed; tensors stored per expert in a mixture-of-experts checkpoint
+    ``from_pretrained`` for the model's class
+    (:func:`entrodrop_fast.models.loading.load_time_transforms`). Most names map one to one,
+    perhaps renamed; tensors stored per expert in a mixture-of-experts checkpoint
     (Mixtral's ``block_sparse_moe.experts.N.w1/w2/w3``, Qwen-MoE's ``mlp.experts.N.gate_proj/
     up_proj/down_proj``) are grouped per target, in expert order, and combined by the
     converter's own operations (stack the experts, concatenate gate and up) when their layer is
@@ -245,7 +219,7 @@ class WeightPlan:
         self.model = model
         expected = {k: list(v.shape) for k, v in model.state_dict().items()}
         self.expected = expected
-        renamings, converters, rename = _load_time_transforms(model)
+        renamings, converters, rename = load_time_transforms(model)
         by_pattern = {p: c for c in converters for p in c.source_patterns}
         prefix = getattr(model, "base_model_prefix", "") or ""
         self.direct: dict[str, str] = {}  # model tensor -> checkpoint name
