@@ -22,23 +22,31 @@ import triton.language as tl
 
 
 @triton.jit
-def channel_block(D, BLOCK_D: tl.constexpr, SAMPLE_AXIS: tl.constexpr):
-    """This program's sample and channels: grid axis 0 walks blocks of BLOCK_D channels,
-    axis SAMPLE_AXIS the samples. Returns (b int64, offs_d int32 [BLOCK_D], dmask, offs_d
-    as int64)."""
+def channel_block(D, BLOCK_D: tl.constexpr):
+    """This program's channels and sample, for a grid (blocks of BLOCK_D channels, samples).
+    Returns (b int64, offs_d int32 [BLOCK_D], dmask, offs_d as int64)."""
     pid_d = tl.program_id(0)
-    b = tl.program_id(SAMPLE_AXIS).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     return b, offs_d, offs_d < D, offs_d.to(tl.int64)
 
 
 @triton.jit
-def token_split(T, rows_per_split):
-    """This program's split of the T tokens (grid axis 1): (s, t_begin, t_end), the tokens
-    [t_begin, t_end) of split s."""
-    s = tl.program_id(1)
-    t_begin = s * rows_per_split
-    return s, t_begin, tl.minimum(t_begin + rows_per_split, T)
+def split_block(D, BLOCK_D: tl.constexpr):
+    """This program's channels, split and sample, for a grid (blocks of BLOCK_D channels,
+    splits of the tokens, samples). Returns (b int64, dmask [BLOCK_D], offs_d int64, split)."""
+    pid_d = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    return b, offs_d < D, offs_d.to(tl.int64), split
+
+
+@triton.jit
+def token_range(split, rows_per_split, T):
+    """(t_begin, t_end): the tokens [t_begin, t_end) of split ``split`` of the T tokens."""
+    t_begin = split * rows_per_split
+    return t_begin, tl.minimum(t_begin + rows_per_split, T)
 
 
 @triton.jit
@@ -132,9 +140,9 @@ def range_final(state):
 
 
 @triton.jit
-def store_range(pmin_ptr, pmax_ptr, state, bad, dmask):
-    """Store the range's min and max per channel [BLOCK_D] at pmin_ptr / pmax_ptr (fp32)
-    where dmask: NaN where bad (:func:`range_bad`)."""
+def store_range(pmin_ptr, pmax_ptr, out, state, bad, dmask):
+    """Store the range's min and max per channel [BLOCK_D] at pmin_ptr + out / pmax_ptr + out
+    (fp32) where dmask: NaN where bad (:func:`range_bad`)."""
     mn, mx, _ = state
-    tl.store(pmin_ptr, tl.where(bad, float("nan"), tl.min(mn, axis=0)), mask=dmask)
-    tl.store(pmax_ptr, tl.where(bad, float("nan"), tl.max(mx, axis=0)), mask=dmask)
+    tl.store(pmin_ptr + out, tl.where(bad, float("nan"), tl.min(mn, axis=0)), mask=dmask)
+    tl.store(pmax_ptr + out, tl.where(bad, float("nan"), tl.max(mx, axis=0)), mask=dmask)

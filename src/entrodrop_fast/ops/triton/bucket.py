@@ -60,8 +60,8 @@ def _minmax_partial_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    b, _, dmask, offs_d64 = tiles.channel_block(D, BLOCK_D, 2)
-    split, t_begin, t_end = tiles.token_split(T, rows_per_split)
+    b, dmask, offs_d64, split = tiles.split_block(D, BLOCK_D)
+    t_begin, t_end = tiles.token_range(split, rows_per_split, T)
     src = (x_ptr, f_ptr, m_ptr, b, sxb, sxt, sxd, sfb, sft, sfd, smb, smt)
     ry = tiles.range_init(BLOCK_T, BLOCK_D)  # of Y
     rx = tiles.range_init(BLOCK_T, BLOCK_D)  # of x (PAIR)
@@ -72,10 +72,10 @@ def _minmax_partial_kernel(
         if PAIR:
             rx = tiles.range_add(rx, xv, valid)
     out = (b * S + split) * D + offs_d64
-    tiles.store_range(pmin_ptr + out, pmax_ptr + out, ry, tiles.range_bad(ry), dmask)
+    tiles.store_range(pmin_ptr, pmax_ptr, out, ry, tiles.range_bad(ry), dmask)
     if PAIR:
         out += B * S * D
-        tiles.store_range(pmin_ptr + out, pmax_ptr + out, rx, tiles.range_bad(rx), dmask)
+        tiles.store_range(pmin_ptr, pmax_ptr, out, rx, tiles.range_bad(rx), dmask)
 
 
 @triton.jit
@@ -119,7 +119,7 @@ def _bucket_hist_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    b, _, dmask, offs_d64 = tiles.channel_block(D, BLOCK_D, 2)
+    b, dmask, offs_d64, split = tiles.split_block(D, BLOCK_D)
     lo, hi = _sample_range(pmin_ptr, pmax_ptr, b, S, D, offs_d64, dmask, BLOCK_S)
     lo, sc, wide, any_wide = _bin_params(lo, hi, dmask, bins)
     lox, scx, widex, any_widex = lo, sc, wide, any_wide
@@ -129,7 +129,7 @@ def _bucket_hist_kernel(
         )
         lox, scx, widex, any_widex = _bin_params(lox, hix, dmask, bins)
 
-    _, t_begin, t_end = tiles.token_split(T, rows_per_split)
+    t_begin, t_end = tiles.token_range(split, rows_per_split, T)
     src = (x_ptr, f_ptr, m_ptr, b, sxb, sxt, sxd, sfb, sft, sfd, smb, smt)
     hrow = (b * D + offs_d64) * bins  # (BLOCK_D,) start of each channel's counters
     for t0 in range(t_begin, t_end, BLOCK_T):
@@ -157,7 +157,7 @@ def _bucket_entropy_kernel(
     BLOCK_BINS: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    b, _, dmask, offs_d64 = tiles.channel_block(D, BLOCK_D, 1)
+    b, _, dmask, offs_d64 = tiles.channel_block(D, BLOCK_D)
     offs_j = tl.arange(0, BLOCK_BINS)
     m = dmask[:, None] & (offs_j < bins)[None, :]
     c = tl.load(hist_ptr + (b * D + offs_d64)[:, None] * bins + offs_j[None, :], mask=m, other=0)

@@ -86,7 +86,7 @@ def _bucket_fused_kernel(
     BLOCK_BINS: tl.constexpr,
     WIDE: tl.constexpr,
 ):
-    b, offs_d, dmask, offs_d64 = tiles.channel_block(D, BLOCK_D, 1)
+    b, offs_d, dmask, offs_d64 = tiles.channel_block(D, BLOCK_D)
     src = (x_ptr, f_ptr, m_ptr, b, sxb, sxt, sxd, sfb, sft, sfd, smb, smt)
     # Two launches of this kernel: WIDE=False does every block without a "wide" finite
     # channel and flags the others; WIDE=True (its fp64 path costs ~60 registers, which would

@@ -49,7 +49,7 @@ def _store_partial(n_row, state, rng, out, dmask, pmean_ptr, pm2_ptr, pmin_ptr, 
     bad = tiles.range_bad(rng)  # (BLOCK_D,): a valid value was NaN/Inf
     tl.store(pmean_ptr + out, tl.where(bad, float("nan"), mu), mask=dmask)
     tl.store(pm2_ptr + out, tl.where(bad, float("nan"), m2c), mask=dmask)
-    tiles.store_range(pmin_ptr + out, pmax_ptr + out, rng, bad, dmask)
+    tiles.store_range(pmin_ptr, pmax_ptr, out, rng, bad, dmask)
     return n
 
 
@@ -82,8 +82,8 @@ def _moments_partial_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    b, _, dmask, offs_d64 = tiles.channel_block(D, BLOCK_D, 2)
-    split, t_begin, t_end = tiles.token_split(T, rows_per_split)
+    b, dmask, offs_d64, split = tiles.split_block(D, BLOCK_D)
+    t_begin, t_end = tiles.token_range(split, rows_per_split, T)
     src = (x_ptr, f_ptr, m_ptr, b, sxb, sxt, sxd, sfb, sft, sfd, smb, smt)
 
     # Welford per tile slot (row r of the tile sees tokens r, r + BLOCK_T, ...): every update
@@ -142,7 +142,7 @@ def _moments_merge_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    b, offs_d, dmask, _ = tiles.channel_block(D, BLOCK_D, 1)
+    b, offs_d, dmask, _ = tiles.channel_block(D, BLOCK_D)
     offs_s = tl.arange(0, BLOCK_S)
     smask = offs_s < S
     ns = tl.load(pn_ptr + b * S + offs_s, mask=smask, other=0.0).to(tl.float64)  # (BLOCK_S,)
