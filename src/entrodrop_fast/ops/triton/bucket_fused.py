@@ -30,10 +30,9 @@ def _count(words, idx, valid, NW: tl.constexpr):
     int32 [BLOCK_T, BLOCK_D]: bin j is the 8-bit field j % 4 of word j // 4."""
     wid = idx >> 2
     one = tl.where(valid, 1 << ((idx & 3) * 8), 0)
-    out = ()
-    for w in tl.static_range(NW):
-        out = out + (words[w] + tl.where(wid == w, one, 0),)
-    return out
+    for w in tl.static_range(NW):  # word w replaced (a tuple is rebuilt, never assigned into)
+        words = words[:w] + (words[w] + tl.where(wid == w, one, 0),) + words[w + 1 :]
+    return words
 
 
 @triton.jit
