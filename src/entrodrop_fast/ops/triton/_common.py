@@ -62,8 +62,18 @@ def mask_arg(x: torch.Tensor, mask: torch.Tensor | None):
     return m, m.stride(0), m.stride(1)
 
 
-def f_arg(x: torch.Tensor, f: torch.Tensor | None):
-    """(pointer tensor, strides) for an optional f of x's shape."""
-    if f is None:
-        return x, (0, 0, 0)
-    return f, tuple(f.stride())
+def blocks(D: int, block_d: int) -> tuple[int, int]:
+    """(block_d, number of blocks): block_d shrunk to the power of two >= D when D is small."""
+    block_d = min(block_d, next_pow2(D))
+    return block_d, cdiv(D, block_d)
+
+
+def stream_args(x: torch.Tensor, f: torch.Tensor | None, mask: torch.Tensor | None):
+    """Launch arguments of a kernel that streams x [B, T, D] (+ an optional f of x's shape)
+    under an optional bool [B, T] mask: (f pointer, mask pointer, the element strides
+    (sxb, sxt, sxd, sfb, sft, sfd, smb, smt), {HAS_F, HAS_MASK}). A missing f or mask is
+    passed as x with zero strides (never read)."""
+    fp, fs = (x, (0, 0, 0)) if f is None else (f, tuple(f.stride()))
+    mp, smb, smt = mask_arg(x, mask)
+    flags = dict(HAS_F=f is not None, HAS_MASK=mask is not None)
+    return fp, mp, (*x.stride(), *fs, smb, smt), flags

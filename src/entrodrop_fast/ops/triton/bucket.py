@@ -26,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
+from entrodrop_fast.ops.triton import _tiles as tiles
 from entrodrop_fast.ops.triton._bins import _bin_index, _bin_params, _entropy_rows
-from entrodrop_fast.ops.triton._common import cdiv, f_arg, mask_arg, next_pow2, token_splits
-from entrodrop_fast.ops.triton._tiles import load_raw, widen
+from entrodrop_fast.ops.triton._common import blocks, cdiv, next_pow2, stream_args, token_splits
 from entrodrop_fast.ops.triton.bucket_fused import _fused, _use_fused
 
 # ---------------------------------------------------------------- split path
@@ -60,59 +60,22 @@ def _minmax_partial_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    offs_d64 = offs_d.to(tl.int64)
-    t_begin = pid_s * rows_per_split
-    t_end = tl.minimum(t_begin + rows_per_split, T)
-    mn = tl.full([BLOCK_T, BLOCK_D], float("inf"), dtype=tl.float32)
-    mx = tl.full([BLOCK_T, BLOCK_D], float("-inf"), dtype=tl.float32)
-    z = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    mnx = tl.full([BLOCK_T, BLOCK_D], float("inf"), dtype=tl.float32)
-    mxx = tl.full([BLOCK_T, BLOCK_D], float("-inf"), dtype=tl.float32)
-    zx = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    b, dmask, offs_d64, split = tiles.split_block(D, BLOCK_D)
+    t_begin, t_end = tiles.token_range(split, rows_per_split, T)
+    src = (x_ptr, f_ptr, m_ptr, b, sxb, sxt, sxd, sfb, sft, sfd, smb, smt)
+    ry = tiles.range_init(BLOCK_T, BLOCK_D)  # of Y
+    rx = tiles.range_init(BLOCK_T, BLOCK_D)  # of x (PAIR)
     for t0 in range(t_begin, t_end, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        xr, fr, tmask = load_raw(
-            x_ptr,
-            f_ptr,
-            m_ptr,
-            b,
-            offs_t,
-            offs_t < t_end,
-            offs_d64,
-            dmask,
-            sxb,
-            sxt,
-            sxd,
-            sfb,
-            sft,
-            sfd,
-            smb,
-            smt,
-            HAS_F,
-            HAS_MASK,
-        )
-        xv, y, valid = widen(xr, fr, tmask, dmask, HAS_F)
-        mn = tl.minimum(mn, tl.where(valid, y, float("inf")))
-        mx = tl.maximum(mx, tl.where(valid, y, float("-inf")))
-        z += y * 0.0
+        raw = tiles.load_tile(src, t0, t_end, offs_d64, dmask, HAS_F, HAS_MASK, BLOCK_T)
+        xv, y, valid = tiles.widen(raw, dmask, HAS_F)
+        ry = tiles.range_add(ry, y, valid)
         if PAIR:
-            mnx = tl.minimum(mnx, tl.where(valid, xv, float("inf")))
-            mxx = tl.maximum(mxx, tl.where(valid, xv, float("-inf")))
-            zx += xv * 0.0
-    out = (b * S + pid_s) * D + offs_d64
-    bad = tl.sum(z, axis=0) != 0.0
-    tl.store(pmin_ptr + out, tl.where(bad, float("nan"), tl.min(mn, axis=0)), mask=dmask)
-    tl.store(pmax_ptr + out, tl.where(bad, float("nan"), tl.max(mx, axis=0)), mask=dmask)
+            rx = tiles.range_add(rx, xv, valid)
+    out = (b * S + split) * D + offs_d64
+    tiles.store_range(pmin_ptr, pmax_ptr, out, ry, tiles.range_bad(ry), dmask)
     if PAIR:
         out += B * S * D
-        bad = tl.sum(zx, axis=0) != 0.0
-        tl.store(pmin_ptr + out, tl.where(bad, float("nan"), tl.min(mnx, axis=0)), mask=dmask)
-        tl.store(pmax_ptr + out, tl.where(bad, float("nan"), tl.max(mxx, axis=0)), mask=dmask)
+        tiles.store_range(pmin_ptr, pmax_ptr, out, rx, tiles.range_bad(rx), dmask)
 
 
 @triton.jit
@@ -156,13 +119,7 @@ def _bucket_hist_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    offs_d64 = offs_d.to(tl.int64)
-
+    b, dmask, offs_d64, split = tiles.split_block(D, BLOCK_D)
     lo, hi = _sample_range(pmin_ptr, pmax_ptr, b, S, D, offs_d64, dmask, BLOCK_S)
     lo, sc, wide, any_wide = _bin_params(lo, hi, dmask, bins)
     lox, scx, widex, any_widex = lo, sc, wide, any_wide
@@ -172,32 +129,12 @@ def _bucket_hist_kernel(
         )
         lox, scx, widex, any_widex = _bin_params(lox, hix, dmask, bins)
 
-    t_begin = pid_s * rows_per_split
-    t_end = tl.minimum(t_begin + rows_per_split, T)
+    t_begin, t_end = tiles.token_range(split, rows_per_split, T)
+    src = (x_ptr, f_ptr, m_ptr, b, sxb, sxt, sxd, sfb, sft, sfd, smb, smt)
     hrow = (b * D + offs_d64) * bins  # (BLOCK_D,) start of each channel's counters
     for t0 in range(t_begin, t_end, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        xr, fr, tmask = load_raw(
-            x_ptr,
-            f_ptr,
-            m_ptr,
-            b,
-            offs_t,
-            offs_t < t_end,
-            offs_d64,
-            dmask,
-            sxb,
-            sxt,
-            sxd,
-            sfb,
-            sft,
-            sfd,
-            smb,
-            smt,
-            HAS_F,
-            HAS_MASK,
-        )
-        xv, y, valid = widen(xr, fr, tmask, dmask, HAS_F)
+        raw = tiles.load_tile(src, t0, t_end, offs_d64, dmask, HAS_F, HAS_MASK, BLOCK_T)
+        xv, y, valid = tiles.widen(raw, dmask, HAS_F)
         idx = _bin_index(y, lo, sc, wide, any_wide, bins)
         tl.atomic_add(hist_ptr + hrow[None, :] + idx, 1, mask=valid, sem="relaxed")
         if PAIR:
@@ -220,11 +157,7 @@ def _bucket_entropy_kernel(
     BLOCK_BINS: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    offs_d64 = offs_d.to(tl.int64)
+    b, _, dmask, offs_d64 = tiles.channel_block(D, BLOCK_D)
     offs_j = tl.arange(0, BLOCK_BINS)
     m = dmask[:, None] & (offs_j < bins)[None, :]
     c = tl.load(hist_ptr + (b * D + offs_d64)[:, None] * bins + offs_j[None, :], mask=m, other=0)
@@ -260,12 +193,9 @@ def _split_counts(
     split of a channel holds a non-finite value)."""
     B, T, D = x.shape
     dev = x.device
-    block_d = min(block_d, next_pow2(D))
-    nd = cdiv(D, block_d)
-    fp, (sfb, sft, sfd) = f_arg(x, f)
-    mp, smb, smt = mask_arg(x, mask)
-    strides = (x.stride(0), x.stride(1), x.stride(2), sfb, sft, sfd, smb, smt)
-    flags = dict(HAS_F=f is not None, HAS_MASK=mask is not None, PAIR=pair)
+    block_d, nd = blocks(D, block_d)
+    fp, mp, strides, flags = stream_args(x, f, mask)
+    flags["PAIR"] = pair
     sets = 2 if pair else 1
 
     mbt = minmax_block_t or block_t

@@ -17,35 +17,22 @@ import torch
 import triton
 import triton.language as tl
 
+from entrodrop_fast.ops.triton import _tiles as tiles
 from entrodrop_fast.ops.triton._bins import _bin_index, _bin_params, _entropy_rows
-from entrodrop_fast.ops.triton._common import cdiv, f_arg, mask_arg, next_pow2, num_sms
-from entrodrop_fast.ops.triton._tiles import load_raw, widen
+from entrodrop_fast.ops.triton._common import blocks, cdiv, next_pow2, num_sms, stream_args
 
 FUSED_MAX_BINS = 32  # eight packed words of four 8-bit counters
 
 
 @triton.jit
-def _count(a0, a1, a2, a3, a4, a5, a6, a7, idx, valid, NW: tl.constexpr):
-    """Add one valid value per tile slot to the packed counters: bin j is the 8-bit field
-    j % 4 of word j // 4 (words past NW are constant zeros, removed by the compiler)."""
+def _count(words, idx, valid, NW: tl.constexpr):
+    """Add one valid value per tile slot to the packed counters ``words``, a tuple of NW
+    int32 [BLOCK_T, BLOCK_D]: bin j is the 8-bit field j % 4 of word j // 4."""
     wid = idx >> 2
     one = tl.where(valid, 1 << ((idx & 3) * 8), 0)
-    a0 += tl.where(wid == 0, one, 0)
-    if NW > 1:
-        a1 += tl.where(wid == 1, one, 0)
-    if NW > 2:
-        a2 += tl.where(wid == 2, one, 0)
-    if NW > 3:
-        a3 += tl.where(wid == 3, one, 0)
-    if NW > 4:
-        a4 += tl.where(wid == 4, one, 0)
-    if NW > 5:
-        a5 += tl.where(wid == 5, one, 0)
-    if NW > 6:
-        a6 += tl.where(wid == 6, one, 0)
-    if NW > 7:
-        a7 += tl.where(wid == 7, one, 0)
-    return a0, a1, a2, a3, a4, a5, a6, a7
+    for w in tl.static_range(NW):  # word w replaced (a tuple is rebuilt, never assigned into)
+        words = words[:w] + (words[w] + tl.where(wid == w, one, 0),) + words[w + 1 :]
+    return words
 
 
 @triton.jit
@@ -62,22 +49,10 @@ def _unpack(cnt, a, W: tl.constexpr, jj):
 
 
 @triton.jit
-def _unpack_all(cnt, a0, a1, a2, a3, a4, a5, a6, a7, jj, NW: tl.constexpr):
-    cnt = _unpack(cnt, a0, 0, jj)
-    if NW > 1:
-        cnt = _unpack(cnt, a1, 1, jj)
-    if NW > 2:
-        cnt = _unpack(cnt, a2, 2, jj)
-    if NW > 3:
-        cnt = _unpack(cnt, a3, 3, jj)
-    if NW > 4:
-        cnt = _unpack(cnt, a4, 4, jj)
-    if NW > 5:
-        cnt = _unpack(cnt, a5, 5, jj)
-    if NW > 6:
-        cnt = _unpack(cnt, a6, 6, jj)
-    if NW > 7:
-        cnt = _unpack(cnt, a7, 7, jj)
+def _unpack_all(cnt, words, jj, NW: tl.constexpr):
+    """cnt += the counts of all NW packed words (see :func:`_count`)."""
+    for w in tl.static_range(NW):
+        cnt = _unpack(cnt, words[w], w, jj)
     return cnt
 
 
@@ -110,109 +85,38 @@ def _bucket_fused_kernel(
     BLOCK_BINS: tl.constexpr,
     WIDE: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    offs_d64 = offs_d.to(tl.int64)
-    rows = tl.arange(0, BLOCK_T)
+    b, offs_d, dmask, offs_d64 = tiles.channel_block(D, BLOCK_D)
+    src = (x_ptr, f_ptr, m_ptr, b, sxb, sxt, sxd, sfb, sft, sfd, smb, smt)
     # Two launches of this kernel: WIDE=False does every block without a "wide" finite
     # channel and flags the others; WIDE=True (its fp64 path costs ~60 registers, which would
     # halve the occupancy of the common case) redoes only the flagged blocks.
-    flag = wide_ptr + b * tl.num_programs(0) + pid_d
+    flag = wide_ptr + b * tl.num_programs(0) + tl.program_id(0)
     T1 = T
     if WIDE:
         T1 = tl.where(tl.load(flag) != 0, T, 0)
 
-    # pass 1: min, max and the non-finite report (z = sum of y * 0: 0, or NaN)
-    mn = tl.full([BLOCK_T, BLOCK_D], float("inf"), dtype=tl.float32)
-    mx = tl.full([BLOCK_T, BLOCK_D], float("-inf"), dtype=tl.float32)
-    z = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    mnx = tl.full([BLOCK_T, BLOCK_D], float("inf"), dtype=tl.float32)
-    mxx = tl.full([BLOCK_T, BLOCK_D], float("-inf"), dtype=tl.float32)
-    zx = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    # pass 1: min, max and the non-finite report
+    ry = tiles.range_init(BLOCK_T, BLOCK_D)  # of Y
+    rx = tiles.range_init(BLOCK_T, BLOCK_D)  # of x (PAIR)
     # (from HBM: two tiles ahead in flight, see _tiles.py)
-    xr, fr, tmask = load_raw(
-        x_ptr,
-        f_ptr,
-        m_ptr,
-        b,
-        rows,
-        rows < T1,
-        offs_d64,
-        dmask,
-        sxb,
-        sxt,
-        sxd,
-        sfb,
-        sft,
-        sfd,
-        smb,
-        smt,
-        HAS_F,
-        HAS_MASK,
-    )
-    xr_n, fr_n, tmask_n = load_raw(
-        x_ptr,
-        f_ptr,
-        m_ptr,
-        b,
-        BLOCK_T + rows,
-        BLOCK_T + rows < T1,
-        offs_d64,
-        dmask,
-        sxb,
-        sxt,
-        sxd,
-        sfb,
-        sft,
-        sfd,
-        smb,
-        smt,
-        HAS_F,
-        HAS_MASK,
-    )
+    raw = tiles.load_tile(src, 0, T1, offs_d64, dmask, HAS_F, HAS_MASK, BLOCK_T)
+    raw_n = tiles.load_tile(src, BLOCK_T, T1, offs_d64, dmask, HAS_F, HAS_MASK, BLOCK_T)
     for t0 in range(0, T1, BLOCK_T):
-        nxt = t0 + 2 * BLOCK_T + rows
-        xr_nn, fr_nn, tmask_nn = load_raw(
-            x_ptr,
-            f_ptr,
-            m_ptr,
-            b,
-            nxt,
-            nxt < T1,
-            offs_d64,
-            dmask,
-            sxb,
-            sxt,
-            sxd,
-            sfb,
-            sft,
-            sfd,
-            smb,
-            smt,
-            HAS_F,
-            HAS_MASK,
+        raw_nn = tiles.load_tile(
+            src, t0 + 2 * BLOCK_T, T1, offs_d64, dmask, HAS_F, HAS_MASK, BLOCK_T
         )
-        xv, y, valid = widen(xr, fr, tmask, dmask, HAS_F)
-        xr, fr, tmask = xr_n, fr_n, tmask_n
-        xr_n, fr_n, tmask_n = xr_nn, fr_nn, tmask_nn
-        mn = tl.minimum(mn, tl.where(valid, y, float("inf")))
-        mx = tl.maximum(mx, tl.where(valid, y, float("-inf")))
-        z += y * 0.0
+        xv, y, valid = tiles.widen(raw, dmask, HAS_F)
+        raw, raw_n = raw_n, raw_nn
+        ry = tiles.range_add(ry, y, valid)
         if PAIR:
-            mnx = tl.minimum(mnx, tl.where(valid, xv, float("inf")))
-            mxx = tl.maximum(mxx, tl.where(valid, xv, float("-inf")))
-            zx += xv * 0.0
-    bad = tl.sum(z, axis=0) != 0.0  # (BLOCK_D,): NaN != 0
-    lo, sc, wide, any_wide = _bin_params(tl.min(mn, axis=0), tl.max(mx, axis=0), dmask, bins)
+            rx = tiles.range_add(rx, xv, valid)
+    lo, hi, bad = tiles.range_final(ry)  # bad (BLOCK_D,): NaN != 0
+    lo, sc, wide, any_wide = _bin_params(lo, hi, dmask, bins)
     badx = bad
     lox, scx, widex, any_widex = lo, sc, wide, any_wide
     if PAIR:
-        badx = tl.sum(zx, axis=0) != 0.0
-        lox, scx, widex, any_widex = _bin_params(
-            tl.min(mnx, axis=0), tl.max(mxx, axis=0), dmask, bins
-        )
+        lox, hix, badx = tiles.range_final(rx)
+        lox, scx, widex, any_widex = _bin_params(lox, hix, dmask, bins)
     # wide channels that are finite (NaN/Inf ones are reported, their counts do not matter)
     real_wide = tl.max(((wide & ~bad) | (widex & ~badx)).to(tl.int32), axis=0) > 0
     T2 = T1
@@ -226,79 +130,24 @@ def _bucket_fused_kernel(
     cnt = tl.zeros([BLOCK_D, BLOCK_BINS], dtype=tl.int32)
     cntx = tl.zeros([BLOCK_D, BLOCK_BINS], dtype=tl.int32)
     for c0 in range(0, T2, BLOCK_T * 255):
-        a0 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
-        a1 = tl.zeros_like(a0)
-        a2 = tl.zeros_like(a0)
-        a3 = tl.zeros_like(a0)
-        a4 = tl.zeros_like(a0)
-        a5 = tl.zeros_like(a0)
-        a6 = tl.zeros_like(a0)
-        a7 = tl.zeros_like(a0)
-        e0 = tl.zeros_like(a0)
-        e1 = tl.zeros_like(a0)
-        e2 = tl.zeros_like(a0)
-        e3 = tl.zeros_like(a0)
-        e4 = tl.zeros_like(a0)
-        e5 = tl.zeros_like(a0)
-        e6 = tl.zeros_like(a0)
-        e7 = tl.zeros_like(a0)
+        words = (tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32),) * NW  # of Y
+        words_x = words  # of x (PAIR)
         c_end = tl.minimum(c0 + BLOCK_T * 255, T2)
-        xr, fr, tmask = load_raw(
-            x_ptr,
-            f_ptr,
-            m_ptr,
-            b,
-            c0 + rows,
-            c0 + rows < c_end,
-            offs_d64,
-            dmask,
-            sxb,
-            sxt,
-            sxd,
-            sfb,
-            sft,
-            sfd,
-            smb,
-            smt,
-            HAS_F,
-            HAS_MASK,
-        )
+        raw = tiles.load_tile(src, c0, c_end, offs_d64, dmask, HAS_F, HAS_MASK, BLOCK_T)
         for t0 in range(c0, c_end, BLOCK_T):
-            nxt = t0 + BLOCK_T + rows
-            xr_n, fr_n, tmask_n = load_raw(
-                x_ptr,
-                f_ptr,
-                m_ptr,
-                b,
-                nxt,
-                nxt < c_end,
-                offs_d64,
-                dmask,
-                sxb,
-                sxt,
-                sxd,
-                sfb,
-                sft,
-                sfd,
-                smb,
-                smt,
-                HAS_F,
-                HAS_MASK,
+            raw_n = tiles.load_tile(
+                src, t0 + BLOCK_T, c_end, offs_d64, dmask, HAS_F, HAS_MASK, BLOCK_T
             )
-            xv, y, valid = widen(
-                xr, fr, tmask, dmask, HAS_F
-            )  # (from L2, just read: one tile ahead)
-            xr, fr, tmask = xr_n, fr_n, tmask_n
+            xv, y, valid = tiles.widen(raw, dmask, HAS_F)  # (from L2, just read: one tile ahead)
+            raw = raw_n
             idx = _bin_index(y, lo, sc, wide, any_wide, bins, WIDE)
-            a0, a1, a2, a3, a4, a5, a6, a7 = _count(a0, a1, a2, a3, a4, a5, a6, a7, idx, valid, NW)
+            words = _count(words, idx, valid, NW)
             if PAIR:
                 idx = _bin_index(xv, lox, scx, widex, any_widex, bins, WIDE)
-                e0, e1, e2, e3, e4, e5, e6, e7 = _count(
-                    e0, e1, e2, e3, e4, e5, e6, e7, idx, valid, NW
-                )
-        cnt = _unpack_all(cnt, a0, a1, a2, a3, a4, a5, a6, a7, jj, NW)
+                words_x = _count(words_x, idx, valid, NW)
+        cnt = _unpack_all(cnt, words, jj, NW)
         if PAIR:
-            cntx = _unpack_all(cntx, e0, e1, e2, e3, e4, e5, e6, e7, jj, NW)
+            cntx = _unpack_all(cntx, words_x, jj, NW)
 
     m = dmask[:, None] & (jj < bins)
     h = _entropy_rows(cnt, m, PAPER_EXACT)
@@ -322,12 +171,10 @@ def _use_fused(B: int, T: int, D: int, bins: int, block_d: int, device: torch.de
 def _fused(x, f, mask, bins, paper_exact, pair, *, block_t, block_d, num_warps):
     B, T, D = x.shape
     assert bins <= FUSED_MAX_BINS and block_t <= 256
-    block_d = min(block_d, next_pow2(D))
-    fp, (sfb, sft, sfd) = f_arg(x, f)
-    mp, smb, smt = mask_arg(x, mask)
+    block_d, nd = blocks(D, block_d)
+    fp, mp, strides, flags = stream_args(x, f, mask)
     hy = torch.empty((B, D), dtype=torch.float64, device=x.device)
     hx = torch.empty((B, D), dtype=torch.float64, device=x.device) if pair else hy
-    nd = cdiv(D, block_d)
     wide = torch.zeros((B, nd), dtype=torch.int32, device=x.device)
     for w in (False, True):  # the second launch redoes the blocks the first flagged (rare)
         _bucket_fused_kernel[(nd, B)](
@@ -340,16 +187,8 @@ def _fused(x, f, mask, bins, paper_exact, pair, *, block_t, block_d, num_warps):
             T,
             D,
             bins,
-            x.stride(0),
-            x.stride(1),
-            x.stride(2),
-            sfb,
-            sft,
-            sfd,
-            smb,
-            smt,
-            HAS_F=f is not None,
-            HAS_MASK=mask is not None,
+            *strides,
+            **flags,
             PAIR=pair,
             PAPER_EXACT=bool(paper_exact),
             NW=cdiv(bins, 4),

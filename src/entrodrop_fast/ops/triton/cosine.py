@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from entrodrop_fast.ops.triton._common import cdiv, mask_arg, next_pow2
+from entrodrop_fast.ops.triton._tiles import load_raw, token_keep
 
 
 @triton.jit
@@ -43,20 +44,17 @@ def _cosine_kernel(
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = offs_t < T
     offs_t64 = offs_t.to(tl.int64)
+    src = (x_ptr, o_ptr, m_ptr, b, sxb, sxt, sxd, sob, sot, sod, smb, smt)
     dot = tl.zeros([BLOCK_T], dtype=tl.float32)
     nx = tl.zeros([BLOCK_T], dtype=tl.float32)
     ny = tl.zeros([BLOCK_T], dtype=tl.float32)
     z = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)  # sum of x * 0 + y * 0: 0, or NaN
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        offs_d64 = offs_d.to(tl.int64)
-        m = tmask[:, None] & (offs_d < D)[None, :]
-        xv = tl.load(
-            x_ptr + b * sxb + offs_t64[:, None] * sxt + offs_d64[None, :] * sxd, mask=m, other=0.0
-        ).to(tl.float32)
-        ov = tl.load(
-            o_ptr + b * sob + offs_t64[:, None] * sot + offs_d64[None, :] * sod, mask=m, other=0.0
-        ).to(tl.float32)
+        # x and other as x and f of a tile (the token mask is applied to cos at the end)
+        x_raw, o_raw, _ = load_raw(src, offs_t, tmask, offs_d.to(tl.int64), offs_d < D, True, False)
+        xv = x_raw.to(tl.float32)
+        ov = o_raw.to(tl.float32)
         if FUSED:
             yv = xv + ov
         else:
@@ -69,7 +67,7 @@ def _cosine_kernel(
     cos = tl.where(tl.sum(z, axis=1) != 0.0, float("nan"), cos)  # the report: x or Y not finite
     keep = tmask
     if HAS_MASK:
-        keep = keep & (tl.load(m_ptr + b * smb + offs_t64 * smt, mask=tmask, other=0) != 0)
+        keep = token_keep(m_ptr, b, offs_t64, tmask, smb, smt)
     tl.store(cos_ptr + b * T + offs_t64, tl.where(keep, cos, 0.0), mask=tmask)
 
 
@@ -116,7 +114,8 @@ def cosine_per_token(
 
 
 def cosine(x, other, mask=None, fused: bool = True, **config):
-    """(sum over valid tokens of cos(x_t, Y_t) fp64 [B], count fp64 [B]); Y = x + other if fused."""
+    """(sum over valid tokens of cos(x_t, Y_t) fp64 [B], count fp64 [B]); Y = x + other if
+    fused."""
     B, T, _ = x.shape
     total = cosine_per_token(x, other, mask, fused, **config).sum(-1, dtype=torch.float64)
     if mask is None:

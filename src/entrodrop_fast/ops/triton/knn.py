@@ -18,6 +18,18 @@ from entrodrop_fast.ops.triton._common import cdiv, next_pow2
 
 
 @triton.jit
+def _rows(x_ptr, rows64, rmask, offs_d64, dm, sxn, sxd, inv):
+    """Rows rows64 (where rmask) of x, channels offs_d64 (where dm), in fp32 times inv; 0
+    elsewhere."""
+    r = tl.load(
+        x_ptr + rows64[:, None] * sxn + offs_d64[None, :] * sxd,
+        mask=rmask[:, None] & dm[None, :],
+        other=0.0,
+    )
+    return r.to(tl.float32) * inv
+
+
+@triton.jit
 def _knn_kernel(
     x_ptr,
     out_ptr,
@@ -46,22 +58,8 @@ def _knn_kernel(
             offs_d = d0 + tl.arange(0, BLOCK_D)
             dm = offs_d < D
             offs_d64 = offs_d.to(tl.int64)
-            a = (
-                tl.load(
-                    x_ptr + rows64[:, None] * sxn + offs_d64[None, :] * sxd,
-                    mask=rmask[:, None] & dm[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                * inv
-            )
-            c = (
-                tl.load(
-                    x_ptr + cols64[:, None] * sxn + offs_d64[None, :] * sxd,
-                    mask=cmask[:, None] & dm[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                * inv
-            )
+            a = _rows(x_ptr, rows64, rmask, offs_d64, dm, sxn, sxd, inv)
+            c = _rows(x_ptr, cols64, cmask, offs_d64, dm, sxn, sxd, inv)
             diff = a[:, None, :] - c[None, :, :]  # (BLOCK_M, KP, BLOCK_D)
             d2 += tl.sum(diff * diff, axis=2)
         bad = (rows[:, None] == cols[None, :]) | (~cmask)[None, :]
@@ -79,7 +77,8 @@ def _knn_kernel(
 def knn_kth_distance(
     x, k: int, *, block_m: int = 16, block_d: int = 32, num_warps: int = 4
 ) -> torch.Tensor:
-    """x: [N, D] (any strides, fp32/fp16/bf16); float64 [N]: distance to the k-th nearest other row."""
+    """x: [N, D] (any strides, fp32/fp16/bf16); float64 [N]: distance to the k-th nearest
+    other row."""
     N, D = x.shape
     kp = max(16, next_pow2(k))
     block_d = min(block_d, max(16, next_pow2(D)))

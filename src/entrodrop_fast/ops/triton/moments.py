@@ -16,16 +16,17 @@ import torch
 import triton
 import triton.language as tl
 
-from entrodrop_fast.ops.triton._common import cdiv, f_arg, mask_arg, next_pow2, token_splits
-from entrodrop_fast.ops.triton._tiles import load_raw, widen
+from entrodrop_fast.ops.triton import _tiles as tiles
+from entrodrop_fast.ops.triton._common import blocks, cdiv, next_pow2, stream_args, token_splits
 
 
 @triton.jit
-def _welford(shift, mean, m2, v, valid, first, rn):
-    """One value per tile slot into the slot's running (mean, M2) of v - shift, where shift
-    is the slot's first valid value (``first``: this tile's value is it): the deviations
-    then stay small and fp32 keeps 1e-5 even for a channel of mean 10 and spread 1e-3.
-    rn: 1 / the slot row's count."""
+def _welford(state, v, valid, first, rn):
+    """One value per tile slot into the slot's state (shift, mean, M2), fp32 [BLOCK_T,
+    BLOCK_D]: the running mean and M2 of v - shift, where shift is the slot's first valid
+    value (``first``: this tile's value is it): the deviations then stay small and fp32
+    keeps 1e-5 even for a channel of mean 10 and spread 1e-3. rn: 1 / the slot row's count."""
+    shift, mean, m2 = state
     shift = tl.where(first, v, shift)
     z = v - shift
     delta = z - mean
@@ -35,21 +36,20 @@ def _welford(shift, mean, m2, v, valid, first, rn):
 
 
 @triton.jit
-def _store_partial(
-    n_row, shift, mean, m2, mn, mx, z, out, dmask, pn_ptr, pmean_ptr, pm2_ptr, pmin_ptr, pmax_ptr
-):
-    """Merge the slots (Chan, fp64) and store this split's state; NaN where reported."""
+def _store_partial(n_row, state, rng, out, dmask, pmean_ptr, pm2_ptr, pmin_ptr, pmax_ptr):
+    """Merge the slots of the Welford state and the range state (Chan, fp64) and store this
+    split's partials at ``out``; NaN where reported. Returns the split's count."""
+    shift, mean, m2 = state
     n_row = n_row.to(tl.float64)
     n = tl.sum(n_row, axis=0)
     mean64 = shift.to(tl.float64) + mean.to(tl.float64)
     mu = tl.sum(n_row[:, None] * mean64, axis=0) / tl.maximum(n, 1.0)  # 0 for an empty split
     dev = mean64 - mu[None, :]
     m2c = tl.sum(m2.to(tl.float64) + n_row[:, None] * dev * dev, axis=0)
-    bad = tl.sum(z, axis=0) != 0.0  # (BLOCK_D,): a valid value was NaN/Inf
+    bad = tiles.range_bad(rng)  # (BLOCK_D,): a valid value was NaN/Inf
     tl.store(pmean_ptr + out, tl.where(bad, float("nan"), mu), mask=dmask)
     tl.store(pm2_ptr + out, tl.where(bad, float("nan"), m2c), mask=dmask)
-    tl.store(pmin_ptr + out, tl.where(bad, float("nan"), tl.min(mn, axis=0)), mask=dmask)
-    tl.store(pmax_ptr + out, tl.where(bad, float("nan"), tl.max(mx, axis=0)), mask=dmask)
+    tiles.store_range(pmin_ptr, pmax_ptr, out, rng, bad, dmask)
     return n
 
 
@@ -82,148 +82,47 @@ def _moments_partial_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    offs_d64 = offs_d.to(tl.int64)
-    t_begin = pid_s * rows_per_split
-    t_end = tl.minimum(t_begin + rows_per_split, T)
+    b, dmask, offs_d64, split = tiles.split_block(D, BLOCK_D)
+    t_begin, t_end = tiles.token_range(split, rows_per_split, T)
+    src = (x_ptr, f_ptr, m_ptr, b, sxb, sxt, sxd, sfb, sft, sfd, smb, smt)
 
     # Welford per tile slot (row r of the tile sees tokens r, r + BLOCK_T, ...): every update
     # elementwise in registers, no cross-thread reduction in the loop; the slots are merged
     # once at the end (Chan, fp64). No cancellation even for channels 1e4x larger than the rest.
     n_row = tl.zeros([BLOCK_T], dtype=tl.float32)
-    shift = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    shiftx = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    mn = tl.full([BLOCK_T, BLOCK_D], float("inf"), dtype=tl.float32)
-    mx = tl.full([BLOCK_T, BLOCK_D], float("-inf"), dtype=tl.float32)
-    z = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)  # sum of y * 0: 0, or NaN (the report)
-    meanx = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    m2x = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    mnx = tl.full([BLOCK_T, BLOCK_D], float("inf"), dtype=tl.float32)
-    mxx = tl.full([BLOCK_T, BLOCK_D], float("-inf"), dtype=tl.float32)
-    zx = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    rows = tl.arange(0, BLOCK_T)
+    zero = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    wy = (zero, zero, zero)  # (shift, mean, M2) of Y
+    wx = wy  # of x (PAIR)
+    ry = tiles.range_init(BLOCK_T, BLOCK_D)  # (min, max, sum of y * 0: 0, or NaN: the report)
+    rx = tiles.range_init(BLOCK_T, BLOCK_D)
     # two tiles ahead in flight (see _tiles.py)
-    xr, fr, tmask = load_raw(
-        x_ptr,
-        f_ptr,
-        m_ptr,
-        b,
-        t_begin + rows,
-        t_begin + rows < t_end,
-        offs_d64,
-        dmask,
-        sxb,
-        sxt,
-        sxd,
-        sfb,
-        sft,
-        sfd,
-        smb,
-        smt,
-        HAS_F,
-        HAS_MASK,
-    )
-    nxt = t_begin + BLOCK_T + rows
-    xr_n, fr_n, tmask_n = load_raw(
-        x_ptr,
-        f_ptr,
-        m_ptr,
-        b,
-        nxt,
-        nxt < t_end,
-        offs_d64,
-        dmask,
-        sxb,
-        sxt,
-        sxd,
-        sfb,
-        sft,
-        sfd,
-        smb,
-        smt,
-        HAS_F,
-        HAS_MASK,
+    raw = tiles.load_tile(src, t_begin, t_end, offs_d64, dmask, HAS_F, HAS_MASK, BLOCK_T)
+    raw_n = tiles.load_tile(
+        src, t_begin + BLOCK_T, t_end, offs_d64, dmask, HAS_F, HAS_MASK, BLOCK_T
     )
     for t0 in range(t_begin, t_end, BLOCK_T):
-        nxt = t0 + 2 * BLOCK_T + rows
-        xr_nn, fr_nn, tmask_nn = load_raw(
-            x_ptr,
-            f_ptr,
-            m_ptr,
-            b,
-            nxt,
-            nxt < t_end,
-            offs_d64,
-            dmask,
-            sxb,
-            sxt,
-            sxd,
-            sfb,
-            sft,
-            sfd,
-            smb,
-            smt,
-            HAS_F,
-            HAS_MASK,
+        raw_nn = tiles.load_tile(
+            src, t0 + 2 * BLOCK_T, t_end, offs_d64, dmask, HAS_F, HAS_MASK, BLOCK_T
         )
-        xv, y, valid = widen(xr, fr, tmask, dmask, HAS_F)
+        xv, y, valid = tiles.widen(raw, dmask, HAS_F)
+        tmask = raw[2]
         first = valid & (n_row == 0.0)[:, None]
         n_row += tmask.to(tl.float32)
         rn = 1.0 / tl.maximum(n_row, 1.0)
-        shift, mean, m2 = _welford(shift, mean, m2, y, valid, first, rn)
-        mn = tl.minimum(mn, tl.where(valid, y, float("inf")))
-        mx = tl.maximum(mx, tl.where(valid, y, float("-inf")))
-        z += y * 0.0
+        wy = _welford(wy, y, valid, first, rn)
+        ry = tiles.range_add(ry, y, valid)
         if PAIR:
-            shiftx, meanx, m2x = _welford(shiftx, meanx, m2x, xv, valid, first, rn)
-            mnx = tl.minimum(mnx, tl.where(valid, xv, float("inf")))
-            mxx = tl.maximum(mxx, tl.where(valid, xv, float("-inf")))
-            zx += xv * 0.0
-        xr, fr, tmask = xr_n, fr_n, tmask_n
-        xr_n, fr_n, tmask_n = xr_nn, fr_nn, tmask_nn
+            wx = _welford(wx, xv, valid, first, rn)
+            rx = tiles.range_add(rx, xv, valid)
+        raw, raw_n = raw_n, raw_nn
 
-    out = (b * S + pid_s) * D + offs_d64
-    n = _store_partial(
-        n_row,
-        shift,
-        mean,
-        m2,
-        mn,
-        mx,
-        z,
-        out,
-        dmask,
-        pn_ptr,
-        pmean_ptr,
-        pm2_ptr,
-        pmin_ptr,
-        pmax_ptr,
-    )
+    out = (b * S + split) * D + offs_d64
+    n = _store_partial(n_row, wy, ry, out, dmask, pmean_ptr, pm2_ptr, pmin_ptr, pmax_ptr)
     if PAIR:
-        _store_partial(
-            n_row,
-            shiftx,
-            meanx,
-            m2x,
-            mnx,
-            mxx,
-            zx,
-            out + B * S * D,
-            dmask,
-            pn_ptr,
-            pmean_ptr,
-            pm2_ptr,
-            pmin_ptr,
-            pmax_ptr,
-        )
+        out += B * S * D
+        _store_partial(n_row, wx, rx, out, dmask, pmean_ptr, pm2_ptr, pmin_ptr, pmax_ptr)
     # every channel block stores the same count (a benign duplicate write)
-    tl.store(pn_ptr + b * S + pid_s, n.to(tl.float32))
+    tl.store(pn_ptr + b * S + split, n.to(tl.float32))
 
 
 @triton.jit
@@ -243,10 +142,7 @@ def _moments_merge_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
+    b, offs_d, dmask, _ = tiles.channel_block(D, BLOCK_D)
     offs_s = tl.arange(0, BLOCK_S)
     smask = offs_s < S
     ns = tl.load(pn_ptr + b * S + offs_s, mask=smask, other=0.0).to(tl.float64)  # (BLOCK_S,)
@@ -271,7 +167,7 @@ def _moments_merge_kernel(
     tl.store(m2_ptr + out, m2, mask=dmask)
     tl.store(min_ptr + out, mn, mask=dmask)
     tl.store(max_ptr + out, mx, mask=dmask)
-    if pid_d == 0:
+    if tl.program_id(0) == 0:
         tl.store(count_ptr + b, n)
 
 
@@ -291,16 +187,14 @@ def moments_partials(
 ):
     """Per-split partial states: (pn [B, S], mean, m2 (fp64), min, max [1 + pair, B, S, D])."""
     B, T, D = x.shape
-    block_d = min(block_d, next_pow2(D))
-    nd = cdiv(D, block_d)
+    block_d, nd = blocks(D, block_d)
     S, rows = token_splits(B, T, nd, block_t, x.device, splits)
     dev = x.device
     sets = 2 if pair else 1
     pn = torch.empty((B, S), dtype=torch.float32, device=dev)
     pmean, pm2 = (torch.empty((sets, B, S, D), dtype=torch.float64, device=dev) for _ in range(2))
     pmin, pmax = (torch.empty((sets, B, S, D), dtype=torch.float32, device=dev) for _ in range(2))
-    fp, (sfb, sft, sfd) = f_arg(x, f)
-    mp, smb, smt = mask_arg(x, mask)
+    fp, mp, strides, flags = stream_args(x, f, mask)
     _moments_partial_kernel[(nd, S, B)](
         x,
         fp,
@@ -315,16 +209,8 @@ def moments_partials(
         D,
         S,
         rows,
-        x.stride(0),
-        x.stride(1),
-        x.stride(2),
-        sfb,
-        sft,
-        sfd,
-        smb,
-        smt,
-        HAS_F=f is not None,
-        HAS_MASK=mask is not None,
+        *strides,
+        **flags,
         PAIR=pair,
         BLOCK_T=block_t,
         BLOCK_D=block_d,
