@@ -3,8 +3,9 @@
 The library's messages tell the user what to change ("lower drop", "pass overwrite=True").
 Called from Python, a setting is named as the keyword argument it is; inside an ``entrodrop``
 command, the command line sets its flags' spellings for the duration of the command
-(:func:`spelled`), so the same message reads "lower --drop", "pass --overwrite". One table
-(``entrodrop_fast.commands.FLAGS``) holds the flags; no library module names a flag itself.
+(:func:`spelled`), so the same message reads "lower --drop", "pass --overwrite". The flags
+come from the command's own argparse options (``entrodrop_fast.cli.flag_spellings``: an
+option's ``dest`` is the setting's name); no library module names a flag itself.
 """
 
 from __future__ import annotations
