@@ -11,11 +11,15 @@ Inside the package a name is imported from the module that defines it, never fro
 
 import ast
 import importlib
+import re
 from pathlib import Path
 
 import entrodrop_fast
 
-PKG = Path(entrodrop_fast.__file__).parent
+# the source tree beside these tests (what a change edits), not the installed copy, which is
+# what `import entrodrop_fast` finds after `pip install .`
+_SRC = Path(__file__).resolve().parents[1] / "src" / "entrodrop_fast"
+PKG = _SRC if _SRC.is_dir() else Path(entrodrop_fast.__file__).parent
 STAGES = {
     "ops": 0,
     "_ext": 0,
@@ -42,31 +46,50 @@ def _stage(module: str) -> int | None:
     return STAGES[parts[1]]
 
 
-def _imports(path: Path):
-    """(line, imported module) for every import of the package in the file."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+def _absolute(node: ast.ImportFrom, path: Path) -> str | None:
+    """The module a ``from ... import`` names, relative imports resolved from ``path``."""
+    if node.level == 0:
+        return node.module
+    package = ["entrodrop_fast", *path.relative_to(PKG).parts[:-1]]
+    if node.level > len(package):
+        return None
+    base = package[: len(package) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imports(path: Path, text: str | None = None):
+    """(line, imported module) for every import of the package in the file, relative ones and
+    ``importlib.import_module("entrodrop_fast....")`` calls with a literal name included."""
+    tree = ast.parse(path.read_text() if text is None else text, filename=str(path))
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for a in node.names:
                 if a.name.startswith("entrodrop_fast"):
                     yield node.lineno, a.name
         elif (
-            isinstance(node, ast.ImportFrom)
-            and node.module
-            and node.module.startswith("entrodrop_fast")
-            and node.level == 0
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and str(node.args[0].value).startswith("entrodrop_fast.")
         ):
+            yield node.lineno, node.args[0].value
+        elif isinstance(node, ast.ImportFrom):
+            module = _absolute(node, path)
+            if not (module and module.startswith("entrodrop_fast")):
+                continue
             for a in node.names:
-                full = f"{node.module}.{a.name}"
-                if importlib.util.find_spec(node.module) is not None and _is_module(full):
+                full = f"{module}.{a.name}"
+                if _is_module(module) and _is_module(full):
                     yield node.lineno, full
-                elif node.module == "entrodrop_fast":
+                elif module == "entrodrop_fast":
                     if a.name == "_C":  # the compiled extension (a module, when it is built)
                         yield node.lineno, "entrodrop_fast._C"
                     elif a.name != "__version__":
                         yield node.lineno, f"the package root ({a.name})"
                 else:
-                    yield node.lineno, node.module
+                    yield node.lineno, module
 
 
 def _is_module(name: str) -> bool:
@@ -117,14 +140,47 @@ def test_cli_help_lists_the_subcommands_in_pipeline_order():
     assert pos == sorted(pos), text
 
 
+# a test of the model type: `model_type == ...`, `cfg["model_type"] in ...`,
+# `cfg.get("model_type") != ...`, `getattr(c, "model_type") == ...`, `.model_type.startswith(`,
+# or a table looked up by it (`.get(model_type`)
+ARCH_TEST = re.compile(
+    r"model_type\b['\"]?\s*[\])]?\s*(==|!=|\bin\b|\bnot in\b)"
+    r"|model_type\s*\.\s*(startswith|endswith)\("
+    r"|\.get\(\s*(adapter\.)?model_type\b"
+)
+
+
+def test_the_checks_see_every_form():
+    # relative imports and importlib calls count as imports; every spelling of a model-type test
+    # counts as one
+    fake = PKG / "profile" / "example.py"
+    text = (
+        "from ..evaluate import compare\n"
+        "from . import taps\n"
+        "import importlib\n"
+        "importlib.import_module('entrodrop_fast.prune.surgery')\n"
+    )
+    found = [m for _, m in _imports(fake, text)]
+    assert "entrodrop_fast.evaluate.compare" in found
+    assert "entrodrop_fast.profile.taps" in found
+    assert "entrodrop_fast.prune.surgery" in found
+    for line in (
+        'if cfg.get("model_type") == "qwen2":',
+        'if cfg["model_type"] in ("llama",):',
+        'if getattr(c, "model_type") != "x":',
+        "if config.model_type.startswith('qwen'):",
+        "if model_type == 'llama':",
+        "rule = RULES.get(adapter.model_type)",
+    ):
+        assert ARCH_TEST.search(line), line
+    assert not ARCH_TEST.search("identity = config.model_type")
+
+
 def test_architecture_knowledge_stays_in_the_adapter_table():
     # what differs between model families lives in models/ (the adapter table); elsewhere code
     # asks the adapter, never tests the model type itself
-    import re
 
-    pattern = re.compile(
-        r"model_type\s*(==|!=|\bin\b|\bnot in\b)|\.get\(\s*(adapter\.)?model_type\b"
-    )
+    pattern = ARCH_TEST
     bad = []
     for path in sorted(PKG.rglob("*.py")):
         rel = path.relative_to(PKG)
