@@ -85,3 +85,18 @@ def test_prune_model_takes_a_plan_callable_and_leaves_out_alone_on_error(tiny, t
     with pytest.raises(ValueError, match="no plan for you"):
         prune_model(str(d), out, bad)
     assert seen and seen[0].is_dir() and not out.exists()
+
+
+@pytest.mark.parametrize("bad", [-5, 0, "lots", float("nan"), True])
+def test_memory_budget_checked_and_named_by_its_keyword(bad):
+    from entrodrop_fast.profile.pipeline import Memory
+
+    with pytest.raises(ValueError, match=r"Memory\.max_bytes"):
+        Memory(max_bytes=bad)
+
+
+def test_memory_budget_as_text():
+    from entrodrop_fast.profile.pipeline import Memory
+
+    m = Memory(max_bytes="512MiB")
+    assert m.max_bytes == 512 * 2**20 and m.label == "512MiB"

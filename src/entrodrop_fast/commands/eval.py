@@ -20,43 +20,6 @@ def load_any(source, dtype: str, device: str):
     return lm.model, lm.tokenizer
 
 
-#: the built-in last-word task keeps this many context tokens before the word
-#: (evaluate.last_word_task)
-LAST_WORD_CONTEXT = 192
-
-
-def position_needs(seq_len: int, speed: bool = True) -> list[tuple[int, str]]:
-    """The lengths ``entrodrop eval`` runs through the model: (tokens, what), for
-    check_positions."""
-    import inspect
-
-    from entrodrop_fast.evaluate import heldout as E
-
-    kw = E.continuation_task.__kwdefaults__
-    # (decorated: its own signature)
-    spd = {k: v.default for k, v in inspect.signature(E.speed).parameters.items()}
-    needs = [
-        (seq_len, "--seq-len"),
-        (
-            kw["ctx_len"] + kw["cont_len"],
-            f"a zero-shot continuation item ({kw['ctx_len']} + {kw['cont_len']} tokens)",
-        ),
-        (
-            LAST_WORD_CONTEXT + 1,
-            f"a zero-shot last_word item (up to {LAST_WORD_CONTEXT} context tokens and the word)",
-        ),
-    ]
-    if speed:
-        needs.append(
-            (
-                spd["prompt_len"] + spd["new_tokens"],
-                f"the speed test ({spd['prompt_len']}-token prompt + {spd['new_tokens']} new "
-                "tokens; skip it with --no-speed)",
-            )
-        )
-    return needs
-
-
 def eval_file_check():
     """Recognises an evaluation JSON written by ``entrodrop eval --json`` (which it may replace)."""
     from entrodrop_fast import outputs
@@ -116,6 +79,8 @@ def run(args) -> int:
     )
 
     parse_device(args.device)
+    from entrodrop_fast.evaluate.pipeline import position_needs
+
     needs = position_needs(args.seq_len, speed=not args.no_speed)
     where = f"the model {display_name(args.model)}"
     # before the model loads, when its config is at hand

@@ -35,6 +35,9 @@ from entrodrop_fast.data import (  # noqa: F401  (split_documents re-exported)
     tokenize_documents,
 )
 
+#: the built-in last_word task keeps at most this many context tokens before the word
+LAST_WORD_CONTEXT = 192
+
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
@@ -302,7 +305,7 @@ def last_word_task(
     rng.shuffle(cases)
     per_item: list[int] = []
     for ctx_text, word in cases[:items]:
-        ctx = tokenizer(ctx_text, add_special_tokens=False)["input_ids"][-192:]
+        ctx = tokenizer(ctx_text, add_special_tokens=False)["input_ids"][-LAST_WORD_CONTEXT:]
         tgt = tokenizer(word, add_special_tokens=False)["input_ids"]
         _, greedy = _loglik(model, torch.tensor([ctx]), torch.tensor([tgt]))
         per_item.append(int(greedy[0].tolist() == tgt))

@@ -11,11 +11,45 @@ import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from entrodrop_fast._names import setting
+
 if TYPE_CHECKING:
     from torch import nn
 
     from entrodrop_fast.data import Corpus
     from entrodrop_fast.evaluate.lm_eval import PreparedTasks
+
+
+def position_needs(seq_len: int, speed: bool = True) -> list[tuple[int, str]]:
+    """The lengths :func:`evaluate_model` runs through the model: (tokens, what) pairs for
+    :func:`entrodrop_fast.models.loading.check_positions`."""
+    import inspect
+
+    from entrodrop_fast.evaluate import heldout as E
+
+    kw = E.continuation_task.__kwdefaults__
+    # (decorated: its own signature)
+    spd = {k: v.default for k, v in inspect.signature(E.speed).parameters.items()}
+    needs = [
+        (seq_len, setting("seq_len")),
+        (
+            kw["ctx_len"] + kw["cont_len"],
+            f"a zero-shot continuation item ({kw['ctx_len']} + {kw['cont_len']} tokens)",
+        ),
+        (
+            E.LAST_WORD_CONTEXT + 1,
+            f"a zero-shot last_word item (up to {E.LAST_WORD_CONTEXT} context tokens and the word)",
+        ),
+    ]
+    if speed:
+        needs.append(
+            (
+                spd["prompt_len"] + spd["new_tokens"],
+                f"the speed test ({spd['prompt_len']}-token prompt + {spd['new_tokens']} new "
+                f"tokens; skip it with {setting('no_speed', python='speed=False')})",
+            )
+        )
+    return needs
 
 
 def evaluate_model(
@@ -50,7 +84,9 @@ def evaluate_model(
     (one dict per task: accuracy in [0, 1], 95% interval, items), ``lm_eval`` (with
     ``tasks``) and ``speed`` (tokens/s, KV-cache bytes per token, peak memory bytes).
 
-    Raises CorpusError when the held-out text is too short for one window or the zero-shot
+    Raises ValueError for a ``seq_len`` below 2, ``windows`` or ``items`` below 1, or a
+    ``seq_len`` beyond the model's ``max_position_embeddings``; CorpusError when
+    the held-out text is too short for one window or the zero-shot
     tasks (before the model runs), ValueError when the model gives non-finite logits, and a
     subclass of ``LmEvalUnavailable`` when the lm-eval tasks cannot run; nothing half-done is
     returned.
@@ -58,7 +94,14 @@ def evaluate_model(
     from entrodrop_fast.data import describe_split, load_corpus
     from entrodrop_fast.evaluate import heldout as E
     from entrodrop_fast.evaluate.heldout import heldout_documents
+    from entrodrop_fast.models.loading import check_positions
 
+    for value, name, low in ((seq_len, "seq_len", 2), (windows, "windows", 1), (items, "items", 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{setting(name)} must be an integer >= {low}, got {value!r}")
+    # the perplexity window (the zero-shot items and the speed test are short and fixed;
+    # `entrodrop eval` checks them too, against the config before the model loads)
+    check_positions(getattr(model, "config", None), position_needs(seq_len)[:1], "the model")
     c = load_corpus(corpus)
     held = heldout_documents(
         c, tokenizer, seq_len=seq_len

@@ -48,6 +48,11 @@ class Calibration:
     seed: int = PAPER_SEED
 
 
+def _budget_name() -> str:
+    """How messages name the memory budget: ``Memory.max_bytes``, or the command's flag."""
+    return setting("max_memory", python="Memory.max_bytes")
+
+
 @dataclass
 class Memory:
     """How much memory the profile may use. ``max_bytes``: a budget (None: no limit); the model
@@ -55,12 +60,34 @@ class Memory:
     that fits unless the settings fix it. ``streaming``: always layer by layer.
     ``resume_dir``: keep the layer-by-layer states there after every layer (implies
     streaming); a rerun with the same arguments resumes. ``label``: the budget as the user
-    wrote it (``"8GB"``), for messages."""
+    wrote it (``"8GB"``), for messages.
 
-    max_bytes: float | None = None
+    ``max_bytes`` may be given as text (``"8GB"``, ``"512MiB"``: :func:`parse_bytes`). Raises
+    ValueError for a budget that is not a positive size."""
+
+    max_bytes: float | str | None = None
     streaming: bool = False
     resume_dir: str | None = None
     label: str | None = None
+
+    def __post_init__(self) -> None:
+        value = self.max_bytes
+        if value is None:
+            return
+        if isinstance(value, str):
+            self.label = self.label or value
+            self.max_bytes = parse_bytes(value)
+            return
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            name = _budget_name()
+            raise ValueError(
+                f"{name} must be a positive number of bytes or a size like '8GB', got {value!r}"
+            )
 
 
 def parse_bytes(s: str, name: str | None = None) -> float:
@@ -69,7 +96,7 @@ def parse_bytes(s: str, name: str | None = None) -> float:
     ``name``: how errors name the setting (default: ``max_memory``, as the caller spells it).
     Raises ValueError for anything else, or a size that is not positive.
     """
-    name = name or setting("max_memory")
+    name = name or _budget_name()
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(s))
     if not m:
         raise ValueError(f"{name} must look like 8GB, 512MB or 1.5G, got {s!r}")
@@ -298,7 +325,7 @@ def profile_model(
             else:
                 log(
                     f"the model needs {plan.total / 2**30:.1f} GiB in {dtype}, more than "
-                    f"{setting('max_memory')} {label}: streaming layer by layer"
+                    f"{_budget_name()} {label}: streaming layer by layer"
                 )
         if loaded is None:
             what = "tokenizer" if stream_dir else "model"
@@ -346,7 +373,7 @@ def profile_model(
                 settings.batch_size = fits[0]
                 log(
                     f"batch size {settings.batch_size} (the largest up to 8 that fits "
-                    f"{setting('max_memory')} {label})"
+                    f"{_budget_name()} {label})"
                 )
         # warn: the estimators' warnings grouped, one line per kind; None: left to the warnings
         # module
@@ -365,7 +392,7 @@ def profile_model(
                     )
                     batch = f"{settings.batch_size} x {calibration.seq_len} tokens"
                     raise ValueError(
-                        f"{setting('max_memory')} {label} is too small: streaming needs about "
+                        f"{_budget_name()} {label} is too small: streaming needs about "
                         f"{_size(need)} (the largest of embedding and one layer{experts}{fusing}, "
                         f"plus one batch of {batch}); raise it or lower {setting('batch_size')} / "
                         f"{setting('seq_len')}"
