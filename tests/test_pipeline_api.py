@@ -100,3 +100,17 @@ def test_memory_budget_as_text():
 
     m = Memory(max_bytes="512MiB")
     assert m.max_bytes == 512 * 2**20 and m.label == "512MiB"
+
+
+def test_profile_model_refuses_a_resume_dir_holding_the_users_files(tmp_path):
+    # checked before any model loads; nothing is written into the user's directory
+    from entrodrop_fast.outputs import OutputError
+    from entrodrop_fast.profile.pipeline import Memory, profile_model
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "x.txt").write_text("keep me")
+    with pytest.raises(OutputError, match=r"resume_dir .* not a resume state .*\(x\.txt\)"):
+        profile_model(None, memory=Memory(resume_dir=str(folder)))
+    assert sorted(p.name for p in folder.iterdir()) == ["x.txt"]
+    assert (folder / "x.txt").read_text() == "keep me"

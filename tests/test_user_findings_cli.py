@@ -128,11 +128,16 @@ def test_eval_refuses_seq_len_and_items_beyond_positions(short, corpus, capsys):
 
 
 def test_position_needs_name_the_speed_test():
-    from entrodrop_fast.commands.eval import position_needs
+    from entrodrop_fast._names import spelled
+    from entrodrop_fast.evaluate.pipeline import position_needs
     from entrodrop_fast.models.loading import check_positions
 
     needs = position_needs(32, speed=True)
-    assert needs[0] == (32, "--seq-len") and needs[1][0] == 64 and needs[-1][0] == 160
+    assert needs[0] == (32, "seq_len") and needs[1][0] == 64 and needs[-1][0] == 160
+    assert "speed=False" in needs[-1][1]
+    with spelled({"seq_len": "--seq-len", "no_speed": "--no-speed"}):  # as in `entrodrop eval`
+        flags = position_needs(32, speed=True)
+    assert flags[0] == (32, "--seq-len") and "--no-speed" in flags[-1][1]
     with pytest.raises(
         ValueError, match="the speed test .* is 160 tokens, beyond the 150 positions"
     ):

@@ -22,23 +22,8 @@ def _spans(s: str) -> tuple[int, ...]:
     return out
 
 
-def resume_dir_is_ours(path) -> bool:
-    """A resume directory of ours: only the streaming runner's files (and per-rank
-    subdirectories)."""
-    import re
-    from pathlib import Path
-
-    from entrodrop_fast.profile.layerwise import RESUME_NAMES
-
-    return all(
-        e.name in RESUME_NAMES or (e.is_dir() and re.fullmatch(r"rank\d+-of-\d+", e.name))
-        for e in Path(path).iterdir()
-    )
-
-
 def check_targets(args) -> None:
     """Refuse unusable --out / --resume-dir before any work (see entrodrop_fast.outputs)."""
-    from pathlib import Path
 
     from entrodrop_fast import outputs
 
@@ -47,21 +32,9 @@ def check_targets(args) -> None:
         args.out, kind="report", what="report", inputs=inputs, overwrite=args.overwrite
     )
     if args.resume_dir:
-        resume = Path(args.resume_dir).expanduser().resolve()
-        outputs.check_dir(
-            resume,
-            kind="resume",
-            what="resume state",
-            flag="--resume-dir",
-            overwrite=True,
-            inputs=[*inputs, ("report directory --out", out)],
-        )
-        if resume.is_dir() and not resume_dir_is_ours(resume):
-            shown = ", ".join(sorted(e.name for e in resume.iterdir())[:4])
-            raise outputs.OutputError(
-                f"--resume-dir {resume} holds files that are not a resume state of entrodrop "
-                f"({shown}); choose a new or empty directory"
-            )
+        from entrodrop_fast.profile.pipeline import check_resume_dir
+
+        check_resume_dir(args.resume_dir, inputs=[*inputs, ("report directory --out", out)])
 
 
 def _apply_preset(args) -> dict | None:

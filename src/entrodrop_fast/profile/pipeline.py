@@ -19,7 +19,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +46,36 @@ class Calibration:
     samples: int = PAPER_SAMPLES
     seq_len: int = PAPER_SEQ_LEN
     seed: int = PAPER_SEED
+
+
+def check_resume_dir(path: str | os.PathLike[str], inputs: Iterable = ()) -> Path:
+    """Refuse a resume directory that holds anything but a resume state of ours (the streaming
+    runner's files, per-rank subdirectories), is a file, or is or lies in one of ``inputs``
+    (``(name, path)`` pairs: the model, the corpus, the report's directory). Returns it
+    resolved. Raises :class:`entrodrop_fast.outputs.OutputError` naming what to do; nothing is
+    written into a directory of the user's."""
+    from entrodrop_fast import outputs
+    from entrodrop_fast.profile.layerwise import RESUME_NAMES
+
+    resume = Path(path).expanduser().resolve()
+    flag = setting("resume_dir")
+    outputs.check_dir(
+        resume, kind="resume", what="resume state", flag=flag, overwrite=True, inputs=inputs
+    )
+    if resume.is_dir():
+        foreign = sorted(
+            e.name
+            for e in resume.iterdir()
+            if not (
+                e.name in RESUME_NAMES or (e.is_dir() and re.fullmatch(r"rank\d+-of-\d+", e.name))
+            )
+        )
+        if foreign:
+            raise outputs.OutputError(
+                f"{flag} {resume} holds files that are not a resume state of entrodrop "
+                f"({', '.join(foreign[:4])}); choose a new or empty directory"
+            )
+    return resume
 
 
 def _budget_name() -> str:
@@ -281,6 +311,8 @@ def profile_model(
         memory = memory or Memory()
         calibration = calibration or Calibration()
         log = log or (lambda *a: None)
+        if memory.resume_dir:
+            check_resume_dir(memory.resume_dir)
         methods = parse_methods(settings.methods)
         loaded = source if isinstance(source, LoadedModel) else None
         if loaded is not None:  # the model's own dtype and device
