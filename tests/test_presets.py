@@ -145,3 +145,21 @@ def test_prune_with_the_paper_preset(tiny_dir, tmp_path, capsys):
     assert len(model.model.layers) == 4
     assert plan["method"] == "knn" and plan["protected"] == [0, 1, 5]
     assert not set(plan["drop"]["layer"]) & {0, 1, 5}
+
+
+def test_preset_for_model_from_a_config_or_a_source(tiny_dir):
+    # one resolution of the paper preset for profile, prune and compare
+    from transformers import AutoConfig
+
+    from entrodrop_fast.profile.presets import preset_for_model
+
+    as_dict = preset_for_model({"model_type": "mistral", "num_hidden_layers": 4})
+    assert (
+        as_dict["method"] == "bucket" and as_dict["bins"] == 80 and as_dict["protect"] == [0, 1, 3]
+    )
+    from_dir = preset_for_model(str(tiny_dir))
+    from_config = preset_for_model(AutoConfig.from_pretrained(tiny_dir))
+    assert from_dir == from_config
+    assert from_dir["method"] == "knn" and from_dir["protect"] == [0, 1, 5]
+    with pytest.raises(ValueError, match="preset paper reads the architecture"):
+        preset_for_model("some-org/not-local")

@@ -193,11 +193,9 @@ def run(args) -> int:
     bins, k, batch = args.bins, args.k, args.batch_size
     rule = args.protect_rule or "shared"
     if args.preset:
-        from entrodrop_fast.profile.presets import paper_preset
+        from entrodrop_fast.profile.presets import preset_for_model
 
-        pre = paper_preset(
-            lm.model.config.model_type, lm.model.config.num_hidden_layers, args.device
-        )
+        pre = preset_for_model(lm.model.config, args.device)
         bins, k, batch, rule = pre["bins"], pre["k"], pre["batch_size"], "paper"
         log(f"--preset paper: {pre['why']}")
     comp = C.compare(

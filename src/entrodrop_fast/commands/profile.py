@@ -42,19 +42,11 @@ def _apply_preset(args) -> dict | None:
     and the dtype (fp16 on CUDA, fp32 on CPU) from the model's config; methods given with
     --method are profiled too. The report records the preset, so rank / prune protect layers
     0, 1 and the last from it. None without a preset."""
-    from entrodrop_fast.profile.presets import check_preset, paper_preset
+    from entrodrop_fast.profile.presets import check_preset, preset_for_model
 
     if check_preset(getattr(args, "preset", None)) is None:
         return None
-    from entrodrop_fast.models.loading import peek_config
-
-    cfg = peek_config(args.model, args.cache_dir)
-    if cfg is None:
-        raise ValueError(
-            "--preset paper reads the architecture from the model's config.json: give a local "
-            f"model directory or a built-in name, not {args.model!r}"
-        )
-    p = paper_preset(cfg.get("model_type"), cfg.get("num_hidden_layers"), args.device)
+    p = preset_for_model(args.model, args.device, cache_dir=args.cache_dir)
     extra = [
         m
         for spec in (args.method or [])

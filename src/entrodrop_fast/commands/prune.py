@@ -100,12 +100,9 @@ def _preset(src: Path, args) -> dict | None:
     """--preset paper: the paper's configuration for the model's architecture (None without)."""
     if getattr(args, "preset", None) is None:
         return None
-    import json
+    from entrodrop_fast.profile.presets import preset_for_model
 
-    from entrodrop_fast.profile.presets import paper_preset
-
-    cfg = json.loads((Path(src) / "config.json").read_text())
-    preset = paper_preset(cfg.get("model_type"), cfg.get("num_hidden_layers"), args.device)
+    preset = preset_for_model(str(src), args.device)
     _log(f"--preset paper: {preset['why']}")
     return preset
 

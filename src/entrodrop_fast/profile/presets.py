@@ -76,6 +76,25 @@ def paper_preset(
     return out
 
 
+def preset_for_model(model, device: str = "cpu", cache_dir=None) -> dict:
+    """:func:`paper_preset` for a model given by its config (a dict or a transformers config)
+    or by a source (a local directory or a built-in name, whose config.json is read without
+    loading weights). Raises ValueError when the source has no config at hand (a GGUF file or
+    a hub name: give a local directory or a built-in name)."""
+    if isinstance(model, dict) or hasattr(model, "model_type"):
+        get = model.get if isinstance(model, dict) else lambda k: getattr(model, k, None)
+        return paper_preset(get("model_type"), get("num_hidden_layers"), device)
+    from entrodrop_fast.models.loading import peek_config
+
+    cfg = peek_config(model, cache_dir)
+    if cfg is None:
+        raise ValueError(
+            f"{setting('preset', python='preset')} paper reads the architecture from the model's "
+            f"config.json: give a local model directory or a built-in name, not {model!r}"
+        )
+    return paper_preset(cfg.get("model_type"), cfg.get("num_hidden_layers"), device)
+
+
 def check_preset(name) -> str | None:
     """``None`` -> None; ``"paper"`` -> "paper"; anything else: ValueError listing the presets."""
     if name is None:
