@@ -163,3 +163,20 @@ def test_preset_for_model_from_a_config_or_a_source(tiny_dir):
     assert from_dir["method"] == "knn" and from_dir["protect"] == [0, 1, 5]
     with pytest.raises(ValueError, match="preset paper reads the architecture"):
         preset_for_model("some-org/not-local")
+
+
+def test_prune_iterative_on_the_command_line(tiny_dir, tmp_path, capsys):
+    # `prune --iterative` calls the library's iterative_plan_for on the very files it prunes
+    out = tmp_path / "pruned_iter"
+    argv = ["prune", str(tiny_dir), "--iterative", "--kind", "attn", "--drop", "2"]
+    argv += ["--protect", "0,5", "--samples", "2", "--seq-len", "24", "--out", str(out)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "profiling" in err
+    plan = json.loads((out / "entrodrop_plan.json").read_text())
+    assert plan["iterative"] is True and plan["protected"] == [0, 5]
+    dropped = plan["drop"]["attn"]
+    assert len(dropped) == 2 and not {0, 5} & set(dropped)
+    assert sorted(s["layer"] for s in plan["steps"]) == dropped  # one block a step
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 6

@@ -146,32 +146,23 @@ def report_for(src: Path, report_path) -> dict:
 
 
 def iterative(src: Path, args) -> dict:
-    from entrodrop_fast.data import calibration_windows
-    from entrodrop_fast.models import load_model
-    from entrodrop_fast.prune.ranking import iterative_plan
+    from entrodrop_fast.prune.pipeline import iterative_plan_for
 
     _, settings, dtype = _profile_settings(src, args)
-    lm = load_model(str(src), dtype=dtype, device=args.device)
-    windows, data_info = calibration_windows(
-        lm.tokenizer, args.corpus, samples=args.samples, seq_len=args.seq_len, seed=args.seed
-    )
-    _log(
-        f"profiling {src.name}: {data_info['samples']} x {data_info['seq_len']} tokens, "
-        f"method {', '.join(settings.methods)} ..."
-    )
-    plan = iterative_plan(
-        lm.model,
-        windows,
+    return iterative_plan_for(
+        src,
         args.kind,
         args.drop,
         method=args.method,
         protect=args.protect,
         settings=settings,
-        progress=True,
+        calibration=calibration_of(args),
+        dtype=dtype,
+        device=args.device,
         preset=args.preset,
+        progress=True,
+        log=_log,
     )
-    plan["model"].update({"name": str(src), "path": str(src)})
-    return plan
 
 
 def _h(n: int) -> str:

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from entrodrop_fast.profile.inmemory import ProfileSettings
+    from entrodrop_fast.profile.pipeline import Calibration
     from entrodrop_fast.prune.export import ExportSummary
 
 
@@ -58,3 +60,67 @@ def prune_model(
             plan = read_plan(plan)
         summary = export_pruned(src, out, plan, overwrite=overwrite, plan_to_save=plan)
     return src, plan, summary
+
+
+def iterative_plan_for(
+    source_dir: str | os.PathLike[str],
+    kind: str,
+    drop: int | float | str,
+    *,
+    method: str | None = None,
+    protect: str | list[int] | None = None,
+    settings: ProfileSettings | None = None,
+    calibration: Calibration | None = None,
+    dtype: str = "fp32",
+    device: str | None = None,
+    preset: str | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Iterative re-scoring of the model in the local directory ``source_dir``: load it, draw
+    the calibration windows, then drop one block at a time and profile again
+    (:func:`entrodrop_fast.prune.ranking.iterative_plan`). Returns the plan dict. As
+    :func:`prune_model`'s plan, pass ``lambda src: iterative_plan_for(src, ...)`` so that the
+    very files pruned are the ones scored.
+
+    ``kind`` / ``drop`` / ``method`` / ``protect`` / ``preset``: as for ``make_plan``;
+    ``settings``: the estimators' settings
+    (:class:`~entrodrop_fast.profile.inmemory.ProfileSettings`);
+    ``calibration``: where the windows come from (None: the paper's 128 x 256 of the built-in
+    corpus). Raises what loading, the corpus and ``iterative_plan`` raise (ValueError,
+    ModelLoadError, CorpusError); nothing is written.
+    """
+    from entrodrop_fast.data import calibration_windows
+    from entrodrop_fast.models import load_model
+    from entrodrop_fast.profile.pipeline import Calibration
+    from entrodrop_fast.prune.ranking import iterative_plan
+
+    calibration = calibration or Calibration()
+    lm = load_model(str(source_dir), dtype=dtype, device=device)
+    windows, info = calibration_windows(
+        lm.tokenizer,
+        calibration.corpus,
+        samples=calibration.samples,
+        seq_len=calibration.seq_len,
+        seed=calibration.seed,
+        text_field=calibration.text_field,
+    )
+    if log is not None:
+        methods = ", ".join(settings.methods) if settings is not None else "bucket"
+        log(
+            f"profiling {Path(source_dir).name}: {info['samples']} x {info['seq_len']} tokens, "
+            f"method {methods} ..."
+        )
+    plan = iterative_plan(
+        lm.model,
+        windows,
+        kind,
+        drop,
+        method=method,
+        protect=protect,
+        settings=settings,
+        progress=progress,
+        preset=preset,
+    )
+    plan["model"].update({"name": str(source_dir), "path": str(source_dir)})
+    return plan
