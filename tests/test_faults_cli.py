@@ -647,3 +647,21 @@ def test_truncated_report_names_the_file(tmp_path, capsys):
         capsys, "rank", rep, "--kind", "attn", "--drop", "1", "--out", tmp_path / "plan.json"
     )
     assert_clean_error(rc, err, "rank", "holds a JSON list, not a report")
+
+
+def test_compare_two_corpora_with_the_paper_preset(tiny_dir, long_txt, tmp_path, capsys):
+    # the whole comparison through the library's compare_model: two calibration corpora give
+    # the calibration agreement; the preset resolves from the model's config
+    other = tmp_path / "other.txt"
+    other.write_text(prose(1200, seed=7))
+    out = tmp_path / "cmp2"
+    argv = ["compare", tiny_dir, "--calib", long_txt, "--calib", other, "--preset", "paper"]
+    argv += ["--methods", "knn,random", "--random-seeds", "1", "--kind", "attn", "--drop", "1"]
+    argv += ["--samples", "4", "--seq-len", "32", "--eval-windows", "1", "--items", "2"]
+    rc, _, err = run_cli(capsys, *argv, "--no-speed", "--out", out, "-q")
+    assert rc == 0, err
+    comp = json.loads((out / "comparison.json").read_text())
+    assert comp["protocol"]["preset"] == "paper"
+    assert comp["calibration"] == {"a": str(long_txt), "b": str(other)}
+    agreement = comp["calibration_agreement"]
+    assert [(a["kind"], a["method"]) for a in agreement] == [("attn", "knn")]

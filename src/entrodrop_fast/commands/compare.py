@@ -131,7 +131,6 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from entrodrop_fast.evaluate import compare as C
-    from entrodrop_fast.models import load_model
 
     kinds = C.parse_list(args.kind, ("attn", "mlp", "layer"), "--kind")
     methods = C.parse_list(args.methods, C.SCORING + C.BASELINES, "--methods")
@@ -145,30 +144,17 @@ def run(args) -> int:
         if args.iterative.strip()
         else []
     )
-    if args.stage1_method is not None and args.stage1_method not in C.ENTROPY:
-        raise ValueError(
-            f"--stage1-method must be an entropy method ({', '.join(C.ENTROPY)}), "
-            f"got {args.stage1_method!r}"
-        )
-    if args.preset and args.protect_rule not in (None, "paper"):
-        raise ValueError(
-            "--preset paper protects layers 0, 1 and the last; it contradicts "
-            f"--protect-rule {args.protect_rule}"
-        )
-    if "angular" in methods and not any(isinstance(c, int) for c in counts):
-        raise ValueError(
-            "--methods angular scores spans of K whole layers: give integer --drop counts"
-        )
     calib = args.calib or [None]
-    if len(calib) > 2:
-        raise ValueError("--calib can be given at most twice")
-    if len(calib) == 2 and methods == ["random"]:
-        raise ValueError(
-            "two --calib corpora compare the rankings of scoring methods, and random has none; "
-            "add one to --methods (e.g. bucket,random)"
-        )
     from entrodrop_fast import outputs
 
+    C.check_protocol(
+        methods,
+        counts,
+        calib,
+        preset=args.preset,
+        protect_rule=args.protect_rule,
+        stage1_method=args.stage1_method,
+    )
     inputs = [*outputs.model_paths(args.model), *outputs.corpus_paths(*calib)]
     outputs.check_dir(
         args.out, kind="comparison", what="comparison", inputs=inputs, overwrite=args.overwrite
@@ -178,69 +164,32 @@ def run(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    from entrodrop_fast.data import calibration_windows, load_corpus
-    from entrodrop_fast.evaluate.heldout import heldout_documents
-
-    # unreadable, empty or binary corpora stop the run here
-    corpora = [load_corpus(c) for c in calib]
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    # enough text for every step, checked before the first forward pass
-    heldout_documents(corpora[0], lm.tokenizer, seq_len=args.seq_len)
-    for c in corpora:
-        calibration_windows(
-            lm.tokenizer, c, samples=args.samples, seq_len=args.seq_len, seed=args.seed
-        )
-    bins, k, batch = args.bins, args.k, args.batch_size
-    rule = args.protect_rule or "shared"
-    if args.preset:
-        from entrodrop_fast.profile.presets import preset_for_model
-
-        pre = preset_for_model(lm.model.config, args.device)
-        bins, k, batch, rule = pre["bins"], pre["k"], pre["batch_size"], "paper"
-        log(f"--preset paper: {pre['why']}")
-    comp = C.compare(
-        lm,
+    comp = C.compare_model(
+        args.model,
         kinds=kinds,
         counts=counts,
         methods=methods,
-        corpus=corpora[0],
+        calib=calib,
+        dtype=args.dtype,
+        device=args.device,
+        preset=args.preset,
+        protect_rule=args.protect_rule,
+        stage1_method=args.stage1_method,
+        random_seeds=tuple(range(args.random_seeds)),
+        iterative=tuple(iterative),
+        iterative_samples=args.iterative_samples,
         samples=args.samples,
         seq_len=args.seq_len,
         seed=args.seed,
         eval_windows=args.eval_windows,
         eval_items=args.items,
         speed=not args.no_speed,
+        bins=args.bins,
+        k=args.k,
+        batch_size=args.batch_size,
         progress=not args.quiet,
         log=log,
-        protect_rule=rule,
-        stage1_method=args.stage1_method,
-        random_seeds=tuple(range(args.random_seeds)),
-        iterative=tuple(iterative),
-        iterative_samples=args.iterative_samples,
-        bins=bins,
-        k=k,
-        batch_size=batch,
     )
-    if args.preset:
-        comp["protocol"]["preset"] = "paper"
-    if len(calib) == 2:
-        log(f"profiling again on {calib[1]} for the calibration comparison ...")
-        comp["calibration_agreement"] = C.corpus_agreement(
-            lm,
-            comp,
-            corpora[1],
-            kinds=kinds,
-            methods=methods,
-            counts=counts,
-            samples=args.samples,
-            seq_len=args.seq_len,
-            seed=args.seed,
-            bins=bins,
-            k=k,
-            batch_size=batch,
-            progress=not args.quiet,
-        )
-        comp["calibration"] = {"a": calib[0] or "builtin", "b": calib[1]}
     out = C.write(comp, args.out, overwrite=args.overwrite)
     print(C.markdown(comp))
     print(f"wrote {out}/comparison.json, comparison.md, comparison.png")

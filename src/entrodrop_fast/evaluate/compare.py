@@ -736,6 +736,139 @@ def _table_head(title: str, columns: list[str]) -> list[str]:
     return ["", title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
 
+def check_protocol(
+    methods,
+    counts,
+    calib=(None,),
+    *,
+    preset: str | None = None,
+    protect_rule: str | None = None,
+    stage1_method: str | None = None,
+) -> None:
+    """Refuse a comparison that cannot run as asked, before any model loads: ValueError naming
+    the setting (its Python keyword, or inside ``entrodrop compare`` its flag)."""
+    if stage1_method is not None and stage1_method not in ENTROPY:
+        raise ValueError(
+            f"{setting('stage1_method')} must be an entropy method ({', '.join(ENTROPY)}), "
+            f"got {stage1_method!r}"
+        )
+    if preset and protect_rule not in (None, "paper"):
+        raise ValueError(
+            f"{setting('preset')} paper protects layers 0, 1 and the last; it contradicts "
+            f"{setting('protect_rule')} {protect_rule}"
+        )
+    if "angular" in methods and not any(isinstance(c, int) for c in counts):
+        raise ValueError(
+            f"{setting('methods')} angular scores spans of K whole layers: give integer "
+            f"{setting('drop')} counts"
+        )
+    if len(calib) > 2:
+        raise ValueError(f"{setting('calib')} can be given at most twice")
+    if len(calib) == 2 and list(methods) == ["random"]:
+        raise ValueError(
+            f"two {setting('calib')} corpora compare the rankings of scoring methods, and random "
+            f"has none; add one to {setting('methods')} (e.g. bucket,random)"
+        )
+
+
+def compare_model(
+    source=None,
+    *,
+    kinds=("attn",),
+    counts=(2, 4, 6, 8),
+    methods=("bucket", "cosine", "random"),
+    calib=(None,),
+    dtype: str = "fp32",
+    device: str | None = None,
+    preset: str | None = None,
+    protect_rule: str | None = None,
+    stage1_method: str | None = None,
+    bins: int = 20,
+    k: int = 25,
+    batch_size: int = 8,
+    log=print,
+    **protocol: Any,
+) -> dict:
+    """The whole comparison from a model source: load the model and the calibration corpora
+    (``calib``: one, or two to compare the rankings they give), check there is text enough for
+    every step before the first forward pass, apply ``preset`` ("paper": the paper's estimator
+    settings and its fixed protection of layers 0, 1 and the last), then :func:`compare` and,
+    with two corpora, :func:`corpus_agreement` (in ``"calibration_agreement"``).
+
+    ``source``: what :func:`entrodrop_fast.models.load_model` takes (None: the built-in
+    SmolLM2-135M-Instruct). ``protocol``: the other keywords of :func:`compare` (samples,
+    seq_len, seed, eval_windows, eval_items, speed, random_seeds, iterative, ...). Returns the
+    comparison dict; writes nothing. Raises ValueError (:func:`check_protocol`), CorpusError
+    when a corpus is unreadable or too short, ModelLoadError when the model cannot be loaded.
+    """
+    from entrodrop_fast.data import calibration_windows, load_corpus
+    from entrodrop_fast.evaluate.heldout import heldout_documents
+    from entrodrop_fast.models import load_model
+
+    calib = list(calib) or [None]
+    check_protocol(
+        methods,
+        counts,
+        calib,
+        preset=preset,
+        protect_rule=protect_rule,
+        stage1_method=stage1_method,
+    )
+    samples = protocol.get("samples", 128)
+    seq_len = protocol.get("seq_len", 256)
+    seed = protocol.get("seed", 2024)
+    # unreadable, empty or binary corpora stop the run here
+    corpora = [load_corpus(c) for c in calib]
+    lm = load_model(source, dtype=dtype, device=device)
+    # enough text for every step, checked before the first forward pass
+    heldout_documents(corpora[0], lm.tokenizer, seq_len=seq_len)
+    for c in corpora:
+        calibration_windows(lm.tokenizer, c, samples=samples, seq_len=seq_len, seed=seed)
+    rule = protect_rule or "shared"
+    if preset:
+        from entrodrop_fast.profile.presets import check_preset, preset_for_model
+
+        check_preset(preset)
+        pre = preset_for_model(lm.model.config, device or "cpu")
+        bins, k, batch_size, rule = pre["bins"], pre["k"], pre["batch_size"], "paper"
+        log(f"{setting('preset')} paper: {pre['why']}")
+    comp = compare(
+        lm,
+        kinds=kinds,
+        counts=counts,
+        methods=methods,
+        corpus=corpora[0],
+        log=log,
+        protect_rule=rule,
+        stage1_method=stage1_method,
+        bins=bins,
+        k=k,
+        batch_size=batch_size,
+        **protocol,
+    )
+    if preset:
+        comp["protocol"]["preset"] = "paper"
+    if len(calib) == 2:
+        log(f"profiling again on {calib[1]} for the calibration comparison ...")
+        comp["calibration_agreement"] = corpus_agreement(
+            lm,
+            comp,
+            corpora[1],
+            kinds=kinds,
+            methods=methods,
+            counts=counts,
+            samples=samples,
+            seq_len=seq_len,
+            seed=seed,
+            bins=bins,
+            k=k,
+            batch_size=batch_size,
+            progress=protocol.get("progress", True),
+        )
+        comp["calibration"] = {"a": calib[0] or "builtin", "b": calib[1]}
+    return comp
+
+
 def markdown(comp: dict) -> str:
     d = comp["dense"]
     tasks = [t for t in d if t not in NOT_TASKS]
