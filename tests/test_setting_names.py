@@ -26,3 +26,24 @@ def test_commands_spell_their_own_options():
     assert rank["drop"] == "--drop" and rank["protect"] == "--protect"
     assert flag_spellings(parser, "profile")["resume_dir"] == "--resume-dir"
     assert "help" not in rank
+
+
+def test_advice_names_a_command_only_inside_one():
+    from entrodrop_fast._names import how
+
+    assert how("entrodrop rank --drop N", "make_plan(report, kind, drop)") == (
+        "make_plan(report, kind, drop)"
+    )
+    with spelled({"drop": "--drop"}):
+        assert how("entrodrop rank --drop N", "make_plan(report, kind, drop)") == (
+            "entrodrop rank --drop N"
+        )
+
+
+def test_an_empty_plan_from_python_names_the_library_call():
+    import pytest
+
+    from entrodrop_fast.prune.surgery import normalize_drops
+
+    with pytest.raises(ValueError, match=r"make_plan\(report, kind, drop\)"):
+        normalize_drops({"attn": []}, 4)

@@ -41,3 +41,9 @@ def spelled(spellings: Mapping[str, str] | None) -> Iterator[None]:
         yield
     finally:
         _SPELLINGS.reset(token)
+
+
+def how(command: str, python: str) -> str:
+    """Advice that differs by caller: ``command`` (a command line to run) inside an
+    ``entrodrop`` command, ``python`` (the library call that does the same) elsewhere."""
+    return command if _SPELLINGS.get() else python

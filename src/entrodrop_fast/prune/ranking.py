@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from entrodrop_fast._names import setting
+from entrodrop_fast._names import how, setting
 
 KINDS = ("attn", "mlp", "layer", "joint")
 PLAN_FORMAT = "entrodrop-plan/1"
@@ -396,7 +396,7 @@ def make_plan(
             raise ValueError(
                 f"the report has no angular distance for spans of {k} layers (has spans "
                 f"{', '.join(have) or 'none'}); profile with spans of {k} layers "
-                f"(entrodrop profile --spans {k})"
+                f"({how(f'entrodrop profile --spans {k}', f'ProfileSettings(spans=({k},))')})"
             )
         for start, a in sorted(spans.items(), key=lambda kv: kv[1]["mean"]):
             hit = [i for i in range(start, start + k) if i in set(protected)]
@@ -430,8 +430,12 @@ def make_plan(
                     f"{where}: the {method} score of the {b['kind']} block of layer {b['layer']} "
                     "(0-based) is "
                     + ("missing" if s is None else "NaN / null")
-                    + f"; run entrodrop profile again (with --method {method}) to rewrite the "
-                    "report"
+                    + "; "
+                    + how(
+                        f"run entrodrop profile again (with --method {method}) to rewrite the "
+                        "report",
+                        f"profile again with method {method} for a new report",
+                    )
                 )
             ranked.append(
                 {

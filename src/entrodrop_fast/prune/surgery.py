@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from entrodrop_fast._names import how
 from entrodrop_fast.models.adapters import Adapter, get_adapter
 from entrodrop_fast.models.config import (  # noqa: F401  (part of this module's API)
     IDENTITY_FIELDS,
@@ -193,7 +194,9 @@ def check_same_model(
     msg = head + (": " + "; ".join(rest) if rest else "")
     raise ValueError(
         f"{msg}. Its layer indices and scores describe that model, not this one: profile this "
-        "model first (entrodrop profile MODEL --out REPORT) and rank from that report."
+        "model first ("
+        + how("entrodrop profile MODEL --out REPORT", "profile.pipeline.profile_model(MODEL)")
+        + ") and rank from that report."
     )
 
 
@@ -260,7 +263,10 @@ def normalize_drops(plan, num_layers: int) -> Drops:
     if not any(out.values()):
         raise ValueError(
             "the plan drops nothing (its attn, mlp and layer lists are empty or missing): name at "
-            f"least one block, e.g. {form}, or make a plan with entrodrop rank --kind ... --drop N"
+            f"least one block, e.g. {form}, or make a plan with "
+            + how(
+                "entrodrop rank --kind ... --drop N", "prune.ranking.make_plan(report, kind, drop)"
+            )
         )
     both = set(out["attn"]) & set(out["mlp"])
     layer = sorted(set(out["layer"]) | both)
