@@ -339,15 +339,8 @@ ED_CLONES void item_bf16(const View& x, const View* f, const Mask& m, int64_t b,
 // y = x (+ f) at (b, t, d) in fp32, any dtype and strides (the rescan of suspect channels).
 float y_at(const View& x, const View* f, int64_t b, int64_t t, int64_t d) {
   auto elem = [&](const View& v) -> float {
-    const uint8_t* p = v.row(b, t) + d * v.sd * v.esize();
-    uint16_t h;
-    if (v.dtype == DT_F32) {
-      float r;
-      std::memcpy(&r, p, 4);
-      return r;
-    }
-    std::memcpy(&h, p, 2);
-    return v.dtype == DT_F16 ? f16_to_f32(h) : bf16_to_f32(h);
+    return dispatch_dtype(v.dtype,
+                          [&](auto dt) { return load1<decltype(dt)::value>(v.row(b, t), d * v.sd); });
   };
   float y = elem(x);
   if (f) y += elem(*f);
