@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -223,6 +224,25 @@ def test_a_directory_of_someone_elses_at_the_cache_path_is_never_replaced(fake, 
     assert sorted(p.name for p in own.iterdir()) == ["config.json"] and fake.converted == []
     (own / "config.json").unlink()  # an empty directory is taken
     assert ensure_builtin(fake.cache, "fake") == own and len(fake.converted) == 1
+
+
+def test_a_directory_put_at_the_cache_path_during_the_conversion_is_kept(fake, monkeypatch):
+    """The cache path was free when the conversion started; someone put a directory there
+    while it ran. It is refused, not moved aside and deleted with the work directory."""
+    own = fake.cache / "fake-tiny"
+    real = loading._convert_checked
+
+    def meanwhile(*a, **k):
+        files = real(*a, **k)
+        own.mkdir(parents=True)
+        (own / "notes.txt").write_text("mine")
+        return files
+
+    monkeypatch.setattr(loading, "_convert_checked", meanwhile)
+    with pytest.raises(ModelLoadError, match=r"fake-tiny exists and is not a conversion"):
+        ensure_builtin(fake.cache, "fake")
+    assert (own / "notes.txt").read_text() == "mine" and sorted(os.listdir(own)) == ["notes.txt"]
+    assert leftovers(fake.cache) == []
 
 
 def test_a_failed_conversion_leaves_nothing_and_keeps_the_old_entry(fake, monkeypatch):

@@ -158,6 +158,37 @@ def _dead_pid() -> int:
     return p.pid
 
 
+def test_a_given_temporary_is_never_written_through(tmp_path):
+    """write_atomic's ``tmp`` (the resume state's ``state.pt.tmp``): a leftover there is
+    unlinked, a symlink's target is not touched, and a directory is an error given to fail."""
+    outside = tmp_path / "users.txt"
+    outside.write_text("the user's")
+    d = tmp_path / "resume"
+    d.mkdir()
+    (d / "state.pt.tmp").symlink_to(outside)
+    outputs.write_atomic(
+        d / "state.pt", lambda fh: fh.write(b"new"), tmp=d / "state.pt.tmp", fail=_raise
+    )
+    assert outside.read_text() == "the user's" and (d / "state.pt").read_bytes() == b"new"
+    assert sorted(os.listdir(d)) == ["state.pt"]
+    (d / "state.pt.tmp").write_bytes(b"half a state")  # a killed write's leftover
+    outputs.write_atomic(
+        d / "state.pt", lambda fh: fh.write(b"newer"), tmp=d / "state.pt.tmp", fail=_raise
+    )
+    assert (d / "state.pt").read_bytes() == b"newer" and sorted(os.listdir(d)) == ["state.pt"]
+    (d / "state.pt.tmp").mkdir()
+    (d / "state.pt.tmp" / "keep").write_text("x")
+    with pytest.raises(RuntimeError, match="Is a directory"):
+        outputs.write_atomic(
+            d / "state.pt", lambda fh: fh.write(b"no"), tmp=d / "state.pt.tmp", fail=_raise
+        )
+    assert (d / "state.pt").read_bytes() == b"newer" and (d / "state.pt.tmp" / "keep").exists()
+
+
+def _raise(exc):
+    raise RuntimeError(f"failed: {exc}") from exc
+
+
 def test_temporaries_of_killed_runs_are_removed_and_nothing_else(tmp_path):
     pid = _dead_pid()
     stale = tmp_path / f".rep.entrodrop-tmp-{pid}-abc"

@@ -465,10 +465,12 @@ def write_atomic(
     A process killed at any point leaves ``out`` as it was or complete. ``tmp``: the
     temporary's path; by default a new ``.NAME.entrodrop-tmp-PID-*`` beside ``out`` (mode
     0666 less the umask), made after the parent directory is created and the temporaries of
-    killed runs are removed (:func:`sweep_stale`). ``durable``: the file is put on disk
-    (fsync) before the rename, and the directory after it. On a failure the temporary is
-    removed and ``out`` left as it was; an exception of a class in ``fail_on`` is passed to
-    ``fail``, which raises the error to report; any other goes on as it is.
+    killed runs are removed (:func:`sweep_stale`); a given ``tmp`` must lie in a directory the
+    caller owns (what is there is unlinked first, never written through). ``durable``: the
+    file is put on disk (fsync) before the rename, and the directory after it. On a failure
+    the temporary is removed and ``out`` left as it was; an exception of a class in
+    ``fail_on`` is passed to ``fail``, which raises the error to report; any other goes on as
+    it is.
     """
     made = None
     try:
@@ -479,8 +481,17 @@ def write_atomic(
             fd, made = tempfile.mkstemp(prefix=f".{name}{_TMP_TAG}{os.getpid()}-", dir=parent)
             fh = os.fdopen(fd, "wb")
         else:
-            made = os.fspath(tmp)
-            fh = open(made, "wb")
+            # the caller's own name in a directory it owns (a resume directory): what is there
+            # is a killed write's leftover. It is unlinked, never written through: a symlink's
+            # target is not touched, and a directory is refused (an OSError, given to fail).
+            path = os.fspath(tmp)
+            if os.path.isdir(path) and not os.path.islink(path):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            made = path
+            fh = os.fdopen(fd, "wb")
         with fh:
             write(fh)
             if durable:

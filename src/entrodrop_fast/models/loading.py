@@ -373,6 +373,14 @@ def _replaceable(final: Path) -> bool:
     )
 
 
+def _not_ours_message(final: Path, what: str) -> str:
+    return (
+        f"{final} exists and is not a conversion of the {what} (it has no {_MARKER}); "
+        "entrodrop does not replace it: move it away, or set ENTRODROP_CACHE "
+        f"(or {setting('cache_dir')}) to another directory"
+    )
+
+
 _PROBE = "The capital of France is Paris, and the capital of Italy is"
 
 
@@ -440,11 +448,7 @@ def ensure_builtin(cache_dir: str | os.PathLike | None = None, model=None) -> Pa
         return final
     what = f"built-in model {b.name}"
     if not _replaceable(final):
-        raise ModelLoadError(
-            f"{final} exists and is not a conversion of the {what} (it has no {_MARKER}); "
-            "entrodrop does not replace it: move it away, or set ENTRODROP_CACHE "
-            f"(or {setting('cache_dir')}) to another directory"
-        )
+        raise ModelLoadError(_not_ours_message(final, what))
     try:
         with outputs.scratch_dir(final) as work:
             gguf = _obtain_gguf(b, work)
@@ -460,6 +464,8 @@ def ensure_builtin(cache_dir: str | os.PathLike | None = None, model=None) -> Pa
                 if (final.exists() or final.is_symlink()) and not outputs.is_ours(
                     final, _CACHE_KIND
                 ):
+                    if not _replaceable(final):  # put there while we converted: not ours
+                        raise ModelLoadError(_not_ours_message(final, what))
                     # an earlier version's entry or a damaged one: out of the way, removed
                     # with work
                     os.replace(final, work / "stale")
