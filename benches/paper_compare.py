@@ -78,6 +78,14 @@ CPU2H = {
     "iterative": [],
     "rules": ["shared"],
 }
+# every method and setting of the full grid at one K per model (K = 2): both protection rules,
+# every estimator and robust variant, cosine, block influence, angular, random x 3 and the
+# iterative re-scoring; --reuse-evaluations takes the drop sets another study already
+# evaluated with the same settings (the cpu2h study's)
+METHODS = {
+    **FULL,
+    "counts": {"smollm2": [2], "gemma3-270m": [2]},
+}
 QUICK = {
     **FULL,
     "models": ["smollm2"],
@@ -168,6 +176,33 @@ class EvaluationLog(dict):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"settings": settings}) + "\n")
 
+    def adopt(self, other: Path) -> int:
+        """Take the evaluations of another study's log ``other`` made with the same settings
+        (appended to this log, so that it stays complete on its own). Returns how many were
+        new; a log with other settings is refused."""
+        if not other.is_file():
+            return 0
+        theirs = EvaluationLog.__new__(EvaluationLog)
+        dict.__init__(theirs)
+        lines = other.read_text().splitlines()
+        head = json.loads(lines[0]) if lines else {}
+        if head.get("settings") != self.settings:
+            raise SystemExit(
+                f"paper_compare: error: --reuse-evaluations: {other} was made with other "
+                f"evaluation settings ({head.get('settings')} against {self.settings}); its "
+                "numbers are not comparable"
+            )
+        new = 0
+        for line in lines[1:]:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if rec["key"] not in self:
+                self[rec["key"]] = rec["evaluation"]
+                new += 1
+        return new
+
     def __setitem__(self, key, value) -> None:
         super().__setitem__(key, value)
         # NaN / inf stay as they are (Python's JSON reads them back): a broken model's perplexity
@@ -196,7 +231,16 @@ def log(*a) -> None:
     print(f"[{time.strftime('%H:%M:%S')}]", *a, file=sys.stderr, flush=True)
 
 
-def run_model(name: str, grid: dict, out: Path, *, device: str, dtype: str, progress: bool) -> dict:
+def run_model(
+    name: str,
+    grid: dict,
+    out: Path,
+    *,
+    device: str,
+    dtype: str,
+    progress: bool,
+    reuse: Path | None = None,
+) -> dict:
     from entrodrop_fast.data import calibration_windows, load_corpus
     from entrodrop_fast.evaluate import compare as C
     from entrodrop_fast.models import load_model
@@ -210,6 +254,9 @@ def run_model(name: str, grid: dict, out: Path, *, device: str, dtype: str, prog
     cache = EvaluationLog(out / name / "evaluations.jsonl", eval_settings(name, grid, dtype))
     if cache:
         log(f"{name}: {len(cache)} evaluations from an earlier run of this study ({cache.path})")
+    if reuse is not None:
+        n = cache.adopt(reuse / name / "evaluations.jsonl")
+        log(f"{name}: {n} evaluations taken from {reuse / name / 'evaluations.jsonl'}")
     results = {}
     report = None
     for rule in grid["rules"]:
@@ -366,9 +413,18 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--grid",
         default=None,
-        choices=["full", "cpu2h"],
+        choices=["full", "cpu2h", "methods"],
         help="full: the issue's whole grid (about 15-21 h on the 2-core CPU, minutes on a GPU); "
-        "cpu2h: the cells that fit about 2 h there (default: full on CUDA, cpu2h on CPU)",
+        "cpu2h: the cells that fit about 2 h there; methods: every method and setting at "
+        "K = 2 (default: full on CUDA, cpu2h on CPU)",
+    )
+    ap.add_argument(
+        "--reuse-evaluations",
+        metavar="DIR",
+        default=None,
+        help="take the evaluations another study in DIR made with the same evaluation "
+        "settings (DIR/MODEL/evaluations.jsonl; the same pruned model gives the same numbers) "
+        "instead of evaluating those drop sets again",
     )
     ap.add_argument(
         "--quick",
@@ -431,7 +487,9 @@ def main(argv=None) -> int:
     grid = dict(
         QUICK
         if args.quick
-        else {"full": FULL, "cpu2h": CPU2H}[args.grid or ("full" if cuda else "cpu2h")]
+        else {"full": FULL, "cpu2h": CPU2H, "methods": METHODS}[
+            args.grid or ("full" if cuda else "cpu2h")
+        ]
     )
     if args.models:
         grid["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -508,7 +566,15 @@ def main(argv=None) -> int:
                 study["models"].append(prev["result"])
                 continue
         study["models"].append(
-            run_model(name, grid, out, device=device, dtype=args.dtype, progress=not args.quiet)
+            run_model(
+                name,
+                grid,
+                out,
+                device=device,
+                dtype=args.dtype,
+                progress=not args.quiet,
+                reuse=Path(args.reuse_evaluations).expanduser() if args.reuse_evaluations else None,
+            )
         )
     study["wall_s"] = time.perf_counter() - t0
     from entrodrop_fast.profile.report import json_safe

@@ -75,3 +75,36 @@ def test_resume_and_overwrite_are_refused_together(tmp_path, capsys):
     assert "give one" in capsys.readouterr().err
     assert mod.main(["--out", str(tmp_path / "new"), "--resume"]) == 1
     assert "no study to continue" in capsys.readouterr().err
+
+
+def test_reused_evaluations_need_the_same_settings_and_keep_the_log_whole(tmp_path):
+    mod = _module()
+    settings = {"model": "smollm2", "items": 200}
+    theirs = mod.EvaluationLog(tmp_path / "a" / "smollm2" / "evaluations.jsonl", settings)
+    theirs["attn:1,2"] = {"params": 7}
+    theirs["-"] = {"params": 9}
+    ours = mod.EvaluationLog(tmp_path / "b" / "smollm2" / "evaluations.jsonl", settings)
+    ours["-"] = {"params": 9}
+    assert ours.adopt(tmp_path / "a" / "smollm2" / "evaluations.jsonl") == 1
+    assert ours.adopt(tmp_path / "nothing-here.jsonl") == 0
+    again = mod.EvaluationLog(ours.path, settings)  # the adopted one was appended to our log
+    assert again == {"-": {"params": 9}, "attn:1,2": {"params": 7}}
+    other = mod.EvaluationLog(
+        tmp_path / "c" / "evaluations.jsonl", {"model": "smollm2", "items": 8}
+    )
+    try:
+        other.adopt(theirs.path)
+    except SystemExit as e:
+        assert "not comparable" in str(e)
+    else:
+        raise AssertionError("evaluations made with other settings were reused")
+    assert len(other) == 0
+
+
+def test_the_methods_grid_covers_every_method_and_setting_at_one_k():
+    mod = _module()
+    g = mod.METHODS
+    assert set(g["methods"]) == set(mod.ENTROPY + mod.SIMILARITY + ["random"])
+    assert g["rules"] == ["shared", "paper"] and g["random_seeds"] == 3
+    assert g["iterative"] == ["knn", "cosine"] and all(v == [2] for v in g["counts"].values())
+    assert {k: g[k] for k in ("items", "eval_windows")} == {"items": 200, "eval_windows": 64}
