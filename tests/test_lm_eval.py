@@ -17,7 +17,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import tiny_model
 
 from entrodrop_fast.cli import main
 from entrodrop_fast.evaluate import lm_eval as L
@@ -102,7 +102,7 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
     """A tiny random Llama with a word-level tokenizer (dense), and its export without the
     attention of layers 1 and 2."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from entrodrop_fast import export_pruned
 
@@ -110,23 +110,11 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
     vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *words_of(TRAIN + TEST)])}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
+    # the table's Llama (norms perturbed: a random model whose choices differ clearly), with
+    # the word vocabulary, room for the prompts, and no padding row (id 0 is <unk>)
+    model = tiny_model(
+        "llama", layers=4, vocab_size=len(vocab), max_position_embeddings=256, pad_token_id=None
     )
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # a random model whose choices differ clearly
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.3)
     dense = root / "dense"
     model.save_pretrained(dense)
     PreTrainedTokenizerFast(

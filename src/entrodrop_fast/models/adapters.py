@@ -83,8 +83,8 @@ class Arch:
     mlp_aliases: tuple[str, ...] = ()
     # the module under an MoE block holding the experts (its tensors: ``....{experts}.``)
     experts: str = "experts"
-    # which of the paper's code paths (DESIGN.md §2) scores this family: "llama" (knn, k = 25)
-    # or "mistral" (bucket, 80 bins); used by --preset paper
+    # which of the paper's code paths (its official code) scores this family: "llama" (knn,
+    # k = 25) or "mistral" (bucket, 80 bins); used by --preset paper
     paper_family: str = "llama"
     # how a layer drop rewrites the config (surgery reads these two):
     # fields holding one entry per decoder layer, cut to the kept layers' entries ...

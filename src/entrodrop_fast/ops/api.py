@@ -1,4 +1,5 @@
-"""Public estimator API: input checks, backend choice, and the estimators of DESIGN.md §3.
+"""Public estimator API: input checks, backend choice, and the estimators (README, "Estimators,
+exactly"; EntroDrop, arXiv 2504.03794).
 
 Every function accepts ``[N, D]`` (one sample: returns a 0-d tensor) or ``[B, T, D]``
 (B samples of T tokens: returns ``[B]``), in float32/float16/bfloat16 (float64 is read as

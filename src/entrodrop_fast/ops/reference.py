@@ -1,6 +1,7 @@
 """Readable torch reference for every estimator (the ground truth and the fallback).
 
-Everything here follows shared/DESIGN.md §3 and docs/CONTRACT.md literally, in fp32 for
+Everything here follows the definitions in the README ("Estimators, exactly": the paper's,
+arXiv 2504.03794, and its code's) and docs/CONTRACT.md literally, in fp32 for
 the inputs (as the kernels see them) and fp64 for every accumulation. Shapes:
 ``x``/``f``: ``[B, T, D]``; ``mask``: ``[B, T]`` bool or None. The kernel-level functions
 (``moments``, ``bucket``, ``cosine``, ``knn_kth_distance``) have the same signatures as

@@ -2,7 +2,7 @@
 
 The product's default (bucket entropy, 20 bins, batch 8 where it does not matter, stage 1
 detected from the profile + the last layer protected) is *not* what EntroDrop's official
-code runs on Llama. That code (read; DESIGN.md §2) scores
+code runs on Llama. That code (the paper's official repository, read) scores
 
 - Llama-family models (every architecture here except Mistral / Mixtral) with **knn,
   k = 25, paper form** (ln N - ln k) on the fp16 model, batch 1;

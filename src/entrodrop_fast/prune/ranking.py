@@ -1,4 +1,4 @@
-"""Ranking: a drop plan from a profile report (EntroDrop selection, DESIGN.md §2).
+"""Ranking: a drop plan from a profile report (EntroDrop selection, arXiv 2504.03794).
 
 One-shot selection: the candidate blocks of the chosen kind are sorted by ascending score
 (ΔH of an entropy method; the cosine importance 1 - cos for ``cosine``; for ``angular``
