@@ -413,3 +413,23 @@ def test_prune_cli_refuses_a_report_of_another_model(llama_dir, tmp_path, capsys
         == model_identity(json.loads((llama_dir / "config.json").read_text()))["config_sha256"]
     )
     assert saved["report"] == str(mine) and saved["drop"]["layer"] == [2]
+
+
+def test_a_plan_that_leaves_no_attention_block_is_refused(llama_dir, tmp_path):
+    """Every remaining layer's attention dropped (here in two prunes) made a model that failed
+    on its first forward pass (no KV-cache layer); refused, nothing written."""
+    first = tmp_path / "first"
+    export_pruned(llama_dir, first, {"attn": [1, 2]})
+    with pytest.raises(
+        ExportError, match=r"leaves no attention block: all 4 .* \(2 by an earlier prune\)"
+    ):
+        export_pruned(first, tmp_path / "none", {"attn": [0, 3]})
+    assert not (tmp_path / "none").exists()
+    model = tiny_model("llama", "mixed")
+    before = logits(model)
+    with pytest.raises(ValueError, match="leaves no attention block"):
+        drop_blocks_(model, {"attn": [0, 1, 2, 3]})
+    assert torch.equal(logits(model), before)  # refused before anything was removed
+    drop_blocks_(model, {"attn": [0, 1, 2]})  # one left: runs
+    with torch.inference_mode():
+        assert torch.isfinite(model(IDS).logits).all()

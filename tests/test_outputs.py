@@ -699,3 +699,22 @@ def test_quiet_profile_prints_no_progress_bar(env, tmp_path, capfd):
         assert rc == 0 and "Loading weights" not in err and "\r" not in err, err
     finally:
         hf_logging.enable_progress_bar()
+
+
+def test_a_mount_point_is_refused_as_a_directory_target_before_any_work(tmp_path, monkeypatch):
+    """A volume mounted at --out (docker -v host:/out): the output is built beside it and
+    renamed into place, which fails there (EBUSY / EXDEV) -- after all the work. Refused at
+    once, naming a directory inside it; a resume directory (written in place) is fine."""
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    (vol / "notes.txt").write_text("mine")
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == vol or real(p))
+    for kind, name in (("report", "entrodrop_report"), ("model", "pruned_model")):
+        with pytest.raises(OutputError, match=rf"is a mount point .* e\.g\. {vol / name}"):
+            outputs.check_dir(vol, kind=kind, what="x", overwrite=True)
+    assert outputs.check_dir(vol / "entrodrop_report", kind="report", what="x") == (
+        vol / "entrodrop_report"
+    )
+    assert outputs.check_dir(vol, kind="resume", what="resume state", overwrite=True) == vol
+    assert (vol / "notes.txt").read_text() == "mine"

@@ -212,11 +212,25 @@ def check_dir(
     flag = flag or setting("out")
     out = _resolve(path, flag)
     _overlap(out, inputs, flag)
+    if kind != "resume" and out.is_dir() and os.path.ismount(out):
+        # the output is built beside the target and renamed into place: a rename cannot
+        # replace a mount point or cross into another filesystem (EBUSY / EXDEV, found only
+        # after the work)
+        raise OutputError(
+            f"{flag} {out} is a mount point (e.g. a volume mounted into a container): "
+            f"entrodrop builds the {what} beside its target and moves it into place, which "
+            f"cannot replace a mount point; give a new directory inside it, e.g. "
+            f"{out / _default_name(kind)}"
+        )
     _check_existing_dir(
         out, kind=kind, what=what, overwrite=overwrite, replace_ours=replace_ours, flag=flag
     )
     _check_parent(out, flag)
     return out
+
+
+def _default_name(kind: str) -> str:
+    return {"report": "entrodrop_report", "model": "pruned_model"}.get(kind, f"entrodrop_{kind}")
 
 
 def check_file(

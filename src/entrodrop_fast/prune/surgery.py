@@ -440,6 +440,14 @@ def pruned_config_dict(
         {new_of[i] for i in prev.get("dropped_mlp", []) if i in new_of}
         | {new_of[i] for i in drops.mlp}
     )
+    if len(attn) >= len(kept):
+        earlier = len(set(prev.get("dropped_attn", [])) & set(new_of))
+        raise ValueError(
+            f"the plan leaves no attention block: all {len(kept)} remaining decoder layers would "
+            f"have their attention dropped ({earlier} by an earlier prune); such a model cannot "
+            "use its context, and transformers cannot build its KV cache (it fails on the first "
+            "forward pass). Keep at least one attention block: drop fewer, or protect one"
+        )
     record = {
         "format": 1,
         "indexing": "0-based indices of this model's decoder layers",
