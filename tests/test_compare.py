@@ -278,6 +278,8 @@ def test_paired_statistics_closed_forms():
     assert t["diff"] == pytest.approx(6 / 15)
     d = paired_mean_diff([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
     assert d["mean"] == 2.0 and d["ci95"][0] == pytest.approx(2 - 1.959963984540054 * (1 / 3**0.5))
+    one = paired_mean_diff([1.5], [0.5])  # one pair: no spread, no interval (was [m, m])
+    assert one == {"n": 1, "mean": 1.0, "ci95": None}
     with pytest.raises(ValueError, match="same items"):
         mcnemar_exact([1], [1, 0])
     with pytest.raises(ValueError, match="0 or 1"):
@@ -346,3 +348,26 @@ def test_second_rule_reuses_the_report_and_the_evaluations(lm, corpus):
     assert set(b["evaluations"]) == {C.drop_key({})} | {r["eval_key"] for r in b["rows"]}
     with pytest.raises(ValueError, match="no knn profile"):
         C.compare(lm, protect_rule="paper", report=a["report"], **{**kw, "methods": ("knn",)})
+
+
+def test_perplexity_of_one_window_has_no_interval_and_two_have_one_around_it():
+    """One window: ci95 None (it was a zero-width interval that missed the perplexity in the
+    8th digit); two or more: an interval that holds the perplexity."""
+    from helpers import char_llama
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from entrodrop_fast.evaluate.heldout import perplexity
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *"abcdefgh"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>")
+    model = char_llama(2)
+    docs = [" ".join("abcdefgh"[(i * 7 + j) % 8] for j in range(40)) for i in range(4)]
+    one = perplexity(model, tok, docs, seq_len=32, max_windows=1)
+    assert one["windows"] == 1 and one["ci95"] is None
+    assert one["nll"] == pytest.approx(one["window_nll"][0], rel=1e-12)
+    many = perplexity(model, tok, docs, seq_len=32, max_windows=4)
+    lo, hi = many["ci95"]
+    assert many["windows"] == 4 and lo < many["perplexity"] < hi

@@ -963,7 +963,7 @@ def markdown(comp: dict) -> str:
             )
             lines.append(
                 f"| {t['kind']} | {t['k']} | {t['a']}{same} | {t['b']} | {mcs} | {nd['mean']:+.4f} "
-                f"[{nd['ci95'][0]:+.4f}, {nd['ci95'][1]:+.4f}] |"
+                + (f"[{nd['ci95'][0]:+.4f}, {nd['ci95'][1]:+.4f}] |" if nd["ci95"] else "|")
             )
     if "speed" in d:
         lines += _table_head(

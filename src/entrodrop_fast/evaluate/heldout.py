@@ -110,10 +110,10 @@ def perplexity(
         logits = model(batch).logits[:, :-1].float()  # (b, T-1, V)
         check_finite(logits, model, "perplexity")
         lp = torch.log_softmax(logits, -1).gather(-1, batch[:, 1:, None])[..., 0]  # (b, T-1)
-        nll -= float(lp.sum())
+        nll -= float(lp.double().sum())
         count += lp.numel()
         per_window += [-float(v) for v in lp.double().mean(1)]
-    lo, hi = _mean_interval(per_window)
+    ci = _mean_interval(per_window)
     return {
         "perplexity": math.exp(nll / count),
         "nll": nll / count,
@@ -121,18 +121,19 @@ def perplexity(
         "windows": n_windows,
         "seq_len": seq_len,
         "window_nll": per_window,
-        "ci95": [math.exp(lo), math.exp(hi)],
+        # None from one window: no spread to estimate an interval from
+        "ci95": None if ci is None else [math.exp(ci[0]), math.exp(ci[1])],
     }
 
 
-def _mean_interval(values: list[float]) -> tuple[float, float]:
-    """95% normal interval of the mean of ``values`` (mean ± 1.96 standard errors; the mean
-    itself twice for fewer than 2 values). Used for the per-window NLL: perplexity's interval
+def _mean_interval(values: list[float]) -> tuple[float, float] | None:
+    """95% normal interval of the mean of ``values`` (mean ± 1.96 standard errors; None for
+    fewer than 2 values). Used for the per-window NLL: perplexity's interval
     is exp of it (windows of equal length, so their mean NLL is the overall NLL)."""
     n = len(values)
-    m = sum(values) / n if n else float("nan")
     if n < 2:
-        return (m, m)
+        return None
+    m = sum(values) / n
     se = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
     return (m - 1.959963984540054 * se, m + 1.959963984540054 * se)
 

@@ -66,8 +66,8 @@ def mcnemar_exact(a: list[int], b: list[int]) -> dict:
 def paired_mean_diff(a: list[float], b: list[float]) -> dict:
     """Mean of ``a[i] - b[i]`` with a 95% normal interval (mean ± 1.96 standard errors).
 
-    Returns ``{"n", "mean", "ci95": [lo, hi]}``; with one pair the interval is the mean
-    itself. Raises ValueError on unequal lengths or empty input.
+    Returns ``{"n", "mean", "ci95": [lo, hi]}``; with one pair there is no spread to
+    estimate and ``ci95`` is None. Raises ValueError on unequal lengths or empty input.
     """
     if len(a) != len(b):
         raise ValueError(
@@ -79,6 +79,6 @@ def paired_mean_diff(a: list[float], b: list[float]) -> dict:
     n = len(d)
     m = sum(d) / n
     if n < 2:
-        return {"n": n, "mean": m, "ci95": [m, m]}
+        return {"n": n, "mean": m, "ci95": None}
     se = math.sqrt(sum((v - m) ** 2 for v in d) / (n - 1) / n)
     return {"n": n, "mean": m, "ci95": [m - Z95 * se, m + Z95 * se]}
