@@ -149,6 +149,19 @@ def test_8_blocks_already_dropped_are_marked_skipped_shown_and_refused(pruned_pr
         drop_blocks_(model, {"attn": [1, 3]})
 
 
+def test_8_scores_csv_marks_dropped_blocks_and_leaves_their_numbers_empty(pruned_profile, tmp_path):
+    """A user sorting scores.csv to choose what to drop got the removed blocks first: their
+    ΔH is 0 (X and Y are one point). Now they are marked, with no numbers."""
+    _, rep = pruned_profile
+    out = write_report(rep, tmp_path / "rep", png=False)
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    gone = [r for r in rows if r["dropped"] == "yes"]
+    assert sorted((r["kind"], int(r["layer"])) for r in gone) == [("attn", 1), ("attn", 2)]
+    assert all(r["delta_bucket"] == "" and r["H_x_bucket"] == "" for r in gone)
+    kept = [r for r in rows if r["dropped"] == ""]
+    assert len(kept) == len(rows) - 2 and all(r["delta_bucket"] != "" for r in kept)
+
+
 # 10 --------------------------------------------------------------------------------------
 
 

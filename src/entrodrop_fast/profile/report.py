@@ -15,7 +15,8 @@ Layer indices are 0-based.
                  "cosine": {"mean": v, "stderr": v} | null,          # 1 - mean cos(X, Y)
                  "angular": {"1": {"mean": v, "stderr": v}, ...}}]}   # layer blocks: span l..l+n
 
-``scores.csv``: one row per block (kind, layer) with the same numbers, flat.
+``scores.csv``: one row per block (kind, layer) with the same numbers, flat; a block removed
+by an earlier prune has empty number cells and ``dropped`` = ``yes``.
 """
 
 from __future__ import annotations
@@ -230,17 +231,24 @@ def write_csv(report: dict, path: Path) -> None:
     for m in methods:
         header += [f"H_x_{m}", f"H_y_{m}", f"delta_{m}", f"delta_{m}_stderr"]
     header += ["cosine_importance", "cosine_importance_stderr"] + [f"angular_{n}" for n in spans]
+    header += ["dropped"]
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(header)
         for b in report["blocks"]:
             row = [b["kind"], b["layer"], b["x"], b["y"]]
+            if b.get("dropped"):
+                # removed by an earlier prune: no block there to score (its X and Y are the
+                # same point, so its numbers would read as a real 0 to anyone sorting them)
+                w.writerow(row + [""] * (len(header) - len(row) - 1) + ["yes"])
+                continue
             for m in methods:
                 row += [b["H_x"][m], b["H_y"][m], b["delta"][m]["mean"], b["delta"][m]["stderr"]]
             c = b.get("cosine")
             row += [c["mean"] if c else "", c["stderr"] if c else ""]
             ang = b.get("angular") or {}
             row += [ang[n]["mean"] if n in ang else "" for n in spans]
+            row += [""]
             w.writerow([_csv_value(v) for v in row])  # undefined (NaN) numbers: empty cells
 
 
