@@ -665,3 +665,16 @@ def test_compare_two_corpora_with_the_paper_preset(tiny_dir, long_txt, tmp_path,
     assert comp["calibration"] == {"a": str(long_txt), "b": str(other)}
     agreement = comp["calibration_agreement"]
     assert [(a["kind"], a["method"]) for a in agreement] == [("attn", "knn")]
+
+
+@pytest.mark.parametrize("command", ["eval", "bench"])
+def test_an_empty_json_path_is_refused_not_ignored(command, tiny_dir, capsys):
+    """--json '' was taken as "no JSON" by eval and bench (profile, rank and prune refuse an
+    empty --out): the user asked for a file and silently got none."""
+    args = (
+        ["eval", tiny_dir, "--no-speed", "--json", ""]
+        if command == "eval"
+        else ["bench", "--estimators", "moments", "--shapes", "8x16", "--json", ""]
+    )
+    rc, _, err = run_cli(capsys, *args)
+    assert_clean_error(rc, err, command, "--json is empty: give a path")

@@ -131,7 +131,7 @@ def run(args) -> int:
     from entrodrop_fast.ops import bench as B
     from entrodrop_fast.ops.api import BACKENDS as API_BACKENDS
 
-    if args.json:  # checked before the benchmark runs
+    if args.json is not None:  # checked before the benchmark runs ("" too: refused)
         outputs.check_file(
             args.json,
             what="bench JSON",
@@ -192,7 +192,7 @@ def run(args) -> int:
             f"the benchmark ran out of memory on {device} "
             f"({str(exc).strip().splitlines()[0]}); use smaller --shapes"
         ) from None
-    if args.json:
+    if args.json is not None:
         outputs.publish_file(args.json, json.dumps(rows, indent=1), what="bench JSON")
         print(f"wrote {args.json}")
     return 0

@@ -30,7 +30,7 @@ def eval_file_check():
 def run(args) -> int:
     from entrodrop_fast import outputs
 
-    if args.json:  # checked before any work
+    if args.json is not None:  # checked before any work ("" too: refused)
         outputs.check_file(
             args.json,
             what="evaluation JSON",
@@ -129,7 +129,7 @@ def run(args) -> int:
             f"KV cache {s['kv_cache_bytes_per_token']:.0f} B/token, "
             f"peak {s['peak_memory_bytes'] / 2**20:.0f} MiB ({s['peak_memory_kind']})"
         )
-    if args.json:
+    if args.json is not None:
         outputs.publish_file(args.json, json.dumps(res, indent=2), what="evaluation JSON")
         print(f"wrote {args.json}")
     return 0
