@@ -678,3 +678,11 @@ def test_an_empty_json_path_is_refused_not_ignored(command, tiny_dir, capsys):
     )
     rc, _, err = run_cli(capsys, *args)
     assert_clean_error(rc, err, command, "--json is empty: give a path")
+
+
+def test_an_unknown_device_is_named_as_the_device_not_the_backend(tiny_dir, tmp_path, capsys):
+    rc, _, err = run_cli(
+        capsys, "profile", tiny_dir, "--device", "gpu", "--out", str(tmp_path / "r"), "-q"
+    )
+    msg = assert_clean_error(rc, err, "profile", "--device gpu: device must be cpu, cuda")
+    assert "--backend" not in msg and not (tmp_path / "r").exists()

@@ -229,7 +229,11 @@ def check_inputs(
                 f"{k} {settings.k}; raise {seq_len} or lower {k}"
             )
         try:
-            resolved_backend(settings.backend, parse_device(device))
+            dev = parse_device(device)
+        except ValueError as exc:  # the device's own fault, not the backend's
+            raise ValueError(f"{setting('device')} {device}: {exc}") from None
+        try:
+            resolved_backend(settings.backend, dev)
         except ValueError as exc:
             forced = os.environ.get("ENTRODROP_BACKEND")
             if settings.backend == "auto" and forced:
