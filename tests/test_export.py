@@ -141,6 +141,23 @@ def test_corrupt_shard_fails_cleanly(llama_src, tmp_path):
     assert not out.exists()
 
 
+def test_a_damaged_config_json_is_named(llama_src, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in llama_src.iterdir():
+        (src / p.name).write_bytes(p.read_bytes())
+    text = (src / "config.json").read_text()
+    (src / "config.json").write_text(text[: len(text) // 2])  # truncated
+    with pytest.raises(ExportError, match=rf"{src / 'config.json'} is not valid JSON .* restore"):
+        export_pruned(src, tmp_path / "out", {"attn": [1]})
+    with pytest.raises(ExportError, match="not valid JSON"):
+        load_pruned(src)
+    (src / "config.json").write_text("[1, 2]")
+    with pytest.raises(ExportError, match="holds list, not a JSON object"):
+        export_pruned(src, tmp_path / "out", {"attn": [1]})
+    assert not (tmp_path / "out").exists()
+
+
 def test_failure_while_writing_leaves_nothing(llama_src, tmp_path, monkeypatch):
     import entrodrop_fast.prune.export as ex
 

@@ -348,6 +348,21 @@ def _main_dtype_bytes(sizes: dict[str, int]) -> int:
     return _DTYPE_BYTES[max(sizes, key=sizes.get)] if sizes else 2
 
 
+def _read_config(path: Path) -> dict:
+    """A model directory's config.json as a dict; :class:`ExportError` naming the file when it
+    is not a JSON object (a damaged or hand-edited model directory)."""
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ExportError(
+            f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); the "
+            "model directory is damaged: restore its config.json"
+        ) from None
+    if not isinstance(cfg, dict):
+        raise ExportError(f"{path} holds {type(cfg).__name__}, not a JSON object of settings")
+    return cfg
+
+
 def export_pruned(
     src, out, plan, *, overwrite: bool = False, plan_to_save: dict | None = None
 ) -> ExportSummary:
@@ -368,7 +383,7 @@ def export_pruned(
     outputs.check_dir(
         out, kind="model", what="pruned model", overwrite=overwrite, replace_ours=False
     )
-    cfg = json.loads((src / "config.json").read_text())
+    cfg = _read_config(src / "config.json")
     adapter = get_adapter(types.SimpleNamespace(**cfg))
     L = surgery._num_layers_of(cfg)
     plan_d = read_plan(plan)
@@ -524,7 +539,7 @@ def load_pruned(path, **kwargs):
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a model directory")
-    cfg = json.loads(cfg_file.read_text())
+    cfg = _read_config(cfg_file)
     kwargs.setdefault("trust_remote_code", False)
     if not has_subblock_drops(cfg):
         return transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
