@@ -686,3 +686,26 @@ def test_an_unknown_device_is_named_as_the_device_not_the_backend(tiny_dir, tmp_
     )
     msg = assert_clean_error(rc, err, "profile", "--device gpu: device must be cpu, cuda")
     assert "--backend" not in msg and not (tmp_path / "r").exists()
+
+
+def test_the_packages_warnings_read_like_its_errors(tiny_dir, tmp_path):
+    """prune with a plan made from another path (same config) warned as Python does,
+    ``.../export.py:380: UserWarning: ...`` and a line of our source."""
+    from pathlib import Path
+
+    from entrodrop_fast.prune.surgery import model_identity
+
+    ident = model_identity(json.loads((Path(tiny_dir) / "config.json").read_text()))
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"drop": {"attn": [1]}, "model": {**ident, "path": "/elsewhere"}}))
+    # as a process: pytest records warnings in-process, and recorded warnings are left alone
+    p = subprocess.run(
+        [sys.executable, "-m", "entrodrop_fast", "prune", str(tiny_dir), "--plan", str(plan)]
+        + ["--out", str(tmp_path / "p")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "entrodrop prune: warning: the plan was made from the model at /elsewhere" in p.stderr
+    assert "UserWarning" not in p.stderr and ".py:" not in p.stderr

@@ -15,6 +15,7 @@ a bug in entrodrop_fast: it says so and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import json
@@ -22,6 +23,7 @@ import os
 import pkgutil
 import re
 import sys
+import warnings
 
 from entrodrop_fast import __version__, commands
 from entrodrop_fast._names import spelled
@@ -199,6 +201,37 @@ def flag_spellings(parser: argparse.ArgumentParser, command: str) -> dict[str, s
     return spellings
 
 
+@contextlib.contextmanager
+def _tidy_warnings(command: str):
+    """The package's own warnings read as ``entrodrop CMD: warning: ...`` on stderr, like its
+    errors, not as Python's ``file:line: UserWarning`` with a line of our source; other
+    libraries' warnings keep their own form."""
+    shown = warnings.showwarning
+    # warnings being recorded (catch_warnings(record=True): pytest.warns, a caller of main)
+    # or shown by a replacement of someone else's are left to them
+    impl = getattr(warnings, "_showwarnmsg_impl", None)
+    if shown is not getattr(warnings, "_showwarning_orig", shown) or (
+        getattr(impl, "__module__", None) != "warnings"
+    ):
+        yield
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(filename).startswith(_PACKAGE_DIR):
+            print(f"entrodrop {command}: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -210,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(getattr(args, name, None), str):
             setattr(args, name, os.path.expanduser(getattr(args, name)))
     try:
-        with spelled(flag_spellings(parser, args.command)):
+        with spelled(flag_spellings(parser, args.command)), _tidy_warnings(args.command):
             return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
