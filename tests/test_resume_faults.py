@@ -724,3 +724,27 @@ def test_cli_resume_errors_are_one_line_messages(tiny_dir, tmp_path, capsys):
         rc, err = profile("ro")
     assert rc == 1 and "Traceback" not in err
     assert err.startswith("entrodrop profile: error: ") and "read-only" in err
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("run.json", '{"experiment": "mine", "lr": 0.001}'),  # the user's own run.json
+        ("run.json", "[1, 2, 3]"),
+        ("state.pt", b"my own checkpoint"),  # the user's own state.pt, no run.json of ours
+    ],
+)
+def test_a_users_own_run_json_or_state_pt_is_named_not_ours(ckpt, tmp_path, name, content):
+    """They were reported as 'written by another version of entrodrop' / torch's unpickling
+    text with advice to remove the directory."""
+    d = tmp_path / "mine"
+    d.mkdir()
+    p = d / name
+    p.write_text(content) if isinstance(content, str) else p.write_bytes(content)
+    with pytest.raises(
+        ResumeError, match=r"is not a resume state of entrodrop \(a file of yours\?"
+    ):
+        _resume(ckpt, d)
+    assert os.listdir(d) == [name] and (
+        p.read_text() == content if isinstance(content, str) else p.read_bytes() == content
+    )

@@ -716,6 +716,10 @@ def _open_resume_dir(
         f"disk?); {_remove_it()}"
     )
     run_path, state_path = os.path.join(directory, RUN_NAME), os.path.join(directory, STATE_NAME)
+    not_ours = (
+        f"a file of yours? entrodrop does not use or remove it: choose a new or empty "
+        f"{setting('resume_dir')}"
+    )
     run_fp = None
     if os.path.exists(run_path):
         try:
@@ -724,6 +728,8 @@ def _open_resume_dir(
             raise ResumeError(
                 f"{run_path}: cannot be read ({type(exc).__name__}: {exc}); {broken}"
             ) from None
+        if not (isinstance(run_fp, dict) and "format" in run_fp and "windows" in run_fp):
+            raise ResumeError(f"{run_path} is not a resume state of entrodrop ({not_ours})")
         _compare(run_fp, fingerprint, run_path, directory)
     if os.path.exists(state_path):
         try:
@@ -731,6 +737,10 @@ def _open_resume_dir(
         except (
             Exception
         ) as exc:  # truncated, garbage, not a torch file, unreadable: all the same to us
+            if run_fp is None:  # no run.json of ours beside it: never written by entrodrop
+                raise ResumeError(
+                    f"{state_path} is not a resume state of entrodrop ({not_ours})"
+                ) from None
             msg = (str(exc).strip().splitlines() or [""])[0][:200]
             raise ResumeError(
                 f"{state_path}: cannot be read ({type(exc).__name__}: {msg}); {broken}"
