@@ -709,3 +709,24 @@ def test_the_packages_warnings_read_like_its_errors(tiny_dir, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "entrodrop prune: warning: the plan was made from the model at /elsewhere" in p.stderr
     assert "UserWarning" not in p.stderr and ".py:" not in p.stderr
+
+
+def test_a_report_given_as_the_plan_and_a_plan_as_the_report_say_which_is_which(
+    tiny_dir, tmp_path, capsys
+):
+    report = tmp_path / "rep"
+    args = ["profile", str(tiny_dir), "--samples", "2", "--seq-len", "16", "--out", str(report)]
+    assert main([*args, "-q", "--no-plot"]) == 0
+    plan = tmp_path / "plan.json"
+    assert main(["rank", str(report), "--kind", "attn", "--drop", "1", "--out", str(plan)]) == 0
+    capsys.readouterr()
+    rc, _, err = run_cli(
+        capsys, "prune", tiny_dir, "--plan", report / "report.json", "--out", tmp_path / "p"
+    )
+    assert_clean_error(rc, err, "prune", "this is a profile report", "not a plan")
+    rc, _, err = run_cli(
+        capsys, "rank", plan, "--kind", "attn", "--drop", "1", "--out", tmp_path / "p2.json"
+    )
+    assert_clean_error(rc, err, "rank", "this is a plan, written by rank")
+    rc, _, err = run_cli(capsys, "rank", report, "--kind", "attn", "--drop", "-2")
+    assert_clean_error(rc, err, "rank", "--drop count must be >= 1, got -2")

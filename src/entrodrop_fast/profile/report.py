@@ -391,9 +391,14 @@ def load_report(path: str | os.PathLike) -> dict:
             "by entrodrop profile"
         )
     if rep.get("format") != FORMAT:
-        raise ValueError(
-            f"{p}: unsupported report format {rep.get('format')!r} (expected {FORMAT})"
+        fmt = rep.get("format")
+        kind = (
+            " (this is a plan, written by rank: give it as the plan, and the report.json of "
+            "entrodrop profile as the report)"
+            if isinstance(fmt, str) and fmt.startswith("entrodrop-plan")
+            else ""
         )
+        raise ValueError(f"{p}: unsupported report format {fmt!r} (expected {FORMAT}){kind}")
     check_report(rep, p)
     return rep
 

@@ -78,6 +78,8 @@ def parse_drop(drop):
             )
         if drop.is_integer() and drop > 1:
             return ("count", int(drop))  # 2.0: a count (a fraction lies below 1)
+        if drop < 0:
+            raise ValueError(f"a {setting('drop')} count must be >= 1, got {drop:g}")
         if not 0 < drop < 1:
             raise ValueError(
                 f"a fractional {setting('drop')} must lie in (0, 1) (or give a count, or a "

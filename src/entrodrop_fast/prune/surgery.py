@@ -232,6 +232,16 @@ def normalize_drops(plan, num_layers: int) -> Drops:
             f"plan: 'drop' must be an object {form}, got {type(spec).__name__} {spec!r:.60}"
         )
     unknown = set(spec) - {"attn", "mlp", "layer"}
+    if unknown and {"blocks", "entropy", "points"} & set(spec):
+        raise ValueError(
+            "this is a profile report (report.json of entrodrop profile), not a plan: make a "
+            "plan from it with "
+            + how(
+                "entrodrop rank REPORT --kind ... --drop N",
+                "prune.ranking.make_plan(report, kind, drop)",
+            )
+            + ", or pass it to prune as the report, with the kind and count to drop"
+        )
     if unknown:
         raise ValueError(
             f"plan drops have unknown keys {sorted(unknown)}; expected attn, mlp, layer (or a full "
