@@ -504,3 +504,32 @@ def test_unknown_model_type_lists_the_supported_ones(tmp_path, capsys, streaming
     err = capsys.readouterr().err
     assert "unsupported model_type 'foobar_lm'; supported: gemma2" in err and "llama" in err
     assert "upgrade" not in err and "Traceback" not in err and not (tmp_path / "rep").exists()
+
+
+def test_a_mistyped_local_path_fails_at_once_when_the_hub_is_unreachable(tmp_path, monkeypatch):
+    """'smol-atn8' (for smol-attn8) waited ~26 s on the hub client's retries before failing."""
+    from entrodrop_fast.models import loading
+
+    (tmp_path / "smol-attn8").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(
+        loading.ModelLoadError, match=r"cannot be reached from here\); did you mean 'smol-attn8'\?"
+    ):
+        loading.load_model("smol-atn8")
+    with pytest.raises(loading.ModelLoadError, match="cannot be reached"):
+        loading.resolve_source("org/not-here")
+
+
+def test_the_hub_check_trusts_a_proxy_and_offline_mode(monkeypatch):
+    from entrodrop_fast.models import loading
+
+    for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens: refused at once
+    assert loading._hub_reachable(timeout=1.0) is False
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # maybe the only way out
+    assert loading._hub_reachable(timeout=1.0) is True
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # transformers answers from its cache at once
+    assert loading._hub_reachable(timeout=1.0) is True

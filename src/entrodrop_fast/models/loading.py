@@ -836,6 +836,47 @@ def _looks_like_hub_id(s: str) -> bool:
     )
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face hub (``HF_ENDPOINT``) opens within
+    ``timeout`` s. True when a proxy is configured (it may be the only way out) or the hub is
+    set offline (transformers then answers at once from its cache)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    env = os.environ
+    if any(env.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    if env.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return True
+    url = urlsplit(env.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _check_hub_reachable(src: str, p: Path) -> None:
+    """A name that is no local path is tried on the hub; when the hub cannot be reached, say so
+    at once (its client retries for about half a minute), with a local near miss if any."""
+    if _hub_reachable():
+        return
+    import difflib
+
+    parent = p.parent if str(p.parent) not in ("", ".") else Path(".")
+    try:
+        near = difflib.get_close_matches(
+            p.name, [e.name for e in parent.iterdir() if e.is_dir()], n=1, cutoff=0.75
+        )
+    except OSError:
+        near = []
+    hint = f"; did you mean {str(parent / near[0])!r}?" if near else ""
+    raise ModelLoadError(
+        f"no such model file or directory: {src} (not a local path, and the Hugging Face hub, "
+        f"where a hub id would be loaded from, cannot be reached from here){hint}"
+    )
+
+
 def load_model(source=None, *, dtype="fp32", device="cpu", cache_dir=None) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, on ``device`` in ``dtype``.
 
@@ -898,6 +939,7 @@ def load_model(source=None, *, dtype="fp32", device="cpu", cache_dir=None) -> Lo
                 f"you mean {close[0]!r}? "
                 f"(built-in: {', '.join(b.name for b in BUILTIN_MODELS)})"
             )
+    _check_hub_reachable(src, p)
     from transformers import AutoConfig, AutoTokenizer
 
     try:
@@ -1039,6 +1081,7 @@ def resolve_source(model, cache_dir=None, *, need: str = "safetensors", workdir=
         m.save_pretrained(dst)
         tok.save_pretrained(dst)
         return dst
+    _check_hub_reachable(str(model), p)
     try:
         from huggingface_hub import snapshot_download
 
