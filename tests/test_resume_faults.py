@@ -748,3 +748,19 @@ def test_a_users_own_run_json_or_state_pt_is_named_not_ours(ckpt, tmp_path, name
     assert os.listdir(d) == [name] and (
         p.read_text() == content if isinstance(content, str) else p.read_bytes() == content
     )
+
+
+def test_a_resumed_run_reports_where_it_started_not_a_throughput(ckpt, stopped):
+    """It printed 'profiled 8 samples in 0.0 s (51494 tokens/s)': the seconds of the layers
+    left, over the tokens of all of them."""
+    res = _resume(ckpt, stopped)
+    assert res["resumed_from_layer"] == STOP
+    import math
+
+    from entrodrop_fast.profile.report import build_report
+
+    # the pipeline's figure (tokens over seconds) would mix a part of the work with all of it
+    rep = build_report(
+        {**res, "tokens": 1, "tokens_per_s": math.nan}, model_info={}, data_info={}, settings={}
+    )
+    assert rep["timing"]["resumed_from_layer"] == STOP

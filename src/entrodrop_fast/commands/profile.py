@@ -296,9 +296,14 @@ def run(args) -> int:
     out = write_report(report, args.out, png=not args.no_plot, overwrite=args.overwrite)
     print(ranking_table(report, top=args.top))
     t = report["timing"]
+    L = report["model"].get("num_layers")
+    speed = (
+        f"resumed at layer {t['resumed_from_layer']} of {L}: the remaining layers"
+        if t.get("resumed_from_layer")
+        else f"{t['tokens_per_s']:.0f} tokens/s"
+    )
     print(
         f"\nprofiled {t['samples']} samples in {t['seconds']:.1f} s "
-        f"({t['tokens_per_s']:.0f} tokens/s, backend {report['settings']['backend']}); "
-        f"report: {out}"
+        f"({speed}, backend {report['settings']['backend']}); report: {out}"
     )
     return 0

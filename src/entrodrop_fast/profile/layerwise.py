@@ -1042,7 +1042,7 @@ def profile_streaming(
         stats.merge(s)
     from entrodrop_fast.profile.inmemory import finish
 
-    return finish(
+    result = finish(
         stats,
         settings,
         model,
@@ -1053,3 +1053,6 @@ def profile_streaming(
         runner="streaming",
         checkpoint_bytes=ckpt.bytes,
     )
+    if first_layer:  # this process ran only the layers a stopped run had not finished
+        result["resumed_from_layer"] = first_layer
+    return result

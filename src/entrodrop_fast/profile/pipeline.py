@@ -460,6 +460,8 @@ def profile_model(
         result["tokens_per_s"] = (
             windows.numel() / result["seconds"] if result["seconds"] > 0 else float("nan")
         )
+        if result.get("resumed_from_layer"):  # the seconds cover only the layers run here
+            result["tokens_per_s"] = float("nan")
         if rank:
             return None
         settings_info = {

@@ -130,6 +130,11 @@ def build_report(
             "tokens": result["tokens"],
             "tokens_per_s": result["tokens_per_s"],
             "samples": result["samples"],
+            **(
+                {"resumed_from_layer": result["resumed_from_layer"]}
+                if result.get("resumed_from_layer")
+                else {}
+            ),
         },
         "points": points,
         "entropy": result["entropy"],

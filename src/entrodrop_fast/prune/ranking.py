@@ -536,7 +536,10 @@ def plan_summary(plan: dict) -> str:
             if isinstance(se, (int, float)) and math.isfinite(se)
             else " (no stderr: needs >= 2 samples)"
         )
-        lines.append(f"    {r['kind']:5s} layer {r['layer']:3d}  score {r['score']:.5g}{err}")
+        what = (
+            f"layer {r['layer']}" if r["kind"] == "layer" else f"{r['kind']} of layer {r['layer']}"
+        )
+        lines.append(f"    {what:16s}  score {r['score']:.5g}{err}")
     return "\n".join(lines)
 
 
