@@ -383,3 +383,14 @@ def test_7_iterative_fraction_counts_the_candidates():
     assert (
         plan["k"] == 2 and len(plan["drop"]["attn"]) == 2 and not set(plan["drop"]["attn"]) & {0, 4}
     )
+
+
+def test_the_ranking_table_shows_cosine_only_when_it_was_profiled():
+    rep = flat_report(4)
+    for b in rep["blocks"]:  # H_x / H_y as a profile writes them
+        b["H_x"], b["H_y"] = {"bucket": 1.0}, {"bucket": 1.1}
+    assert "cosine-imp" not in ranking_table(rep)  # it was a column of '-'
+    for b in rep["blocks"]:
+        b["cosine"] = {"mean": 0.25, "stderr": 0.01}
+    table = ranking_table(rep)
+    assert "cosine-imp" in table and "0.2500" in table

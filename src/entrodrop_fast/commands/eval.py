@@ -203,9 +203,18 @@ def register(sub) -> None:
         metavar="N",
         help="lm-eval: requests per forward pass (default 8)",
     )
-    p.add_argument("--no-speed", action="store_true")
-    p.add_argument("--dtype", default="fp32")
-    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--no-speed",
+        action="store_true",
+        help="skip the prefill / decode throughput and KV-cache memory measurement",
+    )
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["bf16", "fp16", "fp32"],
+        help="model dtype (default fp32)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     add_output_file_args(
         p,
         "--json",

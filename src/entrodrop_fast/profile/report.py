@@ -201,9 +201,11 @@ def ranking_table(report: dict, top: int = 8) -> str:
         if not rows:
             continue
         score_name = "ΔH" if method != "cosine" else "1-cos"
+        # the cosine column only when cosine was profiled beside an entropy method
+        with_cos = method != "cosine" and any(b.get("cosine") for b in rows)
         lines.append(
-            f"\n  {kind:5s}  rank  layer   {score_name:>10s} ± stderr      H(X)        H(Y)   "
-            "cosine-imp"
+            f"\n  {kind:5s}  rank  layer   {score_name:>10s} ± stderr      H(X)        H(Y)"
+            + ("   cosine-imp" if with_cos else "")
         )
         for i, b in enumerate(rows, 1):
             if method == "cosine":
@@ -219,7 +221,8 @@ def ranking_table(report: dict, top: int = 8) -> str:
                 if b.get("cosine") and b["cosine"]["mean"] is not None
                 else "-"
             )
-            lines.append(f"  {'':5s}  {i:4d}  {b['layer']:5d}  {score:>20s} {hx} {hy}   {cos}")
+            line = f"  {'':5s}  {i:4d}  {b['layer']:5d}  {score:>20s} {hx} {hy}"
+            lines.append(f"{line}   {cos}" if with_cos else line.rstrip())
         for b in report["blocks"]:
             if b["kind"] == kind and b.get("dropped"):
                 lines.append(
