@@ -72,3 +72,10 @@ def test_two_ranks_equal_one_process(tmp_path):
 def test_all_reduce_needs_a_process_group():
     with pytest.raises(RuntimeError, match="process group"):
         all_reduce_(ef.SampleStats())
+
+
+def test_sample_stats_shape_errors_name_the_shape_plainly():
+    with pytest.raises(ValueError, match=r"shape \[B\] \(B samples\), got \[2, 5\]$"):
+        ef.SampleStats().update(torch.zeros(2, 5))  # it read "shape [B, ]"
+    with pytest.raises(ValueError, match=r"shape \[B, 3\] \(B samples\), got \[2\]$"):
+        ef.SampleStats((3,)).update(torch.zeros(2))

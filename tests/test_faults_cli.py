@@ -254,8 +254,11 @@ def test_entropy_empty_truncated_and_corrupt_files(tmp_path, capsys, suffix):
     )
     junk = tmp_path / f"junk{suffix}"
     junk.write_bytes(bytes(range(256)) * 4)
-    rc, _, err = run_cli(capsys, "entropy", junk)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc, _, err = run_cli(capsys, "entropy", junk)
     assert_clean_error(rc, err, "entropy", str(junk), "truncated or corrupt")
+    assert [str(w.message) for w in caught] == []  # torch warned before the clean error
     assert (
         run_cli(capsys, "entropy", good, "--backend", "torch")[0] == 0
     )  # the intact file still reads

@@ -40,7 +40,11 @@ def load_tensor(path: str, key: str | None = None) -> torch.Tensor:
 
             obj = load_file(str(p))
         else:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+            import warnings
+
+            with warnings.catch_warnings():  # torch warns before failing on a non-torch file
+                warnings.simplefilter("ignore")
+                obj = torch.load(p, map_location="cpu", weights_only=True)
     except (OSError, MemoryError):
         raise
     except Exception as exc:

@@ -45,8 +45,8 @@ class SampleStats:
         v = torch.as_tensor(v).to(torch.float64)
         if tuple(v.shape[1:]) != self.shape:
             raise ValueError(
-                f"values must have shape [B, {', '.join(map(str, self.shape))}], "
-                f"got {tuple(v.shape)}"
+                f"values must have shape {list(('B', *self.shape))} (B samples), "
+                f"got {list(v.shape)}".replace("'", "")
             )
         nb = v.shape[0]
         if nb == 0:
