@@ -66,3 +66,17 @@ def test_entropy_errors(tmp_path, capsys):
     np.save(nanf, a)
     assert main(["entropy", str(nanf)]) == 1
     assert "NaN" in capsys.readouterr().err
+
+
+def test_entropy_method_all_as_profile_takes_it(tmp_path, capsys):
+    path = tmp_path / "h.pt"
+    torch.save(torch.randn(64, 8), path)
+    assert main(["entropy", str(path), "--method", "all", "--json", "--backend", "torch"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in out["results"]] == [
+        "bucket",
+        "gaussian_diag",
+        "gaussian_full",
+        "knn",
+        "renyi",
+    ]

@@ -135,6 +135,8 @@ def run(args) -> int:
         if args.method
         else ["bucket", "gaussian_diag", "knn"]
     )
+    if methods == ["all"]:  # as profile --method all
+        methods = list(METHODS)
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
@@ -172,7 +174,7 @@ def register(sub) -> None:
     p.add_argument("--key", help="tensor name inside a .pt/.safetensors dict")
     p.add_argument(
         "--method",
-        help="comma-separated: bucket,gaussian_diag,gaussian_full,knn,renyi "
+        help="comma-separated: bucket,gaussian_diag,gaussian_full,knn,renyi, or all "
         "(default bucket,gaussian_diag,knn)",
     )
     p.add_argument("--backend", default="auto", help="auto, cuda, cpp, triton or torch")
