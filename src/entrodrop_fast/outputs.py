@@ -186,7 +186,8 @@ def _check_existing_dir(
         raise OutputError(
             f"{flag} {out} already holds files entrodrop did not write there or that were "
             f"changed since ({shown}); choose a new or empty directory, or pass {_overwrite()} "
-            f"to write the {what} into it (its other files are left untouched)"
+            f"to write the {what} into it (a file of the same name as one the {what} writes is "
+            "replaced; the others are left untouched)"
         )
 
 
