@@ -231,6 +231,19 @@ def log(*a) -> None:
     print(f"[{time.strftime('%H:%M:%S')}]", *a, file=sys.stderr, flush=True)
 
 
+def write_comparison(comp: dict, d: Path, rule: str) -> None:
+    """``d/comparison_{rule}.{json,md,png}`` of one protection rule's comparison."""
+    from entrodrop_fast.evaluate import compare as C
+    from entrodrop_fast.profile.report import json_safe
+
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"comparison_{rule}.json").write_text(
+        json.dumps(json_safe(comp), indent=1, allow_nan=False)
+    )
+    (d / f"comparison_{rule}.md").write_text(C.markdown(comp))
+    C.plot(comp, d / f"comparison_{rule}.png")
+
+
 def run_model(
     name: str,
     grid: dict,
@@ -288,6 +301,7 @@ def run_model(
         report = comp["report"]  # one profile for both rules
         timing[f"compare_{rule}_s"] = time.perf_counter() - t
         results[rule] = comp
+        write_comparison(comp, out / name, rule)  # readable before the study ends
     # calibration robustness: the same methods' rankings from a second corpus
     t = time.perf_counter()
     log(f"{name}: profile on {grid['second_corpus']} for the calibration comparison")
@@ -319,12 +333,8 @@ def run_model(
     d.mkdir(parents=True, exist_ok=True)
     from entrodrop_fast.profile.report import json_safe
 
-    for rule, comp in results.items():
-        (d / f"comparison_{rule}.json").write_text(
-            json.dumps(json_safe(comp), indent=1, allow_nan=False)
-        )
-        (d / f"comparison_{rule}.md").write_text(C.markdown(comp))
-        C.plot(comp, d / f"comparison_{rule}.png")
+    for rule, comp in results.items():  # again, now with the calibration agreement
+        write_comparison(comp, d, rule)
     (d / "massive.json").write_text(json.dumps(json_safe(diag), indent=1, allow_nan=False))
     (d / "massive.md").write_text(M.markdown(diag))
     M.plot(
