@@ -114,3 +114,20 @@ def test_profile_model_refuses_a_resume_dir_holding_the_users_files(tmp_path):
         profile_model(None, memory=Memory(resume_dir=str(folder)))
     assert sorted(p.name for p in folder.iterdir()) == ["x.txt"]
     assert (folder / "x.txt").read_text() == "keep me"
+
+
+def test_a_temporary_name_of_ours_is_ours_only_beside_run_json(tmp_path):
+    """state.pt.tmp is unlinked before a state is saved (outputs.write_atomic's given
+    temporary). Every run writes run.json first, so without it a file of that name is the
+    user's: refused, untouched."""
+    from entrodrop_fast.outputs import OutputError
+    from entrodrop_fast.profile.pipeline import check_resume_dir
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "state.pt.tmp").write_text("my notes")
+    with pytest.raises(OutputError, match=r"not a resume state .*\(state\.pt\.tmp\)"):
+        check_resume_dir(folder)
+    assert (folder / "state.pt.tmp").read_text() == "my notes"
+    (folder / "run.json").write_text("{}")  # a stopped run of ours: its leftover is ours
+    assert check_resume_dir(folder) == folder.resolve()

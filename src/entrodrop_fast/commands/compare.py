@@ -7,6 +7,7 @@ import sys
 
 def register(sub) -> None:
     from entrodrop_fast.cli import add_model_arg, add_preset_arg, int_at_least, positive_int
+    from entrodrop_fast.commands.profile import add_placement_args
     from entrodrop_fast.evaluate.compare import BASELINES, SCORING
 
     p = sub.add_parser(
@@ -113,8 +114,7 @@ def register(sub) -> None:
         "Mistral; batch 1) and its protection (layers 0, 1, last) for every method",
     )
     p.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
-    p.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--device", default="cpu")
+    add_placement_args(p)
     p.add_argument(
         "--out",
         default="entrodrop_compare",

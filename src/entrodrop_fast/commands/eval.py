@@ -142,6 +142,7 @@ def register(sub) -> None:
         int_at_least,
         positive_int,
     )
+    from entrodrop_fast.commands.profile import add_placement_args
 
     p = sub.add_parser("eval", help="perplexity, zero-shot accuracy and speed of a (pruned) model")
     add_model_arg(
@@ -208,13 +209,7 @@ def register(sub) -> None:
         action="store_true",
         help="skip the prefill / decode throughput and KV-cache memory measurement",
     )
-    p.add_argument(
-        "--dtype",
-        default="fp32",
-        choices=["bf16", "fp16", "fp32"],
-        help="model dtype (default fp32)",
-    )
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    add_placement_args(p)
     add_output_file_args(
         p,
         "--json",

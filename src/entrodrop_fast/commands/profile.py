@@ -62,6 +62,17 @@ def _apply_preset(args) -> dict | None:
     return p
 
 
+def add_placement_args(p) -> None:
+    """--dtype and --device: where and in what precision the model runs."""
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["bf16", "fp16", "fp32"],
+        help="model dtype (default fp32)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+
+
 def add_calibration_args(p, *, batch_size: int | None, batch_help: str, step: str = "") -> None:
     """--samples, --seq-len, --batch-size and --seed: the calibration options of ``profile``, and
     of ``prune``'s profile step (``step``, e.g. ``"profile step: "``, starts each help text).
@@ -146,13 +157,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--k", type=positive_int, default=25, help="knn: neighbour rank k (default 25)")
     p.add_argument("--spans", default="1,2,4,8", help="angular: layer spans n (default 1,2,4,8)")
-    p.add_argument(
-        "--dtype",
-        default="fp32",
-        choices=["bf16", "fp16", "fp32"],
-        help="model dtype (default fp32)",
-    )
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    add_placement_args(p)
     p.add_argument(
         "--backend",
         default="auto",

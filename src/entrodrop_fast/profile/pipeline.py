@@ -55,7 +55,7 @@ def check_resume_dir(path: str | os.PathLike[str], inputs: Iterable = ()) -> Pat
     resolved. Raises :class:`entrodrop_fast.outputs.OutputError` naming what to do; nothing is
     written into a directory of the user's."""
     from entrodrop_fast import outputs
-    from entrodrop_fast.profile.layerwise import RESUME_NAMES
+    from entrodrop_fast.profile.layerwise import RESUME_NAMES, RUN_NAME
 
     resume = Path(path).expanduser().resolve()
     flag = setting("resume_dir")
@@ -63,12 +63,15 @@ def check_resume_dir(path: str | os.PathLike[str], inputs: Iterable = ()) -> Pat
         resume, kind="resume", what="resume state", flag=flag, overwrite=True, inputs=inputs
     )
     if resume.is_dir():
+        # a temporary of ours (state.pt.tmp, run.json.tmp) lies beside the run.json every run
+        # writes first; without it, a file of that name is not ours (it would be removed)
+        ours = set(RESUME_NAMES)
+        if not (resume / RUN_NAME).is_file():
+            ours = {n for n in ours if not n.endswith(".tmp")}
         foreign = sorted(
             e.name
             for e in resume.iterdir()
-            if not (
-                e.name in RESUME_NAMES or (e.is_dir() and re.fullmatch(r"rank\d+-of-\d+", e.name))
-            )
+            if not (e.name in ours or (e.is_dir() and re.fullmatch(r"rank\d+-of-\d+", e.name)))
         )
         if foreign:
             raise outputs.OutputError(
