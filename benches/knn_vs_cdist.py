@@ -20,12 +20,11 @@ sample; both are medians (and minima) over RUNS rounds, and both are in the JSON
 (a shared machine); ratios are meaningful only from a machine whose cores are otherwise
 idle.
 
-Interleaving has a cost for our call: after each cdist + topk, torch's OpenMP worker keeps
-spinning (libgomp's default wait policy) while ef.knn_entropy runs on the package's own
-pool, so the two share a core. Measured on 2 cores (Nov 30, load ~3 from other jobs):
-[256, 576] fp32 0.81 ms median interleaved, 0.34 ms called alone; 0.55 ms with
-ENTRODROP_THREADS=omp (the kernels borrow torch's spinning team), 0.58 ms with
-OMP_WAIT_POLICY=passive (which slows cdist + topk to 1.6 ms).
+Interleaving used to cost our call: after each cdist + topk, torch's OpenMP worker keeps
+spinning (libgomp's default wait policy), and while the kernels ran on a pool of the
+package's own the two shared a core ([256, 576] fp32 0.81 ms median interleaved against
+0.34 ms called alone, Nov 30). The kernels now borrow torch's team by default
+(csrc/threads_cpu.cpp), 0.40 ms interleaved; ``ENTRODROP_THREADS=pool`` measures the pool.
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ void register_cpu(py::module_& m) {
         arg("xstride"), arg("ostride"), arg("mstride"), arg("fused"), arg("out_sum"), arg("out_count"),
         arg("nthreads"), "Sum over valid tokens of cos(x_t, Y_t) and the count, fp64 [B] each.");
   m.def("thread_pool_cpu", &thread_pool_cpu,
-        "Which threads the CPU kernels run on (the pool, or ENTRODROP_THREADS=omp / std).");
+        "Which threads the CPU kernels run on: torch's OpenMP team (default where one is loaded),\n"
+        "the pool (where none is, in a forked child, or ENTRODROP_THREADS=pool), std::thread.");
   m.def("knn_fused_cpu", &knn_fused_cpu, nogil, arg("x"), arg("f"), arg("mask"), arg("dtype"), arg("shape"),
         arg("xstride"), arg("fstride"), arg("mstride"), arg("k"), arg("out"), arg("count"), arg("logsum"),
         arg("nthreads"),

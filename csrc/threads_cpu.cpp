@@ -1,22 +1,27 @@
 // Where the CPU kernels' threads come from (run_parallel, used by parallel_for in
 // common_cpu.h).
 //
-// Default: a small pool of our own (Pool below), built for a machine whose cores are shared.
-// A parallel region that waits for every thread of a team collapses when one core is taken
-// by another process: the waiting thread spins on its core while the thread it waits for
-// sits in the other core's run queue behind the other process for a whole time slice
-// (milliseconds, against a call of a few hundred microseconds). The pool never waits for a
-// thread that has not started: items are claimed one at a time from a shared counter, the
-// caller claims too, and it returns as soon as every item is *done* -- a helper that wakes
-// late finds the job gone and goes back to sleep. What the caller still waits for (an item a
-// preempted helper holds) it waits for passively (futex), so that the helper can run on the
-// core it frees. Idle helpers spin briefly after a job (back-to-back calls pick up at once),
-// then sleep on a futex.
+// Default ("auto"): the OpenMP team torch already runs (GOMP_parallel, looked up among the
+// loaded libraries, never loaded or linked by us), or where none is loaded (and in a forked
+// child, where an OpenMP team inherited from the parent may not exist) a small pool of our own
+// (Pool below). Measured on the 2-core VM (benches/cpu_hotpaths.sh, Nov 30, both modes in
+// turn): torch's team keeps spinning after every torch op, on the core a pool of our own would
+// need, so the pool lost that core between torch ops -- in the profiler's hooks, and in any
+// loop that alternates with torch. knn on one [256, 576] sample in a loop beside cdist: 0.40 ms
+// on the team, 0.66 ms on the pool; SmolLM2 tap overhead with four methods 18% against 24%.
+// With one core busy (benches/under_load.py) the team's worst case is knn [8, 256, 576] at
+// 2.2x its idle time against 1.7x for the pool, at about the same busy time: every job here
+// is one parallel region whose items are claimed from a counter (a thread that starts late
+// finds no work left), so the region's one barrier is all a preempted thread can delay.
 //
-// ENTRODROP_THREADS=omp borrows the OpenMP team torch already runs (GOMP_parallel, looked up
-// among the loaded libraries, never loaded or linked by us): fastest on an idle machine (its
-// threads spin after every torch op), slowest when a core is busy. ENTRODROP_THREADS=std
-// starts std::threads per call.
+// ENTRODROP_THREADS=pool forces the pool: it never waits for a thread that has not started:
+// items are claimed one at a time from a shared counter, the caller claims too, and it
+// returns as soon as every item is *done* -- a helper that wakes late finds the job gone and
+// goes back to sleep. What the caller still waits for (an item a preempted helper holds) it
+// waits for passively (futex), so that the helper can run on the core it frees. Idle helpers
+// spin briefly after a job (back-to-back calls pick up at once), then sleep on a futex.
+// ENTRODROP_THREADS=omp requires the OpenMP team (the pool where none is loaded), and
+// ENTRODROP_THREADS=std starts std::threads per call.
 #include <dlfcn.h>
 #include <linux/futex.h>
 #include <link.h>
@@ -75,15 +80,20 @@ struct Config {
   OmpRuntime omp;
 };
 
+// Set in a child forked after the first kernel call: it runs on a pool of its own (the
+// parent's OpenMP team may hold threads the child does not have).
+std::atomic<bool> g_forked{false};
+
 const Config& config() {
   static const Config cfg = [] {
     Config c;
     const char* env = std::getenv("ENTRODROP_THREADS");
     if (env && std::strcmp(env, "std") == 0) {
       c.mode = Mode::Std;
-    } else if (env && std::strcmp(env, "omp") == 0) {
+    } else if (!(env && std::strcmp(env, "pool") == 0)) {  // auto, omp
       dl_iterate_phdr(find_loaded, &c.omp);
       c.mode = c.omp.fn ? Mode::Omp : Mode::Pool;  // no runtime loaded: the pool
+      if (c.mode == Mode::Omp) pthread_atfork(nullptr, nullptr, [] { g_forked.store(true); });
     }
     return c;
   }();
@@ -309,7 +319,8 @@ void run_parallel(int64_t n_items, int nthreads, ItemFn fn, void* ctx) {
   }
   switch (config().mode) {
     case Mode::Omp:
-      return run_omp(n_items, nthreads, fn, ctx);
+      if (!g_forked.load(std::memory_order_relaxed)) return run_omp(n_items, nthreads, fn, ctx);
+      return pool().run(n_items, nthreads, fn, ctx);
     case Mode::Std:
       return run_std(n_items, nthreads, fn, ctx);
     default:
@@ -321,7 +332,7 @@ void run_parallel(int64_t n_items, int nthreads, ItemFn fn, void* ctx) {
 
 std::string thread_pool_cpu() {
   const auto& c = cpu::config();
-  if (c.mode == cpu::Mode::Omp) return "openmp team of " + c.omp.path;
+  if (c.mode == cpu::Mode::Omp && !cpu::g_forked.load()) return "openmp team of " + c.omp.path;
   if (c.mode == cpu::Mode::Std) return "std::thread";
   return "pool";
 }

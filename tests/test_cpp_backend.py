@@ -187,11 +187,11 @@ def test_knn_tile_rejects_bad_tiles():
         C.knn_tile_cpu(g.data_ptr(), 4, sq.data_ptr(), 8, 0, 4, 0, 4, 4, 0.0, *ptrs, 4, 1)
 
 
-@pytest.mark.parametrize("mode", ["std", "omp"])
+@pytest.mark.parametrize("mode", ["std", "omp", "pool"])
 def test_other_thread_modes_give_the_same_results(tmp_path, mode):
-    # the kernels run on a pool of their own (csrc/threads_cpu.cpp); ENTRODROP_THREADS=std
-    # starts std::threads per call, =omp borrows torch's OpenMP team: same numbers, in a
-    # fresh process
+    # the kernels borrow torch's OpenMP team by default (csrc/threads_cpu.cpp);
+    # ENTRODROP_THREADS=std starts std::threads per call, =pool runs a pool of our own, =omp
+    # requires the team: same numbers, in a fresh process
     x, f, mask = _data((2, 700, 300), torch.float32, seed=23)
     code = (
         "import sys, torch\n"
@@ -209,6 +209,8 @@ def test_other_thread_modes_give_the_same_results(tmp_path, mode):
     )
     if mode == "std":
         assert pool == "std::thread"
+    elif mode == "pool":
+        assert pool == "pool"
     elif "OpenMP" in torch.__config__.parallel_info():
         assert pool.startswith("openmp team of ") and "omp" in pool.rsplit("/", 1)[-1]
     else:  # no OpenMP runtime loaded: the pool

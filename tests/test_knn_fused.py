@@ -268,10 +268,13 @@ def test_kernels_called_from_several_python_threads():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_pool_works_in_a_forked_child(tmp_path):
-    # a child forked after the pool started has none of its threads: it gets a fresh pool
+@pytest.mark.parametrize("mode", ["auto", "pool"])
+def test_kernels_work_in_a_forked_child(tmp_path, mode):
+    # a child forked after the kernels ran has none of the parent's threads (its pool's
+    # helpers, the OpenMP team's): it runs on a fresh pool of its own
     code = (
         "import os, sys, torch\n"
+        "from entrodrop_fast import _ext\n"
         "from entrodrop_fast.ops import cpp_backend as cpp\n"
         "torch.set_num_threads(2)\n"
         "x = torch.randn(6, 200, 48)\n"
@@ -279,18 +282,28 @@ def test_pool_works_in_a_forked_child(tmp_path):
         "pid = os.fork()\n"
         "if pid == 0:\n"
         "    ok = all(torch.equal(cpp.knn_radii(x, None, None, 5)[0], want) for _ in range(5))\n"
+        "    ok = ok and _ext.require().thread_pool_cpu() == 'pool'\n"
         "    os._exit(0 if ok else 3)\n"
         "_, status = os.waitpid(pid, 0)\n"
         "sys.exit(os.waitstatus_to_exitcode(status))\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "ENTRODROP_THREADS"}
+    if mode != "auto":
+        env["ENTRODROP_THREADS"] = mode
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, timeout=120, env=env)
 
 
 @pytest.mark.skipif(
     "ENTRODROP_THREADS" in os.environ, reason="thread mode chosen by the environment"
 )
-def test_thread_pool_is_our_own():
-    assert _ext.require().thread_pool_cpu() == "pool"
+def test_default_threads_are_torchs_openmp_team():
+    # the default borrows the OpenMP team torch runs (its threads spin after every torch op,
+    # on the cores a pool of our own would need); the pool where torch loaded no OpenMP
+    pool = _ext.require().thread_pool_cpu()
+    if "OpenMP" in torch.__config__.parallel_info():
+        assert pool.startswith("openmp team of ")
+    else:
+        assert pool == "pool"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

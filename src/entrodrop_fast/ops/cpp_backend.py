@@ -4,7 +4,8 @@ Tensors cross to C++ as ``data_ptr`` + shape + strides (in elements) + a dtype c
 outputs are torch tensors allocated here and filled in place. CPU tensors only: the CUDA
 kernels are the ``cuda`` backend (ops/cuda_backend.py; ``backend="cpp"`` on CUDA tensors is
 resolved to it in ops/backends.py). The C++ kernels run on ``torch.get_num_threads()`` threads
-of their own pool (csrc/threads_cpu.cpp) and release the GIL.
+of torch's own OpenMP team where torch loaded one, else of a pool of their own
+(csrc/threads_cpu.cpp; ``ENTRODROP_THREADS=pool`` forces the pool), and release the GIL.
 """
 
 from __future__ import annotations
