@@ -231,6 +231,27 @@ def test_other_thread_modes_give_the_same_results(tmp_path, mode):
         assert_close(mom[key], here[key], rtol=1e-12, atol=1e-12, name=key)
 
 
+def test_unknown_thread_mode_is_reported_once(tmp_path):
+    # a mistyped ENTRODROP_THREADS (here upper case) runs the default and says so, once
+    x, f, mask = _data((1, 64, 32), torch.float32, seed=5)
+    code = (
+        "import sys, warnings, torch\n"
+        "from entrodrop_fast import _ext\n"
+        "from entrodrop_fast.ops import cpp_backend as cpp\n"
+        "x, f, mask = torch.load(sys.argv[1])\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    a = cpp.bucket(x, f, mask, 20, False)\n"
+        "    b = cpp.bucket(x, f, mask, 20, False)\n"
+        "msgs = [str(m.message) for m in w]\n"
+        "torch.save((msgs, _ext.require().thread_pool_cpu(), a), sys.argv[2])\n"
+    )
+    msgs, pool, out = H.run_child(code, (x, f, mask), tmp_path, ENTRODROP_THREADS="POOL")
+    assert len(msgs) == 1 and "ENTRODROP_THREADS='POOL'" in msgs[0] and "default" in msgs[0]
+    assert pool != "std::thread"  # the default: torch's team, or the pool where none is loaded
+    assert torch.equal(out, cpp.bucket(x, f, mask, 20, False))
+
+
 def test_threads_do_not_change_results():
     x, f, mask = _data((2, 1000, 300), torch.float32, seed=18)
     n = torch.get_num_threads()

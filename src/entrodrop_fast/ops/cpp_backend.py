@@ -11,6 +11,8 @@ of torch's own OpenMP team where torch loaded one, else of a pool of their own
 from __future__ import annotations
 
 import math
+import os
+import warnings
 
 import torch
 
@@ -99,7 +101,25 @@ def _inputs(x: torch.Tensor, f: torch.Tensor | None, mask: torch.Tensor | None) 
     return x.data_ptr(), fp, mp, _code(x), list(x.shape), list(x.stride()), fs, ms
 
 
+# ENTRODROP_THREADS (csrc/threads_cpu.cpp): unset / auto / omp: torch's OpenMP team where one
+# is loaded, else a pool of the package's own; pool: that pool; std: std::thread per call.
+THREAD_MODES = ("", "auto", "omp", "pool", "std")
+_thread_mode_checked = False
+
+
 def _threads() -> int:
+    global _thread_mode_checked
+    if not _thread_mode_checked:
+        _thread_mode_checked = True
+        mode = os.environ.get("ENTRODROP_THREADS", "")
+        if mode not in THREAD_MODES:
+            warnings.warn(
+                f"ENTRODROP_THREADS={mode!r} is not one of auto, omp, pool, std (lower case): "
+                "the CPU kernels use the default (torch's OpenMP team, or the package's pool "
+                "where torch loaded none)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return max(1, torch.get_num_threads())
 
 
