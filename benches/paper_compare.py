@@ -366,6 +366,28 @@ def run_model(
     return result
 
 
+def holds_study(out: Path) -> bool:
+    """Whether ``out`` holds a study to continue with --resume: any model's evaluation log or
+    finished result (not necessarily of the models asked for now)."""
+    return any(out.glob("*/evaluations.jsonl")) or any(out.glob("*/result.json"))
+
+
+def finished_model(d: Path, grid: dict, dtype: str) -> dict | None:
+    """The result a run of the same grid (whichever models it ran) and dtype finished in
+    ``d`` (``d/result.json``), or None."""
+    done = d / "result.json"
+    if not done.is_file():
+        return None
+    prev = json.loads(done.read_text())
+
+    def same(g):
+        return {k: v for k, v in json.loads(json.dumps(g)).items() if k != "models"}
+
+    if same(prev.get("grid") or {}) != same(grid) or prev.get("dtype") != dtype:
+        return None
+    return prev["result"]
+
+
 def summary_md(study: dict) -> str:
     from entrodrop_fast.evaluate import compare as C
     from entrodrop_fast.profile import massive as M
@@ -533,7 +555,7 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 1
-    if args.resume and not any((out / m / "evaluations.jsonl").is_file() for m in grid["models"]):
+    if args.resume and not holds_study(out):
         print(
             f"paper_compare: error: --resume: {out} holds no study to continue "
             "(no MODEL/evaluations.jsonl); drop --resume",
@@ -568,13 +590,11 @@ def main(argv=None) -> int:
         "models": [],
     }
     for name in grid["models"]:
-        done = out / name / "result.json"
-        if args.resume and done.is_file():
-            prev = json.loads(done.read_text())
-            if prev.get("grid") == json.loads(json.dumps(grid)) and prev.get("dtype") == args.dtype:
-                log(f"{name}: finished by an earlier run of this study ({done})")
-                study["models"].append(prev["result"])
-                continue
+        prev = finished_model(out / name, grid, args.dtype) if args.resume else None
+        if prev is not None:
+            log(f"{name}: finished by an earlier run of this study ({out / name / 'result.json'})")
+            study["models"].append(prev)
+            continue
         study["models"].append(
             run_model(
                 name,
@@ -586,6 +606,13 @@ def main(argv=None) -> int:
                 reuse=Path(args.reuse_evaluations).expanduser() if args.reuse_evaluations else None,
             )
         )
+    # the models an earlier run of the same grid finished in this directory (e.g. one model
+    # per run, --models): study.json sums up every model there
+    for name in grid["counts"]:
+        prev = None if name in grid["models"] else finished_model(out / name, grid, args.dtype)
+        if prev is not None:
+            log(f"{name}: kept in the summary, finished by an earlier run of this study")
+            study["models"].append(prev)
     study["wall_s"] = time.perf_counter() - t0
     from entrodrop_fast.profile.report import json_safe
 

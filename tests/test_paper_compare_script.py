@@ -108,3 +108,22 @@ def test_the_methods_grid_covers_every_method_and_setting_at_one_k():
     assert g["rules"] == ["shared", "paper"] and g["random_seeds"] == 3
     assert g["iterative"] == ["knn", "cosine"] and all(v == [2] for v in g["counts"].values())
     assert {k: g[k] for k in ("items", "eval_windows")} == {"items": 200, "eval_windows": 64}
+
+
+def test_a_model_finished_by_another_run_of_the_grid_is_kept(tmp_path):
+    # one model per run (--models), then the other with --resume: the first is neither
+    # recomputed nor left out of study.json, whichever models each run named
+    mod = _module()
+    grid = dict(mod.METHODS, models=["smollm2"])
+    d = tmp_path / "smollm2"
+    d.mkdir()
+    (d / "result.json").write_text(
+        mod.json.dumps({"grid": grid, "dtype": "fp32", "result": {"model": "smollm2"}})
+    )
+    assert mod.holds_study(tmp_path) and not mod.holds_study(tmp_path / "gemma3-270m")
+    both = dict(grid, models=["smollm2", "gemma3-270m"])
+    assert mod.finished_model(d, both, "fp32") == {"model": "smollm2"}
+    assert mod.finished_model(d, both, "bf16") is None  # another dtype
+    other = dict(mod.CPU2H, models=["smollm2"])
+    assert mod.finished_model(d, other, "fp32") is None  # another grid
+    assert mod.finished_model(tmp_path / "gemma3-270m", both, "fp32") is None
