@@ -1,13 +1,15 @@
 """The estimators idle and with one core busy, in one run: how much a call slows down when
 another process takes a core.
 
-    python benches/under_load.py [--rounds R] [--reps N] [--json PATH] [--quiet-wait]
+    python benches/under_load.py [--rounds R] [--reps N] [--json PATH] [--quiet-wait] [--nice N]
 
 Cases are the profiler's calls (``validate=False``, as its hooks pass; f = F(X) fused where
 the profiler fuses it) at SmolLM2's shape, one sample of 256 tokens x 576 channels (the
 paper's batch size 1) and a batch of 8, plus knn on one sample of 256 x 4096 and, for
 comparison, the paper's own knn formulation (``torch.cdist`` + ``topk``, fp32). The busy
-phase starts one spinning process (``python -c "while True: pass"``) and stops it after;
+phase runs one spinning process (``python -c "while True: pass"``; stopped while idle);
+``--nice N`` runs the calls at niceness N above the spinner's (another job holding a core at
+a higher priority: a thread that waits at a barrier for a descheduled one waits longest);
 idle and busy phases alternate ``R`` times and every case runs ``N`` times per phase,
 interleaved with the others, so both phases see the same machine. Reported per case:
 median and min seconds idle and busy, and busy / idle of the medians. ``--quiet-wait``
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -66,22 +69,29 @@ def phase(fns: dict, reps: int, times: dict, quiet: bool, ignore: set[int]) -> N
             times[name] += time_calls(fn, 1, warmup=0)
 
 
-def main(rounds: int, reps: int, json_path: str | None, quiet: bool = False) -> dict:
+def main(rounds: int, reps: int, json_path: str | None, quiet: bool = False, nice: int = 0) -> dict:
     fns = cases()
-    for fn in fns.values():  # warm up: thread pools, allocator, first-call costs
-        fn()
-    idle = {n: [] for n in fns}
-    busy = {n: [] for n in fns}
-    for _ in range(rounds):
-        phase(fns, reps, idle, quiet, set())
-        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        try:
+    # one spinner, started before this process lowers its priority (--nice), so that it keeps
+    # the priority this process had; stopped (SIGSTOP) while idle, continued while busy
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    spinner.send_signal(signal.SIGSTOP)
+    try:
+        if nice:
+            os.nice(nice)
+        for fn in fns.values():  # warm up: thread pools, allocator, first-call costs
+            fn()
+        idle = {n: [] for n in fns}
+        busy = {n: [] for n in fns}
+        for _ in range(rounds):
+            phase(fns, reps, idle, quiet, {spinner.pid})
+            spinner.send_signal(signal.SIGCONT)
             time.sleep(0.3)  # let it start spinning
             phase(fns, reps, busy, quiet, {spinner.pid})
-        finally:
-            spinner.kill()
-            spinner.wait()
-        time.sleep(0.1)
+            spinner.send_signal(signal.SIGSTOP)
+            time.sleep(0.1)
+    finally:
+        spinner.kill()
+        spinner.wait()
     rows = {}
     print(f"{'case':<22} {'idle ms (med/min)':>18} {'busy ms (med/min)':>18} {'busy/idle':>9}")
     for n in fns:
@@ -107,6 +117,7 @@ def main(rounds: int, reps: int, json_path: str | None, quiet: bool = False) -> 
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "busy_load": "one process running `while True: pass`",
+        "nice": nice,
         "quiet_wait": quiet,
         "cases": rows,
     }
@@ -125,5 +136,12 @@ if __name__ == "__main__":
     ap.add_argument(
         "--quiet-wait", action="store_true", help="time only while no other process is runnable"
     )
+    ap.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run the calls at this niceness, above the spinner's (a job sharing the machine "
+        "at a higher priority)",
+    )
     a = ap.parse_args()
-    main(a.rounds, a.reps, a.json, a.quiet_wait)
+    main(a.rounds, a.reps, a.json, a.quiet_wait, a.nice)

@@ -33,6 +33,9 @@ void register_cpu(py::module_& m) {
   m.def("thread_pool_cpu", &thread_pool_cpu,
         "Which threads the CPU kernels run on: torch's OpenMP team (default where one is loaded),\n"
         "the pool (where none is, in a forked child, or ENTRODROP_THREADS=pool), std::thread.");
+  m.def("mark_forked_cpu", &mark_forked_cpu,
+        "Tell the CPU kernels this process was forked after the package was imported (the\n"
+        "package's own fork hook calls it): they run on the pool, not the parent's OpenMP team.");
   m.def("knn_fused_cpu", &knn_fused_cpu, nogil, arg("x"), arg("f"), arg("mask"), arg("dtype"), arg("shape"),
         arg("xstride"), arg("fstride"), arg("mstride"), arg("k"), arg("out"), arg("count"), arg("logsum"),
         arg("nthreads"),

@@ -76,4 +76,6 @@ int64_t knn_fused_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const
 std::string knn_isa_cpu();
 // Which threads the CPU kernels run on: "pool", "openmp team of <runtime path>" or "std::thread".
 std::string thread_pool_cpu();
+// This process was forked after the package was imported: the CPU kernels use the pool.
+void mark_forked_cpu();
 }  // namespace entrodrop

@@ -2,26 +2,34 @@
 // common_cpu.h).
 //
 // Default ("auto"): the OpenMP team torch already runs (GOMP_parallel, looked up among the
-// loaded libraries, never loaded or linked by us), or where none is loaded (and in a forked
-// child, where an OpenMP team inherited from the parent may not exist) a small pool of our own
-// (Pool below). Measured on the 2-core VM (benches/cpu_hotpaths.sh, Nov 30, both modes in
-// turn): torch's team keeps spinning after every torch op, on the core a pool of our own would
-// need, so the pool lost that core between torch ops -- in the profiler's hooks, and in any
-// loop that alternates with torch. knn on one [256, 576] sample in a loop beside cdist: 0.40 ms
-// on the team, 0.66 ms on the pool; SmolLM2 tap overhead with four methods 18% against 24%.
-// With one core busy (benches/under_load.py) the team's worst case is knn [8, 256, 576] at
-// 2.2x its idle time against 1.7x for the pool, at about the same busy time: every job here
-// is one parallel region whose items are claimed from a counter (a thread that starts late
-// finds no work left), so the region's one barrier is all a preempted thread can delay.
+// loaded libraries, never loaded or linked by us) while it keeps up, else a small pool of our
+// own (Pool below): where no OpenMP runtime is loaded, in a process forked after this library
+// was loaded (the parent's team has no threads there; libgomp would wait for them forever),
+// and for a while after a parallel region whose end barrier waited too long.
 //
-// ENTRODROP_THREADS=pool forces the pool: it never waits for a thread that has not started:
-// items are claimed one at a time from a shared counter, the caller claims too, and it
-// returns as soon as every item is *done* -- a helper that wakes late finds the job gone and
-// goes back to sleep. What the caller still waits for (an item a preempted helper holds) it
-// waits for passively (futex), so that the helper can run on the core it frees. Idle helpers
-// spin briefly after a job (back-to-back calls pick up at once), then sleep on a futex.
-// ENTRODROP_THREADS=omp requires the OpenMP team (the pool where none is loaded), and
-// ENTRODROP_THREADS=std starts std::threads per call.
+// Why the team: it keeps spinning after every torch op, on the core a pool of our own would
+// need, so the pool lost that core between torch ops -- in the profiler's hooks, and in any
+// loop that alternates with torch. Measured on the 2-core VM (benches/cpu_hotpaths.sh, Nov 30,
+// both in turn): knn on one [256, 576] sample in a loop beside cdist 0.40 ms on the team,
+// 0.55 ms on the pool; SmolLM2 tap overhead with four methods 18% against 24%.
+// Why not always: a region ends at a barrier that waits for every thread of the team. When
+// another process holds a core at a higher priority (this process niced, Nov 30: knn
+// [2, 256, 512] 47 ms on the team, 1.2 ms on the pool), the thread that was not scheduled
+// holds the caller there for whole time slices. Every region here claims its items from a
+// counter, so the caller knows when the work ran out; a region whose barrier then waited
+// longer than kStallNs and than the work itself sends the next calls to the pool for a
+// back-off that doubles with every stall (up to kMaxBackoffNs) and halves with every region
+// that kept up.
+//
+// ENTRODROP_THREADS=omp: the team always (the pool where none is loaded or after a fork);
+// =pool: the pool always; =std: std::threads started per call.
+//
+// The pool never waits for a thread that has not started: items are claimed one at a time
+// from a shared counter, the caller claims too, and it returns as soon as every item is
+// *done* -- a helper that wakes late finds the job gone and goes back to sleep. What the
+// caller still waits for (an item a preempted helper holds) it waits for passively (futex),
+// so that the helper can run on the core it frees. Idle helpers spin briefly after a job
+// (back-to-back calls pick up at once), then sleep on a futex.
 #include <dlfcn.h>
 #include <linux/futex.h>
 #include <link.h>
@@ -74,15 +82,26 @@ int find_loaded(struct dl_phdr_info* info, size_t, void* data) {
 }
 
 enum class Mode { Pool, Omp, Std };
+enum class Fallback { Adaptive, Never };
 
 struct Config {
   Mode mode = Mode::Pool;
+  Fallback fallback = Fallback::Adaptive;
   OmpRuntime omp;
 };
 
-// Set in a child forked after the first kernel call: it runs on a pool of its own (the
-// parent's OpenMP team may hold threads the child does not have).
+// Set in a child forked after this library was loaded: it runs on a pool of its own (the
+// parent's OpenMP team has threads the child does not have). Registered when the library is
+// loaded, not at the first kernel call: a parent that ran only torch ops before forking has a
+// team too.
 std::atomic<bool> g_forked{false};
+const int g_atfork = pthread_atfork(nullptr, nullptr, [] { g_forked.store(true); });
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 const Config& config() {
   static const Config cfg = [] {
@@ -93,7 +112,7 @@ const Config& config() {
     } else if (!(env && std::strcmp(env, "pool") == 0)) {  // auto, omp
       dl_iterate_phdr(find_loaded, &c.omp);
       c.mode = c.omp.fn ? Mode::Omp : Mode::Pool;  // no runtime loaded: the pool
-      if (c.mode == Mode::Omp) pthread_atfork(nullptr, nullptr, [] { g_forked.store(true); });
+      if (env && std::strcmp(env, "omp") == 0) c.fallback = Fallback::Never;
     }
     return c;
   }();
@@ -276,14 +295,26 @@ Pool& pool() {
 }
 
 // ----------------------------------------------------------------- OpenMP team, std::thread
-void run_omp(int64_t n_items, int nthreads, ItemFn fn, void* ctx) {
+// The team's back-off (auto mode): until g_pool_until_ns the kernels run on the pool.
+constexpr int64_t kStallNs = 1000000;           // a barrier wait this long (1 ms) is a stall
+constexpr int64_t kMinBackoffNs = 500000000;    // 0.5 s on the pool after a first stall,
+constexpr int64_t kMaxBackoffNs = 32000000000;  // doubling up to 32 s while stalls go on
+std::atomic<int64_t> g_pool_until_ns{0};
+std::atomic<int64_t> g_backoff_ns{0};  // 0: the last region on the team did not stall
+std::atomic<int64_t> g_stalls{0};
+
+// Runs the items on the team; returns how long the caller waited at the end barrier after
+// the items ran out, and the time until then.
+void run_omp(int64_t n_items, int nthreads, ItemFn fn, void* ctx, int64_t* wait_ns, int64_t* work_ns) {
   struct Team {
     ItemFn fn;
     void* ctx;
     int64_t n;
     int size;
     std::atomic<int64_t> next{0};
+    int64_t caller_done = 0;
   } team{fn, ctx, n_items, nthreads};
+  const int64_t t0 = now_ns();
   // tid = the thread's number in the team, so a persistent team thread keeps the same
   // per-thread scratch from call to call. A team may come smaller than asked (nested
   // region, thread limit): the counter spreads the items over whoever is there.
@@ -291,10 +322,34 @@ void run_omp(int64_t n_items, int nthreads, ItemFn fn, void* ctx) {
       [](void* p) {
         auto* t = static_cast<Team*>(p);
         const int tid = config().omp.thread_num();
-        if (tid >= t->size) return;
-        for (int64_t i; (i = t->next.fetch_add(1, std::memory_order_relaxed)) < t->n;) t->fn(t->ctx, i, tid);
+        if (tid < t->size)
+          for (int64_t i; (i = t->next.fetch_add(1, std::memory_order_relaxed)) < t->n;)
+            t->fn(t->ctx, i, tid);
+        if (tid == 0) t->caller_done = now_ns();  // the items ran out (the caller is thread 0)
       },
       &team, unsigned(nthreads), 0);
+  const int64_t t1 = now_ns();
+  *wait_ns = t1 - team.caller_done;
+  *work_ns = team.caller_done - t0;
+}
+
+// auto mode: the team unless it is backing off; a stalled region starts or doubles the
+// back-off, a region that kept up halves it.
+void run_team_or_pool(int64_t n_items, int nthreads, ItemFn fn, void* ctx, bool adaptive) {
+  if (adaptive && now_ns() < g_pool_until_ns.load(std::memory_order_relaxed))
+    return pool().run(n_items, nthreads, fn, ctx);
+  int64_t wait = 0, work = 0;
+  run_omp(n_items, nthreads, fn, ctx, &wait, &work);
+  if (!adaptive) return;
+  const int64_t b = g_backoff_ns.load(std::memory_order_relaxed);
+  if (wait > kStallNs && wait > work) {
+    const int64_t nb = std::min(kMaxBackoffNs, std::max(kMinBackoffNs, 2 * b));
+    g_backoff_ns.store(nb);
+    g_pool_until_ns.store(now_ns() + nb);
+    g_stalls.fetch_add(1);
+  } else if (b != 0) {  // one region that kept up halves the back-off, not ends it
+    g_backoff_ns.store(b / 2 >= kMinBackoffNs ? b / 2 : 0);
+  }
 }
 
 void run_std(int64_t n_items, int nthreads, ItemFn fn, void* ctx) {
@@ -319,7 +374,8 @@ void run_parallel(int64_t n_items, int nthreads, ItemFn fn, void* ctx) {
   }
   switch (config().mode) {
     case Mode::Omp:
-      if (!g_forked.load(std::memory_order_relaxed)) return run_omp(n_items, nthreads, fn, ctx);
+      if (!g_forked.load(std::memory_order_relaxed))
+        return run_team_or_pool(n_items, nthreads, fn, ctx, config().fallback == Fallback::Adaptive);
       return pool().run(n_items, nthreads, fn, ctx);
     case Mode::Std:
       return run_std(n_items, nthreads, fn, ctx);
@@ -330,9 +386,23 @@ void run_parallel(int64_t n_items, int nthreads, ItemFn fn, void* ctx) {
 
 }  // namespace cpu
 
+void mark_forked_cpu() {
+  cpu::g_forked.store(true);
+}
+
 std::string thread_pool_cpu() {
   const auto& c = cpu::config();
-  if (c.mode == cpu::Mode::Omp && !cpu::g_forked.load()) return "openmp team of " + c.omp.path;
+  if (c.mode == cpu::Mode::Omp && !cpu::g_forked.load()) {
+    std::string r = "openmp team of " + c.omp.path;
+    if (c.fallback == cpu::Fallback::Adaptive) {
+      r += " (the pool after a stalled region";
+      const int64_t n = cpu::g_stalls.load();
+      if (n) r += ": " + std::to_string(n) + " so far";
+      if (cpu::now_ns() < cpu::g_pool_until_ns.load()) r += ", on the pool now";
+      r += ")";
+    }
+    return r;
+  }
   if (c.mode == cpu::Mode::Std) return "std::thread";
   return "pool";
 }

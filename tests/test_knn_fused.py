@@ -293,15 +293,45 @@ def test_kernels_work_in_a_forked_child(tmp_path, mode):
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, timeout=120, env=env)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("first_call", ["child", "parent_small"])
+def test_fork_after_a_parallel_torch_op(tmp_path, first_call):
+    # the parent ran a parallel torch op (torch's OpenMP team exists) and either no kernel or
+    # one too small to go parallel; the extension may even be loaded only in the child. A
+    # child on the parent's team would wait forever at its first parallel region (found by a
+    # fresh user's test: the child hung in knn_entropy); it must run on the pool.
+    code = (
+        "import os, signal, sys, torch\n"
+        "import entrodrop_fast as ef\n"
+        "torch.set_num_threads(2)\n"
+        "x = torch.randn(4, 256, 256) * 1.0\n"
+        f"if {first_call!r} == 'parent_small':\n"
+        "    ef.knn_entropy(torch.randn(1, 30, 16), k=5)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    signal.alarm(60)\n"
+        "    from entrodrop_fast import _ext\n"
+        "    ok = torch.isfinite(ef.knn_entropy(x, k=25)).all().item()\n"
+        "    ok = ok and _ext.require().thread_pool_cpu() == 'pool'\n"
+        "    os._exit(0 if ok else 3)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "sys.exit(os.waitstatus_to_exitcode(status))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ENTRODROP_THREADS"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, timeout=120, env=env)
+    assert r.returncode == 0, f"child status {r.returncode} (-14 or 142: it hung)"
+
+
 @pytest.mark.skipif(
     "ENTRODROP_THREADS" in os.environ, reason="thread mode chosen by the environment"
 )
 def test_default_threads_are_torchs_openmp_team():
     # the default borrows the OpenMP team torch runs (its threads spin after every torch op,
-    # on the cores a pool of our own would need); the pool where torch loaded no OpenMP
+    # on the cores a pool of our own would need), falling back to the pool after a region
+    # that stalled; the pool where torch loaded no OpenMP
     pool = _ext.require().thread_pool_cpu()
     if "OpenMP" in torch.__config__.parallel_info():
-        assert pool.startswith("openmp team of ")
+        assert pool.startswith("openmp team of ") and "the pool after a stalled region" in pool
     else:
         assert pool == "pool"
 

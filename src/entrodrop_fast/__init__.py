@@ -7,6 +7,7 @@ opt-in robust bucket variants ``bucket_q_entropy``, ``bucket_nosink_entropy``,
 ``[N, D]`` or ``[B, T, D]`` tensors; ``backends()`` says which compiled backends exist.
 """
 
+from entrodrop_fast import _fork  # noqa: F401  (first: a fork after import is noticed)
 from entrodrop_fast.ops.api import (
     BACKENDS,
     METHODS,

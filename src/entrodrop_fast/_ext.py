@@ -15,6 +15,11 @@ try:  # pragma: no branch
     from entrodrop_fast import _C as _C
 except Exception as exc:  # ImportError, OSError (bad .so), ...
     _ERROR = f"{type(exc).__name__}: {exc}"
+else:
+    from entrodrop_fast import _fork
+
+    if _fork.FORKED and hasattr(_C, "mark_forked_cpu"):  # loaded only after a fork
+        _C.mark_forked_cpu()
 
 BUILD_HINT = (
     "build it with `pip install .` (or `pip install -e . --no-build-isolation`) from the "

@@ -101,10 +101,25 @@ def _inputs(x: torch.Tensor, f: torch.Tensor | None, mask: torch.Tensor | None) 
     return x.data_ptr(), fp, mp, _code(x), list(x.shape), list(x.stride()), fs, ms
 
 
-# ENTRODROP_THREADS (csrc/threads_cpu.cpp): unset / auto / omp: torch's OpenMP team where one
-# is loaded, else a pool of the package's own; pool: that pool; std: std::thread per call.
+# ENTRODROP_THREADS (csrc/threads_cpu.cpp): unset / auto: torch's OpenMP team while it keeps
+# up, else a pool of the package's own; omp: the team always; pool: the pool always; std:
+# std::threads per call. (A forked child, or a torch without OpenMP: the pool.)
 THREAD_MODES = ("", "auto", "omp", "pool", "std")
 _thread_mode_checked = False
+
+
+def _outside_package() -> int:
+    """The stacklevel of warnings.warn, called here, that names the first caller outside the
+    package."""
+    import sys
+    import types
+
+    frame: types.FrameType | None = sys._getframe(1)
+    level = 1
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(root):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _threads() -> int:
@@ -115,10 +130,10 @@ def _threads() -> int:
         if mode not in THREAD_MODES:
             warnings.warn(
                 f"ENTRODROP_THREADS={mode!r} is not one of auto, omp, pool, std (lower case): "
-                "the CPU kernels use the default (torch's OpenMP team, or the package's pool "
-                "where torch loaded none)",
+                "the CPU kernels use the default, auto (torch's OpenMP team while it keeps up, "
+                "else the package's own pool)",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=_outside_package(),
             )
     return max(1, torch.get_num_threads())
 
