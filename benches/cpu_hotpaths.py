@@ -127,25 +127,28 @@ def targets(d: Path) -> list[dict]:
     else:
         add("knn [256, 576..4096] >= 2x cdist + topk", None, False, src="knn.json missing")
 
-    load = _load(d / "under_load.json")
-    if load is not None:
+    for name, how in (
+        ("under_load.json", "one core busy"),
+        ("under_load_nice10.json", "one core busy at a higher priority (nice 10)"),
+    ):
+        load = _load(d / name)
+        if load is None:
+            add(f"{how}: no estimator slower than 2.5x idle", None, False, src=f"{name} missing")
+            continue
         ours = {
             c: v for c, v in load["cases"].items() if not c.startswith("paper")
         }  # not the paper's torch code
         case, v = max(ours.items(), key=lambda kv: kv[1]["busy_over_idle"])
+        paper = max(
+            (v2["busy_over_idle"] for c, v2 in load["cases"].items() if c.startswith("paper")),
+            default=None,
+        )
         add(
-            f"one core busy: no estimator slower than 2.5x idle (worst: {case})",
+            f"{how}: no estimator slower than 2.5x idle (worst: {case})",
             v["busy_over_idle"],
             v["busy_over_idle"] <= 2.5,
             "{:.2f}x",
-            "under_load.json",
-        )
-    else:
-        add(
-            "one core busy: no estimator slower than 2.5x idle",
-            None,
-            False,
-            src="under_load.json missing",
+            name + (f" (the paper's torch knn: {paper:.2f}x)" if paper else ""),
         )
 
     for sub, goal, what in (

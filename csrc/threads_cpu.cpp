@@ -296,7 +296,7 @@ Pool& pool() {
 
 // ----------------------------------------------------------------- OpenMP team, std::thread
 // The team's back-off (auto mode): until g_pool_until_ns the kernels run on the pool.
-constexpr int64_t kStallNs = 1000000;           // a barrier wait this long (1 ms) is a stall
+constexpr int64_t kStallNs = 200000;            // a barrier wait this long (0.2 ms) is a stall
 constexpr int64_t kMinBackoffNs = 500000000;    // 0.5 s on the pool after a first stall,
 constexpr int64_t kMaxBackoffNs = 32000000000;  // doubling up to 32 s while stalls go on
 std::atomic<int64_t> g_pool_until_ns{0};
