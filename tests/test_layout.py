@@ -3,7 +3,8 @@
 Every import in the package (module level and inside functions) is read from the source and
 must go to the same stage or an earlier one:
 
-    ops, _ext  <-  data, outputs, models  <-  profile  <-  prune  <-  evaluate  <-  commands, cli
+    ops, _ext, _fork  <-  data, outputs, models  <-  profile  <-  prune  <-  evaluate
+                                                                           <-  commands, cli
 
 Inside the package a name is imported from the module that defines it, never from the root
 (``from entrodrop_fast import entropy`` hides which stage it comes from); only ``__version__``.
@@ -23,6 +24,7 @@ PKG = _SRC if _SRC.is_dir() else Path(entrodrop_fast.__file__).parent
 STAGES = {
     "ops": 0,
     "_ext": 0,
+    "_fork": 0,
     "_names": 0,
     "_C": 0,
     "data": 1,
