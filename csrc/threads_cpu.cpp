@@ -300,7 +300,7 @@ constexpr int64_t kStallNs = 200000;            // a barrier wait this long (0.2
 constexpr int64_t kMinBackoffNs = 500000000;    // 0.5 s on the pool after a first stall,
 constexpr int64_t kMaxBackoffNs = 32000000000;  // doubling up to 32 s while stalls go on
 std::atomic<int64_t> g_pool_until_ns{0};
-std::atomic<int64_t> g_backoff_ns{0};  // 0: the last region on the team did not stall
+std::atomic<int64_t> g_backoff_ns{0};  // the current back-off; 0: none
 std::atomic<int64_t> g_stalls{0};
 
 // Runs the items on the team; returns how long the caller waited at the end barrier after
