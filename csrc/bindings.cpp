@@ -32,7 +32,8 @@ void register_cpu(py::module_& m) {
         arg("nthreads"), "Sum over valid tokens of cos(x_t, Y_t) and the count, fp64 [B] each.");
   m.def("thread_pool_cpu", &thread_pool_cpu,
         "Which threads the CPU kernels run on: torch's OpenMP team (default where one is loaded),\n"
-        "the pool (where none is, in a forked child, or ENTRODROP_THREADS=pool), std::thread.");
+        "the pool (where none is, in a forked child, for a while after a stalled region, or\n"
+        "ENTRODROP_THREADS=pool), std::thread (ENTRODROP_THREADS=std).");
   m.def("mark_forked_cpu", &mark_forked_cpu,
         "Tell the CPU kernels this process was forked after the package was imported (the\n"
         "package's own fork hook calls it): they run on the pool, not the parent's OpenMP team.");
