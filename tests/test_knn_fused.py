@@ -267,22 +267,20 @@ def test_kernels_called_from_several_python_threads():
             assert_close(w, got, 1e-12, 1e-12, name=f"call {i}")
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-@pytest.mark.parametrize("mode", ["auto", "pool"])
-def test_kernels_work_in_a_forked_child(tmp_path, mode):
-    # a child forked after the kernels ran has none of the parent's threads (its pool's
-    # helpers, the OpenMP team's): it runs on a fresh pool of its own
+def _fork_and_check(tmp_path, parent: str, child: str, mode: str = "auto"):
+    """Run ``parent`` in a fresh process with ENTRODROP_THREADS=mode (auto: unset), fork, run
+    ``child`` (which sets ``ok``) in the child; the process exits 0 when the child's ok and it
+    ran on the pool. The extension is loaded only by what ``parent`` runs, or in the child."""
     code = (
-        "import os, sys, torch\n"
-        "from entrodrop_fast import _ext\n"
-        "from entrodrop_fast.ops import cpp_backend as cpp\n"
-        "torch.set_num_threads(2)\n"
-        "x = torch.randn(6, 200, 48)\n"
-        "want = cpp.knn_radii(x, None, None, 5)[0]\n"
-        "pid = os.fork()\n"
+        "import os, signal, sys, torch\n"
+        "import entrodrop_fast as ef\n"  # loads no extension yet
+        "torch.set_num_threads(2)\n" + parent + "pid = os.fork()\n"
         "if pid == 0:\n"
-        "    ok = all(torch.equal(cpp.knn_radii(x, None, None, 5)[0], want) for _ in range(5))\n"
-        "    ok = ok and _ext.require().thread_pool_cpu() == 'pool'\n"
+        "    signal.alarm(60)\n"
+        "    from entrodrop_fast import _ext\n"
+        "    from entrodrop_fast.ops import cpp_backend as cpp\n"
+        + "".join(f"    {line}\n" for line in child.splitlines())
+        + "    ok = ok and _ext.require().thread_pool_cpu() == 'pool'\n"
         "    os._exit(0 if ok else 3)\n"
         "_, status = os.waitpid(pid, 0)\n"
         "sys.exit(os.waitstatus_to_exitcode(status))\n"
@@ -290,7 +288,22 @@ def test_kernels_work_in_a_forked_child(tmp_path, mode):
     env = {k: v for k, v in os.environ.items() if k != "ENTRODROP_THREADS"}
     if mode != "auto":
         env["ENTRODROP_THREADS"] = mode
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, timeout=120, env=env)
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, timeout=120, env=env)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("mode", ["auto", "pool"])
+def test_kernels_work_in_a_forked_child(tmp_path, mode):
+    # a child forked after the kernels ran has none of the parent's threads (its pool's
+    # helpers, the OpenMP team's): it runs on a fresh pool of its own
+    r = _fork_and_check(
+        tmp_path,
+        "from entrodrop_fast.ops import cpp_backend as cpp\n"
+        "x = torch.randn(6, 200, 48)\nwant = cpp.knn_radii(x, None, None, 5)[0]\n",
+        "ok = all(torch.equal(cpp.knn_radii(x, None, None, 5)[0], want) for _ in range(5))",
+        mode,
+    )
+    assert r.returncode == 0
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -300,25 +313,12 @@ def test_fork_after_a_parallel_torch_op(tmp_path, first_call):
     # one too small to go parallel; the extension may even be loaded only in the child. A
     # child on the parent's team would wait forever at its first parallel region (found by a
     # fresh user's test: the child hung in knn_entropy); it must run on the pool.
-    code = (
-        "import os, signal, sys, torch\n"
-        "import entrodrop_fast as ef\n"
-        "torch.set_num_threads(2)\n"
-        "x = torch.randn(4, 256, 256) * 1.0\n"
-        f"if {first_call!r} == 'parent_small':\n"
-        "    ef.knn_entropy(torch.randn(1, 30, 16), k=5)\n"
-        "pid = os.fork()\n"
-        "if pid == 0:\n"
-        "    signal.alarm(60)\n"
-        "    from entrodrop_fast import _ext\n"
-        "    ok = torch.isfinite(ef.knn_entropy(x, k=25)).all().item()\n"
-        "    ok = ok and _ext.require().thread_pool_cpu() == 'pool'\n"
-        "    os._exit(0 if ok else 3)\n"
-        "_, status = os.waitpid(pid, 0)\n"
-        "sys.exit(os.waitstatus_to_exitcode(status))\n"
+    parent = "x = torch.randn(4, 256, 256) * 1.0\n"
+    if first_call == "parent_small":
+        parent += "ef.knn_entropy(torch.randn(1, 30, 16), k=5)\n"
+    r = _fork_and_check(
+        tmp_path, parent, "ok = torch.isfinite(ef.knn_entropy(x, k=25)).all().item()"
     )
-    env = {k: v for k, v in os.environ.items() if k != "ENTRODROP_THREADS"}
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, timeout=120, env=env)
     assert r.returncode == 0, f"child status {r.returncode} (-14 or 142: it hung)"
 
 
