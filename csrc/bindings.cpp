@@ -27,6 +27,10 @@ void register_cpu(py::module_& m) {
         arg("shape"), arg("xstride"), arg("fstride"), arg("mstride"), arg("bins"), arg("paper_exact"),
         arg("out_y"), arg("out_x"), arg("nthreads"),
         "bucket_cpu of y = x + f and of x, from one read of x and f.");
+  m.def("bucket_cosine_cpu", &bucket_cosine_cpu, nogil, arg("x"), arg("f"), arg("c"), arg("mask"),
+        arg("dtype"), arg("shape"), arg("xstride"), arg("fstride"), arg("cstride"), arg("mstride"),
+        arg("bins"), arg("paper_exact"), arg("out"), arg("cos_sum"), arg("cos_count"), arg("nthreads"),
+        "bucket_cpu of y = x (+ f) and cosine_cpu of (x, y) (f given) or (c, y), in one read.");
   m.def("cosine_cpu", &cosine_cpu, nogil, arg("x"), arg("other"), arg("mask"), arg("dtype"), arg("shape"),
         arg("xstride"), arg("ostride"), arg("mstride"), arg("fused"), arg("out_sum"), arg("out_count"),
         arg("nthreads"), "Sum over valid tokens of cos(x_t, Y_t) and the count, fp64 [B] each.");

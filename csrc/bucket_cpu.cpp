@@ -66,6 +66,61 @@ struct Stream {
 };
 struct Scratch {
   Stream s[2];
+  std::vector<float> part;  // bucket_cosine: a row segment of the cosine partner
+};
+
+// bucket_cosine: the cosine partner of Y (COS = 1: x itself, Y = x + f; COS = 2: c, Y = x)
+// and where the tile's per-token partial sums go: cp[t * 3 + {0, 1, 2}] = sum over the
+// tile's channels of (partner * Y, partner^2, Y^2), fp32, for every token t of the sample
+// (0 at masked tokens).
+struct CosTile {
+  const View* c = nullptr;
+  float* cp = nullptr;
+};
+
+// Sums of 16 rows' 16-lane vectors at once: out lane j = the sum of v[j]'s lanes (four steps
+// of shuffles and adds, each halving the lanes per row: about 3 operations per row instead of
+// the 8 of a reduction per row).
+ED_INLINE v16f fold_half(v16f a, v16f b) {  // [a 8 | b 8]
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+ED_INLINE v16f fold_quarter(v16f a, v16f b) {  // [a0 4 | a1 4 | b0 4 | b1 4]
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+         __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+}
+ED_INLINE v16f fold_eighth(v16f a, v16f b) {  // 2 lanes per row
+  return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+         __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+}
+ED_INLINE v16f fold_last(v16f a, v16f b) {  // 1 lane per row
+  return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+ED_INLINE v16f sum16(const v16f* v) {
+  v16f h[8], q[4], e[2];
+  for (int j = 0; j < 8; ++j) h[j] = fold_half(v[2 * j], v[2 * j + 1]);
+  for (int j = 0; j < 4; ++j) q[j] = fold_quarter(h[2 * j], h[2 * j + 1]);
+  for (int j = 0; j < 2; ++j) e[j] = fold_eighth(q[2 * j], q[2 * j + 1]);
+  return fold_last(e[0], e[1]);
+}
+
+// The cosine's sums of up to 16 rows of a strip, folded together into ct.cp.
+struct CosRows {
+  v16f v[3][16];
+  int64_t t[16];
+  int n = 0;
+  ED_INLINE void flush(float* cp) {
+    for (int j = n; j < 16; ++j) v[0][j] = v[1][j] = v[2][j] = v16f{};
+    float r[3][16];
+    for (int q = 0; q < 3; ++q) {
+      const v16f sq = sum16(v[q]);
+      std::memcpy(r[q], &sq, sizeof r[q]);
+    }
+    for (int j = 0; j < n; ++j)
+      for (int q = 0; q < 3; ++q) cp[3 * t[j] + q] += r[q][j];
+    n = 0;
+  }
 };
 
 // ----------------------------------------------------------------- byte-plane counting
@@ -494,10 +549,13 @@ ED_INLINE void bin_tile(const View& x, const View* f, const Mask& m, int64_t b, 
 // in a second that reads them again, one row segment of w channels at a time. PLANES:
 // counting by byte planes (bins <= 255), else by scalar increments. NS = 2: the pair kernel
 // (stream 0: Y = x + f, stream 1: x).
-template <int DT, bool STREAM, bool PLANES, int NS>
+template <int DT, bool STREAM, bool PLANES, int NS, int COS = 0>
 ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b, int64_t T, int64_t d0,
                          int64_t w, int bins, const double* tbl, double* const* outs, Scratch& s, int64_t N,
-                         bool avx2, bool avx512) {
+                         bool avx2, bool avx512, const CosTile& ct = CosTile{}) {
+  static_assert(COS == 0 || (NS == 1 && !STREAM), "cosine rides on the cached single-stream tile");
+  if constexpr (COS != 0)
+    for (int64_t t = 0; t < T; ++t) ct.cp[3 * t] = ct.cp[3 * t + 1] = ct.cp[3 * t + 2] = 0.f;
   // STREAM: one row, or a block of rows for the fused binning (bin_tile)
   const int64_t kept = STREAM ? (PLANES && bins <= kMaxSlicedBins ? kFusedRows : 1) : N;
   for (int q = 0; q < NS; ++q) {
@@ -513,7 +571,7 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
   //    nf in registers; otherwise (and for the channels left) row segments.
   int64_t r = 0;
   int64_t jv = 0;  // channels [0, jv) gathered by strips
-  if (!STREAM && x.sd == 1 && (!f || f->sd == 1)) {
+  if (!STREAM && x.sd == 1 && (!f || f->sd == 1) && (COS != 2 || ct.c->sd == 1)) {
     constexpr int64_t ES = DT == DT_F32 ? 4 : 2;
     for (; jv + kGroup <= w; jv += kGroup) {
       // min / max start at +-inf (a NaN would not replace them: nf reports it) and nf at 0
@@ -525,15 +583,29 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
           vnf[q][k] = v16f{};
         }
       int64_t i = 0;
+      [[maybe_unused]] CosRows cr16;
       for (int64_t t = 0; t < T; ++t) {
-        if (t + kAhead < T) fetch_ahead(x, f, b, t + kAhead, d0 + jv, kGroup);
+        if (t + kAhead < T) {
+          fetch_ahead(x, f, b, t + kAhead, d0 + jv, kGroup);
+          if constexpr (COS == 2) fetch_ahead(*ct.c, nullptr, b, t + kAhead, d0 + jv, kGroup);
+        }
         if (!m(b, t)) continue;
         const uint8_t* xr = x.row(b, t) + (d0 + jv) * ES;
         const uint8_t* fr = f ? f->row(b, t) + (d0 + jv) * ES : nullptr;
+        [[maybe_unused]] const uint8_t* cr = COS == 2 ? ct.c->row(b, t) + (d0 + jv) * ES : nullptr;
+        [[maybe_unused]] v16f cd{}, cx{}, cy{};  // the cosine's partial sums of this row
         for (int k = 0; k < 4; ++k) {
           v16f v[NS];
-          v[NS - 1] = load16<DT>(xr + 16 * k * ES);
-          if (fr) v[0] = v[NS - 1] + load16<DT>(fr + 16 * k * ES);
+          const v16f xv = load16<DT>(xr + 16 * k * ES);
+          v[NS - 1] = xv;
+          if (fr) v[0] = xv + load16<DT>(fr + 16 * k * ES);
+          if constexpr (COS != 0) {
+            v16f pv = xv;
+            if constexpr (COS == 2) pv = load16<DT>(cr + 16 * k * ES);
+            cd += pv * v[0];
+            cx += pv * pv;
+            cy += v[0] * v[0];
+          }
           for (int q = 0; q < NS; ++q) {
             std::memcpy(s.s[q].tile.data() + i * w + jv + 16 * k, &v[q], 64);
             vlo[q][k] = vmin(vlo[q][k], v[q]);
@@ -541,8 +613,17 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
             vnf[q][k] += v[q] - v[q];
           }
         }
+        if constexpr (COS != 0) {
+          cr16.v[0][cr16.n] = cd;
+          cr16.v[1][cr16.n] = cx;
+          cr16.v[2][cr16.n] = cy;
+          cr16.t[cr16.n] = t;
+          if (++cr16.n == 16) cr16.flush(ct.cp);
+        }
         ++i;
       }
+      if constexpr (COS != 0)
+        if (cr16.n > 0) cr16.flush(ct.cp);
       r = i;
       if (r > 0)
         for (int q = 0; q < NS; ++q)
@@ -561,6 +642,22 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
       if (!m(b, t)) continue;
       const int64_t off = STREAM ? 0 : r * w + jv;
       load_rows<DT, NS>(x, f, b, t, d0 + jv, wr, s.s[0].tile.data() + off, s.s[NS - 1].tile.data() + off);
+      if constexpr (COS != 0) {  // the partner's segment, then the row's partial sums
+        const View& pv = COS == 1 ? x : *ct.c;
+        if (s.part.size() < size_t(wr)) s.part.resize(size_t(wr));
+        load_seg<DT>(pv.row(b, t) + (d0 + jv) * pv.sd * pv.esize(), pv.sd, wr, s.part.data());
+        const float* y = s.s[0].tile.data() + off;
+        float a = 0, px = 0, py = 0;
+        for (int64_t j = 0; j < wr; ++j) {
+          a += s.part[size_t(j)] * y[j];
+          px += s.part[size_t(j)] * s.part[size_t(j)];
+          py += y[j] * y[j];
+        }
+        float* p = ct.cp + 3 * t;
+        p[0] += a;
+        p[1] += px;
+        p[2] += py;
+      }
       for (int q = 0; q < NS; ++q) {
         const float* __restrict y = s.s[q].tile.data() + off;
         float* __restrict lo = s.s[q].lo.data() + jv;
@@ -590,6 +687,29 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
   }
   bin_tile<DT, STREAM, PLANES, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, r, avx2, avx512);
 }
+
+// The cached single-stream tile with the cosine's partial sums (bucket_cosine).
+#define ED_BUCKET_COS_ARGS                                                                            \
+  const View &x, const View *f, const Mask &m, int64_t b, int64_t T, int64_t d0, int64_t w, int bins, \
+      const double *tbl, double *const *outs, Scratch &s, int64_t N, bool avx2, bool avx512,          \
+      const CosTile &ct
+#define ED_BUCKET_COS_CALL(DT)                                                                          \
+  if (bins <= kMaxPlaneBins) {                                                                          \
+    if (f)                                                                                              \
+      tile_impl<DT, false, true, 1, 1>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512, ct);  \
+    else                                                                                                \
+      tile_impl<DT, false, true, 1, 2>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512, ct);  \
+  } else {                                                                                              \
+    if (f)                                                                                              \
+      tile_impl<DT, false, false, 1, 1>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512, ct); \
+    else                                                                                                \
+      tile_impl<DT, false, false, 1, 2>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512, ct); \
+  }
+ED_CLONES void tile_cos_f32(ED_BUCKET_COS_ARGS){ED_BUCKET_COS_CALL(DT_F32)} ED_CLONES
+    void tile_cos_f16(ED_BUCKET_COS_ARGS){ED_BUCKET_COS_CALL(DT_F16)} ED_CLONES
+    void tile_cos_bf16(ED_BUCKET_COS_ARGS){ED_BUCKET_COS_CALL(DT_BF16)}
+#undef ED_BUCKET_COS_CALL
+#undef ED_BUCKET_COS_ARGS
 
 #define ED_BUCKET_ARGS                                                                                  \
   const View &x, const View *f, const Mask &m, int64_t b, int64_t T, int64_t d0, int64_t w, int bins,   \
@@ -633,9 +753,39 @@ std::vector<double> entropy_table(int64_t n, bool paper_exact) {
 }
 
 // out (and out2 for the pair) [B, D]: H_d of Y = x (+ f), and of x.
+// cos (bucket_cosine, else null): also the cosine between the partner (cos->c, or x when
+// f is given) and Y, summed over valid tokens per sample.
+struct CosRequest {
+  uintptr_t c = 0;  // partner tensor (0: x itself, with f)
+  Dims cstride;
+  double* sum = nullptr;    // [B]
+  double* count = nullptr;  // [B]
+};
+
+// A token's cos from its fp64 totals; where fp32 partial sums overflowed (|values| past
+// ~1e19) or a value is NaN/Inf, the row again in fp64: NaN if it holds NaN/Inf (as cosine_cpu).
+template <int DT>
+double cos_token(double d, double px, double py, const View& pv, const View& y, const View* f, int64_t b,
+                 int64_t t, int64_t D) {
+  if (!std::isfinite(d) || !std::isfinite(px) || !std::isfinite(py)) {
+    d = px = py = 0;
+    for (int64_t j = 0; j < D; ++j) {
+      const float a = load1<DT>(pv.row(b, t), j * pv.sd);
+      float yv = load1<DT>(y.row(b, t), j * y.sd);
+      if (f) yv += load1<DT>(f->row(b, t), j * f->sd);
+      d += double(a) * double(yv);
+      px += double(a) * double(a);
+      py += double(yv) * double(yv);
+    }
+    if (!std::isfinite(d) || !std::isfinite(px) || !std::isfinite(py))
+      return std::numeric_limits<double>::quiet_NaN();
+  }
+  return d / std::max(std::sqrt(px) * std::sqrt(py), 1e-12);
+}
+
 void bucket_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape, const Dims& xstride,
                 const Dims& fstride, const Dims& mstride, int bins, bool paper_exact, uintptr_t out,
-                uintptr_t out2, int nthreads) {
+                uintptr_t out2, int nthreads, const CosRequest* cos = nullptr) {
   check_common(x, dtype, shape, xstride, f, fstride, mask, mstride);
   ED_CHECK_BINS(bins);
   ED_CHECK_PTR(out);
@@ -689,7 +839,17 @@ void bucket_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims&
   const bool avx2 = false, avx512 = false;
 #endif
 
+  // the cosine rides on the cached tile; streamed samples take a pass of their own
+  const bool with_cos = cos != nullptr && !stream;
+  View cv;
+  CosTile ct0;
+  if (with_cos && cos->c) {
+    cv = make_view(cos->c, dtype, cos->cstride);
+    ct0.c = &cv;
+  }
+  std::vector<float> cpart(with_cos ? size_t(B * ntiles * T * 3) : 0);
   const auto tile = by_dtype(dtype, tile_f32, tile_f16, tile_bf16);
+  const auto tile_cos = by_dtype(dtype, tile_cos_f32, tile_cos_f16, tile_cos_bf16);
   parallel_for(items, nt, [&](int64_t it, int) {
     const int64_t b = it / ntiles, d0 = (it % ntiles) * W;
     const int64_t w = std::min(W, D - d0);
@@ -698,13 +858,48 @@ void bucket_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims&
     if (N == 0) {
       for (int q = 0; q < (pair ? 2 : 1); ++q)
         for (int64_t j = 0; j < w; ++j) outs[q][j] = 0.0;
-      return;
+      return;  // no valid token: the cosine's finish reads nothing of this sample
     }
     const double* tbl = tables.at(N).data();
     // per-thread buffers that outlive the call: the OpenMP team's threads persist, and a
     // fresh allocation per call came back from the kernel as page faults each time
     static thread_local Scratch s;
-    tile(xv, fp, mv, b, T, d0, w, bins, tbl, outs, s, N, stream, pair, avx2, avx512);
+    if (with_cos) {
+      CosTile ct = ct0;
+      ct.cp = cpart.data() + size_t(it * T * 3);
+      tile_cos(xv, fp, mv, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512, ct);
+    } else {
+      tile(xv, fp, mv, b, T, d0, w, bins, tbl, outs, s, N, stream, pair, avx2, avx512);
+    }
+  });
+  if (cos == nullptr) return;
+  if (!with_cos) {  // samples longer than the cached tile: the cosine kernel's own pass
+    cosine_cpu(cos->c ? cos->c : x, cos->c ? x : f, mask, dtype, shape, cos->c ? cos->cstride : xstride,
+               cos->c ? xstride : fstride, mstride, cos->c == 0, reinterpret_cast<uintptr_t>(cos->sum),
+               reinterpret_cast<uintptr_t>(cos->count), nthreads);
+    return;
+  }
+  // per token: the tiles' partial sums in fp64, cos, summed per sample
+  const View& pv = cos->c ? cv : xv;
+  const int ns = clamp_threads(nthreads, B, B * T * ntiles * 3, 1 << 15);
+  parallel_for(B, ns, [&](int64_t b, int) {
+    double sum = 0, cnt = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      if (!mv(b, t)) continue;
+      double d = 0, px = 0, py = 0;
+      for (int64_t k = 0; k < ntiles; ++k) {
+        const float* p = cpart.data() + size_t(((b * ntiles + k) * T + t) * 3);
+        d += p[0];
+        px += p[1];
+        py += p[2];
+      }
+      sum += dtype == DT_F32   ? cos_token<DT_F32>(d, px, py, pv, xv, fp, b, t, D)
+             : dtype == DT_F16 ? cos_token<DT_F16>(d, px, py, pv, xv, fp, b, t, D)
+                               : cos_token<DT_BF16>(d, px, py, pv, xv, fp, b, t, D);
+      cnt += 1;
+    }
+    cos->sum[b] = sum;
+    cos->count[b] = cnt;
   });
 }
 
@@ -715,6 +910,26 @@ void bucket_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims&
                 const Dims& fstride, const Dims& mstride, int bins, bool paper_exact, uintptr_t out,
                 int nthreads) {
   cpu::bucket_run(x, f, mask, dtype, shape, xstride, fstride, mstride, bins, paper_exact, out, 0, nthreads);
+}
+
+void bucket_cosine_cpu(uintptr_t x, uintptr_t f, uintptr_t c, uintptr_t mask, int dtype, const Dims& shape,
+                       const Dims& xstride, const Dims& fstride, const Dims& cstride, const Dims& mstride,
+                       int bins, bool paper_exact, uintptr_t out, uintptr_t cos_sum, uintptr_t cos_count,
+                       int nthreads) {
+  ED_CHECK((f == 0) != (c == 0),
+           "give exactly one of f (Y = x + f, cosine with x) and c (Y = x, cosine with c)");
+  ED_CHECK_PTR(cos_sum);
+  ED_CHECK_PTR(cos_count);
+  if (c) cpu::check_common(c, dtype, shape, cstride, 0, cstride, mask, mstride);
+  cpu::CosRequest req;
+  req.c = c;
+  req.cstride = c ? cstride : xstride;
+  req.sum = reinterpret_cast<double*>(cos_sum);
+  req.count = reinterpret_cast<double*>(cos_count);
+  const int64_t B = shape[0];
+  for (int64_t b = 0; b < B; ++b) req.sum[b] = req.count[b] = 0.0;
+  cpu::bucket_run(x, f, mask, dtype, shape, xstride, fstride, mstride, bins, paper_exact, out, 0, nthreads,
+                  &req);
 }
 
 void bucket_pair_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,

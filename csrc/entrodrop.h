@@ -31,6 +31,14 @@ void moments_pair_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const
 void bucket_pair_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape,
                      const Dims& xstride, const Dims& fstride, const Dims& mstride, int bins,
                      bool paper_exact, uintptr_t out_y, uintptr_t out_x, int nthreads);
+// bucket_cosine: bucket_cpu's H_d of Y = x (+ f) into out, and the cosine between Y and its
+// partner (x when f is given, else c) summed over valid tokens f64 [B] with the count f64 [B],
+// as cosine_cpu: one read of x, f and c (the cosine's per-token sums ride on the tile's
+// gather). Exactly one of f and c.
+void bucket_cosine_cpu(uintptr_t x, uintptr_t f, uintptr_t c, uintptr_t mask, int dtype, const Dims& shape,
+                       const Dims& xstride, const Dims& fstride, const Dims& cstride, const Dims& mstride,
+                       int bins, bool paper_exact, uintptr_t out, uintptr_t cos_sum, uintptr_t cos_count,
+                       int nthreads);
 // cosine: sum over valid tokens of cos(x_t, Y_t) f64 [B] and the count f64 [B];
 // Y = x + other (fused) or other.
 void cosine_cpu(uintptr_t x, uintptr_t other, uintptr_t mask, int dtype, const Dims& shape,

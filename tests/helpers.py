@@ -677,6 +677,28 @@ def check_bucket(be: Backend, x, f=None, mask=None, bins=20, paper_exact=False, 
     assert_close(r, c, rtol=1e-12, atol=1e-12, name=f"{name} bucket")
 
 
+def check_bucket_cosine(be: Backend, x, other, mask=None, fused=True, bins=20, name=""):
+    """The fused bucket_cosine kernel (where the backend has one) against the reference's
+    bucket of Y and cosine of (x, Y): Y = x + other (fused) or Y = other."""
+    k = be.op("bucket_cosine")
+    if k is None:
+        return
+    y_in, f_in = (x, other) if fused else (other, None)
+    h, s, n = (
+        k(x, other, None, mask, bins, False) if fused else k(other, None, x, mask, bins, False)
+    )
+    assert h.dtype == s.dtype == n.dtype == torch.float64
+    assert_close(ref_ops.bucket(y_in, f_in, mask, bins, False), h, rtol=1e-12, atol=1e-12,
+                 name=f"{name} bucket_cosine H_d")  # fmt: skip
+    rs, rc = ref_ops.cosine(x, other, mask, fused)
+    assert_close(rc, n, 0, name=f"{name} bucket_cosine count")
+    rtol, atol, per_token = be.tol.cosine
+    assert_close(
+        rs, s, rtol=rtol, atol=atol * float(rc.max()) if per_token else atol,
+        name=f"{name} bucket_cosine cosine",
+    )  # fmt: skip
+
+
 def check_cosine(be: Backend, x, other, mask=None, fused=True, name=""):
     rs, rc = ref_ops.cosine(x, other, mask, fused)
     cs, cc = be.op("cosine")(x, other, mask, fused)

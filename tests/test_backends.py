@@ -22,6 +22,7 @@ from helpers import (
     bad_data,
     check_bad_bucket,
     check_bucket,
+    check_bucket_cosine,
     check_cosine,
     check_moments,
     data,
@@ -185,6 +186,8 @@ def test_moments_bucket_cosine(be, shape, dtype, use_f, use_mask):
     if shape[2] > 1:
         other = f if f is not None else data(shape, dtype, seed=1)[0].to(be.dev)
         check_cosine(be, x, other, mask, fused=use_f, name=name)
+        check_bucket_cosine(be, x, other, mask, fused=use_f, name=name)
+        check_bucket_cosine(be, x, other, mask, fused=use_f, bins=300, name=f"{name} 300 bins")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -208,6 +211,8 @@ def test_llm_like_and_interleaved(be, shape, dtype):
     if shape[2] > 1:
         for fused in (True, False):
             check_cosine(be, xs, f, m, fused, "strided")
+            check_bucket_cosine(be, xs, f, m, fused, name="strided x")
+            check_bucket_cosine(be, f, xs, m, fused, name="strided other")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

@@ -121,6 +121,12 @@ CALLS = {
     "entropy": lambda x, f, **kw: ef.entropy(x, "bucket", f, bins=5, **kw),
     "cosine": lambda x, f, **kw: ef.cosine_importance(x, f, **kw),
     "cosine_y": lambda x, f, **kw: ef.cosine_importance(x, y=f, **kw),
+    "bucket_and_cosine": lambda x, f, **kw: torch.stack(
+        ef.bucket_entropy_and_cosine(x, f, bins=9, **kw)
+    ),
+    "bucket_and_cosine_y": lambda x, f, **kw: torch.stack(
+        ef.bucket_entropy_and_cosine(x, y=f, **kw)
+    ),
     "moment_state": _moment_state,
     "meter": _meter,
 }
@@ -143,7 +149,13 @@ def expect_bad(call, x, f, mask) -> bool:
     xb = ~torch.isfinite(x.float()).all(-1)
     fb = ~torch.isfinite(f.float()).all(-1)
     yb = ~torch.isfinite(x.float() + f.float()).all(-1)
-    bad = xb if call == "bucket_x" else (xb | fb) if call == "cosine_y" else (xb | fb | yb)
+    bad = (
+        xb
+        if call == "bucket_x"
+        else (xb | fb)
+        if call in ("cosine_y", "bucket_and_cosine_y")
+        else (xb | fb | yb)
+    )
     return bool((bad & keep).any())
 
 

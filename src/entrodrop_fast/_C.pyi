@@ -76,6 +76,24 @@ def bucket_pair_cpu(
     out_x: int,
     nthreads: int,
 ) -> None: ...
+def bucket_cosine_cpu(
+    x: int,
+    f: int,
+    c: int,
+    mask: int,
+    dtype: int,
+    shape: list[int],
+    xstride: list[int],
+    fstride: list[int],
+    cstride: list[int],
+    mstride: list[int],
+    bins: int,
+    paper_exact: bool,
+    out: int,
+    cos_sum: int,
+    cos_count: int,
+    nthreads: int,
+) -> None: ...
 def cosine_cpu(
     x: int,
     other: int,

@@ -1,7 +1,8 @@
 """entrodrop_fast: entropy-based block pruning of LLMs (EntroDrop) with compiled estimators.
 
 The estimators (``bucket_entropy``, ``gaussian_diag_entropy``, ``gaussian_full_entropy``,
-``knn_entropy``, ``renyi_entropy``, ``cosine_importance``, ``angular_distance``, and the
+``knn_entropy``, ``renyi_entropy``, ``cosine_importance``, ``angular_distance``,
+``bucket_entropy_and_cosine`` (both from one read), and the
 opt-in robust bucket variants ``bucket_q_entropy``, ``bucket_nosink_entropy``,
 ``bucket_tokennorm_entropy``) take
 ``[N, D]`` or ``[B, T, D]`` tensors; ``backends()`` says which compiled backends exist.
@@ -14,6 +15,7 @@ from entrodrop_fast.ops.api import (
     angular_distance,
     backends,
     bucket_entropy,
+    bucket_entropy_and_cosine,
     cosine_importance,
     delta_entropy,
     entropy,
@@ -50,6 +52,7 @@ __all__ = [
     "angular_distance",
     "backends",
     "bucket_entropy",
+    "bucket_entropy_and_cosine",
     "bucket_nosink_entropy",
     "bucket_onehot_reference",
     "bucket_q_entropy",

@@ -47,13 +47,26 @@ ALIASES: dict[tuple[str, str], str] = {("cpp", "cuda"): "cuda"}
 #   moments(x, f, mask) -> dict               count/mean/m2/min/max of Y = x (+ f), [B, T, D]
 #   bucket(x, f, mask, bins, paper_exact)     H_d fp64 [B, D]
 #   cosine(x, other, mask, fused)             (sum of cos, count) fp64 [B] each
+#   bucket_cosine(x, f, c, mask, bins,        (H_d [B, D], sum of cos [B], count [B]) fp64: bucket
+#                 paper_exact)                of Y = x (+ f) and cosine of Y with x (f given) or
+#                                             c, from one read; optional (without it: bucket,
+#                                             then cosine)
 #   knn_kth_distance(x, k)                    fp64 [N] for x [N, D]
 #   knn_terms(x, f, mask, k)                  (count, logsum) fp64 [B]: the whole batch at once;
 #                                             optional (without it: knn_kth_distance per sample)
 #   covariance(r) / renyi(r, alpha)           gaussian_full's covariance, renyi's entropy of one
 #                                             sample [N, D]: the torch reference everywhere
-OPS = ("moments", "bucket", "cosine", "knn_kth_distance", "knn_terms", "covariance", "renyi")
-OPTIONAL_OPS = frozenset({"knn_terms"})
+OPS = (
+    "moments",
+    "bucket",
+    "cosine",
+    "bucket_cosine",
+    "knn_kth_distance",
+    "knn_terms",
+    "covariance",
+    "renyi",
+)
+OPTIONAL_OPS = frozenset({"knn_terms", "bucket_cosine"})
 
 NATIVE = "native"
 # a table entry: NATIVE, or the stand-ins tried in order
@@ -89,6 +102,7 @@ TABLE: dict[tuple[str, str], dict[str, Route]] = {
         "moments": NATIVE,
         "bucket": NATIVE,
         "cosine": NATIVE,
+        "bucket_cosine": NATIVE,
         "knn_kth_distance": NATIVE,
         "knn_terms": NATIVE,
         **_REFERENCE_ONLY,
@@ -145,6 +159,16 @@ class Kernels(Protocol):
         mask: torch.Tensor | None = None,
         fused: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def bucket_cosine(
+        self,
+        x: torch.Tensor,
+        f: torch.Tensor | None,
+        c: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
+        bins: int = 20,
+        paper_exact: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
     def knn_kth_distance(self, x: torch.Tensor, k: int) -> torch.Tensor: ...
 

@@ -23,7 +23,9 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Kernels that report NaN/Inf in Y = x (+ f) among the valid tokens through their outputs
 # (docs/CONTRACT.md, "Non-finite values"), per device type: the API then skips its separate
 # validation pass and checks the outputs instead.
-REPORTS_NONFINITE = {"cpu": frozenset({"moments", "bucket", "cosine", "knn_terms"})}
+REPORTS_NONFINITE = {
+    "cpu": frozenset({"moments", "bucket", "cosine", "bucket_cosine", "knn_terms"})
+}
 # Ops with a pair kernel (<op>_pair: the op of Y = x + f and of x from one read of x and f,
 # for delta_entropy), per device type.
 PAIRS = {"cpu": frozenset({"moments", "bucket"})}
@@ -231,6 +233,36 @@ def bucket(
         _threads(),
     )
     return out
+
+
+def bucket_cosine(
+    x: torch.Tensor,
+    f: torch.Tensor | None,
+    c: torch.Tensor | None,
+    mask: torch.Tensor | None = None,
+    bins: int = 20,
+    paper_exact: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(H_d of Y, sum over valid tokens of cos(partner_t, Y_t), count): fp64 [B, D], [B], [B];
+    Y = x + f with partner x (f given), or Y = x with partner c (c given); one read of x, f
+    and c. CPU tensors of one dtype."""
+    C = _ext.require()
+    B, _, D = x.shape
+    out = torch.empty(B, D, dtype=torch.float64)
+    s = torch.empty(B, dtype=torch.float64)
+    n = torch.empty(B, dtype=torch.float64)
+    xp, fp, mp, code, shape, xs, fs, ms = _inputs(x, f, mask)
+    cp, cs = _arg(c)
+    C.bucket_cosine_cpu(
+        xp, fp, cp, mp, code, shape, xs, fs, cs, ms,
+        int(bins),
+        bool(paper_exact),
+        out.data_ptr(),
+        s.data_ptr(),
+        n.data_ptr(),
+        _threads(),
+    )  # fmt: skip
+    return out, s, n
 
 
 def cosine(

@@ -257,19 +257,24 @@ class BlockStatistics:
         if bool(bad.any()):
             raise RuntimeError(_nonfinite(point))
 
-    def _entropy(self, point: str, x, f=None):
+    def _entropy(self, point: str, x, f=None, given: dict | None = None):
+        """The entropies at ``point`` of x (+ f); ``given``: method -> result already computed
+        (bucket, by the fused kernel with the cosine; the caller checked finiteness first)."""
         from entrodrop_fast.ops.api import entropy
 
         reports = self._results_report(x.device)
-        if not reports:
+        if not reports and not given:
             self._check_finite(point, x if f is None else f)
         i = self._pidx[point]
         for m in self.s.entropy_methods:
             opts = self.s.entropy_opts.get(m, {})
             fn = _robust_estimator(m) or (lambda x, f, m=m, **kw: entropy(x, m, f, **kw))
-            h = self._h[m][i] = fn(
-                x, f, mask=self.mask, backend=self.s.backend, validate=False, **opts
-            )
+            if given and m in given:
+                h = self._h[m][i] = given[m]
+            else:
+                h = self._h[m][i] = fn(
+                    x, f, mask=self.mask, backend=self.s.backend, validate=False, **opts
+                )
             if not reports:
                 continue
             if h.device.type == "cpu":
@@ -278,6 +283,35 @@ class BlockStatistics:
             else:  # no host sync per hook: a device flag, read once by result()
                 ok = torch.isfinite(h).all()
                 self.finite = ok if self.finite is None else self.finite & ok
+
+    def _entropy_and_cosine(self, point: str, kind: str, li: int, x, f=None, y=None):
+        """The entropies at ``point`` (of Y = x + f, or y) and the cosine of block (kind, li)
+        between x and Y: where both bucket and the cosine are asked for, one kernel reads the
+        tensors once for both (bucket_entropy_and_cosine; its bucket equals bucket_entropy's
+        bit for bit)."""
+        opts = self.s.entropy_opts.get("bucket", {})
+        if (
+            kind not in self._cos
+            or "bucket" not in self.s.entropy_methods
+            or not set(opts) <= {"bins", "paper_exact"}
+        ):
+            self._entropy(point, x, f) if y is None else self._entropy(point, y)
+            self._cosine(kind, li, x, f, y)
+            return
+        from entrodrop_fast.ops.api import bucket_entropy_and_cosine
+
+        if y is None:  # finiteness first, as _entropy: never hand NaN/Inf to a silent kernel
+            if not self._results_report(x.device):
+                self._check_finite(point, f)
+        elif not self._results_report(y.device):
+            self._check_finite(point, y)
+        h, self._cos[kind][li] = bucket_entropy_and_cosine(
+            x, f, y=y, mask=self.mask, backend=self.s.backend, validate=False, **opts
+        )
+        if y is None:
+            self._entropy(point, x, f, given={"bucket": h})
+        else:
+            self._entropy(point, y, given={"bucket": h})
 
     def _cosine(self, kind: str, li: int, x, f=None, y=None):
         if kind in self._cos:
@@ -304,23 +338,21 @@ class BlockStatistics:
 
     def on_attn(self, li: int, x, f):
         if not self.adapter.sequential:  # Y = r_l + F_attn exists nowhere: fused X + F
-            self._entropy(f"a{li}", x, f)
-            self._cosine("attn", li, x, f)
+            self._entropy_and_cosine(f"a{li}", "attn", li, x, f)
 
     def on_mid(self, li: int, x, m):
         # m_l is materialised by the model (input of the next norm): read it, one tensor
         # instead of the fused r_l + F_attn (two)
-        self._entropy(f"m{li}", m)
-        self._cosine("attn", li, x, y=m)
+        self._entropy_and_cosine(f"m{li}", "attn", li, x, y=m)
 
     def on_mlp(self, li: int, x, f):
         if not self.adapter.sequential:
-            self._entropy(f"p{li}", x, f)
-        self._cosine("mlp", li, x, f)
+            self._entropy_and_cosine(f"p{li}", "mlp", li, x, f)
+        else:
+            self._cosine("mlp", li, x, f)
 
     def on_output(self, li: int, x, y):
-        self._entropy(f"r{li + 1}", y)
-        self._cosine("layer", li, x, y=y)
+        self._entropy_and_cosine(f"r{li + 1}", "layer", li, x, y=y)
         self._keep_last(li + 1, y)
 
     # -- accumulation
