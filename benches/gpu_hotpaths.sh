@@ -12,7 +12,7 @@
 #                                                       # GPU tests, tiny shapes (what CI runs)
 #
 # Files written to $OUT: env.txt build.log tests_cuda.log tests_triton.log calls.json calls.log
-# micro.json profile_bucket/ profile_all/ hotpaths.json hotpaths.md summary.txt (SKIPPED_* for a
+# micro.json bucket_cosine_{auto,triton}.json profile_bucket/ profile_all/ hotpaths.json hotpaths.md summary.txt (SKIPPED_* for a
 # part that could not run). A failed build stops the script; any other failed step is recorded
 # and the rest still runs (one GPU run must give every number it can); the exit status is
 # non-zero if a step failed.
@@ -78,13 +78,15 @@ if [ "$DRY" = "0" ]; then
     > "$OUT/tests_cuda.log" 2>&1 || FAILED+=(tests_cuda)
   tail -5 "$OUT/tests_cuda.log"
   log "tests: Triton bucket / moments compiled on the GPU -> $OUT/tests_triton.log"
-  TRITON_INTERPRET=0 timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_backend.py -k "bucket or moments" \
+  TRITON_INTERPRET=0 timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_backend.py tests/test_bucket_cosine.py -k "bucket or moments" \
     > "$OUT/tests_triton.log" 2>&1 || FAILED+=(tests_triton)
   tail -3 "$OUT/tests_triton.log"
   CALL_SHAPES="1x256x4096,8x256x4096,128x256x4096,8x256x576,32768x4096,32768x8192"
   CALL_ARGS=(--repeat 7)
   MICRO_ARGS=(--device cuda)
   PROFILE_ARGS=(--random-llama 4 --dtype bf16 --device cuda --batch-size 8 --samples 16 --reps 3 --paper-reps 0)
+  BC_ARGS=(--device cuda --rounds 15)
+  BC_INTERPRET=0
   STEP=120
 else
   DEVICE=cpu
@@ -98,6 +100,8 @@ else
   MICRO_ARGS=(--device cpu --dry-run)
   PROFILE_ARGS=(--random-llama 2 --llama-shape 64,128,4,2 --dtype fp32 --device cpu --batch-size 2 --samples 2 --seq-len 32
                 --reps 1 --paper-reps 0)
+  BC_ARGS=(--device cpu --rounds 2 --shapes 2x32x64)
+  BC_INTERPRET=1  # Triton's kernels on the CPU: its interpreter
   STEP=60
 fi
 
@@ -109,6 +113,13 @@ tail -3 "$OUT/calls.log"
 
 log "copy bandwidth, knn against cdist + topk -> $OUT/micro.json"
 timeout "$STEP" "$PY" benches/gpu_hotpaths.py micro --out "$OUT" "${MICRO_ARGS[@]}" > "$OUT/micro.log" 2>&1 || FAILED+=(micro)
+
+for be in auto triton; do
+  log "bucket + cosine at a block: one fused call against the two, --backend $be -> $OUT/bucket_cosine_$be.json"
+  TRITON_INTERPRET=$BC_INTERPRET timeout "$STEP" "$PY" benches/bucket_cosine.py "${BC_ARGS[@]}" --backend "$be" --json "$OUT/bucket_cosine_$be.json" \
+    > "$OUT/bucket_cosine_$be.log" 2>&1 || FAILED+=("bucket_cosine_$be")
+  tail -4 "$OUT/bucket_cosine_$be.log"
+done
 
 if grep -q -- "--random-llama" benches/bench_profile.py && "$PY" -c "import transformers" 2> /dev/null; then
   for spec in "bucket:bucket" "all:bucket,gaussian_diag,knn,cosine"; do

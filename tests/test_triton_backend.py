@@ -270,6 +270,32 @@ def test_bucket_pair_is_the_two_single_calls(cfg, dtype, nan_empty):
     )
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "two-kernels"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bucket_cosine_equals_bucket_and_the_reference_cosine(fused, dtype, nan_empty):
+    """bucket_cosine: H_d bit for bit bucket's, the cosine sums the reference's; partner x
+    (Y = x + f) and partner c (Y = x), masks, a strided partner, and NaN in the partner only
+    (the cosine's sum is NaN, H_d of Y is not)."""
+    from entrodrop_fast.ops.triton.bucket import bucket, bucket_cosine
+
+    shape = (3, 23, 70)
+    x, o, m = make(shape, dtype), make(shape, dtype, seed=5), make_mask(shape)
+    xs = make(shape, dtype, seed=6, strided=True)
+    for mask in (None, m):
+        for a, b, c in ((x, o, None), (o, None, x), (o, None, xs)):
+            h, s, n = bucket_cosine(a, b, c, mask, 20, False, fused=fused)
+            assert torch.equal(h, bucket(a, b, mask, 20, False, fused=fused))
+            rs, rn = (
+                ref_ops.cosine(a, b, mask, True) if c is None else ref_ops.cosine(c, a, mask, False)
+            )
+            assert torch.equal(n.cpu(), rn.cpu())
+            assert_close(rs, s, 1e-5, 1e-5, name=f"cosine fused={fused}")
+    bad = x.clone()
+    bad[1, 4, 9] = NAN
+    h, s, _ = bucket_cosine(o, None, bad, None, 20, False, fused=fused)
+    assert not bool(h.isnan().any()) and s.isnan().tolist() == [False, True, False]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_moments_pair_is_the_two_single_calls(dtype, nan_empty):
     from entrodrop_fast.ops.triton.moments import moments, moments_pair

@@ -22,7 +22,7 @@ def _interpreting() -> bool:
 # (docs/CONTRACT.md, "Non-finite values"), per device type: the API then skips its separate
 # validation pass and checks the outputs instead. Under the interpreter the same kernels run
 # on CPU tensors.
-_OPS = frozenset({"moments", "bucket", "cosine"})
+_OPS = frozenset({"moments", "bucket", "cosine", "bucket_cosine"})
 REPORTS_NONFINITE = {"cuda": _OPS} | ({"cpu": _OPS} if _interpreting() else {})
 # Ops with a pair kernel (<op>_pair: the op of Y = x + f and of x from one read of x and f,
 # for delta_entropy), per device type.
@@ -72,6 +72,16 @@ def bucket_pair(
     from entrodrop_fast.ops.triton.bucket import bucket_pair as _pair
 
     return _pair(x, f, mask, bins, paper_exact)
+
+
+def bucket_cosine(
+    x, f, c, mask=None, bins: int = 20, paper_exact: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(H_d of Y, sum of cos(partner, Y), count): Y = x + f with partner x, or Y = x with
+    partner c; the cosine's sums from the bucket kernel's own read where it can."""
+    from entrodrop_fast.ops.triton.bucket import bucket_cosine as _bc
+
+    return _bc(x, f, c, mask, bins, paper_exact)
 
 
 def cosine(x, other, mask=None, fused: bool = True):

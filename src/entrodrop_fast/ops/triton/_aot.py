@@ -51,13 +51,21 @@ def compile_all(arch: int) -> dict:
         (
             bucket_fused._bucket_fused_kernel,
             xin | {"hy_ptr": f64, "hx_ptr": f64, "wide_ptr": "*i32"},
-            pair | dict(PAPER_EXACT=False, NW=5, BLOCK_D=64, BLOCK_BINS=32, WIDE=False),
+            pair | dict(PAPER_EXACT=False, NW=5, BLOCK_D=64, BLOCK_BINS=32, WIDE=False, COS=0),
             nofuse,
         ),
         (
             bucket_fused._bucket_fused_kernel,
             xin | {"hy_ptr": f64, "hx_ptr": f64, "wide_ptr": "*i32"},
-            flags | dict(PAIR=False, PAPER_EXACT=True, NW=8, BLOCK_D=64, BLOCK_BINS=32, WIDE=True),
+            flags
+            | dict(PAIR=False, PAPER_EXACT=True, NW=8, BLOCK_D=64, BLOCK_BINS=32, WIDE=True, COS=0),
+            nofuse,
+        ),
+        (  # bucket_cosine: the cosine's partial sums in pass 1, partner c (COS=2)
+            bucket_fused._bucket_fused_kernel,
+            xin | {"hy_ptr": f64, "hx_ptr": f64, "wide_ptr": "*i32", "c_ptr": bf, "part_ptr": f32},
+            dict(HAS_F=False, HAS_MASK=True, BLOCK_T=32, PAIR=False, PAPER_EXACT=False, NW=5)
+            | dict(BLOCK_D=64, BLOCK_BINS=32, WIDE=False, COS=2),
             nofuse,
         ),
         (bucket._minmax_partial_kernel, xin | {"pmin_ptr": f32, "pmax_ptr": f32}, pair, {}),
@@ -89,6 +97,7 @@ def compile_all(arch: int) -> dict:
     out = {}
     for fn, ptrs, consts, opts in jobs:
         name = fn.__name__ + ("_wide" if consts.get("WIDE") else "")
+        name += "_cos" if consts.get("COS") else ""
         out[name] = _compile(fn, arch, ptrs, consts, **opts).asm["ptx"]
     return out
 

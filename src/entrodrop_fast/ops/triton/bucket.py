@@ -29,7 +29,7 @@ import triton.language as tl
 from entrodrop_fast.ops.triton import _tiles as tiles
 from entrodrop_fast.ops.triton._bins import _bin_index, _bin_params, _entropy_rows
 from entrodrop_fast.ops.triton._common import blocks, cdiv, next_pow2, stream_args, token_splits
-from entrodrop_fast.ops.triton.bucket_fused import _fused, _use_fused
+from entrodrop_fast.ops.triton.bucket_fused import _fused, _use_fused, cosine_from_partials
 
 # ---------------------------------------------------------------- split path
 
@@ -340,3 +340,28 @@ def bucket_pair(
     """(H_d of Y = x + f, H_d of x), fp64 [B, D] each, from one read of x and f per pass;
     each bit for bit what :func:`bucket` gives."""
     return _bucket(x, f, mask, bins, paper_exact, True, **config)
+
+
+def bucket_cosine(
+    x, f, c, mask=None, bins: int = 20, paper_exact: bool = False, *, fused: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(H_d of Y fp64 [B, D], sum over valid tokens of cos(partner_t, Y_t) fp64 [B], count
+    fp64 [B]): Y = x + f with partner x (f given) or Y = x with partner c (c given). On the
+    fused path the cosine's sums come from the bucket kernel's first pass (no read of their
+    own); elsewhere (the split path) bucket, then the cosine kernel. H_d is bit for bit
+    :func:`bucket`'s."""
+    from entrodrop_fast.ops.triton.cosine import cosine
+
+    B, T, D = x.shape
+    if fused is None:
+        fused = _use_fused(B, T, D, bins, 64, x.device)
+    if not fused or bins > 32:
+        h = _bucket(x, f, mask, bins, paper_exact, False, fused=False if bins > 32 else fused)
+        s, n = cosine(x, f, mask, True) if f is not None else cosine(c, x, mask, False)
+        return h, s, n
+    h, part = _fused(
+        x, f, mask, bins, paper_exact, False, block_t=32, block_d=64, num_warps=8,
+        cos=1 if f is not None else 2, c=c,
+    )  # fmt: skip
+    s, n = cosine_from_partials(part, mask)
+    return h, s, n

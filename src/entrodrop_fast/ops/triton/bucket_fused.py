@@ -9,6 +9,12 @@ the loop), unpacked every 255 tiles; then H_d in fp64, written directly ([B, D],
 counts array in memory). Blocks with a "wide" finite channel (the contract's fp64 formula)
 are left to a second launch of the same kernel (WIDE=True), so the common case does not
 carry the fp64 path's registers. Used by :mod:`entrodrop_fast.ops.triton.bucket`.
+
+COS (bucket_cosine): pass 1 also sums, per token over the program's channels, partner * Y,
+partner^2, Y^2 and partner * 0 + Y * 0 (0, or NaN where a value is not finite), partner
+being x itself (COS=1, Y = x + f) or another tensor c (COS=2, Y = x), into partials
+[B, programs along D, T, 4] fp32: the cosine's per-token sums without a read of its own;
+:func:`cosine_from_partials` folds them (fp64) into the per-sample sums.
 """
 
 from __future__ import annotations
@@ -64,6 +70,11 @@ def _bucket_fused_kernel(
     hy_ptr,
     hx_ptr,  # hy (Y), hx (x itself, PAIR): [B, D] fp64
     wide_ptr,  # [B, programs along D] int32, zeroed: blocks left to the WIDE launch
+    c_ptr,  # COS=2: the cosine's partner [B, T, D] (else x, never read)
+    part_ptr,  # COS: [B, programs along D, T, 4] fp32 per-token partial sums (else unused)
+    scb,
+    sct,
+    scd,
     T,
     D,
     bins,
@@ -84,6 +95,7 @@ def _bucket_fused_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_BINS: tl.constexpr,
     WIDE: tl.constexpr,
+    COS: tl.constexpr = 0,
 ):
     b, offs_d, dmask, offs_d64 = tiles.channel_block(D, BLOCK_D)
     src = (x_ptr, f_ptr, m_ptr, b, sxb, sxt, sxd, sfb, sft, sfd, smb, smt)
@@ -110,6 +122,26 @@ def _bucket_fused_kernel(
         ry = tiles.range_add(ry, y, valid)
         if PAIR:
             rx = tiles.range_add(rx, xv, valid)
+        if COS != 0:
+            if not WIDE:  # the first launch runs pass 1 on every block: the partials once
+                offs_t = t0 + tl.arange(0, BLOCK_T)
+                pv = xv
+                if COS == 2:
+                    pv = tl.load(
+                        c_ptr
+                        + b * scb
+                        + offs_t.to(tl.int64)[:, None] * sct
+                        + offs_d64[None, :] * scd,
+                        mask=valid,
+                        other=0.0,
+                    ).to(tl.float32)
+                y0 = tl.where(valid, y, 0.0)
+                out = part_ptr + ((b * tl.num_programs(0) + tl.program_id(0)) * T + offs_t) * 4
+                tm = offs_t < T
+                tl.store(out, tl.sum(pv * y0, axis=1), mask=tm)
+                tl.store(out + 1, tl.sum(pv * pv, axis=1), mask=tm)
+                tl.store(out + 2, tl.sum(y0 * y0, axis=1), mask=tm)
+                tl.store(out + 3, tl.sum(pv * 0.0 + y0 * 0.0, axis=1), mask=tm)
     lo, hi, bad = tiles.range_final(ry)  # bad (BLOCK_D,): NaN != 0
     lo, sc, wide, any_wide = _bin_params(lo, hi, dmask, bins)
     badx = bad
@@ -168,7 +200,9 @@ def _use_fused(B: int, T: int, D: int, bins: int, block_d: int, device: torch.de
     return bins <= FUSED_MAX_BINS and (B * cdiv(D, block_d) >= num_sms(device) or T <= 1024)
 
 
-def _fused(x, f, mask, bins, paper_exact, pair, *, block_t, block_d, num_warps):
+def _fused(x, f, mask, bins, paper_exact, pair, *, block_t, block_d, num_warps, cos=0, c=None):
+    """H_d [B, D] (pair: a tuple of two); with ``cos`` (1: partner x, 2: partner c) also the
+    cosine's per-token partial sums [B, programs along D, T, 4] (returned second)."""
     B, T, D = x.shape
     assert bins <= FUSED_MAX_BINS and block_t <= 256
     block_d, nd = blocks(D, block_d)
@@ -176,6 +210,8 @@ def _fused(x, f, mask, bins, paper_exact, pair, *, block_t, block_d, num_warps):
     hy = torch.empty((B, D), dtype=torch.float64, device=x.device)
     hx = torch.empty((B, D), dtype=torch.float64, device=x.device) if pair else hy
     wide = torch.zeros((B, nd), dtype=torch.int32, device=x.device)
+    part = torch.empty((B, nd, T, 4) if cos else (1,), dtype=torch.float32, device=x.device)
+    cp, cs = (c, tuple(c.stride())) if cos == 2 else (x, (0, 0, 0))
     for w in (False, True):  # the second launch redoes the blocks the first flagged (rare)
         _bucket_fused_kernel[(nd, B)](
             x,
@@ -184,6 +220,9 @@ def _fused(x, f, mask, bins, paper_exact, pair, *, block_t, block_d, num_warps):
             hy,
             hx,
             wide,
+            cp,
+            part,
+            *cs,
             T,
             D,
             bins,
@@ -196,7 +235,21 @@ def _fused(x, f, mask, bins, paper_exact, pair, *, block_t, block_d, num_warps):
             BLOCK_D=block_d,
             BLOCK_BINS=max(4, next_pow2(bins)),
             WIDE=w,
+            COS=cos,
             num_warps=num_warps,
             enable_fp_fusion=False,
         )
-    return (hy, hx) if pair else hy
+    h = (hy, hx) if pair else hy
+    return (h, part) if cos else h
+
+
+def cosine_from_partials(part: torch.Tensor, mask: torch.Tensor | None):
+    """(sum over valid tokens of cos, count), fp64 [B] each, from the partials of a COS
+    launch ([B, programs, T, 4]): cos = dot / max(|p| |Y|, 1e-12), NaN where a value of the
+    token was not finite (the cosine kernel's rule)."""
+    s = part.sum(1, dtype=torch.float64)  # [B, T, 4]
+    cos = s[..., 0] / (s[..., 1].sqrt() * s[..., 2].sqrt()).clamp_min(1e-12)
+    cos = torch.where(s[..., 3] != 0, float("nan"), cos)
+    if mask is None:
+        return cos.sum(1), torch.full_like(cos[:, 0], cos.shape[1])
+    return torch.where(mask, cos, 0.0).sum(1), mask.sum(1).to(torch.float64)
