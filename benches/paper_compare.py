@@ -319,6 +319,7 @@ def run_model(
     )
     for comp in results.values():
         comp["calibration_agreement"] = agreement
+        comp["calibration_report"] = results[grid["rules"][0]]["calibration_report"]
         comp["calibration"] = {"a": "builtin", "b": grid["second_corpus"]}
     timing["calibration_s"] = time.perf_counter() - t
     # massive activations

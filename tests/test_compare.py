@@ -99,6 +99,28 @@ def test_calibration_agreement_of_identical_and_reversed_reports(lm, corpus):
     ] == pytest.approx(-1.0)
 
 
+def test_calibration_agreement_over_droppable_blocks_only(lm, corpus):
+    """Protected blocks (here layer 0 and the last, fixed) are left out of
+    spearman_droppable: moving only their scores changes the all-blocks figure, not it."""
+    report = C.profile_report(
+        lm, corpus, samples=6, seq_len=48, seed=1, methods=("bucket",), progress=False
+    )
+    blocks = sorted((b for b in report["blocks"] if b["kind"] == "attn"), key=lambda b: b["layer"])
+    last = blocks[-1]["layer"]
+    moved = json.loads(json.dumps(report))
+    for b in moved["blocks"]:
+        if b["kind"] == "attn" and b["layer"] in (0, last):  # swap the protected ends' scores
+            other = 0 if b["layer"] == last else last
+            b["delta"]["bucket"]["mean"] = next(
+                x["delta"]["bucket"]["mean"] for x in blocks if x["layer"] == other
+            ) * 100  # fmt: skip
+    prot = [0, last]
+    a = C.calibration_agreement(report, moved, "attn", "bucket", [1], protect=(prot, prot))
+    assert a["droppable"] == len(blocks) - 2
+    assert a["spearman_droppable"] == pytest.approx(1.0)
+    assert a["spearman"] < 1.0
+
+
 def test_lm_eval_missing_gives_a_clear_message(lm, monkeypatch):
     import builtins
 

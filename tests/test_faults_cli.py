@@ -668,6 +668,9 @@ def test_compare_two_corpora_with_the_paper_preset(tiny_dir, long_txt, tmp_path,
     assert comp["calibration"] == {"a": str(long_txt), "b": str(other)}
     agreement = comp["calibration_agreement"]
     assert [(a["kind"], a["method"]) for a in agreement] == [("attn", "knn")]
+    assert agreement[0]["droppable"] >= 1 and "spearman_droppable" in agreement[0]
+    assert "droppable blocks" in (out / "comparison.md").read_text()
+    assert comp["calibration_report"]["blocks"]  # the second corpus's profile is kept
 
 
 @pytest.mark.parametrize("command", ["eval", "bench"])

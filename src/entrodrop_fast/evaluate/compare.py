@@ -143,17 +143,23 @@ def _scores(report: dict, kind: str, method: str) -> list[float]:
 def calibration_agreement(
     report_a: dict, report_b: dict, kind: str, method: str, counts: list[int], protect=(None, None)
 ) -> dict:
-    """Spearman correlation of the per-block scores of ``method`` (all blocks of ``kind``) in
-    two reports, and the overlap of the K blocks each would drop. ``protect``: the protected
-    layers used with each report (None: the report's default rule)."""
+    """Spearman correlation of the per-block scores of ``method`` in two reports, over all
+    blocks of ``kind`` (``spearman``) and over the droppable ones only (``spearman_droppable``:
+    the layers neither report's rule protects, ``droppable`` of them; protected blocks, often
+    the first and last layers with extreme scores, inflate the first), and the overlap of
+    the K blocks each would drop. ``protect``: the protected layers used with each report
+    (None: the report's default rule)."""
     from entrodrop_fast.prune.ranking import make_plan
 
-    rho = spearman(_scores(report_a, kind, method), _scores(report_b, kind, method))
+    sa, sb = _scores(report_a, kind, method), _scores(report_b, kind, method)
+    rho = spearman(sa, sb)
     overlap = {}
+    protected: set[int] = set()
     for k in counts:
         advice = drop_advice()
         plan_a = make_plan(report_a, kind, k, method=method, advice=advice, protect=protect[0])
         plan_b = make_plan(report_b, kind, k, method=method, advice=advice, protect=protect[1])
+        protected |= set(plan_a["protected"]) | set(plan_b["protected"])
         pa, pb = set(plan_a["drop"][kind]), set(plan_b["drop"][kind])
         overlap[str(k)] = {
             "shared": len(pa & pb),
@@ -161,7 +167,17 @@ def calibration_agreement(
             "a": sorted(pa),
             "b": sorted(pb),
         }
-    return {"kind": kind, "method": method, "spearman": rho, "overlap": overlap}
+    layers = sorted(b["layer"] for b in report_a["blocks"] if b["kind"] == kind)
+    free = [i for i, layer in enumerate(layers) if layer not in protected]
+    rho_free = spearman([sa[i] for i in free], [sb[i] for i in free]) if counts else rho
+    return {
+        "kind": kind,
+        "method": method,
+        "spearman": rho,
+        "spearman_droppable": rho_free,
+        "droppable": len(free) if counts else len(layers),
+        "overlap": overlap,
+    }
 
 
 def corpus_agreement(
@@ -170,6 +186,7 @@ def corpus_agreement(
     """Profile again on ``corpus_b`` and compare each scoring method's ranking with the one in
     ``comp["report"]`` (:func:`calibration_agreement`; block_influence on layers only; angular
     and random have no per-block ranking). Protection: the comparison's rule, on each report.
+    The second profile is kept in ``comp["calibration_report"]``.
 
     ``profiling``: the profile's settings as :func:`profile_report` takes them, those of the
     comparison (``samples``, ``seq_len`` and ``seed`` required; ``bins``, ``k``,
@@ -182,6 +199,7 @@ def corpus_agreement(
     if s1 and s1 not in scoring:
         scoring.insert(0, s1)
     other = profile_report(lm, corpus_b, methods=scoring, **{"progress": False, **profiling})
+    comp["calibration_report"] = other  # the second profile, for later questions
     rule = proto.get("protect_rule", "per-method")
 
     def protected(report: dict, method: str) -> list[int] | None:
@@ -996,9 +1014,14 @@ def markdown(comp: dict) -> str:
         lines += ["", f"Calibration robustness ({cal.get('a', 'a')} vs {cal.get('b', 'b')}):", ""]
         for a in comp["calibration_agreement"]:
             ov = ", ".join(f"K={k}: {v['shared']}/{v['of']}" for k, v in a["overlap"].items())
+            free = (
+                f" ({a['spearman_droppable']:.3f} over the {a['droppable']} droppable blocks)"
+                if "spearman_droppable" in a
+                else ""
+            )
             lines.append(
-                f"- {a['kind']} / {a['method']}: Spearman {a['spearman']:.3f}; overlap of the "
-                f"dropped blocks {ov}"
+                f"- {a['kind']} / {a['method']}: Spearman {a['spearman']:.3f}{free}; overlap of "
+                f"the dropped blocks {ov}"
             )
     return "\n".join(lines) + "\n"
 
