@@ -244,6 +244,85 @@ def write_comparison(comp: dict, d: Path, rule: str) -> None:
     C.plot(comp, d / f"comparison_{rule}.png")
 
 
+def calibrate(name: str, lm, results: dict, grid: dict, counts, progress: bool) -> None:
+    """Profile on the grid's second corpus and put the calibration comparison (Spearman of
+    every method's block scores, over all blocks and over the droppable ones, and the overlap
+    of the K dropped) and that profile into every rule's comparison in ``results``."""
+    from entrodrop_fast.evaluate import compare as C
+
+    log(f"{name}: profile on {grid['second_corpus']} for the calibration comparison")
+    first = results[grid["rules"][0]]
+    agreement = C.corpus_agreement(
+        lm,
+        first,
+        grid["second_corpus"],
+        kinds=grid["kinds"],
+        methods=grid["methods"],
+        counts=counts,
+        samples=grid["samples"],
+        seq_len=grid["seq_len"],
+        seed=2024,
+        progress=progress,
+    )
+    first["calibration_agreement"] = agreement
+    for rule, comp in results.items():
+        if rule != grid["rules"][0]:  # the agreement under this rule's own protection
+            comp["calibration_report"] = first["calibration_report"]
+            comp["calibration_agreement"] = [
+                C.calibration_agreement(
+                    comp["report"],
+                    first["calibration_report"],
+                    a["kind"],
+                    "cosine" if a["method"] == "block_influence" else a["method"],
+                    [int(k) for k in a["overlap"]],
+                    protect=_rule_protection(comp, first["calibration_report"], a["method"]),
+                )
+                | {"method": a["method"]}
+                for a in agreement
+            ]
+        comp["calibration"] = {"a": "builtin", "b": grid["second_corpus"]}
+
+
+def _rule_protection(comp: dict, other: dict, method: str) -> tuple:
+    """The protected layers of ``comp``'s rule in its own report and in ``other``."""
+    from entrodrop_fast.prune.ranking import protected_by_rule
+
+    proto = comp.get("protocol") or {}
+    rule, s1 = proto.get("protect_rule", "per-method"), proto.get("stage1_method")
+    if rule == "per-method":
+        return (None, None)
+    pm = "cosine" if method == "block_influence" else method
+    return tuple(
+        protected_by_rule(r, rule, method=pm, stage1_method=s1)[0] for r in (comp["report"], other)
+    )
+
+
+def redo_calibration(name: str, grid: dict, out: Path, *, device, dtype, progress) -> dict:
+    """The calibration comparison of a model this study finished in ``out``, again (with the
+    current code: e.g. Spearman over the droppable blocks): profiles the second corpus, then
+    rewrites MODEL/comparison_*.{json,md,png} and MODEL/result.json. Returns the result."""
+    from entrodrop_fast.models import load_model
+
+    d = out / name
+    saved = json.loads((d / "result.json").read_text())
+    results = {
+        rule: json.loads((d / f"comparison_{rule}.json").read_text()) for rule in grid["rules"]
+    }
+    lm = load_model(name, dtype=dtype, device=device)
+    t = time.perf_counter()
+    calibrate(name, lm, results, grid, grid["counts"][name], progress)
+    result = saved["result"]
+    result["timing"]["calibration_s"] = time.perf_counter() - t
+    for rule, comp in results.items():
+        write_comparison(comp, d, rule)
+        result["comparisons"][rule]["calibration_agreement"] = comp["calibration_agreement"]
+    done = d / "result.json"
+    tmp = done.with_name(done.name + ".tmp")
+    tmp.write_text(json.dumps(saved))
+    os.replace(tmp, done)
+    return result
+
+
 def run_model(
     name: str,
     grid: dict,
@@ -304,23 +383,7 @@ def run_model(
         write_comparison(comp, out / name, rule)  # readable before the study ends
     # calibration robustness: the same methods' rankings from a second corpus
     t = time.perf_counter()
-    log(f"{name}: profile on {grid['second_corpus']} for the calibration comparison")
-    agreement = C.corpus_agreement(
-        lm,
-        results[grid["rules"][0]],
-        grid["second_corpus"],
-        kinds=grid["kinds"],
-        methods=grid["methods"],
-        counts=counts,
-        samples=grid["samples"],
-        seq_len=grid["seq_len"],
-        seed=2024,
-        progress=progress,
-    )
-    for comp in results.values():
-        comp["calibration_agreement"] = agreement
-        comp["calibration_report"] = results[grid["rules"][0]]["calibration_report"]
-        comp["calibration"] = {"a": "builtin", "b": grid["second_corpus"]}
+    calibrate(name, lm, results, grid, counts, progress)
     timing["calibration_s"] = time.perf_counter() - t
     # massive activations
     t = time.perf_counter()
@@ -486,6 +549,12 @@ def main(argv=None) -> int:
         help="continue an interrupted study in --out (same grid and settings): finished models "
         "and every evaluation already made are reused",
     )
+    ap.add_argument(
+        "--redo-calibration",
+        action="store_true",
+        help="with --resume: run the calibration comparison of the finished models again "
+        "(a new profile on the second corpus; the evaluations are kept) and rewrite their files",
+    )
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument(
         "--threads",
@@ -549,6 +618,12 @@ def main(argv=None) -> int:
         return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out).expanduser()
+    if args.redo_calibration and not args.resume:
+        print(
+            "paper_compare: error: --redo-calibration works on a finished study: add --resume",
+            file=sys.stderr,
+        )
+        return 1
     if args.resume and args.overwrite:
         print(
             "paper_compare: error: --resume keeps an earlier study's work and --overwrite "
@@ -592,6 +667,11 @@ def main(argv=None) -> int:
     }
     for name in grid["models"]:
         prev = finished_model(out / name, grid, args.dtype) if args.resume else None
+        if prev is not None and args.redo_calibration:
+            log(f"{name}: the calibration comparison again ({out / name})")
+            prev = redo_calibration(
+                name, grid, out, device=device, dtype=args.dtype, progress=not args.quiet
+            )
         if prev is not None:
             log(f"{name}: finished by an earlier run of this study ({out / name / 'result.json'})")
             study["models"].append(prev)

@@ -393,3 +393,43 @@ def test_perplexity_of_one_window_has_no_interval_and_two_have_one_around_it():
     many = perplexity(model, tok, docs, seq_len=32, max_windows=4)
     lo, hi = many["ci95"]
     assert many["windows"] == 4 and lo < many["perplexity"] < hi
+
+
+def test_study_calibration_gives_each_protection_rule_its_own(lm, corpus, monkeypatch):
+    """benches/paper_compare.py: the calibration comparison of the paper rule protects 0, 1
+    and the last layer in both profiles (not the shared rule's layers), and every rule's
+    comparison keeps the second corpus's profile."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "paper_compare", Path(__file__).resolve().parents[1] / "benches" / "paper_compare.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    kw = dict(samples=6, seq_len=48, methods=("bucket",), progress=False)
+    report = C.profile_report(lm, corpus, seed=1, **kw)
+    other = C.profile_report(lm, corpus, seed=7, **kw)
+    monkeypatch.setattr(C, "profile_report", lambda *a, **k: other)
+    results = {
+        rule: {"report": report, "protocol": {"protect_rule": rule, "stage1_method": "bucket"}}
+        for rule in ("shared", "paper")
+    }
+    grid = {"rules": ["shared", "paper"], "second_corpus": "x", "kinds": ["attn"]}
+    grid |= {"methods": ["bucket"], "samples": 6, "seq_len": 48}
+    mod.calibrate("tiny", lm, results, grid, [1], False)
+    L = len([b for b in report["blocks"] if b["kind"] == "attn"])
+    for rule, comp in results.items():
+        assert comp["calibration_report"] is other
+        (a,) = comp["calibration_agreement"]
+        if rule == "paper":  # layers 0, 1 and the last are protected in both profiles
+            assert a["droppable"] == L - 3
+        want = C.calibration_agreement(
+            report,
+            other,
+            "attn",
+            "bucket",
+            [1],
+            protect=mod._rule_protection(comp, other, "bucket"),
+        )
+        assert a == want | {"method": "bucket"}
