@@ -574,12 +574,24 @@ def test_bench_calls_command(tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert {(r["estimator"], tuple(r["shape"]), r["dtype"]) for r in rows} == {
         (c, s, d)
-        for c in ("bucket", "gaussian_diag", "delta_bucket", "delta_gaussian_diag", "cosine")
+        for c in (
+            "bucket",
+            "gaussian_diag",
+            "delta_bucket",
+            "delta_gaussian_diag",
+            "cosine",
+            "bucket_and_cosine",
+        )
         for s in ((2, 8, 16), (9, 16))
         for d in ("fp32", "bf16")
     }
     for r in rows:
-        pair = r["estimator"] in ("delta_bucket", "delta_gaussian_diag", "cosine")
+        pair = r["estimator"] in (
+            "delta_bucket",
+            "delta_gaussian_diag",
+            "cosine",
+            "bucket_and_cosine",
+        )
         assert r["reads"] == ("x,f" if pair else "x") and r["mode"] == "calls"
         n = math.prod(r["shape"]) * (4 if r["dtype"] == "fp32" else 2)
         assert r["bytes"] == n * (2 if pair else 1)

@@ -56,6 +56,10 @@ CALLS = {
         lambda x, f, v, be: _api().delta_entropy(x, f, "gaussian_diag", validate=v, backend=be),
     ),
     "cosine": (True, lambda x, f, v, be: _api().cosine_importance(x, f, validate=v, backend=be)),
+    "bucket_and_cosine": (
+        True,
+        lambda x, f, v, be: _api().bucket_entropy_and_cosine(x, f, validate=v, backend=be),
+    ),
 }
 # the profiler's taps (SmolLM2 / 4096-wide models, batch 1, 8 and 128 samples of 256 tokens)
 # and one big sample
