@@ -293,9 +293,16 @@ def test_omit_leaving_too_few_tokens():
     x[1:, 0] = NAN
     with (
         pytest.warns(RuntimeWarning, match="skipped 2 token"),
-        pytest.raises(ValueError, match="at least 2 valid tokens, one has 1"),
+        pytest.raises(
+            ValueError,
+            match=r"at least 2 valid tokens: sample 0 has 1 after nan_policy='omit' skipped",
+        ),
     ):
         ef.bucket_entropy(x, nan_policy="omit")
+    m = torch.ones(4, 3, dtype=torch.bool)
+    m[1, 1:] = m[3] = False  # samples 1 and 3 (a user's test: "one has 0" named neither)
+    with pytest.raises(ValueError, match=r"sample 1 has 1, sample 3 has 0 \(0-based"):
+        ef.bucket_entropy(torch.randn(4, 3, 5), mask=m)
 
 
 # ------------------------------------------------------------------ the kernels' report
@@ -507,6 +514,39 @@ def test_taps_read_no_tensor_for_the_check_on_cpp(methods, monkeypatch):
         assert_close(ef.entropy(x, m, backend="torch"), st._h[m][0], 1e-5, name=m)
     with pytest.raises(AssertionError, match="own finiteness pass"):  # renyi's path does not report
         _stats(("bucket", "renyi")).on_input(0, x)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt_neox"])
+def test_taps_with_cosine_alone_read_no_tensor_for_the_check(name, monkeypatch):
+    """--method cosine alone (a fresh user's test: a t.sum() per point): the cpp cosine's own
+    NaN report stands in for the pass, and a NaN still raises, naming the point that holds it
+    (x's: r0, or Y's)."""
+    from entrodrop_fast.models import get_adapter
+    from entrodrop_fast.profile.taps import BlockStatistics, TapSettings
+
+    def forbidden(self, point, t):
+        raise AssertionError("the taps ran their own finiteness pass")
+
+    monkeypatch.setattr(BlockStatistics, "_check_finite", forbidden)
+    ad = get_adapter(tiny_model(name, seed=3))
+    st = BlockStatistics(ad, 2, TapSettings((), cosine=True, backend="cpp"))
+    x, f = torch.randn(2, 16, 12), torch.randn(2, 16, 12)
+    st.on_input(0, x)
+    st.on_attn(0, x, f)
+    if name == "llama":  # sequential: the attention's Y is the model's own m_0
+        st.on_mid(0, x, x + f)
+    want = ef.cosine_importance(x, f, backend="torch")
+    assert_close(want, st._cos["attn"][0], 1e-6, 1e-7, name="attn cosine")
+    bad = x.clone()
+    bad[1, 3, 4] = NAN
+    y_point = "a0" if name == "gpt_neox" else "m0"
+    # fp32 activations: not fp16 overflow (the hint used to suggest fp32 to an fp32 model)
+    with pytest.raises(RuntimeError, match="NaN or Inf at r0 .the activations are float32, so not"):
+        st.on_attn(0, bad, f) if name == "gpt_neox" else st.on_mid(0, bad, x + f)
+    with pytest.raises(RuntimeError, match=f"NaN or Inf at {y_point}"):
+        st.on_attn(0, x, bad) if name == "gpt_neox" else st.on_mid(0, x, bad)
+    with pytest.raises(AssertionError, match="own finiteness pass"):  # the reference: no report
+        BlockStatistics(ad, 2, TapSettings((), cosine=True, backend="torch")).on_input(0, x)
 
 
 @pytest.mark.parametrize("methods", [("bucket",), ("gaussian_diag",)])

@@ -35,13 +35,19 @@ from entrodrop_fast.models.adapters import BLOCK_KINDS, Adapter, get_adapter
 _REPORTING_OPS = {"bucket": "bucket", "gaussian_diag": "moments", "knn": "knn_terms"}
 
 
-def _overflow_hint() -> str:
-    """The likely cause of NaN or Inf activations, and what to try (in messages)."""
-    return f"fp16 overflow? try {setting('dtype')} bf16 or fp32"
+def _overflow_hint(dtype: torch.dtype | None = None) -> str:
+    """The likely cause of NaN or Inf activations, and what to try (in messages): fp16's
+    range where the activations are fp16 (or unknown), else the model's weights or input."""
+    if dtype is None or dtype == torch.float16:
+        return f"fp16 overflow? try {setting('dtype')} bf16 or fp32"
+    return (
+        f"the activations are {str(dtype).removeprefix('torch.')}, so not fp16 overflow: "
+        "check the checkpoint's weights for NaN/Inf"
+    )
 
 
-def _nonfinite(point: str) -> str:
-    return f"the residual stream holds NaN or Inf at {point} ({_overflow_hint()}); no report"
+def _nonfinite(point: str, dtype: torch.dtype | None = None) -> str:
+    return f"the residual stream holds NaN or Inf at {point} ({_overflow_hint(dtype)}); no report"
 
 
 # ---- robust bucket variants (issue 14): bucket_q, bucket_nosink, bucket_tokennorm -------------
@@ -193,6 +199,7 @@ class BlockStatistics:
         self.samples = 0
         self.finite = None  # GPU: device bool, every tensor read so far was finite (no sync)
         self._reports: dict[str, bool] = {}  # device type -> the entropy results tell NaN/Inf
+        self._cos_reports: dict[str, bool] = {}  # device type -> the cosine results do
         self._reset()
 
     def _reset(self):
@@ -214,7 +221,7 @@ class BlockStatistics:
         ok = torch.isfinite(t.sum(dtype=torch.float32))
         if t.device.type == "cpu":
             if not bool(ok):
-                raise RuntimeError(_nonfinite(point))
+                raise RuntimeError(_nonfinite(point, t.dtype))
         else:
             self.finite = ok if self.finite is None else self.finite & ok
 
@@ -255,7 +262,7 @@ class BlockStatistics:
         if self.mask is not None:
             bad = bad & self.mask.to(bad.device)
         if bool(bad.any()):
-            raise RuntimeError(_nonfinite(point))
+            raise RuntimeError(_nonfinite(point, x.dtype))
 
     def _entropy(self, point: str, x, f=None, given: dict | None = None):
         """The entropies at ``point`` of x (+ f); ``given``: method -> result already computed
@@ -263,7 +270,7 @@ class BlockStatistics:
         from entrodrop_fast.ops.api import entropy
 
         reports = self._results_report(x.device)
-        if not reports and not given:
+        if not reports and not given and not self._cosine_checks(x.device):
             self._check_finite(point, x if f is None else f)
         i = self._pidx[point]
         for m in self.s.entropy_methods:
@@ -313,13 +320,42 @@ class BlockStatistics:
         else:
             self._entropy(point, y, given={"bucket": h})
 
+    def _cosine_checks(self, device: torch.device) -> bool:
+        """Without entropy methods, with the cosine asked for on a kernel whose result is NaN
+        when x or Y holds NaN/Inf (cpp, CPU): every point is read by some block's cosine (as
+        its x or its Y), so its result stands in for the taps' own finiteness pass."""
+        if self.s.entropy_methods or not self._cos:
+            return False
+        key = device.type
+        if key not in self._cos_reports:
+            from entrodrop_fast.ops import api
+
+            try:
+                name = api.resolve_backend(self.s.backend, device)
+            except ValueError:
+                name = None
+            self._cos_reports[key] = name is not None and api._reports_nonfinite(
+                name, device, "cosine"
+            )
+        return self._cos_reports[key]
+
     def _cosine(self, kind: str, li: int, x, f=None, y=None):
         if kind in self._cos:
             from entrodrop_fast.ops.api import cosine_importance
 
-            self._cos[kind][li] = cosine_importance(
+            c = self._cos[kind][li] = cosine_importance(
                 x, f, y=y, mask=self.mask, backend=self.s.backend, validate=False
             )
+            if not self._cosine_checks(x.device):
+                return
+            if c.device.type == "cpu":
+                if not bool(torch.isfinite(c).all()):  # the exact check: x, then Y
+                    px, py = self.adapter.block_points(kind, li)
+                    self._confirm_nonfinite(px, x, None)
+                    self._confirm_nonfinite(py, x if y is None else y, f)
+            else:  # no host sync per hook: the device flag, read once by result()
+                ok = torch.isfinite(c).all()
+                self.finite = ok if self.finite is None else self.finite & ok
 
     def _keep_last(self, li: int, r: torch.Tensor):
         if self.ang_stats:  # the last token only: a (B, 1, D) copy, not a view of r
