@@ -125,6 +125,18 @@ def test_bad_calls_name_what_was_wrong():
         ef.bucket_entropy_and_cosine(x, y=o[:, :4])
     with pytest.raises(ValueError, match="bins must be"):
         ef.bucket_entropy_and_cosine(x, o, bins=0)
+    with pytest.raises(ValueError, match="2..16 bins already resolve"):  # the limit explained
+        ef.bucket_entropy_and_cosine(x, o, bins=65537)
+    for bad in ("yes", None, 1):  # a user's test: "yes" and None were taken as truthy / falsy
+        for fn in (
+            ef.bucket_entropy_and_cosine,
+            ef.bucket_entropy,
+            lambda x, o, **kw: ef.delta_entropy(x, o, "bucket", **kw),
+        ):
+            with pytest.raises(TypeError, match="paper_exact must be True or False"):
+                fn(x, o, paper_exact=bad)
+    h, _ = ef.bucket_entropy_and_cosine(x, o, paper_exact=np.bool_(True))
+    assert torch.equal(h, ef.bucket_entropy(x, o, paper_exact=True))
     with pytest.raises(ValueError, match="at least 2"):
         ef.bucket_entropy_and_cosine(x[:, :1], o[:, :1])
 

@@ -422,6 +422,20 @@ def _integer(value, name: str, lo: int, hi: int | None = None, why: str = "") ->
     return v
 
 
+def _flag(value, name: str) -> bool:
+    """value as a bool: True / False (numpy and 0-d torch bools too), never a string, None
+    or a number (``paper_exact="no"`` would have been truthy)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (np.bool_, torch.Tensor)) and str(getattr(value, "dtype", "")) in (
+        "bool",
+        "torch.bool",
+    ):
+        if getattr(value, "ndim", 0) == 0:
+            return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
 def _real(value, name: str, *, lo: float, lo_open: bool = False, why: str = "") -> float:
     """value as a finite float >= lo (> lo if lo_open); TypeError for non-numbers and bools."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
@@ -463,6 +477,7 @@ def bucket_entropy(
     ``paper_exact=True`` clamps probabilities at 1e-10 as the paper's code does.
     """
     bins = _integer(bins, "bins", 1, MAX_BINS, _BINS_WHY)
+    paper_exact = _flag(paper_exact, "paper_exact")
     p = prepare(x, f, mask, nan_policy=nan_policy, backend=backend, validate=validate, op="bucket")
     h = _kernel(p, "bucket")(p.x, p.f, p.mask, bins, paper_exact).to(torch.float64).sum(-1)  # (B,)
     if p.deferred and not _all_finite(h):  # the kernel saw NaN/Inf: H_d = NaN
@@ -772,6 +787,7 @@ def _paired_delta(x: Array, f: Array, method: str, opts: dict[str, Any]) -> Resu
     try:
         if method == "bucket":
             bins = _integer(opts.get("bins", 20), "bins", 1, MAX_BINS)
+            _flag(opts.get("paper_exact", False), "paper_exact")
         else:
             var_floor = _real(opts.get("var_floor", 1e-12), "var_floor", lo=0.0)
         xt, _ = _to_torch(x, "x")
@@ -890,6 +906,7 @@ def bucket_entropy_and_cosine(
     :func:`cosine_importance` itself and an fp64 computation.
     """
     bins = _integer(bins, "bins", 1, MAX_BINS, _BINS_WHY)
+    paper_exact = _flag(paper_exact, "paper_exact")
     if (f is None) == (y is None):
         raise ValueError("give exactly one of f (Y = X + f) or y")
     fused = f is not None
