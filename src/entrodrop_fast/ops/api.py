@@ -884,8 +884,10 @@ def bucket_entropy_and_cosine(
     nan_policy: str = "raise",
     validate: bool = True,
 ) -> tuple[Result, Result]:
-    """``(bucket_entropy(Y), cosine_importance(x, Y))`` from one read of the inputs, where the
-    backend has the fused kernel (``cpp`` on CPU; elsewhere the two estimators run in turn).
+    """``(bucket_entropy(x, f), cosine_importance(x, f))`` (or with ``y=``) from one read of
+    the inputs, where the backend has the fused kernel: ``cpp`` on CPU when no sample has more
+    than 2048 valid tokens, ``triton`` on its fused bucket path (bins <= 32); elsewhere the
+    two kernels run in turn.
 
     What the profiler needs at a block when both are asked for: Y = x + f (give ``f``: a
     block's input and its branch output) or Y = ``y`` (the block's output itself). x, f, y:

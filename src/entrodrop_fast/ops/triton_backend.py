@@ -1,7 +1,8 @@
 """The ``triton`` backend (docs/CONTRACT.md): Triton kernels (ops/triton/) for CUDA tensors.
 
 On a machine without a GPU the kernels run only under ``TRITON_INTERPRET=1`` (slow,
-for tests); then CPU tensors are accepted too. moments, bucket and cosine are its own;
+for tests); then CPU tensors are accepted too. moments, bucket, cosine and bucket_cosine
+(bucket with the cosine's per-token sums from the same first pass) are its own;
 ops/backends.py TABLE sends its knn to the tiled GEMM search of ops/knn_tiled.py (tensor
 cores through cuBLAS: the Triton kernel of ops/triton/knn.py measured 28x slower than
 cdist + topk on an H200).

@@ -61,6 +61,14 @@ def compile_all(arch: int) -> dict:
             | dict(PAIR=False, PAPER_EXACT=True, NW=8, BLOCK_D=64, BLOCK_BINS=32, WIDE=True, COS=0),
             nofuse,
         ),
+        (  # bucket_cosine, partner x itself: Y = x + f (COS=1)
+            bucket_fused._bucket_fused_kernel,
+            xin | {"hy_ptr": f64, "hx_ptr": f64, "wide_ptr": "*i32", "c_ptr": bf, "part_ptr": f32},
+            flags
+            | dict(PAIR=False, PAPER_EXACT=False, NW=5, BLOCK_D=64, BLOCK_BINS=32, WIDE=False)
+            | dict(COS=1),
+            nofuse,
+        ),
         (  # bucket_cosine: the cosine's partial sums in pass 1, partner c (COS=2)
             bucket_fused._bucket_fused_kernel,
             xin | {"hy_ptr": f64, "hx_ptr": f64, "wide_ptr": "*i32", "c_ptr": bf, "part_ptr": f32},
@@ -97,7 +105,7 @@ def compile_all(arch: int) -> dict:
     out = {}
     for fn, ptrs, consts, opts in jobs:
         name = fn.__name__ + ("_wide" if consts.get("WIDE") else "")
-        name += "_cos" if consts.get("COS") else ""
+        name += f"_cos{consts['COS']}" if consts.get("COS") else ""
         out[name] = _compile(fn, arch, ptrs, consts, **opts).asm["ptx"]
     return out
 
