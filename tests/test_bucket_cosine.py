@@ -75,6 +75,19 @@ def test_kernel_refuses_both_or_neither():
             )  # fmt: skip
 
 
+def test_backend_function_checks_what_the_kernel_cannot():
+    """cpp_backend.bucket_cosine (called by other tools as a backend, past the API's checks):
+    a partner of another shape is refused (the kernel would read it with x's shape), one of
+    another dtype read as fp32, exactly."""
+    x, o = _pair((2, 9, 70), torch.bfloat16)
+    with pytest.raises(ValueError, match="c must have the shape of x"):
+        cpp.bucket_cosine(o, None, x[:, :5])
+    h, s, n = cpp.bucket_cosine(o, None, x.float())
+    h2, s2, n2 = cpp.bucket_cosine(o.float(), None, x.float())
+    assert torch.equal(h, h2) and torch.equal(s, s2) and torch.equal(n, n2)
+    assert torch.equal(h, cpp.bucket(o))
+
+
 def test_overflowing_fp32_products_are_redone_in_fp64():
     """|values| near 1e20: fp32 squares overflow, the row is summed again in fp64 (finite)."""
     x, o = _pair((2, 9, 80), torch.float32)

@@ -247,6 +247,15 @@ def bucket_cosine(
     Y = x + f with partner x (f given), or Y = x with partner c (c given); one read of x, f
     and c. CPU tensors of one dtype."""
     C = _ext.require()
+    for name, t in (("f", f), ("c", c)):
+        if t is not None and t.shape != x.shape:  # the kernel reads t with x's shape
+            raise ValueError(
+                f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(t.shape)}"
+            )
+    if c is not None and c.dtype != x.dtype:  # the API checks this; read both as fp32 (exact)
+        x, c = x.float(), c.float()
+    if f is not None and f.dtype != x.dtype:
+        x, f = x.float(), f.float()
     B, _, D = x.shape
     out = torch.empty(B, D, dtype=torch.float64)
     s = torch.empty(B, dtype=torch.float64)

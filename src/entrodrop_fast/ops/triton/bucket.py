@@ -353,6 +353,11 @@ def bucket_cosine(
     from entrodrop_fast.ops.triton.cosine import cosine
 
     B, T, D = x.shape
+    for name, t in (("f", f), ("c", c)):
+        if t is not None and t.shape != x.shape:  # the kernel reads t with x's shape
+            raise ValueError(
+                f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(t.shape)}"
+            )
     if fused is None:
         fused = _use_fused(B, T, D, bins, 64, x.device)
     if not fused or bins > 32:
