@@ -274,7 +274,7 @@ def calibrate(name: str, lm, results: dict, grid: dict, counts, progress: bool) 
                     first["calibration_report"],
                     a["kind"],
                     "cosine" if a["method"] == "block_influence" else a["method"],
-                    [int(k) for k in a["overlap"]],
+                    list(counts),
                     protect=_rule_protection(comp, first["calibration_report"], a["method"]),
                 )
                 | {"method": a["method"]}

@@ -433,3 +433,21 @@ def test_study_calibration_gives_each_protection_rule_its_own(lm, corpus, monkey
             protect=mod._rule_protection(comp, other, "bucket"),
         )
         assert a == want | {"method": "bucket"}
+
+
+def test_calibration_agreement_with_fractions_and_a_k_too_large_for_one_profile(lm, corpus):
+    """A user's test: --drop 0.1 gave no overlap and "droppable" = every block; a K that the
+    second profile's protection cannot hold lost the whole run. Fractions now resolve per
+    profile, and such a K is recorded as not possible while the others are kept."""
+    report = C.profile_report(
+        lm, corpus, samples=6, seq_len=48, seed=1, methods=("bucket",), progress=False
+    )
+    L = len([b for b in report["blocks"] if b["kind"] == "attn"])
+    a = C.calibration_agreement(report, report, "attn", "bucket", ["40%"], protect=([0], [0]))
+    assert a["overlap"]["40%"]["of"] == round(0.4 * (L - 1)) and a["droppable"] == L - 1
+    for r in (a["spearman"], a["spearman_droppable"]):  # clamped: never 1.0000000000000002
+        assert r == pytest.approx(1.0) and -1.0 <= r <= 1.0
+    a = C.calibration_agreement(report, report, "attn", "bucket", [1, L - 1], protect=([0], [0, 1]))
+    assert a["overlap"]["1"]["shared"] == 1
+    assert "second profile" in a["overlap"][str(L - 1)]["error"]
+    assert a["droppable"] == L - 2

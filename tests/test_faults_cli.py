@@ -563,7 +563,15 @@ def test_compare_argument_and_corpus_faults(tiny_dir, tmp_path, capsys):
     rc, _, err = run_cli(
         capsys, "compare", tiny_dir, "--methods", "random", "--calib", "a.txt", "--calib", "b.txt"
     )
-    assert_clean_error(rc, err, "compare", "random has none; add one to --methods")
+    assert_clean_error(rc, err, "compare", "random have none; add one to --methods")
+    # angular (spans) has no per-block ranking either (a user's test: it was accepted, and the
+    # second corpus profiled for nothing); an empty --calib names no corpus
+    for methods, calib in (("angular", "b.txt"), ("angular,random", "b.txt"), ("bucket", "")):
+        rc, _, err = run_cli(
+            capsys, "compare", tiny_dir, "--methods", methods, "--calib", "a.txt", "--calib", calib
+        )
+        want = "names no corpus" if not calib else "have none; add one to --methods"
+        assert_clean_error(rc, err, "compare", want)
     short = tmp_path / "short.txt"
     short.write_text(prose(100))
     rc, _, err = run_cli(

@@ -130,7 +130,7 @@ def spearman(a: list[float], b: list[float]) -> float:
     cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
     va = math.sqrt(sum((x - ma) ** 2 for x in ra))
     vb = math.sqrt(sum((y - mb) ** 2 for y in rb))
-    return cov / (va * vb) if va and vb else float("nan")
+    return max(-1.0, min(1.0, cov / (va * vb))) if va and vb else float("nan")
 
 
 def _scores(report: dict, kind: str, method: str) -> list[float]:
@@ -158,7 +158,12 @@ def calibration_agreement(
     for k in counts:
         advice = drop_advice()
         plan_a = make_plan(report_a, kind, k, method=method, advice=advice, protect=protect[0])
-        plan_b = make_plan(report_b, kind, k, method=method, advice=advice, protect=protect[1])
+        try:
+            plan_b = make_plan(report_b, kind, k, method=method, advice=advice, protect=protect[1])
+        except ValueError as exc:  # K blocks are droppable in the first profile, not here
+            overlap[str(k)] = {"error": f"second profile: {exc}", "of": plan_a["k"]}
+            protected |= set(plan_a["protected"])
+            continue
         protected |= set(plan_a["protected"]) | set(plan_b["protected"])
         pa, pb = set(plan_a["drop"][kind]), set(plan_b["drop"][kind])
         overlap[str(k)] = {
@@ -220,7 +225,7 @@ def corpus_agreement(
                     other,
                     kind,
                     pm,
-                    [c for c in counts if isinstance(c, int)],
+                    list(counts),
                     protect=(protected(comp["report"], pm), protected(other, pm)),
                 )
                 | {"method": m}
@@ -782,10 +787,16 @@ def check_protocol(
         )
     if len(calib) > 2:
         raise ValueError(f"{setting('calib')} can be given at most twice")
-    if len(calib) == 2 and list(methods) == ["random"]:
+    if any(isinstance(c, str) and not c.strip() for c in calib):
         raise ValueError(
-            f"two {setting('calib')} corpora compare the rankings of scoring methods, and random "
-            f"has none; add one to {setting('methods')} (e.g. bucket,random)"
+            f"{setting('calib')} '' names no corpus: give 'builtin', 'stdlib-docs', a file or "
+            "a directory"
+        )
+    if len(calib) == 2 and set(methods) <= {"random", "angular"}:
+        raise ValueError(
+            f"two {setting('calib')} corpora compare the per-block rankings of scoring methods, "
+            f"and {' and '.join(sorted(set(methods)))} have none; add one to "
+            f"{setting('methods')} (e.g. bucket,random)"
         )
 
 
@@ -1013,7 +1024,12 @@ def markdown(comp: dict) -> str:
         cal = comp.get("calibration") or {}
         lines += ["", f"Calibration robustness ({cal.get('a', 'a')} vs {cal.get('b', 'b')}):", ""]
         for a in comp["calibration_agreement"]:
-            ov = ", ".join(f"K={k}: {v['shared']}/{v['of']}" for k, v in a["overlap"].items())
+            ov = ", ".join(
+                f"K={k}: not possible ({v['error']})"
+                if "error" in v
+                else f"K={k}: {v['shared']}/{v['of']}"
+                for k, v in a["overlap"].items()
+            )
             free = (
                 f" ({a['spearman_droppable']:.3f} over the {a['droppable']} droppable blocks)"
                 if "spearman_droppable" in a
