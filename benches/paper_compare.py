@@ -268,33 +268,14 @@ def calibrate(name: str, lm, results: dict, grid: dict, counts, progress: bool) 
     for rule, comp in results.items():
         if rule != grid["rules"][0]:  # the agreement under this rule's own protection
             comp["calibration_report"] = first["calibration_report"]
-            comp["calibration_agreement"] = [
-                C.calibration_agreement(
-                    comp["report"],
-                    first["calibration_report"],
-                    a["kind"],
-                    "cosine" if a["method"] == "block_influence" else a["method"],
-                    list(counts),
-                    protect=_rule_protection(comp, first["calibration_report"], a["method"]),
-                )
-                | {"method": a["method"]}
-                for a in agreement
-            ]
+            comp["calibration_agreement"] = C.agreement_with(
+                comp,
+                first["calibration_report"],
+                kinds=grid["kinds"],
+                methods=grid["methods"],
+                counts=counts,
+            )
         comp["calibration"] = {"a": "builtin", "b": grid["second_corpus"]}
-
-
-def _rule_protection(comp: dict, other: dict, method: str) -> tuple:
-    """The protected layers of ``comp``'s rule in its own report and in ``other``."""
-    from entrodrop_fast.prune.ranking import protected_by_rule
-
-    proto = comp.get("protocol") or {}
-    rule, s1 = proto.get("protect_rule", "per-method"), proto.get("stage1_method")
-    if rule == "per-method":
-        return (None, None)
-    pm = "cosine" if method == "block_influence" else method
-    return tuple(
-        protected_by_rule(r, rule, method=pm, stage1_method=s1)[0] for r in (comp["report"], other)
-    )
 
 
 def redo_calibration(name: str, grid: dict, out: Path, *, device, dtype, progress) -> dict:

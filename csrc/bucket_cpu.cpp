@@ -766,27 +766,6 @@ struct CosRequest {
   double* count = nullptr;  // [B]
 };
 
-// A token's cos from its fp64 totals; where fp32 partial sums overflowed (|values| past
-// ~1e19) or a value is NaN/Inf, the row again in fp64: NaN if it holds NaN/Inf (as cosine_cpu).
-template <int DT>
-double cos_token(double d, double px, double py, const View& pv, const View& y, const View* f, int64_t b,
-                 int64_t t, int64_t D) {
-  if (!std::isfinite(d) || !std::isfinite(px) || !std::isfinite(py)) {
-    d = px = py = 0;
-    for (int64_t j = 0; j < D; ++j) {
-      const float a = load1<DT>(pv.row(b, t), j * pv.sd);
-      float yv = load1<DT>(y.row(b, t), j * y.sd);
-      if (f) yv += load1<DT>(f->row(b, t), j * f->sd);
-      d += double(a) * double(yv);
-      px += double(a) * double(a);
-      py += double(yv) * double(yv);
-    }
-    if (!std::isfinite(d) || !std::isfinite(px) || !std::isfinite(py))
-      return std::numeric_limits<double>::quiet_NaN();
-  }
-  return d / std::max(std::sqrt(px) * std::sqrt(py), 1e-12);
-}
-
 void bucket_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims& shape, const Dims& xstride,
                 const Dims& fstride, const Dims& mstride, int bins, bool paper_exact, uintptr_t out,
                 uintptr_t out2, int nthreads, const CosRequest* cos = nullptr) {
@@ -898,9 +877,14 @@ void bucket_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims&
         px += p[1];
         py += p[2];
       }
-      sum += dtype == DT_F32   ? cos_token<DT_F32>(d, px, py, pv, xv, fp, b, t, D)
-             : dtype == DT_F16 ? cos_token<DT_F16>(d, px, py, pv, xv, fp, b, t, D)
-                               : cos_token<DT_BF16>(d, px, py, pv, xv, fp, b, t, D);
+      // (fp32 partial sums past ~1e19, or NaN/Inf: the row again in fp64)
+      const uint8_t* fr = fp ? fp->row(b, t) : nullptr;
+      const int64_t fs = fp ? fp->sd : 0;
+      sum += dtype == DT_F32
+                 ? cos_from_sums<DT_F32>(d, px, py, pv.row(b, t), pv.sd, xv.row(b, t), xv.sd, fr, fs, D)
+             : dtype == DT_F16
+                 ? cos_from_sums<DT_F16>(d, px, py, pv.row(b, t), pv.sd, xv.row(b, t), xv.sd, fr, fs, D)
+                 : cos_from_sums<DT_BF16>(d, px, py, pv.row(b, t), pv.sd, xv.row(b, t), xv.sd, fr, fs, D);
       cnt += 1;
     }
     cos->sum[b] = sum;

@@ -2,6 +2,8 @@
 // conversion, ISA dispatch and a thread fan-out (parallel_for, on the pool of threads_cpu.cpp).
 #pragma once
 #include <algorithm>
+#include <limits>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -135,6 +137,29 @@ ED_INLINE float load1(const uint8_t* row, int64_t j) {
     return f16_to_f32(reinterpret_cast<const uint16_t*>(row)[j]);
   else
     return bf16_to_f32(reinterpret_cast<const uint16_t*>(row)[j]);
+}
+
+// The cosine of one token from its sums d = p.Y, px = |p|^2, py = |Y|^2: d / max(|p| |Y|, 1e-12).
+// Where a sum is not finite (an fp32 product or sum past ~1e19, or a NaN/Inf value) the row
+// again in fp64 -- partner p[j * ps], Y = y[j * ys] (+ f[j * fs], added in fp32) -- and NaN
+// if it holds NaN/Inf (docs/CONTRACT.md). cosine_cpu and bucket_cosine_cpu share it.
+template <int DT>
+ED_INLINE double cos_from_sums(double d, double px, double py, const uint8_t* pr, int64_t ps,
+                               const uint8_t* yr, int64_t ys, const uint8_t* fr, int64_t fs, int64_t D) {
+  if (!std::isfinite(d) || !std::isfinite(px) || !std::isfinite(py)) {
+    d = px = py = 0;
+    for (int64_t j = 0; j < D; ++j) {
+      const double a = load1<DT>(pr, j * ps);
+      float yv = load1<DT>(yr, j * ys);
+      if (fr) yv += load1<DT>(fr, j * fs);
+      d += a * double(yv);
+      px += a * a;
+      py += double(yv) * double(yv);
+    }
+    if (!std::isfinite(d) || !std::isfinite(px) || !std::isfinite(py))
+      return std::numeric_limits<double>::quiet_NaN();
+  }
+  return d / std::max(std::sqrt(px) * std::sqrt(py), 1e-12);
 }
 
 // out[i] = float(src[i * stride]) for i < w.

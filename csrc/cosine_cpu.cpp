@@ -21,16 +21,6 @@ namespace {
 constexpr int LN = 16;   // fp32 lanes
 constexpr int CB = 256;  // channels per fp32 block
 
-template <int DT>
-ED_INLINE float ld(const uint8_t* row, int64_t j) {
-  if constexpr (DT == DT_F32)
-    return reinterpret_cast<const float*>(row)[j];
-  else if constexpr (DT == DT_F16)
-    return f16_to_f32(reinterpret_cast<const uint16_t*>(row)[j]);
-  else
-    return bf16_to_f32(reinterpret_cast<const uint16_t*>(row)[j]);
-}
-
 // cos of one token; rows have channel stride 1.
 template <int DT, bool FUSED>
 ED_INLINE double cos_row(const uint8_t* xr, const uint8_t* orow, int64_t D) {
@@ -56,8 +46,8 @@ ED_INLINE double cos_row(const uint8_t* xr, const uint8_t* orow, int64_t D) {
     std::memcpy(nx, &vnx, sizeof nx);
     std::memcpy(ny, &vny, sizeof ny);
     for (int j = 0; d + j < c1; ++j) {
-      const float xv = ld<DT>(xr, d + j);
-      const float ov = ld<DT>(orow, d + j);
+      const float xv = load1<DT>(xr, d + j);
+      const float ov = load1<DT>(orow, d + j);
       const float yv = FUSED ? xv + ov : ov;
       a[j] += xv * yv;
       nx[j] += xv * xv;
@@ -75,22 +65,10 @@ ED_INLINE double cos_row(const uint8_t* xr, const uint8_t* orow, int64_t D) {
     sx += dx[j];
     sy += dy[j];
   }
-  if (!std::isfinite(sx) || !std::isfinite(sy) || !std::isfinite(dot)) {
-    // an fp32 product or block sum overflowed (|x| or |Y| past ~1e19): this row in fp64
-    dot = sx = sy = 0;
-    for (int64_t d = 0; d < D; ++d) {
-      const float xv = ld<DT>(xr, d);
-      const float ov = ld<DT>(orow, d);
-      const double y = FUSED ? double(xv + ov) : double(ov);
-      dot += double(xv) * y;
-      sx += double(xv) * double(xv);
-      sy += y * y;
-    }
-    if (!std::isfinite(sx) || !std::isfinite(sy) || !std::isfinite(dot))
-      return std::numeric_limits<double>::quiet_NaN();  // x or Y holds NaN or Inf
-  }
-  const double den = std::max(std::sqrt(sx) * std::sqrt(sy), 1e-12);
-  return dot / den;
+  // an fp32 product or block sum overflowed (|x| or |Y| past ~1e19), or x or Y holds NaN/Inf:
+  // the row again in fp64
+  return FUSED ? cos_from_sums<DT>(dot, sx, sy, xr, 1, xr, 1, orow, 1, D)
+               : cos_from_sums<DT>(dot, sx, sy, xr, 1, orow, 1, nullptr, 0, D);
 }
 
 template <int DT>

@@ -418,6 +418,8 @@ def test_study_calibration_gives_each_protection_rule_its_own(lm, corpus, monkey
     grid = {"rules": ["shared", "paper"], "second_corpus": "x", "kinds": ["attn"]}
     grid |= {"methods": ["bucket"], "samples": 6, "seq_len": 48}
     mod.calibrate("tiny", lm, results, grid, [1], False)
+    from entrodrop_fast.prune.ranking import protected_by_rule
+
     L = len([b for b in report["blocks"] if b["kind"] == "attn"])
     for rule, comp in results.items():
         assert comp["calibration_report"] is other
@@ -430,7 +432,10 @@ def test_study_calibration_gives_each_protection_rule_its_own(lm, corpus, monkey
             "attn",
             "bucket",
             [1],
-            protect=mod._rule_protection(comp, other, "bucket"),
+            protect=tuple(
+                protected_by_rule(r, rule, method="bucket", stage1_method="bucket")[0]
+                for r in (report, other)
+            ),
         )
         assert a == want | {"method": "bucket"}
 

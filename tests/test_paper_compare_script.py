@@ -77,6 +77,21 @@ def test_resume_and_overwrite_are_refused_together(tmp_path, capsys):
     assert "no study to continue" in capsys.readouterr().err
 
 
+def test_redo_calibration_rewrites_only_a_finished_study(tmp_path, capsys):
+    """--redo-calibration replaces MODEL/result.json and the comparison files, so it runs only
+    with --resume, on a model whose result.json this study wrote (same grid): a directory of
+    someone else's files is left as it was."""
+    mod = _module()
+    theirs = tmp_path / "smollm2" / "result.json"
+    theirs.parent.mkdir()
+    theirs.write_text('{"mine": true}')
+    assert mod.main(["--out", str(tmp_path), "--redo-calibration"]) == 1
+    assert "add --resume" in capsys.readouterr().err
+    grid = dict(mod.METHODS)
+    assert mod.finished_model(tmp_path / "smollm2", grid, "fp32") is None  # not the study's
+    assert theirs.read_text() == '{"mine": true}'
+
+
 def test_reused_evaluations_need_the_same_settings_and_keep_the_log_whole(tmp_path):
     mod = _module()
     settings = {"model": "smollm2", "items": 200}

@@ -196,8 +196,6 @@ def corpus_agreement(
     ``profiling``: the profile's settings as :func:`profile_report` takes them, those of the
     comparison (``samples``, ``seq_len`` and ``seed`` required; ``bins``, ``k``,
     ``batch_size``; ``progress``, default False)."""
-    from entrodrop_fast.prune.ranking import protected_by_rule
-
     proto = comp.get("protocol") or {}
     scoring = _scoring_methods([m for m in methods if m != "angular"])
     s1 = proto.get("stage1_method")
@@ -205,7 +203,17 @@ def corpus_agreement(
         scoring.insert(0, s1)
     other = profile_report(lm, corpus_b, methods=scoring, **{"progress": False, **profiling})
     comp["calibration_report"] = other  # the second profile, for later questions
-    rule = proto.get("protect_rule", "per-method")
+    return agreement_with(comp, other, kinds=kinds, methods=methods, counts=counts)
+
+
+def agreement_with(comp: dict, other: dict, *, kinds, methods, counts) -> list[dict]:
+    """:func:`calibration_agreement` of every scoring method (block_influence on layers only;
+    angular and random have no per-block ranking) between ``comp["report"]`` and another
+    profile ``other``, each protected by ``comp``'s rule."""
+    from entrodrop_fast.prune.ranking import protected_by_rule
+
+    proto = comp.get("protocol") or {}
+    rule, s1 = proto.get("protect_rule", "per-method"), proto.get("stage1_method")
 
     def protected(report: dict, method: str) -> list[int] | None:
         """The comparison's protected layers in ``report`` (None: ``method``'s own default)."""

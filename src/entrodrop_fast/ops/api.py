@@ -848,13 +848,10 @@ def cosine_importance(
 
     Give either ``f`` (then Y = X + f, fused) or ``y`` itself.
     """
-    if (f is None) == (y is None):
-        raise ValueError("give exactly one of f (Y = X + f) or y")
-    fused = f is not None
-    f_name = "f" if fused else "y"
+    other, fused, f_name = _second_input(f, y)
     p = prepare(
         x,
-        f if fused else y,
+        other,
         mask,
         min_tokens=1,
         nan_policy=nan_policy,
@@ -870,6 +867,13 @@ def cosine_importance(
         if p.omitted:
             s, n = _kernel(p, "cosine")(p.x, p.f, p.mask, fused)
     return _finish(p, 1.0 - s.to(torch.float64) / n.to(torch.float64))
+
+
+def _second_input(f: Array | None, y: Array | None) -> tuple[Array, bool, str]:
+    """(the tensor, fused, its name) of the cosine's second input: f (Y = X + f) or y."""
+    if (f is None) == (y is None):
+        raise ValueError("give exactly one of f (Y = X + f) or y")
+    return (f, True, "f") if f is not None else (cast(Array, y), False, "y")
 
 
 def bucket_entropy_and_cosine(
@@ -909,13 +913,10 @@ def bucket_entropy_and_cosine(
     """
     bins = _integer(bins, "bins", 1, MAX_BINS, _BINS_WHY)
     paper_exact = _flag(paper_exact, "paper_exact")
-    if (f is None) == (y is None):
-        raise ValueError("give exactly one of f (Y = X + f) or y")
-    fused = f is not None
-    f_name = "f" if fused else "y"
+    other, fused, f_name = _second_input(f, y)
     p = prepare(
         x,
-        f if fused else y,
+        other,
         mask,
         nan_policy=nan_policy,
         backend=backend,

@@ -198,8 +198,8 @@ class BlockStatistics:
         self.ang_stats = {n: SampleStats((L - n + 1,)) for n in settings.spans if 1 <= n <= L}
         self.samples = 0
         self.finite = None  # GPU: device bool, every tensor read so far was finite (no sync)
-        self._reports: dict[str, bool] = {}  # device type -> the entropy results tell NaN/Inf
-        self._cos_reports: dict[str, bool] = {}  # device type -> the cosine results do
+        # (device type, backend ops) -> those ops' results tell NaN/Inf (_ops_report)
+        self._reports: dict[tuple[str, tuple[str, ...]], bool] = {}
         self._reset()
 
     def _reset(self):
@@ -225,11 +225,10 @@ class BlockStatistics:
         else:
             self.finite = ok if self.finite is None else self.finite & ok
 
-    def _results_report(self, device: torch.device) -> bool:
-        """Whether every entropy method runs here on a kernel whose result is NaN when its
-        input holds NaN/Inf among the valid tokens (or x + f overflows fp32): the cpp
-        backend on CPU for bucket / gaussian_diag. Then the hooks need no pass of their own."""
-        key = device.type
+    def _ops_report(self, device: torch.device, ops: tuple[str, ...]) -> bool:
+        """Whether every one of the backend ops ``ops`` runs here on a kernel whose result is
+        NaN when its input holds NaN/Inf among the valid tokens (cached per device)."""
+        key = (device.type, ops)
         if key not in self._reports:
             from entrodrop_fast.ops import api
 
@@ -237,16 +236,32 @@ class BlockStatistics:
                 name = api.resolve_backend(self.s.backend, device)
             except ValueError:
                 name = None
-            methods = self.s.entropy_methods
             self._reports[key] = (
                 name is not None
-                and bool(methods)
-                and all(
-                    m in _REPORTING_OPS and api._reports_nonfinite(name, device, _REPORTING_OPS[m])
-                    for m in methods
-                )
+                and bool(ops)
+                and all(api._reports_nonfinite(name, device, op) for op in ops)
             )
         return self._reports[key]
+
+    def _results_report(self, device: torch.device) -> bool:
+        """Whether every entropy method runs here on a kernel whose result is NaN when its
+        input holds NaN/Inf among the valid tokens (or x + f overflows fp32): the cpp
+        backend on CPU for bucket / gaussian_diag. Then the hooks need no pass of their own."""
+        methods = self.s.entropy_methods
+        if not all(m in _REPORTING_OPS for m in methods):
+            return False
+        return self._ops_report(device, tuple(_REPORTING_OPS[m] for m in methods))
+
+    def _check_result(self, r: torch.Tensor, confirm) -> None:
+        """A reporting kernel's result ``r``: on CPU, ``confirm()`` (the exact check, which
+        raises on a real NaN/Inf) where it is not finite; on GPU a device flag, no host sync
+        per hook, read once by result()."""
+        if r.device.type == "cpu":
+            if not bool(torch.isfinite(r).all()):
+                confirm()
+        else:
+            ok = torch.isfinite(r).all()
+            self.finite = ok if self.finite is None else self.finite & ok
 
     def _confirm_nonfinite(self, point: str, x, f) -> None:
         """A non-finite entropy from a reporting kernel: the exact check of x (and f, and
@@ -282,14 +297,8 @@ class BlockStatistics:
                 h = self._h[m][i] = fn(
                     x, f, mask=self.mask, backend=self.s.backend, validate=False, **opts
                 )
-            if not reports:
-                continue
-            if h.device.type == "cpu":
-                if not bool(torch.isfinite(h).all()):
-                    self._confirm_nonfinite(point, x, f)
-            else:  # no host sync per hook: a device flag, read once by result()
-                ok = torch.isfinite(h).all()
-                self.finite = ok if self.finite is None else self.finite & ok
+            if reports:
+                self._check_result(h, lambda: self._confirm_nonfinite(point, x, f))
 
     def _entropy_and_cosine(self, point: str, kind: str, li: int, x, f=None, y=None):
         """The entropies at ``point`` (of Y = x + f, or y) and the cosine of block (kind, li)
@@ -324,20 +333,9 @@ class BlockStatistics:
         """Without entropy methods, with the cosine asked for on a kernel whose result is NaN
         when x or Y holds NaN/Inf (cpp, CPU): every point is read by some block's cosine (as
         its x or its Y), so its result stands in for the taps' own finiteness pass."""
-        if self.s.entropy_methods or not self._cos:
-            return False
-        key = device.type
-        if key not in self._cos_reports:
-            from entrodrop_fast.ops import api
-
-            try:
-                name = api.resolve_backend(self.s.backend, device)
-            except ValueError:
-                name = None
-            self._cos_reports[key] = name is not None and api._reports_nonfinite(
-                name, device, "cosine"
-            )
-        return self._cos_reports[key]
+        return (
+            not self.s.entropy_methods and bool(self._cos) and self._ops_report(device, ("cosine",))
+        )
 
     def _cosine(self, kind: str, li: int, x, f=None, y=None):
         if kind in self._cos:
@@ -346,16 +344,14 @@ class BlockStatistics:
             c = self._cos[kind][li] = cosine_importance(
                 x, f, y=y, mask=self.mask, backend=self.s.backend, validate=False
             )
-            if not self._cosine_checks(x.device):
-                return
-            if c.device.type == "cpu":
-                if not bool(torch.isfinite(c).all()):  # the exact check: x, then Y
-                    px, py = self.adapter.block_points(kind, li)
+            if self._cosine_checks(x.device):
+                px, py = self.adapter.block_points(kind, li)
+
+                def confirm():  # the exact check: x, then Y
                     self._confirm_nonfinite(px, x, None)
                     self._confirm_nonfinite(py, x if y is None else y, f)
-            else:  # no host sync per hook: the device flag, read once by result()
-                ok = torch.isfinite(c).all()
-                self.finite = ok if self.finite is None else self.finite & ok
+
+                self._check_result(c, confirm)
 
     def _keep_last(self, li: int, r: torch.Tensor):
         if self.ang_stats:  # the last token only: a (B, 1, D) copy, not a view of r
