@@ -86,6 +86,16 @@ METHODS = {
     **FULL,
     "counts": {"smollm2": [2], "gemma3-270m": [2]},
 }
+# K from 1 (or 2) to about a third of the layers for the paper's two estimators and cosine
+# (= block influence on whole layers), one rule: the cpu2h grid's rows extended along K;
+# --reuse-evaluations takes the cells a cpu2h study already evaluated
+KSWEEP = {
+    **FULL,
+    "methods": ["bucket", "knn", "cosine", "block_influence"],
+    "random_seeds": 1,
+    "iterative": [],
+    "rules": ["shared"],
+}
 QUICK = {
     **FULL,
     "models": ["smollm2"],
@@ -490,10 +500,11 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--grid",
         default=None,
-        choices=["full", "cpu2h", "methods"],
+        choices=["full", "cpu2h", "methods", "ksweep"],
         help="full: the issue's whole grid (about 15-21 h on the 2-core CPU, minutes on a GPU); "
         "cpu2h: the cells that fit about 2 h there; methods: every method and setting at "
-        "K = 2 (default: full on CUDA, cpu2h on CPU)",
+        "K = 2; ksweep: bucket, knn and cosine at every K of the full grid, one rule "
+        "(default: full on CUDA, cpu2h on CPU)",
     )
     ap.add_argument(
         "--reuse-evaluations",
@@ -570,7 +581,7 @@ def main(argv=None) -> int:
     grid = dict(
         QUICK
         if args.quick
-        else {"full": FULL, "cpu2h": CPU2H, "methods": METHODS}[
+        else {"full": FULL, "cpu2h": CPU2H, "methods": METHODS, "ksweep": KSWEEP}[
             args.grid or ("full" if cuda else "cpu2h")
         ]
     )

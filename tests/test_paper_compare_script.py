@@ -125,6 +125,20 @@ def test_the_methods_grid_covers_every_method_and_setting_at_one_k():
     assert {k: g[k] for k in ("items", "eval_windows")} == {"items": 200, "eval_windows": 64}
 
 
+def test_the_k_sweep_extends_the_cpu2h_rows_along_k_with_the_same_evaluation():
+    # K from 1 or 2 to about a third of the layers, for the paper's two estimators and
+    # cosine, evaluated as the cpu2h study was (so that --reuse-evaluations takes its cells)
+    mod = _module()
+    g, c = mod.KSWEEP, mod.CPU2H
+    assert g["counts"] == mod.FULL["counts"]
+    assert g["counts"]["smollm2"][-1] == 10 and g["counts"]["gemma3-270m"] == [1, 2, 4, 6]
+    assert all(set(c["counts"][m]) <= set(g["counts"][m]) for m in g["counts"])
+    assert {"bucket", "knn", "cosine"} <= set(g["methods"]) and g["rules"] == ["shared"]
+    for m in g["models"]:
+        assert mod.eval_settings(m, g, "fp32") == mod.eval_settings(m, c, "fp32")
+    assert mod.main(["--out", "unused", "--grid", "ksweep", "--estimate"]) == 0
+
+
 def test_a_model_finished_by_another_run_of_the_grid_is_kept(tmp_path):
     # one model per run (--models), then the other with --resume: the first is neither
     # recomputed nor left out of study.json, whichever models each run named
