@@ -89,3 +89,19 @@ def test_calibration_leaves_the_heldout_documents_out():
         tok, marked, samples=40, seq_len=32, exclude_heldout=False
     )
     assert info_all["heldout_documents_excluded"] == 0 and (w_all == z).any()
+
+
+def test_windows_drawn_from_little_text_warn_and_say_how_much():
+    # 128 windows of 64 tokens from one document of 300 tokens: each token about 27 times
+    with pytest.warns(
+        UserWarning,
+        match="128 windows of 64 tokens \\(8192 tokens\\) are drawn "
+        "from 300 tokens in 1 document\\(s\\), so each token is seen about 27 times",
+    ):
+        sample_windows([list(range(300))], samples=128, seq_len=64)
+    import warnings
+
+    with warnings.catch_warnings():  # 4x the text asked for, or the built-in default: quiet
+        warnings.simplefilter("error")
+        sample_windows([list(range(2048))], samples=128, seq_len=64)
+        calibration_windows(CharTokenizer())

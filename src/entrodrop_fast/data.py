@@ -414,6 +414,12 @@ def tokenize_documents(documents: list[str], tokenizer) -> list[list[int]]:
     return [list(ids) for ids in enc]
 
 
+# sample_windows warns when the windows asked for hold more than this many times the text
+# they are drawn from (the built-in corpus's calibration part holds about 0.9 times the
+# default 128 x 256 tokens; a few hundred tokens for 128 windows is a profile of one passage)
+MIN_TEXT_PER_WINDOWS = 4
+
+
 def sample_windows(
     token_docs: list[list[int]],
     samples: int = PAPER_SAMPLES,
@@ -425,7 +431,9 @@ def sample_windows(
     Each window: a uniformly random document among those longer than ``seq_len``
     tokens, then a uniformly random start in it. Windows may repeat (as the paper's
     sampler); a :class:`CorpusError` is raised when there is no eligible document or the
-    eligible documents hold fewer than ``samples`` distinct windows.
+    eligible documents hold fewer than ``samples`` distinct windows, and a ``UserWarning``
+    when the windows' tokens exceed :data:`MIN_TEXT_PER_WINDOWS` times the eligible text
+    (they then overlap heavily: a profile of little text).
     """
     if samples < 1 or seq_len < 2:
         raise ValueError(
@@ -445,6 +453,16 @@ def sample_windows(
             f"corpus too small: {len(eligible)} document(s) longer than {seq_len} tokens hold only "
             f"{distinct} distinct windows, fewer than the {samples} samples requested; lower "
             f"{setting('samples')} or {setting('seq_len')}, or give more text"
+        )
+    text = sum(len(d) for d in eligible)
+    if text * MIN_TEXT_PER_WINDOWS < samples * seq_len:
+        warnings.warn(
+            f"calibration text is small for the windows asked: {samples} windows of {seq_len} "
+            f"tokens ({samples * seq_len} tokens) are drawn from {text} tokens in "
+            f"{len(eligible)} document(s), so each token is seen about "
+            f"{samples * seq_len / text:.0f} times and the profile rests on little text; give "
+            f"more text, or lower {setting('samples')}",
+            stacklevel=2,
         )
     rng = random.Random(seed)
     out = torch.empty(samples, seq_len, dtype=torch.long)
