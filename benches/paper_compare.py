@@ -340,6 +340,7 @@ def run_model(
     if reuse is not None:
         n = cache.adopt(reuse / name / "evaluations.jsonl")
         log(f"{name}: {n} evaluations taken from {reuse / name / 'evaluations.jsonl'}")
+    known = len(cache)  # evaluations this run did not have to make
     results = {}
     report = None
     for rule in grid["rules"]:
@@ -396,14 +397,16 @@ def run_model(
         diag, d / "massive.png", title=f"{name}: massive activations and the bucket histogram range"
     )
     evaluated = len(cache) - 1
+    made = len(cache) - known  # by this run (the rest: resumed or reused)
     rows = sum(len(c["rows"]) for c in results.values())
     timing["total_s"] = time.perf_counter() - t0
     timing["evaluations"] = evaluated
+    timing["evaluated_in_this_run"] = made
     timing["rows"] = rows
     timing["seconds_per_evaluation"] = (
         timing[f"compare_{grid['rules'][0]}_s"]
         + sum(timing[f"compare_{r}_s"] for r in grid["rules"][1:])
-    ) / max(1, evaluated + 1)
+    ) / max(1, made)
     log(f"{name}: {rows} rows from {evaluated} distinct pruned models in {timing['total_s']:.0f} s")
     result = {
         "model": name,
@@ -421,10 +424,45 @@ def run_model(
     return result
 
 
+MARKER = ".paper-compare-study"  # written into --out when a study starts there
+
+
+def _is_evaluation_log(p: Path) -> bool:
+    """Whether ``p`` is an evaluation log this script wrote (its first line: the settings)."""
+    try:
+        with p.open() as f:
+            head = json.loads(f.readline() or "{}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(head, dict) and isinstance(head.get("settings"), dict)
+
+
 def holds_study(out: Path) -> bool:
-    """Whether ``out`` holds a study to continue with --resume: any model's evaluation log or
-    finished result (not necessarily of the models asked for now)."""
-    return any(out.glob("*/evaluations.jsonl")) or any(out.glob("*/result.json"))
+    """Whether ``out`` holds a study of this script to continue with --resume: its marker, or
+    (a study written before the marker existed) a model's evaluation log. A ``result.json`` or
+    ``study.md`` alone may be anyone's: it never counts."""
+    if not out.is_dir():
+        return False
+    return (out / MARKER).is_file() or any(
+        _is_evaluation_log(p) for p in out.glob("*/evaluations.jsonl")
+    )
+
+
+def _study_files(out: Path, models) -> list[Path]:
+    """The files a study writes into ``out`` for ``models`` (by name)."""
+    ours = [out / "study.json", out / "study.md", out / MARKER]
+    for m in models:
+        ours += [
+            out / m / f"{stem}.{ext}"
+            for stem in ("comparison_shared", "comparison_paper", "massive")
+            for ext in ("json", "md", "png")
+        ]
+        ours += [
+            out / m / "evaluations.jsonl",
+            out / m / "result.json",
+            out / m / "result.json.tmp",
+        ]
+    return ours
 
 
 def finished_model(d: Path, grid: dict, dtype: str) -> dict | None:
@@ -452,7 +490,13 @@ def summary_md(study: dict) -> str:
         "",
         f"Command: `{study['command']}`",
         "",
-        f"Wall time {study['wall_s'] / 60:.1f} min on {study['device']} ({study['dtype']}).",
+        f"Wall time of the last run {study['wall_s'] / 60:.1f} min on {study['device']} "
+        f"({study['dtype']}); the run that finished each model took "
+        + ", ".join(
+            f"{m['model']} {m.get('timing', {}).get('total_s', float('nan')) / 60:.1f} min"
+            for m in study["models"]
+        )
+        + ".",
         "",
     ]
     for m in study["models"]:
@@ -474,29 +518,31 @@ def summary_md(study: dict) -> str:
 
 def remove_earlier_study(out: Path, models) -> None:
     """--overwrite: remove the files an earlier study wrote into ``out``, by name only (never a
-    directory tree, never a link, never anything else the directory holds)."""
-    ours = [out / "study.json", out / "study.md"]
-    for m in models:
-        ours += [
-            out / m / f"{stem}.{ext}"
-            for stem in ("comparison_shared", "comparison_paper", "massive")
-            for ext in ("json", "md", "png")
-        ]
-        ours += [
-            out / m / "evaluations.jsonl",
-            out / m / "result.json",
-            out / m / "result.json.tmp",
-        ]
+    directory tree, never a link, never anything else the directory holds). Only in a
+    directory that holds a study (:func:`holds_study`): elsewhere a file of one of those names
+    is the user's, and the run is refused."""
+    ours = [p for p in _study_files(out, models) if p.is_file() and not p.is_symlink()]
+    if ours and not holds_study(out):
+        names = ", ".join(str(p.relative_to(out)) for p in ours[:4])
+        raise SystemExit(
+            f"paper_compare: error: --overwrite: {out} holds {names}, which no study of this "
+            "script wrote there (no study marker or evaluation log); move them or choose "
+            "another --out"
+        )
     for p in ours:
-        if p.is_file() and not p.is_symlink():
-            p.unlink()
+        p.unlink()
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--out", required=True, help="output directory (new or empty, or --overwrite)")
+    ap.add_argument(
+        "--out",
+        required=True,
+        help="output directory (new or empty; --resume to continue a study there, --overwrite "
+        "to start one again)",
+    )
     ap.add_argument(
         "--grid",
         default=None,
@@ -558,7 +604,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--estimate",
         action="store_true",
-        help="print the grid's forward-pass tokens and the time at --tokens-per-s, run nothing",
+        help="print the grid's evaluations, forward-pass tokens and time on the 2-core CPU "
+        "measured here (x --rate-scale), run nothing",
     )
     ap.add_argument(
         "--rate-scale",
@@ -623,10 +670,29 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 1
-    if args.resume and not holds_study(out):
+    if out.exists() and not out.is_dir():
         print(
-            f"paper_compare: error: --resume: {out} holds no study to continue "
-            "(no MODEL/evaluations.jsonl); drop --resume",
+            f"paper_compare: error: --out {out} exists and is not a directory; give a directory",
+            file=sys.stderr,
+        )
+        return 1
+    if args.resume and not holds_study(out):
+        empty = not out.exists() or not any(out.iterdir())
+        print(
+            f"paper_compare: error: --resume: {out} holds no study of this script to continue "
+            "(no study marker or MODEL/evaluations.jsonl); "
+            + ("drop --resume" if empty else "choose a new --out (its files are not a study's)"),
+            file=sys.stderr,
+        )
+        return 1
+    reuse = Path(args.reuse_evaluations).expanduser() if args.reuse_evaluations else None
+    if reuse is not None and not any(
+        _is_evaluation_log(reuse / m / "evaluations.jsonl") for m in grid["models"]
+    ):
+        print(
+            f"paper_compare: error: --reuse-evaluations: {reuse} holds no evaluation log of "
+            f"{', '.join(grid['models'])} (MODEL/evaluations.jsonl); give the --out of an "
+            "earlier study",
             file=sys.stderr,
         )
         return 1
@@ -640,6 +706,7 @@ def main(argv=None) -> int:
             return 1
         remove_earlier_study(out, grid["counts"])
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("a study of benches/paper_compare.py (--resume continues it)\n")
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
@@ -676,7 +743,7 @@ def main(argv=None) -> int:
                 device=device,
                 dtype=args.dtype,
                 progress=not args.quiet,
-                reuse=Path(args.reuse_evaluations).expanduser() if args.reuse_evaluations else None,
+                reuse=reuse,
             )
         )
     # the models an earlier run of the same grid finished in this directory (e.g. one model
@@ -695,5 +762,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def _main() -> int:
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(
+            "paper_compare: interrupted; the evaluations finished so far are kept: add --resume "
+            "to the same command to continue",
+            file=sys.stderr,
+        )
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main())

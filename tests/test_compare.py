@@ -456,3 +456,51 @@ def test_calibration_agreement_with_fractions_and_a_k_too_large_for_one_profile(
     assert a["overlap"]["1"]["shared"] == 1
     assert "second profile" in a["overlap"][str(L - 1)]["error"]
     assert a["droppable"] == L - 2
+
+
+def test_plot_of_one_k_has_room_around_it_and_its_whole_title(tmp_path, monkeypatch):
+    # a fresh user's test: with one panel the title was cut at both ends, and one K got an
+    # axis from 1.9 to 2.1
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    rows = [
+        {
+            "kind": "layer",
+            "method": m,
+            "k": 2,
+            "eval_key": m,
+            "perplexity": p,
+            "retained": 0.9,
+            "ci95": {"perplexity": [0.9 * p, 1.1 * p]},
+        }
+        for m, p in (("bucket", 30.0), ("cosine", 25.0))
+    ]
+    C.plot(
+        {"rows": rows, "model": {"name": "SmolLM2-135M-Instruct (built-in)"}}, tmp_path / "c.png"
+    )
+    fig = figs[0]
+    title = fig._suptitle.get_text()
+    assert title.replace("\n", " ").startswith("SmolLM2-135M-Instruct") and "\n" in title
+    assert max(len(line) for line in title.split("\n")) <= 61  # about one panel's width
+    ax_r, ax_p = fig.axes[0], fig.axes[1]
+    assert ax_r.get_xlim() == (-0.5, 2.5) and list(ax_r.get_xticks()) == [0, 2]
+    assert ax_p.get_xlim() == (1.5, 2.5) and list(ax_p.get_xticks()) == [2]
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_a_cached_dense_evaluation_is_not_announced_again(lm, corpus):
+    # a fresh user's test: a resumed study printed "evaluating the dense model ..." although
+    # it took the evaluation from its log
+    cache, said = {}, []
+    kw = dict(QUICK, log=said.append)
+    args = dict(kinds=("layer",), counts=(1,), methods=("bucket",), corpus=corpus)
+    C.compare(lm, eval_windows=2, eval_items=6, eval_cache=cache, **args, **kw)
+    assert any("evaluating the dense model" in s for s in said)
+    said.clear()
+    C.compare(lm, eval_windows=2, eval_items=6, eval_cache=cache, **args, **kw)
+    assert said and not any("evaluating the dense model" in s for s in said)

@@ -572,6 +572,17 @@ def test_compare_argument_and_corpus_faults(tiny_dir, tmp_path, capsys):
         )
         want = "names no corpus" if not calib else "have none; add one to --methods"
         assert_clean_error(rc, err, "compare", want)
+    # the same corpus twice (a fresh user's test: Spearman 1.000 everywhere, no word said),
+    # by name, by the default's name, or by two spellings of one file
+    same_file = tmp_path / "same.txt"
+    same_file.write_text(prose(100))
+    for a, b in (
+        ("builtin", "builtin"),
+        ("stdlib-docs", "stdlib-docs"),
+        (str(same_file), str(tmp_path / "." / "same.txt")),
+    ):
+        rc, _, err = run_cli(capsys, "compare", tiny_dir, "--calib", a, "--calib", b)
+        assert_clean_error(rc, err, "compare", "names the same corpus twice")
     short = tmp_path / "short.txt"
     short.write_text(prose(100))
     rc, _, err = run_cli(

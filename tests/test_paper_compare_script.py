@@ -17,6 +17,7 @@ def test_overwrite_leaves_the_users_files(tmp_path):
     out = tmp_path / "study"
     (out / "smollm2").mkdir(parents=True)
     ours = [
+        out / _module().MARKER,
         out / "study.json",
         out / "study.md",
         out / "smollm2" / "massive.png",
@@ -74,7 +75,7 @@ def test_resume_and_overwrite_are_refused_together(tmp_path, capsys):
     assert mod.main(["--out", str(tmp_path), "--resume", "--overwrite"]) == 1
     assert "give one" in capsys.readouterr().err
     assert mod.main(["--out", str(tmp_path / "new"), "--resume"]) == 1
-    assert "no study to continue" in capsys.readouterr().err
+    assert "no study of this script to continue" in capsys.readouterr().err
 
 
 def test_redo_calibration_rewrites_only_a_finished_study(tmp_path, capsys):
@@ -149,6 +150,8 @@ def test_a_model_finished_by_another_run_of_the_grid_is_kept(tmp_path):
     (d / "result.json").write_text(
         mod.json.dumps({"grid": grid, "dtype": "fp32", "result": {"model": "smollm2"}})
     )
+    assert not mod.holds_study(tmp_path)  # a result.json alone may be anyone's
+    (tmp_path / mod.MARKER).write_text("")  # what the run that wrote it leaves
     assert mod.holds_study(tmp_path) and not mod.holds_study(tmp_path / "gemma3-270m")
     both = dict(grid, models=["smollm2", "gemma3-270m"])
     assert mod.finished_model(d, both, "fp32") == {"model": "smollm2"}
@@ -156,3 +159,71 @@ def test_a_model_finished_by_another_run_of_the_grid_is_kept(tmp_path):
     other = dict(mod.CPU2H, models=["smollm2"])
     assert mod.finished_model(d, other, "fp32") is None  # another grid
     assert mod.finished_model(tmp_path / "gemma3-270m", both, "fp32") is None
+
+
+def _users_dir(tmp_path):
+    # a directory of the user's own files, two of them named as a study's files are
+    out = tmp_path / "mine"
+    (out / "smollm2").mkdir(parents=True)
+    files = {
+        out / "smollm2" / "result.json": '{"mine": 1}',
+        out / "study.md": "# my study notes",
+        out / "notes.txt": "keep",
+    }
+    for p, text in files.items():
+        p.write_text(text)
+    return out, files
+
+
+def test_resume_refuses_a_directory_of_the_users_files(tmp_path, capsys):
+    # a fresh user's test: --resume took a result.json of the user's for a study and replaced
+    # it and study.md
+    mod = _module()
+    out, files = _users_dir(tmp_path)
+    assert mod.main(["--out", str(out), "--quick", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "holds no study of this script" in err and "choose a new --out" in err
+    assert all(p.read_text() == text for p, text in files.items())
+    assert not (out / mod.MARKER).exists()
+    # a study written before the marker existed is recognised by its evaluation log
+    log = mod.EvaluationLog(out / "gemma3-270m" / "evaluations.jsonl", {"model": "gemma3-270m"})
+    assert mod.holds_study(out) and len(log) == 0
+
+
+def test_overwrite_refuses_to_remove_the_users_files_of_a_studys_names(tmp_path, capsys):
+    mod = _module()
+    out, files = _users_dir(tmp_path)
+    try:
+        mod.main(["--out", str(out), "--quick", "--overwrite"])
+    except SystemExit as e:
+        assert "no study of this script wrote there" in str(e) and "study.md" in str(e)
+    else:
+        raise AssertionError("--overwrite removed files of a directory that holds no study")
+    assert all(p.read_text() == text for p, text in files.items())
+
+
+def test_bad_out_and_reuse_paths_are_one_line_errors(tmp_path, capsys):
+    mod = _module()
+    afile = tmp_path / "afile.txt"
+    afile.write_text("mine")
+    assert mod.main(["--out", str(afile), "--quick"]) == 1
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert afile.read_text() == "mine"
+    for reuse in (tmp_path / "typo", tmp_path):  # missing, or holding no evaluation log
+        assert (
+            mod.main(["--out", str(tmp_path / "new"), "--quick", "--reuse-evaluations", str(reuse)])
+            == 1
+        )
+        assert "holds no evaluation log of smollm2" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_interrupted_study_says_how_to_continue(monkeypatch, capsys):
+    mod = _module()
+
+    def interrupted(argv=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, "main", interrupted)
+    assert mod._main() == 130
+    assert "add --resume" in capsys.readouterr().err

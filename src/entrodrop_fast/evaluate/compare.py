@@ -576,8 +576,9 @@ def compare(
             }
         return evaluations[key]
 
-    log("evaluating the dense model ...")
     dense_key = drop_key({})
+    if dense_key not in evaluations:
+        log("evaluating the dense model ...")
     dense_ev = evaluate(lm.model, dense_key)
     dense_q = _quality(dense_ev)
     dense_speed = (
@@ -767,6 +768,17 @@ def _table_head(title: str, columns: list[str]) -> list[str]:
     return ["", title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
 
+def _corpus_identity(c) -> object:
+    """What a corpus argument names, for spotting the same corpus given twice: None and
+    "builtin" alike, a path by its resolved location, a Corpus object by itself."""
+    if c is None:
+        return "builtin"
+    if isinstance(c, str):
+        p = Path(c).expanduser()
+        return str(p.resolve()) if p.exists() else c.strip()
+    return id(c)
+
+
 def check_protocol(
     methods,
     counts,
@@ -800,6 +812,14 @@ def check_protocol(
             f"{setting('calib')} '' names no corpus: give 'builtin', 'stdlib-docs', a file or "
             "a directory"
         )
+    if len(calib) == 2:
+        a, b = (_corpus_identity(c) for c in calib)
+        if a == b:
+            raise ValueError(
+                f"{setting('calib')} names the same corpus twice ({calib[0] or 'builtin'}): the "
+                "calibration comparison profiles two different corpora, e.g. "
+                f"{setting('calib')} builtin {setting('calib')} stdlib-docs"
+            )
     if len(calib) == 2 and set(methods) <= {"random", "angular"}:
         raise ValueError(
             f"two {setting('calib')} corpora compare the per-block rankings of scoring methods, "
@@ -1149,10 +1169,25 @@ def plot(comp: dict, path: Path) -> None:
         ax_p.set_xlabel("blocks dropped (K)")
         ax_p.set_ylabel("perplexity (held-out; log scale)")
         ax_p.set_yscale("log")
+        # integer K ticks, and half a block of room either side (one K alone would otherwise
+        # get an axis of +-0.1 around it)
+        all_k = sorted({r["k"] for r in comp["rows"] if r["kind"] == kind})
+        for ax, ticks in ((ax_r, [0, *all_k]), (ax_p, all_k)):
+            if ticks:
+                ax.set_xticks(ticks)
+                ax.set_xlim(ticks[0] - 0.5, ticks[-1] + 0.5)
         for ax in (ax_r, ax_p):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.suptitle(f"{comp['model'].get('name', '')}: quality kept by each pruning method")
+    import textwrap
+
+    # wrapped to the figure's width (one panel is 5.5 inches: about 60 characters a line)
+    fig.suptitle(
+        textwrap.fill(
+            f"{comp['model'].get('name', '')}: quality kept by each pruning method",
+            width=int(11 * 5.5 * max(1, len(kinds))),
+        )
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
