@@ -448,21 +448,13 @@ def holds_study(out: Path) -> bool:
     )
 
 
-def _study_files(out: Path, models) -> list[Path]:
-    """The files a study writes into ``out`` for ``models`` (by name)."""
-    ours = [out / "study.json", out / "study.md", out / MARKER]
-    for m in models:
-        ours += [
-            out / m / f"{stem}.{ext}"
-            for stem in ("comparison_shared", "comparison_paper", "massive")
-            for ext in ("json", "md", "png")
-        ]
-        ours += [
-            out / m / "evaluations.jsonl",
-            out / m / "result.json",
-            out / m / "result.json.tmp",
-        ]
-    return ours
+def _model_files(d: Path) -> list[Path]:
+    """The files a study writes into a model's directory ``d`` (by name)."""
+    return [
+        d / f"{stem}.{ext}"
+        for stem in ("comparison_shared", "comparison_paper", "massive")
+        for ext in ("json", "md", "png")
+    ] + [d / "evaluations.jsonl", d / "result.json", d / "result.json.tmp"]
 
 
 def finished_model(d: Path, grid: dict, dtype: str) -> dict | None:
@@ -518,18 +510,26 @@ def summary_md(study: dict) -> str:
 
 def remove_earlier_study(out: Path, models) -> None:
     """--overwrite: remove the files an earlier study wrote into ``out``, by name only (never a
-    directory tree, never a link, never anything else the directory holds). Only in a
-    directory that holds a study (:func:`holds_study`): elsewhere a file of one of those names
-    is the user's, and the run is refused."""
-    ours = [p for p in _study_files(out, models) if p.is_file() and not p.is_symlink()]
-    if ours and not holds_study(out):
-        names = ", ".join(str(p.relative_to(out)) for p in ours[:4])
+    directory tree, never a link, never anything else the directory holds). Only where a study
+    wrote: ``out``'s own files in a directory that holds a study (:func:`holds_study`), a
+    model's files in a model directory that holds its evaluation log (the first file a study
+    writes there). Elsewhere a file of one of those names is the user's, and the run is
+    refused before anything is removed."""
+    root = [out / "study.json", out / "study.md", out / MARKER]
+    plan = [(p, holds_study(out)) for p in root]
+    for m in models:
+        ours = _is_evaluation_log(out / m / "evaluations.jsonl")
+        plan += [(p, ours) for p in _model_files(out / m)]
+    plan = [(p, ours) for p, ours in plan if p.is_file() and not p.is_symlink()]
+    foreign = [p for p, ours in plan if not ours]
+    if foreign:
+        names = ", ".join(str(p.relative_to(out)) for p in foreign[:4])
         raise SystemExit(
             f"paper_compare: error: --overwrite: {out} holds {names}, which no study of this "
             "script wrote there (no study marker or evaluation log); move them or choose "
             "another --out"
         )
-    for p in ours:
+    for p, _ in plan:
         p.unlink()
 
 

@@ -31,9 +31,40 @@ def test_overwrite_leaves_the_users_files(tmp_path):
     for p in ours + theirs:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("x")
+    log = out / "smollm2" / "evaluations.jsonl"  # the first file a study writes for a model
+    log.write_text('{"settings": {"model": "smollm2"}}\n')
+    ours.append(log)
+    # a link of a study's name to a file of the user's elsewhere: neither is touched
+    elsewhere = tmp_path / "elsewhere.md"
+    elsewhere.write_text("x")
+    (out / "smollm2" / "massive.md").symlink_to(elsewhere)
+    theirs.append(elsewhere)
     _module().remove_earlier_study(out, ["smollm2", "gemma3-270m"])
     assert not any(p.exists() for p in ours)
     assert all(p.read_text() == "x" for p in theirs)
+    assert (out / "smollm2" / "massive.md").is_symlink()
+
+
+def test_overwrite_removes_nothing_of_a_model_directory_no_study_wrote(tmp_path):
+    # the study's marker at the top does not make every model directory under it a study's:
+    # gemma3-270m/result.json here is the user's (no evaluation log beside it)
+    mod = _module()
+    out = tmp_path / "study"
+    (out / "smollm2").mkdir(parents=True)
+    (out / mod.MARKER).write_text("")
+    (out / "smollm2" / "evaluations.jsonl").write_text('{"settings": {"model": "smollm2"}}\n')
+    (out / "smollm2" / "result.json").write_text("ours")
+    theirs = out / "gemma3-270m" / "result.json"
+    theirs.parent.mkdir()
+    theirs.write_text("mine")
+    try:
+        mod.remove_earlier_study(out, ["smollm2", "gemma3-270m"])
+    except SystemExit as e:
+        assert "gemma3-270m/result.json" in str(e)
+    else:
+        raise AssertionError("a model directory no study wrote lost its result.json")
+    assert theirs.read_text() == "mine"
+    assert (out / "smollm2" / "result.json").read_text() == "ours"  # refused before removing
 
 
 def test_evaluation_log_survives_an_interrupted_run(tmp_path):
