@@ -308,6 +308,90 @@ __attribute__((target("avx512f,avx512bw"))) void bin_count_sliced(const float* t
 }
 #endif
 
+// The same sweep with AVX2 (the x86-64-v3 copy, L = 8 lanes), in vector extensions: the
+// carry-save adders take 5 operations each (no ternary logic), so a 9th plane (weights up to
+// 256, blocks of up to kSlicedRows2 rows) spares the profiler's 256-token samples a second
+// block and its read-out. Read-out: bit k of plane p moved to bit p by one shift and one
+// mask, or-ed together (the planes' bits never overlap). Lanes must all be valid (c0 + 8 <= w).
+constexpr int64_t kSlicedRows2 = 496;  // 31 x 16 rows: counts <= 511
+template <typename V>
+ED_INLINE void csa_v(V& high, V& low, V a, V b, V c) {
+  const V u = a ^ b;
+  high = (a & b) | (u & c);
+  low = u ^ c;
+}
+template <typename V>
+ED_INLINE void ripple_v(V* pl, V c, int from) {
+  for (int p = from; p < 9; ++p) {
+    const V t = pl[p] & c;
+    pl[p] ^= c;
+    c = t;
+  }
+}
+template <int L>
+ED_INLINE void bin_count_sliced_v(const float* tile, int64_t rows, int64_t ld, int64_t c0, const float* lo,
+                                  const float* sc, int bins, uint32_t* cnt, int64_t cld) {
+  typedef typename Vec<L>::f vf;
+  typedef typename Vec<L>::fu vfu;
+  typedef typename Vec<L>::u vu;
+  typedef typename Vec<L>::i vi;
+  typedef uint32_t vuu __attribute__((vector_size(4 * L), aligned(4)));
+  const vf vlo = *reinterpret_cast<const vfu*>(lo + c0), vsc = *reinterpret_cast<const vfu*>(sc + c0);
+  const vf zero = vf{}, lastf = vf{} + float(bins - 1);
+  const vu one = vu{} + 1u;
+  auto onehot = [&](int64_t i) __attribute__((always_inline)) {
+    const vf u = (*reinterpret_cast<const vfu*>(tile + i * ld + c0) - vlo) * vsc;
+    vf c;  // max(u, 0) (NaN -> 0), then min(., last), as row_bins
+#if defined(__x86_64__)
+    if constexpr (L == 8) {  // (GCC compiles the selects below to a compare and a blend each)
+      __asm__("vmaxps %2, %1, %0" : "=x"(c) : "x"(u), "x"(zero));
+      __asm__("vminps %2, %1, %0" : "=x"(c) : "x"(c), "x"(lastf));
+    } else
+#endif
+    {
+      c = u > zero ? u : zero;
+      c = c < lastf ? c : lastf;
+    }
+    return one << reinterpret_cast<vu>(__builtin_convertvector(c, vi));
+  };
+  for (int64_t i0 = 0; i0 < rows; i0 += kSlicedRows2) {
+    const int64_t i1 = std::min(rows, i0 + kSlicedRows2);
+    vu pl[9];  // weights 1, 2, 4, ..., 256
+    for (int p = 0; p < 9; ++p) pl[p] = vu{};
+    int64_t i = i0;
+    for (; i + 16 <= i1; i += 16) {
+      vu twosA, twosB, foursA, foursB, eightsA, eightsB, sixteens;
+      csa_v(twosA, pl[0], pl[0], onehot(i), onehot(i + 1));
+      csa_v(twosB, pl[0], pl[0], onehot(i + 2), onehot(i + 3));
+      csa_v(foursA, pl[1], pl[1], twosA, twosB);
+      csa_v(twosA, pl[0], pl[0], onehot(i + 4), onehot(i + 5));
+      csa_v(twosB, pl[0], pl[0], onehot(i + 6), onehot(i + 7));
+      csa_v(foursB, pl[1], pl[1], twosA, twosB);
+      csa_v(eightsA, pl[2], pl[2], foursA, foursB);
+      csa_v(twosA, pl[0], pl[0], onehot(i + 8), onehot(i + 9));
+      csa_v(twosB, pl[0], pl[0], onehot(i + 10), onehot(i + 11));
+      csa_v(foursA, pl[1], pl[1], twosA, twosB);
+      csa_v(twosA, pl[0], pl[0], onehot(i + 12), onehot(i + 13));
+      csa_v(twosB, pl[0], pl[0], onehot(i + 14), onehot(i + 15));
+      csa_v(foursB, pl[1], pl[1], twosA, twosB);
+      csa_v(eightsB, pl[2], pl[2], foursA, foursB);
+      csa_v(sixteens, pl[3], pl[3], eightsA, eightsB);
+      ripple_v(pl, sixteens, 4);
+    }
+    for (; i < i1; ++i) ripple_v(pl, onehot(i), 0);
+    const int np = 64 - __builtin_clzll(uint64_t(i1 - i0));  // planes that can hold a bit
+    for (int k = 0; k < bins; ++k) {                         // count of bin k = sum_p 2^p bit k of plane p
+      vu v = vu{};
+      for (int p = 0; p < np; ++p) {
+        const vu bit = vu{} + (1u << p);
+        v |= (k >= p ? pl[p] >> (k - p) : pl[p] << (p - k)) & bit;
+      }
+      uint32_t* c = cnt + int64_t(k) * cld + c0;
+      *reinterpret_cast<vuu*>(c) += v;
+    }
+  }
+}
+
 // All bins of one 64-channel group, 8 at a time and the last 1-4 in a sweep of 4 (bins
 // rounded up to 4: cnt has the rows, and bins >= `bins` count nothing, no index reaches
 // them).
@@ -341,30 +425,52 @@ ED_INLINE void count_group(const uint8_t* idx, int64_t rows, int64_t ld, int bin
   }
 }
 
-// out[j] = bin index of y[j] (j < w) by the contract's fp32 formula, as bytes, 16 channels
-// at a time: min(max(u, 0), last) then truncation equals the scalar expression of the
-// tail (max(u, 0) is 0 for NaN; for u in [last, bins) int(u) = last anyway).
-ED_INLINE void row_bins(const float* __restrict y, const float* __restrict lo, const float* __restrict sc,
-                        int64_t w, int bins, uint8_t* __restrict out) {
-  const float fb = float(bins);
-  const int32_t last = bins - 1;
-  const v16f zero = v16f{}, lastf = vsplat(float(last));
-  auto bins16 = [&](int64_t j) -> v16b {
-    const v16f u = (*reinterpret_cast<const v16f_u*>(y + j) - *reinterpret_cast<const v16f_u*>(lo + j)) *
-                   *reinterpret_cast<const v16f_u*>(sc + j);
-    v16f c = u > zero ? u : zero;
-    c = c < lastf ? c : lastf;
-    return __builtin_convertvector(__builtin_convertvector(c, v16i), v16b);
-  };
-  int64_t j = 0;
-  for (; j + 16 <= w; j += 16) {
-    v16b kb = bins16(j);
+// The low bytes of L int32 lanes (values < 256) stored at out: narrowed in a register, then
+// a plain store (the compiler would fuse a narrowing into a narrowing store, which Zen 4
+// executes slowly: ~4x the whole row_bins loop). With 8 and 4 lanes the narrowing is a byte
+// shuffle (a convertvector to 8 bytes is element by element on AVX2).
+template <int L>
+ED_INLINE void store_low_bytes(typename Vec<L>::i k, uint8_t* out) {
+  if constexpr (L == 16) {
+    v16b kb = __builtin_convertvector(k, v16b);
 #if defined(__x86_64__)
-    // narrow in a register, then a plain store: the compiler would fuse the narrowing into a
-    // narrowing store, which Zen 4 executes slowly (~4x this whole loop)
     __asm__("" : "+x"(kb));
 #endif
-    std::memcpy(out + j, &kb, 16);
+    std::memcpy(out, &kb, 16);
+  } else if constexpr (L == 8) {
+    const v32b by = reinterpret_cast<v32b>(k);
+    typedef uint8_t v8b __attribute__((vector_size(8)));
+    v8b kb = __builtin_shufflevector(by, by, 0, 4, 8, 12, 16, 20, 24, 28);
+#if defined(__x86_64__)
+    __asm__("" : "+x"(kb));
+#endif
+    std::memcpy(out, &kb, 8);
+  } else {
+    const v16b by = reinterpret_cast<v16b>(k);
+    typedef uint8_t v4b __attribute__((vector_size(4)));
+    const v4b kb = __builtin_shufflevector(by, by, 0, 4, 8, 12);
+    std::memcpy(out, &kb, 4);
+  }
+}
+
+// out[j] = bin index of y[j] (j < w) by the contract's fp32 formula, as bytes, L channels at
+// a time: min(max(u, 0), last) then truncation equals the scalar expression of the tail
+// (max(u, 0) is 0 for NaN; for u in [last, bins) int(u) = last anyway).
+template <int L>
+ED_INLINE void row_bins(const float* __restrict y, const float* __restrict lo, const float* __restrict sc,
+                        int64_t w, int bins, uint8_t* __restrict out) {
+  typedef typename Vec<L>::f vf;
+  typedef typename Vec<L>::fu vfu;
+  const float fb = float(bins);
+  const int32_t last = bins - 1;
+  const vf zero = vf{}, lastf = vf{} + float(last);
+  int64_t j = 0;
+  for (; j + L <= w; j += L) {
+    const vf u = (*reinterpret_cast<const vfu*>(y + j) - *reinterpret_cast<const vfu*>(lo + j)) *
+                 *reinterpret_cast<const vfu*>(sc + j);
+    vf c = u > zero ? u : zero;
+    c = c < lastf ? c : lastf;
+    store_low_bytes<L>(__builtin_convertvector(c, typename Vec<L>::i), out + j);
   }
   for (; j < w; ++j) {
     const float u = (y[j] - lo[j]) * sc[j];
@@ -413,7 +519,7 @@ ED_INLINE void load_rows(const View& x, const View* f, int64_t b, int64_t t, int
 // Steps 2-4 for one stream: scales, bin indices, counts, H_d (NaN for a channel holding
 // NaN/Inf). STREAM: the rows are read again (both streams of the pair in one sweep: `other`
 // is stream 1, binned along; its entropies go to out2).
-template <int DT, bool STREAM, bool PLANES, int NS>
+template <int L, int DT, bool STREAM, bool PLANES, int NS>
 ED_INLINE void bin_tile(const View& x, const View* f, const Mask& m, int64_t b, int64_t T, int64_t d0,
                         int64_t w, int bins, const double* tbl, double* const* outs, Scratch& s, int64_t r,
                         bool avx2, bool avx512) {
@@ -456,7 +562,7 @@ ED_INLINE void bin_tile(const View& x, const View* f, const Mask& m, int64_t b, 
   }
   // 3. bin and count
   auto bin_row = [&](Stream& z, const float* __restrict y, uint8_t* __restrict row) {
-    row_bins(y, z.lo.data(), z.sc.data(), w, bins, row);
+    row_bins<L>(y, z.lo.data(), z.sc.data(), w, bins, row);
     for (size_t e = 0; e < z.wide.size(); ++e) {
       const int32_t j = z.wide[e];
       row[j] = uint8_t(wide_index(y[j], z.lo[size_t(j)], z.wsc[e], bins));
@@ -483,7 +589,9 @@ ED_INLINE void bin_tile(const View& x, const View* f, const Mask& m, int64_t b, 
   };
   int64_t t = 0;
 #if defined(__x86_64__)
-  if (PLANES && avx512 && bins <= kMaxSlicedBins) {
+  // (AVX2: the copy of 8 lanes, when the tile's width is whole vectors)
+  constexpr bool kSliced2 = L == 8;
+  if (PLANES && (avx512 || (kSliced2 && avx2 && w % 8 == 0)) && bins <= kMaxSlicedBins) {
     bool fused = true;
     for (int q = 0; q < NS; ++q) fused = fused && s.s[q].wide.empty();
     // bins and counts in one sweep over the cached tile (STREAM: over blocks of kFusedRows
@@ -496,10 +604,17 @@ ED_INLINE void bin_tile(const View& x, const View* f, const Mask& m, int64_t b, 
           if (t + kAhead < T) fetch_ahead(x, f, b, t + kAhead, d0, w);
           load_rows<DT, NS>(x, f, b, t, d0, w, s.s[0].tile.data() + i * w, s.s[NS - 1].tile.data() + i * w);
         }
-      for (int q = 0; q < NS; ++q)
-        for (int64_t c0 = 0; c0 < w; c0 += 16)
-          bin_count_sliced(s.s[q].tile.data(), rows, w, c0, w, s.s[q].lo.data(), s.s[q].sc.data(), bins,
-                           s.s[q].counts.data(), wp);
+      for (int q = 0; q < NS; ++q) {
+        if (avx512) {
+          for (int64_t c0 = 0; c0 < w; c0 += 16)
+            bin_count_sliced(s.s[q].tile.data(), rows, w, c0, w, s.s[q].lo.data(), s.s[q].sc.data(), bins,
+                             s.s[q].counts.data(), wp);
+        } else if constexpr (kSliced2) {
+          for (int64_t c0 = 0; c0 < w; c0 += 8)
+            bin_count_sliced_v<8>(s.s[q].tile.data(), rows, w, c0, s.s[q].lo.data(), s.s[q].sc.data(), bins,
+                                  s.s[q].counts.data(), wp);
+        }
+      }
     }
     if (fused) r = 0;  // nothing left to bin below
   }
@@ -550,7 +665,7 @@ ED_INLINE void bin_tile(const View& x, const View* f, const Mask& m, int64_t b, 
 // in a second that reads them again, one row segment of w channels at a time. PLANES:
 // counting by byte planes (bins <= 255), else by scalar increments. NS = 2: the pair kernel
 // (stream 0: Y = x + f, stream 1: x).
-template <int DT, bool STREAM, bool PLANES, int NS, int COS = 0>
+template <int L, int DT, bool STREAM, bool PLANES, int NS, int COS = 0>
 ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b, int64_t T, int64_t d0,
                          int64_t w, int bins, const double* tbl, double* const* outs, Scratch& s, int64_t N,
                          bool avx2, bool avx512, const CosTile& ct = CosTile{}) {
@@ -574,64 +689,79 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
   int64_t jv = 0;  // channels [0, jv) gathered by strips
   if (!STREAM && x.sd == 1 && (!f || f->sd == 1) && (COS != 2 || ct.c->sd == 1)) {
     constexpr int64_t ES = DT == DT_F32 ? 4 : 2;
-    for (; jv + kGroup <= w; jv += kGroup) {
+    // a strip: SW channels, NV vectors of L lanes per stream and row; min / max / nf of each
+    // in registers (AVX-512: 64 channels; AVX2's 16 registers: 32, 16 for the pair)
+    constexpr int SW = L == 16 ? 64 : L * (NS == 1 ? 4 : 2);
+    constexpr int NV = SW / L;
+    typedef typename Vec<L>::f vf;
+    for (; jv + SW <= w; jv += SW) {
       // min / max start at +-inf (a NaN would not replace them: nf reports it) and nf at 0
-      v16f vlo[NS][4], vhi[NS][4], vnf[NS][4];
+      vf vlo[NS][NV], vhi[NS][NV], vnf[NS][NV];
       for (int q = 0; q < NS; ++q)
-        for (int k = 0; k < 4; ++k) {
-          vlo[q][k] = vsplat(std::numeric_limits<float>::infinity());
-          vhi[q][k] = vsplat(-std::numeric_limits<float>::infinity());
-          vnf[q][k] = v16f{};
+        for (int k = 0; k < NV; ++k) {
+          vlo[q][k] = vf{} + std::numeric_limits<float>::infinity();
+          vhi[q][k] = vf{} - std::numeric_limits<float>::infinity();
+          vnf[q][k] = vf{};
         }
       int64_t i = 0;
       [[maybe_unused]] CosRows cr16;
       for (int64_t t = 0; t < T; ++t) {
         if (t + kAhead < T) {
-          fetch_ahead(x, f, b, t + kAhead, d0 + jv, kGroup);
-          if constexpr (COS == 2) fetch_ahead(*ct.c, nullptr, b, t + kAhead, d0 + jv, kGroup);
+          fetch_ahead(x, f, b, t + kAhead, d0 + jv, SW);
+          if constexpr (COS == 2) fetch_ahead(*ct.c, nullptr, b, t + kAhead, d0 + jv, SW);
         }
         if (!m(b, t)) continue;
         const uint8_t* xr = x.row(b, t) + (d0 + jv) * ES;
         const uint8_t* fr = f ? f->row(b, t) + (d0 + jv) * ES : nullptr;
         [[maybe_unused]] const uint8_t* cr = COS == 2 ? ct.c->row(b, t) + (d0 + jv) * ES : nullptr;
-        [[maybe_unused]] v16f cd{}, cx{}, cy{};  // the cosine's partial sums of this row
-        for (int k = 0; k < 4; ++k) {
-          v16f v[NS];
-          const v16f xv = load16<DT>(xr + 16 * k * ES);
+        [[maybe_unused]] vf cd{}, cx{}, cy{};  // the cosine's partial sums of this row
+        for (int k = 0; k < NV; ++k) {
+          vf v[NS];
+          const vf xv = loadv<DT, L>(xr + L * k * ES);
           v[NS - 1] = xv;
-          if (fr) v[0] = xv + load16<DT>(fr + 16 * k * ES);
+          if (fr) v[0] = xv + loadv<DT, L>(fr + L * k * ES);
           if constexpr (COS != 0) {
-            v16f pv = xv;
-            if constexpr (COS == 2) pv = load16<DT>(cr + 16 * k * ES);
+            vf pv = xv;
+            if constexpr (COS == 2) pv = loadv<DT, L>(cr + L * k * ES);
             cd += pv * v[0];
             cx += pv * pv;
             cy += v[0] * v[0];
           }
           for (int q = 0; q < NS; ++q) {
-            std::memcpy(s.s[q].tile.data() + i * w + jv + 16 * k, &v[q], 64);
+            std::memcpy(s.s[q].tile.data() + i * w + jv + L * k, &v[q], sizeof(vf));
             vlo[q][k] = vmin(vlo[q][k], v[q]);
             vhi[q][k] = vmax(vhi[q][k], v[q]);
             vnf[q][k] += v[q] - v[q];
           }
         }
         if constexpr (COS != 0) {
-          cr16.v[0][cr16.n] = cd;
-          cr16.v[1][cr16.n] = cx;
-          cr16.v[2][cr16.n] = cy;
-          cr16.t[cr16.n] = t;
-          if (++cr16.n == 16) cr16.flush(ct.cp);
+          if constexpr (L == 16) {
+            cr16.v[0][cr16.n] = cd;
+            cr16.v[1][cr16.n] = cx;
+            cr16.v[2][cr16.n] = cy;
+            cr16.t[cr16.n] = t;
+            if (++cr16.n == 16) cr16.flush(ct.cp);
+          } else {  // narrower vectors: each row's sums folded at once
+            float r3[3] = {0.f, 0.f, 0.f};
+            for (int e = 0; e < L; ++e) {
+              r3[0] += cd[e];
+              r3[1] += cx[e];
+              r3[2] += cy[e];
+            }
+            for (int q = 0; q < 3; ++q) ct.cp[3 * t + q] += r3[q];
+          }
         }
         ++i;
       }
-      if constexpr (COS != 0)
+      if constexpr (COS != 0 && L == 16)
         if (cr16.n > 0) cr16.flush(ct.cp);
       r = i;
       if (r > 0)
         for (int q = 0; q < NS; ++q)
-          for (int k = 0; k < 4; ++k) {
-            std::memcpy(s.s[q].lo.data() + jv + 16 * k, &vlo[q][k], 64);
-            std::memcpy(s.s[q].hi.data() + jv + 16 * k, &vhi[q][k], 64);
-            std::memcpy(s.s[q].nf.data() + jv + 16 * k, &vnf[q][k], 64);
+          for (int k = 0; k < NV; ++k) {
+            std::memcpy(s.s[q].lo.data() + jv + L * k, &vlo[q][k], sizeof(vf));
+            std::memcpy(s.s[q].hi.data() + jv + L * k, &vhi[q][k], sizeof(vf));
+            std::memcpy(s.s[q].nf.data() + jv + L * k, &vnf[q][k], sizeof(vf));
           }
     }
   }
@@ -689,7 +819,7 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
       for (int64_t j = 0; j < w; ++j) outs[q][j] = 0.0;
     return;
   }
-  bin_tile<DT, STREAM, PLANES, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, r, avx2, avx512);
+  bin_tile<L, DT, STREAM, PLANES, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, r, avx2, avx512);
 }
 
 // The cached single-stream tile with the cosine's partial sums (bucket_cosine).
@@ -697,52 +827,81 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
   const View &x, const View *f, const Mask &m, int64_t b, int64_t T, int64_t d0, int64_t w, int bins, \
       const double *tbl, double *const *outs, Scratch &s, int64_t N, bool avx2, bool avx512,          \
       const CosTile &ct
-#define ED_BUCKET_COS_CALL(DT)                                                                          \
-  if (bins <= kMaxPlaneBins) {                                                                          \
-    if (f)                                                                                              \
-      tile_impl<DT, false, true, 1, 1>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512, ct);  \
-    else                                                                                                \
-      tile_impl<DT, false, true, 1, 2>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512, ct);  \
-  } else {                                                                                              \
-    if (f)                                                                                              \
-      tile_impl<DT, false, false, 1, 1>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512, ct); \
-    else                                                                                                \
-      tile_impl<DT, false, false, 1, 2>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512, ct); \
+#define ED_BUCKET_COS_CALL(L, DT)                                                                          \
+  if (bins <= kMaxPlaneBins) {                                                                             \
+    if (f)                                                                                                 \
+      tile_impl<L, DT, false, true, 1, 1>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512, ct);  \
+    else                                                                                                   \
+      tile_impl<L, DT, false, true, 1, 2>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512, ct);  \
+  } else {                                                                                                 \
+    if (f)                                                                                                 \
+      tile_impl<L, DT, false, false, 1, 1>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512, ct); \
+    else                                                                                                   \
+      tile_impl<L, DT, false, false, 1, 2>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512, ct); \
   }
-ED_CLONES void tile_cos_f32(ED_BUCKET_COS_ARGS){ED_BUCKET_COS_CALL(DT_F32)} ED_CLONES
-    void tile_cos_f16(ED_BUCKET_COS_ARGS){ED_BUCKET_COS_CALL(DT_F16)} ED_CLONES
-    void tile_cos_bf16(ED_BUCKET_COS_ARGS){ED_BUCKET_COS_CALL(DT_BF16)}
-#undef ED_BUCKET_COS_CALL
-#undef ED_BUCKET_COS_ARGS
-
 #define ED_BUCKET_ARGS                                                                                  \
   const View &x, const View *f, const Mask &m, int64_t b, int64_t T, int64_t d0, int64_t w, int bins,   \
       const double *tbl, double *const *outs, Scratch &s, int64_t N, bool stream, bool pair, bool avx2, \
       bool avx512
-#define ED_BUCKET_NS(DT, NS)                                                                      \
-  if (bins <= kMaxPlaneBins) {                                                                    \
-    if (stream)                                                                                   \
-      tile_impl<DT, true, true, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512);   \
-    else                                                                                          \
-      tile_impl<DT, false, true, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512);  \
-  } else {                                                                                        \
-    if (stream)                                                                                   \
-      tile_impl<DT, true, false, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512);  \
-    else                                                                                          \
-      tile_impl<DT, false, false, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512); \
+#define ED_BUCKET_NS(L, DT, NS)                                                                      \
+  if (bins <= kMaxPlaneBins) {                                                                       \
+    if (stream)                                                                                      \
+      tile_impl<L, DT, true, true, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512);   \
+    else                                                                                             \
+      tile_impl<L, DT, false, true, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512);  \
+  } else {                                                                                           \
+    if (stream)                                                                                      \
+      tile_impl<L, DT, true, false, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512);  \
+    else                                                                                             \
+      tile_impl<L, DT, false, false, NS>(x, f, m, b, T, d0, w, bins, tbl, outs, s, N, avx2, avx512); \
   }
-#define ED_BUCKET_CALL(DT) \
-  if (pair) {              \
-    ED_BUCKET_NS(DT, 2)    \
-  } else {                 \
-    ED_BUCKET_NS(DT, 1)    \
+#define ED_BUCKET_CALL(L, DT) \
+  if (pair) {                 \
+    ED_BUCKET_NS(L, DT, 2)    \
+  } else {                    \
+    ED_BUCKET_NS(L, DT, 1)    \
   }
-ED_CLONES void tile_f32(ED_BUCKET_ARGS){ED_BUCKET_CALL(DT_F32)} ED_CLONES
-    void tile_f16(ED_BUCKET_ARGS){ED_BUCKET_CALL(DT_F16)} ED_CLONES
-    void tile_bf16(ED_BUCKET_ARGS){ED_BUCKET_CALL(DT_BF16)}
+// One tile (tile_*) or one tile with the cosine's sums (tile_cos_*) per dtype, in the copy of
+// each ISA level (TARGET, L lanes); Tiles holds the copies the CPU runs (tiles()).
+#define ED_BUCKET_COPY(SUFFIX, TARGET, L)                                                               \
+  TARGET void tile_f32##SUFFIX(ED_BUCKET_ARGS){ED_BUCKET_CALL(L, DT_F32)} TARGET void tile_f16##SUFFIX( \
+      ED_BUCKET_ARGS){ED_BUCKET_CALL(L, DT_F16)} TARGET void tile_bf16##SUFFIX(ED_BUCKET_ARGS){         \
+      ED_BUCKET_CALL(L, DT_BF16)} TARGET void tile_cos_f32##SUFFIX(ED_BUCKET_COS_ARGS){                 \
+      ED_BUCKET_COS_CALL(L, DT_F32)} TARGET void tile_cos_f16##SUFFIX(ED_BUCKET_COS_ARGS){              \
+      ED_BUCKET_COS_CALL(L, DT_F16)} TARGET void tile_cos_bf16##SUFFIX(ED_BUCKET_COS_ARGS) {            \
+    ED_BUCKET_COS_CALL(L, DT_BF16)                                                                      \
+  }
+ED_BUCKET_COPY(_v1, , 4)
+#ifdef ED_HAVE_X86_LEVELS
+ED_BUCKET_COPY(_v3, ED_TARGET_V3, 8)
+ED_BUCKET_COPY(_v4, ED_TARGET_V4, 16)
+#endif
+#undef ED_BUCKET_COPY
 #undef ED_BUCKET_CALL
 #undef ED_BUCKET_NS
+#undef ED_BUCKET_COS_CALL
+
+struct Tiles {
+  void (*tile[3])(ED_BUCKET_ARGS);
+  void (*cos[3])(ED_BUCKET_COS_ARGS);  // [DT_F32, DT_F16, DT_BF16]: by_dtype's order
+};
 #undef ED_BUCKET_ARGS
+#undef ED_BUCKET_COS_ARGS
+const Tiles& tiles() {
+  static const Tiles t = [] {
+#ifdef ED_HAVE_X86_LEVELS
+    if (isa_level() >= 4)
+      return Tiles{{tile_f32_v4, tile_f16_v4, tile_bf16_v4},
+                   {tile_cos_f32_v4, tile_cos_f16_v4, tile_cos_bf16_v4}};
+    if (isa_level() == 3)
+      return Tiles{{tile_f32_v3, tile_f16_v3, tile_bf16_v3},
+                   {tile_cos_f32_v3, tile_cos_f16_v3, tile_cos_bf16_v3}};
+#endif
+    return Tiles{{tile_f32_v1, tile_f16_v1, tile_bf16_v1},
+                 {tile_cos_f32_v1, tile_cos_f16_v1, tile_cos_bf16_v1}};
+  }();
+  return t;
+}
 
 // tbl[c] = -p ln p with p = c / n, fp64, as the reference computes each bin's term.
 std::vector<double> entropy_table(int64_t n, bool paper_exact) {
@@ -815,9 +974,9 @@ void bucket_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims&
 #if defined(__x86_64__)
   const char* isa = std::getenv("ENTRODROP_COUNT_ISA");
   const bool generic = isa && std::string(isa) == "generic";
-  const bool avx2 = !generic && __builtin_cpu_supports("avx2");
-  const bool avx512 = avx2 && !(isa && std::string(isa) == "avx2") && __builtin_cpu_supports("avx512f") &&
-                      __builtin_cpu_supports("avx512bw");
+  const bool avx2 = !generic && isa_level() >= 3 && __builtin_cpu_supports("avx2");
+  const bool avx512 = avx2 && !(isa && std::string(isa) == "avx2") && isa_level() >= 4 &&
+                      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 #else
   const bool avx2 = false, avx512 = false;
 #endif
@@ -832,8 +991,9 @@ void bucket_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims&
   }
   // [B, ntiles, T, 3]; every tile zeroes its own rows first (no serial memset here)
   std::unique_ptr<float[]> cpart(with_cos ? new float[size_t(B * ntiles * T * 3)] : nullptr);
-  const auto tile = by_dtype(dtype, tile_f32, tile_f16, tile_bf16);
-  const auto tile_cos = by_dtype(dtype, tile_cos_f32, tile_cos_f16, tile_cos_bf16);
+  const Tiles& tl = tiles();
+  const auto tile = by_dtype(dtype, tl.tile[0], tl.tile[1], tl.tile[2]);
+  const auto tile_cos = by_dtype(dtype, tl.cos[0], tl.cos[1], tl.cos[2]);
   parallel_for(items, nt, [&](int64_t it, int) {
     const int64_t b = it / ntiles, d0 = (it % ntiles) * W;
     const int64_t w = std::min(W, D - d0);

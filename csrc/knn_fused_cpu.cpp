@@ -267,8 +267,7 @@ ED_INLINE void select_dispatch(const float* A, int64_t lda, int64_t n, int64_t i
 #define ED_SEL_ARGS                                                                                   \
   const float *A, int64_t lda, int64_t n, int64_t i0, int k, const float *s, float c, float twodelta, \
       float *kth, int32_t *sure, std::vector<int64_t>&band
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(ENTRODROP_NO_CLONES)
-#define ED_HAVE_X86_LEVELS 1
+#ifdef ED_HAVE_X86_LEVELS
 __attribute__((target("arch=x86-64-v4"))) void gram_tile_v4(ED_GRAM_ARGS) {
   gram_tile_impl<16>(V, ld, Dp, s, i0, j0, A, lda);
 }
@@ -302,22 +301,13 @@ const Isa& isa() {
   static const Isa is = [] {
     Isa r;
 #ifdef ED_HAVE_X86_LEVELS
-    const char* cap = std::getenv("ENTRODROP_ISA");
-    const int most = cap && std::strcmp(cap, "baseline") == 0    ? 1
-                     : cap && std::strcmp(cap, "x86-64-v3") == 0 ? 3
-                                                                 : 4;
-    __builtin_cpu_init();
-    const bool v3 =
-        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
-    const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                    __builtin_cpu_supports("avx512cd");
-    if (v4 && most >= 4) {
+    const int level = isa_level();
+    if (level >= 4) {
       r.gram = gram_tile_v4;
       r.select = select_v4;
       r.width = 16;
       r.name = "x86-64-v4";
-    } else if (v3 && most >= 3) {
+    } else if (level == 3) {
       r.gram = gram_tile_v3;
       r.select = select_v3;
       r.name = "x86-64-v3";

@@ -48,31 +48,35 @@ struct ItemState {
 
 // Fold one chunk's fp32 block results (chunk mean mu + ds/n, squared deviations qs) into
 // the fp64 running sums of channels [d0, d0 + w).
-// (Written with explicit 8-lane vectors: the auto-vectoriser leaves this mixed fp32/fp64
-// loop scalar, and it then costs more than the chunk itself; same arithmetic lane by lane.)
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v8f_u __attribute__((vector_size(32), aligned(4)));
-typedef double v8d __attribute__((vector_size(64)));
-typedef double v8d_u __attribute__((vector_size(64), aligned(8)));
-ED_INLINE v8f ld8f(const float* p) {
-  return *reinterpret_cast<const v8f_u*>(p);
-}
-ED_INLINE v8d ld8d(const double* p) {
-  return *reinterpret_cast<const v8d_u*>(p);
-}
-ED_INLINE void st8f(float* p, v8f v) {
-  *reinterpret_cast<v8f_u*>(p) = v;
-}
-ED_INLINE void st8d(double* p, v8d v) {
-  *reinterpret_cast<v8d_u*>(p) = v;
-}
-ED_INLINE v8d cvt8(v8f v) {
-  return __builtin_convertvector(v, v8d);
-}
+// (Written with explicit vectors of FL lanes, FL = 8 in the AVX-512 copy and 4 in the others,
+// so that the fp64 vectors fit the target's registers: the auto-vectoriser leaves this mixed
+// fp32/fp64 loop scalar, and it then costs more than the chunk itself; same arithmetic lane
+// by lane.)
+template <int FL>
+struct FoldVec {
+  typedef float f __attribute__((vector_size(4 * FL)));
+  typedef float fu __attribute__((vector_size(4 * FL), aligned(4)));
+  typedef double d __attribute__((vector_size(8 * FL)));
+  typedef double du __attribute__((vector_size(8 * FL), aligned(8)));
+};
 
+template <int L>
 ED_INLINE void fold(const float* __restrict mu, const float* __restrict ds, const float* __restrict qs,
                     const float* __restrict lo, const float* __restrict hi, const float* __restrict nf,
                     int nc, int64_t d0, int w, bool first, ItemState& st) {
+  constexpr int FL = L == 16 ? 8 : 4;
+  typedef FoldVec<FL> FV;
+  typedef typename FV::f vf;
+  typedef typename FV::d vd;
+  auto ldf = [](const float* p)
+                 __attribute__((always_inline)) { return *reinterpret_cast<const typename FV::fu*>(p); };
+  auto ldd = [](const double* p)
+                 __attribute__((always_inline)) { return *reinterpret_cast<const typename FV::du*>(p); };
+  auto stf = [](float* p, vf v)
+                 __attribute__((always_inline)) { *reinterpret_cast<typename FV::fu*>(p) = v; };
+  auto std_ = [](double* p, vd v)
+                  __attribute__((always_inline)) { *reinterpret_cast<typename FV::du*>(p) = v; };
+  auto cvt = [](vf v) __attribute__((always_inline)) { return __builtin_convertvector(v, vd); };
   const double n = nc, inv = 1.0 / n;
   double* __restrict c = st.c + d0;
   double* __restrict S = st.S + d0;
@@ -80,18 +84,18 @@ ED_INLINE void fold(const float* __restrict mu, const float* __restrict ds, cons
   float* __restrict l = st.lo + d0;
   float* __restrict h = st.hi + d0;
   float* __restrict z = st.nf + d0;
-  const v8d vn = v8d{} + n, vinv = v8d{} + inv, zero = v8d{};
+  const vd vn = vd{} + n, vinv = vd{} + inv, zero = vd{};
   int j0 = 0;
   if (first) {
-    for (; j0 + 8 <= w; j0 += 8) {
-      const v8d dsj = cvt8(ld8f(ds + j0));
-      st8d(c + j0, cvt8(ld8f(mu + j0)) + dsj * vinv);
-      st8d(S + j0, zero);
-      const v8d q = cvt8(ld8f(qs + j0)) - dsj * dsj * vinv;
-      st8d(Q + j0, q > zero ? q : zero);  // = std::max(0.0, q), NaN -> 0
-      st8f(l + j0, ld8f(lo + j0));
-      st8f(h + j0, ld8f(hi + j0));
-      st8f(z + j0, ld8f(nf + j0));
+    for (; j0 + FL <= w; j0 += FL) {
+      const vd dsj = cvt(ldf(ds + j0));
+      std_(c + j0, cvt(ldf(mu + j0)) + dsj * vinv);
+      std_(S + j0, zero);
+      const vd q = cvt(ldf(qs + j0)) - dsj * dsj * vinv;
+      std_(Q + j0, q > zero ? q : zero);  // = std::max(0.0, q), NaN -> 0
+      stf(l + j0, ldf(lo + j0));
+      stf(h + j0, ldf(hi + j0));
+      stf(z + j0, ldf(nf + j0));
     }
     for (int j = j0; j < w; ++j) {
       const double dsj = ds[j];
@@ -103,18 +107,18 @@ ED_INLINE void fold(const float* __restrict mu, const float* __restrict ds, cons
       z[j] = nf[j];
     }
   } else {
-    for (; j0 + 8 <= w; j0 += 8) {
-      const v8d dsj = cvt8(ld8f(ds + j0));
-      const v8d mc = cvt8(ld8f(mu + j0)) + dsj * vinv;
-      const v8d q = cvt8(ld8f(qs + j0)) - dsj * dsj * vinv;
-      const v8d m2c = q > zero ? q : zero;
-      const v8d dl = mc - ld8d(c + j0);
-      st8d(S + j0, ld8d(S + j0) + vn * dl);
-      st8d(Q + j0, ld8d(Q + j0) + (m2c + vn * dl * dl));
-      const v8f a = ld8f(lo + j0), la = ld8f(l + j0), bb = ld8f(hi + j0), hb = ld8f(h + j0);
-      st8f(l + j0, a < la ? a : la);
-      st8f(h + j0, bb > hb ? bb : hb);
-      st8f(z + j0, ld8f(z + j0) + ld8f(nf + j0));
+    for (; j0 + FL <= w; j0 += FL) {
+      const vd dsj = cvt(ldf(ds + j0));
+      const vd mc = cvt(ldf(mu + j0)) + dsj * vinv;
+      const vd q = cvt(ldf(qs + j0)) - dsj * dsj * vinv;
+      const vd m2c = q > zero ? q : zero;
+      const vd dl = mc - ldd(c + j0);
+      std_(S + j0, ldd(S + j0) + vn * dl);
+      std_(Q + j0, ldd(Q + j0) + (m2c + vn * dl * dl));
+      const vf a = ldf(lo + j0), la = ldf(l + j0), bb = ldf(hi + j0), hb = ldf(h + j0);
+      stf(l + j0, a < la ? a : la);
+      stf(h + j0, bb > hb ? bb : hb);
+      stf(z + j0, ldf(z + j0) + ldf(nf + j0));
     }
     for (int j = j0; j < w; ++j) {
       const double dsj = ds[j];
@@ -130,27 +134,28 @@ ED_INLINE void fold(const float* __restrict mu, const float* __restrict ds, cons
   }
 }
 
-template <int DT, bool FUSED>
-ED_INLINE v16f yv(const uint8_t* xr, const uint8_t* fr, int64_t d) {
+template <int L, int DT, bool FUSED>
+ED_INLINE typename Vec<L>::f yv(const uint8_t* xr, const uint8_t* fr, int64_t d) {
   constexpr int ES = DT == DT_F32 ? 4 : 2;
-  v16f v = load16<DT>(xr + d * ES);
-  if constexpr (FUSED) v += load16<DT>(fr + d * ES);
+  typename Vec<L>::f v = loadv<DT, L>(xr + d * ES);
+  if constexpr (FUSED) v += loadv<DT, L>(fr + d * ES);
   return v;
 }
 
 // One chunk (nc rows) x one block of MW channels starting at d0, in registers. Rows are
 // byte pointers to channel 0 of each row (channel stride 1). FUSED: y = x + f.
-template <int DT, bool FUSED>
+template <int L, int DT, bool FUSED>
 ED_INLINE void block_vec(const uint8_t* const* xr, const uint8_t* const* fr, int nc, int64_t d0, bool first,
                          ItemState& st) {
-  constexpr int NV = MW / 16;
-  v16f s[NV], lo[NV], hi[NV], mu[NV], ds[NV], qs[NV];
+  constexpr int NV = MW / L;
+  typedef typename Vec<L>::f vf;
+  vf s[NV], lo[NV], hi[NV], mu[NV], ds[NV], qs[NV];
   if (nc == TC) {  // a full chunk: its TC x MW values stay in registers for both passes
-    v16f y[TC][NV];
+    vf y[TC][NV];
 #pragma GCC unroll 16
     for (int r = 0; r < TC; ++r)
 #pragma GCC unroll 4
-      for (int k = 0; k < NV; ++k) y[r][k] = yv<DT, FUSED>(xr[r], FUSED ? fr[r] : nullptr, d0 + 16 * k);
+      for (int k = 0; k < NV; ++k) y[r][k] = yv<L, DT, FUSED>(xr[r], FUSED ? fr[r] : nullptr, d0 + L * k);
     for (int k = 0; k < NV; ++k) s[k] = lo[k] = hi[k] = y[0][k];
 #pragma GCC unroll 16
     for (int r = 1; r < TC; ++r)
@@ -159,42 +164,42 @@ ED_INLINE void block_vec(const uint8_t* const* xr, const uint8_t* const* fr, int
         lo[k] = vmin(lo[k], y[r][k]);
         hi[k] = vmax(hi[k], y[r][k]);
       }
-    const v16f inv = vsplat(1.0f / float(TC));
+    const vf inv = vf{} + 1.0f / float(TC);
     for (int k = 0; k < NV; ++k) {
       mu[k] = s[k] * inv;
-      ds[k] = qs[k] = v16f{};
+      ds[k] = qs[k] = vf{};
     }
 #pragma GCC unroll 16
     for (int r = 0; r < TC; ++r)
       for (int k = 0; k < NV; ++k) {
-        const v16f dv = y[r][k] - mu[k];
+        const vf dv = y[r][k] - mu[k];
         ds[k] += dv;
         qs[k] += dv * dv;
       }
   } else {
     for (int k = 0; k < NV; ++k) {
-      const v16f v = yv<DT, FUSED>(xr[0], FUSED ? fr[0] : nullptr, d0 + 16 * k);
+      const vf v = yv<L, DT, FUSED>(xr[0], FUSED ? fr[0] : nullptr, d0 + L * k);
       s[k] = v;
       lo[k] = v;
       hi[k] = v;
     }
     for (int r = 1; r < nc; ++r) {
       for (int k = 0; k < NV; ++k) {
-        const v16f v = yv<DT, FUSED>(xr[r], FUSED ? fr[r] : nullptr, d0 + 16 * k);
+        const vf v = yv<L, DT, FUSED>(xr[r], FUSED ? fr[r] : nullptr, d0 + L * k);
         s[k] += v;
         lo[k] = vmin(lo[k], v);
         hi[k] = vmax(hi[k], v);
       }
     }
-    const v16f inv = vsplat(1.0f / float(nc));
+    const vf inv = vf{} + 1.0f / float(nc);
     for (int k = 0; k < NV; ++k) {
       mu[k] = s[k] * inv;
-      ds[k] = v16f{};
-      qs[k] = v16f{};
+      ds[k] = vf{};
+      qs[k] = vf{};
     }
     for (int r = 0; r < nc; ++r) {  // second pass: the block is in L1
       for (int k = 0; k < NV; ++k) {
-        const v16f dv = yv<DT, FUSED>(xr[r], FUSED ? fr[r] : nullptr, d0 + 16 * k) - mu[k];
+        const vf dv = yv<L, DT, FUSED>(xr[r], FUSED ? fr[r] : nullptr, d0 + L * k) - mu[k];
         ds[k] += dv;
         qs[k] += dv * dv;
       }
@@ -202,19 +207,19 @@ ED_INLINE void block_vec(const uint8_t* const* xr, const uint8_t* const* fr, int
   }
   alignas(64) float fmu[MW], fds[MW], fqs[MW], flo[MW], fhi[MW], fnf[MW];
   for (int k = 0; k < NV; ++k) {
-    const v16f nf = s[k] - s[k];
-    std::memcpy(fnf + 16 * k, &nf, 64);
-    std::memcpy(fmu + 16 * k, &mu[k], 64);
-    std::memcpy(fds + 16 * k, &ds[k], 64);
-    std::memcpy(fqs + 16 * k, &qs[k], 64);
-    std::memcpy(flo + 16 * k, &lo[k], 64);
-    std::memcpy(fhi + 16 * k, &hi[k], 64);
+    const vf nf = s[k] - s[k];
+    std::memcpy(fnf + L * k, &nf, sizeof nf);
+    std::memcpy(fmu + L * k, &mu[k], sizeof mu[k]);
+    std::memcpy(fds + L * k, &ds[k], sizeof ds[k]);
+    std::memcpy(fqs + L * k, &qs[k], sizeof qs[k]);
+    std::memcpy(flo + L * k, &lo[k], sizeof lo[k]);
+    std::memcpy(fhi + L * k, &hi[k], sizeof hi[k]);
   }
-  fold(fmu, fds, fqs, flo, fhi, fnf, nc, d0, MW, first, st);
+  fold<L>(fmu, fds, fqs, flo, fhi, fnf, nc, d0, MW, first, st);
 }
 
 // The same for a tail block of w < MW channels, scalar.
-template <int DT, bool FUSED>
+template <int L, int DT, bool FUSED>
 ED_INLINE void block_tail(const uint8_t* const* xr, const uint8_t* const* fr, int nc, int64_t d0, int w,
                           bool first, ItemState& st) {
   float s[MW], lo[MW], hi[MW], mu[MW], ds[MW], qs[MW], nf[MW];
@@ -243,12 +248,12 @@ ED_INLINE void block_tail(const uint8_t* const* xr, const uint8_t* const* fr, in
       ds[j] += dv;
       qs[j] += dv * dv;
     }
-  fold(mu, ds, qs, lo, hi, nf, nc, d0, w, first, st);
+  fold<L>(mu, ds, qs, lo, hi, nf, nc, d0, w, first, st);
 }
 
 // st: stats of y = x (+ f); st2 (the pair kernel, FUSED): of x as well, each block right
 // after y's (x's block is then in L1).
-template <int DT, bool FUSED>
+template <int L, int DT, bool FUSED>
 ED_INLINE void chunk_stats(const uint8_t* const* xr, const uint8_t* const* fr, int nc, int64_t D, bool first,
                            ItemState& st, ItemState* st2 = nullptr) {
   int64_t d0 = 0;
@@ -263,19 +268,19 @@ ED_INLINE void chunk_stats(const uint8_t* const* xr, const uint8_t* const* fr, i
         if constexpr (FUSED) __builtin_prefetch(fr[r] + ahead + l);
       }
     }
-    block_vec<DT, FUSED>(xr, fr, nc, d0, first, st);
-    if (FUSED && st2) block_vec<DT, false>(xr, nullptr, nc, d0, first, *st2);
+    block_vec<L, DT, FUSED>(xr, fr, nc, d0, first, st);
+    if (FUSED && st2) block_vec<L, DT, false>(xr, nullptr, nc, d0, first, *st2);
   }
   if (d0 < D) {
-    block_tail<DT, FUSED>(xr, fr, nc, d0, int(D - d0), first, st);
-    if (FUSED && st2) block_tail<DT, false>(xr, nullptr, nc, d0, int(D - d0), first, *st2);
+    block_tail<L, DT, FUSED>(xr, fr, nc, d0, int(D - d0), first, st);
+    if (FUSED && st2) block_tail<L, DT, false>(xr, nullptr, nc, d0, int(D - d0), first, *st2);
   }
 }
 
 // One work item: sample b, tokens [t0, t1). Fast path: channel stride 1 (any dtype, fused
 // or not) reads the tensor in place; otherwise rows are gathered into an fp32 buffer (x
 // rows, and y = x + f rows, for the pair). st2: the pair kernel's stats of x.
-template <int DT>
+template <int L, int DT>
 ED_INLINE void item_impl(const View& x, const View* f, const Mask& m, int64_t b, int64_t t0, int64_t t1,
                          int64_t D, ItemState& st, ItemState* st2, std::vector<float>& buf) {
   const bool direct = x.sd == 1 && (!f || f->sd == 1);
@@ -309,12 +314,12 @@ ED_INLINE void item_impl(const View& x, const View* f, const Mask& m, int64_t b,
     }
     if (nc == 0) continue;
     if (!direct) {
-      chunk_stats<DT_F32, false>(xr, fr, nc, D, first, st);
-      if (st2) chunk_stats<DT_F32, false>(gr, fr, nc, D, first, *st2);
+      chunk_stats<L, DT_F32, false>(xr, fr, nc, D, first, st);
+      if (st2) chunk_stats<L, DT_F32, false>(gr, fr, nc, D, first, *st2);
     } else if (f) {
-      chunk_stats<DT, true>(xr, fr, nc, D, first, st, st2);
+      chunk_stats<L, DT, true>(xr, fr, nc, D, first, st, st2);
     } else {
-      chunk_stats<DT, false>(xr, fr, nc, D, first, st);
+      chunk_stats<L, DT, false>(xr, fr, nc, D, first, st);
     }
     st.n += nc;
     if (st2) st2->n += nc;
@@ -322,18 +327,41 @@ ED_INLINE void item_impl(const View& x, const View* f, const Mask& m, int64_t b,
   }
 }
 
-// Non-template entry points so target_clones applies (one clone per ISA).
-ED_CLONES void item_f32(const View& x, const View* f, const Mask& m, int64_t b, int64_t t0, int64_t t1,
-                        int64_t D, ItemState& st, ItemState* st2, std::vector<float>& buf) {
-  item_impl<DT_F32>(x, f, m, b, t0, t1, D, st, st2, buf);
-}
-ED_CLONES void item_f16(const View& x, const View* f, const Mask& m, int64_t b, int64_t t0, int64_t t1,
-                        int64_t D, ItemState& st, ItemState* st2, std::vector<float>& buf) {
-  item_impl<DT_F16>(x, f, m, b, t0, t1, D, st, st2, buf);
-}
-ED_CLONES void item_bf16(const View& x, const View* f, const Mask& m, int64_t b, int64_t t0, int64_t t1,
-                         int64_t D, ItemState& st, ItemState* st2, std::vector<float>& buf) {
-  item_impl<DT_BF16>(x, f, m, b, t0, t1, D, st, st2, buf);
+// Non-template entry points, one copy per ISA level (common_cpu.h), the one this CPU runs
+// picked once (item_copies()).
+#define ED_ITEM_ARGS                                                                                        \
+  const View &x, const View *f, const Mask &m, int64_t b, int64_t t0, int64_t t1, int64_t D, ItemState &st, \
+      ItemState *st2, std::vector<float>&buf
+#define ED_ITEM_COPY(SUFFIX, TARGET, L)                         \
+  TARGET void item_f32##SUFFIX(ED_ITEM_ARGS) {                  \
+    item_impl<L, DT_F32>(x, f, m, b, t0, t1, D, st, st2, buf);  \
+  }                                                             \
+  TARGET void item_f16##SUFFIX(ED_ITEM_ARGS) {                  \
+    item_impl<L, DT_F16>(x, f, m, b, t0, t1, D, st, st2, buf);  \
+  }                                                             \
+  TARGET void item_bf16##SUFFIX(ED_ITEM_ARGS) {                 \
+    item_impl<L, DT_BF16>(x, f, m, b, t0, t1, D, st, st2, buf); \
+  }
+ED_ITEM_COPY(_v1, , 4)
+#ifdef ED_HAVE_X86_LEVELS
+ED_ITEM_COPY(_v3, ED_TARGET_V3, 8)
+ED_ITEM_COPY(_v4, ED_TARGET_V4, 16)
+#endif
+#undef ED_ITEM_COPY
+typedef void (*ItemFn3)(ED_ITEM_ARGS);
+#undef ED_ITEM_ARGS
+struct Items {
+  ItemFn3 f32, f16, bf16;
+};
+const Items& item_copies() {
+  static const Items it = [] {
+#ifdef ED_HAVE_X86_LEVELS
+    if (isa_level() >= 4) return Items{item_f32_v4, item_f16_v4, item_bf16_v4};
+    if (isa_level() == 3) return Items{item_f32_v3, item_f16_v3, item_bf16_v3};
+#endif
+    return Items{item_f32_v1, item_f16_v1, item_bf16_v1};
+  }();
+  return it;
 }
 
 // y = x (+ f) at (b, t, d) in fp32, any dtype and strides (the rescan of suspect channels).
@@ -391,7 +419,8 @@ void moments_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims
     return st;
   };
 
-  const auto item = by_dtype(dtype, item_f32, item_f16, item_bf16);
+  const Items& its = item_copies();
+  const auto item = by_dtype(dtype, its.f32, its.f16, its.bf16);
   parallel_for(items, nt, [&](int64_t it, int tid) {
     const int64_t b = it / P, p = it % P;
     const int64_t t0 = p * span, t1 = std::min(T, t0 + span);
