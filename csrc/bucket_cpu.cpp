@@ -863,14 +863,15 @@ ED_INLINE void tile_impl(const View& x, const View* f, const Mask& m, int64_t b,
   }
 // One tile (tile_*) or one tile with the cosine's sums (tile_cos_*) per dtype, in the copy of
 // each ISA level (TARGET, L lanes); Tiles holds the copies the CPU runs (tiles()).
-#define ED_BUCKET_COPY(SUFFIX, TARGET, L)                                                               \
-  TARGET void tile_f32##SUFFIX(ED_BUCKET_ARGS){ED_BUCKET_CALL(L, DT_F32)} TARGET void tile_f16##SUFFIX( \
-      ED_BUCKET_ARGS){ED_BUCKET_CALL(L, DT_F16)} TARGET void tile_bf16##SUFFIX(ED_BUCKET_ARGS){         \
-      ED_BUCKET_CALL(L, DT_BF16)} TARGET void tile_cos_f32##SUFFIX(ED_BUCKET_COS_ARGS){                 \
-      ED_BUCKET_COS_CALL(L, DT_F32)} TARGET void tile_cos_f16##SUFFIX(ED_BUCKET_COS_ARGS){              \
-      ED_BUCKET_COS_CALL(L, DT_F16)} TARGET void tile_cos_bf16##SUFFIX(ED_BUCKET_COS_ARGS) {            \
-    ED_BUCKET_COS_CALL(L, DT_BF16)                                                                      \
-  }
+// clang-format off
+#define ED_BUCKET_COPY(SUFFIX, TARGET, L)                                                        \
+  TARGET void tile_f32##SUFFIX(ED_BUCKET_ARGS) { ED_BUCKET_CALL(L, DT_F32) }                     \
+  TARGET void tile_f16##SUFFIX(ED_BUCKET_ARGS) { ED_BUCKET_CALL(L, DT_F16) }                     \
+  TARGET void tile_bf16##SUFFIX(ED_BUCKET_ARGS) { ED_BUCKET_CALL(L, DT_BF16) }                   \
+  TARGET void tile_cos_f32##SUFFIX(ED_BUCKET_COS_ARGS) { ED_BUCKET_COS_CALL(L, DT_F32) }         \
+  TARGET void tile_cos_f16##SUFFIX(ED_BUCKET_COS_ARGS) { ED_BUCKET_COS_CALL(L, DT_F16) }         \
+  TARGET void tile_cos_bf16##SUFFIX(ED_BUCKET_COS_ARGS) { ED_BUCKET_COS_CALL(L, DT_BF16) }
+// clang-format on
 ED_BUCKET_COPY(_v1, , 4)
 #ifdef ED_HAVE_X86_LEVELS
 ED_BUCKET_COPY(_v3, ED_TARGET_V3, 8)

@@ -150,8 +150,8 @@ inline int isa_level() {
   return level;
 }
 
-// Vectors of L lanes: f (fp32), fu (its unaligned load type), i (int32), u (uint32), h / hu
-// (16-bit, for fp16 / bf16 loads), b (bytes).
+// Vectors of L lanes: f (fp32), fu (its unaligned load type), d / du (fp64), i (int32), u
+// (uint32), h / hu (16-bit, for fp16 / bf16 loads), b (bytes).
 template <int L>
 struct Vec;
 #define ED_VEC(L)                                                        \
@@ -159,6 +159,8 @@ struct Vec;
   struct Vec<L> {                                                        \
     typedef float f __attribute__((vector_size(4 * L)));                 \
     typedef float fu __attribute__((vector_size(4 * L), aligned(4)));    \
+    typedef double d __attribute__((vector_size(8 * L)));                \
+    typedef double du __attribute__((vector_size(8 * L), aligned(8)));   \
     typedef int32_t i __attribute__((vector_size(4 * L)));               \
     typedef uint32_t u __attribute__((vector_size(4 * L)));              \
     typedef uint16_t h __attribute__((vector_size(2 * L)));              \

@@ -52,20 +52,12 @@ struct ItemState {
 // so that the fp64 vectors fit the target's registers: the auto-vectoriser leaves this mixed
 // fp32/fp64 loop scalar, and it then costs more than the chunk itself; same arithmetic lane
 // by lane.)
-template <int FL>
-struct FoldVec {
-  typedef float f __attribute__((vector_size(4 * FL)));
-  typedef float fu __attribute__((vector_size(4 * FL), aligned(4)));
-  typedef double d __attribute__((vector_size(8 * FL)));
-  typedef double du __attribute__((vector_size(8 * FL), aligned(8)));
-};
-
 template <int L>
 ED_INLINE void fold(const float* __restrict mu, const float* __restrict ds, const float* __restrict qs,
                     const float* __restrict lo, const float* __restrict hi, const float* __restrict nf,
                     int nc, int64_t d0, int w, bool first, ItemState& st) {
   constexpr int FL = L == 16 ? 8 : 4;
-  typedef FoldVec<FL> FV;
+  typedef Vec<FL> FV;
   typedef typename FV::f vf;
   typedef typename FV::d vd;
   auto ldf = [](const float* p)
