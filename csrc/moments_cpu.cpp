@@ -5,8 +5,12 @@
 // channels in blocks of MW lanes held in registers. Per chunk and block, a two-pass
 // (mean, then squared deviations) fp32 computation runs on data already in L1, so there is
 // no cancellation however far a channel sits from zero (LLM activations have channels 1e4x
-// larger than the rest). Chunk results fold into fp64 sums relative to a per-channel shift
-// (the first chunk's mean); token ranges of one sample merge by Chan's formula in fp64.
+// larger than the rest). Chunk results merge, still in registers, into a segment's fp32 mean
+// and M2 by Chan's formula (every term of M2 is non-negative there: no cancellation); every
+// SEG rows the segment folds into fp64 sums relative to a per-channel shift (the first
+// segment's mean), and token ranges of one sample merge by Chan's formula in fp64. (Folding
+// every chunk straight into fp64 took half the time on an AVX2 machine: 36 bytes of fp64
+// state per channel, read and written every 8 rows, against 32 bytes of input.)
 //
 // moments_pair_cpu: the moments of Y = x + f and of x itself from one read of x and f (x's
 // blocks are computed right after y's, from L1), for delta_entropy.
@@ -34,28 +38,57 @@ constexpr int MW = 32;  // channels per register block
 #define ED_MOMENTS_PF 0  // measured: hardware prefetch does better with 8-row chunks
 #endif
 constexpr int TC = ED_MOMENTS_TC;  // valid tokens per chunk
+#ifndef ED_MOMENTS_SEG
+#define ED_MOMENTS_SEG 128
+#endif
+constexpr double SEG = ED_MOMENTS_SEG;  // rows per fp32 segment (then folded into fp64)
 
-// Running fp64 state of one work item, per channel.
+// Running state of one work item, per channel. Two levels, both relative to a per-channel
+// shift cs (fp32: the item's first chunk mean), so that fp32 rounding scales with a
+// channel's spread, not with its offset (a channel at 1e4 +- 1 keeps its M2 to 1e-8):
+// chunks merge (Chan's formula, fp32, in the vector registers that computed them) into a
+// segment's mean rm - cs and M2 rq; every SEG rows the segment folds into fp64 sums S and Q.
+// lo/hi/nf are item-wide.
 struct ItemState {
-  double n = 0;
-  double* c;  // shift (first chunk mean)
-  double* S;  // sum (y - c)
-  double* Q;  // sum (y - c)^2
+  double n = 0;   // rows folded into S/Q
+  double rn = 0;  // rows merged into the open segment rm/rq
+  double* c;      // the shift, in fp64 (= cs)
+  double* S;      // sum over segments of n_seg (mean_seg - c)
+  double* Q;      // sum over segments of M2_seg + n_seg (mean_seg - c)^2
+  float* cs;      // the shift
+  float* rm;      // the open segment's mean, minus cs
+  float* rq;      // the open segment's M2
   float* lo;
   float* hi;
   float* nf;  // sum over chunks of (s - s): NaN where a chunk's fp32 sum was not finite
 };
 
-// Fold one chunk's fp32 block results (chunk mean mu + ds/n, squared deviations qs) into
-// the fp64 running sums of channels [d0, d0 + w).
+// How block_vec / block_tail merge one chunk of nc rows into the state: the segment's
+// weights (Chan: mean += dl nc / (rn + nc), M2 += M2_chunk + dl^2 rn nc / (rn + nc)).
+struct ChunkMerge {
+  bool seg_first;   // the chunk opens a segment: rm/rq are written, not merged
+  bool item_first;  // the item's first chunk: cs/lo/hi/nf are written
+  float wb, wab, inv;
+};
+
+inline ChunkMerge chunk_merge(const ItemState& st, int nc, bool item_first) {
+  ChunkMerge m;
+  m.seg_first = st.rn == 0;
+  m.item_first = item_first;
+  const double nn = st.rn + nc;
+  m.wb = float(nc / nn);
+  m.wab = float(st.rn * nc / nn);
+  m.inv = 1.0f / float(nc);
+  return m;
+}
+
+// Fold the open segment (st.rn rows) into the fp64 sums of all D channels.
 // (Written with explicit vectors of FL lanes, FL = 8 in the AVX-512 copy and 4 in the others,
 // so that the fp64 vectors fit the target's registers: the auto-vectoriser leaves this mixed
-// fp32/fp64 loop scalar, and it then costs more than the chunk itself; same arithmetic lane
-// by lane.)
+// fp32/fp64 loop scalar; same arithmetic lane by lane.)
 template <int L>
-ED_INLINE void fold(const float* __restrict mu, const float* __restrict ds, const float* __restrict qs,
-                    const float* __restrict lo, const float* __restrict hi, const float* __restrict nf,
-                    int nc, int64_t d0, int w, bool first, ItemState& st) {
+ED_INLINE void fold_segment(int64_t D, ItemState& st) {
+  if (st.rn == 0) return;
   constexpr int FL = L == 16 ? 8 : 4;
   typedef Vec<FL> FV;
   typedef typename FV::f vf;
@@ -64,65 +97,80 @@ ED_INLINE void fold(const float* __restrict mu, const float* __restrict ds, cons
                  __attribute__((always_inline)) { return *reinterpret_cast<const typename FV::fu*>(p); };
   auto ldd = [](const double* p)
                  __attribute__((always_inline)) { return *reinterpret_cast<const typename FV::du*>(p); };
-  auto stf = [](float* p, vf v)
-                 __attribute__((always_inline)) { *reinterpret_cast<typename FV::fu*>(p) = v; };
   auto std_ = [](double* p, vd v)
                   __attribute__((always_inline)) { *reinterpret_cast<typename FV::du*>(p) = v; };
   auto cvt = [](vf v) __attribute__((always_inline)) { return __builtin_convertvector(v, vd); };
-  const double n = nc, inv = 1.0 / n;
-  double* __restrict c = st.c + d0;
-  double* __restrict S = st.S + d0;
-  double* __restrict Q = st.Q + d0;
-  float* __restrict l = st.lo + d0;
-  float* __restrict h = st.hi + d0;
-  float* __restrict z = st.nf + d0;
-  const vd vn = vd{} + n, vinv = vd{} + inv, zero = vd{};
-  int j0 = 0;
+  const double n = st.rn;
+  const bool first = st.n == 0;
+  double* __restrict c = st.c;
+  double* __restrict S = st.S;
+  double* __restrict Q = st.Q;
+  const float* __restrict cs = st.cs;
+  const float* __restrict rm = st.rm;
+  const float* __restrict rq = st.rq;
+  const vd vn = vd{} + n;
+  int64_t j0 = 0;
   if (first) {
-    for (; j0 + FL <= w; j0 += FL) {
-      const vd dsj = cvt(ldf(ds + j0));
-      std_(c + j0, cvt(ldf(mu + j0)) + dsj * vinv);
-      std_(S + j0, zero);
-      const vd q = cvt(ldf(qs + j0)) - dsj * dsj * vinv;
-      std_(Q + j0, q > zero ? q : zero);  // = std::max(0.0, q), NaN -> 0
-      stf(l + j0, ldf(lo + j0));
-      stf(h + j0, ldf(hi + j0));
-      stf(z + j0, ldf(nf + j0));
+    for (; j0 + FL <= D; j0 += FL) {
+      const vd dl = cvt(ldf(rm + j0));
+      std_(c + j0, cvt(ldf(cs + j0)));
+      std_(S + j0, vn * dl);
+      std_(Q + j0, cvt(ldf(rq + j0)) + vn * dl * dl);
     }
-    for (int j = j0; j < w; ++j) {
-      const double dsj = ds[j];
-      c[j] = double(mu[j]) + dsj * inv;
-      S[j] = 0.0;
-      Q[j] = std::max(0.0, double(qs[j]) - dsj * dsj * inv);
-      l[j] = lo[j];
-      h[j] = hi[j];
-      z[j] = nf[j];
+    for (int64_t j = j0; j < D; ++j) {
+      const double dl = rm[j];
+      c[j] = cs[j];
+      S[j] = n * dl;
+      Q[j] = double(rq[j]) + n * dl * dl;
     }
   } else {
-    for (; j0 + FL <= w; j0 += FL) {
-      const vd dsj = cvt(ldf(ds + j0));
-      const vd mc = cvt(ldf(mu + j0)) + dsj * vinv;
-      const vd q = cvt(ldf(qs + j0)) - dsj * dsj * vinv;
-      const vd m2c = q > zero ? q : zero;
-      const vd dl = mc - ldd(c + j0);
+    for (; j0 + FL <= D; j0 += FL) {
+      const vd dl = cvt(ldf(rm + j0));
       std_(S + j0, ldd(S + j0) + vn * dl);
-      std_(Q + j0, ldd(Q + j0) + (m2c + vn * dl * dl));
-      const vf a = ldf(lo + j0), la = ldf(l + j0), bb = ldf(hi + j0), hb = ldf(h + j0);
-      stf(l + j0, a < la ? a : la);
-      stf(h + j0, bb > hb ? bb : hb);
-      stf(z + j0, ldf(z + j0) + ldf(nf + j0));
+      std_(Q + j0, ldd(Q + j0) + (cvt(ldf(rq + j0)) + vn * dl * dl));
     }
-    for (int j = j0; j < w; ++j) {
-      const double dsj = ds[j];
-      const double mc = double(mu[j]) + dsj * inv;
-      const double m2c = std::max(0.0, double(qs[j]) - dsj * dsj * inv);
-      const double dl = mc - c[j];
+    for (int64_t j = j0; j < D; ++j) {
+      const double dl = rm[j];
       S[j] += n * dl;
-      Q[j] += m2c + n * dl * dl;
-      l[j] = lo[j] < l[j] ? lo[j] : l[j];
-      h[j] = hi[j] > h[j] ? hi[j] : h[j];
-      z[j] += nf[j];
+      Q[j] += double(rq[j]) + n * dl * dl;
     }
+  }
+  st.n += n;
+  st.rn = 0;
+}
+
+// Merge one chunk's statistics of channels [d, d + lanes) (mean mu + ds/nc, M2
+// qs - ds^2/nc, lo, hi, sum s) into the state; V: a vector of fp32 lanes or a float (the
+// same arithmetic). mu - cs is exact when mu and cs are within a factor of 2 (Sterbenz).
+template <typename V>
+ED_INLINE void merge_chunk(V mu, V ds, V qs, V lo, V hi, V s, const ChunkMerge& m, ItemState& st, int64_t d) {
+  auto ld = [](const float* p) __attribute__((always_inline)) {
+    V v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  };
+  auto put = [](float* p, V v) __attribute__((always_inline)) { std::memcpy(p, &v, sizeof v); };
+  const V inv = V{} + m.inv;
+  const V nf = s - s;
+  if (m.item_first) {
+    put(st.cs + d, mu);
+    put(st.lo + d, lo);
+    put(st.hi + d, hi);
+    put(st.nf + d, nf);
+  } else {
+    put(st.lo + d, vmin(lo, ld(st.lo + d)));
+    put(st.hi + d, vmax(hi, ld(st.hi + d)));
+    put(st.nf + d, ld(st.nf + d) + nf);
+  }
+  const V eb = (mu - ld(st.cs + d)) + ds * inv;
+  const V qb = qs - ds * ds * inv;
+  if (m.seg_first) {
+    put(st.rm + d, eb);
+    put(st.rq + d, qb);
+  } else {
+    const V ea = ld(st.rm + d), dl = eb - ea;
+    put(st.rm + d, ea + dl * (V{} + m.wb));
+    put(st.rq + d, ld(st.rq + d) + (qb + dl * dl * (V{} + m.wab)));
   }
 }
 
@@ -137,32 +185,33 @@ ED_INLINE typename Vec<L>::f yv(const uint8_t* xr, const uint8_t* fr, int64_t d)
 // One chunk (nc rows) x one block of MW channels starting at d0, in registers. Rows are
 // byte pointers to channel 0 of each row (channel stride 1). FUSED: y = x + f.
 template <int L, int DT, bool FUSED>
-ED_INLINE void block_vec(const uint8_t* const* xr, const uint8_t* const* fr, int nc, int64_t d0, bool first,
-                         ItemState& st) {
+ED_INLINE void block_vec(const uint8_t* const* xr, const uint8_t* const* fr, int nc, int64_t d0,
+                         const ChunkMerge& mg, ItemState& st) {
   constexpr int NV = MW / L;
   typedef typename Vec<L>::f vf;
   vf s[NV], lo[NV], hi[NV], mu[NV], ds[NV], qs[NV];
-  if (nc == TC) {  // a full chunk: its TC x MW values stay in registers for both passes
-    vf y[TC][NV];
+  constexpr int RT = TC <= 8 ? TC : 1;
+  if (TC <= 8 && nc == TC) {  // a full chunk: its TC x MW values stay in registers for both passes
+    vf y[RT][NV];
 #pragma GCC unroll 16
-    for (int r = 0; r < TC; ++r)
+    for (int r = 0; r < RT; ++r)
 #pragma GCC unroll 4
       for (int k = 0; k < NV; ++k) y[r][k] = yv<L, DT, FUSED>(xr[r], FUSED ? fr[r] : nullptr, d0 + L * k);
     for (int k = 0; k < NV; ++k) s[k] = lo[k] = hi[k] = y[0][k];
 #pragma GCC unroll 16
-    for (int r = 1; r < TC; ++r)
+    for (int r = 1; r < RT; ++r)
       for (int k = 0; k < NV; ++k) {
         s[k] += y[r][k];
         lo[k] = vmin(lo[k], y[r][k]);
         hi[k] = vmax(hi[k], y[r][k]);
       }
-    const vf inv = vf{} + 1.0f / float(TC);
+    const vf inv = vf{} + 1.0f / float(RT);
     for (int k = 0; k < NV; ++k) {
       mu[k] = s[k] * inv;
       ds[k] = qs[k] = vf{};
     }
 #pragma GCC unroll 16
-    for (int r = 0; r < TC; ++r)
+    for (int r = 0; r < RT; ++r)
       for (int k = 0; k < NV; ++k) {
         const vf dv = y[r][k] - mu[k];
         ds[k] += dv;
@@ -197,24 +246,17 @@ ED_INLINE void block_vec(const uint8_t* const* xr, const uint8_t* const* fr, int
       }
     }
   }
-  alignas(64) float fmu[MW], fds[MW], fqs[MW], flo[MW], fhi[MW], fnf[MW];
   for (int k = 0; k < NV; ++k) {
-    const vf nf = s[k] - s[k];
-    std::memcpy(fnf + L * k, &nf, sizeof nf);
-    std::memcpy(fmu + L * k, &mu[k], sizeof mu[k]);
-    std::memcpy(fds + L * k, &ds[k], sizeof ds[k]);
-    std::memcpy(fqs + L * k, &qs[k], sizeof qs[k]);
-    std::memcpy(flo + L * k, &lo[k], sizeof lo[k]);
-    std::memcpy(fhi + L * k, &hi[k], sizeof hi[k]);
+    const int64_t j = d0 + L * k;
+    merge_chunk<vf>(mu[k], ds[k], qs[k], lo[k], hi[k], s[k], mg, st, j);
   }
-  fold<L>(fmu, fds, fqs, flo, fhi, fnf, nc, d0, MW, first, st);
 }
 
 // The same for a tail block of w < MW channels, scalar.
 template <int L, int DT, bool FUSED>
 ED_INLINE void block_tail(const uint8_t* const* xr, const uint8_t* const* fr, int nc, int64_t d0, int w,
-                          bool first, ItemState& st) {
-  float s[MW], lo[MW], hi[MW], mu[MW], ds[MW], qs[MW], nf[MW];
+                          const ChunkMerge& mg, ItemState& st) {
+  float s[MW], lo[MW], hi[MW], mu[MW], ds[MW], qs[MW];
   auto y = [&](int r, int j) -> float {
     float v = load1<DT>(xr[r], d0 + j);
     if constexpr (FUSED) v += load1<DT>(fr[r], d0 + j);
@@ -232,7 +274,6 @@ ED_INLINE void block_tail(const uint8_t* const* xr, const uint8_t* const* fr, in
   for (int j = 0; j < w; ++j) {
     mu[j] = s[j] * inv;
     ds[j] = qs[j] = 0.f;
-    nf[j] = s[j] - s[j];
   }
   for (int r = 0; r < nc; ++r)
     for (int j = 0; j < w; ++j) {
@@ -240,7 +281,10 @@ ED_INLINE void block_tail(const uint8_t* const* xr, const uint8_t* const* fr, in
       ds[j] += dv;
       qs[j] += dv * dv;
     }
-  fold<L>(mu, ds, qs, lo, hi, nf, nc, d0, w, first, st);
+  for (int j = 0; j < w; ++j) {
+    const int64_t d = d0 + j;
+    merge_chunk<float>(mu[j], ds[j], qs[j], lo[j], hi[j], s[j], mg, st, d);
+  }
 }
 
 // st: stats of y = x (+ f); st2 (the pair kernel, FUSED): of x as well, each block right
@@ -248,6 +292,8 @@ ED_INLINE void block_tail(const uint8_t* const* xr, const uint8_t* const* fr, in
 template <int L, int DT, bool FUSED>
 ED_INLINE void chunk_stats(const uint8_t* const* xr, const uint8_t* const* fr, int nc, int64_t D, bool first,
                            ItemState& st, ItemState* st2 = nullptr) {
+  const ChunkMerge mg = chunk_merge(st, nc, first);
+  const ChunkMerge mg2 = st2 ? chunk_merge(*st2, nc, first) : mg;
   int64_t d0 = 0;
   for (; d0 + MW <= D; d0 += MW) {
     // Software prefetch of every cache line of the block PF blocks ahead in every row:
@@ -260,12 +306,18 @@ ED_INLINE void chunk_stats(const uint8_t* const* xr, const uint8_t* const* fr, i
         if constexpr (FUSED) __builtin_prefetch(fr[r] + ahead + l);
       }
     }
-    block_vec<L, DT, FUSED>(xr, fr, nc, d0, first, st);
-    if (FUSED && st2) block_vec<L, DT, false>(xr, nullptr, nc, d0, first, *st2);
+    block_vec<L, DT, FUSED>(xr, fr, nc, d0, mg, st);
+    if (FUSED && st2) block_vec<L, DT, false>(xr, nullptr, nc, d0, mg2, *st2);
   }
   if (d0 < D) {
-    block_tail<L, DT, FUSED>(xr, fr, nc, d0, int(D - d0), first, st);
-    if (FUSED && st2) block_tail<L, DT, false>(xr, nullptr, nc, d0, int(D - d0), first, *st2);
+    block_tail<L, DT, FUSED>(xr, fr, nc, d0, int(D - d0), mg, st);
+    if (FUSED && st2) block_tail<L, DT, false>(xr, nullptr, nc, d0, int(D - d0), mg2, *st2);
+  }
+  st.rn += nc;
+  if (st.rn >= SEG) fold_segment<L>(D, st);
+  if (st2) {
+    st2->rn += nc;
+    if (st2->rn >= SEG) fold_segment<L>(D, *st2);
   }
 }
 
@@ -313,10 +365,10 @@ ED_INLINE void item_impl(const View& x, const View* f, const Mask& m, int64_t b,
     } else {
       chunk_stats<L, DT, false>(xr, fr, nc, D, first, st);
     }
-    st.n += nc;
-    if (st2) st2->n += nc;
     first = false;
   }
+  fold_segment<L>(D, st);
+  if (st2) fold_segment<L>(D, *st2);
 }
 
 // Non-template entry points, one copy per ISA level (common_cpu.h), the one this CPU runs
@@ -394,10 +446,10 @@ void moments_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims
   P = std::max<int64_t>(1, P);
   const int64_t span = (T + P - 1) / P;
   const int64_t items = B * P;
-  // Per-item and stream fp64 state: c, S, Q (3 * D doubles) and lo/hi/nf (3 * D floats);
+  // Per-item and stream state: c, S, Q (3 * D doubles) and cs/rm/rq/lo/hi/nf (6 * D floats);
   // item it, stream q at index (q * items + it).
   std::vector<double> dstate(size_t(NS * items * 3 * D));
-  std::vector<float> fstate(size_t(NS * items * 3 * D));
+  std::vector<float> fstate(size_t(NS * items * 6 * D));
   std::vector<double> nstate(size_t(items), 0.0);
   std::vector<std::vector<float>> bufs(static_cast<size_t>(nt));
   auto state = [&](int q, int64_t it) {
@@ -405,7 +457,10 @@ void moments_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims
     st.c = dstate.data() + (q * items + it) * 3 * D;
     st.S = st.c + D;
     st.Q = st.S + D;
-    st.lo = fstate.data() + (q * items + it) * 3 * D;
+    st.cs = fstate.data() + (q * items + it) * 6 * D;
+    st.rm = st.cs + D;
+    st.rq = st.rm + D;
+    st.lo = st.rq + D;
     st.hi = st.lo + D;
     st.nf = st.hi + D;
     return st;

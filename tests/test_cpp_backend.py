@@ -111,6 +111,22 @@ def test_llm_like_moments_have_no_cancellation():
     check_moments(x, f, None, "llm-like fused")
 
 
+def test_moments_offset_channels_across_segments():
+    """Chunks merge in fp32 into segments of 128 rows before their fp64 fold: relative to a
+    per-channel shift, so a channel far from zero (1e4 +- 1) keeps its M2. (A merge of
+    absolute fp32 means lost 3e-5 of M2 here.) A ragged mask varies the chunk sizes, and
+    T = 3001 leaves a partial last segment."""
+    g = torch.Generator().manual_seed(31)
+    x = torch.randn(2, 3001, 40, generator=g) + 1e4
+    x[:, :, 3] = torch.randn(2, 3001, generator=g) * 1e-3 - 2.5e3  # tiny spread, far away
+    x[1, :, 7] += torch.linspace(0, 50, 3001)  # a drifting channel
+    mask = torch.rand(2, 3001, generator=g) > 0.3
+    f = torch.randn(2, 3001, 40, generator=g)
+    for dt in (torch.float32, torch.bfloat16):
+        check_moments(x.to(dt), None, None, f"offset {dt}")
+        check_moments(x.to(dt), f.to(dt), mask, f"offset, f, mask {dt}")
+
+
 def test_bucket_matches_onehot_paper_formulation():
     x = llm_like(1, 256, 96, seed=2)
     c = cpp.bucket(x, None, None, 80, True)[0].sum()
