@@ -569,8 +569,6 @@ def _half_log_sum(v: torch.Tensor) -> torch.Tensor:
     process holds a core; numpy's own log is scalar on machines without AVX-512 (3x slower:
     3 ms of a 25 ms gaussian_diag_entropy call at [128, 256, 4096])."""
     if v.device.type == "cpu":
-        import numpy as np
-
         flat = v.reshape(-1)
         out = torch.empty_like(flat)
         for i in range(0, flat.numel(), _LOG_CHUNK):
