@@ -550,30 +550,28 @@ def _amin(v: torch.Tensor) -> float:
 
 
 def _gaussian_half_log_sum(var: torch.Tensor, var_floor: float) -> torch.Tensor:
-    """sum_d 1/2 ln(2 pi e max(var_d, var_floor)), fp64 [B] from var [B, D]."""
+    """sum_d 1/2 ln(2 pi e max(var_d, var_floor)), fp64 [B] from var [B, D] (on CPU in numpy:
+    the same IEEE operations as the torch ones, without torch's thread team)."""
     if var.device.type == "cpu":
         import numpy as np
 
-        v = torch.from_numpy(np.maximum(var.numpy(), var_floor) * (2 * math.pi * math.e))
-        return _half_log_sum(v)
+        v = np.maximum(var.numpy(), var_floor) * (2 * math.pi * math.e)
+        return torch.from_numpy(0.5 * np.log(v).sum(-1))
     return _half_log_sum((2 * math.pi * math.e) * var.clamp_min(var_floor))
 
 
-_LOG_CHUNK = 16384  # below torch's grain size (32768): one thread, vectorised (SLEEF)
-
-
 def _half_log_sum(v: torch.Tensor) -> torch.Tensor:
-    """0.5 * sum over the last axis of ln(v), fp64. On CPU torch.log runs on slices of
-    16384 values and numpy sums: torch.log of more values may enter torch's OpenMP team
-    (MKL), which stalls for a whole time slice (4-12 ms, against microseconds) when another
-    process holds a core; numpy's own log is scalar on machines without AVX-512 (3x slower:
-    3 ms of a 25 ms gaussian_diag_entropy call at [128, 256, 4096])."""
+    """0.5 * sum over the last axis of ln(v), fp64. On CPU in numpy: torch.log of a few hundred
+    values or more may enter torch's OpenMP team (MKL), which stalls for a whole time slice
+    (4-12 ms, against microseconds) when another process holds a core. (numpy's log is scalar
+    on machines without AVX-512, 3x torch's; torch.log on slices of 16384 values, below its
+    grain size, was tried in session 12 and still stalled with a core busy:
+    `benches/under_load.py`, gaussian_diag at 8x256x576, busy median 2.3-3.7 ms against
+    1.1-1.3.)"""
     if v.device.type == "cpu":
-        flat = v.reshape(-1)
-        out = torch.empty_like(flat)
-        for i in range(0, flat.numel(), _LOG_CHUNK):
-            torch.log(flat[i : i + _LOG_CHUNK], out=out[i : i + _LOG_CHUNK])
-        return torch.from_numpy(0.5 * out.view(v.shape).numpy().sum(-1))
+        import numpy as np
+
+        return torch.from_numpy(0.5 * np.log(v.numpy()).sum(-1))
     return 0.5 * torch.log(v).sum(-1)
 
 
