@@ -56,21 +56,20 @@ ED_INLINE double dist_impl(const uint8_t* a, const uint8_t* b, int64_t sd, int64
 }
 // Contiguous fp32 rows (the common case): 8 lanes of fp64 per step, two accumulators.
 typedef float v8f_u __attribute__((vector_size(32), aligned(4)));
-typedef double v8d __attribute__((vector_size(64)));
 ED_CLONES double dist_f32_dense(const float* a, const float* b, int64_t D) {
-  v8d acc0 = {}, acc1 = {};
+  D8 acc0 = {}, acc1 = {};  // (common_cpu.h: not a 64-byte vector)
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) {
-    const v8d e0 = __builtin_convertvector(*reinterpret_cast<const v8f_u*>(a + d), v8d) -
-                   __builtin_convertvector(*reinterpret_cast<const v8f_u*>(b + d), v8d);
-    const v8d e1 = __builtin_convertvector(*reinterpret_cast<const v8f_u*>(a + d + 8), v8d) -
-                   __builtin_convertvector(*reinterpret_cast<const v8f_u*>(b + d + 8), v8d);
+    const D8 e0 =
+        to_d8(*reinterpret_cast<const v8f_u*>(a + d)) - to_d8(*reinterpret_cast<const v8f_u*>(b + d));
+    const D8 e1 =
+        to_d8(*reinterpret_cast<const v8f_u*>(a + d + 8)) - to_d8(*reinterpret_cast<const v8f_u*>(b + d + 8));
     acc0 += e0 * e0;
     acc1 += e1 * e1;
   }
   acc0 += acc1;
   double s = 0;
-  for (int j = 0; j < 8; ++j) s += acc0[j];
+  for (int j = 0; j < 8; ++j) s += lane(acc0, j);
   for (; d < D; ++d) {
     const double e = double(a[d]) - double(b[d]);
     s += e * e;
@@ -264,17 +263,17 @@ ED_CLONES void tile_cols(const float* g, int64_t ld, const float* sq, int64_t r0
 }
 
 ED_CLONES double sqnorm_f32(const float* a, int64_t n) {
-  v8d acc0 = {}, acc1 = {};
+  D8 acc0 = {}, acc1 = {};
   int64_t d = 0;
   for (; d + 16 <= n; d += 16) {
-    const v8d e0 = __builtin_convertvector(*reinterpret_cast<const v8f_u*>(a + d), v8d);
-    const v8d e1 = __builtin_convertvector(*reinterpret_cast<const v8f_u*>(a + d + 8), v8d);
+    const D8 e0 = to_d8(*reinterpret_cast<const v8f_u*>(a + d));
+    const D8 e1 = to_d8(*reinterpret_cast<const v8f_u*>(a + d + 8));
     acc0 += e0 * e0;
     acc1 += e1 * e1;
   }
   acc0 += acc1;
   double s = 0;
-  for (int j = 0; j < 8; ++j) s += acc0[j];
+  for (int j = 0; j < 8; ++j) s += lane(acc0, j);
   for (; d < n; ++d) s += double(a[d]) * double(a[d]);
   return s;
 }

@@ -48,11 +48,8 @@ constexpr int kCentreRows = 32;                // rows averaged for the centre m
 constexpr double kSmaxLo = 0x1p-90, kSmaxHi = 0x1p120;  // as KNN_SMAX_RANGE (cpp_backend.py)
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-typedef float v8f __attribute__((vector_size(32)));
 typedef float v8f_u __attribute__((vector_size(32), aligned(4)));
 typedef int32_t v8i __attribute__((vector_size(32)));
-typedef double v8d __attribute__((vector_size(64)));
-typedef double v8d_u __attribute__((vector_size(64), aligned(8)));
 
 template <int W>
 struct Vt;
@@ -343,13 +340,13 @@ ED_INLINE v8f load8(const uint8_t* p) {
 // ----------------------------------------------------------------- exact distances
 // sum of (a_d - b_d)^2 over w fp32 values, fp64, in a fixed order (16 lanes, then the rest),
 // whatever the layout the values came from.
-ED_CLONES void sqdiff_acc(const float* a, const float* b, int64_t w, v8d& acc0, v8d& acc1, double& tail) {
+ED_CLONES void sqdiff_acc(const float* a, const float* b, int64_t w, D8& acc0, D8& acc1, double& tail) {
   int64_t d = 0;
   for (; d + 16 <= w; d += 16) {
-    const v8d e0 = __builtin_convertvector(*reinterpret_cast<const v8f_u*>(a + d), v8d) -
-                   __builtin_convertvector(*reinterpret_cast<const v8f_u*>(b + d), v8d);
-    const v8d e1 = __builtin_convertvector(*reinterpret_cast<const v8f_u*>(a + d + 8), v8d) -
-                   __builtin_convertvector(*reinterpret_cast<const v8f_u*>(b + d + 8), v8d);
+    const D8 e0 =
+        to_d8(*reinterpret_cast<const v8f_u*>(a + d)) - to_d8(*reinterpret_cast<const v8f_u*>(b + d));
+    const D8 e1 =
+        to_d8(*reinterpret_cast<const v8f_u*>(a + d + 8)) - to_d8(*reinterpret_cast<const v8f_u*>(b + d + 8));
     acc0 += e0 * e0;
     acc1 += e1 * e1;
   }
@@ -363,15 +360,12 @@ ED_CLONES void sqdiff_acc(const float* a, const float* b, int64_t w, v8d& acc0, 
 // order, without the copy to fp32 first (the copy made bf16 select cost 1.4x fp32 at
 // [256, 4096]: 934 vs 659 us; this version not yet timed on its own).
 template <int DT>
-ED_INLINE void sqdiff_acc_t(const uint8_t* a, const uint8_t* b, int64_t w, v8d& acc0, v8d& acc1,
-                            double& tail) {
+ED_INLINE void sqdiff_acc_t(const uint8_t* a, const uint8_t* b, int64_t w, D8& acc0, D8& acc1, double& tail) {
   constexpr int64_t es = DT == DT_F32 ? 4 : 2;
   int64_t d = 0;
   for (; d + 16 <= w; d += 16) {
-    const v8d e0 = __builtin_convertvector(load8<DT>(a + d * es), v8d) -
-                   __builtin_convertvector(load8<DT>(b + d * es), v8d);
-    const v8d e1 = __builtin_convertvector(load8<DT>(a + (d + 8) * es), v8d) -
-                   __builtin_convertvector(load8<DT>(b + (d + 8) * es), v8d);
+    const D8 e0 = to_d8(load8<DT>(a + d * es)) - to_d8(load8<DT>(b + d * es));
+    const D8 e1 = to_d8(load8<DT>(a + (d + 8) * es)) - to_d8(load8<DT>(b + (d + 8) * es));
     acc0 += e0 * e0;
     acc1 += e1 * e1;
   }
@@ -380,11 +374,11 @@ ED_INLINE void sqdiff_acc_t(const uint8_t* a, const uint8_t* b, int64_t w, v8d& 
     tail += e * e;
   }
 }
-ED_CLONES void sqdiff_acc_f16(const uint8_t* a, const uint8_t* b, int64_t w, v8d& acc0, v8d& acc1,
+ED_CLONES void sqdiff_acc_f16(const uint8_t* a, const uint8_t* b, int64_t w, D8& acc0, D8& acc1,
                               double& tail) {
   sqdiff_acc_t<DT_F16>(a, b, w, acc0, acc1, tail);
 }
-ED_CLONES void sqdiff_acc_bf16(const uint8_t* a, const uint8_t* b, int64_t w, v8d& acc0, v8d& acc1,
+ED_CLONES void sqdiff_acc_bf16(const uint8_t* a, const uint8_t* b, int64_t w, D8& acc0, D8& acc1,
                                double& tail) {
   sqdiff_acc_t<DT_BF16>(a, b, w, acc0, acc1, tail);
 }
@@ -401,7 +395,7 @@ constexpr int64_t kChunk = 256;  // a multiple of 16: remainders only in the las
 
 template <int DT>
 double exact_dist_t(const Rows& r, int64_t ta, int64_t tb, float* ya, float* yb) {
-  v8d acc0 = {}, acc1 = {};
+  D8 acc0 = {}, acc1 = {};
   double tail = 0;
   for (int64_t d0 = 0; d0 < r.D; d0 += kChunk) {
     const int64_t w = std::min(kChunk, r.D - d0);
@@ -419,7 +413,7 @@ double exact_dist_t(const Rows& r, int64_t ta, int64_t tb, float* ya, float* yb)
   }
   acc0 += acc1;
   double s = 0;
-  for (int j = 0; j < 8; ++j) s += acc0[j];
+  for (int j = 0; j < 8; ++j) s += lane(acc0, j);
   return std::sqrt(s + tail);
 }
 
@@ -432,18 +426,16 @@ double exact_dist(int dtype, const Rows& r, int64_t ta, int64_t tb, float* ya, f
 // s64 = |y - mu|^2 in fp64 (finite even when v overflows fp32).
 ED_CLONES void pack_row(const float* y, const double* mu, int64_t D, int64_t ld, double scale, float* v,
                         float& s, double& s64) {
-  v8d q0 = {}, q1 = {}, e0s = {}, e1s = {};
+  D8 q0 = {}, q1 = {}, e0s = {}, e1s = {};
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) {
-    const v8d e0 = __builtin_convertvector(*reinterpret_cast<const v8f_u*>(y + d), v8d) -
-                   *reinterpret_cast<const v8d_u*>(mu + d);
-    const v8d e1 = __builtin_convertvector(*reinterpret_cast<const v8f_u*>(y + d + 8), v8d) -
-                   *reinterpret_cast<const v8d_u*>(mu + d + 8);
-    const v8f f0 = __builtin_convertvector(e0 * scale, v8f);
-    const v8f f1 = __builtin_convertvector(e1 * scale, v8f);
+    const D8 e0 = to_d8(*reinterpret_cast<const v8f_u*>(y + d)) - load_d8(mu + d);
+    const D8 e1 = to_d8(*reinterpret_cast<const v8f_u*>(y + d + 8)) - load_d8(mu + d + 8);
+    const v8f f0 = to_f8(e0 * scale);
+    const v8f f1 = to_f8(e1 * scale);
     *reinterpret_cast<v8f_u*>(v + d) = f0;
     *reinterpret_cast<v8f_u*>(v + d + 8) = f1;
-    const v8d g0 = __builtin_convertvector(f0, v8d), g1 = __builtin_convertvector(f1, v8d);
+    const D8 g0 = to_d8(f0), g1 = to_d8(f1);
     q0 += g0 * g0;
     q1 += g1 * g1;
     e0s += e0 * e0;
@@ -453,8 +445,8 @@ ED_CLONES void pack_row(const float* y, const double* mu, int64_t D, int64_t ld,
   e0s += e1s;
   double qs = 0, es = 0;
   for (int j = 0; j < 8; ++j) {
-    qs += q0[j];
-    es += e0s[j];
+    qs += lane(q0, j);
+    es += lane(e0s, j);
   }
   for (; d < D; ++d) {
     const double e = double(y[d]) - mu[d];
@@ -479,20 +471,20 @@ template <int DT>
 ED_INLINE bool pack_row32_t(const uint8_t* y, const float* mu32, int64_t D, int64_t ld, float* v, float& s,
                             double& s64) {
   constexpr int64_t es = DT == DT_F32 ? 4 : 2;
-  v8d q0 = {}, q1 = {};
+  D8 q0 = {}, q1 = {};
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) {
     const v8f e0 = load8<DT>(y + d * es) - *reinterpret_cast<const v8f_u*>(mu32 + d);
     const v8f e1 = load8<DT>(y + (d + 8) * es) - *reinterpret_cast<const v8f_u*>(mu32 + d + 8);
     *reinterpret_cast<v8f_u*>(v + d) = e0;
     *reinterpret_cast<v8f_u*>(v + d + 8) = e1;
-    const v8d g0 = __builtin_convertvector(e0, v8d), g1 = __builtin_convertvector(e1, v8d);
+    const D8 g0 = to_d8(e0), g1 = to_d8(e1);
     q0 += g0 * g0;
     q1 += g1 * g1;
   }
   q0 += q1;
   double qs = 0;
-  for (int j = 0; j < 8; ++j) qs += q0[j];
+  for (int j = 0; j < 8; ++j) qs += lane(q0, j);
   for (; d < D; ++d) {
     const float e = load1<DT>(y, d) - mu32[d];
     v[d] = e;
