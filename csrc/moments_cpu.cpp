@@ -485,13 +485,20 @@ void moments_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims
     for (int q = 0; q < NS; ++q) {
       const MomentOut& out = o[q];
       const View* fq = q == 0 ? fp : nullptr;  // stream 1 of the pair: x alone
-      // channels whose fp32 chunk sums were not finite: rescan their valid y exactly
+      // channels whose fp32 chunk sums were not finite (a non-finite y, or finite values
+      // whose fp32 sums overflowed: |y| past ~1e18 can overflow a segment's M2), and
+      // non-constant channels whose range is below 2^-60 (squared deviations under fp32's
+      // normal range, ~1e-38, lose their precision): rescan their valid y exactly; NaN where
+      // one is not finite, else mean and M2 in fp64
       std::vector<int64_t> suspect;
       for (int64_t p = 0; p < P; ++p) {
         if (nstate[b * P + p] == 0) continue;
-        const float* nf = state(q, slot_of(p)).nf;
+        const ItemState st = state(q, slot_of(p));
         for (int64_t d = 0; d < D; ++d) {
-          if (nf[d] != 0.0f) suspect.push_back(d);
+          const float w = st.hi[d] - st.lo[d];
+          if (st.nf[d] != 0.0f || !std::isfinite(st.S[d]) || !std::isfinite(st.Q[d]) ||
+              (w > 0.0f && w < 0x1p-60f))
+            suspect.push_back(d);
         }
       }
       if (P > 1) {
@@ -499,17 +506,32 @@ void moments_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims
         suspect.erase(std::unique(suspect.begin(), suspect.end()), suspect.end());
       }
       std::vector<uint8_t> bad;
+      std::vector<double> exact_mean, exact_m2;  // per suspect channel (finite ones)
       if (!suspect.empty()) {
         bad.assign(size_t(D), 0);
+        const size_t ns = suspect.size();
+        exact_mean.assign(ns, 0.0);
+        exact_m2.assign(ns, 0.0);
+        double n = 0;
         for (int64_t t = 0; t < T; ++t) {
           if (!mv(b, t)) continue;
-          for (int64_t d : suspect) {
-            const float y = y_at(xv, fq, b, t, d);
-            if (!std::isfinite(y)) bad[size_t(d)] = 1;
+          n += 1;
+          for (size_t k = 0; k < ns; ++k) {
+            const float y = y_at(xv, fq, b, t, suspect[k]);
+            if (!std::isfinite(y)) bad[size_t(suspect[k])] = 1;
+            exact_mean[k] += y;
+          }
+        }
+        for (size_t k = 0; k < ns; ++k) exact_mean[k] /= n;
+        for (int64_t t = 0; t < T; ++t) {
+          if (!mv(b, t)) continue;
+          for (size_t k = 0; k < ns; ++k) {
+            const double e = double(y_at(xv, fq, b, t, suspect[k])) - exact_mean[k];
+            exact_m2[k] += e * e;
           }
         }
       }
-      if (P == 1 && bad.empty() && nstate[b] > 0) {  // one part, all finite: a loop that vectorises
+      if (P == 1 && suspect.empty() && nstate[b] > 0) {  // one part, all finite: a loop that vectorises
         const double inv = 1.0 / nstate[b];
         const ItemState st = state(q, slot_of(0));
         double* __restrict mean = out.mean + b * D;
@@ -555,6 +577,12 @@ void moments_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims
         out.m2[b * D + d] = na > 0 ? qa : nan;
         out.mn[b * D + d] = lo;
         out.mx[b * D + d] = hi;
+      }
+      for (size_t k = 0; k < suspect.size(); ++k) {  // finite values past fp32's sums
+        const int64_t d = suspect[k];
+        if (bad[size_t(d)] || o_count[b] == 0) continue;
+        out.mean[b * D + d] = exact_mean[k];
+        out.m2[b * D + d] = exact_m2[k];
       }
     }
   };

@@ -545,7 +545,7 @@ def _amin(v: torch.Tensor) -> float:
     if v.device.type == "cpu":
         import numpy as np
 
-        return float(np.min(v.numpy()))
+        return float(np.min(v.detach().numpy()))
     return float(v.amin())
 
 
@@ -555,8 +555,9 @@ def _gaussian_half_log_sum(var: torch.Tensor, var_floor: float) -> torch.Tensor:
     if var.device.type == "cpu":
         import numpy as np
 
-        v = np.maximum(var.numpy(), var_floor) * (2 * math.pi * math.e)
-        return torch.from_numpy(0.5 * np.log(v).sum(-1))
+        v = np.maximum(var.detach().numpy(), var_floor) * (2 * math.pi * math.e)
+        with np.errstate(divide="ignore"):  # ln 0 = -inf (var_floor=0), as torch.log
+            return torch.from_numpy(0.5 * np.log(v).sum(-1))
     return _half_log_sum((2 * math.pi * math.e) * var.clamp_min(var_floor))
 
 
@@ -571,7 +572,8 @@ def _half_log_sum(v: torch.Tensor) -> torch.Tensor:
     if v.device.type == "cpu":
         import numpy as np
 
-        return torch.from_numpy(0.5 * np.log(v.numpy()).sum(-1))
+        with np.errstate(divide="ignore"):  # ln 0 = -inf (var_floor=0), as torch.log
+            return torch.from_numpy(0.5 * np.log(v.detach().numpy()).sum(-1))
     return 0.5 * torch.log(v).sum(-1)
 
 
@@ -754,8 +756,15 @@ def delta_entropy(x: Array, f: Array, method: str = "bucket", **opts: Any) -> Re
 
     bucket and gaussian_diag on a backend with a pair kernel (cpp, CPU) read x and f once for
     both entropies; the result, errors and warnings are those of the two calls.
+
+    Raises ValueError when f is None (H(X + F) - H(X) needs the block's output F).
     """
-    if method in _PAIR_OPTS and f is not None:
+    if f is None:
+        raise ValueError(
+            "delta_entropy needs f, the block's output F(X) (the residual update): "
+            "H(X + F) - H(X) of f = None would be 0; for H(X) alone call entropy(x, method)"
+        )
+    if method in _PAIR_OPTS:
         out = _paired_delta(x, f, method, opts)
         if out is not None:
             return out
