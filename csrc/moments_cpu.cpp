@@ -7,8 +7,8 @@
 // no cancellation however far a channel sits from zero (LLM activations have channels 1e4x
 // larger than the rest). Chunk results merge, still in registers, into a segment's fp32 mean
 // and M2 by Chan's formula (every term of M2 is non-negative there: no cancellation); every
-// SEG rows the segment folds into fp64 sums relative to a per-channel shift (the first
-// segment's mean), and token ranges of one sample merge by Chan's formula in fp64. (Folding
+// SEG rows the segment folds into fp64 sums relative to a per-channel shift (the item's
+// first chunk mean), and token ranges of one sample merge by Chan's formula in fp64. (Folding
 // every chunk straight into fp64 took half the time on an AVX2 machine: 36 bytes of fp64
 // state per channel, read and written every 8 rows, against 32 bytes of input.)
 //
