@@ -80,3 +80,17 @@ def test_no_floor_on_a_constant_channel_is_minus_inf_without_numpy_warnings():
         warnings.simplefilter("error")
         h = ef.gaussian_diag_entropy(x, var_floor=0.0)
     assert torch.isneginf(h).all()
+
+
+@pytest.mark.parametrize("omit", [False, True])
+def test_delta_entropy_warnings_point_at_the_caller(omit):
+    # the pair kernel's path warned about floored variances from inside api.py
+    x, f = torch.randn(2, 20, 4), torch.randn(2, 20, 4)
+    x[:, :, 1] = 0.5
+    f[:, :, 1] = 0.0  # constant in x and in x + f
+    if omit:
+        x[0, 0, 2] = float("nan")
+    with pytest.warns(RuntimeWarning) as rec:
+        ef.delta_entropy(x, f, "gaussian_diag", nan_policy="omit" if omit else "raise")
+    assert any("floored" in str(w.message) for w in rec)
+    assert all(w.filename == __file__ for w in rec), [(w.filename, w.lineno) for w in rec]

@@ -764,14 +764,13 @@ def delta_entropy(x: Array, f: Array, method: str = "bucket", **opts: Any) -> Re
             "delta_entropy needs f, the block's output F(X) (the residual update): "
             "H(X + F) - H(X) of f = None would be 0; for H(X) alone call entropy(x, method)"
         )
-    if method in _PAIR_OPTS:
-        out = _paired_delta(x, f, method, opts)
-        if out is not None:
-            return out
-    # the two calls' warnings, re-issued at the caller of delta_entropy (not inside the package)
+    # the warnings (of the pair kernel's path or of the two calls), re-issued at the caller of
+    # delta_entropy (not inside the package)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = entropy(x, method, f, **opts) - entropy(x, method, None, **opts)
+        out = _paired_delta(x, f, method, opts) if method in _PAIR_OPTS else None
+        if out is None:
+            out = entropy(x, method, f, **opts) - entropy(x, method, None, **opts)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package
     for w in caught:
         if os.path.abspath(w.filename).startswith(here):
