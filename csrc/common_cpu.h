@@ -115,6 +115,7 @@ ED_INLINE V vmax(V a, V b) {
 typedef double v4d __attribute__((vector_size(32)));
 typedef double v4d_u __attribute__((vector_size(32), aligned(8)));
 typedef float v4f __attribute__((vector_size(16)));
+typedef float v4f_u __attribute__((vector_size(16), aligned(4)));
 typedef float v8f __attribute__((vector_size(32)));
 
 // Eight fp64 lanes as two 4-lane halves, lane by lane the arithmetic of one 8-lane vector. A

@@ -27,7 +27,6 @@ ED_INLINE double cos_row(const uint8_t* xr, const uint8_t* orow, int64_t D) {
   constexpr int64_t kES = DT == DT_F32 ? 4 : 2;  // bytes per element
   // fp64 lane sums, 4 lanes per vector: a loop over double[16] stayed scalar (48 vaddsd and
   // 48 vcvtss2sd per block of 256 channels in the AVX2 clone)
-  typedef float v4f_u __attribute__((vector_size(16), aligned(4)));
   v4d dd[LN / 4] = {}, dx[LN / 4] = {}, dy[LN / 4] = {};
   for (int64_t c0 = 0; c0 < D; c0 += CB) {
     const int64_t c1 = std::min(D, c0 + CB);

@@ -53,9 +53,8 @@ constexpr double SEG = ED_MOMENTS_SEG;  // rows per fp32 segment (then folded in
 struct ItemState {
   double n = 0;   // rows folded into S/Q
   double rn = 0;  // rows merged into the open segment rm/rq
-  double* c;      // the shift, in fp64 (= cs)
-  double* S;      // sum over segments of n_seg (mean_seg - c)
-  double* Q;      // sum over segments of M2_seg + n_seg (mean_seg - c)^2
+  double* S;      // sum over segments of n_seg (mean_seg - cs)
+  double* Q;      // sum over segments of M2_seg + n_seg (mean_seg - cs)^2
   float* cs;      // the shift
   float* rm;      // the open segment's mean, minus cs
   float* rq;      // the open segment's M2
@@ -103,10 +102,8 @@ ED_INLINE void fold_segment(int64_t D, ItemState& st) {
   auto cvt = [](vf v) __attribute__((always_inline)) { return __builtin_convertvector(v, vd); };
   const double n = st.rn;
   const bool first = st.n == 0;
-  double* __restrict c = st.c;
   double* __restrict S = st.S;
   double* __restrict Q = st.Q;
-  const float* __restrict cs = st.cs;
   const float* __restrict rm = st.rm;
   const float* __restrict rq = st.rq;
   const vd vn = vd{} + n;
@@ -114,13 +111,11 @@ ED_INLINE void fold_segment(int64_t D, ItemState& st) {
   if (first) {
     for (; j0 + FL <= D; j0 += FL) {
       const vd dl = cvt(ldf(rm + j0));
-      std_(c + j0, cvt(ldf(cs + j0)));
       std_(S + j0, vn * dl);
       std_(Q + j0, cvt(ldf(rq + j0)) + vn * dl * dl);
     }
     for (int64_t j = j0; j < D; ++j) {
       const double dl = rm[j];
-      c[j] = cs[j];
       S[j] = n * dl;
       Q[j] = double(rq[j]) + n * dl * dl;
     }
@@ -191,28 +186,27 @@ ED_INLINE void block_vec(const uint8_t* const* xr, const uint8_t* const* fr, int
   constexpr int NV = MW / L;
   typedef typename Vec<L>::f vf;
   vf s[NV], lo[NV], hi[NV], mu[NV], ds[NV], qs[NV];
-  constexpr int RT = TC <= 8 ? TC : 1;
-  if (TC <= 8 && nc == TC) {  // a full chunk: its TC x MW values stay in registers for both passes
-    vf y[RT][NV];
+  if (nc == TC) {  // a full chunk: its TC x MW values stay in registers for both passes
+    vf y[TC][NV];
 #pragma GCC unroll 16
-    for (int r = 0; r < RT; ++r)
+    for (int r = 0; r < TC; ++r)
 #pragma GCC unroll 4
       for (int k = 0; k < NV; ++k) y[r][k] = yv<L, DT, FUSED>(xr[r], FUSED ? fr[r] : nullptr, d0 + L * k);
     for (int k = 0; k < NV; ++k) s[k] = lo[k] = hi[k] = y[0][k];
 #pragma GCC unroll 16
-    for (int r = 1; r < RT; ++r)
+    for (int r = 1; r < TC; ++r)
       for (int k = 0; k < NV; ++k) {
         s[k] += y[r][k];
         lo[k] = vmin(lo[k], y[r][k]);
         hi[k] = vmax(hi[k], y[r][k]);
       }
-    const vf inv = vf{} + 1.0f / float(RT);
+    const vf inv = vf{} + 1.0f / float(TC);
     for (int k = 0; k < NV; ++k) {
       mu[k] = s[k] * inv;
       ds[k] = qs[k] = vf{};
     }
 #pragma GCC unroll 16
-    for (int r = 0; r < RT; ++r)
+    for (int r = 0; r < TC; ++r)
       for (int k = 0; k < NV; ++k) {
         const vf dv = y[r][k] - mu[k];
         ds[k] += dv;
@@ -293,8 +287,7 @@ ED_INLINE void block_tail(const uint8_t* const* xr, const uint8_t* const* fr, in
 template <int L, int DT, bool FUSED>
 ED_INLINE void chunk_stats(const uint8_t* const* xr, const uint8_t* const* fr, int nc, int64_t D, bool first,
                            ItemState& st, ItemState* st2 = nullptr) {
-  const ChunkMerge mg = chunk_merge(st, nc, first);
-  const ChunkMerge mg2 = st2 ? chunk_merge(*st2, nc, first) : mg;
+  const ChunkMerge mg = chunk_merge(st, nc, first);  // (st2, when given, has taken the same rows)
   int64_t d0 = 0;
   for (; d0 + MW <= D; d0 += MW) {
     // Software prefetch of every cache line of the block PF blocks ahead in every row:
@@ -308,11 +301,11 @@ ED_INLINE void chunk_stats(const uint8_t* const* xr, const uint8_t* const* fr, i
       }
     }
     block_vec<L, DT, FUSED>(xr, fr, nc, d0, mg, st);
-    if (FUSED && st2) block_vec<L, DT, false>(xr, nullptr, nc, d0, mg2, *st2);
+    if (FUSED && st2) block_vec<L, DT, false>(xr, nullptr, nc, d0, mg, *st2);
   }
   if (d0 < D) {
     block_tail<L, DT, FUSED>(xr, fr, nc, d0, int(D - d0), mg, st);
-    if (FUSED && st2) block_tail<L, DT, false>(xr, nullptr, nc, d0, int(D - d0), mg2, *st2);
+    if (FUSED && st2) block_tail<L, DT, false>(xr, nullptr, nc, d0, int(D - d0), mg, *st2);
   }
   st.rn += nc;
   if (st.rn >= SEG) fold_segment<L>(D, st);
@@ -453,16 +446,15 @@ void moments_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims
   // D = 4096, allocated and paged in on every call: 3x the kernel's time on 64-token samples.)
   const bool own_slot = P == 1;
   const int64_t slots = own_slot ? nt : items;
-  // Per-slot and stream state: c, S, Q (3 * D doubles) and cs/rm/rq/lo/hi/nf (6 * D floats);
+  // Per-slot and stream state: S, Q (2 * D doubles) and cs/rm/rq/lo/hi/nf (6 * D floats);
   // slot i, stream q at index (q * slots + i). Every field is written before it is read.
-  std::unique_ptr<double[]> dstate(new double[size_t(NS * slots * 3 * D)]);
+  std::unique_ptr<double[]> dstate(new double[size_t(NS * slots * 2 * D)]);
   std::unique_ptr<float[]> fstate(new float[size_t(NS * slots * 6 * D)]);
   std::vector<double> nstate(size_t(items), 0.0);
   std::vector<std::vector<float>> bufs(static_cast<size_t>(nt));
   auto state = [&](int q, int64_t slot) {
     ItemState st;
-    st.c = dstate.get() + (q * slots + slot) * 3 * D;
-    st.S = st.c + D;
+    st.S = dstate.get() + (q * slots + slot) * 2 * D;
     st.Q = st.S + D;
     st.cs = fstate.get() + (q * slots + slot) * 6 * D;
     st.rm = st.cs + D;
@@ -512,10 +504,8 @@ void moments_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims
         const size_t ns = suspect.size();
         exact_mean.assign(ns, 0.0);
         exact_m2.assign(ns, 0.0);
-        double n = 0;
         for (int64_t t = 0; t < T; ++t) {
           if (!mv(b, t)) continue;
-          n += 1;
           for (size_t k = 0; k < ns; ++k) {
             const float y = y_at(xv, fq, b, t, suspect[k]);
             if (!std::isfinite(y)) bad[size_t(suspect[k])] = 1;
@@ -538,7 +528,7 @@ void moments_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims
         double* __restrict m2 = out.m2 + b * D;
         for (int64_t d = 0; d < D; ++d) {
           const double S = st.S[d];
-          mean[d] = st.c[d] + S * inv;
+          mean[d] = double(st.cs[d]) + S * inv;
           m2[d] = std::max(0.0, st.Q[d] - S * S * inv);
         }
         std::memcpy(out.mn + b * D, st.lo, size_t(D) * sizeof(float));
@@ -558,7 +548,7 @@ void moments_run(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const Dims
           if (nb == 0) continue;
           const ItemState st = state(q, slot_of(p));
           const double S = st.S[d], Q = st.Q[d];
-          const double mb = st.c[d] + S / nb;
+          const double mb = double(st.cs[d]) + S / nb;
           const double qb = std::max(0.0, Q - S * S / nb);
           lo = std::min(lo, st.lo[d]);
           hi = std::max(hi, st.hi[d]);

@@ -556,8 +556,7 @@ def _gaussian_half_log_sum(var: torch.Tensor, var_floor: float) -> torch.Tensor:
         import numpy as np
 
         v = np.maximum(var.detach().numpy(), var_floor) * (2 * math.pi * math.e)
-        with np.errstate(divide="ignore"):  # ln 0 = -inf (var_floor=0), as torch.log
-            return torch.from_numpy(0.5 * np.log(v).sum(-1))
+        return _half_log_sum(torch.from_numpy(v))
     return _half_log_sum((2 * math.pi * math.e) * var.clamp_min(var_floor))
 
 
