@@ -8,9 +8,9 @@
 //     (massive channels), which would make the fp32 Gram trick cancel. v = fp32(y - mu),
 //     zero-padded to a multiple of 16 channels, scaled by a power of two when its largest
 //     squared norm leaves [2^-90, 2^120] (exact; the distances are scaled back).
-//  2. the Gram matrix of v on and above the diagonal, in 32 x 32 tiles (our own 4-row
-//     micro-kernel, AVX-512 / AVX2 / baseline chosen at run time; half the work of a full
-//     product), turned at once into approximate squared distances
+//  2. the Gram matrix of v on and above the diagonal, by our own outer-product micro-kernel
+//     (MR rows x a 16-column panel of v, AVX-512 / AVX2 / baseline chosen at run time; half
+//     the work of a full product), turned at once into approximate squared distances
 //     a_ij = |v_i|^2 + |v_j|^2 - 2 v_i.v_j, written to both halves of an N x N fp32 matrix
 //     (at most 1 MiB), +inf on the diagonal.
 //  3. per group of 16 (8) rows, one lane per row: a branch-free insertion network keeps the
@@ -40,11 +40,10 @@ namespace entrodrop {
 namespace cpu {
 namespace {
 
-constexpr int64_t kFusedMaxN = kKnnFusedMaxN;  // entrodrop.h (exported to Python)
-constexpr int64_t kTile = 32;                  // Gram tile side; Np (rows, padded) is a multiple of it
-constexpr int64_t kPanel = 1024;               // channels per pass over a tile (its rows stay in L2)
-constexpr int kMaxNet = 64;                    // the largest k for the insertion network
-constexpr int kCentreRows = 32;                // rows averaged for the centre mu
+constexpr int64_t kFusedMaxN = kKnnFusedMaxN;           // entrodrop.h (exported to Python)
+constexpr int64_t kPanel = 1024;                        // channels per pass over a tile (its rows stay in L2)
+constexpr int kMaxNet = 64;                             // the largest k for the insertion network
+constexpr int kCentreRows = 32;                         // rows averaged for the centre mu
 constexpr double kSmaxLo = 0x1p-90, kSmaxHi = 0x1p120;  // as KNN_SMAX_RANGE (cpp_backend.py)
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
@@ -67,94 +66,128 @@ struct Vt<8> {
 };
 
 #if defined(__clang__)
-#define ED_SHUF16(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #define ED_SHUF8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
-#define ED_SHUF16(a, b, ...) __builtin_shuffle(a, b, v16i{__VA_ARGS__})
 #define ED_SHUF8(a, b, ...) __builtin_shuffle(a, b, v8i{__VA_ARGS__})
 #endif
 
-// The lane sums of 16 (8) vectors, as one vector: out[m] = sum of r[m]'s lanes (a transpose
-// tree: 15 adds and 30 shuffles instead of 16 separate horizontal sums).
-ED_INLINE v16f lane_sums(const v16f* r) {
-  v16f u[8], w[4], z[2];
-  for (int p = 0; p < 8; ++p)
-    u[p] = ED_SHUF16(r[2 * p], r[2 * p + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           ED_SHUF16(r[2 * p], r[2 * p + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  for (int p = 0; p < 4; ++p)
-    w[p] = ED_SHUF16(u[2 * p], u[2 * p + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-           ED_SHUF16(u[2 * p], u[2 * p + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  for (int p = 0; p < 2; ++p)
-    z[p] = ED_SHUF16(w[2 * p], w[2 * p + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-           ED_SHUF16(w[2 * p], w[2 * p + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-  return ED_SHUF16(z[0], z[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         ED_SHUF16(z[0], z[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+// ----------------------------------------------------------------- the Gram matrix
+// Outer-product form (as BLAS micro-kernels): V's rows are also stored in column panels of
+// kPanelW rows, P[J][d][r] = V[J * kPanelW + r][d], so that for one channel d a panel's
+// kPanelW values are contiguous vectors. A micro-tile of MR rows i x kPanelW columns keeps
+// MR * kPanelW accumulators in registers; per channel it broadcasts MR values of V and
+// loads kPanelW / W vectors of P: no horizontal sums, and about 1.5 loads per 2 fused
+// multiply-adds (the dot-product form, 4 rows x 2 columns of W-lane sums, needed 6 loads per
+// 8 and reached ~58% of one core's FMA peak on Zen 3; this form ~90% in isolation).
+// Channels run in chunks of kChunkD, each summed from zero in registers and then added to
+// the tile's total: at most kChunkD + Dp / kChunkD - 1 roundings stand between a product and
+// the total (the 4-row form had Dp / 8 + 3), well inside delta's sqrt(D) (+ 8) eps for the
+// magnitudes involved, and the panel's chunk (kChunkD x 64 B) stays in L1 while the rows of
+// an item go by.
+constexpr int64_t kPanelW = 16;   // columns per panel (a multiple of every W)
+constexpr int64_t kChunkD = 128;  // channels summed in registers before joining the total
+constexpr int kItemBlocks = 8;    // row blocks (of MR rows) per work item
+
+// Columns 16 J .. 16 J + 15 of V (row-major, ld floats per row) as the panel P_J [Dp][16],
+// by 8 x 8 transposes in registers.
+ED_INLINE void transpose8(const float* src, int64_t ld, float* dst, int64_t dld) {
+  v8f r[8], t[8], u[8];
+  for (int q = 0; q < 8; ++q) r[q] = *reinterpret_cast<const v8f_u*>(src + q * ld);
+  for (int q = 0; q < 8; q += 2) {
+    t[q] = ED_SHUF8(r[q], r[q + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[q + 1] = ED_SHUF8(r[q], r[q + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int q = 0; q < 8; q += 4)
+    for (int h = 0; h < 2; ++h) {
+      u[q + 2 * h] = ED_SHUF8(t[q + h], t[q + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[q + 2 * h + 1] = ED_SHUF8(t[q + h], t[q + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  // u[c] (c < 4) holds rows 0-3 of columns c and c + 4; u[4 + c] rows 4-7 of the same
+  for (int c = 0; c < 4; ++c) {
+    *reinterpret_cast<v8f_u*>(dst + c * dld) = ED_SHUF8(u[c], u[4 + c], 0, 1, 2, 3, 8, 9, 10, 11);
+    *reinterpret_cast<v8f_u*>(dst + (c + 4) * dld) = ED_SHUF8(u[c], u[4 + c], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
 }
-ED_INLINE v8f lane_sums(const v8f* r) {
-  v8f u[4], w[2];
-  for (int p = 0; p < 4; ++p)
-    u[p] = ED_SHUF8(r[2 * p], r[2 * p + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
-           ED_SHUF8(r[2 * p], r[2 * p + 1], 4, 5, 6, 7, 12, 13, 14, 15);
-  for (int p = 0; p < 2; ++p)
-    w[p] = ED_SHUF8(u[2 * p], u[2 * p + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
-           ED_SHUF8(u[2 * p], u[2 * p + 1], 2, 3, 6, 7, 10, 11, 14, 15);
-  return ED_SHUF8(w[0], w[1], 0, 2, 4, 6, 8, 10, 12, 14) + ED_SHUF8(w[0], w[1], 1, 3, 5, 7, 9, 11, 13, 15);
+ED_CLONES void make_panel(const float* V, int64_t ld, int64_t Dp, float* P) {
+  for (int64_t d = 0; d < Dp; d += 8)
+    for (int64_t h = 0; h < kPanelW; h += 8) transpose8(V + h * ld + d, ld, P + d * kPanelW + h, kPanelW);
 }
 
-// Dot products of 4 rows a (row stride ld) with NR = W / 4 rows b over dd channels (a
-// multiple of 16): out[i * NR + j] = a_i . b_j. One W-lane accumulator per pair.
+// x in every lane, as one broadcast load (GCC compiles both F{} + x and a lane-by-lane
+// initializer to a chain of inserts; a shuffle of lane 0 becomes vbroadcastss)
 template <int W>
-ED_INLINE typename Vt<W>::F micro(const float* a, const float* b, int64_t ld, int64_t dd) {
+ED_INLINE typename Vt<W>::F splat(float x) {
+  using F = typename Vt<W>::F;
+#if defined(__clang__)
+  return F{} + x;
+#else
+  return __builtin_shuffle(F{x}, typename Vt<W>::I{});
+#endif
+}
+
+template <int W, int MR>
+struct Micro {
   using F = typename Vt<W>::F;
   using FU = typename Vt<W>::FU;
-  constexpr int NR = W / 4;
-  F acc[W] = {};
-  for (int64_t d = 0; d < dd; d += W) {
-    const F a0 = *reinterpret_cast<const FU*>(a + d);
-    const F a1 = *reinterpret_cast<const FU*>(a + ld + d);
-    const F a2 = *reinterpret_cast<const FU*>(a + 2 * ld + d);
-    const F a3 = *reinterpret_cast<const FU*>(a + 3 * ld + d);
-    for (int j = 0; j < NR; ++j) {
-      const F bj = *reinterpret_cast<const FU*>(b + j * ld + d);
-      acc[j] += a0 * bj;
-      acc[NR + j] += a1 * bj;
-      acc[2 * NR + j] += a2 * bj;
-      acc[3 * NR + j] += a3 * bj;
-    }
-  }
-  return lane_sums(acc);
-}
-
-// Tile rows [i0, i0 + kTile) x columns [j0, j0 + kTile) (j0 >= i0) of the Gram matrix of V
-// [Np, ld] over Dp channels, turned into a_ij and written to A[i][j] and A[j][i].
-template <int W>
-ED_INLINE void gram_tile_impl(const float* V, int64_t ld, int64_t Dp, const float* s, int64_t i0, int64_t j0,
-                              float* A, int64_t lda) {
-  constexpr int NR = W / 4;
-  float G[kTile * kTile];
-  const bool diag = i0 == j0;
-  for (int64_t d0 = 0; d0 < Dp; d0 += kPanel) {
-    const int64_t dd = std::min(kPanel, Dp - d0);
-    for (int64_t ib = 0; ib < kTile; ib += 4)
-      for (int64_t jb = diag ? ib : 0; jb < kTile; jb += NR) {
-        const auto r = micro<W>(V + (i0 + ib) * ld + d0, V + (j0 + jb) * ld + d0, ld, dd);
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < NR; ++j) {
-            float& g = G[(ib + i) * kTile + jb + j];
-            g = d0 == 0 ? r[i * NR + j] : g + r[i * NR + j];
-          }
+  static constexpr int NV = int(kPanelW) / W;  // vectors per panel row
+  // acc[r * NV + v] += sum over d < kc of V[i + r][d] * P[d][v * W ..], for r < mr (<= MR);
+  // a: row i's channel 0 of the chunk, p: the panel's.
+  template <int M>
+  static ED_INLINE void run(const float* a, int64_t ld, const float* p, int64_t kc, F* acc) {
+    F c[M * NV];
+    for (int q = 0; q < M * NV; ++q) c[q] = F{};
+    for (int64_t d = 0; d < kc; ++d) {
+      F b[NV];
+      for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const FU*>(p + d * kPanelW + v * W);
+#pragma GCC unroll 16
+      for (int r = 0; r < M; ++r) {
+        const F xr = splat<W>(a[r * ld + d]);  // a broadcast load
+        for (int v = 0; v < NV; ++v) c[r * NV + v] += xr * b[v];
       }
+    }
+    for (int q = 0; q < M * NV; ++q) acc[q] += c[q];
   }
-  for (int64_t i = 0; i < kTile; ++i) {
-    const int64_t gi = i0 + i;
-    const float si = s[gi];
-    for (int64_t j = diag ? i : 0; j < kTile; ++j) {
-      const int64_t gj = j0 + j;
-      const float a = gi == gj ? kInf : (si + s[gj]) - 2.0f * G[i * kTile + j];
-      A[gi * lda + gj] = a;
-      A[gj * lda + gi] = a;
+  static ED_INLINE void any(int mr, const float* a, int64_t ld, const float* p, int64_t kc, F* acc) {
+    if (mr == MR) return run<MR>(a, ld, p, kc, acc);
+    for (int r = 0; r < mr; ++r) run<1>(a + r * ld, ld, p, kc, acc + r * NV);
+  }
+};
+
+// Rows [i0, i1) (at most kItemBlocks * MR) against the columns of panel J: G = V_i . V_j,
+// turned at once into a_ij = s_i + s_j - 2 G and written to A[i][j] and A[j][i] for i <= j < n
+// (+inf on the diagonal).
+template <int W, int MR>
+ED_INLINE void gram_item_impl(const float* V, int64_t ld, int64_t Dp, const float* P, const float* s,
+                              int64_t J, int64_t i0, int64_t i1, int64_t n, float* A, int64_t lda) {
+  using M = Micro<W, MR>;
+  using F = typename M::F;
+  constexpr int NV = M::NV;
+  F tot[kItemBlocks][MR * NV];
+  const int nblk = int((i1 - i0 + MR - 1) / MR);
+  for (int bk = 0; bk < nblk; ++bk)
+    for (int q = 0; q < MR * NV; ++q) tot[bk][q] = F{};
+  const float* PJ = P + J * Dp * kPanelW;
+  for (int64_t d0 = 0; d0 < Dp; d0 += kChunkD) {
+    const int64_t kc = std::min(kChunkD, Dp - d0);
+    for (int bk = 0; bk < nblk; ++bk) {
+      const int64_t i = i0 + int64_t(bk) * MR;
+      M::any(int(std::min<int64_t>(MR, i1 - i)), V + i * ld + d0, ld, PJ + d0 * kPanelW, kc, tot[bk]);
     }
   }
+  const int64_t j0 = J * kPanelW, j1 = std::min(j0 + kPanelW, n);
+  for (int bk = 0; bk < nblk; ++bk)
+    for (int r = 0; r < MR; ++r) {
+      const int64_t gi = i0 + int64_t(bk) * MR + r;
+      if (gi >= i1) break;
+      const float si = s[gi];
+      for (int64_t gj = std::max(gi, j0); gj < j1; ++gj) {
+        const int64_t j = gj - j0;
+        const float g = tot[bk][r * NV + j / W][j % W];
+        const float a = gi == gj ? kInf : (si + s[gj]) - 2.0f * g;
+        A[gi * lda + gj] = a;
+        A[gj * lda + gi] = a;
+      }
+    }
 }
 
 // 2 delta_i for row i: a bound on the fp32 error of every a_ij that can decide row i's k-th
@@ -259,17 +292,19 @@ ED_INLINE void select_dispatch(const float* A, int64_t lda, int64_t n, int64_t i
 }
 
 // One compiled copy per instruction set, chosen once at run time.
-#define ED_GRAM_ARGS \
-  const float *V, int64_t ld, int64_t Dp, const float *s, int64_t i0, int64_t j0, float *A, int64_t lda
+#define ED_GRAM_ARGS                                                                                         \
+  const float *V, int64_t ld, int64_t Dp, const float *P, const float *s, int64_t J, int64_t i0, int64_t i1, \
+      int64_t n, float *A, int64_t lda
+#define ED_GRAM_PASS V, ld, Dp, P, s, J, i0, i1, n, A, lda
 #define ED_SEL_ARGS                                                                                   \
   const float *A, int64_t lda, int64_t n, int64_t i0, int k, const float *s, float c, float twodelta, \
       float *kth, int32_t *sure, std::vector<int64_t>&band
 #ifdef ED_HAVE_X86_LEVELS
-__attribute__((target("arch=x86-64-v4"))) void gram_tile_v4(ED_GRAM_ARGS) {
-  gram_tile_impl<16>(V, ld, Dp, s, i0, j0, A, lda);
+__attribute__((target("arch=x86-64-v4"))) void gram_item_v4(ED_GRAM_ARGS) {
+  gram_item_impl<16, 12>(ED_GRAM_PASS);
 }
-__attribute__((target("arch=x86-64-v3"))) void gram_tile_v3(ED_GRAM_ARGS) {
-  gram_tile_impl<8>(V, ld, Dp, s, i0, j0, A, lda);
+__attribute__((target("arch=x86-64-v3"))) void gram_item_v3(ED_GRAM_ARGS) {
+  gram_item_impl<8, 6>(ED_GRAM_PASS);
 }
 __attribute__((target("arch=x86-64-v4"))) void select_v4(ED_SEL_ARGS) {
   select_dispatch<16>(A, lda, n, i0, k, s, c, twodelta, kth, sure, band);
@@ -278,15 +313,16 @@ __attribute__((target("arch=x86-64-v3"))) void select_v3(ED_SEL_ARGS) {
   select_dispatch<8>(A, lda, n, i0, k, s, c, twodelta, kth, sure, band);
 }
 #endif
-void gram_tile_base(ED_GRAM_ARGS) {
-  gram_tile_impl<8>(V, ld, Dp, s, i0, j0, A, lda);
+void gram_item_base(ED_GRAM_ARGS) {
+  gram_item_impl<8, 3>(ED_GRAM_PASS);
 }
 void select_base(ED_SEL_ARGS) {
   select_dispatch<8>(A, lda, n, i0, k, s, c, twodelta, kth, sure, band);
 }
 
 struct Isa {
-  void (*gram)(ED_GRAM_ARGS) = gram_tile_base;
+  void (*gram)(ED_GRAM_ARGS) = gram_item_base;
+  int mr = 3;  // rows per micro-tile
   void (*select)(ED_SEL_ARGS) = select_base;
   int width = 8;  // rows per select group
   const char* name = "baseline";
@@ -300,12 +336,14 @@ const Isa& isa() {
 #ifdef ED_HAVE_X86_LEVELS
     const int level = isa_level();
     if (level >= 4) {
-      r.gram = gram_tile_v4;
+      r.gram = gram_item_v4;
+      r.mr = 12;
       r.select = select_v4;
       r.width = 16;
       r.name = "x86-64-v4";
     } else if (level == 3) {
-      r.gram = gram_tile_v3;
+      r.gram = gram_item_v3;
+      r.mr = 6;
       r.select = select_v3;
       r.name = "x86-64-v3";
     }
@@ -525,7 +563,7 @@ struct Buf {
 // A thread's buffers, kept between calls (a fresh allocation per call would come back as
 // page faults every time).
 struct Workspace {
-  Buf<float> V, A, s;
+  Buf<float> V, P, A, s;
   Buf<double> s64, mu;
   Buf<float> mu32;
   Buf<int64_t> rows;
@@ -555,8 +593,8 @@ struct Sample {
   int k;
   int64_t* rows;  // token index of each valid row
   double* mu;
-  float* mu32;  // fp32(mu)
-  float *V, *A, *s;
+  float* mu32;           // fp32(mu)
+  float *V, *P, *A, *s;  // P: V's rows in column panels (make_panel)
   double* s64;
   double scale = 1.0, unit = 1.0, delta = 0.0, c = 0.0;  // c: the per-pair error coefficient
   double* out;                                           // radii of sample b: out[t], t < T
@@ -574,13 +612,17 @@ void load_row_any(const Sample& sp, int64_t t, float* y) {
 
 // Step 1 (serial): the valid rows' indices and the centre.
 void setup(Sample& sp, const Mask& mv, Workspace& ws, Scratch& sc) {
-  sp.Np = (sp.n + kTile - 1) / kTile * kTile;
+  sp.Np = (sp.n + kPanelW - 1) / kPanelW * kPanelW;
   sp.Dp = (sp.D + 15) / 16 * 16;
   sp.rows = ws.rows.get(size_t(sp.n));
   sp.mu = ws.mu.get(size_t(sp.D));
   sp.mu32 = ws.mu32.get(size_t(sp.D));
   sp.V = ws.V.get(size_t(sp.Np * sp.Dp));
+  sp.P = ws.P.get(size_t(sp.Np * sp.Dp));
   sp.A = ws.A.get(size_t(sp.Np * sp.Np));
+  // the select groups' lanes past n read columns n .. Np - 1 of A's rows j < n (the Gram
+  // items write only i, j < n)
+  for (int64_t j = 0; j < sp.n; ++j) std::fill(sp.A + j * sp.Np + sp.n, sp.A + (j + 1) * sp.Np, kInf);
   sp.s = ws.s.get(size_t(sp.Np));
   sp.s64 = ws.s64.get(size_t(sp.Np));
   int64_t m = 0;
@@ -633,6 +675,10 @@ void pack(const Sample& sp, int64_t r0, int64_t r1, Scratch& sc) {
     }
     pack_row(load(), sp.mu, sp.D, sp.Dp, sp.scale, v, sp.s[i], sp.s64[i]);
   }
+  // the panels of these rows (r0 is a multiple of kPanelW, and so is r1 unless it is n:
+  // rows n .. Np - 1 are zero since setup)
+  for (int64_t J = r0 / kPanelW; J * kPanelW < r1; ++J)
+    make_panel(sp.V + J * kPanelW * sp.Dp, sp.Dp, sp.Dp, sp.P + J * kPanelW * sp.Dp);
 }
 
 // Between packing and the Gram tiles (serial): whether every valid row of y is finite, the
@@ -671,21 +717,30 @@ void mark_nonfinite(const Sample& sp, double* olog) {
   olog[sp.b] = std::numeric_limits<double>::quiet_NaN();
 }
 
-int64_t n_tiles(const Sample& sp) {
-  const int64_t t = sp.Np / kTile;
-  return t * (t + 1) / 2;
+// Gram work items: per column panel J, the rows i <= its last column, in runs of
+// kItemBlocks micro-tiles.
+int64_t item_rows() {
+  return int64_t(kItemBlocks) * isa().mr;
+}
+int64_t panel_rows(const Sample& sp, int64_t J) {
+  return std::min(sp.n, (J + 1) * kPanelW);
+}
+int64_t n_gram_items(const Sample& sp) {
+  int64_t m = 0;
+  for (int64_t J = 0; J * kPanelW < sp.n; ++J) m += (panel_rows(sp, J) + item_rows() - 1) / item_rows();
+  return m;
 }
 
 void gram(const Sample& sp, int64_t item) {
-  // item -> (ti, tj), tj >= ti, row-major over the upper triangle
-  const int64_t t = sp.Np / kTile;
-  int64_t ti = 0, left = item;
-  while (left >= t - ti) {
-    left -= t - ti;
-    ++ti;
+  const int64_t R = item_rows();
+  int64_t J = 0;
+  for (;; ++J) {
+    const int64_t m = (panel_rows(sp, J) + R - 1) / R;
+    if (item < m) break;
+    item -= m;
   }
-  const int64_t tj = ti + left;
-  isa().gram(sp.V, sp.Dp, sp.Dp, sp.s, ti * kTile, tj * kTile, sp.A, sp.Np);
+  const int64_t i0 = item * R, i1 = std::min(panel_rows(sp, J), i0 + R);
+  isa().gram(sp.V, sp.Dp, sp.Dp, sp.P, sp.s, J, i0, i1, sp.n, sp.A, sp.Np);
 }
 
 // The radius of row i from its candidates' approximate values a (j = cand[t]), given the
@@ -755,7 +810,7 @@ double log_sum(const Sample& sp) {
 }
 
 // Items per pool job for packing: blocks of rows.
-constexpr int64_t kPackRows = 16;
+constexpr int64_t kPackRows = kPanelW;  // whole panels
 
 }  // namespace
 }  // namespace cpu
@@ -831,7 +886,7 @@ int64_t knn_fused_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const
         st = check_scale(sp);
       }
       if (st == Scale::NonFinite) return mark_nonfinite(sp, olog);
-      for (int64_t t = 0, nt2 = n_tiles(sp); t < nt2; ++t) gram(sp, t);
+      for (int64_t t = 0, nt2 = n_gram_items(sp); t < nt2; ++t) gram(sp, t);
       for (int64_t g = 0, ng = n_groups(sp); g < ng; ++g) select(sp, g, sc);
       olog[sp.b] = log_sum(sp);
     });
@@ -854,7 +909,7 @@ int64_t knn_fused_cpu(uintptr_t x, uintptr_t f, uintptr_t mask, int dtype, const
       mark_nonfinite(sp, olog);
       continue;
     }
-    parallel_for(n_tiles(sp), nt, [&](int64_t it, int) { gram(sp, it); });
+    parallel_for(n_gram_items(sp), nt, [&](int64_t it, int) { gram(sp, it); });
     parallel_for(n_groups(sp), nt, [&](int64_t g, int) { select(sp, g, local_scratch()); });
     olog[b] = log_sum(sp);
   }

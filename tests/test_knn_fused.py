@@ -189,10 +189,12 @@ def test_stays_in_bounds_on_nan_and_inf_without_validation():
 
 @pytest.mark.parametrize("isa", ["x86-64-v3", "baseline"])
 def test_other_instruction_sets(tmp_path, isa):
-    # the AVX2 and baseline copies of the kernels, in a fresh process (ENTRODROP_ISA caps it)
+    # the AVX2 and baseline copies of the kernels, in a fresh process (ENTRODROP_ISA caps it);
+    # 300 channels: the Gram's channel chunks (128) and a partial one; masked samples of
+    # ~90 rows: partial micro-tiles and panels
     g = torch.Generator().manual_seed(44)
-    x = llm_like(3, 130, 70, seed=45)
-    f = 0.2 * torch.randn(3, 130, 70, generator=g)
+    x = llm_like(3, 130, 300, seed=45)
+    f = 0.2 * torch.randn(3, 130, 300, generator=g)
     mask = torch.rand(3, 130, generator=g) > 0.3
     code = (
         "import sys, torch\n"
